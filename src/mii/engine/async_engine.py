@@ -1,0 +1,237 @@
+"""AsyncEngine: the asyncio front of the engine.
+
+One background task (the engine loop) owns the ``EngineCore``. It applies
+queued additions and aborts between passes, runs each pass in a dedicated
+worker thread so that the event loop stays responsive while the model runs,
+and routes each request's pieces to that request's queue. Everything that
+touches the core happens either on the loop between passes or in the worker
+during a pass, never both at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from mii.config import EngineConfig, GenerateParams
+from mii.engine.core import EngineCore, StepOutput
+from mii.errors import EngineClosedError
+from mii.response import Response
+
+_DONE = object()
+
+
+class AsyncEngine:
+    """Asynchronous text generation over one model.
+
+    >>> engine = mii.AsyncEngine("meta-llama/Llama-2-7b-hf")
+    >>> async for piece in engine.stream("DeepSpeed is", max_new_tokens=64):
+    ...     print(piece.generated_text, end="")
+    >>> responses = await engine.generate(["a", "b"], max_new_tokens=64)
+
+    Engine options (``dtype``, ``device``, ``kv_block_size``, ``num_kv_blocks``,
+    ``token_budget``, ``max_num_seqs``, ``max_length``, ``load_format``, ...) are
+    validated by :class:`mii.config.EngineConfig`. Loading happens in the
+    constructor, which blocks.
+    """
+
+    def __init__(self, model: str, **options: Any) -> None:
+        self.config = EngineConfig.parse(model, **options)
+        self.core = EngineCore(self.config)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mii-engine")
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._pending_add: list[Any] = []
+        self._pending_abort: list[str] = []
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    # ----- public API ---------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    async def stream(
+        self, prompt: str | list[int], request_id: str | None = None, **params: Any
+    ) -> AsyncIterator[Response]:
+        """Yield pieces of the answer as they are generated. Cancelling the
+        consuming task (or closing the iterator) aborts the request."""
+        request_id, queue = self._submit(prompt, request_id, params)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._request_abort(request_id)
+
+    async def generate(
+        self, prompts: str | Sequence[str | list[int]], **params: Any
+    ) -> list[Response]:
+        """Generate whole answers for one prompt or a list of prompts, in order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        GenerateParams.parse(**params)  # reject bad options before anything is queued
+        tasks = [asyncio.ensure_future(self._collect(p, params)) for p in prompts]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends and its KV blocks are freed."""
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(_DONE)
+        self._request_abort(request_id)
+
+    async def aclose(self) -> None:
+        """Abort everything, stop the loop and release the model."""
+        if self._closed:
+            return
+        self._closed = True
+        for queue in list(self._queues.values()):
+            queue.put_nowait(EngineClosedError("the engine was closed"))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._release)
+        self._executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def stats(self) -> dict[str, float]:
+        """Running/waiting counts, KV cache usage (0..1), free blocks, preemptions."""
+        return self.core.stats()
+
+    async def wait_idle(self) -> None:
+        """Return once no request is queued or running (used by tests and drains)."""
+        while self._pending_add or self._pending_abort or self.core.has_work():
+            await asyncio.sleep(0.005)
+
+    # ----- plumbing -----------------------------------------------------------
+
+    async def _collect(self, prompt: str | list[int], params: dict[str, Any]) -> Response:
+        text: list[str] = []
+        last: Response | None = None
+        async for piece in self.stream(prompt, **params):
+            text.append(piece.generated_text)
+            last = piece
+        assert last is not None
+        return Response(
+            "".join(text),
+            last.prompt_length,
+            last.generated_length,
+            last.finish_reason,
+            last.request_id,
+        )
+
+    def _submit(
+        self, prompt, request_id: str | None, params: dict[str, Any]
+    ) -> tuple[str, asyncio.Queue]:
+        if self._closed:
+            raise EngineClosedError("the engine was closed; create a new one")
+        self._ensure_loop()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._queues:
+            from mii.errors import InvalidRequestError
+
+            raise InvalidRequestError(
+                f"request id {request_id!r} is already in use", field="request_id"
+            )
+        seq = self.core.make_sequence(request_id, prompt, GenerateParams.parse(**params))
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._pending_add.append(seq)
+        self._wakeup.set()
+        return request_id, queue
+
+    def _request_abort(self, request_id: str) -> None:
+        self._pending_abort.append(request_id)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _ensure_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop_task is not None and self._loop is loop and not self._loop_task.done():
+            return
+        if (
+            self._loop not in (None, loop)
+            and not self._loop.is_closed()
+            and self._loop.is_running()
+        ):
+            raise RuntimeError("an AsyncEngine serves one event loop at a time")
+        self._loop = loop
+        self._wakeup = asyncio.Event()
+        self._loop_task = loop.create_task(self._run(), name="mii-engine-loop")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not (self._pending_add or self._pending_abort or self.core.has_work()):
+                await self._wakeup.wait()
+            self._wakeup.clear()
+            self._apply_pending()
+            if not self.core.has_work():
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.core.step)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as err:  # the core guards its own passes; this is a bug net
+                outputs = [StepOutput(rid, error=err) for rid in list(self.core.sequences)]
+                for rid in list(self.core.sequences):
+                    self.core.abort(rid)
+            self._deliver(outputs)
+
+    def _apply_pending(self) -> None:
+        adds, self._pending_add = self._pending_add, []
+        aborts, self._pending_abort = self._pending_abort, []
+        aborted = set(aborts)
+        for seq in adds:
+            if seq.request_id in aborted:
+                continue
+            try:
+                immediate = self.core.add(seq)
+            except Exception as err:
+                immediate = StepOutput(seq.request_id, error=err)
+            if immediate is not None:
+                self._deliver([immediate])
+        for request_id in aborts:
+            self.core.abort(request_id)
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is None:
+                continue  # the consumer is gone; an abort is already queued
+            queue.put_nowait(out.error if out.error is not None else out.piece)
+
+    def _release(self) -> None:
+        for request_id in list(self.core.sequences):
+            self.core.abort(request_id)
+        self.core.release()

@@ -1,0 +1,310 @@
+"""The synchronous heart of the engine: model, KV cache, scheduler, sampler and
+output processing, advanced one forward pass at a time by ``step()``.
+
+``EngineCore`` is not thread-safe: ``AsyncEngine`` calls it from one worker
+thread and never concurrently with itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mii.config import EngineConfig, GenerateParams
+from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from mii.engine.kv_cache import BlockManager, allocate_kv_tensors, choose_num_blocks
+from mii.engine.model_runner import ModelRunner
+from mii.engine.sampler import SamplingBatch, sample
+from mii.engine.scheduler import Scheduler
+from mii.engine.sequence import Sequence
+from mii.errors import InvalidRequestError, RequestTooLargeError
+from mii.models import loader
+from mii.response import Response
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """One request's news from one pass: a response piece, or the error that ended it."""
+
+    request_id: str
+    piece: Response | None = None
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or (
+            self.piece is not None and self.piece.finish_reason is not None
+        )
+
+
+@dataclass
+class _OutputState:
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher
+    prefix: str  # the prompt text when return_full_text, sent with the first piece
+
+
+class EngineCore:
+    """Loads a model and serves sequences through the scheduler, one pass per ``step``."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = loader.default_device(config.device)
+        model_dir = loader.resolve_model_dir(
+            config.model, config.revision, weights=config.load_format != "dummy"
+        )
+        hf_config = loader.read_hf_config(model_dir)
+        self.dtype = loader.choose_dtype(hf_config, config.dtype)
+        self.tokenizer = loader.load_tokenizer(
+            model_dir, config.tokenizer, config.trust_remote_code
+        )
+        torch.manual_seed(config.seed)
+        self.model = loader.build_model(
+            hf_config, model_dir, self.dtype, self.device, config.load_format, config.seed
+        )
+        self.vocab_size = int(hf_config["vocab_size"])
+        self.max_length = self._model_max_length(config, self.model.max_positions)
+        self.eos_token_ids = _eos_token_ids(hf_config, model_dir, self.tokenizer)
+
+        num_blocks = choose_num_blocks(
+            self.model.kv_spec,
+            config.kv_block_size,
+            self.dtype,
+            self.device,
+            requested=config.num_kv_blocks,
+            memory_fraction=config.kv_cache_memory_fraction,
+            cpu_bytes=config.cpu_kv_cache_bytes,
+            max_length=self.max_length,
+            max_num_seqs=config.max_num_seqs,
+        )
+        kv_caches = allocate_kv_tensors(
+            self.model.kv_spec, num_blocks, config.kv_block_size, self.dtype, self.device
+        )
+        self.blocks = BlockManager(num_blocks, config.kv_block_size)
+        self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_num_seqs)
+        self.runner = ModelRunner(self.model, kv_caches, config.kv_block_size, self.device)
+        self.sequences: dict[str, Sequence] = {}
+        log.info(
+            "loaded %s on %s (%s), %d KV blocks", config.model, self.device, self.dtype, num_blocks
+        )
+
+    @staticmethod
+    def _model_max_length(config: EngineConfig, model_max: int) -> int:
+        if config.max_length is None:
+            return model_max
+        if config.max_length > model_max:
+            raise InvalidRequestError(
+                f"engine option 'max_length' ({config.max_length}) exceeds the model's "
+                f"maximum sequence length ({model_max})",
+                field="max_length",
+            )
+        return config.max_length
+
+    # ----- requests -----------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt).input_ids)
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {self.vocab_size})", field="prompt"
+            )
+        return list(prompt)
+
+    def make_sequence(
+        self, request_id: str, prompt: str | list[int], params: GenerateParams
+    ) -> Sequence:
+        """Tokenize and check one request; raises InvalidRequestError before it is queued."""
+        if not isinstance(prompt, (str, list)):
+            raise InvalidRequestError(
+                f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}",
+                field="prompt",
+            )
+        prompt_ids = self.tokenize(prompt)
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty", field="prompt")
+        max_length = params.max_length or self.max_length
+        if max_length > self.max_length:
+            raise InvalidRequestError(
+                f"invalid generation option 'max_length': {max_length} exceeds the engine's "
+                f"maximum of {self.max_length}",
+                field="max_length",
+            )
+        if len(prompt_ids) >= max_length:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_ids)} tokens, which leaves no room under "
+                f"max_length={max_length}; shorten the prompt or raise max_length",
+                field="prompt",
+            )
+        room = max_length - len(prompt_ids)
+        max_new = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
+        total = len(prompt_ids) + max_new
+        if not self.blocks.can_fit_alone(total):
+            raise RequestTooLargeError(
+                f"the request needs KV cache for {total} tokens (prompt {len(prompt_ids)} + "
+                f"max_new_tokens {max_new}) but the whole cache holds "
+                f"{self.blocks.num_blocks * self.blocks.block_size}; lower max_new_tokens or "
+                "raise num_kv_blocks",
+                field="max_new_tokens",
+            )
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(request_id, prompt_ids, params, max_new, seed)
+        prefix = ""
+        if params.return_full_text:
+            prefix = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)
+        seq.extra["out"] = _OutputState(
+            IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            StopStringMatcher(params.stop),
+            prefix,
+        )
+        return seq
+
+    def add(self, seq: Sequence) -> StepOutput | None:
+        """Queue a checked sequence. A request for zero new tokens ends at once."""
+        if seq.max_new_tokens == 0:
+            state: _OutputState = seq.extra["out"]
+            return StepOutput(
+                seq.request_id, Response(state.prefix, seq.prompt_len, 0, "length", seq.request_id)
+            )
+        if seq.request_id in self.sequences:
+            raise InvalidRequestError(
+                f"request id {seq.request_id!r} is already running", field="request_id"
+            )
+        self.sequences[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return None
+
+    def abort(self, request_id: str) -> bool:
+        """End a request and free its blocks; False if it is not known (already done)."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ----- one pass -----------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Schedule and run one forward pass; return what each request produced."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        try:
+            logits = self.runner.run(plan.chunks)
+            to_sample = [c.seq for c in plan.chunks if c.samples]
+            tokens = sample(logits, self._sampling_batch(to_sample), self.eos_token_ids).tolist()
+        except Exception as err:  # a failed pass ends its own requests, not the engine
+            log.exception("forward pass failed")
+            failed = []
+            for chunk in plan.chunks:
+                self.sequences.pop(chunk.seq.request_id, None)
+                self.scheduler.finish(chunk.seq, "error")
+                failed.append(StepOutput(chunk.seq.request_id, error=err))
+            return failed
+        self.scheduler.commit(plan)
+        outputs = []
+        for seq, token in zip(to_sample, tokens):
+            seq.token_ids.append(token)
+            piece = self._process_token(seq, token)
+            if piece is not None:
+                outputs.append(StepOutput(seq.request_id, piece))
+            if seq.finish_reason is not None:
+                self.sequences.pop(seq.request_id, None)
+                self.scheduler.finish(seq, seq.finish_reason)
+        return outputs
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        def col(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        ps = [s.params for s in seqs]
+        return SamplingBatch(
+            greedy=col([p.greedy for p in ps], torch.bool),
+            temperature=col(
+                [1.0 if p.greedy or p.temperature is None else p.temperature for p in ps],
+                torch.float32,
+            ),
+            top_k=col([p.top_k or self.vocab_size for p in ps], torch.int64),
+            top_p=col([p.top_p for p in ps], torch.float32),
+            seeds=col([s.seed for s in seqs], torch.int64),
+            steps=col([s.num_generated for s in seqs], torch.int64),
+            ban_eos=col(
+                [not p.ignore_eos and s.num_generated < p.min_new_tokens for s, p in zip(seqs, ps)],
+                torch.bool,
+            ),
+        )
+
+    def _process_token(self, seq: Sequence, token: int) -> Response | None:
+        """Detokenize one new token, check every end condition, and build the piece
+        to stream (None when no text is ready and the request goes on)."""
+        state: _OutputState = seq.extra["out"]
+        params = seq.params
+        generated = seq.num_generated
+        finish = None
+        if token in self.eos_token_ids and not params.ignore_eos:
+            finish = "stop"
+            delta = state.detokenizer.flush()
+        else:
+            at_limit = generated >= seq.max_new_tokens
+            delta = state.detokenizer.add(token, final=at_limit)
+            if at_limit:
+                finish = "length"
+        text, hit_stop = state.stops.feed(delta, check=generated >= params.min_new_tokens)
+        if hit_stop:
+            finish = "stop"
+        elif finish is not None:
+            text += state.stops.flush()
+        seq.finish_reason = finish
+        if state.prefix:
+            text, state.prefix = state.prefix + text, ""
+        if not text and finish is None:
+            return None
+        return Response(text, seq.prompt_len, generated, finish, seq.request_id)
+
+    def release(self) -> None:
+        """Drop the model and KV cache so that their memory can be reclaimed."""
+        self.runner.kv_caches.clear()
+        self.runner.model = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ----- introspection ------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.blocks.usage,
+            "free_blocks": self.blocks.num_free,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def _eos_token_ids(hf_config: dict, model_dir: Path, tokenizer) -> list[int]:
+    """Every id that ends generation: from config.json, generation_config.json and the tokenizer."""
+    ids: set[int] = set()
+
+    def take(value) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+
+    take(hf_config.get("eos_token_id"))
+    gen_file = model_dir / "generation_config.json"
+    if gen_file.is_file():
+        import json
+
+        take(json.loads(gen_file.read_text()).get("eos_token_id"))
+    take(getattr(tokenizer, "eos_token_id", None))
+    return sorted(ids)

@@ -1,0 +1,78 @@
+"""Turns a scheduled pass into one ragged batch and runs the model on it."""
+
+from __future__ import annotations
+
+import torch
+
+from mii.engine.scheduler import ScheduledChunk
+from mii.models.base import CausalLM, ForwardContext
+from mii.ops.attention import AttentionBatch
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+
+    def prepare(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
+        """Flatten the chunks into (token_ids [T], positions [T], attention batch,
+        indices [S] of the tokens whose logits are sampled)."""
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu_seqlens = [0]
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        sample_rows: list[int] = []
+        for chunk in chunks:
+            seq, start = chunk.seq, chunk.seq.num_computed
+            end = start + chunk.num_tokens
+            token_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(
+                table[p // self.block_size] * self.block_size + p % self.block_size
+                for p in range(start, end)
+            )
+            cu_seqlens.append(cu_seqlens[-1] + chunk.num_tokens)
+            query_lens.append(chunk.num_tokens)
+            seq_lens.append(end)
+            if chunk.samples:
+                sample_rows.append(cu_seqlens[-1] - 1)
+        width = max(len(c.seq.block_table) for c in chunks)
+        tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
+
+        def on_device(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        batch = AttentionBatch(
+            slot_mapping=on_device(slots, torch.int64),
+            block_tables=on_device(tables, torch.int32),
+            cu_seqlens_q=on_device(cu_seqlens, torch.int32),
+            seq_lens=on_device(seq_lens, torch.int32),
+            query_lens_host=query_lens,
+            seq_lens_host=seq_lens,
+        )
+        return (
+            on_device(token_ids, torch.int64),
+            on_device(positions, torch.int64),
+            batch,
+            on_device(sample_rows, torch.int64),
+        )
+
+    @torch.inference_mode()
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Forward one pass; float32 logits [S, V] for the chunks that sample."""
+        token_ids, positions, batch, sample_rows = self.prepare(chunks)
+        hidden = self.model(token_ids, positions, ForwardContext(batch, self.kv_caches))
+        return self.model.compute_logits(hidden.index_select(0, sample_rows))

@@ -1,0 +1,86 @@
+"""Batched sampling on the device.
+
+Randomness is counter-based: the noise for a request's n-th generated token is a
+hash of (request seed, n, vocabulary index). It depends on nothing else, so a
+seeded request samples the same text alone, inside any batch, and after being
+preempted and recomputed; and no per-request generator state has to be kept.
+Sampling uses the exponential-race form of the Gumbel-max trick:
+``argmax(p / E)`` with ``E ~ Exp(1)`` draws a token with probability ``p``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 for x < 2**32 held in int64, without overflowing int64."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser with full avalanche (lowbias32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform (0, 1) noise [S, V] from per-row seeds (int64) and step counters."""
+    seed_lo = seeds & _MASK32
+    seed_hi = (seeds >> 32) & _MASK32
+    row = _mix32(seed_lo ^ _mix32(seed_hi ^ _mix32(steps & _MASK32)))  # [S]
+    cols = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    bits = _mix32(row[:, None] ^ _mix32(cols[None, :] + 0x9E3779B9))  # [S, V]
+    return (bits.double() + 0.5) / 2.0**32
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings, as device tensors."""
+
+    greedy: torch.Tensor  # [S] bool
+    temperature: torch.Tensor  # [S] float32 (1.0 where unset or greedy)
+    top_k: torch.Tensor  # [S] int64 (vocab size where unset)
+    top_p: torch.Tensor  # [S] float32
+    seeds: torch.Tensor  # [S] int64
+    steps: torch.Tensor  # [S] int64: tokens generated so far
+    ban_eos: torch.Tensor  # [S] bool: min_new_tokens not reached yet
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool(self.greedy.all())
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: list[int]) -> torch.Tensor:
+    """logits: [S, V] float32 -> next token ids [S] (int64, on the same device)."""
+    if eos_token_ids and bool(batch.ban_eos.any()):
+        eos = torch.tensor(eos_token_ids, device=logits.device)
+        banned = logits[:, eos].masked_fill(batch.ban_eos[:, None], float("-inf"))
+        logits = logits.index_copy(1, eos, banned)
+    greedy_tokens = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        return greedy_tokens
+
+    vocab = logits.shape[-1]
+    scaled = logits / batch.temperature[:, None]
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    drop = ranks >= batch.top_k[:, None]  # top-k
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop |= mass_before >= batch.top_p[:, None]  # top-p; the top token always survives
+    probs = probs.masked_fill(drop, 0.0)
+
+    noise = -torch.log(counter_uniform(batch.seeds, batch.steps, vocab)).to(probs.dtype)
+    noise = noise.gather(1, sorted_ids)  # noise is keyed by token id, not by rank
+    choice = (probs / noise).argmax(dim=-1, keepdim=True)
+    sampled = sorted_ids.gather(1, choice).squeeze(1)
+    return torch.where(batch.greedy, greedy_tokens, sampled)

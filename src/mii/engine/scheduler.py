@@ -1,0 +1,171 @@
+"""Continuous batching with Dynamic SplitFuse.
+
+Every forward pass has a budget of ``token_budget`` tokens and at most
+``max_num_seqs`` sequences. Each pass is filled in this order:
+
+1. running sequences that are decoding get their one token (oldest first);
+2. running sequences still in their prompt get the next chunk of it (oldest first);
+3. waiting sequences are admitted (preempted ones first, then arrival order)
+   and get a first chunk from whatever budget is left.
+
+So decodes never wait for a long prompt, long prompts are split across passes,
+and passes stay close to ``token_budget`` tokens.
+
+When the KV pool has no block for a running sequence, the most recently
+admitted running sequence is preempted: its blocks are freed and it goes back
+to the head of the waiting queue, to be recomputed later. The oldest running
+sequence can therefore always progress (it fits alone: that is checked on
+arrival), so the scheduler never deadlocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mii.engine.kv_cache import BlockManager
+from mii.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """``num_tokens`` tokens of ``seq``, starting at ``seq.num_computed``."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, token_budget: int, max_num_seqs: int) -> None:
+        self.blocks = block_manager
+        self.token_budget = token_budget
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self._admissions = 0
+        self.num_preemptions = 0
+
+    # ----- intake and removal -------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence. The caller has checked that it fits the pool alone."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End ``seq`` (finished, aborted or failed) and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ----- one pass -----------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.token_budget
+        scheduled: dict[int, ScheduledChunk] = {}
+
+        def preempt_latest() -> Sequence:
+            victim = self.running[-1]
+            chunk = scheduled.pop(id(victim), None)
+            if chunk is not None:
+                out.chunks.remove(chunk)
+                nonlocal budget
+                budget += chunk.num_tokens
+            self._preempt(victim)
+            out.preempted.append(victim)
+            return victim
+
+        def grow(seq: Sequence, wanted: int) -> int:
+            """Reserve blocks for up to ``wanted`` tokens, preempting later sequences if
+            none fit; 0 if ``seq`` itself had to be preempted."""
+            while True:
+                fits = self.blocks.tokens_that_fit(seq, wanted)
+                if fits > 0:
+                    self.blocks.allocate(seq, fits)
+                    return fits
+                if preempt_latest() is seq:
+                    return 0
+
+        def add_chunk(seq: Sequence, num_tokens: int) -> None:
+            nonlocal budget
+            chunk = ScheduledChunk(seq, num_tokens)
+            out.chunks.append(chunk)
+            scheduled[id(seq)] = chunk
+            budget -= num_tokens
+
+        decoding = [s for s in self.running if s.num_uncomputed == 1]
+        prefilling = [s for s in self.running if s.num_uncomputed > 1]
+        for group in (decoding, prefilling):
+            for seq in group:
+                if budget == 0 or seq.status is not SequenceStatus.RUNNING:
+                    continue  # out of budget, or preempted while serving an older sequence
+                taken = grow(seq, min(seq.num_uncomputed, budget))
+                if taken:
+                    add_chunk(seq, taken)
+
+        # After a preemption the pool is known to be full; admitting now would only
+        # hand the freed blocks to a newcomer and thrash.
+        while (
+            not out.preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            fits = self.blocks.tokens_that_fit(seq, min(seq.num_uncomputed, budget))
+            if fits == 0:
+                break  # the pool is full; admission never preempts running sequences
+            self.waiting.popleft()
+            self._admit(seq)
+            self.blocks.allocate(seq, fits)
+            add_chunk(seq, fits)
+        return out
+
+    def _admit(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        seq.admitted_at = self._admissions
+        self._admissions += 1
+        self.running.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def commit(self, output: SchedulerOutput) -> list[Sequence]:
+        """Record that the pass ran: advance each chunk's sequence. Returns the
+        sequences that now need a sampled token, in chunk order."""
+        to_sample = []
+        for chunk in output.chunks:
+            samples = chunk.samples
+            chunk.seq.num_computed += chunk.num_tokens
+            if samples:
+                to_sample.append(chunk.seq)
+        return to_sample

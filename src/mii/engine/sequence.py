@@ -1,0 +1,74 @@
+"""The state of one request as it moves through the scheduler."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from mii.config import GenerateParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # not admitted yet, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds KV blocks and is scheduled every pass
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Tokens of one request and how many of them already have KV in the cache.
+
+    Invariant: ``num_computed <= len(token_ids)``. The tokens in
+    ``token_ids[num_computed:]`` still need a forward pass; a sequence is
+    sampled from when a pass brings ``num_computed`` up to ``len(token_ids)``.
+    After preemption ``num_computed`` drops to 0 and prompt plus generated
+    tokens are recomputed as one longer prompt; nothing generated is lost.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: GenerateParams
+    max_new_tokens: int  # resolved from max_new_tokens / max_length
+    seed: int
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    admitted_at: int = -1  # admission order; the most recent is preempted first
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # output-side state (detokenizer)
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens that may ever need KV: the prompt plus every token it may generate."""
+        return self.prompt_len + self.max_new_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,34 @@
+"""Exceptions raised by mii. Every user-facing error says what to change."""
+
+from __future__ import annotations
+
+
+class MiiError(Exception):
+    """Base class of every error mii raises on purpose."""
+
+
+class InvalidRequestError(MiiError, ValueError):
+    """A generation option or engine option has a bad name or value.
+
+    ``field`` names the offending option so that servers can report it.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ModelLoadError(MiiError, OSError):
+    """The model could not be found, downloaded or understood."""
+
+
+class UnsupportedModelError(ModelLoadError, ValueError):
+    """The checkpoint's ``model_type`` (or one of its features) is not implemented."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request can never fit in the KV cache, even running alone."""
+
+
+class EngineClosedError(MiiError, RuntimeError):
+    """The engine was closed; no more requests are accepted."""

@@ -1,0 +1,148 @@
+"""From a model name to a ready model: find the files, read the config, build the
+architecture without allocating twice, and fill it with weights.
+
+Weights come from safetensors, or from ``.bin`` files read with
+``torch.load(weights_only=True)`` only; ``load_format="dummy"`` fills the real
+architecture with random values (for benchmarks) and reads no weight file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mii.errors import ModelLoadError
+from mii.models.base import CausalLM
+from mii.models.registry import model_class
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None, weights: bool = True) -> Path:
+    """A local directory holding the checkpoint: the path itself, or a hub download."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(f"model path {name_or_path!r} is not a directory with a config.json")
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = _HUB_PATTERNS if weights else [p for p in _HUB_PATTERNS if p != "*.safetensors"]
+        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=patterns))
+    except Exception as err:
+        raise ModelLoadError(
+            f"model {name_or_path!r} is neither a local directory nor downloadable from the "
+            f"Hugging Face hub ({type(err).__name__}: {err}). Pass a local checkpoint path, "
+            "or check the model id and your network connection."
+        ) from None
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json; is it a Hugging Face checkpoint?")
+    with config_file.open() as f:
+        return json.load(f)
+
+
+def choose_dtype(hf_config: dict[str, Any], requested: str) -> torch.dtype:
+    """``requested`` unless "auto"; then the checkpoint's dtype (float32 if it names none)."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    named = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    return _DTYPES.get(str(named).replace("torch.", ""), torch.float32)
+
+
+def build_model(
+    hf_config: dict[str, Any],
+    model_dir: Path | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
+    seed: int = 0,
+) -> CausalLM:
+    """Instantiate the family's model on ``device`` and fill its weights."""
+    cls = model_class(hf_config.get("model_type"))
+    # Build on the meta device first: no memory is touched until the final
+    # device and dtype are known, and no random init is wasted on real weights.
+    with torch.device("meta"):
+        model = cls(hf_config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if load_format == "dummy":
+        _fill_random(model, seed)
+    else:
+        if model_dir is None:
+            raise ModelLoadError("a checkpoint directory is needed unless load_format='dummy'")
+        loaded = model.load_weights(_iterate_weights(model_dir, load_format))
+        missing = model.expected_weight_names() - loaded
+        if missing:
+            raise ModelLoadError(
+                f"checkpoint {model_dir} lacks weights for: {', '.join(sorted(missing)[:8])}"
+                + (" ..." if len(missing) > 8 else "")
+            )
+    for module in model.modules():
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    return model.eval()
+
+
+def _fill_random(model: CausalLM, seed: int) -> None:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.data.fill_(1.0 if "norm" in name else 0.0)
+            continue
+        values = torch.empty(param.shape, dtype=torch.float32).normal_(
+            0.0, 0.02, generator=generator
+        )
+        param.data.copy_(values)
+
+
+def _iterate_weights(model_dir: Path, load_format: str) -> Iterator[tuple[str, torch.Tensor]]:
+    safetensors = sorted(model_dir.glob("*.safetensors"))
+    bins = sorted(p for p in model_dir.glob("*.bin") if p.name != "training_args.bin")
+    if load_format in ("auto", "safetensors") and safetensors:
+        from safetensors import safe_open
+
+        for file in safetensors:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield key, f.get_tensor(key)
+        return
+    if load_format in ("auto", "pt") and bins:
+        for file in bins:
+            # weights_only=True refuses pickled code: a checkpoint cannot run anything.
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            yield from state.items()
+        return
+    raise ModelLoadError(
+        f"no weight files ({'*.safetensors or *.bin' if load_format == 'auto' else load_format}) "
+        f"in {model_dir}; use load_format='dummy' for random weights"
+    )
+
+
+def default_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_tokenizer(model_dir: Path, tokenizer: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    source = tokenizer or str(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise ModelLoadError(f"could not load a tokenizer from {source!r}: {err}") from None
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

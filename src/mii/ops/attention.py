@@ -1,0 +1,96 @@
+"""Paged attention over a ragged batch: the pure-torch reference.
+
+A batch holds B sequences. Sequence b contributes ``query_len[b]`` new tokens
+(a prompt chunk, or 1 for a decode step) whose keys and values are first written
+into the paged KV cache, then every new token attends causally to all of the
+sequence's keys so far (``seq_len[b]`` of them, the new ones included), read
+through its block table.
+
+KV cache layout (one tensor per layer for keys, one for values):
+    [num_blocks, block_size, num_kv_heads, head_dim]
+A token's slot is ``block_id * block_size + offset_in_block``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionBatch:
+    """Where each token of a ragged batch lives in the KV cache."""
+
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of every new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32, offsets of each sequence's new tokens
+    seq_lens: torch.Tensor  # [B] int32, keys per sequence after this step
+    query_lens_host: list[int]  # host copies, so the reference needs no device sync
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+
+def write_kv_cache(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Scatter new keys/values ([T, Hkv, D]) into their cache slots."""
+    num_blocks, block_size, heads, dim = k_cache.shape
+    k_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def gather_sequence_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """The first ``seq_len`` cached rows ([seq_len, Hkv, D]) of one sequence."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache.index_select(0, block_table[:num_blocks].long())
+    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Write k/v into the cache, then attend. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D].
+
+    With ``sliding_window`` w, the token at position p sees keys at positions
+    p - w + 1 .. p (Hugging Face's convention for Mistral).
+    """
+    write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+    out = torch.empty_like(q)
+    heads_per_kv = q.shape[1] // k.shape[1]
+    start = 0
+    for b in range(batch.num_seqs):
+        q_len, seq_len = batch.query_lens_host[b], batch.seq_lens_host[b]
+        qb = q[start : start + q_len].float()  # [Lq, Hq, D]
+        kb = gather_sequence_kv(k_cache, batch.block_tables[b], seq_len).float()  # [Lk, Hkv, D]
+        vb = gather_sequence_kv(v_cache, batch.block_tables[b], seq_len).float()
+        kb = kb.repeat_interleave(heads_per_kv, dim=1)  # [Lk, Hq, D]
+        vb = vb.repeat_interleave(heads_per_kv, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qb, kb) * scale  # [Hq, Lq, Lk]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        visible = k_pos <= q_pos
+        if sliding_window is not None:
+            visible &= k_pos > q_pos - sliding_window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, vb).to(q.dtype)
+        start += q_len
+    return out

@@ -1,0 +1,25 @@
+"""What a generation returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Response:
+    """Generated text and how it ended.
+
+    From ``generate`` it is the whole answer; from ``stream`` each piece carries
+    only the new text in ``generated_text``, the running ``generated_length``,
+    and ``finish_reason`` on the last piece ("stop": EOS or a stop string;
+    "length": ``max_new_tokens`` or ``max_length`` reached).
+    """
+
+    generated_text: str
+    prompt_length: int
+    generated_length: int
+    finish_reason: str | None = None
+    request_id: str | None = None
+
+    def __str__(self) -> str:
+        return self.generated_text

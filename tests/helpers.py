@@ -1,0 +1,71 @@
+"""Tiny checkpoints built with transformers itself, and the Hugging Face oracle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mii.demo import _CORPUS, train_tokenizer
+
+PROMPTS = [
+    "DeepSpeed is",
+    "Seattle is a city on the west coast of the United States, known for rain",
+    "The quick brown fox",
+    "A blocked KV cache stores attention keys in fixed-size blocks, allocated as sequences grow. "
+    "Continuous batching lets requests join",
+    "Unicode: café 東京 😀",
+]
+
+
+def make_tokenizer():
+    return train_tokenizer(_CORPUS.splitlines() * 4, vocab_size=400)
+
+
+def tiny_config(family: str, tokenizer, **overrides):
+    """A small config of ``family`` whose logits are far from ties (large init scale)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
+    return cls(**common)
+
+
+def save_checkpoint(path: Path, config, tokenizer, seed: int = 0, safetensors: bool = True):
+    """Save a random-weight model of ``config`` as a Hugging Face checkpoint; return the model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    model.save_pretrained(path, safe_serialization=safetensors)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """Greedy continuation from transformers (stops at EOS like mii does)."""
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return out[0, ids.shape[1] :].tolist()
