@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -12,7 +12,8 @@ class Response:
     From ``generate`` it is the whole answer; from ``stream`` each piece carries
     only the new text in ``generated_text``, the running ``generated_length``,
     and ``finish_reason`` on the last piece ("stop": EOS or a stop string;
-    "length": ``max_new_tokens`` or ``max_length`` reached).
+    "length": ``max_new_tokens`` or ``max_length`` reached). ``token_ids`` holds
+    the generated token ids (in a streamed piece, those new since the last piece).
     """
 
     generated_text: str
@@ -20,6 +21,7 @@ class Response:
     generated_length: int
     finish_reason: str | None = None
     request_id: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # generated ids (EOS included)
 
     def __str__(self) -> str:
         return self.generated_text

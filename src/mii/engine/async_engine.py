@@ -137,9 +137,11 @@ class AsyncEngine:
 
     async def _collect(self, prompt: str | list[int], params: dict[str, Any]) -> Response:
         text: list[str] = []
+        ids: list[int] = []
         last: Response | None = None
         async for piece in self.stream(prompt, **params):
             text.append(piece.generated_text)
+            ids.extend(piece.token_ids)
             last = piece
         assert last is not None
         return Response(
@@ -148,6 +150,7 @@ class AsyncEngine:
             last.generated_length,
             last.finish_reason,
             last.request_id,
+            ids,
         )
 
     def _submit(

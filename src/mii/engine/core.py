@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +48,7 @@ class _OutputState:
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
     prefix: str  # the prompt text when return_full_text, sent with the first piece
+    unsent_ids: list[int] = field(default_factory=list)  # token ids not yet in a piece
 
 
 class EngineCore:
@@ -249,6 +250,7 @@ class EngineCore:
         state: _OutputState = seq.extra["out"]
         params = seq.params
         generated = seq.num_generated
+        state.unsent_ids.append(token)
         finish = None
         if token in self.eos_token_ids and not params.ignore_eos:
             finish = "stop"
@@ -268,7 +270,8 @@ class EngineCore:
             text, state.prefix = state.prefix + text, ""
         if not text and finish is None:
             return None
-        return Response(text, seq.prompt_len, generated, finish, seq.request_id)
+        ids, state.unsent_ids = state.unsent_ids, []
+        return Response(text, seq.prompt_len, generated, finish, seq.request_id, ids)
 
     def release(self) -> None:
         """Drop the model and KV cache so that their memory can be reclaimed."""
