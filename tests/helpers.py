@@ -51,7 +51,11 @@ def save_checkpoint(path: Path, config, tokenizer, seed: int = 0, safetensors: b
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    model.save_pretrained(path, safe_serialization=safetensors)
+    if safetensors:
+        model.save_pretrained(path)
+    else:  # the older PyTorch format (transformers 5 only writes safetensors)
+        config.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
     tokenizer.save_pretrained(path)
     return model
 

@@ -62,7 +62,8 @@ def test_sliding_window_changes_the_answer(checkpoints, tokenizer, tmp_path):
     unwindowed = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     unwindowed.load_state_dict(windowed.state_dict())
     differs = [
-        hf_greedy(windowed, tokenizer, p, NEW_TOKENS) != hf_greedy(unwindowed, tokenizer, p, NEW_TOKENS)
+        hf_greedy(windowed, tokenizer, p, NEW_TOKENS)
+        != hf_greedy(unwindowed, tokenizer, p, NEW_TOKENS)
         for p in PROMPTS
     ]
     assert any(differs)

@@ -1,0 +1,256 @@
+"""AsyncEngine behaviour: streaming, cancellation, abort, seeds, stops, limits,
+and isolation of bad requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import mii
+from helpers import PROMPTS
+
+GREEDY = {"do_sample": False}
+
+
+@pytest.fixture
+async def engine(llama):
+    async with mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=40) as eng:
+        yield eng
+
+
+def assert_all_blocks_free(engine: mii.AsyncEngine) -> None:
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["free_blocks"] == engine.core.blocks.num_blocks
+
+
+async def test_stream_pieces_concatenate_to_generate(engine):
+    [whole] = await engine.generate(PROMPTS[4], max_new_tokens=30, ignore_eos=True, **GREEDY)
+    pieces = [
+        p async for p in engine.stream(PROMPTS[4], max_new_tokens=30, ignore_eos=True, **GREEDY)
+    ]
+    assert "".join(p.generated_text for p in pieces) == whole.generated_text
+    assert [t for p in pieces for t in p.token_ids] == whole.token_ids
+    assert all(p.finish_reason is None for p in pieces[:-1])
+    assert pieces[-1].finish_reason == "length" and pieces[-1].generated_length == 30
+    assert len(pieces) > 5  # streamed, not delivered in one lump
+
+
+async def test_streamed_text_equals_decoded_tokens(engine, tokenizer):
+    for prompt in PROMPTS:
+        [r] = await engine.generate(prompt, max_new_tokens=40, seed=3, ignore_eos=True)
+        assert r.generated_text == tokenizer.decode(r.token_ids, skip_special_tokens=True)
+
+
+async def test_cancelling_the_consumer_aborts_and_frees_blocks(engine):
+    got = []
+
+    async def consume():
+        async for piece in engine.stream(PROMPTS[1], max_new_tokens=100, ignore_eos=True):
+            got.append(piece)
+
+    task = asyncio.create_task(consume())
+    while len(got) < 3:
+        await asyncio.sleep(0.001)
+    assert engine.stats()["free_blocks"] < engine.core.blocks.num_blocks
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+    assert len(got) < 100
+
+
+async def test_closing_the_iterator_aborts(engine):
+    stream = engine.stream(PROMPTS[0], max_new_tokens=100, ignore_eos=True)
+    await stream.__anext__()
+    await stream.aclose()
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+
+
+async def test_abort_by_request_id(engine):
+    pieces = []
+
+    async def consume():
+        async for piece in engine.stream(
+            PROMPTS[2], request_id="r1", max_new_tokens=100, ignore_eos=True
+        ):
+            pieces.append(piece)
+
+    task = asyncio.create_task(consume())
+    while not pieces:
+        await asyncio.sleep(0.001)
+    await engine.abort("r1")
+    await asyncio.wait_for(task, 5)  # the stream ends instead of hanging
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+    assert pieces[-1].finish_reason is None and len(pieces) < 100
+
+
+async def test_same_seed_same_text_alone_in_batch_and_after_preemption(llama):
+    params = dict(max_new_tokens=24, seed=1234, temperature=1.3, top_p=0.95, ignore_eos=True)
+    async with mii.AsyncEngine(llama) as roomy:
+        [alone] = await roomy.generate(PROMPTS[0], **params)
+        others = [roomy.generate(p, max_new_tokens=30, seed=i) for i, p in enumerate(PROMPTS)]
+        batched, *_ = await asyncio.gather(roomy.generate(PROMPTS[0], **params), *others)
+        [other_seed] = await roomy.generate(PROMPTS[0], **{**params, "seed": 99})
+    async with mii.AsyncEngine(
+        llama, token_budget=5, max_num_seqs=4, kv_block_size=4, num_kv_blocks=28
+    ) as tight:
+        crowd = [
+            tight.generate(p, max_new_tokens=30, seed=i, ignore_eos=True)
+            for i, p in enumerate(PROMPTS)
+        ]
+        squeezed, *_ = await asyncio.gather(tight.generate(PROMPTS[0], **params), *crowd)
+        assert tight.stats()["preemptions"] > 0
+    assert batched[0].token_ids == alone.token_ids
+    assert squeezed[0].token_ids == alone.token_ids
+    assert other_seed.token_ids != alone.token_ids
+
+
+async def test_unseeded_sampling_varies(engine):
+    texts = {
+        (await engine.generate(PROMPTS[0], max_new_tokens=16, temperature=1.5))[0].generated_text
+        for _ in range(4)
+    }
+    assert len(texts) > 1
+
+
+async def test_stop_string_spanning_tokens(engine, tokenizer):
+    [ref] = await engine.generate(PROMPTS[1], max_new_tokens=40, ignore_eos=True, **GREEDY)
+    text = ref.generated_text
+    stop = text[10:17]  # several characters, likely several tokens
+    cut = text.index(stop)
+    pieces = [
+        p
+        async for p in engine.stream(
+            PROMPTS[1], max_new_tokens=40, stop=[stop, "\x00never"], **GREEDY
+        )
+    ]
+    streamed = "".join(p.generated_text for p in pieces)
+    assert streamed == text[:cut]
+    assert pieces[-1].finish_reason == "stop"
+    [whole] = await engine.generate(PROMPTS[1], max_new_tokens=40, stop=stop, **GREEDY)
+    assert whole.generated_text == text[:cut] and whole.finish_reason == "stop"
+
+
+async def test_return_full_text(engine):
+    [plain] = await engine.generate(PROMPTS[0], max_new_tokens=8, **GREEDY)
+    [full] = await engine.generate(PROMPTS[0], max_new_tokens=8, return_full_text=True, **GREEDY)
+    assert full.generated_text == PROMPTS[0] + plain.generated_text
+
+
+async def test_eos_min_new_tokens_and_ignore_eos(engine):
+    [ref] = await engine.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True, **GREEDY)
+    eos = ref.token_ids[3]
+    first = ref.token_ids.index(eos)
+    engine.core.eos_token_ids = [eos]  # pretend the model's 4th greedy token is EOS
+    [stopped] = await engine.generate(PROMPTS[0], max_new_tokens=12, **GREEDY)
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == ref.token_ids[: first + 1]
+    [kept_going] = await engine.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True, **GREEDY)
+    assert kept_going.token_ids == ref.token_ids and kept_going.finish_reason == "length"
+    [at_least] = await engine.generate(PROMPTS[0], max_new_tokens=12, min_new_tokens=8, **GREEDY)
+    assert eos not in at_least.token_ids[:8]
+    assert at_least.generated_length >= 8
+
+
+async def test_max_length_caps_prompt_plus_answer(engine):
+    prompt_len = len(engine.tokenizer(PROMPTS[1]).input_ids)
+    [r] = await engine.generate(PROMPTS[1], max_length=prompt_len + 5, ignore_eos=True, **GREEDY)
+    assert r.generated_length == 5 and r.finish_reason == "length"
+    [r] = await engine.generate(PROMPTS[1], max_length=prompt_len + 5, max_new_tokens=3, **GREEDY)
+    assert r.generated_length <= 3
+    [r] = await engine.generate(PROMPTS[1], max_new_tokens=0)
+    assert r.generated_text == "" and r.generated_length == 0 and r.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"top_p": 1.5}, "top_p"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"no_such_option": 1}, "no_such_option"),
+        ({"max_length": 100_000}, "max_length"),
+    ],
+)
+async def test_bad_options_raise_and_name_the_field(engine, options, field):
+    with pytest.raises(mii.InvalidRequestError) as info:
+        await engine.generate(PROMPTS[0], **options)
+    assert info.value.field == field and field in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+async def test_prompt_too_long_and_request_too_large(engine, llama):
+    with pytest.raises(mii.InvalidRequestError, match="prompt") as info:
+        await engine.generate("word " * 400)
+    assert info.value.field == "prompt"
+    with pytest.raises(mii.RequestTooLargeError, match="num_kv_blocks"):
+        await engine.generate(PROMPTS[1], max_new_tokens=250)
+    with pytest.raises(mii.InvalidRequestError, match="prompt"):
+        await engine.generate([999_999])
+
+
+async def test_bad_requests_do_not_disturb_others(engine):
+    [expected] = await engine.generate(PROMPTS[3], max_new_tokens=30, ignore_eos=True, **GREEDY)
+    good = asyncio.create_task(
+        engine.generate(PROMPTS[3], max_new_tokens=30, ignore_eos=True, **GREEDY)
+    )
+    await asyncio.sleep(0.01)
+    for bad in ({"top_p": 0}, {"max_new_tokens": 10_000}, {"stop": [""]}):
+        with pytest.raises(mii.InvalidRequestError):
+            await engine.generate(PROMPTS[0], **bad)
+    assert (await good)[0].token_ids == expected.token_ids
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+
+
+async def test_failed_forward_pass_fails_its_requests_and_engine_recovers(engine, monkeypatch):
+    original = engine.core.runner.run
+    calls = {"n": 0}
+
+    def flaky(chunks):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device error")
+        return original(chunks)
+
+    monkeypatch.setattr(engine.core.runner, "run", flaky)
+    with pytest.raises(RuntimeError, match="simulated device error"):
+        await engine.generate(PROMPTS[0], max_new_tokens=10)
+    assert_all_blocks_free(engine)
+    [r] = await engine.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True)
+    assert r.generated_length == 5
+
+
+async def test_event_loop_stays_responsive(llama):
+    async with mii.AsyncEngine(llama) as engine:
+        gaps = []
+        done = asyncio.Event()
+
+        async def ticker():
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        tick = asyncio.create_task(ticker())
+        await engine.generate(PROMPTS * 4, max_new_tokens=64, ignore_eos=True)
+        done.set()
+        await tick
+    # Each pass runs in the worker thread: the loop keeps ticking throughout.
+    assert len(gaps) > 20
+    assert max(gaps) < 0.5
+
+
+async def test_closed_engine_rejects_requests(llama):
+    engine = mii.AsyncEngine(llama)
+    await engine.aclose()
+    with pytest.raises(mii.EngineClosedError):
+        await engine.generate("hello")

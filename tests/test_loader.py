@@ -1,0 +1,118 @@
+"""Model loading: local paths, hub ids offline, formats, dtypes and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import mii
+from helpers import PROMPTS, hf_greedy, save_checkpoint, tiny_config
+from mii.models.loader import build_model, read_hf_config
+
+
+def test_missing_path_is_one_clear_error(tmp_path):
+    with pytest.raises(mii.ModelLoadError, match="not a directory"):
+        mii.pipeline(str(tmp_path / "nope"))
+
+
+def test_hub_id_without_connection_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(mii.ModelLoadError, match="neither a local directory nor downloadable"):
+        mii.pipeline("some-org/some-model-that-is-not-cached")
+
+
+def test_unsupported_model_type_lists_supported(tmp_path, llama):
+    shutil.copytree(llama, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["model_type"] = "gpt_bigcode"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mii.UnsupportedModelError, match="gpt_bigcode.*llama, mistral, qwen2"):
+        mii.pipeline(str(tmp_path / "m"))
+
+
+def test_directory_without_weights(tmp_path, llama):
+    shutil.copytree(llama, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(mii.ModelLoadError, match="no weight files"):
+        mii.pipeline(str(tmp_path / "m"))
+
+
+def test_missing_tensor_is_named(tmp_path, llama):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(llama, tmp_path / "m")
+    file = tmp_path / "m" / "model.safetensors"
+    weights = load_file(file)
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, file, metadata={"format": "pt"})
+    with pytest.raises(mii.ModelLoadError, match=r"model\.layers\.1\.mlp\.gate_up_proj"):
+        mii.pipeline(str(tmp_path / "m"))
+
+
+def test_pytorch_bin_checkpoint_matches_hf(tmp_path, tokenizer):
+    config = tiny_config("llama", tokenizer)
+    hf_model = save_checkpoint(tmp_path, config, tokenizer, seed=5, safetensors=False)
+    assert list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.safetensors"))
+    with mii.pipeline(str(tmp_path)) as pipe:
+        [r] = pipe(PROMPTS[1], do_sample=False, max_new_tokens=12)
+    assert r.token_ids == hf_greedy(hf_model, tokenizer, PROMPTS[1], 12)
+
+
+def test_bin_files_refuse_pickled_code(tmp_path, llama):
+    """``.bin`` files go through torch.load(weights_only=True): no arbitrary objects."""
+    shutil.copytree(llama, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(
+        {"model.norm.weight": torch.ones(64), "evil": EvilPayload()},
+        tmp_path / "m" / "pytorch_model.bin",
+    )
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        mii.pipeline(str(tmp_path / "m"))
+    assert not EvilPayload.ran
+
+
+class EvilPayload:
+    ran = False
+
+    def __reduce__(self):
+        return (EvilPayload._run, ())
+
+    @staticmethod
+    def _run():
+        EvilPayload.ran = True
+        return "boom"
+
+
+def test_dummy_load_format_needs_only_config_and_tokenizer(tmp_path, llama):
+    shutil.copytree(llama, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    with mii.pipeline(str(tmp_path / "m"), load_format="dummy") as pipe:
+        [r] = pipe(PROMPTS[0], max_new_tokens=6, ignore_eos=True)
+    assert r.generated_length == 6
+
+
+def test_dummy_weights_have_real_shapes(llama):
+    path = llama
+    from pathlib import Path
+
+    config = read_hf_config(Path(path))
+    model = build_model(config, None, torch.float32, torch.device("cpu"), load_format="dummy")
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight
+    assert qkv.shape == (64 + 2 * 32, 64)  # 4 query heads and 2 KV heads of 16
+    assert qkv.std() > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dtype_option(llama, dtype):
+    with mii.pipeline(llama, dtype=dtype) as pipe:
+        params = list(pipe.engine.core.model.parameters())
+        assert all(p.dtype == getattr(torch, dtype) for p in params)
+        [r] = pipe(PROMPTS[0], max_new_tokens=4, ignore_eos=True)
+        assert r.generated_length == 4
+
+
+def test_bad_engine_option_names_the_field(llama):
+    with pytest.raises(mii.InvalidRequestError, match="kv_block_sizes"):
+        mii.pipeline(llama, kv_block_sizes=8)
+    with pytest.raises(mii.InvalidRequestError, match="dtype"):
+        mii.pipeline(llama, dtype="float8")

@@ -1,0 +1,70 @@
+"""The synchronous pipeline and the demo command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mii
+from helpers import PROMPTS
+
+
+def test_single_string_and_list(llama):
+    pipe = mii.pipeline(llama)
+    try:
+        one = pipe(PROMPTS[0], max_new_tokens=5, do_sample=False, ignore_eos=True)
+        many = pipe(PROMPTS[:3], max_new_tokens=5, do_sample=False, ignore_eos=True)
+        assert len(one) == 1 and len(many) == 3
+        assert one[0].generated_text == many[0].generated_text
+        assert str(one[0]) == one[0].generated_text
+        assert isinstance(one[0], mii.Response)
+        assert one[0].prompt_length > 0 and one[0].generated_length == 5
+    finally:
+        pipe.destroy()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        pipe("again")
+    pipe.destroy()  # idempotent
+
+
+def test_progress_bar_for_large_batches(llama, capsys):
+    with mii.pipeline(llama) as pipe:
+        out = pipe(PROMPTS * 4, max_new_tokens=3, progress=True)
+    assert len(out) == 20
+    assert "20/20" in capsys.readouterr().err
+
+
+def test_pipeline_works_inside_a_running_event_loop(llama):
+    """As in Jupyter: a sync call from code that runs inside an event loop."""
+
+    async def inside():
+        with mii.pipeline(llama) as pipe:
+            return pipe(PROMPTS[0], max_new_tokens=4, ignore_eos=True)
+
+    [r] = asyncio.run(inside())
+    assert r.generated_length == 4
+
+
+def test_bad_options_rejected_before_work(llama):
+    with mii.pipeline(llama) as pipe:
+        with pytest.raises(mii.InvalidRequestError, match="top_k"):
+            pipe(PROMPTS[0], top_k=0)
+        assert pipe(PROMPTS[0], max_new_tokens=2)[0].generated_length >= 1
+
+
+def test_demo_command_runs_offline(tmp_path):
+    env = {**os.environ, "MII_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mii", "demo", "--max-new-tokens", "8", "--prompt", "Hello"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello")
+    assert "random" in result.stderr and "8 tokens" in result.stderr
+    assert (tmp_path / "demo-llama-v1" / "config.json").is_file()
