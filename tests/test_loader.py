@@ -29,7 +29,7 @@ def test_unsupported_model_type_lists_supported(tmp_path, llama):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["model_type"] = "gpt_bigcode"
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(mii.UnsupportedModelError, match="gpt_bigcode.*llama, mistral, qwen2"):
+    with pytest.raises(mii.UnsupportedModelError, match=r"gpt_bigcode.*llama, mistral, qwen2"):
         mii.pipeline(str(tmp_path / "m"))
 
 
@@ -67,7 +67,7 @@ def test_bin_files_refuse_pickled_code(tmp_path, llama):
         {"model.norm.weight": torch.ones(64), "evil": EvilPayload()},
         tmp_path / "m" / "pytorch_model.bin",
     )
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+    with pytest.raises(Exception, match=r"(?i)weights_only|unsupported|global"):
         mii.pipeline(str(tmp_path / "m"))
     assert not EvilPayload.ran
 
