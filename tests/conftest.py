@@ -27,6 +27,10 @@ CHECKPOINTS = {
     "llama3-rope": ("llama", {"rope_parameters": LLAMA3_ROPE, "num_key_value_heads": 1}),
     "mistral-window": ("mistral", {"sliding_window": 8}),
     "qwen2": ("qwen2", {}),
+    "qwen2-window": (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1},
+    ),
 }
 
 

@@ -9,7 +9,7 @@ import mii
 from helpers import PROMPTS, hf_greedy, tiny_config
 
 NEW_TOKENS = 24
-FAMILIES = ["llama", "llama-mha-tied", "llama3-rope", "mistral-window", "qwen2"]
+FAMILIES = ["llama", "llama-mha-tied", "llama3-rope", "mistral-window", "qwen2", "qwen2-window"]
 
 
 def check_against_hf(pipe, hf_model, tokenizer, prompts, **params):
@@ -52,13 +52,21 @@ def test_full_budget_batch_matches_hf(checkpoints, tokenizer):
         check_against_hf(pipe, hf_model, tokenizer, PROMPTS)
 
 
-def test_sliding_window_changes_the_answer(checkpoints, tokenizer, tmp_path):
-    """Guard for the Mistral test: with the same weights, the window must matter,
+@pytest.mark.parametrize(
+    ("name", "family", "no_window"),
+    [
+        ("mistral-window", "mistral", {"sliding_window": None}),
+        ("qwen2-window", "qwen2", {"use_sliding_window": False}),
+    ],
+)
+def test_sliding_window_changes_the_answer(checkpoints, tokenizer, name, family, no_window):
+    """Guard for the window tests: with the same weights, the window must matter,
     so matching HF with the window proves it is honoured."""
     from transformers import AutoModelForCausalLM
 
-    _, windowed = checkpoints("mistral-window")
-    config = tiny_config("mistral", tokenizer, sliding_window=None)
+    _, windowed = checkpoints(name)
+    overrides = {k: v for k, v in windowed.config.to_dict().items() if k in ("max_window_layers",)}
+    config = tiny_config(family, tokenizer, **overrides, **no_window)
     unwindowed = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     unwindowed.load_state_dict(windowed.state_dict())
     differs = [

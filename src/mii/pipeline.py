@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ class Pipeline:
             target=self._loop.run_forever, name="mii-pipeline", daemon=True
         )
         self._thread.start()
+        # A script that never calls destroy() still shuts the engine down cleanly at exit.
+        self._finalizer = weakref.finalize(self, _shutdown, self.engine, self._loop, self._thread)
 
     @property
     def tokenizer(self):
@@ -82,10 +85,7 @@ class Pipeline:
         """Stop the engine and free its memory (device memory included)."""
         if self._loop is None:
             return
-        asyncio.run_coroutine_threadsafe(self.engine.aclose(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._finalizer()
         self._loop = None
 
     def __enter__(self) -> Pipeline:
@@ -93,6 +93,17 @@ class Pipeline:
 
     def __exit__(self, *exc_info: object) -> None:
         self.destroy()
+
+
+def _shutdown(
+    engine: AsyncEngine, loop: asyncio.AbstractEventLoop, thread: threading.Thread
+) -> None:
+    if loop.is_closed():
+        return
+    asyncio.run_coroutine_threadsafe(engine.aclose(), loop).result(timeout=60)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
 
 
 def pipeline(model_name_or_path: str, max_length: int | None = None, **options: Any) -> Pipeline:

@@ -115,7 +115,10 @@ class AsyncEngine:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._release)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._release)
+        except RuntimeError:  # at interpreter exit the worker may already be shut down
+            self._release()
         self._executor.shutdown(wait=True)
 
     async def __aenter__(self) -> AsyncEngine:

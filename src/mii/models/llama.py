@@ -43,16 +43,24 @@ class LlamaSpec:
     o_bias: bool
     mlp_bias: bool
     tie_word_embeddings: bool
-    sliding_window: int | None
+    layer_windows: tuple[int | None, ...]  # sliding window of each layer (None: full)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaSpec:
         heads = cfg["num_attention_heads"]
         model_type = cfg.get("model_type")
         qkv_bias = bool(cfg.get("attention_bias", False)) or model_type == "qwen2"
+        layers = cfg["num_hidden_layers"]
         window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-            window = None  # Qwen2 configs carry a window they do not use by default
+        if model_type == "qwen2":
+            # Qwen2 configs carry a window they only use with use_sliding_window,
+            # and then only from layer max_window_layers on.
+            first = cfg.get("max_window_layers", 0) if cfg.get("use_sliding_window") else layers
+            windows = [window if i >= first else None for i in range(layers)]
+        else:
+            windows = [window] * layers
+        if cfg.get("layer_types"):
+            windows = [window if t == "sliding_attention" else None for t in cfg["layer_types"]]
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -69,7 +77,7 @@ class LlamaSpec:
             o_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=window,
+            layer_windows=tuple(windows),
         )
 
 
@@ -82,7 +90,7 @@ class LlamaAttention(nn.Module):
         self.num_heads = divide(spec.num_heads, world, "num_attention_heads")
         self.num_kv_heads = divide(spec.num_kv_heads, world, "num_key_value_heads")
         self.scale = spec.head_dim**-0.5
-        self.sliding_window = spec.sliding_window
+        self.sliding_window = spec.layer_windows[layer_idx]
         q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.qkv_proj = ColumnParallelLinear(
             spec.hidden_size, [q_size, kv_size, kv_size], spec.qkv_bias
