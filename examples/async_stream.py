@@ -1,6 +1,6 @@
 """Streaming from AsyncEngine inside your own asyncio program.
 
-    python examples/async_stream.py [MODEL]
+python examples/async_stream.py [MODEL]
 """
 
 import asyncio
