@@ -241,7 +241,7 @@ def test_same_seed_and_step_give_same_token_in_any_batch():
                 assert sample(logits, batch, eos_token_ids=[]).tolist()[position] == alone
 
 
-def test_same_seed_different_rows_same_token_with_settings():
+def test_identical_requests_in_one_batch_draw_the_same_token():
     # Two identical requests in one batch (same seed, step and settings) agree.
     vocab = 30
     row = random_logits(1, vocab, seed=8, scale=0.5)
@@ -275,6 +275,28 @@ def test_sequences_of_samples_differ_between_seeds():
         out = sample(logits, make_batch(12, vocab, seeds=seed, steps=steps), eos_token_ids=[])
         runs.append(tuple(out.tolist()))
     assert len(set(runs)) == 20
+
+
+def test_noise_is_keyed_by_token_not_by_rank():
+    # With the seed and step fixed, every token keeps its own noise value. Raising the
+    # drawn token's logit, or lowering another token's, can then never change the draw,
+    # although both reorder the sorted vocabulary.
+    vocab = 20
+    gen = torch.Generator().manual_seed(9)
+    changed = 0
+    for seed in range(150):
+        logits = torch.randn(vocab, generator=gen)
+        batch = make_batch(1, vocab, seeds=seed, steps=seed % 7)
+        token = sample(logits[None], batch, eos_token_ids=[]).item()
+        raised = logits.clone()
+        raised[token] += 2.5
+        assert sample(raised[None], batch, eos_token_ids=[]).item() == token
+        other = (token + 1 + seed % (vocab - 1)) % vocab
+        lowered = logits.clone()
+        lowered[other] -= 2.5
+        assert sample(lowered[None], batch, eos_token_ids=[]).item() == token
+        changed += int(not torch.equal(raised.argsort(), logits.argsort()))
+    assert changed > 0  # the edits did reorder the vocabulary
 
 
 # ----- distributions ---------------------------------------------------------------

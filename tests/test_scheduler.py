@@ -146,9 +146,7 @@ def test_decodes_are_scheduled_before_prefill_chunks():
     assert sorted(sizes(out)) == [("d0", 1), ("d1", 1), ("d2", 1), ("long", 1)]
 
 
-def test_decode_of_younger_sequence_comes_before_older_prefill_chunk():
-    # A recomputed (preempted) sequence is a prefill again; older decodes still go first,
-    # and a decode never waits behind a prefill whatever the admission order.
+def test_running_prompt_is_served_before_newcomers_are_admitted():
     sched = make_scheduler(num_blocks=64, block_size=4, token_budget=8)
     old = make_seq("old", prompt_len=30, max_new_tokens=2)
     sched.add(old)

@@ -18,7 +18,9 @@ def _raise_from_pydantic(err: ValidationError, what: str) -> None:
     """Turn pydantic's error list into one InvalidRequestError naming the first bad field."""
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or None
-    if first["type"] == "extra_forbidden":
+    if field is None:  # a rule about several options; its message names them
+        message = f"invalid {what}s: {first['msg'].removeprefix('Value error, ')}"
+    elif first["type"] == "extra_forbidden":
         message = f"unknown {what} {field!r}"
     else:
         shown = first.get("input")

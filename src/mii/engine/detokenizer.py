@@ -17,13 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded alongside the first generated ones
+_MAX_EXTRA_CONTEXT = 8  # how far back to look for the start of a character
 _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int]) -> None:
         self.tokenizer = tokenizer
-        self.token_ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.token_ids: list[int] = _context_window(tokenizer, list(prompt_token_ids))
         self.prefix_offset = 0  # start of the decode window
         self.read_offset = len(self.token_ids)  # tokens before this were emitted
 
@@ -50,6 +51,21 @@ class IncrementalDetokenizer:
         return full[len(prefix) :]
 
 
+def _context_window(tokenizer, prompt: list[int]) -> list[int]:
+    """The last few prompt tokens, starting on a character boundary.
+
+    A window that starts inside a multi-byte character (byte-fallback tokens)
+    would decode to U+FFFD and, with some decoders, garble the text after it.
+    """
+    start = max(0, len(prompt) - _CONTEXT_TOKENS)
+    lowest = max(0, start - _MAX_EXTRA_CONTEXT)
+    while start > lowest and tokenizer.decode(prompt[start:], skip_special_tokens=True).startswith(
+        _REPLACEMENT
+    ):
+        start -= 1
+    return prompt[start:]
+
+
 class StopStringMatcher:
     """Accumulates generated text and releases the part that is safe to stream."""
 
@@ -64,11 +80,11 @@ class StopStringMatcher:
         With ``check=False`` (before ``min_new_tokens``) stop strings are not
         looked for and everything is released.
         """
-        search_from = max(0, self.released - max((len(s) for s in self.stop), default=0))
         self.text += delta
         if check and self.stop:
-            hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
-            hits = [i for i in hits if i >= self.released]
+            # Released text never ends inside a possible stop string (it is held
+            # back), so a match can only start at or after ``released``.
+            hits = [i for i in (self.text.find(s, self.released) for s in self.stop) if i >= 0]
             if hits:
                 self.text = self.text[: min(hits)]
                 return self._release(len(self.text)), True

@@ -73,11 +73,13 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: list[int])
     scaled = logits / batch.temperature[:, None]
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
-    drop = ranks >= batch.top_k[:, None]  # top-k
+    # top-k first, then top-p on the renormalised survivors (as transformers and vLLM do)
+    sorted_logits = sorted_logits.masked_fill(ranks >= batch.top_k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= batch.top_p[:, None]  # top-p; the top token always survives
-    probs = probs.masked_fill(drop, 0.0)
+    # The top token always survives; top_p == 1 filters nothing (even if float sums pass 1).
+    cut = (mass_before >= batch.top_p[:, None]) & (batch.top_p[:, None] < 1.0)
+    probs = probs.masked_fill(cut, 0.0)
 
     noise = -torch.log(counter_uniform(batch.seeds, batch.steps, vocab)).to(probs.dtype)
     noise = noise.gather(1, sorted_ids)  # noise is keyed by token id, not by rank

@@ -1,0 +1,205 @@
+"""Validation of generation options (GenerateParams) and engine options (EngineConfig)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mii.config import EngineConfig, GenerateParams
+from mii.errors import InvalidRequestError
+
+# ----- GenerateParams ------------------------------------------------------------------
+
+
+def test_defaults():
+    p = GenerateParams.parse()
+    assert p.max_length is None
+    assert p.min_new_tokens == 0
+    assert p.max_new_tokens is None
+    assert p.ignore_eos is False
+    assert p.top_p == 0.9
+    assert p.top_k is None
+    assert p.temperature is None
+    assert p.do_sample is True
+    assert p.return_full_text is False
+    assert p.stop == ()
+    assert p.seed is None
+    assert p.greedy is False
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"top_p": 1.0000001}, "top_p"),
+        ({"top_p": 2}, "top_p"),
+        ({"top_p": math.nan}, "top_p"),
+        ({"top_p": math.inf}, "top_p"),
+        ({"temperature": math.nan}, "temperature"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": -math.inf}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"min_new_tokens": -1}, "min_new_tokens"),
+        ({"max_length": 0}, "max_length"),
+        ({"max_length": -5}, "max_length"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -3}, "top_k"),
+        ({"stop": ""}, "stop"),
+        ({"stop": ["ok", ""]}, "stop"),
+        ({"stop": ("",)}, "stop"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"max_new_tokens": "many"}, "max_new_tokens"),
+        ({"do_sample": "perhaps"}, "do_sample"),
+    ],
+)
+def test_invalid_values_name_the_field(options, field):
+    with pytest.raises(InvalidRequestError) as info:
+        GenerateParams.parse(**options)
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.field == field
+    assert repr(field) in str(err)  # the message names the field, quoted
+    assert "generation option" in str(err)
+
+
+def test_first_bad_field_is_reported_among_good_ones():
+    with pytest.raises(InvalidRequestError) as info:
+        GenerateParams.parse(max_new_tokens=5, top_p=0.5, temperature=-1.0, seed=3)
+    assert info.value.field == "temperature"
+
+
+@pytest.mark.parametrize("name", ["max_tokens", "topp", "Temperature", "stop_sequences"])
+def test_unknown_option_names_the_option(name):
+    with pytest.raises(InvalidRequestError) as info:
+        GenerateParams.parse(**{name: 1})
+    assert info.value.field == name
+    assert repr(name) in str(info.value)
+    assert "unknown" in str(info.value)
+
+
+def test_invalid_value_message_shows_the_bad_value():
+    with pytest.raises(InvalidRequestError) as info:
+        GenerateParams.parse(top_p=1.5)
+    assert "1.5" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"top_p": 1.0},
+        {"top_p": 1e-9},
+        {"temperature": 0.0},
+        {"temperature": 3.5},
+        {"max_new_tokens": 0},
+        {"min_new_tokens": 0},
+        {"max_length": 1},
+        {"top_k": 1},
+        {"seed": 0},
+        {"seed": 2**63 - 1},
+        {"stop": None},
+        {"stop": ["a", "bc"]},
+    ],
+)
+def test_boundary_values_are_accepted(options):
+    params = GenerateParams.parse(**options)
+    for key, value in options.items():
+        if key != "stop":
+            assert getattr(params, key) == value
+
+
+def test_stop_as_string_becomes_a_tuple():
+    assert GenerateParams.parse(stop="###").stop == ("###",)
+    assert GenerateParams.parse(stop=["a", "b"]).stop == ("a", "b")
+    assert GenerateParams.parse(stop=None).stop == ()
+    # A string is one stop string, not a sequence of one-character stop strings.
+    assert GenerateParams.parse(stop="abc").stop != ("a", "b", "c")
+
+
+def test_params_are_frozen():
+    params = GenerateParams.parse(top_p=0.5)
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
+        params.top_p = 0.7  # type: ignore[misc]
+    assert params.top_p == 0.5
+
+
+@pytest.mark.parametrize(
+    ("options", "greedy"),
+    [
+        ({}, False),
+        ({"do_sample": False}, True),
+        ({"temperature": 0.0}, True),
+        ({"temperature": 0.7}, False),
+        ({"do_sample": False, "temperature": 0.7}, True),
+    ],
+)
+def test_greedy(options, greedy):
+    assert GenerateParams.parse(**options).greedy is greedy
+
+
+# ----- EngineConfig --------------------------------------------------------------------
+
+
+def test_engine_defaults_are_valid():
+    cfg = EngineConfig.parse("some/model")
+    assert cfg.model == "some/model"
+    assert cfg.token_budget >= cfg.max_num_seqs
+
+
+@pytest.mark.parametrize("name", ["block_size", "max_batch_size", "tokenizer_path"])
+def test_engine_unknown_option(name):
+    with pytest.raises(InvalidRequestError) as info:
+        EngineConfig.parse("m", **{name: 4})
+    assert info.value.field == name
+    assert repr(name) in str(info.value)
+    assert "engine option" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"kv_block_size": 0}, "kv_block_size"),
+        ({"kv_block_size": 2048}, "kv_block_size"),
+        ({"num_kv_blocks": 0}, "num_kv_blocks"),
+        ({"kv_cache_memory_fraction": 0.0}, "kv_cache_memory_fraction"),
+        ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
+        ({"token_budget": 0}, "token_budget"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"load_format": "gguf"}, "load_format"),
+        ({"max_length": 0}, "max_length"),
+    ],
+)
+def test_engine_invalid_values_name_the_field(options, field):
+    with pytest.raises(InvalidRequestError) as info:
+        EngineConfig.parse("m", **options)
+    assert info.value.field == field
+    assert repr(field) in str(info.value)
+
+
+@pytest.mark.parametrize(("budget", "max_seqs"), [(8, 16), (15, 16), (1, 2)])
+def test_token_budget_below_max_num_seqs_names_both(budget, max_seqs):
+    with pytest.raises(InvalidRequestError) as info:
+        EngineConfig.parse("m", token_budget=budget, max_num_seqs=max_seqs)
+    message = str(info.value)
+    assert "token_budget" in message
+    assert "max_num_seqs" in message
+    assert f"({budget})" in message and f"({max_seqs})" in message
+
+
+def test_token_budget_equal_to_max_num_seqs_is_accepted():
+    cfg = EngineConfig.parse("m", token_budget=16, max_num_seqs=16)
+    assert cfg.token_budget == cfg.max_num_seqs == 16
+
+
+def test_cross_field_error_does_not_print_none_as_the_option_name():
+    # The budget rule is a whole-model check: pydantic gives it no field location.
+    # The message must still read as a sentence about the two options, not
+    # "invalid engine option None: ...".
+    with pytest.raises(InvalidRequestError) as info:
+        EngineConfig.parse("m", token_budget=8, max_num_seqs=16)
+    assert "option None" not in str(info.value)
