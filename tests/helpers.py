@@ -73,3 +73,36 @@ def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
             pad_token_id=tokenizer.pad_token_id,
         )
     return out[0, ids.shape[1] :].tolist()
+
+
+# Engine options that split prompts over many passes and force preemption.
+TIGHT_OPTIONS = dict(token_budget=6, max_num_seqs=4, kv_block_size=4, num_kv_blocks=24)
+
+
+def assert_matches_hf(
+    model_dir,
+    hf_model,
+    tokenizer,
+    prompts=PROMPTS,
+    new_tokens: int = 24,
+    expect_preemption=False,
+    **engine_options,
+):
+    """Greedy tokens from mii on ``model_dir`` equal transformers' ``generate`` for
+    every prompt, run as one mixed batch. Returns the engine stats."""
+    import mii
+
+    with mii.pipeline(str(model_dir), **engine_options) as pipe:
+        responses = pipe(prompts, do_sample=False, max_new_tokens=new_tokens)
+        for prompt, response in zip(prompts, responses):
+            expected = hf_greedy(hf_model, tokenizer, prompt, new_tokens)
+            assert response.token_ids == expected, prompt
+            assert response.generated_text == tokenizer.decode(expected, skip_special_tokens=True)
+            assert response.prompt_length == len(tokenizer(prompt).input_ids)
+            want = "stop" if expected[-1] == tokenizer.eos_token_id else "length"
+            assert response.finish_reason == want
+        stats = pipe.engine.stats()
+    if expect_preemption:
+        assert stats["preemptions"] > 0, "the KV pool was meant to force preemption"
+    assert stats["free_blocks"] == pipe.engine.core.blocks.num_blocks
+    return stats

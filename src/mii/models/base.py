@@ -33,11 +33,15 @@ class KVCacheSpec:
 class CausalLM(nn.Module):
     """A decoder-only language model over a ragged, paged batch.
 
-    Subclasses set ``stacked_params`` to map Hugging Face weight names onto fused
-    parameters: ``(hf_fragment, our_fragment, shard_id)``.
+    Loading: every Hugging Face tensor goes through ``convert_weight`` (a hook
+    for layouts that must be reordered), then ``weight_map`` renames it:
+    entries ``(hf_fragment, our_fragment, shard_id)`` apply in order, renames
+    (``shard_id`` None) all, and the first entry with a shard id says which
+    part of a fused parameter the tensor fills. ``"packed"`` means the tensor
+    holds every part, concatenated in order.
     """
 
-    stacked_params: ClassVar[tuple[tuple[str, str, Any], ...]] = ()
+    weight_map: ClassVar[tuple[tuple[str, str, Any], ...]] = ()
     ignored_weights: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
 
     max_positions: int
@@ -54,45 +58,66 @@ class CausalLM(nn.Module):
         """hidden: [S, D] -> float32 logits [S, V]."""
         raise NotImplementedError
 
+    def convert_weight(
+        self, hf_name: str, tensor: torch.Tensor
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """Reorder a checkpoint tensor whose layout differs from ours (default: as is)."""
+        yield hf_name, tensor
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy Hugging Face tensors into our parameters; returns the names filled."""
+        """Copy Hugging Face tensors into our parameters; returns the (name, shard)
+        keys filled, as in ``expected_weight_names``."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            if any(hf_name.endswith(s) for s in self.ignored_weights):
+        for original_name, original in weights:
+            if any(original_name.endswith(s) for s in self.ignored_weights):
                 continue
-            name, shard_id = self.map_weight_name(hf_name)
-            if name not in params:
-                if self.tied_embeddings and name.startswith("lm_head."):
-                    continue  # tied checkpoints sometimes still ship the head
-                raise KeyError(hf_name)
-            param = params[name]
-            module_name, _, leaf = name.rpartition(".")
-            module = self.get_submodule(module_name)
-            tensor = tensor.to(param.dtype)
-            if hasattr(module, "weight_loader"):
-                module.weight_loader(leaf, param, tensor, shard_id)
-            else:
-                default_weight_loader(param, tensor)
-            loaded.add(name if shard_id is None else f"{name}#{shard_id}")
+            for hf_name, tensor in self.convert_weight(original_name, original):
+                name, shard_id = self.map_weight_name(hf_name)
+                if name not in params:
+                    if self.tied_embeddings and name.startswith("lm_head."):
+                        continue  # tied checkpoints sometimes still ship the head
+                    raise KeyError(f"unexpected weight {original_name!r} (mapped to {name!r})")
+                param = params[name]
+                module_name, _, leaf = name.rpartition(".")
+                module = self.get_submodule(module_name)
+                tensor = tensor.to(param.dtype)
+                if hasattr(module, "weight_loader"):
+                    module.weight_loader(leaf, param, tensor, shard_id)
+                else:
+                    default_weight_loader(param, tensor)
+                if shard_id == "packed":
+                    loaded.update(_key(name, s) for s in _shards_of(module, leaf))
+                else:
+                    loaded.add(_key(name, shard_id))
         return loaded
 
     def map_weight_name(self, hf_name: str) -> tuple[str, Any]:
-        for hf_fragment, our_fragment, shard_id in self.stacked_params:
-            if hf_fragment in hf_name:
-                return hf_name.replace(hf_fragment, our_fragment), shard_id
-        return hf_name, None
+        name, shard = hf_name, None
+        for hf_fragment, our_fragment, shard_id in self.weight_map:
+            if hf_fragment not in name or (shard_id is not None and shard is not None):
+                continue
+            name = name.replace(hf_fragment, our_fragment)
+            if shard_id is not None:
+                shard = shard_id
+        return name, shard
 
     def expected_weight_names(self) -> set[str]:
-        """Names ``load_weights`` must fill for the model to be complete."""
-        shards: dict[str, list[Any]] = {}
-        for _, ours, shard_id in self.stacked_params:
-            shards.setdefault(ours, []).append(shard_id)
+        """Every (name, shard) key that ``load_weights`` must fill."""
         expected: set[str] = set()
         for name, _ in self.named_parameters():
-            fused = next((f for f in shards if f in name), None)
-            if fused is None:
-                expected.add(name)
-            else:
-                expected.update(f"{name}#{s}" for s in shards[fused])
+            module_name, _, leaf = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            expected.update(_key(name, s) for s in _shards_of(module, leaf))
         return expected
+
+
+def _shards_of(module: nn.Module, leaf: str) -> list[Any]:
+    """The shard ids a fused parameter is loaded from ([None] for a plain one)."""
+    if hasattr(module, "weight_shards"):
+        return module.weight_shards(leaf)
+    return [None]
+
+
+def _key(name: str, shard_id: Any) -> str:
+    return name if shard_id is None else f"{name}#{shard_id}"

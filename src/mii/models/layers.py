@@ -2,9 +2,10 @@
 
 A module whose parameters need more than a plain copy (fused, sharded) has a
 ``weight_loader(param_name, param, loaded, shard_id)`` method that copies this
-rank's slice of a full Hugging Face tensor into the local parameter, so that
-loaders never need to know the layout. (A method on the module rather than an
-attribute on the parameter, because moving a module between devices makes new
+rank's slice of a full Hugging Face tensor into the local parameter, and a
+``weight_shards(param_name)`` method listing the shard ids that fill it, so that
+loaders never need to know the layout. (Methods on the module rather than
+attributes on the parameter, because moving a module between devices makes new
 parameter objects.)
 """
 
@@ -30,12 +31,14 @@ class ColumnParallelLinear(nn.Module):
 
     ``output_sizes`` lists the fused sub-matrices (e.g. q, k, v or gate, up); each
     is split across ranks separately so that every rank holds its own q, k and v
-    heads side by side.
+    heads side by side. Shard id ``i`` loads sub-matrix ``i``; ``"packed"`` loads
+    a tensor holding all of them in order.
     """
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool) -> None:
         super().__init__()
         world = tp_world_size()
+        self.full_sizes = list(output_sizes)
         self.output_sizes = [divide(s, world, "linear output size") for s in output_sizes]
         self.input_size = input_size
         self.weight = nn.Parameter(torch.empty(sum(self.output_sizes), input_size))
@@ -44,21 +47,27 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def weight_shards(self, name: str) -> list:
+        return [None] if len(self.output_sizes) == 1 else list(range(len(self.output_sizes)))
+
     def weight_loader(
-        self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None
+        self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id
     ) -> None:
+        if shard_id == "packed":
+            for index, part in enumerate(loaded.split(self.full_sizes, dim=0)):
+                self.weight_loader(name, param, part, index)
+            return
+        if shard_id is None and len(self.output_sizes) > 1:
+            raise ValueError("a fused weight needs a shard id")
         index = 0 if shard_id is None else shard_id
         size = self.output_sizes[index]
         offset = sum(self.output_sizes[:index])
-        if shard_id is None and len(self.output_sizes) > 1:
-            raise ValueError("a fused weight needs a shard id")
-        local = loaded.narrow(0, tp_rank() * size, size)
-        target = param.data.narrow(0, offset, size)
-        if target.shape != local.shape:
+        if loaded.shape[0] != self.full_sizes[index]:
             raise ValueError(
-                f"weight shape {tuple(local.shape)} does not match {tuple(target.shape)}"
+                f"weight part {index} has {loaded.shape[0]} rows, expected {self.full_sizes[index]}"
             )
-        target.copy_(local)
+        local = loaded.narrow(0, tp_rank() * size, size)
+        default_weight_loader(param.data.narrow(0, offset, size), local)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -101,10 +110,32 @@ class VocabEmbedding(nn.Module):
         return F.embedding(token_ids, self.weight)
 
 
+class LMHead(nn.Module):
+    """Final projection to vocabulary logits, optionally sharing the embedding matrix."""
+
+    def __init__(
+        self, hidden_size: int, vocab_size: int, bias: bool, tied_to: VocabEmbedding | None
+    ) -> None:
+        super().__init__()
+        # A plain attribute in a tuple, so the tied matrix is not registered twice.
+        self._tied = (tied_to,) if tied_to is not None else None
+        if tied_to is None:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.bias = nn.Parameter(torch.empty(vocab_size)) if bias else None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [S, D] -> float32 logits [S, V]."""
+        weight = self._tied[0].weight if self._tied is not None else self.weight
+        return F.linear(hidden, weight, self.bias).float()
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    """RMS normalisation; ``offset=1`` is Gemma's variant, scaling by (1 + w)."""
+
+    def __init__(self, hidden_size: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
+        self.offset = offset
         self.weight = nn.Parameter(torch.empty(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +143,24 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x32.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and (optional) bias, computed in float32."""
+
+    def __init__(self, hidden_size: int, eps: float, bias: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size))
+        self.bias = nn.Parameter(torch.empty(hidden_size)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        out = F.layer_norm(x.float(), x.shape[-1:], self.weight.float(), bias, self.eps)
+        return out.to(x.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -131,12 +179,26 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
+class MLP(nn.Module):
+    """down(act(up(x))), the ungated feed-forward of OPT, Falcon and Phi."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool) -> None:
+        super().__init__()
+        self.up_proj = ColumnParallelLinear(hidden_size, [intermediate_size], bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
 def activation(name: str):
     table = {
         "silu": F.silu,
         "swish": F.silu,
         "gelu": F.gelu,
         "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
         "relu": F.relu,
     }

@@ -1,8 +1,8 @@
-"""The Llama decoder, shared by Llama 1/2/3, Mistral and Qwen2.
+"""The Llama decoder, shared by Llama 1/2/3, Mistral, Qwen2 and Qwen3.
 
 Differences between those families are data, read from ``config.json``:
-grouped-query heads, rope scaling (Llama 3), a sliding window (Mistral), and
-q/k/v biases (Qwen2).
+grouped-query heads, rope scaling (Llama 3), a sliding window (Mistral, Qwen2),
+q/k/v biases (Qwen2), per-head q/k RMSNorm (Qwen3).
 """
 
 from __future__ import annotations
@@ -13,17 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, ForwardContext, KVCacheSpec
-from mii.models.layers import (
-    ColumnParallelLinear,
-    GatedMLP,
-    RMSNorm,
-    RowParallelLinear,
-    VocabEmbedding,
-)
+from mii.models.layers import GatedMLP, LMHead, RMSNorm, VocabEmbedding
 from mii.models.parallel import divide, tp_world_size
 from mii.models.rope import RotaryEmbedding, rope_parameters
-from mii.ops.attention import paged_attention_reference
 
 
 @dataclass(frozen=True)
@@ -42,6 +36,7 @@ class LlamaSpec:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool
     tie_word_embeddings: bool
     layer_windows: tuple[int | None, ...]  # sliding window of each layer (None: full)
 
@@ -49,11 +44,10 @@ class LlamaSpec:
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaSpec:
         heads = cfg["num_attention_heads"]
         model_type = cfg.get("model_type")
-        qkv_bias = bool(cfg.get("attention_bias", False)) or model_type == "qwen2"
         layers = cfg["num_hidden_layers"]
         window = cfg.get("sliding_window")
-        if model_type == "qwen2":
-            # Qwen2 configs carry a window they only use with use_sliding_window,
+        if model_type in ("qwen2", "qwen3"):
+            # Qwen configs carry a window they only use with use_sliding_window,
             # and then only from layer max_window_layers on.
             first = cfg.get("max_window_layers", 0) if cfg.get("use_sliding_window") else layers
             windows = [window if i >= first else None for i in range(layers)]
@@ -65,7 +59,7 @@ class LlamaSpec:
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
@@ -73,70 +67,46 @@ class LlamaSpec:
             hidden_act=cfg.get("hidden_act", "silu"),
             max_positions=cfg.get("max_position_embeddings", 2048),
             rope=rope_parameters(cfg),
-            qkv_bias=qkv_bias,
-            o_bias=bool(cfg.get("attention_bias", False)),
+            qkv_bias=bool(cfg.get("attention_bias", False)) or model_type == "qwen2",
+            o_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             layer_windows=tuple(windows),
         )
 
 
-class LlamaAttention(nn.Module):
-    def __init__(self, spec: LlamaSpec, layer_idx: int) -> None:
-        super().__init__()
-        world = tp_world_size()
-        self.layer_idx = layer_idx
-        self.head_dim = spec.head_dim
-        self.num_heads = divide(spec.num_heads, world, "num_attention_heads")
-        self.num_kv_heads = divide(spec.num_kv_heads, world, "num_key_value_heads")
-        self.scale = spec.head_dim**-0.5
-        self.sliding_window = spec.layer_windows[layer_idx]
-        q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = ColumnParallelLinear(
-            spec.hidden_size, [q_size, kv_size, kv_size], spec.qkv_bias
-        )
-        self.o_proj = RowParallelLinear(q_size, spec.hidden_size, spec.o_bias)
-        self.rotary = RotaryEmbedding(spec.head_dim, spec.max_positions, spec.rope)
-
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        tokens = x.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        out = paged_attention_reference(
-            q, k, v, k_cache, v_cache, ctx.batch, self.scale, self.sliding_window
-        )
-        return self.o_proj(out.reshape(tokens, q_size))
-
-
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, spec: LlamaSpec, layer_idx: int) -> None:
+    def __init__(self, spec: LlamaSpec, layer_idx: int, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = LlamaAttention(spec, layer_idx)
+        self.self_attn = SelfAttention(
+            layer_idx=layer_idx,
+            hidden_size=spec.hidden_size,
+            num_heads=spec.num_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            qkv_bias=spec.qkv_bias,
+            o_bias=spec.o_bias,
+            rotary=RotaryEmbedding(spec.head_dim, spec.max_positions, spec.rope),
+            sliding_window=spec.layer_windows[layer_idx],
+            qk_norm=RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None,
+        )
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = GatedMLP(
+        self.mlp = mlp or GatedMLP(
             spec.hidden_size, spec.intermediate_size, spec.hidden_act, spec.mlp_bias
         )
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, spec: LlamaSpec) -> None:
+    def __init__(self, spec: LlamaSpec, layers: list[nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
     def forward(
@@ -149,9 +119,9 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    """Llama / Llama-2 / Llama-3, Mistral and Qwen2 checkpoints."""
+    """Llama / Llama-2 / Llama-3, Mistral, Qwen2 and Qwen3 checkpoints."""
 
-    stacked_params = (
+    weight_map = (
         (".q_proj.", ".qkv_proj.", 0),
         (".k_proj.", ".qkv_proj.", 1),
         (".v_proj.", ".qkv_proj.", 2),
@@ -169,12 +139,13 @@ class LlamaForCausalLM(CausalLM):
             divide(spec.num_kv_heads, tp_world_size(), "num_key_value_heads"),
             spec.head_dim,
         )
-        self.model = LlamaModel(spec)
+        self.model = LlamaModel(spec, self.make_layers(spec, hf_config))
         self.tied_embeddings = spec.tie_word_embeddings
-        if spec.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = ColumnParallelLinear(spec.hidden_size, [spec.vocab_size], bias=False)
+        tied = self.model.embed_tokens if spec.tie_word_embeddings else None
+        self.lm_head = LMHead(spec.hidden_size, spec.vocab_size, bias=False, tied_to=tied)
+
+    def make_layers(self, spec: LlamaSpec, hf_config: dict[str, Any]) -> list[nn.Module]:
+        return [LlamaDecoderLayer(spec, i) for i in range(spec.num_layers)]
 
     def forward(
         self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
@@ -182,5 +153,4 @@ class LlamaForCausalLM(CausalLM):
         return self.model(token_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return self.lm_head(hidden)

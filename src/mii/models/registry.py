@@ -1,16 +1,27 @@
-"""Which implementation serves which Hugging Face ``model_type``."""
+"""Which implementation serves which Hugging Face ``model_type``.
+
+Implementations are imported only when used, so one family's import cost or
+breakage never touches another.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 from mii.errors import UnsupportedModelError
 from mii.models.base import CausalLM
-from mii.models.llama import LlamaForCausalLM
 
-MODEL_REGISTRY: dict[str, type[CausalLM]] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
+# model_type -> "module:Class" under mii.models
+MODEL_REGISTRY: dict[str, str] = {
+    "llama": "llama:LlamaForCausalLM",
+    "mistral": "llama:LlamaForCausalLM",
+    "qwen2": "llama:LlamaForCausalLM",
+    "qwen3": "llama:LlamaForCausalLM",
 }
+
+
+def supported_model_types() -> list[str]:
+    return sorted(MODEL_REGISTRY)
 
 
 def model_class(model_type: str | None) -> type[CausalLM]:
@@ -18,6 +29,8 @@ def model_class(model_type: str | None) -> type[CausalLM]:
     if model_type not in MODEL_REGISTRY:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported model types: "
-            f"{', '.join(sorted(MODEL_REGISTRY))}"
+            f"{', '.join(supported_model_types())}"
         )
-    return MODEL_REGISTRY[model_type]
+    module_name, class_name = MODEL_REGISTRY[model_type].split(":")
+    module = importlib.import_module(f"mii.models.{module_name}")
+    return getattr(module, class_name)

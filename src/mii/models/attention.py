@@ -1,0 +1,71 @@
+"""Self-attention over the paged KV cache, shared by every family.
+
+q, k and v come from one fused column-parallel projection; rotary embedding
+(full, partial or none) and optional per-head q/k normalisation are applied;
+then the paged attention op writes the new keys/values into the cache and
+attends; a row-parallel projection maps back to the hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mii.models.base import ForwardContext
+from mii.models.layers import ColumnParallelLinear, RowParallelLinear
+from mii.models.parallel import divide, tp_world_size
+from mii.models.rope import RotaryEmbedding
+from mii.ops.attention import paged_attention_reference
+
+
+class SelfAttention(nn.Module):
+    def __init__(
+        self,
+        *,
+        layer_idx: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        rotary: RotaryEmbedding | None,
+        sliding_window: int | None = None,
+        scale: float | None = None,
+        qk_norm: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        world = tp_world_size()
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, world, "num_attention_heads")
+        self.num_kv_heads = divide(num_kv_heads, world, "num_key_value_heads")
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window = sliding_window
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.qkv_proj = ColumnParallelLinear(hidden_size, [q_size, kv_size, kv_size], qkv_bias)
+        self.o_proj = RowParallelLinear(q_size, hidden_size, o_bias)
+        self.rotary = rotary
+        if qk_norm is not None:  # Qwen3 / Gemma 3 style: normalise each head's q and k
+            self.q_norm = qk_norm
+            self.k_norm = type(qk_norm)(head_dim, qk_norm.eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        tokens = x.shape[0]
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = ctx.kv_caches[self.layer_idx]
+        out = paged_attention_reference(
+            q, k, v, k_cache, v_cache, ctx.batch, self.scale, self.sliding_window
+        )
+        return self.o_proj(out.reshape(tokens, q_size))
