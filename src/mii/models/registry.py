@@ -17,6 +17,14 @@ MODEL_REGISTRY: dict[str, str] = {
     "mistral": "llama:LlamaForCausalLM",
     "qwen2": "llama:LlamaForCausalLM",
     "qwen3": "llama:LlamaForCausalLM",
+    "falcon": "falcon:FalconForCausalLM",
+    "opt": "opt:OPTForCausalLM",
+    "phi": "phi:PhiForCausalLM",
+    "mixtral": "mixtral:MixtralForCausalLM",
+    "qwen2_moe": "mixtral:Qwen2MoeForCausalLM",
+    "qwen": "qwen:QWenLMHeadModel",
+    "gemma": "gemma:GemmaForCausalLM",
+    "phi3": "phi3:Phi3ForCausalLM",
 }
 
 
