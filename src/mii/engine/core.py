@@ -62,12 +62,12 @@ class EngineCore:
         )
         hf_config = loader.read_hf_config(model_dir)
         self.dtype = loader.choose_dtype(hf_config, config.dtype)
-        self.tokenizer = loader.load_tokenizer(
-            model_dir, config.tokenizer, config.trust_remote_code
-        )
         torch.manual_seed(config.seed)
         self.model = loader.build_model(
             hf_config, model_dir, self.dtype, self.device, config.load_format, config.seed
+        )
+        self.tokenizer = loader.load_tokenizer(
+            model_dir, config.tokenizer, config.trust_remote_code
         )
         self.vocab_size = int(hf_config["vocab_size"])
         self.max_length = self._model_max_length(config, self.model.max_positions)

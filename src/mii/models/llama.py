@@ -39,6 +39,9 @@ class LlamaSpec:
     qk_norm: bool
     tie_word_embeddings: bool
     layer_windows: tuple[int | None, ...]  # sliding window of each layer (None: full)
+    rotary_dim: int  # < head_dim for partial rotary
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w)
+    embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(hidden_size)
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaSpec:
@@ -55,6 +58,7 @@ class LlamaSpec:
             windows = [window] * layers
         if cfg.get("layer_types"):
             windows = [window if t == "sliding_attention" else None for t in cfg["layer_types"]]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -62,7 +66,7 @@ class LlamaSpec:
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             hidden_act=cfg.get("hidden_act", "silu"),
             max_positions=cfg.get("max_position_embeddings", 2048),
@@ -73,13 +77,14 @@ class LlamaSpec:
             qk_norm=model_type == "qwen3",
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             layer_windows=tuple(windows),
+            rotary_dim=int(head_dim * cfg.get("partial_rotary_factor", 1.0)),
         )
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, spec: LlamaSpec, layer_idx: int, mlp: nn.Module | None = None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.self_attn = SelfAttention(
             layer_idx=layer_idx,
             hidden_size=spec.hidden_size,
@@ -88,16 +93,20 @@ class LlamaDecoderLayer(nn.Module):
             head_dim=spec.head_dim,
             qkv_bias=spec.qkv_bias,
             o_bias=spec.o_bias,
-            rotary=RotaryEmbedding(spec.head_dim, spec.max_positions, spec.rope),
+            rotary=RotaryEmbedding(spec.rotary_dim, spec.max_positions, spec.rope),
             sliding_window=spec.layer_windows[layer_idx],
             qk_norm=RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None,
         )
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(
+            spec.hidden_size, spec.rms_norm_eps, spec.norm_offset
+        )
         self.mlp = mlp or GatedMLP(
             spec.hidden_size, spec.intermediate_size, spec.hidden_act, spec.mlp_bias
         )
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -107,12 +116,16 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
+        self.embed_scale = spec.embed_scale
 
     def forward(
         self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         x = self.embed_tokens(token_ids)  # [T, D]
+        if self.embed_scale is not None:
+            # In the activation dtype, as Hugging Face rounds it.
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
         for layer in self.layers:
             x = layer(x, positions, ctx)
         return self.norm(x)
@@ -131,7 +144,7 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
-        spec = LlamaSpec.from_hf(hf_config)
+        spec = self.spec_from_hf(hf_config)
         self.spec = spec
         self.max_positions = spec.max_positions
         self.kv_spec = KVCacheSpec(
@@ -143,6 +156,11 @@ class LlamaForCausalLM(CausalLM):
         self.tied_embeddings = spec.tie_word_embeddings
         tied = self.model.embed_tokens if spec.tie_word_embeddings else None
         self.lm_head = LMHead(spec.hidden_size, spec.vocab_size, bias=False, tied_to=tied)
+
+    @classmethod
+    def spec_from_hf(cls, hf_config: dict[str, Any]) -> LlamaSpec:
+        """The family's settings from config.json (subclasses adjust them)."""
+        return LlamaSpec.from_hf(hf_config)
 
     def make_layers(self, spec: LlamaSpec, hf_config: dict[str, Any]) -> list[nn.Module]:
         return [LlamaDecoderLayer(spec, i) for i in range(spec.num_layers)]
