@@ -33,7 +33,9 @@ def rope_parameters(hf_config: dict[str, Any], theta_key: str = "rope_theta") ->
 def inverse_frequencies(rotary_dim: int, params: dict[str, Any]) -> torch.Tensor:
     """Per-channel-pair rotation speeds, after any rope scaling."""
     base = float(params["rope_theta"])
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    # Explicitly on the CPU: models are built under a meta-device context.
+    steps = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device="cpu")
+    inv_freq = 1.0 / (base ** (steps / rotary_dim))
     kind = params["rope_type"]
     if kind == "default":
         pass

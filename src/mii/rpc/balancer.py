@@ -1,0 +1,66 @@
+"""The deployment's front door: a gRPC server that speaks the same service as a
+replica and forwards each call to the least-loaded replica through the pool."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from mii.errors import InvalidRequestError
+from mii.rpc import mii_pb2, mii_pb2_grpc
+from mii.rpc.convert import options_from_proto, piece_to_proto
+from mii.rpc.pool import NoReplicaError, ReplicaPool
+from mii.rpc.replica import abort_invalid
+
+
+class BalancerServicer(mii_pb2_grpc.MiiServicer):
+    def __init__(self, pool: ReplicaPool, info: mii_pb2.ModelInfoReply, stop: asyncio.Event):
+        self.pool = pool
+        self.info = info
+        self.stop = stop
+
+    async def _fail(self, context, err: Exception) -> None:
+        if isinstance(err, InvalidRequestError):
+            await abort_invalid(context, err)
+        elif isinstance(err, NoReplicaError):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        elif isinstance(err, TimeoutError):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+        else:
+            await context.abort(grpc.StatusCode.INTERNAL, str(err))
+
+    async def Generate(self, request, context):
+        try:
+            responses = await self.pool.generate(
+                list(request.prompts), options_from_proto(request.options), context.time_remaining()
+            )
+        except Exception as err:
+            await self._fail(context, err)
+        return mii_pb2.GenerateReply(responses=[piece_to_proto(r) for r in responses])
+
+    async def GenerateStream(self, request, context):
+        if len(request.prompts) != 1:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "GenerateStream takes exactly one prompt"
+            )
+        stream = self.pool.stream(
+            request.prompts[0], options_from_proto(request.options), context.time_remaining()
+        )
+        try:
+            async for piece in stream:
+                yield piece_to_proto(piece)
+        except Exception as err:
+            await self._fail(context, err)
+        finally:
+            await stream.aclose()  # cancels the replica's call when our client left
+
+    async def ModelInfo(self, request, context):
+        return self.info
+
+    async def Stats(self, request, context):
+        return self.pool.stats()
+
+    async def Terminate(self, request, context):
+        self.stop.set()
+        return mii_pb2.TerminateReply()

@@ -1,0 +1,195 @@
+"""Clients of a running deployment: sync, streaming-callback, iterator and asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mii.errors import InvalidRequestError, MiiError
+from mii.response import Response
+from mii.rpc import mii_pb2, mii_pb2_grpc, registry
+from mii.rpc.convert import options_to_proto, piece_from_proto, validated
+
+
+class DeploymentNotFoundError(MiiError, LookupError):
+    """No live deployment has that name."""
+
+
+def _raise(err: grpc.RpcError) -> None:
+    code = err.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field = dict(err.trailing_metadata() or ()).get("mii-field") or None
+        raise InvalidRequestError(err.details(), field) from None
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        raise TimeoutError(err.details()) from None
+    raise MiiError(f"{code.name}: {err.details()}") from None
+
+
+class MiiClient:
+    """Talks to one deployment (its load balancer) over gRPC.
+
+    >>> client = mii.client("mistral-deployment")
+    >>> client.generate(["Deepspeed is", "Seattle is"], max_new_tokens=128)
+    """
+
+    def __init__(self, address: str, deployment_name: str | None = None) -> None:
+        self.address = address
+        self.deployment_name = deployment_name
+        self._channel = grpc.insecure_channel(address)
+        self._stub = mii_pb2_grpc.MiiStub(self._channel)
+        self._aio: dict[int, tuple[grpc.aio.Channel, mii_pb2_grpc.MiiStub]] = {}
+
+    # ----- sync ---------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        streaming_fn: Callable[[list[Response]], None] | None = None,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> list[Response]:
+        """Whole answers, in order. With ``streaming_fn`` (one prompt only), the
+        callback receives ``[piece]`` for every new piece of text as it arrives."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if streaming_fn is not None:
+            if len(prompts) != 1:
+                raise InvalidRequestError("streaming_fn works with one prompt", field="prompts")
+            pieces = []
+            for piece in self.stream(prompts[0], timeout=timeout, **params):
+                streaming_fn([piece])
+                pieces.append(piece)
+            return [_join(pieces)]
+        request = mii_pb2.GenerateRequest(
+            prompts=prompts, options=options_to_proto(validated(params))
+        )
+        try:
+            reply = self._stub.Generate(request, timeout=timeout)
+        except grpc.RpcError as err:
+            _raise(err)
+        return [piece_from_proto(p) for p in reply.responses]
+
+    def stream(
+        self, prompt: str, timeout: float | None = None, **params: Any
+    ) -> Iterator[Response]:
+        """Pieces of one answer as they are generated. Leaving the loop early
+        cancels the call, which aborts the request on the server."""
+        request = mii_pb2.GenerateRequest(
+            prompts=[prompt], options=options_to_proto(validated(params))
+        )
+        call = self._stub.GenerateStream(request, timeout=timeout)
+        try:
+            for piece in call:
+                yield piece_from_proto(piece)
+        except grpc.RpcError as err:
+            _raise(err)
+        finally:
+            call.cancel()
+
+    def model_info(self) -> mii_pb2.ModelInfoReply:
+        return self._stub.ModelInfo(mii_pb2.ModelInfoRequest(), timeout=10)
+
+    def stats(self) -> mii_pb2.StatsReply:
+        return self._stub.Stats(mii_pb2.StatsRequest(), timeout=10)
+
+    def is_healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            reply = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def terminate_server(self, timeout: float = 60.0) -> None:
+        """Stop every process of the deployment and wait until they are gone."""
+        info = registry.lookup(self.deployment_name) if self.deployment_name else None
+        try:
+            self._stub.Terminate(mii_pb2.TerminateRequest(), timeout=10)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        if info is not None:
+            _wait_gone([info["pid"], *info.get("replica_pids", [])], timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # ----- asyncio ------------------------------------------------------------
+
+    def _async_stub(self) -> mii_pb2_grpc.MiiStub:
+        # grpc.aio channels belong to one event loop; keep one per loop.
+        loop = asyncio.get_running_loop()
+        if id(loop) not in self._aio:
+            channel = grpc.aio.insecure_channel(self.address)
+            self._aio[id(loop)] = (channel, mii_pb2_grpc.MiiStub(channel))
+        return self._aio[id(loop)][1]
+
+    async def agenerate(
+        self, prompts: str | Sequence[str], timeout: float | None = None, **params: Any
+    ) -> list[Response]:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        request = mii_pb2.GenerateRequest(
+            prompts=prompts, options=options_to_proto(validated(params))
+        )
+        try:
+            reply = await self._async_stub().Generate(request, timeout=timeout)
+        except grpc.aio.AioRpcError as err:
+            _raise(err)
+        return [piece_from_proto(p) for p in reply.responses]
+
+    async def astream(
+        self, prompt: str, timeout: float | None = None, **params: Any
+    ) -> AsyncIterator[Response]:
+        request = mii_pb2.GenerateRequest(
+            prompts=[prompt], options=options_to_proto(validated(params))
+        )
+        call = self._async_stub().GenerateStream(request, timeout=timeout)
+        try:
+            async for piece in call:
+                yield piece_from_proto(piece)
+        except grpc.aio.AioRpcError as err:
+            _raise(err)
+        finally:
+            call.cancel()
+
+
+def _join(pieces: list[Response]) -> Response:
+    last = pieces[-1]
+    return Response(
+        "".join(p.generated_text for p in pieces),
+        last.prompt_length,
+        last.generated_length,
+        last.finish_reason,
+        last.request_id,
+        [t for p in pieces for t in p.token_ids],
+    )
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while any(registry.pid_alive(p) for p in pids):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"deployment processes {pids} still running after {timeout} s")
+        time.sleep(0.05)
+
+
+def client(model_or_deployment_name: str) -> MiiClient:
+    """A client of a running deployment, found by deployment name, by model name
+    (``f"{model}-mii-deployment"``), or given as ``"host:port"``."""
+    for name in (model_or_deployment_name, f"{model_or_deployment_name}-mii-deployment"):
+        info = registry.lookup(name)
+        if info is not None:
+            return MiiClient(f"{info['host']}:{info['port']}", name)
+    host, sep, port = model_or_deployment_name.rpartition(":")
+    if sep and port.isdigit() and host:
+        return MiiClient(model_or_deployment_name)
+    raise DeploymentNotFoundError(
+        f"no running deployment named {model_or_deployment_name!r} on this machine "
+        "(start one with mii.serve, or pass 'host:port')"
+    )

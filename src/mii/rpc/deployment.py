@@ -1,0 +1,198 @@
+"""A persistent deployment: the load balancer (and REST gateway) in this process,
+and one replica process per engine copy.
+
+``python -m mii.rpc.deployment CONFIG_JSON`` runs it; ``mii.serve`` starts that
+in the background, ``mii serve`` in the foreground. Start-up order: bind the
+front port (fails fast when it is taken), start the replicas, wait until every
+one is healthy, start the REST gateway, then report SERVING and record the
+deployment in the local registry. Any failure on the way stops everything
+started so far and exits with the cause on stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from mii.rpc import mii_pb2, mii_pb2_grpc, registry
+from mii.rpc.balancer import BalancerServicer
+from mii.rpc.pool import ReplicaPool
+from mii.rpc.replica import STARTUP_ERROR, add_standard_services, run_event_loop, set_health
+
+
+class DeploymentError(RuntimeError):
+    """The deployment could not start; the message carries the server's error."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0
+
+
+class ReplicaProcess:
+    def __init__(self, index: int, config: dict[str, Any], log_file: Path) -> None:
+        self.index = index
+        self.address = f"{config['host']}:{config['port']}"
+        self.log_file = log_file
+        env = dict(os.environ)
+        if config.get("gpu") is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(config["gpu"])
+        with open(log_file, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mii.rpc.replica", json.dumps(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+
+    def failure(self) -> str | None:
+        """The replica's start-up error, if it has exited."""
+        if self.process.poll() is None:
+            return None
+        text = self.log_file.read_text(errors="replace")
+        for line in reversed(text.splitlines()):
+            if line.startswith(STARTUP_ERROR):
+                return line[len(STARTUP_ERROR) :].strip()
+        tail = "\n".join(text.splitlines()[-20:])
+        return f"replica {self.index} exited with code {self.process.returncode}:\n{tail}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+async def run_deployment(config: dict[str, Any]) -> None:
+    name = config["deployment_name"]
+    host, port = config["host"], config["port"]
+    replica_num = config.get("replica_num", 1)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    server = grpc.aio.server()
+    try:
+        server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as err:
+        raise DeploymentError(f"cannot listen on {host}:{port} (is the port in use?)") from err
+    health = add_standard_services(server)
+    await set_health(health, False)
+
+    gpus = _gpu_count()
+    if gpus and replica_num > gpus:
+        raise DeploymentError(f"replica_num={replica_num} needs {replica_num} GPUs; {gpus} found")
+    replicas: list[ReplicaProcess] = []
+    pool: ReplicaPool | None = None
+    rest = None
+    try:
+        for i in range(replica_num):
+            replica_config = {
+                "deployment_name": name,
+                "model": config["model"],
+                "engine_options": config.get("engine_options", {}),
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "gpu": i if gpus else None,
+            }
+            log = registry.log_path(name).with_suffix(f".replica{i}.log")
+            replicas.append(ReplicaProcess(i, replica_config, log))
+        pool = ReplicaPool([r.address for r in replicas])
+        await _wait_for_replicas(pool, replicas, config.get("startup_timeout", 600))
+
+        info = mii_pb2.ModelInfoReply(
+            deployment_name=name,
+            model=config["model"],
+            max_length=(
+                await pool.replicas[0].stub.ModelInfo(mii_pb2.ModelInfoRequest())
+            ).max_length,
+            replicas=replica_num,
+        )
+        mii_pb2_grpc.add_MiiServicer_to_server(BalancerServicer(pool, info, stop), server)
+        await server.start()
+        watcher = asyncio.create_task(pool.watch())
+
+        if config.get("enable_restful_api"):
+            from mii.rpc.gateway import start_gateway
+
+            rest = await start_gateway(pool, info, config)
+
+        await set_health(health, True)
+        registry.record(
+            name,
+            {
+                "host": host,
+                "port": port,
+                "pid": os.getpid(),
+                "model": config["model"],
+                "replica_num": replica_num,
+                "restful_api_port": config.get("restful_api_port") if rest else None,
+                "replica_pids": [r.process.pid for r in replicas],
+            },
+        )
+        print(f"[mii] deployment {name!r} serving on {host}:{port}", file=sys.stderr, flush=True)
+        await stop.wait()
+        watcher.cancel()
+    finally:
+        await set_health(health, False)
+        registry.remove(name, pid=os.getpid())
+        if rest is not None:
+            await rest.stop()
+        await server.stop(grace=1.0)
+        if pool is not None:
+            await pool.terminate_all()
+            await pool.close()
+        for replica in replicas:
+            replica.stop()
+
+
+async def _wait_for_replicas(pool: ReplicaPool, replicas: list[ReplicaProcess], timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for replica in replicas:
+            failure = replica.failure()
+            if failure:
+                raise DeploymentError(failure)
+        if await pool.check_all() == len(replicas):
+            return
+        await asyncio.sleep(0.2)
+    raise DeploymentError(f"replicas were not ready within {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = json.loads((argv or sys.argv[1:])[0])
+    try:
+        run_event_loop(run_deployment(config))
+    except Exception as err:
+        print(f"{STARTUP_ERROR} {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The deployment's view of its replicas: least-loaded routing, health tracking,
+stream pass-through, and the request metrics that /metrics exports.
+
+Both the gRPC load balancer and the REST gateway route through one
+``ReplicaPool``; neither schedules anything (each replica's engine does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mii.errors import InvalidRequestError, MiiError
+from mii.response import Response
+from mii.rpc import mii_pb2, mii_pb2_grpc
+from mii.rpc.convert import options_to_proto, piece_from_proto
+
+HEALTH_INTERVAL_S = 0.5
+
+
+class NoReplicaError(MiiError, RuntimeError):
+    """Every replica is out of rotation."""
+
+
+class ReplicaError(MiiError, RuntimeError):
+    """A replica failed the request (the replica's message is kept)."""
+
+
+@dataclass(eq=False)
+class Replica:
+    address: str
+    channel: grpc.aio.Channel = field(init=False)
+    stub: mii_pb2_grpc.MiiStub = field(init=False)
+    in_flight: int = 0
+    healthy: bool = False
+    last_stats: mii_pb2.StatsReply = field(default_factory=mii_pb2.StatsReply)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.aio.insecure_channel(self.address)
+        self.stub = mii_pb2_grpc.MiiStub(self.channel)
+
+
+class Metrics:
+    """Prometheus metrics of one deployment, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("mii_requests_running", "Requests being generated", registry=r)
+        self.waiting = Gauge("mii_requests_waiting", "Requests queued in the engines", registry=r)
+        self.kv_usage = Gauge("mii_kv_cache_usage", "KV cache blocks in use, 0..1", registry=r)
+        self.preemptions = Gauge(
+            "mii_preemptions_total", "Sequences preempted (recomputed later)", registry=r
+        )
+        self.healthy = Gauge("mii_replicas_healthy", "Replicas in rotation", registry=r)
+        self.requests = Counter("mii_requests", "Finished requests", ["finish_reason"], registry=r)
+        self.ttft = Histogram(
+            "mii_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "mii_time_per_output_token_seconds",
+            "Time per output token after the first",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
+
+
+class ReplicaPool:
+    def __init__(self, addresses: list[str]) -> None:
+        self.replicas = [Replica(a) for a in addresses]
+        self.metrics = Metrics()
+
+    # ----- routing ------------------------------------------------------------
+
+    def _pick(self, exclude: set[int]) -> Replica:
+        candidates = [r for r in self.replicas if r.healthy and id(r) not in exclude]
+        if not candidates:
+            raise NoReplicaError("no replica of this deployment is available")
+        return min(candidates, key=lambda r: r.in_flight)
+
+    async def generate(
+        self, prompts: list[str], params: dict[str, Any], timeout: float | None = None
+    ) -> list[Response]:
+        """Whole answers from the least-loaded replica (retried elsewhere if it is down)."""
+        request = mii_pb2.GenerateRequest(prompts=prompts, options=options_to_proto(params))
+        tried: set[int] = set()
+        start = time.perf_counter()
+        while True:
+            replica = self._pick(tried)
+            replica.in_flight += 1
+            try:
+                reply = await replica.stub.Generate(request, timeout=timeout)
+            except grpc.aio.AioRpcError as err:
+                if self._out_of_rotation(replica, err):
+                    tried.add(id(replica))
+                    continue
+                raise _translate(err) from None
+            finally:
+                replica.in_flight -= 1
+            responses = [piece_from_proto(p) for p in reply.responses]
+            elapsed = time.perf_counter() - start
+            for r in responses:
+                self.metrics.requests.labels(r.finish_reason or "unknown").inc()
+                if r.generated_length > 1:
+                    self.metrics.tpot.observe(elapsed / r.generated_length)
+            return responses
+
+    async def stream(
+        self, prompt: str, params: dict[str, Any], timeout: float | None = None
+    ) -> AsyncIterator[Response]:
+        """Pieces of one answer. Closing the iterator cancels the replica's call,
+        which aborts the request there."""
+        request = mii_pb2.GenerateRequest(prompts=[prompt], options=options_to_proto(params))
+        tried: set[int] = set()
+        start = time.perf_counter()
+        while True:
+            replica = self._pick(tried)
+            replica.in_flight += 1
+            call = replica.stub.GenerateStream(request, timeout=timeout)
+            received = 0
+            first_at = None
+            try:
+                async for piece in call:
+                    response = piece_from_proto(piece)
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                        self.metrics.ttft.observe(first_at - start)
+                    received += 1
+                    if response.finish_reason is not None:
+                        self.metrics.requests.labels(response.finish_reason).inc()
+                        if response.generated_length > 1:
+                            per_token = (time.perf_counter() - first_at) / (
+                                response.generated_length - 1
+                            )
+                            self.metrics.tpot.observe(per_token)
+                    yield response
+                return
+            except grpc.aio.AioRpcError as err:
+                if received == 0 and self._out_of_rotation(replica, err):
+                    tried.add(id(replica))
+                    continue
+                raise _translate(err) from None
+            finally:
+                call.cancel()
+                replica.in_flight -= 1
+
+    def _out_of_rotation(self, replica: Replica, err: grpc.aio.AioRpcError) -> bool:
+        """Take a replica that stopped answering out of rotation; True if the call may be retried."""
+        if err.code() == grpc.StatusCode.UNAVAILABLE:
+            replica.healthy = False
+            return True
+        return False
+
+    # ----- health and stats -----------------------------------------------------
+
+    async def check(self, replica: Replica, timeout: float = 1.0) -> bool:
+        try:
+            stub = health_pb2_grpc.HealthStub(replica.channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            replica.healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
+            if replica.healthy:
+                replica.last_stats = await replica.stub.Stats(
+                    mii_pb2.StatsRequest(), timeout=timeout
+                )
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+            replica.healthy = False
+        return replica.healthy
+
+    async def check_all(self) -> int:
+        await asyncio.gather(*(self.check(r) for r in self.replicas))
+        self._export()
+        return sum(r.healthy for r in self.replicas)
+
+    async def watch(self) -> None:
+        """Keep health and stats fresh; replicas leave and rejoin rotation as they answer."""
+        while True:
+            await self.check_all()
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    def stats(self) -> mii_pb2.StatsReply:
+        total = mii_pb2.StatsReply()
+        live = [r for r in self.replicas if r.healthy]
+        for r in live:
+            total.running += r.last_stats.running
+            total.waiting += r.last_stats.waiting
+            total.preemptions += r.last_stats.preemptions
+        total.kv_cache_usage = (
+            sum(r.last_stats.kv_cache_usage for r in live) / len(live) if live else 0.0
+        )
+        total.in_flight = sum(r.in_flight for r in self.replicas)
+        return total
+
+    def _export(self) -> None:
+        stats = self.stats()
+        m = self.metrics
+        m.running.set(stats.running)
+        m.waiting.set(stats.waiting)
+        m.kv_usage.set(stats.kv_cache_usage)
+        m.preemptions.set(stats.preemptions)
+        m.healthy.set(sum(r.healthy for r in self.replicas))
+
+    async def terminate_all(self) -> None:
+        async def stop(replica: Replica) -> None:
+            try:
+                await replica.stub.Terminate(mii_pb2.TerminateRequest(), timeout=2.0)
+            except grpc.aio.AioRpcError:
+                pass
+
+        await asyncio.gather(*(stop(r) for r in self.replicas))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(r.channel.close() for r in self.replicas))
+
+
+def _translate(err: grpc.aio.AioRpcError) -> Exception:
+    if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        metadata = dict(err.trailing_metadata() or ())
+        return InvalidRequestError(
+            err.details() or "invalid request", metadata.get("mii-field") or None
+        )
+    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TimeoutError(err.details() or "deadline exceeded")
+    return ReplicaError(f"{err.code().name}: {err.details()}")

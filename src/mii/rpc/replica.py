@@ -1,0 +1,198 @@
+"""One replica: an AsyncEngine behind a gRPC server.
+
+Started by the deployment process as ``python -m mii.rpc.replica CONFIG_JSON``.
+Its health reports NOT_SERVING until the model is loaded and has answered a
+warm-up request. It exits when told to terminate, on SIGTERM, or when the
+process that started it goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mii.engine.async_engine import AsyncEngine
+from mii.errors import InvalidRequestError
+from mii.rpc import mii_pb2, mii_pb2_grpc
+from mii.rpc.convert import options_from_proto, piece_to_proto
+
+SERVICE = mii_pb2.DESCRIPTOR.services_by_name["Mii"].full_name
+STARTUP_ERROR = "MII_STARTUP_ERROR"
+
+
+class ReplicaServicer(mii_pb2_grpc.MiiServicer):
+    """Serves one engine. ``engine`` is None while the model loads (UNAVAILABLE)."""
+
+    def __init__(self, stop: asyncio.Event):
+        self.engine: AsyncEngine | None = None
+        self.info = mii_pb2.ModelInfoReply()
+        self.stop = stop
+        self.in_flight = 0
+
+    async def _ready(self, context) -> None:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+
+    async def Generate(self, request, context):
+        await self._ready(context)
+        params = options_from_proto(request.options)
+        self.in_flight += 1
+        try:
+            responses = await self.engine.generate(list(request.prompts), **params)
+        except InvalidRequestError as err:
+            await abort_invalid(context, err)
+        except Exception as err:
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+        finally:
+            self.in_flight -= 1
+        return mii_pb2.GenerateReply(responses=[piece_to_proto(r) for r in responses])
+
+    async def GenerateStream(self, request, context):
+        await self._ready(context)
+        if len(request.prompts) != 1:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "GenerateStream takes exactly one prompt"
+            )
+        params = options_from_proto(request.options)
+        self.in_flight += 1
+        try:
+            # A cancelled call or an exceeded deadline cancels this handler, which
+            # closes the stream and so aborts the request in the engine.
+            async for piece in self.engine.stream(request.prompts[0], **params):
+                yield piece_to_proto(piece)
+        except InvalidRequestError as err:
+            await abort_invalid(context, err)
+        except Exception as err:
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+        finally:
+            self.in_flight -= 1
+
+    async def ModelInfo(self, request, context):
+        return self.info
+
+    async def Stats(self, request, context):
+        await self._ready(context)
+        stats = self.engine.stats()
+        return mii_pb2.StatsReply(
+            running=int(stats["running"]),
+            waiting=int(stats["waiting"]),
+            kv_cache_usage=float(stats["kv_cache_usage"]),
+            preemptions=int(stats["preemptions"]),
+            in_flight=self.in_flight,
+        )
+
+    async def Terminate(self, request, context):
+        self.stop.set()
+        return mii_pb2.TerminateReply()
+
+
+async def abort_invalid(context, err: InvalidRequestError) -> None:
+    """INVALID_ARGUMENT, with the offending field in the trailing metadata."""
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        str(err),
+        trailing_metadata=(("mii-field", err.field or ""),),
+    )
+
+
+def add_standard_services(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    """Health checking and reflection, as every mii gRPC server offers them."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    return health_servicer
+
+
+async def set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", SERVICE):
+        await servicer.set(name, status)
+
+
+async def serve_replica(config: dict[str, Any]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    server = grpc.aio.server()
+    address = f"{config['host']}:{config['port']}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise OSError(f"cannot listen on {address} (is the port in use?): {err}") from None
+    health_servicer = add_standard_services(server)
+    servicer = ReplicaServicer(stop)
+    mii_pb2_grpc.add_MiiServicer_to_server(servicer, server)
+    await set_health(health_servicer, False)
+    await server.start()
+
+    def load() -> AsyncEngine:
+        return AsyncEngine(config["model"], **config["engine_options"])
+
+    engine = await asyncio.to_thread(load)
+    await engine.generate("warm up", max_new_tokens=1)  # compile/allocate before SERVING
+    servicer.info = mii_pb2.ModelInfoReply(
+        deployment_name=config["deployment_name"],
+        model=config["model"],
+        max_length=engine.core.max_length,
+        replicas=1,
+    )
+    servicer.engine = engine
+    await set_health(health_servicer, True)
+
+    parent = os.getppid()
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if os.getppid() != parent:  # the deployment process died: do not linger
+                break
+    await set_health(health_servicer, False)
+    await server.stop(grace=2.0)
+    await engine.aclose()
+
+
+def run_event_loop(main) -> None:
+    """Run ``main`` on uvloop when it is installed, else on asyncio's loop."""
+    try:
+        import uvloop
+
+        uvloop.run(main)
+    except ImportError:
+        asyncio.run(main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = json.loads((argv or sys.argv[1:])[0])
+    try:
+        run_event_loop(serve_replica(config))
+    except Exception as err:
+        traceback.print_exc()
+        print(f"{STARTUP_ERROR} {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
