@@ -8,6 +8,7 @@ Both the gRPC load balancer and the REST gateway route through one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -155,7 +156,8 @@ class ReplicaPool:
                 replica.in_flight -= 1
 
     def _out_of_rotation(self, replica: Replica, err: grpc.aio.AioRpcError) -> bool:
-        """Take a replica that stopped answering out of rotation; True if the call may be retried."""
+        """Take a replica that stopped answering out of rotation; True if the call may
+        be retried on another."""
         if err.code() == grpc.StatusCode.UNAVAILABLE:
             replica.healthy = False
             return True
@@ -211,10 +213,8 @@ class ReplicaPool:
 
     async def terminate_all(self) -> None:
         async def stop(replica: Replica) -> None:
-            try:
+            with contextlib.suppress(grpc.aio.AioRpcError):
                 await replica.stub.Terminate(mii_pb2.TerminateRequest(), timeout=2.0)
-            except grpc.aio.AioRpcError:
-                pass
 
         await asyncio.gather(*(stop(r) for r in self.replicas))
 
