@@ -80,7 +80,12 @@ def build_model(
     else:
         if model_dir is None:
             raise ModelLoadError("a checkpoint directory is needed unless load_format='dummy'")
-        loaded = model.load_weights(_iterate_weights(model_dir, load_format))
+        try:
+            loaded = model.load_weights(_iterate_weights(model_dir, load_format))
+        except (KeyError, ValueError) as err:
+            raise ModelLoadError(
+                f"checkpoint {model_dir} does not fit {cls.__name__}: {err}"
+            ) from None
         missing = model.expected_weight_names() - loaded
         if missing:
             raise ModelLoadError(

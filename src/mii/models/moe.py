@@ -1,0 +1,216 @@
+"""Sparse mixture-of-experts feed-forward (Mixtral, Qwen2-MoE).
+
+A router picks ``top_k`` of ``num_experts`` gated MLPs for every token; the
+token's output is the routing-weighted sum of those experts' outputs.
+
+Expert weights are stacked: ``w13`` [E, 2·I, H] holds each expert's gate rows
+then up rows, ``w2`` [E, H, I] its down projection. Stacking keeps every
+expert's matrices in one tensor, which is what a grouped GEMM kernel consumes
+and what tensor parallelism splits: ``w13`` along I (each rank keeps its own
+slice of both gate and up, like ``ColumnParallelLinear``), ``w2`` along its
+input I (like ``RowParallelLinear``), with one all-reduce of the combined
+output. The loader below already narrows to this rank's slice; at world size 1
+that is the whole tensor. (Expert parallelism, whole experts per rank, would
+instead split dim 0.)
+
+The compute is grouped by expert, never a Python loop over tokens: the (token,
+expert) pairs are sorted by expert, each expert runs one matmul over all of
+its tokens, and the weighted outputs are scattered back with ``index_add_``.
+The loop over experts is the part a fused grouped kernel replaces on GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mii.models.layers import activation
+from mii.models.parallel import all_reduce, divide, tp_rank, tp_world_size
+
+
+class ExpertShard(NamedTuple):
+    """Shard id of one expert's part of a stacked parameter: (expert, "gate" | "up" | "down").
+
+    A tuple, so ``ExpertShard(1, "up") == (1, "up")``; printed as ``expert1.up``
+    so that a missing-weight message reads ``...mlp.w13#expert1.up``.
+    """
+
+    expert: int
+    part: str
+
+    def __str__(self) -> str:
+        return f"expert{self.expert}.{self.part}"
+
+
+# Per-expert checkpoint tensors: Mixtral's w1/w3/w2, Qwen2-MoE's gate/up/down_proj.
+_PER_EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
+_PROJ_PART = {
+    "w1": "gate",
+    "w3": "up",
+    "w2": "down",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+}
+# Fused transformers-5 tensors: all experts stacked, gate then up concatenated.
+_FUSED = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
+
+
+def map_expert_weight_name(hf_name: str) -> tuple[str, Any] | None:
+    """Our (parameter name, shard id) for a checkpoint tensor of an expert, else None.
+
+    ``<prefix>.experts.{e}.w1.weight`` -> (``<prefix>.w13``, (e, "gate")), and so on;
+    ``<prefix>.experts.gate_up_proj`` [E, 2I, H] -> (``<prefix>.w13``, "packed").
+    """
+    match = _PER_EXPERT.match(hf_name)
+    if match and match["proj"] in _PROJ_PART:
+        part = _PROJ_PART[match["proj"]]
+        leaf = "w2" if part == "down" else "w13"
+        return f"{match['prefix']}.{leaf}", ExpertShard(int(match["e"]), part)
+    match = _FUSED.match(hf_name)
+    if match:
+        leaf = "w13" if match["proj"] == "gate_up_proj" else "w2"
+        return f"{match['prefix']}.{leaf}", "packed"
+    return None
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts: ``sum_k w_k · down_k(act(gate_k(x)) * up_k(x))``.
+
+    ``renormalize``: divide the top-k softmax weights by their sum (Mixtral
+    always; Qwen2-MoE when ``norm_topk_prob``). ``float32_combine``: scale the
+    expert outputs by float32 weights (Mixtral) rather than by weights cast to
+    the model dtype first (Qwen2-MoE), as transformers does for each.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        act: str = "silu",
+        renormalize: bool = True,
+        float32_combine: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok ({top_k}) must be in 1..{num_experts}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.float32_combine = float32_combine
+        self.full_intermediate_size = intermediate_size
+        self.intermediate_size = divide(intermediate_size, tp_world_size(), "moe intermediate size")
+        self.act = activation(act)
+        # The router is small and replicated on every rank.
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        # Stacked expert weights, this rank's slice of I (see the module docstring).
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate_size))
+
+    # -- loading ---------------------------------------------------------------
+
+    def weight_shards(self, name: str) -> list:
+        parts = ("gate", "up") if name == "w13" else ("down",)
+        return [ExpertShard(e, p) for e in range(self.num_experts) for p in parts]
+
+    def weight_loader(self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
+        """Copy one expert's [I, H] gate/up or [H, I] down matrix into its slice,
+        or (``"packed"``) a fused [E, 2I, H] / [E, H, I] tensor of all experts."""
+        size, full = self.intermediate_size, self.full_intermediate_size
+        start = tp_rank() * size
+        if shard_id == "packed":
+            if loaded.dim() != 3 or loaded.shape[0] != self.num_experts:
+                raise ValueError(
+                    f"fused expert weight has shape {tuple(loaded.shape)}, expected "
+                    f"{self.num_experts} stacked experts"
+                )
+            if name == "w13":
+                gate, up = loaded.split([full, full], dim=1)
+                for e in range(self.num_experts):
+                    self.weight_loader(name, param, gate[e], ExpertShard(e, "gate"))
+                    self.weight_loader(name, param, up[e], ExpertShard(e, "up"))
+            else:
+                for e in range(self.num_experts):
+                    self.weight_loader(name, param, loaded[e], ExpertShard(e, "down"))
+            return
+        if not isinstance(shard_id, tuple) or len(shard_id) != 2:
+            raise ValueError(f"expert weight {name!r} needs an (expert, part) shard id")
+        expert, part = shard_id
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} is out of range (num_experts={self.num_experts})")
+        hidden = param.shape[-1] if name == "w13" else param.shape[1]
+        if name == "w13" and part in ("gate", "up"):
+            if tuple(loaded.shape) != (full, hidden):
+                raise ValueError(
+                    f"expert {expert} {part} weight has shape {tuple(loaded.shape)}, "
+                    f"expected {(full, hidden)}"
+                )
+            offset = 0 if part == "gate" else size
+            param.data[expert, offset : offset + size].copy_(loaded.narrow(0, start, size))
+        elif name == "w2" and part == "down":
+            if tuple(loaded.shape) != (hidden, full):
+                raise ValueError(
+                    f"expert {expert} down weight has shape {tuple(loaded.shape)}, "
+                    f"expected {(hidden, full)}"
+                )
+            param.data[expert].copy_(loaded.narrow(1, start, size))
+        else:
+            raise ValueError(f"shard {shard_id!r} does not belong to {name!r}")
+
+    # -- compute ---------------------------------------------------------------
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (weights [T, k], experts [T, k]).
+
+        As transformers: router logits in the model dtype, softmax and top-k in
+        float32, optional renormalisation over the chosen k.
+        """
+        logits = self.gate(x)  # [T, E]
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.float32_combine:
+            weights = weights.to(x.dtype)
+        return weights, experts
+
+    def group_by_expert(
+        self, experts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """experts: [T, k] -> (order, tokens, counts): the flat (token, slot) pair
+        indices sorted by expert (stable, so tokens ascend within an expert), the
+        token index of each, and how many pairs each expert received."""
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tokens = order // self.top_k
+        # One host sync per layer: group sizes decide the slices below.
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        return order, tokens, counts
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert's gated MLP on all of its tokens at once: [N, H] -> [N, H]."""
+        gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.w2[expert])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> [T, H]."""
+        weights, experts = self.route(x)
+        order, tokens, counts = self.group_by_expert(experts)
+        pair_weights = weights.reshape(-1)[order]
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            idx = tokens[rows]
+            y = self.expert_forward(expert, x[idx]) * pair_weights[rows, None]
+            out.index_add_(0, idx, y.to(out.dtype))
+            start += count
+        return all_reduce(out)
