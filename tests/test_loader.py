@@ -29,7 +29,10 @@ def test_unsupported_model_type_lists_supported(tmp_path, llama):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["model_type"] = "gpt_bigcode"
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(mii.UnsupportedModelError, match=r"gpt_bigcode.*supported model types: .*llama.*mistral.*qwen2"):
+    with pytest.raises(
+        mii.UnsupportedModelError,
+        match=r"gpt_bigcode.*supported model types: .*llama.*mistral.*qwen2",
+    ):
         mii.pipeline(str(tmp_path / "m"))
 
 

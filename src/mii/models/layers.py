@@ -50,9 +50,7 @@ class ColumnParallelLinear(nn.Module):
     def weight_shards(self, name: str) -> list:
         return [None] if len(self.output_sizes) == 1 else list(range(len(self.output_sizes)))
 
-    def weight_loader(
-        self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id
-    ) -> None:
+    def weight_loader(self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
         if shard_id == "packed":
             for index, part in enumerate(loaded.split(self.full_sizes, dim=0)):
                 self.weight_loader(name, param, part, index)
