@@ -1,0 +1,261 @@
+"""A real persistent deployment on loopback: 2 replicas behind the load balancer,
+driven through every client; cancellation, deadlines, a killed replica,
+termination and start-up failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+import mii
+from helpers import PROMPTS
+from mii.rpc import registry
+from mii.rpc.deployment import DeploymentError, free_port
+
+GREEDY = {"do_sample": False, "max_new_tokens": 12}
+
+
+def wait_until(predicate, timeout=15.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens there: a server (which sets SO_REUSEADDR) could bind it again."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mii-cache")
+    old = os.environ.get("MII_CACHE_DIR")
+    os.environ["MII_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("MII_CACHE_DIR")
+    else:
+        os.environ["MII_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    path = str(checkpoints("llama")[0])
+    with mii.pipeline(path) as pipe:
+        return {p: pipe(p, **GREEDY)[0] for p in PROMPTS}
+
+
+@pytest.fixture(scope="module")
+def deployment(cache_dir, checkpoints):
+    path = str(checkpoints("llama")[0])
+    port = free_port()
+    client = mii.serve(path, deployment_name="test-deploy", replica_num=2, port=port)
+    info = registry.lookup("test-deploy")
+    yield client, info
+    client.terminate_server()
+    pids = [info["pid"], *info["replica_pids"]]
+    assert not any(registry.pid_alive(p) for p in pids)
+    assert port_is_free(port)
+    assert registry.lookup("test-deploy") is None
+
+
+def running(client) -> int:
+    stats = client.stats()
+    return stats.running + stats.waiting + stats.in_flight
+
+
+def test_generate_equals_pipeline(deployment, reference):
+    client, _ = deployment
+    responses = client.generate(PROMPTS, **GREEDY)
+    for prompt, response in zip(PROMPTS, responses):
+        assert response.generated_text == reference[prompt].generated_text
+        assert response.token_ids == reference[prompt].token_ids
+        assert response.finish_reason == reference[prompt].finish_reason
+
+
+def test_streaming_fn_and_stream(deployment, reference):
+    client, _ = deployment
+    seen = []
+    [whole] = client.generate(PROMPTS[1], streaming_fn=seen.append, **GREEDY)
+    assert all(len(batch) == 1 for batch in seen) and len(seen) > 1
+    assert "".join(b[0].generated_text for b in seen) == reference[PROMPTS[1]].generated_text
+    assert whole.generated_text == reference[PROMPTS[1]].generated_text
+    pieces = list(client.stream(PROMPTS[2], **GREEDY))
+    assert "".join(p.generated_text for p in pieces) == reference[PROMPTS[2]].generated_text
+    assert pieces[-1].finish_reason == reference[PROMPTS[2]].finish_reason
+
+
+def test_async_client(deployment, reference):
+    client, _ = deployment
+
+    async def main():
+        many = await client.agenerate(PROMPTS[:3], **GREEDY)
+        pieces = [p async for p in client.astream(PROMPTS[3], **GREEDY)]
+        return many, pieces
+
+    many, pieces = asyncio.run(main())
+    assert [r.generated_text for r in many] == [reference[p].generated_text for p in PROMPTS[:3]]
+    assert "".join(p.generated_text for p in pieces) == reference[PROMPTS[3]].generated_text
+
+
+def test_client_from_another_process(deployment, reference):
+    code = (
+        "import json, mii\n"
+        "c = mii.client('test-deploy')\n"
+        f"r = c.generate({PROMPTS[0]!r}, do_sample=False, max_new_tokens=12)\n"
+        "print(json.dumps(r[0].generated_text))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == reference[PROMPTS[0]].generated_text
+
+
+def test_client_by_address_and_unknown_name(deployment):
+    _client, info = deployment
+    by_address = mii.client(f"127.0.0.1:{info['port']}")
+    assert by_address.model_info().replicas == 2
+    with pytest.raises(LookupError, match="no running deployment named 'nope'"):
+        mii.client("nope")
+
+
+def test_invalid_options_fail_cleanly(deployment):
+    client, _ = deployment
+    with pytest.raises(mii.InvalidRequestError, match="top_p"):
+        client.generate(PROMPTS[0], top_p=3.0)
+    # rejected by the replica's engine: the field survives the trip
+    with pytest.raises(mii.InvalidRequestError) as info:
+        client.generate("word " * 400)
+    assert info.value.field == "prompt"
+    assert client.generate(PROMPTS[0], **GREEDY)[0].generated_length > 0
+
+
+def test_health_and_reflection(deployment):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    _client, info = deployment
+    with grpc.insecure_channel(f"127.0.0.1:{info['port']}") as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        [reply] = list(stub.ServerReflectionInfo(iter([request])))
+        names = {s.name for s in reply.list_services_response.service}
+    assert "mii.Mii" in names and "grpc.health.v1.Health" in names
+
+
+def test_cancelled_stream_aborts_on_the_replica(deployment):
+    client, _ = deployment
+    stream = client.stream(PROMPTS[1], max_new_tokens=200, ignore_eos=True)
+    next(stream)
+    assert wait_until(lambda: client.stats().running >= 1)
+    stream.close()  # cancels the call
+    assert wait_until(lambda: running(client) == 0), client.stats()
+
+
+def test_deadline_exceeded_aborts_on_the_replica(deployment):
+    client, _ = deployment
+    with pytest.raises(TimeoutError):
+        client.generate(PROMPTS[1], max_new_tokens=200, ignore_eos=True, timeout=0.3)
+    assert wait_until(lambda: running(client) == 0), client.stats()
+
+
+def test_requests_spread_over_replicas(deployment):
+    client, _ = deployment
+
+    async def burst():
+        return await asyncio.gather(
+            *(client.agenerate(p, max_new_tokens=20, ignore_eos=True) for p in PROMPTS * 2)
+        )
+
+    results = asyncio.run(burst())
+    assert all(r[0].generated_length == 20 for r in results)
+
+
+def test_killed_replica_is_taken_out_of_rotation(deployment, reference):
+    """Runs last among the deployment tests: it leaves one replica."""
+    client, info = deployment
+    os.kill(info["replica_pids"][0], signal.SIGKILL)
+    for prompt in PROMPTS * 2:  # every request still succeeds on the survivor
+        [r] = client.generate(prompt, **GREEDY)
+        assert r.generated_text == reference[prompt].generated_text
+    assert client.is_healthy()
+
+
+# ----- start-up failures ---------------------------------------------------------
+
+
+def no_deployment_processes(name: str) -> bool:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return name not in out
+
+
+def test_bad_model_path_raises_in_caller(cache_dir, tmp_path):
+    with pytest.raises(DeploymentError, match="not a directory"):
+        mii.serve(str(tmp_path / "missing"), deployment_name="bad-path", port=free_port())
+    assert registry.lookup("bad-path") is None
+    assert wait_until(lambda: no_deployment_processes("bad-path"))
+
+
+def test_port_in_use_raises_in_caller(cache_dir, checkpoints):
+    path = str(checkpoints("llama")[0])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(DeploymentError, match="port"):
+            mii.serve(path, deployment_name="busy-port", port=port)
+    assert wait_until(lambda: no_deployment_processes("busy-port"))
+
+
+def test_crash_while_loading_raises_in_caller(cache_dir, checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "broken"
+    shutil.copytree(checkpoints("llama")[0], path)
+    weights = load_file(path / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DeploymentError, match=r"model\.norm\.weight"):
+        mii.serve(str(path), deployment_name="broken-weights", port=free_port())
+    assert wait_until(lambda: no_deployment_processes("broken-weights"))
+
+
+def test_bad_engine_option_raises_before_starting(cache_dir, checkpoints):
+    with pytest.raises(mii.InvalidRequestError, match="kv_block_size"):
+        mii.serve(str(checkpoints("llama")[0]), kv_block_size=-1)
+
+
+def test_stubs_are_up_to_date(tmp_path):
+    from pathlib import Path
+
+    from mii.rpc import codegen
+
+    fresh = {p.name: p.read_text() for p in codegen.generate(tmp_path)}
+    committed_dir = Path(codegen.__file__).parent
+    assert fresh, "protoc produced nothing"
+    for name, text in fresh.items():
+        assert (committed_dir / name).read_text() == text, (
+            f"{name} is stale: run `python -m mii.rpc.codegen`"
+        )
