@@ -1,0 +1,493 @@
+"""The REST gateway on a real deployment over loopback: mii's route, the
+OpenAI-compatible routes (httpx and the official ``openai`` client), health,
+metrics, errors, and aborting the requests of clients that leave."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import mii
+from helpers import make_tokenizer
+from mii.errors import InvalidRequestError
+from mii.rpc import mii_pb2, registry
+from mii.rpc.deployment import free_port
+from mii.rpc.gateway import GatewayError, start_gateway
+from mii.rpc.openai_routes import choice_seed, render_chat
+from mii.rpc.pool import Metrics, NoReplicaError
+
+PROMPTS = ["DeepSpeed is", "Seattle is a city on the west coast"]
+NEW = 12
+MAX_POSITIONS = 4096  # an unaborted request for all of it runs for many seconds
+METRIC_NAMES = [
+    "mii_requests_running",
+    "mii_requests_waiting",
+    "mii_kv_cache_usage",
+    "mii_preemptions_total",
+    "mii_requests_total",
+    "mii_time_to_first_token_seconds",
+    "mii_time_per_output_token_seconds",
+]
+
+
+@dataclass
+class Served:
+    client: mii.rpc.client.MiiClient
+    name: str
+    model: str
+    url: str
+    oai: openai.OpenAI
+    http: httpx.Client
+
+
+@pytest.fixture(scope="module")
+def model_path(checkpoints):
+    return str(checkpoints("llama", max_position_embeddings=MAX_POSITIONS)[0])
+
+
+@pytest.fixture(scope="module")
+def served(model_path, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("mii-cache")))
+        name = f"gateway-test-{uuid.uuid4().hex[:8]}"
+        rest_port = free_port()
+        client = mii.serve(
+            model_path,
+            deployment_name=name,
+            replica_num=1,
+            enable_restful_api=True,
+            restful_api_port=rest_port,
+            port=free_port(),
+            max_num_seqs=8,
+        )
+        info = registry.lookup(name)
+        pids = [info["pid"], *info["replica_pids"]]
+        url = f"http://127.0.0.1:{rest_port}"
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        http = httpx.Client(base_url=url, timeout=60)
+        try:
+            assert info["restful_api_port"] == rest_port
+            yield Served(client, name, model_path, url, oai, http)
+        finally:
+            http.close()
+            oai.close()
+            client.terminate_server()
+            assert not any(registry.pid_alive(p) for p in pids), "deployment processes left"
+
+
+@pytest.fixture(scope="module")
+def pipe(model_path):
+    with mii.pipeline(model_path, max_num_seqs=8) as p:
+        yield p
+
+
+def greedy(pipe, prompt: str, **options):
+    return pipe([prompt], do_sample=False, **options)[0]
+
+
+def metric_samples(served: Served) -> dict[tuple[str, tuple], float]:
+    response = served.http.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples, response.text
+
+
+def finished(served: Served, reason: str) -> float:
+    samples, _ = metric_samples(served)
+    return samples.get(("mii_requests_total", (("finish_reason", reason),)), 0.0)
+
+
+def wait_running(served: Served, want: int, timeout: float = 3.0) -> None:
+    """Wait until the engine runs ``want`` requests (stats refresh every 0.5 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples, _ = metric_samples(served)
+        running = served.client.stats().running
+        if running == want and samples[("mii_requests_running", ())] == want:
+            return
+        assert time.monotonic() < deadline, f"the engine runs {running} requests, not {want}"
+        time.sleep(0.1)
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+    assert "code" in error
+    return error
+
+
+# ----- mii's own route ----------------------------------------------------------------
+
+
+def test_mii_route_matches_pipeline(served, pipe):
+    response = served.http.post(
+        f"/mii/{served.name}", json={"prompts": PROMPTS, "do_sample": False, "max_new_tokens": NEW}
+    )
+    assert response.status_code == 200, response.text
+    expected = pipe(PROMPTS, do_sample=False, max_new_tokens=NEW)
+    got = response.json()
+    assert [g["generated_text"] for g in got] == [e.generated_text for e in expected]
+    assert [g["token_ids"] for g in got] == [e.token_ids for e in expected]
+    assert [g["prompt_length"] for g in got] == [e.prompt_length for e in expected]
+    assert [g["generated_length"] for g in got] == [e.generated_length for e in expected]
+    assert [g["finish_reason"] for g in got] == [e.finish_reason for e in expected]
+
+    # One prompt as a string; max_length (prompt + answer) passes through.
+    cap = expected[0].prompt_length + 3
+    response = served.http.post(
+        f"/mii/{served.name}",
+        json={"prompts": PROMPTS[0], "do_sample": False, "max_length": cap, "ignore_eos": True},
+    )
+    [only] = response.json()
+    assert only["generated_length"] == 3 and only["finish_reason"] == "length"
+    assert only["token_ids"] == expected[0].token_ids[:3]
+
+
+def test_mii_route_errors(served):
+    url = f"/mii/{served.name}"
+    cases = [
+        (f"/mii/not-{served.name}", {"prompts": "x"}, 404, "deployment_name"),
+        (url, {"prompts": "x", "top_p": 1.5}, 400, "top_p"),
+        (url, {"prompts": "x", "temprature": 0.5}, 400, "temprature"),
+        (url, {"prompts": "x", "max_new_tokens": -1}, 400, "max_new_tokens"),
+        (url, {"max_new_tokens": 4}, 400, "prompts"),
+        (url, {"prompts": [1, 2]}, 400, "prompts"),
+        # refused by the engine, behind the pool
+        (url, {"prompts": "DeepSpeed is " * 3000}, 400, "prompt"),
+    ]
+    for path, body, status, field in cases:
+        response = served.http.post(path, json=body)
+        assert response.status_code == status, (body, response.text)
+        assert response.json()["error"]["field"] == field, response.text
+        assert response.json()["error"]["message"]
+    response = served.http.post(url, content=b'{"prompts": ', headers={"content-type": "json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+# ----- OpenAI-compatible routes ------------------------------------------------------------
+
+
+def test_models(served):
+    models = served.oai.models.list()
+    assert [m.id for m in models.data] == [served.model]
+    assert models.data[0].object == "model"
+    assert served.http.get("/v1/models").json()["object"] == "list"
+
+
+def test_completions_greedy_and_streaming(served, pipe):
+    ref = greedy(pipe, PROMPTS[0], max_new_tokens=NEW)
+    completion = served.oai.completions.create(
+        model=served.model, prompt=PROMPTS[0], max_tokens=NEW, temperature=0
+    )
+    assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+    assert completion.model == served.model
+    [choice] = completion.choices
+    assert choice.text == ref.generated_text
+    assert choice.finish_reason == ref.finish_reason
+    assert completion.usage.prompt_tokens == ref.prompt_length
+    assert completion.usage.completion_tokens == ref.generated_length
+    assert completion.usage.total_tokens == ref.prompt_length + ref.generated_length
+
+    chunks = list(
+        served.oai.completions.create(
+            model=served.model,
+            prompt=PROMPTS[0],
+            max_tokens=NEW,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.generated_text
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert [r for r in reasons if r] == [ref.finish_reason] and reasons[-1] is not None
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.prompt_tokens == ref.prompt_length
+    assert chunks[-1].usage.completion_tokens == ref.generated_length
+
+    # Several prompts; the deployment name is accepted as the model.
+    refs = pipe(PROMPTS, do_sample=False, max_new_tokens=NEW)
+    completion = served.oai.completions.create(
+        model=served.name, prompt=PROMPTS, max_tokens=NEW, temperature=0
+    )
+    assert [c.index for c in completion.choices] == [0, 1]
+    assert [c.text for c in completion.choices] == [r.generated_text for r in refs]
+    assert completion.usage.prompt_tokens == sum(r.prompt_length for r in refs)
+
+
+def test_completion_options(served, pipe):
+    ref = greedy(pipe, PROMPTS[1], max_new_tokens=NEW, ignore_eos=True)
+
+    def create(**options):
+        options = {"model": served.model, "prompt": PROMPTS[1], "temperature": 0, **options}
+        return served.oai.completions.create(**options)
+
+    short = create(max_tokens=5, extra_body={"ignore_eos": True})
+    assert short.usage.completion_tokens == 5 and short.choices[0].finish_reason == "length"
+    assert (
+        short.choices[0].text
+        == served.http.post(
+            f"/mii/{served.name}",
+            json={
+                "prompts": PROMPTS[1],
+                "do_sample": False,
+                "max_new_tokens": 5,
+                "ignore_eos": True,
+            },
+        ).json()[0]["generated_text"]
+    )
+
+    text = ref.generated_text
+    assert len(text) >= 6, f"greedy text too short to pick a stop string from: {text!r}"
+    stop = text[3:6]
+    stopped = create(max_tokens=NEW, stop=[stop], extra_body={"ignore_eos": True})
+    assert stopped.choices[0].text == text[: text.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+    echoed = create(max_tokens=NEW, echo=True, extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == PROMPTS[1] + text
+
+    # n samples with a seed: reproducible, distinct choices, choice 0 = the seed itself.
+    sampled = dict(max_tokens=NEW, temperature=1.5, seed=1234, extra_body={"ignore_eos": True})
+    first, again = create(n=2, **sampled), create(n=2, **sampled)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1]
+    assert texts == [c.text for c in again.choices]
+    assert texts[0] != texts[1]
+    assert create(n=1, **sampled).choices[0].text == texts[0]
+    assert first.usage.completion_tokens == 2 * NEW
+
+
+def test_chat_completions(served, pipe):
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "DeepSpeed is"},
+    ]
+    prompt = "system: Answer briefly.\nuser: DeepSpeed is\nassistant:"  # the fallback template
+    ref = greedy(pipe, prompt, max_new_tokens=NEW)
+    chat = served.oai.chat.completions.create(
+        model=served.model, messages=messages, max_tokens=NEW, temperature=0
+    )
+    assert chat.object == "chat.completion" and chat.id.startswith("chatcmpl-")
+    [choice] = chat.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == ref.generated_text
+    assert choice.finish_reason == ref.finish_reason
+    assert chat.usage.prompt_tokens == ref.prompt_length
+    assert chat.usage.completion_tokens == ref.generated_length
+
+    chunks = list(
+        served.oai.chat.completions.create(
+            model=served.model,
+            messages=messages,
+            max_completion_tokens=NEW,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == ref.generated_text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
+    assert chunks[-1].usage.completion_tokens == ref.generated_length
+
+    # Content given as text parts; n=2 with a seed.
+    parts = [{"role": "user", "content": [{"type": "text", "text": "DeepSpeed is"}]}]
+    chat = served.oai.chat.completions.create(
+        model=served.model, messages=parts, max_tokens=4, n=2, seed=7
+    )
+    assert [c.index for c in chat.choices] == [0, 1]
+
+
+def test_openai_invalid_requests(served):
+    post = served.http.post
+    ok = {"model": served.model, "prompt": "DeepSpeed is", "max_tokens": 2}
+    chat = {"model": served.model, "messages": [{"role": "user", "content": "hi"}]}
+    assert_openai_error(post("/v1/completions", json={**ok, "top_p": 1.5}), 400, "top_p")
+    assert_openai_error(post("/v1/completions", json={**ok, "frobnicate": 1}), 400, "frobnicate")
+    assert_openai_error(post("/v1/completions", json={**ok, "max_tokens": -1}), 400, "max_tokens")
+    assert_openai_error(post("/v1/completions", json={**ok, "min_tokens": -1}), 400, "min_tokens")
+    assert_openai_error(post("/v1/completions", json={**ok, "temperature": -1}), 400, "temperature")
+    assert_openai_error(post("/v1/completions", json={**ok, "logprobs": 2}), 400, "logprobs")
+    assert_openai_error(post("/v1/completions", json={**ok, "n": 0}), 400, "n")
+    assert_openai_error(post("/v1/completions", json={**ok, "prompt": [1, 2]}), 400, "prompt")
+    error = assert_openai_error(
+        post("/v1/completions", json={**ok, "model": "gpt-9"}), 404, "model"
+    )
+    assert error["code"] == "model_not_found"
+    bad_json = post(
+        "/v1/completions", content=b"{oops", headers={"content-type": "application/json"}
+    )
+    assert_openai_error(bad_json, 400, None)
+    # Refused by the engine behind the pool (prompt longer than max_length), whole and streamed.
+    long = {**ok, "prompt": "DeepSpeed is " * 3000}
+    assert_openai_error(post("/v1/completions", json=long), 400, "prompt")
+    assert_openai_error(post("/v1/completions", json={**long, "stream": True}), 400, "prompt")
+    assert_openai_error(
+        post("/v1/chat/completions", json={**chat, "messages": []}), 400, "messages"
+    )
+    assert_openai_error(
+        post("/v1/chat/completions", json={**chat, "max_completion_tokens": -2}),
+        400,
+        "max_completion_tokens",
+    )
+    assert_openai_error(post("/v1/chat/completions", json={**chat, "tools": [{}]}), 400, "tools")
+    assert_openai_error(post("/v1/chat/completions", json={**chat, "top_p": 0}), 400, "top_p")
+    assert_openai_error(post("/v1/nowhere", json={}), 404, None)
+
+    with pytest.raises(openai.BadRequestError) as err:
+        served.oai.completions.create(model=served.model, prompt="x", top_p=2.0)
+    assert err.value.body["param"] == "top_p"
+    with pytest.raises(openai.NotFoundError):
+        served.oai.chat.completions.create(model="nope", messages=chat["messages"])
+
+
+# ----- health, metrics, aborts ---------------------------------------------------------------
+
+
+def test_health_and_metrics(served):
+    health = served.http.get("/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok" and health.json()["healthy_replicas"] == 1
+
+    before = finished(served, "length")
+    response = served.http.post(
+        f"/mii/{served.name}", json={"prompts": "x", "max_new_tokens": 2, "ignore_eos": True}
+    )
+    assert response.status_code == 200
+    assert finished(served, "length") == before + 1
+    _, text = metric_samples(served)
+    for name in METRIC_NAMES:
+        assert name in text, name
+    assert 'mii_requests_total{finish_reason="length"}' in text
+
+
+def test_streaming_client_that_leaves_aborts_its_request(served):
+    before = finished(served, "length")
+    body = {
+        "model": served.model,
+        "prompt": PROMPTS[0],
+        "max_tokens": MAX_POSITIONS - 64,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with served.http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()  # kept: dropping it would close the connection
+        events = 0
+        while events < 3:
+            line = next(lines)
+            if line.startswith("data: {"):
+                events += 1
+                assert "error" not in json.loads(line[6:])
+        wait_running(served, 1)  # still generating (it would for many seconds)
+    # Leaving the block closed the connection mid-stream.
+    wait_running(served, 0)
+    assert finished(served, "length") == before, "the request ran to the end"
+
+
+def test_waiting_client_that_leaves_aborts_its_request(served):
+    before = finished(served, "length")
+    body = {"prompts": PROMPTS[0], "max_new_tokens": MAX_POSITIONS - 64, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # it would run for many seconds
+        served.http.post(f"/mii/{served.name}", json=body, timeout=1.0)
+    wait_running(served, 0)
+    assert finished(served, "length") == before, "the request ran to the end"
+
+
+# ----- pieces without a deployment --------------------------------------------------------------
+
+
+def test_chat_template_and_fallback():
+    tokenizer = make_tokenizer()
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat(tokenizer, messages) == "user: hi\nassistant:"
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    # The engine adds BOS itself, so the template's is dropped.
+    assert render_chat(tokenizer, messages) == "<|user|>hi<|assistant|>"
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(InvalidRequestError, match="roles must alternate") as err:
+        render_chat(tokenizer, messages)
+    assert err.value.field == "messages"
+
+
+def test_choice_seeds():
+    assert choice_seed(None, 1) is None
+    assert choice_seed(42, 0) == 42
+    seeds = {choice_seed(42, i) for i in range(8)}
+    assert len(seeds) == 8 and all(0 <= s < 2**63 for s in seeds)
+    assert choice_seed(42, 3) == choice_seed(42, 3)
+    assert 0 <= choice_seed(-5, 0) < 2**63
+
+
+def test_port_in_use_is_reported():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        info = mii_pb2.ModelInfoReply(deployment_name="d", model="m")
+        config = {"host": "127.0.0.1", "restful_api_port": port, "model": "m"}
+        with pytest.raises(GatewayError, match=f"{port}.*in use"):
+            asyncio.run(start_gateway(None, info, config))
+
+
+class _Replica:
+    healthy = False
+
+
+class _DownPool:
+    """A pool whose every replica is out of rotation."""
+
+    def __init__(self) -> None:
+        self.replicas = [_Replica()]
+        self.metrics = Metrics()
+
+    async def generate(self, prompts, params, timeout=None):
+        raise NoReplicaError("no replica of this deployment is available")
+
+    async def stream(self, prompt, params, timeout=None):
+        raise NoReplicaError("no replica of this deployment is available")
+        yield
+
+
+def test_no_healthy_replica_gives_503(model_path):
+    async def scenario():
+        config = {"host": "127.0.0.1", "restful_api_port": free_port(), "model": model_path}
+        info = mii_pb2.ModelInfoReply(deployment_name="down", model=model_path, max_length=64)
+        gateway = await start_gateway(_DownPool(), info, config)
+        try:
+            async with httpx.AsyncClient(base_url=gateway.url) as http:
+                health = await http.get("/health")
+                assert health.status_code == 503 and health.json()["status"] == "unavailable"
+                whole = await http.post("/mii/down", json={"prompts": "x"})
+                assert whole.status_code == 503 and whole.json()["error"]["message"]
+                for stream in (False, True):
+                    body = {"prompt": "x", "stream": stream}
+                    response = await http.post("/v1/completions", json=body)
+                    assert response.status_code == 503
+                    assert response.json()["error"]["type"] == "server_error"
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
