@@ -15,7 +15,7 @@ from mii.models.base import ForwardContext
 from mii.models.layers import ColumnParallelLinear, RowParallelLinear
 from mii.models.parallel import divide, tp_world_size
 from mii.models.rope import RotaryEmbedding
-from mii.ops.attention import paged_attention_reference
+from mii.ops.attention import rotary_paged_attention
 
 
 class SelfAttention(nn.Module):
@@ -64,10 +64,18 @@ class SelfAttention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary is not None:
-            q, k = self.rotary(positions, q, k)
+        cos_sin = self.rotary.cos_sin if self.rotary is not None else None
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
-        out = paged_attention_reference(
-            q, k, v, k_cache, v_cache, ctx.batch, self.scale, self.sliding_window
+        out = rotary_paged_attention(
+            q,
+            k,
+            v,
+            positions,
+            cos_sin,
+            k_cache,
+            v_cache,
+            ctx.batch,
+            self.scale,
+            self.sliding_window,
         )
         return self.o_proj(out.reshape(tokens, q_size))

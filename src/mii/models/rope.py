@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mii.errors import UnsupportedModelError
-from mii.ops.rotary import apply_rotary_reference, rotary_cos_sin
+from mii.ops.rotary import rotary_cos_sin
 
 
 def rope_parameters(hf_config: dict[str, Any], theta_key: str = "rope_theta") -> dict[str, Any]:
@@ -67,7 +67,7 @@ def _llama3_scaled(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tens
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embedding to q and k from a precomputed cos/sin table."""
+    """Holds the cos/sin table that the attention op applies to q and k."""
 
     def __init__(self, rotary_dim: int, max_positions: int, params: dict[str, Any]) -> None:
         super().__init__()
@@ -81,11 +81,3 @@ class RotaryEmbedding(nn.Module):
         """Fill the table; called once the module sits on its final device."""
         inv_freq = inverse_frequencies(self.rotary_dim, self.params).to(self.cos_sin.device)
         self.cos_sin = rotary_cos_sin(inv_freq, self.max_positions)
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            apply_rotary_reference(q, positions, self.cos_sin),
-            apply_rotary_reference(k, positions, self.cos_sin),
-        )

@@ -94,3 +94,59 @@ def paged_attention_reference(
         out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, vb).to(q.dtype)
         start += q_len
     return out
+
+
+def rotary_paged_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Rotary embedding (skipped when ``cos_sin`` is None), cache write, attention.
+
+    This is the contract of the fused GPU path: the Triton version
+    (``ops.triton_attention.paged_attention_triton``) takes the same arguments.
+    """
+    from mii.ops.rotary import apply_rotary_reference
+
+    if cos_sin is not None:
+        q = apply_rotary_reference(q, positions, cos_sin)
+        k = apply_rotary_reference(k, positions, cos_sin)
+    return paged_attention_reference(q, k, v, k_cache, v_cache, batch, scale, sliding_window)
+
+
+def use_triton(device: torch.device) -> bool:
+    """Triton kernels on CUDA unless MII_ATTENTION=torch; the torch reference elsewhere."""
+    import os
+
+    return device.type == "cuda" and os.environ.get("MII_ATTENTION", "triton") != "torch"
+
+
+def rotary_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The attention op models call: the fused Triton path on CUDA, else the reference."""
+    if use_triton(q.device):
+        from mii.ops.triton_attention import paged_attention_triton
+
+        return paged_attention_triton(
+            q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, sliding_window
+        )
+    return rotary_paged_attention_reference(
+        q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, sliding_window
+    )

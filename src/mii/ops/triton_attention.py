@@ -1,0 +1,344 @@
+"""Triton kernels for paged attention over a ragged batch.
+
+Same contract as ``ops.attention.paged_attention_reference`` (which they are
+tested against, on CPU under ``TRITON_INTERPRET=1``):
+
+1. ``_rotary_cache_write_kernel``: one program per token rotates q in place and
+   k (GPT-NeoX layout, full or partial rotary) and writes the rotated k and v
+   into their cache slots — the KV write fused with rotary embedding.
+2. ``_paged_attention_kernel``: one program per (tile of up to BLOCK_M query
+   tokens of one sequence, query head). It streams the sequence's keys and
+   values through its block table with an online softmax (flash attention),
+   causal within the chunk and over all earlier blocks, and honours a sliding
+   window. Prompt chunks and single decode tokens share one launch. GQA/MQA
+   read the KV head of the query head's group; nothing is repeated in memory.
+
+The host builds a small tile table (sequence, first query of the tile) so that
+the ragged batch maps onto a dense grid.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from mii.ops.attention import AttentionBatch
+
+BLOCK_M = 16
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _rotary_cache_write_kernel(
+    Q,
+    K,
+    V,
+    positions,
+    cos_sin,
+    K_cache,
+    V_cache,
+    slots,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cache_slot,
+    stride_cache_h,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROT_HALF: tl.constexpr,
+    H_PAD: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    HAS_ROTARY: tl.constexpr,
+):
+    t = tl.program_id(0)
+    pos = tl.load(positions + t)
+    slot = tl.load(slots + t)
+    heads = tl.arange(0, H_PAD)
+    dims = tl.arange(0, D_PAD)
+    if HAS_ROTARY:
+        half = tl.arange(0, HALF_PAD)
+        half_mask = half < ROT_HALF
+        cos = tl.load(cos_sin + pos * 2 * ROT_HALF + half, mask=half_mask, other=1.0)
+        sin = tl.load(cos_sin + pos * 2 * ROT_HALF + ROT_HALF + half, mask=half_mask, other=0.0)
+        # q, rotated in place: [H, half] pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+        qm = (heads[:, None] < NUM_Q_HEADS) & half_mask[None, :]
+        q1p = Q + t * stride_qt + heads[:, None] * stride_qh + half[None, :]
+        q1 = tl.load(q1p, mask=qm, other=0.0).to(tl.float32)
+        q2 = tl.load(q1p + ROT_HALF, mask=qm, other=0.0).to(tl.float32)
+        tl.store(q1p, (q1 * cos[None, :] - q2 * sin[None, :]).to(Q.dtype.element_ty), mask=qm)
+        tl.store(
+            q1p + ROT_HALF, (q2 * cos[None, :] + q1 * sin[None, :]).to(Q.dtype.element_ty), mask=qm
+        )
+        km = (heads[:, None] < NUM_KV_HEADS) & half_mask[None, :]
+        k1p = K + t * stride_kt + heads[:, None] * stride_kh + half[None, :]
+        k1 = tl.load(k1p, mask=km, other=0.0).to(tl.float32)
+        k2 = tl.load(k1p + ROT_HALF, mask=km, other=0.0).to(tl.float32)
+        c1p = K_cache + slot * stride_cache_slot + heads[:, None] * stride_cache_h + half[None, :]
+        tl.store(c1p, (k1 * cos[None, :] - k2 * sin[None, :]).to(K_cache.dtype.element_ty), mask=km)
+        tl.store(
+            c1p + ROT_HALF,
+            (k2 * cos[None, :] + k1 * sin[None, :]).to(K_cache.dtype.element_ty),
+            mask=km,
+        )
+        # channels past the rotary part are copied unchanged
+        rest = (
+            (heads[:, None] < NUM_KV_HEADS)
+            & (dims[None, :] >= 2 * ROT_HALF)
+            & (dims[None, :] < HEAD_DIM)
+        )
+    else:
+        rest = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HEAD_DIM)
+    k_rest = tl.load(K + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=rest)
+    tl.store(
+        K_cache + slot * stride_cache_slot + heads[:, None] * stride_cache_h + dims[None, :],
+        k_rest.to(K_cache.dtype.element_ty),
+        mask=rest,
+    )
+    vm = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HEAD_DIM)
+    v = tl.load(V + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=vm)
+    tl.store(
+        V_cache + slot * stride_cache_slot + heads[:, None] * stride_cache_h + dims[None, :],
+        v.to(V_cache.dtype.element_ty),
+        mask=vm,
+    )
+
+
+@triton.jit
+def _paged_attention_kernel(
+    Q,
+    K_cache,
+    V_cache,
+    Out,
+    block_tables,
+    seq_lens,
+    cu_seqlens_q,
+    tile_seq,
+    tile_start,
+    scale,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    seq = tl.load(tile_seq + tile)
+    first = tl.load(tile_start + tile)  # index of the tile's first query within its chunk
+    q_begin = tl.load(cu_seqlens_q + seq)
+    q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
+    seq_len = tl.load(seq_lens + seq)
+    context = seq_len - q_len  # position of the chunk's first query
+
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    q_pos = context + offs_m
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        Q + (q_begin + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+    # Keys this tile can see: up to its last query; with a window, from the
+    # first query's window start.
+    hi = tl.minimum(seq_len, context + first + BLOCK_M)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(0, context + first - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < seq_len
+        block = tl.load(block_tables + seq * stride_bt + offs_n // KV_BLOCK, mask=n_mask, other=0)
+        kv_off = (
+            block[:, None] * stride_cb
+            + (offs_n % KV_BLOCK)[:, None] * stride_cs
+            + kv_head * stride_ch
+            + offs_d[None, :]
+        )
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K_cache + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(V_cache + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
+            q = q.to(tl.float32)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch here)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if HAS_WINDOW:
+            visible &= offs_n[None, :] > q_pos[:, None] - window
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch here)
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        Out + (q_begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=m_mask[:, None] & d_mask[None, :],
+    )
+
+
+def _tiles(batch: AttentionBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence index, first query) of every BLOCK_M-query tile of the batch."""
+    seqs: list[int] = []
+    starts: list[int] = []
+    for b, q_len in enumerate(batch.query_lens_host):
+        for start in range(0, q_len, BLOCK_M):
+            seqs.append(b)
+            starts.append(start)
+    return (
+        torch.tensor(seqs, dtype=torch.int32).to(device, non_blocking=True),
+        torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
+    )
+
+
+def rotary_cache_write(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Rotate q in place and write rotated k and v into the cache (one launch)."""
+    tokens, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    if tokens == 0:
+        return
+    rot_half = cos_sin.shape[-1] // 2 if cos_sin is not None else 0
+    cache_slot_stride = k_cache.stride(1)
+    _rotary_cache_write_kernel[(tokens,)](
+        q,
+        k,
+        v,
+        positions,
+        cos_sin if cos_sin is not None else q,
+        k_cache,
+        v_cache,
+        slots,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cache_slot_stride,
+        k_cache.stride(2),
+        NUM_Q_HEADS=q_heads,
+        NUM_KV_HEADS=kv_heads,
+        HEAD_DIM=dim,
+        ROT_HALF=rot_half,
+        H_PAD=triton.next_power_of_2(max(q_heads, kv_heads)),
+        HALF_PAD=triton.next_power_of_2(max(rot_half, 1)),
+        D_PAD=triton.next_power_of_2(dim),
+        HAS_ROTARY=cos_sin is not None,
+    )
+
+
+def paged_attention_from_cache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention of q ([T, Hq, D]) over the keys already in the cache -> [T, Hq, D]."""
+    tokens, q_heads, dim = q.shape
+    out = torch.empty_like(q)
+    if tokens == 0:
+        return out
+    kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
+    tile_seq, tile_start = _tiles(batch, q.device)
+    block_n = max(16, triton.next_power_of_2(kv_block))
+    _paged_attention_kernel[(tile_seq.shape[0], q_heads)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        batch.block_tables,
+        batch.seq_lens,
+        batch.cu_seqlens_q,
+        tile_seq,
+        tile_start,
+        scale,
+        sliding_window or 0,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        batch.block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        GROUP=q_heads // kv_heads,
+        KV_BLOCK=kv_block,
+        HEAD_DIM=dim,
+        D_PAD=max(16, triton.next_power_of_2(dim)),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None,
+        IEEE=q.dtype == torch.float32 or _INTERPRET,
+        UPCAST=_INTERPRET and q.dtype != torch.float32,
+    )
+    return out
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Rotary + cache write + attention: the fused path (q is rotated in place)."""
+    rotary_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
+    return paged_attention_from_cache(q, k_cache, v_cache, batch, scale, sliding_window)
