@@ -31,6 +31,20 @@ def client(model_or_deployment_name: str):
     return _client(model_or_deployment_name)
 
 
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext mii`` in IPython/Jupyter: the ``%mii`` and ``%%mii`` magics."""
+    from mii.magic import load_ipython_extension as _load
+
+    _load(ipython)
+
+
+def unload_ipython_extension(ipython) -> None:
+    """``%unload_ext mii``: frees a model loaded with ``%mii load``."""
+    from mii.magic import unload_ipython_extension as _unload
+
+    _unload(ipython)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -46,6 +60,7 @@ __all__ = [
     "Response",
     "UnsupportedModelError",
     "client",
+    "load_ipython_extension",
     "pipeline",
     "serve",
 ]

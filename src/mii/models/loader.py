@@ -109,15 +109,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def _fill_random(model: CausalLM, seed: int) -> None:
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights of the real shapes, drawn on the model's own device (fast for 7B+)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
         if param.dim() == 1:
             param.data.fill_(1.0 if "norm" in name else 0.0)
-            continue
-        values = torch.empty(param.shape, dtype=torch.float32).normal_(
-            0.0, 0.02, generator=generator
-        )
-        param.data.copy_(values)
+        else:
+            param.data.normal_(0.0, 0.02, generator=generator)
 
 
 def _iterate_weights(model_dir: Path, load_format: str) -> Iterator[tuple[str, torch.Tensor]]:

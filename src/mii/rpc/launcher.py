@@ -18,6 +18,48 @@ from mii.rpc.deployment import DeploymentError
 from mii.rpc.replica import STARTUP_ERROR
 
 
+def deployment_config(
+    model_name_or_path: str,
+    deployment_name: str | None = None,
+    tensor_parallel: int = 1,
+    replica_num: int = 1,
+    enable_restful_api: bool = False,
+    restful_api_port: int = 28080,
+    port: int = 50050,
+    host: str = "127.0.0.1",
+    max_length: int | None = None,
+    startup_timeout: float = 600.0,
+    **engine_options: Any,
+) -> dict[str, Any]:
+    """The validated configuration of a deployment, as ``mii.rpc.deployment`` runs it.
+
+    Shared by ``mii.serve`` (background) and ``mii serve`` (foreground). Bad
+    options, and a name that a running deployment already has, fail here, before
+    anything starts.
+    """
+    if tensor_parallel != 1:
+        raise NotImplementedError("tensor_parallel > 1 is not supported yet")
+    if replica_num < 1:
+        raise ValueError("replica_num must be at least 1")
+    if max_length is not None:
+        engine_options["max_length"] = max_length
+    EngineConfig.parse(model_name_or_path, **engine_options)  # bad options fail here, at once
+    name = deployment_name or f"{model_name_or_path}-mii-deployment"
+    if registry.lookup(name) is not None:
+        raise DeploymentError(f"a deployment named {name!r} is already running")
+    return {
+        "deployment_name": name,
+        "model": model_name_or_path,
+        "engine_options": engine_options,
+        "host": host,
+        "port": port,
+        "replica_num": replica_num,
+        "enable_restful_api": enable_restful_api,
+        "restful_api_port": restful_api_port,
+        "startup_timeout": startup_timeout,
+    }
+
+
 def serve(
     model_name_or_path: str,
     deployment_name: str | None = None,
@@ -37,27 +79,20 @@ def serve(
     A start-up failure (bad model, port in use, crash while loading) raises
     ``DeploymentError`` here with the server's error, and leaves no process behind.
     """
-    if tensor_parallel != 1:
-        raise NotImplementedError("tensor_parallel > 1 is not supported yet")
-    if replica_num < 1:
-        raise ValueError("replica_num must be at least 1")
-    if max_length is not None:
-        engine_options["max_length"] = max_length
-    EngineConfig.parse(model_name_or_path, **engine_options)  # bad options fail here, at once
-    name = deployment_name or f"{model_name_or_path}-mii-deployment"
-    if registry.lookup(name) is not None:
-        raise DeploymentError(f"a deployment named {name!r} is already running")
-    config = {
-        "deployment_name": name,
-        "model": model_name_or_path,
-        "engine_options": engine_options,
-        "host": host,
-        "port": port,
-        "replica_num": replica_num,
-        "enable_restful_api": enable_restful_api,
-        "restful_api_port": restful_api_port,
-        "startup_timeout": startup_timeout,
-    }
+    config = deployment_config(
+        model_name_or_path,
+        deployment_name=deployment_name,
+        tensor_parallel=tensor_parallel,
+        replica_num=replica_num,
+        enable_restful_api=enable_restful_api,
+        restful_api_port=restful_api_port,
+        port=port,
+        host=host,
+        max_length=max_length,
+        startup_timeout=startup_timeout,
+        **engine_options,
+    )
+    name = config["deployment_name"]
     log_file = registry.log_path(name)
     with open(log_file, "wb") as log:
         process = subprocess.Popen(

@@ -1,0 +1,113 @@
+"""Shared pieces of the benchmarks: model shapes, the roofline, and JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# Llama-2-7B's architecture (random weights are fine: speed does not depend on them).
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+    "tie_word_embeddings": False,
+}
+SHAPES = {"llama2-7b": LLAMA2_7B}
+
+
+def model_dir(shape: str) -> str:
+    """A checkpoint folder with only config.json and a tokenizer (use load_format='dummy')."""
+    from mii.demo import _CORPUS, train_tokenizer
+
+    path = Path(tempfile.gettempdir()) / f"mii-bench-{shape}"
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(SHAPES[shape]))
+        train_tokenizer(_CORPUS.splitlines() * 4).save_pretrained(path)
+    return str(path)
+
+
+def num_params(config: dict) -> int:
+    h, i, layers, v = (
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+        config["vocab_size"],
+    )
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i
+    return layers * per_layer + 2 * v * h
+
+
+def roofline(device: torch.device) -> dict:
+    """Measured bf16 matmul TFLOP/s and device-to-device copy bandwidth (read + write)."""
+    if device.type != "cuda":
+        return {}
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    flops = 2 * 8192**3
+    tflops = flops / _time_cuda(lambda: a @ b) / 1e12
+    src = torch.randn(2 * 1024**3 // 2, device=device, dtype=torch.bfloat16)  # 2 GiB
+    dst = torch.empty_like(src)
+    copy_s = _time_cuda(lambda: dst.copy_(src))
+    return {
+        "matmul_bf16_tflops": round(tflops, 1),
+        "copy_tb_per_s": round(2 * src.numel() * 2 / copy_s / 1e12, 3),
+    }
+
+
+def _time_cuda(fn, repeat: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def environment() -> dict:
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        info["commit"] = subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except Exception:
+        info["commit"] = os.environ.get("MII_COMMIT", "unknown")
+    return info
+
+
+def write_json(path: str | None, result: dict) -> None:
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).write_text(text)

@@ -1,0 +1,95 @@
+"""Batch-1 latency: one request, a 128-token prompt, 256 new tokens.
+
+    python benchmarks/latency.py [--model llama2-7b] [--json out.json] [--hf]
+
+Reports mii's time to first token and decode tokens/s, the Hugging Face
+``generate`` peer on the same workload and weights, and the bandwidth floor
+(bytes of weights per token over measured copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import torch
+
+import mii
+from benchmarks.common import SHAPES, environment, model_dir, num_params, roofline, write_json
+
+
+async def run_mii(path: str, prompt_ids: list[int], new_tokens: int, repeats: int) -> dict:
+    engine = mii.AsyncEngine(path, load_format="dummy", dtype="bfloat16")
+    params = dict(max_new_tokens=new_tokens, ignore_eos=True, do_sample=False)
+    async for _ in engine.stream(prompt_ids, **params):  # warm-up
+        pass
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        first = None
+        async for piece in engine.stream(prompt_ids, **params):
+            if first is None:
+                first = time.perf_counter()
+            count = piece.generated_length
+        end = time.perf_counter()
+        runs.append({"ttft_s": first - start, "decode_tok_s": (count - 1) / (end - first)})
+    await engine.aclose()
+    best = sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2]
+    return {k: round(v, 4) for k, v in best.items()}
+
+
+def run_hf(config: dict, prompt_ids: list[int], new_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures",)})
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([prompt_ids], device="cuda")
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    model.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, **kwargs)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    del model
+    torch.cuda.empty_cache()
+    return {"total_s": round(total, 3), "tok_s": round(new_tokens / total, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="llama2-7b", choices=sorted(SHAPES))
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hf", action="store_true", help="also run the Hugging Face peer")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    config = SHAPES[args.model]
+    path = model_dir(args.model)
+    prompt_ids = [(i * 7919) % 31000 + 100 for i in range(args.prompt_len)]
+    device = torch.device("cuda")
+    result = {"benchmark": "latency", "model": args.model, **environment()}
+    result["roofline"] = roofline(device)
+    weight_bytes = num_params(config) * 2
+    if result["roofline"]:
+        floor_s = weight_bytes / (result["roofline"]["copy_tb_per_s"] * 1e12)
+        result["bandwidth_floor_tok_s"] = round(1 / floor_s, 1)
+    result["mii"] = asyncio.run(run_mii(path, prompt_ids, args.new_tokens, args.repeats))
+    if args.hf:
+        result["hf_generate"] = run_hf(config, prompt_ids, args.new_tokens)
+        result["speedup_vs_hf"] = round(
+            result["mii"]["decode_tok_s"] / result["hf_generate"]["tok_s"], 1
+        )
+    if "bandwidth_floor_tok_s" in result:
+        result["fraction_of_bandwidth_floor"] = round(
+            result["mii"]["decode_tok_s"] / result["bandwidth_floor_tok_s"], 3
+        )
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""A FastAPI app that embeds ``mii.AsyncEngine``: the engine lives as long as the
+app (FastAPI's lifespan), and every request shares it (continuous batching).
+
+    MII_MODEL=meta-llama/Llama-2-7b-hf uvicorn examples.fastapi_app:app --port 8000
+    python examples/fastapi_app.py            # the built-in demo model (random text)
+
+    curl -N localhost:8000/stream -H 'content-type: application/json' \\
+         -d '{"prompt": "DeepSpeed is", "max_new_tokens": 32}'
+    curl localhost:8000/generate -H 'content-type: application/json' \\
+         -d '{"prompt": "Seattle is", "do_sample": false}'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+import mii
+
+
+class GenerateBody(BaseModel):
+    """One prompt and a few generation options (see mii.GenerateParams for all)."""
+
+    prompt: str
+    max_new_tokens: int = 64
+    do_sample: bool = True
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+    def params(self) -> dict:
+        return self.model_dump(exclude={"prompt"}, exclude_none=True)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    model = os.environ.get("MII_MODEL")
+    if not model:
+        from mii.demo import demo_model_path
+
+        model = str(demo_model_path())
+    # Loading blocks for a while: keep the event loop free meanwhile.
+    app.state.engine = await asyncio.to_thread(mii.AsyncEngine, model)
+    try:
+        yield
+    finally:
+        await app.state.engine.aclose()  # aborts what is left and frees the memory
+
+
+app = FastAPI(title="mii in FastAPI", lifespan=lifespan)
+
+
+@app.exception_handler(mii.InvalidRequestError)
+async def invalid_request(request: Request, err: mii.InvalidRequestError) -> JSONResponse:
+    return JSONResponse({"error": str(err), "field": err.field}, status_code=400)
+
+
+@app.post("/generate")
+async def generate(body: GenerateBody, request: Request) -> dict:
+    engine: mii.AsyncEngine = request.app.state.engine
+    [response] = await engine.generate(body.prompt, **body.params())
+    return {
+        "text": response.generated_text,
+        "finish_reason": response.finish_reason,
+        "prompt_tokens": response.prompt_length,
+        "generated_tokens": response.generated_length,
+    }
+
+
+@app.post("/stream")
+async def stream(body: GenerateBody, request: Request) -> StreamingResponse:
+    """Plain text, streamed piece by piece as the engine produces it."""
+    engine: mii.AsyncEngine = request.app.state.engine
+    mii.GenerateParams.parse(**body.params())  # a bad option is a 400, before streaming starts
+
+    async def pieces() -> AsyncIterator[str]:
+        # When the client disconnects, Starlette closes this generator, which closes
+        # engine.stream(), which aborts the request and frees its KV cache blocks.
+        async for piece in engine.stream(body.prompt, **body.params()):
+            yield piece.generated_text
+
+    return StreamingResponse(pieces(), media_type="text/plain; charset=utf-8")
+
+
+@app.get("/stats")
+async def stats(request: Request) -> dict:
+    return request.app.state.engine.stats()
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Download the wheels the GPU machine lacks (its Python 3.12 image has torch,
+# triton, transformers, grpcio, anyio, uvloop, httpx) into .whl/, which the
+# device tool carries. Install there with:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site:$PWD/src
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exclude="$(git rev-parse --git-dir)/info/exclude"; mkdir -p "$(dirname "$exclude")"; touch "$exclude"
+grep -qxF "/.whl/" "$exclude" || echo "/.whl/" >> "$exclude"
+mkdir -p .whl
+download() {
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .whl "$@"
+}
+download pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \
+  grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.35.1 \
+  fastapi==0.165.0 starlette uvicorn==0.54.0 prometheus-client==0.26.0 \
+  pytest-asyncio==1.3.0 openai==3.57.0 jiter distro h11
+ls -la .whl

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
+#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1]
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
+    throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
+    w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
+  esac
+  shift
+done

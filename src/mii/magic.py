@@ -1,0 +1,325 @@
+"""Jupyter / IPython magics: stream generated text into the notebook.
+
+    %load_ext mii
+    %mii load MODEL [--max-length N ...]   load a model into this kernel (engine options)
+    %mii attach NAME                       use a running deployment (name or host:port)
+    %mii DeepSpeed is                      generate; the text streams into the cell output
+    %mii --max-new-tokens 16 --greedy -- DeepSpeed is
+    %%mii [--max-new-tokens N] [--temperature T] [--greedy] [--seed S] ...
+    ...the cell body is the prompt...
+    %mii unload                            free the model (or detach from the deployment)
+    %mii                                   what is in use, and this help
+
+The kernel already runs an event loop, so nothing here calls ``asyncio.run``:
+an in-process model runs on an event loop in a private thread, and a deployment
+is reached through the synchronous gRPC client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import queue
+import re
+import shlex
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+
+from mii.cli import add_engine_options, add_generation_options, engine_options, generation_params
+from mii.errors import MiiError
+
+NO_MODEL = (
+    "no model in use: run `%mii load MODEL` (a hub id or local path, loaded in this kernel) "
+    "or `%mii attach NAME` (a running deployment) first"
+)
+USAGE = """\
+%mii load MODEL [engine options]   load a model into this kernel (e.g. --max-length 2048)
+%mii attach NAME                   use a running deployment (deployment name or host:port)
+%mii PROMPT                        generate; options may come first: %mii --greedy -- PROMPT
+%%mii [generation options]         the cell body is the prompt
+%mii unload                        free the model, or detach from the deployment
+generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p P --top-k K
+--stop TEXT"""
+DEFAULT_MAX_NEW_TOKENS = 128
+_DONE = object()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as IPython usage errors instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if message:
+            raise UsageError(message)
+        raise _HelpShown
+
+
+class _HelpShown(Exception):
+    """``--help`` was printed; nothing else to do."""
+
+
+def _generation_parser(prog: str) -> _Parser:
+    parser = _Parser(prog=prog, description="Generate text with the model in use.")
+    add_generation_options(parser, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    return parser
+
+
+def _load_parser() -> _Parser:
+    parser = _Parser(prog="%mii load", description="Load a model into this kernel.")
+    parser.add_argument("model", help="Hugging Face hub id or local checkpoint directory")
+    add_engine_options(parser)
+    return parser
+
+
+def _split_args(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as err:  # e.g. an unclosed quote
+        raise UsageError(f"%mii: {err}") from None
+
+
+# Options a line magic accepts before its prompt, and whether each takes a value.
+_LINE_OPTIONS = {
+    "--max-new-tokens": True,
+    "--temperature": True,
+    "--seed": True,
+    "--top-p": True,
+    "--top-k": True,
+    "--stop": True,
+    "--greedy": False,
+}
+
+
+def split_line(line: str) -> tuple[list[str], str]:
+    """Split ``%mii [options] [--] PROMPT`` into option tokens and the prompt, which
+    keeps its own spacing. Options are whitespace-separated (no quoting)."""
+    tokens: list[str] = []
+    expect_value = False
+    for match in re.finditer(r"\S+", line):
+        token = match.group()
+        if expect_value:
+            tokens.append(token)
+            expect_value = False
+        elif token == "--":
+            return tokens, line[match.end() :].strip()
+        elif token.startswith("--") and token.split("=", 1)[0] in _LINE_OPTIONS:
+            tokens.append(token)
+            expect_value = _LINE_OPTIONS[token] and "=" not in token
+        elif token.startswith("--"):
+            raise UsageError(
+                f"%mii: unknown option {token!r} (put `--` before a prompt that starts with --)"
+            )
+        else:
+            return tokens, line[match.start() :].strip()
+    if expect_value:
+        raise UsageError(f"%mii: option {tokens[-1]!r} needs a value")
+    return tokens, ""
+
+
+class LocalModel:
+    """An AsyncEngine on an event loop of its own, in a daemon thread, so that the
+    kernel's thread can stream from it while the kernel's own loop is running."""
+
+    def __init__(self, model: str, **options: Any) -> None:
+        from mii.engine.async_engine import AsyncEngine
+
+        self.name = model
+        self.engine = AsyncEngine(model, **options)  # loads (blocks) here
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="mii-magic", daemon=True
+        )
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _shutdown, self.engine, self._loop, self._thread)
+
+    def stream(self, prompt: str, **params: Any) -> Iterator[Any]:
+        """Pieces of one answer; leaving the loop early (or Ctrl-C) aborts the request."""
+        pieces: queue.Queue = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for piece in self.engine.stream(prompt, **params):
+                    pieces.put(piece)
+            except Exception as err:
+                pieces.put(err)
+            finally:
+                pieces.put(_DONE)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                try:
+                    item = pieces.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            future.cancel()  # cancels the consuming task, which aborts the request
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _shutdown(engine, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    if loop.is_closed():
+        return
+    asyncio.run_coroutine_threadsafe(engine.aclose(), loop).result(timeout=60)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+
+
+@magics_class
+class MiiMagics(Magics):
+    """``%mii`` / ``%%mii``. ``model`` (a :class:`LocalModel`, whose ``engine`` is the
+    AsyncEngine) or ``client`` (a deployment's MiiClient) is the one in use."""
+
+    def __init__(self, shell=None) -> None:
+        super().__init__(shell)
+        self.model: LocalModel | None = None
+        self.client = None
+        self.last_text: str | None = None
+
+    # ----- the magic ------------------------------------------------------------
+
+    @line_cell_magic
+    def mii(self, line: str, cell: str | None = None) -> None:
+        """Load a model or attach to a deployment, then stream generated text.
+
+        %mii load MODEL [engine options] / %mii attach NAME / %mii PROMPT /
+        %%mii [generation options] (the cell is the prompt) / %mii unload
+        """
+        try:
+            if cell is not None:
+                args = _generation_parser("%%mii").parse_args(_split_args(line))
+                self._generate(cell.rstrip("\n"), generation_params(args))
+                return
+            command, _, rest = line.strip().partition(" ")
+            if command == "load":
+                self._load(rest)
+            elif command == "attach":
+                self._attach(rest.strip())
+            elif command in ("unload", "detach"):
+                self._release(verbose=True)
+            elif command in ("", "help", "-h", "--help"):
+                print(self._status())
+                print(USAGE)
+            else:
+                options, prompt = split_line(line)
+                args = _generation_parser("%mii").parse_args(options)
+                if not prompt:
+                    raise UsageError("%mii: no prompt given")
+                self._generate(prompt, generation_params(args))
+        except _HelpShown:
+            pass
+
+    # ----- commands -------------------------------------------------------------
+
+    def _load(self, rest: str) -> None:
+        args = _load_parser().parse_args(_split_args(rest))
+        self._release()
+        print(f"[mii] loading {args.model} ...", flush=True)
+        try:
+            self.model = LocalModel(args.model, **engine_options(args))
+        except (MiiError, OSError, ValueError) as err:
+            raise UsageError(f"%mii load: {err}") from None
+        length = self.model.engine.core.max_length
+        print(f"[mii] loaded {args.model} in this kernel (max_length {length})", flush=True)
+
+    def _attach(self, name: str) -> None:
+        from mii.rpc.client import DeploymentNotFoundError, client
+
+        if not name:
+            raise UsageError("%mii attach: give a deployment name or host:port (see: mii list)")
+        try:
+            target = client(name)
+        except DeploymentNotFoundError as err:
+            raise UsageError(f"%mii attach: {err}") from None
+        if not target.is_healthy(timeout=5.0):
+            target.close()
+            raise UsageError(f"%mii attach: the deployment at {target.address} does not answer")
+        self._release()
+        self.client = target
+        model = target.model_info().model
+        where = target.deployment_name or target.address
+        print(f"[mii] attached to deployment {where!r} at {target.address} ({model})", flush=True)
+
+    def _release(self, verbose: bool = False) -> None:
+        """Free the in-process model, or forget the deployment (which keeps running)."""
+        if self.model is not None:
+            model, self.model = self.model, None
+            model.close()
+            if verbose:
+                print(f"[mii] unloaded {model.name}", flush=True)
+        elif self.client is not None:
+            client, self.client = self.client, None
+            client.close()
+            if verbose:
+                where = client.deployment_name or client.address
+                print(f"[mii] detached from {where} (it keeps running)", flush=True)
+        elif verbose:
+            print("[mii] nothing to unload", flush=True)
+
+    def _status(self) -> str:
+        if self.model is not None:
+            return f"[mii] using {self.model.name}, loaded in this kernel"
+        if self.client is not None:
+            where = self.client.deployment_name or self.client.address
+            return f"[mii] using deployment {where!r} at {self.client.address}"
+        return f"[mii] {NO_MODEL}"
+
+    def _generate(self, prompt: str, params: dict[str, Any]) -> None:
+        if self.model is None and self.client is None:
+            raise UsageError(NO_MODEL)
+        if not prompt.strip():
+            raise UsageError("%%mii: the cell is empty; write the prompt in the cell")
+        if self.model is not None:
+            pieces = self.model.stream(prompt, **params)
+        elif self.client is not None:
+            pieces = self.client.stream(prompt, **params)
+        text = []
+        try:
+            for piece in pieces:
+                print(piece.generated_text, end="", flush=True)
+                text.append(piece.generated_text)
+        except MiiError as err:  # a bad option, or the deployment went away
+            raise UsageError(str(err)) from None
+        except KeyboardInterrupt:
+            print(" [interrupted]", flush=True)
+            return
+        finally:
+            self.last_text = "".join(text)
+        print(flush=True)
+
+    def close(self) -> None:
+        self._release()
+
+
+_magics: MiiMagics | None = None
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext mii``: register ``%mii`` and ``%%mii``."""
+    global _magics
+    if _magics is None or _magics.shell is not ipython:
+        _magics = MiiMagics(ipython)
+    ipython.register_magics(_magics)
+
+
+def unload_ipython_extension(ipython) -> None:
+    """``%unload_ext mii``: free the model (a deployment keeps running)."""
+    global _magics
+    if _magics is not None:
+        _magics.close()
+        _magics = None

@@ -1,0 +1,204 @@
+"""The ``mii`` command line, run for real as subprocesses (``python -m mii ...``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mii
+from mii.cli import build_parser
+from mii.rpc import registry
+from mii.rpc.deployment import free_port
+
+GREEDY = ["--greedy", "--max-new-tokens", "8"]
+SUBCOMMANDS = ["serve", "generate", "list", "terminate", "demo"]
+# Options the brief of each subcommand promises.
+SERVE_OPTIONS = [
+    "--deployment-name",
+    "--port",
+    "--host",
+    "--replica-num",
+    "--tensor-parallel",
+    "--enable-restful-api",
+    "--restful-api-port",
+    "--dtype",
+    "--device",
+    "--max-length",
+    "--kv-block-size",
+    "--num-kv-blocks",
+    "--token-budget",
+    "--max-num-seqs",
+    "--load-format",
+    "--trust-remote-code",
+]
+GENERATE_OPTIONS = [
+    "--prompt",
+    "--max-new-tokens",
+    "--greedy",
+    "--seed",
+    "--temperature",
+    "--top-p",
+    "--top-k",
+    "--stop",
+]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private registry and cache, here and in every ``mii`` subprocess."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("MII_CACHE_DIR", str(path))
+    return path
+
+
+def mii_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
+
+
+def start_mii(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mii", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        encoding="utf-8",
+        env=mii_env(),
+    )
+
+
+def run_mii(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    process = start_mii(*args)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"mii {' '.join(args)} did not finish in {timeout} s:\n{out}\n{err}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+_expected: dict[tuple[str, str], str] = {}
+
+
+def pipeline_text(model: str, *prompts: str) -> list[str]:
+    """The pipeline's greedy answers (8 new tokens), the oracle of every command."""
+    missing = [p for p in prompts if (model, p) not in _expected]
+    if missing:
+        with mii.pipeline(model) as pipe:
+            for prompt, r in zip(missing, pipe(missing, do_sample=False, max_new_tokens=8)):
+                _expected[model, prompt] = r.generated_text
+    return [_expected[model, p] for p in prompts]
+
+
+def test_every_argument_has_help():
+    parser = build_parser()
+    [subparsers] = [a for a in parser._actions if a.choices and isinstance(a.choices, dict)]
+    assert sorted(subparsers.choices) == sorted(SUBCOMMANDS)
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"mii {name}: {action.option_strings or action.dest} has no help"
+
+
+def test_help_of_every_subcommand():
+    runs = {None: start_mii("--help")}
+    runs.update({name: start_mii(name, "--help") for name in SUBCOMMANDS})
+    out = {}
+    for name, process in runs.items():
+        stdout, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, (name, stderr)
+        out[name] = stdout
+    for name in SUBCOMMANDS:
+        assert name in out[None]
+        assert f"usage: mii {name}" in out[name]
+    for option in SERVE_OPTIONS:
+        assert option in out["serve"], option
+    for option in GENERATE_OPTIONS:
+        assert option in out["generate"], option
+    assert "MODEL_OR_DEPLOYMENT" in out["generate"] and "PROMPT" in out["generate"]
+    assert "--json" in out["list"]
+
+
+def test_generate_in_process_equals_pipeline(llama, cache):
+    # One prompt positional after MODEL, one with --prompt.
+    result = run_mii("generate", llama, "DeepSpeed is", "--prompt", "Seattle is", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    first, second = pipeline_text(llama, "DeepSpeed is", "Seattle is")
+    assert result.stdout == f"DeepSpeed is{first}\nSeattle is{second}\n"
+    assert result.stderr.count("8 tokens") == 2
+
+
+def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
+    port, name = free_port(), "cli-test"
+    server = start_mii(
+        "serve", llama, "--deployment-name", name, "--port", str(port), "--max-length", "64"
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while registry.lookup(name) is None:
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline, "the deployment did not start in 60 s"
+            time.sleep(0.2)
+        info = registry.lookup(name)
+        pids = [info["pid"], *info["replica_pids"]]
+        assert info["pid"] == server.pid  # in the foreground: this very process
+
+        listed = run_mii("list")
+        assert listed.returncode == 0, listed.stderr
+        [row] = [line for line in listed.stdout.splitlines() if line.startswith(name)]
+        assert f"127.0.0.1:{port}" in row and llama in row
+
+        result = run_mii("generate", name, "--prompt", "DeepSpeed is", *GREEDY)
+        assert result.returncode == 0, result.stderr
+        [expected] = pipeline_text(llama, "DeepSpeed is")
+        assert result.stdout == f"DeepSpeed is{expected}\n"
+        assert "deployment 'cli-test'" in result.stderr
+
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert server.returncode == 0, err
+    assert f"127.0.0.1:{port}" in out + err  # it said where it serves
+    assert "stopped" in err
+    assert registry.lookup(name) is None
+    deadline = time.monotonic() + 10
+    while any(registry.pid_alive(p) for p in pids):
+        assert time.monotonic() < deadline, "deployment processes left behind"
+        time.sleep(0.1)
+    with socket.socket() as s:  # nothing listens on the port any more
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
+def test_errors_exit_non_zero_with_one_line(llama, cache):
+    with socket.socket() as taken:  # a start-up error: the port is in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = start_mii("serve", llama, "--port", str(port))
+        terminate = start_mii("terminate", "no-such-deployment")
+        bad_option = start_mii("serve", llama, "--token-budget", "0")
+        _, err = serve.communicate(timeout=120)
+    assert serve.returncode == 1
+    assert err.strip().splitlines()[-1] == (
+        f"mii serve: error: cannot listen on 127.0.0.1:{port} (is the port in use?)"
+    )
+    _, err = terminate.communicate(timeout=120)
+    assert terminate.returncode == 1
+    assert err.strip() == (
+        "mii terminate: error: no running deployment named 'no-such-deployment' (see: mii list)"
+    )
+    _, err = bad_option.communicate(timeout=120)
+    assert bad_option.returncode == 1
+    assert err.strip().startswith("mii serve: error: invalid engine option 'token_budget'")

@@ -1,0 +1,141 @@
+"""``%load_ext mii``: the ``%mii`` / ``%%mii`` magics in a real IPython shell."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.terminal.interactiveshell import TerminalInteractiveShell
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
+
+import mii
+from mii.rpc.deployment import free_port
+
+PROMPT = "DeepSpeed is"
+
+
+class Recorder:
+    """A stdout that remembers what was written before each flush."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.flushed: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        self.flushed.append(self.text)
+
+
+@pytest.fixture(scope="module")
+def shell():
+    # start_ipython() returns the shell only on its first call in a process.
+    ip = start_ipython() or TerminalInteractiveShell.instance()
+    ip.run_line_magic("load_ext", "mii")
+    yield ip
+    ip.run_line_magic("unload_ext", "mii")
+
+
+@pytest.fixture
+def expected(llama) -> str:
+    """The pipeline's greedy text: the oracle of every magic."""
+    with mii.pipeline(llama) as pipe:
+        return pipe(PROMPT, do_sample=False, max_new_tokens=5)[0].generated_text
+
+
+def run(shell, cell: str):
+    with capture_output() as captured:
+        result = shell.run_cell(cell, store_history=False)
+    return result, captured.stdout + captured.stderr
+
+
+def test_without_a_model_the_magic_says_what_to_do(shell):
+    shell.run_line_magic("mii", "unload")
+    result, out = run(shell, f"%mii {PROMPT}")
+    assert isinstance(result.error_in_exec, UsageError)
+    assert "%mii load MODEL" in out and "%mii attach NAME" in out
+    result, out = run(shell, f"%%mii --greedy\n{PROMPT}")
+    assert "%mii load MODEL" in str(result.error_in_exec)
+    _, out = run(shell, "%mii")  # bare: status and usage
+    assert "%mii load MODEL" in out and "%%mii [generation options]" in out
+
+
+def test_load_then_line_and_cell_magics_stream(shell, llama, expected):
+    result, out = run(shell, f"%mii load {llama} --max-length 64")
+    assert result.success, out
+    magics = shell.magics_manager.registry["MiiMagics"]
+    assert magics.model is not None and magics.model.engine.core.max_length == 64
+
+    result, out = run(shell, f"%mii {PROMPT}")  # default options: sampled text
+    assert result.success, out
+    assert out.strip() and magics.last_text and out.startswith(magics.last_text)
+
+    result, out = run(shell, f"%%mii --max-new-tokens 5 --greedy\n{PROMPT}\n")
+    assert result.success, out
+    assert out == expected + "\n"
+
+    result, out = run(shell, f"%mii --max-new-tokens 5 --greedy {PROMPT}")
+    assert out == expected + "\n"
+
+    # Pieces are printed and flushed as they arrive, not at the end.
+    recorder, stdout = Recorder(), sys.stdout
+    sys.stdout = recorder
+    try:
+        shell.run_cell_magic("mii", "--max-new-tokens 5 --greedy", PROMPT)
+    finally:
+        sys.stdout = stdout
+    assert recorder.text == expected + "\n"
+    partial = [t for t in recorder.flushed if t and t != recorder.text]
+    assert len(partial) >= 2, recorder.flushed
+
+    result, out = run(shell, "%%mii --top-k 0\nx")  # bad options: a usage error naming them
+    assert isinstance(result.error_in_exec, UsageError) and "top_k" in out
+
+
+def test_magic_inside_the_kernels_running_event_loop(shell, llama, expected):
+    """ipykernel runs cells with ``await shell.run_cell_async`` on its event loop."""
+    magics = shell.magics_manager.registry["MiiMagics"]
+    if magics.model is None:
+        shell.run_line_magic("mii", f"load {llama}")
+
+    cell = f"%%mii --max-new-tokens 5 --greedy\n{PROMPT}"
+
+    async def kernel():
+        asyncio.get_running_loop()  # what the kernel has, and asyncio.run cannot nest in
+        with capture_output() as captured:
+            result = await shell.run_cell_async(
+                cell, store_history=False, transformed_cell=shell.transform_cell(cell)
+            )
+        return result, captured.stdout
+
+    result, out = asyncio.run(kernel())
+    assert result.success, result.error_in_exec
+    assert out == expected + "\n"
+
+
+def test_attach_to_a_deployment(shell, llama, expected, tmp_path, monkeypatch):
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    result, out = run(shell, "%mii attach no-such-deployment")
+    assert isinstance(result.error_in_exec, UsageError) and "no-such-deployment" in out
+
+    client = mii.serve(llama, deployment_name="magic-test", port=free_port(), max_length=64)
+    try:
+        result, out = run(shell, "%mii attach magic-test")
+        assert result.success, out
+        magics = shell.magics_manager.registry["MiiMagics"]
+        assert magics.model is None  # attaching freed the in-process model
+        assert "attached to deployment 'magic-test'" in out
+
+        result, out = run(shell, f"%%mii --max-new-tokens 5 --greedy\n{PROMPT}")
+        assert result.success, out
+        assert out == expected + "\n"
+
+        _, out = run(shell, "%mii unload")
+        assert "keeps running" in out and client.is_healthy()
+    finally:
+        client.terminate_server()
