@@ -3,8 +3,9 @@
 Public API: :func:`pipeline`, :class:`AsyncEngine`, :class:`Response`.
 """
 
+from typing import TYPE_CHECKING
+
 from mii.config import EngineConfig, GenerateParams
-from mii.engine.async_engine import AsyncEngine
 from mii.errors import (
     EngineClosedError,
     InvalidRequestError,
@@ -13,8 +14,28 @@ from mii.errors import (
     RequestTooLargeError,
     UnsupportedModelError,
 )
-from mii.pipeline import Pipeline, pipeline
 from mii.response import Response
+
+if TYPE_CHECKING:
+    from mii.engine.async_engine import AsyncEngine
+    from mii.pipeline import Pipeline, pipeline
+
+# torch is imported on first use of these, so that `import mii` (and `mii --help`) is quick.
+_LAZY = {
+    "AsyncEngine": "mii.engine.async_engine",
+    "Pipeline": "mii.pipeline",
+    "pipeline": "mii.pipeline",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mii' has no attribute {name!r}")
 
 
 def serve(model_name_or_path: str, **options):
