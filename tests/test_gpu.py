@@ -48,3 +48,18 @@ def test_seeded_sampling_on_gpu(checkpoints):
         a = pipe(PROMPTS[0], max_new_tokens=16, seed=7, temperature=1.2)[0]
         b = pipe([PROMPTS[1], PROMPTS[0]], max_new_tokens=16, seed=7, temperature=1.2)[1]
     assert a.token_ids == b.token_ids
+
+
+def test_cuda_graphs_replay_decode_and_match_eager(checkpoints):
+    path, _ = checkpoints("llama")
+    results = {}
+    for graphs in (True, False):
+        with mii.pipeline(str(path), device="cuda", dtype="float32", cuda_graphs=graphs) as pipe:
+            results[graphs] = pipe(PROMPTS, do_sample=False, max_new_tokens=24)
+            runner = pipe.engine.core.runner.graphs
+            if graphs:
+                assert runner is not None and runner.replays > 10
+            else:
+                assert runner is None
+    for a, b in zip(results[True], results[False]):
+        assert a.token_ids == b.token_ids

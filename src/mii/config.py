@@ -104,6 +104,8 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(default=128, gt=0)
     tensor_parallel: int = Field(default=1, gt=0)
     seed: int = 0
+    cuda_graphs: bool | None = None  # None: on for CUDA when the model supports it
+    max_graph_batch: int = Field(default=256, gt=0)
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> EngineConfig:

@@ -84,16 +84,44 @@ class EngineCore:
             max_length=self.max_length,
             max_num_seqs=config.max_num_seqs,
         )
+        # One block more than the pool: the scratch block that padded rows of a
+        # CUDA-graph pass write into. No sequence ever owns it.
         kv_caches = allocate_kv_tensors(
-            self.model.kv_spec, num_blocks, config.kv_block_size, self.dtype, self.device
+            self.model.kv_spec, num_blocks + 1, config.kv_block_size, self.dtype, self.device
         )
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_num_seqs)
         self.runner = ModelRunner(self.model, kv_caches, config.kv_block_size, self.device)
         self.sequences: dict[str, Sequence] = {}
+        self.graph_capture_s = self._maybe_capture_graphs(config, kv_caches, num_blocks)
         log.info(
             "loaded %s on %s (%s), %d KV blocks", config.model, self.device, self.dtype, num_blocks
         )
+
+    def _maybe_capture_graphs(self, config: EngineConfig, kv_caches, num_blocks: int) -> float:
+        """Capture decode CUDA graphs when on CUDA and the model allows it; seconds spent."""
+        wanted = config.cuda_graphs
+        if wanted is None:
+            wanted = self.device.type == "cuda" and self.model.supports_cuda_graphs
+        if not wanted:
+            return 0.0
+        if self.device.type != "cuda":
+            raise InvalidRequestError("cuda_graphs=True needs a CUDA device", field="cuda_graphs")
+        from mii.engine.cuda_graphs import CudaGraphRunner
+
+        block = config.kv_block_size
+        graphs = CudaGraphRunner(
+            self.model,
+            kv_caches,
+            block,
+            max_batch=min(config.max_graph_batch, config.max_num_seqs),
+            max_blocks_per_seq=(self.max_length + block - 1) // block,
+            scratch_block=num_blocks,
+            device=self.device,
+        )
+        seconds = graphs.capture()
+        self.runner.graphs = graphs
+        return seconds
 
     @staticmethod
     def _model_max_length(config: EngineConfig, model_max: int) -> int:

@@ -6,7 +6,7 @@ import torch
 
 from mii.engine.scheduler import ScheduledChunk
 from mii.models.base import CausalLM, ForwardContext
-from mii.ops.attention import AttentionBatch
+from mii.ops.attention import AttentionBatch, make_tiles
 
 
 class ModelRunner:
@@ -21,6 +21,7 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self.graphs = None  # a CudaGraphRunner once captured (decode-only passes)
 
     def prepare(
         self, chunks: list[ScheduledChunk]
@@ -55,6 +56,7 @@ class ModelRunner:
         def on_device(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
+        tile_seq, tile_start = make_tiles(query_lens)
         batch = AttentionBatch(
             slot_mapping=on_device(slots, torch.int64),
             block_tables=on_device(tables, torch.int32),
@@ -62,6 +64,8 @@ class ModelRunner:
             seq_lens=on_device(seq_lens, torch.int32),
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
+            tile_seq=on_device(tile_seq, torch.int32),
+            tile_start=on_device(tile_start, torch.int32),
         )
         return (
             on_device(token_ids, torch.int64),
@@ -73,6 +77,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Forward one pass; float32 logits [S, V] for the chunks that sample."""
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            return self.graphs.run(chunks)
         token_ids, positions, batch, sample_rows = self.prepare(chunks)
         hidden = self.model(token_ids, positions, ForwardContext(batch, self.kv_caches))
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

@@ -47,6 +47,8 @@ class CausalLM(nn.Module):
     max_positions: int
     kv_spec: KVCacheSpec
     tied_embeddings: bool = False
+    # Whether a decode forward can be captured in a CUDA graph (no host syncs inside).
+    supports_cuda_graphs: ClassVar[bool] = True
 
     def forward(
         self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext

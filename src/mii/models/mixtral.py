@@ -29,6 +29,10 @@ class _MoEWeightsMixin:
     """Expert tensors are named by regex (their expert index varies), ahead of
     the fragment renames of ``weight_map``."""
 
+    # Grouping tokens by expert reads the per-expert counts on the host, which a
+    # CUDA graph cannot capture.
+    supports_cuda_graphs = False
+
     def map_weight_name(self, hf_name: str) -> tuple[str, Any]:
         renamed = hf_name.replace(".block_sparse_moe.", ".mlp.")
         expert = map_expert_weight_name(renamed)

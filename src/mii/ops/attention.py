@@ -28,10 +28,29 @@ class AttentionBatch:
     seq_lens: torch.Tensor  # [B] int32, keys per sequence after this step
     query_lens_host: list[int]  # host copies, so the reference needs no device sync
     seq_lens_host: list[int]
+    # Kernel work tiles: (sequence index, first query) of every TILE_QUERIES-query
+    # tile. Built with the batch so that kernels never read host lists (and can
+    # run inside a CUDA graph).
+    tile_seq: torch.Tensor | None = None
+    tile_start: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
+
+
+TILE_QUERIES = 16  # queries per attention-kernel program (BLOCK_M of the Triton kernel)
+
+
+def make_tiles(query_lens: list[int]) -> tuple[list[int], list[int]]:
+    """(sequence index, first query) of every TILE_QUERIES-query tile of a batch."""
+    seqs: list[int] = []
+    starts: list[int] = []
+    for b, q_len in enumerate(query_lens):
+        for start in range(0, q_len, TILE_QUERIES):
+            seqs.append(b)
+            starts.append(start)
+    return seqs, starts
 
 
 def write_kv_cache(

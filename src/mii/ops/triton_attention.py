@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops.attention import AttentionBatch
+from mii.ops.attention import TILE_QUERIES, AttentionBatch, make_tiles
 
-BLOCK_M = 16
+BLOCK_M = TILE_QUERIES
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -220,13 +220,9 @@ def _paged_attention_kernel(
 
 
 def _tiles(batch: AttentionBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sequence index, first query) of every BLOCK_M-query tile of the batch."""
-    seqs: list[int] = []
-    starts: list[int] = []
-    for b, q_len in enumerate(batch.query_lens_host):
-        for start in range(0, q_len, BLOCK_M):
-            seqs.append(b)
-            starts.append(start)
+    if batch.tile_seq is not None:
+        return batch.tile_seq, batch.tile_start
+    seqs, starts = make_tiles(batch.query_lens_host)
     return (
         torch.tensor(seqs, dtype=torch.int32).to(device, non_blocking=True),
         torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
