@@ -100,13 +100,20 @@ class EngineCore:
 
     def _maybe_capture_graphs(self, config: EngineConfig, kv_caches, num_blocks: int) -> float:
         """Capture decode CUDA graphs when on CUDA and the model allows it; seconds spent."""
-        wanted = config.cuda_graphs
-        if wanted is None:
-            wanted = self.device.type == "cuda" and self.model.supports_cuda_graphs
+        from mii.ops.attention import use_triton
+
+        # The torch reference attention loops over host-side lengths, which a graph
+        # would freeze: graphs need the Triton kernels, which read lengths on the GPU.
+        capturable = use_triton(self.device) and self.model.supports_cuda_graphs
+        wanted = capturable if config.cuda_graphs is None else config.cuda_graphs
         if not wanted:
             return 0.0
-        if self.device.type != "cuda":
-            raise InvalidRequestError("cuda_graphs=True needs a CUDA device", field="cuda_graphs")
+        if not capturable:
+            raise InvalidRequestError(
+                "cuda_graphs=True needs a CUDA device, the Triton attention kernels "
+                "(MII_ATTENTION unset or 'triton') and a model without MoE layers",
+                field="cuda_graphs",
+            )
         from mii.engine.cuda_graphs import CudaGraphRunner
 
         block = config.kv_block_size
@@ -230,7 +237,7 @@ class EngineCore:
         try:
             logits = self.runner.run(plan.chunks)
             to_sample = [c.seq for c in plan.chunks if c.samples]
-            tokens = sample(logits, self._sampling_batch(to_sample), self.eos_token_ids).tolist()
+            tokens = self._sample(logits, to_sample).tolist()  # the pass's one host sync
         except Exception as err:  # a failed pass ends its own requests, not the engine
             log.exception("forward pass failed")
             failed = []
@@ -250,6 +257,17 @@ class EngineCore:
                 self.sequences.pop(seq.request_id, None)
                 self.scheduler.finish(seq, seq.finish_reason)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Next token of each sequence. The common all-greedy case is one argmax,
+        decided on the host so that no device value is read to choose the path."""
+        plain_greedy = all(
+            s.params.greedy and (s.params.ignore_eos or s.num_generated >= s.params.min_new_tokens)
+            for s in seqs
+        )
+        if plain_greedy:
+            return logits.argmax(dim=-1)
+        return sample(logits, self._sampling_batch(seqs), self.eos_token_ids)
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         def col(values, dtype):
