@@ -82,9 +82,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("tile", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index", range(len(CASES)))
-def test_fused_rotary_cache_attention_matches_reference(index, dtype):
+def test_fused_rotary_cache_attention_matches_reference(index, dtype, tile):
     shapes, hq, hkv, dim, block, window, rot = CASES[index]
     case = make_case(shapes, hq, hkv, dim, block, dtype, rot, seed=index)
     ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch = case
@@ -94,6 +95,7 @@ def test_fused_rotary_cache_attention_matches_reference(index, dtype):
     q, k, v, pos_d, cs_d, kc, vc, batch = to_device(
         make_case(shapes, hq, hkv, dim, block, dtype, rot, index)
     )
+    batch.tile_size = tile
     out = paged_attention_triton(q, k, v, pos_d, cs_d, kc, vc, batch, dim**-0.5, window)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float().cpu(), expected.float(), rtol=tol, atol=tol)

@@ -6,7 +6,7 @@ import torch
 
 from mii.engine.scheduler import ScheduledChunk
 from mii.models.base import CausalLM, ForwardContext
-from mii.ops.attention import AttentionBatch, make_tiles
+from mii.ops.attention import AttentionBatch, make_tiles, tile_size_for
 
 
 class ModelRunner:
@@ -56,7 +56,8 @@ class ModelRunner:
         def on_device(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-        tile_seq, tile_start = make_tiles(query_lens)
+        tile_size = tile_size_for(query_lens)
+        tile_seq, tile_start = make_tiles(query_lens, tile_size)
         batch = AttentionBatch(
             slot_mapping=on_device(slots, torch.int64),
             block_tables=on_device(tables, torch.int32),
@@ -66,6 +67,7 @@ class ModelRunner:
             seq_lens_host=seq_lens,
             tile_seq=on_device(tile_seq, torch.int32),
             tile_start=on_device(tile_start, torch.int32),
+            tile_size=tile_size,
         )
         return (
             on_device(token_ids, torch.int64),

@@ -28,26 +28,30 @@ class AttentionBatch:
     seq_lens: torch.Tensor  # [B] int32, keys per sequence after this step
     query_lens_host: list[int]  # host copies, so the reference needs no device sync
     seq_lens_host: list[int]
-    # Kernel work tiles: (sequence index, first query) of every TILE_QUERIES-query
+    # Kernel work tiles: (sequence index, first query) of every tile_size-query
     # tile. Built with the batch so that kernels never read host lists (and can
     # run inside a CUDA graph).
     tile_seq: torch.Tensor | None = None
     tile_start: torch.Tensor | None = None
+    tile_size: int = 16  # queries per kernel program: 16 for decodes, 64 with prompt chunks
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
 
 
-TILE_QUERIES = 16  # queries per attention-kernel program (BLOCK_M of the Triton kernel)
+def tile_size_for(query_lens: list[int]) -> int:
+    """Queries per attention-kernel program: small tiles waste nothing on decodes,
+    large ones re-read each key block fewer times for long prompt chunks."""
+    return 16 if max(query_lens, default=1) <= 16 else 64
 
 
-def make_tiles(query_lens: list[int]) -> tuple[list[int], list[int]]:
-    """(sequence index, first query) of every TILE_QUERIES-query tile of a batch."""
+def make_tiles(query_lens: list[int], tile_size: int) -> tuple[list[int], list[int]]:
+    """(sequence index, first query) of every ``tile_size``-query tile of a batch."""
     seqs: list[int] = []
     starts: list[int] = []
     for b, q_len in enumerate(query_lens):
-        for start in range(0, q_len, TILE_QUERIES):
+        for start in range(0, q_len, tile_size):
             seqs.append(b)
             starts.append(start)
     return seqs, starts

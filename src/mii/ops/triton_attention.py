@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops.attention import TILE_QUERIES, AttentionBatch, make_tiles
+from mii.ops.attention import AttentionBatch, make_tiles
 
-BLOCK_M = TILE_QUERIES
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -222,7 +221,7 @@ def _paged_attention_kernel(
 def _tiles(batch: AttentionBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if batch.tile_seq is not None:
         return batch.tile_seq, batch.tile_start
-    seqs, starts = make_tiles(batch.query_lens_host)
+    seqs, starts = make_tiles(batch.query_lens_host, batch.tile_size)
     return (
         torch.tensor(seqs, dtype=torch.int32).to(device, non_blocking=True),
         torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
@@ -289,7 +288,9 @@ def paged_attention_from_cache(
         return out
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
     tile_seq, tile_start = _tiles(batch, q.device)
-    block_n = max(16, triton.next_power_of_2(kv_block))
+    block_m = batch.tile_size
+    # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
+    block_n = max(64, triton.next_power_of_2(kv_block))
     _paged_attention_kernel[(tile_seq.shape[0], q_heads)](
         q,
         k_cache,
@@ -314,11 +315,12 @@ def paged_attention_from_cache(
         KV_BLOCK=kv_block,
         HEAD_DIM=dim,
         D_PAD=max(16, triton.next_power_of_2(dim)),
-        BLOCK_M=BLOCK_M,
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None,
         IEEE=q.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and q.dtype != torch.float32,
+        num_warps=4 if block_m <= 16 else 8,
     )
     return out
 

@@ -1,0 +1,126 @@
+"""Attention kernels alone, against the memory roofline and PyTorch's flash SDPA.
+
+    python benchmarks/kernels.py [--json out.json]
+
+- decode: B sequences of one query each over long paged contexts; bytes = every
+  key and value read once; reported as a fraction of measured copy bandwidth.
+- prefill: one causal prompt, non-paged shapes for SDPA (flash backend) and the
+  same tokens through our paged kernel (contiguous block table), both bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from benchmarks.common import environment, roofline, write_json
+from mii.ops.attention import AttentionBatch, make_tiles, tile_size_for
+from mii.ops.triton_attention import paged_attention_from_cache
+
+HEADS, KV_HEADS, DIM, BLOCK = 32, 32, 128, 16
+
+
+def paged_batch(query_lens, seq_lens, device, num_blocks):
+    tables, start = [], 0
+    for n in seq_lens:
+        count = (n + BLOCK - 1) // BLOCK
+        tables.append(list(range(start, start + count)))
+        start += count
+    assert start <= num_blocks
+    width = max(map(len, tables))
+    cu = [0]
+    for q in query_lens:
+        cu.append(cu[-1] + q)
+    tile = tile_size_for(query_lens)
+    seqs, starts = make_tiles(query_lens, tile)
+
+    def t(x, dtype=torch.int32):
+        return torch.tensor(x, dtype=dtype, device=device)
+
+    return AttentionBatch(
+        slot_mapping=t([0] * cu[-1], torch.int64),
+        block_tables=t([r + [0] * (width - len(r)) for r in tables]),
+        cu_seqlens_q=t(cu),
+        seq_lens=t(seq_lens),
+        query_lens_host=list(query_lens),
+        seq_lens_host=list(seq_lens),
+        tile_seq=t(seqs),
+        tile_start=t(starts),
+        tile_size=tile,
+    )
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    result = {"benchmark": "kernels", **environment(), "roofline": roofline(device)}
+    copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
+    total_blocks = 40_000  # 40k x 16 tokens = 640k tokens of KV, about 10 GiB each for k and v
+    k_cache = torch.randn(total_blocks, BLOCK, KV_HEADS, DIM, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+
+    decode = []
+    for batch_size, context in [
+        (1, 4096),
+        (1, 32768),
+        (8, 4096),
+        (32, 4096),
+        (64, 2048),
+        (16, 32768),
+    ]:
+        batch = paged_batch([1] * batch_size, [context] * batch_size, device, total_blocks)
+        q = torch.randn(batch_size, HEADS, DIM, device=device, dtype=torch.bfloat16)
+        seconds = bench(lambda: paged_attention_from_cache(q, k_cache, v_cache, batch, DIM**-0.5))
+        moved = 2 * batch_size * context * KV_HEADS * DIM * 2
+        decode.append(
+            {
+                "batch": batch_size,
+                "context": context,
+                "us": round(seconds * 1e6, 1),
+                "tb_per_s": round(moved / seconds / 1e12, 3),
+                "fraction_of_copy": round(moved / seconds / copy_bw, 3),
+            }
+        )
+    result["decode"] = decode
+
+    prefill = []
+    for length in (1024, 2048, 4096):
+        q = torch.randn(1, HEADS, length, DIM, device=device, dtype=torch.bfloat16)
+        k = torch.randn_like(q)
+        v = torch.randn_like(q)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def flash(q=q, k=k, v=v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        sdpa_s = bench(flash)
+        batch = paged_batch([length], [length], device, total_blocks)
+        q_ragged = q[0].transpose(0, 1).contiguous()  # [T, H, D]
+        ours_s = bench(
+            lambda: paged_attention_from_cache(q_ragged, k_cache, v_cache, batch, DIM**-0.5)
+        )
+        flops = 4 * length * length * HEADS * DIM / 2  # causal: half the square
+        prefill.append(
+            {
+                "length": length,
+                "sdpa_flash_us": round(sdpa_s * 1e6, 1),
+                "mii_us": round(ours_s * 1e6, 1),
+                "mii_over_sdpa": round(ours_s / sdpa_s, 2),
+                "mii_tflops": round(flops / ours_s / 1e12, 1),
+            }
+        )
+    result["prefill"] = prefill
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
