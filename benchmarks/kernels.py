@@ -78,7 +78,11 @@ def main() -> None:
     ]:
         batch = paged_batch([1] * batch_size, [context] * batch_size, device, total_blocks)
         q = torch.randn(batch_size, HEADS, DIM, device=device, dtype=torch.bfloat16)
-        seconds = bench(lambda: paged_attention_from_cache(q, k_cache, v_cache, batch, DIM**-0.5))
+        seconds = bench(
+            lambda q=q, batch=batch: paged_attention_from_cache(
+                q, k_cache, v_cache, batch, DIM**-0.5
+            )
+        )
         moved = 2 * batch_size * context * KV_HEADS * DIM * 2
         decode.append(
             {
@@ -106,7 +110,9 @@ def main() -> None:
         batch = paged_batch([length], [length], device, total_blocks)
         q_ragged = q[0].transpose(0, 1).contiguous()  # [T, H, D]
         ours_s = bench(
-            lambda: paged_attention_from_cache(q_ragged, k_cache, v_cache, batch, DIM**-0.5)
+            lambda q=q_ragged, batch=batch: paged_attention_from_cache(
+                q, k_cache, v_cache, batch, DIM**-0.5
+            )
         )
         flops = 4 * length * length * HEADS * DIM / 2  # causal: half the square
         prefill.append(
