@@ -16,7 +16,7 @@ import torch
 import triton
 
 from benchmarks.common import environment, roofline, write_json
-from mii.ops.attention import AttentionBatch, make_tiles, tile_size_for
+from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
 from mii.ops.triton_attention import paged_attention_from_cache
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 32, 128, 16
@@ -33,8 +33,6 @@ def paged_batch(query_lens, seq_lens, device, num_blocks):
     cu = [0]
     for q in query_lens:
         cu.append(cu[-1] + q)
-    tile = tile_size_for(query_lens)
-    seqs, starts = make_tiles(query_lens, tile)
 
     def t(x, dtype=torch.int32):
         return torch.tensor(x, dtype=dtype, device=device)
@@ -46,9 +44,7 @@ def paged_batch(query_lens, seq_lens, device, num_blocks):
         seq_lens=t(seq_lens),
         query_lens_host=list(query_lens),
         seq_lens_host=list(seq_lens),
-        tile_seq=t(seqs),
-        tile_start=t(starts),
-        tile_size=tile,
+        tiles=[TileSet(size, t(seqs), t(starts)) for size, seqs, starts in plan_tiles(query_lens)],
     )
 
 

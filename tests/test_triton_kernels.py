@@ -14,7 +14,12 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from mii.ops.attention import AttentionBatch, rotary_paged_attention_reference  # noqa: E402
+from mii.ops.attention import (  # noqa: E402
+    AttentionBatch,
+    TileSet,
+    make_tiles,
+    rotary_paged_attention_reference,
+)
 from mii.ops.rotary import rotary_cos_sin  # noqa: E402
 from mii.ops.triton_attention import paged_attention_triton  # noqa: E402
 
@@ -82,7 +87,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("tile", [16, 64])
+@pytest.mark.parametrize("tile", [None, 16, 64])  # None: the engine's two-launch plan
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index", range(len(CASES)))
 def test_fused_rotary_cache_attention_matches_reference(index, dtype, tile):
@@ -95,7 +100,15 @@ def test_fused_rotary_cache_attention_matches_reference(index, dtype, tile):
     q, k, v, pos_d, cs_d, kc, vc, batch = to_device(
         make_case(shapes, hq, hkv, dim, block, dtype, rot, index)
     )
-    batch.tile_size = tile
+    if tile is not None:  # force one tile size for the whole batch
+        seqs, starts = make_tiles(batch.query_lens_host, tile)
+        batch.tiles = [
+            TileSet(
+                tile,
+                torch.tensor(seqs, dtype=torch.int32, device=DEVICE),
+                torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+            )
+        ]
     out = paged_attention_triton(q, k, v, pos_d, cs_d, kc, vc, batch, dim**-0.5, window)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float().cpu(), expected.float(), rtol=tol, atol=tol)

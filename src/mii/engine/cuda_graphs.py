@@ -19,7 +19,7 @@ import torch
 
 from mii.engine.scheduler import ScheduledChunk
 from mii.models.base import CausalLM, ForwardContext
-from mii.ops.attention import AttentionBatch
+from mii.ops.attention import SMALL_TILE, AttentionBatch, TileSet
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ class CudaGraphRunner:
             seq_lens=self.seq_lens[:size],
             query_lens_host=[1] * size,
             seq_lens_host=[0] * size,
-            tile_seq=self.tile_seq[:size],
-            tile_start=self.tile_start[:size],
+            tiles=[TileSet(SMALL_TILE, self.tile_seq[:size], self.tile_start[:size])],
         )
 
     def _forward(self, size: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from mii.engine.scheduler import ScheduledChunk
 from mii.models.base import CausalLM, ForwardContext
-from mii.ops.attention import AttentionBatch, make_tiles, tile_size_for
+from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
 
 
 class ModelRunner:
@@ -56,8 +56,10 @@ class ModelRunner:
         def on_device(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-        tile_size = tile_size_for(query_lens)
-        tile_seq, tile_start = make_tiles(query_lens, tile_size)
+        tiles = [
+            TileSet(size, on_device(seqs, torch.int32), on_device(starts, torch.int32))
+            for size, seqs, starts in plan_tiles(query_lens)
+        ]
         batch = AttentionBatch(
             slot_mapping=on_device(slots, torch.int64),
             block_tables=on_device(tables, torch.int32),
@@ -65,9 +67,7 @@ class ModelRunner:
             seq_lens=on_device(seq_lens, torch.int32),
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
-            tile_seq=on_device(tile_seq, torch.int32),
-            tile_start=on_device(tile_start, torch.int32),
-            tile_size=tile_size,
+            tiles=tiles,
         )
         return (
             on_device(token_ids, torch.int64),

@@ -28,33 +28,55 @@ class AttentionBatch:
     seq_lens: torch.Tensor  # [B] int32, keys per sequence after this step
     query_lens_host: list[int]  # host copies, so the reference needs no device sync
     seq_lens_host: list[int]
-    # Kernel work tiles: (sequence index, first query) of every tile_size-query
-    # tile. Built with the batch so that kernels never read host lists (and can
-    # run inside a CUDA graph).
-    tile_seq: torch.Tensor | None = None
-    tile_start: torch.Tensor | None = None
-    tile_size: int = 16  # queries per kernel program: 16 for decodes, 64 with prompt chunks
+    # The attention kernel's work, one TileSet per launch. Built with the batch so
+    # that kernels never read host lists (and can run inside a CUDA graph); None
+    # lets the kernel wrapper build them from the host lists.
+    tiles: list[TileSet] | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
 
 
-def tile_size_for(query_lens: list[int]) -> int:
-    """Queries per attention-kernel program: small tiles waste nothing on decodes,
-    large ones re-read each key block fewer times for long prompt chunks."""
-    return 16 if max(query_lens, default=1) <= 16 else 64
+@dataclass
+class TileSet:
+    """One attention-kernel launch: programs of ``size`` queries, each at
+    (sequence index ``seq[i]``, first query ``start[i]`` within the sequence's chunk)."""
+
+    size: int
+    seq: torch.Tensor  # [tiles] int32
+    start: torch.Tensor  # [tiles] int32
 
 
-def make_tiles(query_lens: list[int], tile_size: int) -> tuple[list[int], list[int]]:
-    """(sequence index, first query) of every ``tile_size``-query tile of a batch."""
+SMALL_TILE, LARGE_TILE = 16, 64
+
+
+def make_tiles(
+    query_lens: list[int], size: int, only: list[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """(sequence index, first query) of every ``size``-query tile of the sequences
+    ``only`` (default: all)."""
     seqs: list[int] = []
     starts: list[int] = []
-    for b, q_len in enumerate(query_lens):
-        for start in range(0, q_len, tile_size):
+    for b in range(len(query_lens)) if only is None else only:
+        for start in range(0, query_lens[b], size):
             seqs.append(b)
             starts.append(start)
     return seqs, starts
+
+
+def plan_tiles(query_lens: list[int]) -> list[tuple[int, list[int], list[int]]]:
+    """Split a batch's attention into at most two launches: sequences with few new
+    tokens (decodes) in 16-query tiles, long prompt chunks in 64-query tiles, which
+    read each key block 4x less often. A decode never pays for a prompt-sized tile.
+    Returns (size, sequence indices, first queries) per non-empty launch."""
+    short = [b for b, n in enumerate(query_lens) if n <= SMALL_TILE]
+    long = [b for b, n in enumerate(query_lens) if n > SMALL_TILE]
+    plan = []
+    for size, members in ((SMALL_TILE, short), (LARGE_TILE, long)):
+        if members:
+            plan.append((size, *make_tiles(query_lens, size, members)))
+    return plan
 
 
 def write_kv_cache(

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops.attention import AttentionBatch, make_tiles
+from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -218,14 +218,17 @@ def _paged_attention_kernel(
     )
 
 
-def _tiles(batch: AttentionBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if batch.tile_seq is not None:
-        return batch.tile_seq, batch.tile_start
-    seqs, starts = make_tiles(batch.query_lens_host, batch.tile_size)
-    return (
-        torch.tensor(seqs, dtype=torch.int32).to(device, non_blocking=True),
-        torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
-    )
+def _tile_sets(batch: AttentionBatch, device: torch.device) -> list[TileSet]:
+    if batch.tiles is not None:
+        return batch.tiles
+    return [
+        TileSet(
+            size,
+            torch.tensor(seqs, dtype=torch.int32).to(device, non_blocking=True),
+            torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
+        )
+        for size, seqs, starts in plan_tiles(batch.query_lens_host)
+    ]
 
 
 def rotary_cache_write(
@@ -287,41 +290,40 @@ def paged_attention_from_cache(
     if tokens == 0:
         return out
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
-    tile_seq, tile_start = _tiles(batch, q.device)
-    block_m = batch.tile_size
     # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
     block_n = max(64, triton.next_power_of_2(kv_block))
-    _paged_attention_kernel[(tile_seq.shape[0], q_heads)](
-        q,
-        k_cache,
-        v_cache,
-        out,
-        batch.block_tables,
-        batch.seq_lens,
-        batch.cu_seqlens_q,
-        tile_seq,
-        tile_start,
-        scale,
-        sliding_window or 0,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        batch.block_tables.stride(0),
-        out.stride(0),
-        out.stride(1),
-        GROUP=q_heads // kv_heads,
-        KV_BLOCK=kv_block,
-        HEAD_DIM=dim,
-        D_PAD=max(16, triton.next_power_of_2(dim)),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        HAS_WINDOW=sliding_window is not None,
-        IEEE=q.dtype == torch.float32 or _INTERPRET,
-        UPCAST=_INTERPRET and q.dtype != torch.float32,
-        num_warps=4 if block_m <= 16 else 8,
-    )
+    for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
+        _paged_attention_kernel[(tiles.seq.shape[0], q_heads)](
+            q,
+            k_cache,
+            v_cache,
+            out,
+            batch.block_tables,
+            batch.seq_lens,
+            batch.cu_seqlens_q,
+            tiles.seq,
+            tiles.start,
+            scale,
+            sliding_window or 0,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            batch.block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            GROUP=q_heads // kv_heads,
+            KV_BLOCK=kv_block,
+            HEAD_DIM=dim,
+            D_PAD=max(16, triton.next_power_of_2(dim)),
+            BLOCK_M=tiles.size,
+            BLOCK_N=block_n,
+            HAS_WINDOW=sliding_window is not None,
+            IEEE=q.dtype == torch.float32 or _INTERPRET,
+            UPCAST=_INTERPRET and q.dtype != torch.float32,
+            num_warps=4 if tiles.size <= 16 else 8,
+        )
     return out
 
 

@@ -1,0 +1,54 @@
+"""Where a workload's time goes: torch.profiler over a batch-1 decode run and a
+small mixed (prefill + decode) run; prints GPU-busy vs wall time and the top
+kernels. A diagnostic, not a benchmark.
+
+    python benchmarks/profile_passes.py [--requests 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import mii
+from benchmarks.common import model_dir
+from benchmarks.throughput import workload
+
+
+async def run(engine, prompts, out_len):
+    return await engine.generate(prompts, max_new_tokens=out_len, ignore_eos=True, do_sample=False)
+
+
+def profiled(engine, prompts, out_len, label):
+    asyncio.run(run(engine, prompts[:2], 8))  # warm-up
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        asyncio.run(run(engine, prompts, out_len))
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    print(
+        f"\n=== {label}: wall {wall * 1e3:.1f} ms, GPU busy {gpu_us / 1e3:.1f} ms "
+        f"({gpu_us / 1e6 / wall:.0%})"
+    )
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=32)
+    args = parser.parse_args()
+    engine = mii.AsyncEngine(model_dir("llama2-7b"), load_format="dummy", dtype="bfloat16")
+    prompt = [[(i * 7919) % 31000 + 100 for i in range(128)]]
+    profiled(engine, prompt, 64, "batch 1, 128 in / 64 out")
+    profiled(engine, workload(args.requests, 128, 1024), 32, f"{args.requests} requests, mixed")
+
+
+if __name__ == "__main__":
+    main()
