@@ -31,6 +31,10 @@ async def run_mii(path: str, prompts: list[list[int]], out_len: int, options: di
     start_load = time.perf_counter()
     engine = mii.AsyncEngine(path, load_format="dummy", dtype="bfloat16", **options)
     load_s = time.perf_counter() - start_load
+    warmup = {
+        "compile_s": round(engine.core.compile_s, 1),
+        "graph_capture_s": round(engine.core.graph_capture_s, 1),
+    }
     params = dict(max_new_tokens=out_len, ignore_eos=True, do_sample=False)
     await engine.generate(prompts[:8], **params)  # warm-up
     start = time.perf_counter()
@@ -40,10 +44,14 @@ async def run_mii(path: str, prompts: list[list[int]], out_len: int, options: di
     await engine.aclose()
     generated = sum(r.generated_length for r in responses)
     assert generated == out_len * len(prompts)
-    return _rates(elapsed, prompts, generated) | {
-        "load_s": round(load_s, 1),
-        "preemptions": stats["preemptions"],
-    }
+    return (
+        _rates(elapsed, prompts, generated)
+        | {
+            "load_s": round(load_s, 1),
+            "preemptions": stats["preemptions"],
+        }
+        | warmup
+    )
 
 
 def run_hf(config: dict, prompts: list[list[int]], out_len: int) -> dict:
@@ -83,6 +91,7 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--hf", action="store_true", help="also run HF generate_batch")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -101,6 +110,8 @@ def main() -> None:
         floor = 2 * num_params(config) * tokens / (result["roofline"]["matmul_bf16_tflops"] * 1e12)
         result["compute_floor_s"] = round(floor, 2)
     options = {"token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs}
+    if args.compile:
+        options["compile"] = True
     result["mii"] = asyncio.run(run_mii(model_dir(args.model), prompts, args.output_len, options))
     if "compute_floor_s" in result:
         result["mii"]["x_compute_floor"] = round(

@@ -14,6 +14,8 @@ while [ $# -gt 0 ]; do
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
     profile) python3 benchmarks/profile_passes.py > "$OUT/profile.log" 2>&1; grep -v "^-\+" "$OUT/profile.log" | cut -c1-150 | tail -60 ;;
+    latency-compile) python3 benchmarks/latency.py --compile --json "$OUT/latency_compile.json" > "$OUT/latency_compile.log" 2>&1; tail -30 "$OUT/latency_compile.log" ;;
+    throughput-compile) shift; python3 benchmarks/throughput.py --compile --num-requests "$1" --json "$OUT/throughput_compile_$1.json" > "$OUT/throughput_compile_$1.log" 2>&1; tail -30 "$OUT/throughput_compile_$1.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift

@@ -63,3 +63,12 @@ def test_cuda_graphs_replay_decode_and_match_eager(checkpoints):
                 assert runner is None
     for a, b in zip(results[True], results[False]):
         assert a.token_ids == b.token_ids
+
+
+def test_torch_compile_matches_hf(checkpoints, tokenizer):
+    path, hf_model = checkpoints("llama")
+    with mii.pipeline(str(path), device="cuda", dtype="float32", compile=True) as pipe:
+        assert pipe.engine.core.compile_s > 0
+        responses = pipe(PROMPTS, do_sample=False, max_new_tokens=24)
+    for prompt, response in zip(PROMPTS, responses):
+        assert response.token_ids == hf_greedy(hf_model, tokenizer, prompt, 24), prompt

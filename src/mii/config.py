@@ -106,6 +106,7 @@ class EngineConfig(BaseModel):
     seed: int = 0
     cuda_graphs: bool | None = None  # None: on for CUDA when the model supports it
     max_graph_batch: int = Field(default=256, gt=0)
+    compile: bool = False  # torch.compile the model around the attention op
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> EngineConfig:

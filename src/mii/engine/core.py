@@ -19,7 +19,7 @@ from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from mii.engine.kv_cache import BlockManager, allocate_kv_tensors, choose_num_blocks
 from mii.engine.model_runner import ModelRunner
 from mii.engine.sampler import SamplingBatch, sample
-from mii.engine.scheduler import Scheduler
+from mii.engine.scheduler import ScheduledChunk, Scheduler
 from mii.engine.sequence import Sequence
 from mii.errors import InvalidRequestError, RequestTooLargeError
 from mii.models import loader
@@ -93,10 +93,36 @@ class EngineCore:
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_num_seqs)
         self.runner = ModelRunner(self.model, kv_caches, config.kv_block_size, self.device)
         self.sequences: dict[str, Sequence] = {}
+        self.compile_s = self._maybe_compile(config)
         self.graph_capture_s = self._maybe_capture_graphs(config, kv_caches, num_blocks)
         log.info(
             "loaded %s on %s (%s), %d KV blocks", config.model, self.device, self.dtype, num_blocks
         )
+
+    def _maybe_compile(self, config: EngineConfig) -> float:
+        """torch.compile the model when asked (``compile=True``); warm-up seconds."""
+        if not config.compile:
+            return 0.0
+        from mii.ops.attention import use_triton
+
+        if not use_triton(self.device):
+            raise InvalidRequestError(
+                "compile=True needs a CUDA device and the Triton attention kernels",
+                field="compile",
+            )
+        import time
+
+        start = time.perf_counter()
+        self.runner.enable_compile()
+        # Compile now, on a prompt-sized and a decode-sized pass, not on the first request.
+        for length in (17, 1):
+            seq = Sequence("warm-up", [1] * length, GenerateParams(), 1, 0)
+            self.blocks.allocate(seq, length)
+            try:
+                self.runner.run([ScheduledChunk(seq, length)])
+            finally:
+                self.blocks.free(seq)
+        return time.perf_counter() - start
 
     def _maybe_capture_graphs(self, config: EngineConfig, kv_caches, num_blocks: int) -> float:
         """Capture decode CUDA graphs when on CUDA and the model allows it; seconds spent."""
@@ -119,6 +145,7 @@ class EngineCore:
         block = config.kv_block_size
         graphs = CudaGraphRunner(
             self.model,
+            self.runner.forward,
             kv_caches,
             block,
             max_batch=min(config.max_graph_batch, config.max_num_seqs),

@@ -33,6 +33,7 @@ class CudaGraphRunner:
     def __init__(
         self,
         model: CausalLM,
+        forward,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_size: int,
         max_batch: int,
@@ -41,6 +42,7 @@ class CudaGraphRunner:
         device: torch.device,
     ) -> None:
         self.model = model
+        self.forward = forward  # model.forward, or its torch.compile'd version
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -89,7 +91,7 @@ class CudaGraphRunner:
 
     def _forward(self, size: int) -> torch.Tensor:
         ctx = ForwardContext(self._batch(size), self.kv_caches)
-        hidden = self.model(self.token_ids[:size], self.positions[:size], ctx)
+        hidden = self.forward(self.token_ids[:size], self.positions[:size], ctx)
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()

@@ -22,6 +22,12 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.graphs = None  # a CudaGraphRunner once captured (decode-only passes)
+        self.forward = model.forward  # replaced by a torch.compile'd version when enabled
+
+    def enable_compile(self) -> None:
+        """torch.compile the model (attention stays an opaque custom op); shapes are
+        dynamic because every pass has a different number of tokens."""
+        self.forward = torch.compile(self.model.forward, dynamic=True)
 
     def prepare(
         self, chunks: list[ScheduledChunk]
@@ -82,5 +88,5 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks)
         token_ids, positions, batch, sample_rows = self.prepare(chunks)
-        hidden = self.model(token_ids, positions, ForwardContext(batch, self.kv_caches))
+        hidden = self.forward(token_ids, positions, ForwardContext(batch, self.kv_caches))
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

@@ -187,9 +187,9 @@ def rotary_paged_attention(
 ) -> torch.Tensor:
     """The attention op models call: the fused Triton path on CUDA, else the reference."""
     if use_triton(q.device):
-        from mii.ops.triton_attention import paged_attention_triton
+        from mii.ops.triton_attention import call_paged_attention_op
 
-        return paged_attention_triton(
+        return call_paged_attention_op(
             q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, sliding_window
         )
     return rotary_paged_attention_reference(

@@ -342,3 +342,81 @@ def paged_attention_triton(
     """Rotary + cache write + attention: the fused path (q is rotated in place)."""
     rotary_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
     return paged_attention_from_cache(q, k_cache, v_cache, batch, scale, sliding_window)
+
+
+# ----- the same path as one opaque PyTorch operator -------------------------------
+# torch.compile traces the rest of the model and treats attention as a black box
+# (Dynamo cannot trace into Triton launches with host-built tile tables).
+
+
+@torch.library.custom_op("mii::paged_attention", mutates_args=("q", "k_cache", "v_cache"))
+def paged_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    small_seq: torch.Tensor,
+    small_start: torch.Tensor,
+    large_seq: torch.Tensor,
+    large_start: torch.Tensor,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    tiles = [
+        TileSet(size, seq, start)
+        for size, seq, start in ((16, small_seq, small_start), (64, large_seq, large_start))
+        if seq.numel()
+    ]
+    batch = AttentionBatch(slot_mapping, block_tables, cu_seqlens_q, seq_lens, [], [], tiles)
+    return paged_attention_triton(
+        q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, window if window > 0 else None
+    )
+
+
+@paged_attention_op.register_fake
+def _(q, k, v, positions, cos_sin, k_cache, v_cache, *rest) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def call_paged_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """``paged_attention_triton`` through the custom operator (tiles as tensors)."""
+    sets = {t.size: t for t in _tile_sets(batch, q.device)}
+    empty = torch.empty(0, dtype=torch.int32, device=q.device)
+    small, large = sets.get(16), sets.get(64)
+    return paged_attention_op(
+        q,
+        k,
+        v,
+        positions,
+        cos_sin,
+        k_cache,
+        v_cache,
+        batch.slot_mapping,
+        batch.block_tables,
+        batch.cu_seqlens_q,
+        batch.seq_lens,
+        small.seq if small else empty,
+        small.start if small else empty,
+        large.seq if large else empty,
+        large.start if large else empty,
+        scale,
+        sliding_window or 0,
+    )
