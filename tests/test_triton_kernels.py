@@ -115,3 +115,33 @@ def test_fused_rotary_cache_attention_matches_reference(index, dtype, tile):
     # the caches hold the same (rotated) keys and values afterwards
     torch.testing.assert_close(kc.float().cpu(), ref_kc.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(vc.float().cpu(), ref_vc.float(), rtol=0, atol=0)
+
+
+SPLIT_CASES = [
+    # long contexts (several 64-key iterations per split) next to short ones
+    ([(300, 1), (150, 1), (0, 20), (5, 1)], 4, 2, 16, 16, None, 16),
+    ([(260, 1), (70, 3)], 4, 1, 16, 8, 100, 16),  # with a sliding window
+    *CASES[:1],  # contexts shorter than one iteration: most splits are empty
+]
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("index", range(len(SPLIT_CASES)))
+def test_split_kv_matches_reference(index, splits):
+    """Split-KV (flash decoding) partials merged back give the same attention,
+    with windows and with more splits than a short context has key blocks."""
+    from mii.ops.triton_attention import paged_attention_from_cache, rotary_cache_write
+
+    shapes, hq, hkv, dim, block, window, rot = SPLIT_CASES[index]
+    ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch = make_case(
+        shapes, hq, hkv, dim, block, torch.float32, rot, seed=index
+    )
+    expected = rotary_paged_attention_reference(
+        ref_q.clone(), ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch, dim**-0.5, window
+    )
+    q, k, v, pos_d, cs_d, kc, vc, batch = to_device(
+        make_case(shapes, hq, hkv, dim, block, torch.float32, rot, index)
+    )
+    rotary_cache_write(q, k, v, pos_d, cs_d, kc, vc, batch.slot_mapping)
+    out = paged_attention_from_cache(q, kc, vc, batch, dim**-0.5, window, splits=splits)
+    torch.testing.assert_close(out.cpu(), expected, rtol=2e-5, atol=2e-5)

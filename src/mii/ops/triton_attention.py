@@ -116,6 +116,9 @@ def _paged_attention_kernel(
     K_cache,
     V_cache,
     Out,
+    Part_O,
+    Part_M,
+    Part_L,
     block_tables,
     seq_lens,
     cu_seqlens_q,
@@ -123,6 +126,7 @@ def _paged_attention_kernel(
     tile_start,
     scale,
     window,
+    num_tokens,
     stride_qt,
     stride_qh,
     stride_cb,
@@ -132,6 +136,8 @@ def _paged_attention_kernel(
     stride_ot,
     stride_oh,
     GROUP: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    SPLITS: tl.constexpr,
     KV_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -169,6 +175,14 @@ def _paged_attention_kernel(
     if HAS_WINDOW:
         lo = tl.maximum(0, context + first - window + 1)
         lo = (lo // BLOCK_N) * BLOCK_N
+
+    if SPLITS > 1:
+        # Split-KV (flash decoding): this program covers one slice of the keys;
+        # _merge_splits_kernel then combines the slices' partial softmax results.
+        split = tl.program_id(2)
+        chunk = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -210,12 +224,84 @@ def _paged_attention_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if SPLITS > 1:
+        # partials: O [SPLITS, T, H, D_PAD], M and L [SPLITS, T, H], float32
+        row = (split * num_tokens + q_begin + offs_m) * NUM_HEADS + head
+        tl.store(Part_M + row, m_i, mask=m_mask)
+        tl.store(Part_L + row, l_i, mask=m_mask)
+        tl.store(Part_O + row[:, None] * D_PAD + offs_d[None, :], acc, mask=m_mask[:, None])
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(
+            Out + (q_begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=m_mask[:, None] & d_mask[None, :],
+        )
+
+
+@triton.jit
+def _merge_splits_kernel(
+    Out,
+    Part_O,
+    Part_M,
+    Part_L,
+    cu_seqlens_q,
+    tile_seq,
+    tile_start,
+    num_tokens,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s over a tile's queries."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(tile_seq + tile)
+    first = tl.load(tile_start + tile)
+    q_begin = tl.load(cu_seqlens_q + seq)
+    q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < q_len
+    splits = tl.arange(0, SPLITS_PAD)
+    s_mask = splits < SPLITS
+    offs_d = tl.arange(0, D_PAD)
+    # rows [SPLITS_PAD, BLOCK_M]
+    rows = (splits[:, None] * num_tokens + q_begin + offs_m[None, :]) * NUM_HEADS + head
+    valid = s_mask[:, None] & m_mask[None, :]
+    m_s = tl.load(Part_M + rows, mask=valid, other=float("-inf"))
+    l_s = tl.load(Part_L + rows, mask=valid, other=0.0)
+    m = tl.max(m_s, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(m_s - m[None, :])  # [SPLITS_PAD, BLOCK_M]
+    total = tl.sum(w * l_s, 0)
+    o_s = tl.load(
+        Part_O + rows[:, :, None] * D_PAD + offs_d[None, None, :], mask=valid[:, :, None], other=0.0
+    )
+    out = tl.sum(w[:, :, None] * o_s, 0) / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(
         Out + (q_begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
-        mask=m_mask[:, None] & d_mask[None, :],
+        mask=m_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
     )
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
+    """Split-KV only for decode tiles that would leave most multiprocessors idle."""
+    if tiles.size > 16 or device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    target = 2 * _SM_COUNT[index]
+    return 1 if programs >= target else min(16, triton.cdiv(target, programs))
 
 
 def _tile_sets(batch: AttentionBatch, device: torch.device) -> list[TileSet]:
@@ -283,8 +369,12 @@ def paged_attention_from_cache(
     batch: AttentionBatch,
     scale: float,
     sliding_window: int | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """Attention of q ([T, Hq, D]) over the keys already in the cache -> [T, Hq, D]."""
+    """Attention of q ([T, Hq, D]) over the keys already in the cache -> [T, Hq, D].
+
+    ``splits`` > 1 divides each sequence's keys among that many programs (split-KV);
+    by default it is chosen so that a few decoding sequences still fill the GPU."""
     tokens, q_heads, dim = q.shape
     out = torch.empty_like(q)
     if tokens == 0:
@@ -292,12 +382,24 @@ def paged_attention_from_cache(
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
     # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
     block_n = max(64, triton.next_power_of_2(kv_block))
+    d_pad = max(16, triton.next_power_of_2(dim))
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
-        _paged_attention_kernel[(tiles.seq.shape[0], q_heads)](
+        count = tiles.seq.shape[0]
+        num_splits = splits or _auto_splits(tiles, count * q_heads, q.device)
+        if num_splits > 1:
+            parts = (
+                torch.empty(num_splits, tokens, q_heads, d_pad, device=q.device),
+                torch.empty(num_splits, tokens, q_heads, device=q.device),
+                torch.empty(num_splits, tokens, q_heads, device=q.device),
+            )
+        else:
+            parts = (out, out, out)  # unused
+        _paged_attention_kernel[(count, q_heads, num_splits)](
             q,
             k_cache,
             v_cache,
             out,
+            *parts,
             batch.block_tables,
             batch.seq_lens,
             batch.cu_seqlens_q,
@@ -305,6 +407,7 @@ def paged_attention_from_cache(
             tiles.start,
             scale,
             sliding_window or 0,
+            tokens,
             q.stride(0),
             q.stride(1),
             k_cache.stride(0),
@@ -314,9 +417,11 @@ def paged_attention_from_cache(
             out.stride(0),
             out.stride(1),
             GROUP=q_heads // kv_heads,
+            NUM_HEADS=q_heads,
+            SPLITS=num_splits,
             KV_BLOCK=kv_block,
             HEAD_DIM=dim,
-            D_PAD=max(16, triton.next_power_of_2(dim)),
+            D_PAD=d_pad,
             BLOCK_M=tiles.size,
             BLOCK_N=block_n,
             HAS_WINDOW=sliding_window is not None,
@@ -324,6 +429,23 @@ def paged_attention_from_cache(
             UPCAST=_INTERPRET and q.dtype != torch.float32,
             num_warps=4 if tiles.size <= 16 else 8,
         )
+        if num_splits > 1:
+            _merge_splits_kernel[(count, q_heads)](
+                out,
+                *parts,
+                batch.cu_seqlens_q,
+                tiles.seq,
+                tiles.start,
+                tokens,
+                out.stride(0),
+                out.stride(1),
+                NUM_HEADS=q_heads,
+                HEAD_DIM=dim,
+                D_PAD=d_pad,
+                BLOCK_M=tiles.size,
+                SPLITS=num_splits,
+                SPLITS_PAD=triton.next_power_of_2(num_splits),
+            )
     return out
 
 
