@@ -16,6 +16,7 @@ while [ $# -gt 0 ]; do
     profile) python3 benchmarks/profile_passes.py > "$OUT/profile.log" 2>&1; grep -v "^-\+" "$OUT/profile.log" | cut -c1-150 | tail -60 ;;
     latency-compile) python3 benchmarks/latency.py --compile --json "$OUT/latency_compile.json" > "$OUT/latency_compile.log" 2>&1; tail -30 "$OUT/latency_compile.log" ;;
     throughput-compile) shift; python3 benchmarks/throughput.py --compile --num-requests "$1" --json "$OUT/throughput_compile_$1.json" > "$OUT/throughput_compile_$1.log" 2>&1; tail -30 "$OUT/throughput_compile_$1.log" ;;
+    serving) python3 benchmarks/serving.py --rates 4 8 12 16 --num-requests 100 --json "$OUT/serving.json" > "$OUT/serving.log" 2>&1; tail -80 "$OUT/serving.log" | grep -v '"p50\|"p99\|}\|{' ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift
