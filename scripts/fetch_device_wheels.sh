@@ -15,7 +15,7 @@ download() {
     --platform manylinux2014_x86_64 --platform any -d .whl "$@"
 }
 download pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \
-  grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.35.1 \
+  grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.35.1 \
   fastapi==0.165.0 starlette uvicorn==0.54.0 prometheus-client==0.26.0 \
   pytest-asyncio==1.3.0 openai==3.57.0 jiter distro h11
 ls -la .whl

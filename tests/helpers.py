@@ -22,10 +22,9 @@ def make_tokenizer():
     return train_tokenizer(_CORPUS.splitlines() * 4, vocab_size=400)
 
 
-def tiny_config(family: str, tokenizer, **overrides):
-    """A small config of ``family`` whose logits are far from ties (large init scale)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
-
+def tiny_config_kwargs(tokenizer, **overrides) -> dict:
+    """Keyword arguments of a small Llama-like config whose logits are far from ties
+    (large init scale); ``overrides`` replace or extend them."""
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -40,17 +39,47 @@ def tiny_config(family: str, tokenizer, **overrides):
         initializer_range=0.2,
         tie_word_embeddings=False,
     )
-    common.update(overrides)
+    return {**common, **overrides}
+
+
+def tiny_config(family: str, tokenizer, **overrides):
+    """A small config of ``family`` whose logits are far from ties (large init scale)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[family]
-    return cls(**common)
+    return cls(**tiny_config_kwargs(tokenizer, **overrides))
 
 
-def save_checkpoint(path: Path, config, tokenizer, seed: int = 0, safetensors: bool = True):
-    """Save a random-weight model of ``config`` as a Hugging Face checkpoint; return the model."""
+def randomise_vectors(model, generator: torch.Generator) -> None:
+    """Add noise to every 1-D parameter. HF initialises norms to 1 and biases to 0;
+    make them random so that a misplaced or dropped one changes the answer."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.2 * torch.randn(param.shape, generator=generator))
+
+
+def save_checkpoint(
+    path: Path,
+    config,
+    tokenizer,
+    seed: int = 0,
+    safetensors: bool = True,
+    vector_noise: int | torch.Generator | None = None,
+):
+    """Save a random-weight model of ``config`` as a Hugging Face checkpoint; return the model.
+
+    ``vector_noise`` randomises the norms and biases too (see ``randomise_vectors``): an
+    int seeds a fresh generator, a generator (``torch.default_generator`` for the global
+    one) is drawn from as it is."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    if vector_noise is not None:
+        if isinstance(vector_noise, int):
+            vector_noise = torch.Generator().manual_seed(vector_noise)
+        randomise_vectors(model, vector_noise)
     if safetensors:
         model.save_pretrained(path)
     else:  # the older PyTorch format (transformers 5 only writes safetensors)
@@ -60,8 +89,23 @@ def save_checkpoint(path: Path, config, tokenizer, seed: int = 0, safetensors: b
     return model
 
 
-def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
-    """Greedy continuation from transformers (stops at EOS like mii does)."""
+def checkpoint_cache(tmp_path_factory, tokenizer, prefix: str, make_config, **save_options):
+    """name -> (path, HF model) of ``save_checkpoint(make_config(name))``, each built on
+    first use."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = tmp_path_factory.mktemp(f"{prefix}-{name}")
+            model = save_checkpoint(path, make_config(name), tokenizer, **save_options)
+            cache[name] = (path, model)
+        return cache[name]
+
+    return get
+
+
+def _hf_generate(model, tokenizer, prompt: str, max_new_tokens: int, **options):
+    """transformers' greedy ``generate`` on ``prompt``; returns the prompt ids and its output."""
     ids = torch.tensor([tokenizer(prompt).input_ids])
     with torch.no_grad():
         out = model.generate(
@@ -69,14 +113,39 @@ def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
             attention_mask=torch.ones_like(ids),
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **options,
         )
+    return ids, out
+
+
+def hf_greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> list[int]:
+    """Greedy continuation from transformers (stops at EOS like mii does)."""
+    ids, out = _hf_generate(
+        model, tokenizer, prompt, max_new_tokens, eos_token_id=tokenizer.eos_token_id
+    )
     return out[0, ids.shape[1] :].tolist()
 
 
 # Engine options that split prompts over many passes and force preemption.
 TIGHT_OPTIONS = dict(token_budget=6, max_num_seqs=4, kv_block_size=4, num_kv_blocks=24)
+
+
+def assert_greedy_margins(hf_model, tokenizer, prompts=PROMPTS, new_tokens: int = 24):
+    """The oracle is only meaningful if every greedy pick wins by a margin that
+    float reordering cannot overturn."""
+    for prompt in prompts:
+        _, out = _hf_generate(
+            hf_model,
+            tokenizer,
+            prompt,
+            new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        top2 = torch.cat(out.logits).topk(2, dim=-1).values
+        # mii and HF differ only by float32 rounding, far below this margin.
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-4, prompt
 
 
 def assert_matches_hf(
@@ -106,3 +175,32 @@ def assert_matches_hf(
         assert stats["preemptions"] > 0, "the KV pool was meant to force preemption"
     assert stats["free_blocks"] == pipe.engine.core.blocks.num_blocks
     return stats
+
+
+def ragged_paged_batch(shapes, block_size: int, free: list[int]):
+    """A ragged batch over a paged KV cache: ``shapes`` lists (tokens already cached,
+    new tokens) per sequence, whose blocks are popped from ``free`` in turn. Returns the
+    ``AttentionBatch`` and each sequence's block table."""
+    # Imported lazily: conftest imports this module before test_triton_kernels can set
+    # TRITON_INTERPRET, and no kernel module may load before that.
+    from mii.ops.attention import AttentionBatch
+
+    tables, slots, cu = [], [], [0]
+    for cached, new in shapes:
+        total = cached + new
+        table = [free.pop() for _ in range((total + block_size - 1) // block_size)]
+        tables.append(table)
+        slots += [
+            table[p // block_size] * block_size + p % block_size for p in range(cached, total)
+        ]
+        cu.append(cu[-1] + new)
+    width = max(map(len, tables))
+    batch = AttentionBatch(
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+        seq_lens=torch.tensor([c + n for c, n in shapes], dtype=torch.int32),
+        query_lens_host=[n for _, n in shapes],
+        seq_lens_host=[c + n for c, n in shapes],
+    )
+    return batch, tables

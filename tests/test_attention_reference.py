@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from mii.ops.attention import AttentionBatch, paged_attention_reference
+from helpers import ragged_paged_batch
+from mii.ops.attention import paged_attention_reference
 
 
 def dense_attention(q, k, v, scale, window=None):
@@ -36,34 +37,18 @@ def test_ragged_paged_batch_matches_dense(window, hq, hkv):
     rng.shuffle(free)  # blocks of a sequence are not contiguous
     # (cached tokens already in the cache, new tokens this step)
     shapes = [(0, 7), (9, 1), (3, 6), (12, 1), (0, 1)]
-    full_k, full_v, tables, slots, qs = [], [], [], [], []
-    for cached, new in shapes:
+    batch, tables = ragged_paged_batch(shapes, block_size, free)
+    full_k, full_v, qs = [], [], []
+    for (cached, new), table in zip(shapes, tables):
         total = cached + new
-        table = [free.pop() for _ in range((total + block_size - 1) // block_size)]
         k = torch.randn(total, hkv, dim)
         v = torch.randn(total, hkv, dim)
         for pos in range(cached):  # pretend earlier steps wrote these
             k_cache[table[pos // block_size], pos % block_size] = k[pos]
             v_cache[table[pos // block_size], pos % block_size] = v[pos]
-        slots += [
-            table[p // block_size] * block_size + p % block_size for p in range(cached, total)
-        ]
         full_k.append(k)
         full_v.append(v)
-        tables.append(table)
         qs.append(torch.randn(new, hq, dim))
-    width = max(map(len, tables))
-    cu = [0]
-    for _, new in shapes:
-        cu.append(cu[-1] + new)
-    batch = AttentionBatch(
-        slot_mapping=torch.tensor(slots),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-        seq_lens=torch.tensor([c + n for c, n in shapes], dtype=torch.int32),
-        query_lens_host=[n for _, n in shapes],
-        seq_lens_host=[c + n for c, n in shapes],
-    )
     new_k = torch.cat([k[c:] for k, (c, _) in zip(full_k, shapes)])
     new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, shapes)])
     out = paged_attention_reference(

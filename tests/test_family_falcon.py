@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mii
-from helpers import PROMPTS, TIGHT_OPTIONS, assert_matches_hf, hf_greedy
+from helpers import PROMPTS, TIGHT_OPTIONS, assert_matches_hf, checkpoint_cache, hf_greedy
 from mii.models.falcon import FalconForCausalLM
 from mii.models.loader import _iterate_weights, build_model, read_hf_config
 from mii.models.registry import model_class
@@ -58,35 +58,19 @@ def falcon_config(tokenizer, **overrides):
     return FalconConfig(**{**common, **overrides})
 
 
-def save_falcon(path, config, tokenizer):
-    """Save a random checkpoint whose norms and biases are random too (transformers
-    initialises them to 1 and 0, which would hide a swapped norm or a dropped bias)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(2)  # every greedy pick then wins by > 1e-3 (see the near-ties test)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(0.2 * torch.randn_like(param))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
-
-
 @pytest.fixture(scope="module")
 def falcon(tmp_path_factory, tokenizer):
-    """name -> (checkpoint path, HF model), built once per module."""
-    cache: dict[str, tuple] = {}
-
-    def get(name: str):
-        if name not in cache:
-            path = tmp_path_factory.mktemp(f"falcon-{name}")
-            config = falcon_config(tokenizer, **LAYOUTS[name])
-            cache[name] = (path, save_falcon(path, config, tokenizer))
-        return cache[name]
-
-    return get
+    """name -> (checkpoint path, HF model), built once per module. Norms and biases are
+    random too (transformers initialises them to 1 and 0, which would hide a swapped
+    norm or a dropped bias)."""
+    return checkpoint_cache(
+        tmp_path_factory,
+        tokenizer,
+        "falcon",
+        lambda name: falcon_config(tokenizer, **LAYOUTS[name]),
+        seed=2,  # every greedy pick then wins by > 1e-3 (see the near-ties test)
+        vector_noise=torch.default_generator,
+    )
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

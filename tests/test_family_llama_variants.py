@@ -9,26 +9,14 @@ import pytest
 import torch
 
 import mii
-from helpers import PROMPTS, TIGHT_OPTIONS, assert_matches_hf, hf_greedy, save_checkpoint
-
-
-def common(tokenizer, **extra):
-    return {
-        **dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            initializer_range=0.2,
-        ),
-        **extra,
-    }
+from helpers import (
+    PROMPTS,
+    TIGHT_OPTIONS,
+    assert_matches_hf,
+    hf_greedy,
+    save_checkpoint,
+    tiny_config_kwargs,
+)
 
 
 def build(tmp_path_factory, tokenizer, name, config):
@@ -45,19 +33,23 @@ def variants(tmp_path_factory, tokenizer):
             tmp_path_factory,
             tokenizer,
             "qwen3",
-            Qwen3Config(**common(tokenizer, head_dim=32, tie_word_embeddings=False)),
+            Qwen3Config(**tiny_config_kwargs(tokenizer, head_dim=32)),
         ),
         "gemma": build(
             tmp_path_factory,
             tokenizer,
             "gemma",
-            GemmaConfig(**common(tokenizer, head_dim=32, num_key_value_heads=1)),
+            GemmaConfig(
+                **tiny_config_kwargs(
+                    tokenizer, head_dim=32, num_key_value_heads=1, tie_word_embeddings=True
+                )
+            ),
         ),
         "phi3": build(
             tmp_path_factory,
             tokenizer,
             "phi3",
-            Phi3Config(**common(tokenizer, sliding_window=10, tie_word_embeddings=False)),
+            Phi3Config(**tiny_config_kwargs(tokenizer, sliding_window=10)),
         ),
     }
 
@@ -161,7 +153,7 @@ def test_qwen_v1_checkpoint_matches_the_original_qwen2(tmp_path, tokenizer):
 
     original = tmp_path / "qwen2"
     hf_model = save_checkpoint(
-        original, Qwen2Config(**common(tokenizer, num_key_value_heads=4)), tokenizer
+        original, Qwen2Config(**tiny_config_kwargs(tokenizer, num_key_value_heads=4)), tokenizer
     )
     v1 = to_qwen_v1(original, tmp_path / "qwen-v1")
     assert_matches_hf(v1, hf_model, tokenizer)
@@ -176,7 +168,7 @@ def test_qwen_v1_swapped_mlp_halves_matter(tmp_path, tokenizer):
 
     original = tmp_path / "qwen2"
     hf_model = save_checkpoint(
-        original, Qwen2Config(**common(tokenizer, num_key_value_heads=4)), tokenizer
+        original, Qwen2Config(**tiny_config_kwargs(tokenizer, num_key_value_heads=4)), tokenizer
     )
     v1 = to_qwen_v1(original, tmp_path / "qwen-v1")
     naive = tuple(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import mii
-from helpers import PROMPTS, TIGHT_OPTIONS, assert_matches_hf, hf_greedy
+from helpers import PROMPTS, TIGHT_OPTIONS, assert_matches_hf, hf_greedy, tiny_config_kwargs
 from mii.models.loader import build_model, read_hf_config
 from mii.models.mixtral import (
     MixtralForCausalLM,
@@ -23,27 +23,11 @@ from mii.models.mixtral import (
 from mii.models.moe import ExpertShard, SparseMoE, map_expert_weight_name
 
 
-def _common(tokenizer) -> dict:
-    return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
-
-
 def mixtral_config(tokenizer, **overrides):
     from transformers import MixtralConfig
 
     options = dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2)
-    return MixtralConfig(**{**_common(tokenizer), **options, **overrides})
+    return MixtralConfig(**tiny_config_kwargs(tokenizer, **{**options, **overrides}))
 
 
 def qwen2_moe_config(tokenizer, **overrides):
@@ -58,7 +42,7 @@ def qwen2_moe_config(tokenizer, **overrides):
         num_experts_per_tok=2,
         mlp_only_layers=[1],
     )
-    return Qwen2MoeConfig(**{**_common(tokenizer), **options, **overrides})
+    return Qwen2MoeConfig(**tiny_config_kwargs(tokenizer, **{**options, **overrides}))
 
 
 # name -> (config builder, overrides)

@@ -8,7 +8,13 @@ import shutil
 import pytest
 import torch
 
-from helpers import PROMPTS, TIGHT_OPTIONS, assert_matches_hf
+from helpers import (
+    PROMPTS,
+    TIGHT_OPTIONS,
+    assert_greedy_margins,
+    assert_matches_hf,
+    checkpoint_cache,
+)
 from mii.models.loader import read_hf_config
 from mii.models.phi import PhiForCausalLM
 
@@ -45,38 +51,16 @@ def phi_config(tokenizer, **overrides):
     )
 
 
-def randomise_vectors(model, seed: int) -> None:
-    """HF initialises norms to 1 and biases to 0; make them random so that a
-    misplaced or dropped one changes the answer."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() == 1:
-                noise = torch.randn(param.shape, generator=generator) * 0.2
-                param.copy_(noise + (1.0 if "layernorm.weight" in name else 0.0))
-
-
 @pytest.fixture(scope="module")
 def phi_checkpoints(tmp_path_factory, tokenizer):
     """name -> (path, HF model), each built once per module."""
-    from transformers import AutoModelForCausalLM
-
-    cache: dict[str, tuple] = {}
-
-    def get(name: str):
-        if name not in cache:
-            torch.manual_seed(0)
-            config = phi_config(tokenizer, **VARIANTS[name])
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-            model = model.float().eval()
-            randomise_vectors(model, seed=1)
-            path = tmp_path_factory.mktemp(f"phi-{name}")
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-            cache[name] = (path, model)
-        return cache[name]
-
-    return get
+    return checkpoint_cache(
+        tmp_path_factory,
+        tokenizer,
+        "phi",
+        lambda name: phi_config(tokenizer, **VARIANTS[name]),
+        vector_noise=1,
+    )
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -95,24 +79,8 @@ def test_matches_hf_with_chunking_and_preemption(phi_checkpoints, tokenizer, nam
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_greedy_choices_are_not_near_ties(phi_checkpoints, tokenizer, name):
-    """The oracle is only meaningful if every greedy pick wins by a margin that
-    float reordering cannot overturn."""
     _, hf_model = phi_checkpoints(name)
-    for prompt in PROMPTS:
-        ids = torch.tensor([tokenizer(prompt).input_ids])
-        with torch.no_grad():
-            out = hf_model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=24,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        top2 = torch.cat(out.logits).topk(2, dim=-1).values
-        # mii and HF differ only by float32 rounding, far below this margin.
-        assert (top2[:, 0] - top2[:, 1]).min() > 1e-4, prompt
+    assert_greedy_margins(hf_model, tokenizer)
 
 
 def test_transformers4_config_keys(phi_checkpoints, tokenizer, tmp_path):

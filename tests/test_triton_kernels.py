@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from helpers import ragged_paged_batch  # noqa: E402
 from mii.ops.attention import (  # noqa: E402
     AttentionBatch,
     TileSet,
@@ -35,26 +36,9 @@ def make_case(shapes, hq, hkv, dim, block_size, dtype, rotary_dim, seed):
     v_cache = torch.randn(num_blocks, block_size, hkv, dim, generator=gen).to(dtype)
     free = list(range(num_blocks))
     rng.shuffle(free)
-    tables, slots, positions, cu = [], [], [], [0]
-    for cached, new in shapes:
-        total = cached + new
-        table = [free.pop() for _ in range((total + block_size - 1) // block_size)]
-        tables.append(table)
-        slots += [
-            table[p // block_size] * block_size + p % block_size for p in range(cached, total)
-        ]
-        positions += list(range(cached, total))
-        cu.append(cu[-1] + new)
-    width = max(map(len, tables))
-    batch = AttentionBatch(
-        slot_mapping=torch.tensor(slots),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-        seq_lens=torch.tensor([c + n for c, n in shapes], dtype=torch.int32),
-        query_lens_host=[n for _, n in shapes],
-        seq_lens_host=[c + n for c, n in shapes],
-    )
-    tokens = cu[-1]
+    batch, _ = ragged_paged_batch(shapes, block_size, free)
+    positions = [p for cached, new in shapes for p in range(cached, cached + new)]
+    tokens = len(positions)
     q = torch.randn(tokens, hq, dim, generator=gen).to(dtype)
     k = torch.randn(tokens, hkv, dim, generator=gen).to(dtype)
     v = torch.randn(tokens, hkv, dim, generator=gen).to(dtype)

@@ -277,9 +277,7 @@ class EngineCore:
         outputs = []
         for seq, token in zip(to_sample, tokens):
             seq.token_ids.append(token)
-            piece = self._process_token(seq, token)
-            if piece is not None:
-                outputs.append(StepOutput(seq.request_id, piece))
+            outputs.append(StepOutput(seq.request_id, self._process_token(seq, token)))
             if seq.finish_reason is not None:
                 self.sequences.pop(seq.request_id, None)
                 self.scheduler.finish(seq, seq.finish_reason)
@@ -317,9 +315,9 @@ class EngineCore:
             ),
         )
 
-    def _process_token(self, seq: Sequence, token: int) -> Response | None:
+    def _process_token(self, seq: Sequence, token: int) -> Response:
         """Detokenize one new token, check every end condition, and build the piece
-        to stream (None when no text is ready and the request goes on)."""
+        to stream (its text may be empty while characters are held back)."""
         state: _OutputState = seq.extra["out"]
         params = seq.params
         generated = seq.num_generated
@@ -341,8 +339,9 @@ class EngineCore:
         seq.finish_reason = finish
         if state.prefix:
             text, state.prefix = state.prefix + text, ""
-        if not text and finish is None:
-            return None
+        # Every new token makes a piece, even when its text is still held back (a
+        # split character, a possible stop string): consumers see token timing
+        # as it happens, and the pieces' text still concatenates to the answer.
         ids, state.unsent_ids = state.unsent_ids, []
         return Response(text, seq.prompt_len, generated, finish, seq.request_id, ids)
 

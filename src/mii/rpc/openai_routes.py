@@ -502,6 +502,48 @@ async def retrieve_model(model: str, request: Request):
     return _model_card(state)
 
 
+async def _respond(
+    request: Request,
+    state: GatewayState,
+    body: _Common,
+    choices: Choices,
+    chunk,  # as for stream_choices
+    renames: dict[str, str],
+    *,
+    header: dict[str, Any],
+    content,  # Response -> the choice's own fields
+    with_role: bool,
+):
+    """Stream the choices as ``chunk``s when the body asks to; else wait for them all and
+    answer one object: ``header`` (id, object, created), then each choice with its
+    ``content(response)`` fields, and the usage."""
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await stream_choices(
+            request, state, choices, chunk, include_usage, renames, with_role=with_role
+        )
+    with openai_errors(renames):
+        responses = await until_disconnected(request, choices.generate(state))
+    usage = Usage(body.n)
+    for index, response in enumerate(responses):
+        usage.add(index, response)
+    return {
+        **header,
+        "model": state.model,
+        "choices": [
+            {
+                "index": index,
+                **content(r),
+                "logprobs": None,
+                "finish_reason": r.finish_reason,
+            }
+            for index, r in enumerate(responses)
+        ],
+        "usage": usage.as_dict(),
+        "system_fingerprint": None,
+    }
+
+
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     state = get_state(request)
@@ -525,33 +567,17 @@ async def create_completion(body: CompletionRequest, request: Request):
             ],
         }
 
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await stream_choices(
-            request, state, choices, chunk, include_usage, renames, with_role=False
-        )
-    with openai_errors(renames):
-        responses = await until_disconnected(request, choices.generate(state))
-    usage = Usage(body.n)
-    for index, response in enumerate(responses):
-        usage.add(index, response)
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": state.model,
-        "choices": [
-            {
-                "index": index,
-                "text": r.generated_text,
-                "logprobs": None,
-                "finish_reason": r.finish_reason,
-            }
-            for index, r in enumerate(responses)
-        ],
-        "usage": usage.as_dict(),
-        "system_fingerprint": None,
-    }
+    return await _respond(
+        request,
+        state,
+        body,
+        choices,
+        chunk,
+        renames,
+        header={"id": request_id, "object": "text_completion", "created": created},
+        content=lambda r: {"text": r.generated_text},
+        with_role=False,
+    )
 
 
 @router.post("/chat/completions")
@@ -585,33 +611,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             ],
         }
 
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await stream_choices(
-            request, state, choices, chunk, include_usage, renames, with_role=True
-        )
-    with openai_errors(renames):
-        responses = await until_disconnected(request, choices.generate(state))
-    usage = Usage(body.n)
-    for index, response in enumerate(responses):
-        usage.add(index, response)
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": state.model,
-        "choices": [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": r.generated_text},
-                "logprobs": None,
-                "finish_reason": r.finish_reason,
-            }
-            for index, r in enumerate(responses)
-        ],
-        "usage": usage.as_dict(),
-        "system_fingerprint": None,
-    }
+    return await _respond(
+        request,
+        state,
+        body,
+        choices,
+        chunk,
+        renames,
+        header={"id": request_id, "object": "chat.completion", "created": created},
+        content=lambda r: {"message": {"role": "assistant", "content": r.generated_text}},
+        with_role=True,
+    )
 
 
 __all__ = [
