@@ -254,3 +254,15 @@ async def test_closed_engine_rejects_requests(llama):
     await engine.aclose()
     with pytest.raises(mii.EngineClosedError):
         await engine.generate("hello")
+
+
+async def test_cancelling_generate_aborts_all_its_requests(engine):
+    task = asyncio.create_task(engine.generate(PROMPTS, max_new_tokens=100, ignore_eos=True))
+    while engine.stats()["running"] < 2:
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+    assert not engine._queues  # no request is left waiting for output

@@ -25,6 +25,42 @@ from mii.response import Response
 _DONE = object()
 
 
+class _Collector:
+    """Gathers one request's pieces for ``generate`` as they are delivered, without
+    waking a task for every token (at hundreds of requests per pass, that matters)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.pieces: list[Response] = []
+        self.done: asyncio.Future = loop.create_future()
+        self.finished = False
+
+    def put_nowait(self, item: object) -> None:
+        if self.done.done():
+            return
+        if isinstance(item, BaseException):
+            self.finished = True
+            self.done.set_exception(item)
+            return
+        if item is not _DONE:
+            self.pieces.append(item)
+        if item is _DONE or item.finish_reason is not None:
+            self.finished = item is not _DONE
+            self.done.set_result(_join(self.pieces, aborted=item is _DONE))
+
+
+def _join(pieces: list[Response], aborted: bool = False) -> Response:
+    """One Response from a request's streamed pieces."""
+    last = pieces[-1] if pieces else Response("", 0, 0)
+    return Response(
+        "".join(p.generated_text for p in pieces),
+        last.prompt_length,
+        last.generated_length,
+        "abort" if aborted else last.finish_reason,
+        last.request_id,
+        [t for p in pieces for t in p.token_ids],
+    )
+
+
 class AsyncEngine:
     """Asynchronous text generation over one model.
 
@@ -90,12 +126,19 @@ class AsyncEngine:
         if isinstance(prompts, str):
             prompts = [prompts]
         GenerateParams.parse(**params)  # reject bad options before anything is queued
-        tasks = [asyncio.ensure_future(self._collect(p, params)) for p in prompts]
+        loop = asyncio.get_running_loop()
+        submitted: list[tuple[str, _Collector]] = []
         try:
-            return list(await asyncio.gather(*tasks))
+            for prompt in prompts:
+                collector = _Collector(loop)
+                request_id, _ = self._submit(prompt, None, params, sink=collector)
+                submitted.append((request_id, collector))
+            return list(await asyncio.gather(*(c.done for _, c in submitted)))
         finally:
-            for task in tasks:
-                task.cancel()
+            for request_id, collector in submitted:  # failed, cancelled or done
+                self._queues.pop(request_id, None)
+                if not collector.finished:
+                    self._request_abort(request_id)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends and its KV blocks are freed."""
@@ -138,26 +181,8 @@ class AsyncEngine:
 
     # ----- plumbing -----------------------------------------------------------
 
-    async def _collect(self, prompt: str | list[int], params: dict[str, Any]) -> Response:
-        text: list[str] = []
-        ids: list[int] = []
-        last: Response | None = None
-        async for piece in self.stream(prompt, **params):
-            text.append(piece.generated_text)
-            ids.extend(piece.token_ids)
-            last = piece
-        assert last is not None
-        return Response(
-            "".join(text),
-            last.prompt_length,
-            last.generated_length,
-            last.finish_reason,
-            last.request_id,
-            ids,
-        )
-
     def _submit(
-        self, prompt, request_id: str | None, params: dict[str, Any]
+        self, prompt, request_id: str | None, params: dict[str, Any], sink=None
     ) -> tuple[str, asyncio.Queue]:
         if self._closed:
             raise EngineClosedError("the engine was closed; create a new one")
@@ -170,7 +195,7 @@ class AsyncEngine:
                 f"request id {request_id!r} is already in use", field="request_id"
             )
         seq = self.core.make_sequence(request_id, prompt, GenerateParams.parse(**params))
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = sink if sink is not None else asyncio.Queue()
         self._queues[request_id] = queue
         self._pending_add.append(seq)
         self._wakeup.set()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mii.config import EngineConfig, GenerateParams
-from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, fast_decoder
 from mii.engine.kv_cache import BlockManager, allocate_kv_tensors, choose_num_blocks
 from mii.engine.model_runner import ModelRunner
 from mii.engine.sampler import SamplingBatch, sample
@@ -69,6 +69,7 @@ class EngineCore:
         self.tokenizer = loader.load_tokenizer(
             model_dir, config.tokenizer, config.trust_remote_code
         )
+        self._decode = fast_decoder(self.tokenizer)
         self.vocab_size = int(hf_config["vocab_size"])
         self.max_length = self._model_max_length(config, self.model.max_positions)
         self.eos_token_ids = _eos_token_ids(hf_config, model_dir, self.tokenizer)
@@ -222,7 +223,7 @@ class EngineCore:
         if params.return_full_text:
             prefix = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids)
         seq.extra["out"] = _OutputState(
-            IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            IncrementalDetokenizer(self.tokenizer, prompt_ids, self._decode),
             StopStringMatcher(params.stop),
             prefix,
         )

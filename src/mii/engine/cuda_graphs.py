@@ -120,10 +120,11 @@ class CudaGraphRunner:
         """Replay the smallest graph that fits; float32 logits [len(chunks), V]."""
         count = len(chunks)
         size = next(s for s in self.sizes if s >= count)
-        host = self.host
-        host[:, :size].zero_()
+        host = self.host.numpy()  # numpy views of the pinned buffers: cheap element writes
+        tables = self.host_tables.numpy()
+        host[:, :size] = 0
         host[2, :size] = self.scratch_slot  # padding rows write to the scratch block
-        self.host_tables[:size].zero_()
+        tables[:size] = 0
         for i, chunk in enumerate(chunks):
             seq = chunk.seq
             pos = seq.num_computed
@@ -132,7 +133,7 @@ class CudaGraphRunner:
             host[1, i] = pos
             host[2, i] = table[pos // self.block_size] * self.block_size + pos % self.block_size
             host[3, i] = pos + 1
-            self.host_tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            tables[i, : len(table)] = table
         self.token_ids[:size].copy_(host[0, :size], non_blocking=True)
         self.positions[:size].copy_(host[1, :size], non_blocking=True)
         self.slots[:size].copy_(host[2, :size], non_blocking=True)

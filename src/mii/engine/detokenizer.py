@@ -21,15 +21,26 @@ _MAX_EXTRA_CONTEXT = 8  # how far back to look for the start of a character
 _REPLACEMENT = "\ufffd"
 
 
+def fast_decoder(tokenizer):
+    """``decode(ids)`` as the tokenizer's own ``decode(ids, skip_special_tokens=True)``,
+    but through the Rust backend directly when that gives the same text (about 3x
+    cheaper per call, which matters at hundreds of sequences per pass)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: Sequence[int]) -> None:
+    def __init__(self, tokenizer, prompt_token_ids: Sequence[int], decode=None) -> None:
         self.tokenizer = tokenizer
+        self._decode_ids = decode or fast_decoder(tokenizer)
         self.token_ids: list[int] = _context_window(tokenizer, list(prompt_token_ids))
         self.prefix_offset = 0  # start of the decode window
         self.read_offset = len(self.token_ids)  # tokens before this were emitted
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self._decode_ids(ids)
 
     def add(self, token_id: int, final: bool = False) -> str:
         """Append one token; return the text it completes (possibly empty)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mii.engine.scheduler import ScheduledChunk
@@ -57,9 +58,13 @@ class ModelRunner:
             if chunk.samples:
                 sample_rows.append(cu_seqlens[-1] - 1)
         width = max(len(c.seq.block_table) for c in chunks)
-        tables = [c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
+        tables = np.zeros((len(chunks), width), dtype=np.int32)
+        for i, chunk in enumerate(chunks):
+            tables[i, : len(chunk.seq.block_table)] = chunk.seq.block_table
 
         def on_device(values, dtype):
+            if isinstance(values, np.ndarray):
+                return torch.from_numpy(values).to(self.device, non_blocking=True)
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
         tiles = [
