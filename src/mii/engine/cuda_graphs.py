@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from mii.engine.scheduler import ScheduledChunk
@@ -27,6 +28,34 @@ log = logging.getLogger(__name__)
 def graph_batch_sizes(max_batch: int) -> list[int]:
     sizes = [1, 2, 4, 8, *range(16, max_batch + 1, 16)]
     return sorted({s for s in sizes if s <= max_batch} | {max_batch})
+
+
+def stage_decode_inputs(
+    chunks: list[ScheduledChunk],
+    block_size: int,
+    scratch_slot: int,
+    host: np.ndarray,
+    tables: np.ndarray,
+    size: int,
+) -> None:
+    """Fill the host staging buffers of a decode pass padded to ``size`` rows.
+
+    ``host`` rows: token id, position, cache slot, key length; ``tables``: block
+    tables. Padding rows have key length 0 (they attend to nothing) and write
+    their KV into the scratch slot.
+    """
+    host[:, :size] = 0
+    host[2, :size] = scratch_slot
+    tables[:size] = 0
+    for i, chunk in enumerate(chunks):
+        seq = chunk.seq
+        pos = seq.num_computed
+        table = seq.block_table
+        host[0, i] = seq.token_ids[pos]
+        host[1, i] = pos
+        host[2, i] = table[pos // block_size] * block_size + pos % block_size
+        host[3, i] = pos + 1
+        tables[i, : len(table)] = table
 
 
 class CudaGraphRunner:
@@ -120,20 +149,15 @@ class CudaGraphRunner:
         """Replay the smallest graph that fits; float32 logits [len(chunks), V]."""
         count = len(chunks)
         size = next(s for s in self.sizes if s >= count)
-        host = self.host.numpy()  # numpy views of the pinned buffers: cheap element writes
-        tables = self.host_tables.numpy()
-        host[:, :size] = 0
-        host[2, :size] = self.scratch_slot  # padding rows write to the scratch block
-        tables[:size] = 0
-        for i, chunk in enumerate(chunks):
-            seq = chunk.seq
-            pos = seq.num_computed
-            table = seq.block_table
-            host[0, i] = seq.token_ids[pos]
-            host[1, i] = pos
-            host[2, i] = table[pos // self.block_size] * self.block_size + pos % self.block_size
-            host[3, i] = pos + 1
-            tables[i, : len(table)] = table
+        stage_decode_inputs(
+            chunks,
+            self.block_size,
+            self.scratch_slot,
+            self.host.numpy(),
+            self.host_tables.numpy(),
+            size,
+        )
+        host = self.host  # the pinned tensors themselves: copies must come from tensors
         self.token_ids[:size].copy_(host[0, :size], non_blocking=True)
         self.positions[:size].copy_(host[1, :size], non_blocking=True)
         self.slots[:size].copy_(host[2, :size], non_blocking=True)
