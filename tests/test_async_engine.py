@@ -266,3 +266,45 @@ async def test_cancelling_generate_aborts_all_its_requests(engine):
     await engine.wait_idle()
     assert_all_blocks_free(engine)
     assert not engine._queues  # no request is left waiting for output
+
+
+async def test_request_id_reused_while_its_abort_is_pending(engine):
+    """A cancelled request's id is reserved until its abort is applied: reusing it
+    at once is refused instead of the new request hanging or receiving old output."""
+
+    async def consume(request_id):
+        return [p async for p in engine.stream(PROMPTS[0], request_id=request_id, max_new_tokens=5)]
+
+    first = asyncio.create_task(consume("X"))
+    await asyncio.sleep(0)  # submitted, not yet added to the engine
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with pytest.raises(mii.InvalidRequestError, match="already in use"):
+        await asyncio.wait_for(consume("X"), 10)  # a regression would hang: fail instead
+    await engine.wait_idle()
+    pieces = await asyncio.wait_for(consume("X"), 10)  # free again once the abort applied
+    assert pieces[-1].finish_reason == "length" and pieces[-1].generated_length == 5
+    assert_all_blocks_free(engine)
+
+
+async def test_failing_output_processing_fails_only_that_request(engine, monkeypatch):
+    original = engine.core._process_token
+
+    def flaky(seq, token):
+        if seq.request_id == "bad":
+            raise RuntimeError("cannot decode")
+        return original(seq, token)
+
+    monkeypatch.setattr(engine.core, "_process_token", flaky)
+
+    async def consume(request_id, n):
+        return [p async for p in engine.stream(PROMPTS[1], request_id=request_id, max_new_tokens=n)]
+
+    good = asyncio.create_task(consume("good", 1))
+    with pytest.raises(RuntimeError, match="cannot decode"):
+        await asyncio.wait_for(consume("bad", 5), 10)
+    pieces = await asyncio.wait_for(good, 10)
+    assert pieces[-1].finish_reason == "length"
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)

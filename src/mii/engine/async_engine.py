@@ -25,6 +25,15 @@ from mii.response import Response
 _DONE = object()
 
 
+class _Aborting:
+    """Holds a request id in ``_queues`` from the moment its abort is queued until
+    the engine loop applies it, so that the id cannot be reused in between (the
+    queued abort would otherwise hit the new request, or its outputs leak into it)."""
+
+    def put_nowait(self, item: object) -> None:
+        pass  # late output of an aborted request goes nowhere
+
+
 class _Collector:
     """Gathers one request's pieces for ``generate`` as they are delivered, without
     waking a task for every token (at hundreds of requests per pass, that matters)."""
@@ -115,9 +124,10 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._queues.pop(request_id, None)
             if not finished:
-                self._request_abort(request_id)
+                self._request_abort(request_id, owner=queue)
+            elif self._queues.get(request_id) is queue:
+                del self._queues[request_id]
 
     async def generate(
         self, prompts: str | Sequence[str | list[int]], **params: Any
@@ -136,16 +146,18 @@ class AsyncEngine:
             return list(await asyncio.gather(*(c.done for _, c in submitted)))
         finally:
             for request_id, collector in submitted:  # failed, cancelled or done
-                self._queues.pop(request_id, None)
                 if not collector.finished:
-                    self._request_abort(request_id)
+                    self._request_abort(request_id, owner=collector)
+                elif self._queues.get(request_id) is collector:
+                    del self._queues[request_id]
 
     async def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends and its KV blocks are freed."""
         queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(_DONE)
-        self._request_abort(request_id)
+        if queue is None or isinstance(queue, _Aborting):
+            return  # unknown, finished, or already being aborted
+        queue.put_nowait(_DONE)
+        self._request_abort(request_id, owner=queue)
 
     async def aclose(self) -> None:
         """Abort everything, stop the loop and release the model."""
@@ -201,7 +213,12 @@ class AsyncEngine:
         self._wakeup.set()
         return request_id, queue
 
-    def _request_abort(self, request_id: str) -> None:
+    def _request_abort(self, request_id: str, owner: object) -> None:
+        """Queue an abort of the request that ``owner`` (its queue or collector)
+        consumes; the id stays reserved until the loop has applied it."""
+        if self._queues.get(request_id) is not owner:
+            return  # that request already ended, or its id is being aborted already
+        self._queues[request_id] = _Aborting()
         self._pending_abort.append(request_id)
         if self._wakeup is not None:
             self._wakeup.set()
@@ -254,6 +271,8 @@ class AsyncEngine:
                 self._deliver([immediate])
         for request_id in aborts:
             self.core.abort(request_id)
+            if isinstance(self._queues.get(request_id), _Aborting):
+                del self._queues[request_id]  # the id may be used again
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

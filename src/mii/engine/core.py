@@ -278,7 +278,12 @@ class EngineCore:
         outputs = []
         for seq, token in zip(to_sample, tokens):
             seq.token_ids.append(token)
-            outputs.append(StepOutput(seq.request_id, self._process_token(seq, token)))
+            try:
+                outputs.append(StepOutput(seq.request_id, self._process_token(seq, token)))
+            except Exception as err:  # e.g. a tokenizer that cannot decode this id
+                log.exception("output processing failed for request %s", seq.request_id)
+                seq.finish_reason = "error"
+                outputs.append(StepOutput(seq.request_id, error=err))
             if seq.finish_reason is not None:
                 self.sequences.pop(seq.request_id, None)
                 self.scheduler.finish(seq, seq.finish_reason)
