@@ -9,6 +9,7 @@ say anything.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 DEMO_VERSION = "v1"
@@ -81,5 +82,8 @@ def demo_model_path() -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target) if not target.exists() else None
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process built it first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return target

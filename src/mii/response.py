@@ -25,3 +25,17 @@ class Response:
 
     def __str__(self) -> str:
         return self.generated_text
+
+
+def join_pieces(pieces: list[Response], finish_reason: str | None = None) -> Response:
+    """The whole answer from a request's streamed pieces (``finish_reason`` overrides
+    the last piece's, e.g. "abort" for a stream that was cut short)."""
+    last = pieces[-1] if pieces else Response("", 0, 0)
+    return Response(
+        "".join(p.generated_text for p in pieces),
+        last.prompt_length,
+        last.generated_length,
+        finish_reason or last.finish_reason,
+        last.request_id,
+        [t for p in pieces for t in p.token_ids],
+    )

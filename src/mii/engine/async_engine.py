@@ -20,7 +20,7 @@ from typing import Any
 from mii.config import EngineConfig, GenerateParams
 from mii.engine.core import EngineCore, StepOutput
 from mii.errors import EngineClosedError
-from mii.response import Response
+from mii.response import Response, join_pieces
 
 _DONE = object()
 
@@ -54,20 +54,7 @@ class _Collector:
             self.pieces.append(item)
         if item is _DONE or item.finish_reason is not None:
             self.finished = item is not _DONE
-            self.done.set_result(_join(self.pieces, aborted=item is _DONE))
-
-
-def _join(pieces: list[Response], aborted: bool = False) -> Response:
-    """One Response from a request's streamed pieces."""
-    last = pieces[-1] if pieces else Response("", 0, 0)
-    return Response(
-        "".join(p.generated_text for p in pieces),
-        last.prompt_length,
-        last.generated_length,
-        "abort" if aborted else last.finish_reason,
-        last.request_id,
-        [t for p in pieces for t in p.token_ids],
-    )
+            self.done.set_result(join_pieces(self.pieces, "abort" if item is _DONE else None))
 
 
 class AsyncEngine:

@@ -36,12 +36,6 @@ class StepOutput:
     piece: Response | None = None
     error: BaseException | None = None
 
-    @property
-    def finished(self) -> bool:
-        return self.error is not None or (
-            self.piece is not None and self.piece.finish_reason is not None
-        )
-
 
 @dataclass
 class _OutputState:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,7 +155,3 @@ def load_tokenizer(model_dir: Path, tokenizer: str | None, trust_remote_code: bo
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise ModelLoadError(f"could not load a tokenizer from {source!r}: {err}") from None
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

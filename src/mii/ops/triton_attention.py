@@ -19,6 +19,7 @@ the ragged batch maps onto a dense grid.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -507,6 +508,12 @@ def _(q, k, v, positions, cos_sin, k_cache, v_cache, *rest) -> torch.Tensor:
     return torch.empty_like(q)
 
 
+@functools.cache
+def _no_tiles(device: torch.device) -> torch.Tensor:
+    """An empty tile list, made once per device rather than once per layer and pass."""
+    return torch.empty(0, dtype=torch.int32, device=device)
+
+
 def call_paged_attention_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -521,7 +528,7 @@ def call_paged_attention_op(
 ) -> torch.Tensor:
     """``paged_attention_triton`` through the custom operator (tiles as tensors)."""
     sets = {t.size: t for t in _tile_sets(batch, q.device)}
-    empty = torch.empty(0, dtype=torch.int32, device=q.device)
+    empty = _no_tiles(q.device)
     small, large = sets.get(16), sets.get(64)
     return paged_attention_op(
         q,

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mii.errors import InvalidRequestError, MiiError
-from mii.response import Response
+from mii.response import Response, join_pieces
 from mii.rpc import mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.convert import options_to_proto, piece_from_proto, validated
 
@@ -62,7 +62,7 @@ class MiiClient:
             for piece in self.stream(prompts[0], timeout=timeout, **params):
                 streaming_fn([piece])
                 pieces.append(piece)
-            return [_join(pieces)]
+            return [join_pieces(pieces)]
         request = mii_pb2.GenerateRequest(
             prompts=prompts, options=options_to_proto(validated(params))
         )
@@ -155,18 +155,6 @@ class MiiClient:
             _raise(err)
         finally:
             call.cancel()
-
-
-def _join(pieces: list[Response]) -> Response:
-    last = pieces[-1]
-    return Response(
-        "".join(p.generated_text for p in pieces),
-        last.prompt_length,
-        last.generated_length,
-        last.finish_reason,
-        last.request_id,
-        [t for p in pieces for t in p.token_ids],
-    )
 
 
 def _wait_gone(pids: list[int], timeout: float) -> None:
