@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import mii
-from mii.cli import build_parser
+from mii.cli import build_parser, generation_params
 from mii.rpc import registry
 from mii.rpc.deployment import free_port
 
@@ -41,6 +41,8 @@ SERVE_OPTIONS = [
 GENERATE_OPTIONS = [
     "--prompt",
     "--max-new-tokens",
+    "--min-new-tokens",
+    "--ignore-eos",
     "--greedy",
     "--seed",
     "--temperature",
@@ -124,6 +126,17 @@ def test_help_of_every_subcommand():
         assert option in out["generate"], option
     assert "MODEL_OR_DEPLOYMENT" in out["generate"] and "PROMPT" in out["generate"]
     assert "--json" in out["list"]
+
+
+def test_generation_options_reach_the_request():
+    args = build_parser().parse_args(
+        ["generate", "m", "p", "--ignore-eos", "--min-new-tokens", "3", "--top-k", "5"]
+    )
+    params = generation_params(args)
+    assert params["ignore_eos"] is True and params["min_new_tokens"] == 3 and params["top_k"] == 5
+    # Accepted by the request validator, so no option is dropped or misnamed on the way.
+    mii.GenerateParams(**params)
+    assert "ignore_eos" not in generation_params(build_parser().parse_args(["generate", "m"]))
 
 
 def test_generate_in_process_equals_pipeline(llama, cache):

@@ -58,7 +58,18 @@ def test_bad_options_rejected_before_work(llama):
 def test_demo_command_runs_offline(tmp_path):
     env = {**os.environ, "MII_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "mii", "demo", "--max-new-tokens", "8", "--prompt", "Hello"],
+        # --ignore-eos: the demo samples, and a random model may sample end-of-sequence early.
+        [
+            sys.executable,
+            "-m",
+            "mii",
+            "demo",
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--prompt",
+            "Hello",
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -129,6 +129,18 @@ def add_generation_options(
         help=f"maximum tokens to generate per prompt (default: {max_new_tokens})",
     )
     group.add_argument(
+        "--min-new-tokens",
+        type=int,
+        metavar="N",
+        default=None,
+        help="generate at least N tokens before end-of-sequence may stop",
+    )
+    group.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past end-of-sequence (always max-new-tokens tokens)",
+    )
+    group.add_argument(
         "--greedy",
         action="store_true",
         help="greedy decoding (most likely token) instead of sampling",
@@ -175,7 +187,9 @@ def generation_params(args: argparse.Namespace) -> dict[str, Any]:
     params: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
     if args.greedy:
         params["do_sample"] = False
-    for name in ("seed", "temperature", "top_p", "top_k", "stop"):
+    if args.ignore_eos:
+        params["ignore_eos"] = True
+    for name in ("min_new_tokens", "seed", "temperature", "top_p", "top_k", "stop"):
         value = getattr(args, name, None)
         if value is not None:
             params[name] = value
