@@ -273,7 +273,12 @@ async def test_request_id_reused_while_its_abort_is_pending(engine):
     at once is refused instead of the new request hanging or receiving old output."""
 
     async def consume(request_id):
-        return [p async for p in engine.stream(PROMPTS[0], request_id=request_id, max_new_tokens=5)]
+        return [
+            p
+            async for p in engine.stream(
+                PROMPTS[0], request_id=request_id, max_new_tokens=5, ignore_eos=True
+            )
+        ]
 
     first = asyncio.create_task(consume("X"))
     await asyncio.sleep(0)  # submitted, not yet added to the engine
