@@ -14,9 +14,12 @@ from helpers import PROMPTS
 GREEDY = {"do_sample": False}
 
 
-@pytest.fixture
-async def engine(llama):
-    async with mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=40) as eng:
+@pytest.fixture(params=[False, True], ids=["sync", "async-scheduling"])
+async def engine(llama, request):
+    """Every test here runs with synchronous and with async scheduling (pass N+1
+    launched before pass N's tokens are read), which CUDA uses by default."""
+    options = dict(kv_block_size=4, num_kv_blocks=40, async_scheduling=request.param)
+    async with mii.AsyncEngine(llama, **options) as eng:
         yield eng
 
 
@@ -213,11 +216,11 @@ async def test_failed_forward_pass_fails_its_requests_and_engine_recovers(engine
     original = engine.core.runner.run
     calls = {"n": 0}
 
-    def flaky(chunks):
+    def flaky(chunks, pending=None):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated device error")
-        return original(chunks)
+        return original(chunks, pending)
 
     monkeypatch.setattr(engine.core.runner, "run", flaky)
     with pytest.raises(RuntimeError, match="simulated device error"):
@@ -296,10 +299,10 @@ async def test_request_id_reused_while_its_abort_is_pending(engine):
 async def test_failing_output_processing_fails_only_that_request(engine, monkeypatch):
     original = engine.core._process_token
 
-    def flaky(seq, token):
+    def flaky(seq, token, slot):
         if seq.request_id == "bad":
             raise RuntimeError("cannot decode")
-        return original(seq, token)
+        return original(seq, token, slot)
 
     monkeypatch.setattr(engine.core, "_process_token", flaky)
 

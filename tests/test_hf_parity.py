@@ -33,12 +33,22 @@ def test_single_requests_match_hf(checkpoints, tokenizer, name):
             check_against_hf(pipe, hf_model, tokenizer, [prompt])
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_mixed_batch_with_chunking_and_preemption_matches_hf(checkpoints, tokenizer, name):
+def test_mixed_batch_with_chunking_and_preemption_matches_hf(
+    checkpoints, tokenizer, name, async_scheduling
+):
     """A tiny token budget splits prompts over many passes and a KV pool too
-    small for all requests at once forces preemption; no token may change."""
+    small for all requests at once forces preemption; no token may change,
+    also when pass N+1 is scheduled before pass N's tokens are known."""
     path, hf_model = checkpoints(name)
-    options = dict(token_budget=6, max_num_seqs=4, kv_block_size=4, num_kv_blocks=24)
+    options = dict(
+        token_budget=6,
+        max_num_seqs=4,
+        kv_block_size=4,
+        num_kv_blocks=24,
+        async_scheduling=async_scheduling,
+    )
     with mii.pipeline(str(path), **options) as pipe:
         check_against_hf(pipe, hf_model, tokenizer, PROMPTS * 2)
         stats = pipe.engine.stats()
@@ -46,9 +56,11 @@ def test_mixed_batch_with_chunking_and_preemption_matches_hf(checkpoints, tokeni
         assert stats["free_blocks"] == 24
 
 
-def test_full_budget_batch_matches_hf(checkpoints, tokenizer):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
+def test_full_budget_batch_matches_hf(checkpoints, tokenizer, async_scheduling):
     path, hf_model = checkpoints("llama")
-    with mii.pipeline(str(path), token_budget=4096, max_num_seqs=64) as pipe:
+    options = dict(token_budget=4096, max_num_seqs=64, async_scheduling=async_scheduling)
+    with mii.pipeline(str(path), **options) as pipe:
         check_against_hf(pipe, hf_model, tokenizer, PROMPTS)
 
 

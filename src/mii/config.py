@@ -107,6 +107,9 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool | None = None  # None: on for CUDA when the model supports it
     max_graph_batch: int = Field(default=256, gt=0)
     compile: bool = False  # torch.compile the model around the attention op
+    # Schedule and launch pass N+1 before reading pass N's tokens, so that host
+    # work overlaps the GPU. None: on for CUDA (off on CPU, where nothing overlaps).
+    async_scheduling: bool | None = None
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> EngineConfig:

@@ -19,8 +19,8 @@ from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, fa
 from mii.engine.kv_cache import BlockManager, allocate_kv_tensors, choose_num_blocks
 from mii.engine.model_runner import ModelRunner
 from mii.engine.sampler import SamplingBatch, sample
-from mii.engine.scheduler import ScheduledChunk, Scheduler
-from mii.engine.sequence import Sequence
+from mii.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from mii.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from mii.errors import InvalidRequestError, RequestTooLargeError
 from mii.models import loader
 from mii.response import Response
@@ -43,6 +43,28 @@ class _OutputState:
     stops: StopStringMatcher
     prefix: str  # the prompt text when return_full_text, sent with the first piece
     unsent_ids: list[int] = field(default_factory=list)  # token ids not yet in a piece
+
+
+@dataclass
+class _Launched:
+    """A pass queued on the device whose sampled tokens are not read back yet."""
+
+    seqs: list[Sequence]  # the sequences it samples for, in row order
+    slots: list[int]  # where each one's new token goes in its token_ids
+    tokens: torch.Tensor  # [S] sampled tokens on the device: the next pass reads them
+    host_tokens: torch.Tensor  # [S] their copy in host memory, valid once `ready`
+    ready: torch.cuda.Event | None  # None: host_tokens is valid already (CPU)
+
+
+def _read_back(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying sampled tokens to the host without waiting for the device."""
+    if tokens.device.type != "cuda":
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 class EngineCore:
@@ -88,6 +110,12 @@ class EngineCore:
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_num_seqs)
         self.runner = ModelRunner(self.model, kv_caches, config.kv_block_size, self.device)
         self.sequences: dict[str, Sequence] = {}
+        self.async_scheduling = (
+            self.device.type == "cuda"
+            if config.async_scheduling is None
+            else config.async_scheduling
+        )
+        self._in_flight: _Launched | None = None  # async scheduling: the pass not yet read back
         self.compile_s = self._maybe_compile(config)
         self.graph_capture_s = self._maybe_capture_graphs(config, kv_caches, num_blocks)
         log.info(
@@ -247,33 +275,72 @@ class EngineCore:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._in_flight is not None or self.scheduler.has_work()
 
     # ----- one pass -----------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Schedule and run one forward pass; return what each request produced."""
+        """Run one forward pass; return what each request produced.
+
+        Synchronous scheduling runs pass N and reads its tokens back before it
+        returns. Async scheduling launches pass N+1 first and then reads back
+        pass N, so the host work of both (scheduling, input preparation, output
+        processing) overlaps the device's work on N+1. A request that ends at
+        pass N (end-of-sequence, a stop string) has then been given one more
+        token in N+1, which is discarded.
+        """
+        prev, self._in_flight = self._in_flight, None
+        outputs: list[StepOutput] = []
         plan = self.scheduler.schedule()
-        if not plan.chunks:
-            return []
+        launched = self._launch(plan, prev, outputs) if plan.chunks else None
+        if prev is not None:
+            outputs.extend(self._resolve(prev))
+        if launched is not None:
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs.extend(self._resolve(launched))
+        return outputs
+
+    def _launch(
+        self, plan: SchedulerOutput, prev: _Launched | None, failed: list[StepOutput]
+    ) -> _Launched | None:
+        """Queue the forward pass and sampling of ``plan`` on the device without
+        waiting for them; on failure end the plan's requests (into ``failed``)."""
         try:
-            logits = self.runner.run(plan.chunks)
+            logits = self.runner.run(plan.chunks, prev.tokens if prev is not None else None)
             to_sample = [c.seq for c in plan.chunks if c.samples]
-            tokens = self._sample(logits, to_sample).tolist()  # the pass's one host sync
+            tokens = self._sample(logits, to_sample)
+            host_tokens, ready = _read_back(tokens)
         except Exception as err:  # a failed pass ends its own requests, not the engine
             log.exception("forward pass failed")
-            failed = []
             for chunk in plan.chunks:
                 self.sequences.pop(chunk.seq.request_id, None)
                 self.scheduler.finish(chunk.seq, "error")
                 failed.append(StepOutput(chunk.seq.request_id, error=err))
-            return failed
+            return None
         self.scheduler.commit(plan)
+        slots = []
+        for row, seq in enumerate(to_sample):
+            slots.append(len(seq.token_ids))
+            seq.token_ids.append(PENDING_TOKEN)
+            seq.pending_row = row
+        return _Launched(to_sample, slots, tokens, host_tokens, ready)
+
+    def _resolve(self, launched: _Launched) -> list[StepOutput]:
+        """Wait for a launched pass's tokens and turn them into response pieces."""
+        if launched.ready is not None:
+            launched.ready.synchronize()  # the pass's one host sync
+        tokens = launched.host_tokens.tolist()
         outputs = []
-        for seq, token in zip(to_sample, tokens):
-            seq.token_ids.append(token)
+        for seq, slot, token in zip(launched.seqs, launched.slots, tokens):
+            seq.token_ids[slot] = token
+            if seq.pending_row is not None and slot == len(seq.token_ids) - 1:
+                seq.pending_row = None  # no later pass has sampled after it
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # ended (stop, abort) after this pass was launched: discard
             try:
-                outputs.append(StepOutput(seq.request_id, self._process_token(seq, token)))
+                outputs.append(StepOutput(seq.request_id, self._process_token(seq, token, slot)))
             except Exception as err:  # e.g. a tokenizer that cannot decode this id
                 log.exception("output processing failed for request %s", seq.request_id)
                 seq.finish_reason = "error"
@@ -315,12 +382,13 @@ class EngineCore:
             ),
         )
 
-    def _process_token(self, seq: Sequence, token: int) -> Response:
-        """Detokenize one new token, check every end condition, and build the piece
-        to stream (its text may be empty while characters are held back)."""
+    def _process_token(self, seq: Sequence, token: int, slot: int) -> Response:
+        """Detokenize the new token at ``seq.token_ids[slot]``, check every end
+        condition, and build the piece to stream (its text may be empty while
+        characters are held back)."""
         state: _OutputState = seq.extra["out"]
         params = seq.params
-        generated = seq.num_generated
+        generated = slot + 1 - seq.prompt_len  # later tokens may already be pending
         state.unsent_ids.append(token)
         finish = None
         if token in self.eos_token_ids and not params.ignore_eos:
@@ -347,6 +415,7 @@ class EngineCore:
 
     def release(self) -> None:
         """Drop the model and KV cache so that their memory can be reclaimed."""
+        self._in_flight = None
         self.runner.kv_caches.clear()
         self.runner.model = None
         self.model = None

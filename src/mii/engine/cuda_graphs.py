@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from mii.engine.model_runner import fill_pending
 from mii.engine.scheduler import ScheduledChunk
 from mii.models.base import CausalLM, ForwardContext
 from mii.ops.attention import SMALL_TILE, AttentionBatch, TileSet
@@ -92,9 +93,16 @@ class CudaGraphRunner:
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.tile_seq = torch.arange(n, dtype=torch.int32, device=device)
         self.tile_start = zeros(n, dtype=torch.int32)
-        # Pinned host staging: one host-to-device copy per buffer per pass.
-        self.host = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
-        self.host_tables = torch.zeros(n, width, dtype=torch.int32, pin_memory=True)
+        # Pinned host staging: one host-to-device copy per buffer per pass. Two
+        # sets, used in turn: with async scheduling the next pass is staged while
+        # the copies of the one in flight may still be queued on the device.
+        self.staging = [
+            (
+                torch.zeros(4, n, dtype=torch.int64, pin_memory=True),
+                torch.zeros(n, width, dtype=torch.int32, pin_memory=True),
+            )
+            for _ in range(2)
+        ]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -145,24 +153,27 @@ class CudaGraphRunner:
         return elapsed
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Replay the smallest graph that fits; float32 logits [len(chunks), V]."""
+    def run(
+        self, chunks: list[ScheduledChunk], pending: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Replay the smallest graph that fits; float32 logits [len(chunks), V].
+
+        ``pending``: sampled tokens of the pass in flight (see ``fill_pending``).
+        The logits live in the graph's output buffer: use them before the next run.
+        """
         count = len(chunks)
         size = next(s for s in self.sizes if s >= count)
+        host, host_tables = self.staging[self.replays % 2]
         stage_decode_inputs(
-            chunks,
-            self.block_size,
-            self.scratch_slot,
-            self.host.numpy(),
-            self.host_tables.numpy(),
-            size,
+            chunks, self.block_size, self.scratch_slot, host.numpy(), host_tables.numpy(), size
         )
-        host = self.host  # the pinned tensors themselves: copies must come from tensors
+        # Copies come from the pinned tensors themselves, not their numpy views.
         self.token_ids[:size].copy_(host[0, :size], non_blocking=True)
         self.positions[:size].copy_(host[1, :size], non_blocking=True)
         self.slots[:size].copy_(host[2, :size], non_blocking=True)
         self.seq_lens[:size].copy_(host[3, :size], non_blocking=True)
-        self.block_tables[:size].copy_(self.host_tables[:size], non_blocking=True)
+        self.block_tables[:size].copy_(host_tables[:size], non_blocking=True)
+        fill_pending(self.token_ids[:size], chunks, pending)
         self.graphs[size].replay()
         self.replays += 1
         return self.outputs[size][:count]

@@ -10,6 +10,38 @@ from mii.models.base import CausalLM, ForwardContext
 from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
 
 
+def pending_inputs(chunks: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
+    """Input tokens of a pass still on the device (async scheduling): their flat
+    index in the pass and their row in the in-flight pass's sampled tokens.
+
+    Only a sequence's last token can be pending, so only a chunk that reaches
+    the end of its sequence reads one.
+    """
+    dst: list[int] = []
+    src: list[int] = []
+    offset = 0
+    for chunk in chunks:
+        offset += chunk.num_tokens
+        if chunk.seq.pending_row is not None and chunk.samples:
+            dst.append(offset - 1)
+            src.append(chunk.seq.pending_row)
+    return dst, src
+
+
+def fill_pending(
+    token_ids: torch.Tensor, chunks: list[ScheduledChunk], pending: torch.Tensor | None
+) -> None:
+    """Copy the pending input tokens of ``chunks`` from ``pending`` (the in-flight
+    pass's sampled tokens) into ``token_ids``, on the device: no host sync."""
+    dst, src = pending_inputs(chunks)
+    if not dst:
+        return
+    if pending is None:
+        raise RuntimeError("a sequence waits for a sampled token but no pass is in flight")
+    index = torch.tensor([dst, src], dtype=torch.int64).to(token_ids.device, non_blocking=True)
+    token_ids.index_copy_(0, index[0], pending.index_select(0, index[1]))
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -88,10 +120,17 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Forward one pass; float32 logits [S, V] for the chunks that sample."""
+    def run(
+        self, chunks: list[ScheduledChunk], pending: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Forward one pass; float32 logits [S, V] for the chunks that sample.
+
+        ``pending``: the sampled tokens of the pass still in flight, which the
+        sequences' pending last tokens (``Sequence.pending_row``) are read from.
+        """
         if self.graphs is not None and self.graphs.can_run(chunks):
-            return self.graphs.run(chunks)
+            return self.graphs.run(chunks, pending)
         token_ids, positions, batch, sample_rows = self.prepare(chunks)
+        fill_pending(token_ids, chunks, pending)
         hidden = self.forward(token_ids, positions, ForwardContext(batch, self.kv_caches))
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

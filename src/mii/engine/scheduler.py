@@ -116,8 +116,11 @@ class Scheduler:
             scheduled[id(seq)] = chunk
             budget -= num_tokens
 
-        decoding = [s for s in self.running if s.num_uncomputed == 1]
-        prefilling = [s for s in self.running if s.num_uncomputed > 1]
+        # A sequence whose last allowed token is still being read back (async
+        # scheduling) needs no further pass.
+        active = [s for s in self.running if not s.done_generating]
+        decoding = [s for s in active if s.num_uncomputed == 1]
+        prefilling = [s for s in active if s.num_uncomputed > 1]
         for group in (decoding, prefilling):
             for seq in group:
                 if budget == 0 or seq.status is not SequenceStatus.RUNNING:

@@ -8,6 +8,10 @@ from typing import Any
 
 from mii.config import GenerateParams
 
+# Stands in for a sampled token that is still on the device (async scheduling):
+# never a valid id, so a placeholder that reached the model would fail loudly.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not admitted yet, or preempted and waiting to be recomputed
@@ -39,6 +43,9 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # output-side state (detokenizer)
+    # Async scheduling: the last token is PENDING_TOKEN and its value is this row
+    # of the in-flight pass's sampled tokens (on the device). None: every token known.
+    pending_row: int | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -68,6 +75,12 @@ class Sequence:
     def max_total_tokens(self) -> int:
         """Tokens that may ever need KV: the prompt plus every token it may generate."""
         return self.prompt_len + self.max_new_tokens
+
+    @property
+    def done_generating(self) -> bool:
+        """All of its tokens are sampled (the last may still be on the device):
+        nothing left to schedule, only the end of the request to report."""
+        return self.num_generated >= self.max_new_tokens
 
     @property
     def is_finished(self) -> bool:
