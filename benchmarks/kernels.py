@@ -6,6 +6,9 @@
   key and value read once; reported as a fraction of measured copy bandwidth.
 - prefill: one causal prompt, non-paged shapes for SDPA (flash backend) and the
   same tokens through our paged kernel (contiguous block table), both bf16.
+- moe: one Mixtral-8x7B-shaped expert layer (H 4096, I 14336, 8 experts, top 2)
+  at several token counts: the grouped Triton kernel against the torch loop over
+  experts; expert-weight bandwidth (few tokens) and TFLOP/s (many tokens).
 """
 
 from __future__ import annotations
@@ -121,7 +124,65 @@ def main() -> None:
             }
         )
     result["prefill"] = prefill
+    result["moe"] = moe_layer(device, copy_bw, result["roofline"]["matmul_bf16_tflops"] * 1e12)
     write_json(args.json, result)
+
+
+def moe_layer(device: torch.device, copy_bw: float, matmul_flops: float) -> list[dict]:
+    from mii.models.moe import SparseMoE
+    from mii.ops.triton_moe import TileConfig, default_tiles, moe_grouped_mlp
+
+    hidden, inter, experts, top_k = 4096, 14336, 8, 2
+    with torch.device(device):
+        moe = SparseMoE(hidden, inter, experts, top_k).to(torch.bfloat16)
+    with torch.no_grad():
+        for param in moe.parameters():
+            param.normal_(0, 0.02)
+    # Candidate tiles per size (the first is the default): the sweep picks defaults.
+    candidates = [
+        TileConfig(16, 64, 128),
+        TileConfig(16, 128, 128),
+        TileConfig(16, 64, 256, num_warps=4, num_stages=4),
+        TileConfig(32, 64, 128),
+        TileConfig(64, 128, 64),
+        TileConfig(64, 128, 64, num_warps=8, num_stages=4),
+        TileConfig(128, 128, 64, num_warps=8),
+        TileConfig(128, 256, 64, num_warps=8),
+    ]
+    rows = []
+    for tokens in (1, 16, 128, 1024, 4096):
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            weights, chosen = moe.route(x)
+            args = (x, weights, chosen)
+            loop_s = bench(lambda args=args: moe.forward_torch(*args))
+            default = default_tiles(tokens * top_k)
+            sweep = {}
+            for tiles in [default, *candidates]:
+                sweep[tiles] = bench(
+                    lambda tiles=tiles, args=args: moe_grouped_mlp(
+                        args[0], moe.w13, moe.w2, *args[1:], moe.act, tiles
+                    )
+                )
+        grouped_s = sweep[default]
+        best = min(sweep, key=sweep.get)
+        used = chosen.unique().numel()
+        weight_bytes = used * 3 * hidden * inter * 2
+        flops = 2 * tokens * top_k * 3 * hidden * inter
+        rows.append(
+            {
+                "tokens": tokens,
+                "grouped_us": round(grouped_s * 1e6, 1),
+                "torch_loop_us": round(loop_s * 1e6, 1),
+                "loop_over_grouped": round(loop_s / grouped_s, 2),
+                "grouped_weight_fraction_of_copy": round(weight_bytes / grouped_s / copy_bw, 3),
+                "grouped_tflops": round(flops / grouped_s / 1e12, 1),
+                "grouped_fraction_of_matmul": round(flops / grouped_s / matmul_flops, 3),
+                "best_tiles": list(best),
+                "best_us": round(sweep[best] * 1e6, 1),
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":

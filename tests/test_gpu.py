@@ -9,6 +9,8 @@ import torch
 
 import mii
 from helpers import PROMPTS, TIGHT_OPTIONS, hf_greedy
+from test_family_mixtral import CHECKPOINTS as MOE_CHECKPOINTS
+from test_family_mixtral import moe_checkpoints  # noqa: F401 (a fixture)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -72,3 +74,39 @@ def test_torch_compile_matches_hf(checkpoints, tokenizer):
         responses = pipe(PROMPTS, do_sample=False, max_new_tokens=24)
     for prompt, response in zip(PROMPTS, responses):
         assert response.token_ids == hf_greedy(hf_model, tokenizer, prompt, 24), prompt
+
+
+@pytest.mark.parametrize("name", list(MOE_CHECKPOINTS))
+@pytest.mark.parametrize("options", [{}, TIGHT_OPTIONS], ids=["default", "tight"])
+def test_moe_grouped_kernel_in_cuda_graphs_matches_hf(
+    moe_checkpoints,  # noqa: F811
+    tokenizer,
+    name,
+    options,
+):
+    path, hf_model = moe_checkpoints(name)
+    with mii.pipeline(str(path), device="cuda", dtype="float32", **options) as pipe:
+        responses = pipe(PROMPTS * 2, do_sample=False, max_new_tokens=24)
+        graphs = pipe.engine.core.runner.graphs
+        assert graphs is not None and graphs.replays > 0  # MoE decode ran in CUDA graphs
+    for prompt, response in zip(PROMPTS * 2, responses):
+        assert response.token_ids == hf_greedy(hf_model, tokenizer, prompt, 24), prompt
+
+
+def test_async_and_sync_scheduling_agree_on_gpu(checkpoints):
+    path, _ = checkpoints("llama")
+    params = [
+        dict(do_sample=False, max_new_tokens=24),
+        dict(seed=11, temperature=0.9, max_new_tokens=24),
+        dict(seed=5, max_new_tokens=20, stop=[" the"]),
+    ]
+    results = {}
+    for async_scheduling in (False, True):
+        options = dict(device="cuda", dtype="float32", async_scheduling=async_scheduling)
+        with mii.pipeline(str(path), **options) as pipe:
+            assert pipe.engine.core.async_scheduling is async_scheduling
+            results[async_scheduling] = [
+                [(r.token_ids, r.generated_text, r.finish_reason) for r in pipe(PROMPTS, **p)]
+                for p in params
+            ]
+    assert results[True] == results[False]

@@ -160,7 +160,8 @@ class EngineCore:
         if not capturable:
             raise InvalidRequestError(
                 "cuda_graphs=True needs a CUDA device, the Triton attention kernels "
-                "(MII_ATTENTION unset or 'triton') and a model without MoE layers",
+                "(MII_ATTENTION unset or 'triton') and, for MoE models, the grouped "
+                "expert kernel (MII_MOE unset or 'triton')",
                 field="cuda_graphs",
             )
         from mii.engine.cuda_graphs import CudaGraphRunner

@@ -22,16 +22,18 @@ from torch import nn
 
 from mii.models.layers import GatedMLP
 from mii.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaSpec
-from mii.models.moe import SparseMoE, map_expert_weight_name
+from mii.models.moe import SparseMoE, grouped_kernel_enabled, map_expert_weight_name
 
 
 class _MoEWeightsMixin:
     """Expert tensors are named by regex (their expert index varies), ahead of
     the fragment renames of ``weight_map``."""
 
-    # Grouping tokens by expert reads the per-expert counts on the host, which a
-    # CUDA graph cannot capture.
-    supports_cuda_graphs = False
+    @property
+    def supports_cuda_graphs(self) -> bool:  # type: ignore[override]
+        # The torch expert loop reads group sizes on the host, which a CUDA graph
+        # cannot capture; the grouped Triton kernel does not.
+        return grouped_kernel_enabled(next(self.parameters()).device)
 
     def map_weight_name(self, hf_name: str) -> tuple[str, Any]:
         renamed = hf_name.replace(".block_sparse_moe.", ".mlp.")

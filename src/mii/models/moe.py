@@ -13,14 +13,18 @@ output. The loader below already narrows to this rank's slice; at world size 1
 that is the whole tensor. (Expert parallelism, whole experts per rank, would
 instead split dim 0.)
 
-The compute is grouped by expert, never a Python loop over tokens: the (token,
-expert) pairs are sorted by expert, each expert runs one matmul over all of
-its tokens, and the weighted outputs are scattered back with ``index_add_``.
-The loop over experts is the part a fused grouped kernel replaces on GPU.
+The compute is grouped by expert, never a Python loop over tokens. On CUDA
+(or with ``MII_MOE=triton``) it is ``ops.triton_moe.moe_grouped_mlp``: pairs
+sorted by expert on the device and every expert's matmul in one grouped
+Triton launch, with no host sync, so MoE models run in CUDA graphs too.
+Elsewhere (or with ``MII_MOE=torch``) the torch path sorts the (token, expert)
+pairs, runs one matmul per expert over all of its tokens and scatters the
+weighted outputs back with ``index_add_``; it reads the group sizes on the host.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, NamedTuple
 
@@ -30,6 +34,17 @@ from torch import nn
 
 from mii.models.layers import activation
 from mii.models.parallel import all_reduce, divide, tp_rank, tp_world_size
+
+
+def grouped_kernel_enabled(device: torch.device) -> bool:
+    """Whether MoE layers use the grouped Triton kernel: on CUDA unless
+    ``MII_MOE=torch``; anywhere with ``MII_MOE=triton`` (CPU tests, interpreted)."""
+    choice = os.environ.get("MII_MOE", "auto")
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"MII_MOE must be 'auto', 'triton' or 'torch', not {choice!r}")
+    if choice == "auto":
+        return device.type == "cuda"
+    return choice == "triton"
 
 
 class ExpertShard(NamedTuple):
@@ -201,6 +216,17 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
         weights, experts = self.route(x)
+        if grouped_kernel_enabled(x.device):
+            from mii.ops.triton_moe import moe_grouped_mlp
+
+            out = moe_grouped_mlp(x, self.w13, self.w2, weights, experts, self.act)
+            return all_reduce(out)
+        return all_reduce(self.forward_torch(x, weights, experts))
+
+    def forward_torch(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """The expert MLP with one torch matmul per expert (one host sync)."""
         order, tokens, counts = self.group_by_expert(experts)
         pair_weights = weights.reshape(-1)[order]
         out = torch.zeros_like(x)
@@ -213,4 +239,4 @@ class SparseMoE(nn.Module):
             y = self.expert_forward(expert, x[idx]) * pair_weights[rows, None]
             out.index_add_(0, idx, y.to(out.dtype))
             start += count
-        return all_reduce(out)
+        return out

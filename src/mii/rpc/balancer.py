@@ -59,6 +59,9 @@ class BalancerServicer(mii_pb2_grpc.MiiServicer):
         return self.info
 
     async def Stats(self, request, context):
+        # Ask the replicas now: the watcher's figures may be half a second old,
+        # long enough to miss a short request entirely.
+        await self.pool.check_all()
         return self.pool.stats()
 
     async def Terminate(self, request, context):

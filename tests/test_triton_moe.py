@@ -1,0 +1,133 @@
+"""The grouped expert kernel against the torch expert loop and a per-token
+definition, on CPU under TRITON_INTERPRET=1 (and on the GPU when there is one)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
+
+triton = pytest.importorskip("triton")
+
+from mii.models.moe import grouped_kernel_enabled  # noqa: E402
+from mii.ops.triton_moe import align_by_expert, moe_grouped_mlp  # noqa: E402
+from test_family_mixtral import (  # noqa: E402
+    CHECKPOINTS,
+    TIGHT_OPTIONS,
+    assert_matches_hf,
+    moe_checkpoints,  # noqa: F401 (a fixture)
+    per_token_reference,
+    random_moe,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "top_k", "num_experts", "block_m"),
+    [(1, 2, 8, 16), (5, 1, 3, 16), (37, 2, 6, 16), (300, 2, 8, 64), (4, 2, 60, 16)],
+)
+def test_layout_groups_every_pair_by_expert(tokens, top_k, num_experts, block_m):
+    generator = torch.Generator().manual_seed(tokens)
+    scores = torch.rand(tokens, num_experts, generator=generator)
+    experts = scores.topk(top_k, dim=-1).indices.to(DEVICE)
+    sorted_pairs, block_expert = align_by_expert(experts, num_experts, block_m)
+    num_pairs = tokens * top_k
+    pairs, owners = sorted_pairs.cpu(), block_expert.cpu()
+    assert pairs.numel() == owners.numel() * block_m
+    valid = pairs[pairs < num_pairs]
+    assert sorted(valid.tolist()) == list(range(num_pairs))  # each pair exactly once
+    flat = experts.reshape(-1).cpu()
+    used = owners[owners >= 0]
+    assert torch.equal(used, used.sort().values)  # blocks in expert order
+    assert (owners[used.numel() :] == -1).all()  # unused blocks only at the end
+    for block, expert in enumerate(owners.tolist()):
+        rows = pairs[block * block_m : (block + 1) * block_m]
+        rows = rows[rows < num_pairs]
+        if expert < 0:
+            assert rows.numel() == 0
+        else:
+            assert rows.numel() > 0 and (flat[rows.long()] == expert).all()
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize(
+    ("tokens", "sizes"),
+    [
+        (1, {}),
+        (3, {"top_k": 1}),
+        (37, {}),
+        (300, {"num_experts": 4}),  # prompt-sized: the larger row block
+        (9, {"hidden_size": 80, "intermediate_size": 72}),  # K over several tiles, masked
+    ],
+)
+def test_grouped_mlp_matches_reference(renormalize, tokens, sizes):
+    moe = random_moe(renormalize, **sizes).to(DEVICE)
+    x = torch.randn(tokens, moe.gate.in_features, generator=torch.Generator().manual_seed(4))
+    x = x.to(DEVICE)
+    with torch.no_grad():
+        weights, experts = moe.route(x)
+        got = moe_grouped_mlp(x, moe.w13, moe.w2, weights, experts, moe.act)
+        torch.testing.assert_close(
+            got, moe.forward_torch(x, weights, experts), rtol=1e-4, atol=1e-4
+        )
+        if tokens < 50:
+            expected = per_token_reference(moe.cpu(), x.cpu())
+            torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_mlp_in_bfloat16():
+    moe = random_moe(True, hidden_size=64, intermediate_size=32).to(DEVICE)
+    x = torch.randn(20, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    with torch.no_grad():
+        expected = moe.forward_torch(x, *moe.route(x))
+        moe = moe.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        weights, experts = moe.route(xb)
+        got = moe_grouped_mlp(xb, moe.w13, moe.w2, weights, experts, moe.act)
+    assert got.dtype == torch.bfloat16
+    scale = expected.abs().max()
+    assert (got.float() - expected).abs().max() < 0.03 * scale
+
+
+def test_layer_uses_kernel_when_asked(monkeypatch):
+    moe = random_moe(True).to(DEVICE)
+    x = torch.randn(11, 16, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    calls = []
+    import mii.ops.triton_moe as kernels
+
+    original = kernels.moe_grouped_mlp
+    monkeypatch.setattr(kernels, "moe_grouped_mlp", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        monkeypatch.setenv("MII_MOE", "torch")
+        looped = moe(x)
+        assert not calls
+        monkeypatch.setenv("MII_MOE", "triton")
+        grouped = moe(x)
+        assert calls
+    torch.testing.assert_close(grouped, looped, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_choice(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("MII_MOE", raising=False)
+    assert grouped_kernel_enabled(cuda) and not grouped_kernel_enabled(cpu)
+    monkeypatch.setenv("MII_MOE", "torch")
+    assert not grouped_kernel_enabled(cuda)
+    monkeypatch.setenv("MII_MOE", "fused")
+    with pytest.raises(ValueError, match="MII_MOE must be"):
+        grouped_kernel_enabled(cpu)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")
+@pytest.mark.parametrize("name", list(CHECKPOINTS))
+def test_engine_with_grouped_kernel_matches_hf(moe_checkpoints, tokenizer, name, monkeypatch):  # noqa: F811
+    """Whole models through the interpreted kernel (what CUDA runs by default),
+    with chunked prompts and preemption: greedy tokens equal transformers'."""
+    monkeypatch.setenv("MII_MOE", "triton")
+    path, hf_model = moe_checkpoints(name)
+    assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
