@@ -69,6 +69,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hf", action="store_true", help="also run the Hugging Face peer")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--sync-scheduling",
+        action="store_true",
+        help="read each pass's tokens before launching the next (default on CUDA: async)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -83,6 +88,9 @@ def main() -> None:
         floor_s = weight_bytes / (result["roofline"]["copy_tb_per_s"] * 1e12)
         result["bandwidth_floor_tok_s"] = round(1 / floor_s, 1)
     options = {"compile": True} if args.compile else {}
+    if args.sync_scheduling:
+        options["async_scheduling"] = False
+    result["async_scheduling"] = not args.sync_scheduling
     result["mii"] = asyncio.run(run_mii(path, prompt_ids, args.new_tokens, args.repeats, options))
     if args.hf:
         result["hf_generate"] = run_hf(config, prompt_ids, args.new_tokens)

@@ -92,6 +92,11 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--hf", action="store_true", help="also run HF generate_batch")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--sync-scheduling",
+        action="store_true",
+        help="read each pass's tokens before launching the next (default on CUDA: async)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -110,6 +115,9 @@ def main() -> None:
         floor = 2 * num_params(config) * tokens / (result["roofline"]["matmul_bf16_tflops"] * 1e12)
         result["compute_floor_s"] = round(floor, 2)
     options = {"token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs}
+    if args.sync_scheduling:
+        options["async_scheduling"] = False
+    result["async_scheduling"] = not args.sync_scheduling
     if args.compile:
         options["compile"] = True
     result["mii"] = asyncio.run(run_mii(model_dir(args.model), prompts, args.output_len, options))

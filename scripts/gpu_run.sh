@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_moe.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
@@ -17,6 +17,8 @@ while [ $# -gt 0 ]; do
     latency-compile) python3 benchmarks/latency.py --compile --json "$OUT/latency_compile.json" > "$OUT/latency_compile.log" 2>&1; tail -30 "$OUT/latency_compile.log" ;;
     throughput-compile) shift; python3 benchmarks/throughput.py --compile --num-requests "$1" --json "$OUT/throughput_compile_$1.json" > "$OUT/throughput_compile_$1.log" 2>&1; tail -30 "$OUT/throughput_compile_$1.log" ;;
     serving) python3 benchmarks/serving.py --rates 4 8 12 16 --num-requests 100 --json "$OUT/serving.json" > "$OUT/serving.log" 2>&1; tail -80 "$OUT/serving.log" | grep -v '"p50\|"p99\|}\|{' ;;
+    latency-sync) python3 benchmarks/latency.py --sync-scheduling --json "$OUT/latency_sync.json" > "$OUT/latency_sync.log" 2>&1; tail -30 "$OUT/latency_sync.log" ;;
+    w1-sync) python3 benchmarks/throughput.py --sync-scheduling --json "$OUT/w1_sync.json" > "$OUT/w1_sync.log" 2>&1; tail -30 "$OUT/w1_sync.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift
