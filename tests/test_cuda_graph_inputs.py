@@ -10,7 +10,7 @@ import torch
 
 from mii.config import GenerateParams
 from mii.engine.cuda_graphs import graph_batch_sizes, stage_decode_inputs
-from mii.engine.model_runner import ModelRunner
+from mii.engine.model_runner import ModelRunner, PassInputs, describe_pass
 from mii.engine.scheduler import ScheduledChunk
 from mii.engine.sequence import Sequence
 
@@ -34,10 +34,12 @@ def test_staged_inputs_match_the_eager_batch():
     size = next(s for s in graph_batch_sizes(16) if s >= len(chunks))
     host = np.full((4, 16), -1, dtype=np.int64)
     tables = np.full((16, 6), -1, dtype=np.int32)
-    stage_decode_inputs(chunks, block_size, scratch, host, tables, size)
+    inputs = describe_pass(chunks, block_size)
+    assert inputs.is_decode
+    stage_decode_inputs(inputs, scratch, host, tables, size)
 
     runner = ModelRunner(types.SimpleNamespace(forward=None), [], block_size, torch.device("cpu"))
-    token_ids, positions, batch, sample_rows = runner.prepare(chunks)
+    token_ids, positions, batch, sample_rows = runner.prepare(inputs)
     n = len(chunks)
     assert host[0, :n].tolist() == token_ids.tolist()
     assert host[1, :n].tolist() == positions.tolist()
@@ -58,3 +60,19 @@ def test_graph_batch_sizes_cover_every_batch():
     assert sizes[0] == 1 and sizes[-1] == 100
     assert all(any(s >= b for s in sizes) for b in range(1, 101))
     assert sizes == sorted(set(sizes))
+
+
+def test_pass_description_survives_packing():
+    block_size = 4
+    seqs = decoding_sequences([5, 1, 9], block_size)
+    seqs[0].num_computed = 0  # a prompt chunk among decodes
+    seqs[1].pending_row = 3  # a token still on the device
+    chunks = [ScheduledChunk(seqs[0], 3), ScheduledChunk(seqs[1], 1), ScheduledChunk(seqs[2], 1)]
+    inputs = describe_pass(chunks, block_size)
+    assert not inputs.is_decode
+    assert inputs.sample_rows.tolist() == [3, 4]  # the prompt chunk stops short of its end
+    assert inputs.pending_dst.tolist() == [3] and inputs.pending_src.tolist() == [3]
+    back = PassInputs.unpack(inputs.pack())
+    for name in vars(inputs):
+        assert np.array_equal(getattr(back, name), getattr(inputs, name)), name
+    assert back.block_tables.shape == inputs.block_tables.shape

@@ -102,6 +102,8 @@ class EngineConfig(BaseModel):
     cpu_kv_cache_bytes: int = Field(default=1 << 30, gt=0)
     token_budget: int = Field(default=1024, gt=0)
     max_num_seqs: int = Field(default=128, gt=0)
+    # Ranks the model is split over; > 1 runs one process per rank (torchrun, or
+    # the worker processes of a deployment), see mii.engine.distributed.
     tensor_parallel: int = Field(default=1, gt=0)
     seed: int = 0
     cuda_graphs: bool | None = None  # None: on for CUDA when the model supports it
@@ -120,8 +122,6 @@ class EngineConfig(BaseModel):
                 f"token_budget ({self.token_budget}) must be at least max_num_seqs "
                 f"({self.max_num_seqs}); raise token_budget or lower max_num_seqs"
             )
-        if self.tensor_parallel != 1:
-            raise ValueError("tensor_parallel > 1 is not supported yet")
         return self
 
     @classmethod

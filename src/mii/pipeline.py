@@ -3,18 +3,28 @@
 The engine runs on an event loop in a private background thread, so the
 pipeline works the same in a plain script and inside a running event loop
 (Jupyter).
+
+Under ``torchrun --nproc-per-node N`` every process runs the same script and
+the model is split over the N ranks: rank 0 gets a ``Pipeline`` that schedules
+and samples, the others a ``RankPipeline`` that runs rank 0's forward passes
+while their own call of the pipeline lasts. Every rank must make the same
+calls (SPMD); the prompts of ranks > 0 are ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import os
 import sys
 import threading
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from mii.config import GenerateParams
+from mii.config import EngineConfig, GenerateParams
+from mii.engine import distributed
 from mii.engine.async_engine import AsyncEngine
 from mii.response import Response
 
@@ -24,8 +34,9 @@ PROGRESS_BAR_MIN_PROMPTS = 16
 class Pipeline:
     """Call it with one prompt or a list: ``pipe(prompts, **generation_options)``."""
 
-    def __init__(self, model: str, **options: Any) -> None:
+    def __init__(self, model: str, all_rank_output: bool = False, **options: Any) -> None:
         self.engine = AsyncEngine(model, **options)
+        self.all_rank_output = all_rank_output
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="mii-pipeline", daemon=True
@@ -54,13 +65,33 @@ class Pipeline:
         if progress is None:
             progress = len(prompts) >= PROGRESS_BAR_MIN_PROMPTS and sys.stderr.isatty()
         future = asyncio.run_coroutine_threadsafe(
-            self._generate(list(prompts), params, progress), self._loop
+            self._call(list(prompts), params, progress), self._loop
         )
         try:
             return future.result()
         except KeyboardInterrupt:
             future.cancel()  # aborts every request of this call
             raise
+
+    async def _call(
+        self, prompts: list[str], params: dict[str, Any], progress: bool
+    ) -> list[Response]:
+        tp = self.engine.core.tp
+        if tp is None:
+            return await self._generate(prompts, params, progress)
+        try:
+            responses = await self._generate(prompts, params, progress)
+        except BaseException:
+            if tp.failure is None:  # the other ranks still wait for the end of this call
+                await self.engine.run_on_engine_thread(tp.send_done, b"")
+            raise
+        # End the other ranks' call too (with the responses, if they want them),
+        # between passes: on the engine's thread.
+        payload = b""
+        if self.all_rank_output:
+            payload = json.dumps([dataclasses.asdict(r) for r in responses]).encode()
+        await self.engine.run_on_engine_thread(tp.send_done, payload)
+        return responses
 
     async def _generate(
         self, prompts: list[str], params: dict[str, Any], progress: bool
@@ -106,13 +137,75 @@ def _shutdown(
     loop.close()
 
 
-def pipeline(model_name_or_path: str, max_length: int | None = None, **options: Any) -> Pipeline:
+class RankPipeline:
+    """Rank > 0 of a tensor-parallel pipeline: holds its shard of the model and runs
+    rank 0's forward passes for as long as rank 0's call lasts."""
+
+    def __init__(self, model: str, all_rank_output: bool = False, **options: Any) -> None:
+        from mii.engine.core import EngineCore
+
+        self.core = EngineCore(EngineConfig.parse(model, **options))
+        self.all_rank_output = all_rank_output
+        self._stopped = False
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    def __call__(self, prompts: Any = None, progress: bool | None = None, **params: Any):
+        """Serve rank 0's call; its responses when ``all_rank_output``, else []."""
+        if self._stopped:
+            raise RuntimeError("this pipeline was destroyed; create a new one")
+        try:
+            payload = self.core.serve_worker()
+        except Exception:
+            self._stopped = True  # this rank failed and left the group
+            raise
+        if payload is None:
+            self._stopped = True
+            raise RuntimeError("rank 0 destroyed the pipeline during this call")
+        if not payload:
+            return []
+        return [Response(**fields) for fields in json.loads(payload)]
+
+    def destroy(self) -> None:
+        """Wait for rank 0 to destroy the pipeline, then leave the process group."""
+        if not self._stopped:
+            while self.core.serve_worker() is not None:
+                pass  # calls this rank did not make: serve them, up to the stop
+            self._stopped = True
+            self.core.release()
+            distributed.destroy()
+
+    def __enter__(self) -> RankPipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.destroy()
+
+
+def pipeline(
+    model_name_or_path: str,
+    max_length: int | None = None,
+    tensor_parallel: int | None = None,
+    all_rank_output: bool = False,
+    **options: Any,
+) -> Pipeline | RankPipeline:
     """Load a model for in-process generation.
 
     ``model_name_or_path`` is a Hugging Face hub id or a local checkpoint
     directory. ``max_length`` caps prompt + response tokens (default: the
-    model's maximum). Other engine options are those of :class:`mii.AsyncEngine`.
+    model's maximum). ``tensor_parallel`` splits the model over that many
+    ranks (default: the launcher's world size, 1 without one); launch the
+    script with ``torchrun --nproc-per-node N``. Only rank 0's calls return
+    responses, unless ``all_rank_output``. Other engine options are those of
+    :class:`mii.AsyncEngine`.
     """
     if max_length is not None:
         options["max_length"] = max_length
-    return Pipeline(model_name_or_path, **options)
+    if tensor_parallel is None:
+        tensor_parallel = distributed.launcher_world_size()
+    options["tensor_parallel"] = tensor_parallel
+    if tensor_parallel > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return RankPipeline(model_name_or_path, all_rank_output, **options)
+    return Pipeline(model_name_or_path, all_rank_output, **options)

@@ -173,6 +173,11 @@ class AsyncEngine:
         """Running/waiting counts, KV cache usage (0..1), free blocks, preemptions."""
         return self.core.stats()
 
+    async def run_on_engine_thread(self, fn, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the engine's thread, between two passes."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
     async def wait_idle(self) -> None:
         """Return once no request is queued or running (used by tests and drains)."""
         while self._pending_add or self._pending_abort or self.core.has_work():

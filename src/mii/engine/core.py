@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 
 from mii.config import EngineConfig, GenerateParams
+from mii.engine import distributed
 from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, fast_decoder
+from mii.engine.distributed import TPGroup
 from mii.engine.kv_cache import BlockManager, allocate_kv_tensors, choose_num_blocks
-from mii.engine.model_runner import ModelRunner
+from mii.engine.model_runner import ModelRunner, PassInputs
 from mii.engine.sampler import SamplingBatch, sample
 from mii.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from mii.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
@@ -73,6 +75,11 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = loader.default_device(config.device)
+        self.tp: TPGroup | None = None
+        if config.tensor_parallel > 1:
+            self.tp = distributed.join(config.tensor_parallel, self.device.type)
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", self.tp.local_rank)  # one GPU per rank
         model_dir = loader.resolve_model_dir(
             config.model, config.revision, weights=config.load_format != "dummy"
         )
@@ -101,6 +108,8 @@ class EngineCore:
             max_length=self.max_length,
             max_num_seqs=config.max_num_seqs,
         )
+        if self.tp is not None:  # every rank must index the same blocks
+            num_blocks = distributed.agree_on_min(self.tp, num_blocks)
         # One block more than the pool: the scratch block that padded rows of a
         # CUDA-graph pass write into. No sequence ever owns it.
         kv_caches = allocate_kv_tensors(
@@ -118,6 +127,10 @@ class EngineCore:
         self._in_flight: _Launched | None = None  # async scheduling: the pass not yet read back
         self.compile_s = self._maybe_compile(config)
         self.graph_capture_s = self._maybe_capture_graphs(config, kv_caches, num_blocks)
+        # Warm-up passes above ran on every rank in step; from now on rank 0
+        # sends each pass to the others.
+        if self.tp is not None and self.tp.is_driver:
+            self.runner.broadcast = self._broadcast_pass
         log.info(
             "loaded %s on %s (%s), %d KV blocks", config.model, self.device, self.dtype, num_blocks
         )
@@ -180,6 +193,24 @@ class EngineCore:
         seconds = graphs.capture()
         self.runner.graphs = graphs
         return seconds
+
+    def _broadcast_pass(self, inputs: PassInputs, pending: torch.Tensor | None):
+        self.tp.send_pass(inputs.pack(), pending if len(inputs.pending_dst) else None)
+        return pending
+
+    def serve_worker(self) -> bytes | None:
+        """Ranks > 0: run the passes rank 0 sends until it ends a pipeline call
+        (returns that message's payload) or stops the engine (returns None)."""
+
+        def execute(packed, pending) -> None:
+            self.runner.execute(PassInputs.unpack(packed), pending)
+
+        return self.tp.serve(execute)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can serve no more requests (a tensor-parallel rank failed)."""
+        return self.tp.failure if self.tp is not None else None
 
     @staticmethod
     def _model_max_length(config: EngineConfig, model_max: int) -> int:
@@ -315,6 +346,12 @@ class EngineCore:
             host_tokens, ready = _read_back(tokens)
         except Exception as err:  # a failed pass ends its own requests, not the engine
             log.exception("forward pass failed")
+            if self.tp is not None:
+                # The other ranks may be stuck in a collective of this pass: the group
+                # is unusable. Report the failing rank's own error, and leave the
+                # group so that the other ranks' collectives fail instead of waiting.
+                err = self.tp.failed(err)
+                distributed.destroy()
             for chunk in plan.chunks:
                 self.sequences.pop(chunk.seq.request_id, None)
                 self.scheduler.finish(chunk.seq, "error")
@@ -415,8 +452,11 @@ class EngineCore:
         return Response(text, seq.prompt_len, generated, finish, seq.request_id, ids)
 
     def release(self) -> None:
-        """Drop the model and KV cache so that their memory can be reclaimed."""
+        """Drop the model and KV cache so that their memory can be reclaimed; rank 0
+        of a tensor-parallel engine also ends the other ranks' loops."""
         self._in_flight = None
+        if self.tp is not None and self.tp.is_driver:
+            self.tp.stop()
         self.runner.kv_caches.clear()
         self.runner.model = None
         self.model = None

@@ -18,8 +18,7 @@ import time
 import numpy as np
 import torch
 
-from mii.engine.model_runner import fill_pending
-from mii.engine.scheduler import ScheduledChunk
+from mii.engine.model_runner import PassInputs, fill_pending
 from mii.models.base import CausalLM, ForwardContext
 from mii.ops.attention import SMALL_TILE, AttentionBatch, TileSet
 
@@ -32,8 +31,7 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 
 def stage_decode_inputs(
-    chunks: list[ScheduledChunk],
-    block_size: int,
+    inputs: PassInputs,
     scratch_slot: int,
     host: np.ndarray,
     tables: np.ndarray,
@@ -45,18 +43,15 @@ def stage_decode_inputs(
     tables. Padding rows have key length 0 (they attend to nothing) and write
     their KV into the scratch slot.
     """
+    n, width = inputs.block_tables.shape
     host[:, :size] = 0
     host[2, :size] = scratch_slot
     tables[:size] = 0
-    for i, chunk in enumerate(chunks):
-        seq = chunk.seq
-        pos = seq.num_computed
-        table = seq.block_table
-        host[0, i] = seq.token_ids[pos]
-        host[1, i] = pos
-        host[2, i] = table[pos // block_size] * block_size + pos % block_size
-        host[3, i] = pos + 1
-        tables[i, : len(table)] = table
+    host[0, :n] = inputs.token_ids
+    host[1, :n] = inputs.positions
+    host[2, :n] = inputs.slots
+    host[3, :n] = inputs.seq_lens
+    tables[:n, :width] = inputs.block_tables
 
 
 class CudaGraphRunner:
@@ -108,11 +103,11 @@ class CudaGraphRunner:
         self.pool = None
         self.replays = 0
 
-    def can_run(self, chunks: list[ScheduledChunk]) -> bool:
+    def can_run(self, inputs: PassInputs) -> bool:
         return (
-            len(chunks) <= self.sizes[-1]
-            and all(c.num_tokens == 1 and c.samples for c in chunks)
-            and all(len(c.seq.block_table) <= self.max_blocks for c in chunks)
+            inputs.is_decode
+            and len(inputs.query_lens) <= self.sizes[-1]
+            and inputs.block_tables.shape[1] <= self.max_blocks
         )
 
     def _batch(self, size: int) -> AttentionBatch:
@@ -153,27 +148,23 @@ class CudaGraphRunner:
         return elapsed
 
     @torch.inference_mode()
-    def run(
-        self, chunks: list[ScheduledChunk], pending: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Replay the smallest graph that fits; float32 logits [len(chunks), V].
+    def run(self, inputs: PassInputs, pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the smallest graph that fits; float32 logits [sequences, V].
 
         ``pending``: sampled tokens of the pass in flight (see ``fill_pending``).
         The logits live in the graph's output buffer: use them before the next run.
         """
-        count = len(chunks)
+        count = len(inputs.query_lens)
         size = next(s for s in self.sizes if s >= count)
         host, host_tables = self.staging[self.replays % 2]
-        stage_decode_inputs(
-            chunks, self.block_size, self.scratch_slot, host.numpy(), host_tables.numpy(), size
-        )
+        stage_decode_inputs(inputs, self.scratch_slot, host.numpy(), host_tables.numpy(), size)
         # Copies come from the pinned tensors themselves, not their numpy views.
         self.token_ids[:size].copy_(host[0, :size], non_blocking=True)
         self.positions[:size].copy_(host[1, :size], non_blocking=True)
         self.slots[:size].copy_(host[2, :size], non_blocking=True)
         self.seq_lens[:size].copy_(host[3, :size], non_blocking=True)
         self.block_tables[:size].copy_(host_tables[:size], non_blocking=True)
-        fill_pending(self.token_ids[:size], chunks, pending)
+        fill_pending(self.token_ids[:size], inputs, pending)
         self.graphs[size].replay()
         self.replays += 1
         return self.outputs[size][:count]

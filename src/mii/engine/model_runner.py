@@ -1,6 +1,13 @@
-"""Turns a scheduled pass into one ragged batch and runs the model on it."""
+"""Turns a scheduled pass into one ragged batch and runs the model on it.
+
+A pass is first described on the host as ``PassInputs`` (flat numpy arrays);
+the description is what tensor parallelism sends to the other ranks, so every
+rank runs ``ModelRunner.execute`` on the same description.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -10,35 +17,109 @@ from mii.models.base import CausalLM, ForwardContext
 from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
 
 
-def pending_inputs(chunks: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
-    """Input tokens of a pass still on the device (async scheduling): their flat
-    index in the pass and their row in the in-flight pass's sampled tokens.
+@dataclass
+class PassInputs:
+    """Everything a forward pass needs to know about its batch, on the host.
 
-    Only a sequence's last token can be pending, so only a chunk that reaches
-    the end of its sequence reads one.
+    T tokens over S sequences; R of them are sampled; P input tokens are still
+    on the device (async scheduling) and are read from row ``pending_src[i]`` of
+    the in-flight pass's tokens into flat position ``pending_dst[i]``.
     """
-    dst: list[int] = []
-    src: list[int] = []
+
+    token_ids: np.ndarray  # [T] int64 (pending tokens hold PENDING_TOKEN)
+    positions: np.ndarray  # [T] int64
+    slots: np.ndarray  # [T] int64: KV cache slot each token writes
+    query_lens: np.ndarray  # [S] int64: tokens of each sequence in this pass
+    seq_lens: np.ndarray  # [S] int64: keys each sequence attends to after the pass
+    block_tables: np.ndarray  # [S, W] int64
+    sample_rows: np.ndarray  # [R] int64: flat index of each sampled token
+    pending_dst: np.ndarray  # [P] int64
+    pending_src: np.ndarray  # [P] int64
+
+    @property
+    def is_decode(self) -> bool:
+        """One token per sequence, every one sampled: what CUDA graphs replay."""
+        return bool((self.query_lens == 1).all()) and len(self.sample_rows) == len(self.query_lens)
+
+    def pack(self) -> np.ndarray:
+        """One int64 array: a header of lengths, then every field flattened."""
+        arrays = [getattr(self, f.name) for f in fields(self)]
+        header = [len(arrays)] + [a.size for a in arrays] + [self.block_tables.shape[1]]
+        return np.concatenate([np.asarray(header, dtype=np.int64), *[a.ravel() for a in arrays]])
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray) -> PassInputs:
+        count = int(packed[0])
+        sizes = packed[1 : 1 + count].tolist()
+        width = int(packed[1 + count])
+        offset = 2 + count
+        values = []
+        for size in sizes:
+            values.append(packed[offset : offset + size])
+            offset += size
+        inputs = cls(*values)
+        inputs.block_tables = inputs.block_tables.reshape(-1, width)
+        return inputs
+
+
+def describe_pass(chunks: list[ScheduledChunk], block_size: int) -> PassInputs:
+    """The host-side description of a scheduled pass."""
+    total = sum(c.num_tokens for c in chunks)
+    token_ids = np.empty(total, dtype=np.int64)
+    positions = np.empty(total, dtype=np.int64)
+    slots = np.empty(total, dtype=np.int64)
+    query_lens = np.empty(len(chunks), dtype=np.int64)
+    seq_lens = np.empty(len(chunks), dtype=np.int64)
+    width = max(len(c.seq.block_table) for c in chunks)
+    tables = np.zeros((len(chunks), width), dtype=np.int64)
+    sample_rows: list[int] = []
+    pending_dst: list[int] = []
+    pending_src: list[int] = []
     offset = 0
-    for chunk in chunks:
-        offset += chunk.num_tokens
-        if chunk.seq.pending_row is not None and chunk.samples:
-            dst.append(offset - 1)
-            src.append(chunk.seq.pending_row)
-    return dst, src
+    for i, chunk in enumerate(chunks):
+        seq, start, n = chunk.seq, chunk.seq.num_computed, chunk.num_tokens
+        end = start + n
+        pos = np.arange(start, end, dtype=np.int64)
+        table = np.asarray(seq.block_table, dtype=np.int64)
+        token_ids[offset : offset + n] = seq.token_ids[start:end]
+        positions[offset : offset + n] = pos
+        slots[offset : offset + n] = table[pos // block_size] * block_size + pos % block_size
+        tables[i, : len(table)] = table
+        query_lens[i] = n
+        seq_lens[i] = end
+        offset += n
+        if chunk.samples:
+            sample_rows.append(offset - 1)
+            # Only a sequence's last token can still be on the device.
+            if seq.pending_row is not None:
+                pending_dst.append(offset - 1)
+                pending_src.append(seq.pending_row)
+
+    def ints(values: list[int]) -> np.ndarray:
+        return np.asarray(values, dtype=np.int64)
+
+    return PassInputs(
+        token_ids,
+        positions,
+        slots,
+        query_lens,
+        seq_lens,
+        tables,
+        ints(sample_rows),
+        ints(pending_dst),
+        ints(pending_src),
+    )
 
 
-def fill_pending(
-    token_ids: torch.Tensor, chunks: list[ScheduledChunk], pending: torch.Tensor | None
-) -> None:
-    """Copy the pending input tokens of ``chunks`` from ``pending`` (the in-flight
-    pass's sampled tokens) into ``token_ids``, on the device: no host sync."""
-    dst, src = pending_inputs(chunks)
-    if not dst:
+def fill_pending(token_ids: torch.Tensor, inputs: PassInputs, pending: torch.Tensor | None) -> None:
+    """Copy the pending input tokens from ``pending`` (the in-flight pass's sampled
+    tokens) into ``token_ids``, on the device: no host sync."""
+    if not len(inputs.pending_dst):
         return
     if pending is None:
         raise RuntimeError("a sequence waits for a sampled token but no pass is in flight")
-    index = torch.tensor([dst, src], dtype=torch.int64).to(token_ids.device, non_blocking=True)
+    index = np.stack([inputs.pending_dst, inputs.pending_src])
+    index = torch.from_numpy(index).to(token_ids.device, non_blocking=True)
     token_ids.index_copy_(0, index[0], pending.index_select(0, index[1]))
 
 
@@ -56,6 +137,8 @@ class ModelRunner:
         self.device = device
         self.graphs = None  # a CudaGraphRunner once captured (decode-only passes)
         self.forward = model.forward  # replaced by a torch.compile'd version when enabled
+        # Tensor parallelism: sends each pass to the other ranks before running it.
+        self.broadcast = None
 
     def enable_compile(self) -> None:
         """torch.compile the model (attention stays an opaque custom op); shapes are
@@ -63,74 +146,60 @@ class ModelRunner:
         self.forward = torch.compile(self.model.forward, dynamic=True)
 
     def prepare(
-        self, chunks: list[ScheduledChunk]
+        self, inputs: PassInputs
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
-        """Flatten the chunks into (token_ids [T], positions [T], attention batch,
-        indices [S] of the tokens whose logits are sampled)."""
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu_seqlens = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        sample_rows: list[int] = []
-        for chunk in chunks:
-            seq, start = chunk.seq, chunk.seq.num_computed
-            end = start + chunk.num_tokens
-            token_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slots.extend(
-                table[p // self.block_size] * self.block_size + p % self.block_size
-                for p in range(start, end)
-            )
-            cu_seqlens.append(cu_seqlens[-1] + chunk.num_tokens)
-            query_lens.append(chunk.num_tokens)
-            seq_lens.append(end)
-            if chunk.samples:
-                sample_rows.append(cu_seqlens[-1] - 1)
-        width = max(len(c.seq.block_table) for c in chunks)
-        tables = np.zeros((len(chunks), width), dtype=np.int32)
-        for i, chunk in enumerate(chunks):
-            tables[i, : len(chunk.seq.block_table)] = chunk.seq.block_table
+        """Device tensors of a pass: (token_ids [T], positions [T], attention batch,
+        indices [R] of the tokens whose logits are sampled)."""
 
-        def on_device(values, dtype):
-            if isinstance(values, np.ndarray):
-                return torch.from_numpy(values).to(self.device, non_blocking=True)
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        def on_device(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            tensor = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+            return tensor.to(self.device, non_blocking=True)
 
+        query_lens = inputs.query_lens.tolist()
+        cu_seqlens = np.concatenate([[0], np.cumsum(inputs.query_lens)])
         tiles = [
-            TileSet(size, on_device(seqs, torch.int32), on_device(starts, torch.int32))
+            TileSet(
+                size,
+                on_device(np.asarray(seqs), torch.int32),
+                on_device(np.asarray(starts), torch.int32),
+            )
             for size, seqs, starts in plan_tiles(query_lens)
         ]
         batch = AttentionBatch(
-            slot_mapping=on_device(slots, torch.int64),
-            block_tables=on_device(tables, torch.int32),
+            slot_mapping=on_device(inputs.slots, torch.int64),
+            block_tables=on_device(inputs.block_tables, torch.int32),
             cu_seqlens_q=on_device(cu_seqlens, torch.int32),
-            seq_lens=on_device(seq_lens, torch.int32),
+            seq_lens=on_device(inputs.seq_lens, torch.int32),
             query_lens_host=query_lens,
-            seq_lens_host=seq_lens,
+            seq_lens_host=inputs.seq_lens.tolist(),
             tiles=tiles,
         )
         return (
-            on_device(token_ids, torch.int64),
-            on_device(positions, torch.int64),
+            on_device(inputs.token_ids, torch.int64),
+            on_device(inputs.positions, torch.int64),
             batch,
-            on_device(sample_rows, torch.int64),
+            on_device(inputs.sample_rows, torch.int64),
         )
 
-    @torch.inference_mode()
     def run(
         self, chunks: list[ScheduledChunk], pending: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Forward one pass; float32 logits [S, V] for the chunks that sample.
+        """Forward one scheduled pass; float32 logits [R, V] for the chunks that sample.
 
         ``pending``: the sampled tokens of the pass still in flight, which the
         sequences' pending last tokens (``Sequence.pending_row``) are read from.
         """
-        if self.graphs is not None and self.graphs.can_run(chunks):
-            return self.graphs.run(chunks, pending)
-        token_ids, positions, batch, sample_rows = self.prepare(chunks)
-        fill_pending(token_ids, chunks, pending)
+        inputs = describe_pass(chunks, self.block_size)
+        if self.broadcast is not None:
+            pending = self.broadcast(inputs, pending)
+        return self.execute(inputs, pending)
+
+    @torch.inference_mode()
+    def execute(self, inputs: PassInputs, pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward a described pass (every rank runs this on the same description)."""
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            return self.graphs.run(inputs, pending)
+        token_ids, positions, batch, sample_rows = self.prepare(inputs)
+        fill_pending(token_ids, inputs, pending)
         hidden = self.forward(token_ids, positions, ForwardContext(batch, self.kv_caches))
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

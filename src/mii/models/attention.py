@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from mii.models.base import ForwardContext
-from mii.models.layers import ColumnParallelLinear, RowParallelLinear
-from mii.models.parallel import divide, tp_world_size
+from mii.models.layers import ColumnParallelLinear, RowParallelLinear, qkv_layouts
 from mii.models.rope import RotaryEmbedding
 from mii.ops.attention import rotary_paged_attention
 
@@ -35,15 +34,17 @@ class SelfAttention(nn.Module):
         qk_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        world = tp_world_size()
         self.layer_idx = layer_idx
         self.head_dim = head_dim
-        self.num_heads = divide(num_heads, world, "num_attention_heads")
-        self.num_kv_heads = divide(num_kv_heads, world, "num_key_value_heads")
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        self.qkv_proj = ColumnParallelLinear(hidden_size, [q_size, kv_size, kv_size], qkv_bias)
+        layouts = qkv_layouts(num_heads, num_kv_heads, head_dim)
+        self.num_heads = layouts[0][0] // head_dim  # this rank's query heads
+        self.num_kv_heads = layouts[1][0] // head_dim  # and key/value heads
+        self.qkv_proj = ColumnParallelLinear(
+            hidden_size, [q_size, kv_size, kv_size], qkv_bias, layouts
+        )
         self.o_proj = RowParallelLinear(q_size, hidden_size, o_bias)
         self.rotary = rotary
         if qk_norm is not None:  # Qwen3 / Gemma 3 style: normalise each head's q and k

@@ -27,7 +27,7 @@ from mii.errors import UnsupportedModelError
 from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, ForwardContext, KVCacheSpec
 from mii.models.layers import MLP, LayerNorm, LMHead, VocabEmbedding, activation
-from mii.models.parallel import divide, tp_world_size
+from mii.models.parallel import local_kv_heads
 from mii.models.rope import RotaryEmbedding, rope_parameters
 
 
@@ -195,7 +195,7 @@ class FalconForCausalLM(CausalLM):
         self.max_positions = spec.max_positions
         self.kv_spec = KVCacheSpec(
             spec.num_layers,
-            divide(spec.num_kv_heads, tp_world_size(), "num_kv_heads"),
+            local_kv_heads(spec.num_kv_heads),
             spec.head_dim,
         )
         self.transformer = FalconModel(spec)

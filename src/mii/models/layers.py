@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mii.models.parallel import all_reduce, divide, tp_rank, tp_world_size
+from mii.models.parallel import (
+    all_gather_last_dim,
+    all_reduce,
+    divide,
+    kv_head_layout,
+    tp_rank,
+    tp_world_size,
+    vocab_range,
+)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
@@ -32,14 +40,26 @@ class ColumnParallelLinear(nn.Module):
     ``output_sizes`` lists the fused sub-matrices (e.g. q, k, v or gate, up); each
     is split across ranks separately so that every rank holds its own q, k and v
     heads side by side. Shard id ``i`` loads sub-matrix ``i``; ``"packed"`` loads
-    a tensor holding all of them in order.
+    a tensor holding all of them in order. ``layouts`` overrides the even split:
+    for each part, (rows this rank holds, first row of the full part) — how key
+    and value heads are replicated when there are fewer of them than ranks.
     """
 
-    def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: Sequence[int],
+        bias: bool,
+        layouts: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
         super().__init__()
-        world = tp_world_size()
+        world, rank = tp_world_size(), tp_rank()
         self.full_sizes = list(output_sizes)
-        self.output_sizes = [divide(s, world, "linear output size") for s in output_sizes]
+        if layouts is None:
+            sizes = [divide(s, world, "linear output size") for s in output_sizes]
+            layouts = [(size, rank * size) for size in sizes]
+        self.layouts = list(layouts)
+        self.output_sizes = [size for size, _ in self.layouts]
         self.input_size = input_size
         self.weight = nn.Parameter(torch.empty(sum(self.output_sizes), input_size))
         if bias:
@@ -58,17 +78,26 @@ class ColumnParallelLinear(nn.Module):
         if shard_id is None and len(self.output_sizes) > 1:
             raise ValueError("a fused weight needs a shard id")
         index = 0 if shard_id is None else shard_id
-        size = self.output_sizes[index]
+        size, first = self.layouts[index]
         offset = sum(self.output_sizes[:index])
         if loaded.shape[0] != self.full_sizes[index]:
             raise ValueError(
                 f"weight part {index} has {loaded.shape[0]} rows, expected {self.full_sizes[index]}"
             )
-        local = loaded.narrow(0, tp_rank() * size, size)
-        default_weight_loader(param.data.narrow(0, offset, size), local)
+        default_weight_loader(param.data.narrow(0, offset, size), loaded.narrow(0, first, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def qkv_layouts(num_heads: int, num_kv_heads: int, head_dim: int) -> list[tuple[int, int]]:
+    """Row layouts of a fused [q, k, v] projection on this rank (see ``kv_head_layout``)."""
+    world, rank = tp_world_size(), tp_rank()
+    q_heads = divide(num_heads, world, "num_attention_heads")
+    kv_heads, first_kv = kv_head_layout(num_kv_heads, world, rank)
+    q = (q_heads * head_dim, rank * q_heads * head_dim)
+    kv = (kv_heads * head_dim, first_kv * head_dim)
+    return [q, kv, kv]
 
 
 class RowParallelLinear(nn.Module):
@@ -97,34 +126,68 @@ class RowParallelLinear(nn.Module):
         return out
 
 
+def load_vocab_rows(param: nn.Parameter, loaded: torch.Tensor, vocab_size: int) -> None:
+    """Copy this rank's rows of a [V, ...] tensor; rows past V (padding) become zero."""
+    if loaded.shape[0] != vocab_size:
+        raise ValueError(f"vocabulary weight has {loaded.shape[0]} rows, expected {vocab_size}")
+    start, count = vocab_range(vocab_size, tp_world_size(), tp_rank())
+    real = max(0, min(count, vocab_size - start))
+    param.data.zero_()
+    default_weight_loader(param.data.narrow(0, 0, real), loaded.narrow(0, start, real))
+
+
 class VocabEmbedding(nn.Module):
-    """Token embedding (vocabulary sharding arrives with tensor parallelism)."""
+    """Token embedding with the vocabulary split across ranks: each rank embeds
+    the ids in its range, zeros elsewhere, and the sum over ranks is the result."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.vocab_size = vocab_size
+        self.vocab_start, rows = vocab_range(vocab_size, tp_world_size(), tp_rank())
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size))
+
+    def weight_loader(
+        self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id=None
+    ) -> None:
+        load_vocab_rows(param, loaded, self.vocab_size)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(token_ids, self.weight)
+        if tp_world_size() == 1:
+            return F.embedding(token_ids, self.weight)
+        local = token_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        out = F.embedding(torch.where(mine, local, 0), self.weight)
+        return all_reduce(out * mine.unsqueeze(-1).to(out.dtype))
 
 
 class LMHead(nn.Module):
-    """Final projection to vocabulary logits, optionally sharing the embedding matrix."""
+    """Final projection to vocabulary logits, optionally sharing the embedding matrix.
+    Each rank computes the logits of its vocabulary slice; they are gathered."""
 
     def __init__(
         self, hidden_size: int, vocab_size: int, bias: bool, tied_to: VocabEmbedding | None
     ) -> None:
         super().__init__()
+        self.vocab_size = vocab_size
+        _, rows = vocab_range(vocab_size, tp_world_size(), tp_rank())
         # A plain attribute in a tuple, so the tied matrix is not registered twice.
         self._tied = (tied_to,) if tied_to is not None else None
         if tied_to is None:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
-        self.bias = nn.Parameter(torch.empty(vocab_size)) if bias else None
+            self.weight = nn.Parameter(torch.empty(rows, hidden_size))
+        self.bias = nn.Parameter(torch.empty(rows)) if bias else None
+
+    def weight_loader(
+        self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id=None
+    ) -> None:
+        load_vocab_rows(param, loaded, self.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, D] -> float32 logits [S, V]."""
         weight = self._tied[0].weight if self._tied is not None else self.weight
-        return F.linear(hidden, weight, self.bias).float()
+        logits = F.linear(hidden, weight, self.bias)
+        if tp_world_size() > 1:
+            logits = all_gather_last_dim(logits)[:, : self.vocab_size]
+        return logits.float()
 
 
 class RMSNorm(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, ForwardContext, KVCacheSpec
 from mii.models.layers import GatedMLP, LMHead, RMSNorm, VocabEmbedding
-from mii.models.parallel import divide, tp_world_size
+from mii.models.parallel import local_kv_heads
 from mii.models.rope import RotaryEmbedding, rope_parameters
 
 
@@ -149,7 +149,7 @@ class LlamaForCausalLM(CausalLM):
         self.max_positions = spec.max_positions
         self.kv_spec = KVCacheSpec(
             spec.num_layers,
-            divide(spec.num_kv_heads, tp_world_size(), "num_key_value_heads"),
+            local_kv_heads(spec.num_kv_heads),
             spec.head_dim,
         )
         self.model = LlamaModel(spec, self.make_layers(spec, hf_config))

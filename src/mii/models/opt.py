@@ -25,7 +25,7 @@ from torch import nn
 from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, ForwardContext, KVCacheSpec
 from mii.models.layers import MLP, LayerNorm, LMHead, VocabEmbedding
-from mii.models.parallel import divide, tp_world_size
+from mii.models.parallel import local_kv_heads
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which OPT never overrides
@@ -167,7 +167,7 @@ class OPTForCausalLM(CausalLM):
         spec = OPTSpec.from_hf(hf_config)
         self.spec = spec
         self.max_positions = spec.max_positions
-        heads = divide(spec.num_heads, tp_world_size(), "num_attention_heads")
+        heads = local_kv_heads(spec.num_heads)
         self.kv_spec = KVCacheSpec(spec.num_layers, heads, spec.head_dim)
         self.model = OPTModel(spec)
         self.tied_embeddings = spec.tie_word_embeddings

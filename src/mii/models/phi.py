@@ -22,7 +22,7 @@ from torch import nn
 from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, ForwardContext, KVCacheSpec
 from mii.models.layers import MLP, LayerNorm, LMHead, VocabEmbedding
-from mii.models.parallel import divide, tp_world_size
+from mii.models.parallel import local_kv_heads
 from mii.models.rope import RotaryEmbedding, rope_parameters
 
 
@@ -131,7 +131,7 @@ class PhiForCausalLM(CausalLM):
         spec = PhiSpec.from_hf(hf_config)
         self.spec = spec
         self.max_positions = spec.max_positions
-        kv_heads = divide(spec.num_kv_heads, tp_world_size(), "num_key_value_heads")
+        kv_heads = local_kv_heads(spec.num_kv_heads)
         self.kv_spec = KVCacheSpec(spec.num_layers, kv_heads, spec.head_dim)
         self.model = PhiModel(spec)
         self.tied_embeddings = spec.tie_word_embeddings

@@ -1,0 +1,241 @@
+"""Tensor parallelism across processes: joining the group, and the pass protocol.
+
+Every rank is a process holding one shard of the model and of the KV cache.
+Rank 0 owns the scheduler and the engine loop; for every forward pass it sends
+the pass's description (``PassInputs``, packed into one int64 tensor: never
+pickle) to the other ranks, which run the same forward on their shard;
+sampling happens once, on rank 0. Messages travel on a gloo "control" group,
+so that they are plain host tensors on GPUs too; the layers' collectives use
+the data group (NCCL on GPUs, gloo on CPU).
+
+Messages: a header ``[kind, payload length, pending length, 0]``, then the
+payload. ``PASS`` runs a forward; ``DONE`` ends a ``pipeline`` call on the
+other ranks (payload: the responses as JSON when they want them); ``STOP``
+ends the worker loop.
+
+A rank that fails records its error in the group's key-value store and exits;
+rank 0's next collective then fails instead of waiting, and rank 0 reports the
+recorded error. The group is unusable afterwards: the engine fails every
+later request with that error and reports itself unhealthy.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mii.errors import InvalidRequestError
+from mii.models.parallel import set_parallel_state
+
+log = logging.getLogger(__name__)
+
+PASS, DONE, STOP = 1, 2, 3
+ERROR_KEY = "mii/tensor-parallel/error"
+# Fault injection for tests: "RANK:N" makes that rank raise on its N-th pass.
+FAIL_ENV = "MII_TP_FAIL_AT_PASS"
+
+
+class TensorParallelError(RuntimeError):
+    """A rank of a tensor-parallel engine failed; the engine cannot continue."""
+
+
+@dataclass
+class TPGroup:
+    """This process's place in a tensor-parallel engine."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    control: Any  # gloo group for messages
+    data: Any  # group of the layers' collectives
+    failure: str | None = None  # set once any rank failed: the group is unusable
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    # ----- rank 0 -------------------------------------------------------------
+
+    def send_pass(self, packed: np.ndarray, pending: torch.Tensor | None) -> None:
+        self._send(PASS, torch.from_numpy(packed), pending)
+
+    def send_done(self, payload: bytes = b"") -> None:
+        self._send(DONE, torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()))
+
+    def stop(self) -> None:
+        """End the other ranks' loops and leave the group (rank 0; once)."""
+        if self.failure is None:
+            try:
+                self._send(STOP, torch.empty(0, dtype=torch.uint8))
+            except Exception:  # a rank already gone: nothing to stop
+                log.debug("tensor-parallel STOP failed", exc_info=True)
+        destroy()
+
+    def _send(self, kind: int, payload: torch.Tensor, pending: torch.Tensor | None = None) -> None:
+        self.check()
+        pending_len = 0 if pending is None else pending.numel()
+        header = torch.tensor([kind, payload.numel(), pending_len, 0], dtype=torch.int64)
+        try:
+            dist.broadcast(header, 0, group=self.control)
+            if payload.numel():
+                dist.broadcast(payload, 0, group=self.control)
+            if pending_len:
+                dist.broadcast(pending, 0, group=self.data)
+        except Exception as err:
+            raise self.failed(err) from err
+
+    def check(self) -> None:
+        """Raise the recorded failure: a broken group must not be used again."""
+        if self.failure is not None:
+            raise TensorParallelError(self.failure)
+
+    def failed(self, err: BaseException) -> TensorParallelError:
+        """Turn an error of a collective into the failing rank's own error."""
+        if self.failure is None:
+            reported = _read_reported_error()
+            self.failure = reported or f"tensor-parallel group failed: {err}"
+        return TensorParallelError(self.failure)
+
+    # ----- ranks > 0 ----------------------------------------------------------
+
+    def serve(self, execute) -> bytes | None:
+        """Run passes sent by rank 0 with ``execute(packed, pending)`` until a DONE
+        (returns its payload) or a STOP (returns None). On an error of this rank:
+        record it for rank 0, then re-raise."""
+        fail_at = _injected_failure(self.rank)
+        passes = 0
+        try:
+            while True:
+                header = torch.empty(4, dtype=torch.int64)
+                dist.broadcast(header, 0, group=self.control)
+                kind, length, pending_len, _ = header.tolist()
+                dtype = torch.int64 if kind == PASS else torch.uint8
+                payload = torch.empty(length, dtype=dtype)
+                if length:
+                    dist.broadcast(payload, 0, group=self.control)
+                if kind == STOP:
+                    return None
+                if kind == DONE:
+                    return payload.numpy().tobytes()
+                pending = None
+                if pending_len:
+                    device = _data_device(self)
+                    pending = torch.empty(pending_len, dtype=torch.int64, device=device)
+                    dist.broadcast(pending, 0, group=self.data)
+                passes += 1
+                if passes == fail_at:
+                    raise RuntimeError(f"injected failure on rank {self.rank} at pass {passes}")
+                execute(payload.numpy(), pending)
+        except Exception as err:
+            report_error(f"rank {self.rank}: {type(err).__name__}: {err}")
+            # Leave the group, so that rank 0's collectives fail instead of waiting.
+            self.failure = str(err)
+            destroy()
+            raise
+
+
+def _data_device(group: TPGroup) -> torch.device:
+    backend = dist.get_backend(group.data)
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
+    )
+
+
+def _injected_failure(rank: int) -> int | None:
+    spec = os.environ.get(FAIL_ENV)
+    if not spec:
+        return None
+    failing_rank, _, count = spec.partition(":")
+    return int(count) if int(failing_rank) == rank else None
+
+
+def _store():
+    # The rendezvous store every rank already shares (torchrun's or env://'s).
+    return dist.distributed_c10d._get_default_store()
+
+
+def report_error(message: str) -> None:
+    """Record a rank's failure where rank 0 can read it (best effort)."""
+    try:
+        _store().set(ERROR_KEY, message)
+    except Exception:
+        log.debug("could not record the error in the store", exc_info=True)
+    log.error("tensor-parallel %s", message)
+
+
+def _read_reported_error() -> str | None:
+    try:
+        store = _store()
+        if store.check([ERROR_KEY]):
+            return store.get(ERROR_KEY).decode(errors="replace")
+    except Exception:
+        log.debug("could not read the store", exc_info=True)
+    return None
+
+
+def launcher_world_size() -> int:
+    """WORLD_SIZE as torchrun / ``deepspeed --num_gpus`` set it (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def join(tensor_parallel: int, device_type: str, timeout_s: float = 1800.0) -> TPGroup:
+    """Join the tensor-parallel group described by the launcher's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
+    world = launcher_world_size()
+    if world != tensor_parallel:
+        raise InvalidRequestError(
+            f"tensor_parallel={tensor_parallel} needs {tensor_parallel} processes, one per "
+            f"rank, but this process is one of {world}; launch the script with "
+            f"`torchrun --nproc-per-node {tensor_parallel}` (or `deepspeed --num_gpus "
+            f"{tensor_parallel}`), or let mii.serve start the processes",
+            field="tensor_parallel",
+        )
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise InvalidRequestError(
+            f"tensor parallelism needs the launcher's {', '.join(missing)} environment "
+            "variables; launch with torchrun",
+            field="tensor_parallel",
+        )
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    data = dist.group.WORLD
+    control = dist.new_group(backend="gloo") if backend == "nccl" else data
+    set_parallel_state(rank, world, data)
+    return TPGroup(rank, world, local_rank, control, data)
+
+
+def agree_on_min(group: TPGroup, value: int) -> int:
+    """The smallest ``value`` over all ranks (e.g. KV blocks that fit everywhere)."""
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group.control)
+    return int(tensor.item())
+
+
+def destroy() -> None:
+    """Leave the process group and reset this process to world size 1."""
+    set_parallel_state(0, 1, None)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            log.debug("destroy_process_group failed", exc_info=True)
