@@ -55,6 +55,7 @@ class TPGroup:
     local_rank: int
     control: Any  # gloo group for messages
     data: Any  # group of the layers' collectives
+    store: Any  # the group's key-value store, where a failing rank leaves its error
     failure: str | None = None  # set once any rank failed: the group is unusable
 
     @property
@@ -99,7 +100,7 @@ class TPGroup:
     def failed(self, err: BaseException) -> TensorParallelError:
         """Turn an error of a collective into the failing rank's own error."""
         if self.failure is None:
-            reported = _read_reported_error()
+            reported = _read_reported_error(self.store)
             self.failure = reported or f"tensor-parallel group failed: {err}"
         return TensorParallelError(self.failure)
 
@@ -134,7 +135,7 @@ class TPGroup:
                     raise RuntimeError(f"injected failure on rank {self.rank} at pass {passes}")
                 execute(payload.numpy(), pending)
         except Exception as err:
-            report_error(f"rank {self.rank}: {type(err).__name__}: {err}")
+            report_error(self.store, f"rank {self.rank}: {type(err).__name__}: {err}")
             # Leave the group, so that rank 0's collectives fail instead of waiting.
             self.failure = str(err)
             destroy()
@@ -158,23 +159,17 @@ def _injected_failure(rank: int) -> int | None:
     return int(count) if int(failing_rank) == rank else None
 
 
-def _store():
-    # The rendezvous store every rank already shares (torchrun's or env://'s).
-    return dist.distributed_c10d._get_default_store()
-
-
-def report_error(message: str) -> None:
+def report_error(store, message: str) -> None:
     """Record a rank's failure where rank 0 can read it (best effort)."""
     try:
-        _store().set(ERROR_KEY, message)
+        store.set(ERROR_KEY, message)
     except Exception:
         log.debug("could not record the error in the store", exc_info=True)
     log.error("tensor-parallel %s", message)
 
 
-def _read_reported_error() -> str | None:
+def _read_reported_error(store) -> str | None:
     try:
-        store = _store()
         if store.check([ERROR_KEY]):
             return store.get(ERROR_KEY).decode(errors="replace")
     except Exception:
@@ -209,19 +204,42 @@ def join(tensor_parallel: int, device_type: str, timeout_s: float = 1800.0) -> T
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     backend = "nccl" if device_type == "cuda" else "gloo"
-    if not dist.is_initialized():
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if dist.is_initialized():  # the script made the group itself: use it as it is
+        store = dist.distributed_c10d._get_default_store()
+    else:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(
-            backend,
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        store = _fresh_store(rank, world, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     data = dist.group.WORLD
     control = dist.new_group(backend="gloo") if backend == "nccl" else data
     set_parallel_state(rank, world, data)
-    return TPGroup(rank, world, local_rank, control, data)
+    return TPGroup(rank, world, local_rank, control, data, store)
+
+
+_BASE_STORE: Any = None
+_GENERATION = 0
+
+
+def _fresh_store(rank: int, world: int, timeout: datetime.timedelta):
+    """A key-value store no earlier group of this process used: a pipeline made
+    after another was destroyed must not meet the first one's keys."""
+    global _BASE_STORE, _GENERATION
+    if _BASE_STORE is None:
+        # torchrun's agent already serves a store at MASTER_ADDR:MASTER_PORT;
+        # other launchers (deepspeed, mii.serve) leave rank 0 to host it.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        _BASE_STORE = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=rank == 0 and not agent,
+            timeout=timeout,
+            wait_for_workers=False,
+        )
+    _GENERATION += 1
+    return dist.PrefixStore(f"mii/group{_GENERATION}", _BASE_STORE)
 
 
 def agree_on_min(group: TPGroup, value: int) -> int:

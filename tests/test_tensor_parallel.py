@@ -1,0 +1,181 @@
+"""Tensor parallelism on CPU with gloo: torchrun pipelines give the tokens of one
+rank and of transformers; shards load the right slices; errors are clear."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mii
+from helpers import PROMPTS, TIGHT_OPTIONS, checkpoint_cache, hf_greedy
+from mii.models import loader
+from mii.models.parallel import kv_head_layout, parallel_state, vocab_range
+from test_family_falcon import falcon_config
+from test_family_mixtral import hf_model_from_config, mixtral_config
+
+NEW_TOKENS = 16
+SCRIPT = Path(__file__).with_name("tp_script.py")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer, checkpoints):
+    """name -> (path, HF model): the layouts the issue names."""
+    falcon = checkpoint_cache(
+        tmp_path_factory,
+        tokenizer,
+        "tp-falcon",
+        lambda name: falcon_config(tokenizer, multi_query=True, parallel_attn=True),
+        seed=2,
+        vector_noise=torch.default_generator,
+    )
+    mixtral_path = tmp_path_factory.mktemp("tp-mixtral")
+    mixtral = hf_model_from_config(mixtral_config(tokenizer))
+    mixtral.save_pretrained(mixtral_path)
+    tokenizer.save_pretrained(mixtral_path)
+    return {
+        "llama-gqa": checkpoints("llama"),  # 4 query heads, 2 KV heads
+        "qwen2-one-kv-head": checkpoints("qwen2", num_key_value_heads=1),
+        "falcon-7b-mqa": falcon("7b-mqa"),
+        "mixtral": (mixtral_path, mixtral),
+    }
+
+
+def run_torchrun(tmp_path: Path, ranks: int, jobs: list[dict]) -> list[list[dict]]:
+    """Every rank's results of the jobs, run by `torchrun --nproc-per-node ranks`."""
+    spec = tmp_path / "jobs.json"
+    spec.write_text(json.dumps(jobs))
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        str(SCRIPT),
+        str(spec),
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def job(path, options=None, prompts=PROMPTS) -> dict:
+    return {
+        "model": str(path),
+        "prompts": prompts,
+        "new_tokens": NEW_TOKENS,
+        "options": {"all_rank_output": True, **(options or {})},
+    }
+
+
+def test_two_ranks_match_one_rank_and_transformers(models, tokenizer, tmp_path):
+    names = list(models)
+    jobs = [job(models[name][0], TIGHT_OPTIONS) for name in names]
+    # Async scheduling sends rank 0's sampled tokens to the other ranks on the device.
+    jobs.append(job(models["llama-gqa"][0], {"async_scheduling": True}))
+    jobs.append(job(models["llama-gqa"][0], {"all_rank_output": False}, PROMPTS[:2]))
+    rank0, rank1 = run_torchrun(tmp_path, 2, jobs)
+    for name, got in zip([*names, "llama-gqa"], rank0):
+        path, hf_model = models[name]
+        expected = [hf_greedy(hf_model, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
+        assert got["token_ids"] == expected, name
+        with mii.pipeline(str(path), **TIGHT_OPTIONS) as pipe:  # one rank
+            single = pipe(PROMPTS, do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert got["token_ids"] == [r.token_ids for r in single], name
+    assert [r["type"] for r in rank0] == ["Pipeline"] * len(jobs)
+    assert [r["type"] for r in rank1] == ["RankPipeline"] * len(jobs)
+    # all_rank_output: rank 1 receives rank 0's responses; otherwise nothing.
+    assert rank1[:-1] == [{**r, "type": "RankPipeline"} for r in rank0[:-1]]
+    assert rank1[-1]["token_ids"] == [] and len(rank0[-1]["token_ids"]) == 2
+
+
+def test_four_ranks_replicate_key_value_heads(models, tokenizer, tmp_path):
+    """4 ranks over 2 KV heads (llama) and 1 (Falcon MQA): each KV head is held by
+    the ranks whose query heads use it."""
+    names = ["llama-gqa", "falcon-7b-mqa"]
+    results = run_torchrun(tmp_path, 4, [job(models[n][0]) for n in names])
+    for name, got in zip(names, results[0]):
+        hf_model = models[name][1]
+        expected = [hf_greedy(hf_model, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
+        assert got["token_ids"] == expected, name
+    assert all(r == [{**x, "type": "RankPipeline"} for x in results[0]] for r in results[1:])
+
+
+# -- shards, built in one process as each rank would -------------------------------
+
+
+def build_rank(path: Path, rank: int, world: int):
+    hf_config = loader.read_hf_config(path)
+    with parallel_state(rank, world):
+        return loader.build_model(hf_config, path, torch.float32, torch.device("cpu"), "auto", 0)
+
+
+def full_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    [file] = path.glob("*.safetensors")
+    return load_file(file)
+
+
+def test_shards_hold_their_slices(models):
+    path, _ = models["llama-gqa"]
+    full = full_weights(path)
+    shards = [build_rank(path, r, 2) for r in range(2)]
+    attn = [s.model.layers[0].self_attn for s in shards]
+    assert [a.num_heads for a in attn] == [2, 2] and [a.num_kv_heads for a in attn] == [1, 1]
+    for name, part in (("q_proj", 0), ("k_proj", 1), ("v_proj", 2)):
+        pieces = []
+        for a in attn:
+            sizes = a.qkv_proj.output_sizes
+            start = sum(sizes[:part])
+            pieces.append(a.qkv_proj.weight[start : start + sizes[part]])
+        expected = full[f"model.layers.0.self_attn.{name}.weight"]
+        torch.testing.assert_close(torch.cat(pieces), expected)
+    o_proj = torch.cat([a.o_proj.weight for a in attn], dim=1)
+    torch.testing.assert_close(o_proj, full["model.layers.0.self_attn.o_proj.weight"])
+    embed = torch.cat([s.model.embed_tokens.weight for s in shards])
+    vocab = full["model.embed_tokens.weight"].shape[0]
+    torch.testing.assert_close(embed[:vocab], full["model.embed_tokens.weight"])
+    assert not embed[vocab:].any()  # padding rows of the last rank
+
+
+def test_single_key_value_head_is_replicated(models):
+    path, _ = models["falcon-7b-mqa"]
+    shards = [build_rank(path, r, 2) for r in range(2)]
+    layers = [s.transformer.h[0].self_attention.qkv_proj for s in shards]
+    q_rows = layers[0].output_sizes[0]
+    k_rank0 = layers[0].weight[q_rows:]
+    k_rank1 = layers[1].weight[q_rows:]
+    torch.testing.assert_close(k_rank0, k_rank1)  # the same k and v on both ranks
+    assert not torch.equal(layers[0].weight[:q_rows], layers[1].weight[:q_rows])
+
+
+def test_layouts():
+    assert [kv_head_layout(8, 4, r) for r in range(4)] == [(2, 0), (2, 2), (2, 4), (2, 6)]
+    assert [kv_head_layout(2, 4, r) for r in range(4)] == [(1, 0), (1, 0), (1, 1), (1, 1)]
+    assert [kv_head_layout(1, 4, r)[1] for r in range(4)] == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="multiple of the model's 3 key/value heads"):
+        kv_head_layout(3, 4, 0)
+    assert vocab_range(10, 4, 3) == (9, 3)  # 3 rows per rank, 2 of the last are padding
+
+
+def test_head_count_not_divisible_is_a_clear_error(models):
+    path, _ = models["llama-gqa"]
+    with pytest.raises(ValueError, match=r"tensor_parallel \(3\)"):
+        build_rank(path, 0, 3)  # 4 query heads, 2 KV heads
+    hf_config = loader.read_hf_config(path)
+    with parallel_state(0, 8), pytest.raises(ValueError, match=r"\(4\) is not divisible by"):
+        loader.build_model(hf_config, path, torch.float32, torch.device("cpu"), "auto", 0)
+
+
+def test_tensor_parallel_without_a_launcher_says_how_to_launch(models, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(mii.InvalidRequestError, match="torchrun --nproc-per-node 2"):
+        mii.pipeline(str(models["llama-gqa"][0]), tensor_parallel=2)
