@@ -179,3 +179,88 @@ def test_tensor_parallel_without_a_launcher_says_how_to_launch(models, monkeypat
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(mii.InvalidRequestError, match="torchrun --nproc-per-node 2"):
         mii.pipeline(str(models["llama-gqa"][0]), tensor_parallel=2)
+
+
+# -- deployments -------------------------------------------------------------------
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":  # zombies are already gone
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def deployment_processes(name: str) -> set[int]:
+    from mii.rpc import registry
+
+    info = registry.lookup(name)
+    return {info["pid"], *descendants(info["pid"])}
+
+
+def wait_until(predicate, timeout: float = 20.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+SERVE_OPTIONS = dict(kv_block_size=4, num_kv_blocks=64)
+
+
+def test_serve_two_ranks_two_replicas(models, tmp_path, monkeypatch):
+    from mii.rpc import registry
+
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    path = str(models["llama-gqa"][0])
+    with mii.pipeline(path, **SERVE_OPTIONS) as pipe:
+        expected = pipe(PROMPTS[:3], do_sample=False, max_new_tokens=NEW_TOKENS)
+    client = mii.serve(
+        path, deployment_name="tp", tensor_parallel=2, replica_num=2, **SERVE_OPTIONS
+    )
+    processes = deployment_processes("tp")
+    try:
+        # deployment + 2 replicas (rank 0) + 2 rank-1 workers
+        assert len([p for p in processes if registry.pid_alive(p)]) >= 5
+        got = client.generate(PROMPTS[:3], do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected]
+        streamed = list(client.stream(PROMPTS[0], do_sample=False, max_new_tokens=NEW_TOKENS))
+        assert "".join(p.generated_text for p in streamed) == expected[0].generated_text
+    finally:
+        client.terminate_server()
+    assert wait_until(lambda: not any(registry.pid_alive(p) for p in processes))
+    assert registry.lookup("tp") is None
+
+
+def test_failing_rank_fails_the_request_and_the_deployment_turns_unhealthy(
+    models, tmp_path, monkeypatch
+):
+    from mii.rpc import registry
+
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MII_TP_FAIL_AT_PASS", "1:3")  # rank 1 raises on its third pass
+    path = str(models["llama-gqa"][0])
+    client = mii.serve(path, deployment_name="tp-fail", tensor_parallel=2, **SERVE_OPTIONS)
+    processes = deployment_processes("tp-fail")
+    try:
+        with pytest.raises(mii.MiiError, match="rank 1: RuntimeError: injected failure"):
+            client.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS, timeout=60)
+        assert wait_until(lambda: not client.is_healthy(timeout=1.0))
+    finally:
+        client.terminate_server()
+    assert wait_until(lambda: not any(registry.pid_alive(p) for p in processes))

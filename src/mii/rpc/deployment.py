@@ -26,7 +26,7 @@ import grpc
 
 from mii.rpc import mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.balancer import BalancerServicer
-from mii.rpc.pool import ReplicaPool
+from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 from mii.rpc.replica import STARTUP_ERROR, add_standard_services, run_event_loop, set_health
 
 
@@ -49,14 +49,33 @@ def _gpu_count() -> int:
         return 0
 
 
+def _device_map(config: dict[str, Any], gpus: int) -> list[int] | None:
+    """The GPUs of the deployment, replica after replica (None without GPUs)."""
+    need = config.get("tensor_parallel", 1) * config.get("replica_num", 1)
+    device_map = config.get("device_map")
+    if not gpus:
+        return None  # CPU: every rank of every replica runs on the CPU
+    if device_map is None:
+        if need > gpus:
+            raise DeploymentError(
+                f"tensor_parallel={config.get('tensor_parallel', 1)} x replica_num="
+                f"{config.get('replica_num', 1)} needs {need} GPUs; {gpus} found"
+            )
+        return list(range(need))
+    missing = [d for d in device_map[:need] if d >= gpus]
+    if missing:
+        raise DeploymentError(f"device_map names GPUs {missing}, but only {gpus} are present")
+    return list(device_map[:need])
+
+
 class ReplicaProcess:
     def __init__(self, index: int, config: dict[str, Any], log_file: Path) -> None:
         self.index = index
         self.address = f"{config['host']}:{config['port']}"
         self.log_file = log_file
         env = dict(os.environ)
-        if config.get("gpu") is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(config["gpu"])
+        if config.get("gpus"):  # the replica's GPUs; its ranks use them in order
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, config["gpus"]))
         with open(log_file, "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mii.rpc.replica", json.dumps(config)],
@@ -104,9 +123,8 @@ async def run_deployment(config: dict[str, Any]) -> None:
     health = add_standard_services(server)
     await set_health(health, False)
 
-    gpus = _gpu_count()
-    if gpus and replica_num > gpus:
-        raise DeploymentError(f"replica_num={replica_num} needs {replica_num} GPUs; {gpus} found")
+    tensor_parallel = config.get("tensor_parallel", 1)
+    device_map = _device_map(config, _gpu_count())
     replicas: list[ReplicaProcess] = []
     pool: ReplicaPool | None = None
     rest = None
@@ -118,7 +136,14 @@ async def run_deployment(config: dict[str, Any]) -> None:
                 "engine_options": config.get("engine_options", {}),
                 "host": "127.0.0.1",
                 "port": free_port(),
-                "gpu": i if gpus else None,
+                "gpus": (
+                    device_map[i * tensor_parallel : (i + 1) * tensor_parallel]
+                    if device_map
+                    else None
+                ),
+                "tensor_parallel": tensor_parallel,
+                "tp_master_addr": config.get("tp_master_addr", "127.0.0.1"),
+                "tp_master_port": free_port() if tensor_parallel > 1 else None,
             }
             log = registry.log_path(name).with_suffix(f".replica{i}.log")
             replicas.append(ReplicaProcess(i, replica_config, log))
@@ -143,6 +168,7 @@ async def run_deployment(config: dict[str, Any]) -> None:
             rest = await start_gateway(pool, info, config)
 
         await set_health(health, True)
+        health_watcher = asyncio.create_task(_follow_replica_health(pool, health))
         registry.record(
             name,
             {
@@ -158,6 +184,7 @@ async def run_deployment(config: dict[str, Any]) -> None:
         print(f"[mii] deployment {name!r} serving on {host}:{port}", file=sys.stderr, flush=True)
         await stop.wait()
         watcher.cancel()
+        health_watcher.cancel()
     finally:
         await set_health(health, False)
         registry.remove(name, pid=os.getpid())
@@ -169,6 +196,18 @@ async def run_deployment(config: dict[str, Any]) -> None:
             await pool.close()
         for replica in replicas:
             replica.stop()
+
+
+async def _follow_replica_health(pool: ReplicaPool, health) -> None:
+    """SERVING while at least one replica is; NOT_SERVING when none is (e.g. a
+    tensor-parallel rank of the only replica failed)."""
+    serving = True
+    while True:
+        await asyncio.sleep(HEALTH_INTERVAL_S)
+        now = any(r.healthy for r in pool.replicas)
+        if now != serving:
+            serving = now
+            await set_health(health, now)
 
 
 async def _wait_for_replicas(pool: ReplicaPool, replicas: list[ReplicaProcess], timeout: float):

@@ -29,6 +29,8 @@ def deployment_config(
     host: str = "127.0.0.1",
     max_length: int | None = None,
     startup_timeout: float = 600.0,
+    device_map: list[int] | None = None,
+    tp_master_addr: str = "127.0.0.1",
     **engine_options: Any,
 ) -> dict[str, Any]:
     """The validated configuration of a deployment, as ``mii.rpc.deployment`` runs it.
@@ -37,10 +39,18 @@ def deployment_config(
     options, and a name that a running deployment already has, fail here, before
     anything starts.
     """
-    if tensor_parallel != 1:
-        raise NotImplementedError("tensor_parallel > 1 is not supported yet")
+    if tensor_parallel < 1:
+        raise ValueError("tensor_parallel must be at least 1")
     if replica_num < 1:
         raise ValueError("replica_num must be at least 1")
+    if device_map is not None:
+        if len(device_map) < tensor_parallel * replica_num:
+            raise ValueError(
+                f"device_map lists {len(device_map)} GPUs; tensor_parallel={tensor_parallel} x "
+                f"replica_num={replica_num} needs {tensor_parallel * replica_num}"
+            )
+        if len(set(device_map)) != len(device_map) or min(device_map) < 0:
+            raise ValueError("device_map must list distinct GPU indices (0, 1, ...)")
     if max_length is not None:
         engine_options["max_length"] = max_length
     EngineConfig.parse(model_name_or_path, **engine_options)  # bad options fail here, at once
@@ -54,6 +64,9 @@ def deployment_config(
         "host": host,
         "port": port,
         "replica_num": replica_num,
+        "tensor_parallel": tensor_parallel,
+        "device_map": device_map,
+        "tp_master_addr": tp_master_addr,
         "enable_restful_api": enable_restful_api,
         "restful_api_port": restful_api_port,
         "startup_timeout": startup_timeout,
@@ -71,6 +84,8 @@ def serve(
     host: str = "127.0.0.1",
     max_length: int | None = None,
     startup_timeout: float = 600.0,
+    device_map: list[int] | None = None,
+    tp_master_addr: str = "127.0.0.1",
     **engine_options: Any,
 ) -> MiiClient:
     """Start a deployment (background processes that outlive this one) and return
@@ -90,6 +105,8 @@ def serve(
         host=host,
         max_length=max_length,
         startup_timeout=startup_timeout,
+        device_map=device_map,
+        tp_master_addr=tp_master_addr,
         **engine_options,
     )
     name = config["deployment_name"]

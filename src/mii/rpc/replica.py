@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import traceback
 from typing import Any
@@ -147,10 +148,18 @@ async def serve_replica(config: dict[str, Any]) -> None:
     await set_health(health_servicer, False)
     await server.start()
 
-    def load() -> AsyncEngine:
-        return AsyncEngine(config["model"], **config["engine_options"])
+    tensor_parallel = config.get("tensor_parallel", 1)
+    workers = start_rank_workers(config) if tensor_parallel > 1 else []
 
-    engine = await asyncio.to_thread(load)
+    def load() -> AsyncEngine:
+        options = {**config["engine_options"], "tensor_parallel": tensor_parallel}
+        return AsyncEngine(config["model"], **options)
+
+    try:
+        engine = await asyncio.to_thread(load)
+    except BaseException:
+        stop_rank_workers(workers)
+        raise
     await engine.generate("warm up", max_new_tokens=1)  # compile/allocate before SERVING
     servicer.info = mii_pb2.ModelInfoReply(
         deployment_name=config["deployment_name"],
@@ -164,13 +173,49 @@ async def serve_replica(config: dict[str, Any]) -> None:
     parent = os.getppid()
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), timeout=1.0)
+            await asyncio.wait_for(stop.wait(), timeout=0.5)
         except asyncio.TimeoutError:
             if os.getppid() != parent:  # the deployment process died: do not linger
                 break
+            if engine.core.failure is not None:  # a tensor-parallel rank failed
+                await set_health(health_servicer, False)
     await set_health(health_servicer, False)
     await server.stop(grace=2.0)
     await engine.aclose()
+    stop_rank_workers(workers)
+
+
+def start_rank_workers(config: dict[str, Any]) -> list[subprocess.Popen]:
+    """Start ranks 1..N-1 of this replica's tensor-parallel engine (this process is
+    rank 0); they share this process's GPUs (CUDA_VISIBLE_DEVICES) and log."""
+    world = config["tensor_parallel"]
+    group_env = {
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": config.get("tp_master_addr", "127.0.0.1"),
+        "MASTER_PORT": str(config["tp_master_port"]),
+    }
+    os.environ.update(group_env, RANK="0", LOCAL_RANK="0")
+    workers = []
+    for rank in range(1, world):
+        env = {**os.environ, **group_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mii.engine.tp_worker", json.dumps(config)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        )
+    return workers
+
+
+def stop_rank_workers(workers: list[subprocess.Popen], timeout: float = 15.0) -> None:
+    """Wait for the ranks to leave (rank 0 told them to stop), then make sure."""
+    for worker in workers:
+        try:
+            worker.wait(timeout)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 def run_event_loop(main) -> None:
