@@ -62,7 +62,8 @@ def run_torchrun(tmp_path: Path, ranks: int, jobs: list[dict]) -> list[list[dict
         str(out),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if "Error" in line]
+    assert result.returncode == 0, "\n".join(errors[-20:]) or result.stderr[-4000:]
     return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(ranks)]
 
 
@@ -106,6 +107,77 @@ def test_four_ranks_replicate_key_value_heads(models, tokenizer, tmp_path):
         expected = [hf_greedy(hf_model, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
         assert got["token_ids"] == expected, name
     assert all(r == [{**x, "type": "RankPipeline"} for x in results[0]] for r in results[1:])
+
+
+@pytest.fixture(scope="module")
+def every_family(tmp_path_factory, tokenizer, checkpoints, models):
+    """name -> (path, HF model): one checkpoint per family and layout of the spec."""
+    from transformers import GemmaConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+    from helpers import save_checkpoint, tiny_config_kwargs
+    from test_family_falcon import LAYOUTS as FALCON_LAYOUTS
+    from test_family_llama_variants import to_qwen_v1
+    from test_family_mixtral import qwen2_moe_config
+    from test_family_opt import VARIANTS as OPT_VARIANTS
+    from test_family_opt import opt_config
+    from test_family_phi import VARIANTS as PHI_VARIANTS
+    from test_family_phi import phi_config
+
+    def build(name, config, **options):
+        path = tmp_path_factory.mktemp(f"tp-{name}")
+        return path, save_checkpoint(path, config, tokenizer, **options)
+
+    found = dict(models)
+    for name in ("llama-mha-tied", "llama3-rope", "mistral-window", "qwen2-window"):
+        found[name] = checkpoints(name)
+    for name, layout in FALCON_LAYOUTS.items():
+        found[f"falcon-{name}"] = build(
+            name, falcon_config(tokenizer, **layout), seed=2, vector_noise=torch.default_generator
+        )
+    for name in ("pre-ln", "post-ln-projected"):
+        found[f"opt-{name}"] = build(
+            name, opt_config(tokenizer, **OPT_VARIANTS[name]), vector_noise=1
+        )
+    for name, variant in PHI_VARIANTS.items():
+        found[f"phi-{name}"] = build(name, phi_config(tokenizer, **variant), vector_noise=1)
+    found["qwen3"] = build("qwen3", Qwen3Config(**tiny_config_kwargs(tokenizer, head_dim=32)))
+    found["gemma"] = build(
+        "gemma",
+        GemmaConfig(
+            **tiny_config_kwargs(
+                tokenizer, head_dim=32, num_key_value_heads=1, tie_word_embeddings=True
+            )
+        ),
+    )
+    found["phi3"] = build("phi3", Phi3Config(**tiny_config_kwargs(tokenizer, sliding_window=10)))
+    qwen2_path, qwen2_hf = build(
+        "qwen2-mha", Qwen2Config(**tiny_config_kwargs(tokenizer, num_key_value_heads=4))
+    )
+    found["qwen-v1"] = (
+        to_qwen_v1(qwen2_path, tmp_path_factory.mktemp("tp-qwen-v1") / "model"),
+        qwen2_hf,
+    )
+    moe_path = tmp_path_factory.mktemp("tp-qwen2-moe")
+    moe_hf = hf_model_from_config(qwen2_moe_config(tokenizer))
+    moe_hf.save_pretrained(moe_path)
+    tokenizer.save_pretrained(moe_path)
+    found["qwen2-moe"] = (moe_path, moe_hf)
+    return found
+
+
+FOUR_RANK_FAMILIES = ["mixtral", "qwen2-moe", "opt-pre-ln", "phi-partial-0.5", "falcon-40b-grouped"]
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_every_family_matches_transformers(every_family, tokenizer, tmp_path, ranks):
+    names = list(every_family) if ranks == 2 else FOUR_RANK_FAMILIES
+    prompts = PROMPTS[:3]
+    jobs = [job(every_family[n][0], {"all_rank_output": False}, prompts) for n in names]
+    rank0 = run_torchrun(tmp_path, ranks, jobs)[0]
+    for name, got in zip(names, rank0):
+        hf_model = every_family[name][1]
+        expected = [hf_greedy(hf_model, tokenizer, p, NEW_TOKENS) for p in prompts]
+        assert got["token_ids"] == expected, name
 
 
 # -- shards, built in one process as each rank would -------------------------------
