@@ -111,3 +111,24 @@ def write_json(path: str | None, result: dict) -> None:
     print(text)
     if path:
         Path(path).write_text(text)
+
+
+def serve_other_ranks(path: str, options: dict) -> bool:
+    """Under ``torchrun --nproc-per-node N`` with ``--tensor-parallel N``: on ranks
+    > 0, hold this rank's shard and run rank 0's passes until it stops, then
+    return True (the caller exits); on rank 0, or without tensor parallelism, False."""
+    import os
+
+    if options.get("tensor_parallel", 1) == 1 or os.environ.get("RANK", "0") == "0":
+        return False
+    from mii.config import EngineConfig
+    from mii.engine import distributed
+    from mii.engine.core import EngineCore
+
+    config = EngineConfig.parse(path, load_format="dummy", dtype="bfloat16", **options)
+    core = EngineCore(config)
+    while core.serve_worker() is not None:
+        pass
+    core.release()
+    distributed.destroy()
+    return True

@@ -16,7 +16,15 @@ import time
 import torch
 
 import mii
-from benchmarks.common import SHAPES, environment, model_dir, num_params, roofline, write_json
+from benchmarks.common import (
+    SHAPES,
+    environment,
+    model_dir,
+    num_params,
+    roofline,
+    serve_other_ranks,
+    write_json,
+)
 
 
 async def run_mii(
@@ -70,6 +78,13 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also run the Hugging Face peer")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N GPUs; run under `torchrun --nproc-per-node N`",
+    )
+    parser.add_argument(
         "--sync-scheduling",
         action="store_true",
         help="read each pass's tokens before launching the next (default on CUDA: async)",
@@ -91,6 +106,11 @@ def main() -> None:
     if args.sync_scheduling:
         options["async_scheduling"] = False
     result["async_scheduling"] = not args.sync_scheduling
+    if args.tensor_parallel > 1:
+        options["tensor_parallel"] = args.tensor_parallel
+        if serve_other_ranks(path, options):
+            return  # a rank > 0: rank 0 measures and reports
+    result["tensor_parallel"] = args.tensor_parallel
     result["mii"] = asyncio.run(run_mii(path, prompt_ids, args.new_tokens, args.repeats, options))
     if args.hf:
         result["hf_generate"] = run_hf(config, prompt_ids, args.new_tokens)

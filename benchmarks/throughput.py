@@ -19,7 +19,15 @@ import time
 import torch
 
 import mii
-from benchmarks.common import SHAPES, environment, model_dir, num_params, roofline, write_json
+from benchmarks.common import (
+    SHAPES,
+    environment,
+    model_dir,
+    num_params,
+    roofline,
+    serve_other_ranks,
+    write_json,
+)
 
 
 def workload(n: int, low: int, high: int, seed: int = 0) -> list[list[int]]:
@@ -93,6 +101,13 @@ def main() -> None:
     parser.add_argument("--hf", action="store_true", help="also run HF generate_batch")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N GPUs; run under `torchrun --nproc-per-node N`",
+    )
+    parser.add_argument(
         "--sync-scheduling",
         action="store_true",
         help="read each pass's tokens before launching the next (default on CUDA: async)",
@@ -118,6 +133,11 @@ def main() -> None:
     if args.sync_scheduling:
         options["async_scheduling"] = False
     result["async_scheduling"] = not args.sync_scheduling
+    if args.tensor_parallel > 1:
+        options["tensor_parallel"] = args.tensor_parallel
+        if serve_other_ranks(model_dir(args.model), options):
+            return  # a rank > 0: rank 0 measures and reports
+    result["tensor_parallel"] = args.tensor_parallel
     if args.compile:
         options["compile"] = True
     result["mii"] = asyncio.run(run_mii(model_dir(args.model), prompts, args.output_len, options))

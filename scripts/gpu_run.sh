@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
-#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1]
+#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [tp2-latency] [tp2-w1] [tp2-tests]
+# (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 while [ $# -gt 0 ]; do
@@ -19,6 +21,9 @@ while [ $# -gt 0 ]; do
     serving) python3 benchmarks/serving.py --rates 4 8 12 16 --num-requests 100 --json "$OUT/serving.json" > "$OUT/serving.log" 2>&1; tail -80 "$OUT/serving.log" | grep -v '"p50\|"p99\|}\|{' ;;
     latency-sync) python3 benchmarks/latency.py --sync-scheduling --json "$OUT/latency_sync.json" > "$OUT/latency_sync.log" 2>&1; tail -30 "$OUT/latency_sync.log" ;;
     w1-sync) python3 benchmarks/throughput.py --sync-scheduling --json "$OUT/w1_sync.json" > "$OUT/w1_sync.log" 2>&1; tail -30 "$OUT/w1_sync.log" ;;
+    tp2-latency) torchrun --standalone --nproc-per-node 2 benchmarks/latency.py --tensor-parallel 2 --json "$OUT/latency_tp2.json" > "$OUT/latency_tp2.log" 2>&1; tail -30 "$OUT/latency_tp2.log" ;;
+    tp2-w1) torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py --tensor-parallel 2 --json "$OUT/w1_tp2.json" > "$OUT/w1_tp2.log" 2>&1; tail -30 "$OUT/w1_tp2.log" ;;
+    tp2-tests) python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -25 ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift

@@ -336,3 +336,21 @@ def test_failing_rank_fails_the_request_and_the_deployment_turns_unhealthy(
     finally:
         client.terminate_server()
     assert wait_until(lambda: not any(registry.pid_alive(p) for p in processes))
+
+
+def test_device_map_of_a_deployment():
+    from mii.rpc.deployment import DeploymentError, _device_map
+
+    two_by_two = {"tensor_parallel": 2, "replica_num": 2}
+    assert _device_map(two_by_two, gpus=0) is None  # CPU
+    assert _device_map(two_by_two, gpus=4) == [0, 1, 2, 3]
+    assert _device_map({**two_by_two, "device_map": [3, 2, 1, 0]}, gpus=4) == [3, 2, 1, 0]
+    with pytest.raises(DeploymentError, match="needs 4 GPUs; 2 found"):
+        _device_map(two_by_two, gpus=2)
+    with pytest.raises(DeploymentError, match=r"names GPUs \[5\]"):
+        _device_map({**two_by_two, "device_map": [0, 1, 2, 5]}, gpus=4)
+
+
+def test_bad_device_map_fails_before_anything_starts(models):
+    with pytest.raises(ValueError, match="needs 4"):
+        mii.serve(str(models["llama-gqa"][0]), tensor_parallel=2, replica_num=2, device_map=[0])

@@ -209,6 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.model,
             deployment_name=args.deployment_name,
             tensor_parallel=args.tensor_parallel,
+            device_map=args.device_map,
             replica_num=args.replica_num,
             enable_restful_api=args.enable_restful_api,
             restful_api_port=args.restful_api_port,
@@ -514,7 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="GPUs per replica (default: 1; only 1 is supported yet)",
+        help="ranks (GPUs) each replica's model is split over (default: 1)",
+    )
+    p.add_argument(
+        "--device-map",
+        type=lambda text: [int(x) for x in text.split(",")],
+        default=None,
+        metavar="GPUS",
+        help="comma-separated GPU indices the deployment uses, replica after replica "
+        "(default: 0, 1, ...)",
     )
     p.add_argument(
         "--enable-restful-api",
