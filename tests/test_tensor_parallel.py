@@ -354,3 +354,29 @@ def test_device_map_of_a_deployment():
 def test_bad_device_map_fails_before_anything_starts(models):
     with pytest.raises(ValueError, match="needs 4"):
         mii.serve(str(models["llama-gqa"][0]), tensor_parallel=2, replica_num=2, device_map=[0])
+
+
+def test_each_rank_reads_only_its_share_of_the_checkpoint(models, monkeypatch):
+    """Sharded tensors are read slice by slice from safetensors: at 2 ranks a rank
+    reads about half of the checkpoint (norms are replicated, so a little more)."""
+    from mii.models import checkpoint_tensor
+
+    read = []
+    original = checkpoint_tensor.LazyTensor.__init__
+
+    def tracking_init(self, handle, name):
+        original(self, handle, name)
+        read.append(self)
+
+    monkeypatch.setattr(checkpoint_tensor.LazyTensor, "__init__", tracking_init)
+    path, _ = models["llama-gqa"]
+    total = sum(t.numel() for t in full_weights(path).values())
+    shares = []
+    for rank in range(2):
+        read.clear()
+        build_rank(path, rank, 2)
+        shares.append(sum(t.elements_read for t in read) / total)
+    assert all(0.45 < share < 0.55 for share in shares), shares
+    read.clear()
+    build_rank(path, 0, 1)
+    assert sum(t.elements_read for t in read) == total  # one rank reads everything once

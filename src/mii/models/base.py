@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from mii.models.checkpoint_tensor import materialize
 from mii.models.layers import default_weight_loader
 from mii.ops.attention import AttentionBatch
 
@@ -71,9 +72,12 @@ class CausalLM(nn.Module):
         keys filled, as in ``expected_weight_names``."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
+        reorders = type(self).convert_weight is not CausalLM.convert_weight
         for original_name, original in weights:
             if any(original_name.endswith(s) for s in self.ignored_weights):
                 continue
+            if reorders:  # the hook needs whole tensors
+                original = materialize(original)
             for hf_name, tensor in self.convert_weight(original_name, original):
                 name, shard_id = self.map_weight_name(hf_name)
                 if name not in params:
@@ -83,7 +87,10 @@ class CausalLM(nn.Module):
                 param = params[name]
                 module_name, _, leaf = name.rpartition(".")
                 module = self.get_submodule(module_name)
-                tensor = tensor.to(param.dtype)
+                # A checkpoint tensor stays lazy only for a loader that narrows it to
+                # this rank's slice (the copy into the parameter converts the dtype).
+                if not (getattr(module, "reads_slices", False) and shard_id != "packed"):
+                    tensor = materialize(tensor).to(param.dtype)
                 if hasattr(module, "weight_loader"):
                     module.weight_loader(leaf, param, tensor, shard_id)
                 else:

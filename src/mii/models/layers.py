@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mii.models.checkpoint_tensor import LazyTensor, materialize
 from mii.models.parallel import (
     all_gather_last_dim,
     all_reduce,
@@ -28,7 +29,9 @@ from mii.models.parallel import (
 )
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor | LazyTensor) -> None:
+    """Copy a whole tensor into ``param`` (converting its dtype)."""
+    loaded = materialize(loaded)
     if param.shape != loaded.shape:
         raise ValueError(f"weight shape {tuple(loaded.shape)} does not match {tuple(param.shape)}")
     param.data.copy_(loaded)
@@ -67,6 +70,8 @@ class ColumnParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    reads_slices = True  # its loader only narrows a part's rows (see checkpoint_tensor)
+
     def weight_shards(self, name: str) -> list:
         return [None] if len(self.output_sizes) == 1 else list(range(len(self.output_sizes)))
 
@@ -102,6 +107,8 @@ def qkv_layouts(num_heads: int, num_kv_heads: int, head_dim: int) -> list[tuple[
 
 class RowParallelLinear(nn.Module):
     """y = x Wᵀ + b with W's input columns split across ranks; partial sums are all-reduced."""
+
+    reads_slices = True  # its loader only narrows this rank's slice
 
     def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
         super().__init__()
@@ -140,6 +147,8 @@ class VocabEmbedding(nn.Module):
     """Token embedding with the vocabulary split across ranks: each rank embeds
     the ids in its range, zeros elsewhere, and the sum over ranks is the result."""
 
+    reads_slices = True  # its loader only narrows this rank's slice
+
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -163,6 +172,8 @@ class VocabEmbedding(nn.Module):
 class LMHead(nn.Module):
     """Final projection to vocabulary logits, optionally sharing the embedding matrix.
     Each rank computes the logits of its vocabulary slice; they are gathered."""
+
+    reads_slices = True  # its loader only narrows this rank's slice
 
     def __init__(
         self, hidden_size: int, vocab_size: int, bias: bool, tied_to: VocabEmbedding | None

@@ -18,6 +18,7 @@ import torch
 
 from mii.errors import ModelLoadError
 from mii.models.base import CausalLM
+from mii.models.checkpoint_tensor import LazyTensor
 from mii.models.registry import model_class
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
@@ -118,7 +119,9 @@ def _fill_random(model: CausalLM, seed: int) -> None:
             param.data.normal_(0.0, 0.02, generator=generator)
 
 
-def _iterate_weights(model_dir: Path, load_format: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _iterate_weights(
+    model_dir: Path, load_format: str
+) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
     safetensors = sorted(model_dir.glob("*.safetensors"))
     bins = sorted(p for p in model_dir.glob("*.bin") if p.name != "training_args.bin")
     if load_format in ("auto", "safetensors") and safetensors:
@@ -127,7 +130,8 @@ def _iterate_weights(model_dir: Path, load_format: str) -> Iterator[tuple[str, t
         for file in safetensors:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield key, f.get_tensor(key)
+                    # Lazy: a sharded layer reads only this rank's slice.
+                    yield key, LazyTensor(f, key)
         return
     if load_format in ("auto", "pt") and bins:
         for file in bins:
