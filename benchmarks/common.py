@@ -132,3 +132,33 @@ def serve_other_ranks(path: str, options: dict) -> bool:
     core.release()
     distributed.destroy()
     return True
+
+
+def add_engine_arguments(parser) -> None:
+    """Options both offline benchmarks share: compile, scheduling, tensor parallelism."""
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N GPUs; run under `torchrun --nproc-per-node N`",
+    )
+    parser.add_argument(
+        "--sync-scheduling",
+        action="store_true",
+        help="read each pass's tokens before launching the next (default on CUDA: async)",
+    )
+
+
+def engine_options(args, result: dict, options: dict) -> dict:
+    """``options`` plus those of ``add_engine_arguments``, recorded in ``result``."""
+    if args.compile:
+        options["compile"] = True
+    if args.sync_scheduling:
+        options["async_scheduling"] = False
+    if args.tensor_parallel > 1:
+        options["tensor_parallel"] = args.tensor_parallel
+    result["async_scheduling"] = not args.sync_scheduling
+    result["tensor_parallel"] = args.tensor_parallel
+    return options

@@ -18,6 +18,8 @@ import torch
 import mii
 from benchmarks.common import (
     SHAPES,
+    add_engine_arguments,
+    engine_options,
     environment,
     model_dir,
     num_params,
@@ -76,19 +78,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--hf", action="store_true", help="also run the Hugging Face peer")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument(
-        "--tensor-parallel",
-        type=int,
-        default=1,
-        metavar="N",
-        help="split the model over N GPUs; run under `torchrun --nproc-per-node N`",
-    )
-    parser.add_argument(
-        "--sync-scheduling",
-        action="store_true",
-        help="read each pass's tokens before launching the next (default on CUDA: async)",
-    )
+    add_engine_arguments(parser)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -102,15 +92,9 @@ def main() -> None:
     if result["roofline"]:
         floor_s = weight_bytes / (result["roofline"]["copy_tb_per_s"] * 1e12)
         result["bandwidth_floor_tok_s"] = round(1 / floor_s, 1)
-    options = {"compile": True} if args.compile else {}
-    if args.sync_scheduling:
-        options["async_scheduling"] = False
-    result["async_scheduling"] = not args.sync_scheduling
-    if args.tensor_parallel > 1:
-        options["tensor_parallel"] = args.tensor_parallel
-        if serve_other_ranks(path, options):
-            return  # a rank > 0: rank 0 measures and reports
-    result["tensor_parallel"] = args.tensor_parallel
+    options = engine_options(args, result, {})
+    if serve_other_ranks(path, options):
+        return  # a rank > 0 of a tensor-parallel run: rank 0 measures and reports
     result["mii"] = asyncio.run(run_mii(path, prompt_ids, args.new_tokens, args.repeats, options))
     if args.hf:
         result["hf_generate"] = run_hf(config, prompt_ids, args.new_tokens)

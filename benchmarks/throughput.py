@@ -21,6 +21,8 @@ import torch
 import mii
 from benchmarks.common import (
     SHAPES,
+    add_engine_arguments,
+    engine_options,
     environment,
     model_dir,
     num_params,
@@ -99,19 +101,7 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--hf", action="store_true", help="also run HF generate_batch")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument(
-        "--tensor-parallel",
-        type=int,
-        default=1,
-        metavar="N",
-        help="split the model over N GPUs; run under `torchrun --nproc-per-node N`",
-    )
-    parser.add_argument(
-        "--sync-scheduling",
-        action="store_true",
-        help="read each pass's tokens before launching the next (default on CUDA: async)",
-    )
+    add_engine_arguments(parser)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -130,16 +120,9 @@ def main() -> None:
         floor = 2 * num_params(config) * tokens / (result["roofline"]["matmul_bf16_tflops"] * 1e12)
         result["compute_floor_s"] = round(floor, 2)
     options = {"token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs}
-    if args.sync_scheduling:
-        options["async_scheduling"] = False
-    result["async_scheduling"] = not args.sync_scheduling
-    if args.tensor_parallel > 1:
-        options["tensor_parallel"] = args.tensor_parallel
-        if serve_other_ranks(model_dir(args.model), options):
-            return  # a rank > 0: rank 0 measures and reports
-    result["tensor_parallel"] = args.tensor_parallel
-    if args.compile:
-        options["compile"] = True
+    options = engine_options(args, result, options)
+    if serve_other_ranks(model_dir(args.model), options):
+        return  # a rank > 0 of a tensor-parallel run: rank 0 measures and reports
     result["mii"] = asyncio.run(run_mii(model_dir(args.model), prompts, args.output_len, options))
     if "compute_floor_s" in result:
         result["mii"]["x_compute_floor"] = round(
