@@ -82,6 +82,7 @@ def test_two_ranks_match_one_rank_and_transformers(models, tokenizer, tmp_path):
     # Async scheduling sends rank 0's sampled tokens to the other ranks on the device.
     jobs.append(job(models["llama-gqa"][0], {"async_scheduling": True}))
     jobs.append(job(models["llama-gqa"][0], {"all_rank_output": False}, PROMPTS[:2]))
+    jobs[-1]["bad_call_first"] = True
     rank0, rank1 = run_torchrun(tmp_path, 2, jobs)
     for name, got in zip([*names, "llama-gqa"], rank0):
         path, hf_model = models[name]
@@ -95,6 +96,9 @@ def test_two_ranks_match_one_rank_and_transformers(models, tokenizer, tmp_path):
     # all_rank_output: rank 1 receives rank 0's responses; otherwise nothing.
     assert rank1[:-1] == [{**r, "type": "RankPipeline"} for r in rank0[:-1]]
     assert rank1[-1]["token_ids"] == [] and len(rank0[-1]["token_ids"]) == 2
+    # A call that rank 0 refuses (bad option) ends on every rank: the next one works.
+    assert rank0[-1]["bad_call"] == "refused" and rank1[-1]["bad_call"] == 0
+    assert rank0[-1]["token_ids"] == rank0[0]["token_ids"][:2]
 
 
 def test_four_ranks_replicate_key_value_heads(models, tokenizer, tmp_path):

@@ -20,12 +20,19 @@ def main() -> None:
     results = []
     for job in jobs:
         pipe = mii.pipeline(job["model"], **job.get("options", {}))
+        bad_call = None
+        if job.get("bad_call_first"):  # rank 0 refuses it: the ranks must stay in step
+            try:
+                bad_call = len(pipe(job["prompts"], top_p=3.0))
+            except mii.InvalidRequestError:
+                bad_call = "refused"
         responses = pipe(job["prompts"], do_sample=False, max_new_tokens=job["new_tokens"])
         results.append(
             {
                 "type": type(pipe).__name__,
                 "token_ids": [r.token_ids for r in responses],
                 "texts": [r.generated_text for r in responses],
+                "bad_call": bad_call,
             }
         )
         pipe.destroy()

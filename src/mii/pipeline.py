@@ -61,7 +61,6 @@ class Pipeline:
             raise RuntimeError("this pipeline was destroyed; create a new one")
         if isinstance(prompts, str):
             prompts = [prompts]
-        GenerateParams.parse(**params)
         if progress is None:
             progress = len(prompts) >= PROGRESS_BAR_MIN_PROMPTS and sys.stderr.isatty()
         future = asyncio.run_coroutine_threadsafe(
@@ -96,6 +95,7 @@ class Pipeline:
     async def _generate(
         self, prompts: list[str], params: dict[str, Any], progress: bool
     ) -> list[Response]:
+        GenerateParams.parse(**params)  # bad options fail before any prompt is queued
         if not progress:
             return await self.engine.generate(prompts, **params)
         from tqdm.auto import tqdm

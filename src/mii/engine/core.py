@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from mii.config import EngineConfig, GenerateParams
 from mii.engine import distributed
 from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, fast_decoder
-from mii.engine.distributed import TPGroup
+from mii.engine.distributed import TensorParallelError, TPGroup
 from mii.engine.kv_cache import BlockManager, allocate_kv_tensors, choose_num_blocks
 from mii.engine.model_runner import ModelRunner, PassInputs
 from mii.engine.sampler import SamplingBatch, sample
@@ -65,7 +66,7 @@ def _read_back(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | N
     host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
     host.copy_(tokens, non_blocking=True)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(tokens.device))  # the copy's stream
     return host, ready
 
 
@@ -80,6 +81,7 @@ class EngineCore:
             self.tp = distributed.join(config.tensor_parallel, self.device.type)
             if self.device.type == "cuda" and self.device.index is None:
                 self.device = torch.device("cuda", self.tp.local_rank)  # one GPU per rank
+            self.tp.device = self.device
         model_dir = loader.resolve_model_dir(
             config.model, config.revision, weights=config.load_format != "dummy"
         )
@@ -193,6 +195,28 @@ class EngineCore:
         seconds = graphs.capture()
         self.runner.graphs = graphs
         return seconds
+
+    def _wait_for_ranks(self, ready: torch.cuda.Event) -> None:
+        """Wait for a tensor-parallel pass without hanging on a failed rank: NCCL
+        waits on the device for a rank that is gone, so watch for its reported error."""
+        self.tp.check()
+        next_check = time.monotonic() + 0.01
+        while not ready.query():
+            time.sleep(50e-6)
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 0.01
+                self.tp.poll_failure()
+
+    def _fail(self, seqs: list[Sequence], err: BaseException) -> list[StepOutput]:
+        """End the (unfinished) requests of ``seqs`` with ``err``."""
+        failed = []
+        for seq in seqs:
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            self.sequences.pop(seq.request_id, None)
+            self.scheduler.finish(seq, "error")
+            failed.append(StepOutput(seq.request_id, error=err))
+        return failed
 
     def _broadcast_pass(self, inputs: PassInputs, pending: torch.Tensor | None):
         self.tp.send_pass(inputs.pack(), pending if len(inputs.pending_dst) else None)
@@ -326,7 +350,10 @@ class EngineCore:
         plan = self.scheduler.schedule()
         launched = self._launch(plan, prev, outputs) if plan.chunks else None
         if prev is not None:
-            outputs.extend(self._resolve(prev))
+            try:
+                outputs.extend(self._resolve(prev))
+            except TensorParallelError as err:  # a rank failed while the pass ran
+                outputs.extend(self._fail(prev.seqs, err))
         if launched is not None:
             if self.async_scheduling:
                 self._in_flight = launched
@@ -351,7 +378,7 @@ class EngineCore:
                 # is unusable. Report the failing rank's own error, and leave the
                 # group so that the other ranks' collectives fail instead of waiting.
                 err = self.tp.failed(err)
-                distributed.destroy()
+                distributed.abort()
             for chunk in plan.chunks:
                 self.sequences.pop(chunk.seq.request_id, None)
                 self.scheduler.finish(chunk.seq, "error")
@@ -368,7 +395,10 @@ class EngineCore:
     def _resolve(self, launched: _Launched) -> list[StepOutput]:
         """Wait for a launched pass's tokens and turn them into response pieces."""
         if launched.ready is not None:
-            launched.ready.synchronize()  # the pass's one host sync
+            if self.tp is None:
+                launched.ready.synchronize()  # the pass's one host sync
+            else:
+                self._wait_for_ranks(launched.ready)
         tokens = launched.host_tokens.tolist()
         outputs = []
         for seq, slot, token in zip(launched.seqs, launched.slots, tokens):
@@ -404,8 +434,12 @@ class EngineCore:
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
         ps = [s.params for s in seqs]
+        greedy = [p.greedy for p in ps]
+        ban_eos = [
+            not p.ignore_eos and s.num_generated < p.min_new_tokens for s, p in zip(seqs, ps)
+        ]
         return SamplingBatch(
-            greedy=col([p.greedy for p in ps], torch.bool),
+            greedy=col(greedy, torch.bool),
             temperature=col(
                 [1.0 if p.greedy or p.temperature is None else p.temperature for p in ps],
                 torch.float32,
@@ -414,10 +448,9 @@ class EngineCore:
             top_p=col([p.top_p for p in ps], torch.float32),
             seeds=col([s.seed for s in seqs], torch.int64),
             steps=col([s.num_generated for s in seqs], torch.int64),
-            ban_eos=col(
-                [not p.ignore_eos and s.num_generated < p.min_new_tokens for s, p in zip(seqs, ps)],
-                torch.bool,
-            ),
+            ban_eos=col(ban_eos, torch.bool),
+            greedy_host=all(greedy),
+            ban_eos_host=any(ban_eos),
         )
 
     def _process_token(self, seq: Sequence, token: int, slot: int) -> Response:

@@ -56,6 +56,7 @@ class TPGroup:
     control: Any  # gloo group for messages
     data: Any  # group of the layers' collectives
     store: Any  # the group's key-value store, where a failing rank leaves its error
+    device: Any = "cpu"  # this rank's engine device (set by the engine)
     failure: str | None = None  # set once any rank failed: the group is unusable
 
     @property
@@ -97,6 +98,14 @@ class TPGroup:
         if self.failure is not None:
             raise TensorParallelError(self.failure)
 
+    def poll_failure(self) -> None:
+        """Raise if another rank has reported a failure (and leave the group)."""
+        reported = _read_reported_error(self.store)
+        if reported is not None:
+            self.failure = reported
+            abort()
+            raise TensorParallelError(reported)
+
     def failed(self, err: BaseException) -> TensorParallelError:
         """Turn an error of a collective into the failing rank's own error."""
         if self.failure is None:
@@ -127,8 +136,7 @@ class TPGroup:
                     return payload.numpy().tobytes()
                 pending = None
                 if pending_len:
-                    device = _data_device(self)
-                    pending = torch.empty(pending_len, dtype=torch.int64, device=device)
+                    pending = torch.empty(pending_len, dtype=torch.int64, device=self.device)
                     dist.broadcast(pending, 0, group=self.data)
                 passes += 1
                 if passes == fail_at:
@@ -138,17 +146,8 @@ class TPGroup:
             report_error(self.store, f"rank {self.rank}: {type(err).__name__}: {err}")
             # Leave the group, so that rank 0's collectives fail instead of waiting.
             self.failure = str(err)
-            destroy()
+            abort()
             raise
-
-
-def _data_device(group: TPGroup) -> torch.device:
-    backend = dist.get_backend(group.data)
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if backend == "nccl"
-        else torch.device("cpu")
-    )
 
 
 def _injected_failure(rank: int) -> int | None:
@@ -247,6 +246,22 @@ def agree_on_min(group: TPGroup, value: int) -> int:
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=group.control)
     return int(tensor.item())
+
+
+def abort() -> None:
+    """Leave a failed group without waiting for collectives that cannot finish
+    (NCCL's graceful destroy would wait for a rank that is gone)."""
+    set_parallel_state(0, 1, None)
+    if not dist.is_initialized():
+        return
+    abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if abort_group is not None and dist.get_backend() == "nccl":
+            abort_group()
+        else:
+            dist.destroy_process_group()
+    except Exception:
+        log.debug("leaving the failed group failed", exc_info=True)
 
 
 def destroy() -> None:

@@ -53,15 +53,23 @@ class SamplingBatch:
     seeds: torch.Tensor  # [S] int64
     steps: torch.Tensor  # [S] int64: tokens generated so far
     ban_eos: torch.Tensor  # [S] bool: min_new_tokens not reached yet
+    # The same facts known on the host, so that sampling reads nothing back from
+    # the device (which would wait for the pass in flight). None: read the tensors.
+    greedy_host: bool | None = None  # every row greedy
+    ban_eos_host: bool | None = None  # some row bans EOS
 
     @property
     def all_greedy(self) -> bool:
-        return bool(self.greedy.all())
+        return bool(self.greedy.all()) if self.greedy_host is None else self.greedy_host
+
+    @property
+    def any_ban_eos(self) -> bool:
+        return bool(self.ban_eos.any()) if self.ban_eos_host is None else self.ban_eos_host
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: list[int]) -> torch.Tensor:
     """logits: [S, V] float32 -> next token ids [S] (int64, on the same device)."""
-    if eos_token_ids and bool(batch.ban_eos.any()):
+    if eos_token_ids and batch.any_ban_eos:
         eos = torch.tensor(eos_token_ids, device=logits.device)
         banned = logits[:, eos].masked_fill(batch.ban_eos[:, None], float("-inf"))
         logits = logits.index_copy(1, eos, banned)

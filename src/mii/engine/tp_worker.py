@@ -10,15 +10,32 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
+import time
 
 from mii.config import EngineConfig
 from mii.engine import distributed
 from mii.engine.core import EngineCore
 
 
+def exit_with_parent(interval: float = 1.0) -> None:
+    """Exit when the replica (rank 0) that started this rank is gone, even if this
+    rank is stuck in a collective that will never finish."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mii-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     config = json.loads((argv or sys.argv[1:])[0])
+    exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(message)s")
     options = {**config["engine_options"], "tensor_parallel": config["tensor_parallel"]}
     core = EngineCore(EngineConfig.parse(config["model"], **options))

@@ -140,7 +140,8 @@ def load_vocab_rows(param: nn.Parameter, loaded: torch.Tensor, vocab_size: int) 
     start, count = vocab_range(vocab_size, tp_world_size(), tp_rank())
     real = max(0, min(count, vocab_size - start))
     param.data.zero_()
-    default_weight_loader(param.data.narrow(0, 0, real), loaded.narrow(0, start, real))
+    if real:  # a last rank may hold padding only (tiny vocabularies)
+        default_weight_loader(param.data.narrow(0, 0, real), loaded.narrow(0, start, real))
 
 
 class VocabEmbedding(nn.Module):

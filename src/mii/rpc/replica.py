@@ -208,7 +208,7 @@ def start_rank_workers(config: dict[str, Any]) -> list[subprocess.Popen]:
     return workers
 
 
-def stop_rank_workers(workers: list[subprocess.Popen], timeout: float = 15.0) -> None:
+def stop_rank_workers(workers: list[subprocess.Popen], timeout: float = 5.0) -> None:
     """Wait for the ranks to leave (rank 0 told them to stop), then make sure."""
     for worker in workers:
         try:
