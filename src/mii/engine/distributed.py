@@ -76,6 +76,9 @@ class TPGroup:
         if self.failure is None:
             try:
                 self._send(STOP, torch.empty(0, dtype=torch.uint8))
+                # Every rank has read the STOP before any leaves: no message is in
+                # flight when the connections close.
+                dist.barrier(group=self.control)
             except Exception:  # a rank already gone: nothing to stop
                 log.debug("tensor-parallel STOP failed", exc_info=True)
         destroy()
@@ -131,6 +134,7 @@ class TPGroup:
                 if length:
                     dist.broadcast(payload, 0, group=self.control)
                 if kind == STOP:
+                    dist.barrier(group=self.control)  # see stop()
                     return None
                 if kind == DONE:
                     return payload.numpy().tobytes()

@@ -130,6 +130,10 @@ class SparseMoE(nn.Module):
 
     # -- loading ---------------------------------------------------------------
 
+    # Per-expert tensors are only narrowed to this rank's slice of I, so they are
+    # read lazily (packed all-expert tensors are read whole, see base.load_weights).
+    reads_slices = True
+
     def weight_shards(self, name: str) -> list:
         parts = ("gate", "up") if name == "w13" else ("down",)
         return [ExpertShard(e, p) for e in range(self.num_experts) for p in parts]
