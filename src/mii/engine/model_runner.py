@@ -63,30 +63,23 @@ class PassInputs:
 
 
 def describe_pass(chunks: list[ScheduledChunk], block_size: int) -> PassInputs:
-    """The host-side description of a scheduled pass."""
-    total = sum(c.num_tokens for c in chunks)
-    token_ids = np.empty(total, dtype=np.int64)
-    positions = np.empty(total, dtype=np.int64)
-    slots = np.empty(total, dtype=np.int64)
-    query_lens = np.empty(len(chunks), dtype=np.int64)
-    seq_lens = np.empty(len(chunks), dtype=np.int64)
-    width = max(len(c.seq.block_table) for c in chunks)
-    tables = np.zeros((len(chunks), width), dtype=np.int64)
+    """The host-side description of a scheduled pass (on the engine's hot path:
+    Python lists per chunk, one vectorised slot computation at the end)."""
+    token_ids: list[int] = []
+    starts: list[int] = []
+    query_lens: list[int] = []
     sample_rows: list[int] = []
     pending_dst: list[int] = []
     pending_src: list[int] = []
+    width = max(len(c.seq.block_table) for c in chunks)
+    tables = np.zeros((len(chunks), width), dtype=np.int64)
     offset = 0
     for i, chunk in enumerate(chunks):
         seq, start, n = chunk.seq, chunk.seq.num_computed, chunk.num_tokens
-        end = start + n
-        pos = np.arange(start, end, dtype=np.int64)
-        table = np.asarray(seq.block_table, dtype=np.int64)
-        token_ids[offset : offset + n] = seq.token_ids[start:end]
-        positions[offset : offset + n] = pos
-        slots[offset : offset + n] = table[pos // block_size] * block_size + pos % block_size
-        tables[i, : len(table)] = table
-        query_lens[i] = n
-        seq_lens[i] = end
+        token_ids.extend(seq.token_ids[start : start + n])
+        starts.append(start)
+        query_lens.append(n)
+        tables[i, : len(seq.block_table)] = seq.block_table
         offset += n
         if chunk.samples:
             sample_rows.append(offset - 1)
@@ -98,12 +91,17 @@ def describe_pass(chunks: list[ScheduledChunk], block_size: int) -> PassInputs:
     def ints(values: list[int]) -> np.ndarray:
         return np.asarray(values, dtype=np.int64)
 
+    lens = ints(query_lens)
+    row = np.repeat(np.arange(len(chunks)), lens)  # the chunk of every token
+    cu = np.cumsum(lens) - lens
+    positions = ints(starts)[row] + (np.arange(len(row)) - cu[row])
+    slots = tables[row, positions // block_size] * block_size + positions % block_size
     return PassInputs(
-        token_ids,
+        ints(token_ids),
         positions,
         slots,
-        query_lens,
-        seq_lens,
+        lens,
+        ints(starts) + lens,
         tables,
         ints(sample_rows),
         ints(pending_dst),
