@@ -122,15 +122,10 @@ def serve_other_ranks(path: str, options: dict) -> bool:
     if options.get("tensor_parallel", 1) == 1 or os.environ.get("RANK", "0") == "0":
         return False
     from mii.config import EngineConfig
-    from mii.engine import distributed
     from mii.engine.core import EngineCore
 
     config = EngineConfig.parse(path, load_format="dummy", dtype="bfloat16", **options)
-    core = EngineCore(config)
-    while core.serve_worker() is not None:
-        pass
-    core.release()
-    distributed.destroy()
+    EngineCore(config).serve_until_stopped()
     return True
 
 

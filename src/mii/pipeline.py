@@ -171,11 +171,8 @@ class RankPipeline:
     def destroy(self) -> None:
         """Wait for rank 0 to destroy the pipeline, then leave the process group."""
         if not self._stopped:
-            while self.core.serve_worker() is not None:
-                pass  # calls this rank did not make: serve them, up to the stop
             self._stopped = True
-            self.core.release()
-            distributed.destroy()
+            self.core.serve_until_stopped()  # serves calls this rank did not make, too
 
     def __enter__(self) -> RankPipeline:
         return self

@@ -231,6 +231,14 @@ class EngineCore:
 
         return self.tp.serve(execute)
 
+    def serve_until_stopped(self) -> None:
+        """Ranks > 0: serve passes (and the ends of pipeline calls) until rank 0
+        stops the engine, then release the shard and leave the group."""
+        while self.serve_worker() is not None:
+            pass
+        self.release()
+        distributed.destroy()
+
     @property
     def failure(self) -> str | None:
         """Why the engine can serve no more requests (a tensor-parallel rank failed)."""
@@ -379,10 +387,7 @@ class EngineCore:
                 # group so that the other ranks' collectives fail instead of waiting.
                 err = self.tp.failed(err)
                 distributed.abort()
-            for chunk in plan.chunks:
-                self.sequences.pop(chunk.seq.request_id, None)
-                self.scheduler.finish(chunk.seq, "error")
-                failed.append(StepOutput(chunk.seq.request_id, error=err))
+            failed.extend(self._fail([c.seq for c in plan.chunks], err))
             return None
         self.scheduler.commit(plan)
         slots = []

@@ -16,7 +16,6 @@ import threading
 import time
 
 from mii.config import EngineConfig
-from mii.engine import distributed
 from mii.engine.core import EngineCore
 
 
@@ -40,12 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     options = {**config["engine_options"], "tensor_parallel": config["tensor_parallel"]}
     core = EngineCore(EngineConfig.parse(config["model"], **options))
     try:
-        while core.serve_worker() is not None:
-            pass  # the end of a pipeline call: deployments send none, keep serving
+        core.serve_until_stopped()
     except Exception:
         return 1  # recorded for rank 0 by serve_worker; the group is left
-    core.release()
-    distributed.destroy()
     return 0
 
 
