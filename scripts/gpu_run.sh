@@ -24,6 +24,7 @@ while [ $# -gt 0 ]; do
     tp2-latency) torchrun --standalone --nproc-per-node 2 benchmarks/latency.py --tensor-parallel 2 --json "$OUT/latency_tp2.json" > "$OUT/latency_tp2.log" 2>&1; tail -30 "$OUT/latency_tp2.log" ;;
     tp2-w1) torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py --tensor-parallel 2 --json "$OUT/w1_tp2.json" > "$OUT/w1_tp2.log" 2>&1; tail -30 "$OUT/w1_tp2.log" ;;
     tp2-tests) python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -25 ;;
+    breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift

@@ -1,0 +1,167 @@
+"""Where W1's time goes, pass by pass: a diagnostic, not a benchmark.
+
+Runs the W1 workload (or a smaller one) through the engine and times every
+forward pass on the device with CUDA events, then groups the passes by kind
+(decode-only, mixed) and size, and compares the device time with the wall time
+(the difference is time the GPU waited for the host). A torch.profiler window
+over a few mixed and a few decode passes lists the top kernels of each.
+
+    python benchmarks/pass_breakdown.py [--num-requests 256] [--token-budget 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import mii
+from benchmarks.common import add_engine_arguments, engine_options, model_dir
+from benchmarks.throughput import workload
+
+
+class PassRecorder:
+    """Wraps ``EngineCore._launch``: a pair of CUDA events and the plan's shape per pass."""
+
+    def __init__(self, core, profile_at: dict[str, int], profile_len: int) -> None:
+        self.core = core
+        self.records: list[tuple[str, int, int, torch.cuda.Event, torch.cuda.Event]] = []
+        self.profile_at = profile_at  # kind -> the index (within that kind) to start at
+        self.profile_len = profile_len
+        self.seen: dict[str, int] = defaultdict(int)
+        self.tables: dict[str, str] = {}
+        self._active: tuple[str, profile, int] | None = None
+        self._launch = core._launch
+        core._launch = self.launch
+
+    def launch(self, plan, prev, failed):
+        decode = all(c.num_tokens == 1 and c.samples for c in plan.chunks)
+        kind = "decode" if decode else "mixed"
+        self._maybe_profile(kind)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launched = self._launch(plan, prev, failed)
+        end.record()
+        self.records.append((kind, plan.num_tokens, len(plan.chunks), start, end))
+        self.seen[kind] += 1
+        return launched
+
+    def _maybe_profile(self, kind: str) -> None:
+        if self.profile_len == 0:
+            return
+        if self._active is not None:
+            active_kind, prof, started = self._active
+            if self.seen[active_kind] >= started + self.profile_len:
+                torch.cuda.synchronize()
+                prof.stop()
+                self.tables[active_kind] = prof.key_averages().table(
+                    sort_by="self_device_time_total", row_limit=20, max_name_column_width=70
+                )
+                self._active = None
+        starts_here = self.seen[kind] == self.profile_at.get(kind, -1)
+        if self._active is None and kind not in self.tables and starts_here:
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            prof.start()
+            self._active = (kind, prof, self.seen[kind])
+
+    def summary(self, wall_s: float) -> dict:
+        torch.cuda.synchronize()
+        groups: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0.0])
+        total_ms = 0.0
+        for kind, tokens, _seqs, start, end in self.records:
+            ms = start.elapsed_time(end)
+            total_ms += ms
+            bucket = f"{kind} {_bucket(tokens)}"
+            groups[bucket][0] += 1
+            groups[bucket][1] += tokens
+            groups[bucket][2] += ms
+        rows = {
+            name: {
+                "passes": n,
+                "tokens": tok,
+                "device_ms": round(ms, 1),
+                "ms_per_pass": round(ms / n, 2),
+                "us_per_token": round(1e3 * ms / tok, 2),
+            }
+            for name, (n, tok, ms) in sorted(groups.items())
+        }
+        return {
+            "wall_s": round(wall_s, 2),
+            "device_s_in_passes": round(total_ms / 1e3, 2),
+            "device_busy": round(total_ms / 1e3 / wall_s, 3),
+            "passes": len(self.records),
+            "groups": rows,
+        }
+
+
+def matmul_rates(tokens: list[int]) -> dict:
+    """TFLOP/s of the Llama-2-7B projections at pass sizes of ``tokens`` rows: what a
+    pass of that size can reach at best."""
+    from benchmarks.common import _time_cuda
+
+    shapes = {
+        "qkv": (4096, 12288),
+        "o": (4096, 4096),
+        "gate_up": (4096, 22016),
+        "down": (11008, 4096),
+        "lm_head": (4096, 32000),
+    }
+    rates = {}
+    for m in tokens:
+        row = {}
+        for name, (k, n) in shapes.items():
+            a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            seconds = _time_cuda(lambda a=a, w=w: torch.nn.functional.linear(a, w))
+            row[name] = round(2 * m * k * n / seconds / 1e12, 1)
+        rates[m] = row
+    return rates
+
+
+def _bucket(tokens: int) -> str:
+    for limit in (64, 256, 512, 1024, 1536, 2048, 4096):
+        if tokens <= limit:
+            return f"<={limit}"
+    return ">4096"
+
+
+async def run(args) -> dict:
+    options = engine_options(args, {}, {"token_budget": args.token_budget})
+    options["max_num_seqs"] = args.max_num_seqs
+    engine = mii.AsyncEngine(
+        model_dir("llama2-7b"), load_format="dummy", dtype="bfloat16", **options
+    )
+    prompts = workload(args.num_requests, 128, 1024)
+    params = dict(max_new_tokens=args.output_len, ignore_eos=True, do_sample=False)
+    await engine.generate(prompts[:8], **params)  # warm-up
+    recorder = PassRecorder(engine.core, {"mixed": 20, "decode": 150}, args.profile_passes)
+    start = time.perf_counter()
+    await engine.generate(prompts, **params)
+    wall = time.perf_counter() - start
+    result = recorder.summary(wall) | {"preemptions": engine.stats()["preemptions"]}
+    await engine.aclose()
+    for kind, table in recorder.tables.items():
+        print(f"\n=== profile of {args.profile_passes} {kind} passes\n{table}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--token-budget", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--profile-passes", type=int, default=5)
+    add_engine_arguments(parser)
+    args = parser.parse_args()
+    print(json.dumps({"matmul_tflops": matmul_rates([1, 128, 256, 1024, 2048])}, indent=2))
+    print(json.dumps(asyncio.run(run(args)), indent=2))
+
+
+if __name__ == "__main__":
+    main()
