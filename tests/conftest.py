@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+# Triton kernels decide at definition (import) time whether they are interpreted;
+# without a GPU they must be, in every test module, whichever imports mii first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from helpers import make_tokenizer, save_checkpoint, tiny_config

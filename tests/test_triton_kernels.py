@@ -109,11 +109,13 @@ SPLIT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("min_keys", [1, 128])  # 128: the short contexts write directly
 @pytest.mark.parametrize("splits", [2, 3, 5])
 @pytest.mark.parametrize("index", range(len(SPLIT_CASES)))
-def test_split_kv_matches_reference(index, splits):
+def test_split_kv_matches_reference(index, splits, min_keys):
     """Split-KV (flash decoding) partials merged back give the same attention,
-    with windows and with more splits than a short context has key blocks."""
+    with windows and with more splits than a short context has key blocks; with a
+    minimum of keys per split, short contexts in one program next to split long ones."""
     from mii.ops.triton_attention import paged_attention_from_cache, rotary_cache_write
 
     shapes, hq, hkv, dim, block, window, rot = SPLIT_CASES[index]
@@ -127,5 +129,7 @@ def test_split_kv_matches_reference(index, splits):
         make_case(shapes, hq, hkv, dim, block, torch.float32, rot, index)
     )
     rotary_cache_write(q, k, v, pos_d, cs_d, kc, vc, batch.slot_mapping)
-    out = paged_attention_from_cache(q, kc, vc, batch, dim**-0.5, window, splits=splits)
+    out = paged_attention_from_cache(
+        q, kc, vc, batch, dim**-0.5, window, splits=splits, split_min_keys=min_keys
+    )
     torch.testing.assert_close(out.cpu(), expected, rtol=2e-5, atol=2e-5)

@@ -26,6 +26,7 @@ from mii.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from mii.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from mii.errors import InvalidRequestError, RequestTooLargeError
 from mii.models import loader
+from mii.ops.transfer import upload
 from mii.response import Response
 
 log = logging.getLogger(__name__)
@@ -435,25 +436,28 @@ class EngineCore:
         return sample(logits, self._sampling_batch(seqs), self.eos_token_ids)
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        def col(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
         ps = [s.params for s in seqs]
         greedy = [p.greedy for p in ps]
         ban_eos = [
             not p.ignore_eos and s.num_generated < p.min_new_tokens for s, p in zip(seqs, ps)
         ]
+        columns = upload(
+            self.device,
+            [
+                (greedy, torch.bool),
+                (
+                    [1.0 if p.greedy or p.temperature is None else p.temperature for p in ps],
+                    torch.float32,
+                ),
+                ([p.top_k or self.vocab_size for p in ps], torch.int64),
+                ([p.top_p for p in ps], torch.float32),
+                ([s.seed for s in seqs], torch.int64),
+                ([s.num_generated for s in seqs], torch.int64),
+                (ban_eos, torch.bool),
+            ],
+        )
         return SamplingBatch(
-            greedy=col(greedy, torch.bool),
-            temperature=col(
-                [1.0 if p.greedy or p.temperature is None else p.temperature for p in ps],
-                torch.float32,
-            ),
-            top_k=col([p.top_k or self.vocab_size for p in ps], torch.int64),
-            top_p=col([p.top_p for p in ps], torch.float32),
-            seeds=col([s.seed for s in seqs], torch.int64),
-            steps=col([s.num_generated for s in seqs], torch.int64),
-            ban_eos=col(ban_eos, torch.bool),
+            *columns,
             greedy_host=all(greedy),
             ban_eos_host=any(ban_eos),
         )

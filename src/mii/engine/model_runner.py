@@ -15,6 +15,7 @@ import torch
 from mii.engine.scheduler import ScheduledChunk
 from mii.models.base import CausalLM, ForwardContext
 from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
+from mii.ops.transfer import upload
 
 
 @dataclass
@@ -116,8 +117,9 @@ def fill_pending(token_ids: torch.Tensor, inputs: PassInputs, pending: torch.Ten
         return
     if pending is None:
         raise RuntimeError("a sequence waits for a sampled token but no pass is in flight")
-    index = np.stack([inputs.pending_dst, inputs.pending_src])
-    index = torch.from_numpy(index).to(token_ids.device, non_blocking=True)
+    (index,) = upload(
+        token_ids.device, [(np.stack([inputs.pending_dst, inputs.pending_src]), torch.int64)]
+    )
     token_ids.index_copy_(0, index[0], pending.index_select(0, index[1]))
 
 
@@ -149,35 +151,37 @@ class ModelRunner:
         """Device tensors of a pass: (token_ids [T], positions [T], attention batch,
         indices [R] of the tokens whose logits are sampled)."""
 
-        def on_device(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            tensor = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
-            return tensor.to(self.device, non_blocking=True)
-
         query_lens = inputs.query_lens.tolist()
         cu_seqlens = np.concatenate([[0], np.cumsum(inputs.query_lens)])
+        tile_plans = plan_tiles(query_lens)
+        int64, int32 = torch.int64, torch.int32
+        token_ids, positions, slots, sample_rows, tables, cu, seq_lens, *tile_arrays = upload(
+            self.device,
+            [
+                (inputs.token_ids, int64),
+                (inputs.positions, int64),
+                (inputs.slots, int64),
+                (inputs.sample_rows, int64),
+                (inputs.block_tables, int32),
+                (cu_seqlens, int32),
+                (inputs.seq_lens, int32),
+                *[(values, int32) for _, seqs, starts in tile_plans for values in (seqs, starts)],
+            ],
+        )
         tiles = [
-            TileSet(
-                size,
-                on_device(np.asarray(seqs), torch.int32),
-                on_device(np.asarray(starts), torch.int32),
-            )
-            for size, seqs, starts in plan_tiles(query_lens)
+            TileSet(size, tile_arrays[2 * i], tile_arrays[2 * i + 1])
+            for i, (size, _, _) in enumerate(tile_plans)
         ]
         batch = AttentionBatch(
-            slot_mapping=on_device(inputs.slots, torch.int64),
-            block_tables=on_device(inputs.block_tables, torch.int32),
-            cu_seqlens_q=on_device(cu_seqlens, torch.int32),
-            seq_lens=on_device(inputs.seq_lens, torch.int32),
+            slot_mapping=slots,
+            block_tables=tables,
+            cu_seqlens_q=cu,
+            seq_lens=seq_lens,
             query_lens_host=query_lens,
             seq_lens_host=inputs.seq_lens.tolist(),
             tiles=tiles,
         )
-        return (
-            on_device(inputs.token_ids, torch.int64),
-            on_device(inputs.positions, torch.int64),
-            batch,
-            on_device(inputs.sample_rows, torch.int64),
-        )
+        return token_ids, positions, batch, sample_rows
 
     def run(
         self, chunks: list[ScheduledChunk], pending: torch.Tensor | None = None

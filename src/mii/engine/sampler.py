@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mii.ops.transfer import upload
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -70,7 +72,7 @@ class SamplingBatch:
 def sample(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: list[int]) -> torch.Tensor:
     """logits: [S, V] float32 -> next token ids [S] (int64, on the same device)."""
     if eos_token_ids and batch.any_ban_eos:
-        eos = torch.tensor(eos_token_ids, device=logits.device)
+        (eos,) = upload(logits.device, [(eos_token_ids, torch.int64)])
         banned = logits[:, eos].masked_fill(batch.ban_eos[:, None], float("-inf"))
         logits = logits.index_copy(1, eos, banned)
     greedy_tokens = logits.argmax(dim=-1)

@@ -27,6 +27,12 @@ from mii.models.parallel import (
     tp_world_size,
     vocab_range,
 )
+from mii.ops.fused_elementwise import (
+    FUSED_ACTIVATIONS,
+    act_and_mul,
+    fused_kernels_enabled,
+    rms_norm,
+)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor | LazyTensor) -> None:
@@ -211,7 +217,19 @@ class RMSNorm(nn.Module):
         self.offset = offset
         self.weight = nn.Parameter(torch.empty(hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with ``residual``, ``(norm(x + residual), x + residual)`` (one
+        fused kernel on CUDA)."""
+        if fused_kernels_enabled(x.device):
+            return rms_norm(x, self.weight, self.eps, bool(self.offset), residual)
+        if residual is not None:
+            summed = x + residual
+            return self._norm(summed), summed
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 as Hugging Face does, then cast back.
         dtype = x.dtype
         x32 = x.float()
@@ -246,9 +264,13 @@ class GatedMLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
         self.act = activation(act)
+        self.act_name = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(gate_up.device):
+            return self.down_proj(act_and_mul(gate_up, self.act_name))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -107,8 +107,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), positions, ctx)
+        h, x = self.post_attention_layernorm(attn, residual=x)  # x + attn, then its norm
+        return x + self.mlp(h)
 
 
 class LlamaModel(nn.Module):

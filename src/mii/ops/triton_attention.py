@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
+from mii.ops.transfer import upload
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -112,6 +113,34 @@ def _rotary_cache_write_kernel(
 
 
 @triton.jit
+def _splits_used(keys, SPLITS: tl.constexpr, SPLIT_MIN_KEYS: tl.constexpr):
+    """How many of the SPLITS programs of a tile share its ``keys``: each takes at
+    least SPLIT_MIN_KEYS, so a short context stays in one program, which then
+    writes the output itself (no partials, nothing to merge)."""
+    return tl.minimum(SPLITS, tl.maximum(1, tl.cdiv(keys, SPLIT_MIN_KEYS)))
+
+
+@triton.jit
+def _key_range(
+    seq_len,
+    context,
+    first,
+    window,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """[lo, hi) of the keys a tile of queries can see: up to its last query; with
+    a window, from the first query's window start (rounded down to BLOCK_N)."""
+    hi = tl.minimum(seq_len, context + first + BLOCK_M)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(0, context + first - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
 def _paged_attention_kernel(
     Q,
     K_cache,
@@ -139,6 +168,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     SPLITS: tl.constexpr,
+    SPLIT_MIN_KEYS: tl.constexpr,
     KV_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -169,19 +199,14 @@ def _paged_attention_kernel(
         other=0.0,
     )
 
-    # Keys this tile can see: up to its last query; with a window, from the
-    # first query's window start.
-    hi = tl.minimum(seq_len, context + first + BLOCK_M)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(0, context + first - window + 1)
-        lo = (lo // BLOCK_N) * BLOCK_N
-
+    lo, hi = _key_range(seq_len, context, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
     if SPLITS > 1:
         # Split-KV (flash decoding): this program covers one slice of the keys;
         # _merge_splits_kernel then combines the slices' partial softmax results.
+        # Programs past the slices in use see no keys.
         split = tl.program_id(2)
-        chunk = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+        used = _splits_used(hi - lo, SPLITS, SPLIT_MIN_KEYS)
+        chunk = tl.cdiv(tl.cdiv(hi - lo, used), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
 
@@ -225,19 +250,21 @@ def _paged_attention_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    direct = m_mask  # this program writes the output itself
     if SPLITS > 1:
         # partials: O [SPLITS, T, H, D_PAD], M and L [SPLITS, T, H], float32
         row = (split * num_tokens + q_begin + offs_m) * NUM_HEADS + head
-        tl.store(Part_M + row, m_i, mask=m_mask)
-        tl.store(Part_L + row, l_i, mask=m_mask)
-        tl.store(Part_O + row[:, None] * D_PAD + offs_d[None, :], acc, mask=m_mask[:, None])
-    else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(
-            Out + (q_begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-            out.to(Out.dtype.element_ty),
-            mask=m_mask[:, None] & d_mask[None, :],
-        )
+        partial = m_mask & (used > 1) & (split < used)
+        tl.store(Part_M + row, m_i, mask=partial)
+        tl.store(Part_L + row, l_i, mask=partial)
+        tl.store(Part_O + row[:, None] * D_PAD + offs_d[None, :], acc, mask=partial[:, None])
+        direct = m_mask & (used == 1) & (split == 0)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(
+        Out + (q_begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=direct[:, None] & d_mask[None, :],
+    )
 
 
 @triton.jit
@@ -246,9 +273,11 @@ def _merge_splits_kernel(
     Part_O,
     Part_M,
     Part_L,
+    seq_lens,
     cu_seqlens_q,
     tile_seq,
     tile_start,
+    window,
     num_tokens,
     stride_ot,
     stride_oh,
@@ -256,34 +285,43 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    SPLIT_MIN_KEYS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
-    """out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s over a tile's queries."""
+    """out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s over a tile's queries,
+    for the tiles whose keys were split (the others wrote their output)."""
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(tile_seq + tile)
     first = tl.load(tile_start + tile)
     q_begin = tl.load(cu_seqlens_q + seq)
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
+    seq_len = tl.load(seq_lens + seq)
+    lo, hi = _key_range(seq_len, seq_len - q_len, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    used = _splits_used(hi - lo, SPLITS, SPLIT_MIN_KEYS)
     offs_m = first + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < q_len
-    splits = tl.arange(0, SPLITS_PAD)
-    s_mask = splits < SPLITS
+    m_mask = (offs_m < q_len) & (used > 1)
     offs_d = tl.arange(0, D_PAD)
-    # rows [SPLITS_PAD, BLOCK_M]
-    rows = (splits[:, None] * num_tokens + q_begin + offs_m[None, :]) * NUM_HEADS + head
-    valid = s_mask[:, None] & m_mask[None, :]
-    m_s = tl.load(Part_M + rows, mask=valid, other=float("-inf"))
-    l_s = tl.load(Part_L + rows, mask=valid, other=0.0)
-    m = tl.max(m_s, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(m_s - m[None, :])  # [SPLITS_PAD, BLOCK_M]
-    total = tl.sum(w * l_s, 0)
-    o_s = tl.load(
-        Part_O + rows[:, :, None] * D_PAD + offs_d[None, None, :], mask=valid[:, :, None], other=0.0
-    )
-    out = tl.sum(w[:, :, None] * o_s, 0) / tl.where(total == 0.0, 1.0, total)[:, None]
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for split in range(0, used):  # one slice at a time: few registers
+        row = (split * num_tokens + q_begin + offs_m) * NUM_HEADS + head
+        m_s = tl.load(Part_M + row, mask=m_mask, other=float("-inf"))
+        l_s = tl.load(Part_L + row, mask=m_mask, other=0.0)
+        o_s = tl.load(
+            Part_O + row[:, None] * D_PAD + offs_d[None, :], mask=m_mask[:, None], other=0.0
+        )
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        beta = tl.exp(m_s - m_safe)
+        total = total * alpha + l_s * beta
+        acc = acc * alpha[:, None] + o_s * beta[:, None]
+        m = m_new
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(
         Out + (q_begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
@@ -292,6 +330,10 @@ def _merge_splits_kernel(
 
 
 _SM_COUNT: dict[int, int] = {}
+# Fewest keys one split-KV program takes: below it, the merge would cost more
+# than the parallelism gains (the batch-1 profile of a 192-token context spent
+# more time merging nine mostly empty slices than attending).
+SPLIT_MIN_KEYS = 256
 
 
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
@@ -308,14 +350,9 @@ def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
 def _tile_sets(batch: AttentionBatch, device: torch.device) -> list[TileSet]:
     if batch.tiles is not None:
         return batch.tiles
-    return [
-        TileSet(
-            size,
-            torch.tensor(seqs, dtype=torch.int32).to(device, non_blocking=True),
-            torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
-        )
-        for size, seqs, starts in plan_tiles(batch.query_lens_host)
-    ]
+    plans = plan_tiles(batch.query_lens_host)
+    arrays = upload(device, [(v, torch.int32) for _, seqs, starts in plans for v in (seqs, starts)])
+    return [TileSet(size, arrays[2 * i], arrays[2 * i + 1]) for i, (size, _, _) in enumerate(plans)]
 
 
 def rotary_cache_write(
@@ -371,11 +408,15 @@ def paged_attention_from_cache(
     scale: float,
     sliding_window: int | None = None,
     splits: int | None = None,
+    split_min_keys: int = SPLIT_MIN_KEYS,
 ) -> torch.Tensor:
     """Attention of q ([T, Hq, D]) over the keys already in the cache -> [T, Hq, D].
 
-    ``splits`` > 1 divides each sequence's keys among that many programs (split-KV);
-    by default it is chosen so that a few decoding sequences still fill the GPU."""
+    ``splits`` > 1 divides each sequence's keys among up to that many programs
+    (split-KV), each taking at least ``split_min_keys``; by default ``splits`` is
+    chosen so that a few decoding sequences still fill the GPU. The number of
+    slices in use is decided on the device from each sequence's length, so a CUDA
+    graph captured once serves short and long contexts alike."""
     tokens, q_heads, dim = q.shape
     out = torch.empty_like(q)
     if tokens == 0:
@@ -420,6 +461,7 @@ def paged_attention_from_cache(
             GROUP=q_heads // kv_heads,
             NUM_HEADS=q_heads,
             SPLITS=num_splits,
+            SPLIT_MIN_KEYS=split_min_keys,
             KV_BLOCK=kv_block,
             HEAD_DIM=dim,
             D_PAD=d_pad,
@@ -434,9 +476,11 @@ def paged_attention_from_cache(
             _merge_splits_kernel[(count, q_heads)](
                 out,
                 *parts,
+                batch.seq_lens,
                 batch.cu_seqlens_q,
                 tiles.seq,
                 tiles.start,
+                sliding_window or 0,
                 tokens,
                 out.stride(0),
                 out.stride(1),
@@ -444,8 +488,10 @@ def paged_attention_from_cache(
                 HEAD_DIM=dim,
                 D_PAD=d_pad,
                 BLOCK_M=tiles.size,
+                BLOCK_N=block_n,
                 SPLITS=num_splits,
-                SPLITS_PAD=triton.next_power_of_2(num_splits),
+                SPLIT_MIN_KEYS=split_min_keys,
+                HAS_WINDOW=sliding_window is not None,
             )
     return out
 
