@@ -44,7 +44,7 @@ USAGE = """\
 %%mii [generation options]         the cell body is the prompt
 %mii unload                        free the model, or detach from the deployment
 generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p P --top-k K
---stop TEXT"""
+--stop TEXT --min-new-tokens N --ignore-eos"""
 DEFAULT_MAX_NEW_TOKENS = 128
 _DONE = object()
 
@@ -94,6 +94,8 @@ _LINE_OPTIONS = {
     "--top-k": True,
     "--stop": True,
     "--greedy": False,
+    "--min-new-tokens": True,
+    "--ignore-eos": False,
 }
 
 
