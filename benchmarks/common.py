@@ -97,13 +97,18 @@ def environment() -> dict:
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    # MII_COMMIT first: the device machine's copy of the tree may carry a stale .git.
+    info["commit"] = os.environ.get("MII_COMMIT") or _git_head()
+    return info
+
+
+def _git_head() -> str:
     try:
-        info["commit"] = subprocess.check_output(
+        return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
         ).strip()
     except Exception:
-        info["commit"] = os.environ.get("MII_COMMIT", "unknown")
-    return info
+        return "unknown"
 
 
 def write_json(path: str | None, result: dict) -> None:
