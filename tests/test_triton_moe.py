@@ -131,3 +131,16 @@ def test_engine_with_grouped_kernel_matches_hf(moe_checkpoints, tokenizer, name,
     monkeypatch.setenv("MII_MOE", "triton")
     path, hf_model = moe_checkpoints(name)
     assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
+
+
+def test_pipeline_stages_fit_shared_memory():
+    """The measured bf16 defaults keep their stages; fp32 (twice the bytes) gets fewer."""
+    from mii.ops.triton_moe import TileConfig, default_tiles, stages_that_fit
+
+    for pairs in (2, 32, 256, 8192):
+        tiles = default_tiles(pairs)
+        assert stages_that_fit(tiles, tiles.block_k, 2) == tiles.num_stages
+        fp32 = stages_that_fit(tiles, tiles.block_k, 4)
+        assert 1 <= fp32 <= tiles.num_stages
+        assert (tiles.block_m + tiles.block_n) * tiles.block_k * 4 * fp32 <= 160 * 1024
+    assert stages_that_fit(TileConfig(128, 256, 64, 8, 3), 64, 4) == 1

@@ -100,14 +100,29 @@ class TileConfig(NamedTuple):
 
 
 def default_tiles(num_pairs: int) -> TileConfig:
-    """Small row blocks for decode-sized batches (little padding per expert, the
-    launch is bound by reading the weights); larger ones for prompts (more reuse
-    of each weight tile)."""
-    if num_pairs <= 256:
+    """Tiles by batch size, from the sweep of ``benchmarks/kernels.py`` on an H100
+    (Mixtral-8x7B layer, bf16, 2026-11-25): small row blocks while the launch is
+    bound by reading the weights, wide ones for prompts (more reuse per tile)."""
+    if num_pairs <= 8:  # 1-4 tokens
         return TileConfig(16, 64, 128)
-    if num_pairs <= 4096:
-        return TileConfig(64, 128, 64)
-    return TileConfig(128, 128, 64, num_warps=8)
+    if num_pairs <= 64:  # best at 16 tokens: 1.03 ms vs 1.05 ms
+        return TileConfig(16, 64, 256, num_warps=4, num_stages=4)
+    if num_pairs <= 512:  # best at 128 tokens: 1.16 ms vs 1.29 ms for 16x64x128
+        return TileConfig(64, 128, 64, num_warps=8, num_stages=4)
+    # best at 1024 and 4096 tokens: 2.02 / 6.42 ms vs 2.47 / 7.12 ms for 64x128x64
+    return TileConfig(128, 256, 64, num_warps=8, num_stages=3)
+
+
+# Shared memory the pipeline stages may take: under every CUDA GPU's limit
+# (A100 164 KB, H100 228 KB per block), with room for the epilogue.
+_SHARED_MEMORY_BUDGET = 160 * 1024
+
+
+def stages_that_fit(tiles: TileConfig, block_k: int, element_size: int) -> int:
+    """``tiles.num_stages``, fewer where the A and B tiles of each stage would not
+    fit the shared memory budget (fp32 tiles take twice the bytes of bf16)."""
+    per_stage = (tiles.block_m + tiles.block_n) * block_k * element_size
+    return max(1, min(tiles.num_stages, _SHARED_MEMORY_BUDGET // per_stage))
 
 
 def align_by_expert(
@@ -182,8 +197,7 @@ def grouped_gemm(
         BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
         num_warps=tiles.num_warps,
-        # fp32 tiles take twice the shared memory: fewer stages fit (A100: 164 KB).
-        num_stages=min(tiles.num_stages, 2) if a.dtype == torch.float32 else tiles.num_stages,
+        num_stages=stages_that_fit(tiles, block_k, a.element_size()),
     )
     return out
 
