@@ -9,7 +9,7 @@ import torch
 
 from helpers import TIGHT_OPTIONS, assert_matches_hf
 from mii.models.layers import GatedMLP, RMSNorm, activation
-from mii.ops.fused_elementwise import act_and_mul, fused_kernels_enabled, rms_norm
+from mii.ops.fused_elementwise import act_and_mul, rms_norm
 from test_family_llama_variants import variants  # noqa: F401 (a fixture)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,19 +94,6 @@ def test_layers_call_the_kernels_when_asked(monkeypatch):
         # float32: the kernels' exp/sqrt may differ from torch's by an ulp or two
         torch.testing.assert_close(fused, unfused, rtol=1e-5, atol=1e-5)
     assert sorted(set(calls)) == ["act_and_mul", "rms_norm"]
-
-
-def test_kernel_choice(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.delenv("MII_FUSED", raising=False)
-    assert fused_kernels_enabled(cuda) and not fused_kernels_enabled(cpu)
-    monkeypatch.setenv("MII_FUSED", "torch")
-    assert not fused_kernels_enabled(cuda)
-    monkeypatch.setenv("MII_FUSED", "triton")
-    assert fused_kernels_enabled(cpu)
-    monkeypatch.setenv("MII_FUSED", "on")
-    with pytest.raises(ValueError, match="MII_FUSED must be"):
-        fused_kernels_enabled(cpu)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernels")

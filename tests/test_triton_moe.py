@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from mii.models.moe import grouped_kernel_enabled  # noqa: E402
+from mii.ops.fused_elementwise import fused_kernels_enabled  # noqa: E402
 from mii.ops.triton_moe import align_by_expert, moe_grouped_mlp  # noqa: E402
 from test_family_mixtral import (  # noqa: E402
     CHECKPOINTS,
@@ -112,15 +113,21 @@ def test_layer_uses_kernel_when_asked(monkeypatch):
     torch.testing.assert_close(grouped, looped, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_choice(monkeypatch):
+@pytest.mark.parametrize(
+    ("variable", "enabled"),
+    [("MII_MOE", grouped_kernel_enabled), ("MII_FUSED", fused_kernels_enabled)],
+)
+def test_kernel_choice(monkeypatch, variable, enabled):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.delenv("MII_MOE", raising=False)
-    assert grouped_kernel_enabled(cuda) and not grouped_kernel_enabled(cpu)
-    monkeypatch.setenv("MII_MOE", "torch")
-    assert not grouped_kernel_enabled(cuda)
-    monkeypatch.setenv("MII_MOE", "fused")
-    with pytest.raises(ValueError, match="MII_MOE must be"):
-        grouped_kernel_enabled(cpu)
+    monkeypatch.delenv(variable, raising=False)
+    assert enabled(cuda) and not enabled(cpu)
+    monkeypatch.setenv(variable, "torch")
+    assert not enabled(cuda)
+    monkeypatch.setenv(variable, "triton")
+    assert enabled(cpu)
+    monkeypatch.setenv(variable, "fused")
+    with pytest.raises(ValueError, match=f"{variable} must be"):
+        enabled(cpu)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")

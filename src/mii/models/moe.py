@@ -24,7 +24,6 @@ weighted outputs back with ``index_add_``; it reads the group sizes on the host.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, NamedTuple
 
@@ -34,17 +33,13 @@ from torch import nn
 
 from mii.models.layers import activation
 from mii.models.parallel import all_reduce, divide, tp_rank, tp_world_size
+from mii.ops.dispatch import triton_chosen
 
 
 def grouped_kernel_enabled(device: torch.device) -> bool:
-    """Whether MoE layers use the grouped Triton kernel: on CUDA unless
-    ``MII_MOE=torch``; anywhere with ``MII_MOE=triton`` (CPU tests, interpreted)."""
-    choice = os.environ.get("MII_MOE", "auto")
-    if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"MII_MOE must be 'auto', 'triton' or 'torch', not {choice!r}")
-    if choice == "auto":
-        return device.type == "cuda"
-    return choice == "triton"
+    """Whether MoE layers use the grouped Triton kernel, as ``MII_MOE`` chooses
+    (see ``ops.dispatch``: on CUDA by default)."""
+    return triton_chosen("MII_MOE", device)
 
 
 class ExpertShard(NamedTuple):

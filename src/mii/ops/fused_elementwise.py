@@ -26,20 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.ops.dispatch import triton_chosen
+
 # Activations with a fused kernel (names as in ``models.layers.activation``).
 FUSED_ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
 
 
 def fused_kernels_enabled(device: torch.device) -> bool:
-    """Whether the layers call these kernels: on CUDA unless ``MII_FUSED=torch``,
-    never while torch.compile traces (it fuses the torch code itself); anywhere
-    with ``MII_FUSED=triton`` (CPU tests, interpreted)."""
-    choice = os.environ.get("MII_FUSED", "auto")
-    if choice not in ("auto", "triton", "torch"):
-        raise ValueError(f"MII_FUSED must be 'auto', 'triton' or 'torch', not {choice!r}")
-    if choice == "torch" or torch.compiler.is_compiling():
-        return False
-    return choice == "triton" or device.type == "cuda"
+    """Whether the layers call these kernels: as ``MII_FUSED`` chooses (see
+    ``ops.dispatch``), and never while torch.compile traces (it fuses the torch
+    code itself)."""
+    return not torch.compiler.is_compiling() and triton_chosen("MII_FUSED", device)
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
