@@ -334,6 +334,9 @@ _SM_COUNT: dict[int, int] = {}
 # than the parallelism gains (the batch-1 profile of a 192-token context spent
 # more time merging nine mostly empty slices than attending).
 SPLIT_MIN_KEYS = 256
+# Launch of the prompt-tile (64-query) attention kernel; benchmarks/prefill_sweep.py
+# times the alternatives on the GPU.
+PROMPT_LAUNCH = {"block_n": 64, "num_warps": 8, "num_stages": 3}
 
 
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
@@ -423,7 +426,7 @@ def paged_attention_from_cache(
         return out
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
     # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
-    block_n = max(64, triton.next_power_of_2(kv_block))
+    block_n = max(PROMPT_LAUNCH["block_n"], triton.next_power_of_2(kv_block))
     d_pad = max(16, triton.next_power_of_2(dim))
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
         count = tiles.seq.shape[0]
@@ -470,7 +473,8 @@ def paged_attention_from_cache(
             HAS_WINDOW=sliding_window is not None,
             IEEE=q.dtype == torch.float32 or _INTERPRET,
             UPCAST=_INTERPRET and q.dtype != torch.float32,
-            num_warps=4 if tiles.size <= 16 else 8,
+            num_warps=4 if tiles.size <= 16 else PROMPT_LAUNCH["num_warps"],
+            num_stages=3 if tiles.size <= 16 else PROMPT_LAUNCH["num_stages"],
         )
         if num_splits > 1:
             _merge_splits_kernel[(count, q_heads)](
