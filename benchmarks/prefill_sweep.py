@@ -34,7 +34,7 @@ def main() -> None:
             )
         batch = paged_batch([length], [length], device, blocks)
         q_ragged = q[0].transpose(0, 1).contiguous()
-        for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4)):
+        for block_n, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
             triton_attention.PROMPT_LAUNCH.update(
                 block_n=block_n, num_warps=warps, num_stages=stages
             )
