@@ -334,9 +334,10 @@ _SM_COUNT: dict[int, int] = {}
 # than the parallelism gains (the batch-1 profile of a 192-token context spent
 # more time merging nine mostly empty slices than attending).
 SPLIT_MIN_KEYS = 256
-# Launch of the prompt-tile (64-query) attention kernel; benchmarks/prefill_sweep.py
-# times the alternatives on the GPU.
-PROMPT_LAUNCH = {"block_n": 64, "num_warps": 8, "num_stages": 3}
+# Launch of the prompt-tile (64-query) attention kernel, the best of
+# benchmarks/prefill_sweep.py on an H100 (2026-11-25): 4 warps give 1.20x / 1.30x
+# flash SDPA at 1024 / 4096 tokens, where 8 warps gave 1.47x / 1.74x.
+PROMPT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
