@@ -145,6 +145,12 @@ def add_engine_arguments(parser) -> None:
         help="split the model over N GPUs; run under `torchrun --nproc-per-node N`",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8"],
+        default="auto",
+        help="KV cache dtype (fp8: half the bytes per cached token)",
+    )
+    parser.add_argument(
         "--sync-scheduling",
         action="store_true",
         help="read each pass's tokens before launching the next (default on CUDA: async)",
@@ -159,6 +165,9 @@ def engine_options(args, result: dict, options: dict) -> dict:
         options["async_scheduling"] = False
     if args.tensor_parallel > 1:
         options["tensor_parallel"] = args.tensor_parallel
+    if args.kv_cache_dtype != "auto":
+        options["kv_cache_dtype"] = args.kv_cache_dtype
+    result["kv_cache_dtype"] = args.kv_cache_dtype
     result["async_scheduling"] = not args.sync_scheduling
     result["tensor_parallel"] = args.tensor_parallel
     return options

@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_moe.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_moe.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
@@ -25,6 +25,8 @@ while [ $# -gt 0 ]; do
     tp2-w1) torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py --tensor-parallel 2 --json "$OUT/w1_tp2.json" > "$OUT/w1_tp2.log" 2>&1; tail -30 "$OUT/w1_tp2.log" ;;
     tp2-tests) python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -25 ;;
     breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
+    w1-fp8) python3 benchmarks/throughput.py --kv-cache-dtype fp8 --json "$OUT/w1_fp8.json" > "$OUT/w1_fp8.log" 2>&1; tail -30 "$OUT/w1_fp8.log" ;;
+    latency-fp8) python3 benchmarks/latency.py --kv-cache-dtype fp8 --json "$OUT/latency_fp8.json" > "$OUT/latency_fp8.log" 2>&1; tail -30 "$OUT/latency_fp8.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift

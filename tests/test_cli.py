@@ -32,6 +32,7 @@ SERVE_OPTIONS = [
     "--device",
     "--max-length",
     "--kv-block-size",
+    "--kv-cache-dtype",
     "--num-kv-blocks",
     "--token-budget",
     "--max-num-seqs",
@@ -137,6 +138,17 @@ def test_generation_options_reach_the_request():
     # Accepted by the request validator, so no option is dropped or misnamed on the way.
     mii.GenerateParams(**params)
     assert "ignore_eos" not in generation_params(build_parser().parse_args(["generate", "m"]))
+
+
+def test_engine_options_reach_the_engine_config():
+    from mii.cli import engine_options
+
+    args = build_parser().parse_args(
+        ["generate", "m", "p", "--kv-cache-dtype", "fp8", "--kv-block-size", "32"]
+    )
+    options = engine_options(args)
+    assert options == {"kv_cache_dtype": "fp8", "kv_block_size": 32}
+    mii.EngineConfig(model="m", **options)  # names and values the config accepts
 
 
 def test_generate_in_process_equals_pipeline(llama, cache):

@@ -44,6 +44,21 @@ def test_triton_and_torch_attention_agree_in_bf16(checkpoints, monkeypatch):
     assert all(agree), "bf16 paths diverged within the first 4 tokens"
 
 
+def test_fp8_kv_cache_triton_and_torch_agree(checkpoints, monkeypatch):
+    """The fp8 cache through the Triton kernels (CUDA graphs on) and through the
+    torch reference: the same quantised keys, so the same first tokens."""
+    path, _ = checkpoints("llama")
+    outputs = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("MII_ATTENTION", backend)
+        with mii.pipeline(str(path), device="cuda", dtype="bfloat16", kv_cache_dtype="fp8") as pipe:
+            outputs[backend] = pipe(PROMPTS, do_sample=False, max_new_tokens=16)
+    agree = [
+        a.token_ids[:4] == b.token_ids[:4] for a, b in zip(outputs["triton"], outputs["torch"])
+    ]
+    assert all(agree), "fp8 paths diverged within the first 4 tokens"
+
+
 def test_seeded_sampling_on_gpu(checkpoints):
     path, _ = checkpoints("llama")
     with mii.pipeline(str(path), device="cuda") as pipe:

@@ -32,6 +32,7 @@ ENGINE_OPTIONS = (
     "device",
     "max_length",
     "kv_block_size",
+    "kv_cache_dtype",
     "num_kv_blocks",
     "token_budget",
     "max_num_seqs",
@@ -75,6 +76,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         default=None,
         help="tokens per KV cache block (default: 16)",
+    )
+    group.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8"],
+        default=None,
+        help="KV cache dtype: auto (the activations') or fp8 (e4m3, half the memory)",
     )
     group.add_argument(
         "--num-kv-blocks",

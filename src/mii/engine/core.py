@@ -26,6 +26,7 @@ from mii.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from mii.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 from mii.errors import InvalidRequestError, RequestTooLargeError
 from mii.models import loader
+from mii.ops.attention import FP8_KV_DTYPE
 from mii.ops.transfer import upload
 from mii.response import Response
 
@@ -100,10 +101,11 @@ class EngineCore:
         self.max_length = self._model_max_length(config, self.model.max_positions)
         self.eos_token_ids = _eos_token_ids(hf_config, model_dir, self.tokenizer)
 
+        self.kv_dtype = FP8_KV_DTYPE if config.kv_cache_dtype == "fp8" else self.dtype
         num_blocks = choose_num_blocks(
             self.model.kv_spec,
             config.kv_block_size,
-            self.dtype,
+            self.kv_dtype,
             self.device,
             requested=config.num_kv_blocks,
             memory_fraction=config.kv_cache_memory_fraction,
@@ -116,7 +118,7 @@ class EngineCore:
         # One block more than the pool: the scratch block that padded rows of a
         # CUDA-graph pass write into. No sequence ever owns it.
         kv_caches = allocate_kv_tensors(
-            self.model.kv_spec, num_blocks + 1, config.kv_block_size, self.dtype, self.device
+            self.model.kv_spec, num_blocks + 1, config.kv_block_size, self.kv_dtype, self.device
         )
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_num_seqs)
@@ -135,7 +137,12 @@ class EngineCore:
         if self.tp is not None and self.tp.is_driver:
             self.runner.broadcast = self._broadcast_pass
         log.info(
-            "loaded %s on %s (%s), %d KV blocks", config.model, self.device, self.dtype, num_blocks
+            "loaded %s on %s (%s), %d KV blocks of %s",
+            config.model,
+            self.device,
+            self.dtype,
+            num_blocks,
+            self.kv_dtype,
         )
 
     def _maybe_compile(self, config: EngineConfig) -> float:

@@ -79,6 +79,23 @@ def plan_tiles(query_lens: list[int]) -> list[tuple[int, list[int], list[int]]]:
     return plan
 
 
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def to_cache(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the cache's dtype; an fp8 cache stores values clamped to its finite
+    range (scale 1: an outlier saturates rather than overflowing)."""
+    if dtype == FP8_KV_DTYPE:
+        limit = torch.finfo(dtype).max
+        return x.float().clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
+
+
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor viewed as uint8 (CPU index kernels do not take fp8); others as is."""
+    return x.view(torch.uint8) if x.dtype == FP8_KV_DTYPE else x
+
+
 def write_kv_cache(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -88,8 +105,9 @@ def write_kv_cache(
 ) -> None:
     """Scatter new keys/values ([T, Hkv, D]) into their cache slots."""
     num_blocks, block_size, heads, dim = k_cache.shape
-    k_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(num_blocks * block_size, heads, dim).index_copy_(0, slots, v.to(v_cache.dtype))
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        rows = _as_bytes(cache).view(num_blocks * block_size, heads, dim)
+        rows.index_copy_(0, slots, _as_bytes(to_cache(x, cache.dtype)))
 
 
 def gather_sequence_kv(
@@ -98,7 +116,7 @@ def gather_sequence_kv(
     """The first ``seq_len`` cached rows ([seq_len, Hkv, D]) of one sequence."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:num_blocks].long())
+    blocks = _as_bytes(cache).index_select(0, block_table[:num_blocks].long()).view(cache.dtype)
     return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
 
 

@@ -32,6 +32,31 @@ from mii.ops.transfer import upload
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Largest finite float8_e4m3fn: fp8 KV caches store values clamped to it (scale 1,
+# as vLLM's uncalibrated fp8 cache), so an outlier saturates instead of overflowing.
+FP8_MAX = 448.0
+INTERPRET_FP8 = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _to_cache(x, dtype: tl.constexpr, CLAMP: tl.constexpr):
+    if CLAMP:
+        x = x.to(tl.float32)
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        if INTERPRET_FP8:
+            # The CPU interpreter loses the carry when rounding up to fp8 (1.98 -> 1.0):
+            # round to e4m3's precision here, so that its conversion is exact.
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000  # 3 mantissa bits
+            # below 2^-6 (subnormal): steps of 2^-9, ties to even, sign kept (-0.0 too)
+            steps = tl.abs(x) * 512.0
+            r = tl.floor(steps + 0.5)
+            r = tl.where((r - steps == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
+            subnormal = tl.where(x < 0, -r, r) / 512.0
+            x = tl.where(tl.abs(x) < 0.015625, subnormal, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)
+
+
 @triton.jit
 def _rotary_cache_write_kernel(
     Q,
@@ -58,6 +83,7 @@ def _rotary_cache_write_kernel(
     HALF_PAD: tl.constexpr,
     D_PAD: tl.constexpr,
     HAS_ROTARY: tl.constexpr,
+    CLAMP: tl.constexpr,
 ):
     t = tl.program_id(0)
     pos = tl.load(positions + t)
@@ -83,10 +109,14 @@ def _rotary_cache_write_kernel(
         k1 = tl.load(k1p, mask=km, other=0.0).to(tl.float32)
         k2 = tl.load(k1p + ROT_HALF, mask=km, other=0.0).to(tl.float32)
         c1p = K_cache + slot * stride_cache_slot + heads[:, None] * stride_cache_h + half[None, :]
-        tl.store(c1p, (k1 * cos[None, :] - k2 * sin[None, :]).to(K_cache.dtype.element_ty), mask=km)
+        tl.store(
+            c1p,
+            _to_cache(k1 * cos[None, :] - k2 * sin[None, :], K_cache.dtype.element_ty, CLAMP),
+            mask=km,
+        )
         tl.store(
             c1p + ROT_HALF,
-            (k2 * cos[None, :] + k1 * sin[None, :]).to(K_cache.dtype.element_ty),
+            _to_cache(k2 * cos[None, :] + k1 * sin[None, :], K_cache.dtype.element_ty, CLAMP),
             mask=km,
         )
         # channels past the rotary part are copied unchanged
@@ -100,14 +130,14 @@ def _rotary_cache_write_kernel(
     k_rest = tl.load(K + t * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=rest)
     tl.store(
         K_cache + slot * stride_cache_slot + heads[:, None] * stride_cache_h + dims[None, :],
-        k_rest.to(K_cache.dtype.element_ty),
+        _to_cache(k_rest, K_cache.dtype.element_ty, CLAMP),
         mask=rest,
     )
     vm = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HEAD_DIM)
     v = tl.load(V + t * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=vm)
     tl.store(
         V_cache + slot * stride_cache_slot + heads[:, None] * stride_cache_h + dims[None, :],
-        v.to(V_cache.dtype.element_ty),
+        _to_cache(v, V_cache.dtype.element_ty, CLAMP),
         mask=vm,
     )
 
@@ -177,6 +207,7 @@ def _paged_attention_kernel(
     HAS_WINDOW: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    KV_CAST: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -226,6 +257,9 @@ def _paged_attention_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(K_cache + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(V_cache + kv_off, mask=kv_mask, other=0.0)
+        if KV_CAST:  # an fp8 cache: compute in the activations' dtype
+            k = k.to(Q.dtype.element_ty)
+            v = v.to(Q.dtype.element_ty)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
             q = q.to(tl.float32)
             k = k.to(tl.float32)
@@ -401,6 +435,7 @@ def rotary_cache_write(
         HALF_PAD=triton.next_power_of_2(max(rot_half, 1)),
         D_PAD=triton.next_power_of_2(dim),
         HAS_ROTARY=cos_sin is not None,
+        CLAMP=k_cache.dtype == torch.float8_e4m3fn,
     )
 
 
@@ -474,6 +509,7 @@ def paged_attention_from_cache(
             HAS_WINDOW=sliding_window is not None,
             IEEE=q.dtype == torch.float32 or _INTERPRET,
             UPCAST=_INTERPRET and q.dtype != torch.float32,
+            KV_CAST=k_cache.dtype != q.dtype,
             num_warps=4 if tiles.size <= 16 else PROMPT_LAUNCH["num_warps"],
             num_stages=3 if tiles.size <= 16 else PROMPT_LAUNCH["num_stages"],
         )

@@ -1,0 +1,114 @@
+"""The fp8 KV cache (``kv_cache_dtype="fp8"``): the Triton kernels write and read
+it as the torch reference does (CPU: interpreted), values saturate instead of
+overflowing, the pool holds more tokens, and the engine serves from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mii
+from helpers import PROMPTS, TIGHT_OPTIONS
+from mii.ops.attention import FP8_KV_DTYPE, rotary_paged_attention_reference, to_cache
+from mii.ops.rotary import apply_rotary_reference
+from mii.ops.triton_attention import paged_attention_from_cache, paged_attention_triton
+from test_triton_kernels import CASES, DEVICE, make_case, to_device
+
+
+def fp8_case(index: int, dtype: torch.dtype):
+    """CASES[index] (cached context + new tokens per sequence) with its caches in fp8."""
+    shapes, hq, hkv, dim, block, window, rot = CASES[index]
+    case = list(make_case(shapes, hq, hkv, dim, block, dtype, rot, index))
+    case[5] = to_cache(case[5], FP8_KV_DTYPE)
+    case[6] = to_cache(case[6], FP8_KV_DTYPE)
+    return case, dim, window
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index", [0, 2, 4])  # GQA + rotary, MQA + window, no rotary
+def test_triton_fp8_cache_matches_reference(index, dtype):
+    case, dim, window = fp8_case(index, dtype)
+    ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch = case
+    expected = rotary_paged_attention_reference(
+        ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch, dim**-0.5, window
+    )
+    q, k, v, pos_d, cs_d, kc, vc, batch = to_device(fp8_case(index, dtype)[0])
+    out = paged_attention_triton(q, k, v, pos_d, cs_d, kc, vc, batch, dim**-0.5, window)
+    # Writing: values are copied exactly; rotated keys are rounded to fp8 from
+    # float32 in the kernel but through the activation dtype in the reference, so a
+    # key may sit one fp8 step (at most 1/8 relative) away.
+    assert kc.dtype == vc.dtype == FP8_KV_DTYPE
+    assert torch.equal(vc.float().cpu(), ref_vc.float())  # as values: -0.0 == 0.0
+    key_error = (kc.float().cpu() - ref_kc.float()).abs() / ref_kc.float().abs().clamp(min=1e-2)
+    assert key_error.max() <= 0.125 + 1e-6
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    # Reading: the attention kernel over the reference's own fp8 caches.
+    rotated_q = apply_rotary_reference(ref_q, pos, cs) if cs is not None else ref_q
+    read = paged_attention_from_cache(
+        rotated_q.to(DEVICE), ref_kc.to(DEVICE), ref_vc.to(DEVICE), batch, dim**-0.5, window
+    )
+    torch.testing.assert_close(read.float().cpu(), expected.float(), rtol=tol, atol=tol)
+    if dtype == torch.float32 or not CASES[index][6]:  # both paths round keys alike
+        torch.testing.assert_close(out.float().cpu(), expected.float(), rtol=tol, atol=tol)
+
+
+def test_out_of_range_values_saturate():
+    x = torch.tensor([[[1000.0, -1000.0, 3.3, 448.0]]])
+    cached = to_cache(x, FP8_KV_DTYPE).float()
+    assert cached.flatten().tolist() == [448.0, -448.0, 3.25, 448.0]
+    case, dim, _ = fp8_case(4, torch.float32)  # no rotary: keys are copied as given
+    q, k, v, pos, cs, kc, vc, batch = to_device(case)
+    k[0, 0, 0], v[0, 0, 0] = 1e4, -1e4
+    paged_attention_triton(q, k, v, pos, cs, kc, vc, batch, dim**-0.5, None)
+    slot = int(batch.slot_mapping[0])
+    flat_k, flat_v = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
+    assert flat_k[slot, 0, 0].float().item() == 448.0
+    assert flat_v[slot, 0, 0].float().item() == -448.0
+    assert not torch.isnan(kc.float()).any()
+
+
+def test_fp8_pool_holds_more_blocks(checkpoints):
+    """Same bytes, one byte per element: 4x the blocks of float32, 2x of bf16."""
+    from mii.engine.kv_cache import choose_num_blocks
+    from mii.models.base import KVCacheSpec
+
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=32)
+    sizes = {
+        dtype: choose_num_blocks(
+            spec,
+            16,
+            dtype,
+            torch.device("cpu"),
+            requested=None,
+            memory_fraction=0.85,
+            cpu_bytes=1 << 22,
+            max_length=64,
+            max_num_seqs=100_000,
+        )
+        for dtype in (torch.float32, torch.bfloat16, FP8_KV_DTYPE)
+    }
+    assert sizes[FP8_KV_DTYPE] == 2 * sizes[torch.bfloat16] == 4 * sizes[torch.float32]
+
+
+def test_engine_serves_from_an_fp8_cache(checkpoints):
+    """The engine allocates fp8 caches and gives the same greedy tokens whether
+    prompts are chunked and preempted or not."""
+    path, _ = checkpoints("llama")
+    outputs = {}
+    for name, options in {"fp8": {}, "fp8-tight": TIGHT_OPTIONS}.items():
+        with mii.pipeline(str(path), kv_cache_dtype="fp8", **options) as pipe:
+            caches = pipe.engine.core.runner.kv_caches
+            assert all(k.dtype == v.dtype == FP8_KV_DTYPE for k, v in caches)
+            responses = pipe(PROMPTS, do_sample=False, max_new_tokens=16, ignore_eos=True)
+            outputs[name] = [r.token_ids for r in responses]
+            stats = pipe.engine.stats()
+        if name == "fp8-tight":
+            assert stats["preemptions"] > 0
+    assert all(len(tokens) == 16 for tokens in outputs["fp8"])
+    assert outputs["fp8-tight"] == outputs["fp8"]
+
+
+def test_bad_kv_cache_dtype_is_refused(checkpoints):
+    path, _ = checkpoints("llama")
+    with pytest.raises(mii.InvalidRequestError, match="kv_cache_dtype"):
+        mii.pipeline(str(path), kv_cache_dtype="int4")
