@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from mii.demo import _CORPUS, train_tokenizer
+from mii.ops.attention import AttentionBatch
 
 PROMPTS = [
     "DeepSpeed is",
@@ -181,10 +182,6 @@ def ragged_paged_batch(shapes, block_size: int, free: list[int]):
     """A ragged batch over a paged KV cache: ``shapes`` lists (tokens already cached,
     new tokens) per sequence, whose blocks are popped from ``free`` in turn. Returns the
     ``AttentionBatch`` and each sequence's block table."""
-    # Imported lazily: conftest imports this module before test_triton_kernels can set
-    # TRITON_INTERPRET, and no kernel module may load before that.
-    from mii.ops.attention import AttentionBatch
-
     tables, slots, cu = [], [], [0]
     for cached, new in shapes:
         total = cached + new

@@ -1,28 +1,22 @@
 """Triton kernels against the torch reference, on CPU under TRITON_INTERPRET=1
-(and on the GPU when there is one)."""
+(set by conftest; and on the GPU when there is one)."""
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
-
-triton = pytest.importorskip("triton")
-
-from helpers import ragged_paged_batch  # noqa: E402
-from mii.ops.attention import (  # noqa: E402
+from helpers import ragged_paged_batch
+from mii.ops.attention import (
     AttentionBatch,
     TileSet,
     make_tiles,
     rotary_paged_attention_reference,
 )
-from mii.ops.rotary import rotary_cos_sin  # noqa: E402
-from mii.ops.triton_attention import paged_attention_triton  # noqa: E402
+from mii.ops.rotary import rotary_cos_sin
+from mii.ops.triton_attention import paged_attention_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

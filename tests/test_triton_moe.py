@@ -1,22 +1,15 @@
 """The grouped expert kernel against the torch expert loop and a per-token
-definition, on CPU under TRITON_INTERPRET=1 (and on the GPU when there is one)."""
+definition, on CPU under TRITON_INTERPRET=1, set by conftest (and on the GPU when there is one)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are defined
-
-triton = pytest.importorskip("triton")
-
-from mii.models.moe import grouped_kernel_enabled  # noqa: E402
-from mii.ops.fused_elementwise import fused_kernels_enabled  # noqa: E402
-from mii.ops.triton_moe import align_by_expert, moe_grouped_mlp  # noqa: E402
-from test_family_mixtral import (  # noqa: E402
+from mii.models.moe import grouped_kernel_enabled
+from mii.ops.fused_elementwise import fused_kernels_enabled
+from mii.ops.triton_moe import align_by_expert, moe_grouped_mlp
+from test_family_mixtral import (
     CHECKPOINTS,
     TIGHT_OPTIONS,
     assert_matches_hf,

@@ -8,6 +8,10 @@ import torch
 
 CHOICES = ("auto", "triton", "torch")
 
+# Triton kernels run interpreted on the CPU (tests); read once, as Triton does
+# when the kernels are defined.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 
 def triton_chosen(variable: str, device: torch.device) -> bool:
     """The choice in environment variable ``variable``: ``auto`` (the default)

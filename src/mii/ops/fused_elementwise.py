@@ -20,13 +20,11 @@ torch.compile (which fuses these itself); tested on CPU under
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from mii.ops.dispatch import triton_chosen
+from mii.ops.dispatch import INTERPRETED, triton_chosen
 
 # Activations with a fused kernel (names as in ``models.layers.activation``).
 FUSED_ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
@@ -37,9 +35,6 @@ def fused_kernels_enabled(device: torch.device) -> bool:
     ``ops.dispatch``), and never while torch.compile traces (it fuses the torch
     code itself)."""
     return not torch.compiler.is_compiling() and triton_chosen("MII_FUSED", device)
-
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -180,7 +175,7 @@ def act_and_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def _interpreted_bf16(x: torch.Tensor) -> bool:
-    return _INTERPRET and x.dtype == torch.bfloat16
+    return INTERPRETED and x.dtype == torch.bfloat16
 
 
 def _warps(n: int) -> int:

@@ -42,7 +42,7 @@ def upload(
     out: list[torch.Tensor | None] = [None] * len(arrays)
     for dtype in dict.fromkeys(dtype for _, dtype in items):
         members = [i for i, (_, d) in enumerate(items) if d == dtype]
-        step = ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size()
+        step = ALIGN_BYTES // np.dtype(_NUMPY_DTYPES[dtype]).itemsize
         offsets, total = [], 0
         for i in members:
             offsets.append(total)

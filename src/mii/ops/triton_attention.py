@@ -20,29 +20,26 @@ the ragged batch maps onto a dense grid.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
+from mii.ops.dispatch import INTERPRETED
 from mii.ops.transfer import upload
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 # Largest finite float8_e4m3fn: fp8 KV caches store values clamped to it (scale 1,
 # as vLLM's uncalibrated fp8 cache), so an outlier saturates instead of overflowing.
-FP8_MAX = 448.0
-INTERPRET_FP8 = tl.constexpr(_INTERPRET)
+FP8_MAX = tl.constexpr(448.0)
+INTERPRET_FP8 = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
 def _to_cache(x, dtype: tl.constexpr, CLAMP: tl.constexpr):
     if CLAMP:
         x = x.to(tl.float32)
-        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
         if INTERPRET_FP8:
             # The CPU interpreter loses the carry when rounding up to fp8 (1.98 -> 1.0):
             # round to e4m3's precision here, so that its conversion is exact.
@@ -507,8 +504,8 @@ def paged_attention_from_cache(
             BLOCK_M=tiles.size,
             BLOCK_N=block_n,
             HAS_WINDOW=sliding_window is not None,
-            IEEE=q.dtype == torch.float32 or _INTERPRET,
-            UPCAST=_INTERPRET and q.dtype != torch.float32,
+            IEEE=q.dtype == torch.float32 or INTERPRETED,
+            UPCAST=INTERPRETED and q.dtype != torch.float32,
             KV_CAST=k_cache.dtype != q.dtype,
             num_warps=4 if tiles.size <= 16 else PROMPT_LAUNCH["num_warps"],
             num_stages=3 if tiles.size <= 16 else PROMPT_LAUNCH["num_stages"],

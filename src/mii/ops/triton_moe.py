@@ -18,7 +18,6 @@ Tested against the torch loop of ``models.moe.SparseMoE`` on CPU under
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from mii.ops.dispatch import INTERPRETED
 
 
 @triton.jit
@@ -191,8 +190,8 @@ def grouped_gemm(
         out.stride(0),
         A_ROWS_PER_PAIR=a_rows_per_pair,
         HAS_WEIGHTS=pair_weights is not None,
-        IEEE=a.dtype == torch.float32 or _INTERPRET,
-        UPCAST=_INTERPRET and a.dtype != torch.float32,
+        IEEE=a.dtype == torch.float32 or INTERPRETED,
+        UPCAST=INTERPRETED and a.dtype != torch.float32,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
