@@ -67,13 +67,13 @@ def test_act_and_mul_refuses_unfused_activation():
 
 
 def test_layers_call_the_kernels_when_asked(monkeypatch):
-    import mii.models.layers as layers
+    import mii.ops.fused_elementwise as kernels
 
     calls = []
     for name in ("rms_norm", "act_and_mul"):
-        original = getattr(layers, name)
+        original = getattr(kernels, name)
         monkeypatch.setattr(
-            layers, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+            kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
         )
     norm = random_norm(48, 0.0, torch.float32, seed=5)
     mlp = GatedMLP(48, 40, "silu", bias=False)

@@ -79,3 +79,21 @@ def test_demo_command_runs_offline(tmp_path):
     assert result.stdout.startswith("Hello")
     assert "random" in result.stderr and "8 tokens" in result.stderr
     assert (tmp_path / "demo-llama-v1" / "config.json").is_file()
+
+
+def test_cpu_path_never_imports_triton(llama):
+    """Triton is not a base dependency (the CPU torch wheel lacks it): loading and
+    running a model on the CPU must not import it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mii\n"
+        f"with mii.pipeline({llama!r}, device='cpu') as pipe:\n"
+        "    pipe('DeepSpeed is', max_new_tokens=3, do_sample=False)\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]

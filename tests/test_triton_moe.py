@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mii.models.moe import grouped_kernel_enabled
-from mii.ops.fused_elementwise import fused_kernels_enabled
+from mii.ops.dispatch import fused_kernels_enabled
 from mii.ops.triton_moe import align_by_expert, moe_grouped_mlp
 from test_family_mixtral import (
     CHECKPOINTS,

@@ -27,12 +27,7 @@ from mii.models.parallel import (
     tp_world_size,
     vocab_range,
 )
-from mii.ops.fused_elementwise import (
-    FUSED_ACTIVATIONS,
-    act_and_mul,
-    fused_kernels_enabled,
-    rms_norm,
-)
+from mii.ops.dispatch import FUSED_ACTIVATIONS, fused_kernels_enabled
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor | LazyTensor) -> None:
@@ -223,6 +218,8 @@ class RMSNorm(nn.Module):
         """norm(x); with ``residual``, ``(norm(x + residual), x + residual)`` (one
         fused kernel on CUDA)."""
         if fused_kernels_enabled(x.device):
+            from mii.ops.fused_elementwise import rms_norm  # Triton: a CUDA-only dependency
+
             return rms_norm(x, self.weight, self.eps, bool(self.offset), residual)
         if residual is not None:
             summed = x + residual
@@ -269,6 +266,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(gate_up.device):
+            from mii.ops.fused_elementwise import act_and_mul
+
             return self.down_proj(act_and_mul(gate_up, self.act_name))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)

@@ -23,3 +23,15 @@ def triton_chosen(variable: str, device: torch.device) -> bool:
     if choice == "auto":
         return device.type == "cuda"
     return choice == "triton"
+
+
+# Activations with a fused kernel (names as in ``models.layers.activation``) and
+# their kernel code.
+FUSED_ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
+
+
+def fused_kernels_enabled(device: torch.device) -> bool:
+    """Whether the layers call the kernels of ``ops.fused_elementwise``: as
+    ``MII_FUSED`` chooses, and never while torch.compile traces (it fuses the torch
+    code itself). Defined here so that choosing imports no Triton."""
+    return not torch.compiler.is_compiling() and triton_chosen("MII_FUSED", device)

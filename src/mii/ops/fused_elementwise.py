@@ -24,17 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops.dispatch import INTERPRETED, triton_chosen
-
-# Activations with a fused kernel (names as in ``models.layers.activation``).
-FUSED_ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu_fast": 1}
-
-
-def fused_kernels_enabled(device: torch.device) -> bool:
-    """Whether the layers call these kernels: as ``MII_FUSED`` chooses (see
-    ``ops.dispatch``), and never while torch.compile traces (it fuses the torch
-    code itself)."""
-    return not torch.compiler.is_compiling() and triton_chosen("MII_FUSED", device)
+from mii.ops.dispatch import FUSED_ACTIVATIONS, INTERPRETED
 
 
 @triton.jit
