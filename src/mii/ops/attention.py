@@ -180,7 +180,10 @@ def rotary_paged_attention_reference(
 
     if cos_sin is not None:
         q = apply_rotary_reference(q, positions, cos_sin)
-        k = apply_rotary_reference(k, positions, cos_sin)
+        # An fp8 cache takes rotated keys straight from float32, as the Triton kernel
+        # does: a detour through bf16 rounds twice and can land one fp8 step away.
+        k_in = k.float() if k_cache.dtype == FP8_KV_DTYPE else k
+        k = apply_rotary_reference(k_in, positions, cos_sin)
     return paged_attention_reference(q, k, v, k_cache, v_cache, batch, scale, sliding_window)
 
 
