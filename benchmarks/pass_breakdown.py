@@ -7,6 +7,7 @@ forward pass on the device with CUDA events, then groups the passes by kind
 over a few mixed and a few decode passes lists the top kernels of each.
 
     python benchmarks/pass_breakdown.py [--num-requests 256] [--token-budget 2048]
+        [--records passes.json]   # every pass: kind, tokens, sequences, device ms
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ class PassRecorder:
             }
             for name, (n, tok, ms) in sorted(groups.items())
         }
+        # gap_ms: device time between the previous pass's end and this one's start
+        # (the GPU waiting for the host, or for the previous pass's sampling).
+        self.timeline = [
+            {
+                "kind": kind,
+                "tokens": tokens,
+                "seqs": seqs,
+                "ms": round(start.elapsed_time(end), 3),
+                "gap_ms": round(self.records[i - 1][4].elapsed_time(start), 3) if i else 0.0,
+            }
+            for i, (kind, tokens, seqs, start, end) in enumerate(self.records)
+        ]
         return {
             "wall_s": round(wall_s, 2),
             "device_s_in_passes": round(total_ms / 1e3, 2),
@@ -145,6 +158,9 @@ async def run(args) -> dict:
     wall = time.perf_counter() - start
     result = recorder.summary(wall) | {"preemptions": engine.stats()["preemptions"]}
     await engine.aclose()
+    if args.records:
+        with open(args.records, "w") as f:
+            json.dump(recorder.timeline, f)
     for kind, table in recorder.tables.items():
         print(f"\n=== profile of {args.profile_passes} {kind} passes\n{table}")
     return result
@@ -157,6 +173,7 @@ def main() -> None:
     parser.add_argument("--token-budget", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--profile-passes", type=int, default=5)
+    parser.add_argument("--records", help="write every pass's kind, size and device ms here")
     add_engine_arguments(parser)
     args = parser.parse_args()
     print(json.dumps({"matmul_tflops": matmul_rates([1, 128, 256, 1024, 2048])}, indent=2))

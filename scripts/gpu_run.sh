@@ -25,6 +25,7 @@ while [ $# -gt 0 ]; do
     tp2-w1) torchrun --standalone --nproc-per-node 2 benchmarks/throughput.py --tensor-parallel 2 --json "$OUT/w1_tp2.json" > "$OUT/w1_tp2.log" 2>&1; tail -30 "$OUT/w1_tp2.log" ;;
     tp2-tests) python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -25 ;;
     breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
+    breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
     w1-fp8) python3 benchmarks/throughput.py --kv-cache-dtype fp8 --json "$OUT/w1_fp8.json" > "$OUT/w1_fp8.log" 2>&1; tail -30 "$OUT/w1_fp8.log" ;;
     latency-fp8) python3 benchmarks/latency.py --kv-cache-dtype fp8 --json "$OUT/latency_fp8.json" > "$OUT/latency_fp8.log" 2>&1; tail -30 "$OUT/latency_fp8.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
