@@ -39,6 +39,14 @@ class PassRecorder:
         self._active: tuple[str, profile, int] | None = None
         self._launch = core._launch
         core._launch = self.launch
+        # Triton compiles during the run, with the pass they happened before: each
+        # one stalls the engine for ~0.5 s.
+        self.compiles: list[tuple[int, str]] = []
+        import triton
+
+        triton.knobs.runtime.jit_post_compile_hook = lambda **kw: self.compiles.append(
+            (len(self.records), kw["repr"][:200])
+        )
 
     def launch(self, plan, prev, failed):
         decode = all(c.num_tokens == 1 and c.samples for c in plan.chunks)
@@ -108,6 +116,7 @@ class PassRecorder:
             "device_s_in_passes": round(total_ms / 1e3, 2),
             "device_busy": round(total_ms / 1e3 / wall_s, 3),
             "passes": len(self.records),
+            "triton_compiles": self.compiles,
             "groups": rows,
         }
 

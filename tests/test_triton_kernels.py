@@ -127,3 +127,37 @@ def test_split_kv_matches_reference(index, splits, min_keys):
         q, kc, vc, batch, dim**-0.5, window, splits=splits, split_min_keys=min_keys
     )
     torch.testing.assert_close(out.cpu(), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles only on CUDA")
+def test_attention_compiles_once_whatever_the_batch(monkeypatch):
+    """Token counts, split counts and block-table widths change every pass: none of
+    them may make Triton compile a new variant (W1 stalled 0.7 s per compile)."""
+    import triton
+
+    from mii.ops.triton_attention import paged_attention_from_cache, rotary_cache_write
+
+    compiled: list[str] = []
+    monkeypatch.setattr(
+        triton.knobs.runtime, "jit_post_compile_hook", lambda **kw: compiled.append(kw["repr"])
+    )
+
+    def attend(shapes, splits):
+        q, k, v, pos, cs, kc, vc, batch = to_device(
+            make_case(shapes, 4, 2, 16, 16, torch.bfloat16, 16, seed=len(shapes))
+        )
+        rotary_cache_write(q, k, v, pos, cs, kc, vc, batch.slot_mapping)
+        paged_attention_from_cache(q, kc, vc, batch, 0.25, None, splits=splits, split_min_keys=32)
+
+    attend([(300, 1), (150, 1), (0, 20), (5, 1)], splits=2)  # decode and prompt tiles
+    assert compiled, "the hook saw no compile: it no longer reports them"
+    compiled.clear()
+    for shapes, splits in [
+        ([(300, 1)], 3),  # one token
+        ([(290, 1)] * 16, 5),  # 16 tokens, 16 sequences
+        ([(450, 1), (0, 31), (64, 17)], 2),  # 49 tokens, a wider block table
+        ([(0, 500)] * 3 + [(33, 1)] * 3 + [(0, 291)], 7),  # 1794 tokens (positions < 512)
+    ]:
+        attend(shapes, splits)
+    assert compiled == []

@@ -140,11 +140,11 @@ def _rotary_cache_write_kernel(
 
 
 @triton.jit
-def _splits_used(keys, SPLITS: tl.constexpr, SPLIT_MIN_KEYS: tl.constexpr):
-    """How many of the SPLITS programs of a tile share its ``keys``: each takes at
-    least SPLIT_MIN_KEYS, so a short context stays in one program, which then
+def _splits_used(keys, splits, SPLIT_MIN_KEYS: tl.constexpr):
+    """How many of the ``splits`` programs of a tile share its ``keys``: each takes
+    at least SPLIT_MIN_KEYS, so a short context stays in one program, which then
     writes the output itself (no partials, nothing to merge)."""
-    return tl.minimum(SPLITS, tl.maximum(1, tl.cdiv(keys, SPLIT_MIN_KEYS)))
+    return tl.minimum(splits, tl.maximum(1, tl.cdiv(keys, SPLIT_MIN_KEYS)))
 
 
 @triton.jit
@@ -167,7 +167,10 @@ def _key_range(
     return lo, hi
 
 
-@triton.jit
+# Integers that change from pass to pass are not specialised: Triton would compile
+# a variant per value that is 1 or a multiple of 16 (a 0.7 s stall in the middle of
+# serving, measured on W1), and none of them shapes a tile.
+@triton.jit(do_not_specialize=["window", "num_tokens", "splits", "stride_bt"])
 def _paged_attention_kernel(
     Q,
     K_cache,
@@ -192,9 +195,10 @@ def _paged_attention_kernel(
     stride_bt,
     stride_ot,
     stride_oh,
+    splits,
     GROUP: tl.constexpr,
     NUM_HEADS: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     SPLIT_MIN_KEYS: tl.constexpr,
     KV_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -228,12 +232,12 @@ def _paged_attention_kernel(
     )
 
     lo, hi = _key_range(seq_len, context, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
-    if SPLITS > 1:
+    if SPLIT:
         # Split-KV (flash decoding): this program covers one slice of the keys;
         # _merge_splits_kernel then combines the slices' partial softmax results.
         # Programs past the slices in use see no keys.
         split = tl.program_id(2)
-        used = _splits_used(hi - lo, SPLITS, SPLIT_MIN_KEYS)
+        used = _splits_used(hi - lo, splits, SPLIT_MIN_KEYS)
         chunk = tl.cdiv(tl.cdiv(hi - lo, used), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
@@ -282,8 +286,8 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     direct = m_mask  # this program writes the output itself
-    if SPLITS > 1:
-        # partials: O [SPLITS, T, H, D_PAD], M and L [SPLITS, T, H], float32
+    if SPLIT:
+        # partials: O [splits, T, H, D_PAD], M and L [splits, T, H], float32
         row = (split * num_tokens + q_begin + offs_m) * NUM_HEADS + head
         partial = m_mask & (used > 1) & (split < used)
         tl.store(Part_M + row, m_i, mask=partial)
@@ -298,7 +302,7 @@ def _paged_attention_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "num_tokens", "splits"])
 def _merge_splits_kernel(
     Out,
     Part_O,
@@ -312,12 +316,12 @@ def _merge_splits_kernel(
     num_tokens,
     stride_ot,
     stride_oh,
+    splits,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLITS: tl.constexpr,
     SPLIT_MIN_KEYS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
 ):
@@ -331,7 +335,7 @@ def _merge_splits_kernel(
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
     seq_len = tl.load(seq_lens + seq)
     lo, hi = _key_range(seq_len, seq_len - q_len, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
-    used = _splits_used(hi - lo, SPLITS, SPLIT_MIN_KEYS)
+    used = _splits_used(hi - lo, splits, SPLIT_MIN_KEYS)
     offs_m = first + tl.arange(0, BLOCK_M)
     m_mask = (offs_m < q_len) & (used > 1)
     offs_d = tl.arange(0, D_PAD)
@@ -494,9 +498,10 @@ def paged_attention_from_cache(
             batch.block_tables.stride(0),
             out.stride(0),
             out.stride(1),
+            num_splits,
             GROUP=q_heads // kv_heads,
             NUM_HEADS=q_heads,
-            SPLITS=num_splits,
+            SPLIT=num_splits > 1,
             SPLIT_MIN_KEYS=split_min_keys,
             KV_BLOCK=kv_block,
             HEAD_DIM=dim,
@@ -522,12 +527,12 @@ def paged_attention_from_cache(
                 tokens,
                 out.stride(0),
                 out.stride(1),
+                num_splits,
                 NUM_HEADS=q_heads,
                 HEAD_DIM=dim,
                 D_PAD=d_pad,
                 BLOCK_M=tiles.size,
                 BLOCK_N=block_n,
-                SPLITS=num_splits,
                 SPLIT_MIN_KEYS=split_min_keys,
                 HAS_WINDOW=sliding_window is not None,
             )
