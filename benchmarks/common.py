@@ -99,6 +99,10 @@ def environment() -> dict:
         info["gpu"] = torch.cuda.get_device_name()
     # MII_COMMIT first: the device machine's copy of the tree may carry a stale .git.
     info["commit"] = os.environ.get("MII_COMMIT") or _git_head()
+    # Kernel choices overridden for this run (MII_GEMV=torch, MII_FUSED=torch, ...).
+    choices = {k: v for k, v in os.environ.items() if k.startswith("MII_") and k != "MII_COMMIT"}
+    if choices:
+        info["kernel_choices"] = choices
     return info
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
 #   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [tp2-latency] [tp2-w1] [tp2-tests]
+#   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -11,7 +12,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_moe.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
@@ -26,6 +27,9 @@ while [ $# -gt 0 ]; do
     tp2-tests) python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -25 ;;
     breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
+    gemv-sweep) python3 benchmarks/gemv_sweep.py --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.log" 2>&1; grep "M=" "$OUT/gemv_sweep.log" ;;
+    latency-cublas) MII_GEMV=torch python3 benchmarks/latency.py --json "$OUT/latency_cublas.json" > "$OUT/latency_cublas.log" 2>&1; tail -12 "$OUT/latency_cublas.log" ;;
+    w1-fp8-4096) python3 benchmarks/throughput.py --kv-cache-dtype fp8 --token-budget 4096 --json "$OUT/w1_fp8_4096.json" > "$OUT/w1_fp8_4096.log" 2>&1; tail -14 "$OUT/w1_fp8_4096.log" ;;
     w1-fp8) python3 benchmarks/throughput.py --kv-cache-dtype fp8 --json "$OUT/w1_fp8.json" > "$OUT/w1_fp8.log" 2>&1; tail -30 "$OUT/w1_fp8.log" ;;
     latency-fp8) python3 benchmarks/latency.py --kv-cache-dtype fp8 --json "$OUT/latency_fp8.json" > "$OUT/latency_fp8.log" 2>&1; tail -30 "$OUT/latency_fp8.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;

@@ -27,7 +27,18 @@ from mii.models.parallel import (
     tp_world_size,
     vocab_range,
 )
-from mii.ops.dispatch import FUSED_ACTIVATIONS, fused_kernels_enabled
+from mii.ops.dispatch import FUSED_ACTIVATIONS, fused_kernels_enabled, skinny_linear_enabled
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; a decode batch of a few rows on CUDA goes through the skinny
+    kernel of ``ops.triton_gemv``, which reads the weights faster than cuBLAS at
+    these sizes (benchmarks/gemv_sweep.py)."""
+    if skinny_linear_enabled(x, weight):
+        from mii.ops.triton_gemv import skinny_linear  # Triton: a CUDA-only dependency
+
+        return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor | LazyTensor) -> None:
@@ -93,7 +104,7 @@ class ColumnParallelLinear(nn.Module):
         default_weight_loader(param.data.narrow(0, offset, size), loaded.narrow(0, first, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def qkv_layouts(num_heads: int, num_kv_heads: int, head_dim: int) -> list[tuple[int, int]]:
@@ -128,7 +139,7 @@ class RowParallelLinear(nn.Module):
         default_weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(F.linear(x, self.weight))
+        out = all_reduce(linear(x, self.weight))
         if self.bias is not None:
             out = out + self.bias  # added once, after the reduction
         return out
@@ -197,7 +208,7 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, D] -> float32 logits [S, V]."""
         weight = self._tied[0].weight if self._tied is not None else self.weight
-        logits = F.linear(hidden, weight, self.bias)
+        logits = linear(hidden, weight, self.bias)
         if tp_world_size() > 1:
             logits = all_gather_last_dim(logits)[:, : self.vocab_size]
         return logits.float()

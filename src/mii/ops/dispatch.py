@@ -35,3 +35,22 @@ def fused_kernels_enabled(device: torch.device) -> bool:
     ``MII_FUSED`` chooses, and never while torch.compile traces (it fuses the torch
     code itself). Defined here so that choosing imports no Triton."""
     return not torch.compiler.is_compiling() and triton_chosen("MII_FUSED", device)
+
+
+# Most rows a linear layer sends to the skinny (decode) kernel of ``ops.triton_gemv``.
+SKINNY_MAX_ROWS = 16
+
+
+def skinny_linear_enabled(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear`` runs the skinny kernel for this call: a decode-sized
+    batch (at most SKINNY_MAX_ROWS rows) of a float dtype on CUDA, rows contiguous,
+    as ``MII_GEMV`` chooses, and never while torch.compile traces."""
+    return (
+        x.dim() == 2
+        and x.shape[0] <= SKINNY_MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and x.stride(-1) == 1
+        and weight.stride(-1) == 1
+        and not torch.compiler.is_compiling()
+        and triton_chosen("MII_GEMV", x.device)
+    )

@@ -1,0 +1,109 @@
+"""Launch settings of the skinny linear kernel (``ops/triton_gemv.py``) against
+``F.linear`` (cuBLAS) on the Llama-2-7B projections at decode batch sizes: a
+diagnostic whose best rows set ``DEFAULT_CONFIG``.
+
+Each timing replays a CUDA graph (as decode runs) over several copies of the
+weight, together larger than the L2 cache, so every call reads its weight from
+memory as consecutive layers do.
+
+    python benchmarks/gemv_sweep.py [--rows 1 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from benchmarks.common import environment, roofline, write_json
+from mii.ops.triton_gemv import GemvConfig, skinny_linear
+
+SHAPES = {  # name: (N, K) of the weight
+    "qkv": (12288, 4096),
+    "o": (4096, 4096),
+    "gate_up": (22016, 4096),
+    "down": (4096, 11008),
+    "lm_head": (32000, 4096),
+}
+SHARED_MEMORY_BUDGET = 160 * 1024
+
+
+def graph_seconds(calls) -> float:
+    """Seconds per call of ``calls`` (a list of closures) replayed from one graph."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    total = triton.testing.do_bench(graph.replay, warmup=10, rep=40, return_mode="median")
+    return total / 1e3 / len(calls)
+
+
+def configs() -> list[GemvConfig]:
+    out = []
+    for block_n, block_k, warps, stages in itertools.product(
+        (16, 32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 6)
+    ):
+        if (block_n + 16) * block_k * 2 * stages <= SHARED_MEMORY_BUDGET:
+            out.append(GemvConfig(block_n, block_k, warps, stages))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    result = {"benchmark": "gemv_sweep", **environment(), "roofline": roofline(device)}
+    copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
+    rows_out = []
+    candidates = configs()
+    for name, (n, k) in SHAPES.items():
+        nbytes = n * k * 2
+        copies = max(2, -(-256 * 2**20 // nbytes))  # > 256 MiB in all: past the L2
+        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+        for rows in args.rows:
+            x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+            cublas = graph_seconds([lambda w=w, x=x: F.linear(x, w) for w in weights])
+            timed = []
+            for cfg in candidates:
+                try:
+                    calls = [lambda w=w, x=x, c=cfg: skinny_linear(x, w, None, c) for w in weights]
+                    s = graph_seconds(calls)
+                except Exception as error:  # a setting this GPU cannot launch
+                    print(f"{name} {rows} {cfg}: {type(error).__name__}")
+                    continue
+                timed.append((s, cfg))
+            timed.sort()
+            best_s, best = timed[0]
+            default_s = next(s for s, c in timed if c == GemvConfig(32, 256, 4, 4))
+            row = {
+                "shape": name,
+                "rows": rows,
+                "cublas_us": round(cublas * 1e6, 1),
+                "cublas_of_copy_bw": round(nbytes / cublas / copy_bw, 3),
+                "best_us": round(best_s * 1e6, 1),
+                "best_of_copy_bw": round(nbytes / best_s / copy_bw, 3),
+                "best": best._asdict(),
+                "default_us": round(default_s * 1e6, 1),
+                "top5": [(round(s * 1e6, 1), tuple(c)) for s, c in timed[:5]],
+            }
+            rows_out.append(row)
+            print(
+                f"{name:8s} M={rows:2d}  cuBLAS {row['cublas_us']:7.1f} us "
+                f"({row['cublas_of_copy_bw']:.0%})  best {row['best_us']:7.1f} us "
+                f"({row['best_of_copy_bw']:.0%}) {tuple(best)}  default {row['default_us']:.1f} us",
+                flush=True,
+            )
+    result["rows"] = rows_out
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

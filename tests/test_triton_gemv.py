@@ -1,0 +1,79 @@
+"""The skinny linear kernel (decode batches of 1-16 rows) against F.linear, on
+CPU under TRITON_INTERPRET=1 (conftest) and on CUDA when present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import TIGHT_OPTIONS, assert_matches_hf
+from mii.ops.triton_gemv import MAX_ROWS, GemvConfig, skinny_linear
+from test_triton_kernels import DEVICE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows, n, k, bias",
+    [
+        (1, 96, 256, False),  # whole blocks
+        (3, 70, 200, True),  # ragged N and K, bias
+        (MAX_ROWS, 33, 64, False),  # every row of the tile in use
+    ],
+)
+def test_skinny_linear_matches_f_linear(rows, n, k, bias, dtype):
+    gen = torch.Generator().manual_seed(rows * n + k)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    expected = F.linear(x.float(), w.float(), b.float() if b is not None else None)
+    out = skinny_linear(
+        x.to(DEVICE), w.to(DEVICE), b.to(DEVICE) if b is not None else None, GemvConfig(32, 64)
+    )
+    assert out.shape == (rows, n) and out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=tol, atol=tol * k**0.5)
+
+
+def test_rows_of_a_wider_tensor():
+    """x may be a column slice of a wider activation (row stride != K)."""
+    wide = torch.randn(2, 160)
+    w = torch.randn(48, 128)
+    out = skinny_linear(wide[:, 16:144].to(DEVICE), w.to(DEVICE), None, GemvConfig(16, 32))
+    torch.testing.assert_close(out.cpu(), F.linear(wide[:, 16:144], w), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_shapes_name_the_problem():
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        skinny_linear(torch.zeros(17, 8), torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="weight"):
+        skinny_linear(torch.zeros(2, 8), torch.zeros(8, 4).t())
+
+
+def test_linear_takes_the_kernel_for_decode_sized_batches(monkeypatch):
+    import mii.ops.triton_gemv as kernels
+    from mii.models.layers import linear
+
+    rows_seen = []
+    original = kernels.skinny_linear
+    monkeypatch.setattr(
+        kernels, "skinny_linear", lambda x, *a: rows_seen.append(x.shape[0]) or original(x, *a)
+    )
+    monkeypatch.setenv("MII_GEMV", "triton")
+    w, b = torch.randn(24, 40).to(DEVICE), torch.randn(24).to(DEVICE)
+    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, 40).to(DEVICE)
+        torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    assert rows_seen == [1, MAX_ROWS]  # a prompt-sized batch stays with F.linear
+    monkeypatch.setenv("MII_GEMV", "torch")
+    linear(torch.randn(1, 40).to(DEVICE), w, b)
+    assert rows_seen == [1, MAX_ROWS]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")
+def test_engine_with_skinny_linear_matches_hf(checkpoints, tokenizer, monkeypatch):
+    """A whole model whose decode steps (and short chunks) go through the kernel,
+    as CUDA runs by default; chunked prompts and preemption."""
+    monkeypatch.setenv("MII_GEMV", "triton")
+    path, hf_model = checkpoints("llama")
+    assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
