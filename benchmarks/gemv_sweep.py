@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.common import environment, roofline, write_json
-from mii.ops.triton_gemv import GemvConfig, skinny_linear
+from mii.ops.triton_gemv import DEFAULT_CONFIG, GemvConfig, skinny_linear
 
 SHAPES = {  # name: (N, K) of the weight
     "qkv": (12288, 4096),
@@ -82,7 +82,7 @@ def main() -> None:
                 timed.append((s, cfg))
             timed.sort()
             best_s, best = timed[0]
-            default_s = next(s for s, c in timed if c == GemvConfig(32, 256, 4, 4))
+            default_s = next(s for s, c in timed if c == DEFAULT_CONFIG)
             row = {
                 "shape": name,
                 "rows": rows,

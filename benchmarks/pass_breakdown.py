@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import time
 from collections import defaultdict
@@ -47,6 +48,18 @@ class PassRecorder:
         triton.knobs.runtime.jit_post_compile_hook = lambda **kw: self.compiles.append(
             (len(self.records), kw["repr"][:200])
         )
+        # Python garbage collections longer than 5 ms (a full one walks every object).
+        self.collections: list[tuple[int, int, float]] = []
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        ms = 1e3 * (time.perf_counter() - self._gc_started)
+        if ms > 5:
+            self.collections.append((len(self.records), info["generation"], round(ms, 1)))
 
     def launch(self, plan, prev, failed):
         decode = all(c.num_tokens == 1 and c.samples for c in plan.chunks)
@@ -117,6 +130,7 @@ class PassRecorder:
             "device_busy": round(total_ms / 1e3 / wall_s, 3),
             "passes": len(self.records),
             "triton_compiles": self.compiles,
+            "slow_gc": self.collections,
             "groups": rows,
         }
 

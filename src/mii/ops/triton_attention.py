@@ -373,6 +373,8 @@ SPLIT_MIN_KEYS = 256
 # benchmarks/prefill_sweep.py on an H100 (2026-11-25): 4 warps give 1.20x / 1.30x
 # flash SDPA at 1024 / 4096 tokens, where 8 warps gave 1.47x / 1.74x.
 PROMPT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+# Launch of the decode-tile (16-query) kernel (benchmarks/decode_sweep.py).
+DECODE_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 
 
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
@@ -462,10 +464,11 @@ def paged_attention_from_cache(
     if tokens == 0:
         return out
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
-    # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
-    block_n = max(PROMPT_LAUNCH["block_n"], triton.next_power_of_2(kv_block))
     d_pad = max(16, triton.next_power_of_2(dim))
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
+        launch = DECODE_LAUNCH if tiles.size <= 16 else PROMPT_LAUNCH
+        # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
+        block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         count = tiles.seq.shape[0]
         num_splits = splits or _auto_splits(tiles, count * q_heads, q.device)
         if num_splits > 1:
@@ -512,8 +515,8 @@ def paged_attention_from_cache(
             IEEE=q.dtype == torch.float32 or INTERPRETED,
             UPCAST=INTERPRETED and q.dtype != torch.float32,
             KV_CAST=k_cache.dtype != q.dtype,
-            num_warps=4 if tiles.size <= 16 else PROMPT_LAUNCH["num_warps"],
-            num_stages=3 if tiles.size <= 16 else PROMPT_LAUNCH["num_stages"],
+            num_warps=launch["num_warps"],
+            num_stages=launch["num_stages"],
         )
         if num_splits > 1:
             _merge_splits_kernel[(count, q_heads)](

@@ -1,0 +1,79 @@
+"""Launch settings of the decode-tile attention kernel over bf16 and fp8 caches,
+timed from CUDA graphs (a diagnostic: its best rows set ``DECODE_LAUNCH``).
+
+    python benchmarks/decode_sweep.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from benchmarks.common import environment, roofline, write_json
+from benchmarks.kernels import BLOCK, DIM, HEADS, KV_HEADS, bench_graph, paged_batch
+from mii.ops import triton_attention
+from mii.ops.attention import FP8_KV_DTYPE
+from mii.ops.triton_attention import paged_attention_from_cache
+
+# (sequences, context): W1's decode passes (256 x ~650), a long-context batch.
+SHAPES = [(256, 640), (32, 4096), (4, 16384)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    result = {"benchmark": "decode_sweep", **environment(), "roofline": roofline(device)}
+    copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
+    total_blocks = 40_000
+    bf16_k = torch.randn(total_blocks, BLOCK, KV_HEADS, DIM, device=device, dtype=torch.bfloat16)
+    bf16_v = torch.randn_like(bf16_k)
+    caches = {"bf16": (bf16_k, bf16_v), "fp8": (bf16_k.to(FP8_KV_DTYPE), bf16_v.to(FP8_KV_DTYPE))}
+    rows = []
+    for (name, (k_cache, v_cache)), (seqs, context) in itertools.product(caches.items(), SHAPES):
+        batch = paged_batch([1] * seqs, [context] * seqs, device, total_blocks)
+        q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
+        moved = 2 * seqs * context * KV_HEADS * DIM * k_cache.element_size()
+        timed = []
+        for block_n, warps, stages in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4)):
+            triton_attention.DECODE_LAUNCH.update(
+                block_n=block_n, num_warps=warps, num_stages=stages
+            )
+            try:
+                seconds = bench_graph(
+                    lambda q=q, b=batch, k=k_cache, v=v_cache: paged_attention_from_cache(
+                        q, k, v, b, DIM**-0.5
+                    )
+                )
+            except Exception as error:  # a setting this GPU cannot launch
+                print(f"{name} {seqs}x{context} {block_n},{warps},{stages}: {type(error).__name__}")
+                continue
+            timed.append((seconds, (block_n, warps, stages)))
+        timed.sort()
+        default = next(s for s, c in timed if c == (64, 4, 3))
+        row = {
+            "cache": name,
+            "seqs": seqs,
+            "context": context,
+            "default_us": round(default * 1e6, 1),
+            "default_of_copy_bw": round(moved / default / copy_bw, 3),
+            "best_us": round(timed[0][0] * 1e6, 1),
+            "best_of_copy_bw": round(moved / timed[0][0] / copy_bw, 3),
+            "top5": [(round(s * 1e6, 1), c) for s, c in timed[:5]],
+        }
+        rows.append(row)
+        print(
+            f"{name:4s} {seqs:3d} x {context:5d}: default {row['default_us']:8.1f} us "
+            f"({row['default_of_copy_bw']:.0%})  best {row['best_us']:8.1f} us "
+            f"({row['best_of_copy_bw']:.0%}) {timed[0][1]}",
+            flush=True,
+        )
+    result["rows"] = rows
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
