@@ -37,11 +37,12 @@ def main() -> None:
         batch = paged_batch([1] * seqs, [context] * seqs, device, total_blocks)
         q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
         moved = 2 * seqs * context * KV_HEADS * DIM * k_cache.element_size()
+        kind = "DECODE_LAUNCH_FP8" if name == "fp8" else "DECODE_LAUNCH"
+        launch = getattr(triton_attention, kind)
+        defaults = launch.copy()
         timed = []
         for block_n, warps, stages in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4)):
-            triton_attention.DECODE_LAUNCH.update(
-                block_n=block_n, num_warps=warps, num_stages=stages
-            )
+            launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
             try:
                 seconds = bench_graph(
                     lambda q=q, b=batch, k=k_cache, v=v_cache: paged_attention_from_cache(
@@ -53,7 +54,8 @@ def main() -> None:
                 continue
             timed.append((seconds, (block_n, warps, stages)))
         timed.sort()
-        default = next(s for s, c in timed if c == (64, 4, 3))
+        launch.update(defaults)
+        default = next(s for s, c in timed if c == tuple(defaults.values()))
         row = {
             "cache": name,
             "seqs": seqs,

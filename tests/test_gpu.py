@@ -4,6 +4,8 @@ prefill and preemption."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -125,3 +127,16 @@ def test_async_and_sync_scheduling_agree_on_gpu(checkpoints):
                 for p in params
             ]
     assert results[True] == results[False]
+
+
+def test_engine_freezes_its_startup_heap_until_released(checkpoints):
+    """Full garbage collections skip the startup heap while the engine runs (a
+    220 ms pause mid-W1 otherwise), and its objects are collectable after."""
+    path, _ = checkpoints("llama")
+    pipe = mii.pipeline(str(path), device="cuda")
+    try:
+        assert gc.get_freeze_count() > 0
+        assert pipe("Hello", max_new_tokens=4)[0].token_ids
+    finally:
+        pipe.destroy()
+    assert gc.get_freeze_count() == 0

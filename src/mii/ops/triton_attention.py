@@ -373,8 +373,12 @@ SPLIT_MIN_KEYS = 256
 # benchmarks/prefill_sweep.py on an H100 (2026-11-25): 4 warps give 1.20x / 1.30x
 # flash SDPA at 1024 / 4096 tokens, where 8 warps gave 1.47x / 1.74x.
 PROMPT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
-# Launch of the decode-tile (16-query) kernel (benchmarks/decode_sweep.py).
+# Launch of the decode-tile (16-query) kernel, from benchmarks/decode_sweep.py (H200,
+# 2026-11-25): on a bf16 cache 64 keys per step are within 5 % of the best setting
+# (100-107 % of copy bandwidth); an fp8 cache wants 128 keys and 2 stages (20 %
+# faster than 64/3: each step's tile is half the bytes).
 DECODE_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 
 
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
@@ -466,7 +470,9 @@ def paged_attention_from_cache(
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
     d_pad = max(16, triton.next_power_of_2(dim))
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
-        launch = DECODE_LAUNCH if tiles.size <= 16 else PROMPT_LAUNCH
+        launch = PROMPT_LAUNCH
+        if tiles.size <= 16:
+            launch = DECODE_LAUNCH_FP8 if k_cache.dtype == torch.float8_e4m3fn else DECODE_LAUNCH
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         count = tiles.seq.shape[0]
