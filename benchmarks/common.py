@@ -89,6 +89,20 @@ def _time_cuda(fn, repeat: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def sweep_summary(timed: list, default_s: float, nbytes: int, copy_bw: float) -> dict:
+    """A launch sweep's row: ``timed`` is [(seconds, setting)] sorted fastest first;
+    times in µs and as fractions of the copy bandwidth for ``nbytes`` moved."""
+    best_s, best = timed[0]
+    return {
+        "default_us": round(default_s * 1e6, 1),
+        "default_of_copy_bw": round(nbytes / default_s / copy_bw, 3),
+        "best_us": round(best_s * 1e6, 1),
+        "best_of_copy_bw": round(nbytes / best_s / copy_bw, 3),
+        "best": tuple(best),
+        "top5": [(round(s * 1e6, 1), tuple(c)) for s, c in timed[:5]],
+    }
+
+
 def environment() -> dict:
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from benchmarks.common import environment, roofline, write_json
+from benchmarks.common import environment, roofline, sweep_summary, write_json
 from benchmarks.kernels import BLOCK, DIM, HEADS, KV_HEADS, bench_graph, paged_batch
 from mii.ops import triton_attention
 from mii.ops.attention import FP8_KV_DTYPE
@@ -56,21 +56,13 @@ def main() -> None:
         timed.sort()
         launch.update(defaults)
         default = next(s for s, c in timed if c == tuple(defaults.values()))
-        row = {
-            "cache": name,
-            "seqs": seqs,
-            "context": context,
-            "default_us": round(default * 1e6, 1),
-            "default_of_copy_bw": round(moved / default / copy_bw, 3),
-            "best_us": round(timed[0][0] * 1e6, 1),
-            "best_of_copy_bw": round(moved / timed[0][0] / copy_bw, 3),
-            "top5": [(round(s * 1e6, 1), c) for s, c in timed[:5]],
-        }
+        row = {"cache": name, "seqs": seqs, "context": context}
+        row |= sweep_summary(timed, default, moved, copy_bw)
         rows.append(row)
         print(
             f"{name:4s} {seqs:3d} x {context:5d}: default {row['default_us']:8.1f} us "
             f"({row['default_of_copy_bw']:.0%})  best {row['best_us']:8.1f} us "
-            f"({row['best_of_copy_bw']:.0%}) {timed[0][1]}",
+            f"({row['best_of_copy_bw']:.0%}) {row['best']}",
             flush=True,
         )
     result["rows"] = rows

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from benchmarks.common import environment, roofline, write_json
+from benchmarks.common import environment, roofline, sweep_summary, write_json
 from mii.ops.triton_gemv import DEFAULT_CONFIG, GemvConfig, skinny_linear
 
 SHAPES = {  # name: (N, K) of the weight
@@ -81,24 +81,19 @@ def main() -> None:
                     continue
                 timed.append((s, cfg))
             timed.sort()
-            best_s, best = timed[0]
             default_s = next(s for s, c in timed if c == DEFAULT_CONFIG)
             row = {
                 "shape": name,
                 "rows": rows,
                 "cublas_us": round(cublas * 1e6, 1),
                 "cublas_of_copy_bw": round(nbytes / cublas / copy_bw, 3),
-                "best_us": round(best_s * 1e6, 1),
-                "best_of_copy_bw": round(nbytes / best_s / copy_bw, 3),
-                "best": best._asdict(),
-                "default_us": round(default_s * 1e6, 1),
-                "top5": [(round(s * 1e6, 1), tuple(c)) for s, c in timed[:5]],
             }
+            row |= sweep_summary(timed, default_s, nbytes, copy_bw)
             rows_out.append(row)
             print(
                 f"{name:8s} M={rows:2d}  cuBLAS {row['cublas_us']:7.1f} us "
                 f"({row['cublas_of_copy_bw']:.0%})  best {row['best_us']:7.1f} us "
-                f"({row['best_of_copy_bw']:.0%}) {tuple(best)}  default {row['default_us']:.1f} us",
+                f"({row['best_of_copy_bw']:.0%}) {row['best']}  default {row['default_us']:.1f} us",
                 flush=True,
             )
     result["rows"] = rows_out
