@@ -49,6 +49,7 @@ def skinny_linear_enabled(x: torch.Tensor, weight: torch.Tensor) -> bool:
         x.dim() == 2
         and x.shape[0] <= SKINNY_MAX_ROWS
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and weight.dtype == x.dtype
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
         and not torch.compiler.is_compiling()
