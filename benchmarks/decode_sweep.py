@@ -66,7 +66,31 @@ def main() -> None:
             flush=True,
         )
     result["rows"] = rows
+    result["batch1_split_min_keys"] = batch1_splits(caches, copy_bw, total_blocks, device)
     write_json(args.json, result)
+
+
+def batch1_splits(caches: dict, copy_bw: float, total_blocks: int, device) -> list[dict]:
+    """Batch 1 at short contexts is bound by latency, not bytes: time the fewest keys
+    per split-KV program (``SPLIT_MIN_KEYS``), which trades serial loop trips for a
+    merge launch."""
+    rows = []
+    for (name, (k_cache, v_cache)), context in itertools.product(
+        caches.items(), (256, 512, 1024, 4096)
+    ):
+        batch = paged_batch([1], [context], device, total_blocks)
+        q = torch.randn(1, HEADS, DIM, device=device, dtype=torch.bfloat16)
+        row = {"cache": name, "context": context}
+        for min_keys in (32, 64, 128, 256, 512):
+            seconds = bench_graph(
+                lambda q=q, b=batch, k=k_cache, v=v_cache, m=min_keys: paged_attention_from_cache(
+                    q, k, v, b, DIM**-0.5, split_min_keys=m
+                )
+            )
+            row[f"us_min_keys_{min_keys}"] = round(seconds * 1e6, 2)
+        rows.append(row)
+        print(f"batch 1, {name} x {context}: {row}", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
