@@ -40,22 +40,25 @@ def main() -> None:
         kind = "DECODE_LAUNCH_FP8" if name == "fp8" else "DECODE_LAUNCH"
         launch = getattr(triton_attention, kind)
         defaults = launch.copy()
-        timed = []
-        for block_n, warps, stages in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4)):
-            launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
-            try:
-                seconds = bench_graph(
-                    lambda q=q, b=batch, k=k_cache, v=v_cache: paged_attention_from_cache(
-                        q, k, v, b, DIM**-0.5
+        try:
+            timed = []
+            for block_n, warps, stages in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4)):
+                launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
+                try:
+                    seconds = bench_graph(
+                        lambda q=q, b=batch, k=k_cache, v=v_cache: paged_attention_from_cache(
+                            q, k, v, b, DIM**-0.5
+                        )
                     )
-                )
-            except Exception as error:  # a setting this GPU cannot launch
-                print(f"{name} {seqs}x{context} {block_n},{warps},{stages}: {type(error).__name__}")
-                continue
-            timed.append((seconds, (block_n, warps, stages)))
-        timed.sort()
-        launch.update(defaults)
-        default = next(s for s, c in timed if c == tuple(defaults.values()))
+                except Exception as error:  # a setting this GPU cannot launch
+                    setting = f"{block_n},{warps},{stages}"
+                    print(f"{name} {seqs}x{context} {setting}: {type(error).__name__}")
+                    continue
+                timed.append((seconds, (block_n, warps, stages)))
+            timed.sort()
+        finally:  # the engine's setting back, even if a launch raised
+            launch.update(defaults)
+        default = next((s for s, c in timed if c == tuple(defaults.values())), float("nan"))
         row = {"cache": name, "seqs": seqs, "context": context}
         row |= sweep_summary(timed, default, moved, copy_bw)
         rows.append(row)

@@ -81,7 +81,7 @@ def main() -> None:
                     continue
                 timed.append((s, cfg))
             timed.sort()
-            default_s = next(s for s, c in timed if c == DEFAULT_CONFIG)
+            default_s = next((s for s, c in timed if c == DEFAULT_CONFIG), float("nan"))
             row = {
                 "shape": name,
                 "rows": rows,

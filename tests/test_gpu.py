@@ -132,11 +132,15 @@ def test_async_and_sync_scheduling_agree_on_gpu(checkpoints):
 def test_engine_freezes_its_startup_heap_until_released(checkpoints):
     """Full garbage collections skip the startup heap while the engine runs (a
     220 ms pause mid-W1 otherwise), and its objects are collectable after."""
+    from mii.engine import heap
+
     path, _ = checkpoints("llama")
+    holders = heap._engines  # engines another test left alive, if any
     pipe = mii.pipeline(str(path), device="cuda")
     try:
-        assert gc.get_freeze_count() > 0
+        assert heap._engines == holders + 1 and gc.get_freeze_count() > 0
         assert pipe("Hello", max_new_tokens=4)[0].token_ids
     finally:
         pipe.destroy()
-    assert gc.get_freeze_count() == 0
+    assert heap._engines == holders
+    assert (gc.get_freeze_count() == 0) == (holders == 0)

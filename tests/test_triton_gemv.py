@@ -35,6 +35,20 @@ def test_skinny_linear_matches_f_linear(rows, n, k, bias, dtype):
     torch.testing.assert_close(out.float().cpu(), expected, rtol=tol, atol=tol * k**0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_launch_on_ragged_shapes(dtype):
+    """The launch the layers use (its pipeline depth fitted to this device's shared
+    memory), on N and K that are not multiples of its tiles."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 200, generator=gen).to(dtype)
+    w = torch.randn(70, 200, generator=gen).to(dtype)
+    b = torch.randn(70, generator=gen).to(dtype)
+    out = skinny_linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE))
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    expected = F.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=tol, atol=tol * 200**0.5)
+
+
 def test_rows_of_a_wider_tensor():
     """x may be a column slice of a wider activation (row stride != K)."""
     wide = torch.randn(2, 160)
@@ -48,6 +62,20 @@ def test_bad_shapes_name_the_problem():
         skinny_linear(torch.zeros(17, 8), torch.zeros(4, 8))
     with pytest.raises(ValueError, match="weight"):
         skinny_linear(torch.zeros(2, 8), torch.zeros(8, 4).t())
+    with pytest.raises(ValueError, match="contiguous bias of 4"):
+        skinny_linear(torch.zeros(2, 8), torch.zeros(4, 8), torch.zeros(8)[::2])
+
+
+def test_linear_keeps_f_linear_for_operands_the_kernel_cannot_read(monkeypatch):
+    from mii.ops.dispatch import skinny_linear_enabled
+
+    monkeypatch.setenv("MII_GEMV", "triton")
+    x, w = torch.zeros(2, 8), torch.zeros(4, 8)
+    assert skinny_linear_enabled(x, w, torch.zeros(4))
+    assert not skinny_linear_enabled(x, w, torch.zeros(8)[::2])  # strided bias
+    assert not skinny_linear_enabled(x, w, torch.zeros(4, dtype=torch.float64))
+    assert not skinny_linear_enabled(x, w.to(torch.bfloat16))  # mixed dtypes
+    assert not skinny_linear_enabled(torch.zeros(17, 8), w)  # a prompt-sized batch
 
 
 def test_linear_takes_the_kernel_for_decode_sized_batches(monkeypatch):

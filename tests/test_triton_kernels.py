@@ -158,6 +158,7 @@ def test_attention_compiles_once_whatever_the_batch(monkeypatch):
         ([(290, 1)] * 16, 5),  # 16 tokens, 16 sequences
         ([(450, 1), (0, 31), (64, 17)], 2),  # 49 tokens, a wider block table
         ([(0, 500)] * 3 + [(33, 1)] * 3 + [(0, 291)], 7),  # 1794 tokens (positions < 512)
+        ([(400, 1)] * 2, 16),  # 16 splits: a multiple of 16, as automatic splitting picks
     ]:
         attend(shapes, splits)
     assert compiled == []

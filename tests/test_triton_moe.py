@@ -133,14 +133,22 @@ def test_engine_with_grouped_kernel_matches_hf(moe_checkpoints, tokenizer, name,
     assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
 
 
-def test_pipeline_stages_fit_shared_memory():
-    """The measured bf16 defaults keep their stages; fp32 (twice the bytes) gets fewer."""
+def test_pipeline_stages_fit_shared_memory(monkeypatch):
+    """The measured bf16 defaults keep their stages; fp32 (twice the bytes) gets
+    fewer, and so does a GPU with less shared memory per program (an L4's 99 KB)."""
+    from mii.ops import triton_limits
     from mii.ops.triton_moe import TileConfig, default_tiles, stages_that_fit
 
+    cpu = torch.device("cpu")
     for pairs in (2, 32, 256, 8192):
         tiles = default_tiles(pairs)
-        assert stages_that_fit(tiles, tiles.block_k, 2) == tiles.num_stages
-        fp32 = stages_that_fit(tiles, tiles.block_k, 4)
+        assert stages_that_fit(tiles, tiles.block_k, 2, cpu) == tiles.num_stages
+        fp32 = stages_that_fit(tiles, tiles.block_k, 4, cpu)
         assert 1 <= fp32 <= tiles.num_stages
         assert (tiles.block_m + tiles.block_n) * tiles.block_k * 4 * fp32 <= 160 * 1024
-    assert stages_that_fit(TileConfig(128, 256, 64, 8, 3), 64, 4) == 1
+    assert stages_that_fit(TileConfig(128, 256, 64, 8, 3), 64, 4, cpu) == 1
+    monkeypatch.setattr(triton_limits, "INTERPRETED", False)
+    monkeypatch.setattr(triton_limits, "_shared_memory_per_program", lambda index: 101_376)
+    small = torch.device("cuda", 0)
+    tiles = TileConfig(16, 64, 256, num_warps=4, num_stages=4)  # 40 KB per bf16 stage
+    assert stages_that_fit(tiles, 256, 2, small) == 2  # (101,376 - 8 KB) // 40 KB

@@ -7,7 +7,6 @@ thread and never concurrently with itself.
 
 from __future__ import annotations
 
-import gc
 import logging
 import secrets
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mii.config import EngineConfig, GenerateParams
-from mii.engine import distributed
+from mii.engine import distributed, heap
 from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, fast_decoder
 from mii.engine.distributed import TensorParallelError, TPGroup
 from mii.engine.kv_cache import BlockManager, allocate_kv_tensors, choose_num_blocks
@@ -133,14 +132,11 @@ class EngineCore:
         self._in_flight: _Launched | None = None  # async scheduling: the pass not yet read back
         self.compile_s = self._maybe_compile(config)
         self.graph_capture_s = self._maybe_capture_graphs(config, kv_caches, num_blocks)
-        # A full garbage collection walks every tracked object, and the startup heap
-        # (model, tokenizer, graphs) made one take 220 ms in the middle of W1: a GPU
-        # idle for as long. Frozen objects are skipped (as vLLM does); on CUDA only,
-        # where such pauses cost the most; release() unfreezes.
+        # Full garbage collections would walk the startup heap and idle the GPU
+        # (engine/heap.py); on CUDA, where such pauses cost the most.
         self._heap_frozen = self.device.type == "cuda"
         if self._heap_frozen:
-            gc.collect()
-            gc.freeze()
+            heap.freeze_startup_heap()
         # Warm-up passes above ran on every rank in step; from now on rank 0
         # sends each pass to the others.
         if self.tp is not None and self.tp.is_driver:
@@ -519,7 +515,7 @@ class EngineCore:
         self.runner.model = None
         self.model = None
         if self._heap_frozen:
-            gc.unfreeze()  # this engine's objects may be collected again
+            heap.thaw_startup_heap()
             self._heap_frozen = False
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -34,7 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``; a decode batch of a few rows on CUDA goes through the skinny
     kernel of ``ops.triton_gemv``, which reads the weights faster than cuBLAS at
     these sizes (benchmarks/gemv_sweep.py)."""
-    if skinny_linear_enabled(x, weight):
+    if skinny_linear_enabled(x, weight, bias):
         from mii.ops.triton_gemv import skinny_linear  # Triton: a CUDA-only dependency
 
         return skinny_linear(x, weight, bias)

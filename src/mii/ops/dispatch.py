@@ -41,17 +41,25 @@ def fused_kernels_enabled(device: torch.device) -> bool:
 SKINNY_MAX_ROWS = 16
 
 
-def skinny_linear_enabled(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def skinny_linear_enabled(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> bool:
     """Whether ``linear`` runs the skinny kernel for this call: a decode-sized
-    batch (at most SKINNY_MAX_ROWS rows) of a float dtype on CUDA, rows contiguous,
-    as ``MII_GEMV`` chooses, and never while torch.compile traces."""
+    batch (at most SKINNY_MAX_ROWS rows) on CUDA, as ``MII_GEMV`` chooses, with
+    operands the kernel reads as they are (one float dtype and device, rows and bias
+    contiguous, int32 offsets), and never while torch.compile traces (checked first:
+    a shape test on a symbolic size would add a guard and a recompile)."""
     return (
-        x.dim() == 2
+        not torch.compiler.is_compiling()
+        and x.dim() == 2
+        and weight.dim() == 2
         and x.shape[0] <= SKINNY_MAX_ROWS
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and weight.dtype == x.dtype
+        and weight.device == x.device
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
-        and not torch.compiler.is_compiling()
+        and weight.numel() < 2**31
+        and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
         and triton_chosen("MII_GEMV", x.device)
     )

@@ -236,7 +236,8 @@ def _paged_attention_kernel(
         # every e4m3 value exactly and which the hardware converts e4m3 to in one
         # instruction (to bfloat16 it takes several: the decode sweep ran at half the
         # copy bandwidth). q saturates at float16's range instead of overflowing.
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
+        q = q.to(tl.float16)
 
     lo, hi = _key_range(seq_len, context, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
     if SPLIT:

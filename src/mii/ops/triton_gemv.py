@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.ops import triton_limits
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
 
 MAX_ROWS = SKINNY_MAX_ROWS
@@ -90,8 +91,8 @@ class GemvConfig(NamedTuple):
 
 
 # From benchmarks/gemv_sweep.py on an H100 (2026-11-25, docs/performance.md): within
-# 0.3 us of the best of 60 settings on each Llama-2-7B projection at 1 and 16 rows;
-# 122 KB of pipeline stages (under the 164 KB of an A100 too).
+# 0.3 us of the best of 60 settings on each Llama-2-7B projection at 1 and 16 rows.
+# 120 KB of bf16 pipeline stages; fewer stages where the GPU has less shared memory.
 DEFAULT_CONFIG = GemvConfig(64, 128, num_warps=4, num_stages=6)
 
 
@@ -108,9 +109,14 @@ def skinny_linear(
         raise ValueError(f"skinny_linear takes at most {MAX_ROWS} rows, got {rows}")
     if weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError("skinny_linear needs x [M, K] and weight [N, K], rows contiguous")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"skinny_linear needs a contiguous bias of {n} values")
+    if weight.numel() >= 2**31:  # the kernel's offsets are int32
+        raise ValueError("skinny_linear takes weights of fewer than 2**31 elements")
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out
+    stage_bytes = (config.block_n + MAX_ROWS) * config.block_k * x.element_size()
     _skinny_linear_kernel[(triton.cdiv(n, config.block_n),)](
         x,
         weight,
@@ -129,6 +135,6 @@ def skinny_linear(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_stages=triton_limits.stages_that_fit(config.num_stages, stage_bytes, x.device),
     )
     return out

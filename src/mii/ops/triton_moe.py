@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.ops import triton_limits as limits
 from mii.ops.dispatch import INTERPRETED
 
 
@@ -112,16 +113,13 @@ def default_tiles(num_pairs: int) -> TileConfig:
     return TileConfig(128, 256, 64, num_warps=8, num_stages=3)
 
 
-# Shared memory the pipeline stages may take: under every CUDA GPU's limit
-# (A100 164 KB, H100 228 KB per block), with room for the epilogue.
-_SHARED_MEMORY_BUDGET = 160 * 1024
-
-
-def stages_that_fit(tiles: TileConfig, block_k: int, element_size: int) -> int:
+def stages_that_fit(
+    tiles: TileConfig, block_k: int, element_size: int, device: torch.device
+) -> int:
     """``tiles.num_stages``, fewer where the A and B tiles of each stage would not
-    fit the shared memory budget (fp32 tiles take twice the bytes of bf16)."""
+    fit the shared memory of ``device`` (fp32 tiles take twice the bytes of bf16)."""
     per_stage = (tiles.block_m + tiles.block_n) * block_k * element_size
-    return max(1, min(tiles.num_stages, _SHARED_MEMORY_BUDGET // per_stage))
+    return limits.stages_that_fit(tiles.num_stages, per_stage, device)
 
 
 def align_by_expert(
@@ -196,7 +194,7 @@ def grouped_gemm(
         BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
         num_warps=tiles.num_warps,
-        num_stages=stages_that_fit(tiles, block_k, a.element_size()),
+        num_stages=stages_that_fit(tiles, block_k, a.element_size(), a.device),
     )
     return out
 
