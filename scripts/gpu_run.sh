@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
     breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --profile-passes 0 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
     decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1" "$OUT/decode_sweep.log" ;;
-    gemv-sweep) python3 benchmarks/gemv_sweep.py --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.log" 2>&1; grep "M=" "$OUT/gemv_sweep.log" ;;
+    gemv-sweep) python3 benchmarks/gemv_sweep.py --rows 1 16 64 128 256 --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.log" 2>&1; grep "M=" "$OUT/gemv_sweep.log" ;;
     latency-cublas) MII_GEMV=torch python3 benchmarks/latency.py --json "$OUT/latency_cublas.json" > "$OUT/latency_cublas.log" 2>&1; tail -12 "$OUT/latency_cublas.log" ;;
     w1-fp8-4096) python3 benchmarks/throughput.py --kv-cache-dtype fp8 --token-budget 4096 --json "$OUT/w1_fp8_4096.json" > "$OUT/w1_fp8_4096.log" 2>&1; tail -14 "$OUT/w1_fp8_4096.log" ;;
     w1-fp8) python3 benchmarks/throughput.py --kv-cache-dtype fp8 --json "$OUT/w1_fp8.json" > "$OUT/w1_fp8.log" 2>&1; tail -30 "$OUT/w1_fp8.log" ;;
