@@ -6,6 +6,7 @@ against flash SDPA (a diagnostic: its best row sets ``PROMPT_LAUNCH``).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 
@@ -19,6 +20,7 @@ from mii.ops.triton_attention import paged_attention_from_cache
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()
     device = torch.device("cuda")
     blocks = 2048
     k_cache = torch.randn(blocks, BLOCK, KV_HEADS, DIM, device=device, dtype=torch.bfloat16)

@@ -1,0 +1,32 @@
+"""Every benchmark script imports and parses its options on a machine without a
+GPU: they run only on the lent device, where a broken import costs device time."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.name != "__init__.py")
+
+
+def test_every_script_is_listed():
+    assert {"throughput.py", "latency.py", "serving.py", "gemv_sweep.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "common.py"])
+def test_script_help(script):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout
