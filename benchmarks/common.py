@@ -30,7 +30,18 @@ LLAMA2_7B = {
     "torch_dtype": "bfloat16",
     "tie_word_embeddings": False,
 }
-SHAPES = {"llama2-7b": LLAMA2_7B}
+# Llama-3-8B: grouped-query attention (8 KV heads for 32 query heads), a wider MLP
+# and a 128k vocabulary; the layout of most current models.
+LLAMA3_8B = LLAMA2_7B | {
+    "vocab_size": 128256,
+    "intermediate_size": 14336,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
 
 
 def model_dir(shape: str) -> str:

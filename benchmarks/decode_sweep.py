@@ -70,7 +70,42 @@ def main() -> None:
         )
     result["rows"] = rows
     result["batch1_split_min_keys"] = batch1_splits(caches, copy_bw, total_blocks, device)
+    result["gqa_program_order"] = gqa_order(copy_bw, total_blocks, device)
     write_json(args.json, result)
+
+
+def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> list[dict]:
+    """Grouped-query decode (32 query heads on 8 KV heads, Llama-3-8B's layout),
+    programs launched head-major (the heads sharing a KV head together) against
+    tile-major: the bytes each order reads from memory, as time."""
+    k_cache = torch.randn(total_blocks, BLOCK, kv_heads, DIM, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    rows = []
+    for name, (kc, vc) in {
+        "bf16": (k_cache, v_cache),
+        "fp8": (k_cache.to(FP8_KV_DTYPE), v_cache.to(FP8_KV_DTYPE)),
+    }.items():
+        for seqs, context in SHAPES:
+            batch = paged_batch([1] * seqs, [context] * seqs, device, total_blocks)
+            q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
+            moved = 2 * seqs * context * kv_heads * DIM * kc.element_size()
+            row = {"cache": name, "seqs": seqs, "context": context, "kv_heads": kv_heads}
+            for head_major in (False, True):
+                triton_attention.HEAD_MAJOR_DECODE = head_major
+                try:
+                    seconds = bench_graph(
+                        lambda q=q, b=batch, k=kc, v=vc: paged_attention_from_cache(
+                            q, k, v, b, DIM**-0.5
+                        )
+                    )
+                finally:
+                    triton_attention.HEAD_MAJOR_DECODE = True
+                order = "head_major" if head_major else "tile_major"
+                row[f"{order}_us"] = round(seconds * 1e6, 1)
+                row[f"{order}_of_copy_bw"] = round(moved / seconds / copy_bw, 3)
+            rows.append(row)
+            print(f"GQA {name} {seqs} x {context}: {row}", flush=True)
+    return rows
 
 
 def batch1_splits(caches: dict, copy_bw: float, total_blocks: int, device) -> list[dict]:

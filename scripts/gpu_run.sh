@@ -27,10 +27,12 @@ while [ $# -gt 0 ]; do
     tp2-tests) python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -25 ;;
     breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --profile-passes 0 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
-    decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1" "$OUT/decode_sweep.log" ;;
+    decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1\|GQA" "$OUT/decode_sweep.log" ;;
     gemv-sweep) python3 benchmarks/gemv_sweep.py --rows 1 16 64 128 256 --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.log" 2>&1; grep "M=" "$OUT/gemv_sweep.log" ;;
     latency-cublas) MII_GEMV=torch python3 benchmarks/latency.py --json "$OUT/latency_cublas.json" > "$OUT/latency_cublas.log" 2>&1; tail -12 "$OUT/latency_cublas.log" ;;
     w1-fp8-4096) python3 benchmarks/throughput.py --kv-cache-dtype fp8 --token-budget 4096 --json "$OUT/w1_fp8_4096.json" > "$OUT/w1_fp8_4096.log" 2>&1; tail -14 "$OUT/w1_fp8_4096.log" ;;
+    latency-llama3) python3 benchmarks/latency.py --model llama3-8b --hf --json "$OUT/latency_llama3.json" > "$OUT/latency_llama3.log" 2>&1; tail -20 "$OUT/latency_llama3.log" ;;
+    w1-llama3) python3 benchmarks/throughput.py --model llama3-8b --hf --json "$OUT/w1_llama3.json" > "$OUT/w1_llama3.log" 2>&1; tail -20 "$OUT/w1_llama3.log" ;;
     w1-fp8) python3 benchmarks/throughput.py --kv-cache-dtype fp8 --json "$OUT/w1_fp8.json" > "$OUT/w1_fp8.log" 2>&1; tail -30 "$OUT/w1_fp8.log" ;;
     latency-fp8) python3 benchmarks/latency.py --kv-cache-dtype fp8 --json "$OUT/latency_fp8.json" > "$OUT/latency_fp8.log" 2>&1; tail -30 "$OUT/latency_fp8.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;

@@ -210,9 +210,18 @@ def _paged_attention_kernel(
     UPCAST: tl.constexpr,
     KV_CAST: tl.constexpr,
     FP8_AS_F16: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    head = tl.program_id(1)
+    if HEAD_MAJOR:
+        # Decode tiles: the heads of one sequence are neighbouring programs, so the
+        # GROUP query heads that share a KV head run together and read it once from
+        # memory, the others from the L2 cache (tile-major, they were a whole batch
+        # of programs apart and each read it from memory).
+        head = tl.program_id(0)
+        tile = tl.program_id(1)
+    else:
+        tile = tl.program_id(0)
+        head = tl.program_id(1)
     kv_head = head // GROUP
     seq = tl.load(tile_seq + tile)
     first = tl.load(tile_start + tile)  # index of the tile's first query within its chunk
@@ -390,6 +399,9 @@ PROMPT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 # faster than 64/3: each step's tile is half the bytes).
 DECODE_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
+# Decode tiles of grouped-query models launched head-major (see the kernel); a
+# switch for benchmarks/decode_sweep.py, which times both orders.
+HEAD_MAJOR_DECODE = True
 
 
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
@@ -496,7 +508,11 @@ def paged_attention_from_cache(
             )
         else:
             parts = (out, out, out)  # unused
-        _paged_attention_kernel[(count, q_heads, num_splits)](
+        # Prompt tiles stay tile-major: a sequence's tiles share its keys in L2.
+        head_major = HEAD_MAJOR_DECODE and tiles.size <= 16 and q_heads > kv_heads
+        head_major = head_major and count < 65536  # the grid's second axis limit
+        grid = (q_heads, count, num_splits) if head_major else (count, q_heads, num_splits)
+        _paged_attention_kernel[grid](
             q,
             k_cache,
             v_cache,
@@ -533,6 +549,7 @@ def paged_attention_from_cache(
             UPCAST=INTERPRETED and q.dtype != torch.float32,
             KV_CAST=k_cache.dtype != q.dtype,
             FP8_AS_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
+            HEAD_MAJOR=head_major,
             num_warps=launch["num_warps"],
             num_stages=launch["num_stages"],
         )
