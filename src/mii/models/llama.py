@@ -105,11 +105,23 @@ class LlamaDecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), positions, ctx)
-        h, x = self.post_attention_layernorm(attn, residual=x)  # x + attn, then its norm
-        return x + self.mlp(h)
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings at the first layer),
+        residual: the stream it adds to (None at the first layer) -> this layer's
+        MLP output and the stream before it. Each add happens inside the next norm
+        (one fused kernel on CUDA), not as a separate kernel per layer."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual=residual)  # residual + x, normed
+        attn = self.self_attn(h, positions, ctx)
+        h, residual = self.post_attention_layernorm(attn, residual=residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -127,9 +139,12 @@ class LlamaModel(nn.Module):
         if self.embed_scale is not None:
             # In the activation dtype, as Hugging Face rounds it.
             x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, positions, ctx)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, ctx)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm(x, residual=residual)[0]
 
 
 class LlamaForCausalLM(CausalLM):
