@@ -55,7 +55,9 @@ def configs(rows: int) -> list[GemvConfig]:
         space = itertools.product((32, 64, 128), (64, 128), (64, 128), (4, 8), (3, 4))
     for block_m, block_n, block_k, warps, stages in space:
         if (block_n + block_m) * block_k * 2 * stages <= SHARED_MEMORY_BUDGET:
-            out.append(GemvConfig(block_n, block_k, warps, stages, block_m))
+            out.append(GemvConfig(block_n, block_k, warps, stages, block_m, split_k=1))
+    if rows <= 16:  # the default tile with K split automatically (0) or 2-8 ways
+        out += [DEFAULT_CONFIG._replace(split_k=splits) for splits in (0, 2, 4, 8)]
     return out
 
 

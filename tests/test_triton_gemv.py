@@ -62,6 +62,42 @@ def test_several_row_tiles(rows, block_m):
     torch.testing.assert_close(out.cpu(), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, split_k", [(1, 2), (3, 3), (40, 4)])
+def test_split_k(rows, split_k, dtype):
+    """Programs sharing an output tile's K: the last to arrive sums the partials and
+    resets its count, so a second launch (a graph replay) is right too."""
+    import mii.ops.triton_gemv as gemv
+
+    gen = torch.Generator().manual_seed(rows * split_k)
+    x = torch.randn(rows, 200, generator=gen).to(dtype)
+    w = torch.randn(70, 200, generator=gen).to(dtype)
+    b = torch.randn(70, generator=gen).to(dtype)
+    config = GemvConfig(32, 32, block_m=16, split_k=split_k)
+    expected = F.linear(x.float(), w.float(), b.float())
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for _ in range(2):
+        out = skinny_linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), config)
+        torch.testing.assert_close(out.float().cpu(), expected, rtol=tol, atol=tol * 200**0.5)
+    assert int(gemv._arrivals[torch.device(DEVICE)].count_nonzero()) == 0
+
+
+def test_narrow_weights_split_k_by_default():
+    """4096 output rows make 64 bands of 64: too few programs for the GPU, so K is
+    split (o_proj / down_proj); wide weights are not."""
+    from mii.ops.triton_gemv import DEFAULT_CONFIG, _split_k
+
+    cpu = torch.device("cpu")  # plans for an H100's 132 multiprocessors
+    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 4096, cpu) == 4
+    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 11008, cpu) == 4
+    assert _split_k(DEFAULT_CONFIG, 12288 // 64, 4096, cpu) == 1  # qkv: 192 bands
+    assert _split_k(DEFAULT_CONFIG, 64 // 64, 1024, cpu) == 2  # short K: 512 columns each
+    gen = torch.Generator().manual_seed(9)
+    x, w = torch.randn(2, 2048, generator=gen), torch.randn(128, 2048, generator=gen)
+    out = skinny_linear(x.to(DEVICE), w.to(DEVICE))  # 2 bands: K split 4 ways
+    torch.testing.assert_close(out.cpu(), F.linear(x, w), rtol=1e-4, atol=1e-3)
+
+
 def test_rows_of_a_wider_tensor():
     """x may be a column slice of a wider activation (row stride != K)."""
     wide = torch.randn(2, 160)
@@ -110,9 +146,22 @@ def test_linear_takes_the_kernel_for_decode_sized_batches(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")
-def test_engine_with_skinny_linear_matches_hf(checkpoints, tokenizer, monkeypatch):
+@pytest.mark.parametrize("split", [False, True], ids=["whole-k", "split-k"])
+def test_engine_with_skinny_linear_matches_hf(checkpoints, tokenizer, monkeypatch, split):
     """A whole model whose decode steps (and short chunks) go through the kernel,
-    as CUDA runs by default; chunked prompts and preemption."""
+    as CUDA runs by default; chunked prompts and preemption; with split-K forced
+    onto the tiny model's short rows too."""
+    import mii.ops.triton_gemv as gemv
+
     monkeypatch.setenv("MII_GEMV", "triton")
+    splits_seen = []
+    if split:
+        monkeypatch.setattr(gemv, "MIN_K_PER_SPLIT", 16)
+        monkeypatch.setattr(gemv, "DEFAULT_CONFIG", GemvConfig(32, 32, num_stages=2))
+        original = gemv._split_k
+        monkeypatch.setattr(
+            gemv, "_split_k", lambda *a: splits_seen.append(original(*a)) or splits_seen[-1]
+        )
     path, hf_model = checkpoints("llama")
     assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
+    assert max(splits_seen, default=1) > 1 if split else not splits_seen

@@ -29,38 +29,49 @@ from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
 MAX_ROWS = SKINNY_MAX_ROWS
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "k_per_split"])
 def _skinny_linear_kernel(
     X,
     W,
     Bias,
     Out,
+    Partials,
+    Arrivals,
     M,
     N,
     K,
+    k_per_split,
     stride_xm,
     stride_wn,
     stride_om,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Out[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for this program's BLOCK_N
     rows of W and BLOCK_M rows of X (row tiles vary fastest: one weight band's
-    programs run together)."""
+    programs run together), over its ``k_per_split`` slice of K.
+
+    With SPLIT_K > 1 the programs of one output tile each write a float32 partial;
+    the last to arrive (an atomic count per tile) adds them up, writes the output
+    and resets the count for the next launch: one launch, no memset, graph-safe."""
     row_tiles = tl.cdiv(M, BLOCK_M)
-    band = tl.program_id(0) // row_tiles
+    tile = tl.program_id(0)
+    band = tile // row_tiles
     offs_n = band * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = (tl.program_id(0) - band * row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (tile - band * row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     m_mask = offs_m < M
+    k_begin = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_begin + k_per_split)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_mask = (k0 + offs_k) < k_end
         w = tl.load(
             W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :],
             mask=n_mask[:, None] & k_mask[None, :],
@@ -78,13 +89,35 @@ def _skinny_linear_kernel(
             acc += tl.dot(w, tl.trans(x), input_precision="ieee")
         else:
             acc += tl.dot(w, tl.trans(x))
-    if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    tl.store(
-        Out + offs_m[None, :] * stride_om + offs_n[:, None],
-        acc.to(Out.dtype.element_ty),
-        mask=n_mask[:, None] & m_mask[None, :],
-    )
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K > 1:
+        # Partials [SPLIT_K, M, N] float32; visible to the last program before it counts.
+        here = offs_m[None, :] * N + offs_n[:, None]
+        tl.store(Partials + tl.program_id(1) * M * N + here, acc, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(Arrivals + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for split in range(0, SPLIT_K):
+                acc += tl.load(
+                    Partials + split * M * N + here, mask=out_mask, other=0.0, cache_modifier=".cg"
+                )
+            if HAS_BIAS:
+                acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(
+                Out + offs_m[None, :] * stride_om + offs_n[:, None],
+                acc.to(Out.dtype.element_ty),
+                mask=out_mask,
+            )
+            tl.atomic_xchg(Arrivals + tile, 0)  # ready for the next launch (graph replays)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(
+            Out + offs_m[None, :] * stride_om + offs_n[:, None],
+            acc.to(Out.dtype.element_ty),
+            mask=out_mask,
+        )
 
 
 class GemvConfig(NamedTuple):
@@ -95,6 +128,7 @@ class GemvConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 4
     block_m: int = 16  # rows of x per program (at least 16: the tensor cores' minimum)
+    split_k: int = 0  # programs sharing one output tile's K; 0: enough to fill the GPU
 
 
 # From benchmarks/gemv_sweep.py on an H100 (2026-11-25, docs/performance.md): within
@@ -108,6 +142,42 @@ WIDE_CONFIG = GemvConfig(128, 64, num_warps=4, num_stages=3, block_m=64)
 def config_for(rows: int) -> GemvConfig:
     """The launch for a batch of ``rows``."""
     return DEFAULT_CONFIG if rows <= MAX_ROWS else WIDE_CONFIG
+
+
+# Split-K: each program still streams at least this many weight columns, and at
+# most this many programs share a tile.
+MIN_K_PER_SPLIT = 512
+MAX_SPLIT_K = 8
+# Arrival counts per output tile, zeroed once per device and left at zero by every
+# launch; sized for any tile count a decode batch makes (a 256k vocabulary is 4k).
+_ARRIVAL_SLOTS = 1 << 16
+_arrivals: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_k(config: GemvConfig, tiles: int, k: int, device: torch.device) -> int:
+    """How many programs share each output tile's K. By default enough for about
+    two programs per multiprocessor: with 4096 output rows a 64-row band leaves
+    half an H100 idle, and o_proj / down_proj read their weights at 72-77 % of copy
+    bandwidth against 83-93 % for the wider projections (gemv_sweep, 2026-11-25)."""
+    splits = config.split_k
+    if splits == 0:
+        splits = min(MAX_SPLIT_K, max(1, 2 * triton_limits.multiprocessors(device) // tiles))
+        splits = min(splits, max(1, k // MIN_K_PER_SPLIT))
+    if splits > 1 and _arrival_counts(device, tiles) is None:
+        return 1
+    return splits
+
+
+def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The per-device zeroed counts, allocated outside graph capture (its first call
+    is the eager warm-up pass before capture); None where that cannot be done."""
+    if tiles > _ARRIVAL_SLOTS:
+        return None
+    if device not in _arrivals:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None  # an allocation here would belong to the graph's pool
+        _arrivals[device] = torch.zeros(_ARRIVAL_SLOTS, dtype=torch.int32, device=device)
+    return _arrivals[device]
 
 
 def skinny_linear(
@@ -130,21 +200,33 @@ def skinny_linear(
         return out
     config = config or config_for(rows)
     stage_bytes = (config.block_n + config.block_m) * config.block_k * x.element_size()
-    grid = (triton.cdiv(n, config.block_n) * triton.cdiv(rows, config.block_m),)
-    _skinny_linear_kernel[grid](
+    tiles = triton.cdiv(n, config.block_n) * triton.cdiv(rows, config.block_m)
+    splits = _split_k(config, tiles, k, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
+    splits = triton.cdiv(k, k_per_split)  # rounding up to whole slices may need fewer
+    if splits > 1:
+        partials = torch.empty(splits, rows, n, device=x.device, dtype=torch.float32)
+        arrivals = _arrival_counts(x.device, tiles)
+    else:
+        partials = arrivals = out  # unused
+    _skinny_linear_kernel[(tiles, splits)](
         x,
         weight,
         bias if bias is not None else weight,
         out,
+        partials,
+        arrivals,
         rows,
         n,
         k,
+        k_per_split,
         x.stride(0),
         weight.stride(0),
         out.stride(0),
         HAS_BIAS=bias is not None,
         IEEE=x.dtype == torch.float32,
         UPCAST=INTERPRETED and x.dtype != torch.float32,
+        SPLIT_K=splits,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

@@ -1,6 +1,7 @@
 """What a Triton launch may ask of the GPU it runs on: shared memory for its
-software pipeline. Tiles tuned on an H100 must still launch on an A100 (164 KB
-per program) or an L4 / RTX 4090 (99 KB), with fewer stages in flight."""
+software pipeline (tiles tuned on an H100 must still launch on an A100, 164 KB
+per program, or an L4 / RTX 4090, 99 KB, with fewer stages in flight), and how
+many programs fill it."""
 
 from __future__ import annotations
 
@@ -32,3 +33,20 @@ def _shared_memory_per_program(index: int) -> int:
     import triton  # only reached on CUDA, where Triton is installed
 
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+# Multiprocessors assumed where there is no GPU to ask (the interpreter): an H100's.
+_INTERPRETER_SMS = 132
+
+
+def multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (an H100's count off CUDA)."""
+    if device.type != "cuda" or INTERPRETED:
+        return _INTERPRETER_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
