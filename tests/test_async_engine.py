@@ -307,7 +307,12 @@ async def test_failing_output_processing_fails_only_that_request(engine, monkeyp
     monkeypatch.setattr(engine.core, "_process_token", flaky)
 
     async def consume(request_id, n):
-        return [p async for p in engine.stream(PROMPTS[1], request_id=request_id, max_new_tokens=n)]
+        return [
+            p
+            async for p in engine.stream(
+                PROMPTS[1], request_id=request_id, max_new_tokens=n, ignore_eos=True
+            )
+        ]
 
     good = asyncio.create_task(consume("good", 1))
     with pytest.raises(RuntimeError, match="cannot decode"):

@@ -92,8 +92,9 @@ def test_next_pass_is_launched_before_tokens_are_read(llama):
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_abort_while_a_pass_is_in_flight(llama, async_scheduling):
     core = make_core(llama, async_scheduling)
-    for rid in ("keep", "drop"):
-        core.add(core.make_sequence(rid, PROMPTS[2], GenerateParams.parse(max_new_tokens=6)))
+    for rid in ("keep", "drop"):  # ignore_eos: a sampled end of text would end it early
+        params = GenerateParams.parse(max_new_tokens=6, ignore_eos=True)
+        core.add(core.make_sequence(rid, PROMPTS[2], params))
     core.step()
     core.step()
     assert core.abort("drop")
