@@ -102,22 +102,22 @@ def _skinny_linear_kernel(
                 acc += tl.load(
                     Partials + split * M * N + here, mask=out_mask, other=0.0, cache_modifier=".cg"
                 )
-            if HAS_BIAS:
-                acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            tl.store(
-                Out + offs_m[None, :] * stride_om + offs_n[:, None],
-                acc.to(Out.dtype.element_ty),
-                mask=out_mask,
-            )
+            _finish(acc, Bias, Out, offs_m, offs_n, n_mask, stride_om, out_mask, HAS_BIAS)
             tl.atomic_xchg(Arrivals + tile, 0)  # ready for the next launch (graph replays)
     else:
-        if HAS_BIAS:
-            acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(
-            Out + offs_m[None, :] * stride_om + offs_n[:, None],
-            acc.to(Out.dtype.element_ty),
-            mask=out_mask,
-        )
+        _finish(acc, Bias, Out, offs_m, offs_n, n_mask, stride_om, out_mask, HAS_BIAS)
+
+
+@triton.jit
+def _finish(acc, Bias, Out, offs_m, offs_n, n_mask, stride_om, out_mask, HAS_BIAS: tl.constexpr):
+    """Out[offs_m, offs_n] = acc (+ Bias), acc laid out [BLOCK_N, BLOCK_M]."""
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        Out + offs_m[None, :] * stride_om + offs_n[:, None],
+        acc.to(Out.dtype.element_ty),
+        mask=out_mask,
+    )
 
 
 class GemvConfig(NamedTuple):
