@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
+from mii.ops import triton_limits
+from mii.ops.attention import FP8_KV_DTYPE, AttentionBatch, TileSet, plan_tiles
 from mii.ops.dispatch import INTERPRETED
 from mii.ops.transfer import upload
 
@@ -384,7 +385,6 @@ def _merge_splits_kernel(
     )
 
 
-_SM_COUNT: dict[int, int] = {}
 # Fewest keys one split-KV program takes: below it, the merge would cost more
 # than the parallelism gains (the batch-1 profile of a 192-token context spent
 # more time merging nine mostly empty slices than attending).
@@ -408,10 +408,7 @@ def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
     """Split-KV only for decode tiles that would leave most multiprocessors idle."""
     if tiles.size > 16 or device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    target = 2 * _SM_COUNT[index]
+    target = 2 * triton_limits.multiprocessors(device)
     return 1 if programs >= target else min(16, triton.cdiv(target, programs))
 
 
@@ -465,7 +462,7 @@ def rotary_cache_write(
         HALF_PAD=triton.next_power_of_2(max(rot_half, 1)),
         D_PAD=triton.next_power_of_2(dim),
         HAS_ROTARY=cos_sin is not None,
-        CLAMP=k_cache.dtype == torch.float8_e4m3fn,
+        CLAMP=k_cache.dtype == FP8_KV_DTYPE,
     )
 
 
@@ -495,7 +492,7 @@ def paged_attention_from_cache(
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
         launch = PROMPT_LAUNCH
         if tiles.size <= 16:
-            launch = DECODE_LAUNCH_FP8 if k_cache.dtype == torch.float8_e4m3fn else DECODE_LAUNCH
+            launch = DECODE_LAUNCH_FP8 if k_cache.dtype == FP8_KV_DTYPE else DECODE_LAUNCH
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         count = tiles.seq.shape[0]
@@ -548,7 +545,7 @@ def paged_attention_from_cache(
             IEEE=q.dtype == torch.float32 or INTERPRETED,
             UPCAST=INTERPRETED and q.dtype != torch.float32,
             KV_CAST=k_cache.dtype != q.dtype,
-            FP8_AS_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype != torch.float32,
+            FP8_AS_F16=k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32,
             HEAD_MAJOR=head_major,
             num_warps=launch["num_warps"],
             num_stages=launch["num_stages"],
