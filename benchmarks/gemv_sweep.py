@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.common import environment, roofline, sweep_summary, write_json
-from mii.ops.triton_gemv import DEFAULT_CONFIG, GemvConfig, skinny_linear
+from mii.ops.triton_gemv import DEFAULT_CONFIG, GemvConfig, config_for, skinny_linear
 
 SHAPES = {  # name: (N, K) of the weight
     "qkv": (12288, 4096),
@@ -58,6 +58,8 @@ def configs(rows: int) -> list[GemvConfig]:
             out.append(GemvConfig(block_n, block_k, warps, stages, block_m, split_k=1))
     if rows <= 16:  # the default tile with K split automatically (0) or 2-8 ways
         out += [DEFAULT_CONFIG._replace(split_k=splits) for splits in (0, 2, 4, 8)]
+    if config_for(rows) not in out:
+        out.append(config_for(rows))
     return out
 
 
@@ -87,7 +89,7 @@ def main() -> None:
                     continue
                 timed.append((s, cfg))
             timed.sort()
-            default_s = next((s for s, c in timed if c == DEFAULT_CONFIG), float("nan"))
+            default_s = next((s for s, c in timed if c == config_for(rows)), float("nan"))
             row = {
                 "shape": name,
                 "rows": rows,

@@ -136,6 +136,9 @@ def test_engine_freezes_its_startup_heap_until_released(checkpoints):
 
     path, _ = checkpoints("llama")
     holders = heap._engines  # engines another test left alive, if any
+    # Objects frozen with no engine alive belong to someone else (a library or the
+    # application): the engine must leave them frozen.
+    frozen_by_others = holders == 0 and gc.get_freeze_count() > 0
     pipe = mii.pipeline(str(path), device="cuda")
     try:
         assert heap._engines == holders + 1 and gc.get_freeze_count() > 0
@@ -143,4 +146,5 @@ def test_engine_freezes_its_startup_heap_until_released(checkpoints):
     finally:
         pipe.destroy()
     assert heap._engines == holders
-    assert (gc.get_freeze_count() == 0) == (holders == 0)
+    still_frozen = gc.get_freeze_count() > 0
+    assert still_frozen == (holders > 0 or frozen_by_others), (holders, frozen_by_others)
