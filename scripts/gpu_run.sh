@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
@@ -29,6 +29,7 @@ while [ $# -gt 0 ]; do
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --profile-passes 0 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
     decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1\|GQA" "$OUT/decode_sweep.log" ;;
     gemv-sweep) python3 benchmarks/gemv_sweep.py --rows 1 16 64 128 256 --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.log" 2>&1; grep "M=" "$OUT/gemv_sweep.log" ;;
+    latency-nopdl) MII_PDL=off python3 benchmarks/latency.py --json "$OUT/latency_nopdl.json" > "$OUT/latency_nopdl.log" 2>&1; tail -12 "$OUT/latency_nopdl.log" ;;
     latency-cublas) MII_GEMV=torch python3 benchmarks/latency.py --json "$OUT/latency_cublas.json" > "$OUT/latency_cublas.log" 2>&1; tail -12 "$OUT/latency_cublas.log" ;;
     w1-fp8-4096) python3 benchmarks/throughput.py --kv-cache-dtype fp8 --token-budget 4096 --json "$OUT/w1_fp8_4096.json" > "$OUT/w1_fp8_4096.log" 2>&1; tail -14 "$OUT/w1_fp8_4096.log" ;;
     latency-llama3) python3 benchmarks/latency.py --model llama3-8b --hf --json "$OUT/latency_llama3.json" > "$OUT/latency_llama3.log" 2>&1; tail -20 "$OUT/latency_llama3.log" ;;

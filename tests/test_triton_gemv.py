@@ -83,19 +83,21 @@ def test_split_k(rows, split_k, dtype):
 
 
 def test_narrow_weights_split_k_by_default():
-    """4096 output rows make 64 bands of 64: too few programs for the GPU, so K is
-    split (o_proj / down_proj); wide weights are not."""
+    """4096 output rows make 64 bands of 64: too few programs for the GPU, so a long
+    K is split (down_proj, 2 x 5504 columns); o_proj's 4096 columns and wide weights
+    are not (the H100 sweep's best settings)."""
     from mii.ops.triton_gemv import DEFAULT_CONFIG, _split_k
 
     cpu = torch.device("cpu")  # plans for an H100's 132 multiprocessors
-    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 4096, cpu) == 4
-    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 11008, cpu) == 4
-    assert _split_k(DEFAULT_CONFIG, 12288 // 64, 4096, cpu) == 1  # qkv: 192 bands
-    assert _split_k(DEFAULT_CONFIG, 64 // 64, 1024, cpu) == 2  # short K: 512 columns each
+    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 4096, cpu) == 1
+    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 11008, cpu) == 2
+    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 65536, cpu) == 4  # two programs per SM
+    assert _split_k(DEFAULT_CONFIG, 12288 // 64, 11008, cpu) == 1  # 192 bands fill it
+    assert _split_k(DEFAULT_CONFIG, 1, 8192, cpu) == 2  # each split >= 4096 columns
     gen = torch.Generator().manual_seed(9)
-    x, w = torch.randn(2, 2048, generator=gen), torch.randn(128, 2048, generator=gen)
-    out = skinny_linear(x.to(DEVICE), w.to(DEVICE))  # 2 bands: K split 4 ways
-    torch.testing.assert_close(out.cpu(), F.linear(x, w), rtol=1e-4, atol=1e-3)
+    x, w = torch.randn(2, 8192, generator=gen), torch.randn(128, 8192, generator=gen)
+    out = skinny_linear(x.to(DEVICE), w.to(DEVICE))  # 2 bands: K split 2 ways
+    torch.testing.assert_close(out.cpu(), F.linear(x, w), rtol=1e-4, atol=2e-3)
 
 
 def test_rows_of_a_wider_tensor():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -63,3 +64,21 @@ def skinny_linear_enabled(
         and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
         and triton_chosen("MII_GEMV", x.device)
     )
+
+
+def dependent_launch_enabled(device: torch.device) -> bool:
+    """Whether the decode chain's Triton kernels use programmatic dependent launch
+    (``ops.triton_pdl``): on Hopper or newer GPUs, compiled (not interpreted), unless
+    ``MII_PDL=off``."""
+    choice = os.environ.get("MII_PDL", "auto")
+    if choice not in ("auto", "off"):
+        raise ValueError(f"MII_PDL must be 'auto' or 'off', not {choice!r}")
+    if choice == "off" or device.type != "cuda" or INTERPRETED:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.ops import triton_pdl
 from mii.ops.dispatch import FUSED_ACTIVATIONS, INTERPRETED
 
 
@@ -55,7 +56,9 @@ def _rms_norm_kernel(
     GEMMA: tl.constexpr,
     ROUND: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    triton_pdl.wait_for_predecessor(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -110,6 +113,7 @@ def rms_norm(
             ROUND=_interpreted_bf16(x),
             BLOCK=triton.next_power_of_2(n),
             num_warps=_warps(n),
+            **triton_pdl.launch_options(x.device),
         )
     if residual is None:
         return out.view(shape)
@@ -126,7 +130,9 @@ def _act_and_mul_kernel(
     ACT: tl.constexpr,
     ROUND: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    triton_pdl.wait_for_predecessor(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -160,6 +166,7 @@ def act_and_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
             ROUND=_interpreted_bf16(gate_up),
             BLOCK=block,
             num_warps=4,
+            **triton_pdl.launch_options(gate_up.device),
         )
     return out.view(*gate_up.shape[:-1], n)
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops import triton_limits
+from mii.ops import triton_limits, triton_pdl
 from mii.ops.attention import FP8_KV_DTYPE, AttentionBatch, TileSet, plan_tiles
 from mii.ops.dispatch import INTERPRETED
 from mii.ops.transfer import upload
@@ -82,7 +82,9 @@ def _rotary_cache_write_kernel(
     D_PAD: tl.constexpr,
     HAS_ROTARY: tl.constexpr,
     CLAMP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    triton_pdl.wait_for_predecessor(PDL)
     t = tl.program_id(0)
     pos = tl.load(positions + t)
     slot = tl.load(slots + t)
@@ -212,7 +214,9 @@ def _paged_attention_kernel(
     KV_CAST: tl.constexpr,
     FP8_AS_F16: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    triton_pdl.wait_for_predecessor(PDL)
     if HEAD_MAJOR:
         # Decode tiles: the heads of one sequence are neighbouring programs, so the
         # GROUP query heads that share a KV head run together and read it once from
@@ -345,9 +349,11 @@ def _merge_splits_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT_MIN_KEYS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s over a tile's queries,
     for the tiles whose keys were split (the others wrote their output)."""
+    triton_pdl.wait_for_predecessor(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.load(tile_seq + tile)
@@ -387,8 +393,10 @@ def _merge_splits_kernel(
 
 # Fewest keys one split-KV program takes: below it, the merge would cost more
 # than the parallelism gains (the batch-1 profile of a 192-token context spent
-# more time merging nine mostly empty slices than attending).
-SPLIT_MIN_KEYS = 256
+# more time merging nine mostly empty slices than attending). decode_sweep's batch-1
+# rows (H100, 2026-11-25, 5fe16bc): 128 is the best or within 0.5 us of it from 256
+# to 4096 keys, bf16 and fp8 (256 keys: 14.6 us against 17.1 us at 256).
+SPLIT_MIN_KEYS = 128
 # Launch of the prompt-tile (64-query) attention kernel, the best of
 # benchmarks/prefill_sweep.py on an H100 (2026-11-25): 4 warps give 1.20x / 1.30x
 # flash SDPA at 1024 / 4096 tokens, where 8 warps gave 1.47x / 1.74x.
@@ -463,6 +471,7 @@ def rotary_cache_write(
         D_PAD=triton.next_power_of_2(dim),
         HAS_ROTARY=cos_sin is not None,
         CLAMP=k_cache.dtype == FP8_KV_DTYPE,
+        **triton_pdl.launch_options(q.device),
     )
 
 
@@ -489,6 +498,7 @@ def paged_attention_from_cache(
         return out
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
     d_pad = max(16, triton.next_power_of_2(dim))
+    dependent_launch = triton_pdl.launch_options(q.device)
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
         launch = PROMPT_LAUNCH
         if tiles.size <= 16:
@@ -549,6 +559,7 @@ def paged_attention_from_cache(
             HEAD_MAJOR=head_major,
             num_warps=launch["num_warps"],
             num_stages=launch["num_stages"],
+            **dependent_launch,
         )
         if num_splits > 1:
             _merge_splits_kernel[(count, q_heads)](
@@ -570,6 +581,7 @@ def paged_attention_from_cache(
                 BLOCK_N=block_n,
                 SPLIT_MIN_KEYS=split_min_keys,
                 HAS_WINDOW=sliding_window is not None,
+                **dependent_launch,
             )
     return out
 

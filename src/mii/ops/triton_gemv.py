@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops import triton_limits
+from mii.ops import triton_limits, triton_pdl
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
 
 MAX_ROWS = SKINNY_MAX_ROWS
@@ -51,6 +51,9 @@ def _skinny_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr,
+    LINE: tl.constexpr,
 ):
     """Out[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for this program's BLOCK_N
     rows of W and BLOCK_M rows of X (row tiles vary fastest: one weight band's
@@ -76,6 +79,15 @@ def _skinny_linear_kernel(
     else:
         k_begin = 0
         k_stop = K
+    if PDL and PREFETCH_LINES > 0:
+        # Launched while the previous kernel still runs: the weights need nothing
+        # from it, so the first PREFETCH_LINES lines (LINE columns each) of this
+        # program's rows head for the L2 cache now; x only after the wait.
+        cols = k_begin + tl.arange(0, PREFETCH_LINES) * LINE
+        wanted = n_mask[:, None] & (cols < K)[None, :]
+        lines = W + offs_n[:, None] * stride_wn + cols[None, :]
+        triton_pdl.prefetch_to_l2(tl.where(wanted, lines, W))
+    triton_pdl.wait_for_predecessor(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(k_begin, k_stop, BLOCK_K):
         k_mask = (k0 + offs_k) < K
@@ -136,6 +148,9 @@ class GemvConfig(NamedTuple):
     num_stages: int = 4
     block_m: int = 16  # rows of x per program (at least 16: the tensor cores' minimum)
     split_k: int = 0  # programs sharing one output tile's K; 0: enough to fill the GPU
+    # Weight columns per row each program prefetches into L2 while the previous
+    # kernel runs (programmatic dependent launch, ops/triton_pdl.py); 0: none.
+    prefetch_k: int = 1024
 
 
 # From benchmarks/gemv_sweep.py on an H100 (2026-11-25, docs/performance.md): within
@@ -152,8 +167,11 @@ def config_for(rows: int) -> GemvConfig:
 
 
 # Split-K: each program still streams at least this many weight columns, and at
-# most this many programs share a tile.
-MIN_K_PER_SPLIT = 512
+# most this many programs share a tile. From gemv_sweep on an H100 (2026-11-25,
+# 5fe16bc): down_proj (K 11008) is fastest in 2 splits (38.2 us, 4 splits 41.0,
+# none 39.7), o_proj (K 4096) unsplit (15.6 us, 4 splits 18.0): shorter slices lose
+# more to the partial sums than the idle multiprocessors cost.
+MIN_K_PER_SPLIT = 4096
 MAX_SPLIT_K = 8
 # Arrival counts per output tile, zeroed once per device and left at zero by every
 # launch; sized for any tile count a decode batch makes (a 256k vocabulary is 4k).
@@ -163,9 +181,8 @@ _arrivals: dict[torch.device, torch.Tensor] = {}
 
 def _split_k(config: GemvConfig, tiles: int, k: int, device: torch.device) -> int:
     """How many programs share each output tile's K. By default enough for about
-    two programs per multiprocessor: with 4096 output rows a 64-row band leaves
-    half an H100 idle, and o_proj / down_proj read their weights at 72-77 % of copy
-    bandwidth against 83-93 % for the wider projections (gemv_sweep, 2026-11-25)."""
+    two programs per multiprocessor (with 4096 output rows a 64-row band leaves
+    half an H100 idle), each streaming at least MIN_K_PER_SPLIT columns."""
     splits = config.split_k
     if splits == 0:
         splits = min(MAX_SPLIT_K, max(1, 2 * triton_limits.multiprocessors(device) // tiles))
@@ -208,6 +225,8 @@ def skinny_linear(
     config = config or config_for(rows)
     stage_bytes = (config.block_n + config.block_m) * config.block_k * x.element_size()
     tiles = triton.cdiv(n, config.block_n) * triton.cdiv(rows, config.block_m)
+    line = 128 // weight.element_size()  # elements per 128-byte cache line
+    prefetch_lines = triton.next_power_of_2(config.prefetch_k // line) if config.prefetch_k else 0
     splits = _split_k(config, tiles, k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)  # rounding up to whole slices may need fewer
@@ -237,6 +256,9 @@ def skinny_linear(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
+        PREFETCH_LINES=prefetch_lines,
+        LINE=line,
+        **triton_pdl.launch_options(x.device),
         num_warps=config.num_warps,
         num_stages=triton_limits.stages_that_fit(config.num_stages, stage_bytes, x.device),
     )

@@ -1,0 +1,55 @@
+"""Programmatic dependent launch (PDL) for the Triton kernels of a decode step.
+
+At batch 1 a decode step is about ten kernels per layer, and each one's programs
+start only after the previous kernel has finished and drained: the GPU's memory
+pipe idles at every boundary and through every small kernel (norm, rotary,
+attention), while the step's time is the time to stream the weights. A kernel
+launched with PDL (Hopper and newer) may start while its predecessor still runs.
+Here every such kernel first does only what needs nothing from its predecessor
+(the skinny linear kernel pulls its first weight slices into the L2 cache), then
+waits (``griddepcontrol.wait``) until the predecessor has completed and its writes
+are visible, and only then reads an activation or writes anything; right after,
+it lets its own successor launch. A kernel that waited has a predecessor that
+waited, so every earlier kernel has completed too: the order of memory effects
+is the order without PDL. Kernels launched without PDL (torch's) wait as usual.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from mii.ops.dispatch import dependent_launch_enabled
+
+
+@triton.jit
+def wait_for_predecessor(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel has completed (its writes visible),
+    then let the next kernel launch. A no-op without."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_to_l2(pointers):
+    """Ask the memory system to bring the 128-byte lines at ``pointers`` into the
+    L2 cache; nothing waits for them."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; // dummy $0",
+        "=r,l",
+        [pointers],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for a kernel taking a ``PDL`` constexpr: ``PDL`` and, when
+    on, Triton's ``launch_pdl`` launch attribute."""
+    if dependent_launch_enabled(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
