@@ -17,6 +17,8 @@ from mii.ops import triton_attention
 from mii.ops.attention import FP8_KV_DTYPE
 from mii.ops.triton_attention import paged_attention_from_cache
 
+GQA_DEFAULT_PACK = triton_attention.GQA_DECODE_PACK
+
 # (sequences, context): W1's decode passes (256 x ~650), a long-context batch.
 SHAPES = [(256, 640), (32, 4096), (4, 16384)]
 
@@ -24,11 +26,16 @@ SHAPES = [(256, 640), (32, 4096), (4, 16384)]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--gqa-only", action="store_true", help="only the grouped-query rows")
     args = parser.parse_args()
     device = torch.device("cuda")
     result = {"benchmark": "decode_sweep", **environment(), "roofline": roofline(device)}
     copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
     total_blocks = 40_000
+    if args.gqa_only:
+        result["gqa_program_order"] = gqa_order(copy_bw, total_blocks, device)
+        write_json(args.json, result)
+        return
     bf16_k = torch.randn(total_blocks, BLOCK, KV_HEADS, DIM, device=device, dtype=torch.bfloat16)
     bf16_v = torch.randn_like(bf16_k)
     caches = {"bf16": (bf16_k, bf16_v), "fp8": (bf16_k.to(FP8_KV_DTYPE), bf16_v.to(FP8_KV_DTYPE))}
@@ -74,10 +81,21 @@ def main() -> None:
     write_json(args.json, result)
 
 
+# Grouped-query decode settings: (query heads per program, warps; None: the default).
+GQA_VARIANTS = {
+    "tile_major": (1, None),
+    "head_major": (1, None),
+    "pack2": (2, None),
+    "pack4": (4, None),
+    "pack4_w8": (4, 8),
+}
+
+
 def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> list[dict]:
-    """Grouped-query decode (32 query heads on 8 KV heads, Llama-3-8B's layout),
-    programs launched head-major (the heads sharing a KV head together) against
-    tile-major: the bytes each order reads from memory, as time."""
+    """Grouped-query decode (32 query heads on 8 KV heads, Llama-3-8B's layout):
+    one query head per program, tile-major or head-major (the heads sharing a KV
+    head launched together), against programs that take 2 or 4 of a KV head's
+    query heads as rows (``GQA_DECODE_PACK``): the bytes each reads, as time."""
     k_cache = torch.randn(total_blocks, BLOCK, kv_heads, DIM, device=device, dtype=torch.bfloat16)
     v_cache = torch.randn_like(k_cache)
     rows = []
@@ -85,13 +103,18 @@ def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> l
         "bf16": (k_cache, v_cache),
         "fp8": (k_cache.to(FP8_KV_DTYPE), v_cache.to(FP8_KV_DTYPE)),
     }.items():
+        kind = "DECODE_LAUNCH_FP8" if name == "fp8" else "DECODE_LAUNCH"
+        launch = getattr(triton_attention, kind)
+        defaults = launch.copy()
         for seqs, context in SHAPES:
             batch = paged_batch([1] * seqs, [context] * seqs, device, total_blocks)
             q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
             moved = 2 * seqs * context * kv_heads * DIM * kc.element_size()
             row = {"cache": name, "seqs": seqs, "context": context, "kv_heads": kv_heads}
-            for head_major in (False, True):
-                triton_attention.HEAD_MAJOR_DECODE = head_major
+            for variant, (pack, warps) in GQA_VARIANTS.items():
+                triton_attention.HEAD_MAJOR_DECODE = variant != "tile_major"
+                triton_attention.GQA_DECODE_PACK = pack
+                launch.update(num_warps=warps or defaults["num_warps"])
                 try:
                     seconds = bench_graph(
                         lambda q=q, b=batch, k=kc, v=vc: paged_attention_from_cache(
@@ -100,9 +123,10 @@ def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> l
                     )
                 finally:
                     triton_attention.HEAD_MAJOR_DECODE = True
-                order = "head_major" if head_major else "tile_major"
-                row[f"{order}_us"] = round(seconds * 1e6, 1)
-                row[f"{order}_of_copy_bw"] = round(moved / seconds / copy_bw, 3)
+                    triton_attention.GQA_DECODE_PACK = GQA_DEFAULT_PACK
+                    launch.update(defaults)
+                row[f"{variant}_us"] = round(seconds * 1e6, 1)
+                row[f"{variant}_of_copy_bw"] = round(moved / seconds / copy_bw, 3)
             rows.append(row)
             print(f"GQA {name} {seqs} x {context}: {row}", flush=True)
     return rows

@@ -62,6 +62,10 @@ CASES = [
     ([(0, 19), (30, 1), (2, 17)], 4, 1, 16, 8, 5, 16),  # MQA + sliding window
     ([(17, 3), (0, 5)], 2, 2, 24, 4, None, 12),  # head_dim 24 (padded), partial rotary
     ([(40, 1), (7, 9)], 8, 2, 16, 16, 16, 0),  # no rotary, window = block
+    # grouped-query decode programs take 4 query heads: a group of 3 (one row of
+    # each pack unused) and one of 8 (two packs per KV head)
+    ([(10, 1), (0, 3), (25, 1)], 6, 2, 16, 4, None, 16),
+    ([(33, 1), (4, 2), (0, 6)], 8, 1, 16, 8, 9, 16),
 ]
 
 
@@ -99,6 +103,7 @@ SPLIT_CASES = [
     # long contexts (several 64-key iterations per split) next to short ones
     ([(300, 1), (150, 1), (0, 20), (5, 1)], 4, 2, 16, 16, None, 16),
     ([(260, 1), (70, 3)], 4, 1, 16, 8, 100, 16),  # with a sliding window
+    ([(290, 1), (40, 1)], 6, 2, 16, 16, None, 16),  # groups of 3 in packs of 4
     *CASES[:1],  # contexts shorter than one iteration: most splits are empty
 ]
 

@@ -214,20 +214,37 @@ def _paged_attention_kernel(
     KV_CAST: tl.constexpr,
     FP8_AS_F16: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
+    PACK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     triton_pdl.wait_for_predecessor(PDL)
-    if HEAD_MAJOR:
-        # Decode tiles: the heads of one sequence are neighbouring programs, so the
-        # GROUP query heads that share a KV head run together and read it once from
-        # memory, the others from the L2 cache (tile-major, they were a whole batch
-        # of programs apart and each read it from memory).
-        head = tl.program_id(0)
+    # A program's rows are (query, head) pairs: BLOCK_M queries of one tile, each
+    # for PACK query heads that share one KV head (PACK 1: one head).
+    ROWS: tl.constexpr = BLOCK_M * PACK
+    rows = tl.arange(0, ROWS)
+    if PACK > 1:
+        # Grouped-query decode tiles: the PACK heads read the KV head once, and an
+        # fp8 cache is converted once, instead of once per query head.
+        packs_per_kv_head: tl.constexpr = (GROUP + PACK - 1) // PACK
+        kv_head = tl.program_id(0) // packs_per_kv_head
+        in_group = (tl.program_id(0) % packs_per_kv_head) * PACK + rows % PACK
+        heads = kv_head * GROUP + in_group
         tile = tl.program_id(1)
+        head_ok = in_group < GROUP
     else:
-        tile = tl.program_id(0)
-        head = tl.program_id(1)
-    kv_head = head // GROUP
+        if HEAD_MAJOR:
+            # Decode tiles: the heads of one sequence are neighbouring programs, so
+            # the GROUP query heads that share a KV head run together and read it
+            # once from memory, the others from the L2 cache (tile-major, they were
+            # a whole batch of programs apart and each read it from memory).
+            head = tl.program_id(0)
+            tile = tl.program_id(1)
+        else:
+            tile = tl.program_id(0)
+            head = tl.program_id(1)
+        kv_head = head // GROUP
+        heads = head + tl.zeros([ROWS], tl.int32)
+        head_ok = rows >= 0
     seq = tl.load(tile_seq + tile)
     first = tl.load(tile_start + tile)  # index of the tile's first query within its chunk
     q_begin = tl.load(cu_seqlens_q + seq)
@@ -235,13 +252,13 @@ def _paged_attention_kernel(
     seq_len = tl.load(seq_lens + seq)
     context = seq_len - q_len  # position of the chunk's first query
 
-    offs_m = first + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < q_len
+    offs_m = first + rows // PACK
+    m_mask = (offs_m < q_len) & head_ok
     q_pos = context + offs_m
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
     q = tl.load(
-        Q + (q_begin + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        Q + (q_begin + offs_m)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
         mask=m_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
@@ -264,9 +281,9 @@ def _paged_attention_kernel(
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < seq_len
@@ -313,15 +330,16 @@ def _paged_attention_kernel(
     direct = m_mask  # this program writes the output itself
     if SPLIT:
         # partials: O [splits, T, H, D_PAD], M and L [splits, T, H], float32
-        row = (split * num_tokens + q_begin + offs_m) * NUM_HEADS + head
+        row = (split * num_tokens + q_begin + offs_m) * NUM_HEADS + heads
         partial = m_mask & (used > 1) & (split < used)
         tl.store(Part_M + row, m_i, mask=partial)
         tl.store(Part_L + row, l_i, mask=partial)
         tl.store(Part_O + row[:, None] * D_PAD + offs_d[None, :], acc, mask=partial[:, None])
         direct = m_mask & (used == 1) & (split == 0)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_rows = (q_begin + offs_m) * stride_ot + heads * stride_oh
     tl.store(
-        Out + (q_begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        Out + out_rows[:, None] + offs_d[None, :],
         out.to(Out.dtype.element_ty),
         mask=direct[:, None] & d_mask[None, :],
     )
@@ -410,6 +428,10 @@ DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 # Decode tiles of grouped-query models launched head-major (see the kernel); a
 # switch for benchmarks/decode_sweep.py, which times both orders.
 HEAD_MAJOR_DECODE = True
+# Query heads of one KV head that a grouped-query decode program takes together
+# (its rows: 16 queries x this many heads); 1 turns packing off. Larger groups
+# (MQA) are split into packs of this size.
+GQA_DECODE_PACK = 4
 
 
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
@@ -506,7 +528,12 @@ def paged_attention_from_cache(
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         count = tiles.seq.shape[0]
-        num_splits = splits or _auto_splits(tiles, count * q_heads, q.device)
+        group = q_heads // kv_heads
+        pack = 1
+        if tiles.size <= 16 and group > 1 and count < 65536:  # count: the grid's axis 1
+            pack = min(GQA_DECODE_PACK, triton.next_power_of_2(group))
+        programs_per_tile = kv_heads * triton.cdiv(group, pack) if pack > 1 else q_heads
+        num_splits = splits or _auto_splits(tiles, count * programs_per_tile, q.device)
         if num_splits > 1:
             parts = (
                 torch.empty(num_splits, tokens, q_heads, d_pad, device=q.device),
@@ -518,7 +545,10 @@ def paged_attention_from_cache(
         # Prompt tiles stay tile-major: a sequence's tiles share its keys in L2.
         head_major = HEAD_MAJOR_DECODE and tiles.size <= 16 and q_heads > kv_heads
         head_major = head_major and count < 65536  # the grid's second axis limit
-        grid = (q_heads, count, num_splits) if head_major else (count, q_heads, num_splits)
+        if pack > 1 or head_major:
+            grid = (programs_per_tile, count, num_splits)
+        else:
+            grid = (count, q_heads, num_splits)
         _paged_attention_kernel[grid](
             q,
             k_cache,
@@ -542,7 +572,7 @@ def paged_attention_from_cache(
             out.stride(0),
             out.stride(1),
             num_splits,
-            GROUP=q_heads // kv_heads,
+            GROUP=group,
             NUM_HEADS=q_heads,
             SPLIT=num_splits > 1,
             SPLIT_MIN_KEYS=split_min_keys,
@@ -557,6 +587,7 @@ def paged_attention_from_cache(
             KV_CAST=k_cache.dtype != q.dtype,
             FP8_AS_F16=k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32,
             HEAD_MAJOR=head_major,
+            PACK=pack,
             num_warps=launch["num_warps"],
             num_stages=launch["num_stages"],
             **dependent_launch,
