@@ -81,13 +81,21 @@ def main() -> None:
     write_json(args.json, result)
 
 
-# Grouped-query decode settings: (query heads per program, warps; None: the default).
+# Grouped-query decode settings: (query heads per program, launch settings that
+# differ from the cache's default decode launch).
 GQA_VARIANTS = {
-    "tile_major": (1, None),
-    "head_major": (1, None),
-    "pack2": (2, None),
-    "pack4": (4, None),
-    "pack4_w8": (4, 8),
+    "tile_major": (1, {}),
+    "head_major": (1, {}),
+    "pack2": (2, {}),
+    "pack4": (4, {}),
+    "pack4_w8": (4, {"num_warps": 8}),
+    "pack4_n32": (4, {"block_n": 32}),
+    "pack4_n64": (4, {"block_n": 64}),
+    "pack4_n128": (4, {"block_n": 128}),
+    "pack4_s2": (4, {"num_stages": 2}),
+    "pack4_s3": (4, {"num_stages": 3}),
+    "pack4_s4": (4, {"num_stages": 4}),
+    "pack4_n64_s2": (4, {"block_n": 64, "num_stages": 2}),
 }
 
 
@@ -111,10 +119,10 @@ def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> l
             q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
             moved = 2 * seqs * context * kv_heads * DIM * kc.element_size()
             row = {"cache": name, "seqs": seqs, "context": context, "kv_heads": kv_heads}
-            for variant, (pack, warps) in GQA_VARIANTS.items():
+            for variant, (pack, settings) in GQA_VARIANTS.items():
                 triton_attention.HEAD_MAJOR_DECODE = variant != "tile_major"
                 triton_attention.GQA_DECODE_PACK = pack
-                launch.update(num_warps=warps or defaults["num_warps"])
+                launch.update(settings)
                 try:
                     seconds = bench_graph(
                         lambda q=q, b=batch, k=kc, v=vc: paged_attention_from_cache(
