@@ -111,7 +111,8 @@ def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> l
         "bf16": (k_cache, v_cache),
         "fp8": (k_cache.to(FP8_KV_DTYPE), v_cache.to(FP8_KV_DTYPE)),
     }.items():
-        kind = "DECODE_LAUNCH_FP8" if name == "fp8" else "DECODE_LAUNCH"
+        # the launch the packed programs take
+        kind = "DECODE_LAUNCH_FP8" if name == "fp8" else "DECODE_LAUNCH_GQA"
         launch = getattr(triton_attention, kind)
         defaults = launch.copy()
         for seqs, context in SHAPES:

@@ -425,6 +425,12 @@ PROMPT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 # faster than 64/3: each step's tile is half the bytes).
 DECODE_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
+# Grouped-query decode programs (4 query heads each) on a bf16 cache: 2 stages were
+# as fast or faster than 3 at every shape of decode_sweep --gqa-only (H100,
+# 2026-11-25, 8dc3db2: 256 x 640 260.7 vs 262.0 us, 32 x 4096 200.9 vs 211.5,
+# 4 x 16384 144.5 vs 164.3). On an fp8 cache the fp8 launch stays: 64-key steps won
+# at 640 keys (191 vs 237 us) but lost by 16-38 % at 4096-16384.
+DECODE_LAUNCH_GQA = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 # Decode tiles of grouped-query models launched head-major (see the kernel); a
 # switch for benchmarks/decode_sweep.py, which times both orders.
 HEAD_MAJOR_DECODE = True
@@ -522,16 +528,18 @@ def paged_attention_from_cache(
     d_pad = max(16, triton.next_power_of_2(dim))
     dependent_launch = triton_pdl.launch_options(q.device)
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
-        launch = PROMPT_LAUNCH
-        if tiles.size <= 16:
-            launch = DECODE_LAUNCH_FP8 if k_cache.dtype == FP8_KV_DTYPE else DECODE_LAUNCH
-        # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
-        block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         count = tiles.seq.shape[0]
         group = q_heads // kv_heads
         pack = 1
         if tiles.size <= 16 and group > 1 and count < 65536:  # count: the grid's axis 1
             pack = min(GQA_DECODE_PACK, triton.next_power_of_2(group))
+        launch = PROMPT_LAUNCH
+        if tiles.size <= 16 and k_cache.dtype == FP8_KV_DTYPE:
+            launch = DECODE_LAUNCH_FP8
+        elif tiles.size <= 16:
+            launch = DECODE_LAUNCH_GQA if pack > 1 else DECODE_LAUNCH
+        # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
+        block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         programs_per_tile = kv_heads * triton.cdiv(group, pack) if pack > 1 else q_heads
         num_splits = splits or _auto_splits(tiles, count * programs_per_tile, q.device)
         if num_splits > 1:
