@@ -703,7 +703,10 @@ def call_paged_attention_op(
 ) -> torch.Tensor:
     """``paged_attention_triton`` through the custom operator (tiles as tensors)."""
     sets = {t.size: t for t in _tile_sets(batch, q.device)}
-    empty = _no_tiles(q.device)
+    if torch.compiler.is_compiling():  # traced: an op of the graph, not a cached tensor
+        empty = torch.empty(0, dtype=torch.int32, device=q.device)
+    else:
+        empty = _no_tiles(q.device)
     small, large = sets.get(16), sets.get(64)
     return paged_attention_op(
         q,
