@@ -19,6 +19,28 @@ def test_off_on_cpu_and_when_asked(monkeypatch):
         dependent_launch_enabled(torch.device("cpu"))
 
 
+def test_on_hopper_off_on_rocm_and_without_triton_support(monkeypatch):
+    """On for capability 9.0 under compiled Triton; off on ROCm, which reports gfx
+    versions as CUDA capabilities (MI300: 9.4), and where Triton (before 3.4) has no
+    griddepcontrol."""
+    from mii.ops import dispatch, triton_pdl
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert dependent_launch_enabled(gpu)
+    monkeypatch.setattr(triton_pdl, "AVAILABLE", True)
+    assert triton_pdl.launch_options(gpu) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(triton_pdl, "AVAILABLE", False)
+    assert triton_pdl.launch_options(gpu) == {"PDL": False}
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (8, 0))
+    assert not dependent_launch_enabled(gpu)
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 4))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not dependent_launch_enabled(gpu)
+
+
 hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
     reason="programmatic dependent launch needs a Hopper or newer GPU",

@@ -134,6 +134,44 @@ def test_split_kv_matches_reference(index, splits, min_keys):
     torch.testing.assert_close(out.cpu(), expected, rtol=2e-5, atol=2e-5)
 
 
+GQA_CASES = [case for case in CASES if case[1] > case[2]]  # more query than KV heads
+DECODE_LAYOUTS = {  # name: (query heads per program, head-major)
+    "pack4": (4, True),
+    "pack2": (2, True),
+    "head_major": (1, True),
+    "tile_major": (1, False),
+}
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("layout", sorted(DECODE_LAYOUTS))
+@pytest.mark.parametrize("index", range(len(GQA_CASES)))
+def test_grouped_query_decode_layouts(index, layout, splits, monkeypatch):
+    """Every layout of grouped-query decode programs gives the reference: packs of
+    4 or 2 query heads per program, or one head per program launched head-major or
+    tile-major; with and without split-KV."""
+    from mii.ops import triton_attention
+
+    pack, head_major = DECODE_LAYOUTS[layout]
+    monkeypatch.setattr(triton_attention, "GQA_DECODE_PACK", pack)
+    monkeypatch.setattr(triton_attention, "HEAD_MAJOR_DECODE", head_major)
+    shapes, hq, hkv, dim, block, window, rot = GQA_CASES[index]
+    ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch = make_case(
+        shapes, hq, hkv, dim, block, torch.float32, rot, seed=index
+    )
+    expected = rotary_paged_attention_reference(
+        ref_q.clone(), ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch, dim**-0.5, window
+    )
+    q, k, v, pos_d, cs_d, kc, vc, batch = to_device(
+        make_case(shapes, hq, hkv, dim, block, torch.float32, rot, index)
+    )
+    triton_attention.rotary_cache_write(q, k, v, pos_d, cs_d, kc, vc, batch.slot_mapping)
+    out = triton_attention.paged_attention_from_cache(
+        q, kc, vc, batch, dim**-0.5, window, splits=splits, split_min_keys=1
+    )
+    torch.testing.assert_close(out.cpu(), expected, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles only on CUDA")
 def test_attention_compiles_once_whatever_the_batch(monkeypatch):

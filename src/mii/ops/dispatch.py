@@ -68,12 +68,15 @@ def skinny_linear_enabled(
 
 def dependent_launch_enabled(device: torch.device) -> bool:
     """Whether the decode chain's Triton kernels use programmatic dependent launch
-    (``ops.triton_pdl``): on Hopper or newer GPUs, compiled (not interpreted), unless
-    ``MII_PDL=off``."""
+    (``ops.triton_pdl``): on NVIDIA Hopper or newer GPUs, compiled (not interpreted),
+    unless ``MII_PDL=off``. Read at each launch; a captured CUDA graph keeps the
+    choice made when it was captured."""
     choice = os.environ.get("MII_PDL", "auto")
     if choice not in ("auto", "off"):
         raise ValueError(f"MII_PDL must be 'auto' or 'off', not {choice!r}")
     if choice == "off" or device.type != "cuda" or INTERPRETED:
+        return False
+    if torch.version.hip is not None:  # ROCm reports gfx versions as capabilities
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index) >= (9, 0)

@@ -413,7 +413,7 @@ def _merge_splits_kernel(
 # than the parallelism gains (the batch-1 profile of a 192-token context spent
 # more time merging nine mostly empty slices than attending). decode_sweep's batch-1
 # rows (H100, 2026-11-25, 5fe16bc): 128 is the best or within 0.5 us of it from 256
-# to 4096 keys, bf16 and fp8 (256 keys: 14.6 us against 17.1 us at 256).
+# to 4096 keys, bf16 and fp8 (a 256-key context: 14.6 us with 128, 17.1 us with 256).
 SPLIT_MIN_KEYS = 128
 # Launch of the prompt-tile (64-query) attention kernel, the best of
 # benchmarks/prefill_sweep.py on an H100 (2026-11-25): 4 warps give 1.20x / 1.30x
@@ -532,7 +532,8 @@ def paged_attention_from_cache(
         group = q_heads // kv_heads
         pack = 1
         if tiles.size <= 16 and group > 1 and count < 65536:  # count: the grid's axis 1
-            pack = min(GQA_DECODE_PACK, triton.next_power_of_2(group))
+            # a power of two: the tile's rows are a tl.arange
+            pack = min(triton.next_power_of_2(GQA_DECODE_PACK), triton.next_power_of_2(group))
         launch = PROMPT_LAUNCH
         if tiles.size <= 16 and k_cache.dtype == FP8_KV_DTYPE:
             launch = DECODE_LAUNCH_FP8

@@ -19,9 +19,23 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from mii.ops.dispatch import dependent_launch_enabled
+
+try:  # Triton 3.4+; older versions launch every kernel without PDL
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    AVAILABLE = True
+except ImportError:
+    AVAILABLE = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 
 @triton.jit
@@ -50,6 +64,6 @@ def prefetch_to_l2(pointers):
 def launch_options(device: torch.device) -> dict:
     """Keyword arguments for a kernel taking a ``PDL`` constexpr: ``PDL`` and, when
     on, Triton's ``launch_pdl`` launch attribute."""
-    if dependent_launch_enabled(device):
+    if AVAILABLE and dependent_launch_enabled(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
