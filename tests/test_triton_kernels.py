@@ -115,17 +115,23 @@ def test_split_kv_matches_reference(index, splits, min_keys):
     """Split-KV (flash decoding) partials merged back give the same attention,
     with windows and with more splits than a short context has key blocks; with a
     minimum of keys per split, short contexts in one program next to split long ones."""
+    _assert_split_attention_matches(SPLIT_CASES[index], index, splits, min_keys)
+
+
+def _assert_split_attention_matches(case, seed, splits, min_keys):
+    """Rotary + cache write, then attention from the cache with ``splits`` (fp32),
+    against the reference."""
     from mii.ops.triton_attention import paged_attention_from_cache, rotary_cache_write
 
-    shapes, hq, hkv, dim, block, window, rot = SPLIT_CASES[index]
+    shapes, hq, hkv, dim, block, window, rot = case
     ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch = make_case(
-        shapes, hq, hkv, dim, block, torch.float32, rot, seed=index
+        shapes, hq, hkv, dim, block, torch.float32, rot, seed=seed
     )
     expected = rotary_paged_attention_reference(
         ref_q.clone(), ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch, dim**-0.5, window
     )
     q, k, v, pos_d, cs_d, kc, vc, batch = to_device(
-        make_case(shapes, hq, hkv, dim, block, torch.float32, rot, index)
+        make_case(shapes, hq, hkv, dim, block, torch.float32, rot, seed)
     )
     rotary_cache_write(q, k, v, pos_d, cs_d, kc, vc, batch.slot_mapping)
     out = paged_attention_from_cache(
@@ -155,21 +161,7 @@ def test_grouped_query_decode_layouts(index, layout, splits, monkeypatch):
     pack, head_major = DECODE_LAYOUTS[layout]
     monkeypatch.setattr(triton_attention, "GQA_DECODE_PACK", pack)
     monkeypatch.setattr(triton_attention, "HEAD_MAJOR_DECODE", head_major)
-    shapes, hq, hkv, dim, block, window, rot = GQA_CASES[index]
-    ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch = make_case(
-        shapes, hq, hkv, dim, block, torch.float32, rot, seed=index
-    )
-    expected = rotary_paged_attention_reference(
-        ref_q.clone(), ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch, dim**-0.5, window
-    )
-    q, k, v, pos_d, cs_d, kc, vc, batch = to_device(
-        make_case(shapes, hq, hkv, dim, block, torch.float32, rot, index)
-    )
-    triton_attention.rotary_cache_write(q, k, v, pos_d, cs_d, kc, vc, batch.slot_mapping)
-    out = triton_attention.paged_attention_from_cache(
-        q, kc, vc, batch, dim**-0.5, window, splits=splits, split_min_keys=1
-    )
-    torch.testing.assert_close(out.cpu(), expected, rtol=2e-5, atol=2e-5)
+    _assert_split_attention_matches(GQA_CASES[index], index, splits, min_keys=1)
 
 
 @pytest.mark.gpu

@@ -541,7 +541,7 @@ def paged_attention_from_cache(
             launch = DECODE_LAUNCH_GQA if pack > 1 else DECODE_LAUNCH
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
-        programs_per_tile = kv_heads * triton.cdiv(group, pack) if pack > 1 else q_heads
+        programs_per_tile = kv_heads * triton.cdiv(group, pack)  # q_heads when unpacked
         num_splits = splits or _auto_splits(tiles, count * programs_per_tile, q.device)
         if num_splits > 1:
             parts = (
