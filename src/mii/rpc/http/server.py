@@ -12,6 +12,7 @@ import contextlib
 import logging
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -41,15 +42,15 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+@dataclass(eq=False)
 class Gateway:
     """A running gateway; ``await stop()`` shuts it down."""
 
-    def __init__(self, app: FastAPI, server: uvicorn.Server, task: asyncio.Task, host, port):
-        self.app = app
-        self.server = server
-        self.task = task
-        self.host = host
-        self.port = port
+    app: FastAPI
+    server: uvicorn.Server
+    task: asyncio.Task
+    host: str
+    port: int
 
     @property
     def url(self) -> str:
