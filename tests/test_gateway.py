@@ -21,8 +21,9 @@ from helpers import make_tokenizer
 from mii.errors import InvalidRequestError
 from mii.rpc import mii_pb2, registry
 from mii.rpc.deployment import free_port
-from mii.rpc.gateway import GatewayError, start_gateway
-from mii.rpc.openai_routes import choice_seed, render_chat
+from mii.rpc.http.chat import render_chat
+from mii.rpc.http.choices import choice_seed
+from mii.rpc.http.server import GatewayError, start_gateway
 from mii.rpc.pool import Metrics, NoReplicaError
 
 PROMPTS = ["DeepSpeed is", "Seattle is a city on the west coast"]

@@ -32,3 +32,11 @@ class RequestTooLargeError(InvalidRequestError):
 
 class EngineClosedError(MiiError, RuntimeError):
     """The engine was closed; no more requests are accepted."""
+
+
+class NoReplicaError(MiiError, RuntimeError):
+    """Every replica of a deployment is out of rotation."""
+
+
+class ReplicaError(MiiError, RuntimeError):
+    """A replica failed the request (the replica's message is kept)."""

@@ -7,11 +7,10 @@ import asyncio
 
 import grpc
 
-from mii.errors import InvalidRequestError
 from mii.rpc import mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_from_proto, piece_to_proto
-from mii.rpc.pool import NoReplicaError, ReplicaPool
-from mii.rpc.replica import abort_invalid
+from mii.rpc.pool import ReplicaPool
+from mii.rpc.status import abort
 
 
 class BalancerServicer(mii_pb2_grpc.MiiServicer):
@@ -20,23 +19,13 @@ class BalancerServicer(mii_pb2_grpc.MiiServicer):
         self.info = info
         self.stop = stop
 
-    async def _fail(self, context, err: Exception) -> None:
-        if isinstance(err, InvalidRequestError):
-            await abort_invalid(context, err)
-        elif isinstance(err, NoReplicaError):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        elif isinstance(err, TimeoutError):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
-        else:
-            await context.abort(grpc.StatusCode.INTERNAL, str(err))
-
     async def Generate(self, request, context):
         try:
             responses = await self.pool.generate(
                 list(request.prompts), options_from_proto(request.options), context.time_remaining()
             )
         except Exception as err:
-            await self._fail(context, err)
+            await abort(context, err)
         return mii_pb2.GenerateReply(responses=[piece_to_proto(r) for r in responses])
 
     async def GenerateStream(self, request, context):
@@ -51,7 +40,7 @@ class BalancerServicer(mii_pb2_grpc.MiiServicer):
             async for piece in stream:
                 yield piece_to_proto(piece)
         except Exception as err:
-            await self._fail(context, err)
+            await abort(context, err)
         finally:
             await stream.aclose()  # cancels the replica's call when our client left
 

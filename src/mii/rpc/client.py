@@ -13,20 +13,11 @@ from mii.errors import InvalidRequestError, MiiError
 from mii.response import Response, join_pieces
 from mii.rpc import mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.convert import options_to_proto, piece_from_proto, validated
+from mii.rpc.status import error_from_grpc
 
 
 class DeploymentNotFoundError(MiiError, LookupError):
     """No live deployment has that name."""
-
-
-def _raise(err: grpc.RpcError) -> None:
-    code = err.code()
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        field = dict(err.trailing_metadata() or ()).get("mii-field") or None
-        raise InvalidRequestError(err.details(), field) from None
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        raise TimeoutError(err.details()) from None
-    raise MiiError(f"{code.name}: {err.details()}") from None
 
 
 class MiiClient:
@@ -69,7 +60,7 @@ class MiiClient:
         try:
             reply = self._stub.Generate(request, timeout=timeout)
         except grpc.RpcError as err:
-            _raise(err)
+            raise error_from_grpc(err) from None
         return [piece_from_proto(p) for p in reply.responses]
 
     def stream(
@@ -85,7 +76,7 @@ class MiiClient:
             for piece in call:
                 yield piece_from_proto(piece)
         except grpc.RpcError as err:
-            _raise(err)
+            raise error_from_grpc(err) from None
         finally:
             call.cancel()
 
@@ -138,7 +129,7 @@ class MiiClient:
         try:
             reply = await self._async_stub().Generate(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
-            _raise(err)
+            raise error_from_grpc(err) from None
         return [piece_from_proto(p) for p in reply.responses]
 
     async def astream(
@@ -152,7 +143,7 @@ class MiiClient:
             async for piece in call:
                 yield piece_from_proto(piece)
         except grpc.aio.AioRpcError as err:
-            _raise(err)
+            raise error_from_grpc(err) from None
         finally:
             call.cancel()
 

@@ -163,7 +163,7 @@ async def run_deployment(config: dict[str, Any]) -> None:
         watcher = asyncio.create_task(pool.watch())
 
         if config.get("enable_restful_api"):
-            from mii.rpc.gateway import start_gateway
+            from mii.rpc.http.server import start_gateway
 
             rest = await start_gateway(pool, info, config)
 

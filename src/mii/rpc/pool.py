@@ -18,20 +18,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from mii.errors import InvalidRequestError, MiiError
+from mii.errors import NoReplicaError, ReplicaError
 from mii.response import Response
 from mii.rpc import mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_to_proto, piece_from_proto
+from mii.rpc.status import error_from_grpc
 
 HEALTH_INTERVAL_S = 0.5
-
-
-class NoReplicaError(MiiError, RuntimeError):
-    """Every replica is out of rotation."""
-
-
-class ReplicaError(MiiError, RuntimeError):
-    """A replica failed the request (the replica's message is kept)."""
 
 
 @dataclass(eq=False)
@@ -105,7 +98,7 @@ class ReplicaPool:
                 if self._out_of_rotation(replica, err):
                     tried.add(id(replica))
                     continue
-                raise _translate(err) from None
+                raise error_from_grpc(err, ReplicaError) from None
             finally:
                 replica.in_flight -= 1
             responses = [piece_from_proto(p) for p in reply.responses]
@@ -150,7 +143,7 @@ class ReplicaPool:
                 if received == 0 and self._out_of_rotation(replica, err):
                     tried.add(id(replica))
                     continue
-                raise _translate(err) from None
+                raise error_from_grpc(err, ReplicaError) from None
             finally:
                 call.cancel()
                 replica.in_flight -= 1
@@ -220,14 +213,3 @@ class ReplicaPool:
 
     async def close(self) -> None:
         await asyncio.gather(*(r.channel.close() for r in self.replicas))
-
-
-def _translate(err: grpc.aio.AioRpcError) -> Exception:
-    if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        metadata = dict(err.trailing_metadata() or ())
-        return InvalidRequestError(
-            err.details() or "invalid request", metadata.get("mii-field") or None
-        )
-    if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return TimeoutError(err.details() or "deadline exceeded")
-    return ReplicaError(f"{err.code().name}: {err.details()}")

@@ -22,9 +22,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mii.engine.async_engine import AsyncEngine
-from mii.errors import InvalidRequestError
+from mii.errors import InvalidRequestError, ReplicaError
 from mii.rpc import mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_from_proto, piece_to_proto
+from mii.rpc.status import abort
 
 SERVICE = mii_pb2.DESCRIPTOR.services_by_name["Mii"].full_name
 STARTUP_ERROR = "MII_STARTUP_ERROR"
@@ -49,10 +50,8 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
         self.in_flight += 1
         try:
             responses = await self.engine.generate(list(request.prompts), **params)
-        except InvalidRequestError as err:
-            await abort_invalid(context, err)
         except Exception as err:
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            await abort(context, engine_error(err))
         finally:
             self.in_flight -= 1
         return mii_pb2.GenerateReply(responses=[piece_to_proto(r) for r in responses])
@@ -70,10 +69,8 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
             # closes the stream and so aborts the request in the engine.
             async for piece in self.engine.stream(request.prompts[0], **params):
                 yield piece_to_proto(piece)
-        except InvalidRequestError as err:
-            await abort_invalid(context, err)
         except Exception as err:
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            await abort(context, engine_error(err))
         finally:
             self.in_flight -= 1
 
@@ -96,13 +93,13 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
         return mii_pb2.TerminateReply()
 
 
-async def abort_invalid(context, err: InvalidRequestError) -> None:
-    """INVALID_ARGUMENT, with the offending field in the trailing metadata."""
-    await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        str(err),
-        trailing_metadata=(("mii-field", err.field or ""),),
-    )
+def engine_error(err: Exception) -> Exception:
+    """What a replica answers for its engine's exception: a request error as it is
+    (INVALID_ARGUMENT naming the field); anything else, whatever its class, as this
+    replica's failure (INTERNAL, details naming the class)."""
+    if isinstance(err, InvalidRequestError):
+        return err
+    return ReplicaError(f"{type(err).__name__}: {err}")
 
 
 def add_standard_services(server: grpc.aio.Server) -> health.aio.HealthServicer:

@@ -1,0 +1,19 @@
+"""The gateway's FastAPI application: its state, error handlers and routes."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from mii.rpc.http import mii_routes, openai_routes
+from mii.rpc.http.errors import install_error_handlers
+from mii.rpc.http.state import GatewayState
+
+
+def build_app(state: GatewayState) -> FastAPI:
+    """The application serving ``state``'s deployment (no interactive docs pages)."""
+    app = FastAPI(title=f"mii: {state.deployment_name}", docs_url=None, redoc_url=None)
+    app.state.mii = state
+    install_error_handlers(app)
+    app.include_router(mii_routes.router)
+    app.include_router(openai_routes.router)
+    return app

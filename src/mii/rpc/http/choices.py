@@ -1,0 +1,130 @@
+"""Every choice of an OpenAI request, run through the pool.
+
+A request has one or more prompts and ``n`` choices of each; choice ``index`` is
+``prompt * n + i``. With a ``seed``, choice 0 uses the seed itself and choice i
+a seed derived from (seed, i), so that choices differ and the whole answer is
+reproducible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from mii.response import Response
+from mii.rpc.http.errors import ApiError
+from mii.rpc.http.protocol import MAX_CHOICES
+from mii.rpc.http.state import GatewayState
+
+_SEED_SPACE = 2**63
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice 0 uses ``seed`` itself; choice i a seed derived from (seed, i)."""
+    if seed is None:
+        return None
+    base = seed % _SEED_SPACE  # OpenAI allows any 64-bit seed; mii wants [0, 2**63)
+    if choice == 0:
+        return base
+    digest = hashlib.blake2b(f"{base}/{choice}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % _SEED_SPACE
+
+
+class Choices:
+    """Every (prompt, choice) of a request. Choice ``index`` = prompt * n + i."""
+
+    def __init__(self, prompts: list[str], params: dict[str, Any], n: int, seed: int | None):
+        if len(prompts) * n > MAX_CHOICES:
+            raise ApiError(400, f"at most {MAX_CHOICES} choices (prompts times n) per request", "n")
+        self.prompts = prompts
+        self.params = params
+        self.n = n
+        self.seed = seed
+
+    @property
+    def total(self) -> int:
+        return len(self.prompts) * self.n
+
+    def params_for(self, choice: int) -> dict[str, Any]:
+        seed = choice_seed(self.seed, choice)
+        return self.params if seed is None else {**self.params, "seed": seed}
+
+    async def generate(self, state: GatewayState) -> list[Response]:
+        """Whole answers, by choice index (one pool call per choice number)."""
+        tasks = [
+            asyncio.ensure_future(state.pool.generate(self.prompts, self.params_for(i)))
+            for i in range(self.n)
+        ]
+        try:
+            by_choice = await asyncio.gather(*tasks)  # [i][prompt]
+        finally:
+            for task in tasks:
+                task.cancel()
+        return [by_choice[i][p] for p in range(len(self.prompts)) for i in range(self.n)]
+
+    def streams(self, state: GatewayState) -> list[tuple[int, AsyncIterator[Response]]]:
+        """One stream per choice, with its index."""
+        return [
+            (p * self.n + i, state.pool.stream(prompt, self.params_for(i)))
+            for p, prompt in enumerate(self.prompts)
+            for i in range(self.n)
+        ]
+
+
+_END = object()
+
+
+async def merge_streams(
+    streams: list[tuple[int, AsyncIterator[Response]]],
+) -> AsyncIterator[tuple[int, Response]]:
+    """Pieces of several streams as (index, piece), in arrival order. Closing this
+    iterator closes every stream (which aborts their requests)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[Response]) -> None:
+        try:
+            async for piece in stream:
+                queue.put_nowait((index, piece))
+        except Exception as err:
+            queue.put_nowait((index, err))
+        finally:
+            await stream.aclose()
+            queue.put_nowait((index, _END))
+
+    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class Usage:
+    """Token counts of a request's choices: each prompt counted once, every choice's answer."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.prompt: dict[int, int] = {}  # prompt number -> prompt tokens
+        self.completion: dict[int, int] = {}  # choice index -> generated tokens
+
+    def add(self, index: int, response: Response) -> None:
+        self.prompt[index // self.n] = response.prompt_length
+        self.completion[index] = response.generated_length
+
+    def as_dict(self) -> dict[str, int]:
+        prompt, completion = sum(self.prompt.values()), sum(self.completion.values())
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }

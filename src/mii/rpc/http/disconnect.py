@@ -1,0 +1,54 @@
+"""A client that disconnects aborts its request.
+
+A stream's body generator closes the pool's stream when it is closed (which
+cancels the replica's call); :class:`ClosingStreamingResponse` closes it as soon
+as the client leaves. A whole-answer request is awaited through
+:func:`until_disconnected`, which cancels it once ``request.is_disconnected()``
+turns true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+T = TypeVar("T")
+
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientDisconnected(Exception):
+    """The client left before its answer was ready; the generation was cancelled."""
+
+
+async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable``, cancelling it (which aborts its generation) and raising
+    ClientDisconnected if the client goes away first."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        task.cancel()  # no-op once done; aborts the request when we leave early
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body generator, so that its
+    ``finally`` (which closes the pool's stream) runs at once when the client
+    leaves, rather than whenever the generator is garbage-collected."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()

@@ -1,0 +1,167 @@
+"""How the gateway answers errors: the two JSON error shapes, the exception
+handlers, and plain-words descriptions of FastAPI's validation errors.
+
+mii's routes answer ``{"error": {"message", "field"}}``, the OpenAI routes (under
+``/v1``) OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Which
+status an exception gets is decided by :mod:`mii.rpc.status`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mii.errors import InvalidRequestError
+from mii.rpc.http.disconnect import ClientDisconnected
+from mii.rpc.status import INTERNAL, STATUSES, status_of
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answered with ``status`` and the route's error shape.
+
+    ``param`` names the offending field (``field`` in mii's shape); ``code`` is
+    OpenAI's machine-readable code (for example ``model_not_found``).
+    """
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+# What the gateway answers with a JSON error; any other exception is a bug,
+# answered by the server's plain 500.
+ANSWERED_ERRORS: tuple[type[BaseException], ...] = (ApiError, *STATUSES)
+
+
+def api_error(err: BaseException) -> ApiError:
+    """The answer to an exception of the table in :mod:`mii.rpc.status`."""
+    status = status_of(err)
+    if isinstance(err, InvalidRequestError):
+        return ApiError(status.http, str(err), err.field)
+    if status is INTERNAL:  # a failure, not the caller's doing: name its class
+        message = f"{type(err).__name__}: {err}"
+    elif isinstance(err, TimeoutError):
+        message = f"the request timed out: {err}"
+    else:
+        message = str(err)
+    return ApiError(status.http, message, code=status.openai_code)
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def openai_error_body(
+    message: str, status: int, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object; its ``type`` says whose fault it is."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(request: Request, err: ApiError) -> JSONResponse:
+    """``err`` in the error shape of the route that was asked."""
+    if is_openai_path(request.url.path):
+        body = openai_error_body(err.message, err.status, err.param, err.code)
+    else:
+        body = {"error": {"message": err.message, "field": err.param}}
+    return JSONResponse(body, status_code=err.status)
+
+
+@contextmanager
+def openai_errors(renames: dict[str, str]) -> Iterator[None]:
+    """Report mii's InvalidRequestError with OpenAI's names for the fields."""
+    try:
+        yield
+    except InvalidRequestError as err:
+        raise ApiError(400, *renamed(err, renames)) from None
+
+
+def renamed(err: InvalidRequestError, renames: dict[str, str]) -> tuple[str, str | None]:
+    """The message and field of ``err``, with the field under its OpenAI name."""
+    field, message = err.field, str(err)
+    if field in renames:
+        message = message.replace(f"'{field}'", f"'{renames[field]}'")
+        field = renames[field]
+    return message, field
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
+
+
+def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One message (and the offending field, dotted) from FastAPI's error list."""
+    first = exc.errors()[0]
+    kind = first.get("type", "")
+    loc = list(first.get("loc", ()))
+    if loc and loc[0] in ("body", "path", "query", "header"):
+        loc = loc[1:]
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error") or first.get("msg", "")
+        return f"the request body is not valid JSON: {detail}", None
+    # Drop the tags pydantic adds for union members ("str", "list[str]", ...).
+    parts = [
+        str(p)
+        for p in loc
+        if isinstance(p, int) or ("[" not in p and "(" not in p and p.lower() not in _UNION_TAGS)
+    ]
+    field = ".".join(parts) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "missing":
+        return (f"missing required field {field!r}" if field else "the request body is missing"), (
+            field
+        )
+    if kind == "extra_forbidden":
+        return f"unknown field {field!r}", field
+    if field is None:
+        return f"the request body must be a JSON object ({msg})", None
+    if "input" in first and kind != "value_error":
+        msg = f"{msg} (got {first['input']!r})"
+    return f"invalid value for {field!r}: {msg}", field
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error the gateway knows in the asked route's JSON shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError):
+        return error_response(request, err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        message, field = describe_validation_error(exc)
+        return error_response(request, ApiError(400, message, field))
+
+    async def _known_error(request: Request, err: Exception):
+        answer = api_error(err)
+        if answer.status == INTERNAL.http:
+            log.error("request failed: %s: %s", type(err).__name__, err)
+        return error_response(request, answer)
+
+    for cls in STATUSES:
+        app.add_exception_handler(cls, _known_error)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, err: ClientDisconnected):
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path} on this server"
+        return error_response(request, ApiError(exc.status_code, message))

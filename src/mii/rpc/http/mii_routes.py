@@ -1,0 +1,73 @@
+"""mii's own routes: ``POST /mii/{deployment_name}``, ``GET /health``, ``GET /metrics``.
+
+The route functions carry no return annotation and no docstring on purpose:
+FastAPI would validate answers against the one and publish the other in
+``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mii.config import GenerateParams
+from mii.response import Response as Answer
+from mii.rpc.http.disconnect import until_disconnected
+from mii.rpc.http.errors import ApiError
+from mii.rpc.http.protocol import MiiRequest
+from mii.rpc.http.state import get_state
+
+router = APIRouter()
+
+
+def response_dict(response: Answer) -> dict[str, Any]:
+    """One answer as the JSON object of mii's route."""
+    return {
+        "generated_text": response.generated_text,
+        "prompt_length": response.prompt_length,
+        "generated_length": response.generated_length,
+        "finish_reason": response.finish_reason,
+        "token_ids": list(response.token_ids),
+    }
+
+
+@router.post("/mii/{deployment_name}")
+async def generate(deployment_name: str, body: MiiRequest, request: Request):
+    state = get_state(request)
+    if deployment_name != state.deployment_name:
+        raise ApiError(
+            404,
+            f"no deployment named {deployment_name!r} here "
+            f"(this server runs {state.deployment_name!r})",
+            "deployment_name",
+        )
+    options = dict(body.model_extra or {})
+    GenerateParams.parse(**options)  # InvalidRequestError -> 400 naming the field
+    prompts = [body.prompts] if isinstance(body.prompts, str) else list(body.prompts)
+    responses = await until_disconnected(request, state.pool.generate(prompts, options))
+    return [response_dict(r) for r in responses]
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = get_state(request)
+    healthy = sum(r.healthy for r in state.pool.replicas)
+    body = {
+        "status": "ok" if healthy else "unavailable",
+        "deployment": state.deployment_name,
+        "model": state.model,
+        "replicas": len(state.pool.replicas),
+        "healthy_replicas": healthy,
+    }
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(
+        generate_latest(get_state(request).pool.metrics.registry),
+        headers={"Content-Type": CONTENT_TYPE_LATEST},
+    )

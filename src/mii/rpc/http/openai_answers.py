@@ -1,0 +1,103 @@
+"""The JSON of OpenAI's answers: the whole completion (or chat completion)
+object, or the chunks of its stream.
+
+Both routes answer the same frame (``id``, ``object``, ``created``, ``model``,
+``choices``); an ``AnswerKind`` holds what differs between them.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mii.response import Response
+
+
+@dataclass(frozen=True)
+class AnswerKind:
+    """What differs between the answers of ``/v1/completions`` and ``/v1/chat/completions``."""
+
+    id_prefix: str
+    object: str  # of the whole answer
+    chunk_object: str  # of each streamed chunk
+    content: Callable[[Response], dict[str, Any]]  # a whole choice's own fields
+    delta: Callable[[str | None, str | None], dict[str, Any]]  # a chunk's, from (text, role)
+    with_role: bool  # whether the stream opens with one role-only chunk per choice
+
+
+def _chat_delta(text: str | None, role: str | None) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if role is not None:
+        delta["role"] = role
+    if text is not None:
+        delta["content"] = text
+    return {"delta": delta}
+
+
+COMPLETION = AnswerKind(
+    "cmpl",
+    "text_completion",
+    "text_completion",
+    content=lambda r: {"text": r.generated_text},
+    delta=lambda text, role: {"text": text or ""},
+    with_role=False,
+)
+CHAT_COMPLETION = AnswerKind(
+    "chatcmpl",
+    "chat.completion",
+    "chat.completion.chunk",
+    content=lambda r: {"message": {"role": "assistant", "content": r.generated_text}},
+    delta=_chat_delta,
+    with_role=True,
+)
+
+
+class Answer:
+    """One request's answer: a fresh id and creation time, and its JSON objects."""
+
+    def __init__(self, kind: AnswerKind, model: str) -> None:
+        self.kind = kind
+        self.model = model
+        self.id = f"{kind.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _frame(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def chunk(
+        self, index: int, text: str | None, finish_reason: str | None, role: str | None
+    ) -> dict[str, Any]:
+        """One chunk of the stream, for choice ``index`` (without usage)."""
+        choice = {
+            "index": index,
+            **self.kind.delta(text, role),
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+        return self._frame(self.kind.chunk_object, [choice])
+
+    def whole(self, responses: list[Response], usage: dict[str, int]) -> dict[str, Any]:
+        """The whole answer: every choice, by index, and the usage."""
+        choices = [
+            {
+                "index": index,
+                **self.kind.content(r),
+                "logprobs": None,
+                "finish_reason": r.finish_reason,
+            }
+            for index, r in enumerate(responses)
+        ]
+        return {
+            **self._frame(self.kind.object, choices),
+            "usage": usage,
+            "system_fingerprint": None,
+        }

@@ -1,0 +1,97 @@
+"""What an OpenAI request means in mii's terms.
+
+OpenAI options map onto mii's generation options as follows:
+
+- ``max_tokens`` (chat: also ``max_completion_tokens``) -> ``max_new_tokens``.
+  Completions default to 16 as OpenAI does; chat defaults to the room left
+  under the model's ``max_length``.
+- ``temperature`` (default 1.0): 0 means greedy (``do_sample=False``).
+- ``top_p`` defaults to 1.0 (OpenAI's default, not mii's 0.9).
+- ``stop``, ``echo`` (completions: the prompt is put before the text).
+- mii extensions: ``ignore_eos``, ``top_k``, ``min_tokens`` (-> ``min_new_tokens``).
+- ``n`` and ``seed`` are handled per choice (:mod:`mii.rpc.http.choices`).
+
+Options the engine cannot honour (``logprobs``, ``logit_bias``, non-zero
+penalties, ``suffix``, ``best_of`` other than ``n``, tools, non-text response
+formats) are refused with 400 naming them, never silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mii.config import GenerateParams
+from mii.rpc.http.errors import ApiError
+from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+
+
+def refuse_completion(body: CompletionRequest) -> None:
+    """Raise a 400 ApiError for the first option of ``body`` that cannot be honoured."""
+    _refuse_common(body)
+    if body.logprobs is not None:
+        raise ApiError(400, "logprobs are not supported by this server", "logprobs")
+    if body.best_of not in (None, body.n):
+        raise ApiError(400, "best_of is not supported by this server (use n)", "best_of")
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported by this server", "suffix")
+
+
+def refuse_chat(body: ChatCompletionRequest) -> None:
+    """Raise a 400 ApiError for the first option of ``body`` that cannot be honoured."""
+    _refuse_common(body)
+    if body.logprobs or body.top_logprobs:
+        name = "logprobs" if body.logprobs else "top_logprobs"
+        raise ApiError(400, "logprobs are not supported by this server", name)
+    if body.tools:
+        raise ApiError(400, "tools (function calling) are not supported by this server", "tools")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise ApiError(400, "tool_choice is not supported by this server", "tool_choice")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise ApiError(400, "only the 'text' response_format is supported", "response_format")
+
+
+def _refuse_common(body: OpenAIRequest) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0):
+            raise ApiError(400, f"{name} is not supported by this server; leave it at 0", name)
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported by this server", "logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
+
+
+def generation_options(
+    body: OpenAIRequest, max_tokens: int | None, echo: bool = False
+) -> dict[str, Any]:
+    """mii generation options for an OpenAI request (seed excluded: see choice_seed)."""
+    params: dict[str, Any] = {
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "ignore_eos": body.ignore_eos,
+        "min_new_tokens": body.min_tokens,
+    }
+    if max_tokens is not None:
+        params["max_new_tokens"] = max_tokens
+    if body.temperature == 0:
+        params["do_sample"] = False
+    elif body.temperature is not None:
+        params["temperature"] = body.temperature
+    if body.top_k is not None:
+        params["top_k"] = body.top_k
+    if body.stop:
+        params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    if echo:
+        params["return_full_text"] = True
+    GenerateParams.parse(**params)  # InvalidRequestError names the (mii) field
+    return params
+
+
+def openai_field_names(body: OpenAIRequest, chat: bool) -> dict[str, str]:
+    """mii's option name -> the OpenAI field the request set it with (for errors)."""
+    renames = {"min_new_tokens": "min_tokens", "max_new_tokens": "max_tokens"}
+    if chat:
+        renames["prompt"] = "messages"
+        if getattr(body, "max_completion_tokens", None) is not None:
+            renames["max_new_tokens"] = "max_completion_tokens"
+    else:
+        renames["return_full_text"] = "echo"
+    return renames

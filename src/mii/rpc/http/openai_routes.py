@@ -1,0 +1,127 @@
+"""OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+The served model is the deployment's model string; the deployment name is
+accepted as an alias, and ``model`` may be left out. How OpenAI's options map
+onto mii's is in :mod:`mii.rpc.http.openai_options`; ``n`` and ``seed`` in
+:mod:`mii.rpc.http.choices`; ``stream`` (SSE, ended by ``data: [DONE]``) and
+``stream_options.include_usage`` in :mod:`mii.rpc.http.sse`; chat prompts in
+:mod:`mii.rpc.http.chat`. Unknown fields are refused with 400.
+
+The route functions carry no return annotation and no docstring on purpose:
+FastAPI would validate answers against the one and publish the other in
+``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from mii.rpc.http.chat import chat_prompt
+from mii.rpc.http.choices import Choices, Usage
+from mii.rpc.http.disconnect import until_disconnected
+from mii.rpc.http.errors import ApiError, openai_errors
+from mii.rpc.http.openai_answers import CHAT_COMPLETION, COMPLETION, Answer
+from mii.rpc.http.openai_options import (
+    generation_options,
+    openai_field_names,
+    refuse_chat,
+    refuse_completion,
+)
+from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from mii.rpc.http.sse import stream_choices
+from mii.rpc.http.state import GatewayState, get_state
+
+router = APIRouter(prefix="/v1")
+
+
+def check_model(state: GatewayState, name: str | None) -> None:
+    """404 unless ``name`` is left out or names this deployment (model or deployment name)."""
+    if name is None or name in (state.model, state.deployment_name):
+        return
+    raise ApiError(
+        404,
+        f"the model {name!r} does not exist; this server serves {state.model!r}",
+        "model",
+        "model_not_found",
+    )
+
+
+def _model_card(state: GatewayState) -> dict[str, Any]:
+    return {
+        "id": state.model,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "mii",
+        "max_model_len": state.max_length,
+    }
+
+
+@router.get("/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_model_card(get_state(request))]}
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, request: Request):
+    state = get_state(request)
+    check_model(state, model)
+    return _model_card(state)
+
+
+def _accepted(request: Request, body: OpenAIRequest, refuse: Callable[[Any], None]) -> GatewayState:
+    """The gateway's state, once ``body`` names this model and asks nothing refused."""
+    state = get_state(request)
+    check_model(state, body.model)
+    refuse(body)
+    return state
+
+
+async def _respond(
+    request: Request,
+    state: GatewayState,
+    body: OpenAIRequest,
+    choices: Choices,
+    renames: dict[str, str],
+    answer: Answer,
+):
+    """Stream the choices when the body asks to; else wait for them all and answer
+    one object with every choice and the usage."""
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await stream_choices(request, state, choices, answer, include_usage, renames)
+    with openai_errors(renames):
+        responses = await until_disconnected(request, choices.generate(state))
+    usage = Usage(body.n)
+    for index, response in enumerate(responses):
+        usage.add(index, response)
+    return answer.whole(responses, usage.as_dict())
+
+
+@router.post("/completions")
+async def create_completion(body: CompletionRequest, request: Request):
+    state = _accepted(request, body, refuse_completion)
+    renames = openai_field_names(body, chat=False)
+    with openai_errors(renames):
+        params = generation_options(body, body.max_tokens, echo=body.echo)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    choices = Choices(prompts, params, body.n, body.seed)
+    answer = Answer(COMPLETION, state.model)
+    return await _respond(request, state, body, choices, renames, answer)
+
+
+@router.post("/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state = _accepted(request, body, refuse_chat)
+    renames = openai_field_names(body, chat=True)
+    max_tokens = (
+        body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    )
+    with openai_errors(renames):
+        params = generation_options(body, max_tokens)
+        prompt = chat_prompt(state.tokenizer, body.messages)
+    choices = Choices([prompt], params, body.n, body.seed)
+    answer = Answer(CHAT_COMPLETION, state.model)
+    return await _respond(request, state, body, choices, renames, answer)

@@ -1,0 +1,118 @@
+"""The request bodies the gateway accepts, as pydantic models.
+
+FastAPI validates every body against these before a route runs; what they
+refuse becomes a 400 naming the field (see :func:`mii.rpc.http.errors.describe_validation_error`).
+The models also make up the schema served at ``/openapi.json``, so their class
+names and docstrings are part of what the server answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_CHOICES = 128  # n times the number of prompts, per OpenAI request
+
+
+def _is_text(value: Any) -> bool:
+    """A string, or a non-empty list of strings."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(p, str) for p in value)
+
+
+# ----- mii's own route ------------------------------------------------------------
+
+
+class MiiRequest(BaseModel):
+    """``prompts`` plus any generation options (validated by GenerateParams)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompts: str | list[str]
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _prompts_are_text(cls, value: Any) -> Any:
+        if _is_text(value):
+            return value
+        raise ValueError("prompts must be a string or a non-empty list of strings")
+
+
+# ----- OpenAI's routes --------------------------------------------------------------
+# No docstrings on these classes: they would change the served /openapi.json.
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class OpenAIRequest(BaseModel):
+    # The options completions and chat completions share.
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # mii extensions
+    ignore_eos: bool = False
+    top_k: int | None = None
+    min_tokens: int = 0
+
+
+class CompletionRequest(OpenAIRequest):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=0)
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_is_text(cls, value: Any) -> Any:
+        if _is_text(value):
+            return value
+        raise ValueError(
+            "prompt must be a string or a non-empty list of strings "
+            "(token-id prompts are not supported)"
+        )
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. tool_calls, passed to the template
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None

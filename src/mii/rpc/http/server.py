@@ -1,0 +1,155 @@
+"""Running the gateway: bind its port, serve the app with uvicorn inside the
+deployment's event loop, and stop it again.
+
+``start_gateway`` binds the port before anything else, so that a taken port
+fails fast with a GatewayError that names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from mii.errors import MiiError
+from mii.rpc import mii_pb2
+from mii.rpc.http.app import build_app
+from mii.rpc.http.state import GatewayState
+from mii.rpc.pool import ReplicaPool
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 2.0  # open streams get this long to finish when the deployment stops
+START_TIMEOUT_S = 30
+
+
+class GatewayError(MiiError, RuntimeError):
+    """The REST gateway could not start (for example: its port is taken)."""
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to the deployment process
+    (uvicorn would otherwise take over SIGINT/SIGTERM from the event loop)."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+@dataclass(eq=False)
+class Gateway:
+    """A running gateway; ``await stop()`` shuts it down."""
+
+    app: FastAPI
+    server: uvicorn.Server
+    task: asyncio.Task
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), GRACEFUL_SHUTDOWN_S + 5)
+        except asyncio.TimeoutError:
+            self.server.force_exit = True
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        except Exception as err:  # the server already failed; nothing left to stop
+            log.warning("REST gateway ended with %s: %s", type(err).__name__, err)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a GatewayError that names the port."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except OSError as err:
+        raise GatewayError(f"cannot resolve the REST API host {host!r}: {err}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise GatewayError(
+            f"cannot listen on {host}:{port} for the REST API "
+            f"(is restful_api_port {port} in use?): {err.strerror or err}"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def load_gateway_tokenizer(config: dict[str, Any]):
+    """The deployment model's tokenizer (chat templates), without its weights."""
+    from mii.models.loader import load_tokenizer, resolve_model_dir
+
+    options = config.get("engine_options") or {}
+    model_dir = resolve_model_dir(config["model"], options.get("revision"), weights=False)
+    return load_tokenizer(
+        model_dir, options.get("tokenizer"), bool(options.get("trust_remote_code", False))
+    )
+
+
+async def start_gateway(
+    pool: ReplicaPool, info: mii_pb2.ModelInfoReply, config: dict[str, Any]
+) -> Gateway:
+    """Serve the REST API on ``restful_api_host`` (default: the deployment's host)
+    and ``restful_api_port`` inside the running event loop; return once it accepts
+    connections. Raises GatewayError (naming the port) if it cannot listen."""
+    host = config.get("restful_api_host") or config["host"]
+    port = int(config["restful_api_port"])
+    sock = bind_socket(host, port)  # first, so that a taken port fails fast
+    try:
+        tokenizer = await asyncio.to_thread(load_gateway_tokenizer, config)
+        state = GatewayState(
+            pool=pool,
+            deployment_name=info.deployment_name or config["deployment_name"],
+            model=info.model or config["model"],
+            max_length=info.max_length,
+            tokenizer=tokenizer,
+            created=int(time.time()),
+        )
+        app = build_app(state)
+        server = _Server(
+            uvicorn.Config(
+                app,
+                log_config=None,  # leave the process's logging alone
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            )
+        )
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="mii-rest-gateway")
+        await _until_started(server, task, f"{host}:{port}")
+    except BaseException:
+        sock.close()
+        raise
+    log.info("REST gateway serving on %s:%d", host, port)
+    return Gateway(app, server, task, host, port)
+
+
+async def _until_started(server: uvicorn.Server, task: asyncio.Task, where: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not server.started:
+        if task.done():
+            err = task.exception() if not task.cancelled() else None
+            raise GatewayError(f"the REST gateway on {where} failed to start: {err!r}")
+        if time.monotonic() > deadline:
+            task.cancel()
+            raise GatewayError(f"the REST gateway on {where} did not start in {START_TIMEOUT_S} s")
+        await asyncio.sleep(0.01)

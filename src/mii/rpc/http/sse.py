@@ -1,0 +1,109 @@
+"""Streaming the choices of an OpenAI request as server-sent events.
+
+Each piece of text becomes one ``data: {chunk}`` event; a choice's end one more
+event with its ``finish_reason``; ``stream_options.include_usage`` adds a last
+chunk with no choices and the usage. An error after the stream began (its 200
+is already sent) becomes an ``{"error": ...}`` event. The stream always ends
+with ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+
+from mii.errors import InvalidRequestError
+from mii.rpc.http.choices import Choices, Usage, merge_streams
+from mii.rpc.http.disconnect import ClosingStreamingResponse, until_disconnected
+from mii.rpc.http.errors import (
+    ANSWERED_ERRORS,
+    ApiError,
+    api_error,
+    openai_error_body,
+    openai_errors,
+    renamed,
+)
+from mii.rpc.http.openai_answers import Answer
+from mii.rpc.http.state import GatewayState
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    """One server-sent event."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {text}\n\n"
+
+
+def stream_error_body(err: BaseException, renames: dict[str, str]) -> dict[str, Any]:
+    """The error event of a stream that failed after it began."""
+    if isinstance(err, InvalidRequestError):
+        message, field = renamed(err, renames)
+        err = ApiError(400, message, field)
+    elif isinstance(err, TimeoutError):
+        # Mid-stream, a timeout is reported like any failure: by its class.
+        err = ApiError(500, f"{type(err).__name__}: {err}")
+    elif not isinstance(err, ApiError):
+        err = api_error(err)
+    return openai_error_body(err.message, err.status, err.param, err.code)
+
+
+async def _next(iterator: AsyncIterator):
+    return await iterator.__anext__()
+
+
+async def stream_choices(
+    request: Request,
+    state: GatewayState,
+    choices: Choices,
+    answer: Answer,
+    include_usage: bool,
+    renames: dict[str, str],
+) -> ClosingStreamingResponse:
+    """An SSE response over every choice's stream. The first piece is awaited
+    before answering, so that a request the engine refuses still gets a 400."""
+    pieces = merge_streams(choices.streams(state))
+    try:
+        with openai_errors(renames):
+            first = await until_disconnected(request, _next(pieces))
+    except BaseException:
+        await pieces.aclose()
+        raise
+    usage = Usage(choices.n)
+
+    def event(data: dict[str, Any]) -> str:
+        if include_usage:
+            data["usage"] = None
+        return sse(data)
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            if answer.kind.with_role:
+                for index in range(choices.total):
+                    yield event(answer.chunk(index, "", None, "assistant"))
+            item = first
+            while item is not None:
+                index, piece = item
+                usage.add(index, piece)
+                if piece.generated_text:
+                    yield event(answer.chunk(index, piece.generated_text, None, None))
+                if piece.finish_reason is not None:
+                    yield event(answer.chunk(index, None, piece.finish_reason, None))
+                item = await anext(pieces, None)
+            if include_usage:
+                final = answer.chunk(0, None, None, None)
+                final["choices"] = []
+                final["usage"] = usage.as_dict()
+                yield sse(final)
+        except ANSWERED_ERRORS as err:  # failed after the stream began
+            yield sse(stream_error_body(err, renames))
+        finally:
+            await pieces.aclose()  # aborts what is still generating
+        yield sse("[DONE]")
+
+    return ClosingStreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,27 @@
+"""What every route needs: the deployment's pool, names and tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from mii.rpc.pool import ReplicaPool
+
+
+@dataclass
+class GatewayState:
+    """What every route needs, stored as ``app.state.mii``."""
+
+    pool: ReplicaPool
+    deployment_name: str
+    model: str
+    max_length: int
+    tokenizer: Any  # a transformers tokenizer (chat templates)
+    created: int  # start time, reported as the model's ``created``
+
+
+def get_state(request: Request) -> GatewayState:
+    """The state of the app that serves ``request``."""
+    return request.app.state.mii
