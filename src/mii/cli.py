@@ -208,11 +208,11 @@ def generation_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace) -> int:
     from mii.rpc.deployment import run_deployment
-    from mii.rpc.launcher import deployment_config
-    from mii.rpc.replica import run_event_loop
+    from mii.rpc.deployment_config import DeploymentConfig
+    from mii.rpc.event_loop import run_event_loop
 
     try:
-        config = deployment_config(
+        config = DeploymentConfig.parse(
             args.model,
             deployment_name=args.deployment_name,
             tensor_parallel=args.tensor_parallel,
@@ -227,10 +227,10 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except (ValueError, NotImplementedError, RuntimeError) as err:
         raise CliError(str(err)) from None
-    name = config["deployment_name"]
+    name = config.deployment_name
     print(
-        f"[mii] starting deployment {name!r}: {config['model']}, "
-        f"{config['replica_num']} replica(s) (Ctrl-C stops it)",
+        f"[mii] starting deployment {name!r}: {config.model}, "
+        f"{config.replica_num} replica(s) (Ctrl-C stops it)",
         file=sys.stderr,
         flush=True,
     )
@@ -268,7 +268,7 @@ def _run_returning(runner, coro) -> Any:
     return box[0]
 
 
-async def _foreground(config: dict[str, Any], run_deployment) -> bool:
+async def _foreground(config, run_deployment) -> bool:
     """Run the deployment until SIGINT/SIGTERM (returns True) or a Terminate RPC
     (returns False). A signal during start-up stops the start at once; once
     serving, it drains (in-flight calls get a grace period) and stops everything."""
@@ -291,7 +291,7 @@ async def _foreground(config: dict[str, Any], run_deployment) -> bool:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    announcer = asyncio.create_task(_announce(config))
+    announcer = asyncio.create_task(_announce(config.deployment_name))
     try:
         await task
     except asyncio.CancelledError:
@@ -304,11 +304,10 @@ async def _foreground(config: dict[str, Any], run_deployment) -> bool:
     return signalled
 
 
-async def _announce(config: dict[str, Any]) -> None:
+async def _announce(name: str) -> None:
     """Print where the deployment serves, once it is recorded as ready."""
     from mii.rpc import registry
 
-    name = config["deployment_name"]
     while True:
         info = registry.lookup(name)
         if info is not None and info.get("pid") == os.getpid():

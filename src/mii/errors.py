@@ -32,3 +32,7 @@ class RequestTooLargeError(InvalidRequestError):
 
 class EngineClosedError(MiiError, RuntimeError):
     """The engine was closed; no more requests are accepted."""
+
+
+class DeploymentError(MiiError, RuntimeError):
+    """A deployment could not start; the message carries the server's error."""
