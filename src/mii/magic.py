@@ -30,7 +30,13 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from mii.cli import add_engine_options, add_generation_options, engine_options, generation_params
+from mii.cli.options import (
+    add_engine_options,
+    add_generation_options,
+    engine_options,
+    generation_params,
+)
+from mii.config import MAGIC_MAX_NEW_TOKENS
 from mii.errors import MiiError
 
 NO_MODEL = (
@@ -45,7 +51,6 @@ USAGE = """\
 %mii unload                        free the model, or detach from the deployment
 generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p P --top-k K
 --stop TEXT --min-new-tokens N --ignore-eos"""
-DEFAULT_MAX_NEW_TOKENS = 128
 _DONE = object()
 
 
@@ -67,7 +72,7 @@ class _HelpShown(Exception):
 
 def _generation_parser(prog: str) -> _Parser:
     parser = _Parser(prog=prog, description="Generate text with the model in use.")
-    add_generation_options(parser, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    add_generation_options(parser, max_new_tokens=MAGIC_MAX_NEW_TOKENS)
     return parser
 
 
@@ -85,18 +90,19 @@ def _split_args(text: str) -> list[str]:
         raise UsageError(f"%mii: {err}") from None
 
 
-# Options a line magic accepts before its prompt, and whether each takes a value.
-_LINE_OPTIONS = {
-    "--max-new-tokens": True,
-    "--temperature": True,
-    "--seed": True,
-    "--top-p": True,
-    "--top-k": True,
-    "--stop": True,
-    "--greedy": False,
-    "--min-new-tokens": True,
-    "--ignore-eos": False,
-}
+def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """Each option of ``parser`` (but --help), and whether it takes a value."""
+    return {
+        option: action.nargs != 0
+        for action in parser._actions
+        if action.dest != "help"
+        for option in action.option_strings
+    }
+
+
+# Options a line magic accepts before its prompt (the generation options), and
+# whether each takes a value.
+_LINE_OPTIONS = _takes_value(_generation_parser("%mii"))
 
 
 def split_line(line: str) -> tuple[list[str], str]:
