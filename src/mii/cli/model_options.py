@@ -43,7 +43,7 @@ def add_field_options(
             "--" + name.replace("_", "-"),
             dest=name,
             default=defaults.get(name),
-            help=_help(field, defaults[name]) if name in defaults else _help(field, field.default),
+            help=_help(field, defaults.get(name, field.default)),
             **kind,
         )
 
