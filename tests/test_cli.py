@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import mii
-from mii.cli import build_parser, generation_params
+from mii.cli import build_parser
+from mii.cli.options import generation_params
 from mii.rpc import registry
 from mii.rpc.deployment import free_port
 
@@ -141,7 +142,7 @@ def test_generation_options_reach_the_request():
 
 
 def test_engine_options_reach_the_engine_config():
-    from mii.cli import engine_options
+    from mii.cli.options import engine_options
 
     args = build_parser().parse_args(
         ["generate", "m", "p", "--kv-cache-dtype", "fp8", "--kv-block-size", "32"]

@@ -21,6 +21,7 @@ from helpers import make_tokenizer
 from mii.errors import InvalidRequestError
 from mii.rpc import mii_pb2, registry
 from mii.rpc.deployment import free_port
+from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.chat import render_chat
 from mii.rpc.http.choices import choice_seed
 from mii.rpc.http.server import GatewayError, start_gateway
@@ -448,7 +449,7 @@ def test_port_in_use_is_reported():
         taken.listen()
         port = taken.getsockname()[1]
         info = mii_pb2.ModelInfoReply(deployment_name="d", model="m")
-        config = {"host": "127.0.0.1", "restful_api_port": port, "model": "m"}
+        config = DeploymentConfig(model="m", restful_api_port=port)
         with pytest.raises(GatewayError, match=f"{port}.*in use"):
             asyncio.run(start_gateway(None, info, config))
 
@@ -474,7 +475,7 @@ class _DownPool:
 
 def test_no_healthy_replica_gives_503(model_path):
     async def scenario():
-        config = {"host": "127.0.0.1", "restful_api_port": free_port(), "model": model_path}
+        config = DeploymentConfig(model=model_path, restful_api_port=free_port())
         info = mii_pb2.ModelInfoReply(deployment_name="down", model=model_path, max_length=64)
         gateway = await start_gateway(_DownPool(), info, config)
         try:

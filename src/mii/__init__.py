@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from mii.config import EngineConfig, GenerateParams
 from mii.errors import (
+    DeploymentError,
     EngineClosedError,
     InvalidRequestError,
     MiiError,
@@ -70,6 +71,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncEngine",
+    "DeploymentError",
     "EngineClosedError",
     "EngineConfig",
     "GenerateParams",

@@ -1,7 +1,9 @@
 """Validated options: engine options (per engine) and generation options (per request).
 
 Validation lives here so that every entry point (pipeline, AsyncEngine, servers)
-rejects the same bad input with the same message, naming the field.
+rejects the same bad input with the same message, naming the field. The fields'
+descriptions are also the help of the ``mii`` command line's options, and the
+per-surface defaults of ``max_new_tokens`` are declared here, once.
 """
 
 from __future__ import annotations
@@ -29,21 +31,47 @@ def _raise_from_pydantic(err: ValidationError, what: str) -> None:
 
 
 class GenerateParams(BaseModel):
-    """Per-request generation options (defaults as in MISSION.md)."""
+    """Per-request generation options (README.md, "Generation options")."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_length: int | None = Field(default=None, gt=0)
-    min_new_tokens: int = Field(default=0, ge=0)
-    max_new_tokens: int | None = Field(default=None, ge=0)
-    ignore_eos: bool = False
-    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, gt=0)
-    temperature: float | None = Field(default=None, ge=0.0)
-    do_sample: bool = True
-    return_full_text: bool = False
-    stop: tuple[str, ...] = ()
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    max_length: int | None = Field(
+        default=None, gt=0, description="cap on prompt + response tokens of this request"
+    )
+    min_new_tokens: int = Field(
+        default=0, ge=0, description="generate at least N tokens before end-of-sequence may stop"
+    )
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="maximum tokens to generate per prompt (default: the room left in the context)",
+    )
+    ignore_eos: bool = Field(
+        default=False,
+        description="keep generating past end-of-sequence (always max-new-tokens tokens)",
+    )
+    top_p: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="nucleus sampling threshold in (0, 1]"
+    )
+    top_k: int | None = Field(
+        default=None, gt=0, description="sample only among the k most likely tokens"
+    )
+    temperature: float | None = Field(
+        default=None, ge=0.0, description="rescale logits; 0 means greedy"
+    )
+    do_sample: bool = Field(default=True, description="sample; False: greedy decoding")
+    return_full_text: bool = Field(
+        default=False, description="prefix the generated text with the prompt"
+    )
+    stop: tuple[str, ...] = Field(
+        default=(), description="stop string; the text ends before it (repeatable)"
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        lt=2**63,
+        description="seed for reproducible sampling (default: random)",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -83,38 +111,94 @@ class GenerateParams(BaseModel):
             raise  # unreachable; keeps type checkers calm
 
 
+# max_new_tokens of a request that sets neither it nor max_length, by surface: the
+# one place each is declared. The Python API (pipeline, AsyncEngine, mii.client)
+# and gRPC leave it to GenerateParams (None: the room left in the context). The
+# interactive surfaces deliberately show a short answer instead, and the OpenAI
+# completions route follows OpenAI's documentation.
+CLI_MAX_NEW_TOKENS = 48  # mii generate / mii demo: a quick look, in a terminal
+MAGIC_MAX_NEW_TOKENS = 128  # %mii / %%mii: a paragraph, in a notebook cell
+OPENAI_COMPLETIONS_MAX_TOKENS = 16  # POST /v1/completions: OpenAI's documented default
+# (POST /v1/chat/completions has no fixed default in OpenAI's API: the engine's, None.)
+
+
 class EngineConfig(BaseModel):
     """Options of one engine: the model, the KV cache and the scheduler."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    model: str
-    tokenizer: str | None = None
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str | None = None
-    load_format: Literal["auto", "safetensors", "pt", "dummy"] = "auto"
-    trust_remote_code: bool = False
-    max_length: int | None = Field(default=None, gt=0)
-    kv_block_size: int = Field(default=16, gt=0, le=1024)
-    # "fp8": keys and values stored as float8 e4m3 (scale 1, clamped to +-448):
-    # half the memory and half the bytes each decode step reads.
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
-    num_kv_blocks: int | None = Field(default=None, gt=0)
-    kv_cache_memory_fraction: float = Field(default=0.85, gt=0.0, le=1.0)
-    cpu_kv_cache_bytes: int = Field(default=1 << 30, gt=0)
-    token_budget: int = Field(default=1024, gt=0)
-    max_num_seqs: int = Field(default=128, gt=0)
-    # Ranks the model is split over; > 1 runs one process per rank (torchrun, or
-    # the worker processes of a deployment), see mii.engine.distributed.
-    tensor_parallel: int = Field(default=1, gt=0)
-    seed: int = 0
-    cuda_graphs: bool | None = None  # None: on for CUDA when the model supports it
-    max_graph_batch: int = Field(default=256, gt=0)
-    compile: bool = False  # torch.compile the model around the attention op
-    # Schedule and launch pass N+1 before reading pass N's tokens, so that host
-    # work overlaps the GPU. None: on for CUDA (off on CPU, where nothing overlaps).
-    async_scheduling: bool | None = None
+    model: str = Field(description="Hugging Face hub id or local checkpoint directory")
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer hub id or directory (default: the model's)"
+    )
+    revision: str | None = Field(
+        default=None, description="hub branch, tag or commit (default: the hub's default)"
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="weight and activation dtype; auto: the checkpoint's"
+    )
+    device: str | None = Field(
+        default=None, description="torch device: cuda, cuda:1, cpu... (default: cuda if any)"
+    )
+    load_format: Literal["auto", "safetensors", "pt", "dummy"] = Field(
+        default="auto",
+        description="checkpoint format; dummy = random weights of the real shapes",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="allow the checkpoint's own Python code, as in transformers"
+    )
+    max_length: int | None = Field(
+        default=None,
+        gt=0,
+        description="engine-wide cap on prompt + response tokens (default: the model config's)",
+    )
+    kv_block_size: int = Field(default=16, gt=0, le=1024, description="tokens per KV cache block")
+    # fp8: scale 1, clamped to +-448; half the memory and half the bytes each decode step reads.
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        default="auto",
+        description="KV cache dtype: auto (the activations') or fp8 (e4m3, half the memory)",
+    )
+    num_kv_blocks: int | None = Field(
+        default=None,
+        gt=0,
+        description="size of the KV block pool (default: sized from free memory)",
+    )
+    kv_cache_memory_fraction: float = Field(
+        default=0.85,
+        gt=0.0,
+        le=1.0,
+        description="share of the free GPU memory (after loading) the KV block pool takes",
+    )
+    cpu_kv_cache_bytes: int = Field(
+        default=1 << 30, gt=0, description="bytes of the KV block pool on the CPU"
+    )
+    token_budget: int = Field(
+        default=1024, gt=0, description="tokens per forward pass, Dynamic SplitFuse"
+    )
+    max_num_seqs: int = Field(default=128, gt=0, description="sequences per forward pass")
+    # > 1 runs one process per rank (torchrun, or the worker processes of a
+    # deployment), see mii.engine.distributed.
+    tensor_parallel: int = Field(default=1, gt=0, description="ranks the model is split over")
+    seed: int = Field(
+        default=0, description="seed of torch at load time (and of the dummy weights)"
+    )
+    cuda_graphs: bool | None = Field(
+        default=None,
+        description="replay decode passes as CUDA graphs "
+        "(default: on for CUDA when the model supports it)",
+    )
+    max_graph_batch: int = Field(
+        default=256, gt=0, description="largest decode batch replayed as a CUDA graph"
+    )
+    compile: bool = Field(
+        default=False, description="torch.compile the model around the attention op"
+    )
+    # Host work overlaps the GPU; on the CPU nothing overlaps.
+    async_scheduling: bool | None = Field(
+        default=None,
+        description="schedule and launch pass N+1 before reading pass N's tokens "
+        "(default: on for CUDA)",
+    )
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> EngineConfig:

@@ -40,3 +40,7 @@ class NoReplicaError(MiiError, RuntimeError):
 
 class ReplicaError(MiiError, RuntimeError):
     """A replica failed the request (the replica's message is kept)."""
+
+
+class DeploymentError(MiiError, RuntimeError):
+    """A deployment could not start; the message carries the server's error."""

@@ -18,19 +18,21 @@ is reached through the synchronous gRPC client.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import queue
 import re
 import shlex
-import threading
-import weakref
-from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from mii.cli import add_engine_options, add_generation_options, engine_options, generation_params
+from mii.cli.options import (
+    add_engine_options,
+    add_generation_options,
+    engine_options,
+    generation_params,
+)
+from mii.config import MAGIC_MAX_NEW_TOKENS
+from mii.engine_thread import EngineThread
 from mii.errors import MiiError
 
 NO_MODEL = (
@@ -45,8 +47,6 @@ USAGE = """\
 %mii unload                        free the model, or detach from the deployment
 generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p P --top-k K
 --stop TEXT --min-new-tokens N --ignore-eos"""
-DEFAULT_MAX_NEW_TOKENS = 128
-_DONE = object()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,7 +67,7 @@ class _HelpShown(Exception):
 
 def _generation_parser(prog: str) -> _Parser:
     parser = _Parser(prog=prog, description="Generate text with the model in use.")
-    add_generation_options(parser, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    add_generation_options(parser, max_new_tokens=MAGIC_MAX_NEW_TOKENS)
     return parser
 
 
@@ -85,18 +85,19 @@ def _split_args(text: str) -> list[str]:
         raise UsageError(f"%mii: {err}") from None
 
 
-# Options a line magic accepts before its prompt, and whether each takes a value.
-_LINE_OPTIONS = {
-    "--max-new-tokens": True,
-    "--temperature": True,
-    "--seed": True,
-    "--top-p": True,
-    "--top-k": True,
-    "--stop": True,
-    "--greedy": False,
-    "--min-new-tokens": True,
-    "--ignore-eos": False,
-}
+def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
+    """Each option of ``parser`` (but --help), and whether it takes a value."""
+    return {
+        option: action.nargs != 0
+        for action in parser._actions
+        if action.dest != "help"
+        for option in action.option_strings
+    }
+
+
+# Options a line magic accepts before its prompt (the generation options), and
+# whether each takes a value.
+_LINE_OPTIONS = _takes_value(_generation_parser("%mii"))
 
 
 def split_line(line: str) -> tuple[list[str], str]:
@@ -125,61 +126,15 @@ def split_line(line: str) -> tuple[list[str], str]:
     return tokens, ""
 
 
-class LocalModel:
-    """An AsyncEngine on an event loop of its own, in a daemon thread, so that the
-    kernel's thread can stream from it while the kernel's own loop is running."""
+class LocalModel(EngineThread):
+    """A model loaded in this kernel: an AsyncEngine on an event loop of its own, so
+    that the kernel's thread can stream from it while the kernel's own loop runs."""
 
     def __init__(self, model: str, **options: Any) -> None:
         from mii.engine.async_engine import AsyncEngine
 
+        super().__init__(AsyncEngine(model, **options), name="mii-magic")  # loads (blocks) here
         self.name = model
-        self.engine = AsyncEngine(model, **options)  # loads (blocks) here
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="mii-magic", daemon=True
-        )
-        self._thread.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self.engine, self._loop, self._thread)
-
-    def stream(self, prompt: str, **params: Any) -> Iterator[Any]:
-        """Pieces of one answer; leaving the loop early (or Ctrl-C) aborts the request."""
-        pieces: queue.Queue = queue.Queue()
-
-        async def pump() -> None:
-            try:
-                async for piece in self.engine.stream(prompt, **params):
-                    pieces.put(piece)
-            except Exception as err:
-                pieces.put(err)
-            finally:
-                pieces.put(_DONE)
-
-        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        try:
-            while True:
-                try:
-                    item = pieces.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if item is _DONE:
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            future.cancel()  # cancels the consuming task, which aborts the request
-
-    def close(self) -> None:
-        self._finalizer()
-
-
-def _shutdown(engine, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    if loop.is_closed():
-        return
-    asyncio.run_coroutine_threadsafe(engine.aclose(), loop).result(timeout=60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
-    loop.close()
 
 
 @magics_class

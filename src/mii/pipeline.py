@@ -18,14 +18,13 @@ import dataclasses
 import json
 import os
 import sys
-import threading
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from mii.config import EngineConfig, GenerateParams
 from mii.engine import distributed
 from mii.engine.async_engine import AsyncEngine
+from mii.engine_thread import EngineThread
 from mii.response import Response
 
 PROGRESS_BAR_MIN_PROMPTS = 16
@@ -37,13 +36,8 @@ class Pipeline:
     def __init__(self, model: str, all_rank_output: bool = False, **options: Any) -> None:
         self.engine = AsyncEngine(model, **options)
         self.all_rank_output = all_rank_output
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="mii-pipeline", daemon=True
-        )
-        self._thread.start()
         # A script that never calls destroy() still shuts the engine down cleanly at exit.
-        self._finalizer = weakref.finalize(self, _shutdown, self.engine, self._loop, self._thread)
+        self._runner = EngineThread(self.engine, name="mii-pipeline")
 
     @property
     def tokenizer(self):
@@ -57,15 +51,13 @@ class Pipeline:
         ``progress`` shows a progress bar (default: for 16 or more prompts when
         stderr is a terminal).
         """
-        if self._loop is None:
+        if self._runner.closed:
             raise RuntimeError("this pipeline was destroyed; create a new one")
         if isinstance(prompts, str):
             prompts = [prompts]
         if progress is None:
             progress = len(prompts) >= PROGRESS_BAR_MIN_PROMPTS and sys.stderr.isatty()
-        future = asyncio.run_coroutine_threadsafe(
-            self._call(list(prompts), params, progress), self._loop
-        )
+        future = self._runner.submit(self._call(list(prompts), params, progress))
         try:
             return future.result()
         except KeyboardInterrupt:
@@ -114,27 +106,13 @@ class Pipeline:
 
     def destroy(self) -> None:
         """Stop the engine and free its memory (device memory included)."""
-        if self._loop is None:
-            return
-        self._finalizer()
-        self._loop = None
+        self._runner.close()
 
     def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.destroy()
-
-
-def _shutdown(
-    engine: AsyncEngine, loop: asyncio.AbstractEventLoop, thread: threading.Thread
-) -> None:
-    if loop.is_closed():
-        return
-    asyncio.run_coroutine_threadsafe(engine.aclose(), loop).result(timeout=60)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join()
-    loop.close()
 
 
 class RankPipeline:

@@ -1,14 +1,14 @@
 """A rank > 0 of a deployment's tensor-parallel replica.
 
 Started by the replica (rank 0) as ``python -m mii.engine.tp_worker CONFIG_JSON``
-with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set. It loads
-its shard and runs the passes rank 0 sends until rank 0 stops the engine; it
-exits when rank 0 goes away, and after recording its error if it fails.
+(the replica's ``EngineConfig``) with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+and MASTER_PORT set. It loads its shard and runs the passes rank 0 sends until
+rank 0 stops the engine; it exits when rank 0 goes away, and after recording
+its error if it fails.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -33,11 +33,10 @@ def exit_with_parent(interval: float = 1.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = json.loads((argv or sys.argv[1:])[0])
+    config = EngineConfig.model_validate_json((argv or sys.argv[1:])[0])
     exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(message)s")
-    options = {**config["engine_options"], "tensor_parallel": config["tensor_parallel"]}
-    core = EngineCore(EngineConfig.parse(config["model"], **options))
+    core = EngineCore(config)
     try:
         core.serve_until_stopped()
     except Exception:

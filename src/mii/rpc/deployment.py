@@ -1,8 +1,9 @@
 """A persistent deployment: the load balancer (and REST gateway) in this process,
 and one replica process per engine copy.
 
-``python -m mii.rpc.deployment CONFIG_JSON`` runs it; ``mii.serve`` starts that
-in the background, ``mii serve`` in the foreground. Start-up order: bind the
+``python -m mii.rpc.deployment CONFIG_JSON`` (a ``DeploymentConfig``) runs it;
+``mii.serve`` starts that in the background, ``mii serve`` in the foreground.
+Start-up order: bind the
 front port (fails fast when it is taken), start the replicas, wait until every
 one is healthy, start the REST gateway, then report SERVING and record the
 deployment in the local registry. Any failure on the way stops everything
@@ -12,29 +13,29 @@ started so far and exits with the cause on stderr.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from mii.errors import DeploymentError
 from mii.rpc import mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.balancer import BalancerServicer
+from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
+from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
-from mii.rpc.replica import STARTUP_ERROR, add_standard_services, run_event_loop, set_health
-
-
-class DeploymentError(RuntimeError):
-    """The deployment could not start; the message carries the server's error."""
+from mii.rpc.startup_errors import read_startup_error, run_reporting_errors
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on now (the OS picks it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -49,36 +50,39 @@ def _gpu_count() -> int:
         return 0
 
 
-def _device_map(config: dict[str, Any], gpus: int) -> list[int] | None:
-    """The GPUs of the deployment, replica after replica (None without GPUs)."""
-    need = config.get("tensor_parallel", 1) * config.get("replica_num", 1)
-    device_map = config.get("device_map")
+def _device_map(layout: GpuLayout | Mapping[str, Any], gpus: int) -> list[int] | None:
+    """The GPUs of the deployment, replica after replica (None without GPUs).
+    ``layout``: the deployment's configuration, or just its layout fields."""
+    layout = GpuLayout.model_validate(layout)
+    need = layout.gpus_needed
     if not gpus:
         return None  # CPU: every rank of every replica runs on the CPU
-    if device_map is None:
+    if layout.device_map is None:
         if need > gpus:
             raise DeploymentError(
-                f"tensor_parallel={config.get('tensor_parallel', 1)} x replica_num="
-                f"{config.get('replica_num', 1)} needs {need} GPUs; {gpus} found"
+                f"tensor_parallel={layout.tensor_parallel} x replica_num="
+                f"{layout.replica_num} needs {need} GPUs; {gpus} found"
             )
         return list(range(need))
-    missing = [d for d in device_map[:need] if d >= gpus]
+    missing = [d for d in layout.device_map[:need] if d >= gpus]
     if missing:
         raise DeploymentError(f"device_map names GPUs {missing}, but only {gpus} are present")
-    return list(device_map[:need])
+    return list(layout.device_map[:need])
 
 
 class ReplicaProcess:
-    def __init__(self, index: int, config: dict[str, Any], log_file: Path) -> None:
+    """One replica: ``python -m mii.rpc.replica REPLICA_CONFIG_JSON``, logging to ``log_file``."""
+
+    def __init__(self, index: int, config: ReplicaConfig, log_file: Path) -> None:
         self.index = index
-        self.address = f"{config['host']}:{config['port']}"
+        self.address = config.address
         self.log_file = log_file
         env = dict(os.environ)
-        if config.get("gpus"):  # the replica's GPUs; its ranks use them in order
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, config["gpus"]))
+        if config.gpus:  # the replica's GPUs; its ranks use them in order
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, config.gpus))
         with open(log_file, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "mii.rpc.replica", json.dumps(config)],
+                [sys.executable, "-m", "mii.rpc.replica", config.model_dump_json()],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -89,12 +93,7 @@ class ReplicaProcess:
         """The replica's start-up error, if it has exited."""
         if self.process.poll() is None:
             return None
-        text = self.log_file.read_text(errors="replace")
-        for line in reversed(text.splitlines()):
-            if line.startswith(STARTUP_ERROR):
-                return line[len(STARTUP_ERROR) :].strip()
-        tail = "\n".join(text.splitlines()[-20:])
-        return f"replica {self.index} exited with code {self.process.returncode}:\n{tail}"
+        return read_startup_error(self.log_file, f"replica {self.index}", self.process.returncode)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is None:
@@ -106,10 +105,8 @@ class ReplicaProcess:
                 self.process.wait()
 
 
-async def run_deployment(config: dict[str, Any]) -> None:
-    name = config["deployment_name"]
-    host, port = config["host"], config["port"]
-    replica_num = config.get("replica_num", 1)
+async def run_deployment(config: DeploymentConfig) -> None:
+    name, host, port = config.deployment_name, config.host, config.port
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,46 +120,29 @@ async def run_deployment(config: dict[str, Any]) -> None:
     health = add_standard_services(server)
     await set_health(health, False)
 
-    tensor_parallel = config.get("tensor_parallel", 1)
-    device_map = _device_map(config, _gpu_count())
     replicas: list[ReplicaProcess] = []
     pool: ReplicaPool | None = None
     rest = None
     try:
-        for i in range(replica_num):
-            replica_config = {
-                "deployment_name": name,
-                "model": config["model"],
-                "engine_options": config.get("engine_options", {}),
-                "host": "127.0.0.1",
-                "port": free_port(),
-                "gpus": (
-                    device_map[i * tensor_parallel : (i + 1) * tensor_parallel]
-                    if device_map
-                    else None
-                ),
-                "tensor_parallel": tensor_parallel,
-                "tp_master_addr": config.get("tp_master_addr", "127.0.0.1"),
-                "tp_master_port": free_port() if tensor_parallel > 1 else None,
-            }
+        for i, replica_config in enumerate(_replica_configs(config)):
             log = registry.log_path(name).with_suffix(f".replica{i}.log")
             replicas.append(ReplicaProcess(i, replica_config, log))
         pool = ReplicaPool([r.address for r in replicas])
-        await _wait_for_replicas(pool, replicas, config.get("startup_timeout", 600))
+        await _wait_for_replicas(pool, replicas, config.startup_timeout)
 
         info = mii_pb2.ModelInfoReply(
             deployment_name=name,
-            model=config["model"],
+            model=config.model,
             max_length=(
                 await pool.replicas[0].stub.ModelInfo(mii_pb2.ModelInfoRequest())
             ).max_length,
-            replicas=replica_num,
+            replicas=config.replica_num,
         )
         mii_pb2_grpc.add_MiiServicer_to_server(BalancerServicer(pool, info, stop), server)
         await server.start()
         watcher = asyncio.create_task(pool.watch())
 
-        if config.get("enable_restful_api"):
+        if config.enable_restful_api:
             from mii.rpc.http.server import start_gateway
 
             rest = await start_gateway(pool, info, config)
@@ -175,9 +155,9 @@ async def run_deployment(config: dict[str, Any]) -> None:
                 "host": host,
                 "port": port,
                 "pid": os.getpid(),
-                "model": config["model"],
-                "replica_num": replica_num,
-                "restful_api_port": config.get("restful_api_port") if rest else None,
+                "model": config.model,
+                "replica_num": config.replica_num,
+                "restful_api_port": config.restful_api_port if rest else None,
                 "replica_pids": [r.process.pid for r in replicas],
             },
         )
@@ -196,6 +176,21 @@ async def run_deployment(config: dict[str, Any]) -> None:
             await pool.close()
         for replica in replicas:
             replica.stop()
+
+
+def _replica_configs(config: DeploymentConfig) -> list[ReplicaConfig]:
+    """Each replica's part: a free port, its GPUs, and its ranks' rendezvous port."""
+    tp = config.tensor_parallel
+    device_map = _device_map(config, _gpu_count())
+    return [
+        ReplicaConfig(
+            deployment=config,
+            port=free_port(),
+            gpus=device_map[i * tp : (i + 1) * tp] if device_map else None,
+            tp_master_port=free_port() if tp > 1 else None,
+        )
+        for i in range(config.replica_num)
+    ]
 
 
 async def _follow_replica_health(pool: ReplicaPool, health) -> None:
@@ -224,13 +219,8 @@ async def _wait_for_replicas(pool: ReplicaPool, replicas: list[ReplicaProcess], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = json.loads((argv or sys.argv[1:])[0])
-    try:
-        run_event_loop(run_deployment(config))
-    except Exception as err:
-        print(f"{STARTUP_ERROR} {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    config_json = (argv or sys.argv[1:])[0]
+    return run_reporting_errors(run_deployment(DeploymentConfig.model_validate_json(config_json)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """One replica: an AsyncEngine behind a gRPC server.
 
-Started by the deployment process as ``python -m mii.rpc.replica CONFIG_JSON``.
+Started by the deployment process as ``python -m mii.rpc.replica CONFIG_JSON``
+(a ``ReplicaConfig``).
 Its health reports NOT_SERVING until the model is loaded and has answered a
 warm-up request. It exits when told to terminate, on SIGTERM, or when the
 process that started it goes away.
@@ -9,26 +10,21 @@ process that started it goes away.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
-import subprocess
 import sys
-import traceback
-from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from mii.engine.async_engine import AsyncEngine
 from mii.errors import InvalidRequestError, ReplicaError
 from mii.rpc import mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_from_proto, piece_to_proto
+from mii.rpc.deployment_config import ReplicaConfig
+from mii.rpc.health import add_standard_services, set_health
+from mii.rpc.rank_workers import start_rank_workers, stop_rank_workers
+from mii.rpc.startup_errors import run_reporting_errors
 from mii.rpc.status import abort
-
-SERVICE = mii_pb2.DESCRIPTOR.services_by_name["Mii"].full_name
-STARTUP_ERROR = "MII_STARTUP_ERROR"
 
 
 class ReplicaServicer(mii_pb2_grpc.MiiServicer):
@@ -102,39 +98,14 @@ def engine_error(err: Exception) -> Exception:
     return ReplicaError(f"{type(err).__name__}: {err}")
 
 
-def add_standard_services(server: grpc.aio.Server) -> health.aio.HealthServicer:
-    """Health checking and reflection, as every mii gRPC server offers them."""
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    return health_servicer
-
-
-async def set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in ("", SERVICE):
-        await servicer.set(name, status)
-
-
-async def serve_replica(config: dict[str, Any]) -> None:
+async def serve_replica(config: ReplicaConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     server = grpc.aio.server()
-    address = f"{config['host']}:{config['port']}"
+    address = config.address
     try:
         server.add_insecure_port(address)
     except RuntimeError as err:
@@ -145,12 +116,17 @@ async def serve_replica(config: dict[str, Any]) -> None:
     await set_health(health_servicer, False)
     await server.start()
 
-    tensor_parallel = config.get("tensor_parallel", 1)
-    workers = start_rank_workers(config) if tensor_parallel > 1 else []
+    deployment = config.deployment
+    engine_config = deployment.engine_config()
+    workers = []
+    if engine_config.tensor_parallel > 1:
+        workers = start_rank_workers(
+            engine_config, deployment.tp_master_addr, config.tp_master_port
+        )
 
     def load() -> AsyncEngine:
-        options = {**config["engine_options"], "tensor_parallel": tensor_parallel}
-        return AsyncEngine(config["model"], **options)
+        options = engine_config.model_dump(exclude={"model"}, exclude_unset=True)
+        return AsyncEngine(engine_config.model, **options)
 
     try:
         engine = await asyncio.to_thread(load)
@@ -159,8 +135,8 @@ async def serve_replica(config: dict[str, Any]) -> None:
         raise
     await engine.generate("warm up", max_new_tokens=1)  # compile/allocate before SERVING
     servicer.info = mii_pb2.ModelInfoReply(
-        deployment_name=config["deployment_name"],
-        model=config["model"],
+        deployment_name=deployment.deployment_name,
+        model=deployment.model,
         max_length=engine.core.max_length,
         replicas=1,
     )
@@ -182,58 +158,9 @@ async def serve_replica(config: dict[str, Any]) -> None:
     stop_rank_workers(workers)
 
 
-def start_rank_workers(config: dict[str, Any]) -> list[subprocess.Popen]:
-    """Start ranks 1..N-1 of this replica's tensor-parallel engine (this process is
-    rank 0); they share this process's GPUs (CUDA_VISIBLE_DEVICES) and log."""
-    world = config["tensor_parallel"]
-    group_env = {
-        "WORLD_SIZE": str(world),
-        "MASTER_ADDR": config.get("tp_master_addr", "127.0.0.1"),
-        "MASTER_PORT": str(config["tp_master_port"]),
-    }
-    os.environ.update(group_env, RANK="0", LOCAL_RANK="0")
-    workers = []
-    for rank in range(1, world):
-        env = {**os.environ, **group_env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "mii.engine.tp_worker", json.dumps(config)],
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
-        )
-    return workers
-
-
-def stop_rank_workers(workers: list[subprocess.Popen], timeout: float = 5.0) -> None:
-    """Wait for the ranks to leave (rank 0 told them to stop), then make sure."""
-    for worker in workers:
-        try:
-            worker.wait(timeout)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-
-
-def run_event_loop(main) -> None:
-    """Run ``main`` on uvloop when it is installed, else on asyncio's loop."""
-    try:
-        import uvloop
-
-        uvloop.run(main)
-    except ImportError:
-        asyncio.run(main)
-
-
 def main(argv: list[str] | None = None) -> int:
-    config = json.loads((argv or sys.argv[1:])[0])
-    try:
-        run_event_loop(serve_replica(config))
-    except Exception as err:
-        traceback.print_exc()
-        print(f"{STARTUP_ERROR} {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    config = ReplicaConfig.model_validate_json((argv or sys.argv[1:])[0])
+    return run_reporting_errors(serve_replica(config), with_traceback=True)
 
 
 if __name__ == "__main__":

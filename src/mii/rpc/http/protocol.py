@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mii.config import OPENAI_COMPLETIONS_MAX_TOKENS
+
 MAX_CHOICES = 128  # n times the number of prompts, per OpenAI request
 
 
@@ -74,7 +76,7 @@ class OpenAIRequest(BaseModel):
 
 class CompletionRequest(OpenAIRequest):
     prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=0)
+    max_tokens: int | None = Field(default=OPENAI_COMPLETIONS_MAX_TOKENS, ge=0)
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None

@@ -13,13 +13,13 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from mii.errors import MiiError
 from mii.rpc import mii_pb2
+from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
 from mii.rpc.http.state import GatewayState
 from mii.rpc.pool import ReplicaPool
@@ -93,32 +93,29 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_gateway_tokenizer(config: dict[str, Any]):
+def load_gateway_tokenizer(config: DeploymentConfig):
     """The deployment model's tokenizer (chat templates), without its weights."""
     from mii.models.loader import load_tokenizer, resolve_model_dir
 
-    options = config.get("engine_options") or {}
-    model_dir = resolve_model_dir(config["model"], options.get("revision"), weights=False)
-    return load_tokenizer(
-        model_dir, options.get("tokenizer"), bool(options.get("trust_remote_code", False))
-    )
+    engine = config.engine_config()
+    model_dir = resolve_model_dir(engine.model, engine.revision, weights=False)
+    return load_tokenizer(model_dir, engine.tokenizer, engine.trust_remote_code)
 
 
 async def start_gateway(
-    pool: ReplicaPool, info: mii_pb2.ModelInfoReply, config: dict[str, Any]
+    pool: ReplicaPool, info: mii_pb2.ModelInfoReply, config: DeploymentConfig
 ) -> Gateway:
-    """Serve the REST API on ``restful_api_host`` (default: the deployment's host)
-    and ``restful_api_port`` inside the running event loop; return once it accepts
-    connections. Raises GatewayError (naming the port) if it cannot listen."""
-    host = config.get("restful_api_host") or config["host"]
-    port = int(config["restful_api_port"])
+    """Serve the REST API on the deployment's host and ``restful_api_port`` inside
+    the running event loop; return once it accepts connections. Raises
+    GatewayError (naming the port) if it cannot listen."""
+    host, port = config.host, config.restful_api_port
     sock = bind_socket(host, port)  # first, so that a taken port fails fast
     try:
         tokenizer = await asyncio.to_thread(load_gateway_tokenizer, config)
         state = GatewayState(
             pool=pool,
-            deployment_name=info.deployment_name or config["deployment_name"],
-            model=info.model or config["model"],
+            deployment_name=info.deployment_name or config.deployment_name,
+            model=info.model or config.model,
             max_length=info.max_length,
             tokenizer=tokenizer,
             created=int(time.time()),

@@ -1,0 +1,164 @@
+"""``mii generate`` and ``mii demo``: stream generated text to the terminal, from a
+running deployment or from a model loaded in this process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from mii.cli.errors import CliError
+from mii.cli.options import (
+    add_engine_options,
+    add_generation_options,
+    engine_options,
+    generation_params,
+)
+
+DEFAULT_PROMPTS = ["DeepSpeed is", "Seattle is"]
+
+
+def add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "generate",
+        help="stream generated text to the terminal",
+        description="Stream text from a running deployment when MODEL names one (deployment "
+        "name, model name or host:port), else load MODEL in this process. Without MODEL: "
+        "the built-in demo model (random weights, random text).",
+    )
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL_OR_DEPLOYMENT",
+        help="deployment name, host:port, hub id or local path (default: the demo model)",
+    )
+    parser.add_argument(
+        "prompt_args",
+        nargs="*",
+        default=[],
+        metavar="PROMPT",
+        help="prompt text (each one a separate request)",
+    )
+    _add_prompt_option(parser)
+    parser.set_defaults(func=generate)
+
+
+def add_demo_parser(commands: argparse._SubParsersAction) -> None:
+    description = (
+        "Stream text from the built-in demo model (a tiny Llama with random weights, "
+        "built and cached on first use: its text is random)."
+    )
+    summary = "run the built-in demo model end to end"
+    parser = commands.add_parser("demo", help=summary, description=description)
+    _add_prompt_option(parser)
+    parser.set_defaults(func=generate, model=None, prompt_args=[])  # no model: the demo's
+
+
+def _add_prompt_option(parser: argparse.ArgumentParser) -> None:
+    """--prompt, and the generation and engine options of both commands."""
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help=f"prompt text, repeatable (default: {' / '.join(DEFAULT_PROMPTS)})",
+    )
+    add_generation_options(parser)
+    add_engine_options(parser)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from mii.config import GenerateParams
+
+    prompts = [*args.prompt_args, *(args.prompt or [])] or DEFAULT_PROMPTS
+    params = generation_params(args)
+    GenerateParams.parse(**params)  # bad options fail before any loading
+    client = _find_deployment(args.model) if args.model else None
+    if client is not None:
+        if engine_options(args):
+            print("[mii] engine options are ignored for a running deployment", file=sys.stderr)
+        where = client.deployment_name or client.address
+        print(f"[mii] generating with deployment {where!r} ({client.address})", file=sys.stderr)
+        try:
+            for prompt in prompts:
+                _print_stream(prompt, client.stream(prompt, **params))
+        finally:
+            client.close()
+        return 0
+    model = args.model
+    if model is None:
+        from mii.demo import demo_model_path
+
+        model = str(demo_model_path())
+        print(f"[mii] no model given: using the built-in demo model ({model}).", file=sys.stderr)
+        print("[mii] its weights are random, so its text is random too.", file=sys.stderr)
+    return _generate_in_process(model, engine_options(args), prompts, params)
+
+
+def _find_deployment(target: str):
+    """A client when ``target`` names a running deployment (registry name, model
+    name with the default deployment name, or a ``host:port`` that answers)."""
+    from mii.rpc import registry
+    from mii.rpc.client import MiiClient
+
+    for name in (target, f"{target}-mii-deployment"):
+        info = registry.lookup(name)
+        if info is not None:
+            return MiiClient(f"{info['host']}:{info['port']}", name)
+    host, sep, port = target.rpartition(":")
+    if sep and host and port.isdigit() and not os.path.exists(target):
+        client = MiiClient(target)
+        if client.is_healthy(timeout=5.0):
+            return client
+        client.close()
+        raise CliError(f"no mii deployment answers at {target}")
+    return None
+
+
+def _generate_in_process(
+    model: str, options: dict[str, Any], prompts: list[str], params: dict[str, Any]
+) -> int:
+    import mii
+
+    engine = mii.AsyncEngine(model, **options)
+
+    async def run() -> None:
+        try:
+            for prompt in prompts:
+                start, count = _start(prompt)
+                async for piece in engine.stream(prompt, **params):
+                    count = _emit(piece)
+                _report(count, start)
+        finally:
+            await engine.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
+def _start(prompt: str) -> tuple[float, int]:
+    print(prompt, end="", flush=True)
+    return time.perf_counter(), 0
+
+
+def _emit(piece) -> int:
+    print(piece.generated_text, end="", flush=True)
+    return piece.generated_length
+
+
+def _report(count: int, start: float) -> None:
+    elapsed = time.perf_counter() - start
+    print(flush=True)
+    print(f"[mii] {count} tokens in {elapsed:.2f} s", file=sys.stderr, flush=True)
+
+
+def _print_stream(prompt: str, pieces: Iterable) -> None:
+    start, count = _start(prompt)
+    for piece in pieces:
+        count = _emit(piece)
+    _report(count, start)

@@ -1,0 +1,100 @@
+"""Command-line options derived from the fields of pydantic models.
+
+Each option is named after its field (``max_new_tokens`` -> ``--max-new-tokens``),
+takes its type and choices from the field's annotation, and its help from the
+field's ``description``, followed by the field's default. Options left out on
+the command line are None, so that the model's own defaults apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+# Options of these types show this placeholder for their value, unless told otherwise.
+_METAVAR_BY_TYPE = {int: "N"}
+
+
+def add_field_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    model: type[BaseModel],
+    names: Iterable[str],
+    defaults: Mapping[str, Any] | None = None,
+    metavars: Mapping[str, str] | None = None,
+) -> None:
+    """One ``--option`` per field of ``model`` in ``names``. ``defaults`` replaces a
+    field's default on this command line (it is then always given)."""
+    defaults, metavars = defaults or {}, metavars or {}
+    for name in names:
+        field = model.model_fields[name]
+        kind = _option_kind(field.annotation)
+        metavar = metavars.get(name, _METAVAR_BY_TYPE.get(kind.get("type")))
+        if metavar and "choices" not in kind and kind.get("action") != "store_true":
+            kind["metavar"] = metavar
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=defaults.get(name),
+            help=_help(field, defaults.get(name, field.default)),
+            **kind,
+        )
+
+
+def given_options(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The options of ``names`` that have a value (given, or defaulted on this command line)."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _option_kind(annotation: Any) -> dict[str, Any]:
+    """argparse's ``type``/``choices``/``action`` for a field's annotation."""
+    kind = _without_none(annotation)
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        return {"action": "store_true"}
+    if origin is Literal:
+        return {"choices": list(typing.get_args(kind))}
+    if origin is tuple:  # tuple[str, ...]: the option is repeatable
+        return {"action": "append", "type": typing.get_args(kind)[0]}
+    if origin is list:  # list[int]: comma-separated values
+        return {"type": _comma_separated(typing.get_args(kind)[0])}
+    return {"type": kind}
+
+
+def _without_none(annotation: Any) -> Any:
+    """``X`` for ``X | None``, else the annotation itself."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
+def _comma_separated(item: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        return [item(x) for x in text.split(",")]
+
+    parse.__name__ = f"comma-separated {item.__name__}"  # named in argparse's errors
+    return parse
+
+
+def _help(field: FieldInfo, default: Any) -> str:
+    """The field's description and ``default``, unless the description names its own
+    default (which a default of this command line replaces)."""
+    text = field.description or ""
+    if default is not field.default:
+        text = re.sub(r"\s*\(default: [^)]*\)$", "", text)
+    if typing.get_origin(_without_none(field.annotation)) is list:
+        text = f"comma-separated {text}"
+    shown_default = not (default is None or default is False or default == ())
+    if shown_default and default is not PydanticUndefined and "(default:" not in text:
+        shown = f"{default:g}" if isinstance(default, float) else default
+        text = f"{text} (default: {shown})"
+    return text.replace("%", "%%")  # argparse formats help with %

@@ -1,0 +1,139 @@
+"""``mii serve``: run a deployment in the foreground until Ctrl-C, SIGTERM or a
+Terminate request."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
+from mii.cli.errors import CliError
+from mii.cli.options import (
+    add_deployment_options,
+    add_engine_options,
+    deployment_options,
+    engine_options,
+)
+from mii.rpc.deployment_config import DeploymentConfig
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="run a deployment in the foreground (Ctrl-C stops it)",
+        description="Run a persistent deployment (gRPC load balancer, replicas and optionally "
+        "the REST/OpenAI gateway) in the foreground until Ctrl-C, SIGTERM or mii terminate.",
+    )
+    parser.add_argument(
+        "model", metavar="MODEL", help=DeploymentConfig.model_fields["model"].description
+    )
+    add_deployment_options(parser)
+    add_engine_options(parser)
+    parser.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from mii.rpc.deployment import run_deployment
+    from mii.rpc.event_loop import run_event_loop
+
+    try:
+        config = DeploymentConfig.parse(
+            args.model, **deployment_options(args), **engine_options(args)
+        )
+    except (ValueError, NotImplementedError, RuntimeError) as err:
+        raise CliError(str(err)) from None
+    name = config.deployment_name
+    print(
+        f"[mii] starting deployment {name!r}: {config.model}, "
+        f"{config.replica_num} replica(s) (Ctrl-C stops it)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    # Until the event loop takes the signals over, SIGTERM stops like Ctrl-C.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        stopped_by_signal = _run_returning(run_event_loop, _foreground(config, run_deployment))
+    except KeyboardInterrupt:
+        stopped_by_signal = True
+    except Exception as err:
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        message = lines[0]
+        if len(lines) > 1:
+            from mii.rpc import registry
+
+            message += f" (details in {registry.registry_dir()})"
+        raise CliError(message) from None
+    why = "on a signal" if stopped_by_signal else "by a terminate request"
+    print(f"[mii] deployment {name!r} stopped {why}", file=sys.stderr, flush=True)
+    return 0
+
+
+def _run_returning(runner, coro) -> Any:
+    """``runner(coro)`` (which returns nothing), returning the coroutine's result."""
+    box: list[Any] = [None]
+
+    async def keep() -> None:
+        box[0] = await coro
+
+    runner(keep())
+    return box[0]
+
+
+async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
+    """Run the deployment until SIGINT/SIGTERM (returns True) or a Terminate RPC
+    (returns False). A signal during start-up stops the start at once; once
+    serving, it drains (in-flight calls get a grace period) and stops everything."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(run_deployment(config))
+    # Let the deployment install its own handlers first, then take them over: a
+    # cancelled start-up also stops the replicas already started, where the
+    # deployment's own handler would wait for them to finish loading.
+    await asyncio.sleep(0)
+    signalled = False
+
+    def on_signal() -> None:
+        nonlocal signalled
+        if signalled:
+            print("[mii] already stopping...", file=sys.stderr, flush=True)
+            return
+        signalled = True
+        print("\n[mii] stopping...", file=sys.stderr, flush=True)
+        task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    announcer = asyncio.create_task(_announce(config.deployment_name))
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+    finally:
+        announcer.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return signalled
+
+
+async def _announce(name: str) -> None:
+    """Print where the deployment serves, once it is recorded as ready."""
+    from mii.rpc import registry
+
+    while True:
+        info = registry.lookup(name)
+        if info is not None and info.get("pid") == os.getpid():
+            break
+        await asyncio.sleep(0.1)
+    address = f"{info['host']}:{info['port']}"
+    print(f"[mii] gRPC: {address}  (mii.client({name!r}), mii generate {name!r})", flush=True)
+    if info.get("restful_api_port"):
+        base = f"http://{info['host']}:{info['restful_api_port']}"
+        print(f"[mii] REST: {base}/mii/{name}  (OpenAI API: {base}/v1)", flush=True)
+    print("[mii] ready; press Ctrl-C to stop", flush=True)

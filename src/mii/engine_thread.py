@@ -1,0 +1,94 @@
+"""An AsyncEngine on an event loop of its own, in a daemon thread.
+
+The synchronous pipeline and the Jupyter magics drive an ``AsyncEngine`` from
+a thread that may already run an event loop (Jupyter's), so neither can call
+``asyncio.run``: they submit coroutines to this private loop instead. The
+engine is shut down cleanly when the owner closes it, is garbage-collected, or
+when the interpreter exits.
+
+It needs only the engine's ``stream`` and ``aclose`` and imports nothing of
+mii, so that every layer may use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+import weakref
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, Protocol
+
+_DONE = object()
+_SHUTDOWN_TIMEOUT_S = 60
+
+
+class _Engine(Protocol):
+    def stream(self, prompt: str, **params: Any) -> AsyncIterator[Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class EngineThread:
+    """Runs ``engine`` on a private event loop in a daemon thread named ``name``."""
+
+    def __init__(self, engine: _Engine, name: str) -> None:
+        self.engine = engine
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+        # An owner that never calls close() still shuts the engine down cleanly at exit.
+        self._finalizer = weakref.finalize(self, _shutdown, engine, self._loop, self._thread)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
+        """Run ``coro`` on the engine's loop; its result comes through the future,
+        and cancelling the future cancels it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def stream(self, prompt: str, **params: Any) -> Iterator[Any]:
+        """Pieces of one answer, as the engine streams them; leaving the loop early
+        (or Ctrl-C) aborts the request."""
+        pieces: queue.Queue = queue.Queue()
+
+        async def pump() -> None:
+            try:
+                async for piece in self.engine.stream(prompt, **params):
+                    pieces.put(piece)
+            except Exception as err:
+                pieces.put(err)
+            finally:
+                pieces.put(_DONE)
+
+        future = self.submit(pump())
+        try:
+            while True:
+                try:
+                    # A timeout, so that Ctrl-C in the caller's thread is noticed.
+                    item = pieces.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            future.cancel()  # cancels the consuming task, which aborts the request
+
+    def close(self) -> None:
+        """Stop the engine (waiting for it to free its memory) and the loop."""
+        self._finalizer()
+
+
+def _shutdown(engine: _Engine, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    if loop.is_closed():
+        return
+    asyncio.run_coroutine_threadsafe(engine.aclose(), loop).result(timeout=_SHUTDOWN_TIMEOUT_S)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()

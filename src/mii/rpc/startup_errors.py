@@ -1,0 +1,44 @@
+"""How a server process tells the process that started it why it failed.
+
+The deployment process and each replica process log to a file. When one fails,
+its last line is ``MII_STARTUP_ERROR <ErrorType>: <message>``; the starter
+(``mii.serve`` for the deployment, the deployment for its replicas) reads that
+line back and raises it as a ``DeploymentError`` in its own process.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from mii.rpc.event_loop import run_event_loop
+
+STARTUP_ERROR = "MII_STARTUP_ERROR"
+_TAIL_LINES = 20  # of a log without the marker line (e.g. a hard crash)
+
+
+def run_reporting_errors(main: Coroutine[Any, Any, Any], with_traceback: bool = False) -> int:
+    """Run a server process's ``main`` coroutine; its exit code (1 on an error,
+    after writing the marker line to stderr)."""
+    try:
+        run_event_loop(main)
+    except Exception as err:
+        if with_traceback:
+            traceback.print_exc()
+        print(f"{STARTUP_ERROR} {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def read_startup_error(log_file: Path, who: str, exit_code: int) -> str:
+    """The error a process that exited with ``exit_code`` reported in its log, or,
+    when it reported none, the end of the log. ``who`` names it ("replica 0")."""
+    lines = log_file.read_text(errors="replace").splitlines()
+    for line in reversed(lines):
+        if line.startswith(STARTUP_ERROR):
+            return line[len(STARTUP_ERROR) :].strip()
+    tail = "\n".join(lines[-_TAIL_LINES:])
+    return f"{who} exited with code {exit_code}:\n{tail}"
