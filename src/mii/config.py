@@ -29,7 +29,7 @@ def _raise_from_pydantic(err: ValidationError, what: str) -> None:
 
 
 class GenerateParams(BaseModel):
-    """Per-request generation options (defaults as in MISSION.md)."""
+    """Per-request generation options (defaults as in README.md's "Generation options" table)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mii import envs
+
 
 @dataclass
 class AttentionBatch:
@@ -189,9 +191,7 @@ def rotary_paged_attention_reference(
 
 def use_triton(device: torch.device) -> bool:
     """Triton kernels on CUDA unless MII_ATTENTION=torch; the torch reference elsewhere."""
-    import os
-
-    return device.type == "cuda" and os.environ.get("MII_ATTENTION", "triton") != "torch"
+    return device.type == "cuda" and envs.ATTENTION.get() == "triton"
 
 
 def rotary_paged_attention(
