@@ -69,38 +69,30 @@ def _directory(name: str, value: str) -> Path:
 
 # ----- kernel choices ---------------------------------------------------------
 
+
+def _choice(name: str, doc: str, *choices: str) -> Switch[str]:
+    """A switch that takes one of ``choices``; the first is its default."""
+    return Switch(name, choices[0], doc, _one_of(*choices))
+
+
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
-ATTENTION: Switch[str] = Switch(
+ATTENTION = _choice(
     "MII_ATTENTION",
+    "paged attention on CUDA: the Triton kernels, or the torch reference",
     "triton",
-    "paged attention on CUDA: the Triton kernels, or the torch reference ('torch')",
-    _one_of("triton", "torch"),
+    "torch",
 )
-FUSED: Switch[str] = Switch(
-    "MII_FUSED",
-    "auto",
-    "fused RMSNorm and gated-activation kernels (ops/fused_elementwise.py)",
-    _one_of(*KERNEL_CHOICES),
+FUSED = _choice(
+    "MII_FUSED", "fused RMSNorm and gated activations (ops/fused_elementwise.py)", *KERNEL_CHOICES
 )
-GEMV: Switch[str] = Switch(
-    "MII_GEMV",
-    "auto",
-    "the skinny matrix-vector kernel for decode-sized batches (ops/triton_gemv.py)",
-    _one_of(*KERNEL_CHOICES),
+GEMV = _choice(
+    "MII_GEMV", "the skinny matrix-vector kernel for decode (ops/triton_gemv.py)", *KERNEL_CHOICES
 )
-MOE: Switch[str] = Switch(
-    "MII_MOE",
-    "auto",
-    "the grouped expert kernel of MoE layers (ops/triton_moe.py)",
-    _one_of(*KERNEL_CHOICES),
+MOE = _choice(
+    "MII_MOE", "the grouped expert kernel of MoE layers (ops/triton_moe.py)", *KERNEL_CHOICES
 )
-PDL: Switch[str] = Switch(
-    "MII_PDL",
-    "auto",
-    "programmatic dependent launch in the decode chain; read at each launch",
-    _one_of("auto", "off"),
-)
+PDL = _choice("MII_PDL", "programmatic dependent launch in the decode chain", "auto", "off")
 
 # ----- files ------------------------------------------------------------------
 
@@ -132,3 +124,7 @@ TP_FAIL_AT_PASS: Switch[tuple[int, int] | None] = Switch(
     "fault injection, tests only: 'RANK:N' makes that tensor-parallel rank raise on its N-th pass",
     _rank_and_pass,
 )
+
+
+# Every switch above, in the order of the table in this module's docstring.
+SWITCHES: tuple[Switch, ...] = (ATTENTION, FUSED, GEMV, MOE, PDL, CACHE_DIR, TP_FAIL_AT_PASS)
