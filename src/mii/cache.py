@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mii import envs
+import mii.envs as envs
 
 
 def cache_dir() -> Path:

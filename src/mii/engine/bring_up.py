@@ -29,7 +29,8 @@ from mii.engine.sequence import Sequence
 from mii.errors import InvalidRequestError
 from mii.models import loader
 from mii.models.base import CausalLM
-from mii.ops.attention import FP8_KV_DTYPE, use_triton
+from mii.ops.attention import FP8_KV_DTYPE
+from mii.ops.dispatch import triton_attention_enabled
 
 
 def join_group(config: EngineConfig) -> tuple[torch.device, TPGroup | None]:
@@ -136,7 +137,7 @@ def compile_model(config: EngineConfig, runner: ModelRunner, blocks: BlockManage
     """torch.compile the model when asked (``compile=True``); warm-up seconds."""
     if not config.compile:
         return 0.0
-    if not use_triton(runner.device):
+    if not triton_attention_enabled(runner.device):
         raise InvalidRequestError(
             "compile=True needs a CUDA device and the Triton attention kernels",
             field="compile",
@@ -160,7 +161,7 @@ def capture_graphs(
     """Capture decode CUDA graphs when on CUDA and the model allows it; seconds spent."""
     # The torch reference attention loops over host-side lengths, which a graph
     # would freeze: graphs need the Triton kernels, which read lengths on the GPU.
-    capturable = use_triton(runner.device) and runner.model.supports_cuda_graphs
+    capturable = triton_attention_enabled(runner.device) and runner.model.supports_cuda_graphs
     wanted = capturable if config.cuda_graphs is None else config.cuda_graphs
     if not wanted:
         return 0.0

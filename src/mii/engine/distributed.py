@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mii import envs
+import mii.envs as envs
 from mii.errors import InvalidRequestError
 from mii.models.parallel import set_parallel_state
 

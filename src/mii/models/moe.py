@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mii import envs
+import mii.envs as envs
 from mii.models.layers import activation
 from mii.models.parallel import all_reduce, divide, tp_rank, tp_world_size
 from mii.ops.dispatch import triton_chosen

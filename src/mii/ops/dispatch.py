@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from mii import envs
+import mii.envs as envs
 
 # Triton kernels run interpreted on the CPU (tests); read once, as Triton does
 # when the kernels are defined. (Triton's own variable, not an MII switch.)
@@ -22,6 +22,12 @@ def triton_chosen(switch: envs.Switch[str], device: torch.device) -> bool:
     if choice == "auto":
         return device.type == "cuda"
     return choice == "triton"
+
+
+def triton_attention_enabled(device: torch.device) -> bool:
+    """Whether paged attention runs the Triton kernels (``ops.triton_attention``):
+    on CUDA unless ``MII_ATTENTION=torch``; elsewhere always the torch reference."""
+    return device.type == "cuda" and envs.ATTENTION.get() == "triton"
 
 
 # Activations with a fused kernel (names as in ``models.layers.activation``) and
