@@ -297,14 +297,14 @@ async def test_request_id_reused_while_its_abort_is_pending(engine):
 
 
 async def test_failing_output_processing_fails_only_that_request(engine, monkeypatch):
-    original = engine.core._process_token
+    original = engine.core.output.process_token
 
     def flaky(seq, token, slot):
         if seq.request_id == "bad":
             raise RuntimeError("cannot decode")
         return original(seq, token, slot)
 
-    monkeypatch.setattr(engine.core, "_process_token", flaky)
+    monkeypatch.setattr(engine.core.output, "process_token", flaky)
 
     async def consume(request_id, n):
         return [

@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from mii.cache import cache_dir
+
 DEMO_VERSION = "v1"
 
 _CORPUS = """\
@@ -25,11 +27,6 @@ The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor 
 Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation: , . ; : ! ? ( ) [ ] { } " ' - _ / \\
 Unicode: café naïve résumé Zürich Ελληνικά русский 東京 日本語 한국어 emoji 😀 🚀 ✨ 👍
 """
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MII_CACHE_DIR") or Path.home() / ".cache" / "mii"
-    return Path(root)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 512):

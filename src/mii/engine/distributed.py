@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import mii.envs as envs
 from mii.errors import InvalidRequestError
 from mii.models.parallel import set_parallel_state
 
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 
 PASS, DONE, STOP = 1, 2, 3
 ERROR_KEY = "mii/tensor-parallel/error"
-# Fault injection for tests: "RANK:N" makes that rank raise on its N-th pass.
-FAIL_ENV = "MII_TP_FAIL_AT_PASS"
 
 
 class TensorParallelError(RuntimeError):
@@ -155,11 +154,13 @@ class TPGroup:
 
 
 def _injected_failure(rank: int) -> int | None:
-    spec = os.environ.get(FAIL_ENV)
-    if not spec:
+    """The pass this rank fails on by design (fault injection, tests only: see
+    ``envs.TP_FAIL_AT_PASS``); None in normal operation."""
+    spec = envs.TP_FAIL_AT_PASS.get()
+    if spec is None:
         return None
-    failing_rank, _, count = spec.partition(":")
-    return int(count) if int(failing_rank) == rank else None
+    failing_rank, count = spec
+    return count if failing_rank == rank else None
 
 
 def report_error(store, message: str) -> None:

@@ -6,6 +6,10 @@ seeded request samples the same text alone, inside any batch, and after being
 preempted and recomputed; and no per-request generator state has to be kept.
 Sampling uses the exponential-race form of the Gumbel-max trick:
 ``argmax(p / E)`` with ``E ~ Exp(1)`` draws a token with probability ``p``.
+
+``sample_next_tokens`` is the engine's entry: it builds a ``SamplingBatch``
+from the sequences' generation options (one upload) unless the whole batch is
+plainly greedy, which is one argmax.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mii.engine.sequence import Sequence
 from mii.ops.transfer import upload
 
 _MASK32 = 0xFFFFFFFF
@@ -96,3 +101,41 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: list[int])
     choice = (probs / noise).argmax(dim=-1, keepdim=True)
     sampled = sorted_ids.gather(1, choice).squeeze(1)
     return torch.where(batch.greedy, greedy_tokens, sampled)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int], vocab_size: int
+) -> torch.Tensor:
+    """Next token of each sequence (logits: [S, V], one row per sequence). The
+    common all-greedy case is one argmax, decided on the host so that no device
+    value is read to choose the path."""
+    plain_greedy = all(
+        s.params.greedy and (s.params.ignore_eos or s.num_generated >= s.params.min_new_tokens)
+        for s in seqs
+    )
+    if plain_greedy:
+        return logits.argmax(dim=-1)
+    return sample(logits, sampling_batch(seqs, vocab_size, logits.device), eos_token_ids)
+
+
+def sampling_batch(seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
+    """The sequences' sampling settings as device tensors, uploaded together."""
+    ps = [s.params for s in seqs]
+    greedy = [p.greedy for p in ps]
+    ban_eos = [not p.ignore_eos and s.num_generated < p.min_new_tokens for s, p in zip(seqs, ps)]
+    columns = upload(
+        device,
+        [
+            (greedy, torch.bool),
+            (
+                [1.0 if p.greedy or p.temperature is None else p.temperature for p in ps],
+                torch.float32,
+            ),
+            ([p.top_k or vocab_size for p in ps], torch.int64),
+            ([p.top_p for p in ps], torch.float32),
+            ([s.seed for s in seqs], torch.int64),
+            ([s.num_generated for s in seqs], torch.int64),
+            (ban_eos, torch.bool),
+        ],
+    )
+    return SamplingBatch(*columns, greedy_host=all(greedy), ban_eos_host=any(ban_eos))

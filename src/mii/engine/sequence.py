@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 from mii.config import GenerateParams
 
@@ -35,6 +34,7 @@ class Sequence:
     params: GenerateParams
     max_new_tokens: int  # resolved from max_new_tokens / max_length
     seed: int
+    prompt_text: str | None = None  # the prompt as the caller wrote it (None: given as ids)
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -42,7 +42,6 @@ class Sequence:
     admitted_at: int = -1  # admission order; the most recent is preempted first
     num_preemptions: int = 0
     finish_reason: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # output-side state (detokenizer)
     # Async scheduling: the last token is PENDING_TOKEN and its value is this row
     # of the in-flight pass's sampled tokens (on the device). None: every token known.
     pending_row: int | None = None

@@ -14,7 +14,7 @@ from torch import nn
 from mii.models.base import ForwardContext
 from mii.models.layers import ColumnParallelLinear, RowParallelLinear, qkv_layouts
 from mii.models.rope import RotaryEmbedding
-from mii.ops.attention import rotary_paged_attention
+from mii.ops.paged_attention import rotary_paged_attention
 
 
 class SelfAttention(nn.Module):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mii.envs as envs
 from mii.models.layers import activation
 from mii.models.parallel import all_reduce, divide, tp_rank, tp_world_size
 from mii.ops.dispatch import triton_chosen
@@ -39,7 +40,7 @@ from mii.ops.dispatch import triton_chosen
 def grouped_kernel_enabled(device: torch.device) -> bool:
     """Whether MoE layers use the grouped Triton kernel, as ``MII_MOE`` chooses
     (see ``ops.dispatch``: on CUDA by default)."""
-    return triton_chosen("MII_MOE", device)
+    return triton_chosen(envs.MOE, device)
 
 
 class ExpertShard(NamedTuple):

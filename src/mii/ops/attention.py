@@ -185,34 +185,3 @@ def rotary_paged_attention_reference(
         k_in = k.float() if k_cache.dtype == FP8_KV_DTYPE else k
         k = apply_rotary_reference(k_in, positions, cos_sin)
     return paged_attention_reference(q, k, v, k_cache, v_cache, batch, scale, sliding_window)
-
-
-def use_triton(device: torch.device) -> bool:
-    """Triton kernels on CUDA unless MII_ATTENTION=torch; the torch reference elsewhere."""
-    import os
-
-    return device.type == "cuda" and os.environ.get("MII_ATTENTION", "triton") != "torch"
-
-
-def rotary_paged_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    batch: AttentionBatch,
-    scale: float,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """The attention op models call: the fused Triton path on CUDA, else the reference."""
-    if use_triton(q.device):
-        from mii.ops.triton_attention import call_paged_attention_op
-
-        return call_paged_attention_op(
-            q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, sliding_window
-        )
-    return rotary_paged_attention_reference(
-        q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, sliding_window
-    )

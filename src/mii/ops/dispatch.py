@@ -7,23 +7,27 @@ import os
 
 import torch
 
-CHOICES = ("auto", "triton", "torch")
+import mii.envs as envs
 
 # Triton kernels run interpreted on the CPU (tests); read once, as Triton does
-# when the kernels are defined.
+# when the kernels are defined. (Triton's own variable, not an MII switch.)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_chosen(variable: str, device: torch.device) -> bool:
-    """The choice in environment variable ``variable``: ``auto`` (the default)
-    takes Triton on CUDA and torch elsewhere; ``triton`` forces the kernel (CPU
-    tests run it interpreted); ``torch`` forces the torch code."""
-    choice = os.environ.get(variable, "auto")
-    if choice not in CHOICES:
-        raise ValueError(f"{variable} must be 'auto', 'triton' or 'torch', not {choice!r}")
+def triton_chosen(switch: envs.Switch[str], device: torch.device) -> bool:
+    """The choice of a kernel switch (``envs.KERNEL_CHOICES``): ``auto`` (the
+    default) takes Triton on CUDA and torch elsewhere; ``triton`` forces the kernel
+    (CPU tests run it interpreted); ``torch`` forces the torch code."""
+    choice = switch.get()
     if choice == "auto":
         return device.type == "cuda"
     return choice == "triton"
+
+
+def triton_attention_enabled(device: torch.device) -> bool:
+    """Whether paged attention runs the Triton kernels (``ops.triton_attention``):
+    on CUDA unless ``MII_ATTENTION=torch``; elsewhere always the torch reference."""
+    return device.type == "cuda" and envs.ATTENTION.get() == "triton"
 
 
 # Activations with a fused kernel (names as in ``models.layers.activation``) and
@@ -35,7 +39,7 @@ def fused_kernels_enabled(device: torch.device) -> bool:
     """Whether the layers call the kernels of ``ops.fused_elementwise``: as
     ``MII_FUSED`` chooses, and never while torch.compile traces (it fuses the torch
     code itself). Defined here so that choosing imports no Triton."""
-    return not torch.compiler.is_compiling() and triton_chosen("MII_FUSED", device)
+    return not torch.compiler.is_compiling() and triton_chosen(envs.FUSED, device)
 
 
 # Most rows a linear layer sends to the skinny (decode) kernel of ``ops.triton_gemv``.
@@ -62,7 +66,7 @@ def skinny_linear_enabled(
         and weight.stride(-1) == 1
         and weight.numel() < 2**31
         and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
-        and triton_chosen("MII_GEMV", x.device)
+        and triton_chosen(envs.GEMV, x.device)
     )
 
 
@@ -71,10 +75,7 @@ def dependent_launch_enabled(device: torch.device) -> bool:
     (``ops.triton_pdl``): on NVIDIA Hopper or newer GPUs, compiled (not interpreted),
     unless ``MII_PDL=off``. Read at each launch; a captured CUDA graph keeps the
     choice made when it was captured."""
-    choice = os.environ.get("MII_PDL", "auto")
-    if choice not in ("auto", "off"):
-        raise ValueError(f"MII_PDL must be 'auto' or 'off', not {choice!r}")
-    if choice == "off" or device.type != "cuda" or INTERPRETED:
+    if envs.PDL.get() == "off" or device.type != "cuda" or INTERPRETED:
         return False
     if torch.version.hip is not None:  # ROCm reports gfx versions as capabilities
         return False

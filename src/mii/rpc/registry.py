@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mii.demo import cache_dir
+from mii.cache import cache_dir
 
 
 def registry_dir() -> Path:

@@ -1,0 +1,88 @@
+"""Output processing: each request's sampled tokens become streamed text pieces.
+
+``OutputProcessor`` owns everything on the text side of a request: its
+incremental detokenizer, its stop strings, the prompt echoed by
+``return_full_text``, and the decision that a token ends the request
+(end-of-sequence, the length limit, a stop string). It keeps that state per
+request id from ``start`` to ``end``; sequences and the scheduler know nothing
+of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, fast_decoder
+from mii.engine.sequence import Sequence
+from mii.response import Response
+
+
+@dataclass
+class _RequestText:
+    """The text side of one request."""
+
+    detokenizer: IncrementalDetokenizer
+    stops: StopStringMatcher
+    prefix: str  # the prompt text when return_full_text, sent with the first piece
+    unsent_ids: list[int] = field(default_factory=list)  # token ids not yet in a piece
+
+
+class OutputProcessor:
+    """Turns sampled tokens into response pieces, one request at a time."""
+
+    def __init__(self, tokenizer, eos_token_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids  # every id that ends generation
+        self._decode = fast_decoder(tokenizer)
+        self._requests: dict[str, _RequestText] = {}
+
+    def full_text_prefix(self, seq: Sequence) -> str:
+        """What ``return_full_text`` puts before the answer: the prompt as given."""
+        if not seq.params.return_full_text:
+            return ""
+        if seq.prompt_text is not None:
+            return seq.prompt_text
+        return self.tokenizer.decode(seq.prompt_token_ids)
+
+    def start(self, seq: Sequence) -> None:
+        """Begin the text of a request that has just been queued."""
+        self._requests[seq.request_id] = _RequestText(
+            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, self._decode),
+            StopStringMatcher(seq.params.stop),
+            self.full_text_prefix(seq),
+        )
+
+    def end(self, request_id: str) -> None:
+        """Forget a request that finished, failed or was aborted (if it was started)."""
+        self._requests.pop(request_id, None)
+
+    def process_token(self, seq: Sequence, token: int, slot: int) -> Response:
+        """Detokenize the new token at ``seq.token_ids[slot]``, check every end
+        condition (setting ``seq.finish_reason``), and build the piece to stream
+        (its text may be empty while characters are held back)."""
+        state = self._requests[seq.request_id]
+        params = seq.params
+        generated = slot + 1 - seq.prompt_len  # later tokens may already be pending
+        state.unsent_ids.append(token)
+        finish = None
+        if token in self.eos_token_ids and not params.ignore_eos:
+            finish = "stop"
+            delta = state.detokenizer.flush()
+        else:
+            at_limit = generated >= seq.max_new_tokens
+            delta = state.detokenizer.add(token, final=at_limit)
+            if at_limit:
+                finish = "length"
+        text, hit_stop = state.stops.feed(delta, check=generated >= params.min_new_tokens)
+        if hit_stop:
+            finish = "stop"
+        elif finish is not None:
+            text += state.stops.flush()
+        seq.finish_reason = finish
+        if state.prefix:
+            text, state.prefix = state.prefix + text, ""
+        # Every new token makes a piece, even when its text is still held back (a
+        # split character, a possible stop string): consumers see token timing
+        # as it happens, and the pieces' text still concatenates to the answer.
+        ids, state.unsent_ids = state.unsent_ids, []
+        return Response(text, seq.prompt_len, generated, finish, seq.request_id, ids)

@@ -1,0 +1,130 @@
+"""Every ``MII_*`` environment switch, declared once: its type, default and meaning.
+
+| variable | values (default first) | what it chooses |
+|---|---|---|
+| ``MII_ATTENTION`` | ``triton``, ``torch`` | attention on CUDA: Triton, or the torch reference |
+| ``MII_FUSED`` | ``auto``, ``triton``, ``torch`` | fused RMSNorm and gated-activation kernels |
+| ``MII_GEMV`` | ``auto``, ``triton``, ``torch`` | the skinny matrix-vector kernel for decode |
+| ``MII_MOE`` | ``auto``, ``triton``, ``torch`` | the grouped expert kernel of MoE layers |
+| ``MII_PDL`` | ``auto``, ``off`` | programmatic dependent launch (Hopper and newer) |
+| ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo checkpoint, deployment registry |
+| ``MII_TP_FAIL_AT_PASS`` | unset, ``RANK:N`` | tests only: that rank fails on its N-th pass |
+
+For the kernel switches, ``auto`` takes Triton on CUDA and torch elsewhere,
+``triton`` forces the kernel (CPU tests run it interpreted), ``torch`` forces
+the torch code (``ops/dispatch.py``).
+
+Every switch is read when it is used, never cached at import: tests set them
+with ``monkeypatch.setenv``, and ``MII_PDL`` is read at each kernel launch. A
+value outside a switch's choices raises ``ValueError`` naming the variable and
+the values it takes. Only ``MII_*`` switches live here: the launcher's
+variables (``RANK``, ``WORLD_SIZE``, ...) and Triton's belong to those tools.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Switch(Generic[T]):
+    """One environment variable: ``get()`` reads and parses it now."""
+
+    name: str
+    default: str  # the value when the variable is unset
+    doc: str
+    parse: Callable[[str, str], T]  # (name, raw value) -> value; ValueError when invalid
+
+    def get(self) -> T:
+        return self.parse(self.name, os.environ.get(self.name, self.default))
+
+
+def _quoted_list(values: tuple[str, ...]) -> str:
+    """'a', 'b' or 'c'"""
+    quoted = [repr(v) for v in values]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def _one_of(*choices: str) -> Callable[[str, str], str]:
+    """A parser accepting exactly ``choices``."""
+
+    def parse(name: str, value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{name} must be {_quoted_list(choices)}, not {value!r}")
+        return value
+
+    return parse
+
+
+def _directory(name: str, value: str) -> Path:
+    # Set but empty counts as unset, as shells often leave it.
+    return Path(value) if value else Path.home() / ".cache" / "mii"
+
+
+# ----- kernel choices ---------------------------------------------------------
+
+
+def _choice(name: str, doc: str, *choices: str) -> Switch[str]:
+    """A switch that takes one of ``choices``; the first is its default."""
+    return Switch(name, choices[0], doc, _one_of(*choices))
+
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+ATTENTION = _choice(
+    "MII_ATTENTION",
+    "paged attention on CUDA: the Triton kernels, or the torch reference",
+    "triton",
+    "torch",
+)
+FUSED = _choice(
+    "MII_FUSED", "fused RMSNorm and gated activations (ops/fused_elementwise.py)", *KERNEL_CHOICES
+)
+GEMV = _choice(
+    "MII_GEMV", "the skinny matrix-vector kernel for decode (ops/triton_gemv.py)", *KERNEL_CHOICES
+)
+MOE = _choice(
+    "MII_MOE", "the grouped expert kernel of MoE layers (ops/triton_moe.py)", *KERNEL_CHOICES
+)
+PDL = _choice("MII_PDL", "programmatic dependent launch in the decode chain", "auto", "off")
+
+# ----- files ------------------------------------------------------------------
+
+CACHE_DIR: Switch[Path] = Switch(
+    "MII_CACHE_DIR",
+    "",
+    "where the demo checkpoint and the deployment registry live (default ~/.cache/mii)",
+    _directory,
+)
+
+
+# ----- fault injection: tests only ----------------------------------------------
+# Never set these in production: they make a healthy engine fail on purpose.
+
+
+def _rank_and_pass(name: str, value: str) -> tuple[int, int] | None:
+    if not value:
+        return None
+    rank, _, count = value.partition(":")
+    try:
+        return int(rank), int(count)
+    except ValueError:
+        raise ValueError(f"{name} must be 'RANK:N' (two integers), not {value!r}") from None
+
+
+TP_FAIL_AT_PASS: Switch[tuple[int, int] | None] = Switch(
+    "MII_TP_FAIL_AT_PASS",
+    "",
+    "fault injection, tests only: 'RANK:N' makes that tensor-parallel rank raise on its N-th pass",
+    _rank_and_pass,
+)
+
+
+# Every switch above, in the order of the table in this module's docstring.
+SWITCHES: tuple[Switch, ...] = (ATTENTION, FUSED, GEMV, MOE, PDL, CACHE_DIR, TP_FAIL_AT_PASS)
