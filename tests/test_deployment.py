@@ -174,8 +174,20 @@ def test_cancelled_stream_aborts_on_the_replica(deployment):
     assert wait_until(lambda: running(client) == 0), client.stats()
 
 
-def test_deadline_exceeded_aborts_on_the_replica(deployment):
-    client, _ = deployment
+@pytest.fixture
+def slow_deployment(cache_dir, checkpoints, monkeypatch):
+    """A deployment whose every forward pass takes at least 0.1 s (a fault-injection
+    switch inherited by its processes), so that 200 new tokens take 20 s or more
+    however fast the machine is: longer than the deadline below, and longer than
+    wait_until's 15 s, so that only an abort can empty the replica in time."""
+    monkeypatch.setenv("MII_PASS_DELAY_S", "0.1")
+    client = mii.serve(str(checkpoints("llama")[0]), deployment_name="test-slow", port=free_port())
+    yield client, registry.lookup("test-slow")
+    client.terminate_server()
+
+
+def test_deadline_exceeded_aborts_on_the_replica(slow_deployment):
+    client, _ = slow_deployment
     with pytest.raises(TimeoutError):
         client.generate(PROMPTS[1], max_new_tokens=200, ignore_eos=True, timeout=0.3)
     assert wait_until(lambda: running(client) == 0), client.stats()

@@ -27,6 +27,9 @@ def test_every_switch_is_in_the_docstring_table():
         (envs.PDL, "yes", "MII_PDL must be 'auto' or 'off', not 'yes'"),
         (envs.ATTENTION, "auto", "MII_ATTENTION must be 'triton' or 'torch', not 'auto'"),
         (envs.TP_FAIL_AT_PASS, "1", "MII_TP_FAIL_AT_PASS must be 'RANK:N'"),
+        (envs.PASS_DELAY_S, "-1", "MII_PASS_DELAY_S must be a number of seconds >= 0"),
+        (envs.PASS_DELAY_S, "nan", "MII_PASS_DELAY_S must be a number of seconds >= 0"),
+        (envs.PASS_DELAY_S, "soon", "MII_PASS_DELAY_S must be a number of seconds >= 0"),
     ],
 )
 def test_a_bad_value_names_the_variable_and_its_values(monkeypatch, switch, value, message):
@@ -43,6 +46,8 @@ def test_switches_are_read_at_each_use(monkeypatch):
     assert envs.GEMV.get() == "torch"
     monkeypatch.setenv("MII_TP_FAIL_AT_PASS", "1:3")
     assert envs.TP_FAIL_AT_PASS.get() == (1, 3)
+    monkeypatch.setenv("MII_PASS_DELAY_S", "0.25")
+    assert envs.PASS_DELAY_S.get() == 0.25
     monkeypatch.setenv("MII_CACHE_DIR", "")  # empty counts as unset
     assert envs.CACHE_DIR.get() == Path.home() / ".cache" / "mii"
 

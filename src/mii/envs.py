@@ -9,6 +9,7 @@
 | ``MII_PDL`` | ``auto``, ``off`` | programmatic dependent launch (Hopper and newer) |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo checkpoint, deployment registry |
 | ``MII_TP_FAIL_AT_PASS`` | unset, ``RANK:N`` | tests only: that rank fails on its N-th pass |
+| ``MII_PASS_DELAY_S`` | ``0``, seconds | tests only: every forward pass takes at least this long |
 
 For the kernel switches, ``auto`` takes Triton on CUDA and torch elsewhere,
 ``triton`` forces the kernel (CPU tests run it interpreted), ``torch`` forces
@@ -126,5 +127,33 @@ TP_FAIL_AT_PASS: Switch[tuple[int, int] | None] = Switch(
 )
 
 
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0.0 <= seconds < float("inf"):
+        raise ValueError(f"{name} must be a number of seconds >= 0, not {value!r}")
+    return seconds
+
+
+PASS_DELAY_S: Switch[float] = Switch(
+    "MII_PASS_DELAY_S",
+    "0",
+    "fault injection, tests only: each forward pass is held this many seconds (a slow "
+    "device, whatever the machine's speed; read when an engine starts)",
+    _seconds,
+)
+
+
 # Every switch above, in the order of the table in this module's docstring.
-SWITCHES: tuple[Switch, ...] = (ATTENTION, FUSED, GEMV, MOE, PDL, CACHE_DIR, TP_FAIL_AT_PASS)
+SWITCHES: tuple[Switch, ...] = (
+    ATTENTION,
+    FUSED,
+    GEMV,
+    MOE,
+    PDL,
+    CACHE_DIR,
+    TP_FAIL_AT_PASS,
+    PASS_DELAY_S,
+)

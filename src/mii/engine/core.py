@@ -14,10 +14,12 @@ thread and never concurrently with itself.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
+import mii.envs as envs
 from mii.config import EngineConfig, GenerateParams
 from mii.engine import bring_up, distributed, heap
 from mii.engine.distributed import TensorParallelError
@@ -93,6 +95,7 @@ class EngineCore:
             else config.async_scheduling
         )
         self._in_flight: _Launched | None = None  # async scheduling: the pass not yet read back
+        self._pass_delay_s = envs.PASS_DELAY_S.get()  # fault injection (tests): a slow device
 
         # Warm-up: passes that run on every rank by themselves, then the heap freeze.
         self.compile_s = bring_up.compile_model(config, self.runner, self.blocks)
@@ -205,6 +208,8 @@ class EngineCore:
         """
         prev, self._in_flight = self._in_flight, None
         outputs: list[StepOutput] = []
+        if self._pass_delay_s:
+            time.sleep(self._pass_delay_s)
         plan = self.scheduler.schedule()
         launched = self._launch(plan, prev, outputs) if plan.chunks else None
         if prev is not None:
