@@ -11,21 +11,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mii.models.base import ForwardContext
+from mii.models.base import AttentionSizes, ForwardContext
 from mii.models.layers import ColumnParallelLinear, RowParallelLinear, qkv_layouts
 from mii.models.rope import RotaryEmbedding
 from mii.ops.paged_attention import rotary_paged_attention
 
 
 class SelfAttention(nn.Module):
+    """Attention of layer ``layer_idx`` (its index into ``ctx.kv_caches``), with the
+    head counts and sizes of ``sizes`` (the family's spec)."""
+
     def __init__(
         self,
-        *,
+        sizes: AttentionSizes,
         layer_idx: int,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
+        *,
         qkv_bias: bool,
         o_bias: bool,
         rotary: RotaryEmbedding | None,
@@ -34,6 +34,8 @@ class SelfAttention(nn.Module):
         qk_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        hidden_size, head_dim = sizes.hidden_size, sizes.head_dim
+        num_heads, num_kv_heads = sizes.num_heads, sizes.num_kv_heads
         self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from mii.models.checkpoint_tensor import materialize
-from mii.models.layers import default_weight_loader
+from mii.models.layers import LMHead, VocabEmbedding, default_weight_loader
+from mii.models.parallel import local_kv_heads
 from mii.ops.attention import AttentionBatch
 
 
@@ -31,6 +32,37 @@ class KVCacheSpec:
     head_dim: int
 
 
+@dataclass(frozen=True)
+class DecoderSizes:
+    """The sizes a family's spec starts with (``LlamaSpec`` and ``PhiSpec`` extend
+    it with their own settings, read from config.json by their ``from_hf``)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+class AttentionSizes(Protocol):
+    """What ``SelfAttention`` reads from a family's spec."""
+
+    hidden_size: int
+    num_heads: int  # query heads, over all ranks
+    num_kv_heads: int  # key/value heads, over all ranks (= num_heads without GQA)
+    head_dim: int
+
+
+class ModelSpec(AttentionSizes, Protocol):
+    """What ``CausalLM.set_spec`` reads from a family's spec."""
+
+    num_layers: int
+    max_positions: int
+    tie_word_embeddings: bool
+
+
 class CausalLM(nn.Module):
     """A decoder-only language model over a ragged, paged batch.
 
@@ -45,11 +77,29 @@ class CausalLM(nn.Module):
     weight_map: ClassVar[tuple[tuple[str, str, Any], ...]] = ()
     ignored_weights: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
 
+    spec: Any  # the family's settings from config.json (a ModelSpec: LlamaSpec, ...)
     max_positions: int
     kv_spec: KVCacheSpec
     tied_embeddings: bool = False
+    lm_head: LMHead
     # Whether a decode forward can be captured in a CUDA graph (no host syncs inside).
     supports_cuda_graphs: ClassVar[bool] = True
+
+    def set_spec(self, spec: ModelSpec) -> None:
+        """Keep the family's settings and what the engine reads from them: the
+        longest context, this rank's share of the KV cache and whether the head
+        is tied."""
+        self.spec = spec
+        self.max_positions = spec.max_positions
+        kv_heads = local_kv_heads(spec.num_kv_heads)
+        self.kv_spec = KVCacheSpec(spec.num_layers, kv_heads, spec.head_dim)
+        self.tied_embeddings = spec.tie_word_embeddings
+
+    def make_lm_head(self, embedding: VocabEmbedding, bias: bool = False) -> LMHead:
+        """The head back onto ``embedding``'s vocabulary; it shares the embedding
+        matrix when the spec ties them (call ``set_spec`` first)."""
+        tied_to = embedding if self.tied_embeddings else None
+        return LMHead(embedding.hidden_size, embedding.vocab_size, bias=bias, tied_to=tied_to)
 
     def forward(
         self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
@@ -58,8 +108,8 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [S, D] -> float32 logits [S, V]."""
-        raise NotImplementedError
+        """hidden: [S, D] -> float32 logits [S, V] (default: the ``lm_head``)."""
+        return self.lm_head(hidden)
 
     def convert_weight(
         self, hf_name: str, tensor: torch.Tensor

@@ -25,9 +25,8 @@ from torch import nn
 
 from mii.errors import UnsupportedModelError
 from mii.models.attention import SelfAttention
-from mii.models.base import CausalLM, ForwardContext, KVCacheSpec
-from mii.models.layers import MLP, LayerNorm, LMHead, VocabEmbedding, activation
-from mii.models.parallel import local_kv_heads
+from mii.models.base import CausalLM, ForwardContext
+from mii.models.layers import MLP, LayerNorm, VocabEmbedding, activation
 from mii.models.rope import RotaryEmbedding, rope_parameters
 
 
@@ -135,15 +134,9 @@ class FalconDecoderLayer(nn.Module):
             self.input_layernorm = LayerNorm(d, eps)
         if not spec.parallel_attn:
             self.post_attention_layernorm = LayerNorm(d, eps)
+        rotary = RotaryEmbedding(spec.head_dim, spec.max_positions, spec.rope)
         self.self_attention = SelfAttention(
-            layer_idx=layer_idx,
-            hidden_size=d,
-            num_heads=spec.num_heads,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
-            qkv_bias=spec.bias,
-            o_bias=spec.bias,
-            rotary=RotaryEmbedding(spec.head_dim, spec.max_positions, spec.rope),
+            spec, layer_idx, qkv_bias=spec.bias, o_bias=spec.bias, rotary=rotary
         )
         self.mlp = MLP(d, spec.ffn_hidden_size, spec.activation, spec.bias)
 
@@ -191,17 +184,9 @@ class FalconForCausalLM(CausalLM):
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
         spec = FalconSpec.from_hf(hf_config)
-        self.spec = spec
-        self.max_positions = spec.max_positions
-        self.kv_spec = KVCacheSpec(
-            spec.num_layers,
-            local_kv_heads(spec.num_kv_heads),
-            spec.head_dim,
-        )
+        self.set_spec(spec)
         self.transformer = FalconModel(spec)
-        self.tied_embeddings = spec.tie_word_embeddings
-        tied = self.transformer.word_embeddings if spec.tie_word_embeddings else None
-        self.lm_head = LMHead(spec.hidden_size, spec.vocab_size, bias=False, tied_to=tied)
+        self.lm_head = self.make_lm_head(self.transformer.word_embeddings)
 
     def convert_weight(
         self, hf_name: str, tensor: torch.Tensor
@@ -224,6 +209,3 @@ class FalconForCausalLM(CausalLM):
         self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         return self.transformer(token_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

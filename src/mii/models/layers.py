@@ -165,6 +165,7 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
         self.vocab_start, rows = vocab_range(vocab_size, tp_world_size(), tp_rank())
         self.weight = nn.Parameter(torch.empty(rows, hidden_size))
 

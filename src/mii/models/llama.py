@@ -14,21 +14,13 @@ import torch
 from torch import nn
 
 from mii.models.attention import SelfAttention
-from mii.models.base import CausalLM, ForwardContext, KVCacheSpec
-from mii.models.layers import GatedMLP, LMHead, RMSNorm, VocabEmbedding
-from mii.models.parallel import local_kv_heads
+from mii.models.base import CausalLM, DecoderSizes, ForwardContext
+from mii.models.layers import GatedMLP, RMSNorm, VocabEmbedding
 from mii.models.rope import RotaryEmbedding, rope_parameters
 
 
 @dataclass(frozen=True)
-class LlamaSpec:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class LlamaSpec(DecoderSizes):
     rms_norm_eps: float
     hidden_act: str
     max_positions: int
@@ -86,11 +78,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.norm_offset)
         self.self_attn = SelfAttention(
-            layer_idx=layer_idx,
-            hidden_size=spec.hidden_size,
-            num_heads=spec.num_heads,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
+            spec,
+            layer_idx,
             qkv_bias=spec.qkv_bias,
             o_bias=spec.o_bias,
             rotary=RotaryEmbedding(spec.rotary_dim, spec.max_positions, spec.rope),
@@ -161,17 +150,9 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
         spec = self.spec_from_hf(hf_config)
-        self.spec = spec
-        self.max_positions = spec.max_positions
-        self.kv_spec = KVCacheSpec(
-            spec.num_layers,
-            local_kv_heads(spec.num_kv_heads),
-            spec.head_dim,
-        )
+        self.set_spec(spec)
         self.model = LlamaModel(spec, self.make_layers(spec, hf_config))
-        self.tied_embeddings = spec.tie_word_embeddings
-        tied = self.model.embed_tokens if spec.tie_word_embeddings else None
-        self.lm_head = LMHead(spec.hidden_size, spec.vocab_size, bias=False, tied_to=tied)
+        self.lm_head = self.make_lm_head(self.model.embed_tokens)
 
     @classmethod
     def spec_from_hf(cls, hf_config: dict[str, Any]) -> LlamaSpec:
@@ -185,6 +166,3 @@ class LlamaForCausalLM(CausalLM):
         self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         return self.model(token_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from mii.models.attention import SelfAttention
-from mii.models.base import CausalLM, ForwardContext, KVCacheSpec
-from mii.models.layers import MLP, LayerNorm, LMHead, VocabEmbedding
-from mii.models.parallel import local_kv_heads
+from mii.models.base import CausalLM, ForwardContext
+from mii.models.layers import MLP, LayerNorm, VocabEmbedding
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which OPT never overrides
@@ -72,6 +71,10 @@ class OPTSpec:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads  # multi-head attention: every head has its own keys and values
+
 
 def layer_norm(spec: OPTSpec) -> nn.Module:
     """OPT's LayerNorm; ``layer_norm_elementwise_affine=False`` leaves it without parameters."""
@@ -85,14 +88,7 @@ class OPTDecoderLayer(nn.Module):
         super().__init__()
         self.pre_norm = spec.pre_norm
         self.self_attn = SelfAttention(
-            layer_idx=layer_idx,
-            hidden_size=spec.hidden_size,
-            num_heads=spec.num_heads,
-            num_kv_heads=spec.num_heads,
-            head_dim=spec.head_dim,
-            qkv_bias=spec.bias,
-            o_bias=spec.bias,
-            rotary=None,
+            spec, layer_idx, qkv_bias=spec.bias, o_bias=spec.bias, rotary=None
         )
         self.self_attn_layer_norm = layer_norm(spec)
         self.mlp = MLP(spec.hidden_size, spec.ffn_dim, spec.activation, spec.bias)  # fc1, fc2
@@ -165,14 +161,10 @@ class OPTForCausalLM(CausalLM):
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
         spec = OPTSpec.from_hf(hf_config)
-        self.spec = spec
-        self.max_positions = spec.max_positions
-        heads = local_kv_heads(spec.num_heads)
-        self.kv_spec = KVCacheSpec(spec.num_layers, heads, spec.head_dim)
+        self.set_spec(spec)
         self.model = OPTModel(spec)
-        self.tied_embeddings = spec.tie_word_embeddings
-        tied = self.model.decoder.embed_tokens if spec.tie_word_embeddings else None
-        self.lm_head = LMHead(spec.embed_dim, spec.vocab_size, bias=False, tied_to=tied)
+        # Over the token embedding's width (word_embed_proj_dim), after project_out.
+        self.lm_head = self.make_lm_head(self.model.decoder.embed_tokens)
 
     def convert_weight(
         self, hf_name: str, tensor: torch.Tensor
@@ -187,6 +179,3 @@ class OPTForCausalLM(CausalLM):
         self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         return self.model.decoder(token_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [S, E] -> [S, V]

@@ -20,21 +20,13 @@ import torch
 from torch import nn
 
 from mii.models.attention import SelfAttention
-from mii.models.base import CausalLM, ForwardContext, KVCacheSpec
-from mii.models.layers import MLP, LayerNorm, LMHead, VocabEmbedding
-from mii.models.parallel import local_kv_heads
+from mii.models.base import CausalLM, DecoderSizes, ForwardContext
+from mii.models.layers import MLP, LayerNorm, VocabEmbedding
 from mii.models.rope import RotaryEmbedding, rope_parameters
 
 
 @dataclass(frozen=True)
-class PhiSpec:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+class PhiSpec(DecoderSizes):
     rotary_dim: int
     layer_norm_eps: float
     hidden_act: str
@@ -77,11 +69,8 @@ class PhiDecoderLayer(nn.Module):
         # HF sizes the q/k LayerNorms by hidden_size // num_heads, i.e. head_dim.
         qk_norm = LayerNorm(spec.head_dim, spec.layer_norm_eps) if spec.qk_layernorm else None
         self.self_attn = SelfAttention(
-            layer_idx=layer_idx,
-            hidden_size=spec.hidden_size,
-            num_heads=spec.num_heads,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
+            spec,
+            layer_idx,
             qkv_bias=True,
             o_bias=True,
             rotary=RotaryEmbedding(spec.rotary_dim, spec.max_positions, spec.rope),
@@ -129,19 +118,11 @@ class PhiForCausalLM(CausalLM):
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__()
         spec = PhiSpec.from_hf(hf_config)
-        self.spec = spec
-        self.max_positions = spec.max_positions
-        kv_heads = local_kv_heads(spec.num_kv_heads)
-        self.kv_spec = KVCacheSpec(spec.num_layers, kv_heads, spec.head_dim)
+        self.set_spec(spec)
         self.model = PhiModel(spec)
-        self.tied_embeddings = spec.tie_word_embeddings
-        tied = self.model.embed_tokens if spec.tie_word_embeddings else None
-        self.lm_head = LMHead(spec.hidden_size, spec.vocab_size, bias=True, tied_to=tied)
+        self.lm_head = self.make_lm_head(self.model.embed_tokens, bias=True)
 
     def forward(
         self, token_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         return self.model(token_ids, positions, ctx)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [S, D] -> [S, V]
