@@ -25,7 +25,7 @@ def test_every_switch_is_in_the_docstring_table():
     [
         (envs.FUSED, "cuda", "MII_FUSED must be 'auto', 'triton' or 'torch', not 'cuda'"),
         (envs.PDL, "yes", "MII_PDL must be 'auto' or 'off', not 'yes'"),
-        (envs.ATTENTION, "auto", "MII_ATTENTION must be 'triton' or 'torch', not 'auto'"),
+        (envs.ATTENTION, "cuda", "MII_ATTENTION must be 'triton', 'torch' or 'auto', not 'cuda'"),
         (envs.TP_FAIL_AT_PASS, "1", "MII_TP_FAIL_AT_PASS must be 'RANK:N'"),
         (envs.PASS_DELAY_S, "-1", "MII_PASS_DELAY_S must be a number of seconds >= 0"),
         (envs.PASS_DELAY_S, "nan", "MII_PASS_DELAY_S must be a number of seconds >= 0"),
@@ -81,3 +81,10 @@ def test_no_module_but_envs_reads_an_mii_switch():
         if mii_names:
             readers[str(path.relative_to(SRC))] = mii_names
     assert readers == {}
+
+
+def test_an_empty_kernel_choice_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("MII_GEMV", "")
+    assert envs.GEMV.get() == "auto"
+    monkeypatch.setenv("MII_ATTENTION", "")
+    assert envs.ATTENTION.get() == "triton"

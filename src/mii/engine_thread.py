@@ -7,7 +7,7 @@ engine is shut down cleanly when the owner closes it, is garbage-collected, or
 when the interpreter exits.
 
 It needs only the engine's ``stream`` and ``aclose`` and imports nothing of
-mii, so that every layer may use it.
+mii; it sits in the serving layer beside the pipeline (tests/test_architecture.py).
 """
 
 from __future__ import annotations

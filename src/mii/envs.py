@@ -2,7 +2,7 @@
 
 | variable | values (default first) | what it chooses |
 |---|---|---|
-| ``MII_ATTENTION`` | ``triton``, ``torch`` | attention on CUDA: Triton, or the torch reference |
+| ``MII_ATTENTION`` | ``triton``, ``torch``, ``auto`` | paged attention on CUDA (auto = triton) |
 | ``MII_FUSED`` | ``auto``, ``triton``, ``torch`` | fused RMSNorm and gated-activation kernels |
 | ``MII_GEMV`` | ``auto``, ``triton``, ``torch`` | the skinny matrix-vector kernel for decode |
 | ``MII_MOE`` | ``auto``, ``triton``, ``torch`` | the grouped expert kernel of MoE layers |
@@ -16,7 +16,8 @@ For the kernel switches, ``auto`` takes Triton on CUDA and torch elsewhere,
 the torch code (``ops/dispatch.py``).
 
 Every switch is read when it is used, never cached at import: tests set them
-with ``monkeypatch.setenv``, and ``MII_PDL`` is read at each kernel launch. A
+with ``monkeypatch.setenv``, and ``MII_PDL`` is read at each kernel launch
+(``MII_PASS_DELAY_S`` is used, and so read, when an engine starts). A
 value outside a switch's choices raises ``ValueError`` naming the variable and
 the values it takes. Only ``MII_*`` switches live here: the launcher's
 variables (``RANK``, ``WORLD_SIZE``, ...) and Triton's belong to those tools.
@@ -56,6 +57,8 @@ def _one_of(*choices: str) -> Callable[[str, str], str]:
     """A parser accepting exactly ``choices``."""
 
     def parse(name: str, value: str) -> str:
+        if value == "":  # set but empty counts as unset, as shells often leave it
+            return choices[0]
         if value not in choices:
             raise ValueError(f"{name} must be {_quoted_list(choices)}, not {value!r}")
         return value
@@ -80,9 +83,11 @@ KERNEL_CHOICES = ("auto", "triton", "torch")
 
 ATTENTION = _choice(
     "MII_ATTENTION",
-    "paged attention on CUDA: the Triton kernels, or the torch reference",
+    "paged attention on CUDA: the Triton kernels (also 'auto', as the other kernel "
+    "switches say it), or the torch reference",
     "triton",
     "torch",
+    "auto",
 )
 FUSED = _choice(
     "MII_FUSED", "fused RMSNorm and gated activations (ops/fused_elementwise.py)", *KERNEL_CHOICES

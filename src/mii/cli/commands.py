@@ -49,7 +49,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mii {args.command}: error: {err}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ incremental detokenizer, its stop strings, the prompt echoed by
 ``return_full_text``, and the decision that a token ends the request
 (end-of-sequence, the length limit, a stop string). It keeps that state per
 request id from ``start`` to ``end``; sequences and the scheduler know nothing
-of it.
+of it (a sequence keeps only its prompt text, ``Sequence.prompt_text``).
 """
 
 from __future__ import annotations

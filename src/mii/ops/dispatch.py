@@ -27,7 +27,7 @@ def triton_chosen(switch: envs.Switch[str], device: torch.device) -> bool:
 def triton_attention_enabled(device: torch.device) -> bool:
     """Whether paged attention runs the Triton kernels (``ops.triton_attention``):
     on CUDA unless ``MII_ATTENTION=torch``; elsewhere always the torch reference."""
-    return device.type == "cuda" and envs.ATTENTION.get() == "triton"
+    return device.type == "cuda" and envs.ATTENTION.get() != "torch"
 
 
 # Activations with a fused kernel (names as in ``models.layers.activation``) and

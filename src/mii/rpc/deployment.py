@@ -3,10 +3,9 @@ and one replica process per engine copy.
 
 ``python -m mii.rpc.deployment CONFIG_JSON`` (a ``DeploymentConfig``) runs it;
 ``mii.serve`` starts that in the background, ``mii serve`` in the foreground.
-Start-up order: bind the
-front port (fails fast when it is taken), start the replicas, wait until every
-one is healthy, start the REST gateway, then report SERVING and record the
-deployment in the local registry. Any failure on the way stops everything
+Start-up order: bind the front port (fails fast when it is taken), start the
+replicas, wait until every one is healthy, start the REST gateway, then report
+SERVING and record the deployment in the local registry. Any failure on the way stops everything
 started so far and exits with the cause on stderr.
 """
 

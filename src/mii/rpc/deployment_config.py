@@ -97,7 +97,7 @@ class DeploymentConfig(GpuLayout):
     @model_validator(mode="before")
     @classmethod
     def _default_name(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("deployment_name") is None and "model" in data:
+        if isinstance(data, dict) and not data.get("deployment_name") and "model" in data:
             data = {**data, "deployment_name": f"{data['model']}-mii-deployment"}
         return data
 

@@ -1,0 +1,41 @@
+"""DeploymentConfig: the one validated description of a deployment."""
+
+from __future__ import annotations
+
+import pytest
+
+from mii.errors import InvalidRequestError
+from mii.rpc.deployment_config import DeploymentConfig, ReplicaConfig
+
+
+def test_defaults_match_mii_serve():
+    config = DeploymentConfig.parse("some/model")
+    assert config.deployment_name == "some/model-mii-deployment"
+    assert (config.host, config.port) == ("127.0.0.1", 50050)
+    assert (config.tensor_parallel, config.replica_num) == (1, 1)
+    assert (config.enable_restful_api, config.restful_api_port) == (False, 28080)
+
+
+def test_an_empty_name_takes_the_default():
+    assert DeploymentConfig.parse("m", deployment_name="").deployment_name == "m-mii-deployment"
+
+
+def test_other_options_are_engine_options():
+    config = DeploymentConfig.parse("m", port=50051, max_length=64, kv_block_size=8)
+    assert config.port == 50051
+    assert config.engine_options == {"max_length": 64, "kv_block_size": 8}
+    assert config.engine_config().kv_block_size == 8
+
+
+def test_a_bad_engine_option_is_named():
+    with pytest.raises(InvalidRequestError, match="kv_block_sise"):
+        DeploymentConfig.parse("m", kv_block_sise=8)
+
+
+def test_a_replica_config_survives_json():
+    deployment = DeploymentConfig.parse("m", replica_num=2, token_budget=256)
+    replica = ReplicaConfig(deployment=deployment, port=1234, gpus=[2, 3])
+    again = ReplicaConfig.model_validate_json(replica.model_dump_json())
+    assert again == replica
+    assert again.deployment.engine_options == {"token_budget": 256}
+    assert again.address.endswith(":1234")
