@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
+import string
 import subprocess
 import tempfile
 import time
@@ -44,16 +46,34 @@ LLAMA3_8B = LLAMA2_7B | {
 SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
 
 
-def model_dir(shape: str) -> str:
-    """A checkpoint folder with only config.json and a tokenizer (use load_format='dummy')."""
+def model_dir(shape: str, full_vocab: bool = False) -> str:
+    """A checkpoint folder with only config.json and a tokenizer (use load_format='dummy').
+
+    The tokenizer is the demo's (512 tokens: most ids a random model generates
+    decode to no text), or with ``full_vocab`` one of exactly the model's
+    vocabulary size, so that every generated token makes text as with the real
+    tokenizer: what streaming costs (detokenizing, one SSE chunk per piece of
+    text) depends on it."""
     from mii.demo import _CORPUS, train_tokenizer
 
-    path = Path(tempfile.gettempdir()) / f"mii-bench-{shape}"
+    path = Path(tempfile.gettempdir()) / f"mii-bench-{shape}{'-full-vocab' if full_vocab else ''}"
     if not (path / "config.json").is_file():
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(SHAPES[shape]))
-        train_tokenizer(_CORPUS.splitlines() * 4).save_pretrained(path)
+        vocab_size = SHAPES[shape]["vocab_size"]
+        texts = synthetic_text(vocab_size) if full_vocab else _CORPUS.splitlines() * 4
+        train_tokenizer(texts, vocab_size if full_vocab else 512).save_pretrained(path)
+        (path / "config.json").write_text(json.dumps(SHAPES[shape]))  # last: the folder is whole
     return str(path)
+
+
+def synthetic_text(words: int, seed: int = 0) -> list[str]:
+    """Lines of about ``words`` distinct random lowercase words (3-9 letters): enough
+    distinct pieces for a byte-level BPE to reach that many tokens (a few seconds)."""
+    rng = random.Random(seed)
+    unique = sorted(
+        {"".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(words)}
+    )
+    return [" ".join(unique[i : i + 50]) for i in range(0, len(unique), 50)]
 
 
 def num_params(config: dict) -> int:

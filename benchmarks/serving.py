@@ -1,153 +1,316 @@
-"""Serving: Poisson arrivals against a real deployment, streaming over gRPC.
+"""Serving: Poisson arrivals against a real deployment, streaming, over gRPC or HTTP.
 
-    python benchmarks/serving.py --rates 4 8 12 --num-requests 200 \\
-        [--prompt-mean 2600 --gen-mean 60] [--replicas 1] [--json out.json]
+    python benchmarks/serving.py --rates 8 12 16 20 --num-requests 160 \\
+        [--prompt-mean 2600 --gen-mean 60] [--http] [--json out.json]
 
-Per rate: time to first token (TTFT), time per output token (TPOT), inter-token
-latency (ITL), p50/p99, and effective throughput in the FastGen sense: a request
-counts when its first token arrives within prompt_tokens/512 s and its
-generation keeps at least 4 tokens/s. Lengths are normal with a standard
-deviation of 0.3 x the mean. ``--model`` is a shape name (random weights of the
-real shape on GPU) or a checkpoint path; without a GPU use e.g.
-``--model demo --prompt-mean 40 --gen-mean 8`` to check the machinery.
+The FastGen workload: prompts ~N(prompt_mean, 0.3 x mean) tokens, generation
+~N(gen_mean, 0.3 x mean) tokens (``ignore_eos``, greedy), clipped so that prompt
++ generation fits the deployment's ``max_length`` (from its ModelInfo). Prompt
+lengths are exact token counts as the server counts them (BOS included): the
+gRPC and OpenAI surfaces take text only, so each prompt is random whole-word
+token ids decoded to text, re-encoded and adjusted until the count is exact;
+the server's own count is recorded and mismatches reported
+(``prompt_tokens_off``). Details in :mod:`benchmarks.serving_load`.
+
+Transport: by default ``client.astream`` over gRPC (one piece per token); with
+``--http`` the deployment also runs its REST gateway and every request is a
+``POST /v1/completions`` with ``"stream": true`` and
+``"stream_options": {"include_usage": true}`` sent by one shared
+``httpx.AsyncClient``, as users' load tools do (one SSE chunk per piece of text;
+the token counts come from the final ``usage`` chunk).
+
+Per offered rate: served requests/s (completed / wall time), effective
+requests/s in the FastGen sense (first token within prompt_tokens/512 s and at
+least 4 tokens/s after it), time to first token (TTFT), time per output token
+after the first (TPOT) and inter-token latency (ITL: gaps between timed pieces,
+gRPC tokens or HTTP chunks), p50/p99 in ms. A few requests warm the deployment
+up first. Every rate gets prompts of the same lengths with fresh words (so
+that no cache carries over between rates).
+
+Once per run, after the deployment has stopped (the GPU holds one engine at a
+time): the offline engine maximum, i.e. the first rate's exact requests
+submitted all at once to an in-process ``mii.AsyncEngine`` with the same
+options, in requests/s; on CUDA with a shape name also the compute floor for
+those requests (2 x params x tokens over the measured bf16 matmul rate).
+
+``--model`` is a shape name (random weights of the real shape on GPU, with a
+synthetic byte-level BPE tokenizer of the model's full vocabulary size, so that
+every generated token decodes to text and is streamed as with the real
+tokenizer), ``demo`` or a checkpoint path. Engine options are the engine's defaults unless
+``--token-budget`` / ``--max-num-seqs`` are given. CPU check of the machinery:
+``--model demo --prompt-mean 40 --gen-mean 8 --rates 2 --num-requests 6 [--http]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import random
-import statistics
+import sys
 import time
+from typing import Any
 
 import mii
-from benchmarks.common import SHAPES, environment, model_dir, write_json
+from benchmarks.common import SHAPES, environment, model_dir, num_params, roofline, write_json
+from benchmarks.serving_load import (
+    HttpSender,
+    PromptMaker,
+    Request,
+    Send,
+    clipped_lengths,
+    grpc_sender,
+    poisson_arrivals,
+    request_set,
+    run_arrivals,
+    summarize,
+    timed,
+)
 from mii.rpc.deployment import free_port
 
-
-def lengths(rng: random.Random, mean: float, n: int, low: int = 1) -> list[int]:
-    return [max(low, int(rng.gauss(mean, 0.3 * mean))) for _ in range(n)]
+GREEDY = {"ignore_eos": True, "do_sample": False}  # as the gRPC and HTTP senders ask
 
 
-def prompt_of(rng: random.Random, words: list[str], tokens: int, per_word: float) -> str:
-    return " ".join(rng.choice(words) for _ in range(max(1, round(tokens / per_word))))
-
-
-async def one_request(client, prompt: str, gen: int, send_at: float, start: float) -> dict:
-    await asyncio.sleep(max(0.0, start + send_at - time.perf_counter()))
-    sent = time.perf_counter()
-    stamps = []
-    prompt_tokens = 0
-    async for piece in client.astream(prompt, max_new_tokens=gen, ignore_eos=True):
-        now = time.perf_counter()
-        stamps.extend([now] * max(1, len(piece.token_ids)))
-        prompt_tokens = piece.prompt_length
-    ttft = stamps[0] - sent
-    decode = stamps[-1] - stamps[0]
-    tpot = decode / (len(stamps) - 1) if len(stamps) > 1 else 0.0
-    return {
-        "prompt_tokens": prompt_tokens,
-        "generated": len(stamps),
-        "ttft": ttft,
-        "tpot": tpot,
-        "itl": [b - a for a, b in itertools.pairwise(stamps)],
-        "effective": ttft <= prompt_tokens / 512 and (tpot == 0.0 or 1 / tpot >= 4),
-        "done_at": stamps[-1] - start,
-    }
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-async def run_rate(client, rate: float, args, words: list[str], per_word: float, seed: int) -> dict:
-    rng = random.Random(seed)
-    n = args.num_requests
-    prompts = [prompt_of(rng, words, t, per_word) for t in lengths(rng, args.prompt_mean, n)]
-    gens = lengths(rng, args.gen_mean, n)
-    arrivals, t = [], 0.0
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        arrivals.append(t)
-    start = time.perf_counter()
-    results = await asyncio.gather(
-        *(one_request(client, p, g, a, start) for p, g, a in zip(prompts, gens, arrivals))
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    duration = max(r["done_at"] for r in results)
-    itl = [x for r in results for x in r["itl"]]
-    ms = 1e3
-    return {
-        "rate": rate,
-        "requests": n,
-        "duration_s": round(duration, 2),
-        "throughput_rps": round(n / duration, 2),
-        "effective_rps": round(sum(r["effective"] for r in results) / duration, 2),
-        "ttft_ms": {
-            "p50": round(percentile([r["ttft"] for r in results], 0.5) * ms, 1),
-            "p99": round(percentile([r["ttft"] for r in results], 0.99) * ms, 1),
-        },
-        "tpot_ms": {
-            "p50": round(percentile([r["tpot"] for r in results], 0.5) * ms, 2),
-            "p99": round(percentile([r["tpot"] for r in results], 0.99) * ms, 2),
-        },
-        "itl_ms": {
-            "p50": round(percentile(itl, 0.5) * ms, 2),
-            "p99": round(percentile(itl, 0.99) * ms, 2),
-        },
-        "mean_prompt_tokens": round(statistics.mean(r["prompt_tokens"] for r in results), 1),
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="llama2-7b", help="shape name, 'demo' or a path")
-    parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 8.0, 12.0])
-    parser.add_argument("--num-requests", type=int, default=200)
-    parser.add_argument("--prompt-mean", type=float, default=2600)
-    parser.add_argument("--gen-mean", type=float, default=60)
+    parser.add_argument("--rates", type=float, nargs="+", default=[8.0, 12.0, 16.0, 20.0])
+    parser.add_argument("--num-requests", type=int, default=160, help="requests per rate")
+    parser.add_argument("--prompt-mean", type=float, default=2600, help="prompt tokens, mean")
+    parser.add_argument("--gen-mean", type=float, default=60, help="generated tokens, mean")
+    parser.add_argument("--http", action="store_true", help="drive /v1/completions (SSE)")
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--token-budget", type=int, default=None, help="default: the engine's")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
+    parser.add_argument("--warmup", type=int, default=8, help="unmeasured requests first")
+    parser.add_argument("--no-offline", action="store_true", help="skip the offline maximum")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    options: dict = {}
+
+def model_and_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The checkpoint path and the engine options of both the deployment and the
+    offline engine (engine defaults unless the arguments override them)."""
+    options: dict[str, Any] = {}
     if args.model in SHAPES:
-        path = model_dir(args.model)
-        options = {"load_format": "dummy", "dtype": "bfloat16", "token_budget": 2048}
+        path = model_dir(args.model, full_vocab=True)  # every token streams text
+        options = {"load_format": "dummy", "dtype": "bfloat16"}
     elif args.model == "demo":
         from mii.demo import demo_model_path
 
         path = str(demo_model_path())
     else:
         path = args.model
+    if args.token_budget is not None:
+        options["token_budget"] = args.token_budget
+    if args.max_num_seqs is not None:
+        options["max_num_seqs"] = args.max_num_seqs
+    return path, options
+
+
+def log(message: str) -> None:
+    print(f"[serving] {message}", file=sys.stderr, flush=True)
+
+
+# ----- the deployment ---------------------------------------------------------------
+
+
+async def measure(
+    send: Send, warmup: list[Request], sets: list[list[Request]], rates: list[float], seed: int
+) -> list[dict[str, Any]]:
+    """Warm up, then run each rate's requests at Poisson arrivals; one row per rate."""
+    if warmup:
+        timings = await asyncio.gather(*(timed(send, r) for r in warmup))
+        if all(t.error for t in timings):
+            raise RuntimeError(f"every warm-up request failed: {timings[0].error}")
+    rows = []
+    for i, (rate, requests) in enumerate(zip(rates, sets)):
+        arrivals = poisson_arrivals(random.Random(seed + 1000 + i), rate, len(requests))
+        start, timings = await run_arrivals(send, requests, arrivals)
+        rows.append(summarize(rate, requests, start, timings))
+        log(row_line(rows[-1]))
+    return rows
+
+
+async def measure_deployment(
+    client, http_url: str | None, model: str, work: tuple
+) -> list[dict[str, Any]]:
+    """``measure(send, *work)`` over gRPC, or over HTTP when the gateway's URL is given."""
+    if http_url is None:
+        return await measure(grpc_sender(client), *work)
+    sender = HttpSender(http_url, model)
+    try:
+        return await measure(sender, *work)
+    finally:
+        await sender.aclose()
+
+
+def serve_and_measure(
+    args: argparse.Namespace, path: str, options: dict[str, Any], maker: PromptMaker
+) -> tuple[dict[str, Any], list[list[Request]], list[Request]]:
+    """Start the deployment, build the requests for its max_length, run every rate,
+    stop it. Returns the part of the result it measured, the request sets (one
+    per rate) and the warm-up requests."""
+    http_port = free_port() if args.http else None
+    started = time.perf_counter()
     client = mii.serve(
         path,
         deployment_name=f"bench-serving-{free_port()}",
         replica_num=args.replicas,
         port=free_port(),
+        enable_restful_api=args.http,
+        **({"restful_api_port": http_port} if http_port else {}),
         **options,
     )
     try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        pieces = (w.strip("Ġ▁") for w in tokenizer.get_vocab())
-        words = [w for w in pieces if w.isascii() and w.isalpha()]
-        words = words or ["word"]
-        sample = " ".join(random.Random(0).choice(words) for _ in range(500))
-        per_word = len(tokenizer(sample).input_ids) / 500  # tokens per word, to size prompts
-        result = {"benchmark": "serving", "model": args.model, **environment()}
-        result["workload"] = {"prompt_mean": args.prompt_mean, "gen_mean": args.gen_mean}
-        result["rates"] = [
-            asyncio.run(run_rate(client, rate, args, words, per_word, seed=i))
-            for i, rate in enumerate(args.rates)
-        ]
+        load_s = time.perf_counter() - started
+        info = client.model_info()
+        lengths = clipped_lengths(
+            random.Random(args.seed),
+            args.prompt_mean,
+            args.gen_mean,
+            args.num_requests,
+            info.max_length,
+            maker.min_tokens,
+        )
+        sets = [request_set(maker, lengths, args.seed + 1 + i) for i in range(len(args.rates))]
+        warmup = request_set(maker, lengths[: args.warmup], args.seed + 999)
+        log(f"deployment up in {load_s:.1f} s; max_length {info.max_length}; requests built")
+        http_url = f"http://127.0.0.1:{http_port}" if http_port else None
+        work = (warmup, sets, args.rates, args.seed)
+        rows = asyncio.run(measure_deployment(client, http_url, info.model, work))
     finally:
         client.terminate_server()
+    measured = {
+        "transport": "http /v1/completions (SSE)" if args.http else "grpc",
+        "max_length": info.max_length,
+        "deployment_load_s": round(load_s, 1),
+        "rates": rows,
+    }
+    return measured, sets, warmup
+
+
+# ----- offline ----------------------------------------------------------------------
+
+
+async def offline_maximum(
+    path: str, options: dict[str, Any], requests: list[Request], warmup: list[Request]
+) -> dict[str, Any]:
+    """``requests`` submitted all at once to an in-process engine (after ``warmup``
+    the same way): requests/s."""
+    engine = mii.AsyncEngine(path, **options)
+
+    async def run(batch: list[Request]) -> list:
+        return await asyncio.gather(
+            *(engine.generate([r.prompt], max_new_tokens=r.max_new_tokens, **GREEDY) for r in batch)
+        )
+
+    try:
+        await run(warmup)
+        start = time.perf_counter()
+        responses = await run(requests)
+        elapsed = time.perf_counter() - start
+    finally:
+        await engine.aclose()
+    generated = sum(r[0].generated_length for r in responses)
+    prompt_tokens = sum(r[0].prompt_length for r in responses)
+    return {
+        "requests": len(requests),
+        "seconds": round(elapsed, 2),
+        "requests_per_s": round(len(requests) / elapsed, 2),
+        "output_tok_s": round(generated / elapsed, 1),
+        "total_tok_s": round((generated + prompt_tokens) / elapsed, 1),
+    }
+
+
+def compute_floor(model: str, requests: list[Request]) -> dict[str, Any]:
+    """On CUDA with a shape name: the requests' compute floor (2 x params x tokens
+    over the measured bf16 matmul rate) and the requests/s it allows."""
+    import torch
+
+    if model not in SHAPES or not torch.cuda.is_available():
+        return {}
+    tflops = roofline(torch.device("cuda"))["matmul_bf16_tflops"]
+    tokens = sum(r.prompt_tokens + r.max_new_tokens for r in requests)
+    floor_s = 2 * num_params(SHAPES[model]) * tokens / (tflops * 1e12)
+    return {
+        "matmul_bf16_tflops": tflops,
+        "compute_floor_s": round(floor_s, 2),
+        "compute_ceiling_rps": round(len(requests) / floor_s, 2),
+    }
+
+
+# ----- report -----------------------------------------------------------------------
+
+
+def row_line(row: dict[str, Any]) -> str:
+    def pair(key: str) -> str:
+        return f"{row[key]['p50']:.1f}/{row[key]['p99']:.1f}"
+
+    return (
+        f"{row['offered_rps']:>7.1f} {row['served_rps']:>7.2f} {row['effective_rps']:>9.2f} "
+        f"{pair('ttft_ms'):>17} {pair('tpot_ms'):>15} {pair('itl_ms'):>15} "
+        f"{row['completed']:>4}/{row['requests']:<4} {row['prompt_tokens_off']:>4}"
+    )
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The rows of the JSON as a table (after it, so that logs end with the numbers)."""
+    print(f"\nserving {result['model']} over {result['transport']}, workload {result['workload']}")
+    print(
+        f"{'offered':>7} {'served':>7} {'effective':>9} {'TTFT p50/p99 ms':>17} "
+        f"{'TPOT p50/p99 ms':>15} {'ITL p50/p99 ms':>15} {'done':>9} {'off':>4}"
+    )
+    for row in result["rates"]:
+        print(row_line(row))
+    offline = result.get("offline_maximum")
+    if offline:
+        print(
+            f"offline engine maximum: {offline['requests_per_s']} req/s "
+            f"({offline['requests']} requests in {offline['seconds']} s)"
+        )
+    if "compute_floor" in result:
+        floor = result["compute_floor"]
+        print(
+            f"compute floor {floor['compute_floor_s']} s = ceiling "
+            f"{floor['compute_ceiling_rps']} req/s; offline x floor {floor.get('offline_x_floor')}"
+        )
+
+
+def main() -> None:
+    args = parse_args()
+    path, options = model_and_options(args)
+    from transformers import AutoTokenizer
+
+    maker = PromptMaker(AutoTokenizer.from_pretrained(path))
+    result: dict[str, Any] = {"benchmark": "serving", "model": args.model, **environment()}
+    result["engine_options"] = options
+    result["workload"] = {
+        "prompt_mean": args.prompt_mean,
+        "gen_mean": args.gen_mean,
+        "requests_per_rate": args.num_requests,
+    }
+    measured, sets, warmup = serve_and_measure(args, path, options, maker)
+    result |= measured
+    result["workload"]["mean_prompt_tokens"] = round(
+        sum(r.prompt_tokens for r in sets[0]) / len(sets[0]), 1
+    )
+    result["workload"]["mean_gen_tokens"] = round(
+        sum(r.max_new_tokens for r in sets[0]) / len(sets[0]), 1
+    )
+    if not args.no_offline:
+        log("offline engine maximum for the first rate's requests")
+        result["offline_maximum"] = asyncio.run(offline_maximum(path, options, sets[0], warmup))
+        floor = compute_floor(args.model, sets[0])
+        if floor:
+            seconds = result["offline_maximum"]["seconds"]
+            result["compute_floor"] = floor | {
+                "offline_x_floor": round(seconds / floor["compute_floor_s"], 2)
+            }
     write_json(args.json, result)
+    print_table(result)
 
 
 if __name__ == "__main__":

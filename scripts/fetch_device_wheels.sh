@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Download the wheels the GPU machine lacks (its Python 3.12 image has torch,
 # triton, transformers, grpcio, anyio, uvloop, httpx) into .whl/, which the
-# device tool carries. Install there with:
+# device tool carries. The REST gateway (serving.py --http) needs fastapi's and
+# uvicorn's own requirements too: annotated-doc, opentelemetry-api (fastapi
+# imports it), click (uvicorn imports it), h11. Install there with:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD/src
 set -euo pipefail
@@ -17,5 +19,6 @@ download() {
 download pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \
   grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.35.1 \
   fastapi==0.165.0 starlette uvicorn==0.54.0 prometheus-client==0.26.0 \
+  annotated-doc==0.0.7 opentelemetry-api==1.45.2 click==8.5.1 \
   pytest-asyncio==1.3.0 openai==3.57.0 jiter distro h11
 ls -la .whl

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
-#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [tp2-latency] [tp2-w1] [tp2-tests]
+#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [serving] [serving-http] [tp2-latency] [tp2-w1] [tp2-tests]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
@@ -9,6 +9,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# FastGen's serving workload (DESIGN.md "Benchmarks"), engine defaults; rates around
+# the H200's saturation; ~4 min per serving mode (deployment, 4 rates, offline maximum).
+SERVING="--prompt-mean 2600 --gen-mean 60 --rates 8 12 16 20 --num-requests 160"
+serving_report() { grep -q '^serving ' "$1" && sed -n '/^serving /,$p' "$1" || tail -30 "$1"; }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -19,7 +23,8 @@ while [ $# -gt 0 ]; do
     profile) python3 benchmarks/profile_passes.py > "$OUT/profile.log" 2>&1; grep -v "^-\+" "$OUT/profile.log" | cut -c1-150 | tail -60 ;;
     latency-compile) python3 benchmarks/latency.py --compile --json "$OUT/latency_compile.json" > "$OUT/latency_compile.log" 2>&1; tail -30 "$OUT/latency_compile.log" ;;
     throughput-compile) shift; python3 benchmarks/throughput.py --compile --num-requests "$1" --json "$OUT/throughput_compile_$1.json" > "$OUT/throughput_compile_$1.log" 2>&1; tail -30 "$OUT/throughput_compile_$1.log" ;;
-    serving) python3 benchmarks/serving.py --rates 4 8 12 16 --num-requests 100 --json "$OUT/serving.json" > "$OUT/serving.log" 2>&1; tail -80 "$OUT/serving.log" | grep -v '"p50\|"p99\|}\|{' ;;
+    serving) python3 benchmarks/serving.py $SERVING --json "$OUT/serving.json" > "$OUT/serving.log" 2>&1; serving_report "$OUT/serving.log" ;;
+    serving-http) python3 benchmarks/serving.py $SERVING --http --json "$OUT/serving_http.json" > "$OUT/serving_http.log" 2>&1; serving_report "$OUT/serving_http.log" ;;
     latency-sync) python3 benchmarks/latency.py --sync-scheduling --json "$OUT/latency_sync.json" > "$OUT/latency_sync.log" 2>&1; tail -30 "$OUT/latency_sync.log" ;;
     w1-sync) python3 benchmarks/throughput.py --sync-scheduling --json "$OUT/w1_sync.json" > "$OUT/w1_sync.log" 2>&1; tail -30 "$OUT/w1_sync.log" ;;
     tp2-latency) torchrun --standalone --nproc-per-node 2 benchmarks/latency.py --tensor-parallel 2 --json "$OUT/latency_tp2.json" > "$OUT/latency_tp2.log" 2>&1; tail -30 "$OUT/latency_tp2.log" ;;
