@@ -205,6 +205,38 @@ def test_requests_spread_over_replicas(deployment):
     assert all(r[0].generated_length == 20 for r in results)
 
 
+def test_second_deployment_on_a_busy_port_fails(deployment, reference, checkpoints):
+    """gRPC's default SO_REUSEPORT would let a second deployment share the port:
+    it must fail naming the port, and the first one keep serving alone."""
+    client, info = deployment
+    port = info["port"]
+    with pytest.raises(DeploymentError, match=f":{port} "):
+        mii.serve(str(checkpoints("llama")[0]), deployment_name="same-port", port=port)
+    assert wait_until(lambda: no_deployment_processes("same-port"))
+    assert registry.lookup("same-port") is None
+    [r] = client.generate(PROMPTS[0], **GREEDY)  # still the first deployment, still serving
+    assert r.generated_text == reference[PROMPTS[0]].generated_text
+    assert mii.client(f"127.0.0.1:{port}").model_info().deployment_name == "test-deploy"
+    assert registry.lookup("test-deploy")["pid"] == info["pid"]
+
+
+def test_grpc_servers_refuse_a_busy_port():
+    """Balancer and replicas bind through listening_server: never SO_REUSEPORT."""
+    from mii.rpc.listen import listening_server
+
+    async def main():
+        port = free_port()
+        first = listening_server(f"127.0.0.1:{port}")
+        await first.start()
+        try:
+            with pytest.raises(DeploymentError, match=f"127.0.0.1:{port}"):
+                listening_server(f"127.0.0.1:{port}")
+        finally:
+            await first.stop(None)
+
+    asyncio.run(main())
+
+
 def test_killed_replica_is_taken_out_of_rotation(deployment, reference):
     """Runs last among the deployment tests: it leaves one replica."""
     client, info = deployment

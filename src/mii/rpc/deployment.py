@@ -22,13 +22,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from mii.errors import DeploymentError
 from mii.rpc import mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
 from mii.rpc.health import add_standard_services, set_health
+from mii.rpc.listen import listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 from mii.rpc.startup_errors import read_startup_error, run_reporting_errors
 
@@ -111,11 +110,7 @@ async def run_deployment(config: DeploymentConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    server = grpc.aio.server()
-    try:
-        server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as err:
-        raise DeploymentError(f"cannot listen on {host}:{port} (is the port in use?)") from err
+    server = listening_server(f"{host}:{port}")  # a busy port fails here, naming it
     health = add_standard_services(server)
     await set_health(health, False)
 

@@ -22,6 +22,7 @@ from mii.rpc import mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_from_proto, piece_to_proto
 from mii.rpc.deployment_config import ReplicaConfig
 from mii.rpc.health import add_standard_services, set_health
+from mii.rpc.listen import listening_server
 from mii.rpc.rank_workers import start_rank_workers, stop_rank_workers
 from mii.rpc.startup_errors import run_reporting_errors
 from mii.rpc.status import abort
@@ -104,12 +105,7 @@ async def serve_replica(config: ReplicaConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    server = grpc.aio.server()
-    address = config.address
-    try:
-        server.add_insecure_port(address)
-    except RuntimeError as err:
-        raise OSError(f"cannot listen on {address} (is the port in use?): {err}") from None
+    server = listening_server(config.address)  # a busy port fails here, naming it
     health_servicer = add_standard_services(server)
     servicer = ReplicaServicer(stop)
     mii_pb2_grpc.add_MiiServicer_to_server(servicer, server)
