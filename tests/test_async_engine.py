@@ -321,3 +321,49 @@ async def test_failing_output_processing_fails_only_that_request(engine, monkeyp
     assert pieces[-1].finish_reason == "length"
     await engine.wait_idle()
     assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"top_k": 2**63}, "top_k"),
+        ({"top_k": 2**70}, "top_k"),
+        ({"max_new_tokens": 2**70}, "max_new_tokens"),
+        ({"min_new_tokens": 2**64}, "min_new_tokens"),
+        ({"max_length": 2**70}, "max_length"),
+        ({"seed": 2**70}, "seed"),
+    ],
+)
+async def test_huge_integer_options_fail_only_their_request(engine, options, field):
+    """An integer beyond 64 bits is refused naming its field; it never reaches a
+    forward pass, so the sampled requests beside it get the tokens they get alone."""
+    normal = [dict(max_new_tokens=8, seed=i, temperature=0.8, ignore_eos=True) for i in range(4)]
+    alone = [(await engine.generate(PROMPTS[i], **p))[0].token_ids for i, p in enumerate(normal)]
+    tasks = [asyncio.create_task(engine.generate(PROMPTS[i], **p)) for i, p in enumerate(normal)]
+    bad_options = {"max_new_tokens": 8, "seed": 9, "temperature": 0.8, **options}
+    bad = asyncio.create_task(engine.generate(PROMPTS[4], **bad_options))
+    with pytest.raises(mii.InvalidRequestError) as info:
+        await bad
+    assert info.value.field == field and field in str(info.value)
+    assert [(await t)[0].token_ids for t in tasks] == alone
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+
+
+async def test_top_k_above_the_vocabulary_keeps_every_token(engine):
+    """top_k is clipped to the vocabulary when sampling: 2**63 - 1 is plain sampling."""
+    params = dict(max_new_tokens=8, seed=5, temperature=0.8, ignore_eos=True)
+    [unset] = await engine.generate(PROMPTS[0], **params)
+    tasks = [asyncio.create_task(engine.generate(p, **params)) for p in PROMPTS[1:4]]
+    [huge] = await engine.generate(PROMPTS[0], top_k=2**63 - 1, **params)
+    assert huge.token_ids == unset.token_ids
+    await asyncio.gather(*tasks)
+
+
+async def test_tiny_temperature_is_greedy(engine):
+    [greedy] = await engine.generate(PROMPTS[2], max_new_tokens=12, ignore_eos=True, **GREEDY)
+    for temperature in (1e-6, 1e-46, 5e-324):
+        [r] = await engine.generate(
+            PROMPTS[2], max_new_tokens=12, ignore_eos=True, seed=1, temperature=temperature
+        )
+        assert r.token_ids == greedy.token_ids, temperature

@@ -15,6 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mii.errors import InvalidRequestError
 
+# Integer options fit a signed 64-bit integer (what the engine's tensors and the
+# gRPC messages hold); a larger one is refused naming the field, so that it can
+# never fail inside a forward pass shared with other requests.
+INT64_LIMIT = 2**63
+# A temperature below this is greedy decoding (dividing logits by a smaller one
+# would overflow to inf/nan in float32 instead of picking the most likely token).
+GREEDY_TEMPERATURE = 1e-5
+
 
 def _raise_from_pydantic(err: ValidationError, what: str) -> None:
     """Turn pydantic's error list into one InvalidRequestError naming the first bad field."""
@@ -36,14 +44,21 @@ class GenerateParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_length: int | None = Field(
-        default=None, gt=0, description="cap on prompt + response tokens of this request"
+        default=None,
+        gt=0,
+        lt=INT64_LIMIT,
+        description="cap on prompt + response tokens of this request",
     )
     min_new_tokens: int = Field(
-        default=0, ge=0, description="generate at least N tokens before end-of-sequence may stop"
+        default=0,
+        ge=0,
+        lt=INT64_LIMIT,
+        description="generate at least N tokens before end-of-sequence may stop",
     )
     max_new_tokens: int | None = Field(
         default=None,
         ge=0,
+        lt=INT64_LIMIT,
         description="maximum tokens to generate per prompt (default: the room left in the context)",
     )
     ignore_eos: bool = Field(
@@ -54,10 +69,13 @@ class GenerateParams(BaseModel):
         default=0.9, gt=0.0, le=1.0, description="nucleus sampling threshold in (0, 1]"
     )
     top_k: int | None = Field(
-        default=None, gt=0, description="sample only among the k most likely tokens"
+        default=None,
+        gt=0,
+        lt=INT64_LIMIT,
+        description="sample only among the k most likely tokens (more than the vocabulary: all)",
     )
     temperature: float | None = Field(
-        default=None, ge=0.0, description="rescale logits; 0 means greedy"
+        default=None, ge=0.0, description="rescale logits; 0 (or below 1e-5) means greedy"
     )
     do_sample: bool = Field(default=True, description="sample; False: greedy decoding")
     return_full_text: bool = Field(
@@ -69,7 +87,7 @@ class GenerateParams(BaseModel):
     seed: int | None = Field(
         default=None,
         ge=0,
-        lt=2**63,
+        lt=INT64_LIMIT,
         description="seed for reproducible sampling (default: random)",
     )
 
@@ -99,7 +117,9 @@ class GenerateParams(BaseModel):
     @property
     def greedy(self) -> bool:
         """True when the request takes the most likely token at every step."""
-        return not self.do_sample or self.temperature == 0.0
+        return not self.do_sample or (
+            self.temperature is not None and self.temperature < GREEDY_TEMPERATURE
+        )
 
     @classmethod
     def parse(cls, **options: Any) -> GenerateParams:

@@ -55,7 +55,7 @@ class SamplingBatch:
 
     greedy: torch.Tensor  # [S] bool
     temperature: torch.Tensor  # [S] float32 (1.0 where unset or greedy)
-    top_k: torch.Tensor  # [S] int64 (vocab size where unset)
+    top_k: torch.Tensor  # [S] int64 (vocab size where unset or larger)
     top_p: torch.Tensor  # [S] float32
     seeds: torch.Tensor  # [S] int64
     steps: torch.Tensor  # [S] int64: tokens generated so far
@@ -131,7 +131,7 @@ def sampling_batch(seqs: list[Sequence], vocab_size: int, device: torch.device) 
                 [1.0 if p.greedy or p.temperature is None else p.temperature for p in ps],
                 torch.float32,
             ),
-            ([p.top_k or vocab_size for p in ps], torch.int64),
+            ([min(p.top_k or vocab_size, vocab_size) for p in ps], torch.int64),
             ([p.top_p for p in ps], torch.float32),
             ([s.seed for s in seqs], torch.int64),
             ([s.num_generated for s in seqs], torch.int64),
