@@ -10,6 +10,7 @@ import pytest
 
 import mii
 from helpers import PROMPTS
+from mii.response import join_pieces
 
 GREEDY = {"do_sample": False}
 
@@ -90,7 +91,15 @@ async def test_abort_by_request_id(engine):
     await asyncio.wait_for(task, 5)  # the stream ends instead of hanging
     await engine.wait_idle()
     assert_all_blocks_free(engine)
-    assert pieces[-1].finish_reason is None and len(pieces) < 100
+    assert len(pieces) < 100
+    # The stream ends with a final piece saying so, as generate() reports an abort.
+    last = pieces[-1]
+    assert last.finish_reason == "abort" and last.generated_text == "" and not last.token_ids
+    assert all(p.finish_reason is None for p in pieces[:-1])
+    assert last.generated_length == pieces[-2].generated_length
+    assert last.prompt_length == pieces[0].prompt_length > 0
+    joined = join_pieces(pieces)  # what generate() returns for an aborted request
+    assert joined.finish_reason == "abort" and joined.generated_length == len(joined.token_ids)
 
 
 async def test_same_seed_same_text_alone_in_batch_and_after_preemption(llama):

@@ -93,20 +93,25 @@ class AsyncEngine:
         self, prompt: str | list[int], request_id: str | None = None, **params: Any
     ) -> AsyncIterator[Response]:
         """Yield pieces of the answer as they are generated. Cancelling the
-        consuming task (or closing the iterator) aborts the request."""
-        request_id, queue = self._submit(prompt, request_id, params)
+        consuming task (or closing the iterator) aborts the request; ``abort``
+        ends the stream with an empty piece whose ``finish_reason`` is "abort"."""
+        request_id, queue, seq = self._submit(prompt, request_id, params)
+        prompt_length = seq.prompt_len  # read now: the engine thread owns seq from here
         finished = False
+        generated = 0  # tokens delivered so far, for the final piece of an abort
         try:
             while True:
                 item = await queue.get()
-                if item is _DONE:
+                if item is _DONE:  # aborted: the same end generate() reports
                     finished = True
+                    yield Response("", prompt_length, generated, "abort", request_id)
                     return
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
                 if item.finish_reason is not None:
                     finished = True
+                generated = item.generated_length
                 yield item
                 if finished:
                     return
@@ -128,7 +133,7 @@ class AsyncEngine:
         try:
             for prompt in prompts:
                 collector = _Collector(loop)
-                request_id, _ = self._submit(prompt, None, params, sink=collector)
+                request_id, _, _ = self._submit(prompt, None, params, sink=collector)
                 submitted.append((request_id, collector))
             return list(await asyncio.gather(*(c.done for _, c in submitted)))
         finally:
@@ -139,7 +144,9 @@ class AsyncEngine:
                     del self._queues[request_id]
 
     async def abort(self, request_id: str) -> None:
-        """Stop a request; its stream ends and its KV blocks are freed."""
+        """Stop a request and free its KV blocks. Its stream ends with an empty
+        piece whose ``finish_reason`` is "abort"; its ``generate`` returns what was
+        generated so far, with ``finish_reason`` "abort"."""
         queue = self._queues.get(request_id)
         if queue is None or isinstance(queue, _Aborting):
             return  # unknown, finished, or already being aborted
@@ -187,7 +194,7 @@ class AsyncEngine:
 
     def _submit(
         self, prompt, request_id: str | None, params: dict[str, Any], sink=None
-    ) -> tuple[str, asyncio.Queue]:
+    ) -> tuple[str, asyncio.Queue, Any]:
         if self._closed:
             raise EngineClosedError("the engine was closed; create a new one")
         self._ensure_loop()
@@ -203,7 +210,7 @@ class AsyncEngine:
         self._queues[request_id] = queue
         self._pending_add.append(seq)
         self._wakeup.set()
-        return request_id, queue
+        return request_id, queue, seq
 
     def _request_abort(self, request_id: str, owner: object) -> None:
         """Queue an abort of the request that ``owner`` (its queue or collector)
