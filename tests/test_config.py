@@ -50,6 +50,12 @@ def test_defaults():
         ({"stop": ""}, "stop"),
         ({"stop": ["ok", ""]}, "stop"),
         ({"stop": ("",)}, "stop"),
+        ({"stop": ["x"] * 17}, "stop"),
+        ({"stop": ["x"] * 300_000}, "stop"),
+        ({"stop": "a" * 257}, "stop"),
+        ({"stop": ["ok", "b" * 10_000]}, "stop"),
+        ({"top_k": 2**63}, "top_k"),
+        ({"max_new_tokens": 2**70}, "max_new_tokens"),
         ({"seed": -1}, "seed"),
         ({"seed": 2**63}, "seed"),
         ({"seed": 2**64}, "seed"),
@@ -65,6 +71,17 @@ def test_invalid_values_name_the_field(options, field):
     assert err.field == field
     assert repr(field) in str(err)  # the message names the field, quoted
     assert "generation option" in str(err)
+
+
+def test_stop_strings_are_capped():
+    """At most 16 stop strings of at most 256 characters each (README's table)."""
+    most = tuple(chr(ord("a") + i) * 256 for i in range(16))
+    assert GenerateParams.parse(stop=list(most)).stop == most
+    with pytest.raises(InvalidRequestError, match="at most 16 stop strings") as info:
+        GenerateParams.parse(stop=[str(i) for i in range(300_000)])
+    assert info.value.field == "stop" and len(str(info.value)) < 400
+    with pytest.raises(InvalidRequestError, match="at most 256 characters"):
+        GenerateParams.parse(stop="a" * 257)
 
 
 def test_first_bad_field_is_reported_among_good_ones():

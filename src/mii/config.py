@@ -22,6 +22,10 @@ INT64_LIMIT = 2**63
 # A temperature below this is greedy decoding (dividing logits by a smaller one
 # would overflow to inf/nan in float32 instead of picking the most likely token).
 GREEDY_TEMPERATURE = 1e-5
+# Stop strings of one request: each is matched against every new piece of its
+# text, so their number and length are capped (OpenAI allows 4).
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LENGTH = 256
 
 
 def _raise_from_pydantic(err: ValidationError, what: str) -> None:
@@ -33,8 +37,10 @@ def _raise_from_pydantic(err: ValidationError, what: str) -> None:
     elif first["type"] == "extra_forbidden":
         message = f"unknown {what} {field!r}"
     else:
-        shown = first.get("input")
-        message = f"invalid {what} {field!r}: {first['msg']} (got {shown!r})"
+        shown = repr(first.get("input"))
+        if len(shown) > 200:  # e.g. thousands of stop strings: the message stays short
+            shown = shown[:200] + "..."
+        message = f"invalid {what} {field!r}: {first['msg']} (got {shown})"
     raise InvalidRequestError(message, field=field) from None
 
 
@@ -82,7 +88,9 @@ class GenerateParams(BaseModel):
         default=False, description="prefix the generated text with the prompt"
     )
     stop: tuple[str, ...] = Field(
-        default=(), description="stop string; the text ends before it (repeatable)"
+        default=(),
+        description=f"stop string; the text ends before it (repeatable: at most "
+        f"{MAX_STOP_STRINGS}, of at most {MAX_STOP_STRING_LENGTH} characters each)",
     )
     seed: int | None = Field(
         default=None,
@@ -105,6 +113,10 @@ class GenerateParams(BaseModel):
     def _stop_not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if any(s == "" for s in value):
             raise ValueError("stop strings must not be empty")
+        if len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings ({len(value)} given)")
+        if any(len(s) > MAX_STOP_STRING_LENGTH for s in value):
+            raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_LENGTH} characters")
         return value
 
     @field_validator("top_p", "temperature")
