@@ -23,7 +23,7 @@ def listening_server(address: str) -> grpc.aio.Server:
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as err:
-        raise DeploymentError(f"cannot listen on {address} (is the port in use?): {err}") from None
+        raise DeploymentError(f"cannot listen on {address} (is the port in use?)") from err
     if not bound:
         raise DeploymentError(f"cannot listen on {address} (is the port in use?)")
     return server
