@@ -3,10 +3,12 @@ deployment under ``<cache>/deployments``, readable only by the user."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from mii.cache import cache_dir
 
@@ -18,9 +20,24 @@ def registry_dir() -> Path:
     return path
 
 
+_MAX_STEM = 200  # a longer encoded name is cut and followed by its hash (file names <= 255 bytes)
+
+
+def file_stem(name: str) -> str:
+    """The file name (without suffix) of a deployment's record and log: ``name``
+    percent-encoded, so that distinct names never share a file ("a/b" is
+    ``a%2Fb``, "a_b" stays ``a_b``); ASCII letters, digits, ``-_.~`` stay as
+    they are. A very long name is cut, and its SHA-256 appended."""
+    stem = quote(name, safe="-_.~")
+    if stem in ("", ".", ".."):
+        stem = stem.replace(".", "%2E") or "%"  # never a directory entry or an empty name
+    if len(stem) > _MAX_STEM:  # 150 + 1 + 64 characters: longer than any uncut stem
+        stem = f"{stem[:150]}~{hashlib.sha256(name.encode()).hexdigest()}"
+    return stem
+
+
 def _file(name: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-    return registry_dir() / f"{safe}.json"
+    return registry_dir() / f"{file_stem(name)}.json"
 
 
 def log_path(name: str) -> Path:
@@ -65,7 +82,11 @@ def remove(name: str, pid: int | None = None) -> None:
 def list_deployments() -> list[dict[str, Any]]:
     found = []
     for path in sorted(registry_dir().glob("*.json")):
-        info = lookup(path.stem)
+        try:  # the record names its deployment (a file name is an encoding of it)
+            name = json.loads(path.read_text())["deployment_name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        info = lookup(name) if isinstance(name, str) else None
         if info is not None:
             found.append(info)
     return found
