@@ -273,6 +273,25 @@ def test_port_in_use_raises_in_caller(cache_dir, checkpoints):
     assert wait_until(lambda: no_deployment_processes("busy-port"))
 
 
+def test_busy_rest_port_fails_before_the_model_loads(cache_dir, tmp_path):
+    """The REST port is checked first: with a model path that does not exist, a
+    busy REST port is still the error reported (the replicas never started)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        rest_port = busy.getsockname()[1]
+        with pytest.raises(DeploymentError, match=f"restful_api_port {rest_port} in use"):
+            mii.serve(
+                str(tmp_path / "missing"),
+                deployment_name="busy-rest-port",
+                port=free_port(),
+                enable_restful_api=True,
+                restful_api_port=rest_port,
+            )
+    assert not registry.log_path("busy-rest-port").with_suffix(".replica0.log").exists()
+    assert wait_until(lambda: no_deployment_processes("busy-rest-port"))
+
+
 def test_crash_while_loading_raises_in_caller(cache_dir, checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
 

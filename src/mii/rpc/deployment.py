@@ -111,6 +111,11 @@ async def run_deployment(config: DeploymentConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     server = listening_server(f"{host}:{port}")  # a busy port fails here, naming it
+    rest_socket = None
+    if config.enable_restful_api:  # a busy REST port too, before any model loads
+        from mii.rpc.http.server import bind_socket
+
+        rest_socket = bind_socket(host, config.restful_api_port)
     health = add_standard_services(server)
     await set_health(health, False)
 
@@ -139,7 +144,7 @@ async def run_deployment(config: DeploymentConfig) -> None:
         if config.enable_restful_api:
             from mii.rpc.http.server import start_gateway
 
-            rest = await start_gateway(pool, info, config)
+            rest = await start_gateway(pool, info, config, sock=rest_socket)
 
         await set_health(health, True)
         health_watcher = asyncio.create_task(_follow_replica_health(pool, health))
@@ -164,6 +169,8 @@ async def run_deployment(config: DeploymentConfig) -> None:
         registry.remove(name, pid=os.getpid())
         if rest is not None:
             await rest.stop()
+        elif rest_socket is not None:  # bound, but the gateway never started
+            rest_socket.close()
         await server.stop(grace=1.0)
         if pool is not None:
             await pool.terminate_all()

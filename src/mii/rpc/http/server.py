@@ -103,13 +103,17 @@ def load_gateway_tokenizer(config: DeploymentConfig):
 
 
 async def start_gateway(
-    pool: ReplicaPool, info: mii_pb2.ModelInfoReply, config: DeploymentConfig
+    pool: ReplicaPool,
+    info: mii_pb2.ModelInfoReply,
+    config: DeploymentConfig,
+    sock: socket.socket | None = None,
 ) -> Gateway:
     """Serve the REST API on the deployment's host and ``restful_api_port`` inside
     the running event loop; return once it accepts connections. Raises
     GatewayError (naming the port) if it cannot listen."""
     host, port = config.host, config.restful_api_port
-    sock = bind_socket(host, port)  # first, so that a taken port fails fast
+    if sock is None:  # the deployment binds it before loading the model; else bind first here
+        sock = bind_socket(host, port)
     try:
         tokenizer = await asyncio.to_thread(load_gateway_tokenizer, config)
         state = GatewayState(
