@@ -182,6 +182,28 @@ def test_mii_route_errors(served):
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
 
 
+def test_mii_route_types_json_options_and_refuses_invalid_unicode(served, pipe):
+    # JSON values of another type that validation accepts ("4", 4.0, "false") reach the
+    # engine as the declared types: the answer equals the typed request's.
+    url = f"/mii/{served.name}"
+    body = {"prompts": PROMPTS[0], "max_new_tokens": "4", "do_sample": "false"}
+    response = served.http.post(url, json=body)
+    assert response.status_code == 200, response.text
+    expected = greedy(pipe, PROMPTS[0], max_new_tokens=4)
+    assert response.json()[0]["token_ids"] == expected.token_ids
+    response = served.http.post(url, json={**body, "max_new_tokens": 4.0})
+    assert response.status_code == 200 and response.json()[0]["generated_length"] == 4
+    # A lone surrogate cannot be encoded for the replica: 400 naming the prompt, not a 500.
+    headers = {"content-type": "application/json"}
+    lone = json.dumps({"prompts": "a\ud800b"}).encode()  # ASCII escapes: valid JSON
+    response = served.http.post(url, content=lone, headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["field"] == "prompt"
+    lone = json.dumps({"model": served.model, "prompt": "a\ud800b", "max_tokens": 2}).encode()
+    assert_openai_error(
+        served.http.post("/v1/completions", content=lone, headers=headers), 400, "prompt"
+    )
+
+
 # ----- OpenAI-compatible routes ------------------------------------------------------------
 
 

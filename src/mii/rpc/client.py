@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mii.errors import InvalidRequestError, MiiError
 from mii.response import Response, join_pieces
 from mii.rpc import mii_pb2, mii_pb2_grpc, registry
-from mii.rpc.convert import options_to_proto, piece_from_proto, validated
+from mii.rpc.convert import generate_request, piece_from_proto, validated
 from mii.rpc.status import error_from_grpc
 
 
@@ -54,9 +54,7 @@ class MiiClient:
                 streaming_fn([piece])
                 pieces.append(piece)
             return [join_pieces(pieces)]
-        request = mii_pb2.GenerateRequest(
-            prompts=prompts, options=options_to_proto(validated(params))
-        )
+        request = generate_request(prompts, validated(params))
         try:
             reply = self._stub.Generate(request, timeout=timeout)
         except grpc.RpcError as err:
@@ -68,9 +66,7 @@ class MiiClient:
     ) -> Iterator[Response]:
         """Pieces of one answer as they are generated. Leaving the loop early
         cancels the call, which aborts the request on the server."""
-        request = mii_pb2.GenerateRequest(
-            prompts=[prompt], options=options_to_proto(validated(params))
-        )
+        request = generate_request([prompt], validated(params))
         call = self._stub.GenerateStream(request, timeout=timeout)
         try:
             for piece in call:
@@ -123,9 +119,7 @@ class MiiClient:
         self, prompts: str | Sequence[str], timeout: float | None = None, **params: Any
     ) -> list[Response]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        request = mii_pb2.GenerateRequest(
-            prompts=prompts, options=options_to_proto(validated(params))
-        )
+        request = generate_request(prompts, validated(params))
         try:
             reply = await self._async_stub().Generate(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
@@ -135,9 +129,7 @@ class MiiClient:
     async def astream(
         self, prompt: str, timeout: float | None = None, **params: Any
     ) -> AsyncIterator[Response]:
-        request = mii_pb2.GenerateRequest(
-            prompts=[prompt], options=options_to_proto(validated(params))
-        )
+        request = generate_request([prompt], validated(params))
         call = self._async_stub().GenerateStream(request, timeout=timeout)
         try:
             async for piece in call:

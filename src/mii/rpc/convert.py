@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mii.config import GenerateParams
+from mii.errors import InvalidRequestError
 from mii.response import Response
 from mii.rpc import mii_pb2
 
@@ -55,6 +56,23 @@ def piece_from_proto(piece: mii_pb2.Piece) -> Response:
 
 
 def validated(params: dict[str, Any]) -> dict[str, Any]:
-    """Check options on the client side too, so that mistakes fail before any network call."""
-    GenerateParams.parse(**params)
-    return params
+    """The options the sender set, checked and converted to their declared types
+    (JSON's ``"10"`` or ``10.0`` for an integer field becomes ``10``), so that
+    mistakes fail before any network call and the message can be built."""
+    parsed = GenerateParams.parse(**params)
+    return {name: getattr(parsed, name) for name in params}
+
+
+def generate_request(prompts: list[str], params: dict[str, Any]) -> mii_pb2.GenerateRequest:
+    """The request message for ``prompts`` with (validated) options. A prompt that
+    is not valid Unicode (a lone surrogate) is refused naming ``prompt``, rather than
+    failing in the protobuf encoder."""
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidRequestError(
+                f"the prompt is not valid Unicode ({err.reason} at position {err.start})",
+                field="prompt",
+            ) from None
+    return mii_pb2.GenerateRequest(prompts=prompts, options=options_to_proto(params))

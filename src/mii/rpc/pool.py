@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from mii.errors import NoReplicaError, ReplicaError
 from mii.response import Response
 from mii.rpc import mii_pb2, mii_pb2_grpc
-from mii.rpc.convert import options_to_proto, piece_from_proto
+from mii.rpc.convert import generate_request, piece_from_proto
 from mii.rpc.status import error_from_grpc
 
 HEALTH_INTERVAL_S = 0.5
@@ -86,7 +86,7 @@ class ReplicaPool:
         self, prompts: list[str], params: dict[str, Any], timeout: float | None = None
     ) -> list[Response]:
         """Whole answers from the least-loaded replica (retried elsewhere if it is down)."""
-        request = mii_pb2.GenerateRequest(prompts=prompts, options=options_to_proto(params))
+        request = generate_request(prompts, params)
         tried: set[int] = set()
         start = time.perf_counter()
         while True:
@@ -114,7 +114,7 @@ class ReplicaPool:
     ) -> AsyncIterator[Response]:
         """Pieces of one answer. Closing the iterator cancels the replica's call,
         which aborts the request there."""
-        request = mii_pb2.GenerateRequest(prompts=[prompt], options=options_to_proto(params))
+        request = generate_request([prompt], params)
         tried: set[int] = set()
         start = time.perf_counter()
         while True:

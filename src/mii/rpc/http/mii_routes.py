@@ -13,8 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from mii.config import GenerateParams
 from mii.response import Response as Answer
+from mii.rpc.convert import validated
 from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import MiiRequest
@@ -44,8 +44,9 @@ async def generate(deployment_name: str, body: MiiRequest, request: Request):
             f"(this server runs {state.deployment_name!r})",
             "deployment_name",
         )
-    options = dict(body.model_extra or {})
-    GenerateParams.parse(**options)  # InvalidRequestError -> 400 naming the field
+    # Checked and typed here (InvalidRequestError -> 400 naming the field): JSON's
+    # "10" for max_new_tokens reaches the replica as 10.
+    options = validated(dict(body.model_extra or {}))
     prompts = [body.prompts] if isinstance(body.prompts, str) else list(body.prompts)
     responses = await until_disconnected(request, state.pool.generate(prompts, options))
     return [response_dict(r) for r in responses]
