@@ -4,10 +4,12 @@ rank and of transformers; shards load the right slices; errors are clear."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -387,3 +389,28 @@ def test_each_rank_reads_only_its_share_of_the_checkpoint(models, monkeypatch):
         read.clear()
         build_rank(path, 0, 1)
         assert sum(t.elements_read for t in read) == total  # one rank reads everything once
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_stop_joins_gloo_worker_threads():
+    """After a clean STOP the group's gloo worker threads are joined at once. A
+    worker thread that outlived the group dropped its last collective during
+    interpreter shutdown and aborted the process (SIGABRT on rank 1 under CPU load)."""
+    import torch.distributed as dist
+
+    from mii.engine.distributed import TPGroup
+
+    before = os_threads()
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    group = TPGroup(0, 1, 0, dist.group.WORLD, dist.group.WORLD, store)
+    group.send_pass(np.arange(8, dtype=np.int64), None)
+    assert os_threads() > before + 1  # gloo's worker threads (and the store's)
+    group.stop()
+    assert not dist.is_initialized()
+    del store
+    assert os_threads() <= before + 1  # at most the store's thread is left

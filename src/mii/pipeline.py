@@ -141,6 +141,7 @@ class RankPipeline:
             raise
         if payload is None:
             self._stopped = True
+            self.core.leave_group()
             raise RuntimeError("rank 0 destroyed the pipeline during this call")
         if not payload:
             return []

@@ -21,7 +21,7 @@ import torch
 
 import mii.envs as envs
 from mii.config import EngineConfig, GenerateParams
-from mii.engine import bring_up, distributed, heap
+from mii.engine import bring_up, heap
 from mii.engine.distributed import TensorParallelError
 from mii.engine.intake import RequestIntake
 from mii.engine.kv_cache import BlockManager
@@ -135,8 +135,12 @@ class EngineCore:
         stops the engine, then release the shard and leave the group."""
         while self.serve_worker() is not None:
             pass
+        self.leave_group()
+
+    def leave_group(self) -> None:
+        """Ranks > 0, after rank 0's STOP: release the shard and leave the group."""
         self.release()
-        distributed.destroy()
+        self.tp.leave()
 
     @property
     def failure(self) -> str | None:

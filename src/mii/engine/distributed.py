@@ -22,9 +22,10 @@ later request with that error and reports itself unhealthy.
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,8 @@ class TPGroup:
     store: Any  # the group's key-value store, where a failing rank leaves its error
     device: Any = "cpu"  # this rank's engine device (set by the engine)
     failure: str | None = None  # set once any rank failed: the group is unusable
+    # The last message's collectives and tensors, held until ``leave`` (see there).
+    _last_message: list[Any] = field(default_factory=list, init=False, repr=False)
 
     @property
     def is_driver(self) -> bool:
@@ -77,21 +80,53 @@ class TPGroup:
                 self._send(STOP, torch.empty(0, dtype=torch.uint8))
                 # Every rank has read the STOP before any leaves: no message is in
                 # flight when the connections close.
-                dist.barrier(group=self.control)
+                self._barrier()
             except Exception:  # a rank already gone: nothing to stop
                 log.debug("tensor-parallel STOP failed", exc_info=True)
+                destroy()
+                return
+        self.leave()
+
+    def leave(self) -> None:
+        """Leave the group after a clean STOP and wait for gloo's worker threads to end.
+
+        A gloo worker thread drops its reference to a finished collective just
+        after completing it. If that is the last reference while the interpreter
+        is finalizing (the script returned right after the STOP), the drop takes
+        the GIL from a dying interpreter and the process aborts (SIGABRT, seen on
+        rank 1 under CPU load). So: the last message's works and tensors are held
+        here (the threads never drop the last reference), and the process groups'
+        last references are dropped now, which runs their destructors: they join
+        the worker threads while the interpreter is fully alive. Only after a
+        clean STOP: a thread stuck in a collective with a dead rank would never join.
+        """
         destroy()
+        self.control = self.data = None
+        gc.collect()  # the groups' destructors join their worker threads
+        self._last_message.clear()
+
+    def _barrier(self) -> None:
+        work = dist.barrier(group=self.control, async_op=True)
+        work.wait()
+        self._last_message.append(work)
+
+    def _broadcast(self, tensor: torch.Tensor, group: Any) -> None:
+        """``dist.broadcast`` from rank 0 that keeps the work and the tensor (see leave)."""
+        work = dist.broadcast(tensor, 0, group=group, async_op=True)
+        work.wait()
+        self._last_message += (work, tensor)
 
     def _send(self, kind: int, payload: torch.Tensor, pending: torch.Tensor | None = None) -> None:
         self.check()
         pending_len = 0 if pending is None else pending.numel()
         header = torch.tensor([kind, payload.numel(), pending_len, 0], dtype=torch.int64)
+        self._last_message = []
         try:
-            dist.broadcast(header, 0, group=self.control)
+            self._broadcast(header, self.control)
             if payload.numel():
-                dist.broadcast(payload, 0, group=self.control)
+                self._broadcast(payload, self.control)
             if pending_len:
-                dist.broadcast(pending, 0, group=self.data)
+                self._broadcast(pending, self.data)
         except Exception as err:
             raise self.failed(err) from err
 
@@ -120,27 +155,28 @@ class TPGroup:
     def serve(self, execute) -> bytes | None:
         """Run passes sent by rank 0 with ``execute(packed, pending)`` until a DONE
         (returns its payload) or a STOP (returns None). On an error of this rank:
-        record it for rank 0, then re-raise."""
+        record it for rank 0, then re-raise. After a STOP, call ``leave``."""
         fail_at = _injected_failure(self.rank)
         passes = 0
         try:
             while True:
+                self._last_message = []
                 header = torch.empty(4, dtype=torch.int64)
-                dist.broadcast(header, 0, group=self.control)
+                self._broadcast(header, self.control)
                 kind, length, pending_len, _ = header.tolist()
                 dtype = torch.int64 if kind == PASS else torch.uint8
                 payload = torch.empty(length, dtype=dtype)
                 if length:
-                    dist.broadcast(payload, 0, group=self.control)
+                    self._broadcast(payload, self.control)
                 if kind == STOP:
-                    dist.barrier(group=self.control)  # see stop()
+                    self._barrier()  # see stop()
                     return None
                 if kind == DONE:
                     return payload.numpy().tobytes()
                 pending = None
                 if pending_len:
                     pending = torch.empty(pending_len, dtype=torch.int64, device=self.device)
-                    dist.broadcast(pending, 0, group=self.data)
+                    self._broadcast(pending, self.data)
                 passes += 1
                 if passes == fail_at:
                     raise RuntimeError(f"injected failure on rank {self.rank} at pass {passes}")
