@@ -215,6 +215,19 @@ def test_mii_client_in_another_process_reads_the_key_from_the_record(secured):
     assert int(out.stdout.split()[-1]) > 0
 
 
+def test_the_cli_uses_the_record_and_never_prints_the_key(secured, capsys, monkeypatch):
+    from mii.cli.commands import main
+
+    monkeypatch.delenv("MII_API_KEY", raising=False)
+    assert main(["generate", secured.name, "DeepSpeed is", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(["list", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert KEY not in out
+    [listed] = [d for d in json.loads(out) if d["deployment_name"] == secured.name]
+    assert listed["api_key"] is True
+
+
 # ----- the replicas' ports -------------------------------------------------------------
 
 
