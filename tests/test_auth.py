@@ -242,16 +242,18 @@ def test_a_replica_port_refuses_everyone_but_its_deployment(secured):
                     call(stub, metadata)
                 assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
                 assert "internal token" in caught.value.details()
-    time.sleep(0.5)  # a Terminate that got through would have stopped it by now
+    # The refused Terminate stopped nothing: the replica is alive and serving.
     assert registry.pid_alive(pid)
     assert secured.client.generate("DeepSpeed is", **GREEDY)[0].generated_length > 0
     # The refusal is the token's doing: the deployment's own token passes.
-    token = environment(pid)["MII_REPLICA_TOKEN"]
+    token = (("authorization", f"Bearer {environment(pid)['MII_REPLICA_TOKEN']}"),)
     with grpc.insecure_channel(address) as channel:
-        reply = mii_pb2_grpc.MiiStub(channel).ModelInfo(
-            mii_pb2.ModelInfoRequest(), metadata=(("authorization", f"Bearer {token}"),)
+        reply = mii_pb2_grpc.MiiStub(channel).ModelInfo(mii_pb2.ModelInfoRequest(), metadata=token)
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), metadata=token, timeout=10
         )
     assert reply.deployment_name == secured.name
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_no_secret_is_on_any_command_line(secured):
