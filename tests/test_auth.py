@@ -329,9 +329,8 @@ def test_every_http_route_refuses_a_missing_or_wrong_key(secured):
                 assert r.headers["www-authenticate"] == "Bearer"
                 error = r.json()["error"]
                 assert "API key" in error["message"]
-                if path.startswith("/v1"):
-                    assert error["code"] == "invalid_api_key"
-                    assert error["type"] == "invalid_request_error"
+                assert error["code"] == "invalid_api_key"
+                assert error["type"] == "invalid_request_error"
         right = {"Authorization": f"Bearer {KEY}"}
         for method, path, body in routes:
             r = http.request(method, path, json=body, headers=right)
@@ -427,6 +426,30 @@ def test_cli_takes_the_access_options():
     assert config.secret_api_key() == "k"
     assert config.allowed_hosts == ["a.example", "b.example"]
     assert config.allowed_origins == ["https://x.example"]
+
+
+def test_the_store_binds_master_addr_only_and_keys_live_under_the_secret(monkeypatch):
+    """In-process: rank 0 of a one-rank group hosts the store; a foreign client of
+    the store does not see the group's keys under their plain names."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from mii.engine import tp_store
+
+    port = free_port()
+    for name, value in [("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))]:
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setenv("MII_TP_STORE_SECRET", "s3cret")
+    monkeypatch.setattr(tp_store, "_BASE_STORE", None)  # this process's own, restored after
+    monkeypatch.setattr(tp_store, "_GENERATION", 0)
+    store = tp_store.fresh_store(0, 1, datetime.timedelta(seconds=10))
+    assert listening_addresses(port) == {"127.0.0.1"}
+    store.set("error", "rank 1 failed")
+    foreign = dist.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False)
+    assert foreign.check(["mii/s3cret/group1/error"])  # where the group's key lives
+    assert not foreign.check(["mii/group1/error"]) and not foreign.check(["error"])
 
 
 def test_host_names_and_the_default_host_policy():

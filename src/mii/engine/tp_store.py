@@ -29,31 +29,35 @@ import torch.distributed as dist
 import mii.envs as envs
 
 _BASE_STORE: Any = None
-_LISTENER: socket.socket | None = None  # kept open for as long as the store serves on it
 _GENERATION = 0
 
 
 def fresh_store(rank: int, world: int, timeout: datetime.timedelta):
     """A key-value store no earlier group of this process used: a pipeline made
     after another was destroyed must not meet the first one's keys."""
-    global _BASE_STORE, _GENERATION, _LISTENER
+    global _BASE_STORE, _GENERATION
     if _BASE_STORE is None:
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         # torchrun's agent already serves a store at MASTER_ADDR:MASTER_PORT;
         # other launchers (deepspeed, mii.serve) leave rank 0 to host it.
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        hosting = rank == 0 and not agent
-        if hosting:
-            _LISTENER = listening_socket(host, port)
-        _BASE_STORE = dist.TCPStore(
-            host,
-            port,
-            world,
-            is_master=hosting,
-            timeout=timeout,
-            wait_for_workers=False,
-            master_listen_fd=_LISTENER.fileno() if hosting else None,
-        )
+        listener = listening_socket(host, port) if rank == 0 and not agent else None
+        try:
+            _BASE_STORE = dist.TCPStore(
+                host,
+                port,
+                world,
+                is_master=listener is not None,
+                timeout=timeout,
+                wait_for_workers=False,
+                master_listen_fd=None if listener is None else listener.fileno(),
+            )
+        except BaseException:
+            if listener is not None:
+                listener.close()
+            raise
+        if listener is not None:
+            listener.detach()  # the store owns the socket now, and closes it when it ends
     _GENERATION += 1
     return dist.PrefixStore(f"{key_prefix()}/group{_GENERATION}", _BASE_STORE)
 

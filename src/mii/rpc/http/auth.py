@@ -15,8 +15,9 @@ In the order a request meets them:
 3. **API key** (only with ``api_key``): every route (``/mii``, ``/v1``,
    ``/health``, ``/metrics``, unknown paths too) requires the header
    ``Authorization: Bearer KEY``, as OpenAI clients send their ``api_key``; a
-   missing or wrong one gets 401 with ``WWW-Authenticate: Bearer`` and the
-   route's error shape (OpenAI's under ``/v1``: code ``invalid_api_key``).
+   missing or wrong one gets 401 with ``WWW-Authenticate: Bearer`` and
+   OpenAI's error body on every route (code ``invalid_api_key``; outside
+   ``/v1`` also mii's ``field``, null), so that any client can read it.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ import ipaddress
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mii.errors import AuthenticationError, InvalidRequestError
 from mii.rpc.auth import bearer_secret, secret_matches
 from mii.rpc.deployment_config import DeploymentConfig
-from mii.rpc.http.errors import api_error, error_response
+from mii.rpc.http.errors import api_error, error_response, is_openai_path, openai_error_body
+from mii.rpc.status import STATUSES
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CORS_METHODS = ("GET", "POST")
@@ -154,9 +157,15 @@ class RequireApiKey:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                     return
-                answer = api_error(AuthenticationError(API_KEY_REFUSED))
-                response = error_response(Request(scope), answer)
-                response.headers["WWW-Authenticate"] = "Bearer"
-                await response(scope, receive, send)
+                await unauthorized(scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def unauthorized(path: str) -> JSONResponse:
+    """The 401 answer to a request for ``path`` without the right key."""
+    status = STATUSES[AuthenticationError]
+    body = openai_error_body(API_KEY_REFUSED, status.http, None, status.openai_code)
+    if not is_openai_path(path):
+        body["error"]["field"] = None  # mii's routes' shape has it too
+    return JSONResponse(body, status_code=status.http, headers={"WWW-Authenticate": "Bearer"})
