@@ -74,6 +74,7 @@ class ReplicaPool:
     def __init__(self, addresses: list[str], token: str | None = None) -> None:
         """Replicas at ``addresses``; every call presents ``token`` (the deployment's
         internal token, never a client's API key)."""
+        self.token = token  # for replicas added later (Replica(address, pool.token))
         self.replicas = [Replica(a, token) for a in addresses]
         self.metrics = Metrics()
 
