@@ -205,6 +205,34 @@ def test_requests_spread_over_replicas(deployment):
     assert all(r[0].generated_length == 20 for r in results)
 
 
+def test_replica_ports_refuse_calls_without_the_internal_token(deployment, reference):
+    """Even without an api_key, another local process cannot call a replica's port
+    (its Terminate would stop that replica): only the deployment's pool has the token."""
+    from mii.rpc import mii_pb2, mii_pb2_grpc
+
+    client, info = deployment
+    for pid in info["replica_pids"]:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        port = json.loads(argv[argv.index(b"mii.rpc.replica") + 1])["port"]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = mii_pb2_grpc.MiiStub(channel)
+            calls = [
+                (stub.Terminate, mii_pb2.TerminateRequest()),
+                (stub.Generate, mii_pb2.GenerateRequest(prompts=["x"])),
+                (stub.Stats, mii_pb2.StatsRequest()),
+            ]
+            for call, request in calls:
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(request, timeout=10)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The refused Terminates stopped nothing: every replica is alive and serving.
+    assert all(registry.pid_alive(p) for p in info["replica_pids"])
+    for prompt in PROMPTS[:2]:
+        [r] = client.generate(prompt, **GREEDY)
+        assert r.generated_text == reference[prompt].generated_text
+
+
 def test_second_deployment_on_a_busy_port_fails(deployment, reference, checkpoints):
     """gRPC's default SO_REUSEPORT would let a second deployment share the port:
     it must fail naming the port, and the first one keep serving alone."""

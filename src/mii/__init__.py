@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from mii.config import EngineConfig, GenerateParams
 from mii.errors import (
+    AuthenticationError,
     DeploymentError,
     EngineClosedError,
     InvalidRequestError,
@@ -46,11 +47,11 @@ def serve(model_name_or_path: str, **options):
     return _serve(model_name_or_path, **options)
 
 
-def client(model_or_deployment_name: str):
+def client(model_or_deployment_name: str, api_key: str | None = None):
     """Connect to a running deployment; see :func:`mii.rpc.client.client`."""
     from mii.rpc.client import client as _client
 
-    return _client(model_or_deployment_name)
+    return _client(model_or_deployment_name, api_key=api_key)
 
 
 def load_ipython_extension(ipython) -> None:
@@ -71,6 +72,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncEngine",
+    "AuthenticationError",
     "DeploymentError",
     "EngineClosedError",
     "EngineConfig",

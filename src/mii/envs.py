@@ -8,6 +8,9 @@
 | ``MII_MOE`` | ``auto``, ``triton``, ``torch`` | the grouped expert kernel of MoE layers |
 | ``MII_PDL`` | ``auto``, ``off`` | programmatic dependent launch (Hopper and newer) |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo checkpoint, deployment registry |
+| ``MII_API_KEY`` | unset, a key | the API key of deployments and clients |
+| ``MII_REPLICA_TOKEN`` | unset, a token | internal: what a replica's port requires |
+| ``MII_TP_STORE_SECRET`` | unset, a secret | internal: the secret key prefix of a TP store |
 | ``MII_TP_FAIL_AT_PASS`` | unset, ``RANK:N`` | tests only: that rank fails on its N-th pass |
 | ``MII_PASS_DELAY_S`` | ``0``, seconds | tests only: every forward pass takes at least this long |
 
@@ -110,6 +113,40 @@ CACHE_DIR: Switch[Path] = Switch(
 )
 
 
+# ----- secrets -----------------------------------------------------------------
+# Secrets travel between mii's processes in the environment, never on a command
+# line: /proc/PID/cmdline (``ps``) is readable by every local user, a process's
+# environment only by its owner.
+
+
+def _secret(name: str, value: str) -> str | None:
+    return value or None  # set but empty counts as unset
+
+
+API_KEY: Switch[str | None] = Switch(
+    "MII_API_KEY",
+    "",
+    "the API key a deployment requires (when mii.serve / mii serve get none) and that "
+    "clients send (when mii.client gets none and the deployment's record has none)",
+    _secret,
+)
+REPLICA_TOKEN: Switch[str | None] = Switch(
+    "MII_REPLICA_TOKEN",
+    "",
+    "internal, set by a deployment for its replicas: the token their ports require "
+    "(mii.rpc.auth); a new random one at every start",
+    _secret,
+)
+TP_STORE_SECRET: Switch[str | None] = Switch(
+    "MII_TP_STORE_SECRET",
+    "",
+    "internal, set by a replica for its tensor-parallel ranks: a random prefix of every "
+    "key of their coordination store, so that another local process cannot read or "
+    "write the group's keys (mii.engine.tp_store)",
+    _secret,
+)
+
+
 # ----- fault injection: tests only ----------------------------------------------
 # Never set these in production: they make a healthy engine fail on purpose.
 
@@ -159,6 +196,9 @@ SWITCHES: tuple[Switch, ...] = (
     MOE,
     PDL,
     CACHE_DIR,
+    API_KEY,
+    REPLICA_TOKEN,
+    TP_STORE_SECRET,
     TP_FAIL_AT_PASS,
     PASS_DELAY_S,
 )

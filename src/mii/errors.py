@@ -44,3 +44,8 @@ class ReplicaError(MiiError, RuntimeError):
 
 class DeploymentError(MiiError, RuntimeError):
     """A deployment could not start; the message carries the server's error."""
+
+
+class AuthenticationError(MiiError, PermissionError):
+    """A deployment refused the call: its API key is missing or wrong (HTTP 401,
+    gRPC UNAUTHENTICATED). Pass ``api_key=`` to ``mii.client``, or set ``MII_API_KEY``."""

@@ -38,7 +38,11 @@ def add_terminate_parser(commands: argparse._SubParsersAction) -> None:
 def list_deployments(args: argparse.Namespace) -> int:
     from mii.rpc import registry
 
-    deployments = registry.list_deployments()
+    # The records hold the API keys; a listing says only whether there is one.
+    deployments = [
+        {**{k: v for k, v in d.items() if k != "api_key"}, "api_key": bool(d.get("api_key"))}
+        for d in registry.list_deployments()
+    ]
     if args.json:
         print(json.dumps(deployments, indent=2))
         return 0

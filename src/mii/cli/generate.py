@@ -109,7 +109,7 @@ def _find_deployment(target: str):
     for name in (target, f"{target}-mii-deployment"):
         info = registry.lookup(name)
         if info is not None:
-            return MiiClient(f"{info['host']}:{info['port']}", name)
+            return MiiClient(f"{info['host']}:{info['port']}", name, api_key=info.get("api_key"))
     host, sep, port = target.rpartition(":")
     if sep and host and port.isdigit() and not os.path.exists(target):
         client = MiiClient(target)

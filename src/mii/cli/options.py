@@ -40,6 +40,9 @@ DEPLOYMENT_OPTIONS = (
     "enable_restful_api",
     "restful_api_port",
     "startup_timeout",
+    "api_key",
+    "allowed_hosts",
+    "allowed_origins",
 )
 METAVARS = {
     "device": "DEVICE",
@@ -53,6 +56,9 @@ METAVARS = {
     "restful_api_port": "PORT",
     "device_map": "GPUS",
     "startup_timeout": "SECONDS",
+    "api_key": "KEY",
+    "allowed_hosts": "HOSTS",
+    "allowed_origins": "ORIGINS",
 }
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 import mii.envs as envs
+from mii.engine.tp_store import fresh_store
 from mii.errors import InvalidRequestError
 from mii.models.parallel import set_parallel_state
 
@@ -250,36 +251,12 @@ def join(tensor_parallel: int, device_type: str, timeout_s: float = 1800.0) -> T
     else:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        store = _fresh_store(rank, world, timeout)
+        store = fresh_store(rank, world, timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     data = dist.group.WORLD
     control = dist.new_group(backend="gloo") if backend == "nccl" else data
     set_parallel_state(rank, world, data)
     return TPGroup(rank, world, local_rank, control, data, store)
-
-
-_BASE_STORE: Any = None
-_GENERATION = 0
-
-
-def _fresh_store(rank: int, world: int, timeout: datetime.timedelta):
-    """A key-value store no earlier group of this process used: a pipeline made
-    after another was destroyed must not meet the first one's keys."""
-    global _BASE_STORE, _GENERATION
-    if _BASE_STORE is None:
-        # torchrun's agent already serves a store at MASTER_ADDR:MASTER_PORT;
-        # other launchers (deepspeed, mii.serve) leave rank 0 to host it.
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        _BASE_STORE = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            world,
-            is_master=rank == 0 and not agent,
-            timeout=timeout,
-            wait_for_workers=False,
-        )
-    _GENERATION += 1
-    return dist.PrefixStore(f"mii/group{_GENERATION}", _BASE_STORE)
 
 
 def agree_on_min(group: TPGroup, value: int) -> int:

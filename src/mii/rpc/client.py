@@ -9,9 +9,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import mii.envs as envs
 from mii.errors import InvalidRequestError, MiiError
 from mii.response import Response, join_pieces
-from mii.rpc import mii_pb2, mii_pb2_grpc, registry
+from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.convert import generate_request, piece_from_proto, validated
 from mii.rpc.status import error_from_grpc
 
@@ -23,14 +24,22 @@ class DeploymentNotFoundError(MiiError, LookupError):
 class MiiClient:
     """Talks to one deployment (its load balancer) over gRPC.
 
+    Every call (sync, streaming, asyncio, health checks, terminate) presents
+    ``api_key`` (default: ``MII_API_KEY``) as ``authorization: Bearer KEY``
+    metadata when there is one; a deployment with a different key refuses it
+    with ``mii.AuthenticationError``.
+
     >>> client = mii.client("mistral-deployment")
     >>> client.generate(["Deepspeed is", "Seattle is"], max_new_tokens=128)
     """
 
-    def __init__(self, address: str, deployment_name: str | None = None) -> None:
+    def __init__(
+        self, address: str, deployment_name: str | None = None, api_key: str | None = None
+    ) -> None:
         self.address = address
         self.deployment_name = deployment_name
-        self._channel = grpc.insecure_channel(address)
+        self._api_key = api_key if api_key is not None else envs.API_KEY.get()
+        self._channel = auth.channel(address, self._api_key)
         self._stub = mii_pb2_grpc.MiiStub(self._channel)
         self._aio: dict[int, tuple[grpc.aio.Channel, mii_pb2_grpc.MiiStub]] = {}
 
@@ -98,7 +107,7 @@ class MiiClient:
             self._stub.Terminate(mii_pb2.TerminateRequest(), timeout=10)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNAVAILABLE:
-                raise
+                raise error_from_grpc(err) from None
         if info is not None:
             _wait_gone([info["pid"], *info.get("replica_pids", [])], timeout)
 
@@ -111,7 +120,7 @@ class MiiClient:
         # grpc.aio channels belong to one event loop; keep one per loop.
         loop = asyncio.get_running_loop()
         if id(loop) not in self._aio:
-            channel = grpc.aio.insecure_channel(self.address)
+            channel = auth.aio_channel(self.address, self._api_key)
             self._aio[id(loop)] = (channel, mii_pb2_grpc.MiiStub(channel))
         return self._aio[id(loop)][1]
 
@@ -150,16 +159,20 @@ def _wait_gone(pids: list[int], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def client(model_or_deployment_name: str) -> MiiClient:
+def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClient:
     """A client of a running deployment, found by deployment name, by model name
-    (``f"{model}-mii-deployment"``), or given as ``"host:port"``."""
+    (``f"{model}-mii-deployment"``), or given as ``"host:port"``.
+
+    Its API key: ``api_key``, else the one in the deployment's record on this
+    machine (readable only by the user who started it), else ``MII_API_KEY``."""
     for name in (model_or_deployment_name, f"{model_or_deployment_name}-mii-deployment"):
         info = registry.lookup(name)
         if info is not None:
-            return MiiClient(f"{info['host']}:{info['port']}", name)
+            key = api_key if api_key is not None else info.get("api_key")
+            return MiiClient(f"{info['host']}:{info['port']}", name, api_key=key)
     host, sep, port = model_or_deployment_name.rpartition(":")
     if sep and port.isdigit() and host:
-        return MiiClient(model_or_deployment_name)
+        return MiiClient(model_or_deployment_name, api_key=api_key)
     raise DeploymentNotFoundError(
         f"no running deployment named {model_or_deployment_name!r} on this machine "
         "(start one with mii.serve, or pass 'host:port')"

@@ -22,8 +22,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import mii.envs as envs
 from mii.errors import DeploymentError
-from mii.rpc import mii_pb2, mii_pb2_grpc, registry
+from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
 from mii.rpc.health import add_standard_services, set_health
@@ -69,13 +70,17 @@ def _device_map(layout: GpuLayout | Mapping[str, Any], gpus: int) -> list[int] |
 
 
 class ReplicaProcess:
-    """One replica: ``python -m mii.rpc.replica REPLICA_CONFIG_JSON``, logging to ``log_file``."""
+    """One replica: ``python -m mii.rpc.replica REPLICA_CONFIG_JSON``, logging to
+    ``log_file``; its port accepts only calls that present ``token``."""
 
-    def __init__(self, index: int, config: ReplicaConfig, log_file: Path) -> None:
+    def __init__(self, index: int, config: ReplicaConfig, log_file: Path, token: str) -> None:
         self.index = index
         self.address = config.address
         self.log_file = log_file
         env = dict(os.environ)
+        # Secrets in the environment, never on the command line (see mii.envs).
+        env[envs.REPLICA_TOKEN.name] = token
+        env.pop(envs.API_KEY.name, None)  # a replica never needs the clients' key
         if config.gpus:  # the replica's GPUs; its ranks use them in order
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, config.gpus))
         with open(log_file, "wb") as log:
@@ -110,7 +115,9 @@ async def run_deployment(config: DeploymentConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    server = listening_server(f"{host}:{port}")  # a busy port fails here, naming it
+    # A busy port fails here, naming it. With an api_key, every call needs it.
+    server = listening_server(f"{host}:{port}", auth.api_key_interceptors(config.secret_api_key()))
+    token = auth.new_token()  # what the replicas' ports require, new at every start
     rest_socket = None
     if config.enable_restful_api:  # a busy REST port too, before any model loads
         from mii.rpc.http.server import bind_socket
@@ -125,8 +132,8 @@ async def run_deployment(config: DeploymentConfig) -> None:
     try:
         for i, replica_config in enumerate(_replica_configs(config)):
             log = registry.log_path(name).with_suffix(f".replica{i}.log")
-            replicas.append(ReplicaProcess(i, replica_config, log))
-        pool = ReplicaPool([r.address for r in replicas])
+            replicas.append(ReplicaProcess(i, replica_config, log, token))
+        pool = ReplicaPool([r.address for r in replicas], token=token)
         await _wait_for_replicas(pool, replicas, config.startup_timeout)
 
         info = mii_pb2.ModelInfoReply(
@@ -158,6 +165,8 @@ async def run_deployment(config: DeploymentConfig) -> None:
                 "replica_num": config.replica_num,
                 "restful_api_port": config.restful_api_port if rest else None,
                 "replica_pids": [r.process.pid for r in replicas],
+                # the record is readable only by this user (mode 0600 in a 0700 folder)
+                "api_key": config.secret_api_key(),
             },
         )
         print(f"[mii] deployment {name!r} serving on {host}:{port}", file=sys.stderr, flush=True)
@@ -220,6 +229,8 @@ async def _wait_for_replicas(pool: ReplicaPool, replicas: list[ReplicaProcess], 
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The API key is not in this JSON (it would be visible in ps): DeploymentConfig
+    # reads it from MII_API_KEY, which mii.serve sets in this process's environment.
     config_json = (argv or sys.argv[1:])[0]
     return run_reporting_errors(run_deployment(DeploymentConfig.model_validate_json(config_json)))
 

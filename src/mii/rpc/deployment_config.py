@@ -11,8 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+import mii.envs as envs
 from mii.config import EngineConfig
 from mii.errors import DeploymentError, InvalidRequestError
 from mii.rpc import registry
@@ -93,6 +102,27 @@ class DeploymentConfig(GpuLayout):
     engine_options: dict[str, Any] = Field(
         default_factory=dict, description="options of each replica's engine (EngineConfig)"
     )
+    # Never serialized (exclude): the deployment process gets its configuration as
+    # JSON on its command line, which every local user can read; the key travels
+    # in its environment (MII_API_KEY) instead, where the validator below finds it.
+    api_key: SecretStr | None = Field(
+        default=None,
+        exclude=True,
+        description="require this key of every client: gRPC metadata and HTTP header "
+        "'authorization: Bearer KEY' (default: $MII_API_KEY; unset: no key); prefer "
+        "MII_API_KEY to --api-key, which other local users can see in ps",
+    )
+    allowed_hosts: list[str] | None = Field(
+        default=None,
+        description="Host header names the HTTP API answers besides localhost, 127.0.0.1 "
+        "and ::1 ('*': any). Bound to a loopback host it refuses every other name "
+        "(DNS rebinding); bound elsewhere it checks only when this is given",
+    )
+    allowed_origins: list[str] | None = Field(
+        default=None,
+        description="origins whose web pages may call the HTTP API (CORS), such as "
+        "https://app.example.com ('*': any; default: none, CORS off)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -100,6 +130,43 @@ class DeploymentConfig(GpuLayout):
         if isinstance(data, dict) and not data.get("deployment_name") and "model" in data:
             data = {**data, "deployment_name": f"{data['model']}-mii-deployment"}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_key_from_environment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("api_key") is None:
+            key = envs.API_KEY.get()
+            if key is not None:
+                data = {**data, "api_key": key}
+        return data
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_is_a_header_value(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        key = value.get_secret_value()
+        if not key or not all("!" <= c <= "~" for c in key):
+            raise InvalidRequestError(
+                "api_key must be a non-empty string of printable ASCII characters without "
+                "spaces (clients send it in the header 'authorization: Bearer KEY')",
+                field="api_key",
+            )
+        return value
+
+    @field_validator("allowed_hosts", "allowed_origins")
+    @classmethod
+    def _names(cls, value: list[str] | None, info) -> list[str] | None:
+        if value is None:
+            return None
+        names = [v.strip() for v in value]
+        if not all(names):
+            raise InvalidRequestError(f"{info.field_name} has an empty entry", info.field_name)
+        return names
+
+    def secret_api_key(self) -> str | None:
+        """The API key, or None when the deployment requires none."""
+        return None if self.api_key is None else self.api_key.get_secret_value()
 
     @model_validator(mode="after")
     def _engine_options_valid(self) -> DeploymentConfig:

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import mii.envs as envs
 from mii.errors import DeploymentError
 from mii.rpc import registry
 from mii.rpc.client import MiiClient
@@ -24,7 +25,8 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     ``options`` are the fields of :class:`~mii.rpc.deployment_config.DeploymentConfig`
     (``deployment_name=None, tensor_parallel=1, replica_num=1,
     enable_restful_api=False, restful_api_port=28080, port=50050,
-    host="127.0.0.1", startup_timeout=600.0, device_map=None``, ...) and engine
+    host="127.0.0.1", startup_timeout=600.0, device_map=None, api_key=None,
+    allowed_hosts=None, allowed_origins=None``, ...) and engine
     options (``max_length=None``, ...). Bad options fail here, before anything
     starts. A start-up failure (bad model, port in use, crash while loading)
     raises ``DeploymentError`` here with the server's error, and leaves no
@@ -33,17 +35,26 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     config = DeploymentConfig.parse(model_name_or_path, **options)
     name = config.deployment_name
     log_file = registry.log_path(name)
+    # The API key goes in the environment: the JSON on the command line (which every
+    # local user can read with ps) leaves it out.
+    env = dict(os.environ)
+    api_key = config.secret_api_key()
+    if api_key is None:
+        env.pop(envs.API_KEY.name, None)
+    else:
+        env[envs.API_KEY.name] = api_key
     with open(log_file, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "mii.rpc.deployment", config.model_dump_json()],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=env,
             start_new_session=True,  # the deployment outlives this process
         )
     # Reap the deployment process when it ends, so that it leaves no zombie.
     threading.Thread(target=process.wait, name=f"mii-reap-{name}", daemon=True).start()
-    client = MiiClient(f"{config.host}:{config.port}", name)
+    client = MiiClient(f"{config.host}:{config.port}", name, api_key=api_key)
     deadline = time.monotonic() + config.startup_timeout + 30
     while True:
         if process.poll() is not None:

@@ -10,6 +10,8 @@ raises ``DeploymentError`` naming the address when the port cannot be bound
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 from mii.errors import DeploymentError
@@ -17,9 +19,12 @@ from mii.errors import DeploymentError
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 
 
-def listening_server(address: str) -> grpc.aio.Server:
-    """A ``grpc.aio.Server`` bound to ``address`` ("host:port"), not yet started."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+def listening_server(
+    address: str, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+) -> grpc.aio.Server:
+    """A ``grpc.aio.Server`` bound to ``address`` ("host:port"), not yet started;
+    ``interceptors`` see every call (:mod:`mii.rpc.auth`)."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as err:

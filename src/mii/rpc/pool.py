@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mii.errors import NoReplicaError, ReplicaError
 from mii.response import Response
-from mii.rpc import mii_pb2, mii_pb2_grpc
+from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import generate_request, piece_from_proto
 from mii.rpc.status import error_from_grpc
 
@@ -30,6 +30,7 @@ HEALTH_INTERVAL_S = 0.5
 @dataclass(eq=False)
 class Replica:
     address: str
+    token: str | None = None  # presented on every call (the replica's port requires it)
     channel: grpc.aio.Channel = field(init=False)
     stub: mii_pb2_grpc.MiiStub = field(init=False)
     in_flight: int = 0
@@ -37,7 +38,7 @@ class Replica:
     last_stats: mii_pb2.StatsReply = field(default_factory=mii_pb2.StatsReply)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address)
+        self.channel = auth.aio_channel(self.address, self.token)
         self.stub = mii_pb2_grpc.MiiStub(self.channel)
 
 
@@ -70,8 +71,11 @@ class Metrics:
 
 
 class ReplicaPool:
-    def __init__(self, addresses: list[str]) -> None:
-        self.replicas = [Replica(a) for a in addresses]
+    def __init__(self, addresses: list[str], token: str | None = None) -> None:
+        """Replicas at ``addresses``; every call presents ``token`` (the deployment's
+        internal token, never a client's API key)."""
+        self.token = token  # for replicas added later (Replica(address, pool.token))
+        self.replicas = [Replica(a, token) for a in addresses]
         self.metrics = Metrics()
 
     # ----- routing ------------------------------------------------------------

@@ -1,16 +1,20 @@
 """The processes of ranks 1..N-1 of a tensor-parallel replica (the replica is rank 0).
 
 Each runs ``python -m mii.engine.tp_worker ENGINE_CONFIG_JSON`` with the
-torch.distributed rendezvous variables set; they share the replica's GPUs
+torch.distributed rendezvous variables set, and a fresh secret prefix for the
+keys of their store (``MII_TP_STORE_SECRET``, see :mod:`mii.engine.tp_store`)
+in the environment, never on the command line; they share the replica's GPUs
 (CUDA_VISIBLE_DEVICES) and its log.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 
+import mii.envs as envs
 from mii.config import EngineConfig
 
 
@@ -24,6 +28,7 @@ def start_rank_workers(
         "WORLD_SIZE": str(world),
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),
+        envs.TP_STORE_SECRET.name: secrets.token_urlsafe(32),
     }
     os.environ.update(group_env, RANK="0", LOCAL_RANK="0")
     workers = []

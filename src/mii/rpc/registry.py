@@ -1,5 +1,6 @@
 """Where running deployments are recorded on this machine: one JSON file per
-deployment under ``<cache>/deployments``, readable only by the user."""
+deployment under ``<cache>/deployments``, readable only by the user (files 0600,
+folder 0700): a record holds the deployment's API key, for ``mii.client(name)``."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def record(name: str, info: dict[str, Any]) -> None:
     target = _file(name)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # it may hold the API key: the user's only, whatever existed
     with os.fdopen(fd, "w") as f:
         json.dump({"deployment_name": name, **info}, f)
     os.replace(tmp, target)

@@ -1,7 +1,8 @@
 """One replica: an AsyncEngine behind a gRPC server.
 
 Started by the deployment process as ``python -m mii.rpc.replica CONFIG_JSON``
-(a ``ReplicaConfig``).
+(a ``ReplicaConfig``), with its deployment's internal token in ``MII_REPLICA_TOKEN``:
+its port refuses every call that does not present it (:mod:`mii.rpc.auth`).
 Its health reports NOT_SERVING until the model is loaded and has answered a
 warm-up request. It exits when told to terminate, on SIGTERM, or when the
 process that started it goes away.
@@ -16,9 +17,10 @@ import sys
 
 import grpc
 
+import mii.envs as envs
 from mii.engine.async_engine import AsyncEngine
-from mii.errors import InvalidRequestError, ReplicaError
-from mii.rpc import mii_pb2, mii_pb2_grpc
+from mii.errors import DeploymentError, InvalidRequestError, ReplicaError
+from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_from_proto, piece_to_proto
 from mii.rpc.deployment_config import ReplicaConfig
 from mii.rpc.health import add_standard_services, set_health
@@ -105,7 +107,15 @@ async def serve_replica(config: ReplicaConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    server = listening_server(config.address)  # a busy port fails here, naming it
+    token = envs.REPLICA_TOKEN.get()
+    if token is None:
+        raise DeploymentError(
+            f"{envs.REPLICA_TOKEN.name} is not set: a replica is started by its deployment "
+            "(mii.serve, mii serve), which gives it the token its port requires"
+        )
+    os.environ.pop(envs.REPLICA_TOKEN.name)  # the rank workers started below need none
+    # A busy port fails here, naming it; only the deployment's own pool gets through.
+    server = listening_server(config.address, auth.replica_interceptors(token))
     health_servicer = add_standard_services(server)
     servicer = ReplicaServicer(stop)
     mii_pb2_grpc.add_MiiServicer_to_server(servicer, server)

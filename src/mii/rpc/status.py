@@ -15,7 +15,7 @@ from typing import NoReturn
 
 import grpc
 
-from mii.errors import InvalidRequestError, MiiError, NoReplicaError
+from mii.errors import AuthenticationError, InvalidRequestError, MiiError, NoReplicaError
 
 # Trailing metadata of an INVALID_ARGUMENT status: the option that was refused.
 FIELD_METADATA = "mii-field"
@@ -36,6 +36,7 @@ class Status:
 # bug, left to the server's plain 500.
 STATUSES: dict[type[BaseException], Status] = {
     InvalidRequestError: Status(400, grpc.StatusCode.INVALID_ARGUMENT),
+    AuthenticationError: Status(401, grpc.StatusCode.UNAUTHENTICATED, "invalid_api_key"),
     NoReplicaError: Status(503, grpc.StatusCode.UNAVAILABLE, "no_replica_available"),
     TimeoutError: Status(504, grpc.StatusCode.DEADLINE_EXCEEDED),
     MiiError: Status(500, grpc.StatusCode.INTERNAL),
@@ -62,12 +63,15 @@ async def abort(context: grpc.aio.ServicerContext, err: Exception) -> NoReturn:
 
 def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> Exception:
     """The exception a caller raises for a failed gRPC call: the caller's own
-    mistakes and deadlines come back as InvalidRequestError (with the field) and
-    TimeoutError; any other status as ``fallback("CODE: details")``."""
+    mistakes, deadlines and a refused API key come back as InvalidRequestError
+    (with the field), TimeoutError and AuthenticationError; any other status as
+    ``fallback("CODE: details")``."""
     code, details = err.code(), err.details()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         field = dict(err.trailing_metadata() or ()).get(FIELD_METADATA) or None
         return InvalidRequestError(details or "invalid request", field)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return TimeoutError(details or "deadline exceeded")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(details or "missing or wrong API key")
     return fallback(f"{code.name}: {details}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from mii.rpc.http import mii_routes, openai_routes
+from mii.rpc.http.auth import install_access_control
 from mii.rpc.http.errors import install_error_handlers
 from mii.rpc.http.state import GatewayState
 
@@ -14,6 +15,7 @@ def build_app(state: GatewayState) -> FastAPI:
     app = FastAPI(title=f"mii: {state.deployment_name}", docs_url=None, redoc_url=None)
     app.state.mii = state
     install_error_handlers(app)
+    install_access_control(app, state.access)
     app.include_router(mii_routes.router)
     app.include_router(openai_routes.router)
     return app

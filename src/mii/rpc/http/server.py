@@ -21,6 +21,7 @@ from mii.errors import MiiError
 from mii.rpc import mii_pb2
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
+from mii.rpc.http.auth import AccessPolicy
 from mii.rpc.http.state import GatewayState
 from mii.rpc.pool import ReplicaPool
 
@@ -123,6 +124,7 @@ async def start_gateway(
             max_length=info.max_length,
             tokenizer=tokenizer,
             created=int(time.time()),
+            access=AccessPolicy.of(config),
         )
         app = build_app(state)
         server = _Server(

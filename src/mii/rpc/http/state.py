@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
+from mii.rpc.http.auth import AccessPolicy
 from mii.rpc.pool import ReplicaPool
 
 
@@ -20,6 +21,7 @@ class GatewayState:
     max_length: int
     tokenizer: Any  # a transformers tokenizer (chat templates)
     created: int  # start time, reported as the model's ``created``
+    access: AccessPolicy = field(default_factory=AccessPolicy)  # API key, Host check, CORS
 
 
 def get_state(request: Request) -> GatewayState:

@@ -1,0 +1,215 @@
+"""Who may call a deployment: API keys on the public port, an internal token on
+the replicas' ports.
+
+Every call carries ``authorization: Bearer SECRET`` (gRPC metadata; the HTTP
+header of the same name on the REST gateway, see :mod:`mii.rpc.http.auth`):
+
+- the deployment's public (balancer) port requires the deployment's ``api_key``
+  when it has one, on every method, health checking and reflection included;
+- a replica's port requires, always, the token its deployment drew at start
+  (:func:`new_token`), handed over in the environment (``MII_REPLICA_TOKEN``):
+  only the deployment's own pool can call a replica, so another local user
+  cannot ``Terminate`` or ``Generate`` on a replica port.
+
+Secrets are compared in constant time (their SHA-256 digests with
+``hmac.compare_digest``: neither the content nor the length of the expected one
+leaks through timing).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import secrets
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
+BEARER = "bearer"
+
+API_KEY_REFUSED = (
+    "missing or wrong API key: this deployment requires 'authorization: Bearer KEY' "
+    "(mii.client(name) reads the key from the deployment's record on this machine; "
+    "else pass mii.client(..., api_key=KEY) or set MII_API_KEY)"
+)
+TOKEN_REFUSED = (
+    "this port serves only its own deployment's processes (missing or wrong internal "
+    "token); call the deployment's port instead"
+)
+
+
+def new_token() -> str:
+    """A fresh random secret (256 bits, URL-safe text)."""
+    return secrets.token_urlsafe(32)
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+def secret_matches(presented: bytes | None, expected: bytes) -> bool:
+    """Whether ``presented`` is ``expected``, in time independent of both."""
+    if presented is None:
+        presented = b""
+    return hmac.compare_digest(_digest(presented), _digest(expected))
+
+
+def bearer_secret(authorization: str | bytes | None) -> bytes | None:
+    """The secret of an ``authorization`` value ``Bearer SECRET`` (the scheme in
+    any case), or None when there is none."""
+    if authorization is None:
+        return None
+    if isinstance(authorization, str):
+        authorization = authorization.encode("utf-8", "surrogateescape")
+    scheme, _, secret = authorization.strip().partition(b" ")
+    if scheme.lower() != BEARER.encode() or not secret.strip():
+        return None
+    return secret.strip()
+
+
+def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata that presents ``secret``."""
+    return ((AUTHORIZATION, f"Bearer {secret}"),)
+
+
+# ----- servers ---------------------------------------------------------------------
+
+
+class RequireSecret(grpc.aio.ServerInterceptor):
+    """Refuse, with UNAUTHENTICATED and ``message``, every call of a server (every
+    service and method) whose metadata does not present ``secret``."""
+
+    def __init__(self, secret: str, message: str) -> None:
+        self._expected = secret.encode()
+        self._message = message
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        presented = None
+        for key, value in details.invocation_metadata or ():
+            if key == AUTHORIZATION:
+                presented = bearer_secret(value)
+                break
+        handler = await continuation(details)
+        if secret_matches(presented, self._expected):
+            return handler
+        return None if handler is None else _refusing(handler, self._message)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind that answers UNAUTHENTICATED. It reads the
+    request as raw bytes: nothing an unauthenticated caller sends is parsed."""
+
+    async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    serialize = handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, response_serializer=serialize)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, response_serializer=serialize)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, response_serializer=serialize)
+    return grpc.stream_stream_rpc_method_handler(refuse, response_serializer=serialize)
+
+
+def api_key_interceptors(api_key: str | None) -> tuple[grpc.aio.ServerInterceptor, ...]:
+    """The interceptors of a deployment's public port: none without an API key."""
+    return () if api_key is None else (RequireSecret(api_key, API_KEY_REFUSED),)
+
+
+def replica_interceptors(token: str) -> tuple[grpc.aio.ServerInterceptor, ...]:
+    """The interceptors of a replica's port: only its deployment's token passes."""
+    return (RequireSecret(token, TOKEN_REFUSED),)
+
+
+# ----- clients ---------------------------------------------------------------------
+
+
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class SendSecret(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer SECRET`` to every call of a (sync) channel."""
+
+    def __init__(self, secret: str) -> None:
+        self._metadata = bearer_metadata(secret)
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            (*(details.metadata or ()), *self._metadata),
+            details.credentials,
+            details.wait_for_ready,
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _AsyncSecret:
+    """Adds ``authorization: Bearer SECRET`` to the calls of a ``grpc.aio`` channel."""
+
+    def __init__(self, secret: str) -> None:
+        self._metadata = bearer_metadata(secret)
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+# grpc.aio files an interceptor under the first call kind it implements only, so
+# each kind needs an object of its own. mii's service and health checking have
+# unary requests only.
+class _AsyncUnaryUnary(_AsyncSecret, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+class _AsyncUnaryStream(_AsyncSecret, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+def channel(address: str, secret: str | None) -> grpc.Channel:
+    """A sync channel to ``address`` whose every call presents ``secret`` (if any)."""
+    plain = grpc.insecure_channel(address)
+    return plain if secret is None else grpc.intercept_channel(plain, SendSecret(secret))
+
+
+def aio_channel(address: str, secret: str | None) -> grpc.aio.Channel:
+    """A ``grpc.aio`` channel to ``address`` whose every call presents ``secret`` (if any)."""
+    if secret is None:
+        return grpc.aio.insecure_channel(address)
+    interceptors = [_AsyncUnaryUnary(secret), _AsyncUnaryStream(secret)]
+    return grpc.aio.insecure_channel(address, interceptors=interceptors)

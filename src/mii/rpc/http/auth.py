@@ -1,0 +1,171 @@
+"""Who may call the REST gateway, and from which pages: the API key, the Host
+check and CORS, as ASGI middleware around every route.
+
+In the order a request meets them:
+
+1. **Host check** (DNS rebinding): bound to a loopback host, the gateway
+   answers only requests addressed to ``localhost``, ``127.0.0.1`` or ``[::1]``
+   (any port), plus the names of ``allowed_hosts``; any other ``Host`` header
+   gets 400 naming the option. Bound elsewhere, it checks only when
+   ``allowed_hosts`` is given; ``"*"`` turns it off. Without this, a web page of
+   any site could make a browser on this machine send requests to the loopback
+   server through a name that resolves to 127.0.0.1.
+2. **CORS** (only with ``allowed_origins``): browsers' preflight requests carry
+   no key, so they are answered before the key is checked.
+3. **API key** (only with ``api_key``): every route (``/mii``, ``/v1``,
+   ``/health``, ``/metrics``, unknown paths too) requires the header
+   ``Authorization: Bearer KEY``, as OpenAI clients send their ``api_key``; a
+   missing or wrong one gets 401 with ``WWW-Authenticate: Bearer`` and
+   OpenAI's error body on every route (code ``invalid_api_key``; outside
+   ``/v1`` also mii's ``field``, null), so that any client can read it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mii.errors import AuthenticationError, InvalidRequestError
+from mii.rpc.auth import bearer_secret, secret_matches
+from mii.rpc.deployment_config import DeploymentConfig
+from mii.rpc.http.errors import api_error, error_response, is_openai_path, openai_error_body
+from mii.rpc.status import STATUSES
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+CORS_METHODS = ("GET", "POST")
+CORS_HEADERS = ("authorization", "content-type")
+
+API_KEY_REFUSED = (
+    "missing or wrong API key: this server requires the header 'Authorization: Bearer KEY' "
+    "(the openai client sends its api_key so)"
+)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address to bind) is this machine's loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name of a ``Host`` header, without its port: ``[::1]:80`` -> ``::1``."""
+    header = header.strip().lower()
+    if header.startswith("["):  # [IPv6]:port
+        return header[1:].partition("]")[0]
+    name, colon, port = header.rpartition(":")
+    name = name if colon and port.isdigit() else header
+    return name.rstrip(".")  # "localhost." is localhost
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """The gateway's access rules (nothing checked by default)."""
+
+    api_key: bytes | None = None
+    allowed_hosts: frozenset[str] | None = None  # None: any Host header
+    allowed_origins: tuple[str, ...] = ()  # empty: CORS off
+
+    @classmethod
+    def of(cls, config: DeploymentConfig) -> AccessPolicy:
+        """The rules of ``config`` (see the module's docstring)."""
+        # Configured names are names, without ports: "[::1]" and "::1" are both ::1.
+        extra = [h.lower().strip("[]").rstrip(".") for h in config.allowed_hosts or ()]
+        if "*" in extra:
+            hosts = None
+        elif extra or is_loopback(config.host):
+            hosts = frozenset((*LOOPBACK_NAMES, *extra))
+        else:
+            hosts = None
+        key = config.secret_api_key()
+        return cls(
+            api_key=None if key is None else key.encode(),
+            allowed_hosts=hosts,
+            allowed_origins=tuple(config.allowed_origins or ()),
+        )
+
+
+def install_access_control(app: FastAPI, policy: AccessPolicy) -> None:
+    """Add ``policy``'s middleware to ``app``."""
+    # Starlette runs the middleware added last first: Host check, CORS, API key.
+    if policy.api_key is not None:
+        app.add_middleware(RequireApiKey, api_key=policy.api_key)
+    if policy.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(policy.allowed_origins),
+            allow_methods=list(CORS_METHODS),
+            allow_headers=list(CORS_HEADERS),
+        )
+    if policy.allowed_hosts is not None:
+        app.add_middleware(CheckHost, allowed=policy.allowed_hosts)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value
+    return None
+
+
+class CheckHost:
+    """Answer 400 to a request whose ``Host`` is not one of ``allowed``. A request
+    without a Host header (HTTP/1.0; browsers always send one) passes."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            raw = _header(scope, b"host")
+            name = None if raw is None else host_name(raw.decode("latin-1"))
+            if name is not None and name not in self.allowed:
+                response = error_response(Request(scope), api_error(self._refusal(name)))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, name: str) -> InvalidRequestError:
+        shown = name[:100]
+        return InvalidRequestError(
+            f"Host {shown!r} is not allowed: this server answers requests addressed to "
+            f"{', '.join(sorted(self.allowed))}; to accept this name, start the deployment "
+            f"with allowed_hosts=[{shown!r}] (mii serve --allowed-hosts {shown})"
+        )
+
+
+class RequireApiKey:
+    """Answer 401 to a request without ``Authorization: Bearer <api_key>``."""
+
+    def __init__(self, app: ASGIApp, api_key: bytes) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            presented = bearer_secret(_header(scope, b"authorization"))
+            if not secret_matches(presented, self.api_key):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                await unauthorized(scope["path"])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def unauthorized(path: str) -> JSONResponse:
+    """The 401 answer to a request for ``path`` without the right key."""
+    status = STATUSES[AuthenticationError]
+    body = openai_error_body(API_KEY_REFUSED, status.http, None, status.openai_code)
+    if not is_openai_path(path):
+        body["error"]["field"] = None  # mii's routes' shape has it too
+    return JSONResponse(body, status_code=status.http, headers={"WWW-Authenticate": "Bearer"})
