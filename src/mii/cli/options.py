@@ -40,6 +40,10 @@ DEPLOYMENT_OPTIONS = (
     "enable_restful_api",
     "restful_api_port",
     "startup_timeout",
+    "max_request_bytes",
+    "http_header_timeout",
+    "http_keep_alive_timeout",
+    "http_max_connections",
 )
 METAVARS = {
     "device": "DEVICE",
@@ -53,6 +57,10 @@ METAVARS = {
     "restful_api_port": "PORT",
     "device_map": "GPUS",
     "startup_timeout": "SECONDS",
+    "max_request_bytes": "BYTES",
+    "http_header_timeout": "SECONDS",
+    "http_keep_alive_timeout": "SECONDS",
+    "http_max_connections": "N",
 }
 
 

@@ -26,6 +26,7 @@ from mii.errors import DeploymentError
 from mii.rpc import mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
+from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
@@ -105,6 +106,7 @@ class ReplicaProcess:
 
 async def run_deployment(config: DeploymentConfig) -> None:
     name, host, port = config.deployment_name, config.host, config.port
+    raise_open_files_limit()  # idle HTTP clients must not take every descriptor of 1,024
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,6 +21,7 @@ from mii.errors import InvalidRequestError, ReplicaError
 from mii.rpc import mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_from_proto, piece_to_proto
 from mii.rpc.deployment_config import ReplicaConfig
+from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
 from mii.rpc.rank_workers import start_rank_workers, stop_rank_workers
@@ -100,6 +101,7 @@ def engine_error(err: Exception) -> Exception:
 
 
 async def serve_replica(config: ReplicaConfig) -> None:
+    raise_open_files_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

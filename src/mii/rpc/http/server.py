@@ -21,6 +21,7 @@ from mii.errors import MiiError
 from mii.rpc import mii_pb2
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
+from mii.rpc.http.connections import uvicorn_options
 from mii.rpc.http.state import GatewayState
 from mii.rpc.pool import ReplicaPool
 
@@ -133,6 +134,11 @@ async def start_gateway(
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                **uvicorn_options(
+                    config.http_header_timeout,
+                    config.http_keep_alive_timeout,
+                    config.http_max_connections,
+                ),
             )
         )
         task = asyncio.create_task(server.serve(sockets=[sock]), name="mii-rest-gateway")
