@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from mii.errors import DeploymentError
-from mii.rpc import mii_pb2, mii_pb2_grpc, registry
+from mii.rpc import mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
+from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import read_startup_error, run_reporting_errors
 
 
@@ -112,7 +113,8 @@ async def run_deployment(config: DeploymentConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    server = listening_server(f"{host}:{port}")  # a busy port fails here, naming it
+    # A busy port fails here, naming it. Requests are at most max_request_bytes.
+    server = listening_server(f"{host}:{port}", config.max_request_bytes)
     rest_socket = None
     if config.enable_restful_api:  # a busy REST port too, before any model loads
         from mii.rpc.http.server import bind_socket
@@ -139,7 +141,7 @@ async def run_deployment(config: DeploymentConfig) -> None:
             ).max_length,
             replicas=config.replica_num,
         )
-        mii_pb2_grpc.add_MiiServicer_to_server(BalancerServicer(pool, info, stop), server)
+        add_mii_servicer(BalancerServicer(pool, info, stop), server)
         await server.start()
         watcher = asyncio.create_task(pool.watch())
 

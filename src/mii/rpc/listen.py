@@ -17,9 +17,12 @@ from mii.errors import DeploymentError
 SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 
 
-def listening_server(address: str) -> grpc.aio.Server:
-    """A ``grpc.aio.Server`` bound to ``address`` ("host:port"), not yet started."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+def listening_server(address: str, max_receive_bytes: int = -1) -> grpc.aio.Server:
+    """A ``grpc.aio.Server`` bound to ``address`` ("host:port"), not yet started,
+    that accepts request messages up to ``max_receive_bytes`` (-1: any size; a
+    larger one is answered RESOURCE_EXHAUSTED by grpc)."""
+    options = (*SERVER_OPTIONS, ("grpc.max_receive_message_length", max_receive_bytes))
+    server = grpc.aio.server(options=options)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as err:

@@ -24,6 +24,7 @@ from mii.rpc.deployment_config import ReplicaConfig
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
+from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.rank_workers import start_rank_workers, stop_rank_workers
 from mii.rpc.startup_errors import run_reporting_errors
 from mii.rpc.status import abort
@@ -110,7 +111,7 @@ async def serve_replica(config: ReplicaConfig) -> None:
     server = listening_server(config.address)  # a busy port fails here, naming it
     health_servicer = add_standard_services(server)
     servicer = ReplicaServicer(stop)
-    mii_pb2_grpc.add_MiiServicer_to_server(servicer, server)
+    add_mii_servicer(servicer, server)
     await set_health(health_servicer, False)
     await server.start()
 

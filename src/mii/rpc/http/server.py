@@ -124,6 +124,7 @@ async def start_gateway(
             max_length=info.max_length,
             tokenizer=tokenizer,
             created=int(time.time()),
+            max_request_bytes=config.max_request_bytes,
         )
         app = build_app(state)
         server = _Server(

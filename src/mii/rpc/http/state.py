@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import Request
 
+from mii.rpc.deployment_config import DEFAULT_MAX_REQUEST_BYTES
 from mii.rpc.pool import ReplicaPool
 
 
@@ -20,6 +21,7 @@ class GatewayState:
     max_length: int
     tokenizer: Any  # a transformers tokenizer (chat templates)
     created: int  # start time, reported as the model's ``created``
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # longer bodies: 413
 
 
 def get_state(request: Request) -> GatewayState:
