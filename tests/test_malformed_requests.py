@@ -41,7 +41,7 @@ BAD_INTS = ["abc", BIG, -5, [1], {"a": 1}, 1.5]
 BAD_FLOATS = ["abc", [1], {"a": 1}, -1, "NaN-literal", "Infinity-literal"]
 BAD_BOOLS = ["abc", [1], {"a": 1}, 5, BIG]
 BAD_STOPS = [5, [5], {"a": 1}, [["a"]], BIG, ["\ud800"], ["x"] * 17]
-BAD_PROMPTS = [None, 5, [], [5], [None], {"a": 1}, True, [["a"]], "a\ud800", BIG]
+BAD_PROMPTS = [None, 5, [], [5], [None], {"a": 1}, True, [["a"]], "a\ud800", BIG, ["a"] * 1025]
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +299,7 @@ def test_malformed_grpc_messages_get_invalid_argument(served):
         nan = mii_pb2.GenerationOptions(temperature=float("nan"), max_new_tokens=2)
         for request in [
             mii_pb2.GenerateRequest(),
+            mii_pb2.GenerateRequest(prompts=["hi"] * 1025),
             mii_pb2.GenerateRequest(prompts=["hi"], options=nan),
             mii_pb2.GenerateRequest(prompts=["hi"], options=mii_pb2.GenerationOptions(top_p=2)),
         ]:
@@ -318,6 +319,7 @@ CLIENT_CASES = [
     (([1, 2],), {}, "prompts"),
     (([None],), {}, "prompts"),
     (([],), {}, "prompts"),
+    ((["a"] * 1025,), {}, "prompts"),
     (("a\ud800",), {}, "prompt"),
     (("hi",), {"stop": 5}, "stop"),
     (("hi",), {"stop": ["\ud800"]}, "stop"),

@@ -16,6 +16,10 @@ UNLIMITED_MESSAGES = (
     ("grpc.max_send_message_length", -1),
 )
 
+# Prompts per request: each is tokenized and queued on the replica's event loop,
+# so a request of a million one-word prompts would stall every other request.
+MAX_PROMPTS = 1024
+
 _SCALAR_OPTIONS = [name for name in GenerateParams.model_fields if name != "stop"]
 
 
@@ -71,14 +75,20 @@ def validated(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def prompt_list(prompts: Any) -> list[str]:
-    """``prompts`` (one string, or a list or tuple of strings) as a list; anything
-    else (None, bytes, numbers, token ids, an empty list) is InvalidRequestError
-    naming ``prompts``."""
+    """``prompts`` (one string, or a list or tuple of at most MAX_PROMPTS strings)
+    as a list; anything else (None, bytes, numbers, token ids, an empty or too
+    long list) is InvalidRequestError naming ``prompts``."""
     if isinstance(prompts, str):
         return [prompts]
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InvalidRequestError(
             f"prompts must be a string or a non-empty list of strings (got {_short_repr(prompts)})",
+            field="prompts",
+        )
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequestError(
+            f"at most {MAX_PROMPTS} prompts per request (got {len(prompts)}); "
+            "send them in several requests",
             field="prompts",
         )
     for prompt in prompts:
