@@ -42,11 +42,16 @@ def raise_open_files_limit() -> int:
     if resource is None:
         return UNLIMITED_FDS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
+    # An infinite hard limit (macOS) cannot be the soft one: try large finite values.
+    targets = [hard] if hard != resource.RLIM_INFINITY else [UNLIMITED_FDS, 1 << 16, 10240]
+    for target in targets:
+        if soft != resource.RLIM_INFINITY and target <= soft:
+            break
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            break
         except (ValueError, OSError) as err:
-            log.warning("cannot raise the open-files limit from %s to %s: %s", soft, hard, err)
+            log.warning("cannot raise the open-files limit from %s to %s: %s", soft, target, err)
     return open_files_limit()
 
 
