@@ -192,6 +192,14 @@ def test_bodies_over_the_limit_get_413(served):
     with pytest.raises(InvalidRequestError) as err:
         served.client.generate(six_mib, max_new_tokens=2)
     assert err.value.field == "prompt"
+    # A gRPC message over the limit: grpc's own RESOURCE_EXHAUSTED, read no further.
+    request = mii_pb2.GenerateRequest(prompts=["a" * (DEFAULT_MAX_REQUEST_BYTES + 1)])
+    with (
+        grpc.insecure_channel(served.client.address) as channel,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        channel.unary_unary("/mii.Mii/Generate")(request.SerializeToString(), timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _rss_kib(pid: int) -> int:
