@@ -61,3 +61,12 @@ def http_connection_budget(requested: int, limit: int | None = None) -> int:
     flood of HTTP connections never takes the descriptors gRPC clients need."""
     limit = open_files_limit() if limit is None else limit
     return max(1, min(requested, (limit - RESERVED_FDS) // 2))
+
+
+def http_accept_backlog(limit: int | None = None) -> int:
+    """The gateway's listen backlog, which asyncio also uses as the number of
+    connections it accepts in one go, before the cap can close the excess: a
+    quarter of what the open-files limit leaves after RESERVED_FDS (16 to 2048),
+    so that a burst of connections never takes the last descriptors either."""
+    limit = open_files_limit() if limit is None else limit
+    return max(16, min(2048, (limit - RESERVED_FDS) // 4))

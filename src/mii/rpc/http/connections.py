@@ -138,10 +138,11 @@ def uvicorn_options(header_timeout: float, keep_alive: float, max_connections: i
     is cut to what the open-files limit allows: see :mod:`mii.rpc.fd_limit`)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    from mii.rpc.fd_limit import http_connection_budget
+    from mii.rpc.fd_limit import http_accept_backlog, http_connection_budget
 
     limits = ConnectionLimits(header_timeout, http_connection_budget(max_connections))
     return {
         "http": guarded_protocol(AutoHTTPProtocol, limits),
         "timeout_keep_alive": keep_alive,
+        "backlog": http_accept_backlog(),
     }
