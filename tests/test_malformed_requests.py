@@ -137,6 +137,10 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
     ]:
         cases.append((chat, _encode({**ok_chat, field: value}), JSON, field))
     cases.append((chat, _encode({"max_tokens": 2}), JSON, "messages"))
+    # Streamed requests are checked before the first event.
+    for field, value in [("top_p", 2), ("max_tokens", -1), ("n", 0), ("stop", [5])]:
+        cases.append((comp, _encode({**ok_comp, "stream": True, field: value}), JSON, field))
+        cases.append((chat, _encode({**ok_chat, "stream": True, field: value}), JSON, field))
     # Bodies that are not a JSON object of the route's fields.
     for path in (mii_url, comp, chat):
         for raw, headers in [
@@ -174,6 +178,11 @@ def test_malformed_rest_requests_get_4xx_naming_the_field(served):
             field = _named_field(path, response)
             if not (field or "").startswith(want):
                 failures.append((path, body[:80], field, response.text[:200]))
+    for method in ("GET", "PUT", "DELETE", "PATCH"):
+        for path in (f"/mii/{served.name}", "/v1/completions", "/v1/chat/completions"):
+            response = served.http.request(method, path, content=b"{}", headers=JSON)
+            if not 400 <= response.status_code < 500:
+                failures.append((method, path, response.status_code, response.text[:200]))
     assert not failures, "\n".join(map(repr, failures))
     assert served.client.generate("DeepSpeed is", max_new_tokens=2)[0].generated_length == 2
 
