@@ -43,6 +43,10 @@ DEPLOYMENT_OPTIONS = (
     "api_key",
     "allowed_hosts",
     "allowed_origins",
+    "max_request_bytes",
+    "http_header_timeout",
+    "http_keep_alive_timeout",
+    "http_max_connections",
 )
 METAVARS = {
     "device": "DEVICE",
@@ -59,6 +63,10 @@ METAVARS = {
     "api_key": "KEY",
     "allowed_hosts": "HOSTS",
     "allowed_origins": "ORIGINS",
+    "max_request_bytes": "BYTES",
+    "http_header_timeout": "SECONDS",
+    "http_keep_alive_timeout": "SECONDS",
+    "http_max_connections": "N",
 }
 
 

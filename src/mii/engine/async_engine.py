@@ -23,6 +23,10 @@ from mii.errors import EngineClosedError
 from mii.response import Response, join_pieces
 
 _DONE = object()
+# Text prompts at least this long are tokenized in a worker thread (the fast
+# tokenizers release the GIL): a 10 MB prompt takes seconds to tokenize, and on
+# the event loop it stalled every other request of the engine.
+OFFLOAD_TOKENIZE_CHARS = 16 * 1024
 
 
 class _Aborting:
@@ -95,7 +99,8 @@ class AsyncEngine:
         """Yield pieces of the answer as they are generated. Cancelling the
         consuming task (or closing the iterator) aborts the request; ``abort``
         ends the stream with an empty piece whose ``finish_reason`` is "abort"."""
-        request_id, queue, seq = self._submit(prompt, request_id, params)
+        prompt_ids = await self._tokenize_large(prompt)
+        request_id, queue, seq = self._submit(prompt, request_id, params, prompt_ids=prompt_ids)
         prompt_length = seq.prompt_len  # read now: the engine thread owns seq from here
         finished = False
         generated = 0  # tokens delivered so far, for the final piece of an abort
@@ -133,7 +138,10 @@ class AsyncEngine:
         try:
             for prompt in prompts:
                 collector = _Collector(loop)
-                request_id, _, _ = self._submit(prompt, None, params, sink=collector)
+                prompt_ids = await self._tokenize_large(prompt)
+                request_id, _, _ = self._submit(
+                    prompt, None, params, sink=collector, prompt_ids=prompt_ids
+                )
                 submitted.append((request_id, collector))
             return list(await asyncio.gather(*(c.done for _, c in submitted)))
         finally:
@@ -192,8 +200,15 @@ class AsyncEngine:
 
     # ----- plumbing -----------------------------------------------------------
 
+    async def _tokenize_large(self, prompt: Any) -> list[int] | None:
+        """The ids of a long text prompt, tokenized off the event loop; None for
+        anything else (tokenized, and checked, in ``_submit``)."""
+        if not isinstance(prompt, str) or len(prompt) < OFFLOAD_TOKENIZE_CHARS:
+            return None
+        return await asyncio.to_thread(self.core.intake.tokenize, prompt)
+
     def _submit(
-        self, prompt, request_id: str | None, params: dict[str, Any], sink=None
+        self, prompt, request_id: str | None, params: dict[str, Any], sink=None, prompt_ids=None
     ) -> tuple[str, asyncio.Queue, Any]:
         if self._closed:
             raise EngineClosedError("the engine was closed; create a new one")
@@ -205,7 +220,9 @@ class AsyncEngine:
             raise InvalidRequestError(
                 f"request id {request_id!r} is already in use", field="request_id"
             )
-        seq = self.core.make_sequence(request_id, prompt, GenerateParams.parse(**params))
+        seq = self.core.make_sequence(
+            request_id, prompt, GenerateParams.parse(**params), prompt_ids
+        )
         queue = sink if sink is not None else asyncio.Queue()
         self._queues[request_id] = queue
         self._pending_add.append(seq)

@@ -150,10 +150,15 @@ class EngineCore:
     # ----- requests -----------------------------------------------------------
 
     def make_sequence(
-        self, request_id: str, prompt: str | list[int], params: GenerateParams
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: GenerateParams,
+        prompt_ids: list[int] | None = None,
     ) -> Sequence:
-        """Tokenize and check one request; raises InvalidRequestError before it is queued."""
-        return self.intake.make_sequence(request_id, prompt, params)
+        """Tokenize and check one request; raises InvalidRequestError before it is queued.
+        ``prompt_ids``: the text prompt's ids when the caller tokenized it already."""
+        return self.intake.make_sequence(request_id, prompt, params, prompt_ids)
 
     def add(self, seq: Sequence) -> StepOutput | None:
         """Queue a checked sequence. A request for zero new tokens ends at once."""

@@ -29,6 +29,17 @@ def engine_max_length(requested: int | None, model_max: int) -> int:
     return requested
 
 
+def max_prompt_chars(tokenizer, max_length: int) -> int | None:
+    """The prompt-size limit in characters: ``max_length`` tokens of the tokenizer's
+    longest token, twice over (normalizers can merge characters). A longer text
+    cannot fit under ``max_length`` tokens. None when the vocabulary is unknown."""
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=0)
+    except Exception:  # a tokenizer without get_vocab: no early limit
+        return None
+    return 2 * max_length * max(longest, 1) if longest else None
+
+
 class RequestIntake:
     """Tokenizes and checks requests against the engine's limits."""
 
@@ -37,10 +48,20 @@ class RequestIntake:
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.blocks = blocks
+        self.max_prompt_chars = max_prompt_chars(tokenizer, max_length)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a text prompt; a list of ids is checked against the vocabulary."""
+        """Token ids of a text prompt; a list of ids is checked against the vocabulary.
+        A text prompt too long for ``max_length`` tokens whatever its tokens is refused
+        before tokenizing it (seconds of work for megabytes of text)."""
         if isinstance(prompt, str):
+            if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
+                raise InvalidRequestError(
+                    f"the prompt has {len(prompt)} characters: more than {self.max_length} "
+                    f"tokens (max_length) of this tokenizer can hold ({self.max_prompt_chars}); "
+                    "shorten the prompt",
+                    field="prompt",
+                )
             return list(self.tokenizer(prompt).input_ids)
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
             raise InvalidRequestError(
@@ -49,15 +70,21 @@ class RequestIntake:
         return list(prompt)
 
     def make_sequence(
-        self, request_id: str, prompt: str | list[int], params: GenerateParams
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: GenerateParams,
+        prompt_ids: list[int] | None = None,
     ) -> Sequence:
-        """Tokenize and check one request; raises InvalidRequestError before it is queued."""
+        """Tokenize and check one request; raises InvalidRequestError before it is queued.
+        ``prompt_ids``: the text prompt's ids when the caller tokenized it already."""
         if not isinstance(prompt, (str, list)):
             raise InvalidRequestError(
                 f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}",
                 field="prompt",
             )
-        prompt_ids = self.tokenize(prompt)
+        if prompt_ids is None or not isinstance(prompt, str):
+            prompt_ids = self.tokenize(prompt)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", field="prompt")
         max_length = params.max_length or self.max_length

@@ -22,7 +22,7 @@ import collections
 import hashlib
 import hmac
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
@@ -201,15 +201,17 @@ class _AsyncUnaryStream(_AsyncSecret, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
-def channel(address: str, secret: str | None) -> grpc.Channel:
-    """A sync channel to ``address`` whose every call presents ``secret`` (if any)."""
-    plain = grpc.insecure_channel(address)
+def channel(address: str, secret: str | None, options: Sequence = ()) -> grpc.Channel:
+    """A sync channel to ``address`` (with grpc channel ``options``) whose every call
+    presents ``secret`` (if any)."""
+    plain = grpc.insecure_channel(address, options=options)
     return plain if secret is None else grpc.intercept_channel(plain, SendSecret(secret))
 
 
-def aio_channel(address: str, secret: str | None) -> grpc.aio.Channel:
-    """A ``grpc.aio`` channel to ``address`` whose every call presents ``secret`` (if any)."""
+def aio_channel(address: str, secret: str | None, options: Sequence = ()) -> grpc.aio.Channel:
+    """A ``grpc.aio`` channel to ``address`` (with grpc channel ``options``) whose
+    every call presents ``secret`` (if any)."""
     if secret is None:
-        return grpc.aio.insecure_channel(address)
+        return grpc.aio.insecure_channel(address, options=options)
     interceptors = [_AsyncUnaryUnary(secret), _AsyncUnaryStream(secret)]
-    return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

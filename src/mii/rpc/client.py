@@ -13,7 +13,13 @@ import mii.envs as envs
 from mii.errors import InvalidRequestError, MiiError
 from mii.response import Response, join_pieces
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
-from mii.rpc.convert import generate_request, piece_from_proto, validated
+from mii.rpc.convert import (
+    UNLIMITED_MESSAGES,
+    generate_request,
+    piece_from_proto,
+    prompt_list,
+    validated,
+)
 from mii.rpc.status import error_from_grpc
 
 
@@ -39,7 +45,7 @@ class MiiClient:
         self.address = address
         self.deployment_name = deployment_name
         self._api_key = api_key if api_key is not None else envs.API_KEY.get()
-        self._channel = auth.channel(address, self._api_key)
+        self._channel = auth.channel(address, self._api_key, UNLIMITED_MESSAGES)
         self._stub = mii_pb2_grpc.MiiStub(self._channel)
         self._aio: dict[int, tuple[grpc.aio.Channel, mii_pb2_grpc.MiiStub]] = {}
 
@@ -54,7 +60,7 @@ class MiiClient:
     ) -> list[Response]:
         """Whole answers, in order. With ``streaming_fn`` (one prompt only), the
         callback receives ``[piece]`` for every new piece of text as it arrives."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = prompt_list(prompts)
         if streaming_fn is not None:
             if len(prompts) != 1:
                 raise InvalidRequestError("streaming_fn works with one prompt", field="prompts")
@@ -120,14 +126,14 @@ class MiiClient:
         # grpc.aio channels belong to one event loop; keep one per loop.
         loop = asyncio.get_running_loop()
         if id(loop) not in self._aio:
-            channel = auth.aio_channel(self.address, self._api_key)
+            channel = auth.aio_channel(self.address, self._api_key, UNLIMITED_MESSAGES)
             self._aio[id(loop)] = (channel, mii_pb2_grpc.MiiStub(channel))
         return self._aio[id(loop)][1]
 
     async def agenerate(
         self, prompts: str | Sequence[str], timeout: float | None = None, **params: Any
     ) -> list[Response]:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = prompt_list(prompts)
         request = generate_request(prompts, validated(params))
         try:
             reply = await self._async_stub().Generate(request, timeout=timeout)

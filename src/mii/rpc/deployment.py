@@ -24,12 +24,14 @@ from typing import Any
 
 import mii.envs as envs
 from mii.errors import DeploymentError
-from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
+from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
+from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
+from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import read_startup_error, run_reporting_errors
 
 
@@ -110,13 +112,19 @@ class ReplicaProcess:
 
 async def run_deployment(config: DeploymentConfig) -> None:
     name, host, port = config.deployment_name, config.host, config.port
+    raise_open_files_limit()  # idle HTTP clients must not take every descriptor of 1,024
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     # A busy port fails here, naming it. With an api_key, every call needs it.
-    server = listening_server(f"{host}:{port}", auth.api_key_interceptors(config.secret_api_key()))
+    # Requests are at most max_request_bytes.
+    server = listening_server(
+        f"{host}:{port}",
+        auth.api_key_interceptors(config.secret_api_key()),
+        max_receive_bytes=config.max_request_bytes,
+    )
     token = auth.new_token()  # what the replicas' ports require, new at every start
     rest_socket = None
     if config.enable_restful_api:  # a busy REST port too, before any model loads
@@ -144,7 +152,7 @@ async def run_deployment(config: DeploymentConfig) -> None:
             ).max_length,
             replicas=config.replica_num,
         )
-        mii_pb2_grpc.add_MiiServicer_to_server(BalancerServicer(pool, info, stop), server)
+        add_mii_servicer(BalancerServicer(pool, info, stop), server)
         await server.start()
         watcher = asyncio.create_task(pool.watch())
 

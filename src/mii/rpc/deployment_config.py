@@ -29,6 +29,7 @@ from mii.rpc import registry
 # Replicas listen on the loopback only: clients reach them through the deployment's
 # load balancer, which listens on the deployment's host and port.
 REPLICA_HOST = "127.0.0.1"
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 class GpuLayout(BaseModel):
@@ -122,6 +123,28 @@ class DeploymentConfig(GpuLayout):
         default=None,
         description="origins whose web pages may call the HTTP API (CORS), such as "
         "https://app.example.com ('*': any; default: none, CORS off)",
+    )
+    # Limits of the serving layer (docs/reliability.md).
+    max_request_bytes: int = Field(
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        gt=0,
+        description="largest request accepted, in bytes: an HTTP body (else 413) "
+        "or a gRPC message (else RESOURCE_EXHAUSTED)",
+    )
+    http_header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds an HTTP connection gets to send a request's headers before "
+        "it is closed",
+    )
+    http_keep_alive_timeout: float = Field(
+        default=5.0, gt=0, description="seconds an idle HTTP keep-alive connection stays open"
+    )
+    http_max_connections: int = Field(
+        default=1000,
+        gt=0,
+        description="HTTP connections open at once (at most half the open-files limit); "
+        "beyond it the longest-idle one is closed, or the new one gets 503",
     )
 
     @model_validator(mode="before")

@@ -26,7 +26,9 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     (``deployment_name=None, tensor_parallel=1, replica_num=1,
     enable_restful_api=False, restful_api_port=28080, port=50050,
     host="127.0.0.1", startup_timeout=600.0, device_map=None, api_key=None,
-    allowed_hosts=None, allowed_origins=None``, ...) and engine
+    allowed_hosts=None, allowed_origins=None, max_request_bytes=8 MiB,
+    http_header_timeout=10.0, http_keep_alive_timeout=5.0,
+    http_max_connections=1000``, ...) and engine
     options (``max_length=None``, ...). Bad options fail here, before anything
     starts. A start-up failure (bad model, port in use, crash while loading)
     raises ``DeploymentError`` here with the server's error, and leaves no

@@ -20,11 +20,16 @@ SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
 
 
 def listening_server(
-    address: str, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    address: str,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_receive_bytes: int = -1,
 ) -> grpc.aio.Server:
-    """A ``grpc.aio.Server`` bound to ``address`` ("host:port"), not yet started;
-    ``interceptors`` see every call (:mod:`mii.rpc.auth`)."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
+    """A ``grpc.aio.Server`` bound to ``address`` ("host:port"), not yet started.
+    ``interceptors`` see every call (:mod:`mii.rpc.auth`); request messages up to
+    ``max_receive_bytes`` are accepted (-1: any size; a larger one is answered
+    RESOURCE_EXHAUSTED by grpc)."""
+    options = (*SERVER_OPTIONS, ("grpc.max_receive_message_length", max_receive_bytes))
+    server = grpc.aio.server(options=options, interceptors=list(interceptors) or None)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as err:

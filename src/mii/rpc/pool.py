@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from mii.errors import NoReplicaError, ReplicaError
 from mii.response import Response
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
-from mii.rpc.convert import generate_request, piece_from_proto
+from mii.rpc.convert import UNLIMITED_MESSAGES, generate_request, piece_from_proto
 from mii.rpc.status import error_from_grpc
 
 HEALTH_INTERVAL_S = 0.5
@@ -38,7 +38,9 @@ class Replica:
     last_stats: mii_pb2.StatsReply = field(default_factory=mii_pb2.StatsReply)
 
     def __post_init__(self) -> None:
-        self.channel = auth.aio_channel(self.address, self.token)
+        # Any size: the gateway passes on requests up to its own limit, and replies
+        # (token ids, return_full_text) can exceed grpc's 4 MiB default.
+        self.channel = auth.aio_channel(self.address, self.token, UNLIMITED_MESSAGES)
         self.stub = mii_pb2_grpc.MiiStub(self.channel)
 
 

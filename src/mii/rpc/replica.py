@@ -23,8 +23,10 @@ from mii.errors import DeploymentError, InvalidRequestError, ReplicaError
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_from_proto, piece_to_proto
 from mii.rpc.deployment_config import ReplicaConfig
+from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
+from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.rank_workers import start_rank_workers, stop_rank_workers
 from mii.rpc.startup_errors import run_reporting_errors
 from mii.rpc.status import abort
@@ -102,6 +104,7 @@ def engine_error(err: Exception) -> Exception:
 
 
 async def serve_replica(config: ReplicaConfig) -> None:
+    raise_open_files_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -118,7 +121,7 @@ async def serve_replica(config: ReplicaConfig) -> None:
     server = listening_server(config.address, auth.replica_interceptors(token))
     health_servicer = add_standard_services(server)
     servicer = ReplicaServicer(stop)
-    mii_pb2_grpc.add_MiiServicer_to_server(servicer, server)
+    add_mii_servicer(servicer, server)
     await set_health(health_servicer, False)
     await server.start()
 

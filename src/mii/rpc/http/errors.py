@@ -164,4 +164,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path} on this server"
-        return error_response(request, ApiError(exc.status_code, message))
+        answer = error_response(
+            request, ApiError(exc.status_code, message, getattr(exc, "param", None))
+        )
+        answer.headers.update(exc.headers or {})  # e.g. connection: close after a 413
+        return answer

@@ -17,10 +17,11 @@ from mii.response import Response as Answer
 from mii.rpc.convert import validated
 from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError
+from mii.rpc.http.limits import LimitedRoute
 from mii.rpc.http.protocol import MiiRequest
 from mii.rpc.http.state import get_state
 
-router = APIRouter()
+router = APIRouter(route_class=LimitedRoute)
 
 
 def response_dict(response: Answer) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from mii.rpc.http.chat import chat_prompt
 from mii.rpc.http.choices import Choices, Usage
 from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError, openai_errors
+from mii.rpc.http.limits import LimitedRoute, run_off_loop
 from mii.rpc.http.openai_answers import CHAT_COMPLETION, COMPLETION, Answer
 from mii.rpc.http.openai_options import (
     generation_options,
@@ -34,7 +35,7 @@ from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, Open
 from mii.rpc.http.sse import stream_choices
 from mii.rpc.http.state import GatewayState, get_state
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=LimitedRoute)
 
 
 def check_model(state: GatewayState, name: str | None) -> None:
@@ -121,7 +122,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     )
     with openai_errors(renames):
         params = generation_options(body, max_tokens)
-        prompt = chat_prompt(state.tokenizer, body.messages)
+        # A template over many messages takes a while: keep the event loop free.
+        prompt = await run_off_loop(chat_prompt, state.tokenizer, body.messages)
     choices = Choices([prompt], params, body.n, body.seed)
     answer = Answer(CHAT_COMPLETION, state.model)
     return await _respond(request, state, body, choices, renames, answer)

@@ -22,6 +22,7 @@ from mii.rpc import mii_pb2
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
 from mii.rpc.http.auth import AccessPolicy
+from mii.rpc.http.connections import uvicorn_options
 from mii.rpc.http.state import GatewayState
 from mii.rpc.pool import ReplicaPool
 
@@ -125,6 +126,7 @@ async def start_gateway(
             tokenizer=tokenizer,
             created=int(time.time()),
             access=AccessPolicy.of(config),
+            max_request_bytes=config.max_request_bytes,
         )
         app = build_app(state)
         server = _Server(
@@ -135,6 +137,11 @@ async def start_gateway(
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                **uvicorn_options(
+                    config.http_header_timeout,
+                    config.http_keep_alive_timeout,
+                    config.http_max_connections,
+                ),
             )
         )
         task = asyncio.create_task(server.serve(sockets=[sock]), name="mii-rest-gateway")

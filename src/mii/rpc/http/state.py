@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import Request
 
+from mii.rpc.deployment_config import DEFAULT_MAX_REQUEST_BYTES
 from mii.rpc.http.auth import AccessPolicy
 from mii.rpc.pool import ReplicaPool
 
@@ -22,6 +23,7 @@ class GatewayState:
     tokenizer: Any  # a transformers tokenizer (chat templates)
     created: int  # start time, reported as the model's ``created``
     access: AccessPolicy = field(default_factory=AccessPolicy)  # API key, Host check, CORS
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # longer bodies: 413
 
 
 def get_state(request: Request) -> GatewayState:

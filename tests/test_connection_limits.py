@@ -1,0 +1,199 @@
+"""Idle HTTP connections cannot lock clients out (issue 14, item 3).
+
+A deployment runs with a low open-files limit (soft 100, hard 256); more
+connections than that open and send half a request's headers. New REST and gRPC
+clients are still served at once, the half-open ones are closed after the
+header timeout, and both processes raised their soft limit to the hard one.
+The connection guard itself is checked in-process on a bare uvicorn server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from mii.rpc import registry
+from mii.rpc.client import MiiClient
+from mii.rpc.deployment import free_port
+from mii.rpc.deployment_config import DeploymentConfig
+from mii.rpc.http.connections import ConnectionLimits, guarded_protocol
+
+SOFT, HARD = 100, 256
+FLOOD = 300  # more than the deployment's hard limit
+HEADER_TIMEOUT_S = 10.0  # long enough for the new clients to be served first
+HALF_REQUEST = b"POST /mii/x HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+
+
+def _low_fd_limit() -> None:  # runs in the child, before exec
+    resource.setrlimit(resource.RLIMIT_NOFILE, (SOFT, HARD))
+
+
+def _soft_fd_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-files line")
+
+
+def _is_open(sock: socket.socket) -> bool:
+    """True while the server has neither closed nor answered ``sock``."""
+    sock.setblocking(True)  # MSG_DONTWAIT answers at once only on a blocking socket
+    try:
+        sock.recv(1 << 16, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+    except BlockingIOError:
+        return True  # nothing to read: neither closed nor answered
+    except OSError:
+        pass
+    return False
+
+
+@pytest.fixture(scope="module")
+def low_fd_deployment(checkpoints, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("mii-cache")
+    old = os.environ.get("MII_CACHE_DIR")
+    os.environ["MII_CACHE_DIR"] = str(cache)
+    name = f"fd-test-{uuid.uuid4().hex[:8]}"
+    config = DeploymentConfig.parse(
+        str(checkpoints("llama")[0]),
+        deployment_name=name,
+        port=free_port(),
+        enable_restful_api=True,
+        restful_api_port=free_port(),
+        http_header_timeout=HEADER_TIMEOUT_S,
+    )
+    log = open(cache / "deployment.log", "wb")  # noqa: SIM115 (closed at teardown)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mii.rpc.deployment", config.model_dump_json()],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_low_fd_limit,
+    )
+    client = MiiClient(f"127.0.0.1:{config.port}", name)
+    try:
+        deadline = time.monotonic() + 120
+        while registry.lookup(name) is None or not client.is_healthy(timeout=1.0):
+            assert process.poll() is None, (cache / "deployment.log").read_text()
+            assert time.monotonic() < deadline, "the deployment did not start"
+            time.sleep(0.2)
+        yield config, registry.lookup(name)
+    finally:
+        with contextlib.suppress(Exception):
+            client.terminate_server()
+        client.close()
+        process.kill()
+        process.wait()
+        log.close()
+        if old is None:
+            os.environ.pop("MII_CACHE_DIR")
+        else:
+            os.environ["MII_CACHE_DIR"] = old
+
+
+def test_idle_http_connections_do_not_lock_clients_out(low_fd_deployment):
+    config, info = low_fd_deployment
+    for pid in (info["pid"], *info["replica_pids"]):
+        assert _soft_fd_limit(pid) == HARD, "the soft open-files limit was not raised"
+
+    idle = []
+    try:
+        for _ in range(FLOOD):
+            sock = socket.create_connection(("127.0.0.1", config.restful_api_port), timeout=10)
+            sock.sendall(HALF_REQUEST)
+            idle.append(sock)
+        # New clients are served while the half-open connections are still there.
+        fresh = MiiClient(f"127.0.0.1:{config.port}")
+        try:
+            (answer,) = fresh.generate("DeepSpeed is", max_new_tokens=2, timeout=30)
+            assert answer.generated_length == 2
+        finally:
+            fresh.close()
+        with httpx.Client(timeout=30) as http:
+            reply = http.post(
+                f"http://127.0.0.1:{config.restful_api_port}/mii/{config.deployment_name}",
+                json={"prompts": "DeepSpeed is", "max_new_tokens": 2},
+            )
+        assert reply.status_code == 200, reply.text
+        still_open = [s for s in idle if _is_open(s)]
+        assert still_open, "served only once the idle connections had timed out"
+        assert len(still_open) < HARD // 2, "more open HTTP connections than the cap"
+
+        # The half-open ones are closed after the header timeout, with a 408.
+        deadline = time.monotonic() + HEADER_TIMEOUT_S + 30
+        while any(_is_open(s) for s in still_open):
+            assert time.monotonic() < deadline, "half-open connections were never closed"
+            time.sleep(0.2)
+        still_open[-1].settimeout(10)
+        assert still_open[-1].recv(100).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+# ----- the guard on a bare uvicorn server -----------------------------------------
+
+
+async def _slow_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/slow":
+        await asyncio.sleep(3600)  # until the test ends
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(), 10)
+
+
+def test_connection_cap_refuses_when_every_connection_is_busy():
+    """Cap 2: an idle connection is closed to make room; with two busy ones a
+    third connection is answered 503 at once."""
+
+    async def main():
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        protocol = guarded_protocol(H11Protocol, ConnectionLimits(60.0, 2))
+        sock = socket.create_server(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(
+            uvicorn.Config(_slow_app, http=protocol, log_config=None, lifespan="off")
+        )
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            # An idle connection makes room for a new one: it is closed, not the newcomer.
+            idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
+            busy = []
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+                await writer.drain()
+                busy.append((reader, writer))
+            assert await _read_until_closed(idle_reader) == b""
+            # Both remaining connections are busy: a newcomer gets 503 and is closed.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            refused = await _read_until_closed(reader)
+            assert refused.startswith(b"HTTP/1.1 503"), refused
+            assert len(server.server_state.connections) == 2
+            for _, w in [*busy, (None, writer), (None, idle_writer)]:
+                w.close()
+        finally:
+            server.should_exit = True
+            server.force_exit = True
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
