@@ -26,7 +26,7 @@ import pytest
 
 import mii
 from mii.errors import InvalidRequestError
-from mii.rpc import mii_pb2, registry
+from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.deployment import free_port
 from mii.rpc.deployment_config import DEFAULT_MAX_REQUEST_BYTES
 
@@ -241,14 +241,15 @@ def test_huge_body_is_refused_without_being_read(served):
     before = _rss_kib(pid)
     size = 100 * 1024 * 1024
     head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "content-type: application/json\r\n"
         f"content-length: {size}\r\n\r\n"
     ).encode()
     answer = _raw_post(port, head)  # refused from its Content-Length alone
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     # Chunked: the gateway stops reading at the limit and closes the connection.
     head = (
-        f"POST /mii/{served.name} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        f"POST /mii/{served.name} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         "transfer-encoding: chunked\r\n\r\n"
     ).encode()
     chunk = b"%x\r\n" % (1 << 20) + b"a" * (1 << 20) + b"\r\n"
@@ -283,11 +284,22 @@ MALFORMED = [
 NOT_UTF8 = b"\x0a\x02\xc3\x28"  # GenerateRequest.prompts[0] is not UTF-8
 
 
+def _replica_token(pid: int) -> str:
+    """The internal token a replica's port requires (its environment: same user)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    prefix = b"MII_REPLICA_TOKEN="
+    return next(v[len(prefix) :] for v in environ if v.startswith(prefix)).decode()
+
+
 def test_malformed_grpc_messages_get_invalid_argument(served):
-    addresses = [f"127.0.0.1:{served.client.address.rsplit(':', 1)[1]}"]
-    addresses += [f"127.0.0.1:{_replica_port(pid)}" for pid in served.info["replica_pids"]]
-    for address in addresses:
-        with grpc.insecure_channel(address) as channel:
+    # (address, the secret its port requires): the balancer has no api_key here
+    addresses = [(f"127.0.0.1:{served.client.address.rsplit(':', 1)[1]}", None)]
+    addresses += [
+        (f"127.0.0.1:{_replica_port(pid)}", _replica_token(pid))
+        for pid in served.info["replica_pids"]
+    ]
+    for address, secret in addresses:
+        with auth.channel(address, secret) as channel:
             for method in ("Generate", "ModelInfo", "Stats", "Terminate"):
                 call = channel.unary_unary(f"/mii.Mii/{method}")
                 for data in MALFORMED + ([NOT_UTF8] if method == "Generate" else []):
@@ -302,7 +314,7 @@ def test_malformed_grpc_messages_get_invalid_argument(served):
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (address, data)
     # Well-formed but no prompts, or options out of range. (An empty prompt is one
     # BOS token for this tokenizer: a valid request.)
-    with grpc.insecure_channel(addresses[0]) as channel:
+    with grpc.insecure_channel(addresses[0][0]) as channel:
         generate = channel.unary_unary(
             "/mii.Mii/Generate",
             request_serializer=mii_pb2.GenerateRequest.SerializeToString,
