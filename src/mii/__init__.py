@@ -13,6 +13,8 @@ from mii.errors import (
     MiiError,
     ModelLoadError,
     RequestTooLargeError,
+    ServerOverloadedError,
+    UnavailableError,
     UnsupportedModelError,
 )
 from mii.response import Response
@@ -81,6 +83,8 @@ __all__ = [
     "Pipeline",
     "RequestTooLargeError",
     "Response",
+    "ServerOverloadedError",
+    "UnavailableError",
     "UnsupportedModelError",
     "client",
     "load_ipython_extension",

@@ -40,6 +40,7 @@ DEPLOYMENT_OPTIONS = (
     "enable_restful_api",
     "restful_api_port",
     "startup_timeout",
+    "max_queued_requests",
 )
 METAVARS = {
     "device": "DEVICE",
@@ -53,6 +54,7 @@ METAVARS = {
     "restful_api_port": "PORT",
     "device_map": "GPUS",
     "startup_timeout": "SECONDS",
+    "max_queued_requests": "N",
 }
 
 

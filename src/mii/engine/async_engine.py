@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mii.config import EngineConfig, GenerateParams
+from mii.engine.admission import admit
 from mii.engine.core import EngineCore, StepOutput
 from mii.errors import EngineClosedError
 from mii.response import Response, join_pieces
@@ -95,6 +96,7 @@ class AsyncEngine:
         """Yield pieces of the answer as they are generated. Cancelling the
         consuming task (or closing the iterator) aborts the request; ``abort``
         ends the stream with an empty piece whose ``finish_reason`` is "abort"."""
+        self._admit()
         request_id, queue, seq = self._submit(prompt, request_id, params)
         prompt_length = seq.prompt_len  # read now: the engine thread owns seq from here
         finished = False
@@ -128,6 +130,7 @@ class AsyncEngine:
         if isinstance(prompts, str):
             prompts = [prompts]
         GenerateParams.parse(**params)  # reject bad options before anything is queued
+        self._admit()  # the whole call, before any of its prompts is queued
         loop = asyncio.get_running_loop()
         submitted: list[tuple[str, _Collector]] = []
         try:
@@ -191,6 +194,13 @@ class AsyncEngine:
             await asyncio.sleep(0.005)
 
     # ----- plumbing -----------------------------------------------------------
+
+    def _admit(self) -> None:
+        """ServerOverloadedError when ``max_queued_requests`` requests wait to start.
+        Read on the loop while a pass may run: len() of the scheduler's deque is
+        atomic, and a count one pass old is all that admission needs."""
+        queued = len(self._pending_add) + len(self.core.scheduler.waiting)
+        admit(queued, self.config.max_queued_requests)
 
     def _submit(
         self, prompt, request_id: str | None, params: dict[str, Any], sink=None
