@@ -315,6 +315,45 @@ def test_engine_failures_of_a_replica_are_unavailable():
     assert status_of(bug).grpc == grpc.StatusCode.INTERNAL
 
 
+class _Failed(grpc.RpcError):
+    """A failed call as a client sees it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, metadata=()) -> None:
+        self._code, self._details, self._metadata = code, details, metadata
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._metadata
+
+
+def test_the_client_raises_what_the_status_means():
+    """RESOURCE_EXHAUSTED with a retry-after is ServerOverloadedError (without one,
+    e.g. gRPC's message-size limit, it is not); UNAVAILABLE, and CANCELLED by the
+    server (the caller's own cancellation never comes back as a status), are
+    UnavailableError; INTERNAL stays a plain failure."""
+    from mii.rpc.status import error_from_grpc
+
+    code = grpc.StatusCode
+    full = error_from_grpc(_Failed(code.RESOURCE_EXHAUSTED, "full", (("retry-after", "3"),)))
+    assert isinstance(full, ServerOverloadedError) and full.retry_after == 3.0
+    odd = error_from_grpc(_Failed(code.RESOURCE_EXHAUSTED, "full", (("retry-after", "nan"),)))
+    assert odd.retry_after == 1.0
+    too_big = error_from_grpc(_Failed(code.RESOURCE_EXHAUSTED, "message larger than max"))
+    assert not isinstance(too_big, ServerOverloadedError)
+    for status in (code.UNAVAILABLE, code.CANCELLED):
+        err = error_from_grpc(_Failed(status, "Socket closed"))
+        assert isinstance(err, UnavailableError) and str(err) == f"{status.name}: Socket closed"
+    relayed = error_from_grpc(_Failed(code.UNAVAILABLE, "UNAVAILABLE: Socket closed"))
+    assert str(relayed) == "UNAVAILABLE: Socket closed"
+    bug = error_from_grpc(_Failed(code.INTERNAL, "KeyError: 'x'"))
+    assert type(bug) is mii.MiiError
+
+
 # ----- what /metrics counts -------------------------------------------------------------
 
 

@@ -2,10 +2,11 @@
 
 An engine refuses a new request at once, with ``ServerOverloadedError`` (gRPC
 RESOURCE_EXHAUSTED, HTTP 429, a Retry-After), while ``max_queued_requests``
-requests are already waiting to start; requests being generated do not count
-(``max_num_seqs`` bounds those). So a burst beyond capacity is answered in
-milliseconds instead of waiting minutes in a queue, or being cancelled by a
-transport's own limits. A call of several prompts is admitted or refused whole.
+requests are already waiting to start (queued, or preempted to be recomputed);
+requests being generated do not count (``max_num_seqs`` bounds those). So a
+burst beyond capacity is answered in milliseconds instead of waiting minutes in
+a queue, or being cancelled by a transport's own limits. A call of several
+prompts is admitted or refused whole.
 """
 
 from __future__ import annotations

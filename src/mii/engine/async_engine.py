@@ -69,7 +69,8 @@ class AsyncEngine:
     Engine options (``dtype``, ``device``, ``kv_block_size``, ``num_kv_blocks``,
     ``token_budget``, ``max_num_seqs``, ``max_length``, ``load_format``, ...) are
     validated by :class:`mii.config.EngineConfig`. Loading happens in the
-    constructor, which blocks.
+    constructor, which blocks. With ``max_queued_requests=N``, a request made
+    while N requests wait to start raises ``ServerOverloadedError`` at once.
     """
 
     def __init__(self, model: str, **options: Any) -> None:

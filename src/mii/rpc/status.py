@@ -97,8 +97,8 @@ def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> 
     """The exception a caller raises for a failed gRPC call: the caller's own
     mistakes and deadlines come back as InvalidRequestError (with the field) and
     TimeoutError, an overloaded server as ServerOverloadedError (with its
-    retry_after), an unavailable one as UnavailableError; any other status as
-    ``fallback("CODE: details")``."""
+    retry_after), an unavailable one (or one that cancelled the call) as
+    UnavailableError; any other status as ``fallback("CODE: details")``."""
     code, details = err.code(), err.details()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         field = dict(err.trailing_metadata() or ()).get(FIELD_METADATA) or None
@@ -114,7 +114,11 @@ def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> 
         if not 0 <= seconds < math.inf:
             seconds = 1.0
         return ServerOverloadedError(details or "the server is overloaded", seconds)
-    if code == grpc.StatusCode.UNAVAILABLE:  # the balancer's details already say so
+    # A caller's own cancellation raises CancelledError, never an RpcError: a
+    # CANCELLED status means the server side gave the call up (e.g. a replica
+    # stopping), which a retry can overcome, as it can UNAVAILABLE.
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        # a balancer's details already name the code
         prefix = "" if (details or "").startswith(f"{code.name}: ") else f"{code.name}: "
         return UnavailableError(f"{prefix}{details}")
     return fallback(f"{code.name}: {details}")
