@@ -36,8 +36,7 @@ from mii.rpc.deployment import free_port
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.status import status_of
 
-LIMIT = 4  # max_queued_requests of the busy deployment
-SEQS = 2  # its max_num_seqs: at most SEQS + LIMIT requests are admitted at once
+LIMIT = 4  # max_queued_requests of the busy deployment: it holds 4 requests at most
 PASS_DELAY_S = 0.2
 LONG = 12  # new tokens of a burst's request: >= 2.4 s of passes, far longer than a refusal
 FOREVER = 200  # new tokens that take >= 40 s: only a cancellation ends them in a test
@@ -66,7 +65,6 @@ def busy(checkpoints, tmp_path_factory):
             enable_restful_api=True,
             restful_api_port=rest_port,
             max_queued_requests=LIMIT,
-            max_num_seqs=SEQS,
         )
         info = registry.lookup(name)
         try:
@@ -154,9 +152,9 @@ def test_burst_beyond_the_limit_is_refused_at_once_over_grpc(busy):
     served += [t for err, t in client_results if err is None]
     errors = [err for err, _ in client_results if err is not None]
     assert refused and served
-    # The first wave is at most SEQS running + LIMIT waiting; a second may start
-    # once those finish (after >= 2.4 s), if the burst was still arriving then.
-    assert len(served) <= 2 * (SEQS + LIMIT)
+    # The first wave is LIMIT requests; a second may start once those finish
+    # (after >= 2.4 s), if the burst was still arriving then.
+    assert len(served) <= 2 * LIMIT
     for _, metadata in refused:
         assert metadata["retry-after"] == "1"
         assert metadata["grpc-retry-pushback-ms"] == "1000"
@@ -215,7 +213,7 @@ def test_burst_beyond_the_limit_gets_429_over_http(busy):
 
 
 def test_in_process_engine_refuses_beyond_its_limit(llama):
-    """AsyncEngine itself: a third request while two wait is refused at once; a
+    """AsyncEngine itself: a request while it holds two is refused at once; a
     call of several prompts is admitted or refused whole; no limit by default."""
     from mii.engine.async_engine import AsyncEngine
 
@@ -223,15 +221,15 @@ def test_in_process_engine_refuses_beyond_its_limit(llama):
         async with AsyncEngine(llama, max_queued_requests=2) as engine:
             # The three calls queue before the engine loop first runs: deterministic.
             calls = [engine.generate("a", max_new_tokens=2)]
-            calls += [engine.generate(["b", "c", "d"], max_new_tokens=2)]  # 1 waits: admitted
-            calls += [engine.generate("e", max_new_tokens=2)]  # 4 wait: refused
+            calls += [engine.generate(["b", "c", "d"], max_new_tokens=2)]  # 1 held: admitted
+            calls += [engine.generate("e", max_new_tokens=2)]  # 4 held: refused
             first = await asyncio.gather(*calls, return_exceptions=True)
             streams = [engine.stream(p, max_new_tokens=2) for p in "fgh"]
             pieces = await asyncio.gather(*(s.__anext__() for s in streams), return_exceptions=True)
             for s in streams:
                 await s.aclose()  # aborts the two admitted ones
             await engine.wait_idle()
-            later = await engine.generate("i", max_new_tokens=2)  # the queue drained
+            later = await engine.generate("i", max_new_tokens=2, ignore_eos=True)  # room again
         async with AsyncEngine(llama) as unlimited:
             many = await asyncio.gather(
                 *(unlimited.generate(str(i), max_new_tokens=1) for i in range(50))

@@ -154,8 +154,9 @@ OPENAI_COMPLETIONS_MAX_TOKENS = 16  # POST /v1/completions: OpenAI's documented 
 # (POST /v1/chat/completions has no fixed default in OpenAI's API: the engine's, None.)
 
 # max_queued_requests of each replica of a deployment (mii.serve, mii serve): a
-# server must refuse what it cannot start soon. In-process (pipeline, AsyncEngine)
-# there is no limit: a script queues as much as it wants.
+# server must refuse what it cannot start soon. 1024 = max_num_seqs' 128 running
+# plus 896 queued. In-process (pipeline, AsyncEngine) there is no limit: a script
+# queues as much as it wants.
 DEPLOYMENT_MAX_QUEUED_REQUESTS = 1024
 
 
@@ -217,8 +218,9 @@ class EngineConfig(BaseModel):
         default=None,
         gt=0,
         lt=INT64_LIMIT,
-        description="requests that may wait to start; beyond, a new one is refused at once "
-        "(ServerOverloadedError: HTTP 429 / gRPC RESOURCE_EXHAUSTED, with a Retry-After) "
+        description="requests the engine holds, queued or being generated; beyond, a new "
+        "one is refused at once (ServerOverloadedError: HTTP 429 / gRPC RESOURCE_EXHAUSTED, "
+        "with a Retry-After) "
         "(default: no limit in-process; a deployment's replicas default to "
         f"{DEPLOYMENT_MAX_QUEUED_REQUESTS} each)",
     )

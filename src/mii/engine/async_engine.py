@@ -70,7 +70,8 @@ class AsyncEngine:
     ``token_budget``, ``max_num_seqs``, ``max_length``, ``load_format``, ...) are
     validated by :class:`mii.config.EngineConfig`. Loading happens in the
     constructor, which blocks. With ``max_queued_requests=N``, a request made
-    while N requests wait to start raises ``ServerOverloadedError`` at once.
+    while the engine holds N requests (queued or being generated) raises
+    ``ServerOverloadedError`` at once.
     """
 
     def __init__(self, model: str, **options: Any) -> None:
@@ -197,11 +198,10 @@ class AsyncEngine:
     # ----- plumbing -----------------------------------------------------------
 
     def _admit(self) -> None:
-        """ServerOverloadedError when ``max_queued_requests`` requests wait to start.
-        Read on the loop while a pass may run: len() of the scheduler's deque is
-        atomic, and a count one pass old is all that admission needs."""
-        queued = len(self._pending_add) + len(self.core.scheduler.waiting)
-        admit(queued, self.config.max_queued_requests)
+        """ServerOverloadedError when the engine holds ``max_queued_requests``
+        requests. ``_queues`` has one entry per request from its submission until
+        its consumer has its end (and, briefly, one per request being aborted)."""
+        admit(len(self._queues), self.config.max_queued_requests)
 
     def _submit(
         self, prompt, request_id: str | None, params: dict[str, Any], sink=None

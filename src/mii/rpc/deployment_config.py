@@ -89,9 +89,9 @@ class DeploymentConfig(GpuLayout):
     max_queued_requests: int | None = Field(
         default=DEPLOYMENT_MAX_QUEUED_REQUESTS,
         gt=0,
-        description="requests each replica holds waiting to start; beyond, a new request is "
-        "refused at once with HTTP 429 / gRPC RESOURCE_EXHAUSTED and a Retry-After "
-        "(a deployment of N replicas holds N times as many)",
+        description="requests each replica holds, queued or being generated; beyond, a new "
+        "request is refused at once with HTTP 429 / gRPC RESOURCE_EXHAUSTED and a "
+        "Retry-After (a deployment of N replicas holds N times as many)",
     )
     tp_master_addr: str = Field(
         default="127.0.0.1",
