@@ -110,19 +110,17 @@ def test_burst_beyond_the_limit_is_refused_at_once_over_grpc(busy):
     options = {"max_new_tokens": LONG, "ignore_eos": True}
     request = generate_request(["burst"], options)
 
-    async def raw(streaming: bool):
+    async def raw(stub: mii_pb2_grpc.MiiStub, streaming: bool):
         start = time.perf_counter()
-        async with grpc.aio.insecure_channel(busy.address) as channel:
-            stub = mii_pb2_grpc.MiiStub(channel)
-            try:
-                if streaming:
-                    pieces = [p async for p in stub.GenerateStream(request)]
-                    generated = pieces[-1].generated_length
-                else:
-                    generated = (await stub.Generate(request)).responses[0].generated_length
-            except grpc.aio.AioRpcError as err:
-                metadata = dict(err.trailing_metadata() or ())
-                return err.code(), time.perf_counter() - start, metadata
+        try:
+            if streaming:
+                pieces = [p async for p in stub.GenerateStream(request)]
+                generated = pieces[-1].generated_length
+            else:
+                generated = (await stub.Generate(request)).responses[0].generated_length
+        except grpc.aio.AioRpcError as err:
+            metadata = dict(err.trailing_metadata() or ())
+            return err.code(), time.perf_counter() - start, metadata
         assert generated == LONG
         return grpc.StatusCode.OK, time.perf_counter() - start, {}
 
@@ -140,8 +138,12 @@ def test_burst_beyond_the_limit_is_refused_at_once_over_grpc(busy):
         return None, time.perf_counter() - start
 
     async def burst():
-        calls = [raw(i % 2 == 0) for i in range(40)] + [by_client(i % 2 == 0) for i in range(20)]
-        return await asyncio.gather(*calls)
+        async with grpc.aio.insecure_channel(busy.address) as channel:
+            await channel.channel_ready()
+            stub = mii_pb2_grpc.MiiStub(channel)
+            calls = [raw(stub, i % 2 == 0) for i in range(40)]
+            calls += [by_client(i % 2 == 0) for i in range(20)]
+            return await asyncio.gather(*calls)
 
     results = asyncio.run(burst())
     raw_results, client_results = results[:40], results[40:]

@@ -201,7 +201,8 @@ class AsyncEngine:
         """ServerOverloadedError when the engine holds ``max_queued_requests``
         requests. ``_queues`` has one entry per request from its submission until
         its consumer has its end (and, briefly, one per request being aborted)."""
-        admit(len(self._queues), self.config.max_queued_requests)
+        if not self._closed:  # a closed engine says so (_submit), not that it is full
+            admit(len(self._queues), self.config.max_queued_requests)
 
     def _submit(
         self, prompt, request_id: str | None, params: dict[str, Any], sink=None
