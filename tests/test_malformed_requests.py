@@ -209,6 +209,10 @@ def test_bodies_over_the_limit_get_413(served):
     ):
         channel.unary_unary("/mii.Mii/Generate")(request.SerializeToString(), timeout=60)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The client raises InvalidRequestError for it, naming prompts.
+    with pytest.raises(InvalidRequestError) as err:
+        served.client.generate("a" * (DEFAULT_MAX_REQUEST_BYTES + 1), max_new_tokens=2)
+    assert err.value.field == "prompts" and "max_request_bytes" in str(err.value)
 
 
 def _rss_kib(pid: int) -> int:

@@ -336,7 +336,7 @@ def test_failing_rank_fails_the_request_and_the_deployment_turns_unhealthy(
     client = mii.serve(path, deployment_name="tp-fail", tensor_parallel=2, **SERVE_OPTIONS)
     processes = deployment_processes("tp-fail")
     try:
-        with pytest.raises(mii.MiiError, match="rank 1: RuntimeError: injected failure"):
+        with pytest.raises(mii.UnavailableError, match="rank 1: RuntimeError: injected failure"):
             # ignore_eos: a sampled end of text within two tokens would end the
             # request before the failing pass (the test flaked so, rarely)
             client.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS, ignore_eos=True, timeout=60)

@@ -14,6 +14,8 @@ from mii.errors import (
     MiiError,
     ModelLoadError,
     RequestTooLargeError,
+    ServerOverloadedError,
+    UnavailableError,
     UnsupportedModelError,
 )
 from mii.response import Response
@@ -83,6 +85,8 @@ __all__ = [
     "Pipeline",
     "RequestTooLargeError",
     "Response",
+    "ServerOverloadedError",
+    "UnavailableError",
     "UnsupportedModelError",
     "client",
     "load_ipython_extension",

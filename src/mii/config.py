@@ -153,6 +153,12 @@ MAGIC_MAX_NEW_TOKENS = 128  # %mii / %%mii: a paragraph, in a notebook cell
 OPENAI_COMPLETIONS_MAX_TOKENS = 16  # POST /v1/completions: OpenAI's documented default
 # (POST /v1/chat/completions has no fixed default in OpenAI's API: the engine's, None.)
 
+# max_queued_requests of each replica of a deployment (mii.serve, mii serve): a
+# server must refuse what it cannot start soon. 1024 = max_num_seqs' 128 running
+# plus 896 queued. In-process (pipeline, AsyncEngine) there is no limit: a script
+# queues as much as it wants.
+DEPLOYMENT_MAX_QUEUED_REQUESTS = 1024
+
 
 class EngineConfig(BaseModel):
     """Options of one engine: the model, the KV cache and the scheduler."""
@@ -208,6 +214,16 @@ class EngineConfig(BaseModel):
         default=1024, gt=0, description="tokens per forward pass, Dynamic SplitFuse"
     )
     max_num_seqs: int = Field(default=128, gt=0, description="sequences per forward pass")
+    max_queued_requests: int | None = Field(
+        default=None,
+        gt=0,
+        lt=INT64_LIMIT,
+        description="requests the engine holds, queued or being generated; beyond, a new "
+        "one is refused at once (ServerOverloadedError: HTTP 429 / gRPC RESOURCE_EXHAUSTED, "
+        "with a Retry-After) "
+        "(default: no limit in-process; a deployment's replicas default to "
+        f"{DEPLOYMENT_MAX_QUEUED_REQUESTS} each)",
+    )
     # > 1 runs one process per rank (torchrun, or the worker processes of a
     # deployment), see mii.engine.distributed.
     tensor_parallel: int = Field(default=1, gt=0, description="ranks the model is split over")

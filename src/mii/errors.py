@@ -34,8 +34,23 @@ class EngineClosedError(MiiError, RuntimeError):
     """The engine was closed; no more requests are accepted."""
 
 
-class NoReplicaError(MiiError, RuntimeError):
+class UnavailableError(MiiError, RuntimeError):
+    """The request could not be served now, but a retry can succeed: the replica
+    serving it crashed, became unreachable, lost a tensor-parallel rank or is
+    shutting down (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+class NoReplicaError(UnavailableError):
     """Every replica of a deployment is out of rotation."""
+
+
+class ServerOverloadedError(MiiError, RuntimeError):
+    """Refused at once, not queued: ``max_queued_requests`` requests were already
+    waiting (gRPC RESOURCE_EXHAUSTED, HTTP 429). Retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ReplicaError(MiiError, RuntimeError):

@@ -47,6 +47,7 @@ DEPLOYMENT_OPTIONS = (
     "http_header_timeout",
     "http_keep_alive_timeout",
     "http_max_connections",
+    "max_queued_requests",
 )
 METAVARS = {
     "device": "DEVICE",
@@ -67,6 +68,7 @@ METAVARS = {
     "http_header_timeout": "SECONDS",
     "http_keep_alive_timeout": "SECONDS",
     "http_max_connections": "N",
+    "max_queued_requests": "N",
 }
 
 

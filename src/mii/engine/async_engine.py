@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mii.config import EngineConfig, GenerateParams
+from mii.engine.admission import admit
 from mii.engine.core import EngineCore, StepOutput
 from mii.errors import EngineClosedError
 from mii.response import Response, join_pieces
@@ -72,7 +73,9 @@ class AsyncEngine:
     Engine options (``dtype``, ``device``, ``kv_block_size``, ``num_kv_blocks``,
     ``token_budget``, ``max_num_seqs``, ``max_length``, ``load_format``, ...) are
     validated by :class:`mii.config.EngineConfig`. Loading happens in the
-    constructor, which blocks.
+    constructor, which blocks. With ``max_queued_requests=N``, a request made
+    while the engine holds N requests (queued or being generated) raises
+    ``ServerOverloadedError`` at once.
     """
 
     def __init__(self, model: str, **options: Any) -> None:
@@ -99,6 +102,7 @@ class AsyncEngine:
         """Yield pieces of the answer as they are generated. Cancelling the
         consuming task (or closing the iterator) aborts the request; ``abort``
         ends the stream with an empty piece whose ``finish_reason`` is "abort"."""
+        self._admit()
         prompt_ids = await self._tokenize_large(prompt)
         request_id, queue, seq = self._submit(prompt, request_id, params, prompt_ids=prompt_ids)
         prompt_length = seq.prompt_len  # read now: the engine thread owns seq from here
@@ -133,6 +137,7 @@ class AsyncEngine:
         if isinstance(prompts, str):
             prompts = [prompts]
         GenerateParams.parse(**params)  # reject bad options before anything is queued
+        self._admit()  # the whole call, before any of its prompts is queued
         loop = asyncio.get_running_loop()
         submitted: list[tuple[str, _Collector]] = []
         try:
@@ -206,6 +211,13 @@ class AsyncEngine:
         if not isinstance(prompt, str) or len(prompt) < OFFLOAD_TOKENIZE_CHARS:
             return None
         return await asyncio.to_thread(self.core.intake.tokenize, prompt)
+
+    def _admit(self) -> None:
+        """ServerOverloadedError when the engine holds ``max_queued_requests``
+        requests. ``_queues`` has one entry per request from its submission until
+        its consumer has its end (and, briefly, one per request being aborted)."""
+        if not self._closed:  # a closed engine says so (_submit), not that it is full
+            admit(len(self._queues), self.config.max_queued_requests)
 
     def _submit(
         self, prompt, request_id: str | None, params: dict[str, Any], sink=None, prompt_ids=None

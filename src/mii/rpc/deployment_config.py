@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 import mii.envs as envs
-from mii.config import EngineConfig
+from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig
 from mii.errors import DeploymentError, InvalidRequestError
 from mii.rpc import registry
 
@@ -95,6 +95,13 @@ class DeploymentConfig(GpuLayout):
     restful_api_port: int = Field(default=28080, description="REST API port")
     startup_timeout: float = Field(
         default=600.0, description="seconds to wait for the replicas to load"
+    )
+    max_queued_requests: int | None = Field(
+        default=DEPLOYMENT_MAX_QUEUED_REQUESTS,
+        gt=0,
+        description="requests each replica holds, queued or being generated; beyond, a new "
+        "request is refused at once with HTTP 429 / gRPC RESOURCE_EXHAUSTED and a "
+        "Retry-After (a deployment of N replicas holds N times as many)",
     )
     tp_master_addr: str = Field(
         default="127.0.0.1",
@@ -199,7 +206,12 @@ class DeploymentConfig(GpuLayout):
     def engine_config(self) -> EngineConfig:
         """The configuration of each replica's engine (split over ``tensor_parallel`` ranks)."""
         return EngineConfig.parse(
-            self.model, **{**self.engine_options, "tensor_parallel": self.tensor_parallel}
+            self.model,
+            **{
+                **self.engine_options,
+                "tensor_parallel": self.tensor_parallel,
+                "max_queued_requests": self.max_queued_requests,
+            },
         )
 
     @classmethod

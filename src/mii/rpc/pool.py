@@ -22,7 +22,8 @@ from mii.errors import NoReplicaError, ReplicaError
 from mii.response import Response
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import UNLIMITED_MESSAGES, generate_request, piece_from_proto
-from mii.rpc.status import error_from_grpc
+from mii.rpc.outcomes import REJECT_REASONS, Outcome
+from mii.rpc.status import error_from_grpc, is_overload
 
 HEALTH_INTERVAL_S = 0.5
 
@@ -58,6 +59,21 @@ class Metrics:
         )
         self.healthy = Gauge("mii_replicas_healthy", "Replicas in rotation", registry=r)
         self.requests = Counter("mii_requests", "Finished requests", ["finish_reason"], registry=r)
+        # How requests that got no answer ended: see mii.rpc.outcomes.
+        self.cancelled = Counter(
+            "mii_requests_cancelled",
+            "Requests ended by their client: call cancelled, stream closed, client "
+            "disconnected or deadline passed (also counted as finish_reason abort)",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "mii_requests_rejected",
+            "Requests refused before they started: overloaded (429), unavailable (503)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         self.ttft = Histogram(
             "mii_time_to_first_token_seconds",
             "Time to first token",
@@ -82,27 +98,40 @@ class ReplicaPool:
 
     # ----- routing ------------------------------------------------------------
 
-    def _pick(self, exclude: set[int]) -> Replica:
+    def _pick(self, exclude: set[int], refusal: Exception | None = None) -> Replica:
+        """The least-loaded replica in rotation not in ``exclude``; when none is left,
+        ``refusal`` (why the last one refused: overloaded, unavailable) is raised."""
         candidates = [r for r in self.replicas if r.healthy and id(r) not in exclude]
         if not candidates:
+            if refusal is not None:
+                raise refusal
             raise NoReplicaError("no replica of this deployment is available")
         return min(candidates, key=lambda r: r.in_flight)
 
     async def generate(
         self, prompts: list[str], params: dict[str, Any], timeout: float | None = None
     ) -> list[Response]:
-        """Whole answers from the least-loaded replica (retried elsewhere if it is down)."""
+        """Whole answers from the least-loaded replica (retried elsewhere if it is
+        down or full)."""
+        with Outcome(self.metrics, len(prompts)):
+            return await self._generate(prompts, params, timeout)
+
+    async def _generate(
+        self, prompts: list[str], params: dict[str, Any], timeout: float | None
+    ) -> list[Response]:
         request = generate_request(prompts, params)
         tried: set[int] = set()
+        refusal: Exception | None = None
         start = time.perf_counter()
         while True:
-            replica = self._pick(tried)
+            replica = self._pick(tried, refusal)
             replica.in_flight += 1
             try:
                 reply = await replica.stub.Generate(request, timeout=timeout)
             except grpc.aio.AioRpcError as err:
-                if self._out_of_rotation(replica, err):
+                if self._out_of_rotation(replica, err) or is_overload(err):
                     tried.add(id(replica))
+                    refusal = error_from_grpc(err, ReplicaError)
                     continue
                 raise error_from_grpc(err, ReplicaError) from None
             finally:
@@ -120,11 +149,24 @@ class ReplicaPool:
     ) -> AsyncIterator[Response]:
         """Pieces of one answer. Closing the iterator cancels the replica's call,
         which aborts the request there."""
+        pieces = self._stream(prompt, params, timeout)
+        try:
+            with Outcome(self.metrics) as outcome:
+                async for piece in pieces:
+                    outcome.finished = piece.finish_reason is not None
+                    yield piece
+        finally:
+            await pieces.aclose()
+
+    async def _stream(
+        self, prompt: str, params: dict[str, Any], timeout: float | None
+    ) -> AsyncIterator[Response]:
         request = generate_request([prompt], params)
         tried: set[int] = set()
+        refusal: Exception | None = None
         start = time.perf_counter()
         while True:
-            replica = self._pick(tried)
+            replica = self._pick(tried, refusal)
             replica.in_flight += 1
             call = replica.stub.GenerateStream(request, timeout=timeout)
             received = 0
@@ -146,8 +188,9 @@ class ReplicaPool:
                     yield response
                 return
             except grpc.aio.AioRpcError as err:
-                if received == 0 and self._out_of_rotation(replica, err):
+                if received == 0 and (self._out_of_rotation(replica, err) or is_overload(err)):
                     tried.add(id(replica))
+                    refusal = error_from_grpc(err, ReplicaError)
                     continue
                 raise error_from_grpc(err, ReplicaError) from None
             finally:

@@ -19,7 +19,15 @@ import grpc
 
 import mii.envs as envs
 from mii.engine.async_engine import AsyncEngine
-from mii.errors import DeploymentError, InvalidRequestError, ReplicaError
+from mii.engine.distributed import TensorParallelError
+from mii.errors import (
+    DeploymentError,
+    EngineClosedError,
+    InvalidRequestError,
+    ReplicaError,
+    ServerOverloadedError,
+    UnavailableError,
+)
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_from_proto, piece_to_proto
 from mii.rpc.deployment_config import ReplicaConfig
@@ -96,10 +104,15 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
 
 def engine_error(err: Exception) -> Exception:
     """What a replica answers for its engine's exception: a request error as it is
-    (INVALID_ARGUMENT naming the field); anything else, whatever its class, as this
-    replica's failure (INTERNAL, details naming the class)."""
-    if isinstance(err, InvalidRequestError):
+    (INVALID_ARGUMENT naming the field), a refusal for overload as it is
+    (RESOURCE_EXHAUSTED); a failed tensor-parallel rank or a closed engine as
+    UnavailableError (UNAVAILABLE: the replica cannot serve, another or a retry
+    can); anything else, a bug whatever its class, as this replica's failure
+    (INTERNAL). The details name the class."""
+    if isinstance(err, (InvalidRequestError, ServerOverloadedError)):
         return err
+    if isinstance(err, (TensorParallelError, EngineClosedError)):
+        return UnavailableError(f"{type(err).__name__}: {err}")
     return ReplicaError(f"{type(err).__name__}: {err}")
 
 

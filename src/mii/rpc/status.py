@@ -10,15 +10,28 @@ the message is its own business; the codes are decided here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
 
-from mii.errors import AuthenticationError, InvalidRequestError, MiiError, NoReplicaError
+from mii.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    MiiError,
+    NoReplicaError,
+    ServerOverloadedError,
+    UnavailableError,
+)
 
 # Trailing metadata of an INVALID_ARGUMENT status: the option that was refused.
 FIELD_METADATA = "mii-field"
+# Trailing metadata of a RESOURCE_EXHAUSTED refusal (an overloaded server): when to
+# retry, in whole seconds as HTTP's Retry-After says it, and in milliseconds under
+# the name gRPC's own retry policies read (server pushback).
+RETRY_AFTER_METADATA = "retry-after"
+PUSHBACK_METADATA = "grpc-retry-pushback-ms"
 
 
 @dataclass(frozen=True)
@@ -37,7 +50,11 @@ class Status:
 STATUSES: dict[type[BaseException], Status] = {
     InvalidRequestError: Status(400, grpc.StatusCode.INVALID_ARGUMENT),
     AuthenticationError: Status(401, grpc.StatusCode.UNAUTHENTICATED, "invalid_api_key"),
+    # Refused at once for overload: retry after the Retry-After the answer carries.
+    ServerOverloadedError: Status(429, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_exceeded"),
     NoReplicaError: Status(503, grpc.StatusCode.UNAVAILABLE, "no_replica_available"),
+    # A replica crashed, became unreachable or lost a rank: a retry can succeed.
+    UnavailableError: Status(503, grpc.StatusCode.UNAVAILABLE, "service_unavailable"),
     TimeoutError: Status(504, grpc.StatusCode.DEADLINE_EXCEEDED),
     MiiError: Status(500, grpc.StatusCode.INTERNAL),
 }
@@ -52,19 +69,38 @@ def status_of(err: BaseException) -> Status:
     return INTERNAL
 
 
+def retry_after_seconds(err: ServerOverloadedError) -> int:
+    """``err.retry_after`` in whole seconds (at least 1), as HTTP's Retry-After takes it."""
+    return max(1, math.ceil(err.retry_after))
+
+
 async def abort(context: grpc.aio.ServicerContext, err: Exception) -> NoReturn:
     """End a gRPC call with ``err``'s status code and ``str(err)`` as details; an
-    INVALID_ARGUMENT carries the offending field in the trailing metadata."""
+    INVALID_ARGUMENT carries the offending field in the trailing metadata, a
+    RESOURCE_EXHAUSTED (overload) when to retry."""
     metadata: tuple[tuple[str, str], ...] = ()
     if isinstance(err, InvalidRequestError):
         metadata = ((FIELD_METADATA, err.field or ""),)
+    elif isinstance(err, ServerOverloadedError):
+        seconds = retry_after_seconds(err)
+        metadata = ((RETRY_AFTER_METADATA, str(seconds)), (PUSHBACK_METADATA, str(seconds * 1000)))
     await context.abort(status_of(err).grpc, str(err), trailing_metadata=metadata)
+
+
+def is_overload(err: grpc.RpcError) -> bool:
+    """True for mii's own refusal of an overloaded server (RESOURCE_EXHAUSTED with a
+    retry-after), not for gRPC's RESOURCE_EXHAUSTED about message sizes."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    return RETRY_AFTER_METADATA in dict(err.trailing_metadata() or ())
 
 
 def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> Exception:
     """The exception a caller raises for a failed gRPC call: the caller's own
     mistakes, deadlines and a refused API key come back as InvalidRequestError
-    (with the field), TimeoutError and AuthenticationError; any other status as
+    (with the field), TimeoutError and AuthenticationError, an overloaded server
+    as ServerOverloadedError (with its retry_after), an unavailable one (or one
+    that cancelled the call) as UnavailableError; any other status as
     ``fallback("CODE: details")``."""
     code, details = err.code(), err.details()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -74,4 +110,25 @@ def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> 
         return TimeoutError(details or "deadline exceeded")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthenticationError(details or "missing or wrong API key")
+    if is_overload(err):
+        retry_after = dict(err.trailing_metadata())[RETRY_AFTER_METADATA]
+        try:
+            seconds = float(retry_after)
+        except ValueError:
+            seconds = 1.0
+        if not 0 <= seconds < math.inf:
+            seconds = 1.0
+        return ServerOverloadedError(details or "the server is overloaded", seconds)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # grpc's own: a message over the limit
+        return InvalidRequestError(
+            f"the request is larger than the server accepts (max_request_bytes): {details}",
+            "prompts",
+        )
+    # A caller's own cancellation raises CancelledError, never an RpcError: a
+    # CANCELLED status means the server side gave the call up (e.g. a replica
+    # stopping), which a retry can overcome, as it can UNAVAILABLE.
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        # a balancer's details already name the code
+        prefix = "" if (details or "").startswith(f"{code.name}: ") else f"{code.name}: "
+        return UnavailableError(f"{prefix}{details}")
     return fallback(f"{code.name}: {details}")

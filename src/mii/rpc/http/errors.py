@@ -18,9 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mii.errors import InvalidRequestError
+from mii.errors import InvalidRequestError, ServerOverloadedError
 from mii.rpc.http.disconnect import ClientDisconnected
-from mii.rpc.status import INTERNAL, STATUSES, status_of
+from mii.rpc.status import INTERNAL, STATUSES, retry_after_seconds, status_of
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +29,24 @@ class ApiError(Exception):
     """An error answered with ``status`` and the route's error shape.
 
     ``param`` names the offending field (``field`` in mii's shape); ``code`` is
-    OpenAI's machine-readable code (for example ``model_not_found``).
+    OpenAI's machine-readable code (for example ``model_not_found``);
+    ``retry_after`` (seconds) becomes a Retry-After header.
     """
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after = retry_after
 
 
 # What the gateway answers with a JSON error; any other exception is a bug,
@@ -58,7 +65,8 @@ def api_error(err: BaseException) -> ApiError:
         message = f"the request timed out: {err}"
     else:
         message = str(err)
-    return ApiError(status.http, message, code=status.openai_code)
+    retry_after = retry_after_seconds(err) if isinstance(err, ServerOverloadedError) else None
+    return ApiError(status.http, message, code=status.openai_code, retry_after=retry_after)
 
 
 def is_openai_path(path: str) -> bool:
@@ -70,6 +78,8 @@ def openai_error_body(
 ) -> dict[str, Any]:
     """OpenAI's error object; its ``type`` says whose fault it is."""
     kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 429:  # as OpenAI's own 429 for a limit on requests
+        kind = "requests"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -79,7 +89,8 @@ def error_response(request: Request, err: ApiError) -> JSONResponse:
         body = openai_error_body(err.message, err.status, err.param, err.code)
     else:
         body = {"error": {"message": err.message, "field": err.param}}
-    return JSONResponse(body, status_code=err.status)
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return JSONResponse(body, status_code=err.status, headers=headers)
 
 
 @contextmanager

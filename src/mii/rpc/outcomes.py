@@ -1,0 +1,67 @@
+"""Counting, in a deployment's metrics, the requests that end without an answer.
+
+The pool counts each answer's ``finish_reason`` ("stop", "length", "abort") where
+it arrives. A request can also end with none:
+
+- its client left: cancelled the call, closed the stream, disconnected, or its
+  deadline passed. ``mii_requests_total{finish_reason="abort"}`` and
+  ``mii_requests_cancelled_total`` count it (the replica aborted it).
+- it was refused before it started: ``mii_requests_rejected_total{reason}``,
+  ``reason`` "overloaded" (max_queued_requests reached: 429 / RESOURCE_EXHAUSTED)
+  or "unavailable" (no replica in rotation: 503 / UNAVAILABLE).
+- it failed (a replica failed, crashed or became unreachable while serving it):
+  ``mii_requests_total{finish_reason="error"}``.
+
+A request refused as invalid (400) is the caller's mistake, not a served
+request: it is not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any
+
+from mii.errors import InvalidRequestError, NoReplicaError, ServerOverloadedError
+
+# Labels every deployment exports from the start (at 0), so that dashboards and
+# alerts find the series before the first refusal.
+REJECT_REASONS = ("overloaded", "unavailable")
+
+
+class Outcome:
+    """Counts how the ``n`` requests of one call ended, when they end with an
+    exception rather than an answer. ``finished`` (set once the answer's last
+    piece went out) keeps a client that leaves after that from counting twice."""
+
+    def __init__(self, metrics: Any, n: int = 1) -> None:
+        self.metrics = metrics  # mii.rpc.pool.Metrics
+        self.n = n
+        self.finished = False
+
+    def __enter__(self) -> Outcome:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        err: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if err is not None and not self.finished:
+            count_ending(self.metrics, err, self.n)
+        return False  # the exception goes on
+
+
+def count_ending(metrics: Any, err: BaseException, n: int = 1) -> None:
+    """Count ``n`` requests that ended with ``err`` instead of an answer."""
+    m = metrics
+    if isinstance(err, (asyncio.CancelledError, GeneratorExit, TimeoutError)):
+        m.requests.labels("abort").inc(n)
+        m.cancelled.inc(n)
+    elif isinstance(err, ServerOverloadedError):
+        m.rejected.labels("overloaded").inc(n)
+    elif isinstance(err, NoReplicaError):
+        m.rejected.labels("unavailable").inc(n)
+    elif not isinstance(err, InvalidRequestError):
+        m.requests.labels("error").inc(n)
