@@ -40,6 +40,12 @@ DEPLOYMENT_OPTIONS = (
     "enable_restful_api",
     "restful_api_port",
     "startup_timeout",
+    "replica_timeout_s",
+    "replica_max_restarts",
+    "replica_restart_window_s",
+    "replica_restart_backoff_s",
+    "replica_unresponsive_restart_s",
+    "shutdown_grace_s",
 )
 METAVARS = {
     "device": "DEVICE",
@@ -53,6 +59,12 @@ METAVARS = {
     "restful_api_port": "PORT",
     "device_map": "GPUS",
     "startup_timeout": "SECONDS",
+    "replica_timeout_s": "SECONDS",
+    "replica_max_restarts": "N",
+    "replica_restart_window_s": "SECONDS",
+    "replica_restart_backoff_s": "SECONDS",
+    "replica_unresponsive_restart_s": "SECONDS",
+    "shutdown_grace_s": "SECONDS",
 }
 
 

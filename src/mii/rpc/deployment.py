@@ -6,7 +6,9 @@ and one replica process per engine copy.
 Start-up order: bind the front port (fails fast when it is taken), start the
 replicas, wait until every one is healthy, start the REST gateway, then report
 SERVING and record the deployment in the local registry. Any failure on the way stops everything
-started so far and exits with the cause on stderr.
+started so far and exits with the cause on stderr. Once serving, a supervisor restarts
+replicas that exit (:mod:`mii.rpc.supervisor`), and a signal or Terminate drains the
+deployment before it stops (:mod:`mii.rpc.drain`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from mii.errors import DeploymentError
 from mii.rpc import mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
+from mii.rpc.drain import ShutdownRequest, drain
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 from mii.rpc.startup_errors import read_startup_error, run_reporting_errors
+from mii.rpc.supervisor import RestartPolicy, Supervisor
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,14 +75,18 @@ def _device_map(layout: GpuLayout | Mapping[str, Any], gpus: int) -> list[int] |
 class ReplicaProcess:
     """One replica: ``python -m mii.rpc.replica REPLICA_CONFIG_JSON``, logging to ``log_file``."""
 
-    def __init__(self, index: int, config: ReplicaConfig, log_file: Path) -> None:
+    def __init__(
+        self, index: int, config: ReplicaConfig, log_file: Path, append: bool = False
+    ) -> None:
         self.index = index
+        self.config = config
         self.address = config.address
         self.log_file = log_file
         env = dict(os.environ)
         if config.gpus:  # the replica's GPUs; its ranks use them in order
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, config.gpus))
-        with open(log_file, "wb") as log:
+        # A restart appends to the log: what the previous process wrote shows why it ended.
+        with open(log_file, "ab" if append else "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mii.rpc.replica", config.model_dump_json()],
                 stdout=log,
@@ -86,6 +94,22 @@ class ReplicaProcess:
                 stdin=subprocess.DEVNULL,
                 env=env,
             )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exit_code(self) -> int | None:
+        """None while it runs (an exited process is reaped here)."""
+        return self.process.poll()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+    def restarted(self) -> ReplicaProcess:
+        """A new process of this replica: same port, same GPUs, same log (appended)."""
+        return ReplicaProcess(self.index, self.config, self.log_file, append=True)
 
     def failure(self) -> str | None:
         """The replica's start-up error, if it has exited."""
@@ -103,12 +127,15 @@ class ReplicaProcess:
                 self.process.wait()
 
 
-async def run_deployment(config: DeploymentConfig) -> None:
+async def run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | None = None) -> None:
+    """Run the deployment until ``shutdown`` is requested (by default: SIGTERM,
+    SIGINT or a Terminate call), then drain it and stop every process."""
     name, host, port = config.deployment_name, config.host, config.port
-    stop = asyncio.Event()
+    shutdown = shutdown or ShutdownRequest()
+    stop = shutdown.stop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, shutdown.request)
 
     server = listening_server(f"{host}:{port}")  # a busy port fails here, naming it
     rest_socket = None
@@ -122,11 +149,13 @@ async def run_deployment(config: DeploymentConfig) -> None:
     replicas: list[ReplicaProcess] = []
     pool: ReplicaPool | None = None
     rest = None
+    tasks: list[asyncio.Task] = []
     try:
         for i, replica_config in enumerate(_replica_configs(config)):
             log = registry.log_path(name).with_suffix(f".replica{i}.log")
             replicas.append(ReplicaProcess(i, replica_config, log))
         pool = ReplicaPool([r.address for r in replicas])
+        pool.guard.progress_timeout_s = config.replica_timeout_s
         await _wait_for_replicas(pool, replicas, config.startup_timeout)
 
         info = mii_pb2.ModelInfoReply(
@@ -139,7 +168,7 @@ async def run_deployment(config: DeploymentConfig) -> None:
         )
         mii_pb2_grpc.add_MiiServicer_to_server(BalancerServicer(pool, info, stop), server)
         await server.start()
-        watcher = asyncio.create_task(pool.watch())
+        tasks.append(asyncio.create_task(pool.watch()))
 
         if config.enable_restful_api:
             from mii.rpc.http.server import start_gateway
@@ -148,23 +177,38 @@ async def run_deployment(config: DeploymentConfig) -> None:
 
         await set_health(health, True)
         health_watcher = asyncio.create_task(_follow_replica_health(pool, health))
-        registry.record(
-            name,
-            {
-                "host": host,
-                "port": port,
-                "pid": os.getpid(),
-                "model": config.model,
-                "replica_num": config.replica_num,
-                "restful_api_port": config.restful_api_port if rest else None,
-                "replica_pids": [r.process.pid for r in replicas],
-            },
+        tasks.append(health_watcher)
+
+        def record() -> None:  # again after each restart: the replicas' pids changed
+            registry.record(
+                name,
+                {
+                    "host": host,
+                    "port": port,
+                    "pid": os.getpid(),
+                    "model": config.model,
+                    "replica_num": config.replica_num,
+                    "restful_api_port": config.restful_api_port if rest else None,
+                    "replica_pids": [r.process.pid for r in replicas],
+                },
+            )
+
+        supervisor = Supervisor(
+            pool, replicas, lambda i: replicas[i].restarted(), _restart_policy(config), record
         )
+        supervising = asyncio.create_task(supervisor.run())
+        tasks.append(supervising)
+        record()
         print(f"[mii] deployment {name!r} serving on {host}:{port}", file=sys.stderr, flush=True)
         await stop.wait()
-        watcher.cancel()
+        # Draining: no restarts, NOT_SERVING, new requests refused, then in-flight ones end.
+        supervising.cancel()
         health_watcher.cancel()
+        await set_health(health, False)
+        await drain(pool, config.shutdown_grace_s, shutdown.hurry)
     finally:
+        for task in tasks:
+            task.cancel()
         await set_health(health, False)
         registry.remove(name, pid=os.getpid())
         if rest is not None:
@@ -177,6 +221,15 @@ async def run_deployment(config: DeploymentConfig) -> None:
             await pool.close()
         for replica in replicas:
             replica.stop()
+
+
+def _restart_policy(config: DeploymentConfig) -> RestartPolicy:
+    return RestartPolicy(
+        max_restarts=config.replica_max_restarts,
+        window_s=config.replica_restart_window_s,
+        backoff_s=config.replica_restart_backoff_s,
+        unresponsive_restart_s=config.replica_unresponsive_restart_s,
+    )
 
 
 def _replica_configs(config: DeploymentConfig) -> list[ReplicaConfig]:

@@ -4,7 +4,7 @@ Started by the deployment process as ``python -m mii.rpc.replica CONFIG_JSON``
 (a ``ReplicaConfig``).
 Its health reports NOT_SERVING until the model is loaded and has answered a
 warm-up request. It exits when told to terminate, on SIGTERM, or when the
-process that started it goes away.
+process that started it goes away; it ignores SIGINT (the deployment drains first).
 """
 
 from __future__ import annotations
@@ -102,8 +102,10 @@ def engine_error(err: Exception) -> Exception:
 async def serve_replica(config: ReplicaConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Ctrl-C reaches the whole process group; the deployment process answers it by
+    # draining, and stops its replicas once their requests are done.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     server = listening_server(config.address)  # a busy port fails here, naming it
     health_servicer = add_standard_services(server)
