@@ -24,7 +24,10 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     ``options`` are the fields of :class:`~mii.rpc.deployment_config.DeploymentConfig`
     (``deployment_name=None, tensor_parallel=1, replica_num=1,
     enable_restful_api=False, restful_api_port=28080, port=50050,
-    host="127.0.0.1", startup_timeout=600.0, device_map=None``, ...) and engine
+    host="127.0.0.1", startup_timeout=600.0, device_map=None``; supervision and
+    shutdown: ``replica_timeout_s=30, replica_max_restarts=5,
+    replica_restart_window_s=600, replica_restart_backoff_s=1,
+    replica_unresponsive_restart_s=120, shutdown_grace_s=30``, ...) and engine
     options (``max_length=None``, ...). Bad options fail here, before anything
     starts. A start-up failure (bad model, port in use, crash while loading)
     raises ``DeploymentError`` here with the server's error, and leaves no
