@@ -6,6 +6,7 @@ traceback."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,7 +22,9 @@ import mii
 from helpers import PROMPTS
 from mii.errors import MiiError
 from mii.rpc import registry
+from mii.rpc.call_guard import CallGuard, ShuttingDownError
 from mii.rpc.deployment import free_port
+from mii.rpc.drain import ShutdownRequest, drain
 
 NAME = "test-drain"
 GRACE_S = 10.0
@@ -149,3 +152,63 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(draining_deploym
         text = log.read_text()
         assert "Traceback" not in text, f"{log.name}:\n{text}"
         assert "Error" not in text.replace("MII_STARTUP_ERROR", ""), f"{log.name}:\n{text}"
+
+
+# ----- the drain's rules, without a deployment ----------------------------------------------
+
+
+class FakeCall:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeReplica:
+    address = "127.0.0.1:1"
+    healthy = True
+    unanswered_since = None
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.guard = CallGuard()
+
+
+def test_a_second_signal_ends_the_grace_period_at_once():
+    async def scenario():
+        pool, shutdown = FakePool(), ShutdownRequest()
+        call = FakeCall()
+        watch = pool.guard.watch(FakeReplica(), call)
+        shutdown.request()  # the first signal: drain
+        assert shutdown.stop.is_set() and not shutdown.hurry.is_set()
+        draining = asyncio.create_task(drain(pool, grace_s=60.0, hurry=shutdown.hurry))
+        await asyncio.sleep(0.2)
+        assert pool.guard.draining and not call.cancelled  # waiting for the call
+        shutdown.request()  # the second: now
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while not call.cancelled and loop.time() - began < 5:  # cut at once, not after 60 s
+            await asyncio.sleep(0.01)
+        assert call.cancelled
+        watch.close()  # the cut call ends
+        finished = await asyncio.wait_for(draining, 10)
+        assert loop.time() - began < 5
+        return finished, call, watch
+
+    finished, call, watch = asyncio.run(scenario())
+    assert not finished and call.cancelled
+    assert isinstance(watch.reason, ShuttingDownError)
+
+
+def test_calls_that_finish_within_the_grace_period_are_not_cut():
+    async def scenario():
+        pool = FakePool()
+        call = FakeCall()
+        watch = pool.guard.watch(FakeReplica(), call)
+        asyncio.get_running_loop().call_later(0.3, watch.close)  # it finishes
+        return await drain(pool, grace_s=30.0), call
+
+    finished, call = asyncio.run(scenario())
+    assert finished and not call.cancelled

@@ -87,6 +87,7 @@ class ReplicaProcess:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, config.gpus))
         # A restart appends to the log: what the previous process wrote shows why it ended.
         with open(log_file, "ab" if append else "wb") as log:
+            self.log_offset = log.tell()  # where this process's part begins
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mii.rpc.replica", config.model_dump_json()],
                 stdout=log,
@@ -115,7 +116,9 @@ class ReplicaProcess:
         """The replica's start-up error, if it has exited."""
         if self.process.poll() is None:
             return None
-        return read_startup_error(self.log_file, f"replica {self.index}", self.process.returncode)
+        return read_startup_error(
+            self.log_file, f"replica {self.index}", self.process.returncode, self.log_offset
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is None:
