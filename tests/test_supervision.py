@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -28,7 +29,6 @@ from mii.errors import MiiError
 from mii.rpc import registry
 from mii.rpc.client import MiiClient
 from mii.rpc.deployment import free_port
-from mii.rpc.pool import ReplicaPool
 from mii.rpc.supervisor import RestartPolicy, Supervisor
 
 NAME = "test-supervised"
@@ -275,6 +275,13 @@ def test_no_replica_left_answers_503_and_says_so(supervised, capsys):
 # ----- the supervisor's rules, without processes ---------------------------------------------
 
 
+class FakePool:
+    """What the supervisor touches of a ReplicaPool: its replicas' fields."""
+
+    def __init__(self) -> None:
+        self.replicas = [SimpleNamespace(healthy=False, state=None, restarts=0, pid=None)]
+
+
 class FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -291,7 +298,7 @@ class FakeProcess:
 
 
 def test_restart_backoff_doubles_and_the_limit_gives_up():
-    pool = ReplicaPool(["127.0.0.1:1"])
+    pool = FakePool()
     spawned: list[FakeProcess] = []
 
     def spawn(index: int) -> FakeProcess:
@@ -320,7 +327,7 @@ def test_restart_backoff_doubles_and_the_limit_gives_up():
 
 
 def test_restarts_outside_the_window_do_not_count():
-    pool = ReplicaPool(["127.0.0.1:1"])
+    pool = FakePool()
     processes = [FakeProcess(1)]
     supervisor = Supervisor(
         pool,
@@ -338,7 +345,7 @@ def test_restarts_outside_the_window_do_not_count():
 
 
 def test_unresponsive_replica_is_killed_after_the_limit():
-    pool = ReplicaPool(["127.0.0.1:1"])
+    pool = FakePool()
     processes = [FakeProcess(1)]
     policy = RestartPolicy(unresponsive_restart_s=5.0)
     supervisor = Supervisor(pool, processes, lambda i: FakeProcess(2), policy)
