@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from mii.cli.errors import CliError
 
@@ -12,7 +13,10 @@ def add_list_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "list",
         help="list the running deployments on this machine",
-        description="List running deployments: name, gRPC address, model, replicas, REST URL.",
+        description="List running deployments: name, gRPC address, model, replicas, "
+        "status (as the deployment reports it: ok, unavailable, draining, or unreachable), "
+        "REST URL, and each replica's state (starting, serving, unresponsive, restarting, "
+        "failed), pid and restarts.",
     )
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
     parser.set_defaults(func=list_deployments)
@@ -35,12 +39,56 @@ def add_terminate_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=terminate)
 
 
+HEALTH_TIMEOUT_S = 3.0  # per deployment: a frozen replica costs its probe's 1 s
+
+
+def deployment_health(record: dict[str, Any]) -> dict[str, Any]:
+    """What the deployment itself says of its health (its Stats reply): ``status``
+    (ok, unavailable, draining; unreachable when it does not answer) and each
+    replica's state, restarts and pid."""
+    import grpc
+
+    from mii.rpc import auth, mii_pb2, mii_pb2_grpc
+    from mii.rpc.replica_health import health_from_stats
+
+    try:
+        with auth.channel(f"{record['host']}:{record['port']}", record.get("api_key")) as channel:
+            reply = mii_pb2_grpc.MiiStub(channel).Stats(
+                mii_pb2.StatsRequest(), timeout=HEALTH_TIMEOUT_S
+            )
+    except grpc.RpcError as err:
+        return {"status": "unreachable", "error": f"{err.code().name}: {err.details()}"}
+    return health_from_stats(reply)
+
+
+def _status_cell(health: dict[str, Any]) -> str:
+    """``ok 1/2`` (replicas serving / replicas), or the status alone."""
+    replicas = health.get("replicas") or []
+    if not replicas:
+        return health["status"]
+    serving = sum(r["state"] == "serving" for r in replicas)
+    return f"{health['status']} {serving}/{len(replicas)}"
+
+
+def _replica_line(replica: dict[str, Any]) -> str:
+    restarts = replica["restarts"]
+    return (
+        f"  replica {replica['index']}: {replica['state']} (pid {replica['pid'] or '-'}, "
+        f"{restarts} restart{'' if restarts == 1 else 's'}, {replica['address']})"
+    )
+
+
 def list_deployments(args: argparse.Namespace) -> int:
     from mii.rpc import registry
 
-    # The records hold the API keys; a listing says only whether there is one.
+    # The records hold the API keys (the health query presents it); a listing says
+    # only whether there is one.
     deployments = [
-        {**{k: v for k, v in d.items() if k != "api_key"}, "api_key": bool(d.get("api_key"))}
+        {
+            **{k: v for k, v in d.items() if k != "api_key"},
+            "api_key": bool(d.get("api_key")),
+            "health": deployment_health(d),
+        }
         for d in registry.list_deployments()
     ]
     if args.json:
@@ -49,7 +97,7 @@ def list_deployments(args: argparse.Namespace) -> int:
     if not deployments:
         print("no running deployments (start one with: mii serve MODEL)")
         return 0
-    rows = [("NAME", "ADDRESS", "MODEL", "REPLICAS", "REST")]
+    rows = [("NAME", "ADDRESS", "MODEL", "REPLICAS", "STATUS", "REST")]
     for d in deployments:
         rest = f"http://{d['host']}:{d['restful_api_port']}" if d.get("restful_api_port") else "-"
         rows.append(
@@ -58,12 +106,16 @@ def list_deployments(args: argparse.Namespace) -> int:
                 f"{d['host']}:{d['port']}",
                 str(d.get("model", "?")),
                 str(d.get("replica_num", "?")),
+                _status_cell(d["health"]),
                 rest,
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
+    for i, row in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        if i:  # each replica of the deployment, under its row
+            for replica in deployments[i - 1]["health"].get("replicas", []):
+                print(_replica_line(replica))
     return 0
 
 

@@ -48,6 +48,12 @@ DEPLOYMENT_OPTIONS = (
     "http_keep_alive_timeout",
     "http_max_connections",
     "max_queued_requests",
+    "replica_timeout_s",
+    "replica_max_restarts",
+    "replica_restart_window_s",
+    "replica_restart_backoff_s",
+    "replica_unresponsive_restart_s",
+    "shutdown_grace_s",
 )
 METAVARS = {
     "device": "DEVICE",
@@ -69,6 +75,12 @@ METAVARS = {
     "http_keep_alive_timeout": "SECONDS",
     "http_max_connections": "N",
     "max_queued_requests": "N",
+    "replica_timeout_s": "SECONDS",
+    "replica_max_restarts": "N",
+    "replica_restart_window_s": "SECONDS",
+    "replica_restart_backoff_s": "SECONDS",
+    "replica_unresponsive_restart_s": "SECONDS",
+    "shutdown_grace_s": "SECONDS",
 }
 
 

@@ -89,9 +89,13 @@ def _run_returning(runner, coro) -> Any:
 async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
     """Run the deployment until SIGINT/SIGTERM (returns True) or a Terminate RPC
     (returns False). A signal during start-up stops the start at once; once
-    serving, it drains (in-flight calls get a grace period) and stops everything."""
+    serving, it drains (in-flight calls get ``shutdown_grace_s``; a second signal
+    ends them at once) and stops everything."""
+    from mii.rpc.drain import ShutdownRequest
+
     loop = asyncio.get_running_loop()
-    task = asyncio.create_task(run_deployment(config))
+    shutdown = ShutdownRequest()
+    task = asyncio.create_task(run_deployment(config, shutdown))
     # Let the deployment install its own handlers first, then take them over: a
     # cancelled start-up also stops the replicas already started, where the
     # deployment's own handler would wait for them to finish loading.
@@ -100,6 +104,21 @@ async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
 
     def on_signal() -> None:
         nonlocal signalled
+        serving = announcer.done() and not announcer.cancelled()
+        if serving:  # drain: refuse new requests, let those in flight finish
+            if shutdown.stop.is_set():
+                print("[mii] ending the requests in flight now...", file=sys.stderr, flush=True)
+            else:
+                grace = config.shutdown_grace_s
+                print(
+                    f"\n[mii] stopping: in-flight requests get up to {grace:g} s "
+                    "(Ctrl-C again ends them now)...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            signalled = True
+            shutdown.request()
+            return
         if signalled:
             print("[mii] already stopping...", file=sys.stderr, flush=True)
             return

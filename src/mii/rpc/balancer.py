@@ -10,6 +10,7 @@ import grpc
 from mii.rpc import mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_from_proto, piece_to_proto
 from mii.rpc.pool import ReplicaPool
+from mii.rpc.replica_health import add_replica_health
 from mii.rpc.status import abort
 
 
@@ -51,7 +52,7 @@ class BalancerServicer(mii_pb2_grpc.MiiServicer):
         # Ask the replicas now: the watcher's figures may be half a second old,
         # long enough to miss a short request entirely.
         await self.pool.check_all()
-        return self.pool.stats()
+        return add_replica_health(self.pool.stats(), self.pool)
 
     async def Terminate(self, request, context):
         self.stop.set()

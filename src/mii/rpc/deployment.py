@@ -6,7 +6,9 @@ and one replica process per engine copy.
 Start-up order: bind the front port (fails fast when it is taken), start the
 replicas, wait until every one is healthy, start the REST gateway, then report
 SERVING and record the deployment in the local registry. Any failure on the way stops everything
-started so far and exits with the cause on stderr.
+started so far and exits with the cause on stderr. Once serving, a supervisor restarts
+replicas that exit (:mod:`mii.rpc.supervisor`), and a signal or Terminate drains the
+deployment before it stops (:mod:`mii.rpc.drain`).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from mii.errors import DeploymentError
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
+from mii.rpc.drain import ShutdownRequest, drain
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import read_startup_error, run_reporting_errors
+from mii.rpc.supervisor import RestartPolicy, Supervisor
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,8 +79,12 @@ class ReplicaProcess:
     """One replica: ``python -m mii.rpc.replica REPLICA_CONFIG_JSON``, logging to
     ``log_file``; its port accepts only calls that present ``token``."""
 
-    def __init__(self, index: int, config: ReplicaConfig, log_file: Path, token: str) -> None:
+    def __init__(
+        self, index: int, config: ReplicaConfig, log_file: Path, token: str, append: bool = False
+    ) -> None:
+        self.token = token
         self.index = index
+        self.config = config
         self.address = config.address
         self.log_file = log_file
         env = dict(os.environ)
@@ -85,7 +93,9 @@ class ReplicaProcess:
         env.pop(envs.API_KEY.name, None)  # a replica never needs the clients' key
         if config.gpus:  # the replica's GPUs; its ranks use them in order
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, config.gpus))
-        with open(log_file, "wb") as log:
+        # A restart appends to the log: what the previous process wrote shows why it ended.
+        with open(log_file, "ab" if append else "wb") as log:
+            self.log_offset = log.tell()  # where this process's part begins
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mii.rpc.replica", config.model_dump_json()],
                 stdout=log,
@@ -94,11 +104,29 @@ class ReplicaProcess:
                 env=env,
             )
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exit_code(self) -> int | None:
+        """None while it runs (an exited process is reaped here)."""
+        return self.process.poll()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+
+    def restarted(self) -> ReplicaProcess:
+        """A new process of this replica: same port, same GPUs, same log (appended)."""
+        return ReplicaProcess(self.index, self.config, self.log_file, self.token, append=True)
+
     def failure(self) -> str | None:
         """The replica's start-up error, if it has exited."""
         if self.process.poll() is None:
             return None
-        return read_startup_error(self.log_file, f"replica {self.index}", self.process.returncode)
+        return read_startup_error(
+            self.log_file, f"replica {self.index}", self.process.returncode, self.log_offset
+        )
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process.poll() is None:
@@ -110,13 +138,16 @@ class ReplicaProcess:
                 self.process.wait()
 
 
-async def run_deployment(config: DeploymentConfig) -> None:
+async def run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | None = None) -> None:
+    """Run the deployment until ``shutdown`` is requested (by default: SIGTERM,
+    SIGINT or a Terminate call), then drain it and stop every process."""
     name, host, port = config.deployment_name, config.host, config.port
     raise_open_files_limit()  # idle HTTP clients must not take every descriptor of 1,024
-    stop = asyncio.Event()
+    shutdown = shutdown or ShutdownRequest()
+    stop = shutdown.stop
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, shutdown.request)
 
     # A busy port fails here, naming it. With an api_key, every call needs it.
     # Requests are at most max_request_bytes.
@@ -137,11 +168,13 @@ async def run_deployment(config: DeploymentConfig) -> None:
     replicas: list[ReplicaProcess] = []
     pool: ReplicaPool | None = None
     rest = None
+    tasks: list[asyncio.Task] = []
     try:
         for i, replica_config in enumerate(_replica_configs(config)):
             log = registry.log_path(name).with_suffix(f".replica{i}.log")
             replicas.append(ReplicaProcess(i, replica_config, log, token))
         pool = ReplicaPool([r.address for r in replicas], token=token)
+        pool.guard.progress_timeout_s = config.replica_timeout_s
         await _wait_for_replicas(pool, replicas, config.startup_timeout)
 
         info = mii_pb2.ModelInfoReply(
@@ -154,7 +187,7 @@ async def run_deployment(config: DeploymentConfig) -> None:
         )
         add_mii_servicer(BalancerServicer(pool, info, stop), server)
         await server.start()
-        watcher = asyncio.create_task(pool.watch())
+        tasks.append(asyncio.create_task(pool.watch()))
 
         if config.enable_restful_api:
             from mii.rpc.http.server import start_gateway
@@ -163,25 +196,40 @@ async def run_deployment(config: DeploymentConfig) -> None:
 
         await set_health(health, True)
         health_watcher = asyncio.create_task(_follow_replica_health(pool, health))
-        registry.record(
-            name,
-            {
-                "host": host,
-                "port": port,
-                "pid": os.getpid(),
-                "model": config.model,
-                "replica_num": config.replica_num,
-                "restful_api_port": config.restful_api_port if rest else None,
-                "replica_pids": [r.process.pid for r in replicas],
-                # the record is readable only by this user (mode 0600 in a 0700 folder)
-                "api_key": config.secret_api_key(),
-            },
+        tasks.append(health_watcher)
+
+        def record() -> None:  # again after each restart: the replicas' pids changed
+            registry.record(
+                name,
+                {
+                    "host": host,
+                    "port": port,
+                    "pid": os.getpid(),
+                    "model": config.model,
+                    "replica_num": config.replica_num,
+                    "restful_api_port": config.restful_api_port if rest else None,
+                    "replica_pids": [r.process.pid for r in replicas],
+                    # the record is readable only by this user (mode 0600 in a 0700 folder)
+                    "api_key": config.secret_api_key(),
+                },
+            )
+
+        supervisor = Supervisor(
+            pool, replicas, lambda i: replicas[i].restarted(), _restart_policy(config), record
         )
+        supervising = asyncio.create_task(supervisor.run())
+        tasks.append(supervising)
+        record()
         print(f"[mii] deployment {name!r} serving on {host}:{port}", file=sys.stderr, flush=True)
         await stop.wait()
-        watcher.cancel()
+        # Draining: no restarts, NOT_SERVING, new requests refused, then in-flight ones end.
+        supervising.cancel()
         health_watcher.cancel()
+        await set_health(health, False)
+        await drain(pool, config.shutdown_grace_s, shutdown.hurry)
     finally:
+        for task in tasks:
+            task.cancel()
         await set_health(health, False)
         registry.remove(name, pid=os.getpid())
         if rest is not None:
@@ -194,6 +242,15 @@ async def run_deployment(config: DeploymentConfig) -> None:
             await pool.close()
         for replica in replicas:
             replica.stop()
+
+
+def _restart_policy(config: DeploymentConfig) -> RestartPolicy:
+    return RestartPolicy(
+        max_restarts=config.replica_max_restarts,
+        window_s=config.replica_restart_window_s,
+        backoff_s=config.replica_restart_backoff_s,
+        unresponsive_restart_s=config.replica_unresponsive_restart_s,
+    )
 
 
 def _replica_configs(config: DeploymentConfig) -> list[ReplicaConfig]:

@@ -103,6 +103,40 @@ class DeploymentConfig(GpuLayout):
         "request is refused at once with HTTP 429 / gRPC RESOURCE_EXHAUSTED and a "
         "Retry-After (a deployment of N replicas holds N times as many)",
     )
+    replica_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a replica may go without progress (no piece of a request in "
+        "flight and no answer to its health probes) before its requests fail with "
+        "UNAVAILABLE (HTTP 503) and it leaves rotation",
+    )
+    replica_max_restarts: int = Field(
+        default=5,
+        ge=0,
+        description="restarts of a replica whose process exited allowed within "
+        "replica_restart_window_s; after that it is reported failed and left down",
+    )
+    replica_restart_window_s: float = Field(
+        default=600.0, gt=0, description="seconds over which replica_max_restarts counts"
+    )
+    replica_restart_backoff_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="seconds before the first restart of a replica; doubled for each "
+        "recent restart (up to 60 s)",
+    )
+    replica_unresponsive_restart_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="seconds a replica that served may stay unresponsive (or NOT_SERVING) "
+        "before it is killed and restarted; 0: never",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM, SIGINT or Terminate: seconds in-flight requests get to "
+        "finish before they are ended (new requests are refused at once)",
+    )
     tp_master_addr: str = Field(
         default="127.0.0.1",
         description="address of the rendezvous of each tensor-parallel replica's ranks",

@@ -81,18 +81,38 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight")
+    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight", "status", "replicas")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_cache_usage: float
     preemptions: int
     in_flight: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    status: str
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaHealth]
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ..., status: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaHealth, _Mapping]]] = ...) -> None: ...
+
+class ReplicaHealth(_message.Message):
+    __slots__ = ("index", "address", "state", "restarts", "pid", "in_flight")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    address: str
+    state: str
+    restarts: int
+    pid: int
+    in_flight: int
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class TerminateRequest(_message.Message):
     __slots__ = ()

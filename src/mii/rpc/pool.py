@@ -21,11 +21,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from mii.errors import NoReplicaError, ReplicaError
 from mii.response import Response
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
+from mii.rpc.call_guard import CallGuard, ShuttingDownError
 from mii.rpc.convert import UNLIMITED_MESSAGES, generate_request, piece_from_proto
 from mii.rpc.outcomes import REJECT_REASONS, Outcome
 from mii.rpc.status import error_from_grpc, is_overload
 
 HEALTH_INTERVAL_S = 0.5
+HEALTH_PROBE_TIMEOUT_S = 1.0  # a probe not answered within this is missed
+# A restarted replica is found again within a second (gRPC's default reconnect
+# back-off grows to two minutes).
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
 
 
 @dataclass(eq=False)
@@ -37,11 +45,19 @@ class Replica:
     in_flight: int = 0
     healthy: bool = False
     last_stats: mii_pb2.StatsReply = field(default_factory=mii_pb2.StatsReply)
+    # When its health probes began to go unanswered (None while it answers): see call_guard.
+    unanswered_since: float | None = None
+    # Kept by the deployment's supervisor (mii.rpc.supervisor); None when unsupervised.
+    state: str | None = None
+    restarts: int = 0
+    pid: int | None = None
 
     def __post_init__(self) -> None:
         # Any size: the gateway passes on requests up to its own limit, and replies
         # (token ids, return_full_text) can exceed grpc's 4 MiB default.
-        self.channel = auth.aio_channel(self.address, self.token, UNLIMITED_MESSAGES)
+        self.channel = auth.aio_channel(
+            self.address, self.token, (*UNLIMITED_MESSAGES, *CHANNEL_OPTIONS)
+        )
         self.stub = mii_pb2_grpc.MiiStub(self.channel)
 
 
@@ -95,12 +111,15 @@ class ReplicaPool:
         self.token = token  # for replicas added later (Replica(address, pool.token))
         self.replicas = [Replica(a, token) for a in addresses]
         self.metrics = Metrics()
+        self.guard = CallGuard()  # frozen replicas, shutdown (mii.rpc.call_guard)
 
     # ----- routing ------------------------------------------------------------
 
     def _pick(self, exclude: set[int], refusal: Exception | None = None) -> Replica:
         """The least-loaded replica in rotation not in ``exclude``; when none is left,
         ``refusal`` (why the last one refused: overloaded, unavailable) is raised."""
+        if self.guard.draining:
+            raise ShuttingDownError("the deployment is shutting down; it takes no new request")
         candidates = [r for r in self.replicas if r.healthy and id(r) not in exclude]
         if not candidates:
             if refusal is not None:
@@ -127,7 +146,9 @@ class ReplicaPool:
             replica = self._pick(tried, refusal)
             replica.in_flight += 1
             try:
-                reply = await replica.stub.Generate(request, timeout=timeout)
+                reply = await self.guard.result(
+                    replica, replica.stub.Generate(request, timeout=timeout)
+                )
             except grpc.aio.AioRpcError as err:
                 if self._out_of_rotation(replica, err) or is_overload(err):
                     tried.add(id(replica))
@@ -169,10 +190,12 @@ class ReplicaPool:
             replica = self._pick(tried, refusal)
             replica.in_flight += 1
             call = replica.stub.GenerateStream(request, timeout=timeout)
+            watch = self.guard.watch(replica, call)
             received = 0
             first_at = None
             try:
                 async for piece in call:
+                    watch.progress()
                     response = piece_from_proto(piece)
                     if first_at is None:
                         first_at = time.perf_counter()
@@ -193,7 +216,11 @@ class ReplicaPool:
                     refusal = error_from_grpc(err, ReplicaError)
                     continue
                 raise error_from_grpc(err, ReplicaError) from None
+            except asyncio.CancelledError:
+                watch.raise_reason()  # the guard cut it: frozen replica, or shutdown
+                raise
             finally:
+                watch.close()
                 call.cancel()
                 replica.in_flight -= 1
 
@@ -207,10 +234,12 @@ class ReplicaPool:
 
     # ----- health and stats -----------------------------------------------------
 
-    async def check(self, replica: Replica, timeout: float = 1.0) -> bool:
+    async def check(self, replica: Replica, timeout: float = HEALTH_PROBE_TIMEOUT_S) -> bool:
+        started = time.monotonic()
         try:
             stub = health_pb2_grpc.HealthStub(replica.channel)
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            replica.unanswered_since = None  # any answer shows the process is alive
             replica.healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
             if replica.healthy:
                 replica.last_stats = await replica.stub.Stats(
@@ -218,6 +247,8 @@ class ReplicaPool:
                 )
         except (grpc.aio.AioRpcError, asyncio.TimeoutError):
             replica.healthy = False
+            if replica.unanswered_since is None:
+                replica.unanswered_since = started
         return replica.healthy
 
     async def check_all(self) -> int:
@@ -261,4 +292,5 @@ class ReplicaPool:
         await asyncio.gather(*(stop(r) for r in self.replicas))
 
     async def close(self) -> None:
+        await self.guard.close()
         await asyncio.gather(*(r.channel.close() for r in self.replicas))

@@ -5,7 +5,7 @@ Started by the deployment process as ``python -m mii.rpc.replica CONFIG_JSON``
 its port refuses every call that does not present it (:mod:`mii.rpc.auth`).
 Its health reports NOT_SERVING until the model is loaded and has answered a
 warm-up request. It exits when told to terminate, on SIGTERM, or when the
-process that started it goes away.
+process that started it goes away; it ignores SIGINT (the deployment drains first).
 """
 
 from __future__ import annotations
@@ -120,8 +120,10 @@ async def serve_replica(config: ReplicaConfig) -> None:
     raise_open_files_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Ctrl-C reaches the whole process group; the deployment process answers it by
+    # draining, and stops its replicas once their requests are done.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     token = envs.REPLICA_TOKEN.get()
     if token is None:

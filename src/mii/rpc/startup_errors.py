@@ -33,10 +33,13 @@ def run_reporting_errors(main: Coroutine[Any, Any, Any], with_traceback: bool = 
     return 0
 
 
-def read_startup_error(log_file: Path, who: str, exit_code: int) -> str:
+def read_startup_error(log_file: Path, who: str, exit_code: int, offset: int = 0) -> str:
     """The error a process that exited with ``exit_code`` reported in its log, or,
-    when it reported none, the end of the log. ``who`` names it ("replica 0")."""
-    lines = log_file.read_text(errors="replace").splitlines()
+    when it reported none, the end of the log. ``who`` names it ("replica 0");
+    ``offset``: where its part of the log begins (a restarted replica appends)."""
+    with open(log_file, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
     for line in reversed(lines):
         if line.startswith(STARTUP_ERROR):
             return line[len(STARTUP_ERROR) :].strip()

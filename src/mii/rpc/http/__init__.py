@@ -7,7 +7,9 @@ Routes (every request goes through the same ``ReplicaPool`` as the gRPC balancer
   ``generated_length``, ``finish_reason``, ``token_ids``).
 - ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``: the
   OpenAI-compatible API (see :mod:`mii.rpc.http.openai_routes`).
-- ``GET /health``: 200 ``{"status": "ok", ...}`` while a replica is healthy, else 503.
+- ``GET /health``: 200 ``{"status": "ok", ...}`` while a replica is healthy, else 503
+  (``unavailable``, or ``draining`` while the deployment shuts down); ``replicas``
+  lists each replica's state, restarts and pid (:mod:`mii.rpc.replica_health`).
 - ``GET /metrics``: the pool's Prometheus metrics.
 
 A bad request is answered 4xx with a JSON error naming the problem, never 500:

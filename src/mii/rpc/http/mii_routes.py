@@ -1,4 +1,5 @@
-"""mii's own routes: ``POST /mii/{deployment_name}``, ``GET /health``, ``GET /metrics``.
+"""mii's own routes: ``POST /mii/{deployment_name}``, ``GET /health`` (the deployment's
+status and each replica's: :mod:`mii.rpc.replica_health`), ``GET /metrics``.
 
 The route functions carry no return annotation and no docstring on purpose:
 FastAPI would validate answers against the one and publish the other in
@@ -20,6 +21,7 @@ from mii.rpc.http.errors import ApiError
 from mii.rpc.http.limits import LimitedRoute
 from mii.rpc.http.protocol import MiiRequest
 from mii.rpc.http.state import get_state
+from mii.rpc.replica_health import health_body
 
 router = APIRouter(route_class=LimitedRoute)
 
@@ -56,15 +58,9 @@ async def generate(deployment_name: str, body: MiiRequest, request: Request):
 @router.get("/health")
 async def health(request: Request):
     state = get_state(request)
-    healthy = sum(r.healthy for r in state.pool.replicas)
-    body = {
-        "status": "ok" if healthy else "unavailable",
-        "deployment": state.deployment_name,
-        "model": state.model,
-        "replicas": len(state.pool.replicas),
-        "healthy_replicas": healthy,
-    }
-    return JSONResponse(body, status_code=200 if healthy else 503)
+    body, status = health_body(state.pool)  # per-replica state, restarts, pid
+    body = {"deployment": state.deployment_name, "model": state.model, **body}
+    return JSONResponse(body, status_code=status)
 
 
 @router.get("/metrics")

@@ -1,0 +1,168 @@
+"""Supervising a deployment's replica processes: a replica that exits is started
+again on its port, with exponential back-off and a restart limit; one that stays
+unresponsive too long is killed and restarted the same way.
+
+Each replica's state is kept on its ``mii.rpc.pool.Replica`` (``state``,
+``restarts``, ``pid``), where ``/health``, the Stats reply and ``mii list`` read
+it (:mod:`mii.rpc.replica_health`):
+
+- ``starting``: its first process is loading the model;
+- ``serving``: in rotation;
+- ``unresponsive``: alive but out of rotation (missed health probes, or reports
+  NOT_SERVING, e.g. a failed tensor-parallel rank);
+- ``restarting``: its process exited (or was killed); a new one is waiting out
+  the back-off or loading, until it serves;
+- ``failed``: it exited more than ``replica_max_restarts`` times within
+  ``replica_restart_window_s``; the deployment gave up on it (the others serve on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
+
+MAX_BACKOFF_S = 60.0  # the back-off doubles with each recent restart, up to this
+
+
+class _Process(Protocol):
+    """What the supervisor needs of a replica process (``deployment.ReplicaProcess``)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def exit_code(self) -> int | None: ...
+
+    def failure(self) -> str | None: ...
+
+    def kill(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a replica is restarted, and when the deployment gives up on it."""
+
+    max_restarts: int = 5  # within window_s; one more exit and it is failed
+    window_s: float = 600.0
+    backoff_s: float = 1.0  # before the first restart; doubled for each recent one
+    unresponsive_restart_s: float = 120.0  # kill and restart after this long; 0: never
+
+    def backoff(self, recent_restarts: int) -> float:
+        return min(self.backoff_s * 2**recent_restarts, MAX_BACKOFF_S)
+
+
+@dataclass
+class _Slot:
+    """The supervisor's memory of one replica."""
+
+    restart_times: deque[float] = field(default_factory=deque)
+    start_at: float | None = None  # a restart waits until then
+    served: bool = False  # since its process (re)started
+    out_since: float | None = None  # out of rotation since, after having served
+    failed: bool = False
+
+
+class Supervisor:
+    """Keeps the replicas of ``pool`` running: ``processes[i]`` is replica i's
+    process, replaced in place by ``spawn(i)`` on a restart (so that whoever stops
+    the deployment stops the current ones); ``on_restart()`` runs after each."""
+
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        processes: list[_Process],
+        spawn: Callable[[int], _Process],
+        policy: RestartPolicy,
+        on_restart: Callable[[], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.processes = processes
+        self.spawn = spawn
+        self.policy = policy
+        self.on_restart = on_restart
+        self.slots = [_Slot() for _ in processes]
+        for replica, process in zip(pool.replicas, processes):
+            replica.state, replica.pid = "starting", process.pid
+
+    async def run(self) -> None:
+        """Look after the replicas until cancelled."""
+        while True:
+            self.tick(time.monotonic())
+            await asyncio.sleep(HEALTH_INTERVAL_S / 2)
+
+    def tick(self, now: float) -> None:
+        """One look at every replica: restart what exited, kill what hangs."""
+        for index, slot in enumerate(self.slots):
+            self._look_after(index, slot, now)
+
+    def _look_after(self, index: int, slot: _Slot, now: float) -> None:
+        replica, process = self.pool.replicas[index], self.processes[index]
+        if slot.failed:
+            replica.healthy, replica.state = False, "failed"
+            return
+        if slot.start_at is not None:  # waiting out the back-off
+            replica.healthy = False
+            if now >= slot.start_at:
+                slot.start_at = None
+                self.processes[index] = process = self.spawn(index)
+                replica.pid = process.pid
+                _say(f"replica {index} restarted (pid {process.pid})")
+                if self.on_restart is not None:
+                    self.on_restart()
+            return
+        if process.exit_code() is not None:
+            self._exited(index, slot, process, now)
+            return
+        if replica.healthy:
+            slot.served, slot.out_since = True, None
+            replica.state = "serving"
+            return
+        if not slot.served:  # still loading
+            replica.state = "restarting" if replica.restarts else "starting"
+            return
+        replica.state = "unresponsive"
+        if slot.out_since is None:
+            slot.out_since = now
+        limit = self.policy.unresponsive_restart_s
+        if limit > 0 and now - slot.out_since >= limit:
+            _say(f"replica {index} (pid {process.pid}) unresponsive for {limit:g} s: killing it")
+            process.kill()  # the next look sees it exited and restarts it
+
+    def _exited(self, index: int, slot: _Slot, process: _Process, now: float) -> None:
+        replica = self.pool.replicas[index]
+        replica.healthy = False
+        why = (process.failure() or "").strip().splitlines()
+        detail = f": {why[0]}" if why else ""
+        window = self.policy.window_s
+        while slot.restart_times and now - slot.restart_times[0] > window:
+            slot.restart_times.popleft()
+        recent = len(slot.restart_times)
+        if recent >= self.policy.max_restarts:
+            slot.failed = True
+            replica.state = "failed"
+            _say(
+                f"replica {index} (pid {process.pid}) exited with code {process.exit_code()}"
+                f"{detail}; it was restarted {recent} times in {window:g} s "
+                "(replica_max_restarts): giving up on it"
+            )
+            return
+        delay = self.policy.backoff(recent)
+        slot.restart_times.append(now)
+        slot.start_at = now + delay
+        slot.served, slot.out_since = False, None
+        replica.restarts += 1
+        replica.state = "restarting"
+        _say(
+            f"replica {index} (pid {process.pid}) exited with code {process.exit_code()}"
+            f"{detail}; restarting it in {delay:g} s"
+        )
+
+
+def _say(message: str) -> None:
+    print(f"[mii] {message}", file=sys.stderr, flush=True)

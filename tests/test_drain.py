@@ -1,0 +1,214 @@
+"""Issue 14, item 9: SIGTERM drains a deployment. New requests are refused at once
+(HTTP 503, gRPC UNAVAILABLE, health NOT_SERVING); a short request in flight
+completes normally; one still running when ``shutdown_grace_s`` is over ends with
+an error event and ``data: [DONE]`` (SSE) or UNAVAILABLE (gRPC); the logs hold no
+traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import mii
+from helpers import PROMPTS
+from mii.errors import MiiError
+from mii.rpc import registry
+from mii.rpc.call_guard import CallGuard, ShuttingDownError
+from mii.rpc.deployment import free_port
+from mii.rpc.drain import ShutdownRequest, drain
+
+NAME = "test-drain"
+GRACE_S = 10.0
+SHORT = 20  # tokens: >= 2 s at 0.1 s per pass, well within the grace period
+LONG = 200  # tokens: >= 20 s, well beyond it
+
+
+def wait_until(predicate, timeout=30.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+class SseStream(threading.Thread):
+    """An SSE completion read to its end in a thread; ``started`` once the first
+    event came."""
+
+    def __init__(self, url: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.max_tokens = url, max_tokens
+        self.started = threading.Event()
+        self.events: list[str] = []
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        body = {"prompt": PROMPTS[0], "max_tokens": self.max_tokens, "ignore_eos": True}
+        try:
+            with httpx.stream(
+                "POST", f"{self.url}/v1/completions", json={**body, "stream": True}, timeout=60
+            ) as response:
+                for line in response.iter_lines():
+                    if line:
+                        self.events.append(line)
+                        self.started.set()
+        except BaseException as err:  # handed to the test
+            self.error = err
+        self.started.set()
+
+
+@pytest.fixture
+def draining_deployment(tmp_path, checkpoints, monkeypatch):
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MII_PASS_DELAY_S", "0.1")  # inherited by the deployment's processes
+    rest_port = free_port()
+    client = mii.serve(
+        str(checkpoints("llama")[0]),
+        deployment_name=NAME,
+        port=free_port(),
+        enable_restful_api=True,
+        restful_api_port=rest_port,
+        shutdown_grace_s=GRACE_S,
+    )
+    info = registry.lookup(NAME)
+    yield client, info, f"http://127.0.0.1:{rest_port}"
+    for pid in (info["pid"], *info["replica_pids"]):
+        if registry.pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(draining_deployment):
+    client, info, url = draining_deployment
+    short, long_sse = SseStream(url, SHORT), SseStream(url, LONG)
+    grpc_pieces: list = []
+    grpc_error: list[BaseException] = []
+
+    def long_grpc() -> None:
+        try:
+            for piece in client.stream(PROMPTS[1], max_new_tokens=LONG, ignore_eos=True):
+                grpc_pieces.append(piece)
+        except BaseException as err:  # handed to the test
+            grpc_error.append(err)
+
+    grpc_thread = threading.Thread(target=long_grpc, daemon=True)
+    grpc_thread.start()
+    assert short.started.wait(30) and long_sse.started.wait(30)
+    assert wait_until(lambda: len(grpc_pieces) > 0)
+    assert short.is_alive(), "the short stream ended before the signal"
+
+    os.kill(info["pid"], signal.SIGTERM)
+    began = time.monotonic()
+    with httpx.Client(base_url=url, timeout=10) as http:
+        assert wait_until(lambda: http.get("/health").status_code == 503)
+        assert http.get("/health").json()["status"] == "draining"
+        refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503, refused.text
+        assert "shutting down" in refused.json()["error"]["message"]
+        assert http.post(f"/mii/{NAME}", json={"prompts": "x"}).status_code == 503
+    with pytest.raises(MiiError, match=r"^UNAVAILABLE: .*shutting down"):
+        client.generate("x", max_new_tokens=2)
+    with grpc.insecure_channel(f"127.0.0.1:{info['port']}") as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert time.monotonic() - began < GRACE_S, "these checks must run within the grace period"
+
+    # The short stream finished as if nothing happened.
+    short.join(30)
+    assert short.error is None, short.error
+    *chunks, done = short.events
+    assert done == "data: [DONE]"
+    last = json.loads(chunks[-1].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "length"
+    assert not any('"error"' in event for event in chunks)
+
+    # The long ones were ended once the grace period was over, saying so.
+    long_sse.join(GRACE_S + 30)
+    assert long_sse.error is None, long_sse.error
+    *_, error_event, done = long_sse.events
+    assert done == "data: [DONE]"
+    error = json.loads(error_event.removeprefix("data: "))["error"]
+    assert "shut down" in error["message"] and error["type"] == "server_error"
+    assert time.monotonic() - began >= GRACE_S - 0.5
+    grpc_thread.join(30)
+    [err] = grpc_error
+    assert isinstance(err, MiiError) and str(err).startswith("UNAVAILABLE"), err
+
+    assert wait_until(lambda: not registry.pid_alive(info["pid"]))
+    assert wait_until(lambda: not any(registry.pid_alive(p) for p in info["replica_pids"]))
+    logs = sorted(registry.registry_dir().glob(f"{NAME}*.log"))
+    assert len(logs) == 2  # the deployment's and its replica's
+    for log in logs:
+        text = log.read_text()
+        assert "Traceback" not in text, f"{log.name}:\n{text}"
+        assert "Error" not in text.replace("MII_STARTUP_ERROR", ""), f"{log.name}:\n{text}"
+
+
+# ----- the drain's rules, without a deployment ----------------------------------------------
+
+
+class FakeCall:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeReplica:
+    address = "127.0.0.1:1"
+    healthy = True
+    unanswered_since = None
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.guard = CallGuard()
+
+
+def test_a_second_signal_ends_the_grace_period_at_once():
+    async def scenario():
+        pool, shutdown = FakePool(), ShutdownRequest()
+        call = FakeCall()
+        watch = pool.guard.watch(FakeReplica(), call)
+        shutdown.request()  # the first signal: drain
+        assert shutdown.stop.is_set() and not shutdown.hurry.is_set()
+        draining = asyncio.create_task(drain(pool, grace_s=60.0, hurry=shutdown.hurry))
+        await asyncio.sleep(0.2)
+        assert pool.guard.draining and not call.cancelled  # waiting for the call
+        shutdown.request()  # the second: now
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while not call.cancelled and loop.time() - began < 5:  # cut at once, not after 60 s
+            await asyncio.sleep(0.01)
+        assert call.cancelled
+        watch.close()  # the cut call ends
+        finished = await asyncio.wait_for(draining, 10)
+        assert loop.time() - began < 5
+        return finished, call, watch
+
+    finished, call, watch = asyncio.run(scenario())
+    assert not finished and call.cancelled
+    assert isinstance(watch.reason, ShuttingDownError)
+
+
+def test_calls_that_finish_within_the_grace_period_are_not_cut():
+    async def scenario():
+        pool = FakePool()
+        call = FakeCall()
+        watch = pool.guard.watch(FakeReplica(), call)
+        asyncio.get_running_loop().call_later(0.3, watch.close)  # it finishes
+        return await drain(pool, grace_s=30.0), call
+
+    finished, call = asyncio.run(scenario())
+    assert finished and not call.cancelled

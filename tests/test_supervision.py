@@ -1,0 +1,366 @@
+"""Issue 14, items 7 and 8: a frozen replica (SIGSTOP) fails its requests with
+UNAVAILABLE and leaves rotation; a replica that exits is restarted on its port
+(back-off, restart limit); per-replica health in ``/health`` and ``mii list``.
+
+One deployment of 2 replicas serves every test of this module, in order; its
+forward passes are slowed (MII_PASS_DELAY_S) so that a long request is still
+running whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+import mii
+from helpers import PROMPTS
+from mii.cli import main as mii_main
+from mii.errors import MiiError
+from mii.rpc import registry
+from mii.rpc.client import MiiClient
+from mii.rpc.deployment import free_port
+from mii.rpc.supervisor import RestartPolicy, Supervisor
+
+NAME = "test-supervised"
+TIMEOUT_S = 2.0  # the deployment's replica_timeout_s
+MAX_RESTARTS = 2
+LONG = {"max_new_tokens": 200, "ignore_eos": True}  # >= 20 s at 0.1 s per pass
+
+
+def wait_until(predicate, timeout=30.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@dataclass
+class Supervised:
+    client: MiiClient
+    http: httpx.Client
+    model: Path  # a copy of the checkpoint, which a test may take away
+    pid: int
+
+    def health(self) -> dict:
+        return self.http.get("/health").json()
+
+    def replica(self, index: int) -> dict:
+        return self.health()["replicas"][index]
+
+    def busy_replica(self) -> dict:
+        """The replica that has a request in flight (waits for it)."""
+        found: list[dict] = []
+
+        def busy() -> bool:
+            found[:] = [r for r in self.health()["replicas"] if r["in_flight"] >= 1]
+            return len(found) == 1
+
+        assert wait_until(busy), self.health()
+        return found[0]
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory, checkpoints):
+    model = tmp_path_factory.mktemp("supervised") / "model"
+    shutil.copytree(checkpoints("llama")[0], model)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("mii-cache")))
+        mp.setenv("MII_PASS_DELAY_S", "0.1")  # inherited by the deployment's processes
+        rest_port = free_port()
+        client = mii.serve(
+            str(model),
+            deployment_name=NAME,
+            replica_num=2,
+            port=free_port(),
+            enable_restful_api=True,
+            restful_api_port=rest_port,
+            replica_timeout_s=TIMEOUT_S,
+            replica_restart_backoff_s=0.2,
+            replica_max_restarts=MAX_RESTARTS,
+            shutdown_grace_s=1.0,
+        )
+        http = httpx.Client(base_url=f"http://127.0.0.1:{rest_port}", timeout=30)
+        info = registry.lookup(NAME)
+        try:
+            yield Supervised(client, http, model, info["pid"])
+        finally:
+            http.close()
+            client.terminate_server()
+
+
+def list_json(capsys) -> dict:
+    """``mii list --json``: this deployment's record, with its health."""
+    capsys.readouterr()
+    assert mii_main(["list", "--json"]) == 0
+    [record] = [d for d in json.loads(capsys.readouterr().out) if d["deployment_name"] == NAME]
+    return record
+
+
+def run_in_thread(fn):
+    """Start ``fn()`` in a thread; the returned function joins it and gives its
+    (result, exception)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as err:  # handed to the test
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def join(timeout: float):
+        thread.join(timeout)
+        assert not thread.is_alive(), f"the request still runs after {timeout} s"
+        return box.get("result"), box.get("error")
+
+    return join
+
+
+# ----- item 7: a frozen replica ------------------------------------------------------------
+
+
+def _grpc_stream(s: Supervised):
+    stream = s.client.stream(PROMPTS[0], timeout=60, **LONG)
+    next(stream)  # generating
+    return run_in_thread(lambda: list(stream))
+
+
+def _grpc_unary(s: Supervised):
+    return run_in_thread(lambda: s.client.generate(PROMPTS[0], timeout=60, **LONG))
+
+
+def _sse_stream(s: Supervised):
+    body = {"prompt": PROMPTS[0], "max_tokens": LONG["max_new_tokens"], "ignore_eos": True}
+    response = s.http.send(
+        s.http.build_request("POST", "/v1/completions", json={**body, "stream": True}),
+        stream=True,
+    )
+    lines = response.iter_lines()
+    assert next(line for line in lines if line).startswith("data: {")  # generating
+
+    def rest():
+        try:
+            return [line for line in lines if line]
+        finally:
+            response.close()
+
+    return run_in_thread(rest)
+
+
+@pytest.mark.parametrize("start", [_grpc_stream, _sse_stream, _grpc_unary])
+def test_frozen_replica_fails_its_request_and_leaves_rotation(supervised, start):
+    s = supervised
+    assert wait_until(lambda: s.health()["healthy_replicas"] == 2), s.health()
+    join = start(s)
+    frozen = s.busy_replica()
+    other = 1 - frozen["index"]
+    os.kill(frozen["pid"], signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        result, error = join(timeout=TIMEOUT_S + 20)
+        took = time.monotonic() - began
+        if start is _sse_stream:  # the 200 was sent: an error event, then [DONE]
+            assert error is None, error
+            *_, last_event, done = result
+            failure = json.loads(last_event.removeprefix("data: "))["error"]
+            assert "stopped responding" in failure["message"], result[-3:]
+            assert failure["code"] == "no_replica_available"
+            assert done == "data: [DONE]"
+        else:
+            assert isinstance(error, MiiError), (result, error)
+            assert str(error).startswith("UNAVAILABLE"), error
+            assert "stopped responding" in str(error)
+        assert took >= TIMEOUT_S - 0.5  # not before its replica was silent that long
+        # Out of rotation while frozen; the other replica takes every new request.
+        health = s.health()
+        assert health["replicas"][frozen["index"]]["state"] == "unresponsive", health
+        assert health["status"] == "ok" and health["healthy_replicas"] == 1
+        for prompt in PROMPTS[:3]:
+            [answer] = s.client.generate(prompt, max_new_tokens=2, timeout=30)
+            assert answer.generated_length == 2
+        assert s.replica(other)["state"] == "serving"
+    finally:
+        os.kill(frozen["pid"], signal.SIGCONT)
+    # It answers again: back in rotation, the same process (nobody restarted it).
+    assert wait_until(lambda: s.replica(frozen["index"])["state"] == "serving"), s.health()
+    assert s.replica(frozen["index"])["pid"] == frozen["pid"]
+    assert s.replica(frozen["index"])["restarts"] == 0
+    [answer] = MiiClient(frozen["address"]).generate(PROMPTS[1], max_new_tokens=2, timeout=30)
+    assert answer.generated_length == 2
+
+
+# ----- item 8: supervision -----------------------------------------------------------------
+
+
+def test_killed_replica_is_restarted(supervised, capsys):
+    s = supervised
+    before = s.replica(1)
+    assert before["state"] == "serving" and before["restarts"] == 0
+    os.kill(before["pid"], signal.SIGKILL)
+    assert wait_until(lambda: s.replica(1)["state"] == "restarting", timeout=10), s.health()
+    listed = list_json(capsys)["health"]
+    assert listed["status"] == "ok"  # replica 0 serves on
+    assert listed["replicas"][1]["state"] in ("restarting", "serving")
+    assert listed["replicas"][1]["restarts"] == 1
+
+    assert wait_until(lambda: s.replica(1)["state"] == "serving", timeout=120), s.health()
+    after = s.replica(1)
+    assert after["pid"] != before["pid"] and registry.pid_alive(after["pid"])
+    assert after["restarts"] == 1 and after["address"] == before["address"]  # same port
+    [answer] = MiiClient(after["address"]).generate(PROMPTS[0], max_new_tokens=3, timeout=30)
+    assert answer.generated_length == 3
+    record = list_json(capsys)
+    assert record["health"]["replicas"][1] == {**after, "in_flight": 0}
+    assert after["pid"] in record["replica_pids"]  # the registry follows the restart
+
+    capsys.readouterr()
+    assert mii_main(["list"]) == 0
+    out = capsys.readouterr().out
+    [row] = [line for line in out.splitlines() if line.startswith(NAME)]
+    assert "ok 2/2" in row
+    assert f"replica 1: serving (pid {after['pid']}, 1 restart," in out
+
+
+def test_replica_that_keeps_crashing_is_given_up(supervised, capsys):
+    s = supervised
+    assert wait_until(lambda: s.health()["healthy_replicas"] == 2), s.health()
+    victim = s.replica(0)
+    moved = s.model.with_name("model-moved")
+    s.model.rename(moved)  # every new replica process now fails to load
+    try:
+        os.kill(victim["pid"], signal.SIGKILL)
+        assert wait_until(lambda: s.replica(0)["state"] == "failed", timeout=150), s.health()
+    finally:
+        moved.rename(s.model)
+    health = s.http.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"  # replica 1 serves
+    assert health.json()["replicas"][0]["restarts"] == MAX_RESTARTS
+    listed = list_json(capsys)["health"]
+    assert [r["state"] for r in listed["replicas"]] == ["failed", "serving"]
+    [answer] = s.client.generate(PROMPTS[0], max_new_tokens=2, timeout=30)
+    assert answer.generated_length == 2
+    log = registry.log_path(NAME).read_text()
+    assert "giving up on it" in log and "replica_max_restarts" in log
+    time.sleep(1.0)  # given up for good: not restarted again
+    assert s.replica(0)["state"] == "failed"
+
+
+def test_no_replica_left_answers_503_and_says_so(supervised, capsys):
+    s = supervised
+    last = s.replica(1)
+    os.kill(last["pid"], signal.SIGSTOP)  # (replica 0 failed above)
+    try:
+        assert wait_until(lambda: s.http.get("/health").status_code == 503), s.health()
+        assert s.health()["status"] == "unavailable"
+        assert list_json(capsys)["health"]["status"] == "unavailable"
+    finally:
+        os.kill(last["pid"], signal.SIGCONT)
+    assert wait_until(lambda: s.http.get("/health").status_code == 200), s.health()
+
+
+# ----- the supervisor's rules, without processes ---------------------------------------------
+
+
+class FakePool:
+    """What the supervisor touches of a ReplicaPool: its replicas' fields."""
+
+    def __init__(self) -> None:
+        self.replicas = [SimpleNamespace(healthy=False, state=None, restarts=0, pid=None)]
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.code: int | None = None
+
+    def exit_code(self) -> int | None:
+        return self.code
+
+    def failure(self) -> str | None:
+        return None if self.code is None else f"replica exited with code {self.code}"
+
+    def kill(self) -> None:
+        self.code = -9
+
+
+def test_restart_backoff_doubles_and_the_limit_gives_up():
+    pool = FakePool()
+    spawned: list[FakeProcess] = []
+
+    def spawn(index: int) -> FakeProcess:
+        spawned.append(FakeProcess(100 + len(spawned)))
+        return spawned[-1]
+
+    processes = [FakeProcess(99)]
+    policy = RestartPolicy(max_restarts=3, window_s=100.0, backoff_s=1.0)
+    supervisor = Supervisor(pool, processes, spawn, policy)
+    replica = pool.replicas[0]
+    now = 1000.0
+    for attempt, backoff in enumerate([1.0, 2.0, 4.0]):
+        processes[0].code = 1  # crashed
+        supervisor.tick(now)
+        assert replica.state == "restarting" and replica.restarts == attempt + 1
+        supervisor.tick(now + backoff - 0.01)
+        assert len(spawned) == attempt  # still waiting out the back-off
+        supervisor.tick(now + backoff)
+        assert len(spawned) == attempt + 1 and replica.pid == spawned[-1].pid
+        now += backoff + 1
+    processes[0].code = 1  # a fourth exit within the window: given up
+    supervisor.tick(now)
+    assert replica.state == "failed" and len(spawned) == 3
+    supervisor.tick(now + 1000)
+    assert replica.state == "failed" and len(spawned) == 3
+
+
+def test_restarts_outside_the_window_do_not_count():
+    pool = FakePool()
+    processes = [FakeProcess(1)]
+    supervisor = Supervisor(
+        pool,
+        processes,
+        lambda i: FakeProcess(2),
+        RestartPolicy(max_restarts=1, window_s=10.0, backoff_s=0.0),
+    )
+    processes[0].code = 1
+    supervisor.tick(0.0)
+    supervisor.tick(0.0)  # restarted
+    assert pool.replicas[0].state == "restarting"
+    processes[0].code = 1
+    supervisor.tick(11.0)  # the first restart left the window
+    assert pool.replicas[0].state == "restarting" and pool.replicas[0].restarts == 2
+
+
+def test_unresponsive_replica_is_killed_after_the_limit():
+    pool = FakePool()
+    processes = [FakeProcess(1)]
+    policy = RestartPolicy(unresponsive_restart_s=5.0)
+    supervisor = Supervisor(pool, processes, lambda i: FakeProcess(2), policy)
+    replica = pool.replicas[0]
+    supervisor.tick(0.0)
+    assert replica.state == "starting"  # loading: never killed for that
+    replica.healthy = True
+    supervisor.tick(1.0)
+    assert replica.state == "serving"
+    replica.healthy = False  # stops answering its probes
+    supervisor.tick(2.0)
+    assert replica.state == "unresponsive" and processes[0].code is None
+    supervisor.tick(6.9)
+    assert processes[0].code is None
+    supervisor.tick(7.0)
+    assert processes[0].code == -9  # killed; the next look restarts it
+    supervisor.tick(7.1)
+    assert replica.state == "restarting" and replica.restarts == 1
