@@ -4,6 +4,7 @@ and isolation of bad requests."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -280,9 +281,19 @@ async def test_cancelling_generate_aborts_all_its_requests(engine):
     assert not engine._queues  # no request is left waiting for output
 
 
-async def test_request_id_reused_while_its_abort_is_pending(engine):
+async def test_request_id_reused_while_its_abort_is_pending(engine, monkeypatch):
     """A cancelled request's id is reserved until its abort is applied: reusing it
     at once is refused instead of the new request hanging or receiving old output."""
+    # The first pass is held until the reuse was tried, so the abort is still
+    # pending then on any machine (a fast pass let the loop apply it first).
+    release = threading.Event()
+    step = engine.core.step
+
+    def held_step():
+        release.wait(30)
+        return step()
+
+    monkeypatch.setattr(engine.core, "step", held_step)
 
     async def consume(request_id):
         return [
@@ -299,6 +310,7 @@ async def test_request_id_reused_while_its_abort_is_pending(engine):
         await first
     with pytest.raises(mii.InvalidRequestError, match="already in use"):
         await asyncio.wait_for(consume("X"), 10)  # a regression would hang: fail instead
+    release.set()
     await engine.wait_idle()
     pieces = await asyncio.wait_for(consume("X"), 10)  # free again once the abort applied
     assert pieces[-1].finish_reason == "length" and pieces[-1].generated_length == 5
