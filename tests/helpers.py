@@ -201,3 +201,12 @@ def ragged_paged_batch(shapes, block_size: int, free: list[int]):
         seq_lens_host=[c + n for c, n in shapes],
     )
     return batch, tables
+
+
+def replica_token(pid: int) -> str:
+    """The internal token that replica process ``pid``'s port requires: it is in
+    the replica's environment, readable by the same user (tests call replicas
+    directly with it)."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    prefix = b"MII_REPLICA_TOKEN="
+    return next(v[len(prefix) :] for v in environ if v.startswith(prefix)).decode()

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 import mii
+from helpers import replica_token
 from mii.errors import InvalidRequestError
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.deployment import free_port
@@ -288,18 +289,11 @@ MALFORMED = [
 NOT_UTF8 = b"\x0a\x02\xc3\x28"  # GenerateRequest.prompts[0] is not UTF-8
 
 
-def _replica_token(pid: int) -> str:
-    """The internal token a replica's port requires (its environment: same user)."""
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    prefix = b"MII_REPLICA_TOKEN="
-    return next(v[len(prefix) :] for v in environ if v.startswith(prefix)).decode()
-
-
 def test_malformed_grpc_messages_get_invalid_argument(served):
     # (address, the secret its port requires): the balancer has no api_key here
     addresses = [(f"127.0.0.1:{served.client.address.rsplit(':', 1)[1]}", None)]
     addresses += [
-        (f"127.0.0.1:{_replica_port(pid)}", _replica_token(pid))
+        (f"127.0.0.1:{_replica_port(pid)}", replica_token(pid))
         for pid in served.info["replica_pids"]
     ]
     for address, secret in addresses:

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 import mii
-from helpers import PROMPTS
+from helpers import PROMPTS, replica_token
 from mii.cli import main as mii_main
 from mii.errors import MiiError
 from mii.rpc import registry
@@ -199,7 +199,8 @@ def test_frozen_replica_fails_its_request_and_leaves_rotation(supervised, start)
     assert wait_until(lambda: s.replica(frozen["index"])["state"] == "serving"), s.health()
     assert s.replica(frozen["index"])["pid"] == frozen["pid"]
     assert s.replica(frozen["index"])["restarts"] == 0
-    [answer] = MiiClient(frozen["address"]).generate(PROMPTS[1], max_new_tokens=2, timeout=30)
+    replica = MiiClient(frozen["address"], api_key=replica_token(frozen["pid"]))
+    [answer] = replica.generate(PROMPTS[1], max_new_tokens=2, timeout=30)
     assert answer.generated_length == 2
 
 
@@ -221,7 +222,8 @@ def test_killed_replica_is_restarted(supervised, capsys):
     after = s.replica(1)
     assert after["pid"] != before["pid"] and registry.pid_alive(after["pid"])
     assert after["restarts"] == 1 and after["address"] == before["address"]  # same port
-    [answer] = MiiClient(after["address"]).generate(PROMPTS[0], max_new_tokens=3, timeout=30)
+    replica = MiiClient(after["address"], api_key=replica_token(after["pid"]))
+    [answer] = replica.generate(PROMPTS[0], max_new_tokens=3, timeout=30)
     assert answer.generated_length == 3
     record = list_json(capsys)
     assert record["health"]["replicas"][1] == {**after, "in_flight": 0}
