@@ -12,26 +12,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
 
 import mii
-from helpers import PROMPTS
+from helpers import PROMPTS, wait_until
 from mii.rpc import registry
 from mii.rpc.deployment import DeploymentError, free_port
 
 GREEDY = {"do_sample": False, "max_new_tokens": 12}
-
-
-def wait_until(predicate, timeout=15.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def port_is_free(port: int) -> bool:

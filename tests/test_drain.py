@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import mii
-from helpers import PROMPTS
+from helpers import PROMPTS, wait_until
 from mii.errors import MiiError
 from mii.rpc import registry
 from mii.rpc.call_guard import CallGuard, ShuttingDownError
@@ -30,15 +30,6 @@ NAME = "test-drain"
 GRACE_S = 10.0
 SHORT = 20  # tokens: >= 2 s at 0.1 s per pass, well within the grace period
 LONG = 200  # tokens: >= 20 s, well beyond it
-
-
-def wait_until(predicate, timeout=30.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 class SseStream(threading.Thread):

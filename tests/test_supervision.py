@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 import mii
-from helpers import PROMPTS, replica_token
+from helpers import PROMPTS, replica_token, wait_until
 from mii.cli import main as mii_main
 from mii.errors import MiiError
 from mii.rpc import registry
@@ -35,15 +35,6 @@ NAME = "test-supervised"
 TIMEOUT_S = 2.0  # the deployment's replica_timeout_s
 MAX_RESTARTS = 2
 LONG = {"max_new_tokens": 200, "ignore_eos": True}  # >= 20 s at 0.1 s per pass
-
-
-def wait_until(predicate, timeout=30.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 @dataclass
