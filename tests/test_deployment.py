@@ -249,10 +249,33 @@ def test_grpc_servers_refuse_a_busy_port():
         try:
             with pytest.raises(DeploymentError, match=f"127.0.0.1:{port}"):
                 listening_server(f"127.0.0.1:{port}")
+            # A name is bound on all its addresses or refused: "localhost" would
+            # otherwise take [::1] beside the 127.0.0.1 of the server already there.
+            for address in (f"localhost:{port}", f"0.0.0.0:{port}"):
+                with pytest.raises(DeploymentError, match="is the port in use"):
+                    listening_server(address)
         finally:
             await first.stop(None)
+        if socket.has_ipv6:  # an IPv6 literal, with or without brackets
+            for address in (f"::1:{free_port()}", f"[::1]:{free_port()}"):
+                try:
+                    server = listening_server(address)
+                except DeploymentError as err:
+                    assert "::1" in str(err) and "resolve" not in str(err)
+                    continue  # no IPv6 loopback on this machine: refused, not misread
+                await server.start()
+                await server.stop(None)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("field", ["port", "restful_api_port"])
+@pytest.mark.parametrize("value", [0, 65536, -1])
+def test_ports_out_of_range_are_refused(field, value):
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    with pytest.raises(Exception, match=field):
+        DeploymentConfig.parse("m", **{field: value})
 
 
 def test_killed_replica_is_taken_out_of_rotation(deployment, reference):

@@ -87,12 +87,12 @@ class DeploymentConfig(GpuLayout):
         description="name clients use to find it (default: MODEL-mii-deployment)"
     )
     host: str = Field(default="127.0.0.1", description="address to listen on")
-    port: int = Field(default=50050, description="gRPC port")
+    port: int = Field(default=50050, ge=1, le=65535, description="gRPC port")
     enable_restful_api: bool = Field(
         default=False,
         description="also serve the REST API (/mii/NAME) and the OpenAI-compatible API (/v1)",
     )
-    restful_api_port: int = Field(default=28080, description="REST API port")
+    restful_api_port: int = Field(default=28080, ge=1, le=65535, description="REST API port")
     startup_timeout: float = Field(
         default=600.0, description="seconds to wait for the replicas to load"
     )

@@ -10,6 +10,8 @@ raises ``DeploymentError`` naming the address when the port cannot be bound
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Sequence
 
 import grpc
@@ -40,17 +42,68 @@ def listening_server(
     """A ``grpc.aio.Server`` bound to ``address`` ("host:port"), not yet started.
     ``interceptors`` see every call (:mod:`mii.rpc.auth`); request messages up to
     ``max_receive_bytes`` are accepted (-1: any size; a larger one is answered
-    RESOURCE_EXHAUSTED by grpc)."""
+    RESOURCE_EXHAUSTED by grpc).
+
+    A host name is bound on every address it resolves to, each or none: grpc
+    alone reports success when any one of them binds, so ``localhost`` would
+    take ``[::1]`` while another deployment holds ``127.0.0.1`` on the same port
+    (clients of ``localhost`` then reach either)."""
     options = (*SERVER_OPTIONS, ("grpc.max_receive_message_length", max_receive_bytes))
     server = grpc.aio.server(
         options=options,
         interceptors=list(interceptors) or None,
         maximum_concurrent_rpcs=None,
     )
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as err:
-        raise DeploymentError(f"cannot listen on {address} (is the port in use?)") from err
+    host, port = split_address(address)
+    bound = 0
+    for ip in _resolve(host, port, address):
+        target = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        try:
+            ok = server.add_insecure_port(target)
+        except RuntimeError:
+            ok = 0
+        if ok:
+            bound += 1
+            continue
+        reason = _bind_failure(ip, port)
+        if reason is None:  # this machine has no such address (e.g. no IPv6): skip it
+            continue
+        raise DeploymentError(f"cannot listen on {target}{reason}")
     if not bound:
-        raise DeploymentError(f"cannot listen on {address} (is the port in use?)")
+        raise DeploymentError(f"cannot listen on {address}: none of its addresses can be bound")
     return server
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port", "[v6]:port" or "v6:port" (the last colon splits)."""
+    host, _, port = address.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise DeploymentError(f"{address!r} is not HOST:PORT") from None
+
+
+def _resolve(host: str, port: int, address: str) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as err:
+        raise DeploymentError(
+            f"cannot listen on {address}: cannot resolve {host!r}: {err}"
+        ) from None
+    return list(dict.fromkeys(info[4][0] for info in infos))  # each address once, in order
+
+
+def _bind_failure(ip: str, port: int) -> str | None:
+    """Why ``ip:port`` cannot be bound, as the end of an error message; None when
+    the machine lacks that address family or address."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((ip, port))
+    except OSError as err:
+        if err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            return None
+        if err.errno == errno.EADDRINUSE:
+            return " (is the port in use?)"
+        return f": {err.strerror or err}"
+    return " (grpc could not bind it)"
