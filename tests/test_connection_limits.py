@@ -150,6 +150,12 @@ async def _slow_app(scope, receive, send):
         return
     if scope["path"] == "/slow":
         await asyncio.sleep(3600)  # until the test ends
+    if scope["path"] == "/upload":  # reads the whole body first
+        message = {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
     await send({"type": "http.response.start", "status": 200, "headers": []})
     await send({"type": "http.response.body", "body": b"ok"})
 
@@ -191,6 +197,63 @@ def test_connection_cap_refuses_when_every_connection_is_busy():
             assert len(server.server_state.connections) == 2
             for _, w in [*busy, (None, writer), (None, idle_writer)]:
                 w.close()
+        finally:
+            server.should_exit = True
+            server.force_exit = True
+            await asyncio.wait_for(task, 10)
+
+    asyncio.run(main())
+
+
+def test_a_stalled_request_body_is_timed_out_and_closed_on_shutdown():
+    """A client that sends its headers and part of a body, then nothing, gets 408
+    after the timeout (it held a connection for ever before); closing the
+    gateway's unstarted connections ends one that is still inside its body."""
+
+    async def main():
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        from mii.rpc.http.connections import close_unstarted
+
+        protocol = guarded_protocol(H11Protocol, ConnectionLimits(0.5, 10))
+        sock = socket.create_server(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(
+            uvicorn.Config(_slow_app, http=protocol, log_config=None, lifespan="off")
+        )
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        stalled = b'POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 1000\r\n\r\n{"a":'
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(stalled)
+            await writer.drain()
+            answer = await _read_until_closed(reader)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            writer.close()
+            # A whole body in pieces, each within the timeout, is answered.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 4\r\n\r\nab")
+            await writer.drain()
+            writer.write(b"cd")
+            await writer.drain()
+            assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
+            writer.close()
+            # Shutdown: a connection inside its body is closed at once, with 408.
+            server.config.timeout_graceful_shutdown = None
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(stalled)
+            await writer.drain()
+            connections = server.server_state.connections
+            while not any(c.mii_receiving_body() for c in connections):
+                await asyncio.sleep(0.01)
+            for c in connections:  # only close_unstarted may end it now, however slow we are
+                c.mii_stop_body_timer()
+            assert close_unstarted(server.server_state.connections) == 1
+            answer = await _read_until_closed(reader)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            writer.close()
         finally:
             server.should_exit = True
             server.force_exit = True

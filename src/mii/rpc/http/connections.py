@@ -4,6 +4,13 @@
   ``header_timeout`` seconds of opening (or of its first byte after a response);
   otherwise it is closed (with a 408 if it had sent part of a request). uvicorn
   alone waits forever for a connection that sends nothing or half a request.
+- **Body timeout**: while a request's body is still arriving, each piece of it
+  must follow the last within ``header_timeout`` seconds, or the connection is
+  answered 408 and closed (a client that sends its headers and then stalls the
+  body would otherwise hold a connection, and a slot of the cap, for ever).
+- **Shutdown**: :func:`close_unstarted` closes the connections that have no
+  request being answered (idle, or still sending a body), so that shutting the
+  gateway down never has to cancel a handler that waits for a body.
 - **Keep-alive**: an idle connection between requests is closed after uvicorn's
   ``timeout_keep_alive`` (the deployment's ``http_keep_alive_timeout``).
 - **Connection cap**: at most ``max_connections`` open at once. A new connection
@@ -58,6 +65,7 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
             self.mii_refused = False
             self.mii_idle_since = time.monotonic()
             self.mii_header_timer: asyncio.TimerHandle | None = None
+            self.mii_body_timer: asyncio.TimerHandle | None = None
             self.mii_partial = False  # bytes of a request arrived, its headers not yet
 
         # ----- asyncio.Protocol -----------------------------------------------
@@ -83,9 +91,11 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
             if self.cycle is not cycle:  # its headers are complete: a request began
                 self.mii_stop_waiting()
                 self.mii_idle_since = time.monotonic()
+            self.mii_watch_body()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.mii_stop_waiting()
+            self.mii_stop_body_timer()
             if not self.mii_refused:
                 super().connection_lost(exc)
 
@@ -114,6 +124,35 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
                 self.transport.write(TIMED_OUT)
             self.mii_close()
 
+        def mii_receiving_body(self) -> bool:
+            """A request began and its body is still arriving (nothing answered yet)."""
+            cycle = self.cycle
+            return (
+                cycle is not None
+                and not cycle.response_started
+                and getattr(cycle, "more_body", False)
+            )
+
+        def mii_watch_body(self) -> None:
+            """(Re)start the body timer while a body arrives; stop it once it is whole."""
+            self.mii_stop_body_timer()
+            if self.mii_receiving_body():
+                self.mii_body_timer = self.loop.call_later(
+                    limits.header_timeout, self.mii_body_timed_out
+                )
+
+        def mii_stop_body_timer(self) -> None:
+            if self.mii_body_timer is not None:
+                self.mii_body_timer.cancel()
+                self.mii_body_timer = None
+
+        def mii_body_timed_out(self) -> None:
+            self.mii_body_timer = None
+            if self.transport.is_closing() or not self.mii_receiving_body():
+                return
+            self.transport.write(TIMED_OUT)
+            self.mii_close()
+
         def mii_close(self) -> None:
             """Close now, and stop counting against the cap at once (asyncio reports
             the loss only on the next loop iteration)."""
@@ -122,6 +161,21 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
 
     GuardedProtocol.__name__ = GuardedProtocol.__qualname__ = f"Guarded{base.__name__}"
     return GuardedProtocol
+
+
+def close_unstarted(connections: set) -> int:
+    """Close every connection that has no request being answered: idle ones, and
+    ones still sending a request's body (answered 408). Returns how many."""
+    closing = [
+        c
+        for c in list(connections)
+        if getattr(c, "mii_idle", None) and (c.mii_idle() or c.mii_receiving_body())
+    ]
+    for c in closing:
+        if not c.mii_idle():
+            c.transport.write(TIMED_OUT)
+        c.mii_close()
+    return len(closing)
 
 
 def _close_longest_idle(connections: set) -> bool:

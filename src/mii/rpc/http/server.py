@@ -22,7 +22,7 @@ from mii.rpc import mii_pb2
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
 from mii.rpc.http.auth import AccessPolicy
-from mii.rpc.http.connections import uvicorn_options
+from mii.rpc.http.connections import close_unstarted, uvicorn_options
 from mii.rpc.http.state import GatewayState
 from mii.rpc.pool import ReplicaPool
 
@@ -60,6 +60,9 @@ class Gateway:
         return f"http://{host}:{self.port}"
 
     async def stop(self) -> None:
+        # No handler may be left waiting for a body that will never come: uvicorn
+        # would cancel it at the end of its grace period (a 500 and a traceback).
+        close_unstarted(self.server.server_state.connections)
         self.server.should_exit = True
         try:
             await asyncio.wait_for(asyncio.shield(self.task), GRACEFUL_SHUTDOWN_S + 5)
