@@ -60,7 +60,8 @@ def model_path(checkpoints):
 def served(model_path, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("mii-cache")))
-        name = f"gateway-test-{uuid.uuid4().hex[:8]}"
+        # A "/" in the name, as the default org/model-mii-deployment has: /mii/{name} serves it.
+        name = f"org/gateway-test-{uuid.uuid4().hex[:8]}"
         rest_port = free_port()
         client = mii.serve(
             model_path,
@@ -205,6 +206,33 @@ def test_mii_route_types_json_options_and_refuses_invalid_unicode(served, pipe):
 
 
 # ----- OpenAI-compatible routes ------------------------------------------------------------
+
+
+def test_json_bodies_whatever_the_content_type(served, pipe):
+    """curl -d sends application/x-www-form-urlencoded: the body is still read as
+    JSON (it was refused as "not a valid dictionary"), on both kinds of routes."""
+    expected = greedy(pipe, "DeepSpeed is", max_new_tokens=3).generated_text
+    body = json.dumps({"prompts": "DeepSpeed is", "max_new_tokens": 3, "do_sample": False})
+    for headers in (
+        {"content-type": "application/x-www-form-urlencoded"},
+        {"content-type": "text/plain"},
+        {},
+    ):
+        request = served.http.build_request("POST", f"/mii/{served.name}", content=body)
+        for key in ("content-type",):
+            request.headers.pop(key, None)
+        request.headers.update(headers)
+        response = served.http.send(request)
+        assert response.status_code == 200, (headers, response.text)
+        assert response.json()[0]["generated_text"] == expected
+    completion = {"model": served.name, "prompt": "DeepSpeed is", "max_tokens": 3, "temperature": 0}
+    response = served.http.post(
+        "/v1/completions",
+        content=json.dumps(completion),
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == expected
 
 
 def test_models(served):

@@ -118,9 +118,23 @@ class LimitedRoute(APIRoute):
         request_class = type("LimitedRequest", (LimitedRequest,), {"body_model": model})
 
         async def limited_handler(request: Request) -> Response:
-            return await handler(request_class(request.scope, request.receive))
+            return await handler(request_class(_json_scope(request.scope), request.receive))
 
         return limited_handler
+
+
+def _json_scope(scope: dict) -> dict:
+    """``scope`` with its body declared JSON: every body of these routes is JSON,
+    whatever the client says (``curl -d`` sends form-urlencoded, and FastAPI would
+    then refuse a JSON object as "not a valid dictionary")."""
+    headers = scope.get("headers") or []
+    for key, value in headers:
+        if key == b"content-type":
+            kind = value.split(b";")[0].strip().lower()
+            if kind == b"application/json" or kind.endswith(b"+json"):
+                return scope
+    kept = [(k, v) for k, v in headers if k != b"content-type"]
+    return {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
 
 
 def _body_model(route: APIRoute) -> type[BaseModel] | None:

@@ -37,7 +37,7 @@ def response_dict(response: Answer) -> dict[str, Any]:
     }
 
 
-@router.post("/mii/{deployment_name}")
+@router.post("/mii/{deployment_name:path}")  # names may hold "/" (org/model-...)
 async def generate(deployment_name: str, body: MiiRequest, request: Request):
     state = get_state(request)
     if deployment_name != state.deployment_name:
