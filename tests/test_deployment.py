@@ -269,6 +269,46 @@ def test_grpc_servers_refuse_a_busy_port():
     asyncio.run(main())
 
 
+def test_grpc_servers_close_connections_that_never_speak(monkeypatch):
+    """A TCP connection that never completes HTTP/2's handshake is closed (grpc's
+    default kept it 120 s: enough of them take every descriptor of the process)."""
+    from mii.rpc import listen
+
+    defaults = dict(listen.SERVER_OPTIONS)
+    assert defaults.get("grpc.server_handshake_timeout_ms", 120_000) <= 30_000
+    assert defaults.get("grpc.max_connection_idle_ms", 0) > 0
+    # The same option, shortened, to see it act within the test.
+    options = defaults | {"grpc.server_handshake_timeout_ms": 500}
+    monkeypatch.setattr(listen, "SERVER_OPTIONS", tuple(options.items()))
+
+    async def main():
+        port = free_port()
+        server = listen.listening_server(f"127.0.0.1:{port}")
+        await server.start()
+        try:
+            silent = socket.create_connection(("127.0.0.1", port))
+            preface_only = socket.create_connection(("127.0.0.1", port))
+            preface_only.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            for sock in (silent, preface_only):
+                sock.settimeout(30)
+                # Closed: recv returns b"" after the server's frames (if any).
+                assert await asyncio.to_thread(_read_until_closed, sock) is True
+                sock.close()
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def _read_until_closed(sock: socket.socket) -> bool:
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("field", ["port", "restful_api_port"])
 @pytest.mark.parametrize("value", [0, 65536, -1])
 def test_ports_out_of_range_are_refused(field, value):

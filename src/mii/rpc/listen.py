@@ -25,12 +25,21 @@ from mii.errors import DeploymentError
 # engines' own admission limit (max_queued_requests, mii.engine.admission) is the
 # one that speaks, with RESOURCE_EXHAUSTED and a Retry-After. maximum_concurrent_rpcs
 # stays unset (no limit), as does HTTP/2's max_concurrent_streams (no limit).
+#
+# Connections that hold a descriptor and do nothing are closed: one that has not
+# finished HTTP/2's handshake within HANDSHAKE_TIMEOUT_MS (a raw TCP connection,
+# or only the preface; grpc's default waits 120 s), and one without any call for
+# IDLE_CONNECTION_MS (its client reconnects when it next calls).
 _NO_LIMIT = 2**31 - 1
+HANDSHAKE_TIMEOUT_MS = 10_000
+IDLE_CONNECTION_MS = 10 * 60 * 1000
 SERVER_OPTIONS = (
     ("grpc.so_reuseport", 0),
     ("grpc.server.max_pending_requests", _NO_LIMIT),
     ("grpc.server.max_pending_requests_hard_limit", _NO_LIMIT),
     ("grpc.server_max_unrequested_time_in_server", 24 * 3600),  # seconds
+    ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
 )
 
 

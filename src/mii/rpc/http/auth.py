@@ -38,7 +38,9 @@ from mii.rpc.status import STATUSES
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CORS_METHODS = ("GET", "POST")
-CORS_HEADERS = ("authorization", "content-type")
+# Any request header: the browser openai SDK sends its own (x-stainless-*,
+# openai-organization), and an allowed origin is trusted with the API anyway.
+CORS_HEADERS = ("*",)
 
 API_KEY_REFUSED = (
     "missing or wrong API key: this server requires the header 'Authorization: Bearer KEY' "
