@@ -214,6 +214,22 @@ def test_burst_beyond_the_limit_gets_429_over_http(busy):
     assert rejected(busy) == before + statuses[429]
 
 
+def test_more_choices_than_the_deployment_holds_are_a_400(busy):
+    """n beyond max_queued_requests x replicas can never be admitted: 400 naming n
+    at once, not a 429 that no retry can overcome; n at the limit is served."""
+    wait_idle(busy)
+    body = {"model": busy.info["model"], "prompt": "choices", "max_tokens": 1}
+    with httpx.Client(base_url=busy.url, timeout=120) as http:
+        for _ in range(2):  # the same every time, on an idle deployment
+            response = http.post("/v1/completions", json={**body, "n": LIMIT + 1})
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "n" and f"at most {LIMIT} requests" in error["message"]
+        response = http.post("/v1/completions", json={**body, "n": LIMIT})
+        assert response.status_code == 200, response.text
+        assert len(response.json()["choices"]) == LIMIT
+
+
 def test_in_process_engine_refuses_beyond_its_limit(llama):
     """AsyncEngine itself: a request while it holds two is refused at once; a
     call of several prompts is admitted or refused whole; no limit by default."""

@@ -415,6 +415,18 @@ def test_openai_invalid_requests(served):
 # ----- health, metrics, aborts ---------------------------------------------------------------
 
 
+def test_openai_seed_is_a_64_bit_integer(served):
+    """OpenAI's seed is any signed 64-bit integer; beyond that range it is refused
+    (it was reduced mod 2**63, so 2**63 sampled as seed 0)."""
+    body = {"model": served.name, "prompt": "DeepSpeed is", "max_tokens": 2}
+    for seed in (2**63, -(2**63) - 1, 2**70):
+        response = served.http.post("/v1/completions", json={**body, "seed": seed})
+        assert_openai_error(response, 400, "seed")
+    for seed in (-1, 2**63 - 1):
+        response = served.http.post("/v1/completions", json={**body, "seed": seed})
+        assert response.status_code == 200, response.text
+
+
 def test_health_and_metrics(served):
     health = served.http.get("/health")
     assert health.status_code == 200

@@ -90,6 +90,17 @@ async def _respond(
 ):
     """Stream the choices when the body asks to; else wait for them all and answer
     one object with every choice and the usage."""
+    capacity = state.max_admitted_requests
+    if capacity is not None and choices.total > capacity:
+        # Admitted whole or refused: more choices than the deployment ever holds
+        # would be 429 for ever, however idle it is.
+        raise ApiError(
+            400,
+            f"{choices.total} choices (prompts times n) can never be admitted at once: this "
+            f"deployment holds at most {capacity} requests (max_queued_requests per replica "
+            "times replicas); ask for fewer",
+            renames.get("n", "n"),
+        )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await stream_choices(request, state, choices, answer, include_usage, renames)

@@ -61,7 +61,8 @@ class OpenAIRequest(BaseModel):
     top_p: float | None = None
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # A 64-bit signed integer, as OpenAI and vLLM take it (mii maps it into [0, 2**63)).
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None

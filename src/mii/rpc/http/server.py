@@ -130,6 +130,11 @@ async def start_gateway(
             created=int(time.time()),
             access=AccessPolicy.of(config),
             max_request_bytes=config.max_request_bytes,
+            max_admitted_requests=(
+                None
+                if config.max_queued_requests is None
+                else config.max_queued_requests * config.replica_num
+            ),
         )
         app = build_app(state)
         server = _Server(

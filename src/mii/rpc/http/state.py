@@ -24,6 +24,8 @@ class GatewayState:
     created: int  # start time, reported as the model's ``created``
     access: AccessPolicy = field(default_factory=AccessPolicy)  # API key, Host check, CORS
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # longer bodies: 413
+    # Requests the replicas hold at most (max_queued_requests x replicas; None: no bound).
+    max_admitted_requests: int | None = None
 
 
 def get_state(request: Request) -> GatewayState:
