@@ -192,7 +192,8 @@ def test_a_client_without_the_key_gets_authentication_error(secured, monkeypatch
             list(client.stream("DeepSpeed is", **GREEDY))
         with pytest.raises(mii.AuthenticationError):
             client.terminate_server(timeout=1)
-        assert not client.is_healthy()
+        with pytest.raises(mii.AuthenticationError, match="MII_API_KEY"):
+            client.is_healthy()  # there, and refusing this key: not "unhealthy"
     monkeypatch.setenv("MII_API_KEY", KEY)  # a client made by address takes the variable
     assert MiiClient(secured.address).generate("DeepSpeed is", **GREEDY)
 
@@ -226,6 +227,12 @@ def test_the_cli_uses_the_record_and_never_prints_the_key(secured, capsys, monke
     assert KEY not in out
     [listed] = [d for d in json.loads(out) if d["deployment_name"] == secured.name]
     assert listed["api_key"] is True
+    # By address, without the key: the deployment is there and says so (it was
+    # reported as "no mii deployment answers").
+    capsys.readouterr()
+    assert main(["generate", secured.client.address, "DeepSpeed is"]) == 1
+    err = capsys.readouterr().err
+    assert "requires an API key" in err and "MII_API_KEY" in err
 
 
 # ----- the replicas' ports -------------------------------------------------------------

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import mii.envs as envs
-from mii.errors import InvalidRequestError, MiiError
+from mii.errors import AuthenticationError, InvalidRequestError, MiiError
 from mii.response import Response, join_pieces
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.convert import (
@@ -98,11 +98,18 @@ class MiiClient:
         return self._stub.Stats(mii_pb2.StatsRequest(), timeout=10)
 
     def is_healthy(self, timeout: float = 2.0) -> bool:
+        """Whether the deployment answers SERVING. A deployment that refuses this
+        client's key raises AuthenticationError (it is there: the key is wrong)."""
         try:
             reply = health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
             )
-        except grpc.RpcError:
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise AuthenticationError(
+                    f"the deployment at {self.address} requires an API key: pass "
+                    "api_key=KEY (mii.client) or set MII_API_KEY"
+                ) from None
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
