@@ -260,12 +260,25 @@ def test_no_replica_left_answers_503_and_says_so(supervised, capsys):
         assert wait_until(lambda: s.http.get("/health").status_code == 503), s.health()
         assert s.health()["status"] == "unavailable"
         assert list_json(capsys)["health"]["status"] == "unavailable"
+        # A request meanwhile: 503 with a Retry-After (a replica may rejoin).
+        r = s.http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 1})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
     finally:
         os.kill(last["pid"], signal.SIGCONT)
     assert wait_until(lambda: s.http.get("/health").status_code == 200), s.health()
 
 
 # ----- the supervisor's rules, without processes ---------------------------------------------
+
+
+def test_the_restart_log_line_says_why_once():
+    from mii.rpc.supervisor import _why
+
+    # The log's last line, not the "exited with code" preamble the line already says.
+    assert _why("replica 0 exited with code -9:\nloading the model\nKilled") == ": Killed"
+    assert _why("replica 0 exited with code 1:\n") == ""
+    assert _why("the model directory does not exist") == ": the model directory does not exist"
+    assert _why(None) == ""
 
 
 class FakePool:

@@ -137,8 +137,7 @@ class Supervisor:
     def _exited(self, index: int, slot: _Slot, process: _Process, now: float) -> None:
         replica = self.pool.replicas[index]
         replica.healthy = False
-        why = (process.failure() or "").strip().splitlines()
-        detail = f": {why[0]}" if why else ""
+        detail = _why(process.failure())
         window = self.policy.window_s
         while slot.restart_times and now - slot.restart_times[0] > window:
             slot.restart_times.popleft()
@@ -162,6 +161,17 @@ class Supervisor:
             f"replica {index} (pid {process.pid}) exited with code {process.exit_code()}"
             f"{detail}; restarting it in {delay:g} s"
         )
+
+
+def _why(failure: str | None) -> str:
+    """ ": REASON" from a replica's failure report (its start-up error, or the end
+    of its log after a "... exited with code N:" line, which the caller says
+    already), or "" when there is none."""
+    lines = [line.strip() for line in (failure or "").splitlines() if line.strip()]
+    if lines and "exited with code" in lines[0] and lines[0].endswith(":"):
+        lines = lines[1:]  # the log's tail: its last line says most
+        return f": {lines[-1]}" if lines else ""
+    return f": {lines[0]}" if lines else ""
 
 
 def _say(message: str) -> None:

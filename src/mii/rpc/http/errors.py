@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mii.errors import InvalidRequestError, ServerOverloadedError
+from mii.errors import InvalidRequestError, ServerOverloadedError, UnavailableError
 from mii.rpc.http.disconnect import ClientDisconnected
 from mii.rpc.status import INTERNAL, STATUSES, retry_after_seconds, status_of
 
@@ -65,7 +65,11 @@ def api_error(err: BaseException) -> ApiError:
         message = f"the request timed out: {err}"
     else:
         message = str(err)
-    retry_after = retry_after_seconds(err) if isinstance(err, ServerOverloadedError) else None
+    retry_after = None
+    if isinstance(err, ServerOverloadedError):
+        retry_after = retry_after_seconds(err)
+    elif isinstance(err, UnavailableError):  # a replica restarts, rejoins, or another serves
+        retry_after = 1
     return ApiError(status.http, message, code=status.openai_code, retry_after=retry_after)
 
 
