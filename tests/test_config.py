@@ -43,6 +43,9 @@ def test_defaults():
         ({"temperature": math.inf}, "temperature"),
         ({"max_new_tokens": -1}, "max_new_tokens"),
         ({"min_new_tokens": -1}, "min_new_tokens"),
+        ({"max_new_tokens": True}, "max_new_tokens"),  # pydantic read it as 1
+        ({"seed": False}, "seed"),
+        ({"min_new_tokens": 5, "max_new_tokens": 2}, "max_new_tokens"),  # was accepted
         ({"max_length": 0}, "max_length"),
         ({"max_length": -5}, "max_length"),
         ({"top_k": 0}, "top_k"),

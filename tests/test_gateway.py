@@ -377,6 +377,10 @@ def test_openai_invalid_requests(served):
     assert_openai_error(post("/v1/completions", json={**ok, "frobnicate": 1}), 400, "frobnicate")
     assert_openai_error(post("/v1/completions", json={**ok, "max_tokens": -1}), 400, "max_tokens")
     assert_openai_error(post("/v1/completions", json={**ok, "min_tokens": -1}), 400, "min_tokens")
+    for field in ("max_tokens", "n", "top_k"):  # true was read as 1
+        assert_openai_error(post("/v1/completions", json={**ok, field: True}), 400, field)
+    too_few = {**ok, "min_tokens": 5, "max_tokens": 2}
+    assert_openai_error(post("/v1/completions", json=too_few), 400, "max_tokens")
     assert_openai_error(post("/v1/completions", json={**ok, "temperature": -1}), 400, "temperature")
     assert_openai_error(post("/v1/completions", json={**ok, "logprobs": 2}), 400, "logprobs")
     assert_openai_error(post("/v1/completions", json={**ok, "n": 0}), 400, "n")

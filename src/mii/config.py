@@ -11,7 +11,15 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mii.errors import InvalidRequestError
 
@@ -117,6 +125,25 @@ class GenerateParams(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings ({len(value)} given)")
         if any(len(s) > MAX_STOP_STRING_LENGTH for s in value):
             raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_LENGTH} characters")
+        return value
+
+    @field_validator(
+        "max_length", "min_new_tokens", "max_new_tokens", "top_k", "seed", mode="before"
+    )
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read True as 1
+            raise ValueError("must be an integer, not a boolean")
+        return value
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _not_below_min_new_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+        minimum = info.data.get("min_new_tokens", 0)
+        if value is not None and minimum > value:
+            raise ValueError(
+                f"must be at least min_new_tokens ({minimum}); lower min_new_tokens or raise it"
+            )
         return value
 
     @field_validator("top_p", "temperature")

@@ -8,9 +8,10 @@ names and docstrings are part of what the server answers.
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mii.config import OPENAI_COMPLETIONS_MAX_TOKENS
 
@@ -52,9 +53,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _takes_booleans(annotation: Any) -> bool:
+    return annotation is bool or bool in typing.get_args(annotation)
+
+
 class OpenAIRequest(BaseModel):
     # The options completions and chat completions share.
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for a number: "max_tokens": true is a mistake.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _takes_booleans(field.annotation):
+            raise ValueError("must not be a boolean")
+        return value
 
     model: str | None = None
     temperature: float | None = None
