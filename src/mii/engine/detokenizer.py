@@ -10,8 +10,9 @@ Byte-fallback tokenizers (SentencePiece style: Llama, Mistral) spell characters
 outside their vocabulary as byte tokens ``<0x00>``..``<0xFF>``, and their decoder
 turns a whole run of consecutive byte tokens into U+FFFD, one per byte, as soon
 as any byte of the run is invalid UTF-8, even bytes that already formed a valid
-character. So text is held back while the newest token is a byte token: a run
-is decoded only once it is complete, and the final text equals
+character (special tokens between bytes are skipped first, so a run goes on
+across them). So text is held back while the newest token that is not special
+is a byte token: a run is decoded only once it is complete, and the final text equals
 ``tokenizer.decode(generated_ids, skip_special_tokens=True)`` (the prompt's own
 trailing byte run is left out of the context, so it never merges with the
 generated one).
