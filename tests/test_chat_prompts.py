@@ -6,7 +6,8 @@ token-id prompt without its special tokens, and a stop string that begins before
 
 Tokenizers in the styles of real chat models are built locally (chat_tokenizers);
 one deployment (one replica) serves a tiny Llama whose tokenizer adds BOS and
-whose ChatML template has none.
+whose ChatML template has none. Sampled answers of a Llama-2-style byte-fallback
+tokenizer decode as the tokenizer does.
 """
 
 from __future__ import annotations
@@ -269,3 +270,24 @@ def test_stop_string_straddling_min_new_tokens(served, pipe):
     pieces = list(client.stream(prompt, stop=[stop], do_sample=False, **options))
     assert "".join(p.generated_text for p in pieces) == stopped.generated_text
     assert pieces[-1].finish_reason == "stop"
+
+
+def test_sampled_byte_fallback_text_equals_decode(tmp_path):
+    # A Llama-2-style byte-fallback tokenizer and hot sampling: random byte tokens,
+    # invalid UTF-8 runs in every answer. Each answer's text is the tokenizer's
+    # decode of its ids; only a first "▁word" keeps its space (as in context).
+    tok = metaspace_tokenizer(add_bos=True)
+    save_checkpoint(tmp_path, tiny_config("llama", tok, pad_token_id=None), tok)
+    prompts = ["crab: " + "é€😀"[i % 3] for i in range(24)]
+    with mii.pipeline(str(tmp_path), max_num_seqs=8) as byte_pipe:
+        responses = byte_pipe(
+            prompts, max_new_tokens=24, temperature=3.0, top_p=1.0, seed=7, ignore_eos=True
+        )
+    invalid = 0
+    for r in responses:
+        expected = tok.decode(r.token_ids, skip_special_tokens=True)
+        invalid += "\ufffd" in expected
+        first = next(t for t in tok.convert_ids_to_tokens(r.token_ids) if t not in ("<s>", "</s>"))
+        lead = " " if first.startswith("▁") else ""
+        assert r.generated_text == lead + expected, r.token_ids
+    assert invalid >= len(prompts) // 2
