@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import random
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
-from mii.demo import _CORPUS
+import chat_tokenizers
+from mii.config import GenerateParams
 from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from mii.engine.output_processor import OutputProcessor
+from mii.engine.sequence import Sequence
 
 TEXTS = [
     "DeepSpeed is a deep learning optimization library.",
@@ -121,33 +122,8 @@ def test_decode_window_stays_short(tokenizer):
 
 @pytest.fixture(scope="module")
 def metaspace_tokenizer():
-    """A SentencePiece-style tokenizer (Llama, Mistral): "▁" marks spaces, the first
-    token of a decode loses its leading space, unknown characters fall back to
-    ordinary (not special) byte tokens <0x00>..<0xFF>."""
-    trained = Tokenizer(models.BPE(unk_token="<unk>"))
-    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
-    )
-    trained.train_from_iterator(_CORPUS.splitlines(), trainer)
-    model = json.loads(trained.to_str())["model"]
-    vocab = dict(model["vocab"])
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
-    tok.pre_tokenizer = trained.pre_tokenizer
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    tok.decoder = decoders.Sequence(
-        [
-            decoders.Metaspace(replacement="▁", prepend_scheme="first"),
-            decoders.ByteFallback(),
-            decoders.Fuse(),
-        ]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    """SentencePiece style (Llama, Mistral) with byte fallback: see chat_tokenizers."""
+    return chat_tokenizers.metaspace_tokenizer()
 
 
 @pytest.mark.parametrize(
@@ -207,6 +183,85 @@ def test_prompt_ending_in_byte_fallback_characters(metaspace_tokenizer):
     pieces = stream(tok, prompt_ids, generated)
     assert "".join(pieces) == "🦀 ok"
     assert not any("\ufffd" in piece for piece in pieces)
+
+
+def _bytes(tok, data: bytes) -> list[int]:
+    return tok.convert_tokens_to_ids([f"<0x{b:02X}>" for b in data])
+
+
+def _processed(tok, prompt_ids: list[int], generated: list[int]) -> list[str]:
+    """The pieces the engine's output processor streams for ``generated``."""
+    output = OutputProcessor(tok, [tok.eos_token_id])
+    params = GenerateParams(max_new_tokens=len(generated))
+    seq = Sequence("r", list(prompt_ids), params, len(generated), seed=0)
+    output.start(seq)
+    pieces = []
+    for i, token in enumerate(generated):
+        piece = output.process_token(seq, token, len(prompt_ids) + i)
+        pieces.append(piece.generated_text)
+    assert piece.finish_reason == "length"
+    return pieces
+
+
+def _invalid_run_cases(tok):
+    words = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    bos, unk = tok.bos_token_id, tok.unk_token_id
+    crab = words("crab:")
+    return [
+        # A valid character, then an invalid byte: the decoder turns the whole run into U+FFFD.
+        (crab, _bytes(tok, "é".encode() + b"\xff") + words(" ok")),
+        (crab, _bytes(tok, "€".encode() + b"\x80")),  # ends on the invalid byte
+        (crab, _bytes(tok, b"\xf0\x9f\x98")),  # ends inside a character
+        # A special token inside a run: skipped, so the run goes on across it.
+        (crab, [*_bytes(tok, b"\xe2"), bos, *_bytes(tok, b"\x82\xac"), *words(" ok")]),
+        (crab, [*_bytes(tok, "€".encode()), unk, *_bytes(tok, b"\xff"), *words(" end")]),
+        # The prompt ends inside a character that the answer's bytes would complete.
+        (crab + _bytes(tok, b"\xe2\x82"), _bytes(tok, b"\xac") + words(" ok")),
+        ([bos, *_bytes(tok, b"\xe2")], _bytes(tok, b"\x82\xac\xff")),
+    ]
+
+
+def test_byte_fallback_invalid_runs_decode_as_the_tokenizer_does(metaspace_tokenizer):
+    tok = metaspace_tokenizer
+    cases = _invalid_run_cases(tok)
+    invalid = [tok.decode(g, skip_special_tokens=True) for _, g in cases]
+    assert sum("\ufffd" in text for text in invalid) == len(cases) - 1
+    for prompt_ids, generated in cases:
+        expected = tok.decode(generated, skip_special_tokens=True)
+        assert "".join(stream(tok, prompt_ids, generated)) == expected, generated
+        assert "".join(_processed(tok, prompt_ids, generated)) == expected, generated
+
+
+def test_byte_fallback_random_runs_decode_as_the_tokenizer_does(metaspace_tokenizer):
+    # Random mixes of valid and invalid byte runs, words and special tokens. The
+    # first generated text token has no leading "▁": decoded alone it would lose
+    # its space, which in context it keeps (see the leading-space test above).
+    tok = metaspace_tokenizer
+    rng = random.Random(15)
+    words = [tok(w, add_special_tokens=False).input_ids for w in ("ok", " the", " café", "is")]
+    chars = [c.encode() for c in "é€😀東"]
+    specials = [tok.bos_token_id, tok.unk_token_id]
+    prompts = [tok("crab:").input_ids, [*tok("x").input_ids, *_bytes(tok, b"\xe2\x82")]]
+    checked = 0
+    while checked < 150:
+        generated: list[int] = []
+        for _ in range(rng.randint(1, 10)):
+            kind = rng.random()
+            if kind < 0.3:
+                generated += _bytes(tok, rng.choice(chars))
+            elif kind < 0.5:
+                generated += _bytes(tok, bytes([rng.randint(0x80, 0xFF)]))
+            elif kind < 0.6:
+                generated.append(rng.choice(specials))
+            else:
+                generated += rng.choice(words)
+        first = next((t for t in generated if t not in specials), None)
+        if first is None or tok.convert_ids_to_tokens(first).startswith("▁"):
+            continue
+        checked += 1
+        prompt_ids = rng.choice(prompts)
+        expected = tok.decode(generated, skip_special_tokens=True)
+        assert "".join(_processed(tok, prompt_ids, generated)) == expected, generated
 
 
 # ----- stop strings --------------------------------------------------------------------
@@ -302,27 +357,53 @@ def test_pieces_always_concatenate_to_the_final_text():
         assert "".join(released) == m.text
 
 
-def test_check_false_releases_everything():
+def test_check_false_finds_nothing_but_holds_back_a_possible_start():
     m = StopStringMatcher(["STOP"])
     assert m.feed("a STOP b", check=False) == ("a STOP b", False)
-    assert m.feed("STO", check=False) == ("STO", False)
-    assert m.flush() == ""
+    # "STO" may begin a stop string completed once checking starts: held back.
+    assert m.feed("STO", check=False) == ("", False)
+    assert m.flush() == "STO"
 
 
-def test_check_false_releases_a_stop_prefix_across_deltas():
+def test_stop_string_generated_wholly_before_check_is_not_a_stop():
     m = StopStringMatcher(["STOP"])
-    assert m.feed("a ST", check=False) == ("a ST", False)
-    assert m.feed("OP b", check=False) == ("OP b", False)
+    assert m.feed("a ST", check=False) == ("a ", False)
+    assert m.feed("OP b", check=False) == ("STOP b", False)
+    assert m.feed(" c", check=True) == (" c", False)
     assert m.flush() == ""
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "expected"),
+    [
+        (["x ST"], ["OP y"], "x "),  # begins before min_new_tokens, completes after
+        (["x S", "T"], ["O", "P y"], "x "),
+        (["x STO"], ["P"], "x "),
+        (["aab"], ["a"], "a"),  # stop "aba" overlapping a partial match
+    ],
+)
+def test_stop_string_straddling_the_check_boundary_stops(before, after, expected):
+    # As in vLLM: a stop string counts when it ends after min_new_tokens, wherever
+    # it begins; the text is cut where it begins, and the pieces still add up.
+    m = StopStringMatcher(["STOP", "aba"])
+    released = [m.feed(delta, check=False)[0] for delta in before]
+    for delta in after:
+        piece, stopped = m.feed(delta, check=True)
+        released.append(piece)
+        if stopped:
+            break
+    assert stopped
+    assert m.text == expected
+    assert "".join(released) == expected
 
 
 def test_stop_string_is_found_after_check_turns_on():
     # Before min_new_tokens nothing is checked; from then on a new occurrence stops.
     m = StopStringMatcher(["STOP"])
-    assert m.feed("x STO", check=False) == ("x STO", False)
+    assert m.feed("x STO", check=False) == ("x ", False)  # "STO" may begin one: held
     piece, stopped = m.feed(" and then STOP here", check=True)
     assert stopped
-    assert piece == " and then "
+    assert piece == "STO and then "
 
 
 def test_stop_string_seen_before_check_does_not_hide_a_later_one():

@@ -22,7 +22,7 @@ from mii.errors import InvalidRequestError
 from mii.rpc import mii_pb2, registry
 from mii.rpc.deployment import free_port
 from mii.rpc.deployment_config import DeploymentConfig
-from mii.rpc.http.chat import render_chat
+from mii.rpc.http.chat import chat_prompt_ids
 from mii.rpc.http.choices import choice_seed
 from mii.rpc.http.server import GatewayError, start_gateway
 from mii.rpc.pool import Metrics, NoReplicaError
@@ -487,16 +487,18 @@ def test_waiting_client_that_leaves_aborts_its_request(served):
 def test_chat_template_and_fallback():
     tokenizer = make_tokenizer()
     messages = [{"role": "user", "content": "hi"}]
-    assert render_chat(tokenizer, messages) == "user: hi\nassistant:"
+    assert chat_prompt_ids(tokenizer, messages) == tokenizer("user: hi\nassistant:").input_ids
     tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
-    # The engine adds BOS itself, so the template's is dropped.
-    assert render_chat(tokenizer, messages) == "<|user|>hi<|assistant|>"
+    # The template's ids as they are: its BOS once (the engine adds none to ids).
+    ids = tokenizer("<|user|>hi<|assistant|>").input_ids
+    assert ids[0] == tokenizer.bos_token_id
+    assert chat_prompt_ids(tokenizer, messages) == ids
     tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(InvalidRequestError, match="roles must alternate") as err:
-        render_chat(tokenizer, messages)
+        chat_prompt_ids(tokenizer, messages)
     assert err.value.field == "messages"
 
 

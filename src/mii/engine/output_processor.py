@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mii.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, fast_decoder
+from mii.engine.detokenizer import (
+    ByteRuns,
+    IncrementalDetokenizer,
+    StopStringMatcher,
+    fast_decoder,
+)
 from mii.engine.sequence import Sequence
 from mii.response import Response
 
@@ -34,20 +39,25 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids  # every id that ends generation
         self._decode = fast_decoder(tokenizer)
+        self._byte_runs = ByteRuns.of(tokenizer)
         self._requests: dict[str, _RequestText] = {}
 
     def full_text_prefix(self, seq: Sequence) -> str:
-        """What ``return_full_text`` puts before the answer: the prompt as given."""
+        """What ``return_full_text`` puts before the answer: the prompt as given, or
+        a token-id prompt decoded as the answer is (special tokens such as BOS
+        skipped), so that a chat or pre-tokenized prompt does not begin with ``<s>``."""
         if not seq.params.return_full_text:
             return ""
         if seq.prompt_text is not None:
             return seq.prompt_text
-        return self.tokenizer.decode(seq.prompt_token_ids)
+        return self._decode(seq.prompt_token_ids)
 
     def start(self, seq: Sequence) -> None:
         """Begin the text of a request that has just been queued."""
         self._requests[seq.request_id] = _RequestText(
-            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, self._decode),
+            IncrementalDetokenizer(
+                self.tokenizer, seq.prompt_token_ids, self._decode, self._byte_runs
+            ),
             StopStringMatcher(seq.params.stop),
             self.full_text_prefix(seq),
         )

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
-
+from mii.errors import InvalidRequestError
 from mii.rpc import mii_pb2, mii_pb2_grpc
-from mii.rpc.convert import options_from_proto, piece_to_proto
+from mii.rpc.convert import options_from_proto, piece_to_proto, prompts_from_proto, stream_prompt
 from mii.rpc.pool import ReplicaPool
 from mii.rpc.replica_health import add_replica_health
 from mii.rpc.status import abort
@@ -23,19 +22,21 @@ class BalancerServicer(mii_pb2_grpc.MiiServicer):
     async def Generate(self, request, context):
         try:
             responses = await self.pool.generate(
-                list(request.prompts), options_from_proto(request.options), context.time_remaining()
+                prompts_from_proto(request),
+                options_from_proto(request.options),
+                context.time_remaining(),
             )
         except Exception as err:
             await abort(context, err)
         return mii_pb2.GenerateReply(responses=[piece_to_proto(r) for r in responses])
 
     async def GenerateStream(self, request, context):
-        if len(request.prompts) != 1:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "GenerateStream takes exactly one prompt"
-            )
+        try:
+            prompt = stream_prompt(request)
+        except InvalidRequestError as err:
+            await abort(context, err)
         stream = self.pool.stream(
-            request.prompts[0], options_from_proto(request.options), context.time_remaining()
+            prompt, options_from_proto(request.options), context.time_remaining()
         )
         try:
             async for piece in stream:

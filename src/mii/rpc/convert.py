@@ -114,14 +114,78 @@ def _check_unicode(text: str, field: str, what: str) -> None:
         ) from None
 
 
-def generate_request(prompts: list[str], params: dict[str, Any]) -> mii_pb2.GenerateRequest:
-    """The request message for ``prompts`` with (validated) options. Prompts that
-    are not a non-empty list of strings, and a prompt or stop string that is not
-    valid Unicode (a lone surrogate), are refused naming the field, rather than
-    failing in the protobuf encoder."""
-    for prompt in prompt_list(prompts):
-        _check_unicode(prompt, "prompt", "the prompt")
+# A prompt on the wire: text (the engine tokenizes it, special tokens added) or
+# token ids (the engine takes them as they are: chat prompts).
+Prompt = str | list[int]
+
+
+def prompts_from_proto(request: mii_pb2.GenerateRequest) -> list[Prompt]:
+    """The request's prompts: its texts, or its token-id prompts. A request that
+    sets both is InvalidRequestError naming ``prompts``."""
+    if not request.prompt_ids:
+        return list(request.prompts)
+    if request.prompts:
+        raise InvalidRequestError(
+            "a request carries text prompts or token-id prompts (prompt_ids), not both",
+            field="prompts",
+        )
+    return [list(p.ids) for p in request.prompt_ids]
+
+
+def stream_prompt(request: mii_pb2.GenerateRequest) -> Prompt:
+    """The one prompt of a GenerateStream request; InvalidRequestError naming
+    ``prompts`` unless it has exactly one."""
+    prompts = prompts_from_proto(request)
+    if len(prompts) != 1:
+        raise InvalidRequestError("GenerateStream takes exactly one prompt", field="prompts")
+    return prompts[0]
+
+
+def _check_token_ids(prompts: list[list[int]]) -> None:
+    if not prompts:
+        raise InvalidRequestError("at least one prompt is needed", field="prompts")
+    if len(prompts) > MAX_PROMPTS:
+        raise InvalidRequestError(
+            f"at most {MAX_PROMPTS} prompts per request (got {len(prompts)})", field="prompts"
+        )
+    for ids in prompts:
+        if not isinstance(ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in ids
+        ):
+            raise InvalidRequestError("a token-id prompt is a list of integers", field="prompt")
+        if any(not -(2**63) <= t < 2**63 for t in ids):
+            raise InvalidRequestError("token ids must fit in 64 bits", field="prompt")
+
+
+def _check_stop(params: dict[str, Any]) -> None:
     stop = params.get("stop")
     for text in [stop] if isinstance(stop, str) else stop or ():
         _check_unicode(text, "stop", "a stop string")
+
+
+def generate_request(prompts: list[str], params: dict[str, Any]) -> mii_pb2.GenerateRequest:
+    """The request message for text ``prompts`` with (validated) options. Prompts
+    that are not a non-empty list of strings, and a prompt or stop string that is
+    not valid Unicode (a lone surrogate), are refused naming the field, rather than
+    failing in the protobuf encoder."""
+    for prompt in prompt_list(prompts):
+        _check_unicode(prompt, "prompt", "the prompt")
+    _check_stop(params)
     return mii_pb2.GenerateRequest(prompts=prompts, options=options_to_proto(params))
+
+
+def token_ids_request(prompts: list[list[int]], params: dict[str, Any]) -> mii_pb2.GenerateRequest:
+    """The request message for token-id ``prompts`` (sent in ``prompt_ids``, taken by
+    the engine as they are) with (validated) options."""
+    _check_token_ids(prompts)
+    _check_stop(params)
+    prompt_ids = [mii_pb2.TokenIds(ids=ids) for ids in prompts]
+    return mii_pb2.GenerateRequest(prompt_ids=prompt_ids, options=options_to_proto(params))
+
+
+def request_for(prompts: list[Prompt], params: dict[str, Any]) -> mii_pb2.GenerateRequest:
+    """``token_ids_request`` when the first prompt is token ids, else ``generate_request``
+    (one request holds one kind)."""
+    if isinstance(prompts, list) and prompts and isinstance(prompts[0], list):
+        return token_ids_request(prompts, params)
+    return generate_request(prompts, params)

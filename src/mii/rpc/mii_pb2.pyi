@@ -33,12 +33,20 @@ class GenerationOptions(_message.Message):
     def __init__(self, max_length: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., do_sample: _Optional[bool] = ..., return_full_text: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "options")
+    __slots__ = ("prompts", "options", "prompt_ids")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedScalarFieldContainer[str]
     options: GenerationOptions
-    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ...) -> None: ...
+    prompt_ids: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., prompt_ids: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Piece(_message.Message):
     __slots__ = ("generated_text", "prompt_length", "generated_length", "finish_reason", "token_ids")

@@ -22,7 +22,7 @@ from mii.errors import NoReplicaError, ReplicaError
 from mii.response import Response
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.call_guard import CallGuard, ShuttingDownError
-from mii.rpc.convert import UNLIMITED_MESSAGES, generate_request, piece_from_proto
+from mii.rpc.convert import UNLIMITED_MESSAGES, Prompt, piece_from_proto, request_for
 from mii.rpc.outcomes import REJECT_REASONS, Outcome
 from mii.rpc.status import error_from_grpc, is_overload
 
@@ -128,17 +128,17 @@ class ReplicaPool:
         return min(candidates, key=lambda r: r.in_flight)
 
     async def generate(
-        self, prompts: list[str], params: dict[str, Any], timeout: float | None = None
+        self, prompts: list[Prompt], params: dict[str, Any], timeout: float | None = None
     ) -> list[Response]:
         """Whole answers from the least-loaded replica (retried elsewhere if it is
-        down or full)."""
+        down or full). Prompts are texts or token-id prompts (passed on as they are)."""
         with Outcome(self.metrics, len(prompts)):
             return await self._generate(prompts, params, timeout)
 
     async def _generate(
-        self, prompts: list[str], params: dict[str, Any], timeout: float | None
+        self, prompts: list[Prompt], params: dict[str, Any], timeout: float | None
     ) -> list[Response]:
-        request = generate_request(prompts, params)
+        request = request_for(prompts, params)
         tried: set[int] = set()
         refusal: Exception | None = None
         start = time.perf_counter()
@@ -166,7 +166,7 @@ class ReplicaPool:
             return responses
 
     async def stream(
-        self, prompt: str, params: dict[str, Any], timeout: float | None = None
+        self, prompt: Prompt, params: dict[str, Any], timeout: float | None = None
     ) -> AsyncIterator[Response]:
         """Pieces of one answer. Closing the iterator cancels the replica's call,
         which aborts the request there."""
@@ -180,9 +180,9 @@ class ReplicaPool:
             await pieces.aclose()
 
     async def _stream(
-        self, prompt: str, params: dict[str, Any], timeout: float | None
+        self, prompt: Prompt, params: dict[str, Any], timeout: float | None
     ) -> AsyncIterator[Response]:
-        request = generate_request([prompt], params)
+        request = request_for([prompt], params)
         tried: set[int] = set()
         refusal: Exception | None = None
         start = time.perf_counter()

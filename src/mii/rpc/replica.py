@@ -29,7 +29,12 @@ from mii.errors import (
     UnavailableError,
 )
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
-from mii.rpc.convert import options_from_proto, piece_to_proto
+from mii.rpc.convert import (
+    options_from_proto,
+    piece_to_proto,
+    prompts_from_proto,
+    stream_prompt,
+)
 from mii.rpc.deployment_config import ReplicaConfig
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
@@ -58,7 +63,7 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
         params = options_from_proto(request.options)
         self.in_flight += 1
         try:
-            responses = await self.engine.generate(list(request.prompts), **params)
+            responses = await self.engine.generate(prompts_from_proto(request), **params)
         except Exception as err:
             await abort(context, engine_error(err))
         finally:
@@ -67,16 +72,16 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
 
     async def GenerateStream(self, request, context):
         await self._ready(context)
-        if len(request.prompts) != 1:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "GenerateStream takes exactly one prompt"
-            )
+        try:
+            prompt = stream_prompt(request)
+        except InvalidRequestError as err:
+            await abort(context, err)
         params = options_from_proto(request.options)
         self.in_flight += 1
         try:
             # A cancelled call or an exceeded deadline cancels this handler, which
             # closes the stream and so aborts the request in the engine.
-            async for piece in self.engine.stream(request.prompts[0], **params):
+            async for piece in self.engine.stream(prompt, **params):
                 yield piece_to_proto(piece)
         except Exception as err:
             await abort(context, engine_error(err))

@@ -1,10 +1,17 @@
-"""Chat messages to a prompt.
+"""Chat messages to a prompt, as token ids.
 
-Chat prompts come from the tokenizer's chat template
-(``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``).
-When the tokenizer has none, the fallback template renders each message as
-``"{role}: {content}\\n"`` and ends with ``"assistant:"``. Only text content is
-accepted.
+With a chat template the prompt is exactly the ids of
+``tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)``,
+and the engine takes them as they are. Rendering the template to text and
+letting the engine tokenize that text again would not give them: the engine
+adds the tokenizer's special tokens (a second BOS after a template's own, or a
+BOS that a ChatML template has none of), and a SentencePiece-style tokenizer
+(Metaspace, ``prepend_scheme="first"``) puts a ``▁`` before the text that
+follows the template's BOS.
+
+When the tokenizer has no chat template, the fallback renders each message as
+``"{role}: {content}\\n"``, ends with ``"assistant:"``, and tokenizes that text
+as any text prompt (special tokens added). Only text content is accepted.
 """
 
 from __future__ import annotations
@@ -16,35 +23,51 @@ from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatMessage, ContentPart
 
 
-def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
-    """The prompt for a chat request's ``messages`` (their content as plain text)."""
+def chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """The prompt's token ids for a chat request's ``messages`` (their content as plain text)."""
     items = []
     for i, message in enumerate(messages):
         item = message.model_dump(exclude_none=True)
         item["content"] = _text_content(message.content, i)
         items.append(item)
-    return render_chat(tokenizer, items)
+    return chat_prompt_ids(tokenizer, items)
 
 
-def render_chat(tokenizer, messages: list[dict[str, Any]]) -> str:
-    """The prompt for ``messages``: the tokenizer's chat template, or the fallback
-    ``"{role}: {content}\\n" ... "assistant:"``."""
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as err:  # jinja raises for conversations the template refuses
-            raise InvalidRequestError(
-                f"the model's chat template rejected the messages: {err}", field="messages"
-            ) from None
-        # The engine tokenizes with special tokens; do not let a template's BOS double it.
-        bos = getattr(tokenizer, "bos_token", None)
-        if bos and text.startswith(bos) and _tokenizer_adds_bos(tokenizer):
-            text = text[len(bos) :]
-        return text
-    lines = [f"{m['role']}: {m.get('content') or ''}\n" for m in messages]
-    return "".join(lines) + "assistant:"
+def chat_prompt_ids(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+    """The prompt's token ids for ``messages``: those of the tokenizer's chat
+    template (``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``),
+    or of the fallback text ``"{role}: {content}\\n" ... "assistant:"``."""
+    _check_unicode(messages)
+    if not getattr(tokenizer, "chat_template", None):
+        lines = [f"{m['role']}: {m.get('content') or ''}\n" for m in messages]
+        return list(tokenizer("".join(lines) + "assistant:").input_ids)
+    try:
+        # return_dict: the same answer on transformers 4 (ids by default) and 5
+        # (a BatchEncoding by default).
+        encoded = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+    except Exception as err:  # jinja raises for conversations the template refuses
+        raise InvalidRequestError(
+            f"the model's chat template rejected the messages: {err}", field="messages"
+        ) from None
+    return list(encoded["input_ids"])
+
+
+def _check_unicode(messages: list[dict[str, Any]]) -> None:
+    # JSON lets a lone surrogate ("\\ud800") through; tokenizers refuse it.
+    for i, message in enumerate(messages):
+        for key, value in message.items():
+            if not isinstance(value, str):
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise InvalidRequestError(
+                    f"messages[{i}].{key} is not valid Unicode ({err.reason} at position "
+                    f"{err.start})",
+                    field="messages",
+                ) from None
 
 
 def _text_content(content: str | list[ContentPart] | None, index: int) -> str:
@@ -60,8 +83,3 @@ def _text_content(content: str | list[ContentPart] | None, index: int) -> str:
             )
         texts.append(part.text)
     return "".join(texts)
-
-
-def _tokenizer_adds_bos(tokenizer) -> bool:
-    ids = tokenizer("x").input_ids
-    return bool(ids) and ids[0] == tokenizer.bos_token_id

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mii.response import Response
+from mii.rpc.convert import Prompt
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import MAX_CHOICES
 from mii.rpc.http.state import GatewayState
@@ -33,9 +34,10 @@ def choice_seed(seed: int | None, choice: int) -> int | None:
 
 
 class Choices:
-    """Every (prompt, choice) of a request. Choice ``index`` = prompt * n + i."""
+    """Every (prompt, choice) of a request. Choice ``index`` = prompt * n + i. A prompt
+    is a text or token ids (a chat prompt)."""
 
-    def __init__(self, prompts: list[str], params: dict[str, Any], n: int, seed: int | None):
+    def __init__(self, prompts: list[Prompt], params: dict[str, Any], n: int, seed: int | None):
         if len(prompts) * n > MAX_CHOICES:
             raise ApiError(400, f"at most {MAX_CHOICES} choices (prompts times n) per request", "n")
         self.prompts = prompts

@@ -1,0 +1,134 @@
+"""Tokenizers in the styles of real chat models, built locally with ``tokenizers``.
+
+- ``chatml_tokenizer``: byte-level BPE whose post-processor adds BOS ``<s>``, and a
+  ChatML template (``<|im_start|>`` / ``<|im_end|>``) that has no BOS of its own.
+- ``metaspace_tokenizer``: SentencePiece style as in current Llama-2 / Mistral
+  ``tokenizer.json`` files: Metaspace with ``prepend_scheme="first"``, byte fallback
+  to ``<0x00>``..``<0xFF>``; optionally BOS ``<s>`` added by the post-processor.
+  ``LLAMA2_TEMPLATE`` and ``MISTRAL_TEMPLATE`` start their turns with ``{{ bos_token }}``.
+- ``llama3_tokenizer``: byte-level BPE with ``<|begin_of_text|>`` added by the
+  post-processor, header and end-of-turn special tokens, and a Llama-3 template.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from mii.demo import _CORPUS, train_tokenizer
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# meta-llama/Llama-2-7b-chat-hf's template.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}"
+    "{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+# mistralai/Mistral-7B-Instruct-v0.1's template.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}"
+)
+
+# meta-llama/Meta-Llama-3-8B-Instruct's template.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+
+
+def chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE adding BOS ``<s>``, with a ChatML template that has no BOS."""
+    tok = train_tokenizer(_CORPUS.splitlines() * 4, vocab_size=400)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def metaspace_tokenizer(add_bos: bool = False, vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style tokenizer (Llama, Mistral): "▁" marks spaces, the first
+    token of a decode loses its leading space, unknown characters fall back to
+    ordinary (not special) byte tokens <0x00>..<0xFF>. With ``add_bos`` its
+    post-processor puts ``<s>`` first, as Llama-2's and Mistral's do."""
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    trained.train_from_iterator(_CORPUS.splitlines(), trainer)
+    model = json.loads(trained.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = trained.pre_tokenizer
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Metaspace(replacement="▁", prepend_scheme="first"),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+        ]
+    )
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def llama3_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE adding ``<|begin_of_text|>``, with Llama-3's special tokens and template."""
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>")
+    fast.add_special_tokens({"additional_special_tokens": specials[2:]})
+    fast.chat_template = LLAMA3_TEMPLATE
+    return fast
