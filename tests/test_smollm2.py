@@ -5,9 +5,10 @@ chats with it, and a deployment of it answers the ``openai`` client."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-import uuid
+import time
 
 import pytest
 import torch
@@ -78,35 +79,53 @@ def test_demo_without_the_wheel_says_how_to_get_it(cache_env):
     assert result.stdout.startswith("Hello")
 
 
-def test_served_demo_answers_the_openai_chat_client(smollm2, cache_env):
+def test_mii_serve_without_model_serves_the_demo_to_the_openai_client(smollm2, cache_env):
+    """``mii serve`` (no MODEL): the demo model as deployment mii-demo, whose OpenAI
+    chat route answers the ``openai`` client, whole and streamed."""
     import openai
 
+    from mii.rpc import registry
     from mii.rpc.deployment import free_port
 
-    name = f"smollm2-{uuid.uuid4().hex[:8]}"
     rest_port = free_port()
-    client = mii.serve(
-        smollm2,
-        deployment_name=name,
-        enable_restful_api=True,
-        restful_api_port=rest_port,
-        port=free_port(),
+    ports = ["--port", str(free_port()), "--restful-api-port", str(rest_port)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mii", "serve", "--enable-restful-api", *ports],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     oai = openai.OpenAI(
         base_url=f"http://127.0.0.1:{rest_port}/v1", api_key="none", max_retries=0, timeout=120
     )
     try:
+        deadline = time.monotonic() + 240
+        while registry.lookup("mii-demo") is None:
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline, "mii serve did not start in 240 s"
+            time.sleep(0.2)
+        [served] = [m.id for m in oai.models.list()]
+        assert served == smollm2
         messages = [{"role": "user", "content": QUESTIONS[0]}]
         answer = oai.chat.completions.create(
-            model=smollm2, messages=messages, temperature=0, max_tokens=NEW_TOKENS
+            model=served, messages=messages, temperature=0, max_tokens=NEW_TOKENS
         )
         text = answer.choices[0].message.content
         assert "Paris" in text and answer.choices[0].finish_reason == "stop"
         stream = oai.chat.completions.create(
-            model=smollm2, messages=messages, temperature=0, max_tokens=NEW_TOKENS, stream=True
+            model=served, messages=messages, temperature=0, max_tokens=NEW_TOKENS, stream=True
         )
         pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
         assert "".join(pieces) == text
     finally:
         oai.close()
-        client.terminate_server()
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+        try:
+            _, err = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            _, err = server.communicate()
+    assert "serving the demo model SmolLM2-135M-Instruct" in err
