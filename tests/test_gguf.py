@@ -82,8 +82,9 @@ def test_second_load_uses_the_cache(gguf_files, cache, monkeypatch):
 
 
 def assert_nothing_cached(cache) -> None:
-    left = sorted(p.name for p in cache.iterdir()) if cache.exists() else []
-    assert left == [], f"left in the GGUF cache: {left}"
+    """Not even an empty gguf/ folder, a lock file or a temporary directory."""
+    left = sorted(str(p) for p in cache.parent.rglob("*")) if cache.parent.exists() else []
+    assert left == [], f"left in the mii cache: {left}"
 
 
 def test_unsupported_quantization_type_is_named(tmp_path, checkpoints, cache):
@@ -171,3 +172,32 @@ def test_gguf_tokenizer_option(gguf_files, cache, tmp_path):
         (plain / name).unlink(missing_ok=True)
     with mii.pipeline(str(plain), tokenizer=str(path), device="cpu") as pipe:
         assert pipe.engine.tokenizer.chat_template is not None
+
+
+def test_concurrent_loaders_share_one_conversion(gguf_files, cache, monkeypatch):
+    """A deployment's replicas and gateway convert the same file at once: one converts
+    (holding the lock), the others wait and reuse its entry."""
+    import threading
+
+    from mii.models import gguf_convert
+    from mii.models.gguf import gguf_checkpoint_dir
+
+    original, calls, started = gguf_convert.convert, [], threading.Event()
+
+    def counted(source, out):
+        calls.append(out)
+        started.set()
+        return original(source, out)
+
+    monkeypatch.setattr(gguf_convert, "convert", counted)
+    path = str(gguf_files("Q4_0")[0])
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(gguf_checkpoint_dir(path)))]
+    threads[0].start()
+    assert started.wait(60)  # the first one holds the lock now
+    threads.append(threading.Thread(target=lambda: results.append(gguf_checkpoint_dir(path))))
+    threads[1].start()
+    for thread in threads:
+        thread.join(120)
+    assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
+    assert sorted(p.name for p in cache.iterdir()) == [results[0].name]

@@ -46,12 +46,18 @@ def gguf_checkpoint_dir(path: str | os.PathLike) -> Path:
     target = gguf_cache_root() / _entry_name(source)
     if target.is_dir():  # renamed into place only when complete
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.with_name(target.name + ".lock")):
-        if target.is_dir():  # another process converted it while we waited
-            return target
-        _remove_stale_temporaries(target.parent)
-        _convert_atomically(source, target)
+    from mii.models.gguf_convert import inspect
+
+    checked = inspect(source)  # a bad file fails here, before anything is written
+    try:
+        with _locked(target.with_name(target.name + ".lock")):
+            if target.is_dir():  # another process converted it while we waited
+                return target
+            _remove_stale_temporaries(target.parent)
+            _convert_atomically(checked, target)
+    finally:
+        with contextlib.suppress(OSError):  # only when empty: a failure leaves no trace
+            target.parent.rmdir()
     return target
 
 
@@ -62,14 +68,15 @@ def _entry_name(source: Path) -> str:
     return f"{source.stem}-{digest}"
 
 
-def _convert_atomically(source: Path, target: Path) -> None:
-    from mii.models.gguf_convert import convert
+def _convert_atomically(source, target: Path) -> None:
+    """Convert ``source`` (a checked ``GgufSource``) into ``target``, all or nothing."""
+    from mii.models import gguf_convert
 
     tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        convert(source, tmp)
+        gguf_convert.convert(source, tmp)
         try:
             os.replace(tmp, target)
         except OSError:
@@ -109,7 +116,11 @@ def _locked(lock_path: Path) -> Iterator[None]:
         yield
         return
     while True:
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        except FileNotFoundError:  # the folder was removed (emptied) meanwhile: again
+            continue
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino

@@ -12,7 +12,11 @@ dequantized model in memory.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,22 +128,39 @@ def hf_config(path: Path, arch: str):
     return config
 
 
-def convert(path: Path, out: Path) -> None:
-    """Write the checkpoint of GGUF file ``path`` into the (empty) directory ``out``."""
+@dataclass
+class GgufSource:
+    """A GGUF file that passed every check: readable, whole, supported."""
+
+    path: Path
+    reader: Any  # gguf.GGUFReader
+    arch: str  # general.architecture
+    config: Any  # transformers PretrainedConfig
+
+
+def inspect(path: Path) -> GgufSource:
+    """Read and check ``path`` (without writing anything): ModelLoadError for a file
+    that is not a whole GGUF file, UnsupportedModelError for what mii cannot load."""
     reader = open_gguf(path)
     arch = architecture(reader, path)
     config = hf_config(path, arch)
     check_quantization_types(reader, path)
+    return GgufSource(path, reader, arch, config)
+
+
+def convert(source: GgufSource, out: Path) -> None:
+    """Write the checkpoint of ``source`` into the (empty) directory ``out``."""
+    path, config = source.path, source.config
     _write_tokenizer(path, out)
-    _write_weights(reader, arch, config, out)
+    _write_weights(source.reader, source.arch, config, out)
     config_dict = config.to_dict()
     # Dequantized values are float32 (Q4_1 * its scale is no float16); "auto"
     # loads them as such. Pass dtype= for a smaller engine.
     config_dict["torch_dtype"] = config_dict["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
     stat = path.stat()
-    source = {"gguf_file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    (out / "gguf_source.json").write_text(json.dumps(source, indent=2))
+    origin = {"gguf_file": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    (out / "gguf_source.json").write_text(json.dumps(origin, indent=2))
 
 
 def _write_tokenizer(path: Path, out: Path) -> None:
@@ -166,7 +187,8 @@ def _write_weights(reader, arch: str, config, out: Path) -> None:
     with torch.device("meta"):  # only the parameter names: no memory
         meta_model = AutoModelForCausalLM.from_config(config)
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
-    names = get_gguf_hf_weights_map(meta_model, processor)
+    with _memoized(gguf, "get_tensor_name_map"):
+        names = get_gguf_hf_weights_map(meta_model, processor)
     qtypes = gguf.GGMLQuantizationType
     keep = {qtypes.F16: torch.float16, qtypes.BF16: torch.bfloat16}
     # Processors of MoE models assemble stacked expert tensors here over several calls.
@@ -184,6 +206,18 @@ def _write_weights(reader, arch: str, config, out: Path) -> None:
     for name, value in parsed["tensors"].items():
         shards.add(name, value.float().contiguous())
     shards.close()
+
+
+@contextlib.contextmanager
+def _memoized(module, name: str) -> Iterator[None]:
+    """``module.name`` cached for the duration: transformers rebuilds gguf's tensor-name
+    table once per submodule (hundreds of times, seconds), always with the same arguments."""
+    original = getattr(module, name)
+    setattr(module, name, functools.lru_cache(maxsize=None)(original))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 class _ShardWriter:
