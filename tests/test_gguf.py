@@ -201,3 +201,23 @@ def test_concurrent_loaders_share_one_conversion(gguf_files, cache, monkeypatch)
         thread.join(120)
     assert len(calls) == 1 and len(results) == 2 and results[0] == results[1]
     assert sorted(p.name for p in cache.iterdir()) == [results[0].name]
+
+
+def test_temporaries_of_killed_converters_are_removed(gguf_files, cache):
+    """A converter killed mid-way (no Python cleanup) leaves a temporary directory;
+    the next conversion removes it, and never uses it as an entry."""
+    import subprocess
+
+    from mii.models.gguf import gguf_checkpoint_dir
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = cache / f".tmp-tiny-Q4_1-0123456789abcdef-{dead.stdout.strip()}-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    entry = gguf_checkpoint_dir(str(gguf_files("Q4_1")[0]))
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name]

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,8 +73,9 @@ def _convert_atomically(source, target: Path) -> None:
     """Convert ``source`` (a checked ``GgufSource``) into ``target``, all or nothing."""
     from mii.models import gguf_convert
 
-    tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # The pid tells a later converter whether this one still runs; the random
+    # part keeps two threads of one process apart.
+    tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         gguf_convert.convert(source, tmp)
@@ -91,7 +93,7 @@ def _convert_atomically(source, target: Path) -> None:
 def _remove_stale_temporaries(root: Path) -> None:
     """Temporary directories of converters that were killed (their process is gone)."""
     for entry in root.glob(f"{_TMP_PREFIX}*"):
-        pid = entry.name.rsplit("-", 1)[-1]
+        pid = entry.name.rsplit("-", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(entry, ignore_errors=True)
 
