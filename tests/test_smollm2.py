@@ -40,10 +40,19 @@ def test_greedy_matches_transformers_on_real_prompts(smollm2, cache_env):
     with mii.pipeline(smollm2, device="cpu") as pipe:
         prompts = [chat_prompt_ids(pipe.engine.tokenizer, q) for q in QUESTIONS]
         responses = pipe(prompts, do_sample=False, max_new_tokens=NEW_TOKENS)
-    for ids, response in zip(prompts, responses):
+    expected = []
+    for ids in prompts:
         with torch.no_grad():
             out = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS)
-        assert response.token_ids == out[0, len(ids) :].tolist()
+        expected.append(out[0, len(ids) :].tolist())
+    assert [r.token_ids for r in responses] == expected
+    # Again as one batch split into 6-token passes, in a KV pool that forces preemption.
+    # (Each answer alone needs at most 14 of the 16 blocks.)
+    tight = dict(token_budget=6, max_num_seqs=4, kv_block_size=4, num_kv_blocks=16)
+    with mii.pipeline(smollm2, device="cpu", **tight) as pipe:
+        batch = pipe(prompts * 2, do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert pipe.engine.stats()["preemptions"] > 0
+    assert [r.token_ids for r in batch] == expected * 2
     assert "Paris" in responses[0].generated_text
     assert responses[0].finish_reason == "stop"  # <|im_end|> ends the answer
 
