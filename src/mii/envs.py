@@ -7,7 +7,7 @@
 | ``MII_GEMV`` | ``auto``, ``triton``, ``torch`` | the skinny matrix-vector kernel for decode |
 | ``MII_MOE`` | ``auto``, ``triton``, ``torch`` | the grouped expert kernel of MoE layers |
 | ``MII_PDL`` | ``auto``, ``off`` | programmatic dependent launch (Hopper and newer) |
-| ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo checkpoint, deployment registry |
+| ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_API_KEY`` | unset, a key | the API key of deployments and clients |
 | ``MII_REPLICA_TOKEN`` | unset, a token | internal: what a replica's port requires |
 | ``MII_TP_STORE_SECRET`` | unset, a secret | internal: the secret key prefix of a TP store |
@@ -108,7 +108,8 @@ PDL = _choice("MII_PDL", "programmatic dependent launch in the decode chain", "a
 CACHE_DIR: Switch[Path] = Switch(
     "MII_CACHE_DIR",
     "",
-    "where the demo checkpoint and the deployment registry live (default ~/.cache/mii)",
+    "where the demo checkpoint, converted GGUF files and the deployment registry live "
+    "(default ~/.cache/mii)",
     _directory,
 )
 

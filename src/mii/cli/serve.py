@@ -28,7 +28,12 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "the REST/OpenAI gateway) in the foreground until Ctrl-C, SIGTERM or mii terminate.",
     )
     parser.add_argument(
-        "model", metavar="MODEL", help=DeploymentConfig.model_fields["model"].description
+        "model",
+        metavar="MODEL",
+        nargs="?",
+        default=None,
+        help=DeploymentConfig.model_fields["model"].description
+        + " (default: the demo model, deployment name mii-demo)",
     )
     add_deployment_options(parser)
     add_engine_options(parser)
@@ -39,10 +44,12 @@ def serve(args: argparse.Namespace) -> int:
     from mii.rpc.deployment import run_deployment
     from mii.rpc.event_loop import run_event_loop
 
+    model, options = args.model, deployment_options(args)
+    if model is None:
+        model = _demo_model()
+        options.setdefault("deployment_name", "mii-demo")
     try:
-        config = DeploymentConfig.parse(
-            args.model, **deployment_options(args), **engine_options(args)
-        )
+        config = DeploymentConfig.parse(model, **options, **engine_options(args))
     except (ValueError, NotImplementedError, RuntimeError) as err:
         raise CliError(str(err)) from None
     name = config.deployment_name
@@ -73,6 +80,21 @@ def serve(args: argparse.Namespace) -> int:
     why = "on a signal" if stopped_by_signal else "by a terminate request"
     print(f"[mii] deployment {name!r} stopped {why}", file=sys.stderr, flush=True)
     return 0
+
+
+def _demo_model() -> str:
+    from mii.demo import demo_model
+
+    demo = demo_model()
+    if demo.real:
+        print(f"[mii] no MODEL given: serving the demo model {demo.name}", file=sys.stderr)
+    else:
+        print(
+            f"[mii] no MODEL given and the real demo model is not installed ({demo.missing}): "
+            f"serving the {demo.name}, whose text is random",
+            file=sys.stderr,
+        )
+    return demo.path
 
 
 def _run_returning(runner, coro) -> Any:

@@ -19,6 +19,7 @@ import torch
 from mii.errors import ModelLoadError
 from mii.models.base import CausalLM
 from mii.models.checkpoint_tensor import LazyTensor
+from mii.models.gguf import gguf_checkpoint_dir, is_gguf_path
 from mii.models.registry import model_class
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
@@ -26,12 +27,17 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def resolve_model_dir(name_or_path: str, revision: str | None = None, weights: bool = True) -> Path:
-    """A local directory holding the checkpoint: the path itself, or a hub download."""
+    """A local directory holding the checkpoint: the path itself, a GGUF file's
+    converted checkpoint (cached), or a hub download."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if is_gguf_path(path):
+        return gguf_checkpoint_dir(path)
     if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ModelLoadError(f"model path {name_or_path!r} is not a directory with a config.json")
+        raise ModelLoadError(
+            f"model path {name_or_path!r} is not a directory with a config.json nor a .gguf file"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -155,6 +161,8 @@ def load_tokenizer(model_dir: Path, tokenizer: str | None, trust_remote_code: bo
     from transformers import AutoTokenizer
 
     source = tokenizer or str(model_dir)
+    if is_gguf_path(source):  # a GGUF file's tokenizer: the one of its converted checkpoint
+        source = str(gguf_checkpoint_dir(source))
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:

@@ -82,7 +82,7 @@ class DeploymentConfig(GpuLayout):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    model: str = Field(description="Hugging Face hub id or local checkpoint directory")
+    model: str = Field(description="Hugging Face hub id, local checkpoint directory or .gguf file")
     deployment_name: str = Field(
         description="name clients use to find it (default: MODEL-mii-deployment)"
     )

