@@ -20,5 +20,5 @@ download pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-in
   grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.35.1 \
   fastapi==0.165.0 starlette uvicorn==0.54.0 prometheus-client==0.26.0 \
   annotated-doc==0.0.7 opentelemetry-api==1.45.2 click==8.5.1 \
-  pytest-asyncio==1.3.0 openai==3.57.0 jiter distro h11
+  pytest-asyncio==1.3.0 openai==3.57.0 jiter distro h11 gguf==0.19.0 accelerate==1.16.0
 ls -la .whl
