@@ -3,7 +3,8 @@
 # triton, transformers, grpcio, anyio, uvloop, httpx) into .whl/, which the
 # device tool carries. The REST gateway (serving.py --http) needs fastapi's and
 # uvicorn's own requirements too: annotated-doc, opentelemetry-api (fastapi
-# imports it), click (uvicorn imports it), h11. Install there with:
+# imports it), click (uvicorn imports it), h11; gguf and accelerate (GGUF loading
+# and its tests). Install there with:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD/src
 set -euo pipefail
