@@ -45,8 +45,14 @@ def test_gguf_greedy_matches_transformers(gguf_files, qtype, cache):
         for prompt in PROMPTS:
             ids = hf_tokenizer(prompt).input_ids
             with torch.no_grad():
+                # The end tokens mii read from the file: some transformers versions
+                # leave them out of a GGUF model's generation config (5.17 did, and
+                # went on past an EOS that mii stopped at).
                 out = hf_model.generate(
-                    torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS
+                    torch.tensor([ids]),
+                    do_sample=False,
+                    max_new_tokens=NEW_TOKENS,
+                    eos_token_id=pipe.engine.core.eos_token_ids,
                 )
             [response] = pipe([prompt], do_sample=False, max_new_tokens=NEW_TOKENS)
             assert response.prompt_length == len(ids), "the file's tokenizer"
