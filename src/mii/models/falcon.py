@@ -27,7 +27,7 @@ from mii.errors import UnsupportedModelError
 from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, ForwardContext
 from mii.models.layers import MLP, LayerNorm, VocabEmbedding, activation
-from mii.models.rope import RotaryEmbedding, rope_parameters
+from mii.models.rope import RotaryEmbedding, rope_parameters, scaled_max_positions
 
 
 def _get(cfg: dict[str, Any], names: tuple[str, ...], default: Any) -> Any:
@@ -111,7 +111,9 @@ class FalconSpec:
             head_dim=hidden // heads,
             layer_norm_eps=_get(cfg, ("layer_norm_epsilon",), 1e-5),
             activation=act,
-            max_positions=cfg.get("max_position_embeddings", 2048),
+            max_positions=scaled_max_positions(
+                cfg.get("max_position_embeddings", 2048), rope_parameters(cfg)
+            ),
             rope=rope_parameters(cfg),
             bias=bool(cfg.get("bias", False)),
             qkv_layout=layout,

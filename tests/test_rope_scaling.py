@@ -1,0 +1,136 @@
+"""The long-context rope scalings (dynamic NTK, YaRN, LongRoPE) against transformers.
+
+Every checkpoint's scaling threshold (``max_position_embeddings`` for dynamic
+NTK, ``original_max_position_embeddings`` for the others) is 24 tokens, so the
+test prompts (6 to 59 tokens, 24 generated) start below it and cross it while
+generating, or start above it. mii runs them as one batch, and again with a
+token budget of 6 and a KV pool that forces chunked prefill and preemption.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import mii
+from helpers import PROMPTS, TIGHT_OPTIONS, hf_greedy, save_checkpoint, tiny_config_kwargs
+
+THRESHOLD = 24
+NEW_TOKENS = 24
+HEAD_DIM = 16  # tiny_config_kwargs: hidden 64 over 4 heads
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "short_factor": [1.0, 1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0],
+    "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0],
+}
+# name -> (transformers config class, config overrides)
+SCALED = {
+    "llama-dynamic": (
+        "LlamaConfig",
+        {
+            "max_position_embeddings": THRESHOLD,
+            "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+        },
+    ),
+    "qwen2-yarn": (
+        "Qwen2Config",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": THRESHOLD,
+                "beta_fast": 8.0,
+                "beta_slow": 1.0,
+            }
+        },
+    ),
+    "llama-longrope": (
+        "LlamaConfig",
+        {"rope_parameters": {**LONGROPE, "original_max_position_embeddings": THRESHOLD}},
+    ),
+    # Phi-3 128k style: the original length at the top level of config.json.
+    "phi3-longrope": (
+        "Phi3Config",
+        {"rope_parameters": dict(LONGROPE), "original_max_position_embeddings": THRESHOLD},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory, tokenizer):
+    """name -> (path, HF model with the scaling, HF model with the same weights unscaled)."""
+    import transformers
+
+    cache: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in cache:
+            cls_name, overrides = SCALED[name]
+            cls = getattr(transformers, cls_name)
+            kwargs = tiny_config_kwargs(tokenizer, **overrides)
+            path = tmp_path_factory.mktemp(name)
+            model = save_checkpoint(path, cls(**kwargs), tokenizer)
+            plain_kwargs = {**kwargs, "rope_parameters": {"rope_type": "default"}}
+            plain_kwargs.pop("original_max_position_embeddings", None)
+            plain = save_checkpoint(
+                tmp_path_factory.mktemp(name + "-plain"), cls(**plain_kwargs), tokenizer
+            )
+            cache[name] = (path, model, plain)
+        return cache[name]
+
+    return get
+
+
+def fresh_rope(hf_model) -> None:
+    """Put transformers' rotary modules back in their state after loading.
+
+    Dynamic NTK keeps the frequencies of the longest sequence it has seen between
+    ``generate`` calls (until a call starts below ``max_position_embeddings``), so a
+    request's answer would depend on the previous request; mii's answer is that of
+    each request run alone on a freshly loaded model.
+    """
+    for module in hf_model.modules():
+        if hasattr(module, "original_inv_freq"):
+            module.inv_freq.copy_(module.original_inv_freq)
+            module.max_seq_len_cached = module.original_max_seq_len
+
+
+def expected_tokens(hf_model, tokenizer, prompts) -> list[list[int]]:
+    out = []
+    for prompt in prompts:
+        fresh_rope(hf_model)
+        out.append(hf_greedy(hf_model, tokenizer, prompt, NEW_TOKENS))
+    return out
+
+
+def test_prompts_cross_the_threshold(tokenizer):
+    lengths = [len(tokenizer(p).input_ids) for p in PROMPTS]
+    assert any(n < THRESHOLD < n + NEW_TOKENS for n in lengths)
+    assert any(n > THRESHOLD for n in lengths)
+
+
+@pytest.mark.parametrize("name", list(SCALED))
+def test_scaling_matches_hf(scaled, tokenizer, name):
+    path, hf_model, plain = scaled(name)
+    expected = expected_tokens(hf_model, tokenizer, PROMPTS)
+    # Guard: the scaling changes transformers' answer, so matching it proves it is honoured.
+    assert expected != expected_tokens(plain, tokenizer, PROMPTS)
+    for options in ({}, TIGHT_OPTIONS):
+        with mii.pipeline(str(path), **options) as pipe:
+            responses = pipe(PROMPTS, do_sample=False, max_new_tokens=NEW_TOKENS)
+            if options:
+                assert pipe.engine.stats()["preemptions"] > 0
+        assert [r.token_ids for r in responses] == expected, options
+    with mii.pipeline(str(path)) as pipe:  # alone: one request per pass
+        for prompt, want in zip(PROMPTS, expected):
+            [r] = pipe(prompt, do_sample=False, max_new_tokens=NEW_TOKENS)
+            assert r.token_ids == want, prompt
+
+
+def test_dynamic_ntk_serves_factor_times_the_context(scaled):
+    """Dynamic NTK is meant for sequences past max_position_embeddings: mii's
+    maximum length is max_position_embeddings * factor (as vLLM's)."""
+    path, _, _ = scaled("llama-dynamic")
+    with mii.pipeline(str(path)) as pipe:
+        assert pipe.engine.core.max_length == THRESHOLD * 4
