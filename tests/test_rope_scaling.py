@@ -134,3 +134,79 @@ def test_dynamic_ntk_serves_factor_times_the_context(scaled):
     path, _, _ = scaled("llama-dynamic")
     with mii.pipeline(str(path)) as pipe:
         assert pipe.engine.core.max_length == THRESHOLD * 4
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "yarn", "longrope"])
+def test_fused_triton_path_reads_the_scaled_tables(kind):
+    """The Triton rotary + KV write + attention path (interpreted on CPU) takes the
+    table and rows ``RotaryEmbedding.table`` gives, with the reference's result: a
+    long prompt's chunk, a short prompt's, and decodes on both sides of the threshold."""
+    import random
+
+    import torch
+
+    from helpers import ragged_paged_batch
+    from mii.models.rope import RotaryEmbedding, rope_parameters
+    from mii.ops.attention import rotary_paged_attention_reference
+    from mii.ops.triton_attention import paged_attention_triton
+
+    _, overrides = {
+        "dynamic": SCALED["llama-dynamic"],
+        "yarn": SCALED["qwen2-yarn"],
+        "longrope": SCALED["llama-longrope"],
+    }[kind]
+    config = {"max_position_embeddings": 256, **overrides}
+    params = rope_parameters(config)
+    rotary = RotaryEmbedding(HEAD_DIM, 128, params)
+    rotary.reset_buffers()
+    # (cached, new, prompt length) per sequence
+    shapes = [(20, 12, 40), (0, 9, 9), (30, 1, 12), (10, 1, 10), (60, 1, 50)]
+    positions = torch.tensor([p for c, n, _ in shapes for p in range(c, c + n)])
+    rope_lens = torch.tensor([max(p + 1, plen) for c, n, plen in shapes for p in range(c, c + n)])
+    cos_sin, rows = rotary.table(positions, rope_lens)
+    block = 4
+    num_blocks = sum((c + n + block - 1) // block for c, n, _ in shapes) + 2
+    free = list(range(num_blocks))
+    random.Random(0).shuffle(free)
+    batch, _ = ragged_paged_batch([(c, n) for c, n, _ in shapes], block, free)
+    gen = torch.Generator().manual_seed(0)
+    tokens, heads, kv_heads = len(positions), 4, 2
+    q = torch.randn(tokens, heads, HEAD_DIM, generator=gen)
+    k = torch.randn(tokens, kv_heads, HEAD_DIM, generator=gen)
+    v = torch.randn(tokens, kv_heads, HEAD_DIM, generator=gen)
+    cache = torch.randn(num_blocks, block, kv_heads, HEAD_DIM, generator=gen)
+    ref_k, ref_v = cache.clone(), cache.clone()
+    expected = rotary_paged_attention_reference(
+        q.clone(), k, v, rows, cos_sin, ref_k, ref_v, batch, HEAD_DIM**-0.5
+    )
+    kc, vc = cache.clone(), cache.clone()
+    out = paged_attention_triton(q, k, v, rows, cos_sin, kc, vc, batch, HEAD_DIM**-0.5)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(kc, ref_k, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["llama-dynamic", "qwen2-yarn", "llama-longrope"])
+def test_rotations_equal_transformers(tokenizer, name):
+    """cos and sin of every position, for sequence lengths below, at and past the
+    threshold, equal those of transformers' rotary module (its frequencies and
+    attention factor) on a pass of that length."""
+    import torch
+    import transformers
+
+    from mii.models.rope import RotaryEmbedding, rope_parameters
+
+    cls_name, overrides = SCALED[name]
+    config = getattr(transformers, cls_name)(**tiny_config_kwargs(tokenizer, **overrides))
+    hf_rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
+    params = rope_parameters(config.to_dict())
+    rotary = RotaryEmbedding(HEAD_DIM, 96, params)
+    rotary.reset_buffers()
+    half = HEAD_DIM // 2
+    for length in (10, THRESHOLD, THRESHOLD + 1, 40, 90):
+        fresh_rope(hf_rotary)
+        positions = torch.arange(length)
+        cos, sin = hf_rotary(torch.zeros(1, dtype=torch.float32), positions[None])
+        table, rows = rotary.table(positions, torch.full((length,), length))
+        ours = table.index_select(0, rows)
+        assert torch.equal(ours[:, :half], cos[0, :, :half]), length
+        assert torch.equal(ours[:, half:], sin[0, :, :half]), length

@@ -61,8 +61,11 @@ class FalconSpec:
     def from_hf(cls, cfg: dict[str, Any]) -> FalconSpec:
         if cfg.get("alibi"):
             raise UnsupportedModelError(
-                "ALiBi Falcon variants are not supported (e.g. falcon-rw-1b/7b); "
-                "only rotary Falcon checkpoints (alibi=false) can be served"
+                "ALiBi Falcon variants are not supported: this config sets alibi=true "
+                "(Falcon-RW, e.g. falcon-rw-1b/7b), and mii's paged attention applies "
+                "rotary position embeddings only, not ALiBi's per-head biases. Serve a "
+                "rotary Falcon checkpoint (alibi=false: Falcon-7B/40B/180B, Falcon2-11B) "
+                "or run this one with transformers (see README, supported models)"
             )
         hidden = _get(cfg, ("hidden_size", "n_embed"), 4544)
         heads = _get(cfg, ("num_attention_heads", "n_head"), 71)

@@ -24,6 +24,9 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def spec_from_hf(cls, hf_config: dict[str, Any]) -> LlamaSpec:
+        if "original_max_position_embeddings" not in hf_config:
+            # Phi3Config's default, which transformers uses for longrope then.
+            hf_config = {**hf_config, "original_max_position_embeddings": 4096}
         spec = LlamaSpec.from_hf(hf_config)
         if spec.rope["rope_type"] == "yarn":
             rope = {**spec.rope, "rope_type": "longrope"}

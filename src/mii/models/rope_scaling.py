@@ -113,7 +113,12 @@ def dynamic_ntk_cos_sin(
     """
     factor, max_len = params["factor"], params["max_position_embeddings"]
     seq_len = lengths.clamp(min=max_len).to(torch.float32)
-    base = params["rope_theta"] * ((factor * seq_len / max_len) - (factor - 1)) ** (dim / (dim - 2))
+    ratio = (factor * seq_len / max_len) - (factor - 1)
+    # transformers raises one length's ratio to the power; on the CPU a contiguous
+    # tensor takes the vectorised pow, up to 1 ulp away from the scalar one, and
+    # the rotation of distant positions with it. A strided view takes the scalar pow.
+    ratio = torch.stack([ratio, ratio], dim=1)[:, 0]
+    base = params["rope_theta"] * ratio ** (dim / (dim - 2))
     inv_freq = 1.0 / (base[:, None] ** _steps(dim, positions.device)[None, :])  # [T, dim / 2]
     freqs = positions.to(torch.float32)[:, None] * inv_freq
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
