@@ -3,8 +3,10 @@
 Every checkpoint's scaling threshold (``max_position_embeddings`` for dynamic
 NTK, ``original_max_position_embeddings`` for the others) is 24 tokens, so the
 test prompts (6 to 59 tokens, 24 generated) start below it and cross it while
-generating, or start above it. mii runs them as one batch, and again with a
-token budget of 6 and a KV pool that forces chunked prefill and preemption.
+generating, or start above it. mii runs them as one batch, again with a token
+budget of 6 and a KV pool that forces chunked prefill and preemption (with and
+without async scheduling), and one at a time; every answer must equal
+transformers' greedy ``generate`` of that prompt alone.
 """
 
 from __future__ import annotations
@@ -30,6 +32,19 @@ SCALED = {
         {
             "max_position_embeddings": THRESHOLD,
             "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+        },
+    ),
+    # Partial rotary (Phi-2: 8 of 16 channels), where the NTK exponent uses the rotary dim.
+    "phi-dynamic": (
+        "PhiConfig",
+        {
+            "max_position_embeddings": THRESHOLD,
+            "rope_parameters": {
+                "rope_type": "dynamic",
+                "factor": 4.0,
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+            },
         },
     ),
     "qwen2-yarn": (
@@ -116,7 +131,7 @@ def test_scaling_matches_hf(scaled, tokenizer, name):
     expected = expected_tokens(hf_model, tokenizer, PROMPTS)
     # Guard: the scaling changes transformers' answer, so matching it proves it is honoured.
     assert expected != expected_tokens(plain, tokenizer, PROMPTS)
-    for options in ({}, TIGHT_OPTIONS):
+    for options in ({}, TIGHT_OPTIONS, {**TIGHT_OPTIONS, "async_scheduling": True}):
         with mii.pipeline(str(path), **options) as pipe:
             responses = pipe(PROMPTS, do_sample=False, max_new_tokens=NEW_TOKENS)
             if options:
