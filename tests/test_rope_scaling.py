@@ -225,3 +225,23 @@ def test_rotations_equal_transformers(tokenizer, name):
         ours = table.index_select(0, rows)
         assert torch.equal(ours[:, :half], cos[0, :, :half]), length
         assert torch.equal(ours[:, half:], sin[0, :, :half]), length
+
+
+def test_tensor_parallel_ranks_agree(scaled, tokenizer, tmp_path):
+    """Two ranks (gloo, CPU) of the length-dependent scalings: every rank gets each
+    token's rope length with the pass, and the tokens stay transformers'."""
+    from test_tensor_parallel import run_torchrun
+
+    names = ["llama-dynamic", "phi3-longrope"]
+    jobs = [
+        {
+            "model": str(scaled(name)[0]),
+            "prompts": PROMPTS,
+            "new_tokens": NEW_TOKENS,
+            "options": {"all_rank_output": False, **TIGHT_OPTIONS},
+        }
+        for name in names
+    ]
+    rank0 = run_torchrun(tmp_path, 2, jobs)[0]
+    for name, got in zip(names, rank0):
+        assert got["token_ids"] == expected_tokens(scaled(name)[1], tokenizer, PROMPTS), name
