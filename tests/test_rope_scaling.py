@@ -245,3 +245,17 @@ def test_tensor_parallel_ranks_agree(scaled, tokenizer, tmp_path):
     rank0 = run_torchrun(tmp_path, 2, jobs)[0]
     for name, got in zip(names, rank0):
         assert got["token_ids"] == expected_tokens(scaled(name)[1], tokenizer, PROMPTS), name
+
+
+def test_layers_share_one_rope_table(scaled):
+    """YaRN serves original * factor positions: the layers read one cos/sin table
+    rather than one each."""
+    from mii.models.rope import RotaryEmbedding
+
+    path, _, _ = scaled("qwen2-yarn")
+    with mii.pipeline(str(path)) as pipe:
+        model = pipe.engine.core.model
+        assert pipe.engine.core.max_length == 256  # max(256, 24 * 4)
+        rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+        assert len(rotaries) == 2
+        assert len({m.cos_sin.data_ptr() for m in rotaries}) == 1

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 from mii.models.llama import LlamaForCausalLM, LlamaSpec
+from mii.models.rope import scaled_max_positions
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
@@ -24,15 +25,17 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def spec_from_hf(cls, hf_config: dict[str, Any]) -> LlamaSpec:
-        if "original_max_position_embeddings" not in hf_config:
-            # Phi3Config's default, which transformers uses for longrope then.
-            hf_config = {**hf_config, "original_max_position_embeddings": 4096}
         spec = LlamaSpec.from_hf(hf_config)
-        if spec.rope["rope_type"] == "yarn":
-            rope = {**spec.rope, "rope_type": "longrope"}
-            max_positions = hf_config.get("max_position_embeddings", 2048)  # not YaRN's
-            spec = dataclasses.replace(spec, rope=rope, max_positions=max_positions)
-        return spec
+        rope = dict(spec.rope)
+        if rope["rope_type"] == "yarn":
+            rope["rope_type"] = "longrope"
+        if rope["rope_type"] in ("llama3", "longrope"):
+            # Phi3Config declares original_max_position_embeddings (default 4096), and
+            # transformers then takes it over the one in the rope settings.
+            original = hf_config.get("original_max_position_embeddings", 4096)
+            rope["original_max_position_embeddings"] = original
+        max_positions = scaled_max_positions(hf_config.get("max_position_embeddings", 2048), rope)
+        return dataclasses.replace(spec, rope=rope, max_positions=max_positions)
 
     def __init__(self, hf_config: dict[str, Any]) -> None:
         super().__init__(hf_config)

@@ -11,6 +11,7 @@ either.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -23,6 +24,10 @@ from mii.ops.rotary import rotary_cos_sin
 SUPPORTED = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
 # Scalings whose rotation depends on the sequence length (see rope_scaling.py).
 LENGTH_DEPENDENT = ("longrope", "dynamic")
+# Every layer of a model reads the same table: build it once and share it (a
+# 128k-position table is 64 MB, per layer if each built its own). Entries go with
+# the last module that holds them.
+_TABLES: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 def rope_parameters(hf_config: dict[str, Any], theta_key: str = "rope_theta") -> dict[str, Any]:
@@ -40,11 +45,8 @@ def rope_parameters(hf_config: dict[str, Any], theta_key: str = "rope_theta") ->
     max_len = hf_config.get("max_position_embeddings", 2048)
     params.setdefault("max_position_embeddings", max_len)
     if params["rope_type"] in ("llama3", "yarn", "longrope"):
-        # As transformers' standardize_rope_params: a top-level
-        # original_max_position_embeddings (Phi-3's place for it) wins.
-        top = hf_config.get("original_max_position_embeddings")
-        if top is not None:
-            params["original_max_position_embeddings"] = top
+        # As transformers' standardize_rope_params (a top-level value counts only in
+        # configs that declare it, like Phi-3's: see phi3.py).
         params.setdefault("original_max_position_embeddings", max_len)
     return params
 
@@ -138,20 +140,24 @@ class RotaryEmbedding(nn.Module):
 
     def reset_buffers(self) -> None:
         """Fill the table; called once the module sits on its final device."""
+        key = (self.rotary_dim, self.max_positions, repr(self.params), str(self.cos_sin.device))
+        table = _TABLES.get(key)
+        if table is None:
+            table = _TABLES[key] = self._build_table()
+        self.cos_sin = table
+
+    def _build_table(self) -> torch.Tensor:
         device = self.cos_sin.device
         inv_freq = inverse_frequencies(self.rotary_dim, self.params).to(device)
         if self.kind == "yarn":
             scale = rope_scaling.yarn_frequencies(self.rotary_dim, self.params)[1]
-            self.cos_sin = rotary_cos_sin(inv_freq, self.max_positions, scale)
+            return rotary_cos_sin(inv_freq, self.max_positions, scale)
         elif self.kind == "longrope":
             scale = rope_scaling.longrope_attention_factor(self.params)
             long = rope_scaling.longrope_frequencies(self.rotary_dim, self.params, long=True)
             short = rotary_cos_sin(inv_freq, self.short_rows, scale)
-            self.cos_sin = torch.cat(
-                [short, rotary_cos_sin(long.to(device), self.max_positions, scale)]
-            )
-        else:
-            self.cos_sin = rotary_cos_sin(inv_freq, self.cos_sin.shape[0])
+            return torch.cat([short, rotary_cos_sin(long.to(device), self.max_positions, scale)])
+        return rotary_cos_sin(inv_freq, self.cos_sin.shape[0])
 
     def table(
         self, positions: torch.Tensor, rope_lens: torch.Tensor | None
