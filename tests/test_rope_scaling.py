@@ -111,11 +111,11 @@ def fresh_rope(hf_model) -> None:
             module.max_seq_len_cached = module.original_max_seq_len
 
 
-def expected_tokens(hf_model, tokenizer, prompts) -> list[list[int]]:
+def expected_tokens(hf_model, tokenizer, prompts, new_tokens=NEW_TOKENS) -> list[list[int]]:
     out = []
     for prompt in prompts:
         fresh_rope(hf_model)
-        out.append(hf_greedy(hf_model, tokenizer, prompt, NEW_TOKENS))
+        out.append(hf_greedy(hf_model, tokenizer, prompt, new_tokens))
     return out
 
 
@@ -143,12 +143,28 @@ def test_scaling_matches_hf(scaled, tokenizer, name):
             assert r.token_ids == want, prompt
 
 
-def test_dynamic_ntk_serves_factor_times_the_context(scaled):
-    """Dynamic NTK is meant for sequences past max_position_embeddings: mii's
-    maximum length is max_position_embeddings * factor (as vLLM's)."""
-    path, _, _ = scaled("llama-dynamic")
+def test_scaled_context_lengths(scaled, tokenizer):
+    """The long-context scalings serve vLLM's lengths (dynamic NTK:
+    max_position_embeddings * factor; YaRN: original * factor), and at least 2048."""
+    from mii.models.rope import scaled_max_positions
+
+    def limit(max_len, rope):
+        return scaled_max_positions(max_len, {"original_max_position_embeddings": 4096, **rope})
+
+    assert limit(4096, {"rope_type": "dynamic", "factor": 2.0}) == 8192
+    assert limit(8192, {"rope_type": "yarn", "factor": 4.0}) == 4 * 4096
+    assert limit(131072, {"rope_type": "longrope"}) == 131072
+    assert limit(24, {"rope_type": "longrope"}) == 2048
+    assert limit(24, {"rope_type": "linear", "factor": 2.0}) == 24  # unchanged types
+    path, hf_model, _ = scaled("llama-dynamic")
     with mii.pipeline(str(path)) as pipe:
-        assert pipe.engine.core.max_length == THRESHOLD * 4
+        assert pipe.engine.core.max_length == 2048
+        # past max_position_embeddings * factor (96) too, as transformers
+        prompt = PROMPTS[3] + " and leave the running batch at every forward step; "
+        prompt += "nobody waits for a batch to drain."
+        [r] = pipe(prompt, do_sample=False, max_new_tokens=16)
+    assert r.prompt_length > THRESHOLD * 4
+    assert [r.token_ids] == expected_tokens(hf_model, tokenizer, [prompt], 16)
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "yarn", "longrope"])
@@ -255,7 +271,6 @@ def test_layers_share_one_rope_table(scaled):
     path, _, _ = scaled("qwen2-yarn")
     with mii.pipeline(str(path)) as pipe:
         model = pipe.engine.core.model
-        assert pipe.engine.core.max_length == 256  # max(256, 24 * 4)
         rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
         assert len(rotaries) == 2
         assert len({m.cos_sin.data_ptr() for m in rotaries}) == 1

@@ -51,16 +51,28 @@ def rope_parameters(hf_config: dict[str, Any], theta_key: str = "rope_theta") ->
     return params
 
 
+# The shortest context the long-context scalings serve: their tables are cheap
+# (one per model), and a small test config would otherwise refuse lengths that
+# transformers runs.
+MIN_SCALED_POSITIONS = 2048
+
+
 def scaled_max_positions(max_positions: int, params: dict[str, Any]) -> int:
-    """The longest context a scaling serves, as vLLM derives it: dynamic NTK
-    extends ``max_position_embeddings`` by ``factor``, YaRN the original length by
-    ``factor``; other types keep ``max_position_embeddings``."""
-    kind, factor = params["rope_type"], params.get("factor")
-    if kind == "dynamic" and factor:
-        return max(max_positions, int(max_positions * factor))
-    if kind == "yarn" and factor:
-        return max(max_positions, int(params["original_max_position_embeddings"] * factor))
-    return max_positions
+    """The longest context a scaling serves. As vLLM derives it, dynamic NTK extends
+    ``max_position_embeddings`` by ``factor`` and YaRN the original length by
+    ``factor``; longrope's ``max_position_embeddings`` is already the long one.
+    These three serve at least ``MIN_SCALED_POSITIONS``; other types keep
+    ``max_position_embeddings``."""
+    kind, factor = params["rope_type"], params.get("factor") or 1.0
+    if kind == "dynamic":
+        scaled = int(max_positions * factor)
+    elif kind == "yarn":
+        scaled = int(params["original_max_position_embeddings"] * factor)
+    elif kind == "longrope":
+        scaled = max_positions
+    else:
+        return max_positions
+    return max(max_positions, scaled, MIN_SCALED_POSITIONS)
 
 
 def inverse_frequencies(rotary_dim: int, params: dict[str, Any]) -> torch.Tensor:
