@@ -274,3 +274,39 @@ def test_layers_share_one_rope_table(scaled):
         rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
         assert len(rotaries) == 2
         assert len({m.cos_sin.data_ptr() for m in rotaries}) == 1
+
+
+def test_transformers4_rope_scaling_key(scaled, tokenizer, tmp_path):
+    """Qwen2.5's published form: ``rope_scaling`` with ``type`` and a top-level
+    ``rope_theta`` (Transformers 4 keys) gives the same model."""
+    import json
+    import shutil
+
+    path, hf_model, _ = scaled("qwen2-yarn")
+    shutil.copytree(path, tmp_path / "m")
+    config_file = tmp_path / "m" / "config.json"
+    config = json.loads(config_file.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = {"type": rope.pop("rope_type"), **rope}
+    config_file.write_text(json.dumps(config))
+    with mii.pipeline(str(tmp_path / "m")) as pipe:
+        responses = pipe(PROMPTS[:2], do_sample=False, max_new_tokens=NEW_TOKENS)
+    assert [r.token_ids for r in responses] == expected_tokens(hf_model, tokenizer, PROMPTS[:2])
+
+
+@pytest.mark.parametrize(
+    ("rope", "missing"),
+    [
+        ({"rope_type": "dynamic"}, "'factor'"),
+        ({"rope_type": "longrope", "short_factor": [1.0] * 8}, "'long_factor'"),
+    ],
+)
+def test_incomplete_rope_settings_are_a_clear_error(tokenizer, rope, missing):
+    import torch
+
+    from mii.models.registry import model_class
+
+    config = {"model_type": "llama", **tiny_config_kwargs(tokenizer), "rope_scaling": rope}
+    with torch.device("meta"), pytest.raises(mii.UnsupportedModelError, match=missing):
+        model_class("llama")(config)

@@ -22,6 +22,14 @@ from mii.models import rope_scaling
 from mii.ops.rotary import rotary_cos_sin
 
 SUPPORTED = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
+# Settings each scaling cannot do without (YaRN's factor may be null: DeepSeek-V3
+# style, the ratio of the two context lengths).
+REQUIRED = {
+    "linear": ("factor",),
+    "llama3": ("factor",),
+    "dynamic": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+}
 # Scalings whose rotation depends on the sequence length (see rope_scaling.py).
 LENGTH_DEPENDENT = ("longrope", "dynamic")
 # Every layer of a model reads the same table: build it once and share it (a
@@ -82,6 +90,12 @@ def inverse_frequencies(rotary_dim: int, params: dict[str, Any]) -> torch.Tensor
     steps = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device="cpu")
     inv_freq = 1.0 / (base ** (steps / rotary_dim))
     kind = params["rope_type"]
+    missing = [key for key in REQUIRED.get(kind, ()) if params.get(key) is None]
+    if missing:
+        raise UnsupportedModelError(
+            f"rope scaling {kind!r} needs {', '.join(map(repr, missing))} in the config's "
+            "rope_scaling (or rope_parameters)"
+        )
     if kind == "default":
         pass
     elif kind == "linear":

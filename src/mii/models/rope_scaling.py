@@ -56,8 +56,9 @@ def yarn_frequencies(dim: int, params: dict[str, Any]) -> tuple[torch.Tensor, fl
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # transformers' guard against a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float32) / dim)
+    channels = torch.arange(dim // 2, dtype=torch.float32, device="cpu")
+    ramp = ((channels - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").to(dtype=torch.float32) / dim)
     extrapolation = 1.0 / pos_freqs
     interpolation = 1.0 / (factor * pos_freqs)
     # Fast-rotating channels keep their frequency, slow ones are interpolated.
@@ -79,7 +80,7 @@ def longrope_frequencies(dim: int, params: dict[str, Any], long: bool) -> torch.
             f"rope scaling longrope: {'long' if long else 'short'}_factor has {len(factors)} "
             f"entries; the rotary dimension {dim} needs {dim // 2}"
         )
-    ext = torch.tensor(factors, dtype=torch.float32)
+    ext = torch.tensor(factors, dtype=torch.float32, device="cpu")
     return 1.0 / (ext * params["rope_theta"] ** _steps(dim))
 
 
