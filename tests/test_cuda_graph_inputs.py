@@ -38,7 +38,8 @@ def test_staged_inputs_match_the_eager_batch():
     assert inputs.is_decode
     stage_decode_inputs(inputs, scratch, host, tables, size)
 
-    runner = ModelRunner(types.SimpleNamespace(forward=None), [], block_size, torch.device("cpu"))
+    model = types.SimpleNamespace(forward=None, modules=lambda: [])
+    runner = ModelRunner(model, [], block_size, torch.device("cpu"))
     token_ids, positions, batch, sample_rows = runner.prepare(inputs)
     n = len(chunks)
     assert host[0, :n].tolist() == token_ids.tolist()

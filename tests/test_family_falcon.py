@@ -185,8 +185,11 @@ def test_alibi_is_refused(falcon, tmp_path):
     config = json.loads(config_file.read_text())
     config["alibi"] = True
     config_file.write_text(json.dumps(config))
-    with pytest.raises(mii.UnsupportedModelError, match="ALiBi Falcon variants are not supported"):
+    with pytest.raises(mii.UnsupportedModelError) as err:
         mii.pipeline(str(tmp_path / "m"))
+    # It names the setting, why, and what to serve instead.
+    for part in ("ALiBi Falcon variants are not supported", "alibi=true", "rotary", "alibi=false"):
+        assert part in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -194,7 +197,7 @@ def test_alibi_is_refused(falcon, tmp_path):
     [
         ({"new_decoder_architecture": True, "parallel_attn": False}, "parallel_attn=false"),
         ({"num_ln_in_parallel_attn": 2}, "num_ln_in_parallel_attn=2"),
-        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
+        ({"rope_parameters": {"rope_type": "proportional", "factor": 2.0}}, "proportional"),
         ({"activation": "mish"}, "mish"),
     ],
 )

@@ -73,25 +73,6 @@ def test_phi3_checkpoint_has_fused_names(variants):
     assert "model.layers.0.mlp.gate_up_proj.weight" in names
 
 
-def test_phi3_longrope_is_refused(tmp_path, variants):
-    import shutil
-
-    path, _ = variants["phi3"]
-    shutil.copytree(path, tmp_path / "m")
-    config = json.loads((tmp_path / "m" / "config.json").read_text())
-    config["rope_parameters"] = {
-        "rope_type": "longrope",
-        "rope_theta": 10000.0,
-        "short_factor": [1.0] * 8,
-        "long_factor": [2.0] * 8,
-        "original_max_position_embeddings": 64,
-    }
-    config.pop("rope_scaling", None)
-    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(mii.UnsupportedModelError, match="longrope"):
-        mii.pipeline(str(tmp_path / "m"))
-
-
 # ----- Qwen v1 ------------------------------------------------------------------
 
 

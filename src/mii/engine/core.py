@@ -83,7 +83,12 @@ class EngineCore:
 
         # The parts that serve requests.
         self.blocks = BlockManager(kv_cache.num_blocks, config.kv_block_size)
-        self.scheduler = Scheduler(self.blocks, config.token_budget, config.max_num_seqs)
+        self.scheduler = Scheduler(
+            self.blocks,
+            config.token_budget,
+            config.max_num_seqs,
+            rope_recompute_at=self.model.rope_recompute_at,
+        )
         self.runner = ModelRunner(self.model, kv_cache.tensors, config.kv_block_size, self.device)
         self.intake = RequestIntake(self.tokenizer, self.vocab_size, self.max_length, self.blocks)
         self.output = OutputProcessor(self.tokenizer, loaded.eos_token_ids)

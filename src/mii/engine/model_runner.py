@@ -36,6 +36,9 @@ class PassInputs:
     sample_rows: np.ndarray  # [R] int64: flat index of each sampled token
     pending_dst: np.ndarray  # [P] int64
     pending_src: np.ndarray  # [P] int64
+    # [T] int64: max(position + 1, prompt length) per token, the length that
+    # length-dependent rope scalings (longrope, dynamic NTK) rotate it for.
+    rope_lens: np.ndarray
 
     @property
     def is_decode(self) -> bool:
@@ -68,6 +71,7 @@ def describe_pass(chunks: list[ScheduledChunk], block_size: int) -> PassInputs:
     Python lists per chunk, one vectorised slot computation at the end)."""
     token_ids: list[int] = []
     starts: list[int] = []
+    prompt_lens: list[int] = []
     query_lens: list[int] = []
     sample_rows: list[int] = []
     pending_dst: list[int] = []
@@ -79,6 +83,7 @@ def describe_pass(chunks: list[ScheduledChunk], block_size: int) -> PassInputs:
         seq, start, n = chunk.seq, chunk.seq.num_computed, chunk.num_tokens
         token_ids.extend(seq.token_ids[start : start + n])
         starts.append(start)
+        prompt_lens.append(max(seq.prompt_len, seq.rope_len_floor))
         query_lens.append(n)
         tables[i, : len(seq.block_table)] = seq.block_table
         offset += n
@@ -107,6 +112,7 @@ def describe_pass(chunks: list[ScheduledChunk], block_size: int) -> PassInputs:
         ints(sample_rows),
         ints(pending_dst),
         ints(pending_src),
+        np.maximum(positions + 1, ints(prompt_lens)[row]),
     )
 
 
@@ -139,6 +145,8 @@ class ModelRunner:
         self.forward = model.forward  # replaced by a torch.compile'd version when enabled
         # Tensor parallelism: sends each pass to the other ranks before running it.
         self.broadcast = None
+        # Whether the model's rope scaling needs each token's length (ForwardContext.rope_lens).
+        self.needs_rope_lens = any(getattr(m, "length_dependent", False) for m in model.modules())
 
     def enable_compile(self) -> None:
         """torch.compile the model (attention stays an opaque custom op); shapes are
@@ -203,5 +211,9 @@ class ModelRunner:
             return self.graphs.run(inputs, pending)
         token_ids, positions, batch, sample_rows = self.prepare(inputs)
         fill_pending(token_ids, inputs, pending)
-        hidden = self.forward(token_ids, positions, ForwardContext(batch, self.kv_caches))
+        rope_lens = None
+        if self.needs_rope_lens:
+            (rope_lens,) = upload(self.device, [(inputs.rope_lens, torch.int64)])
+        ctx = ForwardContext(batch, self.kv_caches, rope_lens)
+        hidden = self.forward(token_ids, positions, ctx)
         return self.model.compute_logits(hidden.index_select(0, sample_rows))

@@ -51,8 +51,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, token_budget: int, max_num_seqs: int) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        token_budget: int,
+        max_num_seqs: int,
+        rope_recompute_at: int | None = None,
+    ) -> None:
         self.blocks = block_manager
+        # Phi-3 longrope: a sequence that outgrows this length is recomputed whole
+        # with the long factors (``_outgrow_rope``); None for every other model.
+        self.rope_recompute_at = rope_recompute_at
         self.token_budget = token_budget
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -116,6 +125,9 @@ class Scheduler:
             scheduled[id(seq)] = chunk
             budget -= num_tokens
 
+        if self.rope_recompute_at is not None:
+            for seq in self.running:
+                self._outgrow_rope(seq)
         # A sequence whose last allowed token is still being read back (async
         # scheduling) needs no further pass.
         active = [s for s in self.running if not s.done_generating]
@@ -138,6 +150,8 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
+            if self.rope_recompute_at is not None:
+                self._outgrow_rope(seq)
             fits = self.blocks.tokens_that_fit(seq, min(seq.num_uncomputed, budget))
             if fits == 0:
                 break  # the pool is full; admission never preempts running sequences
@@ -146,6 +160,17 @@ class Scheduler:
             self.blocks.allocate(seq, fits)
             add_chunk(seq, fits)
         return out
+
+    def _outgrow_rope(self, seq: Sequence) -> None:
+        """transformers' Phi-3 ``generate`` drops its KV cache when the sequence first
+        outgrows ``original_max_position_embeddings`` and recomputes every token with
+        the long factors. Do the same: raise the sequence's rope length to past the
+        limit and compute it again from the start (its blocks are kept)."""
+        limit = self.rope_recompute_at
+        if seq.rope_len_floor > limit or seq.prompt_len > limit or seq.num_tokens <= limit:
+            return  # already long from the prompt on, already recomputed, or still short
+        seq.rope_len_floor = limit + 1
+        seq.num_computed = 0
 
     def _admit(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.RUNNING

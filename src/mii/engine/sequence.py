@@ -45,6 +45,10 @@ class Sequence:
     # Async scheduling: the last token is PENDING_TOKEN and its value is this row
     # of the in-flight pass's sampled tokens (on the device). None: every token known.
     pending_row: int | None = None
+    # Lowest sequence length its tokens are rotated for by length-dependent rope
+    # scalings (besides the prompt length): raised when a Phi-3 longrope sequence
+    # outgrows its original context (see Scheduler._outgrow_rope).
+    rope_len_floor: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

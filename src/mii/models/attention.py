@@ -67,13 +67,15 @@ class SelfAttention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos_sin = self.rotary.cos_sin if self.rotary is not None else None
+        cos_sin, rope_rows = None, positions
+        if self.rotary is not None:
+            cos_sin, rope_rows = self.rotary.table(positions, ctx.rope_lens)
         k_cache, v_cache = ctx.kv_caches[self.layer_idx]
         out = rotary_paged_attention(
             q,
             k,
             v,
-            positions,
+            rope_rows,
             cos_sin,
             k_cache,
             v_cache,

@@ -21,6 +21,10 @@ class ForwardContext:
 
     batch: AttentionBatch
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values)
+    # [T] int64: each token's sequence length as length-dependent rope scalings
+    # (longrope, dynamic NTK) see it, max(position + 1, prompt length). Only passed
+    # to models that have such a scaling; None means position + 1 (decode tokens).
+    rope_lens: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,9 @@ class CausalLM(nn.Module):
     lm_head: LMHead
     # Whether a decode forward can be captured in a CUDA graph (no host syncs inside).
     supports_cuda_graphs: ClassVar[bool] = True
+    # A sequence that outgrows this length is recomputed from its first token
+    # (Phi-3 longrope, as transformers' Phi-3 generate does); None: never.
+    rope_recompute_at: int | None = None
 
     def set_spec(self, spec: ModelSpec) -> None:
         """Keep the family's settings and what the engine reads from them: the

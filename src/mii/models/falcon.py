@@ -27,7 +27,7 @@ from mii.errors import UnsupportedModelError
 from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, ForwardContext
 from mii.models.layers import MLP, LayerNorm, VocabEmbedding, activation
-from mii.models.rope import RotaryEmbedding, rope_parameters
+from mii.models.rope import RotaryEmbedding, rope_parameters, scaled_max_positions
 
 
 def _get(cfg: dict[str, Any], names: tuple[str, ...], default: Any) -> Any:
@@ -61,8 +61,11 @@ class FalconSpec:
     def from_hf(cls, cfg: dict[str, Any]) -> FalconSpec:
         if cfg.get("alibi"):
             raise UnsupportedModelError(
-                "ALiBi Falcon variants are not supported (e.g. falcon-rw-1b/7b); "
-                "only rotary Falcon checkpoints (alibi=false) can be served"
+                "ALiBi Falcon variants are not supported: this config sets alibi=true "
+                "(Falcon-RW, e.g. falcon-rw-1b/7b), and mii's paged attention applies "
+                "rotary position embeddings only, not ALiBi's per-head biases. Serve a "
+                "rotary Falcon checkpoint (alibi=false: Falcon-7B/40B/180B, Falcon2-11B) "
+                "or run this one with transformers (see README, supported models)"
             )
         hidden = _get(cfg, ("hidden_size", "n_embed"), 4544)
         heads = _get(cfg, ("num_attention_heads", "n_head"), 71)
@@ -111,7 +114,9 @@ class FalconSpec:
             head_dim=hidden // heads,
             layer_norm_eps=_get(cfg, ("layer_norm_epsilon",), 1e-5),
             activation=act,
-            max_positions=cfg.get("max_position_embeddings", 2048),
+            max_positions=scaled_max_positions(
+                cfg.get("max_position_embeddings", 2048), rope_parameters(cfg)
+            ),
             rope=rope_parameters(cfg),
             bias=bool(cfg.get("bias", False)),
             qkv_layout=layout,

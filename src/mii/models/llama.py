@@ -16,7 +16,7 @@ from torch import nn
 from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, DecoderSizes, ForwardContext
 from mii.models.layers import GatedMLP, RMSNorm, VocabEmbedding
-from mii.models.rope import RotaryEmbedding, rope_parameters
+from mii.models.rope import RotaryEmbedding, rope_parameters, scaled_max_positions
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class LlamaSpec(DecoderSizes):
         if cfg.get("layer_types"):
             windows = [window if t == "sliding_attention" else None for t in cfg["layer_types"]]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        rope = rope_parameters(cfg)
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -61,8 +62,8 @@ class LlamaSpec(DecoderSizes):
             head_dim=head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             hidden_act=cfg.get("hidden_act", "silu"),
-            max_positions=cfg.get("max_position_embeddings", 2048),
-            rope=rope_parameters(cfg),
+            max_positions=scaled_max_positions(cfg.get("max_position_embeddings", 2048), rope),
+            rope=rope,
             qkv_bias=bool(cfg.get("attention_bias", False)) or model_type == "qwen2",
             o_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
             mlp_bias=bool(cfg.get("mlp_bias", False)),

@@ -22,7 +22,7 @@ from torch import nn
 from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, DecoderSizes, ForwardContext
 from mii.models.layers import MLP, LayerNorm, VocabEmbedding
-from mii.models.rope import RotaryEmbedding, rope_parameters
+from mii.models.rope import RotaryEmbedding, rope_parameters, scaled_max_positions
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class PhiSpec(DecoderSizes):
             rotary_dim=int(head_dim * factor),
             layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
             hidden_act=cfg.get("hidden_act", "gelu_new"),
-            max_positions=cfg.get("max_position_embeddings", 2048),
+            max_positions=scaled_max_positions(cfg.get("max_position_embeddings", 2048), rope),
             rope=rope,
             qk_layernorm=bool(cfg.get("qk_layernorm", False)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

@@ -2,7 +2,9 @@
 (``ops/triton_attention.py``), else the torch reference (``ops/attention.py``).
 
 Both take the same arguments and do the same work: rotary embedding, the KV
-cache write, then attention over the paged cache.
+cache write, then attention over the paged cache. ``positions`` are only used to
+pick each token's row of ``cos_sin``: its position for plain rope, another row
+where a rope scaling lays its table out otherwise (``models/rope.py``).
 """
 
 from __future__ import annotations
