@@ -20,6 +20,11 @@ QUESTIONS = [
     "What is the capital of France?",
     "Name three primary colors.",
     "Write one sentence about the sea.",
+    "How many legs does a spider have?",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 12?",
+    "Give me a synonym for happy.",
+    "Why is the sky blue? Answer briefly.",
 ]
 NEW_TOKENS = 16
 
@@ -50,9 +55,9 @@ def test_greedy_matches_transformers_on_real_prompts(smollm2, cache_env):
     # (Each answer alone needs at most 14 of the 16 blocks.)
     tight = dict(token_budget=6, max_num_seqs=4, kv_block_size=4, num_kv_blocks=16)
     with mii.pipeline(smollm2, device="cpu", **tight) as pipe:
-        batch = pipe(prompts * 2, do_sample=False, max_new_tokens=NEW_TOKENS)
+        batch = pipe(prompts[:3] * 2, do_sample=False, max_new_tokens=NEW_TOKENS)
         assert pipe.engine.stats()["preemptions"] > 0
-    assert [r.token_ids for r in batch] == expected * 2
+    assert [r.token_ids for r in batch] == expected[:3] * 2
     assert "Paris" in responses[0].generated_text
     assert responses[0].finish_reason == "stop"  # <|im_end|> ends the answer
 
@@ -138,3 +143,45 @@ def test_mii_serve_without_model_serves_the_demo_to_the_openai_client(smollm2, c
             server.kill()
             _, err = server.communicate()
     assert "serving the demo model SmolLM2-135M-Instruct" in err
+
+
+def test_chat_route_ids_are_the_real_templates(smollm2, cache_env):
+    """The OpenAI chat route's prompt ids for SmolLM2's own (ChatML) template are
+    exactly apply_chat_template's, system message and several turns included."""
+    from mii.models.loader import load_tokenizer, resolve_model_dir
+    from mii.rpc.http.chat import chat_prompt_ids as route_ids
+
+    tokenizer = load_tokenizer(resolve_model_dir(smollm2, None, weights=False), None, False)
+    messages = [
+        {"role": "system", "content": "You are brief."},
+        {"role": "user", "content": QUESTIONS[0]},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": QUESTIONS[1]},
+    ]
+    expected = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    assert route_ids(tokenizer, messages) == list(expected)
+    assert tokenizer.decode(expected).endswith("<|im_start|>assistant\n")
+
+
+def test_stop_strings_and_streaming_on_the_real_vocabulary(smollm2, cache_env):
+    """Streamed pieces of a real BPE vocabulary join to the final text; a stop
+    string that spans tokens ends the answer where it begins."""
+    import asyncio
+
+    async def main():
+        async with mii.AsyncEngine(smollm2, device="cpu") as engine:
+            ids = chat_prompt_ids(engine.tokenizer, "Write one sentence about the sea.")
+            [whole] = await engine.generate([ids], do_sample=False, max_new_tokens=24)
+            pieces = [p async for p in engine.stream(ids, do_sample=False, max_new_tokens=24)]
+            assert "".join(p.generated_text for p in pieces) == whole.generated_text
+            assert pieces[-1].finish_reason == whole.finish_reason
+            # Stop at a word in the middle of the answer (a few tokens long).
+            words = whole.generated_text.split()
+            stop = " ".join(words[2:4])
+            [cut] = await engine.generate([ids], do_sample=False, max_new_tokens=24, stop=stop)
+            assert cut.finish_reason == "stop"
+            assert cut.generated_text == whole.generated_text[: whole.generated_text.index(stop)]
+
+    asyncio.run(main())
