@@ -160,6 +160,27 @@ async def _slow_app(scope, receive, send):
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+@contextlib.asynccontextmanager
+async def _guarded_server(limits: ConnectionLimits):
+    """A bare uvicorn server of ``_slow_app`` on loopback with the guard: (server, port)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    protocol = guarded_protocol(H11Protocol, limits)
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(_slow_app, http=protocol, log_config=None, lifespan="off")
+    )
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    try:
+        yield server, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        server.force_exit = True
+        await asyncio.wait_for(task, 10)
+
+
 async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), 10)
 
@@ -169,18 +190,7 @@ def test_connection_cap_refuses_when_every_connection_is_busy():
     third connection is answered 503 at once."""
 
     async def main():
-        from uvicorn.protocols.http.h11_impl import H11Protocol
-
-        protocol = guarded_protocol(H11Protocol, ConnectionLimits(60.0, 2))
-        sock = socket.create_server(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(_slow_app, http=protocol, log_config=None, lifespan="off")
-        )
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        try:
+        async with _guarded_server(ConnectionLimits(60.0, 2)) as (server, port):
             # An idle connection makes room for a new one: it is closed, not the newcomer.
             idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", port)
             busy = []
@@ -197,10 +207,6 @@ def test_connection_cap_refuses_when_every_connection_is_busy():
             assert len(server.server_state.connections) == 2
             for _, w in [*busy, (None, writer), (None, idle_writer)]:
                 w.close()
-        finally:
-            server.should_exit = True
-            server.force_exit = True
-            await asyncio.wait_for(task, 10)
 
     asyncio.run(main())
 
@@ -211,21 +217,10 @@ def test_a_stalled_request_body_is_timed_out_and_closed_on_shutdown():
     gateway's unstarted connections ends one that is still inside its body."""
 
     async def main():
-        from uvicorn.protocols.http.h11_impl import H11Protocol
-
         from mii.rpc.http.connections import close_unstarted
 
-        protocol = guarded_protocol(H11Protocol, ConnectionLimits(0.5, 10))
-        sock = socket.create_server(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = uvicorn.Server(
-            uvicorn.Config(_slow_app, http=protocol, log_config=None, lifespan="off")
-        )
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        while not server.started:
-            await asyncio.sleep(0.01)
         stalled = b'POST /upload HTTP/1.1\r\nHost: x\r\ncontent-length: 1000\r\n\r\n{"a":'
-        try:
+        async with _guarded_server(ConnectionLimits(0.5, 10)) as (server, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(stalled)
             await writer.drain()
@@ -254,9 +249,5 @@ def test_a_stalled_request_body_is_timed_out_and_closed_on_shutdown():
             answer = await _read_until_closed(reader)
             assert answer.startswith(b"HTTP/1.1 408"), answer
             writer.close()
-        finally:
-            server.should_exit = True
-            server.force_exit = True
-            await asyncio.wait_for(task, 10)
 
     asyncio.run(main())
