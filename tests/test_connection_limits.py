@@ -116,7 +116,9 @@ def test_idle_http_connections_do_not_lock_clients_out(low_fd_deployment):
         # New clients are served while the half-open connections are still there.
         fresh = MiiClient(f"127.0.0.1:{config.port}")
         try:
-            (answer,) = fresh.generate("DeepSpeed is", max_new_tokens=2, timeout=30)
+            (answer,) = fresh.generate(
+                "DeepSpeed is", max_new_tokens=2, ignore_eos=True, timeout=30
+            )
             assert answer.generated_length == 2
         finally:
             fresh.close()

@@ -131,7 +131,7 @@ def test_long_prompts_are_tokenized_while_other_requests_run(llama):
 
             async def short():
                 await asyncio.sleep(0)  # let the long one start first
-                answer = await engine.generate("Seattle is", max_new_tokens=2)
+                answer = await engine.generate("Seattle is", max_new_tokens=2, ignore_eos=True)
                 short_done.set()
                 return answer
 

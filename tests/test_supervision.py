@@ -181,7 +181,7 @@ def test_frozen_replica_fails_its_request_and_leaves_rotation(supervised, start)
         assert health["replicas"][frozen["index"]]["state"] == "unresponsive", health
         assert health["status"] == "ok" and health["healthy_replicas"] == 1
         for prompt in PROMPTS[:3]:
-            [answer] = s.client.generate(prompt, max_new_tokens=2, timeout=30)
+            [answer] = s.client.generate(prompt, max_new_tokens=2, ignore_eos=True, timeout=30)
             assert answer.generated_length == 2
         assert s.replica(other)["state"] == "serving"
     finally:
@@ -191,7 +191,7 @@ def test_frozen_replica_fails_its_request_and_leaves_rotation(supervised, start)
     assert s.replica(frozen["index"])["pid"] == frozen["pid"]
     assert s.replica(frozen["index"])["restarts"] == 0
     replica = MiiClient(frozen["address"], api_key=replica_token(frozen["pid"]))
-    [answer] = replica.generate(PROMPTS[1], max_new_tokens=2, timeout=30)
+    [answer] = replica.generate(PROMPTS[1], max_new_tokens=2, ignore_eos=True, timeout=30)
     assert answer.generated_length == 2
 
 
@@ -214,7 +214,7 @@ def test_killed_replica_is_restarted(supervised, capsys):
     assert after["pid"] != before["pid"] and registry.pid_alive(after["pid"])
     assert after["restarts"] == 1 and after["address"] == before["address"]  # same port
     replica = MiiClient(after["address"], api_key=replica_token(after["pid"]))
-    [answer] = replica.generate(PROMPTS[0], max_new_tokens=3, timeout=30)
+    [answer] = replica.generate(PROMPTS[0], max_new_tokens=3, ignore_eos=True, timeout=30)
     assert answer.generated_length == 3
     record = list_json(capsys)
     assert record["health"]["replicas"][1] == {**after, "in_flight": 0}
@@ -244,7 +244,7 @@ def test_replica_that_keeps_crashing_is_given_up(supervised, capsys):
     assert health.json()["replicas"][0]["restarts"] == MAX_RESTARTS
     listed = list_json(capsys)["health"]
     assert [r["state"] for r in listed["replicas"]] == ["failed", "serving"]
-    [answer] = s.client.generate(PROMPTS[0], max_new_tokens=2, timeout=30)
+    [answer] = s.client.generate(PROMPTS[0], max_new_tokens=2, ignore_eos=True, timeout=30)
     assert answer.generated_length == 2
     log = registry.log_path(NAME).read_text()
     assert "giving up on it" in log and "replica_max_restarts" in log
