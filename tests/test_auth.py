@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import mii
+from helpers import descendants
 from mii.rpc import mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.client import MiiClient
 from mii.rpc.deployment import free_port
@@ -47,24 +48,6 @@ class Secured:
     address: str  # the public gRPC port
     url: str  # the REST API
     info: dict
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = path.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(path.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 @pytest.fixture(scope="module")

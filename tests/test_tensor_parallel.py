@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mii
-from helpers import PROMPTS, TIGHT_OPTIONS, checkpoint_cache, hf_greedy
+from helpers import PROMPTS, TIGHT_OPTIONS, checkpoint_cache, descendants, hf_greedy
 from mii.models import loader
 from mii.models.parallel import kv_head_layout, parallel_state, vocab_range
 from test_family_falcon import falcon_config
@@ -260,24 +260,6 @@ def test_tensor_parallel_without_a_launcher_says_how_to_launch(models, monkeypat
 
 
 # -- deployments -------------------------------------------------------------------
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":  # zombies are already gone
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def deployment_processes(name: str) -> set[int]:
