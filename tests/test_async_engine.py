@@ -320,10 +320,10 @@ async def test_request_id_reused_while_its_abort_is_pending(engine, monkeypatch)
 async def test_failing_output_processing_fails_only_that_request(engine, monkeypatch):
     original = engine.core.output.process_token
 
-    def flaky(seq, token, slot):
+    def flaky(seq, token, slot, logprob=None):
         if seq.request_id == "bad":
             raise RuntimeError("cannot decode")
-        return original(seq, token, slot)
+        return original(seq, token, slot, logprob)
 
     monkeypatch.setattr(engine.core.output, "process_token", flaky)
 

@@ -382,7 +382,7 @@ def test_openai_invalid_requests(served):
     too_few = {**ok, "min_tokens": 5, "max_tokens": 2}
     assert_openai_error(post("/v1/completions", json=too_few), 400, "max_tokens")
     assert_openai_error(post("/v1/completions", json={**ok, "temperature": -1}), 400, "temperature")
-    assert_openai_error(post("/v1/completions", json={**ok, "logprobs": 2}), 400, "logprobs")
+    assert_openai_error(post("/v1/completions", json={**ok, "logprobs": 21}), 400, "logprobs")
     assert_openai_error(post("/v1/completions", json={**ok, "n": 0}), 400, "n")
     assert_openai_error(post("/v1/completions", json={**ok, "prompt": [1, 2]}), 400, "prompt")
     error = assert_openai_error(

@@ -148,3 +148,26 @@ def test_engine_freezes_its_startup_heap_until_released(checkpoints):
     assert heap._engines == holders
     still_frozen = gc.get_freeze_count() > 0
     assert still_frozen == (holders > 0 or frozen_by_others), (holders, frozen_by_others)
+
+
+def test_logprobs_on_gpu_match_transformers(checkpoints, tokenizer):
+    """On CUDA logprobs come back with the tokens through pinned memory, with async
+    scheduling and decode passes replayed as CUDA graphs (fp32 weights)."""
+    path, hf_model = checkpoints("llama")
+    hf_model = hf_model.float()
+    with mii.pipeline(str(path), device="cuda", dtype="float32", **TIGHT_OPTIONS) as pipe:
+        assert pipe.engine.core.async_scheduling and pipe.engine.core.runner.graphs is not None
+        responses = pipe(
+            PROMPTS * 2, do_sample=False, max_new_tokens=12, logprobs=2, prompt_logprobs=1
+        )
+    for prompt, response in zip(PROMPTS * 2, responses):
+        prompt_ids = tokenizer(prompt).input_ids
+        ids = prompt_ids + response.token_ids
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        n = len(prompt_ids)
+        assert response.prompt_logprobs[0] is None
+        for j in range(1, len(ids)):
+            entry = response.prompt_logprobs[j] if j < n else response.logprobs[j - n]
+            assert entry.token_id == ids[j]
+            assert abs(entry.logprob - expected[j - 1, ids[j]].item()) < 1e-3

@@ -34,6 +34,9 @@ GREEDY_TEMPERATURE = 1e-5
 # text, so their number and length are capped (OpenAI allows 4).
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LENGTH = 256
+# Most likely tokens a request may ask for at each position (logprobs,
+# prompt_logprobs): OpenAI's top_logprobs limit, and vLLM's default.
+MAX_LOGPROBS = 20
 
 
 def _raise_from_pydantic(err: ValidationError, what: str) -> None:
@@ -107,6 +110,26 @@ class GenerateParams(BaseModel):
         description="seed for reproducible sampling (default: random)",
     )
 
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="return each generated token's log-probability and the N most likely "
+        f"tokens at its position (0: the token's own only; at most {MAX_LOGPROBS})",
+    )
+    prompt_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="return each prompt token's log-probability (the first: none) and the N "
+        "most likely tokens at its position, from the model's raw distribution",
+    )
+    logprobs_mode: Literal["raw", "processed"] = Field(
+        default="raw",
+        description="logprobs of the model's raw distribution, or 'processed': of the "
+        "distribution sampled from (after penalties, temperature, top-k and top-p)",
+    )
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_tuple(cls, value: Any) -> Any:
@@ -128,7 +151,14 @@ class GenerateParams(BaseModel):
         return value
 
     @field_validator(
-        "max_length", "min_new_tokens", "max_new_tokens", "top_k", "seed", mode="before"
+        "max_length",
+        "min_new_tokens",
+        "max_new_tokens",
+        "top_k",
+        "seed",
+        "logprobs",
+        "prompt_logprobs",
+        mode="before",
     )
     @classmethod
     def _not_a_boolean(cls, value: Any) -> Any:

@@ -145,7 +145,7 @@ class RankPipeline:
             raise RuntimeError("rank 0 destroyed the pipeline during this call")
         if not payload:
             return []
-        return [Response(**fields) for fields in json.loads(payload)]
+        return [Response.from_dict(fields) for fields in json.loads(payload)]
 
     def destroy(self) -> None:
         """Wait for rank 0 to destroy the pipeline, then leave the process group."""

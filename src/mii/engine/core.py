@@ -25,6 +25,7 @@ from mii.engine import bring_up, heap
 from mii.engine.distributed import TensorParallelError
 from mii.engine.intake import RequestIntake
 from mii.engine.kv_cache import BlockManager
+from mii.engine.logprobs import LogprobTensors, prompt_span
 from mii.engine.model_runner import ModelRunner
 from mii.engine.output_processor import OutputProcessor
 from mii.engine.sampler import sample_next_tokens
@@ -55,17 +56,41 @@ class _Launched:
     tokens: torch.Tensor  # [S] sampled tokens on the device: the next pass reads them
     host_tokens: torch.Tensor  # [S] their copy in host memory, valid once `ready`
     ready: torch.cuda.Event | None  # None: host_tokens is valid already (CPU)
+    # logprobs: of the sampled tokens (rows as `seqs`), and of the prompt tokens
+    # the pass scored (rows as the spans of `prompt_spans`, in order); host copies.
+    token_logprobs: LogprobTensors | None = None
+    prompt_logprobs: LogprobTensors | None = None
+    prompt_spans: list[tuple[Sequence, range]] | None = None
 
 
-def _read_back(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """Start copying sampled tokens to the host without waiting for the device."""
+def _read_back(
+    tokens: torch.Tensor, *logprobs: LogprobTensors | None
+) -> tuple[torch.Tensor, list[LogprobTensors | None], torch.cuda.Event | None]:
+    """Start copying sampled tokens (and logprobs) to the host without waiting for
+    the device."""
     if tokens.device.type != "cuda":
-        return tokens, None
+        return tokens, list(logprobs), None
     host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
     host.copy_(tokens, non_blocking=True)
+    host_logprobs = [lp.to_host() if lp is not None else None for lp in logprobs]
     ready = torch.cuda.Event()
-    ready.record(torch.cuda.current_stream(tokens.device))  # the copy's stream
-    return host, ready
+    ready.record(torch.cuda.current_stream(tokens.device))  # the copies' stream
+    return host, host_logprobs, ready
+
+
+def _score_prompts(plan: SchedulerOutput) -> list[tuple[Sequence, range]]:
+    """The prompt tokens a launched pass scores, per sequence, in the order of its
+    prompt rows (as ``describe_pass`` laid them out); marks them scored."""
+    spans = []
+    for chunk in plan.chunks:
+        seq = chunk.seq
+        if seq.params.prompt_logprobs is None:
+            continue
+        span = prompt_span(seq, seq.num_computed, chunk.num_tokens)
+        if span:
+            spans.append((seq, span))
+            seq.prompt_scored_upto = span.stop
+    return spans
 
 
 class EngineCore:
@@ -244,23 +269,32 @@ class EngineCore:
         """Queue the forward pass and sampling of ``plan`` on the device without
         waiting for them; on failure end the plan's requests (into ``failed``)."""
         try:
-            logits = self.runner.run(plan.chunks, prev.tokens if prev is not None else None)
+            logits, prompt_logprobs = self.runner.run(
+                plan.chunks, prev.tokens if prev is not None else None
+            )
             to_sample = [c.seq for c in plan.chunks if c.samples]
-            tokens = sample_next_tokens(logits, to_sample, self.eos_token_ids, self.vocab_size)
-            host_tokens, ready = _read_back(tokens)
+            tokens, token_logprobs = sample_next_tokens(
+                logits, to_sample, self.eos_token_ids, self.vocab_size
+            )
+            host_tokens, (token_logprobs, prompt_logprobs), ready = _read_back(
+                tokens, token_logprobs, prompt_logprobs
+            )
         except Exception as err:  # a failed pass ends its own requests, not the engine
             log.exception("forward pass failed")
             if self.relay is not None:  # the group is unusable now
                 err = self.relay.failed(err)
             failed.extend(self._fail([c.seq for c in plan.chunks], err))
             return None
+        spans = _score_prompts(plan) if prompt_logprobs is not None else None
         self.scheduler.commit(plan)
         slots = []
         for row, seq in enumerate(to_sample):
             slots.append(len(seq.token_ids))
             seq.token_ids.append(PENDING_TOKEN)
             seq.pending_row = row
-        return _Launched(to_sample, slots, tokens, host_tokens, ready)
+        return _Launched(
+            to_sample, slots, tokens, host_tokens, ready, token_logprobs, prompt_logprobs, spans
+        )
 
     def _resolve(self, launched: _Launched) -> list[StepOutput]:
         """Wait for a launched pass's tokens and turn them into response pieces."""
@@ -270,16 +304,21 @@ class EngineCore:
             else:
                 self.relay.wait(launched.ready)
         tokens = launched.host_tokens.tolist()
+        if launched.prompt_logprobs is not None:  # before the first token's piece
+            self.output.add_prompt_logprobs(launched.prompt_spans, launched.prompt_logprobs)
+        logprobs = launched.token_logprobs.as_lists() if launched.token_logprobs else None
         process_token = self.output.process_token
         outputs = []
-        for seq, slot, token in zip(launched.seqs, launched.slots, tokens):
+        for row, (seq, slot, token) in enumerate(zip(launched.seqs, launched.slots, tokens)):
             seq.token_ids[slot] = token
             if seq.pending_row is not None and slot == len(seq.token_ids) - 1:
                 seq.pending_row = None  # no later pass has sampled after it
             if seq.status is SequenceStatus.FINISHED:
                 continue  # ended (stop, abort) after this pass was launched: discard
+            k = seq.params.logprobs
+            logprob = logprobs.entry(row, token, k) if k is not None else None
             try:
-                outputs.append(StepOutput(seq.request_id, process_token(seq, token, slot)))
+                outputs.append(StepOutput(seq.request_id, process_token(seq, token, slot, logprob)))
             except Exception as err:  # e.g. a tokenizer that cannot decode this id
                 log.exception("output processing failed for request %s", seq.request_id)
                 seq.finish_reason = "error"

@@ -102,6 +102,11 @@ class RequestIntake:
             )
         room = max_length - len(prompt_ids)
         max_new = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
+        # Prompt logprobs and no new token (OpenAI's echo with max_tokens 0): the
+        # prompt still runs, and the one token it samples is dropped.
+        score_only = max_new == 0 and params.prompt_logprobs is not None
+        if score_only:
+            max_new = 1
         total = len(prompt_ids) + max_new
         if not self.blocks.can_fit_alone(total):
             raise RequestTooLargeError(
@@ -113,4 +118,12 @@ class RequestIntake:
             )
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         prompt_text = prompt if isinstance(prompt, str) else None
-        return Sequence(request_id, prompt_ids, params, max_new, seed, prompt_text=prompt_text)
+        return Sequence(
+            request_id,
+            prompt_ids,
+            params,
+            max_new,
+            seed,
+            prompt_text=prompt_text,
+            score_only=score_only,
+        )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from mii.engine.logprobs import LogprobTensors, prompt_span, score_hidden_rows
 from mii.engine.scheduler import ScheduledChunk
 from mii.models.base import CausalLM, ForwardContext
 from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
@@ -39,11 +40,21 @@ class PassInputs:
     # [T] int64: max(position + 1, prompt length) per token, the length that
     # length-dependent rope scalings (longrope, dynamic NTK) rotate it for.
     rope_lens: np.ndarray
+    # prompt_logprobs: Q flat indices of tokens whose logits score the next prompt
+    # token (engine/logprobs.py), those tokens' ids, and how many most likely
+    # tokens to keep ([K], or [] when Q is 0).
+    prompt_rows: np.ndarray  # [Q] int64
+    prompt_targets: np.ndarray  # [Q] int64
+    prompt_top_k: np.ndarray  # [1] or [0] int64
 
     @property
     def is_decode(self) -> bool:
         """One token per sequence, every one sampled: what CUDA graphs replay."""
-        return bool((self.query_lens == 1).all()) and len(self.sample_rows) == len(self.query_lens)
+        return (
+            bool((self.query_lens == 1).all())
+            and len(self.sample_rows) == len(self.query_lens)
+            and not len(self.prompt_rows)
+        )
 
     def pack(self) -> np.ndarray:
         """One int64 array: a header of lengths, then every field flattened."""
@@ -76,6 +87,9 @@ def describe_pass(chunks: list[ScheduledChunk], block_size: int) -> PassInputs:
     sample_rows: list[int] = []
     pending_dst: list[int] = []
     pending_src: list[int] = []
+    prompt_rows: list[int] = []
+    prompt_targets: list[int] = []
+    prompt_top_k = 0
     width = max(len(c.seq.block_table) for c in chunks)
     tables = np.zeros((len(chunks), width), dtype=np.int64)
     offset = 0
@@ -86,6 +100,15 @@ def describe_pass(chunks: list[ScheduledChunk], block_size: int) -> PassInputs:
         prompt_lens.append(max(seq.prompt_len, seq.rope_len_floor))
         query_lens.append(n)
         tables[i, : len(seq.block_table)] = seq.block_table
+        if seq.params.prompt_logprobs is not None:
+            span = prompt_span(seq, start, n)
+            # prompt token j is scored by the logits of position j - 1
+            prompt_rows.extend(
+                range(offset + span.start - 1 - start, offset + span.stop - 1 - start)
+            )
+            prompt_targets.extend(seq.token_ids[span.start : span.stop])
+            if span:
+                prompt_top_k = max(prompt_top_k, seq.params.prompt_logprobs)
         offset += n
         if chunk.samples:
             sample_rows.append(offset - 1)
@@ -113,6 +136,9 @@ def describe_pass(chunks: list[ScheduledChunk], block_size: int) -> PassInputs:
         ints(pending_dst),
         ints(pending_src),
         np.maximum(positions + 1, ints(prompt_lens)[row]),
+        ints(prompt_rows),
+        ints(prompt_targets),
+        ints([prompt_top_k] if prompt_rows else []),
     )
 
 
@@ -193,8 +219,9 @@ class ModelRunner:
 
     def run(
         self, chunks: list[ScheduledChunk], pending: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Forward one scheduled pass; float32 logits [R, V] for the chunks that sample.
+    ) -> tuple[torch.Tensor, LogprobTensors | None]:
+        """Forward one scheduled pass: float32 logits [R, V] for the chunks that
+        sample, and the logprobs of the prompt tokens it scores (None: none asked).
 
         ``pending``: the sampled tokens of the pass still in flight, which the
         sequences' pending last tokens (``Sequence.pending_row``) are read from.
@@ -205,10 +232,12 @@ class ModelRunner:
         return self.execute(inputs, pending)
 
     @torch.inference_mode()
-    def execute(self, inputs: PassInputs, pending: torch.Tensor | None = None) -> torch.Tensor:
+    def execute(
+        self, inputs: PassInputs, pending: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LogprobTensors | None]:
         """Forward a described pass (every rank runs this on the same description)."""
         if self.graphs is not None and self.graphs.can_run(inputs):
-            return self.graphs.run(inputs, pending)
+            return self.graphs.run(inputs, pending), None
         token_ids, positions, batch, sample_rows = self.prepare(inputs)
         fill_pending(token_ids, inputs, pending)
         rope_lens = None
@@ -216,4 +245,17 @@ class ModelRunner:
             (rope_lens,) = upload(self.device, [(inputs.rope_lens, torch.int64)])
         ctx = ForwardContext(batch, self.kv_caches, rope_lens)
         hidden = self.forward(token_ids, positions, ctx)
-        return self.model.compute_logits(hidden.index_select(0, sample_rows))
+        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
+        return logits, self._score_prompt_rows(hidden, inputs)
+
+    def _score_prompt_rows(self, hidden: torch.Tensor, inputs: PassInputs) -> LogprobTensors | None:
+        """The logprobs of the prompt tokens this pass scores (prompt_logprobs)."""
+        if not len(inputs.prompt_rows):
+            return None
+        rows, targets = upload(
+            self.device, [(inputs.prompt_rows, torch.int64), (inputs.prompt_targets, torch.int64)]
+        )
+        k = int(inputs.prompt_top_k[0])
+        return score_hidden_rows(
+            self.model.compute_logits, hidden.index_select(0, rows), targets, k
+        )

@@ -18,8 +18,9 @@ from mii.engine.detokenizer import (
     StopStringMatcher,
     fast_decoder,
 )
+from mii.engine.logprobs import LogprobTensors
 from mii.engine.sequence import Sequence
-from mii.response import Response
+from mii.response import Response, TokenLogprob
 
 
 @dataclass
@@ -30,6 +31,8 @@ class _RequestText:
     stops: StopStringMatcher
     prefix: str  # the prompt text when return_full_text, sent with the first piece
     unsent_ids: list[int] = field(default_factory=list)  # token ids not yet in a piece
+    # prompt_logprobs: filled as prefill chunks are scored, sent with the first piece
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class OutputProcessor:
@@ -60,18 +63,49 @@ class OutputProcessor:
             ),
             StopStringMatcher(seq.params.stop),
             self.full_text_prefix(seq),
+            prompt_logprobs=[None] if seq.params.prompt_logprobs is not None else None,
         )
+
+    def add_prompt_logprobs(
+        self, spans: list[tuple[Sequence, range]], logprobs: LogprobTensors
+    ) -> None:
+        """Record the logprobs of the prompt tokens a pass scored (``spans``: per
+        sequence, the tokens its rows score, in row order)."""
+        rows = logprobs.as_lists()
+        row = 0
+        for seq, span in spans:
+            state = self._requests.get(seq.request_id)  # None: ended meanwhile
+            if state is not None and state.prompt_logprobs is not None:
+                k = seq.params.prompt_logprobs
+                state.prompt_logprobs.extend(
+                    rows.entry(row + i, seq.token_ids[j], k) for i, j in enumerate(span)
+                )
+            row += len(span)
 
     def end(self, request_id: str) -> None:
         """Forget a request that finished, failed or was aborted (if it was started)."""
         self._requests.pop(request_id, None)
 
-    def process_token(self, seq: Sequence, token: int, slot: int) -> Response:
+    def process_token(
+        self, seq: Sequence, token: int, slot: int, logprob: TokenLogprob | None = None
+    ) -> Response:
         """Detokenize the new token at ``seq.token_ids[slot]``, check every end
         condition (setting ``seq.finish_reason``), and build the piece to stream
-        (its text may be empty while characters are held back)."""
+        (its text may be empty while characters are held back). ``logprob``: the
+        token's, when the request asked for logprobs."""
         state = self._requests[seq.request_id]
         params = seq.params
+        prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
+        if seq.score_only:  # the prompt's logprobs were all it asked for
+            seq.finish_reason = "length"
+            return Response(
+                state.prefix,
+                seq.prompt_len,
+                0,
+                "length",
+                seq.request_id,
+                prompt_logprobs=prompt_logprobs,
+            )
         generated = slot + 1 - seq.prompt_len  # later tokens may already be pending
         state.unsent_ids.append(token)
         finish = None
@@ -95,4 +129,14 @@ class OutputProcessor:
         # split character, a possible stop string): consumers see token timing
         # as it happens, and the pieces' text still concatenates to the answer.
         ids, state.unsent_ids = state.unsent_ids, []
-        return Response(text, seq.prompt_len, generated, finish, seq.request_id, ids)
+        return Response(
+            text,
+            seq.prompt_len,
+            generated,
+            finish,
+            seq.request_id,
+            ids,
+            [logprob] if logprob is not None else None,
+            prompt_logprobs,
+            list(seq.prompt_token_ids) if prompt_logprobs is not None else None,
+        )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mii.engine.logprobs import LogprobTensors, score
 from mii.engine.sequence import Sequence
 from mii.ops.transfer import upload
 
@@ -76,13 +77,26 @@ class SamplingBatch:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: list[int]) -> torch.Tensor:
     """logits: [S, V] float32 -> next token ids [S] (int64, on the same device)."""
+    return sample_with_logprobs(logits, batch, eos_token_ids, processed_logprobs=False)[0]
+
+
+def sample_with_logprobs(
+    logits: torch.Tensor,
+    batch: SamplingBatch,
+    eos_token_ids: list[int],
+    processed_logprobs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sample``, and when ``processed_logprobs`` the log-probabilities [S, V] of
+    the distribution each row is sampled from (greedy rows: of the logits after
+    bans and penalties; sampled rows: after temperature, top-k and top-p too,
+    -inf outside them)."""
     if eos_token_ids and batch.any_ban_eos:
         (eos,) = upload(logits.device, [(eos_token_ids, torch.int64)])
         banned = logits[:, eos].masked_fill(batch.ban_eos[:, None], float("-inf"))
         logits = logits.index_copy(1, eos, banned)
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
-        return greedy_tokens
+        return greedy_tokens, logits.log_softmax(dim=-1) if processed_logprobs else None
 
     vocab = logits.shape[-1]
     scaled = logits / batch.temperature[:, None]
@@ -100,22 +114,43 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, eos_token_ids: list[int])
     noise = noise.gather(1, sorted_ids)  # noise is keyed by token id, not by rank
     choice = (probs / noise).argmax(dim=-1, keepdim=True)
     sampled = sorted_ids.gather(1, choice).squeeze(1)
-    return torch.where(batch.greedy, greedy_tokens, sampled)
+    tokens = torch.where(batch.greedy, greedy_tokens, sampled)
+    if not processed_logprobs:
+        return tokens, None
+    # log_softmax of the surviving logits, not log(probs): exact for unlikely tokens
+    sorted_logprobs = sorted_logits.masked_fill(cut, float("-inf")).log_softmax(dim=-1)
+    sampled_logprobs = torch.empty_like(sorted_logprobs).scatter_(1, sorted_ids, sorted_logprobs)
+    return tokens, torch.where(batch.greedy[:, None], logits.log_softmax(dim=-1), sampled_logprobs)
 
 
 def sample_next_tokens(
     logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int], vocab_size: int
-) -> torch.Tensor:
-    """Next token of each sequence (logits: [S, V], one row per sequence). The
-    common all-greedy case is one argmax, decided on the host so that no device
-    value is read to choose the path."""
+) -> tuple[torch.Tensor, LogprobTensors | None]:
+    """Next token of each sequence (logits: [S, V], one row per sequence), and
+    their logprobs when some sequence asks for ``logprobs`` (a row that did not
+    ask is computed too and dropped: no per-row work). The common all-greedy case
+    is one argmax, decided on the host so that no device value is read to choose
+    the path."""
     plain_greedy = all(
         s.params.greedy and (s.params.ignore_eos or s.num_generated >= s.params.min_new_tokens)
         for s in seqs
     )
-    if plain_greedy:
-        return logits.argmax(dim=-1)
-    return sample(logits, sampling_batch(seqs, vocab_size, logits.device), eos_token_ids)
+    asked = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+    processed = [s.params.logprobs_mode == "processed" for s in seqs] if asked else []
+    if plain_greedy and not any(processed):
+        tokens, processed_logprobs = logits.argmax(dim=-1), None
+    else:
+        batch = sampling_batch(seqs, vocab_size, logits.device)
+        tokens, processed_logprobs = sample_with_logprobs(
+            logits, batch, eos_token_ids, any(processed)
+        )
+    if not asked:
+        return tokens, None
+    logprobs = logits.log_softmax(dim=-1)  # raw: the model's own distribution
+    if processed_logprobs is not None:
+        (rows,) = upload(logits.device, [(processed, torch.bool)])
+        logprobs = torch.where(rows[:, None], processed_logprobs, logprobs)
+    return tokens, score(logprobs, tokens, max(asked))
 
 
 def sampling_batch(seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:

@@ -49,6 +49,12 @@ class Sequence:
     # scalings (besides the prompt length): raised when a Phi-3 longrope sequence
     # outgrows its original context (see Scheduler._outgrow_rope).
     rope_len_floor: int = 0
+    # prompt_logprobs: the next prompt token to score (token 0 has nothing before
+    # it). Only rises, so that recomputing a preempted prompt scores nothing twice.
+    prompt_scored_upto: int = 1
+    # A request for prompt logprobs and no new token (max_new_tokens 0): it runs
+    # its prompt and samples one token that is never returned.
+    score_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:

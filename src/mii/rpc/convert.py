@@ -6,7 +6,7 @@ from typing import Any
 
 from mii.config import GenerateParams
 from mii.errors import InvalidRequestError
-from mii.response import Response
+from mii.response import Response, TokenLogprob
 from mii.rpc import mii_pb2
 
 # Channel options for messages of any size (grpc's default caps what a channel
@@ -46,6 +46,23 @@ def options_from_proto(options: mii_pb2.GenerationOptions) -> dict[str, Any]:
     return params
 
 
+def _logprob_to_proto(entry: TokenLogprob | None) -> mii_pb2.TokenLogprob:
+    if entry is None:  # the first prompt token: nothing to score it by
+        return mii_pb2.TokenLogprob()
+    return mii_pb2.TokenLogprob(
+        token_id=entry.token_id,
+        logprob=entry.logprob,
+        top_ids=[t for t, _ in entry.top],
+        top_logprobs=[lp for _, lp in entry.top],
+    )
+
+
+def _logprob_from_proto(entry: mii_pb2.TokenLogprob) -> TokenLogprob | None:
+    if not entry.HasField("logprob"):
+        return None
+    return TokenLogprob(entry.token_id, entry.logprob, list(zip(entry.top_ids, entry.top_logprobs)))
+
+
 def piece_to_proto(response: Response) -> mii_pb2.Piece:
     return mii_pb2.Piece(
         generated_text=response.generated_text,
@@ -53,6 +70,9 @@ def piece_to_proto(response: Response) -> mii_pb2.Piece:
         generated_length=response.generated_length,
         finish_reason=response.finish_reason or "",
         token_ids=response.token_ids,
+        logprobs=[_logprob_to_proto(e) for e in response.logprobs or ()],
+        prompt_logprobs=[_logprob_to_proto(e) for e in response.prompt_logprobs or ()],
+        prompt_token_ids=response.prompt_token_ids or (),
     )
 
 
@@ -63,6 +83,10 @@ def piece_from_proto(piece: mii_pb2.Piece) -> Response:
         generated_length=piece.generated_length,
         finish_reason=piece.finish_reason or None,
         token_ids=list(piece.token_ids),
+        # empty: the request asked for none (a piece that asked has one per token)
+        logprobs=[_logprob_from_proto(e) for e in piece.logprobs] or None,
+        prompt_logprobs=[_logprob_from_proto(e) for e in piece.prompt_logprobs] or None,
+        prompt_token_ids=list(piece.prompt_token_ids) or None,
     )
 
 

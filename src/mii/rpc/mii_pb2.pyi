@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerationOptions(_message.Message):
-    __slots__ = ("max_length", "min_new_tokens", "max_new_tokens", "ignore_eos", "top_p", "top_k", "temperature", "do_sample", "return_full_text", "stop", "seed")
+    __slots__ = ("max_length", "min_new_tokens", "max_new_tokens", "ignore_eos", "top_p", "top_k", "temperature", "do_sample", "return_full_text", "stop", "seed", "logprobs", "prompt_logprobs", "logprobs_mode")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,9 @@ class GenerationOptions(_message.Message):
     RETURN_FULL_TEXT_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_MODE_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     min_new_tokens: int
     max_new_tokens: int
@@ -30,7 +33,10 @@ class GenerationOptions(_message.Message):
     return_full_text: bool
     stop: _containers.RepeatedScalarFieldContainer[str]
     seed: int
-    def __init__(self, max_length: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., do_sample: _Optional[bool] = ..., return_full_text: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    logprobs: int
+    prompt_logprobs: int
+    logprobs_mode: str
+    def __init__(self, max_length: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., do_sample: _Optional[bool] = ..., return_full_text: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., logprobs_mode: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompts", "options", "prompt_ids")
@@ -49,18 +55,36 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Piece(_message.Message):
-    __slots__ = ("generated_text", "prompt_length", "generated_length", "finish_reason", "token_ids")
+    __slots__ = ("generated_text", "prompt_length", "generated_length", "finish_reason", "token_ids", "logprobs", "prompt_logprobs", "prompt_token_ids")
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GENERATED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     generated_text: str
     prompt_length: int
     generated_length: int
     finish_reason: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, generated_text: _Optional[str] = ..., prompt_length: _Optional[int] = ..., generated_length: _Optional[int] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, generated_text: _Optional[str] = ..., prompt_length: _Optional[int] = ..., generated_length: _Optional[int] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token_id", "logprob", "top_ids", "top_logprobs")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    logprob: float
+    top_ids: _containers.RepeatedScalarFieldContainer[int]
+    top_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
     __slots__ = ("responses",)

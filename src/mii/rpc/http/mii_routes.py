@@ -15,10 +15,12 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mii.response import Response as Answer
+from mii.response import TokenLogprob
 from mii.rpc.convert import validated
 from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.limits import LimitedRoute
+from mii.rpc.http.openai_logprobs import json_logprob
 from mii.rpc.http.protocol import MiiRequest
 from mii.rpc.http.state import get_state
 from mii.rpc.replica_health import health_body
@@ -26,15 +28,31 @@ from mii.rpc.replica_health import health_body
 router = APIRouter(route_class=LimitedRoute)
 
 
-def response_dict(response: Answer) -> dict[str, Any]:
-    """One answer as the JSON object of mii's route."""
+def _logprob_dict(entry: TokenLogprob | None) -> dict[str, Any] | None:
+    if entry is None:
+        return None
     return {
+        "token_id": entry.token_id,
+        "logprob": json_logprob(entry.logprob),
+        "top_logprobs": [{"token_id": t, "logprob": json_logprob(lp)} for t, lp in entry.top],
+    }
+
+
+def response_dict(response: Answer) -> dict[str, Any]:
+    """One answer as the JSON object of mii's route (logprobs only when asked)."""
+    answer = {
         "generated_text": response.generated_text,
         "prompt_length": response.prompt_length,
         "generated_length": response.generated_length,
         "finish_reason": response.finish_reason,
         "token_ids": list(response.token_ids),
     }
+    if response.logprobs is not None:
+        answer["logprobs"] = [_logprob_dict(e) for e in response.logprobs]
+    if response.prompt_logprobs is not None:
+        answer["prompt_logprobs"] = [_logprob_dict(e) for e in response.prompt_logprobs]
+        answer["prompt_token_ids"] = response.prompt_token_ids
+    return answer
 
 
 @router.post("/mii/{deployment_name:path}")  # names may hold "/" (org/model-...)

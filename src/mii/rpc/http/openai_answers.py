@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mii.response import Response
+from mii.rpc.http.openai_logprobs import LogprobFormatter
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,15 @@ CHAT_COMPLETION = AnswerKind(
 
 
 class Answer:
-    """One request's answer: a fresh id and creation time, and its JSON objects."""
+    """One request's answer: a fresh id and creation time, and its JSON objects.
+    ``logprobs`` formats the choices' logprobs (None: the request asked for none)."""
 
-    def __init__(self, kind: AnswerKind, model: str) -> None:
+    def __init__(
+        self, kind: AnswerKind, model: str, logprobs: LogprobFormatter | None = None
+    ) -> None:
         self.kind = kind
         self.model = model
+        self.logprobs = logprobs
         self.id = f"{kind.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -74,13 +79,18 @@ class Answer:
         }
 
     def chunk(
-        self, index: int, text: str | None, finish_reason: str | None, role: str | None
+        self,
+        index: int,
+        text: str | None,
+        finish_reason: str | None,
+        role: str | None,
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """One chunk of the stream, for choice ``index`` (without usage)."""
         choice = {
             "index": index,
             **self.kind.delta(text, role),
-            "logprobs": None,
+            "logprobs": logprobs,
             "finish_reason": finish_reason,
         }
         return self._frame(self.kind.chunk_object, [choice])
@@ -91,7 +101,7 @@ class Answer:
             {
                 "index": index,
                 **self.kind.content(r),
-                "logprobs": None,
+                "logprobs": self.logprobs.of_response(r) if self.logprobs else None,
                 "finish_reason": r.finish_reason,
             }
             for index, r in enumerate(responses)

@@ -8,10 +8,14 @@ OpenAI options map onto mii's generation options as follows:
 - ``temperature`` (default 1.0): 0 means greedy (``do_sample=False``).
 - ``top_p`` defaults to 1.0 (OpenAI's default, not mii's 0.9).
 - ``stop``, ``echo`` (completions: the prompt is put before the text).
-- mii extensions: ``ignore_eos``, ``top_k``, ``min_tokens`` (-> ``min_new_tokens``).
+- ``logprobs`` (completions: an int k; with ``echo`` the prompt's too) and
+  ``logprobs`` + ``top_logprobs`` (chat) -> ``logprobs`` (and ``prompt_logprobs``):
+  see :mod:`mii.rpc.http.openai_logprobs` for the answer's shape.
+- mii extensions: ``ignore_eos``, ``top_k``, ``min_tokens`` (-> ``min_new_tokens``),
+  ``logprobs_mode`` ("raw", the default, or "processed").
 - ``n`` and ``seed`` are handled per choice (:mod:`mii.rpc.http.choices`).
 
-Options the engine cannot honour (``logprobs``, ``logit_bias``, non-zero
+Options the engine cannot honour (``logit_bias``, non-zero
 penalties, ``suffix``, ``best_of`` other than ``n``, tools, non-text response
 formats) are refused with 400 naming them, never silently ignored.
 """
@@ -28,8 +32,6 @@ from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, Open
 def refuse_completion(body: CompletionRequest) -> None:
     """Raise a 400 ApiError for the first option of ``body`` that cannot be honoured."""
     _refuse_common(body)
-    if body.logprobs is not None:
-        raise ApiError(400, "logprobs are not supported by this server", "logprobs")
     if body.best_of not in (None, body.n):
         raise ApiError(400, "best_of is not supported by this server (use n)", "best_of")
     if body.suffix:
@@ -39,9 +41,8 @@ def refuse_completion(body: CompletionRequest) -> None:
 def refuse_chat(body: ChatCompletionRequest) -> None:
     """Raise a 400 ApiError for the first option of ``body`` that cannot be honoured."""
     _refuse_common(body)
-    if body.logprobs or body.top_logprobs:
-        name = "logprobs" if body.logprobs else "top_logprobs"
-        raise ApiError(400, "logprobs are not supported by this server", name)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     if body.tools:
         raise ApiError(400, "tools (function calling) are not supported by this server", "tools")
     if body.tool_choice not in (None, "none", "auto"):
@@ -81,8 +82,22 @@ def generation_options(
         params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
     if echo:
         params["return_full_text"] = True
+    logprobs = _logprobs_asked(body)
+    if logprobs is not None:
+        params["logprobs"] = logprobs
+        if echo:  # the prompt's logprobs are what echo-with-logprobs scores
+            params["prompt_logprobs"] = logprobs
+    if body.logprobs_mode is not None:
+        params["logprobs_mode"] = body.logprobs_mode
     GenerateParams.parse(**params)  # InvalidRequestError names the (mii) field
     return params
+
+
+def _logprobs_asked(body: OpenAIRequest) -> int | None:
+    """The most likely tokens to return per position, or None for no logprobs."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
 
 
 def openai_field_names(body: OpenAIRequest, chat: bool) -> dict[str, str]:
@@ -90,6 +105,7 @@ def openai_field_names(body: OpenAIRequest, chat: bool) -> dict[str, str]:
     renames = {"min_new_tokens": "min_tokens", "max_new_tokens": "max_tokens"}
     if chat:
         renames["prompt"] = "messages"
+        renames["logprobs"] = "top_logprobs"
         if getattr(body, "max_completion_tokens", None) is not None:
             renames["max_new_tokens"] = "max_completion_tokens"
     else:

@@ -25,6 +25,7 @@ from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError, openai_errors
 from mii.rpc.http.limits import LimitedRoute, run_off_loop
 from mii.rpc.http.openai_answers import CHAT_COMPLETION, COMPLETION, Answer
+from mii.rpc.http.openai_logprobs import LogprobFormatter
 from mii.rpc.http.openai_options import (
     generation_options,
     openai_field_names,
@@ -112,6 +113,11 @@ async def _respond(
     return answer.whole(responses, usage.as_dict())
 
 
+def _formatter(state: GatewayState, params: dict[str, Any], chat: bool) -> LogprobFormatter | None:
+    """What writes the answer's logprobs, when the request asked for them."""
+    return LogprobFormatter(state.tokenizer, chat) if "logprobs" in params else None
+
+
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     state = _accepted(request, body, refuse_completion)
@@ -120,7 +126,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         params = generation_options(body, body.max_tokens, echo=body.echo)
     prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
     choices = Choices(prompts, params, body.n, body.seed)
-    answer = Answer(COMPLETION, state.model)
+    answer = Answer(COMPLETION, state.model, _formatter(state, params, chat=False))
     return await _respond(request, state, body, choices, renames, answer)
 
 
@@ -136,5 +142,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         # A template over many messages takes a while: keep the event loop free.
         prompt = await run_off_loop(chat_prompt, state.tokenizer, body.messages)
     choices = Choices([prompt], params, body.n, body.seed)
-    answer = Answer(CHAT_COMPLETION, state.model)
+    answer = Answer(CHAT_COMPLETION, state.model, _formatter(state, params, chat=True))
     return await _respond(request, state, body, choices, renames, answer)

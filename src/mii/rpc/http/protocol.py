@@ -87,6 +87,7 @@ class OpenAIRequest(BaseModel):
     ignore_eos: bool = False
     top_k: int | None = None
     min_tokens: int = 0
+    logprobs_mode: typing.Literal["raw", "processed"] | None = None
 
 
 class CompletionRequest(OpenAIRequest):

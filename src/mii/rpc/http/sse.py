@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import Request
 
 from mii.errors import InvalidRequestError
+from mii.response import Response
 from mii.rpc.http.choices import Choices, Usage, merge_streams
 from mii.rpc.http.disconnect import ClosingStreamingResponse, until_disconnected
 from mii.rpc.http.errors import (
@@ -27,6 +28,7 @@ from mii.rpc.http.errors import (
     renamed,
 )
 from mii.rpc.http.openai_answers import Answer
+from mii.rpc.http.openai_logprobs import LogprobFormatter
 from mii.rpc.http.state import GatewayState
 
 
@@ -47,6 +49,37 @@ def stream_error_body(err: BaseException, renames: dict[str, str]) -> dict[str, 
     elif not isinstance(err, ApiError):
         err = api_error(err)
     return openai_error_body(err.message, err.status, err.param, err.code)
+
+
+class StreamedLogprobs:
+    """The logprobs of each streamed choice's tokens, held until a chunk carries
+    them: a token whose text is held back (a split character, a possible stop
+    string) sends its logprobs with the next chunk that has text, or the last."""
+
+    def __init__(self, formatter: LogprobFormatter | None) -> None:
+        self.formatter = formatter
+        self.pending: dict[int, Response] = {}  # index -> logprobs not sent yet
+        self.offsets: dict[int, int] = {}  # index -> characters sent (text_offset)
+
+    def add(self, index: int, piece: Response) -> None:
+        if self.formatter is None or (piece.logprobs is None and piece.prompt_logprobs is None):
+            return
+        held = self.pending.setdefault(index, Response("", 0, 0, logprobs=[]))
+        held.logprobs.extend(piece.logprobs or ())
+        if piece.prompt_logprobs is not None:
+            held.prompt_logprobs = piece.prompt_logprobs
+            held.prompt_token_ids = piece.prompt_token_ids
+
+    def take(self, index: int, text: str) -> dict[str, Any] | None:
+        """The logprobs for the chunk of choice ``index`` that sends ``text``."""
+        held = self.pending.pop(index, None)
+        if held is None:
+            return None
+        offset = self.offsets.get(index, 0)
+        self.offsets[index] = offset + len(text)
+        return self.formatter.choice_logprobs(
+            held.logprobs, held.prompt_logprobs, held.prompt_token_ids, offset
+        )
 
 
 async def _next(iterator: AsyncIterator):
@@ -82,14 +115,22 @@ async def stream_choices(
             if answer.kind.with_role:
                 for index in range(choices.total):
                     yield event(answer.chunk(index, "", None, "assistant"))
+            logprobs = StreamedLogprobs(answer.logprobs)
             item = first
             while item is not None:
                 index, piece = item
                 usage.add(index, piece)
+                logprobs.add(index, piece)
                 if piece.generated_text:
-                    yield event(answer.chunk(index, piece.generated_text, None, None))
+                    chunk_logprobs = logprobs.take(index, piece.generated_text)
+                    yield event(
+                        answer.chunk(index, piece.generated_text, None, None, chunk_logprobs)
+                    )
                 if piece.finish_reason is not None:
-                    yield event(answer.chunk(index, None, piece.finish_reason, None))
+                    chunk_logprobs = logprobs.take(index, "")
+                    yield event(
+                        answer.chunk(index, None, piece.finish_reason, None, chunk_logprobs)
+                    )
                 item = await anext(pieces, None)
             if include_usage:
                 final = answer.chunk(0, None, None, None)

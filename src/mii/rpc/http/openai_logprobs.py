@@ -1,0 +1,110 @@
+"""Logprobs in OpenAI's shapes.
+
+- ``/v1/completions`` (``logprobs: k``): ``{"tokens", "token_logprobs",
+  "top_logprobs", "text_offset"}``, four parallel lists; with ``echo`` the
+  prompt's tokens come first, the very first with ``null`` logprob and
+  ``null`` top logprobs. Each ``top_logprobs`` entry maps token text to
+  logprob for the k most likely tokens plus the chosen one (as vLLM does, so
+  that ``logprobs: 0`` still names the chosen token).
+- ``/v1/chat/completions`` (``logprobs: true``, ``top_logprobs: k``):
+  ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}],
+  "refusal": null}``.
+
+JSON has no -inf: a logprob of a token the sampling settings exclude
+(``logprobs_mode: "processed"``) is sent as -9999.0, OpenAI's own floor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mii.response import Response, TokenLogprob
+
+LOGPROB_FLOOR = -9999.0
+
+
+def json_logprob(value: float) -> float:
+    """``value`` as JSON can carry it: -inf (and NaN) become LOGPROB_FLOOR."""
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+class LogprobFormatter:
+    """Turns a choice's TokenLogprobs into OpenAI's JSON (token ids become text)."""
+
+    def __init__(self, tokenizer: Any, chat: bool) -> None:
+        self.tokenizer = tokenizer
+        self.chat = chat
+
+    def _texts(self, entries: list[TokenLogprob | None], first_id: int | None) -> dict[int, str]:
+        """Each token id that the entries mention, as text (one batched decode)."""
+        ids = {first_id} if first_id is not None else set()
+        for e in entries:
+            if e is not None:
+                ids.add(e.token_id)
+                ids.update(t for t, _ in e.top)
+        ordered = sorted(ids)
+        texts = self.tokenizer.batch_decode([[i] for i in ordered])
+        return dict(zip(ordered, texts))
+
+    def choice_logprobs(
+        self,
+        logprobs: list[TokenLogprob] | None,
+        prompt_logprobs: list[TokenLogprob | None] | None = None,
+        prompt_token_ids: list[int] | None = None,
+        text_offset: int = 0,
+    ) -> dict[str, Any] | None:
+        """A choice's (or a stream chunk's) ``logprobs`` object; None when the
+        request asked for none. ``prompt_logprobs`` go first (completions echo);
+        ``text_offset`` is where the first token's text starts in the choice."""
+        if logprobs is None and prompt_logprobs is None:
+            return None
+        entries: list[TokenLogprob | None] = [*(prompt_logprobs or ()), *(logprobs or ())]
+        first_id = prompt_token_ids[0] if prompt_logprobs and prompt_token_ids else None
+        texts = self._texts(entries, first_id)
+        if self.chat:
+            return {"content": [self._chat_entry(e, texts) for e in entries if e], "refusal": None}
+        return self._completion(entries, texts, first_id, text_offset)
+
+    @staticmethod
+    def _chat_entry(entry: TokenLogprob, texts: dict[int, str]) -> dict[str, Any]:
+        def item(token_id: int, logprob: float) -> dict[str, Any]:
+            text = texts[token_id]
+            return {"token": text, "logprob": json_logprob(logprob), "bytes": list(text.encode())}
+
+        return {
+            **item(entry.token_id, entry.logprob),
+            "top_logprobs": [item(t, lp) for t, lp in entry.top],
+        }
+
+    @staticmethod
+    def _completion(
+        entries: list[TokenLogprob | None],
+        texts: dict[int, str],
+        first_id: int | None,
+        text_offset: int,
+    ) -> dict[str, Any]:
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        for entry in entries:
+            if entry is None:  # the first prompt token: nothing before it to score it
+                text, chosen, top = texts.get(first_id, ""), None, None
+            else:
+                text, chosen = texts[entry.token_id], json_logprob(entry.logprob)
+                top = {texts[t]: json_logprob(lp) for t, lp in entry.top}
+                top.setdefault(text, chosen)
+            tokens.append(text)
+            token_logprobs.append(chosen)
+            top_logprobs.append(top)
+            offsets.append(text_offset)
+            text_offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": offsets,
+        }
+
+    def of_response(self, response: Response) -> dict[str, Any] | None:
+        """The ``logprobs`` of a whole choice."""
+        return self.choice_logprobs(
+            response.logprobs, response.prompt_logprobs, response.prompt_token_ids
+        )

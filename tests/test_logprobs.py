@@ -1,0 +1,347 @@
+"""Logprobs of generated tokens and of prompt tokens, against transformers' own
+log-softmax of the same checkpoint (fp32): in the engine (alone, in batches
+split into small chunks with preemption, with async scheduling), in the
+``processed`` mode against transformers' logits warpers, and through every
+surface (gRPC client, mii's REST route, both OpenAI routes, streamed or not)."""
+
+from __future__ import annotations
+
+import math
+import uuid
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import mii
+from mii.engine import logprobs as logprobs_module
+from mii.errors import InvalidRequestError
+from mii.rpc.deployment import free_port
+
+PROMPTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello there",
+    "DeepSpeed is a library for fast training and inference of large models",
+]
+NEW = 6
+TOLERANCE = 1e-4
+# A batch split into 5-token passes in a pool that cannot hold every sequence: prompt
+# chunks, preemption and recomputation all happen.
+TIGHT = dict(token_budget=5, max_num_seqs=4, kv_block_size=4, num_kv_blocks=10)
+
+
+def hf_logprobs(hf_model, ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at every position of ``ids`` (fp32): [len, V]."""
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0].float()
+    return logits.log_softmax(dim=-1)
+
+
+def assert_matches(entry, token_id: int, row: torch.Tensor, k: int) -> None:
+    """One TokenLogprob equals transformers' row for ``token_id`` and its top k."""
+    assert entry.token_id == token_id
+    assert abs(entry.logprob - row[token_id].item()) < TOLERANCE
+    top = row.topk(k)
+    assert [t for t, _ in entry.top] == top.indices.tolist()
+    assert all(abs(lp - v) < TOLERANCE for (_, lp), v in zip(entry.top, top.values.tolist()))
+
+
+def check_response(hf_model, tokenizer, prompt: str, response, k: int, prompt_k: int | None):
+    prompt_ids = tokenizer(prompt).input_ids
+    ids = prompt_ids + response.token_ids
+    expected = hf_logprobs(hf_model, ids)
+    n = len(prompt_ids)
+    assert len(response.logprobs) == len(response.token_ids)
+    for i, entry in enumerate(response.logprobs):
+        assert_matches(entry, ids[n + i], expected[n + i - 1], k)
+    if prompt_k is None:
+        assert response.prompt_logprobs is None
+        return
+    assert response.prompt_token_ids == prompt_ids
+    assert len(response.prompt_logprobs) == n and response.prompt_logprobs[0] is None
+    for j in range(1, n):
+        assert_matches(response.prompt_logprobs[j], ids[j], expected[j - 1], prompt_k)
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoints):
+    path, hf_model = checkpoints("llama")
+    return str(path), hf_model
+
+
+def test_greedy_and_prompt_logprobs_equal_transformers(tiny, tokenizer, tmp_path, monkeypatch):
+    path, hf_model = tiny
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    # Prompt rows become logits 3 at a time: slicing must not change a value.
+    monkeypatch.setattr(logprobs_module, "PROMPT_SLICE_ROWS", 3)
+    with mii.pipeline(path, device="cpu") as pipe:
+        alone = [
+            pipe(p, do_sample=False, max_new_tokens=NEW, logprobs=3, prompt_logprobs=2)[0]
+            for p in PROMPTS
+        ]
+    for prompt, response in zip(PROMPTS, alone):
+        check_response(hf_model, tokenizer, prompt, response, 3, 2)
+
+    # In one batch, chunked and preempted, with a request that asks for nothing
+    # and one that asks only for generated-token logprobs.
+    with mii.pipeline(path, device="cpu", **TIGHT) as pipe:
+        batch = pipe(PROMPTS, do_sample=False, max_new_tokens=NEW, logprobs=3, prompt_logprobs=2)
+        plain = pipe(PROMPTS[0], do_sample=False, max_new_tokens=NEW)[0]
+        only_generated = pipe(PROMPTS[2], do_sample=False, max_new_tokens=NEW, logprobs=0)[0]
+        assert pipe.engine.stats()["preemptions"] > 0
+    for prompt, response in zip(PROMPTS, batch):
+        check_response(hf_model, tokenizer, prompt, response, 3, 2)
+    assert plain.logprobs is None and plain.prompt_logprobs is None
+    check_response(hf_model, tokenizer, PROMPTS[2], only_generated, 0, None)
+
+
+def test_async_scheduling_and_sampled_requests(tiny, tokenizer, tmp_path, monkeypatch):
+    """Async scheduling reads logprobs back with the tokens; sampled tokens' logprobs
+    are still of the raw distribution (logprobs_mode="raw", the default)."""
+    path, hf_model = tiny
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    with mii.pipeline(path, device="cpu", async_scheduling=True, **TIGHT) as pipe:
+        responses = pipe(
+            PROMPTS,
+            max_new_tokens=NEW,
+            temperature=1.5,
+            top_k=5,
+            seed=3,
+            ignore_eos=True,
+            logprobs=2,
+            prompt_logprobs=1,
+        )
+    for prompt, response in zip(PROMPTS, responses):
+        check_response(hf_model, tokenizer, prompt, response, 2, 1)
+
+
+def test_processed_logprobs_equal_transformers_warpers(tiny, tokenizer, tmp_path, monkeypatch):
+    path, hf_model = tiny
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    options = dict(temperature=0.7, top_k=8, top_p=0.8)
+    with mii.pipeline(path, device="cpu") as pipe:
+        response = pipe(
+            PROMPTS[0],
+            max_new_tokens=NEW,
+            seed=11,
+            ignore_eos=True,
+            logprobs=4,
+            logprobs_mode="processed",
+            **options,
+        )[0]
+        greedy = pipe(
+            PROMPTS[0], do_sample=False, max_new_tokens=3, logprobs=2, logprobs_mode="processed"
+        )[0]
+    prompt_ids = tokenizer(PROMPTS[0]).input_ids
+    ids = prompt_ids + response.token_ids
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0].float()
+    warpers = [
+        TemperatureLogitsWarper(options["temperature"]),
+        TopKLogitsWarper(options["top_k"]),
+        TopPLogitsWarper(options["top_p"]),
+    ]
+    n = len(prompt_ids)
+    for i, entry in enumerate(response.logprobs):
+        scores = logits[n + i - 1][None]
+        for warp in warpers:
+            scores = warp(torch.tensor([ids[: n + i]]), scores)
+        row = scores[0].log_softmax(dim=-1)
+        kept = int(torch.isfinite(row).sum())
+        assert math.isfinite(entry.logprob)  # the sampled token was kept
+        assert abs(entry.logprob - row[ids[n + i]].item()) < TOLERANCE
+        shown = min(4, kept)  # beyond the kept tokens, both are -inf
+        assert [t for t, _ in entry.top[:shown]] == row.topk(shown).indices.tolist()
+        assert all(lp == -math.inf for _, lp in entry.top[shown:])
+    # Greedy rows' processed distribution is the raw one (nothing warps it).
+    check_response(hf_model, tokenizer, PROMPTS[0], greedy, 2, None)
+
+
+async def test_stream_pieces_carry_their_tokens_logprobs(tiny, tmp_path, monkeypatch):
+    path, _ = tiny
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    engine = mii.AsyncEngine(path, device="cpu")
+    try:
+        whole = (
+            await engine.generate(
+                PROMPTS[0], do_sample=False, max_new_tokens=NEW, logprobs=1, prompt_logprobs=1
+            )
+        )[0]
+        pieces = [
+            piece
+            async for piece in engine.stream(
+                PROMPTS[0], do_sample=False, max_new_tokens=NEW, logprobs=1, prompt_logprobs=1
+            )
+        ]
+    finally:
+        await engine.aclose()
+    assert all(len(p.logprobs) == len(p.token_ids) for p in pieces)
+    assert pieces[0].prompt_logprobs == whole.prompt_logprobs
+    assert all(p.prompt_logprobs is None for p in pieces[1:])
+    assert [e for p in pieces for e in p.logprobs] == whole.logprobs
+
+
+def test_prompt_logprobs_without_new_tokens(tiny, tokenizer, tmp_path, monkeypatch):
+    """max_new_tokens=0 with prompt_logprobs scores the prompt and generates nothing
+    (OpenAI's echo with max_tokens 0)."""
+    path, hf_model = tiny
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    with mii.pipeline(path, device="cpu") as pipe:
+        response = pipe(PROMPTS[2], max_new_tokens=0, prompt_logprobs=0)[0]
+    assert (response.generated_text, response.generated_length) == ("", 0)
+    assert response.token_ids == [] and response.finish_reason == "length"
+    ids = tokenizer(PROMPTS[2]).input_ids
+    expected = hf_logprobs(hf_model, ids)
+    assert response.prompt_logprobs[0] is None
+    for j in range(1, len(ids)):
+        assert abs(response.prompt_logprobs[j].logprob - expected[j - 1, ids[j]].item()) < TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"logprobs": 21}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"prompt_logprobs": True}, "prompt_logprobs"),
+        ({"logprobs_mode": "scaled"}, "logprobs_mode"),
+    ],
+)
+def test_invalid_logprobs_options_name_the_field(options, field):
+    with pytest.raises(InvalidRequestError) as err:
+        mii.GenerateParams.parse(**options)
+    assert err.value.field == field
+
+
+# ----- every surface -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory):
+    path, hf_model = tiny
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("mii-cache")))
+        name = f"logprobs-{uuid.uuid4().hex[:8]}"
+        rest_port = free_port()
+        client = mii.serve(
+            path,
+            deployment_name=name,
+            enable_restful_api=True,
+            restful_api_port=rest_port,
+            port=free_port(),
+        )
+        url = f"http://127.0.0.1:{rest_port}"
+        try:
+            yield client, name, url, hf_model
+        finally:
+            client.terminate_server()
+
+
+def test_grpc_client_returns_logprobs(served, tokenizer):
+    client, _, _, hf_model = served
+    response = client.generate(
+        PROMPTS[0], do_sample=False, max_new_tokens=NEW, logprobs=2, prompt_logprobs=2
+    )[0]
+    check_response(hf_model, tokenizer, PROMPTS[0], response, 2, 2)
+    pieces = list(client.stream(PROMPTS[0], do_sample=False, max_new_tokens=NEW, logprobs=2))
+    assert [e for p in pieces for e in p.logprobs] == response.logprobs
+    assert client.generate(PROMPTS[0], max_new_tokens=2)[0].logprobs is None
+
+
+def test_rest_route_returns_logprobs(served, tokenizer):
+    _, name, url, hf_model = served
+    body = {
+        "prompts": [PROMPTS[1]],
+        "do_sample": False,
+        "max_new_tokens": NEW,
+        "logprobs": 1,
+        "prompt_logprobs": 0,
+    }
+    answer = httpx.post(f"{url}/mii/{name}", json=body, timeout=60).json()[0]
+    ids = tokenizer(PROMPTS[1]).input_ids + answer["token_ids"]
+    expected = hf_logprobs(hf_model, ids)
+    n = answer["prompt_length"]
+    assert answer["prompt_token_ids"] == ids[:n] and answer["prompt_logprobs"][0] is None
+    for j, entry in enumerate(answer["prompt_logprobs"][1:], start=1):
+        assert abs(entry["logprob"] - expected[j - 1, ids[j]].item()) < TOLERANCE
+    for i, entry in enumerate(answer["logprobs"]):
+        assert entry["token_id"] == ids[n + i]
+        assert abs(entry["logprob"] - expected[n + i - 1, ids[n + i]].item()) < TOLERANCE
+        assert len(entry["top_logprobs"]) == 1
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_openai_completions_logprobs_and_echo(served, tokenizer):
+    client, _, url, hf_model = served
+    oai = openai_client(url)
+    prompt = PROMPTS[0]
+    prompt_ids = tokenizer(prompt).input_ids
+    greedy = dict(prompt=prompt, temperature=0, model=None)
+    result = oai.completions.create(max_tokens=4, logprobs=2, echo=True, **greedy)
+    lp = result.choices[0].logprobs
+    n = len(prompt_ids)
+    assert len(lp.tokens) == n + 4 == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    generated = client.generate(prompt, do_sample=False, max_new_tokens=4)[0].token_ids
+    ids = prompt_ids + generated
+    assert lp.tokens == tokenizer.batch_decode([[i] for i in ids])
+    expected = hf_logprobs(hf_model, ids)
+    for j in range(1, len(ids)):
+        assert abs(lp.token_logprobs[j] - expected[j - 1, ids[j]].item()) < TOLERANCE
+        assert lp.tokens[j] in lp.top_logprobs[j]  # the chosen token is always listed
+        assert 2 <= len(lp.top_logprobs[j]) <= 3
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+    # lm-evaluation-harness's loglikelihood request: echo, max_tokens 1, logprobs 1.
+    # And OpenAI's scoring idiom: echo with max_tokens 0 scores the prompt alone.
+    for max_tokens in (1, 0):
+        scored = oai.completions.create(max_tokens=max_tokens, logprobs=1, echo=True, **greedy)
+        scored = scored.choices[0].logprobs
+        assert len(scored.token_logprobs) == n + max_tokens
+        assert scored.token_logprobs[1:n] == lp.token_logprobs[1:n]
+
+    # Streamed: each token's logprob arrives once, in order.
+    streamed = []
+    for chunk in oai.completions.create(max_tokens=4, logprobs=2, stream=True, **greedy):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed.extend(chunk.choices[0].logprobs.token_logprobs)
+    assert streamed == lp.token_logprobs[n:]
+
+
+def test_openai_chat_logprobs(served):
+    _, _, url, _ = served
+    oai = openai_client(url)
+    chat = dict(
+        messages=[{"role": "user", "content": "the quick brown fox"}],
+        max_tokens=5,
+        temperature=0,
+        model=None,
+    )
+    result = oai.chat.completions.create(logprobs=True, top_logprobs=3, **chat)
+    content = result.choices[0].logprobs.content
+    assert len(content) == result.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 3 for entry in content)
+    assert all(entry.top_logprobs[0].logprob >= entry.logprob - TOLERANCE for entry in content)
+    assert all(entry.bytes == list(entry.token.encode()) for entry in content)
+    # Without top_logprobs: the chosen tokens only.
+    plain = oai.chat.completions.create(logprobs=True, **chat).choices[0].logprobs.content
+    assert [e.logprob for e in plain] == [e.logprob for e in content]
+    assert all(e.top_logprobs == [] for e in plain)
+    streamed = []
+    for chunk in oai.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **chat):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed.extend(chunk.choices[0].logprobs.content)
+    assert [e.logprob for e in streamed] == [e.logprob for e in content]
+    # top_logprobs alone, or more than 20, is a 400 naming the field.
+    for bad in ({"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}):
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.chat.completions.create(**{**chat, **bad})
+        assert "top_logprobs" in str(err.value)
