@@ -246,7 +246,10 @@ class EngineCore:
         try:
             logits = self.runner.run(plan.chunks, prev.tokens if prev is not None else None)
             to_sample = [c.seq for c in plan.chunks if c.samples]
-            tokens = sample_next_tokens(logits, to_sample, self.eos_token_ids, self.vocab_size)
+            pending = prev.tokens if prev is not None else None  # penalties count those
+            tokens = sample_next_tokens(
+                logits, to_sample, self.eos_token_ids, self.vocab_size, pending
+            )
             host_tokens, ready = _read_back(tokens)
         except Exception as err:  # a failed pass ends its own requests, not the engine
             log.exception("forward pass failed")
