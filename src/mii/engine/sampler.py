@@ -140,7 +140,8 @@ def sampling_batch(
 ) -> SamplingBatch:
     """The sequences' sampling settings (and logits processing) as device tensors,
     uploaded together."""
-    processing = logits_processors.plan(seqs, vocab_size)
+    processing = logits_processors.plan(seqs, vocab_size)  # None: no row needs any
+    extra = processing.arrays if processing is not None else []
     ps = [s.params for s in seqs]
     greedy = [p.greedy for p in ps]
     ban_eos = [not p.ignore_eos and s.num_generated < p.min_new_tokens for s, p in zip(seqs, ps)]
@@ -157,12 +158,13 @@ def sampling_batch(
             ([s.seed for s in seqs], torch.int64),
             ([s.num_generated for s in seqs], torch.int64),
             (ban_eos, torch.bool),
-            *(processing.arrays if processing is not None else ()),
+            *extra,  # the logits processors' arrays, in the same upload
         ],
     )
+    own = len(columns) - len(extra)
     return SamplingBatch(
-        *columns[:7],
+        *columns[:own],
         greedy_host=all(greedy),
         ban_eos_host=any(ban_eos),
-        processing=processing.on_device(columns[7:], pending) if processing else None,
+        processing=processing.on_device(columns[own:], pending) if processing else None,
     )
