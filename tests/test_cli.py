@@ -141,6 +141,29 @@ def test_generation_options_reach_the_request():
     assert "ignore_eos" not in generation_params(build_parser().parse_args(["generate", "m"]))
 
 
+def test_sampling_options_reach_the_request():
+    argv = (
+        "generate m p --repetition-penalty 1.2 --presence-penalty -0.5 --frequency-penalty 0.3 "
+        "--min-p 0.1 --logit-bias 5=-100,7=2.5 --stop-token-ids 3 --stop-token-ids 4 "
+        "--no-skip-special-tokens"
+    )
+    args = build_parser().parse_args(argv.split())
+    params = generation_params(args)
+    assert params == {
+        "max_new_tokens": 48,
+        "repetition_penalty": 1.2,
+        "presence_penalty": -0.5,
+        "frequency_penalty": 0.3,
+        "min_p": 0.1,
+        "logit_bias": {5: -100.0, 7: 2.5},
+        "stop_token_ids": [3, 4],
+        "skip_special_tokens": False,
+    }
+    mii.GenerateParams(**params)
+    defaults = generation_params(build_parser().parse_args(["generate", "m"]))
+    assert "skip_special_tokens" not in defaults and "logit_bias" not in defaults
+
+
 def test_engine_options_reach_the_engine_config():
     from mii.cli.options import engine_options
 

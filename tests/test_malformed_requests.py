@@ -84,6 +84,12 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
         *[(f, BAD_FLOATS) for f in FLOATS],
         *[(f, BAD_BOOLS) for f in BOOLS],
         ("stop", BAD_STOPS),
+        ("repetition_penalty", BAD_FLOATS),
+        ("min_p", [*BAD_FLOATS, 1.5]),
+        ("presence_penalty", ["abc", [1], {"a": 1}, 3, "NaN-literal"]),
+        ("logit_bias", ["a", {"a": 1}, {"1": 101}, {"-1": 1}, {str(BIG): 1}, {"1": True}]),
+        ("stop_token_ids", ["a", [-1], ["a"], [BIG], [True]]),
+        ("skip_special_tokens", BAD_BOOLS),
     ]:
         for value in values:
             body = {"prompts": "hi", **OK_OPTIONS, field: value}
@@ -100,8 +106,13 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
         "seed": ["a", [1]],  # any integer is a seed (hashed per choice)
         "stream": ["a", 5, [1]],
         "stream_options": ["a", 5],
-        "presence_penalty": ["a"],
-        "logit_bias": ["a", {"a": "b"}],
+        "presence_penalty": ["a", 3, "NaN-literal"],
+        "frequency_penalty": ["a", -3],
+        "repetition_penalty": ["a", 0, -1, "Infinity-literal"],
+        "min_p": ["a", 2, -1],
+        "logit_bias": ["a", {"a": "b"}, {"a": 1}, {"1": 101}, {"-1": 1}, {str(BIG): 1}],
+        "stop_token_ids": ["a", [-1], ["a"], [BIG]],
+        "skip_special_tokens": ["a", [1]],
         "user": [5],
         "ignore_eos": ["a"],
         "top_k": ["a", BIG],
@@ -135,6 +146,11 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
         ("tools", "a"),
         ("tools", [5]),
         ("tool_choice", 5),
+        ("chat_template_kwargs", "a"),
+        ("chat_template_kwargs", {"tokenize": False}),
+        ("add_generation_prompt", "a"),
+        ("continue_final_message", "a"),
+        ("continue_final_message", True),  # add_generation_prompt is true by default
     ]:
         cases.append((chat, _encode({**ok_chat, field: value}), JSON, field))
     cases.append((chat, _encode({"max_tokens": 2}), JSON, "messages"))

@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from mii.errors import InvalidRequestError
+from mii.sampling_options import LogitsOptions
 
 # Integer options fit a signed 64-bit integer (what the engine's tensors and the
 # gRPC messages hold); a larger one is refused naming the field, so that it can
@@ -55,8 +56,13 @@ def _raise_from_pydantic(err: ValidationError, what: str) -> None:
     raise InvalidRequestError(message, field=field) from None
 
 
-class GenerateParams(BaseModel):
-    """Per-request generation options (README.md, "Generation options")."""
+# Other names of generation options: alias -> the option's own name.
+OPTION_ALIASES = {"min_tokens": "min_new_tokens"}
+
+
+class GenerateParams(LogitsOptions):
+    """Per-request generation options (README.md, "Generation options"); the logits
+    processors' options (penalties, min_p, logit_bias, ...) come from LogitsOptions."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -130,6 +136,17 @@ class GenerateParams(BaseModel):
         "distribution sampled from (after penalties, temperature, top-k and top-p)",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, values: Any) -> Any:
+        # min_tokens (vLLM's and OpenAI-compatible servers' name) is min_new_tokens.
+        if isinstance(values, dict) and "min_tokens" in values:
+            values = dict(values)
+            alias = values.pop("min_tokens")
+            if values.setdefault("min_new_tokens", alias) != alias:  # parse() names min_tokens
+                raise ValueError("min_tokens is another name of min_new_tokens: give one of them")
+        return values
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_tuple(cls, value: Any) -> Any:
@@ -193,10 +210,24 @@ class GenerateParams(BaseModel):
     @classmethod
     def parse(cls, **options: Any) -> GenerateParams:
         """Validate keyword options; raise InvalidRequestError naming the bad field."""
+        for alias, name in OPTION_ALIASES.items():
+            if alias in options and name in options and options[alias] != options[name]:
+                raise InvalidRequestError(
+                    f"invalid generation option {alias!r}: it is another name of {name}; "
+                    "give one of them",
+                    field=alias,
+                )
         try:
             return cls(**options)
         except ValidationError as err:
-            _raise_from_pydantic(err, "generation option")
+            try:
+                _raise_from_pydantic(err, "generation option")
+            except InvalidRequestError as invalid:
+                alias = next((a for a, n in OPTION_ALIASES.items() if n == invalid.field), None)
+                if alias in options and invalid.field not in options:  # name what was given
+                    message = str(invalid).replace(repr(invalid.field), repr(alias), 1)
+                    raise InvalidRequestError(message, field=alias) from None
+                raise
             raise  # unreachable; keeps type checkers calm
 
 

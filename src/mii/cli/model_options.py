@@ -36,8 +36,10 @@ def add_field_options(
     for name in names:
         field = model.model_fields[name]
         kind = _option_kind(field.annotation)
+        if kind.get("action") == "store_true" and field.default is True:
+            kind = {"action": argparse.BooleanOptionalAction}  # on by default: --no-NAME
         metavar = metavars.get(name, _METAVAR_BY_TYPE.get(kind.get("type")))
-        if metavar and "choices" not in kind and kind.get("action") != "store_true":
+        if metavar and "choices" not in kind and "type" in kind:
             kind["metavar"] = metavar
         parser.add_argument(
             "--" + name.replace("_", "-"),
@@ -65,6 +67,8 @@ def _option_kind(annotation: Any) -> dict[str, Any]:
         return {"action": "append", "type": typing.get_args(kind)[0]}
     if origin is list:  # list[int]: comma-separated values
         return {"type": _comma_separated(typing.get_args(kind)[0])}
+    if origin is dict:  # dict[int, float]: comma-separated KEY=VALUE pairs
+        return {"type": _key_values(*typing.get_args(kind))}
     return {"type": kind}
 
 
@@ -85,6 +89,15 @@ def _comma_separated(item: type) -> Callable[[str], list]:
     return parse
 
 
+def _key_values(key: type, value: type) -> Callable[[str], dict]:
+    def parse(text: str) -> dict:
+        pairs = (item.split("=", 1) for item in text.split(","))
+        return {key(k): value(v) for k, v in pairs}
+
+    parse.__name__ = f"comma-separated {key.__name__}={value.__name__}"  # for argparse's errors
+    return parse
+
+
 def _help(field: FieldInfo, default: Any) -> str:
     """The field's description and ``default``, unless the description names its own
     default (which a default of this command line replaces)."""
@@ -93,6 +106,8 @@ def _help(field: FieldInfo, default: Any) -> str:
         text = re.sub(r"\s*\(default: [^)]*\)$", "", text)
     if typing.get_origin(_without_none(field.annotation)) is list:
         text = f"comma-separated {text}"
+    if typing.get_origin(_without_none(field.annotation)) is dict:
+        text = f"comma-separated KEY=VALUE: {text}"
     shown_default = not (default is None or default is False or default == ())
     if shown_default and default is not PydanticUndefined and "(default:" not in text:
         shown = f"{default:g}" if isinstance(default, float) else default

@@ -29,7 +29,20 @@ ENGINE_OPTIONS = (
 )
 # --greedy (do_sample=False) comes between these two.
 GENERATION_OPTIONS = ("max_new_tokens", "min_new_tokens", "ignore_eos")
-SAMPLING_OPTIONS = ("seed", "temperature", "top_p", "top_k", "stop")
+SAMPLING_OPTIONS = (
+    "seed",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "stop",
+    "stop_token_ids",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "skip_special_tokens",
+)
 DEPLOYMENT_OPTIONS = (
     "deployment_name",
     "port",
@@ -60,6 +73,12 @@ METAVARS = {
     "temperature": "T",
     "top_p": "P",
     "top_k": "K",
+    "min_p": "P",
+    "stop_token_ids": "ID",
+    "repetition_penalty": "X",
+    "presence_penalty": "X",
+    "frequency_penalty": "X",
+    "logit_bias": "ID=BIAS",
     "stop": "TEXT",
     "deployment_name": "NAME",
     "host": "HOST",

@@ -269,12 +269,12 @@ class EngineCore:
         """Queue the forward pass and sampling of ``plan`` on the device without
         waiting for them; on failure end the plan's requests (into ``failed``)."""
         try:
-            logits, prompt_logprobs = self.runner.run(
-                plan.chunks, prev.tokens if prev is not None else None
-            )
+            # the in-flight pass's tokens: inputs of this pass, counted by penalties
+            pending = prev.tokens if prev is not None else None
+            logits, prompt_logprobs = self.runner.run(plan.chunks, pending)
             to_sample = [c.seq for c in plan.chunks if c.samples]
             tokens, token_logprobs = sample_next_tokens(
-                logits, to_sample, self.eos_token_ids, self.vocab_size
+                logits, to_sample, self.eos_token_ids, self.vocab_size, pending
             )
             host_tokens, (token_logprobs, prompt_logprobs), ready = _read_back(
                 tokens, token_logprobs, prompt_logprobs

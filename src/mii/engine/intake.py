@@ -87,6 +87,13 @@ class RequestIntake:
             prompt_ids = self.tokenize(prompt)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", field="prompt")
+        for option, token in params.token_ids_used():  # logit_bias, stop_token_ids
+            if token >= self.vocab_size:
+                raise InvalidRequestError(
+                    f"invalid generation option {option!r}: token id {token} is not in the "
+                    f"model's vocabulary of {self.vocab_size} tokens",
+                    field=option,
+                )
         max_length = params.max_length or self.max_length
         if max_length > self.max_length:
             raise InvalidRequestError(

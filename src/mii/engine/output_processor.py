@@ -42,6 +42,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids  # every id that ends generation
         self._decode = fast_decoder(tokenizer)
+        self._decode_special = None  # skip_special_tokens=False: made on first use
         self._byte_runs = ByteRuns.of(tokenizer)
         self._requests: dict[str, _RequestText] = {}
 
@@ -57,10 +58,13 @@ class OutputProcessor:
 
     def start(self, seq: Sequence) -> None:
         """Begin the text of a request that has just been queued."""
+        decode = self._decode
+        if not seq.params.skip_special_tokens:  # special tokens stay in the text (vLLM)
+            if self._decode_special is None:
+                self._decode_special = fast_decoder(self.tokenizer, skip_special_tokens=False)
+            decode = self._decode_special
         self._requests[seq.request_id] = _RequestText(
-            IncrementalDetokenizer(
-                self.tokenizer, seq.prompt_token_ids, self._decode, self._byte_runs
-            ),
+            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, decode, self._byte_runs),
             StopStringMatcher(seq.params.stop),
             self.full_text_prefix(seq),
             prompt_logprobs=[None] if seq.params.prompt_logprobs is not None else None,
@@ -109,7 +113,9 @@ class OutputProcessor:
         generated = slot + 1 - seq.prompt_len  # later tokens may already be pending
         state.unsent_ids.append(token)
         finish = None
-        if token in self.eos_token_ids and not params.ignore_eos:
+        if (
+            token in self.eos_token_ids and not params.ignore_eos
+        ) or token in params.stop_token_ids:  # ends like EOS: not in the text
             finish = "stop"
             delta = state.detokenizer.flush()
         else:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mii.engine import logits_processors
 from mii.engine.logprobs import LogprobTensors, score
 from mii.engine.sequence import Sequence
 from mii.ops.transfer import upload
@@ -65,6 +66,9 @@ class SamplingBatch:
     # the device (which would wait for the pass in flight). None: read the tensors.
     greedy_host: bool | None = None  # every row greedy
     ban_eos_host: bool | None = None  # some row bans EOS
+    # Penalties, logit_bias, min_p, stop-token bans (engine/logits_processors.py);
+    # None when no row sets any.
+    processing: logits_processors.LogitsProcessing | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -94,6 +98,8 @@ def sample_with_logprobs(
         (eos,) = upload(logits.device, [(eos_token_ids, torch.int64)])
         banned = logits[:, eos].masked_fill(batch.ban_eos[:, None], float("-inf"))
         logits = logits.index_copy(1, eos, banned)
+    if batch.processing is not None:  # before the argmax: they change greedy tokens too
+        logits = logits_processors.apply(logits, batch.processing, batch.temperature)
     greedy_tokens = logits.argmax(dim=-1)
     if batch.all_greedy:
         return greedy_tokens, logits.log_softmax(dim=-1) if processed_logprobs else None
@@ -124,15 +130,22 @@ def sample_with_logprobs(
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int], vocab_size: int
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    eos_token_ids: list[int],
+    vocab_size: int,
+    pending: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, LogprobTensors | None]:
     """Next token of each sequence (logits: [S, V], one row per sequence), and
     their logprobs when some sequence asks for ``logprobs`` (a row that did not
     ask is computed too and dropped: no per-row work). The common all-greedy case
     is one argmax, decided on the host so that no device value is read to choose
-    the path."""
+    the path. ``pending``: the in-flight pass's sampled tokens (async scheduling),
+    which penalties count."""
     plain_greedy = all(
-        s.params.greedy and (s.params.ignore_eos or s.num_generated >= s.params.min_new_tokens)
+        s.params.greedy
+        and (s.params.ignore_eos or s.num_generated >= s.params.min_new_tokens)
+        and not s.params.processes_logits
         for s in seqs
     )
     asked = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
@@ -140,7 +153,7 @@ def sample_next_tokens(
     if plain_greedy and not any(processed):
         tokens, processed_logprobs = logits.argmax(dim=-1), None
     else:
-        batch = sampling_batch(seqs, vocab_size, logits.device)
+        batch = sampling_batch(seqs, vocab_size, logits.device, pending)
         tokens, processed_logprobs = sample_with_logprobs(
             logits, batch, eos_token_ids, any(processed)
         )
@@ -153,8 +166,16 @@ def sample_next_tokens(
     return tokens, score(logprobs, tokens, max(asked))
 
 
-def sampling_batch(seqs: list[Sequence], vocab_size: int, device: torch.device) -> SamplingBatch:
-    """The sequences' sampling settings as device tensors, uploaded together."""
+def sampling_batch(
+    seqs: list[Sequence],
+    vocab_size: int,
+    device: torch.device,
+    pending: torch.Tensor | None = None,
+) -> SamplingBatch:
+    """The sequences' sampling settings (and logits processing) as device tensors,
+    uploaded together."""
+    processing = logits_processors.plan(seqs, vocab_size)  # None: no row needs any
+    extra = processing.arrays if processing is not None else []
     ps = [s.params for s in seqs]
     greedy = [p.greedy for p in ps]
     ban_eos = [not p.ignore_eos and s.num_generated < p.min_new_tokens for s, p in zip(seqs, ps)]
@@ -171,6 +192,13 @@ def sampling_batch(seqs: list[Sequence], vocab_size: int, device: torch.device) 
             ([s.seed for s in seqs], torch.int64),
             ([s.num_generated for s in seqs], torch.int64),
             (ban_eos, torch.bool),
+            *extra,  # the logits processors' arrays, in the same upload
         ],
     )
-    return SamplingBatch(*columns, greedy_host=all(greedy), ban_eos_host=any(ban_eos))
+    own = len(columns) - len(extra)
+    return SamplingBatch(
+        *columns[:own],
+        greedy_host=all(greedy),
+        ban_eos_host=any(ban_eos),
+        processing=processing.on_device(columns[own:], pending) if processing else None,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mii.config import GenerateParams
+from mii.config import OPTION_ALIASES, GenerateParams
 from mii.errors import InvalidRequestError
 from mii.response import Response, TokenLogprob
 from mii.rpc import mii_pb2
@@ -20,7 +20,9 @@ UNLIMITED_MESSAGES = (
 # so a request of a million one-word prompts would stall every other request.
 MAX_PROMPTS = 1024
 
-_SCALAR_OPTIONS = [name for name in GenerateParams.model_fields if name != "stop"]
+# Options that are not one scalar field of GenerationOptions each.
+_LIST_OPTIONS = ("stop", "stop_token_ids", "logit_bias")
+_SCALAR_OPTIONS = [name for name in GenerateParams.model_fields if name not in _LIST_OPTIONS]
 
 
 def options_to_proto(params: dict[str, Any]) -> mii_pb2.GenerationOptions:
@@ -31,6 +33,10 @@ def options_to_proto(params: dict[str, Any]) -> mii_pb2.GenerationOptions:
             continue
         if name == "stop":
             options.stop.extend([value] if isinstance(value, str) else list(value))
+        elif name == "stop_token_ids":
+            options.stop_token_ids.extend(value)
+        elif name == "logit_bias":
+            options.logit_bias.update(value)
         else:
             setattr(options, name, value)
     return options
@@ -43,6 +49,12 @@ def options_from_proto(options: mii_pb2.GenerationOptions) -> dict[str, Any]:
     }
     if options.stop:
         params["stop"] = list(options.stop)
+    if options.stop_token_ids:
+        params["stop_token_ids"] = list(options.stop_token_ids)
+    if options.logit_bias:
+        params["logit_bias"] = dict(options.logit_bias)
+    if options.HasField("min_tokens"):  # other clients' name of min_new_tokens
+        params["min_tokens"] = options.min_tokens
     return params
 
 
@@ -95,7 +107,8 @@ def validated(params: dict[str, Any]) -> dict[str, Any]:
     (JSON's ``"10"`` or ``10.0`` for an integer field becomes ``10``), so that
     mistakes fail before any network call and the message can be built."""
     parsed = GenerateParams.parse(**params)
-    return {name: getattr(parsed, name) for name in params}
+    names = dict.fromkeys(OPTION_ALIASES.get(name, name) for name in params)  # min_tokens
+    return {name: getattr(parsed, name) for name in names}
 
 
 def prompt_list(prompts: Any) -> list[str]:

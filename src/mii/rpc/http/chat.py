@@ -12,40 +12,119 @@ follows the template's BOS.
 When the tokenizer has no chat template, the fallback renders each message as
 ``"{role}: {content}\\n"``, ends with ``"assistant:"``, and tokenizes that text
 as any text prompt (special tokens added). Only text content is accepted.
+
+vLLM's request options shape the template's output (``TemplateOptions``):
+``add_generation_prompt`` (default true), ``continue_final_message`` (the
+answer continues the last message, which stays open; only without a generation
+prompt) and ``chat_template_kwargs`` (more template variables, such as
+``enable_thinking``). The fallback honours the first two.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from mii.errors import InvalidRequestError
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatMessage, ContentPart
 
+# apply_chat_template's own arguments: not template variables, so not
+# chat_template_kwargs (tokenize=False there would break the prompt).
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "sanitize_control_tokens",
+    }
+)
 
-def chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """How a chat template renders a request (vLLM's chat request options)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+
+    @classmethod
+    def of(
+        cls,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> TemplateOptions:
+        """Checked options; a 400 ApiError names the field at fault."""
+        if continue_final_message and add_generation_prompt:
+            raise ApiError(
+                400,
+                "continue_final_message and add_generation_prompt cannot both be true "
+                "(set add_generation_prompt to false to continue the final message)",
+                "continue_final_message",
+            )
+        kwargs = dict(chat_template_kwargs or {})
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+        if reserved:
+            raise ApiError(
+                400,
+                f"chat_template_kwargs may not set {', '.join(reserved)} (request fields or "
+                "arguments of the server's own)",
+                "chat_template_kwargs",
+            )
+        return cls(add_generation_prompt, continue_final_message, kwargs)
+
+
+def chat_prompt(
+    tokenizer, messages: list[ChatMessage], options: TemplateOptions | None = None
+) -> list[int]:
     """The prompt's token ids for a chat request's ``messages`` (their content as plain text)."""
     items = []
     for i, message in enumerate(messages):
         item = message.model_dump(exclude_none=True)
         item["content"] = _text_content(message.content, i)
         items.append(item)
-    return chat_prompt_ids(tokenizer, items)
+    return chat_prompt_ids(tokenizer, items, options)
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+def chat_prompt_ids(
+    tokenizer, messages: list[dict[str, Any]], options: TemplateOptions | None = None
+) -> list[int]:
     """The prompt's token ids for ``messages``: those of the tokenizer's chat
-    template (``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``),
-    or of the fallback text ``"{role}: {content}\\n" ... "assistant:"``."""
+    template (``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``
+    by default), or of the fallback text ``"{role}: {content}\\n" ... "assistant:"``."""
+    options = options or TemplateOptions()
     _check_unicode(messages)
     if not getattr(tokenizer, "chat_template", None):
-        lines = [f"{m['role']}: {m.get('content') or ''}\n" for m in messages]
-        return list(tokenizer("".join(lines) + "assistant:").input_ids)
+        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+        if options.continue_final_message:
+            text = text.removesuffix("\n")  # the last message goes on
+        elif options.add_generation_prompt:
+            text += "assistant:"
+        return list(tokenizer(text).input_ids)
     try:
         # return_dict: the same answer on transformers 4 (ids by default) and 5
         # (a BatchEncoding by default).
         encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            messages,
+            add_generation_prompt=options.add_generation_prompt,
+            continue_final_message=options.continue_final_message,
+            tokenize=True,
+            return_dict=True,
+            **options.kwargs,
         )
     except Exception as err:  # jinja raises for conversations the template refuses
         raise InvalidRequestError(

@@ -8,16 +8,21 @@ OpenAI options map onto mii's generation options as follows:
 - ``temperature`` (default 1.0): 0 means greedy (``do_sample=False``).
 - ``top_p`` defaults to 1.0 (OpenAI's default, not mii's 0.9).
 - ``stop``, ``echo`` (completions: the prompt is put before the text).
+- mii extensions: ``ignore_eos``, ``top_k``, ``min_tokens`` (-> ``min_new_tokens``),
+  ``logprobs_mode`` ("raw", the default, or "processed").
 - ``logprobs`` (completions: an int k; with ``echo`` the prompt's too) and
   ``logprobs`` + ``top_logprobs`` (chat) -> ``logprobs`` (and ``prompt_logprobs``):
   see :mod:`mii.rpc.http.openai_logprobs` for the answer's shape.
-- mii extensions: ``ignore_eos``, ``top_k``, ``min_tokens`` (-> ``min_new_tokens``),
-  ``logprobs_mode`` ("raw", the default, or "processed").
+- ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token ids as
+  strings, as OpenAI sends them) and vLLM's ``repetition_penalty``, ``min_p``,
+  ``stop_token_ids``, ``skip_special_tokens``: the options of the same names.
+- chat only: ``chat_template_kwargs``, ``add_generation_prompt`` and
+  ``continue_final_message`` shape the prompt (:mod:`mii.rpc.http.chat`).
 - ``n`` and ``seed`` are handled per choice (:mod:`mii.rpc.http.choices`).
 
-Options the engine cannot honour (``logit_bias``, non-zero
-penalties, ``suffix``, ``best_of`` other than ``n``, tools, non-text response
-formats) are refused with 400 naming them, never silently ignored.
+Options the engine cannot honour (``suffix``, ``best_of`` other than ``n``,
+tools, non-text response formats) are refused with 400 naming them, never
+silently ignored.
 """
 
 from __future__ import annotations
@@ -52,11 +57,6 @@ def refuse_chat(body: ChatCompletionRequest) -> None:
 
 
 def _refuse_common(body: OpenAIRequest) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0):
-            raise ApiError(400, f"{name} is not supported by this server; leave it at 0", name)
-    if body.logit_bias:
-        raise ApiError(400, "logit_bias is not supported by this server", "logit_bias")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
 
@@ -89,6 +89,7 @@ def generation_options(
             params["prompt_logprobs"] = logprobs
     if body.logprobs_mode is not None:
         params["logprobs_mode"] = body.logprobs_mode
+    params.update(_logits_options(body))
     GenerateParams.parse(**params)  # InvalidRequestError names the (mii) field
     return params
 
@@ -98,6 +99,34 @@ def _logprobs_asked(body: OpenAIRequest) -> int | None:
     if isinstance(body, ChatCompletionRequest):
         return (body.top_logprobs or 0) if body.logprobs else None
     return body.logprobs
+
+
+# Options set on the engine under their own names when the request gives them.
+_SAME_NAMES = (
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
+    "stop_token_ids",
+)
+
+
+def _logits_options(body: OpenAIRequest) -> dict[str, Any]:
+    """Penalties, min_p, logit_bias, stop token ids and skip_special_tokens."""
+    params = {n: getattr(body, n) for n in _SAME_NAMES if getattr(body, n) is not None}
+    if not body.skip_special_tokens:
+        params["skip_special_tokens"] = False
+    if body.logit_bias:
+        bias = {}
+        for key, value in body.logit_bias.items():
+            try:
+                bias[int(key)] = value  # JSON object keys are strings: "50256"
+            except ValueError:
+                raise ApiError(
+                    400, f"logit_bias keys must be token ids (got {key[:40]!r})", "logit_bias"
+                ) from None
+        params["logit_bias"] = bias
+    return params
 
 
 def openai_field_names(body: OpenAIRequest, chat: bool) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mii.rpc.http.chat import chat_prompt
+from mii.rpc.http.chat import TemplateOptions, chat_prompt
 from mii.rpc.http.choices import Choices, Usage
 from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError, openai_errors
@@ -137,10 +137,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     max_tokens = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
+    template = TemplateOptions.of(
+        body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
+    )
     with openai_errors(renames):
         params = generation_options(body, max_tokens)
         # A template over many messages takes a while: keep the event loop free.
-        prompt = await run_off_loop(chat_prompt, state.tokenizer, body.messages)
+        prompt = await run_off_loop(chat_prompt, state.tokenizer, body.messages, template)
     choices = Choices([prompt], params, body.n, body.seed)
     answer = Answer(CHAT_COMPLETION, state.model, _formatter(state, params, chat=True))
     return await _respond(request, state, body, choices, renames, answer)

@@ -88,6 +88,11 @@ class OpenAIRequest(BaseModel):
     top_k: int | None = None
     min_tokens: int = 0
     logprobs_mode: typing.Literal["raw", "processed"] | None = None
+    # vLLM's sampling extensions (mii.sampling_options)
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
 
 
 class CompletionRequest(OpenAIRequest):
@@ -134,3 +139,7 @@ class ChatCompletionRequest(OpenAIRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's chat template extensions (mii.rpc.http.chat)
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
