@@ -51,6 +51,10 @@ async def run_mii(path: str, prompts: list[list[int]], out_len: int, options: di
     responses = await engine.generate(prompts, **params)
     elapsed = time.perf_counter() - start
     stats = engine.stats()
+    scheduling = {
+        "token_budget": engine.config.token_budget,
+        "max_num_seqs": engine.config.max_num_seqs,
+    }
     await engine.aclose()
     generated = sum(r.generated_length for r in responses)
     assert generated == out_len * len(prompts)
@@ -60,6 +64,7 @@ async def run_mii(path: str, prompts: list[list[int]], out_len: int, options: di
             "load_s": round(load_s, 1),
             "preemptions": stats["preemptions"],
         }
+        | scheduling
         | warmup
     )
 
@@ -98,8 +103,9 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--input-range", type=int, nargs=2, default=(128, 1024))
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--token-budget", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    # Engine defaults unless told: they are what users (and W1's targets) get.
+    parser.add_argument("--token-budget", type=int, default=None, help="default: the engine's")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
     parser.add_argument("--hf", action="store_true", help="also run HF generate_batch")
     add_engine_arguments(parser)
     parser.add_argument("--json", default=None)
@@ -119,7 +125,14 @@ def main() -> None:
     if result["roofline"]:
         floor = 2 * num_params(config) * tokens / (result["roofline"]["matmul_bf16_tflops"] * 1e12)
         result["compute_floor_s"] = round(floor, 2)
-    options = {"token_budget": args.token_budget, "max_num_seqs": args.max_num_seqs}
+    options = {
+        name: value
+        for name, value in (
+            ("token_budget", args.token_budget),
+            ("max_num_seqs", args.max_num_seqs),
+        )
+        if value is not None
+    }
     options = engine_options(args, result, options)
     if serve_other_ranks(model_dir(args.model), options):
         return  # a rank > 0 of a tensor-parallel run: rank 0 measures and reports

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+import mii
 from mii.config import EngineConfig, GenerateParams
 from mii.errors import InvalidRequestError
 
@@ -167,7 +168,9 @@ def test_greedy(options, greedy):
 def test_engine_defaults_are_valid():
     cfg = EngineConfig.parse("some/model")
     assert cfg.model == "some/model"
-    assert cfg.token_budget >= cfg.max_num_seqs
+    for device in ("cuda", "cpu"):
+        resolved = cfg.with_device_defaults(device)
+        assert resolved.token_budget >= resolved.max_num_seqs
 
 
 @pytest.mark.parametrize("name", ["block_size", "max_batch_size", "tokenizer_path"])
@@ -223,3 +226,25 @@ def test_cross_field_error_does_not_print_none_as_the_option_name():
     with pytest.raises(InvalidRequestError) as info:
         EngineConfig.parse("m", token_budget=8, max_num_seqs=16)
     assert "option None" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("device", "options", "expected"),
+    [
+        ("cuda", {}, (4096, 256)),
+        ("cpu", {}, (1024, 128)),
+        ("cuda", {"token_budget": 64}, (64, 64)),  # an unset cap never exceeds a given budget
+        ("cuda", {"max_num_seqs": 512}, (4096, 512)),
+        ("cpu", {"token_budget": 2048, "max_num_seqs": 16}, (2048, 16)),
+    ],
+)
+def test_scheduling_defaults_follow_the_device(device, options, expected):
+    resolved = EngineConfig.parse("m", **options).with_device_defaults(device)
+    assert (resolved.token_budget, resolved.max_num_seqs) == expected
+
+
+def test_engine_reports_the_scheduling_it_runs_with(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    engine = mii.AsyncEngine(llama, device="cpu", token_budget=256)
+    assert (engine.config.token_budget, engine.config.max_num_seqs) == (256, 128)
+    assert engine.core.scheduler.token_budget == 256

@@ -111,14 +111,14 @@ def test_greedy_rows_see_the_processed_logits():
         make_seq({"do_sample": False, "logit_bias": {17: 100.0}}),
         make_seq({"do_sample": False}),
     ]
-    tokens = sample_next_tokens(logits, seqs, eos_token_ids=[], vocab_size=VOCAB).tolist()
+    tokens = sample_next_tokens(logits, seqs, eos_token_ids=[], vocab_size=VOCAB)[0].tolist()
     assert tokens[0] != top[0] and tokens[1] == 17 and tokens[2] == top[2]
 
 
 def test_a_sampled_row_with_a_forcing_bias_draws_that_token():
     logits = random_logits(4, seed=2)
     seqs = [make_seq({"logit_bias": {33: 100.0}, "temperature": 1.0}, seed=s) for s in range(4)]
-    assert sample_next_tokens(logits, seqs, [], VOCAB).tolist() == [33] * 4
+    assert sample_next_tokens(logits, seqs, [], VOCAB)[0].tolist() == [33] * 4
 
 
 def test_stop_token_ids_are_banned_below_min_new_tokens_only():

@@ -14,6 +14,7 @@ import openai
 import pytest
 import torch
 from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -124,7 +125,7 @@ def test_async_scheduling_and_sampled_requests(tiny, tokenizer, tmp_path, monkey
 def test_processed_logprobs_equal_transformers_warpers(tiny, tokenizer, tmp_path, monkeypatch):
     path, hf_model = tiny
     monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
-    options = dict(temperature=0.7, top_k=8, top_p=0.8)
+    options = dict(temperature=0.7, top_k=8, top_p=0.8, repetition_penalty=1.3)
     with mii.pipeline(path, device="cpu") as pipe:
         response = pipe(
             PROMPTS[0],
@@ -143,6 +144,7 @@ def test_processed_logprobs_equal_transformers_warpers(tiny, tokenizer, tmp_path
     with torch.no_grad():
         logits = hf_model(torch.tensor([ids])).logits[0].float()
     warpers = [
+        RepetitionPenaltyLogitsProcessor(options["repetition_penalty"]),
         TemperatureLogitsWarper(options["temperature"]),
         TopKLogitsWarper(options["top_k"]),
         TopPLogitsWarper(options["top_p"]),
@@ -159,7 +161,7 @@ def test_processed_logprobs_equal_transformers_warpers(tiny, tokenizer, tmp_path
         shown = min(4, kept)  # beyond the kept tokens, both are -inf
         assert [t for t, _ in entry.top[:shown]] == row.topk(shown).indices.tolist()
         assert all(lp == -math.inf for _, lp in entry.top[shown:])
-    # Greedy rows' processed distribution is the raw one (nothing warps it).
+    # Plain greedy rows' processed distribution is the raw one (nothing warps it).
     check_response(hf_model, tokenizer, PROMPTS[0], greedy, 2, None)
 
 

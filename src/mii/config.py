@@ -248,6 +248,13 @@ OPENAI_COMPLETIONS_MAX_TOKENS = 16  # POST /v1/completions: OpenAI's documented 
 DEPLOYMENT_MAX_QUEUED_REQUESTS = 1024
 
 
+# token_budget and max_num_seqs left unset, by device type. On CUDA, large passes:
+# on one H200 (Llama-2-7B shape, W1) 4096 tokens / 256 sequences ran 2.12x the
+# compute floor against 3.01x at 1024 / 128 (docs/performance.md); decodes still
+# see a pass every ~75 ms at most. On the CPU passes stay small: each one is slow.
+SCHEDULING_DEFAULTS = {"cuda": (4096, 256), "cpu": (1024, 128)}
+
+
 class EngineConfig(BaseModel):
     """Options of one engine: the model, the KV cache and the scheduler."""
 
@@ -298,10 +305,18 @@ class EngineConfig(BaseModel):
     cpu_kv_cache_bytes: int = Field(
         default=1 << 30, gt=0, description="bytes of the KV block pool on the CPU"
     )
-    token_budget: int = Field(
-        default=1024, gt=0, description="tokens per forward pass, Dynamic SplitFuse"
+    token_budget: int | None = Field(
+        default=None,
+        gt=0,
+        description="tokens per forward pass, Dynamic SplitFuse (default: "
+        f"{SCHEDULING_DEFAULTS['cuda'][0]} on CUDA, {SCHEDULING_DEFAULTS['cpu'][0]} on the CPU)",
     )
-    max_num_seqs: int = Field(default=128, gt=0, description="sequences per forward pass")
+    max_num_seqs: int | None = Field(
+        default=None,
+        gt=0,
+        description="sequences per forward pass (default: "
+        f"{SCHEDULING_DEFAULTS['cuda'][1]} on CUDA, {SCHEDULING_DEFAULTS['cpu'][1]} on the CPU)",
+    )
     max_queued_requests: int | None = Field(
         default=None,
         gt=0,
@@ -340,12 +355,22 @@ class EngineConfig(BaseModel):
     def _budget_covers_decodes(self) -> EngineConfig:
         # Decodes are scheduled first, one token each; a budget smaller than the
         # sequence cap would leave admitted sequences unable to advance.
-        if self.token_budget < self.max_num_seqs:
+        if None not in (self.token_budget, self.max_num_seqs) and (
+            self.token_budget < self.max_num_seqs
+        ):
             raise ValueError(
                 f"token_budget ({self.token_budget}) must be at least max_num_seqs "
                 f"({self.max_num_seqs}); raise token_budget or lower max_num_seqs"
             )
         return self
+
+    def with_device_defaults(self, device_type: str) -> EngineConfig:
+        """This config with the scheduling options left unset chosen for the device
+        (SCHEDULING_DEFAULTS); a sequence cap left unset never exceeds a given budget."""
+        budget, seqs = SCHEDULING_DEFAULTS.get(device_type, SCHEDULING_DEFAULTS["cpu"])
+        budget = self.token_budget if self.token_budget is not None else budget
+        seqs = min(seqs, budget) if self.max_num_seqs is None else self.max_num_seqs
+        return self.model_copy(update={"token_budget": budget, "max_num_seqs": seqs})
 
     @classmethod
     def parse(cls, model: str, **options: Any) -> EngineConfig:

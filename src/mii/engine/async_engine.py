@@ -79,8 +79,8 @@ class AsyncEngine:
     """
 
     def __init__(self, model: str, **options: Any) -> None:
-        self.config = EngineConfig.parse(model, **options)
-        self.core = EngineCore(self.config)
+        self.core = EngineCore(EngineConfig.parse(model, **options))
+        self.config = self.core.config  # with the device's scheduling defaults filled in
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mii-engine")
         self._queues: dict[str, asyncio.Queue] = {}
         self._pending_add: list[Any] = []

@@ -97,9 +97,10 @@ class EngineCore:
     """Loads a model and serves sequences through the scheduler, one pass per ``step``."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         # Bring-up, one step at a time (engine/bring_up.py).
         self.device, self.tp = bring_up.join_group(config)
+        # token_budget / max_num_seqs left unset: the device's defaults
+        self.config = config = config.with_device_defaults(self.device.type)
         loaded = bring_up.load_model(config, self.device)
         self.model, self.tokenizer, self.dtype = loaded.model, loaded.tokenizer, loaded.dtype
         self.vocab_size, self.max_length = loaded.vocab_size, loaded.max_length
