@@ -26,6 +26,7 @@ LAYER_OF_PREFIX = {
     "mii.response": "base",
     "mii.envs": "base",
     "mii.cache": "base",
+    "mii.prompts": "base",
     "mii.ops": "ops",
     "mii.models": "models",
     "mii.engine": "engine",

@@ -21,6 +21,7 @@ from mii.config import EngineConfig, GenerateParams
 from mii.engine.admission import admit
 from mii.engine.core import EngineCore, StepOutput
 from mii.errors import EngineClosedError
+from mii.prompts import Prompt, prompt_batch
 from mii.response import Response, join_pieces
 
 _DONE = object()
@@ -97,7 +98,7 @@ class AsyncEngine:
         return self.core.tokenizer
 
     async def stream(
-        self, prompt: str | list[int], request_id: str | None = None, **params: Any
+        self, prompt: Prompt, request_id: str | None = None, **params: Any
     ) -> AsyncIterator[Response]:
         """Yield pieces of the answer as they are generated. Cancelling the
         consuming task (or closing the iterator) aborts the request; ``abort``
@@ -130,12 +131,10 @@ class AsyncEngine:
             elif self._queues.get(request_id) is queue:
                 del self._queues[request_id]
 
-    async def generate(
-        self, prompts: str | Sequence[str | list[int]], **params: Any
-    ) -> list[Response]:
-        """Generate whole answers for one prompt or a list of prompts, in order."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+    async def generate(self, prompts: Prompt | Sequence[Prompt], **params: Any) -> list[Response]:
+        """Generate whole answers for one prompt or a list of prompts, in order. A
+        prompt is a text or a list of token ids (``[1, 2, 3]`` is one prompt)."""
+        prompts = prompt_batch(prompts)
         GenerateParams.parse(**params)  # reject bad options before anything is queued
         self._admit()  # the whole call, before any of its prompts is queued
         loop = asyncio.get_running_loop()

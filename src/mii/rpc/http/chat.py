@@ -16,6 +16,7 @@ as any text prompt (special tokens added). Only text content is accepted.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from mii.errors import InvalidRequestError
@@ -23,39 +24,86 @@ from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatMessage, ContentPart
 
 
-def chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """The prompt's token ids for a chat request's ``messages`` (their content as plain text)."""
+def chat_prompt(tokenizer, messages: list[ChatMessage], **template: Any) -> list[int]:
+    """The prompt's token ids for a chat request's ``messages`` (their content as plain
+    text); ``template``: the options of :func:`chat_prompt_ids`."""
+    return chat_prompt_ids(tokenizer, chat_items(messages), **template)
+
+
+def chat_items(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """``messages`` as the dicts a chat template reads (content as plain text)."""
     items = []
     for i, message in enumerate(messages):
         item = message.model_dump(exclude_none=True)
         item["content"] = _text_content(message.content, i)
         items.append(item)
-    return chat_prompt_ids(tokenizer, items)
+    return items
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+def chat_prompt_ids(
+    tokenizer,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
     """The prompt's token ids for ``messages``: those of the tokenizer's chat
     template (``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``),
-    or of the fallback text ``"{role}: {content}\\n" ... "assistant:"``."""
-    _check_unicode(messages)
+    or of the fallback text ``"{role}: {content}\\n" ... "assistant:"``.
+
+    ``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``
+    (extra template variables) are passed to the template; without one, the first
+    ends the text with ``"assistant:"`` and the second leaves off the last ``"\\n"``."""
+    check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
-        lines = [f"{m['role']}: {m.get('content') or ''}\n" for m in messages]
-        return list(tokenizer("".join(lines) + "assistant:").input_ids)
-    try:
+        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+        if continue_final_message:
+            text = text.removesuffix("\n")
+        if add_generation_prompt:
+            text += "assistant:"
+        return list(tokenizer(text).input_ids)
+    encoded = apply_template(
+        tokenizer,
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        tokenize=True,
         # return_dict: the same answer on transformers 4 (ids by default) and 5
         # (a BatchEncoding by default).
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
+        return_dict=True,
+        **_template_variables(tokenizer, chat_template_kwargs),
+    )
+    return list(encoded["input_ids"])
+
+
+def apply_template(tokenizer, messages: list[dict[str, Any]], **options: Any) -> Any:
+    """``tokenizer.apply_chat_template(messages, **options)``; a conversation the
+    template refuses is InvalidRequestError naming ``messages``."""
+    try:
+        return tokenizer.apply_chat_template(messages, **options)
     except Exception as err:  # jinja raises for conversations the template refuses
         raise InvalidRequestError(
             f"the model's chat template rejected the messages: {err}", field="messages"
         ) from None
-    return list(encoded["input_ids"])
 
 
-def _check_unicode(messages: list[dict[str, Any]]) -> None:
-    # JSON lets a lone surrogate ("\\ud800") through; tokenizers refuse it.
+def _template_variables(tokenizer, variables: dict[str, Any] | None) -> dict[str, Any]:
+    # A name of apply_chat_template's own parameters would not reach the template
+    # (and tokenize=False would break the answer): refuse it.
+    variables = variables or {}
+    own = inspect.signature(tokenizer.apply_chat_template).parameters
+    for name in variables:
+        if name in own or name == "messages":
+            raise InvalidRequestError(
+                f"chat_template_kwargs may not set {name!r} (an option of its own)",
+                field="chat_template_kwargs",
+            )
+    return variables
+
+
+def check_messages(messages: list[dict[str, Any]]) -> None:
+    """InvalidRequestError naming ``messages`` for a text that is not valid Unicode
+    (JSON lets a lone surrogate, ``"\\ud800"``, through; tokenizers refuse it)."""
     for i, message in enumerate(messages):
         for key, value in message.items():
             if not isinstance(value, str):
