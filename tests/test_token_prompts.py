@@ -30,10 +30,13 @@ from chat_tokenizers import CHATML_TEMPLATE, chatml_tokenizer
 from helpers import save_checkpoint, tiny_config
 from mii.errors import InvalidRequestError
 from mii.prompts import prompt_batch
-from mii.rpc import registry
+from mii.rpc import mii_pb2, registry
 from mii.rpc.convert import prompt_list
 from mii.rpc.deployment import free_port
+from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http import field_policy
+from mii.rpc.http.server import start_gateway
+from mii.rpc.pool import Metrics
 
 NEW = 6
 GREEDY = {"do_sample": False, "max_new_tokens": NEW, "ignore_eos": True}
@@ -190,8 +193,42 @@ def test_bad_token_id_prompts_get_400_naming_prompt(served, tok):
     for prompt in ([], [[]], [-1], [vocab], [[1], [vocab + 5]], [1, "a"], [[1], "a"], [True],
                    [1.5], [2**64], [[1, 2], 3], {"ids": [1]}):  # fmt: skip
         assert_400(post("/v1/completions", json={**ok, "prompt": prompt}), "prompt")
-    stream = {**ok, "prompt": [vocab], "stream": True}  # refused before the first event
+    # Streamed, refused whole before the first event (a good prompt first).
+    stream = {**ok, "prompt": [[1, 2], [vocab]], "stream": True}
     assert_400(post("/v1/completions", json=stream), "prompt")
+
+
+class _UnreachablePool:
+    """A pool that no request may reach (a call fails the request with a 500)."""
+
+    def __init__(self) -> None:
+        self.replicas = []
+        self.metrics = Metrics()
+
+    async def generate(self, prompts, params, timeout=None):
+        raise AssertionError("the request reached the pool")
+
+    def stream(self, prompt, params, timeout=None):
+        raise AssertionError("the request reached the pool")
+
+
+def test_unknown_ids_are_refused_by_the_gateway(model_path, tok):
+    """Before any replica is asked: a streamed request of several prompts is refused
+    whole, whichever of its prompts would have failed first in the engine."""
+
+    async def scenario():
+        config = DeploymentConfig(model=model_path, restful_api_port=free_port())
+        info = mii_pb2.ModelInfoReply(deployment_name="d", model=model_path, max_length=256)
+        gateway = await start_gateway(_UnreachablePool(), info, config)
+        try:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+                for stream in (False, True):
+                    body = {"prompt": [[1, 2], [len(tok)]], "stream": stream}
+                    assert_400(await http.post("/v1/completions", json=body), "prompt")
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
 
 
 def test_client_and_mii_route_take_token_ids(served, pipe, tok):

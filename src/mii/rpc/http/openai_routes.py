@@ -39,6 +39,7 @@ from mii.rpc.http.openai_options import (
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from mii.rpc.http.sse import stream_choices
 from mii.rpc.http.state import GatewayState, get_state
+from mii.rpc.http.vocabulary import check_known_ids
 
 router = APIRouter(prefix="/v1", route_class=LimitedRoute)
 
@@ -127,6 +128,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     with openai_errors(renames):
         params = generation_options(body, body.max_tokens, echo=body.echo)
     prompts = prompt_list(body.prompt, "prompt")  # token ids: [1, 2] is one prompt
+    if isinstance(prompts[0], list):
+        check_known_ids(state.tokenizer, prompts, "prompt")
     choices = Choices(prompts, params, body.n, body.seed)
     answer = Answer(COMPLETION, state.model)
     return await _respond(request, state, body, choices, renames, answer)

@@ -34,6 +34,7 @@ from mii.rpc.http.limits import LimitedRoute, run_off_loop
 from mii.rpc.http.openai_routes import check_model
 from mii.rpc.http.protocol import ChatMessage
 from mii.rpc.http.state import get_state
+from mii.rpc.http.vocabulary import check_known_ids
 
 router = APIRouter(route_class=LimitedRoute)  # errors in OpenAI's shape: errors.is_openai_path
 
@@ -142,21 +143,8 @@ def _answer_tokenize(tokenizer, body: TokenizeRequest, max_model_len: int) -> di
     return answer
 
 
-def vocabulary_size(tokenizer) -> int:
-    """How many ids the tokenizer knows (its vocabulary and added tokens)."""
-    return len(tokenizer)
-
-
 def _detokenize(tokenizer, tokens: list[int]) -> str:
-    size = vocabulary_size(tokenizer)
-    for i, t in enumerate(tokens):
-        if not 0 <= t < size:
-            raise ApiError(
-                400,
-                f"tokens[{i}] = {t} is not a token id of this model's tokenizer "
-                f"(ids are in [0, {size}))",
-                "tokens",
-            )
+    check_known_ids(tokenizer, [tokens], "tokens")
     return tokenizer.decode(tokens)
 
 
