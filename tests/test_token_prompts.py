@@ -323,6 +323,11 @@ def test_tokenize_errors_name_the_field(served, tok):
             {"messages": CHAT, "chat_template_kwargs": {"tokenize": False}},
             "chat_template_kwargs",
         ),
+        (
+            "/tokenize",
+            {"messages": CHAT, "add_special_tokens": True, "chat_template_kwargs": {"tools": 1}},
+            "chat_template_kwargs",
+        ),
         ("/detokenize", {}, "tokens"),
         ("/detokenize", {"tokens": [1, -1]}, "tokens"),
         ("/detokenize", {"tokens": [len(tok)]}, "tokens"),

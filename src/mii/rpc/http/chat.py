@@ -71,7 +71,7 @@ def chat_prompt_ids(
         # return_dict: the same answer on transformers 4 (ids by default) and 5
         # (a BatchEncoding by default).
         return_dict=True,
-        **_template_variables(tokenizer, chat_template_kwargs),
+        **template_variables(tokenizer, chat_template_kwargs),
     )
     return list(encoded["input_ids"])
 
@@ -87,9 +87,10 @@ def apply_template(tokenizer, messages: list[dict[str, Any]], **options: Any) ->
         ) from None
 
 
-def _template_variables(tokenizer, variables: dict[str, Any] | None) -> dict[str, Any]:
-    # A name of apply_chat_template's own parameters would not reach the template
-    # (and tokenize=False would break the answer): refuse it.
+def template_variables(tokenizer, variables: dict[str, Any] | None) -> dict[str, Any]:
+    """``variables`` (chat_template_kwargs) as keyword arguments of apply_chat_template;
+    InvalidRequestError naming ``chat_template_kwargs`` for a name of its own options
+    (it would not reach the template, and ``tokenize=False`` would break the answer)."""
     variables = variables or {}
     own = inspect.signature(tokenizer.apply_chat_template).parameters
     for name in variables:

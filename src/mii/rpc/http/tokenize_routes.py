@@ -28,7 +28,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from mii.rpc.http.chat import apply_template, chat_items, chat_prompt_ids, check_messages
+from mii.rpc.http.chat import (
+    apply_template,
+    chat_items,
+    chat_prompt_ids,
+    check_messages,
+    template_variables,
+)
 from mii.rpc.http.errors import ApiError, openai_errors
 from mii.rpc.http.limits import LimitedRoute, run_off_loop
 from mii.rpc.http.openai_routes import check_model
@@ -128,7 +134,7 @@ def tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
             add_generation_prompt=options["add_generation_prompt"],
             continue_final_message=options["continue_final_message"],
             tokenize=False,
-            **(options["chat_template_kwargs"] or {}),
+            **template_variables(tokenizer, options["chat_template_kwargs"]),
         )
         return list(tokenizer(text, add_special_tokens=True).input_ids)
     # Exactly the ids the chat route sends (the fallback text has its special tokens).
