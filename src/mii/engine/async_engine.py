@@ -21,7 +21,7 @@ from mii.config import EngineConfig, GenerateParams
 from mii.engine.admission import admit
 from mii.engine.core import EngineCore, StepOutput
 from mii.errors import EngineClosedError
-from mii.prompts import Prompt, prompt_batch
+from mii.prompts import Prompt, one_prompt, prompt_batch
 from mii.response import Response, join_pieces
 
 _DONE = object()
@@ -103,6 +103,7 @@ class AsyncEngine:
         """Yield pieces of the answer as they are generated. Cancelling the
         consuming task (or closing the iterator) aborts the request; ``abort``
         ends the stream with an empty piece whose ``finish_reason`` is "abort"."""
+        prompt = one_prompt(prompt)  # a text or token ids (a tuple of ids too)
         self._admit()
         prompt_ids = await self._tokenize_large(prompt)
         request_id, queue, seq = self._submit(prompt, request_id, params, prompt_ids=prompt_ids)
