@@ -309,6 +309,8 @@ def test_every_http_route_refuses_a_missing_or_wrong_key(secured):
             },
         ),
         ("POST", f"/mii/{secured.name}", {"prompts": ["a"], "max_new_tokens": 2}),
+        ("POST", "/tokenize", {"prompt": "a"}),
+        ("POST", "/detokenize", {"tokens": [1]}),
         ("GET", "/nowhere", None),
     ]
     with httpx.Client(base_url=secured.url, timeout=60) as http:

@@ -170,7 +170,8 @@ def test_mii_route_errors(served):
         (url, {"prompts": "x", "temprature": 0.5}, 400, "temprature"),
         (url, {"prompts": "x", "max_new_tokens": -1}, 400, "max_new_tokens"),
         (url, {"max_new_tokens": 4}, 400, "prompts"),
-        (url, {"prompts": [1, 2]}, 400, "prompts"),
+        (url, {"prompts": [1, -2]}, 400, "prompts"),  # [1, 2] is a token-id prompt
+        (url, {"prompts": ["x", [1, 2]]}, 400, "prompts"),  # one kind per request
         # refused by the engine, behind the pool
         (url, {"prompts": "DeepSpeed is " * 3000}, 400, "prompt"),
     ]
@@ -384,7 +385,7 @@ def test_openai_invalid_requests(served):
     assert_openai_error(post("/v1/completions", json={**ok, "temperature": -1}), 400, "temperature")
     assert_openai_error(post("/v1/completions", json={**ok, "logprobs": 21}), 400, "logprobs")
     assert_openai_error(post("/v1/completions", json={**ok, "n": 0}), 400, "n")
-    assert_openai_error(post("/v1/completions", json={**ok, "prompt": [1, 2]}), 400, "prompt")
+    assert_openai_error(post("/v1/completions", json={**ok, "prompt": [1, -2]}), 400, "prompt")
     error = assert_openai_error(
         post("/v1/completions", json={**ok, "model": "gpt-9"}), 404, "model"
     )

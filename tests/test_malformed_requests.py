@@ -42,7 +42,10 @@ BAD_INTS = ["abc", BIG, -5, [1], {"a": 1}, 1.5]
 BAD_FLOATS = ["abc", [1], {"a": 1}, -1, "NaN-literal", "Infinity-literal"]
 BAD_BOOLS = ["abc", [1], {"a": 1}, 5, BIG]
 BAD_STOPS = [5, [5], {"a": 1}, [["a"]], BIG, ["\ud800"], ["x"] * 17]
-BAD_PROMPTS = [None, 5, [], [5], [None], {"a": 1}, True, [["a"]], "a\ud800", BIG, ["a"] * 1025]
+BAD_PROMPTS = [
+    *[None, 5, [], [-5], [None], {"a": 1}, True, [["a"]], "a\ud800", BIG, ["a"] * 1025],
+    *[[BIG], [[]], [1.5], [True], ["a", [5]]],  # [5] is a token-id prompt
+]
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,7 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
         for value in values:
             cases.append((comp, _encode({**ok_comp, field: value}), JSON, field))
             cases.append((chat, _encode({**ok_chat, field: value}), JSON, field))
-    for value in [5, [], [5], None, {"a": 1}, "a\ud800"]:
+    for value in [5, [], [-5], None, {"a": 1}, "a\ud800", [[]], [BIG], ["a", [5]]]:
         cases.append((comp, _encode({**ok_comp, "prompt": value}), JSON, "prompt"))
     for field, value in [("echo", "a"), ("logprobs", "a"), ("best_of", "a"), ("suffix", 5)]:
         cases.append((comp, _encode({**ok_comp, field: value}), JSON, field))
@@ -366,7 +369,9 @@ CLIENT_CASES = [
     ((None,), {}, "prompts"),
     ((5,), {}, "prompts"),
     ((b"hi",), {}, "prompts"),
-    (([1, 2],), {}, "prompts"),
+    (([1, -2],), {}, "prompts"),  # [1, 2] is a token-id prompt
+    (([[]],), {}, "prompts"),
+    ((["a", [1]],), {}, "prompts"),
     (([None],), {}, "prompts"),
     (([],), {}, "prompts"),
     ((["a"] * 1025,), {}, "prompts"),

@@ -26,7 +26,7 @@ from mii.rpc import mii_pb2
 from mii.rpc.deployment import free_port
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.health import add_standard_services, set_health
-from mii.rpc.http import limits, openai_routes
+from mii.rpc.http import limits, openai_routes, tokenize_routes
 from mii.rpc.http.server import start_gateway
 from mii.rpc.listen import listening_server
 from mii.rpc.pool import Metrics
@@ -57,10 +57,11 @@ def _grpc_health(port: int) -> int:
 
 
 def test_large_bodies_are_parsed_while_grpc_is_served(llama, monkeypatch):
-    """While a large body is parsed (and its chat template rendered), a gRPC call to
-    the same process is answered."""
+    """While a large body is parsed (and its chat template rendered, or its prompt
+    tokenized for /tokenize), a gRPC call to the same process is answered."""
     seen: dict[str, object] = {}
     real_parse, real_chat = limits.parse_body, openai_routes.chat_prompt
+    real_tokenize = tokenize_routes.tokenize
 
     def parse_holding(body, model):
         seen["parse_thread"] = threading.get_ident()
@@ -72,8 +73,14 @@ def test_large_bodies_are_parsed_while_grpc_is_served(llama, monkeypatch):
         seen["grpc_during_chat"] = _grpc_health(seen["grpc_port"])
         return real_chat(tokenizer, messages)
 
+    def tokenize_holding(tokenizer, body):
+        seen["tokenize_thread"] = threading.get_ident()
+        seen["grpc_during_tokenize"] = _grpc_health(seen["grpc_port"])
+        return real_tokenize(tokenizer, body)
+
     monkeypatch.setattr(limits, "parse_body", parse_holding)
     monkeypatch.setattr(openai_routes, "chat_prompt", chat_holding)
+    monkeypatch.setattr(tokenize_routes, "tokenize", tokenize_holding)
 
     async def scenario():
         seen["loop_thread"] = threading.get_ident()
@@ -93,7 +100,10 @@ def test_large_bodies_are_parsed_while_grpc_is_served(llama, monkeypatch):
                     content=json.dumps(body),
                     headers={"content-type": "application/json"},
                 )
+                # A small body, but its prompt is tokenized off the loop too.
+                tokenized = await http.post("/tokenize", json={"prompt": "word " * 1000})
             assert response.status_code == 200, response.text
+            assert tokenized.status_code == 200 and tokenized.json()["count"] >= 1000
         finally:
             await gateway.stop()
             await server.stop(None)
@@ -102,8 +112,10 @@ def test_large_bodies_are_parsed_while_grpc_is_served(llama, monkeypatch):
     serving = health_pb2.HealthCheckResponse.SERVING
     assert seen["parse_thread"] != seen["loop_thread"]
     assert seen["chat_thread"] != seen["loop_thread"]
+    assert seen["tokenize_thread"] != seen["loop_thread"]
     assert seen["grpc_during_parse"] == serving
     assert seen["grpc_during_chat"] == serving
+    assert seen["grpc_during_tokenize"] == serving
 
 
 def test_long_prompts_are_tokenized_while_other_requests_run(llama):

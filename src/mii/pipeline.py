@@ -25,6 +25,7 @@ from mii.config import EngineConfig, GenerateParams
 from mii.engine import distributed
 from mii.engine.async_engine import AsyncEngine
 from mii.engine_thread import EngineThread
+from mii.prompts import Prompt, prompt_batch
 from mii.response import Response
 
 PROGRESS_BAR_MIN_PROMPTS = 16
@@ -44,20 +45,17 @@ class Pipeline:
         return self.engine.tokenizer
 
     def __call__(
-        self, prompts: str | Sequence[str], progress: bool | None = None, **params: Any
+        self, prompts: Prompt | Sequence[Prompt], progress: bool | None = None, **params: Any
     ) -> list[Response]:
-        """Generate for every prompt and return the responses in order.
+        """Generate for every prompt and return the responses in order. A prompt is a
+        text or a list of token ids (``[1, 2, 3]`` is one prompt, taken as it is).
 
         ``progress`` shows a progress bar (default: for 16 or more prompts when
         stderr is a terminal).
         """
         if self._runner.closed:
             raise RuntimeError("this pipeline was destroyed; create a new one")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if progress is None:
-            progress = len(prompts) >= PROGRESS_BAR_MIN_PROMPTS and sys.stderr.isatty()
-        future = self._runner.submit(self._call(list(prompts), params, progress))
+        future = self._runner.submit(self._call(prompts, params, progress))
         try:
             return future.result()
         except KeyboardInterrupt:
@@ -65,7 +63,7 @@ class Pipeline:
             raise
 
     async def _call(
-        self, prompts: list[str], params: dict[str, Any], progress: bool
+        self, prompts: Any, params: dict[str, Any], progress: bool | None
     ) -> list[Response]:
         tp = self.engine.core.tp
         if tp is None:
@@ -85,16 +83,21 @@ class Pipeline:
         return responses
 
     async def _generate(
-        self, prompts: list[str], params: dict[str, Any], progress: bool
+        self, prompts: Any, params: dict[str, Any], progress: bool | None
     ) -> list[Response]:
+        # Checked here, inside the call: under tensor parallelism a call that fails
+        # still ends the other ranks' call (see _call).
+        prompts = prompt_batch(prompts)
         GenerateParams.parse(**params)  # bad options fail before any prompt is queued
+        if progress is None:
+            progress = len(prompts) >= PROGRESS_BAR_MIN_PROMPTS and sys.stderr.isatty()
         if not progress:
             return await self.engine.generate(prompts, **params)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="mii", unit="prompt")
 
-        async def one(prompt: str) -> Response:
+        async def one(prompt: Prompt) -> Response:
             [response] = await self.engine.generate([prompt], **params)
             bar.update(1)
             return response

@@ -21,6 +21,7 @@ from mii.config import EngineConfig, GenerateParams
 from mii.engine.admission import admit
 from mii.engine.core import EngineCore, StepOutput
 from mii.errors import EngineClosedError
+from mii.prompts import Prompt, one_prompt, prompt_batch
 from mii.response import Response, join_pieces
 
 _DONE = object()
@@ -97,11 +98,12 @@ class AsyncEngine:
         return self.core.tokenizer
 
     async def stream(
-        self, prompt: str | list[int], request_id: str | None = None, **params: Any
+        self, prompt: Prompt, request_id: str | None = None, **params: Any
     ) -> AsyncIterator[Response]:
         """Yield pieces of the answer as they are generated. Cancelling the
         consuming task (or closing the iterator) aborts the request; ``abort``
         ends the stream with an empty piece whose ``finish_reason`` is "abort"."""
+        prompt = one_prompt(prompt)  # a text or token ids (a tuple of ids too)
         self._admit()
         prompt_ids = await self._tokenize_large(prompt)
         request_id, queue, seq = self._submit(prompt, request_id, params, prompt_ids=prompt_ids)
@@ -130,12 +132,10 @@ class AsyncEngine:
             elif self._queues.get(request_id) is queue:
                 del self._queues[request_id]
 
-    async def generate(
-        self, prompts: str | Sequence[str | list[int]], **params: Any
-    ) -> list[Response]:
-        """Generate whole answers for one prompt or a list of prompts, in order."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+    async def generate(self, prompts: Prompt | Sequence[Prompt], **params: Any) -> list[Response]:
+        """Generate whole answers for one prompt or a list of prompts, in order. A
+        prompt is a text or a list of token ids (``[1, 2, 3]`` is one prompt)."""
+        prompts = prompt_batch(prompts)
         GenerateParams.parse(**params)  # reject bad options before anything is queued
         self._admit()  # the whole call, before any of its prompts is queued
         loop = asyncio.get_running_loop()

@@ -11,13 +11,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import mii.envs as envs
 from mii.errors import AuthenticationError, InvalidRequestError, MiiError
+from mii.prompts import Prompt, one_prompt
 from mii.response import Response, join_pieces
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.convert import (
     UNLIMITED_MESSAGES,
-    generate_request,
     piece_from_proto,
     prompt_list,
+    request_for,
     validated,
 )
 from mii.rpc.status import error_from_grpc
@@ -29,6 +30,9 @@ class DeploymentNotFoundError(MiiError, LookupError):
 
 class MiiClient:
     """Talks to one deployment (its load balancer) over gRPC.
+
+    A prompt is a text or a list of token ids (taken as they are: no special token
+    is added); ``generate`` takes one prompt or a list of prompts of one kind.
 
     Every call (sync, streaming, asyncio, health checks, terminate) presents
     ``api_key`` (default: ``MII_API_KEY``) as ``authorization: Bearer KEY``
@@ -53,7 +57,7 @@ class MiiClient:
 
     def generate(
         self,
-        prompts: str | Sequence[str],
+        prompts: Prompt | Sequence[Prompt],
         streaming_fn: Callable[[list[Response]], None] | None = None,
         timeout: float | None = None,
         **params: Any,
@@ -69,7 +73,7 @@ class MiiClient:
                 streaming_fn([piece])
                 pieces.append(piece)
             return [join_pieces(pieces)]
-        request = generate_request(prompts, validated(params))
+        request = request_for(prompts, validated(params))
         try:
             reply = self._stub.Generate(request, timeout=timeout)
         except grpc.RpcError as err:
@@ -77,11 +81,11 @@ class MiiClient:
         return [piece_from_proto(p) for p in reply.responses]
 
     def stream(
-        self, prompt: str, timeout: float | None = None, **params: Any
+        self, prompt: Prompt, timeout: float | None = None, **params: Any
     ) -> Iterator[Response]:
         """Pieces of one answer as they are generated. Leaving the loop early
         cancels the call, which aborts the request on the server."""
-        request = generate_request([prompt], validated(params))
+        request = request_for([one_prompt(prompt, "prompts")], validated(params))
         call = self._stub.GenerateStream(request, timeout=timeout)
         try:
             for piece in call:
@@ -138,10 +142,9 @@ class MiiClient:
         return self._aio[id(loop)][1]
 
     async def agenerate(
-        self, prompts: str | Sequence[str], timeout: float | None = None, **params: Any
+        self, prompts: Prompt | Sequence[Prompt], timeout: float | None = None, **params: Any
     ) -> list[Response]:
-        prompts = prompt_list(prompts)
-        request = generate_request(prompts, validated(params))
+        request = request_for(prompts, validated(params))
         try:
             reply = await self._async_stub().Generate(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
@@ -149,9 +152,9 @@ class MiiClient:
         return [piece_from_proto(p) for p in reply.responses]
 
     async def astream(
-        self, prompt: str, timeout: float | None = None, **params: Any
+        self, prompt: Prompt, timeout: float | None = None, **params: Any
     ) -> AsyncIterator[Response]:
-        request = generate_request([prompt], validated(params))
+        request = request_for([one_prompt(prompt, "prompts")], validated(params))
         call = self._async_stub().GenerateStream(request, timeout=timeout)
         try:
             async for piece in call:

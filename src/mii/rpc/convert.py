@@ -6,6 +6,7 @@ from typing import Any
 
 from mii.config import OPTION_ALIASES, GenerateParams
 from mii.errors import InvalidRequestError
+from mii.prompts import Prompt, prompt_batch
 from mii.response import Response, TokenLogprob
 from mii.rpc import mii_pb2
 
@@ -111,34 +112,26 @@ def validated(params: dict[str, Any]) -> dict[str, Any]:
     return {name: getattr(parsed, name) for name in names}
 
 
-def prompt_list(prompts: Any) -> list[str]:
-    """``prompts`` (one string, or a list or tuple of at most MAX_PROMPTS strings)
-    as a list; anything else (None, bytes, numbers, token ids, an empty or too
-    long list) is InvalidRequestError naming ``prompts``."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
+def prompt_list(prompts: Any, field: str = "prompts") -> list[Prompt]:
+    """``prompts`` as one request's list of prompts (see :func:`mii.prompts.prompt_batch`:
+    a string or a flat list of token ids is one prompt), at most MAX_PROMPTS of them,
+    all texts or all token ids (a request carries one kind). Anything else (None,
+    bytes, numbers, an empty or too long list, a mix) is InvalidRequestError naming
+    ``field``."""
+    batch = prompt_batch(prompts, field)
+    if len(batch) > MAX_PROMPTS:
         raise InvalidRequestError(
-            f"prompts must be a string or a non-empty list of strings (got {_short_repr(prompts)})",
-            field="prompts",
-        )
-    if len(prompts) > MAX_PROMPTS:
-        raise InvalidRequestError(
-            f"at most {MAX_PROMPTS} prompts per request (got {len(prompts)}); "
+            f"at most {MAX_PROMPTS} prompts per request (got {len(batch)}); "
             "send them in several requests",
-            field="prompts",
+            field=field,
         )
-    for prompt in prompts:
-        if not isinstance(prompt, str):
-            raise InvalidRequestError(
-                f"every prompt must be a string (got {_short_repr(prompt)})", field="prompts"
-            )
-    return list(prompts)
-
-
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    if len({isinstance(p, str) for p in batch}) > 1:
+        raise InvalidRequestError(
+            "the prompts of one request are all texts or all token-id lists; "
+            "send the others in another request",
+            field=field,
+        )
+    return batch
 
 
 def _check_unicode(text: str, field: str, what: str) -> None:
@@ -149,11 +142,6 @@ def _check_unicode(text: str, field: str, what: str) -> None:
         raise InvalidRequestError(
             f"{what} is not valid Unicode ({err.reason} at position {err.start})", field=field
         ) from None
-
-
-# A prompt on the wire: text (the engine tokenizes it, special tokens added) or
-# token ids (the engine takes them as they are: chat prompts).
-Prompt = str | list[int]
 
 
 def prompts_from_proto(request: mii_pb2.GenerateRequest) -> list[Prompt]:
@@ -205,10 +193,13 @@ def generate_request(prompts: list[str], params: dict[str, Any]) -> mii_pb2.Gene
     that are not a non-empty list of strings, and a prompt or stop string that is
     not valid Unicode (a lone surrogate), are refused naming the field, rather than
     failing in the protobuf encoder."""
-    for prompt in prompt_list(prompts):
+    texts = prompt_list(prompts)
+    if not isinstance(texts[0], str):
+        raise InvalidRequestError("these prompts are token ids, not texts", field="prompts")
+    for prompt in texts:
         _check_unicode(prompt, "prompt", "the prompt")
     _check_stop(params)
-    return mii_pb2.GenerateRequest(prompts=prompts, options=options_to_proto(params))
+    return mii_pb2.GenerateRequest(prompts=texts, options=options_to_proto(params))
 
 
 def token_ids_request(prompts: list[list[int]], params: dict[str, Any]) -> mii_pb2.GenerateRequest:
@@ -220,9 +211,11 @@ def token_ids_request(prompts: list[list[int]], params: dict[str, Any]) -> mii_p
     return mii_pb2.GenerateRequest(prompt_ids=prompt_ids, options=options_to_proto(params))
 
 
-def request_for(prompts: list[Prompt], params: dict[str, Any]) -> mii_pb2.GenerateRequest:
-    """``token_ids_request`` when the first prompt is token ids, else ``generate_request``
-    (one request holds one kind)."""
-    if isinstance(prompts, list) and prompts and isinstance(prompts[0], list):
-        return token_ids_request(prompts, params)
-    return generate_request(prompts, params)
+def request_for(prompts: Any, params: dict[str, Any]) -> mii_pb2.GenerateRequest:
+    """The request message for ``prompts`` (as :func:`prompt_list` reads them: one
+    text, one list of token ids, or a list of either kind) with (validated) options:
+    texts in ``prompts``, token ids in ``prompt_ids`` (one request holds one kind)."""
+    batch = prompt_list(prompts)
+    if isinstance(batch[0], list):
+        return token_ids_request(batch, params)
+    return generate_request(batch, params)

@@ -7,6 +7,8 @@ Routes (every request goes through the same ``ReplicaPool`` as the gRPC balancer
   ``generated_length``, ``finish_reason``, ``token_ids``).
 - ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``: the
   OpenAI-compatible API (see :mod:`mii.rpc.http.openai_routes`).
+- ``POST /tokenize``, ``POST /detokenize``: vLLM's tokenizer routes
+  (:mod:`mii.rpc.http.tokenize_routes`).
 - ``GET /health``: 200 ``{"status": "ok", ...}`` while a replica is healthy, else 503
   (``unavailable``, or ``draining`` while the deployment shuts down); ``replicas``
   lists each replica's state, restarts and pid (:mod:`mii.rpc.replica_health`).
@@ -14,7 +16,8 @@ Routes (every request goes through the same ``ReplicaPool`` as the gRPC balancer
 
 A bad request is answered 4xx with a JSON error naming the problem, never 500:
 ``{"error": {"message", "field"}}`` on mii's routes, OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` under ``/v1``. No healthy
+``{"error": {"message", "type", "param", "code"}}`` under ``/v1`` and on
+``/tokenize`` and ``/detokenize``. No healthy
 replica gives 503, a request that timed out 504 (the codes come from
 :mod:`mii.rpc.status`).
 
@@ -24,9 +27,10 @@ Modules, from the wire inwards:
 
 - ``server``: bind the port, run uvicorn, start and stop the ``Gateway``.
 - ``app``: the FastAPI application, assembled from the parts below.
-- ``mii_routes``, ``openai_routes``: the routes.
+- ``mii_routes``, ``openai_routes``, ``tokenize_routes``: the routes.
 - ``protocol``: the request bodies (pydantic models).
 - ``openai_options``: what an OpenAI request means in mii's generation options.
+- ``field_policy``: OpenAI fields that change nothing generated (ignored, logged once).
 - ``openai_answers``: the JSON of OpenAI's answers, whole or as stream chunks.
 - ``chat``: chat messages to a prompt (the tokenizer's template or a fallback).
 - ``choices``, ``sse``: running every choice of a request; streaming them as SSE.

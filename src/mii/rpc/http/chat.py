@@ -13,7 +13,7 @@ When the tokenizer has no chat template, the fallback renders each message as
 ``"{role}: {content}\\n"``, ends with ``"assistant:"``, and tokenizes that text
 as any text prompt (special tokens added). Only text content is accepted.
 
-vLLM's request options shape the template's output (``TemplateOptions``):
+vLLM's request options shape the template's output (``template_options``):
 ``add_generation_prompt`` (default true), ``continue_final_message`` (the
 answer continues the last message, which stays open; only without a generation
 prompt) and ``chat_template_kwargs`` (more template variables, such as
@@ -22,119 +22,119 @@ prompt) and ``chat_template_kwargs`` (more template variables, such as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
 from typing import Any
 
 from mii.errors import InvalidRequestError
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatMessage, ContentPart
 
-# apply_chat_template's own arguments: not template variables, so not
-# chat_template_kwargs (tokenize=False there would break the prompt).
-_RESERVED_TEMPLATE_KWARGS = frozenset(
-    {
-        "conversation",
-        "messages",
-        "tools",
-        "documents",
-        "chat_template",
-        "add_generation_prompt",
-        "continue_final_message",
-        "tokenize",
-        "padding",
-        "truncation",
-        "max_length",
-        "return_tensors",
-        "return_dict",
-        "return_assistant_tokens_mask",
-        "tokenizer_kwargs",
-        "sanitize_control_tokens",
+
+def chat_prompt(tokenizer, messages: list[ChatMessage], **template: Any) -> list[int]:
+    """The prompt's token ids for a chat request's ``messages`` (their content as plain
+    text); ``template``: the options of :func:`chat_prompt_ids`."""
+    return chat_prompt_ids(tokenizer, chat_items(messages), **template)
+
+
+def template_options(
+    add_generation_prompt: bool | None,
+    continue_final_message: bool,
+    chat_template_kwargs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The keyword options of :func:`chat_prompt_ids` for a request's fields; an unset
+    ``add_generation_prompt`` is the opposite of ``continue_final_message`` (vLLM's
+    default). Both true is a 400 naming ``continue_final_message``."""
+    if add_generation_prompt is None:
+        add_generation_prompt = not continue_final_message
+    if add_generation_prompt and continue_final_message:
+        raise ApiError(
+            400,
+            "continue_final_message and add_generation_prompt cannot both be true "
+            "(set add_generation_prompt to false to continue the final message)",
+            "continue_final_message",
+        )
+    return {
+        "add_generation_prompt": add_generation_prompt,
+        "continue_final_message": continue_final_message,
+        "chat_template_kwargs": chat_template_kwargs,
     }
-)
 
 
-@dataclass(frozen=True)
-class TemplateOptions:
-    """How a chat template renders a request (vLLM's chat request options)."""
-
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
-
-    @classmethod
-    def of(
-        cls,
-        add_generation_prompt: bool = True,
-        continue_final_message: bool = False,
-        chat_template_kwargs: dict[str, Any] | None = None,
-    ) -> TemplateOptions:
-        """Checked options; a 400 ApiError names the field at fault."""
-        if continue_final_message and add_generation_prompt:
-            raise ApiError(
-                400,
-                "continue_final_message and add_generation_prompt cannot both be true "
-                "(set add_generation_prompt to false to continue the final message)",
-                "continue_final_message",
-            )
-        kwargs = dict(chat_template_kwargs or {})
-        reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
-        if reserved:
-            raise ApiError(
-                400,
-                f"chat_template_kwargs may not set {', '.join(reserved)} (request fields or "
-                "arguments of the server's own)",
-                "chat_template_kwargs",
-            )
-        return cls(add_generation_prompt, continue_final_message, kwargs)
-
-
-def chat_prompt(
-    tokenizer, messages: list[ChatMessage], options: TemplateOptions | None = None
-) -> list[int]:
-    """The prompt's token ids for a chat request's ``messages`` (their content as plain text)."""
+def chat_items(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """``messages`` as the dicts a chat template reads (content as plain text)."""
     items = []
     for i, message in enumerate(messages):
         item = message.model_dump(exclude_none=True)
         item["content"] = _text_content(message.content, i)
         items.append(item)
-    return chat_prompt_ids(tokenizer, items, options)
+    return items
 
 
 def chat_prompt_ids(
-    tokenizer, messages: list[dict[str, Any]], options: TemplateOptions | None = None
+    tokenizer,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """The prompt's token ids for ``messages``: those of the tokenizer's chat
-    template (``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``
-    by default), or of the fallback text ``"{role}: {content}\\n" ... "assistant:"``."""
-    options = options or TemplateOptions()
-    _check_unicode(messages)
+    template (``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``),
+    or of the fallback text ``"{role}: {content}\\n" ... "assistant:"``.
+
+    ``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``
+    (extra template variables) are passed to the template; without one, the first
+    ends the text with ``"assistant:"`` and the second leaves off the last ``"\\n"``."""
+    check_messages(messages)
     if not getattr(tokenizer, "chat_template", None):
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
-        if options.continue_final_message:
-            text = text.removesuffix("\n")  # the last message goes on
-        elif options.add_generation_prompt:
+        if continue_final_message:
+            text = text.removesuffix("\n")
+        if add_generation_prompt:
             text += "assistant:"
         return list(tokenizer(text).input_ids)
-    try:
+    encoded = apply_template(
+        tokenizer,
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        tokenize=True,
         # return_dict: the same answer on transformers 4 (ids by default) and 5
         # (a BatchEncoding by default).
-        encoded = tokenizer.apply_chat_template(
-            messages,
-            add_generation_prompt=options.add_generation_prompt,
-            continue_final_message=options.continue_final_message,
-            tokenize=True,
-            return_dict=True,
-            **options.kwargs,
-        )
+        return_dict=True,
+        **template_variables(tokenizer, chat_template_kwargs),
+    )
+    return list(encoded["input_ids"])
+
+
+def apply_template(tokenizer, messages: list[dict[str, Any]], **options: Any) -> Any:
+    """``tokenizer.apply_chat_template(messages, **options)``; a conversation the
+    template refuses is InvalidRequestError naming ``messages``."""
+    try:
+        return tokenizer.apply_chat_template(messages, **options)
     except Exception as err:  # jinja raises for conversations the template refuses
         raise InvalidRequestError(
             f"the model's chat template rejected the messages: {err}", field="messages"
         ) from None
-    return list(encoded["input_ids"])
 
 
-def _check_unicode(messages: list[dict[str, Any]]) -> None:
-    # JSON lets a lone surrogate ("\\ud800") through; tokenizers refuse it.
+def template_variables(tokenizer, variables: dict[str, Any] | None) -> dict[str, Any]:
+    """``variables`` (chat_template_kwargs) as keyword arguments of apply_chat_template;
+    InvalidRequestError naming ``chat_template_kwargs`` for a name of its own options
+    (it would not reach the template, and ``tokenize=False`` would break the answer)."""
+    variables = variables or {}
+    own = inspect.signature(tokenizer.apply_chat_template).parameters
+    for name in variables:
+        if name in own or name == "messages":
+            raise InvalidRequestError(
+                f"chat_template_kwargs may not set {name!r} (an option of its own)",
+                field="chat_template_kwargs",
+            )
+    return variables
+
+
+def check_messages(messages: list[dict[str, Any]]) -> None:
+    """InvalidRequestError naming ``messages`` for a text that is not valid Unicode
+    (JSON lets a lone surrogate, ``"\\ud800"``, through; tokenizers refuse it)."""
     for i, message in enumerate(messages):
         for key, value in message.items():
             if not isinstance(value, str):

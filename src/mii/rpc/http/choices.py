@@ -35,7 +35,7 @@ def choice_seed(seed: int | None, choice: int) -> int | None:
 
 class Choices:
     """Every (prompt, choice) of a request. Choice ``index`` = prompt * n + i. A prompt
-    is a text or token ids (a chat prompt)."""
+    is a text or token ids (a chat prompt, or a token-id prompt of /v1/completions)."""
 
     def __init__(self, prompts: list[Prompt], params: dict[str, Any], n: int, seed: int | None):
         if len(prompts) * n > MAX_CHOICES:

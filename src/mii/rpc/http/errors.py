@@ -73,8 +73,12 @@ def api_error(err: BaseException) -> ApiError:
     return ApiError(status.http, message, code=status.openai_code, retry_after=retry_after)
 
 
+# vLLM's routes outside /v1 (mii.rpc.http.tokenize_routes): OpenAI's error shape too.
+OPENAI_STYLE_PATHS = ("/tokenize", "/detokenize")
+
+
 def is_openai_path(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
+    return path == "/v1" or path.startswith("/v1/") or path in OPENAI_STYLE_PATHS
 
 
 def openai_error_body(

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mii.response import Response as Answer
 from mii.response import TokenLogprob
-from mii.rpc.convert import validated
+from mii.rpc.convert import prompt_list, validated
 from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.limits import LimitedRoute
@@ -68,7 +68,7 @@ async def generate(deployment_name: str, body: MiiRequest, request: Request):
     # Checked and typed here (InvalidRequestError -> 400 naming the field): JSON's
     # "10" for max_new_tokens reaches the replica as 10.
     options = validated(dict(body.model_extra or {}))
-    prompts = [body.prompts] if isinstance(body.prompts, str) else list(body.prompts)
+    prompts = prompt_list(body.prompts)  # [1, 2, 3] is one prompt
     responses = await until_disconnected(request, state.pool.generate(prompts, options))
     return [response_dict(r) for r in responses]
 

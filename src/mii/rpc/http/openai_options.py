@@ -22,7 +22,8 @@ OpenAI options map onto mii's generation options as follows:
 
 Options the engine cannot honour (``suffix``, ``best_of`` other than ``n``,
 tools, non-text response formats) are refused with 400 naming them, never
-silently ignored.
+silently ignored. Fields that change nothing generated (``user``, ``store``,
+...) are accepted and ignored with a logged warning: :mod:`mii.rpc.http.field_policy`.
 """
 
 from __future__ import annotations

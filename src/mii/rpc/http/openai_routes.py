@@ -5,7 +5,10 @@ accepted as an alias, and ``model`` may be left out. How OpenAI's options map
 onto mii's is in :mod:`mii.rpc.http.openai_options`; ``n`` and ``seed`` in
 :mod:`mii.rpc.http.choices`; ``stream`` (SSE, ended by ``data: [DONE]``) and
 ``stream_options.include_usage`` in :mod:`mii.rpc.http.sse`; chat prompts in
-:mod:`mii.rpc.http.chat`. Unknown fields are refused with 400.
+:mod:`mii.rpc.http.chat`. Fields of OpenAI's specification that change nothing
+generated are ignored with a warning, unknown fields refused with 400
+(:mod:`mii.rpc.http.field_policy`). ``prompt`` may be token ids: one list of
+ids, or a list of them.
 
 The route functions carry no return annotation and no docstring on purpose:
 FastAPI would validate answers against the one and publish the other in
@@ -14,15 +17,18 @@ FastAPI would validate answers against the one and publish the other in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 
-from mii.rpc.http.chat import TemplateOptions, chat_prompt
+from mii.rpc.convert import prompt_list
+from mii.rpc.http.chat import chat_prompt, template_options
 from mii.rpc.http.choices import Choices, Usage
 from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError, openai_errors
+from mii.rpc.http.field_policy import refuse_unsupported, warn_ignored
 from mii.rpc.http.limits import LimitedRoute, run_off_loop
 from mii.rpc.http.openai_answers import CHAT_COMPLETION, COMPLETION, Answer
 from mii.rpc.http.openai_logprobs import LogprobFormatter
@@ -35,6 +41,7 @@ from mii.rpc.http.openai_options import (
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from mii.rpc.http.sse import stream_choices
 from mii.rpc.http.state import GatewayState, get_state
+from mii.rpc.http.vocabulary import check_known_ids
 
 router = APIRouter(prefix="/v1", route_class=LimitedRoute)
 
@@ -74,10 +81,13 @@ async def retrieve_model(model: str, request: Request):
 
 
 def _accepted(request: Request, body: OpenAIRequest, refuse: Callable[[Any], None]) -> GatewayState:
-    """The gateway's state, once ``body`` names this model and asks nothing refused."""
+    """The gateway's state, once ``body`` names this model and asks nothing refused
+    (the fields it sets that change nothing generated are logged, once each)."""
     state = get_state(request)
     check_model(state, body.model)
+    refuse_unsupported(body)
     refuse(body)
+    warn_ignored(body)
     return state
 
 
@@ -124,7 +134,9 @@ async def create_completion(body: CompletionRequest, request: Request):
     renames = openai_field_names(body, chat=False)
     with openai_errors(renames):
         params = generation_options(body, body.max_tokens, echo=body.echo)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+    prompts = prompt_list(body.prompt, "prompt")  # token ids: [1, 2] is one prompt
+    if isinstance(prompts[0], list):
+        check_known_ids(state.tokenizer, prompts, "prompt")
     choices = Choices(prompts, params, body.n, body.seed)
     answer = Answer(COMPLETION, state.model, _formatter(state, params, chat=False))
     return await _respond(request, state, body, choices, renames, answer)
@@ -137,13 +149,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     max_tokens = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
-    template = TemplateOptions.of(
+    template = template_options(
         body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
     )
     with openai_errors(renames):
         params = generation_options(body, max_tokens)
         # A template over many messages takes a while: keep the event loop free.
-        prompt = await run_off_loop(chat_prompt, state.tokenizer, body.messages, template)
+        prompt = await run_off_loop(
+            functools.partial(chat_prompt, **template), state.tokenizer, body.messages
+        )
     choices = Choices([prompt], params, body.n, body.seed)
     answer = Answer(CHAT_COMPLETION, state.model, _formatter(state, params, chat=True))
     return await _respond(request, state, body, choices, renames, answer)

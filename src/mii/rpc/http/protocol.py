@@ -14,51 +14,58 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mii.config import OPENAI_COMPLETIONS_MAX_TOKENS
+from mii.errors import InvalidRequestError
+from mii.rpc.convert import prompt_list
+from mii.rpc.http.field_policy import SpecificationFields, StreamOptions
 
 MAX_CHOICES = 128  # n times the number of prompts, per OpenAI request
 
 
-def _is_text(value: Any) -> bool:
-    """A string, or a non-empty list of strings."""
+def _prompt_shape(value: Any, field: str) -> Any:
+    """``value`` unchanged when it is a string, a list of token ids, or a non-empty
+    list of strings or of token-id lists (one kind); else ValueError saying so."""
+    if isinstance(value, list):  # JSON gives lists; a dict is iterable, but no prompt
+        try:
+            prompt_list(value, field)
+            return value
+        except InvalidRequestError as err:
+            raise ValueError(str(err)) from None
     if isinstance(value, str):
-        return True
-    return isinstance(value, list) and bool(value) and all(isinstance(p, str) for p in value)
+        return value
+    raise ValueError(
+        f"{field} must be a string, a list of token ids, or a non-empty list of strings "
+        "or of token-id lists"
+    )
 
 
 # ----- mii's own route ------------------------------------------------------------
 
 
 class MiiRequest(BaseModel):
-    """``prompts`` plus any generation options (validated by GenerateParams)."""
+    """``prompts`` (a text, token ids, or a list of either kind) plus any generation
+    options (validated by GenerateParams)."""
 
     model_config = ConfigDict(extra="allow")
 
-    prompts: str | list[str]
+    prompts: str | list[str] | list[int] | list[list[int]]
 
     @field_validator("prompts", mode="before")
     @classmethod
-    def _prompts_are_text(cls, value: Any) -> Any:
-        if _is_text(value):
-            return value
-        raise ValueError("prompts must be a string or a non-empty list of strings")
+    def _check_prompts(cls, value: Any) -> Any:
+        return _prompt_shape(value, "prompts")
 
 
 # ----- OpenAI's routes --------------------------------------------------------------
 # No docstrings on these classes: they would change the served /openapi.json.
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    include_usage: bool = False
-
-
 def _takes_booleans(annotation: Any) -> bool:
     return annotation is bool or bool in typing.get_args(annotation)
 
 
-class OpenAIRequest(BaseModel):
-    # The options completions and chat completions share.
+class OpenAIRequest(SpecificationFields):
+    # The options completions and chat completions share (the fields that change
+    # nothing generated, ignored, are in SpecificationFields: see field_policy).
     model_config = ConfigDict(extra="forbid")
 
     @field_validator("*", mode="before")
@@ -82,7 +89,6 @@ class OpenAIRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
     # mii extensions
     ignore_eos: bool = False
     top_k: int | None = None
@@ -96,7 +102,8 @@ class OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str]
+    # Token-id prompts (one list, or a list of lists) as OpenAI and vLLM take them.
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=OPENAI_COMPLETIONS_MAX_TOKENS, ge=0)
     echo: bool = False
     logprobs: int | None = None
@@ -105,13 +112,8 @@ class CompletionRequest(OpenAIRequest):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt_is_text(cls, value: Any) -> Any:
-        if _is_text(value):
-            return value
-        raise ValueError(
-            "prompt must be a string or a non-empty list of strings "
-            "(token-id prompts are not supported)"
-        )
+    def _check_prompt(cls, value: Any) -> Any:
+        return _prompt_shape(value, "prompt")
 
 
 class ContentPart(BaseModel):
@@ -138,8 +140,7 @@ class ChatCompletionRequest(OpenAIRequest):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
     # vLLM's chat template extensions (mii.rpc.http.chat)
     chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = None  # None: not continue_final_message
     continue_final_message: bool = False

@@ -1,0 +1,111 @@
+"""Prompts as every surface takes them: a text, a list of token ids, or a list of either.
+
+The same call shapes hold for the pipeline, ``AsyncEngine.generate``, the Python
+client of a deployment and the REST route ``/mii/{deployment}``:
+
+- ``"text"``: one text prompt (the engine tokenizes it, special tokens added);
+- ``[1, 2, 3]``: one prompt given as token ids (taken as they are, nothing added);
+- ``["a", "b"]``, ``[[1, 2], [3]]``: several prompts.
+
+A flat list of integers is therefore one prompt, never several one-token prompts,
+as OpenAI's and vLLM's ``prompt`` reads it. Whether every id is inside the model's
+vocabulary is checked by the engine, which knows its size.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from mii.errors import InvalidRequestError
+
+# A prompt as the engine takes it: text, or token ids.
+Prompt = str | list[int]
+
+MAX_TOKEN_ID = 2**63  # ids travel as protobuf int64
+
+
+def _is_id(value: Any) -> bool:
+    # bool is an int to Python, but true is no token id; numpy integers are fine.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _as_ids(value: Any) -> list[int] | None:
+    """``value`` as a new list of ints when it is a non-empty list or tuple of
+    integers, else None. One pass at C speed for plain ints (what JSON and protobuf
+    give: a long prompt is read on an event loop); numpy integers the slow way."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    if set(map(type, value)) == {int}:
+        return list(value)
+    if all(_is_id(t) for t in value):
+        return [int(t) for t in value]
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _in_range(ids: list[int], field: str) -> list[int]:
+    if min(ids) < 0 or max(ids) >= MAX_TOKEN_ID:
+        bad = next(t for t in ids if not 0 <= t < MAX_TOKEN_ID)
+        raise InvalidRequestError(
+            f"token ids are integers from 0 up to the vocabulary size (got {bad})", field=field
+        )
+    return ids
+
+
+def token_ids(value: Sequence[Any], field: str = "prompt") -> list[int]:
+    """``value`` (a non-empty sequence of integers) as a list of ids in [0, 2**63);
+    InvalidRequestError naming ``field`` otherwise."""
+    ids = _as_ids(value)
+    if ids is None:
+        raise InvalidRequestError(
+            f"a token-id prompt is a non-empty list of integers (got {_short(value)})",
+            field=field,
+        )
+    return _in_range(ids, field)
+
+
+def one_prompt(prompt: Any, field: str = "prompt") -> Prompt:
+    """One prompt: a string, or a non-empty list of token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)):
+        return token_ids(prompt, field)
+    raise InvalidRequestError(
+        f"a prompt is a string or a non-empty list of token ids (got {_short(prompt)})",
+        field=field,
+    )
+
+
+def prompt_batch(prompts: Any, field: str = "prompts") -> list[Prompt]:
+    """``prompts`` as a list of prompts: a string or a flat list of token ids is one
+    prompt; a non-empty list (tuple, iterable) of strings and token-id lists is several.
+    Anything else is InvalidRequestError naming ``field``."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Iterable) and not isinstance(prompts, (bytes, bytearray, Mapping)):
+        prompts = list(prompts)  # a generator, a dataset column, ...
+    if not isinstance(prompts, list) or not prompts:
+        raise InvalidRequestError(
+            "prompts must be a string, a list of token ids, or a non-empty list of those "
+            f"(got {_short(prompts)})",
+            field=field,
+        )
+    ids = _as_ids(prompts)
+    if ids is not None:  # one prompt of token ids
+        return [_in_range(ids, field)]
+    batch: list[Prompt] = []
+    for prompt in prompts:
+        if not isinstance(prompt, (str, list, tuple)):
+            raise InvalidRequestError(
+                "every prompt must be a string or a non-empty list of token ids "
+                f"(got {_short(prompt)})",
+                field=field,
+            )
+        batch.append(one_prompt(prompt, field))
+    return batch
