@@ -170,15 +170,16 @@ def test_chat_template_options(served, pipe, tok):
     ids = template_ids(tok, PARTIAL, add_generation_prompt=False, continue_final_message=True)
     assert tok.decode(ids).endswith("a city")
     want = greedy(pipe, ids)
-    chat = served.oai.chat.completions.create(
-        model=served.name,
-        messages=PARTIAL,
-        max_tokens=NEW,
-        temperature=0,
-        extra_body={"add_generation_prompt": False, "continue_final_message": True},
-    )
-    assert chat.usage.prompt_tokens == len(ids)
-    assert chat.choices[0].message.content == want.generated_text
+    # add_generation_prompt left out: false when the final message continues.
+    for extra in (
+        {"add_generation_prompt": False, "continue_final_message": True},
+        {"continue_final_message": True},
+    ):
+        chat = served.oai.chat.completions.create(
+            model=served.name, messages=PARTIAL, max_tokens=NEW, temperature=0, extra_body=extra
+        )
+        assert chat.usage.prompt_tokens == len(ids), extra
+        assert chat.choices[0].message.content == want.generated_text, extra
 
 
 def assert_400(response: httpx.Response, param: str) -> None:
@@ -215,7 +216,6 @@ def test_invalid_values_are_refused_naming_the_field(served, pipe):
     assert_400(served.http.post("/v1/completions", json=streamed), "logit_bias")
     for extra, param in (
         ({"add_generation_prompt": True, "continue_final_message": True}, "continue_final_message"),
-        ({"continue_final_message": True}, "continue_final_message"),  # the default is true
         ({"chat_template_kwargs": {"tokenize": False}}, "chat_template_kwargs"),
     ):
         assert_400(served.http.post("/v1/chat/completions", json={**chat, **extra}), param)
