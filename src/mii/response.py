@@ -22,6 +22,11 @@ class Response:
     finish_reason: str | None = None
     request_id: str | None = None
     token_ids: list[int] = field(default_factory=list)  # generated ids (EOS included)
+    # The engine's timing of the request, on its last piece (and so on a whole answer):
+    # seconds from its arrival to its first forward pass, and to its first token.
+    # None elsewhere. Not part of equality: the same answer may be timed otherwise.
+    queue_time_s: float | None = field(default=None, compare=False, repr=False)
+    first_token_time_s: float | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return self.generated_text
@@ -38,4 +43,6 @@ def join_pieces(pieces: list[Response], finish_reason: str | None = None) -> Res
         finish_reason or last.finish_reason,
         last.request_id,
         [t for p in pieces for t in p.token_ids],
+        last.queue_time_s,
+        last.first_token_time_s,
     )

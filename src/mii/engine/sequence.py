@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from mii.config import GenerateParams
@@ -49,6 +50,11 @@ class Sequence:
     # scalings (besides the prompt length): raised when a Phi-3 longrope sequence
     # outgrows its original context (see Scheduler._outgrow_rope).
     rope_len_floor: int = 0
+    # time.monotonic() of its arrival, its first forward pass and its first token:
+    # the queue time and time to first token that its last piece reports.
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -53,6 +53,8 @@ def piece_to_proto(response: Response) -> mii_pb2.Piece:
         generated_length=response.generated_length,
         finish_reason=response.finish_reason or "",
         token_ids=response.token_ids,
+        queue_time_s=response.queue_time_s,
+        first_token_time_s=response.first_token_time_s,
     )
 
 
@@ -63,6 +65,10 @@ def piece_from_proto(piece: mii_pb2.Piece) -> Response:
         generated_length=piece.generated_length,
         finish_reason=piece.finish_reason or None,
         token_ids=list(piece.token_ids),
+        queue_time_s=piece.queue_time_s if piece.HasField("queue_time_s") else None,
+        first_token_time_s=(
+            piece.first_token_time_s if piece.HasField("first_token_time_s") else None
+        ),
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11mii/rpc/mii.proto\x12\x03mii\"\xad\x03\n\x11GenerationOptions\x12\x17\n\nmax_length\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nignore_eos\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12\x1d\n\x10return_full_text\x18\t \x01(\x08H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x11\n\x04seed\x18\x0b \x01(\x04H\t\x88\x01\x01\x42\r\n\x0b_max_lengthB\x11\n\x0f_min_new_tokensB\x11\n\x0f_max_new_tokensB\r\n\x0b_ignore_eosB\x08\n\x06_top_pB\x08\n\x06_top_kB\x0e\n\x0c_temperatureB\x0c\n\n_do_sampleB\x13\n\x11_return_full_textB\x07\n\x05_seed\"n\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\'\n\x07options\x18\x02 \x01(\x0b\x32\x16.mii.GenerationOptions\x12!\n\nprompt_ids\x18\x03 \x03(\x0b\x32\r.mii.TokenIds\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"z\n\x05Piece\x12\x16\n\x0egenerated_text\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x03\x12\x18\n\x10generated_length\x18\x03 \x01(\x03\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x03\".\n\rGenerateReply\x12\x1d\n\tresponses\x18\x01 \x03(\x0b\x32\n.mii.Piece\"\x12\n\x10ModelInfoRequest\"^\n\x0eModelInfoReply\x12\x17\n\x0f\x64\x65ployment_name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x03\"\x0e\n\x0cStatsRequest\"\xa4\x01\n\nStatsReply\x12\x0f\n\x07running\x18\x01 \x01(\x03\x12\x0f\n\x07waiting\x18\x02 \x01(\x03\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x04 \x01(\x03\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12\x0e\n\x06status\x18\n \x01(\t\x12$\n\x08replicas\x18\x0b \x03(\x0b\x32\x12.mii.ReplicaHealth\"p\n\rReplicaHealth\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08restarts\x18\x04 \x01(\x05\x12\x0b\n\x03pid\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x03\"\x12\n\x10TerminateRequest\"\x10\n\x0eTerminateReply2\x90\x02\n\x03Mii\x12\x34\n\x08Generate\x12\x14.mii.GenerateRequest\x1a\x12.mii.GenerateReply\x12\x34\n\x0eGenerateStream\x12\x14.mii.GenerateRequest\x1a\n.mii.Piece0\x01\x12\x37\n\tModelInfo\x12\x15.mii.ModelInfoRequest\x1a\x13.mii.ModelInfoReply\x12+\n\x05Stats\x12\x11.mii.StatsRequest\x1a\x0f.mii.StatsReply\x12\x37\n\tTerminate\x12\x15.mii.TerminateRequest\x1a\x13.mii.TerminateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11mii/rpc/mii.proto\x12\x03mii\"\xad\x03\n\x11GenerationOptions\x12\x17\n\nmax_length\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nignore_eos\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12\x1d\n\x10return_full_text\x18\t \x01(\x08H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x11\n\x04seed\x18\x0b \x01(\x04H\t\x88\x01\x01\x42\r\n\x0b_max_lengthB\x11\n\x0f_min_new_tokensB\x11\n\x0f_max_new_tokensB\r\n\x0b_ignore_eosB\x08\n\x06_top_pB\x08\n\x06_top_kB\x0e\n\x0c_temperatureB\x0c\n\n_do_sampleB\x13\n\x11_return_full_textB\x07\n\x05_seed\"n\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\'\n\x07options\x18\x02 \x01(\x0b\x32\x16.mii.GenerationOptions\x12!\n\nprompt_ids\x18\x03 \x03(\x0b\x32\r.mii.TokenIds\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xde\x01\n\x05Piece\x12\x16\n\x0egenerated_text\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x03\x12\x18\n\x10generated_length\x18\x03 \x01(\x03\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x03\x12\x19\n\x0cqueue_time_s\x18\x14 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12\x66irst_token_time_s\x18\x15 \x01(\x01H\x01\x88\x01\x01\x42\x0f\n\r_queue_time_sB\x15\n\x13_first_token_time_s\".\n\rGenerateReply\x12\x1d\n\tresponses\x18\x01 \x03(\x0b\x32\n.mii.Piece\"\x12\n\x10ModelInfoRequest\"^\n\x0eModelInfoReply\x12\x17\n\x0f\x64\x65ployment_name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x03\"\x0e\n\x0cStatsRequest\"\x94\x02\n\nStatsReply\x12\x0f\n\x07running\x18\x01 \x01(\x03\x12\x0f\n\x07waiting\x18\x02 \x01(\x03\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x04 \x01(\x03\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x14 \x01(\x03\x12\x19\n\x11generation_tokens\x18\x15 \x01(\x03\x12\x11\n\tkv_blocks\x18\x16 \x01(\x03\x12\x15\n\rkv_block_size\x18\x17 \x01(\x03\x12\x12\n\nmax_length\x18\x18 \x01(\x03\x12\x0e\n\x06status\x18\n \x01(\t\x12$\n\x08replicas\x18\x0b \x03(\x0b\x32\x12.mii.ReplicaHealth\"p\n\rReplicaHealth\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08restarts\x18\x04 \x01(\x05\x12\x0b\n\x03pid\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x03\"\x12\n\x10TerminateRequest\"\x10\n\x0eTerminateReply2\x90\x02\n\x03Mii\x12\x34\n\x08Generate\x12\x14.mii.GenerateRequest\x1a\x12.mii.GenerateReply\x12\x34\n\x0eGenerateStream\x12\x14.mii.GenerateRequest\x1a\n.mii.Piece0\x01\x12\x37\n\tModelInfo\x12\x15.mii.ModelInfoRequest\x1a\x13.mii.ModelInfoReply\x12+\n\x05Stats\x12\x11.mii.StatsRequest\x1a\x0f.mii.StatsReply\x12\x37\n\tTerminate\x12\x15.mii.TerminateRequest\x1a\x13.mii.TerminateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=568
   _globals['_TOKENIDS']._serialized_start=570
   _globals['_TOKENIDS']._serialized_end=593
-  _globals['_PIECE']._serialized_start=595
-  _globals['_PIECE']._serialized_end=717
-  _globals['_GENERATEREPLY']._serialized_start=719
-  _globals['_GENERATEREPLY']._serialized_end=765
-  _globals['_MODELINFOREQUEST']._serialized_start=767
-  _globals['_MODELINFOREQUEST']._serialized_end=785
-  _globals['_MODELINFOREPLY']._serialized_start=787
-  _globals['_MODELINFOREPLY']._serialized_end=881
-  _globals['_STATSREQUEST']._serialized_start=883
-  _globals['_STATSREQUEST']._serialized_end=897
-  _globals['_STATSREPLY']._serialized_start=900
-  _globals['_STATSREPLY']._serialized_end=1064
-  _globals['_REPLICAHEALTH']._serialized_start=1066
-  _globals['_REPLICAHEALTH']._serialized_end=1178
-  _globals['_TERMINATEREQUEST']._serialized_start=1180
-  _globals['_TERMINATEREQUEST']._serialized_end=1198
-  _globals['_TERMINATEREPLY']._serialized_start=1200
-  _globals['_TERMINATEREPLY']._serialized_end=1216
-  _globals['_MII']._serialized_start=1219
-  _globals['_MII']._serialized_end=1491
+  _globals['_PIECE']._serialized_start=596
+  _globals['_PIECE']._serialized_end=818
+  _globals['_GENERATEREPLY']._serialized_start=820
+  _globals['_GENERATEREPLY']._serialized_end=866
+  _globals['_MODELINFOREQUEST']._serialized_start=868
+  _globals['_MODELINFOREQUEST']._serialized_end=886
+  _globals['_MODELINFOREPLY']._serialized_start=888
+  _globals['_MODELINFOREPLY']._serialized_end=982
+  _globals['_STATSREQUEST']._serialized_start=984
+  _globals['_STATSREQUEST']._serialized_end=998
+  _globals['_STATSREPLY']._serialized_start=1001
+  _globals['_STATSREPLY']._serialized_end=1277
+  _globals['_REPLICAHEALTH']._serialized_start=1279
+  _globals['_REPLICAHEALTH']._serialized_end=1391
+  _globals['_TERMINATEREQUEST']._serialized_start=1393
+  _globals['_TERMINATEREQUEST']._serialized_end=1411
+  _globals['_TERMINATEREPLY']._serialized_start=1413
+  _globals['_TERMINATEREPLY']._serialized_end=1429
+  _globals['_MII']._serialized_start=1432
+  _globals['_MII']._serialized_end=1704
 # @@protoc_insertion_point(module_scope)

@@ -49,18 +49,22 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Piece(_message.Message):
-    __slots__ = ("generated_text", "prompt_length", "generated_length", "finish_reason", "token_ids")
+    __slots__ = ("generated_text", "prompt_length", "generated_length", "finish_reason", "token_ids", "queue_time_s", "first_token_time_s")
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GENERATED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_TIME_S_FIELD_NUMBER: _ClassVar[int]
     generated_text: str
     prompt_length: int
     generated_length: int
     finish_reason: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, generated_text: _Optional[str] = ..., prompt_length: _Optional[int] = ..., generated_length: _Optional[int] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    queue_time_s: float
+    first_token_time_s: float
+    def __init__(self, generated_text: _Optional[str] = ..., prompt_length: _Optional[int] = ..., generated_length: _Optional[int] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., queue_time_s: _Optional[float] = ..., first_token_time_s: _Optional[float] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
     __slots__ = ("responses",)
@@ -89,12 +93,17 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight", "status", "replicas")
+    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight", "prompt_tokens", "generation_tokens", "kv_blocks", "kv_block_size", "max_length", "status", "replicas")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     running: int
@@ -102,9 +111,14 @@ class StatsReply(_message.Message):
     kv_cache_usage: float
     preemptions: int
     in_flight: int
+    prompt_tokens: int
+    generation_tokens: int
+    kv_blocks: int
+    kv_block_size: int
+    max_length: int
     status: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaHealth]
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ..., status: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaHealth, _Mapping]]] = ...) -> None: ...
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_length: _Optional[int] = ..., status: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaHealth, _Mapping]]] = ...) -> None: ...
 
 class ReplicaHealth(_message.Message):
     __slots__ = ("index", "address", "state", "restarts", "pid", "in_flight")
