@@ -91,8 +91,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise GatewayError(
-            f"cannot listen on {host}:{port} for the REST API "
-            f"(is restful_api_port {port} in use?): {err.strerror or err}"
+            f"cannot listen on {host}:{port} for the HTTP API "
+            f"(is restful_api_port {port} in use? mii serve: --port): {err.strerror or err}"
         ) from None
     sock.setblocking(False)
     return sock
