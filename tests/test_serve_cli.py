@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
@@ -412,14 +413,45 @@ def test_capacity_at_start_and_a_periodic_stats_line(served):
         lambda line: (m := STATS_LINE.search(line)) is not None and float(m[1]) > 0, start=start
     )
     assert float(STATS_LINE.search(busy)[2]) > 0  # generation throughput
-    # Once idle it says so once, then stays quiet.
-    idle_line = served.err.wait_for(
-        lambda line: (m := STATS_LINE.search(line)) is not None and float(m[1]) == float(m[2]) == 0,
-        start=start,
+
+
+def test_throughput_lines_while_busy_then_one_when_idle(monkeypatch):
+    """The periodic line's numbers, and when it is written (a pool of one replica
+    whose Stats readings the test sets; time is the test's too)."""
+    from mii.rpc import mii_pb2
+    from mii.rpc.stats_log import ThroughputLog
+
+    now = [100.0]
+    monkeypatch.setattr("mii.rpc.stats_log.time.monotonic", lambda: now[0])
+    replica = SimpleNamespace(last_stats=mii_pb2.StatsReply(prompt_tokens=7))  # the warm-up
+    pool = SimpleNamespace(replicas=[replica], stats=lambda: replica.last_stats)
+    log = ThroughputLog(pool)
+
+    def after(seconds: float, **stats) -> str | None:
+        if stats:
+            replica.last_stats = mii_pb2.StatsReply(**stats)
+        now[0] += seconds
+        return log.line()
+
+    assert after(10) is None  # idle from the start: nothing
+    busy = dict(prompt_tokens=507, generation_tokens=100, running=2, waiting=1)
+    assert after(10, **busy, kv_cache_usage=0.25) == (
+        "[mii] prompt throughput: 50.0 tok/s, generation throughput: 10.0 tok/s, "
+        "running: 2 reqs, waiting: 1 reqs, KV cache usage: 25.0%"
     )
-    quiet_from = len(served.err.lines)
-    time.sleep(1.5)  # five intervals of 0.3 s
-    assert not any(STATS_LINE.search(line) for line in served.err.lines[quiet_from:]), idle_line
+    assert after(5, prompt_tokens=507, generation_tokens=150, running=1).startswith(
+        "[mii] prompt throughput: 0.0 tok/s, generation throughput: 10.0 tok/s, running: 1 reqs"
+    )
+    # Idle again: one line that says so, then none.
+    assert after(10, prompt_tokens=507, generation_tokens=150) == (
+        "[mii] prompt throughput: 0.0 tok/s, generation throughput: 0.0 tok/s, "
+        "running: 0 reqs, waiting: 0 reqs, KV cache usage: 0.0%"
+    )
+    assert after(10) is None and after(10) is None
+    # A restarted replica counts from 0 again.
+    assert after(10, prompt_tokens=30, generation_tokens=20).startswith(
+        "[mii] prompt throughput: 3.0 tok/s, generation throughput: 2.0 tok/s"
+    )
 
 
 def test_mii_list_shows_health_and_load(served, capsys):
