@@ -77,7 +77,7 @@ def test_vllm_flags_reach_the_deployment_and_engine_config(cache, monkeypatch):
             "-tp",
             "2",
             "--dtype",
-            "float32",
+            "half",
             "--chat-template",
             TEMPLATE_ARG,
             "--tokenizer",
@@ -104,7 +104,7 @@ def test_vllm_flags_reach_the_deployment_and_engine_config(cache, monkeypatch):
     assert engine.max_length == 64
     assert engine.kv_cache_memory_fraction == 0.5
     assert engine.tensor_parallel == 2
-    assert engine.dtype == "float32"
+    assert engine.dtype == "float16"  # vLLM's "half"
     assert (engine.tokenizer, engine.revision, engine.seed) == ("tok/dir", "v2", 7)
     assert (engine.max_num_seqs, engine.token_budget) == (4, 96)
     assert config.secret_api_key() == "secret-key"
