@@ -383,6 +383,23 @@ def test_metrics_count_tokens_times_and_endings(served):
     assert moved("mii_request_queue_time_seconds_count") == 1
     assert moved("mii_e2e_request_latency_seconds_count") == 1
     assert after["mii_e2e_request_latency_seconds_sum", ()] > 0
+    # A streamed answer counts the same way (its time to first token measured here).
+    before = after
+    body = {"prompt": "Seattle is", "max_tokens": 3, "stream": True}
+    request = urllib.request.Request(
+        served.base + "/v1/completions",
+        data=json.dumps({**body, "stream_options": {"include_usage": True}}).encode(),
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        events = [line[6:] for line in answer.read().decode().splitlines() if line[:6] == "data: "]
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    after = metrics(served)
+    assert moved("mii_prompt_tokens_total") == usage["prompt_tokens"]
+    assert moved("mii_generation_tokens_total") == usage["completion_tokens"]
+    assert moved("mii_time_to_first_token_seconds_count") == 1
+    assert moved("mii_request_queue_time_seconds_count") == 1
+    assert moved("mii_e2e_request_latency_seconds_count") == 1
     # Endings without an answer are exported from the start.
     assert ("mii_requests_total", (("finish_reason", "abort"),)) in after
     assert ("mii_requests_total", (("finish_reason", "error"),)) in after
