@@ -307,6 +307,8 @@ def test_default_name_is_url_safe_and_found_by_model(served):
         assert client.address == f"127.0.0.1:{served.grpc_port}"  # --grpc-port
         [answer] = client.generate("DeepSpeed is", max_new_tokens=2, ignore_eos=True)
         assert answer.generated_length == 2
+        # The engine's timing comes along (Piece fields 20, 21).
+        assert 0 <= answer.queue_time_s <= answer.first_token_time_s
     finally:
         client.close()
 
