@@ -87,13 +87,19 @@ class DeploymentConfig(GpuLayout):
         description="name clients use to find it (default: the last component of MODEL's "
         "path or id, then -mii-deployment: org/model -> model-mii-deployment)"
     )
-    host: str = Field(default="127.0.0.1", description="address to listen on")
+    host: str = Field(default="127.0.0.1", description="address to listen on (HTTP and gRPC)")
     port: int = Field(default=50050, ge=1, le=65535, description="gRPC port")
     enable_restful_api: bool = Field(
         default=False,
         description="also serve the REST API (/mii/NAME) and the OpenAI-compatible API (/v1)",
     )
-    restful_api_port: int = Field(default=28080, ge=1, le=65535, description="REST API port")
+    restful_api_port: int = Field(
+        default=28080,
+        ge=1,
+        le=65535,
+        description="HTTP port: the OpenAI-compatible API (/v1), the REST API (/mii/NAME), "
+        "/health and /metrics",
+    )
     startup_timeout: float = Field(
         default=600.0, description="seconds to wait for the replicas to load"
     )
