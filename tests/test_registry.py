@@ -21,7 +21,7 @@ NAMES = [
     "a%2Fb",
     "a b",
     "a.b",
-    "org/model-mii-deployment",  # mii.serve("org/model")'s default name
+    "org/model-mii-deployment",  # mii.serve("org/model")'s default name before issue 16
     "org_model-mii-deployment",
     "modèle",
     "mod_le",

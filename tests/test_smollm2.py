@@ -102,7 +102,7 @@ def test_mii_serve_without_model_serves_the_demo_to_the_openai_client(smollm2, c
     from mii.rpc.deployment import free_port
 
     rest_port = free_port()
-    ports = ["--port", str(free_port()), "--restful-api-port", str(rest_port)]
+    ports = ["--grpc-port", str(free_port()), "--port", str(rest_port)]
     server = subprocess.Popen(
         [sys.executable, "-m", "mii", "serve", "--enable-restful-api", *ports],
         stdout=subprocess.PIPE,

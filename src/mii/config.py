@@ -247,6 +247,8 @@ OPENAI_COMPLETIONS_MAX_TOKENS = 16  # POST /v1/completions: OpenAI's documented 
 # queues as much as it wants.
 DEPLOYMENT_MAX_QUEUED_REQUESTS = 1024
 
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # EngineConfig.dtype's other names
+
 
 # token_budget and max_num_seqs left unset, by device type. On CUDA, large passes:
 # on one H200 (Llama-2-7B shape, W1) 4096 tokens / 256 sequences ran 2.12x the
@@ -267,8 +269,11 @@ class EngineConfig(BaseModel):
     revision: str | None = Field(
         default=None, description="hub branch, tag or commit (default: the hub's default)"
     )
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        default="auto", description="weight and activation dtype; auto: the checkpoint's"
+    # "half" and "float": vLLM's (and torch's) other names of float16 and float32.
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "half", "float"] = Field(
+        default="auto",
+        description="weight and activation dtype; auto: the checkpoint's (half = float16, "
+        "float = float32)",
     )
     device: str | None = Field(
         default=None, description="torch device: cuda, cuda:1, cpu... (default: cuda if any)"
@@ -300,7 +305,9 @@ class EngineConfig(BaseModel):
         default=0.85,
         gt=0.0,
         le=1.0,
-        description="share of the free GPU memory (after loading) the KV block pool takes",
+        description="share of the free GPU memory (after loading) the KV block pool takes "
+        "(mii serve's --gpu-memory-utilization: vLLM's name, whose share is of the whole "
+        "GPU, weights included; docs/cli.md)",
     )
     cpu_kv_cache_bytes: int = Field(
         default=1 << 30, gt=0, description="bytes of the KV block pool on the CPU"
@@ -350,6 +357,11 @@ class EngineConfig(BaseModel):
         description="schedule and launch pass N+1 before reading pass N's tokens "
         "(default: on for CUDA)",
     )
+
+    @field_validator("dtype")
+    @classmethod
+    def _canonical_dtype(cls, value: str) -> str:
+        return DTYPE_ALIASES.get(value, value)
 
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> EngineConfig:

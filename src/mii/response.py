@@ -54,6 +54,11 @@ class Response:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_token_ids: list[int] | None = None  # sent with prompt_logprobs
+    # The engine's timing of the request, on its last piece (and so on a whole answer):
+    # seconds from its arrival to its first forward pass, and to its first token.
+    # None elsewhere. Not part of equality: the same answer may be timed otherwise.
+    queue_time_s: float | None = field(default=None, compare=False, repr=False)
+    first_token_time_s: float | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return self.generated_text
@@ -84,4 +89,6 @@ def join_pieces(pieces: list[Response], finish_reason: str | None = None) -> Res
         [t for lps in with_logprobs for t in lps] if with_logprobs else None,
         scored.prompt_logprobs if scored else None,
         scored.prompt_token_ids if scored else None,
+        last.queue_time_s,
+        last.first_token_time_s,
     )

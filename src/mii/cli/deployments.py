@@ -14,8 +14,9 @@ def add_list_parser(commands: argparse._SubParsersAction) -> None:
         "list",
         help="list the running deployments on this machine",
         description="List running deployments: name, gRPC address, model, replicas, "
-        "status (as the deployment reports it: ok, unavailable, draining, or unreachable), "
-        "REST URL, and each replica's state (starting, serving, unresponsive, restarting, "
+        "health (as the deployment reports it: ok, unavailable, draining, or unreachable; "
+        "with the replicas serving), load (requests running and waiting, KV cache usage), "
+        "HTTP URL, and each replica's state (starting, serving, unresponsive, restarting, "
         "failed), pid and restarts.",
     )
     parser.add_argument("--json", action="store_true", help="print the records as JSON")
@@ -70,6 +71,16 @@ def _status_cell(health: dict[str, Any]) -> str:
     return f"{health['status']} {serving}/{len(replicas)}"
 
 
+def _load_cell(health: dict[str, Any]) -> str:
+    """``2 running, 0 waiting, KV 12%``, or ``-`` when the deployment did not answer."""
+    if "running" not in health:
+        return "-"
+    return (
+        f"{health['running']} running, {health['waiting']} waiting, "
+        f"KV {100 * health['kv_cache_usage']:.0f}%"
+    )
+
+
 def _replica_line(replica: dict[str, Any]) -> str:
     restarts = replica["restarts"]
     return (
@@ -97,7 +108,7 @@ def list_deployments(args: argparse.Namespace) -> int:
     if not deployments:
         print("no running deployments (start one with: mii serve MODEL)")
         return 0
-    rows = [("NAME", "ADDRESS", "MODEL", "REPLICAS", "STATUS", "REST")]
+    rows = [("NAME", "ADDRESS", "MODEL", "REPLICAS", "HEALTH", "LOAD", "HTTP")]
     for d in deployments:
         rest = f"http://{d['host']}:{d['restful_api_port']}" if d.get("restful_api_port") else "-"
         rows.append(
@@ -107,6 +118,7 @@ def list_deployments(args: argparse.Namespace) -> int:
                 str(d.get("model", "?")),
                 str(d.get("replica_num", "?")),
                 _status_cell(d["health"]),
+                _load_cell(d["health"]),
                 rest,
             )
         )

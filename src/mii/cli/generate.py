@@ -123,7 +123,7 @@ def _find_deployment(target: str):
     from mii.rpc import registry
     from mii.rpc.client import MiiClient
 
-    for name in (target, f"{target}-mii-deployment"):
+    for name in registry.candidate_names(target):
         info = registry.lookup(name)
         if info is not None:
             return MiiClient(f"{info['host']}:{info['port']}", name, api_key=info.get("api_key"))

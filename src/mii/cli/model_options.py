@@ -29,23 +29,31 @@ def add_field_options(
     names: Iterable[str],
     defaults: Mapping[str, Any] | None = None,
     metavars: Mapping[str, str] | None = None,
+    flags: Mapping[str, tuple[str, ...]] | None = None,
+    multiple: Iterable[str] = (),
 ) -> None:
     """One ``--option`` per field of ``model`` in ``names``. ``defaults`` replaces a
-    field's default on this command line (it is then always given)."""
-    defaults, metavars = defaults or {}, metavars or {}
+    field's default on this command line (it is then always given); a boolean
+    defaulting to True gets a ``--no-`` form. ``flags``: a field's option strings
+    instead of ``--field-name`` (the first is shown in help; the others are
+    aliases, e.g. vLLM's names). ``multiple``: list fields that take one or more
+    space-separated values instead of one comma-separated value."""
+    defaults, metavars, flags = defaults or {}, metavars or {}, flags or {}
     for name in names:
         field = model.model_fields[name]
         kind = _option_kind(field.annotation)
-        if kind.get("action") == "store_true" and field.default is True:
+        if name in multiple:
+            kind = {"nargs": "+", "type": typing.get_args(_without_none(field.annotation))[0]}
+        if kind.get("action") == "store_true" and defaults.get(name, field.default) is True:
             kind = {"action": argparse.BooleanOptionalAction}  # on by default: --no-NAME
         metavar = metavars.get(name, _METAVAR_BY_TYPE.get(kind.get("type")))
-        if metavar and "choices" not in kind and "type" in kind:
+        if metavar and "choices" not in kind and kind.get("action") in (None, "append"):
             kind["metavar"] = metavar
         parser.add_argument(
-            "--" + name.replace("_", "-"),
+            *flags.get(name, ("--" + name.replace("_", "-"),)),
             dest=name,
             default=defaults.get(name),
-            help=_help(field, defaults.get(name, field.default)),
+            help=_help(field, defaults.get(name, field.default), name in multiple),
             **kind,
         )
 
@@ -98,13 +106,13 @@ def _key_values(key: type, value: type) -> Callable[[str], dict]:
     return parse
 
 
-def _help(field: FieldInfo, default: Any) -> str:
+def _help(field: FieldInfo, default: Any, multiple: bool = False) -> str:
     """The field's description and ``default``, unless the description names its own
     default (which a default of this command line replaces)."""
     text = field.description or ""
     if default is not field.default:
         text = re.sub(r"\s*\(default: [^)]*\)$", "", text)
-    if typing.get_origin(_without_none(field.annotation)) is list:
+    if typing.get_origin(_without_none(field.annotation)) is list and not multiple:
         text = f"comma-separated {text}"
     if typing.get_origin(_without_none(field.annotation)) is dict:
         text = f"comma-separated KEY=VALUE: {text}"

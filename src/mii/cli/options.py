@@ -19,14 +19,25 @@ ENGINE_OPTIONS = (
     "dtype",
     "device",
     "max_length",
+    "tokenizer",
+    "revision",
     "kv_block_size",
     "kv_cache_dtype",
     "num_kv_blocks",
+    "kv_cache_memory_fraction",
     "token_budget",
     "max_num_seqs",
     "load_format",
     "trust_remote_code",
 )
+# mii serve's engine options: also the engine's seed (mii generate's --seed is the request's).
+SERVE_ENGINE_OPTIONS = (*ENGINE_OPTIONS, "seed")
+# `vllm serve`'s names of options that mean the same (or nearly: docs/cli.md), as aliases.
+ENGINE_FLAGS = {
+    "max_length": ("--max-length", "--max-model-len"),
+    "kv_cache_memory_fraction": ("--kv-cache-memory-fraction", "--gpu-memory-utilization"),
+    "token_budget": ("--token-budget", "--max-num-batched-tokens"),
+}
 # --greedy (do_sample=False) comes between these two.
 GENERATION_OPTIONS = ("max_new_tokens", "min_new_tokens", "ignore_eos")
 SAMPLING_OPTIONS = (
@@ -45,13 +56,15 @@ SAMPLING_OPTIONS = (
 )
 DEPLOYMENT_OPTIONS = (
     "deployment_name",
-    "port",
     "host",
+    "restful_api_port",
+    "port",
+    "enable_restful_api",
+    "served_model_name",
+    "chat_template",
     "replica_num",
     "tensor_parallel",
     "device_map",
-    "enable_restful_api",
-    "restful_api_port",
     "startup_timeout",
     "api_key",
     "allowed_hosts",
@@ -67,7 +80,17 @@ DEPLOYMENT_OPTIONS = (
     "replica_restart_backoff_s",
     "replica_unresponsive_restart_s",
     "shutdown_grace_s",
+    "stats_log_interval_s",
 )
+# mii serve follows `vllm serve`: --port is the HTTP port (the OpenAI API is on by
+# default), the gRPC port is --grpc-port; mii's older names stay as aliases.
+DEPLOYMENT_FLAGS = {
+    "restful_api_port": ("--port", "--restful-api-port"),
+    "port": ("--grpc-port",),
+    "tensor_parallel": ("--tensor-parallel-size", "-tp", "--tensor-parallel"),
+}
+CLI_HTTP_PORT = 8000  # vllm serve's
+DEPLOYMENT_DEFAULTS = {"enable_restful_api": True, "restful_api_port": CLI_HTTP_PORT}
 METAVARS = {
     "device": "DEVICE",
     "temperature": "T",
@@ -100,18 +123,29 @@ METAVARS = {
     "replica_restart_backoff_s": "SECONDS",
     "replica_unresponsive_restart_s": "SECONDS",
     "shutdown_grace_s": "SECONDS",
+    "stats_log_interval_s": "SECONDS",
+    "served_model_name": "NAME",
+    "chat_template": "TEMPLATE",
+    "tokenizer": "TOKENIZER",
+    "revision": "REVISION",
+    "kv_cache_memory_fraction": "FRACTION",
+    "seed": "N",
 }
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
+def add_engine_options(
+    parser: argparse.ArgumentParser, names: tuple[str, ...] = ENGINE_OPTIONS
+) -> None:
     """Engine options (validated by ``mii.EngineConfig``); unset ones keep its defaults."""
     group = parser.add_argument_group("engine options")
-    add_field_options(group, EngineConfig, ENGINE_OPTIONS, metavars=METAVARS)
+    add_field_options(group, EngineConfig, names, metavars=METAVARS, flags=ENGINE_FLAGS)
 
 
-def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+def engine_options(
+    args: argparse.Namespace, names: tuple[str, ...] = ENGINE_OPTIONS
+) -> dict[str, Any]:
     """The engine options given on the command line (unset ones are left out)."""
-    return given_options(args, ENGINE_OPTIONS)
+    return given_options(args, names)
 
 
 def add_generation_options(
@@ -144,8 +178,24 @@ def generation_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_deployment_options(parser: argparse.ArgumentParser) -> None:
-    """The options of a deployment (``mii.serve``'s); unset ones keep their defaults."""
-    add_field_options(parser, DeploymentConfig, DEPLOYMENT_OPTIONS, metavars=METAVARS)
+    """The options of a deployment (``mii.serve``'s), named as ``mii serve`` names them
+    (DEPLOYMENT_FLAGS, DEPLOYMENT_DEFAULTS); unset ones keep their defaults."""
+    add_field_options(
+        parser,
+        DeploymentConfig,
+        DEPLOYMENT_OPTIONS,
+        defaults=DEPLOYMENT_DEFAULTS,
+        metavars=METAVARS,
+        flags=DEPLOYMENT_FLAGS,
+        multiple=("served_model_name",),
+    )
+    parser.add_argument(
+        "--disable-log-stats",
+        dest="stats_log_interval_s",
+        action="store_const",
+        const=0.0,
+        help="no periodic throughput log lines (the same as --stats-log-interval-s 0)",
+    )
 
 
 def deployment_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shlex
 import signal
 import sys
 from typing import Any
+from urllib.parse import quote
 
 from mii.cli.errors import CliError
 from mii.cli.options import (
+    SERVE_ENGINE_OPTIONS,
     add_deployment_options,
     add_engine_options,
     deployment_options,
@@ -24,8 +28,11 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "serve",
         help="run a deployment in the foreground (Ctrl-C stops it)",
-        description="Run a persistent deployment (gRPC load balancer, replicas and optionally "
-        "the REST/OpenAI gateway) in the foreground until Ctrl-C, SIGTERM or mii terminate.",
+        description="Run a persistent deployment in the foreground until Ctrl-C, SIGTERM or "
+        "mii terminate: the OpenAI-compatible HTTP API (/v1) and mii's REST route on --port "
+        "(8000), the gRPC service on --grpc-port (50050). Flags follow vllm serve where "
+        "the meaning is the same (--max-model-len, --tensor-parallel-size, ...; "
+        "see docs/cli.md).",
     )
     parser.add_argument(
         "model",
@@ -36,22 +43,29 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         + " (default: the demo model, deployment name mii-demo)",
     )
     add_deployment_options(parser)
-    add_engine_options(parser)
+    add_engine_options(parser, SERVE_ENGINE_OPTIONS)
     parser.set_defaults(func=serve)
+
+
+def serve_config(args: argparse.Namespace) -> DeploymentConfig:
+    """The deployment that ``mii serve``'s arguments describe (validated)."""
+    model, options = args.model, deployment_options(args)
+    if model is None:
+        model = _demo_model()
+        options.setdefault("deployment_name", "mii-demo")
+    try:
+        return DeploymentConfig.parse(
+            model, **options, **engine_options(args, SERVE_ENGINE_OPTIONS)
+        )
+    except (ValueError, NotImplementedError, RuntimeError) as err:
+        raise CliError(str(err)) from None
 
 
 def serve(args: argparse.Namespace) -> int:
     from mii.rpc.deployment import run_deployment
     from mii.rpc.event_loop import run_event_loop
 
-    model, options = args.model, deployment_options(args)
-    if model is None:
-        model = _demo_model()
-        options.setdefault("deployment_name", "mii-demo")
-    try:
-        config = DeploymentConfig.parse(model, **options, **engine_options(args))
-    except (ValueError, NotImplementedError, RuntimeError) as err:
-        raise CliError(str(err)) from None
+    config = serve_config(args)
     name = config.deployment_name
     print(
         f"[mii] starting deployment {name!r}: {config.model}, "
@@ -150,7 +164,7 @@ async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    announcer = asyncio.create_task(_announce(config.deployment_name))
+    announcer = asyncio.create_task(_announce(config))
     try:
         await task
     except asyncio.CancelledError:
@@ -163,18 +177,37 @@ async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
     return signalled
 
 
-async def _announce(name: str) -> None:
+async def _announce(config: DeploymentConfig) -> None:
     """Print where the deployment serves, once it is recorded as ready."""
     from mii.rpc import registry
 
+    name = config.deployment_name
     while True:
         info = registry.lookup(name)
         if info is not None and info.get("pid") == os.getpid():
             break
         await asyncio.sleep(0.1)
-    address = f"{info['host']}:{info['port']}"
-    print(f"[mii] gRPC: {address}  (mii.client({name!r}), mii generate {name!r})", flush=True)
+    for line in banner(config, info):
+        print(line, flush=True)
+
+
+def banner(config: DeploymentConfig, info: dict[str, Any]) -> list[str]:
+    """The lines that say where a ready deployment serves: the gRPC address, the
+    OpenAI API's base URL and a request to paste into a shell."""
+    name = config.deployment_name
+    lines = [
+        f"[mii] gRPC: {info['host']}:{info['port']}  (mii.client({name!r}), mii generate {name!r})"
+    ]
     if info.get("restful_api_port"):
-        base = f"http://{info['host']}:{info['restful_api_port']}"
-        print(f"[mii] REST: {base}/mii/{name}  (OpenAI API: {base}/v1)", flush=True)
-    print("[mii] ready; press Ctrl-C to stop", flush=True)
+        host = info["host"]
+        base = f"http://{f'[{host}]' if ':' in host else host}:{info['restful_api_port']}"
+        model = (config.served_model_name or [config.model])[0]
+        body = json.dumps({"model": model, "prompt": "San Francisco is", "max_tokens": 16})
+        key = " -H 'Authorization: Bearer YOUR_API_KEY'" if info.get("api_key") else ""
+        lines += [
+            f"[mii] OpenAI API: {base}/v1  (model {model!r}; mii's REST route: "
+            f"{base}/mii/{quote(name, safe='')})",
+            f"[mii] try: curl {base}/v1/completions{key} -d {shlex.quote(body)}",
+        ]
+    lines.append("[mii] ready; press Ctrl-C to stop")
+    return lines

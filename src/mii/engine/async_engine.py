@@ -190,7 +190,9 @@ class AsyncEngine:
         await self.aclose()
 
     def stats(self) -> dict[str, float]:
-        """Running/waiting counts, KV cache usage (0..1), free blocks, preemptions."""
+        """Running/waiting counts, KV cache usage (0..1), free blocks, preemptions,
+        tokens processed (prompt_tokens, generation_tokens: engine/request_stats.py),
+        the KV pool (num_kv_blocks, kv_block_size) and max_length."""
         return self.core.stats()
 
     async def run_on_engine_thread(self, fn, *args: Any) -> Any:

@@ -28,6 +28,7 @@ from mii.engine.kv_cache import BlockManager
 from mii.engine.logprobs import LogprobTensors, prompt_span
 from mii.engine.model_runner import ModelRunner
 from mii.engine.output_processor import OutputProcessor
+from mii.engine.request_stats import TokenCounters, count_token, mark_scheduled, stamp_times
 from mii.engine.sampler import sample_next_tokens
 from mii.engine.scheduler import Scheduler, SchedulerOutput
 from mii.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
@@ -127,6 +128,7 @@ class EngineCore:
         )
         self._in_flight: _Launched | None = None  # async scheduling: the pass not yet read back
         self._pass_delay_s = envs.PASS_DELAY_S.get()  # fault injection (tests): a slow device
+        self.counters = TokenCounters()  # for throughput (engine/request_stats.py)
 
         # Warm-up: passes that run on every rank by themselves, then the heap freeze.
         self.compile_s = bring_up.compile_model(config, self.runner, self.blocks)
@@ -288,6 +290,7 @@ class EngineCore:
             return None
         spans = _score_prompts(plan) if prompt_logprobs is not None else None
         self.scheduler.commit(plan)
+        mark_scheduled([c.seq for c in plan.chunks])
         slots = []
         for row, seq in enumerate(to_sample):
             slots.append(len(seq.token_ids))
@@ -316,10 +319,14 @@ class EngineCore:
                 seq.pending_row = None  # no later pass has sampled after it
             if seq.status is SequenceStatus.FINISHED:
                 continue  # ended (stop, abort) after this pass was launched: discard
+            count_token(self.counters, seq)
             k = seq.params.logprobs
             logprob = logprobs.entry(row, token, k) if k is not None else None
             try:
-                outputs.append(StepOutput(seq.request_id, process_token(seq, token, slot, logprob)))
+                piece = process_token(seq, token, slot, logprob)
+                if piece.finish_reason is not None:
+                    stamp_times(piece, seq)
+                outputs.append(StepOutput(seq.request_id, piece))
             except Exception as err:  # e.g. a tokenizer that cannot decode this id
                 log.exception("output processing failed for request %s", seq.request_id)
                 seq.finish_reason = "error"
@@ -352,4 +359,9 @@ class EngineCore:
             "kv_cache_usage": self.blocks.usage,
             "free_blocks": self.blocks.num_free,
             "preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": self.counters.prompt_tokens,
+            "generation_tokens": self.counters.generation_tokens,
+            "num_kv_blocks": self.blocks.num_blocks,
+            "kv_block_size": self.config.kv_block_size,
+            "max_length": self.max_length,
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from mii.config import GenerateParams
@@ -55,6 +56,11 @@ class Sequence:
     # A request for prompt logprobs and no new token (max_new_tokens 0): it runs
     # its prompt and samples one token that is never returned.
     score_only: bool = False
+    # time.monotonic() of its arrival, its first forward pass and its first token:
+    # the queue time and time to first token that its last piece reports.
+    arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

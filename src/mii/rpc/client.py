@@ -177,11 +177,12 @@ def _wait_gone(pids: list[int], timeout: float) -> None:
 
 def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClient:
     """A client of a running deployment, found by deployment name, by model name
-    (``f"{model}-mii-deployment"``), or given as ``"host:port"``.
+    (the default deployment name of that model:
+    :func:`mii.rpc.registry.default_deployment_name`), or given as ``"host:port"``.
 
     Its API key: ``api_key``, else the one in the deployment's record on this
     machine (readable only by the user who started it), else ``MII_API_KEY``."""
-    for name in (model_or_deployment_name, f"{model_or_deployment_name}-mii-deployment"):
+    for name in registry.candidate_names(model_or_deployment_name):
         info = registry.lookup(name)
         if info is not None:
             key = api_key if api_key is not None else info.get("api_key")

@@ -36,6 +36,7 @@ from mii.rpc.listen import listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import read_startup_error, run_reporting_errors
+from mii.rpc.stats_log import capacity_line, log_stats
 from mii.rpc.supervisor import RestartPolicy, Supervisor
 
 
@@ -221,6 +222,9 @@ async def run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | N
         tasks.append(supervising)
         record()
         print(f"[mii] deployment {name!r} serving on {host}:{port}", file=sys.stderr, flush=True)
+        print(capacity_line(pool.stats(), config.replica_num), file=sys.stderr, flush=True)
+        if config.stats_log_interval_s > 0:
+            tasks.append(asyncio.create_task(log_stats(pool, config.stats_log_interval_s)))
         await stop.wait()
         # Draining: no restarts, NOT_SERVING, new requests refused, then in-flight ones end.
         supervising.cancel()

@@ -84,15 +84,22 @@ class DeploymentConfig(GpuLayout):
 
     model: str = Field(description="Hugging Face hub id, local checkpoint directory or .gguf file")
     deployment_name: str = Field(
-        description="name clients use to find it (default: MODEL-mii-deployment)"
+        description="name clients use to find it (default: the last component of MODEL's "
+        "path or id, then -mii-deployment: org/model -> model-mii-deployment)"
     )
-    host: str = Field(default="127.0.0.1", description="address to listen on")
+    host: str = Field(default="127.0.0.1", description="address to listen on (HTTP and gRPC)")
     port: int = Field(default=50050, ge=1, le=65535, description="gRPC port")
     enable_restful_api: bool = Field(
         default=False,
         description="also serve the REST API (/mii/NAME) and the OpenAI-compatible API (/v1)",
     )
-    restful_api_port: int = Field(default=28080, ge=1, le=65535, description="REST API port")
+    restful_api_port: int = Field(
+        default=28080,
+        ge=1,
+        le=65535,
+        description="HTTP port: the OpenAI-compatible API (/v1), the REST API (/mii/NAME), "
+        "/health and /metrics",
+    )
     startup_timeout: float = Field(
         default=600.0, description="seconds to wait for the replicas to load"
     )
@@ -136,6 +143,23 @@ class DeploymentConfig(GpuLayout):
         ge=0,
         description="on SIGTERM, SIGINT or Terminate: seconds in-flight requests get to "
         "finish before they are ended (new requests are refused at once)",
+    )
+    served_model_name: list[str] | None = Field(
+        default=None,
+        description="names of the model in the OpenAI API: the first is what /v1/models "
+        "reports and the model of every answer; requests may name any of them (and MODEL "
+        "or the deployment name) (default: MODEL)",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="chat template (Jinja) of /v1/chat/completions, replacing the "
+        "tokenizer's: a file path, or the template itself (default: the tokenizer's)",
+    )
+    stats_log_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="seconds between the deployment's log lines of throughput, requests "
+        "and KV cache usage, while it is busy; 0: none",
     )
     tp_master_addr: str = Field(
         default="127.0.0.1",
@@ -192,7 +216,8 @@ class DeploymentConfig(GpuLayout):
     @classmethod
     def _default_name(cls, data: Any) -> Any:
         if isinstance(data, dict) and not data.get("deployment_name") and "model" in data:
-            data = {**data, "deployment_name": f"{data['model']}-mii-deployment"}
+            name = registry.default_deployment_name(str(data["model"]))
+            data = {**data, "deployment_name": name}
         return data
 
     @model_validator(mode="before")
@@ -218,7 +243,19 @@ class DeploymentConfig(GpuLayout):
             )
         return value
 
-    @field_validator("allowed_hosts", "allowed_origins")
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_is_jinja(cls, value: str | None) -> str | None:
+        # The text itself: parse() has read a file path already (once, where the
+        # user gave it), so the deployment process never reinterprets it.
+        return None if value is None else checked_template(value)
+
+    @field_validator("allowed_hosts", "allowed_origins", "served_model_name")
     @classmethod
     def _names(cls, value: list[str] | None, info) -> list[str] | None:
         if value is None:
@@ -257,6 +294,8 @@ class DeploymentConfig(GpuLayout):
         """
         deployment_fields = set(cls.model_fields) - {"model", "engine_options"}
         fields = {k: options.pop(k) for k in list(options) if k in deployment_fields}
+        if isinstance(fields.get("chat_template"), str):  # a file path, or the template
+            fields["chat_template"] = chat_template_text(fields["chat_template"])
         try:
             config = cls(model=model, engine_options=options, **fields)
         except ValidationError as err:
@@ -281,6 +320,39 @@ class ReplicaConfig(BaseModel):
     @property
     def address(self) -> str:
         return f"{REPLICA_HOST}:{self.port}"
+
+
+def chat_template_text(template: str) -> str:
+    """A chat template given as a file path (read here) or as the template itself
+    (backslash escapes such as ``\\n`` interpreted, as vLLM does). A name that
+    looks like a path but cannot be read is an error."""
+    try:
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the text
+        if not any(c in template for c in "{}\n"):
+            raise InvalidRequestError(
+                f"chat_template {template!r} looks like a file path, but it cannot be read "
+                f"({getattr(err, 'strerror', None) or err}); give a readable file or the "
+                "template itself",
+                field="chat_template",
+            ) from None
+    # Non-ASCII characters survive (as \uXXXX escapes) the decoding of "\n" etc.
+    return template.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def checked_template(text: str) -> str:
+    """``text`` if it is a valid Jinja template, else an error naming chat_template."""
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as err:
+        raise InvalidRequestError(
+            f"chat_template is not a valid Jinja template: {err.message} (line {err.lineno})",
+            field="chat_template",
+        ) from None
+    return text
 
 
 def _first_error(err: ValidationError) -> Exception:

@@ -78,7 +78,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Piece(_message.Message):
-    __slots__ = ("generated_text", "prompt_length", "generated_length", "finish_reason", "token_ids", "logprobs", "prompt_logprobs", "prompt_token_ids")
+    __slots__ = ("generated_text", "prompt_length", "generated_length", "finish_reason", "token_ids", "logprobs", "prompt_logprobs", "prompt_token_ids", "queue_time_s", "first_token_time_s")
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GENERATED_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,8 @@ class Piece(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_TIME_S_FIELD_NUMBER: _ClassVar[int]
     generated_text: str
     prompt_length: int
     generated_length: int
@@ -95,7 +97,9 @@ class Piece(_message.Message):
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, generated_text: _Optional[str] = ..., prompt_length: _Optional[int] = ..., generated_length: _Optional[int] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    queue_time_s: float
+    first_token_time_s: float
+    def __init__(self, generated_text: _Optional[str] = ..., prompt_length: _Optional[int] = ..., generated_length: _Optional[int] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., queue_time_s: _Optional[float] = ..., first_token_time_s: _Optional[float] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "top_ids", "top_logprobs")
@@ -136,12 +140,17 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight", "status", "replicas")
+    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight", "prompt_tokens", "generation_tokens", "kv_blocks", "kv_block_size", "max_length", "status", "replicas")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     running: int
@@ -149,9 +158,14 @@ class StatsReply(_message.Message):
     kv_cache_usage: float
     preemptions: int
     in_flight: int
+    prompt_tokens: int
+    generation_tokens: int
+    kv_blocks: int
+    kv_block_size: int
+    max_length: int
     status: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaHealth]
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ..., status: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaHealth, _Mapping]]] = ...) -> None: ...
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_length: _Optional[int] = ..., status: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaHealth, _Mapping]]] = ...) -> None: ...
 
 class ReplicaHealth(_message.Message):
     __slots__ = ("index", "address", "state", "restarts", "pid", "in_flight")

@@ -16,14 +16,14 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mii.errors import NoReplicaError, ReplicaError
 from mii.response import Response
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.call_guard import CallGuard, ShuttingDownError
 from mii.rpc.convert import UNLIMITED_MESSAGES, Prompt, piece_from_proto, request_for
-from mii.rpc.outcomes import REJECT_REASONS, Outcome
+from mii.rpc.metrics import Metrics
+from mii.rpc.outcomes import Outcome
 from mii.rpc.status import error_from_grpc, is_overload
 
 HEALTH_INTERVAL_S = 0.5
@@ -59,49 +59,6 @@ class Replica:
             self.address, self.token, (*UNLIMITED_MESSAGES, *CHANNEL_OPTIONS)
         )
         self.stub = mii_pb2_grpc.MiiStub(self.channel)
-
-
-class Metrics:
-    """Prometheus metrics of one deployment, in a registry of its own."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.running = Gauge("mii_requests_running", "Requests being generated", registry=r)
-        self.waiting = Gauge("mii_requests_waiting", "Requests queued in the engines", registry=r)
-        self.kv_usage = Gauge("mii_kv_cache_usage", "KV cache blocks in use, 0..1", registry=r)
-        self.preemptions = Gauge(
-            "mii_preemptions_total", "Sequences preempted (recomputed later)", registry=r
-        )
-        self.healthy = Gauge("mii_replicas_healthy", "Replicas in rotation", registry=r)
-        self.requests = Counter("mii_requests", "Finished requests", ["finish_reason"], registry=r)
-        # How requests that got no answer ended: see mii.rpc.outcomes.
-        self.cancelled = Counter(
-            "mii_requests_cancelled",
-            "Requests ended by their client: call cancelled, stream closed, client "
-            "disconnected or deadline passed (also counted as finish_reason abort)",
-            registry=r,
-        )
-        self.rejected = Counter(
-            "mii_requests_rejected",
-            "Requests refused before they started: overloaded (429), unavailable (503)",
-            ["reason"],
-            registry=r,
-        )
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
-        self.ttft = Histogram(
-            "mii_time_to_first_token_seconds",
-            "Time to first token",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r,
-        )
-        self.tpot = Histogram(
-            "mii_time_per_output_token_seconds",
-            "Time per output token after the first",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
-            registry=r,
-        )
 
 
 class ReplicaPool:
@@ -160,9 +117,7 @@ class ReplicaPool:
             responses = [piece_from_proto(p) for p in reply.responses]
             elapsed = time.perf_counter() - start
             for r in responses:
-                self.metrics.requests.labels(r.finish_reason or "unknown").inc()
-                if r.generated_length > 1:
-                    self.metrics.tpot.observe(elapsed / r.generated_length)
+                self.metrics.observe_answer(r, elapsed)
             return responses
 
     async def stream(
@@ -192,22 +147,13 @@ class ReplicaPool:
             call = replica.stub.GenerateStream(request, timeout=timeout)
             watch = self.guard.watch(replica, call)
             received = 0
-            first_at = None
+            timing = self.metrics.stream_timing(start)
             try:
                 async for piece in call:
                     watch.progress()
                     response = piece_from_proto(piece)
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                        self.metrics.ttft.observe(first_at - start)
                     received += 1
-                    if response.finish_reason is not None:
-                        self.metrics.requests.labels(response.finish_reason).inc()
-                        if response.generated_length > 1:
-                            per_token = (time.perf_counter() - first_at) / (
-                                response.generated_length - 1
-                            )
-                            self.metrics.tpot.observe(per_token)
+                    timing.observe(response)
                     yield response
                 return
             except grpc.aio.AioRpcError as err:
@@ -269,6 +215,12 @@ class ReplicaPool:
             total.running += r.last_stats.running
             total.waiting += r.last_stats.waiting
             total.preemptions += r.last_stats.preemptions
+            total.kv_blocks += r.last_stats.kv_blocks
+            total.kv_block_size = r.last_stats.kv_block_size
+            total.max_length = max(total.max_length, r.last_stats.max_length)
+        for r in self.replicas:  # tokens processed: the last reading of every replica
+            total.prompt_tokens += r.last_stats.prompt_tokens
+            total.generation_tokens += r.last_stats.generation_tokens
         total.kv_cache_usage = (
             sum(r.last_stats.kv_cache_usage for r in live) / len(live) if live else 0.0
         )

@@ -7,11 +7,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from mii.cache import cache_dir
+
+DEFAULT_NAME_SUFFIX = "-mii-deployment"
+
+
+def default_deployment_name(model: str) -> str:
+    """A deployment's name when none is given: the model's last path component
+    (``org/model``, ``/ckpt/llama-7b/``, ``dir/m.Q4_K_M.gguf`` -> ``model``,
+    ``llama-7b``, ``m.Q4_K_M``), characters other than ``A-Za-z0-9._-`` as ``-``,
+    then ``-mii-deployment``: a name that is one segment of a URL path as it is
+    (``/mii/{name}``), which a model id with ``/`` is not."""
+    base = model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    base = base.removesuffix(".gguf") or "model"
+    base = re.sub(r"[^A-Za-z0-9._-]", "-", base).strip(".") or "model"
+    return base + DEFAULT_NAME_SUFFIX
+
+
+def candidate_names(model_or_deployment_name: str) -> list[str]:
+    """Names under which ``mii.client(x)`` looks for a deployment: ``x`` itself, the
+    default name of model ``x``, and ``f"{x}-mii-deployment"`` (the default of
+    mii before names were made URL-safe, and of names given with that suffix)."""
+    given = model_or_deployment_name
+    names = [given, default_deployment_name(given), given + DEFAULT_NAME_SUFFIX]
+    return list(dict.fromkeys(names))
 
 
 def registry_dir() -> Path:

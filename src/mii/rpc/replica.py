@@ -100,6 +100,11 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
             kv_cache_usage=float(stats["kv_cache_usage"]),
             preemptions=int(stats["preemptions"]),
             in_flight=self.in_flight,
+            prompt_tokens=int(stats["prompt_tokens"]),
+            generation_tokens=int(stats["generation_tokens"]),
+            kv_blocks=int(stats["num_kv_blocks"]),
+            kv_block_size=int(stats["kv_block_size"]),
+            max_length=int(stats["max_length"]),
         )
 
     async def Terminate(self, request, context):

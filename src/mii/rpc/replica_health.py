@@ -68,9 +68,12 @@ def add_replica_health(reply: mii_pb2.StatsReply, pool: Any) -> mii_pb2.StatsRep
 
 
 def health_from_stats(reply: mii_pb2.StatsReply) -> dict[str, Any]:
-    """A Stats reply's health as JSON (``mii list --json``)."""
+    """A Stats reply's health and load as JSON (``mii list --json``)."""
     return {
         "status": reply.status or "unknown",
+        "running": reply.running,
+        "waiting": reply.waiting,
+        "kv_cache_usage": reply.kv_cache_usage,
         "replicas": [
             {
                 "index": r.index,

@@ -1,7 +1,8 @@
 """OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
-The served model is the deployment's model string; the deployment name is
-accepted as an alias, and ``model`` may be left out. How OpenAI's options map
+The served model is the deployment's first ``served_model_name`` (default: its
+model string); every served name, the model string and the deployment name are
+accepted, and ``model`` may be left out. How OpenAI's options map
 onto mii's is in :mod:`mii.rpc.http.openai_options`; ``n`` and ``seed`` in
 :mod:`mii.rpc.http.choices`; ``stream`` (SSE, ended by ``data: [DONE]``) and
 ``stream_options.include_usage`` in :mod:`mii.rpc.http.sse`; chat prompts in
@@ -47,20 +48,22 @@ router = APIRouter(prefix="/v1", route_class=LimitedRoute)
 
 
 def check_model(state: GatewayState, name: str | None) -> None:
-    """404 unless ``name`` is left out or names this deployment (model or deployment name)."""
-    if name is None or name in (state.model, state.deployment_name):
+    """404 unless ``name`` is left out or names this deployment (a served model name,
+    the model or the deployment name)."""
+    if name is None or state.names_model(name):
         return
     raise ApiError(
         404,
-        f"the model {name!r} does not exist; this server serves {state.model!r}",
+        f"the model {name!r} does not exist; this server serves {state.served_model!r}",
         "model",
         "model_not_found",
     )
 
 
-def _model_card(state: GatewayState) -> dict[str, Any]:
+def _model_card(state: GatewayState, name: str | None = None) -> dict[str, Any]:
+    """The card of the model under ``name`` (a served name; default: the first)."""
     return {
-        "id": state.model,
+        "id": name or state.served_model,
         "object": "model",
         "created": state.created,
         "owned_by": "mii",
@@ -70,14 +73,17 @@ def _model_card(state: GatewayState) -> dict[str, Any]:
 
 @router.get("/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [_model_card(get_state(request))]}
+    state = get_state(request)
+    # One card per served name (as vLLM lists them), the first one first.
+    names = state.served_model_names or [state.model]
+    return {"object": "list", "data": [_model_card(state, name) for name in names]}
 
 
 @router.get("/models/{model:path}")
 async def retrieve_model(model: str, request: Request):
     state = get_state(request)
     check_model(state, model)
-    return _model_card(state)
+    return _model_card(state, model if model in state.served_model_names else None)
 
 
 def _accepted(request: Request, body: OpenAIRequest, refuse: Callable[[Any], None]) -> GatewayState:
@@ -138,7 +144,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     if isinstance(prompts[0], list):
         check_known_ids(state.tokenizer, prompts, "prompt")
     choices = Choices(prompts, params, body.n, body.seed)
-    answer = Answer(COMPLETION, state.model, _formatter(state, params, chat=False))
+    answer = Answer(COMPLETION, state.served_model, _formatter(state, params, chat=False))
     return await _respond(request, state, body, choices, renames, answer)
 
 
@@ -159,5 +165,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             functools.partial(chat_prompt, **template), state.tokenizer, body.messages
         )
     choices = Choices([prompt], params, body.n, body.seed)
-    answer = Answer(CHAT_COMPLETION, state.model, _formatter(state, params, chat=True))
+    answer = Answer(CHAT_COMPLETION, state.served_model, _formatter(state, params, chat=True))
     return await _respond(request, state, body, choices, renames, answer)

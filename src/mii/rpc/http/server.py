@@ -91,20 +91,25 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise GatewayError(
-            f"cannot listen on {host}:{port} for the REST API "
-            f"(is restful_api_port {port} in use?): {err.strerror or err}"
+            f"cannot listen on {host}:{port} for the HTTP API "
+            f"(is restful_api_port {port} in use? mii serve: --port): {err.strerror or err}"
         ) from None
     sock.setblocking(False)
     return sock
 
 
 def load_gateway_tokenizer(config: DeploymentConfig):
-    """The deployment model's tokenizer (chat templates), without its weights."""
+    """The deployment model's tokenizer (chat templates), without its weights; with the
+    deployment's ``chat_template``, when it has one, in place of the tokenizer's own
+    (every route that applies a chat template uses it)."""
     from mii.models.loader import load_tokenizer, resolve_model_dir
 
     engine = config.engine_config()
     model_dir = resolve_model_dir(engine.model, engine.revision, weights=False)
-    return load_tokenizer(model_dir, engine.tokenizer, engine.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, engine.tokenizer, engine.trust_remote_code)
+    if config.chat_template is not None:
+        tokenizer.chat_template = config.chat_template
+    return tokenizer
 
 
 async def start_gateway(
@@ -125,6 +130,7 @@ async def start_gateway(
             pool=pool,
             deployment_name=info.deployment_name or config.deployment_name,
             model=info.model or config.model,
+            served_model_names=list(config.served_model_name or ()),
             max_length=info.max_length,
             tokenizer=tokenizer,
             created=int(time.time()),

@@ -26,6 +26,18 @@ class GatewayState:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # longer bodies: 413
     # Requests the replicas hold at most (max_queued_requests x replicas; None: no bound).
     max_admitted_requests: int | None = None
+    # The deployment's served_model_name: the OpenAI API's names of the model.
+    served_model_names: list[str] = field(default_factory=list)
+
+    @property
+    def served_model(self) -> str:
+        """The model's name in the OpenAI API: the first served name, else the model."""
+        return self.served_model_names[0] if self.served_model_names else self.model
+
+    def names_model(self, name: str) -> bool:
+        """Whether a request's ``model`` names this deployment's model: any served
+        name, the model itself, or the deployment name."""
+        return name in (*self.served_model_names, self.model, self.deployment_name)
 
 
 def get_state(request: Request) -> GatewayState:

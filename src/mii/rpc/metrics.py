@@ -1,0 +1,148 @@
+"""The Prometheus metrics of a deployment (``GET /metrics``), in a registry of its own.
+
+Names follow the project's ``mii_`` convention and, where the meaning is the
+same, vLLM's (``vllm:prompt_tokens_total`` -> ``mii_prompt_tokens_total``).
+The pool (:mod:`mii.rpc.pool`) observes every answer, whole or streamed;
+:mod:`mii.rpc.outcomes` counts the requests that end without one.
+
+Where the times come from:
+
+- ``mii_e2e_request_latency_seconds``: measured by the deployment, from the
+  request reaching its pool to the answer's last piece.
+- ``mii_time_to_first_token_seconds``: a streamed request's, measured by the
+  deployment (request to first piece); a whole answer's, by the engine (its
+  arrival to its first token), which is all a whole answer can tell.
+- ``mii_request_queue_time_seconds``: by the engine, from a request's arrival
+  to its first forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mii.response import Response
+from mii.rpc.outcomes import REJECT_REASONS
+
+# Labels every deployment exports from the start (at 0), so that dashboards and
+# alerts find the series before the first such request.
+FINISH_REASONS = ("stop", "length", "abort", "error")
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """Prometheus metrics of one deployment, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("mii_requests_running", "Requests being generated", registry=r)
+        self.waiting = Gauge("mii_requests_waiting", "Requests queued in the engines", registry=r)
+        self.kv_usage = Gauge("mii_kv_cache_usage", "KV cache blocks in use, 0..1", registry=r)
+        self.preemptions = Gauge(
+            "mii_preemptions_total", "Sequences preempted (recomputed later)", registry=r
+        )
+        self.healthy = Gauge("mii_replicas_healthy", "Replicas in rotation", registry=r)
+        self.requests = Counter("mii_requests", "Finished requests", ["finish_reason"], registry=r)
+        for reason in FINISH_REASONS:
+            self.requests.labels(reason)
+        # How requests that got no answer ended: see mii.rpc.outcomes.
+        self.cancelled = Counter(
+            "mii_requests_cancelled",
+            "Requests ended by their client: call cancelled, stream closed, client "
+            "disconnected or deadline passed (also counted as finish_reason abort)",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "mii_requests_rejected",
+            "Requests refused before they started: overloaded (429), unavailable (503)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        self.prompt_tokens = Counter(
+            "mii_prompt_tokens",
+            "Prompt tokens of the requests answered (each one's usage.prompt_tokens)",
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "mii_generation_tokens",
+            "Tokens generated (streams cut short included, up to their last piece)",
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "mii_time_to_first_token_seconds",
+            "Time to first token (streamed: request to first piece; whole answers: "
+            "the engine's, arrival to first token)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "mii_time_per_output_token_seconds",
+            "Time per output token after the first",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "mii_request_queue_time_seconds",
+            "Time a request waited in its engine before its first forward pass",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "mii_e2e_request_latency_seconds",
+            "Time from a request's arrival at the deployment to its answer's last piece",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def observe_answer(self, response: Response, elapsed: float) -> None:
+        """A whole answer that took ``elapsed`` seconds."""
+        self.prompt_tokens.inc(response.prompt_length)
+        self.generation_tokens.inc(response.generated_length)
+        if response.first_token_time_s is not None:
+            self.ttft.observe(response.first_token_time_s)
+            if response.generated_length > 1:
+                rest = max(0.0, elapsed - response.first_token_time_s)
+                self.tpot.observe(rest / (response.generated_length - 1))
+        self.observe_end(response, elapsed)
+
+    def observe_end(self, response: Response, elapsed: float) -> None:
+        """The end of an answer (whole or streamed) that took ``elapsed`` seconds."""
+        self.requests.labels(response.finish_reason or "unknown").inc()
+        self.e2e_latency.observe(elapsed)
+        if response.queue_time_s is not None:
+            self.queue_time.observe(response.queue_time_s)
+
+    def stream_timing(self, start: float) -> StreamTiming:
+        """What observes a stream's pieces; ``start``: ``time.perf_counter()`` of its request."""
+        return StreamTiming(self, start)
+
+
+class StreamTiming:
+    """Observes one stream's pieces as they pass: time to first piece, tokens as
+    they come (so a stream cut short counts what it got), the end."""
+
+    def __init__(self, metrics: Metrics, start: float) -> None:
+        self.metrics = metrics
+        self.start = start
+        self.first_at: float | None = None
+        self.generated = 0
+
+    def observe(self, piece: Response) -> None:
+        m = self.metrics
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = now
+            m.ttft.observe(now - self.start)
+            m.prompt_tokens.inc(piece.prompt_length)
+        if piece.generated_length > self.generated:
+            m.generation_tokens.inc(piece.generated_length - self.generated)
+            self.generated = piece.generated_length
+        if piece.finish_reason is None:
+            return
+        if piece.generated_length > 1:
+            m.tpot.observe((now - self.first_at) / (piece.generated_length - 1))
+        m.observe_end(piece, now - self.start)
