@@ -153,7 +153,6 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
         ("chat_template_kwargs", {"tokenize": False}),
         ("add_generation_prompt", "a"),
         ("continue_final_message", "a"),
-        ("continue_final_message", True),  # add_generation_prompt is true by default
     ]:
         cases.append((chat, _encode({**ok_chat, field: value}), JSON, field))
     cases.append((chat, _encode({"max_tokens": 2}), JSON, "messages"))

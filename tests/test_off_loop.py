@@ -68,10 +68,10 @@ def test_large_bodies_are_parsed_while_grpc_is_served(llama, monkeypatch):
         seen["grpc_during_parse"] = _grpc_health(seen["grpc_port"])
         return real_parse(body, model)
 
-    def chat_holding(tokenizer, messages):
+    def chat_holding(tokenizer, messages, **template):
         seen["chat_thread"] = threading.get_ident()
         seen["grpc_during_chat"] = _grpc_health(seen["grpc_port"])
-        return real_chat(tokenizer, messages)
+        return real_chat(tokenizer, messages, **template)
 
     def tokenize_holding(tokenizer, body):
         seen["tokenize_thread"] = threading.get_ident()

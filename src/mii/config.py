@@ -324,6 +324,11 @@ class EngineConfig(BaseModel):
         description="sequences per forward pass (default: "
         f"{SCHEDULING_DEFAULTS['cuda'][1]} on CUDA, {SCHEDULING_DEFAULTS['cpu'][1]} on the CPU)",
     )
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="reuse the KV of prompt prefixes already computed (shared system "
+        "prompts, chat history, n > 1): only the rest of a prompt runs",
+    )
     max_queued_requests: int | None = Field(
         default=None,
         gt=0,

@@ -54,6 +54,8 @@ class Response:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_token_ids: list[int] | None = None  # sent with prompt_logprobs
+    # Prompt tokens whose KV was found in the prefix cache (not computed again).
+    cached_tokens: int = 0
     # The engine's timing of the request, on its last piece (and so on a whole answer):
     # seconds from its arrival to its first forward pass, and to its first token.
     # None elsewhere. Not part of equality: the same answer may be timed otherwise.
@@ -86,9 +88,10 @@ def join_pieces(pieces: list[Response], finish_reason: str | None = None) -> Res
         finish_reason or last.finish_reason,
         last.request_id,
         [t for p in pieces for t in p.token_ids],
-        [t for lps in with_logprobs for t in lps] if with_logprobs else None,
-        scored.prompt_logprobs if scored else None,
-        scored.prompt_token_ids if scored else None,
-        last.queue_time_s,
-        last.first_token_time_s,
+        logprobs=[t for lps in with_logprobs for t in lps] if with_logprobs else None,
+        prompt_logprobs=scored.prompt_logprobs if scored else None,
+        prompt_token_ids=scored.prompt_token_ids if scored else None,
+        cached_tokens=last.cached_tokens,
+        queue_time_s=last.queue_time_s,
+        first_token_time_s=last.first_token_time_s,
     )

@@ -27,6 +27,7 @@ ENGINE_OPTIONS = (
     "kv_cache_memory_fraction",
     "token_budget",
     "max_num_seqs",
+    "enable_prefix_caching",
     "load_format",
     "trust_remote_code",
 )

@@ -10,6 +10,7 @@ engine options and what the earlier steps made.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from mii.models import loader
 from mii.models.base import CausalLM
 from mii.ops.attention import FP8_KV_DTYPE
 from mii.ops.dispatch import triton_attention_enabled
+
+log = logging.getLogger(__name__)
 
 
 def join_group(config: EngineConfig) -> tuple[torch.device, TPGroup | None]:
@@ -131,6 +134,25 @@ def allocate_kv_cache(
     # CUDA-graph pass write into. No sequence ever owns it.
     tensors = allocate_kv_tensors(kv_spec, num_blocks + 1, config.kv_block_size, kv_dtype, device)
     return KVCache(tensors, num_blocks, kv_dtype)
+
+
+def prefix_caching_allowed(config: EngineConfig, model: CausalLM) -> bool:
+    """Whether prefix caching may run: asked for (the default) and the KV of a
+    prefix does not depend on what follows it. It does under length-dependent rope
+    scalings (dynamic NTK, longrope: keys are rotated for the whole sequence's
+    length) and Phi-3's recompute past the original context; caching is off for
+    those models, and the log says so."""
+    if not config.enable_prefix_caching:
+        return False
+    length_dependent = any(getattr(m, "length_dependent", False) for m in model.modules())
+    if length_dependent or model.rope_recompute_at is not None:
+        log.info(
+            "prefix caching is off for %s: its rope scaling rotates keys by the whole "
+            "sequence's length, so a prefix's KV cannot be shared",
+            config.model,
+        )
+        return False
+    return True
 
 
 def compile_model(config: EngineConfig, runner: ModelRunner, blocks: BlockManager) -> float:

@@ -28,6 +28,7 @@ from mii.engine.kv_cache import BlockManager
 from mii.engine.logprobs import LogprobTensors, prompt_span
 from mii.engine.model_runner import ModelRunner
 from mii.engine.output_processor import OutputProcessor
+from mii.engine.prefix_hash import cache_salt
 from mii.engine.request_stats import TokenCounters, count_token, mark_scheduled, stamp_times
 from mii.engine.sampler import sample_next_tokens
 from mii.engine.scheduler import Scheduler, SchedulerOutput
@@ -109,7 +110,14 @@ class EngineCore:
         self.kv_dtype = kv_cache.dtype
 
         # The parts that serve requests.
-        self.blocks = BlockManager(kv_cache.num_blocks, config.kv_block_size)
+        self.blocks = BlockManager(
+            kv_cache.num_blocks,
+            config.kv_block_size,
+            prefix_caching=bring_up.prefix_caching_allowed(config, self.model),
+            cache_salt=cache_salt(
+                config.model, config.revision, str(self.dtype), str(self.kv_dtype)
+            ),
+        )
         self.scheduler = Scheduler(
             self.blocks,
             config.token_budget,
@@ -364,4 +372,7 @@ class EngineCore:
             "num_kv_blocks": self.blocks.num_blocks,
             "kv_block_size": self.config.kv_block_size,
             "max_length": self.max_length,
+            # prompt tokens looked up in the prefix cache, and those found there
+            "prefix_cache_queries": self.blocks.query_tokens,
+            "prefix_cache_hits": self.blocks.hit_tokens,
         }

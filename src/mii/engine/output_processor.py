@@ -145,4 +145,5 @@ class OutputProcessor:
             [logprob] if logprob is not None else None,
             prompt_logprobs,
             list(seq.prompt_token_ids) if prompt_logprobs is not None else None,
+            seq.num_cached_tokens,
         )

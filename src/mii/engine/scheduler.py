@@ -141,6 +141,12 @@ class Scheduler:
                 if taken:
                     add_chunk(seq, taken)
 
+        # Prefix caching: the prefixes that running sequences compute now. A newcomer
+        # whose next block is one of them waits for it to be registered rather than
+        # compute it a second time (n > 1, identical prompts arriving together).
+        computing = (
+            self._prefixes_in_flight() if self.blocks.prefix_caching and self.waiting else None
+        )
         # After a preemption the pool is known to be full; admitting now would only
         # hand the freed blocks to a newcomer and thrash.
         while (
@@ -152,14 +158,36 @@ class Scheduler:
             seq = self.waiting[0]
             if self.rope_recompute_at is not None:
                 self._outgrow_rope(seq)
+            cached = self.blocks.attach_prefix(seq)  # prefix caching: skip what is cached
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = cached
             fits = self.blocks.tokens_that_fit(seq, min(seq.num_uncomputed, budget))
-            if fits == 0:
-                break  # the pool is full; admission never preempts running sequences
+            waits_for_prefix = (
+                computing is not None
+                and seq.params.prompt_logprobs is None
+                and self.blocks.next_block_hash(seq) in computing
+            )
+            if fits == 0 or waits_for_prefix:
+                self.blocks.free(seq)  # (the attached prefix, if any)
+                seq.num_computed = 0
+                # the pool is full (admission never preempts running sequences), or
+                # its prefix is being computed: admitted once that is cached
+                break
             self.waiting.popleft()
             self._admit(seq)
             self.blocks.allocate(seq, fits)
             add_chunk(seq, fits)
+            if computing is not None:
+                computing.update(self.blocks.unregistered_hashes(seq))
         return out
+
+    def _prefixes_in_flight(self) -> set[bytes]:
+        """Hashes of the full blocks that running sequences hold (or will) but have
+        not registered yet."""
+        computing: set[bytes] = set()
+        for seq in self.running:
+            computing.update(self.blocks.unregistered_hashes(seq))
+        return computing
 
     def _outgrow_rope(self, seq: Sequence) -> None:
         """transformers' Phi-3 ``generate`` drops its KV cache when the sequence first
@@ -191,9 +219,12 @@ class Scheduler:
         """Record that the pass ran: advance each chunk's sequence. Returns the
         sequences that now need a sampled token, in chunk order."""
         to_sample = []
+        caching = self.blocks.prefix_caching
         for chunk in output.chunks:
             samples = chunk.samples
             chunk.seq.num_computed += chunk.num_tokens
+            if caching:
+                self.blocks.register(chunk.seq)
             if samples:
                 to_sample.append(chunk.seq)
         return to_sample

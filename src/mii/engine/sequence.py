@@ -56,6 +56,12 @@ class Sequence:
     # A request for prompt logprobs and no new token (max_new_tokens 0): it runs
     # its prompt and samples one token that is never returned.
     score_only: bool = False
+    # Prefix caching (engine/kv_cache.py): the chained hashes of its full blocks
+    # computed so far (kept across preemption: its tokens never change), how many
+    # of its blocks are registered, and the prompt tokens found cached at admission.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
     # time.monotonic() of its arrival, its first forward pass and its first token:
     # the queue time and time to first token that its last piece reports.
     arrival_time: float = field(default_factory=time.monotonic)

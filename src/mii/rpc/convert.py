@@ -86,6 +86,7 @@ def piece_to_proto(response: Response) -> mii_pb2.Piece:
         logprobs=[_logprob_to_proto(e) for e in response.logprobs or ()],
         prompt_logprobs=[_logprob_to_proto(e) for e in response.prompt_logprobs or ()],
         prompt_token_ids=response.prompt_token_ids or (),
+        cached_tokens=response.cached_tokens,
         queue_time_s=response.queue_time_s,
         first_token_time_s=response.first_token_time_s,
     )
@@ -102,6 +103,7 @@ def piece_from_proto(piece: mii_pb2.Piece) -> Response:
         logprobs=[_logprob_from_proto(e) for e in piece.logprobs] or None,
         prompt_logprobs=[_logprob_from_proto(e) for e in piece.prompt_logprobs] or None,
         prompt_token_ids=list(piece.prompt_token_ids) or None,
+        cached_tokens=piece.cached_tokens,
         queue_time_s=piece.queue_time_s if piece.HasField("queue_time_s") else None,
         first_token_time_s=(
             piece.first_token_time_s if piece.HasField("first_token_time_s") else None

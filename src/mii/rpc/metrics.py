@@ -72,6 +72,21 @@ class Metrics:
             "Tokens generated (streams cut short included, up to their last piece)",
             registry=r,
         )
+        self.prefix_queries = Counter(
+            "mii_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (those of the requests answered)",
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "mii_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (usage.prompt_tokens_details.cached_tokens)",
+            registry=r,
+        )
+        self.prefix_hit_rate = Gauge(
+            "mii_prefix_cache_hit_rate",
+            "Prefix cache hits / queries, in tokens, since the deployment started",
+            registry=r,
+        )
         self.ttft = Histogram(
             "mii_time_to_first_token_seconds",
             "Time to first token (streamed: request to first piece; whole answers: "
@@ -98,9 +113,18 @@ class Metrics:
             registry=r,
         )
 
+    def observe_prompt(self, response: Response) -> None:
+        """A request's prompt: its tokens, and how many of them were cached."""
+        self.prompt_tokens.inc(response.prompt_length)
+        self.prefix_queries.inc(response.prompt_length)
+        self.prefix_hits.inc(response.cached_tokens)
+        queries = self.prefix_queries._value.get()
+        if queries:
+            self.prefix_hit_rate.set(self.prefix_hits._value.get() / queries)
+
     def observe_answer(self, response: Response, elapsed: float) -> None:
         """A whole answer that took ``elapsed`` seconds."""
-        self.prompt_tokens.inc(response.prompt_length)
+        self.observe_prompt(response)
         self.generation_tokens.inc(response.generated_length)
         if response.first_token_time_s is not None:
             self.ttft.observe(response.first_token_time_s)
@@ -137,7 +161,7 @@ class StreamTiming:
         if self.first_at is None:
             self.first_at = now
             m.ttft.observe(now - self.start)
-            m.prompt_tokens.inc(piece.prompt_length)
+            m.observe_prompt(piece)
         if piece.generated_length > self.generated:
             m.generation_tokens.inc(piece.generated_length - self.generated)
             self.generated = piece.generated_length

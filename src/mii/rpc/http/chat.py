@@ -85,6 +85,7 @@ def chat_prompt_ids(
     (extra template variables) are passed to the template; without one, the first
     ends the text with ``"assistant:"`` and the second leaves off the last ``"\\n"``."""
     check_messages(messages)
+    variables = template_variables(tokenizer, chat_template_kwargs)  # checked either way
     if not getattr(tokenizer, "chat_template", None):
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
         if continue_final_message:
@@ -101,7 +102,7 @@ def chat_prompt_ids(
         # return_dict: the same answer on transformers 4 (ids by default) and 5
         # (a BatchEncoding by default).
         return_dict=True,
-        **template_variables(tokenizer, chat_template_kwargs),
+        **variables,
     )
     return list(encoded["input_ids"])
 

@@ -118,15 +118,23 @@ class Usage:
         self.n = n
         self.prompt: dict[int, int] = {}  # prompt number -> prompt tokens
         self.completion: dict[int, int] = {}  # choice index -> generated tokens
+        # prompt number -> its tokens found in the prefix cache (the fewest of any of
+        # its choices: what the prompt itself cost is counted once)
+        self.cached: dict[int, int] = {}
 
     def add(self, index: int, response: Response) -> None:
-        self.prompt[index // self.n] = response.prompt_length
+        prompt = index // self.n
+        self.prompt[prompt] = response.prompt_length
         self.completion[index] = response.generated_length
+        self.cached[prompt] = min(
+            self.cached.get(prompt, response.cached_tokens), response.cached_tokens
+        )
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         prompt, completion = sum(self.prompt.values()), sum(self.completion.values())
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())},
         }
