@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
-#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [serving] [serving-budget B S] [serving-http] [tp2-latency] [tp2-w1] [tp2-tests]
+#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [serving] [serving-budget B S] [serving-http] [tp2-latency] [tp2-w1] [tp2-tests]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
@@ -45,6 +45,7 @@ while [ $# -gt 0 ]; do
         python3 benchmarks/throughput.py --token-budget $b --max-num-seqs $s --json "$OUT/w1_${b}_${s}.json" > "$OUT/w1_${b}_${s}.log" 2>&1
         echo "== budget $b seqs $s"; tail -6 "$OUT/w1_${b}_${s}.log"; done ;;
     serving-budget) shift; b=$1; shift; python3 benchmarks/serving.py $SERVING --token-budget $b --max-num-seqs $1 --no-offline --json "$OUT/serving_$b.json" > "$OUT/serving_$b.log" 2>&1; serving_report "$OUT/serving_$b.log" ;;
+    prefix-cache) python3 benchmarks/prefix_cache.py --json "$OUT/prefix_cache.json" > "$OUT/prefix_cache.log" 2>&1; tail -12 "$OUT/prefix_cache.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift

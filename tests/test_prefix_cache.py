@@ -83,6 +83,10 @@ def test_blocks_are_shared_kept_and_evicted_least_recently_used():
     e = make_seq("e", range(10, 19))
     assert bm.attach_prefix(e) == 4  # only the prefix's first block is left
     bm.check_invariants([d, e])
+    bm.free(e)
+    bm.reset_prefix_cache()  # nothing cached is found any more
+    assert bm.attach_prefix(make_seq("f", range(10, 19))) == 0
+    bm.check_invariants([d])
 
 
 def test_prompt_logprobs_requests_compute_their_whole_prompt():

@@ -198,6 +198,16 @@ class BlockManager:
                 self._hashes[block] = digest
             seq.num_registered_blocks += 1
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached content of every free block (blocks in use keep theirs):
+        the next requests find only what running sequences hold. For benchmarks that
+        must not carry one workload's prefixes into the next."""
+        while self._cached_free:
+            block, _ = self._cached_free.popitem(last=False)
+            del self._by_hash[self._hashes[block]]
+            self._hashes[block] = None
+            self._plain.append(block)
+
     def check_invariants(self, seqs: Iterable[Sequence]) -> None:
         """Raise AssertionError unless reference counts, free lists and the hash
         table agree with the block tables of ``seqs`` (every live sequence)."""
