@@ -171,3 +171,21 @@ def test_logprobs_on_gpu_match_transformers(checkpoints, tokenizer):
             entry = response.prompt_logprobs[j] if j < n else response.logprobs[j - n]
             assert entry.token_id == ids[j]
             assert abs(entry.logprob - expected[j - 1, ids[j]].item()) < 1e-3
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_prefix_caching_on_gpu_gives_the_same_tokens(checkpoints, kv_cache_dtype):
+    """Cached prefixes read back through the Triton kernels, CUDA graphs and async
+    scheduling (and the fp8 cache) give the tokens of an engine without caching."""
+    path, _ = checkpoints("llama")
+    system = "the quick brown fox jumps over the lazy dog while the cat sleeps "
+    prompts = [system + p for p in PROMPTS]
+    answers = {}
+    for caching in (True, False):
+        options = dict(enable_prefix_caching=caching, kv_cache_dtype=kv_cache_dtype)
+        with mii.pipeline(str(path), device="cuda", dtype="float32", **options) as pipe:
+            rounds = [pipe(prompts, do_sample=False, max_new_tokens=16) for _ in range(2)]
+        answers[caching] = [[r.token_ids for r in batch] for batch in rounds]
+        if caching:
+            assert all(r.cached_tokens > 0 for r in rounds[1])
+    assert answers[True] == answers[False]
