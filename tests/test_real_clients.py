@@ -234,16 +234,35 @@ def test_lm_eval_tasks_with_a_local_tokenizer(server, tasks, smollm2):
 def test_lm_eval_tokenizes_through_the_server(server, tasks):
     """Without a local tokenizer (a GGUF file, no hub): lm-eval finds
     ``/tokenizer_info`` and ``/tokenize`` and uses them; batched requests (several
-    token-id prompts in one body) score the same."""
+    token-id prompts in one body) score the same; vLLM's sampling options given as
+    lm-eval's ``--gen_kwargs`` reach the engine."""
     lm = local_completions(server, batch_size=4)
     assert lm.tokenizer_backend == "remote" and lm.tokenized_requests
-    out = evaluate(lm, tasks, ["mii_capitals"])
+    extra = {"repetition_penalty": 1.5, "min_p": 0.05}
+    gen_kwargs = ",".join(f"{k}={v}" for k, v in extra.items())  # as on lm_eval's command line
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["mii_capitals", "mii_answers"],
+        task_manager=tasks,
+        log_samples=True,
+        gen_kwargs=gen_kwargs,
+    )
     assert out["results"]["mii_capitals"]["acc,none"] == 1.0
     for sample in out["samples"]["mii_capitals"]:
         for (context, continuation), [(ll, is_greedy)] in zip(sample["arguments"], sample["resps"]):
             expected, expected_greedy = loglikelihood(server, context, continuation)
             # Scored in a batch of 4 prompts: the same math in other matmul shapes.
             assert math.isclose(ll, expected, abs_tol=1e-4) and is_greedy == expected_greedy
+    changed = False
+    for sample in out["samples"]["mii_answers"]:
+        [(context, options)] = sample["arguments"]
+        assert options == {"until": UNTIL, "max_gen_toks": MAX_GEN_TOKS, **extra}
+        ids = server.tokenize(context)
+        options = dict(max_new_tokens=MAX_GEN_TOKS, stop=UNTIL)
+        expected = greedy(server, ids, **options, **extra).generated_text
+        assert sample["resps"] == [[expected]]
+        changed |= expected != greedy(server, ids, **options).generated_text
+    assert changed  # the options made a difference
 
 
 def test_tokenizer_info(server):
