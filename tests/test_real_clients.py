@@ -1,7 +1,8 @@
 """Real clients that nobody on this project wrote, against a real ``mii serve`` on
 loopback (issue 16, item 8): lm-evaluation-harness's ``local-completions`` (its
 default tokenized mode: token-id prompts, ``echo`` + ``logprobs`` for loglikelihoods),
-LangChain's ``ChatOpenAI`` and ``OpenAI``, and the ``openai`` SDK where the other
+LangChain's ``ChatOpenAI`` and ``OpenAI``, litellm's pass-through of vLLM's
+options, and the ``openai`` SDK where the other
 serving tests leave gaps (token-id prompts with echo, options while streaming,
 ``/tokenizer_info``).
 
@@ -315,6 +316,41 @@ def test_langchain_chat_and_completions(server):
     logprobs = generation.generation_info["logprobs"]
     assert "".join(logprobs["tokens"]) == generation.text == text[: len(generation.text)]
     assert len(logprobs["token_logprobs"]) == 4
+
+
+def test_litellm_passes_vllm_options_through(server, monkeypatch):
+    """litellm's ``openai/`` provider: vLLM's sampling options and chat template
+    options given as keyword arguments reach the engine (the answer is the chat
+    route's with the same options); OpenAI's storage fields are accepted."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download at import
+    litellm = pytest.importorskip("litellm", reason="pip install -e '.[clients]'")
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    extra = {"min_p": 0.1, "repetition_penalty": 1.3}
+    common = dict(
+        model=f"openai/{server.name}",
+        api_base=f"{server.url}/v1",
+        api_key="none",
+        messages=messages,
+        temperature=0,
+        max_tokens=MAX_GEN_TOKS,
+    )
+    answer = litellm.completion(
+        **common,
+        **extra,
+        chat_template_kwargs={"enable_thinking": False},
+        store=False,
+        metadata={"run": "ci"},
+    )
+    text = answer.choices[0].message.content
+    oai = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    chat = dict(model=server.name, messages=messages, temperature=0, max_tokens=MAX_GEN_TOKS)
+    expected = oai.chat.completions.create(**chat, extra_body=extra).choices[0].message.content
+    plain = oai.chat.completions.create(**chat).choices[0].message.content
+    oai.close()
+    assert text == expected != plain
+    pieces = litellm.completion(**common, **extra, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces) == text
 
 
 # ----- the openai SDK: what the other serving tests leave out --------------------------
