@@ -223,6 +223,7 @@ def test_prompt_logprobs_without_new_tokens(tiny, tokenizer, tmp_path, monkeypat
     assert (response.generated_text, response.generated_length) == ("", 0)
     assert response.token_ids == [] and response.finish_reason == "length"
     ids = tokenizer(PROMPTS[2]).input_ids
+    assert response.prompt_token_ids == ids  # what echo names the scored tokens by
     expected = hf_logprobs(hf_model, ids)
     assert response.prompt_logprobs[0] is None
     for j in range(1, len(ids)):

@@ -109,6 +109,8 @@ class OutputProcessor:
                 "length",
                 seq.request_id,
                 prompt_logprobs=prompt_logprobs,
+                # OpenAI's echo shows these tokens' texts (with max_tokens 0 too).
+                prompt_token_ids=list(seq.prompt_token_ids),
             )
         generated = slot + 1 - seq.prompt_len  # later tokens may already be pending
         state.unsent_ids.append(token)

@@ -7,7 +7,7 @@ Routes (every request goes through the same ``ReplicaPool`` as the gRPC balancer
   ``generated_length``, ``finish_reason``, ``token_ids``).
 - ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``: the
   OpenAI-compatible API (see :mod:`mii.rpc.http.openai_routes`).
-- ``POST /tokenize``, ``POST /detokenize``: vLLM's tokenizer routes
+- ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``: vLLM's tokenizer routes
   (:mod:`mii.rpc.http.tokenize_routes`).
 - ``GET /health``: 200 ``{"status": "ok", ...}`` while a replica is healthy, else 503
   (``unavailable``, or ``draining`` while the deployment shuts down); ``replicas``

@@ -74,7 +74,7 @@ def api_error(err: BaseException) -> ApiError:
 
 
 # vLLM's routes outside /v1 (mii.rpc.http.tokenize_routes): OpenAI's error shape too.
-OPENAI_STYLE_PATHS = ("/tokenize", "/detokenize")
+OPENAI_STYLE_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def is_openai_path(path: str) -> bool:

@@ -1,4 +1,4 @@
-"""``POST /tokenize`` and ``POST /detokenize``, shaped as vLLM's.
+"""``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info``, shaped as vLLM's.
 
 - ``/tokenize`` takes ``prompt`` (a text; ``add_special_tokens``, default true: the
   ids the engine makes of that text as a completions prompt) or ``messages`` (a
@@ -11,10 +11,16 @@
 - ``/detokenize`` takes ``tokens`` (ids in the tokenizer's vocabulary) and
   answers ``{"prompt": text}``, decoded as the tokenizer decodes (special tokens
   kept, as vLLM does).
+- ``/tokenizer_info`` answers the tokenizer's configuration as vLLM's does
+  (``tokenizer_class``, ``bos_token``, ``eos_token``, ``pad_token``,
+  ``unk_token``, ``chat_template``, ``model_max_length``): with it and
+  ``/tokenize``, lm-evaluation-harness's ``local-completions`` tokenizes through
+  the server (its ``tokenizer_backend=auto`` probes both), so it needs no local
+  copy of the tokenizer (a GGUF file, or a hub that cannot be reached).
 
-Both run in the gateway, with the deployment's tokenizer, in a worker thread
-(a long text or a long list of ids takes a while). Errors have OpenAI's shape;
-bad input is a 400 naming the field.
+They run in the gateway, with the deployment's tokenizer; the first two in a
+worker thread (a long text or a long list of ids takes a while). Errors have
+OpenAI's shape; bad input is a 400 naming the field.
 
 The route functions carry no return annotation and no docstring on purpose:
 FastAPI would validate answers against the one and publish the other in
@@ -162,3 +168,23 @@ async def create_detokenize(body: DetokenizeRequest, request: Request):
     state = get_state(request)
     check_model(state, body.model)
     return {"prompt": await run_off_loop(_detokenize, state.tokenizer, body.tokens)}
+
+
+def tokenizer_info(tokenizer, max_model_len: int) -> dict[str, Any]:
+    """vLLM's ``/tokenizer_info`` answer: the tokenizer's class, its special tokens
+    (text, or None) and chat template (None without one: the fallback of
+    :mod:`mii.rpc.http.chat` is no template), and the deployment's maximum
+    sequence length. Named fields only: no file paths of the tokenizer's config."""
+    info: dict[str, Any] = {"tokenizer_class": type(tokenizer).__name__}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        token = getattr(tokenizer, name, None)
+        info[name] = None if token is None else str(token)
+    info["chat_template"] = getattr(tokenizer, "chat_template", None)
+    info["model_max_length"] = max_model_len
+    return info
+
+
+@router.get("/tokenizer_info")
+async def get_tokenizer_info(request: Request):
+    state = get_state(request)
+    return tokenizer_info(state.tokenizer, state.max_length)
