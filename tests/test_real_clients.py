@@ -67,13 +67,7 @@ def start_mii_serve(model: str, name: str) -> tuple[subprocess.Popen, str]:
     and the HTTP API's base URL once the deployment is ready. The one place that
     knows ``mii serve``'s port flags."""
     http_port = free_port()
-    ports = [
-        "--enable-restful-api",
-        "--restful-api-port",
-        str(http_port),
-        "--port",
-        str(free_port()),
-    ]
+    ports = ["--port", str(http_port), "--grpc-port", str(free_port())]
     process = subprocess.Popen(
         [sys.executable, "-m", "mii", "serve", model, "--deployment-name", name, *ports],
         stdout=subprocess.DEVNULL,
