@@ -153,6 +153,8 @@ def test_identical_prompts_arriving_together_are_computed_once():
     # The prompt once (21 tokens), then only each copy's last token.
     assert computed == 21 + 2
     assert [s.num_cached_tokens for s in copies] == [0, 20, 20]
+    # each admission counted once, however many passes a copy waited
+    assert (sched.blocks.query_tokens, sched.blocks.hit_tokens) == (3 * 21, 40)
 
 
 def test_a_preempted_sequence_recomputes_from_the_cache():

@@ -158,9 +158,13 @@ class BlockManager:
         seq.block_table = attached
         seq.num_registered_blocks = len(attached)
         seq.num_computed = len(attached) * self.block_size
-        self.query_tokens += seq.num_tokens
-        self.hit_tokens += seq.num_computed
         return seq.num_computed
+
+    def count_lookup(self, seq: Sequence) -> None:
+        """Count an admitted sequence's lookup (its tokens, and those it found)."""
+        if self.prefix_caching:
+            self.query_tokens += seq.num_tokens
+            self.hit_tokens += seq.num_computed
 
     def unregistered_hashes(self, seq: Sequence) -> list[bytes]:
         """Hashes of ``seq``'s full blocks of known tokens that are not registered yet:

@@ -175,6 +175,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._admit(seq)
+            self.blocks.count_lookup(seq)
             self.blocks.allocate(seq, fits)
             add_chunk(seq, fits)
             if computing is not None:
