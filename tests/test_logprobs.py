@@ -372,3 +372,32 @@ def test_openai_chat_logprobs(served):
         with pytest.raises(openai.BadRequestError) as err:
             oai.chat.completions.create(**{**chat, **bad})
         assert "top_logprobs" in str(err.value)
+
+
+def test_an_aborted_requests_prompt_scores_never_reach_a_new_request_of_its_id(
+    tiny, tmp_path, monkeypatch
+):
+    """Async scheduling: a request aborted while its prompt chunk is in flight, and
+    its id reused at once; the pass's scores of the old prompt are dropped."""
+    from mii.config import EngineConfig, GenerateParams
+    from mii.engine.core import EngineCore
+
+    path, _ = tiny
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    config = EngineConfig.parse(
+        path, device="cpu", async_scheduling=True, token_budget=8, kv_block_size=4
+    )
+    core = EngineCore(config)
+    params = GenerateParams.parse(do_sample=False, max_new_tokens=2, prompt_logprobs=1)
+    core.add(core.make_sequence("x", PROMPTS[2], params))
+    core.step()  # the first 8-token chunk of "x" is in flight
+    core.abort("x")
+    seq = core.make_sequence("x", PROMPTS[1], params)
+    core.add(seq)
+    pieces = []
+    while core.has_work():
+        pieces.extend(o.piece for o in core.step())
+    scored = pieces[0].prompt_logprobs
+    assert len(scored) == seq.prompt_len
+    assert [e.token_id for e in scored[1:]] == seq.prompt_token_ids[1:]
+    core.release()

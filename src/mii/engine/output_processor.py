@@ -78,7 +78,9 @@ class OutputProcessor:
         rows = logprobs.as_lists()
         row = 0
         for seq, span in spans:
-            state = self._requests.get(seq.request_id)  # None: ended meanwhile
+            # An ended request's scores are dropped: its id may already name a new
+            # request (aborted while the pass ran, then reused).
+            state = None if seq.is_finished else self._requests.get(seq.request_id)
             if state is not None and state.prompt_logprobs is not None:
                 k = seq.params.prompt_logprobs
                 state.prompt_logprobs.extend(
