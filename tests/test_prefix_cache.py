@@ -157,6 +157,21 @@ def test_identical_prompts_arriving_together_are_computed_once():
     assert (sched.blocks.query_tokens, sched.blocks.hit_tokens) == (3 * 21, 40)
 
 
+def test_requests_behind_one_waiting_for_a_prefix_are_not_held_up():
+    sched = Scheduler(BlockManager(64, BLOCK, prefix_caching=True), 20, 8)
+    prompt = list(range(10, 41))  # 31 tokens: two passes of prefill (20 + 11)
+    first, twin, other = make_seq("a", prompt), make_seq("b", prompt), make_seq("c", [5, 6, 7])
+    sched.add(first)
+    step(sched)  # a: 20 of 31
+    sched.add(twin)
+    sched.add(other)
+    scheduled = step(sched)  # b waits for a's blocks; c, unrelated, goes ahead of it
+    assert other in scheduled and twin not in scheduled
+    while sched.has_work():
+        step(sched)
+    assert twin.num_cached_tokens == 28
+
+
 def test_a_preempted_sequence_recomputes_from_the_cache():
     sched = Scheduler(BlockManager(7, BLOCK, prefix_caching=True), 16, 4)
     old = make_seq("old", range(10, 22), max_new_tokens=12)  # 12 + 12 tokens: 6 blocks

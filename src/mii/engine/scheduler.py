@@ -21,6 +21,7 @@ arrival), so the scheduler never deadlocks.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mii.engine.kv_cache import BlockManager
@@ -149,38 +150,52 @@ class Scheduler:
         )
         # After a preemption the pool is known to be full; admitting now would only
         # hand the freed blocks to a newcomer and thrash.
-        while (
-            not out.preempted
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.max_num_seqs
-        ):
-            seq = self.waiting[0]
+        if not out.preempted:
+            self._admit_waiting(budget, computing, add_chunk)
+        return out
+
+    def _admit_waiting(
+        self,
+        budget: int,
+        computing: set[bytes] | None,
+        add_chunk: Callable[[Sequence, int], None],
+    ) -> None:
+        """Admit waiting sequences in order (preempted ones first) while ``budget``, the
+        sequence cap and the pool allow, each with a chunk (``add_chunk``). A sequence whose
+        next prompt block is being computed by another (``computing``, prefix
+        caching) is passed over, not waited behind: it joins once that block is cached."""
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
             if self.rope_recompute_at is not None:
                 self._outgrow_rope(seq)
             cached = self.blocks.attach_prefix(seq)  # prefix caching: skip what is cached
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = cached
-            fits = self.blocks.tokens_that_fit(seq, min(seq.num_uncomputed, budget))
-            waits_for_prefix = (
+            if (
                 computing is not None
                 and seq.params.prompt_logprobs is None
                 and self.blocks.next_block_hash(seq) in computing
-            )
-            if fits == 0 or waits_for_prefix:
-                self.blocks.free(seq)  # (the attached prefix, if any)
-                seq.num_computed = 0
-                # the pool is full (admission never preempts running sequences), or
-                # its prefix is being computed: admitted once that is cached
-                break
-            self.waiting.popleft()
+            ):
+                self._detach(seq)
+                continue
+            fits = self.blocks.tokens_that_fit(seq, min(seq.num_uncomputed, budget))
+            if fits == 0:
+                self._detach(seq)
+                break  # the pool is full; admission never preempts running sequences
+            self.waiting.remove(seq)
             self._admit(seq)
             self.blocks.count_lookup(seq)
             self.blocks.allocate(seq, fits)
             add_chunk(seq, fits)
+            budget -= fits
             if computing is not None:
                 computing.update(self.blocks.unregistered_hashes(seq))
-        return out
+
+    def _detach(self, seq: Sequence) -> None:
+        """A waiting sequence stays waiting: drop the cached prefix it attached."""
+        self.blocks.free(seq)
+        seq.num_computed = 0
 
     def _prefixes_in_flight(self) -> set[bytes]:
         """Hashes of the full blocks that running sequences hold (or will) but have
