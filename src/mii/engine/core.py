@@ -358,8 +358,10 @@ class EngineCore:
             k = seq.params.logprobs
             logprob = logprobs.entry(row, token, k) if k is not None else None
             try:
-                grammar_done = seq.grammar is not None and grammar_mask.accept(seq, token)
-                piece = process_token(seq, token, slot, logprob, grammar_done)
+                if seq.grammar is not None and grammar_mask.accept(seq, token):
+                    piece = process_token(seq, token, slot, logprob, grammar_done=True)
+                else:
+                    piece = process_token(seq, token, slot, logprob)
                 if piece.finish_reason is not None:
                     stamp_times(piece, seq)
                 outputs.append(StepOutput(seq.request_id, piece))
