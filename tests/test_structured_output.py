@@ -216,6 +216,15 @@ def test_grammars_compile_off_the_event_loop_and_are_cached(checkpoints, monkeyp
     assert on_loop == [False]  # compiled once, in a worker thread, then cached
 
 
+def test_without_xgrammar_the_error_says_how_to_get_it(engine, monkeypatch):
+    import mii.engine.constraints as constraints
+
+    monkeypatch.setattr(constraints, "_xgrammar", lambda: None)
+    with pytest.raises(InvalidRequestError, match=r"mii\[structured\]") as caught:
+        run(engine.generate([PROMPTS[0]], regex="never-compiled-[a-z]", max_new_tokens=4))
+    assert caught.value.field == "regex"
+
+
 def test_the_cache_is_bounded(tokenizer):
     cache = GrammarCache(tokenizer, len(tokenizer), [tokenizer.eos_token_id], entries=3)
     for i in range(5):

@@ -140,6 +140,10 @@ def test_vllm_fields(served):
         ({"structured_outputs": {"json": SCHEMA}}, lambda t: valid(t, SCHEMA)),
         ({"structured_outputs": {"regex": REGEX}}, matches(REGEX)),
         ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+        (  # vLLM's backend hint: accepted, no effect
+            {"guided_choice": ["on", "off"], "guided_decoding_backend": "xgrammar"},
+            lambda t: t in ("on", "off"),
+        ),
     ]
     for extra, check in cases:
         completion = served.oai.completions.create(

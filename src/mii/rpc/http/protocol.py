@@ -106,6 +106,9 @@ class OpenAIRequest(SpecificationFields):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     structured_outputs: dict[str, Any] | None = None
+    # vLLM's backend hints for the above: accepted, no effect (mii has one backend)
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class CompletionRequest(OpenAIRequest):
