@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from mii.constraint_options import ConstraintOptions
 from mii.errors import InvalidRequestError
 from mii.sampling_options import LogitsOptions
 
@@ -60,9 +61,11 @@ def _raise_from_pydantic(err: ValidationError, what: str) -> None:
 OPTION_ALIASES = {"min_tokens": "min_new_tokens"}
 
 
-class GenerateParams(LogitsOptions):
+class GenerateParams(LogitsOptions, ConstraintOptions):
     """Per-request generation options (README.md, "Generation options"); the logits
-    processors' options (penalties, min_p, logit_bias, ...) come from LogitsOptions."""
+    processors' options (penalties, min_p, logit_bias, ...) come from LogitsOptions,
+    the structured-output ones (json_schema, regex, choice, grammar) from
+    ConstraintOptions."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

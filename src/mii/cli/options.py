@@ -54,6 +54,12 @@ SAMPLING_OPTIONS = (
     "frequency_penalty",
     "logit_bias",
     "skip_special_tokens",
+    # structured output (mii.constraint_options): at most one of them
+    "json_schema",
+    "regex",
+    "choice",
+    "grammar",
+    "json_object",
 )
 DEPLOYMENT_OPTIONS = (
     "deployment_name",

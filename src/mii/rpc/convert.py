@@ -22,7 +22,7 @@ UNLIMITED_MESSAGES = (
 MAX_PROMPTS = 1024
 
 # Options that are not one scalar field of GenerationOptions each.
-_LIST_OPTIONS = ("stop", "stop_token_ids", "logit_bias")
+_LIST_OPTIONS = ("stop", "stop_token_ids", "logit_bias", "choice")
 _SCALAR_OPTIONS = [name for name in GenerateParams.model_fields if name not in _LIST_OPTIONS]
 
 
@@ -38,6 +38,8 @@ def options_to_proto(params: dict[str, Any]) -> mii_pb2.GenerationOptions:
             options.stop_token_ids.extend(value)
         elif name == "logit_bias":
             options.logit_bias.update(value)
+        elif name == "choice":
+            options.choice.extend(value)
         else:
             setattr(options, name, value)
     return options
@@ -54,6 +56,8 @@ def options_from_proto(options: mii_pb2.GenerationOptions) -> dict[str, Any]:
         params["stop_token_ids"] = list(options.stop_token_ids)
     if options.logit_bias:
         params["logit_bias"] = dict(options.logit_bias)
+    if options.choice:
+        params["choice"] = list(options.choice)
     if options.HasField("min_tokens"):  # other clients' name of min_new_tokens
         params["min_tokens"] = options.min_tokens
     return params

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11mii/rpc/mii.proto\x12\x03mii\"\xd8\x07\n\x11GenerationOptions\x12\x17\n\nmax_length\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nignore_eos\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12\x1d\n\x10return_full_text\x18\t \x01(\x08H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x11\n\x04seed\x18\x0b \x01(\x04H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x03H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x03H\x0b\x88\x01\x01\x12\x1a\n\rlogprobs_mode\x18\x0e \x01(\tH\x0c\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x14 \x01(\x01H\r\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x15 \x01(\x01H\x0e\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x16 \x01(\x01H\x0f\x88\x01\x01\x12\x12\n\x05min_p\x18\x17 \x01(\x01H\x10\x88\x01\x01\x12\x39\n\nlogit_bias\x18\x18 \x03(\x0b\x32%.mii.GenerationOptions.LogitBiasEntry\x12\x16\n\x0estop_token_ids\x18\x19 \x03(\x03\x12\x17\n\nmin_tokens\x18\x1a \x01(\x03H\x11\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x1b \x01(\x08H\x12\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_lengthB\x11\n\x0f_min_new_tokensB\x11\n\x0f_max_new_tokensB\r\n\x0b_ignore_eosB\x08\n\x06_top_pB\x08\n\x06_top_kB\x0e\n\x0c_temperatureB\x0c\n\n_do_sampleB\x13\n\x11_return_full_textB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x10\n\x0e_logprobs_modeB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x16\n\x14_skip_special_tokens\"n\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\'\n\x07options\x18\x02 \x01(\x0b\x32\x16.mii.GenerationOptions\x12!\n\nprompt_ids\x18\x03 \x03(\x0b\x32\r.mii.TokenIds\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xe0\x02\n\x05Piece\x12\x16\n\x0egenerated_text\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x03\x12\x18\n\x10generated_length\x18\x03 \x01(\x03\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x03\x12#\n\x08logprobs\x18\x06 \x03(\x0b\x32\x11.mii.TokenLogprob\x12*\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x11.mii.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x03\x12\x15\n\rcached_tokens\x18\t \x01(\x03\x12\x19\n\x0cqueue_time_s\x18\x14 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12\x66irst_token_time_s\x18\x15 \x01(\x01H\x01\x88\x01\x01\x42\x0f\n\r_queue_time_sB\x15\n\x13_first_token_time_s\"i\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07top_ids\x18\x03 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x01\x42\n\n\x08_logprob\".\n\rGenerateReply\x12\x1d\n\tresponses\x18\x01 \x03(\x0b\x32\n.mii.Piece\"\x12\n\x10ModelInfoRequest\"^\n\x0eModelInfoReply\x12\x17\n\x0f\x64\x65ployment_name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x03\"\x0e\n\x0cStatsRequest\"\x94\x02\n\nStatsReply\x12\x0f\n\x07running\x18\x01 \x01(\x03\x12\x0f\n\x07waiting\x18\x02 \x01(\x03\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x04 \x01(\x03\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x14 \x01(\x03\x12\x19\n\x11generation_tokens\x18\x15 \x01(\x03\x12\x11\n\tkv_blocks\x18\x16 \x01(\x03\x12\x15\n\rkv_block_size\x18\x17 \x01(\x03\x12\x12\n\nmax_length\x18\x18 \x01(\x03\x12\x0e\n\x06status\x18\n \x01(\t\x12$\n\x08replicas\x18\x0b \x03(\x0b\x32\x12.mii.ReplicaHealth\"p\n\rReplicaHealth\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08restarts\x18\x04 \x01(\x05\x12\x0b\n\x03pid\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x03\"\x12\n\x10TerminateRequest\"\x10\n\x0eTerminateReply2\x90\x02\n\x03Mii\x12\x34\n\x08Generate\x12\x14.mii.GenerateRequest\x1a\x12.mii.GenerateReply\x12\x34\n\x0eGenerateStream\x12\x14.mii.GenerateRequest\x1a\n.mii.Piece0\x01\x12\x37\n\tModelInfo\x12\x15.mii.ModelInfoRequest\x1a\x13.mii.ModelInfoReply\x12+\n\x05Stats\x12\x11.mii.StatsRequest\x1a\x0f.mii.StatsReply\x12\x37\n\tTerminate\x12\x15.mii.TerminateRequest\x1a\x13.mii.TerminateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11mii/rpc/mii.proto\x12\x03mii\"\xfc\x08\n\x11GenerationOptions\x12\x17\n\nmax_length\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x1b\n\x0emin_new_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nignore_eos\x18\x04 \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x18\n\x0btemperature\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x16\n\tdo_sample\x18\x08 \x01(\x08H\x07\x88\x01\x01\x12\x1d\n\x10return_full_text\x18\t \x01(\x08H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x11\n\x04seed\x18\x0b \x01(\x04H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x03H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x03H\x0b\x88\x01\x01\x12\x1a\n\rlogprobs_mode\x18\x0e \x01(\tH\x0c\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x14 \x01(\x01H\r\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x15 \x01(\x01H\x0e\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x16 \x01(\x01H\x0f\x88\x01\x01\x12\x12\n\x05min_p\x18\x17 \x01(\x01H\x10\x88\x01\x01\x12\x39\n\nlogit_bias\x18\x18 \x03(\x0b\x32%.mii.GenerationOptions.LogitBiasEntry\x12\x16\n\x0estop_token_ids\x18\x19 \x03(\x03\x12\x17\n\nmin_tokens\x18\x1a \x01(\x03H\x11\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x1b \x01(\x08H\x12\x88\x01\x01\x12\x18\n\x0bjson_schema\x18( \x01(\tH\x13\x88\x01\x01\x12\x12\n\x05regex\x18) \x01(\tH\x14\x88\x01\x01\x12\x0e\n\x06\x63hoice\x18* \x03(\t\x12\x14\n\x07grammar\x18+ \x01(\tH\x15\x88\x01\x01\x12\x18\n\x0bjson_object\x18, \x01(\x08H\x16\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_lengthB\x11\n\x0f_min_new_tokensB\x11\n\x0f_max_new_tokensB\r\n\x0b_ignore_eosB\x08\n\x06_top_pB\x08\n\x06_top_kB\x0e\n\x0c_temperatureB\x0c\n\n_do_sampleB\x13\n\x11_return_full_textB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x10\n\x0e_logprobs_modeB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x16\n\x14_skip_special_tokensB\x0e\n\x0c_json_schemaB\x08\n\x06_regexB\n\n\x08_grammarB\x0e\n\x0c_json_object\"n\n\x0fGenerateRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\'\n\x07options\x18\x02 \x01(\x0b\x32\x16.mii.GenerationOptions\x12!\n\nprompt_ids\x18\x03 \x03(\x0b\x32\r.mii.TokenIds\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xe0\x02\n\x05Piece\x12\x16\n\x0egenerated_text\x18\x01 \x01(\t\x12\x15\n\rprompt_length\x18\x02 \x01(\x03\x12\x18\n\x10generated_length\x18\x03 \x01(\x03\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x11\n\ttoken_ids\x18\x05 \x03(\x03\x12#\n\x08logprobs\x18\x06 \x03(\x0b\x32\x11.mii.TokenLogprob\x12*\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x11.mii.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x03\x12\x15\n\rcached_tokens\x18\t \x01(\x03\x12\x19\n\x0cqueue_time_s\x18\x14 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x12\x66irst_token_time_s\x18\x15 \x01(\x01H\x01\x88\x01\x01\x42\x0f\n\r_queue_time_sB\x15\n\x13_first_token_time_s\"i\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07top_ids\x18\x03 \x03(\x03\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x01\x42\n\n\x08_logprob\".\n\rGenerateReply\x12\x1d\n\tresponses\x18\x01 \x03(\x0b\x32\n.mii.Piece\"\x12\n\x10ModelInfoRequest\"^\n\x0eModelInfoReply\x12\x17\n\x0f\x64\x65ployment_name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x03\"\x0e\n\x0cStatsRequest\"\x94\x02\n\nStatsReply\x12\x0f\n\x07running\x18\x01 \x01(\x03\x12\x0f\n\x07waiting\x18\x02 \x01(\x03\x12\x16\n\x0ekv_cache_usage\x18\x03 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x04 \x01(\x03\x12\x11\n\tin_flight\x18\x05 \x01(\x03\x12\x15\n\rprompt_tokens\x18\x14 \x01(\x03\x12\x19\n\x11generation_tokens\x18\x15 \x01(\x03\x12\x11\n\tkv_blocks\x18\x16 \x01(\x03\x12\x15\n\rkv_block_size\x18\x17 \x01(\x03\x12\x12\n\nmax_length\x18\x18 \x01(\x03\x12\x0e\n\x06status\x18\n \x01(\t\x12$\n\x08replicas\x18\x0b \x03(\x0b\x32\x12.mii.ReplicaHealth\"p\n\rReplicaHealth\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x10\n\x08restarts\x18\x04 \x01(\x05\x12\x0b\n\x03pid\x18\x05 \x01(\x03\x12\x11\n\tin_flight\x18\x06 \x01(\x03\"\x12\n\x10TerminateRequest\"\x10\n\x0eTerminateReply2\x90\x02\n\x03Mii\x12\x34\n\x08Generate\x12\x14.mii.GenerateRequest\x1a\x12.mii.GenerateReply\x12\x34\n\x0eGenerateStream\x12\x14.mii.GenerateRequest\x1a\n.mii.Piece0\x01\x12\x37\n\tModelInfo\x12\x15.mii.ModelInfoRequest\x1a\x13.mii.ModelInfoReply\x12+\n\x05Stats\x12\x11.mii.StatsRequest\x1a\x0f.mii.StatsReply\x12\x37\n\tTerminate\x12\x15.mii.TerminateRequest\x1a\x13.mii.TerminateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATIONOPTIONS']._serialized_start=27
-  _globals['_GENERATIONOPTIONS']._serialized_end=1011
-  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_start=649
-  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_end=697
-  _globals['_GENERATEREQUEST']._serialized_start=1013
-  _globals['_GENERATEREQUEST']._serialized_end=1123
-  _globals['_TOKENIDS']._serialized_start=1125
-  _globals['_TOKENIDS']._serialized_end=1148
-  _globals['_PIECE']._serialized_start=1151
-  _globals['_PIECE']._serialized_end=1503
-  _globals['_TOKENLOGPROB']._serialized_start=1505
-  _globals['_TOKENLOGPROB']._serialized_end=1610
-  _globals['_GENERATEREPLY']._serialized_start=1612
-  _globals['_GENERATEREPLY']._serialized_end=1658
-  _globals['_MODELINFOREQUEST']._serialized_start=1660
-  _globals['_MODELINFOREQUEST']._serialized_end=1678
-  _globals['_MODELINFOREPLY']._serialized_start=1680
-  _globals['_MODELINFOREPLY']._serialized_end=1774
-  _globals['_STATSREQUEST']._serialized_start=1776
-  _globals['_STATSREQUEST']._serialized_end=1790
-  _globals['_STATSREPLY']._serialized_start=1793
-  _globals['_STATSREPLY']._serialized_end=2069
-  _globals['_REPLICAHEALTH']._serialized_start=2071
-  _globals['_REPLICAHEALTH']._serialized_end=2183
-  _globals['_TERMINATEREQUEST']._serialized_start=2185
-  _globals['_TERMINATEREQUEST']._serialized_end=2203
-  _globals['_TERMINATEREPLY']._serialized_start=2205
-  _globals['_TERMINATEREPLY']._serialized_end=2221
-  _globals['_MII']._serialized_start=2224
-  _globals['_MII']._serialized_end=2496
+  _globals['_GENERATIONOPTIONS']._serialized_end=1175
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_start=759
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_end=807
+  _globals['_GENERATEREQUEST']._serialized_start=1177
+  _globals['_GENERATEREQUEST']._serialized_end=1287
+  _globals['_TOKENIDS']._serialized_start=1289
+  _globals['_TOKENIDS']._serialized_end=1312
+  _globals['_PIECE']._serialized_start=1315
+  _globals['_PIECE']._serialized_end=1667
+  _globals['_TOKENLOGPROB']._serialized_start=1669
+  _globals['_TOKENLOGPROB']._serialized_end=1774
+  _globals['_GENERATEREPLY']._serialized_start=1776
+  _globals['_GENERATEREPLY']._serialized_end=1822
+  _globals['_MODELINFOREQUEST']._serialized_start=1824
+  _globals['_MODELINFOREQUEST']._serialized_end=1842
+  _globals['_MODELINFOREPLY']._serialized_start=1844
+  _globals['_MODELINFOREPLY']._serialized_end=1938
+  _globals['_STATSREQUEST']._serialized_start=1940
+  _globals['_STATSREQUEST']._serialized_end=1954
+  _globals['_STATSREPLY']._serialized_start=1957
+  _globals['_STATSREPLY']._serialized_end=2233
+  _globals['_REPLICAHEALTH']._serialized_start=2235
+  _globals['_REPLICAHEALTH']._serialized_end=2347
+  _globals['_TERMINATEREQUEST']._serialized_start=2349
+  _globals['_TERMINATEREQUEST']._serialized_end=2367
+  _globals['_TERMINATEREPLY']._serialized_start=2369
+  _globals['_TERMINATEREPLY']._serialized_end=2385
+  _globals['_MII']._serialized_start=2388
+  _globals['_MII']._serialized_end=2660
 # @@protoc_insertion_point(module_scope)

@@ -19,9 +19,12 @@ OpenAI options map onto mii's generation options as follows:
 - chat only: ``chat_template_kwargs``, ``add_generation_prompt`` and
   ``continue_final_message`` shape the prompt (:mod:`mii.rpc.http.chat`).
 - ``n`` and ``seed`` are handled per choice (:mod:`mii.rpc.http.choices`).
+- ``response_format`` (json_object, json_schema) and vLLM's ``guided_json``,
+  ``guided_regex``, ``guided_choice``, ``guided_grammar``, ``structured_outputs``
+  -> the constraint options (:mod:`mii.rpc.http.structured`).
 
 Options the engine cannot honour (``suffix``, ``best_of`` other than ``n``,
-tools, non-text response formats) are refused with 400 naming them, never
+tools, other response formats) are refused with 400 naming them, never
 silently ignored. Fields that change nothing generated (``user``, ``store``,
 ...) are accepted and ignored with a logged warning: :mod:`mii.rpc.http.field_policy`.
 """
@@ -33,6 +36,7 @@ from typing import Any
 from mii.config import GenerateParams
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from mii.rpc.http.structured import structured_field_names, structured_options
 
 
 def refuse_completion(body: CompletionRequest) -> None:
@@ -53,8 +57,6 @@ def refuse_chat(body: ChatCompletionRequest) -> None:
         raise ApiError(400, "tools (function calling) are not supported by this server", "tools")
     if body.tool_choice not in (None, "none", "auto"):
         raise ApiError(400, "tool_choice is not supported by this server", "tool_choice")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise ApiError(400, "only the 'text' response_format is supported", "response_format")
 
 
 def _refuse_common(body: OpenAIRequest) -> None:
@@ -91,6 +93,7 @@ def generation_options(
     if body.logprobs_mode is not None:
         params["logprobs_mode"] = body.logprobs_mode
     params.update(_logits_options(body))
+    params.update(structured_options(body))  # json_schema, regex, choice, grammar
     GenerateParams.parse(**params)  # InvalidRequestError names the (mii) field
     return params
 
@@ -133,6 +136,7 @@ def _logits_options(body: OpenAIRequest) -> dict[str, Any]:
 def openai_field_names(body: OpenAIRequest, chat: bool) -> dict[str, str]:
     """mii's option name -> the OpenAI field the request set it with (for errors)."""
     renames = {"min_new_tokens": "min_tokens", "max_new_tokens": "max_tokens"}
+    renames.update(structured_field_names(body))  # json_schema -> response_format, ...
     if chat:
         renames["prompt"] = "messages"
         renames["logprobs"] = "top_logprobs"

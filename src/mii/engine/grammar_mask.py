@@ -1,0 +1,94 @@
+"""Per-sequence grammar matchers and the allowed-token mask of a batch.
+
+A constrained sequence carries an xgrammar ``GrammarMatcher`` (``Sequence.grammar``)
+for its compiled constraint (``engine/constraints.py``). Before sampling, each
+constrained row's matcher writes the row's allowed tokens into a packed int32
+bitmask [S_constrained, ceil(V/32)]; that is uploaded once and applied on the
+device to those rows only, before greedy argmax and sampling
+(``engine/sampler.py``). After the pass, each sampled token is fed to its
+matcher (``accept``, from ``EngineCore._resolve``), exactly once per token:
+preemption recomputes a sequence's KV but samples no token it already has, so
+its matcher stays valid across it.
+
+Async scheduling: the mask of pass N+1 needs the tokens of pass N on the host.
+``EngineCore._launch`` queues N+1's forward, then reads N back (which waits for
+N only) and advances the matchers, and only then builds the masks and queues
+N+1's sampling: the host's mask work overlaps N+1's forward on the device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from mii.engine.sequence import Sequence
+from mii.ops.transfer import upload
+
+_BATCH = None  # xgrammar's BatchGrammarMatcher: a thread pool, made on first use
+
+
+def _batch_matcher() -> Any:
+    global _BATCH
+    if _BATCH is None:
+        import xgrammar
+
+        _BATCH = xgrammar.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
+    return _BATCH
+
+
+def new_matcher(compiled: Any) -> Any:
+    """A fresh matcher at the start of ``compiled``'s grammar."""
+    import xgrammar
+
+    return xgrammar.GrammarMatcher(compiled)
+
+
+def any_constrained(seqs: list[Sequence]) -> bool:
+    return any(s.grammar is not None for s in seqs)
+
+
+def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
+    """The logits [S, V] with every token a constrained row's grammar does not allow
+    next set to -inf (ids past the tokenizer's vocabulary included). Rows without
+    a constraint are unchanged. (Out of place: the forward's logits are inference
+    tensors.)"""
+    import xgrammar
+
+    # (a row whose request ended meanwhile, its token to be discarded, is left alone)
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
+    if not rows:
+        return logits
+    bitmask = xgrammar.allocate_token_bitmask(len(rows), vocab_size)  # host, int32
+    matchers = [seqs[i].grammar for i in rows]
+    if len(matchers) == 1:
+        matchers[0].fill_next_token_bitmask(bitmask, 0)
+    else:  # the rows in parallel, on xgrammar's threads (the GIL released)
+        _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask)
+    width = logits.shape[-1]
+    index = None
+    if len(rows) == len(seqs):  # every row constrained
+        constrained = logits.clone()
+    else:  # the constrained rows (xgrammar's rows of mask and logits coincide)
+        (index,) = upload(logits.device, [(rows, torch.int64)])
+        constrained = logits.index_select(0, index)
+    if logits.device.type != "cpu":
+        (bitmask,) = upload(logits.device, [(bitmask.numpy(), torch.int32)])  # one upload
+    xgrammar.apply_token_bitmask_inplace(constrained, bitmask, vocab_size=min(vocab_size, width))
+    if width > vocab_size:  # a padded LM head: no grammar allows those ids
+        constrained[:, vocab_size:] = float("-inf")
+    return constrained if index is None else logits.index_copy(0, index, constrained)
+
+
+def accept(seq: Sequence, token: int) -> bool:
+    """Advance ``seq``'s matcher by its newly sampled ``token``; True when its
+    grammar is now complete (the request ends with finish_reason "stop").
+    RuntimeError if the grammar rejects the token (the mask allowed only its
+    tokens, so that is a bug, reported on this request alone)."""
+    matcher = seq.grammar
+    if not matcher.accept_token(token):
+        raise RuntimeError(
+            f"the grammar of request {seq.request_id} rejected token {token} that its mask allowed"
+        )
+    return matcher.is_terminated()
