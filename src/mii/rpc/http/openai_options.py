@@ -20,8 +20,11 @@ OpenAI options map onto mii's generation options as follows:
   ``continue_final_message`` shape the prompt (:mod:`mii.rpc.http.chat`).
 - ``n`` and ``seed`` are handled per choice (:mod:`mii.rpc.http.choices`).
 
+- chat only: ``tools``, ``tool_choice`` and ``parallel_tool_calls``: see
+  :mod:`mii.rpc.http.tools`.
+
 Options the engine cannot honour (``suffix``, ``best_of`` other than ``n``,
-tools, non-text response formats) are refused with 400 naming them, never
+non-text response formats) are refused with 400 naming them, never
 silently ignored. Fields that change nothing generated (``user``, ``store``,
 ...) are accepted and ignored with a logged warning: :mod:`mii.rpc.http.field_policy`.
 """
@@ -49,10 +52,6 @@ def refuse_chat(body: ChatCompletionRequest) -> None:
     _refuse_common(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    if body.tools:
-        raise ApiError(400, "tools (function calling) are not supported by this server", "tools")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise ApiError(400, "tool_choice is not supported by this server", "tool_choice")
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise ApiError(400, "only the 'text' response_format is supported", "response_format")
 
