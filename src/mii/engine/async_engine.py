@@ -104,9 +104,12 @@ class AsyncEngine:
         consuming task (or closing the iterator) aborts the request; ``abort``
         ends the stream with an empty piece whose ``finish_reason`` is "abort"."""
         prompt = one_prompt(prompt)  # a text or token ids (a tuple of ids too)
+        grammar = await self._compile_constraint(GenerateParams.parse(**params))
         self._admit()
         prompt_ids = await self._tokenize_large(prompt)
-        request_id, queue, seq = self._submit(prompt, request_id, params, prompt_ids=prompt_ids)
+        request_id, queue, seq = self._submit(
+            prompt, request_id, params, prompt_ids=prompt_ids, grammar=grammar
+        )
         prompt_length = seq.prompt_len  # read now: the engine thread owns seq from here
         finished = False
         generated = 0  # tokens delivered so far, for the final piece of an abort
@@ -136,7 +139,8 @@ class AsyncEngine:
         """Generate whole answers for one prompt or a list of prompts, in order. A
         prompt is a text or a list of token ids (``[1, 2, 3]`` is one prompt)."""
         prompts = prompt_batch(prompts)
-        GenerateParams.parse(**params)  # reject bad options before anything is queued
+        # reject bad options (and constraints that do not compile) before anything is queued
+        grammar = await self._compile_constraint(GenerateParams.parse(**params))
         self._admit()  # the whole call, before any of its prompts is queued
         loop = asyncio.get_running_loop()
         submitted: list[tuple[str, _Collector]] = []
@@ -145,7 +149,7 @@ class AsyncEngine:
                 collector = _Collector(loop)
                 prompt_ids = await self._tokenize_large(prompt)
                 request_id, _, _ = self._submit(
-                    prompt, None, params, sink=collector, prompt_ids=prompt_ids
+                    prompt, None, params, sink=collector, prompt_ids=prompt_ids, grammar=grammar
                 )
                 submitted.append((request_id, collector))
             return list(await asyncio.gather(*(c.done for _, c in submitted)))
@@ -214,6 +218,19 @@ class AsyncEngine:
             return None
         return await asyncio.to_thread(self.core.intake.tokenize, prompt)
 
+    async def _compile_constraint(self, params: GenerateParams) -> Any:
+        """The compiled grammar of the request's structured-output constraint (None
+        without one), compiled in a worker thread: a large JSON schema takes long
+        enough to stall every other request if compiled on the event loop.
+        InvalidRequestError naming the option when it does not compile."""
+        if params.constraint is None:
+            return None
+        grammars = self.core.intake.grammars
+        cached = grammars.cached(params.constraint)
+        if cached is not None:
+            return cached
+        return await asyncio.to_thread(grammars.get, params.constraint)
+
     def _admit(self) -> None:
         """ServerOverloadedError when the engine holds ``max_queued_requests``
         requests. ``_queues`` has one entry per request from its submission until
@@ -222,7 +239,13 @@ class AsyncEngine:
             admit(len(self._queues), self.config.max_queued_requests)
 
     def _submit(
-        self, prompt, request_id: str | None, params: dict[str, Any], sink=None, prompt_ids=None
+        self,
+        prompt,
+        request_id: str | None,
+        params: dict[str, Any],
+        sink=None,
+        prompt_ids=None,
+        grammar=None,
     ) -> tuple[str, asyncio.Queue, Any]:
         if self._closed:
             raise EngineClosedError("the engine was closed; create a new one")
@@ -235,7 +258,7 @@ class AsyncEngine:
                 f"request id {request_id!r} is already in use", field="request_id"
             )
         seq = self.core.make_sequence(
-            request_id, prompt, GenerateParams.parse(**params), prompt_ids
+            request_id, prompt, GenerateParams.parse(**params), prompt_ids, grammar
         )
         queue = sink if sink is not None else asyncio.Queue()
         self._queues[request_id] = queue

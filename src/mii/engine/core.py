@@ -21,7 +21,7 @@ import torch
 
 import mii.envs as envs
 from mii.config import EngineConfig, GenerateParams
-from mii.engine import bring_up, heap
+from mii.engine import bring_up, grammar_mask, heap
 from mii.engine.distributed import TensorParallelError
 from mii.engine.intake import RequestIntake
 from mii.engine.kv_cache import BlockManager
@@ -125,7 +125,9 @@ class EngineCore:
             rope_recompute_at=self.model.rope_recompute_at,
         )
         self.runner = ModelRunner(self.model, kv_cache.tensors, config.kv_block_size, self.device)
-        self.intake = RequestIntake(self.tokenizer, self.vocab_size, self.max_length, self.blocks)
+        self.intake = RequestIntake(
+            self.tokenizer, self.vocab_size, self.max_length, self.blocks, loaded.eos_token_ids
+        )
         self.output = OutputProcessor(self.tokenizer, loaded.eos_token_ids)
         self.relay = PassRelay(self.tp, self.runner) if self.tp is not None else None
         self.sequences: dict[str, Sequence] = {}
@@ -196,10 +198,12 @@ class EngineCore:
         prompt: str | list[int],
         params: GenerateParams,
         prompt_ids: list[int] | None = None,
+        grammar=None,
     ) -> Sequence:
         """Tokenize and check one request; raises InvalidRequestError before it is queued.
-        ``prompt_ids``: the text prompt's ids when the caller tokenized it already."""
-        return self.intake.make_sequence(request_id, prompt, params, prompt_ids)
+        ``prompt_ids``: the text prompt's ids when the caller tokenized it already;
+        ``grammar``: its constraint, compiled already (engine/constraints.py)."""
+        return self.intake.make_sequence(request_id, prompt, params, prompt_ids, grammar)
 
     def add(self, seq: Sequence) -> StepOutput | None:
         """Queue a checked sequence. A request for zero new tokens ends at once."""
@@ -254,7 +258,9 @@ class EngineCore:
         pass N, so the host work of both (scheduling, input preparation, output
         processing) overlaps the device's work on N+1. A request that ends at
         pass N (end-of-sequence, a stop string) has then been given one more
-        token in N+1, which is discarded.
+        token in N+1, which is discarded. A pass that samples for a constrained
+        (structured-output) request is resolved at once: the grammar mask of its
+        next pass depends on the token it samples (engine/grammar_mask.py).
         """
         prev, self._in_flight = self._in_flight, None
         outputs: list[StepOutput] = []
@@ -268,7 +274,7 @@ class EngineCore:
             except TensorParallelError as err:  # a rank failed while the pass ran
                 outputs.extend(self._fail(prev.seqs, err))
         if launched is not None:
-            if self.async_scheduling:
+            if self.async_scheduling and not grammar_mask.any_constrained(launched.seqs):
                 self._in_flight = launched
             else:
                 outputs.extend(self._resolve(launched))
@@ -331,7 +337,8 @@ class EngineCore:
             k = seq.params.logprobs
             logprob = logprobs.entry(row, token, k) if k is not None else None
             try:
-                piece = process_token(seq, token, slot, logprob)
+                grammar_done = seq.grammar is not None and grammar_mask.accept(seq, token)
+                piece = process_token(seq, token, slot, logprob, grammar_done)
                 if piece.finish_reason is not None:
                     stamp_times(piece, seq)
                 outputs.append(StepOutput(seq.request_id, piece))

@@ -8,8 +8,11 @@ per engine and per request) and whether the request fits the KV cache at all.
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from mii.config import GenerateParams
+from mii.engine import grammar_mask
+from mii.engine.constraints import GrammarCache
 from mii.engine.kv_cache import BlockManager
 from mii.engine.sequence import Sequence
 from mii.errors import InvalidRequestError, RequestTooLargeError
@@ -43,12 +46,21 @@ def max_prompt_chars(tokenizer, max_length: int) -> int | None:
 class RequestIntake:
     """Tokenizes and checks requests against the engine's limits."""
 
-    def __init__(self, tokenizer, vocab_size: int, max_length: int, blocks: BlockManager) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        vocab_size: int,
+        max_length: int,
+        blocks: BlockManager,
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.blocks = blocks
         self.max_prompt_chars = max_prompt_chars(tokenizer, max_length)
+        # structured output: the constraints' compiled grammars, for this tokenizer
+        self.grammars = GrammarCache(tokenizer, vocab_size, eos_token_ids or [])
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt; a list of ids is checked against the vocabulary.
@@ -75,9 +87,12 @@ class RequestIntake:
         prompt: str | list[int],
         params: GenerateParams,
         prompt_ids: list[int] | None = None,
+        grammar: Any = None,
     ) -> Sequence:
         """Tokenize and check one request; raises InvalidRequestError before it is queued.
-        ``prompt_ids``: the text prompt's ids when the caller tokenized it already."""
+        ``prompt_ids``: the text prompt's ids when the caller tokenized it already;
+        ``grammar``: its constraint's compiled grammar when the caller compiled it
+        already (off the event loop: ``AsyncEngine``), else it is compiled here."""
         if not isinstance(prompt, (str, list)):
             raise InvalidRequestError(
                 f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}",
@@ -123,6 +138,8 @@ class RequestIntake:
                 "raise num_kv_blocks",
                 field="max_new_tokens",
             )
+        if params.constraint is not None and grammar is None:
+            grammar = self.grammars.get(params.constraint)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         prompt_text = prompt if isinstance(prompt, str) else None
         return Sequence(
@@ -133,4 +150,5 @@ class RequestIntake:
             seed,
             prompt_text=prompt_text,
             score_only=score_only,
+            grammar=grammar_mask.new_matcher(grammar) if grammar is not None else None,
         )

@@ -91,12 +91,18 @@ class OutputProcessor:
         self._requests.pop(request_id, None)
 
     def process_token(
-        self, seq: Sequence, token: int, slot: int, logprob: TokenLogprob | None = None
+        self,
+        seq: Sequence,
+        token: int,
+        slot: int,
+        logprob: TokenLogprob | None = None,
+        grammar_done: bool = False,
     ) -> Response:
         """Detokenize the new token at ``seq.token_ids[slot]``, check every end
         condition (setting ``seq.finish_reason``), and build the piece to stream
         (its text may be empty while characters are held back). ``logprob``: the
-        token's, when the request asked for logprobs."""
+        token's, when the request asked for logprobs. ``grammar_done``: the token
+        completed the request's structured-output grammar (its end-of-sequence)."""
         state = self._requests[seq.request_id]
         params = seq.params
         prompt_logprobs, state.prompt_logprobs = state.prompt_logprobs, None
@@ -114,8 +120,10 @@ class OutputProcessor:
         state.unsent_ids.append(token)
         finish = None
         if (
-            token in self.eos_token_ids and not params.ignore_eos
-        ) or token in params.stop_token_ids:  # ends like EOS: not in the text
+            grammar_done
+            or (token in self.eos_token_ids and not params.ignore_eos)
+            or token in params.stop_token_ids
+        ):  # ends like EOS: not in the text
             finish = "stop"
             delta = state.detokenizer.flush()
         else:

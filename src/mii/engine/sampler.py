@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mii.engine import logits_processors
+from mii.engine import grammar_mask, logits_processors
 from mii.engine.logprobs import LogprobTensors, score
 from mii.engine.sequence import Sequence
 from mii.ops.transfer import upload
@@ -142,6 +142,8 @@ def sample_next_tokens(
     is one argmax, decided on the host so that no device value is read to choose
     the path. ``pending``: the in-flight pass's sampled tokens (async scheduling),
     which penalties count."""
+    if grammar_mask.any_constrained(seqs):  # structured output: only its rows
+        grammar_mask.apply_masks(logits, seqs, vocab_size)
     plain_greedy = all(
         s.params.greedy
         and (s.params.ignore_eos or s.num_generated >= s.params.min_new_tokens)
@@ -178,7 +180,12 @@ def sampling_batch(
     extra = processing.arrays if processing is not None else []
     ps = [s.params for s in seqs]
     greedy = [p.greedy for p in ps]
-    ban_eos = [not p.ignore_eos and s.num_generated < p.min_new_tokens for s, p in zip(seqs, ps)]
+    # A constrained row's grammar decides when it may end (banning EOS there could
+    # leave it no token at all).
+    ban_eos = [
+        not p.ignore_eos and s.grammar is None and s.num_generated < p.min_new_tokens
+        for s, p in zip(seqs, ps)
+    ]
     columns = upload(
         device,
         [

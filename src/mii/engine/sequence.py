@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from mii.config import GenerateParams
 
@@ -67,6 +68,9 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None
     first_token_time: float | None = None
+    # Structured output (engine/grammar_mask.py): the xgrammar matcher of its
+    # constraint, advanced once per resolved token; None: unconstrained.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -1,0 +1,242 @@
+"""Compiling structured-output constraints into grammars (xgrammar), with a cache.
+
+A request's constraint (``json_schema``, ``regex``, ``choice``, ``grammar``,
+``json_object``: ``mii.constraint_options``) becomes an xgrammar
+``CompiledGrammar`` for the engine's tokenizer: the token-level automaton that
+``engine/grammar_mask.py`` walks as tokens are sampled. Compiling a large schema
+takes milliseconds to seconds, so ``AsyncEngine`` runs it in a worker thread
+(never on the event loop), and compiled grammars are kept in a bounded LRU: one
+``GrammarCache`` per engine, i.e. per tokenizer, keyed by (kind, spec text).
+
+Anything that does not compile, and any JSON-schema keyword or regex construct
+that xgrammar would silently ignore (so that the output could break the schema),
+is an ``InvalidRequestError`` naming the option: HTTP 400, gRPC INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from mii.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+# Compiled grammars kept per engine (each holds per-token tables: ~KBs to MBs).
+CACHE_ENTRIES = 256
+
+# JSON-schema keywords xgrammar does not enforce (it would ignore them silently):
+# refused, so that a schema's output always validates.
+UNSUPPORTED_SCHEMA_KEYWORDS = (
+    "contains",
+    "minContains",
+    "maxContains",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "maxProperties",
+    "if",
+    "then",
+    "else",
+    "not",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+)
+# Regex constructs xgrammar's regex engine ignores (lookaround) or lacks (backreferences).
+_UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\\[1-9]")
+
+# Keywords whose value is a map of names to schemas, or a list of schemas: walked,
+# but their keys are names, not keywords.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError:  # an optional dependency: mii[structured]
+        return None
+    return xgrammar
+
+
+def structured_output_available() -> bool:
+    """True when the grammar engine (xgrammar: ``pip install mii[structured]``) is installed."""
+    return _xgrammar() is not None
+
+
+def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
+    """A description of the first keyword in ``schema`` that xgrammar would not
+    enforce (with its JSON-pointer path), or None."""
+    if isinstance(schema, list):
+        for i, item in enumerate(schema):
+            found = unsupported_schema_feature(item, f"{path}/{i}")
+            if found:
+                return found
+        return None
+    if not isinstance(schema, dict):
+        return None
+    for key in UNSUPPORTED_SCHEMA_KEYWORDS:
+        if key in schema:
+            return f"the keyword {key!r} (at {path}) is not supported"
+    if schema.get("uniqueItems") is True:
+        return f"the keyword 'uniqueItems' (at {path}) is not supported"
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str) and _UNSUPPORTED_REGEX.search(pattern):
+        return f"the pattern at {path} uses lookaround or a backreference, which is not supported"
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                found = unsupported_schema_feature(sub, f"{path}/{key}/{name}")
+                if found:
+                    return found
+        elif key in _SCHEMA_LISTS or key in ("items", "additionalProperties", "propertyNames"):
+            found = unsupported_schema_feature(value, f"{path}/{key}")
+            if found:
+                return found
+    return None
+
+
+def _with_bounded_strings(schema: Any) -> Any:
+    """``schema`` with each length-bounded string (``minLength``/``maxLength``, no
+    ``pattern``/``format``) rewritten as the equivalent ``pattern`` of unescaped
+    characters. Why: xgrammar (0.2.x) compiles a length-bounded string into a
+    character class that lets control characters through, which is not JSON."""
+    if isinstance(schema, list):
+        return [_with_bounded_strings(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _with_bounded_strings(value) for key, value in schema.items()}
+    low, high = out.get("minLength"), out.get("maxLength")
+    bounded = isinstance(low, int) or isinstance(high, int)
+    plain = not any(k in out for k in ("pattern", "format", "enum", "const"))
+    if out.get("type") == "string" and bounded and plain:
+        low = low if isinstance(low, int) else 0
+        high = str(high) if isinstance(high, int) else ""
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
+        out["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
+    return out
+
+
+def _choice_grammar(choices: list[str]) -> str:
+    """An EBNF grammar whose only sentences are ``choices`` (JSON string escapes
+    are EBNF string escapes)."""
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+class GrammarCache:
+    """Compiles constraints for one tokenizer, keeping the last ``CACHE_ENTRIES``.
+
+    Thread-safe: compiles run in worker threads, lookups on the event loop or the
+    engine's thread."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: list[int],
+        entries: int = CACHE_ENTRIES,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size  # the model's logits width (may exceed the tokenizer's)
+        self._stop_token_ids = list(stop_token_ids)
+        self._entries = entries
+        self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._compiler = None  # built on first use: only engines that see a constraint pay
+        self.compile_seconds = 0.0  # total time spent compiling (benchmarks report it)
+        self.compiles = 0
+
+    def _get_compiler(self):
+        with self._lock:
+            if self._compiler is None:
+                xgr = _xgrammar()
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer,
+                    vocab_size=self._vocab_size,
+                    stop_token_ids=self._stop_token_ids,
+                )
+                self._compiler = xgr.GrammarCompiler(
+                    info, max_threads=min(8, os.cpu_count() or 1), cache_enabled=False
+                )
+            return self._compiler
+
+    def cached(self, key: tuple[str, str]) -> Any | None:
+        """The compiled grammar of ``key`` if it is in the cache (marked recently used)."""
+        with self._lock:
+            grammar = self._compiled.get(key)
+            if grammar is not None:
+                self._compiled.move_to_end(key)
+            return grammar
+
+    def get(self, key: tuple[str, str]) -> Any:
+        """The compiled grammar of constraint ``key`` = (option name, spec text), as
+        ``ConstraintOptions.constraint`` gives it; compiled now unless cached.
+        InvalidRequestError naming the option when it cannot be compiled or uses a
+        feature the grammar engine would not enforce."""
+        grammar = self.cached(key)
+        if grammar is not None:
+            return grammar
+        field = key[0]
+        if _xgrammar() is None:
+            raise InvalidRequestError(
+                f"invalid generation option {field!r}: structured output needs the xgrammar "
+                "package on the server (pip install 'mii[structured]')",
+                field=field,
+            )
+        start = time.perf_counter()
+        grammar = self._compile(*key)
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            self.compile_seconds += elapsed
+            self.compiles += 1
+            self._compiled[key] = grammar
+            self._compiled.move_to_end(key)
+            while len(self._compiled) > self._entries:
+                self._compiled.popitem(last=False)
+        return grammar
+
+    def _compile(self, kind: str, spec: str) -> Any:
+        compiler = self._get_compiler()
+        if kind == "json_schema":
+            problem = unsupported_schema_feature(json.loads(spec))
+            if problem:
+                raise InvalidRequestError(
+                    f"invalid generation option 'json_schema': {problem}; remove it from "
+                    "the schema",
+                    field="json_schema",
+                )
+        if kind == "regex" and _UNSUPPORTED_REGEX.search(spec):
+            raise InvalidRequestError(
+                "invalid generation option 'regex': lookaround and backreferences are not "
+                "supported",
+                field="regex",
+            )
+        try:
+            if kind == "json_schema":
+                # Compact separators, no free whitespace: a model may not pad forever.
+                schema = json.dumps(_with_bounded_strings(json.loads(spec)))
+                return compiler.compile_json_schema(schema, any_whitespace=False)
+            if kind == "json_object":  # any object, any keys (OpenAI's json_object)
+                return compiler.compile_json_schema(
+                    '{"type": "object"}', any_whitespace=False, strict_mode=False
+                )
+            if kind == "regex":
+                return compiler.compile_regex(spec)
+            if kind == "choice":
+                return compiler.compile_grammar(_choice_grammar(json.loads(spec)))
+            if kind == "grammar":
+                return compiler.compile_grammar(spec)
+        except (RuntimeError, ValueError, TypeError) as err:
+            # xgrammar's messages start with "[time] /path/file.cc:line: "
+            message = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(err).strip())
+            raise InvalidRequestError(
+                f"invalid generation option {kind!r}: {message}", field=kind
+            ) from None
+        raise InvalidRequestError(f"unknown constraint {kind!r}", field=kind)
