@@ -177,7 +177,9 @@ def test_required_schema_and_answers():
     message, finish = plan.message(Response('[{"name": "get_w', 3, 9, "length"))
     assert finish == "length" and message == {"role": "assistant", "content": '[{"name": "get_w'}
     named = _plan("named", function="get_weather")
-    assert named.generation_options() == {"json_schema": WEATHER["function"]["parameters"]}
+    assert (
+        json.loads(named.generation_options()["json_schema"]) == WEATHER["function"]["parameters"]
+    )
 
 
 def _body(**fields):

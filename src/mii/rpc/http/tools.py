@@ -54,10 +54,11 @@ class ToolPlan:
     def generation_options(self) -> dict[str, Any]:
         """The generation options the mode adds: a JSON schema for "required" and
         "named"; special tokens kept in the text for "auto" (a call tag may be one)."""
+        # The schema as JSON text: the text crosses gRPC as it is (a dict would not).
         if self.mode == "named":
-            return {"json_schema": self._parameters(self.function)}
+            return {"json_schema": json.dumps(self._parameters(self.function))}
         if self.mode == "required":
-            return {"json_schema": self.required_schema()}
+            return {"json_schema": json.dumps(self.required_schema())}
         if self.mode == "auto":
             return {"skip_special_tokens": False}
         return {}
