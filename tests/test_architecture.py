@@ -27,6 +27,7 @@ LAYER_OF_PREFIX = {
     "mii.envs": "base",
     "mii.cache": "base",
     "mii.sampling_options": "base",
+    "mii.constraint_options": "base",
     "mii.prompts": "base",
     "mii.ops": "ops",
     "mii.models": "models",

@@ -229,6 +229,11 @@ def test_bad_tool_requests_are_400_naming_the_field(llama):
         assert await param_of(tools=[WEATHER, WEATHER], tool_choice="required") == "tools"
         assert await param_of(tools=TOOLS, tool_choice="sometimes") == "tool_choice"
         assert await param_of(tools=TOOLS, parallel_tool_calls="maybe") == "parallel_tool_calls"
+        # A forced call is a constraint of its own: not with response_format too.
+        json_object = {"type": "json_object"}
+        assert await param_of(tools=TOOLS, tool_choice=NAMED, response_format=json_object) == (
+            "tool_choice"
+        )
         assert not pool.sent  # nothing reached the engine
 
     _with_gateway(llama, pool, scenario)

@@ -106,7 +106,9 @@ def _with_bounded_strings(schema: Any) -> Any:
     """``schema`` with each length-bounded string (``minLength``/``maxLength``, no
     ``pattern``/``format``) rewritten as the equivalent ``pattern`` of unescaped
     characters. Why: xgrammar (0.2.x) compiles a length-bounded string into a
-    character class that lets control characters through, which is not JSON."""
+    character class that lets control characters through, which is not JSON, and
+    lets UTF-8-encoded surrogates through (each decodes as 3 replacement characters,
+    breaking maxLength)."""
     if isinstance(schema, list):
         return [_with_bounded_strings(item) for item in schema]
     if not isinstance(schema, dict):
@@ -120,7 +122,8 @@ def _with_bounded_strings(schema: Any) -> Any:
         high = str(high) if isinstance(high, int) else ""
         out.pop("minLength", None)
         out.pop("maxLength", None)
-        out["pattern"] = f'^[^"\\\\\\x00-\\x1f]{{{low},{high}}}$'
+        # no quote, backslash, control character or (CESU-encoded) surrogate
+        out["pattern"] = f'^[^"\\\\\\x00-\\x1f\\ud800-\\udfff]{{{low},{high}}}$'
     return out
 
 
@@ -149,6 +152,7 @@ class GrammarCache:
         self._entries = entries
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._compiling: dict[tuple[str, str], threading.Lock] = {}  # key -> its compile
         self._compiler = None  # built on first use: only engines that see a constraint pay
         self.compile_seconds = 0.0  # total time spent compiling (benchmarks report it)
         self.compiles = 0
@@ -190,6 +194,20 @@ class GrammarCache:
                 "package on the server (pip install 'mii[structured]')",
                 field=field,
             )
+        with self._lock:  # one compile per key: concurrent requests wait for it
+            key_lock = self._compiling.setdefault(key, threading.Lock())
+        with key_lock:
+            try:
+                grammar = self.cached(key)
+                if grammar is None:
+                    grammar = self._timed_compile(key)
+            finally:
+                with self._lock:
+                    if self._compiling.get(key) is key_lock:
+                        del self._compiling[key]
+        return grammar
+
+    def _timed_compile(self, key: tuple[str, str]) -> Any:
         start = time.perf_counter()
         grammar = self._compile(*key)
         elapsed = time.perf_counter() - start

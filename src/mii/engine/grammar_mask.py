@@ -36,29 +36,30 @@ def any_constrained(seqs: list[Sequence]) -> bool:
     return any(s.grammar is not None for s in seqs)
 
 
-def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> None:
-    """Set, in place, the logits [S, V] of every token a constrained row's grammar
-    does not allow next to -inf (tokens past the tokenizer's vocabulary included).
-    Rows without a constraint are left alone."""
+def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
+    """The logits [S, V] with every token a constrained row's grammar does not allow
+    next set to -inf (ids past the tokenizer's vocabulary included). Rows without
+    a constraint are unchanged. (Out of place: the forward's logits are inference
+    tensors.)"""
     import xgrammar
 
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
-    if not rows:
-        return
     bitmask = xgrammar.allocate_token_bitmask(len(rows), vocab_size)  # host, int32
     for j, i in enumerate(rows):
         seqs[i].grammar.fill_next_token_bitmask(bitmask, j)
-    if logits.device.type == "cpu":
-        device_mask = bitmask
-    else:
-        (device_mask,) = upload(logits.device, [(bitmask.numpy(), torch.int32)])
-    # indices: row j of the bitmask is row rows[j] of the logits
-    xgrammar.apply_token_bitmask_inplace(
-        logits, device_mask, vocab_size=min(vocab_size, logits.shape[-1]), indices=rows
-    )
-    if logits.shape[-1] > vocab_size:  # a padded LM head: no grammar allows those ids
+    width = logits.shape[-1]
+    index = None
+    if len(rows) == len(seqs):  # every row constrained
+        constrained = logits.clone()
+    else:  # the constrained rows (xgrammar's rows of mask and logits coincide)
         (index,) = upload(logits.device, [(rows, torch.int64)])
-        logits[index, vocab_size:] = float("-inf")
+        constrained = logits.index_select(0, index)
+    if logits.device.type != "cpu":
+        (bitmask,) = upload(logits.device, [(bitmask.numpy(), torch.int32)])  # one upload
+    xgrammar.apply_token_bitmask_inplace(constrained, bitmask, vocab_size=min(vocab_size, width))
+    if width > vocab_size:  # a padded LM head: no grammar allows those ids
+        constrained[:, vocab_size:] = float("-inf")
+    return constrained if index is None else logits.index_copy(0, index, constrained)
 
 
 def accept(seq: Sequence, token: int) -> bool:

@@ -143,7 +143,7 @@ def sample_next_tokens(
     the path. ``pending``: the in-flight pass's sampled tokens (async scheduling),
     which penalties count."""
     if grammar_mask.any_constrained(seqs):  # structured output: only its rows
-        grammar_mask.apply_masks(logits, seqs, vocab_size)
+        logits = grammar_mask.apply_masks(logits, seqs, vocab_size)
     plain_greedy = all(
         s.params.greedy
         and (s.params.ignore_eos or s.num_generated >= s.params.min_new_tokens)

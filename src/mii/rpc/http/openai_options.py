@@ -19,12 +19,14 @@ OpenAI options map onto mii's generation options as follows:
 - chat only: ``chat_template_kwargs``, ``add_generation_prompt`` and
   ``continue_final_message`` shape the prompt (:mod:`mii.rpc.http.chat`).
 - ``n`` and ``seed`` are handled per choice (:mod:`mii.rpc.http.choices`).
-
+- ``response_format`` (json_object, json_schema) and vLLM's ``guided_json``,
+  ``guided_regex``, ``guided_choice``, ``guided_grammar``, ``structured_outputs``
+  -> the constraint options (:mod:`mii.rpc.http.structured`).
 - chat only: ``tools``, ``tool_choice`` and ``parallel_tool_calls``: see
   :mod:`mii.rpc.http.tools`.
 
 Options the engine cannot honour (``suffix``, ``best_of`` other than ``n``,
-non-text response formats) are refused with 400 naming them, never
+other response formats) are refused with 400 naming them, never
 silently ignored. Fields that change nothing generated (``user``, ``store``,
 ...) are accepted and ignored with a logged warning: :mod:`mii.rpc.http.field_policy`.
 """
@@ -36,6 +38,7 @@ from typing import Any
 from mii.config import GenerateParams
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from mii.rpc.http.structured import structured_field_names, structured_options
 
 
 def refuse_completion(body: CompletionRequest) -> None:
@@ -52,8 +55,6 @@ def refuse_chat(body: ChatCompletionRequest) -> None:
     _refuse_common(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise ApiError(400, "only the 'text' response_format is supported", "response_format")
 
 
 def _refuse_common(body: OpenAIRequest) -> None:
@@ -90,6 +91,7 @@ def generation_options(
     if body.logprobs_mode is not None:
         params["logprobs_mode"] = body.logprobs_mode
     params.update(_logits_options(body))
+    params.update(structured_options(body))  # json_schema, regex, choice, grammar
     GenerateParams.parse(**params)  # InvalidRequestError names the (mii) field
     return params
 
@@ -132,6 +134,7 @@ def _logits_options(body: OpenAIRequest) -> dict[str, Any]:
 def openai_field_names(body: OpenAIRequest, chat: bool) -> dict[str, str]:
     """mii's option name -> the OpenAI field the request set it with (for errors)."""
     renames = {"min_new_tokens": "min_tokens", "max_new_tokens": "max_tokens"}
+    renames.update(structured_field_names(body))  # json_schema -> response_format, ...
     if chat:
         renames["prompt"] = "messages"
         renames["logprobs"] = "top_logprobs"

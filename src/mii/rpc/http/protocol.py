@@ -100,6 +100,13 @@ class OpenAIRequest(SpecificationFields):
     min_p: float | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    # Structured output, OpenAI's and vLLM's fields (mii.rpc.http.structured)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(OpenAIRequest):

@@ -1,0 +1,225 @@
+"""Structured output in the engine (issue 18, items 1, 2, 4, 5): ``json_schema``,
+``regex``, ``choice``, ``grammar`` and ``json_object`` constrain what a request
+generates, on a tiny random-weight Llama: the constraint alone makes the text
+valid. 50 generated JSON schemas (json_schemas.py) validate with ``jsonschema``,
+alone and mixed with unconstrained requests, under chunked prefill, preemption
+and async scheduling; bad constraints fail naming the option.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import jsonschema
+import pytest
+
+import mii
+from json_schemas import generate_schemas
+from mii.engine.constraints import GrammarCache
+from mii.errors import InvalidRequestError
+
+PROMPTS = ["DeepSpeed is", "Seattle is a city", "The quick brown fox"]
+SCHEMAS = generate_schemas(50)
+# Enough for every schema of json_schemas.py to close (they bound their output);
+# each answer is asserted to end with "stop", i.e. to be complete.
+BUDGET = 300
+REGEX = r"[0-9]{3}-[a-z]{2,5}( [A-Z][a-z]{0,4}){0,2}"
+CHOICES = ["yes", "no", "maybe so", "ünïcode ✓"]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    engine = mii.AsyncEngine(str(checkpoints("llama")[0]), max_num_seqs=128)
+    yield engine
+    run(engine.aclose())
+
+
+def requests() -> list[tuple[str, dict]]:
+    """(prompt, options) of a mixed batch: every schema, regex, choice, grammar,
+    json_object, and unconstrained requests in between. Seeded: reproducible."""
+    batch = []
+    for i, schema in enumerate(SCHEMAS):
+        batch.append((PROMPTS[i % 3], {"json_schema": schema}))
+        if i % 5 == 0:
+            batch.append((PROMPTS[i % 3], {"max_new_tokens": 12}))  # unconstrained
+    batch += [(p, {"regex": REGEX}) for p in PROMPTS]
+    batch += [(p, {"choice": CHOICES}) for p in PROMPTS]
+    batch += [(PROMPTS[0], {"grammar": 'root ::= "(" [a-c]+ ")" | "none"'})]
+    batch += [(PROMPTS[1], {"json_object": True})]
+    return [(p, {"max_new_tokens": BUDGET, "seed": i, **o}) for i, (p, o) in enumerate(batch)]
+
+
+async def generate_all(engine, batch):
+    answers = await asyncio.gather(*(engine.generate([p], **o) for p, o in batch))
+    return [a[0] for a in answers]
+
+
+def check(answer: mii.Response, options: dict) -> None:
+    """The answer satisfies its constraint, and is complete (finish_reason stop)."""
+    text = answer.generated_text
+    if "max_new_tokens" in options and len(options) == 2:  # unconstrained
+        return
+    assert answer.finish_reason == "stop", (options, text)
+    if "json_schema" in options:
+        jsonschema.validate(json.loads(text), options["json_schema"])
+    elif "json_object" in options:
+        assert isinstance(json.loads(text), dict)
+    elif "regex" in options:
+        assert re.fullmatch(options["regex"], text), text
+    elif "choice" in options:
+        assert text in options["choice"]
+    elif "grammar" in options:
+        assert re.fullmatch(r"\([a-c]+\)|none", text), text
+
+
+def test_fifty_schemas_regex_choice_in_one_mixed_batch(engine):
+    batch = requests()
+    answers = run(generate_all(engine, batch))
+    for answer, (_, options) in zip(answers, batch):
+        check(answer, options)
+    # The unconstrained requests of the batch are untouched by the masks: as alone.
+    for answer, (prompt, options) in zip(answers, batch):
+        if "json_schema" in options or len(options) != 2:
+            continue
+        [alone] = run(engine.generate([prompt], **options))
+        assert alone.token_ids == answer.token_ids
+    # Each distinct constraint compiled once, though requests came concurrently.
+    constraints = [
+        {k: v for k, v in o.items() if k not in ("max_new_tokens", "seed")} for _, o in batch
+    ]
+    distinct = {json.dumps(c, sort_keys=True) for c in constraints if c}
+    assert engine.core.intake.grammars.compiles == len(distinct)
+
+
+def test_constraints_survive_chunked_prefill_preemption_and_async_scheduling(checkpoints, engine):
+    """The same seeded requests give the same tokens in 16-token passes, in a KV
+    pool too small for the batch (preemption, recompute), with async scheduling:
+    no matcher skips or repeats a token."""
+    batch = [r for i, r in enumerate(requests()) if i % 4 == 0]  # 17 of them
+    expected = run(generate_all(engine, batch))
+    tight = mii.AsyncEngine(
+        str(checkpoints("llama")[0]),
+        token_budget=16,
+        max_num_seqs=16,
+        kv_block_size=4,
+        num_kv_blocks=80,
+        async_scheduling=True,
+    )
+    try:
+        answers = run(generate_all(tight, batch))
+        assert tight.stats()["preemptions"] > 0  # the guard: preemption did happen
+    finally:
+        run(tight.aclose())
+    for answer, want, (_, options) in zip(answers, expected, batch):
+        check(answer, options)
+        assert answer.token_ids == want.token_ids
+
+
+def test_greedy_and_seeded_constrained_answers_are_reproducible(engine):
+    schema = SCHEMAS[7]
+    for options in ({"do_sample": False}, {"seed": 1234, "temperature": 0.8}):
+        first, second = run(
+            generate_all(engine, [(PROMPTS[0], {"json_schema": schema, **options})] * 2)
+        )
+        assert first.token_ids == second.token_ids
+        check(first, {"json_schema": schema})
+
+
+def test_a_budget_that_cuts_the_json_short_ends_with_length(engine):
+    [answer] = run(engine.generate([PROMPTS[0]], json_schema=SCHEMAS[0], max_new_tokens=3))
+    assert answer.finish_reason == "length"
+    assert answer.generated_length == 3
+    assert answer.generated_text.startswith("{")
+
+
+def test_ignore_eos_still_ends_when_the_grammar_is_complete(engine):
+    [answer] = run(
+        engine.generate([PROMPTS[0]], choice=["alpha", "beta"], ignore_eos=True, max_new_tokens=50)
+    )
+    assert answer.finish_reason == "stop"
+    assert answer.generated_text in ("alpha", "beta")
+
+
+def test_streamed_pieces_join_to_the_constrained_text(engine):
+    async def stream():
+        pieces = [p async for p in engine.stream(PROMPTS[2], regex=REGEX, max_new_tokens=80)]
+        return "".join(p.generated_text for p in pieces), pieces[-1].finish_reason
+
+    text, reason = run(stream())
+    assert reason == "stop"
+    assert re.fullmatch(REGEX, text)
+
+
+def test_padded_vocabulary_rows_are_never_generated(checkpoints, tokenizer):
+    """A model whose LM head is wider than the tokenizer: the extra ids have no text
+    and no grammar allows them."""
+    path, _ = checkpoints("llama", vocab_size=len(tokenizer) + 40)
+    with mii.pipeline(str(path), max_num_seqs=8) as pipe:
+        answers = pipe(PROMPTS, json_schema=SCHEMAS[3], max_new_tokens=BUDGET, seed=5)
+    for answer in answers:
+        assert all(t < len(tokenizer) for t in answer.token_ids)
+        check(answer, {"json_schema": SCHEMAS[3]})
+
+
+BAD = [
+    ({"json_schema": "{not json"}, "json_schema", "not valid JSON"),
+    ({"json_schema": {"type": "nonsense"}}, "json_schema", "nonsense"),
+    ({"json_schema": {"type": "array", "uniqueItems": True}}, "json_schema", "uniqueItems"),
+    ({"json_schema": {"type": "object", "maxProperties": 2}}, "json_schema", "maxProperties"),
+    ({"json_schema": {"properties": {"a": {"not": {}}}}}, "json_schema", "'not'"),
+    ({"json_schema": {"type": "string", "pattern": "(?=a)b"}}, "json_schema", "lookaround"),
+    ({"json_schema": {"$ref": "#/$defs/missing"}}, "json_schema", "missing"),
+    ({"regex": "a(b"}, "regex", "parenthesis"),
+    ({"regex": r"(a)\1"}, "regex", "backreference"),
+    ({"grammar": 'root ::= "a'}, "grammar", "string literal"),
+    ({"grammar": 'start ::= "a"'}, "grammar", "root"),
+    ({"choice": "yes"}, "choice", "list of strings"),
+    ({"choice": []}, "choice", "at least one"),
+    ({"regex": "a", "choice": ["a"]}, None, "regex, choice"),
+]
+
+
+@pytest.mark.parametrize(("options", "field", "words"), BAD)
+def test_bad_constraints_fail_naming_the_option(engine, options, field, words):
+    with pytest.raises(InvalidRequestError) as caught:
+        run(engine.generate([PROMPTS[0]], max_new_tokens=4, **options))
+    assert caught.value.field == field
+    assert words in str(caught.value)
+    # Nothing was queued, and the engine still serves.
+    [answer] = run(engine.generate([PROMPTS[0]], max_new_tokens=2, choice=["ok"]))
+    assert answer.generated_text == "ok"
+
+
+def test_grammars_compile_off_the_event_loop_and_are_cached(checkpoints, monkeypatch):
+    on_loop = []
+    real = GrammarCache._compile
+
+    def spy(self, kind, spec):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)  # the event loop's thread: every request would stall
+        except RuntimeError:
+            on_loop.append(False)
+        return real(self, kind, spec)
+
+    monkeypatch.setattr(GrammarCache, "_compile", spy)
+    with mii.pipeline(str(checkpoints("llama")[0]), max_num_seqs=8) as pipe:
+        schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        for _ in range(3):
+            pipe(PROMPTS, json_schema=schema, max_new_tokens=40)
+    assert on_loop == [False]  # compiled once, in a worker thread, then cached
+
+
+def test_the_cache_is_bounded(tokenizer):
+    cache = GrammarCache(tokenizer, len(tokenizer), [tokenizer.eos_token_id], entries=3)
+    for i in range(5):
+        cache.get(("regex", f"a{{{i}}}"))
+    assert cache.cached(("regex", "a{0}")) is None
+    assert cache.cached(("regex", "a{4}")) is not None
+    assert cache.compiles == 5
