@@ -334,3 +334,63 @@ def test_langchain_bind_tools_returns_a_parsed_call(served):
     message = bound.invoke("What is the weather in Paris?")
     assert [c["name"] for c in message.tool_calls] == ["get_weather"]
     jsonschema.validate(message.tool_calls[0]["args"], PARAMETERS)
+
+
+# ----- the real SmolLM2 model ------------------------------------------------------------
+
+CITY = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "the city name"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_a_real_model_fills_the_forced_call(smollm2, tmp_path, monkeypatch):
+    """SmolLM2-135M-Instruct (ChatML) with Qwen2.5's tool template: the forced call's
+    arguments are the city the user asked about, through the SDK and LangChain."""
+    from langchain_openai import ChatOpenAI
+
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path / "cache"))
+    template = tmp_path / "qwen_tools.jinja"
+    template.write_text(QWEN_TOOLS_TEMPLATE)
+    port = free_port()
+    client = mii.serve(
+        smollm2,
+        deployment_name=f"tools-smollm2-{uuid.uuid4().hex[:8]}",
+        enable_restful_api=True,
+        restful_api_port=port,
+        port=free_port(),
+        device="cpu",
+        max_num_seqs=2,
+        chat_template=str(template),
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        question = "What is the weather like in Paris today?"
+        oai = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+        answer = oai.chat.completions.create(
+            model=smollm2,
+            messages=[{"role": "user", "content": question}],
+            tools=[CITY],
+            tool_choice="required",
+            temperature=0,
+            max_tokens=40,
+        )
+        oai.close()
+        calls = answer.choices[0].message.tool_calls
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            ("get_weather", {"city": "Paris"})
+        ]
+        llm = ChatOpenAI(base_url=url, api_key="x", model=smollm2, temperature=0, max_tokens=40)
+        message = llm.bind_tools([CITY], tool_choice="get_weather").invoke(question)
+        assert message.tool_calls[0]["name"] == "get_weather"
+        assert message.tool_calls[0]["args"] == {"city": "Paris"}
+    finally:
+        client.terminate_server()
