@@ -24,6 +24,9 @@ import pytest
 import mii
 from chat_tokenizers import QWEN_TOOLS_TEMPLATE, hermes_tokenizer
 from helpers import save_checkpoint, tiny_config
+from mii.cli import build_parser
+from mii.cli.errors import CliError
+from mii.cli.serve import serve_config
 from mii.response import Response
 from mii.rpc import mii_pb2
 from mii.rpc.deployment import free_port
@@ -239,9 +242,19 @@ def test_bad_tool_requests_are_400_naming_the_field(llama):
     _with_gateway(llama, pool, scenario)
 
 
-def test_unknown_tool_call_parser_is_refused(llama):
+def test_tool_call_parser_option_and_flags(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    assert DeploymentConfig.parse(llama, tool_call_parser="hermes").tool_call_parser == "hermes"
     with pytest.raises(ValueError, match="llama3_json"):
         DeploymentConfig.parse(llama, tool_call_parser="mistral-ish")
+    # mii serve: --tool-call-parser, and vLLM's --enable-auto-tool-choice beside it.
+    parse = build_parser().parse_args
+    flags = ["serve", "m", "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+    assert serve_config(parse(flags)).tool_call_parser == "llama3_json"
+    with pytest.raises(CliError, match="--tool-call-parser"):
+        serve_config(parse(["serve", "m", "--enable-auto-tool-choice"]))
+    with pytest.raises(CliError, match="hermes"):
+        serve_config(parse(["serve", "m", "--tool-call-parser", "nope"]))
 
 
 # ----- a real deployment --------------------------------------------------------------
@@ -315,6 +328,15 @@ def test_forced_tool_calls_validate_on_a_real_model(served):
     ]
     again = oai.chat.completions.create(**{**common, "messages": history}, tool_choice="none")
     assert again.choices[0].finish_reason in ("stop", "length")
+    # A valid JSON schema that the grammar engine cannot enforce: 400 naming the tools.
+    odd = {"type": "object", "not": {"required": ["x"]}}
+    odd_tools = [{"type": "function", "function": {"name": "f", "parameters": odd}}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.chat.completions.create(
+                **{**common, "tools": odd_tools}, tool_choice="required", stream=stream
+            )
+        assert err.value.body["param"] == "tools", err.value.body
     # /tokenize takes tools too, and gives the ids the chat route sent.
     base = url.removesuffix("/v1")
     tokenized = httpx.post(f"{base}/tokenize", json={"messages": history, "tools": TOOLS}).json()

@@ -43,7 +43,7 @@ from mii.rpc.http.openai_options import (
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from mii.rpc.http.sse import stream_choices
 from mii.rpc.http.state import GatewayState, get_state
-from mii.rpc.http.tools import tool_plan, warn_template_without_tools
+from mii.rpc.http.tools import add_tool_options, tool_plan, warn_template_without_tools
 from mii.rpc.http.vocabulary import check_known_ids
 
 router = APIRouter(prefix="/v1", route_class=LimitedRoute)
@@ -167,7 +167,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     with openai_errors(renames):
         params = generation_options(body, max_tokens)
         if tools is not None:
-            _add_tool_options(params, tools.generation_options(), renames)
+            add_tool_options(params, tools, renames)
         # A template over many messages takes a while: keep the event loop free.
         prompt = await run_off_loop(
             functools.partial(chat_prompt, **template), state.tokenizer, body.messages
@@ -180,25 +180,3 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         tools if tools is not None and tools.mode != "none" else None,
     )
     return await _respond(request, state, body, choices, renames, answer)
-
-
-def _add_tool_options(params: dict[str, Any], options: dict[str, Any], renames: dict[str, str]):
-    """Add the generation options of the request's tool choice to ``params``; a 400
-    when they would replace a constraint the request asked for itself."""
-    from mii.config import GenerateParams
-
-    if "json_schema" in options:
-        asked = [
-            k for k in ("json_schema", "regex", "choice", "grammar", "json_object") if params.get(k)
-        ]
-        if asked:
-            raise ApiError(
-                400,
-                'tool_choice "required" or a named function constrains the answer to the '
-                "tool call: it cannot be combined with response_format or a guided_* option",
-                "tool_choice",
-            )
-        # An error of the tools' schema (one the grammar engine cannot compile) names tools.
-        renames["json_schema"] = "tools"
-    params.update(options)
-    GenerateParams.parse(**params)

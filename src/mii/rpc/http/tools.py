@@ -27,6 +27,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from mii.config import GenerateParams
+from mii.constraint_options import CONSTRAINT_FIELDS
 from mii.response import Response
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatCompletionRequest
@@ -172,6 +174,25 @@ def tool_plan(body: ChatCompletionRequest, parser_name: str | None) -> ToolPlan 
             "tool_choice",
         )
     return ToolPlan("named", tools, function=name, parallel=parallel)
+
+
+def add_tool_options(params: dict[str, Any], plan: ToolPlan, renames: dict[str, str]) -> None:
+    """Add the generation options of ``plan`` to ``params`` (checked again); a 400
+    naming ``tool_choice`` when a forced call would replace a constraint the request
+    asked for itself (response_format, guided_*)."""
+    options = plan.generation_options()
+    if "json_schema" in options:
+        if any(params.get(name) for name in CONSTRAINT_FIELDS):
+            raise ApiError(
+                400,
+                'tool_choice "required" or a named function constrains the answer to the '
+                "tool call: it cannot be combined with response_format or a guided_* option",
+                "tool_choice",
+            )
+        # A schema the grammar engine cannot compile is the tools' fault: name them.
+        renames["json_schema"] = "tools"
+    params.update(options)
+    GenerateParams.parse(**params)  # InvalidRequestError names the (mii) field
 
 
 def warn_template_without_tools(tokenizer) -> None:
