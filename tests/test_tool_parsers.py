@@ -222,3 +222,22 @@ def test_tools_reach_the_chat_template():
     )
     assert "<tool_response>\nsunny, 21 C\n</tool_response>" in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_tools_without_a_chat_template_and_a_template_that_ignores_them(caplog):
+    from chat_tokenizers import chatml_tokenizer
+    from mii.rpc.http import tools as tools_module
+
+    tok = chatml_tokenizer()
+    messages = [ChatMessage(role="user", content="hi")]
+    template = tok.chat_template
+    tok.chat_template = None  # the fallback text puts the tools first
+    text = tok.decode(chat_prompt(tok, messages, tools=[TIME]), skip_special_tokens=True)
+    assert text.startswith('tools: [{"type": "function", "function": {"name": "get_time"}}]\n')
+    tok.chat_template = template  # ChatML without tools: the model cannot see them
+    caplog.set_level("WARNING", logger=tools_module.__name__)
+    for _ in range(2):
+        tools_module.warn_template_without_tools(tok)
+    assert len([r for r in caplog.records if "does not use tools" in r.getMessage()]) == 1
+    tools_module.warn_template_without_tools(hermes_tokenizer())  # uses them: silent
+    assert len(caplog.records) == 1
