@@ -4,7 +4,8 @@
 # device tool carries. The REST gateway (serving.py --http) needs fastapi's and
 # uvicorn's own requirements too: annotated-doc, opentelemetry-api (fastapi
 # imports it), click (uvicorn imports it), h11; gguf and accelerate (GGUF loading
-# and its tests). Install there with:
+# and its tests); xgrammar and apache-tvm-ffi (structured output, mii[structured],
+# benchmarks/structured.py). Install there with:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD/src
 set -euo pipefail
@@ -21,5 +22,6 @@ download pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-in
   grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.35.1 \
   fastapi==0.165.0 starlette uvicorn==0.54.0 prometheus-client==0.26.0 \
   annotated-doc==0.0.7 opentelemetry-api==1.45.2 click==8.5.1 \
-  pytest-asyncio==1.3.0 openai==3.57.0 jiter distro h11 gguf==0.19.0 accelerate==1.16.0
+  pytest-asyncio==1.3.0 openai==3.57.0 jiter distro h11 gguf==0.19.0 accelerate==1.16.0 \
+  xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 ls -la .whl

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
-#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [serving] [serving-budget B S] [serving-http] [tp2-latency] [tp2-w1] [tp2-tests]
+#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [structured] [structured-sync] [serving] [serving-budget B S] [serving-http] [tp2-latency] [tp2-w1] [tp2-tests]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
@@ -16,7 +16,7 @@ serving_report() { grep -q '^serving ' "$1" && sed -n '/^serving /,$p' "$1" || t
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py tests/test_grammar_mask.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
@@ -45,6 +45,8 @@ while [ $# -gt 0 ]; do
         python3 benchmarks/throughput.py --token-budget $b --max-num-seqs $s --json "$OUT/w1_${b}_${s}.json" > "$OUT/w1_${b}_${s}.log" 2>&1
         echo "== budget $b seqs $s"; tail -6 "$OUT/w1_${b}_${s}.log"; done ;;
     serving-budget) shift; b=$1; shift; python3 benchmarks/serving.py $SERVING --token-budget $b --max-num-seqs $1 --no-offline --json "$OUT/serving_$b.json" > "$OUT/serving_$b.log" 2>&1; serving_report "$OUT/serving_$b.log" ;;
+    structured) python3 benchmarks/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1; grep -E "^(compile|constrained|unconstrained|throughput_overhead_pct) " "$OUT/structured.log" || tail -20 "$OUT/structured.log" ;;
+    structured-sync) python3 benchmarks/structured.py --sync-scheduling --json "$OUT/structured_sync.json" > "$OUT/structured_sync.log" 2>&1; grep -E "^(compile|constrained|unconstrained|throughput_overhead_pct) " "$OUT/structured_sync.log" || tail -20 "$OUT/structured_sync.log" ;;
     prefix-cache) python3 benchmarks/prefix_cache.py --json "$OUT/prefix_cache.json" > "$OUT/prefix_cache.log" 2>&1; tail -12 "$OUT/prefix_cache.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac

@@ -63,6 +63,7 @@ class _Launched:
     token_logprobs: LogprobTensors | None = None
     prompt_logprobs: LogprobTensors | None = None
     prompt_spans: list[tuple[Sequence, range]] | None = None
+    resolved: bool = False  # read back already (structured output: _launch)
 
 
 def _read_back(
@@ -258,9 +259,9 @@ class EngineCore:
         pass N, so the host work of both (scheduling, input preparation, output
         processing) overlaps the device's work on N+1. A request that ends at
         pass N (end-of-sequence, a stop string) has then been given one more
-        token in N+1, which is discarded. A pass that samples for a constrained
-        (structured-output) request is resolved at once: the grammar mask of its
-        next pass depends on the token it samples (engine/grammar_mask.py).
+        token in N+1, which is discarded. Structured output: when N+1 samples a
+        constrained row, N is read back between N+1's forward and its sampling
+        (the grammar masks need N's tokens; ``_launch``).
         """
         prev, self._in_flight = self._in_flight, None
         outputs: list[StepOutput] = []
@@ -268,43 +269,55 @@ class EngineCore:
             time.sleep(self._pass_delay_s)
         plan = self.scheduler.schedule()
         launched = self._launch(plan, prev, outputs) if plan.chunks else None
-        if prev is not None:
-            try:
-                outputs.extend(self._resolve(prev))
-            except TensorParallelError as err:  # a rank failed while the pass ran
-                outputs.extend(self._fail(prev.seqs, err))
+        if prev is not None and not prev.resolved:
+            outputs.extend(self._resolve_guarded(prev))
         if launched is not None:
-            if self.async_scheduling and not grammar_mask.any_constrained(launched.seqs):
+            if self.async_scheduling:
                 self._in_flight = launched
             else:
                 outputs.extend(self._resolve(launched))
         return outputs
 
+    def _resolve_guarded(self, launched: _Launched) -> list[StepOutput]:
+        """``_resolve``, ending the pass's requests if a tensor-parallel rank failed."""
+        try:
+            return self._resolve(launched)
+        except TensorParallelError as err:  # a rank failed while the pass ran
+            return self._fail(launched.seqs, err)
+
     def _launch(
         self, plan: SchedulerOutput, prev: _Launched | None, failed: list[StepOutput]
     ) -> _Launched | None:
         """Queue the forward pass and sampling of ``plan`` on the device without
-        waiting for them; on failure end the plan's requests (into ``failed``)."""
+        waiting for them; on failure end the plan's requests (into ``failed``).
+
+        Structured output: when the pass samples a constrained row and ``prev`` is
+        in flight, ``prev`` is resolved between this pass's forward and its
+        sampling (into ``failed``): the grammar masks need ``prev``'s tokens, and
+        reading them waits only for ``prev`` (earlier on the stream), so the masks
+        are computed while this pass's forward runs on the device."""
         try:
             # the in-flight pass's tokens: inputs of this pass, counted by penalties
             pending = prev.tokens if prev is not None else None
             logits, prompt_logprobs = self.runner.run(plan.chunks, pending)
-            to_sample = [c.seq for c in plan.chunks if c.samples]
+        except Exception as err:  # a failed pass ends its own requests, not the engine
+            return self._launch_failed(plan, err, failed)
+        to_sample = [c.seq for c in plan.chunks if c.samples]
+        spans = _score_prompts(plan) if prompt_logprobs is not None else None
+        self.scheduler.commit(plan)  # before prev's resolve may end one of its sequences
+        mark_scheduled([c.seq for c in plan.chunks])
+        if prev is not None and grammar_mask.any_constrained(to_sample):
+            failed.extend(self._resolve_guarded(prev))
+            prev.resolved = True
+        try:
             tokens, token_logprobs = sample_next_tokens(
                 logits, to_sample, self.eos_token_ids, self.vocab_size, pending
             )
             host_tokens, (token_logprobs, prompt_logprobs), ready = _read_back(
                 tokens, token_logprobs, prompt_logprobs
             )
-        except Exception as err:  # a failed pass ends its own requests, not the engine
-            log.exception("forward pass failed")
-            if self.relay is not None:  # the group is unusable now
-                err = self.relay.failed(err)
-            failed.extend(self._fail([c.seq for c in plan.chunks], err))
-            return None
-        spans = _score_prompts(plan) if prompt_logprobs is not None else None
-        self.scheduler.commit(plan)
-        mark_scheduled([c.seq for c in plan.chunks])
+        except Exception as err:
+            return self._launch_failed(plan, err, failed)
         slots = []
         for row, seq in enumerate(to_sample):
             slots.append(len(seq.token_ids))
@@ -313,6 +326,14 @@ class EngineCore:
         return _Launched(
             to_sample, slots, tokens, host_tokens, ready, token_logprobs, prompt_logprobs, spans
         )
+
+    def _launch_failed(
+        self, plan: SchedulerOutput, err: Exception, failed: list[StepOutput]
+    ) -> None:
+        log.exception("forward pass failed")
+        if self.relay is not None:  # the group is unusable now
+            err = self.relay.failed(err)
+        failed.extend(self._fail([c.seq for c in plan.chunks], err))
 
     def _resolve(self, launched: _Launched) -> list[StepOutput]:
         """Wait for a launched pass's tokens and turn them into response pieces."""

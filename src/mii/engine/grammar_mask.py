@@ -10,19 +10,32 @@ matcher (``accept``, from ``EngineCore._resolve``), exactly once per token:
 preemption recomputes a sequence's KV but samples no token it already has, so
 its matcher stays valid across it.
 
-The mask of pass N+1 needs the tokens of pass N on the host, so a pass that
-samples a constrained row is resolved synchronously, even under async
-scheduling (``EngineCore.step``).
+Async scheduling: the mask of pass N+1 needs the tokens of pass N on the host.
+``EngineCore._launch`` queues N+1's forward, then reads N back (which waits for
+N only) and advances the matchers, and only then builds the masks and queues
+N+1's sampling: the host's mask work overlaps N+1's forward on the device.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from mii.engine.sequence import Sequence
 from mii.ops.transfer import upload
+
+_BATCH = None  # xgrammar's BatchGrammarMatcher: a thread pool, made on first use
+
+
+def _batch_matcher() -> Any:
+    global _BATCH
+    if _BATCH is None:
+        import xgrammar
+
+        _BATCH = xgrammar.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
+    return _BATCH
 
 
 def new_matcher(compiled: Any) -> Any:
@@ -43,10 +56,16 @@ def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> 
     tensors.)"""
     import xgrammar
 
-    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    # (a row whose request ended meanwhile, its token to be discarded, is left alone)
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
+    if not rows:
+        return logits
     bitmask = xgrammar.allocate_token_bitmask(len(rows), vocab_size)  # host, int32
-    for j, i in enumerate(rows):
-        seqs[i].grammar.fill_next_token_bitmask(bitmask, j)
+    matchers = [seqs[i].grammar for i in rows]
+    if len(matchers) == 1:
+        matchers[0].fill_next_token_bitmask(bitmask, 0)
+    else:  # the rows in parallel, on xgrammar's threads (the GIL released)
+        _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask)
     width = logits.shape[-1]
     index = None
     if len(rows) == len(seqs):  # every row constrained

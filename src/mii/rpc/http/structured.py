@@ -20,6 +20,7 @@ request used.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from mii.rpc.http.errors import ApiError
@@ -111,7 +112,14 @@ def structured_options(body: Any) -> dict[str, Any]:
             f"at most one structured-output constraint per request (got {fields}); keep one",
             given[1][0],
         )
-    return {option: value for _, option, value in given}
+    options = {option: value for _, option, value in given}
+    schema = options.get("json_schema")
+    if schema is not None and not isinstance(schema, str):  # the message carries its text
+        try:
+            options["json_schema"] = json.dumps(schema, ensure_ascii=False)
+        except (TypeError, ValueError):
+            raise ApiError(400, "the JSON schema is not JSON-serialisable", given[0][0]) from None
+    return options
 
 
 def structured_field_names(body: Any) -> dict[str, str]:

@@ -1,0 +1,250 @@
+"""Structured output through every server surface (issue 18, items 1, 4): OpenAI's
+``response_format`` (json_object, json_schema) on ``/v1/completions`` and
+``/v1/chat/completions``, vLLM's ``guided_json``, ``guided_regex``,
+``guided_choice``, ``guided_grammar`` and ``structured_outputs``, mii's REST
+route and gRPC (``json_schema``, ``regex``, ``choice``, ``grammar``); bad
+constraints are a 400 / INVALID_ARGUMENT naming the field, and the deployment
+keeps serving.
+
+One deployment (one replica) of a tiny random Llama with a ChatML template: the
+constraint alone makes its answers valid.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import httpx
+import jsonschema
+import openai
+import pytest
+
+import mii
+from chat_tokenizers import chatml_tokenizer
+from helpers import save_checkpoint, tiny_config
+from json_schemas import generate_schemas
+from mii.errors import InvalidRequestError
+from mii.rpc import mii_pb2, mii_pb2_grpc
+from mii.rpc.deployment import free_port
+from mii.rpc.status import FIELD_METADATA
+
+PROMPT = "DeepSpeed is"
+USER = [{"role": "user", "content": "Describe a person as JSON."}]
+SCHEMA = generate_schemas(3, seed=11)[2]
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+REGEX = r"[A-Z][a-z]{1,4} [0-9]{2}"
+BUDGET = 200
+
+
+@dataclass
+class Served:
+    client: mii.rpc.client.MiiClient
+    name: str
+    oai: openai.OpenAI
+    http: httpx.Client
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    tok = chatml_tokenizer()
+    path = tmp_path_factory.mktemp("structured-llama")
+    save_checkpoint(path, tiny_config("llama", tok), tok)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("mii-cache")))
+        rest_port = free_port()
+        name = f"structured-{uuid.uuid4().hex[:8]}"
+        client = mii.serve(
+            str(path),
+            deployment_name=name,
+            enable_restful_api=True,
+            restful_api_port=rest_port,
+            port=free_port(),
+            max_num_seqs=8,
+        )
+        url = f"http://127.0.0.1:{rest_port}"
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        http = httpx.Client(base_url=url, timeout=60)
+        try:
+            yield Served(client, name, oai, http)
+        finally:
+            http.close()
+            oai.close()
+            client.terminate_server()
+
+
+def valid(text: str, schema: dict) -> bool:
+    jsonschema.validate(json.loads(text), schema)
+    return True
+
+
+def matches(pattern: str):
+    return lambda text: re.fullmatch(pattern, text) is not None
+
+
+def test_response_format_on_chat_and_completions(served):
+    json_schema = {"name": "person", "schema": PERSON, "strict": True}
+    for response_format, schema in (
+        ({"type": "json_schema", "json_schema": json_schema}, PERSON),
+        ({"type": "json_object"}, {"type": "object"}),
+    ):
+        chat = served.oai.chat.completions.create(
+            model=served.name,
+            messages=USER,
+            max_tokens=BUDGET,
+            response_format=response_format,
+            n=2,
+            seed=3,
+        )
+        for choice in chat.choices:
+            assert choice.finish_reason == "stop"
+            valid(choice.message.content, schema)
+        completion = served.oai.completions.create(
+            model=served.name,
+            prompt=PROMPT,
+            max_tokens=BUDGET,
+            extra_body={"response_format": response_format},
+        )
+        assert completion.choices[0].finish_reason == "stop"
+        valid(completion.choices[0].text, schema)
+    # Streamed: the deltas join to a valid object.
+    stream = served.oai.chat.completions.create(
+        model=served.name,
+        messages=USER,
+        max_tokens=BUDGET,
+        response_format={"type": "json_schema", "json_schema": json_schema},
+        stream=True,
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    valid(text, PERSON)
+
+
+def test_vllm_fields(served):
+    cases = [
+        ({"guided_json": SCHEMA}, lambda t: valid(t, SCHEMA)),
+        ({"guided_json": json.dumps(SCHEMA)}, lambda t: valid(t, SCHEMA)),
+        ({"guided_regex": REGEX}, matches(REGEX)),
+        ({"guided_choice": ["left", "right"]}, lambda t: t in ("left", "right")),
+        ({"guided_grammar": 'root ::= "x" [0-9]+'}, matches(r"x\d+")),
+        ({"structured_outputs": {"json": SCHEMA}}, lambda t: valid(t, SCHEMA)),
+        ({"structured_outputs": {"regex": REGEX}}, matches(REGEX)),
+        ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+    ]
+    for extra, check in cases:
+        completion = served.oai.completions.create(
+            model=served.name, prompt=PROMPT, max_tokens=BUDGET, seed=1, extra_body=extra
+        )
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop", (extra, choice.text)
+        assert check(choice.text), (extra, choice.text)
+        chat = served.oai.chat.completions.create(
+            model=served.name, messages=USER, max_tokens=BUDGET, extra_body=extra
+        )
+        assert check(chat.choices[0].message.content), extra
+
+
+def assert_400(response: httpx.Response, param: str, words: str = "") -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, response.text
+    assert words in error["message"], response.text
+
+
+def test_bad_constraints_are_400_naming_the_field(served):
+    completion = {"model": served.name, "prompt": PROMPT, "max_tokens": 4}
+    chat = {"model": served.name, "messages": USER, "max_tokens": 4}
+    bad = [
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", ""),
+        ({"response_format": {"type": "xml"}}, "response_format.type", "xml"),
+        (  # compiled by the replica's engine: its error names the request's field
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+            "response_format",
+            "",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "contains": {}}},
+                }
+            },
+            "response_format",
+            "contains",
+        ),
+        ({"guided_regex": "a(b"}, "guided_regex", "parenthesis"),
+        ({"guided_grammar": "root ::= "}, "guided_grammar", ""),
+        ({"guided_choice": []}, "guided_choice", ""),
+        ({"guided_json": "{oops"}, "guided_json", "JSON"),
+        ({"structured_outputs": {"regex": "(?!x)y"}}, "structured_outputs.regex", "lookaround"),
+        ({"structured_outputs": {"xml": "<a/>"}}, "structured_outputs.xml", "xml"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "at most one"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", ""),
+    ]
+    for extra, param, words in bad:
+        for route, body in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+            assert_400(served.http.post(route, json={**body, **extra}), param, words)
+    streamed = {**completion, "stream": True, "guided_regex": "a(b"}
+    assert_400(served.http.post("/v1/completions", json=streamed), "guided_regex")
+    # The deployment still serves.
+    ok = served.http.post("/v1/completions", json={**completion, "guided_choice": ["fine"]})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "fine"
+
+
+def test_rest_route_and_grpc(served):
+    url = f"/mii/{served.name}"
+    body = {"prompts": [PROMPT, "Seattle is"], "max_new_tokens": BUDGET, "json_schema": SCHEMA}
+    response = served.http.post(url, json=body)
+    assert response.status_code == 200, response.text
+    for answer in response.json():
+        assert answer["finish_reason"] == "stop"
+        valid(answer["generated_text"], SCHEMA)
+    for extra, field in (
+        ({"json_schema": {"type": "nonsense"}}, "json_schema"),
+        ({"regex": "a(b"}, "regex"),
+    ):
+        plain = {k: v for k, v in body.items() if k != "json_schema"}
+        refused = served.http.post(url, json={**plain, **extra})
+        assert refused.status_code == 400 and refused.json()["error"]["field"] == field
+
+    # mii.client (gRPC)
+    for options, check in (
+        ({"json_schema": SCHEMA}, lambda t: valid(t, SCHEMA)),
+        ({"regex": REGEX}, matches(REGEX)),
+        ({"choice": ["a b", "c"]}, lambda t: t in ("a b", "c")),
+        ({"grammar": 'root ::= "[" [0-9] "]"'}, matches(r"\[\d\]")),
+    ):
+        [answer] = served.client.generate([PROMPT], max_new_tokens=BUDGET, **options)
+        assert answer.finish_reason == "stop"
+        assert check(answer.generated_text), (options, answer.generated_text)
+    for options, field in (({"regex": "a(b"}, "regex"), ({"grammar": "x"}, "grammar")):
+        with pytest.raises(InvalidRequestError) as err:
+            served.client.generate([PROMPT], max_new_tokens=2, **options)
+        assert err.value.field == field
+
+    # Raw gRPC: the typed fields 40-44.
+    with grpc.insecure_channel(served.client.address) as channel:
+        stub = mii_pb2_grpc.MiiStub(channel)
+        options_pb = mii_pb2.GenerationOptions(max_new_tokens=BUDGET, choice=["p", "q"])
+        reply = stub.Generate(mii_pb2.GenerateRequest(prompts=[PROMPT], options=options_pb))
+        assert reply.responses[0].generated_text in ("p", "q")
+        for bad, field in (
+            (mii_pb2.GenerationOptions(json_schema="{oops"), "json_schema"),
+            (mii_pb2.GenerationOptions(regex="a(b"), "regex"),
+            (mii_pb2.GenerationOptions(regex="a", json_object=True), None),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(mii_pb2.GenerateRequest(prompts=[PROMPT], options=bad))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            if field is not None:
+                assert dict(err.value.trailing_metadata())[FIELD_METADATA] == field
