@@ -8,6 +8,10 @@
   ``LLAMA2_TEMPLATE`` and ``MISTRAL_TEMPLATE`` start their turns with ``{{ bos_token }}``.
 - ``llama3_tokenizer``: byte-level BPE with ``<|begin_of_text|>`` added by the
   post-processor, header and end-of-turn special tokens, and a Llama-3 template.
+- ``hermes_tokenizer``: the ChatML tokenizer with Qwen2.5's tool-calling template
+  (``QWEN_TOOLS_TEMPLATE``: tools in the system turn, ``<tool_call>`` JSON in
+  assistant turns, results as ``<tool_response>``) and ``<tool_call>`` /
+  ``</tool_call>`` as added (not special) tokens, as Qwen2.5 has them.
 """
 
 from __future__ import annotations
@@ -65,6 +69,44 @@ LLAMA3_TEMPLATE = (
     "{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
     "{% endif %}"
+)
+
+
+# Qwen/Qwen2.5-7B-Instruct's template (its tool-calling part, as published).
+QWEN_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}"
+    '{{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user '
+    "query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:"
+    '\\n<tools>" }}'
+    '{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}'
+    '{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name '
+    "and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    '{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call>'
+    '<|im_end|>\\n" }}'
+    "{%- else %}{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endif %}"
+    "{%- for message in messages %}"
+    '{%- if (message.role == "user") or (message.role == "system" and not loop.first) or '
+    '(message.role == "assistant" and not message.tool_calls) %}'
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == \"assistant\" %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' }}{{- tool_call.name }}'
+    "{{- '\", \"arguments\": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    '{%- elif message.role == "tool" %}'
+    '{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}'
+    "{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    '{%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}'
+    "{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 
@@ -132,3 +174,12 @@ def llama3_tokenizer() -> PreTrainedTokenizerFast:
     fast.add_special_tokens({"additional_special_tokens": specials[2:]})
     fast.chat_template = LLAMA3_TEMPLATE
     return fast
+
+
+def hermes_tokenizer() -> PreTrainedTokenizerFast:
+    """The ChatML tokenizer with Qwen2.5's tool-calling template; ``<tool_call>`` and
+    ``</tool_call>`` are added tokens that are not special (as in Qwen2.5)."""
+    tok = chatml_tokenizer()
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    tok.chat_template = QWEN_TOOLS_TEMPLATE
+    return tok

@@ -406,7 +406,9 @@ def test_openai_invalid_requests(served):
         400,
         "max_completion_tokens",
     )
-    assert_openai_error(post("/v1/chat/completions", json={**chat, "tools": [{}]}), 400, "tools")
+    assert_openai_error(
+        post("/v1/chat/completions", json={**chat, "tools": [{}]}), 400, "tools.0.type"
+    )
     assert_openai_error(post("/v1/chat/completions", json={**chat, "top_p": 0}), 400, "top_p")
     assert_openai_error(post("/v1/nowhere", json={}), 404, None)
 

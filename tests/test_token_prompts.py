@@ -362,7 +362,7 @@ IGNORED = {
     "reasoning_effort": "low",
     "verbosity": "low",
 }
-CHAT_ONLY = {"parallel_tool_calls": False, "modalities": ["text"]}
+CHAT_ONLY = {"modalities": ["text"]}  # parallel_tool_calls is honoured (tool calling)
 
 
 def test_ignored_fields_are_accepted_and_logged_once(served):

@@ -43,6 +43,12 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         + " (default: the demo model, deployment name mii-demo)",
     )
     add_deployment_options(parser)
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="accepted for vllm serve's command lines: tool_choice 'auto' is on whenever "
+        "--tool-call-parser is given (this flag without it is an error)",
+    )
     add_engine_options(parser, SERVE_ENGINE_OPTIONS)
     parser.set_defaults(func=serve)
 
@@ -53,6 +59,8 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
     if model is None:
         model = _demo_model()
         options.setdefault("deployment_name", "mii-demo")
+    if getattr(args, "enable_auto_tool_choice", False) and "tool_call_parser" not in options:
+        raise CliError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json)")
     try:
         return DeploymentConfig.parse(
             model, **options, **engine_options(args, SERVE_ENGINE_OPTIONS)

@@ -155,6 +155,13 @@ class DeploymentConfig(GpuLayout):
         description="chat template (Jinja) of /v1/chat/completions, replacing the "
         "tokenizer's: a file path, or the template itself (default: the tokenizer's)",
     )
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="how /v1/chat/completions finds tool calls in the model's text, for "
+        "tool_choice 'auto': hermes (<tool_call> JSON: Hermes, Qwen2.5, Qwen3) or "
+        "llama3_json (Llama 3.1 JSON calls) (default: none; 'auto' is then refused, "
+        "'required' and named functions work without one)",
+    )
     stats_log_interval_s: float = Field(
         default=10.0,
         ge=0,
@@ -254,6 +261,15 @@ class DeploymentConfig(GpuLayout):
         # The text itself: parse() has read a file path already (once, where the
         # user gave it), so the deployment process never reinterprets it.
         return None if value is None else checked_template(value)
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_parser(cls, value: str | None) -> str | None:
+        from mii.rpc.http.tool_parsers import get_parser  # a plain module: no web framework
+
+        if value is not None:
+            get_parser(value)  # ValueError listing the known names
+        return value
 
     @field_validator("allowed_hosts", "allowed_origins", "served_model_name")
     @classmethod

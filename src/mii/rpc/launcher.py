@@ -29,7 +29,8 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     allowed_hosts=None, allowed_origins=None, max_request_bytes=8 MiB,
     http_header_timeout=10.0, http_keep_alive_timeout=5.0,
     http_max_connections=1000``; the OpenAI API: ``served_model_name=None`` (a name or a
-    list), ``chat_template=None`` (a file path or the template); the log's throughput
+    list), ``chat_template=None`` (a file path or the template),
+    ``tool_call_parser=None`` ("hermes" or "llama3_json": tool_choice "auto"); the log's throughput
     line: ``stats_log_interval_s=10``; supervision and shutdown: ``replica_timeout_s=30,
     replica_max_restarts=5, replica_restart_window_s=600, replica_restart_backoff_s=1,
     replica_unresponsive_restart_s=120, shutdown_grace_s=30``, ...) and engine

@@ -33,6 +33,8 @@ Modules, from the wire inwards:
 - ``field_policy``: OpenAI fields that change nothing generated (ignored, logged once).
 - ``openai_answers``: the JSON of OpenAI's answers, whole or as stream chunks.
 - ``chat``: chat messages to a prompt (the tokenizer's template or a fallback).
+- ``tools``, ``tool_protocol``, ``tool_parsers``: tool calling on chat completions
+  (what ``tool_choice`` means; the ``tools`` fields; reading calls in the answer).
 - ``choices``, ``sse``: running every choice of a request; streaming them as SSE.
 - ``errors``: error bodies and the exception handlers.
 - ``disconnect``: aborting the work of clients that leave.

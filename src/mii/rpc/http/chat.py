@@ -18,11 +18,20 @@ vLLM's request options shape the template's output (``template_options``):
 answer continues the last message, which stays open; only without a generation
 prompt) and ``chat_template_kwargs`` (more template variables, such as
 ``enable_thinking``). The fallback honours the first two.
+
+A request's ``tools`` go to the template as ``apply_chat_template(..., tools=...)``
+(the fallback puts them first, as a ``"tools: [...]"`` line). Assistant messages
+with ``tool_calls`` and ``tool`` messages (results) go to it as they came, except
+that a call's ``function.arguments``, JSON text in OpenAI's API, is given as the
+object it encodes: the templates of tool-calling models (Qwen2.5, Hermes, Llama
+3.1) write ``arguments | tojson``, which would quote the text again (vLLM does
+the same).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from typing import Any
 
 from mii.errors import InvalidRequestError
@@ -66,8 +75,25 @@ def chat_items(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     for i, message in enumerate(messages):
         item = message.model_dump(exclude_none=True)
         item["content"] = _text_content(message.content, i)
+        if isinstance(item.get("tool_calls"), list):
+            item["tool_calls"] = [_with_decoded_arguments(c) for c in item["tool_calls"]]
         items.append(item)
     return items
+
+
+def _with_decoded_arguments(call: Any) -> Any:
+    """A tool call whose ``function.arguments`` JSON text is replaced by the object
+    it encodes (text that is not a JSON object stays text)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    if not isinstance(arguments, dict):
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def chat_prompt_ids(
@@ -76,6 +102,7 @@ def chat_prompt_ids(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """The prompt's token ids for ``messages``: those of the tokenizer's chat
     template (``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``),
@@ -83,11 +110,14 @@ def chat_prompt_ids(
 
     ``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``
     (extra template variables) are passed to the template; without one, the first
-    ends the text with ``"assistant:"`` and the second leaves off the last ``"\\n"``."""
+    ends the text with ``"assistant:"`` and the second leaves off the last ``"\\n"``.
+    ``tools`` (OpenAI tool definitions) go to the template as its ``tools``."""
     check_messages(messages)
     variables = template_variables(tokenizer, chat_template_kwargs)  # checked either way
     if not getattr(tokenizer, "chat_template", None):
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+        if tools:
+            text = f"tools: {json.dumps(tools, ensure_ascii=False)}\n{text}"
         if continue_final_message:
             text = text.removesuffix("\n")
         if add_generation_prompt:
@@ -102,6 +132,7 @@ def chat_prompt_ids(
         # return_dict: the same answer on transformers 4 (ids by default) and 5
         # (a BatchEncoding by default).
         return_dict=True,
+        **({"tools": tools} if tools else {}),
         **variables,
     )
     return list(encoded["input_ids"])

@@ -12,8 +12,8 @@ with why each is safe to ignore; it is the one place to change the policy.
 Fields of the specification that *would* change the answer but cannot be
 honoured are refused with 400 naming them (here: ``audio`` output,
 ``modalities`` other than text, ``web_search_options``, the deprecated
-``functions``; elsewhere in :mod:`mii.rpc.http.openai_options`: tools,
-non-text ``response_format``, ``suffix``, ...). Names outside the
+``functions`` (use ``tools``); elsewhere in :mod:`mii.rpc.http.openai_options`:
+``suffix``, ``best_of``, ...). Names outside the
 specification and mii's documented extensions are refused with 400 ``unknown
 field`` (the request models forbid extra fields).
 """
@@ -37,7 +37,6 @@ IGNORED_FIELDS: dict[str, str] = {
     "store": "whether OpenAI stores the completion",
     "service_tier": "OpenAI's processing tier (billing and latency class)",
     "prompt_cache_key": "a routing hint for OpenAI's prompt cache (mii caches prefixes itself)",
-    "parallel_tool_calls": "how tool calls are made; this server makes none (tools are refused)",
     "prediction": "predicted output, a latency optimisation that does not change the answer",
     "modalities": "['text'] is all this server answers (other modalities are refused)",
     "reasoning_effort": "a setting of OpenAI's reasoning models; the models served here have none",
@@ -73,7 +72,6 @@ class SpecificationFields(BaseModel):
     store: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
-    parallel_tool_calls: bool | None = None
     prediction: dict[str, Any] | None = None
     modalities: list[str] | None = None
     reasoning_effort: str | None = None

@@ -11,10 +11,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mii.response import Response
 from mii.rpc.http.openai_logprobs import LogprobFormatter
+
+if TYPE_CHECKING:
+    from mii.rpc.http.tools import ToolPlan
 
 
 @dataclass(frozen=True)
@@ -58,14 +61,20 @@ CHAT_COMPLETION = AnswerKind(
 
 class Answer:
     """One request's answer: a fresh id and creation time, and its JSON objects.
-    ``logprobs`` formats the choices' logprobs (None: the request asked for none)."""
+    ``logprobs`` formats the choices' logprobs (None: the request asked for none);
+    ``tools``: how a chat answer's text becomes content and tool calls (None: no tools)."""
 
     def __init__(
-        self, kind: AnswerKind, model: str, logprobs: LogprobFormatter | None = None
+        self,
+        kind: AnswerKind,
+        model: str,
+        logprobs: LogprobFormatter | None = None,
+        tools: ToolPlan | None = None,
     ) -> None:
         self.kind = kind
         self.model = model
         self.logprobs = logprobs
+        self.tools = tools
         self.id = f"{kind.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -95,17 +104,32 @@ class Answer:
         }
         return self._frame(self.kind.chunk_object, [choice])
 
+    def delta_chunk(
+        self,
+        index: int,
+        delta: dict[str, Any],
+        finish_reason: str | None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One chat stream chunk for choice ``index`` with this ``delta`` (tool calls)."""
+        choice = {"index": index, "delta": delta, "logprobs": logprobs}
+        return self._frame(self.kind.chunk_object, [{**choice, "finish_reason": finish_reason}])
+
+    def _choice(self, index: int, r: Response) -> dict[str, Any]:
+        content, finish_reason = self.kind.content(r), r.finish_reason
+        if self.tools is not None:
+            message, finish_reason = self.tools.message(r)
+            content = {"message": message}
+        return {
+            "index": index,
+            **content,
+            "logprobs": self.logprobs.of_response(r) if self.logprobs else None,
+            "finish_reason": finish_reason,
+        }
+
     def whole(self, responses: list[Response], usage: dict[str, int]) -> dict[str, Any]:
         """The whole answer: every choice, by index, and the usage."""
-        choices = [
-            {
-                "index": index,
-                **self.kind.content(r),
-                "logprobs": self.logprobs.of_response(r) if self.logprobs else None,
-                "finish_reason": r.finish_reason,
-            }
-            for index, r in enumerate(responses)
-        ]
+        choices = [self._choice(index, r) for index, r in enumerate(responses)]
         return {
             **self._frame(self.kind.object, choices),
             "usage": usage,

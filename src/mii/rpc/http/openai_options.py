@@ -22,9 +22,11 @@ OpenAI options map onto mii's generation options as follows:
 - ``response_format`` (json_object, json_schema) and vLLM's ``guided_json``,
   ``guided_regex``, ``guided_choice``, ``guided_grammar``, ``structured_outputs``
   -> the constraint options (:mod:`mii.rpc.http.structured`).
+- chat only: ``tools``, ``tool_choice`` and ``parallel_tool_calls``: see
+  :mod:`mii.rpc.http.tools`.
 
 Options the engine cannot honour (``suffix``, ``best_of`` other than ``n``,
-tools, other response formats) are refused with 400 naming them, never
+other response formats) are refused with 400 naming them, never
 silently ignored. Fields that change nothing generated (``user``, ``store``,
 ...) are accepted and ignored with a logged warning: :mod:`mii.rpc.http.field_policy`.
 """
@@ -53,10 +55,6 @@ def refuse_chat(body: ChatCompletionRequest) -> None:
     _refuse_common(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    if body.tools:
-        raise ApiError(400, "tools (function calling) are not supported by this server", "tools")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise ApiError(400, "tool_choice is not supported by this server", "tool_choice")
 
 
 def _refuse_common(body: OpenAIRequest) -> None:

@@ -6,7 +6,8 @@ accepted, and ``model`` may be left out. How OpenAI's options map
 onto mii's is in :mod:`mii.rpc.http.openai_options`; ``n`` and ``seed`` in
 :mod:`mii.rpc.http.choices`; ``stream`` (SSE, ended by ``data: [DONE]``) and
 ``stream_options.include_usage`` in :mod:`mii.rpc.http.sse`; chat prompts in
-:mod:`mii.rpc.http.chat`. Fields of OpenAI's specification that change nothing
+:mod:`mii.rpc.http.chat`; ``tools`` and ``tool_choice`` in
+:mod:`mii.rpc.http.tools`. Fields of OpenAI's specification that change nothing
 generated are ignored with a warning, unknown fields refused with 400
 (:mod:`mii.rpc.http.field_policy`). ``prompt`` may be token ids: one list of
 ids, or a list of them.
@@ -42,6 +43,7 @@ from mii.rpc.http.openai_options import (
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from mii.rpc.http.sse import stream_choices
 from mii.rpc.http.state import GatewayState, get_state
+from mii.rpc.http.tools import add_tool_options, tool_plan, warn_template_without_tools
 from mii.rpc.http.vocabulary import check_known_ids
 
 router = APIRouter(prefix="/v1", route_class=LimitedRoute)
@@ -158,12 +160,23 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     template = template_options(
         body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
     )
+    tools = tool_plan(body, state.tool_call_parser)
+    if tools is not None:
+        template["tools"] = tools.tools
+        warn_template_without_tools(state.tokenizer)
     with openai_errors(renames):
         params = generation_options(body, max_tokens)
+        if tools is not None:
+            add_tool_options(params, tools, renames)
         # A template over many messages takes a while: keep the event loop free.
         prompt = await run_off_loop(
             functools.partial(chat_prompt, **template), state.tokenizer, body.messages
         )
     choices = Choices([prompt], params, body.n, body.seed)
-    answer = Answer(CHAT_COMPLETION, state.served_model, _formatter(state, params, chat=True))
+    answer = Answer(
+        CHAT_COMPLETION,
+        state.served_model,
+        _formatter(state, params, chat=True),
+        tools if tools is not None and tools.mode != "none" else None,
+    )
     return await _respond(request, state, body, choices, renames, answer)

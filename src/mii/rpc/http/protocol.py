@@ -17,6 +17,7 @@ from mii.config import OPENAI_COMPLETIONS_MAX_TOKENS
 from mii.errors import InvalidRequestError
 from mii.rpc.convert import prompt_list
 from mii.rpc.http.field_policy import SpecificationFields, StreamOptions
+from mii.rpc.http.tool_protocol import ChatTool, ToolChoice
 
 MAX_CHOICES = 128  # n times the number of prompts, per OpenAI request
 
@@ -134,7 +135,9 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # e.g. tool_calls, passed to the template
+    # Other keys (tool_calls of an assistant message, tool_call_id of a tool result)
+    # are passed to the template as they are (tool call arguments: see chat.py).
+    model_config = ConfigDict(extra="allow")
 
     role: str
     content: str | list[ContentPart] | None = None
@@ -148,8 +151,10 @@ class ChatCompletionRequest(OpenAIRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    # Tool calling (mii.rpc.http.tools)
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM's chat template extensions (mii.rpc.http.chat)
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None  # None: not continue_final_message

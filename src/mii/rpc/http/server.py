@@ -131,6 +131,7 @@ async def start_gateway(
             deployment_name=info.deployment_name or config.deployment_name,
             model=info.model or config.model,
             served_model_names=list(config.served_model_name or ()),
+            tool_call_parser=config.tool_call_parser,
             max_length=info.max_length,
             tokenizer=tokenizer,
             created=int(time.time()),

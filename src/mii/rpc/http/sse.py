@@ -30,6 +30,7 @@ from mii.rpc.http.errors import (
 from mii.rpc.http.openai_answers import Answer
 from mii.rpc.http.openai_logprobs import LogprobFormatter
 from mii.rpc.http.state import GatewayState
+from mii.rpc.http.tools import ToolStreams
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -116,17 +117,22 @@ async def stream_choices(
                 for index in range(choices.total):
                     yield event(answer.chunk(index, "", None, "assistant"))
             logprobs = StreamedLogprobs(answer.logprobs)
+            tools = ToolStreams(answer.tools) if answer.tools is not None else None
             item = first
             while item is not None:
                 index, piece = item
                 usage.add(index, piece)
                 logprobs.add(index, piece)
-                if piece.generated_text:
+                if tools is not None:  # content and tool_calls deltas
+                    for delta, finish in tools.chunks(index, piece):
+                        chunk_logprobs = logprobs.take(index, delta.get("content") or "")
+                        yield event(answer.delta_chunk(index, delta, finish, chunk_logprobs))
+                elif piece.generated_text:
                     chunk_logprobs = logprobs.take(index, piece.generated_text)
                     yield event(
                         answer.chunk(index, piece.generated_text, None, None, chunk_logprobs)
                     )
-                if piece.finish_reason is not None:
+                if piece.finish_reason is not None and tools is None:
                     chunk_logprobs = logprobs.take(index, "")
                     yield event(
                         answer.chunk(index, None, piece.finish_reason, None, chunk_logprobs)

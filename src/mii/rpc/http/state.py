@@ -28,6 +28,9 @@ class GatewayState:
     max_admitted_requests: int | None = None
     # The deployment's served_model_name: the OpenAI API's names of the model.
     served_model_names: list[str] = field(default_factory=list)
+    # The deployment's tool_call_parser: what reads tool calls in answers to tool_choice
+    # "auto" (None: "auto" is refused; "required" and named functions need none).
+    tool_call_parser: str | None = None
 
     @property
     def served_model(self) -> str:

@@ -3,7 +3,7 @@
 - ``/tokenize`` takes ``prompt`` (a text; ``add_special_tokens``, default true: the
   ids the engine makes of that text as a completions prompt) or ``messages`` (a
   chat; ``add_generation_prompt`` default true, ``continue_final_message``,
-  ``chat_template_kwargs``, ``add_special_tokens`` default false: the ids of
+  ``chat_template_kwargs``, ``tools``, ``add_special_tokens`` default false: the ids of
   the chat template, exactly those ``/v1/chat/completions`` sends the engine),
   and ``model`` (optional). It answers ``{"count", "max_model_len", "tokens"}``,
   plus ``"token_strs"`` (the tokenizer's string of each id) with
@@ -47,6 +47,7 @@ from mii.rpc.http.limits import LimitedRoute, run_off_loop
 from mii.rpc.http.openai_routes import check_model
 from mii.rpc.http.protocol import ChatMessage
 from mii.rpc.http.state import get_state
+from mii.rpc.http.tool_protocol import ChatTool
 from mii.rpc.http.vocabulary import check_known_ids
 
 router = APIRouter(route_class=LimitedRoute)  # errors in OpenAI's shape: errors.is_openai_path
@@ -77,6 +78,10 @@ class TokenizeRequest(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None, description="messages: extra variables for the chat template."
     )
+    tools: list[ChatTool] | None = Field(
+        default=None,
+        description="messages: the tools, as the chat route gives them to the template.",
+    )
     return_token_strs: bool = Field(
         default=False, description="Also answer each token's string (token_strs)."
     )
@@ -101,15 +106,18 @@ def _check_text(text: str, field: str) -> None:
 
 def _chat_options(body: TokenizeRequest) -> dict[str, Any]:
     """The chat template's options of a messages body (400 for those of a prompt body)."""
-    chat_only = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
+    chat_only = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools")
     if body.messages is None:
         for name in chat_only:
             if name in body.model_fields_set:
                 raise ApiError(400, f"{name} applies to messages, not to a prompt", name)
         return {}
-    return template_options(
+    options = template_options(
         body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
     )
+    if body.tools:
+        options["tools"] = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    return options
 
 
 def tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
@@ -129,6 +137,7 @@ def tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
             add_generation_prompt=options["add_generation_prompt"],
             continue_final_message=options["continue_final_message"],
             tokenize=False,
+            **({"tools": options["tools"]} if "tools" in options else {}),
             **template_variables(tokenizer, options["chat_template_kwargs"]),
         )
         return list(tokenizer(text, add_special_tokens=True).input_ids)
