@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -239,3 +244,50 @@ def descendants(pid: int) -> set[int]:
             found.add(child)
             todo.append(child)
     return found
+
+
+@dataclass
+class Served:
+    """A deployment of a test model with its REST API on, and clients of it."""
+
+    client: Any  # mii.rpc.client.MiiClient
+    name: str  # the deployment's name
+    model: str  # the model path it serves
+    url: str  # http://127.0.0.1:PORT
+    oai: Any  # openai.OpenAI on url/v1
+    http: Any  # httpx.Client on url
+
+
+@contextmanager
+def served_deployment(model_path: str, cache_dir: Path, prefix: str, **options) -> Iterator[Served]:
+    """``mii.serve`` of ``model_path`` on free loopback ports (REST on), with
+    ``MII_CACHE_DIR`` set to ``cache_dir`` while it lives (its registry record is
+    there); the deployment is terminated and the clients closed on exit."""
+    import httpx
+    import openai
+    import pytest
+
+    import mii
+    from mii.rpc.deployment import free_port
+
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    rest_port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MII_CACHE_DIR", str(cache_dir))
+        client = mii.serve(
+            model_path,
+            deployment_name=name,
+            enable_restful_api=True,
+            restful_api_port=rest_port,
+            port=free_port(),
+            **options,
+        )
+        url = f"http://127.0.0.1:{rest_port}"
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        http = httpx.Client(base_url=url, timeout=60)
+        try:
+            yield Served(client, name, model_path, url, oai, http)
+        finally:
+            http.close()
+            oai.close()
+            client.terminate_server()

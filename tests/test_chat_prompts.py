@@ -12,11 +12,7 @@ tokenizer decode as the tokenizer does.
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
-
 import grpc
-import openai
 import pytest
 
 import mii
@@ -27,11 +23,10 @@ from chat_tokenizers import (
     llama3_tokenizer,
     metaspace_tokenizer,
 )
-from helpers import save_checkpoint, tiny_config
+from helpers import save_checkpoint, served_deployment, tiny_config
 from mii.errors import InvalidRequestError
 from mii.rpc import mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import options_to_proto, prompts_from_proto, request_for
-from mii.rpc.deployment import free_port
 from mii.rpc.http.chat import chat_prompt_ids
 
 NEW = 8
@@ -142,32 +137,9 @@ def pipe(model_path):
 
 @pytest.fixture(scope="module")
 def served(model_path, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("mii-cache")))
-        rest_port = free_port()
-        client = mii.serve(
-            model_path,
-            deployment_name=f"chat-prompts-{uuid.uuid4().hex[:8]}",
-            enable_restful_api=True,
-            restful_api_port=rest_port,
-            port=free_port(),
-            max_num_seqs=4,
-        )
-        oai = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{rest_port}/v1", api_key="none", max_retries=0, timeout=60
-        )
-        try:
-            yield Served(client, oai, model_path)
-        finally:
-            oai.close()
-            client.terminate_server()
-
-
-@dataclass
-class Served:
-    client: mii.rpc.client.MiiClient
-    oai: openai.OpenAI
-    model: str
+    cache = tmp_path_factory.mktemp("mii-cache")
+    with served_deployment(model_path, cache, "chat-prompts", max_num_seqs=4) as deployment:
+        yield deployment
 
 
 def greedy(pipe, prompt, **options) -> mii.Response:

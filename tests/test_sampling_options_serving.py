@@ -11,9 +11,6 @@ the expected answers.
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
-
 import grpc
 import httpx
 import openai
@@ -21,10 +18,9 @@ import pytest
 
 import mii
 from chat_tokenizers import chatml_tokenizer
-from helpers import save_checkpoint, tiny_config
+from helpers import save_checkpoint, served_deployment, tiny_config
 from mii.errors import InvalidRequestError
 from mii.rpc import mii_pb2, mii_pb2_grpc
-from mii.rpc.deployment import free_port
 from mii.rpc.status import FIELD_METADATA
 
 NEW = 10
@@ -40,14 +36,6 @@ TEMPLATE = (
 )
 USER = [{"role": "user", "content": "Seattle is"}]
 PARTIAL = [*USER, {"role": "assistant", "content": "a city"}]
-
-
-@dataclass
-class Served:
-    client: mii.rpc.client.MiiClient
-    name: str
-    oai: openai.OpenAI
-    http: httpx.Client
 
 
 @pytest.fixture(scope="module")
@@ -72,27 +60,9 @@ def pipe(model_path):
 
 @pytest.fixture(scope="module")
 def served(model_path, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("mii-cache")))
-        rest_port = free_port()
-        name = f"sampling-options-{uuid.uuid4().hex[:8]}"
-        client = mii.serve(
-            model_path,
-            deployment_name=name,
-            enable_restful_api=True,
-            restful_api_port=rest_port,
-            port=free_port(),
-            max_num_seqs=4,
-        )
-        url = f"http://127.0.0.1:{rest_port}"
-        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-        http = httpx.Client(base_url=url, timeout=60)
-        try:
-            yield Served(client, name, oai, http)
-        finally:
-            http.close()
-            oai.close()
-            client.terminate_server()
+    cache = tmp_path_factory.mktemp("mii-cache")
+    with served_deployment(model_path, cache, "sampling-options", max_num_seqs=4) as deployment:
+        yield deployment
 
 
 def greedy(pipe, prompt, **options) -> mii.Response:

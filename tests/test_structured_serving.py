@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
-from dataclasses import dataclass
 
 import grpc
 import httpx
 import jsonschema
-import openai
 import pytest
 
-import mii
 from chat_tokenizers import chatml_tokenizer
-from helpers import save_checkpoint, tiny_config
+from helpers import save_checkpoint, served_deployment, tiny_config
 from json_schemas import generate_schemas
 from mii.errors import InvalidRequestError
 from mii.rpc import mii_pb2, mii_pb2_grpc
-from mii.rpc.deployment import free_port
 from mii.rpc.status import FIELD_METADATA
 
 PROMPT = "DeepSpeed is"
@@ -48,40 +43,14 @@ REGEX = r"[A-Z][a-z]{1,4} [0-9]{2}"
 BUDGET = 200
 
 
-@dataclass
-class Served:
-    client: mii.rpc.client.MiiClient
-    name: str
-    oai: openai.OpenAI
-    http: httpx.Client
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     tok = chatml_tokenizer()
     path = tmp_path_factory.mktemp("structured-llama")
     save_checkpoint(path, tiny_config("llama", tok), tok)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("mii-cache")))
-        rest_port = free_port()
-        name = f"structured-{uuid.uuid4().hex[:8]}"
-        client = mii.serve(
-            str(path),
-            deployment_name=name,
-            enable_restful_api=True,
-            restful_api_port=rest_port,
-            port=free_port(),
-            max_num_seqs=8,
-        )
-        url = f"http://127.0.0.1:{rest_port}"
-        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-        http = httpx.Client(base_url=url, timeout=60)
-        try:
-            yield Served(client, name, oai, http)
-        finally:
-            http.close()
-            oai.close()
-            client.terminate_server()
+    cache = tmp_path_factory.mktemp("mii-cache")
+    with served_deployment(str(path), cache, "structured", max_num_seqs=8) as deployment:
+        yield deployment
 
 
 def valid(text: str, schema: dict) -> bool:

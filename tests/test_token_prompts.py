@@ -18,16 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
-from dataclasses import dataclass
 
 import httpx
-import openai
 import pytest
 
 import mii
 from chat_tokenizers import CHATML_TEMPLATE, chatml_tokenizer
-from helpers import save_checkpoint, tiny_config
+from helpers import save_checkpoint, served_deployment, tiny_config
 from mii.errors import InvalidRequestError
 from mii.prompts import prompt_batch
 from mii.rpc import mii_pb2, registry
@@ -72,38 +69,11 @@ def pipe(model_path):
         yield p
 
 
-@dataclass
-class Served:
-    client: mii.rpc.client.MiiClient
-    name: str
-    model: str
-    oai: openai.OpenAI
-    http: httpx.Client
-
-
 @pytest.fixture(scope="module")
 def served(model_path, tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MII_CACHE_DIR", str(tmp_path_factory.mktemp("mii-cache")))
-        name = f"token-prompts-{uuid.uuid4().hex[:8]}"
-        rest_port = free_port()
-        client = mii.serve(
-            model_path,
-            deployment_name=name,
-            enable_restful_api=True,
-            restful_api_port=rest_port,
-            port=free_port(),
-            max_num_seqs=4,
-        )
-        url = f"http://127.0.0.1:{rest_port}"
-        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
-        http = httpx.Client(base_url=url, timeout=60)
-        try:
-            yield Served(client, name, model_path, oai, http)
-        finally:
-            http.close()
-            oai.close()
-            client.terminate_server()
+    cache = tmp_path_factory.mktemp("mii-cache")
+    with served_deployment(model_path, cache, "token-prompts", max_num_seqs=4) as deployment:
+        yield deployment
 
 
 def assert_400(response: httpx.Response, param: str) -> dict:
