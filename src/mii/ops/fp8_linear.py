@@ -94,7 +94,7 @@ def fp8_linear_scaled_mm(
     """x: [M, K] bfloat16 -> [M, N] bfloat16 on the FP8 tensor cores."""
     xq, x_scale = quantize_per_token(x)
     out = torch._scaled_mm(
-        xq,
+        xq.contiguous(),  # row-major first operand
         wq.t(),  # [K, N], column-major: the layout cuBLASLt wants for the second operand
         scale_a=x_scale,  # [M, 1]
         scale_b=scale.view(1, -1),  # [1, N]
