@@ -29,7 +29,7 @@ def hand_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantized_names(state: dict[str, torch.Tensor]) -> list[str]:
     """The weights quantization covers: every 2-D and 3-D matrix but the embedding,
     the LM head and MoE routers (``...mlp.gate.weight``, ``shared_expert_gate``)."""
-    skip = ("embed_tokens.", "lm_head.", ".gate.weight", "shared_expert_gate.")
+    skip = ("embed", "lm_head.", ".gate.weight", "shared_expert_gate.")
     return [n for n, t in state.items() if t.dim() >= 2 and not any(s in n for s in skip)]
 
 
