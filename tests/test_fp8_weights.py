@@ -123,17 +123,27 @@ def test_row_parallel_shards_quantize_with_whole_row_scales(checkpoints):
 
 
 def test_tensor_parallel_fp8_gives_the_tokens_of_one_rank(checkpoints, tokenizer, tmp_path):
+    """quantization="fp8" and a pre-quantized checkpoint (compressed-tensors, per-tensor
+    scales: q, k, v and each rank's rows keep theirs) on two ranks (gloo), with chunked
+    prefill and preemption: the tokens of one rank and of the oracle."""
+    from fp8_checkpoints import write_prequantized
     from test_tensor_parallel import job, run_torchrun
 
     path, hf_model = checkpoints("llama")
+    prequantized = tmp_path / "prequantized"
+    write_prequantized(prequantized, hf_model, tokenizer, "compressed-tensors", per_tensor=True)
     options = {**TIGHT_OPTIONS, "quantization": "fp8"}
-    [rank0, rank1] = run_torchrun(tmp_path, 2, [job(path, options)])
-    with mii.pipeline(str(path), **options) as pipe:
-        single = pipe(PROMPTS, do_sample=False, max_new_tokens=16)
-    assert rank0[0]["token_ids"] == [r.token_ids for r in single]
-    assert rank1[0]["token_ids"] == rank0[0]["token_ids"]
-    oracle = dequantized_model(hf_model)
-    assert rank0[0]["token_ids"] == [hf_greedy(oracle, tokenizer, p, 16) for p in PROMPTS]
+    jobs = [job(path, options), job(prequantized, TIGHT_OPTIONS)]
+    rank0, rank1 = run_torchrun(tmp_path, 2, jobs)
+    assert rank1 == [{**r, "type": "RankPipeline"} for r in rank0]
+    oracles = [dequantized_model(hf_model), dequantized_model(hf_model, per_tensor=True)]
+    for got, checkpoint, oracle, opts in zip(
+        rank0, (path, prequantized), oracles, (options, TIGHT_OPTIONS)
+    ):
+        with mii.pipeline(str(checkpoint), **opts) as pipe:
+            single = pipe(PROMPTS, do_sample=False, max_new_tokens=16)
+        assert got["token_ids"] == [r.token_ids for r in single]
+        assert got["token_ids"] == [hf_greedy(oracle, tokenizer, p, 16) for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
