@@ -304,6 +304,13 @@ class EngineConfig(BaseModel):
         gt=0,
         description="size of the KV block pool (default: sized from free memory)",
     )
+    # docs/quantization.md. A pre-quantized checkpoint (compressed-tensors or
+    # fbgemm_fp8 FP8) loads as such whatever this says.
+    quantization: Literal["none", "fp8"] = Field(
+        default="none",
+        description="weight quantization: fp8 = linear layers' weights quantized at load to "
+        "float8 e4m3 with per-output-channel scales (LM head and embeddings stay 16-bit)",
+    )
     kv_cache_memory_fraction: float = Field(
         default=0.85,
         gt=0.0,

@@ -23,6 +23,7 @@ ENGINE_OPTIONS = (
     "revision",
     "kv_block_size",
     "kv_cache_dtype",
+    "quantization",
     "num_kv_blocks",
     "kv_cache_memory_fraction",
     "token_budget",

@@ -69,7 +69,15 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     hf_config = loader.read_hf_config(model_dir)
     dtype = loader.choose_dtype(hf_config, config.dtype)
     torch.manual_seed(config.seed)
-    model = loader.build_model(hf_config, model_dir, dtype, device, config.load_format, config.seed)
+    model = loader.build_model(
+        hf_config,
+        model_dir,
+        dtype,
+        device,
+        config.load_format,
+        config.seed,
+        quantization=config.quantization,
+    )
     tokenizer = loader.load_tokenizer(model_dir, config.tokenizer, config.trust_remote_code)
     return LoadedModel(
         model,

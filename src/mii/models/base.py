@@ -13,6 +13,7 @@ from mii.models.checkpoint_tensor import materialize
 from mii.models.layers import LMHead, VocabEmbedding, default_weight_loader
 from mii.models.parallel import local_kv_heads
 from mii.ops.attention import AttentionBatch
+from mii.ops.fp8_linear import FP8_DTYPE
 
 
 @dataclass
@@ -147,7 +148,9 @@ class CausalLM(nn.Module):
                 # A checkpoint tensor stays lazy only for a loader that narrows it to
                 # this rank's slice (the copy into the parameter converts the dtype).
                 if not (getattr(module, "reads_slices", False) and shard_id != "packed"):
-                    tensor = materialize(tensor).to(param.dtype)
+                    tensor = materialize(tensor)
+                    if param.dtype != FP8_DTYPE:  # float8 weights are quantized by their loader
+                        tensor = tensor.to(param.dtype)
                 if hasattr(module, "weight_loader"):
                     module.weight_loader(leaf, param, tensor, shard_id)
                 else:

@@ -27,7 +27,17 @@ from mii.models.parallel import (
     tp_world_size,
     vocab_range,
 )
+from mii.models.weight_quant import (
+    channel_scales,
+    copy_weight_rows,
+    fp8_mode,
+    fp8_parameter,
+    row_maxima,
+    scale_parameter,
+    scale_shards,
+)
 from mii.ops.dispatch import FUSED_ACTIVATIONS, fused_kernels_enabled, skinny_linear_enabled
+from mii.ops.fp8_linear import fp8_linear
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,6 +49,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
         return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def layer_linear(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear`` with ``layer``'s weight: float8 ones (``layer.fp8``) through
+    ``ops.fp8_linear`` with their per-channel ``weight_scale``."""
+    if layer.fp8:
+        return fp8_linear(x, layer.weight, layer.weight_scale, bias)
+    return linear(x, layer.weight, bias)
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor | LazyTensor) -> None:
@@ -76,18 +94,28 @@ class ColumnParallelLinear(nn.Module):
         self.layouts = list(layouts)
         self.output_sizes = [size for size, _ in self.layouts]
         self.input_size = input_size
-        self.weight = nn.Parameter(torch.empty(sum(self.output_sizes), input_size))
+        self.fp8 = fp8_mode()  # float8 weights with per-row scales (models.weight_quant)
+        rows = sum(self.output_sizes)
+        if self.fp8:
+            self.weight = fp8_parameter(rows, input_size)
+        else:
+            self.weight = nn.Parameter(torch.empty(rows, input_size))
         if bias:
-            self.bias = nn.Parameter(torch.empty(sum(self.output_sizes)))
+            self.bias = nn.Parameter(torch.empty(rows))
         else:
             self.register_parameter("bias", None)
+        if self.fp8:  # split with its rows
+            self.weight_scale = scale_parameter(rows)
 
     reads_slices = True  # its loader only narrows a part's rows (see checkpoint_tensor)
 
     def weight_shards(self, name: str) -> list:
-        return [None] if len(self.output_sizes) == 1 else list(range(len(self.output_sizes)))
+        shards = [None] if len(self.output_sizes) == 1 else list(range(len(self.output_sizes)))
+        return scale_shards(self.fp8, shards) if name == "weight_scale" else shards
 
     def weight_loader(self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
+        if name == "weight_scale" and shard_id == "packed":  # per-tensor: every part's
+            loaded = channel_scales(loaded, sum(self.full_sizes))
         if shard_id == "packed":
             for index, part in enumerate(loaded.split(self.full_sizes, dim=0)):
                 self.weight_loader(name, param, part, index)
@@ -97,14 +125,21 @@ class ColumnParallelLinear(nn.Module):
         index = 0 if shard_id is None else shard_id
         size, first = self.layouts[index]
         offset = sum(self.output_sizes[:index])
+        if name == "weight_scale" and shard_id != "packed":
+            loaded = channel_scales(loaded, self.full_sizes[index])
         if loaded.shape[0] != self.full_sizes[index]:
             raise ValueError(
                 f"weight part {index} has {loaded.shape[0]} rows, expected {self.full_sizes[index]}"
             )
-        default_weight_loader(param.data.narrow(0, offset, size), loaded.narrow(0, first, size))
+        dest, rows = param.data.narrow(0, offset, size), loaded.narrow(0, first, size)
+        if self.fp8 and name == "weight":
+            scales = self.weight_scale.data.narrow(0, offset, size)
+            copy_weight_rows(dest, scales, rows, self.fp8)
+        else:
+            default_weight_loader(dest, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return layer_linear(self, x, self.bias)
 
 
 def qkv_layouts(num_heads: int, num_kv_heads: int, head_dim: int) -> list[tuple[int, int]]:
@@ -125,21 +160,39 @@ class RowParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
         super().__init__()
         self.input_size = divide(input_size, tp_world_size(), "linear input size")
-        self.weight = nn.Parameter(torch.empty(output_size, self.input_size))
+        self.fp8 = fp8_mode()  # float8 weights with per-row scales (models.weight_quant)
+        if self.fp8:
+            self.weight = fp8_parameter(output_size, self.input_size)
+        else:
+            self.weight = nn.Parameter(torch.empty(output_size, self.input_size))
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size))
         else:
             self.register_parameter("bias", None)
+        if self.fp8:  # every output channel on every rank: not split
+            self.weight_scale = scale_parameter(output_size)
+
+    def weight_shards(self, name: str) -> list:
+        return scale_shards(self.fp8, [None]) if name == "weight_scale" else [None]
 
     def weight_loader(
         self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id=None
     ) -> None:
+        columns = (1, tp_rank() * self.input_size, self.input_size)
+        if name == "weight" and self.fp8:
+            # Scales of whole rows, so that every rank's slice is quantized as one rank's.
+            whole = materialize(loaded)
+            rows, amax = whole.narrow(*columns), row_maxima(whole)
+            copy_weight_rows(param.data, self.weight_scale.data, rows, self.fp8, amax)
+            return
         if name == "weight":
-            loaded = loaded.narrow(1, tp_rank() * self.input_size, self.input_size)
+            loaded = loaded.narrow(*columns)
+        elif name == "weight_scale":
+            loaded = channel_scales(loaded, param.shape[0])
         default_weight_loader(param, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(linear(x, self.weight))
+        out = all_reduce(layer_linear(self, x, None))
         if self.bias is not None:
             out = out + self.bias  # added once, after the reduction
         return out

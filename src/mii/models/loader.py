@@ -20,7 +20,10 @@ from mii.errors import ModelLoadError
 from mii.models.base import CausalLM
 from mii.models.checkpoint_tensor import LazyTensor
 from mii.models.gguf import gguf_checkpoint_dir, is_gguf_path
+from mii.models.quant_config import weight_quantization
 from mii.models.registry import model_class
+from mii.models.weight_quant import fill_random_fp8, fp8_weights
+from mii.ops.fp8_linear import FP8_DTYPE
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -74,12 +77,16 @@ def build_model(
     device: torch.device,
     load_format: str = "auto",
     seed: int = 0,
+    quantization: str = "none",
 ) -> CausalLM:
-    """Instantiate the family's model on ``device`` and fill its weights."""
+    """Instantiate the family's model on ``device`` and fill its weights;
+    ``quantization="fp8"`` (or a pre-quantized checkpoint) gives its linear layers
+    float8 weights (``models.weight_quant``)."""
     cls = model_class(hf_config.get("model_type"))
+    quant = weight_quantization(hf_config, quantization)
     # Our layers allocate with torch.empty and never initialise, so building
     # directly on the device in the final dtype wastes neither time nor memory.
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), _default_dtype(dtype), fp8_weights(quant.mode):
         model = cls(hf_config)
     if load_format == "dummy":
         _fill_random(model, seed)
@@ -87,7 +94,10 @@ def build_model(
         if model_dir is None:
             raise ModelLoadError("a checkpoint directory is needed unless load_format='dummy'")
         try:
-            loaded = model.load_weights(_iterate_weights(model_dir, load_format))
+            weights = _iterate_weights(model_dir, load_format)
+            if quant.skipped_suffixes:  # static activation scales: quantized per token instead
+                weights = (w for w in weights if not w[0].endswith(quant.skipped_suffixes))
+            loaded = model.load_weights(weights)
         except (KeyError, ValueError) as err:
             raise ModelLoadError(
                 f"checkpoint {model_dir} does not fit {cls.__name__}: {err}"
@@ -118,8 +128,14 @@ def _fill_random(model: CausalLM, seed: int) -> None:
     """Random weights of the real shapes, drawn on the model's own device (fast for 7B+)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if param.dim() == 1:
+    params = dict(model.named_parameters())
+    scales = {f"{name}_scale" for name, p in params.items() if p.dtype == FP8_DTYPE}
+    for name, param in params.items():
+        if name in scales:
+            continue  # filled with its float8 weight
+        if param.dtype == FP8_DTYPE:
+            fill_random_fp8(param, params[f"{name}_scale"], generator)
+        elif param.dim() == 1:
             param.data.fill_(1.0 if "norm" in name else 0.0)
         else:
             param.data.normal_(0.0, 0.02, generator=generator)

@@ -32,9 +32,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import mii.envs as envs
+from mii.models.checkpoint_tensor import materialize
 from mii.models.layers import activation
 from mii.models.parallel import all_reduce, divide, tp_rank, tp_world_size
+from mii.models.weight_quant import (
+    channel_scales,
+    copy_weight_rows,
+    fp8_mode,
+    fp8_parameter,
+    row_maxima,
+    scale_parameter,
+    scale_shards,
+)
 from mii.ops.dispatch import triton_chosen
+from mii.ops.fp8_linear import dequantize_rows
 
 
 def grouped_kernel_enabled(device: torch.device) -> bool:
@@ -58,7 +69,10 @@ class ExpertShard(NamedTuple):
 
 
 # Per-expert checkpoint tensors: Mixtral's w1/w3/w2, Qwen2-MoE's gate/up/down_proj.
-_PER_EXPERT = re.compile(r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
+# (A pre-quantized checkpoint adds each one's ``weight_scale``: ``w13_scale``, ``w2_scale``.)
+_PER_EXPERT = re.compile(
+    r"^(?P<prefix>.+)\.experts\.(?P<e>\d+)\.(?P<proj>\w+)\.(?P<leaf>weight|weight_scale)$"
+)
 _PROJ_PART = {
     "w1": "gate",
     "w3": "up",
@@ -80,7 +94,7 @@ def map_expert_weight_name(hf_name: str) -> tuple[str, Any] | None:
     match = _PER_EXPERT.match(hf_name)
     if match and match["proj"] in _PROJ_PART:
         part = _PROJ_PART[match["proj"]]
-        leaf = "w2" if part == "down" else "w13"
+        leaf = ("w2" if part == "down" else "w13") + match["leaf"].removeprefix("weight")
         return f"{match['prefix']}.{leaf}", ExpertShard(int(match["e"]), part)
     match = _FUSED.match(hf_name)
     if match:
@@ -121,8 +135,18 @@ class SparseMoE(nn.Module):
         # The router is small and replicated on every rank.
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         # Stacked expert weights, this rank's slice of I (see the module docstring).
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.intermediate_size))
+        w13_shape = (num_experts, 2 * self.intermediate_size, hidden_size)
+        w2_shape = (num_experts, hidden_size, self.intermediate_size)
+        # Float8 experts (models.weight_quant): a scale per output row of each expert;
+        # w13's split with its rows, w2's whole on every rank (like RowParallelLinear).
+        self.fp8 = fp8_mode()
+        if self.fp8:
+            self.w13, self.w2 = fp8_parameter(*w13_shape), fp8_parameter(*w2_shape)
+            self.w13_scale = scale_parameter(*w13_shape[:2])
+            self.w2_scale = scale_parameter(*w2_shape[:2])
+        else:
+            self.w13 = nn.Parameter(torch.empty(w13_shape))
+            self.w2 = nn.Parameter(torch.empty(w2_shape))
 
     # -- loading ---------------------------------------------------------------
 
@@ -131,8 +155,9 @@ class SparseMoE(nn.Module):
     reads_slices = True
 
     def weight_shards(self, name: str) -> list:
-        parts = ("gate", "up") if name == "w13" else ("down",)
-        return [ExpertShard(e, p) for e in range(self.num_experts) for p in parts]
+        parts = ("gate", "up") if name.startswith("w13") else ("down",)
+        shards = [ExpertShard(e, p) for e in range(self.num_experts) for p in parts]
+        return scale_shards(self.fp8, shards) if name.endswith("_scale") else shards
 
     def weight_loader(self, name: str, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
         """Copy one expert's [I, H] gate/up or [H, I] down matrix into its slice,
@@ -159,6 +184,9 @@ class SparseMoE(nn.Module):
         expert, part = shard_id
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert {expert} is out of range (num_experts={self.num_experts})")
+        if name.endswith("_scale"):
+            self._load_scale(name, param, loaded, expert, part)
+            return
         hidden = param.shape[-1] if name == "w13" else param.shape[1]
         if name == "w13" and part in ("gate", "up"):
             if tuple(loaded.shape) != (full, hidden):
@@ -167,16 +195,53 @@ class SparseMoE(nn.Module):
                     f"expected {(full, hidden)}"
                 )
             offset = 0 if part == "gate" else size
-            param.data[expert, offset : offset + size].copy_(loaded.narrow(0, start, size))
+            dest, rows = param.data[expert, offset : offset + size], loaded.narrow(0, start, size)
+            if self.fp8:
+                scales = self.w13_scale.data[expert, offset : offset + size]
+                copy_weight_rows(dest, scales, rows, self.fp8)
+            else:
+                dest.copy_(rows)
         elif name == "w2" and part == "down":
             if tuple(loaded.shape) != (hidden, full):
                 raise ValueError(
                     f"expert {expert} down weight has shape {tuple(loaded.shape)}, "
                     f"expected {(hidden, full)}"
                 )
-            param.data[expert].copy_(loaded.narrow(1, start, size))
+            if self.fp8:  # scales of whole rows, as RowParallelLinear
+                whole = materialize(loaded)
+                rows, amax = whole.narrow(1, start, size), row_maxima(whole)
+                scales = self.w2_scale.data[expert]
+                copy_weight_rows(param.data[expert], scales, rows, self.fp8, amax)
+            else:
+                param.data[expert].copy_(loaded.narrow(1, start, size))
         else:
             raise ValueError(f"shard {shard_id!r} does not belong to {name!r}")
+
+    def _load_scale(
+        self, name: str, param: nn.Parameter, loaded: torch.Tensor, expert: int, part: str
+    ) -> None:
+        """One expert's ``weight_scale`` (per tensor or per output channel) of a
+        pre-quantized checkpoint into its rows of ``w13_scale`` / ``w2_scale``."""
+        size = self.intermediate_size
+        if name == "w13_scale" and part in ("gate", "up"):
+            scales = channel_scales(loaded, self.full_intermediate_size)
+            offset = 0 if part == "gate" else size
+            mine = scales.narrow(0, tp_rank() * size, size)
+            param.data[expert, offset : offset + size].copy_(mine)
+        elif name == "w2_scale" and part == "down":
+            param.data[expert].copy_(channel_scales(loaded, param.shape[1]))
+        else:
+            raise ValueError(f"shard {(expert, part)!r} does not belong to {name!r}")
+
+    def expert_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) in ``dtype``: as they are, or float8 ones dequantized (the
+        reference path of float8 experts: no FP8 grouped kernel yet)."""
+        if not self.fp8:
+            return self.w13, self.w2
+        return (
+            dequantize_rows(self.w13, self.w13_scale, dtype),
+            dequantize_rows(self.w2, self.w2_scale, dtype),
+        )
 
     # -- compute ---------------------------------------------------------------
 
@@ -210,8 +275,13 @@ class SparseMoE(nn.Module):
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert's gated MLP on all of its tokens at once: [N, H] -> [N, H]."""
-        gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.w2[expert])
+        if self.fp8:  # dequantize this expert only
+            w13 = dequantize_rows(self.w13[expert], self.w13_scale[expert], x.dtype)
+            w2 = dequantize_rows(self.w2[expert], self.w2_scale[expert], x.dtype)
+        else:
+            w13, w2 = self.w13[expert], self.w2[expert]
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
@@ -219,7 +289,8 @@ class SparseMoE(nn.Module):
         if grouped_kernel_enabled(x.device):
             from mii.ops.triton_moe import moe_grouped_mlp
 
-            out = moe_grouped_mlp(x, self.w13, self.w2, weights, experts, self.act)
+            w13, w2 = self.expert_weights(x.dtype)
+            out = moe_grouped_mlp(x, w13, w2, weights, experts, self.act)
             return all_reduce(out)
         return all_reduce(self.forward_torch(x, weights, experts))
 

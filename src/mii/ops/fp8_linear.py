@@ -1,0 +1,113 @@
+"""Linear layers with float8 (e4m3) weights and per-output-channel scales.
+
+A quantized weight is ``wq`` [N, K] in ``torch.float8_e4m3fn`` and ``scale`` [N]
+float32, standing for ``wq.float() * scale[:, None]``. Quantizing a row divides
+it by ``amax(|row|) / 448`` (448 is e4m3's largest finite value), so every row
+uses the whole e4m3 range.
+
+Two ways to compute ``y = x Wᵀ + b``:
+
+- the reference (every device; what CPU tests check): dequantize the weight to
+  float32, cast it to the activation dtype and run ``F.linear``; activations
+  are not quantized. Exact for float32 models: the oracle is transformers
+  running the same dequantized weights.
+- the FP8 tensor-core path (CUDA, compute capability >= 8.9, bfloat16
+  activations): each token's activations are quantized on the fly with their
+  own scale (``amax(|x_row|) / 448``) and ``torch._scaled_mm`` multiplies the
+  two float8 operands with row-wise scales (``scale_a`` [M, 1], ``scale_b``
+  [1, N], both float32; the second operand column-major, which ``wq.t()`` of a
+  row-major [N, K] weight is, so the weight is stored as it is loaded).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def quantize_rows(
+    w: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [..., K] -> (float8 [..., K], float32 scales [...]): one scale per row
+    (per output channel), ``amax / 448``. ``amax`` [...] overrides the rows' own
+    (a row-parallel rank quantizes its slice of a row with the whole row's)."""
+    w32 = w.float()
+    if amax is None:
+        amax = w32.abs().amax(dim=-1)
+    amax = amax.float()
+    # An all-zero row keeps scale 1 (its float8 values are zeros either way).
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    wq = (w32 / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return wq, scale
+
+
+def dequantize_rows(wq: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight a quantized one stands for, in ``dtype`` (computed in float32)."""
+    return (wq.float() * scale.float().unsqueeze(-1)).to(dtype)
+
+
+def fp8_linear_reference(
+    x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x: [M, K] -> [M, N]: dequantize, then a matmul in the activation dtype."""
+    return F.linear(x, dequantize_rows(wq, scale, x.dtype), bias)
+
+
+def scaled_mm_enabled(x: torch.Tensor, wq: torch.Tensor) -> bool:
+    """Whether ``fp8_linear`` runs ``torch._scaled_mm``: CUDA with FP8 tensor cores
+    (Ada, Hopper and newer), bfloat16 activations (row-wise scaling produces
+    bfloat16 only), and both matrix sizes multiples of 16 (cuBLASLt's rule)."""
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and x.dim() == 2
+        and wq.dim() == 2
+        and wq.shape[0] % 16 == 0
+        and wq.shape[1] % 16 == 0
+        and wq.stride(-1) == 1
+        and _fp8_tensor_cores(x.device.index if x.device.index is not None else -1)
+    )
+
+
+@functools.cache
+def _fp8_tensor_cores(index: int) -> bool:
+    if torch.version.hip is not None:
+        return False
+    index = torch.cuda.current_device() if index < 0 else index
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] -> (float8 [M, K], float32 scales [M, 1]): each token its own scale."""
+    xq, scale = quantize_rows(x)
+    return xq, scale.unsqueeze(-1)
+
+
+def fp8_linear_scaled_mm(
+    x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x: [M, K] bfloat16 -> [M, N] bfloat16 on the FP8 tensor cores."""
+    xq, x_scale = quantize_per_token(x)
+    out = torch._scaled_mm(
+        xq.contiguous(),  # row-major first operand
+        wq.t(),  # [K, N], column-major: the layout cuBLASLt wants for the second operand
+        scale_a=x_scale,  # [M, 1]
+        scale_b=scale.view(1, -1),  # [1, N]
+        out_dtype=x.dtype,
+    )
+    return out if bias is None else out + bias
+
+
+def fp8_linear(
+    x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y = x Wᵀ + b`` for a float8 weight: the FP8 tensor cores where they run,
+    else the reference (see the module docstring)."""
+    if scaled_mm_enabled(x, wq):
+        return fp8_linear_scaled_mm(x, wq, scale, bias)
+    return fp8_linear_reference(x, wq, scale, bias)
