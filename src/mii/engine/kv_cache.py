@@ -60,6 +60,8 @@ class BlockManager:
         self._plain: deque[int] = deque(range(num_blocks))  # free, nothing cached
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # free, LRU first
         self._by_hash: dict[bytes, int] = {}
+        # hash -> how many running sequences are computing that block (track_in_flight)
+        self._in_flight: dict[bytes, int] = {}
         self.query_tokens = 0  # prompt tokens looked up in the cache
         self.hit_tokens = 0  # of those, found
 
@@ -102,6 +104,9 @@ class BlockManager:
         """Release every block of ``seq``. Blocks no other sequence holds become free;
         those with cached content stay findable until evicted (the sequence's last
         blocks are the first evicted: released in reverse order)."""
+        for index in range(seq.num_registered_blocks, seq.in_flight_until):
+            self._land(seq, index)
+        seq.in_flight_until = 0
         for block in reversed(seq.block_table):
             self._refs[block] -= 1
             if self._refs[block] == 0:
@@ -166,16 +171,35 @@ class BlockManager:
             self.query_tokens += seq.num_tokens
             self.hit_tokens += seq.num_computed
 
-    def unregistered_hashes(self, seq: Sequence) -> list[bytes]:
-        """Hashes of ``seq``'s full blocks of known tokens that are not registered yet:
-        prefixes it is computing (or will compute) now."""
-        found = []
-        for index in range(seq.num_registered_blocks, seq.num_tokens // self.block_size):
+    def track_in_flight(self, seq: Sequence) -> None:
+        """Record, for a sequence just admitted, the full prompt blocks it will compute
+        (not registered yet): another sequence needing one of them waits for it
+        (``in_flight``) instead of computing it too. Undone block by block as they
+        are registered, and wholly when the sequence releases its blocks."""
+        if not self.prefix_caching:
+            return
+        end = seq.num_registered_blocks
+        for index in range(seq.num_registered_blocks, seq.prompt_len // self.block_size):
             digest = self._block_hash(seq, index)
             if digest is None:
                 break
-            found.append(digest)
-        return found
+            self._in_flight[digest] = self._in_flight.get(digest, 0) + 1
+            end = index + 1
+        seq.in_flight_until = end
+
+    def in_flight(self, digest: bytes | None) -> bool:
+        """Whether some running sequence is computing the block named ``digest``."""
+        return digest is not None and digest in self._in_flight
+
+    def _land(self, seq: Sequence, index: int) -> None:
+        """Block ``index`` of ``seq`` is no longer in flight (registered or released)."""
+        if index < seq.in_flight_until:
+            digest = seq.block_hashes[index]
+            count = self._in_flight[digest] - 1
+            if count:
+                self._in_flight[digest] = count
+            else:
+                del self._in_flight[digest]
 
     def next_block_hash(self, seq: Sequence) -> bytes | None:
         """The hash of the first block ``seq`` would compute itself (None: no full block
@@ -200,6 +224,7 @@ class BlockManager:
             if self._hashes[block] is None and digest not in self._by_hash:
                 self._by_hash[digest] = block
                 self._hashes[block] = digest
+            self._land(seq, index)
             seq.num_registered_blocks += 1
 
     def reset_prefix_cache(self) -> None:
@@ -229,6 +254,12 @@ class BlockManager:
         assert {b: h for b, h in enumerate(self._hashes) if h is not None} == {
             b: h for h, b in self._by_hash.items()
         }, "the hash table and the blocks' hashes disagree"
+        in_flight: dict[bytes, int] = {}
+        for seq in seqs:
+            for index in range(seq.num_registered_blocks, seq.in_flight_until):
+                digest = seq.block_hashes[index]
+                in_flight[digest] = in_flight.get(digest, 0) + 1
+        assert in_flight == self._in_flight, "blocks in flight disagree with the sequences"
 
 
 def allocate_kv_tensors(

@@ -142,28 +142,18 @@ class Scheduler:
                 if taken:
                     add_chunk(seq, taken)
 
-        # Prefix caching: the prefixes that running sequences compute now. A newcomer
-        # whose next block is one of them waits for it to be registered rather than
-        # compute it a second time (n > 1, identical prompts arriving together).
-        computing = (
-            self._prefixes_in_flight() if self.blocks.prefix_caching and self.waiting else None
-        )
         # After a preemption the pool is known to be full; admitting now would only
         # hand the freed blocks to a newcomer and thrash.
         if not out.preempted:
-            self._admit_waiting(budget, computing, add_chunk)
+            self._admit_waiting(budget, add_chunk)
         return out
 
-    def _admit_waiting(
-        self,
-        budget: int,
-        computing: set[bytes] | None,
-        add_chunk: Callable[[Sequence, int], None],
-    ) -> None:
+    def _admit_waiting(self, budget: int, add_chunk: Callable[[Sequence, int], None]) -> None:
         """Admit waiting sequences in order (preempted ones first) while ``budget``, the
-        sequence cap and the pool allow, each with a chunk (``add_chunk``). A sequence whose
-        next prompt block is being computed by another (``computing``, prefix
-        caching) is passed over, not waited behind: it joins once that block is cached."""
+        sequence cap and the pool allow, each with a chunk (``add_chunk``). A sequence
+        whose next prompt block is being computed by another (prefix caching: n > 1,
+        identical prompts arriving together) is passed over, not waited behind: it
+        joins once that block is cached."""
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
@@ -173,9 +163,9 @@ class Scheduler:
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = cached
             if (
-                computing is not None
+                self.blocks.prefix_caching
                 and seq.params.prompt_logprobs is None
-                and self.blocks.next_block_hash(seq) in computing
+                and self.blocks.in_flight(self.blocks.next_block_hash(seq))
             ):
                 self._detach(seq)
                 continue
@@ -189,21 +179,12 @@ class Scheduler:
             self.blocks.allocate(seq, fits)
             add_chunk(seq, fits)
             budget -= fits
-            if computing is not None:
-                computing.update(self.blocks.unregistered_hashes(seq))
+            self.blocks.track_in_flight(seq)
 
     def _detach(self, seq: Sequence) -> None:
         """A waiting sequence stays waiting: drop the cached prefix it attached."""
         self.blocks.free(seq)
         seq.num_computed = 0
-
-    def _prefixes_in_flight(self) -> set[bytes]:
-        """Hashes of the full blocks that running sequences hold (or will) but have
-        not registered yet."""
-        computing: set[bytes] = set()
-        for seq in self.running:
-            computing.update(self.blocks.unregistered_hashes(seq))
-        return computing
 
     def _outgrow_rope(self, seq: Sequence) -> None:
         """transformers' Phi-3 ``generate`` drops its KV cache when the sequence first

@@ -62,6 +62,7 @@ class Sequence:
     # of its blocks are registered, and the prompt tokens found cached at admission.
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
+    in_flight_until: int = 0  # its prompt blocks below this one are tracked in flight
     num_cached_tokens: int = 0
     # time.monotonic() of its arrival, its first forward pass and its first token:
     # the queue time and time to first token that its last piece reports.
