@@ -150,7 +150,6 @@ class ChatCompletionRequest(OpenAIRequest):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
     # Tool calling (mii.rpc.http.tools)
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
