@@ -6,7 +6,8 @@ forward pass on the device with CUDA events, then groups the passes by kind
 (the difference is time the GPU waited for the host). A torch.profiler window
 over a few mixed and a few decode passes lists the top kernels of each.
 
-    python benchmarks/pass_breakdown.py [--num-requests 256] [--token-budget 2048]
+    python benchmarks/pass_breakdown.py [--num-requests 256] [--input-range 128 1024]
+        [--output-len 128] [--token-budget B] [--max-num-seqs S]   # default: the engine's
         [--records passes.json]   # every pass: kind, tokens, sequences, device ms
 """
 
@@ -23,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mii
-from benchmarks.common import add_engine_arguments, engine_options, model_dir
+from benchmarks.common import SHAPES, add_engine_arguments, engine_options, model_dir
 from benchmarks.throughput import workload
 
 
@@ -167,12 +168,15 @@ def _bucket(tokens: int) -> str:
 
 
 async def run(args) -> dict:
-    options = engine_options(args, {}, {"token_budget": args.token_budget})
-    options["max_num_seqs"] = args.max_num_seqs
+    options = engine_options(args, {}, {})
+    if args.token_budget is not None:
+        options["token_budget"] = args.token_budget
+    if args.max_num_seqs is not None:
+        options["max_num_seqs"] = args.max_num_seqs
     engine = mii.AsyncEngine(
-        model_dir("llama2-7b"), load_format="dummy", dtype="bfloat16", **options
+        model_dir(args.model), load_format="dummy", dtype="bfloat16", **options
     )
-    prompts = workload(args.num_requests, 128, 1024)
+    prompts = workload(args.num_requests, *args.input_range)
     params = dict(max_new_tokens=args.output_len, ignore_eos=True, do_sample=False)
     await engine.generate(prompts[:8], **params)  # warm-up
     recorder = PassRecorder(engine.core, {"mixed": 20, "decode": 150}, args.profile_passes)
@@ -193,8 +197,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--token-budget", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--model", default="llama2-7b", choices=sorted(SHAPES))
+    parser.add_argument("--input-range", type=int, nargs=2, default=(128, 1024))
+    parser.add_argument("--token-budget", type=int, default=None, help="default: the engine's")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
     parser.add_argument("--profile-passes", type=int, default=5)
     parser.add_argument("--records", help="write every pass's kind, size and device ms here")
     add_engine_arguments(parser)
