@@ -43,7 +43,19 @@ LLAMA3_8B = LLAMA2_7B | {
     "bos_token_id": 128000,
     "eos_token_id": 128001,
 }
-SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
+# Llama-3.1-8B: the same layers with a 131k window (llama3 rope scaling), for the
+# long-context benchmark.
+LLAMA3_8B_131K = LLAMA3_8B | {
+    "max_position_embeddings": 131072,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "llama3-8b-131k": LLAMA3_8B_131K}
 
 
 def model_dir(shape: str, full_vocab: bool = False) -> str:

@@ -48,6 +48,7 @@ while [ $# -gt 0 ]; do
     serving-budget) shift; b=$1; shift; python3 benchmarks/serving.py $SERVING --token-budget $b --max-num-seqs $1 --no-offline --json "$OUT/serving_$b.json" > "$OUT/serving_$b.log" 2>&1; serving_report "$OUT/serving_$b.log" ;;
     structured) python3 benchmarks/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1; grep -E "^(compile|constrained|unconstrained|throughput_overhead_pct) " "$OUT/structured.log" || tail -20 "$OUT/structured.log" ;;
     structured-sync) python3 benchmarks/structured.py --sync-scheduling --json "$OUT/structured_sync.json" > "$OUT/structured_sync.log" 2>&1; grep -E "^(compile|constrained|unconstrained|throughput_overhead_pct) " "$OUT/structured_sync.log" || tail -20 "$OUT/structured_sync.log" ;;
+    long-context) python3 benchmarks/long_context.py --hf --json "$OUT/long_context.json" > "$OUT/long_context.log" 2>&1; tail -45 "$OUT/long_context.log" ;;
     prefix-cache) python3 benchmarks/prefix_cache.py --json "$OUT/prefix_cache.json" > "$OUT/prefix_cache.log" 2>&1; tail -12 "$OUT/prefix_cache.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
