@@ -49,6 +49,9 @@ while [ $# -gt 0 ]; do
     structured) python3 benchmarks/structured.py --json "$OUT/structured.json" > "$OUT/structured.log" 2>&1; grep -E "^(compile|constrained|unconstrained|throughput_overhead_pct) " "$OUT/structured.log" || tail -20 "$OUT/structured.log" ;;
     structured-sync) python3 benchmarks/structured.py --sync-scheduling --json "$OUT/structured_sync.json" > "$OUT/structured_sync.log" 2>&1; grep -E "^(compile|constrained|unconstrained|throughput_overhead_pct) " "$OUT/structured_sync.log" || tail -20 "$OUT/structured_sync.log" ;;
     long-context) python3 benchmarks/long_context.py --hf --json "$OUT/long_context.json" > "$OUT/long_context.log" 2>&1; tail -45 "$OUT/long_context.log" ;;
+    prefill-sweep) python3 benchmarks/prefill_sweep.py --json "$OUT/prefill_sweep.json" > "$OUT/prefill_sweep.log" 2>&1; grep -v '^{"case' "$OUT/prefill_sweep.log" | tail -12 ;;
+    w1-nohf) python3 benchmarks/throughput.py --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -14 "$OUT/w1.log" ;;
+    latency-nohf) python3 benchmarks/latency.py --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -14 "$OUT/latency.log" ;;
     prefix-cache) python3 benchmarks/prefix_cache.py --json "$OUT/prefix_cache.json" > "$OUT/prefix_cache.log" 2>&1; tail -12 "$OUT/prefix_cache.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac

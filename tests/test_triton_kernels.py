@@ -16,7 +16,7 @@ from mii.ops.attention import (
     rotary_paged_attention_reference,
 )
 from mii.ops.rotary import rotary_cos_sin
-from mii.ops.triton_attention import paged_attention_triton
+from mii.ops.triton_attention import call_paged_attention_op, paged_attention_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -69,7 +69,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("tile", [None, 16, 64])  # None: the engine's two-launch plan
+@pytest.mark.parametrize("tile", [None, 16, 64, 128])  # None: the engine's two-launch plan
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index", range(len(CASES)))
 def test_fused_rotary_cache_attention_matches_reference(index, dtype, tile):
@@ -97,6 +97,31 @@ def test_fused_rotary_cache_attention_matches_reference(index, dtype, tile):
     # the caches hold the same (rotated) keys and values afterwards
     torch.testing.assert_close(kc.float().cpu(), ref_kc.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(vc.float().cpu(), ref_vc.float(), rtol=0, atol=0)
+
+
+OPERATOR_CASES = [
+    CASES[0],
+    # a prompt chunk longer than one 128-query tile, next to decodes
+    ([(10, 150), (70, 1), (0, 3)], 4, 2, 16, 8, None, 16),
+]
+
+
+@pytest.mark.parametrize("index", range(len(OPERATOR_CASES)))
+def test_the_custom_operator_runs_every_tile_of_the_plan(index):
+    """The path the engine takes on CUDA: tiles cross into the operator as tensors
+    by size, so a prompt tile of the plan's size must not be dropped on the way."""
+    shapes, hq, hkv, dim, block, window, rot = OPERATOR_CASES[index]
+    ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch = make_case(
+        shapes, hq, hkv, dim, block, torch.float32, rot, seed=index
+    )
+    expected = rotary_paged_attention_reference(
+        ref_q.clone(), ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch, dim**-0.5, window
+    )
+    q, k, v, pos_d, cs_d, kc, vc, batch = to_device(
+        make_case(shapes, hq, hkv, dim, block, torch.float32, rot, index)
+    )
+    out = call_paged_attention_op(q, k, v, pos_d, cs_d, kc, vc, batch, dim**-0.5, window)
+    torch.testing.assert_close(out.cpu(), expected, rtol=2e-5, atol=2e-5)
 
 
 SPLIT_CASES = [

@@ -48,7 +48,9 @@ class TileSet:
     start: torch.Tensor  # [tiles] int32
 
 
-SMALL_TILE, LARGE_TILE = 16, 64
+# Query tiles: 16 for decodes, 128 for prompt chunks (the prompt size won
+# benchmarks/prefill_sweep.py on the H200: see triton_attention.PROMPT_LAUNCH).
+SMALL_TILE, LARGE_TILE = 16, 128
 
 
 def make_tiles(
@@ -67,8 +69,8 @@ def make_tiles(
 
 def plan_tiles(query_lens: list[int]) -> list[tuple[int, list[int], list[int]]]:
     """Split a batch's attention into at most two launches: sequences with few new
-    tokens (decodes) in 16-query tiles, long prompt chunks in 64-query tiles, which
-    read each key block 4x less often. A decode never pays for a prompt-sized tile.
+    tokens (decodes) in 16-query tiles, longer prompt chunks in 128-query tiles,
+    which read each key block 8x less often. A decode never pays for a prompt-sized tile.
     Returns (size, sequence indices, first queries) per non-empty launch."""
     short = [b for b, n in enumerate(query_lens) if n <= SMALL_TILE]
     long = [b for b, n in enumerate(query_lens) if n > SMALL_TILE]

@@ -26,7 +26,14 @@ import triton
 import triton.language as tl
 
 from mii.ops import triton_limits, triton_pdl
-from mii.ops.attention import FP8_KV_DTYPE, AttentionBatch, TileSet, plan_tiles
+from mii.ops.attention import (
+    FP8_KV_DTYPE,
+    LARGE_TILE,
+    SMALL_TILE,
+    AttentionBatch,
+    TileSet,
+    plan_tiles,
+)
 from mii.ops.dispatch import INTERPRETED
 from mii.ops.transfer import upload
 
@@ -170,6 +177,69 @@ def _key_range(
     return lo, hi
 
 
+@triton.jit
+def _attend_keys(
+    q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt, stride_cb,
+    stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos, window, qk_scale,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    KV_CAST: tl.constexpr, FP8_AS_F16: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step over BLOCK_N keys from ``start``: the updated
+    (acc, m_i, l_i), scores in log2 units. MASKED: apply the causal mask, the
+    window and the end of the sequence (unmasked blocks are whole and visible to
+    every row)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_mask = offs_n < seq_len
+        block = tl.load(block_tables + seq * stride_bt + offs_n // KV_BLOCK, mask=n_mask, other=0)
+    else:
+        block = tl.load(block_tables + seq * stride_bt + offs_n // KV_BLOCK)
+    kv_off = (
+        block[:, None] * stride_cb
+        + (offs_n % KV_BLOCK)[:, None] * stride_cs
+        + kv_head * stride_ch
+        + offs_d[None, :]
+    )
+    if MASKED:
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :] & (offs_n[:, None] >= 0)
+    k = tl.load(K_cache + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V_cache + kv_off, mask=kv_mask, other=0.0)
+    if FP8_AS_F16:
+        k = k.to(tl.float16)
+        v = v.to(tl.float16)
+    elif KV_CAST:  # an fp8 cache under float32 activations
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch here)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if HAS_WINDOW:
+            visible &= offs_n[None, :] > q_pos[:, None] - window
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch here)
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
 # Integers that change from pass to pass are not specialised: Triton would compile
 # a variant per value that is 1 or a multiple of 16 (a 0.7 s stall in the middle of
 # serving, measured on W1), and none of them shapes a tile.
@@ -281,58 +351,39 @@ def _paged_attention_kernel(
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
 
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)  # running maxima, in log2 units
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < seq_len
-        block = tl.load(block_tables + seq * stride_bt + offs_n // KV_BLOCK, mask=n_mask, other=0)
-        kv_off = (
-            block[:, None] * stride_cb
-            + (offs_n % KV_BLOCK)[:, None] * stride_cs
-            + kv_head * stride_ch
-            + offs_d[None, :]
-        )
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(K_cache + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(V_cache + kv_off, mask=kv_mask, other=0.0)
-        if FP8_AS_F16:
-            k = k.to(tl.float16)
-            v = v.to(tl.float16)
-        elif KV_CAST:  # an fp8 cache under float32 activations
-            k = k.to(Q.dtype.element_ty)
-            v = v.to(Q.dtype.element_ty)
-        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch here)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        if HAS_WINDOW:
-            visible &= offs_n[None, :] > q_pos[:, None] - window
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch here)
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    # Scores in log2 units (exp2 is the hardware's instruction; folding log2(e)
+    # into the softmax scale saves a multiply per score).
+    qk_scale = scale * 1.4426950408889634
+    # Keys below the tile's first query position are visible to every row of the
+    # tile: those blocks skip the causal mask (most of a long context). Only the
+    # blocks from there on (the diagonal), or every block under a sliding window,
+    # are masked.
+    unmasked_end = lo
+    if not HAS_WINDOW:
+        unmasked_end = tl.minimum(hi, tl.maximum(lo, ((context + first) // BLOCK_N) * BLOCK_N))
+    for start in range(lo, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _attend_keys(
+            q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
+            stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
+            window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
+            FP8_AS_F16,
+        )  # fmt: skip
+    for start in range(unmasked_end, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_keys(
+            q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
+            stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
+            window, qk_scale, KV_BLOCK, BLOCK_N, True, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
+            FP8_AS_F16,
+        )  # fmt: skip
     direct = m_mask  # this program writes the output itself
     if SPLIT:
         # partials: O [splits, T, H, D_PAD], M and L [splits, T, H], float32
         row = (split * num_tokens + q_begin + offs_m) * NUM_HEADS + heads
         partial = m_mask & (used > 1) & (split < used)
-        tl.store(Part_M + row, m_i, mask=partial)
+        tl.store(Part_M + row, m_i * 0.6931471805599453, mask=partial)  # natural units
         tl.store(Part_L + row, l_i, mask=partial)
         tl.store(Part_O + row[:, None] * D_PAD + offs_d[None, :], acc, mask=partial[:, None])
         direct = m_mask & (used == 1) & (split == 0)
@@ -415,9 +466,12 @@ def _merge_splits_kernel(
 # rows (H100, 2026-11-25, 5fe16bc): 128 is the best or within 0.5 us of it from 256
 # to 4096 keys, bf16 and fp8 (a 256-key context: 14.6 us with 128, 17.1 us with 256).
 SPLIT_MIN_KEYS = 128
-# Launch of the prompt-tile (64-query) attention kernel, the best of
-# benchmarks/prefill_sweep.py on an H100 (2026-11-25): 4 warps give 1.20x / 1.30x
-# flash SDPA at 1024 / 4096 tokens, where 8 warps gave 1.47x / 1.74x.
+# Launch of the prompt-tile (attention.LARGE_TILE = 128-query) attention kernel:
+# the best of benchmarks/prefill_sweep.py on the H200 (2026-12-02, with the
+# unmasked/masked key loops and exp2): 128-query tiles, 64 keys per step, 4 warps,
+# 3 stages ran one causal 1,024 / 4,096-token prompt in 0.90x / 0.83x flash SDPA's
+# time and the last 4,096-token chunk of a 32k prompt at 434 TFLOP/s (64-query
+# tiles: 1.41x / 0.84x SDPA, 383 TFLOP/s).
 PROMPT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 # Launch of the decode-tile (16-query) kernel, from benchmarks/decode_sweep.py (H200,
 # 2026-11-25): on a bf16 cache 64 keys per step are within 5 % of the best setting
@@ -598,7 +652,11 @@ def paged_attention_from_cache(
             HEAD_MAJOR=head_major,
             PACK=pack,
             num_warps=launch["num_warps"],
-            num_stages=launch["num_stages"],
+            # K and V tiles of each stage in flight; fewer stages where the GPU's
+            # shared memory is smaller than the H200 the launch was tuned on.
+            num_stages=triton_limits.stages_that_fit(
+                launch["num_stages"], 2 * block_n * d_pad * k_cache.element_size(), q.device
+            ),
             **dependent_launch,
         )
         if num_splits > 1:
@@ -670,7 +728,10 @@ def paged_attention_op(
 ) -> torch.Tensor:
     tiles = [
         TileSet(size, seq, start)
-        for size, seq, start in ((16, small_seq, small_start), (64, large_seq, large_start))
+        for size, seq, start in (
+            (SMALL_TILE, small_seq, small_start),
+            (LARGE_TILE, large_seq, large_start),
+        )
         if seq.numel()
     ]
     batch = AttentionBatch(slot_mapping, block_tables, cu_seqlens_q, seq_lens, [], [], tiles)
@@ -708,7 +769,11 @@ def call_paged_attention_op(
         empty = torch.empty(0, dtype=torch.int32, device=q.device)
     else:
         empty = _no_tiles(q.device)
-    small, large = sets.get(16), sets.get(64)
+    small, large = sets.get(SMALL_TILE), sets.get(LARGE_TILE)
+    if set(sets) - {SMALL_TILE, LARGE_TILE}:
+        raise ValueError(
+            f"tile sizes {sorted(sets)}: the operator takes {SMALL_TILE} and {LARGE_TILE}"
+        )
     return paged_attention_op(
         q,
         k,
