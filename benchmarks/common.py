@@ -88,6 +88,15 @@ def num_params(config: dict) -> int:
     return layers * per_layer + 2 * v * h
 
 
+def weight_bytes(config: dict, quantization: str = "none") -> int:
+    """Bytes of weights read per decoded token (bf16; with ``quantization="fp8"``
+    the decoder's linear weights take one byte each, the embedding and LM head
+    stay bf16: docs/quantization.md)."""
+    embeddings = 2 * config["vocab_size"] * config["hidden_size"]
+    linear = num_params(config) - embeddings
+    return embeddings * 2 + linear * (1 if quantization == "fp8" else 2)
+
+
 def roofline(device: torch.device) -> dict:
     """Measured bf16 matmul TFLOP/s and device-to-device copy bandwidth (read + write)."""
     if device.type != "cuda":
@@ -184,7 +193,8 @@ def serve_other_ranks(path: str, options: dict) -> bool:
 
 
 def add_engine_arguments(parser) -> None:
-    """Options both offline benchmarks share: compile, scheduling, tensor parallelism."""
+    """Options both offline benchmarks share: compile, scheduling, tensor parallelism,
+    KV cache dtype, weight quantization."""
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument(
         "--tensor-parallel",
@@ -198,6 +208,12 @@ def add_engine_arguments(parser) -> None:
         choices=["auto", "fp8"],
         default="auto",
         help="KV cache dtype (fp8: half the bytes per cached token)",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=["none", "fp8"],
+        default="none",
+        help="weight quantization (fp8: linear weights in float8 e4m3, quantized at load)",
     )
     parser.add_argument(
         "--sync-scheduling",
@@ -216,7 +232,10 @@ def engine_options(args, result: dict, options: dict) -> dict:
         options["tensor_parallel"] = args.tensor_parallel
     if args.kv_cache_dtype != "auto":
         options["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.quantization != "none":
+        options["quantization"] = args.quantization
     result["kv_cache_dtype"] = args.kv_cache_dtype
+    result["quantization"] = args.quantization
     result["async_scheduling"] = not args.sync_scheduling
     result["tensor_parallel"] = args.tensor_parallel
     return options

@@ -8,6 +8,13 @@ memory as consecutive layers do.
 
     python benchmarks/gemv_sweep.py [--rows 1 16] [--json out.json]
     python benchmarks/gemv_sweep.py --rows 64 128 256   # is the kernel ahead of cuBLAS there?
+    python benchmarks/gemv_sweep.py --fp8 [--rows 1 4 16 64]   # float8 weights (below)
+
+With ``--fp8`` each shape and batch instead times, side by side: bf16 cuBLAS and
+the bf16 skinny kernel (default launch), and on float8 e4m3 weights with
+per-channel scales ``torch._scaled_mm`` (per-token activation quantization
+included, as ``ops.fp8_linear`` runs it); each as a fraction of the copy
+bandwidth for the bytes of its own weight.
 """
 
 from __future__ import annotations
@@ -63,14 +70,64 @@ def configs(rows: int) -> list[GemvConfig]:
     return out
 
 
+def fp8_rows(shapes: dict, batch_rows: list[int], copy_bw: float, device) -> list[dict]:
+    """bf16 cuBLAS, the bf16 skinny kernel and ``torch._scaled_mm`` on fp8 weights
+    (see the module docstring), per shape and batch size."""
+    from mii.ops.fp8_linear import fp8_linear_scaled_mm, quantize_rows
+
+    out = []
+    for name, (n, k) in shapes.items():
+        copies = max(2, -(-256 * 2**20 // (n * k)))  # > 256 MiB of float8 weights: past the L2
+        weights = [
+            torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)
+        ]
+        quantized = [quantize_rows(w) for w in weights]
+        for rows in batch_rows:
+            x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+            timings = {
+                "bf16_cublas": [lambda w=w, x=x: F.linear(x, w) for w in weights],
+                "bf16_skinny": [lambda w=w, x=x: skinny_linear(x, w) for w in weights],
+                "fp8_scaled_mm": [lambda q=q, x=x: fp8_linear_scaled_mm(x, *q) for q in quantized],
+            }
+            row = {"shape": name, "rows": rows, "n": n, "k": k}
+            for label, calls in timings.items():
+                nbytes = n * k * (1 if label.startswith("fp8") else 2)
+                try:
+                    s = graph_seconds(calls)
+                except Exception as error:  # e.g. a GPU without FP8 tensor cores
+                    row[f"{label}_error"] = f"{type(error).__name__}: {error}"[:200]
+                    continue
+                row[f"{label}_us"] = round(s * 1e6, 1)
+                row[f"{label}_of_copy_bw"] = round(nbytes / s / copy_bw, 3)
+            out.append(row)
+            print(
+                f"{name:8s} M={rows:3d}  "
+                + "  ".join(
+                    f"{label} {row.get(f'{label}_us', float('nan')):7.1f} us "
+                    f"({row.get(f'{label}_of_copy_bw', float('nan')):.0%})"
+                    for label in timings
+                ),
+                flush=True,
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--fp8", action="store_true", help="float8 weights: skinny kernels vs torch._scaled_mm"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
     result = {"benchmark": "gemv_sweep", **environment(), "roofline": roofline(device)}
     copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
+    if args.fp8:
+        result["benchmark"] = "gemv_fp8"
+        result["rows"] = fp8_rows(SHAPES, args.rows, copy_bw, device)
+        write_json(args.json, result)
+        return
     rows_out = []
     for name, (n, k) in SHAPES.items():
         nbytes = n * k * 2
