@@ -1,0 +1,172 @@
+"""The skinny decode kernel on float8 e4m3 weights (``skinny_linear_fp8``) against
+the reference (dequantize, then matmul), on CPU under TRITON_INTERPRET=1 (conftest)
+and on CUDA when present; its dispatch from ``ops.fp8_linear``; and a tiny fp8
+model whose decode steps run it, token for token against the reference path.
+
+The interpreter reads float8 tensors as the GPU does for every finite e4m3 value
+(checked below, all 254 of them); it differs only on e4m3's NaN encodings, which
+quantized weights never hold (``quantize_rows`` clamps to +-448)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mii
+from fp8_checkpoints import dequantized_model
+from helpers import PROMPTS, TIGHT_OPTIONS, assert_greedy_margins, hf_greedy
+from mii.ops.dispatch import skinny_fp8_linear_enabled
+from mii.ops.fp8_linear import FP8_DTYPE, fp8_linear, fp8_linear_reference, quantize_rows
+from mii.ops.triton_gemv import MAX_ROWS, GemvConfig, skinny_linear_fp8
+from test_triton_kernels import DEVICE
+
+
+def _case(rows: int, n: int, k: int, bias: bool, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    # Rows of very different magnitudes: each output channel's scale matters.
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 4
+    wq, scale = quantize_rows(w)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    # The float8 operands multiplied in float32 (what the kernel computes).
+    expected = x.float() @ (wq.float() * scale[:, None]).T
+    if b is not None:
+        expected += b.float()
+    return x, wq, scale, b, expected
+
+
+def _run(x, wq, scale, b, config=None) -> torch.Tensor:
+    on = [t.to(DEVICE) if t is not None else None for t in (x, wq, scale, b)]
+    return skinny_linear_fp8(*on, config).cpu()
+
+
+def _assert_near(out: torch.Tensor, expected: torch.Tensor) -> None:
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    else:  # one rounding to bfloat16 (the interpreter truncates: up to one ulp)
+        torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows, n, k, bias",
+    [
+        (1, 96, 256, False),  # whole blocks
+        (3, 70, 200, True),  # ragged N and K, bias
+        (MAX_ROWS, 33, 64, False),  # every row of the tile in use
+    ],
+)
+def test_fp8_skinny_linear_matches_the_reference(rows, n, k, bias, dtype):
+    x, wq, scale, b, expected = _case(rows, n, k, bias, dtype, seed=rows * n + k)
+    out = _run(x, wq, scale, b, GemvConfig(32, 64))
+    assert out.shape == (rows, n) and out.dtype == dtype
+    _assert_near(out, expected)
+    # The reference path (dequantize to x's dtype, then F.linear): float32 agrees
+    # to rounding; bfloat16 rounds each dequantized weight first, the kernel not.
+    reference = fp8_linear_reference(x, wq, scale, b).float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (out.float() - reference).norm() <= tol * reference.norm()
+
+
+def test_every_finite_e4m3_value_and_each_channel_scale():
+    """x = identity picks each weight: out[m, n] = float(wq[n, m]) * scale[n] exactly,
+    for all 254 finite e4m3 encodings (16 x 16 weight; NaNs replaced by zero)."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[[0x7F, 0xFF]] = 0  # e4m3fn's NaNs
+    wq = codes.view(FP8_DTYPE).reshape(16, 16)
+    scale = torch.rand(16, generator=torch.Generator().manual_seed(1)) + 0.5
+    x = torch.eye(16)
+    out = _run(x, wq, scale, None, GemvConfig(16, 16))
+    assert torch.equal(out, (wq.float() * scale[:, None]).T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, split_k", [(1, 2), (3, 3)])
+def test_fp8_split_k(rows, split_k, dtype):
+    """Split-K partials are unscaled sums; the last program adds them and applies the
+    channel scale and bias once; a second launch (a graph replay) is right too."""
+    import mii.ops.triton_gemv as gemv
+
+    x, wq, scale, b, expected = _case(rows, 70, 200, True, dtype, seed=rows * split_k)
+    config = GemvConfig(32, 32, block_m=16, split_k=split_k)
+    for _ in range(2):
+        _assert_near(_run(x, wq, scale, b, config), expected)
+    assert int(gemv._arrivals[torch.device(DEVICE)].count_nonzero()) == 0
+
+
+def test_default_fp8_launch_on_ragged_shapes():
+    x, wq, scale, b, expected = _case(5, 70, 200, True, torch.float32, seed=7)
+    _assert_near(_run(x, wq, scale, b), expected)
+
+
+def test_bad_operands_name_the_problem():
+    x, (wq, scale) = torch.zeros(2, 32), quantize_rows(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="float8_e4m3fn weight"):
+        skinny_linear_fp8(x, wq.float(), scale)
+    with pytest.raises(ValueError, match="float32 scale of 8"):
+        skinny_linear_fp8(x, wq, scale[:4])
+    with pytest.raises(ValueError, match="float32 scale of 8"):
+        skinny_linear_fp8(x, wq, scale.half())
+    with pytest.raises(ValueError, match="contiguous bias of 8"):
+        skinny_linear_fp8(x, wq, scale, torch.zeros(16)[::2])
+
+
+def test_dispatch_conditions(monkeypatch):
+    monkeypatch.setenv("MII_GEMV", "triton")
+    x, (wq, scale) = torch.zeros(2, 32), quantize_rows(torch.randn(8, 32))
+    assert skinny_fp8_linear_enabled(x, wq, scale, torch.zeros(8))
+    assert not skinny_fp8_linear_enabled(torch.zeros(MAX_ROWS + 1, 32), wq, scale)  # a prompt
+    assert not skinny_fp8_linear_enabled(x, wq.float(), scale)  # not float8
+    assert not skinny_fp8_linear_enabled(x, wq, scale.half())
+    assert not skinny_fp8_linear_enabled(x, wq, torch.ones(16)[::2])  # strided scale
+    assert not skinny_fp8_linear_enabled(x, wq, scale, torch.zeros(8, dtype=torch.float64))
+    monkeypatch.setenv("MII_GEMV", "torch")
+    assert not skinny_fp8_linear_enabled(x, wq, scale)
+
+
+def test_fp8_linear_takes_the_kernel_for_decode_sized_batches(monkeypatch):
+    import mii.ops.triton_gemv as kernels
+
+    rows_seen = []
+    original = kernels.skinny_linear_fp8
+    monkeypatch.setattr(
+        kernels, "skinny_linear_fp8", lambda x, *a: rows_seen.append(x.shape[0]) or original(x, *a)
+    )
+    monkeypatch.setenv("MII_GEMV", "triton")
+    wq, scale = quantize_rows(torch.randn(24, 40))
+    wq, scale, b = wq.to(DEVICE), scale.to(DEVICE), torch.randn(24).to(DEVICE)
+    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, 40).to(DEVICE)
+        expected = fp8_linear_reference(x, wq, scale, b)
+        torch.testing.assert_close(fp8_linear(x, wq, scale, b), expected, rtol=1e-4, atol=1e-4)
+    assert rows_seen == [1, MAX_ROWS]  # a prompt-sized batch: _scaled_mm or the reference
+    monkeypatch.setenv("MII_GEMV", "torch")
+    fp8_linear(torch.randn(1, 40).to(DEVICE), wq, scale, b)
+    assert rows_seen == [1, MAX_ROWS]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")
+def test_fp8_model_decodes_through_the_kernel_token_for_token(checkpoints, tokenizer, monkeypatch):
+    """A tiny fp8 model (float32 activations) whose decode steps and short chunks run
+    the interpreted float8 kernel, with chunked prompts and preemption: the greedy
+    tokens of the reference path and of transformers on the dequantized weights."""
+    import mii.ops.triton_gemv as kernels
+
+    path, hf_model = checkpoints("llama")
+    oracle = dequantized_model(hf_model)
+    prompts, new_tokens = PROMPTS, 24
+    assert_greedy_margins(oracle, tokenizer, prompts, new_tokens)
+    calls = []
+    original = kernels.skinny_linear_fp8
+    monkeypatch.setattr(kernels, "skinny_linear_fp8", lambda *a: calls.append(1) or original(*a))
+    outputs = {}
+    for gemv in ("triton", "torch"):
+        monkeypatch.setenv("MII_GEMV", gemv)
+        with mii.pipeline(str(path), quantization="fp8", **TIGHT_OPTIONS) as pipe:
+            responses = pipe(prompts, do_sample=False, max_new_tokens=new_tokens)
+            outputs[gemv] = [r.token_ids for r in responses]
+            assert pipe.engine.stats()["preemptions"] > 0
+        assert bool(calls) == (gemv == "triton")
+        calls.clear()
+    assert outputs["triton"] == outputs["torch"]
+    assert outputs["triton"] == [hf_greedy(oracle, tokenizer, p, new_tokens) for p in prompts]
