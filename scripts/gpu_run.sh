@@ -52,7 +52,7 @@ while [ $# -gt 0 ]; do
     latency-fp8w) python3 benchmarks/latency.py --quantization fp8 --json "$OUT/latency_fp8w.json" > "$OUT/latency_fp8w.log" 2>&1; tail -30 "$OUT/latency_fp8w.log" ;;
     w1-fp8w) python3 benchmarks/throughput.py --quantization fp8 --json "$OUT/w1_fp8w.json" > "$OUT/w1_fp8w.log" 2>&1; tail -30 "$OUT/w1_fp8w.log" ;;
     gemv-fp8) python3 benchmarks/gemv_sweep.py --fp8 --rows 1 4 16 64 --json "$OUT/gemv_fp8.json" > "$OUT/gemv_fp8.log" 2>&1; grep "M=" "$OUT/gemv_fp8.log" || tail -30 "$OUT/gemv_fp8.log" ;;
-    tests-fp8) python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -25 ;;
+    tests-fp8) python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_kernels_gpu.py tests/test_triton_gemv_fp8.py tests/test_triton_moe_fp8.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -25 ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift

@@ -91,7 +91,8 @@ def test_fp8_split_k(rows, split_k, dtype):
     config = GemvConfig(32, 32, block_m=16, split_k=split_k)
     for _ in range(2):
         _assert_near(_run(x, wq, scale, b, config), expected)
-    assert int(gemv._arrivals[torch.device(DEVICE)].count_nonzero()) == 0
+    device = torch.empty(0, device=DEVICE).device  # cuda:0, as the kernel's tensors
+    assert int(gemv._arrivals[device].count_nonzero()) == 0
 
 
 def test_default_fp8_launch_on_ragged_shapes():
@@ -113,13 +114,15 @@ def test_bad_operands_name_the_problem():
 
 def test_dispatch_conditions(monkeypatch):
     monkeypatch.setenv("MII_GEMV", "triton")
-    x, (wq, scale) = torch.zeros(2, 32), quantize_rows(torch.randn(8, 32))
-    assert skinny_fp8_linear_enabled(x, wq, scale, torch.zeros(8))
-    assert not skinny_fp8_linear_enabled(torch.zeros(MAX_ROWS + 1, 32), wq, scale)  # a prompt
+    x, (wq, scale) = torch.zeros(2, 32, device=DEVICE), quantize_rows(torch.randn(8, 32))
+    wq, scale, zeros = wq.to(DEVICE), scale.to(DEVICE), torch.zeros(16, device=DEVICE)
+    assert skinny_fp8_linear_enabled(x, wq, scale, zeros[:8])
+    assert not skinny_fp8_linear_enabled(zeros.new_zeros(MAX_ROWS + 1, 32), wq, scale)  # a prompt
     assert not skinny_fp8_linear_enabled(x, wq.float(), scale)  # not float8
     assert not skinny_fp8_linear_enabled(x, wq, scale.half())
-    assert not skinny_fp8_linear_enabled(x, wq, torch.ones(16)[::2])  # strided scale
-    assert not skinny_fp8_linear_enabled(x, wq, scale, torch.zeros(8, dtype=torch.float64))
+    assert not skinny_fp8_linear_enabled(x, wq, zeros[::2])  # strided scale
+    assert not skinny_fp8_linear_enabled(x, wq, scale, zeros[:8].double())
+    assert not skinny_fp8_linear_enabled(x.cpu(), wq, scale) or DEVICE.type == "cpu"
     monkeypatch.setenv("MII_GEMV", "torch")
     assert not skinny_fp8_linear_enabled(x, wq, scale)
 
