@@ -43,7 +43,16 @@ LLAMA3_8B = LLAMA2_7B | {
     "bos_token_id": 128000,
     "eos_token_id": 128001,
 }
-SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
+# Llama-3-70B: 80 layers of hidden 8192; fits one H200 only with float8 weights
+# (``--quantization fp8``: ~70 GB, against ~140 GB in bf16).
+LLAMA3_70B = LLAMA3_8B | {
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "llama3-70b": LLAMA3_70B}
 
 
 def model_dir(shape: str, full_vocab: bool = False) -> str:
