@@ -25,7 +25,7 @@ HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 
 def candidates() -> list:
     """Tile settings the float8 sweep tries (kernels.py's bf16 candidates, plus
-    wider K for float8's one-byte weights)."""
+    wider K for float8's one-byte weights, and both conversions)."""
     from mii.ops.triton_moe import TileConfig
 
     return [
@@ -39,6 +39,12 @@ def candidates() -> list:
         TileConfig(128, 128, 64, num_warps=8),
         TileConfig(128, 256, 64, num_warps=8),
         TileConfig(128, 256, 128, num_warps=8, num_stages=3),
+        # The same conversions by integer operations (ops/triton_fp8.py).
+        TileConfig(16, 64, 128, dequant=1),
+        TileConfig(16, 64, 256, num_warps=4, num_stages=4, dequant=1),
+        TileConfig(16, 128, 256, num_warps=4, num_stages=4, dequant=1),
+        TileConfig(64, 128, 64, num_warps=8, num_stages=4, dequant=1),
+        TileConfig(128, 256, 64, num_warps=8, dequant=1),
     ]
 
 

@@ -43,14 +43,17 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
+@pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])
 @pytest.mark.parametrize("rows", [1, 4, 16])
 @pytest.mark.parametrize("n, k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
-def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows):
-    from mii.ops.triton_gemv import skinny_linear_fp8
+def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows, dequant):
+    from mii.ops.triton_gemv import config_for, skinny_linear_fp8
 
     wq, scale = _quantized(n, k, seed=n + k)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    out = skinny_linear_fp8(x, wq, scale)  # the default launch (split-K as the layers get it)
+    # The default launch (split-K as the layers get it), in either conversion.
+    config = config_for(rows, fp8=True)._replace(dequant=dequant)
+    out = skinny_linear_fp8(x, wq, scale, None, config)
     torch.cuda.synchronize()
     assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
     emulated = (x.double() @ (wq.double() * scale.double()[:, None]).T).float()
@@ -126,16 +129,14 @@ def _moe_reference(x, w13, s13, w2, s2, weights, experts, act) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 128])
-def test_grouped_fp8_experts_on_the_mixtral_shape(tokens):
-    """8 experts, hidden 4096, intermediate 14336, top-2: float8 experts in the
-    kernel against float32 on their dequantized weights and against the bf16
-    kernel on them (the previous path)."""
-    import torch.nn.functional as F
+MIXTRAL = (8, 4096, 14336)  # experts, hidden, intermediate
 
-    from mii.ops.triton_moe import moe_grouped_mlp
 
-    experts_n, hidden, inter = 8, 4096, 14336
+@pytest.fixture(scope="module")
+def mixtral_experts():
+    """Float8 experts of Mixtral-8x7B's shape: w13 [8, 28672, 4096], w2 [8, 4096, 14336]
+    and their per (expert, output channel) scales."""
+    experts_n, hidden, inter = MIXTRAL
     w13 = torch.empty(experts_n, 2 * inter, hidden, device="cuda", dtype=torch.float8_e4m3fn)
     s13 = torch.empty(experts_n, 2 * inter, device="cuda")
     w2 = torch.empty(experts_n, hidden, inter, device="cuda", dtype=torch.float8_e4m3fn)
@@ -143,12 +144,28 @@ def test_grouped_fp8_experts_on_the_mixtral_shape(tokens):
     for e in range(experts_n):  # one expert at a time: bounded float32 temporaries
         w13[e], s13[e] = _quantized(2 * inter, hidden, seed=e)
         w2[e], s2[e] = _quantized(hidden, inter, seed=100 + e)
+    return w13, s13, w2, s2
+
+
+@pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])
+@pytest.mark.parametrize("tokens", [1, 16, 128])
+def test_grouped_fp8_experts_on_the_mixtral_shape(mixtral_experts, tokens, dequant):
+    """8 experts, hidden 4096, intermediate 14336, top-2: float8 experts in the
+    kernel against float32 on their dequantized weights and against the bf16
+    kernel on them (the previous path)."""
+    import torch.nn.functional as F
+
+    from mii.ops.triton_moe import default_tiles, moe_grouped_mlp
+
+    w13, s13, w2, s2 = mixtral_experts
+    experts_n, hidden, _ = MIXTRAL
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
     logits = torch.randn(tokens, experts_n, device="cuda", generator=gen)
     weights, experts = torch.softmax(logits, -1).topk(2, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
-    got = moe_grouped_mlp(x, w13, w2, weights, experts, F.silu, None, s13, s2)
+    tiles = default_tiles(tokens * 2)._replace(dequant=dequant)
+    got = moe_grouped_mlp(x, w13, w2, weights, experts, F.silu, tiles, s13, s2)
     torch.cuda.synchronize()
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, hidden)
     reference = _moe_reference(x, w13, s13, w2, s2, weights, experts, F.silu)

@@ -49,16 +49,17 @@ def _assert_near(out: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "rows, n, k, bias",
+    "rows, n, k, bias, dequant",
     [
-        (1, 96, 256, False),  # whole blocks
-        (3, 70, 200, True),  # ragged N and K, bias
-        (MAX_ROWS, 33, 64, False),  # every row of the tile in use
+        (1, 96, 256, False, 0),  # whole blocks
+        (3, 70, 200, True, 0),  # ragged N and K, bias
+        (MAX_ROWS, 33, 64, False, 0),  # every row of the tile in use
+        (3, 70, 200, True, 1),  # converted by integer operations (ops/triton_fp8.py)
     ],
 )
-def test_fp8_skinny_linear_matches_the_reference(rows, n, k, bias, dtype):
+def test_fp8_skinny_linear_matches_the_reference(rows, n, k, bias, dequant, dtype):
     x, wq, scale, b, expected = _case(rows, n, k, bias, dtype, seed=rows * n + k)
-    out = _run(x, wq, scale, b, GemvConfig(32, 64))
+    out = _run(x, wq, scale, b, GemvConfig(32, 64, dequant=dequant))
     assert out.shape == (rows, n) and out.dtype == dtype
     _assert_near(out, expected)
     # The reference path (dequantize to x's dtype, then F.linear): float32 agrees
@@ -68,16 +69,20 @@ def test_fp8_skinny_linear_matches_the_reference(rows, n, k, bias, dtype):
     assert (out.float() - reference).norm() <= tol * reference.norm()
 
 
-def test_every_finite_e4m3_value_and_each_channel_scale():
+@pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_finite_e4m3_value_and_each_channel_scale(dequant, dtype):
     """x = identity picks each weight: out[m, n] = float(wq[n, m]) * scale[n] exactly,
-    for all 254 finite e4m3 encodings (16 x 16 weight; NaNs replaced by zero)."""
+    for all 254 finite e4m3 encodings (16 x 16 weight; NaNs replaced by zero), in
+    either conversion (``GemvConfig.dequant``) to each activation dtype."""
     codes = torch.arange(256, dtype=torch.uint8)
     codes[[0x7F, 0xFF]] = 0  # e4m3fn's NaNs
     wq = codes.view(FP8_DTYPE).reshape(16, 16)
-    scale = torch.rand(16, generator=torch.Generator().manual_seed(1)) + 0.5
-    x = torch.eye(16)
-    out = _run(x, wq, scale, None, GemvConfig(16, 16))
-    assert torch.equal(out, (wq.float() * scale[:, None]).T)
+    # Powers of two: the product is exact in any output dtype whose range holds it.
+    scale = 2.0 ** torch.randint(-12, -4, (16,), generator=torch.Generator().manual_seed(1))
+    x = torch.eye(16, dtype=dtype)
+    out = _run(x, wq, scale.float(), None, GemvConfig(16, 16, dequant=dequant))
+    assert torch.equal(out, (wq.float() * scale[:, None]).T.to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -157,7 +162,7 @@ def test_fp8_model_decodes_through_the_kernel_token_for_token(checkpoints, token
 
     path, hf_model = checkpoints("llama")
     oracle = dequantized_model(hf_model)
-    prompts, new_tokens = PROMPTS, 24
+    prompts, new_tokens = PROMPTS, 12
     assert_greedy_margins(oracle, tokenizer, prompts, new_tokens)
     calls = []
     original = kernels.skinny_linear_fp8

@@ -44,23 +44,24 @@ def random_fp8_moe(renormalize: bool = True, dtype=torch.float32, **sizes) -> Sp
 
 
 @pytest.mark.parametrize(
-    ("tokens", "sizes"),
+    ("tokens", "sizes", "tiles"),
     [
-        (1, {}),
-        (3, {"top_k": 1}),
-        (37, {}),
-        (300, {"num_experts": 4}),  # prompt-sized: the larger row block
-        (9, {"hidden_size": 80, "intermediate_size": 72}),  # K over several tiles, masked
+        (1, {}, None),
+        (3, {"top_k": 1}, None),
+        (37, {}, None),
+        (300, {"num_experts": 4}, None),  # prompt-sized: the larger row block
+        (9, {"hidden_size": 80, "intermediate_size": 72}, None),  # K over tiles, masked
+        (9, {"hidden_size": 80, "intermediate_size": 72}, TileConfig(16, 32, 32, dequant=1)),
     ],
 )
-def test_fp8_grouped_mlp_matches_the_reference_path(tokens, sizes):
+def test_fp8_grouped_mlp_matches_the_reference_path(tokens, sizes, tiles):
     moe = random_fp8_moe(**sizes)
     x = torch.randn(tokens, moe.gate.in_features, generator=torch.Generator().manual_seed(4))
     x = x.to(DEVICE)
     with torch.no_grad():
         weights, experts = moe.route(x)
         got = moe_grouped_mlp(
-            x, moe.w13, moe.w2, weights, experts, moe.act, None, moe.w13_scale, moe.w2_scale
+            x, moe.w13, moe.w2, weights, experts, moe.act, tiles, moe.w13_scale, moe.w2_scale
         )
         reference = moe.forward_torch(x, weights, experts)  # dequantizes one expert at a time
         torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
@@ -85,16 +86,18 @@ def test_fp8_grouped_mlp_in_bfloat16():
     assert (got.float() - reference).norm() < 0.03 * reference.norm()
 
 
-def test_every_finite_e4m3_value_and_each_expert_channel_scale():
+@pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])
+def test_every_finite_e4m3_value_and_each_expert_channel_scale(dequant):
     """a = identity picks each weight: C[pair, n] = float(B[e, n, k]) * scale[e, n]
-    exactly, for all 254 finite e4m3 encodings in each of two experts."""
+    exactly, for all 254 finite e4m3 encodings in each of two experts, in either
+    conversion (``TileConfig.dequant``)."""
     codes = torch.arange(256, dtype=torch.uint8)
     codes[[0x7F, 0xFF]] = 0  # e4m3fn's NaNs
     weight = torch.stack([codes, codes.flip(0)]).view(FP8_DTYPE).reshape(2, 16, 16)
     scale = torch.rand(2, 16, generator=torch.Generator().manual_seed(2)) + 0.5
     a = torch.eye(16)
     experts = torch.tensor([0] * 8 + [1] * 8).reshape(16, 1)  # token t, one pair each
-    tiles = TileConfig(16, 16, 16)
+    tiles = TileConfig(16, 16, 16, dequant=dequant)
     sorted_pairs, block_expert = align_by_expert(experts.to(DEVICE), 2, tiles.block_m)
     out = grouped_gemm(
         a.to(DEVICE),

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from mii.ops import triton_limits, triton_pdl
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
+from mii.ops.triton_fp8 import dequantize_e4m3
 
 MAX_ROWS = SKINNY_MAX_ROWS
 
@@ -55,6 +56,7 @@ def _skinny_linear_kernel(
     stride_om,
     HAS_BIAS: tl.constexpr,
     W_SCALED: tl.constexpr,
+    DEQUANT: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -113,7 +115,7 @@ def _skinny_linear_kernel(
             other=0.0,
         )
         if W_SCALED:  # float8 -> x's dtype: exact (e4m3 is a subset of bf16 and fp16)
-            w = w.to(X.dtype.element_ty)
+            w = dequantize_e4m3(w, X.dtype.element_ty, DEQUANT)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
             w = w.to(tl.float32)
             x = x.to(tl.float32)
@@ -192,6 +194,9 @@ class GemvConfig(NamedTuple):
     # Weight columns per row each program prefetches into L2 while the previous
     # kernel runs (programmatic dependent launch, ops/triton_pdl.py); 0: none.
     prefetch_k: int = 1024
+    # Float8 weights only: how they are converted (ops/triton_fp8.py): 0 Triton's
+    # conversion instructions, 1 integer operations.
+    dequant: int = 0
 
 
 # From benchmarks/gemv_sweep.py on an H100 (2026-11-25, docs/performance.md): within
@@ -334,6 +339,7 @@ def _launch(
         out.stride(0),
         HAS_BIAS=bias is not None,
         W_SCALED=scale is not None,
+        DEQUANT=config.dequant,
         IEEE=x.dtype == torch.float32,
         UPCAST=INTERPRETED and x.dtype != torch.float32,
         SPLIT_K=splits,

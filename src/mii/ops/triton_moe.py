@@ -34,6 +34,7 @@ import triton.language as tl
 
 from mii.ops import triton_limits as limits
 from mii.ops.dispatch import INTERPRETED
+from mii.ops.triton_fp8 import dequantize_e4m3
 
 
 @triton.jit
@@ -56,6 +57,7 @@ def _grouped_gemm_kernel(
     A_ROWS_PER_PAIR: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     B_SCALED: tl.constexpr,
+    DEQUANT: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -85,7 +87,7 @@ def _grouped_gemm_kernel(
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         if B_SCALED:  # float8 -> a's dtype: exact (e4m3 is a subset of bf16 and fp16)
-            b = b.to(A.dtype.element_ty)
+            b = dequantize_e4m3(b, A.dtype.element_ty, DEQUANT)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -113,6 +115,7 @@ class TileConfig(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    dequant: int = 0  # float8 experts: how they are converted (ops/triton_fp8.py)
 
 
 def default_tiles(num_pairs: int) -> TileConfig:
@@ -228,6 +231,7 @@ def grouped_gemm(
         A_ROWS_PER_PAIR=a_rows_per_pair,
         HAS_WEIGHTS=pair_weights is not None,
         B_SCALED=fp8,
+        DEQUANT=tiles.dequant,
         IEEE=a.dtype == torch.float32 or INTERPRETED,
         UPCAST=INTERPRETED and a.dtype != torch.float32,
         BLOCK_M=tiles.block_m,
