@@ -178,3 +178,39 @@ def test_fp8_model_decodes_through_the_kernel_token_for_token(checkpoints, token
         calls.clear()
     assert outputs["triton"] == outputs["torch"]
     assert outputs["triton"] == [hf_greedy(oracle, tokenizer, p, new_tokens) for p in prompts]
+
+
+def test_row_parallel_shards_sum_to_the_whole(monkeypatch):
+    """Tensor parallelism: a row-parallel rank holds a slice of every row's columns
+    with the whole row's scale; the kernel's per-rank outputs (scaled partial sums)
+    add up to the one-rank output, as the all-reduce adds them."""
+    import mii.ops.triton_gemv as kernels
+    from mii.models.layers import RowParallelLinear, layer_linear
+    from mii.models.parallel import parallel_state
+    from mii.models.weight_quant import fp8_weights
+
+    calls = []
+    original = kernels.skinny_linear_fp8
+    monkeypatch.setattr(kernels, "skinny_linear_fp8", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv("MII_GEMV", "triton")
+    gen = torch.Generator().manual_seed(11)
+    w, x = torch.randn(40, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    with fp8_weights("online"):
+        whole = RowParallelLinear(64, 40, bias=False)
+        whole.weight_loader("weight", whole.weight, w)
+        shards = []
+        for rank in range(2):
+            with parallel_state(rank, 2):
+                shard = RowParallelLinear(64, 40, bias=False)
+                shard.weight_loader("weight", shard.weight, w)
+                shards.append(shard.to(DEVICE))
+    whole = whole.to(DEVICE)
+    one = layer_linear(whole, x.to(DEVICE), None).cpu()
+    parts = [
+        layer_linear(s, x[:, 32 * r : 32 * (r + 1)].to(DEVICE), None) for r, s in enumerate(shards)
+    ]
+    torch.testing.assert_close(sum(p.cpu() for p in parts), one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        one, fp8_linear_reference(x, whole.weight.cpu(), whole.weight_scale.cpu())
+    )
+    assert len(calls) == 3  # the whole layer and each rank's shard
