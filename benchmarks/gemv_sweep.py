@@ -151,13 +151,12 @@ def fp8_rows(
                         timed.append((graph_seconds(calls), cfg))
                     except Exception as error:  # a setting this GPU cannot launch
                         print(f"{name} {rows} {cfg}: {type(error).__name__}")
-                if not timed:
-                    continue
-                timed.sort()
-                default_s = row.get("fp8_skinny_us", float("nan")) / 1e6
-                sweep_row = sweep_summary(timed, default_s, n * k, copy_bw)
-                row["fp8_sweep"] = {key: sweep_row[key] for key in ("best_us", "best", "top5")}
-                row["fp8_sweep"]["best_of_copy_bw"] = sweep_row["best_of_copy_bw"]
+                if timed:
+                    timed.sort()
+                    default_s = row.get("fp8_skinny_us", float("nan")) / 1e6
+                    summary = sweep_summary(timed, default_s, n * k, copy_bw)
+                    keys = ("best_us", "best_of_copy_bw", "best", "top5")
+                    row["fp8_sweep"] = {key: summary[key] for key in keys}
             out.append(row)
             print(
                 f"{name:8s} M={rows:3d}  "
