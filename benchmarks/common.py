@@ -55,7 +55,21 @@ LLAMA3_8B_131K = LLAMA3_8B | {
         "original_max_position_embeddings": 8192,
     },
 }
-SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B, "llama3-8b-131k": LLAMA3_8B_131K}
+# Llama-3-70B: 80 layers of hidden 8192; fits one H200 only with float8 weights
+# (``--quantization fp8``: ~70 GB, against ~140 GB in bf16).
+LLAMA3_70B = LLAMA3_8B | {
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
+SHAPES = {
+    "llama2-7b": LLAMA2_7B,
+    "llama3-8b": LLAMA3_8B,
+    "llama3-8b-131k": LLAMA3_8B_131K,
+    "llama3-70b": LLAMA3_70B,
+}
 
 
 def model_dir(shape: str, full_vocab: bool = False) -> str:
@@ -98,6 +112,15 @@ def num_params(config: dict) -> int:
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * i
     return layers * per_layer + 2 * v * h
+
+
+def weight_bytes(config: dict, quantization: str = "none") -> int:
+    """Bytes of weights read per decoded token (bf16; with ``quantization="fp8"``
+    the decoder's linear weights take one byte each, the embedding and LM head
+    stay bf16: docs/quantization.md)."""
+    embeddings = 2 * config["vocab_size"] * config["hidden_size"]
+    linear = num_params(config) - embeddings
+    return embeddings * 2 + linear * (1 if quantization == "fp8" else 2)
 
 
 def roofline(device: torch.device) -> dict:
@@ -196,7 +219,8 @@ def serve_other_ranks(path: str, options: dict) -> bool:
 
 
 def add_engine_arguments(parser) -> None:
-    """Options both offline benchmarks share: compile, scheduling, tensor parallelism."""
+    """Options both offline benchmarks share: compile, scheduling, tensor parallelism,
+    KV cache dtype, weight quantization."""
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument(
         "--tensor-parallel",
@@ -210,6 +234,12 @@ def add_engine_arguments(parser) -> None:
         choices=["auto", "fp8"],
         default="auto",
         help="KV cache dtype (fp8: half the bytes per cached token)",
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=["none", "fp8"],
+        default="none",
+        help="weight quantization (fp8: linear weights in float8 e4m3, quantized at load)",
     )
     parser.add_argument(
         "--sync-scheduling",
@@ -228,7 +258,10 @@ def engine_options(args, result: dict, options: dict) -> dict:
         options["tensor_parallel"] = args.tensor_parallel
     if args.kv_cache_dtype != "auto":
         options["kv_cache_dtype"] = args.kv_cache_dtype
+    if args.quantization != "none":
+        options["quantization"] = args.quantization
     result["kv_cache_dtype"] = args.kv_cache_dtype
+    result["quantization"] = args.quantization
     result["async_scheduling"] = not args.sync_scheduling
     result["tensor_parallel"] = args.tensor_parallel
     return options

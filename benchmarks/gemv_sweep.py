@@ -8,6 +8,18 @@ memory as consecutive layers do.
 
     python benchmarks/gemv_sweep.py [--rows 1 16] [--json out.json]
     python benchmarks/gemv_sweep.py --rows 64 128 256   # is the kernel ahead of cuBLAS there?
+    python benchmarks/gemv_sweep.py --fp8 [--rows 1 4 16 64]   # float8 weights (below)
+    python benchmarks/gemv_sweep.py --fp8 --fp8-sweep --rows 1 16   # + fp8 launch settings
+
+With ``--fp8`` each shape and batch instead times, side by side: bf16 cuBLAS and
+the bf16 skinny kernel (default launch), and on float8 e4m3 weights with
+per-channel scales the float8 skinny kernel (``skinny_linear_fp8``, default
+launch) and ``torch._scaled_mm`` (per-token activation quantization included, as
+``ops.fp8_linear`` runs it); each as a fraction of the copy bandwidth for the
+bytes of its own weight (``fp8_skinny_int``: the float8 kernel converting by
+integer operations, not conversion instructions: ops/triton_fp8.py).
+``--fp8-sweep`` adds a sweep of the float8 kernel's launch settings (the row's
+``best``; what ``FP8_DEFAULT_CONFIG`` should become).
 """
 
 from __future__ import annotations
@@ -20,7 +32,14 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.common import environment, roofline, sweep_summary, write_json
-from mii.ops.triton_gemv import DEFAULT_CONFIG, GemvConfig, config_for, skinny_linear
+from mii.ops.triton_gemv import (
+    DEFAULT_CONFIG,
+    FP8_DEFAULT_CONFIG,
+    GemvConfig,
+    config_for,
+    skinny_linear,
+    skinny_linear_fp8,
+)
 
 SHAPES = {  # name: (N, K) of the weight
     "qkv": (12288, 4096),
@@ -63,14 +82,118 @@ def configs(rows: int) -> list[GemvConfig]:
     return out
 
 
+def fp8_configs(rows: int) -> list[GemvConfig]:
+    """Float8 launch settings to time at ``rows`` (<= 16): one byte per weight, so
+    wider K slices for the same bytes in flight."""
+    out = []
+    space = itertools.product((16,), (32, 64, 128), (128, 256, 512), (4, 8), (4, 6), (0, 1))
+    for block_m, block_n, block_k, warps, stages, dequant in space:
+        if (block_n + 2 * block_m) * block_k * stages <= SHARED_MEMORY_BUDGET:
+            out.append(
+                GemvConfig(block_n, block_k, warps, stages, block_m, split_k=1, dequant=dequant)
+            )
+    for dequant in (0, 1):  # the default tile, K split automatically (0) or 2-8 ways
+        default = FP8_DEFAULT_CONFIG._replace(dequant=dequant)
+        out += [default._replace(split_k=splits) for splits in (0, 2, 4, 8)]
+    return out
+
+
+def int_config(rows: int) -> GemvConfig:
+    """The float8 default launch at ``rows``, converting by integer operations."""
+    return config_for(rows, fp8=True)._replace(dequant=1)
+
+
+def fp8_rows(
+    shapes: dict, batch_rows: list[int], copy_bw: float, device, sweep: bool = False
+) -> list[dict]:
+    """bf16 cuBLAS, the bf16 skinny kernel, and on fp8 weights the fp8 skinny kernel
+    and ``torch._scaled_mm`` (see the module docstring), per shape and batch size;
+    with ``sweep``, the fp8 kernel's launch settings too (at most 16 rows)."""
+    from mii.ops.fp8_linear import fp8_linear_scaled_mm, quantize_rows
+
+    out = []
+    for name, (n, k) in shapes.items():
+        copies = max(2, -(-256 * 2**20 // (n * k)))  # > 256 MiB of float8 weights: past the L2
+        weights = [
+            torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)
+        ]
+        quantized = [quantize_rows(w) for w in weights]
+        for rows in batch_rows:
+            x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+            as_int = int_config(rows)
+            timings = {
+                "bf16_cublas": [lambda w=w, x=x: F.linear(x, w) for w in weights],
+                "bf16_skinny": [lambda w=w, x=x: skinny_linear(x, w) for w in weights],
+                "fp8_skinny": [lambda q=q, x=x: skinny_linear_fp8(x, *q) for q in quantized],
+                # The default launch with the integer-operation conversion (ops/triton_fp8.py).
+                "fp8_skinny_int": [
+                    lambda q=q, x=x, c=as_int: skinny_linear_fp8(x, *q, None, c) for q in quantized
+                ],
+                "fp8_scaled_mm": [lambda q=q, x=x: fp8_linear_scaled_mm(x, *q) for q in quantized],
+            }
+            row = {"shape": name, "rows": rows, "n": n, "k": k}
+            for label, calls in timings.items():
+                nbytes = n * k * (1 if label.startswith("fp8") else 2)
+                try:
+                    s = graph_seconds(calls)
+                except Exception as error:  # e.g. a GPU without FP8 tensor cores
+                    row[f"{label}_error"] = f"{type(error).__name__}: {error}"[:200]
+                    continue
+                row[f"{label}_us"] = round(s * 1e6, 1)
+                row[f"{label}_of_copy_bw"] = round(nbytes / s / copy_bw, 3)
+            if sweep and rows <= 16:
+                timed = []
+                for cfg in fp8_configs(rows):
+                    calls = [
+                        lambda q=q, x=x, c=cfg: skinny_linear_fp8(x, *q, None, c) for q in quantized
+                    ]
+                    try:
+                        timed.append((graph_seconds(calls), cfg))
+                    except Exception as error:  # a setting this GPU cannot launch
+                        print(f"{name} {rows} {cfg}: {type(error).__name__}")
+                if timed:
+                    timed.sort()
+                    default_s = row.get("fp8_skinny_us", float("nan")) / 1e6
+                    summary = sweep_summary(timed, default_s, n * k, copy_bw)
+                    keys = ("best_us", "best_of_copy_bw", "best", "top5")
+                    row["fp8_sweep"] = {key: summary[key] for key in keys}
+            out.append(row)
+            print(
+                f"{name:8s} M={rows:3d}  "
+                + "  ".join(
+                    f"{label} {row.get(f'{label}_us', float('nan')):7.1f} us "
+                    f"({row.get(f'{label}_of_copy_bw', float('nan')):.0%})"
+                    for label in timings
+                )
+                + (
+                    f"  fp8 best {row['fp8_sweep']['best_us']} us {row['fp8_sweep']['best']}"
+                    if "fp8_sweep" in row
+                    else ""
+                ),
+                flush=True,
+            )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--fp8", action="store_true", help="float8 weights: skinny kernels vs torch._scaled_mm"
+    )
+    parser.add_argument(
+        "--fp8-sweep", action="store_true", help="with --fp8: sweep the fp8 kernel's launches"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
     result = {"benchmark": "gemv_sweep", **environment(), "roofline": roofline(device)}
     copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
+    if args.fp8:
+        result["benchmark"] = "gemv_fp8"
+        result["rows"] = fp8_rows(SHAPES, args.rows, copy_bw, device, args.fp8_sweep)
+        write_json(args.json, result)
+        return
     rows_out = []
     for name, (n, k) in SHAPES.items():
         nbytes = n * k * 2

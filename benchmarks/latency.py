@@ -1,6 +1,7 @@
 """Batch-1 latency: one request, a 128-token prompt, 256 new tokens.
 
     python benchmarks/latency.py [--model llama2-7b] [--json out.json] [--hf]
+    python benchmarks/latency.py --quantization fp8   # float8 weights: floor of 1 byte each
 
 Reports mii's time to first token and decode tokens/s, the Hugging Face
 ``generate`` peer on the same workload and weights, and the bandwidth floor
@@ -22,9 +23,9 @@ from benchmarks.common import (
     engine_options,
     environment,
     model_dir,
-    num_params,
     roofline,
     serve_other_ranks,
+    weight_bytes,
     write_json,
 )
 
@@ -88,9 +89,10 @@ def main() -> None:
     device = torch.device("cuda")
     result = {"benchmark": "latency", "model": args.model, **environment()}
     result["roofline"] = roofline(device)
-    weight_bytes = num_params(config) * 2
+    # The floor of the weights this run reads: one byte per linear weight in fp8.
+    result["weight_bytes"] = weight_bytes(config, args.quantization)
     if result["roofline"]:
-        floor_s = weight_bytes / (result["roofline"]["copy_tb_per_s"] * 1e12)
+        floor_s = result["weight_bytes"] / (result["roofline"]["copy_tb_per_s"] * 1e12)
         result["bandwidth_floor_tok_s"] = round(1 / floor_s, 1)
     options = engine_options(args, result, {})
     if serve_other_ranks(path, options):

@@ -6,7 +6,8 @@ U[128, 1024], output 128).
 
 Reports requests/s, output tok/s and total tok/s for mii, the same for the
 Hugging Face ``generate_batch`` peer on the same prompts, and the compute floor
-(2 x params x tokens over measured bf16 matmul rate).
+(2 x params x tokens over measured bf16 matmul rate; with ``--quantization fp8``
+still the bf16 floor: compare the seconds with a bf16 run's).
 """
 
 from __future__ import annotations

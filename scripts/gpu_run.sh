@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
 #   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [structured] [structured-sync] [serving] [serving-budget B S] [serving-http] [tp2-latency] [tp2-w1] [tp2-tests]
+#   fp8 weights (issue 20): [latency-fp8w] [w1-fp8w] [gemv-fp8] [gemv-fp8-sweep] [moe-fp8] [latency-70b-fp8w] [w1-70b-fp8w] [tests-fp8]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
@@ -53,6 +54,14 @@ while [ $# -gt 0 ]; do
     w1-nohf) python3 benchmarks/throughput.py --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -14 "$OUT/w1.log" ;;
     latency-nohf) python3 benchmarks/latency.py --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -14 "$OUT/latency.log" ;;
     prefix-cache) python3 benchmarks/prefix_cache.py --json "$OUT/prefix_cache.json" > "$OUT/prefix_cache.log" 2>&1; tail -12 "$OUT/prefix_cache.log" ;;
+    latency-fp8w) python3 benchmarks/latency.py --quantization fp8 --json "$OUT/latency_fp8w.json" > "$OUT/latency_fp8w.log" 2>&1; tail -30 "$OUT/latency_fp8w.log" ;;
+    w1-fp8w) python3 benchmarks/throughput.py --quantization fp8 --json "$OUT/w1_fp8w.json" > "$OUT/w1_fp8w.log" 2>&1; tail -30 "$OUT/w1_fp8w.log" ;;
+    gemv-fp8) python3 benchmarks/gemv_sweep.py --fp8 --rows 1 4 16 64 --json "$OUT/gemv_fp8.json" > "$OUT/gemv_fp8.log" 2>&1; grep "M=" "$OUT/gemv_fp8.log" || tail -30 "$OUT/gemv_fp8.log" ;;
+    gemv-fp8-sweep) python3 benchmarks/gemv_sweep.py --fp8 --fp8-sweep --rows 1 16 --json "$OUT/gemv_fp8_sweep.json" > "$OUT/gemv_fp8_sweep.log" 2>&1; grep "M=" "$OUT/gemv_fp8_sweep.log" || tail -30 "$OUT/gemv_fp8_sweep.log" ;;
+    moe-fp8) python3 benchmarks/moe_fp8.py --json "$OUT/moe_fp8.json" > "$OUT/moe_fp8.log" 2>&1; grep "^tokens" "$OUT/moe_fp8.log" || tail -30 "$OUT/moe_fp8.log" ;;
+    latency-70b-fp8w) python3 benchmarks/latency.py --model llama3-70b --quantization fp8 --json "$OUT/latency_70b_fp8w.json" > "$OUT/latency_70b_fp8w.log" 2>&1; tail -30 "$OUT/latency_70b_fp8w.log" ;;
+    w1-70b-fp8w) python3 benchmarks/throughput.py --model llama3-70b --quantization fp8 --json "$OUT/w1_70b_fp8w.json" > "$OUT/w1_70b_fp8w.log" 2>&1; tail -30 "$OUT/w1_70b_fp8w.log" ;;
+    tests-fp8) python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_kernels_gpu.py tests/test_triton_gemv_fp8.py tests/test_triton_moe_fp8.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -25 ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift

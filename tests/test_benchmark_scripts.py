@@ -35,3 +35,30 @@ def test_script_help(script):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+def test_quantization_option_reaches_the_engine_options():
+    """``--quantization fp8`` of latency.py / throughput.py becomes the engine
+    option, and the latency floor counts one byte per linear weight."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.common import (
+            LLAMA2_7B,
+            add_engine_arguments,
+            engine_options,
+            num_params,
+            weight_bytes,
+        )
+    finally:
+        sys.path.remove(str(ROOT))
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    result: dict = {}
+    options = engine_options(parser.parse_args(["--quantization", "fp8"]), result, {})
+    assert options["quantization"] == "fp8" and result["quantization"] == "fp8"
+    assert "quantization" not in engine_options(parser.parse_args([]), {}, {})
+    embeddings = 2 * LLAMA2_7B["vocab_size"] * LLAMA2_7B["hidden_size"]
+    assert weight_bytes(LLAMA2_7B) == 2 * num_params(LLAMA2_7B)
+    assert weight_bytes(LLAMA2_7B, "fp8") == num_params(LLAMA2_7B) + embeddings

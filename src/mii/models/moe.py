@@ -17,6 +17,9 @@ The compute is grouped by expert, never a Python loop over tokens. On CUDA
 (or with ``MII_MOE=triton``) it is ``ops.triton_moe.moe_grouped_mlp``: pairs
 sorted by expert on the device and every expert's matmul in one grouped
 Triton launch, with no host sync, so MoE models run in CUDA graphs too.
+Float8 experts go into that kernel as they are (one byte per weight, scaled in
+the kernel) where Triton reads float8 (``ops.dispatch.fp8_triton_supported``:
+sm_89+, or the CPU interpreter); elsewhere they are dequantized first.
 Elsewhere (or with ``MII_MOE=torch``) the torch path sorts the (token, expert)
 pairs, runs one matmul per expert over all of its tokens and scatters the
 weighted outputs back with ``index_add_``; it reads the group sizes on the host.
@@ -44,7 +47,7 @@ from mii.models.weight_quant import (
     scale_parameter,
     scale_shards,
 )
-from mii.ops.dispatch import triton_chosen
+from mii.ops.dispatch import fp8_triton_supported, triton_chosen
 from mii.ops.fp8_linear import dequantize_rows
 
 
@@ -234,8 +237,8 @@ class SparseMoE(nn.Module):
             raise ValueError(f"shard {(expert, part)!r} does not belong to {name!r}")
 
     def expert_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13, w2) in ``dtype``: as they are, or float8 ones dequantized (the
-        reference path of float8 experts: no FP8 grouped kernel yet)."""
+        """(w13, w2) in ``dtype``: as they are, or float8 ones dequantized (for a
+        grouped kernel that cannot read float8 on this device)."""
         if not self.fp8:
             return self.w13, self.w2
         return (
@@ -289,6 +292,18 @@ class SparseMoE(nn.Module):
         if grouped_kernel_enabled(x.device):
             from mii.ops.triton_moe import moe_grouped_mlp
 
+            if self.fp8 and fp8_triton_supported(x.device):  # float8 read in the kernel
+                out = moe_grouped_mlp(
+                    x,
+                    self.w13,
+                    self.w2,
+                    weights,
+                    experts,
+                    self.act,
+                    w13_scale=self.w13_scale,
+                    w2_scale=self.w2_scale,
+                )
+                return all_reduce(out)
             w13, w2 = self.expert_weights(x.dtype)
             out = moe_grouped_mlp(x, w13, w2, weights, experts, self.act)
             return all_reduce(out)

@@ -70,6 +70,45 @@ def skinny_linear_enabled(
     )
 
 
+def fp8_triton_supported(device: torch.device) -> bool:
+    """Whether Triton kernels may read float8 e4m3 weights on ``device``: NVIDIA
+    GPUs of compute capability 8.9 or newer (Ada, Hopper: Triton converts e4m3 only
+    there), or the CPU interpreter (tests)."""
+    if device.type != "cuda":
+        return INTERPRETED
+    if torch.version.hip is not None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (8, 9)
+
+
+def skinny_fp8_linear_enabled(
+    x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> bool:
+    """Whether ``ops.fp8_linear`` runs the float8 skinny kernel of ``ops.triton_gemv``
+    (``skinny_linear_fp8``) for this call: as ``skinny_linear_enabled``, for an e4m3
+    weight with a contiguous float32 scale per output channel, where Triton reads
+    float8 (``fp8_triton_supported``). Larger batches go to ``torch._scaled_mm``."""
+    return (
+        not torch.compiler.is_compiling()
+        and x.dim() == 2
+        and wq.dim() == 2
+        and x.shape[0] <= SKINNY_MAX_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and wq.dtype == torch.float8_e4m3fn
+        and wq.device == x.device
+        and x.stride(-1) == 1
+        and wq.stride(-1) == 1
+        and wq.numel() < 2**31
+        and scale.dtype == torch.float32
+        and scale.shape == wq.shape[:1]
+        and scale.is_contiguous()
+        and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+        and triton_chosen(envs.GEMV, x.device)
+        and fp8_triton_supported(x.device)
+    )
+
+
 def dependent_launch_enabled(device: torch.device) -> bool:
     """Whether the decode chain's Triton kernels use programmatic dependent launch
     (``ops.triton_pdl``): on NVIDIA Hopper or newer GPUs, compiled (not interpreted),

@@ -5,7 +5,7 @@ float32, standing for ``wq.float() * scale[:, None]``. Quantizing a row divides
 it by ``amax(|row|) / 448`` (448 is e4m3's largest finite value), so every row
 uses the whole e4m3 range.
 
-Two ways to compute ``y = x Wᵀ + b``:
+Three ways to compute ``y = x Wᵀ + b``:
 
 - the reference (every device; what CPU tests check): dequantize the weight to
   float32, cast it to the activation dtype and run ``F.linear``; activations
@@ -17,6 +17,11 @@ Two ways to compute ``y = x Wᵀ + b``:
   two float8 operands with row-wise scales (``scale_a`` [M, 1], ``scale_b``
   [1, N], both float32; the second operand column-major, which ``wq.t()`` of a
   row-major [N, K] weight is, so the weight is stored as it is loaded).
+- the skinny kernel (decode batches of at most ``SKINNY_MAX_ROWS`` rows, where
+  Triton reads float8: ``ops.dispatch.skinny_fp8_linear_enabled``):
+  ``ops.triton_gemv.skinny_linear_fp8`` streams the float8 weight (one byte per
+  weight, the whole point at decode) and dequantizes it in registers; the
+  activations stay 16-bit, the channel scale multiplies the float32 sum once.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from mii.ops.dispatch import skinny_fp8_linear_enabled
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -106,8 +113,13 @@ def fp8_linear_scaled_mm(
 def fp8_linear(
     x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``y = x Wᵀ + b`` for a float8 weight: the FP8 tensor cores where they run,
-    else the reference (see the module docstring)."""
+    """``y = x Wᵀ + b`` for a float8 weight: the skinny kernel for decode batches,
+    the FP8 tensor cores for larger ones where they run, else the reference (see
+    the module docstring)."""
+    if skinny_fp8_linear_enabled(x, wq, scale, bias):
+        from mii.ops.triton_gemv import skinny_linear_fp8  # Triton: a CUDA-only dependency
+
+        return skinny_linear_fp8(x, wq, scale, bias)
     if scaled_mm_enabled(x, wq):
         return fp8_linear_scaled_mm(x, wq, scale, bias)
     return fp8_linear_reference(x, wq, scale, bias)

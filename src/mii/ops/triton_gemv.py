@@ -13,6 +13,14 @@ Used by ``models.layers.linear`` on CUDA for at most ``MAX_ROWS`` rows outside
 torch.compile (``MII_GEMV=torch`` turns it off); larger batches stay with cuBLAS
 until ``benchmarks/gemv_sweep.py --rows 64 128 256`` shows the kernel ahead.
 Tested on CPU under ``TRITON_INTERPRET=1`` against ``torch.nn.functional.linear``.
+
+``skinny_linear_fp8`` is the same kernel on float8 e4m3 weights with one float32
+scale per output channel (``ops.fp8_linear``): weight-only dequantization, so a
+decode step reads one byte per weight. Each slice of the weight is converted to
+the activations' dtype in registers (exact: every e4m3 value is a bfloat16 and a
+float16 value), multiplied on the tensor cores with float32 accumulation, and the
+channel's scale multiplies the sum once at the end (after split-K's partials are
+added). The activations are not quantized.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import triton.language as tl
 
 from mii.ops import triton_limits, triton_pdl
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
+from mii.ops.triton_fp8 import dequantize_e4m3
 
 MAX_ROWS = SKINNY_MAX_ROWS
 
@@ -33,6 +42,7 @@ MAX_ROWS = SKINNY_MAX_ROWS
 def _skinny_linear_kernel(
     X,
     W,
+    Scale,
     Bias,
     Out,
     Partials,
@@ -45,6 +55,8 @@ def _skinny_linear_kernel(
     stride_wn,
     stride_om,
     HAS_BIAS: tl.constexpr,
+    W_SCALED: tl.constexpr,
+    DEQUANT: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -57,7 +69,8 @@ def _skinny_linear_kernel(
 ):
     """Out[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for this program's BLOCK_N
     rows of W and BLOCK_M rows of X (row tiles vary fastest: one weight band's
-    programs run together), over its ``k_per_split`` slice of K.
+    programs run together), over its ``k_per_split`` slice of K. With W_SCALED,
+    W is float8 and Out[m, n] is that sum times Scale[n] (+ Bias[n]).
 
     With SPLIT_K > 1 the programs of one output tile each write a float32 partial;
     the last to arrive (an atomic count per tile) adds them up, writes the output
@@ -101,6 +114,8 @@ def _skinny_linear_kernel(
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
+        if W_SCALED:  # float8 -> x's dtype: exact (e4m3 is a subset of bf16 and fp16)
+            w = dequantize_e4m3(w, X.dtype.element_ty, DEQUANT)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
             w = w.to(tl.float32)
             x = x.to(tl.float32)
@@ -121,15 +136,43 @@ def _skinny_linear_kernel(
                 acc += tl.load(
                     Partials + split * M * N + here, mask=out_mask, other=0.0, cache_modifier=".cg"
                 )
-            _finish(acc, Bias, Out, offs_m, offs_n, n_mask, stride_om, out_mask, HAS_BIAS)
+            _finish(
+                acc,
+                Scale,
+                Bias,
+                Out,
+                offs_m,
+                offs_n,
+                n_mask,
+                stride_om,
+                out_mask,
+                HAS_BIAS,
+                W_SCALED,
+            )
             tl.atomic_xchg(Arrivals + tile, 0)  # ready for the next launch (graph replays)
     else:
-        _finish(acc, Bias, Out, offs_m, offs_n, n_mask, stride_om, out_mask, HAS_BIAS)
+        _finish(
+            acc, Scale, Bias, Out, offs_m, offs_n, n_mask, stride_om, out_mask, HAS_BIAS, W_SCALED
+        )
 
 
 @triton.jit
-def _finish(acc, Bias, Out, offs_m, offs_n, n_mask, stride_om, out_mask, HAS_BIAS: tl.constexpr):
-    """Out[offs_m, offs_n] = acc (+ Bias), acc laid out [BLOCK_N, BLOCK_M]."""
+def _finish(
+    acc,
+    Scale,
+    Bias,
+    Out,
+    offs_m,
+    offs_n,
+    n_mask,
+    stride_om,
+    out_mask,
+    HAS_BIAS: tl.constexpr,
+    W_SCALED: tl.constexpr,
+):
+    """Out[offs_m, offs_n] = acc (* Scale) (+ Bias), acc laid out [BLOCK_N, BLOCK_M]."""
+    if W_SCALED:  # float8 weights: each output channel's scale, once, on the whole sum
+        acc *= tl.load(Scale + offs_n, mask=n_mask, other=1.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     tl.store(
@@ -151,19 +194,27 @@ class GemvConfig(NamedTuple):
     # Weight columns per row each program prefetches into L2 while the previous
     # kernel runs (programmatic dependent launch, ops/triton_pdl.py); 0: none.
     prefetch_k: int = 1024
+    # Float8 weights only: how they are converted (ops/triton_fp8.py): 0 Triton's
+    # conversion instructions, 1 integer operations.
+    dequant: int = 0
 
 
 # From benchmarks/gemv_sweep.py on an H100 (2026-11-25, docs/performance.md): within
 # 0.3 us of the best of 44 settings on each Llama-2-7B projection at 1 and 16 rows.
 # 120 KB of bf16 pipeline stages; fewer stages where the GPU has less shared memory.
 DEFAULT_CONFIG = GemvConfig(64, 128, num_warps=4, num_stages=6)
+# Float8 weights: twice the columns per slice for the same weight bytes in flight
+# as the bf16 launch (a first guess, not yet swept on a GPU: gemv_sweep.py --fp8-sweep).
+FP8_DEFAULT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=6)
 # Past 16 rows (not routed here yet; a first guess for the sweep to beat).
 WIDE_CONFIG = GemvConfig(128, 64, num_warps=4, num_stages=3, block_m=64)
 
 
-def config_for(rows: int) -> GemvConfig:
-    """The launch for a batch of ``rows``."""
-    return DEFAULT_CONFIG if rows <= MAX_ROWS else WIDE_CONFIG
+def config_for(rows: int, fp8: bool = False) -> GemvConfig:
+    """The launch for a batch of ``rows`` (of float8 weights with ``fp8``)."""
+    if rows > MAX_ROWS:
+        return WIDE_CONFIG
+    return FP8_DEFAULT_CONFIG if fp8 else DEFAULT_CONFIG
 
 
 # Split-K: each program still streams at least this many weight columns, and at
@@ -211,19 +262,55 @@ def skinny_linear(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x of shape [M, K] (tuned for M <= ``MAX_ROWS``)."""
+    _check(x, weight, bias, "skinny_linear")
+    return _launch(x, weight, None, bias, config or config_for(x.shape[0]))
+
+
+def skinny_linear_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``x @ (weight * scale[:, None]).T + bias`` for x [M, K] (16/32-bit), a float8
+    e4m3 ``weight`` [N, K] and float32 per-output-channel ``scale`` [N] (tuned for
+    M <= ``MAX_ROWS``); the output has x's dtype."""
+    _check(x, weight, bias, "skinny_linear_fp8")
+    if weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"skinny_linear_fp8 needs a float8_e4m3fn weight, not {weight.dtype}")
+    n = weight.shape[0]
+    if scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous():
+        raise ValueError(f"skinny_linear_fp8 needs a contiguous float32 scale of {n} values")
+    return _launch(x, weight, scale, bias, config or config_for(x.shape[0], fp8=True))
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:
+    n, k = weight.shape[0], x.shape[1]
+    if weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
+        raise ValueError(f"{name} needs x [M, K] and weight [N, K], rows contiguous")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"{name} needs a contiguous bias of {n} values")
+    if weight.numel() >= 2**31:  # the kernel's offsets are int32
+        raise ValueError(f"{name} takes weights of fewer than 2**31 elements")
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    config: GemvConfig,
+) -> torch.Tensor:
+    """One launch of the kernel (``scale``: float8 weights' channel scales)."""
     rows, k = x.shape
     n = weight.shape[0]
-    if weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
-        raise ValueError("skinny_linear needs x [M, K] and weight [N, K], rows contiguous")
-    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
-        raise ValueError(f"skinny_linear needs a contiguous bias of {n} values")
-    if weight.numel() >= 2**31:  # the kernel's offsets are int32
-        raise ValueError("skinny_linear takes weights of fewer than 2**31 elements")
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out
-    config = config or config_for(rows)
-    stage_bytes = (config.block_n + config.block_m) * config.block_k * x.element_size()
+    stage_bytes = (
+        config.block_n * weight.element_size() + config.block_m * x.element_size()
+    ) * config.block_k
     tiles = triton.cdiv(n, config.block_n) * triton.cdiv(rows, config.block_m)
     line = 128 // weight.element_size()  # elements per 128-byte cache line
     prefetch_lines = triton.next_power_of_2(config.prefetch_k // line) if config.prefetch_k else 0
@@ -238,7 +325,8 @@ def skinny_linear(
     _skinny_linear_kernel[(tiles, splits)](
         x,
         weight,
-        bias if bias is not None else weight,
+        scale if scale is not None else out,  # unused without
+        bias if bias is not None else out,  # unused without
         out,
         partials,
         arrivals,
@@ -250,6 +338,8 @@ def skinny_linear(
         weight.stride(0),
         out.stride(0),
         HAS_BIAS=bias is not None,
+        W_SCALED=scale is not None,
+        DEQUANT=config.dequant,
         IEEE=x.dtype == torch.float32,
         UPCAST=INTERPRETED and x.dtype != torch.float32,
         SPLIT_K=splits,

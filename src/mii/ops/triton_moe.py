@@ -12,6 +12,13 @@ every pair (reading the token's row of ``x`` in place, nothing gathered), the
 activation, then the down projection scaled by the routing weight, summed over
 each token's ``top_k`` pairs.
 
+Float8 experts (``quantization="fp8"``): the weights stay e4m3, one byte each,
+with a float32 scale per (expert, output channel); each weight tile is converted
+to the activations' dtype in registers (exact: e4m3 values are bfloat16 and
+float16 values), multiplied with float32 accumulation, and the sum is scaled by
+its channel's scale once, before the routing weight. The activations are not
+quantized.
+
 Tested against the torch loop of ``models.moe.SparseMoE`` on CPU under
 ``TRITON_INTERPRET=1``.
 """
@@ -27,12 +34,14 @@ import triton.language as tl
 
 from mii.ops import triton_limits as limits
 from mii.ops.dispatch import INTERPRETED
+from mii.ops.triton_fp8 import dequantize_e4m3
 
 
 @triton.jit
 def _grouped_gemm_kernel(
     A,
     B,
+    B_scale,
     C,
     sorted_pairs,
     block_expert,
@@ -44,8 +53,11 @@ def _grouped_gemm_kernel(
     stride_be,
     stride_bn,
     stride_cm,
+    stride_se,
     A_ROWS_PER_PAIR: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    B_SCALED: tl.constexpr,
+    DEQUANT: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -54,7 +66,8 @@ def _grouped_gemm_kernel(
 ):
     """C[pair, n] = sum_k A[row(pair), k] * B[expert, n, k] for the pairs of one
     row block and one column block; ``row(pair)`` is ``pair // A_ROWS_PER_PAIR``
-    (the token, for the first projection; the pair itself for the second)."""
+    (the token, for the first projection; the pair itself for the second). With
+    B_SCALED, B is float8 and the sum is multiplied by B_scale[expert, n]."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert + pid_m)
@@ -73,6 +86,8 @@ def _grouped_gemm_kernel(
         k_ok = offs_k + k0 < K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        if B_SCALED:  # float8 -> a's dtype: exact (e4m3 is a subset of bf16 and fp16)
+            b = dequantize_e4m3(b, A.dtype.element_ty, DEQUANT)
         if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -82,6 +97,9 @@ def _grouped_gemm_kernel(
             acc += tl.dot(a, b)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if B_SCALED:  # each (expert, output channel)'s scale, once, on the whole sum
+        scale_ptrs = B_scale + expert.to(tl.int64) * stride_se + offs_n
+        acc = acc * tl.load(scale_ptrs, mask=offs_n < N, other=1.0)[None, :]
     if HAS_WEIGHTS:
         w = tl.load(pair_weights + pairs, mask=valid, other=0.0)
         acc = acc * w[:, None].to(tl.float32)
@@ -97,6 +115,7 @@ class TileConfig(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    dequant: int = 0  # float8 experts: how they are converted (ops/triton_fp8.py)
 
 
 def default_tiles(num_pairs: int) -> TileConfig:
@@ -114,11 +133,17 @@ def default_tiles(num_pairs: int) -> TileConfig:
 
 
 def stages_that_fit(
-    tiles: TileConfig, block_k: int, element_size: int, device: torch.device
+    tiles: TileConfig,
+    block_k: int,
+    element_size: int,
+    device: torch.device,
+    b_element_size: int | None = None,
 ) -> int:
     """``tiles.num_stages``, fewer where the A and B tiles of each stage would not
-    fit the shared memory of ``device`` (fp32 tiles take twice the bytes of bf16)."""
-    per_stage = (tiles.block_m + tiles.block_n) * block_k * element_size
+    fit the shared memory of ``device`` (fp32 tiles take twice the bytes of bf16;
+    ``b_element_size``: B's where it differs from A's, 1 for float8 weights)."""
+    b_size = element_size if b_element_size is None else b_element_size
+    per_stage = (tiles.block_m * element_size + tiles.block_n * b_size) * block_k
     return limits.stages_that_fit(tiles.num_stages, per_stage, device)
 
 
@@ -163,18 +188,34 @@ def grouped_gemm(
     a_rows_per_pair: int,
     tiles: TileConfig,
     pair_weights: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[num_pairs, N]: each pair's row of ``a`` times its expert's ``weight`` [E, N, K]^T.
-    ``sorted_pairs``/``block_expert`` come from ``align_by_expert`` with ``tiles.block_m``."""
+    ``sorted_pairs``/``block_expert`` come from ``align_by_expert`` with ``tiles.block_m``.
+    A float8 e4m3 ``weight`` comes with ``weight_scale`` [E, N] float32: it stands
+    for ``weight * weight_scale[..., None]``."""
     n, k = weight.shape[1], weight.shape[2]
     if a.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("grouped_gemm needs contiguous rows in a and weight")
+    fp8 = weight.dtype == torch.float8_e4m3fn
+    if fp8 != (weight_scale is not None):
+        raise ValueError("grouped_gemm takes a weight_scale exactly with float8_e4m3fn weights")
+    if fp8 and (
+        weight_scale.shape != weight.shape[:2]
+        or weight_scale.dtype != torch.float32
+        or weight_scale.stride(-1) != 1
+    ):
+        raise ValueError(
+            f"grouped_gemm needs a float32 weight_scale of shape {tuple(weight.shape[:2])} "
+            "with contiguous rows"
+        )
     out = torch.empty(num_pairs, n, dtype=a.dtype, device=a.device)
     block_k = min(tiles.block_k, max(16, triton.next_power_of_2(k)))
     grid = (block_expert.numel(), triton.cdiv(n, tiles.block_n))
     _grouped_gemm_kernel[grid](
         a,
         weight,
+        weight_scale if fp8 else out,  # unused without
         out,
         sorted_pairs,
         block_expert,
@@ -186,15 +227,20 @@ def grouped_gemm(
         weight.stride(0),
         weight.stride(1),
         out.stride(0),
+        weight_scale.stride(0) if fp8 else 0,
         A_ROWS_PER_PAIR=a_rows_per_pair,
         HAS_WEIGHTS=pair_weights is not None,
+        B_SCALED=fp8,
+        DEQUANT=tiles.dequant,
         IEEE=a.dtype == torch.float32 or INTERPRETED,
         UPCAST=INTERPRETED and a.dtype != torch.float32,
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
         num_warps=tiles.num_warps,
-        num_stages=stages_that_fit(tiles, block_k, a.element_size(), a.device),
+        num_stages=stages_that_fit(
+            tiles, block_k, a.element_size(), a.device, weight.element_size()
+        ),
     )
     return out
 
@@ -207,17 +253,23 @@ def moe_grouped_mlp(
     experts: torch.Tensor,
     act: Callable[[torch.Tensor], torch.Tensor],
     tiles: TileConfig | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], routing weights/experts [T, k] -> [T, H]:
-    ``sum_k weights[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = experts[t, k]``."""
+    ``sum_k weights[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = experts[t, k]``.
+    Float8 e4m3 experts come with their scales, ``w13_scale`` [E, 2I] and
+    ``w2_scale`` [E, H] (float32, per expert and output channel)."""
     tokens, top_k = experts.shape
     num_pairs = tokens * top_k
     tiles = tiles or default_tiles(num_pairs)
     sorted_pairs, block_expert = align_by_expert(experts, w13.shape[0], tiles.block_m)
-    hidden = grouped_gemm(x, w13, sorted_pairs, block_expert, num_pairs, top_k, tiles)
+    hidden = grouped_gemm(
+        x, w13, sorted_pairs, block_expert, num_pairs, top_k, tiles, None, w13_scale
+    )
     gate, up = hidden.chunk(2, dim=-1)
     inner = (act(gate) * up).contiguous()
     out = grouped_gemm(
-        inner, w2, sorted_pairs, block_expert, num_pairs, 1, tiles, weights.reshape(-1)
+        inner, w2, sorted_pairs, block_expert, num_pairs, 1, tiles, weights.reshape(-1), w2_scale
     )
     return out.view(tokens, top_k, -1).sum(dim=1)

@@ -1,0 +1,128 @@
+"""The grouped expert kernel (``ops/triton_moe.py``) on one Mixtral-8x7B-shaped
+layer (H 4096, I 14336, 8 experts, top 2): bf16 experts against float8 e4m3
+experts (per expert and output channel scales, dequantized in the kernel), at
+several token counts, with a sweep of tile settings for the float8 kernel.
+
+    python benchmarks/moe_fp8.py [--tokens 1 16 128 1024 4096] [--no-sweep] [--json out.json]
+
+Reports microseconds, the expert-weight bytes read over the copy bandwidth (few
+tokens: each chosen expert's weights once, 2 bytes a weight in bf16, 1 in fp8)
+and TFLOP/s (many tokens). Each timing replays a CUDA graph of the whole expert
+MLP (routing layout, both grouped GEMMs, the activation), as decode runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import environment, roofline, write_json
+from benchmarks.kernels import bench_graph
+
+HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
+
+
+def candidates() -> list:
+    """Tile settings the float8 sweep tries (kernels.py's bf16 candidates, plus
+    wider K for float8's one-byte weights, and both conversions)."""
+    from mii.ops.triton_moe import TileConfig
+
+    return [
+        TileConfig(16, 64, 128),
+        TileConfig(16, 64, 256, num_warps=4, num_stages=4),
+        TileConfig(16, 128, 256, num_warps=4, num_stages=4),
+        TileConfig(16, 64, 512, num_warps=4, num_stages=3),
+        TileConfig(32, 64, 128),
+        TileConfig(64, 128, 64, num_warps=8, num_stages=4),
+        TileConfig(64, 128, 128, num_warps=8, num_stages=3),
+        TileConfig(128, 128, 64, num_warps=8),
+        TileConfig(128, 256, 64, num_warps=8),
+        TileConfig(128, 256, 128, num_warps=8, num_stages=3),
+        # The same conversions by integer operations (ops/triton_fp8.py).
+        TileConfig(16, 64, 128, dequant=1),
+        TileConfig(16, 64, 256, num_warps=4, num_stages=4, dequant=1),
+        TileConfig(16, 128, 256, num_warps=4, num_stages=4, dequant=1),
+        TileConfig(64, 128, 64, num_warps=8, num_stages=4, dequant=1),
+        TileConfig(128, 256, 64, num_warps=8, dequant=1),
+    ]
+
+
+def main() -> None:
+    from mii.models.moe import SparseMoE
+    from mii.models.weight_quant import fp8_weights
+    from mii.ops.fp8_linear import dequantize_rows, quantize_rows
+    from mii.ops.triton_moe import default_tiles, moe_grouped_mlp
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
+    parser.add_argument("--no-sweep", action="store_true", help="default tiles only")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    result = {"benchmark": "moe_fp8", **environment(), "roofline": roofline(device)}
+    copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
+    with torch.device(device), fp8_weights("online"):
+        moe = SparseMoE(HIDDEN, INTER, EXPERTS, TOP_K)
+    moe.gate.to(torch.bfloat16)
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 0.02)
+        for name in ("w13", "w2"):  # one expert at a time: bounded temporaries
+            weight, scale = getattr(moe, name), getattr(moe, f"{name}_scale")
+            for e in range(EXPERTS):
+                w = torch.randn(weight.shape[1:], device=device, dtype=torch.bfloat16) * 0.02
+                weight[e], scale[e] = quantize_rows(w)
+    w13_bf16 = dequantize_rows(moe.w13, moe.w13_scale, torch.bfloat16)
+    w2_bf16 = dequantize_rows(moe.w2, moe.w2_scale, torch.bfloat16)
+    rows = []
+    for tokens in args.tokens:
+        x = torch.randn(tokens, HIDDEN, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            weights, chosen = moe.route(x)
+
+            def bf16(tiles=None, x=x, weights=weights, chosen=chosen):
+                return moe_grouped_mlp(x, w13_bf16, w2_bf16, weights, chosen, moe.act, tiles)
+
+            def fp8(tiles=None, x=x, weights=weights, chosen=chosen):
+                return moe_grouped_mlp(
+                    x, moe.w13, moe.w2, weights, chosen, moe.act, tiles, moe.w13_scale, moe.w2_scale
+                )
+
+            error = (fp8().float() - bf16().float()).norm() / bf16().float().norm()
+            bf16_s, fp8_s = bench_graph(bf16), bench_graph(fp8)
+            sweep = {default_tiles(tokens * TOP_K): fp8_s}
+            for tiles in [] if args.no_sweep else candidates():
+                try:
+                    sweep[tiles] = bench_graph(lambda tiles=tiles: fp8(tiles))
+                except Exception as err:  # a setting this GPU cannot launch
+                    print(f"tokens {tokens} {tiles}: {type(err).__name__}")
+        best = min(sweep, key=sweep.get)
+        used = chosen.unique().numel()
+        params = used * 3 * HIDDEN * INTER
+        flops = 2 * tokens * TOP_K * 3 * HIDDEN * INTER
+        row = {
+            "tokens": tokens,
+            "bf16_us": round(bf16_s * 1e6, 1),
+            "fp8_us": round(fp8_s * 1e6, 1),
+            "fp8_speedup": round(bf16_s / fp8_s, 2),
+            "bf16_weight_fraction_of_copy": round(2 * params / bf16_s / copy_bw, 3),
+            "fp8_weight_fraction_of_copy": round(params / fp8_s / copy_bw, 3),
+            "bf16_tflops": round(flops / bf16_s / 1e12, 1),
+            "fp8_tflops": round(flops / fp8_s / 1e12, 1),
+            "fp8_vs_bf16_relative_error": round(error.item(), 4),
+            "fp8_best_tiles": list(best),
+            "fp8_best_us": round(sweep[best] * 1e6, 1),
+        }
+        rows.append(row)
+        print(
+            f"tokens {tokens:5d}  bf16 {row['bf16_us']:8.1f} us  fp8 {row['fp8_us']:8.1f} us "
+            f"({row['fp8_weight_fraction_of_copy']:.0%} of copy bw)  best fp8 "
+            f"{row['fp8_best_us']} us {row['fp8_best_tiles']}",
+            flush=True,
+        )
+    result["rows"] = rows
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

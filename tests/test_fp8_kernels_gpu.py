@@ -1,0 +1,210 @@
+"""The float8 Triton kernels on a CUDA device with FP8 support (sm_89+; skipped
+elsewhere): the skinny decode kernel (``skinny_linear_fp8``) and the grouped
+expert kernel on float8 experts, against their float32 emulation and the
+reference path (dequantize, then a 16-bit matmul), on Llama-2-7B and
+Mixtral-8x7B shapes, in CUDA graphs, and end to end.
+
+What the CPU tests (interpreted, ``test_triton_gemv_fp8.py`` and
+``test_triton_moe_fp8.py``) cannot check and these do: the compiled e4m3
+conversion, the tensor-core dot on converted tiles, split-K's atomics and
+programmatic dependent launch on real hardware, graph replays."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mii
+import mii.ops.fp8_linear as fp8_ops
+from helpers import PROMPTS
+from mii.ops.fp8_linear import dequantize_rows, fp8_linear_reference, quantize_rows
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(
+        torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+        reason="Triton reads float8 e4m3 on sm_89+ only",
+    ),
+]
+
+# Llama-2-7B's projections (N, K) and a Mixtral-8x7B expert's gate (or up) rows.
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+
+
+def _quantized(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
+    w *= torch.rand(n, 1, device="cuda", generator=gen) + 0.5  # channels of different scales
+    return quantize_rows(w)
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])
+@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("n, k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows, dequant):
+    from mii.ops.triton_gemv import config_for, skinny_linear_fp8
+
+    wq, scale = _quantized(n, k, seed=n + k)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    # The default launch (split-K as the layers get it), in either conversion.
+    config = config_for(rows, fp8=True)._replace(dequant=dequant)
+    out = skinny_linear_fp8(x, wq, scale, None, config)
+    torch.cuda.synchronize()
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    emulated = (x.double() @ (wq.double() * scale.double()[:, None]).T).float()
+    # Only the float32 summation order and the bfloat16 output rounding differ.
+    torch.testing.assert_close(
+        out.float(), emulated, rtol=2**-7, atol=1e-2 * emulated.abs().mean().item()
+    )
+    # The reference rounds every dequantized weight to bfloat16 first.
+    assert _relative(out, fp8_linear_reference(x, wq, scale)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_skinny_fp8_bias_and_other_activation_dtypes(dtype):
+    from mii.ops.triton_gemv import skinny_linear_fp8
+
+    wq, scale = _quantized(4096, 4096, seed=1)
+    x = torch.randn(3, 4096, device="cuda", dtype=dtype)
+    bias = torch.randn(4096, device="cuda", dtype=dtype)
+    out = skinny_linear_fp8(x, wq, scale, bias)
+    emulated = x.double() @ (wq.double() * scale.double()[:, None]).T + bias.double()
+    assert out.dtype == dtype
+    # float32 activations: tf32 is not used (IEEE dot), so only summation order.
+    assert _relative(out, emulated) < (1e-4 if dtype == torch.float32 else 2e-3)
+
+
+def test_skinny_fp8_split_k_in_a_cuda_graph():
+    """Forced and automatic split-K replayed from a graph with new inputs: the
+    arrival counts reset by every launch, the scale applied once."""
+    from mii.ops.triton_gemv import FP8_DEFAULT_CONFIG, skinny_linear_fp8
+
+    wq, scale = _quantized(4096, 11008, seed=2)
+    x = torch.randn(2, 11008, device="cuda", dtype=torch.bfloat16)
+    configs = [None, FP8_DEFAULT_CONFIG._replace(split_k=4), FP8_DEFAULT_CONFIG._replace(split_k=1)]
+    outs = [skinny_linear_fp8(x, wq, scale, None, c) for c in configs]  # eager warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [skinny_linear_fp8(x, wq, scale, None, c) for c in configs]
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        emulated = x.double() @ (wq.double() * scale.double()[:, None]).T
+        for out in outs:
+            assert _relative(out, emulated) < 5e-3
+
+
+def test_fp8_linear_routes_decode_rows_to_the_skinny_kernel(monkeypatch):
+    import mii.ops.triton_gemv as gemv
+
+    calls = []
+    original = gemv.skinny_linear_fp8
+    monkeypatch.setattr(
+        gemv, "skinny_linear_fp8", lambda x, *a: calls.append(len(x)) or original(x, *a)
+    )
+    wq, scale = _quantized(4096, 4096, seed=3)
+    for rows in (1, 16, 17, 64):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        assert (
+            _relative(fp8_ops.fp8_linear(x, wq, scale), fp8_linear_reference(x, wq, scale)) < 0.05
+        )
+    assert calls == [1, 16]  # more rows: torch._scaled_mm
+
+
+def _moe_reference(x, w13, s13, w2, s2, weights, experts, act) -> torch.Tensor:
+    """The expert MLP in float32 on the dequantized weights, one expert at a time."""
+    out = torch.zeros(x.shape[0], w2.shape[1], device="cuda")
+    for e in experts.unique().tolist():
+        tokens, slot = (experts == e).nonzero(as_tuple=True)
+        up13 = x[tokens].float() @ dequantize_rows(w13[e], s13[e], torch.float32).T
+        gate, up = up13.chunk(2, dim=-1)
+        y = (act(gate) * up) @ dequantize_rows(w2[e], s2[e], torch.float32).T
+        out.index_add_(0, tokens, y * weights[tokens, slot, None].float())
+    return out
+
+
+MIXTRAL = (8, 4096, 14336)  # experts, hidden, intermediate
+
+
+@pytest.fixture(scope="module")
+def mixtral_experts():
+    """Float8 experts of Mixtral-8x7B's shape: w13 [8, 28672, 4096], w2 [8, 4096, 14336]
+    and their per (expert, output channel) scales."""
+    experts_n, hidden, inter = MIXTRAL
+    w13 = torch.empty(experts_n, 2 * inter, hidden, device="cuda", dtype=torch.float8_e4m3fn)
+    s13 = torch.empty(experts_n, 2 * inter, device="cuda")
+    w2 = torch.empty(experts_n, hidden, inter, device="cuda", dtype=torch.float8_e4m3fn)
+    s2 = torch.empty(experts_n, hidden, device="cuda")
+    for e in range(experts_n):  # one expert at a time: bounded float32 temporaries
+        w13[e], s13[e] = _quantized(2 * inter, hidden, seed=e)
+        w2[e], s2[e] = _quantized(hidden, inter, seed=100 + e)
+    return w13, s13, w2, s2
+
+
+@pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])
+@pytest.mark.parametrize("tokens", [1, 16, 128])
+def test_grouped_fp8_experts_on_the_mixtral_shape(mixtral_experts, tokens, dequant):
+    """8 experts, hidden 4096, intermediate 14336, top-2: float8 experts in the
+    kernel against float32 on their dequantized weights and against the bf16
+    kernel on them (the previous path)."""
+    import torch.nn.functional as F
+
+    from mii.ops.triton_moe import default_tiles, moe_grouped_mlp
+
+    w13, s13, w2, s2 = mixtral_experts
+    experts_n, hidden, _ = MIXTRAL
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    logits = torch.randn(tokens, experts_n, device="cuda", generator=gen)
+    weights, experts = torch.softmax(logits, -1).topk(2, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    tiles = default_tiles(tokens * 2)._replace(dequant=dequant)
+    got = moe_grouped_mlp(x, w13, w2, weights, experts, F.silu, tiles, s13, s2)
+    torch.cuda.synchronize()
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, hidden)
+    reference = _moe_reference(x, w13, s13, w2, s2, weights, experts, F.silu)
+    # bfloat16 rounding of the activations between the two GEMMs (the reference has none).
+    assert _relative(got, reference) < 2e-2
+    bf16 = moe_grouped_mlp(
+        x,
+        dequantize_rows(w13, s13, torch.bfloat16),
+        dequantize_rows(w2, s2, torch.bfloat16),
+        weights,
+        experts,
+        F.silu,
+    )
+    assert _relative(got, bf16) < 2e-2
+
+
+def test_fp8_model_with_and_without_the_skinny_kernel(checkpoints, monkeypatch):
+    """bf16 activations, CUDA graphs and async scheduling: decode steps through the
+    float8 skinny kernel (prompts through torch._scaled_mm), and through the
+    reference path only: the same first tokens (bf16 rounding may flip a later
+    near-tie)."""
+    import mii.ops.triton_gemv as gemv
+
+    path, _ = checkpoints("llama")
+    calls = []
+    original = gemv.skinny_linear_fp8
+    monkeypatch.setattr(gemv, "skinny_linear_fp8", lambda *a: calls.append(1) or original(*a))
+    outputs = {}
+    for choice in ("triton", "torch"):
+        monkeypatch.setenv("MII_GEMV", choice)
+        with monkeypatch.context() as patch:
+            if choice == "torch":
+                patch.setattr(fp8_ops, "scaled_mm_enabled", lambda x, w: False)
+            with mii.pipeline(
+                str(path), device="cuda", dtype="bfloat16", quantization="fp8"
+            ) as pipe:
+                responses = pipe(PROMPTS, do_sample=False, max_new_tokens=16)
+        outputs[choice] = [r.token_ids for r in responses]
+        assert bool(calls) == (choice == "triton")
+        calls.clear()
+    fused, reference = outputs["triton"], outputs["torch"]
+    assert all(a[:4] == b[:4] for a, b in zip(fused, reference)), (fused, reference)

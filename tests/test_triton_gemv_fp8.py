@@ -1,0 +1,215 @@
+"""The skinny decode kernel on float8 e4m3 weights (``skinny_linear_fp8``) against
+the reference (dequantize, then matmul), on CPU under TRITON_INTERPRET=1 (conftest)
+and on CUDA when present; its dispatch from ``ops.fp8_linear``; and a tiny fp8
+model whose decode steps run it, token for token against the reference path.
+
+The interpreter reads float8 tensors as the GPU does for every finite e4m3 value
+(checked below, all 254 of them); it differs only on e4m3's NaN encodings, which
+quantized weights never hold (``quantize_rows`` clamps to +-448)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mii
+from fp8_checkpoints import dequantized_model
+from helpers import PROMPTS, TIGHT_OPTIONS, assert_greedy_margins, hf_greedy
+from mii.ops.dispatch import skinny_fp8_linear_enabled
+from mii.ops.fp8_linear import FP8_DTYPE, fp8_linear, fp8_linear_reference, quantize_rows
+from mii.ops.triton_gemv import MAX_ROWS, GemvConfig, skinny_linear_fp8
+from test_triton_kernels import DEVICE
+
+
+def _case(rows: int, n: int, k: int, bias: bool, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    # Rows of very different magnitudes: each output channel's scale matters.
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 4
+    wq, scale = quantize_rows(w)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    # The float8 operands multiplied in float32 (what the kernel computes).
+    expected = x.float() @ (wq.float() * scale[:, None]).T
+    if b is not None:
+        expected += b.float()
+    return x, wq, scale, b, expected
+
+
+def _run(x, wq, scale, b, config=None) -> torch.Tensor:
+    on = [t.to(DEVICE) if t is not None else None for t in (x, wq, scale, b)]
+    return skinny_linear_fp8(*on, config).cpu()
+
+
+def _assert_near(out: torch.Tensor, expected: torch.Tensor) -> None:
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    else:  # one rounding to bfloat16 (the interpreter truncates: up to one ulp)
+        torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows, n, k, bias, dequant",
+    [
+        (1, 96, 256, False, 0),  # whole blocks
+        (3, 70, 200, True, 0),  # ragged N and K, bias
+        (MAX_ROWS, 33, 64, False, 0),  # every row of the tile in use
+        (3, 70, 200, True, 1),  # converted by integer operations (ops/triton_fp8.py)
+    ],
+)
+def test_fp8_skinny_linear_matches_the_reference(rows, n, k, bias, dequant, dtype):
+    x, wq, scale, b, expected = _case(rows, n, k, bias, dtype, seed=rows * n + k)
+    out = _run(x, wq, scale, b, GemvConfig(32, 64, dequant=dequant))
+    assert out.shape == (rows, n) and out.dtype == dtype
+    _assert_near(out, expected)
+    # The reference path (dequantize to x's dtype, then F.linear): float32 agrees
+    # to rounding; bfloat16 rounds each dequantized weight first, the kernel not.
+    reference = fp8_linear_reference(x, wq, scale, b).float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (out.float() - reference).norm() <= tol * reference.norm()
+
+
+@pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_finite_e4m3_value_and_each_channel_scale(dequant, dtype):
+    """x = identity picks each weight: out[m, n] = float(wq[n, m]) * scale[n] exactly,
+    for all 254 finite e4m3 encodings (16 x 16 weight; NaNs replaced by zero), in
+    either conversion (``GemvConfig.dequant``) to each activation dtype."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[[0x7F, 0xFF]] = 0  # e4m3fn's NaNs
+    wq = codes.view(FP8_DTYPE).reshape(16, 16)
+    # Powers of two: the product is exact in any output dtype whose range holds it.
+    scale = 2.0 ** torch.randint(-12, -4, (16,), generator=torch.Generator().manual_seed(1))
+    x = torch.eye(16, dtype=dtype)
+    out = _run(x, wq, scale.float(), None, GemvConfig(16, 16, dequant=dequant))
+    assert torch.equal(out, (wq.float() * scale[:, None]).T.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, split_k", [(1, 2), (3, 3)])
+def test_fp8_split_k(rows, split_k, dtype):
+    """Split-K partials are unscaled sums; the last program adds them and applies the
+    channel scale and bias once; a second launch (a graph replay) is right too."""
+    import mii.ops.triton_gemv as gemv
+
+    x, wq, scale, b, expected = _case(rows, 70, 200, True, dtype, seed=rows * split_k)
+    config = GemvConfig(32, 32, block_m=16, split_k=split_k)
+    for _ in range(2):
+        _assert_near(_run(x, wq, scale, b, config), expected)
+    device = torch.empty(0, device=DEVICE).device  # cuda:0, as the kernel's tensors
+    assert int(gemv._arrivals[device].count_nonzero()) == 0
+
+
+def test_default_fp8_launch_on_ragged_shapes():
+    x, wq, scale, b, expected = _case(5, 70, 200, True, torch.float32, seed=7)
+    _assert_near(_run(x, wq, scale, b), expected)
+
+
+def test_bad_operands_name_the_problem():
+    x, (wq, scale) = torch.zeros(2, 32), quantize_rows(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="float8_e4m3fn weight"):
+        skinny_linear_fp8(x, wq.float(), scale)
+    with pytest.raises(ValueError, match="float32 scale of 8"):
+        skinny_linear_fp8(x, wq, scale[:4])
+    with pytest.raises(ValueError, match="float32 scale of 8"):
+        skinny_linear_fp8(x, wq, scale.half())
+    with pytest.raises(ValueError, match="contiguous bias of 8"):
+        skinny_linear_fp8(x, wq, scale, torch.zeros(16)[::2])
+
+
+def test_dispatch_conditions(monkeypatch):
+    monkeypatch.setenv("MII_GEMV", "triton")
+    x, (wq, scale) = torch.zeros(2, 32, device=DEVICE), quantize_rows(torch.randn(8, 32))
+    wq, scale, zeros = wq.to(DEVICE), scale.to(DEVICE), torch.zeros(16, device=DEVICE)
+    assert skinny_fp8_linear_enabled(x, wq, scale, zeros[:8])
+    assert not skinny_fp8_linear_enabled(zeros.new_zeros(MAX_ROWS + 1, 32), wq, scale)  # a prompt
+    assert not skinny_fp8_linear_enabled(x, wq.float(), scale)  # not float8
+    assert not skinny_fp8_linear_enabled(x, wq, scale.half())
+    assert not skinny_fp8_linear_enabled(x, wq, zeros[::2])  # strided scale
+    assert not skinny_fp8_linear_enabled(x, wq, scale, zeros[:8].double())
+    assert not skinny_fp8_linear_enabled(x.cpu(), wq, scale) or DEVICE.type == "cpu"
+    monkeypatch.setenv("MII_GEMV", "torch")
+    assert not skinny_fp8_linear_enabled(x, wq, scale)
+
+
+def test_fp8_linear_takes_the_kernel_for_decode_sized_batches(monkeypatch):
+    import mii.ops.triton_gemv as kernels
+
+    rows_seen = []
+    original = kernels.skinny_linear_fp8
+    monkeypatch.setattr(
+        kernels, "skinny_linear_fp8", lambda x, *a: rows_seen.append(x.shape[0]) or original(x, *a)
+    )
+    monkeypatch.setenv("MII_GEMV", "triton")
+    wq, scale = quantize_rows(torch.randn(24, 40))
+    wq, scale, b = wq.to(DEVICE), scale.to(DEVICE), torch.randn(24).to(DEVICE)
+    for rows in (1, MAX_ROWS, MAX_ROWS + 1):
+        x = torch.randn(rows, 40).to(DEVICE)
+        expected = fp8_linear_reference(x, wq, scale, b)
+        torch.testing.assert_close(fp8_linear(x, wq, scale, b), expected, rtol=1e-4, atol=1e-4)
+    assert rows_seen == [1, MAX_ROWS]  # a prompt-sized batch: _scaled_mm or the reference
+    monkeypatch.setenv("MII_GEMV", "torch")
+    fp8_linear(torch.randn(1, 40).to(DEVICE), wq, scale, b)
+    assert rows_seen == [1, MAX_ROWS]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")
+def test_fp8_model_decodes_through_the_kernel_token_for_token(checkpoints, tokenizer, monkeypatch):
+    """A tiny fp8 model (float32 activations) whose decode steps and short chunks run
+    the interpreted float8 kernel, with chunked prompts and preemption: the greedy
+    tokens of the reference path and of transformers on the dequantized weights."""
+    import mii.ops.triton_gemv as kernels
+
+    path, hf_model = checkpoints("llama")
+    oracle = dequantized_model(hf_model)
+    prompts, new_tokens = PROMPTS, 12
+    assert_greedy_margins(oracle, tokenizer, prompts, new_tokens)
+    calls = []
+    original = kernels.skinny_linear_fp8
+    monkeypatch.setattr(kernels, "skinny_linear_fp8", lambda *a: calls.append(1) or original(*a))
+    outputs = {}
+    for gemv in ("triton", "torch"):
+        monkeypatch.setenv("MII_GEMV", gemv)
+        with mii.pipeline(str(path), quantization="fp8", **TIGHT_OPTIONS) as pipe:
+            responses = pipe(prompts, do_sample=False, max_new_tokens=new_tokens)
+            outputs[gemv] = [r.token_ids for r in responses]
+            assert pipe.engine.stats()["preemptions"] > 0
+        assert bool(calls) == (gemv == "triton")
+        calls.clear()
+    assert outputs["triton"] == outputs["torch"]
+    assert outputs["triton"] == [hf_greedy(oracle, tokenizer, p, new_tokens) for p in prompts]
+
+
+def test_row_parallel_shards_sum_to_the_whole(monkeypatch):
+    """Tensor parallelism: a row-parallel rank holds a slice of every row's columns
+    with the whole row's scale; the kernel's per-rank outputs (scaled partial sums)
+    add up to the one-rank output, as the all-reduce adds them."""
+    import mii.ops.triton_gemv as kernels
+    from mii.models.layers import RowParallelLinear, layer_linear
+    from mii.models.parallel import parallel_state
+    from mii.models.weight_quant import fp8_weights
+
+    calls = []
+    original = kernels.skinny_linear_fp8
+    monkeypatch.setattr(kernels, "skinny_linear_fp8", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv("MII_GEMV", "triton")
+    gen = torch.Generator().manual_seed(11)
+    w, x = torch.randn(40, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    with fp8_weights("online"):
+        whole = RowParallelLinear(64, 40, bias=False)
+        whole.weight_loader("weight", whole.weight, w)
+        shards = []
+        for rank in range(2):
+            with parallel_state(rank, 2):
+                shard = RowParallelLinear(64, 40, bias=False)
+                shard.weight_loader("weight", shard.weight, w)
+                shards.append(shard.to(DEVICE))
+    whole = whole.to(DEVICE)
+    one = layer_linear(whole, x.to(DEVICE), None).cpu()
+    parts = [
+        layer_linear(s, x[:, 32 * r : 32 * (r + 1)].to(DEVICE), None) for r, s in enumerate(shards)
+    ]
+    torch.testing.assert_close(sum(p.cpu() for p in parts), one, rtol=1e-5, atol=1e-5)
+    reference = fp8_linear_reference(x, whole.weight.cpu(), whole.weight_scale.cpu())
+    torch.testing.assert_close(one, reference, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3  # the whole layer and each rank's shard
