@@ -28,6 +28,13 @@ pytestmark = [
     ),
 ]
 
+
+@pytest.fixture(autouse=True)
+def _fp8_kernels_on(monkeypatch):
+    """The kernels are opt-in on CUDA (``MII_FP8_KERNELS``) until tuned: on here."""
+    monkeypatch.setenv("MII_FP8_KERNELS", "triton")
+
+
 # Llama-2-7B's projections (N, K) and a Mixtral-8x7B expert's gate (or up) rows.
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 

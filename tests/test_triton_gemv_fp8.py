@@ -15,10 +15,17 @@ import torch
 import mii
 from fp8_checkpoints import dequantized_model
 from helpers import PROMPTS, TIGHT_OPTIONS, assert_greedy_margins, hf_greedy
-from mii.ops.dispatch import skinny_fp8_linear_enabled
+from mii.ops.dispatch import fp8_triton_supported, skinny_fp8_linear_enabled
 from mii.ops.fp8_linear import FP8_DTYPE, fp8_linear, fp8_linear_reference, quantize_rows
 from mii.ops.triton_gemv import MAX_ROWS, GemvConfig, skinny_linear_fp8
 from test_triton_kernels import DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fp8_kernels_on(monkeypatch):
+    """On CUDA the float8 kernels are opt-in (``MII_FP8_KERNELS``) until tuned; these
+    tests run them wherever they run (the CPU interpreter ignores the switch)."""
+    monkeypatch.setenv("MII_FP8_KERNELS", "triton")
 
 
 def _case(rows: int, n: int, k: int, bias: bool, dtype: torch.dtype, seed: int):
@@ -213,3 +220,10 @@ def test_row_parallel_shards_sum_to_the_whole(monkeypatch):
     reference = fp8_linear_reference(x, whole.weight.cpu(), whole.weight_scale.cpu())
     torch.testing.assert_close(one, reference, rtol=1e-5, atol=1e-5)
     assert len(calls) == 3  # the whole layer and each rank's shard
+
+
+def test_float8_kernels_are_off_on_cuda_by_default(monkeypatch):
+    """Untuned (their first H200 run decoded slower than bf16): float8 layers on CUDA
+    take torch._scaled_mm and dequantized experts unless MII_FP8_KERNELS=triton."""
+    monkeypatch.delenv("MII_FP8_KERNELS")
+    assert not fp8_triton_supported(torch.device("cuda"))

@@ -17,6 +17,14 @@ from mii.ops.fp8_linear import FP8_DTYPE, quantize_rows
 from mii.ops.triton_moe import TileConfig, align_by_expert, grouped_gemm, moe_grouped_mlp
 from test_family_mixtral import random_moe
 
+
+@pytest.fixture(autouse=True)
+def _fp8_kernels_on(monkeypatch):
+    """On CUDA the float8 kernels are opt-in (``MII_FP8_KERNELS``) until tuned; these
+    tests run them wherever they run (the CPU interpreter ignores the switch)."""
+    monkeypatch.setenv("MII_FP8_KERNELS", "triton")
+
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

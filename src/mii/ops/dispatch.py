@@ -71,12 +71,14 @@ def skinny_linear_enabled(
 
 
 def fp8_triton_supported(device: torch.device) -> bool:
-    """Whether Triton kernels may read float8 e4m3 weights on ``device``: NVIDIA
-    GPUs of compute capability 8.9 or newer (Ada, Hopper: Triton converts e4m3 only
-    there), or the CPU interpreter (tests)."""
+    """Whether Triton kernels read float8 e4m3 weights on ``device``: on NVIDIA GPUs
+    of compute capability 8.9 or newer (Ada, Hopper: Triton converts e4m3 only
+    there) when ``MII_FP8_KERNELS=triton`` (off by default: their first H200 run,
+    2026-12-02, decoded slower than bf16, launch settings untuned), or in the CPU
+    interpreter (tests)."""
     if device.type != "cuda":
         return INTERPRETED
-    if torch.version.hip is not None:
+    if torch.version.hip is not None or envs.FP8_KERNELS.get() != "triton":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index) >= (8, 9)
