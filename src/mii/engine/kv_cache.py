@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 
@@ -66,7 +67,7 @@ class BlockManager:
         # What else the KV depends on (model, dtypes): the root of every hash chain.
         self.cache_salt = cache_salt
         self._refs = [0] * num_blocks
-        self._hash_of: dict[int, bytes] = {}  # block -> hash of its cached content
+        self._hashes: list[bytes | None] = [None] * num_blocks  # of its cached content
         self._plain: deque[int] = deque(range(num_blocks))  # free, nothing cached
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # free, LRU first
         self._by_hash: dict[bytes, int] = {}
@@ -128,14 +129,14 @@ class BlockManager:
             if seq.num_registered_blocks < seq.in_flight_until:
                 self._drop_frontier(seq.block_hashes[seq.num_registered_blocks])
         seq.in_flight_until = 0
-        hash_of = self._hash_of
+        refs, hashes = self._refs, self._hashes
         for block in reversed(seq.block_table):
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
-                if block in hash_of:
-                    self._cached_free[block] = None  # most recently used: evicted last
-                else:
+            refs[block] -= 1
+            if refs[block] == 0:
+                if hashes[block] is None:
                     self._plain.append(block)
+                else:
+                    self._cached_free[block] = None  # most recently used: evicted last
         seq.block_table = []
         seq.num_registered_blocks = 0
 
@@ -145,7 +146,8 @@ class BlockManager:
         if self._plain:
             return self._plain.popleft()
         block, _ = self._cached_free.popitem(last=False)
-        del self._by_hash[self._hash_of.pop(block)]
+        del self._by_hash[self._hashes[block]]
+        self._hashes[block] = None
         return block
 
     # ----- prefix caching -----------------------------------------------------
@@ -167,8 +169,8 @@ class BlockManager:
         have = len(hashes)
         if have < end:
             tokens = seq.token_ids[have * size : end * size]
-            if tokens and min(tokens) < 0:
-                tokens = tokens[: tokens.index(min(tokens))]
+            if seq.pending_row is not None and tokens and min(tokens) < 0:
+                tokens = tokens[: tokens.index(min(tokens))]  # hash up to the token not known
             hashes += chain_hashes(hashes[-1] if have else self.cache_salt, tokens, size)
         return len(hashes)
 
@@ -185,10 +187,11 @@ class BlockManager:
             return 0  # prompt logprobs need every prompt position computed
         reusable = (seq.num_tokens - 1) // self.block_size
         hashes = seq.block_hashes
-        self._hash_upto(seq, reusable)
+        if len(hashes) < reusable:
+            self._hash_upto(seq, reusable)
         attached = []
         find = self._by_hash.get
-        for digest in hashes[:reusable]:
+        for digest in islice(hashes, reusable):
             block = find(digest)
             if block is None:
                 break
@@ -203,11 +206,13 @@ class BlockManager:
         seq.num_computed = len(attached) * self.block_size
         return seq.num_computed
 
-    def count_lookup(self, seq: Sequence) -> None:
-        """Count an admitted sequence's lookup (its tokens, and those it found)."""
+    def admitted(self, seq: Sequence) -> None:
+        """Count an admitted sequence's lookup (its tokens, and those it found) and
+        track the prompt blocks it computes (``track_in_flight``)."""
         if self.prefix_caching:
             self.query_tokens += seq.num_tokens
             self.hit_tokens += seq.num_computed
+            self.track_in_flight(seq)
 
     def track_in_flight(self, seq: Sequence) -> None:
         """Record, for a sequence just admitted, that it computes its full prompt
@@ -233,8 +238,13 @@ class BlockManager:
         else:
             del self._frontiers[digest]
 
-    def in_flight(self, digest: bytes | None) -> bool:
-        """Whether some running sequence is computing the block named ``digest``."""
+    def waits_for_prefix(self, seq: Sequence) -> bool:
+        """Whether the first block a waiting ``seq`` would compute itself (after its
+        cached prefix) is being computed by a running sequence: it had better wait
+        for it than compute it too (n > 1, identical prompts arriving together)."""
+        if not self._frontiers or seq.params.prompt_logprobs is not None:
+            return False  # nothing in flight (and nothing cached without prefix caching)
+        digest = self.next_block_hash(seq)
         return digest is not None and digest in self._frontiers
 
     def next_block_hash(self, seq: Sequence) -> bytes | None:
@@ -260,18 +270,14 @@ class BlockManager:
         full = self._hash_upto(seq, full) if len(hashes) < full else full
         if start >= full:
             return
-        digests, blocks = hashes[start:full], seq.block_table[start:full]
-        by_hash = self._by_hash
-        # Its unregistered blocks have no hash (check_invariants), so only another
-        # block holding the same prefix (computed at the same time) can be in the way.
-        if by_hash.keys().isdisjoint(digests):
-            by_hash.update(zip(digests, blocks))
-            self._hash_of.update(zip(blocks, digests))
-        else:  # the first stays the one found; these are not registered
-            for digest, block in zip(digests, blocks):
-                if digest not in by_hash:
-                    by_hash[digest] = block
-                    self._hash_of[block] = digest
+        by_hash, block_hash = self._by_hash, self._hashes
+        # Its unregistered blocks have no hash (check_invariants): only another block
+        # holding the same prefix (computed at the same time) can be in the way; the
+        # first stays the one found, and this one is not registered.
+        for digest, block in zip(hashes[start:full], seq.block_table[start:full]):
+            if digest not in by_hash:
+                by_hash[digest] = block
+                block_hash[block] = digest
         seq.num_registered_blocks = full
         if start < seq.in_flight_until:  # its frontier moves on
             self._drop_frontier(hashes[start])
@@ -284,7 +290,8 @@ class BlockManager:
         must not carry one workload's prefixes into the next."""
         while self._cached_free:
             block, _ = self._cached_free.popitem(last=False)
-            del self._by_hash[self._hash_of.pop(block)]
+            del self._by_hash[self._hashes[block]]
+            self._hashes[block] = None
             self._plain.append(block)
 
     def check_invariants(self, seqs: Iterable[Sequence]) -> None:
@@ -299,7 +306,7 @@ class BlockManager:
         assert len(plain) == len(self._plain) and not plain & cached, "a block freed twice"
         free = {b for b in range(self.num_blocks) if self._refs[b] == 0}
         assert plain | cached == free, "the free lists are not the unreferenced blocks"
-        hash_of = self._hash_of
+        hash_of = {b: h for b, h in enumerate(self._hashes) if h is not None}
         assert not plain & hash_of.keys(), "a plain free block has a hash"
         assert cached <= hash_of.keys(), "a cached block lost its hash"
         assert hash_of == {b: h for h, b in self._by_hash.items()}, (

@@ -20,32 +20,45 @@ digests (tests/test_prefix_hash_intake.py).
 from __future__ import annotations
 
 import hashlib
-from array import array
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 HASH_BYTES = 16  # 128-bit digests
-_ID_BYTES = array("i").itemsize  # 4: one token id
+_ID_BYTES = 4  # one token id: a 32-bit integer in native byte order
+# An empty BLAKE2b-128 state: copying it is cheaper than parsing digest_size again.
+_EMPTY = hashlib.blake2b(digest_size=HASH_BYTES)
 
 
 def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """The hash of a block of ``token_ids`` that follows the prefix hashed as ``parent``."""
-    data = parent + array("i", token_ids).tobytes()
-    return hashlib.blake2b(data, digest_size=HASH_BYTES).digest()
+    state = _EMPTY.copy()
+    state.update(parent + _packer(len(token_ids))(*token_ids))
+    return state.digest()
 
 
 def chain_hashes(parent: bytes, token_ids: Sequence[int], block_size: int) -> list[bytes]:
     """The chained hashes of every full block of ``token_ids`` (the first block
     follows the prefix hashed as ``parent``): ``block_hash`` block by block, with
     the ids converted to bytes once."""
-    data = array("i", token_ids).tobytes()
+    data = _packer(len(token_ids))(*token_ids)
     step = block_size * _ID_BYTES
-    blake2b = hashlib.blake2b
+    empty = _EMPTY.copy
     hashes = []
     append = hashes.append
     for end in range(step, len(data) + 1, step):
-        parent = blake2b(parent + data[end - step : end], digest_size=HASH_BYTES).digest()
+        state = empty()
+        state.update(parent + data[end - step : end])
+        parent = state.digest()
         append(parent)
     return hashes
+
+
+@lru_cache(maxsize=512)
+def _packer(count: int) -> Callable[..., bytes]:
+    """Packs ``count`` token ids into bytes (a cached ``struct.Struct``: twice as fast
+    as ``array("i", ids).tobytes()`` and the same bytes)."""
+    return struct.Struct(f"={count}i").pack
 
 
 def cache_salt(*parts: object) -> bytes:

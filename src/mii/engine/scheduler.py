@@ -170,11 +170,7 @@ class Scheduler:
             cached = self.blocks.attach_prefix(seq)  # prefix caching: skip what is cached
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = cached
-            if (
-                self.blocks.prefix_caching
-                and seq.params.prompt_logprobs is None
-                and self.blocks.in_flight(self.blocks.next_block_hash(seq))
-            ):
+            if self.blocks.waits_for_prefix(seq):
                 self._detach(seq)
                 continue
             fits = self.blocks.tokens_that_fit(seq, min(seq.num_uncomputed, budget))
@@ -183,11 +179,10 @@ class Scheduler:
                 break  # the pool is full; admission never preempts running sequences
             self.waiting.remove(seq)
             self._admit(seq)
-            self.blocks.count_lookup(seq)
             self.blocks.allocate(seq, fits)
+            self.blocks.admitted(seq)  # prefix caching: count its lookup, track its blocks
             add_chunk(seq, fits)
             budget -= fits
-            self.blocks.track_in_flight(seq)
 
     def _detach(self, seq: Sequence) -> None:
         """A waiting sequence stays waiting: drop the cached prefix it attached."""
