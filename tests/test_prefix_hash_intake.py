@@ -14,7 +14,7 @@ from mii.engine.intake import RequestIntake
 from mii.engine.kv_cache import BlockManager
 from mii.engine.prefix_hash import block_hash, chain_hashes
 from mii.engine.scheduler import Scheduler
-from mii.engine.sequence import Sequence
+from mii.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 BLOCK = 4
 SALT = b"engine salt"
@@ -108,3 +108,70 @@ def test_a_prompt_block_completed_by_a_one_token_chunk_is_found_while_its_sequen
     scheduled = run_step(sched)  # a grows into block 2, registering block 1
     assert longer in scheduled and first.num_generated < first.max_new_tokens
     assert longer.num_cached_tokens == 8
+
+
+def _random_traffic(seed: int) -> tuple[int, int]:
+    """Shared-prefix requests through a small pool with async scheduling's pending
+    tokens, preemption, eviction, aborts and prompt-logprobs requests, some hashed
+    at intake and some not. A fake KV store records the token each pass writes at
+    each slot; every token a scheduled sequence counts as computed (its own or an
+    attached prefix's) must be the one stored in its block."""
+    rng = random.Random(seed)
+    blocks = BlockManager(rng.randint(8, 14), BLOCK, prefix_caching=True, cache_salt=SALT)
+    sched = Scheduler(blocks, rng.randint(4, 12), rng.randint(2, 5))
+    prefixes = [[rng.randrange(3, 40) for _ in range(rng.randint(3, 14))] for _ in range(3)]
+    arriving = []
+    for i in range(80):
+        prompt = rng.choice(prefixes) + [rng.randrange(3, 40) for _ in range(rng.randint(0, 6))]
+        extra = {"prompt_logprobs": 0} if rng.random() < 0.05 else {}
+        seq = Sequence(f"r{i}", prompt, GenerateParams.parse(**extra), rng.randint(1, 7), 0)
+        if rng.random() < 0.7:
+            blocks.hash_prompt(seq)  # as RequestIntake does
+        arriving.append(seq)
+    stored: dict[tuple[int, int], int] = {}  # (block, slot) -> token id written there
+    pending: list[tuple[Sequence, int]] = []  # tokens of the pass in flight
+    checked = 0
+    for _ in range(3000):
+        if not (arriving or sched.has_work() or pending):
+            break
+        while arriving and rng.random() < 0.4:
+            sched.add(arriving.pop())
+        if sched.running and rng.random() < 0.04:
+            sched.finish(rng.choice(sched.running), "abort")
+        out = sched.schedule()
+        for chunk in out.chunks:
+            seq = chunk.seq
+            for pos in range(seq.num_computed):
+                token = stored.get((seq.block_table[pos // BLOCK], pos % BLOCK))
+                assert PENDING_TOKEN in (token, seq.token_ids[pos]) or token == seq.token_ids[pos]
+                checked += 1
+            for pos in range(seq.num_computed, seq.num_computed + chunk.num_tokens):
+                stored[seq.block_table[pos // BLOCK], pos % BLOCK] = seq.token_ids[pos]
+        sampled = sched.commit(out)
+        for seq, slot in pending:  # the previous pass's tokens arrive
+            seq.token_ids[slot] = token = rng.randrange(3, 40)
+            if slot == seq.num_tokens - 1:
+                seq.pending_row = None
+            if seq.status is not SequenceStatus.FINISHED and seq.num_computed > slot:
+                stored[seq.block_table[slot // BLOCK], slot % BLOCK] = token
+        for seq, _ in pending:
+            ended = seq.pending_row is None and seq.num_generated >= seq.max_new_tokens
+            if ended and seq.status is not SequenceStatus.FINISHED:
+                sched.finish(seq, "length")
+        pending = []
+        for seq in sampled:
+            if seq.status is not SequenceStatus.FINISHED:
+                pending.append((seq, seq.num_tokens))
+                seq.token_ids.append(PENDING_TOKEN)
+                seq.pending_row = 0
+        blocks.check_invariants([*sched.running, *sched.waiting])
+    assert not (arriving or sched.has_work()) and blocks.num_free == blocks.num_blocks
+    return checked, blocks.hit_tokens
+
+
+def test_every_cached_block_holds_the_tokens_it_stands_for():
+    checked = hits = 0
+    for seed in range(40):
+        seed_checked, seed_hits = _random_traffic(seed)
+        checked, hits = checked + seed_checked, hits + seed_hits
+    assert checked > 100_000 and hits > 15_000
