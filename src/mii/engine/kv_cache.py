@@ -16,13 +16,13 @@ out again; a released block keeps its KV and its hash in an LRU list, and is
 reused by the next request with that prefix or, when memory is needed,
 evicted least-recently-used first (blocks without cached content go first).
 
-Host time (issue 17: caching must add < 5 % to the scheduler's step): a
-prompt's block hashes are computed at intake (``hash_prompt``), a generated
-block is hashed once when registered; a pass registers the blocks of its prompt
-chunks at commit, and a decoding sequence's filled block when it next grows
-(``allocate``) or lets its blocks go (``free``), so a decode step costs nothing
-extra; new blocks enter the hash table in bulk; a running sequence's blocks in
-flight are tracked by one entry, its next unregistered prompt block.
+Host time (issue 17: caching should add < 5 % to the scheduler's step): a
+prompt's block hashes are computed at intake (``hash_prompt``); commit registers
+the blocks of the pass's prompt chunks only, so a decode step costs nothing
+extra; a sequence's generated blocks are hashed and registered in one go when
+it lets its blocks go (``free``: it ended or was preempted); a running
+sequence's blocks in flight are tracked by one entry, its next unregistered
+prompt block. docs/performance.md has the numbers.
 
 Invariants (``check_invariants``): a block's reference count is the number of
 block tables holding it; a block is free (in exactly one of the two free
@@ -219,7 +219,7 @@ class BlockManager:
         blocks from its first unregistered one on: that block (its frontier) is in
         flight until registered, then the next one, up to the prompt's last full
         block. Another sequence whose next block is a frontier waits for it
-        (``in_flight``) instead of computing it too. O(1) per admission and per
+        (``waits_for_prefix``) instead of computing it too. O(1) per admission and per
         registration: a block past the frontier cannot be another sequence's next
         block without the frontier's block being cached (chained hashes), except
         when both compute the same prefix at once, which this check prevents."""
@@ -258,9 +258,9 @@ class BlockManager:
     def register(self, seq: Sequence) -> None:
         """Make ``seq``'s newly computed full blocks findable (after a pass is
         launched: its writes precede any later pass's reads on the device). Called
-        at commit for sequences that computed a chunk of prompt, when a decoding
-        sequence grows past a full block (``allocate``) and when it lets its blocks
-        go (``free``)."""
+        at commit for sequences that computed a chunk of prompt, when a sequence
+        grows past a prompt block its one-token chunk completed (``allocate``) and
+        when it lets its blocks go (``free``)."""
         start = seq.num_registered_blocks
         full = min(seq.num_computed // self.block_size, len(seq.block_table))
         if start >= full:
@@ -315,7 +315,7 @@ class BlockManager:
         frontiers: dict[bytes, int] = {}
         for seq in seqs:
             registered = seq.num_registered_blocks
-            # what lets register() add a sequence's new blocks to the table in bulk
+            # what lets register() take a block without looking for a hash of its own
             assert not hash_of.keys() & set(seq.block_table[registered:]), (
                 "a block past a sequence's registered ones has a hash"
             )
