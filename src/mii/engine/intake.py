@@ -142,7 +142,7 @@ class RequestIntake:
             grammar = self.grammars.get(params.constraint)
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         prompt_text = prompt if isinstance(prompt, str) else None
-        return Sequence(
+        seq = Sequence(
             request_id,
             prompt_ids,
             params,
@@ -152,3 +152,7 @@ class RequestIntake:
             score_only=score_only,
             grammar=grammar_mask.new_matcher(grammar) if grammar is not None else None,
         )
+        # Prefix caching: the prompt's block hashes, here in the caller rather than
+        # in the engine's step (which only looks them up).
+        self.blocks.hash_prompt(seq)
+        return seq

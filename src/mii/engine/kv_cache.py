@@ -16,19 +16,30 @@ out again; a released block keeps its KV and its hash in an LRU list, and is
 reused by the next request with that prefix or, when memory is needed,
 evicted least-recently-used first (blocks without cached content go first).
 
+Host time (issue 17: caching should add < 5 % to the scheduler's step): a
+prompt's block hashes are computed at intake (``hash_prompt``); commit registers
+the blocks of the pass's prompt chunks only, so a decode step costs nothing
+extra; a sequence's generated blocks are hashed and registered in one go when
+it lets its blocks go (``free``: it ended or was preempted); a running
+sequence's blocks in flight are tracked by one entry, its next unregistered
+prompt block. docs/performance.md has the numbers.
+
 Invariants (``check_invariants``): a block's reference count is the number of
 block tables holding it; a block is free (in exactly one of the two free
-lists) iff its count is 0; the hash table and the blocks' hashes agree.
+lists) iff its count is 0; the hash table and the blocks' hashes agree; a
+sequence's blocks past its registered ones have no hash; the frontiers in
+flight are those of the running sequences.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 
-from mii.engine.prefix_hash import block_hash
+from mii.engine.prefix_hash import chain_hashes
 from mii.engine.sequence import Sequence
 from mii.models.base import KVCacheSpec
 
@@ -56,12 +67,12 @@ class BlockManager:
         # What else the KV depends on (model, dtypes): the root of every hash chain.
         self.cache_salt = cache_salt
         self._refs = [0] * num_blocks
-        self._hashes: list[bytes | None] = [None] * num_blocks
+        self._hashes: list[bytes | None] = [None] * num_blocks  # of its cached content
         self._plain: deque[int] = deque(range(num_blocks))  # free, nothing cached
         self._cached_free: OrderedDict[int, None] = OrderedDict()  # free, LRU first
         self._by_hash: dict[bytes, int] = {}
-        # hash -> how many running sequences are computing that block (track_in_flight)
-        self._in_flight: dict[bytes, int] = {}
+        # hash -> how many running sequences compute that block next (track_in_flight)
+        self._frontiers: dict[bytes, int] = {}
         self.query_tokens = 0  # prompt tokens looked up in the cache
         self.hit_tokens = 0  # of those, found
 
@@ -93,8 +104,15 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow ``seq``'s block table so that ``num_new_tokens`` more tokens fit."""
         needed = self.blocks_needed(seq, num_new_tokens)
+        if needed <= 0:
+            return
         if needed > self.num_free:
             raise RuntimeError(f"asked for {needed} KV blocks with {self.num_free} free")
+        if self.prefix_caching and seq.num_registered_blocks < seq.in_flight_until:
+            # A prompt block completed by a one-token chunk (not registered at commit:
+            # decode chunks are not looked at there) is registered as the sequence
+            # grows past it, before admission looks for it in this same pass.
+            self.register(seq)
         for _ in range(needed):
             block = self._take()
             self._refs[block] = 1
@@ -104,13 +122,18 @@ class BlockManager:
         """Release every block of ``seq``. Blocks no other sequence holds become free;
         those with cached content stay findable until evicted (the sequence's last
         blocks are the first evicted: released in reverse order)."""
-        for index in range(seq.num_registered_blocks, seq.in_flight_until):
-            self._land(seq, index)
+        if self.prefix_caching:
+            # What it generated (and computed) is made findable now, hashed in one go:
+            # nobody can send its generated text in a prompt before it ends.
+            self.register(seq)
+            if seq.num_registered_blocks < seq.in_flight_until:
+                self._drop_frontier(seq.block_hashes[seq.num_registered_blocks])
         seq.in_flight_until = 0
+        refs, hashes = self._refs, self._hashes
         for block in reversed(seq.block_table):
-            self._refs[block] -= 1
-            if self._refs[block] == 0:
-                if self._hashes[block] is None:
+            refs[block] -= 1
+            if refs[block] == 0:
+                if hashes[block] is None:
                     self._plain.append(block)
                 else:
                     self._cached_free[block] = None  # most recently used: evicted last
@@ -129,18 +152,32 @@ class BlockManager:
 
     # ----- prefix caching -----------------------------------------------------
 
-    def _block_hash(self, seq: Sequence, index: int) -> bytes | None:
-        """The chained hash of ``seq``'s full block ``index`` (None while one of its
-        tokens is still on the device). Hashes are kept on the sequence: its tokens
-        never change once known."""
+    def hash_prompt(self, seq: Sequence) -> None:
+        """Compute the chained hashes of ``seq``'s full prompt blocks now, when the
+        request is taken in (engine/intake.py), so that the engine's step only looks
+        them up. Without prefix caching, nothing."""
+        if self.prefix_caching and not seq.block_hashes:
+            seq.block_hashes = chain_hashes(self.cache_salt, seq.prompt_token_ids, self.block_size)
+
+    def _hash_upto(self, seq: Sequence, end: int) -> int:
+        """Hash ``seq``'s full blocks before block ``end`` that are not hashed yet, as
+        far as its known tokens go (a PENDING_TOKEN is still on the device); returns
+        how many of its blocks are hashed. Hashes are kept on the sequence: its tokens
+        never change once known. A prompt's are there from intake (``hash_prompt``);
+        generated blocks are hashed here once, in one go when it ends."""
         hashes, size = seq.block_hashes, self.block_size
-        while len(hashes) <= index:
-            i = len(hashes)
-            tokens = seq.token_ids[i * size : (i + 1) * size]
-            if len(tokens) < size or min(tokens) < 0:  # not full, or PENDING_TOKEN
-                return None
-            hashes.append(block_hash(hashes[i - 1] if i else self.cache_salt, tokens))
-        return hashes[index]
+        have = len(hashes)
+        if have < end:
+            tokens = seq.token_ids[have * size : end * size]
+            if seq.pending_row is not None and tokens and min(tokens) < 0:
+                tokens = tokens[: tokens.index(min(tokens))]  # hash up to the token not known
+            hashes += chain_hashes(hashes[-1] if have else self.cache_salt, tokens, size)
+        return len(hashes)
+
+    def _block_hash(self, seq: Sequence, index: int) -> bytes | None:
+        """The chained hash of ``seq``'s full block ``index`` (None while it is not
+        full or one of its tokens is still on the device)."""
+        return seq.block_hashes[index] if index < self._hash_upto(seq, index + 1) else None
 
     def attach_prefix(self, seq: Sequence) -> int:
         """Give a sequence without blocks the longest chain of cached blocks that
@@ -149,57 +186,66 @@ class BlockManager:
         if not self.prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return 0  # prompt logprobs need every prompt position computed
         reusable = (seq.num_tokens - 1) // self.block_size
+        hashes = seq.block_hashes
+        if len(hashes) < reusable:
+            self._hash_upto(seq, reusable)
         attached = []
-        for index in range(reusable):
-            digest = self._block_hash(seq, index)
-            block = self._by_hash.get(digest) if digest is not None else None
+        find = self._by_hash.get
+        for digest in islice(hashes, reusable):
+            block = find(digest)
             if block is None:
                 break
             attached.append(block)
+        refs, cached_free = self._refs, self._cached_free
         for block in attached:
-            if self._refs[block] == 0:
-                del self._cached_free[block]
-            self._refs[block] += 1
+            if refs[block] == 0:
+                del cached_free[block]
+            refs[block] += 1
         seq.block_table = attached
         seq.num_registered_blocks = len(attached)
         seq.num_computed = len(attached) * self.block_size
         return seq.num_computed
 
-    def count_lookup(self, seq: Sequence) -> None:
-        """Count an admitted sequence's lookup (its tokens, and those it found)."""
+    def admitted(self, seq: Sequence) -> None:
+        """Count an admitted sequence's lookup (its tokens, and those it found) and
+        track the prompt blocks it computes (``track_in_flight``)."""
         if self.prefix_caching:
             self.query_tokens += seq.num_tokens
             self.hit_tokens += seq.num_computed
+            self.track_in_flight(seq)
 
     def track_in_flight(self, seq: Sequence) -> None:
-        """Record, for a sequence just admitted, the full prompt blocks it will compute
-        (not registered yet): another sequence needing one of them waits for it
-        (``in_flight``) instead of computing it too. Undone block by block as they
-        are registered, and wholly when the sequence releases its blocks."""
+        """Record, for a sequence just admitted, that it computes its full prompt
+        blocks from its first unregistered one on: that block (its frontier) is in
+        flight until registered, then the next one, up to the prompt's last full
+        block. Another sequence whose next block is a frontier waits for it
+        (``waits_for_prefix``) instead of computing it too. O(1) per admission and per
+        registration: a block past the frontier cannot be another sequence's next
+        block without the frontier's block being cached (chained hashes), except
+        when both compute the same prefix at once, which this check prevents."""
         if not self.prefix_caching:
             return
-        end = seq.num_registered_blocks
-        for index in range(seq.num_registered_blocks, seq.prompt_len // self.block_size):
-            digest = self._block_hash(seq, index)
-            if digest is None:
-                break
-            self._in_flight[digest] = self._in_flight.get(digest, 0) + 1
-            end = index + 1
+        end = self._hash_upto(seq, seq.prompt_len // self.block_size)  # built directly: no intake
         seq.in_flight_until = end
+        if seq.num_registered_blocks < end:
+            digest = seq.block_hashes[seq.num_registered_blocks]
+            self._frontiers[digest] = self._frontiers.get(digest, 0) + 1
 
-    def in_flight(self, digest: bytes | None) -> bool:
-        """Whether some running sequence is computing the block named ``digest``."""
-        return digest is not None and digest in self._in_flight
+    def _drop_frontier(self, digest: bytes) -> None:
+        count = self._frontiers[digest] - 1
+        if count:
+            self._frontiers[digest] = count
+        else:
+            del self._frontiers[digest]
 
-    def _land(self, seq: Sequence, index: int) -> None:
-        """Block ``index`` of ``seq`` is no longer in flight (registered or released)."""
-        if index < seq.in_flight_until:
-            digest = seq.block_hashes[index]
-            count = self._in_flight[digest] - 1
-            if count:
-                self._in_flight[digest] = count
-            else:
-                del self._in_flight[digest]
+    def waits_for_prefix(self, seq: Sequence) -> bool:
+        """Whether the first block a waiting ``seq`` would compute itself (after its
+        cached prefix) is being computed by a running sequence: it had better wait
+        for it than compute it too (n > 1, identical prompts arriving together)."""
+        if not self._frontiers or seq.params.prompt_logprobs is not None:
+            return False  # nothing in flight (and nothing cached without prefix caching)
+        digest = self.next_block_hash(seq)
+        return digest is not None and digest in self._frontiers
 
     def next_block_hash(self, seq: Sequence) -> bytes | None:
         """The hash of the first block ``seq`` would compute itself (None: no full block
@@ -211,21 +257,32 @@ class BlockManager:
 
     def register(self, seq: Sequence) -> None:
         """Make ``seq``'s newly computed full blocks findable (after a pass is
-        launched: its writes precede any later pass's reads on the device)."""
-        full = seq.num_computed // self.block_size
-        while seq.num_registered_blocks < full:
-            index = seq.num_registered_blocks
-            digest = self._block_hash(seq, index)
-            if digest is None:
-                return  # a token still on the device: the next pass registers it
-            block = seq.block_table[index]
-            # Another block may hold the same prefix already (computed at the same
-            # time): the first stays the one found, this one is not registered.
-            if self._hashes[block] is None and digest not in self._by_hash:
-                self._by_hash[digest] = block
-                self._hashes[block] = digest
-            self._land(seq, index)
-            seq.num_registered_blocks += 1
+        launched: its writes precede any later pass's reads on the device). Called
+        at commit for sequences that computed a chunk of prompt, when a sequence
+        grows past a prompt block its one-token chunk completed (``allocate``) and
+        when it lets its blocks go (``free``)."""
+        start = seq.num_registered_blocks
+        full = min(seq.num_computed // self.block_size, len(seq.block_table))
+        if start >= full:
+            return
+        hashes = seq.block_hashes
+        # a token still on the device: the blocks before it (the next call does the rest)
+        full = self._hash_upto(seq, full) if len(hashes) < full else full
+        if start >= full:
+            return
+        by_hash, block_hash = self._by_hash, self._hashes
+        # Its unregistered blocks have no hash (check_invariants): only another block
+        # holding the same prefix (computed at the same time) can be in the way; the
+        # first stays the one found, and this one is not registered.
+        for digest, block in zip(hashes[start:full], seq.block_table[start:full]):
+            if digest not in by_hash:
+                by_hash[digest] = block
+                block_hash[block] = digest
+        seq.num_registered_blocks = full
+        if start < seq.in_flight_until:  # its frontier moves on
+            self._drop_frontier(hashes[start])
+            if full < seq.in_flight_until:
+                self._frontiers[hashes[full]] = self._frontiers.get(hashes[full], 0) + 1
 
     def reset_prefix_cache(self) -> None:
         """Forget the cached content of every free block (blocks in use keep theirs):
@@ -249,17 +306,23 @@ class BlockManager:
         assert len(plain) == len(self._plain) and not plain & cached, "a block freed twice"
         free = {b for b in range(self.num_blocks) if self._refs[b] == 0}
         assert plain | cached == free, "the free lists are not the unreferenced blocks"
-        assert all(self._hashes[b] is None for b in plain), "a plain free block has a hash"
-        assert all(self._hashes[b] is not None for b in cached), "a cached block lost its hash"
-        assert {b: h for b, h in enumerate(self._hashes) if h is not None} == {
-            b: h for h, b in self._by_hash.items()
-        }, "the hash table and the blocks' hashes disagree"
-        in_flight: dict[bytes, int] = {}
+        hash_of = {b: h for b, h in enumerate(self._hashes) if h is not None}
+        assert not plain & hash_of.keys(), "a plain free block has a hash"
+        assert cached <= hash_of.keys(), "a cached block lost its hash"
+        assert hash_of == {b: h for h, b in self._by_hash.items()}, (
+            "the hash table and the blocks' hashes disagree"
+        )
+        frontiers: dict[bytes, int] = {}
         for seq in seqs:
-            for index in range(seq.num_registered_blocks, seq.in_flight_until):
-                digest = seq.block_hashes[index]
-                in_flight[digest] = in_flight.get(digest, 0) + 1
-        assert in_flight == self._in_flight, "blocks in flight disagree with the sequences"
+            registered = seq.num_registered_blocks
+            # what lets register() take a block without looking for a hash of its own
+            assert not hash_of.keys() & set(seq.block_table[registered:]), (
+                "a block past a sequence's registered ones has a hash"
+            )
+            if registered < seq.in_flight_until:
+                digest = seq.block_hashes[registered]
+                frontiers[digest] = frontiers.get(digest, 0) + 1
+        assert frontiers == self._frontiers, "blocks in flight disagree with the sequences"
 
 
 def allocate_kv_tensors(

@@ -45,6 +45,10 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Sequences given a chunk of prompt (or of recompute): the blocks it fills are
+    # registered for prefix caching at commit. A decoding sequence's filled block
+    # is registered when it next grows (BlockManager.allocate): no per-decode cost.
+    filling: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -126,6 +130,10 @@ class Scheduler:
             scheduled[id(seq)] = chunk
             budget -= num_tokens
 
+        def add_fill(seq: Sequence, num_tokens: int) -> None:
+            add_chunk(seq, num_tokens)
+            out.filling.append(seq)
+
         if self.rope_recompute_at is not None:
             for seq in self.running:
                 self._outgrow_rope(seq)
@@ -134,18 +142,18 @@ class Scheduler:
         active = [s for s in self.running if not s.done_generating]
         decoding = [s for s in active if s.num_uncomputed == 1]
         prefilling = [s for s in active if s.num_uncomputed > 1]
-        for group in (decoding, prefilling):
+        for group, add in ((decoding, add_chunk), (prefilling, add_fill)):
             for seq in group:
                 if budget == 0 or seq.status is not SequenceStatus.RUNNING:
                     continue  # out of budget, or preempted while serving an older sequence
                 taken = grow(seq, min(seq.num_uncomputed, budget))
                 if taken:
-                    add_chunk(seq, taken)
+                    add(seq, taken)
 
         # After a preemption the pool is known to be full; admitting now would only
         # hand the freed blocks to a newcomer and thrash.
         if not out.preempted:
-            self._admit_waiting(budget, add_chunk)
+            self._admit_waiting(budget, add_fill)
         return out
 
     def _admit_waiting(self, budget: int, add_chunk: Callable[[Sequence, int], None]) -> None:
@@ -162,11 +170,7 @@ class Scheduler:
             cached = self.blocks.attach_prefix(seq)  # prefix caching: skip what is cached
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = cached
-            if (
-                self.blocks.prefix_caching
-                and seq.params.prompt_logprobs is None
-                and self.blocks.in_flight(self.blocks.next_block_hash(seq))
-            ):
+            if self.blocks.waits_for_prefix(seq):
                 self._detach(seq)
                 continue
             fits = self.blocks.tokens_that_fit(seq, min(seq.num_uncomputed, budget))
@@ -175,11 +179,10 @@ class Scheduler:
                 break  # the pool is full; admission never preempts running sequences
             self.waiting.remove(seq)
             self._admit(seq)
-            self.blocks.count_lookup(seq)
             self.blocks.allocate(seq, fits)
+            self.blocks.admitted(seq)  # prefix caching: count its lookup, track its blocks
             add_chunk(seq, fits)
             budget -= fits
-            self.blocks.track_in_flight(seq)
 
     def _detach(self, seq: Sequence) -> None:
         """A waiting sequence stays waiting: drop the cached prefix it attached."""
@@ -216,12 +219,12 @@ class Scheduler:
         """Record that the pass ran: advance each chunk's sequence. Returns the
         sequences that now need a sampled token, in chunk order."""
         to_sample = []
-        caching = self.blocks.prefix_caching
         for chunk in output.chunks:
             samples = chunk.samples
             chunk.seq.num_computed += chunk.num_tokens
-            if caching:
-                self.blocks.register(chunk.seq)
             if samples:
                 to_sample.append(chunk.seq)
+        if self.blocks.prefix_caching:
+            for seq in output.filling:  # a sequence preempted since holds no block: a no-op
+                self.blocks.register(seq)
         return to_sample
