@@ -40,6 +40,12 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     process behind.
     """
     config = DeploymentConfig.parse(model_name_or_path, **options)
+    module = "mii.rpc.deployment"
+    if config.on_ray:  # replicas on a Ray cluster (docs/multi_node.md)
+        from mii.ray_backend import require_ray
+
+        require_ray()  # without Ray: an error that says how to install it, here
+        module = "mii.ray_backend.deployment"
     name = config.deployment_name
     log_file = registry.log_path(name)
     # The API key goes in the environment: the JSON on the command line (which every
@@ -52,7 +58,7 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
         env[envs.API_KEY.name] = api_key
     with open(log_file, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mii.rpc.deployment", config.model_dump_json()],
+            [sys.executable, "-m", module, config.model_dump_json()],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
