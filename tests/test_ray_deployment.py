@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 
 import httpx
 import pytest
 import ray
 
 import mii
-from helpers import PROMPTS
+from helpers import PROMPTS, wait_until
 from mii.rpc import registry
 from mii.rpc.deployment import free_port
 
@@ -123,3 +124,110 @@ def test_two_replicas_answer_as_the_pipeline(two, reference):
     with pytest.raises(mii.InvalidRequestError) as err:
         client.generate("x", max_new_tokens=-3)
     assert err.value.field == "max_new_tokens"
+
+
+def _slow_streams(
+    client, count: int, stop: threading.Event, errors: list
+) -> list[threading.Thread]:
+    """``count`` threads, each streaming long answers until ``stop`` is set."""
+
+    def run() -> None:
+        try:
+            while True:
+                for _ in client.stream(PROMPTS[0], max_new_tokens=40, ignore_eos=True):
+                    pass
+                if stop.is_set():
+                    return
+        except Exception as err:  # reported by the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_requests_spread_over_both_replicas(two):
+    client, _, url = two
+    stop, errors = threading.Event(), []
+    threads = _slow_streams(client, 8, stop, errors)
+    try:
+        # Both replicas have requests at once: Ray Serve routed them to both.
+        assert wait_until(
+            lambda: sum(r.in_flight > 0 for r in client.stats().replicas) == 2, timeout=120
+        ), client.stats()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    assert not errors
+    health = httpx.get(f"{url}/health", timeout=30).json()
+    assert health["status"] == "ok" and health["replica_num"] == 2
+
+
+def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(two, cluster, reference):
+    client, name, _ = two
+    before = {r.pid for r in client.stats().replicas}
+    assert len(before) == 2
+    replicas = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and f"{name}#MiiReplica#" in a["name"]
+    ]
+    assert len(replicas) == 2
+    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+    # Requests go on succeeding meanwhile: a request sent to the dead replica is sent again.
+    for prompt in PROMPTS:
+        assert client.generate(prompt, **GREEDY)[0].token_ids == reference[prompt].token_ids
+    # Ray Serve replaces the replica: two replicas again, one of them new.
+    assert wait_until(
+        lambda: len(now := {r.pid for r in client.stats().replicas}) == 2 and now != before,
+        timeout=180,
+    ), client.stats()
+    gone = before - {r.pid for r in client.stats().replicas}
+    assert len(gone) == 1 and not pid_alive(gone.pop())
+    assert client.generate(PROMPTS[2], **GREEDY)[0].token_ids == reference[PROMPTS[2]].token_ids
+
+
+def test_terminate_leaves_no_actor_process_or_port(two):
+    client, name, url = two
+    record = registry.lookup(name)
+    pids = [record["pid"], *(r.pid for r in client.stats().replicas)]
+    ports = [int(client.address.rsplit(":", 1)[1]), int(url.rsplit(":", 1)[1])]
+    assert serve_actors()
+    client.terminate_server()
+    assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
+    assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=60)
+    assert wait_until(lambda: all(port_is_free(p) for p in ports), timeout=60)
+    assert registry.lookup(name) is None
+
+
+def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_after(
+    cluster, cache_dir, checkpoints
+):
+    client, _, _ = start(
+        cluster,
+        str(checkpoints("llama")[0]),
+        SLOW_PASS_S,
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=0,
+        downscale_delay_s=1,
+    )
+    try:
+        assert len(client.stats().replicas) == 1
+        stop, errors = threading.Event(), []
+        threads = _slow_streams(client, 6, stop, errors)
+        try:
+            assert wait_until(lambda: len(client.stats().replicas) == 2, timeout=150)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(120)
+        assert not errors
+        # Idle again: back to min_replicas.
+        assert wait_until(lambda: len(client.stats().replicas) == 1, timeout=150)
+    finally:
+        client.terminate_server()
+    assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()

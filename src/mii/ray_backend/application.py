@@ -18,8 +18,6 @@ HEALTH_CHECK_PERIOD_S = 2.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
 # Never a secret: those stay with the deployment process (API key) or are made anew.
 _PRIVATE = {envs.API_KEY.name, envs.REPLICA_TOKEN.name, envs.TP_STORE_SECRET.name}
-# The libraries' offline switches: a replica reads the same files as this process.
-_LIBRARY_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -30,10 +28,14 @@ def forwarded_env() -> dict[str, str]:
         for s in envs.SWITCHES
         if s.name in os.environ and s.name not in _PRIVATE
     }
-    for name in _LIBRARY_ENV:
-        if name in os.environ:
-            env[name] = os.environ[name]
-    return env
+    # The libraries' switches: a replica reads the same files as this process.
+    library = {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE"),
+        "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE"),
+        "HF_HOME": os.environ.get("HF_HOME"),
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
+    }
+    return {**env, **{k: v for k, v in library.items() if v is not None}}
 
 
 def gpus_per_rank(config: DeploymentConfig, cluster_gpus: float) -> float:
@@ -58,6 +60,9 @@ def scaling(config: DeploymentConfig) -> dict[str, Any]:
             "target_ongoing_requests": config.target_ongoing_requests,
             "upscale_delay_s": config.upscale_delay_s,
             "downscale_delay_s": config.downscale_delay_s,
+            # The load is averaged over this window: no longer than the upscale delay
+            # (Ray's 30 s default would hold a short delay back), at least a second.
+            "look_back_period_s": min(30.0, max(1.0, config.upscale_delay_s)),
         }
     }
 
