@@ -1,0 +1,64 @@
+"""The Ray backend's options and its optional dependency, without a Ray cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import mii
+from mii.cli.commands import build_parser
+from mii.cli.serve import serve_config
+from mii.errors import DeploymentError, InvalidRequestError
+from mii.ray_backend.application import replica_options, scaling
+from mii.rpc.deployment_config import DeploymentConfig
+
+
+def test_mii_imports_without_ray():
+    code = "import sys, mii, mii.rpc.launcher, mii.cli; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_backend_ray_without_ray_says_how_to_install_it(monkeypatch, llama):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    with pytest.raises(DeploymentError, match=r"pip install 'mii\[ray\]'"):
+        mii.serve(llama, backend="ray")
+
+
+def test_ray_address_selects_the_ray_backend(llama):
+    args = build_parser().parse_args(["serve", llama, "--ray-address", "10.0.0.1:6379"])
+    config = serve_config(args)
+    assert config.on_ray and config.ray_address == "10.0.0.1:6379"
+    assert serve_config(build_parser().parse_args(["serve", llama, "--backend", "ray"])).on_ray
+    assert not serve_config(build_parser().parse_args(["serve", llama])).on_ray
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"max_replicas": 2}, "max_replicas"),  # the local backend has a fixed replica_num
+        ({"backend": "local", "ray_address": "auto"}, "ray_address"),
+        ({"backend": "ray", "min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+        ({"backend": "ray", "max_replicas": 0}, "max_replicas"),
+    ],
+)
+def test_bad_ray_options_name_the_field(llama, options, field):
+    with pytest.raises((InvalidRequestError, ValueError), match=field):
+        DeploymentConfig.parse(llama, **options)
+
+
+def test_autoscaling_and_placement_follow_the_options(llama):
+    fixed = DeploymentConfig.parse(llama, backend="ray", replica_num=3)
+    assert scaling(fixed) == {"num_replicas": 3}
+    auto = DeploymentConfig.parse(llama, backend="ray", max_replicas=4, upscale_delay_s=5)
+    config = scaling(auto)["autoscaling_config"]
+    assert (config["min_replicas"], config["initial_replicas"], config["max_replicas"]) == (1, 1, 4)
+    assert config["upscale_delay_s"] == 5 and config["look_back_period_s"] == 5
+    # tensor_parallel=2 on GPUs: one bundle per rank, packed on one node.
+    tp = DeploymentConfig.parse(llama, backend="ray", tensor_parallel=2)
+    options = replica_options(tp, num_gpus=1.0)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1.0}, {"GPU": 1.0}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"]["num_gpus"] == 1.0
