@@ -6,12 +6,14 @@ by Ray, autoscaled, and removed without a trace."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import threading
 
 import httpx
 import pytest
 import ray
+from ray import serve
 
 import mii
 from helpers import PROMPTS, wait_until
@@ -48,7 +50,13 @@ def serve_actors() -> list[str]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local Ray instance (2 CPUs, no GPU) shared by the module; its address."""
-    context = ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, namespace="mii-tests")
+    context = ray.init(
+        address="local",  # a new instance, even where a cluster runs on this machine
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        namespace="mii-tests",
+    )
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
@@ -205,7 +213,7 @@ def test_terminate_leaves_no_actor_process_or_port(two):
 def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_after(
     cluster, cache_dir, checkpoints
 ):
-    client, _, _ = start(
+    client, name, url = start(
         cluster,
         str(checkpoints("llama")[0]),
         SLOW_PASS_S,
@@ -214,9 +222,16 @@ def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_after(
         target_ongoing_requests=1,
         upscale_delay_s=0,
         downscale_delay_s=1,
+        api_key="ray-test-key",
     )
     try:
         assert len(client.stats().replicas) == 1
+        # The API key guards the HTTP API served by Ray Serve's proxy too.
+        body = {"model": name, "prompt": "x", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+        headers = {"authorization": "Bearer ray-test-key"}
+        reply = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=60)
+        assert reply.status_code == 200, reply.text
         stop, errors = threading.Event(), []
         threads = _slow_streams(client, 6, stop, errors)
         try:
@@ -230,4 +245,28 @@ def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_after(
         assert wait_until(lambda: len(client.stats().replicas) == 1, timeout=150)
     finally:
         client.terminate_server()
+    assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
+
+
+def test_tensor_parallel_replica_runs_its_ranks_as_ray_actors(cluster, cache_dir, checkpoints):
+    """tensor_parallel=2: rank 1 is a Ray actor in the replica's placement group
+    (gloo on CPU), answering as the pipeline. When the deployment process dies
+    without stopping, its Serve application removes itself."""
+    model = str(checkpoints("llama")[0])
+    with mii.pipeline(model) as pipe:
+        expected = [r.token_ids for r in pipe(PROMPTS[:2], **GREEDY)]
+    client, name, _ = start(cluster, model, tensor_parallel=2)
+    try:
+        assert [a.token_ids for a in client.generate(PROMPTS[:2], **GREEDY)] == expected
+        ranks = [n for n in serve_actors() if n.startswith(f"mii:{name}:") and n.endswith(":rank1")]
+        assert len(ranks) == 1
+        os.kill(registry.lookup(name)["pid"], signal.SIGKILL)
+        # The replica, its rank and the ingress go (Serve's own actors stay: shut down below).
+        assert wait_until(lambda: not [n for n in serve_actors() if name in n], timeout=120), (
+            serve_actors()
+        )
+    finally:
+        if registry.lookup(name) is not None:
+            client.terminate_server()
+    serve.shutdown()
     assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()

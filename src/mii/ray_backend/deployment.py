@@ -40,8 +40,8 @@ def connect(config: DeploymentConfig) -> bool:
     ``ray.shutdown()`` stops again."""
     ray = require_ray()
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        ray.init(include_dashboard=False)
+    if address is None:  # "local": a new instance, even where a cluster runs here
+        ray.init(address="local", include_dashboard=False)
         return True
     ray.init(address=address)
     return False
@@ -59,11 +59,29 @@ def start_serve(config: DeploymentConfig) -> bool:
         running = False
     if running and serve.status().applications:
         return False
+    if config.enable_restful_api and _head_is_here():
+        # Serve's proxy retries a taken port forever: fail now, naming it.
+        from mii.rpc.http.server import bind_socket
+
+        bind_socket(config.host, config.restful_api_port).close()
     http = {"host": config.host, "port": config.restful_api_port}
     serve.start(
         http_options=http, proxy_location="HeadOnly" if config.enable_restful_api else "Disabled"
     )
     return True
+
+
+def _head_is_here() -> bool:
+    """Whether the cluster's head node (where Serve's HTTP proxy runs) is this machine."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    return any(
+        node["Alive"]
+        and "node:__internal_head__" in node["Resources"]
+        and node["NodeManagerAddress"] == here
+        for node in ray.nodes()
+    )
 
 
 def stop_serve(app: str, started_serve: bool) -> None:

@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from mii.ray_backend.pool import RayPool
+from mii.ray_backend.pool import HEALTH_INTERVAL_S, RayPool
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
 from mii.rpc.http.auth import AccessPolicy
@@ -48,8 +48,26 @@ class MiiIngress:
             max_request_bytes=config.max_request_bytes,
             max_admitted_requests=None,  # each replica refuses beyond its own bound (429)
         )
+        self.app_name = config.deployment_name
         await self.pool.check_all()
-        self.watcher = asyncio.create_task(self.pool.watch())
+        self.watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Keep the replicas' figures fresh. When the board is gone, the deployment
+        process that owned it died without stopping the application (a single-host
+        deployment's replicas exit then too): delete it, so that it does not linger."""
+        import ray.exceptions
+        from ray import serve
+
+        while True:
+            try:
+                await self.pool.check_all()
+            except ray.exceptions.RayActorError:
+                serve.delete(self.app_name, _blocking=False)
+                return
+            except Exception:  # a passing failure: try again
+                pass
+            await asyncio.sleep(HEALTH_INTERVAL_S)
 
     def __serve_build_asgi_app__(self):
         return build_app(self.state)

@@ -13,6 +13,7 @@ from typing import Any
 
 import mii.envs as envs
 from mii.config import EngineConfig
+from mii.ray_backend.board import NAMESPACE
 
 
 class RankWorker:
@@ -52,7 +53,7 @@ def start_rank_actors(engine: EngineConfig, name_prefix: str, num_gpus: float) -
         # Each rank sees its own GPU as device 0 (Ray sets CUDA_VISIBLE_DEVICES per actor).
         env = {**group_env, "RANK": str(rank), "LOCAL_RANK": "0"}
         actor = worker_class.options(
-            name=f"{name_prefix}:rank{rank}", num_cpus=0, num_gpus=num_gpus
+            name=f"{name_prefix}:rank{rank}", namespace=NAMESPACE, num_cpus=0, num_gpus=num_gpus
         ).remote()
         actor.run.remote(engine.model_dump_json(), env)
         actors.append(actor)
