@@ -183,8 +183,26 @@ def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(two, cluster
         if a["namespace"] == "serve" and f"{name}#MiiReplica#" in a["name"]
     ]
     assert len(replicas) == 2
+    # Long requests on both replicas; one replica is killed while they run.
+    answers, errors = [], []
+
+    def ask() -> None:
+        try:
+            answers.append(client.generate(PROMPTS[0], max_new_tokens=30, ignore_eos=True)[0])
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    assert wait_until(
+        lambda: sum(r.in_flight > 0 for r in client.stats().replicas) == 2, timeout=120
+    )
     ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-    # Requests go on succeeding meanwhile: a request sent to the dead replica is sent again.
+    for t in threads:
+        t.join(180)
+    # The requests the dead replica had not answered were sent to the other one.
+    assert not errors and [a.generated_length for a in answers] == [30] * 6
     for prompt in PROMPTS:
         assert client.generate(prompt, **GREEDY)[0].token_ids == reference[prompt].token_ids
     # Ray Serve replaces the replica: two replicas again, one of them new.
