@@ -173,6 +173,28 @@ def test_requests_spread_over_both_replicas(two):
     assert health["status"] == "ok" and health["replica_num"] == 2
 
 
+def test_a_caller_that_leaves_aborts_its_request_on_the_replica(two):
+    """A deadline passed, a stream left early: the replica's engine ends the request
+    (it would need at least 150 x 0.05 s to finish)."""
+    client, _, _ = two
+    long = {"max_new_tokens": 150, "ignore_eos": True}
+
+    def idle() -> bool:
+        stats = client.stats()
+        return len(stats.replicas) == 2 and not any(r.in_flight for r in stats.replicas)
+
+    assert wait_until(idle, timeout=120)
+    before = client.stats().generation_tokens
+    with pytest.raises(TimeoutError):
+        client.generate(PROMPTS[0], timeout=1.0, **long)
+    for piece in client.stream(PROMPTS[0], **long):
+        assert piece.generated_length >= 1
+        break  # leaves the stream after its first piece
+    assert wait_until(idle, timeout=120)
+    # Neither ran to its end: together they generated fewer tokens than one would have.
+    assert client.stats().generation_tokens - before < 150
+
+
 def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(two, cluster, reference):
     client, name, _ = two
     before = {r.pid for r in client.stats().replicas}

@@ -98,6 +98,9 @@ class RayPool:
                 call = self.handle.generate.remote(list(prompts), params)
                 try:
                     reply = raise_if_error(await self.guard.result(self._route, call))
+                except asyncio.CancelledError:  # the caller left: abort it on the replica
+                    call.cancel()
+                    raise
                 except Exception as err:
                     if _replica_died(err) and time.monotonic() < deadline:
                         await asyncio.sleep(RETRY_PAUSE_S)
