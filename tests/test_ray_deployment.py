@@ -284,7 +284,9 @@ def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_after(
         # Idle again: back to min_replicas.
         assert wait_until(lambda: len(client.stats().replicas) == 1, timeout=150)
     finally:
-        client.terminate_server()
+        # SIGTERM (a service manager's stop) stops it as terminate_server() does.
+        os.kill(registry.lookup(name)["pid"], signal.SIGTERM)
+    assert wait_until(lambda: registry.lookup(name) is None, timeout=120)
     assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
 
 

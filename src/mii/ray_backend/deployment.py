@@ -108,9 +108,6 @@ async def run_ray_deployment(
 
     shutdown = shutdown or ShutdownRequest()
     stop = shutdown.stop
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, shutdown.request)
     api_key = config.secret_api_key()
     # A busy gRPC port fails here, before anything starts on the cluster.
     server = listening_server(
@@ -122,6 +119,10 @@ async def run_ray_deployment(
     await set_health(health, False)
 
     connect(config)
+    # After ray.init, which installs a SIGTERM handler of its own (exit at once).
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.request)
     started_serve = False
     board = None
     pool: RayPool | None = None

@@ -95,7 +95,9 @@ class RayOptions(BaseModel):
                 field="ray_address",
             )
         if not self.on_ray:
-            given = [n for n in RAY_ONLY if n in self.model_fields_set]
+            # Values, not fields_set: a configuration read back from JSON sets every field.
+            fields = RayOptions.model_fields
+            given = [n for n in RAY_ONLY if getattr(self, n) != fields[n].default]
             if given:
                 raise InvalidRequestError(
                     f"{given[0]} is an option of backend='ray' (set backend='ray' or "
