@@ -34,17 +34,16 @@ from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import run_reporting_errors
 
 
-def connect(config: DeploymentConfig) -> bool:
-    """Connect to the deployment's Ray cluster; True when this process started a Ray
-    instance of its own (no ``ray_address``, no ``RAY_ADDRESS``), which
+def connect(config: DeploymentConfig) -> None:
+    """Connect to the deployment's Ray cluster: ``ray_address``, else ``RAY_ADDRESS``
+    (Ray's own variable), else a new Ray instance of this process's own, which
     ``ray.shutdown()`` stops again."""
     ray = require_ray()
     address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
     if address is None:  # "local": a new instance, even where a cluster runs here
         ray.init(address="local", include_dashboard=False)
-        return True
-    ray.init(address=address)
-    return False
+    else:
+        ray.init(address=address)
 
 
 def start_serve(config: DeploymentConfig) -> bool:
@@ -57,7 +56,13 @@ def start_serve(config: DeploymentConfig) -> bool:
         running = True
     except Exception:
         running = False
-    if running and serve.status().applications:
+    applications = serve.status().applications if running else {}
+    if config.deployment_name in applications:  # serve.run would replace it
+        raise DeploymentError(
+            f"a Serve application named {config.deployment_name!r} already runs on the Ray "
+            "cluster: choose another deployment_name"
+        )
+    if applications:
         return False
     if config.enable_restful_api and _head_is_here():
         # Serve's proxy retries a taken port forever: fail now, naming it.

@@ -33,7 +33,11 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     ``tool_call_parser=None`` ("hermes" or "llama3_json": tool_choice "auto"); the log's throughput
     line: ``stats_log_interval_s=10``; supervision and shutdown: ``replica_timeout_s=30,
     replica_max_restarts=5, replica_restart_window_s=600, replica_restart_backoff_s=1,
-    replica_unresponsive_restart_s=120, shutdown_grace_s=30``, ...) and engine
+    replica_unresponsive_restart_s=120, shutdown_grace_s=30``; on a Ray cluster
+    (docs/multi_node.md): ``backend=None`` ("local" or "ray"), ``ray_address=None``,
+    ``min_replicas=None, max_replicas=None, target_ongoing_requests=2,
+    upscale_delay_s=30, downscale_delay_s=600, ray_num_cpus=1, ray_num_gpus=None``,
+    ...) and engine
     options (``max_length=None``, ...). Bad options fail here, before anything
     starts. A start-up failure (bad model, port in use, crash while loading)
     raises ``DeploymentError`` here with the server's error, and leaves no
