@@ -312,3 +312,11 @@ def test_tensor_parallel_replica_runs_its_ranks_as_ray_actors(cluster, cache_dir
             client.terminate_server()
     serve.shutdown()
     assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
+
+
+def test_a_model_that_fails_to_load_raises_in_the_caller_and_leaves_nothing(
+    cluster, cache_dir, tmp_path
+):
+    with pytest.raises(mii.DeploymentError, match="no-such-model"):  # the replica's error
+        start(cluster, str(tmp_path / "no-such-model"))
+    assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()

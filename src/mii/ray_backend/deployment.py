@@ -154,6 +154,8 @@ async def run_ray_deployment(
                 f"the Ray deployment {name!r} was not ready within {config.startup_timeout:.0f} s "
                 "(are there enough free CPUs/GPUs on the cluster? see `ray status`)"
             ) from None
+        except RuntimeError as err:  # Serve's "Deploying application ... failed"
+            raise DeploymentError(_start_failure(name) or str(err)) from None
         handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name)
         pool = RayPool(handle, board_name(name))
         pool.guard.progress_timeout_s = config.replica_timeout_s
@@ -193,6 +195,23 @@ async def run_ray_deployment(
         if board is not None:
             ray.kill(board)
         ray.shutdown()  # stops the Ray instance too when this process started it
+
+
+def _start_failure(app: str) -> str | None:
+    """Why the application's deployments failed to start: the last line of the error
+    each one reports (a replica's constructor raised it: a bad model, ...)."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications[app]
+    except Exception:
+        return None
+    reasons = []
+    for deployment, info in status.deployments.items():
+        lines = [line.strip() for line in (info.message or "").splitlines() if line.strip()]
+        if lines and info.status != "HEALTHY":
+            reasons.append(f"{deployment}: {lines[-1]}")
+    return "; ".join(reasons) or None
 
 
 def _record(config: DeploymentConfig, api_key: str | None) -> dict[str, Any]:
