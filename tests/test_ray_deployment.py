@@ -76,7 +76,8 @@ def reference(checkpoints):
 
 
 def start(cluster, model: str, pass_delay: str = "0", **options):
-    """``mii.serve`` on the test cluster, REST on, on free ports; (client, name, url)."""
+    """``mii.serve`` on the test cluster, REST on, on free ports; (client, name, url).
+    ``cluster`` None: no ray_address (backend="ray": the caller's cluster)."""
     name = f"ray-{os.urandom(4).hex()}"
     rest_port = free_port()
     with pytest.MonkeyPatch.context() as mp:
@@ -84,7 +85,7 @@ def start(cluster, model: str, pass_delay: str = "0", **options):
         client = mii.serve(
             model,
             deployment_name=name,
-            ray_address=cluster,
+            **({"ray_address": cluster} if cluster else {"backend": "ray"}),
             ray_num_cpus=0.5,
             enable_restful_api=True,
             restful_api_port=rest_port,
@@ -292,12 +293,13 @@ def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_after(
 
 def test_tensor_parallel_replica_runs_its_ranks_as_ray_actors(cluster, cache_dir, checkpoints):
     """tensor_parallel=2: rank 1 is a Ray actor in the replica's placement group
-    (gloo on CPU), answering as the pipeline. When the deployment process dies
-    without stopping, its Serve application removes itself."""
+    (gloo on CPU), answering as the pipeline. Without ray_address, a caller connected
+    to Ray deploys on its cluster. When the deployment process dies without
+    stopping, its Serve application removes itself."""
     model = str(checkpoints("llama")[0])
     with mii.pipeline(model) as pipe:
         expected = [r.token_ids for r in pipe(PROMPTS[:2], **GREEDY)]
-    client, name, _ = start(cluster, model, tensor_parallel=2)
+    client, name, _ = start(None, model, tensor_parallel=2)  # on `cluster`: ray.init here
     try:
         assert [a.token_ids for a in client.generate(PROMPTS[:2], **GREEDY)] == expected
         ranks = [n for n in serve_actors() if n.startswith(f"mii:{name}:") and n.endswith(":rank1")]

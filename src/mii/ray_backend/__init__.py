@@ -7,6 +7,7 @@ Ray is an optional dependency: it is imported only when a Ray deployment starts
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 
 from mii.errors import DeploymentError
@@ -23,3 +24,12 @@ def require_ray() -> ModuleType:
             f"backend='ray' needs Ray Serve, which is not installed ({err}): {INSTALL_HINT}"
         ) from None
     return ray
+
+
+def caller_cluster() -> str | None:
+    """The address of the Ray cluster this process is connected to (``ray.init()``
+    was called here), or None; Ray is not imported for this."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().gcs_address

@@ -35,15 +35,10 @@ from mii.rpc.startup_errors import run_reporting_errors
 
 
 def connect(config: DeploymentConfig) -> None:
-    """Connect to the deployment's Ray cluster: ``ray_address``, else ``RAY_ADDRESS``
-    (Ray's own variable), else a new Ray instance of this process's own, which
-    ``ray.shutdown()`` stops again."""
-    ray = require_ray()
-    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:  # "local": a new instance, even where a cluster runs here
-        ray.init(address="local", include_dashboard=False)
-    else:
-        ray.init(address=address)
+    """Connect to the deployment's Ray cluster: ``ray_address``; unset, Ray's own
+    search (``$RAY_ADDRESS``, the cluster ``ray start`` started on this machine), else
+    a new Ray instance of this process's own, which ``ray.shutdown()`` stops again."""
+    require_ray().init(address=config.ray_address)
 
 
 def start_serve(config: DeploymentConfig) -> bool:

@@ -46,10 +46,13 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     config = DeploymentConfig.parse(model_name_or_path, **options)
     module = "mii.rpc.deployment"
     if config.on_ray:  # replicas on a Ray cluster (docs/multi_node.md)
-        from mii.ray_backend import require_ray
+        from mii.ray_backend import caller_cluster, require_ray
 
         require_ray()  # without Ray: an error that says how to install it, here
         module = "mii.ray_backend.deployment"
+        if config.ray_address is None and caller_cluster() is not None:
+            # A caller connected to Ray (ray.init) deploys on that cluster.
+            config = config.model_copy(update={"ray_address": caller_cluster()})
     name = config.deployment_name
     log_file = registry.log_path(name)
     # The API key goes in the environment: the JSON on the command line (which every

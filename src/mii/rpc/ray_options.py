@@ -42,8 +42,9 @@ class RayOptions(BaseModel):
         default=None,
         description="the Ray cluster to deploy on (backend 'ray'): the address 'ray start "
         "--head' prints (HOST:6379) or 'auto' (the cluster running on this machine); "
-        "unset: $RAY_ADDRESS, else a Ray instance on this machine that the deployment "
-        "starts and stops",
+        "unset: the cluster mii.serve's process is connected to (ray.init), else "
+        "$RAY_ADDRESS or the cluster 'ray start' started on this machine, else a Ray "
+        "instance that the deployment starts and stops",
     )
     min_replicas: int | None = Field(
         default=None,
