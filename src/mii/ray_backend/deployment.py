@@ -38,7 +38,21 @@ def connect(config: DeploymentConfig) -> None:
     """Connect to the deployment's Ray cluster: ``ray_address``; unset, Ray's own
     search (``$RAY_ADDRESS``, the cluster ``ray start`` started on this machine), else
     a new Ray instance of this process's own, which ``ray.shutdown()`` stops again."""
-    require_ray().init(address=config.ray_address)
+    ray = require_ray()
+    if config.ray_address not in (None, "auto"):
+        # Ray turns its token authentication on by itself (RAY_AUTH_MODE unset, a token
+        # in ~/.ray/auth_token) only for a cluster it finds on its own, yet `ray start`
+        # on a machine with a token requires it at an explicit address too. A cluster
+        # without authentication ignores the token. (Ray < 2.52 has none: nothing to do.)
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+        except ImportError:
+            pass
+        else:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    ray.init(address=config.ray_address)
 
 
 def start_serve(config: DeploymentConfig) -> bool:
