@@ -62,3 +62,18 @@ def test_autoscaling_and_placement_follow_the_options(llama):
     assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1.0}, {"GPU": 1.0}]
     assert options["placement_group_strategy"] == "STRICT_PACK"
     assert options["ray_actor_options"]["num_gpus"] == 1.0
+
+
+def test_autoscaling_config_passes_ray_serve_keys_and_bad_ones_fail_before_starting(llama):
+    config = DeploymentConfig.parse(
+        llama, backend="ray", autoscaling_config={"metrics_interval_s": 1, "max_replicas": 3}
+    )
+    autoscaling = scaling(config)["autoscaling_config"]
+    assert autoscaling["metrics_interval_s"] == 1 and autoscaling["max_replicas"] == 3
+    args = ["serve", llama, "--ray-address", "auto", "--autoscaling-config", "upscaling_factor=2"]
+    assert serve_config(build_parser().parse_args(args)).autoscaling_config == {
+        "upscaling_factor": 2.0
+    }
+    with pytest.raises(InvalidRequestError, match="autoscaling_config") as err:
+        mii.serve(llama, backend="ray", autoscaling_config={"no_such_key": 1})
+    assert err.value.field == "autoscaling_config"

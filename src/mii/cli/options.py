@@ -98,6 +98,7 @@ DEPLOYMENT_OPTIONS = (
     "target_ongoing_requests",
     "upscale_delay_s",
     "downscale_delay_s",
+    "autoscaling_config",
     "ray_num_cpus",
     "ray_num_gpus",
 )
@@ -151,6 +152,7 @@ METAVARS = {
     "kv_cache_memory_fraction": "FRACTION",
     "seed": "N",
     "ray_address": "ADDRESS",
+    "autoscaling_config": "KEY=VALUE",
     "min_replicas": "N",
     "max_replicas": "N",
     "target_ongoing_requests": "N",

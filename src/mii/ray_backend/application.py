@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import mii.envs as envs
+from mii.errors import InvalidRequestError
 from mii.ray_backend.ingress import MiiIngress
 from mii.ray_backend.replica import MiiReplica
 from mii.rpc.deployment_config import DeploymentConfig
@@ -48,7 +49,11 @@ def gpus_per_rank(config: DeploymentConfig, cluster_gpus: float) -> float:
 def scaling(config: DeploymentConfig) -> dict[str, Any]:
     """A fixed ``num_replicas``, or Ray Serve's ``autoscaling_config`` (on the requests
     queued and running per replica) when min_replicas or max_replicas is set."""
-    if config.min_replicas is None and config.max_replicas is None:
+    if (
+        config.min_replicas is None
+        and config.max_replicas is None
+        and not config.autoscaling_config
+    ):
         return {"num_replicas": config.replica_num}
     low = config.min_replicas or 1
     high = config.max_replicas or max(low, config.replica_num)
@@ -63,8 +68,32 @@ def scaling(config: DeploymentConfig) -> dict[str, Any]:
             # The load is averaged over this window: no longer than the upscale delay
             # (Ray's 30 s default would hold a short delay back), at least a second.
             "look_back_period_s": min(30.0, max(1.0, config.upscale_delay_s)),
+            **(config.autoscaling_config or {}),
         }
     }
+
+
+def check_scaling(config: DeploymentConfig) -> None:
+    """Ray Serve's own check of the autoscaling_config, before anything starts: a
+    bad key or value is InvalidRequestError naming ``autoscaling_config``."""
+    from ray.serve.config import AutoscalingConfig
+
+    autoscaling = scaling(config).get("autoscaling_config")
+    if autoscaling is None:
+        return
+    unknown = sorted(set(autoscaling) - set(AutoscalingConfig.model_fields))
+    if unknown:  # Ray Serve would ignore them
+        raise InvalidRequestError(
+            f"autoscaling_config has keys Ray Serve does not know: {', '.join(unknown)} "
+            f"(known: {', '.join(AutoscalingConfig.model_fields)})",
+            field="autoscaling_config",
+        )
+    try:
+        AutoscalingConfig(**autoscaling)
+    except Exception as err:  # pydantic's ValidationError, or a ValueError
+        raise InvalidRequestError(
+            f"autoscaling_config is not valid for Ray Serve: {err}", field="autoscaling_config"
+        ) from None
 
 
 def replica_options(config: DeploymentConfig, num_gpus: float) -> dict[str, Any]:

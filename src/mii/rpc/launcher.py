@@ -47,8 +47,10 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     module = "mii.rpc.deployment"
     if config.on_ray:  # replicas on a Ray cluster (docs/multi_node.md)
         from mii.ray_backend import caller_cluster, require_ray
+        from mii.ray_backend.application import check_scaling
 
         require_ray()  # without Ray: an error that says how to install it, here
+        check_scaling(config)
         module = "mii.ray_backend.deployment"
         if config.ray_address is None and caller_cluster() is not None:
             # A caller connected to Ray (ray.init) deploys on that cluster.

@@ -16,6 +16,7 @@ from mii.errors import InvalidRequestError
 # The options that only the Ray backend reads: set with the single-host backend,
 # they are refused (they would be silently ignored otherwise).
 RAY_ONLY = (
+    "autoscaling_config",
     "min_replicas",
     "max_replicas",
     "target_ongoing_requests",
@@ -74,6 +75,12 @@ class RayOptions(BaseModel):
         ge=0,
         description="backend 'ray', autoscaling: seconds the load must stay below the "
         "target before a replica is removed",
+    )
+    autoscaling_config: dict[str, float] | None = Field(
+        default=None,
+        description="backend 'ray': more keys of Ray Serve's autoscaling_config "
+        "(metrics_interval_s, look_back_period_s, upscaling_factor, ...; mii serve: "
+        "KEY=VALUE,...), over the ones the options above give; autoscaling is on with it",
     )
     ray_num_cpus: float = Field(
         default=1.0,
