@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -322,3 +324,42 @@ def test_a_model_that_fails_to_load_raises_in_the_caller_and_leaves_nothing(
     with pytest.raises(mii.DeploymentError, match="no-such-model"):  # the replica's error
         start(cluster, str(tmp_path / "no-such-model"))
     assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
+
+
+def test_mii_serve_ray_address_in_the_foreground(cluster, cache_dir, checkpoints, reference):
+    """`mii serve MODEL --ray-address ADDR`: the OpenAI API through Ray Serve, found by
+    `mii.client`; Ctrl-C drains and removes everything."""
+    model, name = str(checkpoints("llama")[0]), f"cli-{os.urandom(4).hex()}"
+    http_port = free_port()
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mii", "serve", model, "--ray-address", cluster),
+            *("--ray-num-cpus", "0.5", "--deployment-name", name),
+            *("--port", str(http_port), "--grpc-port", str(free_port())),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(
+            lambda: registry.lookup(name) is not None or server.poll() is not None, timeout=240
+        )
+        assert server.poll() is None, server.communicate()
+        assert registry.lookup(name)["pid"] == server.pid
+        body = {"model": model, "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0}
+        reply = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"] == reference[PROMPTS[0]].generated_text
+        assert mii.client(name).generate(PROMPTS[0], **GREEDY)[0].token_ids == (
+            reference[PROMPTS[0]].token_ids
+        )
+        server.send_signal(signal.SIGINT)
+        _, err = server.communicate(timeout=120)
+        assert server.returncode == 0 and "stopped on a signal" in err, err[-2000:]
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
+    assert wait_until(lambda: port_is_free(http_port), timeout=60)
