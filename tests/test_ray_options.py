@@ -1,4 +1,4 @@
-"""The Ray backend's options and its optional dependency, without a Ray cluster."""
+"""The Ray backend without a Ray cluster: its options, its optional dependency, its wire format."""
 
 from __future__ import annotations
 
@@ -77,3 +77,37 @@ def test_autoscaling_config_passes_ray_serve_keys_and_bad_ones_fail_before_start
     with pytest.raises(InvalidRequestError, match="autoscaling_config") as err:
         mii.serve(llama, backend="ray", autoscaling_config={"no_such_key": 1})
     assert err.value.field == "autoscaling_config"
+
+
+def test_pieces_and_errors_cross_nodes_as_json():
+    """What a replica sends (mii.ray_backend.wire) is plain data: it survives JSON."""
+    import json
+
+    from mii.errors import ReplicaError, ServerOverloadedError, UnavailableError
+    from mii.ray_backend.wire import error_from_wire, error_to_wire, piece_from_wire, piece_to_wire
+    from mii.response import Response, TokenLogprob
+
+    top = [(5, -0.1), (7, -2.5)]
+    piece = Response(
+        "hi",
+        3,
+        2,
+        "stop",
+        token_ids=[5, 6],
+        logprobs=[TokenLogprob(5, -0.1, top), TokenLogprob(6, -0.3, [])],
+        prompt_logprobs=[None, TokenLogprob(2, -1.0, top), TokenLogprob(3, -2.0, [])],
+        prompt_token_ids=[1, 2, 3],
+        cached_tokens=1,
+    )
+    assert piece_from_wire(json.loads(json.dumps(piece_to_wire(piece)))) == piece
+    errors = [
+        InvalidRequestError("top_p must be <= 1", "top_p"),
+        ServerOverloadedError("full", 3.0),
+        UnavailableError("rank 1 failed"),
+        ReplicaError("boom"),
+    ]
+    for err in errors:
+        back = error_from_wire(json.loads(json.dumps(error_to_wire(err))))
+        assert type(back) is type(err) and str(back) == str(err)
+    assert error_from_wire(error_to_wire(errors[0])).field == "top_p"
+    assert error_from_wire(error_to_wire(errors[1])).retry_after == 3.0
