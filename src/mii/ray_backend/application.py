@@ -56,6 +56,10 @@ def scaling(config: DeploymentConfig) -> dict[str, Any]:
     ):
         return {"num_replicas": config.replica_num}
     low = config.min_replicas or 1
+    # The load is averaged over look_back_period_s: no longer than the upscale delay
+    # (Ray's 30 s default would hold a short delay back), at least a second, and
+    # longer than the interval replicas report it at (Ray requires that).
+    look_back = min(30.0, max(1.0, config.upscale_delay_s))
     high = config.max_replicas or max(low, config.replica_num)
     return {
         "autoscaling_config": {
@@ -65,9 +69,8 @@ def scaling(config: DeploymentConfig) -> dict[str, Any]:
             "target_ongoing_requests": config.target_ongoing_requests,
             "upscale_delay_s": config.upscale_delay_s,
             "downscale_delay_s": config.downscale_delay_s,
-            # The load is averaged over this window: no longer than the upscale delay
-            # (Ray's 30 s default would hold a short delay back), at least a second.
-            "look_back_period_s": min(30.0, max(1.0, config.upscale_delay_s)),
+            "look_back_period_s": look_back,
+            "metrics_interval_s": min(10.0, look_back / 2),
             **(config.autoscaling_config or {}),
         }
     }

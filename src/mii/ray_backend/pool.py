@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mii.errors import NoReplicaError
+from mii.errors import ReplicaError, UnavailableError
 from mii.prompts import Prompt
 from mii.ray_backend.board import NAMESPACE
 from mii.ray_backend.wire import piece_from_wire, raise_if_error
@@ -65,6 +65,19 @@ def _replica_died(err: BaseException) -> bool:
     return isinstance(err, (rex.RayActorError, rex.ActorUnavailableError))
 
 
+def _as_mii_error(err: Exception) -> Exception:
+    """Ray's own errors (a replica that died, a failed task) as mii's kinds, so that
+    every surface answers them from the one table of :mod:`mii.rpc.status`;
+    mii's errors (from :mod:`mii.ray_backend.wire`) as they are."""
+    import ray.exceptions as rex
+
+    if _replica_died(err):
+        return UnavailableError(f"the replica serving this request died: {err}")
+    if isinstance(err, rex.RayError):
+        return ReplicaError(f"{type(err).__name__}: {err}")
+    return err
+
+
 class RayPool:
     """Requests through a Serve deployment handle of ``MiiReplica``; figures from
     the board actor named ``board_name``."""
@@ -105,9 +118,7 @@ class RayPool:
                     if _replica_died(err) and time.monotonic() < deadline:
                         await asyncio.sleep(RETRY_PAUSE_S)
                         continue
-                    if _replica_died(err):
-                        raise NoReplicaError(f"no replica answered: {err}") from None
-                    raise
+                    raise _as_mii_error(err) from None
                 responses = [piece_from_wire(p) for p in reply["pieces"]]
                 elapsed = time.perf_counter() - start
                 for r in responses:
@@ -151,12 +162,10 @@ class RayPool:
                 watch.raise_reason()  # cut by the guard: the shutdown's grace period ended
                 raise
             except Exception as err:
-                if not _replica_died(err):
-                    raise
-                if received == 0 and time.monotonic() < deadline:
+                if _replica_died(err) and received == 0 and time.monotonic() < deadline:
                     await asyncio.sleep(RETRY_PAUSE_S)
                     continue
-                raise NoReplicaError(f"the replica serving this request died: {err}") from None
+                raise _as_mii_error(err) from None
             finally:
                 watch.close()
                 call.cancel()
