@@ -213,7 +213,7 @@ def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(two, cluster
 
     def ask() -> None:
         try:
-            answers.append(client.generate(PROMPTS[0], max_new_tokens=30, ignore_eos=True)[0])
+            answers.append(client.generate(PROMPTS[0], max_new_tokens=60, ignore_eos=True)[0])
         except Exception as err:  # reported below
             errors.append(err)
 
@@ -227,7 +227,7 @@ def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(two, cluster
     for t in threads:
         t.join(180)
     # The requests the dead replica had not answered were sent to the other one.
-    assert not errors and [a.generated_length for a in answers] == [30] * 6
+    assert not errors and [a.generated_length for a in answers] == [60] * 6
     for prompt in PROMPTS:
         assert client.generate(prompt, **GREEDY)[0].token_ids == reference[prompt].token_ids
     # Ray Serve replaces the replica: two replicas again, one of them new.
