@@ -363,3 +363,19 @@ def test_mii_serve_ray_address_in_the_foreground(cluster, cache_dir, checkpoints
             server.communicate()
     assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
     assert wait_until(lambda: port_is_free(http_port), timeout=60)
+
+
+def test_a_busy_http_port_is_refused_before_anything_starts(cluster, cache_dir, checkpoints):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(mii.DeploymentError, match=str(port)):
+            mii.serve(
+                str(checkpoints("llama")[0]),
+                ray_address=cluster,
+                enable_restful_api=True,
+                restful_api_port=port,
+                port=free_port(),
+            )
+    assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
