@@ -36,6 +36,7 @@ LAYER_OF_PREFIX = {
     "mii.engine_thread": "serving",
     "mii.demo": "serving",
     "mii.rpc": "serving",
+    "mii.ray_backend": "serving",  # Ray deployments: on mii.rpc's pool, gateway and front
     "mii.cli": "front",
     "mii.magic": "front",
     "mii.__main__": "front",

@@ -90,6 +90,17 @@ DEPLOYMENT_OPTIONS = (
     "replica_unresponsive_restart_s",
     "shutdown_grace_s",
     "stats_log_interval_s",
+    # on a Ray cluster (docs/multi_node.md)
+    "backend",
+    "ray_address",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "autoscaling_config",
+    "ray_num_cpus",
+    "ray_num_gpus",
 )
 # mii serve follows `vllm serve`: --port is the HTTP port (the OpenAI API is on by
 # default), the gRPC port is --grpc-port; mii's older names stay as aliases.
@@ -140,6 +151,15 @@ METAVARS = {
     "revision": "REVISION",
     "kv_cache_memory_fraction": "FRACTION",
     "seed": "N",
+    "ray_address": "ADDRESS",
+    "autoscaling_config": "KEY=VALUE",
+    "min_replicas": "N",
+    "max_replicas": "N",
+    "target_ongoing_requests": "N",
+    "upscale_delay_s": "SECONDS",
+    "downscale_delay_s": "SECONDS",
+    "ray_num_cpus": "CPUS",
+    "ray_num_gpus": "GPUS",
 }
 
 

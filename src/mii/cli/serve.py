@@ -70,10 +70,19 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from mii.rpc.deployment import run_deployment
     from mii.rpc.event_loop import run_event_loop
 
     config = serve_config(args)
+    if config.on_ray:  # replicas on a Ray cluster (docs/multi_node.md)
+        from mii.ray_backend import require_ray
+        from mii.ray_backend.deployment import run_ray_deployment as run_deployment
+
+        try:
+            require_ray()
+        except Exception as err:
+            raise CliError(str(err)) from None
+    else:
+        from mii.rpc.deployment import run_deployment
     name = config.deployment_name
     print(
         f"[mii] starting deployment {name!r}: {config.model}, "

@@ -25,6 +25,7 @@ import mii.envs as envs
 from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig
 from mii.errors import DeploymentError, InvalidRequestError
 from mii.rpc import registry
+from mii.rpc.ray_options import RayOptions
 
 # Replicas listen on the loopback only: clients reach them through the deployment's
 # load balancer, which listens on the deployment's host and port.
@@ -72,7 +73,7 @@ class GpuLayout(BaseModel):
         return self.tensor_parallel * self.replica_num
 
 
-class DeploymentConfig(GpuLayout):
+class DeploymentConfig(GpuLayout, RayOptions):
     """Everything a deployment runs with; the keyword options of ``mii.serve``.
 
     Options named like a field here configure the deployment; every other

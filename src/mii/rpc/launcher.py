@@ -33,13 +33,28 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     ``tool_call_parser=None`` ("hermes" or "llama3_json": tool_choice "auto"); the log's throughput
     line: ``stats_log_interval_s=10``; supervision and shutdown: ``replica_timeout_s=30,
     replica_max_restarts=5, replica_restart_window_s=600, replica_restart_backoff_s=1,
-    replica_unresponsive_restart_s=120, shutdown_grace_s=30``, ...) and engine
+    replica_unresponsive_restart_s=120, shutdown_grace_s=30``; on a Ray cluster
+    (docs/multi_node.md): ``backend=None`` ("local" or "ray"), ``ray_address=None``,
+    ``min_replicas=None, max_replicas=None, target_ongoing_requests=2,
+    upscale_delay_s=30, downscale_delay_s=600, ray_num_cpus=1, ray_num_gpus=None``,
+    ...) and engine
     options (``max_length=None``, ...). Bad options fail here, before anything
     starts. A start-up failure (bad model, port in use, crash while loading)
     raises ``DeploymentError`` here with the server's error, and leaves no
     process behind.
     """
     config = DeploymentConfig.parse(model_name_or_path, **options)
+    module = "mii.rpc.deployment"
+    if config.on_ray:  # replicas on a Ray cluster (docs/multi_node.md)
+        from mii.ray_backend import caller_cluster, require_ray
+        from mii.ray_backend.application import check_scaling
+
+        require_ray()  # without Ray: an error that says how to install it, here
+        check_scaling(config)
+        module = "mii.ray_backend.deployment"
+        if config.ray_address is None and caller_cluster() is not None:
+            # A caller connected to Ray (ray.init) deploys on that cluster.
+            config = config.model_copy(update={"ray_address": caller_cluster()})
     name = config.deployment_name
     log_file = registry.log_path(name)
     # The API key goes in the environment: the JSON on the command line (which every
@@ -52,7 +67,7 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
         env[envs.API_KEY.name] = api_key
     with open(log_file, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mii.rpc.deployment", config.model_dump_json()],
+            [sys.executable, "-m", module, config.model_dump_json()],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

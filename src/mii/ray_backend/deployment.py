@@ -1,0 +1,258 @@
+"""A deployment on a Ray cluster: this process connects to Ray, runs the Serve
+application (engines and HTTP ingress, :mod:`mii.ray_backend.application`), serves
+the deployment's gRPC front on its host and port, and records the deployment in
+the local registry, so that ``mii.client(name)`` finds it as any other.
+
+``python -m mii.ray_backend.deployment CONFIG_JSON`` runs it (``mii.serve`` starts
+that in the background, ``mii serve`` runs it in the foreground). On Terminate or
+a signal it drains the gRPC front, deletes the Serve application (Serve's graceful,
+rolling shutdown of the replicas), shuts Serve down when no other application is
+left on the cluster, and disconnects (stopping the Ray instance it started, if any).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from mii.errors import DeploymentError
+from mii.ray_backend import require_ray
+from mii.ray_backend.application import REPLICA_DEPLOYMENT, build_application
+from mii.ray_backend.board import NAMESPACE, StatsBoard, board_name
+from mii.ray_backend.pool import RayPool
+from mii.rpc import auth, mii_pb2, registry
+from mii.rpc.balancer import BalancerServicer
+from mii.rpc.deployment_config import DeploymentConfig
+from mii.rpc.drain import ShutdownRequest, drain
+from mii.rpc.health import add_standard_services, set_health
+from mii.rpc.listen import listening_server
+from mii.rpc.proto_parse import add_mii_servicer
+from mii.rpc.startup_errors import run_reporting_errors
+
+
+def connect(config: DeploymentConfig) -> None:
+    """Connect to the deployment's Ray cluster: ``ray_address``; unset, Ray's own
+    search (``$RAY_ADDRESS``, the cluster ``ray start`` started on this machine), else
+    a new Ray instance of this process's own, which ``ray.shutdown()`` stops again."""
+    ray = require_ray()
+    if config.ray_address not in (None, "auto"):
+        # Ray turns its token authentication on by itself (RAY_AUTH_MODE unset, a token
+        # in ~/.ray/auth_token) only for a cluster it finds on its own, yet `ray start`
+        # on a machine with a token requires it at an explicit address too. A cluster
+        # without authentication ignores the token. (Ray < 2.52 has none: nothing to do.)
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+        except ImportError:
+            pass
+        else:
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    ray.init(address=config.ray_address)
+
+
+def start_serve(config: DeploymentConfig) -> bool:
+    """Start Ray Serve (its HTTP proxy on host:restful_api_port) unless it runs
+    already; True when this call started it."""
+    from ray import serve
+
+    try:
+        serve.status()
+        running = True
+    except Exception:
+        running = False
+    applications = serve.status().applications if running else {}
+    if config.deployment_name in applications:  # serve.run would replace it
+        raise DeploymentError(
+            f"a Serve application named {config.deployment_name!r} already runs on the Ray "
+            "cluster: choose another deployment_name"
+        )
+    if applications:
+        return False
+    if config.enable_restful_api and _head_is_here():
+        # Serve's proxy retries a taken port forever: fail now, naming it.
+        from mii.rpc.http.server import bind_socket
+
+        bind_socket(config.host, config.restful_api_port).close()
+    http = {"host": config.host, "port": config.restful_api_port}
+    serve.start(
+        http_options=http, proxy_location="HeadOnly" if config.enable_restful_api else "Disabled"
+    )
+    return True
+
+
+def _head_is_here() -> bool:
+    """Whether the cluster's head node (where Serve's HTTP proxy runs) is this machine."""
+    import ray
+
+    here = ray.util.get_node_ip_address()
+    return any(
+        node["Alive"]
+        and "node:__internal_head__" in node["Resources"]
+        and node["NodeManagerAddress"] == here
+        for node in ray.nodes()
+    )
+
+
+def stop_serve(app: str, started_serve: bool) -> None:
+    """Delete the application (graceful shutdown of its replicas); shut Serve down
+    too when this deployment started it and no other application is left."""
+    from ray import serve
+
+    try:
+        serve.delete(app)
+        if started_serve and not serve.status().applications:
+            serve.shutdown()
+    except Exception as err:  # the cluster is gone: nothing left to stop
+        print(f"[mii] stopping the Serve application failed: {err}", file=sys.stderr, flush=True)
+
+
+async def run_ray_deployment(
+    config: DeploymentConfig, shutdown: ShutdownRequest | None = None
+) -> None:
+    """Run the deployment until ``shutdown`` is requested (by default: SIGTERM,
+    SIGINT or a Terminate call), then drain it and remove everything it started."""
+    name, host, port = config.deployment_name, config.host, config.port
+    ray = require_ray()
+    from ray import serve
+
+    shutdown = shutdown or ShutdownRequest()
+    stop = shutdown.stop
+    api_key = config.secret_api_key()
+    # A busy gRPC port fails here, before anything starts on the cluster.
+    server = listening_server(
+        f"{host}:{port}",
+        auth.api_key_interceptors(api_key),
+        max_receive_bytes=config.max_request_bytes,
+    )
+    health = add_standard_services(server)
+    await set_health(health, False)
+
+    connect(config)
+    # After ray.init, which installs a SIGTERM handler of its own (exit at once).
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown.request)
+    started_serve = False
+    board = None
+    pool: RayPool | None = None
+    deployed = False
+    tasks: list[asyncio.Task] = []
+    try:
+        started_serve = start_serve(config)
+        board = (
+            ray.remote(StatsBoard)
+            .options(name=board_name(name), namespace=NAMESPACE, num_cpus=0)
+            .remote()
+        )
+        app = build_application(
+            config, board_name(name), api_key, ray.cluster_resources().get("GPU", 0.0)
+        )
+        deployed = True
+        run = asyncio.to_thread(
+            serve.run, app, name=name, route_prefix="/" if config.enable_restful_api else None
+        )
+        try:
+            await asyncio.wait_for(run, config.startup_timeout)
+        except asyncio.TimeoutError:
+            raise DeploymentError(
+                f"the Ray deployment {name!r} was not ready within {config.startup_timeout:.0f} s "
+                "(are there enough free CPUs/GPUs on the cluster? see `ray status`)"
+            ) from None
+        except RuntimeError as err:  # Serve's "Deploying application ... failed"
+            raise DeploymentError(_start_failure(name) or str(err)) from None
+        handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name)
+        pool = RayPool(handle, board_name(name))
+        pool.guard.progress_timeout_s = config.replica_timeout_s
+        await _wait_for_board(pool, config.startup_timeout)
+        max_length = (await handle.model_info.remote())["max_length"]
+        info = mii_pb2.ModelInfoReply(
+            deployment_name=name,
+            model=config.model,
+            max_length=max_length,
+            replicas=len(pool.replicas),
+        )
+        add_mii_servicer(BalancerServicer(pool, info, stop), server)
+        await server.start()
+        tasks.append(asyncio.create_task(pool.watch()))
+        await set_health(health, True)
+        registry.record(name, _record(config, api_key))
+        print(
+            f"[mii] deployment {name!r} serving on {host}:{port} (Ray Serve)",
+            file=sys.stderr,
+            flush=True,
+        )
+        await stop.wait()
+        await set_health(health, False)
+        await drain(pool, config.shutdown_grace_s, shutdown.hurry)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await set_health(health, False)
+        registry.remove(name, pid=os.getpid())
+        await server.stop(grace=1.0)
+        if pool is not None:
+            await pool.close()
+        if deployed:
+            await asyncio.to_thread(stop_serve, name, started_serve)
+        elif started_serve:
+            await asyncio.to_thread(serve.shutdown)
+        if board is not None:
+            ray.kill(board)
+        ray.shutdown()  # stops the Ray instance too when this process started it
+
+
+def _start_failure(app: str) -> str | None:
+    """Why the application's deployments failed to start: the last line of the error
+    each one reports (a replica's constructor raised it: a bad model, ...)."""
+    from ray import serve
+
+    try:
+        status = serve.status().applications[app]
+    except Exception:
+        return None
+    reasons = []
+    for deployment, info in status.deployments.items():
+        lines = [line.strip() for line in (info.message or "").splitlines() if line.strip()]
+        if lines and info.status != "HEALTHY":
+            reasons.append(f"{deployment}: {lines[-1]}")
+    return "; ".join(reasons) or None
+
+
+def _record(config: DeploymentConfig, api_key: str | None) -> dict[str, Any]:
+    return {
+        "host": config.host,
+        "port": config.port,
+        "pid": os.getpid(),
+        "model": config.model,
+        "replica_num": config.replica_num,
+        "restful_api_port": config.restful_api_port if config.enable_restful_api else None,
+        "backend": "ray",
+        # the record is readable only by this user (mode 0600 in a 0700 folder)
+        "api_key": api_key,
+    }
+
+
+async def _wait_for_board(pool: RayPool, timeout: float) -> None:
+    """Until a replica has posted its figures (Serve reports RUNNING a moment earlier)."""
+    deadline = time.monotonic() + timeout
+    while await pool.check_all() == 0:
+        if time.monotonic() > deadline:
+            raise DeploymentError("no replica reported within startup_timeout")
+        await asyncio.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The API key is not in this JSON (ps shows it): it is read from MII_API_KEY.
+    config_json = (argv or sys.argv[1:])[0]
+    return run_reporting_errors(
+        run_ray_deployment(DeploymentConfig.model_validate_json(config_json))
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

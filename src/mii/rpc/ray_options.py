@@ -1,0 +1,130 @@
+"""The options of a deployment on a Ray cluster (``backend="ray"``).
+
+:class:`RayOptions` is a base of :class:`mii.rpc.deployment_config.DeploymentConfig`,
+so these are options of ``mii.serve`` and ``mii serve`` like any other; the Ray
+backend itself lives in :mod:`mii.ray_backend` (Ray is imported only there).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mii.errors import InvalidRequestError
+
+# The options that only the Ray backend reads: set with the single-host backend,
+# they are refused (they would be silently ignored otherwise).
+RAY_ONLY = (
+    "autoscaling_config",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "upscale_delay_s",
+    "downscale_delay_s",
+    "ray_num_cpus",
+    "ray_num_gpus",
+)
+INSTALL_HINT = "pip install 'mii[ray]' (or: pip install 'ray[serve]')"
+
+
+class RayOptions(BaseModel):
+    """Where a deployment runs and, on Ray, how it scales."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["local", "ray"] | None = Field(
+        default=None,
+        description="'local': replica processes on this machine behind mii's load balancer; "
+        "'ray': replicas are Ray Serve replicas on a Ray cluster (docs/multi_node.md; "
+        f"{INSTALL_HINT}). Default: 'ray' when ray_address is given, else 'local'",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="the Ray cluster to deploy on (backend 'ray'): the address 'ray start "
+        "--head' prints (HOST:6379) or 'auto' (the cluster running on this machine); "
+        "unset: the cluster mii.serve's process is connected to (ray.init), else "
+        "$RAY_ADDRESS or the cluster 'ray start' started on this machine, else a Ray "
+        "instance that the deployment starts and stops",
+    )
+    min_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="backend 'ray': autoscale between this many replicas (default: 1) and "
+        "max_replicas",
+    )
+    max_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="backend 'ray': autoscale between min_replicas and this many replicas on "
+        "the requests queued and running per replica (unset: a fixed replica_num)",
+    )
+    target_ongoing_requests: float = Field(
+        default=2.0,
+        gt=0,
+        description="backend 'ray', autoscaling: the requests per replica it aims at",
+    )
+    upscale_delay_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="backend 'ray', autoscaling: seconds the load must stay above the "
+        "target before a replica is added",
+    )
+    downscale_delay_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="backend 'ray', autoscaling: seconds the load must stay below the "
+        "target before a replica is removed",
+    )
+    autoscaling_config: dict[str, float] | None = Field(
+        default=None,
+        description="backend 'ray': more keys of Ray Serve's autoscaling_config "
+        "(metrics_interval_s, look_back_period_s, upscaling_factor, ...; mii serve: "
+        "KEY=VALUE,...), over the ones the options above give; autoscaling is on with it",
+    )
+    ray_num_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        description="backend 'ray': CPUs each replica reserves on its node",
+    )
+    ray_num_gpus: float | None = Field(
+        default=None,
+        ge=0,
+        description="backend 'ray': GPUs each tensor-parallel rank reserves (default: 1 "
+        "when the cluster has GPUs, else 0); a replica's ranks are on one node",
+    )
+
+    @model_validator(mode="after")
+    def _ray_options_need_ray(self) -> RayOptions:
+        if self.backend == "local" and self.ray_address is not None:
+            raise InvalidRequestError(
+                "ray_address is an option of backend='ray' (leave backend unset or set it "
+                "to 'ray')",
+                field="ray_address",
+            )
+        if not self.on_ray:
+            # Values, not fields_set: a configuration read back from JSON sets every field.
+            fields = RayOptions.model_fields
+            given = [n for n in RAY_ONLY if getattr(self, n) != fields[n].default]
+            if given:
+                raise InvalidRequestError(
+                    f"{given[0]} is an option of backend='ray' (set backend='ray' or "
+                    "ray_address; the local backend has a fixed replica_num)",
+                    field=given[0],
+                )
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and self.min_replicas > self.max_replicas
+        ):
+            raise InvalidRequestError(
+                f"min_replicas ({self.min_replicas}) is more than max_replicas "
+                f"({self.max_replicas})",
+                field="min_replicas",
+            )
+        return self
+
+    @property
+    def on_ray(self) -> bool:
+        """Whether the deployment runs on Ray."""
+        return self.backend == "ray" or (self.backend is None and self.ray_address is not None)

@@ -1,0 +1,113 @@
+"""The Ray backend without a Ray cluster: its options, its optional dependency, its wire format."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import mii
+from mii.cli.commands import build_parser
+from mii.cli.serve import serve_config
+from mii.errors import DeploymentError, InvalidRequestError
+from mii.ray_backend.application import replica_options, scaling
+from mii.rpc.deployment_config import DeploymentConfig
+
+
+def test_mii_imports_without_ray():
+    code = "import sys, mii, mii.rpc.launcher, mii.cli; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_backend_ray_without_ray_says_how_to_install_it(monkeypatch, llama):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if not installed
+    with pytest.raises(DeploymentError, match=r"pip install 'mii\[ray\]'"):
+        mii.serve(llama, backend="ray")
+
+
+def test_ray_address_selects_the_ray_backend(llama):
+    args = build_parser().parse_args(["serve", llama, "--ray-address", "10.0.0.1:6379"])
+    config = serve_config(args)
+    assert config.on_ray and config.ray_address == "10.0.0.1:6379"
+    assert serve_config(build_parser().parse_args(["serve", llama, "--backend", "ray"])).on_ray
+    assert not serve_config(build_parser().parse_args(["serve", llama])).on_ray
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"max_replicas": 2}, "max_replicas"),  # the local backend has a fixed replica_num
+        ({"backend": "local", "ray_address": "auto"}, "ray_address"),
+        ({"backend": "ray", "min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+        ({"backend": "ray", "max_replicas": 0}, "max_replicas"),
+    ],
+)
+def test_bad_ray_options_name_the_field(llama, options, field):
+    with pytest.raises((InvalidRequestError, ValueError), match=field):
+        DeploymentConfig.parse(llama, **options)
+
+
+def test_autoscaling_and_placement_follow_the_options(llama):
+    fixed = DeploymentConfig.parse(llama, backend="ray", replica_num=3)
+    assert scaling(fixed) == {"num_replicas": 3}
+    auto = DeploymentConfig.parse(llama, backend="ray", max_replicas=4, upscale_delay_s=5)
+    config = scaling(auto)["autoscaling_config"]
+    assert (config["min_replicas"], config["initial_replicas"], config["max_replicas"]) == (1, 1, 4)
+    assert config["upscale_delay_s"] == 5 and config["look_back_period_s"] == 5
+    # tensor_parallel=2 on GPUs: one bundle per rank, packed on one node.
+    tp = DeploymentConfig.parse(llama, backend="ray", tensor_parallel=2)
+    options = replica_options(tp, num_gpus=1.0)
+    assert options["placement_group_bundles"] == [{"CPU": 1.0, "GPU": 1.0}, {"GPU": 1.0}]
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"]["num_gpus"] == 1.0
+
+
+def test_autoscaling_config_passes_ray_serve_keys_and_bad_ones_fail_before_starting(llama):
+    config = DeploymentConfig.parse(
+        llama, backend="ray", autoscaling_config={"metrics_interval_s": 1, "max_replicas": 3}
+    )
+    autoscaling = scaling(config)["autoscaling_config"]
+    assert autoscaling["metrics_interval_s"] == 1 and autoscaling["max_replicas"] == 3
+    args = ["serve", llama, "--ray-address", "auto", "--autoscaling-config", "upscaling_factor=2"]
+    assert serve_config(build_parser().parse_args(args)).autoscaling_config == {
+        "upscaling_factor": 2.0
+    }
+    with pytest.raises(InvalidRequestError, match="autoscaling_config") as err:
+        mii.serve(llama, backend="ray", autoscaling_config={"no_such_key": 1})
+    assert err.value.field == "autoscaling_config"
+
+
+def test_pieces_and_errors_cross_nodes_as_json():
+    """What a replica sends (mii.ray_backend.wire) is plain data: it survives JSON."""
+    import json
+
+    from mii.errors import ReplicaError, ServerOverloadedError, UnavailableError
+    from mii.ray_backend.wire import error_from_wire, error_to_wire, piece_from_wire, piece_to_wire
+    from mii.response import Response, TokenLogprob
+
+    top = [(5, -0.1), (7, -2.5)]
+    piece = Response(
+        "hi",
+        3,
+        2,
+        "stop",
+        token_ids=[5, 6],
+        logprobs=[TokenLogprob(5, -0.1, top), TokenLogprob(6, -0.3, [])],
+        prompt_logprobs=[None, TokenLogprob(2, -1.0, top), TokenLogprob(3, -2.0, [])],
+        prompt_token_ids=[1, 2, 3],
+        cached_tokens=1,
+    )
+    assert piece_from_wire(json.loads(json.dumps(piece_to_wire(piece)))) == piece
+    errors = [
+        InvalidRequestError("top_p must be <= 1", "top_p"),
+        ServerOverloadedError("full", 3.0),
+        UnavailableError("rank 1 failed"),
+        ReplicaError("boom"),
+    ]
+    for err in errors:
+        back = error_from_wire(json.loads(json.dumps(error_to_wire(err))))
+        assert type(back) is type(err) and str(back) == str(err)
+    assert error_from_wire(error_to_wire(errors[0])).field == "top_p"
+    assert error_from_wire(error_to_wire(errors[1])).retry_after == 3.0
