@@ -46,26 +46,34 @@ def fused_kernels_enabled(device: torch.device) -> bool:
 SKINNY_MAX_ROWS = 16
 
 
-def skinny_linear_enabled(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> bool:
-    """Whether ``linear`` runs the skinny kernel for this call: a decode-sized
-    batch (at most SKINNY_MAX_ROWS rows) on CUDA, as ``MII_GEMV`` chooses, with
-    operands the kernel reads as they are (one float dtype and device, rows and bias
-    contiguous, int32 offsets), and never while torch.compile traces (checked first:
-    a shape test on a symbolic size would add a guard and a recompile)."""
+def _decode_sized(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A call the skinny kernels read as it is: a decode-sized batch (at most
+    SKINNY_MAX_ROWS rows) of 16/32-bit activations, rows and bias contiguous, int32
+    offsets, and never while torch.compile traces (checked first: a shape test on a
+    symbolic size would add a guard and a recompile)."""
     return (
         not torch.compiler.is_compiling()
         and x.dim() == 2
         and weight.dim() == 2
         and x.shape[0] <= SKINNY_MAX_ROWS
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and weight.dtype == x.dtype
         and weight.device == x.device
         and x.stride(-1) == 1
         and weight.stride(-1) == 1
         and weight.numel() < 2**31
         and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+    )
+
+
+def skinny_linear_enabled(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> bool:
+    """Whether ``linear`` runs the skinny kernel for this call: a decode-sized call
+    (``_decode_sized``) with a weight of the activations' dtype, on CUDA, as
+    ``MII_GEMV`` chooses."""
+    return (
+        _decode_sized(x, weight, bias)
+        and weight.dtype == x.dtype
         and triton_chosen(envs.GEMV, x.device)
     )
 
@@ -88,24 +96,16 @@ def skinny_fp8_linear_enabled(
     x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> bool:
     """Whether ``ops.fp8_linear`` runs the float8 skinny kernel of ``ops.triton_gemv``
-    (``skinny_linear_fp8``) for this call: as ``skinny_linear_enabled``, for an e4m3
-    weight with a contiguous float32 scale per output channel, where Triton reads
-    float8 (``fp8_triton_supported``). Larger batches go to ``torch._scaled_mm``."""
+    (``skinny_linear_fp8``) for this call: a decode-sized call (``_decode_sized``)
+    with an e4m3 weight and a contiguous float32 scale per output channel, as
+    ``MII_GEMV`` chooses, where Triton reads float8 (``fp8_triton_supported``).
+    Larger batches go to ``torch._scaled_mm``."""
     return (
-        not torch.compiler.is_compiling()
-        and x.dim() == 2
-        and wq.dim() == 2
-        and x.shape[0] <= SKINNY_MAX_ROWS
-        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        _decode_sized(x, wq, bias)
         and wq.dtype == torch.float8_e4m3fn
-        and wq.device == x.device
-        and x.stride(-1) == 1
-        and wq.stride(-1) == 1
-        and wq.numel() < 2**31
         and scale.dtype == torch.float32
         and scale.shape == wq.shape[:1]
         and scale.is_contiguous()
-        and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
         and triton_chosen(envs.GEMV, x.device)
         and fp8_triton_supported(x.device)
     )

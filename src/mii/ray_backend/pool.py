@@ -225,13 +225,7 @@ class RayPool:
         return total
 
     def _export(self) -> None:
-        stats = self.stats()
-        m = self.metrics
-        m.running.set(stats.running)
-        m.waiting.set(stats.waiting)
-        m.kv_usage.set(stats.kv_cache_usage)
-        m.preemptions.set(stats.preemptions)
-        m.healthy.set(len(self.replicas))
+        self.metrics.export_pool(self.stats(), len(self.replicas))
 
     async def close(self) -> None:
         await self.guard.close()

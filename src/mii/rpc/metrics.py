@@ -19,11 +19,15 @@ Where the times come from:
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mii.response import Response
 from mii.rpc.outcomes import REJECT_REASONS
+
+if TYPE_CHECKING:  # the generated message classes, for annotations only
+    from mii.rpc import mii_pb2
 
 # Labels every deployment exports from the start (at 0), so that dashboards and
 # alerts find the series before the first such request.
@@ -112,6 +116,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def export_pool(self, stats: mii_pb2.StatsReply, healthy: int) -> None:
+        """The gauges of a replica pool: its summed ``stats`` and ``healthy`` replicas."""
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.preemptions.set(stats.preemptions)
+        self.healthy.set(healthy)
 
     def observe_prompt(self, response: Response) -> None:
         """A request's prompt: its tokens, and how many of them were cached."""

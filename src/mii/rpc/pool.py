@@ -228,13 +228,7 @@ class ReplicaPool:
         return total
 
     def _export(self) -> None:
-        stats = self.stats()
-        m = self.metrics
-        m.running.set(stats.running)
-        m.waiting.set(stats.waiting)
-        m.kv_usage.set(stats.kv_cache_usage)
-        m.preemptions.set(stats.preemptions)
-        m.healthy.set(sum(r.healthy for r in self.replicas))
+        self.metrics.export_pool(self.stats(), sum(r.healthy for r in self.replicas))
 
     async def terminate_all(self) -> None:
         async def stop(replica: Replica) -> None:
