@@ -66,6 +66,9 @@ CASES = [
     # each pack unused) and one of 8 (two packs per KV head)
     ([(10, 1), (0, 3), (25, 1)], 6, 2, 16, 4, None, 16),
     ([(33, 1), (4, 2), (0, 6)], 8, 1, 16, 8, 9, 16),
+    # contexts past several 64-key steps: the unmasked key loop (below each tile's
+    # first query) in every dtype, next to a prompt of two 128-query tiles
+    ([(200, 150), (75, 40), (130, 1)], 8, 2, 16, 16, None, 16),
 ]
 
 

@@ -655,7 +655,10 @@ def paged_attention_from_cache(
             # K and V tiles of each stage in flight; fewer stages where the GPU's
             # shared memory is smaller than the H200 the launch was tuned on.
             num_stages=triton_limits.stages_that_fit(
-                launch["num_stages"], 2 * block_n * d_pad * k_cache.element_size(), q.device
+                launch["num_stages"],
+                2 * block_n * d_pad * k_cache.element_size(),
+                q.device,
+                reserved=tiles.size * pack * d_pad * q.element_size(),  # the query tile
             ),
             **dependent_launch,
         )

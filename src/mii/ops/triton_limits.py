@@ -18,14 +18,17 @@ PLANNED_BYTES = 160 * 1024
 _EPILOGUE_BYTES = 8 * 1024
 
 
-def stages_that_fit(stages: int, bytes_per_stage: int, device: torch.device) -> int:
+def stages_that_fit(
+    stages: int, bytes_per_stage: int, device: torch.device, reserved: int = 0
+) -> int:
     """``stages``, fewer where that many would not fit the shared memory one
-    program may use on ``device`` (the interpreter plans as for an H100)."""
+    program may use on ``device`` (the interpreter plans as for an H100), after
+    ``reserved`` bytes that the program holds outside its pipeline (a query tile)."""
     budget = PLANNED_BYTES
     if device.type == "cuda" and not INTERPRETED:
         index = device.index if device.index is not None else torch.cuda.current_device()
         budget = min(budget, _shared_memory_per_program(index) - _EPILOGUE_BYTES)
-    return max(1, min(stages, budget // bytes_per_stage))
+    return max(1, min(stages, (budget - reserved) // bytes_per_stage))
 
 
 @functools.cache
