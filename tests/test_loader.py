@@ -36,6 +36,15 @@ def test_unsupported_model_type_lists_supported(tmp_path, llama):
         mii.pipeline(str(tmp_path / "m"))
 
 
+def test_config_missing_a_field_the_family_needs_names_it(tmp_path, llama):
+    shutil.copytree(llama, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["num_attention_heads"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mii.ModelLoadError, match=r"lacks the field 'num_attention_heads'"):
+        mii.pipeline(str(tmp_path / "m"))
+
+
 def test_directory_without_weights(tmp_path, llama):
     shutil.copytree(llama, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(mii.ModelLoadError, match="no weight files"):

@@ -87,7 +87,14 @@ def build_model(
     # Our layers allocate with torch.empty and never initialise, so building
     # directly on the device in the final dtype wastes neither time nor memory.
     with torch.device(device), _default_dtype(dtype), fp8_weights(quant.mode):
-        model = cls(hf_config)
+        try:
+            model = cls(hf_config)
+        except KeyError as err:  # the family's spec reads a field the config lacks
+            raise ModelLoadError(
+                f"config.json of a {hf_config.get('model_type')!r} model lacks the field "
+                f"{err.args[0]!r}, which {cls.__name__} needs: add it (as in the model's "
+                "original Hugging Face config.json)"
+            ) from err
     if load_format == "dummy":
         _fill_random(model, seed)
     else:
