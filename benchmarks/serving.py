@@ -225,21 +225,44 @@ async def offline_maximum(
     }
 
 
+def floors(config: dict, requests: list[Request], tflops: float, copy_tb_s: float) -> dict:
+    """The requests' floors on a device of ``tflops`` bf16 matmul rate and
+    ``copy_tb_s`` copy bandwidth: ``compute_floor_s`` (2 x params x tokens, the
+    issue's ceiling) and ``roofline_floor_s``, which adds what that leaves out:
+    the prompts' causal attention FLOPs and the decode steps' reads of their
+    sequences' KV cache (bf16), at copy bandwidth. A long-prompt workload is
+    bandwidth-bound there: every generated token reads its whole context's KV."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    kv_dim = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    kv_bytes_per_token = layers * 2 * kv_dim * 2  # K and V, bf16
+    tokens = sum(r.prompt_tokens + r.max_new_tokens for r in requests)
+    compute_s = 2 * num_params(config) * tokens / (tflops * 1e12)
+    attention_flops = sum(layers * 2 * 2 * r.prompt_tokens**2 // 2 * h for r in requests)
+    # generated token g (1..G) reads the KV of prompt + g - 1 tokens
+    kv_reads = sum(
+        kv_bytes_per_token * (r.max_new_tokens * r.prompt_tokens + r.max_new_tokens**2 // 2)
+        for r in requests
+    )
+    roofline_s = compute_s + attention_flops / (tflops * 1e12) + kv_reads / (copy_tb_s * 1e12)
+    return {
+        "compute_floor_s": round(compute_s, 2),
+        "compute_ceiling_rps": round(len(requests) / compute_s, 2),
+        "roofline_floor_s": round(roofline_s, 2),
+        "roofline_ceiling_rps": round(len(requests) / roofline_s, 2),
+    }
+
+
 def compute_floor(model: str, requests: list[Request]) -> dict[str, Any]:
-    """On CUDA with a shape name: the requests' compute floor (2 x params x tokens
-    over the measured bf16 matmul rate) and the requests/s it allows."""
+    """On CUDA with a shape name: the requests' floors (``floors``) on the
+    measured roofline, and the requests/s they allow."""
     import torch
 
     if model not in SHAPES or not torch.cuda.is_available():
         return {}
-    tflops = roofline(torch.device("cuda"))["matmul_bf16_tflops"]
-    tokens = sum(r.prompt_tokens + r.max_new_tokens for r in requests)
-    floor_s = 2 * num_params(SHAPES[model]) * tokens / (tflops * 1e12)
-    return {
-        "matmul_bf16_tflops": tflops,
-        "compute_floor_s": round(floor_s, 2),
-        "compute_ceiling_rps": round(len(requests) / floor_s, 2),
-    }
+    rates = roofline(torch.device("cuda"))
+    return rates | floors(
+        SHAPES[model], requests, rates["matmul_bf16_tflops"], rates["copy_tb_per_s"]
+    )
 
 
 # ----- report -----------------------------------------------------------------------
@@ -275,7 +298,10 @@ def print_table(result: dict[str, Any]) -> None:
         floor = result["compute_floor"]
         print(
             f"compute floor {floor['compute_floor_s']} s = ceiling "
-            f"{floor['compute_ceiling_rps']} req/s; offline x floor {floor.get('offline_x_floor')}"
+            f"{floor['compute_ceiling_rps']} req/s; with attention and decode KV reads "
+            f"{floor['roofline_floor_s']} s = {floor['roofline_ceiling_rps']} req/s; "
+            f"offline x floor {floor.get('offline_x_floor')}, x roofline "
+            f"{floor.get('offline_x_roofline')}"
         )
 
 
@@ -307,7 +333,8 @@ def main() -> None:
         if floor:
             seconds = result["offline_maximum"]["seconds"]
             result["compute_floor"] = floor | {
-                "offline_x_floor": round(seconds / floor["compute_floor_s"], 2)
+                "offline_x_floor": round(seconds / floor["compute_floor_s"], 2),
+                "offline_x_roofline": round(seconds / floor["roofline_floor_s"], 2),
             }
     write_json(args.json, result)
     print_table(result)

@@ -62,3 +62,20 @@ def test_quantization_option_reaches_the_engine_options():
     embeddings = 2 * LLAMA2_7B["vocab_size"] * LLAMA2_7B["hidden_size"]
     assert weight_bytes(LLAMA2_7B) == 2 * num_params(LLAMA2_7B)
     assert weight_bytes(LLAMA2_7B, "fp8") == num_params(LLAMA2_7B) + embeddings
+
+
+def test_serving_roofline_counts_the_decode_steps_kv_reads():
+    """FastGen's long-prompt request on Llama-2-7B (32 KV heads): 2,600 prompt
+    tokens, 60 generated. Compute alone: 2 x 6.74 B params x 2,660 tokens = 35.9
+    TFLOP (46.6 ms at 770 TFLOP/s). The roofline adds the causal attention (1.8
+    TFLOP) and 60 reads of ~2,630 tokens x 512 KiB of KV = 82.7 GB (19.7 ms at
+    4.2 TB/s): 68.6 ms, 14.6 requests/s instead of the compute-only 21.5."""
+    from benchmarks.common import LLAMA2_7B
+    from benchmarks.serving import floors
+    from benchmarks.serving_load import Request
+
+    requests = [Request("x", 2600, 60)] * 100
+    result = floors(LLAMA2_7B, requests, tflops=770.0, copy_tb_s=4.2)
+    assert result["compute_ceiling_rps"] == pytest.approx(21.5, rel=0.01)
+    assert result["roofline_floor_s"] == pytest.approx(6.86, rel=0.01)
+    assert result["roofline_ceiling_rps"] == pytest.approx(14.6, rel=0.01)
