@@ -202,6 +202,18 @@ def write_json(path: str | None, result: dict) -> None:
         Path(path).write_text(text)
 
 
+async def timed_stream(engine, prompt: list[int], params: dict) -> dict:
+    """One streamed request: seconds to its first piece and decode tokens/s after it."""
+    start = time.perf_counter()
+    first = None
+    async for piece in engine.stream(prompt, **params):
+        if first is None:
+            first = time.perf_counter()
+        count = piece.generated_length
+    end = time.perf_counter()
+    return {"ttft_s": first - start, "decode_tok_s": (count - 1) / (end - first)}
+
+
 def serve_other_ranks(path: str, options: dict) -> bool:
     """Under ``torchrun --nproc-per-node N`` with ``--tensor-parallel N``: on ranks
     > 0, hold this rank's shard and run rank 0's passes until it stops, then

@@ -25,6 +25,7 @@ from benchmarks.common import (
     model_dir,
     roofline,
     serve_other_ranks,
+    timed_stream,
     weight_bytes,
     write_json,
 )
@@ -38,16 +39,7 @@ async def run_mii(
     params = dict(max_new_tokens=new_tokens, ignore_eos=True, do_sample=False)
     async for _ in engine.stream(prompt_ids, **params):  # warm-up
         pass
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        first = None
-        async for piece in engine.stream(prompt_ids, **params):
-            if first is None:
-                first = time.perf_counter()
-            count = piece.generated_length
-        end = time.perf_counter()
-        runs.append({"ttft_s": first - start, "decode_tok_s": (count - 1) / (end - first)})
+    runs = [await timed_stream(engine, prompt_ids, params) for _ in range(repeats)]
     await engine.aclose()
     best = sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2]
     return {k: round(v, 4) for k, v in (best | warmup).items()}

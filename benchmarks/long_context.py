@@ -35,6 +35,7 @@ from benchmarks.common import (
     model_dir,
     num_params,
     roofline,
+    timed_stream,
     write_json,
 )
 
@@ -72,18 +73,9 @@ async def run_mii(path: str, prompt: list[int], new_tokens: int, repeats: int, o
     await engine.generate([prompt[:512]], **params)
     runs = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        first = None
-        async for piece in engine.stream(prompt, **params):
-            if first is None:
-                first = time.perf_counter()
-            count = piece.generated_length
-        end = time.perf_counter()
+        run = await timed_stream(engine, prompt, params)
         runs.append(
-            {
-                "ttft_s": round(first - start, 4),
-                "decode_tok_s": round((count - 1) / (end - first), 2),
-            }
+            {"ttft_s": round(run["ttft_s"], 4), "decode_tok_s": round(run["decode_tok_s"], 2)}
         )
     settings = {
         "token_budget": engine.core.config.token_budget,

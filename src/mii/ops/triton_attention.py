@@ -773,7 +773,7 @@ def call_paged_attention_op(
     else:
         empty = _no_tiles(q.device)
     small, large = sets.get(SMALL_TILE), sets.get(LARGE_TILE)
-    if set(sets) - {SMALL_TILE, LARGE_TILE}:
+    if len(sets) != (small is not None) + (large is not None):  # a size it has no slot for
         raise ValueError(
             f"tile sizes {sorted(sets)}: the operator takes {SMALL_TILE} and {LARGE_TILE}"
         )

@@ -27,6 +27,7 @@ from mii.rpc.call_guard import CallGuard, ShuttingDownError
 from mii.rpc.convert import validated
 from mii.rpc.metrics import Metrics
 from mii.rpc.outcomes import Outcome
+from mii.rpc.pool import summed_stats
 
 HEALTH_INTERVAL_S = 0.5
 # A request whose replica died before answering is sent again (Ray Serve routes it to
@@ -206,21 +207,8 @@ class RayPool:
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     def stats(self) -> mii_pb2.StatsReply:
-        total = mii_pb2.StatsReply()
-        for r in self.replicas:
-            s = r.last_stats
-            total.running += s.running
-            total.waiting += s.waiting
-            total.preemptions += s.preemptions
-            total.kv_blocks += s.kv_blocks
-            total.kv_block_size = s.kv_block_size
-            total.max_length = max(total.max_length, s.max_length)
-            total.prompt_tokens += s.prompt_tokens
-            total.generation_tokens += s.generation_tokens
-        if self.replicas:
-            total.kv_cache_usage = sum(r.last_stats.kv_cache_usage for r in self.replicas) / len(
-                self.replicas
-            )
+        readings = [r.last_stats for r in self.replicas]  # the board lists replicas alive
+        total = summed_stats(readings, readings)
         total.in_flight = self.guard.in_flight()
         return total
 

@@ -61,6 +61,27 @@ class Replica:
         self.stub = mii_pb2_grpc.MiiStub(self.channel)
 
 
+def summed_stats(
+    live: list[mii_pb2.StatsReply], every: list[mii_pb2.StatsReply]
+) -> mii_pb2.StatsReply:
+    """A deployment's figures from its replicas' last readings: the load and the KV
+    cache of the ``live`` ones (those in rotation), the tokens processed by
+    ``every`` one. ``in_flight`` is the caller's (it counts calls, not readings)."""
+    total = mii_pb2.StatsReply()
+    for s in live:
+        total.running += s.running
+        total.waiting += s.waiting
+        total.preemptions += s.preemptions
+        total.kv_blocks += s.kv_blocks
+        total.kv_block_size = s.kv_block_size
+        total.max_length = max(total.max_length, s.max_length)
+    for s in every:
+        total.prompt_tokens += s.prompt_tokens
+        total.generation_tokens += s.generation_tokens
+    total.kv_cache_usage = sum(s.kv_cache_usage for s in live) / len(live) if live else 0.0
+    return total
+
+
 class ReplicaPool:
     def __init__(self, addresses: list[str], token: str | None = None) -> None:
         """Replicas at ``addresses``; every call presents ``token`` (the deployment's
@@ -209,20 +230,9 @@ class ReplicaPool:
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     def stats(self) -> mii_pb2.StatsReply:
-        total = mii_pb2.StatsReply()
-        live = [r for r in self.replicas if r.healthy]
-        for r in live:
-            total.running += r.last_stats.running
-            total.waiting += r.last_stats.waiting
-            total.preemptions += r.last_stats.preemptions
-            total.kv_blocks += r.last_stats.kv_blocks
-            total.kv_block_size = r.last_stats.kv_block_size
-            total.max_length = max(total.max_length, r.last_stats.max_length)
-        for r in self.replicas:  # tokens processed: the last reading of every replica
-            total.prompt_tokens += r.last_stats.prompt_tokens
-            total.generation_tokens += r.last_stats.generation_tokens
-        total.kv_cache_usage = (
-            sum(r.last_stats.kv_cache_usage for r in live) / len(live) if live else 0.0
+        total = summed_stats(
+            [r.last_stats for r in self.replicas if r.healthy],
+            [r.last_stats for r in self.replicas],
         )
         total.in_flight = sum(r.in_flight for r in self.replicas)
         return total
