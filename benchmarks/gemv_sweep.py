@@ -16,8 +16,9 @@ the bf16 skinny kernel (default launch), and on float8 e4m3 weights with
 per-channel scales the float8 skinny kernel (``skinny_linear_fp8``, default
 launch) and ``torch._scaled_mm`` (per-token activation quantization included, as
 ``ops.fp8_linear`` runs it); each as a fraction of the copy bandwidth for the
-bytes of its own weight (``fp8_skinny_int``: the float8 kernel converting by
-integer operations, not conversion instructions: ops/triton_fp8.py).
+bytes of its own weight (``fp8_skinny_bf16``: the float8 kernel's default tile
+converting the weights to bf16 for 16-bit products, not quantizing x for float8
+products: ``GemvConfig.fp8_dot``).
 ``--fp8-sweep`` adds a sweep of the float8 kernel's launch settings (the row's
 ``best``; what ``FP8_DEFAULT_CONFIG`` should become).
 """
@@ -86,21 +87,24 @@ def fp8_configs(rows: int) -> list[GemvConfig]:
     """Float8 launch settings to time at ``rows`` (<= 16): one byte per weight, so
     wider K slices for the same bytes in flight."""
     out = []
-    space = itertools.product((16,), (32, 64, 128), (128, 256, 512), (4, 8), (4, 6), (0, 1))
-    for block_m, block_n, block_k, warps, stages, dequant in space:
+    space = itertools.product(
+        (16,), (32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 6), (False, True)
+    )
+    for block_m, block_n, block_k, warps, stages, fp8_dot in space:
         if (block_n + 2 * block_m) * block_k * stages <= SHARED_MEMORY_BUDGET:
             out.append(
-                GemvConfig(block_n, block_k, warps, stages, block_m, split_k=1, dequant=dequant)
+                GemvConfig(block_n, block_k, warps, stages, block_m, split_k=1, fp8_dot=fp8_dot)
             )
-    for dequant in (0, 1):  # the default tile, K split automatically (0) or 2-8 ways
-        default = FP8_DEFAULT_CONFIG._replace(dequant=dequant)
+    for fp8_dot in (False, True):  # the default tile, K split automatically (0) or 2-8 ways
+        default = FP8_DEFAULT_CONFIG._replace(fp8_dot=fp8_dot)
         out += [default._replace(split_k=splits) for splits in (0, 2, 4, 8)]
     return out
 
 
-def int_config(rows: int) -> GemvConfig:
-    """The float8 default launch at ``rows``, converting by integer operations."""
-    return config_for(rows, fp8=True)._replace(dequant=1)
+def bf16_product_config(rows: int) -> GemvConfig:
+    """The float8 default launch at ``rows``, but converting the weights to bf16 and
+    multiplying 16-bit (the launch before float8 products)."""
+    return config_for(rows, fp8=True)._replace(fp8_dot=False)
 
 
 def fp8_rows(
@@ -120,14 +124,14 @@ def fp8_rows(
         quantized = [quantize_rows(w) for w in weights]
         for rows in batch_rows:
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
-            as_int = int_config(rows)
+            as_bf16 = bf16_product_config(rows)
             timings = {
                 "bf16_cublas": [lambda w=w, x=x: F.linear(x, w) for w in weights],
                 "bf16_skinny": [lambda w=w, x=x: skinny_linear(x, w) for w in weights],
                 "fp8_skinny": [lambda q=q, x=x: skinny_linear_fp8(x, *q) for q in quantized],
-                # The default launch with the integer-operation conversion (ops/triton_fp8.py).
-                "fp8_skinny_int": [
-                    lambda q=q, x=x, c=as_int: skinny_linear_fp8(x, *q, None, c) for q in quantized
+                # The default tile with the weights converted to bf16 (no float8 products).
+                "fp8_skinny_bf16": [
+                    lambda q=q, x=x, c=as_bf16: skinny_linear_fp8(x, *q, None, c) for q in quantized
                 ],
                 "fp8_scaled_mm": [lambda q=q, x=x: fp8_linear_scaled_mm(x, *q) for q in quantized],
             }

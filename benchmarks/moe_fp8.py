@@ -1,6 +1,6 @@
 """The grouped expert kernel (``ops/triton_moe.py``) on one Mixtral-8x7B-shaped
 layer (H 4096, I 14336, 8 experts, top 2): bf16 experts against float8 e4m3
-experts (per expert and output channel scales, dequantized in the kernel), at
+experts (per expert and output channel scales; float8 products by default), at
 several token counts, with a sweep of tile settings for the float8 kernel.
 
     python benchmarks/moe_fp8.py [--tokens 1 16 128 1024 4096] [--no-sweep] [--json out.json]
@@ -25,10 +25,10 @@ HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 
 def candidates() -> list:
     """Tile settings the float8 sweep tries (kernels.py's bf16 candidates, plus
-    wider K for float8's one-byte weights, and both conversions)."""
+    wider K for float8's one-byte weights), with float8 and with 16-bit products."""
     from mii.ops.triton_moe import TileConfig
 
-    return [
+    tiles = [
         TileConfig(16, 64, 128),
         TileConfig(16, 64, 256, num_warps=4, num_stages=4),
         TileConfig(16, 128, 256, num_warps=4, num_stages=4),
@@ -39,13 +39,10 @@ def candidates() -> list:
         TileConfig(128, 128, 64, num_warps=8),
         TileConfig(128, 256, 64, num_warps=8),
         TileConfig(128, 256, 128, num_warps=8, num_stages=3),
-        # The same conversions by integer operations (ops/triton_fp8.py).
-        TileConfig(16, 64, 128, dequant=1),
-        TileConfig(16, 64, 256, num_warps=4, num_stages=4, dequant=1),
-        TileConfig(16, 128, 256, num_warps=4, num_stages=4, dequant=1),
-        TileConfig(64, 128, 64, num_warps=8, num_stages=4, dequant=1),
-        TileConfig(128, 256, 64, num_warps=8, dequant=1),
     ]
+    # Each tile with float8 products (the default) and with the weights converted to
+    # bf16 for 16-bit products (TileConfig.fp8_dot).
+    return tiles + [t._replace(fp8_dot=False) for t in tiles]
 
 
 def main() -> None:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import mii
 from fp8_checkpoints import dequantized_model
 from helpers import PROMPTS, TIGHT_OPTIONS, assert_greedy_margins, hf_greedy
 from mii.ops.dispatch import fp8_triton_supported, skinny_fp8_linear_enabled
 from mii.ops.fp8_linear import FP8_DTYPE, fp8_linear, fp8_linear_reference, quantize_rows
+from mii.ops.triton_fp8 import round_to_e4m3
 from mii.ops.triton_gemv import MAX_ROWS, GemvConfig, skinny_linear_fp8
 from test_triton_kernels import DEVICE
 
@@ -105,6 +108,70 @@ def test_fp8_split_k(rows, split_k, dtype):
         _assert_near(_run(x, wq, scale, b, config), expected)
     device = torch.empty(0, device=DEVICE).device  # cuda:0, as the kernel's tensors
     assert int(gemv._arrivals[device].count_nonzero()) == 0
+
+
+def _slice_quantized_product(x, wq, scale, block_k: int) -> torch.Tensor:
+    """What the float8-dot launch computes, emulated: each ``block_k`` slice of every
+    row of x quantized to e4m3 with its own scale (amax / 448, torch's rounding),
+    float8 times float8 summed in float32, scaled back per slice, then the channel
+    scale."""
+    out = torch.zeros(x.shape[0], wq.shape[0])
+    for k0 in range(0, x.shape[1], block_k):
+        part = x[:, k0 : k0 + block_k].float()
+        amax = part.abs().amax(dim=1, keepdim=True)
+        x_scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+        xq = (part / x_scale).to(FP8_DTYPE).float()
+        out += (xq @ wq[:, k0 : k0 + block_k].float().T) * x_scale
+    return out * scale
+
+
+def test_round_to_e4m3_is_torchs_float8_cast():
+    """The interpreter's float8 cast drops the carry when rounding reaches the next
+    power of two (126.7 -> 64): the kernel's arithmetic rounding stands in for it
+    there. It must equal torch's cast (ties to even) on normal and subnormal values,
+    ties and the carry included."""
+
+    @triton.jit
+    def _round(V, Out, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Out + offs, round_to_e4m3(tl.load(V + offs)))
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[[0x7F, 0xFF]] = 0  # e4m3fn's NaNs
+    grid = codes.view(FP8_DTYPE).float().unique()
+    midpoints = (grid[1:] + grid[:-1]) / 2  # ties: to the even neighbour
+    gen = torch.Generator().manual_seed(0)
+    values = torch.cat([grid, midpoints, torch.randn(2048, generator=gen) * 60, grid * 0.97])
+    values = values[values.abs() <= 448]
+    n = triton.next_power_of_2(values.numel())
+    padded = torch.zeros(n)
+    padded[: values.numel()] = values
+    out = torch.empty(n, device=DEVICE)
+    _round[(1,)](padded.to(DEVICE), out, n)
+    assert torch.equal(out.cpu(), padded.to(FP8_DTYPE).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "rows, n, k, bias, split_k", [(1, 96, 256, False, 1), (3, 70, 200, True, 2)]
+)
+def test_fp8_dot_launch_quantizes_each_slice_of_x(rows, n, k, bias, split_k, dtype):
+    """``GemvConfig.fp8_dot``: x's slices quantized to e4m3 in the kernel, float8 x
+    float8 products: equal to its emulation, and within activation quantization's
+    error of the float32 product (a launch that skipped the per-slice scale, or
+    took one scale per token, would be far off the emulation). float32 activations
+    keep exact products whatever the launch says."""
+    x, wq, scale, b, _ = _case(rows, n, k, bias, dtype, seed=rows + n + k)
+    # One row of x with a large outlier: a per-token scale would crush the others.
+    x[0, 5] = 300.0
+    block_k = 64
+    config = GemvConfig(32, block_k, block_m=16, split_k=split_k, fp8_dot=True)
+    out = _run(x, wq, scale, b, config)
+    emulated = _slice_quantized_product(x, wq, scale, block_k) + (b.float() if bias else 0)
+    _assert_near(out, emulated)
+    exact = x.float() @ (wq.float() * scale[:, None]).T + (b.float() if bias else 0)
+    assert (out.float() - exact).norm() <= 0.05 * exact.norm()
+    _assert_near(_run(x.float(), wq, scale, b.float() if bias else None, config), exact)
 
 
 def test_default_fp8_launch_on_ragged_shapes():

@@ -14,7 +14,13 @@ from helpers import PROMPTS, assert_greedy_margins, hf_greedy
 from mii.models.moe import SparseMoE
 from mii.models.weight_quant import fp8_weights
 from mii.ops.fp8_linear import FP8_DTYPE, quantize_rows
-from mii.ops.triton_moe import TileConfig, align_by_expert, grouped_gemm, moe_grouped_mlp
+from mii.ops.triton_moe import (
+    TileConfig,
+    align_by_expert,
+    default_tiles,
+    grouped_gemm,
+    moe_grouped_mlp,
+)
 from test_family_mixtral import random_moe
 
 
@@ -77,7 +83,11 @@ def test_fp8_grouped_mlp_matches_the_reference_path(tokens, sizes, tiles):
         torch.testing.assert_close(got, dequantized, rtol=1e-4, atol=1e-4)
 
 
-def test_fp8_grouped_mlp_in_bfloat16():
+@pytest.mark.parametrize("fp8_dot", [False, True], ids=["16-bit-products", "fp8-products"])
+def test_fp8_grouped_mlp_in_bfloat16(fp8_dot):
+    """bf16 activations, with each way of multiplying (``TileConfig.fp8_dot``): within
+    bf16 rounding of the float32 result, plus activation quantization with float8
+    products."""
     moe = random_fp8_moe(hidden_size=64, intermediate_size=32)
     x = torch.randn(20, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     with torch.no_grad():
@@ -85,13 +95,44 @@ def test_fp8_grouped_mlp_in_bfloat16():
         moe.gate.to(torch.bfloat16)
         xb = x.to(torch.bfloat16)
         weights, experts = moe.route(xb)
+        tiles = default_tiles(experts.numel())._replace(fp8_dot=fp8_dot)
         got = moe_grouped_mlp(
-            xb, moe.w13, moe.w2, weights, experts, moe.act, None, moe.w13_scale, moe.w2_scale
+            xb, moe.w13, moe.w2, weights, experts, moe.act, tiles, moe.w13_scale, moe.w2_scale
         )
         reference = moe.forward_torch(xb, weights, experts).float()
     assert got.dtype == torch.bfloat16
-    assert (got.float() - expected).abs().max() < 0.03 * expected.abs().max()
-    assert (got.float() - reference).norm() < 0.03 * reference.norm()
+    bound = 0.08 if fp8_dot else 0.03
+    assert (got.float() - expected).abs().max() < bound * expected.abs().max()
+    assert (got.float() - reference).norm() < bound * reference.norm()
+
+
+def test_fp8_products_quantize_each_slice_of_each_row():
+    """One grouped GEMM with float8 products equals its emulation: each pair's
+    BLOCK_K slice of activations quantized to e4m3 with its own scale (torch's
+    rounding), times the float8 expert, scaled back per slice, then the channel
+    scale. A row with an outlier shows that the scale is per row and slice."""
+    gen = torch.Generator().manual_seed(8)
+    experts_n, n, k, block_k = 2, 24, 96, 32
+    w = torch.randn(experts_n, n, k, generator=gen)
+    wq, scale = quantize_rows(w)
+    a = torch.randn(6, k, generator=gen).to(torch.bfloat16)
+    a[1, 3] = 200.0
+    experts = torch.tensor([0, 1, 1, 0, 1, 0]).reshape(6, 1)
+    tiles = TileConfig(16, 16, block_k, fp8_dot=True)
+    sorted_pairs, block_expert = align_by_expert(experts.to(DEVICE), experts_n, tiles.block_m)
+    args = (sorted_pairs, block_expert, 6, 1, tiles, None, scale.to(DEVICE))
+    out = grouped_gemm(a.to(DEVICE), wq.to(DEVICE), *args).cpu().float()
+    want = torch.zeros(6, n)
+    for k0 in range(0, k, block_k):
+        part = a[:, k0 : k0 + block_k].float()
+        amax = part.abs().amax(dim=1, keepdim=True)
+        a_scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+        aq = (part / a_scale).to(FP8_DTYPE).float()
+        for t in range(6):
+            e = int(experts[t])
+            want[t] += (aq[t] @ wq[e, :, k0 : k0 + block_k].float().T) * a_scale[t]
+    want *= scale[experts[:, 0]]
+    torch.testing.assert_close(out, want, rtol=2**-7, atol=1e-3 * want.abs().mean().item())
 
 
 @pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])

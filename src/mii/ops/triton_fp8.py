@@ -32,3 +32,22 @@ def dequantize_e4m3(w, dtype: tl.constexpr, DEQUANT: tl.constexpr):
         return (bits.to(tl.float32, bitcast=True) * 1.329227995784916e36).to(dtype)  # 2**120
     else:
         return w.to(dtype)
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """float32 ``v`` (|v| <= 448) rounded to the nearest float8 e4m3 value, ties to
+    even, as float32: what ``v.to(tl.float8e4nv)`` computes on the GPU. For the CPU
+    interpreter, whose float8 cast loses the carry when rounding reaches the next
+    power of two (126.7 became 64, Triton 3.x). Normal values keep 3 of float32's
+    23 mantissa bits (the rounding bias carries into the exponent as it should);
+    below e4m3's smallest normal, 2**-6, the grid is fixed at 2**-9."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    normal = rounded.to(tl.float32, bitcast=True)
+    # Subnormals: |v| * 512 is exact and small, so adding and subtracting 1.5 * 2**23
+    # rounds it to an integer, ties to even (float32 round-to-nearest); the sign is
+    # put back after, so that a negative value rounding to zero is -0 as on the GPU.
+    magnitude = ((tl.abs(v) * 512.0 + 12582912.0) - 12582912.0) / 512.0
+    subnormal = tl.where(v < 0, -magnitude, magnitude)
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)

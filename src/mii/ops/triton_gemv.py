@@ -15,12 +15,22 @@ until ``benchmarks/gemv_sweep.py --rows 64 128 256`` shows the kernel ahead.
 Tested on CPU under ``TRITON_INTERPRET=1`` against ``torch.nn.functional.linear``.
 
 ``skinny_linear_fp8`` is the same kernel on float8 e4m3 weights with one float32
-scale per output channel (``ops.fp8_linear``): weight-only dequantization, so a
-decode step reads one byte per weight. Each slice of the weight is converted to
-the activations' dtype in registers (exact: every e4m3 value is a bfloat16 and a
-float16 value), multiplied on the tensor cores with float32 accumulation, and the
-channel's scale multiplies the sum once at the end (after split-K's partials are
-added). The activations are not quantized.
+scale per output channel (``ops.fp8_linear``), so a decode step reads one byte
+per weight, in one of two ways (``GemvConfig.fp8_dot``):
+
+- float8 products (the default): each ``BLOCK_K`` slice of each row of x is
+  quantized to e4m3 in registers with its own scale (``amax / 448``: finer than
+  the per-token scale of the prompt path's ``torch._scaled_mm``), the tensor
+  cores multiply float8 by float8, and each slice's float32 product is scaled
+  back before it joins the sum (so their float8 accumulation never spans more
+  than one slice); 16-bit activations only;
+- 16/32-bit products (float32 activations always): each slice of the weight
+  is converted to the activations' dtype in registers (exact: every e4m3 value
+  is a bfloat16 and a float16 value); the activations are not quantized. The
+  conversion, not the memory, set this one's pace on an H200.
+
+Either way the channel's scale multiplies the sum once at the end (after
+split-K's partials are added).
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ import triton.language as tl
 
 from mii.ops import triton_limits, triton_pdl
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
-from mii.ops.triton_fp8 import dequantize_e4m3
+from mii.ops.triton_fp8 import dequantize_e4m3, round_to_e4m3
 
 MAX_ROWS = SKINNY_MAX_ROWS
 
@@ -57,6 +67,7 @@ def _skinny_linear_kernel(
     HAS_BIAS: tl.constexpr,
     W_SCALED: tl.constexpr,
     DEQUANT: tl.constexpr,
+    X_FP8: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -114,15 +125,33 @@ def _skinny_linear_kernel(
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        if W_SCALED:  # float8 -> x's dtype: exact (e4m3 is a subset of bf16 and fp16)
-            w = dequantize_e4m3(w, X.dtype.element_ty, DEQUANT)
-        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
-            w = w.to(tl.float32)
-            x = x.to(tl.float32)
-        if IEEE:  # Triton needs a constexpr branch here
-            acc += tl.dot(w, tl.trans(x), input_precision="ieee")
+        if X_FP8:
+            # Float8 weights times float8 activations on the tensor cores: no weight
+            # conversion (which held the bf16-product kernel to ~40 % of HBM on an
+            # H200). Each row of this x slice gets its own scale (a finer grain than
+            # per token); the float32 product of the slice is scaled back before it
+            # joins the sum, so the tensor cores' float8 accumulation spans one slice.
+            x32 = x.to(tl.float32)
+            x_amax = tl.max(tl.abs(x32), axis=1)
+            x_scale = tl.where(x_amax > 0, x_amax / 448.0, 1.0)
+            x32 = x32 / x_scale[:, None]
+            if UPCAST:  # the interpreter: float32 values on the e4m3 grid, float32 dot
+                part = tl.dot(
+                    w.to(tl.float32), tl.trans(round_to_e4m3(x32)), input_precision="ieee"
+                )
+            else:
+                part = tl.dot(w, tl.trans(x32.to(tl.float8e4nv)))
+            acc += part * x_scale[None, :]
         else:
-            acc += tl.dot(w, tl.trans(x))
+            if W_SCALED:  # float8 -> x's dtype: exact (e4m3 is a subset of bf16 and fp16)
+                w = dequantize_e4m3(w, X.dtype.element_ty, DEQUANT)
+            if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
+                w = w.to(tl.float32)
+                x = x.to(tl.float32)
+            if IEEE:  # Triton needs a constexpr branch here
+                acc += tl.dot(w, tl.trans(x), input_precision="ieee")
+            else:
+                acc += tl.dot(w, tl.trans(x))
     out_mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
         # Partials [SPLIT_K, M, N] float32; visible to the last program before it counts.
@@ -197,15 +226,21 @@ class GemvConfig(NamedTuple):
     # Float8 weights only: how they are converted (ops/triton_fp8.py): 0 Triton's
     # conversion instructions, 1 integer operations.
     dequant: int = 0
+    # Float8 weights only: quantize each BLOCK_K slice of x's rows to e4m3 in the
+    # kernel and multiply float8 by float8 (``dequant`` then unused).
+    fp8_dot: bool = False
 
 
 # From benchmarks/gemv_sweep.py on an H100 (2026-11-25, docs/performance.md): within
 # 0.3 us of the best of 44 settings on each Llama-2-7B projection at 1 and 16 rows.
 # 120 KB of bf16 pipeline stages; fewer stages where the GPU has less shared memory.
 DEFAULT_CONFIG = GemvConfig(64, 128, num_warps=4, num_stages=6)
-# Float8 weights: twice the columns per slice for the same weight bytes in flight
-# as the bf16 launch (a first guess, not yet swept on a GPU: gemv_sweep.py --fp8-sweep).
-FP8_DEFAULT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=6)
+# Float8 weights: float8 products (x quantized per slice in the kernel). The launch
+# converting weights to bf16 reached only 28-39 % of the H200's copy bandwidth
+# (gemv_sweep --fp8-sweep, 2026-12-03, 88cb927: best qkv 30.6 us at 64 x 128, 4
+# stages), the conversion being the limit; this tile is a first guess for the
+# float8 products, to be swept.
+FP8_DEFAULT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=4, fp8_dot=True)
 # Past 16 rows (not routed here yet; a first guess for the sweep to beat).
 WIDE_CONFIG = GemvConfig(128, 64, num_warps=4, num_stages=3, block_m=64)
 
@@ -314,6 +349,8 @@ def _launch(
     tiles = triton.cdiv(n, config.block_n) * triton.cdiv(rows, config.block_m)
     line = 128 // weight.element_size()  # elements per 128-byte cache line
     prefetch_lines = triton.next_power_of_2(config.prefetch_k // line) if config.prefetch_k else 0
+    # float32 activations ask for precision: they keep the exact 32-bit products.
+    x_fp8 = scale is not None and config.fp8_dot and x.dtype != torch.float32
     splits = _split_k(config, tiles, k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)  # rounding up to whole slices may need fewer
@@ -340,8 +377,10 @@ def _launch(
         HAS_BIAS=bias is not None,
         W_SCALED=scale is not None,
         DEQUANT=config.dequant,
+        X_FP8=x_fp8,
         IEEE=x.dtype == torch.float32,
-        UPCAST=INTERPRETED and x.dtype != torch.float32,
+        # The interpreter's 16-bit dots and float8 casts are wrong: float32 there.
+        UPCAST=INTERPRETED and (x.dtype != torch.float32 or x_fp8),
         SPLIT_K=splits,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,

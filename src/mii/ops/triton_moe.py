@@ -13,11 +13,14 @@ activation, then the down projection scaled by the routing weight, summed over
 each token's ``top_k`` pairs.
 
 Float8 experts (``quantization="fp8"``): the weights stay e4m3, one byte each,
-with a float32 scale per (expert, output channel); each weight tile is converted
-to the activations' dtype in registers (exact: e4m3 values are bfloat16 and
-float16 values), multiplied with float32 accumulation, and the sum is scaled by
-its channel's scale once, before the routing weight. The activations are not
-quantized.
+with a float32 scale per (expert, output channel). With 16-bit activations (by
+default, ``TileConfig.fp8_dot``) each row's ``BLOCK_K`` slice of the activations
+is quantized to e4m3 in registers with its own scale and the tensor cores
+multiply float8 by float8, each slice's product scaled back before it joins the
+float32 sum; otherwise (float32 activations always) each weight tile is
+converted to the activations' dtype in registers (exact: e4m3 values are
+bfloat16 and float16 values) and the activations are not quantized. Either way
+the sum is scaled by its channel's scale once, before the routing weight.
 
 Tested against the torch loop of ``models.moe.SparseMoE`` on CPU under
 ``TRITON_INTERPRET=1``.
@@ -34,7 +37,7 @@ import triton.language as tl
 
 from mii.ops import triton_limits as limits
 from mii.ops.dispatch import INTERPRETED
-from mii.ops.triton_fp8 import dequantize_e4m3
+from mii.ops.triton_fp8 import dequantize_e4m3, round_to_e4m3
 
 
 @triton.jit
@@ -58,6 +61,7 @@ def _grouped_gemm_kernel(
     HAS_WEIGHTS: tl.constexpr,
     B_SCALED: tl.constexpr,
     DEQUANT: tl.constexpr,
+    A_FP8: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -86,15 +90,28 @@ def _grouped_gemm_kernel(
         k_ok = offs_k + k0 < K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        if B_SCALED:  # float8 -> a's dtype: exact (e4m3 is a subset of bf16 and fp16)
-            b = dequantize_e4m3(b, A.dtype.element_ty, DEQUANT)
-        if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:  # fp32 weights: full precision, not TF32
-            acc += tl.dot(a, b, input_precision="ieee")
+        if A_FP8:
+            # Float8 experts times float8 activations (TileConfig.fp8_dot): each row's
+            # slice quantized with its own scale, the slice's product scaled back.
+            a32 = a.to(tl.float32)
+            a_amax = tl.max(tl.abs(a32), axis=1)
+            a_scale = tl.where(a_amax > 0, a_amax / 448.0, 1.0)
+            a32 = a32 / a_scale[:, None]
+            if UPCAST:  # the interpreter: float32 values on the e4m3 grid, float32 dot
+                part = tl.dot(round_to_e4m3(a32), b.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(a32.to(tl.float8e4nv), b)
+            acc += part * a_scale[:, None]
         else:
-            acc += tl.dot(a, b)
+            if B_SCALED:  # float8 -> a's dtype: exact (e4m3 is a subset of bf16 and fp16)
+                b = dequantize_e4m3(b, A.dtype.element_ty, DEQUANT)
+            if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:  # fp32 weights: full precision, not TF32
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if B_SCALED:  # each (expert, output channel)'s scale, once, on the whole sum
@@ -116,6 +133,10 @@ class TileConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 3
     dequant: int = 0  # float8 experts: how they are converted (ops/triton_fp8.py)
+    # Float8 experts, 16-bit activations: quantize each row's BLOCK_K slice of the
+    # activations to e4m3 in the kernel and multiply float8 by float8 (no conversion
+    # of the weights; twice the tensor cores' bf16 rate). ``dequant`` then unused.
+    fp8_dot: bool = True
 
 
 def default_tiles(num_pairs: int) -> TileConfig:
@@ -210,6 +231,8 @@ def grouped_gemm(
             "with contiguous rows"
         )
     out = torch.empty(num_pairs, n, dtype=a.dtype, device=a.device)
+    # float32 activations ask for precision: they keep the exact 32-bit products.
+    a_fp8 = fp8 and tiles.fp8_dot and a.dtype != torch.float32
     block_k = min(tiles.block_k, max(16, triton.next_power_of_2(k)))
     grid = (block_expert.numel(), triton.cdiv(n, tiles.block_n))
     _grouped_gemm_kernel[grid](
@@ -232,8 +255,9 @@ def grouped_gemm(
         HAS_WEIGHTS=pair_weights is not None,
         B_SCALED=fp8,
         DEQUANT=tiles.dequant,
+        A_FP8=a_fp8,
         IEEE=a.dtype == torch.float32 or INTERPRETED,
-        UPCAST=INTERPRETED and a.dtype != torch.float32,
+        UPCAST=INTERPRETED and (a.dtype != torch.float32 or a_fp8),
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
