@@ -87,7 +87,7 @@ def main() -> None:
 
             error = (fp8().float() - bf16().float()).norm() / bf16().float().norm()
             bf16_s, fp8_s = bench_graph(bf16), bench_graph(fp8)
-            sweep = {default_tiles(tokens * TOP_K): fp8_s}
+            sweep = {default_tiles(tokens * TOP_K, fp8=True): fp8_s}
             for tiles in [] if args.no_sweep else candidates():
                 try:
                     sweep[tiles] = bench_graph(lambda tiles=tiles: fp8(tiles))

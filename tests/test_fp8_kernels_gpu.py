@@ -15,7 +15,12 @@ import pytest
 import torch
 
 import mii.ops.fp8_linear as fp8_ops
-from mii.ops.fp8_linear import dequantize_rows, fp8_linear_reference, quantize_rows
+from mii.ops.fp8_linear import (
+    dequantize_rows,
+    fp8_linear_reference,
+    quantize_per_token,
+    quantize_rows,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -55,9 +60,8 @@ def _slice_quantized(x, wq, scale, block_k: int) -> torch.Tensor:
     out = torch.zeros(x.shape[0], wq.shape[0], device=x.device, dtype=torch.float64)
     for k0 in range(0, x.shape[1], block_k):
         part = x[:, k0 : k0 + block_k].float()
-        amax = part.abs().amax(dim=1, keepdim=True)
-        x_scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-        xq = (part / x_scale).to(torch.float8_e4m3fn).double()
+        xq, x_scale = quantize_per_token(part)  # the reference quantization
+        xq = xq.double()
         out += (xq @ wq[:, k0 : k0 + block_k].double().T) * x_scale.double()
     return out * scale.double()
 

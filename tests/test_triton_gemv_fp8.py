@@ -18,7 +18,13 @@ import mii
 from fp8_checkpoints import dequantized_model
 from helpers import PROMPTS, TIGHT_OPTIONS, assert_greedy_margins, hf_greedy
 from mii.ops.dispatch import fp8_triton_supported, skinny_fp8_linear_enabled
-from mii.ops.fp8_linear import FP8_DTYPE, fp8_linear, fp8_linear_reference, quantize_rows
+from mii.ops.fp8_linear import (
+    FP8_DTYPE,
+    fp8_linear,
+    fp8_linear_reference,
+    quantize_per_token,
+    quantize_rows,
+)
 from mii.ops.triton_fp8 import round_to_e4m3
 from mii.ops.triton_gemv import MAX_ROWS, GemvConfig, skinny_linear_fp8
 from test_triton_kernels import DEVICE
@@ -118,9 +124,8 @@ def _slice_quantized_product(x, wq, scale, block_k: int) -> torch.Tensor:
     out = torch.zeros(x.shape[0], wq.shape[0])
     for k0 in range(0, x.shape[1], block_k):
         part = x[:, k0 : k0 + block_k].float()
-        amax = part.abs().amax(dim=1, keepdim=True)
-        x_scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-        xq = (part / x_scale).to(FP8_DTYPE).float()
+        xq, x_scale = quantize_per_token(part)  # the reference quantization
+        xq = xq.float()
         out += (xq @ wq[:, k0 : k0 + block_k].float().T) * x_scale
     return out * scale
 
@@ -294,3 +299,19 @@ def test_float8_kernels_are_off_on_cuda_by_default(monkeypatch):
     take torch._scaled_mm and dequantized experts unless MII_FP8_KERNELS=triton."""
     monkeypatch.delenv("MII_FP8_KERNELS")
     assert not fp8_triton_supported(torch.device("cuda"))
+
+
+def test_fp8_launch_by_weight_shape(monkeypatch):
+    """``fp8_config_for`` on an H200's 132 multiprocessors, Llama-2-7B's projections
+    at batch 1: the launches its sweep found fastest (docs/performance.md)."""
+    import mii.ops.triton_gemv as gemv
+
+    monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 132)
+    device = torch.device("cpu")
+    assert gemv.fp8_config_for(1, 12288, 4096, device) == gemv.FP8_FEW_BANDS_CONFIG  # qkv
+    assert gemv.fp8_config_for(1, 22016, 4096, device) == gemv.FP8_DEFAULT_CONFIG  # gate_up
+    for n, k in [(4096, 4096), (4096, 11008)]:  # o, down: K split 4 ways
+        config = gemv.fp8_config_for(1, n, k, device)
+        assert config == gemv.FP8_SPLIT_CONFIG
+        assert gemv._split_k(config, triton.cdiv(n, config.block_n), k, device) == 4
+    assert gemv.fp8_config_for(MAX_ROWS + 1, 4096, 4096, device).fp8_dot

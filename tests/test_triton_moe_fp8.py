@@ -13,7 +13,7 @@ from fp8_checkpoints import dequantized_model
 from helpers import PROMPTS, assert_greedy_margins, hf_greedy
 from mii.models.moe import SparseMoE
 from mii.models.weight_quant import fp8_weights
-from mii.ops.fp8_linear import FP8_DTYPE, quantize_rows
+from mii.ops.fp8_linear import FP8_DTYPE, quantize_per_token, quantize_rows
 from mii.ops.triton_moe import (
     TileConfig,
     align_by_expert,
@@ -125,9 +125,8 @@ def test_fp8_products_quantize_each_slice_of_each_row():
     want = torch.zeros(6, n)
     for k0 in range(0, k, block_k):
         part = a[:, k0 : k0 + block_k].float()
-        amax = part.abs().amax(dim=1, keepdim=True)
-        a_scale = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
-        aq = (part / a_scale).to(FP8_DTYPE).float()
+        aq, a_scale = quantize_per_token(part)  # the reference quantization
+        aq = aq.float()
         for t in range(6):
             e = int(experts[t])
             want[t] += (aq[t] @ wq[e, :, k0 : k0 + block_k].float().T) * a_scale[t]

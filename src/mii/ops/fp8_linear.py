@@ -90,9 +90,16 @@ def _fp8_tensor_cores(index: int) -> bool:
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: [M, K] -> (float8 [M, K], float32 scales [M, 1]): each token its own scale."""
-    xq, scale = quantize_rows(x)
-    return xq, scale.unsqueeze(-1)
+    """x: [M, K] -> (float8 [M, K], float32 scales [M, 1]): each token its own scale,
+    ``amax / 448``; the values are multiplied by ``448 / amax`` (one division per
+    row, as the Triton kernels of ``ops.triton_quant`` and the float8 products of
+    ``ops.triton_gemv`` / ``ops.triton_moe`` compute them)."""
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1, keepdim=True)
+    nonzero = amax > 0
+    scale = torch.where(nonzero, amax / FP8_MAX, torch.ones_like(amax))
+    inverse = torch.where(nonzero, FP8_MAX / amax, torch.ones_like(amax))
+    return (x32 * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
 def fp8_linear_scaled_mm(

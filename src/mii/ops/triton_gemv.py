@@ -131,10 +131,12 @@ def _skinny_linear_kernel(
             # H200). Each row of this x slice gets its own scale (a finer grain than
             # per token); the float32 product of the slice is scaled back before it
             # joins the sum, so the tensor cores' float8 accumulation spans one slice.
+            # IEEE divisions (div_rn), one per row: the same scales and float8 values
+            # as torch's ``fp8_linear.quantize_per_token`` on this slice.
             x32 = x.to(tl.float32)
             x_amax = tl.max(tl.abs(x32), axis=1)
-            x_scale = tl.where(x_amax > 0, x_amax / 448.0, 1.0)
-            x32 = x32 / x_scale[:, None]
+            x_scale = tl.where(x_amax > 0, tl.math.div_rn(x_amax, 448.0), 1.0)
+            x32 = x32 * tl.where(x_amax > 0, tl.math.div_rn(448.0, x_amax), 1.0)[:, None]
             if UPCAST:  # the interpreter: float32 values on the e4m3 grid, float32 dot
                 part = tl.dot(
                     w.to(tl.float32), tl.trans(round_to_e4m3(x32)), input_precision="ieee"
@@ -235,21 +237,39 @@ class GemvConfig(NamedTuple):
 # 0.3 us of the best of 44 settings on each Llama-2-7B projection at 1 and 16 rows.
 # 120 KB of bf16 pipeline stages; fewer stages where the GPU has less shared memory.
 DEFAULT_CONFIG = GemvConfig(64, 128, num_warps=4, num_stages=6)
-# Float8 weights: float8 products (x quantized per slice in the kernel). The launch
-# converting weights to bf16 reached only 28-39 % of the H200's copy bandwidth
-# (gemv_sweep --fp8-sweep, 2026-12-03, 88cb927: best qkv 30.6 us at 64 x 128, 4
-# stages), the conversion being the limit; this tile is a first guess for the
-# float8 products, to be swept.
-FP8_DEFAULT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=4, fp8_dot=True)
+# Float8 weights: float8 products (x quantized per slice in the kernel; converting
+# the weights to bf16 held the kernel to 28-39 % of the H200's copy bandwidth). From
+# gemv_sweep --fp8 --fp8-sweep on an H200 (2026-12-03, 5c1c893, 1 row, Llama-2-7B):
+# many 64-row bands (gate_up, 344): 64 x 256, 3 stages (3 programs per SM), 31.1 us;
+# fewer bands than two per SM (qkv, 192): 128 x 256, 8 warps, 19.8 us; bands that
+# split K (o, down: 4 ways): 64 x 256, 4 stages, 10.8 / 19.9 us (`fp8_config_for`).
+FP8_DEFAULT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=3, fp8_dot=True)
+FP8_FEW_BANDS_CONFIG = GemvConfig(128, 256, num_warps=8, num_stages=4, fp8_dot=True)
+FP8_SPLIT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=4, fp8_dot=True)
 # Past 16 rows (not routed here yet; a first guess for the sweep to beat).
 WIDE_CONFIG = GemvConfig(128, 64, num_warps=4, num_stages=3, block_m=64)
 
 
 def config_for(rows: int, fp8: bool = False) -> GemvConfig:
-    """The launch for a batch of ``rows`` (of float8 weights with ``fp8``)."""
+    """The launch for a batch of ``rows`` (of float8 weights with ``fp8``; the
+    shape-aware choice for those is ``fp8_config_for``)."""
     if rows > MAX_ROWS:
         return WIDE_CONFIG
     return FP8_DEFAULT_CONFIG if fp8 else DEFAULT_CONFIG
+
+
+def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfig:
+    """The float8 launch for ``rows`` of x and an [n, k] weight on ``device``: split
+    K where 64-row bands leave multiprocessors idle, wider bands where there are
+    fewer than two per multiprocessor, else the default (sweep: FP8_DEFAULT_CONFIG)."""
+    if rows > MAX_ROWS:
+        return WIDE_CONFIG._replace(fp8_dot=True)
+    bands = triton.cdiv(n, FP8_SPLIT_CONFIG.block_n)
+    if _auto_splits(bands, k, device, FP8_MIN_K_PER_SPLIT) > 1:
+        return FP8_SPLIT_CONFIG
+    if bands <= 2 * triton_limits.multiprocessors(device):
+        return FP8_FEW_BANDS_CONFIG
+    return FP8_DEFAULT_CONFIG
 
 
 # Split-K: each program still streams at least this many weight columns, and at
@@ -258,6 +278,9 @@ def config_for(rows: int, fp8: bool = False) -> GemvConfig:
 # none 39.7), o_proj (K 4096) unsplit (15.6 us, 4 splits 18.0): shorter slices lose
 # more to the partial sums than the idle multiprocessors cost.
 MIN_K_PER_SPLIT = 4096
+# Float8 weights: half the bytes per column, and the H200 sweep (5c1c893) found 4
+# splits fastest for o_proj (K 4096: 10.8 us, unsplit 12.6+) and down_proj (19.9 us).
+FP8_MIN_K_PER_SPLIT = 1024
 MAX_SPLIT_K = 8
 # Arrival counts per output tile, zeroed once per device and left at zero by every
 # launch; sized for any tile count a decode batch makes (a 256k vocabulary is 4k).
@@ -271,11 +294,17 @@ def _split_k(config: GemvConfig, tiles: int, k: int, device: torch.device) -> in
     half an H100 idle), each streaming at least MIN_K_PER_SPLIT columns."""
     splits = config.split_k
     if splits == 0:
-        splits = min(MAX_SPLIT_K, max(1, 2 * triton_limits.multiprocessors(device) // tiles))
-        splits = min(splits, max(1, k // MIN_K_PER_SPLIT))
+        min_k = FP8_MIN_K_PER_SPLIT if config.fp8_dot else MIN_K_PER_SPLIT
+        splits = _auto_splits(tiles, k, device, min_k)
     if splits > 1 and _arrival_counts(device, tiles) is None:
         return 1
     return splits
+
+
+def _auto_splits(tiles: int, k: int, device: torch.device, min_k_per_split: int) -> int:
+    """About two programs per multiprocessor, each streaming >= ``min_k_per_split``."""
+    splits = min(MAX_SPLIT_K, max(1, 2 * triton_limits.multiprocessors(device) // tiles))
+    return min(splits, max(1, k // min_k_per_split))
 
 
 def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
@@ -317,7 +346,8 @@ def skinny_linear_fp8(
     n = weight.shape[0]
     if scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous():
         raise ValueError(f"skinny_linear_fp8 needs a contiguous float32 scale of {n} values")
-    return _launch(x, weight, scale, bias, config or config_for(x.shape[0], fp8=True))
+    config = config or fp8_config_for(x.shape[0], n, x.shape[1], x.device)
+    return _launch(x, weight, scale, bias, config)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:

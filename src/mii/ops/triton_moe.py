@@ -95,8 +95,8 @@ def _grouped_gemm_kernel(
             # slice quantized with its own scale, the slice's product scaled back.
             a32 = a.to(tl.float32)
             a_amax = tl.max(tl.abs(a32), axis=1)
-            a_scale = tl.where(a_amax > 0, a_amax / 448.0, 1.0)
-            a32 = a32 / a_scale[:, None]
+            a_scale = tl.where(a_amax > 0, tl.math.div_rn(a_amax, 448.0), 1.0)
+            a32 = a32 * tl.where(a_amax > 0, tl.math.div_rn(448.0, a_amax), 1.0)[:, None]
             if UPCAST:  # the interpreter: float32 values on the e4m3 grid, float32 dot
                 part = tl.dot(round_to_e4m3(a32), b.to(tl.float32), input_precision="ieee")
             else:
@@ -139,10 +139,19 @@ class TileConfig(NamedTuple):
     fp8_dot: bool = True
 
 
-def default_tiles(num_pairs: int) -> TileConfig:
+def default_tiles(num_pairs: int, fp8: bool = False) -> TileConfig:
     """Tiles by batch size, from the sweep of ``benchmarks/kernels.py`` on an H100
     (Mixtral-8x7B layer, bf16, 2026-11-25): small row blocks while the launch is
-    bound by reading the weights, wide ones for prompts (more reuse per tile)."""
+    bound by reading the weights, wide ones for prompts (more reuse per tile).
+    Float8 experts (``fp8``), from ``benchmarks/moe_fp8.py`` on an H200 (2026-12-03,
+    5c1c893): float8 products up to 512 pairs (1 / 16 / 128 tokens: 210 / 468 / 721
+    us, bf16 experts 245 / 649 / 781 us); past that, 16-bit products on 128 x 128
+    tiles (1,024 tokens: 2.33 ms; float8 products requantize every row block's
+    activations once per column block there: 5.0 ms; bf16 experts 1.92 ms)."""
+    if fp8 and num_pairs > 512:
+        return TileConfig(128, 128, 64, num_warps=8, num_stages=3, fp8_dot=False)
+    if fp8 and 8 < num_pairs <= 64:
+        return TileConfig(16, 64, 128, num_warps=4, num_stages=3)
     if num_pairs <= 8:  # 1-4 tokens
         return TileConfig(16, 64, 128)
     if num_pairs <= 64:  # best at 16 tokens: 1.03 ms vs 1.05 ms
@@ -286,7 +295,7 @@ def moe_grouped_mlp(
     ``w2_scale`` [E, H] (float32, per expert and output channel)."""
     tokens, top_k = experts.shape
     num_pairs = tokens * top_k
-    tiles = tiles or default_tiles(num_pairs)
+    tiles = tiles or default_tiles(num_pairs, fp8=w13_scale is not None)
     sorted_pairs, block_expert = align_by_expert(experts, w13.shape[0], tiles.block_m)
     hidden = grouped_gemm(
         x, w13, sorted_pairs, block_expert, num_pairs, top_k, tiles, None, w13_scale

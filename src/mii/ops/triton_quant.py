@@ -8,8 +8,8 @@ Llama-2-7B about as long as the float8 GEMMs saved. This kernel reads each row
 twice (the second time from L2) and writes the float8 row and its scale once.
 
 Same numbers as ``fp8_linear.quantize_per_token`` (the torch version, which CPU
-code and the tests use): the same float32 scale, the division, the clamp to
-+-448 and the round-to-nearest-even cast.
+code and the tests use): the same float32 scale and reciprocal, the product, the
+clamp to +-448 and the round-to-nearest-even cast.
 """
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ def _quantize_rows_kernel(
         x = tl.load(X + row * stride_x + k0 + offs, mask=k0 + offs < K, other=0.0)
         peak = tl.maximum(peak, tl.abs(x.to(tl.float32)))
     amax = tl.max(peak, axis=0)
-    scale = tl.where(amax > 0, amax / 448.0, 1.0)
+    # IEEE divisions (div_rn; Triton's ``/`` is approximate on the GPU), once per row.
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    inverse = tl.where(amax > 0, tl.math.div_rn(448.0, amax), 1.0)
     tl.store(Scale + row, scale)
     for k0 in range(0, K, BLOCK):
         mask = k0 + offs < K
         x = tl.load(X + row * stride_x + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        v = tl.minimum(tl.maximum(x * inverse, -448.0), 448.0)
         if EMULATE_CAST:  # the CPU interpreter's float8 cast mis-rounds (ops/triton_fp8.py)
             v = round_to_e4m3(v)
         tl.store(Q + row * stride_q + k0 + offs, v.to(tl.float8e4nv), mask=mask)
