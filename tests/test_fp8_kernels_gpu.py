@@ -34,7 +34,8 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def _fp8_kernels_on(monkeypatch):
-    """The kernels are opt-in on CUDA (``MII_FP8_KERNELS``) until tuned: on here."""
+    """On by default on sm_89+; set here so that a user's MII_FP8_KERNELS=off does not
+    turn the tested kernels off."""
     monkeypatch.setenv("MII_FP8_KERNELS", "triton")
 
 
@@ -66,6 +67,9 @@ def _slice_quantized(x, wq, scale, block_k: int) -> torch.Tensor:
     return out * scale.double()
 
 
+# The float8-product launch against its float64 emulation (see the first test below);
+# a launch that lost the per-slice scales or a channel's scale is off by O(1).
+FP8_DOT_BOUND = 1.5e-2
 MODES = {"fp8-dot": dict(fp8_dot=True), "cvt": dict(fp8_dot=False, dequant=0)}
 MODES["integer-ops"] = dict(fp8_dot=False, dequant=1)
 
@@ -85,9 +89,12 @@ def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows, 
     assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
     exact = x.double() @ (wq.double() * scale.double()[:, None]).T
     if mode == "fp8-dot":
-        # The bfloat16 output rounding and the tensor cores' float8 accumulation
-        # within a slice differ from the emulation; x's quantization from the exact.
-        assert _relative(out, _slice_quantized(x, wq, scale, config.block_k)) < 5e-3
+        # The emulation differs by the bfloat16 output rounding, the tensor cores'
+        # float8 accumulation within a slice (Hopper keeps fewer bits than float32:
+        # measured 0.0065-0.0069 on an H200 with IEEE scales) and the GPU's
+        # approximate reciprocal (a value may round to the next float8 one); x's
+        # quantization separates it from the exact product.
+        assert _relative(out, _slice_quantized(x, wq, scale, config.block_k)) < FP8_DOT_BOUND
         assert 1e-3 < _relative(out, exact) < 5e-2
         return
     emulated = exact.float()
@@ -110,7 +117,7 @@ def test_skinny_fp8_bias_and_other_activation_dtypes(dtype):
     assert out.dtype == dtype
     if dtype == torch.float16:  # the default launch: float8 products
         emulated = _slice_quantized(x, wq, scale, config_for(3, fp8=True).block_k)
-        assert _relative(out, emulated + bias.double()) < 5e-3
+        assert _relative(out, emulated + bias.double()) < FP8_DOT_BOUND
     else:  # float32 activations keep exact products; no tf32 (IEEE dot): summation order
         emulated = x.double() @ (wq.double() * scale.double()[:, None]).T + bias.double()
         assert _relative(out, emulated) < 1e-4
@@ -134,7 +141,7 @@ def test_skinny_fp8_split_k_in_a_cuda_graph():
         torch.cuda.synchronize()
         emulated = _slice_quantized(x, wq, scale, FP8_DEFAULT_CONFIG.block_k)
         for out in outs:
-            assert _relative(out, emulated) < 5e-3
+            assert _relative(out, emulated) < FP8_DOT_BOUND
 
 
 def test_fp8_linear_routes_decode_rows_to_the_skinny_kernel(monkeypatch):

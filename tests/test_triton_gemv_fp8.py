@@ -32,8 +32,8 @@ from test_triton_kernels import DEVICE
 
 @pytest.fixture(autouse=True)
 def _fp8_kernels_on(monkeypatch):
-    """On CUDA the float8 kernels are opt-in (``MII_FP8_KERNELS``) until tuned; these
-    tests run them wherever they run (the CPU interpreter ignores the switch)."""
+    """On by default where Triton reads float8; set here so that a user's
+    MII_FP8_KERNELS=off does not turn them off (the CPU interpreter ignores it)."""
     monkeypatch.setenv("MII_FP8_KERNELS", "triton")
 
 
@@ -116,6 +116,17 @@ def test_fp8_split_k(rows, split_k, dtype):
     assert int(gemv._arrivals[device].count_nonzero()) == 0
 
 
+def _assert_near_emulation(out: torch.Tensor, emulated: torch.Tensor) -> None:
+    """Interpreted, the float8 products are the emulation's (one bf16 rounding); on a
+    GPU its approximate reciprocal may round a value of x to the neighbouring float8
+    one, and the tensor cores' float8 sums keep fewer bits: a norm bound there
+    (a lost scale is off by O(1))."""
+    if DEVICE.type == "cpu":
+        _assert_near(out, emulated)
+    else:
+        assert (out.float() - emulated).norm() <= 1.5e-2 * emulated.norm()
+
+
 def _slice_quantized_product(x, wq, scale, block_k: int) -> torch.Tensor:
     """What the float8-dot launch computes, emulated: each ``block_k`` slice of every
     row of x quantized to e4m3 with its own scale (amax / 448, torch's rounding),
@@ -173,7 +184,7 @@ def test_fp8_dot_launch_quantizes_each_slice_of_x(rows, n, k, bias, split_k, dty
     config = GemvConfig(32, block_k, block_m=16, split_k=split_k, fp8_dot=True)
     out = _run(x, wq, scale, b, config)
     emulated = _slice_quantized_product(x, wq, scale, block_k) + (b.float() if bias else 0)
-    _assert_near(out, emulated)
+    _assert_near_emulation(out, emulated)
     exact = x.float() @ (wq.float() * scale[:, None]).T + (b.float() if bias else 0)
     assert (out.float() - exact).norm() <= 0.05 * exact.norm()
     _assert_near(_run(x.float(), wq, scale, b.float() if bias else None, config), exact)
@@ -294,11 +305,20 @@ def test_row_parallel_shards_sum_to_the_whole(monkeypatch):
     assert len(calls) == 3  # the whole layer and each rank's shard
 
 
-def test_float8_kernels_are_off_on_cuda_by_default(monkeypatch):
-    """Untuned (their first H200 run decoded slower than bf16): float8 layers on CUDA
-    take torch._scaled_mm and dequantized experts unless MII_FP8_KERNELS=triton."""
+def test_float8_kernels_switch(monkeypatch):
+    """On by default where Triton reads float8 (the H200 sweep made them faster than
+    bf16 and torch._scaled_mm at batch 1); MII_FP8_KERNELS=off turns them off."""
+    import mii.ops.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.delenv("MII_FP8_KERNELS")
-    assert not fp8_triton_supported(torch.device("cuda"))
+    assert fp8_triton_supported(torch.device("cuda", 0))
+    monkeypatch.setenv("MII_FP8_KERNELS", "off")
+    assert not fp8_triton_supported(torch.device("cuda", 0))
+    monkeypatch.delenv("MII_FP8_KERNELS")
+    monkeypatch.setattr(dispatch, "_capability", lambda index: (8, 0))  # an A100: no e4m3
+    assert not fp8_triton_supported(torch.device("cuda", 0))
 
 
 def test_fp8_launch_by_weight_shape(monkeypatch):

@@ -26,8 +26,8 @@ from test_family_mixtral import random_moe
 
 @pytest.fixture(autouse=True)
 def _fp8_kernels_on(monkeypatch):
-    """On CUDA the float8 kernels are opt-in (``MII_FP8_KERNELS``) until tuned; these
-    tests run them wherever they run (the CPU interpreter ignores the switch)."""
+    """On by default where Triton reads float8; set here so that a user's
+    MII_FP8_KERNELS=off does not turn them off (the CPU interpreter ignores it)."""
     monkeypatch.setenv("MII_FP8_KERNELS", "triton")
 
 
@@ -131,7 +131,10 @@ def test_fp8_products_quantize_each_slice_of_each_row():
             e = int(experts[t])
             want[t] += (aq[t] @ wq[e, :, k0 : k0 + block_k].float().T) * a_scale[t]
     want *= scale[experts[:, 0]]
-    torch.testing.assert_close(out, want, rtol=2**-7, atol=1e-3 * want.abs().mean().item())
+    if DEVICE.type == "cpu":  # interpreted: the emulation's numbers, one bf16 rounding
+        torch.testing.assert_close(out, want, rtol=2**-7, atol=1e-3 * want.abs().mean().item())
+    else:  # the GPU's approximate reciprocal may pick a neighbouring float8 value
+        assert (out - want).norm() <= 1.5e-2 * want.norm()
 
 
 @pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])

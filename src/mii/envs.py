@@ -7,7 +7,7 @@
 | ``MII_GEMV`` | ``auto``, ``triton``, ``torch`` | the skinny matrix-vector kernel for decode |
 | ``MII_MOE`` | ``auto``, ``triton``, ``torch`` | the grouped expert kernel of MoE layers |
 | ``MII_PDL`` | ``auto``, ``off`` | programmatic dependent launch (Hopper and newer) |
-| ``MII_FP8_KERNELS`` | ``off``, ``triton`` | Triton kernels reading float8 weights (CUDA) |
+| ``MII_FP8_KERNELS`` | ``triton``, ``off`` | Triton kernels reading float8 weights (CUDA) |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_API_KEY`` | unset, a key | the API key of deployments and clients |
 | ``MII_REPLICA_TOKEN`` | unset, a token | internal: what a replica's port requires |
@@ -105,11 +105,12 @@ MOE = _choice(
 PDL = _choice("MII_PDL", "programmatic dependent launch in the decode chain", "auto", "off")
 FP8_KERNELS = _choice(
     "MII_FP8_KERNELS",
-    "Triton kernels that read float8 weights on CUDA (the skinny decode kernel, the "
-    "grouped MoE kernel): off by default until tuned on a GPU (their first H200 run was "
-    "slower than bf16 at batch 1); off: torch._scaled_mm, experts dequantized",
-    "off",
+    "Triton kernels that read float8 weights on CUDA sm_89+ (the skinny decode kernel "
+    "with float8 products, the grouped MoE kernel): on by default (H200, Llama-2-7B "
+    "batch 1: 325 tok/s against 165 with torch._scaled_mm and 245 in bf16); off: "
+    "torch._scaled_mm for every batch, experts dequantized into the 16-bit kernel",
     "triton",
+    "off",
 )
 
 # ----- files ------------------------------------------------------------------

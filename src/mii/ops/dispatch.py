@@ -81,12 +81,10 @@ def skinny_linear_enabled(
 def fp8_triton_supported(device: torch.device) -> bool:
     """Whether Triton kernels read float8 e4m3 weights on ``device``: on NVIDIA GPUs
     of compute capability 8.9 or newer (Ada, Hopper: Triton converts e4m3 only
-    there) when ``MII_FP8_KERNELS=triton`` (off by default: their first H200 run,
-    2026-12-02, decoded slower than bf16, launch settings untuned), or in the CPU
-    interpreter (tests)."""
+    there) unless ``MII_FP8_KERNELS=off``, or in the CPU interpreter (tests)."""
     if device.type != "cuda":
         return INTERPRETED
-    if torch.version.hip is not None or envs.FP8_KERNELS.get() != "triton":
+    if torch.version.hip is not None or envs.FP8_KERNELS.get() == "off":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index) >= (8, 9)
