@@ -37,7 +37,7 @@ import triton.language as tl
 
 from mii.ops import triton_limits as limits
 from mii.ops.dispatch import INTERPRETED
-from mii.ops.triton_fp8 import dequantize_e4m3, round_to_e4m3
+from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
 
 
 @triton.jit
@@ -93,16 +93,11 @@ def _grouped_gemm_kernel(
         if A_FP8:
             # Float8 experts times float8 activations (TileConfig.fp8_dot): each row's
             # slice quantized with its own scale, the slice's product scaled back.
-            a32 = a.to(tl.float32)
-            a_amax = tl.max(tl.abs(a32), axis=1)
-            # One (approximate) reciprocal per row, not a division per value: per-row
-            # work in this loop costs the skinny kernel's like it ~30 % (ops/triton_gemv.py).
-            a_scale = tl.where(a_amax > 0, a_amax * (1.0 / 448.0), 1.0)
-            a32 = a32 * tl.where(a_amax > 0, 448.0 / a_amax, 1.0)[:, None]
-            if UPCAST:  # the interpreter: float32 values on the e4m3 grid, float32 dot
-                part = tl.dot(round_to_e4m3(a32), b.to(tl.float32), input_precision="ieee")
+            aq, a_scale = quantize_rows_e4m3(a, UPCAST)
+            if UPCAST:  # noqa: SIM108 (a constexpr branch) the interpreter: float32 dot
+                part = tl.dot(aq, b.to(tl.float32), input_precision="ieee")
             else:
-                part = tl.dot(a32.to(tl.float8e4nv), b)
+                part = tl.dot(aq, b)
             acc += part * a_scale[:, None]
         else:
             if B_SCALED:  # float8 -> a's dtype: exact (e4m3 is a subset of bf16 and fp16)
