@@ -18,7 +18,8 @@ launch) and ``torch._scaled_mm`` (per-token activation quantization included, as
 ``ops.fp8_linear`` runs it); each as a fraction of the copy bandwidth for the
 bytes of its own weight (``fp8_skinny_bf16``: the float8 kernel's default tile
 converting the weights to bf16 for 16-bit products, not quantizing x for float8
-products: ``GemvConfig.fp8_dot``).
+products: ``GemvConfig.fp8_dot``; ``fp8_skinny_groups``: the default launch with x
+quantized by a launch of its own first, both launches timed: ``GemvConfig.x_groups``).
 ``--fp8-sweep`` adds a sweep of the float8 kernel's launch settings (the row's
 ``best``; what ``FP8_DEFAULT_CONFIG`` should become).
 """
@@ -38,6 +39,7 @@ from mii.ops.triton_gemv import (
     FP8_DEFAULT_CONFIG,
     GemvConfig,
     config_for,
+    fp8_config_for,
     skinny_linear,
     skinny_linear_fp8,
 )
@@ -125,6 +127,7 @@ def fp8_rows(
         for rows in batch_rows:
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
             as_bf16 = bf16_product_config(rows)
+            grouped = [fp8_config_for(rows, n, k, device)._replace(x_groups=True)]
             timings = {
                 "bf16_cublas": [lambda w=w, x=x: F.linear(x, w) for w in weights],
                 "bf16_skinny": [lambda w=w, x=x: skinny_linear(x, w) for w in weights],
@@ -132,6 +135,11 @@ def fp8_rows(
                 # The default tile with the weights converted to bf16 (no float8 products).
                 "fp8_skinny_bf16": [
                     lambda q=q, x=x, c=as_bf16: skinny_linear_fp8(x, *q, None, c) for q in quantized
+                ],
+                # The default launch with x quantized by its own launch first (x_groups).
+                "fp8_skinny_groups": [
+                    lambda q=q, x=x, c=grouped[0]: skinny_linear_fp8(x, *q, None, c)
+                    for q in quantized
                 ],
                 "fp8_scaled_mm": [lambda q=q, x=x: fp8_linear_scaled_mm(x, *q) for q in quantized],
             }

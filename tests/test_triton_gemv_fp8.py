@@ -190,6 +190,20 @@ def test_fp8_dot_launch_quantizes_each_slice_of_x(rows, n, k, bias, split_k, dty
     _assert_near(_run(x.float(), wq, scale, b.float() if bias else None, config), exact)
 
 
+@pytest.mark.parametrize("rows, n, k, split_k", [(1, 96, 256, 1), (3, 70, 200, 2), (16, 33, 64, 1)])
+def test_prequantized_x_groups_equal_the_in_loop_quantization(rows, n, k, split_k):
+    """``GemvConfig.x_groups``: x quantized by a launch of its own, in slices of
+    BLOCK_K, then read as float8 by the weight loop: the same output as quantizing
+    each slice inside the loop (same scales, same float8 values, same sums)."""
+    x, wq, scale, b, _ = _case(rows, n, k, True, torch.bfloat16, seed=rows * 7 + k)
+    x[0, 5] = 300.0  # a slice with an outlier
+    config = GemvConfig(32, 64, block_m=16, split_k=split_k, fp8_dot=True)
+    in_loop = _run(x, wq, scale, b, config)
+    grouped = _run(x, wq, scale, b, config._replace(x_groups=True))
+    assert torch.equal(grouped, in_loop)
+    _assert_near_emulation(grouped, _slice_quantized_product(x, wq, scale, 64) + b.float())
+
+
 def test_default_fp8_launch_on_ragged_shapes():
     x, wq, scale, b, expected = _case(5, 70, 200, True, torch.float32, seed=7)
     _assert_near(_run(x, wq, scale, b), expected)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mii.ops.fp8_linear import quantize_per_token
-from mii.ops.triton_quant import quantize_per_token_fp8
+from mii.ops.triton_quant import quantize_groups_fp8, quantize_per_token_fp8
 from test_triton_kernels import DEVICE
 
 
@@ -42,3 +42,21 @@ def test_strided_rows_and_bad_input():
         quantize_per_token_fp8(x.t())
     empty_q, empty_scale = quantize_per_token_fp8(torch.zeros(0, 32, device=DEVICE))
     assert empty_q.shape == (0, 32) and empty_scale.shape == (0, 1)
+
+
+@pytest.mark.parametrize("rows, k, group", [(1, 256, 64), (3, 200, 64), (2, 1100, 256)])
+def test_groups_equal_the_torch_quantization_of_each_slice(rows, k, group):
+    """Each ``group`` columns of a row quantized as torch quantizes a token (the last
+    group ragged); one group all zeros keeps scale 1."""
+    gen = torch.Generator().manual_seed(rows + k)
+    x = (torch.randn(rows, k, generator=gen) * 3).to(torch.bfloat16)
+    x[0, :group] = 0.0
+    xq, scales = quantize_groups_fp8(x.to(DEVICE), group)
+    assert xq.shape == (rows, k) and scales.shape == (rows, -(-k // group))
+    for g, k0 in enumerate(range(0, k, group)):
+        want_q, want_scale = quantize_per_token(x[:, k0 : k0 + group])
+        assert torch.equal(scales[:, g : g + 1].cpu(), want_scale)
+        assert torch.equal(xq[:, k0 : k0 + group].cpu().float(), want_q.float())
+    assert torch.equal(scales[0, 0].cpu(), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="power-of-two group"):
+        quantize_groups_fp8(x, 48)

@@ -97,8 +97,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True)
     nonzero = amax > 0
-    scale = torch.where(nonzero, amax / FP8_MAX, torch.ones_like(amax))
-    inverse = torch.where(nonzero, FP8_MAX / amax, torch.ones_like(amax))
+    # Correctly rounded float32 quotients (through float64), as IEEE division gives
+    # them in the kernels: torch's own float32 division by a tensor can be an ulp off,
+    # enough to move a value that lands on a float8 midpoint to the other neighbour.
+    scale = torch.where(nonzero, (amax.double() / FP8_MAX).float(), torch.ones_like(amax))
+    inverse = torch.where(nonzero, (FP8_MAX / amax.double()).float(), torch.ones_like(amax))
     return (x32 * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 

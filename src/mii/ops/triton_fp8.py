@@ -60,16 +60,18 @@ def quantize_rows_e4m3(x, EMULATE: tl.constexpr):
     scale ``amax / 448`` (1 for an all-zero row). The float8-product loops of the
     skinny and grouped kernels quantize each slice of their activations with it.
 
-    One approximate reciprocal per row and a product per value (torch's
-    ``fp8_linear.quantize_per_token``, but Triton's division is approximate on
-    the GPU, so a value may round to the neighbouring float8 one): IEEE divisions
-    (``div_rn``) in these loops cost 40-55 % more time per weight on an H200.
+    Two divisions per row and a product per value, as torch's
+    ``fp8_linear.quantize_per_token`` (equal under the interpreter, whose
+    division is IEEE; on the GPU Triton's division is approximate, so a value
+    may round to the neighbouring float8 one): IEEE divisions (``div_rn``) in
+    these loops cost 40-55 % more time per weight on an H200.
     With EMULATE (the CPU interpreter, whose float8 cast mis-rounds) the values
     come back as float32 on the e4m3 grid."""
     x32 = x.to(tl.float32)
     amax = tl.max(tl.abs(x32), axis=1)
-    scale = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
-    x32 = x32 * tl.where(amax > 0, 448.0 / amax, 1.0)[:, None]
+    amax = tl.where(amax > 0, amax, 448.0)  # an all-zero row: scale 1, no 0 / 0
+    scale = amax / 448.0
+    x32 = x32 * (448.0 / amax)[:, None]
     if EMULATE:
         return round_to_e4m3(x32), scale
     else:

@@ -57,6 +57,7 @@ def _skinny_linear_kernel(
     Out,
     Partials,
     Arrivals,
+    XScale,
     M,
     N,
     K,
@@ -64,10 +65,12 @@ def _skinny_linear_kernel(
     stride_xm,
     stride_wn,
     stride_om,
+    stride_xs,
     HAS_BIAS: tl.constexpr,
     W_SCALED: tl.constexpr,
     DEQUANT: tl.constexpr,
     X_FP8: tl.constexpr,
+    X_GROUPS: tl.constexpr,
     IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
     SPLIT_K: tl.constexpr,
@@ -125,7 +128,16 @@ def _skinny_linear_kernel(
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        if X_FP8:
+        if X_GROUPS:
+            # x arrives as float8 already, with one scale per row and BLOCK_K slice
+            # (ops/triton_quant.quantize_groups_fp8): the loop only loads and multiplies.
+            x_scale = tl.load(XScale + offs_m * stride_xs + k0 // BLOCK_K, mask=m_mask, other=1.0)
+            if UPCAST:  # the interpreter: float32 dot of the exact float8 values
+                part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+            else:
+                part = tl.dot(w, tl.trans(x))
+            acc += part * x_scale[None, :]
+        elif X_FP8:
             # Float8 weights times float8 activations on the tensor cores: no weight
             # conversion (which held the bf16-product kernel to ~40 % of HBM on an
             # H200). Each row of this x slice gets its own scale (a finer grain than
@@ -224,6 +236,10 @@ class GemvConfig(NamedTuple):
     # Float8 weights only: quantize each BLOCK_K slice of x's rows to e4m3 in the
     # kernel and multiply float8 by float8 (``dequant`` then unused).
     fp8_dot: bool = False
+    # With fp8_dot: quantize x's BLOCK_K slices in a launch of their own first
+    # (ops/triton_quant.quantize_groups_fp8), so that the weight loop holds no
+    # reductions; the same numbers. One more launch per layer input.
+    x_groups: bool = False
 
 
 # From benchmarks/gemv_sweep.py on an H100 (2026-11-25, docs/performance.md): within
@@ -374,6 +390,12 @@ def _launch(
     prefetch_lines = triton.next_power_of_2(config.prefetch_k // line) if config.prefetch_k else 0
     # float32 activations ask for precision: they keep the exact 32-bit products.
     x_fp8 = scale is not None and config.fp8_dot and x.dtype != torch.float32
+    x_groups = x_fp8 and config.x_groups
+    x_scales = out  # unused without x_groups
+    if x_groups:
+        from mii.ops.triton_quant import quantize_groups_fp8
+
+        x, x_scales = quantize_groups_fp8(x, config.block_k)
     splits = _split_k(config, tiles, k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)  # rounding up to whole slices may need fewer
@@ -390,6 +412,7 @@ def _launch(
         out,
         partials,
         arrivals,
+        x_scales,
         rows,
         n,
         k,
@@ -397,10 +420,12 @@ def _launch(
         x.stride(0),
         weight.stride(0),
         out.stride(0),
+        x_scales.stride(0),
         HAS_BIAS=bias is not None,
         W_SCALED=scale is not None,
         DEQUANT=config.dequant,
         X_FP8=x_fp8,
+        X_GROUPS=x_groups,
         IEEE=x.dtype == torch.float32,
         # The interpreter's 16-bit dots and float8 casts are wrong: float32 there.
         UPCAST=INTERPRETED and (x.dtype != torch.float32 or x_fp8),

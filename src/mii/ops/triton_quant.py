@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from mii.ops import triton_pdl
 from mii.ops.dispatch import INTERPRETED
-from mii.ops.triton_fp8 import round_to_e4m3
+from mii.ops.triton_fp8 import quantize_rows_e4m3, round_to_e4m3
 
 FP8_MAX = 448.0
 BLOCK = 1024  # columns per step of a row's loops
@@ -39,8 +40,9 @@ def _quantize_rows_kernel(
         peak = tl.maximum(peak, tl.abs(x.to(tl.float32)))
     amax = tl.max(peak, axis=0)
     # IEEE divisions (div_rn; Triton's ``/`` is approximate on the GPU), once per row.
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
-    inverse = tl.where(amax > 0, tl.math.div_rn(448.0, amax), 1.0)
+    amax = tl.where(amax > 0, amax, 448.0)  # an all-zero row: scale 1, no 0 / 0
+    scale = tl.math.div_rn(amax, 448.0)
+    inverse = tl.math.div_rn(448.0, amax)
     tl.store(Scale + row, scale)
     for k0 in range(0, K, BLOCK):
         mask = k0 + offs < K
@@ -69,6 +71,68 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
             xq.stride(0),
             BLOCK=BLOCK,
             EMULATE_CAST=INTERPRETED,
+            num_warps=4,
+        )
+    return xq, scale
+
+
+GROUPS_PER_PROGRAM = 4
+
+
+@triton.jit
+def _quantize_groups_kernel(
+    X,
+    Q,
+    Scale,
+    K,
+    groups,
+    stride_x,
+    stride_q,
+    GROUP: tl.constexpr,
+    GROUPS: tl.constexpr,
+    EMULATE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Row ``program_id(0)``'s groups ``GROUPS * program_id(1) ...`` of ``GROUP``
+    columns: Q = X / Scale in e4m3, Scale = amax(|group|) / 448 (1 for a zero group)."""
+    row = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) * GROUPS
+    group_ids = first + tl.arange(0, GROUPS)
+    cols = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = cols < K
+    triton_pdl.wait_for_predecessor(PDL)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    xq, scale = quantize_rows_e4m3(x, EMULATE)
+    tl.store(Q + row * stride_q + cols, xq.to(tl.float8e4nv), mask=mask)
+    tl.store(Scale + row * groups + group_ids, scale, mask=group_ids < groups)
+
+
+def quantize_groups_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [M, K] (16-bit, rows contiguous) -> (float8 e4m3 [M, K], float32 scales
+    [M, ceil(K / group)]): each ``group`` columns of a row with their own scale,
+    as the float8 skinny kernel's slices (``GemvConfig.x_groups``) read them. The
+    same numbers as the kernel's in-loop quantization (``quantize_rows_e4m3``)."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError("quantize_groups_fp8 needs x [M, K] with contiguous rows")
+    if group < 16 or group & (group - 1):
+        raise ValueError(f"quantize_groups_fp8 needs a power-of-two group of >= 16, not {group}")
+    rows, k = x.shape
+    groups = triton.cdiv(k, group)
+    xq = torch.empty(rows, k, device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(rows, groups, device=x.device, dtype=torch.float32)
+    if rows:
+        _quantize_groups_kernel[(rows, triton.cdiv(groups, GROUPS_PER_PROGRAM))](
+            x,
+            xq,
+            scale,
+            k,
+            groups,
+            x.stride(0),
+            xq.stride(0),
+            GROUP=group,
+            GROUPS=GROUPS_PER_PROGRAM,
+            EMULATE=INTERPRETED,
+            **triton_pdl.launch_options(x.device),
             num_warps=4,
         )
     return xq, scale
