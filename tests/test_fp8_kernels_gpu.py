@@ -78,12 +78,12 @@ MODES["integer-ops"] = dict(fp8_dot=False, dequant=1)
 @pytest.mark.parametrize("rows", [1, 4, 16])
 @pytest.mark.parametrize("n, k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
 def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows, mode):
-    from mii.ops.triton_gemv import config_for, skinny_linear_fp8
+    from mii.ops.triton_gemv import fp8_config_for, skinny_linear_fp8
 
     wq, scale = _quantized(n, k, seed=n + k)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    # The default launch (split-K as the layers get it), in each way of multiplying.
-    config = config_for(rows, fp8=True)._replace(**MODES[mode])
+    # The launch the layers get for this shape, in each way of multiplying.
+    config = fp8_config_for(rows, n, k, x.device)._replace(**MODES[mode])
     out = skinny_linear_fp8(x, wq, scale, None, config)
     torch.cuda.synchronize()
     assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
@@ -108,7 +108,7 @@ def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows, 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_skinny_fp8_bias_and_other_activation_dtypes(dtype):
-    from mii.ops.triton_gemv import config_for, skinny_linear_fp8
+    from mii.ops.triton_gemv import fp8_config_for, skinny_linear_fp8
 
     wq, scale = _quantized(4096, 4096, seed=1)
     x = torch.randn(3, 4096, device="cuda", dtype=dtype)
@@ -116,7 +116,7 @@ def test_skinny_fp8_bias_and_other_activation_dtypes(dtype):
     out = skinny_linear_fp8(x, wq, scale, bias)
     assert out.dtype == dtype
     if dtype == torch.float16:  # the default launch: float8 products
-        emulated = _slice_quantized(x, wq, scale, config_for(3, fp8=True).block_k)
+        emulated = _slice_quantized(x, wq, scale, fp8_config_for(3, 4096, 4096, x.device).block_k)
         assert _relative(out, emulated + bias.double()) < FP8_DOT_BOUND
     else:  # float32 activations keep exact products; no tf32 (IEEE dot): summation order
         emulated = x.double() @ (wq.double() * scale.double()[:, None]).T + bias.double()
@@ -208,7 +208,7 @@ def test_grouped_fp8_experts_on_the_mixtral_shape(mixtral_experts, tokens, mode)
     logits = torch.randn(tokens, experts_n, device="cuda", generator=gen)
     weights, experts = torch.softmax(logits, -1).topk(2, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
-    tiles = default_tiles(tokens * 2)._replace(**MODES[mode])
+    tiles = default_tiles(tokens * 2, fp8=True)._replace(**MODES[mode])
     got = moe_grouped_mlp(x, w13, w2, weights, experts, F.silu, tiles, s13, s2)
     torch.cuda.synchronize()
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, hidden)

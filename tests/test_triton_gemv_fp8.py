@@ -204,6 +204,26 @@ def test_prequantized_x_groups_equal_the_in_loop_quantization(rows, n, k, split_
     _assert_near_emulation(grouped, _slice_quantized_product(x, wq, scale, 64) + b.float())
 
 
+def test_fp8_dot_with_tiny_and_zero_slices_stays_finite():
+    """A slice of x that is all zeros or whose largest value is tiny (1e-37: 448 /
+    amax would overflow) gives finite outputs equal to the emulation's."""
+    x, wq, scale, _, _ = _case(2, 40, 256, False, torch.bfloat16, seed=3)
+    x[0, 64:128] = 0.0
+    x[0, 70] = 1e-37
+    x[1, :64] = 1e-38
+    out = _run(x, wq, scale, None, GemvConfig(32, 64, block_m=16, fp8_dot=True))
+    assert torch.isfinite(out.float()).all()
+    _assert_near_emulation(out, _slice_quantized_product(x, wq, scale, 64))
+
+
+def test_slices_narrower_than_32_keep_16_bit_products():
+    """A float8 dot needs K slices of at least 32: a launch with 16 falls back to
+    converting the weights (what it computes is the exact product, not x quantized)."""
+    x, wq, scale, _, expected = _case(3, 40, 48, False, torch.bfloat16, seed=4)
+    out = _run(x, wq, scale, None, GemvConfig(16, 16, block_m=16, fp8_dot=True))
+    _assert_near(out, expected)
+
+
 def test_default_fp8_launch_on_ragged_shapes():
     x, wq, scale, b, expected = _case(5, 70, 200, True, torch.float32, seed=7)
     _assert_near(_run(x, wq, scale, b), expected)

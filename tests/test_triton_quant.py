@@ -60,3 +60,16 @@ def test_groups_equal_the_torch_quantization_of_each_slice(rows, k, group):
     assert torch.equal(scales[0, 0].cpu(), torch.tensor(1.0))
     with pytest.raises(ValueError, match="power-of-two group"):
         quantize_groups_fp8(x, 48)
+
+
+def test_tiny_rows_stay_finite():
+    """A row whose largest value is tiny (448 / amax would overflow float32) is
+    quantized as if its amax were 1e-30: finite values and scales, no 0 * inf."""
+    x = torch.zeros(2, 64)
+    x[0, 3] = 1e-37
+    x[1] = 1e-38
+    xq, scale = quantize_per_token_fp8(x.to(DEVICE))
+    want_q, want_scale = quantize_per_token(x)
+    assert torch.isfinite(want_q.float()).all() and torch.isfinite(want_scale).all()
+    assert torch.equal(scale.cpu(), want_scale)
+    assert torch.equal(xq.cpu().float(), want_q.float())

@@ -108,7 +108,8 @@ FP8_KERNELS = _choice(
     "Triton kernels that read float8 weights on CUDA sm_89+ (the skinny decode kernel "
     "with float8 products, the grouped MoE kernel): on by default (H200, Llama-2-7B "
     "batch 1: 325 tok/s against 165 with torch._scaled_mm and 245 in bf16); off: "
-    "torch._scaled_mm for every batch, experts dequantized into the 16-bit kernel",
+    "decode batches too take torch._scaled_mm (where it runs: bf16, sizes multiples "
+    "of 16; else the dequantizing reference), experts dequantized into the 16-bit kernel",
     "triton",
     "off",
 )

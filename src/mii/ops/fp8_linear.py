@@ -18,10 +18,12 @@ Three ways to compute ``y = x Wᵀ + b``:
   [1, N], both float32; the second operand column-major, which ``wq.t()`` of a
   row-major [N, K] weight is, so the weight is stored as it is loaded).
 - the skinny kernel (decode batches of at most ``SKINNY_MAX_ROWS`` rows, where
-  Triton reads float8: ``ops.dispatch.skinny_fp8_linear_enabled``):
-  ``ops.triton_gemv.skinny_linear_fp8`` streams the float8 weight (one byte per
-  weight, the whole point at decode) and dequantizes it in registers; the
-  activations stay 16-bit, the channel scale multiplies the float32 sum once.
+  Triton reads float8: ``ops.dispatch.skinny_fp8_linear_enabled``, on sm_89+
+  unless ``MII_FP8_KERNELS=off``): ``ops.triton_gemv.skinny_linear_fp8`` streams
+  the float8 weight (one byte per weight, the whole point at decode) and, for
+  16-bit activations, quantizes each 256-column slice of x to float8 in
+  registers and multiplies float8 by float8; the channel scale multiplies the
+  float32 sum once.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from mii.ops.dispatch import skinny_fp8_linear_enabled
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+# The smallest activation amax a row's scale is computed from (the kernels too).
+ACTIVATION_AMAX_FLOOR = 1e-30
 
 
 def quantize_rows(
@@ -91,17 +95,20 @@ def _fp8_tensor_cores(index: int) -> bool:
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] -> (float8 [M, K], float32 scales [M, 1]): each token its own scale,
-    ``amax / 448``; the values are multiplied by ``448 / amax`` (one division per
-    row, as the Triton kernels of ``ops.triton_quant`` and the float8 products of
-    ``ops.triton_gemv`` / ``ops.triton_moe`` compute them)."""
+    ``amax / 448``; the values are multiplied by ``448 / amax``, both quotients
+    correctly rounded, as ``ops.triton_quant`` computes them (the float8-product
+    loops of ``ops.triton_gemv`` / ``ops.triton_moe`` use the GPU's approximate
+    division for the same quotients)."""
     x32 = x.float()
     amax = x32.abs().amax(dim=-1, keepdim=True)
-    nonzero = amax > 0
+    # An all-zero row: scale 1; a tiny one (below 1e-30) as if it were 1e-30, so
+    # that 448 / amax stays finite (an infinite one would make 0 * inf = NaN).
+    amax = torch.where(amax > 0, amax.clamp_min(ACTIVATION_AMAX_FLOOR), FP8_MAX)
     # Correctly rounded float32 quotients (through float64), as IEEE division gives
-    # them in the kernels: torch's own float32 division by a tensor can be an ulp off,
-    # enough to move a value that lands on a float8 midpoint to the other neighbour.
-    scale = torch.where(nonzero, (amax.double() / FP8_MAX).float(), torch.ones_like(amax))
-    inverse = torch.where(nonzero, (FP8_MAX / amax.double()).float(), torch.ones_like(amax))
+    # them: torch's own float32 division by a tensor can be an ulp off, enough to move
+    # a value that lands on a float8 midpoint to the other neighbour.
+    scale = (amax.double() / FP8_MAX).float()
+    inverse = (FP8_MAX / amax.double()).float()
     return (x32 * inverse).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
@@ -109,7 +116,9 @@ def fp8_linear_scaled_mm(
     x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x: [M, K] bfloat16 -> [M, N] bfloat16 on the FP8 tensor cores."""
-    if x.stride(-1) == 1:  # one Triton launch instead of six torch passes (ops/triton_quant.py)
+    # One Triton launch instead of six torch passes (ops/triton_quant.py); under
+    # torch.compile the torch version, which Inductor fuses, stays.
+    if x.stride(-1) == 1 and not torch.compiler.is_compiling():
         from mii.ops.triton_quant import quantize_per_token_fp8  # Triton: CUDA-only here
 
         xq, x_scale = quantize_per_token_fp8(x)

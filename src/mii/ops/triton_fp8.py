@@ -46,8 +46,8 @@ def round_to_e4m3(v):
     rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
     normal = rounded.to(tl.float32, bitcast=True)
     # Subnormals: |v| * 512 is exact and small, so adding and subtracting 1.5 * 2**23
-    # rounds it to an integer, ties to even (float32 round-to-nearest); the sign is
-    # put back after, so that a negative value rounding to zero is -0 as on the GPU.
+    # rounds it to an integer, ties to even (float32 round-to-nearest); then the sign
+    # (a negative value rounding to zero comes out +0: Triton's minus is 0 - x).
     magnitude = ((tl.abs(v) * 512.0 + 12582912.0) - 12582912.0) / 512.0
     subnormal = tl.where(v < 0, -magnitude, magnitude)
     return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
@@ -69,7 +69,8 @@ def quantize_rows_e4m3(x, EMULATE: tl.constexpr):
     come back as float32 on the e4m3 grid."""
     x32 = x.to(tl.float32)
     amax = tl.max(tl.abs(x32), axis=1)
-    amax = tl.where(amax > 0, amax, 448.0)  # an all-zero row: scale 1, no 0 / 0
+    # An all-zero row: scale 1 (no 0 / 0); a tiny one: 448 / amax stays finite.
+    amax = tl.where(amax > 0, tl.maximum(amax, 1e-30), 448.0)
     scale = amax / 448.0
     x32 = x32 * (448.0 / amax)[:, None]
     if EMULATE:

@@ -389,7 +389,10 @@ def _launch(
     line = 128 // weight.element_size()  # elements per 128-byte cache line
     prefetch_lines = triton.next_power_of_2(config.prefetch_k // line) if config.prefetch_k else 0
     # float32 activations ask for precision: they keep the exact 32-bit products.
-    x_fp8 = scale is not None and config.fp8_dot and x.dtype != torch.float32
+    # A float8 dot needs slices of at least 32 columns.
+    x_fp8 = (
+        scale is not None and config.fp8_dot and x.dtype != torch.float32 and config.block_k >= 32
+    )
     x_groups = x_fp8 and config.x_groups
     x_scales = out  # unused without x_groups
     if x_groups:

@@ -237,9 +237,10 @@ def grouped_gemm(
             "with contiguous rows"
         )
     out = torch.empty(num_pairs, n, dtype=a.dtype, device=a.device)
-    # float32 activations ask for precision: they keep the exact 32-bit products.
-    a_fp8 = fp8 and tiles.fp8_dot and a.dtype != torch.float32
     block_k = min(tiles.block_k, max(16, triton.next_power_of_2(k)))
+    # float32 activations ask for precision: they keep the exact 32-bit products;
+    # a float8 dot needs slices of at least 32 (a tiny hidden size, or a TP shard).
+    a_fp8 = fp8 and tiles.fp8_dot and a.dtype != torch.float32 and block_k >= 32
     grid = (block_expert.numel(), triton.cdiv(n, tiles.block_n))
     _grouped_gemm_kernel[grid](
         a,

@@ -40,7 +40,8 @@ def _quantize_rows_kernel(
         peak = tl.maximum(peak, tl.abs(x.to(tl.float32)))
     amax = tl.max(peak, axis=0)
     # IEEE divisions (div_rn; Triton's ``/`` is approximate on the GPU), once per row.
-    amax = tl.where(amax > 0, amax, 448.0)  # an all-zero row: scale 1, no 0 / 0
+    # An all-zero row: scale 1 (no 0 / 0); a tiny one: 448 / amax stays finite.
+    amax = tl.where(amax > 0, tl.maximum(amax, 1e-30), 448.0)
     scale = tl.math.div_rn(amax, 448.0)
     inverse = tl.math.div_rn(448.0, amax)
     tl.store(Scale + row, scale)
