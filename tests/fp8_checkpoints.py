@@ -22,6 +22,22 @@ def hand_quantize(w: torch.Tensor, per_tensor: bool = False) -> tuple[torch.Tens
     return q, scale.reshape(1) if per_tensor else scale
 
 
+def hand_quantize_at_load(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [N, K] -> (float8 w, float32 scales [N, 1]) as quantization="fp8" does it:
+    per row, of the 16 scales amax / 448 * 2^(i/16), the first whose rounding has
+    the least squared error."""
+    w = w.float()
+    amax = w.abs().amax(dim=-1, keepdim=True)
+    base = torch.where(amax > 0, amax / 448.0, torch.ones_like(amax))
+    candidates = [base * 2.0 ** (i / 16) for i in range(16)]
+    errors = torch.stack(
+        [((w / s).to(FP8).float() * s - w).square().sum(dim=-1) for s in candidates]
+    )
+    best = errors.argmin(dim=0)  # the first of equal minima
+    scale = torch.stack(candidates)[best, torch.arange(w.shape[0])]
+    return (w / scale).to(FP8), scale
+
+
 def hand_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()
 
@@ -33,15 +49,22 @@ def quantized_names(state: dict[str, torch.Tensor]) -> list[str]:
     return [n for n, t in state.items() if t.dim() >= 2 and not any(s in n for s in skip)]
 
 
-def dequantized_model(hf_model, per_tensor: bool = False):
+def dequantized_model(hf_model, scales: str = "at_load"):
     """A copy of a transformers model whose quantized weights are replaced by their
-    dequantized FP8 values (per output channel, or per tensor): the oracle."""
+    dequantized FP8 values: the oracle. ``scales``: "at_load" (quantization="fp8"'s
+    searched per-channel scales), "channel" or "tensor" (amax / 448, as the
+    pre-quantized checkpoints here are written)."""
     model = copy.deepcopy(hf_model)
     state = model.state_dict()
     with torch.no_grad():
         for name in quantized_names(state):
-            q, scale = hand_quantize(state[name], per_tensor)
-            state[name].copy_(hand_dequantize(q, scale))
+            w = state[name]
+            if scales == "at_load":
+                flat = w.reshape(-1, w.shape[-1])
+                q, scale = hand_quantize_at_load(flat)
+                w.copy_(hand_dequantize(q, scale).reshape(w.shape))
+            else:
+                w.copy_(hand_dequantize(*hand_quantize(w, scales == "tensor")))
     return model
 
 

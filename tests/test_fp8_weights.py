@@ -9,12 +9,24 @@ import pytest
 import torch
 
 import mii
-from fp8_checkpoints import FP8, dequantized_model, hand_dequantize, hand_quantize
+from fp8_checkpoints import (
+    FP8,
+    dequantized_model,
+    hand_dequantize,
+    hand_quantize,
+    hand_quantize_at_load,
+)
 from helpers import PROMPTS, TIGHT_OPTIONS, assert_greedy_margins, hf_greedy
 from mii.models.layers import ColumnParallelLinear, RowParallelLinear
 from mii.models.loader import build_model, read_hf_config
 from mii.models.moe import SparseMoE
-from mii.ops.fp8_linear import dequantize_rows, fp8_linear, quantize_rows, scaled_mm_enabled
+from mii.ops.fp8_linear import (
+    dequantize_rows,
+    fp8_linear,
+    quantize_rows,
+    quantize_weight_rows,
+    scaled_mm_enabled,
+)
 
 NEW_TOKENS = 16
 
@@ -32,6 +44,31 @@ def test_quantize_rows_is_amax_over_448_per_output_channel():
     # e4m3 has 3 mantissa bits: every value within 1/16 of its row's scale x 2^exp.
     rel = (dequantize_rows(wq, scale, torch.float32) - w).abs() / w.abs().clamp(min=1e-3)
     assert rel[w.abs() > scale.unsqueeze(1) * 2].max() <= 1 / 16 + 1e-6
+
+
+def test_weight_scales_are_the_least_squared_error_of_one_octave():
+    """A weight row's scale (quantization="fp8" at load) is the one of 16 in
+    [amax / 448, 2 amax / 448) whose e4m3 rounding has the least squared error:
+    nothing clips, no row is worse than with amax / 448, and in all the error is
+    lower (measured: 2.63 % -> 2.45 % RMS on SmolLM2-135M's weights)."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 96) * torch.rand(64, 1) * 3
+    w[5] = 0.0  # an all-zero row keeps scale 1
+    w[7, 3] = 40.0  # an outlier sets its row's amax; it must not be clipped
+    wq, scale = quantize_weight_rows(w)
+    assert wq.dtype == FP8 and scale.shape == (64,) and scale.dtype == torch.float32
+    q, s = hand_quantize_at_load(w)
+    assert torch.equal(scale, s.squeeze(1)) and torch.equal(wq.float(), q.float())
+    amax = w.abs().amax(1)
+    live = amax > 0
+    assert scale[5] == 1 and wq[5].float().eq(0).all()
+    assert (scale[live] >= amax[live] / 448).all() and (scale[live] < amax[live] / 224).all()
+    searched = dequantize_rows(wq, scale, torch.float32)
+    plain = dequantize_rows(*quantize_rows(w), torch.float32)
+    assert searched[7, 3] == 40.0  # representable at every candidate scale: not clipped
+    err, plain_err = (searched - w).square().sum(1), (plain - w).square().sum(1)
+    assert (err <= plain_err).all()
+    assert err.sum() < 0.93 * plain_err.sum(), (err.sum(), plain_err.sum())
 
 
 def test_reference_path_runs_off_cuda():
@@ -76,9 +113,9 @@ def test_only_linear_layers_are_quantized(checkpoints):
         for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
     )
     assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.float32
-    # The down projection's scales: one per output channel, from the whole row.
+    # The down projection's scales: one per output channel, searched on the whole row.
     down = model.model.layers[1].mlp.down_proj
-    q, s = hand_quantize(hf_model.model.layers[1].mlp.down_proj.weight)
+    q, s = hand_quantize_at_load(hf_model.model.layers[1].mlp.down_proj.weight)
     assert torch.equal(down.weight_scale, s.squeeze(1))
     assert torch.equal(down.weight.float(), q.float())
 
@@ -136,7 +173,7 @@ def test_tensor_parallel_fp8_gives_the_tokens_of_one_rank(checkpoints, tokenizer
     jobs = [job(path, options), job(prequantized, TIGHT_OPTIONS)]
     rank0, rank1 = run_torchrun(tmp_path, 2, jobs)
     assert rank1 == [{**r, "type": "RankPipeline"} for r in rank0]
-    oracles = [dequantized_model(hf_model), dequantized_model(hf_model, per_tensor=True)]
+    oracles = [dequantized_model(hf_model), dequantized_model(hf_model, "tensor")]
     for got, checkpoint, oracle, opts in zip(
         rank0, (path, prequantized), oracles, (options, TIGHT_OPTIONS)
     ):

@@ -89,7 +89,7 @@ def test_weights_load_as_dequantized_by_hand(prequantized, name):
 @pytest.mark.parametrize("name", ["compressed-tensors-fp8-static-per-tensor", "fbgemm_fp8"])
 def test_greedy_equals_transformers_on_the_dequantized_weights(prequantized, tokenizer, name):
     path, hf_model = prequantized[name]
-    oracle = dequantized_model(hf_model, per_tensor=FORMATS[name][1])
+    oracle = dequantized_model(hf_model, "tensor" if FORMATS[name][1] else "channel")
     # quantization="none" (the default): the checkpoint's own quantization applies.
     with mii.pipeline(str(path)) as pipe:
         responses = pipe(PROMPTS, do_sample=False, max_new_tokens=12)

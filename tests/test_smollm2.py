@@ -243,14 +243,16 @@ EIFFEL_TEXT = (
 
 def test_fp8_weights_on_the_real_model(smollm2, cache_env):
     """quantization="fp8" against the unquantized SmolLM2-135M (fp32) on about 370
-    tokens of fixed English text (prompt logprobs). Measured: 91.4 % top-1 agreement
-    and perplexity 7.456 -> 7.689 (+3.1 %), docs/quantization.md: below the issue's
-    97 % / 2 % targets, which this 135M model (whose weights come from a Q4_1 GGUF
-    file) does not reach with e4m3 weights; bf16 alone agrees with fp32 on 97.8 %.
-    The bounds guard the measured level."""
+    tokens of fixed English text (prompt logprobs). Measured with the searched
+    per-channel scales: 93.0 % top-1 agreement and perplexity 7.441 -> 7.485
+    (+0.6 %); with plain amax / 448 scales 91.3 % and +3.2 %, which these bounds
+    refuse. On 2,635 tokens of eight texts (benchmarks/fp8_accuracy.py): 93.9 %
+    and +1.15 %, docs/quantization.md. The 97 % agreement target is out of reach
+    for e4m3 weights on this model (its top-1 choices move with any ~2.5 % weight
+    noise); bf16 alone agrees with fp32 on 97.6 %."""
     from test_fp8_accuracy import compare
 
     agree, ppl, ppl_fp8, _ = compare(smollm2, EIFFEL_TEXT)
     print(f"SmolLM2: agreement {agree:.4f}, perplexity {ppl:.4f} -> {ppl_fp8:.4f}")
-    assert agree >= 0.89, agree
-    assert abs(ppl_fp8 - ppl) / ppl < 0.045, (ppl, ppl_fp8)
+    assert agree >= 0.92, agree
+    assert abs(ppl_fp8 - ppl) / ppl < 0.02, (ppl, ppl_fp8)

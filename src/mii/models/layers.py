@@ -32,7 +32,7 @@ from mii.models.weight_quant import (
     copy_weight_rows,
     fp8_mode,
     fp8_parameter,
-    row_maxima,
+    row_scales,
     scale_parameter,
     scale_shards,
 )
@@ -182,8 +182,8 @@ class RowParallelLinear(nn.Module):
         if name == "weight" and self.fp8:
             # Scales of whole rows, so that every rank's slice is quantized as one rank's.
             whole = materialize(loaded)
-            rows, amax = whole.narrow(*columns), row_maxima(whole)
-            copy_weight_rows(param.data, self.weight_scale.data, rows, self.fp8, amax)
+            rows, scale = whole.narrow(*columns), row_scales(whole, param.device)
+            copy_weight_rows(param.data, self.weight_scale.data, rows, self.fp8, scale)
             return
         if name == "weight":
             loaded = loaded.narrow(*columns)

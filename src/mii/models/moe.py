@@ -43,7 +43,7 @@ from mii.models.weight_quant import (
     copy_weight_rows,
     fp8_mode,
     fp8_parameter,
-    row_maxima,
+    row_scales,
     scale_parameter,
     scale_shards,
 )
@@ -212,9 +212,9 @@ class SparseMoE(nn.Module):
                 )
             if self.fp8:  # scales of whole rows, as RowParallelLinear
                 whole = materialize(loaded)
-                rows, amax = whole.narrow(1, start, size), row_maxima(whole)
+                rows, scale = whole.narrow(1, start, size), row_scales(whole, param.device)
                 scales = self.w2_scale.data[expert]
-                copy_weight_rows(param.data[expert], scales, rows, self.fp8, amax)
+                copy_weight_rows(param.data[expert], scales, rows, self.fp8, scale)
             else:
                 param.data[expert].copy_(loaded.narrow(1, start, size))
         else:

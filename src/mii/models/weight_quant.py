@@ -18,6 +18,7 @@ float32 [N], one scale per output channel (``ops.fp8_linear``). A column-paralle
 layer's scales are split with its rows; a row-parallel layer keeps every
 output channel, so its scales are whole on every rank, and computed from whole
 rows (every rank quantizes its slice with the same scale a single rank would).
+A row's scale is the least-squared-error one of a few (``ops.fp8_linear.weight_scales``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from mii.models.checkpoint_tensor import LazyTensor, materialize
-from mii.ops.fp8_linear import FP8_DTYPE, quantize_rows
+from mii.ops.fp8_linear import FP8_DTYPE, quantize_rows, quantize_weight_rows, weight_scales
 
 Fp8Mode = Literal["online", "checkpoint"] | None
 
@@ -90,12 +91,13 @@ def copy_weight_rows(
     dest_scale: torch.Tensor,
     loaded: torch.Tensor,
     mode: Fp8Mode,
-    amax: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> None:
     """Fill float8 rows ``dest`` [..., K] from checkpoint rows ``loaded``: float8 ones
     as they are (a pre-quantized checkpoint; the scales come as their own tensor),
-    16/32-bit ones quantized here, filling ``dest_scale`` [...] too. ``amax``: the
-    whole rows' maxima when ``loaded`` is a slice of each row (row-parallel)."""
+    16/32-bit ones quantized here (``ops.fp8_linear.quantize_weight_rows``), filling
+    ``dest_scale`` [...] too. ``scale``: the whole rows' scales (``row_scales``) when
+    ``loaded`` is a slice of each row (row-parallel)."""
     if tuple(dest.shape) != tuple(loaded.shape):
         raise ValueError(f"weight shape {tuple(loaded.shape)} does not match {tuple(dest.shape)}")
     if loaded.dtype == FP8_DTYPE:
@@ -109,24 +111,26 @@ def copy_weight_rows(
     if loaded.dtype.is_floating_point and loaded.element_size() == 1:
         raise ValueError(f"float8 weights of dtype {loaded.dtype} are not supported (e4m3 only)")
     # Quantized where the weight lives (the GPU: far faster than the host for a 70B model).
-    amax = None if amax is None else amax.to(dest.device)
-    wq, scale = quantize_rows(loaded.to(dest.device), amax)
+    scale = None if scale is None else scale.to(dest.device)
+    wq, scale = quantize_weight_rows(loaded.to(dest.device), scale)
     dest.copy_(wq)
     dest_scale.copy_(scale)
 
 
-def row_maxima(loaded: torch.Tensor | LazyTensor) -> torch.Tensor | None:
-    """Each whole row's max |value| of a 16/32-bit checkpoint weight [..., K] (read
-    whole), for quantizing a slice of its columns; None for a float8 weight."""
+def row_scales(loaded: torch.Tensor | LazyTensor, device: torch.device) -> torch.Tensor | None:
+    """Each whole row's scale (``ops.fp8_linear.weight_scales``, computed on
+    ``device``) of a 16/32-bit checkpoint weight [..., K] (read whole), for
+    quantizing a slice of its columns; None for a float8 weight."""
     whole = materialize(loaded)
     if whole.dtype == FP8_DTYPE:
         return None
-    return whole.float().abs().amax(dim=-1)
+    return weight_scales(whole.to(device))
 
 
 def fill_random_fp8(weight: nn.Parameter, scale: nn.Parameter, generator: torch.Generator) -> None:
     """Random weights (``load_format="dummy"``) for a float8 weight: normal(0, 0.02)
-    quantized per row, one matrix at a time (no 16-bit copy of a whole stack)."""
+    quantized per row, one matrix at a time (no 16-bit copy of a whole stack). The
+    plain ``amax / 448`` scale: no scale search for weights that mean nothing."""
     flat_w = weight.data.view(-1, *weight.shape[-2:])
     flat_s = scale.data.view(-1, weight.shape[-2])
     for i in range(flat_w.shape[0]):

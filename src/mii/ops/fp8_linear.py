@@ -1,9 +1,16 @@
 """Linear layers with float8 (e4m3) weights and per-output-channel scales.
 
 A quantized weight is ``wq`` [N, K] in ``torch.float8_e4m3fn`` and ``scale`` [N]
-float32, standing for ``wq.float() * scale[:, None]``. Quantizing a row divides
-it by ``amax(|row|) / 448`` (448 is e4m3's largest finite value), so every row
-uses the whole e4m3 range.
+float32, standing for ``wq.float() * scale[:, None]``. Activations (per token)
+are divided by ``amax(|row|) / 448`` (448 is e4m3's largest finite value).
+A weight row's scale is chosen once, at load (``weight_scales``): of the
+``SCALE_STEPS`` candidates ``amax / 448 * 2^(i / SCALE_STEPS)`` (none clips a
+value), the one whose rounding has the least squared error. A float format's
+relative precision does not depend on the scale, but where a row's values fall
+between e4m3's grid points does; on SmolLM2-135M the search lowers the weights'
+RMS rounding error from 2.63 % to 2.45 % and, on average over roundings, the KL
+divergence of the logits from the unquantized model's by 18 % and top-1
+disagreement from 7.0 % to 6.2 % (docs/quantization.md, "Accuracy").
 
 Three ways to compute ``y = x Wᵀ + b``:
 
@@ -44,9 +51,9 @@ ACTIVATION_AMAX_FLOOR = 1e-30
 def quantize_rows(
     w: torch.Tensor, amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w: [..., K] -> (float8 [..., K], float32 scales [...]): one scale per row
-    (per output channel), ``amax / 448``. ``amax`` [...] overrides the rows' own
-    (a row-parallel rank quantizes its slice of a row with the whole row's)."""
+    """w: [..., K] -> (float8 [..., K], float32 scales [...]): one scale per row,
+    ``amax / 448`` (activations per token; random ``load_format="dummy"`` weights).
+    ``amax`` [...] overrides the rows' own. Real weights: ``quantize_weight_rows``."""
     w32 = w.float()
     if amax is None:
         amax = w32.abs().amax(dim=-1)
@@ -54,6 +61,44 @@ def quantize_rows(
     # An all-zero row keeps scale 1 (its float8 values are zeros either way).
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     wq = (w32 / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return wq, scale
+
+
+SCALE_STEPS = 16  # candidate scales per weight row, spread over one octave
+
+
+def weight_scales(w: torch.Tensor) -> torch.Tensor:
+    """w: [..., K] -> float32 scales [...]: per row (output channel), the scale
+    ``amax / 448 * 2^(i / SCALE_STEPS)``, i in [0, SCALE_STEPS), whose e4m3 rounding
+    of the row has the least squared error (ties: the smallest). The largest value
+    maps to (224, 448], so nothing is clipped; an all-zero row keeps scale 1.
+    Worked in row chunks to bound the float32 temporaries."""
+    flat = w.reshape(-1, w.shape[-1])
+    chunk = max(1, (1 << 22) // max(1, flat.shape[1]))
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, flat.shape[0], chunk):
+        rows = flat[start : start + chunk].float()
+        amax = rows.abs().amax(dim=-1)
+        base = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        best, best_err = base, torch.full_like(amax, float("inf"))
+        for i in range(SCALE_STEPS):
+            scale = base * 2.0 ** (i / SCALE_STEPS)
+            rounded = (rows / scale[:, None]).to(FP8_DTYPE).float() * scale[:, None]
+            err = (rounded - rows).square().sum(dim=-1)
+            better = err < best_err
+            best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
+        out[start : start + chunk] = best
+    return out.reshape(w.shape[:-1])
+
+
+def quantize_weight_rows(
+    w: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w: [..., K] -> (float8 [..., K], float32 scales [...]) with ``weight_scales``;
+    ``scale`` [...] overrides them (a row-parallel rank quantizes its slice of a row
+    with the scale of the whole row)."""
+    scale = weight_scales(w) if scale is None else scale.float()
+    wq = (w.float() / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return wq, scale
 
 
