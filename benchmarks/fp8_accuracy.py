@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 
-# Written for this measurement (the first is test_smollm2.EIFFEL_TEXT).
+# Written for this measurement (tests/test_smollm2.py scores the first).
 TEXTS = {
     "eiffel": (
         "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, "

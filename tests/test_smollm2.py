@@ -9,12 +9,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import mii
 from mii.demo import chat_prompt_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.fp8_accuracy import TEXTS as FP8_ACCURACY_TEXTS  # noqa: E402
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -217,28 +224,8 @@ def test_perplexity_from_prompt_logprobs_equals_transformers(smollm2, cache_env)
     assert mii_ppl < 50  # a trained model finds real English likely (random: ~49,000)
 
 
-# About 370 SmolLM2 tokens of fixed English text.
-EIFFEL_TEXT = (
-    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
-    "It is named after the engineer Gustave Eiffel, whose company designed and built the "
-    "tower from 1887 to 1889. Locally nicknamed the Iron Lady, it was constructed as the "
-    "centrepiece of the 1889 World's Fair, and to crown the centennial anniversary of the "
-    "French Revolution. Although initially criticised by some of France's leading artists "
-    "and intellectuals for its design, it has since become a global cultural icon of France "
-    "and one of the most recognisable structures in the world. The tower received 5,889,000 "
-    "visitors in 2022. The Eiffel Tower is the most visited monument with an entrance fee in "
-    "the world. The tower is 330 metres tall, about the same height as an 81-storey "
-    "building, and the tallest structure in Paris. Its base is square, measuring 125 metres "
-    "on each side. During its construction, the Eiffel Tower surpassed the Washington "
-    "Monument to become the tallest human-made structure in the world, a title it held for "
-    "41 years until the Chrysler Building in New York City was finished in 1930. The tower "
-    "has three levels for visitors, with restaurants on the first and second levels. The top "
-    "level's upper platform is 276 metres above the ground, the highest observation deck "
-    "accessible to the public in the European Union. Tickets can be purchased to ascend by "
-    "stairs or lift to the first and second levels. The climb from ground level to the first "
-    "level is over 300 steps, as is the climb from the first level to the second, making the "
-    "entire ascent a 600-step climb."
-)
+# About 370 SmolLM2 tokens of fixed English text (the first text of the accuracy benchmark).
+EIFFEL_TEXT = FP8_ACCURACY_TEXTS["eiffel"]
 
 
 def test_fp8_weights_on_the_real_model(smollm2, cache_env):
