@@ -137,6 +137,25 @@ def test_fp8_products_quantize_each_slice_of_each_row():
         assert (out - want).norm() <= 1.5e-2 * want.norm()
 
 
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_activations_quantized_once_equal_the_in_loop_quantization(tokens):
+    """``TileConfig.a_groups``: the activations' slices quantized by a launch of their
+    own before each grouped GEMM, not in every column block's loop: the same
+    output from the whole expert MLP (same scales, float8 values and sums)."""
+    moe = random_fp8_moe(hidden_size=64, intermediate_size=96)
+    gen = torch.Generator().manual_seed(tokens)
+    x = (torch.randn(tokens, 64, generator=gen) * 2).to(torch.bfloat16).to(DEVICE)
+    with torch.no_grad():
+        moe.gate.to(torch.bfloat16)
+        weights, experts = moe.route(x)
+        tiles = TileConfig(16, 32, 32, fp8_dot=True)
+        args = (x, moe.w13, moe.w2, weights, experts, moe.act)
+        scales = (moe.w13_scale, moe.w2_scale)
+        in_loop = moe_grouped_mlp(*args, tiles, *scales)
+        once = moe_grouped_mlp(*args, tiles._replace(a_groups=True), *scales)
+    assert torch.equal(once, in_loop)
+
+
 @pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])
 def test_every_finite_e4m3_value_and_each_expert_channel_scale(dequant):
     """a = identity picks each weight: C[pair, n] = float(B[e, n, k]) * scale[e, n]
