@@ -51,14 +51,25 @@ def serve_actors() -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A local Ray instance (2 CPUs, no GPU) shared by the module; its address."""
-    context = ray.init(
-        address="local",  # a new instance, even where a cluster runs on this machine
-        num_cpus=2,
-        num_gpus=0,
-        include_dashboard=False,
-        namespace="mii-tests",
-    )
+    """A local Ray instance (2 CPUs, no GPU) shared by the module; its address.
+
+    Ray waits a fixed 30 s for its raylet to register (ray/_private/node.py); on a
+    loaded 2-core machine (CI beside another test run) it once missed that, so a
+    start that times out is tried again, up to three times in all."""
+    for attempt in range(3):
+        try:
+            context = ray.init(
+                address="local",  # a new instance, even where a cluster runs on this machine
+                num_cpus=2,
+                num_gpus=0,
+                include_dashboard=False,
+                namespace="mii-tests",
+            )
+            break
+        except Exception as error:
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(error):
+                raise
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
