@@ -52,8 +52,9 @@ def quantize_rows(
     w: torch.Tensor, amax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w: [..., K] -> (float8 [..., K], float32 scales [...]): one scale per row,
-    ``amax / 448`` (activations per token; random ``load_format="dummy"`` weights).
-    ``amax`` [...] overrides the rows' own. Real weights: ``quantize_weight_rows``."""
+    ``amax / 448`` (random ``load_format="dummy"`` weights; activations have
+    ``quantize_per_token``). ``amax`` [...] overrides the rows' own. Real weights:
+    ``quantize_weight_rows``."""
     w32 = w.float()
     if amax is None:
         amax = w32.abs().amax(dim=-1)

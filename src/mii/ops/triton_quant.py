@@ -22,7 +22,6 @@ from mii.ops import triton_pdl
 from mii.ops.dispatch import INTERPRETED
 from mii.ops.triton_fp8 import quantize_rows_e4m3, round_to_e4m3
 
-FP8_MAX = 448.0
 BLOCK = 1024  # columns per step of a row's loops
 
 
@@ -54,14 +53,25 @@ def _quantize_rows_kernel(
         tl.store(Q + row * stride_q + k0 + offs, v.to(tl.float8e4nv), mask=mask)
 
 
+def _float8_outputs(
+    x: torch.Tensor, scale_columns: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks x [M, K] (rows contiguous) for ``name``; the empty float8 [M, K] values
+    and float32 [M, scale_columns] scales to fill."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"{name} needs x [M, K] with contiguous rows")
+    rows, k = x.shape
+    return (
+        torch.empty(rows, k, device=x.device, dtype=torch.float8_e4m3fn),
+        torch.empty(rows, scale_columns, device=x.device, dtype=torch.float32),
+    )
+
+
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] (16/32-bit, rows contiguous) -> (float8 e4m3 [M, K], float32 scales
     [M, 1]), as ``fp8_linear.quantize_per_token``."""
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError("quantize_per_token_fp8 needs x [M, K] with contiguous rows")
+    xq, scale = _float8_outputs(x, 1, "quantize_per_token_fp8")
     rows, k = x.shape
-    xq = torch.empty(rows, k, device=x.device, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
     if rows:
         _quantize_rows_kernel[(rows,)](
             x,
@@ -113,14 +123,11 @@ def quantize_groups_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
     [M, ceil(K / group)]): each ``group`` columns of a row with their own scale,
     as the float8 skinny kernel's slices (``GemvConfig.x_groups``) read them. The
     same numbers as the kernel's in-loop quantization (``quantize_rows_e4m3``)."""
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError("quantize_groups_fp8 needs x [M, K] with contiguous rows")
     if group < 16 or group & (group - 1):
         raise ValueError(f"quantize_groups_fp8 needs a power-of-two group of >= 16, not {group}")
+    groups = triton.cdiv(x.shape[-1], group)
+    xq, scale = _float8_outputs(x, groups, "quantize_groups_fp8")
     rows, k = x.shape
-    groups = triton.cdiv(k, group)
-    xq = torch.empty(rows, k, device=x.device, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(rows, groups, device=x.device, dtype=torch.float32)
     if rows:
         _quantize_groups_kernel[(rows, triton.cdiv(groups, GROUPS_PER_PROGRAM))](
             x,
