@@ -64,11 +64,29 @@ LLAMA3_70B = LLAMA3_8B | {
     "num_attention_heads": 64,
     "num_key_value_heads": 8,
 }
+# Mixtral-8x7B: Llama-3-8B's attention layout with 8 experts of intermediate 14336
+# per layer, 2 routed per token (46.7B parameters, 12.9B active per token; ~93 GB in
+# bf16, so one H200 holds it with ~40 GB left for the KV cache).
+MIXTRAL_8X7B = LLAMA3_8B | {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "router_aux_loss_coef": 0.02,
+    "sliding_window": None,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 SHAPES = {
     "llama2-7b": LLAMA2_7B,
     "llama3-8b": LLAMA3_8B,
     "llama3-8b-131k": LLAMA3_8B_131K,
     "llama3-70b": LLAMA3_70B,
+    "mixtral-8x7b": MIXTRAL_8X7B,
 }
 
 
@@ -102,7 +120,11 @@ def synthetic_text(words: int, seed: int = 0) -> list[str]:
     return [" ".join(unique[i : i + 50]) for i in range(0, len(unique), 50)]
 
 
-def num_params(config: dict) -> int:
+def num_params(config: dict, active: bool = False) -> int:
+    """Parameters of the model; with ``active`` those one token uses (a mixture of
+    experts runs ``num_experts_per_tok`` of its ``num_local_experts`` MLPs): the
+    count behind compute floors (2 FLOPs per active parameter per token) and batch
+    1's bandwidth floor (each active weight read once per token)."""
     h, i, layers, v = (
         config["hidden_size"],
         config["intermediate_size"],
@@ -110,17 +132,31 @@ def num_params(config: dict) -> int:
         config["vocab_size"],
     )
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i
+    experts = config.get("num_local_experts", 0)
+    used = config.get("num_experts_per_tok", experts) if active else experts
+    mlp = 3 * h * i * used + h * experts if experts else 3 * h * i  # + the router
+    per_layer = h * (h + 2 * kv) + h * h + mlp
     return layers * per_layer + 2 * v * h
 
 
+def hf_config(config: dict):
+    """The transformers config of a benchmark shape (Llama or Mixtral), for the HF peer."""
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    return AutoConfig.for_model(config["model_type"], **fields)
+
+
 def weight_bytes(config: dict, quantization: str = "none") -> int:
-    """Bytes of weights read per decoded token (bf16; with ``quantization="fp8"``
-    the decoder's linear weights take one byte each, the embedding and LM head
-    stay bf16: docs/quantization.md)."""
+    """Bytes of weights read per decoded token at batch 1 (bf16; a mixture of
+    experts reads its routed experts only; with ``quantization="fp8"`` the
+    decoder's linear weights take one byte each, the embedding, LM head and
+    routers stay bf16: docs/quantization.md)."""
     embeddings = 2 * config["vocab_size"] * config["hidden_size"]
-    linear = num_params(config) - embeddings
-    return embeddings * 2 + linear * (1 if quantization == "fp8" else 2)
+    experts = config.get("num_local_experts", 0)
+    routers = config["num_hidden_layers"] * config["hidden_size"] * experts
+    linear = num_params(config, active=True) - embeddings - routers
+    return (embeddings + routers) * 2 + linear * (1 if quantization == "fp8" else 2)
 
 
 def roofline(device: torch.device) -> dict:

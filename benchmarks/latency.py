@@ -22,6 +22,7 @@ from benchmarks.common import (
     add_engine_arguments,
     engine_options,
     environment,
+    hf_config,
     model_dir,
     roofline,
     serve_other_ranks,
@@ -46,9 +47,9 @@ async def run_mii(
 
 
 def run_hf(config: dict, prompt_ids: list[int], new_tokens: int) -> dict:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures",)})
+    cfg = hf_config(config)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     ids = torch.tensor([prompt_ids], device="cuda")

@@ -25,6 +25,7 @@ from benchmarks.common import (
     add_engine_arguments,
     engine_options,
     environment,
+    hf_config,
     model_dir,
     num_params,
     roofline,
@@ -71,9 +72,9 @@ async def run_mii(path: str, prompts: list[list[int]], out_len: int, options: di
 
 
 def run_hf(config: dict, prompts: list[list[int]], out_len: int) -> dict:
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
+    cfg = hf_config(config)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     gen = GenerationConfig(
@@ -124,7 +125,8 @@ def main() -> None:
     result["roofline"] = roofline(torch.device("cuda"))
     tokens = result["workload"]["prompt_tokens"] + args.num_requests * args.output_len
     if result["roofline"]:
-        floor = 2 * num_params(config) * tokens / (result["roofline"]["matmul_bf16_tflops"] * 1e12)
+        flops = 2 * num_params(config, active=True) * tokens  # a MoE counts its routed experts
+        floor = flops / (result["roofline"]["matmul_bf16_tflops"] * 1e12)
         result["compute_floor_s"] = round(floor, 2)
     options = {
         name: value

@@ -2,6 +2,7 @@
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
 #   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [structured] [structured-sync] [serving] [serving-budget B S] [serving-http] [tp2-latency] [tp2-w1] [tp2-tests]
 #   fp8 weights (issue 20): [latency-fp8w] [w1-fp8w] [gemv-fp8] [gemv-fp8-sweep] [moe-fp8] [latency-70b-fp8w] [w1-70b-fp8w] [tests-fp8]
+#   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
@@ -62,6 +63,11 @@ while [ $# -gt 0 ]; do
     latency-70b-fp8w) python3 benchmarks/latency.py --model llama3-70b --quantization fp8 --json "$OUT/latency_70b_fp8w.json" > "$OUT/latency_70b_fp8w.log" 2>&1; tail -30 "$OUT/latency_70b_fp8w.log" ;;
     w1-70b-fp8w) python3 benchmarks/throughput.py --model llama3-70b --quantization fp8 --json "$OUT/w1_70b_fp8w.json" > "$OUT/w1_70b_fp8w.log" 2>&1; tail -30 "$OUT/w1_70b_fp8w.log" ;;
     tests-fp8) python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_kernels_gpu.py tests/test_triton_gemv_fp8.py tests/test_triton_moe_fp8.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -25 ;;
+    # Mixtral-8x7B shape (issue 20): batch 1 and the 128-request W1 workload, bf16 and fp8 weights.
+    latency-mixtral) python3 benchmarks/latency.py --model mixtral-8x7b --json "$OUT/latency_mixtral.json" > "$OUT/latency_mixtral.log" 2>&1; tail -30 "$OUT/latency_mixtral.log" ;;
+    w1-mixtral) python3 benchmarks/throughput.py --model mixtral-8x7b --num-requests 128 --json "$OUT/w1_mixtral.json" > "$OUT/w1_mixtral.log" 2>&1; tail -30 "$OUT/w1_mixtral.log" ;;
+    latency-mixtral-fp8w) python3 benchmarks/latency.py --model mixtral-8x7b --quantization fp8 --json "$OUT/latency_mixtral_fp8w.json" > "$OUT/latency_mixtral_fp8w.log" 2>&1; tail -30 "$OUT/latency_mixtral_fp8w.log" ;;
+    w1-mixtral-fp8w) python3 benchmarks/throughput.py --model mixtral-8x7b --quantization fp8 --num-requests 128 --json "$OUT/w1_mixtral_fp8w.json" > "$OUT/w1_mixtral_fp8w.log" 2>&1; tail -30 "$OUT/w1_mixtral_fp8w.log" ;;
     w1) python3 benchmarks/throughput.py --hf --json "$OUT/w1.json" > "$OUT/w1.log" 2>&1; tail -40 "$OUT/w1.log" ;;
   esac
   shift
