@@ -50,6 +50,17 @@ def candidates() -> list:
     )
 
 
+def bf16_candidates() -> list:
+    """Tile settings for bf16 experts (``--bf16-sweep``: the defaults came from an H100)."""
+    return list(dict.fromkeys(t._replace(a_groups=False, fp8_dot=True) for t in candidates()))
+
+
+def _top(sweep: dict, count: int = 5) -> list:
+    """The ``count`` fastest settings of a sweep: [[microseconds, tiles], ...]."""
+    ranked = sorted(sweep.items(), key=lambda item: item[1])[:count]
+    return [[round(s * 1e6, 1), list(tiles)] for tiles, s in ranked]
+
+
 def main() -> None:
     from mii.models.moe import SparseMoE
     from mii.models.weight_quant import fp8_weights
@@ -59,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
     parser.add_argument("--no-sweep", action="store_true", help="default tiles only")
+    parser.add_argument("--bf16-sweep", action="store_true", help="sweep bf16 experts' tiles too")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -98,6 +110,12 @@ def main() -> None:
                     sweep[tiles] = bench_graph(lambda tiles=tiles: fp8(tiles))
                 except Exception as err:  # a setting this GPU cannot launch
                     print(f"tokens {tokens} {tiles}: {type(err).__name__}")
+            bf16_sweep = {}
+            for tiles in bf16_candidates() if args.bf16_sweep else []:
+                try:
+                    bf16_sweep[tiles] = bench_graph(lambda tiles=tiles: bf16(tiles))
+                except Exception as err:
+                    print(f"tokens {tokens} bf16 {tiles}: {type(err).__name__}")
         best = min(sweep, key=sweep.get)
         used = chosen.unique().numel()
         params = used * 3 * HIDDEN * INTER
@@ -114,12 +132,16 @@ def main() -> None:
             "fp8_vs_bf16_relative_error": round(error.item(), 4),
             "fp8_best_tiles": list(best),
             "fp8_best_us": round(sweep[best] * 1e6, 1),
+            "fp8_top5": _top(sweep),
         }
+        if bf16_sweep:
+            row["bf16_top5"] = _top(bf16_sweep)
         rows.append(row)
         print(
             f"tokens {tokens:5d}  bf16 {row['bf16_us']:8.1f} us  fp8 {row['fp8_us']:8.1f} us "
             f"({row['fp8_weight_fraction_of_copy']:.0%} of copy bw)  best fp8 "
-            f"{row['fp8_best_us']} us {row['fp8_best_tiles']}",
+            f"{row['fp8_best_us']} us {row['fp8_best_tiles']}"
+            + (f"  best bf16 {row['bf16_top5'][0]}" if bf16_sweep else ""),
             flush=True,
         )
     result["rows"] = rows

@@ -59,7 +59,7 @@ while [ $# -gt 0 ]; do
     w1-fp8w) python3 benchmarks/throughput.py --quantization fp8 --json "$OUT/w1_fp8w.json" > "$OUT/w1_fp8w.log" 2>&1; tail -30 "$OUT/w1_fp8w.log" ;;
     gemv-fp8) python3 benchmarks/gemv_sweep.py --fp8 --rows 1 4 16 64 --json "$OUT/gemv_fp8.json" > "$OUT/gemv_fp8.log" 2>&1; grep "M=" "$OUT/gemv_fp8.log" || tail -30 "$OUT/gemv_fp8.log" ;;
     gemv-fp8-sweep) python3 benchmarks/gemv_sweep.py --fp8 --fp8-sweep --rows 1 16 --json "$OUT/gemv_fp8_sweep.json" > "$OUT/gemv_fp8_sweep.log" 2>&1; grep "M=" "$OUT/gemv_fp8_sweep.log" || tail -30 "$OUT/gemv_fp8_sweep.log" ;;
-    moe-fp8) python3 benchmarks/moe_fp8.py --json "$OUT/moe_fp8.json" > "$OUT/moe_fp8.log" 2>&1; grep "^tokens" "$OUT/moe_fp8.log" || tail -30 "$OUT/moe_fp8.log" ;;
+    moe-fp8) python3 benchmarks/moe_fp8.py --bf16-sweep --json "$OUT/moe_fp8.json" > "$OUT/moe_fp8.log" 2>&1; grep "^tokens" "$OUT/moe_fp8.log" || tail -30 "$OUT/moe_fp8.log" ;;
     latency-70b-fp8w) python3 benchmarks/latency.py --model llama3-70b --quantization fp8 --json "$OUT/latency_70b_fp8w.json" > "$OUT/latency_70b_fp8w.log" 2>&1; tail -30 "$OUT/latency_70b_fp8w.log" ;;
     w1-70b-fp8w) python3 benchmarks/throughput.py --model llama3-70b --quantization fp8 --json "$OUT/w1_70b_fp8w.json" > "$OUT/w1_70b_fp8w.log" 2>&1; tail -30 "$OUT/w1_70b_fp8w.log" ;;
     tests-fp8) python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_kernels_gpu.py tests/test_triton_gemv_fp8.py tests/test_triton_moe_fp8.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -25 ;;

@@ -96,7 +96,37 @@ def test_narrow_weights_split_k_by_default():
     assert _split_k(DEFAULT_CONFIG, 1, 8192, cpu) == 2  # each split >= 4096 columns
     gen = torch.Generator().manual_seed(9)
     x, w = torch.randn(2, 8192, generator=gen), torch.randn(128, 8192, generator=gen)
-    out = skinny_linear(x.to(DEVICE), w.to(DEVICE))  # 2 bands: K split 2 ways
+    out = skinny_linear(x.to(DEVICE), w.to(DEVICE), config=DEFAULT_CONFIG)  # K split 2 ways
+    torch.testing.assert_close(out.cpu(), F.linear(x, w), rtol=1e-4, atol=2e-3)
+
+
+def test_launch_by_weight_shape(monkeypatch):
+    """``bf16_config_for`` on an H200's 132 multiprocessors, Llama-2-7B's projections
+    at batch 1: 32-row bands where 64-row ones are fewer than two per multiprocessor
+    (the H200 sweep's best, docs/performance.md), the default elsewhere."""
+    import mii.ops.triton_gemv as gemv
+
+    monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert gemv.bf16_config_for(1, 12288, cpu) == gemv.NARROW_MANY_BANDS_CONFIG  # qkv
+    assert gemv.bf16_config_for(16, 4096, cpu) == gemv.NARROW_CONFIG  # o, down
+    assert gemv.bf16_config_for(1, 22016, cpu) == gemv.DEFAULT_CONFIG  # gate_up
+    assert gemv.bf16_config_for(1, 32000, cpu) == gemv.DEFAULT_CONFIG  # lm_head
+    assert gemv.bf16_config_for(MAX_ROWS + 1, 4096, cpu) == gemv.WIDE_CONFIG
+    assert gemv._split_k(gemv.NARROW_CONFIG, 4096 // 32, 11008, cpu) == 1  # never split
+
+
+@pytest.mark.parametrize("n", [70, 300])
+def test_narrow_launches_on_ragged_shapes(monkeypatch, n):
+    """The 32-row launches (both slice widths) on N and K off their tiles."""
+    import mii.ops.triton_gemv as gemv
+
+    monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 4)
+    gen = torch.Generator().manual_seed(n)
+    x, w = torch.randn(3, 520, generator=gen), torch.randn(n, 520, generator=gen)
+    expected_config = gemv.NARROW_CONFIG if n == 70 else gemv.NARROW_MANY_BANDS_CONFIG
+    assert gemv.bf16_config_for(3, n, torch.device(DEVICE)) == expected_config
+    out = skinny_linear(x.to(DEVICE), w.to(DEVICE))
     torch.testing.assert_close(out.cpu(), F.linear(x, w), rtol=1e-4, atol=2e-3)
 
 
@@ -159,7 +189,8 @@ def test_engine_with_skinny_linear_matches_hf(checkpoints, tokenizer, monkeypatc
     splits_seen = []
     if split:
         monkeypatch.setattr(gemv, "MIN_K_PER_SPLIT", 16)
-        monkeypatch.setattr(gemv, "DEFAULT_CONFIG", GemvConfig(32, 32, num_stages=2))
+        for name in ("DEFAULT_CONFIG", "NARROW_CONFIG", "NARROW_MANY_BANDS_CONFIG"):
+            monkeypatch.setattr(gemv, name, GemvConfig(32, 32, num_stages=2))
         original = gemv._split_k
         monkeypatch.setattr(
             gemv, "_split_k", lambda *a: splits_seen.append(original(*a)) or splits_seen[-1]

@@ -252,19 +252,47 @@ DEFAULT_CONFIG = GemvConfig(64, 128, num_warps=4, num_stages=6)
 # many 64-row bands (gate_up, 344): 64 x 256, 3 stages (3 programs per SM), 31.1 us;
 # fewer bands than two per SM (qkv, 192): 128 x 256, 8 warps, 19.8 us; bands that
 # split K (o, down: 4 ways): 64 x 256, 4 stages, 10.8 / 19.9 us (`fp8_config_for`).
-FP8_DEFAULT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=3, fp8_dot=True)
-FP8_FEW_BANDS_CONFIG = GemvConfig(128, 256, num_warps=8, num_stages=4, split_k=1, fp8_dot=True)
-FP8_SPLIT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=4, fp8_dot=True)
+# x quantized by a launch of its own (x_groups), both launches timed (gemv_sweep --fp8,
+# H200, 2026-12-03, 792186b, 1 row): qkv 18.7 vs 20.0 us in the loop, gate_up 28.8 vs
+# 30.5, down 18.4 vs 19.4, o 10.8 vs 10.6; the weight loop then holds no reductions.
+FP8_DEFAULT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=3, fp8_dot=True, x_groups=True)
+FP8_FEW_BANDS_CONFIG = GemvConfig(
+    128, 256, num_warps=8, num_stages=4, split_k=1, fp8_dot=True, x_groups=True
+)
+FP8_SPLIT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=4, fp8_dot=True, x_groups=True)
 # Past 16 rows (not routed here yet; a first guess for the sweep to beat).
 WIDE_CONFIG = GemvConfig(128, 64, num_warps=4, num_stages=3, block_m=64)
 
 
+# 16-bit weights with fewer 64-row bands than two per multiprocessor (Llama-2-7B's
+# qkv, o and down on an H200): 32-row bands, K unsplit. gemv_sweep (H200, 2026-12-03,
+# 792186b, 1 row): o 11.4 vs 13.1 us, qkv 30.4 vs 31.9, down 26.9 vs 27.5 us for
+# DEFAULT_CONFIG (the H100's choice; split-K 2 came second on o and down); 256-column
+# slices where the 32-row bands are few (o, down), 128 where they are many (qkv).
+NARROW_CONFIG = GemvConfig(32, 256, num_warps=4, num_stages=6, split_k=1)
+NARROW_MANY_BANDS_CONFIG = GemvConfig(32, 128, num_warps=4, num_stages=6, split_k=1)
+
+
 def config_for(rows: int, fp8: bool = False) -> GemvConfig:
     """The launch for a batch of ``rows`` (of float8 weights with ``fp8``; the
-    shape-aware choice for those is ``fp8_config_for``)."""
+    shape-aware choices are ``fp8_config_for`` and ``bf16_config_for``)."""
     if rows > MAX_ROWS:
         return WIDE_CONFIG
     return FP8_DEFAULT_CONFIG if fp8 else DEFAULT_CONFIG
+
+
+def bf16_config_for(rows: int, n: int, device: torch.device) -> GemvConfig:
+    """The 16/32-bit launch for ``rows`` of x and ``n`` output channels on ``device``:
+    32-row bands where 64-row ones would leave multiprocessors with fewer than two,
+    else ``config_for`` (the sweep behind it: NARROW_CONFIG)."""
+    if rows > MAX_ROWS:
+        return WIDE_CONFIG
+    twice_the_sms = 2 * triton_limits.multiprocessors(device)
+    if triton.cdiv(n, DEFAULT_CONFIG.block_n) > twice_the_sms:
+        return DEFAULT_CONFIG
+    if triton.cdiv(n, NARROW_CONFIG.block_n) > twice_the_sms:
+        return NARROW_MANY_BANDS_CONFIG
+    return NARROW_CONFIG
 
 
 def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfig:
@@ -336,7 +364,8 @@ def skinny_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x of shape [M, K] (tuned for M <= ``MAX_ROWS``)."""
     _check(x, weight, bias, "skinny_linear")
-    return _launch(x, weight, None, bias, config or config_for(x.shape[0]))
+    config = config or bf16_config_for(x.shape[0], weight.shape[0], x.device)
+    return _launch(x, weight, None, bias, config)
 
 
 def skinny_linear_fp8(

@@ -158,14 +158,14 @@ def default_tiles(num_pairs: int, fp8: bool = False) -> TileConfig:
     (Mixtral-8x7B layer, bf16, 2026-11-25): small row blocks while the launch is
     bound by reading the weights, wide ones for prompts (more reuse per tile).
     Float8 experts (``fp8``), from ``benchmarks/moe_fp8.py`` on an H200 (2026-12-03,
-    5c1c893): float8 products up to 512 pairs (1 / 16 / 128 tokens: 210 / 468 / 721
-    us, bf16 experts 245 / 649 / 781 us); past that, 16-bit products on 128 x 128
-    tiles (1,024 tokens: 2.33 ms; float8 products requantize every row block's
-    activations once per column block there: 5.0 ms; bf16 experts 1.92 ms)."""
-    if fp8 and num_pairs > 512:
-        return TileConfig(128, 128, 64, num_warps=8, num_stages=3, fp8_dot=False)
-    if fp8 and 8 < num_pairs <= 64:
-        return TileConfig(16, 64, 128, num_warps=4, num_stages=3)
+    792186b, 30 settings): float8 products with the activations quantized once per
+    GEMM (``a_groups``) won at every size; 1 / 16 tokens on 16 x 64 x 512 tiles: 173 /
+    403 us (bf16 experts 244 / 712 us); 128 / 1,024 / 4,096 tokens on 64 x 128 x 128:
+    485 us / 1.63 ms / 5.68 ms (bf16 782 us / 1.95 ms / 6.33 ms)."""
+    if fp8 and num_pairs <= 64:
+        return TileConfig(16, 64, 512, num_warps=4, num_stages=3, a_groups=True)
+    if fp8:
+        return TileConfig(64, 128, 128, num_warps=8, num_stages=3, a_groups=True)
     if num_pairs <= 8:  # 1-4 tokens
         return TileConfig(16, 64, 128)
     if num_pairs <= 64:  # best at 16 tokens: 1.03 ms vs 1.05 ms
