@@ -95,11 +95,22 @@ def main() -> None:
             weights, chosen = moe.route(x)
 
             def bf16(tiles=None, x=x, weights=weights, chosen=chosen):
-                return moe_grouped_mlp(x, w13_bf16, w2_bf16, weights, chosen, moe.act, tiles)
+                return moe_grouped_mlp(
+                    x, w13_bf16, w2_bf16, weights, chosen, moe.act, tiles, fused_activation="silu"
+                )
 
             def fp8(tiles=None, x=x, weights=weights, chosen=chosen):
                 return moe_grouped_mlp(
-                    x, moe.w13, moe.w2, weights, chosen, moe.act, tiles, moe.w13_scale, moe.w2_scale
+                    x,
+                    moe.w13,
+                    moe.w2,
+                    weights,
+                    chosen,
+                    moe.act,
+                    tiles,
+                    moe.w13_scale,
+                    moe.w2_scale,
+                    fused_activation="silu",
                 )
 
             error = (fp8().float() - bf16().float()).norm() / bf16().float().norm()

@@ -8,7 +8,7 @@ import torch
 
 from mii.models.moe import grouped_kernel_enabled
 from mii.ops.dispatch import fused_kernels_enabled
-from mii.ops.triton_moe import align_by_expert, moe_grouped_mlp
+from mii.ops.triton_moe import align_by_expert, align_by_expert_torch, moe_grouped_mlp
 from test_family_mixtral import (
     CHECKPOINTS,
     TIGHT_OPTIONS,
@@ -46,6 +46,47 @@ def test_layout_groups_every_pair_by_expert(tokens, top_k, num_experts, block_m)
             assert rows.numel() == 0
         else:
             assert rows.numel() > 0 and (flat[rows.long()] == expert).all()
+
+
+@pytest.mark.parametrize(
+    ("tokens", "top_k", "num_experts", "block_m", "skew"),
+    [
+        (1, 2, 8, 16, None),
+        (3, 1, 3, 16, None),  # experts not a power of two; some empty
+        (1500, 2, 8, 128, None),  # 3,000 pairs: several chunks of the kernel's loops
+        (700, 4, 60, 16, None),  # many experts: narrower chunks
+        (900, 2, 8, 64, 5),  # every pair on one expert, the others empty
+        (0, 2, 8, 16, None),  # an empty batch
+    ],
+)
+def test_one_launch_layout_equals_the_torch_one(tokens, top_k, num_experts, block_m, skew):
+    """The alignment kernel gives exactly the torch operations' layout (pair order
+    kept within each expert, the same padding and block owners)."""
+    generator = torch.Generator().manual_seed(tokens + num_experts)
+    if skew is None:
+        scores = torch.rand(tokens, num_experts, generator=generator)
+        experts = scores.topk(top_k, dim=-1).indices
+    else:
+        experts = torch.full((tokens, top_k), skew, dtype=torch.long)
+    experts = experts.to(DEVICE)
+    got = align_by_expert(experts, num_experts, block_m)
+    expected = align_by_expert_torch(experts, num_experts, block_m)
+    for got_part, expected_part in zip(got, expected, strict=True):
+        assert got_part.dtype == expected_part.dtype == torch.int32
+        assert torch.equal(got_part.cpu(), expected_part.cpu())
+
+
+def test_layout_of_host_tensors_without_the_interpreter(monkeypatch):
+    """A CPU tensor on a machine that compiles Triton for its GPU (not interpreted):
+    the torch operations lay it out (the kernel could not read it)."""
+    import mii.ops.triton_moe as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    monkeypatch.setattr(kernels, "_align_kernel", None)  # any launch would fail
+    experts = torch.tensor([[1, 0], [1, 1]])
+    pairs, blocks = align_by_expert(experts, 2, 16)
+    assert pairs[:2].tolist() == [1, 4] and pairs[16:19].tolist() == [0, 2, 3]
+    assert blocks.tolist()[:2] == [0, 1]
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -88,6 +129,25 @@ def test_grouped_mlp_in_bfloat16():
     assert (got.float() - expected).abs().max() < 0.03 * scale
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_activation_gives_the_same_numbers(dtype):
+    """``fused_activation``: act(gate) * up in one launch of the fused kernel, the
+    same values as the activation's torch function (bit-equal in bf16 here: both
+    round the activation, then the product, to the dtype)."""
+    moe = random_moe(True, hidden_size=64, intermediate_size=48).to(DEVICE).to(dtype)
+    x = torch.randn(13, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE).to(dtype)
+    with torch.no_grad():
+        weights, experts = moe.route(x)
+        plain = moe_grouped_mlp(x, moe.w13, moe.w2, weights, experts, moe.act)
+        fused = moe_grouped_mlp(
+            x, moe.w13, moe.w2, weights, experts, moe.act, fused_activation="silu"
+        )
+    if dtype == torch.bfloat16:
+        assert torch.equal(fused, plain)
+    else:  # the kernel's exp is not torch's: float32's defaults, as act_and_mul's own test
+        torch.testing.assert_close(fused, plain)
+
+
 def test_layer_uses_kernel_when_asked(monkeypatch):
     moe = random_moe(True).to(DEVICE)
     x = torch.randn(11, 16, generator=torch.Generator().manual_seed(6)).to(DEVICE)
@@ -95,7 +155,9 @@ def test_layer_uses_kernel_when_asked(monkeypatch):
     import mii.ops.triton_moe as kernels
 
     original = kernels.moe_grouped_mlp
-    monkeypatch.setattr(kernels, "moe_grouped_mlp", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(
+        kernels, "moe_grouped_mlp", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     with torch.no_grad():
         monkeypatch.setenv("MII_MOE", "torch")
         looped = moe(x)

@@ -47,7 +47,12 @@ from mii.models.weight_quant import (
     scale_parameter,
     scale_shards,
 )
-from mii.ops.dispatch import fp8_triton_supported, triton_chosen
+from mii.ops.dispatch import (
+    FUSED_ACTIVATIONS,
+    fp8_triton_supported,
+    fused_kernels_enabled,
+    triton_chosen,
+)
 from mii.ops.fp8_linear import dequantize_rows
 
 
@@ -135,6 +140,7 @@ class SparseMoE(nn.Module):
         self.full_intermediate_size = intermediate_size
         self.intermediate_size = divide(intermediate_size, tp_world_size(), "moe intermediate size")
         self.act = activation(act)
+        self.act_name = act
         # The router is small and replicated on every rank.
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         # Stacked expert weights, this rank's slice of I (see the module docstring).
@@ -292,6 +298,8 @@ class SparseMoE(nn.Module):
         if grouped_kernel_enabled(x.device):
             from mii.ops.triton_moe import moe_grouped_mlp
 
+            fused = self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(x.device)
+            fused_activation = self.act_name if fused else None
             if self.fp8 and fp8_triton_supported(x.device):  # float8 read in the kernel
                 out = moe_grouped_mlp(
                     x,
@@ -302,10 +310,13 @@ class SparseMoE(nn.Module):
                     self.act,
                     w13_scale=self.w13_scale,
                     w2_scale=self.w2_scale,
+                    fused_activation=fused_activation,
                 )
                 return all_reduce(out)
             w13, w2 = self.expert_weights(x.dtype)
-            out = moe_grouped_mlp(x, w13, w2, weights, experts, self.act)
+            out = moe_grouped_mlp(
+                x, w13, w2, weights, experts, self.act, fused_activation=fused_activation
+            )
             return all_reduce(out)
         return all_reduce(self.forward_torch(x, weights, experts))
 

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from mii.ops import triton_limits as limits
+from mii.ops import triton_pdl
 from mii.ops.dispatch import INTERPRETED
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
 
@@ -191,20 +192,108 @@ def stages_that_fit(
     return limits.stages_that_fit(tiles.num_stages, per_stage, device)
 
 
+@triton.jit
+def _align_kernel(
+    Experts,
+    SortedPairs,
+    BlockExpert,
+    num_pairs,
+    capacity,
+    num_blocks,
+    NUM_EXPERTS: tl.constexpr,
+    EXPERTS_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """``align_by_expert`` in one program: count each expert's pairs, pad the runs
+    to BLOCK_M, then place each pair at its expert's next slot in pair order (a
+    stable sort), and name each row block's expert. Chunks of CHUNK pairs carry
+    the per-expert running counts from one to the next."""
+    triton_pdl.wait_for_predecessor(PDL)
+    ids = tl.arange(0, EXPERTS_P2)
+    counts = tl.zeros([EXPERTS_P2], tl.int32)
+    for first in range(0, num_pairs, CHUNK):
+        offs = first + tl.arange(0, CHUNK)
+        expert = tl.load(Experts + offs, mask=offs < num_pairs, other=-1)
+        counts += tl.sum((expert[:, None] == ids[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    group_start = padded_end - padded
+    for first in range(0, capacity, CHUNK):  # padding rows point past the pairs
+        offs = first + tl.arange(0, CHUNK)
+        past = tl.full([CHUNK], 0, tl.int32) + num_pairs
+        tl.store(SortedPairs + offs, past, mask=offs < capacity)
+    tl.debug_barrier()  # the fill lands before the pairs overwrite their slots
+    placed = tl.zeros([EXPERTS_P2], tl.int32)
+    for first in range(0, num_pairs, CHUNK):
+        offs = first + tl.arange(0, CHUNK)
+        expert = tl.load(Experts + offs, mask=offs < num_pairs, other=-1)
+        onehot = (expert[:, None] == ids[None, :]).to(tl.int32)  # [CHUNK, experts]
+        earlier = tl.cumsum(onehot, axis=0) - onehot  # same-expert pairs before, this chunk
+        slot = tl.sum(onehot * (earlier + (group_start + placed)[None, :]), axis=1)
+        tl.store(SortedPairs + slot, offs, mask=offs < num_pairs)
+        placed += tl.sum(onehot, axis=0)
+    real = (ids < NUM_EXPERTS)[None, :]
+    for first in range(0, num_blocks, CHUNK):
+        blocks = first + tl.arange(0, CHUNK)
+        # the block's expert: how many experts' padded runs end at or before its first row
+        ended = (padded_end[None, :] <= (blocks * BLOCK_M)[:, None]) & real
+        owner = tl.sum(ended.to(tl.int32), axis=1)
+        owner = tl.where(owner < NUM_EXPERTS, owner, -1)
+        tl.store(BlockExpert + blocks, owner, mask=blocks < num_blocks)
+
+
 def align_by_expert(
     experts: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """experts [T, k] -> (sorted_pairs [M], block_expert [M // block_m]), on the device.
 
     ``sorted_pairs`` lists the flat pair indices (token * k + slot) grouped by
-    expert, each group padded with ``T * k`` to a multiple of ``block_m``;
-    ``block_expert`` names the expert of every row block, -1 past the end.
-    ``M`` depends only on the shapes: ``T * k`` plus the worst-case padding.
+    expert (pair order kept within an expert), each group padded with ``T * k``
+    to a multiple of ``block_m``; ``block_expert`` names the expert of every row
+    block, -1 past the end. ``M`` depends only on the shapes: ``T * k`` plus the
+    worst-case padding. One launch (``align_by_expert_torch`` took ~25 small torch
+    ops, which at decode batch sizes cost more than the expert weights' reading).
     """
     flat = experts.reshape(-1)
+    if flat.device.type != "cuda" and not INTERPRETED:  # Triton cannot read it there
+        return align_by_expert_torch(experts, num_experts, block_m)
     num_pairs = flat.numel()
+    capacity = _capacity(num_pairs, num_experts, block_m)
+    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=flat.device)
+    experts_p2 = triton.next_power_of_2(num_experts)
+    _align_kernel[(1,)](
+        flat,
+        sorted_pairs,
+        block_expert,
+        num_pairs,
+        capacity,
+        capacity // block_m,
+        NUM_EXPERTS=num_experts,
+        EXPERTS_P2=experts_p2,
+        BLOCK_M=block_m,
+        CHUNK=max(16, min(1024, 8192 // experts_p2)),  # a [CHUNK, experts] one-hot
+        **triton_pdl.launch_options(flat.device),
+        num_warps=4,
+    )
+    return sorted_pairs, block_expert
+
+
+def _capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Rows of the padded layout: every pair, plus up to block_m - 1 per non-empty expert."""
     groups = min(num_experts, num_pairs)  # at most this many experts are non-empty
-    capacity = triton.cdiv(num_pairs + groups * (block_m - 1), block_m) * block_m
+    return triton.cdiv(num_pairs + groups * (block_m - 1), block_m) * block_m
+
+
+def align_by_expert_torch(
+    experts: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``align_by_expert`` in torch operations (the reference of its kernel)."""
+    flat = experts.reshape(-1)
+    num_pairs = flat.numel()
+    capacity = _capacity(num_pairs, num_experts, block_m)
     order = torch.argsort(flat, stable=True)
     # scatter_add, not bincount: bincount reads the maximum on the host.
     counts = torch.zeros(num_experts, dtype=flat.dtype, device=flat.device)
@@ -312,11 +401,14 @@ def moe_grouped_mlp(
     tiles: TileConfig | None = None,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    fused_activation: str | None = None,
 ) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], routing weights/experts [T, k] -> [T, H]:
     ``sum_k weights[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = experts[t, k]``.
     Float8 e4m3 experts come with their scales, ``w13_scale`` [E, 2I] and
-    ``w2_scale`` [E, H] (float32, per expert and output channel)."""
+    ``w2_scale`` [E, H] (float32, per expert and output channel). With
+    ``fused_activation`` (a name in ``ops.fused_elementwise.FUSED_ACTIVATIONS``),
+    ``act(gate) * up`` is one launch of the fused kernel, the same numbers as ``act``."""
     tokens, top_k = experts.shape
     num_pairs = tokens * top_k
     tiles = tiles or default_tiles(num_pairs, fp8=w13_scale is not None)
@@ -324,8 +416,13 @@ def moe_grouped_mlp(
     hidden = grouped_gemm(
         x, w13, sorted_pairs, block_expert, num_pairs, top_k, tiles, None, w13_scale
     )
-    gate, up = hidden.chunk(2, dim=-1)
-    inner = (act(gate) * up).contiguous()
+    if fused_activation is not None:
+        from mii.ops.fused_elementwise import act_and_mul
+
+        inner = act_and_mul(hidden, fused_activation)
+    else:
+        gate, up = hidden.chunk(2, dim=-1)
+        inner = (act(gate) * up).contiguous()
     out = grouped_gemm(
         inner, w2, sorted_pairs, block_expert, num_pairs, 1, tiles, weights.reshape(-1), w2_scale
     )
