@@ -3,7 +3,8 @@ layer (H 4096, I 14336, 8 experts, top 2): bf16 experts against float8 e4m3
 experts (per expert and output channel scales; float8 products by default), at
 several token counts, with a sweep of tile settings for the float8 kernel.
 
-    python benchmarks/moe_fp8.py [--tokens 1 16 128 1024 4096] [--no-sweep] [--json out.json]
+    python benchmarks/moe_fp8.py [--tokens 1 16 128 1024 4096] [--no-sweep] [--bf16-sweep]
+        [--routing] [--json out.json]
 
 Reports microseconds, the expert-weight bytes read over the copy bandwidth (few
 tokens: each chosen expert's weights once, 2 bytes a weight in bf16, 1 in fp8)
@@ -14,6 +15,7 @@ MLP (routing layout, both grouped GEMMs, the activation), as decode runs it.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -71,6 +73,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 4096])
     parser.add_argument("--no-sweep", action="store_true", help="default tiles only")
     parser.add_argument("--bf16-sweep", action="store_true", help="sweep bf16 experts' tiles too")
+    parser.add_argument(
+        "--routing",
+        action="store_true",
+        help="time the whole layer with MII_MOE_ROUTING=torch and =fused",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -88,6 +95,7 @@ def main() -> None:
                 weight[e], scale[e] = quantize_rows(w)
     w13_bf16 = dequantize_rows(moe.w13, moe.w13_scale, torch.bfloat16)
     w2_bf16 = dequantize_rows(moe.w2, moe.w2_scale, torch.bfloat16)
+    routing_default = os.environ.get("MII_MOE_ROUTING", "torch")
     rows = []
     for tokens in args.tokens:
         x = torch.randn(tokens, HIDDEN, device=device, dtype=torch.bfloat16)
@@ -127,6 +135,12 @@ def main() -> None:
                     bf16_sweep[tiles] = bench_graph(lambda tiles=tiles: bf16(tiles))
                 except Exception as err:
                     print(f"tokens {tokens} bf16 {tiles}: {type(err).__name__}")
+            layer = {}
+            for fused_routing in (False, True) if args.routing else ():
+                # The whole layer (router GEMV, routing, layout, experts), both ways.
+                os.environ["MII_MOE_ROUTING"] = "fused" if fused_routing else "torch"
+                layer[fused_routing] = bench_graph(lambda x=x: moe(x))
+            os.environ["MII_MOE_ROUTING"] = routing_default
         best = min(sweep, key=sweep.get)
         used = chosen.unique().numel()
         params = used * 3 * HIDDEN * INTER
@@ -147,12 +161,21 @@ def main() -> None:
         }
         if bf16_sweep:
             row["bf16_top5"] = _top(bf16_sweep)
+        if layer:
+            row["fp8_layer_us"] = round(layer[False] * 1e6, 1)
+            row["fp8_layer_fused_routing_us"] = round(layer[True] * 1e6, 1)
         rows.append(row)
         print(
             f"tokens {tokens:5d}  bf16 {row['bf16_us']:8.1f} us  fp8 {row['fp8_us']:8.1f} us "
             f"({row['fp8_weight_fraction_of_copy']:.0%} of copy bw)  best fp8 "
             f"{row['fp8_best_us']} us {row['fp8_best_tiles']}"
-            + (f"  best bf16 {row['bf16_top5'][0]}" if bf16_sweep else ""),
+            + (f"  best bf16 {row['bf16_top5'][0]}" if bf16_sweep else "")
+            + (
+                f"  layer {row['fp8_layer_us']} us, fused routing "
+                f"{row['fp8_layer_fused_routing_us']} us"
+                if layer
+                else ""
+            ),
             flush=True,
         )
     result["rows"] = rows

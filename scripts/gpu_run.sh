@@ -2,7 +2,7 @@
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
 #   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [structured] [structured-sync] [serving] [serving-budget B S] [serving-http] [tp2-latency] [tp2-w1] [tp2-tests]
 #   fp8 weights (issue 20): [latency-fp8w] [w1-fp8w] [gemv-fp8] [gemv-fp8-sweep] [moe-fp8] [latency-70b-fp8w] [w1-70b-fp8w] [tests-fp8]
-#   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w]
+#   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w] [moe-routing] [latency-mixtral-fused-routing]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
@@ -59,6 +59,8 @@ while [ $# -gt 0 ]; do
     w1-fp8w) python3 benchmarks/throughput.py --quantization fp8 --json "$OUT/w1_fp8w.json" > "$OUT/w1_fp8w.log" 2>&1; tail -30 "$OUT/w1_fp8w.log" ;;
     gemv-fp8) python3 benchmarks/gemv_sweep.py --fp8 --rows 1 4 16 64 --json "$OUT/gemv_fp8.json" > "$OUT/gemv_fp8.log" 2>&1; grep "M=" "$OUT/gemv_fp8.log" || tail -30 "$OUT/gemv_fp8.log" ;;
     gemv-fp8-sweep) python3 benchmarks/gemv_sweep.py --fp8 --fp8-sweep --rows 1 16 --json "$OUT/gemv_fp8_sweep.json" > "$OUT/gemv_fp8_sweep.log" 2>&1; grep "M=" "$OUT/gemv_fp8_sweep.log" || tail -30 "$OUT/gemv_fp8_sweep.log" ;;
+    moe-routing) python3 benchmarks/moe_fp8.py --no-sweep --routing --json "$OUT/moe_routing.json" > "$OUT/moe_routing.log" 2>&1; grep "^tokens" "$OUT/moe_routing.log" || tail -30 "$OUT/moe_routing.log" ;;
+    latency-mixtral-fused-routing) MII_MOE_ROUTING=fused python3 benchmarks/latency.py --model mixtral-8x7b --json "$OUT/latency_mixtral_fr.json" > "$OUT/latency_mixtral_fr.log" 2>&1; tail -12 "$OUT/latency_mixtral_fr.log" ;;
     moe-fp8) python3 benchmarks/moe_fp8.py --bf16-sweep --json "$OUT/moe_fp8.json" > "$OUT/moe_fp8.log" 2>&1; grep "^tokens" "$OUT/moe_fp8.log" || tail -30 "$OUT/moe_fp8.log" ;;
     latency-70b-fp8w) python3 benchmarks/latency.py --model llama3-70b --quantization fp8 --json "$OUT/latency_70b_fp8w.json" > "$OUT/latency_70b_fp8w.log" 2>&1; tail -30 "$OUT/latency_70b_fp8w.log" ;;
     w1-70b-fp8w) python3 benchmarks/throughput.py --model llama3-70b --quantization fp8 --json "$OUT/w1_70b_fp8w.json" > "$OUT/w1_70b_fp8w.log" 2>&1; tail -30 "$OUT/w1_70b_fp8w.log" ;;

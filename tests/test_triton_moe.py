@@ -8,7 +8,12 @@ import torch
 
 from mii.models.moe import grouped_kernel_enabled
 from mii.ops.dispatch import fused_kernels_enabled
-from mii.ops.triton_moe import align_by_expert, align_by_expert_torch, moe_grouped_mlp
+from mii.ops.triton_moe import (
+    align_by_expert,
+    align_by_expert_torch,
+    moe_grouped_mlp,
+    route_and_align,
+)
 from test_family_mixtral import (
     CHECKPOINTS,
     TIGHT_OPTIONS,
@@ -74,6 +79,78 @@ def test_one_launch_layout_equals_the_torch_one(tokens, top_k, num_experts, bloc
     for got_part, expected_part in zip(got, expected, strict=True):
         assert got_part.dtype == expected_part.dtype == torch.int32
         assert torch.equal(got_part.cpu(), expected_part.cpu())
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize(
+    ("tokens", "num_experts", "top_k", "block_m", "dtype"),
+    [
+        (1, 8, 2, 16, torch.bfloat16),  # Mixtral decode
+        (37, 8, 2, 64, torch.float32),
+        # Qwen2-MoE-like: 60 experts, several chunks (float32 logits: bf16 ones of 60
+        # experts tie at the k-th place, where torch.topk's choice is its own)
+        (300, 60, 4, 16, torch.float32),
+        (64, 8, 2, 16, torch.bfloat16),
+        (5, 3, 1, 16, torch.float32),
+        (0, 8, 2, 16, torch.float32),
+    ],
+)
+def test_routing_in_one_launch_equals_route_and_layout(
+    renormalize, tokens, num_experts, top_k, block_m, dtype
+):
+    """``route_and_align``: SparseMoE.route's experts and weights (softmax in float32,
+    top-k, renormalised or not) and align_by_expert's layout of them, from one launch."""
+    moe = random_moe(renormalize, num_experts=num_experts, top_k=top_k, hidden_size=32)
+    moe = moe.to(DEVICE).to(dtype)
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(tokens)).to(DEVICE)
+    with torch.no_grad():
+        logits = moe.gate(x.to(dtype))
+        weights, experts = moe.route(x.to(dtype))
+    if not moe.float32_combine:
+        weights = weights.float()
+    got_weights, got_experts, pairs, blocks = route_and_align(logits, top_k, renormalize, block_m)
+    # The same (expert, weight) pairs per token; among equal probabilities (bf16
+    # logits tie) torch.topk's order is its own, so each row is compared by expert.
+    got_order, order = got_experts.long().cpu().sort(dim=-1), experts.cpu().sort(dim=-1)
+    assert torch.equal(got_order.values, order.values)
+    torch.testing.assert_close(
+        got_weights.cpu().gather(1, got_order.indices),
+        weights.float().cpu().gather(1, order.indices),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    untied = (weights.float().cpu().diff(dim=-1) != 0).all(dim=-1)  # rows without ties
+    assert torch.equal(got_experts.long().cpu()[untied], experts.cpu()[untied])
+    expected_pairs, expected_blocks = align_by_expert_torch(got_experts, num_experts, block_m)
+    assert torch.equal(pairs.cpu(), expected_pairs.cpu())
+    assert torch.equal(blocks.cpu(), expected_blocks.cpu())
+
+
+def test_routing_ties_go_to_the_lower_expert():
+    logits = torch.zeros(3, 6, device=DEVICE)
+    logits[1, 4] = logits[1, 5] = 1.0
+    weights, experts, _, _ = route_and_align(logits, 2, True, 16)
+    assert experts.cpu().tolist() == [[0, 1], [4, 5], [0, 1]]
+    assert torch.equal(weights.cpu(), torch.full((3, 2), 0.5))
+
+
+@pytest.mark.parametrize(("renormalize", "float32_combine"), [(True, True), (False, False)])
+def test_layer_with_fused_routing_equals_the_torch_routing(
+    monkeypatch, renormalize, float32_combine
+):
+    """MII_MOE_ROUTING=fused: the layer's output is the one of torch routing plus the
+    layout kernel (Mixtral's float32 combine; Qwen2-MoE's weights in the model dtype)."""
+    moe = random_moe(renormalize, num_experts=6, top_k=2).to(DEVICE).to(torch.bfloat16)
+    moe.float32_combine = float32_combine
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    x = x.to(torch.bfloat16)
+    monkeypatch.setenv("MII_MOE", "triton")
+    with torch.no_grad():
+        monkeypatch.setenv("MII_MOE_ROUTING", "torch")
+        unfused = moe(x)
+        monkeypatch.setenv("MII_MOE_ROUTING", "fused")
+        fused = moe(x)
+    assert torch.equal(fused, unfused)
 
 
 def test_layout_of_host_tensors_without_the_interpreter(monkeypatch):
@@ -191,6 +268,17 @@ def test_engine_with_grouped_kernel_matches_hf(moe_checkpoints, tokenizer, name,
     """Whole models through the interpreted kernel (what CUDA runs by default),
     with chunked prompts and preemption: greedy tokens equal transformers'."""
     monkeypatch.setenv("MII_MOE", "triton")
+    path, hf_model = moe_checkpoints(name)
+    assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
+def test_engine_with_fused_routing_matches_hf(moe_checkpoints, tokenizer, name, monkeypatch):  # noqa: F811
+    """MII_MOE_ROUTING=fused (routing and layout in one launch): greedy tokens still
+    equal transformers'."""
+    monkeypatch.setenv("MII_MOE", "triton")
+    monkeypatch.setenv("MII_MOE_ROUTING", "fused")
     path, hf_model = moe_checkpoints(name)
     assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
 

@@ -8,6 +8,7 @@
 | ``MII_MOE`` | ``auto``, ``triton``, ``torch`` | the grouped expert kernel of MoE layers |
 | ``MII_PDL`` | ``auto``, ``off`` | programmatic dependent launch (Hopper and newer) |
 | ``MII_FP8_KERNELS`` | ``triton``, ``off`` | Triton kernels reading float8 weights (CUDA) |
+| ``MII_MOE_ROUTING`` | ``torch``, ``fused`` | MoE routing: torch ops, or one launch with layout |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_API_KEY`` | unset, a key | the API key of deployments and clients |
 | ``MII_REPLICA_TOKEN`` | unset, a token | internal: what a replica's port requires |
@@ -107,11 +108,20 @@ FP8_KERNELS = _choice(
     "MII_FP8_KERNELS",
     "Triton kernels that read float8 weights on CUDA sm_89+ (the skinny decode kernel "
     "with float8 products, the grouped MoE kernel): on by default (H200, Llama-2-7B "
-    "batch 1: 325 tok/s against 165 with torch._scaled_mm and 245 in bf16); off: "
+    "batch 1: 350 tok/s against 165 with torch._scaled_mm and 250 in bf16); off: "
     "decode batches too take torch._scaled_mm (where it runs: bf16, sizes multiples "
     "of 16; else the dequantizing reference), experts dequantized into the 16-bit kernel",
     "triton",
     "off",
+)
+
+MOE_ROUTING = _choice(
+    "MII_MOE_ROUTING",
+    "MoE routing with the grouped kernel: softmax, top-k and renormalisation in torch "
+    "(then the expert layout in one launch), or 'fused': all of it in one launch "
+    "(ops/triton_moe.route_and_align; to become the default once measured on a GPU)",
+    "torch",
+    "fused",
 )
 
 # ----- files ------------------------------------------------------------------
@@ -208,6 +218,7 @@ SWITCHES: tuple[Switch, ...] = (
     MOE,
     PDL,
     FP8_KERNELS,
+    MOE_ROUTING,
     CACHE_DIR,
     API_KEY,
     REPLICA_TOKEN,

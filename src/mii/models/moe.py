@@ -294,31 +294,39 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
-        weights, experts = self.route(x)
-        if grouped_kernel_enabled(x.device):
-            from mii.ops.triton_moe import moe_grouped_mlp
+        if not grouped_kernel_enabled(x.device):
+            return all_reduce(self.forward_torch(x, *self.route(x)))
+        from mii.ops import triton_moe
 
-            fused = self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(x.device)
-            fused_activation = self.act_name if fused else None
-            if self.fp8 and fp8_triton_supported(x.device):  # float8 read in the kernel
-                out = moe_grouped_mlp(
-                    x,
-                    self.w13,
-                    self.w2,
-                    weights,
-                    experts,
-                    self.act,
-                    w13_scale=self.w13_scale,
-                    w2_scale=self.w2_scale,
-                    fused_activation=fused_activation,
-                )
-                return all_reduce(out)
-            w13, w2 = self.expert_weights(x.dtype)
-            out = moe_grouped_mlp(
-                x, w13, w2, weights, experts, self.act, fused_activation=fused_activation
+        fused = self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(x.device)
+        kernel_fp8 = self.fp8 and fp8_triton_supported(x.device)  # float8 read in the kernel
+        if kernel_fp8:
+            w13, w2 = self.w13, self.w2
+            scales = {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale}
+        else:
+            (w13, w2), scales = self.expert_weights(x.dtype), {}
+        tiles = triton_moe.default_tiles(x.shape[0] * self.top_k, fp8=kernel_fp8)
+        if envs.MOE_ROUTING.get() == "fused":  # routing and the expert layout in one launch
+            weights, experts, *layout = triton_moe.route_and_align(
+                self.gate(x), self.top_k, self.renormalize, tiles.block_m
             )
-            return all_reduce(out)
-        return all_reduce(self.forward_torch(x, weights, experts))
+            if not self.float32_combine:
+                weights = weights.to(x.dtype)
+        else:
+            (weights, experts), layout = self.route(x), None
+        out = triton_moe.moe_grouped_mlp(
+            x,
+            w13,
+            w2,
+            weights,
+            experts,
+            self.act,
+            tiles,
+            fused_activation=self.act_name if fused else None,
+            layout=layout,
+            **scales,
+        )
+        return all_reduce(out)
 
     def forward_torch(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor

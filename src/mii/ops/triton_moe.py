@@ -193,7 +193,7 @@ def stages_that_fit(
 
 
 @triton.jit
-def _align_kernel(
+def _layout(
     Experts,
     SortedPairs,
     BlockExpert,
@@ -204,13 +204,11 @@ def _align_kernel(
     EXPERTS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """``align_by_expert`` in one program: count each expert's pairs, pad the runs
     to BLOCK_M, then place each pair at its expert's next slot in pair order (a
     stable sort), and name each row block's expert. Chunks of CHUNK pairs carry
     the per-expert running counts from one to the next."""
-    triton_pdl.wait_for_predecessor(PDL)
     ids = tl.arange(0, EXPERTS_P2)
     counts = tl.zeros([EXPERTS_P2], tl.int32)
     for first in range(0, num_pairs, CHUNK):
@@ -244,6 +242,106 @@ def _align_kernel(
         tl.store(BlockExpert + blocks, owner, mask=blocks < num_blocks)
 
 
+@triton.jit
+def _align_kernel(
+    Experts,
+    SortedPairs,
+    BlockExpert,
+    num_pairs,
+    capacity,
+    num_blocks,
+    NUM_EXPERTS: tl.constexpr,
+    EXPERTS_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One program: the layout of ``align_by_expert`` (``_layout``)."""
+    triton_pdl.wait_for_predecessor(PDL)
+    _layout(
+        Experts,
+        SortedPairs,
+        BlockExpert,
+        num_pairs,
+        capacity,
+        num_blocks,
+        NUM_EXPERTS,
+        EXPERTS_P2,
+        BLOCK_M,
+        CHUNK,
+    )
+
+
+@triton.jit
+def _route_kernel(
+    Logits,
+    Weights,
+    Experts,
+    SortedPairs,
+    BlockExpert,
+    tokens,
+    stride_l,
+    capacity,
+    num_blocks,
+    NUM_EXPERTS: tl.constexpr,
+    EXPERTS_P2: tl.constexpr,
+    TOP_K: tl.constexpr,
+    TOP_K_P2: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    TOKEN_CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One program: each token's softmax over its router logits (float32), its
+    TOP_K largest probabilities (lowest expert first among equals), optionally
+    renormalised to sum 1, written to Weights/Experts [tokens, TOP_K]; then the
+    layout of those pairs (``_layout``)."""
+    triton_pdl.wait_for_predecessor(PDL)
+    ids = tl.arange(0, EXPERTS_P2)
+    slots = tl.arange(0, TOP_K_P2)
+    real = (ids < NUM_EXPERTS)[None, :]
+    for first in range(0, tokens, TOKEN_CHUNK):
+        rows = first + tl.arange(0, TOKEN_CHUNK)
+        row_ok = rows < tokens
+        logits = tl.load(
+            Logits + rows[:, None] * stride_l + ids[None, :],
+            mask=row_ok[:, None] & real,
+            other=0.0,
+        ).to(tl.float32)
+        logits = tl.where(real, logits, float("-inf"))  # rows past the end stay finite
+        shifted = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        probs = shifted / tl.sum(shifted, axis=1)[:, None]
+        remaining = tl.where(real, probs, -1.0)  # padding experts are never chosen
+        weights = tl.zeros([TOKEN_CHUNK, TOP_K_P2], tl.float32)
+        experts = tl.zeros([TOKEN_CHUNK, TOP_K_P2], tl.int32)
+        for k in tl.static_range(TOP_K):
+            value = tl.max(remaining, axis=1)
+            best = tl.argmax(remaining, axis=1, tie_break_left=True)
+            weights = tl.where(slots[None, :] == k, value[:, None], weights)
+            experts = tl.where(slots[None, :] == k, best[:, None].to(tl.int32), experts)
+            remaining = tl.where(ids[None, :] == best[:, None], -2.0, remaining)
+        if RENORMALIZE:
+            weights = weights / tl.sum(weights, axis=1)[:, None]
+        pairs = rows[:, None] * TOP_K + slots[None, :]
+        keep = row_ok[:, None] & (slots < TOP_K)[None, :]
+        tl.store(Weights + pairs, weights, mask=keep)
+        tl.store(Experts + pairs, experts, mask=keep)
+    tl.debug_barrier()  # the experts are written before the layout reads them back
+    _layout(
+        Experts,
+        SortedPairs,
+        BlockExpert,
+        tokens * TOP_K,
+        capacity,
+        num_blocks,
+        NUM_EXPERTS,
+        EXPERTS_P2,
+        BLOCK_M,
+        CHUNK,
+    )
+
+
 def align_by_expert(
     experts: torch.Tensor, num_experts: int, block_m: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,11 +372,59 @@ def align_by_expert(
         NUM_EXPERTS=num_experts,
         EXPERTS_P2=experts_p2,
         BLOCK_M=block_m,
-        CHUNK=max(16, min(1024, 8192 // experts_p2)),  # a [CHUNK, experts] one-hot
+        CHUNK=_layout_chunk(experts_p2),
         **triton_pdl.launch_options(flat.device),
         num_warps=4,
     )
     return sorted_pairs, block_expert
+
+
+def _layout_chunk(experts_p2: int) -> int:
+    """Pairs per step of ``_layout``: its [CHUNK, experts] one-hot stays ~8k values."""
+    return max(16, min(1024, 8192 // experts_p2))
+
+
+def route_and_align(
+    logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] float32, experts [T, k] int32,
+    sorted_pairs, block_expert) in one launch: ``SparseMoE.route`` (softmax in
+    float32, top-k, optional renormalisation) and ``align_by_expert`` together, so
+    a decode step's routing is one launch per layer instead of ~6 torch ones.
+    Among equal probabilities the lower expert wins."""
+    tokens, num_experts = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    num_pairs = tokens * top_k
+    capacity = _capacity(num_pairs, num_experts, block_m)
+    device = logits.device
+    weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
+    experts = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
+    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=device)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=device)
+    experts_p2 = triton.next_power_of_2(num_experts)
+    _route_kernel[(1,)](
+        logits,
+        weights,
+        experts,
+        sorted_pairs,
+        block_expert,
+        tokens,
+        logits.stride(0),
+        capacity,
+        capacity // block_m,
+        NUM_EXPERTS=num_experts,
+        EXPERTS_P2=experts_p2,
+        TOP_K=top_k,
+        TOP_K_P2=triton.next_power_of_2(top_k),
+        RENORMALIZE=renormalize,
+        BLOCK_M=block_m,
+        CHUNK=_layout_chunk(experts_p2),
+        TOKEN_CHUNK=max(1, min(128, 4096 // experts_p2)),  # a [tokens, experts] tile
+        **triton_pdl.launch_options(device),
+        num_warps=4,
+    )
+    return weights, experts, sorted_pairs, block_expert
 
 
 def _capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -402,17 +548,22 @@ def moe_grouped_mlp(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     fused_activation: str | None = None,
+    layout: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], routing weights/experts [T, k] -> [T, H]:
     ``sum_k weights[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = experts[t, k]``.
     Float8 e4m3 experts come with their scales, ``w13_scale`` [E, 2I] and
     ``w2_scale`` [E, H] (float32, per expert and output channel). With
     ``fused_activation`` (a name in ``ops.fused_elementwise.FUSED_ACTIVATIONS``),
-    ``act(gate) * up`` is one launch of the fused kernel, the same numbers as ``act``."""
+    ``act(gate) * up`` is one launch of the fused kernel, the same numbers as ``act``.
+    ``layout``: (sorted_pairs, block_expert) of ``experts`` for ``tiles.block_m``
+    when the caller has it (``route_and_align``); computed here otherwise."""
     tokens, top_k = experts.shape
     num_pairs = tokens * top_k
     tiles = tiles or default_tiles(num_pairs, fp8=w13_scale is not None)
-    sorted_pairs, block_expert = align_by_expert(experts, w13.shape[0], tiles.block_m)
+    if layout is None:
+        layout = align_by_expert(experts, w13.shape[0], tiles.block_m)
+    sorted_pairs, block_expert = layout
     hidden = grouped_gemm(
         x, w13, sorted_pairs, block_expert, num_pairs, top_k, tiles, None, w13_scale
     )
