@@ -18,8 +18,9 @@ launch) and ``torch._scaled_mm`` (per-token activation quantization included, as
 ``ops.fp8_linear`` runs it); each as a fraction of the copy bandwidth for the
 bytes of its own weight (``fp8_skinny_bf16``: the float8 kernel's default tile
 converting the weights to bf16 for 16-bit products, not quantizing x for float8
-products: ``GemvConfig.fp8_dot``; ``fp8_skinny_groups``: the default launch with x
-quantized by a launch of its own first, both launches timed: ``GemvConfig.x_groups``).
+products: ``GemvConfig.fp8_dot``; ``fp8_skinny_in_loop``: the default launch with x
+quantized in the weight loop rather than by a launch of its own first, which the
+default times with it: ``GemvConfig.x_groups``).
 ``--fp8-sweep`` adds a sweep of the float8 kernel's launch settings (the row's
 ``best``; what ``FP8_DEFAULT_CONFIG`` should become).
 """
@@ -87,19 +88,22 @@ def configs(rows: int) -> list[GemvConfig]:
 
 def fp8_configs(rows: int) -> list[GemvConfig]:
     """Float8 launch settings to time at ``rows`` (<= 16): one byte per weight, so
-    wider K slices for the same bytes in flight."""
+    wider K slices for the same bytes in flight; float8 products with x quantized
+    by its own launch (the default, ``x_groups``) or in the weight loop."""
     out = []
     space = itertools.product(
-        (16,), (32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 6), (False, True)
+        (16,), (32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 6), (True, False)
     )
-    for block_m, block_n, block_k, warps, stages, fp8_dot in space:
+    for block_m, block_n, block_k, warps, stages, x_groups in space:
         if (block_n + 2 * block_m) * block_k * stages <= SHARED_MEMORY_BUDGET:
             out.append(
-                GemvConfig(block_n, block_k, warps, stages, block_m, split_k=1, fp8_dot=fp8_dot)
+                GemvConfig(
+                    block_n, block_k, warps, stages, block_m, 1, fp8_dot=True, x_groups=x_groups
+                )
             )
-    for fp8_dot in (False, True):  # the default tile, K split automatically (0) or 2-8 ways
-        default = FP8_DEFAULT_CONFIG._replace(fp8_dot=fp8_dot)
-        out += [default._replace(split_k=splits) for splits in (0, 2, 4, 8)]
+    # 32- and 64-row bands with K split 2-8 ways (o and down have few bands).
+    for block_n, splits in itertools.product((32, 64), (0, 2, 4, 8)):
+        out.append(FP8_DEFAULT_CONFIG._replace(block_n=block_n, split_k=splits, num_stages=4))
     return out
 
 
@@ -127,7 +131,7 @@ def fp8_rows(
         for rows in batch_rows:
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
             as_bf16 = bf16_product_config(rows)
-            grouped = [fp8_config_for(rows, n, k, device)._replace(x_groups=True)]
+            in_loop = [fp8_config_for(rows, n, k, device)._replace(x_groups=False)]
             timings = {
                 "bf16_cublas": [lambda w=w, x=x: F.linear(x, w) for w in weights],
                 "bf16_skinny": [lambda w=w, x=x: skinny_linear(x, w) for w in weights],
@@ -136,9 +140,9 @@ def fp8_rows(
                 "fp8_skinny_bf16": [
                     lambda q=q, x=x, c=as_bf16: skinny_linear_fp8(x, *q, None, c) for q in quantized
                 ],
-                # The default launch with x quantized by its own launch first (x_groups).
-                "fp8_skinny_groups": [
-                    lambda q=q, x=x, c=grouped[0]: skinny_linear_fp8(x, *q, None, c)
+                # The default launch with x quantized in the weight loop (not x_groups).
+                "fp8_skinny_in_loop": [
+                    lambda q=q, x=x, c=in_loop[0]: skinny_linear_fp8(x, *q, None, c)
                     for q in quantized
                 ],
                 "fp8_scaled_mm": [lambda q=q, x=x: fp8_linear_scaled_mm(x, *q) for q in quantized],
