@@ -193,7 +193,7 @@ def stages_that_fit(
 
 
 @triton.jit
-def _layout(
+def _align_kernel(
     Experts,
     SortedPairs,
     BlockExpert,
@@ -204,11 +204,14 @@ def _layout(
     EXPERTS_P2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """``align_by_expert`` in one program: count each expert's pairs, pad the runs
     to BLOCK_M, then place each pair at its expert's next slot in pair order (a
     stable sort), and name each row block's expert. Chunks of CHUNK pairs carry
-    the per-expert running counts from one to the next."""
+    the per-expert running counts from one to the next. (Also the last step of
+    ``_route_kernel``, which calls it.)"""
+    triton_pdl.wait_for_predecessor(PDL)
     ids = tl.arange(0, EXPERTS_P2)
     counts = tl.zeros([EXPERTS_P2], tl.int32)
     for first in range(0, num_pairs, CHUNK):
@@ -243,36 +246,6 @@ def _layout(
 
 
 @triton.jit
-def _align_kernel(
-    Experts,
-    SortedPairs,
-    BlockExpert,
-    num_pairs,
-    capacity,
-    num_blocks,
-    NUM_EXPERTS: tl.constexpr,
-    EXPERTS_P2: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    CHUNK: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """One program: the layout of ``align_by_expert`` (``_layout``)."""
-    triton_pdl.wait_for_predecessor(PDL)
-    _layout(
-        Experts,
-        SortedPairs,
-        BlockExpert,
-        num_pairs,
-        capacity,
-        num_blocks,
-        NUM_EXPERTS,
-        EXPERTS_P2,
-        BLOCK_M,
-        CHUNK,
-    )
-
-
-@triton.jit
 def _route_kernel(
     Logits,
     Weights,
@@ -296,7 +269,7 @@ def _route_kernel(
     """One program: each token's softmax over its router logits (float32), its
     TOP_K largest probabilities (lowest expert first among equals), optionally
     renormalised to sum 1, written to Weights/Experts [tokens, TOP_K]; then the
-    layout of those pairs (``_layout``)."""
+    layout of those pairs (``_align_kernel``)."""
     triton_pdl.wait_for_predecessor(PDL)
     ids = tl.arange(0, EXPERTS_P2)
     slots = tl.arange(0, TOP_K_P2)
@@ -328,7 +301,7 @@ def _route_kernel(
         tl.store(Weights + pairs, weights, mask=keep)
         tl.store(Experts + pairs, experts, mask=keep)
     tl.debug_barrier()  # the experts are written before the layout reads them back
-    _layout(
+    _align_kernel(
         Experts,
         SortedPairs,
         BlockExpert,
@@ -339,6 +312,7 @@ def _route_kernel(
         EXPERTS_P2,
         BLOCK_M,
         CHUNK,
+        False,  # waited for above
     )
 
 
@@ -358,17 +332,15 @@ def align_by_expert(
     if flat.device.type != "cuda" and not INTERPRETED:  # Triton cannot read it there
         return align_by_expert_torch(experts, num_experts, block_m)
     num_pairs = flat.numel()
-    capacity = _capacity(num_pairs, num_experts, block_m)
-    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=flat.device)
-    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=flat.device)
+    sorted_pairs, block_expert = _layout_outputs(num_pairs, num_experts, block_m, flat.device)
     experts_p2 = triton.next_power_of_2(num_experts)
     _align_kernel[(1,)](
         flat,
         sorted_pairs,
         block_expert,
         num_pairs,
-        capacity,
-        capacity // block_m,
+        sorted_pairs.numel(),
+        block_expert.numel(),
         NUM_EXPERTS=num_experts,
         EXPERTS_P2=experts_p2,
         BLOCK_M=block_m,
@@ -379,8 +351,17 @@ def align_by_expert(
     return sorted_pairs, block_expert
 
 
+def _layout_outputs(
+    num_pairs: int, num_experts: int, block_m: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (sorted_pairs, block_expert) of the padded layout's size."""
+    capacity = _capacity(num_pairs, num_experts, block_m)
+    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=device)
+    return sorted_pairs, torch.empty(capacity // block_m, dtype=torch.int32, device=device)
+
+
 def _layout_chunk(experts_p2: int) -> int:
-    """Pairs per step of ``_layout``: its [CHUNK, experts] one-hot stays ~8k values."""
+    """Pairs per step of ``_align_kernel``: its [CHUNK, experts] one-hot stays ~8k values."""
     return max(16, min(1024, 8192 // experts_p2))
 
 
@@ -395,13 +376,10 @@ def route_and_align(
     tokens, num_experts = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    num_pairs = tokens * top_k
-    capacity = _capacity(num_pairs, num_experts, block_m)
     device = logits.device
     weights = torch.empty(tokens, top_k, dtype=torch.float32, device=device)
     experts = torch.empty(tokens, top_k, dtype=torch.int32, device=device)
-    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=device)
-    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=device)
+    sorted_pairs, block_expert = _layout_outputs(tokens * top_k, num_experts, block_m, device)
     experts_p2 = triton.next_power_of_2(num_experts)
     _route_kernel[(1,)](
         logits,
@@ -411,8 +389,8 @@ def route_and_align(
         block_expert,
         tokens,
         logits.stride(0),
-        capacity,
-        capacity // block_m,
+        sorted_pairs.numel(),
+        block_expert.numel(),
         NUM_EXPERTS=num_experts,
         EXPERTS_P2=experts_p2,
         TOP_K=top_k,
