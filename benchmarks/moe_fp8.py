@@ -42,13 +42,16 @@ def candidates() -> list:
         TileConfig(128, 256, 64, num_warps=8),
         TileConfig(128, 256, 128, num_warps=8, num_stages=3),
     ]
-    # Each tile with float8 products (the default), with the activations quantized
-    # once before each GEMM (TileConfig.a_groups), and with the weights converted to
-    # bf16 for 16-bit products (TileConfig.fp8_dot).
+    # Each tile with float8 products, with the activations quantized once before
+    # each GEMM (TileConfig.a_groups, the default), and with the weights converted
+    # to bf16 for 16-bit products (TileConfig.fp8_dot).
+    # The prompt-sized tiles also in the L2-friendly program order (TileConfig.group_m).
+    ordered = [t._replace(a_groups=True, group_m=8) for t in tiles if t.block_m >= 64]
     return (
         tiles
         + [t._replace(a_groups=True) for t in tiles]
         + [t._replace(fp8_dot=False) for t in tiles]
+        + ordered
     )
 
 

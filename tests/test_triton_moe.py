@@ -153,6 +153,28 @@ def test_layer_with_fused_routing_equals_the_torch_routing(
     assert torch.equal(fused, unfused)
 
 
+@pytest.mark.parametrize("group_m", [2, 3, 8])
+def test_l2_program_order_gives_the_same_output(group_m):
+    """``TileConfig.group_m``: programs in groups of row blocks down the columns
+    (a 1-D grid, the last group shorter) compute exactly what the 2-D grid does;
+    on a layout of only real row blocks, so the last group's blocks all count."""
+    from mii.ops.triton_moe import TileConfig, grouped_gemm
+
+    generator = torch.Generator().manual_seed(group_m)
+    experts = torch.randint(0, 4, (61, 1), generator=generator).to(DEVICE)
+    a = torch.randn(61, 64, generator=generator).to(DEVICE)
+    weight = torch.randn(4, 80, 64, generator=generator).to(DEVICE)
+    tiles = TileConfig(16, 32, 32)
+    pairs, blocks = align_by_expert(experts, 4, tiles.block_m)
+    used = int((blocks >= 0).sum())
+    assert used % group_m != 0 or group_m == 2  # a shorter last group
+    pairs, blocks = pairs[: used * tiles.block_m], blocks[:used]
+    args = (a, weight, pairs, blocks, 61, 1)
+    plain = grouped_gemm(*args, tiles)
+    grouped = grouped_gemm(*args, tiles._replace(group_m=group_m))
+    assert torch.equal(grouped, plain)
+
+
 def test_layout_of_host_tensors_without_the_interpreter(monkeypatch):
     """A CPU tensor on a machine that compiles Triton for its GPU (not interpreted):
     the torch operations lay it out (the kernel could not read it)."""

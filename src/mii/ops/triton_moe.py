@@ -71,13 +71,28 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """C[pair, n] = sum_k A[row(pair), k] * B[expert, n, k] for the pairs of one
     row block and one column block; ``row(pair)`` is ``pair // A_ROWS_PER_PAIR``
     (the token, for the first projection; the pair itself for the second). With
-    B_SCALED, B is float8 and the sum is multiplied by B_scale[expert, n]."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    B_SCALED, B is float8 and the sum is multiplied by B_scale[expert, n].
+
+    GROUP_M > 0: a 1-D grid in which consecutive programs take GROUP_M row blocks
+    (mostly one expert's) down every column block, so that those rows of A and
+    that expert's columns of B are read from L2 rather than memory again
+    (``TileConfig.group_m``); else a 2-D grid, row blocks varying fastest."""
+    if GROUP_M > 0:
+        row_blocks = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+        first_m = tl.program_id(0) // per_group * GROUP_M
+        group_rows = tl.minimum(row_blocks - first_m, GROUP_M)
+        within = tl.program_id(0) % per_group
+        pid_m = first_m + within % group_rows
+        pid_n = within // group_rows
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
     expert = tl.load(block_expert + pid_m)
     if expert < 0:
         return  # a block past the end of the padded layout
@@ -152,6 +167,9 @@ class TileConfig(NamedTuple):
     # their own (ops/triton_quant.quantize_groups_fp8), instead of in every column
     # block's loop (224 times over for Mixtral's w13). Same numbers.
     a_groups: bool = False
+    # Row blocks per group of the L2-friendly program order (see the kernel); 0: the
+    # 2-D grid. Not yet measured on a GPU (moe_fp8.py sweeps it).
+    group_m: int = 0
 
 
 def default_tiles(num_pairs: int, fp8: bool = False) -> TileConfig:
@@ -478,6 +496,8 @@ def grouped_gemm(
 
         a, a_scales = quantize_groups_fp8(a, block_k)
     grid = (block_expert.numel(), triton.cdiv(n, tiles.block_n))
+    if tiles.group_m:
+        grid = (grid[0] * grid[1],)
     _grouped_gemm_kernel[grid](
         a,
         weight,
@@ -507,6 +527,7 @@ def grouped_gemm(
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
+        GROUP_M=tiles.group_m,
         num_warps=tiles.num_warps,
         num_stages=stages_that_fit(
             tiles, block_k, a.element_size(), a.device, weight.element_size()
