@@ -39,6 +39,7 @@ from mii.ops.triton_gemv import (
     DEFAULT_CONFIG,
     FP8_DEFAULT_CONFIG,
     GemvConfig,
+    bf16_config_for,
     config_for,
     fp8_config_for,
     skinny_linear,
@@ -68,9 +69,10 @@ def graph_seconds(calls) -> float:
     return total / 1e3 / len(calls)
 
 
-def configs(rows: int) -> list[GemvConfig]:
+def configs(rows: int, default: GemvConfig) -> list[GemvConfig]:
     """Settings to time at ``rows``: one 16-row tile up to 16 rows, else row tiles
-    of 32-128 (where the kernel turns from reading weights to multiplying)."""
+    of 32-128 (where the kernel turns from reading weights to multiplying), and the
+    engine's ``default`` for the shape."""
     out = []
     if rows <= 16:
         space = itertools.product((16,), (16, 32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 6))
@@ -81,8 +83,8 @@ def configs(rows: int) -> list[GemvConfig]:
             out.append(GemvConfig(block_n, block_k, warps, stages, block_m, split_k=1))
     if rows <= 16:  # the default tile with K split automatically (0) or 2-8 ways
         out += [DEFAULT_CONFIG._replace(split_k=splits) for splits in (0, 2, 4, 8)]
-    if config_for(rows) not in out:
-        out.append(config_for(rows))
+    if default not in out:
+        out.append(default)
     return out
 
 
@@ -218,8 +220,9 @@ def main() -> None:
         for rows in args.rows:
             x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
             cublas = graph_seconds([lambda w=w, x=x: F.linear(x, w) for w in weights])
+            default = bf16_config_for(rows, n, device)  # what skinny_linear launches
             timed = []
-            for cfg in configs(rows):
+            for cfg in configs(rows, default):
                 try:
                     calls = [lambda w=w, x=x, c=cfg: skinny_linear(x, w, None, c) for w in weights]
                     s = graph_seconds(calls)
@@ -228,7 +231,7 @@ def main() -> None:
                     continue
                 timed.append((s, cfg))
             timed.sort()
-            default_s = next((s for s, c in timed if c == config_for(rows)), float("nan"))
+            default_s = next((s for s, c in timed if c == default), float("nan"))
             row = {
                 "shape": name,
                 "rows": rows,

@@ -228,15 +228,16 @@ async def offline_maximum(
 def floors(config: dict, requests: list[Request], tflops: float, copy_tb_s: float) -> dict:
     """The requests' floors on a device of ``tflops`` bf16 matmul rate and
     ``copy_tb_s`` copy bandwidth: ``compute_floor_s`` (2 x params x tokens, the
-    issue's ceiling) and ``roofline_floor_s``, which adds what that leaves out:
-    the prompts' causal attention FLOPs and the decode steps' reads of their
-    sequences' KV cache (bf16), at copy bandwidth. A long-prompt workload is
-    bandwidth-bound there: every generated token reads its whole context's KV."""
+    issue's ceiling; a mixture of experts counts its active parameters) and
+    ``roofline_floor_s``, which adds what that leaves out: the prompts' causal
+    attention FLOPs and the decode steps' reads of their sequences' KV cache
+    (bf16), at copy bandwidth. A long-prompt workload is bandwidth-bound there:
+    every generated token reads its whole context's KV."""
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     kv_dim = config["num_key_value_heads"] * h // config["num_attention_heads"]
     kv_bytes_per_token = layers * 2 * kv_dim * 2  # K and V, bf16
     tokens = sum(r.prompt_tokens + r.max_new_tokens for r in requests)
-    compute_s = 2 * num_params(config) * tokens / (tflops * 1e12)
+    compute_s = 2 * num_params(config, active=True) * tokens / (tflops * 1e12)
     attention_flops = sum(layers * 2 * 2 * r.prompt_tokens**2 // 2 * h for r in requests)
     # generated token g (1..G) reads the KV of prompt + g - 1 tokens
     kv_reads = sum(

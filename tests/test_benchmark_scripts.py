@@ -79,3 +79,28 @@ def test_serving_roofline_counts_the_decode_steps_kv_reads():
     assert result["compute_ceiling_rps"] == pytest.approx(21.5, rel=0.01)
     assert result["roofline_floor_s"] == pytest.approx(6.86, rel=0.01)
     assert result["roofline_ceiling_rps"] == pytest.approx(14.6, rel=0.01)
+
+
+def test_mixtral_floors_count_active_parameters():
+    """Mixtral-8x7B by hand: attention 4096 x (4096 + 2 x 1024) + 4096^2 = 41.9 M per
+    layer, each expert 3 x 4096 x 14336 = 176.2 M, the router 4096 x 8; 32 layers plus
+    embeddings and LM head 2 x 32000 x 4096: 46.70 B in all, 12.88 B with 2 of 8
+    experts. Batch 1 reads the active weights (bf16), or with fp8 one byte per linear
+    weight and two for embeddings, LM head and routers (32 x 4096 x 8). Serving's
+    compute floor counts the active parameters too."""
+    from benchmarks.common import MIXTRAL_8X7B, num_params, weight_bytes
+    from benchmarks.serving import floors
+    from benchmarks.serving_load import Request
+
+    attention, expert, router = 41_943_040, 176_160_768, 32_768
+    embeddings = 2 * 32_000 * 4096
+    total = 32 * (attention + 8 * expert + router) + embeddings
+    active = 32 * (attention + 2 * expert + router) + embeddings
+    assert (total, active) == (46_702_526_464, 12_879_659_008)
+    assert num_params(MIXTRAL_8X7B) == total
+    assert num_params(MIXTRAL_8X7B, active=True) == active
+    assert weight_bytes(MIXTRAL_8X7B) == 2 * active
+    unquantized = embeddings + 32 * router
+    assert weight_bytes(MIXTRAL_8X7B, "fp8") == 2 * unquantized + (active - unquantized)
+    result = floors(MIXTRAL_8X7B, [Request("x", 1000, 100)] * 10, tflops=1000.0, copy_tb_s=4.0)
+    assert result["compute_floor_s"] == pytest.approx(2 * active * 11_000 / 1e15, abs=0.005)

@@ -61,6 +61,8 @@ def test_layout_groups_every_pair_by_expert(tokens, top_k, num_experts, block_m)
         (1500, 2, 8, 128, None),  # 3,000 pairs: several chunks of the kernel's loops
         (700, 4, 60, 16, None),  # many experts: narrower chunks
         (900, 2, 8, 64, 5),  # every pair on one expert, the others empty
+        (300, 8, 256, 64, None),  # DeepSeek-like: 256 experts, top 8 (32-pair chunks)
+        (50, 2, 60, 16, 59),  # only the last expert of a count not a power of two
         (0, 2, 8, 16, None),  # an empty batch
     ],
 )
@@ -230,21 +232,54 @@ def test_grouped_mlp_in_bfloat16():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_activation_gives_the_same_numbers(dtype):
-    """``fused_activation``: act(gate) * up in one launch of the fused kernel, the
-    same values as the activation's torch function (bit-equal in bf16 here: both
-    round the activation, then the product, to the dtype)."""
+    """``fused_activation``: act(gate) * up in one launch of the fused kernel (the
+    torch ``act`` is not called), the same values as the activation's torch function
+    (bit-equal in bf16 here: both round the activation, then the product, to the dtype)."""
     moe = random_moe(True, hidden_size=64, intermediate_size=48).to(DEVICE).to(dtype)
     x = torch.randn(13, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE).to(dtype)
+
+    def unused(t: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the torch activation ran beside the fused kernel")
+
     with torch.no_grad():
         weights, experts = moe.route(x)
         plain = moe_grouped_mlp(x, moe.w13, moe.w2, weights, experts, moe.act)
         fused = moe_grouped_mlp(
-            x, moe.w13, moe.w2, weights, experts, moe.act, fused_activation="silu"
+            x, moe.w13, moe.w2, weights, experts, unused, fused_activation="silu"
         )
     if dtype == torch.bfloat16:
         assert torch.equal(fused, plain)
     else:  # the kernel's exp is not torch's: float32's defaults, as act_and_mul's own test
         torch.testing.assert_close(fused, plain)
+
+
+@pytest.mark.parametrize(
+    ("act", "fused_choice", "expected"),
+    [("silu", "triton", "silu"), ("silu", "torch", None), ("relu", "triton", None)],
+)
+def test_layer_fuses_the_activation_it_can(monkeypatch, act, fused_choice, expected):
+    """The layer hands the grouped kernel its activation's name where the fused
+    kernels are on (``MII_FUSED``) and have that activation, None otherwise (the
+    torch function then runs): the same outputs as the torch expert loop either way."""
+    import mii.ops.triton_moe as kernels
+
+    moe = random_moe(True, act=act).to(DEVICE)
+    x = torch.randn(9, 16, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    seen = []
+    original = kernels.moe_grouped_mlp
+    monkeypatch.setattr(
+        kernels,
+        "moe_grouped_mlp",
+        lambda *a, **k: seen.append(k.get("fused_activation")) or original(*a, **k),
+    )
+    monkeypatch.setenv("MII_FUSED", fused_choice)
+    with torch.no_grad():
+        monkeypatch.setenv("MII_MOE", "torch")
+        looped = moe(x)
+        monkeypatch.setenv("MII_MOE", "triton")
+        grouped = moe(x)
+    assert seen == [expected]
+    torch.testing.assert_close(grouped, looped, rtol=1e-4, atol=1e-4)
 
 
 def test_layer_uses_kernel_when_asked(monkeypatch):
