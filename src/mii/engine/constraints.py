@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from mii.engine.utf8_guard import Utf8Guard
 from mii.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class GrammarCache:
         self._lock = threading.Lock()
         self._compiling: dict[tuple[str, str], threading.Lock] = {}  # key -> its compile
         self._compiler = None  # built on first use: only engines that see a constraint pay
+        self._utf8_guard: Utf8Guard | None = None  # built with it, from the same vocabulary
         self.compile_seconds = 0.0  # total time spent compiling (benchmarks report it)
         self.compiles = 0
 
@@ -169,7 +171,16 @@ class GrammarCache:
                 self._compiler = xgr.GrammarCompiler(
                     info, max_threads=min(8, os.cpu_count() or 1), cache_enabled=False
                 )
+                self._utf8_guard = Utf8Guard(info.decoded_vocab, self._vocab_size)
             return self._compiler
+
+    @property
+    def utf8_guard(self) -> Utf8Guard:
+        """The surrogate masks of this tokenizer (``engine/utf8_guard.py``), which
+        every matcher of its grammars needs (``grammar_mask.new_matcher``); built
+        with the compiler, once per engine."""
+        self._get_compiler()
+        return self._utf8_guard
 
     def cached(self, key: tuple[str, str]) -> Any | None:
         """The compiled grammar of ``key`` if it is in the cache (marked recently used)."""

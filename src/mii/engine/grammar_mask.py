@@ -1,9 +1,12 @@
 """Per-sequence grammar matchers and the allowed-token mask of a batch.
 
-A constrained sequence carries an xgrammar ``GrammarMatcher`` (``Sequence.grammar``)
-for its compiled constraint (``engine/constraints.py``). Before sampling, each
-constrained row's matcher writes the row's allowed tokens into a packed int32
-bitmask [S_constrained, ceil(V/32)]; that is uploaded once and applied on the
+A constrained sequence carries a ``GrammarState`` (``Sequence.grammar``): an
+xgrammar ``GrammarMatcher`` for its compiled constraint (``engine/constraints.py``)
+and what its output's last byte means for UTF-8 (``engine/utf8_guard.py``).
+Before sampling, each constrained row's matcher writes the row's allowed tokens
+into a packed int32 bitmask [S_constrained, ceil(V/32)] on the host; the
+tokenizer's ``Utf8Guard`` masks are ANDed into it (xgrammar lets the bytes of a
+surrogate through, which are not UTF-8); it is uploaded once and applied on the
 device to those rows only, before greedy argmax and sampling
 (``engine/sampler.py``). After the pass, each sampled token is fed to its
 matcher (``accept``, from ``EngineCore._resolve``), exactly once per token:
@@ -18,13 +21,19 @@ N+1's sampling: the host's mask work overlaps N+1's forward on the device.
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from mii.engine.sequence import Sequence
+from mii.engine.utf8_guard import Utf8Guard
 from mii.ops.transfer import upload
+
+log = logging.getLogger(__name__)
 
 _BATCH = None  # xgrammar's BatchGrammarMatcher: a thread pool, made on first use
 
@@ -38,11 +47,23 @@ def _batch_matcher() -> Any:
     return _BATCH
 
 
-def new_matcher(compiled: Any) -> Any:
-    """A fresh matcher at the start of ``compiled``'s grammar."""
+@dataclass(eq=False)
+class GrammarState:
+    """A constrained sequence's grammar: its matcher, its tokenizer's UTF-8 guard,
+    and whether the output so far ends in a lone lead byte ED (whose next byte
+    must not make a surrogate)."""
+
+    matcher: Any  # xgrammar.GrammarMatcher
+    guard: Utf8Guard
+    lone_lead: bool = False
+
+
+def new_matcher(compiled: Any, guard: Utf8Guard) -> GrammarState:
+    """A fresh state at the start of ``compiled``'s grammar; ``guard``: the UTF-8
+    guard of the tokenizer it was compiled for (``GrammarCache.utf8_guard``)."""
     import xgrammar
 
-    return xgrammar.GrammarMatcher(compiled)
+    return GrammarState(xgrammar.GrammarMatcher(compiled), guard)
 
 
 def any_constrained(seqs: list[Sequence]) -> bool:
@@ -61,11 +82,13 @@ def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> 
     if not rows:
         return logits
     bitmask = xgrammar.allocate_token_bitmask(len(rows), vocab_size)  # host, int32
-    matchers = [seqs[i].grammar for i in rows]
+    states: list[GrammarState] = [seqs[i].grammar for i in rows]
+    matchers = [state.matcher for state in states]
     if len(matchers) == 1:
         matchers[0].fill_next_token_bitmask(bitmask, 0)
     else:  # the rows in parallel, on xgrammar's threads (the GIL released)
         _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask)
+    _keep_utf8(bitmask, states)
     width = logits.shape[-1]
     index = None
     if len(rows) == len(seqs):  # every row constrained
@@ -81,14 +104,36 @@ def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> 
     return constrained if index is None else logits.index_copy(0, index, constrained)
 
 
+def _keep_utf8(bitmask: torch.Tensor, states: list[GrammarState]) -> None:
+    """AND each row of the host ``bitmask`` with its tokenizer's surrogate masks
+    (``engine/utf8_guard.py``), in place; a row this would leave without any
+    token gets its grammar's own mask back (only a grammar that admits nothing
+    but a surrogate there can cause that)."""
+    packed = bitmask.numpy()  # a view: the tensor's memory
+    guard = states[0].guard
+    if all(state.guard is guard for state in states):  # one engine, one tokenizer
+        groups = [(guard, packed, states, 0)]
+    else:  # (rows of several tokenizers: each row on its own; a slice is a view)
+        groups = [(s.guard, packed[r : r + 1], [s], r) for r, s in enumerate(states)]
+    for guard, rows, group, first in groups:
+        lone_lead = np.fromiter((s.lone_lead for s in group), dtype=bool, count=len(group))
+        for r in guard.restrict(rows, lone_lead).tolist():
+            log.warning(
+                "a grammar admits only a UTF-8-encoded surrogate (not UTF-8) next; "
+                "its own mask is kept for that token"
+            )
+            group[r].matcher.fill_next_token_bitmask(bitmask, first + r)
+
+
 def accept(seq: Sequence, token: int) -> bool:
     """Advance ``seq``'s matcher by its newly sampled ``token``; True when its
     grammar is now complete (the request ends with finish_reason "stop").
     RuntimeError if the grammar rejects the token (the mask allowed only its
     tokens, so that is a bug, reported on this request alone)."""
-    matcher = seq.grammar
-    if not matcher.accept_token(token):
+    state: GrammarState = seq.grammar
+    if not state.matcher.accept_token(token):
         raise RuntimeError(
             f"the grammar of request {seq.request_id} rejected token {token} that its mask allowed"
         )
-    return matcher.is_terminated()
+    state.lone_lead = state.guard.after(token, state.lone_lead)
+    return state.matcher.is_terminated()

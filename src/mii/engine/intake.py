@@ -150,7 +150,11 @@ class RequestIntake:
             seed,
             prompt_text=prompt_text,
             score_only=score_only,
-            grammar=grammar_mask.new_matcher(grammar) if grammar is not None else None,
+            grammar=(
+                grammar_mask.new_matcher(grammar, self.grammars.utf8_guard)
+                if grammar is not None
+                else None
+            ),
         )
         # Prefix caching: the prompt's block hashes, here in the caller rather than
         # in the engine's step (which only looks them up).

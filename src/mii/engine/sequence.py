@@ -69,8 +69,9 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None
     first_token_time: float | None = None
-    # Structured output (engine/grammar_mask.py): the xgrammar matcher of its
-    # constraint, advanced once per resolved token; None: unconstrained.
+    # Structured output (engine/grammar_mask.py): the GrammarState (xgrammar matcher
+    # and UTF-8 guard) of its constraint, advanced once per resolved token;
+    # None: unconstrained.
     grammar: Any = None
 
     def __post_init__(self) -> None:
