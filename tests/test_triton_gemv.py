@@ -82,10 +82,11 @@ def test_split_k(rows, split_k, dtype):
     assert int(gemv._arrivals[out.device].count_nonzero()) == 0  # all counts reset
 
 
-def test_narrow_weights_split_k_by_default():
-    """4096 output rows make 64 bands of 64: too few programs for the GPU, so a long
-    K is split (down_proj, 2 x 5504 columns); o_proj's 4096 columns and wide weights
-    are not (the H100 sweep's best settings)."""
+def test_split_k_rule_of_the_default_tile():
+    """DEFAULT_CONFIG's automatic split-K (explicit launches; the engine's narrow
+    weights take 32-row bands, ``bf16_config_for``): 4096 output rows make 64 bands
+    of 64, too few programs for the GPU, so a long K is split (down_proj, 2 x 5504
+    columns); o_proj's 4096 columns and wide weights are not."""
     from mii.ops.triton_gemv import DEFAULT_CONFIG, _split_k
 
     cpu = torch.device("cpu")  # plans for an H100's 132 multiprocessors

@@ -66,9 +66,15 @@ def test_layout_groups_every_pair_by_expert(tokens, top_k, num_experts, block_m)
         (0, 2, 8, 16, None),  # an empty batch
     ],
 )
-def test_one_launch_layout_equals_the_torch_one(tokens, top_k, num_experts, block_m, skew):
+def test_one_launch_layout_equals_the_torch_one(
+    monkeypatch, tokens, top_k, num_experts, block_m, skew
+):
     """The alignment kernel gives exactly the torch operations' layout (pair order
-    kept within each expert, the same padding and block owners)."""
+    kept within each expert, the same padding and block owners), at every size
+    (its limit raised: past it the layout is the torch one by construction)."""
+    import mii.ops.triton_moe as kernels
+
+    monkeypatch.setattr(kernels, "ONE_PROGRAM_LAYOUT_MAX", 1 << 30)
     generator = torch.Generator().manual_seed(tokens + num_experts)
     if skew is None:
         scores = torch.rand(tokens, num_experts, generator=generator)
@@ -175,6 +181,23 @@ def test_l2_program_order_gives_the_same_output(group_m):
     plain = grouped_gemm(*args, tiles)
     grouped = grouped_gemm(*args, tiles._replace(group_m=group_m))
     assert torch.equal(grouped, plain)
+
+
+def test_large_layouts_keep_the_torch_operations(monkeypatch):
+    """One program lays out Mixtral's passes and small decode batches of many
+    experts; a 256-expert top-8 prompt pass (its loops would run ~1,000 steps on
+    one multiprocessor) takes the torch operations."""
+    import mii.ops.triton_moe as kernels
+
+    assert kernels.one_program_layout(4096 * 2, 8)  # Mixtral, a 4,096-token pass
+    assert kernels.one_program_layout(256 * 2, 8)  # Mixtral, 256 decoding sequences
+    assert kernels.one_program_layout(64 * 8, 256)  # 256 experts, 64 decoding sequences
+    assert not kernels.one_program_layout(4096 * 8, 256)
+    monkeypatch.setattr(kernels, "_align_kernel", None)  # any launch would fail
+    experts = torch.randint(0, 256, (4096, 8), generator=torch.Generator().manual_seed(1))
+    got = align_by_expert(experts.to(DEVICE), 256, 64)
+    expected = align_by_expert_torch(experts.to(DEVICE), 256, 64)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
 
 
 def test_layout_of_host_tensors_without_the_interpreter(monkeypatch):

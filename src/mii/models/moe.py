@@ -305,8 +305,12 @@ class SparseMoE(nn.Module):
             scales = {"w13_scale": self.w13_scale, "w2_scale": self.w2_scale}
         else:
             (w13, w2), scales = self.expert_weights(x.dtype), {}
-        tiles = triton_moe.default_tiles(x.shape[0] * self.top_k, fp8=kernel_fp8)
-        if envs.MOE_ROUTING.get() == "fused":  # routing and the expert layout in one launch
+        num_pairs = x.shape[0] * self.top_k
+        tiles = triton_moe.default_tiles(num_pairs, fp8=kernel_fp8)
+        if (  # routing and the expert layout in one launch
+            envs.MOE_ROUTING.get() == "fused"
+            and triton_moe.one_program_layout(num_pairs, self.num_experts)
+        ):
             weights, experts, *layout = triton_moe.route_and_align(
                 self.gate(x), self.top_k, self.renormalize, tiles.block_m
             )

@@ -309,11 +309,13 @@ def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfi
     return FP8_DEFAULT_CONFIG
 
 
-# Split-K: each program still streams at least this many weight columns, and at
-# most this many programs share a tile. From gemv_sweep on an H100 (2026-11-25,
-# 5fe16bc): down_proj (K 11008) is fastest in 2 splits (38.2 us, 4 splits 41.0,
-# none 39.7), o_proj (K 4096) unsplit (15.6 us, 4 splits 18.0): shorter slices lose
-# more to the partial sums than the idle multiprocessors cost.
+# Split-K (DEFAULT_CONFIG's automatic choice; bf16_config_for now picks unsplit
+# 32-row bands wherever 64-row ones are few, from the H200 sweep, so on 132
+# multiprocessors it applies only to explicit launches): each program still streams
+# at least this many weight columns, and at most this many programs share a tile.
+# From gemv_sweep on an H100 (2026-11-25, 5fe16bc): down_proj (K 11008) fastest in 2
+# splits (38.2 us, 4 splits 41.0, none 39.7), o_proj (K 4096) unsplit (15.6 us, 4
+# splits 18.0); 32-row bands were not in that sweep.
 MIN_K_PER_SPLIT = 4096
 # Float8 weights: half the bytes per column, and the H200 sweep (5c1c893) found 4
 # splits fastest for o_proj (K 4096: 10.8 us, unsplit 12.6+) and down_proj (19.9 us).

@@ -178,9 +178,11 @@ def default_tiles(num_pairs: int, fp8: bool = False) -> TileConfig:
     bound by reading the weights, wide ones for prompts (more reuse per tile).
     Float8 experts (``fp8``), from ``benchmarks/moe_fp8.py`` on an H200 (2026-12-03,
     792186b, 30 settings): float8 products with the activations quantized once per
-    GEMM (``a_groups``) won at every size; 1 / 16 tokens on 16 x 64 x 512 tiles: 173 /
-    403 us (bf16 experts 244 / 712 us); 128 / 1,024 / 4,096 tokens on 64 x 128 x 128:
-    485 us / 1.63 ms / 5.68 ms (bf16 782 us / 1.95 ms / 6.33 ms)."""
+    GEMM (``a_groups``) won at every size, on 16 x 64 x 512 tiles up to 32 tokens and
+    64 x 128 x 128 past that. Timed as the default in the next call: 160 / 409 / 496
+    us and 1.57 / 5.59 ms at 1 / 16 / 128 / 1,024 / 4,096 tokens (bf16 experts 245 /
+    723 / 807 us, 1.94 / 6.40 ms); one setting timed twice in a call differed by up
+    to 8 % (docs/performance.md)."""
     if fp8 and num_pairs <= 64:
         return TileConfig(16, 64, 512, num_warps=4, num_stages=3, a_groups=True)
     if fp8:
@@ -344,10 +346,13 @@ def align_by_expert(
     to a multiple of ``block_m``; ``block_expert`` names the expert of every row
     block, -1 past the end. ``M`` depends only on the shapes: ``T * k`` plus the
     worst-case padding. One launch (``align_by_expert_torch`` took ~25 small torch
-    ops, which at decode batch sizes cost more than the expert weights' reading).
+    ops, which at decode batch sizes cost more than the expert weights' reading)
+    while ``one_program_layout`` says one program is enough; the torch operations
+    otherwise.
     """
     flat = experts.reshape(-1)
-    if flat.device.type != "cuda" and not INTERPRETED:  # Triton cannot read it there
+    on_device = flat.device.type == "cuda" or INTERPRETED  # else Triton cannot read it
+    if not (on_device and one_program_layout(flat.numel(), num_experts)):
         return align_by_expert_torch(experts, num_experts, block_m)
     num_pairs = flat.numel()
     sorted_pairs, block_expert = _layout_outputs(num_pairs, num_experts, block_m, flat.device)
@@ -367,6 +372,21 @@ def align_by_expert(
         num_warps=4,
     )
     return sorted_pairs, block_expert
+
+
+# Most (pairs x experts, rounded up to a power of two) the one-program layout takes:
+# its loops run num_pairs * experts / 8192 steps on one multiprocessor. Mixtral's
+# 4,096-token passes (8,192 pairs x 8 experts: 8 steps per loop) are well inside;
+# a 256-expert top-8 model's prompt pass (32,768 pairs: 1,024 steps) would spend
+# milliseconds there, so it keeps the torch operations (which spread over the GPU).
+ONE_PROGRAM_LAYOUT_MAX = 1 << 18
+
+
+def one_program_layout(num_pairs: int, num_experts: int) -> bool:
+    """Whether one program lays out ``num_pairs`` pairs over ``num_experts`` experts
+    quickly enough (``ONE_PROGRAM_LAYOUT_MAX``): all of Mixtral's passes, decode
+    batches of up to 128 sequences of a 256-expert top-8 model."""
+    return num_pairs * triton.next_power_of_2(num_experts) <= ONE_PROGRAM_LAYOUT_MAX
 
 
 def _layout_outputs(
@@ -390,7 +410,8 @@ def route_and_align(
     sorted_pairs, block_expert) in one launch: ``SparseMoE.route`` (softmax in
     float32, top-k, optional renormalisation) and ``align_by_expert`` together, so
     a decode step's routing is one launch per layer instead of ~6 torch ones.
-    Among equal probabilities the lower expert wins."""
+    Among equal probabilities the lower expert wins. For work that
+    ``one_program_layout`` allows (the caller checks)."""
     tokens, num_experts = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
