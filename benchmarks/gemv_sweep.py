@@ -35,15 +35,14 @@ import torch.nn.functional as F
 import triton
 
 from benchmarks.common import environment, roofline, sweep_summary, write_json
-from mii.ops.triton_gemv import (
+from mii.ops.triton_gemv import skinny_linear, skinny_linear_fp8
+from mii.ops.triton_gemv_launch import (
     DEFAULT_CONFIG,
     FP8_DEFAULT_CONFIG,
     GemvConfig,
     bf16_config_for,
     config_for,
     fp8_config_for,
-    skinny_linear,
-    skinny_linear_fp8,
 )
 
 SHAPES = {  # name: (N, K) of the weight

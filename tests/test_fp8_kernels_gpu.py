@@ -78,7 +78,8 @@ MODES["integer-ops"] = dict(fp8_dot=False, dequant=1)
 @pytest.mark.parametrize("rows", [1, 4, 16])
 @pytest.mark.parametrize("n, k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
 def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows, mode):
-    from mii.ops.triton_gemv import fp8_config_for, skinny_linear_fp8
+    from mii.ops.triton_gemv import skinny_linear_fp8
+    from mii.ops.triton_gemv_launch import fp8_config_for
 
     wq, scale = _quantized(n, k, seed=n + k)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -108,7 +109,8 @@ def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows, 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_skinny_fp8_bias_and_other_activation_dtypes(dtype):
-    from mii.ops.triton_gemv import fp8_config_for, skinny_linear_fp8
+    from mii.ops.triton_gemv import skinny_linear_fp8
+    from mii.ops.triton_gemv_launch import fp8_config_for
 
     wq, scale = _quantized(4096, 4096, seed=1)
     x = torch.randn(3, 4096, device="cuda", dtype=dtype)
@@ -126,7 +128,8 @@ def test_skinny_fp8_bias_and_other_activation_dtypes(dtype):
 def test_skinny_fp8_split_k_in_a_cuda_graph():
     """Forced and automatic split-K replayed from a graph with new inputs: the
     arrival counts reset by every launch, the scale applied once."""
-    from mii.ops.triton_gemv import FP8_DEFAULT_CONFIG, skinny_linear_fp8
+    from mii.ops.triton_gemv import skinny_linear_fp8
+    from mii.ops.triton_gemv_launch import FP8_DEFAULT_CONFIG
 
     wq, scale = _quantized(4096, 11008, seed=2)
     x = torch.randn(2, 11008, device="cuda", dtype=torch.bfloat16)

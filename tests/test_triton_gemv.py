@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import TIGHT_OPTIONS, assert_matches_hf
-from mii.ops.triton_gemv import MAX_ROWS, GemvConfig, skinny_linear
+from mii.ops.triton_gemv import MAX_ROWS, skinny_linear
+from mii.ops.triton_gemv_launch import GemvConfig
 from test_triton_kernels import DEVICE
 
 
@@ -87,14 +88,14 @@ def test_split_k_rule_of_the_default_tile():
     weights take 32-row bands, ``bf16_config_for``): 4096 output rows make 64 bands
     of 64, too few programs for the GPU, so a long K is split (down_proj, 2 x 5504
     columns); o_proj's 4096 columns and wide weights are not."""
-    from mii.ops.triton_gemv import DEFAULT_CONFIG, _split_k
+    from mii.ops.triton_gemv_launch import DEFAULT_CONFIG, split_k_for
 
     cpu = torch.device("cpu")  # plans for an H100's 132 multiprocessors
-    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 4096, cpu) == 1
-    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 11008, cpu) == 2
-    assert _split_k(DEFAULT_CONFIG, 4096 // 64, 65536, cpu) == 4  # two programs per SM
-    assert _split_k(DEFAULT_CONFIG, 12288 // 64, 11008, cpu) == 1  # 192 bands fill it
-    assert _split_k(DEFAULT_CONFIG, 1, 8192, cpu) == 2  # each split >= 4096 columns
+    assert split_k_for(DEFAULT_CONFIG, 4096 // 64, 4096, cpu) == 1
+    assert split_k_for(DEFAULT_CONFIG, 4096 // 64, 11008, cpu) == 2
+    assert split_k_for(DEFAULT_CONFIG, 4096 // 64, 65536, cpu) == 4  # two programs per SM
+    assert split_k_for(DEFAULT_CONFIG, 12288 // 64, 11008, cpu) == 1  # 192 bands fill it
+    assert split_k_for(DEFAULT_CONFIG, 1, 8192, cpu) == 2  # each split >= 4096 columns
     gen = torch.Generator().manual_seed(9)
     x, w = torch.randn(2, 8192, generator=gen), torch.randn(128, 8192, generator=gen)
     out = skinny_linear(x.to(DEVICE), w.to(DEVICE), config=DEFAULT_CONFIG)  # K split 2 ways
@@ -105,7 +106,7 @@ def test_launch_by_weight_shape(monkeypatch):
     """``bf16_config_for`` on an H200's 132 multiprocessors, Llama-2-7B's projections
     at batch 1: 32-row bands where 64-row ones are fewer than two per multiprocessor
     (the H200 sweep's best, docs/performance.md), the default elsewhere."""
-    import mii.ops.triton_gemv as gemv
+    import mii.ops.triton_gemv_launch as gemv
 
     monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 132)
     cpu = torch.device("cpu")
@@ -114,13 +115,13 @@ def test_launch_by_weight_shape(monkeypatch):
     assert gemv.bf16_config_for(1, 22016, cpu) == gemv.DEFAULT_CONFIG  # gate_up
     assert gemv.bf16_config_for(1, 32000, cpu) == gemv.DEFAULT_CONFIG  # lm_head
     assert gemv.bf16_config_for(MAX_ROWS + 1, 4096, cpu) == gemv.WIDE_CONFIG
-    assert gemv._split_k(gemv.NARROW_CONFIG, 4096 // 32, 11008, cpu) == 1  # never split
+    assert gemv.split_k_for(gemv.NARROW_CONFIG, 4096 // 32, 11008, cpu) == 1  # never split
 
 
 @pytest.mark.parametrize("n", [70, 300])
 def test_narrow_launches_on_ragged_shapes(monkeypatch, n):
     """The 32-row launches (both slice widths) on N and K off their tiles."""
-    import mii.ops.triton_gemv as gemv
+    import mii.ops.triton_gemv_launch as gemv
 
     monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 4)
     gen = torch.Generator().manual_seed(n)
@@ -185,16 +186,17 @@ def test_engine_with_skinny_linear_matches_hf(checkpoints, tokenizer, monkeypatc
     as CUDA runs by default; chunked prompts and preemption; with split-K forced
     onto the tiny model's short rows too."""
     import mii.ops.triton_gemv as gemv
+    import mii.ops.triton_gemv_launch as launch
 
     monkeypatch.setenv("MII_GEMV", "triton")
     splits_seen = []
     if split:
-        monkeypatch.setattr(gemv, "MIN_K_PER_SPLIT", 16)
+        monkeypatch.setattr(launch, "MIN_K_PER_SPLIT", 16)
         for name in ("DEFAULT_CONFIG", "NARROW_CONFIG", "NARROW_MANY_BANDS_CONFIG"):
-            monkeypatch.setattr(gemv, name, GemvConfig(32, 32, num_stages=2))
-        original = gemv._split_k
+            monkeypatch.setattr(launch, name, GemvConfig(32, 32, num_stages=2))
+        original = gemv.split_k_for
         monkeypatch.setattr(
-            gemv, "_split_k", lambda *a: splits_seen.append(original(*a)) or splits_seen[-1]
+            gemv, "split_k_for", lambda *a: splits_seen.append(original(*a)) or splits_seen[-1]
         )
     path, hf_model = checkpoints("llama")
     assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)

@@ -26,7 +26,8 @@ from mii.ops.fp8_linear import (
     quantize_rows,
 )
 from mii.ops.triton_fp8 import round_to_e4m3
-from mii.ops.triton_gemv import MAX_ROWS, GemvConfig, skinny_linear_fp8
+from mii.ops.triton_gemv import MAX_ROWS, skinny_linear_fp8
+from mii.ops.triton_gemv_launch import GemvConfig
 from test_triton_kernels import DEVICE
 
 
@@ -358,7 +359,7 @@ def test_float8_kernels_switch(monkeypatch):
 def test_fp8_launch_by_weight_shape(monkeypatch):
     """``fp8_config_for`` on an H200's 132 multiprocessors, Llama-2-7B's projections
     at batch 1: the launches its sweep found fastest (docs/performance.md)."""
-    import mii.ops.triton_gemv as gemv
+    import mii.ops.triton_gemv_launch as gemv
 
     monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 132)
     device = torch.device("cpu")
@@ -367,5 +368,5 @@ def test_fp8_launch_by_weight_shape(monkeypatch):
     for n, k in [(4096, 4096), (4096, 11008)]:  # o, down: K split 4 ways
         config = gemv.fp8_config_for(1, n, k, device)
         assert config == gemv.FP8_SPLIT_CONFIG
-        assert gemv._split_k(config, triton.cdiv(n, config.block_n), k, device) == 4
+        assert gemv.split_k_for(config, triton.cdiv(n, config.block_n), k, device) == 4
     assert gemv.fp8_config_for(MAX_ROWS + 1, 4096, 4096, device).fp8_dot

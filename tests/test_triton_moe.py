@@ -8,12 +8,8 @@ import torch
 
 from mii.models.moe import grouped_kernel_enabled
 from mii.ops.dispatch import fused_kernels_enabled
-from mii.ops.triton_moe import (
-    align_by_expert,
-    align_by_expert_torch,
-    moe_grouped_mlp,
-    route_and_align,
-)
+from mii.ops.triton_moe import moe_grouped_mlp
+from mii.ops.triton_moe_layout import align_by_expert, align_by_expert_torch, route_and_align
 from test_family_mixtral import (
     CHECKPOINTS,
     TIGHT_OPTIONS,
@@ -72,9 +68,9 @@ def test_one_launch_layout_equals_the_torch_one(
     """The alignment kernel gives exactly the torch operations' layout (pair order
     kept within each expert, the same padding and block owners), at every size
     (its limit raised: past it the layout is the torch one by construction)."""
-    import mii.ops.triton_moe as kernels
+    import mii.ops.triton_moe_layout as layout
 
-    monkeypatch.setattr(kernels, "ONE_PROGRAM_LAYOUT_MAX", 1 << 30)
+    monkeypatch.setattr(layout, "ONE_PROGRAM_LAYOUT_MAX", 1 << 30)
     generator = torch.Generator().manual_seed(tokens + num_experts)
     if skew is None:
         scores = torch.rand(tokens, num_experts, generator=generator)
@@ -187,13 +183,13 @@ def test_large_layouts_keep_the_torch_operations(monkeypatch):
     """One program lays out Mixtral's passes and small decode batches of many
     experts; a 256-expert top-8 prompt pass (its loops would run ~1,000 steps on
     one multiprocessor) takes the torch operations."""
-    import mii.ops.triton_moe as kernels
+    import mii.ops.triton_moe_layout as layout
 
-    assert kernels.one_program_layout(4096 * 2, 8)  # Mixtral, a 4,096-token pass
-    assert kernels.one_program_layout(256 * 2, 8)  # Mixtral, 256 decoding sequences
-    assert kernels.one_program_layout(64 * 8, 256)  # 256 experts, 64 decoding sequences
-    assert not kernels.one_program_layout(4096 * 8, 256)
-    monkeypatch.setattr(kernels, "_align_kernel", None)  # any launch would fail
+    assert layout.one_program_layout(4096 * 2, 8)  # Mixtral, a 4,096-token pass
+    assert layout.one_program_layout(256 * 2, 8)  # Mixtral, 256 decoding sequences
+    assert layout.one_program_layout(64 * 8, 256)  # 256 experts, 64 decoding sequences
+    assert not layout.one_program_layout(4096 * 8, 256)
+    monkeypatch.setattr(layout, "_align_kernel", None)  # any launch would fail
     experts = torch.randint(0, 256, (4096, 8), generator=torch.Generator().manual_seed(1))
     got = align_by_expert(experts.to(DEVICE), 256, 64)
     expected = align_by_expert_torch(experts.to(DEVICE), 256, 64)
@@ -203,10 +199,10 @@ def test_large_layouts_keep_the_torch_operations(monkeypatch):
 def test_layout_of_host_tensors_without_the_interpreter(monkeypatch):
     """A CPU tensor on a machine that compiles Triton for its GPU (not interpreted):
     the torch operations lay it out (the kernel could not read it)."""
-    import mii.ops.triton_moe as kernels
+    import mii.ops.triton_moe_layout as layout
 
-    monkeypatch.setattr(kernels, "INTERPRETED", False)
-    monkeypatch.setattr(kernels, "_align_kernel", None)  # any launch would fail
+    monkeypatch.setattr(layout, "INTERPRETED", False)
+    monkeypatch.setattr(layout, "_align_kernel", None)  # any launch would fail
     experts = torch.tensor([[1, 0], [1, 1]])
     pairs, blocks = align_by_expert(experts, 2, 16)
     assert pairs[:2].tolist() == [1, 4] and pairs[16:19].tolist() == [0, 2, 3]

@@ -14,13 +14,8 @@ from helpers import PROMPTS, assert_greedy_margins, hf_greedy
 from mii.models.moe import SparseMoE
 from mii.models.weight_quant import fp8_weights
 from mii.ops.fp8_linear import FP8_DTYPE, quantize_per_token, quantize_rows
-from mii.ops.triton_moe import (
-    TileConfig,
-    align_by_expert,
-    default_tiles,
-    grouped_gemm,
-    moe_grouped_mlp,
-)
+from mii.ops.triton_moe import TileConfig, default_tiles, grouped_gemm, moe_grouped_mlp
+from mii.ops.triton_moe_layout import align_by_expert
 from test_family_mixtral import random_moe
 
 

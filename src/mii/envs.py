@@ -119,7 +119,7 @@ MOE_ROUTING = _choice(
     "MII_MOE_ROUTING",
     "MoE routing with the grouped kernel: softmax, top-k and renormalisation in torch "
     "(then the expert layout in one launch), or 'fused': all of it in one launch "
-    "(ops/triton_moe.route_and_align; to become the default once measured on a GPU)",
+    "(ops/triton_moe_layout.route_and_align; to become the default once measured on a GPU)",
     "torch",
     "fused",
 )

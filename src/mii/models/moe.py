@@ -296,7 +296,7 @@ class SparseMoE(nn.Module):
         """x: [T, H] -> [T, H]."""
         if not grouped_kernel_enabled(x.device):
             return all_reduce(self.forward_torch(x, *self.route(x)))
-        from mii.ops import triton_moe
+        from mii.ops import triton_moe, triton_moe_layout
 
         fused = self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(x.device)
         kernel_fp8 = self.fp8 and fp8_triton_supported(x.device)  # float8 read in the kernel
@@ -309,9 +309,9 @@ class SparseMoE(nn.Module):
         tiles = triton_moe.default_tiles(num_pairs, fp8=kernel_fp8)
         if (  # routing and the expert layout in one launch
             envs.MOE_ROUTING.get() == "fused"
-            and triton_moe.one_program_layout(num_pairs, self.num_experts)
+            and triton_moe_layout.one_program_layout(num_pairs, self.num_experts)
         ):
-            weights, experts, *layout = triton_moe.route_and_align(
+            weights, experts, *layout = triton_moe_layout.route_and_align(
                 self.gate(x), self.top_k, self.renormalize, tiles.block_m
             )
             if not self.float32_combine:

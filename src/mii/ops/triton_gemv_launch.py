@@ -1,0 +1,137 @@
+"""Which launch of the skinny linear kernel (``ops/triton_gemv.py``) a decode
+batch gets: tile shapes, pipeline depth, split-K and, for float8 weights, how the
+activations are quantized, chosen by the number of rows and the weight's shape
+from sweeps of ``benchmarks/gemv_sweep.py`` (each constant names its sweep)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+
+from mii.ops import triton_limits
+from mii.ops.dispatch import SKINNY_MAX_ROWS as MAX_ROWS
+
+
+class GemvConfig(NamedTuple):
+    """A launch of the skinny linear kernel."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+    block_m: int = 16  # rows of x per program (at least 16: the tensor cores' minimum)
+    split_k: int = 0  # programs sharing one output tile's K; 0: enough to fill the GPU
+    # Weight columns per row each program prefetches into L2 while the previous
+    # kernel runs (programmatic dependent launch, ops/triton_pdl.py); 0: none.
+    prefetch_k: int = 1024
+    # Float8 weights only: how they are converted (ops/triton_fp8.py): 0 Triton's
+    # conversion instructions, 1 integer operations.
+    dequant: int = 0
+    # Float8 weights only: quantize each BLOCK_K slice of x's rows to e4m3 in the
+    # kernel and multiply float8 by float8 (``dequant`` then unused).
+    fp8_dot: bool = False
+    # With fp8_dot: quantize x's BLOCK_K slices in a launch of their own first
+    # (ops/triton_quant.quantize_groups_fp8), so that the weight loop holds no
+    # reductions; the same numbers. One more launch per layer input.
+    x_groups: bool = False
+
+
+# From benchmarks/gemv_sweep.py on an H100 (2026-11-25, docs/performance.md): within
+# 0.3 us of the best of 44 settings on each Llama-2-7B projection at 1 and 16 rows.
+# 120 KB of bf16 pipeline stages; fewer stages where the GPU has less shared memory.
+DEFAULT_CONFIG = GemvConfig(64, 128, num_warps=4, num_stages=6)
+# Float8 weights: float8 products (x quantized per slice in the kernel; converting
+# the weights to bf16 held the kernel to 28-39 % of the H200's copy bandwidth). From
+# gemv_sweep --fp8 --fp8-sweep on an H200 (2026-12-03, 5c1c893, 1 row, Llama-2-7B):
+# many 64-row bands (gate_up, 344): 64 x 256, 3 stages (3 programs per SM), 31.1 us;
+# fewer bands than two per SM (qkv, 192): 128 x 256, 8 warps, 19.8 us; bands that
+# split K (o, down: 4 ways): 64 x 256, 4 stages, 10.8 / 19.9 us (`fp8_config_for`).
+# x quantized by a launch of its own (x_groups), both launches timed (gemv_sweep --fp8,
+# H200, 2026-12-03, 792186b, 1 row): qkv 18.7 vs 20.0 us in the loop, gate_up 28.8 vs
+# 30.5, down 18.4 vs 19.4, o 10.8 vs 10.6; the weight loop then holds no reductions.
+FP8_DEFAULT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=3, fp8_dot=True, x_groups=True)
+FP8_FEW_BANDS_CONFIG = GemvConfig(
+    128, 256, num_warps=8, num_stages=4, split_k=1, fp8_dot=True, x_groups=True
+)
+FP8_SPLIT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=4, fp8_dot=True, x_groups=True)
+# Past 16 rows (not routed here yet; a first guess for the sweep to beat).
+WIDE_CONFIG = GemvConfig(128, 64, num_warps=4, num_stages=3, block_m=64)
+
+
+# 16-bit weights with fewer 64-row bands than two per multiprocessor (Llama-2-7B's
+# qkv, o and down on an H200): 32-row bands, K unsplit. gemv_sweep (H200, 2026-12-03,
+# 792186b, 1 row): o 11.4 vs 13.1 us, qkv 30.4 vs 31.9, down 26.9 vs 27.5 us for
+# DEFAULT_CONFIG (the H100's choice; split-K 2 came second on o and down); 256-column
+# slices where the 32-row bands are few (o, down), 128 where they are many (qkv).
+NARROW_CONFIG = GemvConfig(32, 256, num_warps=4, num_stages=6, split_k=1)
+NARROW_MANY_BANDS_CONFIG = GemvConfig(32, 128, num_warps=4, num_stages=6, split_k=1)
+
+
+def config_for(rows: int, fp8: bool = False) -> GemvConfig:
+    """The launch for a batch of ``rows`` (of float8 weights with ``fp8``; the
+    shape-aware choices are ``fp8_config_for`` and ``bf16_config_for``)."""
+    if rows > MAX_ROWS:
+        return WIDE_CONFIG
+    return FP8_DEFAULT_CONFIG if fp8 else DEFAULT_CONFIG
+
+
+def bf16_config_for(rows: int, n: int, device: torch.device) -> GemvConfig:
+    """The 16/32-bit launch for ``rows`` of x and ``n`` output channels on ``device``:
+    32-row bands where 64-row ones would leave multiprocessors with fewer than two,
+    else ``config_for`` (the sweep behind it: NARROW_CONFIG)."""
+    if rows > MAX_ROWS:
+        return WIDE_CONFIG
+    twice_the_sms = 2 * triton_limits.multiprocessors(device)
+    if triton.cdiv(n, DEFAULT_CONFIG.block_n) > twice_the_sms:
+        return DEFAULT_CONFIG
+    if triton.cdiv(n, NARROW_CONFIG.block_n) > twice_the_sms:
+        return NARROW_MANY_BANDS_CONFIG
+    return NARROW_CONFIG
+
+
+def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfig:
+    """The float8 launch for ``rows`` of x and an [n, k] weight on ``device``: split
+    K where 64-row bands leave multiprocessors idle, wider bands where there are
+    fewer than two per multiprocessor, else the default (sweep: FP8_DEFAULT_CONFIG)."""
+    if rows > MAX_ROWS:
+        return WIDE_CONFIG._replace(fp8_dot=True)
+    bands = triton.cdiv(n, FP8_SPLIT_CONFIG.block_n)
+    if _auto_splits(bands, k, device, FP8_MIN_K_PER_SPLIT) > 1:
+        return FP8_SPLIT_CONFIG
+    if bands <= 2 * triton_limits.multiprocessors(device):
+        return FP8_FEW_BANDS_CONFIG
+    return FP8_DEFAULT_CONFIG
+
+
+# Split-K (DEFAULT_CONFIG's automatic choice; bf16_config_for now picks unsplit
+# 32-row bands wherever 64-row ones are few, from the H200 sweep, so on 132
+# multiprocessors it applies only to explicit launches): each program still streams
+# at least this many weight columns, and at most this many programs share a tile.
+# From gemv_sweep on an H100 (2026-11-25, 5fe16bc): down_proj (K 11008) fastest in 2
+# splits (38.2 us, 4 splits 41.0, none 39.7), o_proj (K 4096) unsplit (15.6 us, 4
+# splits 18.0); 32-row bands were not in that sweep.
+MIN_K_PER_SPLIT = 4096
+# Float8 weights: half the bytes per column, and the H200 sweep (5c1c893) found 4
+# splits fastest for o_proj (K 4096: 10.8 us, unsplit 12.6+) and down_proj (19.9 us).
+FP8_MIN_K_PER_SPLIT = 1024
+MAX_SPLIT_K = 8
+
+
+def split_k_for(config: GemvConfig, tiles: int, k: int, device: torch.device) -> int:
+    """How many programs share each output tile's K (``config.split_k``, or with 0
+    enough for about two programs per multiprocessor, each streaming at least
+    MIN_K_PER_SPLIT columns: with 4096 output rows a 64-row band leaves half an
+    H100 idle)."""
+    splits = config.split_k
+    if splits == 0:
+        min_k = FP8_MIN_K_PER_SPLIT if config.fp8_dot else MIN_K_PER_SPLIT
+        splits = _auto_splits(tiles, k, device, min_k)
+    return splits
+
+
+def _auto_splits(tiles: int, k: int, device: torch.device, min_k_per_split: int) -> int:
+    """About two programs per multiprocessor, each streaming >= ``min_k_per_split``."""
+    splits = min(MAX_SPLIT_K, max(1, 2 * triton_limits.multiprocessors(device) // tiles))
+    return min(splits, max(1, k // min_k_per_split))
