@@ -2,6 +2,7 @@
 timed from CUDA graphs (a diagnostic: its best rows set ``DECODE_LAUNCH``).
 
     python benchmarks/decode_sweep.py [--json out.json]
+    python benchmarks/decode_sweep.py --long-context   # batch 1, 8k-128k keys, split-KV cap
 """
 
 from __future__ import annotations
@@ -27,11 +28,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default=None)
     parser.add_argument("--gqa-only", action="store_true", help="only the grouped-query rows")
+    parser.add_argument(
+        "--long-context",
+        action="store_true",
+        help="only batch 1 of a grouped-query model at 8k-128k keys, by split-KV cap",
+    )
     args = parser.parse_args()
     device = torch.device("cuda")
     result = {"benchmark": "decode_sweep", **environment(), "roofline": roofline(device)}
     copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
     total_blocks = 40_000
+    if args.long_context:
+        result["long_context_splits"] = long_context_splits(copy_bw, device)
+        write_json(args.json, result)
+        return
     if args.gqa_only:
         result["gqa_program_order"] = gqa_order(copy_bw, total_blocks, device)
         write_json(args.json, result)
@@ -138,6 +148,42 @@ def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> l
                 row[f"{variant}_of_copy_bw"] = round(moved / seconds / copy_bw, 3)
             rows.append(row)
             print(f"GQA {name} {seqs} x {context}: {row}", flush=True)
+    return rows
+
+
+def long_context_splits(copy_bw: float, device, kv_heads: int = 8) -> list[dict]:
+    """Batch 1 of Llama-3-8B's attention layout (32 query heads on 8 KV heads) over
+    8k-128k keys, bf16 and fp8 caches, with the split-KV cap
+    (``triton_attention.MAX_KV_SPLITS``) at 8-64: the bytes read, as time."""
+    contexts = (8192, 32768, 131072)
+    total_blocks = max(contexts) // BLOCK + 64
+    k_cache = torch.randn(total_blocks, BLOCK, kv_heads, DIM, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    default_cap = triton_attention.MAX_KV_SPLITS
+    rows = []
+    for name, (kc, vc) in {
+        "bf16": (k_cache, v_cache),
+        "fp8": (k_cache.to(FP8_KV_DTYPE), v_cache.to(FP8_KV_DTYPE)),
+    }.items():
+        for context in contexts:
+            batch = paged_batch([1], [context], device, total_blocks)
+            q = torch.randn(1, HEADS, DIM, device=device, dtype=torch.bfloat16)
+            moved = 2 * context * kv_heads * DIM * kc.element_size()
+            row = {"cache": name, "context": context, "default_cap": default_cap}
+            for cap in (8, 16, 32, 64):
+                triton_attention.MAX_KV_SPLITS = cap
+                try:
+                    seconds = bench_graph(
+                        lambda q=q, b=batch, k=kc, v=vc: paged_attention_from_cache(
+                            q, k, v, b, DIM**-0.5
+                        )
+                    )
+                finally:
+                    triton_attention.MAX_KV_SPLITS = default_cap
+                row[f"cap{cap}_us"] = round(seconds * 1e6, 1)
+                row[f"cap{cap}_of_copy_bw"] = round(moved / seconds / copy_bw, 3)
+            rows.append(row)
+            print(f"long context {name} 1 x {context}: {row}", flush=True)
     return rows
 
 

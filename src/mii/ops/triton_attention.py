@@ -494,12 +494,20 @@ HEAD_MAJOR_DECODE = True
 GQA_DECODE_PACK = 4
 
 
+# Most split-KV slices per decode program. At batch 1 a grouped-query model has
+# few programs (Llama-3-8B: 8 KV heads, 4 query heads packed per program), so this
+# caps its parallelism: 8 x 16 = 128 programs for a 32k context, each streaming 2k
+# keys (decode at 32k ran at 71 % of its bandwidth floor on the H200);
+# decode_sweep --long-context times 8-64 (not yet run).
+MAX_KV_SPLITS = 16
+
+
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
     """Split-KV only for decode tiles that would leave most multiprocessors idle."""
     if tiles.size > 16 or device.type != "cuda":
         return 1
     target = 2 * triton_limits.multiprocessors(device)
-    return 1 if programs >= target else min(16, triton.cdiv(target, programs))
+    return 1 if programs >= target else min(MAX_KV_SPLITS, triton.cdiv(target, programs))
 
 
 def _tile_sets(batch: AttentionBatch, device: torch.device) -> list[TileSet]:
