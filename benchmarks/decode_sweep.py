@@ -2,7 +2,7 @@
 timed from CUDA graphs (a diagnostic: its best rows set ``DECODE_LAUNCH``).
 
     python benchmarks/decode_sweep.py [--json out.json]
-    python benchmarks/decode_sweep.py --long-context   # batch 1, 8k-128k keys, split-KV cap
+    python benchmarks/decode_sweep.py --long-context   # batch 1, 1k-128k keys, split counts
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument(
         "--long-context",
         action="store_true",
-        help="only batch 1 of a grouped-query model at 8k-128k keys, by split-KV cap",
+        help="only batch 1 at 1k-128k keys, by split count (Llama-3-8B and Llama-2-7B layouts)",
     )
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -151,39 +151,41 @@ def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> l
     return rows
 
 
-def long_context_splits(copy_bw: float, device, kv_heads: int = 8) -> list[dict]:
-    """Batch 1 of Llama-3-8B's attention layout (32 query heads on 8 KV heads) over
-    8k-128k keys, bf16 and fp8 caches, with the split-KV cap
-    (``triton_attention.MAX_KV_SPLITS``) at 8-64: the bytes read, as time."""
-    contexts = (8192, 32768, 131072)
-    total_blocks = max(contexts) // BLOCK + 64
-    k_cache = torch.randn(total_blocks, BLOCK, kv_heads, DIM, device=device, dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    default_cap = triton_attention.MAX_KV_SPLITS
+def long_context_splits(copy_bw: float, device) -> list[dict]:
+    """Batch 1 over 1k-128k keys: Llama-3-8B's layout (32 query heads on 8 KV heads,
+    4 packed per program) and Llama-2-7B's (32 KV heads), bf16 and fp8 caches, at
+    the default split count and at 1-128 explicit slices: the bytes read, as time."""
+    contexts = (1024, 4096, 8192, 32768, 131072)
     rows = []
-    for name, (kc, vc) in {
-        "bf16": (k_cache, v_cache),
-        "fp8": (k_cache.to(FP8_KV_DTYPE), v_cache.to(FP8_KV_DTYPE)),
-    }.items():
-        for context in contexts:
-            batch = paged_batch([1], [context], device, total_blocks)
-            q = torch.randn(1, HEADS, DIM, device=device, dtype=torch.bfloat16)
-            moved = 2 * context * kv_heads * DIM * kc.element_size()
-            row = {"cache": name, "context": context, "default_cap": default_cap}
-            for cap in (8, 16, 32, 64):
-                triton_attention.MAX_KV_SPLITS = cap
-                try:
+    for kv_heads in (8, 32):
+        total_blocks = (max(contexts) if kv_heads == 8 else 32768) // BLOCK + 64
+        k_cache = torch.randn(
+            total_blocks, BLOCK, kv_heads, DIM, device=device, dtype=torch.bfloat16
+        )
+        v_cache = torch.randn_like(k_cache)
+        for name, (kc, vc) in {
+            "bf16": (k_cache, v_cache),
+            "fp8": (k_cache.to(FP8_KV_DTYPE), v_cache.to(FP8_KV_DTYPE)),
+        }.items():
+            for context in contexts:
+                if context > (total_blocks - 64) * BLOCK:
+                    continue
+                batch = paged_batch([1], [context], device, total_blocks)
+                q = torch.randn(1, HEADS, DIM, device=device, dtype=torch.bfloat16)
+                moved = 2 * context * kv_heads * DIM * kc.element_size()
+                row = {"kv_heads": kv_heads, "cache": name, "context": context}
+                for splits in (None, 1, 8, 16, 32, 64, 128):
                     seconds = bench_graph(
-                        lambda q=q, b=batch, k=kc, v=vc: paged_attention_from_cache(
-                            q, k, v, b, DIM**-0.5
+                        lambda q=q, b=batch, k=kc, v=vc, s=splits: paged_attention_from_cache(
+                            q, k, v, b, DIM**-0.5, splits=s
                         )
                     )
-                finally:
-                    triton_attention.MAX_KV_SPLITS = default_cap
-                row[f"cap{cap}_us"] = round(seconds * 1e6, 1)
-                row[f"cap{cap}_of_copy_bw"] = round(moved / seconds / copy_bw, 3)
-            rows.append(row)
-            print(f"long context {name} 1 x {context}: {row}", flush=True)
+                    key = "default" if splits is None else f"s{splits}"
+                    row[f"{key}_us"] = round(seconds * 1e6, 1)
+                    row[f"{key}_of_copy_bw"] = round(moved / seconds / copy_bw, 3)
+                rows.append(row)
+                print(f"long context {row}", flush=True)
+        del k_cache, v_cache, kc, vc
     return rows
 
 

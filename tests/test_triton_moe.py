@@ -350,13 +350,27 @@ def test_engine_with_grouped_kernel_matches_hf(moe_checkpoints, tokenizer, name,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")
 @pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
-def test_engine_with_fused_routing_matches_hf(moe_checkpoints, tokenizer, name, monkeypatch):  # noqa: F811
-    """MII_MOE_ROUTING=fused (routing and layout in one launch): greedy tokens still
-    equal transformers'."""
+def test_engine_with_torch_routing_matches_hf(moe_checkpoints, tokenizer, name, monkeypatch):  # noqa: F811
+    """MII_MOE_ROUTING=torch (the routing that large passes take by default; this
+    test's small passes otherwise route in one launch): greedy tokens still equal
+    transformers'."""
     monkeypatch.setenv("MII_MOE", "triton")
-    monkeypatch.setenv("MII_MOE_ROUTING", "fused")
+    monkeypatch.setenv("MII_MOE_ROUTING", "torch")
     path, hf_model = moe_checkpoints(name)
     assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
+
+
+def test_auto_routing_fuses_small_passes_only():
+    """MII_MOE_ROUTING=auto: one launch up to FUSED_ROUTING_MAX_PAIRS pairs, torch
+    operations past it; 'fused' up to what one program lays out; 'torch' never."""
+    from mii.ops.triton_moe_layout import FUSED_ROUTING_MAX_PAIRS, fused_routing
+
+    assert fused_routing("auto", 2, 8)
+    assert fused_routing("auto", FUSED_ROUTING_MAX_PAIRS, 8)
+    assert not fused_routing("auto", FUSED_ROUTING_MAX_PAIRS + 2, 8)
+    assert fused_routing("fused", 8192, 8)
+    assert not fused_routing("fused", 32768, 256)  # past ONE_PROGRAM_LAYOUT_MAX
+    assert not fused_routing("torch", 2, 8)
 
 
 def test_pipeline_stages_fit_shared_memory(monkeypatch):

@@ -307,10 +307,7 @@ class SparseMoE(nn.Module):
             (w13, w2), scales = self.expert_weights(x.dtype), {}
         num_pairs = x.shape[0] * self.top_k
         tiles = triton_moe.default_tiles(num_pairs, fp8=kernel_fp8)
-        if (  # routing and the expert layout in one launch
-            envs.MOE_ROUTING.get() == "fused"
-            and triton_moe_layout.one_program_layout(num_pairs, self.num_experts)
-        ):
+        if triton_moe_layout.fused_routing(envs.MOE_ROUTING.get(), num_pairs, self.num_experts):
             weights, experts, *layout = triton_moe_layout.route_and_align(
                 self.gate(x), self.top_k, self.renormalize, tiles.block_m
             )

@@ -417,11 +417,16 @@ def _merge_splits_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_MIN_KEYS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s over a tile's queries,
-    for the tiles whose keys were split (the others wrote their output)."""
+    """out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s for each query of a tile
+    and one head, for the tiles whose keys were split (the others wrote their output).
+
+    All slices of a query are loaded at once ([SPLITS_P2, D_PAD]): one memory
+    latency per query, where a loop over slices paid one per slice (at 16 slices
+    that loop, not the attention, set batch 1's pace at long contexts)."""
     triton_pdl.wait_for_predecessor(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -432,32 +437,28 @@ def _merge_splits_kernel(
     seq_len = tl.load(seq_lens + seq)
     lo, hi = _key_range(seq_len, seq_len - q_len, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
     used = _splits_used(hi - lo, splits, SPLIT_MIN_KEYS)
-    offs_m = first + tl.arange(0, BLOCK_M)
-    m_mask = (offs_m < q_len) & (used > 1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    s_mask = offs_s < used
     offs_d = tl.arange(0, D_PAD)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    for split in range(0, used):  # one slice at a time: few registers
-        row = (split * num_tokens + q_begin + offs_m) * NUM_HEADS + head
-        m_s = tl.load(Part_M + row, mask=m_mask, other=float("-inf"))
-        l_s = tl.load(Part_L + row, mask=m_mask, other=0.0)
+    # Queries of this tile whose keys were split (none when one program took them).
+    queries = tl.where(used > 1, tl.minimum(BLOCK_M, q_len - first), 0)
+    for i in range(0, queries):
+        token = q_begin + first + i
+        row = (offs_s * num_tokens + token) * NUM_HEADS + head
+        m_s = tl.load(Part_M + row, mask=s_mask, other=float("-inf"))
+        l_s = tl.load(Part_L + row, mask=s_mask, other=0.0)
         o_s = tl.load(
-            Part_O + row[:, None] * D_PAD + offs_d[None, :], mask=m_mask[:, None], other=0.0
+            Part_O + row[:, None] * D_PAD + offs_d[None, :], mask=s_mask[:, None], other=0.0
         )
-        m_new = tl.maximum(m, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        beta = tl.exp(m_s - m_safe)
-        total = total * alpha + l_s * beta
-        acc = acc * alpha[:, None] + o_s * beta[:, None]
-        m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(
-        Out + (q_begin + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=m_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-    )
+        m = tl.max(m_s, 0)
+        weight = tl.exp(m_s - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty slices
+        total = tl.sum(weight * l_s, 0)
+        out = tl.sum(o_s * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(
+            Out + token * stride_ot + head * stride_oh + offs_d,
+            out.to(Out.dtype.element_ty),
+            mask=offs_d < HEAD_DIM,
+        )
 
 
 # Fewest keys one split-KV program takes: below it, the merge would cost more
@@ -689,6 +690,9 @@ def paged_attention_from_cache(
                 BLOCK_M=tiles.size,
                 BLOCK_N=block_n,
                 SPLIT_MIN_KEYS=split_min_keys,
+                # One width for every split count up to MAX_KV_SPLITS: a width per
+                # count would compile a variant per batch size mid-serving.
+                SPLITS_P2=triton.next_power_of_2(max(num_splits, MAX_KV_SPLITS)),
                 HAS_WINDOW=sliding_window is not None,
                 **dependent_launch,
             )

@@ -203,6 +203,22 @@ def one_program_layout(num_pairs: int, num_experts: int) -> bool:
     return num_pairs * triton.next_power_of_2(num_experts) <= ONE_PROGRAM_LAYOUT_MAX
 
 
+# Most (token, expert) pairs that MII_MOE_ROUTING=auto routes in one launch. On the
+# H200 (2026-12-03, Mixtral layer, moe_fp8.py --routing) the one launch is faster up
+# to 128 tokens (256 pairs: 419 vs 435 us per layer; batch 1 126.1 vs 118.9 tok/s)
+# and slower from 1,024 (1.59 vs 1.41 ms): its one program's loops grow with the
+# pass while the torch operations spread over the GPU.
+FUSED_ROUTING_MAX_PAIRS = 256
+
+
+def fused_routing(mode: str, num_pairs: int, num_experts: int) -> bool:
+    """Whether a pass routes through ``route_and_align`` under ``MII_MOE_ROUTING=mode``
+    ('auto': small passes; 'fused': every pass one program can lay out; 'torch': none)."""
+    if mode == "torch" or not one_program_layout(num_pairs, num_experts):
+        return False
+    return mode == "fused" or num_pairs <= FUSED_ROUTING_MAX_PAIRS
+
+
 def _layout_outputs(
     num_pairs: int, num_experts: int, block_m: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
