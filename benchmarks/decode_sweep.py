@@ -33,6 +33,11 @@ def main() -> None:
         action="store_true",
         help="only batch 1 at 1k-128k keys, by split count (Llama-3-8B and Llama-2-7B layouts)",
     )
+    parser.add_argument(
+        "--batch1-launch",
+        action="store_true",
+        help="only batch 1's launch settings (keys per step, warps, stages), bf16 cache",
+    )
     args = parser.parse_args()
     device = torch.device("cuda")
     result = {"benchmark": "decode_sweep", **environment(), "roofline": roofline(device)}
@@ -40,6 +45,10 @@ def main() -> None:
     total_blocks = 40_000
     if args.long_context:
         result["long_context_splits"] = long_context_splits(copy_bw, device)
+        write_json(args.json, result)
+        return
+    if args.batch1_launch:
+        result["batch1_launch"] = batch1_launch(copy_bw, device)
         write_json(args.json, result)
         return
     if args.gqa_only:
@@ -186,6 +195,50 @@ def long_context_splits(copy_bw: float, device) -> list[dict]:
                 rows.append(row)
                 print(f"long context {row}", flush=True)
         del k_cache, v_cache, kc, vc
+    return rows
+
+
+def batch1_launch(copy_bw: float, device) -> list[dict]:
+    """Batch 1 (few programs, so each one's loop latency shows) on a bf16 cache: keys
+    per step, warps and stages of the decode launch, Llama-3-8B's packed grouped-query
+    programs (DECODE_LAUNCH_GQA) and Llama-2-7B's one head per program (DECODE_LAUNCH),
+    at the default split count."""
+    rows = []
+    for kv_heads, kind in ((8, "DECODE_LAUNCH_GQA"), (32, "DECODE_LAUNCH")):
+        total_blocks = 32768 // BLOCK + 64
+        k_cache = torch.randn(
+            total_blocks, BLOCK, kv_heads, DIM, device=device, dtype=torch.bfloat16
+        )
+        v_cache = torch.randn_like(k_cache)
+        launch = getattr(triton_attention, kind)
+        defaults = launch.copy()
+        for context in (384, 4096, 32768):
+            batch = paged_batch([1], [context], device, total_blocks)
+            q = torch.randn(1, HEADS, DIM, device=device, dtype=torch.bfloat16)
+            moved = 2 * context * kv_heads * DIM * k_cache.element_size()
+            timed = []
+            try:
+                for block_n, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
+                    launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
+                    try:
+                        seconds = bench_graph(
+                            lambda q=q, b=batch, k=k_cache, v=v_cache: paged_attention_from_cache(
+                                q, k, v, b, DIM**-0.5
+                            )
+                        )
+                    except Exception as error:  # a setting this GPU cannot launch
+                        print(f"{kind} {context} {block_n},{warps},{stages}: {error!r:.80}")
+                        continue
+                    timed.append((seconds, (block_n, warps, stages)))
+            finally:
+                launch.update(defaults)
+            timed.sort()
+            default = next((t for t, c in timed if c == tuple(defaults.values())), float("nan"))
+            row = {"kv_heads": kv_heads, "launch": kind, "context": context}
+            row |= sweep_summary(timed, default, moved, copy_bw)
+            rows.append(row)
+            print(f"batch1 launch {row}", flush=True)
+        del k_cache, v_cache
     return rows
 
 

@@ -37,6 +37,7 @@ while [ $# -gt 0 ]; do
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --profile-passes 0 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
     decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1\|GQA" "$OUT/decode_sweep.log" ;;
     decode-long) python3 benchmarks/decode_sweep.py --long-context --json "$OUT/decode_long.json" > "$OUT/decode_long.log" 2>&1; grep "long context" "$OUT/decode_long.log" | cut -c1-400 || tail -20 "$OUT/decode_long.log" ;;
+    decode-batch1) python3 benchmarks/decode_sweep.py --batch1-launch --json "$OUT/decode_batch1.json" > "$OUT/decode_batch1.log" 2>&1; grep "batch1 launch" "$OUT/decode_batch1.log" | cut -c1-420 || tail -20 "$OUT/decode_batch1.log" ;;
     gemv-sweep) python3 benchmarks/gemv_sweep.py --rows 1 16 64 128 256 --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.log" 2>&1; grep "M=" "$OUT/gemv_sweep.log" ;;
     latency-nopdl) MII_PDL=off python3 benchmarks/latency.py --json "$OUT/latency_nopdl.json" > "$OUT/latency_nopdl.log" 2>&1; tail -12 "$OUT/latency_nopdl.log" ;;
     latency-cublas) MII_GEMV=torch python3 benchmarks/latency.py --json "$OUT/latency_cublas.json" > "$OUT/latency_cublas.log" 2>&1; tail -12 "$OUT/latency_cublas.log" ;;

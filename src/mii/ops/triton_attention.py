@@ -497,10 +497,12 @@ GQA_DECODE_PACK = 4
 
 # Most split-KV slices per decode program. At batch 1 a grouped-query model has
 # few programs (Llama-3-8B: 8 KV heads, 4 query heads packed per program), so this
-# caps its parallelism: 8 x 16 = 128 programs for a 32k context, each streaming 2k
-# keys (decode at 32k ran at 71 % of its bandwidth floor on the H200);
-# decode_sweep --long-context times 8-64 (not yet run).
-MAX_KV_SPLITS = 16
+# caps its parallelism. decode_sweep --long-context (H200, 2026-12-03, 1a1bfdb),
+# Llama-3-8B's layout at batch 1, bf16 cache: 32 slices are the best of 1-128 from
+# 4k to 128k keys (32k: 53.1 us vs 71.0 with 16, 56.7 with 64; 128k: 150.1 vs 225.2,
+# 84 % of copy bandwidth) and within 1 us of 8 at 1k; fp8 cache alike. Llama-2-7B's
+# 32 programs take 9 slices (2 x SMs), whatever this cap above 9.
+MAX_KV_SPLITS = 32
 
 
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
