@@ -4,7 +4,7 @@ experts (per expert and output channel scales; float8 products by default), at
 several token counts, with a sweep of tile settings for the float8 kernel.
 
     python benchmarks/moe_fp8.py [--tokens 1 16 128 1024 4096] [--no-sweep] [--bf16-sweep]
-        [--routing] [--json out.json]
+        [--routing] [--grouped-mm] [--json out.json]
 
 Reports microseconds, the expert-weight bytes read over the copy bandwidth (few
 tokens: each chosen expert's weights once, 2 bytes a weight in bf16, 1 in fp8)
@@ -20,7 +20,7 @@ import os
 import torch
 
 from benchmarks.common import environment, roofline, write_json
-from benchmarks.kernels import bench_graph
+from benchmarks.kernels import bench, bench_graph
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 
@@ -81,6 +81,11 @@ def main() -> None:
         action="store_true",
         help="time the whole layer with MII_MOE_ROUTING=torch and =fused",
     )
+    parser.add_argument(
+        "--grouped-mm",
+        action="store_true",
+        help="time bf16 experts through torch._grouped_mm too (MII_MOE_PROMPT_GEMM=grouped_mm)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -138,6 +143,24 @@ def main() -> None:
                     bf16_sweep[tiles] = bench_graph(lambda tiles=tiles: bf16(tiles))
                 except Exception as err:
                     print(f"tokens {tokens} bf16 {tiles}: {type(err).__name__}")
+            grouped_mm = {}
+            if args.grouped_mm:
+                from mii.ops.moe_grouped_mm import moe_mlp_grouped_mm
+
+                def through_grouped_mm(x=x, weights=weights, chosen=chosen):
+                    return moe_mlp_grouped_mm(
+                        x, w13_bf16, w2_bf16, weights, chosen, moe.act, "silu"
+                    )
+
+                reference = bf16().float()
+                grouped_mm["error"] = (
+                    (through_grouped_mm().float() - reference).norm() / reference.norm()
+                ).item()
+                try:
+                    grouped_mm["seconds"] = bench_graph(through_grouped_mm)
+                except RuntimeError as err:  # not capturable here: time it eagerly
+                    print(f"tokens {tokens} grouped_mm in a graph: {err!r:.120}; eager")
+                    grouped_mm["seconds"] = bench(through_grouped_mm)
             layer = {}
             for fused_routing in (False, True) if args.routing else ():
                 # The whole layer (router GEMV, routing, layout, experts), both ways.
@@ -164,6 +187,10 @@ def main() -> None:
         }
         if bf16_sweep:
             row["bf16_top5"] = _top(bf16_sweep)
+        if grouped_mm:
+            row["bf16_grouped_mm_us"] = round(grouped_mm["seconds"] * 1e6, 1)
+            row["bf16_grouped_mm_tflops"] = round(flops / grouped_mm["seconds"] / 1e12, 1)
+            row["bf16_grouped_mm_vs_triton_relative_error"] = round(grouped_mm["error"], 5)
         if layer:
             row["fp8_layer_us"] = round(layer[False] * 1e6, 1)
             row["fp8_layer_fused_routing_us"] = round(layer[True] * 1e6, 1)
@@ -173,6 +200,12 @@ def main() -> None:
             f"({row['fp8_weight_fraction_of_copy']:.0%} of copy bw)  best fp8 "
             f"{row['fp8_best_us']} us {row['fp8_best_tiles']}"
             + (f"  best bf16 {row['bf16_top5'][0]}" if bf16_sweep else "")
+            + (
+                f"  bf16 grouped_mm {row['bf16_grouped_mm_us']} us "
+                f"({row['bf16_grouped_mm_tflops']} TFLOP/s, bf16 Triton {row['bf16_tflops']})"
+                if grouped_mm
+                else ""
+            )
             + (
                 f"  layer {row['fp8_layer_us']} us, fused routing "
                 f"{row['fp8_layer_fused_routing_us']} us"

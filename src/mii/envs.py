@@ -9,6 +9,7 @@
 | ``MII_PDL`` | ``auto``, ``off`` | programmatic dependent launch (Hopper and newer) |
 | ``MII_FP8_KERNELS`` | ``triton``, ``off`` | Triton kernels reading float8 weights (CUDA) |
 | ``MII_MOE_ROUTING`` | ``auto``, ``torch``, ``fused`` | one-launch MoE routing (auto: small) |
+| ``MII_MOE_PROMPT_GEMM`` | ``triton``, ``grouped_mm`` | experts' GEMMs of large MoE passes |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_API_KEY`` | unset, a key | the API key of deployments and clients |
 | ``MII_REPLICA_TOKEN`` | unset, a token | internal: what a replica's port requires |
@@ -127,6 +128,15 @@ MOE_ROUTING = _choice(
     "fused",
 )
 
+MOE_PROMPT_GEMM = _choice(
+    "MII_MOE_PROMPT_GEMM",
+    "the experts' matmuls of MoE passes of at least ops/moe_grouped_mm.GROUPED_MM_MIN_PAIRS "
+    "(token, expert) pairs, 16-bit experts: the grouped Triton kernel, or "
+    "'grouped_mm': torch._grouped_mm (CUTLASS on sm_90+; not yet measured on a GPU)",
+    "triton",
+    "grouped_mm",
+)
+
 # ----- files ------------------------------------------------------------------
 
 CACHE_DIR: Switch[Path] = Switch(
@@ -222,6 +232,7 @@ SWITCHES: tuple[Switch, ...] = (
     PDL,
     FP8_KERNELS,
     MOE_ROUTING,
+    MOE_PROMPT_GEMM,
     CACHE_DIR,
     API_KEY,
     REPLICA_TOKEN,

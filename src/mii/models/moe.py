@@ -306,6 +306,13 @@ class SparseMoE(nn.Module):
         else:
             (w13, w2), scales = self.expert_weights(x.dtype), {}
         num_pairs = x.shape[0] * self.top_k
+        if self._grouped_mm_pass(x, w13, w2, num_pairs):
+            from mii.ops.moe_grouped_mm import moe_mlp_grouped_mm
+
+            weights, experts = self.route(x)
+            fused_act = self.act_name if fused else None
+            out = moe_mlp_grouped_mm(x, w13, w2, weights, experts, self.act, fused_act)
+            return all_reduce(out)
         tiles = triton_moe.default_tiles(num_pairs, fp8=kernel_fp8)
         if triton_moe_layout.fused_routing(envs.MOE_ROUTING.get(), num_pairs, self.num_experts):
             weights, experts, *layout = triton_moe_layout.route_and_align(
@@ -328,6 +335,19 @@ class SparseMoE(nn.Module):
             **scales,
         )
         return all_reduce(out)
+
+    def _grouped_mm_pass(
+        self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_pairs: int
+    ) -> bool:
+        """Whether this pass's experts run through ``torch._grouped_mm``
+        (``MII_MOE_PROMPT_GEMM=grouped_mm``, a large pass, operands it takes)."""
+        from mii.ops import moe_grouped_mm
+
+        return (
+            envs.MOE_PROMPT_GEMM.get() == "grouped_mm"
+            and num_pairs >= moe_grouped_mm.GROUPED_MM_MIN_PAIRS
+            and moe_grouped_mm.grouped_mm_applies(x, w13, w2)
+        )
 
     def forward_torch(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
