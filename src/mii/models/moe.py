@@ -17,6 +17,10 @@ The compute is grouped by expert, never a Python loop over tokens. On CUDA
 (or with ``MII_MOE=triton``) it is ``ops.triton_moe.moe_grouped_mlp``: pairs
 sorted by expert on the device and every expert's matmul in one grouped
 Triton launch, with no host sync, so MoE models run in CUDA graphs too.
+Passes of up to 256 (token, expert) pairs (decode batches) route in one launch:
+softmax, top-k, renormalisation and that layout (``MII_MOE_ROUTING=auto``);
+larger passes route with torch operations. ``MII_MOE_PROMPT_GEMM=grouped_mm``
+(opt-in) sends the experts of large passes through ``torch._grouped_mm``.
 Float8 experts go into that kernel as they are (one byte per weight, scaled in
 the kernel) where Triton reads float8 (``ops.dispatch.fp8_triton_supported``:
 sm_89+, or the CPU interpreter); elsewhere they are dequantized first.
