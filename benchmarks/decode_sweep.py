@@ -17,6 +17,7 @@ from benchmarks.kernels import BLOCK, DIM, HEADS, KV_HEADS, bench_graph, paged_b
 from mii.ops import triton_attention
 from mii.ops.attention import FP8_KV_DTYPE
 from mii.ops.triton_attention import paged_attention_from_cache
+from mii.ops.triton_limits import multiprocessors
 
 GQA_DEFAULT_PACK = triton_attention.GQA_DECODE_PACK
 
@@ -64,6 +65,8 @@ def main() -> None:
         q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
         moved = 2 * seqs * context * KV_HEADS * DIM * k_cache.element_size()
         kind = "DECODE_LAUNCH_FP8" if name == "fp8" else "DECODE_LAUNCH"
+        if name == "bf16" and seqs * KV_HEADS < 2 * multiprocessors(device):
+            kind = "DECODE_LAUNCH_SPLIT"  # the launch split-KV programs take
         launch = getattr(triton_attention, kind)
         defaults = launch.copy()
         try:
@@ -201,10 +204,10 @@ def long_context_splits(copy_bw: float, device) -> list[dict]:
 def batch1_launch(copy_bw: float, device) -> list[dict]:
     """Batch 1 (few programs, so each one's loop latency shows) on a bf16 cache: keys
     per step, warps and stages of the decode launch, Llama-3-8B's packed grouped-query
-    programs (DECODE_LAUNCH_GQA) and Llama-2-7B's one head per program (DECODE_LAUNCH),
+    programs (DECODE_LAUNCH_GQA) and Llama-2-7B's one head per program (DECODE_LAUNCH_SPLIT),
     at the default split count."""
     rows = []
-    for kv_heads, kind in ((8, "DECODE_LAUNCH_GQA"), (32, "DECODE_LAUNCH")):
+    for kv_heads, kind in ((8, "DECODE_LAUNCH_GQA"), (32, "DECODE_LAUNCH_SPLIT")):
         total_blocks = 32768 // BLOCK + 64
         k_cache = torch.randn(
             total_blocks, BLOCK, kv_heads, DIM, device=device, dtype=torch.bfloat16

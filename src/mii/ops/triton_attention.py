@@ -480,6 +480,12 @@ PROMPT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 # faster than 64/3: each step's tile is half the bytes).
 DECODE_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
+# DECODE_LAUNCH's programs when split-KV is on (too few sequences to fill the GPU, so
+# each program's serial key loop sets the pace): 128 keys per step.
+# decode_sweep --batch1-launch (H200, 2026-12-03, 5704d3a), Llama-2-7B's 32 heads at
+# batch 1 (9 slices): 14.2 / 33.3 / 143.1 us at 384 / 4k / 32k keys against 14.9 /
+# 34.4 / 152.6 with 64; the top 3 of 18 settings all had 128 keys and 4 warps.
+DECODE_LAUNCH_SPLIT = {"block_n": 128, "num_warps": 4, "num_stages": 3}
 # Grouped-query decode programs (4 query heads each) on a bf16 cache: 2 stages were
 # as fast or faster than 3 at every shape of decode_sweep --gqa-only (H100,
 # 2026-11-25, 8dc3db2: 256 x 640 260.7 vs 262.0 us, 32 x 4096 200.9 vs 211.5,
@@ -604,10 +610,12 @@ def paged_attention_from_cache(
             launch = DECODE_LAUNCH_FP8
         elif tiles.size <= 16:
             launch = DECODE_LAUNCH_GQA if pack > 1 else DECODE_LAUNCH
-        # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
-        block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         programs_per_tile = kv_heads * triton.cdiv(group, pack)  # q_heads when unpacked
         num_splits = splits or _auto_splits(tiles, count * programs_per_tile, q.device)
+        if launch is DECODE_LAUNCH and num_splits > 1:
+            launch = DECODE_LAUNCH_SPLIT  # few programs: each one's loop latency shows
+        # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
+        block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         if num_splits > 1:
             parts = (
                 torch.empty(num_splits, tokens, q_heads, d_pad, device=q.device),
