@@ -4,7 +4,7 @@ experts (per expert and output channel scales; float8 products by default), at
 several token counts, with a sweep of tile settings for the float8 kernel.
 
     python benchmarks/moe_fp8.py [--tokens 1 16 128 1024 4096] [--no-sweep] [--bf16-sweep]
-        [--routing] [--grouped-mm] [--json out.json]
+        [--routing] [--grouped-mm] [--down-sweep] [--json out.json]
 
 Reports microseconds, the expert-weight bytes read over the copy bandwidth (few
 tokens: each chosen expert's weights once, 2 bytes a weight in bf16, 1 in fp8)
@@ -60,6 +60,18 @@ def bf16_candidates() -> list:
     return list(dict.fromkeys(t._replace(a_groups=False, fp8_dot=True) for t in candidates()))
 
 
+def down_candidates(tiles) -> list:
+    """Tiles for the down projection alone (``moe_grouped_mlp(down_tiles=...)``): the
+    layout's ``block_m`` kept, narrower column blocks (Mixtral's hidden size of 4,096
+    makes 64 blocks of 64 per expert: about one program per SM at batch 1)."""
+    return [
+        tiles._replace(block_n=n, block_k=k, num_warps=4, num_stages=stages)
+        for n in (16, 32, 64)
+        for k in (128, 256, 512)
+        for stages in (3, 4)
+    ]
+
+
 def _top(sweep: dict, count: int = 5) -> list:
     """The ``count`` fastest settings of a sweep: [[microseconds, tiles], ...]."""
     ranked = sorted(sweep.items(), key=lambda item: item[1])[:count]
@@ -86,6 +98,11 @@ def main() -> None:
         action="store_true",
         help="time bf16 experts through torch._grouped_mm too (MII_MOE_PROMPT_GEMM=grouped_mm)",
     )
+    parser.add_argument(
+        "--down-sweep",
+        action="store_true",
+        help="sweep the down projection's own tiles at decode sizes (<= 256 pairs)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -110,12 +127,20 @@ def main() -> None:
         with torch.no_grad():
             weights, chosen = moe.route(x)
 
-            def bf16(tiles=None, x=x, weights=weights, chosen=chosen):
+            def bf16(tiles=None, x=x, weights=weights, chosen=chosen, down_tiles=None):
                 return moe_grouped_mlp(
-                    x, w13_bf16, w2_bf16, weights, chosen, moe.act, tiles, fused_activation="silu"
+                    x,
+                    w13_bf16,
+                    w2_bf16,
+                    weights,
+                    chosen,
+                    moe.act,
+                    tiles,
+                    fused_activation="silu",
+                    down_tiles=down_tiles,
                 )
 
-            def fp8(tiles=None, x=x, weights=weights, chosen=chosen):
+            def fp8(tiles=None, x=x, weights=weights, chosen=chosen, down_tiles=None):
                 return moe_grouped_mlp(
                     x,
                     moe.w13,
@@ -127,6 +152,7 @@ def main() -> None:
                     moe.w13_scale,
                     moe.w2_scale,
                     fused_activation="silu",
+                    down_tiles=down_tiles,
                 )
 
             error = (fp8().float() - bf16().float()).norm() / bf16().float().norm()
@@ -143,6 +169,19 @@ def main() -> None:
                     bf16_sweep[tiles] = bench_graph(lambda tiles=tiles: bf16(tiles))
                 except Exception as err:
                     print(f"tokens {tokens} bf16 {tiles}: {type(err).__name__}")
+            down = {}
+            if args.down_sweep and tokens * TOP_K <= 256:
+                for name, run in (("bf16", bf16), ("fp8", fp8)):
+                    base = default_tiles(tokens * TOP_K, fp8=name == "fp8")
+                    timed = {}
+                    for cand in down_candidates(base):
+                        try:
+                            timed[cand] = bench_graph(
+                                lambda run=run, base=base, cand=cand: run(base, down_tiles=cand)
+                            )
+                        except Exception as err:  # a setting this GPU cannot launch
+                            print(f"tokens {tokens} {name} down {cand}: {type(err).__name__}")
+                    down[name] = timed
             grouped_mm = {}
             if args.grouped_mm:
                 from mii.ops.moe_grouped_mm import moe_mlp_grouped_mm
@@ -187,6 +226,8 @@ def main() -> None:
         }
         if bf16_sweep:
             row["bf16_top5"] = _top(bf16_sweep)
+        for name, timed in down.items():
+            row[f"{name}_down_top5"] = _top(timed)
         if grouped_mm:
             row["bf16_grouped_mm_us"] = round(grouped_mm["seconds"] * 1e6, 1)
             row["bf16_grouped_mm_tflops"] = round(flops / grouped_mm["seconds"] / 1e12, 1)
@@ -200,6 +241,7 @@ def main() -> None:
             f"({row['fp8_weight_fraction_of_copy']:.0%} of copy bw)  best fp8 "
             f"{row['fp8_best_us']} us {row['fp8_best_tiles']}"
             + (f"  best bf16 {row['bf16_top5'][0]}" if bf16_sweep else "")
+            + "".join(f"  {name} best down {row[f'{name}_down_top5'][0]}" for name in down)
             + (
                 f"  bf16 grouped_mm {row['bf16_grouped_mm_us']} us "
                 f"({row['bf16_grouped_mm_tflops']} TFLOP/s, bf16 Triton {row['bf16_tflops']})"

@@ -4,6 +4,7 @@
 #   fp8 weights (issue 20): [latency-fp8w] [w1-fp8w] [gemv-fp8] [gemv-fp8-sweep] [moe-fp8] [latency-70b-fp8w] [w1-70b-fp8w] [tests-fp8]
 #   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w] [moe-routing] [latency-mixtral-fused-routing]
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
+#     [moe-down-sweep] (the down projection's own tiles at decode sizes)
 #   batch-1 decode attention: [decode-long] [decode-batch1]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
@@ -65,6 +66,7 @@ while [ $# -gt 0 ]; do
     gemv-fp8-sweep) python3 benchmarks/gemv_sweep.py --fp8 --fp8-sweep --rows 1 16 --json "$OUT/gemv_fp8_sweep.json" > "$OUT/gemv_fp8_sweep.log" 2>&1; grep "M=" "$OUT/gemv_fp8_sweep.log" || tail -30 "$OUT/gemv_fp8_sweep.log" ;;
     moe-routing) python3 benchmarks/moe_fp8.py --no-sweep --routing --json "$OUT/moe_routing.json" > "$OUT/moe_routing.log" 2>&1; grep "^tokens" "$OUT/moe_routing.log" || tail -30 "$OUT/moe_routing.log" ;;
     latency-mixtral-fused-routing) MII_MOE_ROUTING=fused python3 benchmarks/latency.py --model mixtral-8x7b --json "$OUT/latency_mixtral_fr.json" > "$OUT/latency_mixtral_fr.log" 2>&1; tail -12 "$OUT/latency_mixtral_fr.log" ;;
+    moe-down-sweep) python3 benchmarks/moe_fp8.py --no-sweep --down-sweep --tokens 1 16 128 --json "$OUT/moe_down.json" > "$OUT/moe_down.log" 2>&1; grep "^tokens" "$OUT/moe_down.log" || tail -30 "$OUT/moe_down.log" ;;
     moe-grouped-mm) python3 benchmarks/moe_fp8.py --no-sweep --grouped-mm --tokens 16 128 1024 4096 --json "$OUT/moe_grouped_mm.json" > "$OUT/moe_grouped_mm.log" 2>&1; grep "^tokens" "$OUT/moe_grouped_mm.log" || tail -30 "$OUT/moe_grouped_mm.log" ;;
     w1-mixtral-grouped-mm) MII_MOE_PROMPT_GEMM=grouped_mm python3 benchmarks/throughput.py --model mixtral-8x7b --num-requests 128 --json "$OUT/w1_mixtral_gmm.json" > "$OUT/w1_mixtral_gmm.log" 2>&1; tail -14 "$OUT/w1_mixtral_gmm.log" ;;
     moe-fp8) python3 benchmarks/moe_fp8.py --bf16-sweep --json "$OUT/moe_fp8.json" > "$OUT/moe_fp8.log" 2>&1; grep "^tokens" "$OUT/moe_fp8.log" || tail -30 "$OUT/moe_fp8.log" ;;

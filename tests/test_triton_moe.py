@@ -235,6 +235,29 @@ def test_grouped_mlp_matches_reference(renormalize, tokens, sizes):
             torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_down_projection_tiles_of_their_own():
+    """``down_tiles``: narrower column blocks (and other K slices) for the down
+    projection give the same output; a block_m other than the layout's is refused."""
+    from mii.ops.triton_moe import TileConfig
+
+    moe = random_moe(True, hidden_size=64, intermediate_size=48).to(DEVICE)
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    tiles = TileConfig(16, 64, 32)
+    with torch.no_grad():
+        weights, experts = moe.route(x)
+        same = moe_grouped_mlp(x, moe.w13, moe.w2, weights, experts, moe.act, tiles)
+        narrow = moe_grouped_mlp(
+            x, moe.w13, moe.w2, weights, experts, moe.act, tiles,
+            down_tiles=TileConfig(16, 16, 64, num_stages=4),
+        )  # fmt: skip
+        torch.testing.assert_close(narrow, same, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match=r"down_tiles\.block_m"):
+            moe_grouped_mlp(
+                x, moe.w13, moe.w2, weights, experts, moe.act, tiles,
+                down_tiles=TileConfig(32, 16, 64),
+            )  # fmt: skip
+
+
 def test_grouped_mlp_in_bfloat16():
     moe = random_moe(True, hidden_size=64, intermediate_size=32).to(DEVICE)
     x = torch.randn(20, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)

@@ -307,6 +307,7 @@ def moe_grouped_mlp(
     w2_scale: torch.Tensor | None = None,
     fused_activation: str | None = None,
     layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    down_tiles: TileConfig | None = None,
 ) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], routing weights/experts [T, k] -> [T, H]:
     ``sum_k weights[t, k] * down_e(act(gate_e(x_t)) * up_e(x_t))`` with ``e = experts[t, k]``.
@@ -315,10 +316,20 @@ def moe_grouped_mlp(
     ``fused_activation`` (a name in ``ops.fused_elementwise.FUSED_ACTIVATIONS``),
     ``act(gate) * up`` is one launch of the fused kernel, the same numbers as ``act``.
     ``layout``: (sorted_pairs, block_expert) of ``experts`` for ``tiles.block_m``
-    when the caller has it (``route_and_align``); computed here otherwise."""
+    when the caller has it (``route_and_align``); computed here otherwise.
+    ``down_tiles``: the down projection's tiles where they differ from ``tiles``
+    (same ``block_m``: both GEMMs share the layout). At decode sizes its N (the
+    hidden size) makes few column blocks, e.g. 64 per expert for Mixtral, so
+    narrower ones may fill the GPU better (``benchmarks/moe_fp8.py --down-sweep``)."""
     tokens, top_k = experts.shape
     num_pairs = tokens * top_k
     tiles = tiles or default_tiles(num_pairs, fp8=w13_scale is not None)
+    down_tiles = down_tiles or tiles
+    if down_tiles.block_m != tiles.block_m:
+        raise ValueError(
+            f"down_tiles.block_m ({down_tiles.block_m}) must equal tiles.block_m "
+            f"({tiles.block_m}): both GEMMs read one layout"
+        )
     if layout is None:
         layout = align_by_expert(experts, w13.shape[0], tiles.block_m)
     sorted_pairs, block_expert = layout
@@ -333,6 +344,14 @@ def moe_grouped_mlp(
         gate, up = hidden.chunk(2, dim=-1)
         inner = (act(gate) * up).contiguous()
     out = grouped_gemm(
-        inner, w2, sorted_pairs, block_expert, num_pairs, 1, tiles, weights.reshape(-1), w2_scale
+        inner,
+        w2,
+        sorted_pairs,
+        block_expert,
+        num_pairs,
+        1,
+        down_tiles,
+        weights.reshape(-1),
+        w2_scale,
     )
     return out.view(tokens, top_k, -1).sum(dim=1)
