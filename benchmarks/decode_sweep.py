@@ -68,26 +68,9 @@ def main() -> None:
         if name == "bf16" and seqs * KV_HEADS < 2 * multiprocessors(device):
             kind = "DECODE_LAUNCH_SPLIT"  # the launch split-KV programs take
         launch = getattr(triton_attention, kind)
-        defaults = launch.copy()
-        try:
-            timed = []
-            for block_n, warps, stages in itertools.product((32, 64, 128, 256), (4, 8), (2, 3, 4)):
-                launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
-                try:
-                    seconds = bench_graph(
-                        lambda q=q, b=batch, k=k_cache, v=v_cache: paged_attention_from_cache(
-                            q, k, v, b, DIM**-0.5
-                        )
-                    )
-                except Exception as error:  # a setting this GPU cannot launch
-                    setting = f"{block_n},{warps},{stages}"
-                    print(f"{name} {seqs}x{context} {setting}: {type(error).__name__}")
-                    continue
-                timed.append((seconds, (block_n, warps, stages)))
-            timed.sort()
-        finally:  # the engine's setting back, even if a launch raised
-            launch.update(defaults)
-        default = next((s for s, c in timed if c == tuple(defaults.values())), float("nan"))
+        timed, default = time_launches(
+            launch, (32, 64, 128, 256), q, k_cache, v_cache, batch, f"{name} {seqs}x{context}"
+        )
         row = {"cache": name, "seqs": seqs, "context": context}
         row |= sweep_summary(timed, default, moved, copy_bw)
         rows.append(row)
@@ -201,6 +184,30 @@ def long_context_splits(copy_bw: float, device) -> list[dict]:
     return rows
 
 
+def time_launches(launch: dict, keys_per_step, q, k_cache, v_cache, batch, label: str):
+    """Time the decode kernel with ``launch`` (a dict of triton_attention, restored
+    afterwards) set to every (keys per step, warps, stages): ([(seconds, setting)]
+    fastest first, the time of the setting it had)."""
+    defaults = launch.copy()
+    timed = []
+    try:
+        for block_n, warps, stages in itertools.product(keys_per_step, (4, 8), (2, 3, 4)):
+            launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
+            try:
+                seconds = bench_graph(
+                    lambda: paged_attention_from_cache(q, k_cache, v_cache, batch, DIM**-0.5)
+                )
+            except Exception as error:  # a setting this GPU cannot launch
+                print(f"{label} {block_n},{warps},{stages}: {type(error).__name__}")
+                continue
+            timed.append((seconds, (block_n, warps, stages)))
+    finally:  # the engine's setting back, even if a launch raised
+        launch.update(defaults)
+    timed.sort()
+    default = next((t for t, c in timed if c == tuple(defaults.values())), float("nan"))
+    return timed, default
+
+
 def batch1_launch(copy_bw: float, device) -> list[dict]:
     """Batch 1 (few programs, so each one's loop latency shows) on a bf16 cache: keys
     per step, warps and stages of the decode launch, Llama-3-8B's packed grouped-query
@@ -214,29 +221,13 @@ def batch1_launch(copy_bw: float, device) -> list[dict]:
         )
         v_cache = torch.randn_like(k_cache)
         launch = getattr(triton_attention, kind)
-        defaults = launch.copy()
         for context in (384, 4096, 32768):
             batch = paged_batch([1], [context], device, total_blocks)
             q = torch.randn(1, HEADS, DIM, device=device, dtype=torch.bfloat16)
             moved = 2 * context * kv_heads * DIM * k_cache.element_size()
-            timed = []
-            try:
-                for block_n, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
-                    launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
-                    try:
-                        seconds = bench_graph(
-                            lambda q=q, b=batch, k=k_cache, v=v_cache: paged_attention_from_cache(
-                                q, k, v, b, DIM**-0.5
-                            )
-                        )
-                    except Exception as error:  # a setting this GPU cannot launch
-                        print(f"{kind} {context} {block_n},{warps},{stages}: {error!r:.80}")
-                        continue
-                    timed.append((seconds, (block_n, warps, stages)))
-            finally:
-                launch.update(defaults)
-            timed.sort()
-            default = next((t for t, c in timed if c == tuple(defaults.values())), float("nan"))
+            timed, default = time_launches(
+                launch, (64, 128, 256), q, k_cache, v_cache, batch, f"{kind} {context}"
+            )
             row = {"kv_heads": kv_heads, "launch": kind, "context": context}
             row |= sweep_summary(timed, default, moved, copy_bw)
             rows.append(row)
