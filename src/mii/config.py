@@ -256,7 +256,9 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # EngineConfig.dtype's 
 # token_budget and max_num_seqs left unset, by device type. On CUDA, large passes:
 # on one H200 (Llama-2-7B shape, W1) 4096 tokens / 256 sequences ran 2.12x the
 # compute floor against 3.01x at 1024 / 128 (docs/performance.md); decodes still
-# see a pass every ~75 ms at most. On the CPU passes stay small: each one is slow.
+# see a pass every ~75 ms at most. The engine halves the CUDA budget for models
+# whose 4096-token pass would take longer than 0.2 s on its GPU (engine/pass_budget.py).
+# On the CPU passes stay small: each one is slow.
 SCHEDULING_DEFAULTS = {"cuda": (4096, 256), "cpu": (1024, 128)}
 
 
@@ -326,7 +328,9 @@ class EngineConfig(BaseModel):
         default=None,
         gt=0,
         description="tokens per forward pass, Dynamic SplitFuse (default: "
-        f"{SCHEDULING_DEFAULTS['cuda'][0]} on CUDA, {SCHEDULING_DEFAULTS['cpu'][0]} on the CPU)",
+        f"{SCHEDULING_DEFAULTS['cuda'][0]} on CUDA, halved down to 512 while such a pass "
+        f"would take over 0.2 s for the model on its GPU; {SCHEDULING_DEFAULTS['cpu'][0]} on "
+        "the CPU)",
     )
     max_num_seqs: int | None = Field(
         default=None,
@@ -391,11 +395,20 @@ class EngineConfig(BaseModel):
             )
         return self
 
-    def with_device_defaults(self, device_type: str) -> EngineConfig:
+    def with_device_defaults(
+        self, device_type: str, cuda_budget: int | None = None
+    ) -> EngineConfig:
         """This config with the scheduling options left unset chosen for the device
-        (SCHEDULING_DEFAULTS); a sequence cap left unset never exceeds a given budget."""
+        (SCHEDULING_DEFAULTS; on CUDA the budget ``cuda_budget`` where the engine chose
+        one for its model, engine/pass_budget.py); a sequence cap left unset never
+        exceeds the budget, a budget left unset is never below a given cap."""
         budget, seqs = SCHEDULING_DEFAULTS.get(device_type, SCHEDULING_DEFAULTS["cpu"])
-        budget = self.token_budget if self.token_budget is not None else budget
+        if device_type == "cuda" and cuda_budget is not None:
+            budget = cuda_budget
+        if self.token_budget is not None:
+            budget = self.token_budget
+        elif self.max_num_seqs is not None:  # every running sequence's decode fits a pass
+            budget = max(budget, self.max_num_seqs)
         seqs = min(seqs, budget) if self.max_num_seqs is None else self.max_num_seqs
         return self.model_copy(update={"token_budget": budget, "max_num_seqs": seqs})
 

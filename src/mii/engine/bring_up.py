@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mii.config import EngineConfig, GenerateParams
-from mii.engine import distributed, heap
+from mii.engine import distributed, heap, pass_budget
 from mii.engine.cuda_graphs import CudaGraphRunner
 from mii.engine.distributed import TPGroup
 from mii.engine.intake import engine_max_length
@@ -114,6 +114,17 @@ class KVCache:
     tensors: list[tuple[torch.Tensor, torch.Tensor]]  # (keys, values) per layer
     num_blocks: int  # block ``num_blocks`` is the scratch block (see allocate_kv_cache)
     dtype: torch.dtype
+
+
+def scheduling_defaults(
+    config: EngineConfig, loaded: LoadedModel, device: torch.device
+) -> EngineConfig:
+    """``config`` with token_budget / max_num_seqs left unset chosen for the device
+    and, on CUDA, for the model's matmul work per token (engine/pass_budget.py)."""
+    budget = None
+    if device.type == "cuda" and config.token_budget is None:
+        budget = pass_budget.default_token_budget(loaded.model, device)
+    return config.with_device_defaults(device.type, cuda_budget=budget)
 
 
 def allocate_kv_cache(

@@ -102,9 +102,9 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         # Bring-up, one step at a time (engine/bring_up.py).
         self.device, self.tp = bring_up.join_group(config)
-        # token_budget / max_num_seqs left unset: the device's defaults
-        self.config = config = config.with_device_defaults(self.device.type)
         loaded = bring_up.load_model(config, self.device)
+        # token_budget / max_num_seqs left unset: chosen for the device and the model
+        self.config = config = bring_up.scheduling_defaults(config, loaded, self.device)
         self.model, self.tokenizer, self.dtype = loaded.model, loaded.tokenizer, loaded.dtype
         self.vocab_size, self.max_length = loaded.vocab_size, loaded.max_length
         kv_cache = bring_up.allocate_kv_cache(config, loaded, self.device, self.tp)
