@@ -21,7 +21,7 @@ serving_report() { grep -q '^serving ' "$1" && sed -n '/^serving /,$p' "$1" || t
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 while [ $# -gt 0 ]; do
   case "$1" in
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py tests/test_grammar_mask.py tests/test_fp8_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_moe_grouped_mm.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py tests/test_grammar_mask.py tests/test_fp8_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
