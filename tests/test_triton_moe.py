@@ -396,6 +396,51 @@ def test_auto_routing_fuses_small_passes_only():
     assert not fused_routing("torch", 2, 8)
 
 
+def _unspecialized(kernel) -> set[str]:
+    """The arguments a Triton kernel leaves unspecialised (interpreted or compiled)."""
+    if hasattr(kernel, "kwargs"):  # the CPU interpreter keeps the decorator's arguments
+        return set(kernel.kwargs.get("do_not_specialize", ()))
+    names = kernel.arg_names
+    return {names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
+
+
+def test_layout_kernels_do_not_specialise_the_pass_size():
+    """The routing and layout kernels take the pass's sizes as plain integers: a
+    specialised one compiles a variant per divisibility pattern, which eager passes
+    (no CUDA graph) first reach mid-serving."""
+    from mii.ops import triton_moe_layout
+
+    assert _unspecialized(triton_moe_layout._route_kernel) >= {"tokens", "capacity", "num_blocks"}
+    assert _unspecialized(triton_moe_layout._align_kernel) >= {
+        "num_pairs",
+        "capacity",
+        "num_blocks",
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles only on CUDA")
+def test_routing_compiles_once_per_tile_size(monkeypatch):
+    """Mixtral's routing (auto: one launch up to 256 pairs) at token counts of one
+    tile size (64-row blocks: 33-128 tokens) compiles one variant, whatever their
+    divisibility."""
+    import triton
+
+    compiled: list[str] = []
+    monkeypatch.setattr(
+        triton.knobs.runtime, "jit_post_compile_hook", lambda **kw: compiled.append(kw["repr"])
+    )
+    gate = torch.randn(8, 64, device="cuda")
+    for tokens in (48, 33, 37, 64, 101, 128):
+        logits = torch.randn(tokens, 64, device="cuda") @ gate.T
+        route_and_align(logits, 2, True, 64)
+        align_by_expert(torch.randint(0, 8, (tokens, 2), device="cuda"), 8, 64)
+        if tokens == 48:
+            assert compiled, "the hook saw no compile: it no longer reports them"
+            compiled.clear()
+    assert compiled == []
+
+
 def test_pipeline_stages_fit_shared_memory(monkeypatch):
     """The measured bf16 defaults keep their stages; fp32 (twice the bytes) gets
     fewer, and so does a GPU with less shared memory per program (an L4's 99 KB)."""

@@ -26,7 +26,12 @@ from mii.ops import triton_pdl
 from mii.ops.dispatch import INTERPRETED
 
 
-@triton.jit
+# The pass's sizes are loop bounds here, never a tile's shape: not specialised, or
+# Triton compiles a variant per pattern of (== 1, divisible by 16) over them, and
+# eager passes no CUDA graph captured reach new ones mid-serving (Mixtral: 33-127
+# tokens, not a multiple of 16, under MII_MOE_ROUTING=auto; see the attention
+# kernel's note on the stall).
+@triton.jit(do_not_specialize=["num_pairs", "capacity", "num_blocks"])
 def _align_kernel(
     Experts,
     SortedPairs,
@@ -79,7 +84,7 @@ def _align_kernel(
         tl.store(BlockExpert + blocks, owner, mask=blocks < num_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tokens", "capacity", "num_blocks"])
 def _route_kernel(
     Logits,
     Weights,
