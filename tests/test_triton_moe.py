@@ -408,7 +408,7 @@ def test_layout_kernels_do_not_specialise_the_pass_size():
     """The routing and layout kernels take the pass's sizes as plain integers: a
     specialised one compiles a variant per divisibility pattern, which eager passes
     (no CUDA graph) first reach mid-serving."""
-    from mii.ops import triton_moe_layout
+    from mii.ops import triton_moe, triton_moe_layout
 
     assert _unspecialized(triton_moe_layout._route_kernel) >= {"tokens", "capacity", "num_blocks"}
     assert _unspecialized(triton_moe_layout._align_kernel) >= {
@@ -416,14 +416,15 @@ def test_layout_kernels_do_not_specialise_the_pass_size():
         "capacity",
         "num_blocks",
     }
+    assert "num_pairs" in _unspecialized(triton_moe._grouped_gemm_kernel)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles only on CUDA")
 def test_routing_compiles_once_per_tile_size(monkeypatch):
-    """Mixtral's routing (auto: one launch up to 256 pairs) at token counts of one
-    tile size (64-row blocks: 33-128 tokens) compiles one variant, whatever their
-    divisibility."""
+    """Mixtral's routing (auto: one launch up to 256 pairs) and expert GEMMs at token
+    counts of one tile size compile one variant each, whatever the counts'
+    divisibility (eager passes of such counts run mid-serving)."""
     import triton
 
     compiled: list[str] = []
@@ -437,6 +438,17 @@ def test_routing_compiles_once_per_tile_size(monkeypatch):
         align_by_expert(torch.randint(0, 8, (tokens, 2), device="cuda"), 8, 64)
         if tokens == 48:
             assert compiled, "the hook saw no compile: it no longer reports them"
+            compiled.clear()
+    assert compiled == []
+    # the grouped GEMMs of one tile size (16 x 64 x 256: 5-32 Mixtral tokens) alike
+    moe = random_moe(True, num_experts=8, hidden_size=64, intermediate_size=128)
+    moe = moe.to("cuda", torch.bfloat16)
+    for tokens in (16, 5, 7, 13, 31):
+        x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            weights, experts = moe.route(x)
+            moe_grouped_mlp(x, moe.w13, moe.w2, weights, experts, moe.act)
+        if tokens == 16:
             compiled.clear()
     assert compiled == []
 

@@ -42,7 +42,9 @@ from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
 from mii.ops.triton_moe_layout import align_by_expert
 
 
-@triton.jit
+# num_pairs only masks the padding rows: not specialised (see triton_moe_layout's
+# note), so decode-sized eager passes compile no variant of their own mid-serving.
+@triton.jit(do_not_specialize=["num_pairs"])
 def _grouped_gemm_kernel(
     A,
     B,
