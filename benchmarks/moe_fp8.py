@@ -120,7 +120,7 @@ def main() -> None:
                 weight[e], scale[e] = quantize_rows(w)
     w13_bf16 = dequantize_rows(moe.w13, moe.w13_scale, torch.bfloat16)
     w2_bf16 = dequantize_rows(moe.w2, moe.w2_scale, torch.bfloat16)
-    routing_default = os.environ.get("MII_MOE_ROUTING", "torch")
+    routing_default = os.environ.get("MII_MOE_ROUTING")  # unset: the switch's default
     rows = []
     for tokens in args.tokens:
         x = torch.randn(tokens, HIDDEN, device=device, dtype=torch.bfloat16)
@@ -205,7 +205,10 @@ def main() -> None:
                 # The whole layer (router GEMV, routing, layout, experts), both ways.
                 os.environ["MII_MOE_ROUTING"] = "fused" if fused_routing else "torch"
                 layer[fused_routing] = bench_graph(lambda x=x: moe(x))
-            os.environ["MII_MOE_ROUTING"] = routing_default
+            if routing_default is None:
+                os.environ.pop("MII_MOE_ROUTING", None)
+            else:
+                os.environ["MII_MOE_ROUTING"] = routing_default
         best = min(sweep, key=sweep.get)
         used = chosen.unique().numel()
         params = used * 3 * HIDDEN * INTER

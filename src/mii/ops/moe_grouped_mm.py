@@ -10,8 +10,10 @@ pass): ``MII_MOE_PROMPT_GEMM=grouped_mm`` routes passes of at least
 ``benchmarks/moe_fp8.py --grouped-mm`` has measured it on a GPU.
 
 Everything stays on the device (a stable sort by expert, group ends by binary
-search): no host sync, like the Triton path. 16-bit experts only; float8 ones
-keep the Triton kernel, which reads them as they are.
+search): no host sync, like the Triton path. 16-bit experts only: float8 ones
+keep the Triton kernel where it reads them as they are (sm_89+); where it does not
+(``MII_FP8_KERNELS=off``) they are dequantized for the pass first, as for that
+kernel, and come here like bfloat16 ones.
 """
 
 from __future__ import annotations
