@@ -484,7 +484,10 @@ DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 # each program's serial key loop sets the pace): 128 keys per step.
 # decode_sweep --batch1-launch (H200, 2026-12-03, 5704d3a), Llama-2-7B's 32 heads at
 # batch 1 (9 slices): 14.2 / 33.3 / 143.1 us at 384 / 4k / 32k keys against 14.9 /
-# 34.4 / 152.6 with 64; the top 3 of 18 settings all had 128 keys and 4 warps.
+# 34.4 / 152.6 with 64; the top 3 of 18 settings were 128 keys, 4 warps and 2, 3 or 4
+# stages, one kernel: a 128-key stage of a 128-wide bf16 head is 64 KB, so
+# triton_limits.PLANNED_BYTES leaves 2 stages whatever is asked (1 at head_dim 256,
+# where the 64-key launch kept 2: not measured there).
 DECODE_LAUNCH_SPLIT = {"block_n": 128, "num_warps": 4, "num_stages": 3}
 # Grouped-query decode programs (4 query heads each) on a bf16 cache: 2 stages were
 # as fast or faster than 3 at every shape of decode_sweep --gqa-only (H100,
@@ -506,8 +509,10 @@ GQA_DECODE_PACK = 4
 # caps its parallelism. decode_sweep --long-context (H200, 2026-12-03, 1a1bfdb),
 # Llama-3-8B's layout at batch 1, bf16 cache: 32 slices are the best of 1-128 from
 # 4k to 128k keys (32k: 53.1 us vs 71.0 with 16, 56.7 with 64; 128k: 150.1 vs 225.2,
-# 84 % of copy bandwidth) and within 1 us of 8 at 1k; fp8 cache alike. Llama-2-7B's
-# 32 programs take 9 slices (2 x SMs), whatever this cap above 9.
+# 84 % of copy bandwidth) and within 1 us of 8 at 1k (fp8 cache: best or tied from 4k,
+# 2 us behind 8 at 1k). Llama-2-7B's 32 programs take 9 slices (2 x SMs), whatever
+# this cap above 9 (the same call: fp8 cache at 32k, 9 slices 149.9 us vs 106.0 with
+# 8 and 109.2 with 16; bf16 151.7 vs 149.0 with 8: to re-measure).
 MAX_KV_SPLITS = 32
 
 
