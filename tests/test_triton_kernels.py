@@ -146,6 +146,17 @@ def test_split_kv_matches_reference(index, splits, min_keys):
     _assert_split_attention_matches(SPLIT_CASES[index], index, splits, min_keys)
 
 
+@pytest.mark.parametrize("window", [None, 3000])
+def test_split_kv_past_the_merge_width(window):
+    """More slices than MAX_KV_SPLITS (explicit, as decode_sweep asks), the 33rd with
+    keys (4,200 keys, 128 a slice; under the window fewer slices, the rest empty):
+    the merge loads them in a wider tile (64 slices) and still gives the reference."""
+    from mii.ops.triton_attention import MAX_KV_SPLITS
+
+    case = ([(4199, 1), (20, 2)], 2, 2, 16, 16, window, 0)  # no rotary: 512 positions
+    _assert_split_attention_matches(case, 5, MAX_KV_SPLITS + 1, min_keys=1)
+
+
 def _assert_split_attention_matches(case, seed, splits, min_keys):
     """Rotary + cache write, then attention from the cache with ``splits`` (fp32),
     against the reference."""
