@@ -487,7 +487,7 @@ DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 # 34.4 / 152.6 with 64; the top 3 of 18 settings were 128 keys, 4 warps and 2, 3 or 4
 # stages, one kernel: a 128-key stage of a 128-wide bf16 head is 64 KB, so
 # triton_limits.PLANNED_BYTES leaves 2 stages whatever is asked (1 at head_dim 256,
-# where the 64-key launch kept 2: not measured there).
+# where the 64-key launch kept 2: wider heads keep DECODE_LAUNCH).
 DECODE_LAUNCH_SPLIT = {"block_n": 128, "num_warps": 4, "num_stages": 3}
 # Grouped-query decode programs (4 query heads each) on a bf16 cache: 2 stages were
 # as fast or faster than 3 at every shape of decode_sweep --gqa-only (H100,
@@ -617,8 +617,9 @@ def paged_attention_from_cache(
             launch = DECODE_LAUNCH_GQA if pack > 1 else DECODE_LAUNCH
         programs_per_tile = kv_heads * triton.cdiv(group, pack)  # q_heads when unpacked
         num_splits = splits or _auto_splits(tiles, count * programs_per_tile, q.device)
-        if launch is DECODE_LAUNCH and num_splits > 1:
-            launch = DECODE_LAUNCH_SPLIT  # few programs: each one's loop latency shows
+        if launch is DECODE_LAUNCH and num_splits > 1 and d_pad <= 128:
+            # few programs: each one's loop latency shows (wider heads: not measured)
+            launch = DECODE_LAUNCH_SPLIT
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         if num_splits > 1:
