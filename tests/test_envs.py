@@ -88,3 +88,21 @@ def test_an_empty_kernel_choice_counts_as_unset(monkeypatch):
     assert envs.GEMV.get() == "auto"
     monkeypatch.setenv("MII_ATTENTION", "")
     assert envs.ATTENTION.get() == "triton"
+
+
+@pytest.mark.parametrize("switch", [envs.MOE, envs.FUSED, envs.GEMV], ids=lambda s: s.name)
+def test_forcing_triton_on_the_cpu_without_the_interpreter_says_what_to_do(monkeypatch, switch):
+    """Without TRITON_INTERPRET=1 there is no Triton backend on a CPU: a forced kernel
+    would fail deep inside Triton ("0 active drivers") in the first forward pass."""
+    import torch
+
+    from mii.ops import dispatch
+
+    monkeypatch.setenv(switch.name, "triton")
+    cpu = torch.device("cpu")
+    assert dispatch.triton_chosen(switch, cpu)  # the interpreter (conftest) runs it
+    monkeypatch.setattr(dispatch, "INTERPRETED", False)
+    with pytest.raises(ValueError, match=rf"{switch.name}=triton .*TRITON_INTERPRET=1"):
+        dispatch.triton_chosen(switch, cpu)
+    monkeypatch.setenv(switch.name, "auto")
+    assert not dispatch.triton_chosen(switch, cpu)

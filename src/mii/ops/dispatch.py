@@ -21,6 +21,13 @@ def triton_chosen(switch: envs.Switch[str], device: torch.device) -> bool:
     choice = switch.get()
     if choice == "auto":
         return device.type == "cuda"
+    if choice == "triton" and device.type == "cpu" and not INTERPRETED:
+        # Else Triton fails deep inside the first forward pass ("0 active drivers").
+        raise ValueError(
+            f"{switch.name}=triton forces a Triton kernel, which needs a GPU; on the CPU it "
+            f"runs only under Triton's interpreter (TRITON_INTERPRET=1, slow: for tests). "
+            f"Unset {switch.name} (auto: the torch code on the CPU) or set it to 'torch'"
+        )
     return choice == "triton"
 
 
