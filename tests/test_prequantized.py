@@ -112,6 +112,33 @@ def test_missing_scales_are_named(tmp_path, prequantized):
         build_model(read_hf_config(broken), broken, torch.float32, torch.device("cpu"))
 
 
+def test_layers_the_config_leaves_in_16_bit_get_an_error_saying_why(
+    tmp_path, prequantized, tokenizer
+):
+    """llm-compressor's ``ignore`` list keeps a layer's weight 16-bit, without a
+    weight_scale: not supported, and the error says so (not only "lacks weights")."""
+    from safetensors.torch import load_file, save_file
+
+    path, hf_model = prequantized["compressed-tensors-fp8-dynamic"]
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["ignore"] = ["lm_head", "re:.*layers.1.mlp.down_proj$"]
+    folder = tmp_path / "ignored"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    state = load_file(str(path / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name] = hf_model.state_dict()[name].clone()
+    del state["model.layers.1.mlp.down_proj.weight_scale"]
+    save_file(state, str(folder / "model.safetensors"))
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ModelLoadError) as info:
+        mii.pipeline(str(folder))
+    message = str(info.value)
+    assert "model.layers.1.mlp.down_proj.weight_scale" in message
+    assert "re:.*layers.1.mlp.down_proj$" in message and "not supported" in message
+    assert "quantization='fp8'" in message
+
+
 def _with_quantization_config(tmp_path, source, quantization_config) -> str:
     config = json.loads((source / "config.json").read_text())
     config["quantization_config"] = quantization_config
@@ -130,8 +157,15 @@ def _with_quantization_config(tmp_path, source, quantization_config) -> str:
         (compressed_tensors_config("W8A8"), r"int8 \(channel strategy\)"),
         ({"quant_method": "gptq", "bits": 4}, r"scheme 'gptq'"),
         ({"quant_method": "fp8", "weight_block_size": [128, 128]}, r"scheme 'fp8'"),
+        (
+            {
+                **compressed_tensors_config("FP8_DYNAMIC"),
+                "sparsity_config": {"format": "sparse-24-bitmask", "targets": ["Linear"]},
+            },
+            r"sparsity format 'sparse-24-bitmask'",
+        ),
     ],
-    ids=["w4a16", "w8a8-int", "gptq", "block-fp8"],
+    ids=["w4a16", "w8a8-int", "gptq", "block-fp8", "sparse-2of4-fp8"],
 )
 def test_unsupported_schemes_get_one_error_naming_them(
     tmp_path, prequantized, quantization_config, named

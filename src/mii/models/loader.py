@@ -20,7 +20,7 @@ from mii.errors import ModelLoadError
 from mii.models.base import CausalLM
 from mii.models.checkpoint_tensor import LazyTensor
 from mii.models.gguf import gguf_checkpoint_dir, is_gguf_path
-from mii.models.quant_config import weight_quantization
+from mii.models.quant_config import missing_scales_hint, weight_quantization
 from mii.models.registry import model_class
 from mii.models.weight_quant import fill_random_fp8, fp8_weights
 from mii.ops.fp8_linear import FP8_DTYPE
@@ -114,6 +114,7 @@ def build_model(
             raise ModelLoadError(
                 f"checkpoint {model_dir} lacks weights for: {', '.join(sorted(missing)[:8])}"
                 + (" ..." if len(missing) > 8 else "")
+                + (missing_scales_hint(hf_config, missing) if quant.mode == "checkpoint" else "")
             )
     for module in model.modules():
         if hasattr(module, "reset_buffers"):

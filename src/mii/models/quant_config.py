@@ -86,6 +86,10 @@ def _check_compressed_tensors(config: dict[str, Any]) -> None:
         problems.append(f"quantization_status {status!r} (float8 weights need 'compressed')")
     if parsed.kv_cache_scheme is not None:
         problems.append("a kv_cache_scheme (use kv_cache_dtype='fp8' instead)")
+    sparsity = config.get("sparsity_config") or {}
+    if isinstance(sparsity, dict) and sparsity.get("format", "dense") != "dense":
+        # Compressed sparse tensors (bitmasks, ...) are not float8 weights.
+        problems.append(f"sparsity format {sparsity['format']!r}")
     for name, scheme in parsed.config_groups.items():
         weights, inputs = scheme.weights, scheme.input_activations
         if weights is None:
@@ -111,3 +115,27 @@ def _describe(args: Any) -> str:
     strategy = getattr(args.strategy, "value", args.strategy)
     group = f", group_size {args.group_size}" if args.group_size else ""
     return f"{args.type}{args.num_bits} ({strategy} strategy{group})"
+
+
+def missing_scales_hint(hf_config: dict[str, Any], missing: set[str]) -> str:
+    """What to tell about a pre-quantized checkpoint that lacks only weight scales:
+    most often its quantization_config leaves those layers in 16-bit (``ignore``,
+    ``targets``), which is not supported; "" for any other missing weight."""
+    config = hf_config.get("quantization_config")
+    if not isinstance(config, dict) or not missing or not all("_scale" in n for n in missing):
+        return ""
+    said = []
+    for key in ("ignore", "modules_to_not_convert"):  # compressed-tensors, fbgemm_fp8
+        if config.get(key):
+            said.append(f"{key} {config[key]}")
+    for name, group in (config.get("config_groups") or {}).items():
+        if isinstance(group, dict) and group.get("targets"):
+            said.append(f"group {name!r} targets {group['targets']}")
+    return (
+        ". A pre-quantized checkpoint needs every linear layer of the decoder in float8 "
+        "with its weight_scale (the LM head and MoE routers may stay 16-bit); layers that "
+        "its quantization_config leaves in 16-bit"
+        + (f" ({'; '.join(said)})" if said else "")
+        + " are not supported yet: re-quantize it leaving only those in 16-bit, or load "
+        "the 16-bit original with quantization='fp8'"
+    )
