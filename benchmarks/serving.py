@@ -110,6 +110,14 @@ def model_and_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return path, options
 
 
+def prompt_tokenizer(path: str):
+    """The model's tokenizer as the deployment loads it (a ``.gguf`` file's too, from
+    its converted checkpoint; a hub id's without its weights)."""
+    from mii.models.loader import load_tokenizer, resolve_model_dir
+
+    return load_tokenizer(resolve_model_dir(path, weights=False), None, False)
+
+
 def log(message: str) -> None:
     print(f"[serving] {message}", file=sys.stderr, flush=True)
 
@@ -309,9 +317,7 @@ def print_table(result: dict[str, Any]) -> None:
 def main() -> None:
     args = parse_args()
     path, options = model_and_options(args)
-    from transformers import AutoTokenizer
-
-    maker = PromptMaker(AutoTokenizer.from_pretrained(path))
+    maker = PromptMaker(prompt_tokenizer(path))
     result: dict[str, Any] = {"benchmark": "serving", "model": args.model, **environment()}
     result["engine_options"] = options
     result["workload"] = {

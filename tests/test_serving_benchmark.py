@@ -80,3 +80,17 @@ def test_sse_chunks():
     assert (len(t.stamps), t.prompt_tokens, t.generated, t.error) == (1, 7, 3, None)
     HttpSender.read_chunk({"error": {"message": "too long"}}, t)
     assert t.error == "too long"
+
+
+def test_the_prompt_tokenizer_of_a_gguf_file(gguf_files, tmp_path, monkeypatch):
+    """--model takes what mii takes, a .gguf file too: its prompts are tokenized by
+    the converted checkpoint's tokenizer (AutoTokenizer cannot read the file)."""
+    from benchmarks.serving import prompt_tokenizer
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    path, checkpoint_dir = gguf_files("F32")
+    expected = AutoTokenizer.from_pretrained(checkpoint_dir)
+    tokenizer = prompt_tokenizer(str(path))
+    assert tokenizer("Seattle is a city").input_ids == expected("Seattle is a city").input_ids
+    assert prompt_tokenizer(str(checkpoint_dir)).vocab_size == expected.vocab_size
