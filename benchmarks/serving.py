@@ -36,9 +36,10 @@ those requests (2 x params x tokens over the measured bf16 matmul rate).
 ``--model`` is a shape name (random weights of the real shape on GPU, with a
 synthetic byte-level BPE tokenizer of the model's full vocabulary size, so that
 every generated token decodes to text and is streamed as with the real
-tokenizer), ``demo`` or a checkpoint path. Engine options are the engine's defaults unless
-``--token-budget`` / ``--max-num-seqs`` are given. CPU check of the machinery:
-``--model demo --prompt-mean 40 --gen-mean 8 --rates 2 --num-requests 6 [--http]``.
+tokenizer), ``demo`` (the tiny random-weight demo model) or a checkpoint path (a ``.gguf``
+file too). Engine options are the engine's defaults unless ``--token-budget`` /
+``--max-num-seqs`` / ``--quantization`` / ``--kv-cache-dtype`` are given. CPU check of
+the machinery: ``--model demo --prompt-mean 40 --gen-mean 8 --rates 2 --num-requests 6 [--http]``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--token-budget", type=int, default=None, help="default: the engine's")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
+    parser.add_argument("--quantization", choices=["none", "fp8"], default="none")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     parser.add_argument("--warmup", type=int, default=8, help="unmeasured requests first")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline maximum")
     parser.add_argument("--seed", type=int, default=0)
@@ -107,6 +110,10 @@ def model_and_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         options["token_budget"] = args.token_budget
     if args.max_num_seqs is not None:
         options["max_num_seqs"] = args.max_num_seqs
+    if args.quantization != "none":  # FP8 weights (issue 20): the deployment and offline
+        options["quantization"] = args.quantization
+    if args.kv_cache_dtype != "auto":
+        options["kv_cache_dtype"] = args.kv_cache_dtype
     return path, options
 
 

@@ -94,3 +94,15 @@ def test_the_prompt_tokenizer_of_a_gguf_file(gguf_files, tmp_path, monkeypatch):
     tokenizer = prompt_tokenizer(str(path))
     assert tokenizer("Seattle is a city").input_ids == expected("Seattle is a city").input_ids
     assert prompt_tokenizer(str(checkpoint_dir)).vocab_size == expected.vocab_size
+
+
+def test_fp8_options_reach_the_deployment_and_offline_engine():
+    import argparse
+
+    from benchmarks.serving import model_and_options
+
+    base = dict(model="/x", token_budget=None, max_num_seqs=None)
+    args = argparse.Namespace(**base, quantization="fp8", kv_cache_dtype="fp8")
+    assert model_and_options(args) == ("/x", {"quantization": "fp8", "kv_cache_dtype": "fp8"})
+    args = argparse.Namespace(**base, quantization="none", kv_cache_dtype="auto")
+    assert model_and_options(args) == ("/x", {})
