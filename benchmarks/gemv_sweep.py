@@ -27,6 +27,13 @@ default times with it: ``GemvConfig.x_groups``).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a file (python benchmarks/NAME.py) as the docs show: the repository root
+# on the path for the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import itertools
 

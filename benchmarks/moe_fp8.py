@@ -14,6 +14,13 @@ MLP (routing layout, both grouped GEMMs, the activation), as decode runs it.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a file (python benchmarks/NAME.py) as the docs show: the repository root
+# on the path for the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import os
 

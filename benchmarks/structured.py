@@ -24,6 +24,13 @@ both batches synchronously, isolating the mask's own cost.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a file (python benchmarks/NAME.py) as the docs show: the repository root
+# on the path for the benchmarks package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import asyncio
 import json
