@@ -248,3 +248,15 @@ def test_engine_reports_the_scheduling_it_runs_with(llama, tmp_path, monkeypatch
     engine = mii.AsyncEngine(llama, device="cpu", token_budget=256)
     assert (engine.config.token_budget, engine.config.max_num_seqs) == (256, 128)
     assert engine.core.scheduler.token_budget == 256
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "none"), ("none", "none"), ("fp8", "fp8")])
+def test_quantization_none_means_unquantized(given, expected):
+    """vLLM users pass quantization=None; bad names still get the field named."""
+    assert EngineConfig.parse("m", quantization=given).quantization == expected
+
+
+def test_unknown_quantization_is_refused_naming_the_field():
+    with pytest.raises(InvalidRequestError) as info:
+        EngineConfig.parse("m", quantization="int3")
+    assert info.value.field == "quantization"

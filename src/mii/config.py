@@ -382,6 +382,12 @@ class EngineConfig(BaseModel):
     def _canonical_dtype(cls, value: str) -> str:
         return DTYPE_ALIASES.get(value, value)
 
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _no_quantization(cls, value: Any) -> Any:
+        """None means no quantization (vLLM's ``quantization=None``)."""
+        return "none" if value is None else value
+
     @model_validator(mode="after")
     def _budget_covers_decodes(self) -> EngineConfig:
         # Decodes are scheduled first, one token each; a budget smaller than the
