@@ -100,12 +100,15 @@ def test_greedy_equals_transformers_on_the_dequantized_weights(
     assert [r.token_ids for r in responses] == expected
 
 
-def test_only_linear_layers_are_quantized(checkpoints):
-    """Attention and MLP projections hold float8; embeddings, LM head, norms do not."""
+def test_only_linear_layers_are_quantized(checkpoints, caplog):
+    """Attention and MLP projections hold float8; embeddings, LM head, norms do not.
+    The load says so in the log."""
     path, hf_model = checkpoints("llama")
-    model = build_model(
-        read_hf_config(path), path, torch.float32, torch.device("cpu"), quantization="fp8"
-    )
+    with caplog.at_level("INFO", logger="mii.models.loader"):
+        model = build_model(
+            read_hf_config(path), path, torch.float32, torch.device("cpu"), quantization="fp8"
+        )
+    assert "float8 e4m3, quantized at load" in caplog.text
     fp8 = sorted(n for n, p in model.named_parameters() if p.dtype == FP8)
     assert fp8 == sorted(
         f"model.layers.{i}.{m}.weight"

@@ -46,12 +46,14 @@ def prequantized(tmp_path_factory, tokenizer, checkpoints):
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_weights_load_as_dequantized_by_hand(prequantized, name):
+def test_weights_load_as_dequantized_by_hand(prequantized, name, caplog):
     """Every float8 weight and its per-row scales equal the checkpoint's: q, k and v
-    of one fused projection keep their own (per-tensor) scales."""
+    of one fused projection keep their own (per-tensor) scales. The load logs the format."""
     path, hf_model = prequantized[name]
     per_tensor = FORMATS[name][1]
-    model = build_model(read_hf_config(path), path, torch.float32, torch.device("cpu"))
+    with caplog.at_level("INFO", logger="mii.models.loader"):
+        model = build_model(read_hf_config(path), path, torch.float32, torch.device("cpu"))
+    assert "pre-quantized checkpoint (" in caplog.text
     for i, layer in enumerate(model.model.layers):
         hf_layer = hf_model.model.layers[i]
         parts = {

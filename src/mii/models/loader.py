@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from mii.models.quant_config import missing_scales_hint, weight_quantization
 from mii.models.registry import model_class
 from mii.models.weight_quant import fill_random_fp8, fp8_weights
 from mii.ops.fp8_linear import FP8_DTYPE
+
+log = logging.getLogger(__name__)
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -84,6 +87,10 @@ def build_model(
     float8 weights (``models.weight_quant``)."""
     cls = model_class(hf_config.get("model_type"))
     quant = weight_quantization(hf_config, quantization)
+    if quant.mode == "online":
+        log.info("linear weights: float8 e4m3, quantized at load (quantization='fp8')")
+    elif quant.mode == "checkpoint":
+        log.info("linear weights: float8 e4m3, pre-quantized checkpoint (%s)", quant.source)
     # Our layers allocate with torch.empty and never initialise, so building
     # directly on the device in the final dtype wastes neither time nor memory.
     with torch.device(device), _default_dtype(dtype), fp8_weights(quant.mode):
