@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-LARGEST_BUDGET = 4096  # config.SCHEDULING_DEFAULTS["cuda"]
+from mii.config import SCHEDULING_DEFAULTS
+
+LARGEST_BUDGET = SCHEDULING_DEFAULTS["cuda"][0]
 SMALLEST_BUDGET = 512
 MAX_PASS_SECONDS = 0.2
 

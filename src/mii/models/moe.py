@@ -303,6 +303,7 @@ class SparseMoE(nn.Module):
         from mii.ops import triton_moe, triton_moe_layout
 
         fused = self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(x.device)
+        fused_activation = self.act_name if fused else None
         kernel_fp8 = self.fp8 and fp8_triton_supported(x.device)  # float8 read in the kernel
         if kernel_fp8:
             w13, w2 = self.w13, self.w2
@@ -314,8 +315,7 @@ class SparseMoE(nn.Module):
             from mii.ops.moe_grouped_mm import moe_mlp_grouped_mm
 
             weights, experts = self.route(x)
-            fused_act = self.act_name if fused else None
-            out = moe_mlp_grouped_mm(x, w13, w2, weights, experts, self.act, fused_act)
+            out = moe_mlp_grouped_mm(x, w13, w2, weights, experts, self.act, fused_activation)
             return all_reduce(out)
         tiles = triton_moe.default_tiles(num_pairs, fp8=kernel_fp8)
         if triton_moe_layout.fused_routing(envs.MOE_ROUTING.get(), num_pairs, self.num_experts):
@@ -334,7 +334,7 @@ class SparseMoE(nn.Module):
             experts,
             self.act,
             tiles,
-            fused_activation=self.act_name if fused else None,
+            fused_activation=fused_activation,
             layout=layout,
             **scales,
         )
@@ -347,9 +347,9 @@ class SparseMoE(nn.Module):
         (``MII_MOE_PROMPT_GEMM=grouped_mm``, a large pass, operands it takes)."""
         from mii.ops import moe_grouped_mm
 
-        return (
-            envs.MOE_PROMPT_GEMM.get() == "grouped_mm"
-            and num_pairs >= moe_grouped_mm.GROUPED_MM_MIN_PAIRS
+        return (  # the size first: decode passes read no switch here
+            num_pairs >= moe_grouped_mm.GROUPED_MM_MIN_PAIRS
+            and envs.MOE_PROMPT_GEMM.get() == "grouped_mm"
             and moe_grouped_mm.grouped_mm_applies(x, w13, w2)
         )
 
