@@ -66,7 +66,8 @@ def test_only_constrained_rows_are_masked(tokenizer, device):
 
 
 # --- UTF-8: xgrammar 0.2.x accepts the bytes of a surrogate (ED A0..BF xx) in JSON
-# strings, ``.`` and negated classes; the engine's masks must not (engine/utf8_guard.py).
+# strings, ``.`` and negated classes, and overlong forms (E0 80..9F xx, F0 80..8F xx xx)
+# in a JSON schema's pattern; the engine's masks must not (engine/utf8_guard.py).
 
 ED, A0, X80 = 0xED, 0xA0, 0x80
 SURROGATE_FIRST = [ED, A0, X80]  # the model's wish: ED A0 80, i.e. U+D800
@@ -78,9 +79,15 @@ def token_bytes(tokenizer) -> list[bytes]:
     return xgrammar.TokenizerInfo.from_huggingface(tokenizer).decoded_vocab
 
 
-def drive(tokenizer, options: dict, wishes: list[bytes | int], finish: list[bytes | int]):
+def drive(
+    tokenizer,
+    options: dict,
+    wishes: list[bytes | int],
+    finish: list[bytes | int],
+    wish_steps: int = 8,
+):
     """Greedy decoding of one constrained row through apply_masks and accept, the
-    logits ranking ``wishes`` first for 8 steps and then ``finish`` (single bytes
+    logits ranking ``wishes`` first for ``wish_steps`` steps and then ``finish`` (single bytes
     as ints, whole tokens as bytes), until the grammar ends (or 40 steps).
     Returns the output's bytes and whether the grammar ended."""
     vocab = token_bytes(tokenizer)
@@ -98,7 +105,7 @@ def drive(tokenizer, options: dict, wishes: list[bytes | int], finish: list[byte
     out = []
     for step in range(40):
         masked = grammar_mask.apply_masks(
-            logits(wishes if step < 8 else finish), [s], len(tokenizer)
+            logits(wishes if step < wish_steps else finish), [s], len(tokenizer)
         )
         token = int(masked.argmax())
         assert masked[0, token] > float("-inf"), f"no token allowed at step {step}"
@@ -145,23 +152,122 @@ def test_a_grammar_that_demands_a_surrogate_is_not_stuck(tokenizer):
     assert ended and raw[:2] == b"a\xed" and len(raw) == 4, raw
 
 
-def test_utf8_guard_tables():
-    """The masks and the lone-lead tracking on a hand-made vocabulary."""
-    from mii.engine.utf8_guard import Utf8Guard
+OVERLONG_CASES = [
+    {"json_schema": {"type": "string", "maxLength": 4}},  # compiled as a pattern
+    {"json_schema": {"type": "string", "pattern": '^[^"]{1,6}$'}},
+    {
+        "json_schema": {
+            "type": "object",
+            "properties": {"ok": {"type": "string", "maxLength": 4}},
+            "required": ["ok"],
+        }
+    },
+]
 
-    vocab = [b"a", b"\xed", b"\xa0", b"\x80", b"x\xed\xa0\x80", b"\xed\x9f\xbf", b"", b"\xbf!"]
+
+@pytest.mark.parametrize("lead", [[0xE0, X80, X80], [0xF0, X80, X80, X80]], ids=["E0", "F0"])
+@pytest.mark.parametrize("options", OVERLONG_CASES, ids=["maxLength", "pattern", "object"])
+def test_constrained_output_has_no_overlong_utf8(tokenizer, options, lead):
+    """The model wants an overlong form (E0 80 80 is U+0000 in three bytes; Python
+    decodes it as three U+FFFD), which xgrammar's schema patterns accept: the mask
+    lets the lead byte through only with a well-formed continuation, and the
+    answer decodes strictly and keeps its bounds (the intermittent CI failure of
+    test_structured_serving: ``"ok": "hun\ufffd\ufffd\ufffd"`` under maxLength 4)."""
+    finish = [b"</s>", b'"', b"}"]
+    raw, ended = drive(tokenizer, options, lead + STRUCTURE, finish, wish_steps=16)
+    assert ended, raw
+    assert bytes([lead[0]]) in raw, raw  # the model got as close as UTF-8 allows
+    text = raw.decode("utf-8")  # strict: an overlong form raises
+    value = json.loads(text)
+    string = value if isinstance(value, str) else value.get("ok", "")
+    assert "\ufffd" not in text and len(string) <= 6, text
+    if "maxLength" in json.dumps(options):
+        assert len(string) <= 4, string
+
+
+def test_utf8_guard_tables():
+    """The masks and the state tracking on a hand-made vocabulary."""
+    from mii.engine.utf8_guard import COMPLETE, Utf8Guard
+
+    vocab = [
+        b"a",  # 0
+        b"\xed",  # 1: lead of U+D000..U+DFFF
+        b"\xa0",  # 2
+        b"\x80",  # 3
+        b"x\xed\xa0\x80",  # 4: holds a surrogate
+        b"\xed\x9f\xbf",  # 5: U+D7FF
+        b"",  # 6: no bytes (a special token)
+        b"\xbf!",  # 7
+        b"\xe0",  # 8: lead of U+0800..U+0FFF (else overlong)
+        b"\xe0\x80\x80",  # 9: overlong U+0000
+        b"\xf0\x8f\xbf\xbf",  # 10: overlong U+FFFF
+        b"\xf4\x90\x80\x80",  # 11: past U+10FFFF
+        b"\xc0\x80",  # 12: overlong two-byte form
+        b"\xe2\x82",  # 13: the first two bytes of the euro sign
+        b"\xac",  # 14: its last byte
+        b"\xf0\x9f",  # 15: the start of an emoji
+        b"\x98\x80",  # 16: its end
+    ]
     guard = Utf8Guard(vocab, 40)  # 40: ids past the vocabulary have no bytes
 
-    def allowed(lone_lead: bool) -> list[int]:
+    def allowed(state: int) -> list[int]:
         bitmask = np.full((1, 2), -1, dtype=np.int32)  # the grammar allows everything
-        assert guard.restrict(bitmask, np.array([lone_lead])).size == 0
+        assert guard.restrict(bitmask, np.array([state])).size == 0
         bits = np.unpackbits(bitmask.view(np.uint8), bitorder="little")
         return np.flatnonzero(bits).tolist()
 
+    def state_after(*tokens: int) -> int:
+        state = COMPLETE
+        for token in tokens:
+            state = guard.after(token, state)
+        return state
+
     everything = list(range(40))
-    assert allowed(False) == [t for t in everything if t != 4]
-    assert allowed(True) == [t for t in everything if t not in (2, 4, 7)]
-    assert guard.after(1, False) and guard.after(6, True) and not guard.after(6, False)
-    assert not guard.after(3, True) and not guard.after(5, True) and guard.after(39, True)
+    no_bytes = [6, *range(len(vocab), 40)]
+    ill_formed = {4, 9, 10, 11, 12}
+    continuations = {2, 3, 7, 14, 16}  # tokens that start with a continuation byte
+    assert allowed(COMPLETE) == [t for t in everything if t not in ill_formed | continuations]
+    after_ed = state_after(1)
+    assert allowed(after_ed) == sorted([3, 16, *no_bytes])  # 80..9F, not A0..BF: no surrogate
+    after_e0 = state_after(8)
+    assert allowed(after_e0) == sorted([2, 14, *no_bytes])  # A0..BF (not overlong), then one
+    assert allowed(state_after(13)) == sorted([2, 3, 7, 14, *no_bytes])  # any continuation
+    assert allowed(state_after(15)) == sorted([2, 3, 14, 16, *no_bytes])  # two, 80..BF
+    assert state_after(13, 14) == state_after(15, 16) == state_after(1, 3, 3) == COMPLETE
+    assert state_after(1, 6) == after_ed and state_after(8, 39) == after_e0  # no bytes: no change
+    assert state_after(1, 3) == state_after(13)  # one byte missing, any continuation
     empty = np.zeros((1, 2), dtype=np.int32)  # the grammar allows nothing: reported
-    assert guard.restrict(empty, np.array([False])).tolist() == [0]
+    assert guard.restrict(empty, np.array([COMPLETE])).tolist() == [0]
+
+
+def test_utf8_guard_automaton_agrees_with_the_strict_decoder():
+    """Every byte string of up to two bytes, and random longer ones: the guard's
+    automaton ends complete exactly when Python's strict decoder accepts the bytes,
+    and refuses exactly the strings no continuation can make well-formed."""
+    import random
+
+    from mii.engine.utf8_guard import _INVALID, COMPLETE, _transition
+
+    def decodes(text: bytes) -> bool:
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    def completable(text: bytes) -> bool:  # some 0-3 continuation bytes complete it
+        tails = [b"", *(bytes([b]) for b in range(0x80, 0xC0))]
+        return any(decodes(text + a + b + c) for a in tails for b in tails[:3] for c in tails[:3])
+
+    rng = random.Random(0)
+    pool = [0x00, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF]
+    pool += [0xE0, 0xE1, 0xEC, 0xED, 0xEE, 0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xFF]
+    texts = [bytes([a, b]) for a in range(256) for b in range(256)]
+    texts += [bytes(rng.choice(pool) for _ in range(rng.randint(3, 7))) for _ in range(20000)]
+    for text in texts:
+        state = _transition(COMPLETE, text)
+        assert (state == COMPLETE) == decodes(text), text
+        if state == _INVALID and len(text) <= 2:
+            assert not completable(text), text
+        if state not in (_INVALID, COMPLETE):
+            assert completable(text), text

@@ -109,7 +109,8 @@ def _with_bounded_strings(schema: Any) -> Any:
     characters. Why: xgrammar (0.2.x) compiles a length-bounded string into a
     character class that lets control characters through, which is not JSON, and
     lets UTF-8-encoded surrogates through (each decodes as 3 replacement characters,
-    breaking maxLength)."""
+    breaking maxLength). (The pattern's class still lets overlong forms through,
+    which ``engine/utf8_guard.py`` masks.)"""
     if isinstance(schema, list):
         return [_with_bounded_strings(item) for item in schema]
     if not isinstance(schema, dict):

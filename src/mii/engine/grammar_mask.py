@@ -2,12 +2,13 @@
 
 A constrained sequence carries a ``GrammarState`` (``Sequence.grammar``): an
 xgrammar ``GrammarMatcher`` for its compiled constraint (``engine/constraints.py``)
-and what its output's last byte means for UTF-8 (``engine/utf8_guard.py``).
+and where its output stands in UTF-8 (``engine/utf8_guard.py``).
 Before sampling, each constrained row's matcher writes the row's allowed tokens
 into a packed int32 bitmask [S_constrained, ceil(V/32)] on the host; the
-tokenizer's ``Utf8Guard`` masks are ANDed into it (xgrammar lets the bytes of a
-surrogate through, which are not UTF-8); it is uploaded once and applied on the
-device to those rows only, before greedy argmax and sampling
+tokenizer's ``Utf8Guard`` masks are ANDed into it (xgrammar lets some ill-formed
+UTF-8 through: surrogates, and overlong forms in JSON-schema patterns); it is
+uploaded once and applied on the device to those rows only, before greedy argmax
+and sampling
 (``engine/sampler.py``). After the pass, each sampled token is fed to its
 matcher (``accept``, from ``EngineCore._resolve``), exactly once per token:
 preemption recomputes a sequence's KV but samples no token it already has, so
@@ -29,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mii.engine import utf8_guard
 from mii.engine.sequence import Sequence
 from mii.engine.utf8_guard import Utf8Guard
 from mii.ops.transfer import upload
@@ -50,12 +52,12 @@ def _batch_matcher() -> Any:
 @dataclass(eq=False)
 class GrammarState:
     """A constrained sequence's grammar: its matcher, its tokenizer's UTF-8 guard,
-    and whether the output so far ends in a lone lead byte ED (whose next byte
-    must not make a surrogate)."""
+    and the guard's state of the output so far (complete, or inside a character:
+    which bytes may come next)."""
 
     matcher: Any  # xgrammar.GrammarMatcher
     guard: Utf8Guard
-    lone_lead: bool = False
+    utf8_state: int = utf8_guard.COMPLETE
 
 
 def new_matcher(compiled: Any, guard: Utf8Guard) -> GrammarState:
@@ -105,10 +107,10 @@ def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> 
 
 
 def _keep_utf8(bitmask: torch.Tensor, states: list[GrammarState]) -> None:
-    """AND each row of the host ``bitmask`` with its tokenizer's surrogate masks
-    (``engine/utf8_guard.py``), in place; a row this would leave without any
-    token gets its grammar's own mask back (only a grammar that admits nothing
-    but a surrogate there can cause that)."""
+    """AND each row of the host ``bitmask`` with its tokenizer's well-formed-UTF-8
+    mask for the row's state (``engine/utf8_guard.py``), in place; a row this
+    would leave without any token gets its grammar's own mask back (only a
+    grammar that admits nothing but ill-formed UTF-8 there can cause that)."""
     packed = bitmask.numpy()  # a view: the tensor's memory
     guard = states[0].guard
     if all(state.guard is guard for state in states):  # one engine, one tokenizer
@@ -116,10 +118,10 @@ def _keep_utf8(bitmask: torch.Tensor, states: list[GrammarState]) -> None:
     else:  # (rows of several tokenizers: each row on its own; a slice is a view)
         groups = [(s.guard, packed[r : r + 1], [s], r) for r, s in enumerate(states)]
     for guard, rows, group, first in groups:
-        lone_lead = np.fromiter((s.lone_lead for s in group), dtype=bool, count=len(group))
-        for r in guard.restrict(rows, lone_lead).tolist():
+        utf8_states = np.fromiter((s.utf8_state for s in group), dtype=np.intp, count=len(group))
+        for r in guard.restrict(rows, utf8_states).tolist():
             log.warning(
-                "a grammar admits only a UTF-8-encoded surrogate (not UTF-8) next; "
+                "a grammar admits only ill-formed UTF-8 (e.g. a surrogate's bytes) next; "
                 "its own mask is kept for that token"
             )
             group[r].matcher.fill_next_token_bitmask(bitmask, first + r)
@@ -135,5 +137,5 @@ def accept(seq: Sequence, token: int) -> bool:
         raise RuntimeError(
             f"the grammar of request {seq.request_id} rejected token {token} that its mask allowed"
         )
-    state.lone_lead = state.guard.after(token, state.lone_lead)
+    state.utf8_state = state.guard.after(token, state.utf8_state)
     return state.matcher.is_terminated()
