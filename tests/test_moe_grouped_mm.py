@@ -61,8 +61,8 @@ def test_grouped_mm_mlp_matches_the_per_token_definition(tokens, top_k, num_expe
 @needs_sm90
 def test_layer_takes_grouped_mm_only_for_large_passes(monkeypatch):
     """MII_MOE_PROMPT_GEMM=grouped_mm: passes of GROUPED_MM_MIN_PAIRS pairs or more
-    run through it (same output as the Triton kernel), smaller ones do not; the
-    default (triton) never does."""
+    run through it (same output as the Triton kernel), smaller ones do not;
+    ``triton`` never does; the default (auto) does on CUDA only."""
     calls: list[int] = []
     original = moe_grouped_mm.moe_mlp_grouped_mm
 
@@ -77,8 +77,13 @@ def test_layer_takes_grouped_mm_only_for_large_passes(monkeypatch):
     small = torch.randn(9, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE, DTYPE)  # 18
     large = torch.randn(10, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE, DTYPE)  # 20
     with torch.no_grad():
+        monkeypatch.setenv("MII_MOE_PROMPT_GEMM", "triton")
         triton_out = moe(large)
-        assert calls == []  # the default: the Triton kernel
+        assert calls == []
+        monkeypatch.delenv("MII_MOE_PROMPT_GEMM")  # auto: grouped_mm on CUDA only
+        moe(large)
+        assert calls == ([10] if DEVICE.type == "cuda" else [])
+        calls.clear()
         monkeypatch.setenv("MII_MOE_PROMPT_GEMM", "grouped_mm")
         moe(small)
         assert calls == []

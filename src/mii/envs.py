@@ -9,7 +9,7 @@
 | ``MII_PDL`` | ``auto``, ``off`` | programmatic dependent launch (Hopper and newer) |
 | ``MII_FP8_KERNELS`` | ``triton``, ``off`` | Triton kernels reading float8 weights (CUDA) |
 | ``MII_MOE_ROUTING`` | ``auto``, ``torch``, ``fused`` | one-launch MoE routing (auto: small) |
-| ``MII_MOE_PROMPT_GEMM`` | ``triton``, ``grouped_mm`` | experts' GEMMs of large MoE passes |
+| ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_API_KEY`` | unset, a key | the API key of deployments and clients |
 | ``MII_REPLICA_TOKEN`` | unset, a token | internal: what a replica's port requires |
@@ -131,8 +131,11 @@ MOE_ROUTING = _choice(
 MOE_PROMPT_GEMM = _choice(
     "MII_MOE_PROMPT_GEMM",
     "the experts' matmuls of MoE passes of at least ops/moe_grouped_mm.GROUPED_MM_MIN_PAIRS "
-    "(token, expert) pairs, 16-bit experts: the grouped Triton kernel, or "
-    "'grouped_mm': torch._grouped_mm (CUTLASS on sm_90+; not yet measured on a GPU)",
+    "(token, expert) pairs, 16-bit experts: 'auto' takes torch._grouped_mm (CUTLASS) on "
+    "CUDA where it applies (bfloat16, sm_90+; H200, Mixtral layer: 4,096 tokens 5.24 vs "
+    "6.48 ms, 1,024 tokens 1.67 vs 1.76 ms) and the grouped Triton kernel elsewhere; "
+    "'triton' or 'grouped_mm' for every such pass",
+    "auto",
     "triton",
     "grouped_mm",
 )

@@ -19,8 +19,9 @@ sorted by expert on the device and every expert's matmul in one grouped
 Triton launch, with no host sync, so MoE models run in CUDA graphs too.
 Passes of up to 256 (token, expert) pairs (decode batches) route in one launch:
 softmax, top-k, renormalisation and that layout (``MII_MOE_ROUTING=auto``);
-larger passes route with torch operations. ``MII_MOE_PROMPT_GEMM=grouped_mm``
-(opt-in) sends the experts of large passes through ``torch._grouped_mm``.
+larger passes route with torch operations. On CUDA (sm_90+, bfloat16 experts)
+the experts of large passes go through ``torch._grouped_mm`` instead
+(``ops/moe_grouped_mm.py``; ``MII_MOE_PROMPT_GEMM``).
 Float8 experts go into that kernel as they are (one byte per weight, scaled in
 the kernel) where Triton reads float8 (``ops.dispatch.fp8_triton_supported``:
 sm_89+, or the CPU interpreter); elsewhere they are dequantized first.
@@ -318,6 +319,7 @@ class SparseMoE(nn.Module):
             out = moe_mlp_grouped_mm(x, w13, w2, weights, experts, self.act, fused_activation)
             return all_reduce(out)
         tiles = triton_moe.default_tiles(num_pairs, fp8=kernel_fp8)
+        down_tiles = triton_moe.default_down_tiles(num_pairs, fp8=kernel_fp8)
         if triton_moe_layout.fused_routing(envs.MOE_ROUTING.get(), num_pairs, self.num_experts):
             weights, experts, *layout = triton_moe_layout.route_and_align(
                 self.gate(x), self.top_k, self.renormalize, tiles.block_m
@@ -336,6 +338,7 @@ class SparseMoE(nn.Module):
             tiles,
             fused_activation=fused_activation,
             layout=layout,
+            down_tiles=down_tiles,
             **scales,
         )
         return all_reduce(out)
@@ -343,15 +346,17 @@ class SparseMoE(nn.Module):
     def _grouped_mm_pass(
         self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_pairs: int
     ) -> bool:
-        """Whether this pass's experts run through ``torch._grouped_mm``
-        (``MII_MOE_PROMPT_GEMM=grouped_mm``, a large pass, operands it takes)."""
+        """Whether this pass's experts run through ``torch._grouped_mm``: a large
+        pass, operands it takes, and ``MII_MOE_PROMPT_GEMM`` ``grouped_mm``, or
+        ``auto`` (the default) on CUDA."""
         from mii.ops import moe_grouped_mm
 
-        return (  # the size first: decode passes read no switch here
-            num_pairs >= moe_grouped_mm.GROUPED_MM_MIN_PAIRS
-            and envs.MOE_PROMPT_GEMM.get() == "grouped_mm"
-            and moe_grouped_mm.grouped_mm_applies(x, w13, w2)
-        )
+        if num_pairs < moe_grouped_mm.GROUPED_MM_MIN_PAIRS:  # decode passes read no switch
+            return False
+        choice = envs.MOE_PROMPT_GEMM.get()
+        if choice == "triton" or (choice == "auto" and x.device.type != "cuda"):
+            return False
+        return moe_grouped_mm.grouped_mm_applies(x, w13, w2)
 
     def forward_torch(
         self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor
