@@ -44,7 +44,16 @@ def profiled(engine, prompts, out_len, label):
         f"\n=== {label}: wall {wall * 1e3:.1f} ms, GPU busy {gpu_us / 1e3:.1f} ms "
         f"({gpu_us / 1e6 / wall:.0%})"
     )
-    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+    # compact: device time, launches and time per launch of the busiest kernels
+    busiest = sorted(
+        (e for e in events if e.self_device_time_total > 0),
+        key=lambda e: e.self_device_time_total,
+        reverse=True,
+    )[:18]
+    print(f"{'kernel':60s} {'total ms':>9s} {'launches':>9s} {'us each':>9s}")
+    for e in busiest:
+        each = e.self_device_time_total / max(e.count, 1)
+        print(f"{e.key[:60]:60s} {e.self_device_time_total / 1e3:9.2f} {e.count:9d} {each:9.2f}")
 
 
 def main() -> None:

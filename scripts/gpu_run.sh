@@ -5,7 +5,7 @@
 #   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w] [moe-routing] [latency-mixtral-fused-routing]
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
 #     [moe-down-sweep] (the down projection's own tiles at decode sizes)
-#   batch-1 decode attention: [decode-long] [decode-batch1]
+#   batch-1 decode attention: [decode-long] [decode-batch1]; kernel times: [profile] [profile-nopdl]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
@@ -25,7 +25,9 @@ while [ $# -gt 0 ]; do
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
-    profile) python3 benchmarks/profile_passes.py > "$OUT/profile.log" 2>&1; grep -v "^-\+" "$OUT/profile.log" | cut -c1-150 | tail -60 ;;
+    profile) python3 benchmarks/profile_passes.py > "$OUT/profile.log" 2>&1; grep -A20 "^===" "$OUT/profile.log" | cut -c1-100 ;;
+    # PDL off: kernels no longer start early and wait inside, so their durations are their own
+    profile-nopdl) MII_PDL=off python3 benchmarks/profile_passes.py > "$OUT/profile_nopdl.log" 2>&1; grep -A20 "^===" "$OUT/profile_nopdl.log" | cut -c1-100 ;;
     latency-compile) python3 benchmarks/latency.py --compile --json "$OUT/latency_compile.json" > "$OUT/latency_compile.log" 2>&1; tail -30 "$OUT/latency_compile.log" ;;
     throughput-compile) shift; python3 benchmarks/throughput.py --compile --num-requests "$1" --json "$OUT/throughput_compile_$1.json" > "$OUT/throughput_compile_$1.log" 2>&1; tail -30 "$OUT/throughput_compile_$1.log" ;;
     serving) python3 benchmarks/serving.py $SERVING --json "$OUT/serving.json" > "$OUT/serving.log" 2>&1; serving_report "$OUT/serving.log" ;;
