@@ -46,7 +46,7 @@ def profiled(engine, prompts, out_len, label):
     )
     # compact: device time, launches and time per launch of the busiest kernels
     busiest = sorted(
-        (e for e in events if e.self_device_time_total > 0),
+        (e for e in events if e.device_type.name == "CUDA" and e.self_device_time_total > 0),
         key=lambda e: e.self_device_time_total,
         reverse=True,
     )[:18]

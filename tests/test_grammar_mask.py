@@ -238,6 +238,13 @@ def test_utf8_guard_tables():
     assert state_after(1, 3) == state_after(13)  # one byte missing, any continuation
     empty = np.zeros((1, 2), dtype=np.int32)  # the grammar allows nothing: reported
     assert guard.restrict(empty, np.array([COMPLETE])).tolist() == [0]
+    # rows in different states at once: each row as on its own
+    states = [COMPLETE, after_ed, after_e0, COMPLETE]
+    rows = np.full((len(states), 2), -1, dtype=np.int32)
+    assert guard.restrict(rows, np.array(states)).size == 0
+    for row, state in zip(rows, states):
+        bits = np.unpackbits(row.view(np.uint8), bitorder="little")
+        assert np.flatnonzero(bits).tolist() == allowed(state)
 
 
 def test_utf8_guard_automaton_agrees_with_the_strict_decoder():

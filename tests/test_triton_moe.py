@@ -467,6 +467,17 @@ def test_routing_compiles_once_per_tile_size(monkeypatch):
     assert compiled == []
 
 
+def test_down_tiles_share_the_layout():
+    """The down projection's own tiles keep the row block of the tiles they replace
+    (both GEMMs read one layout; a mismatch would raise in every such pass)."""
+    from mii.ops.triton_moe import default_down_tiles, default_tiles
+
+    for fp8 in (False, True):
+        for pairs in range(1, 9000, 7):
+            down = default_down_tiles(pairs, fp8)
+            assert down is None or down.block_m == default_tiles(pairs, fp8).block_m, pairs
+
+
 def test_pipeline_stages_fit_shared_memory(monkeypatch):
     """The measured bf16 defaults keep their stages; fp32 (twice the bytes) gets
     fewer, and so does a GPU with less shared memory per program (an L4's 99 KB)."""

@@ -177,7 +177,7 @@ class GrammarCache:
 
     @property
     def utf8_guard(self) -> Utf8Guard:
-        """The surrogate masks of this tokenizer (``engine/utf8_guard.py``), which
+        """The well-formed-UTF-8 masks of this tokenizer (``engine/utf8_guard.py``), which
         every matcher of its grammars needs (``grammar_mask.new_matcher``); built
         with the compiler, once per engine."""
         self._get_compiler()

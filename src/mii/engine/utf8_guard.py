@@ -135,5 +135,9 @@ class Utf8Guard:
         masks of their rows' ``states`` (int [R]). Returns the indices of rows left
         with no token at all: the caller refills those from their grammar (see the
         module's doc)."""
-        np.bitwise_and(bitmask, self.masks[states], out=bitmask)
+        first = states[0] if len(states) else COMPLETE
+        if (states == first).all():  # the usual case (all complete): one broadcast row
+            np.bitwise_and(bitmask, self.masks[first], out=bitmask)
+        else:  # (a gathered [R, words] copy: rows mid-character are rare)
+            np.bitwise_and(bitmask, self.masks[states], out=bitmask)
         return np.flatnonzero(~bitmask.any(axis=1))

@@ -33,10 +33,12 @@ GROUPED_MM_MIN_PAIRS = 2048
 def grouped_mm_applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm`` takes these operands here: a torch that has it,
     16-bit (or, on the CPU, float32) experts, bfloat16 only on CUDA (sm_90+, its
-    CUTLASS kernels), every row 16-byte aligned (TMA)."""
+    CUTLASS kernels; not ROCm, not measured there), every row 16-byte aligned (TMA)."""
     if not hasattr(torch, "_grouped_mm") or w13.dtype != x.dtype or w2.dtype != x.dtype:
         return False
     if x.device.type == "cuda":
+        if torch.version.hip is not None:  # ROCm reports gfx versions as capabilities
+            return False
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
             return False
     elif x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
