@@ -30,9 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mii.engine import utf8_guard
 from mii.engine.sequence import Sequence
-from mii.engine.utf8_guard import Utf8Guard
+from mii.engine.utf8_guard import COMPLETE, Utf8Guard
 from mii.ops.transfer import upload
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ class GrammarState:
 
     matcher: Any  # xgrammar.GrammarMatcher
     guard: Utf8Guard
-    utf8_state: int = utf8_guard.COMPLETE
+    utf8_state: int = COMPLETE
 
 
 def new_matcher(compiled: Any, guard: Utf8Guard) -> GrammarState:
