@@ -203,5 +203,15 @@ def test_engine_with_skinny_linear_matches_hf(checkpoints, tokenizer, monkeypatc
             gemv, "split_k_for", lambda *a: splits_seen.append(original(*a)) or splits_seen[-1]
         )
     path, hf_model = checkpoints("llama")
-    assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
-    assert max(splits_seen, default=1) > 1 if split else not splits_seen
+    if split:
+        # Interpreted split-K launches cost the most programs: fewer, larger passes
+        # (chunked prompts, decode steps of up to four rows) and fewer new tokens;
+        # preemption through the kernel is the whole-K run's job.
+        assert_matches_hf(path, hf_model, tokenizer, new_tokens=10, token_budget=12, max_num_seqs=4)
+        assert max(splits_seen) > 1
+    else:
+        options = dict(TIGHT_OPTIONS, num_kv_blocks=20)  # preempts within 12 new tokens
+        assert_matches_hf(
+            path, hf_model, tokenizer, new_tokens=12, expect_preemption=True, **options
+        )
+        assert not splits_seen

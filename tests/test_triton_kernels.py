@@ -179,7 +179,14 @@ def _assert_split_attention_matches(case, seed, splits, min_keys):
     torch.testing.assert_close(out.cpu(), expected, rtol=2e-5, atol=2e-5)
 
 
-GQA_CASES = [case for case in CASES if case[1] > case[2]]  # more query than KV heads
+# More query than KV heads; the layouts below change decode programs only (tiles of
+# up to 16 queries: prompt tiles have a launch of their own), so the prompts of more
+# than 16 tokens, the interpreter's slowest part, are left out.
+GQA_CASES = [
+    ([(cached, new) for cached, new in case[0] if new <= 16], *case[1:])
+    for case in CASES
+    if case[1] > case[2]
+]
 DECODE_LAYOUTS = {  # name: (query heads per program, head-major)
     "pack4": (4, True),
     "pack2": (2, True),
