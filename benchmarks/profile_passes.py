@@ -2,7 +2,8 @@
 small mixed (prefill + decode) run; prints GPU-busy vs wall time and the top
 kernels. A diagnostic, not a benchmark.
 
-    python benchmarks/profile_passes.py [--requests 32]
+    python benchmarks/profile_passes.py [--requests 32] [--model llama3-8b] [--quantization fp8]
+    MII_PDL=off python benchmarks/profile_passes.py   # kernel durations of their own
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mii
-from benchmarks.common import model_dir
+from benchmarks.common import SHAPES, model_dir
 from benchmarks.throughput import workload
 
 
@@ -59,8 +60,13 @@ def profiled(engine, prompts, out_len, label):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--model", default="llama2-7b", choices=sorted(SHAPES))
+    parser.add_argument("--quantization", choices=["none", "fp8"], default="none")
     args = parser.parse_args()
-    engine = mii.AsyncEngine(model_dir("llama2-7b"), load_format="dummy", dtype="bfloat16")
+    quantization = None if args.quantization == "none" else args.quantization
+    engine = mii.AsyncEngine(
+        model_dir(args.model), load_format="dummy", dtype="bfloat16", quantization=quantization
+    )
     prompt = [[(i * 7919) % 31000 + 100 for i in range(128)]]
     profiled(engine, prompt, 64, "batch 1, 128 in / 64 out")
     profiled(engine, workload(args.requests, 128, 1024), 32, f"{args.requests} requests, mixed")

@@ -5,7 +5,8 @@
 #   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w] [moe-routing] [latency-mixtral-fused-routing]
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
 #     [moe-down-sweep] (the down projection's own tiles at decode sizes)
-#   batch-1 decode attention: [decode-long] [decode-batch1]; kernel times: [profile] [profile-nopdl]
+#   batch-1 decode attention: [decode-long] [decode-batch1]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
+#   W1 pass by pass: [breakdown] [breakdown-llama3]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
@@ -28,6 +29,8 @@ while [ $# -gt 0 ]; do
     profile) python3 benchmarks/profile_passes.py > "$OUT/profile.log" 2>&1; grep -A20 "^===" "$OUT/profile.log" | cut -c1-100 ;;
     # PDL off: kernels no longer start early and wait inside, so their durations are their own
     profile-nopdl) MII_PDL=off python3 benchmarks/profile_passes.py > "$OUT/profile_nopdl.log" 2>&1; grep -A20 "^===" "$OUT/profile_nopdl.log" | cut -c1-100 ;;
+    profile-nopdl-fp8) MII_PDL=off python3 benchmarks/profile_passes.py --quantization fp8 > "$OUT/profile_nopdl_fp8.log" 2>&1; grep -A20 "^===" "$OUT/profile_nopdl_fp8.log" | cut -c1-100 ;;
+    breakdown-llama3) python3 benchmarks/pass_breakdown.py --model llama3-8b --records "$OUT/passes_llama3.json" > "$OUT/breakdown_llama3.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_llama3.log" | cut -c1-160 | tail -120 ;;
     latency-compile) python3 benchmarks/latency.py --compile --json "$OUT/latency_compile.json" > "$OUT/latency_compile.log" 2>&1; tail -30 "$OUT/latency_compile.log" ;;
     throughput-compile) shift; python3 benchmarks/throughput.py --compile --num-requests "$1" --json "$OUT/throughput_compile_$1.json" > "$OUT/throughput_compile_$1.log" 2>&1; tail -30 "$OUT/throughput_compile_$1.log" ;;
     serving) python3 benchmarks/serving.py $SERVING --json "$OUT/serving.json" > "$OUT/serving.log" 2>&1; serving_report "$OUT/serving.log" ;;
