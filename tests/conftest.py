@@ -41,6 +41,19 @@ CHECKPOINTS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_gguf_conversions(tmp_path_factory):
+    """One conversion of each GGUF file for the whole run: SmolLM2's takes ~30 s, and
+    its modules each start servers with caches of their own (subprocesses inherit
+    the variable). Tests of the conversion cache itself unset it."""
+    if "MII_GGUF_CACHE_DIR" in os.environ:
+        yield
+        return
+    os.environ["MII_GGUF_CACHE_DIR"] = str(tmp_path_factory.mktemp("gguf-conversions"))
+    yield
+    os.environ.pop("MII_GGUF_CACHE_DIR", None)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

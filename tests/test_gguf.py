@@ -24,6 +24,7 @@ QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
 def cache(tmp_path, monkeypatch):
     """A fresh mii cache directory; returns its gguf/ folder."""
     monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MII_GGUF_CACHE_DIR", raising=False)  # conftest shares one
     return tmp_path / "cache" / "gguf"
 
 
@@ -85,6 +86,25 @@ def test_second_load_uses_the_cache(gguf_files, cache, monkeypatch):
     finally:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert sorted(p.name for p in cache.iterdir()) == [first.name]  # no temporary, no lock
+
+
+def test_gguf_cache_dir_holds_the_conversions_apart_from_the_mii_cache(
+    gguf_files, cache, tmp_path, monkeypatch
+):
+    """MII_GGUF_CACHE_DIR: conversions there (shared by deployments whose
+    MII_CACHE_DIR differ), none under MII_CACHE_DIR/gguf; empty counts as unset."""
+    from mii.models.loader import resolve_model_dir
+
+    path = str(gguf_files("Q8_0")[0])
+    shared = tmp_path / "shared-conversions"
+    monkeypatch.setenv("MII_GGUF_CACHE_DIR", str(shared))
+    first = resolve_model_dir(path)
+    assert first.parent == shared and (first / "config.json").is_file()
+    assert not cache.exists()
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path / "another-cache"))
+    assert resolve_model_dir(path) == first  # the same entry, not a second conversion
+    monkeypatch.setenv("MII_GGUF_CACHE_DIR", "")
+    assert resolve_model_dir(path).parent == tmp_path / "another-cache" / "gguf"
 
 
 def assert_nothing_cached(cache) -> None:

@@ -44,11 +44,16 @@ def cache_env(tmp_path_factory):
         yield
 
 
-def test_greedy_matches_transformers_on_real_prompts(smollm2, cache_env):
+@pytest.fixture(scope="module")
+def hf_model(smollm2):
+    """transformers' own load of the GGUF file (fp32): the oracle, loaded once (~35 s)."""
     from transformers import AutoModelForCausalLM
 
     folder, name = os.path.split(smollm2)
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+
+
+def test_greedy_matches_transformers_on_real_prompts(smollm2, cache_env, hf_model):
     with mii.pipeline(smollm2, device="cpu") as pipe:
         prompts = [chat_prompt_ids(pipe.engine.tokenizer, q) for q in QUESTIONS]
         responses = pipe(prompts, do_sample=False, max_new_tokens=NEW_TOKENS)
@@ -202,15 +207,11 @@ PARAGRAPH = (
 )
 
 
-def test_perplexity_from_prompt_logprobs_equals_transformers(smollm2, cache_env):
+def test_perplexity_from_prompt_logprobs_equals_transformers(smollm2, cache_env, hf_model):
     """The perplexity of a fixed paragraph from mii's prompt logprobs (scored in
     16-token prefill chunks) equals transformers' (fp32) within 0.1 %."""
     import math
 
-    from transformers import AutoModelForCausalLM
-
-    folder, name = os.path.split(smollm2)
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     with mii.pipeline(smollm2, device="cpu", token_budget=16, max_num_seqs=1) as pipe:
         ids = pipe.engine.tokenizer(PARAGRAPH).input_ids
         [scored] = pipe([ids], max_new_tokens=0, prompt_logprobs=0)

@@ -11,6 +11,7 @@
 | ``MII_MOE_ROUTING`` | ``auto``, ``torch``, ``fused`` | one-launch MoE routing (auto: small) |
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
+| ``MII_GGUF_CACHE_DIR`` | a directory (``$MII_CACHE_DIR/gguf``) | converted GGUF checkpoints only |
 | ``MII_API_KEY`` | unset, a key | the API key of deployments and clients |
 | ``MII_REPLICA_TOKEN`` | unset, a token | internal: what a replica's port requires |
 | ``MII_TP_STORE_SECRET`` | unset, a secret | internal: the secret key prefix of a TP store |
@@ -151,6 +152,19 @@ CACHE_DIR: Switch[Path] = Switch(
 )
 
 
+def _optional_directory(name: str, value: str) -> Path | None:
+    return Path(value).expanduser() if value else None  # set but empty counts as unset
+
+
+GGUF_CACHE_DIR: Switch[Path | None] = Switch(
+    "MII_GGUF_CACHE_DIR",
+    "",
+    "where converted GGUF checkpoints live, when not under MII_CACHE_DIR/gguf: one "
+    "conversion shared by deployments whose registries differ, or kept on a larger disk",
+    _optional_directory,
+)
+
+
 # ----- secrets -----------------------------------------------------------------
 # Secrets travel between mii's processes in the environment, never on a command
 # line: /proc/PID/cmdline (``ps``) is readable by every local user, a process's
@@ -237,6 +251,7 @@ SWITCHES: tuple[Switch, ...] = (
     MOE_ROUTING,
     MOE_PROMPT_GEMM,
     CACHE_DIR,
+    GGUF_CACHE_DIR,
     API_KEY,
     REPLICA_TOKEN,
     TP_STORE_SECRET,

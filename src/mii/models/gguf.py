@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import mii.envs as envs
 from mii.cache import cache_dir
 
 # Bump when the converted layout changes: old entries are then left unused.
@@ -33,8 +34,9 @@ def is_gguf_path(path: str | os.PathLike) -> bool:
 
 
 def gguf_cache_root() -> Path:
-    """Where converted GGUF checkpoints live: ``<mii cache>/gguf``."""
-    return cache_dir() / "gguf"
+    """Where converted GGUF checkpoints live: ``MII_GGUF_CACHE_DIR``, else
+    ``<mii cache>/gguf``."""
+    return envs.GGUF_CACHE_DIR.get() or cache_dir() / "gguf"
 
 
 def gguf_checkpoint_dir(path: str | os.PathLike) -> Path:
