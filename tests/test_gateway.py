@@ -381,7 +381,13 @@ def test_openai_invalid_requests(served):
     for field in ("max_tokens", "n", "top_k"):  # true was read as 1
         assert_openai_error(post("/v1/completions", json={**ok, field: True}), 400, field)
     too_few = {**ok, "min_tokens": 5, "max_tokens": 2}
-    assert_openai_error(post("/v1/completions", json=too_few), 400, "max_tokens")
+    error = assert_openai_error(post("/v1/completions", json=too_few), 400, "max_tokens")
+    assert "min_tokens" in error["message"] and "min_new_tokens" not in error["message"]
+    # vLLM's "no top-k" values are accepted (its clients send them as defaults);
+    # other values below 1 are refused, naming top_k.
+    for no_top_k in (-1, 0):
+        assert post("/v1/completions", json={**ok, "top_k": no_top_k}).status_code == 200
+    assert_openai_error(post("/v1/completions", json={**ok, "top_k": -2}), 400, "top_k")
     assert_openai_error(post("/v1/completions", json={**ok, "temperature": -1}), 400, "temperature")
     assert_openai_error(post("/v1/completions", json={**ok, "logprobs": 21}), 400, "logprobs")
     assert_openai_error(post("/v1/completions", json={**ok, "n": 0}), 400, "n")

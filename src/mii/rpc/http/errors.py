@@ -9,6 +9,7 @@ status an exception gets is decided by :mod:`mii.rpc.status`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -111,12 +112,15 @@ def openai_errors(renames: dict[str, str]) -> Iterator[None]:
 
 
 def renamed(err: InvalidRequestError, renames: dict[str, str]) -> tuple[str, str | None]:
-    """The message and field of ``err``, with the field under its OpenAI name."""
+    """The message and field of ``err``, with the fields under their OpenAI names:
+    the field itself, and any option the message names ("must be at least
+    min_new_tokens" reads "min_tokens" on the OpenAI routes)."""
     field, message = err.field, str(err)
-    if field in renames:
-        message = message.replace(f"'{field}'", f"'{renames[field]}'")
-        field = renames[field]
-    return message, field
+    for name, openai_name in renames.items():
+        message = message.replace(f"'{name}'", f"'{openai_name}'")
+        if "_" in name:  # option names, not words such as "prompt" in prose
+            message = re.sub(rf"\b{re.escape(name)}\b", openai_name, message)
+    return message, renames.get(field, field)
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}

@@ -8,7 +8,8 @@ OpenAI options map onto mii's generation options as follows:
 - ``temperature`` (default 1.0): 0 means greedy (``do_sample=False``).
 - ``top_p`` defaults to 1.0 (OpenAI's default, not mii's 0.9).
 - ``stop``, ``echo`` (completions: the prompt is put before the text).
-- mii extensions: ``ignore_eos``, ``top_k``, ``min_tokens`` (-> ``min_new_tokens``),
+- mii extensions: ``ignore_eos``, ``top_k`` (-1 or 0: every token, as in vLLM),
+  ``min_tokens`` (-> ``min_new_tokens``),
   ``logprobs_mode`` ("raw", the default, or "processed").
 - ``logprobs`` (completions: an int k; with ``echo`` the prompt's too) and
   ``logprobs`` + ``top_logprobs`` (chat) -> ``logprobs`` (and ``prompt_logprobs``):
@@ -77,7 +78,7 @@ def generation_options(
         params["do_sample"] = False
     elif body.temperature is not None:
         params["temperature"] = body.temperature
-    if body.top_k is not None:
+    if body.top_k is not None and body.top_k not in _ALL_TOKENS_TOP_K:
         params["top_k"] = body.top_k
     if body.stop:
         params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
@@ -94,6 +95,11 @@ def generation_options(
     params.update(structured_options(body))  # json_schema, regex, choice, grammar
     GenerateParams.parse(**params)  # InvalidRequestError names the (mii) field
     return params
+
+
+# vLLM's spellings of "no top-k": -1 (and, in newer releases, 0) consider every
+# token; clients written for it send them as defaults.
+_ALL_TOKENS_TOP_K = (-1, 0)
 
 
 def _logprobs_asked(body: OpenAIRequest) -> int | None:
