@@ -370,6 +370,51 @@ def test_chat_completions(served, pipe):
     assert [c.index for c in chat.choices] == [0, 1]
 
 
+def test_vllm_fields_at_their_no_op_values_are_served_and_others_refused(served):
+    """vLLM's request fields that mii does not implement: its clients' defaults are
+    served (they change nothing), any other value is 400 naming the field."""
+    post = served.http.post
+    ok = {"model": served.model, "prompt": "DeepSpeed is", "max_tokens": 2}
+    chat = {**ok, "messages": [{"role": "user", "content": "hi"}]}
+    del chat["prompt"]
+    no_ops = {
+        "use_beam_search": False,
+        "length_penalty": 1.0,
+        "include_stop_str_in_output": False,
+        "priority": 0,
+        "truncate_prompt_tokens": None,
+        "prompt_logprobs": None,
+        "allowed_token_ids": [],
+        "bad_words": [],
+        "return_tokens_as_token_ids": False,
+        "request_id": "from-a-vllm-client",
+    }
+    reply = post("/v1/completions", json={**ok, **no_ops, "add_special_tokens": True})
+    assert reply.status_code == 200, reply.text
+    reply = post("/v1/chat/completions", json={**chat, **no_ops, "add_special_tokens": False})
+    assert reply.status_code == 200, reply.text
+    asked = {
+        "use_beam_search": True,
+        "length_penalty": 0.5,
+        "include_stop_str_in_output": True,
+        "priority": 1,
+        "truncate_prompt_tokens": 8,
+        "prompt_logprobs": 1,
+        "allowed_token_ids": [5],
+        "bad_words": ["x"],
+        "return_tokens_as_token_ids": True,
+    }
+    for field, value in asked.items():
+        for route, body in (("/v1/completions", ok), ("/v1/chat/completions", chat)):
+            error = assert_openai_error(post(route, json={**body, field: value}), 400, field)
+            assert "not supported" in error["message"], error
+    bad = [("/v1/completions", {**ok, "add_special_tokens": False}, "add_special_tokens")]
+    bad.append(("/v1/chat/completions", {**chat, "add_special_tokens": True}, "add_special_tokens"))
+    bad.append(("/v1/chat/completions", {**chat, "echo": True}, "echo"))
+    for route, body, field in bad:
+        assert_openai_error(post(route, json=body), 400, field)
+
+
 def test_openai_invalid_requests(served):
     post = served.http.post
     ok = {"model": served.model, "prompt": "DeepSpeed is", "max_tokens": 2}

@@ -41,6 +41,7 @@ IGNORED_FIELDS: dict[str, str] = {
     "modalities": "['text'] is all this server answers (other modalities are refused)",
     "reasoning_effort": "a setting of OpenAI's reasoning models; the models served here have none",
     "verbosity": "a setting of OpenAI's reasoning models; the models served here have none",
+    "request_id": "vLLM's id for its logs (mii names each request itself)",
     "stream_options.include_obfuscation": "random padding of stream events against side channels",
     "stream_options.continuous_usage_stats": "vLLM's usage in every stream chunk (mii sends it "
     "once, at the end, with include_usage)",
@@ -76,6 +77,7 @@ class SpecificationFields(BaseModel):
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
     verbosity: str | None = None
+    request_id: str | None = None
     # Refused when set (refuse_unsupported)
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None

@@ -27,7 +27,8 @@ OpenAI options map onto mii's generation options as follows:
   :mod:`mii.rpc.http.tools`.
 
 Options the engine cannot honour (``suffix``, ``best_of`` other than ``n``,
-other response formats) are refused with 400 naming them, never
+other response formats; vLLM's beam search, priorities, ...: see
+:mod:`mii.rpc.http.vllm_fields`) are refused with 400 naming them, never
 silently ignored. Fields that change nothing generated (``user``, ``store``,
 ...) are accepted and ignored with a logged warning: :mod:`mii.rpc.http.field_policy`.
 """
@@ -40,11 +41,13 @@ from mii.config import GenerateParams
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from mii.rpc.http.structured import structured_field_names, structured_options
+from mii.rpc.http.vllm_fields import refuse_vllm_options
 
 
 def refuse_completion(body: CompletionRequest) -> None:
     """Raise a 400 ApiError for the first option of ``body`` that cannot be honoured."""
     _refuse_common(body)
+    refuse_vllm_options(body, chat=False)
     if body.best_of not in (None, body.n):
         raise ApiError(400, "best_of is not supported by this server (use n)", "best_of")
     if body.suffix:
@@ -54,6 +57,9 @@ def refuse_completion(body: CompletionRequest) -> None:
 def refuse_chat(body: ChatCompletionRequest) -> None:
     """Raise a 400 ApiError for the first option of ``body`` that cannot be honoured."""
     _refuse_common(body)
+    refuse_vllm_options(body, chat=True)
+    if body.echo:  # vLLM's: the last message put before the answer when roles match
+        raise ApiError(400, "echo is not supported on chat completions by this server", "echo")
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
 

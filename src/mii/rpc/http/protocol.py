@@ -18,6 +18,7 @@ from mii.errors import InvalidRequestError
 from mii.rpc.convert import prompt_list
 from mii.rpc.http.field_policy import SpecificationFields, StreamOptions
 from mii.rpc.http.tool_protocol import ChatTool, ToolChoice
+from mii.rpc.http.vllm_fields import VllmFields
 
 MAX_CHOICES = 128  # n times the number of prompts, per OpenAI request
 
@@ -64,9 +65,10 @@ def _takes_booleans(annotation: Any) -> bool:
     return annotation is bool or bool in typing.get_args(annotation)
 
 
-class OpenAIRequest(SpecificationFields):
+class OpenAIRequest(SpecificationFields, VllmFields):
     # The options completions and chat completions share (the fields that change
-    # nothing generated, ignored, are in SpecificationFields: see field_policy).
+    # nothing generated, ignored, are in SpecificationFields: see field_policy;
+    # vLLM's that mii accepts only at their no-op values in VllmFields).
     model_config = ConfigDict(extra="forbid")
 
     @field_validator("*", mode="before")
@@ -158,3 +160,4 @@ class ChatCompletionRequest(OpenAIRequest):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None  # None: not continue_final_message
     continue_final_message: bool = False
+    echo: bool = False  # vLLM's; only false is served (openai_options.refuse_chat)

@@ -1,0 +1,83 @@
+"""vLLM's request fields that mii does not implement: accepted at the value that
+changes nothing, refused with 400 naming the field at any other.
+
+Clients written for ``vllm serve`` set these through ``extra_body`` (often at
+their defaults, e.g. ``use_beam_search: false``); before, any of them was an
+``unknown field``, however harmless its value. Now a request that sets one to
+vLLM's default, which is what mii does anyway, is served; one that asks for
+what mii cannot do (beam search, priorities, prompt truncation, ...) gets 400
+saying so and how to get the closest behaviour. The fields that mii implements
+(``min_p``, ``repetition_penalty``, ``stop_token_ids``, ``guided_*``, ...) live in
+:mod:`mii.rpc.http.protocol`, and ``request_id`` (an id for vLLM's logs) is
+ignored like OpenAI's bookkeeping fields (:mod:`mii.rpc.http.field_policy`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from mii.rpc.http.errors import ApiError
+
+
+class VllmFields(BaseModel):
+    # Mixed into the OpenAI request models. No docstring: it would change the
+    # served /openapi.json. Defaults are vLLM's; the no-op values: NO_OP_VALUES.
+    model_config = ConfigDict(extra="forbid")
+
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    priority: int = 0
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    return_tokens_as_token_ids: bool = False
+    add_special_tokens: bool | None = None
+
+
+# field -> (the values that change nothing, what to do instead of another value)
+NO_OP_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
+    "use_beam_search": ((False,), "beam search is not supported; sample or decode greedily"),
+    "length_penalty": ((1.0,), "it applies to beam search, which is not supported"),
+    "include_stop_str_in_output": (
+        (False,),
+        "the text ends before the matched stop string",
+    ),
+    "priority": ((0,), "priority scheduling is not supported: requests are served in order"),
+    "truncate_prompt_tokens": (
+        (None,),
+        "prompts are not truncated: shorten the prompt (a too long one gets 400 naming it)",
+    ),
+    "prompt_logprobs": (
+        (None,),
+        "ask for the prompt's logprobs with echo=true and logprobs (completions)",
+    ),
+    "allowed_token_ids": ((None, []), "use logit_bias to favour or ban token ids"),
+    "bad_words": ((None, []), "use logit_bias to ban token ids"),
+    "return_tokens_as_token_ids": ((False,), "POST /tokenize gives a text's token ids"),
+}
+
+
+def refuse_vllm_options(body: VllmFields, chat: bool) -> None:
+    """400 naming the first vLLM field ``body`` sets to a value mii cannot honour."""
+    for name in sorted(body.model_fields_set & set(NO_OP_VALUES)):
+        no_ops, instead = NO_OP_VALUES[name]
+        value = getattr(body, name)
+        if value not in no_ops:
+            raise ApiError(
+                400, f"{name}={value!r} is not supported by this server: {instead}", name
+            )
+    # Completions add the tokenizer's special tokens (BOS) to a text prompt, chat
+    # prompts take them from the chat template: vLLM's defaults for each route.
+    usual = not chat
+    if body.add_special_tokens is not None and body.add_special_tokens != usual:
+        route = "chat completions" if chat else "completions"
+        raise ApiError(
+            400,
+            f"add_special_tokens={body.add_special_tokens} is not supported by this server: "
+            f"{route} always use {usual}",
+            "add_special_tokens",
+        )
