@@ -408,6 +408,9 @@ def test_vllm_fields_at_their_no_op_values_are_served_and_others_refused(served)
         for route, body in (("/v1/completions", ok), ("/v1/chat/completions", chat)):
             error = assert_openai_error(post(route, json={**body, field: value}), 400, field)
             assert "not supported" in error["message"], error
+    # Token-id prompts are not tokenized: add_special_tokens changes nothing there.
+    ids = {**ok, "prompt": [5, 6, 7], "add_special_tokens": False}
+    assert post("/v1/completions", json=ids).status_code == 200
     bad = [("/v1/completions", {**ok, "add_special_tokens": False}, "add_special_tokens")]
     bad.append(("/v1/chat/completions", {**chat, "add_special_tokens": True}, "add_special_tokens"))
     bad.append(("/v1/chat/completions", {**chat, "echo": True}, "echo"))
@@ -428,6 +431,10 @@ def test_openai_invalid_requests(served):
     too_few = {**ok, "min_tokens": 5, "max_tokens": 2}
     error = assert_openai_error(post("/v1/completions", json=too_few), 400, "max_tokens")
     assert "min_tokens" in error["message"] and "min_new_tokens" not in error["message"]
+    # ... but what the caller sent is quoted as sent, mii's option names included.
+    stops = {**chat, "stop": ["prompt", "min_new_tokens", ""]}
+    error = assert_openai_error(post("/v1/chat/completions", json=stops), 400, "stop")
+    assert "['prompt', 'min_new_tokens', '']" in error["message"], error
     # vLLM's "no top-k" values are accepted (its clients send them as defaults);
     # other values below 1 are refused, naming top_k.
     for no_top_k in (-1, 0):

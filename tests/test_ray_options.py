@@ -111,3 +111,21 @@ def test_pieces_and_errors_cross_nodes_as_json():
         assert type(back) is type(err) and str(back) == str(err)
     assert error_from_wire(error_to_wire(errors[0])).field == "top_p"
     assert error_from_wire(error_to_wire(errors[1])).retry_after == 3.0
+
+
+def test_replicas_get_the_switches_as_set_and_no_secrets(monkeypatch):
+    """MII_* switches reach Ray replicas as the caller set them (an empty directory
+    stays empty, not "None"; RANK:N stays RANK:N), never the API key; a bad value
+    fails in the caller."""
+    from mii.ray_backend.application import forwarded_env
+
+    monkeypatch.setenv("MII_GGUF_CACHE_DIR", "")
+    monkeypatch.setenv("MII_TP_FAIL_AT_PASS", "1:2")
+    monkeypatch.setenv("MII_GEMV", "torch")
+    monkeypatch.setenv("MII_API_KEY", "secret")
+    env = forwarded_env()
+    assert env["MII_GGUF_CACHE_DIR"] == "" and env["MII_TP_FAIL_AT_PASS"] == "1:2"
+    assert env["MII_GEMV"] == "torch" and "MII_API_KEY" not in env
+    monkeypatch.setenv("MII_GEMV", "cuda")
+    with pytest.raises(ValueError, match="MII_GEMV must be"):
+        forwarded_env()

@@ -115,12 +115,14 @@ def renamed(err: InvalidRequestError, renames: dict[str, str]) -> tuple[str, str
     """The message and field of ``err``, with the fields under their OpenAI names:
     the field itself, and any option the message names ("must be at least
     min_new_tokens" reads "min_tokens" on the OpenAI routes)."""
-    field, message = err.field, str(err)
+    field = err.field
+    # What the caller sent, echoed after our text's first " (got ", stays as sent.
+    text, got, sent = str(err).partition(" (got ")
     for name, openai_name in renames.items():
-        message = message.replace(f"'{name}'", f"'{openai_name}'")
+        text = text.replace(f"'{name}'", f"'{openai_name}'")
         if "_" in name:  # option names, not words such as "prompt" in prose
-            message = re.sub(rf"\b{re.escape(name)}\b", openai_name, message)
-    return message, renames.get(field, field)
+            text = re.sub(rf"\b{re.escape(name)}\b", lambda _, new=openai_name: new, text)
+    return text + got + sent, renames.get(field, field)
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}

@@ -72,8 +72,10 @@ def refuse_vllm_options(body: VllmFields, chat: bool) -> None:
             )
     # Completions add the tokenizer's special tokens (BOS) to a text prompt, chat
     # prompts take them from the chat template: vLLM's defaults for each route.
+    # Token-id prompts are not tokenized: any value changes nothing there.
     usual = not chat
-    if body.add_special_tokens is not None and body.add_special_tokens != usual:
+    text_prompt = chat or _has_text(getattr(body, "prompt", None))
+    if body.add_special_tokens not in (None, usual) and text_prompt:
         route = "chat completions" if chat else "completions"
         raise ApiError(
             400,
@@ -81,3 +83,11 @@ def refuse_vllm_options(body: VllmFields, chat: bool) -> None:
             f"{route} always use {usual}",
             "add_special_tokens",
         )
+
+
+def _has_text(prompt: Any) -> bool:
+    """Whether a completions ``prompt`` holds text (a string, or a list with one),
+    not only token ids."""
+    if isinstance(prompt, str):
+        return True
+    return isinstance(prompt, list) and any(isinstance(p, str) for p in prompt)
