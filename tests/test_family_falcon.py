@@ -100,24 +100,37 @@ def test_hf_weight_names_are_all_consumed(falcon, name):
             assert hf_name in ours, hf_name
 
 
+def hf_fused_qkv_split(attention, fused: torch.Tensor):
+    """q [T, H, hd], k and v [T, Hkv, hd] from HF's ``query_key_value`` output [T, ...],
+    in transformers' layouts (its ``_split_heads`` up to 5.24, inline in
+    ``FalconAttention.forward`` since 5.25): new architecture, per KV group its
+    queries then its key and value; multi-query, all queries then one key and one
+    value; otherwise query, key and value interleaved per head."""
+    heads, hd = attention.num_heads, attention.head_dim
+    if attention.new_decoder_architecture:
+        grouped = fused.view(fused.shape[0], attention.num_kv_heads, -1, hd)
+        return grouped[:, :, :-2].flatten(1, 2), grouped[:, :, -2], grouped[:, :, -1]
+    if attention.multi_query:
+        q, k, v = fused.view(fused.shape[0], heads + 2, hd).split([heads, 1, 1], dim=1)
+        return q, k, v
+    return fused.view(fused.shape[0], heads, 3, hd).unbind(2)
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_qkv_split_matches_hf(falcon, name):
-    """Our reordered qkv_proj gives exactly the q, k, v heads of HF's _split_heads."""
+    """Our reordered qkv_proj gives exactly the q, k, v heads of HF's fused layout."""
     path, hf_model = falcon(name)
     model = build_model(read_hf_config(path), path, torch.float32, torch.device("cpu"))
     ours = model.transformer.h[1].self_attention
     theirs = hf_model.transformer.h[1].self_attention
-    x = torch.randn(1, 5, 64)
+    x = torch.randn(5, 64)
     with torch.no_grad():
-        q_ref, k_ref, v_ref = theirs._split_heads(theirs.query_key_value(x))  # [1, T, H, hd]
+        q_ref, k_ref, v_ref = hf_fused_qkv_split(theirs, theirs.query_key_value(x))
         q_size, kv_size = ours.num_heads * ours.head_dim, ours.num_kv_heads * ours.head_dim
-        q, k, v = ours.qkv_proj(x[0]).split([q_size, kv_size, kv_size], dim=-1)
-    per_kv = ours.num_heads // ours.num_kv_heads
-    # New-architecture HF broadcasts each KV head over its group: keep one per group
-    # (multi-query HF returns a single KV head, which ::per_kv keeps as is).
-    torch.testing.assert_close(q, q_ref[0].reshape(5, -1))
-    torch.testing.assert_close(k, k_ref[0, :, ::per_kv].reshape(5, -1))
-    torch.testing.assert_close(v, v_ref[0, :, ::per_kv].reshape(5, -1))
+        q, k, v = ours.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+    torch.testing.assert_close(q, q_ref.reshape(5, -1))
+    torch.testing.assert_close(k, k_ref.reshape(5, -1))
+    torch.testing.assert_close(v, v_ref.reshape(5, -1))
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
