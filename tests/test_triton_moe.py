@@ -368,6 +368,11 @@ def test_kernel_choice(monkeypatch, variable, enabled):
         enabled(cpu)
 
 
+# Chunked prompts and preemption in 12 new tokens (a smaller KV pool than TIGHT_OPTIONS'
+# 24 blocks): every interpreted MoE pass costs seconds on a CI machine.
+SHORT_TIGHT_RUN = dict(TIGHT_OPTIONS, num_kv_blocks=20, new_tokens=12)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_engine_with_grouped_kernel_matches_hf(moe_checkpoints, tokenizer, name, monkeypatch):  # noqa: F811
@@ -375,7 +380,7 @@ def test_engine_with_grouped_kernel_matches_hf(moe_checkpoints, tokenizer, name,
     with chunked prompts and preemption: greedy tokens equal transformers'."""
     monkeypatch.setenv("MII_MOE", "triton")
     path, hf_model = moe_checkpoints(name)
-    assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
+    assert_matches_hf(path, hf_model, tokenizer, expect_preemption=True, **SHORT_TIGHT_RUN)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")
@@ -387,7 +392,7 @@ def test_engine_with_torch_routing_matches_hf(moe_checkpoints, tokenizer, name, 
     monkeypatch.setenv("MII_MOE", "triton")
     monkeypatch.setenv("MII_MOE_ROUTING", "torch")
     path, hf_model = moe_checkpoints(name)
-    assert_matches_hf(path, hf_model, tokenizer, **TIGHT_OPTIONS, expect_preemption=True)
+    assert_matches_hf(path, hf_model, tokenizer, expect_preemption=True, **SHORT_TIGHT_RUN)
 
 
 def test_auto_routing_fuses_small_passes_only():
