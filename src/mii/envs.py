@@ -53,6 +53,14 @@ class Switch(Generic[T]):
     def get(self) -> T:
         return self.parse(self.name, os.environ.get(self.name, self.default))
 
+    def as_set(self) -> str | None:
+        """The variable's text as set (None when unset), once it parses: what another
+        process is given (str() of a parsed value may not parse back)."""
+        value = os.environ.get(self.name)
+        if value is not None:
+            self.parse(self.name, value)
+        return value
+
 
 def _quoted_list(values: tuple[str, ...]) -> str:
     """'a', 'b' or 'c'"""

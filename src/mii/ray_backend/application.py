@@ -24,12 +24,11 @@ _PRIVATE = {envs.API_KEY.name, envs.REPLICA_TOKEN.name, envs.TP_STORE_SECRET.nam
 def forwarded_env() -> dict[str, str]:
     """The environment switches this deployment's replicas run with, wherever they
     are: mii's own (MII_*, secrets excepted) and the model libraries' offline ones."""
-    forwarded = [s for s in envs.SWITCHES if s.name in os.environ and s.name not in _PRIVATE]
-    for switch in forwarded:
-        switch.get()  # a bad value fails here, in the caller, not in every replica
     # As set, not as parsed: str() of a parsed value ("None" for an empty directory,
-    # "(1, 2)" for RANK:N) is not what the replica's parser takes.
-    env = {s.name: os.environ[s.name] for s in forwarded}
+    # "(1, 2)" for RANK:N) is not what the replica's parser takes. A bad value
+    # fails here, in the caller, not in every replica.
+    set_here = {s.name: s.as_set() for s in envs.SWITCHES if s.name not in _PRIVATE}
+    env = {name: value for name, value in set_here.items() if value is not None}
     # The libraries' switches: a replica reads the same files as this process.
     library = {
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE"),
