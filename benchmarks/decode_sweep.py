@@ -3,6 +3,7 @@ timed from CUDA graphs (a diagnostic: its best rows set ``DECODE_LAUNCH``).
 
     python benchmarks/decode_sweep.py [--json out.json]
     python benchmarks/decode_sweep.py --long-context   # batch 1, 1k-128k keys, split counts
+    python benchmarks/decode_sweep.py --batch1-step   # in-kernel merge / L2 prefetch, in a step
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import functools
 import itertools
 
 import torch
@@ -46,6 +48,12 @@ def main() -> None:
         action="store_true",
         help="only batch 1's launch settings (keys per step, warps, stages), bf16 cache",
     )
+    parser.add_argument(
+        "--batch1-step",
+        action="store_true",
+        help="only batch 1's attention inside a decode step (qkv, rotary, attention, o), "
+        "merge launch vs in-kernel merge, with and without the keys' L2 prefetch",
+    )
     args = parser.parse_args()
     device = torch.device("cuda")
     result = {"benchmark": "decode_sweep", **environment(), "roofline": roofline(device)}
@@ -57,6 +65,10 @@ def main() -> None:
         return
     if args.batch1_launch:
         result["batch1_launch"] = batch1_launch(copy_bw, device)
+        write_json(args.json, result)
+        return
+    if args.batch1_step:
+        result["batch1_step"] = batch1_step(device)
         write_json(args.json, result)
         return
     if args.gqa_only:
@@ -241,6 +253,77 @@ def batch1_launch(copy_bw: float, device) -> list[dict]:
             print(f"batch1 launch {row}", flush=True)
         del k_cache, v_cache
     return rows
+
+
+# (MERGE_IN_KERNEL, PREFETCH_KEYS) of triton_attention: the merge launch and no
+# prefetch (before 2026-12-03, tenth session), each change alone, both (the default).
+STEP_VARIANTS = {
+    "merge_launch": (False, 0),
+    "prefetch_only": (False, 128),
+    "merge_in_kernel_only": (True, 0),
+    "both": (True, 128),
+}
+
+
+def batch1_step(device) -> list[dict]:
+    """Batch 1, bf16: the part of a decode layer around attention as the engine runs
+    it (one CUDA graph with PDL: qkv projection, rotary + KV write, attention, o
+    projection, Llama-2-7B's 32 KV heads and Llama-3-8B's 8), each variant of
+    ``STEP_VARIANTS``: what the in-kernel merge and the pre-wait work save where the
+    kernels meet, which timing attention alone does not show."""
+    from mii.ops.rotary import rotary_cos_sin
+
+    defaults = (triton_attention.MERGE_IN_KERNEL, triton_attention.PREFETCH_KEYS)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, DIM, 2, device=device).float() / DIM))
+    cos_sin = rotary_cos_sin(inv_freq, 32768 + 1)
+    rows = []
+    for kv_heads in (32, 8):
+        total_blocks = 32768 // BLOCK + 64
+        shape = (total_blocks, BLOCK, kv_heads, DIM)
+        caches = [torch.randn(shape, device=device, dtype=torch.bfloat16) for _ in range(2)]
+        hidden = HEADS * DIM
+        # two layers' weights, together past the L2 cache, as consecutive layers read them
+        weights = [
+            (
+                torch.randn((HEADS + 2 * kv_heads) * DIM, hidden, device=device).bfloat16(),
+                torch.randn(hidden, hidden, device=device).bfloat16(),
+            )
+            for _ in range(2)
+        ]
+        x = torch.randn(1, hidden, device=device, dtype=torch.bfloat16)
+        for context in (384, 4096, 32768):
+            batch = paged_batch([1], [context], device, total_blocks)
+            positions = torch.tensor([context - 1], device=device)
+            step = functools.partial(
+                _attention_layers, x, weights, caches, cos_sin, positions, batch, kv_heads
+            )
+            row = {"kv_heads": kv_heads, "context": context}
+            try:
+                for name, (merge, prefetch) in STEP_VARIANTS.items():
+                    triton_attention.MERGE_IN_KERNEL = merge
+                    triton_attention.PREFETCH_KEYS = prefetch
+                    row[f"{name}_us"] = round(bench_graph(step) * 1e6 / len(weights), 2)
+            finally:
+                triton_attention.MERGE_IN_KERNEL, triton_attention.PREFETCH_KEYS = defaults
+            rows.append(row)
+            print(f"batch1 step {row}", flush=True)
+        del caches, weights
+    return rows
+
+
+def _attention_layers(x, weights, caches, cos_sin, positions, batch, kv_heads) -> None:
+    """For each (qkv, o) weight pair: qkv projection, rotary + KV write, attention
+    from the cache, o projection (the skinny kernel, as batch 1 decodes)."""
+    from mii.ops.triton_attention import rotary_cache_write
+    from mii.ops.triton_gemv import skinny_linear
+
+    k_cache, v_cache = caches
+    for w_qkv, w_o in weights:
+        qkv = skinny_linear(x, w_qkv).view(1, -1, DIM)
+        q, k, v = qkv.split([HEADS, kv_heads, kv_heads], dim=1)
+        rotary_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
+        out = paged_attention_from_cache(q, k_cache, v_cache, batch, DIM**-0.5)
+        skinny_linear(out.view(1, -1), w_o)
 
 
 def batch1_splits(caches: dict, copy_bw: float, total_blocks: int, device) -> list[dict]:

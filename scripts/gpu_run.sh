@@ -5,7 +5,7 @@
 #   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w] [moe-routing] [latency-mixtral-fused-routing]
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
 #     [moe-down-sweep] (the down projection's own tiles at decode sizes)
-#   batch-1 decode attention: [decode-long] [decode-batch1]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
+#   batch-1 decode attention: [decode-long] [decode-batch1] [decode-step]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
 #   W1 pass by pass: [breakdown] [breakdown-llama3]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
@@ -23,6 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.
 while [ $# -gt 0 ]; do
   case "$1" in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_moe_grouped_mm.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py tests/test_grammar_mask.py tests/test_fp8_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests-attention) python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_fp8_kv_cache.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_attention.log" | tail -25 ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
@@ -45,6 +46,7 @@ while [ $# -gt 0 ]; do
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --profile-passes 0 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
     decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1\|GQA" "$OUT/decode_sweep.log" ;;
     decode-long) python3 benchmarks/decode_sweep.py --long-context --json "$OUT/decode_long.json" > "$OUT/decode_long.log" 2>&1; grep "long context" "$OUT/decode_long.log" | cut -c1-400 || tail -20 "$OUT/decode_long.log" ;;
+    decode-step) python3 benchmarks/decode_sweep.py --batch1-step --json "$OUT/decode_step.json" > "$OUT/decode_step.log" 2>&1; grep "batch1 step" "$OUT/decode_step.log" | cut -c1-420 || tail -20 "$OUT/decode_step.log" ;;
     decode-batch1) python3 benchmarks/decode_sweep.py --batch1-launch --json "$OUT/decode_batch1.json" > "$OUT/decode_batch1.log" 2>&1; grep "batch1 launch" "$OUT/decode_batch1.log" | cut -c1-420 || tail -20 "$OUT/decode_batch1.log" ;;
     gemv-sweep) python3 benchmarks/gemv_sweep.py --rows 1 16 64 128 256 --json "$OUT/gemv_sweep.json" > "$OUT/gemv_sweep.log" 2>&1; grep "M=" "$OUT/gemv_sweep.log" ;;
     latency-nopdl) MII_PDL=off python3 benchmarks/latency.py --json "$OUT/latency_nopdl.json" > "$OUT/latency_nopdl.log" 2>&1; tail -12 "$OUT/latency_nopdl.log" ;;

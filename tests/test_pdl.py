@@ -101,3 +101,76 @@ def test_dependent_launches_in_a_graph_keep_the_order(rows, monkeypatch):
         want, want_res = _chain(a, b, norm_w, gate_up_w, down_w)
         assert torch.equal(got, want), step
         assert torch.equal(got_res, want_res), step
+
+
+def _attention_half(x, w_qkv, w_o, positions, cos_sin, caches, batch, kv_heads):
+    """The attention half of a decode layer: qkv -> rotary + KV write -> attention
+    (split-KV at batch 1, slices merged in the launch) -> o."""
+    from mii.ops.triton_attention import paged_attention_from_cache, rotary_cache_write
+    from mii.ops.triton_gemv import skinny_linear
+
+    k_cache, v_cache = caches
+    q, k, v = skinny_linear(x, w_qkv).view(x.shape[0], -1, 128).split([32, kv_heads, kv_heads], 1)
+    rotary_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, batch.slot_mapping)
+    out = paged_attention_from_cache(q, k_cache, v_cache, batch, 128**-0.5)
+    return skinny_linear(out.view(x.shape[0], -1), w_o)
+
+
+@hopper
+@pytest.mark.parametrize("kv_heads", [32, 8])
+def test_attention_in_a_graph_keeps_the_order(kv_heads, monkeypatch):
+    """The rotary kernel reads positions and its table, and the attention kernel its
+    tile table, lengths and block table and prefetches the cached keys, before they
+    wait for their predecessors; replayed with a new token each time (written into
+    the cache, then attended to), the graph gives what launches without PDL give."""
+    from mii.ops import triton_attention
+    from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
+    from mii.ops.rotary import rotary_cos_sin
+
+    assert triton_attention.MERGE_IN_KERNEL and triton_attention.PREFETCH_KEYS > 0
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    context, block = 700, 16  # the new token's key is the 700th: 6 slices of 128 keys
+    blocks = context // block + 1
+    caches = [torch.randn(blocks, block, kv_heads, 128, generator=gen, **bf16) for _ in range(2)]
+    w_qkv = torch.randn((32 + 2 * kv_heads) * 128, 4096, generator=gen, **bf16) / 64
+    w_o = torch.randn(4096, 4096, generator=gen, **bf16) / 64
+    ints = dict(device="cuda", dtype=torch.int32)
+    tiles = [
+        TileSet(size, torch.tensor(seqs, **ints), torch.tensor(starts, **ints))
+        for size, seqs, starts in plan_tiles([1])
+    ]
+    batch = AttentionBatch(
+        slot_mapping=torch.tensor([context - 1], device="cuda"),
+        block_tables=torch.arange(blocks, **ints).view(1, -1),
+        cu_seqlens_q=torch.tensor([0, 1], **ints),
+        seq_lens=torch.tensor([context], **ints),
+        query_lens_host=[1],
+        seq_lens_host=[context],
+        tiles=tiles,
+    )
+    positions = torch.tensor([context - 1], device="cuda")
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
+    cos_sin = rotary_cos_sin(inv_freq, context)
+    x = torch.empty(1, 4096, **bf16)
+    args = (w_qkv, w_o, positions, cos_sin, caches, batch, kv_heads)
+
+    def token(step):
+        return torch.randn(1, 4096, generator=torch.Generator("cuda").manual_seed(step), **bf16)
+
+    x.copy_(token(0))
+    _attention_half(x, *args)  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _attention_half(x, *args)
+    replayed = []
+    for step in range(10):
+        x.copy_(token(step))
+        graph.replay()
+        replayed.append(out.clone())
+    torch.cuda.synchronize()
+
+    monkeypatch.setenv("MII_PDL", "off")
+    for step, got in enumerate(replayed):
+        assert torch.equal(got, _attention_half(token(step), *args)), step

@@ -68,7 +68,7 @@ def test_several_row_tiles(rows, block_m):
 def test_split_k(rows, split_k, dtype):
     """Programs sharing an output tile's K: the last to arrive sums the partials and
     resets its count, so a second launch (a graph replay) is right too."""
-    import mii.ops.triton_gemv as gemv
+    from mii.ops import triton_arrivals
 
     gen = torch.Generator().manual_seed(rows * split_k)
     x = torch.randn(rows, 200, generator=gen).to(dtype)
@@ -80,7 +80,7 @@ def test_split_k(rows, split_k, dtype):
     for _ in range(2):
         out = skinny_linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), config)
         torch.testing.assert_close(out.float().cpu(), expected, rtol=tol, atol=tol * 200**0.5)
-    assert int(gemv._arrivals[out.device].count_nonzero()) == 0  # all counts reset
+    assert int(triton_arrivals._counts[out.device].count_nonzero()) == 0  # all counts reset
 
 
 def test_split_k_rule_of_the_default_tile():

@@ -107,14 +107,14 @@ def test_every_finite_e4m3_value_and_each_channel_scale(dequant, dtype):
 def test_fp8_split_k(rows, split_k, dtype):
     """Split-K partials are unscaled sums; the last program adds them and applies the
     channel scale and bias once; a second launch (a graph replay) is right too."""
-    import mii.ops.triton_gemv as gemv
+    from mii.ops import triton_arrivals
 
     x, wq, scale, b, expected = _case(rows, 70, 200, True, dtype, seed=rows * split_k)
     config = GemvConfig(32, 32, block_m=16, split_k=split_k)
     for _ in range(2):
         _assert_near(_run(x, wq, scale, b, config), expected)
     device = torch.empty(0, device=DEVICE).device  # cuda:0, as the kernel's tensors
-    assert int(gemv._arrivals[device].count_nonzero()) == 0
+    assert int(triton_arrivals._counts[device].count_nonzero()) == 0
 
 
 def _assert_near_emulation(out: torch.Tensor, emulated: torch.Tensor) -> None:

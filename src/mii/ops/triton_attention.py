@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops import triton_limits, triton_pdl
+from mii.ops import triton_arrivals, triton_limits, triton_pdl
 from mii.ops.attention import (
     FP8_KV_DTYPE,
     LARGE_TILE,
@@ -91,8 +91,9 @@ def _rotary_cache_write_kernel(
     CLAMP: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    triton_pdl.wait_for_predecessor(PDL)
     t = tl.program_id(0)
+    # The step's inputs (positions, slots) and the rotary table are read before the
+    # wait (PDL: the previous kernel may still run); q, k and v, its output, after.
     pos = tl.load(positions + t)
     slot = tl.load(slots + t)
     heads = tl.arange(0, H_PAD)
@@ -102,6 +103,8 @@ def _rotary_cache_write_kernel(
         half_mask = half < ROT_HALF
         cos = tl.load(cos_sin + pos * 2 * ROT_HALF + half, mask=half_mask, other=1.0)
         sin = tl.load(cos_sin + pos * 2 * ROT_HALF + ROT_HALF + half, mask=half_mask, other=0.0)
+    triton_pdl.wait_for_predecessor(PDL)
+    if HAS_ROTARY:
         # q, rotated in place: [H, half] pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
         qm = (heads[:, None] < NUM_Q_HEADS) & half_mask[None, :]
         q1p = Q + t * stride_qt + heads[:, None] * stride_qh + half[None, :]
@@ -252,6 +255,7 @@ def _paged_attention_kernel(
     Part_O,
     Part_M,
     Part_L,
+    Arrivals,
     block_tables,
     seq_lens,
     cu_seqlens_q,
@@ -285,9 +289,17 @@ def _paged_attention_kernel(
     FP8_AS_F16: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     PACK: tl.constexpr,
+    MERGE_HERE: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    PREFETCH_KEYS: tl.constexpr,
+    LINE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    triton_pdl.wait_for_predecessor(PDL)
+    # Until the wait (PDL: the previous kernel, this layer's rotary + KV write, may
+    # still run) only what it does not write: the step's tile table, lengths and block
+    # tables (written before the step's first kernel) and the lines of the cached
+    # keys and values, pulled into L2 (the new token's are written into L2 too, where
+    # the predecessor's stores then land). q, which it rotates in place, after.
     # A program's rows are (query, head) pairs: BLOCK_M queries of one tile, each
     # for PACK query heads that share one KV head (PACK 1: one head).
     ROWS: tl.constexpr = BLOCK_M * PACK
@@ -327,6 +339,22 @@ def _paged_attention_kernel(
     q_pos = context + offs_m
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
+    lo, hi = _key_range(seq_len, context, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    if SPLIT:
+        # Split-KV (flash decoding): this program covers one slice of the keys;
+        # _merge_splits_kernel then combines the slices' partial softmax results.
+        # Programs past the slices in use see no keys.
+        split = tl.program_id(2)
+        used = _splits_used(hi - lo, splits, SPLIT_MIN_KEYS)
+        chunk = tl.cdiv(tl.cdiv(hi - lo, used), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
+    if PDL and PREFETCH_KEYS > 0:
+        _prefetch_keys(
+            K_cache, V_cache, block_tables, seq, stride_bt, stride_cb, stride_cs, stride_ch,
+            kv_head, lo, hi, KV_BLOCK, PREFETCH_KEYS, D_PAD, LINE,
+        )  # fmt: skip
+    triton_pdl.wait_for_predecessor(PDL)
     q = tl.load(
         Q + (q_begin + offs_m)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
         mask=m_mask[:, None] & d_mask[None, :],
@@ -339,17 +367,6 @@ def _paged_attention_kernel(
         # copy bandwidth). q saturates at float16's range instead of overflowing.
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
         q = q.to(tl.float16)
-
-    lo, hi = _key_range(seq_len, context, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
-    if SPLIT:
-        # Split-KV (flash decoding): this program covers one slice of the keys;
-        # _merge_splits_kernel then combines the slices' partial softmax results.
-        # Programs past the slices in use see no keys.
-        split = tl.program_id(2)
-        used = _splits_used(hi - lo, splits, SPLIT_MIN_KEYS)
-        chunk = tl.cdiv(tl.cdiv(hi - lo, used), BLOCK_N) * BLOCK_N
-        lo = lo + split * chunk
-        hi = tl.minimum(hi, lo + chunk)
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)  # running maxima, in log2 units
     l_i = tl.zeros([ROWS], tl.float32)
@@ -387,6 +404,25 @@ def _paged_attention_kernel(
         tl.store(Part_L + row, l_i, mask=partial)
         tl.store(Part_O + row[:, None] * D_PAD + offs_d[None, :], acc, mask=partial[:, None])
         direct = m_mask & (used == 1) & (split == 0)
+        if MERGE_HERE and ((used > 1) & (split < used)):
+            # The last of the tile's slices to finish merges them all (one launch,
+            # no merge kernel): the others' partials are visible to it once it has
+            # seen their arrivals (ops/triton_arrivals.py).
+            tl.debug_barrier()
+            slot = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            arrived = tl.atomic_add(Arrivals + slot, 1, sem="acq_rel", scope="gpu")
+            if arrived == used - 1:
+                for i in range(0, tl.minimum(BLOCK_M, q_len - first)):
+                    for p in tl.static_range(PACK):
+                        head_p = tl.sum(tl.where(rows == p, heads, 0))
+                        ok_p = tl.sum(tl.where(rows == p, head_ok.to(tl.int32), 0)) > 0
+                        if ok_p:
+                            _merge_one(
+                                Out, Part_O, Part_M, Part_L, q_begin + first + i, head_p,
+                                used, num_tokens, stride_ot, stride_oh, NUM_HEADS, HEAD_DIM,
+                                D_PAD, SPLITS_P2,
+                            )  # fmt: skip
+                tl.atomic_xchg(Arrivals + slot, 0)  # ready for the next launch
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_rows = (q_begin + offs_m) * stride_ot + heads * stride_oh
     tl.store(
@@ -423,10 +459,11 @@ def _merge_splits_kernel(
 ):
     """out = sum_s e^(m_s - m) o_s / sum_s e^(m_s - m) l_s for each query of a tile
     and one head, for the tiles whose keys were split (the others wrote their output).
+    The attention kernel merges them itself where arrival counts are at hand
+    (``MERGE_HERE``); this launch is for where they are not.
 
-    All slices of a query are loaded at once ([SPLITS_P2, D_PAD]): one memory
-    latency per query, where a loop over slices paid one per slice (at 16 slices
-    that loop, not the attention, set batch 1's pace at long contexts)."""
+    All slices of a query are loaded at once (``_merge_one``): at 16 slices a loop
+    over slices, not the attention, set batch 1's pace at long contexts."""
     triton_pdl.wait_for_predecessor(PDL)
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -437,28 +474,68 @@ def _merge_splits_kernel(
     seq_len = tl.load(seq_lens + seq)
     lo, hi = _key_range(seq_len, seq_len - q_len, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
     used = _splits_used(hi - lo, splits, SPLIT_MIN_KEYS)
-    offs_s = tl.arange(0, SPLITS_P2)
-    s_mask = offs_s < used
-    offs_d = tl.arange(0, D_PAD)
     # Queries of this tile whose keys were split (none when one program took them).
     queries = tl.where(used > 1, tl.minimum(BLOCK_M, q_len - first), 0)
     for i in range(0, queries):
-        token = q_begin + first + i
-        row = (offs_s * num_tokens + token) * NUM_HEADS + head
-        m_s = tl.load(Part_M + row, mask=s_mask, other=float("-inf"))
-        l_s = tl.load(Part_L + row, mask=s_mask, other=0.0)
-        o_s = tl.load(
-            Part_O + row[:, None] * D_PAD + offs_d[None, :], mask=s_mask[:, None], other=0.0
-        )
-        m = tl.max(m_s, 0)
-        weight = tl.exp(m_s - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty slices
-        total = tl.sum(weight * l_s, 0)
-        out = tl.sum(o_s * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-        tl.store(
-            Out + token * stride_ot + head * stride_oh + offs_d,
-            out.to(Out.dtype.element_ty),
-            mask=offs_d < HEAD_DIM,
-        )
+        _merge_one(
+            Out, Part_O, Part_M, Part_L, q_begin + first + i, head, used, num_tokens,
+            stride_ot, stride_oh, NUM_HEADS, HEAD_DIM, D_PAD, SPLITS_P2,
+        )  # fmt: skip
+
+
+@triton.jit
+def _merge_one(
+    Out, Part_O, Part_M, Part_L, token, head, used, num_tokens, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):  # fmt: skip
+    """Out[token, head] from its ``used`` split-KV partials: all slices in one load
+    ([SPLITS_P2, D_PAD]: one memory latency, where a loop over slices paid one per
+    slice). The partials bypass L1 (``.cg``): other programs wrote them."""
+    offs_s = tl.arange(0, SPLITS_P2)
+    s_mask = offs_s < used
+    offs_d = tl.arange(0, D_PAD)
+    row = (offs_s * num_tokens + token) * NUM_HEADS + head
+    m_s = tl.load(Part_M + row, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(Part_L + row, mask=s_mask, other=0.0, cache_modifier=".cg")
+    o_s = tl.load(
+        Part_O + row[:, None] * D_PAD + offs_d[None, :],
+        mask=s_mask[:, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    m = tl.max(m_s, 0)
+    weight = tl.exp(m_s - tl.where(m == float("-inf"), 0.0, m))  # 0 for empty slices
+    total = tl.sum(weight * l_s, 0)
+    out = tl.sum(o_s * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(
+        Out + token * stride_ot + head * stride_oh + offs_d,
+        out.to(Out.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+@triton.jit
+def _prefetch_keys(
+    K_cache, V_cache, block_tables, seq, stride_bt, stride_cb, stride_cs, stride_ch, kv_head,
+    lo, hi, KV_BLOCK: tl.constexpr, KEYS: tl.constexpr, D_PAD: tl.constexpr,
+    LINE: tl.constexpr,
+):  # fmt: skip
+    """Ask for the L2 lines of the first KEYS keys and values of [lo, hi) of one KV
+    head (LINE elements per 128-byte line); nothing waits for them."""
+    keys = lo + tl.arange(0, KEYS)
+    wanted = keys < hi
+    block = tl.load(block_tables + seq * stride_bt + keys // KV_BLOCK, mask=wanted, other=0)
+    lines = tl.arange(0, D_PAD // LINE) * LINE
+    offsets = (
+        block[:, None] * stride_cb
+        + (keys % KV_BLOCK)[:, None] * stride_cs
+        + kv_head * stride_ch
+        + lines[None, :]
+    )
+    offsets = tl.where(wanted[:, None] & (lines[None, :] >= 0), offsets, 0)
+    triton_pdl.prefetch_to_l2(K_cache + offsets)
+    triton_pdl.prefetch_to_l2(V_cache + offsets)
 
 
 # Fewest keys one split-KV program takes: below it, the merge would cost more
@@ -514,6 +591,13 @@ GQA_DECODE_PACK = 4
 # this cap above 9 (the same call: fp8 cache at 32k, 9 slices 149.9 us vs 106.0 with
 # 8 and 109.2 with 16; bf16 151.7 vs 149.0 with 8: to re-measure).
 MAX_KV_SPLITS = 32
+# Split-KV slices merged by the last of a tile's programs to finish, inside the
+# attention launch (ops/triton_arrivals.py), instead of by a merge launch after it
+# (benchmarks/decode_sweep.py --batch1-step times both).
+MERGE_IN_KERNEL = True
+# Keys per decode program whose cached K and V lines are pulled into L2 before the
+# PDL wait, while the rotary + KV write kernel still runs (0: none).
+PREFETCH_KEYS = 128
 
 
 def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
@@ -622,14 +706,6 @@ def paged_attention_from_cache(
             launch = DECODE_LAUNCH_SPLIT
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
-        if num_splits > 1:
-            parts = (
-                torch.empty(num_splits, tokens, q_heads, d_pad, device=q.device),
-                torch.empty(num_splits, tokens, q_heads, device=q.device),
-                torch.empty(num_splits, tokens, q_heads, device=q.device),
-            )
-        else:
-            parts = (out, out, out)  # unused
         # Prompt tiles stay tile-major: a sequence's tiles share its keys in L2.
         head_major = HEAD_MAJOR_DECODE and tiles.size <= 16 and q_heads > kv_heads
         head_major = head_major and count < 65536  # the grid's second axis limit
@@ -637,12 +713,28 @@ def paged_attention_from_cache(
             grid = (programs_per_tile, count, num_splits)
         else:
             grid = (count, q_heads, num_splits)
+        arrivals = None
+        if num_splits > 1:
+            parts = (
+                torch.empty(num_splits, tokens, q_heads, d_pad, device=q.device),
+                torch.empty(num_splits, tokens, q_heads, device=q.device),
+                torch.empty(num_splits, tokens, q_heads, device=q.device),
+            )
+            if MERGE_IN_KERNEL:  # one count per (tile, head or pack): grid[0] x grid[1]
+                arrivals = triton_arrivals.arrival_counts(q.device, grid[0] * grid[1])
+        else:
+            parts = (out, out, out)  # unused
+        # One width for every split count up to MAX_KV_SPLITS: a width per count
+        # would compile a variant per batch size mid-serving.
+        splits_p2 = triton.next_power_of_2(max(num_splits, MAX_KV_SPLITS))
+        prefetch_keys = PREFETCH_KEYS if tiles.size <= 16 and dependent_launch["PDL"] else 0
         _paged_attention_kernel[grid](
             q,
             k_cache,
             v_cache,
             out,
             *parts,
+            arrivals if arrivals is not None else out,  # unused without
             batch.block_tables,
             batch.seq_lens,
             batch.cu_seqlens_q,
@@ -676,6 +768,10 @@ def paged_attention_from_cache(
             FP8_AS_F16=k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32,
             HEAD_MAJOR=head_major,
             PACK=pack,
+            MERGE_HERE=arrivals is not None,
+            SPLITS_P2=splits_p2,
+            PREFETCH_KEYS=prefetch_keys,
+            LINE=min(d_pad, 128 // k_cache.element_size()),  # elements per 128-byte line
             num_warps=launch["num_warps"],
             # K and V tiles of each stage in flight; fewer stages where the GPU's
             # shared memory is smaller than the H200 the launch was tuned on.
@@ -687,7 +783,7 @@ def paged_attention_from_cache(
             ),
             **dependent_launch,
         )
-        if num_splits > 1:
+        if num_splits > 1 and arrivals is None:
             _merge_splits_kernel[(count, q_heads)](
                 out,
                 *parts,
@@ -706,9 +802,7 @@ def paged_attention_from_cache(
                 BLOCK_M=tiles.size,
                 BLOCK_N=block_n,
                 SPLIT_MIN_KEYS=split_min_keys,
-                # One width for every split count up to MAX_KV_SPLITS: a width per
-                # count would compile a variant per batch size mid-serving.
-                SPLITS_P2=triton.next_power_of_2(max(num_splits, MAX_KV_SPLITS)),
+                SPLITS_P2=splits_p2,
                 HAS_WINDOW=sliding_window is not None,
                 **dependent_launch,
             )

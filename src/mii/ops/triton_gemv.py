@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops import triton_limits, triton_pdl
+from mii.ops import triton_arrivals, triton_limits, triton_pdl
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
 from mii.ops.triton_gemv_launch import GemvConfig, bf16_config_for, fp8_config_for, split_k_for
@@ -220,24 +220,6 @@ def _finish(
     )
 
 
-# Arrival counts per output tile, zeroed once per device and left at zero by every
-# launch; sized for any tile count a decode batch makes (a 256k vocabulary is 4k).
-_ARRIVAL_SLOTS = 1 << 16
-_arrivals: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """The per-device zeroed counts, allocated outside graph capture (its first call
-    is the eager warm-up pass before capture); None where that cannot be done."""
-    if tiles > _ARRIVAL_SLOTS:
-        return None
-    if device not in _arrivals:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None  # an allocation here would belong to the graph's pool
-        _arrivals[device] = torch.zeros(_ARRIVAL_SLOTS, dtype=torch.int32, device=device)
-    return _arrivals[device]
-
-
 def skinny_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -311,13 +293,13 @@ def _launch(
 
         x, x_scales = quantize_groups_fp8(x, config.block_k)
     splits = split_k_for(config, tiles, k, x.device)
-    if splits > 1 and _arrival_counts(x.device, tiles) is None:
+    if splits > 1 and triton_arrivals.arrival_counts(x.device, tiles) is None:
         splits = 1  # (no counts during graph capture before an eager pass: unsplit)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)  # rounding up to whole slices may need fewer
     if splits > 1:
         partials = torch.empty(splits, rows, n, device=x.device, dtype=torch.float32)
-        arrivals = _arrival_counts(x.device, tiles)
+        arrivals = triton_arrivals.arrival_counts(x.device, tiles)
     else:
         partials = arrivals = out  # unused
     _skinny_linear_kernel[(tiles, splits)](
