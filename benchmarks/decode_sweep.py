@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse
 import functools
 import itertools
+import os
 
 import torch
 
@@ -255,13 +256,12 @@ def batch1_launch(copy_bw: float, device) -> list[dict]:
     return rows
 
 
-# (MERGE_IN_KERNEL, PREFETCH_KEYS) of triton_attention: the merge launch and no
-# prefetch (before 2026-12-03, tenth session), each change alone, both (the default).
+# (MII_SPLIT_KV_MERGE, MII_ATTENTION_EARLY_LOADS): the defaults, each change alone, both.
 STEP_VARIANTS = {
-    "merge_launch": (False, 0),
-    "prefetch_only": (False, 128),
-    "merge_in_kernel_only": (True, 0),
-    "both": (True, 128),
+    "defaults": ("launch", "off"),
+    "early_loads": ("launch", "on"),
+    "merge_in_kernel": ("kernel", "off"),
+    "both": ("kernel", "on"),
 }
 
 
@@ -273,7 +273,8 @@ def batch1_step(device) -> list[dict]:
     kernels meet, which timing attention alone does not show."""
     from mii.ops.rotary import rotary_cos_sin
 
-    defaults = (triton_attention.MERGE_IN_KERNEL, triton_attention.PREFETCH_KEYS)
+    switches = ("MII_SPLIT_KV_MERGE", "MII_ATTENTION_EARLY_LOADS")
+    saved = {name: os.environ.get(name) for name in switches}
     inv_freq = 1.0 / (10000 ** (torch.arange(0, DIM, 2, device=device).float() / DIM))
     cos_sin = rotary_cos_sin(inv_freq, 32768 + 1)
     rows = []
@@ -299,12 +300,15 @@ def batch1_step(device) -> list[dict]:
             )
             row = {"kv_heads": kv_heads, "context": context}
             try:
-                for name, (merge, prefetch) in STEP_VARIANTS.items():
-                    triton_attention.MERGE_IN_KERNEL = merge
-                    triton_attention.PREFETCH_KEYS = prefetch
+                for name, (merge, early) in STEP_VARIANTS.items():
+                    os.environ["MII_SPLIT_KV_MERGE"] = merge
+                    os.environ["MII_ATTENTION_EARLY_LOADS"] = early
                     row[f"{name}_us"] = round(bench_graph(step) * 1e6 / len(weights), 2)
-            finally:
-                triton_attention.MERGE_IN_KERNEL, triton_attention.PREFETCH_KEYS = defaults
+            finally:  # the caller's settings back
+                for name, value in saved.items():
+                    os.environ.pop(name, None)
+                    if value is not None:
+                        os.environ[name] = value
             rows.append(row)
             print(f"batch1 step {row}", flush=True)
         del caches, weights

@@ -117,17 +117,20 @@ def _attention_half(x, w_qkv, w_o, positions, cos_sin, caches, batch, kv_heads):
 
 
 @hopper
+@pytest.mark.parametrize("merge, early", [("launch", "off"), ("kernel", "on")])
 @pytest.mark.parametrize("kv_heads", [32, 8])
-def test_attention_in_a_graph_keeps_the_order(kv_heads, monkeypatch):
-    """The rotary kernel reads positions and its table, and the attention kernel its
-    tile table, lengths and block table and prefetches the cached keys, before they
-    wait for their predecessors; replayed with a new token each time (written into
-    the cache, then attended to), the graph gives what launches without PDL give."""
-    from mii.ops import triton_attention
+def test_attention_in_a_graph_keeps_the_order(kv_heads, merge, early, monkeypatch):
+    """Split-KV attention between its rotary kernel and the o projection, replayed
+    with a new token each time (written into the cache, then attended to), gives what
+    launches without PDL give; also with MII_ATTENTION_EARLY_LOADS=on (the rotary
+    kernel reads positions and its table, the attention kernel its tile table, lengths
+    and block table and prefetches the cached keys, before they wait) and the slices
+    merged in the attention launch."""
     from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
     from mii.ops.rotary import rotary_cos_sin
 
-    assert triton_attention.MERGE_IN_KERNEL and triton_attention.PREFETCH_KEYS > 0
+    monkeypatch.setenv("MII_SPLIT_KV_MERGE", merge)
+    monkeypatch.setenv("MII_ATTENTION_EARLY_LOADS", early)
     gen = torch.Generator(device="cuda").manual_seed(1)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     context, block = 700, 16  # the new token's key is the 700th: 6 slices of 128 keys

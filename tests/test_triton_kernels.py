@@ -157,19 +157,20 @@ def test_split_kv_past_the_merge_width(window):
     _assert_split_attention_matches(case, 5, MAX_KV_SPLITS + 1, min_keys=1)
 
 
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
-@pytest.mark.parametrize("index", [0, 2])  # one head per program; packs of 4
-def test_split_kv_merged_in_the_launch_or_after_it(index, merge_in_kernel, monkeypatch):
-    """The slices are merged by the last of each tile's programs to finish (the
-    default: arrival counts) or by a merge launch after the attention; each twice in
-    a row, as graph replays run it, which holds only if every count was reset."""
-    from mii.ops import triton_arrivals, triton_attention
+@pytest.mark.parametrize("merge", ["kernel", "launch"])
+@pytest.mark.parametrize("index", range(len(SPLIT_CASES)))
+def test_split_kv_merged_in_the_launch_or_after_it(index, merge, monkeypatch):
+    """The slices are merged by the last of each tile's programs to finish
+    (``MII_SPLIT_KV_MERGE=kernel``: arrival counts) or by a merge launch after the
+    attention (the default); each twice in a row, as graph replays run it, which
+    holds only if every count was reset."""
+    from mii.ops import triton_arrivals
 
-    monkeypatch.setattr(triton_attention, "MERGE_IN_KERNEL", merge_in_kernel)
+    monkeypatch.setenv("MII_SPLIT_KV_MERGE", merge)
     for seed in range(2):
         _assert_split_attention_matches(SPLIT_CASES[index], seed, 3, min_keys=1)
     device = torch.empty(0, device=DEVICE).device
-    if merge_in_kernel:
+    if merge == "kernel":
         assert int(triton_arrivals._counts[device].count_nonzero()) == 0
 
 

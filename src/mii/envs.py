@@ -9,6 +9,8 @@
 | ``MII_PDL`` | ``auto``, ``off`` | programmatic dependent launch (Hopper and newer) |
 | ``MII_FP8_KERNELS`` | ``triton``, ``off`` | Triton kernels reading float8 weights (CUDA) |
 | ``MII_MOE_ROUTING`` | ``auto``, ``torch``, ``fused`` | one-launch MoE routing (auto: small) |
+| ``MII_SPLIT_KV_MERGE`` | ``launch``, ``kernel`` | who merges split-KV decode slices |
+| ``MII_ATTENTION_EARLY_LOADS`` | ``off``, ``on`` | rotary/attention reads before the PDL wait |
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_GGUF_CACHE_DIR`` | a directory (``$MII_CACHE_DIR/gguf``) | converted GGUF checkpoints only |
@@ -137,6 +139,26 @@ MOE_ROUTING = _choice(
     "fused",
 )
 
+SPLIT_KV_MERGE = _choice(
+    "MII_SPLIT_KV_MERGE",
+    "who merges the slices of split-KV decode attention: a merge launch after the "
+    "attention ('launch'), or the last of each tile's programs to finish, inside the "
+    "attention launch ('kernel': one launch fewer per layer; ops/triton_arrivals.py). "
+    "'kernel' is CPU-tested, not yet timed on a GPU: benchmarks/decode_sweep.py "
+    "--batch1-step times both",
+    "launch",
+    "kernel",
+)
+ATTENTION_EARLY_LOADS = _choice(
+    "MII_ATTENTION_EARLY_LOADS",
+    "with PDL, the rotary + KV write kernel reads positions and its table, and the "
+    "attention kernel its tile table, lengths and block table and pulls its first keys' "
+    "K/V lines into L2, before waiting for the previous kernel ('on'); 'off' waits first. "
+    "Not yet timed on a GPU (benchmarks/decode_sweep.py --batch1-step)",
+    "off",
+    "on",
+)
+
 MOE_PROMPT_GEMM = _choice(
     "MII_MOE_PROMPT_GEMM",
     "the experts' matmuls of MoE passes of at least ops/moe_grouped_mm.GROUPED_MM_MIN_PAIRS "
@@ -257,6 +279,8 @@ SWITCHES: tuple[Switch, ...] = (
     PDL,
     FP8_KERNELS,
     MOE_ROUTING,
+    SPLIT_KV_MERGE,
+    ATTENTION_EARLY_LOADS,
     MOE_PROMPT_GEMM,
     CACHE_DIR,
     GGUF_CACHE_DIR,

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mii import envs
 from mii.ops import triton_arrivals, triton_limits, triton_pdl
 from mii.ops.attention import (
     FP8_KV_DTYPE,
@@ -89,11 +90,14 @@ def _rotary_cache_write_kernel(
     D_PAD: tl.constexpr,
     HAS_ROTARY: tl.constexpr,
     CLAMP: tl.constexpr,
+    EARLY: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    # EARLY: the step's inputs (positions, slots) and the rotary table are read before
+    # the wait (PDL: the previous kernel may still run); q, k and v, its output, after.
+    if not EARLY:
+        triton_pdl.wait_for_predecessor(PDL)
     t = tl.program_id(0)
-    # The step's inputs (positions, slots) and the rotary table are read before the
-    # wait (PDL: the previous kernel may still run); q, k and v, its output, after.
     pos = tl.load(positions + t)
     slot = tl.load(slots + t)
     heads = tl.arange(0, H_PAD)
@@ -103,7 +107,8 @@ def _rotary_cache_write_kernel(
         half_mask = half < ROT_HALF
         cos = tl.load(cos_sin + pos * 2 * ROT_HALF + half, mask=half_mask, other=1.0)
         sin = tl.load(cos_sin + pos * 2 * ROT_HALF + ROT_HALF + half, mask=half_mask, other=0.0)
-    triton_pdl.wait_for_predecessor(PDL)
+    if EARLY:
+        triton_pdl.wait_for_predecessor(PDL)
     if HAS_ROTARY:
         # q, rotated in place: [H, half] pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
         qm = (heads[:, None] < NUM_Q_HEADS) & half_mask[None, :]
@@ -291,15 +296,18 @@ def _paged_attention_kernel(
     PACK: tl.constexpr,
     MERGE_HERE: tl.constexpr,
     SPLITS_P2: tl.constexpr,
+    EARLY: tl.constexpr,
     PREFETCH_KEYS: tl.constexpr,
     LINE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # Until the wait (PDL: the previous kernel, this layer's rotary + KV write, may
-    # still run) only what it does not write: the step's tile table, lengths and block
-    # tables (written before the step's first kernel) and the lines of the cached
-    # keys and values, pulled into L2 (the new token's are written into L2 too, where
-    # the predecessor's stores then land). q, which it rotates in place, after.
+    # EARLY: until the wait (PDL: the previous kernel, this layer's rotary + KV write,
+    # may still run) only what it does not write: the step's tile table, lengths and
+    # block tables (written before the step's first kernel) and the lines of the
+    # cached keys and values, pulled into L2 (the new token's are written into L2 too,
+    # where the predecessor's stores then land). q, which it rotates in place, after.
+    if not EARLY:
+        triton_pdl.wait_for_predecessor(PDL)
     # A program's rows are (query, head) pairs: BLOCK_M queries of one tile, each
     # for PACK query heads that share one KV head (PACK 1: one head).
     ROWS: tl.constexpr = BLOCK_M * PACK
@@ -349,12 +357,13 @@ def _paged_attention_kernel(
         chunk = tl.cdiv(tl.cdiv(hi - lo, used), BLOCK_N) * BLOCK_N
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
-    if PDL and PREFETCH_KEYS > 0:
-        _prefetch_keys(
-            K_cache, V_cache, block_tables, seq, stride_bt, stride_cb, stride_cs, stride_ch,
-            kv_head, lo, hi, KV_BLOCK, PREFETCH_KEYS, D_PAD, LINE,
-        )  # fmt: skip
-    triton_pdl.wait_for_predecessor(PDL)
+    if EARLY:
+        if PDL and PREFETCH_KEYS > 0:
+            _prefetch_keys(
+                K_cache, V_cache, block_tables, seq, stride_bt, stride_cb, stride_cs,
+                stride_ch, kv_head, lo, hi, KV_BLOCK, PREFETCH_KEYS, D_PAD, LINE,
+            )  # fmt: skip
+        triton_pdl.wait_for_predecessor(PDL)
     q = tl.load(
         Q + (q_begin + offs_m)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
         mask=m_mask[:, None] & d_mask[None, :],
@@ -591,12 +600,8 @@ GQA_DECODE_PACK = 4
 # this cap above 9 (the same call: fp8 cache at 32k, 9 slices 149.9 us vs 106.0 with
 # 8 and 109.2 with 16; bf16 151.7 vs 149.0 with 8: to re-measure).
 MAX_KV_SPLITS = 32
-# Split-KV slices merged by the last of a tile's programs to finish, inside the
-# attention launch (ops/triton_arrivals.py), instead of by a merge launch after it
-# (benchmarks/decode_sweep.py --batch1-step times both).
-MERGE_IN_KERNEL = True
 # Keys per decode program whose cached K and V lines are pulled into L2 before the
-# PDL wait, while the rotary + KV write kernel still runs (0: none).
+# PDL wait, while the rotary + KV write kernel still runs (MII_ATTENTION_EARLY_LOADS).
 PREFETCH_KEYS = 128
 
 
@@ -659,6 +664,7 @@ def rotary_cache_write(
         D_PAD=triton.next_power_of_2(dim),
         HAS_ROTARY=cos_sin is not None,
         CLAMP=k_cache.dtype == FP8_KV_DTYPE,
+        EARLY=envs.ATTENTION_EARLY_LOADS.get() == "on",
         **triton_pdl.launch_options(q.device),
     )
 
@@ -687,6 +693,8 @@ def paged_attention_from_cache(
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
     d_pad = max(16, triton.next_power_of_2(dim))
     dependent_launch = triton_pdl.launch_options(q.device)
+    merge_in_kernel = envs.SPLIT_KV_MERGE.get() == "kernel"
+    early_loads = envs.ATTENTION_EARLY_LOADS.get() == "on"
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
         count = tiles.seq.shape[0]
         group = q_heads // kv_heads
@@ -720,14 +728,14 @@ def paged_attention_from_cache(
                 torch.empty(num_splits, tokens, q_heads, device=q.device),
                 torch.empty(num_splits, tokens, q_heads, device=q.device),
             )
-            if MERGE_IN_KERNEL:  # one count per (tile, head or pack): grid[0] x grid[1]
+            if merge_in_kernel:  # one count per (tile, head or pack): grid[0] x grid[1]
                 arrivals = triton_arrivals.arrival_counts(q.device, grid[0] * grid[1])
         else:
             parts = (out, out, out)  # unused
         # One width for every split count up to MAX_KV_SPLITS: a width per count
         # would compile a variant per batch size mid-serving.
         splits_p2 = triton.next_power_of_2(max(num_splits, MAX_KV_SPLITS))
-        prefetch_keys = PREFETCH_KEYS if tiles.size <= 16 and dependent_launch["PDL"] else 0
+        prefetch_keys = PREFETCH_KEYS if tiles.size <= 16 else 0
         _paged_attention_kernel[grid](
             q,
             k_cache,
@@ -770,6 +778,7 @@ def paged_attention_from_cache(
             PACK=pack,
             MERGE_HERE=arrivals is not None,
             SPLITS_P2=splits_p2,
+            EARLY=early_loads,
             PREFETCH_KEYS=prefetch_keys,
             LINE=min(d_pad, 128 // k_cache.element_size()),  # elements per 128-byte line
             num_warps=launch["num_warps"],

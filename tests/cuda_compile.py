@@ -1,0 +1,136 @@
+"""Compiles the decode kernels' CUDA-only launches for Hopper (sm_90) with no GPU
+present, for ``test_cuda_compile.py``: run as a script in a process of its own,
+since the tests' process has the kernels in the CPU interpreter.
+
+    python tests/cuda_compile.py [CASE ...]   # prints {case: facts or error} as JSON (all cases)
+
+Not imported by the tests: importing it takes the interpreter off for the process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreted ones
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mii.ops import triton_attention, triton_gemv
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+_ATTENTION_TYPES = {
+    "Q": "*bf16",
+    "K_cache": "*bf16",
+    "V_cache": "*bf16",
+    "Out": "*bf16",
+    "Part_O": "*fp32",
+    "Part_M": "*fp32",
+    "Part_L": "*fp32",
+    "Arrivals": "*i32",
+    "block_tables": "*i32",
+    "seq_lens": "*i32",
+    "cu_seqlens_q": "*i32",
+    "tile_seq": "*i32",
+    "tile_start": "*i32",
+    "scale": "fp32",
+}
+
+
+def _attention(pack: int, cache: str):
+    """Split-KV decode programs (``pack`` query heads of one KV head) with
+    MII_ATTENTION_EARLY_LOADS=on and MII_SPLIT_KV_MERGE=kernel."""
+    fp8 = cache != "bf16"
+    types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
+    constexprs = dict(
+        GROUP=pack, NUM_HEADS=32, SPLIT=True, SPLIT_MIN_KEYS=128, KV_BLOCK=16, HEAD_DIM=128,
+        D_PAD=128, BLOCK_M=16, BLOCK_N=128, HAS_WINDOW=False, IEEE=False, UPCAST=False,
+        KV_CAST=fp8, FP8_AS_F16=fp8, HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=True,
+        SPLITS_P2=32, EARLY=True, PREFETCH_KEYS=128, LINE=128 if fp8 else 64, PDL=True,
+    )  # fmt: skip
+    return triton_attention._paged_attention_kernel, types, constexprs
+
+
+def _rotary():
+    """The rotary + KV write kernel with MII_ATTENTION_EARLY_LOADS=on."""
+    types = {n: "*bf16" for n in ("Q", "K", "V", "K_cache", "V_cache")}
+    types |= {"positions": "*i64", "cos_sin": "*fp32", "slots": "*i64"}
+    constexprs = dict(
+        NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, ROT_HALF=64, H_PAD=32, HALF_PAD=64,
+        D_PAD=128, HAS_ROTARY=True, CLAMP=False, EARLY=True, PDL=True,
+    )  # fmt: skip
+    return triton_attention._rotary_cache_write_kernel, types, constexprs
+
+
+def _skinny_linear(fp8: bool):
+    """The decode GEMV as an H200 runs o_proj: split-K, the weights' L2 prefetch;
+    float8 weights with x quantized per slice beforehand (x_groups)."""
+    types = {"X": "*fp8e4nv" if fp8 else "*bf16", "W": "*fp8e4nv" if fp8 else "*bf16"}
+    types |= {"Scale": "*fp32", "Bias": "*bf16", "Out": "*bf16", "Partials": "*fp32"}
+    types |= {"Arrivals": "*i32", "XScale": "*fp32"}
+    constexprs = dict(
+        HAS_BIAS=False, W_SCALED=fp8, DEQUANT=0, X_FP8=fp8, X_GROUPS=fp8, IEEE=False,
+        UPCAST=False, SPLIT_K=4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, PDL=True,
+        PREFETCH_LINES=8, LINE=128 if fp8 else 64,
+    )  # fmt: skip
+    return triton_gemv._skinny_linear_kernel, types, constexprs
+
+
+CASES = {
+    "attention-mha": lambda: _attention(1, "bf16"),
+    "attention-gqa": lambda: _attention(4, "bf16"),
+    "attention-gqa-fp8": lambda: _attention(4, "fp8e4nv"),
+    "rotary": _rotary,
+    "gemv-bf16": lambda: _skinny_linear(False),
+    "gemv-fp8": lambda: _skinny_linear(True),
+}
+
+
+def ptx_for(kernel, types: dict[str, str], constexprs: dict) -> str:
+    """PTX of ``kernel`` for sm_90 (compiled down to a cubin by Triton's ptxas);
+    ``types``: the pointer and float arguments' Triton types (others are int32)."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    unknown = (set(constexprs) | set(types)) - set(names)
+    if unknown:
+        raise ValueError(f"not parameters of {kernel.fn.__name__}: {sorted(unknown)}")
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(names.index(n),): v for n, v in constexprs.items()},
+    )
+    options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
+    return triton.compile(source, target=HOPPER, options=options).asm["ptx"]
+
+
+def facts(ptx: str) -> dict:
+    """What the tests check in a kernel's PTX."""
+    wait = ptx.find("griddepcontrol.wait")
+    prefetch = ptx.find("prefetch.global.L2")
+    return {
+        "waits": ptx.count("griddepcontrol.wait"),
+        "prefetches": ptx.count("prefetch.global.L2"),
+        "prefetch_before_wait": 0 <= prefetch < wait,
+        "atomics": ptx.count("atom.global"),
+    }
+
+
+def main() -> None:
+    result = {}
+    for name in sys.argv[1:] or CASES:
+        try:
+            result[name] = facts(ptx_for(*CASES[name]()))
+        except Exception as error:  # reported to the test, which fails naming it
+            result[name] = {"error": f"{type(error).__name__}: {error}"}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
