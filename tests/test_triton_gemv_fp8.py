@@ -205,6 +205,22 @@ def test_prequantized_x_groups_equal_the_in_loop_quantization(rows, n, k, split_
     _assert_near_emulation(grouped, _slice_quantized_product(x, wq, scale, 64) + b.float())
 
 
+@pytest.mark.parametrize(
+    "name", ["FP8_DEFAULT_CONFIG", "FP8_FEW_BANDS_CONFIG", "FP8_SPLIT_CONFIG", "FP8_SHORT_K_CONFIG"]
+)
+def test_each_production_fp8_launch_equals_its_emulation(name):
+    """The launches ``fp8_config_for`` picks (x quantized in slices of their BLOCK_K
+    by a launch of its own; 512-column slices unsplit for short K), on a ragged K
+    that ends inside a slice: the slice-quantized emulation at that width."""
+    import mii.ops.triton_gemv_launch as launches
+
+    config = getattr(launches, name)
+    x, wq, scale, b, _ = _case(3, 70, 1100, True, torch.bfloat16, seed=11)
+    x[1, 600] = 300.0  # one slice with an outlier
+    emulated = _slice_quantized_product(x, wq, scale, config.block_k) + b.float()
+    _assert_near_emulation(_run(x, wq, scale, b, config), emulated)
+
+
 def test_fp8_dot_with_tiny_and_zero_slices_stays_finite():
     """A slice of x that is all zeros or whose largest value is tiny (1e-37: 448 /
     amax would overflow) gives finite outputs equal to the emulation's."""
@@ -365,8 +381,10 @@ def test_fp8_launch_by_weight_shape(monkeypatch):
     device = torch.device("cpu")
     assert gemv.fp8_config_for(1, 12288, 4096, device) == gemv.FP8_FEW_BANDS_CONFIG  # qkv
     assert gemv.fp8_config_for(1, 22016, 4096, device) == gemv.FP8_DEFAULT_CONFIG  # gate_up
-    for n, k in [(4096, 4096), (4096, 11008)]:  # o, down: K split 4 ways
-        config = gemv.fp8_config_for(1, n, k, device)
-        assert config == gemv.FP8_SPLIT_CONFIG
-        assert gemv.split_k_for(config, triton.cdiv(n, config.block_n), k, device) == 4
+    # o: K unsplit, 512-column slices
+    o = gemv.fp8_config_for(16, 4096, 4096, device)
+    assert o == gemv.FP8_SHORT_K_CONFIG and (o.block_k, o.split_k) == (512, 1)
+    down = gemv.fp8_config_for(1, 4096, 11008, device)  # down: K split 4 ways
+    assert down == gemv.FP8_SPLIT_CONFIG
+    assert gemv.split_k_for(down, triton.cdiv(4096, down.block_n), 11008, device) == 4
     assert gemv.fp8_config_for(MAX_ROWS + 1, 4096, 4096, device).fp8_dot

@@ -51,11 +51,22 @@ DEFAULT_CONFIG = GemvConfig(64, 128, num_warps=4, num_stages=6)
 # x quantized by a launch of its own (x_groups), both launches timed (gemv_sweep --fp8,
 # H200, 2026-12-03, 792186b, 1 row): qkv 18.7 vs 20.0 us in the loop, gate_up 28.8 vs
 # 30.5, down 18.4 vs 19.4, o 10.8 vs 10.6; the weight loop then holds no reductions.
+# The production launch swept again (gemv_sweep --fp8 --fp8-sweep, H200, 2026-12-03,
+# ec37e41, 1 and 16 rows, both launches timed): fewer bands than two per SM (qkv)
+# now 64 x 256, 4 warps, 4 stages (17.9 / 18.6 us vs 18.4 / 19.4 for 128 x 256,
+# 8 warps); K of at most UNSPLIT_MAX_K where 64-row bands would split it (o):
+# 512-column slices, unsplit, 3 stages (9.6 / 9.7 us vs 10.7 / 11.3 split 4 ways);
+# longer K (down, 11008) keeps the 4-way split (18.4 / 20.5 us, the best); many bands
+# (gate_up) keep FP8_DEFAULT_CONFIG (29.0 / 30.0 us, the best).
 FP8_DEFAULT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=3, fp8_dot=True, x_groups=True)
 FP8_FEW_BANDS_CONFIG = GemvConfig(
-    128, 256, num_warps=8, num_stages=4, split_k=1, fp8_dot=True, x_groups=True
+    64, 256, num_warps=4, num_stages=4, split_k=1, fp8_dot=True, x_groups=True
 )
 FP8_SPLIT_CONFIG = GemvConfig(64, 256, num_warps=4, num_stages=4, fp8_dot=True, x_groups=True)
+FP8_SHORT_K_CONFIG = GemvConfig(
+    64, 512, num_warps=4, num_stages=3, split_k=1, fp8_dot=True, x_groups=True
+)
+FP8_UNSPLIT_MAX_K = 4096
 # Past 16 rows (not routed here yet; a first guess for the sweep to beat).
 WIDE_CONFIG = GemvConfig(128, 64, num_warps=4, num_stages=3, block_m=64)
 
@@ -92,14 +103,15 @@ def bf16_config_for(rows: int, n: int, device: torch.device) -> GemvConfig:
 
 
 def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfig:
-    """The float8 launch for ``rows`` of x and an [n, k] weight on ``device``: split
-    K where 64-row bands leave multiprocessors idle, wider bands where there are
-    fewer than two per multiprocessor, else the default (sweep: FP8_DEFAULT_CONFIG)."""
+    """The float8 launch for ``rows`` of x and an [n, k] weight on ``device``: where
+    64-row bands leave multiprocessors idle, K split (or, up to FP8_UNSPLIT_MAX_K,
+    unsplit in wider slices); 4 stages where there are fewer than two bands per
+    multiprocessor; else the default (sweeps: FP8_DEFAULT_CONFIG)."""
     if rows > MAX_ROWS:
         return WIDE_CONFIG._replace(fp8_dot=True)
     bands = triton.cdiv(n, FP8_SPLIT_CONFIG.block_n)
     if _auto_splits(bands, k, device, FP8_MIN_K_PER_SPLIT) > 1:
-        return FP8_SPLIT_CONFIG
+        return FP8_SHORT_K_CONFIG if k <= FP8_UNSPLIT_MAX_K else FP8_SPLIT_CONFIG
     if bands <= 2 * triton_limits.multiprocessors(device):
         return FP8_FEW_BANDS_CONFIG
     return FP8_DEFAULT_CONFIG
