@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mii.ops import triton_attention, triton_gemv
+from mii.ops import fused_elementwise, triton_attention, triton_gemv
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -83,7 +83,24 @@ def _skinny_linear(fp8: bool):
     return triton_gemv._skinny_linear_kernel, types, constexprs
 
 
+def _rms_norm_fp8():
+    """RMSNorm with a residual writing its float8 copy (MII_FP8_FUSED_QUANT=on)."""
+    types = {n: "*bf16" for n in ("X", "Residual", "Out", "ResidualOut", "W")}
+    types |= {"Q": "*fp8e4nv", "QScale": "*fp32", "eps": "fp32"}
+    constexprs = dict(HAS_RESIDUAL=True, GEMMA=False, ROUND=False, BLOCK=4096, SLICE=256, PDL=True)
+    return fused_elementwise._rms_norm_kernel, types, constexprs
+
+
+def _act_and_mul_fp8():
+    """act(gate) * up writing its float8 copy (MII_FP8_FUSED_QUANT=on)."""
+    types = {"X": "*bf16", "Out": "*bf16", "Q": "*fp8e4nv", "QScale": "*fp32"}
+    constexprs = dict(ACT=0, ROUND=False, BLOCK=1024, SLICE=256, PDL=True)
+    return fused_elementwise._act_and_mul_kernel, types, constexprs
+
+
 CASES = {
+    "rms-norm-fp8": _rms_norm_fp8,
+    "act-and-mul-fp8": _act_and_mul_fp8,
     "attention-mha": lambda: _attention(1, "bf16"),
     "attention-gqa": lambda: _attention(4, "bf16"),
     "attention-gqa-fp8": lambda: _attention(4, "fp8e4nv"),
@@ -119,6 +136,7 @@ def facts(ptx: str) -> dict:
         "prefetches": ptx.count("prefetch.global.L2"),
         "prefetch_before_wait": 0 <= prefetch < wait,
         "atomics": ptx.count("atom.global"),
+        "float8_converts": ptx.count("e4m3x2"),
     }
 
 

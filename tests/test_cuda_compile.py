@@ -60,3 +60,10 @@ def test_skinny_linear_split_k_compiles_for_hopper(compiled, case):
     facts = _facts(compiled, case)
     assert facts["waits"] == 1 and facts["prefetch_before_wait"]
     assert facts["atomics"] >= 2
+
+
+@pytest.mark.parametrize("case", ["rms-norm-fp8", "act-and-mul-fp8"])
+def test_elementwise_kernels_writing_float8_copies_compile_for_hopper(compiled, case):
+    """MII_FP8_FUSED_QUANT=on: the norm and the activation also store e4m3 values."""
+    facts = _facts(compiled, case)
+    assert facts["waits"] == 1 and facts["float8_converts"] > 0

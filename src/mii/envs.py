@@ -11,6 +11,7 @@
 | ``MII_MOE_ROUTING`` | ``auto``, ``torch``, ``fused`` | one-launch MoE routing (auto: small) |
 | ``MII_SPLIT_KV_MERGE`` | ``launch``, ``kernel`` | who merges split-KV decode slices |
 | ``MII_ATTENTION_EARLY_LOADS`` | ``off``, ``on`` | rotary/attention reads before the PDL wait |
+| ``MII_FP8_FUSED_QUANT`` | ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_GGUF_CACHE_DIR`` | a directory (``$MII_CACHE_DIR/gguf``) | converted GGUF checkpoints only |
@@ -158,6 +159,15 @@ ATTENTION_EARLY_LOADS = _choice(
     "off",
     "on",
 )
+FP8_FUSED_QUANT = _choice(
+    "MII_FP8_FUSED_QUANT",
+    "float8 decode: the RMSNorm and act(gate) * up kernels also write their output "
+    "quantized in the slices the next float8 skinny kernel reads ('on', "
+    "ops/fp8_activations.py: one quantization launch fewer per projection, the same "
+    "numbers); 'off' quantizes in a launch of its own. Not yet timed on a GPU",
+    "off",
+    "on",
+)
 
 MOE_PROMPT_GEMM = _choice(
     "MII_MOE_PROMPT_GEMM",
@@ -281,6 +291,7 @@ SWITCHES: tuple[Switch, ...] = (
     MOE_ROUTING,
     SPLIT_KV_MERGE,
     ATTENTION_EARLY_LOADS,
+    FP8_FUSED_QUANT,
     MOE_PROMPT_GEMM,
     CACHE_DIR,
     GGUF_CACHE_DIR,

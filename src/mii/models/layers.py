@@ -36,6 +36,7 @@ from mii.models.weight_quant import (
     scale_parameter,
     scale_shards,
 )
+from mii.ops import fp8_activations
 from mii.ops.dispatch import FUSED_ACTIVATIONS, fused_kernels_enabled, skinny_linear_enabled
 from mii.ops.fp8_linear import fp8_linear
 
@@ -278,14 +279,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size))
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        quantize_for: nn.Module | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x); with ``residual``, ``(norm(x + residual), x + residual)`` (one
-        fused kernel on CUDA)."""
+        fused kernel on CUDA). ``quantize_for``: the linear layer that reads the
+        result; where it reads float8 slices, the kernel writes them too
+        (``ops.fp8_activations``)."""
         if fused_kernels_enabled(x.device):
             from mii.ops.fused_elementwise import rms_norm  # Triton: a CUDA-only dependency
 
-            return rms_norm(x, self.weight, self.eps, bool(self.offset), residual)
+            slices = fp8_activations.slices_for(x, quantize_for)
+            return rms_norm(x, self.weight, self.eps, bool(self.offset), residual, slices)
         if residual is not None:
             summed = x + residual
             return self._norm(summed), summed
@@ -333,7 +340,8 @@ class GatedMLP(nn.Module):
         if self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(gate_up.device):
             from mii.ops.fused_elementwise import act_and_mul
 
-            return self.down_proj(act_and_mul(gate_up, self.act_name))
+            slices = fp8_activations.slices_for(gate_up, self.down_proj)
+            return self.down_proj(act_and_mul(gate_up, self.act_name, slices))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 

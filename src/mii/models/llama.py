@@ -105,12 +105,14 @@ class LlamaDecoderLayer(nn.Module):
         residual: the stream it adds to (None at the first layer) -> this layer's
         MLP output and the stream before it. Each add happens inside the next norm
         (one fused kernel on CUDA), not as a separate kernel per layer."""
+        qkv = self.self_attn.qkv_proj  # reads the norm's float8 copy, if it reads one
         if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm(x, residual=residual)  # residual + x, normed
+            h, residual = self.input_layernorm(x, quantize_for=qkv), x
+        else:  # residual + x, normed
+            h, residual = self.input_layernorm(x, residual=residual, quantize_for=qkv)
         attn = self.self_attn(h, positions, ctx)
-        h, residual = self.post_attention_layernorm(attn, residual=residual)
+        gate_up = getattr(self.mlp, "gate_up_proj", None)  # (MoE layers quantize their own)
+        h, residual = self.post_attention_layernorm(attn, residual=residual, quantize_for=gate_up)
         return self.mlp(h), residual
 
 

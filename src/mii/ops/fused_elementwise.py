@@ -24,8 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops import triton_pdl
+from mii.ops import fp8_activations, triton_pdl
 from mii.ops.dispatch import FUSED_ACTIVATIONS, INTERPRETED
+from mii.ops.triton_fp8 import quantize_rows_e4m3
+
+# The CPU interpreter's float8 cast mis-rounds: quantize_rows_e4m3 emulates it there.
+INTERPRETED_FP8 = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -52,12 +56,19 @@ def _rms_norm_kernel(
     stride_ro,
     N,
     eps,
+    Q,
+    QScale,
+    stride_q,
+    groups,
     HAS_RESIDUAL: tl.constexpr,
     GEMMA: tl.constexpr,
     ROUND: tl.constexpr,
     BLOCK: tl.constexpr,
+    SLICE: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """One row: Out = norm(X (+ Residual)) (* W); with SLICE, also Out's float8 copy
+    in slices of SLICE columns (``_store_fp8_slices``)."""
     triton_pdl.wait_for_predecessor(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -75,7 +86,31 @@ def _rms_norm_kernel(
         out = y * (1.0 + w)
     else:
         out = _cast(y, Out.dtype.element_ty, ROUND).to(tl.float32) * w
-    tl.store(Out + row * stride_o + cols, _cast(out, Out.dtype.element_ty, ROUND), mask=mask)
+    out = _cast(out, Out.dtype.element_ty, ROUND)
+    tl.store(Out + row * stride_o + cols, out, mask=mask)
+    if SLICE > 0:
+        _store_fp8_slices(
+            out, cols, mask, Q + row * stride_q, QScale + row * groups, 0, groups, BLOCK, SLICE
+        )
+
+
+@triton.jit
+def _store_fp8_slices(
+    x, cols, mask, Q, QScale, first, groups, BLOCK: tl.constexpr, SLICE: tl.constexpr
+):
+    """x [BLOCK] (a row's columns ``cols``, already in the output dtype) quantized to
+    e4m3 per SLICE columns, as ``ops.triton_quant.quantize_groups_fp8`` computes it
+    from the stored row: values at Q + cols, scales at QScale + first + slice index
+    (slices past ``groups`` not stored; masked columns are zeros, as its loads)."""
+    tile = tl.reshape(tl.where(mask, x, 0.0), [BLOCK // SLICE, SLICE])
+    xq, scale = quantize_rows_e4m3(tile, INTERPRETED_FP8)
+    tl.store(
+        Q + tl.reshape(cols, [BLOCK // SLICE, SLICE]),
+        xq.to(tl.float8e4nv),
+        mask=tl.reshape(mask, [BLOCK // SLICE, SLICE]),
+    )
+    ids = first + tl.arange(0, BLOCK // SLICE)
+    tl.store(QScale + ids, scale, mask=ids < groups)
 
 
 def rms_norm(
@@ -84,9 +119,12 @@ def rms_norm(
     eps: float,
     gemma: bool = False,
     residual: torch.Tensor | None = None,
+    fp8_slices: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dimension; with ``residual``, of ``x + residual``,
-    returning ``(normalised, x + residual)``. ``gemma``: scale by ``1 + weight``."""
+    returning ``(normalised, x + residual)``. ``gemma``: scale by ``1 + weight``.
+    ``fp8_slices``: also the result's float8 copy in slices of that many columns,
+    attached to it (``ops.fp8_activations``)."""
     shape, n = x.shape, x.shape[-1]
     rows = x.reshape(-1, n)
     out = torch.empty_like(rows)
@@ -95,6 +133,8 @@ def rms_norm(
         res_out = torch.empty_like(rows)
     else:
         res = res_out = rows  # unused
+    block = triton.next_power_of_2(n)
+    slices, q, q_scale = _fp8_copy(rows, fp8_slices, block)
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](
             rows,
@@ -108,16 +148,24 @@ def rms_norm(
             res_out.stride(0),
             n,
             eps,
+            q,
+            q_scale,
+            q.stride(0),
+            q_scale.shape[-1],
             HAS_RESIDUAL=residual is not None,
             GEMMA=gemma,
             ROUND=_interpreted_bf16(x),
-            BLOCK=triton.next_power_of_2(n),
+            BLOCK=block,
+            SLICE=slices,
             num_warps=_warps(n),
             **triton_pdl.launch_options(x.device),
         )
+    normed = out.view(shape)
+    if slices:
+        fp8_activations.attach(normed, q, q_scale, slices)
     if residual is None:
-        return out.view(shape)
-    return out.view(shape), res_out.view(shape)
+        return normed
+    return normed, res_out.view(shape)
 
 
 @triton.jit
@@ -127,11 +175,18 @@ def _act_and_mul_kernel(
     stride_x,
     stride_o,
     N,
+    Q,
+    QScale,
+    stride_q,
+    groups,
     ACT: tl.constexpr,
     ROUND: tl.constexpr,
     BLOCK: tl.constexpr,
+    SLICE: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """BLOCK columns of one row: Out = act(gate) * up; with SLICE, also their float8
+    copy in slices of SLICE columns (``_store_fp8_slices``)."""
     triton_pdl.wait_for_predecessor(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -144,17 +199,26 @@ def _act_and_mul_kernel(
         z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         act = 0.5 * gate * (2.0 / (1.0 + tl.exp(tl.minimum(-2.0 * z, 80.0))))
     act = _cast(act, Out.dtype.element_ty, ROUND).to(tl.float32)
-    tl.store(Out + row * stride_o + cols, _cast(act * up, Out.dtype.element_ty, ROUND), mask=mask)
+    out = _cast(act * up, Out.dtype.element_ty, ROUND)
+    tl.store(Out + row * stride_o + cols, out, mask=mask)
+    if SLICE > 0:
+        first = tl.program_id(1) * (BLOCK // SLICE)
+        _store_fp8_slices(
+            out, cols, mask, Q + row * stride_q, QScale + row * groups, first, groups, BLOCK, SLICE
+        )
 
 
-def act_and_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    """``act(gate) * up`` where ``gate_up`` is ``[..., 2 * I]`` (gate first)."""
+def act_and_mul(gate_up: torch.Tensor, activation: str, fp8_slices: int = 0) -> torch.Tensor:
+    """``act(gate) * up`` where ``gate_up`` is ``[..., 2 * I]`` (gate first).
+    ``fp8_slices``: also the result's float8 copy in slices of that many columns,
+    attached to it (``ops.fp8_activations``)."""
     if activation not in FUSED_ACTIVATIONS:
         raise ValueError(f"no fused kernel for activation {activation!r}")
     n = gate_up.shape[-1] // 2
     rows = gate_up.reshape(-1, 2 * n)
     out = torch.empty(rows.shape[0], n, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(n))
+    slices, q, q_scale = _fp8_copy(out, fp8_slices, block)
     if rows.shape[0]:
         _act_and_mul_kernel[(rows.shape[0], triton.cdiv(n, block))](
             rows,
@@ -162,13 +226,33 @@ def act_and_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
             rows.stride(0),
             out.stride(0),
             n,
+            q,
+            q_scale,
+            q.stride(0),
+            q_scale.shape[-1],
             ACT=FUSED_ACTIVATIONS[activation],
             ROUND=_interpreted_bf16(gate_up),
             BLOCK=block,
+            SLICE=slices,
             num_warps=4,
             **triton_pdl.launch_options(gate_up.device),
         )
-    return out.view(*gate_up.shape[:-1], n)
+    result = out.view(*gate_up.shape[:-1], n)
+    if slices:
+        fp8_activations.attach(result, q, q_scale, slices)
+    return result
+
+
+def _fp8_copy(out: torch.Tensor, slices: int, block: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(slice width, float8 values [M, K], float32 scales [M, slices per row]) for a
+    kernel writing ``out`` [M, K] ``block`` columns per program; width 0 (and unused
+    placeholders) where no copy is asked for or its slices do not tile the block
+    (a 16-bit output only: the float8 kernel quantizes only those)."""
+    if not slices or block % slices or out.dtype == torch.float32:
+        return 0, out, out
+    rows, k = out.shape
+    values = torch.empty(rows, k, device=out.device, dtype=torch.float8_e4m3fn)
+    return slices, values, torch.empty(rows, triton.cdiv(k, slices), device=out.device)
 
 
 def _interpreted_bf16(x: torch.Tensor) -> bool:

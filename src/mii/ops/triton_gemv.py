@@ -42,10 +42,16 @@ import torch
 import triton
 import triton.language as tl
 
-from mii.ops import triton_arrivals, triton_limits, triton_pdl
+from mii.ops import fp8_activations, triton_arrivals, triton_limits, triton_pdl
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
-from mii.ops.triton_gemv_launch import GemvConfig, bf16_config_for, fp8_config_for, split_k_for
+from mii.ops.triton_gemv_launch import (
+    GemvConfig,
+    bf16_config_for,
+    fp8_config_for,
+    fp8_products,
+    split_k_for,
+)
 
 MAX_ROWS = SKINNY_MAX_ROWS
 
@@ -281,17 +287,17 @@ def _launch(
     tiles = triton.cdiv(n, config.block_n) * triton.cdiv(rows, config.block_m)
     line = 128 // weight.element_size()  # elements per 128-byte cache line
     prefetch_lines = triton.next_power_of_2(config.prefetch_k // line) if config.prefetch_k else 0
-    # float32 activations ask for precision: they keep the exact 32-bit products.
-    # A float8 dot needs slices of at least 32 columns.
-    x_fp8 = (
-        scale is not None and config.fp8_dot and x.dtype != torch.float32 and config.block_k >= 32
-    )
+    x_fp8 = scale is not None and fp8_products(config, x.dtype)
     x_groups = x_fp8 and config.x_groups
     x_scales = out  # unused without x_groups
     if x_groups:
-        from mii.ops.triton_quant import quantize_groups_fp8
+        # The copy the kernel that wrote x made (ops/fp8_activations.py), else a launch.
+        copy = fp8_activations.take(x, config.block_k)
+        if copy is None:
+            from mii.ops.triton_quant import quantize_groups_fp8
 
-        x, x_scales = quantize_groups_fp8(x, config.block_k)
+            copy = quantize_groups_fp8(x, config.block_k)
+        x, x_scales = copy
     splits = split_k_for(config, tiles, k, x.device)
     if splits > 1 and triton_arrivals.arrival_counts(x.device, tiles) is None:
         splits = 1  # (no counts during graph capture before an eager pass: unsplit)

@@ -117,6 +117,19 @@ def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfi
     return FP8_DEFAULT_CONFIG
 
 
+def fp8_products(config: GemvConfig, x_dtype: torch.dtype) -> bool:
+    """Whether a float8-weight launch multiplies float8 by float8 (``fp8_dot``):
+    float32 activations ask for precision and keep exact 32-bit products; a float8
+    dot needs slices of at least 32 columns."""
+    return config.fp8_dot and x_dtype != torch.float32 and config.block_k >= 32
+
+
+def prequantized_slices(config: GemvConfig, x_dtype: torch.dtype) -> int:
+    """The slice width at which a float8-weight launch reads x already quantized
+    (``GemvConfig.x_groups``), or 0 where it quantizes x in its loop or not at all."""
+    return config.block_k if fp8_products(config, x_dtype) and config.x_groups else 0
+
+
 # Split-K (DEFAULT_CONFIG's automatic choice; bf16_config_for now picks unsplit
 # 32-row bands wherever 64-row ones are few, from the H200 sweep, so on 132
 # multiprocessors it applies only to explicit launches): each program still streams

@@ -1,0 +1,58 @@
+"""Float8 copies of a decode activation, made by the kernel that writes it.
+
+At decode the float8 skinny kernel (``ops.triton_gemv``, ``GemvConfig.x_groups``)
+reads its input x quantized to e4m3 in slices of its ``BLOCK_K`` columns, one
+scale per row and slice, which a launch of its own (``quantize_groups_fp8``)
+writes first: at batch 1 of Llama-2-7B, 128 launches of ~1.2 µs per token
+(ninth session's profile), 5 % of the FP8 step. The inputs of qkv, gate_up and
+down are written by the RMSNorm and ``act(gate) * up`` kernels
+(``ops.fused_elementwise``), which hold the row in registers anyway: asked with
+``fp8_slices``, they quantize it in the same launch, with the same numbers, and
+``attach`` the copy to the tensor they return; ``skinny_linear_fp8`` ``take``s it
+instead of launching the quantization. The caller asks ``slices_for`` the layer
+that will read the tensor, so the copy is made only where that layer's launch
+reads one, at its slice width.
+
+Behind ``MII_FP8_FUSED_QUANT`` (off until timed on a GPU: the copies are exact,
+so only speed is in question).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mii import envs
+from mii.ops.dispatch import skinny_fp8_linear_enabled
+
+_ATTRIBUTE = "_mii_fp8_slices"
+
+
+def slices_for(x: torch.Tensor, layer: nn.Module | None) -> int:
+    """The slice width at which ``layer``'s float8 decode kernel reads an input with
+    x's rows, dtype and device pre-quantized, or 0 where no copy would be read (not
+    a float8 layer, not the skinny kernel's call, a launch that quantizes in its
+    loop, or ``MII_FP8_FUSED_QUANT=off``)."""
+    if layer is None or not getattr(layer, "fp8", False) or envs.FP8_FUSED_QUANT.get() != "on":
+        return 0
+    rows = x.reshape(-1, x.shape[-1])
+    if not skinny_fp8_linear_enabled(rows, layer.weight, layer.weight_scale):
+        return 0
+    from mii.ops.triton_gemv_launch import fp8_config_for, prequantized_slices
+
+    n, k = layer.weight.shape
+    return prequantized_slices(fp8_config_for(rows.shape[0], n, k, x.device), x.dtype)
+
+
+def attach(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, width: int) -> None:
+    """Record ``values`` (float8 [M, K]) and ``scales`` (float32 [M, ceil(K / width)])
+    as x's copy quantized in slices of ``width`` columns."""
+    setattr(x, _ATTRIBUTE, (values, scales, width))
+
+
+def take(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x's attached copy at slice width ``width`` (values, scales), or None."""
+    copy = getattr(x, _ATTRIBUTE, None)
+    if copy is None or copy[2] != width or copy[0].shape != x.shape:
+        return None
+    return copy[0], copy[1]
