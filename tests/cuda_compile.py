@@ -69,15 +69,17 @@ def _rotary():
     return triton_attention._rotary_cache_write_kernel, types, constexprs
 
 
-def _skinny_linear(fp8: bool):
+def _skinny_linear(fp8: bool, short_k: bool = False):
     """The decode GEMV as an H200 runs o_proj: split-K, the weights' L2 prefetch;
-    float8 weights with x quantized per slice beforehand (x_groups)."""
+    float8 weights with x quantized per slice beforehand (x_groups); ``short_k``:
+    float8's launch for o_proj now (FP8_SHORT_K_CONFIG: 512-column slices, unsplit)."""
     types = {"X": "*fp8e4nv" if fp8 else "*bf16", "W": "*fp8e4nv" if fp8 else "*bf16"}
     types |= {"Scale": "*fp32", "Bias": "*bf16", "Out": "*bf16", "Partials": "*fp32"}
     types |= {"Arrivals": "*i32", "XScale": "*fp32"}
     constexprs = dict(
         HAS_BIAS=False, W_SCALED=fp8, DEQUANT=0, X_FP8=fp8, X_GROUPS=fp8, IEEE=False,
-        UPCAST=False, SPLIT_K=4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, PDL=True,
+        UPCAST=False, SPLIT_K=1 if short_k else 4, BLOCK_M=16, BLOCK_N=64,
+        BLOCK_K=512 if short_k else 256, PDL=True,
         PREFETCH_LINES=8, LINE=128 if fp8 else 64,
     )  # fmt: skip
     return triton_gemv._skinny_linear_kernel, types, constexprs
@@ -107,6 +109,7 @@ CASES = {
     "rotary": _rotary,
     "gemv-bf16": lambda: _skinny_linear(False),
     "gemv-fp8": lambda: _skinny_linear(True),
+    "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
 }
 
 

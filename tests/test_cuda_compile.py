@@ -62,6 +62,12 @@ def test_skinny_linear_split_k_compiles_for_hopper(compiled, case):
     assert facts["atomics"] >= 2
 
 
+def test_float8_gemv_short_k_launch_compiles_for_hopper(compiled):
+    """FP8_SHORT_K_CONFIG (o_proj: 512-column slices, unsplit): no arrival count."""
+    facts = _facts(compiled, "gemv-fp8-short-k")
+    assert facts["waits"] == 1 and facts["prefetch_before_wait"] and facts["atomics"] == 0
+
+
 @pytest.mark.parametrize("case", ["rms-norm-fp8", "act-and-mul-fp8"])
 def test_elementwise_kernels_writing_float8_copies_compile_for_hopper(compiled, case):
     """MII_FP8_FUSED_QUANT=on: the norm and the activation also store e4m3 values."""
