@@ -44,27 +44,28 @@ _ATTENTION_TYPES = {
 }
 
 
-def _attention(pack: int, cache: str):
+def _attention(pack: int, cache: str, head_dim: int = 128):
     """Split-KV decode programs (``pack`` query heads of one KV head) with
     MII_ATTENTION_EARLY_LOADS=on and MII_SPLIT_KV_MERGE=kernel."""
     fp8 = cache != "bf16"
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
-        GROUP=pack, NUM_HEADS=32, SPLIT=True, SPLIT_MIN_KEYS=128, KV_BLOCK=16, HEAD_DIM=128,
-        D_PAD=128, BLOCK_M=16, BLOCK_N=128, HAS_WINDOW=False, IEEE=False, UPCAST=False,
-        KV_CAST=fp8, FP8_AS_F16=fp8, HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=True,
-        SPLITS_P2=32, EARLY=True, PREFETCH_KEYS=128, LINE=128 if fp8 else 64, PDL=True,
+        GROUP=pack, NUM_HEADS=32, SPLIT=True, SPLIT_MIN_KEYS=128, KV_BLOCK=16,
+        HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, BLOCK_N=128 if head_dim <= 128 else 64,
+        HAS_WINDOW=False, IEEE=False, UPCAST=False, KV_CAST=fp8, FP8_AS_F16=fp8,
+        HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=True, SPLITS_P2=32, EARLY=True,
+        PREFETCH_KEYS=128, LINE=min(head_dim, 128 if fp8 else 64), PDL=True,
     )  # fmt: skip
     return triton_attention._paged_attention_kernel, types, constexprs
 
 
 def _rotary():
-    """The rotary + KV write kernel with MII_ATTENTION_EARLY_LOADS=on."""
+    """The rotary + KV write kernel (it waits before any load)."""
     types = {n: "*bf16" for n in ("Q", "K", "V", "K_cache", "V_cache")}
     types |= {"positions": "*i64", "cos_sin": "*fp32", "slots": "*i64"}
     constexprs = dict(
         NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, ROT_HALF=64, H_PAD=32, HALF_PAD=64,
-        D_PAD=128, HAS_ROTARY=True, CLAMP=False, EARLY=True, PDL=True,
+        D_PAD=128, HAS_ROTARY=True, CLAMP=False, PDL=True,
     )  # fmt: skip
     return triton_attention._rotary_cache_write_kernel, types, constexprs
 
@@ -106,6 +107,8 @@ CASES = {
     "attention-mha": lambda: _attention(1, "bf16"),
     "attention-gqa": lambda: _attention(4, "bf16"),
     "attention-gqa-fp8": lambda: _attention(4, "fp8e4nv"),
+    "attention-gqa-d64-fp8": lambda: _attention(4, "fp8e4nv", head_dim=64),
+    "attention-mha-d256": lambda: _attention(1, "bf16", head_dim=256),
     "rotary": _rotary,
     "gemv-bf16": lambda: _skinny_linear(False),
     "gemv-fp8": lambda: _skinny_linear(True),
@@ -134,10 +137,15 @@ def facts(ptx: str) -> dict:
     """What the tests check in a kernel's PTX."""
     wait = ptx.find("griddepcontrol.wait")
     prefetch = ptx.find("prefetch.global.L2")
+    atomic = ptx.find("atom.")
     return {
         "waits": ptx.count("griddepcontrol.wait"),
+        "loads_before_wait": ptx[:wait].count("ld.global"),
         "prefetches": ptx.count("prefetch.global.L2"),
         "prefetch_before_wait": 0 <= prefetch < wait,
+        # the arrival count: an acquire-release add at GPU scope, after a barrier
+        "acq_rel_adds": ptx.count("atom.global.gpu.acq_rel.add"),
+        "barrier_before_atomic": atomic < 0 or "bar.sync" in ptx[:atomic],
         "atomics": ptx.count("atom.global"),
         "float8_converts": ptx.count("e4m3x2"),
     }

@@ -38,19 +38,32 @@ def _facts(compiled: dict, case: str) -> dict:
     return facts
 
 
-@pytest.mark.parametrize("case", ["attention-mha", "attention-gqa", "attention-gqa-fp8"])
+ATTENTION_CASES = [
+    "attention-mha",
+    "attention-gqa",
+    "attention-gqa-fp8",
+    "attention-gqa-d64-fp8",
+    "attention-mha-d256",
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
 def test_decode_attention_with_early_loads_and_merge_compiles_for_hopper(compiled, case):
-    """Split-KV decode programs (one head; 4 heads of a KV head; an fp8 cache) with
-    MII_ATTENTION_EARLY_LOADS=on and MII_SPLIT_KV_MERGE=kernel: one wait, the K and V
-    prefetches before it, the arrival count's atomics (the add, then the reset)."""
+    """Split-KV decode programs (one head; 4 heads of a KV head; an fp8 cache; heads
+    of 64 and 256: one and four lines a row) with MII_ATTENTION_EARLY_LOADS=on and
+    MII_SPLIT_KV_MERGE=kernel: one wait, the metadata loads and the K and V
+    prefetches before it, the arrival count an acquire-release add after a barrier."""
     facts = _facts(compiled, case)
-    assert facts["waits"] == 1
+    assert facts["waits"] == 1 and facts["loads_before_wait"] > 0
     assert facts["prefetches"] > 0 and facts["prefetch_before_wait"]
-    assert facts["atomics"] >= 2
+    assert facts["atomics"] >= 2 and facts["acq_rel_adds"] == 1
+    assert facts["barrier_before_atomic"]
 
 
-def test_rotary_cache_write_with_early_loads_compiles_for_hopper(compiled):
-    assert _facts(compiled, "rotary")["waits"] == 1
+def test_rotary_cache_write_loads_nothing_before_its_wait(compiled):
+    """Its rotary rows may be the previous kernel's output (length-dependent rope)."""
+    facts = _facts(compiled, "rotary")
+    assert facts["waits"] == 1 and facts["loads_before_wait"] == 0
 
 
 @pytest.mark.parametrize("case", ["gemv-bf16", "gemv-fp8"])

@@ -61,6 +61,16 @@ def test_act_and_mul_writes_the_quantization_launchs_copy(n, width):
     _assert_copy_is_the_launchs(out, width)
 
 
+def test_a_copy_is_not_taken_once_its_tensor_changed_in_place():
+    """A copy stands for the tensor as it was written: after an in-place change (a
+    later layer scaling it, say) the float8 kernel quantizes the tensor itself."""
+    x = torch.randn(2, 512).bfloat16().to(DEVICE)
+    out = rms_norm(x, torch.ones(512).bfloat16().to(DEVICE), 1e-5, fp8_slices=256)
+    assert fp8_activations.take(out, 256) is not None
+    out.mul_(2)
+    assert fp8_activations.take(out, 256) is None
+
+
 def test_no_copy_where_the_slices_do_not_tile_a_program():
     """A row of 64 columns cannot hold slices of 256: no copy (the float8 kernel then
     quantizes x itself); float32 outputs are never copied."""
@@ -124,3 +134,29 @@ def test_the_layers_read_the_copies_instead_of_launching(monkeypatch):
     assert fp8_activations.slices_for(x, mlp.gate_up_proj) == 0
     assert torch.equal(run(), fused)
     assert len(launches) == 2  # gate_up's input and down's
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernels")
+def test_a_float8_llama_decodes_the_same_with_the_copies(checkpoints, monkeypatch):
+    """The Llama decoder end to end (bf16 activations, float8 weights, 256 wide: the
+    norms' and activations' rows hold whole slices): with MII_FP8_FUSED_QUANT=on the
+    input norm feeds qkv, the post-attention norm gate_up and act*up down their float8
+    copies, so of a layer's four quantization launches only o_proj's stays (its input
+    is attention's output); greedy tokens as with the launches."""
+    import mii
+    import mii.ops.triton_quant as quant
+
+    path, _ = checkpoints("llama", hidden_size=256, intermediate_size=256)
+    launches = []
+    original = quant.quantize_groups_fp8
+    monkeypatch.setattr(quant, "quantize_groups_fp8", lambda *a: launches.append(1) or original(*a))
+    tokens, counts = {}, {}
+    for switch in ("on", "off"):
+        monkeypatch.setenv("MII_FP8_FUSED_QUANT", switch)
+        launches.clear()
+        with mii.pipeline(str(path), quantization="fp8", dtype="bfloat16") as pipe:
+            responses = pipe(["Paris is", "The sea"], do_sample=False, max_new_tokens=4)
+        tokens[switch] = [r.token_ids for r in responses]
+        counts[switch] = len(launches)
+    assert counts["on"] > 0 and counts["off"] == 4 * counts["on"]
+    assert tokens["on"] == tokens["off"]

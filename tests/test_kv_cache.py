@@ -183,3 +183,38 @@ def test_can_fit_alone(num_blocks, block_size):
     assert bm.can_fit_alone(1)
     assert bm.can_fit_alone(capacity)
     assert not bm.can_fit_alone(capacity + 1)
+
+
+def test_pool_never_outgrows_the_kernels_int32_offsets():
+    """The attention kernels address one layer's cache with int32 offsets: a pool
+    sized from memory stops at 2**31 values per layer (a 1B model's fp8 cache on a
+    large GPU would pass it), and asking for more names the option and its limit."""
+    import torch
+
+    from mii.engine.kv_cache import choose_num_blocks, max_blocks_addressable
+    from mii.models.base import KVCacheSpec
+
+    spec = KVCacheSpec(num_layers=16, num_kv_heads=8, head_dim=64)
+    most = max_blocks_addressable(spec, 16)
+    assert most == 262_143 and most * 16 * 8 * 64 < 2**31 <= (most + 1) * 16 * 8 * 64
+    sized = dict(memory_fraction=0.9, max_length=1 << 20, max_num_seqs=1 << 20)
+    plenty = choose_num_blocks(
+        spec,
+        16,
+        torch.float8_e4m3fn,
+        torch.device("cpu"),
+        requested=None,
+        cpu_bytes=1 << 40,
+        **sized,
+    )
+    assert plenty == most
+    assert (
+        choose_num_blocks(
+            spec, 16, torch.bfloat16, torch.device("cpu"), requested=most, cpu_bytes=0, **sized
+        )
+        == most
+    )
+    with pytest.raises(ValueError, match=f"num_kv_blocks={most + 1}.*at most {most}"):
+        choose_num_blocks(
+            spec, 16, torch.bfloat16, torch.device("cpu"), requested=most + 1, cpu_bytes=0, **sized
+        )

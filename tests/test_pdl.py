@@ -117,15 +117,17 @@ def _attention_half(x, w_qkv, w_o, positions, cos_sin, caches, batch, kv_heads):
 
 
 @hopper
-@pytest.mark.parametrize("merge, early", [("launch", "off"), ("kernel", "on")])
+@pytest.mark.parametrize("contexts", [(700,), (700, 300, 129)], ids=["one", "three"])
+@pytest.mark.parametrize("early", ["off", "on"])
+@pytest.mark.parametrize("merge", ["launch", "kernel"])
 @pytest.mark.parametrize("kv_heads", [32, 8])
-def test_attention_in_a_graph_keeps_the_order(kv_heads, merge, early, monkeypatch):
+def test_attention_in_a_graph_keeps_the_order(kv_heads, merge, early, contexts, monkeypatch):
     """Split-KV attention between its rotary kernel and the o projection, replayed
-    with a new token each time (written into the cache, then attended to), gives what
-    launches without PDL give; also with MII_ATTENTION_EARLY_LOADS=on (the rotary
-    kernel reads positions and its table, the attention kernel its tile table, lengths
-    and block table and prefetches the cached keys, before they wait) and the slices
-    merged in the attention launch."""
+    with a new token per sequence each time (written into the cache, then attended
+    to), gives what launches without PDL give: with MII_ATTENTION_EARLY_LOADS=on (the
+    attention kernel reads its tile table, lengths and block table and prefetches the
+    cached keys before it waits) and with the slices merged in the attention launch
+    (three sequences: their tiles' arrival counts run at once on the GPU)."""
     from mii.ops.attention import AttentionBatch, TileSet, plan_tiles
     from mii.ops.rotary import rotary_cos_sin
 
@@ -133,33 +135,41 @@ def test_attention_in_a_graph_keeps_the_order(kv_heads, merge, early, monkeypatc
     monkeypatch.setenv("MII_ATTENTION_EARLY_LOADS", early)
     gen = torch.Generator(device="cuda").manual_seed(1)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    context, block = 700, 16  # the new token's key is the 700th: 6 slices of 128 keys
-    blocks = context // block + 1
-    caches = [torch.randn(blocks, block, kv_heads, 128, generator=gen, **bf16) for _ in range(2)]
+    ints = dict(device="cuda", dtype=torch.int32)
+    block, seqs = 16, len(contexts)  # a new token's key is its sequence's last
+    widths = [c // block + 1 for c in contexts]
+    starts = [sum(widths[:i]) for i in range(seqs)]
+    caches = [
+        torch.randn(sum(widths), block, kv_heads, 128, generator=gen, **bf16) for _ in range(2)
+    ]
     w_qkv = torch.randn((32 + 2 * kv_heads) * 128, 4096, generator=gen, **bf16) / 64
     w_o = torch.randn(4096, 4096, generator=gen, **bf16) / 64
-    ints = dict(device="cuda", dtype=torch.int32)
-    tiles = [
-        TileSet(size, torch.tensor(seqs, **ints), torch.tensor(starts, **ints))
-        for size, seqs, starts in plan_tiles([1])
-    ]
+    tables = torch.zeros(seqs, max(widths), **ints)
+    for i, (start, width) in enumerate(zip(starts, widths, strict=True)):
+        tables[i, :width] = torch.arange(start, start + width, **ints)
     batch = AttentionBatch(
-        slot_mapping=torch.tensor([context - 1], device="cuda"),
-        block_tables=torch.arange(blocks, **ints).view(1, -1),
-        cu_seqlens_q=torch.tensor([0, 1], **ints),
-        seq_lens=torch.tensor([context], **ints),
-        query_lens_host=[1],
-        seq_lens_host=[context],
-        tiles=tiles,
+        slot_mapping=torch.tensor(
+            [s * block + c - 1 for s, c in zip(starts, contexts, strict=True)], device="cuda"
+        ),
+        block_tables=tables,
+        cu_seqlens_q=torch.arange(seqs + 1, **ints),
+        seq_lens=torch.tensor(contexts, **ints),
+        query_lens_host=[1] * seqs,
+        seq_lens_host=list(contexts),
+        tiles=[
+            TileSet(size, torch.tensor(tile_seqs, **ints), torch.tensor(tile_starts, **ints))
+            for size, tile_seqs, tile_starts in plan_tiles([1] * seqs)
+        ],
     )
-    positions = torch.tensor([context - 1], device="cuda")
+    positions = torch.tensor([c - 1 for c in contexts], device="cuda")
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
-    cos_sin = rotary_cos_sin(inv_freq, context)
-    x = torch.empty(1, 4096, **bf16)
+    cos_sin = rotary_cos_sin(inv_freq, max(contexts))
+    x = torch.empty(seqs, 4096, **bf16)
     args = (w_qkv, w_o, positions, cos_sin, caches, batch, kv_heads)
 
     def token(step):
-        return torch.randn(1, 4096, generator=torch.Generator("cuda").manual_seed(step), **bf16)
+        g = torch.Generator("cuda").manual_seed(step)
+        return torch.randn(seqs, 4096, generator=g, **bf16)
 
     x.copy_(token(0))
     _attention_half(x, *args)  # compile before capture
@@ -175,5 +185,6 @@ def test_attention_in_a_graph_keeps_the_order(kv_heads, merge, early, monkeypatc
     torch.cuda.synchronize()
 
     monkeypatch.setenv("MII_PDL", "off")
+    monkeypatch.setenv("MII_SPLIT_KV_MERGE", "launch")  # the reference: plain launches
     for step, got in enumerate(replayed):
         assert torch.equal(got, _attention_half(token(step), *args)), step

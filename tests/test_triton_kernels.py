@@ -7,6 +7,8 @@ import random
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from helpers import ragged_paged_batch
 from mii.ops.attention import (
@@ -16,7 +18,11 @@ from mii.ops.attention import (
     rotary_paged_attention_reference,
 )
 from mii.ops.rotary import rotary_cos_sin
-from mii.ops.triton_attention import call_paged_attention_op, paged_attention_triton
+from mii.ops.triton_attention import (
+    _arrival_slot,
+    call_paged_attention_op,
+    paged_attention_triton,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -172,6 +178,26 @@ def test_split_kv_merged_in_the_launch_or_after_it(index, merge, monkeypatch):
     device = torch.empty(0, device=DEVICE).device
     if merge == "kernel":
         assert int(triton_arrivals._counts[device].count_nonzero()) == 0
+
+
+@triton.jit
+def _store_arrival_slots(Out):
+    pid = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2)
+    tl.store(Out + pid + tl.program_id(2), _arrival_slot())
+
+
+@pytest.mark.parametrize("grid", [(32, 2, 9), (8, 3, 32), (5, 4, 3)])
+def test_arrival_slots_are_one_per_result(grid):
+    """The interpreter runs a tile's slices one after another, so a slot shared by two
+    results would still merge right here: the slots are checked directly. The
+    programs of one (program_id(0), program_id(1)) share one, in [0, grid0 x grid1),
+    and no two results share one."""
+    out = torch.full(grid, -1, dtype=torch.int32, device=DEVICE)
+    _store_arrival_slots[grid](out)
+    slots = out.cpu()
+    assert (slots == slots[:, :, :1]).all()  # every slice of a result: its slot
+    firsts = slots[:, :, 0].flatten()
+    assert sorted(firsts.tolist()) == list(range(grid[0] * grid[1]))
 
 
 def _assert_split_attention_matches(case, seed, splits, min_keys):

@@ -358,13 +358,28 @@ def choose_num_blocks(
 ) -> int:
     """Pool size: ``requested`` if given; on CUDA a fraction of free memory (after
     the weights are loaded); on CPU ``cpu_bytes`` but no more than every sequence
-    at full length would use."""
+    at full length would use. Never more than ``max_blocks_addressable``."""
+    most = max_blocks_addressable(spec, block_size)
     if requested is not None:
+        if requested > most:
+            raise ValueError(
+                f"num_kv_blocks={requested} is more than the attention kernels can address "
+                f"({most} blocks of {block_size} tokens: one layer's cache must stay under "
+                f"2**31 values); ask for at most {most}"
+            )
         return requested
     per_block = bytes_per_block(spec, block_size, dtype)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         # Leave room for activations of the largest forward pass.
-        return max(1, int(free * memory_fraction) // per_block)
+        return min(most, max(1, int(free * memory_fraction) // per_block))
     useful = blocks_for(max_length, block_size) * max_num_seqs
-    return max(blocks_for(max_length, block_size), min(useful, cpu_bytes // per_block))
+    return min(most, max(blocks_for(max_length, block_size), min(useful, cpu_bytes // per_block)))
+
+
+def max_blocks_addressable(spec: KVCacheSpec, block_size: int) -> int:
+    """The most blocks one layer's K (or V) cache may hold: the kernels address it
+    with int32 offsets (block index times the block's values, ops/triton_attention.py),
+    so it stays under 2**31 values. A small model's fp8 cache on a large GPU would
+    pass that (Llama-3.2-1B: 8 KV heads of 64, 262,143 blocks of 16 = 4.2M tokens)."""
+    return (2**31 - 1) // (block_size * spec.num_kv_heads * spec.head_dim)

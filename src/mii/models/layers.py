@@ -139,8 +139,13 @@ class ColumnParallelLinear(nn.Module):
         else:
             default_weight_loader(dest, rows)
 
+    @property
+    def kernel_bias(self) -> torch.Tensor | None:
+        """The bias its matmul kernel adds (ops.fp8_activations asks)."""
+        return self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_linear(self, x, self.bias)
+        return layer_linear(self, x, self.kernel_bias)
 
 
 def qkv_layouts(num_heads: int, num_kv_heads: int, head_dim: int) -> list[tuple[int, int]]:
@@ -192,8 +197,10 @@ class RowParallelLinear(nn.Module):
             loaded = channel_scales(loaded, param.shape[0])
         default_weight_loader(param, loaded)
 
+    kernel_bias = None  # its bias is added once, after the all-reduce
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(layer_linear(self, x, None))
+        out = all_reduce(layer_linear(self, x, self.kernel_bias))
         if self.bias is not None:
             out = out + self.bias  # added once, after the reduction
         return out

@@ -36,7 +36,10 @@ def slices_for(x: torch.Tensor, layer: nn.Module | None) -> int:
     if layer is None or not getattr(layer, "fp8", False) or envs.FP8_FUSED_QUANT.get() != "on":
         return 0
     rows = x.reshape(-1, x.shape[-1])
-    if not skinny_fp8_linear_enabled(rows, layer.weight, layer.weight_scale):
+    # the bias the layer hands its kernel (a row-parallel layer adds its own after the
+    # reduction: none)
+    bias = getattr(layer, "kernel_bias", None)
+    if not skinny_fp8_linear_enabled(rows, layer.weight, layer.weight_scale, bias):
         return 0
     from mii.ops.triton_gemv_launch import fp8_config_for, prequantized_slices
 
@@ -46,13 +49,20 @@ def slices_for(x: torch.Tensor, layer: nn.Module | None) -> int:
 
 def attach(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, width: int) -> None:
     """Record ``values`` (float8 [M, K]) and ``scales`` (float32 [M, ceil(K / width)])
-    as x's copy quantized in slices of ``width`` columns."""
-    setattr(x, _ATTRIBUTE, (values, scales, width))
+    as x's copy quantized in slices of ``width`` columns, as x is now."""
+    setattr(x, _ATTRIBUTE, (values, scales, width, _version(x)))
 
 
 def take(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """x's attached copy at slice width ``width`` (values, scales), or None."""
+    """x's attached copy at slice width ``width`` (values, scales), or None; also
+    None once x was changed in place after the copy was made (where torch counts
+    x's versions: not for tensors made under ``torch.inference_mode``, as the
+    engine's are, whose layers never change a norm's or an activation's output)."""
     copy = getattr(x, _ATTRIBUTE, None)
-    if copy is None or copy[2] != width or copy[0].shape != x.shape:
+    if copy is None or copy[2] != width or copy[0].shape != x.shape or copy[3] != _version(x):
         return None
     return copy[0], copy[1]
+
+
+def _version(x: torch.Tensor) -> int | None:
+    return None if x.is_inference() else x._version

@@ -9,7 +9,9 @@ for the next launch. So every launch leaves the counts as it found them: all
 zero. The kernels that use them never run at the same time on one device (each
 is stream-ordered after the last, and a kernel launched early with PDL touches
 its counts only after its predecessor has completed), so one buffer per device
-serves them all.
+serves them all. That assumes one stream of such kernels per device at a time, as
+an engine runs them: two engines decoding on one GPU from two streams at once
+could each see the other's arrivals (a count that ends wrong stays wrong).
 """
 
 from __future__ import annotations

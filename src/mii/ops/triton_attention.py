@@ -90,13 +90,12 @@ def _rotary_cache_write_kernel(
     D_PAD: tl.constexpr,
     HAS_ROTARY: tl.constexpr,
     CLAMP: tl.constexpr,
-    EARLY: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    # EARLY: the step's inputs (positions, slots) and the rotary table are read before
-    # the wait (PDL: the previous kernel may still run); q, k and v, its output, after.
-    if not EARLY:
-        triton_pdl.wait_for_predecessor(PDL)
+    # Nothing before the wait, not even the step's positions: the rotary rows may be
+    # the previous kernel's output (length-dependent rope scalings compute them with
+    # torch right before this launch), and only the wait makes its writes visible.
+    triton_pdl.wait_for_predecessor(PDL)
     t = tl.program_id(0)
     pos = tl.load(positions + t)
     slot = tl.load(slots + t)
@@ -107,9 +106,6 @@ def _rotary_cache_write_kernel(
         half_mask = half < ROT_HALF
         cos = tl.load(cos_sin + pos * 2 * ROT_HALF + half, mask=half_mask, other=1.0)
         sin = tl.load(cos_sin + pos * 2 * ROT_HALF + ROT_HALF + half, mask=half_mask, other=0.0)
-    if EARLY:
-        triton_pdl.wait_for_predecessor(PDL)
-    if HAS_ROTARY:
         # q, rotated in place: [H, half] pairs (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
         qm = (heads[:, None] < NUM_Q_HEADS) & half_mask[None, :]
         q1p = Q + t * stride_qt + heads[:, None] * stride_qh + half[None, :]
@@ -349,8 +345,9 @@ def _paged_attention_kernel(
     d_mask = offs_d < HEAD_DIM
     lo, hi = _key_range(seq_len, context, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
     if SPLIT:
-        # Split-KV (flash decoding): this program covers one slice of the keys;
-        # _merge_splits_kernel then combines the slices' partial softmax results.
+        # Split-KV (flash decoding): this program covers one slice of the keys; the
+        # last of the tile's slices to finish (MII_SPLIT_KV_MERGE=kernel) or
+        # _merge_splits_kernel then combines their partial softmax results.
         # Programs past the slices in use see no keys.
         split = tl.program_id(2)
         used = _splits_used(hi - lo, splits, SPLIT_MIN_KEYS)
@@ -358,11 +355,12 @@ def _paged_attention_kernel(
         lo = lo + split * chunk
         hi = tl.minimum(hi, lo + chunk)
     if EARLY:
-        if PDL and PREFETCH_KEYS > 0:
-            _prefetch_keys(
-                K_cache, V_cache, block_tables, seq, stride_bt, stride_cb, stride_cs,
-                stride_ch, kv_head, lo, hi, KV_BLOCK, PREFETCH_KEYS, D_PAD, LINE,
-            )  # fmt: skip
+        if PDL and PREFETCH_KEYS > 0:  # noqa: SIM102 (a constexpr test, then a runtime one)
+            if lo < hi:  # (slices past the keys have none)
+                _prefetch_keys(
+                    K_cache, V_cache, block_tables, seq, stride_bt, stride_cb, stride_cs,
+                    stride_ch, kv_head, lo, hi, KV_BLOCK, PREFETCH_KEYS, D_PAD, LINE,
+                )  # fmt: skip
         triton_pdl.wait_for_predecessor(PDL)
     q = tl.load(
         Q + (q_begin + offs_m)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
@@ -418,7 +416,7 @@ def _paged_attention_kernel(
             # no merge kernel): the others' partials are visible to it once it has
             # seen their arrivals (ops/triton_arrivals.py).
             tl.debug_barrier()
-            slot = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            slot = _arrival_slot()
             arrived = tl.atomic_add(Arrivals + slot, 1, sem="acq_rel", scope="gpu")
             if arrived == used - 1:
                 for i in range(0, tl.minimum(BLOCK_M, q_len - first)):
@@ -490,6 +488,14 @@ def _merge_splits_kernel(
             Out, Part_O, Part_M, Part_L, q_begin + first + i, head, used, num_tokens,
             stride_ot, stride_oh, NUM_HEADS, HEAD_DIM, D_PAD, SPLITS_P2,
         )  # fmt: skip
+
+
+@triton.jit
+def _arrival_slot():
+    """The arrival count of this program's result: one per (program_id(0),
+    program_id(1)), a tile and a head (or pack of heads) in either grid order; the
+    programs sharing a result differ only in program_id(2), their slice of keys."""
+    return tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
 
 
 @triton.jit
@@ -664,7 +670,6 @@ def rotary_cache_write(
         D_PAD=triton.next_power_of_2(dim),
         HAS_ROTARY=cos_sin is not None,
         CLAMP=k_cache.dtype == FP8_KV_DTYPE,
-        EARLY=envs.ATTENTION_EARLY_LOADS.get() == "on",
         **triton_pdl.launch_options(q.device),
     )
 
