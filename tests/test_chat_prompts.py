@@ -17,6 +17,7 @@ import pytest
 
 import mii
 from chat_tokenizers import (
+    CHATML_TEMPLATE,
     LLAMA2_TEMPLATE,
     MISTRAL_TEMPLATE,
     chatml_tokenizer,
@@ -97,6 +98,41 @@ def test_chat_prompt_without_template_and_refused_messages():
         with pytest.raises(InvalidRequestError, match="not valid Unicode") as err:
             chat_prompt_ids(tok, [{"role": "user", "content": "a\ud800"}])
         assert err.value.field == "messages"
+
+
+# A template in the style of Qwen's: a system prompt only first, any other role refused.
+STRICT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and not loop.first %}"
+    "{{ raise_exception('System message must be at the beginning.') }}"
+    "{% elif message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unexpected message role.') }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_developer_messages_reach_templates_that_do_not_know_the_role():
+    """OpenAI's ``developer`` role (newer clients send it for ``system``): a template
+    without it gets a system message, and a later system message is merged into the
+    first (strict templates take one, first); a template naming the role gets it."""
+    tok = chatml_tokenizer()
+    tok.chat_template = STRICT_TEMPLATE
+    user = {"role": "user", "content": "hi"}
+    developer = {"role": "developer", "content": "Be brief."}
+    assert chat_prompt_ids(tok, [developer, user]) == template_ids(
+        tok, [{"role": "system", "content": "Be brief."}, user]
+    )
+    both = [developer, user, {"role": "system", "content": "Use French."}]
+    assert chat_prompt_ids(tok, both) == template_ids(
+        tok, [{"role": "system", "content": "Be brief.\n\nUse French."}, user]
+    )
+    # Without a developer message nothing is rearranged: the template's error stands.
+    with pytest.raises(InvalidRequestError, match="System message must be at the beginning"):
+        chat_prompt_ids(tok, [user, {"role": "system", "content": "late"}])
+    tok.chat_template = CHATML_TEMPLATE.replace("{% for", "{# developer: kept #}{% for", 1)
+    assert chat_prompt_ids(tok, [developer, user]) == template_ids(tok, [developer, user])
+    assert "<|im_start|>developer" in tok.decode(chat_prompt_ids(tok, [developer, user]))
 
 
 def test_token_id_prompts_on_the_wire():

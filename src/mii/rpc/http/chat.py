@@ -26,6 +26,12 @@ that a call's ``function.arguments``, JSON text in OpenAI's API, is given as the
 object it encodes: the templates of tool-calling models (Qwen2.5, Hermes, Llama
 3.1) write ``arguments | tojson``, which would quote the text again (vLLM does
 the same).
+
+OpenAI's ``developer`` role (what its newer clients, Codex CLI among them, send
+instead of ``system``) reaches a template that names it as it is; a template that
+does not (most open models': some refuse any role they do not know) gets it as
+``system``, and then every system message merged into one first message, the one
+place strict templates take a system prompt (as vLLM does).
 """
 
 from __future__ import annotations
@@ -125,7 +131,7 @@ def chat_prompt_ids(
         return list(tokenizer(text).input_ids)
     encoded = apply_template(
         tokenizer,
-        messages,
+        developer_as_system(tokenizer.chat_template, messages),
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
         tokenize=True,
@@ -194,3 +200,19 @@ def _text_content(content: str | list[ContentPart] | None, index: int) -> str:
             )
         texts.append(part.text)
     return "".join(texts)
+
+
+def developer_as_system(template: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` for a chat ``template`` (its source, or a dict of named ones)
+    that does not name the ``developer`` role: developer messages become system
+    messages, and every system message then one first message (their texts joined
+    by a blank line, in order). Unchanged where the template names the role or no
+    message has it."""
+    if "developer" in str(template) or all(m.get("role") != "developer" for m in messages):
+        return messages
+    mapped = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+    system = [m for m in mapped if m["role"] == "system"]
+    if len(system) == 1 and mapped[0] is system[0]:
+        return mapped
+    merged = {"role": "system", "content": "\n\n".join(m.get("content") or "" for m in system)}
+    return [merged, *(m for m in mapped if m["role"] != "system")]
