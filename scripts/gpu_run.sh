@@ -24,10 +24,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.
 while [ $# -gt 0 ]; do
   case "$1" in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_moe_grouped_mm.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py tests/test_grammar_mask.py tests/test_fp8_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    tests-attention) python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_fp8_kv_cache.py tests/test_fp8_activations.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_attention.log" | tail -25 ;;
+    tests-attention) python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_fp8_kv_cache.py tests/test_fp8_activations.py tests/test_norm_linear.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_attention.log" | tail -25 ;;
     # The switches written in the tenth session, off by default until timed (A/B beside latency-nohf etc.)
-    latency-pending) MII_SPLIT_KV_MERGE=kernel MII_ATTENTION_EARLY_LOADS=on python3 benchmarks/latency.py --json "$OUT/latency_pending.json" > "$OUT/latency_pending.log" 2>&1; tail -14 "$OUT/latency_pending.log" ;;
-    latency-llama3-pending) MII_SPLIT_KV_MERGE=kernel MII_ATTENTION_EARLY_LOADS=on python3 benchmarks/latency.py --model llama3-8b --json "$OUT/latency_llama3_pending.json" > "$OUT/latency_llama3_pending.log" 2>&1; tail -14 "$OUT/latency_llama3_pending.log" ;;
+    latency-pending) MII_SPLIT_KV_MERGE=kernel MII_ATTENTION_EARLY_LOADS=on MII_FUSED_NORM_LINEAR=on python3 benchmarks/latency.py --json "$OUT/latency_pending.json" > "$OUT/latency_pending.log" 2>&1; tail -14 "$OUT/latency_pending.log" ;;
+    latency-llama3-pending) MII_SPLIT_KV_MERGE=kernel MII_ATTENTION_EARLY_LOADS=on MII_FUSED_NORM_LINEAR=on python3 benchmarks/latency.py --model llama3-8b --json "$OUT/latency_llama3_pending.json" > "$OUT/latency_llama3_pending.log" 2>&1; tail -14 "$OUT/latency_llama3_pending.log" ;;
     latency-fp8w-pending) MII_SPLIT_KV_MERGE=kernel MII_ATTENTION_EARLY_LOADS=on MII_FP8_FUSED_QUANT=on python3 benchmarks/latency.py --quantization fp8 --json "$OUT/latency_fp8w_pending.json" > "$OUT/latency_fp8w_pending.log" 2>&1; tail -14 "$OUT/latency_fp8w_pending.log" ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;

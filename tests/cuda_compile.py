@@ -70,6 +70,20 @@ def _rotary():
     return triton_attention._rotary_cache_write_kernel, types, constexprs
 
 
+def _norm_linear():
+    """The bf16 GEMV with the RMSNorm folded in (MII_FUSED_NORM_LINEAR=on), residual
+    sum and all, as qkv's launch on an H200 (32-row bands, 128-column slices)."""
+    types = {n: "*bf16" for n in ("X", "W", "Bias", "Out", "Residual", "ResidualOut", "NormW")}
+    types |= {"Scale": "*fp32", "Partials": "*fp32", "Arrivals": "*i32", "XScale": "*fp32"}
+    types |= {"eps": "fp32"}
+    constexprs = dict(
+        HAS_BIAS=False, W_SCALED=False, DEQUANT=0, X_FP8=False, X_GROUPS=False, IEEE=False,
+        UPCAST=False, SPLIT_K=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True,
+        PREFETCH_LINES=8, LINE=64, NORM=2, GEMMA=False, ROUND=False,
+    )  # fmt: skip
+    return triton_gemv._skinny_linear_kernel, types, constexprs
+
+
 def _skinny_linear(fp8: bool, short_k: bool = False):
     """The decode GEMV as an H200 runs o_proj: split-K, the weights' L2 prefetch;
     float8 weights with x quantized per slice beforehand (x_groups); ``short_k``:
@@ -113,16 +127,27 @@ CASES = {
     "gemv-bf16": lambda: _skinny_linear(False),
     "gemv-fp8": lambda: _skinny_linear(True),
     "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
+    "gemv-norm": _norm_linear,
 }
 
 
 def ptx_for(kernel, types: dict[str, str], constexprs: dict) -> str:
     """PTX of ``kernel`` for sm_90 (compiled down to a cubin by Triton's ptxas);
     ``types``: the pointer and float arguments' Triton types (others are int32)."""
-    names = list(inspect.signature(kernel.fn).parameters)
+    parameters = inspect.signature(kernel.fn).parameters
+    names = list(parameters)
     unknown = (set(constexprs) | set(types)) - set(names)
     if unknown:
         raise ValueError(f"not parameters of {kernel.fn.__name__}: {sorted(unknown)}")
+    # constexprs left out take their defaults, as a launch that does not pass them
+    constexprs = {
+        **{
+            n: p.default
+            for n, p in parameters.items()
+            if "constexpr" in str(p.annotation) and p.default is not inspect.Parameter.empty
+        },
+        **constexprs,
+    }
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     source = ASTSource(
         fn=kernel,

@@ -12,6 +12,7 @@
 | ``MII_SPLIT_KV_MERGE`` | ``launch``, ``kernel`` | who merges split-KV decode slices |
 | ``MII_ATTENTION_EARLY_LOADS`` | ``off``, ``on`` | rotary/attention reads before the PDL wait |
 | ``MII_FP8_FUSED_QUANT`` | ``off``, ``on`` | norm / act kernels write x's float8 copy |
+| ``MII_FUSED_NORM_LINEAR`` | ``off``, ``on`` | RMSNorm folded into the next decode GEMV |
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_GGUF_CACHE_DIR`` | a directory (``$MII_CACHE_DIR/gguf``) | converted GGUF checkpoints only |
@@ -168,6 +169,15 @@ FP8_FUSED_QUANT = _choice(
     "off",
     "on",
 )
+FUSED_NORM_LINEAR = _choice(
+    "MII_FUSED_NORM_LINEAR",
+    "16/32-bit decode batches on CUDA: the RMSNorm in front of qkv and gate_up folded "
+    "into their skinny kernel's reads ('on': one launch instead of two per norm, "
+    "ops/triton_gemv.skinny_norm_linear; the norm's mean square summed in another order); "
+    "'off': the norm's own kernel. Not yet timed on a GPU",
+    "off",
+    "on",
+)
 
 MOE_PROMPT_GEMM = _choice(
     "MII_MOE_PROMPT_GEMM",
@@ -292,6 +302,7 @@ SWITCHES: tuple[Switch, ...] = (
     SPLIT_KV_MERGE,
     ATTENTION_EARLY_LOADS,
     FP8_FUSED_QUANT,
+    FUSED_NORM_LINEAR,
     MOE_PROMPT_GEMM,
     CACHE_DIR,
     GGUF_CACHE_DIR,

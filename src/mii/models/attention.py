@@ -58,10 +58,17 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
-        tokens = x.shape[0]
+        return self.attend(self.qkv_proj(x), positions, ctx)
+
+    def attend(
+        self, qkv: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor:
+        """The layer from its qkv projection's output on: qkv [T, (Hq + 2 Hkv) D]
+        -> [T, hidden] (for callers that computed the projection themselves)."""
+        tokens = qkv.shape[0]
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(tokens, self.num_kv_heads, self.head_dim)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mii import envs
 from mii.models.checkpoint_tensor import LazyTensor, materialize
 from mii.models.parallel import (
     all_gather_last_dim,
@@ -315,6 +316,37 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+def norm_then_linear(
+    norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, layer: ColumnParallelLinear
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(layer(norm(x + residual)), x + residual)``, or with no residual
+    ``(layer(norm(x)), x)``: the norm's kernel (which writes the float8 copy a float8
+    layer reads), then the layer; or, for a decode batch on CUDA with 16/32-bit
+    weights and ``MII_FUSED_NORM_LINEAR=on``, one launch of the skinny kernel with
+    the norm folded into its reads (``ops.triton_gemv.skinny_norm_linear``)."""
+    if _folds_norm(norm, x, layer):
+        from mii.ops.triton_gemv import skinny_norm_linear  # Triton: a CUDA-only dependency
+
+        gemma = bool(norm.offset)
+        weight, bias = layer.weight, layer.bias
+        return skinny_norm_linear(x, norm.weight, norm.eps, gemma, residual, weight, bias)
+    if residual is None:
+        return layer(norm(x, quantize_for=layer)), x
+    h, residual = norm(x, residual=residual, quantize_for=layer)
+    return layer(h), residual
+
+
+def _folds_norm(norm: RMSNorm, x: torch.Tensor, layer: ColumnParallelLinear) -> bool:
+    return (
+        envs.FUSED_NORM_LINEAR.get() == "on"
+        and not layer.fp8
+        and norm.offset in (0.0, 1.0)
+        and x.dim() == 2
+        and fused_kernels_enabled(x.device)
+        and skinny_linear_enabled(x, layer.weight, layer.bias)
+    )
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with weight and (optional) bias, computed in float32."""
 
@@ -343,7 +375,10 @@ class GatedMLP(nn.Module):
         self.act_name = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.down_from_gate_up(self.gate_up_proj(x))
+
+    def down_from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The layer from its gate/up projection's output on: [T, 2 I] -> [T, hidden]."""
         if self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(gate_up.device):
             from mii.ops.fused_elementwise import act_and_mul
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from mii.models.attention import SelfAttention
 from mii.models.base import CausalLM, DecoderSizes, ForwardContext
-from mii.models.layers import GatedMLP, RMSNorm, VocabEmbedding
+from mii.models.layers import GatedMLP, RMSNorm, VocabEmbedding, norm_then_linear
 from mii.models.rope import RotaryEmbedding, rope_parameters, scaled_max_positions
 
 
@@ -105,14 +105,16 @@ class LlamaDecoderLayer(nn.Module):
         residual: the stream it adds to (None at the first layer) -> this layer's
         MLP output and the stream before it. Each add happens inside the next norm
         (one fused kernel on CUDA), not as a separate kernel per layer."""
-        qkv = self.self_attn.qkv_proj  # reads the norm's float8 copy, if it reads one
-        if residual is None:
-            h, residual = self.input_layernorm(x, quantize_for=qkv), x
-        else:  # residual + x, normed
-            h, residual = self.input_layernorm(x, residual=residual, quantize_for=qkv)
-        attn = self.self_attn(h, positions, ctx)
-        gate_up = getattr(self.mlp, "gate_up_proj", None)  # (MoE layers quantize their own)
-        h, residual = self.post_attention_layernorm(attn, residual=residual, quantize_for=gate_up)
+        qkv, residual = norm_then_linear(
+            self.input_layernorm, x, residual, self.self_attn.qkv_proj
+        )  # residual + x, normed, projected
+        attn = self.self_attn.attend(qkv, positions, ctx)
+        if isinstance(self.mlp, GatedMLP):
+            gate_up, residual = norm_then_linear(
+                self.post_attention_layernorm, attn, residual, self.mlp.gate_up_proj
+            )
+            return self.mlp.down_from_gate_up(gate_up), residual
+        h, residual = self.post_attention_layernorm(attn, residual=residual)  # (MoE layers)
         return self.mlp(h), residual
 
 

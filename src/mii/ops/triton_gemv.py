@@ -38,6 +38,8 @@ split-K's partials are added).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +54,7 @@ from mii.ops.triton_gemv_launch import (
     fp8_products,
     split_k_for,
 )
+from mii.ops.triton_norm_fold import norm_rows, normed_slice
 
 MAX_ROWS = SKINNY_MAX_ROWS
 
@@ -66,6 +69,10 @@ def _skinny_linear_kernel(
     Partials,
     Arrivals,
     XScale,
+    Residual,
+    ResidualOut,
+    NormW,
+    eps,
     M,
     N,
     K,
@@ -74,6 +81,8 @@ def _skinny_linear_kernel(
     stride_wn,
     stride_om,
     stride_xs,
+    stride_rm,
+    stride_ro,
     HAS_BIAS: tl.constexpr,
     W_SCALED: tl.constexpr,
     DEQUANT: tl.constexpr,
@@ -88,6 +97,9 @@ def _skinny_linear_kernel(
     PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr,
     LINE: tl.constexpr,
+    NORM: tl.constexpr = 0,
+    GEMMA: tl.constexpr = False,
+    ROUND: tl.constexpr = False,
 ):
     """Out[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for this program's BLOCK_N
     rows of W and BLOCK_M rows of X (row tiles vary fastest: one weight band's
@@ -96,7 +108,12 @@ def _skinny_linear_kernel(
 
     With SPLIT_K > 1 the programs of one output tile each write a float32 partial;
     the last to arrive (an atomic count per tile) adds them up, writes the output
-    and resets the count for the next launch: one launch, no memset, graph-safe."""
+    and resets the count for the next launch: one launch, no memset, graph-safe.
+
+    NORM folds the RMSNorm in front of the layer into the kernel (``ops.triton_norm_fold``):
+    X is then the norm's input (NORM 2: X + Residual, whose sum goes to
+    ResidualOut), normalised with NormW as ``ops.fused_elementwise.rms_norm``
+    computes it, slice by slice as the loop reads it."""
     row_tiles = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     band = tile // row_tiles
@@ -123,6 +140,14 @@ def _skinny_linear_kernel(
         lines = W + offs_n[:, None] * stride_wn + cols[None, :]
         triton_pdl.prefetch_to_l2(tl.where(wanted, lines, W))
     triton_pdl.wait_for_predecessor(PDL)
+    if NORM > 0:
+        # The whole rows first (from L2 after the first program): their mean square.
+        # One program per row tile also writes the residual stream's new value.
+        writes = (band == 0) & (k_begin == 0)
+        denom = norm_rows(
+            X, Residual, ResidualOut, offs_m, m_mask, K, eps, stride_xm, stride_rm,
+            stride_ro, writes, NORM, ROUND, BLOCK_M, BLOCK_K,
+        )  # fmt: skip
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(k_begin, k_stop, BLOCK_K):
         k_mask = (k0 + offs_k) < K
@@ -131,11 +156,17 @@ def _skinny_linear_kernel(
             mask=n_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        x = tl.load(
-            X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
+        if NORM > 0:
+            x = normed_slice(
+                X, Residual, NormW, offs_m, m_mask, k0 + offs_k, k_mask, denom, stride_xm,
+                stride_rm, NORM, GEMMA, ROUND,
+            )  # fmt: skip
+        else:
+            x = tl.load(
+                X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
         if X_GROUPS:
             # x arrives as float8 already, with one scale per row and BLOCK_K slice
             # (ops/triton_quant.quantize_groups_fp8): the loop only loads and multiplies.
@@ -268,14 +299,53 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nam
         raise ValueError(f"{name} takes weights of fewer than 2**31 elements")
 
 
+class FoldedNorm(NamedTuple):
+    """The RMSNorm a launch folds in front of its layer (``skinny_norm_linear``)."""
+
+    weight: torch.Tensor  # [K], the norm's scale
+    eps: float
+    gemma: bool  # scale by 1 + weight (Gemma's RMSNorm)
+    residual: torch.Tensor | None  # [M, K]: normalise x + residual
+    residual_out: torch.Tensor | None  # [M, K]: where x + residual goes
+
+
+def skinny_norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gemma: bool,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F.linear(norm(h), weight, bias), h)`` in one launch, h = ``x + residual``
+    (or ``x``): ``ops.fused_elementwise.rms_norm`` folded into the skinny kernel's
+    reads of its input (16/32-bit weights; each program normalises the slices it
+    reads, after a pass over the whole rows for their mean square). The norm's
+    output is what rms_norm writes but for its mean square, summed in another
+    order (float32: a few ulps)."""
+    _check(x, weight, bias, "skinny_norm_linear")
+    if norm_weight.shape != (x.shape[1],) or not norm_weight.is_contiguous():
+        raise ValueError(f"skinny_norm_linear needs a contiguous norm weight of {x.shape[1]}")
+    if residual is not None and (residual.shape != x.shape or residual.stride(1) != 1):
+        raise ValueError("skinny_norm_linear needs a residual shaped as x, rows contiguous")
+    summed = torch.empty_like(x) if residual is not None else x
+    norm = FoldedNorm(norm_weight, eps, gemma, residual, summed if residual is not None else None)
+    config = config or bf16_config_for(x.shape[0], weight.shape[0], x.device)
+    return _launch(x, weight, None, bias, config, norm), summed
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     config: GemvConfig,
+    norm: FoldedNorm | None = None,
 ) -> torch.Tensor:
-    """One launch of the kernel (``scale``: float8 weights' channel scales)."""
+    """One launch of the kernel (``scale``: float8 weights' channel scales;
+    ``norm``: an RMSNorm folded in front)."""
     rows, k = x.shape
     n = weight.shape[0]
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
@@ -298,6 +368,16 @@ def _launch(
 
             copy = quantize_groups_fp8(x, config.block_k)
         x, x_scales = copy
+    # (residual, its sum, the norm's weight): placeholders without a folded norm
+    norm_tensors = (x, x, x)
+    if norm is not None:
+        if scale is not None:
+            raise ValueError("a folded norm takes 16/32-bit weights only")
+        norm_tensors = (
+            norm.residual if norm.residual is not None else x,
+            norm.residual_out if norm.residual_out is not None else x,
+            norm.weight,
+        )
     splits = split_k_for(config, tiles, k, x.device)
     if splits > 1 and triton_arrivals.arrival_counts(x.device, tiles) is None:
         splits = 1  # (no counts during graph capture before an eager pass: unsplit)
@@ -317,6 +397,8 @@ def _launch(
         partials,
         arrivals,
         x_scales,
+        *norm_tensors,
+        norm.eps if norm is not None else 0.0,
         rows,
         n,
         k,
@@ -325,6 +407,8 @@ def _launch(
         weight.stride(0),
         out.stride(0),
         x_scales.stride(0),
+        norm_tensors[0].stride(0),
+        norm_tensors[1].stride(0),
         HAS_BIAS=bias is not None,
         W_SCALED=scale is not None,
         DEQUANT=config.dequant,
@@ -339,6 +423,9 @@ def _launch(
         BLOCK_K=config.block_k,
         PREFETCH_LINES=prefetch_lines,
         LINE=line,
+        NORM=0 if norm is None else 1 if norm.residual is None else 2,
+        GEMMA=norm is not None and norm.gemma,
+        ROUND=INTERPRETED and x.dtype == torch.bfloat16,
         **triton_pdl.launch_options(x.device),
         num_warps=config.num_warps,
         num_stages=triton_limits.stages_that_fit(config.num_stages, stage_bytes, x.device),

@@ -1,0 +1,88 @@
+"""An RMSNorm folded into the skinny linear kernel that reads its output
+(``ops.triton_gemv.skinny_norm_linear``, MII_FUSED_NORM_LINEAR=on): the same
+result as the norm kernel then the linear kernel, and the same residual stream.
+Interpreted on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mii.ops.fused_elementwise import rms_norm
+from mii.ops.triton_gemv import skinny_linear, skinny_norm_linear
+from mii.ops.triton_gemv_launch import GemvConfig
+from test_triton_kernels import DEVICE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("rows, split_k", [(1, 1), (3, 2)])
+def test_folded_norm_equals_the_norm_then_the_linear(dtype, with_residual, gemma, rows, split_k):
+    """K = 200 (the last slice ragged), split or not (every program still reads whole
+    rows for the mean square; one writes the residual sum): outputs within the
+    rounding that summing the mean square in another order can move, the residual
+    sum bit for bit."""
+    gen = torch.Generator().manual_seed(rows * 10 + split_k)
+    x = (torch.randn(rows, 200, generator=gen) * 3).to(dtype).to(DEVICE)
+    x[0, 3] = 40.0  # an outlier row element
+    residual = torch.randn(rows, 200, generator=gen).to(dtype).to(DEVICE) if with_residual else None
+    norm_w = (torch.rand(200, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    w = (torch.randn(70, 200, generator=gen) / 8).to(dtype).to(DEVICE)
+    b = torch.randn(70, generator=gen).to(dtype).to(DEVICE)
+    config = GemvConfig(32, 64, block_m=16, split_k=split_k)
+    out, summed = skinny_norm_linear(x, norm_w, 1e-5, gemma, residual, w, b, config)
+    if with_residual:
+        normed, expected_sum = rms_norm(x, norm_w, 1e-5, gemma, residual)
+        assert torch.equal(summed, expected_sum)
+    else:
+        normed, expected_sum = rms_norm(x, norm_w, 1e-5, gemma), x
+        assert summed is x
+    expected = skinny_linear(normed, w, b, config)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol * 4)
+    # and the product it stands for, in float32
+    exact = torch.nn.functional.linear(normed.float(), w.float(), b.float())
+    torch.testing.assert_close(out.float(), exact, rtol=tol * 3, atol=tol * 12)
+
+
+def test_refused_operands_name_the_problem():
+    x = torch.randn(2, 64).to(DEVICE)
+    w = torch.randn(8, 64).to(DEVICE)
+    with pytest.raises(ValueError, match="norm weight of 64"):
+        skinny_norm_linear(x, torch.ones(32).to(DEVICE), 1e-5, False, None, w)
+    with pytest.raises(ValueError, match="residual shaped as x"):
+        skinny_norm_linear(x, torch.ones(64).to(DEVICE), 1e-5, False, x[:1], w)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernels")
+def test_llama_folds_its_norms_token_for_token(checkpoints, tokenizer, monkeypatch):
+    """A tiny Llama (float32) with the skinny kernel and fused kernels
+    interpreted, chunked prompts and preemption: with MII_FUSED_NORM_LINEAR=on the
+    input and post-attention norms go into the qkv and gate_up launches (no norm
+    kernel runs but the final one's) and the greedy tokens stay transformers'."""
+    import mii
+    import mii.ops.fused_elementwise as fused
+    from helpers import PROMPTS, TIGHT_OPTIONS, assert_greedy_margins, hf_greedy
+
+    path, hf_model = checkpoints("llama")
+    new = 12  # in a 20-block pool: preempted
+    assert_greedy_margins(hf_model, tokenizer, PROMPTS, new)
+    norms = []
+    original = fused.rms_norm
+    monkeypatch.setattr(fused, "rms_norm", lambda *a, **k: norms.append(1) or original(*a, **k))
+    monkeypatch.setenv("MII_GEMV", "triton")
+    monkeypatch.setenv("MII_FUSED", "triton")
+    tokens, counts = {}, {}
+    for switch in ("on", "off"):
+        monkeypatch.setenv("MII_FUSED_NORM_LINEAR", switch)
+        norms.clear()
+        with mii.pipeline(str(path), **{**TIGHT_OPTIONS, "num_kv_blocks": 20}) as pipe:
+            responses = pipe(PROMPTS, do_sample=False, max_new_tokens=new)
+            assert pipe.engine.stats()["preemptions"] > 0
+        tokens[switch] = [r.token_ids for r in responses]
+        counts[switch] = len(norms)
+    layers = hf_model.config.num_hidden_layers
+    assert counts["off"] == (2 * layers + 1) * counts["on"]  # only the final norm stays
+    expected = [hf_greedy(hf_model, tokenizer, p, new) for p in PROMPTS]
+    assert tokens["on"] == tokens["off"] == expected
