@@ -337,12 +337,13 @@ def norm_then_linear(
 
 
 def _folds_norm(norm: RMSNorm, x: torch.Tensor, layer: ColumnParallelLinear) -> bool:
+    # fused_kernels_enabled first: never while torch.compile traces (no switch read there)
     return (
-        envs.FUSED_NORM_LINEAR.get() == "on"
+        fused_kernels_enabled(x.device)
+        and envs.FUSED_NORM_LINEAR.get() == "on"
         and not layer.fp8
         and norm.offset in (0.0, 1.0)
         and x.dim() == 2
-        and fused_kernels_enabled(x.device)
         and skinny_linear_enabled(x, layer.weight, layer.bias)
     )
 
