@@ -73,7 +73,9 @@ class Metrics:
         )
         self.generation_tokens = Counter(
             "mii_generation_tokens",
-            "Tokens generated (streams cut short included, up to their last piece)",
+            "Tokens generated and delivered (streams cut short included, up to their last "
+            "piece; a whole answer its client left before it was ready is not counted: its "
+            "tokens never reach the gateway)",
             registry=r,
         )
         self.prefix_queries = Counter(

@@ -19,6 +19,8 @@ from fastapi.responses import StreamingResponse
 T = TypeVar("T")
 
 DISCONNECT_POLL_S = 0.25
+# How long a cancelled generation may take to stop before the handler goes on.
+CANCEL_WAIT_S = 5.0
 
 
 class ClientDisconnected(Exception):
@@ -37,7 +39,14 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
             if await request.is_disconnected():
                 raise ClientDisconnected()
     finally:
-        task.cancel()  # no-op once done; aborts the request when we leave early
+        if not task.done():
+            task.cancel()  # aborts the request when we leave early
+            # ... and wait until it has stopped: the caller may then close what it was
+            # iterating (a stream's generator), which must not be running any more
+            # ("aclose(): asynchronous generator is already running").
+            await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: never "Task exception was never retrieved"
 
 
 class ClosingStreamingResponse(StreamingResponse):
