@@ -10,7 +10,7 @@
 | ``MII_FP8_KERNELS`` | ``triton``, ``off`` | Triton kernels reading float8 weights (CUDA) |
 | ``MII_MOE_ROUTING`` | ``auto``, ``torch``, ``fused`` | one-launch MoE routing (auto: small) |
 | ``MII_SPLIT_KV_MERGE`` | ``launch``, ``kernel`` | who merges split-KV decode slices |
-| ``MII_ATTENTION_EARLY_LOADS`` | ``off``, ``on`` | rotary/attention reads before the PDL wait |
+| ``MII_ATTENTION_EARLY_LOADS`` | ``off``, ``on`` | decode attention's reads before the PDL wait |
 | ``MII_FP8_FUSED_QUANT`` | ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_FUSED_NORM_LINEAR`` | ``off``, ``on`` | RMSNorm folded into the next decode GEMV |
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
@@ -153,10 +153,10 @@ SPLIT_KV_MERGE = _choice(
 )
 ATTENTION_EARLY_LOADS = _choice(
     "MII_ATTENTION_EARLY_LOADS",
-    "with PDL, the rotary + KV write kernel reads positions and its table, and the "
-    "attention kernel its tile table, lengths and block table and pulls its first keys' "
-    "K/V lines into L2, before waiting for the previous kernel ('on'); 'off' waits first. "
-    "Not yet timed on a GPU (benchmarks/decode_sweep.py --batch1-step)",
+    "with PDL, the attention kernel reads its tile table, lengths and block table and "
+    "pulls its first keys' K/V lines into L2 before waiting for the rotary + KV write "
+    "kernel, which writes none of them ('on'); 'off' waits first. Not yet timed on a GPU "
+    "(benchmarks/decode_sweep.py --batch1-step)",
     "off",
     "on",
 )
