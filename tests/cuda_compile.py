@@ -84,6 +84,20 @@ def _norm_linear():
     return triton_gemv._skinny_linear_kernel, types, constexprs
 
 
+def _act_linear():
+    """The bf16 GEMV with act(gate) * up folded in (MII_FUSED_ACT_LINEAR=on), as down's
+    launch on an H200 (32-row bands, 256-column slices)."""
+    types = {n: "*bf16" for n in ("X", "W", "Bias", "Out", "Residual", "ResidualOut", "NormW")}
+    types |= {"Scale": "*fp32", "Partials": "*fp32", "Arrivals": "*i32", "XScale": "*fp32"}
+    types |= {"eps": "fp32"}
+    constexprs = dict(
+        HAS_BIAS=False, W_SCALED=False, DEQUANT=0, X_FP8=False, X_GROUPS=False, IEEE=False,
+        UPCAST=False, SPLIT_K=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PDL=True,
+        PREFETCH_LINES=8, LINE=64, GATED=True, ACT=0,
+    )  # fmt: skip
+    return triton_gemv._skinny_linear_kernel, types, constexprs
+
+
 def _skinny_linear(fp8: bool, short_k: bool = False):
     """The decode GEMV as an H200 runs o_proj: split-K, the weights' L2 prefetch;
     float8 weights with x quantized per slice beforehand (x_groups); ``short_k``:
@@ -128,6 +142,7 @@ CASES = {
     "gemv-fp8": lambda: _skinny_linear(True),
     "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
     "gemv-norm": _norm_linear,
+    "gemv-act": _act_linear,
 }
 
 

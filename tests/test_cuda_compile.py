@@ -88,8 +88,10 @@ def test_elementwise_kernels_writing_float8_copies_compile_for_hopper(compiled, 
     assert facts["waits"] == 1 and facts["float8_converts"] > 0
 
 
-def test_gemv_with_a_folded_norm_compiles_for_hopper(compiled):
-    """MII_FUSED_NORM_LINEAR=on: the weights' prefetch before the wait, x after it."""
-    facts = _facts(compiled, "gemv-norm")
+@pytest.mark.parametrize("case", ["gemv-norm", "gemv-act"])
+def test_gemv_with_a_folded_input_stage_compiles_for_hopper(compiled, case):
+    """MII_FUSED_NORM_LINEAR=on, MII_FUSED_ACT_LINEAR=on: the weights' prefetch
+    before the wait, x after it."""
+    facts = _facts(compiled, case)
     assert facts["waits"] == 1 and facts["prefetch_before_wait"]
     assert facts["loads_before_wait"] == 0

@@ -1,15 +1,17 @@
-"""An RMSNorm folded into the skinny linear kernel that reads its output
-(``ops.triton_gemv.skinny_norm_linear``, MII_FUSED_NORM_LINEAR=on): the same
-result as the norm kernel then the linear kernel, and the same residual stream.
-Interpreted on the CPU."""
+"""Input stages folded into the skinny linear kernel (``ops.triton_gemv_folds``):
+an RMSNorm (MII_FUSED_NORM_LINEAR=on) gives the result of the norm kernel then
+the linear kernel, and the same residual stream; act(gate) * up
+(MII_FUSED_ACT_LINEAR=on) the act_and_mul kernel's then the linear's, bit for
+bit. Interpreted on the CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mii.ops.fused_elementwise import rms_norm
-from mii.ops.triton_gemv import skinny_linear, skinny_norm_linear
+from mii.ops.fused_elementwise import act_and_mul, rms_norm
+from mii.ops.triton_gemv import skinny_linear
+from mii.ops.triton_gemv_folds import skinny_act_linear, skinny_norm_linear
 from mii.ops.triton_gemv_launch import GemvConfig
 from test_triton_kernels import DEVICE
 
@@ -46,6 +48,22 @@ def test_folded_norm_equals_the_norm_then_the_linear(dtype, with_residual, gemma
     torch.testing.assert_close(out.float(), exact, rtol=tol * 3, atol=tol * 12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("rows, split_k", [(1, 1), (3, 2)])
+def test_folded_activation_equals_act_and_mul_then_the_linear(dtype, activation, rows, split_k):
+    """The down projection reading [gate | up] (K = 200: the last slice ragged):
+    the same input as act_and_mul writes, so the same output bit for bit."""
+    gen = torch.Generator().manual_seed(rows + split_k)
+    gate_up = (torch.randn(rows, 400, generator=gen) * 3).to(dtype).to(DEVICE)
+    w = (torch.randn(70, 200, generator=gen) / 8).to(dtype).to(DEVICE)
+    b = torch.randn(70, generator=gen).to(dtype).to(DEVICE)
+    config = GemvConfig(32, 64, block_m=16, split_k=split_k)
+    out = skinny_act_linear(gate_up, activation, w, b, config)
+    expected = skinny_linear(act_and_mul(gate_up, activation), w, b, config)
+    assert torch.equal(out, expected)
+
+
 def test_refused_operands_name_the_problem():
     x = torch.randn(2, 64).to(DEVICE)
     w = torch.randn(8, 64).to(DEVICE)
@@ -53,14 +71,19 @@ def test_refused_operands_name_the_problem():
         skinny_norm_linear(x, torch.ones(32).to(DEVICE), 1e-5, False, None, w)
     with pytest.raises(ValueError, match="residual shaped as x"):
         skinny_norm_linear(x, torch.ones(64).to(DEVICE), 1e-5, False, x[:1], w)
+    with pytest.raises(ValueError, match=r"gate_up \[M, 128\]"):
+        skinny_act_linear(x, "silu", w)
+    with pytest.raises(ValueError, match="no fused kernel for activation 'relu'"):
+        skinny_act_linear(torch.randn(2, 128).to(DEVICE), "relu", w)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernels")
 def test_llama_folds_its_norms_token_for_token(checkpoints, tokenizer, monkeypatch):
     """A tiny Llama (float32) with the skinny kernel and fused kernels
-    interpreted, chunked prompts and preemption: with MII_FUSED_NORM_LINEAR=on the
-    input and post-attention norms go into the qkv and gate_up launches (no norm
-    kernel runs but the final one's) and the greedy tokens stay transformers'."""
+    interpreted, chunked prompts and preemption: with MII_FUSED_NORM_LINEAR=on and
+    MII_FUSED_ACT_LINEAR=on the input and post-attention norms go into the qkv and
+    gate_up launches and act*up into down's (no norm kernel runs but the final one's,
+    no act_and_mul kernel) and the greedy tokens stay transformers'."""
     import mii
     import mii.ops.fused_elementwise as fused
     from helpers import PROMPTS, TIGHT_OPTIONS, assert_greedy_margins, hf_greedy
@@ -68,21 +91,27 @@ def test_llama_folds_its_norms_token_for_token(checkpoints, tokenizer, monkeypat
     path, hf_model = checkpoints("llama")
     new = 12  # in a 20-block pool: preempted
     assert_greedy_margins(hf_model, tokenizer, PROMPTS, new)
-    norms = []
-    original = fused.rms_norm
+    norms, acts = [], []
+    original, original_act = fused.rms_norm, fused.act_and_mul
     monkeypatch.setattr(fused, "rms_norm", lambda *a, **k: norms.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        fused, "act_and_mul", lambda *a, **k: acts.append(1) or original_act(*a, **k)
+    )
     monkeypatch.setenv("MII_GEMV", "triton")
     monkeypatch.setenv("MII_FUSED", "triton")
     tokens, counts = {}, {}
     for switch in ("on", "off"):
         monkeypatch.setenv("MII_FUSED_NORM_LINEAR", switch)
+        monkeypatch.setenv("MII_FUSED_ACT_LINEAR", switch)
         norms.clear()
+        acts.clear()
         with mii.pipeline(str(path), **{**TIGHT_OPTIONS, "num_kv_blocks": 20}) as pipe:
             responses = pipe(PROMPTS, do_sample=False, max_new_tokens=new)
             assert pipe.engine.stats()["preemptions"] > 0
         tokens[switch] = [r.token_ids for r in responses]
-        counts[switch] = len(norms)
+        counts[switch] = len(norms), len(acts)
     layers = hf_model.config.num_hidden_layers
-    assert counts["off"] == (2 * layers + 1) * counts["on"]  # only the final norm stays
+    assert counts["off"][0] == (2 * layers + 1) * counts["on"][0]  # only the final norm stays
+    assert counts["on"][1] == 0 < counts["off"][1]
     expected = [hf_greedy(hf_model, tokenizer, p, new) for p in PROMPTS]
     assert tokens["on"] == tokens["off"] == expected

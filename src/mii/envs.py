@@ -13,6 +13,7 @@
 | ``MII_ATTENTION_EARLY_LOADS`` | ``off``, ``on`` | decode attention's reads before the PDL wait |
 | ``MII_FP8_FUSED_QUANT`` | ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_FUSED_NORM_LINEAR`` | ``off``, ``on`` | RMSNorm folded into the next decode GEMV |
+| ``MII_FUSED_ACT_LINEAR`` | ``off``, ``on`` | act(gate)*up folded into the down decode GEMV |
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_GGUF_CACHE_DIR`` | a directory (``$MII_CACHE_DIR/gguf``) | converted GGUF checkpoints only |
@@ -178,6 +179,14 @@ FUSED_NORM_LINEAR = _choice(
     "off",
     "on",
 )
+FUSED_ACT_LINEAR = _choice(
+    "MII_FUSED_ACT_LINEAR",
+    "16/32-bit decode batches on CUDA: act(gate) * up folded into the down projection's "
+    "skinny kernel ('on': one launch instead of two, ops/triton_gemv_folds.skinny_act_linear, "
+    "the same numbers); 'off': the act_and_mul kernel. Not yet timed on a GPU",
+    "off",
+    "on",
+)
 
 MOE_PROMPT_GEMM = _choice(
     "MII_MOE_PROMPT_GEMM",
@@ -303,6 +312,7 @@ SWITCHES: tuple[Switch, ...] = (
     ATTENTION_EARLY_LOADS,
     FP8_FUSED_QUANT,
     FUSED_NORM_LINEAR,
+    FUSED_ACT_LINEAR,
     MOE_PROMPT_GEMM,
     CACHE_DIR,
     GGUF_CACHE_DIR,

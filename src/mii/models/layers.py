@@ -201,7 +201,11 @@ class RowParallelLinear(nn.Module):
     kernel_bias = None  # its bias is added once, after the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_reduce(layer_linear(self, x, self.kernel_bias))
+        return self.reduce(layer_linear(self, x, self.kernel_bias))
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The layer's output from this rank's product (for callers that computed it)."""
+        out = all_reduce(partial)
         if self.bias is not None:
             out = out + self.bias  # added once, after the reduction
         return out
@@ -325,7 +329,7 @@ def norm_then_linear(
     weights and ``MII_FUSED_NORM_LINEAR=on``, one launch of the skinny kernel with
     the norm folded into its reads (``ops.triton_gemv.skinny_norm_linear``)."""
     if _folds_norm(norm, x, layer):
-        from mii.ops.triton_gemv import skinny_norm_linear  # Triton: a CUDA-only dependency
+        from mii.ops.triton_gemv_folds import skinny_norm_linear  # Triton: CUDA-only
 
         gemma = bool(norm.offset)
         weight, bias = layer.weight, layer.bias
@@ -381,12 +385,27 @@ class GatedMLP(nn.Module):
     def down_from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The layer from its gate/up projection's output on: [T, 2 I] -> [T, hidden]."""
         if self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(gate_up.device):
+            if self._folds_act(gate_up):
+                from mii.ops.triton_gemv_folds import skinny_act_linear  # Triton: CUDA-only
+
+                down = self.down_proj
+                return down.reduce(skinny_act_linear(gate_up, self.act_name, down.weight))
             from mii.ops.fused_elementwise import act_and_mul
 
             slices = fp8_activations.slices_for(gate_up, self.down_proj)
             return self.down_proj(act_and_mul(gate_up, self.act_name, slices))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
+
+    def _folds_act(self, gate_up: torch.Tensor) -> bool:
+        """act(gate) * up folded into the down projection's skinny kernel: a decode
+        batch, 16/32-bit weights, MII_FUSED_ACT_LINEAR=on (fused kernels on)."""
+        return (
+            envs.FUSED_ACT_LINEAR.get() == "on"
+            and not self.down_proj.fp8
+            and gate_up.dim() == 2
+            and skinny_linear_enabled(gate_up, self.down_proj.weight, None)
+        )
 
 
 class MLP(nn.Module):

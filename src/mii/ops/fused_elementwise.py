@@ -169,6 +169,21 @@ def rms_norm(
 
 
 @triton.jit
+def gated_activation(gate, up, dtype: tl.constexpr, ACT: tl.constexpr, ROUND: tl.constexpr):
+    """act(gate) * up in ``dtype`` from float32 gate and up (ACT: the code of
+    ``FUSED_ACTIVATIONS``), rounded as the unfused model rounds: the activation
+    cast first, then the product. Shared by this module's kernel and the skinny
+    linear kernel that folds it in (``ops.triton_gemv_inputs``)."""
+    if ACT == 0:  # silu
+        act = gate / (1.0 + tl.exp(tl.minimum(-gate, 80.0)))  # no overflow to inf
+    else:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = 0.5 * gate * (2.0 / (1.0 + tl.exp(tl.minimum(-2.0 * z, 80.0))))
+    act = _cast(act, dtype, ROUND).to(tl.float32)
+    return _cast(act * up, dtype, ROUND)
+
+
+@triton.jit
 def _act_and_mul_kernel(
     X,
     Out,
@@ -193,13 +208,7 @@ def _act_and_mul_kernel(
     mask = cols < N
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 0:  # silu
-        act = gate / (1.0 + tl.exp(tl.minimum(-gate, 80.0)))  # no overflow to inf
-    else:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
-        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = 0.5 * gate * (2.0 / (1.0 + tl.exp(tl.minimum(-2.0 * z, 80.0))))
-    act = _cast(act, Out.dtype.element_ty, ROUND).to(tl.float32)
-    out = _cast(act * up, Out.dtype.element_ty, ROUND)
+    out = gated_activation(gate, up, Out.dtype.element_ty, ACT, ROUND)
     tl.store(Out + row * stride_o + cols, out, mask=mask)
     if SLICE > 0:
         first = tl.program_id(1) * (BLOCK // SLICE)

@@ -47,6 +47,7 @@ import triton.language as tl
 from mii.ops import fp8_activations, triton_arrivals, triton_limits, triton_pdl
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
+from mii.ops.triton_gemv_inputs import gated_slice, norm_rows, normed_slice
 from mii.ops.triton_gemv_launch import (
     GemvConfig,
     bf16_config_for,
@@ -54,7 +55,6 @@ from mii.ops.triton_gemv_launch import (
     fp8_products,
     split_k_for,
 )
-from mii.ops.triton_norm_fold import norm_rows, normed_slice
 
 MAX_ROWS = SKINNY_MAX_ROWS
 
@@ -100,6 +100,8 @@ def _skinny_linear_kernel(
     NORM: tl.constexpr = 0,
     GEMMA: tl.constexpr = False,
     ROUND: tl.constexpr = False,
+    GATED: tl.constexpr = False,
+    ACT: tl.constexpr = 0,
 ):
     """Out[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for this program's BLOCK_N
     rows of W and BLOCK_M rows of X (row tiles vary fastest: one weight band's
@@ -110,10 +112,11 @@ def _skinny_linear_kernel(
     the last to arrive (an atomic count per tile) adds them up, writes the output
     and resets the count for the next launch: one launch, no memset, graph-safe.
 
-    NORM folds the RMSNorm in front of the layer into the kernel (``ops.triton_norm_fold``):
+    NORM folds the RMSNorm in front of the layer into the kernel (``ops.triton_gemv_inputs``):
     X is then the norm's input (NORM 2: X + Residual, whose sum goes to
     ResidualOut), normalised with NormW as ``ops.fused_elementwise.rms_norm``
-    computes it, slice by slice as the loop reads it."""
+    computes it, slice by slice as the loop reads it. GATED folds act(gate) * up
+    in: X is then [gate | up], K columns each (ACT: the activation's code)."""
     row_tiles = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     band = tile // row_tiles
@@ -161,6 +164,8 @@ def _skinny_linear_kernel(
                 X, Residual, NormW, offs_m, m_mask, k0 + offs_k, k_mask, denom, stride_xm,
                 stride_rm, NORM, GEMMA, ROUND,
             )  # fmt: skip
+        elif GATED:
+            x = gated_slice(X, offs_m, m_mask, k0 + offs_k, k_mask, stride_xm, K, ACT, ROUND)
         else:
             x = tl.load(
                 X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
@@ -264,9 +269,9 @@ def skinny_linear(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x of shape [M, K] (tuned for M <= ``MAX_ROWS``)."""
-    _check(x, weight, bias, "skinny_linear")
+    check_operands(x, weight, bias, "skinny_linear")
     config = config or bf16_config_for(x.shape[0], weight.shape[0], x.device)
-    return _launch(x, weight, None, bias, config)
+    return launch(x, weight, None, bias, config)
 
 
 def skinny_linear_fp8(
@@ -279,17 +284,21 @@ def skinny_linear_fp8(
     """``x @ (weight * scale[:, None]).T + bias`` for x [M, K] (16/32-bit), a float8
     e4m3 ``weight`` [N, K] and float32 per-output-channel ``scale`` [N] (tuned for
     M <= ``MAX_ROWS``); the output has x's dtype."""
-    _check(x, weight, bias, "skinny_linear_fp8")
+    check_operands(x, weight, bias, "skinny_linear_fp8")
     if weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"skinny_linear_fp8 needs a float8_e4m3fn weight, not {weight.dtype}")
     n = weight.shape[0]
     if scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous():
         raise ValueError(f"skinny_linear_fp8 needs a contiguous float32 scale of {n} values")
     config = config or fp8_config_for(x.shape[0], n, x.shape[1], x.device)
-    return _launch(x, weight, scale, bias, config)
+    return launch(x, weight, scale, bias, config)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:
+def check_operands(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str
+) -> None:
+    """ValueError naming ``name`` unless x [M, K] and weight [N, K] (rows contiguous),
+    bias [N] and the weight's size suit the kernel."""
     n, k = weight.shape[0], x.shape[1]
     if weight.shape[1] != k or weight.stride(1) != 1 or x.stride(1) != 1:
         raise ValueError(f"{name} needs x [M, K] and weight [N, K], rows contiguous")
@@ -309,43 +318,18 @@ class FoldedNorm(NamedTuple):
     residual_out: torch.Tensor | None  # [M, K]: where x + residual goes
 
 
-def skinny_norm_linear(
-    x: torch.Tensor,
-    norm_weight: torch.Tensor,
-    eps: float,
-    gemma: bool,
-    residual: torch.Tensor | None,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    config: GemvConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(F.linear(norm(h), weight, bias), h)`` in one launch, h = ``x + residual``
-    (or ``x``): ``ops.fused_elementwise.rms_norm`` folded into the skinny kernel's
-    reads of its input (16/32-bit weights; each program normalises the slices it
-    reads, after a pass over the whole rows for their mean square). The norm's
-    output is what rms_norm writes but for its mean square, summed in another
-    order (float32: a few ulps)."""
-    _check(x, weight, bias, "skinny_norm_linear")
-    if norm_weight.shape != (x.shape[1],) or not norm_weight.is_contiguous():
-        raise ValueError(f"skinny_norm_linear needs a contiguous norm weight of {x.shape[1]}")
-    if residual is not None and (residual.shape != x.shape or residual.stride(1) != 1):
-        raise ValueError("skinny_norm_linear needs a residual shaped as x, rows contiguous")
-    summed = torch.empty_like(x) if residual is not None else x
-    norm = FoldedNorm(norm_weight, eps, gemma, residual, summed if residual is not None else None)
-    config = config or bf16_config_for(x.shape[0], weight.shape[0], x.device)
-    return _launch(x, weight, None, bias, config, norm), summed
-
-
-def _launch(
+def launch(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     config: GemvConfig,
     norm: FoldedNorm | None = None,
+    activation: int | None = None,
 ) -> torch.Tensor:
     """One launch of the kernel (``scale``: float8 weights' channel scales;
-    ``norm``: an RMSNorm folded in front)."""
+    ``norm``: an RMSNorm folded in front; ``activation``: act(gate) * up folded in,
+    x then the gate half of [gate | up])."""
     rows, k = x.shape
     n = weight.shape[0]
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
@@ -370,9 +354,9 @@ def _launch(
         x, x_scales = copy
     # (residual, its sum, the norm's weight): placeholders without a folded norm
     norm_tensors = (x, x, x)
+    if (norm is not None or activation is not None) and scale is not None:
+        raise ValueError("a folded input stage takes 16/32-bit weights only")
     if norm is not None:
-        if scale is not None:
-            raise ValueError("a folded norm takes 16/32-bit weights only")
         norm_tensors = (
             norm.residual if norm.residual is not None else x,
             norm.residual_out if norm.residual_out is not None else x,
@@ -426,6 +410,8 @@ def _launch(
         NORM=0 if norm is None else 1 if norm.residual is None else 2,
         GEMMA=norm is not None and norm.gemma,
         ROUND=INTERPRETED and x.dtype == torch.bfloat16,
+        GATED=activation is not None,
+        ACT=activation or 0,
         **triton_pdl.launch_options(x.device),
         num_warps=config.num_warps,
         num_stages=triton_limits.stages_that_fit(config.num_stages, stage_bytes, x.device),
