@@ -70,16 +70,17 @@ def _rotary():
     return triton_attention._rotary_cache_write_kernel, types, constexprs
 
 
-def _norm_linear():
+def _norm_linear(norm: int = 2, gemma: bool = False, split_k: int = 1):
     """The bf16 GEMV with the RMSNorm folded in (MII_FUSED_NORM_LINEAR=on), residual
-    sum and all, as qkv's launch on an H200 (32-row bands, 128-column slices)."""
+    sum and all, as qkv's launch on an H200 (32-row bands, 128-column slices); or
+    without the residual (the first layer), Gemma's scale, split K."""
     types = {n: "*bf16" for n in ("X", "W", "Bias", "Out", "Residual", "ResidualOut", "NormW")}
     types |= {"Scale": "*fp32", "Partials": "*fp32", "Arrivals": "*i32", "XScale": "*fp32"}
     types |= {"eps": "fp32"}
     constexprs = dict(
         HAS_BIAS=False, W_SCALED=False, DEQUANT=0, X_FP8=False, X_GROUPS=False, IEEE=False,
-        UPCAST=False, SPLIT_K=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True,
-        PREFETCH_LINES=8, LINE=64, NORM=2, GEMMA=False, ROUND=False,
+        UPCAST=False, SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True,
+        PREFETCH_LINES=8, LINE=64, NORM=norm, GEMMA=gemma, ROUND=False,
     )  # fmt: skip
     return triton_gemv._skinny_linear_kernel, types, constexprs
 
@@ -142,6 +143,7 @@ CASES = {
     "gemv-fp8": lambda: _skinny_linear(True),
     "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
     "gemv-norm": _norm_linear,
+    "gemv-norm-gemma-split": lambda: _norm_linear(norm=1, gemma=True, split_k=4),
     "gemv-act": _act_linear,
 }
 

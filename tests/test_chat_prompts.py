@@ -114,8 +114,9 @@ STRICT_TEMPLATE = (
 
 def test_developer_messages_reach_templates_that_do_not_know_the_role():
     """OpenAI's ``developer`` role (newer clients send it for ``system``): a template
-    without it gets a system message, and a later system message is merged into the
-    first (strict templates take one, first); a template naming the role gets it."""
+    without it gets a system message in its place; where the template refuses that
+    (a late system prompt), every system message merged into the first; a template
+    naming the role (quoted, not in prose) gets it as sent."""
     tok = chatml_tokenizer()
     tok.chat_template = STRICT_TEMPLATE
     user = {"role": "user", "content": "hi"}
@@ -130,7 +131,15 @@ def test_developer_messages_reach_templates_that_do_not_know_the_role():
     # Without a developer message nothing is rearranged: the template's error stands.
     with pytest.raises(InvalidRequestError, match="System message must be at the beginning"):
         chat_prompt_ids(tok, [user, {"role": "system", "content": "late"}])
-    tok.chat_template = CHATML_TEMPLATE.replace("{% for", "{# developer: kept #}{% for", 1)
+    # A template that takes system messages anywhere keeps the conversation's order;
+    # "developer" in its prose is not the role.
+    tok.chat_template = "{# for a software developer #}" + CHATML_TEMPLATE
+    answer = {"role": "assistant", "content": "hello"}
+    late = [user, answer, developer]
+    assert chat_prompt_ids(tok, late) == template_ids(
+        tok, [user, answer, {"role": "system", "content": "Be brief."}]
+    )
+    tok.chat_template = CHATML_TEMPLATE.replace("{% for", "{# role 'developer' #}{% for", 1)
     assert chat_prompt_ids(tok, [developer, user]) == template_ids(tok, [developer, user])
     assert "<|im_start|>developer" in tok.decode(chat_prompt_ids(tok, [developer, user]))
 

@@ -88,7 +88,7 @@ def test_elementwise_kernels_writing_float8_copies_compile_for_hopper(compiled, 
     assert facts["waits"] == 1 and facts["float8_converts"] > 0
 
 
-@pytest.mark.parametrize("case", ["gemv-norm", "gemv-act"])
+@pytest.mark.parametrize("case", ["gemv-norm", "gemv-norm-gemma-split", "gemv-act"])
 def test_gemv_with_a_folded_input_stage_compiles_for_hopper(compiled, case):
     """MII_FUSED_NORM_LINEAR=on, MII_FUSED_ACT_LINEAR=on: the weights' prefetch
     before the wait, x after it."""

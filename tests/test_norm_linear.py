@@ -16,10 +16,10 @@ from mii.ops.triton_gemv_launch import GemvConfig
 from test_triton_kernels import DEVICE
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("gemma", [False, True])
-@pytest.mark.parametrize("rows, split_k", [(1, 1), (3, 2)])
+@pytest.mark.parametrize("rows, split_k", [(1, 1), (3, 2), (20, 3)])  # 20: two row tiles
 def test_folded_norm_equals_the_norm_then_the_linear(dtype, with_residual, gemma, rows, split_k):
     """K = 200 (the last slice ragged), split or not (every program still reads whole
     rows for the mean square; one writes the residual sum): outputs within the
@@ -46,6 +46,27 @@ def test_folded_norm_equals_the_norm_then_the_linear(dtype, with_residual, gemma
     # and the product it stands for, in float32
     exact = torch.nn.functional.linear(normed.float(), w.float(), b.float())
     torch.testing.assert_close(out.float(), exact, rtol=tol * 3, atol=tol * 12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gemma", [False, True])
+def test_folded_norm_rounds_as_the_norm_kernel(dtype, gemma):
+    """Through an identity weight the kernel's output is the norm's output itself:
+    rms_norm's, rounding for rounding (cast after normalising, then after the
+    weight; Gemma once), but for the mean square summed in another order, which
+    moves at most a value here and there by one unit in the last place."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(4, 256, generator=gen) * 5).to(dtype).to(DEVICE)
+    residual = torch.randn(4, 256, generator=gen).to(dtype).to(DEVICE)
+    norm_w = (torch.rand(256, generator=gen) * 3 + 0.1).to(dtype).to(DEVICE)
+    eye = torch.eye(256).to(dtype).to(DEVICE)
+    config = GemvConfig(32, 64, block_m=16, split_k=1)
+    out, _ = skinny_norm_linear(x, norm_w, 1e-6, gemma, residual, eye, None, config)
+    normed, _ = rms_norm(x, norm_w, 1e-6, gemma, residual)
+    differ = out != normed
+    assert differ.float().mean() < 0.02
+    ulp = torch.finfo(dtype).eps * normed.float().abs()
+    assert ((out.float() - normed.float()).abs() <= ulp * 1.01)[differ].all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

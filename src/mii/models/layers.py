@@ -332,7 +332,7 @@ def norm_then_linear(
         from mii.ops.triton_gemv_folds import skinny_norm_linear  # Triton: CUDA-only
 
         gemma = bool(norm.offset)
-        weight, bias = layer.weight, layer.bias
+        weight, bias = layer.weight, layer.kernel_bias
         return skinny_norm_linear(x, norm.weight, norm.eps, gemma, residual, weight, bias)
     if residual is None:
         return layer(norm(x, quantize_for=layer)), x
@@ -348,7 +348,7 @@ def _folds_norm(norm: RMSNorm, x: torch.Tensor, layer: ColumnParallelLinear) -> 
         and not layer.fp8
         and norm.offset in (0.0, 1.0)
         and x.dim() == 2
-        and skinny_linear_enabled(x, layer.weight, layer.bias)
+        and skinny_linear_enabled(x, layer.weight, layer.kernel_bias)
     )
 
 

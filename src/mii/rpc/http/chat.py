@@ -30,8 +30,9 @@ the same).
 OpenAI's ``developer`` role (what its newer clients, Codex CLI among them, send
 instead of ``system``) reaches a template that names it as it is; a template that
 does not (most open models': some refuse any role they do not know) gets it as
-``system``, and then every system message merged into one first message, the one
-place strict templates take a system prompt (as vLLM does).
+``system`` in its place, and, only if the template refuses that, every system
+message merged into one first message, the one place strict templates take a
+system prompt (as vLLM does).
 """
 
 from __future__ import annotations
@@ -129,9 +130,7 @@ def chat_prompt_ids(
         if add_generation_prompt:
             text += "assistant:"
         return list(tokenizer(text).input_ids)
-    encoded = apply_template(
-        tokenizer,
-        developer_as_system(tokenizer.chat_template, messages),
+    options = dict(
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
         tokenize=True,
@@ -141,6 +140,14 @@ def chat_prompt_ids(
         **({"tools": tools} if tools else {}),
         **variables,
     )
+    mapped = developer_as_system(tokenizer.chat_template, messages)
+    try:
+        encoded = apply_template(tokenizer, mapped, **options)
+    except InvalidRequestError:
+        merged = merged_system(mapped)
+        if mapped is messages or merged == mapped:
+            raise
+        encoded = apply_template(tokenizer, merged, **options)
     return list(encoded["input_ids"])
 
 
@@ -203,16 +210,25 @@ def _text_content(content: str | list[ContentPart] | None, index: int) -> str:
 
 
 def developer_as_system(template: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``messages`` for a chat ``template`` (its source, or a dict of named ones)
-    that does not name the ``developer`` role: developer messages become system
-    messages, and every system message then one first message (their texts joined
-    by a blank line, in order). Unchanged where the template names the role or no
-    message has it."""
-    if "developer" in str(template) or all(m.get("role") != "developer" for m in messages):
+    """``messages`` with developer messages as system messages, in their places, for
+    a chat ``template`` (its source, or named ones: the default's) that does not name
+    the ``developer`` role as a quoted string; ``messages`` itself otherwise."""
+    if isinstance(template, dict):
+        template = template.get("default", "")
+    if all(m.get("role") != "developer" for m in messages) or any(
+        quoted in str(template) for quoted in ("'developer'", '"developer"')
+    ):
         return messages
-    mapped = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
-    system = [m for m in mapped if m["role"] == "system"]
-    if len(system) == 1 and mapped[0] is system[0]:
-        return mapped
-    merged = {"role": "system", "content": "\n\n".join(m.get("content") or "" for m in system)}
-    return [merged, *(m for m in mapped if m["role"] != "system")]
+    return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+
+
+def merged_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with every system message merged into one first message (their
+    non-empty texts joined by a blank line, in order), for templates that take a
+    system prompt only first."""
+    system = [m for m in messages if m.get("role") == "system"]
+    if not system:
+        return messages
+    text = "\n\n".join(m["content"] for m in system if m.get("content"))
+    rest = [m for m in messages if m.get("role") != "system"]
+    return [{"role": "system", "content": text}, *rest]

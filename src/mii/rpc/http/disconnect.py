@@ -10,6 +10,7 @@ turns true.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -17,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.25
 # How long a cancelled generation may take to stop before the handler goes on.
@@ -45,8 +47,21 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
             # iterating (a stream's generator), which must not be running any more
             # ("aclose(): asynchronous generator is already running").
             await asyncio.wait({task}, timeout=CANCEL_WAIT_S)
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved: never "Task exception was never retrieved"
+            if task.done():
+                _retrieve(task)
+            else:  # still stopping after CANCEL_WAIT_S: its outcome is logged when it comes
+                task.add_done_callback(_retrieve)
+        elif not task.cancelled():
+            task.exception()  # retrieved: the caller has its outcome, or has gone
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Take a cancelled generation's outcome (never "Task exception was never
+    retrieved"); an error other than the cancellation is logged."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning(
+            "a generation cancelled for its client failed while stopping: %r", task.exception()
+        )
 
 
 class ClosingStreamingResponse(StreamingResponse):
