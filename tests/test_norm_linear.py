@@ -101,7 +101,7 @@ def test_refused_operands_name_the_problem():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernels")
 def test_llama_folds_its_norms_token_for_token(checkpoints, tokenizer, monkeypatch):
     """A tiny Llama (float32) with the skinny kernel and fused kernels
-    interpreted, chunked prompts and preemption: with MII_FUSED_NORM_LINEAR=on and
+    interpreted, two prompts in chunks of a few tokens: with MII_FUSED_NORM_LINEAR=on and
     MII_FUSED_ACT_LINEAR=on the input and post-attention norms go into the qkv and
     gate_up launches and act*up into down's (no norm kernel runs but the final one's,
     no act_and_mul kernel) and the greedy tokens stay transformers'."""
@@ -110,8 +110,9 @@ def test_llama_folds_its_norms_token_for_token(checkpoints, tokenizer, monkeypat
     from helpers import PROMPTS, TIGHT_OPTIONS, assert_greedy_margins, hf_greedy
 
     path, hf_model = checkpoints("llama")
-    new = 12  # in a 20-block pool: preempted
-    assert_greedy_margins(hf_model, tokenizer, PROMPTS, new)
+    # (the folds are per pass: chunking and preemption are other tests' business)
+    prompts, new = PROMPTS[:2], 6
+    assert_greedy_margins(hf_model, tokenizer, prompts, new)
     norms, acts = [], []
     original, original_act = fused.rms_norm, fused.act_and_mul
     monkeypatch.setattr(fused, "rms_norm", lambda *a, **k: norms.append(1) or original(*a, **k))
@@ -126,13 +127,12 @@ def test_llama_folds_its_norms_token_for_token(checkpoints, tokenizer, monkeypat
         monkeypatch.setenv("MII_FUSED_ACT_LINEAR", switch)
         norms.clear()
         acts.clear()
-        with mii.pipeline(str(path), **{**TIGHT_OPTIONS, "num_kv_blocks": 20}) as pipe:
-            responses = pipe(PROMPTS, do_sample=False, max_new_tokens=new)
-            assert pipe.engine.stats()["preemptions"] > 0
+        with mii.pipeline(str(path), **TIGHT_OPTIONS) as pipe:
+            responses = pipe(prompts, do_sample=False, max_new_tokens=new)
         tokens[switch] = [r.token_ids for r in responses]
         counts[switch] = len(norms), len(acts)
     layers = hf_model.config.num_hidden_layers
     assert counts["off"][0] == (2 * layers + 1) * counts["on"][0]  # only the final norm stays
     assert counts["on"][1] == 0 < counts["off"][1]
-    expected = [hf_greedy(hf_model, tokenizer, p, new) for p in PROMPTS]
+    expected = [hf_greedy(hf_model, tokenizer, p, new) for p in prompts]
     assert tokens["on"] == tokens["off"] == expected
