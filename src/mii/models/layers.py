@@ -347,7 +347,6 @@ def _folds_norm(norm: RMSNorm, x: torch.Tensor, layer: ColumnParallelLinear) -> 
         and envs.FUSED_NORM_LINEAR.get() == "on"
         and not layer.fp8
         and norm.offset in (0.0, 1.0)
-        and x.dim() == 2
         and skinny_linear_enabled(x, layer.weight, layer.kernel_bias)
     )
 
@@ -403,7 +402,6 @@ class GatedMLP(nn.Module):
         return (
             envs.FUSED_ACT_LINEAR.get() == "on"
             and not self.down_proj.fp8
-            and gate_up.dim() == 2
             and skinny_linear_enabled(gate_up, self.down_proj.weight, None)
         )
 

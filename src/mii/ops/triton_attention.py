@@ -740,7 +740,7 @@ def paged_attention_from_cache(
         # One width for every split count up to MAX_KV_SPLITS: a width per count
         # would compile a variant per batch size mid-serving.
         splits_p2 = triton.next_power_of_2(max(num_splits, MAX_KV_SPLITS))
-        prefetch_keys = PREFETCH_KEYS if tiles.size <= 16 else 0
+        prefetch_keys = PREFETCH_KEYS if early_loads and tiles.size <= 16 else 0
         _paged_attention_kernel[grid](
             q,
             k_cache,
