@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mii.ops import fused_elementwise, triton_attention, triton_gemv
+from mii.ops import fused_elementwise, triton_attention, triton_gemv, triton_moe
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -70,16 +71,16 @@ def _rotary():
     return triton_attention._rotary_cache_write_kernel, types, constexprs
 
 
-def _norm_linear(norm: int = 2, gemma: bool = False, split_k: int = 1):
+def _norm_linear(norm: int = 2, gemma: bool = False):
     """The bf16 GEMV with the RMSNorm folded in (MII_FUSED_NORM_LINEAR=on), residual
     sum and all, as qkv's launch on an H200 (32-row bands, 128-column slices); or
-    without the residual (the first layer), Gemma's scale, split K."""
+    without the residual (the first layer) and with Gemma's scale. (K unsplit.)"""
     types = {n: "*bf16" for n in ("X", "W", "Bias", "Out", "Residual", "ResidualOut", "NormW")}
     types |= {"Scale": "*fp32", "Partials": "*fp32", "Arrivals": "*i32", "XScale": "*fp32"}
     types |= {"eps": "fp32"}
     constexprs = dict(
         HAS_BIAS=False, W_SCALED=False, DEQUANT=0, X_FP8=False, X_GROUPS=False, IEEE=False,
-        UPCAST=False, SPLIT_K=split_k, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True,
+        UPCAST=False, SPLIT_K=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True,
         PREFETCH_LINES=8, LINE=64, NORM=norm, GEMMA=gemma, ROUND=False,
     )  # fmt: skip
     return triton_gemv._skinny_linear_kernel, types, constexprs
@@ -130,6 +131,24 @@ def _act_and_mul_fp8():
     return fused_elementwise._act_and_mul_kernel, types, constexprs
 
 
+def _moe_fp8(decode: bool):
+    """The grouped expert GEMM on float8 experts, x quantized per slice beforehand
+    (a_groups), with Mixtral's decode (16 x 64 x 512) or prompt (64 x 128 x 128) tiles."""
+    types = {"A": "*fp8e4nv", "B": "*fp8e4nv", "B_scale": "*fp32", "C": "*bf16"}
+    types |= {"sorted_pairs": "*i32", "block_expert": "*i32", "pair_weights": "*bf16"}
+    types |= {"A_scale": "*fp32"}
+    tiles = (
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=512)
+        if decode
+        else dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128)
+    )
+    constexprs = dict(
+        A_ROWS_PER_PAIR=1, HAS_WEIGHTS=True, B_SCALED=True, DEQUANT=0, A_FP8=True,
+        A_GROUPS=True, IEEE=False, UPCAST=False, GROUP_M=0, **tiles,
+    )  # fmt: skip
+    return triton_moe._grouped_gemm_kernel, types, constexprs
+
+
 CASES = {
     "rms-norm-fp8": _rms_norm_fp8,
     "act-and-mul-fp8": _act_and_mul_fp8,
@@ -143,13 +162,15 @@ CASES = {
     "gemv-fp8": lambda: _skinny_linear(True),
     "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
     "gemv-norm": _norm_linear,
-    "gemv-norm-gemma-split": lambda: _norm_linear(norm=1, gemma=True, split_k=4),
+    "gemv-norm-gemma": lambda: _norm_linear(norm=1, gemma=True),
     "gemv-act": _act_linear,
+    "moe-fp8-decode": lambda: _moe_fp8(True),
+    "moe-fp8-prompt": lambda: _moe_fp8(False),
 }
 
 
-def ptx_for(kernel, types: dict[str, str], constexprs: dict) -> str:
-    """PTX of ``kernel`` for sm_90 (compiled down to a cubin by Triton's ptxas);
+def ptx_for(kernel, types: dict[str, str], constexprs: dict, stages: int = 3) -> tuple[str, str]:
+    """PTX and TTGIR of ``kernel`` for sm_90 (compiled down to a cubin by Triton's ptxas);
     ``types``: the pointer and float arguments' Triton types (others are int32)."""
     parameters = inspect.signature(kernel.fn).parameters
     names = list(parameters)
@@ -166,17 +187,27 @@ def ptx_for(kernel, types: dict[str, str], constexprs: dict) -> str:
         **constexprs,
     }
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    # As a launch specialises them: pointers and the integers that are multiples of
+    # 16 (sizes, strides) marked so; without, Triton neither vectorises nor pipelines.
+    aligned = {n for n, t in signature.items() if t.startswith("*") or n in ALIGNED_INTS}
     source = ASTSource(
         fn=kernel,
         signature=signature,
         constexprs={(names.index(n),): v for n, v in constexprs.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )
-    options = {"num_warps": 4, "num_stages": 3, "launch_pdl": True}
-    return triton.compile(source, target=HOPPER, options=options).asm["ptx"]
+    options = {"num_warps": 4, "num_stages": stages, "launch_pdl": True}
+    compiled = triton.compile(source, target=HOPPER, options=options).asm
+    return compiled["ptx"], compiled["ttgir"]
 
 
-def facts(ptx: str) -> dict:
-    """What the tests check in a kernel's PTX."""
+# The integer arguments a Llama-shaped decode launch passes as multiples of 16.
+ALIGNED_INTS = {"N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om", "stride_rm",
+                "stride_ro", "stride_am", "stride_be", "stride_bn", "stride_cm"}  # fmt: skip
+
+
+def facts(ptx: str, ttgir: str) -> dict:
+    """What the tests check in a kernel's PTX and TTGIR."""
     wait = ptx.find("griddepcontrol.wait")
     prefetch = ptx.find("prefetch.global.L2")
     atomic = ptx.find("atom.")
@@ -190,14 +221,41 @@ def facts(ptx: str) -> dict:
         "barrier_before_atomic": atomic < 0 or "bar.sync" in ptx[:atomic],
         "atomics": ptx.count("atom.global"),
         "float8_converts": ptx.count("e4m3x2"),
+        "waited_loads_in_pipelined_loops": waited_loads(ttgir),
     }
+
+
+def waited_loads(ttgir: str) -> int:
+    """Loads in a software-pipelined loop (one that holds asynchronous copies) that
+    Triton left out of the pipeline and whose value the same trip uses: each trip
+    then waits for them (a load used only by the next trip is issued ahead)."""
+    lines = ttgir.splitlines()
+    count, i = 0, 0
+    while i < len(lines):
+        if "scf.for" not in lines[i]:
+            i += 1
+            continue
+        depth, body, i = lines[i].count("{") - lines[i].count("}"), [], i + 1
+        while depth > 0 and i < len(lines):
+            depth += lines[i].count("{") - lines[i].count("}")
+            body.append(lines[i])
+            i += 1
+        if not any("async_copy_global_to_local" in line for line in body):
+            continue
+        for at, line in enumerate(body):
+            load = re.match(r"\s*(%[\w.]+) = tt\.load ", line)
+            if load is None:
+                continue
+            used = re.compile(re.escape(load.group(1)) + r"\b")
+            count += any(used.search(x) and "scf.yield" not in x for x in body[at + 1 :])
+    return count
 
 
 def main() -> None:
     result = {}
     for name in sys.argv[1:] or CASES:
         try:
-            result[name] = facts(ptx_for(*CASES[name]()))
+            result[name] = facts(*ptx_for(*CASES[name]()))
         except Exception as error:  # reported to the test, which fails naming it
             result[name] = {"error": f"{type(error).__name__}: {error}"}
     print(json.dumps(result))

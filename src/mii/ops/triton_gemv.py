@@ -47,7 +47,7 @@ import triton.language as tl
 from mii.ops import fp8_activations, triton_arrivals, triton_limits, triton_pdl
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
-from mii.ops.triton_gemv_inputs import gated_slice, norm_rows, normed_slice
+from mii.ops.triton_gemv_inputs import gated_slice, weighted_slice
 from mii.ops.triton_gemv_launch import (
     GemvConfig,
     bf16_config_for,
@@ -113,9 +113,9 @@ def _skinny_linear_kernel(
     and resets the count for the next launch: one launch, no memset, graph-safe.
 
     NORM folds the RMSNorm in front of the layer into the kernel (``ops.triton_gemv_inputs``):
-    X is then the norm's input (NORM 2: X + Residual, whose sum goes to
-    ResidualOut), normalised with NormW as ``ops.fused_elementwise.rms_norm``
-    computes it, slice by slice as the loop reads it. GATED folds act(gate) * up
+    X is then the norm's input h (NORM 2: X + Residual, whose sum goes to
+    ResidualOut): the loop multiplies h * NormW and sums h^2, and the sums are
+    divided by each row's root mean square at the end (K unsplit). GATED folds act(gate) * up
     in: X is then [gate | up], K columns each (ACT: the activation's code)."""
     row_tiles = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
@@ -143,14 +143,18 @@ def _skinny_linear_kernel(
         lines = W + offs_n[:, None] * stride_wn + cols[None, :]
         triton_pdl.prefetch_to_l2(tl.where(wanted, lines, W))
     triton_pdl.wait_for_predecessor(PDL)
-    if NORM > 0:
-        # The whole rows first (from L2 after the first program): their mean square.
-        # One program per row tile also writes the residual stream's new value.
-        writes = (band == 0) & (k_begin == 0)
-        denom = norm_rows(
-            X, Residual, ResidualOut, offs_m, m_mask, K, eps, stride_xm, stride_rm,
-            stride_ro, writes, NORM, ROUND, BLOCK_M, BLOCK_K,
-        )  # fmt: skip
+    # NORM: each row's sum of squares of the norm's input, beside the products;
+    # one program per row tile (unsplit: see launch) writes the residual sum.
+    squares = tl.zeros([BLOCK_M], tl.float32)
+    writes = band == 0
+    # X_GROUPS: each slice's x scales are loaded one trip ahead. Loaded in their own
+    # trip (a load Triton leaves out of the software pipeline: it feeds no dot) they
+    # cost every trip one wait for the L2 cache.
+    scales_ahead = tl.full([BLOCK_M], 1.0, tl.float32)
+    if X_GROUPS:
+        scales_ahead = tl.load(
+            XScale + offs_m * stride_xs + k_begin // BLOCK_K, mask=m_mask, other=1.0
+        )
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     for k0 in range(k_begin, k_stop, BLOCK_K):
         k_mask = (k0 + offs_k) < K
@@ -160,9 +164,9 @@ def _skinny_linear_kernel(
             other=0.0,
         )
         if NORM > 0:
-            x = normed_slice(
-                X, Residual, NormW, offs_m, m_mask, k0 + offs_k, k_mask, denom, stride_xm,
-                stride_rm, NORM, GEMMA, ROUND,
+            x, squares = weighted_slice(
+                X, Residual, ResidualOut, NormW, offs_m, m_mask, k0 + offs_k, k_mask, squares,
+                writes, stride_xm, stride_rm, stride_ro, NORM, GEMMA, ROUND,
             )  # fmt: skip
         elif GATED:
             x = gated_slice(X, offs_m, m_mask, k0 + offs_k, k_mask, stride_xm, K, ACT, ROUND)
@@ -175,7 +179,11 @@ def _skinny_linear_kernel(
         if X_GROUPS:
             # x arrives as float8 already, with one scale per row and BLOCK_K slice
             # (ops/triton_quant.quantize_groups_fp8): the loop only loads and multiplies.
-            x_scale = tl.load(XScale + offs_m * stride_xs + k0 // BLOCK_K, mask=m_mask, other=1.0)
+            x_scale = scales_ahead
+            ahead = m_mask & (k0 + BLOCK_K < K)
+            scales_ahead = tl.load(
+                XScale + offs_m * stride_xs + (k0 + BLOCK_K) // BLOCK_K, mask=ahead, other=1.0
+            )
             if UPCAST:  # the interpreter: float32 dot of the exact float8 values
                 part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
             else:
@@ -203,6 +211,8 @@ def _skinny_linear_kernel(
                 acc += tl.dot(w, tl.trans(x), input_precision="ieee")
             else:
                 acc += tl.dot(w, tl.trans(x))
+    if NORM > 0:  # W (h g / rms) = (W (h g)) / rms, each row's rms once
+        acc = acc / tl.sqrt(squares / K + eps)[None, :]
     out_mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
         # Partials [SPLIT_K, M, N] float32; visible to the last program before it counts.
@@ -362,7 +372,8 @@ def launch(
             norm.residual_out if norm.residual_out is not None else x,
             norm.weight,
         )
-    splits = split_k_for(config, tiles, k, x.device)
+    # A folded norm divides each program's sums by the whole row's rms: K unsplit.
+    splits = 1 if norm is not None else split_k_for(config, tiles, k, x.device)
     if splits > 1 and triton_arrivals.arrival_counts(x.device, tiles) is None:
         splits = 1  # (no counts during graph capture before an eager pass: unsplit)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k

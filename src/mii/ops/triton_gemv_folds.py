@@ -23,10 +23,10 @@ def skinny_norm_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F.linear(norm(h), weight, bias), h)`` in one launch, h = ``x + residual``
     (or ``x``): ``ops.fused_elementwise.rms_norm`` folded into the skinny kernel's
-    reads of its input (16/32-bit weights; each program normalises the slices it
-    reads, after a pass over the whole rows for their mean square). The norm's
-    output is what rms_norm writes but for its mean square, summed in another
-    order (float32: a few ulps)."""
+    reads of its input (16/32-bit weights; K unsplit: ``config.split_k`` is not
+    used). The products take h * g cast to x's dtype and are divided by each row's
+    root mean square at the end, where rms_norm casts h / rms and then its product
+    with g: the same result within a unit in the last place of the norm's output."""
     check_operands(x, weight, bias, "skinny_norm_linear")
     if norm_weight.shape != (x.shape[1],) or not norm_weight.is_contiguous():
         raise ValueError(f"skinny_norm_linear needs a contiguous norm weight of {x.shape[1]}")

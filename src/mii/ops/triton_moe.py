@@ -108,6 +108,12 @@ def _grouped_gemm_kernel(
     a_ptrs = A + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = B + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # A_GROUPS: each slice's scales loaded one trip ahead (a load that feeds no dot
+    # stays out of Triton's software pipeline: loaded in its own trip, every trip
+    # would wait for it; as in ops/triton_gemv.py).
+    scales_ahead = tl.full([BLOCK_M], 1.0, tl.float32)
+    if A_GROUPS:
+        scales_ahead = tl.load(A_scale + rows * stride_as, mask=valid, other=1.0)
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k + k0 < K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
@@ -115,8 +121,9 @@ def _grouped_gemm_kernel(
         if A_GROUPS:
             # A arrives as float8 already, one scale per row and BLOCK_K slice
             # (TileConfig.a_groups): quantized once, not once per column block.
-            k_slice = k0 // BLOCK_K
-            a_scale = tl.load(A_scale + rows * stride_as + k_slice, mask=valid, other=1.0)
+            a_scale = scales_ahead
+            ahead = A_scale + rows * stride_as + (k0 + BLOCK_K) // BLOCK_K
+            scales_ahead = tl.load(ahead, mask=valid & (k0 + BLOCK_K < K), other=1.0)
             if UPCAST:  # the interpreter: a float32 dot of the exact float8 values
                 part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
