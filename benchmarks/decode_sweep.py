@@ -256,9 +256,9 @@ def batch1_launch(copy_bw: float, device) -> list[dict]:
     return rows
 
 
-# (MII_SPLIT_KV_MERGE, MII_ATTENTION_EARLY_LOADS): the defaults, each change alone, both.
+# (MII_SPLIT_KV_MERGE, MII_ATTENTION_EARLY_LOADS): neither, each alone, both.
 STEP_VARIANTS = {
-    "defaults": ("launch", "off"),
+    "plain": ("launch", "off"),
     "early_loads": ("launch", "on"),
     "merge_in_kernel": ("kernel", "off"),
     "both": ("kernel", "on"),

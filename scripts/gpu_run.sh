@@ -6,8 +6,7 @@
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
 #     [moe-down-sweep] (the down projection's own tiles at decode sizes)
 #   batch-1 decode attention: [decode-long] [decode-batch1] [decode-step] [tests-attention];
-#   switches pending a timing: [latency-pending] [latency-llama3-pending] [latency-fp8w-pending] [tests-folds]
-#     one switch: [latency-with VAR=VALUE] [latency-fp8w-with VAR=VALUE]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
+#   one switch set, A/B: [latency-with VAR=VALUE] [latency-fp8w-with VAR=VALUE]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
 #   W1 pass by pass: [breakdown] [breakdown-llama3]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
@@ -25,18 +24,14 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.
 while [ $# -gt 0 ]; do
   case "$1" in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_moe_grouped_mm.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py tests/test_grammar_mask.py tests/test_fp8_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
-    tests-attention) python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_fp8_kv_cache.py tests/test_fp8_activations.py tests/test_norm_linear.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_attention.log" | tail -25 ;;
+    tests-attention) python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_fp8_kv_cache.py tests/test_fp8_activations.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_attention.log" | tail -25 ;;
     # The switches written in the tenth session, off by default until timed (A/B beside latency-nohf etc.)
-    # One switch set for one batch-1 run (A/B): latency-with MII_FUSED_NORM_LINEAR=on;
+    # One switch set for one batch-1 run (A/B): latency-with MII_SPLIT_KV_MERGE=kernel;
     # latency-fp8w-with VAR=VALUE: the same with FP8 weights. One summary line each.
     latency-with|latency-fp8w-with) mode=$1; shift; tag=$(echo "${mode#latency-}_$1" | tr 'A-Z=-' 'a-z__')
       extra=""; [ "$mode" = latency-fp8w-with ] && extra="--quantization fp8"
       env "$1" python3 benchmarks/latency.py $extra --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
       echo "$tag $(grep -o '"decode_tok_s": [0-9.]*' "$OUT/$tag.log") $(grep -o '"fraction_of_bandwidth_floor": [0-9.]*' "$OUT/$tag.log")" ;;
-    tests-folds) python3 -m pytest -q -p no:cacheprovider tests/test_norm_linear.py tests/test_pdl.py tests/test_fp8_activations.py tests/test_triton_gemv_fp8.py tests/test_fp8_kernels_gpu.py tests/test_triton_gemv.py 2>&1 | tee "$OUT/gpu_tests_folds.log" | tail -15 ;;
-    latency-pending) MII_SPLIT_KV_MERGE=kernel MII_ATTENTION_EARLY_LOADS=on MII_FUSED_NORM_LINEAR=on MII_FUSED_ACT_LINEAR=on python3 benchmarks/latency.py --json "$OUT/latency_pending.json" > "$OUT/latency_pending.log" 2>&1; tail -14 "$OUT/latency_pending.log" ;;
-    latency-llama3-pending) MII_SPLIT_KV_MERGE=kernel MII_ATTENTION_EARLY_LOADS=on MII_FUSED_NORM_LINEAR=on MII_FUSED_ACT_LINEAR=on python3 benchmarks/latency.py --model llama3-8b --json "$OUT/latency_llama3_pending.json" > "$OUT/latency_llama3_pending.log" 2>&1; tail -14 "$OUT/latency_llama3_pending.log" ;;
-    latency-fp8w-pending) MII_SPLIT_KV_MERGE=kernel MII_ATTENTION_EARLY_LOADS=on MII_FP8_FUSED_QUANT=on python3 benchmarks/latency.py --quantization fp8 --json "$OUT/latency_fp8w_pending.json" > "$OUT/latency_fp8w_pending.log" 2>&1; tail -14 "$OUT/latency_fp8w_pending.log" ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;

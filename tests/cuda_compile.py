@@ -71,35 +71,6 @@ def _rotary():
     return triton_attention._rotary_cache_write_kernel, types, constexprs
 
 
-def _norm_linear(norm: int = 2, gemma: bool = False):
-    """The bf16 GEMV with the RMSNorm folded in (MII_FUSED_NORM_LINEAR=on), residual
-    sum and all, as qkv's launch on an H200 (32-row bands, 128-column slices); or
-    without the residual (the first layer) and with Gemma's scale. (K unsplit.)"""
-    types = {n: "*bf16" for n in ("X", "W", "Bias", "Out", "Residual", "ResidualOut", "NormW")}
-    types |= {"Scale": "*fp32", "Partials": "*fp32", "Arrivals": "*i32", "XScale": "*fp32"}
-    types |= {"eps": "fp32"}
-    constexprs = dict(
-        HAS_BIAS=False, W_SCALED=False, DEQUANT=0, X_FP8=False, X_GROUPS=False, IEEE=False,
-        UPCAST=False, SPLIT_K=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, PDL=True,
-        PREFETCH_LINES=8, LINE=64, NORM=norm, GEMMA=gemma, ROUND=False,
-    )  # fmt: skip
-    return triton_gemv._skinny_linear_kernel, types, constexprs
-
-
-def _act_linear():
-    """The bf16 GEMV with act(gate) * up folded in (MII_FUSED_ACT_LINEAR=on), as down's
-    launch on an H200 (32-row bands, 256-column slices)."""
-    types = {n: "*bf16" for n in ("X", "W", "Bias", "Out", "Residual", "ResidualOut", "NormW")}
-    types |= {"Scale": "*fp32", "Partials": "*fp32", "Arrivals": "*i32", "XScale": "*fp32"}
-    types |= {"eps": "fp32"}
-    constexprs = dict(
-        HAS_BIAS=False, W_SCALED=False, DEQUANT=0, X_FP8=False, X_GROUPS=False, IEEE=False,
-        UPCAST=False, SPLIT_K=1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, PDL=True,
-        PREFETCH_LINES=8, LINE=64, GATED=True, ACT=0,
-    )  # fmt: skip
-    return triton_gemv._skinny_linear_kernel, types, constexprs
-
-
 def _skinny_linear(fp8: bool, short_k: bool = False):
     """The decode GEMV as an H200 runs o_proj: split-K, the weights' L2 prefetch;
     float8 weights with x quantized per slice beforehand (x_groups); ``short_k``:
@@ -161,9 +132,6 @@ CASES = {
     "gemv-bf16": lambda: _skinny_linear(False),
     "gemv-fp8": lambda: _skinny_linear(True),
     "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
-    "gemv-norm": _norm_linear,
-    "gemv-norm-gemma": lambda: _norm_linear(norm=1, gemma=True),
-    "gemv-act": _act_linear,
     "moe-fp8-decode": lambda: _moe_fp8(True),
     "moe-fp8-prompt": lambda: _moe_fp8(False),
 }
@@ -202,8 +170,8 @@ def ptx_for(kernel, types: dict[str, str], constexprs: dict, stages: int = 3) ->
 
 
 # The integer arguments a Llama-shaped decode launch passes as multiples of 16.
-ALIGNED_INTS = {"N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om", "stride_rm",
-                "stride_ro", "stride_am", "stride_be", "stride_bn", "stride_cm"}  # fmt: skip
+ALIGNED_INTS = {"N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om", "stride_am",
+                "stride_be", "stride_bn", "stride_cm"}  # fmt: skip
 
 
 def facts(ptx: str, ttgir: str) -> dict:

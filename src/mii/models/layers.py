@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mii import envs
 from mii.models.checkpoint_tensor import LazyTensor, materialize
 from mii.models.parallel import (
     all_gather_last_dim,
@@ -325,30 +324,11 @@ def norm_then_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(layer(norm(x + residual)), x + residual)``, or with no residual
     ``(layer(norm(x)), x)``: the norm's kernel (which writes the float8 copy a float8
-    layer reads), then the layer; or, for a decode batch on CUDA with 16/32-bit
-    weights and ``MII_FUSED_NORM_LINEAR=on``, one launch of the skinny kernel with
-    the norm folded into its reads (``ops.triton_gemv.skinny_norm_linear``)."""
-    if _folds_norm(norm, x, layer):
-        from mii.ops.triton_gemv_folds import skinny_norm_linear  # Triton: CUDA-only
-
-        gemma = bool(norm.offset)
-        weight, bias = layer.weight, layer.kernel_bias
-        return skinny_norm_linear(x, norm.weight, norm.eps, gemma, residual, weight, bias)
+    layer reads), then the layer."""
     if residual is None:
         return layer(norm(x, quantize_for=layer)), x
     h, residual = norm(x, residual=residual, quantize_for=layer)
     return layer(h), residual
-
-
-def _folds_norm(norm: RMSNorm, x: torch.Tensor, layer: ColumnParallelLinear) -> bool:
-    # fused_kernels_enabled first: never while torch.compile traces (no switch read there)
-    return (
-        fused_kernels_enabled(x.device)
-        and envs.FUSED_NORM_LINEAR.get() == "on"
-        and not layer.fp8
-        and norm.offset in (0.0, 1.0)
-        and skinny_linear_enabled(x, layer.weight, layer.kernel_bias)
-    )
 
 
 class LayerNorm(nn.Module):
@@ -384,26 +364,12 @@ class GatedMLP(nn.Module):
     def down_from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The layer from its gate/up projection's output on: [T, 2 I] -> [T, hidden]."""
         if self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(gate_up.device):
-            if self._folds_act(gate_up):
-                from mii.ops.triton_gemv_folds import skinny_act_linear  # Triton: CUDA-only
-
-                down = self.down_proj
-                return down.reduce(skinny_act_linear(gate_up, self.act_name, down.weight))
             from mii.ops.fused_elementwise import act_and_mul
 
             slices = fp8_activations.slices_for(gate_up, self.down_proj)
             return self.down_proj(act_and_mul(gate_up, self.act_name, slices))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
-
-    def _folds_act(self, gate_up: torch.Tensor) -> bool:
-        """act(gate) * up folded into the down projection's skinny kernel: a decode
-        batch, 16/32-bit weights, MII_FUSED_ACT_LINEAR=on (fused kernels on)."""
-        return (
-            envs.FUSED_ACT_LINEAR.get() == "on"
-            and not self.down_proj.fp8
-            and skinny_linear_enabled(gate_up, self.down_proj.weight, None)
-        )
 
 
 class MLP(nn.Module):

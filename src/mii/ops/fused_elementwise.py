@@ -172,8 +172,7 @@ def rms_norm(
 def gated_activation(gate, up, dtype: tl.constexpr, ACT: tl.constexpr, ROUND: tl.constexpr):
     """act(gate) * up in ``dtype`` from float32 gate and up (ACT: the code of
     ``FUSED_ACTIVATIONS``), rounded as the unfused model rounds: the activation
-    cast first, then the product. Shared by this module's kernel and the skinny
-    linear kernel that folds it in (``ops.triton_gemv_inputs``)."""
+    cast first, then the product."""
     if ACT == 0:  # silu
         act = gate / (1.0 + tl.exp(tl.minimum(-gate, 80.0)))  # no overflow to inf
     else:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1

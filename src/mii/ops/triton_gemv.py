@@ -38,8 +38,6 @@ split-K's partials are added).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -47,7 +45,6 @@ import triton.language as tl
 from mii.ops import fp8_activations, triton_arrivals, triton_limits, triton_pdl
 from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
-from mii.ops.triton_gemv_inputs import gated_slice, weighted_slice
 from mii.ops.triton_gemv_launch import (
     GemvConfig,
     bf16_config_for,
@@ -69,10 +66,6 @@ def _skinny_linear_kernel(
     Partials,
     Arrivals,
     XScale,
-    Residual,
-    ResidualOut,
-    NormW,
-    eps,
     M,
     N,
     K,
@@ -81,8 +74,6 @@ def _skinny_linear_kernel(
     stride_wn,
     stride_om,
     stride_xs,
-    stride_rm,
-    stride_ro,
     HAS_BIAS: tl.constexpr,
     W_SCALED: tl.constexpr,
     DEQUANT: tl.constexpr,
@@ -97,11 +88,6 @@ def _skinny_linear_kernel(
     PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr,
     LINE: tl.constexpr,
-    NORM: tl.constexpr = 0,
-    GEMMA: tl.constexpr = False,
-    ROUND: tl.constexpr = False,
-    GATED: tl.constexpr = False,
-    ACT: tl.constexpr = 0,
 ):
     """Out[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for this program's BLOCK_N
     rows of W and BLOCK_M rows of X (row tiles vary fastest: one weight band's
@@ -110,13 +96,7 @@ def _skinny_linear_kernel(
 
     With SPLIT_K > 1 the programs of one output tile each write a float32 partial;
     the last to arrive (an atomic count per tile) adds them up, writes the output
-    and resets the count for the next launch: one launch, no memset, graph-safe.
-
-    NORM folds the RMSNorm in front of the layer into the kernel (``ops.triton_gemv_inputs``):
-    X is then the norm's input h (NORM 2: X + Residual, whose sum goes to
-    ResidualOut): the loop multiplies h * NormW and sums h^2, and the sums are
-    divided by each row's root mean square at the end (K unsplit). GATED folds act(gate) * up
-    in: X is then [gate | up], K columns each (ACT: the activation's code)."""
+    and resets the count for the next launch: one launch, no memset, graph-safe."""
     row_tiles = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     band = tile // row_tiles
@@ -143,10 +123,6 @@ def _skinny_linear_kernel(
         lines = W + offs_n[:, None] * stride_wn + cols[None, :]
         triton_pdl.prefetch_to_l2(tl.where(wanted, lines, W))
     triton_pdl.wait_for_predecessor(PDL)
-    # NORM: each row's sum of squares of the norm's input, beside the products;
-    # one program per row tile (unsplit: see launch) writes the residual sum.
-    squares = tl.zeros([BLOCK_M], tl.float32)
-    writes = band == 0
     # X_GROUPS: each slice's x scales are loaded one trip ahead. Loaded in their own
     # trip (a load Triton leaves out of the software pipeline: it feeds no dot) they
     # cost every trip one wait for the L2 cache.
@@ -163,19 +139,11 @@ def _skinny_linear_kernel(
             mask=n_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        if NORM > 0:
-            x, squares = weighted_slice(
-                X, Residual, ResidualOut, NormW, offs_m, m_mask, k0 + offs_k, k_mask, squares,
-                writes, stride_xm, stride_rm, stride_ro, NORM, GEMMA, ROUND,
-            )  # fmt: skip
-        elif GATED:
-            x = gated_slice(X, offs_m, m_mask, k0 + offs_k, k_mask, stride_xm, K, ACT, ROUND)
-        else:
-            x = tl.load(
-                X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
+        x = tl.load(
+            X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
         if X_GROUPS:
             # x arrives as float8 already, with one scale per row and BLOCK_K slice
             # (ops/triton_quant.quantize_groups_fp8): the loop only loads and multiplies.
@@ -211,8 +179,6 @@ def _skinny_linear_kernel(
                 acc += tl.dot(w, tl.trans(x), input_precision="ieee")
             else:
                 acc += tl.dot(w, tl.trans(x))
-    if NORM > 0:  # W (h g / rms) = (W (h g)) / rms, each row's rms once
-        acc = acc / tl.sqrt(squares / K + eps)[None, :]
     out_mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
         # Partials [SPLIT_K, M, N] float32; visible to the last program before it counts.
@@ -279,9 +245,9 @@ def skinny_linear(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x of shape [M, K] (tuned for M <= ``MAX_ROWS``)."""
-    check_operands(x, weight, bias, "skinny_linear")
+    _check(x, weight, bias, "skinny_linear")
     config = config or bf16_config_for(x.shape[0], weight.shape[0], x.device)
-    return launch(x, weight, None, bias, config)
+    return _launch(x, weight, None, bias, config)
 
 
 def skinny_linear_fp8(
@@ -294,19 +260,17 @@ def skinny_linear_fp8(
     """``x @ (weight * scale[:, None]).T + bias`` for x [M, K] (16/32-bit), a float8
     e4m3 ``weight`` [N, K] and float32 per-output-channel ``scale`` [N] (tuned for
     M <= ``MAX_ROWS``); the output has x's dtype."""
-    check_operands(x, weight, bias, "skinny_linear_fp8")
+    _check(x, weight, bias, "skinny_linear_fp8")
     if weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"skinny_linear_fp8 needs a float8_e4m3fn weight, not {weight.dtype}")
     n = weight.shape[0]
     if scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous():
         raise ValueError(f"skinny_linear_fp8 needs a contiguous float32 scale of {n} values")
     config = config or fp8_config_for(x.shape[0], n, x.shape[1], x.device)
-    return launch(x, weight, scale, bias, config)
+    return _launch(x, weight, scale, bias, config)
 
 
-def check_operands(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str
-) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:
     """ValueError naming ``name`` unless x [M, K] and weight [N, K] (rows contiguous),
     bias [N] and the weight's size suit the kernel."""
     n, k = weight.shape[0], x.shape[1]
@@ -318,28 +282,14 @@ def check_operands(
         raise ValueError(f"{name} takes weights of fewer than 2**31 elements")
 
 
-class FoldedNorm(NamedTuple):
-    """The RMSNorm a launch folds in front of its layer (``skinny_norm_linear``)."""
-
-    weight: torch.Tensor  # [K], the norm's scale
-    eps: float
-    gemma: bool  # scale by 1 + weight (Gemma's RMSNorm)
-    residual: torch.Tensor | None  # [M, K]: normalise x + residual
-    residual_out: torch.Tensor | None  # [M, K]: where x + residual goes
-
-
-def launch(
+def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     config: GemvConfig,
-    norm: FoldedNorm | None = None,
-    activation: int | None = None,
 ) -> torch.Tensor:
-    """One launch of the kernel (``scale``: float8 weights' channel scales;
-    ``norm``: an RMSNorm folded in front; ``activation``: act(gate) * up folded in,
-    x then the gate half of [gate | up])."""
+    """One launch of the kernel (``scale``: float8 weights' channel scales)."""
     rows, k = x.shape
     n = weight.shape[0]
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
@@ -362,18 +312,7 @@ def launch(
 
             copy = quantize_groups_fp8(x, config.block_k)
         x, x_scales = copy
-    # (residual, its sum, the norm's weight): placeholders without a folded norm
-    norm_tensors = (x, x, x)
-    if (norm is not None or activation is not None) and scale is not None:
-        raise ValueError("a folded input stage takes 16/32-bit weights only")
-    if norm is not None:
-        norm_tensors = (
-            norm.residual if norm.residual is not None else x,
-            norm.residual_out if norm.residual_out is not None else x,
-            norm.weight,
-        )
-    # A folded norm divides each program's sums by the whole row's rms: K unsplit.
-    splits = 1 if norm is not None else split_k_for(config, tiles, k, x.device)
+    splits = split_k_for(config, tiles, k, x.device)
     if splits > 1 and triton_arrivals.arrival_counts(x.device, tiles) is None:
         splits = 1  # (no counts during graph capture before an eager pass: unsplit)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
@@ -392,8 +331,6 @@ def launch(
         partials,
         arrivals,
         x_scales,
-        *norm_tensors,
-        norm.eps if norm is not None else 0.0,
         rows,
         n,
         k,
@@ -402,8 +339,6 @@ def launch(
         weight.stride(0),
         out.stride(0),
         x_scales.stride(0),
-        norm_tensors[0].stride(0),
-        norm_tensors[1].stride(0),
         HAS_BIAS=bias is not None,
         W_SCALED=scale is not None,
         DEQUANT=config.dequant,
@@ -418,11 +353,6 @@ def launch(
         BLOCK_K=config.block_k,
         PREFETCH_LINES=prefetch_lines,
         LINE=line,
-        NORM=0 if norm is None else 1 if norm.residual is None else 2,
-        GEMMA=norm is not None and norm.gemma,
-        ROUND=INTERPRETED and x.dtype == torch.bfloat16,
-        GATED=activation is not None,
-        ACT=activation or 0,
         **triton_pdl.launch_options(x.device),
         num_warps=config.num_warps,
         num_stages=triton_limits.stages_that_fit(config.num_stages, stage_bytes, x.device),
