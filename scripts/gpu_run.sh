@@ -25,7 +25,6 @@ while [ $# -gt 0 ]; do
   case "$1" in
     tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_moe.py tests/test_moe_grouped_mm.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py tests/test_grammar_mask.py tests/test_fp8_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     tests-attention) python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_fp8_kv_cache.py tests/test_fp8_activations.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_attention.log" | tail -25 ;;
-    # The switches written in the tenth session, off by default until timed (A/B beside latency-nohf etc.)
     # One switch set for one batch-1 run (A/B): latency-with MII_SPLIT_KV_MERGE=kernel;
     # latency-fp8w-with VAR=VALUE: the same with FP8 weights. One summary line each.
     latency-with|latency-fp8w-with) mode=$1; shift; tag=$(echo "${mode#latency-}_$1" | tr 'A-Z=-' 'a-z__')

@@ -45,17 +45,18 @@ _ATTENTION_TYPES = {
 }
 
 
-def _attention(pack: int, cache: str, head_dim: int = 128):
+def _attention(pack: int, cache: str, head_dim: int = 128, early: bool = True):
     """Split-KV decode programs (``pack`` query heads of one KV head) with
-    MII_ATTENTION_EARLY_LOADS=on and MII_SPLIT_KV_MERGE=kernel."""
+    MII_ATTENTION_EARLY_LOADS=on (``early``; off: waiting first) and
+    MII_SPLIT_KV_MERGE=kernel."""
     fp8 = cache != "bf16"
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
         GROUP=pack, NUM_HEADS=32, SPLIT=True, SPLIT_MIN_KEYS=128, KV_BLOCK=16,
         HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, BLOCK_N=128 if head_dim <= 128 else 64,
         HAS_WINDOW=False, IEEE=False, UPCAST=False, KV_CAST=fp8, FP8_AS_F16=fp8,
-        HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=True, SPLITS_P2=32, EARLY=True,
-        PREFETCH_KEYS=128, LINE=min(head_dim, 128 if fp8 else 64), PDL=True,
+        HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=True, SPLITS_P2=32, EARLY=early,
+        PREFETCH_KEYS=128 if early else 0, LINE=min(head_dim, 128 if fp8 else 64), PDL=True,
     )  # fmt: skip
     return triton_attention._paged_attention_kernel, types, constexprs
 
@@ -128,6 +129,7 @@ CASES = {
     "attention-gqa-fp8": lambda: _attention(4, "fp8e4nv"),
     "attention-gqa-d64-fp8": lambda: _attention(4, "fp8e4nv", head_dim=64),
     "attention-mha-d256": lambda: _attention(1, "bf16", head_dim=256),
+    "attention-gqa-wait-first": lambda: _attention(4, "bf16", early=False),
     "rotary": _rotary,
     "gemv-bf16": lambda: _skinny_linear(False),
     "gemv-fp8": lambda: _skinny_linear(True),
@@ -189,16 +191,16 @@ def facts(ptx: str, ttgir: str) -> dict:
         "barrier_before_atomic": atomic < 0 or "bar.sync" in ptx[:atomic],
         "atomics": ptx.count("atom.global"),
         "float8_converts": ptx.count("e4m3x2"),
+        "pipelined_loops": len(pipelined_loops(ttgir)),
         "waited_loads_in_pipelined_loops": waited_loads(ttgir),
     }
 
 
-def waited_loads(ttgir: str) -> int:
-    """Loads in a software-pipelined loop (one that holds asynchronous copies) that
-    Triton left out of the pipeline and whose value the same trip uses: each trip
-    then waits for them (a load used only by the next trip is issued ahead)."""
+def pipelined_loops(ttgir: str) -> list[list[str]]:
+    """The bodies (TTGIR lines) of the outermost loops that hold asynchronous copies:
+    the loops Triton's software pipeline took."""
     lines = ttgir.splitlines()
-    count, i = 0, 0
+    loops, i = [], 0
     while i < len(lines):
         if "scf.for" not in lines[i]:
             i += 1
@@ -208,8 +210,17 @@ def waited_loads(ttgir: str) -> int:
             depth += lines[i].count("{") - lines[i].count("}")
             body.append(lines[i])
             i += 1
-        if not any("async_copy_global_to_local" in line for line in body):
-            continue
+        if any("async_copy_global_to_local" in line for line in body):
+            loops.append(body)
+    return loops
+
+
+def waited_loads(ttgir: str) -> int:
+    """Loads in a pipelined loop that Triton left out of the pipeline and whose value
+    the same trip uses: each trip then waits for them (a load whose value only goes
+    to the loop's yield is used by the next trip, so it is issued a trip ahead)."""
+    count = 0
+    for body in pipelined_loops(ttgir):
         for at, line in enumerate(body):
             load = re.match(r"\s*(%[\w.]+) = tt\.load ", line)
             if load is None:

@@ -60,6 +60,13 @@ def test_decode_attention_with_early_loads_and_merge_compiles_for_hopper(compile
     assert facts["barrier_before_atomic"]
 
 
+def test_decode_attention_waiting_first_loads_nothing_before_its_wait(compiled):
+    """MII_ATTENTION_EARLY_LOADS=off: the wait comes before any load or prefetch."""
+    facts = _facts(compiled, "attention-gqa-wait-first")
+    assert facts["waits"] == 1 and facts["loads_before_wait"] == 0
+    assert facts["prefetches"] == 0
+
+
 def test_rotary_cache_write_loads_nothing_before_its_wait(compiled):
     """Its rotary rows may be the previous kernel's output (length-dependent rope)."""
     facts = _facts(compiled, "rotary")
@@ -89,8 +96,8 @@ def test_elementwise_kernels_writing_float8_copies_compile_for_hopper(compiled, 
 
 
 ALL_CASES = [
-    *ATTENTION_CASES, "rotary", "gemv-bf16", "gemv-fp8", "gemv-fp8-short-k", "rms-norm-fp8",
-    "act-and-mul-fp8", "moe-fp8-decode", "moe-fp8-prompt",
+    *ATTENTION_CASES, "attention-gqa-wait-first", "rotary", "gemv-bf16", "gemv-fp8",
+    "gemv-fp8-short-k", "rms-norm-fp8", "act-and-mul-fp8", "moe-fp8-decode", "moe-fp8-prompt",
 ]  # fmt: skip
 
 
@@ -102,3 +109,13 @@ def test_pipelined_loops_wait_for_no_load_of_their_own_trip(compiled, case):
     float8 GEMV and of the float8 expert GEMM (loaded a trip ahead since; on an H200
     the float8 qkv GEMV went from 17.9 to 17.2 us)."""
     assert _facts(compiled, case)["waited_loads_in_pipelined_loops"] == 0
+
+
+@pytest.mark.parametrize(
+    "case", ["gemv-bf16", "gemv-fp8", "gemv-fp8-short-k", "moe-fp8-decode", "moe-fp8-prompt"]
+)
+def test_weight_loops_are_software_pipelined(compiled, case):
+    """The GEMMs' weight loops stream through asynchronous copies, stages ahead (as
+    a launch compiles them: with its arguments' alignment); else the test above
+    would hold for loops that wait for every load."""
+    assert _facts(compiled, case)["pipelined_loops"] >= 1

@@ -191,18 +191,36 @@ def test_fp8_dot_launch_quantizes_each_slice_of_x(rows, n, k, bias, split_k, dty
     _assert_near(_run(x.float(), wq, scale, b.float() if bias else None, config), exact)
 
 
-@pytest.mark.parametrize("rows, n, k, split_k", [(1, 96, 256, 1), (3, 70, 200, 2), (16, 33, 64, 1)])
-def test_prequantized_x_groups_equal_the_in_loop_quantization(rows, n, k, split_k):
+# (rows, n, k, block_k, split_k); k_per_split = cdiv(cdiv(k, split_k), block_k) * block_k
+X_GROUPS_CASES = [
+    (1, 96, 256, 64, 1),
+    (3, 70, 200, 64, 2),
+    (16, 33, 64, 64, 1),
+    (17, 33, 72, 32, 1),  # ragged, two row tiles
+    (3, 70, 320, 64, 2),  # the second split's last trip lies wholly past K
+    (5, 40, 1100, 256, 4),  # three splits: the last ragged, then past K
+    (1, 64, 448, 64, 5),  # four splits: the last one's second trip past K
+]
+
+
+@pytest.mark.parametrize("rows, n, k, block_k, split_k", X_GROUPS_CASES)
+def test_prequantized_x_groups_equal_the_in_loop_quantization(rows, n, k, block_k, split_k):
     """``GemvConfig.x_groups``: x quantized by a launch of its own, in slices of
-    BLOCK_K, then read as float8 by the weight loop: the same output as quantizing
-    each slice inside the loop (same scales, same float8 values, same sums)."""
+    BLOCK_K, then read as float8 by the weight loop, each slice's scales loaded a
+    trip ahead: the same output as quantizing each slice inside the loop (same
+    scales, same float8 values, same sums), on ragged K and on splits that start
+    mid-row or run past K. Each (row, slice) has an outlier of its own, so a
+    scale taken from the wrong slice changes the output."""
     x, wq, scale, b, _ = _case(rows, n, k, True, torch.bfloat16, seed=rows * 7 + k)
-    x[0, 5] = 300.0  # a slice with an outlier
-    config = GemvConfig(32, 64, block_m=16, split_k=split_k, fp8_dot=True)
+    for row in range(rows):
+        for start in range(0, k, block_k):
+            x[row, min(k - 1, start + (row * 5) % block_k)] = 10.0 + 37 * ((row + start) % 7)
+    config = GemvConfig(32, block_k, block_m=16, split_k=split_k, fp8_dot=True)
     in_loop = _run(x, wq, scale, b, config)
     grouped = _run(x, wq, scale, b, config._replace(x_groups=True))
     assert torch.equal(grouped, in_loop)
-    _assert_near_emulation(grouped, _slice_quantized_product(x, wq, scale, 64) + b.float())
+    emulated = _slice_quantized_product(x, wq, scale, block_k) + b.float()
+    _assert_near_emulation(grouped, emulated)
 
 
 @pytest.mark.parametrize(

@@ -132,14 +132,20 @@ def test_fp8_products_quantize_each_slice_of_each_row():
         assert (out - want).norm() <= 1.5e-2 * want.norm()
 
 
-@pytest.mark.parametrize("tokens", [3, 40])
-def test_activations_quantized_once_equal_the_in_loop_quantization(tokens):
+@pytest.mark.parametrize(
+    "tokens, hidden, inter", [(3, 64, 96), (40, 64, 96), (1, 80, 72), (9, 112, 40)]
+)
+def test_activations_quantized_once_equal_the_in_loop_quantization(tokens, hidden, inter):
     """``TileConfig.a_groups``: the activations' slices quantized by a launch of their
-    own before each grouped GEMM, not in every column block's loop: the same
-    output from the whole expert MLP (same scales, float8 values and sums)."""
-    moe = random_fp8_moe(hidden_size=64, intermediate_size=96)
+    own before each grouped GEMM, not in every column block's loop, each slice's
+    scales loaded a trip ahead: the same output from the whole expert MLP (same
+    scales, float8 values and sums), also where K ends inside a slice (80, 72,
+    112, 40 against 32-column slices) and with outliers in several slices."""
+    moe = random_fp8_moe(hidden_size=hidden, intermediate_size=inter)
     gen = torch.Generator().manual_seed(tokens)
-    x = (torch.randn(tokens, 64, generator=gen) * 2).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(tokens, hidden, generator=gen) * 2
+    x[:, ::7] *= 30
+    x = x.to(torch.bfloat16).to(DEVICE)
     with torch.no_grad():
         moe.gate.to(torch.bfloat16)
         weights, experts = moe.route(x)
