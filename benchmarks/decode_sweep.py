@@ -23,7 +23,7 @@ import os
 import torch
 
 from benchmarks.common import environment, roofline, sweep_summary, write_json
-from benchmarks.kernels import BLOCK, DIM, HEADS, KV_HEADS, bench_graph, paged_batch
+from benchmarks.kernel_times import BLOCK, DIM, HEADS, KV_HEADS, bench_graph, paged_batch
 from mii.ops import triton_attention
 from mii.ops.attention import FP8_KV_DTYPE
 from mii.ops.triton_attention import paged_attention_from_cache

@@ -27,7 +27,7 @@ import os
 import torch
 
 from benchmarks.common import environment, roofline, write_json
-from benchmarks.kernels import bench, bench_graph
+from benchmarks.kernel_times import bench, bench_graph
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 14336, 8, 2
 

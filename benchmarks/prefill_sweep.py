@@ -30,7 +30,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import environment, write_json
-from benchmarks.kernels import BLOCK, DIM, HEADS, bench, paged_batch
+from benchmarks.kernel_times import BLOCK, DIM, HEADS, bench, paged_batch
 from mii.ops import attention, triton_attention
 from mii.ops.triton_attention import paged_attention_from_cache
 

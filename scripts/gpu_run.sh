@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
       echo "$tag $(grep -o '"decode_tok_s": [0-9.]*' "$OUT/$tag.log") $(grep -o '"fraction_of_bandwidth_floor": [0-9.]*' "$OUT/$tag.log")" ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
-    kernels) python3 benchmarks/kernels.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
+    kernels) python3 benchmarks/kernel_times.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
     profile) python3 benchmarks/profile_passes.py > "$OUT/profile.log" 2>&1; grep -A20 "^===" "$OUT/profile.log" | cut -c1-100 ;;
     # PDL off: kernels no longer start early and wait inside, so their durations are their own
     profile-nopdl) MII_PDL=off python3 benchmarks/profile_passes.py > "$OUT/profile_nopdl.log" 2>&1; grep -A20 "^===" "$OUT/profile_nopdl.log" | cut -c1-100 ;;

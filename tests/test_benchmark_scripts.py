@@ -40,6 +40,21 @@ def test_script_help(script, tmp_path):
     assert "usage:" in done.stdout
 
 
+def test_no_benchmark_module_hides_an_installed_one():
+    """``python benchmarks/NAME.py`` puts benchmarks/ first on the path, so a module
+    there named as an installed package replaces it for everything the script
+    imports: benchmarks/kernels.py once hid the ``kernels`` package that
+    transformers 5.25 imports, and every script that loaded a model failed."""
+    import importlib.util
+
+    clashes = {}
+    for module in (ROOT / "benchmarks").glob("*.py"):
+        spec = importlib.util.find_spec(module.stem)
+        if spec is not None and Path(spec.origin or "").parent != module.parent:
+            clashes[module.name] = spec.origin
+    assert not clashes
+
+
 def test_quantization_option_reaches_the_engine_options():
     """``--quantization fp8`` of latency.py / throughput.py becomes the engine
     option, and the latency floor counts one byte per linear weight."""

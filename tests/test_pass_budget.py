@@ -99,3 +99,22 @@ def test_engine_defaults_take_the_model_budget(gpu, monkeypatch):
     monkeypatch.setattr(pass_budget, "MAX_PASS_SECONDS", 10.0)  # a fast enough GPU
     fast = bring_up.scheduling_defaults(EngineConfig.parse("m"), loaded, cuda)
     assert (fast.token_budget, fast.max_num_seqs) == (4096, 256)
+
+
+def test_the_startup_log_names_what_the_engine_chose(checkpoints, caplog):
+    """Defaults left open are chosen by the engine, so its log says what it runs with
+    (a benchmark's or a deployment's log then records it); set values show as set."""
+    import mii
+
+    path, _ = checkpoints("llama")
+    with caplog.at_level("INFO", logger="mii.engine.core"):
+        with mii.pipeline(str(path)):
+            pass
+        with mii.pipeline(str(path), token_budget=64, max_num_seqs=4, quantization="fp8"):
+            pass
+    lines = [r.getMessage() for r in caplog.records if "engine settings" in r.getMessage()]
+    assert lines[0] == (
+        "engine settings: token_budget=1024, max_num_seqs=128, cuda_graphs=off, "
+        "async_scheduling=False, quantization=none, kv_cache_dtype=auto"
+    )
+    assert "token_budget=64, max_num_seqs=4," in lines[1] and "quantization=fp8" in lines[1]

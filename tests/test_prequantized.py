@@ -100,7 +100,13 @@ def test_greedy_equals_transformers_on_the_dequantized_weights(prequantized, tok
     ]
 
 
-def test_missing_scales_are_named(tmp_path, prequantized):
+@pytest.mark.parametrize(
+    "deleted",
+    ["model.layers.0.mlp.down_proj.weight_scale", "model.layers.1.mlp.up_proj.weight_scale"],
+)
+def test_missing_scales_are_named(tmp_path, prequantized, deleted):
+    """By the checkpoint's own name, also where the tensor fills a part of one of
+    our fused parameters (up_proj: the second half of gate_up_proj)."""
     from safetensors.torch import load_file, save_file
 
     path, _ = prequantized["fbgemm_fp8"]
@@ -108,10 +114,11 @@ def test_missing_scales_are_named(tmp_path, prequantized):
     broken.mkdir()
     (broken / "config.json").write_bytes((path / "config.json").read_bytes())
     state = load_file(str(path / "model.safetensors"))
-    del state["model.layers.0.mlp.down_proj.weight_scale"]
+    del state[deleted]
     save_file(state, str(broken / "model.safetensors"))
-    with pytest.raises(ModelLoadError, match=r"model\.layers\.0\.mlp\.down_proj\.weight_scale"):
+    with pytest.raises(ModelLoadError) as info:
         build_model(read_hf_config(broken), broken, torch.float32, torch.device("cpu"))
+    assert f"lacks weights for: {deleted}" in str(info.value)
 
 
 def test_layers_the_config_leaves_in_16_bit_get_an_error_saying_why(
@@ -158,7 +165,16 @@ def _with_quantization_config(tmp_path, source, quantization_config) -> str:
         (compressed_tensors_config("W4A16"), r"int4 \(group strategy, group_size 128\)"),
         (compressed_tensors_config("W8A8"), r"int8 \(channel strategy\)"),
         ({"quant_method": "gptq", "bits": 4}, r"scheme 'gptq'"),
-        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, r"scheme 'fp8'"),
+        (
+            {"quant_method": "fp8", "weight_block_size": [128, 128]},
+            r"quant_method 'fp8' with weight_block_size \[128, 128\] \(float8 weights with one "
+            r"scale per block",
+        ),
+        (
+            {"quant_method": "fp8", "activation_scheme": "static"},
+            r"quant_method 'fp8' without compressed-tensors \(per-tensor float8 scales as "
+            r"AutoFP8 writes them, activation_scheme 'static'\)",
+        ),
         (
             {
                 **compressed_tensors_config("FP8_DYNAMIC"),
@@ -167,7 +183,7 @@ def _with_quantization_config(tmp_path, source, quantization_config) -> str:
             r"sparsity format 'sparse-24-bitmask'",
         ),
     ],
-    ids=["w4a16", "w8a8-int", "gptq", "block-fp8", "sparse-2of4-fp8"],
+    ids=["w4a16", "w8a8-int", "gptq", "block-fp8", "autofp8", "sparse-2of4-fp8"],
 )
 def test_unsupported_schemes_get_one_error_naming_them(
     tmp_path, prequantized, quantization_config, named

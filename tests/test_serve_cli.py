@@ -112,6 +112,25 @@ def test_vllm_flags_reach_the_deployment_and_engine_config(cache, monkeypatch):
     assert "secret-key" not in config.model_dump_json()
 
 
+def test_graph_and_scheduling_switches_are_left_to_the_engine_unless_given(cache):
+    """--cuda-graphs / --no-cuda-graphs (vLLM's --enforce-eager), --max-graph-batch,
+    --[no-]async-scheduling: unset, the engine chooses (None reaches it)."""
+    parse = build_parser().parse_args
+    engine = serve_config(parse(["serve", "m"])).engine_config()
+    assert (engine.cuda_graphs, engine.async_scheduling, engine.max_graph_batch) == (
+        None,
+        None,
+        256,
+    )
+    for flags, graphs in ((["--enforce-eager"], False), (["--no-cuda-graphs"], False),
+                          (["--cuda-graphs"], True)):  # fmt: skip
+        assert serve_config(parse(["serve", "m", *flags])).engine_config().cuda_graphs is graphs
+    engine = serve_config(
+        parse(["serve", "m", "--max-graph-batch", "32", "--no-async-scheduling"])
+    ).engine_config()
+    assert (engine.max_graph_batch, engine.async_scheduling) == (32, False)
+
+
 def test_serve_defaults_follow_vllm_and_old_names_still_work(cache):
     parse = build_parser().parse_args
     config = serve_config(parse(["serve", "m"]))

@@ -34,18 +34,21 @@ def add_field_options(
 ) -> None:
     """One ``--option`` per field of ``model`` in ``names``. ``defaults`` replaces a
     field's default on this command line (it is then always given); a boolean
-    defaulting to True gets a ``--no-`` form. ``flags``: a field's option strings
-    instead of ``--field-name`` (the first is shown in help; the others are
-    aliases, e.g. vLLM's names). ``multiple``: list fields that take one or more
-    space-separated values instead of one comma-separated value."""
+    defaulting to True, or to None (the engine chooses), gets a ``--no-`` form.
+    ``flags``: a field's option strings instead of ``--field-name`` (the first is
+    shown in help; the others are aliases, e.g. vLLM's names). ``multiple``: list
+    fields that take one or more space-separated values instead of one
+    comma-separated value."""
     defaults, metavars, flags = defaults or {}, metavars or {}, flags or {}
     for name in names:
         field = model.model_fields[name]
         kind = _option_kind(field.annotation)
         if name in multiple:
             kind = {"nargs": "+", "type": typing.get_args(_without_none(field.annotation))[0]}
-        if kind.get("action") == "store_true" and defaults.get(name, field.default) is True:
-            kind = {"action": argparse.BooleanOptionalAction}  # on by default: --no-NAME
+        default = defaults.get(name, field.default)
+        if kind.get("action") == "store_true" and (default is True or default is None):
+            # on by default, or chosen by the engine when unset (None): --NAME and --no-NAME
+            kind = {"action": argparse.BooleanOptionalAction}
         metavar = metavars.get(name, _METAVAR_BY_TYPE.get(kind.get("type")))
         if metavar and "choices" not in kind and kind.get("action") in (None, "append"):
             kind["metavar"] = metavar

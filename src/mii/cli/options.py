@@ -29,6 +29,9 @@ ENGINE_OPTIONS = (
     "token_budget",
     "max_num_seqs",
     "enable_prefix_caching",
+    "cuda_graphs",
+    "max_graph_batch",
+    "async_scheduling",
     "load_format",
     "trust_remote_code",
 )
@@ -151,6 +154,7 @@ METAVARS = {
     "revision": "REVISION",
     "kv_cache_memory_fraction": "FRACTION",
     "seed": "N",
+    "max_graph_batch": "ROWS",
     "ray_address": "ADDRESS",
     "autoscaling_config": "KEY=VALUE",
     "min_replicas": "N",
@@ -169,6 +173,14 @@ def add_engine_options(
     """Engine options (validated by ``mii.EngineConfig``); unset ones keep its defaults."""
     group = parser.add_argument_group("engine options")
     add_field_options(group, EngineConfig, names, metavars=METAVARS, flags=ENGINE_FLAGS)
+    if "cuda_graphs" in names:  # vLLM's name for --no-cuda-graphs
+        group.add_argument(
+            "--enforce-eager",
+            dest="cuda_graphs",
+            action="store_const",
+            const=False,
+            help="decode passes without CUDA graphs (vLLM's name for --no-cuda-graphs)",
+        )
 
 
 def engine_options(

@@ -157,6 +157,21 @@ class EngineCore:
             kv_cache.num_blocks,
             self.kv_dtype,
         )
+        log.info("engine settings: %s", self.settings_line(loaded.quantization))
+
+    def settings_line(self, quantization: str) -> str:
+        """What the engine chose where the caller left it open (scheduling defaults,
+        graphs, async scheduling), for the startup log: a benchmark or a deployment
+        log then says what it ran with."""
+        config = self.config
+        graphs = self.runner.graphs
+        sizes = graphs.sizes if graphs is not None else []
+        graph_text = f"{len(sizes)} sizes, 1-{sizes[-1]} rows" if sizes else "off"
+        return (
+            f"token_budget={config.token_budget}, max_num_seqs={config.max_num_seqs}, "
+            f"cuda_graphs={graph_text}, async_scheduling={self.async_scheduling}, "
+            f"quantization={quantization}, kv_cache_dtype={config.kv_cache_dtype}"
+        )
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -171,6 +171,21 @@ class CausalLM(nn.Module):
                 shard = shard_id
         return name, shard
 
+    def checkpoint_weight_name(self, key: str) -> str:
+        """The checkpoint's name for a (name, shard) key of ``expected_weight_names``,
+        as ``weight_map`` renames it (for messages: "lacks up_proj.weight_scale", not
+        our fused parameter's shard)."""
+        name, _, shard = key.partition("#")
+        for hf_fragment, our_fragment, shard_id in reversed(self.weight_map):
+            if our_fragment not in name:
+                continue
+            if shard_id not in (None, "packed"):
+                if str(shard_id) != shard:
+                    continue
+                shard = ""  # a key comes from one shard's tensor
+            name = name.replace(our_fragment, hf_fragment)
+        return name
+
     def expected_weight_names(self) -> set[str]:
         """Every (name, shard) key that ``load_weights`` must fill."""
         expected: set[str] = set()

@@ -118,9 +118,10 @@ def build_model(
             ) from None
         missing = model.expected_weight_names() - loaded
         if missing:
+            names = sorted({model.checkpoint_weight_name(key) for key in missing})
             raise ModelLoadError(
-                f"checkpoint {model_dir} lacks weights for: {', '.join(sorted(missing)[:8])}"
-                + (" ..." if len(missing) > 8 else "")
+                f"checkpoint {model_dir} lacks weights for: {', '.join(names[:8])}"
+                + (" ..." if len(names) > 8 else "")
                 + (missing_scales_hint(hf_config, missing) if quant.mode == "checkpoint" else "")
             )
     for module in model.modules():

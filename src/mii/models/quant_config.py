@@ -58,8 +58,27 @@ def weight_quantization(hf_config: dict[str, Any], requested: str = "none") -> W
         _check_compressed_tensors(config)
         return WeightQuantization("checkpoint", "compressed-tensors", ("input_scale",))
     raise ModelLoadError(
-        f"unsupported quantization scheme {method!r} (config.json's quantization_config); "
-        f"supported: {SUPPORTED}"
+        f"unsupported quantization scheme {_scheme_name(method, config)} (config.json's "
+        f"quantization_config); supported: {SUPPORTED}"
+    )
+
+
+def _scheme_name(method: Any, config: dict[str, Any]) -> str:
+    """The scheme as a user knows it: quant_method 'fp8' alone would read as the
+    very option the message then names as supported."""
+    if method != "fp8":
+        return repr(method)
+    activations = config.get("activation_scheme")
+    detail = f", activation_scheme {activations!r}" if activations else ""
+    block = config.get("weight_block_size")
+    if block:
+        return (
+            f"quant_method 'fp8' with weight_block_size {block} (float8 weights with one "
+            f"scale per block: transformers' FineGrainedFP8 format{detail})"
+        )
+    return (
+        "quant_method 'fp8' without compressed-tensors (per-tensor float8 scales as "
+        f"AutoFP8 writes them{detail})"
     )
 
 

@@ -183,7 +183,7 @@ class TileConfig(NamedTuple):
 
 
 def default_tiles(num_pairs: int, fp8: bool = False) -> TileConfig:
-    """Tiles by batch size, from the sweep of ``benchmarks/kernels.py`` on an H100
+    """Tiles by batch size, from the sweep of ``benchmarks/kernel_times.py`` on an H100
     (Mixtral-8x7B layer, bf16, 2026-11-25): small row blocks while the launch is
     bound by reading the weights, wide ones for prompts (more reuse per tile).
     Float8 experts (``fp8``), from ``benchmarks/moe_fp8.py`` on an H200 (2026-12-03,

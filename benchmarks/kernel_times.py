@@ -1,6 +1,6 @@
 """Attention kernels alone, against the memory roofline and PyTorch's flash SDPA.
 
-    python benchmarks/kernels.py [--json out.json]
+    python benchmarks/kernel_times.py [--json out.json]
 
 - decode: B sequences of one query each over long paged contexts; bytes = every
   key and value read once; reported as a fraction of measured copy bandwidth.
