@@ -78,12 +78,16 @@ from mii.rpc.deployment import free_port
 GREEDY = {"ignore_eos": True, "do_sample": False}  # as the gRPC and HTTP senders ask
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in --help."""
+
+
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--model", default="llama2-7b", help="shape name, 'demo' or a path")
-    parser.add_argument("--rates", type=float, nargs="+", default=[8.0, 12.0, 16.0, 20.0])
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=[8.0, 12.0, 16.0, 20.0], help="offered req/s"
+    )
     parser.add_argument("--num-requests", type=int, default=160, help="requests per rate")
     parser.add_argument("--prompt-mean", type=float, default=2600, help="prompt tokens, mean")
     parser.add_argument("--gen-mean", type=float, default=60, help="generated tokens, mean")
@@ -199,7 +203,13 @@ def serve_and_measure(
         )
         sets = [request_set(maker, lengths, args.seed + 1 + i) for i in range(len(args.rates))]
         warmup = request_set(maker, lengths[: args.warmup], args.seed + 999)
-        log(f"deployment up in {load_s:.1f} s; max_length {info.max_length}; requests built")
+        # prompt + generation at exactly max_length: clipped to fit (a drawn pair of
+        # exactly that length is rare enough to count with them)
+        clipped = sum(1 for prompt, gen in lengths if prompt + gen == info.max_length)
+        log(
+            f"deployment up in {load_s:.1f} s; max_length {info.max_length}; requests built "
+            f"({clipped} of {len(lengths)} clipped to fit max_length)"
+        )
         http_url = f"http://127.0.0.1:{http_port}" if http_port else None
         work = (warmup, sets, args.rates, args.seed)
         rows = asyncio.run(measure_deployment(client, http_url, info.model, work))
@@ -208,6 +218,7 @@ def serve_and_measure(
     measured = {
         "transport": "http /v1/completions (SSE)" if args.http else "grpc",
         "max_length": info.max_length,
+        "requests_clipped_to_max_length": clipped,
         "deployment_load_s": round(load_s, 1),
         "rates": rows,
     }
