@@ -174,17 +174,18 @@ class CausalLM(nn.Module):
     def checkpoint_weight_name(self, key: str) -> str:
         """The checkpoint's name for a (name, shard) key of ``expected_weight_names``,
         as ``weight_map`` renames it (for messages: "lacks up_proj.weight_scale", not
-        our fused parameter's shard)."""
+        our fused parameter's shard); a key whose shard the map does not name (an MoE
+        expert's part: ``mlp.w13#expert2.up``) is returned as it is."""
         name, _, shard = key.partition("#")
         for hf_fragment, our_fragment, shard_id in reversed(self.weight_map):
             if our_fragment not in name:
                 continue
-            if shard_id not in (None, "packed"):
-                if str(shard_id) != shard:
+            if shard_id is not None:
+                if shard_id != "packed" and str(shard_id) != shard:
                     continue
-                shard = ""  # a key comes from one shard's tensor
+                shard = ""  # one checkpoint tensor: this shard's, or the packed one
             name = name.replace(our_fragment, hf_fragment)
-        return name
+        return key if shard else name
 
     def expected_weight_names(self) -> set[str]:
         """Every (name, shard) key that ``load_weights`` must fill."""
