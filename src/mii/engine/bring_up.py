@@ -30,7 +30,6 @@ from mii.engine.sequence import Sequence
 from mii.errors import InvalidRequestError
 from mii.models import loader
 from mii.models.base import CausalLM
-from mii.models.quant_config import weight_quantization
 from mii.ops.attention import FP8_KV_DTYPE
 from mii.ops.dispatch import triton_attention_enabled
 
@@ -59,7 +58,6 @@ class LoadedModel:
     vocab_size: int
     max_length: int  # the engine's cap on prompt + response
     eos_token_ids: list[int]  # every id that ends generation
-    quantization: str = "none"  # the linear weights': "fp8", "compressed-tensors", ...
 
 
 def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
@@ -88,7 +86,6 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         vocab_size=int(hf_config["vocab_size"]),
         max_length=engine_max_length(config.max_length, model.max_positions),
         eos_token_ids=_eos_token_ids(hf_config, model_dir, tokenizer),
-        quantization=weight_quantization(hf_config, config.quantization).source,
     )
 
 

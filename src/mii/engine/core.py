@@ -157,9 +157,9 @@ class EngineCore:
             kv_cache.num_blocks,
             self.kv_dtype,
         )
-        log.info("engine settings: %s", self.settings_line(loaded.quantization))
+        log.info("engine settings: %s", self.settings_line())
 
-    def settings_line(self, quantization: str) -> str:
+    def settings_line(self) -> str:
         """What the engine chose where the caller left it open (scheduling defaults,
         graphs, async scheduling), for the startup log: a benchmark or a deployment
         log then says what it ran with."""
@@ -170,7 +170,8 @@ class EngineCore:
         return (
             f"token_budget={config.token_budget}, max_num_seqs={config.max_num_seqs}, "
             f"cuda_graphs={graph_text}, async_scheduling={self.async_scheduling}, "
-            f"quantization={quantization}, kv_cache_dtype={config.kv_cache_dtype}"
+            f"quantization={self.model.weight_quantization}, "
+            f"kv_cache_dtype={config.kv_cache_dtype}"
         )
 
     @property

@@ -86,6 +86,9 @@ class CausalLM(nn.Module):
     max_positions: int
     kv_spec: KVCacheSpec
     tied_embeddings: bool = False
+    # The linear weights' quantization as loaded (models.quant_config's source:
+    # "none", "fp8", "compressed-tensors", "fbgemm_fp8"), set by loader.build_model.
+    weight_quantization: str = "none"
     lm_head: LMHead
     # Whether a decode forward can be captured in a CUDA graph (no host syncs inside).
     supports_cuda_graphs: ClassVar[bool] = True

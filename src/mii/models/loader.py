@@ -127,6 +127,7 @@ def build_model(
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
+    model.weight_quantization = quant.source
     return model.eval()
 
 
