@@ -200,11 +200,7 @@ class RowParallelLinear(nn.Module):
     kernel_bias = None  # its bias is added once, after the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce(layer_linear(self, x, self.kernel_bias))
-
-    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """The layer's output from this rank's product (for callers that computed it)."""
-        out = all_reduce(partial)
+        out = all_reduce(layer_linear(self, x, self.kernel_bias))
         if self.bias is not None:
             out = out + self.bias  # added once, after the reduction
         return out
