@@ -45,10 +45,10 @@ _ATTENTION_TYPES = {
 }
 
 
-def _attention(pack: int, cache: str, head_dim: int = 128, early: bool = True):
+def _attention(pack: int, cache: str, head_dim: int = 128, early: bool = True, pdl: int = 1):
     """Split-KV decode programs (``pack`` query heads of one KV head) with
     MII_ATTENTION_EARLY_LOADS=on (``early``; off: waiting first) and
-    MII_SPLIT_KV_MERGE=kernel."""
+    MII_SPLIT_KV_MERGE=kernel; ``pdl`` 2: MII_PDL_EARLY_RELEASE=on."""
     fp8 = cache != "bf16"
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
@@ -56,18 +56,19 @@ def _attention(pack: int, cache: str, head_dim: int = 128, early: bool = True):
         HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, BLOCK_N=128 if head_dim <= 128 else 64,
         HAS_WINDOW=False, IEEE=False, UPCAST=False, KV_CAST=fp8, FP8_AS_F16=fp8,
         HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=True, SPLITS_P2=32, EARLY=early,
-        PREFETCH_KEYS=128 if early else 0, LINE=min(head_dim, 128 if fp8 else 64), PDL=True,
+        PREFETCH_KEYS=128 if early else 0, LINE=min(head_dim, 128 if fp8 else 64), PDL=pdl,
     )  # fmt: skip
     return triton_attention._paged_attention_kernel, types, constexprs
 
 
-def _rotary():
-    """The rotary + KV write kernel (it waits before any load)."""
+def _rotary(pdl: int = 1):
+    """The rotary + KV write kernel (it waits before any load); ``pdl`` 2: it lets
+    its successor launch before it waits (MII_PDL_EARLY_RELEASE=on)."""
     types = {n: "*bf16" for n in ("Q", "K", "V", "K_cache", "V_cache")}
     types |= {"positions": "*i64", "cos_sin": "*fp32", "slots": "*i64"}
     constexprs = dict(
         NUM_Q_HEADS=32, NUM_KV_HEADS=8, HEAD_DIM=128, ROT_HALF=64, H_PAD=32, HALF_PAD=64,
-        D_PAD=128, HAS_ROTARY=True, CLAMP=False, PDL=True,
+        D_PAD=128, HAS_ROTARY=True, CLAMP=False, PDL=pdl,
     )  # fmt: skip
     return triton_attention._rotary_cache_write_kernel, types, constexprs
 
@@ -88,11 +89,11 @@ def _skinny_linear(fp8: bool, short_k: bool = False):
     return triton_gemv._skinny_linear_kernel, types, constexprs
 
 
-def _rms_norm_fp8():
+def _rms_norm_fp8(pdl: int = 1):
     """RMSNorm with a residual writing its float8 copy (MII_FP8_FUSED_QUANT=on)."""
     types = {n: "*bf16" for n in ("X", "Residual", "Out", "ResidualOut", "W")}
     types |= {"Q": "*fp8e4nv", "QScale": "*fp32", "eps": "fp32"}
-    constexprs = dict(HAS_RESIDUAL=True, GEMMA=False, ROUND=False, BLOCK=4096, SLICE=256, PDL=True)
+    constexprs = dict(HAS_RESIDUAL=True, GEMMA=False, ROUND=False, BLOCK=4096, SLICE=256, PDL=pdl)
     return fused_elementwise._rms_norm_kernel, types, constexprs
 
 
@@ -131,6 +132,10 @@ CASES = {
     "attention-mha-d256": lambda: _attention(1, "bf16", head_dim=256),
     "attention-gqa-wait-first": lambda: _attention(4, "bf16", early=False),
     "rotary": _rotary,
+    # MII_PDL_EARLY_RELEASE=on: the successor launches before the wait
+    "rotary-release-first": lambda: _rotary(pdl=2),
+    "rms-norm-release-first": lambda: _rms_norm_fp8(pdl=2),
+    "attention-gqa-release-first": lambda: _attention(4, "bf16", pdl=2),
     "gemv-bf16": lambda: _skinny_linear(False),
     "gemv-fp8": lambda: _skinny_linear(True),
     "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
@@ -179,10 +184,13 @@ ALIGNED_INTS = {"N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om", 
 def facts(ptx: str, ttgir: str) -> dict:
     """What the tests check in a kernel's PTX and TTGIR."""
     wait = ptx.find("griddepcontrol.wait")
+    release = ptx.find("griddepcontrol.launch_dependents")
     prefetch = ptx.find("prefetch.global.L2")
     atomic = ptx.find("atom.")
     return {
         "waits": ptx.count("griddepcontrol.wait"),
+        "releases": ptx.count("griddepcontrol.launch_dependents"),
+        "release_before_wait": 0 <= release < wait,
         "loads_before_wait": ptx[:wait].count("ld.global"),
         "prefetches": ptx.count("prefetch.global.L2"),
         "prefetch_before_wait": 0 <= prefetch < wait,

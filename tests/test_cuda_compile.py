@@ -95,6 +95,35 @@ def test_elementwise_kernels_writing_float8_copies_compile_for_hopper(compiled, 
     assert facts["waits"] == 1 and facts["float8_converts"] > 0
 
 
+@pytest.mark.parametrize(
+    "case", ["rotary", "rms-norm-fp8", "attention-gqa", "gemv-bf16", "gemv-fp8"]
+)
+def test_kernels_let_their_successor_launch_after_their_wait_by_default(compiled, case):
+    """MII_PDL_EARLY_RELEASE=off, and the skinny linear kernels always: one release,
+    after the wait."""
+    facts = _facts(compiled, case)
+    assert facts["releases"] == 1 and not facts["release_before_wait"]
+
+
+@pytest.mark.parametrize(
+    ("case", "default_case"),
+    [
+        ("rotary-release-first", "rotary"),
+        ("rms-norm-release-first", "rms-norm-fp8"),
+        ("attention-gqa-release-first", "attention-gqa"),
+    ],
+)
+def test_small_kernels_release_their_successor_before_waiting_when_asked(
+    compiled, case, default_case
+):
+    """MII_PDL_EARLY_RELEASE=on: the release comes first, and the wait still comes
+    before every load the kernel made after it (the rotary and norm kernels load
+    nothing before it; attention only its tile table and block table, as without)."""
+    facts = _facts(compiled, case)
+    assert facts["waits"] == 1 and facts["releases"] == 1 and facts["release_before_wait"]
+    assert facts["loads_before_wait"] == _facts(compiled, default_case)["loads_before_wait"]
+
+
 ALL_CASES = [
     *ATTENTION_CASES, "attention-gqa-wait-first", "rotary", "gemv-bf16", "gemv-fp8",
     "gemv-fp8-short-k", "rms-norm-fp8", "act-and-mul-fp8", "moe-fp8-decode", "moe-fp8-prompt",

@@ -32,6 +32,18 @@ def test_on_hopper_off_on_rocm_and_without_triton_support(monkeypatch):
     assert dependent_launch_enabled(gpu)
     monkeypatch.setattr(triton_pdl, "AVAILABLE", True)
     assert triton_pdl.launch_options(gpu) == {"PDL": True, "launch_pdl": True}
+    wait_first = {"PDL": triton_pdl.WAIT_THEN_RELEASE, "launch_pdl": True}
+    assert triton_pdl.launch_options(gpu, small=True) == wait_first
+    monkeypatch.setenv("MII_PDL_EARLY_RELEASE", "on")
+    assert triton_pdl.launch_options(gpu, small=True) == {
+        "PDL": triton_pdl.RELEASE_THEN_WAIT,
+        "launch_pdl": True,
+    }
+    assert triton_pdl.launch_options(gpu) == wait_first  # the skinny linear kernel: never
+    monkeypatch.setenv("MII_PDL_EARLY_RELEASE", "early")
+    with pytest.raises(ValueError, match="MII_PDL_EARLY_RELEASE"):
+        triton_pdl.launch_options(gpu, small=True)
+    monkeypatch.delenv("MII_PDL_EARLY_RELEASE")
     monkeypatch.setattr(triton_pdl, "AVAILABLE", False)
     assert triton_pdl.launch_options(gpu) == {"PDL": False}
     monkeypatch.setattr(dispatch, "_capability", lambda index: (8, 0))
@@ -59,10 +71,14 @@ def _chain(x, residual, norm_w, gate_up_w, down_w):
 
 
 @hopper
+@pytest.mark.parametrize("release", ["off", "on"])
 @pytest.mark.parametrize("rows", [1, 8])
-def test_dependent_launches_in_a_graph_keep_the_order(rows, monkeypatch):
+def test_dependent_launches_in_a_graph_keep_the_order(rows, release, monkeypatch):
     """Each kernel must wait for its predecessor before it reads: without the waits
-    the small kernels would read the big matmuls' outputs half written."""
+    the small kernels would read the big matmuls' outputs half written. With
+    MII_PDL_EARLY_RELEASE=on the small kernels let the next linear kernel launch
+    before they wait, so two kernels ahead of the one running may be on the GPU."""
+    monkeypatch.setenv("MII_PDL_EARLY_RELEASE", release)
     assert dependent_launch_enabled(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
@@ -121,7 +137,10 @@ def _attention_half(x, w_qkv, w_o, positions, cos_sin, caches, batch, kv_heads):
 @pytest.mark.parametrize("early", ["off", "on"])
 @pytest.mark.parametrize("merge", ["launch", "kernel"])
 @pytest.mark.parametrize("kv_heads", [32, 8])
-def test_attention_in_a_graph_keeps_the_order(kv_heads, merge, early, contexts, monkeypatch):
+@pytest.mark.parametrize("release", ["off", "on"])
+def test_attention_in_a_graph_keeps_the_order(
+    release, kv_heads, merge, early, contexts, monkeypatch
+):
     """Split-KV attention between its rotary kernel and the o projection, replayed
     with a new token per sequence each time (written into the cache, then attended
     to), gives what launches without PDL give: with MII_ATTENTION_EARLY_LOADS=on (the
@@ -133,6 +152,7 @@ def test_attention_in_a_graph_keeps_the_order(kv_heads, merge, early, contexts, 
 
     monkeypatch.setenv("MII_SPLIT_KV_MERGE", merge)
     monkeypatch.setenv("MII_ATTENTION_EARLY_LOADS", early)
+    monkeypatch.setenv("MII_PDL_EARLY_RELEASE", release)  # MII_PDL=off ignores it
     gen = torch.Generator(device="cuda").manual_seed(1)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     ints = dict(device="cuda", dtype=torch.int32)

@@ -12,6 +12,7 @@
 | ``MII_SPLIT_KV_MERGE`` | ``launch``, ``kernel`` | who merges split-KV decode slices |
 | ``MII_ATTENTION_EARLY_LOADS`` | ``on``, ``off`` | decode attention's reads before the PDL wait |
 | ``MII_FP8_FUSED_QUANT`` | ``off``, ``on`` | norm / act kernels write x's float8 copy |
+| ``MII_PDL_EARLY_RELEASE`` | ``off``, ``on`` | small kernels release their successor first |
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_GGUF_CACHE_DIR`` | a directory (``$MII_CACHE_DIR/gguf``) | converted GGUF checkpoints only |
@@ -172,6 +173,17 @@ FP8_FUSED_QUANT = _choice(
     "off",
     "on",
 )
+PDL_EARLY_RELEASE = _choice(
+    "MII_PDL_EARLY_RELEASE",
+    "with PDL, the decode chain's small kernels (norm, act * up, quantization, rotary + "
+    "KV write, attention, split merge) let their successor launch as soon as they start, "
+    "before their own wait ('on'), so the next skinny linear kernel's programs take the "
+    "SMs the previous one frees during its tail and prefetch their weights into L2 "
+    "meanwhile; 'off' lets it launch only after the wait. Every kernel still waits for "
+    "its predecessor's completion before it reads an activation (ops/triton_pdl.py)",
+    "off",
+    "on",
+)
 
 MOE_PROMPT_GEMM = _choice(
     "MII_MOE_PROMPT_GEMM",
@@ -296,6 +308,7 @@ SWITCHES: tuple[Switch, ...] = (
     SPLIT_KV_MERGE,
     ATTENTION_EARLY_LOADS,
     FP8_FUSED_QUANT,
+    PDL_EARLY_RELEASE,
     MOE_PROMPT_GEMM,
     CACHE_DIR,
     GGUF_CACHE_DIR,

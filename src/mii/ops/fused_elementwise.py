@@ -158,7 +158,7 @@ def rms_norm(
             BLOCK=block,
             SLICE=slices,
             num_warps=_warps(n),
-            **triton_pdl.launch_options(x.device),
+            **triton_pdl.launch_options(x.device, small=True),
         )
     normed = out.view(shape)
     if slices:
@@ -243,7 +243,7 @@ def act_and_mul(gate_up: torch.Tensor, activation: str, fp8_slices: int = 0) -> 
             BLOCK=block,
             SLICE=slices,
             num_warps=4,
-            **triton_pdl.launch_options(gate_up.device),
+            **triton_pdl.launch_options(gate_up.device, small=True),
         )
     result = out.view(*gate_up.shape[:-1], n)
     if slices:

@@ -670,7 +670,7 @@ def rotary_cache_write(
         D_PAD=triton.next_power_of_2(dim),
         HAS_ROTARY=cos_sin is not None,
         CLAMP=k_cache.dtype == FP8_KV_DTYPE,
-        **triton_pdl.launch_options(q.device),
+        **triton_pdl.launch_options(q.device, small=True),
     )
 
 
@@ -697,7 +697,7 @@ def paged_attention_from_cache(
         return out
     kv_heads, kv_block = k_cache.shape[2], k_cache.shape[1]
     d_pad = max(16, triton.next_power_of_2(dim))
-    dependent_launch = triton_pdl.launch_options(q.device)
+    dependent_launch = triton_pdl.launch_options(q.device, small=True)
     merge_in_kernel = envs.SPLIT_KV_MERGE.get() == "kernel"
     early_loads = envs.ATTENTION_EARLY_LOADS.get() == "on"
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)

@@ -187,7 +187,7 @@ def align_by_expert(
         EXPERTS_P2=experts_p2,
         BLOCK_M=block_m,
         CHUNK=_layout_chunk(experts_p2),
-        **triton_pdl.launch_options(flat.device),
+        **triton_pdl.launch_options(flat.device, small=True),
         num_warps=4,
     )
     return sorted_pairs, block_expert
@@ -273,7 +273,7 @@ def route_and_align(
         BLOCK_M=block_m,
         CHUNK=_layout_chunk(experts_p2),
         TOKEN_CHUNK=max(1, min(128, 4096 // experts_p2)),  # a [tokens, experts] tile
-        **triton_pdl.launch_options(device),
+        **triton_pdl.launch_options(device, small=True),
         num_warps=4,
     )
     return weights, experts, sorted_pairs, block_expert

@@ -12,6 +12,14 @@ are visible, and only then reads an activation or writes anything; right after,
 it lets its own successor launch. A kernel that waited has a predecessor that
 waited, so every earlier kernel has completed too: the order of memory effects
 is the order without PDL. Kernels launched without PDL (torch's) wait as usual.
+
+With ``MII_PDL_EARLY_RELEASE=on`` the small kernels between two skinny linear
+kernels (``launch_options(..., small=True)``) let their successor launch before
+they wait: the next linear kernel's programs then take the SMs that the previous
+one frees in its tail and prefetch their weights while the small kernel waits and
+runs. Releasing early changes only when a successor's programs start, never what
+they may read before their own wait, and a kernel releases only once all of its
+programs have started, so a successor never holds an SM its predecessor needs.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mii import envs
 from mii.ops.dispatch import dependent_launch_enabled
 
 try:  # Triton 3.4+; older versions launch every kernel without PDL
@@ -38,11 +47,19 @@ except ImportError:
         pass
 
 
+# Values of a kernel's ``PDL`` constexpr (``launch_options``).
+OFF, WAIT_THEN_RELEASE, RELEASE_THEN_WAIT = 0, 1, 2
+
+
 @triton.jit
 def wait_for_predecessor(PDL: tl.constexpr):
     """With PDL: wait until the previous kernel has completed (its writes visible),
-    then let the next kernel launch. A no-op without."""
-    if PDL:
+    and let the next kernel launch: after the wait, or before it where ``PDL`` is
+    ``RELEASE_THEN_WAIT``. A no-op without."""
+    if PDL == 2:  # RELEASE_THEN_WAIT (Triton reads no module globals here)
+        gdc_launch_dependents()
+        gdc_wait()
+    elif PDL:
         gdc_wait()
         gdc_launch_dependents()
 
@@ -61,9 +78,11 @@ def prefetch_to_l2(pointers):
     )
 
 
-def launch_options(device: torch.device) -> dict:
+def launch_options(device: torch.device, small: bool = False) -> dict:
     """Keyword arguments for a kernel taking a ``PDL`` constexpr: ``PDL`` and, when
-    on, Triton's ``launch_pdl`` launch attribute."""
-    if AVAILABLE and dependent_launch_enabled(device):
-        return {"PDL": True, "launch_pdl": True}
-    return {"PDL": False}
+    on, Triton's ``launch_pdl`` launch attribute. ``small``: a kernel of the decode
+    chain whose successor may launch before it waits (``MII_PDL_EARLY_RELEASE``)."""
+    if not (AVAILABLE and dependent_launch_enabled(device)):
+        return {"PDL": OFF}
+    early = small and envs.PDL_EARLY_RELEASE.get() == "on"
+    return {"PDL": RELEASE_THEN_WAIT if early else WAIT_THEN_RELEASE, "launch_pdl": True}

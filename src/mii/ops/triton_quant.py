@@ -140,7 +140,7 @@ def quantize_groups_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
             GROUP=group,
             GROUPS=GROUPS_PER_PROGRAM,
             EMULATE=INTERPRETED,
-            **triton_pdl.launch_options(x.device),
+            **triton_pdl.launch_options(x.device, small=True),
             num_warps=4,
         )
     return xq, scale
