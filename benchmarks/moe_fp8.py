@@ -54,11 +54,15 @@ def candidates() -> list:
     # to bf16 for 16-bit products (TileConfig.fp8_dot).
     # The prompt-sized tiles also in the L2-friendly program order (TileConfig.group_m).
     ordered = [t._replace(a_groups=True, group_m=8) for t in tiles if t.block_m >= 64]
+    # The decode-sized tiles also computed transposed (TileConfig.swap_ab: the weights
+    # on the tensor cores' 64-row side, float8 wgmma instead of converted weights).
+    swapped = [t._replace(a_groups=True, swap_ab=True) for t in tiles if t.block_m <= 32]
     return (
         tiles
         + [t._replace(a_groups=True) for t in tiles]
         + [t._replace(fp8_dot=False) for t in tiles]
         + ordered
+        + swapped
     )
 
 

@@ -104,9 +104,10 @@ def _act_and_mul_fp8():
     return fused_elementwise._act_and_mul_kernel, types, constexprs
 
 
-def _moe_fp8(decode: bool):
+def _moe_fp8(decode: bool, swap_ab: bool = False):
     """The grouped expert GEMM on float8 experts, x quantized per slice beforehand
-    (a_groups), with Mixtral's decode (16 x 64 x 512) or prompt (64 x 128 x 128) tiles."""
+    (a_groups), with Mixtral's decode (16 x 64 x 512) or prompt (64 x 128 x 128) tiles;
+    ``swap_ab``: the product computed transposed (MII_MOE_SWAP_AB=on)."""
     types = {"A": "*fp8e4nv", "B": "*fp8e4nv", "B_scale": "*fp32", "C": "*bf16"}
     types |= {"sorted_pairs": "*i32", "block_expert": "*i32", "pair_weights": "*bf16"}
     types |= {"A_scale": "*fp32"}
@@ -117,7 +118,7 @@ def _moe_fp8(decode: bool):
     )
     constexprs = dict(
         A_ROWS_PER_PAIR=1, HAS_WEIGHTS=True, B_SCALED=True, DEQUANT=0, A_FP8=True,
-        A_GROUPS=True, IEEE=False, UPCAST=False, GROUP_M=0, **tiles,
+        A_GROUPS=True, IEEE=False, UPCAST=False, GROUP_M=0, SWAP_AB=swap_ab, **tiles,
     )  # fmt: skip
     return triton_moe._grouped_gemm_kernel, types, constexprs
 
@@ -141,6 +142,7 @@ CASES = {
     "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
     "moe-fp8-decode": lambda: _moe_fp8(True),
     "moe-fp8-prompt": lambda: _moe_fp8(False),
+    "moe-fp8-decode-swapped": lambda: _moe_fp8(True, swap_ab=True),
 }
 
 
@@ -199,6 +201,7 @@ def facts(ptx: str, ttgir: str) -> dict:
         "barrier_before_atomic": atomic < 0 or "bar.sync" in ptx[:atomic],
         "atomics": ptx.count("atom.global"),
         "float8_converts": ptx.count("e4m3x2"),
+        "wgmma": ptx.count("wgmma.mma_async"),
         "pipelined_loops": len(pipelined_loops(ttgir)),
         "waited_loads_in_pipelined_loops": waited_loads(ttgir),
     }

@@ -127,6 +127,7 @@ def test_small_kernels_release_their_successor_before_waiting_when_asked(
 ALL_CASES = [
     *ATTENTION_CASES, "attention-gqa-wait-first", "rotary", "gemv-bf16", "gemv-fp8",
     "gemv-fp8-short-k", "rms-norm-fp8", "act-and-mul-fp8", "moe-fp8-decode", "moe-fp8-prompt",
+    "moe-fp8-decode-swapped",
 ]  # fmt: skip
 
 
@@ -141,10 +142,28 @@ def test_pipelined_loops_wait_for_no_load_of_their_own_trip(compiled, case):
 
 
 @pytest.mark.parametrize(
-    "case", ["gemv-bf16", "gemv-fp8", "gemv-fp8-short-k", "moe-fp8-decode", "moe-fp8-prompt"]
+    "case",
+    [
+        "gemv-bf16",
+        "gemv-fp8",
+        "gemv-fp8-short-k",
+        "moe-fp8-decode",
+        "moe-fp8-prompt",
+        "moe-fp8-decode-swapped",
+    ],
 )
 def test_weight_loops_are_software_pipelined(compiled, case):
     """The GEMMs' weight loops stream through asynchronous copies, stages ahead (as
     a launch compiles them: with its arguments' alignment); else the test above
     would hold for loops that wait for every load."""
     assert _facts(compiled, case)["pipelined_loops"] >= 1
+
+
+def test_swapped_float8_decode_tile_multiplies_float8_on_wgmma(compiled):
+    """MII_MOE_SWAP_AB=on: Mixtral's 16-pair float8 decode tile, computed transposed
+    (the weights on the tensor cores' 64-row side, as the skinny decode kernel),
+    multiplies float8 by float8 on wgmma; the plain tile runs mma.sync on weights
+    converted to f16 (256 conversions a trip)."""
+    swapped = _facts(compiled, "moe-fp8-decode-swapped")
+    assert swapped["wgmma"] > 0 and swapped["float8_converts"] == 0
+    assert _facts(compiled, "moe-fp8-decode")["float8_converts"] > 0

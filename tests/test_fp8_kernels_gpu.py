@@ -232,6 +232,33 @@ def test_grouped_fp8_experts_on_the_mixtral_shape(mixtral_experts, tokens, mode)
     assert _relative(got, bf16) < bound
 
 
+@pytest.mark.parametrize("fp8", [True, False], ids=["float8", "bf16"])
+@pytest.mark.parametrize("tokens", [1, 16, 32])
+def test_swapped_decode_tiles_on_the_mixtral_shape(mixtral_experts, tokens, fp8):
+    """MII_MOE_SWAP_AB's tiles (the product computed transposed) against the plain
+    decode tiles: the same float8 values and scales, so only the tensor cores' order
+    of the sums differs."""
+    import torch.nn.functional as F
+
+    from mii.ops.triton_moe import default_tiles, moe_grouped_mlp
+
+    w13, s13, w2, s2 = mixtral_experts
+    if not fp8:
+        w13, w2 = dequantize_rows(w13, s13, torch.bfloat16), dequantize_rows(w2, s2, torch.bfloat16)
+        s13 = s2 = None
+    experts_n, hidden, _ = MIXTRAL
+    gen = torch.Generator(device="cuda").manual_seed(tokens + 1)
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    logits = torch.randn(tokens, experts_n, device="cuda", generator=gen)
+    weights, experts = torch.softmax(logits, -1).topk(2, dim=-1)
+    tiles = default_tiles(tokens * 2, fp8=fp8)
+    plain = moe_grouped_mlp(x, w13, w2, weights, experts, F.silu, tiles, s13, s2)
+    swapped = moe_grouped_mlp(
+        x, w13, w2, weights, experts, F.silu, tiles._replace(swap_ab=True), s13, s2
+    )
+    assert _relative(swapped, plain) < 1e-2
+
+
 def test_fp8_model_with_and_without_the_skinny_kernel(checkpoints, monkeypatch):
     """bf16 activations, CUDA graphs and async scheduling: decode steps through the
     float8 skinny kernel (prompts through torch._scaled_mm). Its greedy

@@ -179,6 +179,28 @@ def test_l2_program_order_gives_the_same_output(group_m):
     assert torch.equal(grouped, plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swapped_tiles_give_the_same_output(dtype):
+    """``TileConfig.swap_ab`` (the product computed transposed) on 16-bit and float32
+    experts: the same output, within the sums' order (several experts per launch, N
+    and K not multiples of the blocks)."""
+    from mii.ops.triton_moe import TileConfig, grouped_gemm
+
+    generator = torch.Generator().manual_seed(5)
+    experts = torch.randint(0, 4, (23, 1), generator=generator).to(DEVICE)
+    a = torch.randn(23, 72, generator=generator).to(dtype).to(DEVICE)
+    weight = torch.randn(4, 80, 72, generator=generator).to(dtype).to(DEVICE)
+    tiles = TileConfig(16, 32, 32)
+    pairs, blocks = align_by_expert(experts, 4, tiles.block_m)
+    args = (a, weight, pairs, blocks, 23, 1)
+    plain = grouped_gemm(*args, tiles)
+    swapped = grouped_gemm(*args, tiles._replace(swap_ab=True))
+    torch.testing.assert_close(swapped, plain, rtol=1e-5, atol=1e-5)
+    expected = torch.einsum("tk,tnk->tn", a.float(), weight[experts[:, 0]].float())
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(swapped.float(), expected, rtol=tolerance, atol=tolerance)
+
+
 def test_large_layouts_keep_the_torch_operations(monkeypatch):
     """One program lays out Mixtral's passes and small decode batches of many
     experts; a 256-expert top-8 prompt pass (its loops would run ~1,000 steps on

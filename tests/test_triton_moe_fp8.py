@@ -157,6 +157,47 @@ def test_activations_quantized_once_equal_the_in_loop_quantization(tokens, hidde
     assert torch.equal(once, in_loop)
 
 
+@pytest.mark.parametrize(
+    "mode",
+    [dict(fp8_dot=True, a_groups=True), dict(fp8_dot=True), dict(fp8_dot=False, dequant=0)],
+    ids=["fp8-products-quantized-once", "fp8-products", "16-bit-products"],
+)
+@pytest.mark.parametrize("tokens, hidden, inter", [(1, 64, 96), (9, 112, 40), (40, 64, 96)])
+def test_swapped_tiles_give_the_plain_tiles_output(mode, tokens, hidden, inter):
+    """``TileConfig.swap_ab``: the transposed product (weights' columns as the tensor
+    cores' rows, pairs as its columns; each pair's slice scale then on a column) gives
+    the plain tile's output: the same float8 values and scales, the same sums (K
+    ending inside a slice: 112 and 40 against 32 columns; row blocks of several
+    experts; masked columns where N is not a multiple of the block)."""
+    moe = random_fp8_moe(hidden_size=hidden, intermediate_size=inter)
+    gen = torch.Generator().manual_seed(tokens + 7)
+    x = torch.randn(tokens, hidden, generator=gen) * 2
+    x[:, ::5] *= 20
+    x = x.to(torch.bfloat16).to(DEVICE)
+    with torch.no_grad():
+        moe.gate.to(torch.bfloat16)
+        weights, experts = moe.route(x)
+        tiles = TileConfig(16, 64, 32, **mode)
+        args = (x, moe.w13, moe.w2, weights, experts, moe.act)
+        scales = (moe.w13_scale, moe.w2_scale)
+        plain = moe_grouped_mlp(*args, tiles, *scales)
+        swapped = moe_grouped_mlp(*args, tiles._replace(swap_ab=True), *scales)
+    torch.testing.assert_close(swapped, plain, rtol=0, atol=0)
+
+
+def test_decode_tiles_swap_when_asked(monkeypatch):
+    """MII_MOE_SWAP_AB=on swaps the decode-sized launches (bf16 and float8, their
+    down projections' own tiles too) and leaves prompt-sized ones as they are."""
+    from mii.ops.triton_moe import default_down_tiles
+
+    assert not default_tiles(2, fp8=True).swap_ab
+    monkeypatch.setenv("MII_MOE_SWAP_AB", "on")
+    for fp8 in (False, True):
+        assert default_tiles(2, fp8).swap_ab and default_tiles(64, fp8).swap_ab
+        assert not default_tiles(4096, fp8).swap_ab
+    assert default_down_tiles(2, fp8=False).swap_ab
+
+
 @pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])
 def test_every_finite_e4m3_value_and_each_expert_channel_scale(dequant):
     """a = identity picks each weight: C[pair, n] = float(B[e, n, k]) * scale[e, n]

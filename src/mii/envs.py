@@ -13,6 +13,7 @@
 | ``MII_ATTENTION_EARLY_LOADS`` | ``on``, ``off`` | decode attention's reads before the PDL wait |
 | ``MII_FP8_FUSED_QUANT`` | ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_PDL_EARLY_RELEASE`` | ``off``, ``on`` | small kernels release their successor first |
+| ``MII_MOE_SWAP_AB`` | ``off``, ``on`` | decode-sized expert GEMMs: weights on the 64-row side |
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_GGUF_CACHE_DIR`` | a directory (``$MII_CACHE_DIR/gguf``) | converted GGUF checkpoints only |
@@ -173,6 +174,15 @@ FP8_FUSED_QUANT = _choice(
     "off",
     "on",
 )
+MOE_SWAP_AB = _choice(
+    "MII_MOE_SWAP_AB",
+    "decode-sized grouped expert GEMMs (at most 64 token-expert pairs) compute the "
+    "transposed tile, the experts' weights on the tensor cores' 64-row side ('on', "
+    "ops/triton_moe.TileConfig.swap_ab): Hopper's float8 wgmma needs 64 rows there, and "
+    "the 16-pair tile otherwise runs mma.sync on weights converted to f16",
+    "off",
+    "on",
+)
 PDL_EARLY_RELEASE = _choice(
     "MII_PDL_EARLY_RELEASE",
     "with PDL, the decode chain's small kernels (norm, act * up, quantization, rotary + "
@@ -309,6 +319,7 @@ SWITCHES: tuple[Switch, ...] = (
     ATTENTION_EARLY_LOADS,
     FP8_FUSED_QUANT,
     PDL_EARLY_RELEASE,
+    MOE_SWAP_AB,
     MOE_PROMPT_GEMM,
     CACHE_DIR,
     GGUF_CACHE_DIR,

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mii import envs
 from mii.ops import triton_limits as limits
 from mii.ops.dispatch import INTERPRETED
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
@@ -75,6 +76,7 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,
 ):
     """C[pair, n] = sum_k A[row(pair), k] * B[expert, n, k] for the pairs of one
     row block and one column block; ``row(pair)`` is ``pair // A_ROWS_PER_PAIR``
@@ -84,7 +86,10 @@ def _grouped_gemm_kernel(
     GROUP_M > 0: a 1-D grid in which consecutive programs take GROUP_M row blocks
     (mostly one expert's) down every column block, so that those rows of A and
     that expert's columns of B are read from L2 rather than memory again
-    (``TileConfig.group_m``); else a 2-D grid, row blocks varying fastest."""
+    (``TileConfig.group_m``); else a 2-D grid, row blocks varying fastest.
+
+    SWAP_AB: the tensor cores compute the transposed tile, B's BLOCK_N columns as
+    the rows of the product and the pairs as its columns (``TileConfig.swap_ab``)."""
     if GROUP_M > 0:
         row_blocks = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
@@ -106,8 +111,13 @@ def _grouped_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = B + expert.to(tl.int64) * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_base = B + expert.to(tl.int64) * stride_be
+    if SWAP_AB:  # B's tile as [BLOCK_N, BLOCK_K], the product's rows
+        b_ptrs = b_base + offs_n[:, None] * stride_bn + offs_k[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        b_ptrs = b_base + offs_n[None, :] * stride_bn + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # A_GROUPS: each slice's scales loaded one trip ahead (a load that feeds no dot
     # stays out of Triton's software pipeline: loaded in its own trip, every trip
     # would wait for it; as in ops/triton_gemv.py).
@@ -117,7 +127,10 @@ def _grouped_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k + k0 < K
         a = tl.load(a_ptrs, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+        if SWAP_AB:
+            b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & k_ok[None, :], other=0.0)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
         if A_GROUPS:
             # A arrives as float8 already, one scale per row and BLOCK_K slice
             # (TileConfig.a_groups): quantized once, not once per column block.
@@ -125,31 +138,27 @@ def _grouped_gemm_kernel(
             ahead = A_scale + rows * stride_as + (k0 + BLOCK_K) // BLOCK_K
             scales_ahead = tl.load(ahead, mask=valid & (k0 + BLOCK_K < K), other=1.0)
             if UPCAST:  # the interpreter: a float32 dot of the exact float8 values
-                part = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(a, b)
-            acc += part * a_scale[:, None]
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc += _scaled_by_row(_tile_dot(a, b, SWAP_AB, UPCAST), a_scale, SWAP_AB)
         elif A_FP8:
             # Float8 experts times float8 activations (TileConfig.fp8_dot): each row's
             # slice quantized with its own scale, the slice's product scaled back.
             aq, a_scale = quantize_rows_e4m3(a, UPCAST)
-            if UPCAST:  # noqa: SIM108 (a constexpr branch) the interpreter: float32 dot
-                part = tl.dot(aq, b.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(aq, b)
-            acc += part * a_scale[:, None]
+            if UPCAST:  # the interpreter: float32 dot
+                b = b.to(tl.float32)
+            acc += _scaled_by_row(_tile_dot(aq, b, SWAP_AB, UPCAST), a_scale, SWAP_AB)
         else:
             if B_SCALED:  # float8 -> a's dtype: exact (e4m3 is a subset of bf16 and fp16)
                 b = dequantize_e4m3(b, A.dtype.element_ty, DEQUANT)
             if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            if IEEE:  # fp32 weights: full precision, not TF32
-                acc += tl.dot(a, b, input_precision="ieee")
-            else:
-                acc += tl.dot(a, b)
+            acc += _tile_dot(a, b, SWAP_AB, IEEE)  # IEEE: fp32 weights, full precision
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if B_SCALED:  # each (expert, output channel)'s scale, once, on the whole sum
         scale_ptrs = B_scale + expert.to(tl.int64) * stride_se + offs_n
         acc = acc * tl.load(scale_ptrs, mask=offs_n < N, other=1.0)[None, :]
@@ -158,6 +167,31 @@ def _grouped_gemm_kernel(
         acc = acc * w[:, None].to(tl.float32)
     c_ptrs = C + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _tile_dot(a, b, SWAP_AB: tl.constexpr, IEEE: tl.constexpr):
+    """a [BLOCK_M, BLOCK_K] times B's tile: [BLOCK_M, BLOCK_N] from b [BLOCK_K,
+    BLOCK_N], or with SWAP_AB its transpose [BLOCK_N, BLOCK_M] from b [BLOCK_N,
+    BLOCK_K]. IEEE: full float32 precision (fp32 weights, the interpreter)."""
+    if SWAP_AB:
+        # The weights on the tensor cores' 64-row side: Hopper's float8 wgmma needs
+        # 64 rows there, so a 16-pair tile on that side fell back to mma.sync with
+        # every float8 weight converted to f16 first (tests/cuda_compile.py).
+        left = b
+        right = tl.trans(a)
+    else:
+        left = a
+        right = b
+    # (one expression per constexpr test: Triton compiles an early return in a
+    # constexpr branch as if both branches ran)
+    return tl.dot(left, right, input_precision="ieee") if IEEE else tl.dot(left, right)
+
+
+@triton.jit
+def _scaled_by_row(part, row_scale, SWAP_AB: tl.constexpr):
+    """``part`` with each pair's row (a column with SWAP_AB) times its scale."""
+    return part * row_scale[None, :] if SWAP_AB else part * row_scale[:, None]
 
 
 class TileConfig(NamedTuple):
@@ -180,6 +214,11 @@ class TileConfig(NamedTuple):
     # Row blocks per group of the L2-friendly program order (see the kernel); 0: the
     # 2-D grid. Not yet measured on a GPU (moe_fp8.py sweeps it).
     group_m: int = 0
+    # The product computed transposed, the weights' columns on the tensor cores'
+    # 64-row side (the kernel's SWAP_AB), as the skinny decode kernel does: for
+    # decode-sized row blocks (16 pairs) with float8 experts, float8 wgmma instead
+    # of mma.sync on weights converted to f16.
+    swap_ab: bool = False
 
 
 def default_tiles(num_pairs: int, fp8: bool = False) -> TileConfig:
@@ -194,13 +233,13 @@ def default_tiles(num_pairs: int, fp8: bool = False) -> TileConfig:
     723 / 807 us, 1.94 / 6.40 ms); one setting timed twice in a call differed by up
     to 8 % (docs/performance.md)."""
     if fp8 and num_pairs <= 64:
-        return TileConfig(16, 64, 512, num_warps=4, num_stages=3, a_groups=True)
+        return _decode(TileConfig(16, 64, 512, num_warps=4, num_stages=3, a_groups=True))
     if fp8:
         return TileConfig(64, 128, 128, num_warps=8, num_stages=3, a_groups=True)
     if num_pairs <= 8:  # 1-4 tokens
-        return TileConfig(16, 64, 128)
+        return _decode(TileConfig(16, 64, 128))
     if num_pairs <= 64:  # best at 16 tokens: 1.03 ms vs 1.05 ms
-        return TileConfig(16, 64, 256, num_warps=4, num_stages=4)
+        return _decode(TileConfig(16, 64, 256, num_warps=4, num_stages=4))
     if num_pairs <= 512:  # best at 128 tokens: 1.16 ms vs 1.29 ms for 16x64x128
         return TileConfig(64, 128, 64, num_warps=8, num_stages=4)
     # best at 1024 and 4096 tokens: 2.02 / 6.42 ms vs 2.47 / 7.12 ms for 64x128x64
@@ -214,8 +253,13 @@ def default_down_tiles(num_pairs: int, fp8: bool = False) -> TileConfig | None:
     16 x 64 x 256 with 4 stages took the layer from 210.3 to 198.8 us; at 16 and 128
     tokens and for float8 experts no setting gained more than 1-2 % (noise)."""
     if not fp8 and num_pairs <= 8:
-        return TileConfig(16, 64, 256, num_warps=4, num_stages=4)
+        return _decode(TileConfig(16, 64, 256, num_warps=4, num_stages=4))
     return None
+
+
+def _decode(tiles: TileConfig) -> TileConfig:
+    """A decode-sized launch's tiles, computed transposed where MII_MOE_SWAP_AB=on."""
+    return tiles._replace(swap_ab=envs.MOE_SWAP_AB.get() == "on")
 
 
 def stages_that_fit(
@@ -307,6 +351,7 @@ def grouped_gemm(
         BLOCK_N=tiles.block_n,
         BLOCK_K=block_k,
         GROUP_M=tiles.group_m,
+        SWAP_AB=tiles.swap_ab,
         num_warps=tiles.num_warps,
         num_stages=stages_that_fit(
             tiles, block_k, a.element_size(), a.device, weight.element_size()
