@@ -6,7 +6,7 @@
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
 #     [moe-down-sweep] (the down projection's own tiles at decode sizes)
 #   batch-1 decode attention: [decode-long] [decode-batch1] [decode-step] [tests-attention];
-#   one switch set, A/B: [latency-with VAR=VALUE] [latency-fp8w-with VAR=VALUE]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
+#   one switch set, A/B: [latency-with VAR=VALUE] [latency-fp8w-with VAR=VALUE] [latency-mixtral-with VAR=VALUE] [latency-mixtral-fp8w-with VAR=VALUE]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
 #   W1 pass by pass: [breakdown] [breakdown-llama3]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
@@ -27,8 +27,10 @@ while [ $# -gt 0 ]; do
     tests-attention) python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_fp8_kv_cache.py tests/test_fp8_activations.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_attention.log" | tail -25 ;;
     # One switch set for one batch-1 run (A/B): latency-with MII_SPLIT_KV_MERGE=kernel;
     # latency-fp8w-with VAR=VALUE: the same with FP8 weights. One summary line each.
-    latency-with|latency-fp8w-with) mode=$1; shift; tag=$(echo "${mode#latency-}_$1" | tr 'A-Z=-' 'a-z__')
-      extra=""; [ "$mode" = latency-fp8w-with ] && extra="--quantization fp8"
+    latency-with|latency-fp8w-with|latency-mixtral-with|latency-mixtral-fp8w-with) mode=$1; shift
+      tag=$(echo "${mode#latency-}_$1" | tr 'A-Z=-' 'a-z__'); extra=""
+      case "$mode" in *mixtral*) extra="--model mixtral-8x7b" ;; esac
+      case "$mode" in *fp8w*) extra="$extra --quantization fp8" ;; esac
       env "$1" python3 benchmarks/latency.py $extra --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
       echo "$tag $(grep -o '"decode_tok_s": [0-9.]*' "$OUT/$tag.log") $(grep -o '"fraction_of_bandwidth_floor": [0-9.]*' "$OUT/$tag.log")" ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
@@ -83,6 +85,7 @@ while [ $# -gt 0 ]; do
     moe-down-sweep) python3 benchmarks/moe_fp8.py --no-sweep --down-sweep --tokens 1 16 128 --json "$OUT/moe_down.json" > "$OUT/moe_down.log" 2>&1; grep "^tokens" "$OUT/moe_down.log" || tail -30 "$OUT/moe_down.log" ;;
     moe-grouped-mm) python3 benchmarks/moe_fp8.py --no-sweep --grouped-mm --tokens 16 128 1024 4096 --json "$OUT/moe_grouped_mm.json" > "$OUT/moe_grouped_mm.log" 2>&1; grep "^tokens" "$OUT/moe_grouped_mm.log" || tail -30 "$OUT/moe_grouped_mm.log" ;;
     w1-mixtral-grouped-mm) MII_MOE_PROMPT_GEMM=grouped_mm python3 benchmarks/throughput.py --model mixtral-8x7b --num-requests 128 --json "$OUT/w1_mixtral_gmm.json" > "$OUT/w1_mixtral_gmm.log" 2>&1; tail -14 "$OUT/w1_mixtral_gmm.log" ;;
+    moe-fp8-decode) python3 benchmarks/moe_fp8.py --tokens 1 16 --bf16-sweep --json "$OUT/moe_fp8_decode.json" > "$OUT/moe_fp8_decode.log" 2>&1; grep "^tokens" "$OUT/moe_fp8_decode.log" || tail -30 "$OUT/moe_fp8_decode.log" ;;
     moe-fp8) python3 benchmarks/moe_fp8.py --bf16-sweep --json "$OUT/moe_fp8.json" > "$OUT/moe_fp8.log" 2>&1; grep "^tokens" "$OUT/moe_fp8.log" || tail -30 "$OUT/moe_fp8.log" ;;
     latency-70b-fp8w) python3 benchmarks/latency.py --model llama3-70b --quantization fp8 --json "$OUT/latency_70b_fp8w.json" > "$OUT/latency_70b_fp8w.log" 2>&1; tail -30 "$OUT/latency_70b_fp8w.log" ;;
     w1-70b-fp8w) python3 benchmarks/throughput.py --model llama3-70b --quantization fp8 --json "$OUT/w1_70b_fp8w.json" > "$OUT/w1_70b_fp8w.log" 2>&1; tail -30 "$OUT/w1_70b_fp8w.log" ;;
