@@ -73,10 +73,11 @@ def _rotary(pdl: int = 1):
     return triton_attention._rotary_cache_write_kernel, types, constexprs
 
 
-def _skinny_linear(fp8: bool, short_k: bool = False):
+def _skinny_linear(fp8: bool, short_k: bool = False, gated: bool = False):
     """The decode GEMV as an H200 runs o_proj: split-K, the weights' L2 prefetch;
     float8 weights with x quantized per slice beforehand (x_groups); ``short_k``:
-    float8's launch for o_proj now (FP8_SHORT_K_CONFIG: 512-column slices, unsplit)."""
+    float8's launch for o_proj now (FP8_SHORT_K_CONFIG: 512-column slices, unsplit);
+    ``gated``: act(gate) * up in the epilogue (MII_GATED_GEMV=on)."""
     types = {"X": "*fp8e4nv" if fp8 else "*bf16", "W": "*fp8e4nv" if fp8 else "*bf16"}
     types |= {"Scale": "*fp32", "Bias": "*bf16", "Out": "*bf16", "Partials": "*fp32"}
     types |= {"Arrivals": "*i32", "XScale": "*fp32"}
@@ -84,7 +85,7 @@ def _skinny_linear(fp8: bool, short_k: bool = False):
         HAS_BIAS=False, W_SCALED=fp8, DEQUANT=0, X_FP8=fp8, X_GROUPS=fp8, IEEE=False,
         UPCAST=False, SPLIT_K=1 if short_k else 4, BLOCK_M=16, BLOCK_N=64,
         BLOCK_K=512 if short_k else 256, PDL=True,
-        PREFETCH_LINES=8, LINE=128 if fp8 else 64,
+        PREFETCH_LINES=8, LINE=128 if fp8 else 64, GATED=1 if gated else 0, ROUND=False,
     )  # fmt: skip
     return triton_gemv._skinny_linear_kernel, types, constexprs
 
@@ -140,6 +141,8 @@ CASES = {
     "gemv-bf16": lambda: _skinny_linear(False),
     "gemv-fp8": lambda: _skinny_linear(True),
     "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
+    "gemv-bf16-gated": lambda: _skinny_linear(False, gated=True),
+    "gemv-fp8-gated": lambda: _skinny_linear(True, gated=True),
     "moe-fp8-decode": lambda: _moe_fp8(True),
     "moe-fp8-prompt": lambda: _moe_fp8(False),
     "moe-fp8-decode-swapped": lambda: _moe_fp8(True, swap_ab=True),

@@ -127,7 +127,7 @@ def test_small_kernels_release_their_successor_before_waiting_when_asked(
 ALL_CASES = [
     *ATTENTION_CASES, "attention-gqa-wait-first", "rotary", "gemv-bf16", "gemv-fp8",
     "gemv-fp8-short-k", "rms-norm-fp8", "act-and-mul-fp8", "moe-fp8-decode", "moe-fp8-prompt",
-    "moe-fp8-decode-swapped",
+    "moe-fp8-decode-swapped", "gemv-bf16-gated", "gemv-fp8-gated",
 ]  # fmt: skip
 
 
@@ -150,6 +150,8 @@ def test_pipelined_loops_wait_for_no_load_of_their_own_trip(compiled, case):
         "moe-fp8-decode",
         "moe-fp8-prompt",
         "moe-fp8-decode-swapped",
+        "gemv-bf16-gated",
+        "gemv-fp8-gated",
     ],
 )
 def test_weight_loops_are_software_pipelined(compiled, case):

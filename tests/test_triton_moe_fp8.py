@@ -185,17 +185,15 @@ def test_swapped_tiles_give_the_plain_tiles_output(mode, tokens, hidden, inter):
     torch.testing.assert_close(swapped, plain, rtol=0, atol=0)
 
 
-def test_decode_tiles_swap_when_asked(monkeypatch):
-    """MII_MOE_SWAP_AB=on swaps the decode-sized launches (bf16 and float8, their
-    down projections' own tiles too) and leaves prompt-sized ones as they are."""
+def test_bf16_decode_tiles_are_swapped():
+    """The measured defaults: decode-sized bf16 launches (their down projections' own
+    tiles too) computed transposed; float8 decode and prompt-sized launches not."""
     from mii.ops.triton_moe import default_down_tiles
 
+    assert default_tiles(2).swap_ab and default_tiles(64).swap_ab
+    assert default_down_tiles(2).swap_ab
     assert not default_tiles(2, fp8=True).swap_ab
-    monkeypatch.setenv("MII_MOE_SWAP_AB", "on")
-    for fp8 in (False, True):
-        assert default_tiles(2, fp8).swap_ab and default_tiles(64, fp8).swap_ab
-        assert not default_tiles(4096, fp8).swap_ab
-    assert default_down_tiles(2, fp8=False).swap_ab
+    assert not default_tiles(4096).swap_ab and not default_tiles(4096, fp8=True).swap_ab
 
 
 @pytest.mark.parametrize("dequant", [0, 1], ids=["cvt", "integer-ops"])

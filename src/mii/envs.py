@@ -13,7 +13,7 @@
 | ``MII_ATTENTION_EARLY_LOADS`` | ``on``, ``off`` | decode attention's reads before the PDL wait |
 | ``MII_FP8_FUSED_QUANT`` | ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_PDL_EARLY_RELEASE`` | ``off``, ``on`` | small kernels release their successor first |
-| ``MII_MOE_SWAP_AB`` | ``off``, ``on`` | decode-sized expert GEMMs: weights on the 64-row side |
+| ``MII_GATED_GEMV`` | ``off``, ``on`` | act(gate) * up in the decode gate/up kernel's epilogue |
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_GGUF_CACHE_DIR`` | a directory (``$MII_CACHE_DIR/gguf``) | converted GGUF checkpoints only |
@@ -174,12 +174,12 @@ FP8_FUSED_QUANT = _choice(
     "off",
     "on",
 )
-MOE_SWAP_AB = _choice(
-    "MII_MOE_SWAP_AB",
-    "decode-sized grouped expert GEMMs (at most 64 token-expert pairs) compute the "
-    "transposed tile, the experts' weights on the tensor cores' 64-row side ('on', "
-    "ops/triton_moe.TileConfig.swap_ab): Hopper's float8 wgmma needs 64 rows there, and "
-    "the 16-pair tile otherwise runs mma.sync on weights converted to f16",
+GATED_GEMV = _choice(
+    "MII_GATED_GEMV",
+    "decode batches of gated MLPs: act(gate) * up computed in the epilogue of the "
+    "skinny gate/up kernel, whose programs each read a band of gate rows and the "
+    "matching up rows ('on', ops/triton_gemv.skinny_gated_linear: one launch fewer per "
+    "layer, the same numbers); 'off': the projection, then the act-and-mul kernel",
     "off",
     "on",
 )
@@ -190,7 +190,9 @@ PDL_EARLY_RELEASE = _choice(
     "before their own wait ('on'), so the next skinny linear kernel's programs take the "
     "SMs the previous one frees during its tail and prefetch their weights into L2 "
     "meanwhile; 'off' lets it launch only after the wait. Every kernel still waits for "
-    "its predecessor's completion before it reads an activation (ops/triton_pdl.py)",
+    "its predecessor's completion before it reads an activation (ops/triton_pdl.py). "
+    "H200, batch 1, two runs each: Llama-2-7B 248.7 / 248.7 ('on') vs 250.9 / 251.0 "
+    "tok/s, FP8 weights 362.6 vs 372.1, so 'off' stays the default",
     "off",
     "on",
 )
@@ -319,7 +321,7 @@ SWITCHES: tuple[Switch, ...] = (
     ATTENTION_EARLY_LOADS,
     FP8_FUSED_QUANT,
     PDL_EARLY_RELEASE,
-    MOE_SWAP_AB,
+    GATED_GEMV,
     MOE_PROMPT_GEMM,
     CACHE_DIR,
     GGUF_CACHE_DIR,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mii import envs
 from mii.models.checkpoint_tensor import LazyTensor, materialize
 from mii.models.parallel import (
     all_gather_last_dim,
@@ -37,7 +38,12 @@ from mii.models.weight_quant import (
     scale_shards,
 )
 from mii.ops import fp8_activations
-from mii.ops.dispatch import FUSED_ACTIVATIONS, fused_kernels_enabled, skinny_linear_enabled
+from mii.ops.dispatch import (
+    FUSED_ACTIVATIONS,
+    fused_kernels_enabled,
+    skinny_fp8_linear_enabled,
+    skinny_linear_enabled,
+)
 from mii.ops.fp8_linear import fp8_linear
 
 
@@ -355,7 +361,30 @@ class GatedMLP(nn.Module):
         self.act_name = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gated_kernel_takes(x):
+            from mii.ops.triton_gemv import skinny_gated_linear  # Triton: CUDA-only here
+
+            layer = self.gate_up_proj
+            scale = layer.weight_scale if layer.fp8 else None
+            inner = skinny_gated_linear(x, layer.weight, self.act_name, scale, layer.kernel_bias)
+            return self.down_proj(inner)
         return self.down_from_gate_up(self.gate_up_proj(x))
+
+    def _gated_kernel_takes(self, x: torch.Tensor) -> bool:
+        """Whether act(gate) * up runs in the gate/up projection's skinny kernel
+        (``MII_GATED_GEMV=on``): a decode batch that kernel takes, an activation the
+        fused kernel has, and no float8 copy of act * up wanted by the down projection
+        (``MII_FP8_FUSED_QUANT=on``, written by the act-and-mul kernel only)."""
+        if not fused_kernels_enabled(x.device):  # (first: False while torch.compile traces)
+            return False
+        if envs.GATED_GEMV.get() != "on" or self.act_name not in FUSED_ACTIVATIONS:
+            return False
+        if self.down_proj.fp8 and envs.FP8_FUSED_QUANT.get() == "on":
+            return False
+        layer = self.gate_up_proj
+        if layer.fp8:
+            return skinny_fp8_linear_enabled(x, layer.weight, layer.weight_scale, layer.kernel_bias)
+        return skinny_linear_enabled(x, layer.weight, layer.kernel_bias)
 
     def down_from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The layer from its gate/up projection's output on: [T, 2 I] -> [T, hidden]."""

@@ -109,12 +109,10 @@ class LlamaDecoderLayer(nn.Module):
             self.input_layernorm, x, residual, self.self_attn.qkv_proj
         )  # residual + x, normed, projected
         attn = self.self_attn.attend(qkv, positions, ctx)
-        if isinstance(self.mlp, GatedMLP):
-            gate_up, residual = norm_then_linear(
-                self.post_attention_layernorm, attn, residual, self.mlp.gate_up_proj
-            )
-            return self.mlp.down_from_gate_up(gate_up), residual
-        h, residual = self.post_attention_layernorm(attn, residual=residual)  # (MoE layers)
+        quantize_for = self.mlp.gate_up_proj if isinstance(self.mlp, GatedMLP) else None
+        h, residual = self.post_attention_layernorm(
+            attn, residual=residual, quantize_for=quantize_for
+        )  # (MoE layers: no float8 copy; their kernel quantizes its own input)
         return self.mlp(h), residual
 
 

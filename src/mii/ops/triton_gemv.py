@@ -43,7 +43,8 @@ import triton
 import triton.language as tl
 
 from mii.ops import fp8_activations, triton_arrivals, triton_limits, triton_pdl
-from mii.ops.dispatch import INTERPRETED, SKINNY_MAX_ROWS
+from mii.ops.dispatch import FUSED_ACTIVATIONS, INTERPRETED, SKINNY_MAX_ROWS
+from mii.ops.fused_elementwise import gated_activation
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
 from mii.ops.triton_gemv_launch import (
     GemvConfig,
@@ -88,6 +89,8 @@ def _skinny_linear_kernel(
     PDL: tl.constexpr,
     PREFETCH_LINES: tl.constexpr,
     LINE: tl.constexpr,
+    GATED: tl.constexpr,
+    ROUND: tl.constexpr,
 ):
     """Out[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for this program's BLOCK_N
     rows of W and BLOCK_M rows of X (row tiles vary fastest: one weight band's
@@ -96,14 +99,26 @@ def _skinny_linear_kernel(
 
     With SPLIT_K > 1 the programs of one output tile each write a float32 partial;
     the last to arrive (an atomic count per tile) adds them up, writes the output
-    and resets the count for the next launch: one launch, no memset, graph-safe."""
+    and resets the count for the next launch: one launch, no memset, graph-safe.
+
+    GATED (1 + the activation's code in ``FUSED_ACTIVATIONS``): W is a gate/up
+    pair [2 I, K] (N = 2 I) and Out [M, I] = act(gate) * up. A program's BLOCK_N
+    rows are BLOCK_N / 2 gate rows and the up rows I further on, so its epilogue
+    holds both halves of its output columns (``_finish``)."""
     row_tiles = tl.cdiv(M, BLOCK_M)
     tile = tl.program_id(0)
     band = tile // row_tiles
-    offs_n = band * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GATED:
+        half: tl.constexpr = BLOCK_N // 2
+        rows_n = tl.arange(0, BLOCK_N)
+        out_n = band * half + rows_n % half  # the output column each row adds to
+        offs_n = out_n + (rows_n // half) * (N // 2)
+        n_mask = out_n < N // 2
+    else:
+        offs_n = band * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
     offs_m = (tile - band * row_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
     m_mask = offs_m < M
     # The bounds must stay provably multiples of 16 (K and k_per_split are
     # specialised as such): with a bound of unknown alignment, e.g. min(K, end),
@@ -193,23 +208,15 @@ def _skinny_linear_kernel(
                     Partials + split * M * N + here, mask=out_mask, other=0.0, cache_modifier=".cg"
                 )
             _finish(
-                acc,
-                Scale,
-                Bias,
-                Out,
-                offs_m,
-                offs_n,
-                n_mask,
-                stride_om,
-                out_mask,
-                HAS_BIAS,
-                W_SCALED,
-            )
+                acc, Scale, Bias, Out, offs_m, offs_n, n_mask, stride_om, m_mask, band,
+                HAS_BIAS, W_SCALED, GATED, ROUND, BLOCK_N, BLOCK_M, N,
+            )  # fmt: skip
             tl.atomic_xchg(Arrivals + tile, 0)  # ready for the next launch (graph replays)
     else:
         _finish(
-            acc, Scale, Bias, Out, offs_m, offs_n, n_mask, stride_om, out_mask, HAS_BIAS, W_SCALED
-        )
+            acc, Scale, Bias, Out, offs_m, offs_n, n_mask, stride_om, m_mask, band,
+            HAS_BIAS, W_SCALED, GATED, ROUND, BLOCK_N, BLOCK_M, N,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -222,20 +229,36 @@ def _finish(
     offs_n,
     n_mask,
     stride_om,
-    out_mask,
+    m_mask,
+    band,
     HAS_BIAS: tl.constexpr,
     W_SCALED: tl.constexpr,
+    GATED: tl.constexpr,
+    ROUND: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    N,
 ):
-    """Out[offs_m, offs_n] = acc (* Scale) (+ Bias), acc laid out [BLOCK_N, BLOCK_M]."""
+    """Out[offs_m, offs_n] = acc (* Scale) (+ Bias), acc laid out [BLOCK_N, BLOCK_M];
+    GATED: act(gate) * up of its two halves, into BLOCK_N / 2 columns of Out."""
     if W_SCALED:  # float8 weights: each output channel's scale, once, on the whole sum
         acc *= tl.load(Scale + offs_n, mask=n_mask, other=1.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    tl.store(
-        Out + offs_m[None, :] * stride_om + offs_n[:, None],
-        acc.to(Out.dtype.element_ty),
-        mask=out_mask,
-    )
+    values = acc.to(Out.dtype.element_ty)  # what the gate/up projection would store
+    if GATED:
+        # The act-and-mul kernel's own arithmetic on those stored values: the same
+        # numbers as the two launches.
+        half: tl.constexpr = BLOCK_N // 2
+        pair = tl.permute(tl.reshape(values.to(tl.float32), [2, half, BLOCK_M]), (1, 2, 0))
+        gate, up = tl.split(pair)
+        cols = band * half + tl.arange(0, half)
+        mask = (cols < N // 2)[:, None] & m_mask[None, :]
+        out = gated_activation(gate, up, Out.dtype.element_ty, GATED - 1, ROUND)
+        tl.store(Out + offs_m[None, :] * stride_om + cols[:, None], out, mask=mask)
+    else:
+        out_mask = n_mask[:, None] & m_mask[None, :]
+        tl.store(Out + offs_m[None, :] * stride_om + offs_n[:, None], values, mask=out_mask)
 
 
 def skinny_linear(
@@ -270,6 +293,32 @@ def skinny_linear_fp8(
     return _launch(x, weight, scale, bias, config)
 
 
+def skinny_gated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    activation: str,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``act(gate) * up`` of ``F.linear(x, weight, bias)`` = [gate | up] in one launch:
+    x [M, K], ``weight`` [2 I, K] (the gate's rows, then the up projection's) -> [M, I],
+    the same numbers as ``skinny_linear`` (or ``skinny_linear_fp8`` with float8 weights
+    and their channel ``scale``) then ``fused_elementwise.act_and_mul``."""
+    name = "skinny_gated_linear"
+    _check(x, weight, bias, name)
+    if activation not in FUSED_ACTIVATIONS:
+        raise ValueError(f"{name}: no fused form of activation {activation!r}")
+    n = weight.shape[0]
+    if n % 2:
+        raise ValueError(f"{name} needs a weight of 2 I rows (gate, then up), not {n}")
+    if scale is None:
+        config = config or bf16_config_for(x.shape[0], n, x.device)
+    else:
+        config = config or fp8_config_for(x.shape[0], n, x.shape[1], x.device)
+    return _launch(x, weight, scale, bias, config, gated=1 + FUSED_ACTIVATIONS[activation])
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:
     """ValueError naming ``name`` unless x [M, K] and weight [N, K] (rows contiguous),
     bias [N] and the weight's size suit the kernel."""
@@ -288,17 +337,21 @@ def _launch(
     scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     config: GemvConfig,
+    gated: int = 0,
 ) -> torch.Tensor:
-    """One launch of the kernel (``scale``: float8 weights' channel scales)."""
+    """One launch of the kernel (``scale``: float8 weights' channel scales; ``gated``:
+    the kernel's GATED, the output then act(gate) * up of half the columns)."""
     rows, k = x.shape
     n = weight.shape[0]
-    out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
+    out = torch.empty(rows, n // 2 if gated else n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out
     stage_bytes = (
         config.block_n * weight.element_size() + config.block_m * x.element_size()
     ) * config.block_k
-    tiles = triton.cdiv(n, config.block_n) * triton.cdiv(rows, config.block_m)
+    # (gated: each band is block_n / 2 gate rows and as many up rows)
+    bands = triton.cdiv(n // 2, config.block_n // 2) if gated else triton.cdiv(n, config.block_n)
+    tiles = bands * triton.cdiv(rows, config.block_m)
     line = 128 // weight.element_size()  # elements per 128-byte cache line
     prefetch_lines = triton.next_power_of_2(config.prefetch_k // line) if config.prefetch_k else 0
     x_fp8 = scale is not None and fp8_products(config, x.dtype)
@@ -353,6 +406,9 @@ def _launch(
         BLOCK_K=config.block_k,
         PREFETCH_LINES=prefetch_lines,
         LINE=line,
+        GATED=gated,
+        # the act-and-mul kernel's rounding (the interpreter truncates bf16 casts)
+        ROUND=INTERPRETED and out.dtype == torch.bfloat16,
         **triton_pdl.launch_options(x.device),
         num_warps=config.num_warps,
         num_stages=triton_limits.stages_that_fit(config.num_stages, stage_bytes, x.device),

@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from mii import envs
 from mii.ops import triton_limits as limits
 from mii.ops.dispatch import INTERPRETED
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
@@ -216,8 +215,8 @@ class TileConfig(NamedTuple):
     group_m: int = 0
     # The product computed transposed, the weights' columns on the tensor cores'
     # 64-row side (the kernel's SWAP_AB), as the skinny decode kernel does: for
-    # decode-sized row blocks (16 pairs) with float8 experts, float8 wgmma instead
-    # of mma.sync on weights converted to f16.
+    # decode-sized row blocks (16 pairs), wgmma instead of mma.sync (float8 experts:
+    # on float8 operands, not on weights converted to f16). See default_tiles.
     swap_ab: bool = False
 
 
@@ -231,15 +230,20 @@ def default_tiles(num_pairs: int, fp8: bool = False) -> TileConfig:
     64 x 128 x 128 past that. Timed as the default in the next call: 160 / 409 / 496
     us and 1.57 / 5.59 ms at 1 / 16 / 128 / 1,024 / 4,096 tokens (bf16 experts 245 /
     723 / 807 us, 1.94 / 6.40 ms); one setting timed twice in a call differed by up
-    to 8 % (docs/performance.md)."""
+    to 8 % (docs/performance.md).
+    Decode-sized bf16 launches compute the tile transposed (``swap_ab``): H200,
+    2026-12-04, 5ec5b40, Mixtral-8x7B batch 1 131.5 vs 128.7 tok/s, and the swapped
+    16 x 64 x 256 tile led the bf16 sweep at 1 and 16 tokens (192.7 / 662.7 us vs 196.2
+    / 673.1 unswapped). Float8 decode tiles stay unswapped: 200.2 vs 200.9 tok/s, and
+    their float8 wgmma accumulates in less precision than mma.sync's float32."""
     if fp8 and num_pairs <= 64:
-        return _decode(TileConfig(16, 64, 512, num_warps=4, num_stages=3, a_groups=True))
+        return TileConfig(16, 64, 512, num_warps=4, num_stages=3, a_groups=True)
     if fp8:
         return TileConfig(64, 128, 128, num_warps=8, num_stages=3, a_groups=True)
     if num_pairs <= 8:  # 1-4 tokens
-        return _decode(TileConfig(16, 64, 128))
+        return TileConfig(16, 64, 128, swap_ab=True)
     if num_pairs <= 64:  # best at 16 tokens: 1.03 ms vs 1.05 ms
-        return _decode(TileConfig(16, 64, 256, num_warps=4, num_stages=4))
+        return TileConfig(16, 64, 256, num_warps=4, num_stages=4, swap_ab=True)
     if num_pairs <= 512:  # best at 128 tokens: 1.16 ms vs 1.29 ms for 16x64x128
         return TileConfig(64, 128, 64, num_warps=8, num_stages=4)
     # best at 1024 and 4096 tokens: 2.02 / 6.42 ms vs 2.47 / 7.12 ms for 64x128x64
@@ -253,13 +257,8 @@ def default_down_tiles(num_pairs: int, fp8: bool = False) -> TileConfig | None:
     16 x 64 x 256 with 4 stages took the layer from 210.3 to 198.8 us; at 16 and 128
     tokens and for float8 experts no setting gained more than 1-2 % (noise)."""
     if not fp8 and num_pairs <= 8:
-        return _decode(TileConfig(16, 64, 256, num_warps=4, num_stages=4))
+        return TileConfig(16, 64, 256, num_warps=4, num_stages=4, swap_ab=True)
     return None
-
-
-def _decode(tiles: TileConfig) -> TileConfig:
-    """A decode-sized launch's tiles, computed transposed where MII_MOE_SWAP_AB=on."""
-    return tiles._replace(swap_ab=envs.MOE_SWAP_AB.get() == "on")
 
 
 def stages_that_fit(
