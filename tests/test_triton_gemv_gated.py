@@ -111,3 +111,28 @@ def test_gated_launch_on_llama_2_7b_shapes(rows, fp8):
         got = skinny_gated_linear(x, w, "silu")
         want = act_and_mul(skinny_linear(x, w), "silu")
     assert torch.equal(got, want)
+
+
+def test_gated_kernel_by_default_for_float8_weights_only(monkeypatch):
+    """MII_GATED_GEMV=auto (the default) takes the gated launch for float8 gate/up
+    weights (faster on an H200) and not for 16-bit ones (slower there); 'on' and
+    'off' decide alone, and a float8 copy of act * up wanted by the down projection
+    (MII_FP8_FUSED_QUANT=on) keeps the act-and-mul kernel, which writes it."""
+    from mii.models.layers import GatedMLP
+    from mii.models.weight_quant import fp8_weights
+
+    monkeypatch.setenv("MII_GEMV", "triton")
+    monkeypatch.setenv("MII_FUSED", "triton")
+    dense = GatedMLP(64, 96, "silu", bias=False).to(DEVICE)
+    with fp8_weights("online"):
+        quantized = GatedMLP(64, 96, "silu", bias=False).to(DEVICE)
+    x = torch.randn(1, 64).to(DEVICE)
+    assert quantized._gated_kernel_takes(x) and not dense._gated_kernel_takes(x)
+    assert not quantized._gated_kernel_takes(torch.randn(17, 64).to(DEVICE))  # a prompt
+    monkeypatch.setenv("MII_GATED_GEMV", "on")
+    assert dense._gated_kernel_takes(x)
+    monkeypatch.setenv("MII_GATED_GEMV", "off")
+    assert not quantized._gated_kernel_takes(x)
+    monkeypatch.setenv("MII_GATED_GEMV", "auto")
+    monkeypatch.setenv("MII_FP8_FUSED_QUANT", "on")
+    assert not quantized._gated_kernel_takes(x)

@@ -372,16 +372,20 @@ class GatedMLP(nn.Module):
 
     def _gated_kernel_takes(self, x: torch.Tensor) -> bool:
         """Whether act(gate) * up runs in the gate/up projection's skinny kernel
-        (``MII_GATED_GEMV=on``): a decode batch that kernel takes, an activation the
-        fused kernel has, and no float8 copy of act * up wanted by the down projection
+        (``MII_GATED_GEMV``; by default for float8 weights only, see ``envs``): a
+        decode batch that kernel takes, an activation the fused kernel has, and no
+        float8 copy of act * up wanted by the down projection
         (``MII_FP8_FUSED_QUANT=on``, written by the act-and-mul kernel only)."""
         if not fused_kernels_enabled(x.device):  # (first: False while torch.compile traces)
             return False
-        if envs.GATED_GEMV.get() != "on" or self.act_name not in FUSED_ACTIVATIONS:
+        layer = self.gate_up_proj
+        choice = envs.GATED_GEMV.get()
+        if choice == "off" or (choice == "auto" and not layer.fp8):
+            return False
+        if self.act_name not in FUSED_ACTIVATIONS:
             return False
         if self.down_proj.fp8 and envs.FP8_FUSED_QUANT.get() == "on":
             return False
-        layer = self.gate_up_proj
         if layer.fp8:
             return skinny_fp8_linear_enabled(x, layer.weight, layer.weight_scale, layer.kernel_bias)
         return skinny_linear_enabled(x, layer.weight, layer.kernel_bias)
