@@ -141,20 +141,27 @@ def test_activations_quantized_once_equal_the_in_loop_quantization(tokens, hidde
     scales loaded a trip ahead: the same output from the whole expert MLP (same
     scales, float8 values and sums), also where K ends inside a slice (80, 72,
     112, 40 against 32-column slices) and with outliers in several slices."""
+    tiles = TileConfig(16, 32, 32, fp8_dot=True)
+    in_loop, once = _bf16_outputs(
+        [tiles, tiles._replace(a_groups=True)], tokens, hidden, inter, seed=tokens, outliers=7
+    )
+    assert torch.equal(once, in_loop)
+
+
+def _bf16_outputs(
+    tiles: list, tokens: int, hidden: int, inter: int, seed: int, outliers: int
+) -> list:
+    """A random float8 expert MLP's output with each of ``tiles``, on one bf16 input
+    whose every ``outliers``-th column is 15x larger than the rest."""
     moe = random_fp8_moe(hidden_size=hidden, intermediate_size=inter)
-    gen = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, hidden, generator=gen) * 2
-    x[:, ::7] *= 30
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed)) * 2
+    x[:, ::outliers] *= 15
     x = x.to(torch.bfloat16).to(DEVICE)
     with torch.no_grad():
         moe.gate.to(torch.bfloat16)
         weights, experts = moe.route(x)
-        tiles = TileConfig(16, 32, 32, fp8_dot=True)
         args = (x, moe.w13, moe.w2, weights, experts, moe.act)
-        scales = (moe.w13_scale, moe.w2_scale)
-        in_loop = moe_grouped_mlp(*args, tiles, *scales)
-        once = moe_grouped_mlp(*args, tiles._replace(a_groups=True), *scales)
-    assert torch.equal(once, in_loop)
+        return [moe_grouped_mlp(*args, t, moe.w13_scale, moe.w2_scale) for t in tiles]
 
 
 @pytest.mark.parametrize(
@@ -169,19 +176,10 @@ def test_swapped_tiles_give_the_plain_tiles_output(mode, tokens, hidden, inter):
     the plain tile's output: the same float8 values and scales, the same sums (K
     ending inside a slice: 112 and 40 against 32 columns; row blocks of several
     experts; masked columns where N is not a multiple of the block)."""
-    moe = random_fp8_moe(hidden_size=hidden, intermediate_size=inter)
-    gen = torch.Generator().manual_seed(tokens + 7)
-    x = torch.randn(tokens, hidden, generator=gen) * 2
-    x[:, ::5] *= 20
-    x = x.to(torch.bfloat16).to(DEVICE)
-    with torch.no_grad():
-        moe.gate.to(torch.bfloat16)
-        weights, experts = moe.route(x)
-        tiles = TileConfig(16, 64, 32, **mode)
-        args = (x, moe.w13, moe.w2, weights, experts, moe.act)
-        scales = (moe.w13_scale, moe.w2_scale)
-        plain = moe_grouped_mlp(*args, tiles, *scales)
-        swapped = moe_grouped_mlp(*args, tiles._replace(swap_ab=True), *scales)
+    tiles = TileConfig(16, 64, 32, **mode)
+    plain, swapped = _bf16_outputs(
+        [tiles, tiles._replace(swap_ab=True)], tokens, hidden, inter, seed=tokens + 7, outliers=5
+    )
     torch.testing.assert_close(swapped, plain, rtol=0, atol=0)
 
 
