@@ -30,6 +30,7 @@ while [ $# -gt 0 ]; do
     # latency-fp8w-with VAR=VALUE: the same with FP8 weights. One summary line each.
     latency-with|latency-fp8w-with|latency-mixtral-with|latency-mixtral-fp8w-with) mode=$1; shift
       tag=$(echo "${mode#latency-}_$1" | tr 'A-Z=-' 'a-z__'); extra=""
+      base=$tag; n=1; while [ -e "$OUT/$tag.log" ]; do n=$((n + 1)); tag="${base}_run$n"; done  # a repeat keeps its own files
       case "$mode" in *mixtral*) extra="--model mixtral-8x7b" ;; esac
       case "$mode" in *fp8w*) extra="$extra --quantization fp8" ;; esac
       env "$1" python3 benchmarks/latency.py $extra --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
