@@ -181,10 +181,9 @@ GATED_GEMV = _choice(
     "matching up rows ('on', ops/triton_gemv.skinny_gated_linear: one launch fewer per "
     "layer, the same numbers); 'off': the projection, then the act-and-mul kernel; "
     "'auto': on for float8 weights only. H200, batch 1, Llama-2-7B: FP8 376.97 vs "
-    "372.06 tok/s ('on' vs 'off'); bf16 242.7 / 243.0 vs 250.9 / 251.0, where the down "
-    "projection's kernel then follows a linear kernel, not a small one, and (PDL) starts "
-    "its weight prefetch while the gate/up kernel still streams (MII_PDL_EARLY_RELEASE "
-    "lost the same way)",
+    "372.06 tok/s ('on' vs 'off'); bf16 242.7 / 243.0 vs 250.9 / 251.0, and 232.7 vs "
+    "239.6 with MII_PDL=off too: with 16-bit weights the gated kernel itself costs more "
+    "than the launch it saves (why is not yet measured)",
     "auto",
     "on",
     "off",
