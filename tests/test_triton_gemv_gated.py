@@ -73,6 +73,11 @@ def test_gated_launch_names_what_it_cannot_take():
         skinny_gated_linear(x, w, "relu")
     with pytest.raises(ValueError, match="2 I rows"):
         skinny_gated_linear(x, w[:63], "silu")
+    wq, scale = quantize_rows(w.float())
+    with pytest.raises(ValueError, match="float8_e4m3fn weight"):
+        skinny_gated_linear(x, w, "silu", scale)  # a scale with a 16/32-bit weight
+    with pytest.raises(ValueError, match="float32 scale of 64 values"):
+        skinny_gated_linear(x, wq, "silu", scale[:32])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernel")

@@ -284,11 +284,8 @@ def skinny_linear_fp8(
     e4m3 ``weight`` [N, K] and float32 per-output-channel ``scale`` [N] (tuned for
     M <= ``MAX_ROWS``); the output has x's dtype."""
     _check(x, weight, bias, "skinny_linear_fp8")
-    if weight.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"skinny_linear_fp8 needs a float8_e4m3fn weight, not {weight.dtype}")
+    _check_fp8(weight, scale, "skinny_linear_fp8")
     n = weight.shape[0]
-    if scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous():
-        raise ValueError(f"skinny_linear_fp8 needs a contiguous float32 scale of {n} values")
     config = config or fp8_config_for(x.shape[0], n, x.shape[1], x.device)
     return _launch(x, weight, scale, bias, config)
 
@@ -315,6 +312,7 @@ def skinny_gated_linear(
     if scale is None:
         config = config or bf16_config_for(x.shape[0], n, x.device)
     else:
+        _check_fp8(weight, scale, name)
         config = config or fp8_config_for(x.shape[0], n, x.shape[1], x.device)
     return _launch(x, weight, scale, bias, config, gated=1 + FUSED_ACTIVATIONS[activation])
 
@@ -329,6 +327,16 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nam
         raise ValueError(f"{name} needs a contiguous bias of {n} values")
     if weight.numel() >= 2**31:  # the kernel's offsets are int32
         raise ValueError(f"{name} takes weights of fewer than 2**31 elements")
+
+
+def _check_fp8(weight: torch.Tensor, scale: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` unless ``weight`` is float8 e4m3 with one contiguous
+    float32 ``scale`` per row."""
+    if weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{name} needs a float8_e4m3fn weight, not {weight.dtype}")
+    n = weight.shape[0]
+    if scale.shape != (n,) or scale.dtype != torch.float32 or not scale.is_contiguous():
+        raise ValueError(f"{name} needs a contiguous float32 scale of {n} values")
 
 
 def _launch(
