@@ -194,8 +194,8 @@ def _skinny_linear_kernel(
                 acc += tl.dot(w, tl.trans(x), input_precision="ieee")
             else:
                 acc += tl.dot(w, tl.trans(x))
-    out_mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
+        out_mask = n_mask[:, None] & m_mask[None, :]
         # Partials [SPLIT_K, M, N] float32; visible to the last program before it counts.
         here = offs_m[None, :] * N + offs_n[:, None]
         tl.store(Partials + tl.program_id(1) * M * N + here, acc, mask=out_mask)
