@@ -7,6 +7,7 @@ the gated bf16 launch lost ~3 %; this says whether the kernel itself is slower
 and whether another tile closes the gap).
 
     python benchmarks/gemv_gated.py [--rows 1 16] [--no-sweep] [--json out.json]
+    python benchmarks/gemv_gated.py --fp8-only --shapes llama3-8b llama3-70b
 
 Timed as ``gemv_sweep.py`` times (CUDA graph replays over copies of the weight
 larger than the L2 cache); each time also as a fraction of the copy bandwidth for
@@ -32,7 +33,11 @@ from mii.ops.fused_elementwise import act_and_mul
 from mii.ops.triton_gemv import skinny_gated_linear, skinny_linear, skinny_linear_fp8
 from mii.ops.triton_gemv_launch import GemvConfig
 
-SHAPES = {"llama2-7b": (11008, 4096), "llama3-8b": (14336, 4096)}  # (I, K): W is [2 I, K]
+SHAPES = {  # (I, K): the weight is [2 I, K]
+    "llama2-7b": (11008, 4096),
+    "llama3-8b": (14336, 4096),
+    "llama3-70b": (28672, 8192),
+}
 
 
 def gated_configs(fp8: bool) -> list[GemvConfig]:
@@ -54,13 +59,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument(
+        "--shapes", nargs="+", choices=list(SHAPES), default=["llama2-7b", "llama3-8b"]
+    )
+    parser.add_argument("--fp8-only", action="store_true", help="float8 weights only")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
     result = {"benchmark": "gemv_gated", **environment(), "roofline": roofline(device)}
     copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
     rows_out = []
-    for (name, (i, k)), fp8 in itertools.product(SHAPES.items(), (False, True)):
+    shapes = {name: SHAPES[name] for name in args.shapes}
+    dtypes = (True,) if args.fp8_only else (False, True)
+    for (name, (i, k)), fp8 in itertools.product(shapes.items(), dtypes):
         n = 2 * i
         nbytes = n * k * (1 if fp8 else 2)
         copies = max(2, -(-256 * 2**20 // nbytes))  # > 256 MiB in all: past the L2

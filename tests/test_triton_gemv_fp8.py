@@ -224,7 +224,14 @@ def test_prequantized_x_groups_equal_the_in_loop_quantization(rows, n, k, block_
 
 
 @pytest.mark.parametrize(
-    "name", ["FP8_DEFAULT_CONFIG", "FP8_FEW_BANDS_CONFIG", "FP8_SPLIT_CONFIG", "FP8_SHORT_K_CONFIG"]
+    "name",
+    [
+        "FP8_DEFAULT_CONFIG",
+        "FP8_FEW_BANDS_CONFIG",
+        "FP8_SPLIT_CONFIG",
+        "FP8_SHORT_K_CONFIG",
+        "FP8_MANY_BANDS_CONFIG",
+    ],
 )
 def test_each_production_fp8_launch_equals_its_emulation(name):
     """The launches ``fp8_config_for`` picks (x quantized in slices of their BLOCK_K
@@ -392,13 +399,17 @@ def test_float8_kernels_switch(monkeypatch):
 
 def test_fp8_launch_by_weight_shape(monkeypatch):
     """``fp8_config_for`` on an H200's 132 multiprocessors, Llama-2-7B's projections
-    at batch 1: the launches its sweep found fastest (docs/performance.md)."""
+    at batch 1 (and Llama-3-8B's gate_up): the launches its sweeps found fastest
+    (docs/performance.md)."""
     import mii.ops.triton_gemv_launch as gemv
 
     monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 132)
     device = torch.device("cpu")
     assert gemv.fp8_config_for(1, 12288, 4096, device) == gemv.FP8_FEW_BANDS_CONFIG  # qkv
     assert gemv.fp8_config_for(1, 22016, 4096, device) == gemv.FP8_DEFAULT_CONFIG  # gate_up
+    # Llama-3-8B's gate_up: 448 bands, more than the default launch runs at once
+    assert gemv.fp8_config_for(1, 28672, 4096, device) == gemv.FP8_MANY_BANDS_CONFIG
+    assert gemv.fp8_config_for(1, 3 * 132 * 64, 4096, device) == gemv.FP8_DEFAULT_CONFIG
     # o: K unsplit, 512-column slices
     o = gemv.fp8_config_for(16, 4096, 4096, device)
     assert o == gemv.FP8_SHORT_K_CONFIG and (o.block_k, o.split_k) == (512, 1)

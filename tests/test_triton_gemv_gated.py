@@ -104,10 +104,12 @@ def test_engine_with_the_gated_kernel_matches_hf(checkpoints, tokenizer, monkeyp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the production launches need a GPU")
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "float8"])
 @pytest.mark.parametrize("rows", [1, 16])
-def test_gated_launch_on_llama_2_7b_shapes(rows, fp8):
-    """The launches a GPU picks for Llama-2-7B's gate/up (11008 x 2 rows of 4096):
-    bit for bit the two launches' numbers."""
-    x, w, _ = _operands(rows, 11008, 4096, torch.bfloat16, False, seed=rows)
+@pytest.mark.parametrize("inter", [11008, 14336], ids=["llama-2-7b", "llama-3-8b"])
+def test_gated_launch_on_llama_shapes(rows, fp8, inter):
+    """The launches a GPU picks for Llama-2-7B's and Llama-3-8B's gate/up (I x 2 rows
+    of 4096; float8: FP8_DEFAULT_CONFIG and FP8_MANY_BANDS_CONFIG): bit for bit the
+    two launches' numbers."""
+    x, w, _ = _operands(rows, inter, 4096, torch.bfloat16, False, seed=rows)
     if fp8:
         wq, scale = quantize_rows(w.float())
         got = skinny_gated_linear(x, wq, "silu", scale)

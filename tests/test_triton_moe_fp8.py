@@ -175,12 +175,24 @@ def test_swapped_tiles_give_the_plain_tiles_output(mode, tokens, hidden, inter):
     cores' rows, pairs as its columns; each pair's slice scale then on a column) gives
     the plain tile's output: the same float8 values and scales, the same sums (K
     ending inside a slice: 112 and 40 against 32 columns; row blocks of several
-    experts; masked columns where N is not a multiple of the block)."""
+    experts; masked columns where N is not a multiple of the block).
+
+    Bit for bit under the interpreter and for 16-bit products. On the GPU, float8
+    products go through float8 ``wgmma`` when swapped and ``mma.sync`` when not, and
+    the former's accumulator keeps fewer bits than float32 (one GEMM: within 2e-3,
+    ``test_fp8_kernels_gpu``); through the whole expert MLP the intermediate's float8
+    rounding spreads that (H200, 2026-12-04: 3-14 % of the elements differ, the
+    bit-exact assertion failed for every float8-product case here), so there the
+    bound is on the whole output's relative difference."""
     tiles = TileConfig(16, 64, 32, **mode)
     plain, swapped = _bf16_outputs(
         [tiles, tiles._replace(swap_ab=True)], tokens, hidden, inter, seed=tokens + 7, outliers=5
     )
-    torch.testing.assert_close(swapped, plain, rtol=0, atol=0)
+    if DEVICE.type == "cuda" and mode["fp8_dot"]:
+        difference = (swapped.double() - plain.double()).norm() / plain.double().norm()
+        assert difference < 2e-2, difference.item()
+    else:
+        torch.testing.assert_close(swapped, plain, rtol=0, atol=0)
 
 
 def test_bf16_decode_tiles_are_swapped():
