@@ -410,6 +410,8 @@ def test_fp8_launch_by_weight_shape(monkeypatch):
     # Llama-3-8B's gate_up: 448 bands, more than the default launch runs at once
     assert gemv.fp8_config_for(1, 28672, 4096, device) == gemv.FP8_MANY_BANDS_CONFIG
     assert gemv.fp8_config_for(1, 3 * 132 * 64, 4096, device) == gemv.FP8_DEFAULT_CONFIG
+    # Llama-3-70B's gate_up: 896 bands, several waves either way: the default
+    assert gemv.fp8_config_for(1, 57344, 8192, device) == gemv.FP8_DEFAULT_CONFIG
     # o: K unsplit, 512-column slices
     o = gemv.fp8_config_for(16, 4096, 4096, device)
     assert o == gemv.FP8_SHORT_K_CONFIG and (o.block_k, o.split_k) == (512, 1)

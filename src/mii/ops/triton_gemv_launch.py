@@ -68,12 +68,16 @@ FP8_SHORT_K_CONFIG = GemvConfig(
 )
 FP8_UNSPLIT_MAX_K = 4096
 # More bands than FP8_DEFAULT_CONFIG runs at once (3 programs of 60 KB of stages per
-# multiprocessor): 128-column slices, 4 stages (40 KB), so that they all run in one
-# wave. gemv_gated (H200, 2026-12-04, 7698b3a, 1 row, act * up in the epilogue):
-# Llama-3-8B's gate_up (448 bands on 132 multiprocessors) 35.9 us vs 40.4 us with
-# FP8_DEFAULT_CONFIG; Llama-2-7B's (344 bands, one wave either way) 29.4 vs 28.9 us.
+# multiprocessor) but no more than 5 per multiprocessor: 128-column slices, 4 stages
+# (40 KB), so that they all run in one wave. gemv_gated (H200, 2026-12-04, 7698b3a and
+# 1cc0513, 1 row, act * up in the epilogue): Llama-3-8B's gate_up (448 bands on 132
+# multiprocessors) 35.9 us vs 40.4 with FP8_DEFAULT_CONFIG, batch 1 end to end 331.3
+# vs 314.7 tok/s; Llama-2-7B's (344 bands, one wave either way) 29.5 vs 28.9 us.
+# Past 5 a multiprocessor (Llama-3-70B's 896 bands, K 8192) several waves remain
+# either way and the wider slices win: 118.8 us vs 123.8, so the default stays.
 FP8_MANY_BANDS_CONFIG = GemvConfig(64, 128, num_warps=4, num_stages=4, fp8_dot=True, x_groups=True)
 FP8_DEFAULT_BANDS_PER_SM = 3
+FP8_MANY_BANDS_PER_SM = 5
 # Past 16 rows (not routed here yet; a first guess for the sweep to beat).
 WIDE_CONFIG = GemvConfig(128, 64, num_warps=4, num_stages=3, block_m=64)
 
@@ -114,7 +118,8 @@ def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfi
     64-row bands leave multiprocessors idle, K split (or, up to FP8_UNSPLIT_MAX_K,
     unsplit in wider slices); 4 stages where there are fewer than two bands per
     multiprocessor; narrower slices where there are more than the default launch
-    runs at once (FP8_MANY_BANDS_CONFIG); else the default (sweeps: FP8_DEFAULT_CONFIG)."""
+    runs at once but few enough for one wave of those (FP8_MANY_BANDS_CONFIG); else
+    the default (sweeps: FP8_DEFAULT_CONFIG)."""
     if rows > MAX_ROWS:
         return WIDE_CONFIG._replace(fp8_dot=True)
     bands = triton.cdiv(n, FP8_SPLIT_CONFIG.block_n)
@@ -123,7 +128,7 @@ def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfi
     sms = triton_limits.multiprocessors(device)
     if bands <= 2 * sms:
         return FP8_FEW_BANDS_CONFIG
-    if bands > FP8_DEFAULT_BANDS_PER_SM * sms:
+    if FP8_DEFAULT_BANDS_PER_SM * sms < bands <= FP8_MANY_BANDS_PER_SM * sms:
         return FP8_MANY_BANDS_CONFIG
     return FP8_DEFAULT_CONFIG
 
