@@ -91,10 +91,13 @@ def _skinny_linear(fp8: bool, short_k: bool = False, gated: bool = False):
 
 
 def _rms_norm_fp8(pdl: int = 1):
-    """RMSNorm with a residual writing its float8 copy (MII_FP8_FUSED_QUANT=on)."""
+    """RMSNorm with a residual writing its float8 copy (MII_FP8_FUSED_QUANT=on/norm):
+    one program per 256-column slice of the row."""
     types = {n: "*bf16" for n in ("X", "Residual", "Out", "ResidualOut", "W")}
     types |= {"Q": "*fp8e4nv", "QScale": "*fp32", "eps": "fp32"}
-    constexprs = dict(HAS_RESIDUAL=True, GEMMA=False, ROUND=False, BLOCK=4096, SLICE=256, PDL=pdl)
+    constexprs = dict(
+        HAS_RESIDUAL=True, GEMMA=False, ROUND=False, BLOCK=4096, COLS=256, SLICE=256, PDL=pdl
+    )
     return fused_elementwise._rms_norm_kernel, types, constexprs
 
 

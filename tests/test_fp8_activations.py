@@ -142,7 +142,8 @@ def test_a_float8_llama_decodes_the_same_with_the_copies(checkpoints, monkeypatc
     norms' and activations' rows hold whole slices): with MII_FP8_FUSED_QUANT=on the
     input norm feeds qkv, the post-attention norm gate_up and act*up down their float8
     copies, so of a layer's four quantization launches only o_proj's stays (its input
-    is attention's output); greedy tokens as with the launches."""
+    is attention's output); with 'norm' o_proj's and down_proj's; greedy tokens as
+    with the launches."""
     import mii
     import mii.ops.triton_quant as quant
 
@@ -151,7 +152,7 @@ def test_a_float8_llama_decodes_the_same_with_the_copies(checkpoints, monkeypatc
     original = quant.quantize_groups_fp8
     monkeypatch.setattr(quant, "quantize_groups_fp8", lambda *a: launches.append(1) or original(*a))
     tokens, counts = {}, {}
-    for switch in ("on", "off"):
+    for switch in ("on", "off", "norm"):
         monkeypatch.setenv("MII_FP8_FUSED_QUANT", switch)
         launches.clear()
         with mii.pipeline(str(path), quantization="fp8", dtype="bfloat16") as pipe:
@@ -159,4 +160,7 @@ def test_a_float8_llama_decodes_the_same_with_the_copies(checkpoints, monkeypatc
         tokens[switch] = [r.token_ids for r in responses]
         counts[switch] = len(launches)
     assert counts["on"] > 0 and counts["off"] == 4 * counts["on"]
-    assert tokens["on"] == tokens["off"]
+    # 'norm': the norms' copies only; act * up in the gated gate/up kernel (float8
+    # weights: on by default), whose output down's launch quantizes
+    assert counts["norm"] == 2 * counts["on"]
+    assert tokens["on"] == tokens["off"] == tokens["norm"]

@@ -395,7 +395,7 @@ class GatedMLP(nn.Module):
         if self.act_name in FUSED_ACTIVATIONS and fused_kernels_enabled(gate_up.device):
             from mii.ops.fused_elementwise import act_and_mul
 
-            slices = fp8_activations.slices_for(gate_up, self.down_proj)
+            slices = fp8_activations.slices_for(gate_up, self.down_proj, writer="act")
             return self.down_proj(act_and_mul(gate_up, self.act_name, slices))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)

@@ -13,9 +13,12 @@ instead of launching the quantization. The caller asks ``slices_for`` the layer
 that will read the tensor, so the copy is made only where that layer's launch
 reads one, at its slice width.
 
-Behind ``MII_FP8_FUSED_QUANT``, off: the copies are exact, but on an H200 at batch
-1 it was slower (360.0 vs 367.0 tok/s, Llama-2-7B): the norm there is one program,
-which then also quantizes, where the launch it saves spreads that over many.
+Behind ``MII_FP8_FUSED_QUANT`` (off; ``norm``: the RMSNorm kernel only, since the
+gated gate/up kernel computes act * up without a launch of its own): the copies are
+exact, but on an H200 at batch 1 it was slower (360.0 vs 367.0 tok/s, Llama-2-7B)
+while the norm was one program per row, which then also quantized all its slices
+where the launch it saved spreads that over many. With a copy asked for, the norm
+now runs one program per slice (each taking the whole row's mean square).
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ from mii.ops.dispatch import skinny_fp8_linear_enabled
 _ATTRIBUTE = "_mii_fp8_slices"
 
 
-def slices_for(x: torch.Tensor, layer: nn.Module | None) -> int:
+def slices_for(x: torch.Tensor, layer: nn.Module | None, writer: str = "norm") -> int:
     """The slice width at which ``layer``'s float8 decode kernel reads an input with
     x's rows, dtype and device pre-quantized, or 0 where no copy would be read (not
     a float8 layer, not the skinny kernel's call, a launch that quantizes in its
-    loop, or ``MII_FP8_FUSED_QUANT=off``)."""
-    if layer is None or not getattr(layer, "fp8", False) or envs.FP8_FUSED_QUANT.get() != "on":
+    loop, or ``MII_FP8_FUSED_QUANT`` off for this ``writer``: "norm" or "act")."""
+    choice = envs.FP8_FUSED_QUANT.get()
+    wanted = choice == "on" or (choice == "norm" and writer == "norm")
+    if layer is None or not getattr(layer, "fp8", False) or not wanted:
         return 0
     rows = x.reshape(-1, x.shape[-1])
     # the bias the layer hands its kernel (a row-parallel layer adds its own after the

@@ -64,22 +64,31 @@ def _rms_norm_kernel(
     GEMMA: tl.constexpr,
     ROUND: tl.constexpr,
     BLOCK: tl.constexpr,
+    COLS: tl.constexpr,
     SLICE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """One row: Out = norm(X (+ Residual)) (* W); with SLICE, also Out's float8 copy
-    in slices of SLICE columns (``_store_fp8_slices``)."""
+    """Out = norm(X (+ Residual)) (* W) for COLS columns of one row (program_id(1)-th
+    block; COLS == BLOCK: the whole row); with SLICE, also their float8 copy in slices
+    of SLICE columns (``_store_fp8_slices``). With COLS < BLOCK each program of a row
+    computes the whole row's mean square (the same sum as one program's) and writes
+    only its columns: a few rows' norm and quantization spread over many programs."""
     triton_pdl.wait_for_predecessor(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        summed = _cast(x + r, ResidualOut.dtype.element_ty, ROUND)
-        tl.store(ResidualOut + row * stride_ro + cols, summed, mask=mask)
-        x = summed.to(tl.float32)
+    x = _row_input(X + row * stride_x, Residual + row * stride_r, cols, mask, HAS_RESIDUAL,
+                   ResidualOut.dtype.element_ty, ROUND)  # fmt: skip
     mean_square = tl.sum(x * x, 0) / N
+    if COLS < BLOCK:  # this program's columns: read again (from the L2 cache)
+        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+        mask = cols < N
+        x = _row_input(X + row * stride_x, Residual + row * stride_r, cols, mask, HAS_RESIDUAL,
+                       ResidualOut.dtype.element_ty, ROUND)  # fmt: skip
+    if HAS_RESIDUAL:
+        tl.store(
+            ResidualOut + row * stride_ro + cols, x.to(ResidualOut.dtype.element_ty), mask=mask
+        )
     y = x / tl.sqrt(mean_square + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if GEMMA:  # noqa: SIM108 (Triton needs a constexpr branch here)
@@ -89,9 +98,23 @@ def _rms_norm_kernel(
     out = _cast(out, Out.dtype.element_ty, ROUND)
     tl.store(Out + row * stride_o + cols, out, mask=mask)
     if SLICE > 0:
+        first = tl.program_id(1) * (COLS // SLICE)
         _store_fp8_slices(
-            out, cols, mask, Q + row * stride_q, QScale + row * groups, 0, groups, BLOCK, SLICE
+            out, cols, mask, Q + row * stride_q, QScale + row * groups, first, groups, COLS, SLICE
         )
+
+
+@triton.jit
+def _row_input(
+    X, Residual, cols, mask, HAS_RESIDUAL: tl.constexpr, dtype: tl.constexpr, ROUND: tl.constexpr
+):
+    """X[cols] in float32, or X + Residual rounded to ``dtype`` first (as the unfused
+    model rounds the new residual), the values the norm is taken of."""
+    x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(Residual + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _cast(x + r, dtype, ROUND).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -135,8 +158,12 @@ def rms_norm(
         res = res_out = rows  # unused
     block = triton.next_power_of_2(n)
     slices, q, q_scale = _fp8_copy(rows, fp8_slices, block)
+    # With a float8 copy (decode rows): one program per slice of a row, each taking the
+    # whole row's mean square; one program per row quantized all of a row's slices
+    # (Llama-2-7B: 16) alone, and lost to a launch of its own (fp8_activations).
+    cols = slices or block
     if rows.shape[0]:
-        _rms_norm_kernel[(rows.shape[0],)](
+        _rms_norm_kernel[(rows.shape[0], triton.cdiv(n, cols))](
             rows,
             res,
             out,
@@ -156,6 +183,7 @@ def rms_norm(
             GEMMA=gemma,
             ROUND=_interpreted_bf16(x),
             BLOCK=block,
+            COLS=cols,
             SLICE=slices,
             num_warps=_warps(n),
             **triton_pdl.launch_options(x.device, small=True),
