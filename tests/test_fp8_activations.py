@@ -164,3 +164,17 @@ def test_a_float8_llama_decodes_the_same_with_the_copies(checkpoints, monkeypatc
     # weights: on by default), whose output down's launch quantizes
     assert counts["norm"] == 2 * counts["on"]
     assert tokens["on"] == tokens["off"] == tokens["norm"]
+
+
+def test_by_default_the_norms_write_copies_and_act_times_up_does_not(monkeypatch):
+    """MII_FP8_FUSED_QUANT's default, 'norm' (faster on an H200): a norm feeding a
+    float8 layer writes its copy; act * up (computed in the gated gate/up kernel by
+    default) is left to down_proj's own quantization launch."""
+    monkeypatch.delenv("MII_FP8_FUSED_QUANT")
+    _, mlp = _fp8_mlp(512, 1024)
+    x = torch.randn(2, 512).bfloat16().to(DEVICE)
+    gate_up = torch.randn(2, 2048).bfloat16().to(DEVICE)
+    assert fp8_activations.slices_for(x, mlp.gate_up_proj) == 256
+    assert fp8_activations.slices_for(gate_up, mlp.down_proj, writer="act") == 0
+    monkeypatch.setenv("MII_FP8_FUSED_QUANT", "on")
+    assert fp8_activations.slices_for(gate_up, mlp.down_proj, writer="act") == 256
