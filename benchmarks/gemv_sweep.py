@@ -10,6 +10,7 @@ memory as consecutive layers do.
     python benchmarks/gemv_sweep.py --rows 64 128 256   # is the kernel ahead of cuBLAS there?
     python benchmarks/gemv_sweep.py --fp8 [--rows 1 4 16 64]   # float8 weights (below)
     python benchmarks/gemv_sweep.py --fp8 --fp8-sweep --rows 1 16   # + fp8 launch settings
+    python benchmarks/gemv_sweep.py --fp8 --fp8-sweep --rows 1 --model llama3-8b
 
 With ``--fp8`` each shape and batch instead times, side by side: bf16 cuBLAS and
 the bf16 skinny kernel (default launch), and on float8 e4m3 weights with
@@ -58,6 +59,13 @@ SHAPES = {  # name: (N, K) of the weight
     "gate_up": (22016, 4096),
     "down": (4096, 11008),
     "lm_head": (32000, 4096),
+}
+# Llama-3-8B (GQA 32/8, intermediate 14336): --model llama3-8b
+LLAMA3_SHAPES = {
+    "qkv": (6144, 4096),
+    "o": (4096, 4096),
+    "gate_up": (28672, 4096),
+    "down": (4096, 14336),
 }
 SHARED_MEMORY_BUDGET = 160 * 1024
 
@@ -208,18 +216,20 @@ def main() -> None:
     parser.add_argument(
         "--fp8-sweep", action="store_true", help="with --fp8: sweep the fp8 kernel's launches"
     )
+    parser.add_argument("--model", choices=["llama2-7b", "llama3-8b"], default="llama2-7b")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    shapes = LLAMA3_SHAPES if args.model == "llama3-8b" else SHAPES
     device = torch.device("cuda")
     result = {"benchmark": "gemv_sweep", **environment(), "roofline": roofline(device)}
     copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
     if args.fp8:
         result["benchmark"] = "gemv_fp8"
-        result["rows"] = fp8_rows(SHAPES, args.rows, copy_bw, device, args.fp8_sweep)
+        result["rows"] = fp8_rows(shapes, args.rows, copy_bw, device, args.fp8_sweep)
         write_json(args.json, result)
         return
     rows_out = []
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes.items():
         nbytes = n * k * 2
         copies = max(2, -(-256 * 2**20 // nbytes))  # > 256 MiB in all: past the L2
         weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
 #   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [structured] [structured-sync] [serving] [serving-budget B S] [serving-http] [tp2-latency] [tp2-w1] [tp2-tests]
-#   fp8 weights (issue 20): [latency-fp8w] [w1-fp8w] [gemv-fp8] [gemv-fp8-sweep] [moe-fp8] [latency-70b-fp8w] [w1-70b-fp8w] [tests-fp8] [tests-fp8-all] [gemv-gated] [gemv-gated-fp8] [latency-llama3-fp8w]
+#   fp8 weights (issue 20): [latency-fp8w] [w1-fp8w] [gemv-fp8] [gemv-fp8-sweep] [moe-fp8] [latency-70b-fp8w] [w1-70b-fp8w] [tests-fp8] [tests-fp8-all] [gemv-gated] [gemv-gated-fp8] [latency-llama3-fp8w] [gemv-fp8-sweep-llama3]
 #   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w] [moe-routing] [latency-mixtral-fused-routing]
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
 #     [moe-down-sweep] (the down projection's own tiles at decode sizes)
@@ -96,6 +96,7 @@ while [ $# -gt 0 ]; do
     gemv-gated) python3 benchmarks/gemv_gated.py --json "$OUT/gemv_gated.json" > "$OUT/gemv_gated.log" 2>&1; grep "M=" "$OUT/gemv_gated.log" || tail -30 "$OUT/gemv_gated.log" ;;
     gemv-gated-fp8) python3 benchmarks/gemv_gated.py --fp8-only --rows 1 16 --shapes llama2-7b llama3-8b llama3-70b --json "$OUT/gemv_gated_fp8.json" > "$OUT/gemv_gated_fp8.log" 2>&1; grep "M=" "$OUT/gemv_gated_fp8.log" || tail -30 "$OUT/gemv_gated_fp8.log" ;;
     latency-llama3-fp8w) python3 benchmarks/latency.py --model llama3-8b --quantization fp8 --json "$OUT/latency_llama3_fp8w.json" > "$OUT/latency_llama3_fp8w.log" 2>&1; tail -14 "$OUT/latency_llama3_fp8w.log" ;;
+    gemv-fp8-sweep-llama3) python3 benchmarks/gemv_sweep.py --fp8 --fp8-sweep --rows 1 --model llama3-8b --json "$OUT/gemv_fp8_sweep_llama3.json" > "$OUT/gemv_fp8_sweep_llama3.log" 2>&1; grep "M=" "$OUT/gemv_fp8_sweep_llama3.log" || tail -30 "$OUT/gemv_fp8_sweep_llama3.log" ;;
     tests-fp8) python3 -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_kernels_gpu.py tests/test_triton_gemv_fp8.py tests/test_triton_moe_fp8.py 2>&1 | tee "$OUT/fp8_tests.log" | tail -25 ;;
     # Mixtral-8x7B shape (issue 20): batch 1 and the 128-request W1 workload, bf16 and fp8 weights.
     latency-mixtral) python3 benchmarks/latency.py --model mixtral-8x7b --json "$OUT/latency_mixtral.json" > "$OUT/latency_mixtral.log" 2>&1; tail -30 "$OUT/latency_mixtral.log" ;;
