@@ -110,10 +110,13 @@ def main() -> None:
                         timed.append((graph_seconds(calls), cfg))
                     except Exception as error:  # a setting this GPU cannot launch
                         print(f"{name} {rows} {cfg}: {type(error).__name__}")
-                timed.sort()
-                summary = sweep_summary(timed, row["gated_us"] / 1e6, nbytes, copy_bw)
-                row["sweep"] = {key: summary[key] for key in ("best_us", "best", "top5")}
-                line += f"  best gated {summary['best_us']:6.1f} us {tuple(summary['best'])[:5]}"
+                if timed:  # (none when no setting launched)
+                    timed.sort()
+                    summary = sweep_summary(timed, row["gated_us"] / 1e6, nbytes, copy_bw)
+                    row["sweep"] = {key: summary[key] for key in ("best_us", "best", "top5")}
+                    line += (
+                        f"  best gated {summary['best_us']:6.1f} us {tuple(summary['best'])[:5]}"
+                    )
             rows_out.append(row)
             print(line, flush=True)
     result["rows"] = rows_out

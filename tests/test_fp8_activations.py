@@ -33,10 +33,13 @@ def _assert_copy_is_the_launchs(out: torch.Tensor, width: int) -> None:
 
 
 @pytest.mark.parametrize("gemma", [False, True])
-@pytest.mark.parametrize("n, width", [(200, 32), (512, 256), (300, 64)])
+@pytest.mark.parametrize(
+    "n, width", [(200, 32), (512, 256), (300, 64), (4096, 256), (4096, 128), (5120, 512)]
+)
 def test_rms_norm_writes_the_quantization_launchs_copy(n, width, gemma):
     """Hidden sizes that end inside a slice (200 in slices of 32), with a residual
-    and an outlier that gets a slice of its own scale."""
+    and an outlier that gets a slice of its own scale; and the production shapes
+    (Llama hidden sizes, 8 warps, one program per slice of 128-512 columns)."""
     gen = torch.Generator().manual_seed(n + width)
     x = torch.randn(3, n, generator=gen).bfloat16()
     x[1, 7] = 300.0

@@ -181,16 +181,22 @@ def test_swapped_tiles_give_the_plain_tiles_output(mode, tokens, hidden, inter):
     products go through float8 ``wgmma`` when swapped and ``mma.sync`` when not, and
     the former's accumulator keeps fewer bits than float32 (one GEMM: within 2e-3,
     ``test_fp8_kernels_gpu``); through the whole expert MLP the intermediate's float8
-    rounding spreads that (H200, 2026-12-04: 3-14 % of the elements differ, the
-    bit-exact assertion failed for every float8-product case here), so there the
-    bound is on the whole output's relative difference."""
+    rounding spreads that (H200, 2026-12-04: 3-14 % of the elements differ), so on
+    Hopper the bounds are 2.5-3x the largest seen there over 15 cases (these and
+    larger, three seeds each): the whole output's relative difference at most 5.9e-3,
+    any element's difference at most 0.083 of its row's RMS (an element computed
+    wrong would be off by about its row's RMS)."""
     tiles = TileConfig(16, 64, 32, **mode)
     plain, swapped = _bf16_outputs(
         [tiles, tiles._replace(swap_ab=True)], tokens, hidden, inter, seed=tokens + 7, outliers=5
     )
-    if DEVICE.type == "cuda" and mode["fp8_dot"]:
-        difference = (swapped.double() - plain.double()).norm() / plain.double().norm()
-        assert difference < 2e-2, difference.item()
+    hopper = DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] == 9
+    if hopper and mode["fp8_dot"]:
+        plain, swapped = plain.double(), swapped.double()
+        relative = (swapped - plain).norm() / plain.norm()
+        row_rms = plain.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        worst = ((swapped - plain).abs() / row_rms).max()
+        assert relative < 1.5e-2 and worst < 0.25, (relative.item(), worst.item())
     else:
         torch.testing.assert_close(swapped, plain, rtol=0, atol=0)
 

@@ -39,6 +39,8 @@ def slices_for(x: torch.Tensor, layer: nn.Module | None, writer: str = "norm") -
     x's rows, dtype and device pre-quantized, or 0 where no copy would be read (not
     a float8 layer, not the skinny kernel's call, a launch that quantizes in its
     loop, or ``MII_FP8_FUSED_QUANT`` off for this ``writer``: "norm" or "act")."""
+    if writer not in ("norm", "act"):
+        raise ValueError(f"slices_for: writer must be 'norm' or 'act', not {writer!r}")
     choice = envs.FP8_FUSED_QUANT.get()
     wanted = choice == "on" or (choice == "norm" and writer == "norm")
     if layer is None or not getattr(layer, "fp8", False) or not wanted:
