@@ -158,7 +158,12 @@ def rms_norm(
         res = res_out = rows  # unused
     block = triton.next_power_of_2(n)
     slices, q, q_scale = _fp8_copy(rows, fp8_slices, block)
-    cols = _columns_per_program(rows.shape[0], block, slices)
+    # With a float8 copy (decode rows) each program writes one slice, taking the whole
+    # row's mean square: one program per row quantized all of a row's slices (Llama-2-7B:
+    # 16) alone, and lost to a launch of its own (fp8_activations). Without a copy the
+    # same split lost 0.6 % (bf16 Llama-2-7B batch 1, H200, 2026-12-04: 248.1 / 248.1 vs
+    # 249.7 / 249.7 tok/s), so a program writes the whole row.
+    cols = slices or block
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0], triton.cdiv(n, cols))](
             rows,
@@ -274,16 +279,6 @@ def act_and_mul(gate_up: torch.Tensor, activation: str, fp8_slices: int = 0) -> 
     if slices:
         fp8_activations.attach(result, q, q_scale, slices)
     return result
-
-
-def _columns_per_program(rows: int, block: int, slices: int) -> int:
-    """The columns each RMSNorm program writes. With a float8 copy (decode rows): one
-    slice, each program taking the whole row's mean square; one program per row
-    quantized all of a row's slices (Llama-2-7B: 16) alone, and lost to a launch of
-    its own (fp8_activations). Else the whole row: split the same way without a copy,
-    bf16 Llama-2-7B batch 1 lost 0.6 % (H200, 2026-12-04: 248.1 / 248.1 vs 249.7 /
-    249.7 tok/s)."""
-    return slices or block
 
 
 def _fp8_copy(out: torch.Tensor, slices: int, block: int) -> tuple[int, torch.Tensor, torch.Tensor]:
