@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
-#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [structured] [structured-sync] [serving] [serving-budget B S] [serving-http] [serving-http-with VAR=VALUE] [tp2-latency] [tp2-w1] [tp2-tests]
+#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [structured] [structured-sync] [serving] [serving-budget B S] [serving-http] [serving-http-with VAR=VALUE] [serving-http-opts "ARGS"] [tp2-latency] [tp2-w1] [tp2-tests]
 #   fp8 weights (issue 20): [latency-fp8w] [w1-fp8w] [gemv-fp8] [gemv-fp8-sweep] [moe-fp8] [latency-70b-fp8w] [w1-70b-fp8w] [tests-fp8] [tests-fp8-all] [gemv-gated] [gemv-gated-fp8] [latency-llama3-fp8w] [gemv-fp8-sweep-llama3]
 #   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w] [moe-routing] [latency-mixtral-fused-routing]
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
@@ -49,6 +49,9 @@ while [ $# -gt 0 ]; do
     # One switch set for the HTTP serving run (A/B): serving-http-with MII_ATTENTION_EARLY_LOADS=off
     serving-http-with) shift; tag=$(echo "serving_http_$1" | tr 'A-Z=-' 'a-z__')
       env "$1" python3 benchmarks/serving.py $SERVING --http --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1; serving_report "$OUT/$tag.log" ;;
+    # Serving with options past the defaults: serving-http-opts "--kv-cache-dtype fp8 --quantization fp8"
+    serving-http-opts) shift; tag=$(echo "serving_http$1" | tr 'A-Z -' 'a-z__' | tr -s _)
+      python3 benchmarks/serving.py $SERVING $1 --http --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1; serving_report "$OUT/$tag.log" ;;
     serving-http) python3 benchmarks/serving.py $SERVING --http --json "$OUT/serving_http.json" > "$OUT/serving_http.log" 2>&1; serving_report "$OUT/serving_http.log" ;;
     latency-sync) python3 benchmarks/latency.py --sync-scheduling --json "$OUT/latency_sync.json" > "$OUT/latency_sync.log" 2>&1; tail -30 "$OUT/latency_sync.log" ;;
     w1-sync) python3 benchmarks/throughput.py --sync-scheduling --json "$OUT/w1_sync.json" > "$OUT/w1_sync.log" 2>&1; tail -30 "$OUT/w1_sync.log" ;;
