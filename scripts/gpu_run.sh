@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, then benchmarks; logs and JSON go to $OUT.
-#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [structured] [structured-sync] [serving] [serving-budget B S] [serving-http] [serving-http-with VAR=VALUE] [serving-http-opts "ARGS"] [tp2-latency] [tp2-w1] [tp2-tests]
+#   bash scripts/gpu_run.sh [tests] [latency] [throughput N] [w1] [w1-sweep] [prefix-cache] [structured] [structured-sync] [serving] [serving-budget B S] [serving-http] [serving-http-with VAR=VALUE] [serving-http-opts "ARGS"] [serving-opts "ARGS"] [breakdown-serving-opts "ARGS"] [tp2-latency] [tp2-w1] [tp2-tests]
 #   fp8 weights (issue 20): [latency-fp8w] [w1-fp8w] [gemv-fp8] [gemv-fp8-sweep] [moe-fp8] [latency-70b-fp8w] [w1-70b-fp8w] [tests-fp8] [tests-fp8-all] [gemv-gated] [gemv-gated-fp8] [latency-llama3-fp8w] [gemv-fp8-sweep-llama3]
 #   Mixtral-8x7B shape: [latency-mixtral] [w1-mixtral] [latency-mixtral-fp8w] [w1-mixtral-fp8w] [moe-routing] [latency-mixtral-fused-routing]
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
@@ -52,6 +52,8 @@ while [ $# -gt 0 ]; do
     # Serving with options past the defaults: serving-http-opts "--kv-cache-dtype fp8 --quantization fp8"
     serving-http-opts) shift; tag=$(echo "serving_http$1" | tr 'A-Z -' 'a-z__' | tr -s _)
       python3 benchmarks/serving.py $SERVING $1 --http --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1; serving_report "$OUT/$tag.log" ;;
+    serving-opts) shift; tag=$(echo "serving$1" | tr 'A-Z -' 'a-z__' | tr -s _)
+      python3 benchmarks/serving.py $SERVING $1 --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1; serving_report "$OUT/$tag.log" ;;
     serving-http) python3 benchmarks/serving.py $SERVING --http --json "$OUT/serving_http.json" > "$OUT/serving_http.log" 2>&1; serving_report "$OUT/serving_http.log" ;;
     latency-sync) python3 benchmarks/latency.py --sync-scheduling --json "$OUT/latency_sync.json" > "$OUT/latency_sync.log" 2>&1; tail -30 "$OUT/latency_sync.log" ;;
     w1-sync) python3 benchmarks/throughput.py --sync-scheduling --json "$OUT/w1_sync.json" > "$OUT/w1_sync.log" 2>&1; tail -30 "$OUT/w1_sync.log" ;;
@@ -60,6 +62,8 @@ while [ $# -gt 0 ]; do
     tp2-tests) python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -25 ;;
     breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
     breakdown-serving) python3 benchmarks/pass_breakdown.py --num-requests 160 --input-range 1820 3380 --output-len 60 --profile-passes 3 --records "$OUT/passes_serving.json" > "$OUT/breakdown_serving.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_serving.log" | cut -c1-160 | tail -90 ;;
+    breakdown-serving-opts) shift; tag=$(echo "breakdown_serving$1" | tr 'A-Z -' 'a-z__' | tr -s _)
+      python3 benchmarks/pass_breakdown.py --num-requests 160 --input-range 1820 3380 --output-len 60 --profile-passes 3 $1 > "$OUT/$tag.log" 2>&1; grep -v "^-\+" "$OUT/$tag.log" | cut -c1-160 | grep -A14 "^=== profile\|ms_per_pass\|device_busy" | head -60 ;;
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --profile-passes 0 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
     decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1\|GQA" "$OUT/decode_sweep.log" ;;
     decode-long) python3 benchmarks/decode_sweep.py --long-context --json "$OUT/decode_long.json" > "$OUT/decode_long.log" 2>&1; grep "long context" "$OUT/decode_long.log" | cut -c1-400 || tail -20 "$OUT/decode_long.log" ;;
