@@ -159,8 +159,11 @@ def weight_bytes(config: dict, quantization: str = "none") -> int:
     return (embeddings + routers) * 2 + linear * (1 if quantization == "fp8" else 2)
 
 
-def roofline(device: torch.device) -> dict:
-    """Measured bf16 matmul TFLOP/s and device-to-device copy bandwidth (read + write)."""
+def roofline(device: torch.device, fp8: bool = False) -> dict:
+    """Measured bf16 matmul TFLOP/s and device-to-device copy bandwidth (read + write);
+    with ``fp8`` also the float8 matmul rate (``matmul_fp8_tflops``: ``torch._scaled_mm``
+    with row-wise scales, as FP8 weights' prompt passes run it; None where the GPU
+    has no FP8 tensor cores)."""
     if device.type != "cuda":
         return {}
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
@@ -170,10 +173,27 @@ def roofline(device: torch.device) -> dict:
     src = torch.randn(2 * 1024**3 // 2, device=device, dtype=torch.bfloat16)  # 2 GiB
     dst = torch.empty_like(src)
     copy_s = _time_cuda(lambda: dst.copy_(src))
-    return {
+    rates = {
         "matmul_bf16_tflops": round(tflops, 1),
         "copy_tb_per_s": round(2 * src.numel() * 2 / copy_s / 1e12, 3),
     }
+    if fp8:
+        rates["matmul_fp8_tflops"] = _fp8_matmul_tflops(a, b)
+    return rates
+
+
+def _fp8_matmul_tflops(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    if torch.cuda.get_device_capability(a.device) < (8, 9):
+        return None
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    scale_a = torch.ones(a.shape[0], 1, device=a.device)
+    scale_b = torch.ones(1, b.shape[0], device=a.device)
+
+    def matmul():
+        # the second operand column-major, as fp8_linear passes a weight
+        return torch._scaled_mm(a8, b8.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=a.dtype)
+
+    return round(2 * a.shape[0] * a.shape[1] * b.shape[0] / _time_cuda(matmul) / 1e12, 1)
 
 
 def _time_cuda(fn, repeat: int = 20) -> float:

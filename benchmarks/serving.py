@@ -31,7 +31,9 @@ Once per run, after the deployment has stopped (the GPU holds one engine at a
 time): the offline engine maximum, i.e. the first rate's exact requests
 submitted all at once to an in-process ``mii.AsyncEngine`` with the same
 options, in requests/s; on CUDA with a shape name also the compute floor for
-those requests (2 x params x tokens over the measured bf16 matmul rate).
+those requests (2 x params x tokens over the measured bf16 matmul rate, or the
+float8 rate for FP8 weights' linear layers) and the roofline that adds the prompts'
+attention and the decode steps' KV reads (one byte per value with the fp8 KV cache).
 
 ``--model`` is a shape name (random weights of the real shape on GPU, with a
 synthetic byte-level BPE tokenizer of the model's full vocabulary size, so that
@@ -258,19 +260,37 @@ async def offline_maximum(
     }
 
 
-def floors(config: dict, requests: list[Request], tflops: float, copy_tb_s: float) -> dict:
+def floors(
+    config: dict,
+    requests: list[Request],
+    tflops: float,
+    copy_tb_s: float,
+    fp8_tflops: float | None = None,
+    kv_cache_dtype: str = "auto",
+) -> dict:
     """The requests' floors on a device of ``tflops`` bf16 matmul rate and
     ``copy_tb_s`` copy bandwidth: ``compute_floor_s`` (2 x params x tokens, the
     issue's ceiling; a mixture of experts counts its active parameters) and
     ``roofline_floor_s``, which adds what that leaves out: the prompts' causal
-    attention FLOPs and the decode steps' reads of their sequences' KV cache
-    (bf16), at copy bandwidth. A long-prompt workload is bandwidth-bound there:
-    every generated token reads its whole context's KV."""
+    attention FLOPs and the decode steps' reads of their sequences' KV cache, at
+    copy bandwidth. A long-prompt workload is bandwidth-bound there: every
+    generated token reads its whole context's KV.
+
+    For the engine options being measured: ``fp8_tflops`` (FP8 weights) runs the
+    linear layers' FLOPs at that rate (embeddings and LM head stay 16-bit, as the
+    engine keeps them); ``kv_cache_dtype="fp8"`` reads one byte per cached value,
+    not two. Without them a float8 run would be compared with bf16's floors and
+    look faster than its roofline."""
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     kv_dim = config["num_key_value_heads"] * h // config["num_attention_heads"]
-    kv_bytes_per_token = layers * 2 * kv_dim * 2  # K and V, bf16
+    value_bytes = 1 if kv_cache_dtype == "fp8" else 2
+    kv_bytes_per_token = layers * 2 * kv_dim * value_bytes  # K and V
     tokens = sum(r.prompt_tokens + r.max_new_tokens for r in requests)
-    compute_s = 2 * num_params(config, active=True) * tokens / (tflops * 1e12)
+    params = num_params(config, active=True)
+    unquantized = 2 * config["vocab_size"] * h  # embeddings and LM head
+    linear_tflops = fp8_tflops or tflops
+    per_token_s = 2 * (unquantized / tflops + (params - unquantized) / linear_tflops) / 1e12
+    compute_s = per_token_s * tokens
     attention_flops = sum(layers * 2 * 2 * r.prompt_tokens**2 // 2 * h for r in requests)
     # generated token g (1..G) reads the KV of prompt + g - 1 tokens
     kv_reads = sum(
@@ -279,6 +299,10 @@ def floors(config: dict, requests: list[Request], tflops: float, copy_tb_s: floa
     )
     roofline_s = compute_s + attention_flops / (tflops * 1e12) + kv_reads / (copy_tb_s * 1e12)
     return {
+        "floor_basis": {
+            "weights": "fp8" if fp8_tflops else "bf16",
+            "kv_cache": "fp8" if kv_cache_dtype == "fp8" else "bf16",
+        },
         "compute_floor_s": round(compute_s, 2),
         "compute_ceiling_rps": round(len(requests) / compute_s, 2),
         "roofline_floor_s": round(roofline_s, 2),
@@ -286,16 +310,23 @@ def floors(config: dict, requests: list[Request], tflops: float, copy_tb_s: floa
     }
 
 
-def compute_floor(model: str, requests: list[Request]) -> dict[str, Any]:
+def compute_floor(model: str, requests: list[Request], options: dict[str, Any]) -> dict[str, Any]:
     """On CUDA with a shape name: the requests' floors (``floors``) on the
-    measured roofline, and the requests/s they allow."""
+    measured roofline, for the engine ``options``' weights and KV cache, and the
+    requests/s they allow."""
     import torch
 
     if model not in SHAPES or not torch.cuda.is_available():
         return {}
-    rates = roofline(torch.device("cuda"))
+    fp8_weights = options.get("quantization") == "fp8"
+    rates = roofline(torch.device("cuda"), fp8=fp8_weights)
     return rates | floors(
-        SHAPES[model], requests, rates["matmul_bf16_tflops"], rates["copy_tb_per_s"]
+        SHAPES[model],
+        requests,
+        rates["matmul_bf16_tflops"],
+        rates["copy_tb_per_s"],
+        fp8_tflops=rates.get("matmul_fp8_tflops") if fp8_weights else None,
+        kv_cache_dtype=options.get("kv_cache_dtype", "auto"),
     )
 
 
@@ -330,7 +361,9 @@ def print_table(result: dict[str, Any]) -> None:
         )
     if "compute_floor" in result:
         floor = result["compute_floor"]
+        basis = floor["floor_basis"]
         print(
+            f"floors for {basis['weights']} weights, {basis['kv_cache']} KV cache: "
             f"compute floor {floor['compute_floor_s']} s = ceiling "
             f"{floor['compute_ceiling_rps']} req/s; with attention and decode KV reads "
             f"{floor['roofline_floor_s']} s = {floor['roofline_ceiling_rps']} req/s; "
@@ -361,7 +394,7 @@ def main() -> None:
     if not args.no_offline:
         log("offline engine maximum for the first rate's requests")
         result["offline_maximum"] = asyncio.run(offline_maximum(path, options, sets[0], warmup))
-        floor = compute_floor(args.model, sets[0])
+        floor = compute_floor(args.model, sets[0], options)
         if floor:
             seconds = result["offline_maximum"]["seconds"]
             result["compute_floor"] = floor | {

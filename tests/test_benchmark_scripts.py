@@ -99,6 +99,37 @@ def test_serving_roofline_counts_the_decode_steps_kv_reads():
     assert result["roofline_ceiling_rps"] == pytest.approx(14.6, rel=0.01)
 
 
+def test_serving_floors_follow_the_fp8_options():
+    """The same request with the engine options measured: an fp8 KV cache reads one
+    byte per cached value (41.4 GB, 9.8 ms at 4.2 TB/s instead of 19.7), FP8 weights
+    run the linear layers at the float8 rate (6.48 B of 6.74 B parameters; the 0.26 B
+    of embeddings and LM head stay at the bf16 rate). Both: 2 x 2,660 x (0.262 B /
+    770 + 6.476 B / 1,540) TFLOP/s = 24.2 ms + attention 2.3 ms + 9.8 ms = 36.3 ms."""
+    from benchmarks.common import LLAMA2_7B, num_params
+    from benchmarks.serving import floors
+    from benchmarks.serving_load import Request
+
+    requests = [Request("x", 2600, 60)] * 100
+    plain = floors(LLAMA2_7B, requests, tflops=770.0, copy_tb_s=4.2)
+    assert plain["floor_basis"] == {"weights": "bf16", "kv_cache": "bf16"}
+    fp8_kv = floors(LLAMA2_7B, requests, tflops=770.0, copy_tb_s=4.2, kv_cache_dtype="fp8")
+    assert fp8_kv["compute_floor_s"] == plain["compute_floor_s"]
+    attention_s = 100 * 32 * 4 * 2600**2 // 2 * 4096 / 770e12  # 0.230 s
+    kv_plain = plain["roofline_floor_s"] - plain["compute_floor_s"] - attention_s
+    kv_fp8 = fp8_kv["roofline_floor_s"] - fp8_kv["compute_floor_s"] - attention_s
+    assert kv_plain == pytest.approx(1.97, abs=0.02)
+    assert kv_fp8 == pytest.approx(0.985, abs=0.02)
+    both = floors(
+        LLAMA2_7B, requests, tflops=770.0, copy_tb_s=4.2, fp8_tflops=1540.0, kv_cache_dtype="fp8"
+    )
+    assert both["floor_basis"] == {"weights": "fp8", "kv_cache": "fp8"}
+    unquantized = 2 * LLAMA2_7B["vocab_size"] * LLAMA2_7B["hidden_size"]
+    linear = num_params(LLAMA2_7B) - unquantized
+    expected = 2 * 2660 * 100 * (unquantized / 770e12 + linear / 1540e12)
+    assert both["compute_floor_s"] == pytest.approx(expected, abs=0.005)
+    assert both["roofline_floor_s"] == pytest.approx(3.63, abs=0.02)
+
+
 def test_mixtral_floors_count_active_parameters():
     """Mixtral-8x7B by hand: attention 4096 x (4096 + 2 x 1024) + 4096^2 = 41.9 M per
     layer, each expert 3 x 4096 x 14336 = 176.2 M, the router 4096 x 8; 32 layers plus
