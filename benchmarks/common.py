@@ -196,7 +196,11 @@ def _fp8_matmul_tflops(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return round(2 * a.shape[0] * a.shape[1] * b.shape[0] / _time_cuda(matmul) / 1e12, 1)
 
 
-def _time_cuda(fn, repeat: int = 20) -> float:
+def _time_cuda(fn, repeat: int = 20, calls: int = 1) -> float:
+    """Median seconds of one ``fn()`` on the GPU. ``calls`` > 1 times that many calls
+    back to back and divides: a small kernel's own time, as a CUDA graph replays it,
+    without the host's launch cost in each interval (cuBLAS spends tens of µs on the
+    host per call, which one call per interval would count as GPU time)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -204,10 +208,11 @@ def _time_cuda(fn, repeat: int = 20) -> float:
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / calls)
     return sorted(times)[len(times) // 2]
 
 

@@ -143,17 +143,21 @@ class PassRecorder:
         }
 
 
-def matmul_rates(tokens: list[int]) -> dict:
-    """TFLOP/s of the Llama-2-7B projections at pass sizes of ``tokens`` rows: what a
-    pass of that size can reach at best."""
+def matmul_rates(config: dict, tokens: list[int]) -> dict:
+    """TFLOP/s of the model's projections (cuBLAS, bf16) at pass sizes of ``tokens``
+    rows: what a pass of that size can reach at best. Timed 20 launches back to back
+    (as a graph replays them): one launch per timing counted cuBLAS's host time too,
+    which made the 1-256-row rates look 2-5x worse than the GPU's."""
     from benchmarks.common import _time_cuda
 
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
     shapes = {
-        "qkv": (4096, 12288),
-        "o": (4096, 4096),
-        "gate_up": (4096, 22016),
-        "down": (11008, 4096),
-        "lm_head": (4096, 32000),
+        "qkv": (h, h + 2 * kv),
+        "o": (h, h),
+        "gate_up": (h, 2 * i),
+        "down": (i, h),
+        "lm_head": (h, v),
     }
     rates = {}
     for m in tokens:
@@ -161,7 +165,7 @@ def matmul_rates(tokens: list[int]) -> dict:
         for name, (k, n) in shapes.items():
             a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            seconds = _time_cuda(lambda a=a, w=w: torch.nn.functional.linear(a, w))
+            seconds = _time_cuda(lambda a=a, w=w: torch.nn.functional.linear(a, w), calls=20)
             row[name] = round(2 * m * k * n / seconds / 1e12, 1)
         rates[m] = row
     return rates
@@ -212,7 +216,8 @@ def main() -> None:
     parser.add_argument("--records", help="write every pass's kind, size and device ms here")
     add_engine_arguments(parser)
     args = parser.parse_args()
-    print(json.dumps({"matmul_tflops": matmul_rates([1, 128, 256, 1024, 2048])}, indent=2))
+    rows = [1, 128, 256, 1024, 2048]
+    print(json.dumps({"matmul_tflops": matmul_rates(SHAPES[args.model], rows)}, indent=2))
     print(json.dumps(asyncio.run(run(args)), indent=2))
 
 

@@ -63,7 +63,7 @@ while [ $# -gt 0 ]; do
     breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
     breakdown-serving) python3 benchmarks/pass_breakdown.py --num-requests 160 --input-range 1820 3380 --output-len 60 --profile-passes 3 --records "$OUT/passes_serving.json" > "$OUT/breakdown_serving.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_serving.log" | cut -c1-160 | tail -90 ;;
     breakdown-serving-opts) shift; tag=$(echo "breakdown_serving$1" | tr 'A-Z -' 'a-z__' | tr -s _)
-      python3 benchmarks/pass_breakdown.py --num-requests 160 --input-range 1820 3380 --output-len 60 --profile-passes 3 $1 > "$OUT/$tag.log" 2>&1; grep -v "^-\+" "$OUT/$tag.log" | cut -c1-160 | grep -A14 "^=== profile\|ms_per_pass\|device_busy" | head -60 ;;
+      python3 benchmarks/pass_breakdown.py --num-requests 160 --input-range 1820 3380 --output-len 60 --profile-passes 3 --records "$OUT/passes_$tag.json" $1 > "$OUT/$tag.log" 2>&1; grep -v "^-\+" "$OUT/$tag.log" | cut -c1-160 | grep -A14 "^=== profile\|ms_per_pass\|device_busy" | head -60 ;;
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --profile-passes 0 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
     decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1\|GQA" "$OUT/decode_sweep.log" ;;
     decode-long) python3 benchmarks/decode_sweep.py --long-context --json "$OUT/decode_long.json" > "$OUT/decode_long.log" 2>&1; grep "long context" "$OUT/decode_long.log" | cut -c1-400 || tail -20 "$OUT/decode_long.log" ;;
