@@ -31,6 +31,13 @@ from mii.rpc.ray_options import RayOptions
 # load balancer, which listens on the deployment's host and port.
 REPLICA_HOST = "127.0.0.1"
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# Seconds an idle HTTP keep-alive connection stays open. Longer than the idle expiry
+# of the clients pointed at the gateway (httpx and the openai package: 5 s; aiohttp:
+# 15 s; Go's net/http: 90 s): a server that closes first races a client reusing the
+# connection, whose request then meets a reset (httpx.ReadError). uvicorn's 5 s,
+# equal to httpx's, lost one of 480 streamed requests that way in an H200 serving
+# run (docs/reliability.md). Idle connections stay bounded by http_max_connections.
+DEFAULT_HTTP_KEEP_ALIVE_S = 100.0
 
 
 class GpuLayout(BaseModel):
@@ -211,7 +218,10 @@ class DeploymentConfig(GpuLayout, RayOptions):
         "it is closed",
     )
     http_keep_alive_timeout: float = Field(
-        default=5.0, gt=0, description="seconds an idle HTTP keep-alive connection stays open"
+        default=DEFAULT_HTTP_KEEP_ALIVE_S,
+        gt=0,
+        description="seconds an idle HTTP keep-alive connection stays open (longer than "
+        "clients keep idle connections, so that a reused one is never closed under them)",
     )
     http_max_connections: int = Field(
         default=1000,
