@@ -129,3 +129,27 @@ def test_replicas_get_the_switches_as_set_and_no_secrets(monkeypatch):
     monkeypatch.setenv("MII_GEMV", "cuda")
     with pytest.raises(ValueError, match="MII_GEMV must be"):
         forwarded_env()
+
+
+def test_serve_proxy_gets_the_gateway_keep_alive(monkeypatch):
+    """Ray Serve's HTTP proxy is started with the deployment's keep-alive (its own
+    default, 90 s, is the idle expiry of Go's net/http clients: the race the option
+    avoids), host and port; Ray itself is not started."""
+    from ray import serve
+
+    from mii.ray_backend.deployment import start_serve
+
+    started = {}
+
+    def no_serve():
+        raise RuntimeError("Serve is not running")
+
+    monkeypatch.setattr(serve, "status", no_serve)
+    monkeypatch.setattr(serve, "start", lambda **kwargs: started.update(kwargs))
+    config = DeploymentConfig(model="m", backend="ray", http_keep_alive_timeout=42.0)
+    assert start_serve(config)
+    assert started["http_options"]["keep_alive_timeout_s"] == 42.0
+    assert started["http_options"]["port"] == config.restful_api_port
+    default = DeploymentConfig(model="m", backend="ray")
+    assert start_serve(default)
+    assert started["http_options"]["keep_alive_timeout_s"] == default.http_keep_alive_timeout > 90

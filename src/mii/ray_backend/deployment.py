@@ -78,7 +78,14 @@ def start_serve(config: DeploymentConfig) -> bool:
         from mii.rpc.http.server import bind_socket
 
         bind_socket(config.host, config.restful_api_port).close()
-    http = {"host": config.host, "port": config.restful_api_port}
+    # Serve's proxy keeps idle connections as long as the local gateway would
+    # (http_keep_alive_timeout: longer than clients keep them; its own default, 90 s,
+    # equals Go's net/http expiry, the race that option avoids).
+    http = {
+        "host": config.host,
+        "port": config.restful_api_port,
+        "keep_alive_timeout_s": config.http_keep_alive_timeout,
+    }
     serve.start(
         http_options=http, proxy_location="HeadOnly" if config.enable_restful_api else "Disabled"
     )

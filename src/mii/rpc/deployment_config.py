@@ -32,9 +32,10 @@ from mii.rpc.ray_options import RayOptions
 REPLICA_HOST = "127.0.0.1"
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # Seconds an idle HTTP keep-alive connection stays open. Longer than the idle expiry
-# of the clients pointed at the gateway (httpx and the openai package: 5 s; aiohttp:
-# 15 s; Go's net/http: 90 s): a server that closes first races a client reusing the
-# connection, whose request then meets a reset (httpx.ReadError). uvicorn's 5 s,
+# of the common clients pointed at the gateway (httpx and the openai package: 5 s;
+# aiohttp: 15 s; Go's net/http: 90 s; clients with no expiry, or a longer one, can
+# still meet it): a server that closes first races a client reusing the connection,
+# whose request then meets a reset (httpx.ReadError). uvicorn's 5 s,
 # equal to httpx's, lost one of 480 streamed requests that way in an H200 serving
 # run (docs/reliability.md). Idle connections stay bounded by http_max_connections.
 DEFAULT_HTTP_KEEP_ALIVE_S = 100.0
@@ -221,7 +222,8 @@ class DeploymentConfig(GpuLayout, RayOptions):
         default=DEFAULT_HTTP_KEEP_ALIVE_S,
         gt=0,
         description="seconds an idle HTTP keep-alive connection stays open (longer than "
-        "clients keep idle connections, so that a reused one is never closed under them)",
+        "common clients keep idle connections for reuse: httpx/openai 5 s, aiohttp 15 s, "
+        "Go 90 s, so the server does not close one as its client reuses it)",
     )
     http_max_connections: int = Field(
         default=1000,

@@ -93,6 +93,12 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
                 self.mii_idle_since = time.monotonic()
             self.mii_watch_body()
 
+        def on_response_complete(self) -> None:
+            # Idle from here: the cap closes the connection idle the longest, and one
+            # that has just finished a long stream is the one its client reuses next.
+            self.mii_idle_since = time.monotonic()
+            super().on_response_complete()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self.mii_stop_waiting()
             self.mii_stop_body_timer()
