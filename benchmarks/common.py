@@ -196,17 +196,25 @@ def _fp8_matmul_tflops(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return round(2 * a.shape[0] * a.shape[1] * b.shape[0] / _time_cuda(matmul) / 1e12, 1)
 
 
+# GPU cycles the stream spins before a timed batch of calls (~2.5 ms on an H100 /
+# H200): long enough for the host to queue the batch behind it.
+QUEUE_SPIN_CYCLES = 5_000_000
+
+
 def _time_cuda(fn, repeat: int = 20, calls: int = 1) -> float:
     """Median seconds of one ``fn()`` on the GPU. ``calls`` > 1 times that many calls
-    back to back and divides: a small kernel's own time, as a CUDA graph replays it,
-    without the host's launch cost in each interval (cuBLAS spends tens of µs on the
-    host per call, which one call per interval would count as GPU time)."""
+    and divides, queued behind a GPU spin so that they run back to back as a CUDA
+    graph replays them: a small kernel's own time, without the host's launch cost
+    (cuBLAS spends ~20 µs on the host per call, which an interval the host fills
+    call by call would count as GPU time)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if calls > 1:
+            torch.cuda._sleep(QUEUE_SPIN_CYCLES)
         start.record()
         for _ in range(calls):
             fn()

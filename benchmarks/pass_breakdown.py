@@ -145,10 +145,16 @@ class PassRecorder:
 
 def matmul_rates(config: dict, tokens: list[int]) -> dict:
     """TFLOP/s of the model's projections (cuBLAS, bf16) at pass sizes of ``tokens``
-    rows: what a pass of that size can reach at best. Timed 20 launches back to back
-    (as a graph replays them): one launch per timing counted cuBLAS's host time too,
-    which made the 1-256-row rates look 2-5x worse than the GPU's."""
+    rows: what a pass of that size can reach at best (a dense MLP: a mixture of
+    experts' experts see fewer rows each). Timed 20 launches queued back to back (as
+    a graph replays them; one launch per timing counted cuBLAS's host time too, which
+    made the 1-256-row rates look 2-5x worse than the GPU's), each on the next of
+    enough weight copies that none is still in the L2 cache from its last use."""
+    import itertools
+
     from benchmarks.common import _time_cuda
+
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
 
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
@@ -164,8 +170,13 @@ def matmul_rates(config: dict, tokens: list[int]) -> dict:
         row = {}
         for name, (k, n) in shapes.items():
             a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-            seconds = _time_cuda(lambda a=a, w=w: torch.nn.functional.linear(a, w), calls=20)
+            copies = max(1, -(-2 * l2_bytes // (n * k * 2)) + 1)
+            weights = itertools.cycle(
+                [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            )
+            seconds = _time_cuda(
+                lambda a=a, w=weights: torch.nn.functional.linear(a, next(w)), calls=20
+            )
             row[name] = round(2 * m * k * n / seconds / 1e12, 1)
         rates[m] = row
     return rates

@@ -280,14 +280,17 @@ def floors(
     linear layers' FLOPs at that rate (embeddings and LM head stay 16-bit, as the
     engine keeps them); ``kv_cache_dtype="fp8"`` reads one byte per cached value,
     not two. Without them a float8 run would be compared with bf16's floors and
-    look faster than its roofline."""
+    look faster than its roofline. (As the issue's floor, 2 FLOPs per parameter per
+    token, embeddings and the LM head included for every token.)"""
     h, layers = config["hidden_size"], config["num_hidden_layers"]
     kv_dim = config["num_key_value_heads"] * h // config["num_attention_heads"]
     value_bytes = 1 if kv_cache_dtype == "fp8" else 2
     kv_bytes_per_token = layers * 2 * kv_dim * value_bytes  # K and V
     tokens = sum(r.prompt_tokens + r.max_new_tokens for r in requests)
     params = num_params(config, active=True)
-    unquantized = 2 * config["vocab_size"] * h  # embeddings and LM head
+    # embeddings, LM head and MoE routers stay 16-bit (common.weight_bytes)
+    routers = layers * h * config.get("num_local_experts", 0)
+    unquantized = 2 * config["vocab_size"] * h + routers
     linear_tflops = fp8_tflops or tflops
     per_token_s = 2 * (unquantized / tflops + (params - unquantized) / linear_tflops) / 1e12
     compute_s = per_token_s * tokens

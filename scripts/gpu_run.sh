@@ -50,10 +50,18 @@ while [ $# -gt 0 ]; do
     serving-http-with) shift; tag=$(echo "serving_http_$1" | tr 'A-Z=-' 'a-z__')
       env "$1" python3 benchmarks/serving.py $SERVING --http --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1; serving_report "$OUT/$tag.log" ;;
     # Serving with options past the defaults: serving-http-opts "--kv-cache-dtype fp8 --quantization fp8"
-    serving-http-opts) shift; tag=$(echo "serving_http$1" | tr 'A-Z -' 'a-z__' | tr -s _)
-      python3 benchmarks/serving.py $SERVING $1 --http --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1; serving_report "$OUT/$tag.log" ;;
-    serving-opts) shift; tag=$(echo "serving$1" | tr 'A-Z -' 'a-z__' | tr -s _)
-      python3 benchmarks/serving.py $SERVING $1 --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1; serving_report "$OUT/$tag.log" ;;
+    # (serving-opts: over gRPC; breakdown-serving-opts: the same requests pass by pass).
+    # ARGS split into words without globbing; a repeat keeps its own files (_runN).
+    serving-http-opts|serving-opts|breakdown-serving-opts) mode=$1; shift
+      read -ra extra <<< "$1"
+      tag=$(echo "${mode%-opts}_$1" | tr -c 'A-Za-z0-9_\n' '_' | tr 'A-Z' 'a-z' | tr -s _ | sed 's/_$//')
+      base=$tag; n=1; while [ -e "$OUT/$tag.log" ]; do n=$((n + 1)); tag="${base}_run$n"; done
+      case "$mode" in
+        serving-http-opts) python3 benchmarks/serving.py $SERVING "${extra[@]}" --http --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1; serving_report "$OUT/$tag.log" ;;
+        serving-opts) python3 benchmarks/serving.py $SERVING "${extra[@]}" --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1; serving_report "$OUT/$tag.log" ;;
+        *) python3 benchmarks/pass_breakdown.py --num-requests 160 --input-range 1820 3380 --output-len 60 --profile-passes 3 --records "$OUT/passes_$tag.json" "${extra[@]}" > "$OUT/$tag.log" 2>&1 || tail -30 "$OUT/$tag.log"
+           grep -v "^-\+" "$OUT/$tag.log" | cut -c1-160 | grep -A14 "^=== profile\|ms_per_pass\|device_busy" | head -60 ;;
+      esac ;;
     serving-http) python3 benchmarks/serving.py $SERVING --http --json "$OUT/serving_http.json" > "$OUT/serving_http.log" 2>&1; serving_report "$OUT/serving_http.log" ;;
     latency-sync) python3 benchmarks/latency.py --sync-scheduling --json "$OUT/latency_sync.json" > "$OUT/latency_sync.log" 2>&1; tail -30 "$OUT/latency_sync.log" ;;
     w1-sync) python3 benchmarks/throughput.py --sync-scheduling --json "$OUT/w1_sync.json" > "$OUT/w1_sync.log" 2>&1; tail -30 "$OUT/w1_sync.log" ;;
@@ -62,8 +70,6 @@ while [ $# -gt 0 ]; do
     tp2-tests) python3 -m pytest -q -p no:cacheprovider tests/test_tensor_parallel.py 2>&1 | tee "$OUT/tp_tests.log" | tail -25 ;;
     breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
     breakdown-serving) python3 benchmarks/pass_breakdown.py --num-requests 160 --input-range 1820 3380 --output-len 60 --profile-passes 3 --records "$OUT/passes_serving.json" > "$OUT/breakdown_serving.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_serving.log" | cut -c1-160 | tail -90 ;;
-    breakdown-serving-opts) shift; tag=$(echo "breakdown_serving$1" | tr 'A-Z -' 'a-z__' | tr -s _)
-      python3 benchmarks/pass_breakdown.py --num-requests 160 --input-range 1820 3380 --output-len 60 --profile-passes 3 --records "$OUT/passes_$tag.json" $1 > "$OUT/$tag.log" 2>&1; grep -v "^-\+" "$OUT/$tag.log" | cut -c1-160 | grep -A14 "^=== profile\|ms_per_pass\|device_busy" | head -60 ;;
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --profile-passes 0 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
     decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1\|GQA" "$OUT/decode_sweep.log" ;;
     decode-long) python3 benchmarks/decode_sweep.py --long-context --json "$OUT/decode_long.json" > "$OUT/decode_long.log" 2>&1; grep "long context" "$OUT/decode_long.log" | cut -c1-400 || tail -20 "$OUT/decode_long.log" ;;
