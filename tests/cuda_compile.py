@@ -45,10 +45,18 @@ _ATTENTION_TYPES = {
 }
 
 
-def _attention(pack: int, cache: str, head_dim: int = 128, early: bool = True, pdl: int = 1):
+def _attention(
+    pack: int,
+    cache: str,
+    head_dim: int = 128,
+    early: bool = True,
+    pdl: int = 1,
+    v_pairs: bool = False,
+):
     """Split-KV decode programs (``pack`` query heads of one KV head) with
     MII_ATTENTION_EARLY_LOADS=on (``early``; off: waiting first) and
-    MII_SPLIT_KV_MERGE=kernel; ``pdl`` 2: MII_PDL_EARLY_RELEASE=on."""
+    MII_SPLIT_KV_MERGE=kernel; ``pdl`` 2: MII_PDL_EARLY_RELEASE=on; ``v_pairs``: an
+    fp8 cache's values read as 16-bit pairs (MII_FP8_KV_VALUES=pairs)."""
     fp8 = cache != "bf16"
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
@@ -57,6 +65,7 @@ def _attention(pack: int, cache: str, head_dim: int = 128, early: bool = True, p
         HAS_WINDOW=False, IEEE=False, UPCAST=False, KV_CAST=fp8, FP8_AS_F16=fp8,
         HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=True, SPLITS_P2=32, EARLY=early,
         PREFETCH_KEYS=128 if early else 0, LINE=min(head_dim, 128 if fp8 else 64), PDL=pdl,
+        V_PAIRS=v_pairs,
     )  # fmt: skip
     return triton_attention._paged_attention_kernel, types, constexprs
 
@@ -133,6 +142,8 @@ CASES = {
     "attention-mha": lambda: _attention(1, "bf16"),
     "attention-gqa": lambda: _attention(4, "bf16"),
     "attention-gqa-fp8": lambda: _attention(4, "fp8e4nv"),
+    "attention-mha-fp8": lambda: _attention(1, "fp8e4nv"),
+    "attention-mha-fp8-pairs": lambda: _attention(1, "fp8e4nv", v_pairs=True),
     "attention-gqa-d64-fp8": lambda: _attention(4, "fp8e4nv", head_dim=64),
     "attention-mha-d256": lambda: _attention(1, "bf16", head_dim=256),
     "attention-gqa-wait-first": lambda: _attention(4, "bf16", early=False),
@@ -184,9 +195,11 @@ def ptx_for(kernel, types: dict[str, str], constexprs: dict, stages: int = 3) ->
     return compiled["ptx"], compiled["ttgir"]
 
 
-# The integer arguments a Llama-shaped decode launch passes as multiples of 16.
+# The integer arguments a Llama-shaped decode launch passes as multiples of 16 (the
+# attention's cache and row strides too: without, its loads compile byte by byte).
 ALIGNED_INTS = {"N", "K", "k_per_split", "stride_xm", "stride_wn", "stride_om", "stride_am",
-                "stride_be", "stride_bn", "stride_cm"}  # fmt: skip
+                "stride_be", "stride_bn", "stride_cm", "stride_qt", "stride_qh", "stride_cb",
+                "stride_cs", "stride_ch", "stride_ot", "stride_oh"}  # fmt: skip
 
 
 def facts(ptx: str, ttgir: str) -> dict:
@@ -207,6 +220,9 @@ def facts(ptx: str, ttgir: str) -> dict:
         "barrier_before_atomic": atomic < 0 or "bar.sync" in ptx[:atomic],
         "atomics": ptx.count("atom.global"),
         "float8_converts": ptx.count("e4m3x2"),
+        # an operand gathered from shared memory one byte at a time
+        "shared_byte_loads": ptx.count("ld.shared.b8"),
+        "transposed_ldmatrix": len(re.findall(r"ldmatrix[.\w]*\.trans", ptx)),
         "wgmma": ptx.count("wgmma.mma_async"),
         "pipelined_loops": len(pipelined_loops(ttgir)),
         "waited_loads_in_pipelined_loops": waited_loads(ttgir),

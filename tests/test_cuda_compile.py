@@ -42,6 +42,8 @@ ATTENTION_CASES = [
     "attention-mha",
     "attention-gqa",
     "attention-gqa-fp8",
+    "attention-mha-fp8",
+    "attention-mha-fp8-pairs",
     "attention-gqa-d64-fp8",
     "attention-mha-d256",
 ]
@@ -169,3 +171,17 @@ def test_swapped_float8_decode_tile_multiplies_float8_on_wgmma(compiled):
     swapped = _facts(compiled, "moe-fp8-decode-swapped")
     assert swapped["wgmma"] > 0 and swapped["float8_converts"] == 0
     assert _facts(compiled, "moe-fp8-decode")["float8_converts"] > 0
+
+
+def test_fp8_cache_values_read_as_pairs_take_no_byte_gathers(compiled):
+    """An fp8 cache's values feed the P x V product in the operand layout that runs
+    along the keys, while the cache stores them along the head dimension. Read as
+    float8 (MII_FP8_KV_VALUES=bytes) that transposition compiles to one
+    shared-memory load per byte (ld.shared.b8); read as 16-bit pairs (pairs) it is
+    ldmatrix.trans, as for a bf16 cache, and no byte loads remain."""
+    as_bytes = _facts(compiled, "attention-mha-fp8")
+    pairs = _facts(compiled, "attention-mha-fp8-pairs")
+    bf16 = _facts(compiled, "attention-mha")
+    assert as_bytes["shared_byte_loads"] >= 128 and as_bytes["transposed_ldmatrix"] == 0
+    assert pairs["shared_byte_loads"] == 0 and pairs["transposed_ldmatrix"] > 0
+    assert bf16["shared_byte_loads"] == 0 and bf16["transposed_ldmatrix"] > 0

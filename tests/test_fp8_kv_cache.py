@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import mii
 from helpers import PROMPTS, TIGHT_OPTIONS
 from mii.ops.attention import FP8_KV_DTYPE, rotary_paged_attention_reference, to_cache
 from mii.ops.rotary import apply_rotary_reference
-from mii.ops.triton_attention import paged_attention_from_cache, paged_attention_triton
+from mii.ops.triton_attention import (
+    _e4m3_bits_to_f16,
+    paged_attention_from_cache,
+    paged_attention_triton,
+)
 from test_triton_kernels import CASES, DEVICE, make_case, to_device
 
 
@@ -112,3 +118,51 @@ def test_bad_kv_cache_dtype_is_refused(checkpoints):
     path, _ = checkpoints("llama")
     with pytest.raises(mii.InvalidRequestError, match="kv_cache_dtype"):
         mii.pipeline(str(path), kv_cache_dtype="int4")
+
+
+@triton.jit
+def _decode_e4m3_bits(Bits, Out):
+    offs = tl.arange(0, 256)
+    tl.store(Out + offs, _e4m3_bits_to_f16(tl.load(Bits + offs)))
+
+
+def test_e4m3_bit_patterns_decode_to_their_float16_values():
+    """MII_FP8_KV_VALUES=pairs decodes each value byte by moving its fields into a
+    float16's: every finite e4m3 pattern (subnormals, zeros of both signs, +-448)
+    gives torch's float8 -> float16 conversion exactly."""
+    bits = torch.arange(256, dtype=torch.int32).to(torch.uint16).to(DEVICE)
+    out = torch.empty(256, dtype=torch.float16, device=DEVICE)
+    _decode_e4m3_bits[(1,)](bits, out)
+    expected = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8_KV_DTYPE).half()
+    finite = ~expected.isnan()
+    assert finite.sum() == 254
+    assert torch.equal(out.cpu()[finite].view(torch.int16), expected[finite].view(torch.int16))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_value_pairs_read_the_same_attention(index, monkeypatch):
+    """Attention over an fp8 cache (bf16 queries: computed in float16) reads the
+    values as 16-bit pairs with MII_FP8_KV_VALUES=pairs: the same outputs as reading
+    them as bytes, over caches holding every finite e4m3 bit pattern, for decode and
+    prompt tiles, a padded head (24 of 32 columns),
+    windows and grouped queries. The products are the same; the interpreter's two
+    half-width matmuls may round a float32 sum differently, which can move a bf16
+    output by one step (3 of 24,448 elements in one case), hence one bf16 step of
+    tolerance: a mis-decoded or misplaced value moves outputs far more."""
+    case, dim, window = fp8_case(index, torch.bfloat16)
+    q, _, _, pos, cs, kc, vc, _ = case
+    gen = torch.Generator().manual_seed(index)
+    patterns = torch.randint(0, 254, vc.shape, generator=gen, dtype=torch.int32)
+    patterns = patterns + (patterns >= 0x7F).int()  # skip 0x7F and 0xFF (NaN)
+    vc = patterns.to(torch.uint8).view(FP8_KV_DTYPE)
+    rotated_q = apply_rotary_reference(q, pos, cs) if cs is not None else q
+    args = (rotated_q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE))
+    batch = to_device(case)[-1]
+    outputs = {}
+    for choice in ("bytes", "pairs"):
+        monkeypatch.setenv("MII_FP8_KV_VALUES", choice)
+        outputs[choice] = paged_attention_from_cache(*args, batch, dim**-0.5, window)
+    assert outputs["bytes"].abs().max() > 1.0  # the values reached the output
+    pairs, as_bytes = outputs["pairs"].float(), outputs["bytes"].float()
+    torch.testing.assert_close(pairs, as_bytes, rtol=2**-7, atol=1e-6)
+    assert (pairs != as_bytes).float().mean() < 1e-3

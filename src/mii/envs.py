@@ -11,6 +11,7 @@
 | ``MII_MOE_ROUTING`` | ``auto``, ``torch``, ``fused`` | one-launch MoE routing (auto: small) |
 | ``MII_SPLIT_KV_MERGE`` | ``launch``, ``kernel`` | who merges split-KV decode slices |
 | ``MII_ATTENTION_EARLY_LOADS`` | ``on``, ``off`` | decode attention's reads before the PDL wait |
+| ``MII_FP8_KV_VALUES`` | ``bytes``, ``pairs`` | how attention reads an fp8 cache's values |
 | ``MII_FP8_FUSED_QUANT`` | ``norm``, ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_PDL_EARLY_RELEASE`` | ``off``, ``on`` | small kernels release their successor first |
 | ``MII_GATED_GEMV`` | ``auto``, ``on``, ``off`` | act(gate) * up in the decode gate/up kernel |
@@ -162,6 +163,20 @@ ATTENTION_EARLY_LOADS = _choice(
     "shapes (decode_sweep --batch1-step)",
     "on",
     "off",
+)
+FP8_KV_VALUES = _choice(
+    "MII_FP8_KV_VALUES",
+    "attention over an fp8 KV cache: how the values reach the P x V product. 'bytes': "
+    "as float8, converted to float16 where the product reads them; compiled for sm_90 "
+    "that read is one shared-memory load per byte (the product wants each thread's "
+    "values along the keys, the cache stores them along the head dimension), 256 a "
+    "step. 'pairs': as 16-bit pairs of neighbouring dimensions, transposed by "
+    "ldmatrix.trans as a bf16 cache's values are, each pair decoded to two float16 by "
+    "bit operations (exact) and multiplied in two half-width products: the same "
+    "numbers. Off until the GPU has timed it (the fp8 cache's decode attention reads "
+    "bytes at ~65 % of the bf16 kernel's rate on the H200)",
+    "bytes",
+    "pairs",
 )
 FP8_FUSED_QUANT = _choice(
     "MII_FP8_FUSED_QUANT",
@@ -326,6 +341,7 @@ SWITCHES: tuple[Switch, ...] = (
     MOE_ROUTING,
     SPLIT_KV_MERGE,
     ATTENTION_EARLY_LOADS,
+    FP8_KV_VALUES,
     FP8_FUSED_QUANT,
     PDL_EARLY_RELEASE,
     GATED_GEMV,

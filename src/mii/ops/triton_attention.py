@@ -187,12 +187,14 @@ def _attend_keys(
     stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos, window, qk_scale,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    KV_CAST: tl.constexpr, FP8_AS_F16: tl.constexpr,
+    KV_CAST: tl.constexpr, FP8_AS_F16: tl.constexpr, V_PAIRS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step over BLOCK_N keys from ``start``: the updated
     (acc, m_i, l_i), scores in log2 units. MASKED: apply the causal mask, the
     window and the end of the sequence (unmasked blocks are whole and visible to
-    every row)."""
+    every row). V_PAIRS (an fp8 cache computed in float16): the values read as
+    16-bit pairs (``_fp8_value_pairs``), the same numbers."""
     offs_n = start + tl.arange(0, BLOCK_N)
     if MASKED:
         n_mask = offs_n < seq_len
@@ -210,7 +212,16 @@ def _attend_keys(
     else:
         kv_mask = d_mask[None, :] & (offs_n[:, None] >= 0)
     k = tl.load(K_cache + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(V_cache + kv_off, mask=kv_mask, other=0.0)
+    if V_PAIRS:
+        v_even, v_odd = _fp8_value_pairs(
+            V_cache, block, offs_n, kv_head, stride_cb, stride_cs, stride_ch, seq_len,
+            offs_d.shape[0] // 2, HEAD_DIM, KV_BLOCK, MASKED,
+        )  # fmt: skip
+        v = v_even  # (its dtype: the products' operand type)
+    else:
+        v = tl.load(V_cache + kv_off, mask=kv_mask, other=0.0)
+        v_even = v  # unused
+        v_odd = v
     if FP8_AS_F16:
         k = k.to(tl.float16)
         v = v.to(tl.float16)
@@ -221,6 +232,8 @@ def _attend_keys(
         q = q.to(tl.float32)
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+        v_even = v_even.to(tl.float32)
+        v_odd = v_odd.to(tl.float32)
     if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch here)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -236,12 +249,54 @@ def _attend_keys(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:  # noqa: SIM108 (Triton needs a constexpr branch here)
+    if V_PAIRS:
+        # Each output column's sum over the keys as in one product: column 2j from
+        # the even dimensions' product, 2j + 1 from the odd ones'.
+        p16 = p.to(v.dtype)
+        pv = tl.reshape(tl.join(tl.dot(p16, v_even), tl.dot(p16, v_odd)), acc.shape)
+    elif IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
+
+
+@triton.jit
+def _fp8_value_pairs(
+    V_cache, block, offs_n, kv_head, stride_cb, stride_cs, stride_ch, seq_len,
+    HALF: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The values of keys ``offs_n`` (their cache ``block``s) from an fp8 cache as
+    float16: (even dimensions, odd dimensions), each [keys, HALF]. Read as 16-bit
+    pairs of neighbouring dimensions, which the P x V product's operand layout
+    transposes as a bf16 cache's values (ldmatrix.trans), where float8 values took
+    one shared-memory load per byte. Each byte is decoded by moving e4m3's sign,
+    exponent and mantissa into a float16's fields (exponent bias 15 instead of 7,
+    so x 2^8 after), exact for every finite e4m3 value, subnormals included.
+    Strides are even (cache rows of whole heads)."""
+    offs_h = tl.arange(0, HALF)
+    pair_off = (
+        block[:, None] * (stride_cb // 2)
+        + (offs_n % KV_BLOCK)[:, None] * (stride_cs // 2)
+        + kv_head * (stride_ch // 2)
+        + offs_h[None, :]
+    )
+    pairs_ptr = V_cache.to(tl.pointer_type(tl.uint16), bitcast=True)
+    pair_ok = offs_h < HEAD_DIM // 2  # HALF pads to a power of two
+    if MASKED:
+        mask = (offs_n < seq_len)[:, None] & pair_ok[None, :]
+    else:
+        mask = (offs_n >= 0)[:, None] & pair_ok[None, :]
+    pairs = tl.load(pairs_ptr + pair_off, mask=mask, other=0)
+    return _e4m3_bits_to_f16(pairs & 0xFF), _e4m3_bits_to_f16(pairs >> 8)
+
+
+@triton.jit
+def _e4m3_bits_to_f16(bits):
+    """e4m3 bit patterns (uint16 holding 0-255) -> their values as float16."""
+    f16_bits = ((bits & 0x80) << 8) | ((bits & 0x7F) << 7)
+    return f16_bits.to(tl.float16, bitcast=True) * 256.0
 
 
 # Integers that change from pass to pass are not specialised: Triton would compile
@@ -288,6 +343,7 @@ def _paged_attention_kernel(
     UPCAST: tl.constexpr,
     KV_CAST: tl.constexpr,
     FP8_AS_F16: tl.constexpr,
+    V_PAIRS: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     PACK: tl.constexpr,
     MERGE_HERE: tl.constexpr,
@@ -393,14 +449,14 @@ def _paged_attention_kernel(
             q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
             stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
             window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
-            FP8_AS_F16,
+            FP8_AS_F16, V_PAIRS, HEAD_DIM,
         )  # fmt: skip
     for start in range(unmasked_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend_keys(
             q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
             stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
             window, qk_scale, KV_BLOCK, BLOCK_N, True, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
-            FP8_AS_F16,
+            FP8_AS_F16, V_PAIRS, HEAD_DIM,
         )  # fmt: skip
     direct = m_mask  # this program writes the output itself
     if SPLIT:
@@ -699,6 +755,7 @@ def paged_attention_from_cache(
     d_pad = max(16, triton.next_power_of_2(dim))
     dependent_launch = triton_pdl.launch_options(q.device, small=True)
     merge_in_kernel = envs.SPLIT_KV_MERGE.get() == "kernel"
+    fp8_as_f16 = k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32
     early_loads = envs.ATTENTION_EARLY_LOADS.get() == "on"
     for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
         count = tiles.seq.shape[0]
@@ -778,7 +835,8 @@ def paged_attention_from_cache(
             IEEE=q.dtype == torch.float32 or INTERPRETED,
             UPCAST=INTERPRETED and q.dtype != torch.float32,
             KV_CAST=k_cache.dtype != q.dtype,
-            FP8_AS_F16=k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32,
+            FP8_AS_F16=fp8_as_f16,
+            V_PAIRS=fp8_as_f16 and dim % 2 == 0 and envs.FP8_KV_VALUES.get() == "pairs",
             HEAD_MAJOR=head_major,
             PACK=pack,
             MERGE_HERE=arrivals is not None,
