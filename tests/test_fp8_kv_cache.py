@@ -108,6 +108,8 @@ def test_engine_serves_from_an_fp8_cache(checkpoints):
             responses = pipe(PROMPTS, do_sample=False, max_new_tokens=16, ignore_eos=True)
             outputs[name] = [r.token_ids for r in responses]
             stats = pipe.engine.stats()
+            # as the deployment's start-up line reports it (stats_log.capacity_line)
+            assert stats["kv_cache_dtype"] == "fp8" and stats["quantization"] == "none"
         if name == "fp8-tight":
             assert stats["preemptions"] > 0
     assert all(len(tokens) == 16 for tokens in outputs["fp8"])

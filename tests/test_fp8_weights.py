@@ -95,6 +95,7 @@ def test_greedy_equals_transformers_on_the_dequantized_weights(
     with mii.pipeline(str(path), quantization="fp8", **options) as pipe:
         qkv = pipe.engine.core.runner.model.model.layers[0].self_attn.qkv_proj
         assert qkv.weight.dtype == FP8 and qkv.weight_scale.shape == (qkv.weight.shape[0],)
+        assert pipe.engine.stats()["quantization"] == "fp8"  # the start-up line says so
         responses = pipe(PROMPTS, do_sample=False, max_new_tokens=NEW_TOKENS)
     expected = [hf_greedy(oracle, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
     assert [r.token_ids for r in responses] == expected

@@ -438,11 +438,13 @@ def test_capacity_at_start_and_a_periodic_stats_line(served):
         client.close()
     tokens = stats.kv_blocks * stats.kv_block_size
     assert stats.kv_blocks > 0 and stats.max_length == 128  # --max-model-len
+    # how weights and cache are stored: the model's dtype without options
+    assert (stats.quantization, stats.kv_cache_dtype) == ("none", "float32")
     served.err.wait_for(
         lambda line: (
             f"KV cache: {stats.kv_blocks} blocks x {stats.kv_block_size} tokens = "
             f"{tokens} tokens (1 replica); maximum concurrency at 128 tokens per request: "
-            f"{tokens / 128:.2f}x" in line
+            f"{tokens / 128:.2f}x; quantization=none, kv_cache_dtype=float32" in line
         )
     )
     start = len(served.err.lines)

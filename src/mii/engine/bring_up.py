@@ -155,6 +155,12 @@ def allocate_kv_cache(
     return KVCache(tensors, num_blocks, kv_dtype)
 
 
+def kv_cache_dtype_name(dtype: torch.dtype) -> str:
+    """The KV cache's dtype as the engine option names it: "fp8", or the model's
+    dtype ("bfloat16", "float16", "float32") that "auto" stands for."""
+    return "fp8" if dtype == FP8_KV_DTYPE else str(dtype).removeprefix("torch.")
+
+
 def prefix_caching_allowed(config: EngineConfig, model: CausalLM) -> bool:
     """Whether prefix caching may run: asked for (the default) and the KV of a
     prefix does not depend on what follows it. It does under length-dependent rope

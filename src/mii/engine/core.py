@@ -406,7 +406,7 @@ class EngineCore:
 
     # ----- introspection ------------------------------------------------------
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
         return {
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
@@ -418,6 +418,8 @@ class EngineCore:
             "num_kv_blocks": self.blocks.num_blocks,
             "kv_block_size": self.config.kv_block_size,
             "max_length": self.max_length,
+            "quantization": self.model.weight_quantization,
+            "kv_cache_dtype": bring_up.kv_cache_dtype_name(self.kv_dtype),
             # prompt tokens looked up in the prefix cache, and those found there
             "prefix_cache_queries": self.blocks.query_tokens,
             "prefix_cache_hits": self.blocks.hit_tokens,

@@ -27,7 +27,7 @@ from mii.rpc.call_guard import CallGuard, ShuttingDownError
 from mii.rpc.convert import validated
 from mii.rpc.metrics import Metrics
 from mii.rpc.outcomes import Outcome
-from mii.rpc.pool import summed_stats
+from mii.rpc.pool import stats_reply, summed_stats
 
 HEALTH_INTERVAL_S = 0.5
 # A request whose replica died before answering is sent again (Ray Serve routes it to
@@ -185,18 +185,7 @@ class RayPool:
     def _view(view: RayReplicaView | None, post: dict[str, Any]) -> RayReplicaView:
         view = view or RayReplicaView(post["replica_id"])
         view.address, view.pid, view.in_flight = post["node"], post["pid"], post["in_flight"]
-        view.last_stats = mii_pb2.StatsReply(
-            running=int(post["running"]),
-            waiting=int(post["waiting"]),
-            kv_cache_usage=float(post["kv_cache_usage"]),
-            preemptions=int(post["preemptions"]),
-            in_flight=int(post["in_flight"]),
-            prompt_tokens=int(post["prompt_tokens"]),
-            generation_tokens=int(post["generation_tokens"]),
-            kv_blocks=int(post["num_kv_blocks"]),
-            kv_block_size=int(post["kv_block_size"]),
-            max_length=int(post["max_length"]),
-        )
+        view.last_stats = stats_reply(post, int(post["in_flight"]))
         return view
 
     async def watch(self) -> None:

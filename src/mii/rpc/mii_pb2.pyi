@@ -152,7 +152,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight", "prompt_tokens", "generation_tokens", "kv_blocks", "kv_block_size", "max_length", "status", "replicas")
+    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight", "prompt_tokens", "generation_tokens", "kv_blocks", "kv_block_size", "max_length", "quantization", "kv_cache_dtype", "status", "replicas")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,8 @@ class StatsReply(_message.Message):
     KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     running: int
@@ -175,9 +177,11 @@ class StatsReply(_message.Message):
     kv_blocks: int
     kv_block_size: int
     max_length: int
+    quantization: str
+    kv_cache_dtype: str
     status: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaHealth]
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_length: _Optional[int] = ..., status: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaHealth, _Mapping]]] = ...) -> None: ...
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_length: _Optional[int] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., status: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaHealth, _Mapping]]] = ...) -> None: ...
 
 class ReplicaHealth(_message.Message):
     __slots__ = ("index", "address", "state", "restarts", "pid", "in_flight")

@@ -61,6 +61,25 @@ class Replica:
         self.stub = mii_pb2_grpc.MiiStub(self.channel)
 
 
+def stats_reply(stats: dict[str, Any], in_flight: int) -> mii_pb2.StatsReply:
+    """A replica's ``Stats`` answer from its engine's ``stats()`` (a Ray replica's
+    posted figures hold the same keys)."""
+    return mii_pb2.StatsReply(
+        running=int(stats["running"]),
+        waiting=int(stats["waiting"]),
+        kv_cache_usage=float(stats["kv_cache_usage"]),
+        preemptions=int(stats["preemptions"]),
+        in_flight=in_flight,
+        prompt_tokens=int(stats["prompt_tokens"]),
+        generation_tokens=int(stats["generation_tokens"]),
+        kv_blocks=int(stats["num_kv_blocks"]),
+        kv_block_size=int(stats["kv_block_size"]),
+        max_length=int(stats["max_length"]),
+        quantization=str(stats.get("quantization", "")),
+        kv_cache_dtype=str(stats.get("kv_cache_dtype", "")),
+    )
+
+
 def summed_stats(
     live: list[mii_pb2.StatsReply], every: list[mii_pb2.StatsReply]
 ) -> mii_pb2.StatsReply:
@@ -75,6 +94,8 @@ def summed_stats(
         total.kv_blocks += s.kv_blocks
         total.kv_block_size = s.kv_block_size
         total.max_length = max(total.max_length, s.max_length)
+        total.quantization = total.quantization or s.quantization
+        total.kv_cache_dtype = total.kv_cache_dtype or s.kv_cache_dtype
     for s in every:
         total.prompt_tokens += s.prompt_tokens
         total.generation_tokens += s.generation_tokens

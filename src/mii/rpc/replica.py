@@ -39,6 +39,7 @@ from mii.rpc.deployment_config import ReplicaConfig
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
+from mii.rpc.pool import stats_reply
 from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.rank_workers import start_rank_workers, stop_rank_workers
 from mii.rpc.startup_errors import run_reporting_errors
@@ -93,19 +94,7 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
 
     async def Stats(self, request, context):
         await self._ready(context)
-        stats = self.engine.stats()
-        return mii_pb2.StatsReply(
-            running=int(stats["running"]),
-            waiting=int(stats["waiting"]),
-            kv_cache_usage=float(stats["kv_cache_usage"]),
-            preemptions=int(stats["preemptions"]),
-            in_flight=self.in_flight,
-            prompt_tokens=int(stats["prompt_tokens"]),
-            generation_tokens=int(stats["generation_tokens"]),
-            kv_blocks=int(stats["num_kv_blocks"]),
-            kv_block_size=int(stats["kv_block_size"]),
-            max_length=int(stats["max_length"]),
-        )
+        return stats_reply(self.engine.stats(), self.in_flight)
 
     async def Terminate(self, request, context):
         self.stop.set()

@@ -4,7 +4,8 @@
 - once ready, the KV cache's capacity and the concurrency it allows::
 
     [mii] KV cache: 2048 blocks x 16 tokens = 32768 tokens (1 replica); maximum
-    concurrency at 4096 tokens per request: 8.00x
+    concurrency at 4096 tokens per request: 8.00x; quantization=none,
+    kv_cache_dtype=bfloat16
 
 - then every ``stats_log_interval_s`` seconds while the deployment is busy (and
   once more after), as ``vllm serve`` logs it::
@@ -34,15 +35,20 @@ def _stderr(line: str) -> None:
 
 
 def capacity_line(stats: mii_pb2.StatsReply, replicas: int) -> str:
-    """The KV cache's capacity (``stats``: the deployment's) and the maximum
-    concurrency: how many requests of the longest length (``max_length``) fit at once."""
+    """The KV cache's capacity (``stats``: the deployment's), the maximum
+    concurrency (how many requests of the longest length, ``max_length``, fit at
+    once), and how weights and cache are stored (a deployment run with
+    ``--quantization fp8 --kv-cache-dtype fp8`` says so, not only by its capacity)."""
     tokens = stats.kv_blocks * stats.kv_block_size
     concurrency = tokens / stats.max_length if stats.max_length else 0.0
-    return (
+    line = (
         f"[mii] KV cache: {stats.kv_blocks} blocks x {stats.kv_block_size} tokens = {tokens} "
         f"tokens ({replicas} replica{'' if replicas == 1 else 's'}); maximum concurrency at "
         f"{stats.max_length} tokens per request: {concurrency:.2f}x"
     )
+    if stats.quantization or stats.kv_cache_dtype:
+        line += f"; quantization={stats.quantization}, kv_cache_dtype={stats.kv_cache_dtype}"
+    return line
 
 
 class ThroughputLog:
