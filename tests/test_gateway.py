@@ -448,6 +448,8 @@ def test_openai_invalid_requests(served):
         post("/v1/completions", json={**ok, "model": "gpt-9"}), 404, "model"
     )
     assert error["code"] == "model_not_found"
+    # it lists what the model field may say: the deployment's name works too
+    assert repr(served.name) in error["message"], error
     bad_json = post(
         "/v1/completions", content=b"{oops", headers={"content-type": "application/json"}
     )

@@ -40,7 +40,12 @@ class GatewayState:
     def names_model(self, name: str) -> bool:
         """Whether a request's ``model`` names this deployment's model: any served
         name, the model itself, or the deployment name."""
-        return name in (*self.served_model_names, self.model, self.deployment_name)
+        return name in self.model_names()
+
+    def model_names(self) -> list[str]:
+        """Every name a request's ``model`` may use, the served one first."""
+        names = [*self.served_model_names, self.model, self.deployment_name]
+        return list(dict.fromkeys(n for n in names if n))
 
 
 def get_state(request: Request) -> GatewayState:
