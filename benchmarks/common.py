@@ -139,6 +139,20 @@ def num_params(config: dict, active: bool = False) -> int:
     return layers * per_layer + 2 * v * h
 
 
+def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """The [N, K] weights of a dense decoder layer's projections (qkv, o and gate_up
+    fused as mii loads them) and of the LM head, for kernel timings."""
+    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    return {
+        "qkv": (h + 2 * kv, h),
+        "o": (h, h),
+        "gate_up": (2 * i, h),
+        "down": (h, i),
+        "lm_head": (v, h),
+    }
+
+
 def hf_config(config: dict):
     """The transformers config of a benchmark shape (Llama or Mixtral), for the HF peer."""
     from transformers import AutoConfig
@@ -152,11 +166,16 @@ def weight_bytes(config: dict, quantization: str = "none") -> int:
     experts reads its routed experts only; with ``quantization="fp8"`` the
     decoder's linear weights take one byte each, the embedding, LM head and
     routers stay bf16: docs/quantization.md)."""
+    unquantized = unquantized_params(config)
+    linear = num_params(config, active=True) - unquantized
+    return unquantized * 2 + linear * (1 if quantization == "fp8" else 2)
+
+
+def unquantized_params(config: dict) -> int:
+    """Parameters that stay 16-bit under FP8 weights: embeddings, LM head, MoE routers."""
     embeddings = 2 * config["vocab_size"] * config["hidden_size"]
     experts = config.get("num_local_experts", 0)
-    routers = config["num_hidden_layers"] * config["hidden_size"] * experts
-    linear = num_params(config, active=True) - embeddings - routers
-    return (embeddings + routers) * 2 + linear * (1 if quantization == "fp8" else 2)
+    return embeddings + config["num_hidden_layers"] * config["hidden_size"] * experts
 
 
 def roofline(device: torch.device, fp8: bool = False) -> dict:

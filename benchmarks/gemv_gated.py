@@ -26,6 +26,7 @@ import itertools
 
 import torch
 
+from benchmarks.common import SHAPES as MODELS
 from benchmarks.common import environment, roofline, sweep_summary, write_json
 from benchmarks.gemv_sweep import SHARED_MEMORY_BUDGET, graph_seconds
 from mii.ops.fp8_linear import quantize_rows
@@ -34,9 +35,8 @@ from mii.ops.triton_gemv import skinny_gated_linear, skinny_linear, skinny_linea
 from mii.ops.triton_gemv_launch import GemvConfig
 
 SHAPES = {  # (I, K): the weight is [2 I, K]
-    "llama2-7b": (11008, 4096),
-    "llama3-8b": (14336, 4096),
-    "llama3-70b": (28672, 8192),
+    name: (MODELS[name]["intermediate_size"], MODELS[name]["hidden_size"])
+    for name in ("llama2-7b", "llama3-8b", "llama3-70b")
 }
 
 

@@ -42,7 +42,15 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from benchmarks.common import environment, roofline, sweep_summary, write_json
+from benchmarks.common import (
+    LLAMA2_7B,
+    LLAMA3_8B,
+    environment,
+    projection_shapes,
+    roofline,
+    sweep_summary,
+    write_json,
+)
 from mii.ops.triton_gemv import skinny_linear, skinny_linear_fp8
 from mii.ops.triton_gemv_launch import (
     DEFAULT_CONFIG,
@@ -53,20 +61,9 @@ from mii.ops.triton_gemv_launch import (
     fp8_config_for,
 )
 
-SHAPES = {  # name: (N, K) of the weight
-    "qkv": (12288, 4096),
-    "o": (4096, 4096),
-    "gate_up": (22016, 4096),
-    "down": (4096, 11008),
-    "lm_head": (32000, 4096),
-}
-# Llama-3-8B (GQA 32/8, intermediate 14336): --model llama3-8b
-LLAMA3_SHAPES = {
-    "qkv": (6144, 4096),
-    "o": (4096, 4096),
-    "gate_up": (28672, 4096),
-    "down": (4096, 14336),
-}
+SHAPES = projection_shapes(LLAMA2_7B)  # name: (N, K) of the weight
+# Llama-3-8B (GQA 32/8, intermediate 14336): --model llama3-8b; its layers only
+LLAMA3_SHAPES = {n: s for n, s in projection_shapes(LLAMA3_8B).items() if n != "lm_head"}
 SHARED_MEMORY_BUDGET = 160 * 1024
 
 

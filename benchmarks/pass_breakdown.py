@@ -152,23 +152,13 @@ def matmul_rates(config: dict, tokens: list[int]) -> dict:
     enough weight copies that none is still in the L2 cache from its last use."""
     import itertools
 
-    from benchmarks.common import _time_cuda
+    from benchmarks.common import _time_cuda, projection_shapes
 
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-
-    h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
-    shapes = {
-        "qkv": (h, h + 2 * kv),
-        "o": (h, h),
-        "gate_up": (h, 2 * i),
-        "down": (i, h),
-        "lm_head": (h, v),
-    }
     rates = {}
     for m in tokens:
         row = {}
-        for name, (k, n) in shapes.items():
+        for name, (n, k) in projection_shapes(config).items():
             a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             copies = max(1, -(-2 * l2_bytes // (n * k * 2)) + 1)
             weights = itertools.cycle(

@@ -61,7 +61,15 @@ import time
 from typing import Any
 
 import mii
-from benchmarks.common import SHAPES, environment, model_dir, num_params, roofline, write_json
+from benchmarks.common import (
+    SHAPES,
+    environment,
+    model_dir,
+    num_params,
+    roofline,
+    unquantized_params,
+    write_json,
+)
 from benchmarks.serving_load import (
     HttpSender,
     PromptMaker,
@@ -288,9 +296,7 @@ def floors(
     kv_bytes_per_token = layers * 2 * kv_dim * value_bytes  # K and V
     tokens = sum(r.prompt_tokens + r.max_new_tokens for r in requests)
     params = num_params(config, active=True)
-    # embeddings, LM head and MoE routers stay 16-bit (common.weight_bytes)
-    routers = layers * h * config.get("num_local_experts", 0)
-    unquantized = 2 * config["vocab_size"] * h + routers
+    unquantized = unquantized_params(config)
     linear_tflops = fp8_tflops or tflops
     per_token_s = 2 * (unquantized / tflops + (params - unquantized) / linear_tflops) / 1e12
     compute_s = per_token_s * tokens
