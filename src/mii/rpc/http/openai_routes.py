@@ -54,11 +54,11 @@ def check_model(state: GatewayState, name: str | None) -> None:
     the model or the deployment name)."""
     if name is None or state.names_model(name):
         return
-    accepted = ", ".join(repr(n) for n in state.model_names())
+    others = "".join(f", or {n!r}" for n in state.model_names()[1:])
     raise ApiError(
         404,
-        f"the model {name!r} does not exist; this server serves {state.served_model!r} "
-        f"(model may be any of {accepted}, or left out)",
+        f"the model {name!r} does not exist; this server serves {state.served_model!r}"
+        f"{others} (or leave model out)",
         "model",
         "model_not_found",
     )
