@@ -7,7 +7,7 @@
 #     [moe-down-sweep] (the down projection's own tiles at decode sizes)
 #   batch-1 decode attention: [decode-long] [decode-batch1] [decode-step] [tests-attention];
 #   one switch set, A/B: [latency-with VAR=VALUE] [latency-fp8w-with VAR=VALUE] [latency-mixtral-with VAR=VALUE] [latency-mixtral-fp8w-with VAR=VALUE]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
-#   W1 pass by pass: [breakdown] [breakdown-llama3]
+#   W1 pass by pass: [breakdown] [breakdown-llama3]; a mixed pass's attention launch by launch: [mixed-attention]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
 set -uo pipefail
@@ -71,6 +71,7 @@ while [ $# -gt 0 ]; do
     breakdown) python3 benchmarks/pass_breakdown.py > "$OUT/breakdown.log" 2>&1; grep -v "^-\+" "$OUT/breakdown.log" | cut -c1-160 | tail -120 ;;
     breakdown-serving) python3 benchmarks/pass_breakdown.py --num-requests 160 --input-range 1820 3380 --output-len 60 --profile-passes 3 --records "$OUT/passes_serving.json" > "$OUT/breakdown_serving.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_serving.log" | cut -c1-160 | tail -90 ;;
     breakdown-fp8) python3 benchmarks/pass_breakdown.py --kv-cache-dtype fp8 --profile-passes 0 --records "$OUT/passes_fp8.json" > "$OUT/breakdown_fp8.log" 2>&1; grep -v "^-\+" "$OUT/breakdown_fp8.log" | cut -c1-160 | tail -120 ;;
+    mixed-attention) python3 benchmarks/mixed_attention.py --json "$OUT/mixed_attention.json" > "$OUT/mixed_attention.log" 2>&1; tail -12 "$OUT/mixed_attention.log" ;;
     decode-sweep) python3 benchmarks/decode_sweep.py --json "$OUT/decode_sweep.json" > "$OUT/decode_sweep.log" 2>&1; grep " x \|batch 1\|GQA" "$OUT/decode_sweep.log" ;;
     decode-long) python3 benchmarks/decode_sweep.py --long-context --json "$OUT/decode_long.json" > "$OUT/decode_long.log" 2>&1; grep "long context" "$OUT/decode_long.log" | cut -c1-400 || tail -20 "$OUT/decode_long.log" ;;
     decode-step) python3 benchmarks/decode_sweep.py --batch1-step --json "$OUT/decode_step.json" > "$OUT/decode_step.log" 2>&1; grep "batch1 step" "$OUT/decode_step.log" | cut -c1-420 || tail -20 "$OUT/decode_step.log" ;;
