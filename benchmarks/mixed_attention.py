@@ -6,7 +6,8 @@ profiles spent 10-31 ms per 4,096-token pass in attention).
 
 Each case is one layer's attention of a pass the engine runs (paged bf16 cache,
 16-token blocks, heads of 128): its decode tiles alone, its prompt tiles alone,
-and both (the engine's two launches), from CUDA graphs. Floors: the decode
+and both (the engine's two launches: one after the other, and with the decode
+tiles on a second stream, MII_ATTENTION_OVERLAP), from CUDA graphs. Floors: the decode
 tiles' KV bytes at the measured copy bandwidth; the prompt tiles' causal FLOPs
 at flash SDPA's rate on the same prompts (``sdpa_us``: one flash SDPA call per
 whole prompt, all in one CUDA graph; chunks with cached keys have no SDPA peer).
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import json
+import os
 import random
 
 import torch
@@ -123,11 +125,15 @@ def main() -> None:
             )
             moved = 2 * decodes * context * kv_heads * DIM * 2
             row["decode_of_copy_bw"] = round(moved / (row["decode_us"] / 1e6) / copy_bw, 3)
-            row["both_us"] = round(
-                time_batch(prompt_q + [1] * decodes, seq_lens, kv_heads, device, k_cache, v_cache)
-                * 1e6,
-                1,
-            )
+            for overlap in ("off", "streams", "priority"):  # MII_ATTENTION_OVERLAP
+                os.environ["MII_ATTENTION_OVERLAP"] = overlap
+                seconds = time_batch(
+                    prompt_q + [1] * decodes, seq_lens, kv_heads, device, k_cache, v_cache
+                )
+                row["both_us" if overlap == "off" else f"both_{overlap}_us"] = round(
+                    seconds * 1e6, 1
+                )
+            os.environ.pop("MII_ATTENTION_OVERLAP")
         row["x32_layers_ms"] = round(row.get("both_us", row["prompt_us"]) * 32 / 1e3, 2)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -757,7 +757,8 @@ def paged_attention_from_cache(
     merge_in_kernel = envs.SPLIT_KV_MERGE.get() == "kernel"
     fp8_as_f16 = k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32
     early_loads = envs.ATTENTION_EARLY_LOADS.get() == "on"
-    for tiles in _tile_sets(batch, q.device):  # at most two launches (decode / prompt tiles)
+
+    def launch(tiles: TileSet) -> None:
         count = tiles.seq.shape[0]
         group = q_heads // kv_heads
         pack = 1
@@ -878,7 +879,35 @@ def paged_attention_from_cache(
                 HAS_WINDOW=sliding_window is not None,
                 **dependent_launch,
             )
+
+    tile_sets = _tile_sets(batch, q.device)  # at most two launches (decode / prompt tiles)
+    overlap = envs.ATTENTION_OVERLAP.get()
+    if len(tile_sets) < 2 or overlap == "off" or q.device.type != "cuda":
+        for tiles in tile_sets:
+            launch(tiles)
+        return out
+    # A mixed pass: the prompt tiles are bound by the tensor cores, the decode tiles by
+    # the KV reads, and one after the other they add up (benchmarks/mixed_attention.py).
+    # The decode tiles go on a second stream so that the two launches' programs can
+    # share the multiprocessors; the caller's stream waits for both.
+    main = torch.cuda.current_stream(q.device)
+    side = _side_stream(q.device, overlap == "priority")
+    side.wait_stream(main)
+    for tiles in tile_sets:
+        if tiles.size > 16:
+            launch(tiles)
+    with torch.cuda.stream(side):
+        for tiles in tile_sets:
+            if tiles.size <= 16:
+                launch(tiles)
+    main.wait_stream(side)
     return out
+
+
+@functools.cache
+def _side_stream(device: torch.device, high_priority: bool) -> torch.cuda.Stream:
+    """The stream that a mixed pass's decode tiles run on (MII_ATTENTION_OVERLAP)."""
+    return torch.cuda.Stream(device, priority=-1 if high_priority else 0)
 
 
 def paged_attention_triton(
