@@ -286,3 +286,35 @@ def test_attention_compiles_once_whatever_the_batch(monkeypatch):
     ]:
         attend(shapes, splits)
     assert compiled == []
+
+
+# Mixed passes with decode tiles and prompt tiles: the small CASES and one large
+# enough (64 decodes of 2,000 keys beside two 512-token prompts, Llama-3's heads)
+# that a decode launch still running when the call returns would be caught.
+OVERLAP_CASES = [
+    CASES[0],
+    CASES[7],
+    ([(2000, 1)] * 64 + [(0, 512), (300, 512)], 32, 8, 128, 16, None, 0),
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a second CUDA stream")
+@pytest.mark.parametrize("overlap", ["streams", "priority"])
+@pytest.mark.parametrize("index", range(len(OVERLAP_CASES)))
+def test_mixed_pass_decode_tiles_on_a_second_stream(index, overlap, monkeypatch):
+    """MII_ATTENTION_OVERLAP runs a mixed pass's decode tiles on a second stream:
+    the same kernels on the same inputs, so the same bits as one after the other,
+    read on the caller's stream right after the call returns."""
+    from mii.ops.triton_attention import paged_attention_from_cache
+
+    shapes, hq, hkv, dim, block, window, rot = OVERLAP_CASES[index]
+    q, _, _, _, _, kc, vc, batch = to_device(
+        make_case(shapes, hq, hkv, dim, block, torch.bfloat16, rot, seed=index)
+    )
+    outputs = {}
+    for choice in ("off", overlap, "off"):
+        monkeypatch.setenv("MII_ATTENTION_OVERLAP", choice)
+        out = paged_attention_from_cache(q, kc, vc, batch, dim**-0.5, window)
+        outputs.setdefault(choice, []).append(out.clone())  # on the caller's stream
+    assert torch.equal(outputs["off"][0], outputs["off"][1])  # deterministic to begin with
+    assert torch.equal(outputs[overlap][0], outputs["off"][0])
