@@ -84,9 +84,11 @@ def main() -> None:
         batch = paged_batch([1] * seqs, [context] * seqs, device, total_blocks)
         q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
         moved = 2 * seqs * context * KV_HEADS * DIM * k_cache.element_size()
-        kind = "DECODE_LAUNCH_FP8" if name == "fp8" else "DECODE_LAUNCH"
-        if name == "bf16" and seqs * KV_HEADS < 2 * multiprocessors(device):
-            kind = "DECODE_LAUNCH_SPLIT"  # the launch split-KV programs take
+        split = seqs * KV_HEADS < 2 * multiprocessors(device)  # the launch split-KV takes
+        if name == "fp8":
+            kind = "DECODE_LAUNCH_FP8" if split else "DECODE_LAUNCH_FP8_MHA"
+        else:
+            kind = "DECODE_LAUNCH_SPLIT" if split else "DECODE_LAUNCH"
         launch = getattr(triton_attention, kind)
         timed, default = time_launches(
             launch, (32, 64, 128, 256), q, k_cache, v_cache, batch, f"{name} {seqs}x{context}"

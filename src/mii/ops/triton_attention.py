@@ -628,6 +628,12 @@ PROMPT_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 # faster than 64/3: each step's tile is half the bytes).
 DECODE_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
+# One-head decode programs on an fp8 cache when they fill the GPU without split-KV
+# (Llama-2-7B's layout, W1's and serving's decode batches): 3 stages. decode_sweep
+# (H200, 2026-12-04, two runs): 256 x 640 keys 451.8 us vs 501.5 with 2 stages (70 vs
+# 63 % of copy bandwidth), 32 x 4096 350.2 vs 367.1; split-KV (4 x 16,384) keeps 2
+# (245.8 us with 3 vs 166.5), and packed grouped-query programs were within 2 % either way.
+DECODE_LAUNCH_FP8_MHA = {"block_n": 128, "num_warps": 4, "num_stages": 3}
 # DECODE_LAUNCH's programs when split-KV is on (too few sequences to fill the GPU, so
 # each program's serial key loop sets the pace): 128 keys per step.
 # decode_sweep --batch1-launch (H200, 2026-12-03, 5704d3a), Llama-2-7B's 32 heads at
@@ -775,6 +781,8 @@ def paged_attention_from_cache(
         if launch is DECODE_LAUNCH and num_splits > 1 and d_pad <= 128:
             # few programs: each one's loop latency shows (wider heads: not measured)
             launch = DECODE_LAUNCH_SPLIT
+        elif launch is DECODE_LAUNCH_FP8 and num_splits == 1 and pack == 1 and d_pad <= 128:
+            launch = DECODE_LAUNCH_FP8_MHA
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         # Prompt tiles stay tile-major: a sequence's tiles share its keys in L2.
