@@ -171,8 +171,11 @@ ATTENTION_OVERLAP = _choice(
     "decode tiles, bound by the KV reads): one after the other ('off'), or the decode "
     "tiles on a second stream so the two can share the multiprocessors ('streams'; "
     "'priority': that stream at high priority). H200, one layer of a FastGen serving "
-    "pass, Llama-2-7B: 317 us of prompt tiles + 600 us of decode tiles took 911 us "
-    "one after the other (benchmarks/mixed_attention.py). Off until timed",
+    "pass, Llama-2-7B: 317 us of prompt tiles + 600 us of decode tiles take 912 us one "
+    "after the other, 855 on two streams (benchmarks/mixed_attention.py: a prompt "
+    "program's registers leave decode programs little room beside it); end to end "
+    "within noise (W1 Llama-3-8B 5.44 vs 5.45 s, HTTP serving 11.96 vs 11.85 "
+    "effective req/s), so off",
     "off",
     "streams",
     "priority",
@@ -186,8 +189,9 @@ FP8_KV_VALUES = _choice(
     "step. 'pairs': as 16-bit pairs of neighbouring dimensions, transposed by "
     "ldmatrix.trans as a bf16 cache's values are, each pair decoded to two float16 by "
     "bit operations (exact) and multiplied in two half-width products: the same "
-    "numbers. Off until the GPU has timed it (the fp8 cache's decode attention reads "
-    "bytes at ~65 % of the bf16 kernel's rate on the H200)",
+    "numbers. Slower on the H200 (decode_sweep, Llama-2-7B heads: 544 vs 501 us at 256 "
+    "sequences x 640 keys, 268 vs 167 us at 4 x 16,384; W1 with the fp8 cache 38.5 vs "
+    "39.9 req/s), so 'bytes'",
     "bytes",
     "pairs",
 )
