@@ -123,6 +123,11 @@ GQA_VARIANTS = {
     "pack4_s3": (4, {"num_stages": 3}),
     "pack4_s4": (4, {"num_stages": 4}),
     "pack4_n64_s2": (4, {"block_n": 64, "num_stages": 2}),
+    # MII_GQA_DECODE_QUERIES=pack: 16 rows a pass (a decode's 4 heads), not 64
+    "pack4_fill": (4, {}),
+    "pack4_fill_n128": (4, {"block_n": 128}),
+    "pack4_fill_s3": (4, {"num_stages": 3}),
+    "pack4_fill_w2": (4, {"num_warps": 2}),
 }
 
 
@@ -151,6 +156,7 @@ def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> l
                 triton_attention.HEAD_MAJOR_DECODE = variant != "tile_major"
                 triton_attention.GQA_DECODE_PACK = pack
                 launch.update(settings)
+                os.environ["MII_GQA_DECODE_QUERIES"] = "pack" if "_fill" in variant else "tile"
                 try:
                     seconds = bench_graph(
                         lambda q=q, b=batch, k=kc, v=vc: paged_attention_from_cache(
@@ -161,6 +167,7 @@ def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> l
                     triton_attention.HEAD_MAJOR_DECODE = True
                     triton_attention.GQA_DECODE_PACK = GQA_DEFAULT_PACK
                     launch.update(defaults)
+                    os.environ.pop("MII_GQA_DECODE_QUERIES")
                 row[f"{variant}_us"] = round(seconds * 1e6, 1)
                 row[f"{variant}_of_copy_bw"] = round(moved / seconds / copy_bw, 3)
             rows.append(row)

@@ -125,6 +125,13 @@ def main() -> None:
             )
             moved = 2 * decodes * context * kv_heads * DIM * 2
             row["decode_of_copy_bw"] = round(moved / (row["decode_us"] / 1e6) / copy_bw, 3)
+            if kv_heads < HEADS:  # MII_GQA_DECODE_QUERIES=pack: 16-row packed programs
+                os.environ["MII_GQA_DECODE_QUERIES"] = "pack"
+                seconds = time_batch(
+                    [1] * decodes, [context] * decodes, kv_heads, device, k_cache, v_cache
+                )
+                os.environ.pop("MII_GQA_DECODE_QUERIES")
+                row["decode_fill_us"] = round(seconds * 1e6, 1)
             for overlap in ("off", "streams", "priority"):  # MII_ATTENTION_OVERLAP
                 os.environ["MII_ATTENTION_OVERLAP"] = overlap
                 seconds = time_batch(

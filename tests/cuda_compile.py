@@ -52,11 +52,15 @@ def _attention(
     early: bool = True,
     pdl: int = 1,
     v_pairs: bool = False,
+    fill_rows: bool = False,
+    merge: bool = True,
 ):
     """Split-KV decode programs (``pack`` query heads of one KV head) with
     MII_ATTENTION_EARLY_LOADS=on (``early``; off: waiting first) and
     MII_SPLIT_KV_MERGE=kernel; ``pdl`` 2: MII_PDL_EARLY_RELEASE=on; ``v_pairs``: an
-    fp8 cache's values read as 16-bit pairs (MII_FP8_KV_VALUES=pairs)."""
+    fp8 cache's values read as 16-bit pairs (MII_FP8_KV_VALUES=pairs); ``fill_rows``:
+    MII_GQA_DECODE_QUERIES=pack (16 // pack queries a pass), whose launch merges after;
+    ``merge`` False: MII_SPLIT_KV_MERGE=launch, the whole tile's rows."""
     fp8 = cache != "bf16"
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
@@ -65,8 +69,10 @@ def _attention(
         HAS_WINDOW=False, IEEE=False, UPCAST=False, KV_CAST=fp8, FP8_AS_F16=fp8,
         HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=True, SPLITS_P2=32, EARLY=early,
         PREFETCH_KEYS=128 if early else 0, LINE=min(head_dim, 128 if fp8 else 64), PDL=pdl,
-        V_PAIRS=v_pairs,
+        V_PAIRS=v_pairs, QUERIES=16 // pack if fill_rows else 16,
     )  # fmt: skip
+    if fill_rows or not merge:
+        constexprs["MERGE_HERE"] = False
     return triton_attention._paged_attention_kernel, types, constexprs
 
 
@@ -147,6 +153,9 @@ CASES = {
     "attention-gqa-d64-fp8": lambda: _attention(4, "fp8e4nv", head_dim=64),
     "attention-mha-d256": lambda: _attention(1, "bf16", head_dim=256),
     "attention-gqa-wait-first": lambda: _attention(4, "bf16", early=False),
+    "attention-gqa-fill-rows": lambda: _attention(4, "bf16", fill_rows=True),
+    "attention-gqa-fp8-fill-rows": lambda: _attention(4, "fp8e4nv", fill_rows=True),
+    "attention-gqa-merge-after": lambda: _attention(4, "bf16", merge=False),
     "rotary": _rotary,
     # MII_PDL_EARLY_RELEASE=on: the successor launches before the wait
     "rotary-release-first": lambda: _rotary(pdl=2),
@@ -224,15 +233,24 @@ def facts(ptx: str, ttgir: str) -> dict:
         "shared_byte_loads": ptx.count("ld.shared.b8"),
         "transposed_ldmatrix": len(re.findall(r"ldmatrix[.\w]*\.trans", ptx)),
         "wgmma": ptx.count("wgmma.mma_async"),
+        "mma_sync": ptx.count("mma.sync"),
+        # the row counts (M) of the kernel's matrix products
+        "dot_rows": sorted(
+            {int(m) for m in re.findall(r"(?:tt\.dot|warp_group_dot) .*?: tensor<(\d+)x", ttgir)}
+        ),
         "pipelined_loops": len(pipelined_loops(ttgir)),
         "waited_loads_in_pipelined_loops": waited_loads(ttgir),
     }
 
 
 def pipelined_loops(ttgir: str) -> list[list[str]]:
-    """The bodies (TTGIR lines) of the outermost loops that hold asynchronous copies:
-    the loops Triton's software pipeline took."""
-    lines = ttgir.splitlines()
+    """The bodies (TTGIR lines) of the innermost loops that hold asynchronous copies:
+    the loops Triton's software pipeline took (a loop around them, as the attention
+    kernel's passes over a tile's queries, is not one of them)."""
+    return _loops_with_copies(ttgir.splitlines())
+
+
+def _loops_with_copies(lines: list[str]) -> list[list[str]]:
     loops, i = [], 0
     while i < len(lines):
         if "scf.for" not in lines[i]:
@@ -244,7 +262,8 @@ def pipelined_loops(ttgir: str) -> list[list[str]]:
             body.append(lines[i])
             i += 1
         if any("async_copy_global_to_local" in line for line in body):
-            loops.append(body)
+            inner = _loops_with_copies(body)
+            loops.extend(inner if inner else [body])
     return loops
 
 

@@ -126,8 +126,23 @@ def test_small_kernels_release_their_successor_before_waiting_when_asked(
     assert facts["loads_before_wait"] == _facts(compiled, default_case)["loads_before_wait"]
 
 
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+def test_grouped_query_decode_filling_16_rows_compiles_for_hopper(compiled, cache):
+    """MII_GQA_DECODE_QUERIES=pack: packed decode programs multiply 16 rows (4 queries
+    x 4 heads) where the whole-tile launch multiplies 64 (16 x 4, a decode using 4),
+    with the early loads before the one wait and the merge after the launch."""
+    suffix = "-fp8" if cache == "fp8" else ""
+    facts = _facts(compiled, f"attention-gqa{suffix}-fill-rows")
+    assert facts["dot_rows"] == [16]
+    assert _facts(compiled, f"attention-gqa{suffix}")["dot_rows"] == [64]
+    assert facts["waits"] == 1 and facts["loads_before_wait"] > 0
+    assert facts["prefetches"] > 0 and facts["prefetch_before_wait"]
+    assert facts["atomics"] == 0 and facts["pipelined_loops"] >= 2
+
+
 ALL_CASES = [
-    *ATTENTION_CASES, "attention-gqa-wait-first", "rotary", "gemv-bf16", "gemv-fp8",
+    *ATTENTION_CASES, "attention-gqa-wait-first", "attention-gqa-fill-rows",
+    "attention-gqa-fp8-fill-rows", "attention-gqa-merge-after", "rotary", "gemv-bf16", "gemv-fp8",
     "gemv-fp8-short-k", "rms-norm-fp8", "act-and-mul-fp8", "moe-fp8-decode", "moe-fp8-prompt",
     "moe-fp8-decode-swapped", "gemv-bf16-gated", "gemv-fp8-gated",
 ]  # fmt: skip

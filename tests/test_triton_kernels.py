@@ -230,11 +230,14 @@ GQA_CASES = [
     for case in CASES
     if case[1] > case[2]
 ]
-DECODE_LAYOUTS = {  # name: (query heads per program, head-major)
-    "pack4": (4, True),
-    "pack2": (2, True),
-    "head_major": (1, True),
-    "tile_major": (1, False),
+DECODE_LAYOUTS = {  # name: (query heads per program, head-major, MII_GQA_DECODE_QUERIES)
+    "pack4": (4, True, "tile"),
+    "pack2": (2, True, "tile"),
+    "head_major": (1, True, "tile"),
+    "tile_major": (1, False, "tile"),
+    # 16 rows a pass: 4 (8) queries of a tile at a time, several passes for more
+    "pack4_fill": (4, True, "pack"),
+    "pack2_fill": (2, True, "pack"),
 }
 
 
@@ -244,10 +247,12 @@ DECODE_LAYOUTS = {  # name: (query heads per program, head-major)
 def test_grouped_query_decode_layouts(index, layout, splits, monkeypatch):
     """Every layout of grouped-query decode programs gives the reference: packs of
     4 or 2 query heads per program, or one head per program launched head-major or
-    tile-major; with and without split-KV."""
+    tile-major; packs whose rows hold the whole 16-query tile or 16 rows a pass (the
+    cases' tiles of 2-9 queries take several passes); with and without split-KV."""
     from mii.ops import triton_attention
 
-    pack, head_major = DECODE_LAYOUTS[layout]
+    pack, head_major, queries = DECODE_LAYOUTS[layout]
+    monkeypatch.setenv("MII_GQA_DECODE_QUERIES", queries)
     monkeypatch.setattr(triton_attention, "GQA_DECODE_PACK", pack)
     monkeypatch.setattr(triton_attention, "HEAD_MAJOR_DECODE", head_major)
     _assert_split_attention_matches(GQA_CASES[index], index, splits, min_keys=1)

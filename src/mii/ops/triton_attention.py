@@ -346,6 +346,7 @@ def _paged_attention_kernel(
     V_PAIRS: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     PACK: tl.constexpr,
+    QUERIES: tl.constexpr,
     MERGE_HERE: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     EARLY: tl.constexpr,
@@ -360,9 +361,10 @@ def _paged_attention_kernel(
     # where the predecessor's stores then land). q, which it rotates in place, after.
     if not EARLY:
         triton_pdl.wait_for_predecessor(PDL)
-    # A program's rows are (query, head) pairs: BLOCK_M queries of one tile, each
-    # for PACK query heads that share one KV head (PACK 1: one head).
-    ROWS: tl.constexpr = BLOCK_M * PACK
+    # A program's rows are (query, head) pairs: QUERIES queries of one tile at a time
+    # (all BLOCK_M of them, or one 16-row product's worth), each for PACK query heads
+    # that share one KV head (PACK 1: one head).
+    ROWS: tl.constexpr = QUERIES * PACK
     rows = tl.arange(0, ROWS)
     if PACK > 1:
         # Grouped-query decode tiles: the PACK heads read the KV head once, and an
@@ -394,12 +396,11 @@ def _paged_attention_kernel(
     seq_len = tl.load(seq_lens + seq)
     context = seq_len - q_len  # position of the chunk's first query
 
-    offs_m = first + rows // PACK
-    m_mask = (offs_m < q_len) & head_ok
-    q_pos = context + offs_m
-    offs_d = tl.arange(0, D_PAD)
-    d_mask = offs_d < HEAD_DIM
+    # The whole tile's keys, whatever QUERIES: split-KV's slices (and the merge
+    # kernel, which recomputes them) follow the tile.
     lo, hi = _key_range(seq_len, context, first, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    split = 0
+    used = 1
     if SPLIT:
         # Split-KV (flash decoding): this program covers one slice of the keys; the
         # last of the tile's slices to finish (MII_SPLIT_KV_MERGE=kernel) or
@@ -418,6 +419,59 @@ def _paged_attention_kernel(
                     stride_ch, kv_head, lo, hi, KV_BLOCK, PREFETCH_KEYS, D_PAD, LINE,
                 )  # fmt: skip
         triton_pdl.wait_for_predecessor(PDL)
+    # Keys below the tile's first query position are visible to every row of the
+    # tile: those blocks skip the causal mask (most of a long context). Only the
+    # blocks from there on (the diagonal), or every block under a sliding window,
+    # are masked.
+    unmasked_end = lo
+    if not HAS_WINDOW:
+        unmasked_end = tl.minimum(hi, tl.maximum(lo, ((context + first) // BLOCK_N) * BLOCK_N))
+    if QUERIES < BLOCK_M:
+        # A decode is one query: one pass. A tile of a few more queries (a short chunk)
+        # takes a pass over its keys per QUERIES of them.
+        for part in range(0, tl.cdiv(tl.minimum(BLOCK_M, q_len - first), QUERIES)):
+            _attend_rows(
+                Q, K_cache, V_cache, Out, Part_O, Part_M, Part_L, Arrivals, block_tables,
+                scale, window, num_tokens, stride_qt, stride_qh, stride_cb, stride_cs,
+                stride_ch, stride_bt, stride_ot, stride_oh, rows, heads, head_ok, kv_head,
+                seq, first, first + part * QUERIES, q_begin, q_len, seq_len, context, lo,
+                hi, unmasked_end, split, used, NUM_HEADS, HEAD_DIM, D_PAD, BLOCK_M,
+                BLOCK_N, KV_BLOCK, HAS_WINDOW, IEEE, UPCAST, KV_CAST, FP8_AS_F16, V_PAIRS,
+                PACK, SPLIT, MERGE_HERE, SPLITS_P2,
+            )  # fmt: skip
+    else:
+        _attend_rows(
+            Q, K_cache, V_cache, Out, Part_O, Part_M, Part_L, Arrivals, block_tables,
+            scale, window, num_tokens, stride_qt, stride_qh, stride_cb, stride_cs,
+            stride_ch, stride_bt, stride_ot, stride_oh, rows, heads, head_ok, kv_head,
+            seq, first, first, q_begin, q_len, seq_len, context, lo, hi, unmasked_end,
+            split, used, NUM_HEADS, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, KV_BLOCK,
+            HAS_WINDOW, IEEE, UPCAST, KV_CAST, FP8_AS_F16, V_PAIRS, PACK, SPLIT,
+            MERGE_HERE, SPLITS_P2,
+        )  # fmt: skip
+
+
+@triton.jit
+def _attend_rows(
+    Q, K_cache, V_cache, Out, Part_O, Part_M, Part_L, Arrivals, block_tables, scale,
+    window, num_tokens, stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
+    stride_ot, stride_oh, rows, heads, head_ok, kv_head, seq, first, rows_first, q_begin,
+    q_len, seq_len, context, lo, hi, unmasked_end, split, used,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    KV_CAST: tl.constexpr, FP8_AS_F16: tl.constexpr, V_PAIRS: tl.constexpr,
+    PACK: tl.constexpr, SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):  # fmt: skip
+    """The program's rows (queries from ``rows_first`` of the tile's chunk, PACK heads
+    each) over keys [lo, hi): load q, run the key loops, store the output (or, split,
+    the partial results and, MERGE_HERE, the merge)."""
+    offs_m = rows_first + rows // PACK
+    m_mask = (offs_m < q_len) & (offs_m < first + BLOCK_M) & head_ok
+    q_pos = context + offs_m
+    offs_d = tl.arange(0, D_PAD)
+    d_mask = offs_d < HEAD_DIM
     q = tl.load(
         Q + (q_begin + offs_m)[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
         mask=m_mask[:, None] & d_mask[None, :],
@@ -431,19 +485,13 @@ def _paged_attention_kernel(
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
         q = q.to(tl.float16)
 
+    ROWS: tl.constexpr = rows.shape[0]
     m_i = tl.full([ROWS], float("-inf"), tl.float32)  # running maxima, in log2 units
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D_PAD], tl.float32)
     # Scores in log2 units (exp2 is the hardware's instruction; folding log2(e)
     # into the softmax scale saves a multiply per score).
     qk_scale = scale * 1.4426950408889634
-    # Keys below the tile's first query position are visible to every row of the
-    # tile: those blocks skip the causal mask (most of a long context). Only the
-    # blocks from there on (the diagonal), or every block under a sliding window,
-    # are masked.
-    unmasked_end = lo
-    if not HAS_WINDOW:
-        unmasked_end = tl.minimum(hi, tl.maximum(lo, ((context + first) // BLOCK_N) * BLOCK_N))
     for start in range(lo, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_keys(
             q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
@@ -470,7 +518,8 @@ def _paged_attention_kernel(
         if MERGE_HERE and ((used > 1) & (split < used)):
             # The last of the tile's slices to finish merges them all (one launch,
             # no merge kernel): the others' partials are visible to it once it has
-            # seen their arrivals (ops/triton_arrivals.py).
+            # seen their arrivals (ops/triton_arrivals.py). (Its rows hold the whole
+            # tile: the launch gives it QUERIES = BLOCK_M.)
             tl.debug_barrier()
             slot = _arrival_slot()
             arrived = tl.atomic_add(Arrivals + slot, 1, sem="acq_rel", scope="gpu")
@@ -807,6 +856,14 @@ def paged_attention_from_cache(
         # would compile a variant per batch size mid-serving.
         splits_p2 = triton.next_power_of_2(max(num_splits, MAX_KV_SPLITS))
         prefetch_keys = PREFETCH_KEYS if early_loads and tiles.size <= 16 else 0
+        # Queries per pass over the keys: the whole tile, or (MII_GQA_DECODE_QUERIES=pack)
+        # for packed grouped-query decode programs as many as fill one 16-row product
+        # with their heads: a decode's 1 query x 4 heads in 16 rows, not 64 (16 queries
+        # x 4 heads, 60 of them empty). The in-kernel merge keeps whole-tile rows.
+        queries = tiles.size
+        fill_rows = envs.GQA_DECODE_QUERIES.get() == "pack" and arrivals is None
+        if fill_rows and pack > 1 and tiles.size <= 16:
+            queries = max(1, 16 // pack)
         _paged_attention_kernel[grid](
             q,
             k_cache,
@@ -848,6 +905,7 @@ def paged_attention_from_cache(
             V_PAIRS=fp8_as_f16 and dim % 2 == 0 and envs.FP8_KV_VALUES.get() == "pairs",
             HEAD_MAJOR=head_major,
             PACK=pack,
+            QUERIES=queries,
             MERGE_HERE=arrivals is not None,
             SPLITS_P2=splits_p2,
             EARLY=early_loads,
@@ -860,7 +918,7 @@ def paged_attention_from_cache(
                 launch["num_stages"],
                 2 * block_n * d_pad * k_cache.element_size(),
                 q.device,
-                reserved=tiles.size * pack * d_pad * q.element_size(),  # the query tile
+                reserved=queries * pack * d_pad * q.element_size(),  # the query tile
             ),
             **dependent_launch,
         )
