@@ -79,7 +79,11 @@ def draining_deployment(tmp_path, checkpoints, monkeypatch):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(draining_deployment):
+@pytest.mark.parametrize("signalled", ["deployment", "every process"])
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(draining_deployment, signalled):
+    """SIGTERM to the deployment's process, or to all of its processes at once as
+    systemd's default stop (KillMode=control-group) and a process-group kill send
+    it: the replica's running calls still finish or last out the grace period."""
     client, info, url = draining_deployment
     short, long_sse = SseStream(url, SHORT), SseStream(url, LONG)
     grpc_pieces: list = []
@@ -98,7 +102,8 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(draining_deploym
     assert wait_until(lambda: len(grpc_pieces) > 0)
     assert short.is_alive(), "the short stream ended before the signal"
 
-    os.kill(info["pid"], signal.SIGTERM)
+    for pid in [info["pid"]] + (info["replica_pids"] if signalled == "every process" else []):
+        os.kill(pid, signal.SIGTERM)
     began = time.monotonic()
     with httpx.Client(base_url=url, timeout=10) as http:
         assert wait_until(lambda: http.get("/health").status_code == 503)

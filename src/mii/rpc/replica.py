@@ -4,8 +4,13 @@ Started by the deployment process as ``python -m mii.rpc.replica CONFIG_JSON``
 (a ``ReplicaConfig``), with its deployment's internal token in ``MII_REPLICA_TOKEN``:
 its port refuses every call that does not present it (:mod:`mii.rpc.auth`).
 Its health reports NOT_SERVING until the model is loaded and has answered a
-warm-up request. It exits when told to terminate, on SIGTERM, or when the
-process that started it goes away; it ignores SIGINT (the deployment drains first).
+warm-up request. It exits when told to terminate or when the process that started
+it goes away; it ignores SIGINT (the deployment drains first). SIGTERM while it
+loads stops it; once it serves, SIGTERM drains it: new calls are refused, and it
+exits when its calls are done, or ``shutdown_grace_s`` plus a margin later. A stop
+that signals every process of the deployment at once (systemd's default, a
+process-group kill) thereby leaves the deployment's own drain in charge: it ends
+what is left at its grace period and then terminates the replica.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ from mii.rpc.rank_workers import start_rank_workers, stop_rank_workers
 from mii.rpc.startup_errors import run_reporting_errors
 from mii.rpc.status import abort
 
+# Seconds a replica draining on SIGTERM waits past the deployment's grace period.
+DRAIN_MARGIN_S = 5.0
+
 
 class ReplicaServicer(mii_pb2_grpc.MiiServicer):
     """Serves one engine. ``engine`` is None while the model loads (UNAVAILABLE)."""
@@ -54,13 +62,20 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
         self.info = mii_pb2.ModelInfoReply()
         self.stop = stop
         self.in_flight = 0
+        self.draining = False  # SIGTERM: new calls refused, the running ones finish
 
     async def _ready(self, context) -> None:
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
 
-    async def Generate(self, request, context):
+    async def _accepting(self, context) -> None:
+        """Ready, and not draining: for the calls that start a request."""
         await self._ready(context)
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica is shutting down")
+
+    async def Generate(self, request, context):
+        await self._accepting(context)
         params = options_from_proto(request.options)
         self.in_flight += 1
         try:
@@ -72,7 +87,7 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
         return mii_pb2.GenerateReply(responses=[piece_to_proto(r) for r in responses])
 
     async def GenerateStream(self, request, context):
-        await self._ready(context)
+        await self._accepting(context)
         try:
             prompt = stream_prompt(request)
         except InvalidRequestError as err:
@@ -118,8 +133,16 @@ def engine_error(err: Exception) -> Exception:
 async def serve_replica(config: ReplicaConfig) -> None:
     raise_open_files_limit()
     stop = asyncio.Event()
+    servicer = ReplicaServicer(stop)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def on_sigterm() -> None:
+        if servicer.engine is None:
+            stop.set()  # still loading: nothing to drain
+        else:
+            servicer.draining = True
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     # Ctrl-C reaches the whole process group; the deployment process answers it by
     # draining, and stops its replicas once their requests are done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -134,7 +157,6 @@ async def serve_replica(config: ReplicaConfig) -> None:
     # A busy port fails here, naming it; only the deployment's own pool gets through.
     server = listening_server(config.address, auth.replica_interceptors(token))
     health_servicer = add_standard_services(server)
-    servicer = ReplicaServicer(stop)
     add_mii_servicer(servicer, server)
     await set_health(health_servicer, False)
     await server.start()
@@ -167,6 +189,7 @@ async def serve_replica(config: ReplicaConfig) -> None:
     await set_health(health_servicer, True)
 
     parent = os.getppid()
+    drain_deadline: float | None = None
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=0.5)
@@ -175,6 +198,15 @@ async def serve_replica(config: ReplicaConfig) -> None:
                 break
             if engine.core.failure is not None:  # a tensor-parallel rank failed
                 await set_health(health_servicer, False)
+        if servicer.draining and drain_deadline is None:
+            await set_health(health_servicer, False)
+            # Later than the deployment's own grace period: where it drains too, it
+            # ends the calls left and terminates this replica first.
+            drain_deadline = loop.time() + deployment.shutdown_grace_s + DRAIN_MARGIN_S
+        if drain_deadline is not None and (
+            servicer.in_flight == 0 or loop.time() >= drain_deadline
+        ):
+            break
     await set_health(health_servicer, False)
     await server.stop(grace=2.0)
     await engine.aclose()
