@@ -216,7 +216,8 @@ def test_burst_beyond_the_limit_gets_429_over_http(busy):
 
 def test_more_choices_than_the_deployment_holds_are_a_400(busy):
     """n beyond max_queued_requests x replicas can never be admitted: 400 naming n
-    at once, not a 429 that no retry can overcome; n at the limit is served."""
+    at once, not a 429 that no retry can overcome; n at the limit is served, and so
+    is a call of more prompts than the limit (one admission, as /mii's)."""
     wait_idle(busy)
     body = {"model": busy.info["model"], "prompt": "choices", "max_tokens": 1}
     with httpx.Client(base_url=busy.url, timeout=120) as http:
@@ -228,6 +229,15 @@ def test_more_choices_than_the_deployment_holds_are_a_400(busy):
         response = http.post("/v1/completions", json={**body, "n": LIMIT})
         assert response.status_code == 200, response.text
         assert len(response.json()["choices"]) == LIMIT
+        # Many prompts, n = 1: one call, admitted whole on an idle deployment (as /mii
+        # admits it); streamed, each is a request of its own: 400 naming the prompt.
+        many = {**body, "prompt": ["choices"] * (2 * LIMIT)}
+        response = http.post("/v1/completions", json=many)
+        assert response.status_code == 200, response.text
+        assert len(response.json()["choices"]) == 2 * LIMIT
+        response = http.post("/v1/completions", json={**many, "stream": True})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "prompt"
 
 
 def test_in_process_engine_refuses_beyond_its_limit(llama):

@@ -46,7 +46,7 @@ class MiiIngress:
             created=int(time.time()),
             access=AccessPolicy.of(config),
             max_request_bytes=config.max_request_bytes,
-            max_admitted_requests=None,  # each replica refuses beyond its own bound (429)
+            max_queued_requests=None,  # each replica refuses beyond its own bound (429)
         )
         self.app_name = config.deployment_name
         await self.pool.check_all()

@@ -111,16 +111,19 @@ async def _respond(
 ):
     """Stream the choices when the body asks to; else wait for them all and answer
     one object with every choice and the usage."""
-    capacity = state.max_admitted_requests
-    if capacity is not None and choices.total > capacity:
-        # Admitted whole or refused: more choices than the deployment ever holds
-        # would be 429 for ever, however idle it is.
+    # Streamed, each choice is a request of its own; whole, each of the n choice
+    # numbers is one call of every prompt. Admitted whole or refused: calls the
+    # deployment can never hold all at once would be 429 for ever, however idle it is.
+    calls, size = (choices.total, 1) if body.stream else (choices.n, len(choices.prompts))
+    if state.never_admitted(calls, size):
         raise ApiError(
             400,
             f"{choices.total} choices (prompts times n) can never be admitted at once: this "
-            f"deployment holds at most {capacity} requests (max_queued_requests per replica "
-            "times replicas); ask for fewer",
-            renames.get("n", "n"),
+            f"deployment holds at most {state.max_queued_requests} requests per replica "
+            f"(max_queued_requests) on {state.replicas} replica(s), and a replica takes a "
+            f"call of several prompts only while it holds fewer; ask for fewer"
+            + (" or do not stream" if body.stream else ""),
+            renames.get("n", "n") if choices.n > 1 else "prompt",
         )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -137,11 +137,8 @@ async def start_gateway(
             created=int(time.time()),
             access=AccessPolicy.of(config),
             max_request_bytes=config.max_request_bytes,
-            max_admitted_requests=(
-                None
-                if config.max_queued_requests is None
-                else config.max_queued_requests * config.replica_num
-            ),
+            max_queued_requests=config.max_queued_requests,
+            replicas=config.replica_num,
         )
         app = build_app(state)
         server = _Server(

@@ -24,13 +24,25 @@ class GatewayState:
     created: int  # start time, reported as the model's ``created``
     access: AccessPolicy = field(default_factory=AccessPolicy)  # API key, Host check, CORS
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # longer bodies: 413
-    # Requests the replicas hold at most (max_queued_requests x replicas; None: no bound).
-    max_admitted_requests: int | None = None
+    # Requests each replica holds at most (max_queued_requests; None: no bound), and
+    # how many replicas there are: a replica admits a call of several requests while it
+    # holds fewer than its limit, whatever the call's size.
+    max_queued_requests: int | None = None
+    replicas: int = 1
     # The deployment's served_model_name: the OpenAI API's names of the model.
     served_model_names: list[str] = field(default_factory=list)
     # The deployment's tool_call_parser: what reads tool calls in answers to tool_choice
     # "auto" (None: "auto" is refused; "required" and named functions need none).
     tool_call_parser: str | None = None
+
+    def never_admitted(self, calls: int, requests_per_call: int) -> bool:
+        """Whether ``calls`` calls of ``requests_per_call`` requests each can never all
+        be held at once, however idle the deployment: each replica admits
+        ceil(limit / size) such calls."""
+        if self.max_queued_requests is None:
+            return False
+        per_replica = -(-self.max_queued_requests // max(1, requests_per_call))
+        return calls > self.replicas * per_replica
 
     @property
     def served_model(self) -> str:
