@@ -174,6 +174,26 @@ BAD = [
     ({"json_schema": {"type": "object", "maxProperties": 2}}, "json_schema", "maxProperties"),
     ({"json_schema": {"properties": {"a": {"not": {}}}}}, "json_schema", "'not'"),
     ({"json_schema": {"type": "string", "pattern": "(?=a)b"}}, "json_schema", "lookaround"),
+    # Combinations xgrammar 0.2 accepted and ignored (an acceptance sweep's outputs failed
+    # to validate): refused, naming the keyword and where it is
+    ({"json_schema": {"type": "object", "minProperties": 2}}, "json_schema", "minProperties"),
+    (
+        {"json_schema": {"type": "object", "anyOf": [{"required": ["x"]}]}},
+        "json_schema",
+        "'anyOf' next to 'type'",
+    ),
+    ({"json_schema": {"allOf": [{"type": "object"}, {}]}}, "json_schema", "'allOf' with more"),
+    (
+        {"json_schema": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}},
+        "json_schema",
+        "together with 'pattern'",
+    ),
+    ({"json_schema": {"type": "number", "multipleOf": 0.25}}, "json_schema", "multipleOf"),
+    (
+        {"json_schema": {"properties": {"p": {"type": "object", "required": ["city"]}}}},
+        "json_schema",
+        "'city' (at #/properties/p)",
+    ),
     ({"json_schema": {"$ref": "#/$defs/missing"}}, "json_schema", "missing"),
     ({"regex": "a(b"}, "regex", "parenthesis"),
     ({"regex": r"(a)\1"}, "regex", "backreference"),

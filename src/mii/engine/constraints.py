@@ -42,6 +42,7 @@ UNSUPPORTED_SCHEMA_KEYWORDS = (
     "dependentSchemas",
     "dependencies",
     "maxProperties",
+    "minProperties",
     "if",
     "then",
     "else",
@@ -51,6 +52,12 @@ UNSUPPORTED_SCHEMA_KEYWORDS = (
 )
 # Regex constructs xgrammar's regex engine ignores (lookaround) or lacks (backreferences).
 _UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\\[1-9]")
+
+# Keywords that say nothing about the value: allowed next to anyOf / oneOf.
+_ANNOTATIONS = frozenset(
+    ("title", "description", "default", "examples", "$schema", "$id", "$comment",
+     "$defs", "definitions", "deprecated", "readOnly", "writeOnly")
+)  # fmt: skip
 
 # Keywords whose value is a map of names to schemas, or a list of schemas: walked,
 # but their keys are names, not keywords.
@@ -90,6 +97,9 @@ def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
     pattern = schema.get("pattern")
     if isinstance(pattern, str) and _UNSUPPORTED_REGEX.search(pattern):
         return f"the pattern at {path} uses lookaround or a backreference, which is not supported"
+    found = _ignored_combination(schema, path)
+    if found:
+        return found
     for key, value in schema.items():
         if key in _SCHEMA_MAPS and isinstance(value, dict):
             for name, sub in value.items():
@@ -100,6 +110,39 @@ def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
             found = unsupported_schema_feature(value, f"{path}/{key}")
             if found:
                 return found
+    return None
+
+
+def _ignored_combination(schema: dict, path: str) -> str | None:
+    """Combinations of keywords that xgrammar (0.2.x) accepts but does not enforce
+    (each output of these validated in an acceptance sweep: it ignored them)."""
+    for key in ("anyOf", "oneOf"):
+        others = sorted(k for k in schema if k != key and k not in _ANNOTATIONS)
+        if key in schema and others:
+            return (
+                f"{key!r} next to {others[0]!r} (at {path}) is not supported: move the other "
+                f"keywords into each of the {key!r} schemas"
+            )
+    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        return f"'allOf' with more than one schema (at {path}) is not supported: merge them"
+    bounded = "minLength" in schema or "maxLength" in schema
+    if bounded and ("pattern" in schema or "format" in schema):
+        shaped = "pattern" if "pattern" in schema else "format"
+        return (
+            f"'minLength'/'maxLength' together with {shaped!r} (at {path}) is not supported: "
+            "put the length in the pattern"
+        )
+    step = schema.get("multipleOf")
+    if isinstance(step, float) and not step.is_integer():
+        return f"a fractional 'multipleOf' (at {path}) is not supported"
+    required, properties = schema.get("required"), schema.get("properties", {})
+    if isinstance(required, list) and isinstance(properties, dict):
+        missing = [name for name in required if name not in properties]
+        if missing:
+            return (
+                f"the required name {missing[0]!r} (at {path}) has no schema in 'properties', "
+                "which is not supported: add one ({} for any value)"
+            )
     return None
 
 
