@@ -468,7 +468,7 @@ def _attend_rows(
     each) over keys [lo, hi): load q, run the key loops, store the output (or, split,
     the partial results and, MERGE_HERE, the merge)."""
     offs_m = rows_first + rows // PACK
-    m_mask = (offs_m < q_len) & (offs_m < first + BLOCK_M) & head_ok
+    m_mask = (offs_m < q_len) & head_ok  # (QUERIES divides BLOCK_M: passes end at the tile's)
     q_pos = context + offs_m
     offs_d = tl.arange(0, D_PAD)
     d_mask = offs_d < HEAD_DIM
