@@ -6,7 +6,7 @@
 #     [moe-grouped-mm] [w1-mixtral-grouped-mm] (torch._grouped_mm for large passes, MII_MOE_PROMPT_GEMM)
 #     [moe-down-sweep] (the down projection's own tiles at decode sizes)
 #   batch-1 decode attention: [decode-long] [decode-batch1] [decode-step] [tests-attention];
-#   one switch set, A/B: [latency-with VAR=VALUE] [latency-fp8w-with VAR=VALUE] [latency-mixtral-with VAR=VALUE] [latency-mixtral-fp8w-with VAR=VALUE]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
+#   one switch set, A/B: [w1-with VAR=VALUE] [w1-llama3-with VAR=VALUE] [latency-with VAR=VALUE] [latency-fp8w-with VAR=VALUE] [latency-mixtral-with VAR=VALUE] [latency-mixtral-fp8w-with VAR=VALUE] [latency-llama3-with VAR=VALUE]; kernel times: [profile] [profile-nopdl] [profile-nopdl-fp8]
 #   W1 pass by pass: [breakdown] [breakdown-llama3]; a mixed pass's attention launch by launch: [mixed-attention]
 #   (every mode: see the case list below; logs and JSON land in $OUT, default /tmp/out)
 # (tp2-*: a 2-GPU machine; NCCL's NVLink multicast stays off as the device tool asks)
@@ -28,13 +28,20 @@ while [ $# -gt 0 ]; do
     tests-attention) python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_fp8_kv_cache.py tests/test_fp8_activations.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_attention.log" | tail -25 ;;
     # One switch set for one batch-1 run (A/B): latency-with MII_SPLIT_KV_MERGE=kernel;
     # latency-fp8w-with VAR=VALUE: the same with FP8 weights. One summary line each.
-    latency-with|latency-fp8w-with|latency-mixtral-with|latency-mixtral-fp8w-with) mode=$1; shift
+    latency-with|latency-fp8w-with|latency-mixtral-with|latency-mixtral-fp8w-with|latency-llama3-with) mode=$1; shift
       tag=$(echo "${mode#latency-}_$1" | tr 'A-Z=-' 'a-z__'); extra=""
       base=$tag; n=1; while [ -e "$OUT/$tag.log" ]; do n=$((n + 1)); tag="${base}_run$n"; done  # a repeat keeps its own files
-      case "$mode" in *mixtral*) extra="--model mixtral-8x7b" ;; esac
+      case "$mode" in *mixtral*) extra="--model mixtral-8x7b" ;; *llama3*) extra="--model llama3-8b" ;; esac
       case "$mode" in *fp8w*) extra="$extra --quantization fp8" ;; esac
       env "$1" python3 benchmarks/latency.py $extra --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
       echo "$tag $(grep -o '"decode_tok_s": [0-9.]*' "$OUT/$tag.log") $(grep -o '"fraction_of_bandwidth_floor": [0-9.]*' "$OUT/$tag.log")" ;;
+    # W1 with one switch set (A/B, no HF peer): w1-with MII_GQA_DECODE_QUERIES=pack; w1-llama3-with ...
+    w1-with|w1-llama3-with) mode=$1; shift
+      tag=$(echo "${mode%-with}_$1" | tr 'A-Z=-' 'a-z__'); extra=""
+      base=$tag; n=1; while [ -e "$OUT/$tag.log" ]; do n=$((n + 1)); tag="${base}_run$n"; done
+      case "$mode" in w1-llama3-with) extra="--model llama3-8b" ;; esac
+      env "$1" python3 benchmarks/throughput.py $extra --json "$OUT/$tag.json" > "$OUT/$tag.log" 2>&1
+      echo "$tag $(grep -o '"seconds": [0-9.]*' "$OUT/$tag.log") $(grep -o '"x_compute_floor": [0-9.]*' "$OUT/$tag.log")" ;;
     latency) python3 benchmarks/latency.py --hf --json "$OUT/latency.json" > "$OUT/latency.log" 2>&1; tail -40 "$OUT/latency.log" ;;
     throughput) shift; python3 benchmarks/throughput.py --num-requests "$1" --json "$OUT/throughput_$1.json" > "$OUT/throughput_$1.log" 2>&1; tail -40 "$OUT/throughput_$1.log" ;;
     kernels) python3 benchmarks/kernel_times.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1; tail -60 "$OUT/kernels.log" ;;
