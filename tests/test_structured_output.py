@@ -205,6 +205,17 @@ BAD = [
 ]
 
 
+def test_formats_with_lengths_are_accepted_as_pydantic_writes_them():
+    """pydantic's HttpUrl is a uri of 1-2,083 characters: the format is enforced and
+    the length, which xgrammar ignores next to a format, is let through rather than
+    refusing every model with a URL (docs/structured_output.md)."""
+    from mii.engine.constraints import unsupported_schema_feature
+
+    url = {"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083}
+    schema = {"type": "object", "properties": {"site": url}, "required": ["site"]}
+    assert unsupported_schema_feature(schema) is None
+
+
 @pytest.mark.parametrize(("options", "field", "words"), BAD)
 def test_bad_constraints_fail_naming_the_option(engine, options, field, words):
     with pytest.raises(InvalidRequestError) as caught:

@@ -182,6 +182,40 @@ def test_required_schema_and_answers():
     )
 
 
+def test_required_schema_keeps_each_tools_definitions_reachable():
+    """Tools whose parameters hold ``$defs`` (pydantic's nested models, as
+    ``openai.pydantic_function_tool`` writes them): nested in the list of calls, their
+    ``$ref``s would point at the top of the answer's schema, which xgrammar refused
+    ("Cannot find field '$defs'"). They move there, renamed per tool."""
+    pytest.importorskip("pydantic")
+    from pydantic import BaseModel
+
+    class Location(BaseModel):
+        city: str
+        country: str
+
+    class Trip(BaseModel):
+        start: Location
+        stops: list[Location]
+
+    def tool(name, model):
+        parameters = model.model_json_schema()
+        return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+    plan = _plan("required", tools=(tool("plan_trip", Trip), tool("locate", Location), WEATHER))
+    schema = plan.required_schema()
+    assert sorted(schema["$defs"]) == ["tool0_Location"]
+    trip = schema["items"]["anyOf"][0]["properties"]["parameters"]
+    assert "$defs" not in trip
+    assert trip["properties"]["start"] == {"$ref": "#/$defs/tool0_Location"}
+    assert trip["properties"]["stops"]["items"] == {"$ref": "#/$defs/tool0_Location"}
+    xgrammar = pytest.importorskip("xgrammar")
+    xgrammar.Grammar.from_json_schema(json.dumps(schema))  # compiles: every $ref resolves
+    from mii.engine.constraints import unsupported_schema_feature
+
+    assert unsupported_schema_feature(schema) is None
+
+
 def _body(**fields):
     return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **fields)
 

@@ -863,7 +863,10 @@ def paged_attention_from_cache(
         queries = tiles.size
         fill_rows = envs.GQA_DECODE_QUERIES.get() == "pack" and arrivals is None
         if fill_rows and pack > 1 and tiles.size <= 16:
-            queries = max(1, 16 // pack)
+            queries = min(tiles.size, max(1, 16 // pack))
+        # The passes over a tile's queries end where the tile does (the kernel's masks
+        # rely on it): powers of two, so this holds; asserted should that change.
+        assert tiles.size % queries == 0, (tiles.size, queries)
         _paged_attention_kernel[grid](
             q,
             k_cache,

@@ -72,18 +72,23 @@ class ToolPlan:
         raise KeyError(name)
 
     def required_schema(self) -> dict[str, Any]:
-        """The JSON schema of "required" answers: a list of calls of the tools."""
+        """The JSON schema of "required" answers: a list of calls of the tools. Each
+        tool's ``$defs`` (pydantic's nested models) move to the top, renamed per tool,
+        where its ``$ref``s (now deeper in the schema) still find them."""
+        defs: dict[str, Any] = {}
         calls = [
             {
                 "type": "object",
                 "properties": {
                     "name": {"type": "string", "enum": [t["function"]["name"]]},
-                    "parameters": self._parameters(t["function"]["name"]),
+                    "parameters": _hoist_defs(
+                        self._parameters(t["function"]["name"]), f"tool{i}_", defs
+                    ),
                 },
                 "required": ["name", "parameters"],
                 "additionalProperties": False,
             }
-            for t in self.tools
+            for i, t in enumerate(self.tools)
         ]
         schema: dict[str, Any] = {
             "type": "array",
@@ -92,6 +97,8 @@ class ToolPlan:
         }
         if not self.parallel:
             schema["maxItems"] = 1
+        if defs:
+            schema["$defs"] = defs
         return schema
 
     def calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -117,6 +124,30 @@ class ToolPlan:
             return message, response.finish_reason
         message["tool_calls"] = [call.as_openai() for call in calls]
         return message, "tool_calls"
+
+
+def _hoist_defs(parameters: Any, prefix: str, defs: dict[str, Any]) -> Any:
+    """``parameters`` without its ``$defs``/``definitions``, which go into ``defs`` as
+    ``prefix + name``, and with its local ``$ref``s pointing there."""
+    if not isinstance(parameters, dict):
+        return parameters
+    local = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+
+    def rename(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rename(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: rename(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+        ref = node.get("$ref")
+        for root in ("#/$defs/", "#/definitions/"):
+            if isinstance(ref, str) and ref.startswith(root):
+                out["$ref"] = "#/$defs/" + prefix + ref[len(root) :]
+        return out
+
+    for name, sub in local.items():
+        defs[prefix + name] = rename(sub)
+    return rename(parameters)
 
 
 def _loads(text: str) -> Any:
