@@ -444,3 +444,26 @@ def test_replica_that_dies_mid_stream_is_unavailable(busy):
     assert error["code"] == "service_unavailable" and error["type"] == "server_error"
     failed = metrics(busy).get(("mii_requests_total", (("finish_reason", "error"),)), 0.0)
     assert failed - start.get(("mii_requests_total", (("finish_reason", "error"),)), 0.0) == 2
+
+
+@pytest.mark.parametrize(
+    ("limit", "replicas", "calls", "size", "never"),
+    [
+        (4, 1, 1, 100, False),  # one call of any size: admitted on an idle replica
+        (4, 1, 4, 1, False),  # four single requests fill the limit
+        (4, 1, 5, 1, True),
+        (4, 1, 2, 3, False),  # holding 3 < 4: the second call of 3 still gets in
+        (4, 1, 3, 2, True),  # 0, 2 < 4 admitted; holding 4 refuses the third
+        (4, 1, 3, 3, True),
+        (4, 2, 4, 3, False),  # two calls of 3 per replica
+        (4, 2, 5, 3, True),
+        (None, 1, 1000, 1000, False),  # no limit
+    ],
+)
+def test_never_admitted_counts_calls_as_replicas_admit_them(limit, replicas, calls, size, never):
+    """A replica admits a call while it holds fewer than max_queued_requests, whatever
+    the call's size: it takes ceil(limit / size) calls of ``size`` requests."""
+    from mii.rpc.http.state import GatewayState
+
+    state = GatewayState(None, "d", "m", 8, None, 0, max_queued_requests=limit, replicas=replicas)
+    assert state.never_admitted(calls, size) is never
