@@ -426,28 +426,20 @@ def _paged_attention_kernel(
     unmasked_end = lo
     if not HAS_WINDOW:
         unmasked_end = tl.minimum(hi, tl.maximum(lo, ((context + first) // BLOCK_N) * BLOCK_N))
+    passes = 1  # the whole tile at once
     if QUERIES < BLOCK_M:
         # A decode is one query: one pass. A tile of a few more queries (a short chunk)
         # takes a pass over its keys per QUERIES of them.
-        for part in range(0, tl.cdiv(tl.minimum(BLOCK_M, q_len - first), QUERIES)):
-            _attend_rows(
-                Q, K_cache, V_cache, Out, Part_O, Part_M, Part_L, Arrivals, block_tables,
-                scale, window, num_tokens, stride_qt, stride_qh, stride_cb, stride_cs,
-                stride_ch, stride_bt, stride_ot, stride_oh, rows, heads, head_ok, kv_head,
-                seq, first, first + part * QUERIES, q_begin, q_len, seq_len, context, lo,
-                hi, unmasked_end, split, used, NUM_HEADS, HEAD_DIM, D_PAD, BLOCK_M,
-                BLOCK_N, KV_BLOCK, HAS_WINDOW, IEEE, UPCAST, KV_CAST, FP8_AS_F16, V_PAIRS,
-                PACK, SPLIT, MERGE_HERE, SPLITS_P2,
-            )  # fmt: skip
-    else:
+        passes = tl.cdiv(tl.minimum(BLOCK_M, q_len - first), QUERIES)
+    for part in range(0, passes):
         _attend_rows(
             Q, K_cache, V_cache, Out, Part_O, Part_M, Part_L, Arrivals, block_tables,
             scale, window, num_tokens, stride_qt, stride_qh, stride_cb, stride_cs,
             stride_ch, stride_bt, stride_ot, stride_oh, rows, heads, head_ok, kv_head,
-            seq, first, first, q_begin, q_len, seq_len, context, lo, hi, unmasked_end,
-            split, used, NUM_HEADS, HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, KV_BLOCK,
-            HAS_WINDOW, IEEE, UPCAST, KV_CAST, FP8_AS_F16, V_PAIRS, PACK, SPLIT,
-            MERGE_HERE, SPLITS_P2,
+            seq, first, first + part * QUERIES, q_begin, q_len, seq_len, context, lo,
+            hi, unmasked_end, split, used, NUM_HEADS, HEAD_DIM, D_PAD, BLOCK_M,
+            BLOCK_N, KV_BLOCK, HAS_WINDOW, IEEE, UPCAST, KV_CAST, FP8_AS_F16, V_PAIRS,
+            PACK, SPLIT, MERGE_HERE, SPLITS_P2,
         )  # fmt: skip
 
 
