@@ -7,7 +7,8 @@ profiles spent 10-31 ms per 4,096-token pass in attention).
 Each case is one layer's attention of a pass the engine runs (paged bf16 cache,
 16-token blocks, heads of 128): its decode tiles alone, its prompt tiles alone,
 and both (the engine's two launches: one after the other, and with the decode
-tiles on a second stream, MII_ATTENTION_OVERLAP), from CUDA graphs. Floors: the decode
+tiles on a second stream, MII_ATTENTION_OVERLAP), from CUDA graphs; the prompt
+tiles also at the other launch settings of ``PROMPT_VARIANTS``. Floors: the decode
 tiles' KV bytes at the measured copy bandwidth; the prompt tiles' causal FLOPs
 at flash SDPA's rate on the same prompts (``sdpa_us``: one flash SDPA call per
 whole prompt, all in one CUDA graph; chunks with cached keys have no SDPA peer).
@@ -32,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import environment, roofline, write_json
 from benchmarks.kernel_times import BLOCK, DIM, HEADS, bench_graph, paged_batch
+from mii.ops import triton_attention
 from mii.ops.triton_attention import paged_attention_from_cache
 
 
@@ -54,6 +56,15 @@ CASES = {
     # FastGen serving: one prompt's tail and the next one's head, 60 decodes at ~2,600
     "serving-llama2": (32, [(1500, 2600), (2536, 2536)], 60, 2600),
     "serving-llama2-prompts": (32, [(1500, 2600), (2536, 2536)], 0, 0),
+}
+
+# Prompt-tile launch settings timed beside PROMPT_LAUNCH (``prompt_<name>_us``): the
+# default 4-warp 128-query program holds 255 registers a thread and spills; 8 warps
+# halve each thread's share of the tile.
+PROMPT_VARIANTS = {
+    "w8": {"block_n": 64, "num_warps": 8, "num_stages": 3},
+    "w8_s2": {"block_n": 64, "num_warps": 8, "num_stages": 2},
+    "n32": {"block_n": 32, "num_warps": 4, "num_stages": 3},
 }
 
 
@@ -113,6 +124,11 @@ def main() -> None:
         )
         flops = causal_flops(chunks)
         row["prompt_tflops"] = round(flops / row["prompt_us"] / 1e6)
+        for variant, launch in PROMPT_VARIANTS.items():  # other PROMPT_LAUNCH settings
+            default, triton_attention.PROMPT_LAUNCH = triton_attention.PROMPT_LAUNCH, launch
+            seconds = time_batch(prompt_q, prompt_k, kv_heads, device, k_cache, v_cache)
+            triton_attention.PROMPT_LAUNCH = default
+            row[f"prompt_{variant}_us"] = round(seconds * 1e6, 1)
         sdpa = sdpa_us(chunks, kv_heads, device)
         if sdpa is not None:
             row["sdpa_us"] = round(sdpa, 1)
