@@ -123,11 +123,15 @@ GQA_VARIANTS = {
     "pack4_s3": (4, {"num_stages": 3}),
     "pack4_s4": (4, {"num_stages": 4}),
     "pack4_n64_s2": (4, {"block_n": 64, "num_stages": 2}),
-    # MII_GQA_DECODE_QUERIES=pack: 16 rows a pass (a decode's 4 heads), not 64
+    # MII_GQA_DECODE_QUERIES=pack: 16 rows a pass (a decode's 4 heads), not 64; settings
+    # over DECODE_LAUNCH_GQA_FILL (bf16) / DECODE_LAUNCH_FP8_GQA_FILL (fp8)
     "pack4_fill": (4, {}),
+    "pack4_fill_n64": (4, {"block_n": 64}),
     "pack4_fill_n128": (4, {"block_n": 128}),
+    "pack4_fill_s2": (4, {"num_stages": 2}),
     "pack4_fill_s3": (4, {"num_stages": 3}),
     "pack4_fill_w2": (4, {"num_warps": 2}),
+    "pack4_fill_w4": (4, {"num_warps": 4}),
 }
 
 
@@ -143,16 +147,17 @@ def gqa_order(copy_bw: float, total_blocks: int, device, kv_heads: int = 8) -> l
         "bf16": (k_cache, v_cache),
         "fp8": (k_cache.to(FP8_KV_DTYPE), v_cache.to(FP8_KV_DTYPE)),
     }.items():
-        # the launch the packed programs take
+        # the launches the packed programs take, with whole tiles or 16 rows a pass
         kind = "DECODE_LAUNCH_FP8" if name == "fp8" else "DECODE_LAUNCH_GQA"
-        launch = getattr(triton_attention, kind)
-        defaults = launch.copy()
+        fill_kind = "DECODE_LAUNCH_FP8_GQA_FILL" if name == "fp8" else "DECODE_LAUNCH_GQA_FILL"
         for seqs, context in SHAPES:
             batch = paged_batch([1] * seqs, [context] * seqs, device, total_blocks)
             q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
             moved = 2 * seqs * context * kv_heads * DIM * kc.element_size()
             row = {"cache": name, "seqs": seqs, "context": context, "kv_heads": kv_heads}
             for variant, (pack, settings) in GQA_VARIANTS.items():
+                launch = getattr(triton_attention, fill_kind if "_fill" in variant else kind)
+                defaults = launch.copy()
                 triton_attention.HEAD_MAJOR_DECODE = variant != "tile_major"
                 triton_attention.GQA_DECODE_PACK = pack
                 launch.update(settings)

@@ -54,13 +54,16 @@ def _attention(
     v_pairs: bool = False,
     fill_rows: bool = False,
     merge: bool = True,
+    ahead: bool = True,
 ):
     """Split-KV decode programs (``pack`` query heads of one KV head) with
     MII_ATTENTION_EARLY_LOADS=on (``early``; off: waiting first) and
     MII_SPLIT_KV_MERGE=kernel; ``pdl`` 2: MII_PDL_EARLY_RELEASE=on; ``v_pairs``: an
     fp8 cache's values read as 16-bit pairs (MII_FP8_KV_VALUES=pairs); ``fill_rows``:
     MII_GQA_DECODE_QUERIES=pack (16 // pack queries a pass), whose launch merges after;
-    ``merge`` False: MII_SPLIT_KV_MERGE=launch, the whole tile's rows."""
+    ``merge`` False: MII_SPLIT_KV_MERGE=launch, the whole tile's rows. ``fill_rows``
+    cases compile with the launch settings the engine gives them, and ``ahead``
+    (MII_ATTENTION_IDS_AHEAD=on) where those pipeline 2 stages."""
     fp8 = cache != "bf16"
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
@@ -73,7 +76,17 @@ def _attention(
     )  # fmt: skip
     if fill_rows or not merge:
         constexprs["MERGE_HERE"] = False
-    return triton_attention._paged_attention_kernel, types, constexprs
+    if not fill_rows:
+        return triton_attention._paged_attention_kernel, types, constexprs
+    # the launch settings the engine gives these programs
+    fill = "DECODE_LAUNCH_FP8_GQA_FILL" if fp8 else "DECODE_LAUNCH_GQA_FILL"
+    launch = getattr(triton_attention, fill)
+    constexprs["BLOCK_N"] = launch["block_n"]
+    constexprs["AHEAD"] = ahead and launch["num_stages"] == 2
+    return (
+        triton_attention._paged_attention_kernel, types, constexprs,
+        launch["num_stages"], launch["num_warps"],
+    )  # fmt: skip
 
 
 def _rotary(pdl: int = 1):
@@ -155,6 +168,9 @@ CASES = {
     "attention-gqa-wait-first": lambda: _attention(4, "bf16", early=False),
     "attention-gqa-fill-rows": lambda: _attention(4, "bf16", fill_rows=True),
     "attention-gqa-fp8-fill-rows": lambda: _attention(4, "fp8e4nv", fill_rows=True),
+    "attention-gqa-fill-rows-ids-in-trip": lambda: _attention(
+        4, "bf16", fill_rows=True, ahead=False
+    ),
     "attention-gqa-merge-after": lambda: _attention(4, "bf16", merge=False),
     "rotary": _rotary,
     # MII_PDL_EARLY_RELEASE=on: the successor launches before the wait
@@ -172,7 +188,9 @@ CASES = {
 }
 
 
-def ptx_for(kernel, types: dict[str, str], constexprs: dict, stages: int = 3) -> tuple[str, str]:
+def ptx_for(
+    kernel, types: dict[str, str], constexprs: dict, stages: int = 3, warps: int = 4
+) -> tuple[str, str]:
     """PTX and TTGIR of ``kernel`` for sm_90 (compiled down to a cubin by Triton's ptxas);
     ``types``: the pointer and float arguments' Triton types (others are int32)."""
     parameters = inspect.signature(kernel.fn).parameters
@@ -199,7 +217,7 @@ def ptx_for(kernel, types: dict[str, str], constexprs: dict, stages: int = 3) ->
         constexprs={(names.index(n),): v for n, v in constexprs.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
     )
-    options = {"num_warps": 4, "num_stages": stages, "launch_pdl": True}
+    options = {"num_warps": warps, "num_stages": stages, "launch_pdl": True}
     compiled = triton.compile(source, target=HOPPER, options=options).asm
     return compiled["ptx"], compiled["ttgir"]
 
@@ -239,7 +257,8 @@ def facts(ptx: str, ttgir: str) -> dict:
             {int(m) for m in re.findall(r"(?:tt\.dot|warp_group_dot) .*?: tensor<(\d+)x", ttgir)}
         ),
         "pipelined_loops": len(pipelined_loops(ttgir)),
-        "waited_loads_in_pipelined_loops": waited_loads(ttgir),
+        "waited_loads_in_pipelined_loops": sum(waited_loads(ttgir)),
+        "waited_loads_per_loop": waited_loads(ttgir),
     }
 
 
@@ -267,26 +286,30 @@ def _loops_with_copies(lines: list[str]) -> list[list[str]]:
     return loops
 
 
-def waited_loads(ttgir: str) -> int:
-    """Loads in a pipelined loop that Triton left out of the pipeline and whose value
+def waited_loads(ttgir: str) -> list[int]:
+    """For each pipelined loop, the loads Triton left out of the pipeline whose value
     the same trip uses: each trip then waits for them (a load whose value only goes
     to the loop's yield is used by the next trip, so it is issued a trip ahead)."""
-    count = 0
+    counts = []
     for body in pipelined_loops(ttgir):
+        count = 0
         for at, line in enumerate(body):
             load = re.match(r"\s*(%[\w.]+) = tt\.load ", line)
             if load is None:
                 continue
             used = re.compile(re.escape(load.group(1)) + r"\b")
             count += any(used.search(x) and "scf.yield" not in x for x in body[at + 1 :])
-    return count
+        counts.append(count)
+    return counts
 
 
 def main() -> None:
     result = {}
     for name in sys.argv[1:] or CASES:
         try:
-            result[name] = facts(*ptx_for(*CASES[name]()))
+            case = CASES[name]()
+            # the 2-stage launches that load their block ids a trip ahead
+            result[name] = facts(*ptx_for(*case)) | {"ids_ahead": bool(case[2].get("AHEAD"))}
         except Exception as error:  # reported to the test, which fails naming it
             result[name] = {"error": f"{type(error).__name__}: {error}"}
     print(json.dumps(result))

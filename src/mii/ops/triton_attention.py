@@ -188,7 +188,7 @@ def _attend_keys(
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     KV_CAST: tl.constexpr, FP8_AS_F16: tl.constexpr, V_PAIRS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, block_ids=None, LOADED_IDS: tl.constexpr = False,
 ):  # fmt: skip
     """One online-softmax step over BLOCK_N keys from ``start``: the updated
     (acc, m_i, l_i), scores in log2 units. MASKED: apply the causal mask, the
@@ -199,6 +199,8 @@ def _attend_keys(
     if MASKED:
         n_mask = offs_n < seq_len
         block = tl.load(block_tables + seq * stride_bt + offs_n // KV_BLOCK, mask=n_mask, other=0)
+    elif LOADED_IDS:  # the caller loaded them (a trip ahead)
+        block = block_ids
     else:
         block = tl.load(block_tables + seq * stride_bt + offs_n // KV_BLOCK)
     kv_off = (
@@ -353,6 +355,7 @@ def _paged_attention_kernel(
     PREFETCH_KEYS: tl.constexpr,
     LINE: tl.constexpr,
     PDL: tl.constexpr,
+    AHEAD: tl.constexpr = 0,
 ):
     # EARLY: until the wait (PDL: the previous kernel, this layer's rotary + KV write,
     # may still run) only what it does not write: the step's tile table, lengths and
@@ -439,7 +442,7 @@ def _paged_attention_kernel(
             seq, first, first + part * QUERIES, q_begin, q_len, seq_len, context, lo,
             hi, unmasked_end, split, used, NUM_HEADS, HEAD_DIM, D_PAD, BLOCK_M,
             BLOCK_N, KV_BLOCK, HAS_WINDOW, IEEE, UPCAST, KV_CAST, FP8_AS_F16, V_PAIRS,
-            PACK, SPLIT, MERGE_HERE, SPLITS_P2,
+            PACK, SPLIT, MERGE_HERE, SPLITS_P2, AHEAD,
         )  # fmt: skip
 
 
@@ -454,7 +457,7 @@ def _attend_rows(
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     KV_CAST: tl.constexpr, FP8_AS_F16: tl.constexpr, V_PAIRS: tl.constexpr,
     PACK: tl.constexpr, SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr,
-    SPLITS_P2: tl.constexpr,
+    SPLITS_P2: tl.constexpr, AHEAD: tl.constexpr = 0,
 ):  # fmt: skip
     """The program's rows (queries from ``rows_first`` of the tile's chunk, PACK heads
     each) over keys [lo, hi): load q, run the key loops, store the output (or, split,
@@ -484,13 +487,31 @@ def _attend_rows(
     # Scores in log2 units (exp2 is the hardware's instruction; folding log2(e)
     # into the softmax scale saves a multiply per score).
     qk_scale = scale * 1.4426950408889634
-    for start in range(lo, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend_keys(
-            q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
-            stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
-            window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
-            FP8_AS_F16, V_PAIRS, HEAD_DIM,
-        )  # fmt: skip
+    if AHEAD:
+        # The block ids of the keys a trip ahead: a 2-stage pipeline loads each trip's
+        # ids just before the copies they address, so every trip waited for an L2
+        # round trip (the loads a trip ahead are the loop's only other load).
+        row_blocks = block_tables + seq * stride_bt
+        keys = tl.arange(0, BLOCK_N)
+        ids = tl.load(row_blocks + (lo + keys) // KV_BLOCK, mask=lo + keys < unmasked_end, other=0)
+        for start in range(lo, unmasked_end, BLOCK_N):
+            after = start + BLOCK_N + keys
+            next_ids = tl.load(row_blocks + after // KV_BLOCK, mask=after < unmasked_end, other=0)
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
+                stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
+                window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
+                FP8_AS_F16, V_PAIRS, HEAD_DIM, ids, True,
+            )  # fmt: skip
+            ids = next_ids
+    else:
+        for start in range(lo, unmasked_end, BLOCK_N):
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
+                stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
+                window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
+                FP8_AS_F16, V_PAIRS, HEAD_DIM,
+            )  # fmt: skip
     for start in range(unmasked_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend_keys(
             q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
@@ -690,6 +711,15 @@ DECODE_LAUNCH_SPLIT = {"block_n": 128, "num_warps": 4, "num_stages": 3}
 # 4 x 16384 144.5 vs 164.3). On an fp8 cache the fp8 launch stays: 64-key steps won
 # at 640 keys (191 vs 237 us) but lost by 16-38 % at 4096-16384.
 DECODE_LAUNCH_GQA = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+# The same programs when their passes take 16 rows (MII_GQA_DECODE_QUERIES=pack):
+# decode_sweep --gqa-only (H200, 2026-12-04, 23dbeb2), 32 query heads on 8 KV heads,
+# bf16 cache: 2 warps 171.7 / 143.3 / 85.4 us at 256 x 640 / 32 x 4096 / 4 x 16,384
+# keys against 177.8 / 177.3 / 85.8 with 4 warps and the 64-row programs' 191.4 /
+# 154.7 / 114.2 (a 16 x 64 product is too small to split over 4 warps); fp8 cache:
+# 3 stages 156.4 / 117.3 / 80.9 against 166.7 / 118.8 / 81.4 with 2 and 190.2 / 145.1 /
+# 104.1 at 64 rows.
+DECODE_LAUNCH_GQA_FILL = {"block_n": 64, "num_warps": 2, "num_stages": 2}
+DECODE_LAUNCH_FP8_GQA_FILL = {"block_n": 128, "num_warps": 4, "num_stages": 3}
 # Decode tiles of grouped-query models launched head-major (see the kernel); a
 # switch for benchmarks/decode_sweep.py, which times both orders.
 HEAD_MAJOR_DECODE = True
@@ -804,6 +834,7 @@ def paged_attention_from_cache(
     merge_in_kernel = envs.SPLIT_KV_MERGE.get() == "kernel"
     fp8_as_f16 = k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32
     early_loads = envs.ATTENTION_EARLY_LOADS.get() == "on"
+    ids_ahead = envs.ATTENTION_IDS_AHEAD.get() == "on"
 
     def launch(tiles: TileSet) -> None:
         count = tiles.seq.shape[0]
@@ -819,6 +850,19 @@ def paged_attention_from_cache(
             launch = DECODE_LAUNCH_GQA if pack > 1 else DECODE_LAUNCH
         programs_per_tile = kv_heads * triton.cdiv(group, pack)  # q_heads when unpacked
         num_splits = splits or _auto_splits(tiles, count * programs_per_tile, q.device)
+        arrivals = None
+        if num_splits > 1 and merge_in_kernel:  # one count per (tile, head or pack)
+            arrivals = triton_arrivals.arrival_counts(q.device, count * programs_per_tile)
+        # Queries per pass over the keys: the whole tile, or (MII_GQA_DECODE_QUERIES=pack)
+        # for packed grouped-query decode programs as many as fill one 16-row product
+        # with their heads: a decode's 1 query x 4 heads in 16 rows, not 64 (16 queries
+        # x 4 heads, 60 of them empty). The in-kernel merge keeps whole-tile rows.
+        queries = tiles.size
+        fill_rows = envs.GQA_DECODE_QUERIES.get() == "pack" and arrivals is None
+        if fill_rows and pack > 1 and tiles.size <= 16:
+            queries = min(tiles.size, max(1, 16 // pack))
+            fp8 = k_cache.dtype == FP8_KV_DTYPE
+            launch = DECODE_LAUNCH_FP8_GQA_FILL if fp8 else DECODE_LAUNCH_GQA_FILL
         if launch is DECODE_LAUNCH and num_splits > 1 and d_pad <= 128:
             # few programs: each one's loop latency shows (wider heads: not measured)
             launch = DECODE_LAUNCH_SPLIT
@@ -833,29 +877,26 @@ def paged_attention_from_cache(
             grid = (programs_per_tile, count, num_splits)
         else:
             grid = (count, q_heads, num_splits)
-        arrivals = None
         if num_splits > 1:
             parts = (
                 torch.empty(num_splits, tokens, q_heads, d_pad, device=q.device),
                 torch.empty(num_splits, tokens, q_heads, device=q.device),
                 torch.empty(num_splits, tokens, q_heads, device=q.device),
             )
-            if merge_in_kernel:  # one count per (tile, head or pack): grid[0] x grid[1]
-                arrivals = triton_arrivals.arrival_counts(q.device, grid[0] * grid[1])
         else:
             parts = (out, out, out)  # unused
         # One width for every split count up to MAX_KV_SPLITS: a width per count
         # would compile a variant per batch size mid-serving.
         splits_p2 = triton.next_power_of_2(max(num_splits, MAX_KV_SPLITS))
         prefetch_keys = PREFETCH_KEYS if early_loads and tiles.size <= 16 else 0
-        # Queries per pass over the keys: the whole tile, or (MII_GQA_DECODE_QUERIES=pack)
-        # for packed grouped-query decode programs as many as fill one 16-row product
-        # with their heads: a decode's 1 query x 4 heads in 16 rows, not 64 (16 queries
-        # x 4 heads, 60 of them empty). The in-kernel merge keeps whole-tile rows.
-        queries = tiles.size
-        fill_rows = envs.GQA_DECODE_QUERIES.get() == "pack" and arrivals is None
-        if fill_rows and pack > 1 and tiles.size <= 16:
-            queries = min(tiles.size, max(1, 16 // pack))
+        # K and V tiles of each stage in flight; fewer stages where the GPU's shared
+        # memory is smaller than the H200 the launch was tuned on.
+        stages = triton_limits.stages_that_fit(
+            launch["num_stages"],
+            2 * block_n * d_pad * k_cache.element_size(),
+            q.device,
+            reserved=queries * pack * d_pad * q.element_size(),  # the query tile
+        )
         # The passes over a tile's queries end where the tile does (the kernel's masks
         # rely on it): powers of two, so this holds; asserted should that change.
         assert tiles.size % queries == 0, (tiles.size, queries)
@@ -906,15 +947,9 @@ def paged_attention_from_cache(
             EARLY=early_loads,
             PREFETCH_KEYS=prefetch_keys,
             LINE=min(d_pad, 128 // k_cache.element_size()),  # elements per 128-byte line
+            AHEAD=ids_ahead and stages == 2,
             num_warps=launch["num_warps"],
-            # K and V tiles of each stage in flight; fewer stages where the GPU's
-            # shared memory is smaller than the H200 the launch was tuned on.
-            num_stages=triton_limits.stages_that_fit(
-                launch["num_stages"],
-                2 * block_n * d_pad * k_cache.element_size(),
-                q.device,
-                reserved=queries * pack * d_pad * q.element_size(),  # the query tile
-            ),
+            num_stages=stages,
             **dependent_launch,
         )
         if num_splits > 1 and arrivals is None:
