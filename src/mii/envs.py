@@ -12,7 +12,7 @@
 | ``MII_SPLIT_KV_MERGE`` | ``launch``, ``kernel`` | who merges split-KV decode slices |
 | ``MII_ATTENTION_EARLY_LOADS`` | ``on``, ``off`` | decode attention's reads before the PDL wait |
 | ``MII_ATTENTION_OVERLAP`` | ``off``, ``streams``, ``priority`` | decode tiles on a 2nd stream |
-| ``MII_GQA_DECODE_QUERIES`` | ``tile``, ``pack`` | queries per grouped-query decode pass |
+| ``MII_GQA_DECODE_QUERIES`` | ``pack``, ``tile`` | queries per grouped-query decode pass |
 | ``MII_ATTENTION_IDS_AHEAD`` | ``off``, ``on`` | 2-stage attention loads block ids a trip ahead |
 | ``MII_FP8_KV_VALUES`` | ``bytes``, ``pairs`` | how attention reads an fp8 cache's values |
 | ``MII_FP8_FUSED_QUANT`` | ``norm``, ``off``, ``on`` | norm / act kernels write x's float8 copy |
@@ -188,18 +188,22 @@ GQA_DECODE_QUERIES = _choice(
     "hold the whole 16-query tile for every head ('tile': 64 rows, of which a decode "
     "uses 4), or as many queries as fill 16 rows with the heads ('pack': a decode's 4 "
     "rows in one 16-row product, a quarter of the products and softmax; a tile of more "
-    "queries takes one pass over its keys per 4). H200: packed decode programs ran at "
-    "83 % (bf16 cache) and 42 % (fp8) of copy bandwidth where one-head programs reach "
-    "100 % and 70 % (decode_sweep). Off until timed",
-    "tile",
+    "queries takes one pass over its keys per 4). H200, 32 query heads on 8 KV heads "
+    "(decode_sweep --gqa-only, two calls): 'pack' 173.5 / 145.3 / 86.0 us against "
+    "192.6 / 156.2 / 114.7 at 256 x 640 / 32 x 4,096 / 4 x 16,384 keys (bf16 cache), "
+    "155.9 / 116.6 / 80.6 against 189.6 / 143.9 / 103.8 (fp8); W1 Llama-3-8B 5.22-5.26 s "
+    "against 5.34-5.35 (three and two runs, one call)",
     "pack",
+    "tile",
 )
 ATTENTION_IDS_AHEAD = _choice(
     "MII_ATTENTION_IDS_AHEAD",
     "attention launches that pipeline 2 stages (the grouped-query and fp8 decode "
     "launches): load each key step's block ids a trip ahead ('on'). Compiled for sm_90 "
     "('off') each trip loads its successor's ids just before the copies they address, "
-    "so every trip waits for an L2 round trip (tests/cuda_compile.py). Off until timed",
+    "so every trip waits for an L2 round trip (tests/cuda_compile.py). H200: no "
+    "difference (decode_sweep --gqa-only, every launch within 1 %; W1 Llama-3-8B "
+    "5.24 / 5.26 s on, 5.22 off): other programs hide the wait, so off",
     "off",
     "on",
 )
