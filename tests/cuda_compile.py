@@ -54,7 +54,6 @@ def _attention(
     v_pairs: bool = False,
     fill_rows: bool = False,
     merge: bool = True,
-    ahead: bool = True,
 ):
     """Split-KV decode programs (``pack`` query heads of one KV head) with
     MII_ATTENTION_EARLY_LOADS=on (``early``; off: waiting first) and
@@ -62,8 +61,7 @@ def _attention(
     fp8 cache's values read as 16-bit pairs (MII_FP8_KV_VALUES=pairs); ``fill_rows``:
     MII_GQA_DECODE_QUERIES=pack (16 // pack queries a pass), whose launch merges after;
     ``merge`` False: MII_SPLIT_KV_MERGE=launch, the whole tile's rows. ``fill_rows``
-    cases compile with the launch settings the engine gives them, and ``ahead``
-    (MII_ATTENTION_IDS_AHEAD=on) where those pipeline 2 stages."""
+    cases compile with the launch settings the engine gives them."""
     fp8 = cache != "bf16"
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
@@ -82,7 +80,6 @@ def _attention(
     fill = "DECODE_LAUNCH_FP8_GQA_FILL" if fp8 else "DECODE_LAUNCH_GQA_FILL"
     launch = getattr(triton_attention, fill)
     constexprs["BLOCK_N"] = launch["block_n"]
-    constexprs["AHEAD"] = ahead and launch["num_stages"] == 2
     return (
         triton_attention._paged_attention_kernel, types, constexprs,
         launch["num_stages"], launch["num_warps"],
@@ -168,9 +165,6 @@ CASES = {
     "attention-gqa-wait-first": lambda: _attention(4, "bf16", early=False),
     "attention-gqa-fill-rows": lambda: _attention(4, "bf16", fill_rows=True),
     "attention-gqa-fp8-fill-rows": lambda: _attention(4, "fp8e4nv", fill_rows=True),
-    "attention-gqa-fill-rows-ids-in-trip": lambda: _attention(
-        4, "bf16", fill_rows=True, ahead=False
-    ),
     "attention-gqa-merge-after": lambda: _attention(4, "bf16", merge=False),
     "rotary": _rotary,
     # MII_PDL_EARLY_RELEASE=on: the successor launches before the wait
@@ -258,7 +252,8 @@ def facts(ptx: str, ttgir: str) -> dict:
         ),
         "pipelined_loops": len(pipelined_loops(ttgir)),
         "waited_loads_in_pipelined_loops": sum(waited_loads(ttgir)),
-        "waited_loads_per_loop": waited_loads(ttgir),
+        # of those, the attention's block-table reads (vectors of int32 ids)
+        "waited_block_id_loads": sum(waited_loads(ttgir, BLOCK_IDS)),
     }
 
 
@@ -286,16 +281,21 @@ def _loops_with_copies(lines: list[str]) -> list[list[str]]:
     return loops
 
 
-def waited_loads(ttgir: str) -> list[int]:
+# a load of a vector of int32 pointers: the attention's block ids
+BLOCK_IDS = re.compile(r"tensor<\d+x!tt\.ptr<i32>")
+
+
+def waited_loads(ttgir: str, only: re.Pattern | None = None) -> list[int]:
     """For each pipelined loop, the loads Triton left out of the pipeline whose value
     the same trip uses: each trip then waits for them (a load whose value only goes
-    to the loop's yield is used by the next trip, so it is issued a trip ahead)."""
+    to the loop's yield is used by the next trip, so it is issued a trip ahead).
+    ``only``: count the loads whose line matches it."""
     counts = []
     for body in pipelined_loops(ttgir):
         count = 0
         for at, line in enumerate(body):
             load = re.match(r"\s*(%[\w.]+) = tt\.load ", line)
-            if load is None:
+            if load is None or (only is not None and not only.search(line)):
                 continue
             used = re.compile(re.escape(load.group(1)) + r"\b")
             count += any(used.search(x) and "scf.yield" not in x for x in body[at + 1 :])
@@ -308,8 +308,8 @@ def main() -> None:
     for name in sys.argv[1:] or CASES:
         try:
             case = CASES[name]()
-            # the 2-stage launches that load their block ids a trip ahead
-            result[name] = facts(*ptx_for(*case)) | {"ids_ahead": bool(case[2].get("AHEAD"))}
+            stages = case[3] if len(case) > 3 else 3  # ptx_for's default
+            result[name] = facts(*ptx_for(*case)) | {"stages": stages}
         except Exception as error:  # reported to the test, which fails naming it
             result[name] = {"error": f"{type(error).__name__}: {error}"}
     print(json.dumps(result))

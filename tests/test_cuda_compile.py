@@ -140,19 +140,6 @@ def test_grouped_query_decode_filling_16_rows_compiles_for_hopper(compiled, cach
     assert facts["atomics"] == 0 and facts["pipelined_loops"] >= 2
 
 
-def test_two_stage_decode_loads_block_ids_a_trip_ahead(compiled):
-    """A 2-stage pipeline (the grouped-query decode programs filling 16 rows) loads
-    each trip's block ids just before the copies they address, so every trip of the
-    key loop waits for them; MII_ATTENTION_IDS_AHEAD=on loads them a trip ahead,
-    leaving only the masked loop's (a decode's last step) waiting."""
-    in_trip = _facts(compiled, "attention-gqa-fill-rows-ids-in-trip")
-    ahead = _facts(compiled, "attention-gqa-fill-rows")
-    assert ahead["ids_ahead"] and not in_trip["ids_ahead"]
-    assert in_trip["waited_loads_per_loop"][0] > 0
-    assert ahead["waited_loads_per_loop"][0] == 0
-    assert ahead["pipelined_loops"] == in_trip["pipelined_loops"] == 2
-
-
 ALL_CASES = [
     *ATTENTION_CASES, "attention-gqa-wait-first", "attention-gqa-fill-rows",
     "attention-gqa-fp8-fill-rows", "attention-gqa-merge-after", "rotary", "gemv-bf16", "gemv-fp8",
@@ -169,8 +156,14 @@ def test_pipelined_loops_wait_for_no_load_of_their_own_trip(compiled, case):
     float8 GEMV and of the float8 expert GEMM (loaded a trip ahead since; on an H200
     the float8 qkv GEMV went from 17.9 to 17.2 us)."""
     facts = _facts(compiled, case)
-    if facts["ids_ahead"]:  # 2 stages: the masked loop (a decode's last step) still waits
-        assert facts["waited_loads_per_loop"][:-1] == [0] * (facts["pipelined_loops"] - 1)
+    if facts["stages"] == 2:
+        # A 2-stage pipeline loads each trip's block ids just before the copies they
+        # address, so every trip waits for them (an L2 round trip). Loading them a
+        # trip ahead changed nothing on the H200 (the sixteenth session, 5754250:
+        # every GQA decode launch within 1 %, W1 Llama-3-8B 5.24 / 5.26 vs 5.22 s):
+        # other programs hide the wait. Any other waited load is a regression.
+        waited = facts["waited_loads_in_pipelined_loops"] - facts["waited_block_id_loads"]
+        assert waited == 0
     else:
         assert facts["waited_loads_in_pipelined_loops"] == 0
 

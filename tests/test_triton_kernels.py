@@ -258,30 +258,6 @@ def test_grouped_query_decode_layouts(index, layout, splits, monkeypatch):
     _assert_split_attention_matches(GQA_CASES[index], index, splits, min_keys=1)
 
 
-# Decodes past several 64-key steps (the unmasked loop whose block ids
-# MII_ATTENTION_IDS_AHEAD loads a trip ahead), one ending on a step's edge, one
-# shorter than a step and an empty context.
-IDS_AHEAD_CASES = [
-    GQA_CASES[-1],
-    ([(300, 1), (127, 1), (64, 1), (20, 1), (0, 1)], 8, 2, 16, 16, None, 16),
-]
-
-
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("layout", ["pack4", "pack4_fill"])
-@pytest.mark.parametrize("index", range(len(IDS_AHEAD_CASES)))
-def test_block_ids_a_trip_ahead_give_the_reference(index, layout, splits, monkeypatch):
-    """MII_ATTENTION_IDS_AHEAD=on: the 2-stage grouped-query decode launches load
-    each key step's block ids a trip ahead; the same results, split and not."""
-    from mii.ops import triton_attention
-
-    pack, _, queries = DECODE_LAYOUTS[layout]
-    monkeypatch.setenv("MII_ATTENTION_IDS_AHEAD", "on")
-    monkeypatch.setenv("MII_GQA_DECODE_QUERIES", queries)
-    monkeypatch.setattr(triton_attention, "GQA_DECODE_PACK", pack)
-    _assert_split_attention_matches(IDS_AHEAD_CASES[index], index, splits, min_keys=1)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton compiles only on CUDA")
 def test_attention_compiles_once_whatever_the_batch(monkeypatch):

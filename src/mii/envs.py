@@ -13,7 +13,6 @@
 | ``MII_ATTENTION_EARLY_LOADS`` | ``on``, ``off`` | decode attention's reads before the PDL wait |
 | ``MII_ATTENTION_OVERLAP`` | ``off``, ``streams``, ``priority`` | decode tiles on a 2nd stream |
 | ``MII_GQA_DECODE_QUERIES`` | ``pack``, ``tile`` | queries per grouped-query decode pass |
-| ``MII_ATTENTION_IDS_AHEAD`` | ``off``, ``on`` | 2-stage attention loads block ids a trip ahead |
 | ``MII_FP8_KV_VALUES`` | ``bytes``, ``pairs`` | how attention reads an fp8 cache's values |
 | ``MII_FP8_FUSED_QUANT`` | ``norm``, ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_PDL_EARLY_RELEASE`` | ``off``, ``on`` | small kernels release their successor first |
@@ -196,17 +195,6 @@ GQA_DECODE_QUERIES = _choice(
     "pack",
     "tile",
 )
-ATTENTION_IDS_AHEAD = _choice(
-    "MII_ATTENTION_IDS_AHEAD",
-    "attention launches that pipeline 2 stages (the grouped-query and fp8 decode "
-    "launches): load each key step's block ids a trip ahead ('on'). Compiled for sm_90 "
-    "('off') each trip loads its successor's ids just before the copies they address, "
-    "so every trip waits for an L2 round trip (tests/cuda_compile.py). H200: no "
-    "difference (decode_sweep --gqa-only, every launch within 1 %; W1 Llama-3-8B "
-    "5.24 / 5.26 s on, 5.22 off): other programs hide the wait, so off",
-    "off",
-    "on",
-)
 FP8_KV_VALUES = _choice(
     "MII_FP8_KV_VALUES",
     "attention over an fp8 KV cache: how the values reach the P x V product. 'bytes': "
@@ -387,7 +375,6 @@ SWITCHES: tuple[Switch, ...] = (
     ATTENTION_EARLY_LOADS,
     ATTENTION_OVERLAP,
     GQA_DECODE_QUERIES,
-    ATTENTION_IDS_AHEAD,
     FP8_KV_VALUES,
     FP8_FUSED_QUANT,
     PDL_EARLY_RELEASE,

@@ -188,7 +188,7 @@ def _attend_keys(
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     KV_CAST: tl.constexpr, FP8_AS_F16: tl.constexpr, V_PAIRS: tl.constexpr,
-    HEAD_DIM: tl.constexpr, block_ids=None, LOADED_IDS: tl.constexpr = False,
+    HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step over BLOCK_N keys from ``start``: the updated
     (acc, m_i, l_i), scores in log2 units. MASKED: apply the causal mask, the
@@ -199,8 +199,6 @@ def _attend_keys(
     if MASKED:
         n_mask = offs_n < seq_len
         block = tl.load(block_tables + seq * stride_bt + offs_n // KV_BLOCK, mask=n_mask, other=0)
-    elif LOADED_IDS:  # the caller loaded them (a trip ahead)
-        block = block_ids
     else:
         block = tl.load(block_tables + seq * stride_bt + offs_n // KV_BLOCK)
     kv_off = (
@@ -355,7 +353,6 @@ def _paged_attention_kernel(
     PREFETCH_KEYS: tl.constexpr,
     LINE: tl.constexpr,
     PDL: tl.constexpr,
-    AHEAD: tl.constexpr = 0,
 ):
     # EARLY: until the wait (PDL: the previous kernel, this layer's rotary + KV write,
     # may still run) only what it does not write: the step's tile table, lengths and
@@ -442,7 +439,7 @@ def _paged_attention_kernel(
             seq, first, first + part * QUERIES, q_begin, q_len, seq_len, context, lo,
             hi, unmasked_end, split, used, NUM_HEADS, HEAD_DIM, D_PAD, BLOCK_M,
             BLOCK_N, KV_BLOCK, HAS_WINDOW, IEEE, UPCAST, KV_CAST, FP8_AS_F16, V_PAIRS,
-            PACK, SPLIT, MERGE_HERE, SPLITS_P2, AHEAD,
+            PACK, SPLIT, MERGE_HERE, SPLITS_P2,
         )  # fmt: skip
 
 
@@ -457,7 +454,7 @@ def _attend_rows(
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     KV_CAST: tl.constexpr, FP8_AS_F16: tl.constexpr, V_PAIRS: tl.constexpr,
     PACK: tl.constexpr, SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr,
-    SPLITS_P2: tl.constexpr, AHEAD: tl.constexpr = 0,
+    SPLITS_P2: tl.constexpr,
 ):  # fmt: skip
     """The program's rows (queries from ``rows_first`` of the tile's chunk, PACK heads
     each) over keys [lo, hi): load q, run the key loops, store the output (or, split,
@@ -487,31 +484,13 @@ def _attend_rows(
     # Scores in log2 units (exp2 is the hardware's instruction; folding log2(e)
     # into the softmax scale saves a multiply per score).
     qk_scale = scale * 1.4426950408889634
-    if AHEAD:
-        # The block ids of the keys a trip ahead: a 2-stage pipeline loads each trip's
-        # ids just before the copies they address, so every trip waited for an L2
-        # round trip (the loads a trip ahead are the loop's only other load).
-        row_blocks = block_tables + seq * stride_bt
-        keys = tl.arange(0, BLOCK_N)
-        ids = tl.load(row_blocks + (lo + keys) // KV_BLOCK, mask=lo + keys < unmasked_end, other=0)
-        for start in range(lo, unmasked_end, BLOCK_N):
-            after = start + BLOCK_N + keys
-            next_ids = tl.load(row_blocks + after // KV_BLOCK, mask=after < unmasked_end, other=0)
-            acc, m_i, l_i = _attend_keys(
-                q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
-                stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
-                window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
-                FP8_AS_F16, V_PAIRS, HEAD_DIM, ids, True,
-            )  # fmt: skip
-            ids = next_ids
-    else:
-        for start in range(lo, unmasked_end, BLOCK_N):
-            acc, m_i, l_i = _attend_keys(
-                q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
-                stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
-                window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
-                FP8_AS_F16, V_PAIRS, HEAD_DIM,
-            )  # fmt: skip
+    for start in range(lo, unmasked_end, BLOCK_N):
+        acc, m_i, l_i = _attend_keys(
+            q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
+            stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
+            window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
+            FP8_AS_F16, V_PAIRS, HEAD_DIM,
+        )  # fmt: skip
     for start in range(unmasked_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend_keys(
             q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
@@ -834,7 +813,6 @@ def paged_attention_from_cache(
     merge_in_kernel = envs.SPLIT_KV_MERGE.get() == "kernel"
     fp8_as_f16 = k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32
     early_loads = envs.ATTENTION_EARLY_LOADS.get() == "on"
-    ids_ahead = envs.ATTENTION_IDS_AHEAD.get() == "on"
 
     def launch(tiles: TileSet) -> None:
         count = tiles.seq.shape[0]
@@ -947,7 +925,6 @@ def paged_attention_from_cache(
             EARLY=early_loads,
             PREFETCH_KEYS=prefetch_keys,
             LINE=min(d_pad, 128 // k_cache.element_size()),  # elements per 128-byte line
-            AHEAD=ids_ahead and stages == 2,
             num_warps=launch["num_warps"],
             num_stages=stages,
             **dependent_launch,
