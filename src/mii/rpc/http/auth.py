@@ -10,9 +10,16 @@ In the order a request meets them:
    ``allowed_hosts`` is given; ``"*"`` turns it off. Without this, a web page of
    any site could make a browser on this machine send requests to the loopback
    server through a name that resolves to 127.0.0.1.
-2. **CORS** (only with ``allowed_origins``): browsers' preflight requests carry
+2. **Origin check** (cross-site requests): a request whose ``Origin`` header
+   names neither an origin of ``allowed_origins`` nor the server itself gets 403
+   naming the option. Browsers send a ``text/plain`` or form POST from any page
+   without asking first (no preflight), and the gateway reads every body as
+   JSON: without this, any page a user visits could make their browser run
+   generations on a keyless local deployment. Clients other than browsers (curl,
+   the openai SDK) send no ``Origin`` and are not affected.
+3. **CORS** (only with ``allowed_origins``): browsers' preflight requests carry
    no key, so they are answered before the key is checked.
-3. **API key** (only with ``api_key``): every route (``/mii``, ``/v1``,
+4. **API key** (only with ``api_key``): every route (``/mii``, ``/v1``,
    ``/health``, ``/metrics``, unknown paths too) requires the header
    ``Authorization: Bearer KEY``, as OpenAI clients send their ``api_key``; a
    missing or wrong one gets 401 with ``WWW-Authenticate: Bearer`` and
@@ -97,7 +104,7 @@ class AccessPolicy:
 
 def install_access_control(app: FastAPI, policy: AccessPolicy) -> None:
     """Add ``policy``'s middleware to ``app``."""
-    # Starlette runs the middleware added last first: Host check, CORS, API key.
+    # Starlette runs the middleware added last first: Host, Origin, CORS, API key.
     if policy.api_key is not None:
         app.add_middleware(RequireApiKey, api_key=policy.api_key)
     if policy.allowed_origins:
@@ -107,6 +114,8 @@ def install_access_control(app: FastAPI, policy: AccessPolicy) -> None:
             allow_methods=list(CORS_METHODS),
             allow_headers=list(CORS_HEADERS),
         )
+    if "*" not in policy.allowed_origins:
+        app.add_middleware(CheckOrigin, allowed=frozenset(policy.allowed_origins))
     if policy.allowed_hosts is not None:
         app.add_middleware(CheckHost, allowed=policy.allowed_hosts)
 
@@ -143,6 +152,57 @@ class CheckHost:
             f"{', '.join(sorted(self.allowed))}; to accept this name, start the deployment "
             f"with allowed_hosts=[{shown!r}] (mii serve --allowed-hosts {shown})"
         )
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a page of ``origin`` (``scheme://name[:port]``) is the server that
+    a ``Host`` header of ``host`` names: its own pages (a UI it serves) may call it."""
+    scheme, sep, rest = origin.partition("://")
+    if not sep or not host:
+        return False  # "null" (a sandboxed page, a file) is no server's origin
+    default_port = {"http": "80", "https": "443"}.get(scheme.lower(), "")
+    return _with_port(rest, default_port) == _with_port(host, default_port)
+
+
+def _with_port(netloc: str, default_port: str) -> tuple[str, str]:
+    name = host_name(netloc)
+    tail = netloc.strip().rpartition("]")[2] if netloc.strip().startswith("[") else netloc
+    _, colon, port = tail.rpartition(":")
+    return name, port if colon and port.isdigit() else default_port
+
+
+class CheckOrigin:
+    """Answer 403 to a request from a web page (it has an ``Origin`` header) of an
+    origin that is neither in ``allowed`` nor the server's own."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
+        self.app = app
+        self.allowed = allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            raw = _header(scope, b"origin")
+            origin = None if raw is None else raw.decode("latin-1").strip()
+            host = (_header(scope, b"host") or b"").decode("latin-1")
+            if origin is not None and origin not in self.allowed and not same_origin(origin, host):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                await self._refusal(origin, scope["path"])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, origin: str, path: str) -> JSONResponse:
+        shown = origin[:100]
+        message = (
+            f"requests from web pages of {shown!r} are not allowed: to let that site's pages "
+            f"call this server, start the deployment with allowed_origins=[{shown!r}] "
+            f"(mii serve --allowed-origins {shown})"
+        )
+        body = openai_error_body(message, 403, "allowed_origins", "origin_not_allowed")
+        if not is_openai_path(path):
+            body = {"error": {"message": message, "field": "allowed_origins"}}
+        return JSONResponse(body, status_code=403)
 
 
 class RequireApiKey:
