@@ -155,7 +155,42 @@ def test_named_deltas_stream_the_arguments():
     head = first[0]["tool_calls"][0]
     assert head["function"] == {"name": "get_weather", "arguments": '{"city": '}
     assert second == [{"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}]
-    assert deltas.finish("stop") == ([], "tool_calls")
+    assert deltas.finish("stop") == ([], "stop")  # a named call ends "stop", as OpenAI's
+
+
+def test_an_answer_cut_by_max_tokens_ends_with_length_whatever_its_calls():
+    """A call, then a second one cut by max_tokens: the first is a call, the cut one's
+    fragment content, and finish_reason "length" (not "tool_calls": the answer is
+    incomplete), whole and streamed; an answer that ended on its own keeps "tool_calls"."""
+    text = f"<tool_call>{_call('get_time')}</tool_call>\n<tool_call>" + '{"name": "get_w'
+    for generated, expected in (("length", "length"), ("stop", "tool_calls")):
+        plan = _plan("auto", parser=HERMES)
+        message, finish = plan.message(Response(text, 3, 20, finish_reason=generated))
+        assert finish == expected
+        assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]
+        assert message["content"] == '<tool_call>{"name": "get_w'
+        deltas = ToolDeltas(plan)
+        out = [d for piece in text for d in deltas.feed(piece)]
+        last, finish = deltas.finish(generated)
+        assert finish == expected and len([d for d in out + last if "tool_calls" in d]) == 1
+
+
+@pytest.mark.parametrize("size", [1, 4, 1000])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Use the tag <tool_call> like this. Done.",  # a tag in prose, never closed
+        'Let me check. <tool_call>\n{"name',  # a call cut by max_tokens
+        "Say <tool_call>not json</tool_call> then stop.",  # malformed: stays content
+    ],
+)
+def test_text_that_is_not_a_call_streams_exactly_as_written(text, size):
+    """Whitespace before a tag is dropped only when the tag opens a call: streamed,
+    an answer without calls is its text exactly, as the whole answer's content is."""
+    assert HERMES.parse(text) == (text, [])
+    assert "".join(_stream(HERMES, text, size)) == text
+    bare = '  {"name": "get_time"'  # llama3_json: a bare object that never completes
+    assert "".join(_stream(LLAMA3_JSON, bare, size)) == bare == LLAMA3_JSON.parse(bare)[0]
 
 
 def test_required_schema_and_answers():

@@ -145,6 +145,9 @@ class ToolCallStream:
         self.started = False  # whether any non-whitespace text has been read
         self.calls = 0  # calls sent so far
         self._bare = False  # whether the open region began as a bare JSON object
+        # Whitespace just before the open region: dropped if the region is a call,
+        # sent with it if not (the answer's text then stays exactly as written).
+        self._lead = ""
 
     def feed(self, text: str) -> list[Event]:
         """The events that ``text`` (the next piece of the answer) completes."""
@@ -180,12 +183,15 @@ class ToolCallStream:
                 return False  # only whitespace so far: nothing is known yet
             self.started = True
             if stripped.startswith("{"):
+                self._lead = text[: len(text) - len(stripped)]
                 self.pending, self.in_call = stripped, True
                 self._bare = True
                 return True
         found = text.find(start)
         if found >= 0:
-            self._content(text[:found], events)
+            before = text[:found]
+            self._lead = "" if before.strip() else before
+            self._content(before, events)
             self.pending, self.in_call, self._bare = text[found + len(start) :], True, False
             return True
         held = _held_prefix(text, start)
@@ -211,8 +217,9 @@ class ToolCallStream:
 
     def _emit_region(self, region: str, raw: str, events: list[Event]) -> None:
         calls = self.parser.calls_in(region)
+        lead, self._lead = self._lead, ""
         if calls is None:  # malformed: what the model wrote stays, as content
-            events.append(region if self._bare else raw)
+            events.append(lead + (region if self._bare else raw))
             return
         self.calls += len(calls)
         events.extend(calls)

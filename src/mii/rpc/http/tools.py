@@ -14,7 +14,8 @@
   one call or more (at most one when ``parallel_tool_calls`` is false).
 - ``"none"``: no calls; the answer is content (the tools are still in the prompt).
 
-An answer with calls has ``finish_reason`` ``"tool_calls"``; ``tool_calls`` are in
+An answer with calls has ``finish_reason`` ``"tool_calls"`` (a named function's:
+``"stop"``, as OpenAI's; one cut by ``max_tokens``: ``"length"``); ``tool_calls`` are in
 OpenAI's shape, ids ``call_...``, arguments as JSON text. Streamed, each call is
 one delta once its JSON is complete (a named function's arguments are streamed
 as they are generated instead), and content around calls streams as content.
@@ -120,10 +121,19 @@ class ToolPlan:
         """A whole choice's ``message`` and ``finish_reason``."""
         content, calls = self.calls(response.generated_text)
         message: dict[str, Any] = {"role": "assistant", "content": content}
-        if not calls:
-            return message, response.finish_reason
-        message["tool_calls"] = [call.as_openai() for call in calls]
-        return message, "tool_calls"
+        if calls:
+            message["tool_calls"] = [call.as_openai() for call in calls]
+        return message, self.finish_reason(len(calls), response.finish_reason)
+
+    def finish_reason(self, calls: int, generated: str | None) -> str | None:
+        """A choice's ``finish_reason`` given its ``calls`` and how its generation
+        ended (``generated``): "tool_calls" when it made calls and ended on its own;
+        "length" when ``max_tokens`` cut it, calls or not (the answer is incomplete:
+        a call may be cut, its fragment left as content); a named function's call
+        ends with "stop", as OpenAI's and vLLM's do."""
+        if not calls or generated == "length" or self.mode == "named":
+            return generated
+        return "tool_calls"
 
 
 def _hoist_defs(parameters: Any, prefix: str, defs: dict[str, Any]) -> Any:
@@ -279,7 +289,7 @@ class ToolDeltas:
         elif self.plan.mode == "required":
             content, calls = self.plan.calls(self.text)
             deltas = self._events(calls or [content])
-        return deltas, ("tool_calls" if self.calls else finish_reason)
+        return deltas, self.plan.finish_reason(self.calls, finish_reason)
 
     def _named_delta(self, text: str) -> dict[str, Any]:
         if self.named_id is None:
