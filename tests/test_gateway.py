@@ -417,6 +417,19 @@ def test_vllm_fields_at_their_no_op_values_are_served_and_others_refused(served)
         "bad_words": [],
         "return_tokens_as_token_ids": False,
         "request_id": "from-a-vllm-client",
+        # what vLLM-based clients (RL frameworks, disaggregated setups) send by default
+        "spaces_between_special_tokens": True,
+        "include_reasoning": True,
+        "return_token_ids": False,
+        "chat_template": None,
+        "cache_salt": None,
+        "kv_transfer_params": None,
+        "vllm_xargs": None,
+        "logits_processors": None,
+        "documents": None,
+        "mm_processor_kwargs": None,
+        "structural_tag": None,
+        "prompt_embeds": None,
     }
     reply = post("/v1/completions", json={**ok, **no_ops, "add_special_tokens": True})
     assert reply.status_code == 200, reply.text
@@ -432,6 +445,12 @@ def test_vllm_fields_at_their_no_op_values_are_served_and_others_refused(served)
         "allowed_token_ids": [5],
         "bad_words": ["x"],
         "return_tokens_as_token_ids": True,
+        "spaces_between_special_tokens": False,
+        "return_token_ids": True,
+        "chat_template": "{{ messages }}",
+        "cache_salt": "tenant-a",
+        "kv_transfer_params": {"do_remote_decode": True},
+        "documents": [{"text": "x"}],
     }
     for field, value in asked.items():
         for route, body in (("/v1/completions", ok), ("/v1/chat/completions", chat)):
@@ -464,6 +483,14 @@ def test_openai_invalid_requests(served):
     stops = {**chat, "stop": ["prompt", "min_new_tokens", ""]}
     error = assert_openai_error(post("/v1/chat/completions", json=stops), 400, "stop")
     assert "['prompt', 'min_new_tokens', '']" in error["message"], error
+    # An empty stop string alone is refused too (it was dropped); an empty list is none.
+    assert_openai_error(post("/v1/chat/completions", json={**chat, "stop": ""}), 400, "stop")
+    assert post("/v1/chat/completions", json={**chat, "max_tokens": 1, "stop": []}).is_success
+    # A text part without its text names the part's key (it said "got a 'text' part").
+    parts = {**chat, "messages": [{"role": "user", "content": [{"type": "text"}]}]}
+    text_part = post("/v1/chat/completions", json=parts)
+    error = assert_openai_error(text_part, 400, "messages.0.content.0.text")
+    assert "needs its 'text'" in error["message"], error
     # vLLM's "no top-k" values are accepted (its clients send them as defaults);
     # other values below 1 are refused, naming top_k.
     for no_top_k in (-1, 0):

@@ -198,12 +198,18 @@ def _text_content(content: str | list[ContentPart] | None, index: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
-    for part in content:
-        if part.type != "text" or part.text is None:
+    for at, part in enumerate(content):
+        if part.type != "text":
             raise ApiError(
                 400,
                 f"only text content is supported (got a {part.type!r} part)",
                 f"messages.{index}.content",
+            )
+        if part.text is None:
+            raise ApiError(
+                400,
+                'a text part needs its \'text\': {"type": "text", "text": "..."}',
+                f"messages.{index}.content.{at}.text",
             )
         texts.append(part.text)
     return "".join(texts)

@@ -36,6 +36,18 @@ class VllmFields(BaseModel):
     bad_words: list[str] | None = None
     return_tokens_as_token_ids: bool = False
     add_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool = True
+    include_reasoning: bool = True
+    return_token_ids: bool | None = None
+    chat_template: str | None = None
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    logits_processors: list[Any] | None = None
+    documents: list[Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    structural_tag: str | None = None
+    prompt_embeds: Any = None
 
 
 # field -> (the values that change nothing, what to do instead of another value)
@@ -58,6 +70,25 @@ NO_OP_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
     "allowed_token_ids": ((None, []), "use logit_bias to favour or ban token ids"),
     "bad_words": ((None, []), "use logit_bias to ban token ids"),
     "return_tokens_as_token_ids": ((False,), "POST /tokenize gives a text's token ids"),
+    "spaces_between_special_tokens": (
+        (True,),
+        "special tokens are decoded as the tokenizer writes them",
+    ),
+    # Without a reasoning parser (mii has none) there is no reasoning to include or drop.
+    "include_reasoning": ((True, False), ""),
+    "return_token_ids": ((None, False), "POST /tokenize gives a text's token ids"),
+    "chat_template": (
+        (None,),
+        "start the deployment with --chat-template to use another template",
+    ),
+    "cache_salt": ((None,), "the prefix cache is shared by the deployment's requests"),
+    "kv_transfer_params": ((None,), "disaggregated prefill is not supported"),
+    "vllm_xargs": ((None,), "this server has no vLLM extensions"),
+    "logits_processors": ((None, []), "use logit_bias, min_p or the structured output options"),
+    "documents": ((None, []), "put the documents in the messages"),
+    "mm_processor_kwargs": ((None,), "only text models are served"),
+    "structural_tag": ((None,), "use response_format json_schema or guided_regex"),
+    "prompt_embeds": ((None,), "send the prompt as text or token ids"),
 }
 
 
