@@ -115,11 +115,25 @@ def ignored_fields(body: BaseModel) -> list[str]:
     return sorted(names)
 
 
+# Values of an ignored field that ask for nothing (clients send them as defaults):
+# no warning for them.
+_NOTHING_ASKED = (None, False, "", [], {}, ["text"], "auto", "default")
+
+
+def _value(body: BaseModel, dotted: str) -> Any:
+    for name in dotted.split("."):
+        body = getattr(body, name, None)
+    return body
+
+
 def warn_ignored(body: BaseModel) -> list[str]:
-    """Log a warning for each ignored field ``body`` sets that this process has not
+    """Log a warning for each ignored field ``body`` sets to a value that asks for
+    something (not null, false, empty or a default) and that this process has not
     warned about yet; return the fields ``body`` sets that are ignored."""
     names = ignored_fields(body)
     for name in names:
+        if _value(body, name) in _NOTHING_ASKED:
+            continue
         if name not in _warned:
             _warned.add(name)
             log.warning(
