@@ -401,3 +401,28 @@ def test_an_aborted_requests_prompt_scores_never_reach_a_new_request_of_its_id(
     assert len(scored) == seq.prompt_len
     assert [e.token_id for e in scored[1:]] == seq.prompt_token_ids[1:]
     core.release()
+
+
+def test_chat_logprob_bytes_are_each_tokens_own_even_inside_a_character():
+    """A byte-level tokenizer splits an emoji over tokens that each decode to U+FFFD:
+    their ``bytes`` are the bytes of their vocabulary pieces (they were U+FFFD's
+    EF BF BD), so the tokens' bytes joined are the text's UTF-8; whole tokens keep
+    their text's UTF-8, top logprobs too. Byte-fallback pieces name their byte."""
+    from chat_tokenizers import llama3_tokenizer
+    from mii.response import TokenLogprob
+    from mii.rpc.http.openai_logprobs import LogprobFormatter
+    from mii.rpc.http.token_bytes import piece_bytes
+
+    tokenizer = llama3_tokenizer()
+    text = "cats 🐱 and é"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    entries = [TokenLogprob(i, -0.5, [(i, -0.5), (ids[0], -1.0)]) for i in ids]
+    content = LogprobFormatter(tokenizer, chat=True).choice_logprobs(entries)["content"]
+    assert any(item["token"].endswith("\ufffd") for item in content)  # the split emoji
+    assert bytes(b for item in content for b in item["bytes"]) == text.encode()
+    for item in content:
+        assert item["top_logprobs"][0]["bytes"] == item["bytes"]
+        if "\ufffd" not in item["token"]:
+            assert item["bytes"] == list(item["token"].encode())
+    assert piece_bytes("<0xE2>") == b"\xe2" and piece_bytes("Ġhi") == b" hi"
+    assert piece_bytes("▁hi") is None  # a SentencePiece word: not bytes

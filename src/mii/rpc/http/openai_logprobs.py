@@ -8,7 +8,9 @@
   that ``logprobs: 0`` still names the chosen token).
 - ``/v1/chat/completions`` (``logprobs: true``, ``top_logprobs: k``):
   ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}],
-  "refusal": null}``.
+  "refusal": null}``; ``bytes`` are the token's own (part of a character's too:
+  :mod:`mii.rpc.http.token_bytes`), so that the bytes of the tokens, joined, are
+  the text's UTF-8.
 
 JSON has no -inf: a logprob of a token the sampling settings exclude
 (``logprobs_mode: "processed"``) is sent as -9999.0, OpenAI's own floor.
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from mii.response import Response, TokenLogprob
+from mii.rpc.http.token_bytes import token_bytes
 
 LOGPROB_FLOOR = -9999.0
 
@@ -46,6 +49,11 @@ class LogprobFormatter:
         texts = self.tokenizer.batch_decode([[i] for i in ordered])
         return dict(zip(ordered, texts))
 
+    def _bytes(self, texts: dict[int, str]) -> dict[int, list[int]]:
+        """Each token's own bytes (a part of a character's too: token_bytes)."""
+        ids = list(texts)
+        return dict(zip(ids, token_bytes(self.tokenizer, ids, [texts[i] for i in ids])))
+
     def choice_logprobs(
         self,
         logprobs: list[TokenLogprob] | None,
@@ -62,14 +70,18 @@ class LogprobFormatter:
         first_id = prompt_token_ids[0] if prompt_logprobs and prompt_token_ids else None
         texts = self._texts(entries, first_id)
         if self.chat:
-            return {"content": [self._chat_entry(e, texts) for e in entries if e], "refusal": None}
+            raw = self._bytes(texts)
+            content = [self._chat_entry(e, texts, raw) for e in entries if e]
+            return {"content": content, "refusal": None}
         return self._completion(entries, texts, first_id, text_offset)
 
     @staticmethod
-    def _chat_entry(entry: TokenLogprob, texts: dict[int, str]) -> dict[str, Any]:
+    def _chat_entry(
+        entry: TokenLogprob, texts: dict[int, str], raw: dict[int, list[int]]
+    ) -> dict[str, Any]:
         def item(token_id: int, logprob: float) -> dict[str, Any]:
             text = texts[token_id]
-            return {"token": text, "logprob": json_logprob(logprob), "bytes": list(text.encode())}
+            return {"token": text, "logprob": json_logprob(logprob), "bytes": raw[token_id]}
 
         return {
             **item(entry.token_id, entry.logprob),
