@@ -193,6 +193,31 @@ def test_text_that_is_not_a_call_streams_exactly_as_written(text, size):
     assert "".join(_stream(LLAMA3_JSON, bare, size)) == bare == LLAMA3_JSON.parse(bare)[0]
 
 
+@pytest.mark.parametrize("size", [1, 1000])
+def test_a_call_of_a_function_not_among_the_tools_stays_content(size):
+    """The parser reads calls of any name; a request's answer only has calls of its
+    tools (OpenAI never answers others): one naming another function stays content,
+    as written, whole and streamed, beside a call of a tool that still counts."""
+    stray = f"<tool_call>{_call('launch_missiles')}</tool_call>"
+    good = f"<tool_call>{_call('get_time')}</tool_call>"
+    plan = _plan("auto", parser=HERMES)
+    message, finish = plan.message(Response(stray, 3, 20, finish_reason="stop"))
+    assert (message["content"], finish, "tool_calls" in message) == (stray, "stop", False)
+    message, finish = plan.message(Response(f"{stray}\n{good}", 3, 20, finish_reason="stop"))
+    assert message["content"] == stray and finish == "tool_calls"
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]
+    deltas = ToolDeltas(plan)
+    text = f"{stray}\n{good}"
+    pieces = [text[start : start + size] for start in range(0, len(text), size)]
+    out = [d for piece in pieces for d in deltas.feed(piece)]
+    last, finish = deltas.finish("stop")
+    out += last
+    assert "".join(d.get("content", "") for d in out) == stray and finish == "tool_calls"
+    assert [d["tool_calls"][0]["function"]["name"] for d in out if "tool_calls" in d] == [
+        "get_time"
+    ]
+
+
 def test_required_schema_and_answers():
     plan = _plan("required", parallel=False)
     schema = plan.required_schema()

@@ -96,22 +96,28 @@ class ToolParser:
     end: str | None
     bare_json: bool = False
 
-    def calls_in(self, region: str) -> list[ToolCall] | None:
-        """The calls of one region (the text between the tags); None: malformed."""
+    def calls_in(self, region: str, known: frozenset[str] | None = None) -> list[ToolCall] | None:
+        """The calls of one region (the text between the tags); None: malformed, or
+        a call of a function not in ``known`` (the request's tools; None: any)."""
         values = json_objects(region)
         if values is None:
             return None
         calls = [call_from_json(v) for v in values]
-        return None if any(c is None for c in calls) else calls  # type: ignore[return-value]
+        if any(c is None or (known is not None and c.name not in known) for c in calls):
+            return None
+        return calls  # type: ignore[return-value]
 
-    def stream(self) -> ToolCallStream:
-        """A fresh incremental reader for one answer."""
-        return ToolCallStream(self)
+    def stream(self, known: frozenset[str] | None = None) -> ToolCallStream:
+        """A fresh incremental reader for one answer (calls of ``known`` functions)."""
+        return ToolCallStream(self, known)
 
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """A whole answer's content and calls. Without calls the content is the text
-        exactly; with calls it is the text outside them, stripped, or None if empty."""
-        reader = self.stream()
+    def parse(
+        self, text: str, known: frozenset[str] | None = None
+    ) -> tuple[str | None, list[ToolCall]]:
+        """A whole answer's content and calls (of ``known`` functions; None: any).
+        Without calls the content is the text exactly; with calls it is the text
+        outside them, stripped, or None if empty."""
+        reader = self.stream(known)
         events = reader.feed(text) + reader.finish()
         content = "".join(e for e in events if isinstance(e, str))
         calls = [e for e in events if isinstance(e, ToolCall)]
@@ -138,8 +144,9 @@ class ToolCallStream:
     content is held until more text follows (and dropped at the end when calls were
     made), so that the newlines around calls do not become content."""
 
-    def __init__(self, parser: ToolParser) -> None:
+    def __init__(self, parser: ToolParser, known: frozenset[str] | None = None) -> None:
         self.parser = parser
+        self.known = known  # the functions a call may name (None: any)
         self.pending = ""  # text not yet sent: held content, or an open call region
         self.in_call = False
         self.started = False  # whether any non-whitespace text has been read
@@ -216,9 +223,9 @@ class ToolCallStream:
         return True
 
     def _emit_region(self, region: str, raw: str, events: list[Event]) -> None:
-        calls = self.parser.calls_in(region)
+        calls = self.parser.calls_in(region, self.known)
         lead, self._lead = self._lead, ""
-        if calls is None:  # malformed: what the model wrote stays, as content
+        if calls is None:  # malformed or unknown: what the model wrote stays, as content
             events.append(lead + (region if self._bare else raw))
             return
         self.calls += len(calls)

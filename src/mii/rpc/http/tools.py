@@ -66,6 +66,12 @@ class ToolPlan:
             return {"skip_special_tokens": False}
         return {}
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The functions a call may name: the request's tools (a parsed call of any
+        other stays content, as OpenAI never answers one)."""
+        return frozenset(tool["function"]["name"] for tool in self.tools)
+
     def _parameters(self, name: str | None) -> dict[str, Any]:
         for tool in self.tools:
             if tool["function"]["name"] == name:
@@ -105,7 +111,7 @@ class ToolPlan:
     def calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The content and calls of a whole answer ``text``."""
         if self.mode == "auto" and self.parser is not None:
-            content, calls = self.parser.parse(text)
+            content, calls = self.parser.parse(text, self.names)
             return content, calls if self.parallel else calls[:1]
         if self.mode == "named":
             arguments = text.strip()
@@ -259,7 +265,7 @@ class ToolDeltas:
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
         self.reader: ToolCallStream | None = (
-            plan.parser.stream() if plan.mode == "auto" and plan.parser else None
+            plan.parser.stream(plan.names) if plan.mode == "auto" and plan.parser else None
         )
         self.text = ""  # everything generated (required: parsed at the end)
         self.calls = 0  # calls sent
