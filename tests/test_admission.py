@@ -467,3 +467,30 @@ def test_never_admitted_counts_calls_as_replicas_admit_them(limit, replicas, cal
 
     state = GatewayState(None, "d", "m", 8, None, 0, max_queued_requests=limit, replicas=replicas)
     assert state.never_admitted(calls, size) is never
+
+
+def test_a_call_no_replica_can_take_says_so_in_words():
+    """The only replica is unreachable (its process died; nothing listens): the call
+    fails with the deployment's own NoReplicaError (HTTP 503 no_replica_available),
+    saying so in words, not gRPC's "failed to connect to all addresses; ipv4:..."
+    (which it was, with another code than the next call's), whole and streamed."""
+    from mii.errors import NoReplicaError
+    from mii.rpc.deployment import free_port
+    from mii.rpc.pool import ReplicaPool
+
+    async def scenario():
+        for streamed in (False, True):
+            pool = ReplicaPool([f"127.0.0.1:{free_port()}"])
+            pool.replicas[0].healthy = True  # as before its process died
+            with pytest.raises(NoReplicaError) as err:
+                if streamed:
+                    async for _ in pool.stream("hi", {"max_new_tokens": 1}, timeout=10):
+                        pass
+                else:
+                    await pool.generate(["hi"], {"max_new_tokens": 1}, timeout=10)
+            message = str(err.value)
+            assert "unreachable" in message and "retry" in message, message
+            assert "ipv4" not in message and "failed to connect" not in message, message
+            assert not pool.replicas[0].healthy  # out of rotation until a probe answers
+
+    asyncio.run(scenario())

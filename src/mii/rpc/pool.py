@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mii.errors import NoReplicaError, ReplicaError
+from mii.errors import NoReplicaError, ReplicaError, UnavailableError
 from mii.response import Response
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.call_guard import CallGuard, ShuttingDownError
@@ -25,6 +26,8 @@ from mii.rpc.convert import UNLIMITED_MESSAGES, Prompt, piece_from_proto, reques
 from mii.rpc.metrics import Metrics
 from mii.rpc.outcomes import Outcome
 from mii.rpc.status import error_from_grpc, is_overload
+
+log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 0.5
 HEALTH_PROBE_TIMEOUT_S = 1.0  # a probe not answered within this is missed
@@ -103,6 +106,20 @@ def summed_stats(
     return total
 
 
+def _none_left(refusal: UnavailableError) -> NoReplicaError:
+    """The error of a call that every replica refused, the last as unavailable: the
+    deployment's own (no_replica_available), saying why in words; gRPC's transport
+    details ("failed to connect to all addresses; ipv4:...") go to the log."""
+    detail = str(refusal).removeprefix("UNAVAILABLE: ")
+    if "failed to connect" in detail or "Socket closed" in detail:
+        log.warning("no replica left to try; the last one: %s", detail)
+        detail = "it is unreachable (a restart may be under way)"
+    return NoReplicaError(
+        f"no replica of this deployment is available: the one tried refused the call "
+        f"({detail}); retry shortly"
+    )
+
+
 class ReplicaPool:
     def __init__(self, addresses: list[str], token: str | None = None) -> None:
         """Replicas at ``addresses``; every call presents ``token`` (the deployment's
@@ -121,6 +138,8 @@ class ReplicaPool:
             raise ShuttingDownError("the deployment is shutting down; it takes no new request")
         candidates = [r for r in self.replicas if r.healthy and id(r) not in exclude]
         if not candidates:
+            if isinstance(refusal, UnavailableError) and not isinstance(refusal, NoReplicaError):
+                raise _none_left(refusal)
             if refusal is not None:
                 raise refusal
             raise NoReplicaError("no replica of this deployment is available")
