@@ -332,7 +332,7 @@ def test_killed_replica_is_taken_out_of_rotation(deployment, reference):
 
 
 def no_deployment_processes(name: str) -> bool:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     return name not in out
 
 
@@ -384,6 +384,42 @@ def test_crash_while_loading_raises_in_caller(cache_dir, checkpoints, tmp_path):
     with pytest.raises(DeploymentError, match=r"model\.norm\.weight"):
         mii.serve(str(path), deployment_name="broken-weights", port=free_port())
     assert wait_until(lambda: no_deployment_processes("broken-weights"))
+
+
+# A caller of mii.serve whose wait never sees the deployment serve (its registry
+# lookups find nothing), so that Ctrl-C lands in the wait however fast the start is.
+_INTERRUPTED_CALLER = """
+import os, sys
+import mii
+from mii.rpc import launcher
+launcher.registry.lookup = lambda name: None
+print("waiting", flush=True)
+mii.serve(sys.argv[1], deployment_name=os.environ["TEST_NAME"], port=int(sys.argv[2]))
+"""
+
+
+def test_ctrl_c_while_starting_leaves_nothing_running(cache_dir, checkpoints):
+    """Ctrl-C (or a notebook's interrupt) while mii.serve waits for the deployment to
+    start ends the call with KeyboardInterrupt and takes the deployment down: it
+    kept running, with its ports and name, and no client to stop it."""
+    name = f"interrupted-{os.getpid()}"
+    caller = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED_CALLER, str(checkpoints("llama")[0]), str(free_port())],
+        env={**os.environ, "TEST_NAME": name},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert caller.stdout.readline().strip() == "waiting"
+        started = wait_until(lambda: not no_deployment_processes(name), timeout=60)
+        assert started, caller.kill() or caller.communicate()[1][-3000:]
+        caller.send_signal(signal.SIGINT)
+        _, err = caller.communicate(timeout=60)
+    finally:
+        caller.kill()
+    assert caller.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+    assert wait_until(lambda: no_deployment_processes(name), timeout=30)
 
 
 def test_bad_engine_option_raises_before_starting(cache_dir, checkpoints):

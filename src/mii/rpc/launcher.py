@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,6 +78,20 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     # Reap the deployment process when it ends, so that it leaves no zombie.
     threading.Thread(target=process.wait, name=f"mii-reap-{name}", daemon=True).start()
     client = MiiClient(f"{config.host}:{config.port}", name, api_key=api_key)
+    try:
+        return _wait_until_serving(process, client, config, log_file)
+    except BaseException:
+        # Whatever ends the wait (a failure, Ctrl-C, a notebook's interrupt) leaves
+        # nothing running: a deployment nobody got a client for holds its ports,
+        # its name and, loading, its GPUs.
+        _stop_group(process)
+        raise
+
+
+def _wait_until_serving(
+    process: subprocess.Popen, client: MiiClient, config: DeploymentConfig, log_file
+) -> MiiClient:
+    name = config.deployment_name
     deadline = time.monotonic() + config.startup_timeout + 30
     while True:
         if process.poll() is not None:
@@ -86,9 +101,14 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
         if registry.lookup(name) is not None and client.is_healthy(timeout=1.0):
             return client
         if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
             raise DeploymentError(
                 f"deployment {name!r} did not start within {config.startup_timeout} s"
             )
         time.sleep(0.1)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Kill the deployment process and its replicas (its process group), and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
