@@ -97,6 +97,15 @@ def test_load_then_line_and_cell_magics_stream(shell, llama, expected):
     result, out = run(shell, "%%mii --top-k 0\nx")  # bad options: a usage error naming them
     assert isinstance(result.error_in_exec, UsageError) and "top_k" in out
 
+    # A load with a typo in the path or an option keeps the model in use.
+    loaded = magics.model
+    for bad in ("/nonexistent/dir", f"{llama} --kv-block-size 0"):
+        result, out = run(shell, f"%mii load {bad}")
+        assert isinstance(result.error_in_exec, UsageError), out
+        assert "stays loaded" in out and magics.model is loaded, out
+    result, out = run(shell, f"%mii --max-new-tokens 5 --greedy {PROMPT}")
+    assert out == expected + "\n"
+
 
 def test_magic_inside_the_kernels_running_event_loop(shell, llama, expected):
     """ipykernel runs cells with ``await shell.run_cell_async`` on its event loop."""

@@ -32,6 +32,13 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` names a local path (it exists, starts like a path, or
+    has more slashes than a hub id's ``org/name``) rather than a hub id."""
+    path = Path(name_or_path).expanduser()
+    return path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+
+
 def resolve_model_dir(name_or_path: str, revision: str | None = None, weights: bool = True) -> Path:
     """A local directory holding the checkpoint: the path itself, a GGUF file's
     converted checkpoint (cached), or a hub download."""
@@ -40,7 +47,7 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None, weights: b
         return path
     if is_gguf_path(path):
         return gguf_checkpoint_dir(path)
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if looks_local(name_or_path):
         raise ModelLoadError(
             f"model path {name_or_path!r} is not a directory with a config.json nor a .gguf file"
         )
