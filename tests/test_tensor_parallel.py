@@ -333,6 +333,8 @@ def test_device_map_of_a_deployment():
 
     two_by_two = {"tensor_parallel": 2, "replica_num": 2}
     assert _device_map(two_by_two, gpus=0) is None  # CPU
+    with pytest.raises(DeploymentError, match="no GPU is present"):  # not quietly the CPU
+        _device_map({**two_by_two, "device_map": [0, 1, 2, 3]}, gpus=0)
     assert _device_map(two_by_two, gpus=4) == [0, 1, 2, 3]
     assert _device_map({**two_by_two, "device_map": [3, 2, 1, 0]}, gpus=4) == [3, 2, 1, 0]
     with pytest.raises(DeploymentError, match="needs 4 GPUs; 2 found"):

@@ -61,6 +61,14 @@ def _device_map(layout: GpuLayout | Mapping[str, Any], gpus: int) -> list[int] |
     ``layout``: the deployment's configuration, or just its layout fields."""
     layout = GpuLayout.model_validate(layout)
     need = layout.gpus_needed
+    if not gpus and layout.device_map is not None:
+        # named GPUs that are not there: a broken CUDA setup must not quietly serve
+        # on the CPU
+        raise DeploymentError(
+            f"device_map names GPUs {list(layout.device_map[:need])}, but no GPU is "
+            "present (torch.cuda.device_count() is 0); leave device_map out to serve "
+            "on the CPU"
+        )
     if not gpus:
         return None  # CPU: every rank of every replica runs on the CPU
     if layout.device_map is None:
