@@ -39,3 +39,11 @@ def test_a_replica_config_survives_json():
     assert again == replica
     assert again.deployment.engine_options == {"token_budget": 256}
     assert again.address.endswith(":1234")
+
+
+def test_one_port_for_both_apis_is_refused_before_anything_starts():
+    """gRPC and the HTTP API on the same port: refused naming both (it failed later,
+    saying the HTTP port was in use, taken by the deployment's own gRPC server)."""
+    with pytest.raises(ValueError, match="restful_api_port and port are both 18571"):
+        DeploymentConfig.parse("m", port=18571, enable_restful_api=True, restful_api_port=18571)
+    DeploymentConfig.parse("m", port=18571, restful_api_port=18571)  # no HTTP API: fine

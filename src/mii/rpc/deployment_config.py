@@ -299,6 +299,15 @@ class DeploymentConfig(GpuLayout, RayOptions):
         return None if self.api_key is None else self.api_key.get_secret_value()
 
     @model_validator(mode="after")
+    def _ports_differ(self) -> DeploymentConfig:
+        if self.enable_restful_api and self.restful_api_port == self.port:
+            raise ValueError(
+                f"restful_api_port and port are both {self.port}: the HTTP API and gRPC "
+                "need a port each (mii serve: --port is HTTP, --grpc-port gRPC)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _engine_options_valid(self) -> DeploymentConfig:
         self.engine_config()  # raises InvalidRequestError naming the bad option
         return self
