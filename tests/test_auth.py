@@ -175,8 +175,11 @@ def test_a_client_without_the_key_gets_authentication_error(secured, monkeypatch
             list(client.stream("DeepSpeed is", **GREEDY))
         with pytest.raises(mii.AuthenticationError):
             client.terminate_server(timeout=1)
-        with pytest.raises(mii.AuthenticationError, match="MII_API_KEY"):
+        with pytest.raises(mii.AuthenticationError, match="MII_API_KEY") as err:
             client.is_healthy()  # there, and refusing this key: not "unhealthy"
+        # a key that was sent and is wrong is not "requires an API key"
+        sent = client._api_key is not None
+        assert ("refused this API key" in str(err.value)) == sent, err.value
     monkeypatch.setenv("MII_API_KEY", KEY)  # a client made by address takes the variable
     assert MiiClient(secured.address).generate("DeepSpeed is", **GREEDY)
 

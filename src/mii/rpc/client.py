@@ -110,6 +110,12 @@ class MiiClient:
             )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                if self._api_key:  # one was sent: it is not the deployment's
+                    raise AuthenticationError(
+                        f"the deployment at {self.address} refused this API key (from "
+                        "api_key= or MII_API_KEY): it is not the one the deployment was "
+                        "started with"
+                    ) from None
                 raise AuthenticationError(
                     f"the deployment at {self.address} requires an API key: pass "
                     "api_key=KEY (mii.client) or set MII_API_KEY"
