@@ -123,10 +123,13 @@ def test_client_from_another_process(deployment, reference):
 
 def test_client_by_address_and_unknown_name(deployment):
     _client, info = deployment
-    by_address = mii.client(f"127.0.0.1:{info['port']}")
-    assert by_address.model_info().replicas == 2
-    with pytest.raises(LookupError, match="no running deployment named 'nope'"):
+    with mii.client(f"127.0.0.1:{info['port']}") as by_address:  # closes its channel only
+        assert by_address.model_info().replicas == 2
+    assert _client.model_info().replicas == 2  # the deployment keeps running
+    with pytest.raises(mii.DeploymentNotFoundError, match="no running deployment named 'nope'"):
         mii.client("nope")
+    assert issubclass(mii.DeploymentNotFoundError, LookupError)
+    assert issubclass(mii.NoReplicaError, mii.UnavailableError)
 
 
 def test_invalid_options_fail_cleanly(deployment):

@@ -25,7 +25,7 @@ def test_single_string_and_list(llama):
         assert one[0].prompt_length > 0 and one[0].generated_length == 5
     finally:
         pipe.destroy()
-    with pytest.raises(RuntimeError, match="destroyed"):
+    with pytest.raises(mii.EngineClosedError, match="destroyed"):  # as a closed AsyncEngine
         pipe("again")
     pipe.destroy()  # idempotent
 

@@ -13,6 +13,7 @@ from mii.errors import (
     InvalidRequestError,
     MiiError,
     ModelLoadError,
+    NoReplicaError,
     RequestTooLargeError,
     ServerOverloadedError,
     UnavailableError,
@@ -23,10 +24,12 @@ from mii.response import Response
 if TYPE_CHECKING:
     from mii.engine.async_engine import AsyncEngine
     from mii.pipeline import Pipeline, pipeline
+    from mii.rpc.client import DeploymentNotFoundError
 
 # torch is imported on first use of these, so that `import mii` (and `mii --help`) is quick.
 _LAZY = {
     "AsyncEngine": "mii.engine.async_engine",
+    "DeploymentNotFoundError": "mii.rpc.client",
     "Pipeline": "mii.pipeline",
     "pipeline": "mii.pipeline",
 }
@@ -76,12 +79,14 @@ __all__ = [
     "AsyncEngine",
     "AuthenticationError",
     "DeploymentError",
+    "DeploymentNotFoundError",
     "EngineClosedError",
     "EngineConfig",
     "GenerateParams",
     "InvalidRequestError",
     "MiiError",
     "ModelLoadError",
+    "NoReplicaError",
     "Pipeline",
     "RequestTooLargeError",
     "Response",

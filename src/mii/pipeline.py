@@ -25,6 +25,7 @@ from mii.config import EngineConfig, GenerateParams
 from mii.engine import distributed
 from mii.engine.async_engine import AsyncEngine
 from mii.engine_thread import EngineThread
+from mii.errors import EngineClosedError
 from mii.prompts import Prompt, prompt_batch
 from mii.response import Response
 
@@ -54,7 +55,7 @@ class Pipeline:
         stderr is a terminal).
         """
         if self._runner.closed:
-            raise RuntimeError("this pipeline was destroyed; create a new one")
+            raise EngineClosedError("this pipeline was destroyed; create a new one")
         future = self._runner.submit(self._call(prompts, params, progress))
         try:
             return future.result()
@@ -136,7 +137,7 @@ class RankPipeline:
     def __call__(self, prompts: Any = None, progress: bool | None = None, **params: Any):
         """Serve rank 0's call; its responses when ``all_rank_output``, else []."""
         if self._stopped:
-            raise RuntimeError("this pipeline was destroyed; create a new one")
+            raise EngineClosedError("this pipeline was destroyed; create a new one")
         try:
             payload = self.core.serve_worker()
         except Exception:
@@ -145,7 +146,7 @@ class RankPipeline:
         if payload is None:
             self._stopped = True
             self.core.leave_group()
-            raise RuntimeError("rank 0 destroyed the pipeline during this call")
+            raise EngineClosedError("rank 0 destroyed the pipeline during this call")
         if not payload:
             return []
         return [Response.from_dict(fields) for fields in json.loads(payload)]

@@ -135,7 +135,14 @@ class MiiClient:
             _wait_gone([info["pid"], *info.get("replica_pids", [])], timeout)
 
     def close(self) -> None:
+        """Close this client's connections (the deployment keeps running)."""
         self._channel.close()
+
+    def __enter__(self) -> MiiClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()  # as close(): the deployment keeps running
 
     # ----- asyncio ------------------------------------------------------------
 
