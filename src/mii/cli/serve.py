@@ -10,7 +10,7 @@ import os
 import shlex
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from mii.cli.errors import CliError
@@ -22,6 +22,9 @@ from mii.cli.options import (
     engine_options,
 )
 from mii.rpc.deployment_config import DeploymentConfig
+
+if TYPE_CHECKING:
+    from mii.demo import DemoModel
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -57,8 +60,12 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
     """The deployment that ``mii serve``'s arguments describe (validated)."""
     model, options = args.model, deployment_options(args)
     if model is None:
-        model = _demo_model()
+        demo = _demo_model()
+        model = demo.path
         options.setdefault("deployment_name", "mii-demo")
+        # the model's name in the OpenAI API, not the wheel's file path (which, and
+        # the deployment name, requests may still give)
+        options.setdefault("served_model_name", [demo.served_name])
     if getattr(args, "enable_auto_tool_choice", False) and "tool_call_parser" not in options:
         raise CliError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json)")
     try:
@@ -113,7 +120,7 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_model() -> str:
+def _demo_model() -> DemoModel:
     from mii.demo import demo_model
 
     demo = demo_model()
@@ -125,7 +132,7 @@ def _demo_model() -> str:
             f"serving the {demo.name}, whose text is random",
             file=sys.stderr,
         )
-    return demo.path
+    return demo
 
 
 def _run_returning(runner, coro) -> Any:
