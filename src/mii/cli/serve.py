@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from mii.cli.errors import CliError
 from mii.cli.options import (
+    DEPLOYMENT_FLAGS,
     SERVE_ENGINE_OPTIONS,
     add_deployment_options,
     add_engine_options,
@@ -73,6 +74,9 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
             model, **options, **engine_options(args, SERVE_ENGINE_OPTIONS)
         )
     except (ValueError, NotImplementedError, RuntimeError) as err:
+        field = getattr(err, "field", None)
+        if field in DEPLOYMENT_FLAGS:  # the flag the user typed: --port is restful_api_port
+            raise CliError(f"{err} (flag {DEPLOYMENT_FLAGS[field][0]})") from None
         raise CliError(str(err)) from None
 
 
