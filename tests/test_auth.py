@@ -382,11 +382,16 @@ def test_cors_preflight_and_answers_name_the_allowed_origin(secured):
         allowed = r.headers["access-control-allow-headers"].lower()
         assert "authorization" in allowed and "x-stainless-os" in allowed
         r = http.options("/v1/completions", headers={**preflight, "Origin": "https://evil"})
-        assert r.status_code == 403 and "allowed_origins" in r.json()["error"]["message"]
+        assert r.status_code == 400
         assert "access-control-allow-origin" not in r.headers
-        # a request without preflight from that page too, even with a key
-        headers = {"Origin": "https://evil", "Authorization": f"Bearer {KEY}"}
-        assert http.get("/v1/models", headers=headers).status_code == 403
+        # What that page can send without a preflight (a text body, no key): 403, before
+        # the key is looked at; with a key it was preflighted (or sent by no browser).
+        body = json.dumps({"prompt": "hi", "max_tokens": 1})
+        simple = {"Origin": "https://evil", "Content-Type": "text/plain"}
+        r = http.post("/v1/completions", content=body, headers=simple)
+        assert r.status_code == 403 and "allowed_origins" in r.json()["error"]["message"]
+        keyed = {**simple, "Authorization": f"Bearer {KEY}"}
+        assert http.post("/v1/completions", content=body, headers=keyed).status_code == 200
         r = http.get("/v1/models", headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
 

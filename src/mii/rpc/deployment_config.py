@@ -203,7 +203,8 @@ class DeploymentConfig(GpuLayout, RayOptions):
     allowed_origins: list[str] | None = Field(
         default=None,
         description="origins whose web pages may call the HTTP API (CORS), such as "
-        "https://app.example.com ('*': any; default: none, CORS off)",
+        "https://app.example.com ('*': any; default: none, CORS off, and a text or form "
+        "POST from another site's page is refused with 403)",
     )
     # Limits of the serving layer (docs/reliability.md).
     max_request_bytes: int = Field(

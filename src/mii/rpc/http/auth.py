@@ -10,13 +10,14 @@ In the order a request meets them:
    ``allowed_hosts`` is given; ``"*"`` turns it off. Without this, a web page of
    any site could make a browser on this machine send requests to the loopback
    server through a name that resolves to 127.0.0.1.
-2. **Origin check** (cross-site requests): a request whose ``Origin`` header
-   names neither an origin of ``allowed_origins`` nor the server itself gets 403
-   naming the option. Browsers send a ``text/plain`` or form POST from any page
-   without asking first (no preflight), and the gateway reads every body as
-   JSON: without this, any page a user visits could make their browser run
-   generations on a keyless local deployment. Clients other than browsers (curl,
-   the openai SDK) send no ``Origin`` and are not affected.
+2. **Origin check** (cross-site requests): browsers send a POST with a
+   ``text/plain`` or form body (or none) from any page without asking first (no
+   preflight), and the gateway reads every body as JSON; without this, any page a
+   user visits could make their browser run generations on a keyless local
+   deployment. Such a request whose ``Origin`` header names neither an origin of
+   ``allowed_origins`` nor the server itself gets 403 naming the option. Requests
+   a browser preflights (JSON bodies, an ``Authorization`` header) meet CORS
+   instead; clients other than browsers (curl, the SDKs) send no ``Origin``.
 3. **CORS** (only with ``allowed_origins``): browsers' preflight requests carry
    no key, so they are answered before the key is checked.
 4. **API key** (only with ``api_key``): every route (``/mii``, ``/v1``,
@@ -171,33 +172,56 @@ def _with_port(netloc: str, default_port: str) -> tuple[str, str]:
     return name, port if colon and port.isdigit() else default_port
 
 
+# The requests a page of any site can make a browser send without asking first (no
+# CORS preflight): a method other than GET/HEAD (which change nothing here) with one
+# of these body types, or none, and no Authorization header (which needs a preflight).
+PREFLIGHT_FREE_TYPES = frozenset(
+    {"", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"}
+)
+
+
+def preflight_free(scope: Scope) -> bool:
+    """Whether a browser may have sent this request cross-site without a preflight."""
+    if scope["method"] in ("GET", "HEAD", "OPTIONS") or _header(scope, b"authorization"):
+        return False
+    kind = (_header(scope, b"content-type") or b"").decode("latin-1")
+    return kind.partition(";")[0].strip().lower() in PREFLIGHT_FREE_TYPES
+
+
 class CheckOrigin:
-    """Answer 403 to a request from a web page (it has an ``Origin`` header) of an
-    origin that is neither in ``allowed`` nor the server's own."""
+    """Answer 403 to a request that a web page (it has an ``Origin`` header) of an
+    origin neither in ``allowed`` nor the server's own can have made a browser send
+    without a preflight (``preflight_free``). Any other cross-site request from a
+    browser is preflighted first, which CORS refuses unless the origin is allowed;
+    so JSON clients in extensions, webviews or behind proxies are not affected."""
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str]) -> None:
         self.app = app
         self.allowed = allowed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
+        if scope["type"] == "http" and preflight_free(scope):
             raw = _header(scope, b"origin")
             origin = None if raw is None else raw.decode("latin-1").strip()
             host = (_header(scope, b"host") or b"").decode("latin-1")
             if origin is not None and origin not in self.allowed and not same_origin(origin, host):
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
-                    return
                 await self._refusal(origin, scope["path"])(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def _refusal(self, origin: str, path: str) -> JSONResponse:
+    @staticmethod
+    def _refusal(origin: str, path: str) -> JSONResponse:
         shown = origin[:100]
+        if shown == "null":  # a file or a sandboxed frame: any site can make one
+            advice = "no allowed_origins entry can let pages without an origin in safely"
+        else:
+            advice = (
+                f"to let that site's pages call this server, start the deployment with "
+                f"allowed_origins=[{shown!r}] (mii serve --allowed-origins {shown})"
+            )
         message = (
-            f"requests from web pages of {shown!r} are not allowed: to let that site's pages "
-            f"call this server, start the deployment with allowed_origins=[{shown!r}] "
-            f"(mii serve --allowed-origins {shown})"
+            f"a request from a web page of {shown!r} with a body a browser sends without "
+            f"asking (text, form or none) is refused: send it as application/json, or {advice}"
         )
         body = openai_error_body(message, 403, "allowed_origins", "origin_not_allowed")
         if not is_openai_path(path):
