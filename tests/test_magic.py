@@ -99,7 +99,7 @@ def test_load_then_line_and_cell_magics_stream(shell, llama, expected):
 
     # A load with a typo in the path or an option keeps the model in use.
     loaded = magics.model
-    for bad in ("/nonexistent/dir", f"{llama} --kv-block-size 0"):
+    for bad in ("/nonexistent/dir", "missing.gguf", f"{llama} --kv-block-size 0"):
         result, out = run(shell, f"%mii load {bad}")
         assert isinstance(result.error_in_exec, UsageError), out
         assert "stays loaded" in out and magics.model is loaded, out

@@ -133,6 +133,8 @@ def _check_local_path(model: str) -> None:
     from mii.models.loader import looks_local
 
     path = Path(model).expanduser()
+    if is_gguf_path(path) and not path.is_file():
+        raise ModelLoadError(f"model path {model!r}: no such .gguf file")
     if looks_local(model) and not (path.is_dir() or is_gguf_path(path)):
         raise ModelLoadError(
             f"model path {model!r} is not a directory with a config.json nor a .gguf file"

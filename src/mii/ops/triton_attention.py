@@ -837,7 +837,8 @@ def paged_attention_from_cache(
         # x 4 heads, 60 of them empty). The in-kernel merge keeps whole-tile rows.
         queries = tiles.size
         fill_rows = envs.GQA_DECODE_QUERIES.get() == "pack" and arrivals is None
-        if fill_rows and pack > 1 and tiles.size <= 16:
+        # (timed on heads of 128: wider ones keep the whole-tile programs)
+        if fill_rows and pack > 1 and tiles.size <= 16 and d_pad <= 128:
             queries = min(tiles.size, max(1, 16 // pack))
             fp8 = k_cache.dtype == FP8_KV_DTYPE
             launch = DECODE_LAUNCH_FP8_GQA_FILL if fp8 else DECODE_LAUNCH_GQA_FILL

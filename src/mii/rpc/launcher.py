@@ -75,15 +75,18 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
             env=env,
             start_new_session=True,  # the deployment outlives this process
         )
-    # Reap the deployment process when it ends, so that it leaves no zombie.
-    threading.Thread(target=process.wait, name=f"mii-reap-{name}", daemon=True).start()
-    client = MiiClient(f"{config.host}:{config.port}", name, api_key=api_key)
+    client = None
     try:
+        # Reap the deployment process when it ends, so that it leaves no zombie.
+        threading.Thread(target=process.wait, name=f"mii-reap-{name}", daemon=True).start()
+        client = MiiClient(f"{config.host}:{config.port}", name, api_key=api_key)
         return _wait_until_serving(process, client, config, log_file)
     except BaseException:
         # Whatever ends the wait (a failure, Ctrl-C, a notebook's interrupt) leaves
         # nothing running: a deployment nobody got a client for holds its ports,
         # its name and, loading, its GPUs.
+        if client is not None:
+            client.close()
         _stop_group(process)
         raise
 
@@ -107,8 +110,20 @@ def _wait_until_serving(
         time.sleep(0.1)
 
 
+# Seconds a deployment that did not start gets to stop on SIGTERM (its replicas, a
+# Ray application's removal) before its process group is killed.
+STOP_GRACE_S = 10.0
+
+
 def _stop_group(process: subprocess.Popen) -> None:
-    """Kill the deployment process and its replicas (its process group), and reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    """Stop the deployment process and its replicas (its process group): SIGTERM,
+    then SIGKILL after STOP_GRACE_S (or at once on a second interrupt); reap it."""
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=STOP_GRACE_S)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # what is left of the group
+        process.wait()

@@ -112,10 +112,11 @@ def _none_left(refusal: UnavailableError) -> NoReplicaError:
     details ("failed to connect to all addresses; ipv4:...") go to the log."""
     detail = str(refusal).removeprefix("UNAVAILABLE: ")
     if "failed to connect" in detail or "Socket closed" in detail:
-        log.warning("no replica left to try; the last one: %s", detail)
+        # (debug: every call fails so while a replica restarts, which is logged anyway)
+        log.debug("no replica left to try; the last one: %s", detail)
         detail = "it is unreachable (a restart may be under way)"
     return NoReplicaError(
-        f"no replica of this deployment is available: the one tried refused the call "
+        f"no replica of this deployment is available: the last one tried refused the call "
         f"({detail}); retry shortly"
     )
 

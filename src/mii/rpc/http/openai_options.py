@@ -86,7 +86,9 @@ def generation_options(
         params["temperature"] = body.temperature
     if body.top_k is not None and body.top_k not in _ALL_TOKENS_TOP_K:
         params["top_k"] = body.top_k
-    if body.stop is not None and body.stop != []:  # "" is refused (naming stop), not dropped
+    # "" and [] are no stop string (clients send them as blank defaults); an empty
+    # string inside a list is refused, naming stop
+    if body.stop:
         params["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
     if echo:
         params["return_full_text"] = True
