@@ -393,9 +393,13 @@ def test_crash_while_loading_raises_in_caller(cache_dir, checkpoints, tmp_path):
 # A caller of mii.serve whose wait never sees the deployment serve (its registry
 # lookups find nothing), so that Ctrl-C lands in the wait however fast the start is.
 _INTERRUPTED_CALLER = """
-import os, sys
+import os, signal, sys
 import mii
 from mii.rpc import launcher
+
+# Ctrl-C raises KeyboardInterrupt, even where the test runs in a background job
+# (whose children start with SIGINT ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def lookup(name):  # says when the wait has begun (the deployment process is started)
     print("waiting", flush=True)

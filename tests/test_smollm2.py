@@ -133,7 +133,8 @@ def test_mii_serve_without_model_serves_the_demo_to_the_openai_client(smollm2, c
             assert time.monotonic() < deadline, "mii serve did not start in 240 s"
             time.sleep(0.2)
         [served] = [m.id for m in oai.models.list()]
-        assert served == smollm2
+        assert served == "SmolLM2-135M-Instruct"  # the model's name, not the wheel's path
+        assert oai.completions.create(model=smollm2, prompt="Hi", max_tokens=1).choices
         messages = [{"role": "user", "content": QUESTIONS[0]}]
         answer = oai.chat.completions.create(
             model=served, messages=messages, temperature=0, max_tokens=NEW_TOKENS
