@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -34,7 +33,7 @@ from mii.cli.options import (
 )
 from mii.config import MAGIC_MAX_NEW_TOKENS, EngineConfig
 from mii.engine_thread import EngineThread
-from mii.errors import MiiError, ModelLoadError
+from mii.errors import MiiError
 
 NO_MODEL = (
     "no model in use: run `%mii load MODEL` (a hub id or local path, loaded in this kernel) "
@@ -127,20 +126,6 @@ def split_line(line: str) -> tuple[list[str], str]:
     return tokens, ""
 
 
-def _check_local_path(model: str) -> None:
-    """ModelLoadError for a local path that holds no checkpoint (a hub id passes)."""
-    from mii.models.gguf import is_gguf_path
-    from mii.models.loader import looks_local
-
-    path = Path(model).expanduser()
-    if is_gguf_path(path) and not path.is_file():
-        raise ModelLoadError(f"model path {model!r}: no such .gguf file")
-    if looks_local(model) and not (path.is_dir() or is_gguf_path(path)):
-        raise ModelLoadError(
-            f"model path {model!r} is not a directory with a config.json nor a .gguf file"
-        )
-
-
 class LocalModel(EngineThread):
     """A model loaded in this kernel: an AsyncEngine on an event loop of its own, so
     that the kernel's thread can stream from it while the kernel's own loop runs."""
@@ -199,12 +184,14 @@ class MiiMagics(Magics):
     # ----- commands -------------------------------------------------------------
 
     def _load(self, rest: str) -> None:
+        from mii.models.loader import check_local_model
+
         args = _load_parser().parse_args(_split_args(rest))
         # What can be checked without loading is checked before the model in use is
         # freed (a load needs its memory): a typo in a path or an option keeps it.
         try:
             EngineConfig.parse(args.model, **engine_options(args))
-            _check_local_path(args.model)
+            check_local_model(args.model)
         except (MiiError, ValueError) as err:
             raise UsageError(f"%mii load: {err} (the model in use stays loaded)") from None
         self._release()

@@ -32,11 +32,22 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def looks_local(name_or_path: str) -> bool:
-    """Whether ``name_or_path`` names a local path (it exists, starts like a path, or
-    has more slashes than a hub id's ``org/name``) rather than a hub id."""
+def check_local_model(name_or_path: str) -> None:
+    """ModelLoadError for a name that is a local path but no checkpoint here: a
+    missing .gguf file, or a path (it exists, starts like a path, or has more slashes
+    than a hub id's ``org/name``) that is neither a directory nor a .gguf file. A
+    directory, an existing .gguf file and a hub id pass (nothing is read)."""
     path = Path(name_or_path).expanduser()
-    return path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if path.is_dir():
+        return
+    if is_gguf_path(path):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {name_or_path!r} does not exist")
+        return
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelLoadError(
+            f"model path {name_or_path!r} is not a directory with a config.json nor a .gguf file"
+        )
 
 
 def resolve_model_dir(name_or_path: str, revision: str | None = None, weights: bool = True) -> Path:
@@ -45,12 +56,9 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None, weights: b
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    check_local_model(name_or_path)
     if is_gguf_path(path):
         return gguf_checkpoint_dir(path)
-    if looks_local(name_or_path):
-        raise ModelLoadError(
-            f"model path {name_or_path!r} is not a directory with a config.json nor a .gguf file"
-        )
     try:
         from huggingface_hub import snapshot_download
 

@@ -868,14 +868,6 @@ def paged_attention_from_cache(
         # would compile a variant per batch size mid-serving.
         splits_p2 = triton.next_power_of_2(max(num_splits, MAX_KV_SPLITS))
         prefetch_keys = PREFETCH_KEYS if early_loads and tiles.size <= 16 else 0
-        # K and V tiles of each stage in flight; fewer stages where the GPU's shared
-        # memory is smaller than the H200 the launch was tuned on.
-        stages = triton_limits.stages_that_fit(
-            launch["num_stages"],
-            2 * block_n * d_pad * k_cache.element_size(),
-            q.device,
-            reserved=queries * pack * d_pad * q.element_size(),  # the query tile
-        )
         # The passes over a tile's queries end where the tile does (the kernel's masks
         # rely on it): powers of two, so this holds; asserted should that change.
         assert tiles.size % queries == 0, (tiles.size, queries)
@@ -927,7 +919,14 @@ def paged_attention_from_cache(
             PREFETCH_KEYS=prefetch_keys,
             LINE=min(d_pad, 128 // k_cache.element_size()),  # elements per 128-byte line
             num_warps=launch["num_warps"],
-            num_stages=stages,
+            # K and V tiles of each stage in flight; fewer stages where the GPU's
+            # shared memory is smaller than the H200 the launch was tuned on.
+            num_stages=triton_limits.stages_that_fit(
+                launch["num_stages"],
+                2 * block_n * d_pad * k_cache.element_size(),
+                q.device,
+                reserved=queries * pack * d_pad * q.element_size(),  # the query tile
+            ),
             **dependent_launch,
         )
         if num_splits > 1 and arrivals is None:
