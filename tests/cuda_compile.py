@@ -60,26 +60,23 @@ def _attention(
     MII_SPLIT_KV_MERGE=kernel; ``pdl`` 2: MII_PDL_EARLY_RELEASE=on; ``v_pairs``: an
     fp8 cache's values read as 16-bit pairs (MII_FP8_KV_VALUES=pairs); ``fill_rows``:
     MII_GQA_DECODE_QUERIES=pack (16 // pack queries a pass), whose launch merges after;
-    ``merge`` False: MII_SPLIT_KV_MERGE=launch, the whole tile's rows. ``fill_rows``
-    cases compile with the launch settings the engine gives them."""
+    ``merge`` False: MII_SPLIT_KV_MERGE=launch, the whole tile's rows. Every case
+    compiles with the launch settings (keys a step, warps, stages) the engine gives
+    those programs (``triton_attention.launch_settings``)."""
     fp8 = cache != "bf16"
+    merge_here = merge and not fill_rows
+    launch, queries = triton_attention.launch_settings(
+        16, fp8, pack, num_splits=32, d_pad=head_dim, fill_rows=fill_rows
+    )
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
         GROUP=pack, NUM_HEADS=32, SPLIT=True, SPLIT_MIN_KEYS=128, KV_BLOCK=16,
-        HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, BLOCK_N=128 if head_dim <= 128 else 64,
+        HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, BLOCK_N=max(launch["block_n"], 16),
         HAS_WINDOW=False, IEEE=False, UPCAST=False, KV_CAST=fp8, FP8_AS_F16=fp8,
-        HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=True, SPLITS_P2=32, EARLY=early,
+        HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=merge_here, SPLITS_P2=32, EARLY=early,
         PREFETCH_KEYS=128 if early else 0, LINE=min(head_dim, 128 if fp8 else 64), PDL=pdl,
-        V_PAIRS=v_pairs, QUERIES=16 // pack if fill_rows else 16,
+        V_PAIRS=v_pairs, QUERIES=queries,
     )  # fmt: skip
-    if fill_rows or not merge:
-        constexprs["MERGE_HERE"] = False
-    if not fill_rows:
-        return triton_attention._paged_attention_kernel, types, constexprs
-    # the launch settings the engine gives these programs
-    fill = "DECODE_LAUNCH_FP8_GQA_FILL" if fp8 else "DECODE_LAUNCH_GQA_FILL"
-    launch = getattr(triton_attention, fill)
-    constexprs["BLOCK_N"] = launch["block_n"]
     return (
         triton_attention._paged_attention_kernel, types, constexprs,
         launch["num_stages"], launch["num_warps"],

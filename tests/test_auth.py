@@ -219,6 +219,14 @@ def test_the_cli_uses_the_record_and_never_prints_the_key(secured, capsys, monke
     assert main(["generate", secured.client.address, "DeepSpeed is"]) == 1
     err = capsys.readouterr().err
     assert "requires an API key" in err and "MII_API_KEY" in err
+    # --api-key: by address it is the way in; a wrong one wins over the record and is refused.
+    by_address = ["generate", secured.client.address, "DeepSpeed is", "--max-new-tokens", "2"]
+    assert main([*by_address, "--api-key", KEY]) == 0
+    assert main(["generate", secured.name, "DeepSpeed is", "--api-key", "wrong"]) == 1
+    assert "refused this API key" in capsys.readouterr().err
+    assert main(["terminate", secured.client.address, "--api-key", "wrong"]) == 1
+    assert "refused this API key" in capsys.readouterr().err
+    assert secured.client.is_healthy()  # still running
 
 
 # ----- the replicas' ports -------------------------------------------------------------

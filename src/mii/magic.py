@@ -212,12 +212,17 @@ class MiiMagics(Magics):
             target = client(name)
         except DeploymentNotFoundError as err:
             raise UsageError(f"%mii attach: {err}") from None
-        if not target.is_healthy(timeout=5.0):
+        try:
+            healthy = target.is_healthy(timeout=5.0)
+            model = target.model_info().model if healthy else None
+        except MiiError as err:  # a refused key, or it went away between the two calls
+            target.close()
+            raise UsageError(f"%mii attach: {err}") from None
+        if not healthy:
             target.close()
             raise UsageError(f"%mii attach: the deployment at {target.address} does not answer")
         self._release()
         self.client = target
-        model = target.model_info().model
         where = target.deployment_name or target.address
         print(f"[mii] attached to deployment {where!r} at {target.address} ({model})", flush=True)
 

@@ -37,7 +37,19 @@ def add_terminate_parser(commands: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="seconds to wait for its processes to exit (default: 60)",
     )
+    add_api_key_option(parser)
     parser.set_defaults(func=terminate)
+
+
+def add_api_key_option(parser: argparse.ArgumentParser) -> None:
+    """``--api-key`` of the commands that talk to a running deployment."""
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="the deployment's API key (default: the one in its record on this machine, "
+        "else MII_API_KEY)",
+    )
 
 
 HEALTH_TIMEOUT_S = 3.0  # per deployment: a frozen replica costs its probe's 1 s
@@ -135,7 +147,7 @@ def terminate(args: argparse.Namespace) -> int:
     from mii.rpc.client import DeploymentNotFoundError, client
 
     try:
-        target = client(args.name)
+        target = client(args.name, api_key=args.api_key)
     except DeploymentNotFoundError:
         raise CliError(f"no running deployment named {args.name!r} (see: mii list)") from None
     if target.deployment_name is None and not target.is_healthy(timeout=5.0):

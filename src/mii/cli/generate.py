@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from mii.cli.deployments import add_api_key_option
 from mii.cli.errors import CliError
 from mii.cli.options import (
     add_engine_options,
@@ -47,6 +48,7 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
         help="prompt text (each one a separate request)",
     )
     _add_prompt_option(parser)
+    add_api_key_option(parser)
     parser.set_defaults(func=generate)
 
 
@@ -83,7 +85,7 @@ def generate(args: argparse.Namespace) -> int:
     prompts = [*args.prompt_args, *(args.prompt or [])]
     params = generation_params(args)
     GenerateParams.parse(**params)  # bad options fail before any loading
-    client = _find_deployment(args.model) if args.model else None
+    client = _find_deployment(args.model, args.api_key) if args.model else None
     if client is not None:
         if engine_options(args):
             print("[mii] engine options are ignored for a running deployment", file=sys.stderr)
@@ -117,19 +119,21 @@ def generate(args: argparse.Namespace) -> int:
     return _generate_in_process(demo.path, engine_options(args), prompts or DEFAULT_PROMPTS, params)
 
 
-def _find_deployment(target: str):
+def _find_deployment(target: str, api_key: str | None = None):
     """A client when ``target`` names a running deployment (registry name, model
-    name with the default deployment name, or a ``host:port`` that answers)."""
+    name with the default deployment name, or a ``host:port`` that answers).
+    ``api_key`` wins over the deployment's record and ``MII_API_KEY``."""
     from mii.rpc import registry
     from mii.rpc.client import MiiClient
 
     for name in registry.candidate_names(target):
         info = registry.lookup(name)
         if info is not None:
-            return MiiClient(f"{info['host']}:{info['port']}", name, api_key=info.get("api_key"))
+            key = api_key if api_key is not None else info.get("api_key")
+            return MiiClient(f"{info['host']}:{info['port']}", name, api_key=key)
     host, sep, port = target.rpartition(":")
     if sep and host and port.isdigit() and not os.path.exists(target):
-        client = MiiClient(target)
+        client = MiiClient(target, api_key=api_key)
         if client.is_healthy(timeout=5.0):
             return client
         client.close()

@@ -699,6 +699,36 @@ DECODE_LAUNCH_GQA = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 # 104.1 at 64 rows.
 DECODE_LAUNCH_GQA_FILL = {"block_n": 64, "num_warps": 2, "num_stages": 2}
 DECODE_LAUNCH_FP8_GQA_FILL = {"block_n": 128, "num_warps": 4, "num_stages": 3}
+
+
+def launch_settings(
+    tile_size: int, fp8: bool, pack: int, num_splits: int, d_pad: int, fill_rows: bool
+) -> tuple[dict[str, int], int]:
+    """The launch (keys a step, warps, stages) of the programs of ``tile_size``-query
+    tiles, and the queries each pass over the keys takes: the whole tile, or
+    (``fill_rows``: MII_GQA_DECODE_QUERIES=pack without the in-kernel merge) for
+    packed grouped-query decode programs as many as fill one 16-row product with
+    their heads: a decode's 1 query x 4 heads in 16 rows, not 64 (16 queries x 4
+    heads, 60 of them empty). The engine and the sm_90 compile test both ask here."""
+    decode = tile_size <= 16
+    launch = PROMPT_LAUNCH
+    if decode and fp8:
+        launch = DECODE_LAUNCH_FP8
+    elif decode:
+        launch = DECODE_LAUNCH_GQA if pack > 1 else DECODE_LAUNCH
+    queries = tile_size
+    # (timed on heads of 128: wider ones keep the whole-tile programs)
+    if fill_rows and pack > 1 and decode and d_pad <= 128:
+        queries = min(tile_size, max(1, 16 // pack))
+        launch = DECODE_LAUNCH_FP8_GQA_FILL if fp8 else DECODE_LAUNCH_GQA_FILL
+    if launch is DECODE_LAUNCH and num_splits > 1 and d_pad <= 128:
+        # few programs: each one's loop latency shows (wider heads: not measured)
+        launch = DECODE_LAUNCH_SPLIT
+    elif launch is DECODE_LAUNCH_FP8 and num_splits == 1 and pack == 1 and d_pad <= 128:
+        launch = DECODE_LAUNCH_FP8_MHA
+    return launch, queries
+
+
 # Decode tiles of grouped-query models launched head-major (see the kernel); a
 # switch for benchmarks/decode_sweep.py, which times both orders.
 HEAD_MAJOR_DECODE = True
@@ -821,32 +851,16 @@ def paged_attention_from_cache(
         if tiles.size <= 16 and group > 1 and count < 65536:  # count: the grid's axis 1
             # a power of two: the tile's rows are a tl.arange
             pack = min(triton.next_power_of_2(GQA_DECODE_PACK), triton.next_power_of_2(group))
-        launch = PROMPT_LAUNCH
-        if tiles.size <= 16 and k_cache.dtype == FP8_KV_DTYPE:
-            launch = DECODE_LAUNCH_FP8
-        elif tiles.size <= 16:
-            launch = DECODE_LAUNCH_GQA if pack > 1 else DECODE_LAUNCH
         programs_per_tile = kv_heads * triton.cdiv(group, pack)  # q_heads when unpacked
         num_splits = splits or _auto_splits(tiles, count * programs_per_tile, q.device)
         arrivals = None
         if num_splits > 1 and merge_in_kernel:  # one count per (tile, head or pack)
             arrivals = triton_arrivals.arrival_counts(q.device, count * programs_per_tile)
-        # Queries per pass over the keys: the whole tile, or (MII_GQA_DECODE_QUERIES=pack)
-        # for packed grouped-query decode programs as many as fill one 16-row product
-        # with their heads: a decode's 1 query x 4 heads in 16 rows, not 64 (16 queries
-        # x 4 heads, 60 of them empty). The in-kernel merge keeps whole-tile rows.
-        queries = tiles.size
+        # The in-kernel merge keeps whole-tile rows.
         fill_rows = envs.GQA_DECODE_QUERIES.get() == "pack" and arrivals is None
-        # (timed on heads of 128: wider ones keep the whole-tile programs)
-        if fill_rows and pack > 1 and tiles.size <= 16 and d_pad <= 128:
-            queries = min(tiles.size, max(1, 16 // pack))
-            fp8 = k_cache.dtype == FP8_KV_DTYPE
-            launch = DECODE_LAUNCH_FP8_GQA_FILL if fp8 else DECODE_LAUNCH_GQA_FILL
-        if launch is DECODE_LAUNCH and num_splits > 1 and d_pad <= 128:
-            # few programs: each one's loop latency shows (wider heads: not measured)
-            launch = DECODE_LAUNCH_SPLIT
-        elif launch is DECODE_LAUNCH_FP8 and num_splits == 1 and pack == 1 and d_pad <= 128:
-            launch = DECODE_LAUNCH_FP8_MHA
+        launch, queries = launch_settings(
+            tiles.size, k_cache.dtype == FP8_KV_DTYPE, pack, num_splits, d_pad, fill_rows
+        )
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         # Prompt tiles stay tile-major: a sequence's tiles share its keys in L2.

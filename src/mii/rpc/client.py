@@ -77,7 +77,7 @@ class MiiClient:
         try:
             reply = self._stub.Generate(request, timeout=timeout)
         except grpc.RpcError as err:
-            raise error_from_grpc(err) from None
+            raise self._error(err) from None
         return [piece_from_proto(p) for p in reply.responses]
 
     def stream(
@@ -91,15 +91,41 @@ class MiiClient:
             for piece in call:
                 yield piece_from_proto(piece)
         except grpc.RpcError as err:
-            raise error_from_grpc(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()
 
     def model_info(self) -> mii_pb2.ModelInfoReply:
-        return self._stub.ModelInfo(mii_pb2.ModelInfoRequest(), timeout=10)
+        """The deployment's name, model, maximum length and replica count (a protobuf
+        message: read its fields as attributes)."""
+        try:
+            return self._stub.ModelInfo(mii_pb2.ModelInfoRequest(), timeout=10)
+        except grpc.RpcError as err:
+            raise self._error(err) from None
 
     def stats(self) -> mii_pb2.StatsReply:
-        return self._stub.Stats(mii_pb2.StatsRequest(), timeout=10)
+        """The deployment's load now: requests running and waiting, KV cache usage,
+        each replica's state (a protobuf message: read its fields as attributes)."""
+        try:
+            return self._stub.Stats(mii_pb2.StatsRequest(), timeout=10)
+        except grpc.RpcError as err:
+            raise self._error(err) from None
+
+    def _error(self, err: grpc.RpcError) -> MiiError:
+        """The mii error of a failed call; a refused key says whether this client
+        sent one (the server cannot tell a wrong key from a missing one)."""
+        if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+            return error_from_grpc(err)
+        if self._api_key:
+            return AuthenticationError(
+                f"the deployment at {self.address} refused this API key (from api_key=, "
+                "--api-key, the deployment's record or MII_API_KEY): it is not the one the "
+                "deployment was started with"
+            )
+        return AuthenticationError(
+            f"the deployment at {self.address} requires an API key: pass api_key=KEY "
+            "(mii.client), --api-key KEY (mii generate / terminate) or set MII_API_KEY"
+        )
 
     def is_healthy(self, timeout: float = 2.0) -> bool:
         """Whether the deployment answers SERVING. A deployment that refuses this
@@ -110,16 +136,7 @@ class MiiClient:
             )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAUTHENTICATED:
-                if self._api_key:  # one was sent: it is not the deployment's
-                    raise AuthenticationError(
-                        f"the deployment at {self.address} refused this API key (from "
-                        "api_key= or MII_API_KEY): it is not the one the deployment was "
-                        "started with"
-                    ) from None
-                raise AuthenticationError(
-                    f"the deployment at {self.address} requires an API key: pass "
-                    "api_key=KEY (mii.client) or set MII_API_KEY"
-                ) from None
+                raise self._error(err) from None
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -130,7 +147,7 @@ class MiiClient:
             self._stub.Terminate(mii_pb2.TerminateRequest(), timeout=10)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.UNAVAILABLE:
-                raise error_from_grpc(err) from None
+                raise self._error(err) from None
         if info is not None:
             _wait_gone([info["pid"], *info.get("replica_pids", [])], timeout)
 
@@ -161,7 +178,7 @@ class MiiClient:
         try:
             reply = await self._async_stub().Generate(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
-            raise error_from_grpc(err) from None
+            raise self._error(err) from None
         return [piece_from_proto(p) for p in reply.responses]
 
     async def astream(
@@ -173,7 +190,7 @@ class MiiClient:
             async for piece in call:
                 yield piece_from_proto(piece)
         except grpc.aio.AioRpcError as err:
-            raise error_from_grpc(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()
 
