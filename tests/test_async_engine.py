@@ -145,9 +145,16 @@ async def test_stop_string_spanning_tokens(engine, tokenizer):
     ]
     streamed = "".join(p.generated_text for p in pieces)
     assert streamed == text[:cut]
-    assert pieces[-1].finish_reason == "stop"
+    assert pieces[-1].finish_reason == "stop" and pieces[-1].stop_reason == stop
+    assert all(p.stop_reason is None for p in pieces[:-1])
     [whole] = await engine.generate(PROMPTS[1], max_new_tokens=40, stop=stop, **GREEDY)
     assert whole.generated_text == text[:cut] and whole.finish_reason == "stop"
+    assert whole.stop_reason == stop
+    # Of two stop strings, the one that begins first; a finish by length has none.
+    later = text[cut + 2 : cut + 9]
+    [first] = await engine.generate(PROMPTS[1], max_new_tokens=40, stop=[later, stop], **GREEDY)
+    assert first.stop_reason == stop
+    assert ref.finish_reason == "length" and ref.stop_reason is None
 
 
 async def test_return_full_text(engine):
@@ -162,7 +169,7 @@ async def test_eos_min_new_tokens_and_ignore_eos(engine):
     first = ref.token_ids.index(eos)
     engine.core.eos_token_ids = [eos]  # pretend the model's 4th greedy token is EOS
     [stopped] = await engine.generate(PROMPTS[0], max_new_tokens=12, **GREEDY)
-    assert stopped.finish_reason == "stop"
+    assert stopped.finish_reason == "stop" and stopped.stop_reason is None  # EOS: none
     assert stopped.token_ids == ref.token_ids[: first + 1]
     [kept_going] = await engine.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True, **GREEDY)
     assert kept_going.token_ids == ref.token_ids and kept_going.finish_reason == "length"

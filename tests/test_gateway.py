@@ -348,6 +348,19 @@ def test_completion_options(served, pipe):
     stopped = create(max_tokens=NEW, stop=[stop], extra_body={"ignore_eos": True})
     assert stopped.choices[0].text == text[: text.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
+    # vLLM's stop_reason: the stop string found (streamed: on the finishing chunk);
+    # the stop token id; None for a finish by length.
+    assert stopped.choices[0].model_extra["stop_reason"] == stop
+    chunks = list(create(max_tokens=NEW, stop=[stop], stream=True, extra_body={"ignore_eos": True}))
+    assert [c.choices[0].model_extra["stop_reason"] for c in chunks][-1] == stop
+    assert all(c.choices[0].model_extra["stop_reason"] is None for c in chunks[:-1])
+    token = ref.token_ids[2]
+    by_token = create(max_tokens=NEW, extra_body={"ignore_eos": True, "stop_token_ids": [token]})
+    assert by_token.choices[0].model_extra["stop_reason"] == token
+    assert short.choices[0].model_extra["stop_reason"] is None
+    body = {"prompts": PROMPTS[1], "stop": stop, "do_sample": False, "ignore_eos": True}
+    whole = served.http.post(f"/mii/{served.name}", json={**body, "max_new_tokens": NEW})
+    assert whole.json()[0]["stop_reason"] == stop
 
     echoed = create(max_tokens=NEW, echo=True, extra_body={"ignore_eos": True})
     assert echoed.choices[0].text == PROMPTS[1] + text
@@ -562,6 +575,11 @@ def test_health_and_metrics(served):
     health = served.http.get("/health")
     assert health.status_code == 200
     assert health.json()["status"] == "ok" and health.json()["healthy_replicas"] == 1
+    # vLLM's liveness and version routes
+    for method in ("GET", "POST"):
+        ping = served.http.request(method, "/ping")
+        assert ping.status_code == 200 and ping.json() == {"status": "ok"}
+    assert served.http.get("/version").json() == {"version": mii.__version__}
 
     before = finished(served, "length")
     response = served.http.post(
@@ -677,6 +695,7 @@ def test_no_healthy_replica_gives_503(model_path):
             async with httpx.AsyncClient(base_url=gateway.url) as http:
                 health = await http.get("/health")
                 assert health.status_code == 503 and health.json()["status"] == "unavailable"
+                assert (await http.get("/ping")).status_code == 503
                 whole = await http.post("/mii/down", json={"prompts": "x"})
                 assert whole.status_code == 503 and whole.json()["error"]["message"]
                 for stream in (False, True):

@@ -141,6 +141,7 @@ def test_stop_token_ids_end_generation_unless_below_min_new_tokens(pipe, tokeniz
     assert response.finish_reason == "stop"
     assert response.token_ids == greedy[: at + 1] and response.generated_length == at + 1
     assert response.generated_text == tokenizer.decode(greedy[:at])  # the stop token left out
+    assert response.stop_reason == stop  # which stop ended it (vLLM's stop_reason)
     # ignore_eos does not apply to stop token ids, min_new_tokens bans them before it.
     late = pipe(
         [PROMPTS[0]],

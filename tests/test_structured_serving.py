@@ -109,6 +109,16 @@ def test_vllm_fields(served):
         ({"structured_outputs": {"json": SCHEMA}}, lambda t: valid(t, SCHEMA)),
         ({"structured_outputs": {"regex": REGEX}}, matches(REGEX)),
         ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+        (  # vLLM's backend tuning keys: accepted (a schema's objects get only its properties)
+            {
+                "structured_outputs": {
+                    "json": SCHEMA,
+                    "disable_additional_properties": True,
+                    "disable_any_whitespace": True,
+                }
+            },
+            lambda t: valid(t, SCHEMA),
+        ),
         (  # vLLM's backend hint: accepted, no effect
             {"guided_choice": ["on", "off"], "guided_decoding_backend": "xgrammar"},
             lambda t: t in ("on", "off"),

@@ -270,6 +270,10 @@ def test_tokenize_messages_gives_the_chat_routes_ids(served, tok):
     persona = {"persona": "You are terse."}
     assert tokens(chat_template_kwargs=persona) == template_ids(tok, CHAT, **persona)
     assert tokens(chat_template_kwargs=persona) != ids
+    # Text parts are joined with a line break (as vLLM: separate blocks do not run together).
+    parts = [{"role": "user", "content": [{"type": "text", "text": t} for t in ("a", "b")]}]
+    joined = [{"role": "user", "content": "a\nb"}]
+    assert tokens(messages=parts) == template_ids(tok, joined)
 
 
 def test_tokenize_errors_name_the_field(served, tok):
@@ -328,6 +332,8 @@ IGNORED = {
     "store": False,
     "service_tier": "auto",
     "prompt_cache_key": "k",
+    "prompt_cache_retention": "24h",
+    "prompt_cache_options": {"mode": "implicit", "ttl": "30m"},
     "prediction": {"type": "content", "content": "x"},
     "reasoning_effort": "low",
     "verbosity": "low",
@@ -374,12 +380,16 @@ def test_ignored_fields_are_accepted_and_logged_once(served):
         ("modalities", ["text", "audio"]),
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("web_search_options", {}),
+        ("moderation", {"model": "omni-moderation-latest"}),
         ("functions", [{"name": "f"}]),
         ("function_call", {"name": "f"}),
         ("user", 5),
         ("store", "maybe"),
     ]:
         assert_400(http.post("/v1/chat/completions", json={**chat, field: value}), field)
+    # null: asks for nothing (the SDK sends what its caller passes)
+    response = http.post("/v1/chat/completions", json={**chat, "max_tokens": 2, "moderation": None})
+    assert response.status_code == 200, response.text
 
 
 def test_each_ignored_field_is_logged_once_per_process(monkeypatch, caplog):

@@ -43,6 +43,10 @@ class Response:
     of ``token_ids``. ``prompt_logprobs`` (when it asked for ``prompt_logprobs``)
     has one per prompt token, the first None (nothing precedes it), and
     ``prompt_token_ids`` the prompt's ids; a stream carries both on its first piece.
+
+    ``stop_reason`` (on the last piece) says which stop ended a "stop" answer: the
+    stop string found, or the ``stop_token_ids`` token generated; None when EOS or a
+    completed grammar ended it, and for any other finish (as vLLM's ``stop_reason``).
     """
 
     generated_text: str
@@ -56,6 +60,7 @@ class Response:
     prompt_token_ids: list[int] | None = None  # sent with prompt_logprobs
     # Prompt tokens whose KV was found in the prefix cache (not computed again).
     cached_tokens: int = 0
+    stop_reason: str | int | None = None
     # The engine's timing of the request, on its last piece (and so on a whole answer):
     # seconds from its arrival to its first forward pass, and to its first token.
     # None elsewhere. Not part of equality: the same answer may be timed otherwise.
@@ -92,6 +97,7 @@ def join_pieces(pieces: list[Response], finish_reason: str | None = None) -> Res
         prompt_logprobs=scored.prompt_logprobs if scored else None,
         prompt_token_ids=scored.prompt_token_ids if scored else None,
         cached_tokens=last.cached_tokens,
+        stop_reason=last.stop_reason if finish_reason is None else None,
         queue_time_s=last.queue_time_s,
         first_token_time_s=last.first_token_time_s,
     )

@@ -167,6 +167,7 @@ class StopStringMatcher:
         self.released = 0  # characters of ``text`` already handed out
         # Text before this came before min_new_tokens: no stop string ends in it.
         self.unchecked = 0
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, delta: str, check: bool = True) -> tuple[str, bool]:
         """Add ``delta``; return (text safe to release now, whether a stop string ended it).
@@ -184,12 +185,13 @@ class StopStringMatcher:
             # back), so a match can only start at or after ``released``; it must
             # end after ``unchecked``.
             starts = (
-                self.text.find(s, max(self.released, self.unchecked - len(s) + 1))
+                (self.text.find(s, max(self.released, self.unchecked - len(s) + 1)), s)
                 for s in self.stop
             )
-            hits = [i for i in starts if i >= 0]
+            hits = [(i, s) for i, s in starts if i >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                start, self.matched = min(hits, key=lambda hit: hit[0])  # the first to begin
+                self.text = self.text[:start]
                 return self._release(len(self.text)), True
         return self._release(len(self.text) - self._partial_stop_suffix()), False
 

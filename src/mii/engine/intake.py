@@ -119,7 +119,8 @@ class RequestIntake:
         if len(prompt_ids) >= max_length:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_ids)} tokens, which leaves no room under "
-                f"max_length={max_length}; shorten the prompt or raise max_length",
+                f"max_length={max_length}; shorten the prompt or raise max_length "
+                "(mii serve: --max-model-len)",
                 field="prompt",
             )
         room = max_length - len(prompt_ids)

@@ -123,12 +123,11 @@ class OutputProcessor:
         generated = slot + 1 - seq.prompt_len  # later tokens may already be pending
         state.unsent_ids.append(token)
         finish = None
-        if (
-            grammar_done
-            or (token in self.eos_token_ids and not params.ignore_eos)
-            or token in params.stop_token_ids
-        ):  # ends like EOS: not in the text
+        stop_reason: str | int | None = None
+        eos = grammar_done or (token in self.eos_token_ids and not params.ignore_eos)
+        if eos or token in params.stop_token_ids:  # ends like EOS: not in the text
             finish = "stop"
+            stop_reason = None if eos else token
             delta = state.detokenizer.flush()
         else:
             at_limit = generated >= seq.max_new_tokens
@@ -137,7 +136,7 @@ class OutputProcessor:
                 finish = "length"
         text, hit_stop = state.stops.feed(delta, check=generated >= params.min_new_tokens)
         if hit_stop:
-            finish = "stop"
+            finish, stop_reason = "stop", state.stops.matched
         elif finish is not None:
             text += state.stops.flush()
         seq.finish_reason = finish
@@ -158,4 +157,5 @@ class OutputProcessor:
             prompt_logprobs,
             list(seq.prompt_token_ids) if prompt_logprobs is not None else None,
             seq.num_cached_tokens,
+            stop_reason,
         )

@@ -91,9 +91,17 @@ def piece_to_proto(response: Response) -> mii_pb2.Piece:
         prompt_logprobs=[_logprob_to_proto(e) for e in response.prompt_logprobs or ()],
         prompt_token_ids=response.prompt_token_ids or (),
         cached_tokens=response.cached_tokens,
+        stop_string=response.stop_reason if isinstance(response.stop_reason, str) else None,
+        stop_token_id=response.stop_reason if isinstance(response.stop_reason, int) else None,
         queue_time_s=response.queue_time_s,
         first_token_time_s=response.first_token_time_s,
     )
+
+
+def _stop_reason(piece: mii_pb2.Piece) -> str | int | None:
+    if piece.HasField("stop_string"):
+        return piece.stop_string
+    return piece.stop_token_id if piece.HasField("stop_token_id") else None
 
 
 def piece_from_proto(piece: mii_pb2.Piece) -> Response:
@@ -108,6 +116,7 @@ def piece_from_proto(piece: mii_pb2.Piece) -> Response:
         prompt_logprobs=[_logprob_from_proto(e) for e in piece.prompt_logprobs] or None,
         prompt_token_ids=list(piece.prompt_token_ids) or None,
         cached_tokens=piece.cached_tokens,
+        stop_reason=_stop_reason(piece),
         queue_time_s=piece.queue_time_s if piece.HasField("queue_time_s") else None,
         first_token_time_s=(
             piece.first_token_time_s if piece.HasField("first_token_time_s") else None

@@ -88,7 +88,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Piece(_message.Message):
-    __slots__ = ("generated_text", "prompt_length", "generated_length", "finish_reason", "token_ids", "logprobs", "prompt_logprobs", "prompt_token_ids", "cached_tokens", "queue_time_s", "first_token_time_s")
+    __slots__ = ("generated_text", "prompt_length", "generated_length", "finish_reason", "token_ids", "logprobs", "prompt_logprobs", "prompt_token_ids", "cached_tokens", "stop_string", "stop_token_id", "queue_time_s", "first_token_time_s")
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GENERATED_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class Piece(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STOP_STRING_FIELD_NUMBER: _ClassVar[int]
+    STOP_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_TIME_S_FIELD_NUMBER: _ClassVar[int]
     generated_text: str
@@ -109,9 +111,11 @@ class Piece(_message.Message):
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     cached_tokens: int
+    stop_string: str
+    stop_token_id: int
     queue_time_s: float
     first_token_time_s: float
-    def __init__(self, generated_text: _Optional[str] = ..., prompt_length: _Optional[int] = ..., generated_length: _Optional[int] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., first_token_time_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, generated_text: _Optional[str] = ..., prompt_length: _Optional[int] = ..., generated_length: _Optional[int] = ..., finish_reason: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., cached_tokens: _Optional[int] = ..., stop_string: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., queue_time_s: _Optional[float] = ..., first_token_time_s: _Optional[float] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "top_ids", "top_logprobs")

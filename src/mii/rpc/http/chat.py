@@ -212,7 +212,9 @@ def _text_content(content: str | list[ContentPart] | None, index: int) -> str:
                 f"messages.{index}.content.{at}.text",
             )
         texts.append(part.text)
-    return "".join(texts)
+    # A line break between parts, as vLLM renders list content for templates that
+    # take a string: parts written as separate blocks do not run together.
+    return "\n".join(texts)
 
 
 def developer_as_system(template: Any, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

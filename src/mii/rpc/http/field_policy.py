@@ -11,7 +11,7 @@ with why each is safe to ignore; it is the one place to change the policy.
 
 Fields of the specification that *would* change the answer but cannot be
 honoured are refused with 400 naming them (here: ``audio`` output,
-``modalities`` other than text, ``web_search_options``, the deprecated
+``modalities`` other than text, ``web_search_options``, ``moderation``, the deprecated
 ``functions`` (use ``tools``); elsewhere in :mod:`mii.rpc.http.openai_options`:
 ``suffix``, ``best_of``, ...). Names outside the
 specification and mii's documented extensions are refused with 400 ``unknown
@@ -37,6 +37,10 @@ IGNORED_FIELDS: dict[str, str] = {
     "store": "whether OpenAI stores the completion",
     "service_tier": "OpenAI's processing tier (billing and latency class)",
     "prompt_cache_key": "a routing hint for OpenAI's prompt cache (mii caches prefixes itself)",
+    "prompt_cache_retention": "how long OpenAI keeps a cached prompt (mii's prefix cache keeps "
+    "blocks until their memory is needed)",
+    "prompt_cache_options": "OpenAI's prompt cache settings (mii's prefix cache keeps blocks "
+    "until their memory is needed)",
     "prediction": "predicted output, a latency optimisation that does not change the answer",
     "modalities": "['text'] is all this server answers (other modalities are refused)",
     "reasoning_effort": "a setting of OpenAI's reasoning models; the models served here have none",
@@ -73,6 +77,8 @@ class SpecificationFields(BaseModel):
     store: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
@@ -83,6 +89,7 @@ class SpecificationFields(BaseModel):
     web_search_options: dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
 
 
 def refuse_unsupported(body: SpecificationFields) -> None:
@@ -92,6 +99,12 @@ def refuse_unsupported(body: SpecificationFields) -> None:
         raise ApiError(400, "only the 'text' modality is supported by this server", "modalities")
     if body.audio is not None:
         raise ApiError(400, "audio output is not supported by this server", "audio")
+    if body.moderation is not None:
+        raise ApiError(
+            400,
+            "moderation (OpenAI's moderation of input and output) is not supported by this server",
+            "moderation",
+        )
     if body.web_search_options is not None:
         raise ApiError(400, "web search is not supported by this server", "web_search_options")
     if body.functions:

@@ -1,5 +1,6 @@
 """mii's own routes: ``POST /mii/{deployment_name}``, ``GET /health`` (the deployment's
-status and each replica's: :mod:`mii.rpc.replica_health`), ``GET /metrics``.
+status and each replica's: :mod:`mii.rpc.replica_health`), ``GET /metrics``, and
+vLLM's ``GET|POST /ping`` (the health status alone) and ``GET /version``.
 
 The route functions carry no return annotation and no docstring on purpose:
 FastAPI would validate answers against the one and publish the other in
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+import mii
 from mii.response import Response as Answer
 from mii.response import TokenLogprob
 from mii.rpc.convert import prompt_list, validated
@@ -45,6 +47,7 @@ def response_dict(response: Answer) -> dict[str, Any]:
         "prompt_length": response.prompt_length,
         "generated_length": response.generated_length,
         "finish_reason": response.finish_reason,
+        "stop_reason": response.stop_reason,
         "token_ids": list(response.token_ids),
     }
     if response.logprobs is not None:
@@ -79,6 +82,17 @@ async def health(request: Request):
     body, status = health_body(state.pool)  # per-replica state, restarts, pid
     body = {"deployment": state.deployment_name, "model": state.model, **body}
     return JSONResponse(body, status_code=status)
+
+
+@router.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) liveness route
+async def ping(request: Request):
+    body, status = health_body(get_state(request).pool)
+    return JSONResponse({"status": body["status"]}, status_code=status)
+
+
+@router.get("/version")
+async def version():
+    return {"version": mii.__version__}
 
 
 @router.get("/metrics")

@@ -94,6 +94,7 @@ class Answer:
         finish_reason: str | None,
         role: str | None,
         logprobs: dict[str, Any] | None = None,
+        stop_reason: str | int | None = None,
     ) -> dict[str, Any]:
         """One chunk of the stream, for choice ``index`` (without usage)."""
         choice = {
@@ -101,6 +102,7 @@ class Answer:
             **self.kind.delta(text, role),
             "logprobs": logprobs,
             "finish_reason": finish_reason,
+            "stop_reason": stop_reason,
         }
         return self._frame(self.kind.chunk_object, [choice])
 
@@ -110,10 +112,12 @@ class Answer:
         delta: dict[str, Any],
         finish_reason: str | None,
         logprobs: dict[str, Any] | None = None,
+        stop_reason: str | int | None = None,
     ) -> dict[str, Any]:
         """One chat stream chunk for choice ``index`` with this ``delta`` (tool calls)."""
         choice = {"index": index, "delta": delta, "logprobs": logprobs}
-        return self._frame(self.kind.chunk_object, [{**choice, "finish_reason": finish_reason}])
+        choice |= {"finish_reason": finish_reason, "stop_reason": stop_reason}
+        return self._frame(self.kind.chunk_object, [choice])
 
     def _choice(self, index: int, r: Response) -> dict[str, Any]:
         content, finish_reason = self.kind.content(r), r.finish_reason
@@ -125,6 +129,8 @@ class Answer:
             **content,
             "logprobs": self.logprobs.of_response(r) if self.logprobs else None,
             "finish_reason": finish_reason,
+            # vLLM's: the stop string or stop token that ended it (None: EOS, length)
+            "stop_reason": r.stop_reason,
         }
 
     def whole(self, responses: list[Response], usage: dict[str, int]) -> dict[str, Any]:

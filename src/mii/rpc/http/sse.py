@@ -126,7 +126,8 @@ async def stream_choices(
                 if tools is not None:  # content and tool_calls deltas
                     for delta, finish in tools.chunks(index, piece):
                         chunk_logprobs = logprobs.take(index, delta.get("content") or "")
-                        yield event(answer.delta_chunk(index, delta, finish, chunk_logprobs))
+                        stop = piece.stop_reason if finish is not None else None
+                        yield event(answer.delta_chunk(index, delta, finish, chunk_logprobs, stop))
                 elif piece.generated_text:
                     chunk_logprobs = logprobs.take(index, piece.generated_text)
                     yield event(
@@ -134,9 +135,8 @@ async def stream_choices(
                     )
                 if piece.finish_reason is not None and tools is None:
                     chunk_logprobs = logprobs.take(index, "")
-                    yield event(
-                        answer.chunk(index, None, piece.finish_reason, None, chunk_logprobs)
-                    )
+                    finish, stop = piece.finish_reason, piece.stop_reason
+                    yield event(answer.chunk(index, None, finish, None, chunk_logprobs, stop))
                 item = await anext(pieces, None)
             if include_usage:
                 final = answer.chunk(0, None, None, None)

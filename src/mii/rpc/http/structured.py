@@ -40,8 +40,15 @@ _STRUCTURED_OUTPUTS = {
     "grammar": "grammar",
     "json_object": "json_object",
 }
-# vLLM's structured_outputs keys that tune its own backends: accepted, no effect here
-_STRUCTURED_OUTPUTS_IGNORED = ("disable_fallback", "disable_any_whitespace", "whitespace_pattern")
+# vLLM's structured_outputs keys that tune its own backends: accepted, no effect here.
+# (disable_additional_properties: a schema's objects get only the properties it names
+# unless its additionalProperties allows more, which is what that key asks for.)
+_STRUCTURED_OUTPUTS_IGNORED = (
+    "disable_fallback",
+    "disable_any_whitespace",
+    "whitespace_pattern",
+    "disable_additional_properties",
+)
 
 
 def _response_format(value: dict[str, Any]) -> tuple[str, Any] | None:
