@@ -11,10 +11,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import httpx
 import jsonschema
@@ -27,12 +25,9 @@ from helpers import save_checkpoint, tiny_config
 from mii.cli import build_parser
 from mii.cli.errors import CliError
 from mii.cli.serve import serve_config
-from mii.response import Response
-from mii.rpc import mii_pb2
 from mii.rpc.deployment import free_port
 from mii.rpc.deployment_config import DeploymentConfig
-from mii.rpc.http.server import start_gateway
-from mii.rpc.pool import Metrics
+from scripted_gateway import ScriptedPool, with_gateway
 
 PARAMETERS = {
     "type": "object",
@@ -72,54 +67,6 @@ HERMES_ANSWER = (
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "metric": true}}\n'
     '</tool_call>\n<tool_call>\n{"name": "set_alert", "arguments": {"level": "low"}}\n</tool_call>'
 )
-
-
-class _Replica:
-    healthy = True
-
-
-class ScriptedPool:
-    """A pool whose every answer is ``text`` (streamed in ``size``-character pieces);
-    it records the prompts and options it was sent."""
-
-    def __init__(self, text: str, size: int = 5) -> None:
-        self.replicas = [_Replica()]
-        self.metrics = Metrics()
-        self.text, self.size = text, size
-        self.sent: list[tuple[object, dict]] = []
-
-    async def generate(self, prompts, params, timeout=None):
-        self.sent.extend((p, params) for p in prompts)
-        return [Response(self.text, len(p), 7, "stop") for p in prompts]
-
-    async def stream(self, prompt, params, timeout=None) -> AsyncIterator[Response]:
-        self.sent.append((prompt, params))
-        pieces = [self.text[i : i + self.size] for i in range(0, len(self.text), self.size)]
-        for i, piece in enumerate(pieces):
-            last = i == len(pieces) - 1
-            yield Response(piece, len(prompt), i + 1, "stop" if last else None)
-
-
-def _with_gateway(model: str, pool: ScriptedPool, scenario, **config):
-    """Run ``scenario(client)`` (an AsyncOpenAI client) against a gateway over ``pool``."""
-
-    async def run():
-        deployment = DeploymentConfig(
-            model=model,
-            restful_api_port=free_port(),
-            chat_template=QWEN_TOOLS_TEMPLATE,
-            **config,
-        )
-        info = mii_pb2.ModelInfoReply(deployment_name="d", model=model, max_length=4096)
-        gateway = await start_gateway(pool, info, deployment)
-        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="x", max_retries=0)
-        try:
-            await scenario(client, gateway)
-        finally:
-            await client.close()
-            await gateway.stop()
-
-    asyncio.run(run())
 
 
 def test_auto_tool_calls_are_parsed_whole_and_streamed(llama):
@@ -176,7 +123,7 @@ def test_auto_tool_calls_are_parsed_whole_and_streamed(llama):
         assert not none.choices[0].message.tool_calls
         assert none.choices[0].finish_reason == "stop"
 
-    _with_gateway(llama, pool, scenario, tool_call_parser="hermes")
+    with_gateway(llama, pool, scenario, tool_call_parser="hermes")
 
 
 def test_required_and_named_send_a_schema_and_read_the_json(llama):
@@ -204,7 +151,7 @@ def test_required_and_named_send_a_schema_and_read_the_json(llama):
             {"level": "high"},
         )
 
-    _with_gateway(llama, pool, scenario)  # no parser: "required" and named need none
+    with_gateway(llama, pool, scenario)  # no parser: "required" and named need none
 
 
 def test_bad_tool_requests_are_400_naming_the_field(llama):
@@ -239,7 +186,7 @@ def test_bad_tool_requests_are_400_naming_the_field(llama):
         )
         assert not pool.sent  # nothing reached the engine
 
-    _with_gateway(llama, pool, scenario)
+    with_gateway(llama, pool, scenario)
 
 
 def test_tool_call_parser_option_and_flags(llama, tmp_path, monkeypatch):
@@ -344,6 +291,32 @@ def test_forced_tool_calls_validate_on_a_real_model(served):
     text = httpx.post(f"{base}/detokenize", json={"tokens": tokenized["tokens"]}).json()["prompt"]
     assert "<tool_response>\nsunny, 21 C\n</tool_response>" in text
     assert '"arguments": {"city": ' in text and "The weather of a city" in text
+    oai.close()
+
+
+def test_the_responses_api_forces_calls_on_a_real_model(served):
+    """POST /v1/responses with a named function and with "required": function_call
+    items whose arguments validate, whole and streamed; text.format's schema holds."""
+    url, model = served
+    oai = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120)
+    flat = [{"type": "function", **tool["function"]} for tool in TOOLS]
+    common = {"model": model, "input": USER, "tools": flat, "max_output_tokens": 120}
+    for choice in ({"type": "function", "name": "get_weather"}, "required"):
+        extra = {"parallel_tool_calls": False} if choice == "required" else {}
+        answer = oai.responses.create(**common, **extra, tool_choice=choice)
+        calls = [item for item in answer.output if item.type == "function_call"]
+        assert answer.status == "completed" and calls, answer.output
+        for call in calls:
+            _check_call(call.name, call.arguments)
+        events = list(oai.responses.create(**common, **extra, tool_choice=choice, stream=True))
+        done = [e for e in events if e.type == "response.output_item.done"]
+        assert events[-1].type == "response.completed" and done
+        for event in done:
+            _check_call(event.item.name, event.item.arguments)
+    text = {"format": {"type": "json_schema", "name": "weather", "schema": PARAMETERS}}
+    answer = oai.responses.create(model=model, input="Weather?", text=text, max_output_tokens=80)
+    assert answer.status == "completed"
+    jsonschema.validate(json.loads(answer.output_text), PARAMETERS)
     oai.close()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from mii.rpc.http import mii_routes, openai_routes, tokenize_routes
+from mii.rpc.http import mii_routes, openai_routes, responses_route, tokenize_routes
 from mii.rpc.http.auth import install_access_control
 from mii.rpc.http.errors import install_error_handlers
 from mii.rpc.http.state import GatewayState
@@ -18,5 +18,6 @@ def build_app(state: GatewayState) -> FastAPI:
     install_access_control(app, state.access)
     app.include_router(mii_routes.router)
     app.include_router(openai_routes.router)
+    app.include_router(responses_route.router)
     app.include_router(tokenize_routes.router)
     return app

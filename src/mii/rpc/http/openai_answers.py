@@ -119,7 +119,8 @@ class Answer:
         choice |= {"finish_reason": finish_reason, "stop_reason": stop_reason}
         return self._frame(self.kind.chunk_object, [choice])
 
-    def _choice(self, index: int, r: Response) -> dict[str, Any]:
+    def choice(self, index: int, r: Response) -> dict[str, Any]:
+        """One whole choice (its text or message, logprobs, finish and stop reason)."""
         content, finish_reason = self.kind.content(r), r.finish_reason
         if self.tools is not None:
             message, finish_reason = self.tools.message(r)
@@ -135,7 +136,7 @@ class Answer:
 
     def whole(self, responses: list[Response], usage: dict[str, int]) -> dict[str, Any]:
         """The whole answer: every choice, by index, and the usage."""
-        choices = [self._choice(index, r) for index, r in enumerate(responses)]
+        choices = [self.choice(index, r) for index, r in enumerate(responses)]
         return {
             **self._frame(self.kind.object, choices),
             "usage": usage,

@@ -157,8 +157,22 @@ async def create_completion(body: CompletionRequest, request: Request):
 
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state, renames, choices, answer = await prepare_chat(request, body)
+    return await _respond(request, state, body, choices, renames, answer)
+
+
+async def prepare_chat(
+    request: Request,
+    body: ChatCompletionRequest,
+    field_name: Callable[[str], str] | None = None,
+) -> tuple[GatewayState, dict[str, str], Choices, Answer]:
+    """What a chat request asks for: the gateway's state, the field names for 400s
+    (mii's option -> the request's field, passed through ``field_name``), its
+    choices and the answer to fill. Shared with the Responses route."""
     state = _accepted(request, body, refuse_chat)
     renames = openai_field_names(body, chat=True)
+    if field_name is not None:
+        renames = {name: field_name(field) for name, field in renames.items()}
     max_tokens = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
@@ -184,4 +198,4 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         _formatter(state, params, chat=True),
         tools if tools is not None and tools.mode != "none" else None,
     )
-    return await _respond(request, state, body, choices, renames, answer)
+    return state, renames, choices, answer

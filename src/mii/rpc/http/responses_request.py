@@ -1,0 +1,275 @@
+"""OpenAI's Responses API request (``POST /v1/responses``) and its meaning as a chat
+completion request.
+
+A Responses request is a chat request written otherwise: ``input`` (a text, or a
+list of items: messages, the model's earlier ``function_call`` items and their
+``function_call_output`` items), ``instructions`` (a system message before them),
+``max_output_tokens``, ``text.format`` (``response_format``), flat function
+``tools`` and ``tool_choice``. :func:`chat_body` rewrites it as the body of
+``/v1/chat/completions``, so that both routes share one prompt, one set of
+options and one tool-call parser; 400s name the Responses fields.
+
+This server keeps no state between requests: ``previous_response_id``,
+``conversation``, stored ``prompt`` templates and ``background`` runs are refused
+(send the whole conversation in ``input``); ``store`` is accepted and nothing is
+stored. Built-in tools (web search, file search, ...) and non-text input parts
+are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mii.rpc.http.errors import ApiError
+
+# Fields of the Responses API that change nothing generated here (as field_policy's):
+# accepted and ignored.
+IGNORED_RESPONSE_FIELDS = (
+    "user",
+    "safety_identifier",
+    "metadata",
+    "store",
+    "service_tier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "truncation",
+    "reasoning",
+    "include",
+    "stream_options",
+    "max_tool_calls",
+)
+
+# Chat fields (and what is under them) -> the Responses request's names, for 400s.
+_FIELD_NAMES = {
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+    "response_format.json_schema": "text.format",
+    "response_format": "text.format",
+    "messages": "input",
+    "logprobs": "top_logprobs",
+}
+
+
+def responses_field(field: str) -> str:
+    """The Responses request's name of the chat request's ``field`` (dotted)."""
+    if field.startswith("tools.") and ".function" in field:  # tools.0.function.parameters
+        return field.replace(".function", "", 1)
+    for chat, ours in _FIELD_NAMES.items():
+        if field == chat or field.startswith(chat + "."):
+            return ours + field[len(chat) :]
+    return field
+
+
+class ResponsesRequest(BaseModel):
+    # No docstring: it would change the served /openapi.json.
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    # Refused when set (this server keeps no state between requests)
+    previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    prompt: dict[str, Any] | None = None
+    background: bool | None = None
+    # Ignored (IGNORED_RESPONSE_FIELDS)
+    user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    truncation: str | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    stream_options: dict[str, Any] | None = None
+    max_tool_calls: int | None = None
+    # vLLM's and mii's sampling extensions, as on the chat route
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    ignore_eos: bool = False
+
+
+_STATEFUL = {
+    "previous_response_id": "this server stores no responses",
+    "conversation": "this server stores no conversations",
+    "prompt": "this server stores no prompt templates",
+}
+
+
+def refuse_stateful(body: ResponsesRequest) -> None:
+    """400 naming the first field that asks for state this server does not keep."""
+    for field, why in _STATEFUL.items():
+        if getattr(body, field) is not None:
+            raise ApiError(
+                400, f"{field} is not supported: {why}; send the whole conversation in input", field
+            )
+    if body.background:
+        raise ApiError(
+            400, "background responses are not supported; leave background out", "background"
+        )
+
+
+def _text_of(content: Any, where: str) -> str:
+    """The text of a message's ``content``: a string, or text parts joined by line
+    breaks (as the chat route joins them)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, "content must be a string or a list of text parts", where)
+    texts = []
+    for at, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(
+            part.get("text"), str
+        ):
+            raise ApiError(
+                400,
+                f"only text parts are supported ({{'type': 'input_text', 'text': ...}}; got "
+                f"{kind!r})",
+                f"{where}.{at}",
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The chat messages of ``instructions`` and ``input``."""
+    messages: list[dict[str, Any]] = []
+    if body.instructions:
+        messages.append({"role": "system", "content": body.instructions})
+    if isinstance(body.input, str):
+        return [*messages, {"role": "user", "content": body.input}]
+    if not body.input:
+        raise ApiError(400, "input must not be empty", "input")
+    for at, item in enumerate(body.input):
+        where = f"input.{at}"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise ApiError(
+                    400,
+                    f"a message's role must be user, assistant, system or developer (got {role!r})",
+                    f"{where}.role",
+                )
+            content = _text_of(item.get("content"), f"{where}.content")
+            messages.append({"role": role, "content": content})
+        elif kind == "function_call":
+            call = _function_call(item, where)
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
+                last["tool_calls"].append(call)  # the calls of one turn, together
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if not isinstance(item.get("call_id"), str):
+                raise ApiError(400, "a function_call_output needs its call_id", f"{where}.call_id")
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item["call_id"],
+                    "content": _text_of(output, f"{where}.output"),
+                }
+            )
+        elif kind == "reasoning":
+            continue  # a reasoning model's notes; the models served here write none
+        else:
+            raise ApiError(
+                400,
+                f"input items of type {kind!r} are not supported; use message, function_call "
+                "or function_call_output",
+                f"{where}.type",
+            )
+    return messages
+
+
+def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    for key in ("call_id", "name", "arguments"):
+        if not isinstance(item.get(key), str):
+            raise ApiError(400, f"a function_call item needs {key!r} (a string)", f"{where}.{key}")
+    return {
+        "id": item["call_id"],
+        "type": "function",
+        "function": {"name": item["name"], "arguments": item["arguments"]},
+    }
+
+
+def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat function tools ``{"type": "function", "name", "parameters", ...}`` in the
+    chat route's nested shape."""
+    chat_tools = []
+    for at, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise ApiError(
+                400,
+                f"only function tools are supported (got {tool.get('type')!r})",
+                f"tools.{at}.type",
+            )
+        function = {k: v for k, v in tool.items() if k != "type"}
+        chat_tools.append({"type": "function", "function": function})
+    return chat_tools
+
+
+def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if not isinstance(choice, dict):
+        return choice
+    if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+        raise ApiError(
+            400,
+            "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'name': ...}",
+            "tool_choice",
+        )
+    return {"type": "function", "function": {"name": choice["name"]}}
+
+
+def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``text.format`` as the chat route's ``response_format``."""
+    if not text or text.get("format") is None:
+        return None
+    spec = text["format"]
+    if not isinstance(spec, dict):
+        raise ApiError(400, "text.format must be an object", "text.format")
+    if spec.get("type") != "json_schema":
+        return spec  # text, json_object: the same shape
+    inner = {k: v for k, v in spec.items() if k != "type"}
+    return {"type": "json_schema", "json_schema": inner}
+
+
+def chat_body(body: ResponsesRequest) -> dict[str, Any]:
+    """The ``/v1/chat/completions`` body that asks for what ``body`` asks."""
+    chat: dict[str, Any] = {
+        "model": body.model,
+        "messages": _messages(body),
+        "max_completion_tokens": body.max_output_tokens,
+        "response_format": _response_format(body.text),
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "tool_choice": _tool_choice(body.tool_choice),
+        "tools": _tools(body.tools) if body.tools else None,
+    }
+    if body.top_logprobs:
+        chat |= {"logprobs": True, "top_logprobs": body.top_logprobs}
+    for name in (
+        "temperature", "top_p", "seed", "stop", "top_k", "min_p", "repetition_penalty",
+        "presence_penalty", "frequency_penalty", "ignore_eos",
+    ):  # fmt: skip
+        chat[name] = getattr(body, name)
+    return {k: v for k, v in chat.items() if v is not None}

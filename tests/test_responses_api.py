@@ -1,0 +1,230 @@
+"""OpenAI's Responses API (``POST /v1/responses``), through the ``openai`` SDK.
+
+A gateway over a scripted pool (it answers what a model would write) checks that a
+Responses request sends the engine exactly the chat route's prompt and options
+(``instructions`` as the system message, text parts, function calls and their
+outputs, ``text.format``, ``max_output_tokens``), that the answer comes back in
+the Responses shapes, whole and as stream events, and that what cannot be served
+is a 400 naming the field. A real deployment (test_tool_calling's) checks forced
+calls end to end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from scripted_gateway import ScriptedPool, with_gateway
+from test_tool_calling import ALERT, HERMES_ANSWER, PARAMETERS
+
+FLAT_WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather of a city",
+    "parameters": PARAMETERS,
+}
+CHAT_WEATHER = {
+    "type": "function",
+    "function": {k: v for k, v in FLAT_WEATHER.items() if k != "type"},
+}
+FLAT_ALERT = {"type": "function", **ALERT["function"]}
+
+
+def test_a_response_is_the_chat_routes_answer_in_the_responses_shape(llama):
+    pool = ScriptedPool("The capital is Paris.")
+
+    async def scenario(client, gateway):
+        answer = await client.responses.create(
+            model="d",
+            instructions="Answer briefly.",
+            input=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "a"},
+                        {"type": "input_text", "text": "b"},
+                    ],
+                }
+            ],
+            max_output_tokens=30,
+            temperature=0,
+        )
+        assert answer.object == "response" and answer.id.startswith("resp_")
+        assert answer.status == "completed" and answer.incomplete_details is None
+        assert answer.output_text == "The capital is Paris."
+        [message] = answer.output
+        assert message.type == "message" and message.role == "assistant"
+        assert message.content[0].type == "output_text"
+        prompt, params = pool.sent[-1]
+        assert answer.usage.input_tokens == len(prompt)
+        assert answer.usage.output_tokens == 7 and answer.usage.total_tokens == len(prompt) + 7
+        assert params["max_new_tokens"] == 30 and params["do_sample"] is False
+        # The same prompt as the chat route's for the same conversation.
+        await client.chat.completions.create(
+            model="d",
+            messages=[
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "a\nb"},
+            ],
+            max_tokens=30,
+        )
+        assert pool.sent[-1][0] == prompt
+
+        # A plain text input is one user message; text.format is response_format.
+        schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+        await client.responses.create(
+            model="d",
+            input="hi",
+            text={"format": {"type": "json_schema", "name": "x", "schema": schema}},
+        )
+        prompt, params = pool.sent[-1]
+        assert json.loads(params["json_schema"]) == schema
+        await client.chat.completions.create(
+            model="d", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert pool.sent[-1][0] == prompt
+
+    with_gateway(llama, pool, scenario)
+
+
+def test_a_cut_answer_is_incomplete(llama):
+    pool = ScriptedPool("The capital", finish="length")
+
+    async def scenario(client, gateway):
+        answer = await client.responses.create(model="d", input="hi", max_output_tokens=2)
+        assert answer.status == "incomplete"
+        assert answer.incomplete_details.reason == "max_output_tokens"
+        assert answer.output[0].status == "incomplete"
+        events = [
+            e async for e in await client.responses.create(input="hi", model="d", stream=True)
+        ]
+        assert events[-1].type == "response.incomplete"
+        assert events[-1].response.output_text == "The capital"
+
+    with_gateway(llama, pool, scenario)
+
+
+def test_streamed_events_carry_the_text_as_it_comes(llama):
+    text = "The capital of France is Paris."
+    pool = ScriptedPool(text, size=4)
+
+    async def scenario(client, gateway):
+        stream = await client.responses.create(model="d", input="hi", stream=True)
+        events = [event async for event in stream]
+        kinds = [e.type for e in events]
+        assert kinds[:4] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ]
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+        assert len(deltas) == -(-len(text) // 4) and "".join(deltas) == text
+        assert kinds[-4:] == [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+        assert events[-1].response.output_text == text
+        item_ids = {e.item_id for e in events if hasattr(e, "item_id")}
+        assert item_ids == {events[-1].response.output[0].id}
+
+    with_gateway(llama, pool, scenario)
+
+
+def test_tool_calls_are_function_call_items_and_go_back_as_input(llama):
+    pool = ScriptedPool(HERMES_ANSWER)
+
+    async def scenario(client, gateway):
+        answer = await client.responses.create(
+            model="d", input="What is the weather in Paris?", tools=[FLAT_WEATHER, FLAT_ALERT]
+        )
+        kinds = [item.type for item in answer.output]
+        assert kinds == ["message", "function_call", "function_call"]
+        assert answer.output[0].content[0].text == "Let me check."
+        call = answer.output[1]
+        assert call.name == "get_weather" and call.call_id.startswith("call_")
+        assert json.loads(call.arguments) == {"city": "Paris", "metric": True}
+        prompt = pool.sent[-1][0]
+        # The tools reached the template as the chat route's tools do.
+        await client.chat.completions.create(
+            model="d",
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=[CHAT_WEATHER, ALERT],
+        )
+        assert pool.sent[-1][0] == prompt
+
+        # Streamed: the calls as items with their arguments' events.
+        events = [
+            e
+            async for e in await client.responses.create(
+                model="d", input="Weather?", tools=[FLAT_WEATHER, FLAT_ALERT], stream=True
+            )
+        ]
+        done = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
+        assert [json.loads(a) for a in done] == [
+            {"city": "Paris", "metric": True},
+            {"level": "low"},
+        ]
+        assert [i.type for i in events[-1].response.output] == kinds
+
+        # The call and its output sent back: the chat route's tool turn.
+        history = [
+            {"role": "user", "content": "Weather?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+             "arguments": '{"city": "Paris", "metric": true}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        ]  # fmt: skip
+        await client.responses.create(model="d", input=history, tools=[FLAT_WEATHER])
+        prompt = pool.sent[-1][0]
+        chat_history = [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Paris", "metric": true}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ]  # fmt: skip
+        await client.chat.completions.create(model="d", messages=chat_history, tools=[CHAT_WEATHER])
+        assert pool.sent[-1][0] == prompt
+        assert "sunny" in gateway.app.state.mii.tokenizer.decode(prompt)
+
+    with_gateway(llama, pool, scenario, tool_call_parser="hermes")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"background": True}, "background"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {"type": "nope"}}]},
+         "tools.0.parameters"),
+        ({"input": [{"type": "input_image", "image_url": "x"}]}, "input.0.type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input.0.content.0"),
+        ({"input": [{"role": "robot", "content": "hi"}]}, "input.0.role"),
+        ({"input": [{"type": "function_call", "name": "f"}]}, "input.0.call_id"),
+        ({"input": []}, "input"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
+        ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
+        ({"frobnicate": 1}, "frobnicate"),
+        ({"model": "gpt-9"}, "model"),
+    ],
+)  # fmt: skip
+def test_what_cannot_be_served_is_a_400_naming_the_field(llama, fields, param):
+    pool = ScriptedPool("x")
+
+    async def scenario(client, gateway):
+        body = {"model": "d", "input": "hi", **fields}
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.post("/responses", body=body, cast_to=object)
+        error = caught.value
+        assert error.status_code == (404 if param == "model" else 400), error.body
+        assert error.body["param"] == param, error.body
+
+    with_gateway(llama, pool, scenario)
