@@ -103,6 +103,45 @@ async def test_abort_by_request_id(engine):
     assert joined.finish_reason == "abort" and joined.generated_length == len(joined.token_ids)
 
 
+async def test_a_request_id_is_free_again_once_abort_returns_or_its_consumer_left(engine):
+    """The id of an aborted request (abort() awaited) or of a cancelled consumer may
+    name a new request at once: it was refused as "in use" until the next pass."""
+    long = dict(max_new_tokens=100, ignore_eos=True)
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in engine.stream(PROMPTS[2], request_id="r1", **long):
+            started.set()
+
+    for end in ("abort", "cancel"):
+        started.clear()
+        task = asyncio.create_task(consume())
+        while not started.is_set():
+            if task.done():
+                task.result()  # its error, rather than waiting for ever
+            await asyncio.sleep(0.001)
+        if end == "abort":
+            await engine.abort("r1")
+            await task
+        else:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        again = [p async for p in engine.stream(PROMPTS[0], request_id="r1", max_new_tokens=3)]
+        assert again[-1].finish_reason is not None and again[-1].request_id == "r1"
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+
+
+async def test_options_are_keywords_and_a_closed_engine_says_so(llama):
+    async with mii.AsyncEngine(llama) as engine:
+        params = mii.GenerateParams(max_new_tokens=3)
+        with pytest.raises(TypeError, match="keyword arguments"):
+            [p async for p in engine.stream(PROMPTS[0], params)]  # vLLM's habit
+    with pytest.raises(mii.EngineClosedError):
+        engine.stats()
+
+
 async def test_same_seed_same_text_alone_in_batch_and_after_preemption(llama):
     params = dict(max_new_tokens=24, seed=1234, temperature=1.3, top_p=0.95, ignore_eos=True)
     async with mii.AsyncEngine(llama) as roomy:
@@ -289,8 +328,9 @@ async def test_cancelling_generate_aborts_all_its_requests(engine):
 
 
 async def test_request_id_reused_while_its_abort_is_pending(engine, monkeypatch):
-    """A cancelled request's id is reserved until its abort is applied: reusing it
-    at once is refused instead of the new request hanging or receiving old output."""
+    """A cancelled request's id is reserved until its abort is applied: a new request
+    under it waits for that (it was refused as "already in use"), then runs as its
+    own, without the old request's output."""
     # The first pass is held until the reuse was tried, so the abort is still
     # pending then on any machine (a fast pass let the loop apply it first).
     release = threading.Event()
@@ -315,12 +355,14 @@ async def test_request_id_reused_while_its_abort_is_pending(engine, monkeypatch)
     first.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first
-    with pytest.raises(mii.InvalidRequestError, match="already in use"):
-        await asyncio.wait_for(consume("X"), 10)  # a regression would hang: fail instead
+    second = asyncio.create_task(consume("X"))
+    await asyncio.sleep(0.05)
+    assert not second.done()  # waiting for the abort, which the held pass delays
     release.set()
-    await engine.wait_idle()
-    pieces = await asyncio.wait_for(consume("X"), 10)  # free again once the abort applied
+    pieces = await asyncio.wait_for(second, 30)  # a regression would hang: fail instead
     assert pieces[-1].finish_reason == "length" and pieces[-1].generated_length == 5
+    assert sum(len(p.token_ids) for p in pieces) == 5  # its own tokens only
+    await engine.wait_idle()
     assert_all_blocks_free(engine)
 
 

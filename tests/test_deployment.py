@@ -273,6 +273,40 @@ def test_grpc_servers_refuse_a_busy_port():
     asyncio.run(main())
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason="this Python has no IPv6 sockets")
+def test_a_deployment_on_an_ipv6_host_is_reached_by_name(checkpoints, capsys):
+    """host="::1": clients, `mii list` and terminate write the address [::1]:PORT
+    (::1:PORT does not resolve: the deployment ran, and nobody could reach it)."""
+    from mii.cli.commands import main
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    assert DeploymentConfig.parse("m", host="[::1]").host == "::1"  # as URLs write it
+    http_port = free_port()
+    client = mii.serve(
+        str(checkpoints("llama")[0]),
+        deployment_name="v6-deploy",
+        host="::1",
+        port=free_port(),
+        enable_restful_api=True,
+        restful_api_port=http_port,
+    )
+    try:
+        assert client.address.startswith("[::1]:")
+        [r] = mii.client("v6-deploy").generate(PROMPTS[0], do_sample=False, max_new_tokens=2)
+        assert r.generated_length == 2
+        assert main(["list", "--json"]) == 0
+        [listed] = [
+            d for d in json.loads(capsys.readouterr().out) if d["deployment_name"] == "v6-deploy"
+        ]
+        assert listed["health"]["status"] == "ok", listed
+        import httpx
+
+        assert httpx.get(f"http://[::1]:{http_port}/health", timeout=30).status_code == 200
+    finally:
+        assert main(["terminate", "v6-deploy", "--timeout", "60"]) == 0
+    assert registry.lookup("v6-deploy") is None
+
+
 def test_grpc_servers_close_connections_that_never_speak(monkeypatch):
     """A TCP connection that never completes HTTP/2's handshake is closed (grpc's
     default kept it 120 s: enough of them take every descriptor of the process)."""

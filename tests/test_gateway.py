@@ -686,6 +686,39 @@ class _DownPool:
         yield
 
 
+class _Stated:
+    def __init__(self, state: str) -> None:
+        self.state, self.healthy = state, state == "serving"
+
+
+def test_choices_that_need_replicas_out_of_rotation(llama):
+    """n choices that fit only in every replica at once: with a replica given up on
+    (failed) they never fit (400 naming n); with one restarting they fit once it is
+    back (503 with Retry-After; this was a 429 "holds 4 requests" on an idle server)."""
+    from scripted_gateway import ScriptedPool, with_gateway
+
+    pool = ScriptedPool("x")
+    body = {"model": "d", "prompt": "a", "n": 5, "max_tokens": 2}
+
+    async def scenario(client, gateway):
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            for states, status in [
+                (("serving", "serving"), 200),
+                (("serving", "failed"), 400),
+                (("serving", "restarting"), 503),
+                (("unresponsive", "serving"), 503),
+            ]:
+                pool.replicas = [_Stated(s) for s in states]
+                response = await http.post("/v1/completions", json=body)
+                assert response.status_code == status, (states, response.text)
+                if status != 200:
+                    assert response.json()["error"]["param"] == "n"
+                if status == 503:
+                    assert int(response.headers["retry-after"]) > 0
+
+    with_gateway(llama, pool, scenario, replica_num=2, max_queued_requests=4)
+
+
 def test_no_healthy_replica_gives_503(model_path):
     async def scenario():
         config = DeploymentConfig(model=model_path, restful_api_port=free_port())

@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -51,8 +52,44 @@ def test_pipeline_works_inside_a_running_event_loop(llama):
 def test_bad_options_rejected_before_work(llama):
     with mii.pipeline(llama) as pipe:
         with pytest.raises(mii.InvalidRequestError, match="top_k"):
-            pipe(PROMPTS[0], top_k=0)
+            pipe(PROMPTS[0], top_k=-2)
         assert pipe(PROMPTS[0], max_new_tokens=2)[0].generated_length >= 1
+        with pytest.raises(TypeError, match="keyword arguments"):
+            pipe(PROMPTS[0], mii.GenerateParams(max_new_tokens=2))  # vLLM's habit
+        # -1 and 0: no top-k limit, as vLLM's SamplingParams and the HTTP routes read them
+        greedy = dict(max_new_tokens=4, do_sample=False, ignore_eos=True)
+        [plain] = pipe(PROMPTS[0], **greedy)
+        for every in (-1, 0):
+            assert pipe(PROMPTS[0], top_k=every, **greedy)[0].token_ids == plain.token_ids
+
+
+def test_one_bad_prompt_with_a_progress_bar_stops_the_others(llama):
+    """With a progress bar each prompt is a call of its own: one refused prompt
+    must end the others too, as without (they ran on for the whole answer)."""
+    with mii.pipeline(llama, kv_block_size=4, num_kv_blocks=64) as pipe:
+        prompts = [*PROMPTS[:3], "word " * 5000]
+        with pytest.raises(mii.InvalidRequestError):
+            pipe(prompts, progress=True, max_new_tokens=200, ignore_eos=True)
+        deadline = time.monotonic() + 60
+        while pipe.engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # the aborts are applied between passes
+        stats = pipe.engine.stats()
+        assert stats["running"] == 0 and stats["waiting"] == 0
+        assert stats["generation_tokens"] < 3 * 200  # they did not run to their end
+
+
+def test_prompts_as_tensors_and_batch_encodings_and_a_path_as_model(llama, tokenizer):
+    import pathlib
+
+    import torch
+
+    with mii.pipeline(pathlib.Path(llama)) as pipe:
+        ids = tokenizer(PROMPTS[0]).input_ids
+        greedy = dict(max_new_tokens=3, do_sample=False, ignore_eos=True)
+        [ref] = pipe([ids], **greedy)
+        for prompt in (torch.tensor(ids), tokenizer(PROMPTS[0]), torch.tensor([ids, ids])):
+            answers = pipe(prompt, **greedy)
+            assert all(a.token_ids == ref.token_ids for a in answers), prompt
 
 
 def test_demo_command_runs_offline(tmp_path):

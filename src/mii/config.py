@@ -9,6 +9,7 @@ per-surface defaults of ``max_new_tokens`` are declared here, once.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal
 
 from pydantic import (
@@ -98,7 +99,8 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
         default=None,
         gt=0,
         lt=INT64_LIMIT,
-        description="sample only among the k most likely tokens (more than the vocabulary: all)",
+        description="sample only among the k most likely tokens (more than the vocabulary, "
+        "-1 or 0: all)",
     )
     temperature: float | None = Field(
         default=None, ge=0.0, description="rescale logits; 0 (or below 1e-5) means greedy"
@@ -174,7 +176,6 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
         "max_length",
         "min_new_tokens",
         "max_new_tokens",
-        "top_k",
         "seed",
         "logprobs",
         "prompt_logprobs",
@@ -186,6 +187,14 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
             raise ValueError("must be an integer, not a boolean")
         return value
 
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _every_token(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read True as 1
+            raise ValueError("must be an integer, not a boolean")
+        # -1 and 0 mean no top-k limit, as in vLLM's SamplingParams and on the HTTP routes
+        return None if isinstance(value, int) and value in (-1, 0) else value
+
     @field_validator("max_new_tokens")
     @classmethod
     def _not_below_min_new_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
@@ -196,10 +205,11 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
             )
         return value
 
-    @field_validator("top_p", "temperature")
+    @field_validator("top_p", "temperature", mode="before")
     @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
+    def _finite(cls, value: Any) -> Any:
+        # before the bounds: NaN would read "should be greater than or equal to 0"
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 
@@ -421,6 +431,8 @@ class EngineConfig(BaseModel):
     @classmethod
     def parse(cls, model: str, **options: Any) -> EngineConfig:
         """Validate engine options; raise InvalidRequestError naming the bad field."""
+        if isinstance(model, os.PathLike):  # a pathlib.Path to a checkpoint or .gguf file
+            model = os.fspath(model)
         try:
             return cls(model=model, **options)
         except ValidationError as err:

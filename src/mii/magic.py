@@ -100,21 +100,35 @@ def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
 _LINE_OPTIONS = _takes_value(_generation_parser("%mii"))
 
 
+# A shell word: unquoted characters and quoted runs, up to unquoted whitespace (an
+# unclosed quote: the rest of the non-blank characters, refused by _unquoted).
+_SHELL_WORD = re.compile(r"""(?:[^\s'"]+|'[^']*'|"(?:\\.|[^"\\])*")+|\S+""")
+
+
+def _unquoted(word: str) -> str:
+    try:
+        [value] = shlex.split(word)
+    except ValueError as err:  # e.g. an unclosed quote
+        raise UsageError(f"%mii: {err} in {word!r}") from None
+    return value
+
+
 def split_line(line: str) -> tuple[list[str], str]:
     """Split ``%mii [options] [--] PROMPT`` into option tokens and the prompt, which
-    keeps its own spacing. Options are whitespace-separated (no quoting)."""
+    keeps its own spacing and quotes. Option values may be quoted as in a shell
+    (``--stop 'answer is'``, ``--json-schema '{"type": "object"}'``), as ``%%mii``'s."""
     tokens: list[str] = []
     expect_value = False
-    for match in re.finditer(r"\S+", line):
+    for match in _SHELL_WORD.finditer(line):
         token = match.group()
         if expect_value:
-            tokens.append(token)
+            tokens.append(_unquoted(token))
             expect_value = False
         elif token == "--":
             return tokens, line[match.end() :].strip()
         elif token.startswith("--") and token.split("=", 1)[0] in _LINE_OPTIONS:
-            tokens.append(token)
-            expect_value = _LINE_OPTIONS[token] and "=" not in token
+            tokens.append(_unquoted(token))
+            expect_value = _LINE_OPTIONS[token.split("=", 1)[0]] and "=" not in token
         elif token.startswith("--"):
             raise UsageError(
                 f"%mii: unknown option {token!r} (put `--` before a prompt that starts with --)"

@@ -56,6 +56,12 @@ class Pipeline:
         """
         if self._runner.closed:
             raise EngineClosedError("this pipeline was destroyed; create a new one")
+        if progress is not None and not isinstance(progress, bool):
+            # pipe(prompts, params): vLLM's generate(prompts, sampling_params) habit
+            raise TypeError(
+                f"progress must be True, False or None (got {type(progress).__name__}); "
+                "generation options are keyword arguments: pipe(prompts, max_new_tokens=64)"
+            )
         future = self._runner.submit(self._call(prompts, params, progress))
         try:
             return future.result()
@@ -103,9 +109,13 @@ class Pipeline:
             bar.update(1)
             return response
 
+        tasks = [asyncio.ensure_future(one(p)) for p in prompts]
         try:
-            return list(await asyncio.gather(*(one(p) for p in prompts)))
+            return list(await asyncio.gather(*tasks))
         finally:
+            for task in tasks:  # one prompt failed (or the call was cancelled): stop the rest
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             bar.close()
 
     def destroy(self) -> None:

@@ -7,6 +7,10 @@ client of a deployment and the REST route ``/mii/{deployment}``:
 - ``[1, 2, 3]``: one prompt given as token ids (taken as they are, nothing added);
 - ``["a", "b"]``, ``[[1, 2], [3]]``: several prompts.
 
+Token ids may also come as a tensor or array (1-D: one prompt, 2-D: one per row)
+or as a tokenizer's ``BatchEncoding`` (its ``input_ids``: what transformers'
+``apply_chat_template`` returns by default).
+
 A flat list of integers is therefore one prompt, never several one-token prompts,
 as OpenAI's and vLLM's ``prompt`` reads it. Whether every id is inside the model's
 vocabulary is checked by the engine, which knows its size.
@@ -70,8 +74,20 @@ def token_ids(value: Sequence[Any], field: str = "prompt") -> list[int]:
     return _in_range(ids, field)
 
 
+def _plain(value: Any) -> Any:
+    """Token ids held by a tokenizer's ``BatchEncoding`` (its ``input_ids``), a torch
+    tensor or a numpy array, as (nested) lists; anything else unchanged."""
+    if isinstance(value, Mapping) and "input_ids" in value:
+        value = value["input_ids"]
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist) and hasattr(value, "shape") and not isinstance(value, (list, tuple)):
+        value = tolist()
+    return value
+
+
 def one_prompt(prompt: Any, field: str = "prompt") -> Prompt:
     """One prompt: a string, or a non-empty list of token ids."""
+    prompt = _plain(prompt)
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, (list, tuple)):
@@ -86,6 +102,7 @@ def prompt_batch(prompts: Any, field: str = "prompts") -> list[Prompt]:
     """``prompts`` as a list of prompts: a string or a flat list of token ids is one
     prompt; a non-empty list (tuple, iterable) of strings and token-id lists is several.
     Anything else is InvalidRequestError naming ``field``."""
+    prompts = _plain(prompts)
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, Iterable) and not isinstance(prompts, (bytes, bytearray, Mapping)):
@@ -100,7 +117,7 @@ def prompt_batch(prompts: Any, field: str = "prompts") -> list[Prompt]:
     if ids is not None:  # one prompt of token ids
         return [_in_range(ids, field)]
     batch: list[Prompt] = []
-    for prompt in prompts:
+    for prompt in map(_plain, prompts):
         if not isinstance(prompt, (str, list, tuple)):
             raise InvalidRequestError(
                 "every prompt must be a string or a non-empty list of token ids "

@@ -62,10 +62,13 @@ def deployment_health(record: dict[str, Any]) -> dict[str, Any]:
     import grpc
 
     from mii.rpc import auth, mii_pb2, mii_pb2_grpc
+    from mii.rpc.listen import host_port
     from mii.rpc.replica_health import health_from_stats
 
     try:
-        with auth.channel(f"{record['host']}:{record['port']}", record.get("api_key")) as channel:
+        with auth.channel(
+            host_port(record["host"], record["port"]), record.get("api_key")
+        ) as channel:
             reply = mii_pb2_grpc.MiiStub(channel).Stats(
                 mii_pb2.StatsRequest(), timeout=HEALTH_TIMEOUT_S
             )
@@ -103,6 +106,7 @@ def _replica_line(replica: dict[str, Any]) -> str:
 
 def list_deployments(args: argparse.Namespace) -> int:
     from mii.rpc import registry
+    from mii.rpc.listen import host_port
 
     # The records hold the API keys (the health query presents it); a listing says
     # only whether there is one.
@@ -122,11 +126,15 @@ def list_deployments(args: argparse.Namespace) -> int:
         return 0
     rows = [("NAME", "ADDRESS", "MODEL", "REPLICAS", "HEALTH", "LOAD", "HTTP")]
     for d in deployments:
-        rest = f"http://{d['host']}:{d['restful_api_port']}" if d.get("restful_api_port") else "-"
+        rest = (
+            f"http://{host_port(d['host'], d['restful_api_port'])}"
+            if d.get("restful_api_port")
+            else "-"
+        )
         rows.append(
             (
                 d["deployment_name"],
-                f"{d['host']}:{d['port']}",
+                host_port(d["host"], d["port"]),
                 str(d.get("model", "?")),
                 str(d.get("replica_num", "?")),
                 _status_cell(d["health"]),

@@ -125,12 +125,13 @@ def _find_deployment(target: str, api_key: str | None = None):
     ``api_key`` wins over the deployment's record and ``MII_API_KEY``."""
     from mii.rpc import registry
     from mii.rpc.client import MiiClient
+    from mii.rpc.listen import host_port
 
     for name in registry.candidate_names(target):
         info = registry.lookup(name)
         if info is not None:
             key = api_key if api_key is not None else info.get("api_key")
-            return MiiClient(f"{info['host']}:{info['port']}", name, api_key=key)
+            return MiiClient(host_port(info["host"], info["port"]), name, api_key=key)
     host, sep, port = target.rpartition(":")
     if sep and host and port.isdigit() and not os.path.exists(target):
         client = MiiClient(target, api_key=api_key)

@@ -222,13 +222,16 @@ async def _announce(config: DeploymentConfig) -> None:
 def banner(config: DeploymentConfig, info: dict[str, Any]) -> list[str]:
     """The lines that say where a ready deployment serves: the gRPC address, the
     OpenAI API's base URL and a request to paste into a shell."""
+    from mii.rpc.listen import host_port
+
     name = config.deployment_name
     lines = [
-        f"[mii] gRPC: {info['host']}:{info['port']}  (mii.client({name!r}), mii generate {name!r})"
+        f"[mii] gRPC: {host_port(info['host'], info['port'])}  (mii.client({name!r}), "
+        f"mii generate {name!r})"
     ]
     if info.get("restful_api_port"):
         host = info["host"]
-        base = f"http://{f'[{host}]' if ':' in host else host}:{info['restful_api_port']}"
+        base = f"http://{host_port(host, info['restful_api_port'])}"
         model = (config.served_model_name or [config.model])[0]
         body = json.dumps({"model": model, "prompt": "San Francisco is", "max_tokens": 16})
         key = " -H 'Authorization: Bearer YOUR_API_KEY'" if info.get("api_key") else ""

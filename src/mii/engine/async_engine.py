@@ -36,6 +36,9 @@ class _Aborting:
     the engine loop applies it, so that the id cannot be reused in between (the
     queued abort would otherwise hit the new request, or its outputs leak into it)."""
 
+    def __init__(self) -> None:
+        self.applied = asyncio.Event()  # set once the id is free again
+
     def put_nowait(self, item: object) -> None:
         pass  # late output of an aborted request goes nowhere
 
@@ -102,11 +105,18 @@ class AsyncEngine:
     ) -> AsyncIterator[Response]:
         """Yield pieces of the answer as they are generated. Cancelling the
         consuming task (or closing the iterator) aborts the request; ``abort``
-        ends the stream with an empty piece whose ``finish_reason`` is "abort"."""
+        ends the stream with an empty piece whose ``finish_reason`` is "abort".
+        ``request_id`` (default: a fresh one) may be reused once its request ended."""
+        if request_id is not None and not isinstance(request_id, str):
+            raise TypeError(
+                f"request_id must be a string (got {type(request_id).__name__}); generation "
+                "options are keyword arguments: stream(prompt, max_new_tokens=64)"
+            )
         prompt = one_prompt(prompt)  # a text or token ids (a tuple of ids too)
         grammar = await self._compile_constraint(GenerateParams.parse(**params))
         self._admit()
         prompt_ids = await self._tokenize_large(prompt)
+        await self._until_free(request_id)
         request_id, queue, seq = self._submit(
             prompt, request_id, params, prompt_ids=prompt_ids, grammar=grammar
         )
@@ -165,10 +175,10 @@ class AsyncEngine:
         piece whose ``finish_reason`` is "abort"; its ``generate`` returns what was
         generated so far, with ``finish_reason`` "abort"."""
         queue = self._queues.get(request_id)
-        if queue is None or isinstance(queue, _Aborting):
-            return  # unknown, finished, or already being aborted
-        queue.put_nowait(_DONE)
-        self._request_abort(request_id, owner=queue)
+        if queue is not None and not isinstance(queue, _Aborting):
+            queue.put_nowait(_DONE)
+            self._request_abort(request_id, owner=queue)
+        await self._until_free(request_id)  # the id may be used again on return
 
     async def aclose(self) -> None:
         """Abort everything, stop the loop and release the model."""
@@ -177,6 +187,8 @@ class AsyncEngine:
         self._closed = True
         for queue in list(self._queues.values()):
             queue.put_nowait(EngineClosedError("the engine was closed"))
+            if isinstance(queue, _Aborting):
+                queue.applied.set()  # nobody waits for an abort the loop will not apply
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -197,6 +209,8 @@ class AsyncEngine:
         """Running/waiting counts, KV cache usage (0..1), free blocks, preemptions,
         tokens processed (prompt_tokens, generation_tokens: engine/request_stats.py),
         the KV pool (num_kv_blocks, kv_block_size) and max_length."""
+        if self._closed:
+            raise EngineClosedError("the engine was closed; create a new one")
         return self.core.stats()
 
     async def run_on_engine_thread(self, fn, *args: Any) -> Any:
@@ -210,6 +224,13 @@ class AsyncEngine:
             await asyncio.sleep(0.005)
 
     # ----- plumbing -----------------------------------------------------------
+
+    async def _until_free(self, request_id: str | None) -> None:
+        """Wait until the abort of ``request_id`` (if one is under way: a consumer
+        that left, ``abort``) has been applied, so the id names nothing."""
+        entry = self._queues.get(request_id) if request_id is not None else None
+        if isinstance(entry, _Aborting) and not self._closed:
+            await entry.applied.wait()
 
     async def _tokenize_large(self, prompt: Any) -> list[int] | None:
         """The ids of a long text prompt, tokenized off the event loop; None for
@@ -324,8 +345,10 @@ class AsyncEngine:
                 self._deliver([immediate])
         for request_id in aborts:
             self.core.abort(request_id)
-            if isinstance(self._queues.get(request_id), _Aborting):
+            entry = self._queues.get(request_id)
+            if isinstance(entry, _Aborting):
                 del self._queues[request_id]  # the id may be used again
+                entry.applied.set()
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

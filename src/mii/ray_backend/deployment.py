@@ -29,7 +29,7 @@ from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.drain import ShutdownRequest, drain
 from mii.rpc.health import add_standard_services, set_health
-from mii.rpc.listen import listening_server
+from mii.rpc.listen import host_port, listening_server
 from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import run_reporting_errors
 
@@ -132,7 +132,7 @@ async def run_ray_deployment(
     api_key = config.secret_api_key()
     # A busy gRPC port fails here, before anything starts on the cluster.
     server = listening_server(
-        f"{host}:{port}",
+        host_port(host, port),
         auth.api_key_interceptors(api_key),
         max_receive_bytes=config.max_request_bytes,
     )
@@ -189,7 +189,7 @@ async def run_ray_deployment(
         await set_health(health, True)
         registry.record(name, _record(config, api_key))
         print(
-            f"[mii] deployment {name!r} serving on {host}:{port} (Ray Serve)",
+            f"[mii] deployment {name!r} serving on {host_port(host, port)} (Ray Serve)",
             file=sys.stderr,
             flush=True,
         )

@@ -21,6 +21,7 @@ from mii.rpc.convert import (
     request_for,
     validated,
 )
+from mii.rpc.listen import host_port
 from mii.rpc.status import error_from_grpc
 
 
@@ -216,7 +217,7 @@ def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClie
         info = registry.lookup(name)
         if info is not None:
             key = api_key if api_key is not None else info.get("api_key")
-            return MiiClient(f"{info['host']}:{info['port']}", name, api_key=key)
+            return MiiClient(host_port(info["host"], info["port"]), name, api_key=key)
     host, sep, port = model_or_deployment_name.rpartition(":")
     if sep and port.isdigit() and host:
         return MiiClient(model_or_deployment_name, api_key=api_key)

@@ -32,7 +32,7 @@ from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
 from mii.rpc.drain import ShutdownRequest, drain
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
-from mii.rpc.listen import listening_server
+from mii.rpc.listen import host_port, listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import read_startup_error, run_reporting_errors
@@ -161,7 +161,7 @@ async def run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | N
     # A busy port fails here, naming it. With an api_key, every call needs it.
     # Requests are at most max_request_bytes.
     server = listening_server(
-        f"{host}:{port}",
+        host_port(host, port),
         auth.api_key_interceptors(config.secret_api_key()),
         max_receive_bytes=config.max_request_bytes,
     )
@@ -229,7 +229,11 @@ async def run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | N
         supervising = asyncio.create_task(supervisor.run())
         tasks.append(supervising)
         record()
-        print(f"[mii] deployment {name!r} serving on {host}:{port}", file=sys.stderr, flush=True)
+        print(
+            f"[mii] deployment {name!r} serving on {host_port(host, port)}",
+            file=sys.stderr,
+            flush=True,
+        )
         print(capacity_line(pool.stats(), config.replica_num), file=sys.stderr, flush=True)
         if config.stats_log_interval_s > 0:
             tasks.append(asyncio.create_task(log_stats(pool, config.stats_log_interval_s)))

@@ -9,6 +9,7 @@ re-defaults an option on the way.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import (
@@ -285,6 +286,12 @@ class DeploymentConfig(GpuLayout, RayOptions):
             get_parser(value)  # ValueError listing the known names
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, value: str) -> str:
+        # "[::1]" as URLs write it: the address itself is ::1
+        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
     @field_validator("allowed_hosts", "allowed_origins", "served_model_name")
     @classmethod
     def _names(cls, value: list[str] | None, info) -> list[str] | None:
@@ -331,6 +338,8 @@ class DeploymentConfig(GpuLayout, RayOptions):
         A bad option raises the ValueError (or ``InvalidRequestError``) that names
         it; a name that a running deployment already has, ``DeploymentError``.
         """
+        if isinstance(model, os.PathLike):  # a pathlib.Path to a checkpoint or .gguf file
+            model = os.fspath(model)
         deployment_fields = set(cls.model_fields) - {"model", "engine_options"}
         fields = {k: options.pop(k) for k in list(options) if k in deployment_fields}
         if isinstance(fields.get("chat_template"), str):  # a file path, or the template

@@ -16,6 +16,7 @@ from mii.errors import DeploymentError
 from mii.rpc import registry
 from mii.rpc.client import MiiClient
 from mii.rpc.deployment_config import DeploymentConfig
+from mii.rpc.listen import host_port
 from mii.rpc.startup_errors import read_startup_error
 
 
@@ -79,7 +80,7 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     try:
         # Reap the deployment process when it ends, so that it leaves no zombie.
         threading.Thread(target=process.wait, name=f"mii-reap-{name}", daemon=True).start()
-        client = MiiClient(f"{config.host}:{config.port}", name, api_key=api_key)
+        client = MiiClient(host_port(config.host, config.port), name, api_key=api_key)
         return _wait_until_serving(process, client, config, log_file)
     except BaseException:
         # Whatever ends the wait (a failure, Ctrl-C, a notebook's interrupt) leaves

@@ -83,6 +83,14 @@ def listening_server(
     return server
 
 
+def host_port(host: str, port: int | str) -> str:
+    """``host:port`` as gRPC targets and URLs write it: an IPv6 literal in brackets
+    (``[::1]:50050``; ``::1:50050`` does not resolve)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 def split_address(address: str) -> tuple[str, int]:
     """("host", port) of "host:port", "[v6]:port" or "v6:port" (the last colon splits)."""
     host, _, port = address.rpartition(":")

@@ -45,6 +45,7 @@ from mii.rpc.http.sse import stream_choices
 from mii.rpc.http.state import GatewayState, get_state
 from mii.rpc.http.tools import add_tool_options, tool_plan, warn_template_without_tools
 from mii.rpc.http.vocabulary import check_known_ids
+from mii.rpc.replica_health import replica_state
 
 router = APIRouter(prefix="/v1", route_class=LimitedRoute)
 
@@ -115,15 +116,30 @@ async def _respond(
     # numbers is one call of every prompt. Admitted whole or refused: calls the
     # deployment can never hold all at once would be 429 for ever, however idle it is.
     calls, size = (choices.total, 1) if body.stream else (choices.n, len(choices.prompts))
-    if state.never_admitted(calls, size):
+    field = renames.get("n", "n") if choices.n > 1 else "prompt"
+    # Replicas given up on (failed) hold nothing, ever; restarting or unresponsive
+    # ones may come back.
+    states = [replica_state(r) for r in getattr(state.pool, "replicas", ())]
+    alive = sum(s != "failed" for s in states) if states else state.replicas
+    if state.never_admitted(calls, size, alive):
         raise ApiError(
             400,
             f"{choices.total} choices (prompts times n) can never be admitted at once: this "
             f"deployment holds at most {state.max_queued_requests} requests per replica "
-            f"(max_queued_requests) on {state.replicas} replica(s), and a replica takes a "
+            f"(max_queued_requests) on {alive} replica(s), and a replica takes a "
             f"call of several prompts only while it holds fewer; ask for fewer"
             + (" or do not stream" if body.stream else ""),
-            renames.get("n", "n") if choices.n > 1 else "prompt",
+            field,
+        )
+    serving = sum(s == "serving" for s in states)
+    if states and serving and state.never_admitted(calls, size, serving):
+        raise ApiError(
+            503,
+            f"{choices.total} choices (prompts times n) need more room than the {serving} of "
+            f"{len(states)} replicas serving now can hold at once (the others are restarting "
+            "or unresponsive); retry later or ask for fewer",
+            field,
+            retry_after=5,  # a restart takes seconds
         )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

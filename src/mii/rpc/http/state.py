@@ -35,14 +35,16 @@ class GatewayState:
     # "auto" (None: "auto" is refused; "required" and named functions need none).
     tool_call_parser: str | None = None
 
-    def never_admitted(self, calls: int, requests_per_call: int) -> bool:
+    def never_admitted(
+        self, calls: int, requests_per_call: int, replicas: int | None = None
+    ) -> bool:
         """Whether ``calls`` calls of ``requests_per_call`` requests each can never all
-        be held at once, however idle the deployment: each replica admits
-        ceil(limit / size) such calls."""
+        be held at once by ``replicas`` replicas (default: all), however idle: each
+        replica admits ceil(limit / size) such calls."""
         if self.max_queued_requests is None:
             return False
         per_replica = -(-self.max_queued_requests // max(1, requests_per_call))
-        return calls > self.replicas * per_replica
+        return calls > (self.replicas if replicas is None else replicas) * per_replica
 
     @property
     def served_model(self) -> str:
