@@ -126,3 +126,14 @@ def prompt_batch(prompts: Any, field: str = "prompts") -> list[Prompt]:
             )
         batch.append(one_prompt(prompt, field))
     return batch
+
+
+def max_prompt_chars(tokenizer, max_length: int) -> int | None:
+    """The prompt-size limit in characters: ``max_length`` tokens of the tokenizer's
+    longest token, twice over (normalizers can merge characters). A longer text
+    cannot fit under ``max_length`` tokens. None when the vocabulary is unknown."""
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=0)
+    except Exception:  # a tokenizer without get_vocab: no early limit
+        return None
+    return 2 * max_length * max(longest, 1) if longest else None

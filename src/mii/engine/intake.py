@@ -16,6 +16,7 @@ from mii.engine.constraints import GrammarCache
 from mii.engine.kv_cache import BlockManager
 from mii.engine.sequence import Sequence
 from mii.errors import InvalidRequestError, RequestTooLargeError
+from mii.prompts import max_prompt_chars
 
 
 def engine_max_length(requested: int | None, model_max: int) -> int:
@@ -30,17 +31,6 @@ def engine_max_length(requested: int | None, model_max: int) -> int:
             field="max_length",
         )
     return requested
-
-
-def max_prompt_chars(tokenizer, max_length: int) -> int | None:
-    """The prompt-size limit in characters: ``max_length`` tokens of the tokenizer's
-    longest token, twice over (normalizers can merge characters). A longer text
-    cannot fit under ``max_length`` tokens. None when the vocabulary is unknown."""
-    try:
-        longest = max(map(len, tokenizer.get_vocab()), default=0)
-    except Exception:  # a tokenizer without get_vocab: no early limit
-        return None
-    return 2 * max_length * max(longest, 1) if longest else None
 
 
 class RequestIntake:

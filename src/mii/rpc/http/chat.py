@@ -52,6 +52,17 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], **template: Any) -> list
     return chat_prompt_ids(tokenizer, chat_items(messages), **template)
 
 
+def content_chars(messages: list[ChatMessage]) -> int:
+    """Characters of the messages' text (their content, strings or text parts)."""
+    total = 0
+    for message in messages:
+        if isinstance(message.content, str):
+            total += len(message.content)
+        elif message.content:
+            total += sum(len(part.text or "") for part in message.content)
+    return total
+
+
 def template_options(
     add_generation_prompt: bool | None,
     continue_final_message: bool,

@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from mii.rpc.convert import prompt_list
-from mii.rpc.http.chat import chat_prompt, template_options
+from mii.rpc.http.chat import chat_prompt, content_chars, template_options
 from mii.rpc.http.choices import Choices, Usage
 from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError, openai_errors
@@ -186,6 +186,7 @@ async def prepare_chat(
     (mii's option -> the request's field, passed through ``field_name``), its
     choices and the answer to fill. Shared with the Responses route."""
     state = _accepted(request, body, refuse_chat)
+    state.check_prompt_chars(content_chars(body.messages), "messages")
     renames = openai_field_names(body, chat=True)
     if field_name is not None:
         renames = {name: field_name(field) for name, field in renames.items()}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
+from mii.prompts import max_prompt_chars
 from mii.rpc.deployment_config import DEFAULT_MAX_REQUEST_BYTES
 from mii.rpc.http.auth import AccessPolicy
+from mii.rpc.http.errors import ApiError
 from mii.rpc.pool import ReplicaPool
 
 
@@ -34,6 +37,23 @@ class GatewayState:
     # The deployment's tool_call_parser: what reads tool calls in answers to tool_choice
     # "auto" (None: "auto" is refused; "required" and named functions need none).
     tool_call_parser: str | None = None
+
+    @functools.cached_property
+    def max_prompt_chars(self) -> int | None:
+        """Longer texts cannot fit in ``max_length`` tokens (mii.prompts.max_prompt_chars)."""
+        return max_prompt_chars(self.tokenizer, self.max_length)
+
+    def check_prompt_chars(self, chars: int, field: str) -> None:
+        """400 naming ``field`` when ``chars`` characters of prompt text cannot fit in
+        ``max_length`` tokens: refused before the seconds a huge text takes to tokenize."""
+        limit = self.max_prompt_chars
+        if limit is not None and chars > limit:
+            raise ApiError(
+                400,
+                f"the prompt has {chars} characters: more than {self.max_length} tokens "
+                f"(max_length) of this tokenizer can hold ({limit}); shorten it",
+                field,
+            )
 
     def never_admitted(
         self, calls: int, requests_per_call: int, replicas: int | None = None

@@ -39,6 +39,7 @@ from mii.rpc.http.chat import (
     chat_items,
     chat_prompt_ids,
     check_messages,
+    content_chars,
     template_options,
     template_variables,
 )
@@ -166,6 +167,9 @@ async def create_tokenize(body: TokenizeRequest, request: Request):
         raise ApiError(400, "give exactly one of prompt (a text) and messages (a chat)", "prompt")
     if body.prompt is not None:
         _check_text(body.prompt, "prompt")
+        state.check_prompt_chars(len(body.prompt), "prompt")
+    else:
+        state.check_prompt_chars(content_chars(body.messages), "messages")
     _chat_options(body)  # refuse before the work
     with openai_errors({}):
         # A long text or a template over many messages takes a while: off the loop.
