@@ -12,7 +12,15 @@ from mii.rpc import registry
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    for name in list(registry._claims):  # as a deployment process's end does
+        registry.release(name)
+
+
+def record(name: str, info: dict) -> None:
+    """What a deployment does: claim its name, then record itself."""
+    registry.claim(name)
+    registry.record(name, info)
 
 
 NAMES = [
@@ -34,7 +42,7 @@ NAMES = [
 
 def test_distinct_names_never_share_a_record():
     for i, name in enumerate(NAMES):
-        registry.record(name, {"pid": os.getpid(), "port": 50000 + i})
+        record(name, {"pid": os.getpid(), "port": 50000 + i})
     stems = {registry.file_stem(n) for n in NAMES}
     assert len(stems) == len(NAMES)
     for i, name in enumerate(NAMES):
@@ -53,8 +61,56 @@ def test_records_stay_in_the_registry_folder(cache):
 
 
 def test_remove_forgets_only_that_name():
-    registry.record("a/b", {"pid": os.getpid()})
-    registry.record("a_b", {"pid": os.getpid()})
+    record("a/b", {"pid": os.getpid()})
+    record("a_b", {"pid": os.getpid()})
     registry.remove("a/b", pid=os.getpid())
     assert registry.lookup("a/b") is None
     assert registry.lookup("a_b")["deployment_name"] == "a_b"
+
+
+CLAIM = """
+import sys
+from mii.errors import DeploymentError
+from mii.rpc import registry
+try:
+    registry.claim(sys.argv[1])
+except DeploymentError as err:
+    print("refused:", err)
+else:
+    print("claimed")
+"""
+
+
+def test_a_name_is_claimed_by_one_live_process(cache):
+    """Two deployments of one name started at the same moment both ran (the name was
+    checked at start, recorded only once loaded); and a record whose pid was reused
+    by another process blocked the name for ever."""
+    import subprocess
+    import sys
+
+    from mii.errors import DeploymentError
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    def claim_elsewhere(name: str) -> str:
+        env = {**os.environ, "MII_CACHE_DIR": str(cache)}
+        run = subprocess.run(
+            [sys.executable, "-c", CLAIM, name], capture_output=True, text=True, env=env
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    registry.claim("starting")  # loading its model: no record yet
+    assert registry.claimed("starting")
+    assert claim_elsewhere("starting").startswith("refused: a deployment named 'starting'")
+    with pytest.raises(DeploymentError, match="is starting"):
+        DeploymentConfig.parse("m", deployment_name="starting")
+    registry.release("starting")
+    assert claim_elsewhere("starting") == "claimed\n"  # the process ended: so did its claim
+    assert not registry.claimed("starting")
+    DeploymentConfig.parse("m", deployment_name="starting")
+
+    # A record nobody claims is stale, even when its pid is alive (here: this process).
+    registry.record("stale", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1})
+    assert registry.lookup("stale") is None
+    assert "stale" not in [d["deployment_name"] for d in registry.list_deployments()]
+    DeploymentConfig.parse("m", deployment_name="stale")

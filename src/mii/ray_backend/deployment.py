@@ -122,7 +122,16 @@ async def run_ray_deployment(
     config: DeploymentConfig, shutdown: ShutdownRequest | None = None
 ) -> None:
     """Run the deployment until ``shutdown`` is requested (by default: SIGTERM,
-    SIGINT or a Terminate call), then drain it and remove everything it started."""
+    SIGINT or a Terminate call), then drain it and remove everything it started.
+    Its name is claimed first (registry.claim), as a local deployment's."""
+    registry.claim(config.deployment_name)
+    try:
+        await _run_ray_deployment(config, shutdown)
+    finally:
+        registry.release(config.deployment_name)
+
+
+async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | None) -> None:
     name, host, port = config.deployment_name, config.host, config.port
     ray = require_ray()
     from ray import serve

@@ -149,7 +149,16 @@ class ReplicaProcess:
 
 async def run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | None = None) -> None:
     """Run the deployment until ``shutdown`` is requested (by default: SIGTERM,
-    SIGINT or a Terminate call), then drain it and stop every process."""
+    SIGINT or a Terminate call), then drain it and stop every process. Its name is
+    claimed first (registry.claim): a second deployment of the name fails here."""
+    registry.claim(config.deployment_name)
+    try:
+        await _run_deployment(config, shutdown)
+    finally:
+        registry.release(config.deployment_name)
+
+
+async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | None) -> None:
     name, host, port = config.deployment_name, config.host, config.port
     raise_open_files_limit()  # idle HTTP clients must not take every descriptor of 1,024
     shutdown = shutdown or ShutdownRequest()

@@ -352,6 +352,11 @@ class DeploymentConfig(GpuLayout, RayOptions):
             raise DeploymentError(
                 f"a deployment named {config.deployment_name!r} is already running"
             )
+        if registry.claimed(config.deployment_name):
+            raise DeploymentError(
+                f"a deployment named {config.deployment_name!r} is starting; wait for it "
+                "(mii list) or choose another deployment_name"
+            )
         return config
 
 

@@ -1,18 +1,27 @@
 """Where running deployments are recorded on this machine: one JSON file per
 deployment under ``<cache>/deployments``, readable only by the user (files 0600,
-folder 0700): a record holds the deployment's API key, for ``mii.client(name)``."""
+folder 0700): a record holds the deployment's API key, for ``mii.client(name)``.
+
+A deployment process also *claims* its name for as long as it lives: an exclusive
+``flock`` on ``<name>.lock``, taken before its model loads and released by the
+OS when the process ends, however it ends. Two deployments of one name started
+at the same moment cannot both run, and a record whose claim nobody holds is
+stale even when its pid now belongs to another process."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from mii.cache import cache_dir
+from mii.errors import DeploymentError
 
 DEFAULT_NAME_SUFFIX = "-mii-deployment"
 
@@ -80,6 +89,55 @@ def record(name: str, info: dict[str, Any]) -> None:
     os.replace(tmp, target)
 
 
+def _lock_path(name: str) -> Path:
+    return _file(name).with_suffix(".lock")
+
+
+_claims: dict[str, int] = {}  # name -> the descriptor whose lock this process holds
+
+
+def claim(name: str) -> None:
+    """Hold ``name`` for this process until :func:`release` or its end;
+    DeploymentError when another live process holds it."""
+    fd = os.open(_lock_path(name), os.O_RDWR | os.O_CREAT, 0o600)
+    for attempt in range(20):  # claimed() takes a shared lock for a moment: let it go
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _claims[name] = fd
+            return
+        except BlockingIOError:
+            time.sleep(0.005 * (attempt + 1))
+    os.close(fd)
+    raise DeploymentError(
+        f"a deployment named {name!r} is already starting or running (see: mii list); "
+        "stop it (mii terminate) or choose another deployment_name"
+    )
+
+
+def release(name: str) -> None:
+    """Let go of this process's claim on ``name``."""
+    fd = _claims.pop(name, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def claimed(name: str) -> bool:
+    """Whether a live process holds ``name`` (this one included)."""
+    if name in _claims:
+        return True
+    try:
+        fd = os.open(_lock_path(name), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only if nobody claims it
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def lookup(name: str) -> dict[str, Any] | None:
     """The record of a live deployment, or None (stale records are removed)."""
     path = _file(name)
@@ -87,7 +145,7 @@ def lookup(name: str) -> dict[str, Any] | None:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not pid_alive(info.get("pid", -1)):
+    if not pid_alive(info.get("pid", -1)) or not claimed(name):
         path.unlink(missing_ok=True)
         return None
     return info
