@@ -29,6 +29,7 @@ LAYER_OF_PREFIX = {
     "mii.sampling_options": "base",
     "mii.constraint_options": "base",
     "mii.prompts": "base",
+    "mii.version": "base",
     "mii.ops": "ops",
     "mii.models": "models",
     "mii.engine": "engine",

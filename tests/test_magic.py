@@ -94,8 +94,12 @@ def test_load_then_line_and_cell_magics_stream(shell, llama, expected):
     partial = [t for t in recorder.flushed if t and t != recorder.text]
     assert len(partial) >= 2, recorder.flushed
 
-    result, out = run(shell, "%%mii --top-k 0\nx")  # bad options: a usage error naming them
+    result, out = run(shell, "%%mii --top-k -2\nx")  # bad options: a usage error naming them
     assert isinstance(result.error_in_exec, UsageError) and "top_k" in out
+    # The line magic takes quoted option values as %%mii does: unquoted, the prompt
+    # was "never seen' DeepSpeed is" and the stop string "'~~".
+    result, quoted = run(shell, f"%mii --max-new-tokens 5 --greedy --stop '~~ never seen' {PROMPT}")
+    assert result.success and quoted == expected + "\n", quoted
 
     # A load with a typo in the path or an option keeps the model in use.
     loaded = magics.model

@@ -73,7 +73,7 @@ def unload_ipython_extension(ipython) -> None:
     _unload(ipython)
 
 
-__version__ = "0.1.0"
+from mii.version import __version__ as __version__  # noqa: E402 (re-exported)
 
 __all__ = [
     "AsyncEngine",

@@ -124,11 +124,8 @@ async def run_ray_deployment(
     """Run the deployment until ``shutdown`` is requested (by default: SIGTERM,
     SIGINT or a Terminate call), then drain it and remove everything it started.
     Its name is claimed first (registry.claim), as a local deployment's."""
-    registry.claim(config.deployment_name)
-    try:
+    with registry.holding(config.deployment_name):
         await _run_ray_deployment(config, shutdown)
-    finally:
-        registry.release(config.deployment_name)
 
 
 async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | None) -> None:

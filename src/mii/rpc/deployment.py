@@ -151,11 +151,8 @@ async def run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | N
     """Run the deployment until ``shutdown`` is requested (by default: SIGTERM,
     SIGINT or a Terminate call), then drain it and stop every process. Its name is
     claimed first (registry.claim): a second deployment of the name fails here."""
-    registry.claim(config.deployment_name)
-    try:
+    with registry.holding(config.deployment_name):
         await _run_deployment(config, shutdown)
-    finally:
-        registry.release(config.deployment_name)
 
 
 async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | None) -> None:

@@ -16,6 +16,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -119,6 +121,16 @@ def release(name: str) -> None:
     fd = _claims.pop(name, None)
     if fd is not None:
         os.close(fd)
+
+
+@contextmanager
+def holding(name: str) -> Iterator[None]:
+    """:func:`claim` ``name`` for the ``with`` block (a deployment's whole run)."""
+    claim(name)
+    try:
+        yield
+    finally:
+        release(name)
 
 
 def claimed(name: str) -> bool:

@@ -63,11 +63,9 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = None
 
 
-class SpecificationFields(BaseModel):
-    # Fields of OpenAI's specification that the request models share and that
-    # change nothing generated (ignored, IGNORED_FIELDS) or cannot be honoured
-    # (refused by refuse_unsupported). Types are lenient where OpenAI's are
-    # narrow: an ignored field need not be exactly what OpenAI would take.
+class ServiceFields(BaseModel):
+    # OpenAI's fields about its own service (who asks, storage, billing, its prompt
+    # cache) that every OpenAI request body takes, the Responses API's too: ignored.
     # No docstring: it would change the served /openapi.json.
     model_config = ConfigDict(extra="forbid")
 
@@ -78,6 +76,13 @@ class SpecificationFields(BaseModel):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+
+
+class SpecificationFields(ServiceFields):
+    # Fields of OpenAI's specification that the request models share and that
+    # change nothing generated (ignored, IGNORED_FIELDS) or cannot be honoured
+    # (refused by refuse_unsupported). Types are lenient where OpenAI's are
+    # narrow: an ignored field need not be exactly what OpenAI would take.
     prompt_cache_options: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     modalities: list[str] | None = None

@@ -15,7 +15,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-import mii
 from mii.response import Response as Answer
 from mii.response import TokenLogprob
 from mii.rpc.convert import prompt_list, validated
@@ -26,6 +25,7 @@ from mii.rpc.http.openai_logprobs import json_logprob
 from mii.rpc.http.protocol import MiiRequest
 from mii.rpc.http.state import get_state
 from mii.rpc.replica_health import health_body
+from mii.version import __version__
 
 router = APIRouter(route_class=LimitedRoute)
 
@@ -92,7 +92,7 @@ async def ping(request: Request):
 
 @router.get("/version")
 async def version():
-    return {"version": mii.__version__}
+    return {"version": __version__}
 
 
 @router.get("/metrics")

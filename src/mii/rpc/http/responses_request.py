@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from mii.rpc.http.errors import ApiError
+from mii.rpc.http.field_policy import ServiceFields
 
 # Fields of the Responses API that change nothing generated here (as field_policy's):
 # accepted and ignored.
@@ -62,7 +63,7 @@ def responses_field(field: str) -> str:
     return field
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(ServiceFields):
     # No docstring: it would change the served /openapi.json.
     model_config = ConfigDict(extra="forbid")
 
@@ -83,14 +84,7 @@ class ResponsesRequest(BaseModel):
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     background: bool | None = None
-    # Ignored (IGNORED_RESPONSE_FIELDS)
-    user: str | None = None
-    safety_identifier: str | None = None
-    metadata: dict[str, Any] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
+    # Ignored (IGNORED_RESPONSE_FIELDS; ServiceFields has the others)
     truncation: str | None = None
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
