@@ -13,6 +13,7 @@ app (FastAPI's lifespan), and every request shares it (continuous batching).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -62,10 +63,28 @@ async def invalid_request(request: Request, err: mii.InvalidRequestError) -> JSO
     return JSONResponse({"error": str(err), "field": err.field}, status_code=400)
 
 
+async def until_disconnected(request: Request, work):
+    """Await ``work``; if the client leaves first, cancel it, which aborts its engine
+    requests (Starlette does not cancel a handler whose client left)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None  # nobody reads it
+
+
 @app.post("/generate")
-async def generate(body: GenerateBody, request: Request) -> dict:
+async def generate(body: GenerateBody, request: Request) -> dict | None:
     engine: mii.AsyncEngine = request.app.state.engine
-    [response] = await engine.generate(body.prompt, **body.params())
+    answer = await until_disconnected(request, engine.generate(body.prompt, **body.params()))
+    if answer is None:
+        return None
+    [response] = answer
     return {
         "text": response.generated_text,
         "finish_reason": response.finish_reason,
