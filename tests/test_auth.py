@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import mii
 from helpers import descendants
-from mii.rpc import mii_pb2, mii_pb2_grpc, registry
+from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.client import MiiClient
 from mii.rpc.deployment import free_port
 from mii.rpc.deployment_config import DeploymentConfig
@@ -246,13 +246,32 @@ def test_a_replica_port_refuses_everyone_but_its_deployment(secured):
     # The refused Terminate stopped nothing: the replica is alive and serving.
     assert registry.pid_alive(pid)
     assert secured.client.generate("DeepSpeed is", **GREEDY)[0].generated_length > 0
-    # The refusal is the token's doing: the deployment's own token passes.
-    token = (("authorization", f"Bearer {environment(pid)['MII_REPLICA_TOKEN']}"),)
+    # The refusal is the token's doing: a proof of the deployment's token for this
+    # port and method passes. The token itself (as a Bearer secret) does not: it
+    # never travels, so a process that binds a dead replica's port while it restarts
+    # learns only proofs for that port (it was a token good on every replica).
+    secret, port = environment(pid)["MII_REPLICA_TOKEN"], config["port"]
+    info_method, check_method = "/mii.Mii/ModelInfo", "/grpc.health.v1.Health/Check"
+
+    def proof(method: str, for_port: int = port, now: float | None = None):
+        return ((auth.PROOF, auth.call_proof(secret, for_port, method, now)),)
+
     with grpc.insecure_channel(address) as channel:
-        reply = mii_pb2_grpc.MiiStub(channel).ModelInfo(mii_pb2.ModelInfoRequest(), metadata=token)
+        stub = mii_pb2_grpc.MiiStub(channel)
+        reply = stub.ModelInfo(mii_pb2.ModelInfoRequest(), metadata=proof(info_method))
         health = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), metadata=token, timeout=10
+            health_pb2.HealthCheckRequest(), metadata=proof(check_method), timeout=10
         )
+        refused = [
+            (("authorization", f"Bearer {secret}"),),  # the token itself
+            proof(info_method, for_port=port + 1),  # another replica's proof
+            proof(check_method),  # another method's
+            proof(info_method, now=time.time() - 10 * auth.PROOF_WINDOW_S),  # an old one
+        ]
+        for metadata in refused:
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfo(mii_pb2.ModelInfoRequest(), metadata=metadata, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
     assert reply.deployment_name == secured.name
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 

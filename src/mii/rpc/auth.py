@@ -6,10 +6,15 @@ header of the same name on the REST gateway, see :mod:`mii.rpc.http.auth`):
 
 - the deployment's public (balancer) port requires the deployment's ``api_key``
   when it has one, on every method, health checking and reflection included;
-- a replica's port requires, always, the token its deployment drew at start
-  (:func:`new_token`), handed over in the environment (``MII_REPLICA_TOKEN``):
+- a replica's port requires, always, proof of the token its deployment drew at
+  start (:func:`new_token`), handed over in the environment (``MII_REPLICA_TOKEN``):
   only the deployment's own pool can call a replica, so another local user
-  cannot ``Terminate`` or ``Generate`` on a replica port.
+  cannot ``Terminate`` or ``Generate`` on a replica port. The token itself never
+  travels: each call carries ``mii-proof: TIME.HMAC(token, port|method|TIME)``
+  (:func:`call_proof`), which the replica checks against its own port and the
+  clock (:data:`PROOF_WINDOW_S`). So a process that binds a dead replica's port
+  while it restarts learns nothing it could use on another replica (a Bearer
+  token sent there was good on every replica).
 
 Secrets are compared in constant time (their SHA-256 digests with
 ``hmac.compare_digest``: neither the content nor the length of the expected one
@@ -22,6 +27,7 @@ import collections
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -123,9 +129,52 @@ def api_key_interceptors(api_key: str | None) -> tuple[grpc.aio.ServerIntercepto
     return () if api_key is None else (RequireSecret(api_key, API_KEY_REFUSED),)
 
 
-def replica_interceptors(token: str) -> tuple[grpc.aio.ServerInterceptor, ...]:
-    """The interceptors of a replica's port: only its deployment's token passes."""
-    return (RequireSecret(token, TOKEN_REFUSED),)
+PROOF = "mii-proof"  # gRPC metadata key of a replica call's proof
+PROOF_WINDOW_S = 60  # a proof older or newer than this (seconds) is refused
+
+
+def call_proof(secret: str, port: int, method: str, now: float | None = None) -> str:
+    """The proof that a call of ``method`` to the replica on ``port`` comes from a
+    holder of ``secret``: ``TIME.HEX`` with HEX = HMAC-SHA256(secret, port|method|TIME)."""
+    stamp = int(time.time() if now is None else now)
+    message = f"{port}|{method}|{stamp}".encode()
+    return f"{stamp}.{hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()}"
+
+
+def proof_matches(presented: str | bytes | None, secret: str, port: int, method: str) -> bool:
+    """Whether ``presented`` is a fresh :func:`call_proof` of ``secret`` for this
+    ``port`` and ``method`` (compared in constant time)."""
+    if isinstance(presented, bytes):
+        presented = presented.decode("ascii", "replace")
+    stamp, _, _ = (presented or "").partition(".")
+    if not stamp.isdigit() or abs(time.time() - int(stamp)) > PROOF_WINDOW_S:
+        return False
+    expected = call_proof(secret, port, method, now=int(stamp))
+    return hmac.compare_digest(presented.encode(), expected.encode())
+
+
+class RequireProof(grpc.aio.ServerInterceptor):
+    """Refuse, with UNAUTHENTICATED and ``message``, every call of a replica's server
+    whose metadata carries no fresh proof of ``secret`` for ``port`` and the method."""
+
+    def __init__(self, secret: str, port: int, message: str) -> None:
+        self._secret, self._port, self._message = secret, port, message
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        presented = dict(details.invocation_metadata or ()).get(PROOF)
+        handler = await continuation(details)
+        if proof_matches(presented, self._secret, self._port, details.method):
+            return handler
+        return None if handler is None else _refusing(handler, self._message)
+
+
+def replica_interceptors(token: str, port: int) -> tuple[grpc.aio.ServerInterceptor, ...]:
+    """The interceptors of a replica's port: only proofs of its deployment's token pass."""
+    return (RequireProof(token, port, TOKEN_REFUSED),)
 
 
 # ----- clients ---------------------------------------------------------------------
@@ -176,13 +225,20 @@ class SendSecret(
 
 
 class _AsyncSecret:
-    """Adds ``authorization: Bearer SECRET`` to the calls of a ``grpc.aio`` channel."""
+    """Adds ``authorization: Bearer SECRET`` to the calls of a ``grpc.aio`` channel;
+    with ``proof_port``, a fresh :func:`call_proof` for that replica port instead."""
 
-    def __init__(self, secret: str) -> None:
-        self._metadata = bearer_metadata(secret)
+    def __init__(self, secret: str, proof_port: int | None = None) -> None:
+        self._secret, self._port = secret, proof_port
+        self._metadata = bearer_metadata(secret) if proof_port is None else ()
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
+        extra = self._metadata
+        if self._port is not None:
+            method = details.method
+            method = method.decode() if isinstance(method, bytes) else method
+            extra = ((PROOF, call_proof(self._secret, self._port, method)),)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *extra)
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )
@@ -208,10 +264,14 @@ def channel(address: str, secret: str | None, options: Sequence = ()) -> grpc.Ch
     return plain if secret is None else grpc.intercept_channel(plain, SendSecret(secret))
 
 
-def aio_channel(address: str, secret: str | None, options: Sequence = ()) -> grpc.aio.Channel:
+def aio_channel(
+    address: str, secret: str | None, options: Sequence = (), proof: bool = False
+) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel to ``address`` (with grpc channel ``options``) whose
-    every call presents ``secret`` (if any)."""
+    every call presents ``secret`` (if any); ``proof``: as a per-call proof for the
+    replica at ``address`` (:func:`call_proof`), not the secret itself."""
     if secret is None:
         return grpc.aio.insecure_channel(address, options=options)
-    interceptors = [_AsyncUnaryUnary(secret), _AsyncUnaryStream(secret)]
+    port = int(address.rpartition(":")[2]) if proof else None
+    interceptors = [_AsyncUnaryUnary(secret, port), _AsyncUnaryStream(secret, port)]
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

@@ -59,7 +59,7 @@ class Replica:
         # Any size: the gateway passes on requests up to its own limit, and replies
         # (token ids, return_full_text) can exceed grpc's 4 MiB default.
         self.channel = auth.aio_channel(
-            self.address, self.token, (*UNLIMITED_MESSAGES, *CHANNEL_OPTIONS)
+            self.address, self.token, (*UNLIMITED_MESSAGES, *CHANNEL_OPTIONS), proof=True
         )
         self.stub = mii_pb2_grpc.MiiStub(self.channel)
 

@@ -155,7 +155,7 @@ async def serve_replica(config: ReplicaConfig) -> None:
         )
     os.environ.pop(envs.REPLICA_TOKEN.name)  # the rank workers started below need none
     # A busy port fails here, naming it; only the deployment's own pool gets through.
-    server = listening_server(config.address, auth.replica_interceptors(token))
+    server = listening_server(config.address, auth.replica_interceptors(token, config.port))
     health_servicer = add_standard_services(server)
     add_mii_servicer(servicer, server)
     await set_health(health_servicer, False)
