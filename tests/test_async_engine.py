@@ -189,6 +189,10 @@ async def test_stop_string_spanning_tokens(engine, tokenizer):
     [whole] = await engine.generate(PROMPTS[1], max_new_tokens=40, stop=stop, **GREEDY)
     assert whole.generated_text == text[:cut] and whole.finish_reason == "stop"
     assert whole.stop_reason == stop
+    [kept] = await engine.generate(
+        PROMPTS[1], max_new_tokens=40, stop=stop, include_stop_str_in_output=True, **GREEDY
+    )
+    assert kept.generated_text == text[: cut + len(stop)] and kept.stop_reason == stop
     # Of two stop strings, the one that begins first; a finish by length has none.
     later = text[cut + 2 : cut + 9]
     [first] = await engine.generate(PROMPTS[1], max_new_tokens=40, stop=[later, stop], **GREEDY)

@@ -358,6 +358,9 @@ def test_completion_options(served, pipe):
     by_token = create(max_tokens=NEW, extra_body={"ignore_eos": True, "stop_token_ids": [token]})
     assert by_token.choices[0].model_extra["stop_reason"] == token
     assert short.choices[0].model_extra["stop_reason"] is None
+    # vLLM's include_stop_str_in_output: the text ends with the stop string.
+    kept = create(max_tokens=NEW, stop=[stop], extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == text[: text.index(stop) + len(stop)]
     body = {"prompts": PROMPTS[1], "stop": stop, "do_sample": False, "ignore_eos": True}
     whole = served.http.post(f"/mii/{served.name}", json={**body, "max_new_tokens": NEW})
     assert whole.json()[0]["stop_reason"] == stop
@@ -458,7 +461,6 @@ def test_vllm_fields_at_their_no_op_values_are_served_and_others_refused(served)
     asked = {
         "use_beam_search": True,
         "length_penalty": 0.5,
-        "include_stop_str_in_output": True,
         "priority": 1,
         "truncate_prompt_tokens": 8,
         "prompt_logprobs": 1,

@@ -67,6 +67,10 @@ class LogitsOptions(BaseModel):
         default=True,
         description="leave special tokens out of the generated text",
     )
+    include_stop_str_in_output: bool = Field(
+        default=False,
+        description="end the text with the stop string that ended it (default: just before)",
+    )
 
     @field_validator("repetition_penalty")
     @classmethod

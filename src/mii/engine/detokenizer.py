@@ -161,8 +161,9 @@ def _context_window(tokenizer, prompt: list[int], runs: ByteRuns) -> list[int]:
 class StopStringMatcher:
     """Accumulates generated text and releases the part that is safe to stream."""
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include_stop: bool = False) -> None:
         self.stop = tuple(stop)
+        self.include_stop = include_stop  # the text ends after the stop string, not before
         self.text = ""  # all text so far, stop string excluded once found
         self.released = 0  # characters of ``text`` already handed out
         # Text before this came before min_new_tokens: no stop string ends in it.
@@ -191,7 +192,8 @@ class StopStringMatcher:
             hits = [(i, s) for i, s in starts if i >= 0]
             if hits:
                 start, self.matched = min(hits, key=lambda hit: hit[0])  # the first to begin
-                self.text = self.text[:start]
+                end = start + len(self.matched) if self.include_stop else start
+                self.text = self.text[:end]
                 return self._release(len(self.text)), True
         return self._release(len(self.text) - self._partial_stop_suffix()), False
 

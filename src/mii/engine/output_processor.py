@@ -65,7 +65,7 @@ class OutputProcessor:
             decode = self._decode_special
         self._requests[seq.request_id] = _RequestText(
             IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, decode, self._byte_runs),
-            StopStringMatcher(seq.params.stop),
+            StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output),
             self.full_text_prefix(seq),
             prompt_logprobs=[None] if seq.params.prompt_logprobs is not None else None,
         )

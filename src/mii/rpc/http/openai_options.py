@@ -132,6 +132,8 @@ def _logits_options(body: OpenAIRequest) -> dict[str, Any]:
     params = {n: getattr(body, n) for n in _SAME_NAMES if getattr(body, n) is not None}
     if not body.skip_special_tokens:
         params["skip_special_tokens"] = False
+    if body.include_stop_str_in_output:
+        params["include_stop_str_in_output"] = True
     if body.logit_bias:
         bias = {}
         for key, value in body.logit_bias.items():

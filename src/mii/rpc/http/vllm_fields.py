@@ -54,10 +54,6 @@ class VllmFields(BaseModel):
 NO_OP_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_beam_search": ((False,), "beam search is not supported; sample or decode greedily"),
     "length_penalty": ((1.0,), "it applies to beam search, which is not supported"),
-    "include_stop_str_in_output": (
-        (False,),
-        "the text ends before the matched stop string",
-    ),
     "priority": ((0,), "priority scheduling is not supported: requests are served in order"),
     "truncate_prompt_tokens": (
         (None,),
