@@ -358,6 +358,11 @@ def test_completion_options(served, pipe):
     by_token = create(max_tokens=NEW, extra_body={"ignore_eos": True, "stop_token_ids": [token]})
     assert by_token.choices[0].model_extra["stop_reason"] == token
     assert short.choices[0].model_extra["stop_reason"] is None
+    # vLLM's truncate_prompt_tokens: the prompt's last N tokens only.
+    ids = served.http.post("/tokenize", json={"prompt": PROMPTS[1]}).json()["tokens"]
+    cut = create(max_tokens=4, extra_body={"truncate_prompt_tokens": 3, "ignore_eos": True})
+    tail = create(prompt=ids[-3:], max_tokens=4, extra_body={"ignore_eos": True})
+    assert cut.usage.prompt_tokens == 3 and cut.choices[0].text == tail.choices[0].text
     # vLLM's include_stop_str_in_output: the text ends with the stop string.
     kept = create(max_tokens=NEW, stop=[stop], extra_body={"include_stop_str_in_output": True})
     assert kept.choices[0].text == text[: text.index(stop) + len(stop)]
@@ -462,7 +467,6 @@ def test_vllm_fields_at_their_no_op_values_are_served_and_others_refused(served)
         "use_beam_search": True,
         "length_penalty": 0.5,
         "priority": 1,
-        "truncate_prompt_tokens": 8,
         "prompt_logprobs": 1,
         "allowed_token_ids": [5],
         "bad_words": ["x"],

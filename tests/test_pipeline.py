@@ -61,6 +61,16 @@ def test_bad_options_rejected_before_work(llama):
         [plain] = pipe(PROMPTS[0], **greedy)
         for every in (-1, 0):
             assert pipe(PROMPTS[0], top_k=every, **greedy)[0].token_ids == plain.token_ids
+        # vLLM's truncate_prompt_tokens: the prompt's last N tokens; -1: all that fit.
+        with pytest.raises(mii.InvalidRequestError, match="truncate_prompt_tokens"):
+            pipe(PROMPTS[0], truncate_prompt_tokens=0)
+        longest = pipe.engine.core.max_length
+        [fit] = pipe("word " * longest, truncate_prompt_tokens=-1, max_new_tokens=1)
+        assert fit.prompt_length == longest - 1 and fit.generated_length == 1
+        ids = pipe.tokenizer(PROMPTS[0]).input_ids
+        [tail] = pipe(PROMPTS[0], truncate_prompt_tokens=2, **greedy)
+        assert tail.prompt_length == 2
+        assert tail.token_ids == pipe([ids[-2:]], **greedy)[0].token_ids
 
 
 def test_one_bad_prompt_with_a_progress_bar_stops_the_others(llama):

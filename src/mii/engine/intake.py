@@ -92,6 +92,10 @@ class RequestIntake:
             prompt_ids = self.tokenize(prompt)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", field="prompt")
+        keep = params.truncate_prompt_tokens
+        if keep:  # the prompt's last tokens (-1: all that leave room for one new token)
+            keep = (params.max_length or self.max_length) - 1 if keep == -1 else keep
+            prompt_ids = prompt_ids[-keep:]
         for option, token in params.token_ids_used():  # logit_bias, stop_token_ids
             if token >= self.vocab_size:
                 raise InvalidRequestError(

@@ -134,6 +134,8 @@ def _logits_options(body: OpenAIRequest) -> dict[str, Any]:
         params["skip_special_tokens"] = False
     if body.include_stop_str_in_output:
         params["include_stop_str_in_output"] = True
+    if body.truncate_prompt_tokens is not None:
+        params["truncate_prompt_tokens"] = body.truncate_prompt_tokens
     if body.logit_bias:
         bias = {}
         for key, value in body.logit_bias.items():

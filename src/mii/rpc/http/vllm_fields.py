@@ -55,10 +55,6 @@ NO_OP_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_beam_search": ((False,), "beam search is not supported; sample or decode greedily"),
     "length_penalty": ((1.0,), "it applies to beam search, which is not supported"),
     "priority": ((0,), "priority scheduling is not supported: requests are served in order"),
-    "truncate_prompt_tokens": (
-        (None,),
-        "prompts are not truncated: shorten the prompt (a too long one gets 400 naming it)",
-    ),
     "prompt_logprobs": (
         (None,),
         "ask for the prompt's logprobs with echo=true and logprobs (completions)",
