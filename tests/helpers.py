@@ -218,6 +218,19 @@ def replica_token(pid: int) -> str:
     return next(v[len(prefix) :] for v in environ if v.startswith(prefix)).decode()
 
 
+def replica_client(address: str, pid: int):
+    """A MiiClient of replica process ``pid`` at ``address`` that proves the replica's
+    token on every call, as its deployment's pool does (mii.rpc.auth.call_proof)."""
+    from mii.rpc import auth, mii_pb2_grpc
+    from mii.rpc.client import MiiClient
+
+    client = MiiClient(address)
+    client._channel.close()
+    client._channel = auth.channel(address, replica_token(pid), proof=True)
+    client._stub = mii_pb2_grpc.MiiStub(client._channel)
+    return client
+
+
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
     """Poll ``predicate`` until it is true (True) or ``timeout`` seconds passed (False)."""
     deadline = time.monotonic() + timeout

@@ -502,6 +502,10 @@ def test_openai_invalid_requests(served):
     assert_openai_error(post("/v1/completions", json={**ok, "min_tokens": -1}), 400, "min_tokens")
     for field in ("max_tokens", "n", "top_k"):  # true was read as 1
         assert_openai_error(post("/v1/completions", json={**ok, field: True}), 400, field)
+    for field, value in (("stream", "yes"), ("echo", 1), ("ignore_eos", "off")):
+        # pydantic read these as booleans
+        error = assert_openai_error(post("/v1/completions", json={**ok, field: value}), 400, field)
+        assert "true or false" in error["message"], error
     too_few = {**ok, "min_tokens": 5, "max_tokens": 2}
     error = assert_openai_error(post("/v1/completions", json=too_few), 400, "max_tokens")
     assert "min_tokens" in error["message"] and "min_new_tokens" not in error["message"]

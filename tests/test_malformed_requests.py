@@ -322,7 +322,8 @@ def test_malformed_grpc_messages_get_invalid_argument(served):
         for pid in served.info["replica_pids"]
     ]
     for address, secret in addresses:
-        with auth.channel(address, secret) as channel:
+        # a replica's port takes proofs of its token (the balancer's: nothing here)
+        with auth.channel(address, secret, proof=secret is not None) as channel:
             for method in ("Generate", "ModelInfo", "Stats", "Terminate"):
                 call = channel.unary_unary(f"/mii.Mii/{method}")
                 for data in MALFORMED + ([NOT_UTF8] if method == "Generate" else []):

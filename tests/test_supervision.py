@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 import mii
-from helpers import PROMPTS, replica_token, wait_until
+from helpers import PROMPTS, replica_client, wait_until
 from mii.cli import main as mii_main
 from mii.errors import MiiError
 from mii.rpc import registry
@@ -190,7 +190,7 @@ def test_frozen_replica_fails_its_request_and_leaves_rotation(supervised, start)
     assert wait_until(lambda: s.replica(frozen["index"])["state"] == "serving"), s.health()
     assert s.replica(frozen["index"])["pid"] == frozen["pid"]
     assert s.replica(frozen["index"])["restarts"] == 0
-    replica = MiiClient(frozen["address"], api_key=replica_token(frozen["pid"]))
+    replica = replica_client(frozen["address"], frozen["pid"])
     [answer] = replica.generate(PROMPTS[1], max_new_tokens=2, ignore_eos=True, timeout=30)
     assert answer.generated_length == 2
 
@@ -213,7 +213,7 @@ def test_killed_replica_is_restarted(supervised, capsys):
     after = s.replica(1)
     assert after["pid"] != before["pid"] and registry.pid_alive(after["pid"])
     assert after["restarts"] == 1 and after["address"] == before["address"]  # same port
-    replica = MiiClient(after["address"], api_key=replica_token(after["pid"]))
+    replica = replica_client(after["address"], after["pid"])
     [answer] = replica.generate(PROMPTS[0], max_new_tokens=3, ignore_eos=True, timeout=30)
     assert answer.generated_length == 3
     record = list_json(capsys)

@@ -196,16 +196,21 @@ class SendSecret(
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds ``authorization: Bearer SECRET`` to every call of a (sync) channel."""
+    """Adds ``authorization: Bearer SECRET`` to every call of a (sync) channel; with
+    ``proof_port``, a fresh :func:`call_proof` for that replica port instead."""
 
-    def __init__(self, secret: str) -> None:
-        self._metadata = bearer_metadata(secret)
+    def __init__(self, secret: str, proof_port: int | None = None) -> None:
+        self._secret, self._port = secret, proof_port
+        self._metadata = bearer_metadata(secret) if proof_port is None else ()
 
     def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        extra = self._metadata
+        if self._port is not None:
+            extra = ((PROOF, call_proof(self._secret, self._port, details.method)),)
         return _CallDetails(
             details.method,
             details.timeout,
-            (*(details.metadata or ()), *self._metadata),
+            (*(details.metadata or ()), *extra),
             details.credentials,
             details.wait_for_ready,
             getattr(details, "compression", None),
@@ -257,11 +262,17 @@ class _AsyncUnaryStream(_AsyncSecret, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
-def channel(address: str, secret: str | None, options: Sequence = ()) -> grpc.Channel:
+def channel(
+    address: str, secret: str | None, options: Sequence = (), proof: bool = False
+) -> grpc.Channel:
     """A sync channel to ``address`` (with grpc channel ``options``) whose every call
-    presents ``secret`` (if any)."""
+    presents ``secret`` (if any); ``proof``: as a per-call proof for the replica at
+    ``address`` (:func:`call_proof`), not the secret itself."""
     plain = grpc.insecure_channel(address, options=options)
-    return plain if secret is None else grpc.intercept_channel(plain, SendSecret(secret))
+    if secret is None:
+        return plain
+    port = int(address.rpartition(":")[2]) if proof else None
+    return grpc.intercept_channel(plain, SendSecret(secret, port))
 
 
 def aio_channel(

@@ -65,6 +65,11 @@ def _takes_booleans(annotation: Any) -> bool:
     return annotation is bool or bool in typing.get_args(annotation)
 
 
+def _only_booleans(annotation: Any) -> bool:
+    """``bool`` or ``bool | None``: a field whose value is true or false."""
+    return annotation is bool or set(typing.get_args(annotation)) == {bool, type(None)}
+
+
 class OpenAIRequest(SpecificationFields, VllmFields):
     # The options completions and chat completions share (the fields that change
     # nothing generated, ignored, are in SpecificationFields: see field_policy;
@@ -78,6 +83,10 @@ class OpenAIRequest(SpecificationFields, VllmFields):
         field = cls.model_fields.get(info.field_name or "")
         if isinstance(value, bool) and field is not None and not _takes_booleans(field.annotation):
             raise ValueError("must not be a boolean")
+        # pydantic reads "yes", "off", 1 as booleans: "stream": "yes" is a mistake too.
+        only = field is not None and _only_booleans(field.annotation)
+        if only and value is not None and not isinstance(value, bool):
+            raise ValueError("must be true or false")
         return value
 
     model: str | None = None
