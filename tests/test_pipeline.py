@@ -73,6 +73,18 @@ def test_bad_options_rejected_before_work(llama):
         assert tail.token_ids == pipe([ids[-2:]], **greedy)[0].token_ids
 
 
+def test_a_device_torch_or_this_machine_lacks_is_an_engine_option_error(llama):
+    """It raised torch's own AssertionError ("Torch not compiled with CUDA enabled")
+    or RuntimeError, not the error that names the option."""
+    import torch
+
+    missing = torch.cuda.device_count()  # cuda:N past the last GPU (cuda:0 on a CPU machine)
+    for device in ("potato", f"cuda:{missing}"):
+        with pytest.raises(mii.InvalidRequestError, match="'device'") as caught:
+            mii.pipeline(llama, device=device)
+        assert caught.value.field == "device"
+
+
 def test_one_bad_prompt_with_a_progress_bar_stops_the_others(llama):
     """With a progress bar each prompt is a call of its own: one refused prompt
     must end the others too, as without (they ran on for the whole answer)."""

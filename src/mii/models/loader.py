@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mii.errors import ModelLoadError
+from mii.errors import InvalidRequestError, ModelLoadError
 from mii.models.base import CausalLM
 from mii.models.checkpoint_tensor import LazyTensor
 from mii.models.gguf import gguf_checkpoint_dir, is_gguf_path
@@ -200,9 +200,27 @@ def _iterate_weights(
 
 
 def default_device(requested: str | None) -> torch.device:
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The engine's device: ``requested``, checked (InvalidRequestError naming
+    ``device`` for a name torch does not know or a device this machine lacks), else
+    CUDA when there is a GPU, else the CPU."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as err:
+        raise InvalidRequestError(
+            f"invalid engine option 'device': {err} (use cpu, cuda or cuda:N)", field="device"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            found = f"{count} CUDA device(s)" if count else "no CUDA device (or a CPU-only torch)"
+            raise InvalidRequestError(
+                f"invalid engine option 'device': {requested!r}, but this machine has {found}; "
+                "use device='cpu'" + (f" or cuda:0..{count - 1}" if count else ""),
+                field="device",
+            )
+    return device
 
 
 def load_tokenizer(model_dir: Path, tokenizer: str | None, trust_remote_code: bool):
