@@ -171,6 +171,8 @@ BAD = [
     ({"json_schema": "{not json"}, "json_schema", "not valid JSON"),
     ({"json_schema": {"type": "nonsense"}}, "json_schema", "nonsense"),
     ({"json_schema": {"type": "array", "uniqueItems": True}}, "json_schema", "uniqueItems"),
+    # a remote $ref constrained nothing (xgrammar fetches nothing): refused
+    ({"json_schema": {"$ref": "http://example.com/s.json"}}, "json_schema", "example.com"),
     ({"json_schema": {"type": "object", "maxProperties": 2}}, "json_schema", "maxProperties"),
     ({"json_schema": {"properties": {"a": {"not": {}}}}}, "json_schema", "'not'"),
     ({"json_schema": {"type": "string", "pattern": "(?=a)b"}}, "json_schema", "lookaround"),

@@ -97,6 +97,12 @@ def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
             return f"the keyword {key!r} (at {path}) is not supported"
     if schema.get("uniqueItems") is True:
         return f"the keyword 'uniqueItems' (at {path}) is not supported"
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):  # xgrammar fetches nothing
+        return (
+            f"the $ref {ref!r} (at {path}) is not supported: only references inside the "
+            "schema ('#/$defs/...') are; put the referenced schema under $defs"
+        )
     pattern = schema.get("pattern")
     if isinstance(pattern, str) and _UNSUPPORTED_REGEX.search(pattern):
         return f"the pattern at {path} uses lookaround or a backreference, which is not supported"
