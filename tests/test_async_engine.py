@@ -133,6 +133,26 @@ async def test_a_request_id_is_free_again_once_abort_returns_or_its_consumer_lef
     assert_all_blocks_free(engine)
 
 
+def test_an_abort_left_pending_by_an_ended_event_loop_is_applied_by_the_next(llama):
+    """A stream left at the end of one asyncio.run leaves its abort pending (the
+    engine task was cancelled first); abort() and reusing the id in the next loop
+    must apply it, not wait for ever."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=40)
+
+    async def leave_early():
+        async for _ in engine.stream(PROMPTS[2], request_id="a", max_new_tokens=50):
+            break
+
+    async def again():
+        await asyncio.wait_for(engine.abort("a"), 30)
+        pieces = [p async for p in engine.stream(PROMPTS[0], request_id="a", max_new_tokens=3)]
+        assert pieces[-1].finish_reason is not None
+        await engine.aclose()
+
+    asyncio.run(leave_early())
+    asyncio.run(asyncio.wait_for(again(), 60))
+
+
 async def test_options_are_keywords_and_a_closed_engine_says_so(llama):
     async with mii.AsyncEngine(llama) as engine:
         params = mii.GenerateParams(max_new_tokens=3)

@@ -717,6 +717,9 @@ def test_choices_that_need_replicas_out_of_rotation(llama):
                 (("serving", "failed"), 400),
                 (("serving", "restarting"), 503),
                 (("unresponsive", "serving"), 503),
+                # none alive: the pool's own answer (a real pool's 503: no replica),
+                # not a 400 blaming the request
+                (("failed", "failed"), 200),
             ]:
                 pool.replicas = [_Stated(s) for s in states]
                 response = await http.post("/v1/completions", json=body)

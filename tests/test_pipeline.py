@@ -93,7 +93,12 @@ def test_one_bad_prompt_with_a_progress_bar_stops_the_others(llama):
         with pytest.raises(mii.InvalidRequestError):
             pipe(prompts, progress=True, max_new_tokens=200, ignore_eos=True)
         deadline = time.monotonic() + 60
-        while pipe.engine.stats()["running"] and time.monotonic() < deadline:
+
+        def busy() -> bool:
+            stats = pipe.engine.stats()
+            return stats["running"] + stats["waiting"] > 0
+
+        while busy() and time.monotonic() < deadline:
             time.sleep(0.01)  # the aborts are applied between passes
         stats = pipe.engine.stats()
         assert stats["running"] == 0 and stats["waiting"] == 0
@@ -112,6 +117,14 @@ def test_prompts_as_tensors_and_batch_encodings_and_a_path_as_model(llama, token
         for prompt in (torch.tensor(ids), tokenizer(PROMPTS[0]), torch.tensor([ids, ids])):
             answers = pipe(prompt, **greedy)
             assert all(a.token_ids == ref.token_ids for a in answers), prompt
+        # A padded batch: the pads (attention_mask 0) are no part of the prompts.
+        pad = [0] * 3
+        padded = {"input_ids": [pad + ids, ids + pad], "attention_mask": [
+            [0] * 3 + [1] * len(ids), [1] * len(ids) + [0] * 3]}  # fmt: skip
+        from transformers import BatchEncoding
+
+        answers = pipe(BatchEncoding(padded), **greedy)
+        assert [a.token_ids for a in answers] == [ref.token_ids] * 2
 
 
 def test_demo_command_runs_offline(tmp_path):

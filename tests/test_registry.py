@@ -69,7 +69,7 @@ def test_remove_forgets_only_that_name():
 
 
 CLAIM = """
-import sys
+import os, sys
 from mii.errors import DeploymentError
 from mii.rpc import registry
 try:
@@ -78,6 +78,8 @@ except DeploymentError as err:
     print("refused:", err)
 else:
     print("claimed")
+    if len(sys.argv) > 2:  # record it under the pid of the process that started this one
+        registry.record(sys.argv[1], {"pid": os.getppid(), "host": "127.0.0.1", "port": 1})
 """
 
 
@@ -91,10 +93,10 @@ def test_a_name_is_claimed_by_one_live_process(cache):
     from mii.errors import DeploymentError
     from mii.rpc.deployment_config import DeploymentConfig
 
-    def claim_elsewhere(name: str) -> str:
+    def claim_elsewhere(name: str, *record: str) -> str:
         env = {**os.environ, "MII_CACHE_DIR": str(cache)}
         run = subprocess.run(
-            [sys.executable, "-c", CLAIM, name], capture_output=True, text=True, env=env
+            [sys.executable, "-c", CLAIM, name, *record], capture_output=True, text=True, env=env
         )
         assert run.returncode == 0, run.stderr
         return run.stdout
@@ -109,8 +111,12 @@ def test_a_name_is_claimed_by_one_live_process(cache):
     assert not registry.claimed("starting")
     DeploymentConfig.parse("m", deployment_name="starting")
 
-    # A record nobody claims is stale, even when its pid is alive (here: this process).
-    registry.record("stale", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1})
+    # A claimant's record whose claim nobody holds any more is stale, even when its
+    # pid is alive (a reused pid; here: this process, which never claimed it).
+    assert claim_elsewhere("stale", "and record it") == "claimed\n"
     assert registry.lookup("stale") is None
     assert "stale" not in [d["deployment_name"] for d in registry.list_deployments()]
     DeploymentConfig.parse("m", deployment_name="stale")
+    # A record of mii before claims (none taken) goes by its pid, as it did.
+    registry.record("older", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1})
+    assert registry.lookup("older")["claimed"] is False

@@ -191,6 +191,18 @@ def test_tool_calls_are_function_call_items_and_go_back_as_input(llama):
         await client.chat.completions.create(model="d", messages=chat_history, tools=[CHAT_WEATHER])
         assert pool.sent[-1][0] == prompt
         assert "sunny" in gateway.app.state.mii.tokenizer.decode(prompt)
+        # An answer's items sent back as they came (text, then its call): one
+        # assistant turn, as the chat route's message with content and tool_calls.
+        said = {"role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]}
+        await client.responses.create(
+            model="d", input=[history[0], said, *history[1:]], tools=[FLAT_WEATHER]
+        )
+        prompt = pool.sent[-1][0]
+        turn = {**chat_history[1], "content": "Checking."}
+        await client.chat.completions.create(
+            model="d", messages=[chat_history[0], turn, chat_history[2]], tools=[CHAT_WEATHER]
+        )
+        assert pool.sent[-1][0] == prompt
 
     with_gateway(llama, pool, scenario, tool_call_parser="hermes")
 

@@ -102,10 +102,12 @@ _LINE_OPTIONS = _takes_value(_generation_parser("%mii"))
 
 # A shell word: unquoted characters and quoted runs, up to unquoted whitespace (an
 # unclosed quote: the rest of the non-blank characters, refused by _unquoted).
-_SHELL_WORD = re.compile(r"""(?:[^\s'"]+|'[^']*'|"(?:\\.|[^"\\])*")+|\S+""")
+_SHELL_WORD = re.compile(r"""(?:[^\s'"]+|'[^']*'|"(?:\\.|[^"\\])*")+(?!\S)|\S+""")
 
 
 def _unquoted(word: str) -> str:
+    if "'" not in word and '"' not in word:
+        return word  # as typed: backslashes stay (--stop \n is not "n")
     try:
         [value] = shlex.split(word)
     except ValueError as err:  # e.g. an unclosed quote
@@ -229,7 +231,7 @@ class MiiMagics(Magics):
         try:
             healthy = target.is_healthy(timeout=5.0)
             model = target.model_info().model if healthy else None
-        except MiiError as err:  # a refused key, or it went away between the two calls
+        except (MiiError, TimeoutError) as err:  # a refused key, gone, or too slow to answer
             target.close()
             raise UsageError(f"%mii attach: {err}") from None
         if not healthy:

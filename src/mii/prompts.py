@@ -74,20 +74,34 @@ def token_ids(value: Sequence[Any], field: str = "prompt") -> list[int]:
     return _in_range(ids, field)
 
 
-def _plain(value: Any) -> Any:
-    """Token ids held by a tokenizer's ``BatchEncoding`` (its ``input_ids``), a torch
-    tensor or a numpy array, as (nested) lists; anything else unchanged."""
-    if isinstance(value, Mapping) and "input_ids" in value:
-        value = value["input_ids"]
+def _lists(value: Any) -> Any:
+    """A torch tensor or numpy array as (nested) lists; anything else unchanged."""
     tolist = getattr(value, "tolist", None)
     if callable(tolist) and hasattr(value, "shape") and not isinstance(value, (list, tuple)):
-        value = tolist()
+        return tolist()
     return value
 
 
+def _plain(value: Any) -> Any:
+    """Token ids held by a tokenizer's ``BatchEncoding`` (its ``input_ids``, without
+    the positions its ``attention_mask`` marks as padding), a torch tensor or a
+    numpy array, as (nested) lists; anything else unchanged."""
+    if not (isinstance(value, Mapping) and "input_ids" in value):
+        return _lists(value)
+    ids, mask = _lists(value["input_ids"]), _lists(value.get("attention_mask"))
+    if isinstance(ids, list) and isinstance(mask, list) and len(mask) == len(ids):
+        if ids and isinstance(ids[0], list):  # a padded batch
+            return [[t for t, m in zip(row, keep) if m] for row, keep in zip(ids, mask)]
+        return [t for t, m in zip(ids, mask) if m]
+    return ids
+
+
 def one_prompt(prompt: Any, field: str = "prompt") -> Prompt:
-    """One prompt: a string, or a non-empty list of token ids."""
+    """One prompt: a string, or a non-empty list of token ids (a one-row batch of
+    ids too, as ``return_tensors="pt"`` gives)."""
     prompt = _plain(prompt)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
+        prompt = prompt[0]
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, (list, tuple)):

@@ -230,6 +230,9 @@ class AsyncEngine:
         that left, ``abort``) has been applied, so the id names nothing."""
         entry = self._queues.get(request_id) if request_id is not None else None
         if isinstance(entry, _Aborting) and not self._closed:
+            # Only the engine loop applies aborts: after an event loop ended with one
+            # pending, this (new) loop's engine task must run to apply it.
+            self._ensure_loop()
             await entry.applied.wait()
 
     async def _tokenize_large(self, prompt: Any) -> list[int] | None:

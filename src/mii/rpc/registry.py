@@ -86,8 +86,11 @@ def record(name: str, info: dict[str, Any]) -> None:
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # it may hold the API key: the user's only, whatever existed
+    # "claimed": the writer holds the name's claim, so the record is live exactly as
+    # long as the claim is (records of mii before claims, or of a cache folder that
+    # cannot be locked, go by their pid only).
     with os.fdopen(fd, "w") as f:
-        json.dump({"deployment_name": name, **info}, f)
+        json.dump({"deployment_name": name, **info, "claimed": name in _claims}, f)
     os.replace(tmp, target)
 
 
@@ -109,6 +112,9 @@ def claim(name: str) -> None:
             return
         except BlockingIOError:
             time.sleep(0.005 * (attempt + 1))
+        except OSError:  # a file system without locks (some NFS, FUSE): pids only
+            os.close(fd)
+            return
     os.close(fd)
     raise DeploymentError(
         f"a deployment named {name!r} is already starting or running (see: mii list); "
@@ -144,7 +150,7 @@ def claimed(name: str) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted only if nobody claims it
         return False
-    except BlockingIOError:
+    except OSError:  # held (BlockingIOError), or a file system without locks: assume so
         return True
     finally:
         os.close(fd)
@@ -157,7 +163,7 @@ def lookup(name: str) -> dict[str, Any] | None:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not pid_alive(info.get("pid", -1)) or not claimed(name):
+    if not pid_alive(info.get("pid", -1)) or (info.get("claimed") and not claimed(name)):
         path.unlink(missing_ok=True)
         return None
     return info

@@ -76,6 +76,7 @@ class ServiceFields(BaseModel):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
 
 
 class SpecificationFields(ServiceFields):
@@ -83,7 +84,6 @@ class SpecificationFields(ServiceFields):
     # change nothing generated (ignored, IGNORED_FIELDS) or cannot be honoured
     # (refused by refuse_unsupported). Types are lenient where OpenAI's are
     # narrow: an ignored field need not be exactly what OpenAI would take.
-    prompt_cache_options: dict[str, Any] | None = None
     prediction: dict[str, Any] | None = None
     modalities: list[str] | None = None
     reasoning_effort: str | None = None

@@ -121,7 +121,8 @@ async def _respond(
     # ones may come back.
     states = [replica_state(r) for r in getattr(state.pool, "replicas", ())]
     alive = sum(s != "failed" for s in states) if states else state.replicas
-    if state.never_admitted(calls, size, alive):
+    # None alive: the pool answers 503 (no replica), which is no fault of the request.
+    if alive and state.never_admitted(calls, size, alive):
         raise ApiError(
             400,
             f"{choices.total} choices (prompts times n) can never be admitted at once: this "

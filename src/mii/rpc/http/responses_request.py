@@ -25,23 +25,6 @@ from pydantic import ConfigDict, Field
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.field_policy import ServiceFields
 
-# Fields of the Responses API that change nothing generated here (as field_policy's):
-# accepted and ignored.
-IGNORED_RESPONSE_FIELDS = (
-    "user",
-    "safety_identifier",
-    "metadata",
-    "store",
-    "service_tier",
-    "prompt_cache_key",
-    "prompt_cache_retention",
-    "truncation",
-    "reasoning",
-    "include",
-    "stream_options",
-    "max_tool_calls",
-)
-
 # Chat fields (and what is under them) -> the Responses request's names, for 400s.
 _FIELD_NAMES = {
     "max_completion_tokens": "max_output_tokens",
@@ -84,7 +67,8 @@ class ResponsesRequest(ServiceFields):
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     background: bool | None = None
-    # Ignored (IGNORED_RESPONSE_FIELDS; ServiceFields has the others)
+    moderation: dict[str, Any] | None = None  # refused when set
+    # Ignored, changing nothing generated here (ServiceFields has the others)
     truncation: str | None = None
     reasoning: dict[str, Any] | None = None
     include: list[str] | None = None
@@ -115,6 +99,8 @@ def refuse_stateful(body: ResponsesRequest) -> None:
             raise ApiError(
                 400, f"{field} is not supported: {why}; send the whole conversation in input", field
             )
+    if body.moderation is not None:
+        raise ApiError(400, "moderation is not supported by this server", "moderation")
     if body.background:
         raise ApiError(
             400, "background responses are not supported; leave background out", "background"
@@ -169,8 +155,9 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         elif kind == "function_call":
             call = _function_call(item, where)
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(call)  # the calls of one turn, together
+            if last is not None and last["role"] == "assistant":
+                # one assistant turn: its text (a message item) and its calls
+                last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
