@@ -49,7 +49,7 @@ def test_defaults():
         ({"min_new_tokens": 5, "max_new_tokens": 2}, "max_new_tokens"),  # was accepted
         ({"max_length": 0}, "max_length"),
         ({"max_length": -5}, "max_length"),
-        ({"top_k": 0}, "top_k"),
+        ({"top_k": -2}, "top_k"),  # -1 and 0 mean no limit (vLLM's)
         ({"top_k": -3}, "top_k"),
         ({"stop": ""}, "stop"),
         ({"stop": ["ok", ""]}, "stop"),

@@ -128,13 +128,6 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
         description="return each generated token's log-probability and the N most likely "
         f"tokens at its position (0: the token's own only; at most {MAX_LOGPROBS})",
     )
-    truncate_prompt_tokens: int | None = Field(
-        default=None,
-        ge=-1,
-        lt=INT64_LIMIT,
-        description="keep only the prompt's last N tokens (-1: as many as max_length "
-        "leaves room for one new token; vLLM's)",
-    )
     prompt_logprobs: int | None = Field(
         default=None,
         ge=0,
@@ -193,13 +186,6 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
     def _not_a_boolean(cls, value: Any) -> Any:
         if isinstance(value, bool):  # pydantic would read True as 1
             raise ValueError("must be an integer, not a boolean")
-        return value
-
-    @field_validator("truncate_prompt_tokens")
-    @classmethod
-    def _keeps_some(cls, value: int | None) -> int | None:
-        if value == 0:
-            raise ValueError("must be -1 (as many as fit) or at least 1")
         return value
 
     @field_validator("top_k", mode="before")

@@ -1,5 +1,6 @@
 """Generation options that reshape the logits before a token is picked: penalties,
-``min_p``, ``logit_bias``, stop token ids; and ``skip_special_tokens``.
+``min_p``, ``logit_bias``, stop token ids; and the text options ``skip_special_tokens``,
+``include_stop_str_in_output``, ``truncate_prompt_tokens``.
 
 ``GenerateParams`` (``mii.config``) inherits these fields, so that they are
 validated, described and documented like every other generation option; the
@@ -67,10 +68,24 @@ class LogitsOptions(BaseModel):
         default=True,
         description="leave special tokens out of the generated text",
     )
+    truncate_prompt_tokens: int | None = Field(
+        default=None,
+        ge=-1,
+        lt=2**63,
+        description="keep only the prompt's last N tokens (-1: as many as max_length "
+        "leaves room for one new token; vLLM's)",
+    )
     include_stop_str_in_output: bool = Field(
         default=False,
         description="end the text with the stop string that ended it (default: just before)",
     )
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_some(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 (as many as fit) or at least 1")
+        return value
 
     @field_validator("repetition_penalty")
     @classmethod
