@@ -89,7 +89,9 @@ def test_large_bodies_are_parsed_while_grpc_is_served(llama, monkeypatch):
         await set_health(add_standard_services(server), True)
         await server.start()
         config = DeploymentConfig(model=llama, restful_api_port=free_port())
-        info = mii_pb2.ModelInfoReply(deployment_name="d", model=llama, max_length=64)
+        # A max_length that these texts can fit in: longer ones are refused by length
+        # before any tokenizing (GatewayState.check_prompt_chars).
+        info = mii_pb2.ModelInfoReply(deployment_name="d", model=llama, max_length=500_000)
         gateway = await start_gateway(_EchoPool(), info, config)
         try:
             content = "word " * 200_000  # 1 MB: over OFFLOAD_BYTES, under the limit

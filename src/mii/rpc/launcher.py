@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import mii.envs as envs
@@ -67,17 +68,20 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
         env.pop(envs.API_KEY.name, None)
     else:
         env[envs.API_KEY.name] = api_key
-    with open(log_file, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", module, config.model_dump_json()],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,  # the deployment outlives this process
-        )
-    client = None
+    client, process = None, None
     try:
+        # Ctrl-C is held while the process starts: one landing between its fork and
+        # the assignment would leave it running with nobody to stop it. Delivered
+        # after, it is handled below like any other.
+        with _sigint_held(), open(log_file, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module, config.model_dump_json()],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # the deployment outlives this process
+            )
         # Reap the deployment process when it ends, so that it leaves no zombie.
         threading.Thread(target=process.wait, name=f"mii-reap-{name}", daemon=True).start()
         client = MiiClient(host_port(config.host, config.port), name, api_key=api_key)
@@ -88,8 +92,22 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
         # its name and, loading, its GPUs.
         if client is not None:
             client.close()
-        _stop_group(process)
+        if process is not None:
+            _stop_group(process)
         raise
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT back for the block (main thread only: elsewhere it is not ours)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _wait_until_serving(
