@@ -120,3 +120,20 @@ def test_a_name_is_claimed_by_one_live_process(cache):
     # A record of mii before claims (none taken) goes by its pid, as it did.
     registry.record("older", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1})
     assert registry.lookup("older")["claimed"] is False
+
+
+def test_a_client_finds_a_deployment_by_the_model_name_it_serves():
+    """`mii terminate SmolLM2-135M-Instruct` (the name the demo's OpenAI API serves)
+    did not find the deployment `mii-demo`; a name two deployments serve stays
+    ambiguous, so it is not found."""
+    from mii.rpc.client import DeploymentNotFoundError, client
+
+    record("mii-demo", {"pid": os.getpid(), "host": "::1", "port": 50050,
+                        "served_model_name": ["SmolLM2-135M-Instruct", "smol"]})  # fmt: skip
+    found = client("SmolLM2-135M-Instruct")
+    assert found.deployment_name == "mii-demo" and found.address == "[::1]:50050"
+    found.close()
+    record("other", {"pid": os.getpid(), "host": "127.0.0.1", "port": 50051,
+                     "served_model_name": ["smol"]})  # fmt: skip
+    with pytest.raises(DeploymentNotFoundError):
+        client("smol")

@@ -242,6 +242,7 @@ def _record(config: DeploymentConfig, api_key: str | None) -> dict[str, Any]:
         "port": config.port,
         "pid": os.getpid(),
         "model": config.model,
+        "served_model_name": config.served_model_name,
         "replica_num": config.replica_num,
         "restful_api_port": config.restful_api_port if config.enable_restful_api else None,
         "backend": "ray",

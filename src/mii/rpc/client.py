@@ -209,15 +209,28 @@ def _wait_gone(pids: list[int], timeout: float) -> None:
 def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClient:
     """A client of a running deployment, found by deployment name, by model name
     (the default deployment name of that model:
-    :func:`mii.rpc.registry.default_deployment_name`), or given as ``"host:port"``.
+    :func:`mii.rpc.registry.default_deployment_name`), by a name it serves the
+    model under (``served_model_name``, the OpenAI API's model name, when one
+    deployment has it), or given as ``"host:port"``.
 
     Its API key: ``api_key``, else the one in the deployment's record on this
     machine (readable only by the user who started it), else ``MII_API_KEY``."""
-    for name in registry.candidate_names(model_or_deployment_name):
-        info = registry.lookup(name)
-        if info is not None:
-            key = api_key if api_key is not None else info.get("api_key")
-            return MiiClient(host_port(info["host"], info["port"]), name, api_key=key)
+    info = next(
+        filter(None, map(registry.lookup, registry.candidate_names(model_or_deployment_name))),
+        None,
+    )
+    if info is None:  # a served model name, if exactly one deployment has it
+        serving = [
+            d
+            for d in registry.list_deployments()
+            if model_or_deployment_name in (d.get("served_model_name") or ())
+        ]
+        info = serving[0] if len(serving) == 1 else None
+    if info is not None:
+        key = api_key if api_key is not None else info.get("api_key")
+        return MiiClient(
+            host_port(info["host"], info["port"]), info["deployment_name"], api_key=key
+        )
     host, sep, port = model_or_deployment_name.rpartition(":")
     if sep and port.isdigit() and host:
         return MiiClient(model_or_deployment_name, api_key=api_key)

@@ -221,6 +221,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
                     "port": port,
                     "pid": os.getpid(),
                     "model": config.model,
+                    "served_model_name": config.served_model_name,
                     "replica_num": config.replica_num,
                     "restful_api_port": config.restful_api_port if rest else None,
                     "replica_pids": [r.process.pid for r in replicas],
