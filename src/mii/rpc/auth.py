@@ -190,27 +190,36 @@ class _CallDetails(
     pass
 
 
+class _Presenter:
+    """What a client's calls present: ``authorization: Bearer SECRET``, or with
+    ``proof_port`` a fresh :func:`call_proof` for that replica port instead."""
+
+    def __init__(self, secret: str, proof_port: int | None = None) -> None:
+        self._secret, self._port = secret, proof_port
+        self._bearer = bearer_metadata(secret)
+
+    def _extra(self, method: str | bytes) -> tuple[tuple[str, str], ...]:
+        """The metadata a call of ``method`` adds."""
+        if self._port is None:
+            return self._bearer
+        method = method.decode() if isinstance(method, bytes) else method
+        return ((PROOF, call_proof(self._secret, self._port, method)),)
+
+
 class SendSecret(
+    _Presenter,
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds ``authorization: Bearer SECRET`` to every call of a (sync) channel; with
-    ``proof_port``, a fresh :func:`call_proof` for that replica port instead."""
-
-    def __init__(self, secret: str, proof_port: int | None = None) -> None:
-        self._secret, self._port = secret, proof_port
-        self._metadata = bearer_metadata(secret) if proof_port is None else ()
+    """Adds what :class:`_Presenter` presents to every call of a (sync) channel."""
 
     def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        extra = self._metadata
-        if self._port is not None:
-            extra = ((PROOF, call_proof(self._secret, self._port, details.method)),)
         return _CallDetails(
             details.method,
             details.timeout,
-            (*(details.metadata or ()), *extra),
+            (*(details.metadata or ()), *self._extra(details.method)),
             details.credentials,
             details.wait_for_ready,
             getattr(details, "compression", None),
@@ -229,21 +238,11 @@ class SendSecret(
         return continuation(self._details(details), request_iterator)
 
 
-class _AsyncSecret:
-    """Adds ``authorization: Bearer SECRET`` to the calls of a ``grpc.aio`` channel;
-    with ``proof_port``, a fresh :func:`call_proof` for that replica port instead."""
-
-    def __init__(self, secret: str, proof_port: int | None = None) -> None:
-        self._secret, self._port = secret, proof_port
-        self._metadata = bearer_metadata(secret) if proof_port is None else ()
+class _AsyncSecret(_Presenter):
+    """Adds what :class:`_Presenter` presents to the calls of a ``grpc.aio`` channel."""
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        extra = self._metadata
-        if self._port is not None:
-            method = details.method
-            method = method.decode() if isinstance(method, bytes) else method
-            extra = ((PROOF, call_proof(self._secret, self._port, method)),)
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *extra)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._extra(details.method))
         return grpc.aio.ClientCallDetails(
             details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
         )

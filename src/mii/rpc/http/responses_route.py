@@ -31,7 +31,7 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from mii.response import Response, join_pieces
-from mii.rpc.http.choices import Usage, merge_streams
+from mii.rpc.http.choices import merge_streams
 from mii.rpc.http.disconnect import ClosingStreamingResponse, until_disconnected
 from mii.rpc.http.errors import ANSWERED_ERRORS, ApiError, describe_validation_error, openai_errors
 from mii.rpc.http.limits import LimitedRoute
@@ -148,15 +148,12 @@ class ResponseObject:
 
 
 def _usage(response: Response) -> dict[str, Any]:
-    usage = Usage(1)
-    usage.add(0, response)
-    counts = usage.as_dict()
     return {
-        "input_tokens": counts["prompt_tokens"],
+        "input_tokens": response.prompt_length,
         "input_tokens_details": {"cached_tokens": response.cached_tokens},
-        "output_tokens": counts["completion_tokens"],
+        "output_tokens": response.generated_length,
         "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": counts["total_tokens"],
+        "total_tokens": response.prompt_length + response.generated_length,
     }
 
 
