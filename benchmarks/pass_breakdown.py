@@ -191,7 +191,9 @@ async def run(args) -> dict:
     prompts = workload(args.num_requests, *args.input_range)
     params = dict(max_new_tokens=args.output_len, ignore_eos=True, do_sample=False)
     await engine.generate(prompts[:8], **params)  # warm-up
-    recorder = PassRecorder(engine.core, {"mixed": 20, "decode": 150}, args.profile_passes)
+    # W1 has ~127 decode-only passes (the tail after the last prompt): start the
+    # decode window well inside it (150 was never reached, so no decode profile).
+    recorder = PassRecorder(engine.core, {"mixed": 20, "decode": 40}, args.profile_passes)
     start = time.perf_counter()
     await engine.generate(prompts, **params)
     wall = time.perf_counter() - start
