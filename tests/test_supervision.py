@@ -1,6 +1,7 @@
 """Issue 14, items 7 and 8: a frozen replica (SIGSTOP) fails its requests with
-UNAVAILABLE and leaves rotation; a replica that exits is restarted on its port
-(back-off, restart limit); per-replica health in ``/health`` and ``mii list``.
+UNAVAILABLE and leaves rotation; a replica that exits is restarted
+(on a fresh port: a process that took the old one cannot keep it down; back-off,
+restart limit); per-replica health in ``/health`` and ``mii list``.
 
 One deployment of 2 replicas serves every test of this module, in order; its
 forward passes are slowed (MII_PASS_DELAY_S) so that a long request is still
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -203,16 +205,21 @@ def test_killed_replica_is_restarted(supervised, capsys):
     before = s.replica(1)
     assert before["state"] == "serving" and before["restarts"] == 0
     os.kill(before["pid"], signal.SIGKILL)
+    # Another local process takes the dead replica's port during the back-off: the
+    # restart must not depend on getting it back (it used to fail on it, restart
+    # after restart, until the replica was given up).
+    squatter = _bind_when_free(int(before["address"].rpartition(":")[2]))
     assert wait_until(lambda: s.replica(1)["state"] == "restarting", timeout=10), s.health()
     listed = list_json(capsys)["health"]
-    assert listed["status"] == "ok"  # replica 0 serves on
+    assert listed["status"] == "ok", listed  # replica 0 serves on
     assert listed["replicas"][1]["state"] in ("restarting", "serving")
     assert listed["replicas"][1]["restarts"] == 1
 
     assert wait_until(lambda: s.replica(1)["state"] == "serving", timeout=120), s.health()
     after = s.replica(1)
     assert after["pid"] != before["pid"] and registry.pid_alive(after["pid"])
-    assert after["restarts"] == 1 and after["address"] == before["address"]  # same port
+    assert after["restarts"] == 1 and after["address"] != before["address"]  # a fresh port
+    squatter.close()
     replica = replica_client(after["address"], after["pid"])
     [answer] = replica.generate(PROMPTS[0], max_new_tokens=3, ignore_eos=True, timeout=30)
     assert answer.generated_length == 3
@@ -226,6 +233,22 @@ def test_killed_replica_is_restarted(supervised, capsys):
     [row] = [line for line in out.splitlines() if line.startswith(NAME)]
     assert "ok 2/2" in row
     assert f"replica 1: serving (pid {after['pid']}, 1 restart," in out
+
+
+def _bind_when_free(port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:``port`` once the port can be bound."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, as gRPC
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            sock.bind(("127.0.0.1", port))
+            break
+        except OSError:
+            assert time.monotonic() < deadline, f"port {port} stayed busy"
+            time.sleep(0.02)
+    sock.listen()
+    return sock
 
 
 def test_replica_that_keeps_crashing_is_given_up(supervised, capsys):
@@ -281,16 +304,27 @@ def test_the_restart_log_line_says_why_once():
     assert _why(None) == ""
 
 
-class FakePool:
-    """What the supervisor touches of a ReplicaPool: its replicas' fields."""
+class FakeReplica(SimpleNamespace):
+    """What the supervisor touches of a pool's Replica."""
 
     def __init__(self) -> None:
-        self.replicas = [SimpleNamespace(healthy=False, state=None, restarts=0, pid=None)]
+        super().__init__(healthy=False, state=None, restarts=0, pid=None, address="old:1")
+
+    def move_to(self, address: str) -> None:
+        self.address = address
+
+
+class FakePool:
+    """What the supervisor touches of a ReplicaPool: its replicas."""
+
+    def __init__(self) -> None:
+        self.replicas = [FakeReplica()]
 
 
 class FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.address = f"127.0.0.1:{pid}"  # each process its own port
         self.code: int | None = None
 
     def exit_code(self) -> int | None:
@@ -324,6 +358,7 @@ def test_restart_backoff_doubles_and_the_limit_gives_up():
         assert len(spawned) == attempt  # still waiting out the back-off
         supervisor.tick(now + backoff)
         assert len(spawned) == attempt + 1 and replica.pid == spawned[-1].pid
+        assert replica.address == spawned[-1].address  # the pool follows the new port
         now += backoff + 1
     processes[0].code = 1  # a fourth exit within the window: given up
     supervisor.tick(now)

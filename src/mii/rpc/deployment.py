@@ -126,8 +126,15 @@ class ReplicaProcess:
             self.process.kill()
 
     def restarted(self) -> ReplicaProcess:
-        """A new process of this replica: same port, same GPUs, same log (appended)."""
-        return ReplicaProcess(self.index, self.config, self.log_file, self.token, append=True)
+        """A new process of this replica: same GPUs, same log (appended), on a fresh
+        port. Not its old one: another local process may have bound that while this
+        one was down, and every restart would then fail on it and use up the
+        replica's restart budget (the pool follows the move: Replica.move_to)."""
+        tp = self.config.deployment.tensor_parallel
+        fresh = self.config.model_copy(
+            update={"port": free_port(), "tp_master_port": free_port() if tp > 1 else None}
+        )
+        return ReplicaProcess(self.index, fresh, self.log_file, self.token, append=True)
 
     def failure(self) -> str | None:
         """The replica's start-up error, if it has exited."""

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 0.5
 HEALTH_PROBE_TIMEOUT_S = 1.0  # a probe not answered within this is missed
+OLD_CHANNEL_GRACE_S = 30.0  # a restarted replica's old channel, before its calls are cancelled
 # A restarted replica is found again within a second (gRPC's default reconnect
 # back-off grows to two minutes).
 CHANNEL_OPTIONS = (
@@ -45,6 +46,7 @@ class Replica:
     token: str | None = None  # presented on every call (the replica's port requires it)
     channel: grpc.aio.Channel = field(init=False)
     stub: mii_pb2_grpc.MiiStub = field(init=False)
+    _closing: asyncio.Task | None = field(default=None, init=False, repr=False)  # an old channel
     in_flight: int = 0
     healthy: bool = False
     last_stats: mii_pb2.StatsReply = field(default_factory=mii_pb2.StatsReply)
@@ -56,12 +58,31 @@ class Replica:
     pid: int | None = None
 
     def __post_init__(self) -> None:
+        self._connect()
+
+    def _connect(self) -> None:
         # Any size: the gateway passes on requests up to its own limit, and replies
         # (token ids, return_full_text) can exceed grpc's 4 MiB default.
         self.channel = auth.aio_channel(
             self.address, self.token, (*UNLIMITED_MESSAGES, *CHANNEL_OPTIONS), proof=True
         )
         self.stub = mii_pb2_grpc.MiiStub(self.channel)
+
+    def move_to(self, address: str) -> None:
+        """Talk to this replica at ``address`` from now on (its restarted process
+        listens there); the old channel is closed once its calls have ended."""
+        if address == self.address:
+            return
+        old = self.channel
+        self.address = address
+        self._connect()
+        # With a grace: closing cancels the calls still on it, and a cancelled call
+        # raises CancelledError into whoever awaits it (a health probe of a Stats
+        # call, which then never answered). Its calls end sooner anyway: probes by
+        # their deadline, calls to the exited process at once. (No loop: a unit test.)
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            self._closing = loop.create_task(old.close(grace=OLD_CHANNEL_GRACE_S))
 
 
 def stats_reply(stats: dict[str, Any], in_flight: int) -> mii_pb2.StatsReply:

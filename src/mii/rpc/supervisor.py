@@ -1,6 +1,7 @@
 """Supervising a deployment's replica processes: a replica that exits is started
-again on its port, with exponential back-off and a restart limit; one that stays
-unresponsive too long is killed and restarted the same way.
+again (on a fresh port, which the pool follows), with exponential back-off and a
+restart limit; one that stays unresponsive too long is killed and restarted the
+same way.
 
 Each replica's state is kept on its ``mii.rpc.pool.Replica`` (``state``,
 ``restarts``, ``pid``), where ``/health``, the Stats reply and ``mii list`` read
@@ -36,6 +37,9 @@ class _Process(Protocol):
 
     @property
     def pid(self) -> int: ...
+
+    @property
+    def address(self) -> str: ...
 
     def exit_code(self) -> int | None: ...
 
@@ -112,6 +116,7 @@ class Supervisor:
                 slot.start_at = None
                 self.processes[index] = process = self.spawn(index)
                 replica.pid = process.pid
+                replica.move_to(process.address)
                 _say(f"replica {index} restarted (pid {process.pid})")
                 if self.on_restart is not None:
                     self.on_restart()
