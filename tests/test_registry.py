@@ -130,10 +130,16 @@ def test_a_client_finds_a_deployment_by_the_model_name_it_serves():
 
     record("mii-demo", {"pid": os.getpid(), "host": "::1", "port": 50050,
                         "served_model_name": ["SmolLM2-135M-Instruct", "smol"]})  # fmt: skip
+    from mii.cli.generate import _find_deployment
+
     found = client("SmolLM2-135M-Instruct")
+    assert found.deployment_name == "mii-demo" and found.address == "[::1]:50050"
+    found.close()
+    found = _find_deployment("SmolLM2-135M-Instruct")  # mii generate NAME, the same way
     assert found.deployment_name == "mii-demo" and found.address == "[::1]:50050"
     found.close()
     record("other", {"pid": os.getpid(), "host": "127.0.0.1", "port": 50051,
                      "served_model_name": ["smol"]})  # fmt: skip
     with pytest.raises(DeploymentNotFoundError):
         client("smol")
+    assert _find_deployment("smol") is None

@@ -121,17 +121,19 @@ def generate(args: argparse.Namespace) -> int:
 
 def _find_deployment(target: str, api_key: str | None = None):
     """A client when ``target`` names a running deployment (registry name, model
-    name with the default deployment name, or a ``host:port`` that answers).
-    ``api_key`` wins over the deployment's record and ``MII_API_KEY``."""
+    name with the default deployment name, a name it serves the model under, or a
+    ``host:port`` that answers). ``api_key`` wins over the deployment's record and
+    ``MII_API_KEY``."""
     from mii.rpc import registry
     from mii.rpc.client import MiiClient
     from mii.rpc.listen import host_port
 
-    for name in registry.candidate_names(target):
-        info = registry.lookup(name)
-        if info is not None:
-            key = api_key if api_key is not None else info.get("api_key")
-            return MiiClient(host_port(info["host"], info["port"]), name, api_key=key)
+    info = registry.find(target)
+    if info is not None:
+        key = api_key if api_key is not None else info.get("api_key")
+        return MiiClient(
+            host_port(info["host"], info["port"]), info["deployment_name"], api_key=key
+        )
     host, sep, port = target.rpartition(":")
     if sep and host and port.isdigit() and not os.path.exists(target):
         client = MiiClient(target, api_key=api_key)

@@ -215,17 +215,7 @@ def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClie
 
     Its API key: ``api_key``, else the one in the deployment's record on this
     machine (readable only by the user who started it), else ``MII_API_KEY``."""
-    info = next(
-        filter(None, map(registry.lookup, registry.candidate_names(model_or_deployment_name))),
-        None,
-    )
-    if info is None:  # a served model name, if exactly one deployment has it
-        serving = [
-            d
-            for d in registry.list_deployments()
-            if model_or_deployment_name in (d.get("served_model_name") or ())
-        ]
-        info = serving[0] if len(serving) == 1 else None
+    info = registry.find(model_or_deployment_name)
     if info is not None:
         key = api_key if api_key is not None else info.get("api_key")
         return MiiClient(

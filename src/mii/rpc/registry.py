@@ -169,6 +169,22 @@ def lookup(name: str) -> dict[str, Any] | None:
     return info
 
 
+def find(model_or_deployment_name: str) -> dict[str, Any] | None:
+    """The record of the live deployment that ``model_or_deployment_name`` names:
+    by one of its :func:`candidate_names`, else by a model name it serves the model
+    under (``served_model_name``, the OpenAI API's name) when exactly one does."""
+    for name in candidate_names(model_or_deployment_name):
+        info = lookup(name)
+        if info is not None:
+            return info
+    serving = [
+        d
+        for d in list_deployments()
+        if model_or_deployment_name in (d.get("served_model_name") or ())
+    ]
+    return serving[0] if len(serving) == 1 else None
+
+
 def remove(name: str, pid: int | None = None) -> None:
     """Forget a deployment (only if the record is still ours, when ``pid`` is given)."""
     path = _file(name)
