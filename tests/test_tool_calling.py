@@ -154,6 +154,51 @@ def test_required_and_named_send_a_schema_and_read_the_json(llama):
     with_gateway(llama, pool, scenario)  # no parser: "required" and named need none
 
 
+def test_a_named_call_cut_by_max_tokens_is_a_call_streamed_and_whole(llama):
+    """Streamed, a named call's arguments go out as tool_calls deltas before any
+    cut is known; the whole answer was the cut JSON as content, no tool_calls (an
+    app showed raw JSON to its user in one mode only). Now a call in both, with
+    finish_reason "length"; a cut "required" list stays content in both."""
+    cut = '{"city": "Paris, Fr'
+    pool = ScriptedPool(cut, finish="length")
+
+    async def scenario(client, gateway):
+        whole = await client.chat.completions.create(
+            model="d", messages=USER, tools=TOOLS, tool_choice=NAMED
+        )
+        [choice] = whole.choices
+        assert choice.finish_reason == "length" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert (call.function.name, call.function.arguments) == ("get_weather", cut)
+
+        stream = await client.chat.completions.create(
+            model="d", messages=USER, tools=TOOLS, tool_choice=NAMED, stream=True
+        )
+        chunks = [c async for c in stream]
+        deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+        assert deltas[0].function.name == "get_weather"
+        assert "".join(d.function.arguments for d in deltas) == cut
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+        pool.text = '[{"name": "set_alert", "param'
+        for stream in (False, True):
+            answer = await client.chat.completions.create(
+                model="d", messages=USER, tools=TOOLS, tool_choice="required", stream=stream
+            )
+            if stream:
+                chunks = [c async for c in answer]
+                content = "".join(c.choices[0].delta.content or "" for c in chunks)
+                assert not any(c.choices[0].delta.tool_calls for c in chunks)
+                assert chunks[-1].choices[0].finish_reason == "length"
+            else:
+                content = answer.choices[0].message.content
+                assert answer.choices[0].message.tool_calls is None
+                assert answer.choices[0].finish_reason == "length"
+            assert content == pool.text
+
+    with_gateway(llama, pool, scenario)
+
+
 def test_bad_tool_requests_are_400_naming_the_field(llama):
     pool = ScriptedPool("x")
 

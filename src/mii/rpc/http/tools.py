@@ -114,8 +114,11 @@ class ToolPlan:
             content, calls = self.parser.parse(text, self.names)
             return content, calls if self.parallel else calls[:1]
         if self.mode == "named":
+            # The answer is the call's arguments, whole or cut by max_tokens (then
+            # incomplete JSON, finish_reason "length"): a call either way, as it is
+            # streamed (its deltas go out before the cut is known) and as vLLM answers.
             arguments = text.strip()
-            if isinstance(_loads(arguments), dict):
+            if arguments:
                 return None, [ToolCall(str(self.function), arguments)]
         elif self.mode == "required":
             calls = _required_calls(_loads(text))
@@ -290,8 +293,7 @@ class ToolDeltas:
         if self.reader is not None:
             deltas = self._events(self.reader.finish())
         elif self.plan.mode == "named":
-            if isinstance(_loads(self.text), dict):
-                self.calls = 1
+            self.calls = int(self.named_id is not None)
         elif self.plan.mode == "required":
             content, calls = self.plan.calls(self.text)
             deltas = self._events(calls or [content])
