@@ -81,6 +81,9 @@ def test_generate_equals_pipeline(deployment, reference):
         assert response.generated_text == reference[prompt].generated_text
         assert response.token_ids == reference[prompt].token_ids
         assert response.finish_reason == reference[prompt].finish_reason
+    # client(prompts, ...) as DeepSpeed-MII's client is called
+    [called] = client(PROMPTS[0], **GREEDY)
+    assert called.generated_text == reference[PROMPTS[0]].generated_text
 
 
 def test_streaming_fn_and_stream(deployment, reference):

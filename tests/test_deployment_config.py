@@ -47,3 +47,25 @@ def test_one_port_for_both_apis_is_refused_before_anything_starts():
     with pytest.raises(ValueError, match="restful_api_port and port are both 18571"):
         DeploymentConfig.parse("m", port=18571, enable_restful_api=True, restful_api_port=18571)
     DeploymentConfig.parse("m", port=18571, restful_api_port=18571)  # no HTTP API: fine
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"replica_num": 0}, "replica_num"),
+        ({"tensor_parallel": 0}, "tensor_parallel"),
+        ({"device_map": [0, 0]}, "device_map"),
+        ({"device_map": [0], "replica_num": 2}, "device_map"),
+        (
+            {"port": 18571, "enable_restful_api": True, "restful_api_port": 18571},
+            "restful_api_port",
+        ),
+        ({"tool_call_parser": "nope"}, "tool_call_parser"),
+    ],
+)
+def test_every_bad_deployment_option_is_an_invalid_request_naming_it(options, field):
+    """replica_num=0 raised a plain ValueError while every other bad option raised
+    InvalidRequestError naming its field (user trial): one kind for all."""
+    with pytest.raises(InvalidRequestError) as caught:
+        DeploymentConfig.parse("m", **options)
+    assert caught.value.field == field

@@ -143,3 +143,21 @@ def test_a_client_finds_a_deployment_by_the_model_name_it_serves():
     with pytest.raises(DeploymentNotFoundError):
         client("smol")
     assert _find_deployment("smol") is None
+
+
+def test_the_not_found_error_says_where_it_looked():
+    """A deployment started with another MII_CACHE_DIR is recorded elsewhere: the
+    error names the folder searched and the variable (it said 'no running
+    deployment ... on this machine' while one ran; user trial)."""
+    import mii
+    from mii.errors import DeploymentNotFoundError
+
+    with pytest.raises(mii.DeploymentNotFoundError) as caught:
+        mii.client("not-running-here")
+    assert isinstance(caught.value, DeploymentNotFoundError) and isinstance(
+        caught.value, LookupError
+    )
+    assert str(registry.registry_dir()) in str(caught.value) and "MII_CACHE_DIR" in str(
+        caught.value
+    )
+    assert {"pipeline", "AsyncEngine", "DeploymentNotFoundError"} <= set(dir(mii))

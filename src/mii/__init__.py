@@ -9,6 +9,7 @@ from mii.config import EngineConfig, GenerateParams
 from mii.errors import (
     AuthenticationError,
     DeploymentError,
+    DeploymentNotFoundError,
     EngineClosedError,
     InvalidRequestError,
     MiiError,
@@ -24,12 +25,10 @@ from mii.response import Response
 if TYPE_CHECKING:
     from mii.engine.async_engine import AsyncEngine
     from mii.pipeline import Pipeline, pipeline
-    from mii.rpc.client import DeploymentNotFoundError
 
 # torch is imported on first use of these, so that `import mii` (and `mii --help`) is quick.
 _LAZY = {
     "AsyncEngine": "mii.engine.async_engine",
-    "DeploymentNotFoundError": "mii.rpc.client",
     "Pipeline": "mii.pipeline",
     "pipeline": "mii.pipeline",
 }
@@ -43,6 +42,11 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'mii' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names too (tab completion in IPython/Jupyter lists what dir() says).
+    return sorted({*globals(), *_LAZY})
 
 
 def serve(model_name_or_path: str, **options):

@@ -61,6 +61,11 @@ class DeploymentError(MiiError, RuntimeError):
     """A deployment could not start; the message carries the server's error."""
 
 
+class DeploymentNotFoundError(MiiError, LookupError):
+    """No live deployment has that name (on this machine's registry: the folder
+    ``deployments`` of ``MII_CACHE_DIR``, default ``~/.cache/mii``)."""
+
+
 class AuthenticationError(MiiError, PermissionError):
     """A deployment refused the call: its API key is missing or wrong (HTTP 401,
     gRPC UNAUTHENTICATED). Pass ``api_key=`` to ``mii.client``, or set ``MII_API_KEY``."""

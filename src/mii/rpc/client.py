@@ -10,7 +10,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import mii.envs as envs
-from mii.errors import AuthenticationError, InvalidRequestError, MiiError
+from mii.errors import (
+    AuthenticationError,
+    DeploymentNotFoundError,
+    InvalidRequestError,
+    MiiError,
+)
 from mii.prompts import Prompt, one_prompt
 from mii.response import Response, join_pieces
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
@@ -23,10 +28,6 @@ from mii.rpc.convert import (
 )
 from mii.rpc.listen import host_port
 from mii.rpc.status import error_from_grpc
-
-
-class DeploymentNotFoundError(MiiError, LookupError):
-    """No live deployment has that name."""
 
 
 class MiiClient:
@@ -55,6 +56,10 @@ class MiiClient:
         self._aio: dict[int, tuple[grpc.aio.Channel, mii_pb2_grpc.MiiStub]] = {}
 
     # ----- sync ---------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> list[Response]:
+        """``client(prompts, ...)`` is :meth:`generate` (as DeepSpeed-MII's client)."""
+        return self.generate(*args, **kwargs)
 
     def generate(
         self,
@@ -225,6 +230,7 @@ def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClie
     if sep and port.isdigit() and host:
         return MiiClient(model_or_deployment_name, api_key=api_key)
     raise DeploymentNotFoundError(
-        f"no running deployment named {model_or_deployment_name!r} on this machine "
-        "(start one with mii.serve, or pass 'host:port')"
+        f"no running deployment named {model_or_deployment_name!r} is recorded in "
+        f"{registry.registry_dir()} (deployments record themselves under the MII_CACHE_DIR "
+        "they were started with; start one with mii.serve, or pass 'host:port')"
     )

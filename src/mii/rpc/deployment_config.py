@@ -61,7 +61,7 @@ class GpuLayout(BaseModel):
     @classmethod
     def _at_least_one(cls, value: int, info) -> int:
         if value < 1:
-            raise ValueError(f"{info.field_name} must be at least 1")
+            raise InvalidRequestError(f"{info.field_name} must be at least 1", info.field_name)
         return value
 
     @model_validator(mode="after")
@@ -69,12 +69,16 @@ class GpuLayout(BaseModel):
         if self.device_map is None:
             return self
         if len(self.device_map) < self.gpus_needed:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"device_map lists {len(self.device_map)} GPUs; tensor_parallel="
-                f"{self.tensor_parallel} x replica_num={self.replica_num} needs {self.gpus_needed}"
+                f"{self.tensor_parallel} x replica_num={self.replica_num} needs "
+                f"{self.gpus_needed}",
+                "device_map",
             )
         if len(set(self.device_map)) != len(self.device_map) or min(self.device_map) < 0:
-            raise ValueError("device_map must list distinct GPU indices (0, 1, ...)")
+            raise InvalidRequestError(
+                "device_map must list distinct GPU indices (0, 1, ...)", "device_map"
+            )
         return self
 
     @property
@@ -283,7 +287,10 @@ class DeploymentConfig(GpuLayout, RayOptions):
         from mii.rpc.http.tool_parsers import get_parser  # a plain module: no web framework
 
         if value is not None:
-            get_parser(value)  # ValueError listing the known names
+            try:
+                get_parser(value)
+            except ValueError as err:  # it lists the known names
+                raise InvalidRequestError(str(err), "tool_call_parser") from None
         return value
 
     @field_validator("host")
@@ -309,9 +316,10 @@ class DeploymentConfig(GpuLayout, RayOptions):
     @model_validator(mode="after")
     def _ports_differ(self) -> DeploymentConfig:
         if self.enable_restful_api and self.restful_api_port == self.port:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"restful_api_port and port are both {self.port}: the HTTP API and gRPC "
-                "need a port each (mii serve: --port is HTTP, --grpc-port gRPC)"
+                "need a port each (mii serve: --port is HTTP, --grpc-port gRPC)",
+                "restful_api_port",
             )
         return self
 
@@ -335,7 +343,7 @@ class DeploymentConfig(GpuLayout, RayOptions):
     def parse(cls, model: str, **options: Any) -> DeploymentConfig:
         """Validate ``mii.serve``'s options, before anything starts.
 
-        A bad option raises the ValueError (or ``InvalidRequestError``) that names
+        A bad option raises the ``InvalidRequestError`` (a ValueError) that names
         it; a name that a running deployment already has, ``DeploymentError``.
         """
         if isinstance(model, os.PathLike):  # a pathlib.Path to a checkpoint or .gguf file
