@@ -522,6 +522,26 @@ def test_openai_invalid_requests(served):
     text_part = post("/v1/chat/completions", json=parts)
     error = assert_openai_error(text_part, 400, "messages.0.content.0.text")
     assert "needs its 'text'" in error["message"], error
+    # An assistant's refusal part (in histories saved from OpenAI) is its text, as
+    # vLLM reads it (it was a 400 "only text content"); without its text, 400.
+    said = [{"role": "user", "content": "hi"}]
+    as_text = [*said, {"role": "assistant", "content": "I can't help with that."}]
+    as_refusal = [
+        *said,
+        {
+            "role": "assistant",
+            "content": [{"type": "refusal", "refusal": "I can't help with that."}],
+        },
+    ]
+    tokens = [
+        post("/tokenize", json={"model": served.model, "messages": m}).json()["tokens"]
+        for m in (as_text, as_refusal)
+    ]
+    assert tokens[0] == tokens[1]
+    assert post("/v1/chat/completions", json={**chat, "messages": as_refusal}).status_code == 200
+    empty = [*said, {"role": "assistant", "content": [{"type": "refusal"}]}]
+    empty_reply = post("/v1/chat/completions", json={**chat, "messages": empty})
+    assert_openai_error(empty_reply, 400, "messages.1.content.0.refusal")
     # vLLM's "no top-k" values are accepted (its clients send them as defaults);
     # other values below 1 are refused, naming top_k.
     for no_top_k in (-1, 0):

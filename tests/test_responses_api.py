@@ -86,6 +86,14 @@ def test_a_response_is_the_chat_routes_answer_in_the_responses_shape(llama):
         )
         assert pool.sent[-1][0] == prompt
 
+        # An output's refusal part sent back is the assistant's text (was a 400).
+        refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}
+        await client.responses.create(model="d", input=[{"role": "user", "content": "hi"}, refused])
+        prompt = pool.sent[-1][0]
+        said = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "No."}]
+        await client.chat.completions.create(model="d", messages=said)
+        assert pool.sent[-1][0] == prompt
+
     with_gateway(llama, pool, scenario)
 
 

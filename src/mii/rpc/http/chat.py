@@ -210,19 +210,24 @@ def _text_content(content: str | list[ContentPart] | None, index: int) -> str:
         return content or ""
     texts = []
     for at, part in enumerate(content):
-        if part.type != "text":
+        # A refusal part (OpenAI's assistant messages carry one when the model
+        # declined) is its text, as vLLM reads it: a history saved from OpenAI replays.
+        key = "refusal" if part.type == "refusal" else "text"
+        if part.type not in ("text", "refusal"):
             raise ApiError(
                 400,
                 f"only text content is supported (got a {part.type!r} part)",
                 f"messages.{index}.content",
             )
-        if part.text is None:
+        text = getattr(part, key)
+        if text is None:
             raise ApiError(
                 400,
-                'a text part needs its \'text\': {"type": "text", "text": "..."}',
-                f"messages.{index}.content.{at}.text",
+                f"a {part.type} part needs its {key!r}: "
+                f'{{"type": "{part.type}", "{key}": "..."}}',
+                f"messages.{index}.content.{at}.{key}",
             )
-        texts.append(part.text)
+        texts.append(text)
     # A line break between parts, as vLLM renders list content for templates that
     # take a string: parts written as separate blocks do not run together.
     return "\n".join(texts)

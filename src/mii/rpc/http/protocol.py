@@ -143,6 +143,7 @@ class ContentPart(BaseModel):
 
     type: str
     text: str | None = None
+    refusal: str | None = None  # an assistant's {"type": "refusal", "refusal": "..."}
 
 
 class ChatMessage(BaseModel):

@@ -117,8 +117,9 @@ def _text_of(content: Any, where: str) -> str:
     texts = []
     for at, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text") or not isinstance(
-            part.get("text"), str
+        key = "refusal" if kind == "refusal" else "text"  # an output's refusal: its text
+        if kind not in ("input_text", "output_text", "text", "refusal") or not isinstance(
+            part.get(key), str
         ):
             raise ApiError(
                 400,
@@ -126,7 +127,7 @@ def _text_of(content: Any, where: str) -> str:
                 f"{kind!r})",
                 f"{where}.{at}",
             )
-        texts.append(part["text"])
+        texts.append(part[key])
     return "\n".join(texts)
 
 
