@@ -180,6 +180,25 @@ def test_a_named_call_cut_by_max_tokens_is_a_call_streamed_and_whole(llama):
         assert "".join(d.function.arguments for d in deltas) == cut
         assert chunks[-1].choices[0].finish_reason == "length"
 
+        # The Responses API: the call's item is the incomplete one, whole and streamed.
+        named = {"type": "function", "name": "get_weather"}
+        flat = {"type": "function", **WEATHER["function"]}
+        answer = await client.responses.create(
+            model="d", input="Weather?", tools=[flat], tool_choice=named
+        )
+        [item] = answer.output
+        assert (item.type, item.status, item.arguments) == ("function_call", "incomplete", cut)
+        assert answer.status == "incomplete"
+        events = [
+            e
+            async for e in await client.responses.create(
+                model="d", input="Weather?", tools=[flat], tool_choice=named, stream=True
+            )
+        ]
+        [done] = [e.item for e in events if e.type == "response.output_item.done"]
+        assert (done.type, done.status) == ("function_call", "incomplete")
+        assert events[-1].type == "response.incomplete"
+
         pool.text = '[{"name": "set_alert", "param'
         for stream in (False, True):
             answer = await client.chat.completions.create(

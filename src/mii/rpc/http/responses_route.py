@@ -112,10 +112,14 @@ class ResponseObject:
         message = choice["message"]
         status = "incomplete" if choice["finish_reason"] == "length" else "completed"
         items: list[dict[str, Any]] = []
-        if message.get("content") or not message.get("tool_calls"):
+        calls = message.get("tool_calls") or []
+        if message.get("content") or not calls:
             logprobs = (choice.get("logprobs") or {}).get("content") or []
             items.append(self.message_item(message.get("content") or "", status, logprobs))
-        for call in message.get("tool_calls") or ():
+        for at, call in enumerate(calls):
+            # Cut by max_output_tokens with no text: the last call is what was cut (a
+            # named function's arguments, incomplete JSON). With text, the message is.
+            cut = status == "incomplete" and not items and at == len(calls) - 1
             items.append(
                 {
                     "type": "function_call",
@@ -123,7 +127,7 @@ class ResponseObject:
                     "call_id": call["id"],
                     "name": call["function"]["name"],
                     "arguments": call["function"]["arguments"],
-                    "status": "completed",
+                    "status": "incomplete" if cut else "completed",
                 }
             )
         return status, items
