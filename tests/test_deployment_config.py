@@ -69,3 +69,26 @@ def test_every_bad_deployment_option_is_an_invalid_request_naming_it(options, fi
     with pytest.raises(InvalidRequestError) as caught:
         DeploymentConfig.parse("m", **options)
     assert caught.value.field == field
+
+
+def test_a_restarted_replica_gets_fresh_ports(tmp_path, monkeypatch):
+    """A restart's process listens on a new gRPC port, and with tensor_parallel > 1
+    its ranks meet on a new rendezvous port (a process may have taken the old ones
+    while the replica was down); same GPUs, same log."""
+    import subprocess
+
+    from mii.rpc import deployment
+
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(a[0]))
+    monkeypatch.setattr(deployment, "_gpu_count", lambda: 4)
+    config = DeploymentConfig.parse("m", tensor_parallel=2, device_map=[2, 3])
+    [replica] = deployment._replica_configs(config)
+    first = deployment.ReplicaProcess(0, replica, tmp_path / "r.log", "token")
+    again = first.restarted()
+    assert again.config.port != replica.port and again.config.tp_master_port not in (
+        None,
+        replica.tp_master_port,
+    )
+    assert again.config.gpus == replica.gpus == [2, 3] and again.log_file == first.log_file
+    assert ReplicaConfig.model_validate_json(started[-1][-1]) == again.config

@@ -10,6 +10,7 @@ running whatever the machine's speed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -405,3 +406,33 @@ def test_unresponsive_replica_is_killed_after_the_limit():
     assert processes[0].code == -9  # killed; the next look restarts it
     supervisor.tick(7.1)
     assert replica.state == "restarting" and replica.restarts == 1
+
+
+async def test_a_moved_replica_keeps_its_probe_in_flight_and_drops_its_old_channel():
+    """Replica.move_to (a restart on a fresh port): a health probe already waiting on
+    the old address (here a socket that never answers, as a process squatting the
+    port) ends as a missed probe, not cancelled: closing the old channel at once
+    raised CancelledError into it, and the Stats call awaiting it never answered.
+    New calls go to the new address; close() closes the old channel too."""
+    from mii.rpc.pool import HEALTH_PROBE_TIMEOUT_S, ReplicaPool
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    try:
+        pool = ReplicaPool([f"127.0.0.1:{squatter.getsockname()[1]}"], token="t")
+        [replica] = pool.replicas
+        old = replica.channel
+        probe = asyncio.ensure_future(pool.check(replica))
+        await asyncio.sleep(0.2)  # the probe is waiting on the squatter
+        moved = f"127.0.0.1:{free_port()}"
+        replica.move_to(moved)
+        assert replica.channel is not old and replica.address == moved
+        started = time.monotonic()
+        assert await probe is False  # missed, within its own deadline
+        assert time.monotonic() - started <= HEALTH_PROBE_TIMEOUT_S + 0.5
+        assert await pool.check(replica) is False  # nothing listens there yet: refused
+        await pool.close()
+        assert not replica._retiring  # the old channel closed with the pool
+    finally:
+        squatter.close()

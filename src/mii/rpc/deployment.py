@@ -130,10 +130,7 @@ class ReplicaProcess:
         port. Not its old one: another local process may have bound that while this
         one was down, and every restart would then fail on it and use up the
         replica's restart budget (the pool follows the move: Replica.move_to)."""
-        tp = self.config.deployment.tensor_parallel
-        fresh = self.config.model_copy(
-            update={"port": free_port(), "tp_master_port": free_port() if tp > 1 else None}
-        )
+        fresh = self.config.model_copy(update=_fresh_ports(self.config.deployment))
         return ReplicaProcess(self.index, fresh, self.log_file, self.token, append=True)
 
     def failure(self) -> str | None:
@@ -290,12 +287,17 @@ def _replica_configs(config: DeploymentConfig) -> list[ReplicaConfig]:
     return [
         ReplicaConfig(
             deployment=config,
-            port=free_port(),
             gpus=device_map[i * tp : (i + 1) * tp] if device_map else None,
-            tp_master_port=free_port() if tp > 1 else None,
+            **_fresh_ports(config),
         )
         for i in range(config.replica_num)
     ]
+
+
+def _fresh_ports(config: DeploymentConfig) -> dict[str, int | None]:
+    """A replica's ports, free now: its gRPC port and its ranks' rendezvous port."""
+    tp = config.tensor_parallel
+    return {"port": free_port(), "tp_master_port": free_port() if tp > 1 else None}
 
 
 async def _follow_replica_health(pool: ReplicaPool, health) -> None:

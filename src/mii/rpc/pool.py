@@ -46,7 +46,10 @@ class Replica:
     token: str | None = None  # presented on every call (the replica's port requires it)
     channel: grpc.aio.Channel = field(init=False)
     stub: mii_pb2_grpc.MiiStub = field(init=False)
-    _closing: asyncio.Task | None = field(default=None, init=False, repr=False)  # an old channel
+    # Old channels closing (move_to), by the task that closes each.
+    _retiring: dict[asyncio.Task, grpc.aio.Channel] = field(
+        default_factory=dict, init=False, repr=False
+    )
     in_flight: int = 0
     healthy: bool = False
     last_stats: mii_pb2.StatsReply = field(default_factory=mii_pb2.StatsReply)
@@ -70,7 +73,9 @@ class Replica:
 
     def move_to(self, address: str) -> None:
         """Talk to this replica at ``address`` from now on (its restarted process
-        listens there); the old channel is closed once its calls have ended."""
+        listens there). Call it once the old process has exited: the old channel
+        closes after its calls end, and one still running after
+        ``OLD_CHANNEL_GRACE_S`` is cancelled (its awaiter gets CancelledError)."""
         if address == self.address:
             return
         old = self.channel
@@ -79,10 +84,14 @@ class Replica:
         # With a grace: closing cancels the calls still on it, and a cancelled call
         # raises CancelledError into whoever awaits it (a health probe of a Stats
         # call, which then never answered). Its calls end sooner anyway: probes by
-        # their deadline, calls to the exited process at once. (No loop: a unit test.)
-        with contextlib.suppress(RuntimeError):
-            loop = asyncio.get_running_loop()
-            self._closing = loop.create_task(old.close(grace=OLD_CHANNEL_GRACE_S))
+        # their deadline, calls to the exited process at once.
+        closing = asyncio.get_running_loop().create_task(old.close(grace=OLD_CHANNEL_GRACE_S))
+        self._retiring[closing] = old
+        closing.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    async def close(self) -> None:
+        """Close its channels: the current one and any old one still closing."""
+        await asyncio.gather(self.channel.close(), *(c.close() for c in self._retiring.values()))
 
 
 def stats_reply(stats: dict[str, Any], in_flight: int) -> mii_pb2.StatsReply:
@@ -311,4 +320,4 @@ class ReplicaPool:
 
     async def close(self) -> None:
         await self.guard.close()
-        await asyncio.gather(*(r.channel.close() for r in self.replicas))
+        await asyncio.gather(*(r.close() for r in self.replicas))

@@ -223,8 +223,7 @@ def _text_content(content: str | list[ContentPart] | None, index: int) -> str:
         if text is None:
             raise ApiError(
                 400,
-                f"a {part.type} part needs its {key!r}: "
-                f'{{"type": "{part.type}", "{key}": "..."}}',
+                f'a {part.type} part needs its {key!r}: {{"type": "{part.type}", "{key}": "..."}}',
                 f"messages.{index}.content.{at}.{key}",
             )
         texts.append(text)
