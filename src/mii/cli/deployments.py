@@ -156,8 +156,8 @@ def terminate(args: argparse.Namespace) -> int:
 
     try:
         target = client(args.name, api_key=args.api_key)
-    except DeploymentNotFoundError:
-        raise CliError(f"no running deployment named {args.name!r} (see: mii list)") from None
+    except DeploymentNotFoundError as err:  # none by that name, or several serve it
+        raise CliError(f"{err} (see: mii list)") from None
     if target.deployment_name is None and not target.is_healthy(timeout=5.0):
         raise CliError(f"no mii deployment answers at {args.name}")
     try:

@@ -57,10 +57,6 @@ class MiiClient:
 
     # ----- sync ---------------------------------------------------------------
 
-    def __call__(self, *args: Any, **kwargs: Any) -> list[Response]:
-        """``client(prompts, ...)`` is :meth:`generate` (as DeepSpeed-MII's client)."""
-        return self.generate(*args, **kwargs)
-
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -85,6 +81,8 @@ class MiiClient:
         except grpc.RpcError as err:
             raise self._error(err) from None
         return [piece_from_proto(p) for p in reply.responses]
+
+    __call__ = generate  # client(prompts, ...), as DeepSpeed-MII's client is called
 
     def stream(
         self, prompt: Prompt, timeout: float | None = None, **params: Any
@@ -231,6 +229,6 @@ def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClie
         return MiiClient(model_or_deployment_name, api_key=api_key)
     raise DeploymentNotFoundError(
         f"no running deployment named {model_or_deployment_name!r} is recorded in "
-        f"{registry.registry_dir()} (deployments record themselves under the MII_CACHE_DIR "
-        "they were started with; start one with mii.serve, or pass 'host:port')"
+        f"{registry.cache_dir() / 'deployments'} (deployments record themselves under the "
+        "MII_CACHE_DIR they were started with; start one with mii.serve, or pass 'host:port')"
     )

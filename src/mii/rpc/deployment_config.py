@@ -61,7 +61,9 @@ class GpuLayout(BaseModel):
     @classmethod
     def _at_least_one(cls, value: int, info) -> int:
         if value < 1:
-            raise InvalidRequestError(f"{info.field_name} must be at least 1", info.field_name)
+            raise InvalidRequestError(
+                f"{info.field_name} must be at least 1", field=info.field_name
+            )
         return value
 
     @model_validator(mode="after")
@@ -73,11 +75,11 @@ class GpuLayout(BaseModel):
                 f"device_map lists {len(self.device_map)} GPUs; tensor_parallel="
                 f"{self.tensor_parallel} x replica_num={self.replica_num} needs "
                 f"{self.gpus_needed}",
-                "device_map",
+                field="device_map",
             )
         if len(set(self.device_map)) != len(self.device_map) or min(self.device_map) < 0:
             raise InvalidRequestError(
-                "device_map must list distinct GPU indices (0, 1, ...)", "device_map"
+                "device_map must list distinct GPU indices (0, 1, ...)", field="device_map"
             )
         return self
 
@@ -290,7 +292,7 @@ class DeploymentConfig(GpuLayout, RayOptions):
             try:
                 get_parser(value)
             except ValueError as err:  # it lists the known names
-                raise InvalidRequestError(str(err), "tool_call_parser") from None
+                raise InvalidRequestError(str(err), field="tool_call_parser") from None
         return value
 
     @field_validator("host")
@@ -319,7 +321,7 @@ class DeploymentConfig(GpuLayout, RayOptions):
             raise InvalidRequestError(
                 f"restful_api_port and port are both {self.port}: the HTTP API and gRPC "
                 "need a port each (mii serve: --port is HTTP, --grpc-port gRPC)",
-                "restful_api_port",
+                field="restful_api_port",
             )
         return self
 

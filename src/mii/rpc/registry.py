@@ -172,7 +172,8 @@ def lookup(name: str) -> dict[str, Any] | None:
 def find(model_or_deployment_name: str) -> dict[str, Any] | None:
     """The record of the live deployment that ``model_or_deployment_name`` names:
     by one of its :func:`candidate_names`, else by a model name it serves the model
-    under (``served_model_name``, the OpenAI API's name) when exactly one does."""
+    under (``served_model_name``, the OpenAI API's name) when exactly one does
+    (DeploymentNotFoundError naming them when several do)."""
     for name in candidate_names(model_or_deployment_name):
         info = lookup(name)
         if info is not None:
@@ -182,7 +183,15 @@ def find(model_or_deployment_name: str) -> dict[str, Any] | None:
         for d in list_deployments()
         if model_or_deployment_name in (d.get("served_model_name") or ())
     ]
-    return serving[0] if len(serving) == 1 else None
+    if len(serving) > 1:
+        from mii.errors import DeploymentNotFoundError
+
+        names = ", ".join(repr(d["deployment_name"]) for d in serving)
+        raise DeploymentNotFoundError(
+            f"{len(serving)} deployments serve the model name {model_or_deployment_name!r} "
+            f"({names}): name the deployment instead"
+        )
+    return serving[0] if serving else None
 
 
 def remove(name: str, pid: int | None = None) -> None:
