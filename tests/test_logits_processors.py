@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import (
     MinPLogitsWarper,
+    PrefixConstrainedLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
     TemperatureLogitsWarper,
@@ -100,6 +101,30 @@ def test_mixed_batch_equals_transformers_and_openai_row_by_row():
         assert 1 < int(torch.isfinite(got).sum()) < VOCAB
         kept = torch.isfinite(want)
         torch.testing.assert_close(got[kept], want[kept])
+
+
+def test_allowed_token_ids_mask_their_rows_only():
+    """Rows with allowed_token_ids equal transformers' PrefixConstrainedLogitsProcessor
+    (every other token -inf); the other rows of the batch are left as they are,
+    with a bias applied after the mask."""
+    settings = [
+        {"allowed_token_ids": [4, 9, 63]},
+        {},
+        {"allowed_token_ids": [0], "logit_bias": {0: 2.0, 5: 50.0}},
+        {"repetition_penalty": 1.5},
+    ]
+    seqs = [make_seq(s) for s in settings]
+    logits = random_logits(len(seqs), seed=4)
+    out = processed(logits, seqs)
+    ids = PROMPT + GENERATED
+    want = hf(PrefixConstrainedLogitsProcessor(lambda b, sent: [4, 9, 63], 1), ids, logits[0])
+    assert torch.equal(out[0], want)
+    assert torch.equal(out[1], logits[1])
+    assert torch.isfinite(out[2]).tolist() == [t == 0 for t in range(VOCAB)]
+    assert out[2, 0] == logits[2, 0] + 2.0  # the bias on top; token 5 stays banned
+    assert torch.equal(out[3], hf(RepetitionPenaltyLogitsProcessor(1.5), ids, logits[3]))
+    greedy = [make_seq({"do_sample": False, **settings[0]})]
+    assert sample_next_tokens(logits[:1], greedy, [], VOCAB)[0].tolist() == [int(want.argmax())]
 
 
 def test_greedy_rows_see_the_processed_logits():

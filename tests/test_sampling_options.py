@@ -3,7 +3,7 @@
 presence and frequency penalties equal a hand-computed reference, in a mixed
 batch, with chunked prefill and preemption, and with async scheduling (a token
 still on the device counts); ``logit_bias``, ``min_p``, ``stop_token_ids``,
-``skip_special_tokens`` and the vocabulary checks of token ids."""
+``allowed_token_ids``, ``skip_special_tokens`` and the vocabulary checks of token ids."""
 
 from __future__ import annotations
 
@@ -124,6 +124,32 @@ def test_logit_bias_forces_and_bans_tokens(pipe, tokenizer):
     assert banned[0].token_ids[0] != plain[0]
 
 
+def test_allowed_token_ids_equal_transformers_prefix_constraint(model, pipe, tokenizer):
+    """vLLM's ``allowed_token_ids``: the greedy answer equals transformers'
+    ``generate`` constrained to those ids (``prefix_allowed_tokens_fn``), and
+    sampled answers draw only them."""
+    _, hf_model = model
+    plain = pipe([PROMPTS[1]], do_sample=False, max_new_tokens=8)[0].token_ids
+    allowed = sorted({3, 7, 11, 19, plain[0] + 1} - {plain[0]})  # not its own first pick
+    ids, out = _hf_generate(
+        hf_model,
+        tokenizer,
+        PROMPTS[1],
+        8,
+        eos_token_id=tokenizer.eos_token_id,
+        prefix_allowed_tokens_fn=lambda batch, sent: allowed,
+    )
+    reference = out[0, ids.shape[1] :].tolist()
+    greedy = pipe([PROMPTS[1]], do_sample=False, max_new_tokens=8, allowed_token_ids=allowed)
+    assert greedy[0].token_ids == reference and set(reference) <= set(allowed)
+    assert reference[0] != plain[0]  # guard: the constraint changed the answer
+    for seed in (1, 2):
+        sampled = pipe(
+            [PROMPTS[1]], seed=seed, temperature=1.5, max_new_tokens=8, allowed_token_ids=allowed
+        )
+        assert set(sampled[0].token_ids) <= set(allowed)
+
+
 def test_min_p_one_keeps_only_the_most_likely_token(pipe):
     greedy = pipe([PROMPTS[2]], do_sample=False, max_new_tokens=12)[0].token_ids
     for seed in (1, 2):
@@ -168,7 +194,11 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(pipe, tokenizer):
 
 def test_token_ids_are_checked_against_the_vocabulary(pipe):
     vocab = pipe.engine.core.vocab_size
-    for option, value in (("logit_bias", {vocab: 1.0}), ("stop_token_ids", [vocab + 5])):
+    for option, value in (
+        ("logit_bias", {vocab: 1.0}),
+        ("stop_token_ids", [vocab + 5]),
+        ("allowed_token_ids", [1, vocab]),
+    ):
         with pytest.raises(InvalidRequestError, match="vocabulary") as err:
             pipe([PROMPTS[0]], max_new_tokens=2, **{option: value})
         assert err.value.field == option

@@ -89,6 +89,7 @@ def test_openai_routes_apply_the_options(served, pipe, tok):
             {"logit_bias": {str(forced): 100}, "skip_special_tokens": False},
             {"logit_bias": {forced: 100}, "skip_special_tokens": False},
         ),
+        ({"allowed_token_ids": [forced, 7, 11]}, {"allowed_token_ids": [forced, 7, 11]}),
         ({"min_tokens": 3, "stop_token_ids": [stop]}, {"min_tokens": 3, "stop_token_ids": [stop]}),
         ({"stop_token_ids": [stop], "min_p": 0.3}, {"stop_token_ids": [stop], "min_p": 0.3}),
     ]
@@ -172,6 +173,8 @@ def test_invalid_values_are_refused_naming_the_field(served, pipe):
         ({"logit_bias": {"five": 1}}, "logit_bias"),
         ({"logit_bias": {str(vocab): 1}}, "logit_bias"),  # refused by the engine
         ({"stop_token_ids": [vocab + 1]}, "stop_token_ids"),
+        ({"allowed_token_ids": [1, vocab]}, "allowed_token_ids"),  # refused by the engine
+        ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
     ]
     for extra, param in bad:
         for route, body in (("/v1/completions", completion), ("/v1/chat/completions", chat)):

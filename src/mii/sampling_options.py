@@ -1,6 +1,7 @@
 """Generation options that reshape the logits before a token is picked: penalties,
-``min_p``, ``logit_bias``, stop token ids; and the text options ``skip_special_tokens``,
-``include_stop_str_in_output``, ``truncate_prompt_tokens``.
+``min_p``, ``logit_bias``, ``allowed_token_ids``, stop token ids; and the text
+options ``skip_special_tokens``, ``include_stop_str_in_output``,
+``truncate_prompt_tokens``.
 
 ``GenerateParams`` (``mii.config``) inherits these fields, so that they are
 validated, described and documented like every other generation option; the
@@ -15,7 +16,7 @@ import math
 from functools import cached_property
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 # Token ids and other integers fit a signed 64-bit integer (the engine's tensors, gRPC).
 _INT64_LIMIT = 2**63
@@ -59,6 +60,11 @@ class LogitsOptions(BaseModel):
         description="token id -> bias in [-100, 100], added to that token's logit "
         "(-100 bans it, 100 forces it)",
     )
+    allowed_token_ids: tuple[int, ...] | None = Field(
+        default=None,
+        description="generate only these token ids (vLLM's; end-of-sequence too only if "
+        "listed) (repeatable)",
+    )
     stop_token_ids: tuple[int, ...] = Field(
         default=(),
         description="token id that ends generation like end-of-sequence (finish reason "
@@ -94,21 +100,27 @@ class LogitsOptions(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
-    @field_validator("stop_token_ids", mode="before")
+    @field_validator("stop_token_ids", "allowed_token_ids", mode="before")
     @classmethod
-    def _token_id_tuple(cls, value: Any) -> Any:
+    def _token_id_tuple(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
-            return ()
+            return () if info.field_name == "stop_token_ids" else None
+        if (
+            info.field_name == "allowed_token_ids"
+            and isinstance(value, (list, tuple))
+            and not value
+        ):
+            raise ValueError("must list at least one token id (leave it out to allow every token)")
         if isinstance(value, int) and not isinstance(value, bool):
             return (value,)
         if isinstance(value, (list, tuple)) and any(isinstance(t, bool) for t in value):
             raise ValueError("token ids must be integers, not booleans")
         return value
 
-    @field_validator("stop_token_ids")
+    @field_validator("stop_token_ids", "allowed_token_ids")
     @classmethod
-    def _token_ids_in_range(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(not 0 <= t < _INT64_LIMIT for t in value):
+    def _token_ids_in_range(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if any(not 0 <= t < _INT64_LIMIT for t in value or ()):
             raise ValueError("token ids must be non-negative 64-bit integers")
         return value
 
@@ -144,6 +156,7 @@ class LogitsOptions(BaseModel):
             or self.repetition_penalty != 1.0
             or self.min_p > 0.0
             or self.logit_bias is not None
+            or self.allowed_token_ids is not None
             # stop token ids are banned below min_new_tokens (a GenerateParams field)
             or (bool(self.stop_token_ids) and getattr(self, "min_new_tokens", 0) > 0)
         )
@@ -151,4 +164,5 @@ class LogitsOptions(BaseModel):
     def token_ids_used(self) -> list[tuple[str, int]]:
         """(option, token id) of every id these options name, to check against a vocabulary."""
         ids = [("stop_token_ids", t) for t in self.stop_token_ids]
+        ids += [("allowed_token_ids", t) for t in self.allowed_token_ids or ()]
         return ids + [("logit_bias", t) for t in self.logit_bias or ()]

@@ -2,6 +2,7 @@
 
 Each request may set (``mii.sampling_options.LogitsOptions``):
 
+- ``allowed_token_ids`` (vLLM's): every other token's logit is -inf;
 - ``logit_bias``: a bias added to chosen tokens' logits (OpenAI); the stop token
   ids of a request below ``min_new_tokens`` are banned the same way (bias -inf),
   as end-of-sequence is;
@@ -13,7 +14,7 @@ Each request may set (``mii.sampling_options.LogitsOptions``):
 - ``min_p`` (transformers' ``MinPLogitsWarper``): after temperature, tokens whose
   probability is below ``min_p`` times the top token's are dropped (-inf).
 
-They apply in that order (bias first, as transformers and vLLM do), before the
+They apply in that order (the allowed tokens and the bias first, as vLLM does), before the
 greedy argmax: penalties and biases change greedy answers too. ``min_p`` runs
 before top-k / top-p, as in vLLM (transformers applies it after them; the
 result is the same when top_p is 1).
@@ -49,6 +50,7 @@ class LogitsPlan:
     has_bias: bool
     has_min_p: bool
     has_pending: bool
+    has_allowed: bool = False
 
     def on_device(
         self, tensors: list[torch.Tensor], pending: torch.Tensor | None
@@ -72,6 +74,8 @@ class LogitsPlan:
             out.bias_index, out.bias_values = next(it), next(it)
         if self.has_min_p:
             out.min_p = next(it)
+        if self.has_allowed:
+            out.allowed_rows, out.allowed_index = next(it), next(it)
         return out
 
 
@@ -88,6 +92,8 @@ class LogitsProcessing:
     bias_index: torch.Tensor | None = None  # [2, B] int64: (row, token) of each bias
     bias_values: torch.Tensor | None = None  # [B] float32 (-inf: a banned stop token)
     min_p: torch.Tensor | None = None  # [S] float32 (0: off)
+    allowed_rows: torch.Tensor | None = None  # [R] int64: rows limited to some tokens
+    allowed_index: torch.Tensor | None = None  # [2, A] int64: (row, token) allowed
 
 
 def plan(seqs: list[Sequence], vocab_size: int) -> LogitsPlan | None:
@@ -99,10 +105,15 @@ def plan(seqs: list[Sequence], vocab_size: int) -> LogitsPlan | None:
     bias_tokens: list[int] = []
     bias_values: list[float] = []
     min_p = [0.0] * len(seqs)
+    allowed_rows: list[int] = []
+    allowed_pairs: list[tuple[int, int]] = []
     for row, seq in enumerate(seqs):
         p = seq.params
         if not p.processes_logits:
             continue
+        if p.allowed_token_ids is not None:
+            allowed_rows.append(row)
+            allowed_pairs += [(row, token) for token in p.allowed_token_ids]
         if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
             penalised.append(row)
         if p.logit_bias:
@@ -125,9 +136,14 @@ def plan(seqs: list[Sequence], vocab_size: int) -> LogitsPlan | None:
     has_min_p = any(min_p)
     if has_min_p:
         arrays.append((np.asarray(min_p), torch.float32))
+    if allowed_rows:
+        arrays.append((np.asarray(allowed_rows), torch.int64))
+        arrays.append((np.asarray(allowed_pairs, dtype=np.int64).T.copy(), torch.int64))
     if not arrays:  # e.g. stop token ids past min_new_tokens: nothing to do
         return None
-    return LogitsPlan(arrays, bool(penalised), bool(bias_rows), has_min_p, has_pending)
+    return LogitsPlan(
+        arrays, bool(penalised), bool(bias_rows), has_min_p, has_pending, bool(allowed_rows)
+    )
 
 
 def _penalty_arrays(
@@ -169,6 +185,13 @@ def apply(
     """logits [S, V] float32 -> processed logits [S, V] (a new tensor: the caller's
     logits are left as they are). ``temperature`` [S]: each row's (1 where unset)."""
     logits = logits.clone()
+    if processing.allowed_index is not None:
+        # True for the rows' allowed tokens and for every token of the other rows.
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        keep.index_fill_(0, processing.allowed_rows, False)
+        rows, tokens = processing.allowed_index
+        keep[rows, tokens] = True
+        logits.masked_fill_(~keep, float("-inf"))
     if processing.bias_index is not None:
         rows, tokens = processing.bias_index
         logits.index_put_((rows, tokens), processing.bias_values, accumulate=True)

@@ -22,7 +22,7 @@ UNLIMITED_MESSAGES = (
 MAX_PROMPTS = 1024
 
 # Options that are not one scalar field of GenerationOptions each.
-_LIST_OPTIONS = ("stop", "stop_token_ids", "logit_bias", "choice")
+_LIST_OPTIONS = ("stop", "stop_token_ids", "allowed_token_ids", "logit_bias", "choice")
 _SCALAR_OPTIONS = [name for name in GenerateParams.model_fields if name not in _LIST_OPTIONS]
 
 
@@ -36,6 +36,8 @@ def options_to_proto(params: dict[str, Any]) -> mii_pb2.GenerationOptions:
             options.stop.extend([value] if isinstance(value, str) else list(value))
         elif name == "stop_token_ids":
             options.stop_token_ids.extend(value)
+        elif name == "allowed_token_ids":
+            options.allowed_token_ids.extend(value)
         elif name == "logit_bias":
             options.logit_bias.update(value)
         elif name == "choice":
@@ -54,6 +56,8 @@ def options_from_proto(options: mii_pb2.GenerationOptions) -> dict[str, Any]:
         params["stop"] = list(options.stop)
     if options.stop_token_ids:
         params["stop_token_ids"] = list(options.stop_token_ids)
+    if options.allowed_token_ids:
+        params["allowed_token_ids"] = list(options.allowed_token_ids)
     if options.logit_bias:
         params["logit_bias"] = dict(options.logit_bias)
     if options.choice:

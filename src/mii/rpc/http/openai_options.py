@@ -16,7 +16,8 @@ OpenAI options map onto mii's generation options as follows:
   see :mod:`mii.rpc.http.openai_logprobs` for the answer's shape.
 - ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token ids as
   strings, as OpenAI sends them) and vLLM's ``repetition_penalty``, ``min_p``,
-  ``stop_token_ids``, ``skip_special_tokens``: the options of the same names.
+  ``stop_token_ids``, ``allowed_token_ids``, ``skip_special_tokens``: the options
+  of the same names.
 - chat only: ``chat_template_kwargs``, ``add_generation_prompt`` and
   ``continue_final_message`` shape the prompt (:mod:`mii.rpc.http.chat`).
 - ``n`` and ``seed`` are handled per choice (:mod:`mii.rpc.http.choices`).
@@ -128,7 +129,7 @@ _SAME_NAMES = (
 
 
 def _logits_options(body: OpenAIRequest) -> dict[str, Any]:
-    """Penalties, min_p, logit_bias, stop token ids and skip_special_tokens."""
+    """Penalties, min_p, logit_bias, allowed and stop token ids, and the text options."""
     params = {n: getattr(body, n) for n in _SAME_NAMES if getattr(body, n) is not None}
     if not body.skip_special_tokens:
         params["skip_special_tokens"] = False
@@ -136,6 +137,8 @@ def _logits_options(body: OpenAIRequest) -> dict[str, Any]:
         params["include_stop_str_in_output"] = True
     if body.truncate_prompt_tokens is not None:
         params["truncate_prompt_tokens"] = body.truncate_prompt_tokens
+    if body.allowed_token_ids:  # [] (a client's blank default) limits nothing
+        params["allowed_token_ids"] = body.allowed_token_ids
     if body.logit_bias:
         bias = {}
         for key, value in body.logit_bias.items():

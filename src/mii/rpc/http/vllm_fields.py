@@ -32,7 +32,7 @@ class VllmFields(BaseModel):
     priority: int = 0
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None
-    allowed_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None  # served (openai_options); [] as unset
     bad_words: list[str] | None = None
     return_tokens_as_token_ids: bool = False
     add_special_tokens: bool | None = None
@@ -59,7 +59,6 @@ NO_OP_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
         (None,),
         "ask for the prompt's logprobs with echo=true and logprobs (completions)",
     ),
-    "allowed_token_ids": ((None, []), "use logit_bias to favour or ban token ids"),
     "bad_words": ((None, []), "use logit_bias to ban token ids"),
     "return_tokens_as_token_ids": ((False,), "POST /tokenize gives a text's token ids"),
     "spaces_between_special_tokens": (
