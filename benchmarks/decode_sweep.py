@@ -50,6 +50,12 @@ def main() -> None:
         help="only batch 1's launch settings (keys per step, warps, stages), bf16 cache",
     )
     parser.add_argument(
+        "--mixed-lengths",
+        action="store_true",
+        help="only W1's decode pass (233 sequences) at one length vs W1's spread of lengths "
+        "(same keys in all), bf16 and fp8 caches, Llama-2-7B layout, default launches",
+    )
+    parser.add_argument(
         "--batch1-step",
         action="store_true",
         help="only batch 1's attention inside a decode step (qkv, rotary, attention, o), "
@@ -66,6 +72,10 @@ def main() -> None:
         return
     if args.batch1_launch:
         result["batch1_launch"] = batch1_launch(copy_bw, device)
+        write_json(args.json, result)
+        return
+    if args.mixed_lengths:
+        result["mixed_lengths"] = mixed_lengths(copy_bw, device)
         write_json(args.json, result)
         return
     if args.batch1_step:
@@ -215,6 +225,38 @@ def long_context_splits(copy_bw: float, device) -> list[dict]:
                 rows.append(row)
                 print(f"long context {row}", flush=True)
         del k_cache, v_cache, kc, vc
+    return rows
+
+
+def mixed_lengths(copy_bw: float, device) -> list[dict]:
+    """W1's decode passes hold ~233 sequences of U[128,1024] prompt tokens plus up to
+    128 generated: does the spread of lengths (some programs twice as long as others)
+    cost the one-head launch its rate, against the same keys at one length?"""
+    gen = torch.Generator().manual_seed(0)
+    seqs = 233
+    spread = (torch.randint(128, 1025, (seqs,), generator=gen) + 80).tolist()
+    uniform = [sum(spread) // seqs] * seqs
+    total_blocks = sum((n + BLOCK - 1) // BLOCK for n in spread) + 64
+    k_bf16 = torch.randn(total_blocks, BLOCK, KV_HEADS, DIM, device=device, dtype=torch.bfloat16)
+    v_bf16 = torch.randn_like(k_bf16)
+    caches = {
+        "bf16": (k_bf16, v_bf16),
+        "fp8": (k_bf16.to(FP8_KV_DTYPE), v_bf16.to(FP8_KV_DTYPE)),
+    }
+    q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
+    rows = []
+    for (name, (k_cache, v_cache)), (shape, lengths) in itertools.product(
+        caches.items(), (("uniform", uniform), ("spread", spread))
+    ):
+        batch = paged_batch([1] * seqs, lengths, device, total_blocks)
+        seconds = bench_graph(
+            lambda k=k_cache, v=v_cache, b=batch: paged_attention_from_cache(q, k, v, b, DIM**-0.5)
+        )
+        moved = 2 * sum(lengths) * KV_HEADS * DIM * k_cache.element_size()
+        row = {"cache": name, "lengths": shape, "us": round(seconds * 1e6, 1)}
+        row["of_copy_bw"] = round(moved / seconds / copy_bw, 3)
+        rows.append(row)
+        print(f"{name:4s} {shape:7s}: {row['us']:8.1f} us ({row['of_copy_bw']:.0%})", flush=True)
     return rows
 
 
