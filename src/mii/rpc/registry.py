@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from mii.cache import cache_dir
-from mii.errors import DeploymentError
+from mii.errors import DeploymentError, DeploymentNotFoundError
 
 DEFAULT_NAME_SUFFIX = "-mii-deployment"
 
@@ -184,8 +184,6 @@ def find(model_or_deployment_name: str) -> dict[str, Any] | None:
         if model_or_deployment_name in (d.get("served_model_name") or ())
     ]
     if len(serving) > 1:
-        from mii.errors import DeploymentNotFoundError
-
         names = ", ".join(repr(d["deployment_name"]) for d in serving)
         raise DeploymentNotFoundError(
             f"{len(serving)} deployments serve the model name {model_or_deployment_name!r} "
