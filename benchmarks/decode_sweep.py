@@ -4,6 +4,7 @@ timed from CUDA graphs (a diagnostic: its best rows set ``DECODE_LAUNCH``).
     python benchmarks/decode_sweep.py [--json out.json]
     python benchmarks/decode_sweep.py --long-context   # batch 1, 1k-128k keys, split counts
     python benchmarks/decode_sweep.py --batch1-step   # in-kernel merge / L2 prefetch, in a step
+    python benchmarks/decode_sweep.py --one-query   # fp8 one-head decode: products vs CUDA cores
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def main() -> None:
         "(same keys in all), bf16 and fp8 caches, Llama-2-7B layout, default launches",
     )
     parser.add_argument(
+        "--one-query",
+        action="store_true",
+        help="only one-head decode programs on an fp8 cache: MII_DECODE_ONE_QUERY=dot vs "
+        "cores at W1's batch and at long contexts, and the cores path's launch settings",
+    )
+    parser.add_argument(
         "--batch1-step",
         action="store_true",
         help="only batch 1's attention inside a decode step (qkv, rotary, attention, o), "
@@ -76,6 +83,10 @@ def main() -> None:
         return
     if args.mixed_lengths:
         result["mixed_lengths"] = mixed_lengths(copy_bw, device)
+        write_json(args.json, result)
+        return
+    if args.one_query:
+        result["one_query"] = one_query(copy_bw, device)
         write_json(args.json, result)
         return
     if args.batch1_step:
@@ -257,6 +268,71 @@ def mixed_lengths(copy_bw: float, device) -> list[dict]:
         row["of_copy_bw"] = round(moved / seconds / copy_bw, 3)
         rows.append(row)
         print(f"{name:4s} {shape:7s}: {row['us']:8.1f} us ({row['of_copy_bw']:.0%})", flush=True)
+    return rows
+
+
+# (sequences, keys of each): W1's decode passes (one length; its spread costs
+# nothing, mixed_lengths), serving's long prompts, split-KV at few sequences.
+ONE_QUERY_SHAPES = [(233, 760), (64, 2600), (4, 16384), (1, 32768)]
+
+
+def one_query(copy_bw: float, device) -> list[dict]:
+    """One-head decode programs (Llama-2-7B's 32 heads) on an fp8 cache: the 16-row
+    products ('dot', DECODE_LAUNCH_FP8*) against the CUDA-core path ('cores') at its
+    launch (DECODE_LAUNCH_ONE_QUERY) and its launch sweep; bf16's default beside."""
+    rows = []
+    launch = triton_attention.DECODE_LAUNCH_ONE_QUERY
+    defaults = launch.copy()
+    saved = os.environ.get("MII_DECODE_ONE_QUERY")
+    try:
+        for seqs, context in ONE_QUERY_SHAPES:
+            blocks = seqs * ((context + BLOCK - 1) // BLOCK) + 8
+            k = torch.randn(blocks, BLOCK, KV_HEADS, DIM, device=device, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            fp8 = (k.to(FP8_KV_DTYPE), v.to(FP8_KV_DTYPE))
+            batch = paged_batch([1] * seqs, [context] * seqs, device, blocks)
+            q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
+            moved = 2 * seqs * context * KV_HEADS * DIM  # fp8 bytes (bf16: twice)
+
+            def timed(k_cache, v_cache, choice, q=q, batch=batch):
+                os.environ["MII_DECODE_ONE_QUERY"] = choice
+                return bench_graph(
+                    lambda: paged_attention_from_cache(q, k_cache, v_cache, batch, DIM**-0.5)
+                )
+
+            row = {"seqs": seqs, "context": context}
+            row["bf16_us"] = round(timed(k, v, "dot") * 1e6, 1)
+            row["dot_us"] = round(timed(*fp8, "dot") * 1e6, 1)
+            sweep = []
+            settings = itertools.product((16, 32, 64), (1, 2, 4, 8), (1, 2, 3))
+            for block_n, warps, stages in settings:
+                launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
+                try:
+                    sweep.append((timed(*fp8, "cores"), (block_n, warps, stages)))
+                except Exception as error:  # a setting this GPU cannot launch
+                    print(f"cores {block_n},{warps},{stages}: {type(error).__name__}")
+            launch.update(defaults)
+            sweep.sort()
+            default = next((t for t, c in sweep if c == tuple(defaults.values())), float("nan"))
+            row |= sweep_summary(sweep, default, moved, copy_bw)
+            row["dot_of_copy_bw"] = round(moved / (row["dot_us"] * 1e-6) / copy_bw, 3)
+            row["bf16_of_copy_bw"] = round(2 * moved / (row["bf16_us"] * 1e-6) / copy_bw, 3)
+            rows.append(row)
+            print(
+                f"{seqs:3d} x {context:5d}: bf16 {row['bf16_us']:7.1f} us "
+                f"({row['bf16_of_copy_bw']:.0%})  fp8 dot {row['dot_us']:7.1f} "
+                f"({row['dot_of_copy_bw']:.0%})  cores {row['default_us']:7.1f} "
+                f"({row['default_of_copy_bw']:.0%})  best {row['best_us']:7.1f} "
+                f"({row['best_of_copy_bw']:.0%}) {row['best']}  top5 {row['top5']}",
+                flush=True,
+            )
+            del k, v, fp8
+    finally:
+        launch.update(defaults)
+        if saved is None:
+            os.environ.pop("MII_DECODE_ONE_QUERY", None)
+        else:
+            os.environ["MII_DECODE_ONE_QUERY"] = saved
     return rows
 
 

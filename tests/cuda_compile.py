@@ -54,28 +54,34 @@ def _attention(
     v_pairs: bool = False,
     fill_rows: bool = False,
     merge: bool = True,
+    one_query: bool = False,
+    splits: int = 32,
 ):
     """Split-KV decode programs (``pack`` query heads of one KV head) with
     MII_ATTENTION_EARLY_LOADS=on (``early``; off: waiting first) and
     MII_SPLIT_KV_MERGE=kernel; ``pdl`` 2: MII_PDL_EARLY_RELEASE=on; ``v_pairs``: an
     fp8 cache's values read as 16-bit pairs (MII_FP8_KV_VALUES=pairs); ``fill_rows``:
     MII_GQA_DECODE_QUERIES=pack (16 // pack queries a pass), whose launch merges after;
-    ``merge`` False: MII_SPLIT_KV_MERGE=launch, the whole tile's rows. Every case
+    ``merge`` False: MII_SPLIT_KV_MERGE=launch, the whole tile's rows; ``one_query``:
+    MII_DECODE_ONE_QUERY=cores; ``splits`` 1: programs that fill the GPU unsplit. Every case
     compiles with the launch settings (keys a step, warps, stages) the engine gives
     those programs (``triton_attention.launch_settings``)."""
     fp8 = cache != "bf16"
     merge_here = merge and not fill_rows
     launch, queries = triton_attention.launch_settings(
-        16, fp8, pack, num_splits=32, d_pad=head_dim, fill_rows=fill_rows
+        16, fp8, pack, num_splits=splits, d_pad=head_dim, fill_rows=fill_rows
     )
+    if one_query:
+        launch = triton_attention.DECODE_LAUNCH_ONE_QUERY
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
-        GROUP=pack, NUM_HEADS=32, SPLIT=True, SPLIT_MIN_KEYS=128, KV_BLOCK=16,
+        GROUP=pack, NUM_HEADS=32, SPLIT=splits > 1, SPLIT_MIN_KEYS=128, KV_BLOCK=16,
         HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=16, BLOCK_N=max(launch["block_n"], 16),
         HAS_WINDOW=False, IEEE=False, UPCAST=False, KV_CAST=fp8, FP8_AS_F16=fp8,
         HEAD_MAJOR=pack > 1, PACK=pack, MERGE_HERE=merge_here, SPLITS_P2=32, EARLY=early,
         PREFETCH_KEYS=128 if early else 0, LINE=min(head_dim, 128 if fp8 else 64), PDL=pdl,
         V_PAIRS=v_pairs, QUERIES=queries,
+        ONE_QUERY=launch["num_stages"] if one_query else 0,
     )  # fmt: skip
     return (
         triton_attention._paged_attention_kernel, types, constexprs,
@@ -157,6 +163,8 @@ CASES = {
     "attention-gqa-fp8": lambda: _attention(4, "fp8e4nv"),
     "attention-mha-fp8": lambda: _attention(1, "fp8e4nv"),
     "attention-mha-fp8-pairs": lambda: _attention(1, "fp8e4nv", v_pairs=True),
+    "attention-mha-fp8-one-query": lambda: _attention(1, "fp8e4nv", one_query=True, splits=1),
+    "attention-mha-fp8-one-query-split": lambda: _attention(1, "fp8e4nv", one_query=True),
     "attention-gqa-d64-fp8": lambda: _attention(4, "fp8e4nv", head_dim=64),
     "attention-mha-d256": lambda: _attention(1, "bf16", head_dim=256),
     "attention-gqa-wait-first": lambda: _attention(4, "bf16", early=False),

@@ -11,6 +11,7 @@ import triton.language as tl
 
 import mii
 from helpers import PROMPTS, TIGHT_OPTIONS
+from mii.ops import triton_attention
 from mii.ops.attention import FP8_KV_DTYPE, rotary_paged_attention_reference, to_cache
 from mii.ops.rotary import apply_rotary_reference
 from mii.ops.triton_attention import (
@@ -168,3 +169,44 @@ def test_value_pairs_read_the_same_attention(index, monkeypatch):
     pairs, as_bytes = outputs["pairs"].float(), outputs["bytes"].float()
     torch.testing.assert_close(pairs, as_bytes, rtol=2**-7, atol=1e-6)
     assert (pairs != as_bytes).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dim", [32, 24])  # 24: a padded head
+def test_one_query_decodes_on_cuda_cores_match_reference(dim, splits, window, monkeypatch):
+    """MII_DECODE_ONE_QUERY=cores: one-head decode programs on an fp8 cache take a
+    decode's query on the CUDA cores in float32 (a chunk of a few queries in the same
+    launch keeps the 16-row products): the reference's attention within bf16
+    tolerance, split-KV and sliding windows included (the interpreter computes the
+    'dot' path in float32 too, so the two agree here; the launch is checked to ask
+    for the CUDA-core path)."""
+    shapes = [(40, 1), (0, 5), (7, 1), (130, 1), (3, 4), (64, 1)]
+    case = list(make_case(shapes, 4, 4, dim, 8, torch.bfloat16, dim, seed=dim + splits))
+    case[5], case[6] = to_cache(case[5], FP8_KV_DTYPE), to_cache(case[6], FP8_KV_DTYPE)
+    ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch = case
+    expected = rotary_paged_attention_reference(
+        ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch, dim**-0.5, window
+    )
+    rotated_q = apply_rotary_reference(ref_q, pos, cs).to(DEVICE)
+    batch = to_device(case)[-1]
+    kernel = triton_attention._paged_attention_kernel
+    asked = []
+
+    class Spy:  # records each launch's ONE_QUERY, then launches
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                asked.append((kwargs["BLOCK_M"], kwargs["ONE_QUERY"] > 0))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_attention, "_paged_attention_kernel", Spy())
+    for choice in ("dot", "cores"):
+        monkeypatch.setenv("MII_DECODE_ONE_QUERY", choice)
+        asked.clear()
+        out = paged_attention_from_cache(
+            rotated_q, ref_kc.to(DEVICE), ref_vc.to(DEVICE), batch, dim**-0.5, window, splits
+        )
+        torch.testing.assert_close(out.float().cpu(), expected.float(), rtol=2e-2, atol=2e-2)
+        assert asked == [(16, choice == "cores")]  # one launch: every chunk fits 16

@@ -14,6 +14,7 @@
 | ``MII_ATTENTION_OVERLAP`` | ``off``, ``streams``, ``priority`` | decode tiles on a 2nd stream |
 | ``MII_GQA_DECODE_QUERIES`` | ``pack``, ``tile`` | queries per grouped-query decode pass |
 | ``MII_FP8_KV_VALUES`` | ``bytes``, ``pairs`` | how attention reads an fp8 cache's values |
+| ``MII_DECODE_ONE_QUERY`` | ``dot``, ``cores`` | fp8-cache one-head decode: products or cores |
 | ``MII_FP8_FUSED_QUANT`` | ``norm``, ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_PDL_EARLY_RELEASE`` | ``off``, ``on`` | small kernels release their successor first |
 | ``MII_GATED_GEMV`` | ``auto``, ``on``, ``off`` | act(gate) * up in the decode gate/up kernel |
@@ -210,6 +211,17 @@ FP8_KV_VALUES = _choice(
     "bytes",
     "pairs",
 )
+DECODE_ONE_QUERY = _choice(
+    "MII_DECODE_ONE_QUERY",
+    "decode programs of one query head (models without grouped-query attention, as "
+    "Llama-2-7B) on an fp8 KV cache: the scores and the weighted values as 16-row "
+    "tensor-core products of which a decode uses one row, the fp8 keys and values "
+    "converted to float16 and passed through shared memory ('dot'), or as one row "
+    "on the CUDA cores in float32, each key and value converted where it is loaded "
+    "('cores')",
+    "dot",
+    "cores",
+)
 FP8_FUSED_QUANT = _choice(
     "MII_FP8_FUSED_QUANT",
     "float8 decode: the RMSNorm and act(gate) * up kernels also write their output "
@@ -376,6 +388,7 @@ SWITCHES: tuple[Switch, ...] = (
     ATTENTION_OVERLAP,
     GQA_DECODE_QUERIES,
     FP8_KV_VALUES,
+    DECODE_ONE_QUERY,
     FP8_FUSED_QUANT,
     PDL_EARLY_RELEASE,
     GATED_GEMV,

@@ -263,6 +263,60 @@ def _attend_keys(
 
 
 @triton.jit
+def _attend_one_query(
+    q_ptr, K_cache, V_cache, block_tables, seq, stride_bt, stride_cb, stride_cs, stride_ch,
+    kv_head, offs_d, d_mask, q_pos, lo, hi, window, qk_scale,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    STAGES: tl.constexpr,
+):  # fmt: skip
+    """One query (a decode) over keys [lo, hi): (acc [D_PAD], m, l), scores in log2
+    units, in float32 on the CUDA cores. A 16-row tensor-core product spends 15 of
+    its rows on nothing here, and on an fp8 cache its operands must pass through
+    shared memory after their conversion; here a score is a dot product of two rows
+    and the output a sum of value rows, so each key and value is converted where it
+    is loaded and used there (exact: e4m3 values are float32 values).
+
+    Each of the BLOCK_N lanes of a step (keys lane, lane + BLOCK_N, ...) keeps its own
+    online softmax (max, sum, weighted values), merged once at the end: a step then
+    reduces only along the head dimension (within a few threads), never across the
+    keys, which would cross warps through shared memory at every step. STAGES: the
+    loop's software pipeline (its loads feed no tensor-core product, so Triton
+    pipelines them only when asked). Every key before the query is visible to it
+    (the end of the sequence and the window masked)."""
+    q = tl.load(q_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32) * qk_scale
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, q.shape[0]], tl.float32)
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        visible = offs_n < hi
+        if HAS_WINDOW:
+            visible &= offs_n > q_pos - window
+        block = tl.load(block_tables + seq * stride_bt + offs_n // KV_BLOCK, mask=visible, other=0)
+        kv_off = (
+            block[:, None] * stride_cb
+            + (offs_n % KV_BLOCK)[:, None] * stride_cs
+            + kv_head * stride_ch
+            + offs_d[None, :]
+        )
+        kv_mask = visible[:, None] & d_mask[None, :]
+        k = tl.load(K_cache + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.where(visible, tl.sum(k * q[None, :], 1), float("-inf"))  # [BLOCK_N]
+        m_new = tl.maximum(m, s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that saw nothing yet
+        p = tl.exp2(s - m_safe)
+        alpha = tl.exp2(m - m_safe)
+        l_sum = l_sum * alpha + p
+        v = tl.load(V_cache + kv_off, mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + p[:, None] * v
+        m = m_new
+    # The lanes merged: each weighted by 2^(its max - the overall max).
+    m_all = tl.max(m, 0)
+    weight = tl.exp2(m - tl.where(m_all == float("-inf"), 0.0, m_all))
+    return tl.sum(acc * weight[:, None], 0), m_all, tl.sum(l_sum * weight, 0)
+
+
+@triton.jit
 def _fp8_value_pairs(
     V_cache, block, offs_n, kv_head, stride_cb, stride_cs, stride_ch, seq_len,
     HALF: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, MASKED: tl.constexpr,
@@ -344,6 +398,7 @@ def _paged_attention_kernel(
     KV_CAST: tl.constexpr,
     FP8_AS_F16: tl.constexpr,
     V_PAIRS: tl.constexpr,
+    ONE_QUERY: tl.constexpr,
     HEAD_MAJOR: tl.constexpr,
     PACK: tl.constexpr,
     QUERIES: tl.constexpr,
@@ -439,7 +494,7 @@ def _paged_attention_kernel(
             seq, first, first + part * QUERIES, q_begin, q_len, seq_len, context, lo,
             hi, unmasked_end, split, used, NUM_HEADS, HEAD_DIM, D_PAD, BLOCK_M,
             BLOCK_N, KV_BLOCK, HAS_WINDOW, IEEE, UPCAST, KV_CAST, FP8_AS_F16, V_PAIRS,
-            PACK, SPLIT, MERGE_HERE, SPLITS_P2,
+            PACK, SPLIT, MERGE_HERE, SPLITS_P2, ONE_QUERY,
         )  # fmt: skip
 
 
@@ -454,7 +509,7 @@ def _attend_rows(
     HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     KV_CAST: tl.constexpr, FP8_AS_F16: tl.constexpr, V_PAIRS: tl.constexpr,
     PACK: tl.constexpr, SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr,
-    SPLITS_P2: tl.constexpr,
+    SPLITS_P2: tl.constexpr, ONE_QUERY: tl.constexpr,
 ):  # fmt: skip
     """The program's rows (queries from ``rows_first`` of the tile's chunk, PACK heads
     each) over keys [lo, hi): load q, run the key loops, store the output (or, split,
@@ -484,20 +539,35 @@ def _attend_rows(
     # Scores in log2 units (exp2 is the hardware's instruction; folding log2(e)
     # into the softmax scale saves a multiply per score).
     qk_scale = scale * 1.4426950408889634
-    for start in range(lo, unmasked_end, BLOCK_N):
-        acc, m_i, l_i = _attend_keys(
-            q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
-            stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
-            window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
-            FP8_AS_F16, V_PAIRS, HEAD_DIM,
+    if ONE_QUERY > 0 and q_len == 1:
+        # A decode: one real row of the 16. Its scores and weighted sum on the CUDA
+        # cores, the keys and values converted in registers (see _attend_one_query).
+        head = tl.max(heads, 0)  # (one head: PACK is 1 here)
+        acc1, m1, l1 = _attend_one_query(
+            Q + q_begin * stride_qt + head * stride_qh, K_cache, V_cache, block_tables,
+            seq, stride_bt, stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask,
+            context + rows_first, lo, hi, window, qk_scale, KV_BLOCK, BLOCK_N, HAS_WINDOW,
+            ONE_QUERY,
         )  # fmt: skip
-    for start in range(unmasked_end, hi, BLOCK_N):
-        acc, m_i, l_i = _attend_keys(
-            q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
-            stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
-            window, qk_scale, KV_BLOCK, BLOCK_N, True, HAS_WINDOW, IEEE, UPCAST, KV_CAST,
-            FP8_AS_F16, V_PAIRS, HEAD_DIM,
-        )  # fmt: skip
+        first_row = rows == 0
+        acc = tl.where(first_row[:, None], acc1[None, :], 0.0)
+        m_i = tl.where(first_row, m1, float("-inf"))
+        l_i = tl.where(first_row, l1, 0.0)
+    else:
+        for start in range(lo, unmasked_end, BLOCK_N):
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
+                stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
+                window, qk_scale, KV_BLOCK, BLOCK_N, False, HAS_WINDOW, IEEE, UPCAST,
+                KV_CAST, FP8_AS_F16, V_PAIRS, HEAD_DIM,
+            )  # fmt: skip
+        for start in range(unmasked_end, hi, BLOCK_N):
+            acc, m_i, l_i = _attend_keys(
+                q, acc, m_i, l_i, start, K_cache, V_cache, block_tables, seq, stride_bt,
+                stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask, seq_len, q_pos,
+                window, qk_scale, KV_BLOCK, BLOCK_N, True, HAS_WINDOW, IEEE, UPCAST,
+                KV_CAST, FP8_AS_F16, V_PAIRS, HEAD_DIM,
+            )  # fmt: skip
     direct = m_mask  # this program writes the output itself
     if SPLIT:
         # partials: O [splits, T, H, D_PAD], M and L [splits, T, H], float32
@@ -675,6 +745,10 @@ DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 # 63 % of copy bandwidth), 32 x 4096 350.2 vs 367.1; split-KV (4 x 16,384) keeps 2
 # (245.8 us with 3 vs 166.5), and packed grouped-query programs were within 2 % either way.
 DECODE_LAUNCH_FP8_MHA = {"block_n": 128, "num_warps": 4, "num_stages": 3}
+# One-head decode programs that take a decode's single query on the CUDA cores
+# (MII_DECODE_ONE_QUERY=cores), split-KV or not: not yet swept. (Its accumulator is
+# keys a step x head_dim float32, so wider steps than the products' spill.)
+DECODE_LAUNCH_ONE_QUERY = {"block_n": 64, "num_warps": 4, "num_stages": 3}
 # DECODE_LAUNCH's programs when split-KV is on (too few sequences to fill the GPU, so
 # each program's serial key loop sets the pace): 128 keys per step.
 # decode_sweep --batch1-launch (H200, 2026-12-03, 5704d3a), Llama-2-7B's 32 heads at
@@ -843,6 +917,7 @@ def paged_attention_from_cache(
     merge_in_kernel = envs.SPLIT_KV_MERGE.get() == "kernel"
     fp8_as_f16 = k_cache.dtype == FP8_KV_DTYPE and q.dtype != torch.float32
     early_loads = envs.ATTENTION_EARLY_LOADS.get() == "on"
+    one_query_cores = fp8_as_f16 and envs.DECODE_ONE_QUERY.get() == "cores"
 
     def launch(tiles: TileSet) -> None:
         count = tiles.seq.shape[0]
@@ -861,6 +936,9 @@ def paged_attention_from_cache(
         launch, queries = launch_settings(
             tiles.size, k_cache.dtype == FP8_KV_DTYPE, pack, num_splits, d_pad, fill_rows
         )
+        one_query = tiles.size <= 16 and pack == 1 and one_query_cores
+        if one_query:
+            launch = DECODE_LAUNCH_ONE_QUERY
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         # Prompt tiles stay tile-major: a sequence's tiles share its keys in L2.
@@ -924,6 +1002,8 @@ def paged_attention_from_cache(
             KV_CAST=k_cache.dtype != q.dtype,
             FP8_AS_F16=fp8_as_f16,
             V_PAIRS=fp8_as_f16 and dim % 2 == 0 and envs.FP8_KV_VALUES.get() == "pairs",
+            # 0: off; else on, its key loop pipelined over this many stages
+            ONE_QUERY=launch["num_stages"] if one_query else 0,
             HEAD_MAJOR=head_major,
             PACK=pack,
             QUERIES=queries,
