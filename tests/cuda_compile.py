@@ -259,6 +259,16 @@ def facts(ptx: str, ttgir: str) -> dict:
         "waited_loads_in_pipelined_loops": sum(waited_loads(ttgir)),
         # of those, the attention's block-table reads (vectors of int32 ids)
         "waited_block_id_loads": sum(waited_loads(ttgir, BLOCK_IDS)),
+        # MII_DECODE_ONE_QUERY=cores: reductions over the keys (axis 0, across warps
+        # through shared memory) in its key loop, the pipelined loop with no product
+        "one_query_key_reductions": sum(
+            sum('"tt.reduce"' in line and "axis = 0" in line for line in body)
+            for body in pipelined_loops(ttgir)
+            if not any("dot" in line for line in body)
+        ),
+        "one_query_loops": sum(
+            not any("dot" in line for line in body) for body in pipelined_loops(ttgir)
+        ),
     }
 
 

@@ -46,6 +46,7 @@ ATTENTION_CASES = [
     "attention-mha-fp8-pairs",
     "attention-gqa-d64-fp8",
     "attention-mha-d256",
+    "attention-mha-fp8-one-query-split",
 ]
 
 
@@ -210,3 +211,17 @@ def test_fp8_cache_values_read_as_pairs_take_no_byte_gathers(compiled):
     assert as_bytes["shared_byte_loads"] >= 128 and as_bytes["transposed_ldmatrix"] == 0
     assert pairs["shared_byte_loads"] == 0 and pairs["transposed_ldmatrix"] > 0
     assert bf16["shared_byte_loads"] == 0 and bf16["transposed_ldmatrix"] > 0
+
+
+@pytest.mark.parametrize(
+    "case", ["attention-mha-fp8-one-query", "attention-mha-fp8-one-query-split"]
+)
+def test_one_query_decode_loop_is_pipelined_and_reduces_within_warps(compiled, case):
+    """MII_DECODE_ONE_QUERY=cores: the CUDA-core key loop is software-pipelined (its
+    loads feed no product, so only the loop's own stages ask for it) beside the two
+    product loops, and its steps reduce only along the head dimension, never over the
+    keys, which would cross warps through shared memory each step (each lane keeps its
+    own softmax; the merge is after the loop)."""
+    facts = _facts(compiled, case)
+    assert facts["pipelined_loops"] == 3 and facts["one_query_loops"] == 1
+    assert facts["one_query_key_reductions"] == 0

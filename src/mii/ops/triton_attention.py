@@ -941,6 +941,10 @@ def paged_attention_from_cache(
             launch = DECODE_LAUNCH_ONE_QUERY
         # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
         block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
+        if one_query:
+            # Its float32 accumulator is keys x head_dim, read per key whatever the
+            # cache's block size: the launch's keys at heads of up to 128, fewer above.
+            block_n = max(16, launch["block_n"] * 128 // max(d_pad, 128))
         # Prompt tiles stay tile-major: a sequence's tiles share its keys in L2.
         head_major = HEAD_MAJOR_DECODE and tiles.size <= 16 and q_heads > kv_heads
         head_major = head_major and count < 65536  # the grid's second axis limit
@@ -963,6 +967,14 @@ def paged_attention_from_cache(
         # The passes over a tile's queries end where the tile does (the kernel's masks
         # rely on it): powers of two, so this holds; asserted should that change.
         assert tiles.size % queries == 0, (tiles.size, queries)
+        # K and V tiles of each stage in flight; fewer stages where the GPU's shared
+        # memory is smaller than the H200 the launch was tuned on.
+        stages = triton_limits.stages_that_fit(
+            launch["num_stages"],
+            2 * block_n * d_pad * k_cache.element_size(),
+            q.device,
+            reserved=queries * pack * d_pad * q.element_size(),  # the query tile
+        )
         _paged_attention_kernel[grid](
             q,
             k_cache,
@@ -1002,8 +1014,7 @@ def paged_attention_from_cache(
             KV_CAST=k_cache.dtype != q.dtype,
             FP8_AS_F16=fp8_as_f16,
             V_PAIRS=fp8_as_f16 and dim % 2 == 0 and envs.FP8_KV_VALUES.get() == "pairs",
-            # 0: off; else on, its key loop pipelined over this many stages
-            ONE_QUERY=launch["num_stages"] if one_query else 0,
+            ONE_QUERY=stages if one_query else 0,  # 0: off; else its loop's stages
             HEAD_MAJOR=head_major,
             PACK=pack,
             QUERIES=queries,
@@ -1013,14 +1024,7 @@ def paged_attention_from_cache(
             PREFETCH_KEYS=prefetch_keys,
             LINE=min(d_pad, 128 // k_cache.element_size()),  # elements per 128-byte line
             num_warps=launch["num_warps"],
-            # K and V tiles of each stage in flight; fewer stages where the GPU's
-            # shared memory is smaller than the H200 the launch was tuned on.
-            num_stages=triton_limits.stages_that_fit(
-                launch["num_stages"],
-                2 * block_n * d_pad * k_cache.element_size(),
-                q.device,
-                reserved=queries * pack * d_pad * q.element_size(),  # the query tile
-            ),
+            num_stages=stages,
             **dependent_launch,
         )
         if num_splits > 1 and arrivals is None:
