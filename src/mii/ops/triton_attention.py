@@ -544,10 +544,10 @@ def _attend_rows(
         # cores, the keys and values converted in registers (see _attend_one_query).
         head = tl.max(heads, 0)  # (one head: PACK is 1 here)
         acc1, m1, l1 = _attend_one_query(
-            Q + q_begin * stride_qt + head * stride_qh, K_cache, V_cache, block_tables,
-            seq, stride_bt, stride_cb, stride_cs, stride_ch, kv_head, offs_d, d_mask,
-            context + rows_first, lo, hi, window, qk_scale, KV_BLOCK, BLOCK_N, HAS_WINDOW,
-            ONE_QUERY,
+            Q + (q_begin + rows_first) * stride_qt + head * stride_qh, K_cache, V_cache,
+            block_tables, seq, stride_bt, stride_cb, stride_cs, stride_ch, kv_head, offs_d,
+            d_mask, context + rows_first, lo, hi, window, qk_scale, KV_BLOCK, BLOCK_N,
+            HAS_WINDOW, ONE_QUERY,
         )  # fmt: skip
         first_row = rows == 0
         acc = tl.where(first_row[:, None], acc1[None, :], 0.0)
