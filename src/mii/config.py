@@ -368,7 +368,11 @@ class EngineConfig(BaseModel):
     # deployment), see mii.engine.distributed.
     tensor_parallel: int = Field(default=1, gt=0, description="ranks the model is split over")
     seed: int = Field(
-        default=0, description="seed of torch at load time (and of the dummy weights)"
+        default=0,
+        description="seed of torch at load time (and of the dummy weights) and of the "
+        "sampling of requests that give no seed: each draws its seed, in arrival order, "
+        "from a stream this starts (the same requests in the same order sample the same "
+        "tokens; a request's own seed makes it reproducible whatever else runs)",
     )
     cuda_graphs: bool | None = Field(
         default=None,

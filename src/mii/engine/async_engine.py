@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -204,6 +205,12 @@ class AsyncEngine:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    def separate_sampling_stream(self, salt: str) -> None:
+        """Draw the seeds of requests that give none from a stream of the engine's
+        seed and ``salt``: the replicas of a deployment (same seed) each pass their
+        own, so that two of them never sample with the same seeds."""
+        self.core.intake.unseeded = random.Random(f"{self.config.seed}/{salt}")
 
     def stats(self) -> dict[str, float]:
         """Running/waiting counts, KV cache usage (0..1), free blocks, preemptions,

@@ -127,7 +127,12 @@ class EngineCore:
         )
         self.runner = ModelRunner(self.model, kv_cache.tensors, config.kv_block_size, self.device)
         self.intake = RequestIntake(
-            self.tokenizer, self.vocab_size, self.max_length, self.blocks, loaded.eos_token_ids
+            self.tokenizer,
+            self.vocab_size,
+            self.max_length,
+            self.blocks,
+            loaded.eos_token_ids,
+            seed=config.seed,
         )
         self.output = OutputProcessor(self.tokenizer, loaded.eos_token_ids)
         self.relay = PassRelay(self.tp, self.runner) if self.tp is not None else None

@@ -7,7 +7,7 @@ per engine and per request) and whether the request fits the KV cache at all.
 
 from __future__ import annotations
 
-import secrets
+import random
 from typing import Any
 
 from mii.config import GenerateParams
@@ -43,8 +43,13 @@ class RequestIntake:
         max_length: int,
         blocks: BlockManager,
         eos_token_ids: list[int] | None = None,
+        seed: int = 0,
     ) -> None:
         self.tokenizer = tokenizer
+        # The seeds of requests that give none: drawn in arrival order from a stream
+        # the engine's seed starts, so the same requests in the same order sample the
+        # same tokens from run to run (vLLM's behaviour with its default seed 0).
+        self.unseeded = random.Random(seed)
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.blocks = blocks
@@ -135,7 +140,7 @@ class RequestIntake:
             )
         if params.constraint is not None and grammar is None:
             grammar = self.grammars.get(params.constraint)
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seed = params.seed if params.seed is not None else self.unseeded.getrandbits(63)
         prompt_text = prompt if isinstance(prompt, str) else None
         seq = Sequence(
             request_id,

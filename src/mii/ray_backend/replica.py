@@ -48,6 +48,7 @@ class MiiReplica:
         except BaseException:
             stop_rank_actors(self.ranks)
             raise
+        self.engine.separate_sampling_stream(f"ray replica {self.replica_id}")
         await self.engine.generate("warm up", max_new_tokens=1)  # compile/allocate first
         self.in_flight = 0
         self.node = ray.util.get_node_ip_address()

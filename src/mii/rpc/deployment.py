@@ -288,6 +288,7 @@ def _replica_configs(config: DeploymentConfig) -> list[ReplicaConfig]:
         ReplicaConfig(
             deployment=config,
             gpus=device_map[i * tp : (i + 1) * tp] if device_map else None,
+            index=i,
             **_fresh_ports(config),
         )
         for i in range(config.replica_num)

@@ -379,6 +379,7 @@ class ReplicaConfig(BaseModel):
     port: int  # on REPLICA_HOST
     gpus: list[int] | None = None  # its CUDA_VISIBLE_DEVICES; None: no GPUs (CPU)
     tp_master_port: int | None = None  # the rendezvous port of its ranks (tensor_parallel > 1)
+    index: int = 0  # which of the deployment's replicas (its own sampling stream)
 
     @property
     def address(self) -> str:

@@ -178,6 +178,7 @@ async def serve_replica(config: ReplicaConfig) -> None:
     except BaseException:
         stop_rank_workers(workers)
         raise
+    engine.separate_sampling_stream(f"replica {config.index}")
     await engine.generate("warm up", max_new_tokens=1)  # compile/allocate before SERVING
     servicer.info = mii_pb2.ModelInfoReply(
         deployment_name=deployment.deployment_name,
