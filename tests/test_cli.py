@@ -251,7 +251,8 @@ def test_errors_exit_non_zero_with_one_line(llama, cache):
         _, err = serve.communicate(timeout=120)
     assert serve.returncode == 1
     assert err.strip().splitlines()[-1] == (
-        f"mii serve: error: cannot listen on 127.0.0.1:{port} (is the port in use?)"
+        f"mii serve: error: cannot listen on 127.0.0.1:{port} (is the port in use? "
+        "choose another: mii serve --grpc-port, mii.serve(port=...))"
     )
     _, err = terminate.communicate(timeout=120)
     assert terminate.returncode == 1

@@ -260,3 +260,12 @@ def test_unknown_quantization_is_refused_naming_the_field():
     with pytest.raises(InvalidRequestError) as info:
         EngineConfig.parse("m", quantization="int3")
     assert info.value.field == "quantization"
+
+
+def test_deepspeed_mii_option_names_say_what_to_write_instead():
+    """Ported DeepSpeed-MII code passes mii_config / model_config dicts and port_number:
+    the error says what mii takes instead (it said only "unknown engine option")."""
+    for name, hint in (("port_number", "port=..."), ("mii_config", "keyword arguments")):
+        with pytest.raises(InvalidRequestError) as err:
+            EngineConfig.parse("m", **{name: 1})
+        assert err.value.field == name and hint in str(err.value), err.value

@@ -134,6 +134,17 @@ def test_client_by_address_and_unknown_name(deployment):
         mii.client("nope")
     assert issubclass(mii.DeploymentNotFoundError, LookupError)
     assert issubclass(mii.NoReplicaError, mii.UnavailableError)
+    # Errors in words, not gRPC's: nothing listening ("UNAVAILABLE: failed to connect
+    # to all addresses; ..."), the call's timeout ("Stream removed (Deadline Exceeded)"),
+    # several prompts to stream ("a token-id prompt is a non-empty list of integers").
+    nobody = mii.client(f"127.0.0.1:{free_port()}")
+    with nobody, pytest.raises(mii.UnavailableError, match=r"nothing answers at .*running"):
+        nobody.generate(PROMPTS[0], max_new_tokens=1)
+    with pytest.raises(TimeoutError, match="did not answer within the call's timeout"):
+        for _ in _client.stream(PROMPTS[0], timeout=0.001, max_new_tokens=64, ignore_eos=True):
+            pass
+    with pytest.raises(mii.InvalidRequestError, match="stream takes one prompt"):
+        next(iter(_client.stream(PROMPTS[:2], max_new_tokens=1)))
 
 
 def test_invalid_options_fail_cleanly(deployment):

@@ -92,3 +92,17 @@ def test_a_restarted_replica_gets_fresh_ports(tmp_path, monkeypatch):
     )
     assert again.config.gpus == replica.gpus == [2, 3] and again.log_file == first.log_file
     assert ReplicaConfig.model_validate_json(started[-1][-1]) == again.config
+
+
+def test_a_starters_startup_error_names_its_type_once(tmp_path):
+    """A deployment's own DeploymentError reached mii.serve as "DeploymentError:
+    DeploymentError: cannot listen on ..."; other error types keep their name."""
+    from mii.rpc.startup_errors import read_startup_error
+
+    log = tmp_path / "deployment.log"
+    log.write_text("loading\nMII_STARTUP_ERROR DeploymentError: cannot listen on 127.0.0.1:1\n")
+    assert read_startup_error(log, "deployment", 1) == "cannot listen on 127.0.0.1:1"
+    log.write_text("MII_STARTUP_ERROR ModelLoadError: model path /x does not exist\n")
+    assert read_startup_error(log, "deployment", 1) == (
+        "ModelLoadError: model path /x does not exist"
+    )

@@ -363,6 +363,15 @@ def test_completion_options(served, pipe):
     cut = create(max_tokens=4, extra_body={"truncate_prompt_tokens": 3, "ignore_eos": True})
     tail = create(prompt=ids[-3:], max_tokens=4, extra_body={"ignore_eos": True})
     assert cut.usage.prompt_tokens == 3 and cut.choices[0].text == tail.choices[0].text
+    # echoed, the prompt is the kept tokens' text, which its logprobs and offsets follow
+    # (it was the whole prompt, while the logprobs covered the last 3 tokens)
+    echoed = create(
+        max_tokens=1, echo=True, logprobs=0, extra_body={"truncate_prompt_tokens": 3}
+    ).choices[0]
+    kept_text = served.http.post("/detokenize", json={"tokens": ids[-3:]}).json()["prompt"]
+    assert echoed.text.startswith(kept_text) and not echoed.text.startswith(PROMPTS[1])
+    offsets, tokens = echoed.logprobs.text_offset, echoed.logprobs.tokens
+    assert [echoed.text[o : o + len(t)] for o, t in zip(offsets, tokens)] == tokens
     # vLLM's include_stop_str_in_output: the text ends with the stop string.
     kept = create(max_tokens=NEW, stop=[stop], extra_body={"include_stop_str_in_output": True})
     assert kept.choices[0].text == text[: text.index(stop) + len(stop)]
@@ -467,7 +476,6 @@ def test_vllm_fields_at_their_no_op_values_are_served_and_others_refused(served)
         "use_beam_search": True,
         "length_penalty": 0.5,
         "priority": 1,
-        "prompt_logprobs": 1,
         "bad_words": ["x"],
         "return_tokens_as_token_ids": True,
         "spaces_between_special_tokens": False,
@@ -545,7 +553,16 @@ def test_openai_invalid_requests(served):
     # other values below 1 are refused, naming top_k.
     for no_top_k in (-1, 0):
         assert post("/v1/completions", json={**ok, "top_k": no_top_k}).status_code == 200
-    assert_openai_error(post("/v1/completions", json={**ok, "top_k": -2}), 400, "top_k")
+    error = assert_openai_error(post("/v1/completions", json={**ok, "top_k": -2}), 400, "top_k")
+    assert "-1 or 0 for every token" in error["message"], error  # not "greater than 0"
+    # A message's role is never empty; an assistant's tool_calls are calls.
+    for message, param in (
+        ({"role": "", "content": "hi"}, "messages.0.role"),
+        ({"role": "assistant", "tool_calls": "garbage"}, "messages.0.tool_calls"),
+        ({"role": "assistant", "tool_calls": [{"bogus": 1}]}, "messages.0.tool_calls.0.function"),
+    ):
+        reply = post("/v1/chat/completions", json={**chat, "messages": [message]})
+        assert_openai_error(reply, 400, param)
     assert_openai_error(post("/v1/completions", json={**ok, "temperature": -1}), 400, "temperature")
     assert_openai_error(post("/v1/completions", json={**ok, "logprobs": 21}), 400, "logprobs")
     assert_openai_error(post("/v1/completions", json={**ok, "n": 0}), 400, "n")

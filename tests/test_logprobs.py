@@ -68,10 +68,19 @@ def close(a: list, b: list) -> bool:
     )
 
 
+def rank_within(rank: int, row: torch.Tensor, token_id: int) -> bool:
+    """``rank`` is 1 + the tokens of ``row`` more likely than ``token_id``, up to
+    ties within the tolerance (mii's and transformers' logits differ by ~1e-6)."""
+    own = row[token_id].item()
+    return 1 + int((row > own + TOLERANCE).sum()) <= rank <= 1 + int((row > own - TOLERANCE).sum())
+
+
 def assert_matches(entry, token_id: int, row: torch.Tensor, k: int) -> None:
-    """One TokenLogprob equals transformers' row for ``token_id`` and its top k."""
+    """One TokenLogprob equals transformers' row for ``token_id`` (its logprob and
+    rank) and its top k."""
     assert entry.token_id == token_id
     assert abs(entry.logprob - row[token_id].item()) < TOLERANCE
+    assert rank_within(entry.rank, row, token_id)
     top = row.topk(k)
     assert [t for t, _ in entry.top] == top.indices.tolist()
     assert all(abs(lp - v) < TOLERANCE for (_, lp), v in zip(entry.top, top.values.tolist()))
@@ -341,6 +350,63 @@ def test_openai_completions_logprobs_and_echo(served, tokenizer):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed.extend(chunk.choices[0].logprobs.token_logprobs)
     assert close(streamed, lp.token_logprobs[n:])
+
+
+def test_vllm_prompt_logprobs_on_both_openai_routes(served, tokenizer):
+    """vLLM's ``prompt_logprobs: k``: per prompt token (null first) a map of token id
+    -> logprob, rank and decoded text for the prompt token and the k most likely,
+    equal to transformers; on each completions choice, at the top of a chat answer;
+    the choices' own logprobs stay the generated tokens'. Streamed: a 400 (vLLM's)."""
+    _, _, url, hf_model = served
+    base = {"model": None, "temperature": 0, "max_tokens": 3}
+
+    def check(listed: list, prompt_ids: list[int], k: int) -> None:
+        expected = hf_logprobs(hf_model, prompt_ids)
+        assert len(listed) == len(prompt_ids) and listed[0] is None
+        for j, position in enumerate(listed[1:], start=1):
+            row, own = expected[j - 1], position[str(prompt_ids[j])]
+            assert abs(own["logprob"] - row[prompt_ids[j]].item()) < TOLERANCE
+            assert rank_within(own["rank"], row, prompt_ids[j])
+            assert own["decoded_token"] == tokenizer.decode([prompt_ids[j]])
+            top = row.topk(k).indices.tolist()
+            assert (
+                {str(t) for t in top}
+                <= set(position)
+                <= {str(t) for t in top} | {str(prompt_ids[j])}
+            )
+            for rank, t in enumerate(top, start=1):
+                if t != prompt_ids[j]:
+                    assert position[str(t)]["rank"] == rank
+
+    prompt_ids = tokenizer(PROMPTS[0]).input_ids
+    body = {**base, "prompt": PROMPTS[0], "prompt_logprobs": 2, "logprobs": 1, "n": 2}
+    answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    for choice in answer["choices"]:
+        check(choice["prompt_logprobs"], prompt_ids, 2)
+        assert len(choice["logprobs"]["tokens"]) == 3  # the generated tokens' only
+    assert (
+        "prompt_logprobs"
+        not in httpx.post(
+            f"{url}/v1/completions", json={**base, "prompt": PROMPTS[0]}, timeout=60
+        ).json()["choices"][0]
+    )
+
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    body = {**base, "messages": messages, "prompt_logprobs": 0, "logprobs": True}
+    answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    # the chat prompt's ids as the server templates it (the tiny tokenizer has no template)
+    tokenized = {"messages": messages, "add_generation_prompt": True}
+    chat_ids = httpx.post(f"{url}/tokenize", json=tokenized, timeout=60).json()["tokens"]
+    check(answer["prompt_logprobs"], chat_ids, 0)
+    assert len(answer["choices"][0]["logprobs"]["content"]) == answer["usage"]["completion_tokens"]
+
+    for route, extra in (
+        ("completions", {"prompt": "x"}),
+        ("chat/completions", {"messages": messages}),
+    ):
+        body = {**base, **extra, "prompt_logprobs": 1, "stream": True}
+        reply = httpx.post(f"{url}/v1/{route}", json=body, timeout=60)
+        assert reply.status_code == 400 and "prompt_logprobs" in reply.text
 
 
 def test_openai_chat_logprobs(served):

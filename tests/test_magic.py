@@ -82,6 +82,21 @@ def test_load_then_line_and_cell_magics_stream(shell, llama, expected):
 
     result, out = run(shell, f"%mii --max-new-tokens 5 --greedy {PROMPT}")
     assert out == expected + "\n"
+    # A question: IPython read the trailing "?" as help on the last word ("Object
+    # `France` not found.") and never ran the magic; now the magic gets it whole.
+    with mii.pipeline(llama) as pipe:
+        asked = pipe("Is it France?", do_sample=False, max_new_tokens=5)[0].generated_text
+    result, out = run(shell, "%mii --max-new-tokens 5 --greedy -- Is it France?")
+    assert result.success and out == asked + "\n", out
+    result, out = run(shell, "if True:\n    %mii --max-new-tokens 5 --greedy Is it France?\n")
+    assert result.success and out == asked + "\n", out
+    # --chat: the prompt as a user turn (this tokenizer has no template: the chat
+    # route's fallback text), as pipe.chat answers it
+    with mii.pipeline(llama) as pipe:
+        turn = [{"role": "user", "content": PROMPT}]
+        chatted = pipe.chat(turn, do_sample=False, max_new_tokens=5)[0].generated_text
+    result, out = run(shell, f"%mii --chat --max-new-tokens 5 --greedy {PROMPT}")
+    assert result.success and out == chatted + "\n", out
 
     # Pieces are printed and flushed as they arrive, not at the end.
     recorder, stdout = Recorder(), sys.stdout

@@ -51,8 +51,18 @@ def test_pipeline_works_inside_a_running_event_loop(llama):
 
 def test_bad_options_rejected_before_work(llama):
     with mii.pipeline(llama) as pipe:
-        with pytest.raises(mii.InvalidRequestError, match="top_k"):
-            pipe(PROMPTS[0], top_k=-2)
+        with pytest.raises(mii.InvalidRequestError, match="-1 or 0 for every token"):
+            pipe(PROMPTS[0], top_k=-2)  # (it said "greater than 0", which -1 and 0 are not)
+        # pipe.chat: malformed conversations name where they are wrong
+        for bad, field in (
+            ([], "messages"),
+            ([{"content": "x"}], "messages.0.role"),
+            ([[{"role": "user", "content": "x"}], []], "messages.1"),
+            ([{"role": "user", "content": [{"type": "image_url"}]}], "messages"),
+        ):
+            with pytest.raises(mii.InvalidRequestError) as err:
+                pipe.chat(bad)
+            assert err.value.field == field, err.value
         assert pipe(PROMPTS[0], max_new_tokens=2)[0].generated_length >= 1
         with pytest.raises(TypeError, match="keyword arguments"):
             pipe(PROMPTS[0], mii.GenerateParams(max_new_tokens=2))  # vLLM's habit

@@ -57,6 +57,13 @@ def test_greedy_matches_transformers_on_real_prompts(smollm2, cache_env, hf_mode
     with mii.pipeline(smollm2, device="cpu") as pipe:
         prompts = [chat_prompt_ids(pipe.engine.tokenizer, q) for q in QUESTIONS]
         responses = pipe(prompts, do_sample=False, max_new_tokens=NEW_TOKENS)
+        # pipe.chat (vLLM's LLM.chat): the same turns through the template; a raw
+        # question to this instruct model answers nothing (EOS at once)
+        turns = [[{"role": "user", "content": q}] for q in QUESTIONS]
+        chatted = pipe.chat(turns, do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert [r.token_ids for r in chatted] == [r.token_ids for r in responses]
+        one = pipe.chat(turns[0], do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert [r.token_ids for r in one] == [responses[0].token_ids]
     expected = []
     for ids in prompts:
         with torch.no_grad():
@@ -93,6 +100,15 @@ def test_demo_chats_with_the_real_model(smollm2, cache_env):
     assert result.stdout.startswith(f"> {QUESTIONS[0]}\n")
     assert "Paris" in result.stdout
     assert "SmolLM2-135M-Instruct" in result.stderr and "random" not in result.stderr
+
+
+def test_generate_chat_puts_the_prompt_in_the_template(smollm2, cache_env):
+    """mii generate MODEL --chat: each prompt a user turn of the model's template (a raw
+    question to an instruct model answered nothing: "[mii] 1 tokens")."""
+    flags = ("--greedy", "--max-new-tokens", "12", "--prompt", QUESTIONS[0])
+    result = run_mii("generate", smollm2, "--chat", *flags)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"> {QUESTIONS[0]}\n") and "Paris" in result.stdout
 
 
 def test_demo_without_the_wheel_says_how_to_get_it(cache_env):

@@ -242,6 +242,13 @@ def test_bad_tool_requests_are_400_naming_the_field(llama):
         )
         assert await param_of(tools=[WEATHER, WEATHER], tool_choice="required") == "tools"
         assert await param_of(tools=TOOLS, tool_choice="sometimes") == "tool_choice"
+        # a named choice without its function says what a named choice is
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(
+                model="d", messages=USER, tools=TOOLS, tool_choice={"type": "function"}
+            )
+        assert err.value.body["param"] == "tool_choice"
+        assert '"function": {"name": ...}' in err.value.body["message"]
         assert await param_of(tools=TOOLS, parallel_tool_calls="maybe") == "parallel_tool_calls"
         # A forced call is a constraint of its own: not with response_format too.
         json_object = {"type": "json_object"}

@@ -24,6 +24,7 @@ from pydantic import (
 
 from mii.constraint_options import ConstraintOptions
 from mii.errors import InvalidRequestError
+from mii.option_errors import raise_option_error
 from mii.sampling_options import LogitsOptions
 
 # Integer options fit a signed 64-bit integer (what the engine's tensors and the
@@ -40,22 +41,6 @@ MAX_STOP_STRING_LENGTH = 256
 # Most likely tokens a request may ask for at each position (logprobs,
 # prompt_logprobs): OpenAI's top_logprobs limit, and vLLM's default.
 MAX_LOGPROBS = 20
-
-
-def _raise_from_pydantic(err: ValidationError, what: str) -> None:
-    """Turn pydantic's error list into one InvalidRequestError naming the first bad field."""
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or None
-    if field is None:  # a rule about several options; its message names them
-        message = f"invalid {what}s: {first['msg'].removeprefix('Value error, ')}"
-    elif first["type"] == "extra_forbidden":
-        message = f"unknown {what} {field!r}"
-    else:
-        shown = repr(first.get("input"))
-        if len(shown) > 200:  # e.g. thousands of stop strings: the message stays short
-            shown = shown[:200] + "..."
-        message = f"invalid {what} {field!r}: {first['msg']} (got {shown})"
-    raise InvalidRequestError(message, field=field) from None
 
 
 # Other names of generation options: alias -> the option's own name.
@@ -194,6 +179,8 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
         if isinstance(value, bool):  # pydantic would read True as 1
             raise ValueError("must be an integer, not a boolean")
         # -1 and 0 mean no top-k limit, as in vLLM's SamplingParams and on the HTTP routes
+        if isinstance(value, int) and value < -1:  # ("greater than 0" would be wrong)
+            raise ValueError("must be a positive integer, or -1 or 0 for every token")
         return None if isinstance(value, int) and value in (-1, 0) else value
 
     @field_validator("max_new_tokens")
@@ -235,7 +222,7 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
             return cls(**options)
         except ValidationError as err:
             try:
-                _raise_from_pydantic(err, "generation option")
+                raise_option_error(err, "generation option")
             except InvalidRequestError as invalid:
                 alias = next((a for a, n in OPTION_ALIASES.items() if n == invalid.field), None)
                 if alias in options and invalid.field not in options:  # name what was given
@@ -441,5 +428,5 @@ class EngineConfig(BaseModel):
         try:
             return cls(model=model, **options)
         except ValidationError as err:
-            _raise_from_pydantic(err, "engine option")
+            raise_option_error(err, "engine option")
             raise

@@ -5,6 +5,7 @@
     %mii attach NAME                       use a running deployment (name or host:port)
     %mii DeepSpeed is                      generate; the text streams into the cell output
     %mii --max-new-tokens 16 --greedy -- DeepSpeed is
+    %mii --chat What is the capital of France?   a user turn of the chat template
     %%mii [--max-new-tokens N] [--temperature T] [--greedy] [--seed S] ...
     ...the cell body is the prompt...
     %mii unload                            free the model (or detach from the deployment)
@@ -46,7 +47,8 @@ USAGE = """\
 %%mii [generation options]         the cell body is the prompt
 %mii unload                        free the model, or detach from the deployment
 generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p P --top-k K
---stop TEXT --min-new-tokens N --ignore-eos"""
+--stop TEXT --min-new-tokens N --ignore-eos; --chat: the prompt as a user turn of the chat
+template (instruct models answer a raw question with nothing)"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +69,12 @@ class _HelpShown(Exception):
 
 def _generation_parser(prog: str) -> _Parser:
     parser = _Parser(prog=prog, description="Generate text with the model in use.")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="the prompt as one user turn of the model's chat template (instruct models; "
+        "a model loaded in this kernel)",
+    )
     add_generation_options(parser, max_new_tokens=MAGIC_MAX_NEW_TOKENS)
     return parser
 
@@ -176,7 +184,7 @@ class MiiMagics(Magics):
         try:
             if cell is not None:
                 args = _generation_parser("%%mii").parse_args(_split_args(line))
-                self._generate(cell.rstrip("\n"), generation_params(args))
+                self._generate(cell.rstrip("\n"), generation_params(args), args.chat)
                 return
             command, _, rest = line.strip().partition(" ")
             if command == "load":
@@ -193,7 +201,7 @@ class MiiMagics(Magics):
                 args = _generation_parser("%mii").parse_args(options)
                 if not prompt:
                     raise UsageError("%mii: no prompt given")
-                self._generate(prompt, generation_params(args))
+                self._generate(prompt, generation_params(args), args.chat)
         except _HelpShown:
             pass
 
@@ -266,12 +274,25 @@ class MiiMagics(Magics):
             return f"[mii] using deployment {where!r} at {self.client.address}"
         return f"[mii] {NO_MODEL}"
 
-    def _generate(self, prompt: str, params: dict[str, Any]) -> None:
+    def _generate(self, prompt: str, params: dict[str, Any], chat: bool = False) -> None:
         if self.model is None and self.client is None:
             raise UsageError(NO_MODEL)
         if not prompt.strip():
             raise UsageError("%%mii: the cell is empty; write the prompt in the cell")
+        if chat and self.model is None:
+            raise UsageError(
+                "%mii --chat: a deployment applies its chat template on its OpenAI route "
+                "(/v1/chat/completions); --chat is for a model loaded in this kernel"
+            )
         if self.model is not None:
+            if chat:  # (a model without a template: the OpenAI route's fallback text)
+                from mii.rpc.http.chat import chat_prompt_ids
+
+                turn = [{"role": "user", "content": prompt}]
+                try:
+                    prompt = chat_prompt_ids(self.model.engine.tokenizer, turn)
+                except MiiError as err:  # the template refused the turn
+                    raise UsageError(f"%mii --chat: {err}") from None
             pieces = self.model.stream(prompt, **params)
         elif self.client is not None:
             pieces = self.client.stream(prompt, **params)
@@ -293,6 +314,26 @@ class MiiMagics(Magics):
         self._release()
 
 
+_LINE_MAGIC_ASKING = re.compile(r"^(\s*)%mii(\s.*\?)\s*$")
+
+
+def keep_questions(lines: list[str]) -> list[str]:
+    """An input transformer: ``%mii ... France?`` as a call of the magic. IPython
+    reads a line ending with ``?`` as a request for help on its last word (it printed
+    "Object `France` not found." and never ran the magic), and prompts are often
+    questions; ``%%mii`` cells are not affected."""
+    kept = []
+    for line in lines:
+        body = line.rstrip("\n")
+        asking = _LINE_MAGIC_ASKING.match(body)
+        if asking:
+            indent, rest = asking.groups()
+            call = f"get_ipython().run_line_magic('mii', {rest.strip()!r})"
+            line = indent + call + line[len(body) :]
+        kept.append(line)
+    return kept
+
+
 _magics: MiiMagics | None = None
 
 
@@ -302,11 +343,16 @@ def load_ipython_extension(ipython) -> None:
     if _magics is None or _magics.shell is not ipython:
         _magics = MiiMagics(ipython)
     ipython.register_magics(_magics)
+    # Before IPython's own transforms (help syntax among them), once.
+    if keep_questions not in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.append(keep_questions)
 
 
 def unload_ipython_extension(ipython) -> None:
     """``%unload_ext mii``: free the model (a deployment keeps running)."""
     global _magics
+    if keep_questions in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.remove(keep_questions)
     if _magics is not None:
         _magics.close()
         _magics = None

@@ -118,6 +118,38 @@ class Pipeline:
             await asyncio.gather(*tasks, return_exceptions=True)
             bar.close()
 
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        progress: bool | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        **params: Any,
+    ) -> list[Response]:
+        """Answer one conversation (a list of ``{"role", "content"}`` messages) or a
+        list of them, each through the model's chat template (vLLM's ``LLM.chat``):
+        an instruct model given a raw question often ends it at once. The template
+        options are the OpenAI chat route's (vLLM's names); generation options as
+        for a call of the pipeline. Returns one response per conversation."""
+        from mii.rpc.http.chat import chat_prompt_ids, conversation_items
+
+        conversations = conversation_items(messages)
+        prompts = [
+            chat_prompt_ids(
+                self.tokenizer,
+                items,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                chat_template_kwargs=chat_template_kwargs,
+                tools=tools,
+            )
+            for items in conversations
+        ]
+        return self(prompts, progress=progress, **params)
+
     def destroy(self) -> None:
         """Stop the engine and free its memory (device memory included)."""
         self._runner.close()

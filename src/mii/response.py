@@ -20,13 +20,15 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # 1 + the tokens more likely than token_id (None: not known)
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any] | None) -> TokenLogprob | None:
         """The inverse of ``dataclasses.asdict`` (None stays None)."""
         if fields is None:
             return None
-        return cls(fields["token_id"], fields["logprob"], [tuple(t) for t in fields["top"]])
+        top = [tuple(t) for t in fields["top"]]
+        return cls(fields["token_id"], fields["logprob"], top, fields.get("rank"))
 
 
 @dataclass

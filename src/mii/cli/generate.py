@@ -47,6 +47,13 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
         metavar="PROMPT",
         help="prompt text (each one a separate request)",
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt as one user turn of the model's chat template (instruct models "
+        "answer a raw question with nothing); for a model loaded here: a deployment's "
+        "chat route is /v1/chat/completions",
+    )
     _add_prompt_option(parser)
     add_api_key_option(parser)
     parser.set_defaults(func=generate)
@@ -62,7 +69,7 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     summary = "run the built-in demo model end to end"
     parser = commands.add_parser("demo", help=summary, description=description)
     _add_prompt_option(parser)
-    parser.set_defaults(func=generate, model=None, prompt_args=[])  # no model: the demo's
+    parser.set_defaults(func=generate, model=None, prompt_args=[], chat=True)  # the demo's
 
 
 def _add_prompt_option(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +94,12 @@ def generate(args: argparse.Namespace) -> int:
     GenerateParams.parse(**params)  # bad options fail before any loading
     client = _find_deployment(args.model, args.api_key) if args.model else None
     if client is not None:
+        if args.chat:
+            client.close()
+            raise CliError(
+                "--chat loads the model here; a deployment applies its chat template on its "
+                "OpenAI route (POST /v1/chat/completions)"
+            )
         if engine_options(args):
             print("[mii] engine options are ignored for a running deployment", file=sys.stderr)
         where = client.deployment_name or client.address
@@ -98,8 +111,9 @@ def generate(args: argparse.Namespace) -> int:
             client.close()
         return 0
     if args.model is not None:
+        default = DEMO_CHAT_PROMPTS if args.chat else DEFAULT_PROMPTS
         return _generate_in_process(
-            args.model, engine_options(args), prompts or DEFAULT_PROMPTS, params
+            args.model, engine_options(args), prompts or default, params, chat=args.chat
         )
     from mii.demo import demo_model
 
@@ -153,16 +167,26 @@ def _generate_in_process(
 ) -> int:
     """Stream each prompt's answer; ``chat``: each prompt is a user turn of the chat template."""
     import mii
-    from mii.demo import chat_prompt_ids
+    from mii.errors import ModelLoadError
+    from mii.rpc.http.chat import chat_prompt_ids
 
-    engine = mii.AsyncEngine(model, **options)
+    try:
+        engine = mii.AsyncEngine(model, **options)
+    except ModelLoadError as err:
+        if os.path.exists(model):
+            raise
+        # A deployment that has gone reads as a hub id that cannot be found: say both.
+        raise CliError(
+            f"{err} Nor is {model!r} the name of a running deployment (mii list shows those)."
+        ) from None
 
     async def run() -> None:
         try:
             for prompt in prompts:
                 if chat:
                     print(f"> {prompt}", flush=True)
-                    request: str | list[int] = chat_prompt_ids(engine.tokenizer, prompt)
+                    turn = [{"role": "user", "content": prompt}]
+                    request: str | list[int] = chat_prompt_ids(engine.tokenizer, turn)
                     start, count = time.perf_counter(), 0
                 else:
                     request = prompt

@@ -98,8 +98,10 @@ class RequestIntake:
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", field="prompt")
         keep = params.truncate_prompt_tokens
+        truncated = False
         if keep:  # the prompt's last tokens (-1: all that leave room for one new token)
             keep = (params.max_length or self.max_length) - 1 if keep == -1 else keep
+            truncated = len(prompt_ids) > keep
             prompt_ids = prompt_ids[-keep:]
         for option, token in params.token_ids_used():  # logit_bias, stop_token_ids
             if token >= self.vocab_size:
@@ -141,7 +143,9 @@ class RequestIntake:
         if params.constraint is not None and grammar is None:
             grammar = self.grammars.get(params.constraint)
         seed = params.seed if params.seed is not None else self.unseeded.getrandbits(63)
-        prompt_text = prompt if isinstance(prompt, str) else None
+        # The text return_full_text (echo) puts first: the caller's, unless truncation
+        # cut it (then the kept tokens' text, which the logprobs and offsets follow).
+        prompt_text = prompt if isinstance(prompt, str) and not truncated else None
         seq = Sequence(
             request_id,
             prompt_ids,

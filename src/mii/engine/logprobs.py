@@ -32,11 +32,13 @@ PROMPT_SLICE_ROWS = 256
 
 @dataclass
 class LogprobTensors:
-    """Logprobs of N tokens: each one's own and the K most likely at its position."""
+    """Logprobs of N tokens: each one's own, its rank, and the K most likely at its
+    position."""
 
     chosen: torch.Tensor  # [N] float32
     top_ids: torch.Tensor  # [N, K] int64
     top_logprobs: torch.Tensor  # [N, K] float32
+    rank: torch.Tensor  # [N] int64: 1 + the tokens more likely than it
 
     def to_host(self) -> LogprobTensors:
         """Start copying to pinned host memory without waiting (CUDA); the caller
@@ -52,7 +54,12 @@ class LogprobTensors:
 
     def as_lists(self) -> HostLogprobs:
         """Python lists (once the copies are done): one conversion per pass."""
-        return HostLogprobs(self.chosen.tolist(), self.top_ids.tolist(), self.top_logprobs.tolist())
+        return HostLogprobs(
+            self.chosen.tolist(),
+            self.top_ids.tolist(),
+            self.top_logprobs.tolist(),
+            self.rank.tolist(),
+        )
 
 
 @dataclass
@@ -62,20 +69,23 @@ class HostLogprobs:
     chosen: list[float]
     top_ids: list[list[int]]
     top_logprobs: list[list[float]]
+    rank: list[int]
 
     def entry(self, row: int, token_id: int, k: int) -> TokenLogprob:
         """Row ``row`` as the TokenLogprob of ``token_id`` with its ``k`` most likely."""
         top = list(zip(self.top_ids[row][:k], self.top_logprobs[row][:k]))
-        return TokenLogprob(token_id, self.chosen[row], top)
+        return TokenLogprob(token_id, self.chosen[row], top, self.rank[row])
 
 
 def score(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> LogprobTensors:
-    """logprobs: [N, V] log-probabilities; tokens: [N] -> their logprobs and top k."""
+    """logprobs: [N, V] log-probabilities; tokens: [N] -> their logprobs, ranks (vLLM's:
+    1 + how many tokens are more likely, so ties share the best rank) and top k."""
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
     top_logprobs, top_ids = (
         logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
     )
-    return LogprobTensors(chosen, top_ids, top_logprobs)
+    rank = (logprobs > chosen[:, None]).sum(dim=-1) + 1
+    return LogprobTensors(chosen, top_ids, top_logprobs, rank)
 
 
 def score_hidden_rows(

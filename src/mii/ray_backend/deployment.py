@@ -141,6 +141,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         host_port(host, port),
         auth.api_key_interceptors(api_key),
         max_receive_bytes=config.max_request_bytes,
+        in_use_hint=" choose another: mii serve --grpc-port, mii.serve(port=...)",
     )
     health = add_standard_services(server)
     await set_health(health, False)

@@ -14,7 +14,7 @@ from mii.errors import (
     AuthenticationError,
     DeploymentNotFoundError,
     InvalidRequestError,
-    MiiError,
+    UnavailableError,
 )
 from mii.prompts import Prompt, one_prompt
 from mii.response import Response, join_pieces
@@ -89,6 +89,11 @@ class MiiClient:
     ) -> Iterator[Response]:
         """Pieces of one answer as they are generated. Leaving the loop early
         cancels the call, which aborts the request on the server."""
+        if isinstance(prompt, (list, tuple)) and any(isinstance(p, str) for p in prompt):
+            raise InvalidRequestError(
+                "stream takes one prompt; use generate for several, or stream each",
+                field="prompts",
+            )
         request = request_for([one_prompt(prompt, "prompts")], validated(params))
         call = self._stub.GenerateStream(request, timeout=timeout)
         try:
@@ -115,10 +120,21 @@ class MiiClient:
         except grpc.RpcError as err:
             raise self._error(err) from None
 
-    def _error(self, err: grpc.RpcError) -> MiiError:
+    def _error(self, err: grpc.RpcError) -> Exception:
         """The mii error of a failed call; a refused key says whether this client
         sent one (the server cannot tell a wrong key from a missing one)."""
-        if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+        code, details = err.code(), err.details() or ""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the call's own timeout
+            return TimeoutError(
+                f"the deployment at {self.address} did not answer within the call's "
+                f"timeout ({details})"
+            )
+        if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
+            return UnavailableError(
+                f"nothing answers at {self.address}: the deployment is not running "
+                f"(terminated? mii list shows the running ones) or cannot be reached ({details})"
+            )
+        if code != grpc.StatusCode.UNAUTHENTICATED:
             return error_from_grpc(err)
         if self._api_key:
             return AuthenticationError(

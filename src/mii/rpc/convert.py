@@ -75,13 +75,16 @@ def _logprob_to_proto(entry: TokenLogprob | None) -> mii_pb2.TokenLogprob:
         logprob=entry.logprob,
         top_ids=[t for t, _ in entry.top],
         top_logprobs=[lp for _, lp in entry.top],
+        rank=entry.rank,
     )
 
 
 def _logprob_from_proto(entry: mii_pb2.TokenLogprob) -> TokenLogprob | None:
     if not entry.HasField("logprob"):
         return None
-    return TokenLogprob(entry.token_id, entry.logprob, list(zip(entry.top_ids, entry.top_logprobs)))
+    top = list(zip(entry.top_ids, entry.top_logprobs))
+    rank = entry.rank if entry.HasField("rank") else None
+    return TokenLogprob(entry.token_id, entry.logprob, top, rank)
 
 
 def piece_to_proto(response: Response) -> mii_pb2.Piece:

@@ -174,6 +174,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         host_port(host, port),
         auth.api_key_interceptors(config.secret_api_key()),
         max_receive_bytes=config.max_request_bytes,
+        in_use_hint=" choose another: mii serve --grpc-port, mii.serve(port=...)",
     )
     token = auth.new_token()  # what the replicas' ports require, new at every start
     rest_socket = None

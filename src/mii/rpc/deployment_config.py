@@ -360,7 +360,9 @@ class DeploymentConfig(GpuLayout, RayOptions):
             raise _first_error(err) from None
         if registry.lookup(config.deployment_name) is not None:
             raise DeploymentError(
-                f"a deployment named {config.deployment_name!r} is already running"
+                f"a deployment named {config.deployment_name!r} is already running; stop it "
+                f"(mii terminate {config.deployment_name}) or give this one another name "
+                "(mii serve: --deployment-name; mii.serve: deployment_name)"
             )
         if registry.claimed(config.deployment_name):
             raise DeploymentError(

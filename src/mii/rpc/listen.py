@@ -47,11 +47,13 @@ def listening_server(
     address: str,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     max_receive_bytes: int = -1,
+    in_use_hint: str = "",
 ) -> grpc.aio.Server:
     """A ``grpc.aio.Server`` bound to ``address`` ("host:port"), not yet started.
     ``interceptors`` see every call (:mod:`mii.rpc.auth`); request messages up to
     ``max_receive_bytes`` are accepted (-1: any size; a larger one is answered
-    RESOURCE_EXHAUSTED by grpc).
+    RESOURCE_EXHAUSTED by grpc). ``in_use_hint``: how to choose another port, said
+    when this one is in use.
 
     A host name is bound on every address it resolves to, each or none: grpc
     alone reports success when any one of them binds, so ``localhost`` would
@@ -74,7 +76,7 @@ def listening_server(
         if ok:
             bound += 1
             continue
-        reason = _bind_failure(ip, port)
+        reason = _bind_failure(ip, port, in_use_hint)
         if reason is None:  # this machine has no such address (e.g. no IPv6): skip it
             continue
         raise DeploymentError(f"cannot listen on {target}{reason}")
@@ -110,9 +112,10 @@ def _resolve(host: str, port: int, address: str) -> list[str]:
     return list(dict.fromkeys(info[4][0] for info in infos))  # each address once, in order
 
 
-def _bind_failure(ip: str, port: int) -> str | None:
-    """Why ``ip:port`` cannot be bound, as the end of an error message; None when
-    the machine lacks that address family or address."""
+def _bind_failure(ip: str, port: int, in_use_hint: str = "") -> str | None:
+    """Why ``ip:port`` cannot be bound, as the end of an error message (with
+    ``in_use_hint`` when it is in use); None when the machine lacks that address
+    family or address."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -121,6 +124,6 @@ def _bind_failure(ip: str, port: int) -> str | None:
         if err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
             return None
         if err.errno == errno.EADDRINUSE:
-            return " (is the port in use?)"
+            return f" (is the port in use?{in_use_hint})"
         return f": {err.strerror or err}"
     return " (grpc could not bind it)"

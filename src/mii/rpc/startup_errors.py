@@ -42,6 +42,8 @@ def read_startup_error(log_file: Path, who: str, exit_code: int, offset: int = 0
         lines = f.read().decode(errors="replace").splitlines()
     for line in reversed(lines):
         if line.startswith(STARTUP_ERROR):
-            return line[len(STARTUP_ERROR) :].strip()
+            # The starter raises it as a DeploymentError: that type's name once is enough
+            # (it read "DeploymentError: DeploymentError: cannot listen on ...").
+            return line[len(STARTUP_ERROR) :].strip().removeprefix("DeploymentError: ")
     tail = "\n".join(lines[-_TAIL_LINES:])
     return f"{who} exited with code {exit_code}:\n{tail}"

@@ -99,6 +99,45 @@ def chat_items(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return items
 
 
+def conversation_items(messages: Any) -> list[list[dict[str, Any]]]:
+    """The Python API's chat input (one conversation, a list of message dicts, or a
+    list of conversations) as template-ready conversations; a malformed one is
+    InvalidRequestError naming ``messages`` (and where in them)."""
+    from pydantic import ValidationError
+
+    from mii.rpc.http.protocol import ChatMessage
+
+    if isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], dict):
+        messages = [messages]  # one conversation
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequestError(
+            "messages must be a conversation (a non-empty list of {'role', 'content'} "
+            "dicts) or a non-empty list of conversations",
+            field="messages",
+        )
+    conversations = []
+    for c, conversation in enumerate(messages):
+        where = f"messages.{c}" if len(messages) > 1 else "messages"
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise InvalidRequestError(
+                f"{where} must be a non-empty list of {{'role', 'content'}} dicts",
+                field=where,
+            )
+        parsed = []
+        for i, message in enumerate(conversation):
+            try:
+                parsed.append(ChatMessage.model_validate(message))
+            except ValidationError as err:
+                first = err.errors()[0]
+                at = ".".join(str(part) for part in (where, i, *first["loc"]))
+                raise InvalidRequestError(f"{at}: {first['msg']}", field=at) from None
+        try:
+            conversations.append(chat_items(parsed))
+        except ApiError as err:  # a content part it cannot read (named within one conversation)
+            raise InvalidRequestError(err.message, field=where) from None
+    return conversations
+
+
 def _with_decoded_arguments(call: Any) -> Any:
     """A tool call whose ``function.arguments`` JSON text is replaced by the object
     it encodes (text that is not a JSON object stays text)."""

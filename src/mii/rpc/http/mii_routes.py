@@ -36,6 +36,7 @@ def _logprob_dict(entry: TokenLogprob | None) -> dict[str, Any] | None:
     return {
         "token_id": entry.token_id,
         "logprob": json_logprob(entry.logprob),
+        "rank": entry.rank,
         "top_logprobs": [{"token_id": t, "logprob": json_logprob(lp)} for t, lp in entry.top],
     }
 

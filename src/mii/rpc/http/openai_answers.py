@@ -62,7 +62,8 @@ CHAT_COMPLETION = AnswerKind(
 class Answer:
     """One request's answer: a fresh id and creation time, and its JSON objects.
     ``logprobs`` formats the choices' logprobs (None: the request asked for none);
-    ``tools``: how a chat answer's text becomes content and tool calls (None: no tools)."""
+    ``tools``: how a chat answer's text becomes content and tool calls (None: no tools);
+    ``prompt_logprobs``: writes vLLM's ``prompt_logprobs`` (None: not asked)."""
 
     def __init__(
         self,
@@ -70,11 +71,13 @@ class Answer:
         model: str,
         logprobs: LogprobFormatter | None = None,
         tools: ToolPlan | None = None,
+        prompt_logprobs: LogprobFormatter | None = None,
     ) -> None:
         self.kind = kind
         self.model = model
         self.logprobs = logprobs
         self.tools = tools
+        self.prompt_logprobs = prompt_logprobs
         self.id = f"{kind.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -125,7 +128,7 @@ class Answer:
         if self.tools is not None:
             message, finish_reason = self.tools.message(r)
             content = {"message": message}
-        return {
+        choice = {
             "index": index,
             **content,
             "logprobs": self.logprobs.of_response(r) if self.logprobs else None,
@@ -133,12 +136,18 @@ class Answer:
             # vLLM's: the stop string or stop token that ended it (None: EOS, length)
             "stop_reason": r.stop_reason,
         }
+        if self.prompt_logprobs is not None and self.kind is COMPLETION:
+            choice["prompt_logprobs"] = self.prompt_logprobs.vllm_prompt_logprobs(r)
+        return choice
 
     def whole(self, responses: list[Response], usage: dict[str, int]) -> dict[str, Any]:
         """The whole answer: every choice, by index, and the usage."""
         choices = [self.choice(index, r) for index, r in enumerate(responses)]
-        return {
+        answer = {
             **self._frame(self.kind.object, choices),
             "usage": usage,
             "system_fingerprint": None,
         }
+        if self.prompt_logprobs is not None and self.kind is CHAT_COMPLETION and responses:
+            answer["prompt_logprobs"] = self.prompt_logprobs.vllm_prompt_logprobs(responses[0])
+        return answer

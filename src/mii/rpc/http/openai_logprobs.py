@@ -6,6 +6,10 @@
   ``null`` top logprobs. Each ``top_logprobs`` entry maps token text to
   logprob for the k most likely tokens plus the chosen one (as vLLM does, so
   that ``logprobs: 0`` still names the chosen token).
+- vLLM's ``prompt_logprobs: k`` (both routes, not streamed): a list with one entry
+  per prompt token, ``null`` for the first, else ``{token id: {"logprob", "rank",
+  "decoded_token"}}`` for the prompt token and the k most likely (ranks 1..k); on a
+  completions choice, at the top of a chat answer (as vLLM places them).
 - ``/v1/chat/completions`` (``logprobs: true``, ``top_logprobs: k``):
   ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}],
   "refusal": null}``; ``bytes`` are the token's own (part of a character's too:
@@ -34,9 +38,10 @@ def json_logprob(value: float) -> float:
 class LogprobFormatter:
     """Turns a choice's TokenLogprobs into OpenAI's JSON (token ids become text)."""
 
-    def __init__(self, tokenizer: Any, chat: bool) -> None:
+    def __init__(self, tokenizer: Any, chat: bool, echo: bool = False) -> None:
         self.tokenizer = tokenizer
         self.chat = chat
+        self.echo = echo  # completions echo: the prompt's entries lead a choice's logprobs
 
     def _texts(self, entries: list[TokenLogprob | None], first_id: int | None) -> dict[int, str]:
         """Each token id that the entries mention, as text (one batched decode)."""
@@ -116,7 +121,29 @@ class LogprobFormatter:
         }
 
     def of_response(self, response: Response) -> dict[str, Any] | None:
-        """The ``logprobs`` of a whole choice."""
-        return self.choice_logprobs(
-            response.logprobs, response.prompt_logprobs, response.prompt_token_ids
-        )
+        """The ``logprobs`` of a whole choice (the prompt's first, with echo)."""
+        prompt = response.prompt_logprobs if self.echo else None
+        return self.choice_logprobs(response.logprobs, prompt, response.prompt_token_ids)
+
+    def vllm_prompt_logprobs(self, response: Response) -> list[dict[str, Any] | None]:
+        """vLLM's ``prompt_logprobs`` list of a response (see the module's docstring)."""
+        entries = response.prompt_logprobs or []
+        texts = self._texts(entries, None)
+
+        def item(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+            return {
+                "logprob": json_logprob(logprob),
+                "rank": rank,
+                "decoded_token": texts[token_id],
+            }
+
+        listed: list[dict[str, Any] | None] = []
+        for entry in entries:
+            if entry is None:  # the first prompt token: nothing before it to score it
+                listed.append(None)
+                continue
+            position = {str(entry.token_id): item(entry.token_id, entry.logprob, entry.rank)}
+            for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+                position.setdefault(str(token_id), item(token_id, logprob, rank))
+            listed.append(position)
+        return listed

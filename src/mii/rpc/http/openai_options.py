@@ -68,6 +68,10 @@ def refuse_chat(body: ChatCompletionRequest) -> None:
 def _refuse_common(body: OpenAIRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
+    if body.stream and body.prompt_logprobs is not None:  # as vLLM refuses it
+        raise ApiError(
+            400, "prompt_logprobs are not available when stream is true", "prompt_logprobs"
+        )
 
 
 def generation_options(
@@ -98,6 +102,8 @@ def generation_options(
         params["logprobs"] = logprobs
         if echo:  # the prompt's logprobs are what echo-with-logprobs scores
             params["prompt_logprobs"] = logprobs
+    if body.prompt_logprobs is not None:  # vLLM's field: it wins over echo's k, as there
+        params["prompt_logprobs"] = body.prompt_logprobs
     if body.logprobs_mode is not None:
         params["logprobs_mode"] = body.logprobs_mode
     params.update(_logits_options(body))

@@ -153,9 +153,18 @@ async def _respond(
     return answer.whole(responses, usage.as_dict())
 
 
-def _formatter(state: GatewayState, params: dict[str, Any], chat: bool) -> LogprobFormatter | None:
+def _formatter(
+    state: GatewayState, params: dict[str, Any], chat: bool, echo: bool = False
+) -> LogprobFormatter | None:
     """What writes the answer's logprobs, when the request asked for them."""
-    return LogprobFormatter(state.tokenizer, chat) if "logprobs" in params else None
+    return LogprobFormatter(state.tokenizer, chat, echo) if "logprobs" in params else None
+
+
+def _prompt_formatter(state: GatewayState, body: OpenAIRequest) -> LogprobFormatter | None:
+    """What writes vLLM's ``prompt_logprobs``, when the request set that field."""
+    return (
+        LogprobFormatter(state.tokenizer, chat=False) if body.prompt_logprobs is not None else None
+    )
 
 
 @router.post("/completions")
@@ -168,7 +177,12 @@ async def create_completion(body: CompletionRequest, request: Request):
     if isinstance(prompts[0], list):
         check_known_ids(state.tokenizer, prompts, "prompt")
     choices = Choices(prompts, params, body.n, body.seed)
-    answer = Answer(COMPLETION, state.served_model, _formatter(state, params, chat=False))
+    answer = Answer(
+        COMPLETION,
+        state.served_model,
+        _formatter(state, params, chat=False, echo=body.echo),
+        prompt_logprobs=_prompt_formatter(state, body),
+    )
     return await _respond(request, state, body, choices, renames, answer)
 
 
@@ -215,5 +229,6 @@ async def prepare_chat(
         state.served_model,
         _formatter(state, params, chat=True),
         tools if tools is not None and tools.mode != "none" else None,
+        prompt_logprobs=_prompt_formatter(state, body),
     )
     return state, renames, choices, answer

@@ -146,14 +146,29 @@ class ContentPart(BaseModel):
     refusal: str | None = None  # an assistant's {"type": "refusal", "refusal": "..."}
 
 
-class ChatMessage(BaseModel):
-    # Other keys (tool_calls of an assistant message, tool_call_id of a tool result)
-    # are passed to the template as they are (tool call arguments: see chat.py).
+class CalledFunction(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    name: str
+    arguments: str | dict[str, Any] | None = None  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    function: CalledFunction
+
+
+class ChatMessage(BaseModel):
+    # Other keys (tool_call_id of a tool result, ...) are passed to the template as
+    # they are; an assistant's tool_calls must be calls (tool call arguments: see
+    # chat.py), a role is never empty.
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(min_length=1)
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -166,6 +181,18 @@ class ChatCompletionRequest(OpenAIRequest):
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _named_tool_choice(cls, value: Any) -> Any:
+        # (else a named choice without its function reads "should be 'none', ...")
+        if isinstance(value, dict) and not isinstance(value.get("function"), dict):
+            raise ValueError(
+                'a named tool choice is {"type": "function", "function": {"name": ...}} '
+                '(or one of "none", "auto", "required")'
+            )
+        return value
+
     # vLLM's chat template extensions (mii.rpc.http.chat)
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool | None = None  # None: not continue_final_message

@@ -31,7 +31,7 @@ class VllmFields(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     truncate_prompt_tokens: int | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # served (openai_options, openai_logprobs)
     allowed_token_ids: list[int] | None = None  # served (openai_options); [] as unset
     bad_words: list[str] | None = None
     return_tokens_as_token_ids: bool = False
@@ -55,10 +55,6 @@ NO_OP_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_beam_search": ((False,), "beam search is not supported; sample or decode greedily"),
     "length_penalty": ((1.0,), "it applies to beam search, which is not supported"),
     "priority": ((0,), "priority scheduling is not supported: requests are served in order"),
-    "prompt_logprobs": (
-        (None,),
-        "ask for the prompt's logprobs with echo=true and logprobs (completions)",
-    ),
     "bad_words": ((None, []), "use logit_bias to ban token ids"),
     "return_tokens_as_token_ids": ((False,), "POST /tokenize gives a text's token ids"),
     "spaces_between_special_tokens": (
