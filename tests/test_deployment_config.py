@@ -92,6 +92,9 @@ def test_a_restarted_replica_gets_fresh_ports(tmp_path, monkeypatch):
     )
     assert again.config.gpus == replica.gpus == [2, 3] and again.log_file == first.log_file
     assert ReplicaConfig.model_validate_json(started[-1][-1]) == again.config
+    # same replica number, one more start: its sampling stream (replica.py) is a new one
+    assert (again.config.index, again.config.start) == (replica.index, replica.start + 1)
+    assert again.restarted().config.start == 2
 
 
 def test_a_starters_startup_error_names_its_type_once(tmp_path):

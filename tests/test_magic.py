@@ -90,6 +90,12 @@ def test_load_then_line_and_cell_magics_stream(shell, llama, expected):
     assert result.success and out == asked + "\n", out
     result, out = run(shell, "if True:\n    %mii --max-new-tokens 5 --greedy Is it France?\n")
     assert result.success and out == asked + "\n", out
+    # ... but neither inside a string nor in a cell magic's body
+    from mii.magic import keep_questions
+
+    for cell in ('s = """\n%mii Is it France?\n"""\n', "%%bash\n%mii Is it France?\n"):
+        lines = cell.splitlines(keepends=True)
+        assert keep_questions(lines) == lines
     # --chat: the prompt as a user turn (this tokenizer has no template: the chat
     # route's fallback text), as pipe.chat answers it
     with mii.pipeline(llama) as pipe:

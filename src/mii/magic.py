@@ -321,16 +321,27 @@ def keep_questions(lines: list[str]) -> list[str]:
     """An input transformer: ``%mii ... France?`` as a call of the magic. IPython
     reads a line ending with ``?`` as a request for help on its last word (it printed
     "Object `France` not found." and never ran the magic), and prompts are often
-    questions; ``%%mii`` cells are not affected."""
-    kept = []
-    for line in lines:
-        body = line.rstrip("\n")
+    questions. Only lines that start a statement with ``%mii`` change (IPython's own
+    tokenizer says which: not a line inside a string), and no line of a cell magic's
+    body (``%%mii``, ``%%bash``, ...)."""
+    if not lines or lines[0].lstrip().startswith("%%"):
+        return lines
+    if not any(_LINE_MAGIC_ASKING.match(line) for line in lines):
+        return lines  # (the usual cell: no tokenizing)
+    from IPython.core.inputtransformer2 import make_tokens_by_line
+
+    kept = list(lines)
+    for tokens in make_tokens_by_line(lines):
+        words = [t for t in tokens if t.string.strip()]
+        if len(words) < 2 or (words[0].string, words[1].string) != ("%", "mii"):
+            continue
+        at = words[0].start[0] - 1
+        body = lines[at].rstrip("\n")
         asking = _LINE_MAGIC_ASKING.match(body)
         if asking:
             indent, rest = asking.groups()
             call = f"get_ipython().run_line_magic('mii', {rest.strip()!r})"
-            line = indent + call + line[len(body) :]
-        kept.append(line)
+            kept[at] = indent + call + lines[at][len(body) :]
     return kept
 
 

@@ -49,7 +49,7 @@ class RequestIntake:
         # The seeds of requests that give none: drawn in arrival order from a stream
         # the engine's seed starts, so the same requests in the same order sample the
         # same tokens from run to run (vLLM's behaviour with its default seed 0).
-        self.unseeded = random.Random(seed)
+        self.unseeded = random.Random(f"{seed}")  # (a str: Random(-7) would equal Random(7))
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.blocks = blocks

@@ -130,7 +130,8 @@ class ReplicaProcess:
         port. Not its old one: another local process may have bound that while this
         one was down, and every restart would then fail on it and use up the
         replica's restart budget (the pool follows the move: Replica.move_to)."""
-        fresh = self.config.model_copy(update=_fresh_ports(self.config.deployment))
+        update = {**_fresh_ports(self.config.deployment), "start": self.config.start + 1}
+        fresh = self.config.model_copy(update=update)
         return ReplicaProcess(self.index, fresh, self.log_file, self.token, append=True)
 
     def failure(self) -> str | None:

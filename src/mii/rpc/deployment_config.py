@@ -382,6 +382,7 @@ class ReplicaConfig(BaseModel):
     gpus: list[int] | None = None  # its CUDA_VISIBLE_DEVICES; None: no GPUs (CPU)
     tp_master_port: int | None = None  # the rendezvous port of its ranks (tensor_parallel > 1)
     index: int = 0  # which of the deployment's replicas (its own sampling stream)
+    start: int = 0  # how many times it was restarted (a restart draws new seeds)
 
     @property
     def address(self) -> str:

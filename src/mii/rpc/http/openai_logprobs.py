@@ -125,9 +125,11 @@ class LogprobFormatter:
         prompt = response.prompt_logprobs if self.echo else None
         return self.choice_logprobs(response.logprobs, prompt, response.prompt_token_ids)
 
-    def vllm_prompt_logprobs(self, response: Response) -> list[dict[str, Any] | None]:
+    def vllm_prompt_logprobs(self, response: Response) -> list[dict[str, Any] | None] | None:
         """vLLM's ``prompt_logprobs`` list of a response (see the module's docstring)."""
-        entries = response.prompt_logprobs or []
+        entries = response.prompt_logprobs
+        if entries is None:
+            return None
         texts = self._texts(entries, None)
 
         def item(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
