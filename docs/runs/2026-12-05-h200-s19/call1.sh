@@ -1,6 +1,6 @@
 # call 1 (nineteenth session): fp8-KV one-head decode attention on the CUDA cores
 # (MII_DECODE_ONE_QUERY=cores) against the 16-row products: GPU correctness, the
-# kernel sweep, W1 Llama-2-7B with the fp8 KV cache both ways
+# kernel sweep (W1 both ways: call1b.sh)
 export OUT
 bash scripts/gpu_run.sh > /dev/null  # installs the wheels
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -10,10 +10,5 @@ cat $OUT/raw/gpu.txt
 pack() { (cd $OUT/raw && tar czf ../call.tgz .); }
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kv_cache.py > $OUT/raw/tests_fp8kv.log 2>&1; tail -3 $OUT/raw/tests_fp8kv.log
 MII_DECODE_ONE_QUERY=cores timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kv_cache.py tests/test_triton_kernels.py -x > $OUT/raw/tests_cores.log 2>&1; tail -3 $OUT/raw/tests_cores.log; pack
-timeout 300 python3 benchmarks/decode_sweep.py --one-query --json $OUT/raw/one_query.json > $OUT/raw/one_query.log 2>&1
+timeout 420 python3 benchmarks/decode_sweep.py --one-query --json $OUT/raw/one_query.json > $OUT/raw/one_query.log 2>&1
 grep -v "^cores " $OUT/raw/one_query.log | tail -8 | cut -c1-400; pack
-for choice in dot cores dot cores; do
-  n=1; while [ -e "$OUT/raw/w1_fp8kv_${choice}_$n.log" ]; do n=$((n+1)); done
-  MII_DECODE_ONE_QUERY=$choice timeout 120 python3 benchmarks/throughput.py --kv-cache-dtype fp8 --json $OUT/raw/w1_fp8kv_${choice}_$n.json > $OUT/raw/w1_fp8kv_${choice}_$n.log 2>&1
-  echo "w1 fp8kv $choice #$n $(grep -o '"seconds": [0-9.]*\|"x_compute_floor": [0-9.]*' $OUT/raw/w1_fp8kv_${choice}_$n.log | tr '\n' ' ')"; pack
-done
