@@ -8,7 +8,7 @@ mkdir -p $OUT/raw
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,power.draw,power.limit --format=csv > $OUT/raw/gpu.txt
 cat $OUT/raw/gpu.txt
 pack() { (cd $OUT/raw && tar czf ../call.tgz .); }
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kv_cache.py > $OUT/raw/tests_fp8kv.log 2>&1; tail -3 $OUT/raw/tests_fp8kv.log
-MII_DECODE_ONE_QUERY=cores timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kv_cache.py tests/test_triton_kernels.py -x > $OUT/raw/tests_cores.log 2>&1; tail -3 $OUT/raw/tests_cores.log; pack
-timeout 420 python3 benchmarks/decode_sweep.py --one-query --json $OUT/raw/one_query.json > $OUT/raw/one_query.log 2>&1
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kv_cache.py > $OUT/raw/tests_fp8kv.log 2>&1; tail -3 $OUT/raw/tests_fp8kv.log
+MII_DECODE_ONE_QUERY=cores timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_kv_cache.py tests/test_triton_kernels.py -x > $OUT/raw/tests_cores.log 2>&1; tail -3 $OUT/raw/tests_cores.log; pack
+timeout 360 python3 benchmarks/decode_sweep.py --one-query --json $OUT/raw/one_query.json > $OUT/raw/one_query.log 2>&1
 grep -v "^cores " $OUT/raw/one_query.log | tail -8 | cut -c1-400; pack
