@@ -219,6 +219,10 @@ def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
         [expected] = pipeline_text(llama, "DeepSpeed is")
         assert result.stdout == f"DeepSpeed is{expected}\n"
         assert "deployment 'cli-test'" in result.stderr
+        # --chat templates the prompt here, with the model loaded here: a deployment's
+        # chat route is its OpenAI one, and the error says so
+        chat = run_mii("generate", name, "--chat", "--prompt", "Hi", *GREEDY)
+        assert chat.returncode == 1 and "/v1/chat/completions" in chat.stderr, chat.stderr
 
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=30)
