@@ -55,23 +55,36 @@ def cluster(tmp_path_factory):
 
     Ray waits a fixed 30 s for its raylet to register (ray/_private/node.py); on a
     loaded 2-core machine (CI beside another test run) it once missed that, so a
-    start that times out is tried again, up to three times in all."""
-    for attempt in range(3):
-        try:
-            context = ray.init(
-                address="local",  # a new instance, even where a cluster runs on this machine
-                num_cpus=2,
-                num_gpus=0,
-                include_dashboard=False,
-                namespace="mii-tests",
-            )
-            break
-        except Exception as error:
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(error):
-                raise
-    yield context.address_info["gcs_address"]
-    ray.shutdown()
+    start that times out is tried again, up to three times in all.
+
+    Serve's controller gives its HTTP proxy 5 s to answer a readiness check (10 s a
+    health check) and kills it after three misses: on a starved CPU it missed them
+    over and over, and the deployment waiting on it failed with ActorDiedError (9 of
+    the module's 10 tests, under load only). Those checks only ask whether the proxy
+    lives; the cluster's processes, started here, inherit a minute for each."""
+    patience = {
+        "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in patience.items():
+            mp.setenv(name, value)
+        for attempt in range(3):
+            try:
+                context = ray.init(
+                    address="local",  # a new instance, even where a cluster runs here
+                    num_cpus=2,
+                    num_gpus=0,
+                    include_dashboard=False,
+                    namespace="mii-tests",
+                )
+                break
+            except Exception as error:
+                ray.shutdown()
+                if attempt == 2 or "timed out during startup" not in str(error):
+                    raise
+        yield context.address_info["gcs_address"]
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
