@@ -116,7 +116,9 @@ def start(cluster, model: str, pass_delay: str = "0", **options):
             enable_restful_api=True,
             restful_api_port=rest_port,
             port=free_port(),
-            startup_timeout=240,
+            # a safety net: starting two replicas' worker processes took over 240 s on
+            # 2 cores beside 3 busy processes (idle: well under a minute)
+            startup_timeout=600,
             **options,
         )
     return client, name, f"http://127.0.0.1:{rest_port}"
@@ -367,7 +369,7 @@ def test_mii_serve_ray_address_in_the_foreground(cluster, cache_dir, checkpoints
     )
     try:
         assert wait_until(
-            lambda: registry.lookup(name) is not None or server.poll() is not None, timeout=240
+            lambda: registry.lookup(name) is not None or server.poll() is not None, timeout=600
         )
         assert server.poll() is None, server.communicate()
         assert registry.lookup(name)["pid"] == server.pid
