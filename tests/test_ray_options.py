@@ -153,3 +153,42 @@ def test_serve_proxy_gets_the_gateway_keep_alive(monkeypatch):
     default = DeploymentConfig(model="m", backend="ray")
     assert start_serve(default)
     assert started["http_options"]["keep_alive_timeout_s"] == default.http_keep_alive_timeout > 90
+
+
+def test_serve_start_outlasts_serves_fixed_proxy_wait(monkeypatch):
+    """serve.start waits a fixed 60 s for its HTTP proxy and raises TimeoutError; a
+    loaded head took longer (the module's Ray tests on 2 cores beside 3 busy
+    processes). The deployment connects to the controller again and waits for the
+    proxy within its own startup_timeout; any other TimeoutError still fails."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from mii.ray_backend import deployment
+
+    calls, states = [], iter(["STARTING", "STARTING", "HEALTHY"])
+
+    def status():
+        if not calls:  # before the first start: Serve is not running
+            raise RuntimeError("Serve is not running")
+        return SimpleNamespace(applications={}, proxies={"node": next(states)})
+
+    def start(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise TimeoutError("HTTP proxies not available after 60s.")
+
+    monkeypatch.setattr(serve, "status", status)
+    monkeypatch.setattr(serve, "start", start)
+    monkeypatch.setattr(deployment.time, "sleep", lambda s: None)
+    config = DeploymentConfig(model="m", backend="ray")
+    assert deployment.start_serve(config) and len(calls) == 2
+    assert next(states, None) is None  # it waited until the proxy was healthy
+
+    def other_timeout(**kwargs):
+        raise TimeoutError("something else")
+
+    monkeypatch.setattr(serve, "start", other_timeout)
+    calls.clear()
+    with pytest.raises(TimeoutError, match="something else"):
+        deployment.start_serve(config)

@@ -86,10 +86,36 @@ def start_serve(config: DeploymentConfig) -> bool:
         "port": config.restful_api_port,
         "keep_alive_timeout_s": config.http_keep_alive_timeout,
     }
-    serve.start(
+    options = dict(
         http_options=http, proxy_location="HeadOnly" if config.enable_restful_api else "Disabled"
     )
+    try:
+        serve.start(**options)
+    except TimeoutError as err:
+        # Serve waits a fixed 60 s for its HTTP proxy; a loaded head took longer (2
+        # cores beside 3 busy processes). Its controller keeps starting the proxy:
+        # connect to it again and wait out the deployment's own startup_timeout.
+        if "proxies not available" not in str(err):
+            raise
+        serve.start(**options)
+        _wait_for_proxies(time.monotonic() + config.startup_timeout)
     return True
+
+
+def _wait_for_proxies(deadline: float) -> None:
+    """Until every Serve HTTP proxy is healthy; DeploymentError past ``deadline``."""
+    from ray import serve
+
+    while True:
+        states = {str(getattr(s, "value", s)) for s in serve.status().proxies.values()}
+        if states and states <= {"HEALTHY"}:
+            return
+        if time.monotonic() >= deadline:
+            raise DeploymentError(
+                f"Ray Serve's HTTP proxy was not ready within the startup timeout "
+                f"(states: {sorted(states) or 'none'}; is the head node overloaded?)"
+            )
+        time.sleep(1.0)
 
 
 def _head_is_here() -> bool:
