@@ -73,30 +73,20 @@ def main() -> None:
     result = {"benchmark": "decode_sweep", **environment(), "roofline": roofline(device)}
     copy_bw = result["roofline"]["copy_tb_per_s"] * 1e12
     total_blocks = 40_000
-    if args.long_context:
-        result["long_context_splits"] = long_context_splits(copy_bw, device)
-        write_json(args.json, result)
-        return
-    if args.batch1_launch:
-        result["batch1_launch"] = batch1_launch(copy_bw, device)
-        write_json(args.json, result)
-        return
-    if args.mixed_lengths:
-        result["mixed_lengths"] = mixed_lengths(copy_bw, device)
-        write_json(args.json, result)
-        return
-    if args.one_query:
-        result["one_query"] = one_query(copy_bw, device)
-        write_json(args.json, result)
-        return
-    if args.batch1_step:
-        result["batch1_step"] = batch1_step(device)
-        write_json(args.json, result)
-        return
-    if args.gqa_only:
-        result["gqa_program_order"] = gqa_order(copy_bw, total_blocks, device)
-        write_json(args.json, result)
-        return
+    # One diagnostic alone when asked: its result's key, and what runs it.
+    alone = {
+        "long_context": ("long_context_splits", lambda: long_context_splits(copy_bw, device)),
+        "batch1_launch": ("batch1_launch", lambda: batch1_launch(copy_bw, device)),
+        "mixed_lengths": ("mixed_lengths", lambda: mixed_lengths(copy_bw, device)),
+        "one_query": ("one_query", lambda: one_query(copy_bw, device)),
+        "batch1_step": ("batch1_step", lambda: batch1_step(device)),
+        "gqa_only": ("gqa_program_order", lambda: gqa_order(copy_bw, total_blocks, device)),
+    }
+    for flag, (key, run) in alone.items():
+        if getattr(args, flag):
+            result[key] = run()
+            write_json(args.json, result)
+            return
     bf16_k = torch.randn(total_blocks, BLOCK, KV_HEADS, DIM, device=device, dtype=torch.bfloat16)
     bf16_v = torch.randn_like(bf16_k)
     caches = {"bf16": (bf16_k, bf16_v), "fp8": (bf16_k.to(FP8_KV_DTYPE), bf16_v.to(FP8_KV_DTYPE))}

@@ -81,12 +81,11 @@ def demo_model_path() -> Path:
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    """``text`` as one user turn of the tokenizer's chat template, ready for the answer."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-    )
-    # transformers 5 returns an encoding, 4 a list of ids.
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    """``text`` as one user turn of the tokenizer's chat template, ready for the answer
+    (the chat route's ids: a tokenizer without a template gets its fallback text)."""
+    from mii.rpc.http.chat import chat_prompt_ids as conversation_ids
+
+    return conversation_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 _CORPUS = """\

@@ -286,11 +286,10 @@ class MiiMagics(Magics):
             )
         if self.model is not None:
             if chat:  # (a model without a template: the OpenAI route's fallback text)
-                from mii.rpc.http.chat import chat_prompt_ids
+                from mii.demo import chat_prompt_ids
 
-                turn = [{"role": "user", "content": prompt}]
                 try:
-                    prompt = chat_prompt_ids(self.model.engine.tokenizer, turn)
+                    prompt = chat_prompt_ids(self.model.engine.tokenizer, prompt)
                 except MiiError as err:  # the template refused the turn
                     raise UsageError(f"%mii --chat: {err}") from None
             pieces = self.model.stream(prompt, **params)

@@ -167,8 +167,8 @@ def _generate_in_process(
 ) -> int:
     """Stream each prompt's answer; ``chat``: each prompt is a user turn of the chat template."""
     import mii
+    from mii.demo import chat_prompt_ids
     from mii.errors import ModelLoadError
-    from mii.rpc.http.chat import chat_prompt_ids
 
     try:
         engine = mii.AsyncEngine(model, **options)
@@ -185,8 +185,7 @@ def _generate_in_process(
             for prompt in prompts:
                 if chat:
                     print(f"> {prompt}", flush=True)
-                    turn = [{"role": "user", "content": prompt}]
-                    request: str | list[int] = chat_prompt_ids(engine.tokenizer, turn)
+                    request: str | list[int] = chat_prompt_ids(engine.tokenizer, prompt)
                     start, count = time.perf_counter(), 0
                 else:
                     request = prompt

@@ -939,12 +939,12 @@ def paged_attention_from_cache(
         one_query = tiles.size <= 16 and pack == 1 and one_query_cores
         if one_query:
             launch = DECODE_LAUNCH_ONE_QUERY
-        # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
-        block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
-        if one_query:
             # Its float32 accumulator is keys x head_dim, read per key whatever the
             # cache's block size: the launch's keys at heads of up to 128, fewer above.
             block_n = max(16, launch["block_n"] * 128 // max(d_pad, 128))
+        else:
+            # Several KV blocks per iteration: more bytes in flight, fewer loop trips.
+            block_n = max(launch["block_n"], triton.next_power_of_2(kv_block))
         # Prompt tiles stay tile-major: a sequence's tiles share its keys in L2.
         head_major = HEAD_MAJOR_DECODE and tiles.size <= 16 and q_heads > kv_heads
         head_major = head_major and count < 65536  # the grid's second axis limit

@@ -26,7 +26,7 @@ from mii.ray_backend.board import NAMESPACE, StatsBoard, board_name
 from mii.ray_backend.pool import RayPool
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
-from mii.rpc.deployment_config import DeploymentConfig
+from mii.rpc.deployment_config import GRPC_PORT_IN_USE_HINT, DeploymentConfig
 from mii.rpc.drain import ShutdownRequest, drain
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import host_port, listening_server
@@ -167,7 +167,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         host_port(host, port),
         auth.api_key_interceptors(api_key),
         max_receive_bytes=config.max_request_bytes,
-        in_use_hint=" choose another: mii serve --grpc-port, mii.serve(port=...)",
+        in_use_hint=GRPC_PORT_IN_USE_HINT,
     )
     health = add_standard_services(server)
     await set_health(health, False)

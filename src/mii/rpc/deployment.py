@@ -28,7 +28,12 @@ import mii.envs as envs
 from mii.errors import DeploymentError
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
-from mii.rpc.deployment_config import DeploymentConfig, GpuLayout, ReplicaConfig
+from mii.rpc.deployment_config import (
+    GRPC_PORT_IN_USE_HINT,
+    DeploymentConfig,
+    GpuLayout,
+    ReplicaConfig,
+)
 from mii.rpc.drain import ShutdownRequest, drain
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
@@ -175,7 +180,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         host_port(host, port),
         auth.api_key_interceptors(config.secret_api_key()),
         max_receive_bytes=config.max_request_bytes,
-        in_use_hint=" choose another: mii serve --grpc-port, mii.serve(port=...)",
+        in_use_hint=GRPC_PORT_IN_USE_HINT,
     )
     token = auth.new_token()  # what the replicas' ports require, new at every start
     rest_socket = None

@@ -372,6 +372,10 @@ class DeploymentConfig(GpuLayout, RayOptions):
         return config
 
 
+# What a busy front gRPC port's error adds (a single host's deployment and Ray's).
+GRPC_PORT_IN_USE_HINT = " choose another: mii serve --grpc-port, mii.serve(port=...)"
+
+
 class ReplicaConfig(BaseModel):
     """What one replica process runs: the deployment's engine, on its own port and GPUs."""
 

@@ -103,7 +103,7 @@ def conversation_items(messages: Any) -> list[list[dict[str, Any]]]:
     """The Python API's chat input (one conversation, a list of message dicts, or a
     list of conversations) as template-ready conversations; a malformed one is
     InvalidRequestError naming ``messages`` (and where in them)."""
-    from pydantic import ValidationError
+    from pydantic import TypeAdapter, ValidationError
 
     from mii.rpc.http.protocol import ChatMessage
 
@@ -123,14 +123,12 @@ def conversation_items(messages: Any) -> list[list[dict[str, Any]]]:
                 f"{where} must be a non-empty list of {{'role', 'content'}} dicts",
                 field=where,
             )
-        parsed = []
-        for i, message in enumerate(conversation):
-            try:
-                parsed.append(ChatMessage.model_validate(message))
-            except ValidationError as err:
-                first = err.errors()[0]
-                at = ".".join(str(part) for part in (where, i, *first["loc"]))
-                raise InvalidRequestError(f"{at}: {first['msg']}", field=at) from None
+        try:
+            parsed = TypeAdapter(list[ChatMessage]).validate_python(conversation)
+        except ValidationError as err:
+            first = err.errors()[0]  # its loc: the message's index, then its field
+            at = ".".join(str(part) for part in (where, *first["loc"]))
+            raise InvalidRequestError(f"{at}: {first['msg']}", field=at) from None
         try:
             conversations.append(chat_items(parsed))
         except ApiError as err:  # a content part it cannot read (named within one conversation)

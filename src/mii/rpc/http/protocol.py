@@ -181,6 +181,11 @@ class ChatCompletionRequest(OpenAIRequest):
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # vLLM's chat template extensions (mii.rpc.http.chat)
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None  # None: not continue_final_message
+    continue_final_message: bool = False
+    echo: bool = False  # vLLM's; only false is served (openai_options.refuse_chat)
 
     @field_validator("tool_choice", mode="before")
     @classmethod
@@ -192,9 +197,3 @@ class ChatCompletionRequest(OpenAIRequest):
                 '(or one of "none", "auto", "required")'
             )
         return value
-
-    # vLLM's chat template extensions (mii.rpc.http.chat)
-    chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool | None = None  # None: not continue_final_message
-    continue_final_message: bool = False
-    echo: bool = False  # vLLM's; only false is served (openai_options.refuse_chat)
