@@ -746,9 +746,12 @@ DECODE_LAUNCH_FP8 = {"block_n": 128, "num_warps": 4, "num_stages": 2}
 # (245.8 us with 3 vs 166.5), and packed grouped-query programs were within 2 % either way.
 DECODE_LAUNCH_FP8_MHA = {"block_n": 128, "num_warps": 4, "num_stages": 3}
 # One-head decode programs that take a decode's single query on the CUDA cores
-# (MII_DECODE_ONE_QUERY=cores), split-KV or not: not yet swept. (Its accumulator is
-# keys a step x head_dim float32, so wider steps than the products' spill.)
-DECODE_LAUNCH_ONE_QUERY = {"block_n": 64, "num_warps": 4, "num_stages": 3}
+# (MII_DECODE_ONE_QUERY=cores), split-KV or not. decode_sweep --one-query (H100,
+# 2026-12-05, fab48f0), Llama-2-7B heads: 32 keys a step, 4 warps, 3 stages was the best
+# of 36 settings at 233 x 760, 4 x 16,384 and 1 x 32,768 keys (90, 90, 80 % of copy
+# bandwidth; 64 keys: 87, 84, 72 %) and within 1 % of the best at 64 x 2,600. (Its
+# accumulator is keys a step x head_dim float32, so wider steps than the products' spill.)
+DECODE_LAUNCH_ONE_QUERY = {"block_n": 32, "num_warps": 4, "num_stages": 3}
 # DECODE_LAUNCH's programs when split-KV is on (too few sequences to fill the GPU, so
 # each program's serial key loop sets the pace): 128 keys per step.
 # decode_sweep --batch1-launch (H200, 2026-12-03, 5704d3a), Llama-2-7B's 32 heads at
