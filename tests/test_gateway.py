@@ -407,6 +407,8 @@ def test_chat_completions(served, pipe):
     [choice] = chat.choices
     assert choice.message.role == "assistant"
     assert choice.message.content == ref.generated_text
+    # OpenAI's message shape: its refusal field, null
+    assert "refusal" in choice.message.model_fields_set and choice.message.refusal is None
     assert choice.finish_reason == ref.finish_reason
     assert chat.usage.prompt_tokens == ref.prompt_length
     assert chat.usage.completion_tokens == ref.generated_length

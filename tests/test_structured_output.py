@@ -156,6 +156,26 @@ def test_streamed_pieces_join_to_the_constrained_text(engine):
     assert re.fullmatch(REGEX, text)
 
 
+# JSON Schema's defaults that xgrammar reads otherwise: an array without "items"
+# takes any items (xgrammar refused minItems there: "additional items are not
+# allowed"); a property named like a keyword ("enum") is still a schema.
+OPEN_SCHEMAS = [
+    {"type": "array", "minItems": 2, "maxItems": 3},
+    {
+        "type": "object",
+        "properties": {"enum": {"type": "string", "maxLength": 3}, "tags": {"type": "array"}},
+        "required": ["enum", "tags"],
+    },
+    {"type": "array", "const": ["x"]},
+]
+
+
+@pytest.mark.parametrize("schema", OPEN_SCHEMAS)
+def test_schemas_mean_what_json_schema_says(engine, schema):
+    [answer] = run(engine.generate([PROMPTS[1]], json_schema=schema, max_new_tokens=BUDGET))
+    check(answer, {"json_schema": schema})
+
+
 def test_padded_vocabulary_rows_are_never_generated(checkpoints, tokenizer):
     """A model whose LM head is wider than the tokenizer: the extra ids have no text
     and no grammar allows them."""
@@ -191,6 +211,8 @@ BAD = [
         "together with 'pattern'",
     ),
     ({"json_schema": {"type": "number", "multipleOf": 0.25}}, "json_schema", "multipleOf"),
+    # xgrammar's "Check failed: (val >= MIN_INT64_AS_DOUBLE) is false: ..." in words
+    ({"json_schema": {"type": "integer", "minimum": -1e30}}, "json_schema", "64-bit signed"),
     (
         {"json_schema": {"properties": {"p": {"type": "object", "required": ["city"]}}}},
         "json_schema",

@@ -250,6 +250,19 @@ def test_bad_tool_requests_are_400_naming_the_field(llama):
         assert err.value.body["param"] == "tool_choice"
         assert '"function": {"name": ...}' in err.value.body["message"]
         assert await param_of(tools=TOOLS, parallel_tool_calls="maybe") == "parallel_tool_calls"
+        # A keyword the grammar engine would not enforce (pydantic's set[int]) is named
+        # where the user wrote it: which tool, and the path inside its parameters.
+        unique = {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+        sets = {"type": "object", "properties": {"xs": unique}}
+        tagged = {"type": "function", "function": {"name": "tag", "parameters": sets}}
+        for choice in ("required", {"type": "function", "function": {"name": "tag"}}):
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.chat.completions.create(
+                    model="d", messages=USER, tools=[*TOOLS, tagged], tool_choice=choice
+                )
+            assert err.value.body["param"] == "tools"
+            message = err.value.body["message"]
+            assert f"tools[{len(TOOLS)}] ('tag')" in message and "#/properties/xs" in message
         # A forced call is a constraint of its own: not with response_format too.
         json_object = {"type": "json_object"}
         assert await param_of(tools=TOOLS, tool_choice=NAMED, response_format=json_object) == (

@@ -235,7 +235,11 @@ def test_required_schema_and_answers():
     }
     # Cut off by max_tokens: the text, as content, and the engine's finish reason.
     message, finish = plan.message(Response('[{"name": "get_w', 3, 9, "length"))
-    assert finish == "length" and message == {"role": "assistant", "content": '[{"name": "get_w'}
+    assert finish == "length" and message == {
+        "role": "assistant",
+        "content": '[{"name": "get_w',
+        "refusal": None,
+    }
     named = _plan("named", function="get_weather")
     assert (
         json.loads(named.generation_options()["json_schema"]) == WEATHER["function"]["parameters"]

@@ -156,19 +156,36 @@ def _ignored_combination(schema: dict, path: str) -> str | None:
     return None
 
 
-def _with_bounded_strings(schema: Any) -> Any:
-    """``schema`` with each length-bounded string (``minLength``/``maxLength``, no
-    ``pattern``/``format``) rewritten as the equivalent ``pattern`` of unescaped
+# Keywords whose values are JSON values, not schemas: left as they are.
+_LITERAL_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _as_xgrammar_reads_it(schema: Any) -> Any:
+    """``schema`` with each array without ``items`` or ``prefixItems`` given
+    ``"items": {}`` (what JSON Schema means by leaving it out), and each
+    length-bounded string (``minLength``/``maxLength``, no ``pattern``/``format``)
+    rewritten as the equivalent ``pattern`` of unescaped
     characters. Why: xgrammar (0.2.x) compiles a length-bounded string into a
     character class that lets control characters through, which is not JSON, and
     lets UTF-8-encoded surrogates through (each decodes as 3 replacement characters,
     breaking maxLength). (The pattern's class still lets overlong forms through,
     which ``engine/utf8_guard.py`` masks.)"""
     if isinstance(schema, list):
-        return [_with_bounded_strings(item) for item in schema]
+        return [_as_xgrammar_reads_it(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {key: _with_bounded_strings(value) for key, value in schema.items()}
+    out = {}
+    for key, value in schema.items():
+        if key in _LITERAL_KEYWORDS:
+            out[key] = value
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):  # a property may be "enum"
+            out[key] = {name: _as_xgrammar_reads_it(sub) for name, sub in value.items()}
+        else:
+            out[key] = _as_xgrammar_reads_it(value)
+    if out.get("type") == "array" and "items" not in out and "prefixItems" not in out:
+        # JSON Schema's missing "items" allows any items; xgrammar (0.2.x) reads it so
+        # for a bare array but as "no items" once minItems is given (and refuses it).
+        out["items"] = {}
     low, high = out.get("minLength"), out.get("maxLength")
     bounded = isinstance(low, int) or isinstance(high, int)
     plain = not any(k in out for k in ("pattern", "format", "enum", "const"))
@@ -304,7 +321,7 @@ class GrammarCache:
         try:
             if kind == "json_schema":
                 # Compact separators, no free whitespace: a model may not pad forever.
-                schema = json.dumps(_with_bounded_strings(json.loads(spec)))
+                schema = json.dumps(_as_xgrammar_reads_it(json.loads(spec)))
                 return compiler.compile_json_schema(schema, any_whitespace=False)
             if kind == "json_object":  # any object, any keys (OpenAI's json_object)
                 return compiler.compile_json_schema(
@@ -319,6 +336,11 @@ class GrammarCache:
         except (RuntimeError, ValueError, TypeError) as err:
             # xgrammar's messages start with "[time] /path/file.cc:line: "
             message = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(err).strip())
+            # Its range checks read "Check failed: (val >= MIN_INT64_AS_DOUBLE) is
+            # false: Integer exceeds minimum limit": keep the words, drop the code.
+            message = re.sub(r"^Check failed: \(.*?\) is false:\s*", "", message)
+            if "INT64" in str(err):
+                message += " (integer bounds must lie within the 64-bit signed range)"
             raise InvalidRequestError(
                 f"invalid generation option {kind!r}: {message}", field=kind
             ) from None

@@ -53,7 +53,10 @@ CHAT_COMPLETION = AnswerKind(
     "chatcmpl",
     "chat.completion",
     "chat.completion.chunk",
-    content=lambda r: {"message": {"role": "assistant", "content": r.generated_text}},
+    # refusal: null as OpenAI writes it (mii never refuses on its own)
+    content=lambda r: {
+        "message": {"role": "assistant", "content": r.generated_text, "refusal": None}
+    },
     delta=_chat_delta,
     with_role=True,
 )

@@ -30,6 +30,7 @@ from typing import Any
 
 from mii.config import GenerateParams
 from mii.constraint_options import CONSTRAINT_FIELDS
+from mii.engine.constraints import unsupported_schema_feature
 from mii.response import Response
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatCompletionRequest
@@ -129,7 +130,7 @@ class ToolPlan:
     def message(self, response: Response) -> tuple[dict[str, Any], str | None]:
         """A whole choice's ``message`` and ``finish_reason``."""
         content, calls = self.calls(response.generated_text)
-        message: dict[str, Any] = {"role": "assistant", "content": content}
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if calls:
             message["tool_calls"] = [call.as_openai() for call in calls]
         return message, self.finish_reason(len(calls), response.finish_reason)
@@ -239,10 +240,29 @@ def add_tool_options(params: dict[str, Any], plan: ToolPlan, renames: dict[str, 
                 "tool call: it cannot be combined with response_format or a guided_* option",
                 "tool_choice",
             )
+        _check_tool_schemas(plan)
         # A schema the grammar engine cannot compile is the tools' fault: name them.
         renames["json_schema"] = "tools"
     params.update(options)
     GenerateParams.parse(**params)  # InvalidRequestError names the (mii) field
+
+
+def _check_tool_schemas(plan: ToolPlan) -> None:
+    """A 400 naming the tool and the keyword's place in its own ``parameters`` (not in
+    the wrapping schema of "required") when a forced call's schema has a keyword the
+    grammar engine would not enforce."""
+    for i, tool in enumerate(plan.tools):
+        name = tool["function"]["name"]
+        if plan.mode == "named" and name != plan.function:
+            continue
+        problem = unsupported_schema_feature(plan._parameters(name))
+        if problem:
+            raise ApiError(
+                400,
+                f"tools[{i}] ({name!r}): its parameters schema cannot be enforced: {problem} "
+                "(# is the function's parameters)",
+                "tools",
+            )
 
 
 def warn_template_without_tools(tokenizer) -> None:
