@@ -146,6 +146,12 @@ def test_ignore_eos_still_ends_when_the_grammar_is_complete(engine):
     assert answer.generated_text in ("alpha", "beta")
 
 
+def test_python_named_groups_are_groups(engine):
+    regex = r"(?P<word>[a-z]{1,5})-(?P<num>[0-9]{2})"
+    [answer] = run(engine.generate([PROMPTS[0]], regex=regex, max_new_tokens=20))
+    check(answer, {"regex": regex})
+
+
 def test_streamed_pieces_join_to_the_constrained_text(engine):
     async def stream():
         pieces = [p async for p in engine.stream(PROMPTS[2], regex=REGEX, max_new_tokens=80)]
@@ -167,6 +173,8 @@ OPEN_SCHEMAS = [
         "required": ["enum", "tags"],
     },
     {"type": "array", "const": ["x"]},
+    # Python's named groups (pydantic writes a constr's pattern as given)
+    {"type": "string", "pattern": "^(?P<word>[a-z]{1,5})-(?P<num>[0-9]{2})$"},
 ]
 
 

@@ -52,6 +52,14 @@ UNSUPPORTED_SCHEMA_KEYWORDS = (
 )
 # Regex constructs xgrammar's regex engine ignores (lookaround) or lacks (backreferences).
 _UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\\[1-9]")
+# Python's named group "(?P<name>" (what Python users, pydantic patterns and outlines
+# write), which xgrammar refuses; its "(?<name>" is the same group.
+_PYTHON_NAMED_GROUP = re.compile(r"(?<!\\)\(\?P<")
+
+
+def _as_xgrammar_regex(pattern: str) -> str:
+    return _PYTHON_NAMED_GROUP.sub("(?<", pattern)
+
 
 # Keywords that constrain a value: next to anyOf / oneOf, xgrammar drops them (others,
 # annotations such as title, default or an OpenAPI discriminator, are no constraint).
@@ -162,7 +170,8 @@ _LITERAL_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 def _as_xgrammar_reads_it(schema: Any) -> Any:
     """``schema`` with each array without ``items`` or ``prefixItems`` given
-    ``"items": {}`` (what JSON Schema means by leaving it out), and each
+    ``"items": {}`` (what JSON Schema means by leaving it out), Python's named groups
+    in patterns written as xgrammar's, and each
     length-bounded string (``minLength``/``maxLength``, no ``pattern``/``format``)
     rewritten as the equivalent ``pattern`` of unescaped
     characters. Why: xgrammar (0.2.x) compiles a length-bounded string into a
@@ -182,6 +191,8 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
             out[key] = {name: _as_xgrammar_reads_it(sub) for name, sub in value.items()}
         else:
             out[key] = _as_xgrammar_reads_it(value)
+    if isinstance(out.get("pattern"), str):
+        out["pattern"] = _as_xgrammar_regex(out["pattern"])
     if out.get("type") == "array" and "items" not in out and "prefixItems" not in out:
         # JSON Schema's missing "items" allows any items; xgrammar (0.2.x) reads it so
         # for a bare array but as "no items" once minItems is given (and refuses it).
@@ -328,7 +339,7 @@ class GrammarCache:
                     '{"type": "object"}', any_whitespace=False, strict_mode=False
                 )
             if kind == "regex":
-                return compiler.compile_regex(spec)
+                return compiler.compile_regex(_as_xgrammar_regex(spec))
             if kind == "choice":
                 return compiler.compile_grammar(_choice_grammar(json.loads(spec)))
             if kind == "grammar":
