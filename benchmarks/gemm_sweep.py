@@ -91,7 +91,10 @@ def main() -> None:
                 )
     result["rows"] = rows
     if args.mode == "tunableop":
-        torch.cuda.tunable.write_file(args.tunableop_file)
+        # torch 2.11 has no write_file: it writes the set_filename file at exit.
+        write_file = getattr(torch.cuda.tunable, "write_file", None)
+        if write_file is not None:
+            write_file(args.tunableop_file)
     write_json(args.json, result)
 
 
