@@ -146,8 +146,17 @@ def test_ignore_eos_still_ends_when_the_grammar_is_complete(engine):
     assert answer.generated_text in ("alpha", "beta")
 
 
-def test_python_named_groups_are_groups(engine):
-    regex = r"(?P<word>[a-z]{1,5})-(?P<num>[0-9]{2})"
+# Named groups as Python writes them (xgrammar refused "(?P<"; and, in its own
+# "(?<name>" form, names with a digit or "_"), and "(?P<" inside a character class,
+# where it is four literal characters (the answers are checked with Python's re).
+NAMED_GROUP_REGEXES = [
+    r"(?P<first_name>[a-z]{1,5})-(?P<n1>[0-9]{2})",
+    r"[(?P<]{3}x",
+]
+
+
+@pytest.mark.parametrize("regex", NAMED_GROUP_REGEXES)
+def test_named_groups_are_groups(engine, regex):
     [answer] = run(engine.generate([PROMPTS[0]], regex=regex, max_new_tokens=20))
     check(answer, {"regex": regex})
 
@@ -172,9 +181,9 @@ OPEN_SCHEMAS = [
         "properties": {"enum": {"type": "string", "maxLength": 3}, "tags": {"type": "array"}},
         "required": ["enum", "tags"],
     },
-    {"type": "array", "const": ["x"]},
-    # Python's named groups (pydantic writes a constr's pattern as given)
-    {"type": "string", "pattern": "^(?P<word>[a-z]{1,5})-(?P<num>[0-9]{2})$"},
+    {"type": ["array", "null"], "minItems": 1, "maxItems": 2},  # OpenAI's optional field
+    # a value that looks like a schema is a value: kept as written
+    {"type": "object", "const": {"type": "string", "maxLength": 2}},
 ]
 
 
@@ -229,6 +238,9 @@ BAD = [
     ({"json_schema": {"$ref": "#/$defs/missing"}}, "json_schema", "missing"),
     ({"regex": "a(b"}, "regex", "parenthesis"),
     ({"regex": r"(a)\1"}, "regex", "backreference"),
+    ({"regex": r"(?P<a>x)(?P=a)"}, "regex", "backreference"),
+    # a type's keyword where there is no type: xgrammar ignored it
+    ({"json_schema": {"properties": {"a": {"maxLength": 3}}}}, "json_schema", "no 'type'"),
     ({"grammar": 'root ::= "a'}, "grammar", "string literal"),
     ({"grammar": 'start ::= "a"'}, "grammar", "root"),
     ({"choice": "yes"}, "choice", "list of strings"),

@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from mii.engine.regex_groups import without_group_names
 from mii.engine.utf8_guard import Utf8Guard
 from mii.errors import InvalidRequestError
 
@@ -51,14 +52,8 @@ UNSUPPORTED_SCHEMA_KEYWORDS = (
     "unevaluatedProperties",
 )
 # Regex constructs xgrammar's regex engine ignores (lookaround) or lacks (backreferences).
-_UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\\[1-9]")
-# Python's named group "(?P<name>" (what Python users, pydantic patterns and outlines
-# write), which xgrammar refuses; its "(?<name>" is the same group.
-_PYTHON_NAMED_GROUP = re.compile(r"(?<!\\)\(\?P<")
-
-
-def _as_xgrammar_regex(pattern: str) -> str:
-    return _PYTHON_NAMED_GROUP.sub("(?<", pattern)
+# Named backreferences too: Python's "(?P=name)", "\k<name>".
+_UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\(\?P=|\\k<|\\[1-9]")
 
 
 # Keywords that constrain a value: next to anyOf / oneOf, xgrammar drops them (others,
@@ -74,6 +69,21 @@ _ASSERTIONS = frozenset(
 # but their keys are names, not keywords.
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+# Keywords of one type that xgrammar (0.2.x) ignores in a schema without "type" (which
+# it reads as any value), with that type; and what gives a schema its values instead.
+_TYPED_ASSERTIONS = {
+    "minItems": "array",
+    "minLength": "string",
+    "maxLength": "string",
+    "pattern": "string",
+    "format": "string",
+    "minimum": "number",
+    "maximum": "number",
+    "exclusiveMinimum": "number",
+    "exclusiveMaximum": "number",
+    "multipleOf": "number",
+}
+_TYPE_GIVERS = ("enum", "const", "$ref", "anyOf", "oneOf", "allOf")
 
 
 def _xgrammar():
@@ -105,6 +115,14 @@ def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
             return f"the keyword {key!r} (at {path}) is not supported"
     if schema.get("uniqueItems") is True:
         return f"the keyword 'uniqueItems' (at {path}) is not supported"
+    untyped = "type" not in schema and not any(k in schema for k in _TYPE_GIVERS)
+    for key in _TYPED_ASSERTIONS if untyped else ():
+        if key in schema:
+            return (
+                f"the keyword {key!r} (at {path}) has no 'type' beside it, where the "
+                "grammar engine ignores it; add the type it constrains (e.g. 'type': "
+                f"{_TYPED_ASSERTIONS[key]!r})"
+            )
     ref = schema.get("$ref")
     if isinstance(ref, str) and not ref.startswith("#"):  # xgrammar fetches nothing
         return (
@@ -170,8 +188,7 @@ _LITERAL_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 def _as_xgrammar_reads_it(schema: Any) -> Any:
     """``schema`` with each array without ``items`` or ``prefixItems`` given
-    ``"items": {}`` (what JSON Schema means by leaving it out), Python's named groups
-    in patterns written as xgrammar's, and each
+    ``"items": {}`` (what JSON Schema means by leaving it out), and each
     length-bounded string (``minLength``/``maxLength``, no ``pattern``/``format``)
     rewritten as the equivalent ``pattern`` of unescaped
     characters. Why: xgrammar (0.2.x) compiles a length-bounded string into a
@@ -191,9 +208,9 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
             out[key] = {name: _as_xgrammar_reads_it(sub) for name, sub in value.items()}
         else:
             out[key] = _as_xgrammar_reads_it(value)
-    if isinstance(out.get("pattern"), str):
-        out["pattern"] = _as_xgrammar_regex(out["pattern"])
-    if out.get("type") == "array" and "items" not in out and "prefixItems" not in out:
+    kind = out.get("type")
+    is_array = kind == "array" or (isinstance(kind, list) and "array" in kind)
+    if is_array and "items" not in out and "prefixItems" not in out:
         # JSON Schema's missing "items" allows any items; xgrammar (0.2.x) reads it so
         # for a bare array but as "no items" once minItems is given (and refuses it).
         out["items"] = {}
@@ -339,7 +356,7 @@ class GrammarCache:
                     '{"type": "object"}', any_whitespace=False, strict_mode=False
                 )
             if kind == "regex":
-                return compiler.compile_regex(_as_xgrammar_regex(spec))
+                return compiler.compile_regex(without_group_names(spec))
             if kind == "choice":
                 return compiler.compile_grammar(_choice_grammar(json.loads(spec)))
             if kind == "grammar":
@@ -350,7 +367,7 @@ class GrammarCache:
             # Its range checks read "Check failed: (val >= MIN_INT64_AS_DOUBLE) is
             # false: Integer exceeds minimum limit": keep the words, drop the code.
             message = re.sub(r"^Check failed: \(.*?\) is false:\s*", "", message)
-            if "INT64" in str(err):
+            if "INT64" in str(err) or "64-bit" in str(err):
                 message += " (integer bounds must lie within the 64-bit signed range)"
             raise InvalidRequestError(
                 f"invalid generation option {kind!r}: {message}", field=kind
