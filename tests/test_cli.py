@@ -112,6 +112,34 @@ def test_every_argument_has_help():
             assert action.help, f"mii {name}: {action.option_strings or action.dest} has no help"
 
 
+def test_options_go_between_and_after_the_prompts():
+    """README's ``mii generate MODEL --chat "question"``: argparse's plain parse ended
+    the prompts at the first option and refused the question ("unrecognized
+    arguments")."""
+    from mii.cli.commands import parse_command_line
+
+    parser = build_parser()
+    args = parse_command_line(parser, ["generate", "m", "--chat", "What?", "--greedy", "Why?"])
+    assert (args.command, args.model, args.prompt_args) == ("generate", "m", ["What?", "Why?"])
+    assert args.chat and args.greedy
+    args = parse_command_line(parser, ["generate", "m", "--max-new-tokens", "5", "Seattle is"])
+    assert args.prompt_args == ["Seattle is"] and args.max_new_tokens == 5
+
+
+def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys):
+    from mii.cli.commands import parse_command_line
+
+    for argv, said in (
+        (["serve", "m", "--max-model-lenn", "512"], "did you mean --max-model-len?"),
+        (["demo", "--temprature", "0.5"], "did you mean --temperature?"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parse_command_line(build_parser(), argv)
+        assert exit_.value.code == 2
+        stderr = capsys.readouterr().err
+        assert f"usage: mii {argv[0]}" in stderr and said in stderr, stderr
+
+
 def test_help_of_every_subcommand():
     runs = {None: start_mii("--help")}
     runs.update({name: start_mii(name, "--help") for name in SUBCOMMANDS})

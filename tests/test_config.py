@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 
@@ -269,3 +270,30 @@ def test_deepspeed_mii_option_names_say_what_to_write_instead():
         with pytest.raises(InvalidRequestError) as err:
             EngineConfig.parse("m", **{name: 1})
         assert err.value.field == name and hint in str(err.value), err.value
+
+
+@pytest.mark.parametrize(
+    ("parse", "name", "hint"),
+    [
+        (GenerateParams.parse, "max_new_token", "did you mean 'max_new_tokens'?"),
+        (GenerateParams.parse, "temprature", "did you mean 'temperature'?"),
+        (GenerateParams.parse, "max_tokens", "vLLM's max_tokens is max_new_tokens here"),
+        (GenerateParams.parse, "stream", "AsyncEngine.stream"),
+        (partial(EngineConfig.parse, "m"), "max_model_len", "is max_length here"),
+        (partial(EngineConfig.parse, "m"), "gpu_memory_utilization", "kv_cache_memory_fraction"),
+        (partial(EngineConfig.parse, "m"), "tensor_parallel_size", "is tensor_parallel here"),
+        (partial(EngineConfig.parse, "m"), "max_num_seqz", "did you mean 'max_num_seqs'?"),
+    ],
+)
+def test_unknown_option_names_say_which_name_is_meant(parse, name, hint):
+    """A typo or vLLM's name for an option gets the option meant (it said only
+    "unknown generation option 'temprature'")."""
+    with pytest.raises(InvalidRequestError) as err:
+        parse(**{name: 1})
+    assert err.value.field == name and hint in str(err.value), err.value
+
+
+def test_an_unknown_name_far_from_every_option_gets_no_guess():
+    with pytest.raises(InvalidRequestError) as err:
+        GenerateParams.parse(frobnicate=1)
+    assert str(err.value) == "unknown generation option 'frobnicate'"

@@ -222,7 +222,7 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
             return cls(**options)
         except ValidationError as err:
             try:
-                raise_option_error(err, "generation option")
+                raise_option_error(err, "generation option", [*cls.model_fields, *OPTION_ALIASES])
             except InvalidRequestError as invalid:
                 alias = next((a for a, n in OPTION_ALIASES.items() if n == invalid.field), None)
                 if alias in options and invalid.field not in options:  # name what was given
@@ -428,5 +428,5 @@ class EngineConfig(BaseModel):
         try:
             return cls(model=model, **options)
         except ValidationError as err:
-            raise_option_error(err, "engine option")
+            raise_option_error(err, "engine option", cls.model_fields)
             raise

@@ -1,7 +1,11 @@
 """One InvalidRequestError from pydantic's error list for a set of options: the
-first bad option named, with what was given, and a hint for DeepSpeed-MII's names."""
+first bad option named, with what was given, and for an unknown name a hint: the
+option DeepSpeed-MII's or vLLM's name means here, else the nearest known name."""
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 from pydantic import ValidationError
 
@@ -15,16 +19,42 @@ DEEPSPEED_MII_NAMES = {
     )
     for name in ("mii_config", "model_config")
 } | {"port_number": " (DeepSpeed-MII's port_number is port here: mii.serve(model, port=...))"}
+# vLLM's names (its LLM / SamplingParams keywords) whose option here has another name.
+VLLM_NAMES = {
+    "max_tokens": "max_new_tokens",
+    "max_model_len": "max_length",
+    "gpu_memory_utilization": "kv_cache_memory_fraction",
+    "tensor_parallel_size": "tensor_parallel",
+    "max_num_batched_tokens": "token_budget",
+}
+STREAM_HINT = (
+    " (streaming is a method: AsyncEngine.stream(prompt, ...), or a client's "
+    "generate(..., streaming_fn=...))"
+)
 
 
-def raise_option_error(err: ValidationError, what: str) -> None:
-    """Turn pydantic's error list into one InvalidRequestError naming the first bad field."""
+def unknown_name_hint(name: str, known: Iterable[str]) -> str:
+    """What to write instead of the unknown option ``name`` ('' when nothing is near)."""
+    known = list(known)
+    if name in DEEPSPEED_MII_NAMES:
+        return DEEPSPEED_MII_NAMES[name]
+    if name in VLLM_NAMES and VLLM_NAMES[name] in known:
+        return f" (vLLM's {name} is {VLLM_NAMES[name]} here)"
+    if name == "stream":
+        return STREAM_HINT
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def raise_option_error(err: ValidationError, what: str, known: Iterable[str] = ()) -> None:
+    """Turn pydantic's error list into one InvalidRequestError naming the first bad
+    field; ``known``: the valid names, for the hint after an unknown one."""
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or None
     if field is None:  # a rule about several options; its message names them
         message = f"invalid {what}s: {first['msg'].removeprefix('Value error, ')}"
     elif first["type"] == "extra_forbidden":
-        message = f"unknown {what} {field!r}" + DEEPSPEED_MII_NAMES.get(field or "", "")
+        message = f"unknown {what} {field!r}" + unknown_name_hint(field, known)
     else:
         shown = repr(first.get("input"))
         if len(shown) > 200:  # e.g. thousands of stop strings: the message stays short

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 import sys
 
 from mii.cli.deployments import add_list_parser, add_terminate_parser
@@ -19,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast LLM inference: serve models, generate text, manage deployments.",
     )
     parser.add_argument("--version", action="version", version=f"mii {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=CommandParser
+    )
     for add_parser in (
         add_serve_parser,
         add_generate_parser,
@@ -31,9 +35,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: an unrecognized option is reported with this command's
+    usage (not the top-level one) and the nearest option it has."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            for given in unknown.group(1).split():
+                near = difflib.get_close_matches(given.split("=")[0], options, n=1, cutoff=0.75)
+                if given.startswith("--") and near:
+                    message += f" (did you mean {near[0]}?)"
+                    break
+        super().error(message)
+
+
+def parse_command_line(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> argparse.Namespace:
+    """``argv`` parsed by its subcommand's own parser, so that its errors show that
+    command's usage; ``generate`` takes options between or after its prompts
+    (``mii generate MODEL --chat "question"``: argparse's plain parse stops the
+    prompts at the first option and refuses the text after it)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = argv[0] if argv else None
+    if command not in commands.choices:  # --help, --version, a missing or unknown command
+        return parser.parse_args(argv)
+    sub = commands.choices[command]
+    parse = sub.parse_intermixed_args if command == "generate" else sub.parse_args
+    args = parse(argv[1:])
+    args.command = command
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, argv)
     try:
         return args.func(args)
     except CliError as err:
