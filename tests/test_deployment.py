@@ -86,6 +86,20 @@ def test_generate_equals_pipeline(deployment, reference):
     assert called.generated_text == reference[PROMPTS[0]].generated_text
 
 
+def test_stats_count_prefix_cache_hits_over_the_replicas(deployment):
+    """client.stats() carries the prefix cache's queries and hits (in tokens, summed
+    over the replicas) as AsyncEngine.stats() and /metrics do (a gRPC-only deployment
+    could not see them)."""
+    client, _ = deployment
+    before = client.stats()
+    prompt = "DeepSpeed is a library for training and serving large models. " * 6
+    for _ in range(4):  # each replica sees the prompt at least twice
+        [answer] = client.generate(prompt, max_new_tokens=2)
+    after = client.stats()
+    assert after.prefix_cache_queries - before.prefix_cache_queries >= 4 * answer.prompt_length
+    assert after.prefix_cache_hits - before.prefix_cache_hits >= answer.prompt_length // 2
+
+
 def test_streaming_fn_and_stream(deployment, reference):
     client, _ = deployment
     seen = []

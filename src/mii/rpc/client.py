@@ -114,7 +114,8 @@ class MiiClient:
 
     def stats(self) -> mii_pb2.StatsReply:
         """The deployment's load now: requests running and waiting, KV cache usage,
-        each replica's state (a protobuf message: read its fields as attributes)."""
+        tokens processed and the prefix cache's queries and hits (in tokens), each
+        replica's state (a protobuf message: read its fields as attributes)."""
         try:
             return self._stub.Stats(mii_pb2.StatsRequest(), timeout=10)
         except grpc.RpcError as err:

@@ -164,7 +164,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight", "prompt_tokens", "generation_tokens", "kv_blocks", "kv_block_size", "max_length", "quantization", "kv_cache_dtype", "status", "replicas")
+    __slots__ = ("running", "waiting", "kv_cache_usage", "preemptions", "in_flight", "prompt_tokens", "generation_tokens", "kv_blocks", "kv_block_size", "max_length", "quantization", "kv_cache_dtype", "prefix_cache_queries", "prefix_cache_hits", "status", "replicas")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,8 @@ class StatsReply(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     running: int
@@ -191,9 +193,11 @@ class StatsReply(_message.Message):
     max_length: int
     quantization: str
     kv_cache_dtype: str
+    prefix_cache_queries: int
+    prefix_cache_hits: int
     status: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaHealth]
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_length: _Optional[int] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., status: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaHealth, _Mapping]]] = ...) -> None: ...
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., preemptions: _Optional[int] = ..., in_flight: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., max_length: _Optional[int] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., status: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaHealth, _Mapping]]] = ...) -> None: ...
 
 class ReplicaHealth(_message.Message):
     __slots__ = ("index", "address", "state", "restarts", "pid", "in_flight")

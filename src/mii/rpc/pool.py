@@ -110,6 +110,8 @@ def stats_reply(stats: dict[str, Any], in_flight: int) -> mii_pb2.StatsReply:
         max_length=int(stats["max_length"]),
         quantization=str(stats.get("quantization", "")),
         kv_cache_dtype=str(stats.get("kv_cache_dtype", "")),
+        prefix_cache_queries=int(stats.get("prefix_cache_queries", 0)),
+        prefix_cache_hits=int(stats.get("prefix_cache_hits", 0)),
     )
 
 
@@ -132,6 +134,8 @@ def summed_stats(
     for s in every:
         total.prompt_tokens += s.prompt_tokens
         total.generation_tokens += s.generation_tokens
+        total.prefix_cache_queries += s.prefix_cache_queries
+        total.prefix_cache_hits += s.prefix_cache_hits
     total.kv_cache_usage = sum(s.kv_cache_usage for s in live) / len(live) if live else 0.0
     return total
 
