@@ -272,6 +272,7 @@ async def test_prompt_too_long_and_request_too_large(engine, llama):
     with pytest.raises(mii.InvalidRequestError, match="prompt") as info:
         await engine.generate("word " * 400)
     assert info.value.field == "prompt"
+    assert "truncate_prompt_tokens" in str(info.value)  # the way to keep its end
     with pytest.raises(mii.RequestTooLargeError, match="num_kv_blocks"):
         await engine.generate(PROMPTS[1], max_new_tokens=250)
     with pytest.raises(mii.InvalidRequestError, match="prompt"):

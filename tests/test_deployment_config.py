@@ -109,3 +109,18 @@ def test_a_starters_startup_error_names_its_type_once(tmp_path):
     assert read_startup_error(log, "deployment", 1) == (
         "ModelLoadError: model path /x does not exist"
     )
+
+
+def test_a_server_reports_mii_errors_in_words_and_others_with_their_type(capsys):
+    """The HTTP port in use read "GatewayError: cannot listen on ..." in mii serve's
+    error: mii's own errors are worded for the user, their class adds nothing."""
+    from mii.rpc.http.server import GatewayError
+    from mii.rpc.startup_errors import STARTUP_ERROR, run_reporting_errors
+
+    async def fails(err: Exception) -> None:
+        raise err
+
+    assert run_reporting_errors(fails(GatewayError("cannot listen on 127.0.0.1:1"))) == 1
+    assert capsys.readouterr().err == f"{STARTUP_ERROR} cannot listen on 127.0.0.1:1\n"
+    assert run_reporting_errors(fails(RuntimeError("CUDA error"))) == 1
+    assert capsys.readouterr().err == f"{STARTUP_ERROR} RuntimeError: CUDA error\n"

@@ -28,8 +28,8 @@ VLLM_NAMES = {
     "max_num_batched_tokens": "token_budget",
 }
 STREAM_HINT = (
-    " (streaming is a method: AsyncEngine.stream(prompt, ...), or a client's "
-    "generate(..., streaming_fn=...))"
+    " (streaming is a method: AsyncEngine.stream(prompt, ...), a client's "
+    "stream(prompt, ...) or generate(..., streaming_fn=...))"
 )
 
 

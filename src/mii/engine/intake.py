@@ -120,8 +120,9 @@ class RequestIntake:
         if len(prompt_ids) >= max_length:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_ids)} tokens, which leaves no room under "
-                f"max_length={max_length}; shorten the prompt or raise max_length "
-                "(mii serve: --max-model-len)",
+                f"max_length={max_length}; shorten the prompt, keep its last tokens "
+                "(truncate_prompt_tokens=N, or -1 for as many as fit) or raise the "
+                "engine's max_length (mii serve: --max-model-len)",
                 field="prompt",
             )
         room = max_length - len(prompt_ids)

@@ -1,7 +1,8 @@
 """How a server process tells the process that started it why it failed.
 
 The deployment process and each replica process log to a file. When one fails,
-its last line is ``MII_STARTUP_ERROR <ErrorType>: <message>``; the starter
+its last line is ``MII_STARTUP_ERROR <message>`` (``<ErrorType>: <message>`` for an
+error that is not mii's own); the starter
 (``mii.serve`` for the deployment, the deployment for its replicas) reads that
 line back and raises it as a ``DeploymentError`` in its own process.
 """
@@ -14,6 +15,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from mii.errors import MiiError
 from mii.rpc.event_loop import run_event_loop
 
 STARTUP_ERROR = "MII_STARTUP_ERROR"
@@ -28,7 +30,10 @@ def run_reporting_errors(main: Coroutine[Any, Any, Any], with_traceback: bool = 
     except Exception as err:
         if with_traceback:
             traceback.print_exc()
-        print(f"{STARTUP_ERROR} {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        # mii's own errors are worded for the user (their class name, e.g.
+        # "GatewayError", says nothing more); anything else keeps its type.
+        said = str(err) if isinstance(err, MiiError) else f"{type(err).__name__}: {err}"
+        print(f"{STARTUP_ERROR} {said}", file=sys.stderr, flush=True)
         return 1
     return 0
 
