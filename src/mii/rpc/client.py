@@ -244,8 +244,16 @@ def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClie
     host, sep, port = model_or_deployment_name.rpartition(":")
     if sep and port.isdigit() and host:
         return MiiClient(model_or_deployment_name, api_key=api_key)
+    logs = [registry.log_path(n) for n in registry.candidate_names(model_or_deployment_name)]
+    last_log = next((log for log in logs if log.exists()), None)
     raise DeploymentNotFoundError(
         f"no running deployment named {model_or_deployment_name!r} is recorded in "
         f"{registry.cache_dir() / 'deployments'} (deployments record themselves under the "
         "MII_CACHE_DIR they were started with; start one with mii.serve, or pass 'host:port')"
+        + (
+            f"; a deployment of that name ran here and is gone (stopped or died): its log "
+            f"is {last_log}"
+            if last_log
+            else ""
+        )
     )
