@@ -247,9 +247,16 @@ def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
         [expected] = pipeline_text(llama, "DeepSpeed is")
         assert result.stdout == f"DeepSpeed is{expected}\n"
         assert "deployment 'cli-test'" in result.stderr
-        # --chat templates the prompt here, with the model loaded here: a deployment's
-        # chat route is its OpenAI one, and the error says so
+        # --chat with a deployment: its chat template (from its record) here, the ids
+        # generated there: the answer of the model loaded here with --chat (it was
+        # refused, pointing at the OpenAI route)
         chat = run_mii("generate", name, "--chat", "--prompt", "Hi", *GREEDY)
+        assert chat.returncode == 0, chat.stderr
+        local = run_mii("generate", llama, "--chat", "--prompt", "Hi", *GREEDY)
+        assert local.returncode == 0, local.stderr
+        assert chat.stdout.startswith("> Hi\n") and chat.stdout == local.stdout
+        # by address there is no record to load the template from: the error says so
+        chat = run_mii("generate", f"127.0.0.1:{port}", "--chat", "--prompt", "Hi", *GREEDY)
         assert chat.returncode == 1 and "/v1/chat/completions" in chat.stderr, chat.stderr
 
         server.send_signal(signal.SIGINT)

@@ -94,19 +94,16 @@ def generate(args: argparse.Namespace) -> int:
     GenerateParams.parse(**params)  # bad options fail before any loading
     client = _find_deployment(args.model, args.api_key) if args.model else None
     if client is not None:
-        if args.chat:
-            client.close()
-            raise CliError(
-                "--chat loads the model here; a deployment applies its chat template on its "
-                "OpenAI route (POST /v1/chat/completions)"
-            )
         if engine_options(args):
             print("[mii] engine options are ignored for a running deployment", file=sys.stderr)
         where = client.deployment_name or client.address
         print(f"[mii] generating with deployment {where!r} ({client.address})", file=sys.stderr)
         try:
-            for prompt in prompts or DEFAULT_PROMPTS:
-                _print_stream(prompt, client.stream(prompt, **params))
+            if args.chat:
+                chat_with_deployment(client, args.model, prompts or DEMO_CHAT_PROMPTS, params)
+            else:
+                for prompt in prompts or DEFAULT_PROMPTS:
+                    _print_stream(prompt, client.stream(prompt, **params))
         finally:
             client.close()
         return 0
@@ -214,6 +211,33 @@ def _report(count: int, start: float) -> None:
     elapsed = time.perf_counter() - start
     print(flush=True)
     print(f"[mii] {count} tokens in {elapsed:.2f} s", file=sys.stderr, flush=True)
+
+
+def chat_with_deployment(client, target: str, prompts: list[str], params: dict[str, Any]) -> None:
+    """Each prompt as one user turn of the deployment's chat template (its record on
+    this machine says how to load its tokenizer), sent as token ids: the prompt its
+    OpenAI chat route would build."""
+    from mii.demo import chat_prompt_ids
+    from mii.rpc import registry
+    from mii.rpc.deployment_tokenizer import load_recorded_tokenizer
+
+    info = registry.find(target)
+    source = (info or {}).get("tokenizer_source")
+    if source is None:
+        raise CliError(
+            f"--chat with a deployment loads its chat template from its record on this "
+            f"machine, and {target!r} has none here (a host:port, or a deployment started "
+            "by an older mii): send the conversation to its OpenAI route "
+            "(POST /v1/chat/completions) instead"
+        )
+    tokenizer = load_recorded_tokenizer(source)
+    for prompt in prompts:
+        print(f"> {prompt}", flush=True)
+        start = time.perf_counter()
+        count = 0
+        for piece in client.stream(chat_prompt_ids(tokenizer, prompt), **params):
+            count = _emit(piece)
+        _report(count, start)
 
 
 def _print_stream(prompt: str, pieces: Iterable) -> None:

@@ -34,6 +34,7 @@ from mii.rpc.deployment_config import (
     GpuLayout,
     ReplicaConfig,
 )
+from mii.rpc.deployment_tokenizer import tokenizer_source
 from mii.rpc.drain import ShutdownRequest, drain
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
@@ -235,6 +236,8 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
                     "served_model_name": config.served_model_name,
                     "replica_num": config.replica_num,
                     "restful_api_port": config.restful_api_port if rest else None,
+                    # what loads its tokenizer and chat template (mii generate --chat)
+                    "tokenizer_source": tokenizer_source(config),
                     "replica_pids": [r.process.pid for r in replicas],
                     # the record is readable only by this user (mode 0600 in a 0700 folder)
                     "api_key": config.secret_api_key(),
