@@ -27,6 +27,7 @@ from mii.ray_backend.pool import RayPool
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import GRPC_PORT_IN_USE_HINT, DeploymentConfig
+from mii.rpc.deployment_tokenizer import tokenizer_source
 from mii.rpc.drain import ShutdownRequest, drain
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import host_port, listening_server
@@ -273,6 +274,7 @@ def _record(config: DeploymentConfig, api_key: str | None) -> dict[str, Any]:
         "replica_num": config.replica_num,
         "restful_api_port": config.restful_api_port if config.enable_restful_api else None,
         "backend": "ray",
+        "tokenizer_source": tokenizer_source(config),  # mii generate NAME --chat
         # the record is readable only by this user (mode 0600 in a 0700 folder)
         "api_key": api_key,
     }
