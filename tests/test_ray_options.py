@@ -192,21 +192,3 @@ def test_serve_start_outlasts_serves_fixed_proxy_wait(monkeypatch):
     calls.clear()
     with pytest.raises(TimeoutError, match="something else"):
         deployment.start_serve(config)
-
-
-def test_ray_replicas_salt_their_seed_streams_with_their_rank():
-    """Unseeded sampling of a Ray deployment repeats from run to run: each replica's
-    stream of seeds is salted with its rank (0..n-1), not its random unique id."""
-    from types import SimpleNamespace
-
-    from mii.ray_backend.replica import _sampling_salt
-
-    def context(rank):
-        unique = SimpleNamespace(unique_id="a1b2c3")
-        return SimpleNamespace(rank=rank, replica_id=unique)
-
-    first, second = SimpleNamespace(rank=0), SimpleNamespace(rank=1)
-    assert _sampling_salt(context(first)) == _sampling_salt(context(SimpleNamespace(rank=0)))
-    assert _sampling_salt(context(first)) != _sampling_salt(context(second))
-    assert "a1b2c3" not in _sampling_salt(context(first))
-    assert _sampling_salt(context(None)) == "ray replica a1b2c3"  # Serve without ranks

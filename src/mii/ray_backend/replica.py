@@ -48,7 +48,7 @@ class MiiReplica:
         except BaseException:
             stop_rank_actors(self.ranks)
             raise
-        self.engine.separate_sampling_stream(_sampling_salt(serve.get_replica_context()))
+        self.engine.separate_sampling_stream(f"ray replica {self.replica_id}")
         await self.engine.generate("warm up", max_new_tokens=1)  # compile/allocate first
         self.in_flight = 0
         self.node = ray.util.get_node_ip_address()
@@ -118,17 +118,3 @@ class MiiReplica:
             with contextlib.suppress(Exception):  # a board gone: the deployment is stopping
                 self.board.post.remote(self.replica_id, self.figures())
             await asyncio.sleep(POST_INTERVAL_S)
-
-
-def _sampling_salt(context: Any) -> str:
-    """What separates this replica's stream of seeds for unseeded requests: its rank
-    in the deployment (Serve >= 2.60 numbers its replicas 0..n-1), so that a rerun
-    of a deployment samples as the last run did, as the process backend's replica
-    numbers do; a replica started again takes its rank, and its stream, anew (as a
-    restarted vLLM server does). Without a rank: the replica's unique id (random)."""
-    rank = getattr(getattr(context, "rank", None), "rank", None)
-    return (
-        f"ray replica rank {rank}"
-        if isinstance(rank, int)
-        else f"ray replica {context.replica_id.unique_id}"
-    )
