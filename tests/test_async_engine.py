@@ -273,6 +273,10 @@ async def test_prompt_too_long_and_request_too_large(engine, llama):
         await engine.generate("word " * 400)
     assert info.value.field == "prompt"
     assert "truncate_prompt_tokens" in str(info.value)  # the way to keep its end
+    assert "the engine's max_length" in str(info.value)
+    # the request's own max_length was the limit: that is the one to raise
+    with pytest.raises(mii.InvalidRequestError, match="the request's max_length"):
+        await engine.generate("word " * 30, max_length=8)
     with pytest.raises(mii.RequestTooLargeError, match="num_kv_blocks"):
         await engine.generate(PROMPTS[1], max_new_tokens=250)
     with pytest.raises(mii.InvalidRequestError, match="prompt"):

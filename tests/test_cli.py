@@ -124,6 +124,10 @@ def test_options_go_between_and_after_the_prompts():
     assert args.chat and args.greedy
     args = parse_command_line(parser, ["generate", "m", "--max-new-tokens", "5", "Seattle is"])
     assert args.prompt_args == ["Seattle is"] and args.max_new_tokens == 5
+    # "--" ends the options, as before: prompts may then start with "-"
+    for argv in (["--", "m", "-x"], ["--greedy", "--", "m", "-x"], ["m", "--", "-x"]):
+        args = parse_command_line(parser, ["generate", *argv])
+        assert (args.model, args.prompt_args) == ("m", ["-x"]), argv
 
 
 def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys):
@@ -132,6 +136,8 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
     for argv, said in (
         (["serve", "m", "--max-model-lenn", "512"], "did you mean --max-model-len?"),
         (["demo", "--temprature", "0.5"], "did you mean --temperature?"),
+        # a per-request option given to serve: no misleading guess (--max-num-batched-tokens)
+        (["serve", "m", "--max-new-tokens", "5"], "unrecognized arguments: --max-new-tokens 5\n"),
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_command_line(build_parser(), argv)

@@ -149,9 +149,10 @@ def test_client_by_address_and_unknown_name(deployment):
     # A deployment that ran here and is gone (its process killed): its log is named.
     gone_log = registry.log_path("gone-deployment")
     gone_log.write_text("MII_STARTUP_ERROR killed\n")
-    with pytest.raises(mii.DeploymentNotFoundError, match="is gone") as err:
+    with pytest.raises(mii.DeploymentNotFoundError, match="ran here") as err:
         mii.client("gone-deployment")
     assert str(gone_log) in str(err.value)
+    gone_log.unlink()
     assert issubclass(mii.DeploymentNotFoundError, LookupError)
     assert issubclass(mii.NoReplicaError, mii.UnavailableError)
     # Errors in words, not gRPC's: nothing listening ("UNAVAILABLE: failed to connect

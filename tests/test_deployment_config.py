@@ -124,3 +124,33 @@ def test_a_server_reports_mii_errors_in_words_and_others_with_their_type(capsys)
     assert capsys.readouterr().err == f"{STARTUP_ERROR} cannot listen on 127.0.0.1:1\n"
     assert run_reporting_errors(fails(RuntimeError("CUDA error"))) == 1
     assert capsys.readouterr().err == f"{STARTUP_ERROR} RuntimeError: CUDA error\n"
+
+
+def test_a_recorded_tokenizer_is_the_gateways(llama, tmp_path, monkeypatch):
+    """mii generate NAME --chat loads the deployment's tokenizer from its record: the
+    same template text as its gateway (a template file's backslashes and quotes kept
+    as they are), from another working directory (a relative model path), and while
+    the deployment itself runs under its default name (it was refused as "already
+    running")."""
+    import os
+
+    from mii.demo import chat_prompt_ids
+    from mii.rpc import registry
+    from mii.rpc.deployment_config import DeploymentConfig
+    from mii.rpc.deployment_tokenizer import load_recorded_tokenizer, tokenizer_source
+    from mii.rpc.http.server import load_gateway_tokenizer
+
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }} it's\\n{% endfor %}")
+    monkeypatch.chdir(os.path.dirname(llama))
+    config = DeploymentConfig.parse(os.path.basename(llama), chat_template=str(template))
+    source = tokenizer_source(config.model, config.engine_options, config.chat_template)
+    gateway = load_gateway_tokenizer(config)
+    monkeypatch.chdir(tmp_path)
+    registry.record(config.deployment_name, {"pid": os.getpid(), "host": "h", "port": 1})
+    try:
+        recorded = load_recorded_tokenizer(source)
+    finally:
+        registry.remove(config.deployment_name)
+    assert recorded.chat_template == gateway.chat_template == template.read_text()
+    assert chat_prompt_ids(recorded, "Hi") == chat_prompt_ids(gateway, "Hi")

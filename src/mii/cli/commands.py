@@ -44,7 +44,7 @@ class CommandParser(argparse.ArgumentParser):
         if unknown:
             options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
             for given in unknown.group(1).split():
-                near = difflib.get_close_matches(given.split("=")[0], options, n=1, cutoff=0.75)
+                near = difflib.get_close_matches(given.split("=")[0], options, n=1, cutoff=0.8)
                 if given.startswith("--") and near:
                     message += f" (did you mean {near[0]}?)"
                     break
@@ -64,7 +64,10 @@ def parse_command_line(
     if command not in commands.choices:  # --help, --version, a missing or unknown command
         return parser.parse_args(argv)
     sub = commands.choices[command]
-    parse = sub.parse_intermixed_args if command == "generate" else sub.parse_args
+    # "--" ends the options: what follows is positional, as argparse's plain parse
+    # reads it (the intermixed one refuses "mii generate -- MODEL -x").
+    intermixed = command == "generate" and "--" not in argv
+    parse = sub.parse_intermixed_args if intermixed else sub.parse_args
     args = parse(argv[1:])
     args.command = command
     return args

@@ -51,8 +51,8 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
         "--chat",
         action="store_true",
         help="each prompt as one user turn of the model's chat template (instruct models "
-        "answer a raw question with nothing); for a model loaded here: a deployment's "
-        "chat route is /v1/chat/completions",
+        "answer a raw question with nothing); with a deployment, its template (and its "
+        "--chat-template), loaded here from its record",
     )
     _add_prompt_option(parser)
     add_api_key_option(parser)
@@ -218,6 +218,7 @@ def chat_with_deployment(client, target: str, prompts: list[str], params: dict[s
     this machine says how to load its tokenizer), sent as token ids: the prompt its
     OpenAI chat route would build."""
     from mii.demo import chat_prompt_ids
+    from mii.errors import MiiError
     from mii.rpc import registry
     from mii.rpc.deployment_tokenizer import load_recorded_tokenizer
 
@@ -230,7 +231,14 @@ def chat_with_deployment(client, target: str, prompts: list[str], params: dict[s
             "by an older mii): send the conversation to its OpenAI route "
             "(POST /v1/chat/completions) instead"
         )
-    tokenizer = load_recorded_tokenizer(source)
+    try:
+        tokenizer = load_recorded_tokenizer(source)
+    except (MiiError, OSError, ValueError) as err:
+        raise CliError(
+            f"--chat could not load the chat template of deployment {target!r} here (from "
+            f"{source['model']!r}): {err}; its OpenAI route (POST /v1/chat/completions) "
+            "applies it on the server"
+        ) from None
     for prompt in prompts:
         print(f"> {prompt}", flush=True)
         start = time.perf_counter()

@@ -121,8 +121,12 @@ class RequestIntake:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_ids)} tokens, which leaves no room under "
                 f"max_length={max_length}; shorten the prompt, keep its last tokens "
-                "(truncate_prompt_tokens=N, or -1 for as many as fit) or raise the "
-                "engine's max_length (mii serve: --max-model-len)",
+                "(truncate_prompt_tokens=N, or -1 for as many as fit) or raise "
+                + (
+                    f"the request's max_length (up to the engine's {self.max_length})"
+                    if params.max_length and params.max_length < self.max_length
+                    else "the engine's max_length (mii serve: --max-model-len)"
+                ),
                 field="prompt",
             )
         room = max_length - len(prompt_ids)

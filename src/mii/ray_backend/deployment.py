@@ -274,7 +274,10 @@ def _record(config: DeploymentConfig, api_key: str | None) -> dict[str, Any]:
         "replica_num": config.replica_num,
         "restful_api_port": config.restful_api_port if config.enable_restful_api else None,
         "backend": "ray",
-        "tokenizer_source": tokenizer_source(config),  # mii generate NAME --chat
+        # mii generate NAME --chat
+        "tokenizer_source": tokenizer_source(
+            config.model, config.engine_options, config.chat_template
+        ),
         # the record is readable only by this user (mode 0600 in a 0700 folder)
         "api_key": api_key,
     }

@@ -251,8 +251,8 @@ def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClie
         f"{registry.cache_dir() / 'deployments'} (deployments record themselves under the "
         "MII_CACHE_DIR they were started with; start one with mii.serve, or pass 'host:port')"
         + (
-            f"; a deployment of that name ran here and is gone (stopped or died): its log "
-            f"is {last_log}"
+            f"; a deployment of that name ran here (stopped, died, or is still starting): "
+            f"its log is {last_log}"
             if last_log
             else ""
         )

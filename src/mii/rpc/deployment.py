@@ -237,7 +237,9 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
                     "replica_num": config.replica_num,
                     "restful_api_port": config.restful_api_port if rest else None,
                     # what loads its tokenizer and chat template (mii generate --chat)
-                    "tokenizer_source": tokenizer_source(config),
+                    "tokenizer_source": tokenizer_source(
+                        config.model, config.engine_options, config.chat_template
+                    ),
                     "replica_pids": [r.process.pid for r in replicas],
                     # the record is readable only by this user (mode 0600 in a 0700 folder)
                     "api_key": config.secret_api_key(),

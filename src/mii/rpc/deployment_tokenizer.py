@@ -1,29 +1,43 @@
-"""A running deployment's tokenizer and chat template, loaded in another process
-from the deployment's record (``mii generate NAME --chat``): the same ones its
-OpenAI chat route applies, so a chat turn sent as token ids over gRPC is the
-prompt that route would build."""
+"""A deployment's tokenizer with its chat template: loaded by its gateway (every
+route that applies a chat template) and, from the deployment's record, by another
+process (``mii generate NAME --chat``), so that a chat turn sent as token ids over
+gRPC is the prompt the OpenAI chat route would build."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from mii.rpc.deployment_config import DeploymentConfig
+from mii.config import EngineConfig
 
 # The engine options that choose the tokenizer (the others load nothing of it).
 TOKENIZER_OPTIONS = ("revision", "tokenizer", "trust_remote_code")
 
 
-def tokenizer_source(config: DeploymentConfig) -> dict[str, Any]:
-    """What the deployment's record keeps to load its tokenizer: JSON values only."""
-    options = {k: config.engine_options[k] for k in TOKENIZER_OPTIONS if k in config.engine_options}
-    return {"model": config.model, "chat_template": config.chat_template, "options": options}
+def load_chat_tokenizer(engine: EngineConfig, chat_template: str | None):
+    """The model's tokenizer without its weights; ``chat_template`` (the template's
+    text), when given, in place of the tokenizer's own."""
+    from mii.models.loader import load_tokenizer, resolve_model_dir
+
+    model_dir = resolve_model_dir(engine.model, engine.revision, weights=False)
+    tokenizer = load_tokenizer(model_dir, engine.tokenizer, engine.trust_remote_code)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tokenizer_source(model: str, engine_options: dict[str, Any], chat_template: str | None):
+    """What a deployment's record keeps to load its tokenizer: JSON values only; local
+    paths made absolute (the record is read from other working directories)."""
+    options = {k: engine_options[k] for k in TOKENIZER_OPTIONS if k in engine_options}
+    if isinstance(options.get("tokenizer"), str) and os.path.exists(options["tokenizer"]):
+        options["tokenizer"] = os.path.abspath(options["tokenizer"])
+    model = os.path.abspath(model) if os.path.exists(model) else model
+    return {"model": model, "chat_template": chat_template, "options": options}
 
 
 def load_recorded_tokenizer(source: dict[str, Any]):
-    """The tokenizer (with the deployment's chat template) that ``source`` describes."""
-    from mii.rpc.http.server import load_gateway_tokenizer
-
-    template = source.get("chat_template")
-    extra = {"chat_template": template} if template is not None else {}
-    config = DeploymentConfig.parse(source["model"], **source.get("options", {}), **extra)
-    return load_gateway_tokenizer(config)
+    """The tokenizer (with the deployment's chat template's text, used as it is) that
+    a record's ``source`` describes."""
+    engine = EngineConfig.parse(source["model"], **source.get("options", {}))
+    return load_chat_tokenizer(engine, source.get("chat_template"))

@@ -102,14 +102,9 @@ def load_gateway_tokenizer(config: DeploymentConfig):
     """The deployment model's tokenizer (chat templates), without its weights; with the
     deployment's ``chat_template``, when it has one, in place of the tokenizer's own
     (every route that applies a chat template uses it)."""
-    from mii.models.loader import load_tokenizer, resolve_model_dir
+    from mii.rpc.deployment_tokenizer import load_chat_tokenizer
 
-    engine = config.engine_config()
-    model_dir = resolve_model_dir(engine.model, engine.revision, weights=False)
-    tokenizer = load_tokenizer(model_dir, engine.tokenizer, engine.trust_remote_code)
-    if config.chat_template is not None:
-        tokenizer.chat_template = config.chat_template
-    return tokenizer
+    return load_chat_tokenizer(config.engine_config(), config.chat_template)
 
 
 async def start_gateway(
