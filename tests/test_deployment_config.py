@@ -154,3 +154,15 @@ def test_a_recorded_tokenizer_is_the_gateways(llama, tmp_path, monkeypatch):
         registry.remove(config.deployment_name)
     assert recorded.chat_template == gateway.chat_template == template.read_text()
     assert chat_prompt_ids(recorded, "Hi") == chat_prompt_ids(gateway, "Hi")
+
+
+def test_a_mistyped_deployment_option_gets_the_option_meant():
+    """mii.serve(model, replica_nun=2) said only "unknown engine option 'replica_nun'":
+    deployment options are among the names compared too."""
+    from mii.errors import InvalidRequestError
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    for name, meant in (("replica_nun", "replica_num"), ("max_num_seqz", "max_num_seqs")):
+        with pytest.raises(InvalidRequestError) as err:
+            DeploymentConfig.parse("m", **{name: 1})
+        assert err.value.field == name and f"did you mean {meant!r}?" in str(err.value)

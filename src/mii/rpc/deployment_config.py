@@ -25,6 +25,7 @@ from pydantic import (
 import mii.envs as envs
 from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig
 from mii.errors import DeploymentError, InvalidRequestError
+from mii.option_errors import unknown_name_hint
 from mii.rpc import registry
 from mii.rpc.ray_options import RayOptions
 
@@ -351,6 +352,13 @@ class DeploymentConfig(GpuLayout, RayOptions):
         if isinstance(model, os.PathLike):  # a pathlib.Path to a checkpoint or .gguf file
             model = os.fspath(model)
         deployment_fields = set(cls.model_fields) - {"model", "engine_options"}
+        for name in options:  # neither the deployment's nor the engine's: say which is meant
+            if name not in deployment_fields and name not in EngineConfig.model_fields:
+                known = [*deployment_fields, *EngineConfig.model_fields]
+                raise InvalidRequestError(
+                    f"unknown engine option {name!r}" + unknown_name_hint(name, known),
+                    field=name,
+                )
         fields = {k: options.pop(k) for k in list(options) if k in deployment_fields}
         if isinstance(fields.get("chat_template"), str):  # a file path, or the template
             fields["chat_template"] = chat_template_text(fields["chat_template"])
