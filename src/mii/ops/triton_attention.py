@@ -749,7 +749,8 @@ DECODE_LAUNCH_FP8_MHA = {"block_n": 128, "num_warps": 4, "num_stages": 3}
 # (MII_DECODE_ONE_QUERY=cores), split-KV or not. decode_sweep --one-query (H100,
 # 2026-12-05, fab48f0), Llama-2-7B heads: 32 keys a step, 4 warps, 3 stages was the best
 # of 36 settings at 233 x 760, 4 x 16,384 and 1 x 32,768 keys (90, 90, 80 % of copy
-# bandwidth; 64 keys: 87, 84, 72 %) and within 1 % of the best at 64 x 2,600. (Its
+# bandwidth; 64 keys: 87, 84, 72 %); at 64 x 2,600 it is not among the top five (the
+# fifth is 0.9 % from the best, 16/2/1; only the top five are kept). (Its
 # accumulator is keys a step x head_dim float32, so wider steps than the products' spill.)
 DECODE_LAUNCH_ONE_QUERY = {"block_n": 32, "num_warps": 4, "num_stages": 3}
 # DECODE_LAUNCH's programs when split-KV is on (too few sequences to fill the GPU, so
