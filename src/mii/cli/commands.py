@@ -44,8 +44,10 @@ class CommandParser(argparse.ArgumentParser):
         if unknown:
             options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
             for given in unknown.group(1).split():
+                if not given.startswith("--"):
+                    continue
                 near = difflib.get_close_matches(given.split("=")[0], options, n=1, cutoff=0.8)
-                if given.startswith("--") and near:
+                if near:
                     message += f" (did you mean {near[0]}?)"
                     break
         super().error(message)

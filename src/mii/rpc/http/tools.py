@@ -255,7 +255,7 @@ def _check_tool_schemas(plan: ToolPlan) -> None:
         name = tool["function"]["name"]
         if plan.mode == "named" and name != plan.function:
             continue
-        problem = unsupported_schema_feature(plan._parameters(name))
+        problem = unsupported_schema_feature(tool["function"].get("parameters") or NO_PARAMETERS)
         if problem:
             raise ApiError(
                 400,
