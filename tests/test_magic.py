@@ -132,6 +132,50 @@ def test_load_then_line_and_cell_magics_stream(shell, llama, expected):
     assert out == expected + "\n"
 
 
+class InterruptOnFirstPiece(Recorder):
+    """A stdout on which the first piece of text raises KeyboardInterrupt (Ctrl-C,
+    or Jupyter's interrupt, arriving while an answer streams)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def write(self, text: str) -> int:
+        if text and not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_an_interrupt_aborts_the_request_and_stops_the_cell(shell, llama):
+    magics = shell.magics_manager.registry["MiiMagics"]
+    shell.run_line_magic("mii", f"load {llama}")  # its whole length: 256 tokens
+    before = magics.model.engine.stats()["generation_tokens"]
+    shell.user_ns.pop("after_the_loop", None)
+    cell = (
+        "for topic in ['cats', 'dogs']:\n"
+        "    %mii --max-new-tokens 200 --ignore-eos Write about $topic:\n"
+        "after_the_loop = True\n"
+    )
+    recorder, stdout = InterruptOnFirstPiece(), sys.stdout
+    sys.stdout = recorder
+    try:
+        result = shell.run_cell(cell, store_history=False)
+    finally:
+        sys.stdout = stdout
+    # The magic caught the interrupt, printed that, and stopped the cell there: the
+    # second prompt was never sent, the line after the loop never ran.
+    assert isinstance(result.error_in_exec, KeyboardInterrupt), result.error_in_exec
+    assert "[interrupted]" in recorder.text
+    assert "after_the_loop" not in shell.user_ns
+    # ... and the request it cut off was aborted, not left to run its 200 tokens.
+    engine = magics.model.engine
+    magics.model.submit(engine.wait_idle()).result(timeout=60)
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["kv_cache_usage"] == 0, stats
+    assert stats["generation_tokens"] - before < 200, stats
+
+
 def test_magic_inside_the_kernels_running_event_loop(shell, llama, expected):
     """ipykernel runs cells with ``await shell.run_cell_async`` on its event loop."""
     magics = shell.magics_manager.registry["MiiMagics"]
@@ -170,7 +214,25 @@ def test_attach_to_a_deployment(shell, llama, expected, tmp_path, monkeypatch):
         assert result.success, out
         assert out == expected + "\n"
 
+        # --chat: the deployment's chat template (loaded here from its record), as the
+        # pipeline's chat answers the same turn
+        with mii.pipeline(llama, max_length=64) as pipe:
+            turn = [{"role": "user", "content": PROMPT}]
+            chatted = pipe.chat(turn, do_sample=False, max_new_tokens=5)[0].generated_text
+        result, out = run(shell, f"%mii --chat --max-new-tokens 5 --greedy {PROMPT}")
+        assert result.success and out == chatted + "\n", out
+
         _, out = run(shell, "%mii unload")
         assert "keeps running" in out and client.is_healthy()
     finally:
         client.terminate_server()
+
+
+def test_a_stop_string_can_be_a_line_break():
+    """A magic's line holds no line break, so --stop reads \\n (and \\t, \\r, \\\\)."""
+    from mii.magic import _generation_parser, _magic_params, split_line
+
+    options, prompt = split_line(r"--stop '\n' --stop 'a\tb\\n' The capital is")
+    params = _magic_params(_generation_parser("%mii").parse_args(options))
+    assert prompt == "The capital is"
+    assert params["stop"] in (["\n", "a\tb\\n"], ("\n", "a\tb\\n")), params

@@ -47,8 +47,8 @@ USAGE = """\
 %%mii [generation options]         the cell body is the prompt
 %mii unload                        free the model, or detach from the deployment
 generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p P --top-k K
---stop TEXT --min-new-tokens N --ignore-eos; --chat: the prompt as a user turn of the chat
-template (instruct models answer a raw question with nothing)"""
+--stop TEXT (\\n: a line break) --min-new-tokens N --ignore-eos; --chat: the prompt as a user
+turn of the chat template (instruct models answer a raw question with nothing)"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -150,6 +150,27 @@ def split_line(line: str) -> tuple[list[str], str]:
     return tokens, ""
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_ESCAPE = re.compile(r"\\([ntr\\])")
+
+
+def _magic_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation options of a magic's line. A magic's line cannot hold a line
+    break, so ``--stop`` reads ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` as escapes
+    (``--stop '\\n'`` stops at the end of a line)."""
+    params = generation_params(args)
+    stop = params.get("stop")
+    if isinstance(stop, str):
+        params["stop"] = _unescape(stop)
+    elif stop is not None:
+        params["stop"] = [_unescape(text) for text in stop]
+    return params
+
+
+def _unescape(text: str) -> str:
+    return _ESCAPE.sub(lambda match: _ESCAPES[match.group(1)], text)
+
+
 class LocalModel(EngineThread):
     """A model loaded in this kernel: an AsyncEngine on an event loop of its own, so
     that the kernel's thread can stream from it while the kernel's own loop runs."""
@@ -170,6 +191,8 @@ class MiiMagics(Magics):
         super().__init__(shell)
         self.model: LocalModel | None = None
         self.client = None
+        self.attached_name: str | None = None  # what `%mii attach` named (its record)
+        self._deployment_tokenizer = None  # loaded by the first --chat with a deployment
         self.last_text: str | None = None
 
     # ----- the magic ------------------------------------------------------------
@@ -184,7 +207,7 @@ class MiiMagics(Magics):
         try:
             if cell is not None:
                 args = _generation_parser("%%mii").parse_args(_split_args(line))
-                self._generate(cell.rstrip("\n"), generation_params(args), args.chat)
+                self._generate(cell.rstrip("\n"), _magic_params(args), args.chat)
                 return
             command, _, rest = line.strip().partition(" ")
             if command == "load":
@@ -201,7 +224,7 @@ class MiiMagics(Magics):
                 args = _generation_parser("%mii").parse_args(options)
                 if not prompt:
                     raise UsageError("%mii: no prompt given")
-                self._generate(prompt, generation_params(args), args.chat)
+                self._generate(prompt, _magic_params(args), args.chat)
         except _HelpShown:
             pass
 
@@ -246,7 +269,7 @@ class MiiMagics(Magics):
             target.close()
             raise UsageError(f"%mii attach: the deployment at {target.address} does not answer")
         self._release()
-        self.client = target
+        self.client, self.attached_name = target, name
         where = target.deployment_name or target.address
         print(f"[mii] attached to deployment {where!r} at {target.address} ({model})", flush=True)
 
@@ -259,6 +282,7 @@ class MiiMagics(Magics):
                 print(f"[mii] unloaded {model.name}", flush=True)
         elif self.client is not None:
             client, self.client = self.client, None
+            self.attached_name, self._deployment_tokenizer = None, None
             client.close()
             if verbose:
                 where = client.deployment_name or client.address
@@ -279,21 +303,16 @@ class MiiMagics(Magics):
             raise UsageError(NO_MODEL)
         if not prompt.strip():
             raise UsageError("%%mii: the cell is empty; write the prompt in the cell")
-        if chat and self.model is None:
-            raise UsageError(
-                "%mii --chat: a deployment applies its chat template on its OpenAI route "
-                "(/v1/chat/completions); --chat is for a model loaded in this kernel"
-            )
-        if self.model is not None:
-            if chat:  # (a model without a template: the OpenAI route's fallback text)
-                from mii.demo import chat_prompt_ids
+        if chat:  # (a model without a template: the OpenAI route's fallback text)
+            from mii.demo import chat_prompt_ids
 
-                try:
-                    prompt = chat_prompt_ids(self.model.engine.tokenizer, prompt)
-                except MiiError as err:  # the template refused the turn
-                    raise UsageError(f"%mii --chat: {err}") from None
+            try:
+                prompt = chat_prompt_ids(self._chat_tokenizer(), prompt)
+            except MiiError as err:  # the template refused the turn
+                raise UsageError(f"%mii --chat: {err}") from None
+        if self.model is not None:
             pieces = self.model.stream(prompt, **params)
-        elif self.client is not None:
+        else:
             pieces = self.client.stream(prompt, **params)
         text = []
         try:
@@ -303,11 +322,25 @@ class MiiMagics(Magics):
         except MiiError as err:  # a bad option, or the deployment went away
             raise UsageError(str(err)) from None
         except KeyboardInterrupt:
+            # Abort the request now (the traceback IPython keeps would hold the stream
+            # open), then let the interrupt stop the cell, as it stops any other code.
+            pieces.close()
             print(" [interrupted]", flush=True)
-            return
+            raise
         finally:
             self.last_text = "".join(text)
         print(flush=True)
+
+    def _chat_tokenizer(self):
+        """The tokenizer whose chat template ``--chat`` applies: the loaded model's, or
+        the attached deployment's (loaded here from its record, once)."""
+        if self.model is not None:
+            return self.model.engine.tokenizer
+        if self._deployment_tokenizer is None:
+            from mii.rpc.deployment_tokenizer import recorded_chat_tokenizer
+
+            self._deployment_tokenizer = recorded_chat_tokenizer(self.attached_name or "")
+        return self._deployment_tokenizer
 
     def close(self) -> None:
         self._release()

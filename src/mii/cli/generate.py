@@ -218,27 +218,13 @@ def chat_with_deployment(client, target: str, prompts: list[str], params: dict[s
     this machine says how to load its tokenizer), sent as token ids: the prompt its
     OpenAI chat route would build."""
     from mii.demo import chat_prompt_ids
-    from mii.errors import MiiError
-    from mii.rpc import registry
-    from mii.rpc.deployment_tokenizer import load_recorded_tokenizer
+    from mii.errors import DeploymentError
+    from mii.rpc.deployment_tokenizer import recorded_chat_tokenizer
 
-    info = registry.find(target)
-    source = (info or {}).get("tokenizer_source")
-    if source is None:
-        raise CliError(
-            f"--chat with a deployment loads its chat template from its record on this "
-            f"machine, and {target!r} has none here (a host:port, or a deployment started "
-            "by an older mii): send the conversation to its OpenAI route "
-            "(POST /v1/chat/completions) instead"
-        )
     try:
-        tokenizer = load_recorded_tokenizer(source)
-    except (MiiError, OSError, ValueError) as err:
-        raise CliError(
-            f"--chat could not load the chat template of deployment {target!r} here (from "
-            f"{source['model']!r}): {err}; its OpenAI route (POST /v1/chat/completions) "
-            "applies it on the server"
-        ) from None
+        tokenizer = recorded_chat_tokenizer(target)
+    except DeploymentError as err:
+        raise CliError(f"--chat: {err}") from None
     for prompt in prompts:
         print(f"> {prompt}", flush=True)
         start = time.perf_counter()

@@ -41,3 +41,28 @@ def load_recorded_tokenizer(source: dict[str, Any]):
     a record's ``source`` describes."""
     engine = EngineConfig.parse(source["model"], **source.get("options", {}))
     return load_chat_tokenizer(engine, source.get("chat_template"))
+
+
+def recorded_chat_tokenizer(target: str, how: str = "POST /v1/chat/completions"):
+    """The chat tokenizer of the deployment that ``target`` names, from its record on
+    this machine. Raises :class:`~mii.errors.DeploymentError` when there is no record
+    with a tokenizer source (a ``host:port``, a deployment started by an older mii)
+    or it cannot be loaded here; the message names ``how`` to chat instead."""
+    from mii.errors import DeploymentError, MiiError
+    from mii.rpc import registry
+
+    info = registry.find(target)
+    source = (info or {}).get("tokenizer_source")
+    if source is None:
+        raise DeploymentError(
+            f"chatting with a deployment loads its chat template from its record on this "
+            f"machine, and {target!r} has none here (a host:port, or a deployment started "
+            f"by an older mii): send the conversation to its OpenAI route ({how}) instead"
+        )
+    try:
+        return load_recorded_tokenizer(source)
+    except (MiiError, OSError, ValueError) as err:
+        raise DeploymentError(
+            f"could not load the chat template of deployment {target!r} here (from "
+            f"{source['model']!r}): {err}; its OpenAI route ({how}) applies it on the server"
+        ) from None
