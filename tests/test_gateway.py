@@ -204,6 +204,15 @@ def test_mii_route_types_json_options_and_refuses_invalid_unicode(served, pipe):
     assert_openai_error(
         served.http.post("/v1/completions", content=lone, headers=headers), 400, "prompt"
     )
+    # Bytes that are not UTF-8, or nesting too deep to read: 400 saying so (it was
+    # FastAPI's "There was an error parsing the body").
+    not_utf8 = b'{"prompt": "\xc3\x28", "max_tokens": 2}'
+    deep = b"[" * 100_000
+    for body, words in ((not_utf8, "not valid UTF-8"), (deep, "too deeply")):
+        for path in (url, "/v1/completions"):
+            response = served.http.post(path, content=body, headers=headers)
+            assert response.status_code == 400, response.text
+            assert words in response.text, response.text
 
 
 # ----- OpenAI-compatible routes ------------------------------------------------------------
@@ -277,6 +286,27 @@ def test_models(served):
     assert [m.id for m in models.data] == [served.model]
     assert models.data[0].object == "model"
     assert served.http.get("/v1/models").json()["object"] == "list"
+
+
+def test_openapi_schema_has_unique_operation_ids():
+    """/openapi.json: every operation has an id of its own (GET and POST /ping shared
+    one, and FastAPI warned "Duplicate Operation ID" into the server's log)."""
+    import warnings
+
+    from mii.rpc.http.app import build_app
+    from mii.rpc.http.state import GatewayState
+
+    app = build_app(
+        GatewayState(
+            pool=None, deployment_name="d", model="m", max_length=8, tokenizer=None, created=0
+        )
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schema = app.openapi()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)) and "/ping" in schema["paths"]
+    assert set(schema["paths"]["/ping"]) == {"get", "post"}
 
 
 def test_completions_greedy_and_streaming(served, pipe):
@@ -515,6 +545,32 @@ def test_openai_invalid_requests(served):
         # pydantic read these as booleans
         error = assert_openai_error(post("/v1/completions", json={**ok, field: value}), 400, field)
         assert "true or false" in error["message"], error
+    usage = {**ok, "stream": True, "stream_options": {"include_usage": "yes"}}
+    field = "stream_options.include_usage"
+    assert_openai_error(post("/v1/completions", json=usage), 400, field)
+    # null is "not set" (clients send unset options as null; OpenAI allows it for n,
+    # stream, echo): each field takes its default, which was a 400 "got None".
+    unset = ("n", "stream", "echo", "ignore_eos", "min_tokens", "skip_special_tokens")
+    unset += ("include_stop_str_in_output", "use_beam_search", "length_penalty", "priority")
+    nulls = {**ok, **dict.fromkeys(unset), "stream_options": None}
+    reply = post("/v1/completions", json=nulls)
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 1 and reply.json()["usage"]["completion_tokens"] <= 2
+    no_usage = {**ok, "stream": True, "stream_options": {"include_usage": None}}
+    assert post("/v1/completions", json=no_usage).status_code == 200
+    unset = ("n", "stream", "ignore_eos", "min_tokens", "continue_final_message", "echo")
+    reply = post("/v1/chat/completions", json={**chat, "max_tokens": 2, **dict.fromkeys(unset)})
+    assert reply.status_code == 200, reply.text
+    # ... but where null means something it keeps that meaning (max_tokens: no limit),
+    # and a required field is still required.
+    assert_openai_error(post("/v1/completions", json={**ok, "prompt": None}), 400, "prompt")
+    # Too many choices: the field to change is named (it was "n" for 129 prompts).
+    many = {**ok, "prompt": ["a"] * 129}
+    error = assert_openai_error(post("/v1/completions", json=many), 400, "prompt")
+    assert "129 prompts" in error["message"], error
+    assert_openai_error(
+        post("/v1/completions", json={**ok, "prompt": ["a", "b"], "n": 65}), 400, "n"
+    )
     too_few = {**ok, "min_tokens": 5, "max_tokens": 2}
     error = assert_openai_error(post("/v1/completions", json=too_few), 400, "max_tokens")
     assert "min_tokens" in error["message"] and "min_new_tokens" not in error["message"]

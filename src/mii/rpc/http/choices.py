@@ -39,7 +39,12 @@ class Choices:
 
     def __init__(self, prompts: list[Prompt], params: dict[str, Any], n: int, seed: int | None):
         if len(prompts) * n > MAX_CHOICES:
-            raise ApiError(400, f"at most {MAX_CHOICES} choices (prompts times n) per request", "n")
+            raise ApiError(
+                400,
+                f"at most {MAX_CHOICES} choices (prompts times n) per request: "
+                f"{len(prompts)} prompts x n={n}; send fewer in each request",
+                "n" if n > 1 else "prompt",  # the one to change
+            )
         self.prompts = prompts
         self.params = params
         self.n = n

@@ -159,6 +159,19 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     return f"invalid value for {field!r}: {msg}", field
 
 
+def _unparsed_body(cause: BaseException, message: str) -> str:
+    """Why FastAPI could not read a body as JSON, in words (its own message, "There
+    was an error parsing the body", says nothing of what to change)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the request body is not valid UTF-8 (byte {cause.start}): send JSON encoded "
+            "as UTF-8"
+        )
+    if isinstance(cause, RecursionError):
+        return "the request body nests arrays or objects too deeply to read"
+    return f"{message}: send one JSON object with 'Content-Type: application/json'"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer every error the gateway knows in the asked route's JSON shape."""
 
@@ -187,6 +200,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            message = _unparsed_body(exc.__cause__, message)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path} on this server"
         answer = error_response(

@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from mii.rpc.http.errors import ApiError
+from mii.rpc.http.request_fields import RequestFields
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ IGNORED_FIELDS: dict[str, str] = {
 _warned: set[str] = set()  # the ignored fields this process has logged already
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestFields):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False

@@ -85,10 +85,15 @@ async def health(request: Request):
     return JSONResponse(body, status_code=status)
 
 
-@router.api_route("/ping", methods=["GET", "POST"])  # vLLM's (SageMaker's) liveness route
+# vLLM's (SageMaker's) liveness route. Two routes, not one with both methods: one
+# route's two operations share an operation id, which /openapi.json warned of.
+@router.get("/ping")
 async def ping(request: Request):
     body, status = health_body(get_state(request).pool)
     return JSONResponse({"status": body["status"]}, status_code=status)
+
+
+router.add_api_route("/ping", ping, methods=["POST"], operation_id="ping_post")
 
 
 @router.get("/version")

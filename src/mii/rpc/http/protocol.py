@@ -11,12 +11,13 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mii.config import OPENAI_COMPLETIONS_MAX_TOKENS
 from mii.errors import InvalidRequestError
 from mii.rpc.convert import prompt_list
 from mii.rpc.http.field_policy import SpecificationFields, StreamOptions
+from mii.rpc.http.request_fields import RequestFields
 from mii.rpc.http.tool_protocol import ChatTool, ToolChoice
 from mii.rpc.http.vllm_fields import VllmFields
 
@@ -61,33 +62,12 @@ class MiiRequest(BaseModel):
 # No docstrings on these classes: they would change the served /openapi.json.
 
 
-def _takes_booleans(annotation: Any) -> bool:
-    return annotation is bool or bool in typing.get_args(annotation)
-
-
-def _only_booleans(annotation: Any) -> bool:
-    """``bool`` or ``bool | None``: a field whose value is true or false."""
-    return annotation is bool or set(typing.get_args(annotation)) == {bool, type(None)}
-
-
-class OpenAIRequest(SpecificationFields, VllmFields):
+class OpenAIRequest(RequestFields, SpecificationFields, VllmFields):
     # The options completions and chat completions share (the fields that change
     # nothing generated, ignored, are in SpecificationFields: see field_policy;
     # vLLM's that mii accepts only at their no-op values in VllmFields).
+    # null is "not set", and true/false fields take only booleans (RequestFields).
     model_config = ConfigDict(extra="forbid")
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic reads true as 1 for a number: "max_tokens": true is a mistake.
-        field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and not _takes_booleans(field.annotation):
-            raise ValueError("must not be a boolean")
-        # pydantic reads "yes", "off", 1 as booleans: "stream": "yes" is a mistake too.
-        only = field is not None and _only_booleans(field.annotation)
-        if only and value is not None and not isinstance(value, bool):
-            raise ValueError("must be true or false")
-        return value
 
     model: str | None = None
     temperature: float | None = None

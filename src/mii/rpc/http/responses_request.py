@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field
 
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.field_policy import ServiceFields
+from mii.rpc.http.request_fields import RequestFields
 
 # Chat fields (and what is under them) -> the Responses request's names, for 400s.
 _FIELD_NAMES = {
@@ -46,7 +47,7 @@ def responses_field(field: str) -> str:
     return field
 
 
-class ResponsesRequest(ServiceFields):
+class ResponsesRequest(RequestFields, ServiceFields):
     # No docstring: it would change the served /openapi.json.
     model_config = ConfigDict(extra="forbid")
 
