@@ -283,6 +283,23 @@ async def test_prompt_too_long_and_request_too_large(engine, llama):
         await engine.generate([999_999])
 
 
+async def test_a_kv_cache_smaller_than_max_length(engine):
+    """This engine's cache holds 160 tokens, under max_length 256: a request without
+    max_new_tokens stops where the cache ends (it was refused, blaming max_new_tokens
+    it never set), truncation keeps what fits, a longer prompt names the way out."""
+    held = engine.core.blocks.num_blocks * engine.core.blocks.block_size
+    assert held < engine.core.max_length
+    [full] = await engine.generate([5] * 10, ignore_eos=True, **GREEDY)
+    assert full.generated_length == held - 10 and full.finish_reason == "length"
+    [cut] = await engine.generate([5] * 200, truncate_prompt_tokens=-1, max_new_tokens=1)
+    assert cut.prompt_length == held - 1
+    with pytest.raises(mii.RequestTooLargeError) as info:
+        await engine.generate([5] * 200, max_new_tokens=1)
+    assert info.value.field == "prompt" and "truncate_prompt_tokens" in str(info.value)
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+
+
 async def test_bad_requests_do_not_disturb_others(engine):
     [expected] = await engine.generate(PROMPTS[3], max_new_tokens=30, ignore_eos=True, **GREEDY)
     good = asyncio.create_task(

@@ -460,6 +460,15 @@ def test_chat_completions(served, pipe):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
     assert chunks[-1].usage.completion_tokens == ref.generated_length
 
+    # A conversation too long to tokenize whole, cut to its last tokens: served (it
+    # was refused by the character check before truncate_prompt_tokens was read).
+    limit = pipe.engine.core.intake.max_prompt_chars
+    long_turn = [{"role": "user", "content": "DeepSpeed is " * (limit // 12 + 1)}]
+    body = {"model": served.model, "messages": long_turn, "max_tokens": 2}
+    assert_openai_error(served.http.post("/v1/chat/completions", json=body), 400, "messages")
+    cut = served.http.post("/v1/chat/completions", json={**body, "truncate_prompt_tokens": 5})
+    assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 5, cut.text
+
     # Content given as text parts; n=2 with a seed.
     parts = [{"role": "user", "content": [{"type": "text", "text": "DeepSpeed is"}]}]
     chat = served.oai.chat.completions.create(

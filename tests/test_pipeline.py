@@ -77,6 +77,20 @@ def test_bad_options_rejected_before_work(llama):
         longest = pipe.engine.core.max_length
         [fit] = pipe("word " * longest, truncate_prompt_tokens=-1, max_new_tokens=1)
         assert fit.prompt_length == longest - 1 and fit.generated_length == 1
+        # A text too long to tokenize whole (more characters than max_length tokens can
+        # hold: refused unread) still gives its last tokens when truncation is asked;
+        # they are the whole text's last tokens.
+        limit = pipe.engine.core.intake.max_prompt_chars
+        words = " ".join(f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(limit // 8))
+        assert len(words) > limit
+        with pytest.raises(mii.InvalidRequestError, match="characters"):
+            pipe(words, max_new_tokens=1)
+        last = pipe.tokenizer(words).input_ids[-8:]
+        [cut] = pipe(words, truncate_prompt_tokens=8, prompt_logprobs=0, **greedy)
+        assert cut.prompt_token_ids == last
+        assert cut.token_ids == pipe([last], **greedy)[0].token_ids
+        [cut] = pipe(words, truncate_prompt_tokens=-1, max_new_tokens=1, return_full_text=True)
+        assert cut.prompt_length == longest - 1
         ids = pipe.tokenizer(PROMPTS[0]).input_ids
         [tail] = pipe(PROMPTS[0], truncate_prompt_tokens=2, **greedy)
         assert tail.prompt_length == 2

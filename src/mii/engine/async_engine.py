@@ -114,9 +114,10 @@ class AsyncEngine:
                 "options are keyword arguments: stream(prompt, max_new_tokens=64)"
             )
         prompt = one_prompt(prompt)  # a text or token ids (a tuple of ids too)
-        grammar = await self._compile_constraint(GenerateParams.parse(**params))
+        checked = GenerateParams.parse(**params)
+        grammar = await self._compile_constraint(checked)
         self._admit()
-        prompt_ids = await self._tokenize_large(prompt)
+        prompt_ids = await self._tokenize_large(prompt, checked)
         await self._until_free(request_id)
         request_id, queue, seq = self._submit(
             prompt, request_id, params, prompt_ids=prompt_ids, grammar=grammar
@@ -151,14 +152,15 @@ class AsyncEngine:
         prompt is a text or a list of token ids (``[1, 2, 3]`` is one prompt)."""
         prompts = prompt_batch(prompts)
         # reject bad options (and constraints that do not compile) before anything is queued
-        grammar = await self._compile_constraint(GenerateParams.parse(**params))
+        checked = GenerateParams.parse(**params)
+        grammar = await self._compile_constraint(checked)
         self._admit()  # the whole call, before any of its prompts is queued
         loop = asyncio.get_running_loop()
         submitted: list[tuple[str, _Collector]] = []
         try:
             for prompt in prompts:
                 collector = _Collector(loop)
-                prompt_ids = await self._tokenize_large(prompt)
+                prompt_ids = await self._tokenize_large(prompt, checked)
                 request_id, _, _ = self._submit(
                     prompt, None, params, sink=collector, prompt_ids=prompt_ids, grammar=grammar
                 )
@@ -242,12 +244,13 @@ class AsyncEngine:
             self._ensure_loop()
             await entry.applied.wait()
 
-    async def _tokenize_large(self, prompt: Any) -> list[int] | None:
+    async def _tokenize_large(self, prompt: Any, params: GenerateParams) -> list[int] | None:
         """The ids of a long text prompt, tokenized off the event loop; None for
         anything else (tokenized, and checked, in ``_submit``)."""
         if not isinstance(prompt, str) or len(prompt) < OFFLOAD_TOKENIZE_CHARS:
             return None
-        return await asyncio.to_thread(self.core.intake.tokenize, prompt)
+        truncating = bool(params.truncate_prompt_tokens)
+        return await asyncio.to_thread(self.core.intake.tokenize, prompt, truncating)
 
     async def _compile_constraint(self, params: GenerateParams) -> Any:
         """The compiled grammar of the request's structured-output constraint (None

@@ -163,6 +163,16 @@ class EngineCore:
             self.kv_dtype,
         )
         log.info("engine settings: %s", self.settings_line())
+        held = kv_cache.num_blocks * config.kv_block_size
+        if held < self.max_length:  # (vLLM refuses to start; a small pool is a choice)
+            log.warning(
+                "the KV cache holds %d tokens, fewer than max_length=%d: a longer request "
+                "is refused, and one without max_new_tokens stops at %d tokens; raise "
+                "num_kv_blocks (or kv_cache_memory_fraction) or lower max_length",
+                held,
+                self.max_length,
+                held,
+            )
 
     def settings_line(self) -> str:
         """What the engine chose where the caller left it open (scheduling defaults,

@@ -57,12 +57,19 @@ class RequestIntake:
         # structured output: the constraints' compiled grammars, for this tokenizer
         self.grammars = GrammarCache(tokenizer, vocab_size, eos_token_ids or [])
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int], truncating: bool = False) -> list[int]:
         """Token ids of a text prompt; a list of ids is checked against the vocabulary.
         A text prompt too long for ``max_length`` tokens whatever its tokens is refused
-        before tokenizing it (seconds of work for megabytes of text)."""
+        before tokenizing it (seconds of work for megabytes of text), unless the request
+        keeps only its last tokens (``truncating``: truncate_prompt_tokens): then only
+        the text's last ``max_prompt_chars`` characters are tokenized. They hold at
+        least 2 x max_length tokens, so the cut (which may split a word) lies more than
+        max_length tokens before any token that truncation keeps."""
         if isinstance(prompt, str):
-            if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
+            limit = self.max_prompt_chars
+            if limit is not None and len(prompt) > limit and truncating:
+                prompt = prompt[-limit:]
+            elif limit is not None and len(prompt) > limit:
                 raise InvalidRequestError(
                     f"the prompt has {len(prompt)} characters: more than {self.max_length} "
                     f"tokens (max_length) of this tokenizer can hold ({self.max_prompt_chars}); "
@@ -94,13 +101,15 @@ class RequestIntake:
                 field="prompt",
             )
         if prompt_ids is None or not isinstance(prompt, str):
-            prompt_ids = self.tokenize(prompt)
+            prompt_ids = self.tokenize(prompt, truncating=bool(params.truncate_prompt_tokens))
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", field="prompt")
+        held = self.blocks.num_blocks * self.blocks.block_size  # the whole KV cache
         keep = params.truncate_prompt_tokens
         truncated = False
         if keep:  # the prompt's last tokens (-1: all that leave room for one new token)
-            keep = (params.max_length or self.max_length) - 1 if keep == -1 else keep
+            fits = min(params.max_length or self.max_length, held)
+            keep = fits - 1 if keep == -1 else keep
             truncated = len(prompt_ids) > keep
             prompt_ids = prompt_ids[-keep:]
         for option, token in params.token_ids_used():  # logit_bias, stop_token_ids
@@ -130,13 +139,23 @@ class RequestIntake:
                 field="prompt",
             )
         room = max_length - len(prompt_ids)
-        max_new = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
+        if params.max_new_tokens is None:  # up to max_length, or what the cache holds
+            max_new = max(1, min(room, held - len(prompt_ids)))
+        else:
+            max_new = min(params.max_new_tokens, room)
         # Prompt logprobs and no new token (OpenAI's echo with max_tokens 0): the
         # prompt still runs, and the one token it samples is dropped.
         score_only = max_new == 0 and params.prompt_logprobs is not None
         if score_only:
             max_new = 1
         total = len(prompt_ids) + max_new
+        if not self.blocks.can_fit_alone(total) and len(prompt_ids) >= held:
+            raise RequestTooLargeError(
+                f"the prompt has {len(prompt_ids)} tokens but the whole KV cache holds {held}; "
+                "shorten the prompt, keep its last tokens (truncate_prompt_tokens=N, or -1 "
+                "for as many as fit) or raise num_kv_blocks",
+                field="prompt",
+            )
         if not self.blocks.can_fit_alone(total):
             raise RequestTooLargeError(
                 f"the request needs KV cache for {total} tokens (prompt {len(prompt_ids)} + "

@@ -201,7 +201,8 @@ async def prepare_chat(
     (mii's option -> the request's field, passed through ``field_name``), its
     choices and the answer to fill. Shared with the Responses route."""
     state = _accepted(request, body, refuse_chat)
-    state.check_prompt_chars(content_chars(body.messages), "messages")
+    if not body.truncate_prompt_tokens:  # (a conversation cut to its last tokens may be long)
+        state.check_prompt_chars(content_chars(body.messages), "messages")
     renames = openai_field_names(body, chat=True)
     if field_name is not None:
         renames = {name: field_name(field) for name, field in renames.items()}
