@@ -93,17 +93,30 @@ async def generate(body: GenerateBody, request: Request) -> dict | None:
     }
 
 
+@app.exception_handler(mii.ServerOverloadedError)
+async def overloaded(request: Request, err: mii.ServerOverloadedError) -> JSONResponse:
+    headers = {"retry-after": str(round(err.retry_after))}
+    return JSONResponse({"error": str(err)}, status_code=429, headers=headers)
+
+
 @app.post("/stream")
 async def stream(body: GenerateBody, request: Request) -> StreamingResponse:
     """Plain text, streamed piece by piece as the engine produces it."""
     engine: mii.AsyncEngine = request.app.state.engine
-    mii.GenerateParams.parse(**body.params())  # a bad option is a 400, before streaming starts
+    answer = engine.stream(body.prompt, **body.params())
+    # The first piece before the response starts: what the engine refuses (a bad
+    # option, a prompt too long, no room) is then a 400 or 429, not a 200 cut short.
+    first = await answer.__anext__()
 
     async def pieces() -> AsyncIterator[str]:
         # When the client disconnects, Starlette closes this generator, which closes
-        # engine.stream(), which aborts the request and frees its KV cache blocks.
-        async for piece in engine.stream(body.prompt, **body.params()):
-            yield piece.generated_text
+        # the engine's stream, which aborts the request and frees its KV cache blocks.
+        try:
+            yield first.generated_text
+            async for piece in answer:
+                yield piece.generated_text
+        finally:
+            await answer.aclose()
 
     return StreamingResponse(pieces(), media_type="text/plain; charset=utf-8")
 

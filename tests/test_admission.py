@@ -274,6 +274,37 @@ def test_in_process_engine_refuses_beyond_its_limit(llama):
     assert len(many) == 50
 
 
+def test_a_caller_that_left_frees_its_place_at_once(llama):
+    """A call cancelled (a timeout) no longer counts against max_queued_requests, even
+    before the engine loop has applied its aborts: the retry is admitted."""
+    from mii.engine.async_engine import AsyncEngine
+
+    async def scenario():
+        async with AsyncEngine(llama, max_queued_requests=4) as engine:
+            call = asyncio.ensure_future(
+                engine.generate(["a"] * 4, max_new_tokens=50, ignore_eos=True)
+            )
+            while len(engine._queues) < 4:  # all four submitted
+                await asyncio.sleep(0.001)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            # (no await between the cancel and the retry: the loop has applied nothing)
+            retry = engine.generate("b", max_new_tokens=2, ignore_eos=True)
+            return await retry
+
+    [answer] = asyncio.run(scenario())
+    assert answer.generated_length == 2
+
+
+def test_a_progress_bar_does_not_change_admission(llama):
+    """With a progress bar a call of several prompts is still admitted whole (each
+    prompt was a call of its own, so five prompts over a limit of four failed)."""
+    with mii.pipeline(llama, max_queued_requests=4) as pipe:
+        for progress in (False, True):
+            answers = pipe(["a"] * 5, max_new_tokens=2, progress=progress)
+            assert len(answers) == 5
+
+
 def test_max_queued_requests_option(checkpoints):
     path = str(checkpoints("llama")[0])
     assert DeploymentConfig.parse(path).engine_config().max_queued_requests == 1024

@@ -13,7 +13,6 @@ calls (SPMD); the prompts of ranks > 0 are ignored.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -103,19 +102,9 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="mii", unit="prompt")
-
-        async def one(prompt: Prompt) -> Response:
-            [response] = await self.engine.generate([prompt], **params)
-            bar.update(1)
-            return response
-
-        tasks = [asyncio.ensure_future(one(p)) for p in prompts]
-        try:
-            return list(await asyncio.gather(*tasks))
+        try:  # (one call: admitted or refused whole, as without the bar)
+            return await self.engine.generate(prompts, on_answer=lambda _: bar.update(1), **params)
         finally:
-            for task in tasks:  # one prompt failed (or the call was cancelled): stop the rest
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             bar.close()
 
     def chat(

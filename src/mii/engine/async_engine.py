@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -65,6 +65,16 @@ class _Collector:
         if item is _DONE or item.finish_reason is not None:
             self.finished = item is not _DONE
             self.done.set_result(join_pieces(self.pieces, "abort" if item is _DONE else None))
+
+
+def _calling(on_answer: Callable[[Response], None]) -> Callable[[asyncio.Future], None]:
+    """A done-callback that hands a finished answer (not a failure) to ``on_answer``."""
+
+    def done(future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:
+            on_answer(future.result())
+
+    return done
 
 
 class AsyncEngine:
@@ -147,9 +157,16 @@ class AsyncEngine:
             elif self._queues.get(request_id) is queue:
                 del self._queues[request_id]
 
-    async def generate(self, prompts: Prompt | Sequence[Prompt], **params: Any) -> list[Response]:
+    async def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        on_answer: Callable[[Response], None] | None = None,
+        **params: Any,
+    ) -> list[Response]:
         """Generate whole answers for one prompt or a list of prompts, in order. A
-        prompt is a text or a list of token ids (``[1, 2, 3]`` is one prompt)."""
+        prompt is a text or a list of token ids (``[1, 2, 3]`` is one prompt).
+        ``on_answer`` (e.g. a progress bar's update) is called with each prompt's
+        answer as it finishes, in the order they finish."""
         prompts = prompt_batch(prompts)
         # reject bad options (and constraints that do not compile) before anything is queued
         checked = GenerateParams.parse(**params)
@@ -160,6 +177,8 @@ class AsyncEngine:
         try:
             for prompt in prompts:
                 collector = _Collector(loop)
+                if on_answer is not None:
+                    collector.done.add_done_callback(_calling(on_answer))
                 prompt_ids = await self._tokenize_large(prompt, checked)
                 request_id, _, _ = self._submit(
                     prompt, None, params, sink=collector, prompt_ids=prompt_ids, grammar=grammar
@@ -268,9 +287,14 @@ class AsyncEngine:
     def _admit(self) -> None:
         """ServerOverloadedError when the engine holds ``max_queued_requests``
         requests. ``_queues`` has one entry per request from its submission until
-        its consumer has its end (and, briefly, one per request being aborted)."""
-        if not self._closed:  # a closed engine says so (_submit), not that it is full
-            admit(len(self._queues), self.config.max_queued_requests)
+        its consumer has its end, and one per request being aborted, which does not
+        count: its caller has gone (a timeout's retry must not find it still there)."""
+        if self._closed:  # a closed engine says so (_submit), not that it is full
+            return
+        limit = self.config.max_queued_requests
+        if limit is not None and len(self._queues) >= limit:
+            held = sum(not isinstance(entry, _Aborting) for entry in self._queues.values())
+            admit(held, limit)
 
     def _submit(
         self,

@@ -164,8 +164,7 @@ def _unparsed_body(cause: BaseException, message: str) -> str:
     was an error parsing the body", says nothing of what to change)."""
     if isinstance(cause, UnicodeDecodeError):
         return (
-            f"the request body is not valid UTF-8 (byte {cause.start}): send JSON encoded "
-            "as UTF-8"
+            f"the request body is not valid UTF-8 (byte {cause.start}): send JSON encoded as UTF-8"
         )
     if isinstance(cause, RecursionError):
         return "the request body nests arrays or objects too deeply to read"
