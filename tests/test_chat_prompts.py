@@ -82,12 +82,18 @@ def test_chat_prompt_ids_equal_apply_chat_template(style):
             assert old[2:] == ids[1:]
 
 
-def test_chat_prompt_without_template_and_refused_messages():
+def test_chat_prompt_without_template_and_refused_messages(caplog):
     tok = chatml_tokenizer()
     tok.chat_template = None
+    tok.name_or_path = "no-template-model"
     messages = [{"role": "user", "content": "hi"}]
-    # The fallback text is a text prompt like any other: special tokens added.
-    assert chat_prompt_ids(tok, messages) == tok("user: hi\nassistant:").input_ids
+    # The fallback text is a text prompt like any other: special tokens added; the
+    # first time for a tokenizer, a warning says so and how to give the template.
+    with caplog.at_level("WARNING", logger="mii.rpc.http.chat"):
+        assert chat_prompt_ids(tok, messages) == tok("user: hi\nassistant:").input_ids
+        chat_prompt_ids(tok, messages)
+    warned = [r.getMessage() for r in caplog.records if "no chat template" in r.getMessage()]
+    assert len(warned) == 1 and "no-template-model" in warned[0] and "chat_template" in warned[0]
     tok.chat_template = "{{ raise_exception('roles must alternate') }}"
     with pytest.raises(InvalidRequestError, match="roles must alternate") as err:
         chat_prompt_ids(tok, messages)

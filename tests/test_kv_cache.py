@@ -192,6 +192,7 @@ def test_pool_never_outgrows_the_kernels_int32_offsets():
     import torch
 
     from mii.engine.kv_cache import choose_num_blocks, max_blocks_addressable
+    from mii.errors import InvalidRequestError
     from mii.models.base import KVCacheSpec
 
     spec = KVCacheSpec(num_layers=16, num_kv_heads=8, head_dim=64)
@@ -214,7 +215,10 @@ def test_pool_never_outgrows_the_kernels_int32_offsets():
         )
         == most
     )
-    with pytest.raises(ValueError, match=f"num_kv_blocks={most + 1}.*at most {most}"):
+    # an engine option's error, naming it (it was a plain ValueError)
+    refused = f"num_kv_blocks={most + 1}.*at most {most}"
+    with pytest.raises(InvalidRequestError, match=refused) as e:
         choose_num_blocks(
             spec, 16, torch.bfloat16, torch.device("cpu"), requested=most + 1, cpu_bytes=0, **sized
         )
+    assert e.value.field == "num_kv_blocks"

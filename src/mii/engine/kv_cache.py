@@ -41,6 +41,7 @@ import torch
 
 from mii.engine.prefix_hash import chain_hashes
 from mii.engine.sequence import Sequence
+from mii.errors import InvalidRequestError
 from mii.models.base import KVCacheSpec
 
 
@@ -362,10 +363,11 @@ def choose_num_blocks(
     most = max_blocks_addressable(spec, block_size)
     if requested is not None:
         if requested > most:
-            raise ValueError(
+            raise InvalidRequestError(
                 f"num_kv_blocks={requested} is more than the attention kernels can address "
                 f"({most} blocks of {block_size} tokens: one layer's cache must stay under "
-                f"2**31 values); ask for at most {most}"
+                f"2**31 values); ask for at most {most}",
+                field="num_kv_blocks",
             )
         return requested
     per_block = bytes_per_block(spec, block_size, dtype)

@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from typing import Any
 
 from mii.errors import InvalidRequestError
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatMessage, ContentPart
+
+log = logging.getLogger(__name__)
 
 
 def chat_prompt(tokenizer, messages: list[ChatMessage], **template: Any) -> list[int]:
@@ -170,6 +173,7 @@ def chat_prompt_ids(
     check_messages(messages)
     variables = template_variables(tokenizer, chat_template_kwargs)  # checked either way
     if not getattr(tokenizer, "chat_template", None):
+        _warn_no_template(tokenizer)
         text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
         if tools:
             text = f"tools: {json.dumps(tools, ensure_ascii=False)}\n{text}"
@@ -197,6 +201,23 @@ def chat_prompt_ids(
             raise
         encoded = apply_template(tokenizer, merged, **options)
     return list(encoded["input_ids"])
+
+
+_warned_no_template: set[str] = set()  # tokenizers (by name) warned of already
+
+
+def _warn_no_template(tokenizer) -> None:
+    """Once per tokenizer: chat falls back to plain text (vLLM refuses instead). A
+    base model without a template answers such text poorly, and nothing else says so."""
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    if name not in _warned_no_template:
+        _warned_no_template.add(name)
+        log.warning(
+            "the tokenizer of %s has no chat template: chat messages are sent as plain "
+            "'role: content' lines ending with 'assistant:'; give the model's template "
+            "with chat_template= (mii serve: --chat-template) for its real format",
+            name,
+        )
 
 
 def apply_template(tokenizer, messages: list[dict[str, Any]], **options: Any) -> Any:
