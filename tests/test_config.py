@@ -205,6 +205,22 @@ def test_engine_invalid_values_name_the_field(options, field):
     assert repr(field) in str(info.value)
 
 
+def test_a_torch_dtype_is_taken_by_name(tmp_path):
+    """dtype=torch.bfloat16, as vLLM and transformers take it (it was refused), also
+    through mii.serve, whose options travel as JSON."""
+    import torch
+
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        assert EngineConfig.parse("m", dtype=dtype).dtype == name
+        config = DeploymentConfig.parse(str(tmp_path), dtype=dtype)
+        assert config.engine_options["dtype"] == name and name in config.model_dump_json()
+    with pytest.raises(InvalidRequestError, match="int8") as info:
+        EngineConfig.parse("m", dtype=torch.int8)
+    assert info.value.field == "dtype"
+
+
 @pytest.mark.parametrize(("budget", "max_seqs"), [(8, 16), (15, 16), (1, 2)])
 def test_token_budget_below_max_num_seqs_names_both(budget, max_seqs):
     with pytest.raises(InvalidRequestError) as info:

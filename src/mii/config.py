@@ -251,6 +251,14 @@ DEPLOYMENT_MAX_QUEUED_REQUESTS = 1024
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # EngineConfig.dtype's other names
 
 
+def dtype_by_name(value: Any) -> Any:
+    """A torch dtype (``torch.bfloat16``, as vLLM and transformers take it) as its
+    name; any other value as it is."""
+    if type(value).__name__ == "dtype" and type(value).__module__ == "torch":
+        return str(value).removeprefix("torch.")
+    return value
+
+
 # token_budget and max_num_seqs left unset, by device type. On CUDA, large passes:
 # on one H200 (Llama-2-7B shape, W1) 4096 tokens / 256 sequences ran 2.12x the
 # compute floor against 3.01x at 1024 / 128 (docs/performance.md); decodes still
@@ -378,6 +386,11 @@ class EngineConfig(BaseModel):
         description="schedule and launch pass N+1 before reading pass N's tokens "
         "(default: on for CUDA)",
     )
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _torch_dtype_by_name(cls, value: Any) -> Any:
+        return dtype_by_name(value)
 
     @field_validator("dtype")
     @classmethod

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 import mii.envs as envs
-from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig
+from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig, dtype_by_name
 from mii.errors import DeploymentError, InvalidRequestError
 from mii.option_errors import unknown_name_hint
 from mii.rpc import registry
@@ -360,6 +360,8 @@ class DeploymentConfig(GpuLayout, RayOptions):
                     field=name,
                 )
         fields = {k: options.pop(k) for k in list(options) if k in deployment_fields}
+        if "dtype" in options:  # (the options travel as JSON: a torch dtype by its name)
+            options["dtype"] = dtype_by_name(options["dtype"])
         if isinstance(fields.get("chat_template"), str):  # a file path, or the template
             fields["chat_template"] = chat_template_text(fields["chat_template"])
         try:
