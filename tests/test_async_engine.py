@@ -277,8 +277,13 @@ async def test_prompt_too_long_and_request_too_large(engine, llama):
     # the request's own max_length was the limit: that is the one to raise
     with pytest.raises(mii.InvalidRequestError, match="the request's max_length"):
         await engine.generate("word " * 30, max_length=8)
+    # max_new_tokens past the end of the whole cache (160 tokens) is clamped there, as
+    # past max_length (it was refused); a prompt the cache cannot hold is refused.
+    [clamped] = await engine.generate(PROMPTS[1], max_new_tokens=250, ignore_eos=True)
+    assert clamped.prompt_length + clamped.generated_length == 160
+    assert clamped.finish_reason == "length"
     with pytest.raises(mii.RequestTooLargeError, match="num_kv_blocks"):
-        await engine.generate(PROMPTS[1], max_new_tokens=250)
+        await engine.generate([5] * 170, max_new_tokens=2)
     with pytest.raises(mii.InvalidRequestError, match="prompt"):
         await engine.generate([999_999])
 
@@ -291,8 +296,13 @@ async def test_a_kv_cache_smaller_than_max_length(engine):
     assert held < engine.core.max_length
     [full] = await engine.generate([5] * 10, ignore_eos=True, **GREEDY)
     assert full.generated_length == held - 10 and full.finish_reason == "length"
-    [cut] = await engine.generate([5] * 200, truncate_prompt_tokens=-1, max_new_tokens=1)
-    assert cut.prompt_length == held - 1
+    for new in (1, 16):  # -1 keeps what leaves room for one token, whatever max_new_tokens
+        [cut] = await engine.generate([5] * 200, truncate_prompt_tokens=-1, max_new_tokens=new)
+        assert cut.prompt_length == held - 1 and cut.generated_length == 1
+    [cut] = await engine.generate(
+        [5] * 200, truncate_prompt_tokens=100, max_new_tokens=100, ignore_eos=True
+    )
+    assert cut.prompt_length == 100 and cut.generated_length == held - 100
     with pytest.raises(mii.RequestTooLargeError) as info:
         await engine.generate([5] * 200, max_new_tokens=1)
     assert info.value.field == "prompt" and "truncate_prompt_tokens" in str(info.value)
@@ -306,7 +316,7 @@ async def test_bad_requests_do_not_disturb_others(engine):
         engine.generate(PROMPTS[3], max_new_tokens=30, ignore_eos=True, **GREEDY)
     )
     await asyncio.sleep(0.01)
-    for bad in ({"top_p": 0}, {"max_new_tokens": 10_000}, {"stop": [""]}):
+    for bad in ({"top_p": 0}, {"max_length": 10_000}, {"stop": [""]}, {"prompt_logprobs": 99}):
         with pytest.raises(mii.InvalidRequestError):
             await engine.generate(PROMPTS[0], **bad)
     assert (await good)[0].token_ids == expected.token_ids

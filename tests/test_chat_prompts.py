@@ -314,3 +314,18 @@ def test_sampled_byte_fallback_text_equals_decode(tmp_path):
         lead = " " if first.startswith("▁") else ""
         assert r.generated_text == lead + expected, r.token_ids
     assert invalid >= len(prompts) // 2
+
+
+def test_a_long_conversation_cut_to_its_last_characters_keeps_its_last_tokens():
+    """keep_last_chars (truncate_prompt_tokens on the chat route): only the rendered
+    prompt's last characters are tokenized, and the ids they give end as the whole
+    conversation's ids do; with or without a template."""
+    tok = chatml_tokenizer()
+    words = " ".join(f"word{i} and more" for i in range(400))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": words}]
+    for template in (tok.chat_template, None):
+        tok.chat_template = template
+        whole = chat_prompt_ids(tok, messages)
+        cut = chat_prompt_ids(tok, messages, keep_last_chars=1000)
+        assert len(cut) < len(whole) and cut[-100:] == whole[-100:]
+        assert chat_prompt_ids(tok, messages, keep_last_chars=10**6) == whole

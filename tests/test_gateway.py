@@ -466,8 +466,16 @@ def test_chat_completions(served, pipe):
     long_turn = [{"role": "user", "content": "DeepSpeed is " * (limit // 12 + 1)}]
     body = {"model": served.model, "messages": long_turn, "max_tokens": 2}
     assert_openai_error(served.http.post("/v1/chat/completions", json=body), 400, "messages")
-    cut = served.http.post("/v1/chat/completions", json={**body, "truncate_prompt_tokens": 5})
+    greedy_body = {**body, "truncate_prompt_tokens": 5, "temperature": 0}
+    cut = served.http.post("/v1/chat/completions", json=greedy_body)
     assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 5, cut.text
+    # ... whose 5 tokens are the whole conversation's last 5 (only its last characters
+    # were tokenized): the same answer as those ids sent as a completion
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in long_turn) + "assistant:"
+    last = pipe.tokenizer(text).input_ids[-5:]
+    same = {"model": served.model, "prompt": last, "max_tokens": 2, "temperature": 0}
+    completion = served.http.post("/v1/completions", json=same).json()
+    assert cut.json()["choices"][0]["message"]["content"] == completion["choices"][0]["text"]
 
     # Content given as text parts; n=2 with a seed.
     parts = [{"role": "user", "content": [{"type": "text", "text": "DeepSpeed is"}]}]

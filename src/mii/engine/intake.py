@@ -83,6 +83,35 @@ class RequestIntake:
             )
         return list(prompt)
 
+    def _refuse_prompt(
+        self, tokens: int, cut: bool, params: GenerateParams, max_length: int, held: int
+    ) -> None:
+        """The error for a prompt of ``tokens`` tokens (more, when ``cut``) that leaves
+        no room for a new token under ``max_length`` or in the ``held``-token cache."""
+        count = f"more than {tokens}" if cut else f"{tokens}"
+        shorten = (
+            "lower truncate_prompt_tokens (-1 for as many as fit)"
+            if params.truncate_prompt_tokens
+            else "shorten the prompt, keep its last tokens (truncate_prompt_tokens=N, or -1 "
+            "for as many as fit)"
+        )
+        if tokens < max_length:  # (so the cache, smaller than max_length, is the limit)
+            raise RequestTooLargeError(
+                f"the prompt has {count} tokens but the whole KV cache holds {held}; "
+                f"{shorten} or raise num_kv_blocks",
+                field="prompt",
+            )
+        raise InvalidRequestError(
+            f"the prompt has {count} tokens, which leaves no room under "
+            f"max_length={max_length}; {shorten} or raise "
+            + (
+                f"the request's max_length (up to the engine's {self.max_length})"
+                if params.max_length and params.max_length < self.max_length
+                else "the engine's max_length (mii serve: --max-model-len)"
+            ),
+            field="prompt",
+        )
+
     def make_sequence(
         self,
         request_id: str,
@@ -104,12 +133,25 @@ class RequestIntake:
             prompt_ids = self.tokenize(prompt, truncating=bool(params.truncate_prompt_tokens))
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", field="prompt")
-        held = self.blocks.num_blocks * self.blocks.block_size  # the whole KV cache
+        max_length = params.max_length or self.max_length
+        if max_length > self.max_length:
+            raise InvalidRequestError(
+                f"invalid generation option 'max_length': {max_length} exceeds the engine's "
+                f"maximum of {self.max_length}",
+                field="max_length",
+            )
+        # One sequence reaches max_length or the end of the whole KV cache, whichever
+        # comes first (a cache smaller than max_length is the caller's choice: startup
+        # warns); max_new_tokens past it is clamped, as past max_length.
+        held = self.blocks.num_blocks * self.blocks.block_size
+        limit = min(max_length, held)
+        # A text too long to tokenize whole was cut first: it has more tokens than these.
+        cut = isinstance(prompt, str) and self.max_prompt_chars is not None
+        cut = cut and bool(params.truncate_prompt_tokens) and len(prompt) > self.max_prompt_chars
         keep = params.truncate_prompt_tokens
         truncated = False
         if keep:  # the prompt's last tokens (-1: all that leave room for one new token)
-            fits = min(params.max_length or self.max_length, held)
-            keep = fits - 1 if keep == -1 else keep
+            keep = limit - 1 if keep == -1 else keep
             truncated = len(prompt_ids) > keep
             prompt_ids = prompt_ids[-keep:]
         for option, token in params.token_ids_used():  # logit_bias, stop_token_ids
@@ -119,51 +161,15 @@ class RequestIntake:
                     f"model's vocabulary of {self.vocab_size} tokens",
                     field=option,
                 )
-        max_length = params.max_length or self.max_length
-        if max_length > self.max_length:
-            raise InvalidRequestError(
-                f"invalid generation option 'max_length': {max_length} exceeds the engine's "
-                f"maximum of {self.max_length}",
-                field="max_length",
-            )
-        if len(prompt_ids) >= max_length:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_ids)} tokens, which leaves no room under "
-                f"max_length={max_length}; shorten the prompt, keep its last tokens "
-                "(truncate_prompt_tokens=N, or -1 for as many as fit) or raise "
-                + (
-                    f"the request's max_length (up to the engine's {self.max_length})"
-                    if params.max_length and params.max_length < self.max_length
-                    else "the engine's max_length (mii serve: --max-model-len)"
-                ),
-                field="prompt",
-            )
-        room = max_length - len(prompt_ids)
-        if params.max_new_tokens is None:  # up to max_length, or what the cache holds
-            max_new = max(1, min(room, held - len(prompt_ids)))
-        else:
-            max_new = min(params.max_new_tokens, room)
+        if len(prompt_ids) >= limit:
+            self._refuse_prompt(len(prompt_ids), cut, params, max_length, held)
+        room = limit - len(prompt_ids)
+        max_new = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
         # Prompt logprobs and no new token (OpenAI's echo with max_tokens 0): the
         # prompt still runs, and the one token it samples is dropped.
         score_only = max_new == 0 and params.prompt_logprobs is not None
         if score_only:
             max_new = 1
-        total = len(prompt_ids) + max_new
-        if not self.blocks.can_fit_alone(total) and len(prompt_ids) >= held:
-            raise RequestTooLargeError(
-                f"the prompt has {len(prompt_ids)} tokens but the whole KV cache holds {held}; "
-                "shorten the prompt, keep its last tokens (truncate_prompt_tokens=N, or -1 "
-                "for as many as fit) or raise num_kv_blocks",
-                field="prompt",
-            )
-        if not self.blocks.can_fit_alone(total):
-            raise RequestTooLargeError(
-                f"the request needs KV cache for {total} tokens (prompt {len(prompt_ids)} + "
-                f"max_new_tokens {max_new}) but the whole cache holds "
-                f"{self.blocks.num_blocks * self.blocks.block_size}; lower max_new_tokens or "
-                "raise num_kv_blocks",
-                field="max_new_tokens",
-            )
         if params.constraint is not None and grammar is None:
             grammar = self.grammars.get(params.constraint)
         seed = params.seed if params.seed is not None else self.unseeded.getrandbits(63)

@@ -161,6 +161,7 @@ def chat_prompt_ids(
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
     tools: list[dict[str, Any]] | None = None,
+    keep_last_chars: int | None = None,
 ) -> list[int]:
     """The prompt's token ids for ``messages``: those of the tokenizer's chat
     template (``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``),
@@ -169,7 +170,13 @@ def chat_prompt_ids(
     ``add_generation_prompt``, ``continue_final_message`` and ``chat_template_kwargs``
     (extra template variables) are passed to the template; without one, the first
     ends the text with ``"assistant:"`` and the second leaves off the last ``"\\n"``.
-    ``tools`` (OpenAI tool definitions) go to the template as its ``tools``."""
+    ``tools`` (OpenAI tool definitions) go to the template as its ``tools``.
+
+    ``keep_last_chars``: only the prompt's last tokens are wanted (truncate_prompt_tokens),
+    and a prompt text longer than this is cut to its last ``keep_last_chars``
+    characters before it is tokenized (mii.prompts.max_prompt_chars: they hold more
+    tokens than truncation keeps), so a huge conversation costs no more to read
+    than one that fits."""
     check_messages(messages)
     variables = template_variables(tokenizer, chat_template_kwargs)  # checked either way
     if not getattr(tokenizer, "chat_template", None):
@@ -181,6 +188,8 @@ def chat_prompt_ids(
             text = text.removesuffix("\n")
         if add_generation_prompt:
             text += "assistant:"
+        if keep_last_chars is not None:
+            text = text[-keep_last_chars:]
         return list(tokenizer(text).input_ids)
     options = dict(
         add_generation_prompt=add_generation_prompt,
@@ -192,6 +201,9 @@ def chat_prompt_ids(
         **({"tools": tools} if tools else {}),
         **variables,
     )
+    long = keep_last_chars is not None and _text_chars(messages) > keep_last_chars
+    if long:  # the template's text, cut, then tokenized as apply_chat_template does
+        options.update(tokenize=False, return_dict=False)
     mapped = developer_as_system(tokenizer.chat_template, messages)
     try:
         encoded = apply_template(tokenizer, mapped, **options)
@@ -200,7 +212,14 @@ def chat_prompt_ids(
         if mapped is messages or merged == mapped:
             raise
         encoded = apply_template(tokenizer, merged, **options)
+    if long:
+        return list(tokenizer(encoded[-keep_last_chars:], add_special_tokens=False).input_ids)
     return list(encoded["input_ids"])
+
+
+def _text_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of the messages' contents (a template adds a few of its own)."""
+    return sum(len(str(m.get("content") or "")) for m in messages if isinstance(m, dict))
 
 
 _warned_no_template: set[str] = set()  # tokenizers (by name) warned of already

@@ -201,7 +201,7 @@ async def prepare_chat(
     (mii's option -> the request's field, passed through ``field_name``), its
     choices and the answer to fill. Shared with the Responses route."""
     state = _accepted(request, body, refuse_chat)
-    if not body.truncate_prompt_tokens:  # (a conversation cut to its last tokens may be long)
+    if not body.truncate_prompt_tokens:  # (else only its last characters are read)
         state.check_prompt_chars(content_chars(body.messages), "messages")
     renames = openai_field_names(body, chat=True)
     if field_name is not None:
@@ -212,6 +212,8 @@ async def prepare_chat(
     template = template_options(
         body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
     )
+    if body.truncate_prompt_tokens and state.max_prompt_chars is not None:
+        template["keep_last_chars"] = state.max_prompt_chars
     tools = tool_plan(body, state.tool_call_parser)
     if tools is not None:
         template["tools"] = tools.tools
