@@ -133,11 +133,11 @@ def test_long_prompts_are_tokenized_while_other_requests_run(llama):
             seen = {}
             real_tokenize = intake.tokenize
 
-            def tokenize_holding(prompt):
+            def tokenize_holding(prompt, *args, **kwargs):
                 if isinstance(prompt, str) and len(prompt) >= 1000:
                     seen["thread"] = threading.get_ident()
                     seen["short_finished_first"] = short_done.wait(WAIT_S)
-                return real_tokenize(prompt)
+                return real_tokenize(prompt, *args, **kwargs)
 
             intake.tokenize = tokenize_holding
             intake.max_prompt_chars = None  # tokenize it, whatever its length
