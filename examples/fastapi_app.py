@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -95,7 +96,7 @@ async def generate(body: GenerateBody, request: Request) -> dict | None:
 
 @app.exception_handler(mii.ServerOverloadedError)
 async def overloaded(request: Request, err: mii.ServerOverloadedError) -> JSONResponse:
-    headers = {"retry-after": str(round(err.retry_after))}
+    headers = {"retry-after": str(max(1, math.ceil(err.retry_after)))}
     return JSONResponse({"error": str(err)}, status_code=429, headers=headers)
 
 
@@ -106,7 +107,10 @@ async def stream(body: GenerateBody, request: Request) -> StreamingResponse:
     answer = engine.stream(body.prompt, **body.params())
     # The first piece before the response starts: what the engine refuses (a bad
     # option, a prompt too long, no room) is then a 400 or 429, not a 200 cut short.
-    first = await answer.__anext__()
+    first = await until_disconnected(request, answer.__anext__())
+    if first is None:  # the client left while the request waited for its first token
+        await answer.aclose()
+        return StreamingResponse(iter(()), media_type="text/plain; charset=utf-8")
 
     async def pieces() -> AsyncIterator[str]:
         # When the client disconnects, Starlette closes this generator, which closes

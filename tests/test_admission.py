@@ -305,6 +305,27 @@ def test_a_progress_bar_does_not_change_admission(llama):
             assert len(answers) == 5
 
 
+def test_what_on_answer_raises_generate_raises(llama):
+    """AsyncEngine.generate(on_answer=...): a callback's error is not lost in the
+    event loop's log (it was), and the engine serves on."""
+    from mii.engine.async_engine import AsyncEngine
+
+    seen = []
+
+    def fails(answer):
+        seen.append(answer)
+        raise ValueError("the callback failed")
+
+    async def scenario():
+        async with AsyncEngine(llama) as engine:
+            with pytest.raises(ValueError, match="the callback failed"):
+                await engine.generate(["a", "b"], on_answer=fails, max_new_tokens=2)
+            return await engine.generate("c", max_new_tokens=2, ignore_eos=True)
+
+    [after] = asyncio.run(scenario())
+    assert len(seen) == 2 and after.generated_length == 2
+
+
 def test_max_queued_requests_option(checkpoints):
     path = str(checkpoints("llama")[0])
     assert DeploymentConfig.parse(path).engine_config().max_queued_requests == 1024

@@ -236,3 +236,9 @@ def test_a_stop_string_can_be_a_line_break():
     params = _magic_params(_generation_parser("%mii").parse_args(options))
     assert prompt == "The capital is"
     assert params["stop"] in (["\n", "a\tb\\n"], ("\n", "a\tb\\n")), params
+    # the cell magic's line reads its words alike (shlex made an unquoted \n an "n")
+    from mii.magic import _split_args
+
+    for line in (r"--stop \n --greedy", r"--stop '\n' --greedy", r'--stop "\n" --greedy'):
+        args = _generation_parser("%%mii").parse_args(_split_args(line))
+        assert _magic_params(args)["stop"] in ("\n", ["\n"], ("\n",)), line

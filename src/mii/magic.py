@@ -87,10 +87,9 @@ def _load_parser() -> _Parser:
 
 
 def _split_args(text: str) -> list[str]:
-    try:
-        return shlex.split(text)
-    except ValueError as err:  # e.g. an unclosed quote
-        raise UsageError(f"%mii: {err}") from None
+    """Words as a shell splits them, but an unquoted backslash stays (``--stop \\n``
+    is a line break, as in the line magic, not "n")."""
+    return [_unquoted(match.group()) for match in _SHELL_WORD.finditer(text)]
 
 
 def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:

@@ -67,12 +67,19 @@ class _Collector:
             self.done.set_result(join_pieces(self.pieces, "abort" if item is _DONE else None))
 
 
-def _calling(on_answer: Callable[[Response], None]) -> Callable[[asyncio.Future], None]:
-    """A done-callback that hands a finished answer (not a failure) to ``on_answer``."""
+def _calling(
+    on_answer: Callable[[Response], None], failures: list[BaseException]
+) -> Callable[[asyncio.Future], None]:
+    """A done-callback that hands a finished answer (not a failure) to ``on_answer``;
+    what ``on_answer`` raises goes to ``failures`` (raised by ``generate``), not to
+    the event loop, where it would be logged and lost, or stop the loop."""
 
     def done(future: asyncio.Future) -> None:
         if not future.cancelled() and future.exception() is None:
-            on_answer(future.result())
+            try:
+                on_answer(future.result())
+            except BaseException as err:  # (re-raised by generate)
+                failures.append(err)
 
     return done
 
@@ -166,7 +173,8 @@ class AsyncEngine:
         """Generate whole answers for one prompt or a list of prompts, in order. A
         prompt is a text or a list of token ids (``[1, 2, 3]`` is one prompt).
         ``on_answer`` (e.g. a progress bar's update) is called with each prompt's
-        answer as it finishes, in the order they finish."""
+        answer as it finishes, in the order they finish; what it raises, ``generate``
+        raises once every answer is in."""
         prompts = prompt_batch(prompts)
         # reject bad options (and constraints that do not compile) before anything is queued
         checked = GenerateParams.parse(**params)
@@ -174,17 +182,22 @@ class AsyncEngine:
         self._admit()  # the whole call, before any of its prompts is queued
         loop = asyncio.get_running_loop()
         submitted: list[tuple[str, _Collector]] = []
+        failures: list[BaseException] = []  # what on_answer raised
         try:
             for prompt in prompts:
                 collector = _Collector(loop)
                 if on_answer is not None:
-                    collector.done.add_done_callback(_calling(on_answer))
+                    collector.done.add_done_callback(_calling(on_answer, failures))
                 prompt_ids = await self._tokenize_large(prompt, checked)
                 request_id, _, _ = self._submit(
                     prompt, None, params, sink=collector, prompt_ids=prompt_ids, grammar=grammar
                 )
                 submitted.append((request_id, collector))
-            return list(await asyncio.gather(*(c.done for _, c in submitted)))
+            # (each on_answer ran before gather's own callback: added first)
+            answers = list(await asyncio.gather(*(c.done for _, c in submitted)))
+            if failures:
+                raise failures[0]
+            return answers
         finally:
             for request_id, collector in submitted:  # failed, cancelled or done
                 if not collector.finished:

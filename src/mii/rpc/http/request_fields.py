@@ -23,7 +23,8 @@ def _takes_booleans(annotation: Any) -> bool:
 
 def _takes_none(annotation: Any) -> bool:
     """Whether null is a value of its own for the field (``max_tokens: null``: no limit)."""
-    return annotation is None or type(None) in typing.get_args(annotation)
+    args = typing.get_args(annotation)
+    return annotation is None or type(None) in args or None in args  # (None: Literal's)
 
 
 def _only_booleans(annotation: Any) -> bool:
