@@ -5,7 +5,8 @@
 # uvicorn's own requirements too: annotated-doc, opentelemetry-api (fastapi
 # imports it), click (uvicorn imports it), h11; gguf and accelerate (GGUF loading
 # and its tests); xgrammar and apache-tvm-ffi (structured output, mii[structured],
-# benchmarks/structured.py). Install there with:
+# benchmarks/structured.py); httpx2, httpcore2, truststore, sniffio (the openai client
+# imports httpx2: tests/test_gateway.py did not collect there without them). Install there with:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD/src
 set -euo pipefail
@@ -23,5 +24,6 @@ download pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-in
   fastapi==0.165.0 starlette uvicorn==0.54.0 prometheus-client==0.26.0 \
   annotated-doc==0.0.7 opentelemetry-api==1.45.2 click==8.5.1 \
   pytest-asyncio==1.3.0 openai==3.57.0 jiter distro h11 gguf==0.19.0 accelerate==1.16.0 \
+  httpx2 httpcore2 truststore sniffio \
   xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 ls -la .whl
