@@ -105,6 +105,7 @@ class AsyncEngine:
         self.config = self.core.config  # with the device's scheduling defaults filled in
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mii-engine")
         self._queues: dict[str, asyncio.Queue] = {}
+        self._aborting = 0  # entries of _queues that are _Aborting (admission skips them)
         self._pending_add: list[Any] = []
         self._pending_abort: list[str] = []
         self._wakeup: asyncio.Event | None = None
@@ -304,10 +305,7 @@ class AsyncEngine:
         count: its caller has gone (a timeout's retry must not find it still there)."""
         if self._closed:  # a closed engine says so (_submit), not that it is full
             return
-        limit = self.config.max_queued_requests
-        if limit is not None and len(self._queues) >= limit:
-            held = sum(not isinstance(entry, _Aborting) for entry in self._queues.values())
-            admit(held, limit)
+        admit(len(self._queues) - self._aborting, self.config.max_queued_requests)
 
     def _submit(
         self,
@@ -343,6 +341,7 @@ class AsyncEngine:
         if self._queues.get(request_id) is not owner:
             return  # that request already ended, or its id is being aborted already
         self._queues[request_id] = _Aborting()
+        self._aborting += 1
         self._pending_abort.append(request_id)
         if self._wakeup is not None:
             self._wakeup.set()
@@ -398,6 +397,7 @@ class AsyncEngine:
             entry = self._queues.get(request_id)
             if isinstance(entry, _Aborting):
                 del self._queues[request_id]  # the id may be used again
+                self._aborting -= 1
                 entry.applied.set()
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
