@@ -163,7 +163,7 @@ class EngineCore:
             self.kv_dtype,
         )
         log.info("engine settings: %s", self.settings_line())
-        held = kv_cache.num_blocks * config.kv_block_size
+        held = self.blocks.num_tokens
         if held < self.max_length:  # (vLLM refuses to start; a small pool is a choice)
             log.warning(
                 "the KV cache holds %d tokens, fewer than max_length=%d: a longer request "

@@ -66,10 +66,9 @@ class RequestIntake:
         least 2 x max_length tokens, so the cut (which may split a word) lies more than
         max_length tokens before any token that truncation keeps."""
         if isinstance(prompt, str):
-            limit = self.max_prompt_chars
-            if limit is not None and len(prompt) > limit and truncating:
-                prompt = prompt[-limit:]
-            elif limit is not None and len(prompt) > limit:
+            if self._over_char_limit(prompt) and truncating:
+                prompt = prompt[-self.max_prompt_chars :]
+            elif self._over_char_limit(prompt):
                 raise InvalidRequestError(
                     f"the prompt has {len(prompt)} characters: more than {self.max_length} "
                     f"tokens (max_length) of this tokenizer can hold ({self.max_prompt_chars}); "
@@ -82,6 +81,12 @@ class RequestIntake:
                 f"prompt token ids must be integers in [0, {self.vocab_size})", field="prompt"
             )
         return list(prompt)
+
+    def _over_char_limit(self, prompt: str | list[int]) -> bool:
+        """A text with more characters than ``max_length`` tokens of this tokenizer
+        can hold (refused, or cut when truncating, before it is tokenized)."""
+        limit = self.max_prompt_chars
+        return isinstance(prompt, str) and limit is not None and len(prompt) > limit
 
     def _refuse_prompt(
         self, tokens: int, cut: bool, params: GenerateParams, max_length: int, held: int
@@ -143,11 +148,10 @@ class RequestIntake:
         # One sequence reaches max_length or the end of the whole KV cache, whichever
         # comes first (a cache smaller than max_length is the caller's choice: startup
         # warns); max_new_tokens past it is clamped, as past max_length.
-        held = self.blocks.num_blocks * self.blocks.block_size
+        held = self.blocks.num_tokens
         limit = min(max_length, held)
         # A text too long to tokenize whole was cut first: it has more tokens than these.
-        cut = isinstance(prompt, str) and self.max_prompt_chars is not None
-        cut = cut and bool(params.truncate_prompt_tokens) and len(prompt) > self.max_prompt_chars
+        cut = bool(params.truncate_prompt_tokens) and self._over_char_limit(prompt)
         keep = params.truncate_prompt_tokens
         truncated = False
         if keep:  # the prompt's last tokens (-1: all that leave room for one new token)

@@ -98,9 +98,14 @@ class BlockManager:
         capacity = (len(seq.block_table) + self.num_free) * self.block_size
         return max(0, min(wanted, capacity - seq.num_computed))
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the whole pool holds: the longest sequence it can ever keep."""
+        return self.num_blocks * self.block_size
+
     def can_fit_alone(self, num_tokens: int) -> bool:
         """Whether a sequence of ``num_tokens`` fits in the whole, empty pool."""
-        return blocks_for(num_tokens, self.block_size) <= self.num_blocks
+        return num_tokens <= self.num_tokens
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow ``seq``'s block table so that ``num_new_tokens`` more tokens fit."""

@@ -201,9 +201,8 @@ def chat_prompt_ids(
         **({"tools": tools} if tools else {}),
         **variables,
     )
-    long = keep_last_chars is not None and _text_chars(messages) > keep_last_chars
-    if long:  # the template's text, cut, then tokenized as apply_chat_template does
-        options.update(tokenize=False, return_dict=False)
+    if keep_last_chars is not None:  # the template's text, its end tokenized as
+        options.update(tokenize=False, return_dict=False)  # apply_chat_template does
     mapped = developer_as_system(tokenizer.chat_template, messages)
     try:
         encoded = apply_template(tokenizer, mapped, **options)
@@ -212,14 +211,9 @@ def chat_prompt_ids(
         if mapped is messages or merged == mapped:
             raise
         encoded = apply_template(tokenizer, merged, **options)
-    if long:
+    if keep_last_chars is not None:
         return list(tokenizer(encoded[-keep_last_chars:], add_special_tokens=False).input_ids)
     return list(encoded["input_ids"])
-
-
-def _text_chars(messages: list[dict[str, Any]]) -> int:
-    """Characters of the messages' contents (a template adds a few of its own)."""
-    return sum(len(str(m.get("content") or "")) for m in messages if isinstance(m, dict))
 
 
 _warned_no_template: set[str] = set()  # tokenizers (by name) warned of already
