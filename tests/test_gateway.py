@@ -891,3 +891,19 @@ def test_no_healthy_replica_gives_503(model_path):
             await gateway.stop()
 
     asyncio.run(scenario())
+
+
+def test_preemptions_are_a_counter_that_never_goes_down():
+    """/metrics declared mii_preemptions_total a gauge (the replicas' summed count, which
+    drops when a replica restarts): Prometheus' rate() needs a counter."""
+    from prometheus_client import generate_latest
+
+    from mii.rpc import mii_pb2
+    from mii.rpc.metrics import Metrics
+
+    metrics = Metrics()
+    for summed in (0, 3, 5, 2, 4):  # 5 -> 2: a replica with 3 restarted from 0
+        metrics.export_pool(mii_pb2.StatsReply(preemptions=summed), healthy=1)
+    text = generate_latest(metrics.registry).decode()
+    assert "# TYPE mii_preemptions_total counter" in text
+    assert "mii_preemptions_total 7.0" in text

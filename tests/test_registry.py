@@ -104,7 +104,7 @@ def test_a_name_is_claimed_by_one_live_process(cache):
     registry.claim("starting")  # loading its model: no record yet
     assert registry.claimed("starting")
     assert claim_elsewhere("starting").startswith("refused: a deployment named 'starting'")
-    with pytest.raises(DeploymentError, match="is starting"):
+    with pytest.raises(DeploymentError, match="is starting or stopping"):
         DeploymentConfig.parse("m", deployment_name="starting")
     registry.release("starting")
     assert claim_elsewhere("starting") == "claimed\n"  # the process ended: so did its claim
@@ -120,6 +120,29 @@ def test_a_name_is_claimed_by_one_live_process(cache):
     # A record of mii before claims (none taken) goes by its pid, as it did.
     registry.record("older", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1})
     assert registry.lookup("older")["claimed"] is False
+
+
+def test_a_stopping_deployment_is_named_as_such():
+    """`kill -TERM PID; mii serve ...` right after: the new start was told the old
+    deployment "is starting" (its record was gone while its processes still ran)."""
+    from mii.errors import DeploymentError
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    record("d", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1})
+    with pytest.raises(DeploymentError, match="'d' is already running; stop it"):
+        DeploymentConfig.parse("m", deployment_name="d")
+    registry.mark_stopping("d", pid=os.getpid() + 1)  # not its process: no change
+    assert not registry.lookup("d").get("stopping")
+    registry.mark_stopping("d", pid=os.getpid())
+    info = registry.lookup("d")
+    assert info["stopping"] is True and info["port"] == 1 and info["claimed"] is True
+    with pytest.raises(DeploymentError, match=r"'d' is stopping .* once it is gone"):
+        DeploymentConfig.parse("m", deployment_name="d")
+    registry.remove("d", pid=os.getpid())  # its processes are gone; the claim is not yet
+    with pytest.raises(DeploymentError, match="'d' is starting or stopping"):
+        DeploymentConfig.parse("m", deployment_name="d")
+    registry.release("d")
+    DeploymentConfig.parse("m", deployment_name="d")
 
 
 def test_a_client_finds_a_deployment_by_the_model_name_it_serves():

@@ -217,7 +217,10 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
             max_length=max_length,
             replicas=len(pool.replicas),
         )
-        add_mii_servicer(BalancerServicer(pool, info, stop), server)
+        add_mii_servicer(
+            BalancerServicer(pool, info, stop, has_api_key=config.secret_api_key() is not None),
+            server,
+        )
         await server.start()
         tasks.append(asyncio.create_task(pool.watch()))
         await set_health(health, True)
@@ -227,7 +230,12 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
             file=sys.stderr,
             flush=True,
         )
+        ports = [port, config.restful_api_port] if config.enable_restful_api else [port]
+        exposed = auth.open_to_network_warning(host, ports, api_key)
+        if exposed:
+            print(exposed, file=sys.stderr, flush=True)
         await stop.wait()
+        registry.mark_stopping(name, os.getpid())
         await set_health(health, False)
         await drain(pool, config.shutdown_grace_s, shutdown.hurry)
     finally:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -78,6 +79,52 @@ def bearer_secret(authorization: str | bytes | None) -> bytes | None:
 def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:
     """The gRPC metadata that presents ``secret``."""
     return ((AUTHORIZATION, f"Bearer {secret}"),)
+
+
+TERMINATE_REFUSED = (
+    "Terminate is accepted only from this deployment's own machine while it has no API key: "
+    "stop it there (mii terminate NAME, or SIGTERM to mii serve), or start it with "
+    "--api-key / api_key= so that key holders may stop it from anywhere"
+)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address to bind or of a peer) is this
+    machine's loopback; IPv4 loopback written as IPv6 (``::ffff:127.0.0.1``) too."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def peer_is_local(peer: str) -> bool:
+    """Whether a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``,
+    ``unix:/path``) calls from this machine: a loopback address or a Unix socket."""
+    kind, _, address = peer.partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return True
+    if kind == "ipv6" and address.startswith("["):
+        return is_loopback(address[1:].partition("]")[0])
+    if kind == "ipv4":
+        return is_loopback(address.rpartition(":")[0])
+    return False
+
+
+def open_to_network_warning(host: str, ports: Sequence[int], api_key: str | None) -> str | None:
+    """The start-up warning of a deployment that anyone on the network can use:
+    bound beyond the loopback without an API key; None otherwise."""
+    if api_key is not None or is_loopback(host):
+        return None
+    listed = " and ".join(str(p) for p in ports)
+    return (
+        f"[mii] warning: listening on {host!r} without an API key: anyone who can reach "
+        f"port {listed} of this machine can generate (Terminate is still accepted only from "
+        "this machine); pass --api-key (api_key=) or bind --host 127.0.0.1"
+    )
 
 
 # ----- servers ---------------------------------------------------------------------

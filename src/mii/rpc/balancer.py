@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+
 from mii.errors import InvalidRequestError
 from mii.rpc import mii_pb2, mii_pb2_grpc
+from mii.rpc.auth import TERMINATE_REFUSED, peer_is_local
 from mii.rpc.convert import options_from_proto, piece_to_proto, prompts_from_proto, stream_prompt
 from mii.rpc.pool import ReplicaPool
 from mii.rpc.replica_health import add_replica_health
@@ -14,10 +17,19 @@ from mii.rpc.status import abort
 
 
 class BalancerServicer(mii_pb2_grpc.MiiServicer):
-    def __init__(self, pool: ReplicaPool, info: mii_pb2.ModelInfoReply, stop: asyncio.Event):
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        info: mii_pb2.ModelInfoReply,
+        stop: asyncio.Event,
+        has_api_key: bool = False,
+    ):
         self.pool = pool
         self.info = info
         self.stop = stop
+        # Without an API key a deployment bound to 0.0.0.0 would let anyone who can
+        # reach its port stop it: Terminate then comes only from this machine.
+        self.remote_terminate = has_api_key
 
     async def Generate(self, request, context):
         try:
@@ -56,5 +68,7 @@ class BalancerServicer(mii_pb2_grpc.MiiServicer):
         return add_replica_health(self.pool.stats(), self.pool)
 
     async def Terminate(self, request, context):
+        if not (self.remote_terminate or peer_is_local(context.peer())):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, TERMINATE_REFUSED)
         self.stop.set()
         return mii_pb2.TerminateReply()

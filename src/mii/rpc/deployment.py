@@ -212,7 +212,10 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
             ).max_length,
             replicas=config.replica_num,
         )
-        add_mii_servicer(BalancerServicer(pool, info, stop), server)
+        add_mii_servicer(
+            BalancerServicer(pool, info, stop, has_api_key=config.secret_api_key() is not None),
+            server,
+        )
         await server.start()
         tasks.append(asyncio.create_task(pool.watch()))
 
@@ -258,9 +261,14 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
             flush=True,
         )
         print(capacity_line(pool.stats(), config.replica_num), file=sys.stderr, flush=True)
+        ports = [port, config.restful_api_port] if rest else [port]
+        exposed = auth.open_to_network_warning(host, ports, config.secret_api_key())
+        if exposed:
+            print(exposed, file=sys.stderr, flush=True)
         if config.stats_log_interval_s > 0:
             tasks.append(asyncio.create_task(log_stats(pool, config.stats_log_interval_s)))
         await stop.wait()
+        registry.mark_stopping(name, os.getpid())
         # Draining: no restarts, NOT_SERVING, new requests refused, then in-flight ones end.
         supervising.cancel()
         health_watcher.cancel()
@@ -270,7 +278,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         for task in tasks:
             task.cancel()
         await set_health(health, False)
-        registry.remove(name, pid=os.getpid())
+        registry.mark_stopping(name, os.getpid())
         if rest is not None:
             await rest.stop()
         elif rest_socket is not None:  # bound, but the gateway never started
@@ -281,6 +289,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
             await pool.close()
         for replica in replicas:
             replica.stop()
+        registry.remove(name, pid=os.getpid())  # its processes are gone; its claim goes next
 
 
 def _restart_policy(config: DeploymentConfig) -> RestartPolicy:

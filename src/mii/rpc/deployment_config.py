@@ -24,7 +24,7 @@ from pydantic import (
 
 import mii.envs as envs
 from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig, dtype_by_name
-from mii.errors import DeploymentError, InvalidRequestError
+from mii.errors import InvalidRequestError
 from mii.option_errors import unknown_name_hint
 from mii.rpc import registry
 from mii.rpc.ray_options import RayOptions
@@ -368,17 +368,7 @@ class DeploymentConfig(GpuLayout, RayOptions):
             config = cls(model=model, engine_options=options, **fields)
         except ValidationError as err:
             raise _first_error(err) from None
-        if registry.lookup(config.deployment_name) is not None:
-            raise DeploymentError(
-                f"a deployment named {config.deployment_name!r} is already running; stop it "
-                f"(mii terminate {config.deployment_name}) or give this one another name "
-                "(mii serve: --deployment-name; mii.serve: deployment_name)"
-            )
-        if registry.claimed(config.deployment_name):
-            raise DeploymentError(
-                f"a deployment named {config.deployment_name!r} is starting; wait for it "
-                "(mii list) or choose another deployment_name"
-            )
+        registry.require_available(config.deployment_name)
         return config
 
 

@@ -44,9 +44,12 @@ class Metrics:
         self.running = Gauge("mii_requests_running", "Requests being generated", registry=r)
         self.waiting = Gauge("mii_requests_waiting", "Requests queued in the engines", registry=r)
         self.kv_usage = Gauge("mii_kv_cache_usage", "KV cache blocks in use, 0..1", registry=r)
-        self.preemptions = Gauge(
-            "mii_preemptions_total", "Sequences preempted (recomputed later)", registry=r
+        # A counter (rate() works on it), fed with the replicas' summed count as it grows:
+        # a restarted replica starts again from 0, which must not make it go down.
+        self.preemptions = Counter(
+            "mii_preemptions", "Sequences preempted (recomputed later)", registry=r
         )
+        self._preemptions_seen = 0
         self.healthy = Gauge("mii_replicas_healthy", "Replicas in rotation", registry=r)
         self.requests = Counter("mii_requests", "Finished requests", ["finish_reason"], registry=r)
         for reason in FINISH_REASONS:
@@ -124,7 +127,9 @@ class Metrics:
         self.running.set(stats.running)
         self.waiting.set(stats.waiting)
         self.kv_usage.set(stats.kv_cache_usage)
-        self.preemptions.set(stats.preemptions)
+        if stats.preemptions > self._preemptions_seen:
+            self.preemptions.inc(stats.preemptions - self._preemptions_seen)
+        self._preemptions_seen = stats.preemptions
         self.healthy.set(healthy)
 
     def observe_prompt(self, response: Response) -> None:

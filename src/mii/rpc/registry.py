@@ -204,6 +204,45 @@ def remove(name: str, pid: int | None = None) -> None:
     path.unlink(missing_ok=True)
 
 
+def require_available(name: str) -> None:
+    """DeploymentError, saying what to do, when a deployment named ``name`` is
+    running, stopping or starting on this machine."""
+    running = lookup(name)
+    if running is not None and running.get("stopping"):
+        raise DeploymentError(
+            f"a deployment named {name!r} is stopping (it drains its requests, then its "
+            "processes exit): start this one once it is gone (mii list shows it until "
+            "then) or give this one another name (mii serve: --deployment-name; "
+            "mii.serve: deployment_name)"
+        )
+    if running is not None:
+        raise DeploymentError(
+            f"a deployment named {name!r} is already running; stop it "
+            f"(mii terminate {name}) or give this one another name "
+            "(mii serve: --deployment-name; mii.serve: deployment_name)"
+        )
+    if claimed(name):
+        raise DeploymentError(
+            f"a deployment named {name!r} is starting or stopping; wait for it "
+            "(mii list) or choose another deployment_name"
+        )
+
+
+def mark_stopping(name: str, pid: int) -> None:
+    """Record that this process's deployment ``name`` is stopping (draining, then its
+    processes exit; the record goes when they have): a new deployment of the name is
+    told to wait, not that one "is running"."""
+    try:
+        info = json.loads(_file(name).read_text())
+    except (OSError, ValueError):
+        return
+    if info.get("pid") != pid or info.get("stopping"):
+        return
+    info.pop("deployment_name", None)
+    info.pop("claimed", None)
+    record(name, {**info, "stopping": True})
+
+
 def list_deployments() -> list[dict[str, Any]]:
     found = []
     for path in sorted(registry_dir().glob("*.json")):

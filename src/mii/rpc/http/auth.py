@@ -30,7 +30,6 @@ In the order a request meets them:
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -39,7 +38,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mii.errors import AuthenticationError, InvalidRequestError
-from mii.rpc.auth import bearer_secret, secret_matches
+from mii.rpc.auth import bearer_secret, is_loopback, secret_matches
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.errors import api_error, error_response, is_openai_path, openai_error_body
 from mii.rpc.status import STATUSES
@@ -54,16 +53,6 @@ API_KEY_REFUSED = (
     "missing or wrong API key: this server requires the header 'Authorization: Bearer KEY' "
     "(the openai client sends its api_key so)"
 )
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address to bind) is this machine's loopback."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def host_name(header: str) -> str:

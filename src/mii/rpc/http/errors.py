@@ -94,10 +94,9 @@ def openai_error_body(
 
 def error_response(request: Request, err: ApiError) -> JSONResponse:
     """``err`` in the error shape of the route that was asked."""
-    if is_openai_path(request.url.path):
-        body = openai_error_body(err.message, err.status, err.param, err.code)
-    else:
-        body = {"error": {"message": err.message, "field": err.param}}
+    body = openai_error_body(err.message, err.status, err.param, err.code)
+    if not is_openai_path(request.url.path):  # mii's routes name the field too (as they did)
+        body["error"]["field"] = err.param
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     return JSONResponse(body, status_code=err.status, headers=headers)
 
