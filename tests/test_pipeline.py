@@ -31,6 +31,20 @@ def test_single_string_and_list(llama):
     pipe.destroy()  # idempotent
 
 
+def test_destroy_frees_the_model_while_the_pipeline_object_lives(llama):
+    """destroy() dropped the runner's model but not its bound forward, which kept the
+    whole model (and on a GPU its memory) alive as long as the pipeline object."""
+    import gc
+    import weakref
+
+    pipe = mii.pipeline(llama)
+    pipe("DeepSpeed is", max_new_tokens=2)
+    model = weakref.ref(pipe.engine.core.runner.model)
+    pipe.destroy()
+    gc.collect()
+    assert model() is None
+
+
 def test_progress_bar_for_large_batches(llama, capsys):
     with mii.pipeline(llama) as pipe:
         out = pipe(PROMPTS * 4, max_new_tokens=3, progress=True)

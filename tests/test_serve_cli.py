@@ -112,6 +112,27 @@ def test_vllm_flags_reach_the_deployment_and_engine_config(cache, monkeypatch):
     assert "secret-key" not in config.model_dump_json()
 
 
+def test_vllm_logging_flags_and_token_counts_with_units(cache):
+    """vllm serve command lines carry --disable-log-requests, --uvicorn-log-level and
+    --max-model-len 32k: each was 'unrecognized arguments'."""
+    parse = build_parser().parse_args
+    config = serve_config(parse(["serve", "m", "--disable-log-requests"]))
+    assert config.log_requests is False and config.uvicorn_log_level == "warning"
+    config = serve_config(parse(["serve", "m", "--disable-uvicorn-access-log"]))
+    assert config.log_requests is False
+    config = serve_config(parse(["serve", "m", "--enable-log-requests"]))
+    assert config.log_requests is True
+    config = serve_config(parse(["serve", "m", "--uvicorn-log-level", "info"]))
+    assert config.uvicorn_log_level == "info"
+    for typed, tokens in (("32k", 32000), ("32K", 32768), ("1.5k", 1500), ("4096", 4096)):
+        args = parse(["serve", "m", "--max-model-len", typed, "--max-num-batched-tokens", typed])
+        engine = serve_config(args).engine_config()
+        assert (engine.max_length, engine.token_budget) == (tokens, tokens)
+    for bad in (["--max-model-len", "1.5x"], ["--uvicorn-log-level", "loud"]):
+        with pytest.raises(SystemExit):
+            parse(["serve", "m", *bad])
+
+
 def test_graph_and_scheduling_switches_are_left_to_the_engine_unless_given(cache):
     """--cuda-graphs / --no-cuda-graphs (vLLM's --enforce-eager), --max-graph-batch,
     --[no-]async-scheduling: unset, the engine chooses (None reaches it)."""
@@ -278,7 +299,7 @@ def served(checkpoints, tmp_path_factory):
                 *(sys.executable, "-m", "mii", "serve", model, "--port", str(http_port)),
                 *("--grpc-port", str(grpc_port), "--served-model-name", "tiny-a", "tiny-b"),
                 *("--max-model-len", "128", "--max-num-seqs", "4", "--chat-template", TEMPLATE_ARG),
-                *("--stats-log-interval-s", "0.3"),
+                *("--stats-log-interval-s", "0.3", "--enable-log-requests"),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -484,6 +505,19 @@ def test_capacity_at_start_and_a_periodic_stats_line(served):
         lambda line: (m := STATS_LINE.search(line)) is not None and float(m[1]) > 0, start=start
     )
     assert float(STATS_LINE.search(busy)[2]) > 0  # generation throughput
+
+
+def test_enable_log_requests_writes_one_line_per_request(served):
+    start = len(served.err.lines)
+    status, _ = http("GET", served.base + "/v1/models")
+    assert status == 200
+    status, _ = http("GET", served.base + "/no/such/route")
+    assert status == 404
+    served.err.wait_for(lambda line: '"GET /v1/models HTTP/1.1" 200' in line, start=start)
+    line = served.err.wait_for(
+        lambda line: '"GET /no/such/route HTTP/1.1" 404' in line, start=start
+    )
+    assert line.startswith("[mii http] 127.0.0.1:")
 
 
 def test_throughput_lines_while_busy_then_one_when_idle(monkeypatch):

@@ -31,6 +31,7 @@ def add_field_options(
     metavars: Mapping[str, str] | None = None,
     flags: Mapping[str, tuple[str, ...]] | None = None,
     multiple: Iterable[str] = (),
+    parsers: Mapping[str, Callable[[str], Any]] | None = None,
 ) -> None:
     """One ``--option`` per field of ``model`` in ``names``. ``defaults`` replaces a
     field's default on this command line (it is then always given); a boolean
@@ -38,13 +39,16 @@ def add_field_options(
     ``flags``: a field's option strings instead of ``--field-name`` (the first is
     shown in help; the others are aliases, e.g. vLLM's names). ``multiple``: list
     fields that take one or more space-separated values instead of one
-    comma-separated value."""
+    comma-separated value. ``parsers``: a field's parser instead of its annotation's."""
     defaults, metavars, flags = defaults or {}, metavars or {}, flags or {}
+    parsers = parsers or {}
     for name in names:
         field = model.model_fields[name]
         kind = _option_kind(field.annotation)
         if name in multiple:
             kind = {"nargs": "+", "type": typing.get_args(_without_none(field.annotation))[0]}
+        if name in parsers:
+            kind = {"type": parsers[name]}
         default = defaults.get(name, field.default)
         if kind.get("action") == "store_true" and (default is True or default is None):
             # on by default, or chosen by the engine when unset (None): --NAME and --no-NAME

@@ -8,6 +8,7 @@ magics in :mod:`mii.magic`.
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from mii.cli.model_options import add_field_options, given_options
@@ -94,6 +95,8 @@ DEPLOYMENT_OPTIONS = (
     "replica_unresponsive_restart_s",
     "shutdown_grace_s",
     "stats_log_interval_s",
+    "log_requests",
+    "uvicorn_log_level",
     # on a Ray cluster (docs/multi_node.md)
     "backend",
     "ray_address",
@@ -112,10 +115,13 @@ DEPLOYMENT_FLAGS = {
     "restful_api_port": ("--port", "--restful-api-port"),
     "port": ("--grpc-port",),
     "tensor_parallel": ("--tensor-parallel-size", "-tp", "--tensor-parallel"),
+    "log_requests": ("--enable-log-requests",),
 }
 CLI_HTTP_PORT = 8000  # vllm serve's
 DEPLOYMENT_DEFAULTS = {"enable_restful_api": True, "restful_api_port": CLI_HTTP_PORT}
 METAVARS = {
+    "max_length": "TOKENS",
+    "token_budget": "TOKENS",
     "device": "DEVICE",
     "temperature": "T",
     "top_p": "P",
@@ -169,12 +175,35 @@ METAVARS = {
 }
 
 
+_TOKEN_COUNT = re.compile(r"(\d+(?:\.\d+)?)([kmg]?)", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def token_count(text: str) -> int:
+    """A number of tokens as vllm serve reads it: ``4096``, ``4k`` (4,000), ``4K``
+    (4,096), ``1.5k`` (1,500), ``2M`` (2 x 2**20)."""
+    match = _TOKEN_COUNT.fullmatch(text.strip())
+    value = None if match is None else float(match[1]) * _UNITS[match[2]]
+    if value is None or value != int(value):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of tokens: write e.g. 4096, 4k (4,000) or 4K (4,096)"
+        )
+    return int(value)
+
+
 def add_engine_options(
     parser: argparse.ArgumentParser, names: tuple[str, ...] = ENGINE_OPTIONS
 ) -> None:
     """Engine options (validated by ``mii.EngineConfig``); unset ones keep its defaults."""
     group = parser.add_argument_group("engine options")
-    add_field_options(group, EngineConfig, names, metavars=METAVARS, flags=ENGINE_FLAGS)
+    add_field_options(
+        group,
+        EngineConfig,
+        names,
+        metavars=METAVARS,
+        flags=ENGINE_FLAGS,
+        parsers={"max_length": token_count, "token_budget": token_count},
+    )
     if "cuda_graphs" in names:  # vLLM's name for --no-cuda-graphs
         group.add_argument(
             "--enforce-eager",
@@ -240,6 +269,14 @@ def add_deployment_options(parser: argparse.ArgumentParser) -> None:
         const=0.0,
         help="no periodic throughput log lines (the same as --stats-log-interval-s 0)",
     )
+    for vllm_flag in ("--disable-log-requests", "--disable-uvicorn-access-log"):
+        parser.add_argument(  # vllm serve's ways to say what mii does by default
+            vllm_flag,
+            dest="log_requests",
+            action="store_const",
+            const=False,
+            help="no line per request (the default; see --enable-log-requests)",
+        )
 
 
 def deployment_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -410,8 +410,7 @@ class EngineCore:
         self._in_flight = None
         if self.tp is not None and self.tp.is_driver:
             self.tp.stop()
-        self.runner.kv_caches.clear()
-        self.runner.model = None
+        self.runner.release()
         self.model = None
         if self._heap_frozen:
             heap.thaw_startup_heap()

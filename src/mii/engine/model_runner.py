@@ -174,6 +174,14 @@ class ModelRunner:
         # Whether the model's rope scaling needs each token's length (ForwardContext.rope_lens).
         self.needs_rope_lens = any(getattr(m, "length_dependent", False) for m in model.modules())
 
+    def release(self) -> None:
+        """Drop every reference to the model and its KV cache (the bound forward and
+        the captured graphs hold them too), so that their memory can be reclaimed."""
+        self.kv_caches.clear()
+        self.graphs = None
+        self.forward = None
+        self.model = None
+
     def enable_compile(self) -> None:
         """torch.compile the model (attention stays an opaque custom op); shapes are
         dynamic because every pass has a different number of tokens."""

@@ -10,7 +10,7 @@ re-defaults an option on the way.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -178,6 +178,14 @@ class DeploymentConfig(GpuLayout, RayOptions):
         "tool_choice 'auto': hermes (<tool_call> JSON: Hermes, Qwen2.5, Qwen3) or "
         "llama3_json (Llama 3.1 JSON calls) (default: none; 'auto' is then refused, "
         "'required' and named functions work without one)",
+    )
+    log_requests: bool = Field(
+        default=False,
+        description="one line per HTTP request on the deployment's standard error: client, "
+        "method, path and status (the REST gateway's access log)",
+    )
+    uvicorn_log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        default="warning", description="log level of the REST gateway's HTTP server (uvicorn)"
     )
     stats_log_interval_s: float = Field(
         default=10.0,

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -139,9 +140,9 @@ async def start_gateway(
         server = _Server(
             uvicorn.Config(
                 app,
-                log_config=None,  # leave the process's logging alone
-                log_level="warning",
-                access_log=False,
+                log_config=None,  # leave the process's logging alone (see _show_uvicorn_logs)
+                log_level=config.uvicorn_log_level,
+                access_log=config.log_requests,
                 lifespan="off",
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
                 **uvicorn_options(
@@ -151,6 +152,7 @@ async def start_gateway(
                 ),
             )
         )
+        _show_uvicorn_logs(config.log_requests)  # after uvicorn.Config has set its levels
         task = asyncio.create_task(server.serve(sockets=[sock]), name="mii-rest-gateway")
         await _until_started(server, task, f"{host}:{port}")
     except BaseException:
@@ -158,6 +160,20 @@ async def start_gateway(
         raise
     log.info("REST gateway serving on %s:%d", host, port)
     return Gateway(app, server, task, host, port)
+
+
+def _show_uvicorn_logs(access_log: bool) -> None:
+    """Send uvicorn's log lines to standard error (the process's logging has no
+    handler of its own, under which Python prints only warnings and worse), the
+    access log's too when asked, whatever the level of the others."""
+    if access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    logger = logging.getLogger("uvicorn")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[mii http] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 async def _until_started(server: uvicorn.Server, task: asyncio.Task, where: str) -> None:
