@@ -295,6 +295,7 @@ def test_deepspeed_mii_option_names_say_what_to_write_instead():
         (GenerateParams.parse, "temprature", "did you mean 'temperature'?"),
         (GenerateParams.parse, "max_tokens", "vLLM's max_tokens is max_new_tokens here"),
         (GenerateParams.parse, "stream", "AsyncEngine.stream"),
+        (GenerateParams.parse, "n", "pass it several times"),
         (partial(EngineConfig.parse, "m"), "max_model_len", "is max_length here"),
         (partial(EngineConfig.parse, "m"), "gpu_memory_utilization", "kv_cache_memory_fraction"),
         (partial(EngineConfig.parse, "m"), "tensor_parallel_size", "is tensor_parallel here"),

@@ -184,3 +184,42 @@ def test_the_not_found_error_says_where_it_looked():
         caught.value
     )
     assert {"pipeline", "AsyncEngine", "DeploymentNotFoundError"} <= set(dir(mii))
+
+
+def test_a_client_takes_a_model_path_as_mii_serve_does(tmp_path):
+    """mii.client(pathlib.Path(...)) crashed: 'PosixPath' object has no attribute 'rstrip'."""
+    import mii
+    from mii.errors import DeploymentNotFoundError
+
+    model = tmp_path / "model.gguf"
+    with pytest.raises(DeploymentNotFoundError, match="no running deployment named '/"):
+        mii.client(model)
+    record(
+        registry.default_deployment_name(str(model)),
+        {"pid": os.getpid(), "host": "127.0.0.1", "port": 1},
+    )
+    with mii.client(model) as client:
+        assert client.deployment_name == "model-mii-deployment"
+
+
+def test_a_closed_client_says_so():
+    """After `with mii.client(...) as c:` a call raised grpc's ValueError
+    'Cannot invoke RPC on closed channel!'."""
+    import asyncio
+
+    from mii.errors import EngineClosedError
+    from mii.rpc.client import MiiClient
+
+    client = MiiClient("127.0.0.1:1", "d")
+    client.close()
+    for call in (
+        lambda: client.generate("a"),
+        lambda: list(client.stream("a")),
+        client.model_info,
+        client.stats,
+        client.is_healthy,
+        client.terminate_server,
+        lambda: asyncio.run(client.agenerate("a")),
+    ):
+        with pytest.raises(EngineClosedError, match=r"client of d is closed .* mii\.client"):
+            call()

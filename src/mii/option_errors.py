@@ -33,6 +33,12 @@ STREAM_HINT = (
 )
 
 
+N_HINT = (
+    " (one answer per prompt here: for several answers to one prompt pass it several "
+    "times, with different seeds when seeded; the OpenAI routes take n)"
+)
+
+
 def unknown_name_hint(name: str, known: Iterable[str]) -> str:
     """What to write instead of the unknown option ``name`` ('' when nothing is near)."""
     known = list(known)
@@ -42,6 +48,8 @@ def unknown_name_hint(name: str, known: Iterable[str]) -> str:
         return f" (vLLM's {name} is {VLLM_NAMES[name]} here)"
     if name == "stream":
         return STREAM_HINT
+    if name in ("n", "best_of") and "max_new_tokens" in known:  # a generation option
+        return N_HINT
     near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
     return f" (did you mean {near[0]!r}?)" if near else ""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import mii.envs as envs
 from mii.errors import (
     AuthenticationError,
     DeploymentNotFoundError,
+    EngineClosedError,
     InvalidRequestError,
     UnavailableError,
 )
@@ -52,8 +54,22 @@ class MiiClient:
         self.deployment_name = deployment_name
         self._api_key = api_key if api_key is not None else envs.API_KEY.get()
         self._channel = auth.channel(address, self._api_key, UNLIMITED_MESSAGES)
-        self._stub = mii_pb2_grpc.MiiStub(self._channel)
+        self._open_stub = mii_pb2_grpc.MiiStub(self._channel)
         self._aio: dict[int, tuple[grpc.aio.Channel, mii_pb2_grpc.MiiStub]] = {}
+        self._closed = False
+
+    @property
+    def _stub(self) -> mii_pb2_grpc.MiiStub:
+        self._require_open()
+        return self._open_stub
+
+    def _require_open(self) -> None:
+        if self._closed:  # (grpc's own words: "Cannot invoke RPC on closed channel!")
+            raise EngineClosedError(
+                f"this client of {self.deployment_name or self.address} is closed (close() or "
+                "the end of its with block); the deployment still runs: make a new client "
+                "with mii.client(...)"
+            )
 
     # ----- sync ---------------------------------------------------------------
 
@@ -151,6 +167,7 @@ class MiiClient:
     def is_healthy(self, timeout: float = 2.0) -> bool:
         """Whether the deployment answers SERVING. A deployment that refuses this
         client's key raises AuthenticationError (it is there: the key is wrong)."""
+        self._require_open()
         try:
             reply = health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
@@ -174,6 +191,7 @@ class MiiClient:
 
     def close(self) -> None:
         """Close this client's connections (the deployment keeps running)."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> MiiClient:
@@ -185,6 +203,7 @@ class MiiClient:
     # ----- asyncio ------------------------------------------------------------
 
     def _async_stub(self) -> mii_pb2_grpc.MiiStub:
+        self._require_open()
         # grpc.aio channels belong to one event loop; keep one per loop.
         loop = asyncio.get_running_loop()
         if id(loop) not in self._aio:
@@ -226,7 +245,9 @@ def _wait_gone(pids: list[int], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClient:
+def client(
+    model_or_deployment_name: str | os.PathLike[str], api_key: str | None = None
+) -> MiiClient:
     """A client of a running deployment, found by deployment name, by model name
     (the default deployment name of that model:
     :func:`mii.rpc.registry.default_deployment_name`), by a name it serves the
@@ -235,6 +256,7 @@ def client(model_or_deployment_name: str, api_key: str | None = None) -> MiiClie
 
     Its API key: ``api_key``, else the one in the deployment's record on this
     machine (readable only by the user who started it), else ``MII_API_KEY``."""
+    model_or_deployment_name = os.fspath(model_or_deployment_name)  # a path, as mii.serve takes
     info = registry.find(model_or_deployment_name)
     if info is not None:
         key = api_key if api_key is not None else info.get("api_key")
