@@ -95,6 +95,7 @@ DEPLOYMENT_OPTIONS = (
     "replica_unresponsive_restart_s",
     "shutdown_grace_s",
     "stats_log_interval_s",
+    "generation_config",
     "log_requests",
     "uvicorn_log_level",
     # on a Ray cluster (docs/multi_node.md)
@@ -135,6 +136,7 @@ METAVARS = {
     "logit_bias": "ID=BIAS",
     "stop": "TEXT",
     "deployment_name": "NAME",
+    "generation_config": "auto|vllm|FOLDER",
     "host": "HOST",
     "port": "PORT",
     "restful_api_port": "PORT",

@@ -27,6 +27,7 @@ from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig, dtype_by_na
 from mii.errors import InvalidRequestError
 from mii.option_errors import unknown_name_hint
 from mii.rpc import registry
+from mii.rpc.chat_template_option import chat_template_text, checked_template
 from mii.rpc.ray_options import RayOptions
 
 # Replicas listen on the loopback only: clients reach them through the deployment's
@@ -179,6 +180,13 @@ class DeploymentConfig(GpuLayout, RayOptions):
         "llama3_json (Llama 3.1 JSON calls) (default: none; 'auto' is then refused, "
         "'required' and named functions work without one)",
     )
+    generation_config: str = Field(
+        default="auto",
+        description="defaults of the OpenAI routes' sampling options that a request leaves "
+        "out: 'auto', the model's generation_config.json (temperature, top_p, top_k, min_p, "
+        "repetition_penalty, max_new_tokens as max_tokens); 'vllm' or 'none', OpenAI's; or "
+        "a folder holding a generation_config.json",
+    )
     log_requests: bool = Field(
         default=False,
         description="one line per HTTP request on the deployment's standard error: client, "
@@ -292,6 +300,19 @@ class DeploymentConfig(GpuLayout, RayOptions):
         # user gave it), so the deployment process never reinterprets it.
         return None if value is None else checked_template(value)
 
+    @field_validator("generation_config")
+    @classmethod
+    def _generation_config_folder(cls, value: str) -> str:
+        if value in ("auto", "vllm", "none"):
+            return value
+        if not os.path.isfile(os.path.join(os.path.expanduser(value), "generation_config.json")):
+            raise InvalidRequestError(
+                f"generation_config {value!r} is not 'auto', 'vllm', 'none' or a folder "
+                "holding a generation_config.json",
+                field="generation_config",
+            )
+        return os.path.abspath(os.path.expanduser(value))  # the deployment may run elsewhere
+
     @field_validator("tool_call_parser")
     @classmethod
     def _known_parser(cls, value: str | None) -> str | None:
@@ -399,39 +420,6 @@ class ReplicaConfig(BaseModel):
     @property
     def address(self) -> str:
         return f"{REPLICA_HOST}:{self.port}"
-
-
-def chat_template_text(template: str) -> str:
-    """A chat template given as a file path (read here) or as the template itself
-    (backslash escapes such as ``\\n`` interpreted, as vLLM does). A name that
-    looks like a path but cannot be read is an error."""
-    try:
-        with open(template, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, ValueError) as err:  # ValueError: a NUL in the text
-        if not any(c in template for c in "{}\n"):
-            raise InvalidRequestError(
-                f"chat_template {template!r} looks like a file path, but it cannot be read "
-                f"({getattr(err, 'strerror', None) or err}); give a readable file or the "
-                "template itself",
-                field="chat_template",
-            ) from None
-    # Non-ASCII characters survive (as \uXXXX escapes) the decoding of "\n" etc.
-    return template.encode("latin-1", "backslashreplace").decode("unicode_escape")
-
-
-def checked_template(text: str) -> str:
-    """``text`` if it is a valid Jinja template, else an error naming chat_template."""
-    import jinja2
-
-    try:
-        jinja2.Environment().parse(text)
-    except jinja2.TemplateSyntaxError as err:
-        raise InvalidRequestError(
-            f"chat_template is not a valid Jinja template: {err.message} (line {err.lineno})",
-            field="chat_template",
-        ) from None
-    return text
 
 
 def _first_error(err: ValidationError) -> Exception:

@@ -7,6 +7,8 @@ OpenAI options map onto mii's generation options as follows:
   under the model's ``max_length``.
 - ``temperature`` (default 1.0): 0 means greedy (``do_sample=False``).
 - ``top_p`` defaults to 1.0 (OpenAI's default, not mii's 0.9).
+- Unless the model's generation_config.json recommends other defaults for the
+  fields a request leaves out: :mod:`mii.rpc.http.sampling_defaults`.
 - ``stop``, ``echo`` (completions: the prompt is put before the text).
 - mii extensions: ``ignore_eos``, ``top_k`` (-1 or 0: every token, as in vLLM),
   ``min_tokens`` (-> ``min_new_tokens``),

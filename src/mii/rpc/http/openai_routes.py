@@ -41,6 +41,7 @@ from mii.rpc.http.openai_options import (
     refuse_completion,
 )
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from mii.rpc.http.sampling_defaults import with_sampling_defaults
 from mii.rpc.http.sse import stream_choices
 from mii.rpc.http.state import GatewayState, get_state
 from mii.rpc.http.tools import add_tool_options, tool_plan, warn_template_without_tools
@@ -170,6 +171,7 @@ def _prompt_formatter(state: GatewayState, body: OpenAIRequest) -> LogprobFormat
 @router.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     state = _accepted(request, body, refuse_completion)
+    body = with_sampling_defaults(body, state.sampling_defaults)
     renames = openai_field_names(body, chat=False)
     with openai_errors(renames):
         params = generation_options(body, body.max_tokens, echo=body.echo)
@@ -201,6 +203,7 @@ async def prepare_chat(
     (mii's option -> the request's field, passed through ``field_name``), its
     choices and the answer to fill. Shared with the Responses route."""
     state = _accepted(request, body, refuse_chat)
+    body = with_sampling_defaults(body, state.sampling_defaults)
     if not body.truncate_prompt_tokens:  # (else only its last characters are read)
         state.check_prompt_chars(content_chars(body.messages), "messages")
     renames = openai_field_names(body, chat=True)

@@ -24,6 +24,7 @@ from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
 from mii.rpc.http.auth import AccessPolicy
 from mii.rpc.http.connections import close_unstarted, uvicorn_options
+from mii.rpc.http.sampling_defaults import load_sampling_defaults
 from mii.rpc.http.state import GatewayState
 from mii.rpc.pool import ReplicaPool
 
@@ -122,12 +123,23 @@ async def start_gateway(
         sock = bind_socket(host, port)
     try:
         tokenizer = await asyncio.to_thread(load_gateway_tokenizer, config)
+        defaults = await asyncio.to_thread(
+            load_sampling_defaults, config.engine_config(), config.generation_config
+        )
+        if defaults:  # as vLLM says it: a user expecting OpenAI's defaults learns why not
+            print(
+                f"[mii] the OpenAI routes' defaults for fields a request leaves out, from the "
+                f"model's generation config: {defaults} (OpenAI's: --generation-config vllm)",
+                file=sys.stderr,
+                flush=True,
+            )
         state = GatewayState(
             pool=pool,
             deployment_name=info.deployment_name or config.deployment_name,
             model=info.model or config.model,
             served_model_names=list(config.served_model_name or ()),
             tool_call_parser=config.tool_call_parser,
+            sampling_defaults=defaults,
             max_length=info.max_length,
             tokenizer=tokenizer,
             created=int(time.time()),

@@ -37,6 +37,8 @@ class GatewayState:
     # The deployment's tool_call_parser: what reads tool calls in answers to tool_choice
     # "auto" (None: "auto" is refused; "required" and named functions need none).
     tool_call_parser: str | None = None
+    # Defaults of the sampling fields an OpenAI request leaves out (mii.rpc.http.sampling_defaults).
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
     @functools.cached_property
     def max_prompt_chars(self) -> int | None:
