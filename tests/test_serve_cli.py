@@ -214,9 +214,19 @@ def test_the_demo_deployment_is_served_under_the_models_name(cache, monkeypatch)
     assert config.served_model_name == ["SmolLM2-135M-Instruct"]
     named = serve_config(parse(["serve", "--served-model-name", "smol"]))
     assert named.served_model_name == ["smol"]
+    # OpenAI clients that set no temperature get the demo's (its model card's), not 1.0
+    from mii.config import EngineConfig
+    from mii.rpc.http.sampling_defaults import load_sampling_defaults
+
+    engine = EngineConfig.parse("m")
+    assert load_sampling_defaults(engine, config.generation_config) == demo.DEMO_SAMPLING
+    assert serve_config(parse(["serve", "--generation-config", "vllm"])).generation_config == (
+        "vllm"
+    )
     random = demo.DemoModel("/cache/tiny", False, "tiny random Llama", "pip install gguf")
     monkeypatch.setattr(demo, "demo_model", lambda: random)
     assert serve_config(parse(["serve"])).served_model_name == ["tiny-random-llama"]
+    assert serve_config(parse(["serve"])).generation_config == "auto"
 
 
 @pytest.mark.parametrize(

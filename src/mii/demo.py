@@ -13,6 +13,7 @@ short text. Its output is random text: it shows the machinery, it says nothing.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -73,6 +74,20 @@ def demo_model() -> DemoModel:
     else:
         return DemoModel(str(real), True, "SmolLM2-135M-Instruct")
     return DemoModel(str(random_demo_model_path()), False, "tiny random Llama", missing)
+
+
+def demo_generation_config_dir() -> Path:
+    """A folder whose generation_config.json holds DEMO_SAMPLING: what ``mii serve``
+    without a MODEL gives its OpenAI routes as their sampling defaults (the GGUF
+    file carries none), so that chat clients get the demo's focused answers too."""
+    folder = cache_dir() / f"demo-sampling-{DEMO_VERSION}"
+    target = folder / "generation_config.json"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"do_sample": True, **DEMO_SAMPLING}))
+        os.replace(tmp, target)  # atomic: concurrent starts read a whole file
+    return folder
 
 
 def demo_model_path() -> Path:

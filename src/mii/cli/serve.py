@@ -67,6 +67,10 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
         # the model's name in the OpenAI API, not the wheel's file path (which, and
         # the deployment name, requests may still give)
         options.setdefault("served_model_name", [demo.served_name])
+        if demo.real:  # its model card's sampling, as mii demo uses, for OpenAI clients
+            from mii.demo import demo_generation_config_dir
+
+            options.setdefault("generation_config", str(demo_generation_config_dir()))
     if getattr(args, "enable_auto_tool_choice", False) and "tool_call_parser" not in options:
         raise CliError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json)")
     try:
