@@ -466,6 +466,10 @@ def test_crash_while_loading_raises_in_caller(cache_dir, checkpoints, tmp_path):
     with pytest.raises(DeploymentError, match=r"model\.norm\.weight"):
         mii.serve(str(path), deployment_name="broken-weights", port=free_port())
     assert wait_until(lambda: no_deployment_processes("broken-weights"))
+    # the replica stopped its gRPC server before its loop closed (its log ended with
+    # "Exception ignored in: <function Server.__del__ ...> Event loop is closed")
+    log = registry.log_path("broken-weights").with_suffix(".replica0.log").read_text()
+    assert "model.norm.weight" in log and "Event loop is closed" not in log
 
 
 # A caller of mii.serve whose wait never sees the deployment serve (its registry

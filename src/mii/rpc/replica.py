@@ -177,6 +177,8 @@ async def serve_replica(config: ReplicaConfig) -> None:
         engine = await asyncio.to_thread(load)
     except BaseException:
         stop_rank_workers(workers)
+        # (else the server's __del__ runs after the loop closed: "Event loop is closed")
+        await server.stop(None)
         raise
     # Its own seeds: another replica, or this one before a restart, drew others.
     engine.separate_sampling_stream(f"replica {config.index} start {config.start}")
