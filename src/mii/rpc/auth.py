@@ -28,7 +28,9 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import socket
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
@@ -84,7 +86,7 @@ def bearer_metadata(secret: str) -> tuple[tuple[str, str], ...]:
 TERMINATE_REFUSED = (
     "Terminate is accepted only from this deployment's own machine while it has no API key: "
     "stop it there (mii terminate NAME, or SIGTERM to mii serve), or start it with "
-    "--api-key / api_key= so that key holders may stop it from anywhere"
+    "--api-key / api_key= so that key holders may stop it from anywhere (and only they)"
 )
 
 
@@ -102,16 +104,36 @@ def is_loopback(host: str) -> bool:
 
 
 def peer_is_local(peer: str) -> bool:
-    """Whether a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``,
-    ``unix:/path``) calls from this machine: a loopback address or a Unix socket."""
+    """Whether a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:%5B::1%5D:5000`` (grpc
+    percent-encodes the brackets), ``unix:/path``) calls from this machine: a Unix
+    socket, a loopback address, or an address of one of this machine's interfaces
+    (``mii terminate`` of a deployment bound to it dials that address)."""
     kind, _, address = peer.partition(":")
+    address = urllib.parse.unquote(address)
     if kind in ("unix", "unix-abstract"):
         return True
     if kind == "ipv6" and address.startswith("["):
-        return is_loopback(address[1:].partition("]")[0])
-    if kind == "ipv4":
-        return is_loopback(address.rpartition(":")[0])
-    return False
+        ip = address[1:].partition("]")[0]
+    elif kind == "ipv4":
+        ip = address.rpartition(":")[0]
+    else:
+        return False
+    return is_loopback(ip) or _is_own_address(ip)
+
+
+def _is_own_address(ip: str) -> bool:
+    """Whether ``ip`` is assigned to this machine: only then can a socket bind it."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((ip, 0))
+    except OSError:
+        return False
+    return not address.is_unspecified
 
 
 def open_to_network_warning(host: str, ports: Sequence[int], api_key: str | None) -> str | None:
@@ -122,8 +144,8 @@ def open_to_network_warning(host: str, ports: Sequence[int], api_key: str | None
     listed = " and ".join(str(p) for p in ports)
     return (
         f"[mii] warning: listening on {host!r} without an API key: anyone who can reach "
-        f"port {listed} of this machine can generate (Terminate is still accepted only from "
-        "this machine); pass --api-key (api_key=) or bind --host 127.0.0.1"
+        f"port {listed} of this machine can generate, and anything on this machine (a local "
+        "proxy too) can stop it; pass --api-key (api_key=) or bind --host 127.0.0.1"
     )
 
 

@@ -69,6 +69,8 @@ def listening_server(
     bound = 0
     for ip in _resolve(host, port, address):
         target = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        if _listened_on(ip, port):  # said here, before grpc logs its own error line
+            raise DeploymentError(f"cannot listen on {target} (is the port in use?{in_use_hint})")
         try:
             ok = server.add_insecure_port(target)
         except RuntimeError:
@@ -110,6 +112,19 @@ def _resolve(host: str, port: int, address: str) -> list[str]:
             f"cannot listen on {address}: cannot resolve {host!r}: {err}"
         ) from None
     return list(dict.fromkeys(info[4][0] for info in infos))  # each address once, in order
+
+
+def _listened_on(ip: str, port: int) -> bool:
+    """Whether another socket listens on ``ip:port``. The probe sets SO_REUSEADDR as
+    grpc does, so that connections of a stopped server (TIME_WAIT) do not count."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((ip, port))
+    except OSError as err:
+        return err.errno == errno.EADDRINUSE
+    return False
 
 
 def _bind_failure(ip: str, port: int, in_use_hint: str = "") -> str | None:
