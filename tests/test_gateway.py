@@ -907,3 +907,19 @@ def test_preemptions_are_a_counter_that_never_goes_down():
     text = generate_latest(metrics.registry).decode()
     assert "# TYPE mii_preemptions_total counter" in text
     assert "mii_preemptions_total 7.0" in text
+
+
+def test_a_replica_out_of_rotation_keeps_its_preemptions_in_the_sum():
+    """Preemptions were summed over the replicas in rotation only: one that missed a
+    health check left the sum and, back, was counted again (100 -> 300 exported)."""
+    from prometheus_client import generate_latest
+
+    from mii.rpc import mii_pb2
+    from mii.rpc.metrics import Metrics
+    from mii.rpc.pool import summed_stats
+
+    a, b = mii_pb2.StatsReply(preemptions=100), mii_pb2.StatsReply(preemptions=0)
+    metrics = Metrics()
+    for live in ([a, b], [b], [a, b], [b], [a, b]):  # a drops out of rotation twice
+        metrics.export_pool(summed_stats(live, [a, b]), healthy=len(live))
+    assert "mii_preemptions_total 100.0" in generate_latest(metrics.registry).decode()

@@ -128,7 +128,8 @@ def test_a_stopping_deployment_is_named_as_such():
     from mii.errors import DeploymentError
     from mii.rpc.deployment_config import DeploymentConfig
 
-    record("d", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1})
+    record("d", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1, "served_model_name": ["s"]})
+    assert registry.find("s")["deployment_name"] == "d"
     with pytest.raises(DeploymentError, match="'d' is already running; stop it"):
         DeploymentConfig.parse("m", deployment_name="d")
     registry.mark_stopping("d", pid=os.getpid() + 1)  # not its process: no change
@@ -138,6 +139,10 @@ def test_a_stopping_deployment_is_named_as_such():
     assert info["stopping"] is True and info["port"] == 1 and info["claimed"] is True
     with pytest.raises(DeploymentError, match=r"'d' is stopping .* once it is gone"):
         DeploymentConfig.parse("m", deployment_name="d")
+    from mii.cli.deployments import deployment_health
+
+    assert deployment_health(info) == {"status": "stopping"}  # mii list says so
+    assert registry.find("s") is None  # its served name finds no stopping deployment
     registry.remove("d", pid=os.getpid())  # its processes are gone; the claim is not yet
     with pytest.raises(DeploymentError, match="'d' is starting or stopping"):
         DeploymentConfig.parse("m", deployment_name="d")

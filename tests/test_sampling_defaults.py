@@ -52,7 +52,11 @@ def test_the_defaults_come_from_the_models_generation_config(recommending, llama
 def test_a_request_keeps_what_it_sets_and_gets_the_rest():
     defaults = {"temperature": 0.6, "top_p": 0.9, "max_tokens": 7}
     body = with_sampling_defaults(CompletionRequest(model="m", prompt="x"), defaults)
-    assert (body.temperature, body.top_p, body.max_tokens) == (0.6, 0.9, 7)
+    assert (body.temperature, body.top_p, body.max_tokens) == (0.6, 0.9, 16)  # OpenAI's, as vLLM
+    body = CompletionRequest(model="m", prompt="x", max_tokens=None)
+    assert with_sampling_defaults(body, defaults).max_tokens == 7
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
+    assert with_sampling_defaults(chat, defaults).max_tokens == 7
     body = CompletionRequest(model="m", prompt="x", temperature=0, top_p=None, max_tokens=3)
     body = with_sampling_defaults(body, defaults)
     assert (body.temperature, body.top_p, body.max_tokens) == (0, 0.9, 3)
@@ -94,9 +98,21 @@ def test_the_gateway_sends_the_recommended_sampling(recommending, generation_con
     if generation_config == "auto":
         for params in (plain, chat):
             assert (params["temperature"], params["top_p"], params["top_k"]) == (0.6, 0.9, 20)
-            assert params["max_new_tokens"] == 7
+        assert (plain["max_new_tokens"], chat["max_new_tokens"]) == (16, 7)
     else:  # OpenAI's defaults: temperature 1 (mii's own sampling), top_p 1, completions 16 tokens
         assert "temperature" not in plain and "top_k" not in plain
         assert plain["top_p"] == 1.0 and plain["max_new_tokens"] == 16
     assert (chosen["temperature"], chosen["top_p"], chosen["max_new_tokens"]) == (1.0, 0.5, 4)
     assert chosen["top_k"] == 20 if generation_config == "auto" else "top_k" not in chosen
+
+
+def test_an_unreadable_generation_config_warns_and_changes_nothing(recommending, capsys):
+    from mii.rpc.http.sampling_defaults import gateway_sampling_defaults
+
+    config = DeploymentConfig.parse(str(recommending))
+    assert gateway_sampling_defaults(config)["temperature"] == 0.6
+    assert "defaults for fields a request leaves out" in capsys.readouterr().err
+    (recommending / "generation_config.json").write_text("{not json")
+    assert gateway_sampling_defaults(config) == {}
+    err = capsys.readouterr().err
+    assert "warning: the generation config (auto) cannot be read" in err

@@ -124,7 +124,14 @@ def test_vllm_logging_flags_and_token_counts_with_units(cache):
     assert config.log_requests is True
     config = serve_config(parse(["serve", "m", "--uvicorn-log-level", "info"]))
     assert config.uvicorn_log_level == "info"
-    for typed, tokens in (("32k", 32000), ("32K", 32768), ("1.5k", 1500), ("4096", 4096)):
+    typed_counts = (
+        ("32k", 32000),
+        ("32K", 32768),
+        ("1.5k", 1500),
+        ("1.001k", 1001),
+        ("4096", 4096),
+    )
+    for typed, tokens in typed_counts:
         args = parse(["serve", "m", "--max-model-len", typed, "--max-num-batched-tokens", typed])
         engine = serve_config(args).engine_config()
         assert (engine.max_length, engine.token_budget) == (tokens, tokens)

@@ -15,6 +15,7 @@ def add_list_parser(commands: argparse._SubParsersAction) -> None:
         help="list the running deployments on this machine",
         description="List running deployments: name, gRPC address, model, replicas, "
         "health (as the deployment reports it: ok, unavailable, draining, or unreachable; "
+        "stopping once it was told to stop; "
         "with the replicas serving), load (requests running and waiting, KV cache usage), "
         "HTTP URL, and each replica's state (starting, serving, unresponsive, restarting, "
         "failed), pid and restarts.",
@@ -57,7 +58,8 @@ HEALTH_TIMEOUT_S = 3.0  # per deployment: a frozen replica costs its probe's 1 s
 
 def deployment_health(record: dict[str, Any]) -> dict[str, Any]:
     """What the deployment itself says of its health (its Stats reply): ``status``
-    (ok, unavailable, draining; unreachable when it does not answer) and each
+    (ok, unavailable, draining; unreachable when it does not answer; stopping once it
+    was told to stop, from its record) and each
     replica's state, restarts and pid."""
     import grpc
 
@@ -65,6 +67,8 @@ def deployment_health(record: dict[str, Any]) -> dict[str, Any]:
     from mii.rpc.listen import host_port
     from mii.rpc.replica_health import health_from_stats
 
+    if record.get("stopping"):  # draining, or its processes exiting (the record says so)
+        return {"status": "stopping"}
     try:
         with auth.channel(
             host_port(record["host"], record["port"]), record.get("api_key")

@@ -8,6 +8,7 @@ magics in :mod:`mii.magic`.
 from __future__ import annotations
 
 import argparse
+import decimal
 import re
 from typing import Any
 
@@ -185,7 +186,8 @@ def token_count(text: str) -> int:
     """A number of tokens as vllm serve reads it: ``4096``, ``4k`` (4,000), ``4K``
     (4,096), ``1.5k`` (1,500), ``2M`` (2 x 2**20)."""
     match = _TOKEN_COUNT.fullmatch(text.strip())
-    value = None if match is None else float(match[1]) * _UNITS[match[2]]
+    # (exact decimals: 1.001k is 1001, which floats make 1000.9999999999999)
+    value = None if match is None else decimal.Decimal(match[1]) * _UNITS[match[2]]
     if value is None or value != int(value):
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a number of tokens: write e.g. 4096, 4k (4,000) or 4K (4,096)"

@@ -242,7 +242,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         for task in tasks:
             task.cancel()
         await set_health(health, False)
-        registry.remove(name, pid=os.getpid())
+        registry.mark_stopping(name, os.getpid())
         await server.stop(grace=1.0)
         if pool is not None:
             await pool.close()
@@ -253,6 +253,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         if board is not None:
             ray.kill(board)
         ray.shutdown()  # stops the Ray instance too when this process started it
+        registry.remove(name, pid=os.getpid())  # all of it is gone; its claim goes next
 
 
 def _start_failure(app: str) -> str | None:

@@ -15,6 +15,7 @@ from mii.ray_backend.pool import HEALTH_INTERVAL_S, RayPool
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
 from mii.rpc.http.auth import AccessPolicy
+from mii.rpc.http.sampling_defaults import gateway_sampling_defaults
 from mii.rpc.http.server import load_gateway_tokenizer
 from mii.rpc.http.state import GatewayState
 
@@ -34,6 +35,7 @@ class MiiIngress:
         config = config_with_key(config_json, api_key)
         self.pool = RayPool(replicas, board_name)
         tokenizer = await asyncio.to_thread(load_gateway_tokenizer, config)
+        defaults = await asyncio.to_thread(gateway_sampling_defaults, config)
         info = await replicas.model_info.remote()
         self.state = GatewayState(
             pool=self.pool,
@@ -41,6 +43,7 @@ class MiiIngress:
             model=config.model,
             served_model_names=list(config.served_model_name or ()),
             tool_call_parser=config.tool_call_parser,
+            sampling_defaults=defaults,
             max_length=info["max_length"],
             tokenizer=tokenizer,
             created=int(time.time()),

@@ -119,19 +119,21 @@ def summed_stats(
     live: list[mii_pb2.StatsReply], every: list[mii_pb2.StatsReply]
 ) -> mii_pb2.StatsReply:
     """A deployment's figures from its replicas' last readings: the load and the KV
-    cache of the ``live`` ones (those in rotation), the tokens processed by
-    ``every`` one. ``in_flight`` is the caller's (it counts calls, not readings)."""
+    cache of the ``live`` ones (those in rotation), the tokens processed and the
+    preemptions of ``every`` one (counts: a replica that misses a health check must not
+    leave the sum and come back as new ones). ``in_flight`` is the caller's (it counts
+    calls, not readings)."""
     total = mii_pb2.StatsReply()
     for s in live:
         total.running += s.running
         total.waiting += s.waiting
-        total.preemptions += s.preemptions
         total.kv_blocks += s.kv_blocks
         total.kv_block_size = s.kv_block_size
         total.max_length = max(total.max_length, s.max_length)
         total.quantization = total.quantization or s.quantization
         total.kv_cache_dtype = total.kv_cache_dtype or s.kv_cache_dtype
     for s in every:
+        total.preemptions += s.preemptions
         total.prompt_tokens += s.prompt_tokens
         total.generation_tokens += s.generation_tokens
         total.prefix_cache_queries += s.prefix_cache_queries

@@ -178,10 +178,10 @@ def find(model_or_deployment_name: str) -> dict[str, Any] | None:
         info = lookup(name)
         if info is not None:
             return info
-    serving = [
+    serving = [  # (one that is stopping serves nothing new)
         d
         for d in list_deployments()
-        if model_or_deployment_name in (d.get("served_model_name") or ())
+        if model_or_deployment_name in (d.get("served_model_name") or ()) and not d.get("stopping")
     ]
     if len(serving) > 1:
         names = ", ".join(repr(d["deployment_name"]) for d in serving)

@@ -14,10 +14,9 @@ Routes (every request goes through the same ``ReplicaPool`` as the gRPC balancer
   lists each replica's state, restarts and pid (:mod:`mii.rpc.replica_health`).
 - ``GET /metrics``: the pool's Prometheus metrics.
 
-A bad request is answered 4xx with a JSON error naming the problem, never 500:
-``{"error": {"message", "field"}}`` on mii's routes, OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` under ``/v1`` and on
-``/tokenize`` and ``/detokenize``. No healthy
+A bad request is answered 4xx with a JSON error naming the problem, never 500,
+in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` on every
+route (mii's routes add ``field``, the same as ``param``). No healthy
 replica gives 503, a request that timed out 504 (the codes come from
 :mod:`mii.rpc.status`).
 

@@ -213,8 +213,8 @@ class CheckOrigin:
             f"asking (text, form or none) is refused: send it as application/json, or {advice}"
         )
         body = openai_error_body(message, 403, "allowed_origins", "origin_not_allowed")
-        if not is_openai_path(path):
-            body = {"error": {"message": message, "field": "allowed_origins"}}
+        if not is_openai_path(path):  # mii's routes name the field too
+            body["error"]["field"] = "allowed_origins"
         return JSONResponse(body, status_code=403)
 
 

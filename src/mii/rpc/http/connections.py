@@ -40,7 +40,8 @@ def _raw_response(status: str, body: bytes, *headers: bytes) -> bytes:
 
 REFUSED = _raw_response(
     "503 Service Unavailable",
-    b'{"error": {"message": "too many open HTTP connections; retry later", "field": null}}',
+    b'{"error": {"message": "too many open HTTP connections; retry later", '
+    b'"type": "server_error", "param": null, "code": null, "field": null}}',
     b"content-type: application/json",
     b"retry-after: 1",
 )

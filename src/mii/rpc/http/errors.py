@@ -1,9 +1,10 @@
 """How the gateway answers errors: the two JSON error shapes, the exception
 handlers, and plain-words descriptions of FastAPI's validation errors.
 
-mii's routes answer ``{"error": {"message", "field"}}``, the OpenAI routes (under
-``/v1``) OpenAI's ``{"error": {"message", "type", "param", "code"}}``. Which
-status an exception gets is decided by :mod:`mii.rpc.status`.
+Every error body has OpenAI's shape, ``{"error": {"message", "type", "param",
+"code"}}``, so that any client reads it; outside the OpenAI routes (under ``/v1``)
+it also names mii's ``field`` (the same as ``param``). Which status an exception
+gets is decided by :mod:`mii.rpc.status`.
 """
 
 from __future__ import annotations

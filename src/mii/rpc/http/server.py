@@ -24,7 +24,7 @@ from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
 from mii.rpc.http.auth import AccessPolicy
 from mii.rpc.http.connections import close_unstarted, uvicorn_options
-from mii.rpc.http.sampling_defaults import load_sampling_defaults
+from mii.rpc.http.sampling_defaults import gateway_sampling_defaults
 from mii.rpc.http.state import GatewayState
 from mii.rpc.pool import ReplicaPool
 
@@ -123,16 +123,7 @@ async def start_gateway(
         sock = bind_socket(host, port)
     try:
         tokenizer = await asyncio.to_thread(load_gateway_tokenizer, config)
-        defaults = await asyncio.to_thread(
-            load_sampling_defaults, config.engine_config(), config.generation_config
-        )
-        if defaults:  # as vLLM says it: a user expecting OpenAI's defaults learns why not
-            print(
-                f"[mii] the OpenAI routes' defaults for fields a request leaves out, from the "
-                f"model's generation config: {defaults} (OpenAI's: --generation-config vllm)",
-                file=sys.stderr,
-                flush=True,
-            )
+        defaults = await asyncio.to_thread(gateway_sampling_defaults, config)
         state = GatewayState(
             pool=pool,
             deployment_name=info.deployment_name or config.deployment_name,
