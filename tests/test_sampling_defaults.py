@@ -92,9 +92,16 @@ def test_the_gateway_sends_the_recommended_sampling(recommending, generation_con
         await client.chat.completions.create(
             model=str(recommending), messages=[{"role": "user", "content": "Hi"}]
         )
+        # The Responses object reports what sampled (it echoed the request's nulls)
+        reported = await client.responses.create(model=str(recommending), input="Hi")
+        reported_sampling.append((reported.temperature, reported.top_p))
 
+    reported_sampling = []
     with_gateway(str(recommending), pool, scenario, generation_config=generation_config)
-    (_, plain), (_, chosen), (_, chat) = pool.sent
+    (_, plain), (_, chosen), (_, chat), (_, responses) = pool.sent
+    expected = (0.6, 0.9) if generation_config == "auto" else (1.0, 1.0)
+    assert reported_sampling == [expected]
+    assert (responses.get("temperature", 1.0), responses["top_p"]) == expected
     if generation_config == "auto":
         for params in (plain, chat):
             assert (params["temperature"], params["top_p"], params["top_k"]) == (0.6, 0.9, 20)

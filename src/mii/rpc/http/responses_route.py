@@ -65,11 +65,22 @@ def _as_chat(body: ResponsesRequest) -> ChatCompletionRequest:
         raise ApiError(400, message, renamed) from None
 
 
+def _first_set(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
+
+
 class ResponseObject:
     """The ``response`` object of one request, filled as its answer arrives."""
 
-    def __init__(self, body: ResponsesRequest, model: str) -> None:
+    def __init__(
+        self, body: ResponsesRequest, model: str, defaults: dict[str, Any] | None = None
+    ) -> None:
         self.body = body
+        # What sampled, as OpenAI reports it: the request's values, else the
+        # deployment's defaults (the model's generation config), else OpenAI's 1.0.
+        defaults = defaults or {}
+        self.temperature = _first_set(body.temperature, defaults.get("temperature"), 1.0)
+        self.top_p = _first_set(body.top_p, defaults.get("top_p"), 1.0)
         self.id = _new_id("resp")
         self.message_id = _new_id("msg")
         self.created_at = int(time.time())
@@ -90,8 +101,8 @@ class ResponseObject:
             "model": self.model,
             "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
             "top_logprobs": body.top_logprobs,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "tool_choice": body.tool_choice or "auto",
@@ -177,7 +188,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         if err.param:
             err.param = responses_field(err.param)
         raise
-    obj = ResponseObject(body, state.served_model)
+    obj = ResponseObject(body, state.served_model, state.sampling_defaults)
     if not body.stream:
         with openai_errors(renames):
             [response] = await until_disconnected(request, choices.generate(state))
