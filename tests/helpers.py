@@ -227,7 +227,7 @@ def replica_client(address: str, pid: int):
     client = MiiClient(address)
     client._channel.close()
     client._channel = auth.channel(address, replica_token(pid), proof=True)
-    client._stub = mii_pb2_grpc.MiiStub(client._channel)
+    client._open_stub = mii_pb2_grpc.MiiStub(client._channel)
     return client
 
 
