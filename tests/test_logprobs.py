@@ -352,6 +352,42 @@ def test_openai_completions_logprobs_and_echo(served, tokenizer):
     assert close(streamed, lp.token_logprobs[n:])
 
 
+def test_text_offsets_point_into_the_text_a_token_id_prompt_echoes(served, tokenizer):
+    """A token-id prompt with a special token (BOS): its echoed text leaves the special
+    token out, and text_offset counted it (every later offset was off by its length;
+    streamed, offsets went backwards). With skip_special_tokens false it is kept."""
+    _, _, url, _ = served
+    oai = openai_client(url)
+    ids = tokenizer(PROMPTS[0]).input_ids
+    assert ids[0] in tokenizer.all_special_ids
+    base = dict(model=None, prompt=ids, temperature=0, max_tokens=4, logprobs=0, echo=True)
+
+    def aligned(text: str, lp, skipped: int) -> None:
+        assert lp.text_offset == sorted(lp.text_offset)
+        written = [
+            (token, offset)
+            for token, offset in zip(lp.tokens, lp.text_offset)
+            if text.startswith(token, offset)
+        ]
+        assert len(written) == len(lp.tokens) - skipped  # all but the skipped BOS
+
+    whole = oai.completions.create(**base).choices[0]
+    bos = whole.logprobs.tokens[0]
+    assert not whole.text.startswith(bos)
+    aligned(whole.text, whole.logprobs, skipped=1)
+    streamed_text, offsets = "", []
+    for chunk in oai.completions.create(**base, stream=True):
+        if chunk.choices:
+            streamed_text += chunk.choices[0].text or ""
+            if chunk.choices[0].logprobs:
+                offsets.extend(chunk.choices[0].logprobs.text_offset)
+    assert streamed_text == whole.text and offsets == whole.logprobs.text_offset
+
+    kept = oai.completions.create(**base, extra_body={"skip_special_tokens": False}).choices[0]
+    assert kept.text.startswith(bos)  # the echo keeps the special token, as asked
+    aligned(kept.text, kept.logprobs, skipped=0)
+
+
 def test_vllm_prompt_logprobs_on_both_openai_routes(served, tokenizer):
     """vLLM's ``prompt_logprobs: k``: per prompt token (null first) a map of token id
     -> logprob, rank and decoded text for the prompt token and the k most likely,

@@ -49,20 +49,25 @@ class OutputProcessor:
     def full_text_prefix(self, seq: Sequence) -> str:
         """What ``return_full_text`` puts before the answer: the prompt as given, or
         a token-id prompt decoded as the answer is (special tokens such as BOS
-        skipped), so that a chat or pre-tokenized prompt does not begin with ``<s>``."""
+        skipped unless ``skip_special_tokens=False``), so that a chat or
+        pre-tokenized prompt does not begin with ``<s>``."""
         if not seq.params.return_full_text:
             return ""
         if seq.prompt_text is not None:
             return seq.prompt_text
-        return self._decode(seq.prompt_token_ids)
+        return self._decoder(seq)(seq.prompt_token_ids)
+
+    def _decoder(self, seq: Sequence):
+        """The decode of ``seq``'s text: special tokens kept when it asked (vLLM's)."""
+        if seq.params.skip_special_tokens:
+            return self._decode
+        if self._decode_special is None:
+            self._decode_special = fast_decoder(self.tokenizer, skip_special_tokens=False)
+        return self._decode_special
 
     def start(self, seq: Sequence) -> None:
         """Begin the text of a request that has just been queued."""
-        decode = self._decode
-        if not seq.params.skip_special_tokens:  # special tokens stay in the text (vLLM)
-            if self._decode_special is None:
-                self._decode_special = fast_decoder(self.tokenizer, skip_special_tokens=False)
-            decode = self._decode_special
+        decode = self._decoder(seq)
         self._requests[seq.request_id] = _RequestText(
             IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, decode, self._byte_runs),
             StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output),

@@ -42,6 +42,9 @@ class LogprobFormatter:
         self.tokenizer = tokenizer
         self.chat = chat
         self.echo = echo  # completions echo: the prompt's entries lead a choice's logprobs
+        # special tokens, which the text leaves out (skip_special_tokens) but the
+        # token list names: they take no characters of text_offset then
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
 
     def _texts(self, entries: list[TokenLogprob | None], first_id: int | None) -> dict[int, str]:
         """Each token id that the entries mention, as text (one batched decode)."""
@@ -65,10 +68,12 @@ class LogprobFormatter:
         prompt_logprobs: list[TokenLogprob | None] | None = None,
         prompt_token_ids: list[int] | None = None,
         text_offset: int = 0,
+        text: str | None = None,
     ) -> dict[str, Any] | None:
         """A choice's (or a stream chunk's) ``logprobs`` object; None when the
         request asked for none. ``prompt_logprobs`` go first (completions echo);
-        ``text_offset`` is where the first token's text starts in the choice."""
+        ``text_offset`` is where the first token's text starts in the choice, and
+        ``text`` the choice's (or chunk's) text that these tokens wrote."""
         if logprobs is None and prompt_logprobs is None:
             return None
         entries: list[TokenLogprob | None] = [*(prompt_logprobs or ()), *(logprobs or ())]
@@ -78,7 +83,7 @@ class LogprobFormatter:
             raw = self._bytes(texts)
             content = [self._chat_entry(e, texts, raw) for e in entries if e]
             return {"content": content, "refusal": None}
-        return self._completion(entries, texts, first_id, text_offset)
+        return self._completion(entries, texts, first_id, text_offset, text)
 
     @staticmethod
     def _chat_entry(
@@ -93,15 +98,18 @@ class LogprobFormatter:
             "top_logprobs": [item(t, lp) for t, lp in entry.top],
         }
 
-    @staticmethod
     def _completion(
+        self,
         entries: list[TokenLogprob | None],
         texts: dict[int, str],
         first_id: int | None,
         text_offset: int,
+        written: str | None,
     ) -> dict[str, Any]:
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        at = 0  # where the next token's text starts in ``written``
         for entry in entries:
+            token_id = first_id if entry is None else entry.token_id
             if entry is None:  # the first prompt token: nothing before it to score it
                 text, chosen, top = texts.get(first_id, ""), None, None
             else:
@@ -111,8 +119,14 @@ class LogprobFormatter:
             tokens.append(text)
             token_logprobs.append(chosen)
             top_logprobs.append(top)
-            offsets.append(text_offset)
-            text_offset += len(text)
+            offsets.append(text_offset + at)
+            skipped = (
+                written is not None
+                and token_id in self.special_ids
+                and not written.startswith(text, at)
+            )
+            if not skipped:  # a special token the text left out takes no characters
+                at += len(text)
         return {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
@@ -123,7 +137,9 @@ class LogprobFormatter:
     def of_response(self, response: Response) -> dict[str, Any] | None:
         """The ``logprobs`` of a whole choice (the prompt's first, with echo)."""
         prompt = response.prompt_logprobs if self.echo else None
-        return self.choice_logprobs(response.logprobs, prompt, response.prompt_token_ids)
+        return self.choice_logprobs(
+            response.logprobs, prompt, response.prompt_token_ids, text=response.generated_text
+        )
 
     def vllm_prompt_logprobs(self, response: Response) -> list[dict[str, Any] | None] | None:
         """vLLM's ``prompt_logprobs`` list of a response (see the module's docstring)."""

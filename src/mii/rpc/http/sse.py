@@ -79,7 +79,7 @@ class StreamedLogprobs:
         offset = self.offsets.get(index, 0)
         self.offsets[index] = offset + len(text)
         return self.formatter.choice_logprobs(
-            held.logprobs, held.prompt_logprobs, held.prompt_token_ids, offset
+            held.logprobs, held.prompt_logprobs, held.prompt_token_ids, offset, text
         )
 
 
