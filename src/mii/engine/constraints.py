@@ -335,9 +335,10 @@ class GrammarCache:
         if kind == "json_schema":
             problem = unsupported_schema_feature(json.loads(spec))
             if problem:
+                # (a problem that says its own way out gets no second, contrary one)
+                advice = "; remove it from the schema" if problem.endswith("not supported") else ""
                 raise InvalidRequestError(
-                    f"invalid generation option 'json_schema': {problem}; remove it from "
-                    "the schema",
+                    f"invalid generation option 'json_schema': {problem}{advice}",
                     field="json_schema",
                 )
         if kind == "regex" and _UNSUPPORTED_REGEX.search(spec):
