@@ -150,6 +150,27 @@ def test_engine_freezes_its_startup_heap_until_released(checkpoints):
     assert still_frozen == (holders > 0 or frozen_by_others), (holders, frozen_by_others)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["graphs", "graphs+compile"])
+def test_destroy_gives_the_device_memory_back(checkpoints, compiled):
+    """destroy() dropped the model but the runner's bound forward and captured CUDA
+    graphs (and a torch.compile'd forward) still held it: the weights and the KV cache
+    stayed allocated as long as the pipeline object lived. A GPU check of what
+    tests/test_pipeline.py checks with weak references on the CPU."""
+    path, _ = checkpoints("llama")
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    pipe = mii.pipeline(str(path), device="cuda", compile=compiled)
+    assert pipe("Hello", max_new_tokens=8)[0].token_ids
+    assert pipe.engine.core.runner.graphs is not None  # decode passes were captured
+    held = torch.cuda.memory_allocated() - before
+    pipe.destroy()
+    gc.collect()
+    torch.cuda.synchronize()
+    left = torch.cuda.memory_allocated() - before
+    assert left < 0.05 * held, (held, left)  # the KV cache and weights went back
+
+
 def test_logprobs_on_gpu_match_transformers(checkpoints, tokenizer):
     """On CUDA logprobs come back with the tokens through pinned memory, with async
     scheduling and decode passes replayed as CUDA graphs (fp32 weights)."""
