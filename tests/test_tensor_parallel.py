@@ -283,6 +283,14 @@ def wait_until(predicate, timeout: float = 20.0) -> bool:
 SERVE_OPTIONS = dict(kv_block_size=4, num_kv_blocks=64)
 
 
+def serve_options() -> dict:
+    """SERVE_OPTIONS on a free gRPC port: the default, 50050, may be taken by any
+    deployment on this machine (a CI run failed so beside a user's mii serve)."""
+    from mii.rpc.deployment import free_port
+
+    return {**SERVE_OPTIONS, "port": free_port()}
+
+
 def test_serve_two_ranks_two_replicas(models, tmp_path, monkeypatch):
     from mii.rpc import registry
 
@@ -291,7 +299,7 @@ def test_serve_two_ranks_two_replicas(models, tmp_path, monkeypatch):
     with mii.pipeline(path, **SERVE_OPTIONS) as pipe:
         expected = pipe(PROMPTS[:3], do_sample=False, max_new_tokens=NEW_TOKENS)
     client = mii.serve(
-        path, deployment_name="tp", tensor_parallel=2, replica_num=2, **SERVE_OPTIONS
+        path, deployment_name="tp", tensor_parallel=2, replica_num=2, **serve_options()
     )
     processes = deployment_processes("tp")
     try:
@@ -315,7 +323,7 @@ def test_failing_rank_fails_the_request_and_the_deployment_turns_unhealthy(
     monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("MII_TP_FAIL_AT_PASS", "1:3")  # rank 1 raises on its third pass
     path = str(models["llama-gqa"][0])
-    client = mii.serve(path, deployment_name="tp-fail", tensor_parallel=2, **SERVE_OPTIONS)
+    client = mii.serve(path, deployment_name="tp-fail", tensor_parallel=2, **serve_options())
     processes = deployment_processes("tp-fail")
     try:
         with pytest.raises(mii.UnavailableError, match="rank 1: RuntimeError: injected failure"):
