@@ -28,12 +28,13 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
-import socket
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
+
+from mii.rpc.listen import bind_error
 
 AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
 BEARER = "bearer"
@@ -127,13 +128,7 @@ def _is_own_address(ip: str) -> bool:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return False
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((ip, 0))
-    except OSError:
-        return False
-    return not address.is_unspecified
+    return not address.is_unspecified and bind_error(ip, 0) is None
 
 
 def open_to_network_warning(host: str, ports: Sequence[int], api_key: str | None) -> str | None:

@@ -114,31 +114,36 @@ def _resolve(host: str, port: int, address: str) -> list[str]:
     return list(dict.fromkeys(info[4][0] for info in infos))  # each address once, in order
 
 
-def _listened_on(ip: str, port: int) -> bool:
-    """Whether another socket listens on ``ip:port``. The probe sets SO_REUSEADDR as
-    grpc does, so that connections of a stopped server (TIME_WAIT) do not count."""
+def bind_error(ip: str, port: int, reuse_address: bool = False) -> OSError | None:
+    """What binding a TCP socket to ``ip:port`` raises (None when it binds; the socket
+    is closed at once). ``reuse_address``: SO_REUSEADDR, as grpc sets it."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_address:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((ip, port))
     except OSError as err:
-        return err.errno == errno.EADDRINUSE
-    return False
+        return err
+    return None
+
+
+def _listened_on(ip: str, port: int) -> bool:
+    """Whether another socket listens on ``ip:port`` (with SO_REUSEADDR, as grpc
+    binds, connections of a stopped server in TIME_WAIT do not count)."""
+    err = bind_error(ip, port, reuse_address=True)
+    return err is not None and err.errno == errno.EADDRINUSE
 
 
 def _bind_failure(ip: str, port: int, in_use_hint: str = "") -> str | None:
     """Why ``ip:port`` cannot be bound, as the end of an error message (with
     ``in_use_hint`` when it is in use); None when the machine lacks that address
     family or address."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind((ip, port))
-    except OSError as err:
-        if err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-            return None
-        if err.errno == errno.EADDRINUSE:
-            return f" (is the port in use?{in_use_hint})"
-        return f": {err.strerror or err}"
-    return " (grpc could not bind it)"
+    err = bind_error(ip, port)
+    if err is None:
+        return " (grpc could not bind it)"
+    if err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+        return None
+    if err.errno == errno.EADDRINUSE:
+        return f" (is the port in use?{in_use_hint})"
+    return f": {err.strerror or err}"
