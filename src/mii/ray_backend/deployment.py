@@ -231,9 +231,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
             flush=True,
         )
         ports = [port, config.restful_api_port] if config.enable_restful_api else [port]
-        exposed = auth.open_to_network_warning(host, ports, api_key)
-        if exposed:
-            print(exposed, file=sys.stderr, flush=True)
+        auth.warn_if_open_to_network(host, ports, api_key)
         await stop.wait()
         registry.mark_stopping(name, os.getpid())
         await set_health(health, False)

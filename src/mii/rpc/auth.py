@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import ipaddress
 import secrets
+import sys
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -142,6 +143,13 @@ def open_to_network_warning(host: str, ports: Sequence[int], api_key: str | None
         f"port {listed} of this machine can generate, and anything on this machine (a local "
         "proxy too) can stop it; pass --api-key (api_key=) or bind --host 127.0.0.1"
     )
+
+
+def warn_if_open_to_network(host: str, ports: Sequence[int], api_key: str | None) -> None:
+    """Print :func:`open_to_network_warning`'s warning, when there is one, on stderr."""
+    warning = open_to_network_warning(host, ports, api_key)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
 
 
 # ----- servers ---------------------------------------------------------------------

@@ -262,9 +262,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         )
         print(capacity_line(pool.stats(), config.replica_num), file=sys.stderr, flush=True)
         ports = [port, config.restful_api_port] if rest else [port]
-        exposed = auth.open_to_network_warning(host, ports, config.secret_api_key())
-        if exposed:
-            print(exposed, file=sys.stderr, flush=True)
+        auth.warn_if_open_to_network(host, ports, config.secret_api_key())
         if config.stats_log_interval_s > 0:
             tasks.append(asyncio.create_task(log_stats(pool, config.stats_log_interval_s)))
         await stop.wait()
