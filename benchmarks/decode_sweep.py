@@ -269,10 +269,15 @@ ONE_QUERY_SHAPES = [(233, 760), (64, 2600), (4, 16384), (1, 32768)]
 def one_query(copy_bw: float, device) -> list[dict]:
     """One-head decode programs (Llama-2-7B's 32 heads) on an fp8 cache: the 16-row
     products ('dot', DECODE_LAUNCH_FP8*) against the CUDA-core path ('cores') at its
-    launch (DECODE_LAUNCH_ONE_QUERY) and its launch sweep; bf16's default beside."""
+    production launch (DECODE_LAUNCH_ONE_QUERY split, ..._UNSPLIT unsplit) and its launch
+    sweep (both launches set alike); bf16's default beside. Every setting's time is
+    kept in the JSON ("all")."""
     rows = []
-    launch = triton_attention.DECODE_LAUNCH_ONE_QUERY
-    defaults = launch.copy()
+    launches = (
+        triton_attention.DECODE_LAUNCH_ONE_QUERY,
+        triton_attention.DECODE_LAUNCH_ONE_QUERY_UNSPLIT,
+    )
+    defaults = [launch.copy() for launch in launches]
     saved = os.environ.get("MII_DECODE_ONE_QUERY")
     try:
         for seqs, context in ONE_QUERY_SHAPES:
@@ -293,18 +298,21 @@ def one_query(copy_bw: float, device) -> list[dict]:
             row = {"seqs": seqs, "context": context}
             row["bf16_us"] = round(timed(k, v, "dot") * 1e6, 1)
             row["dot_us"] = round(timed(*fp8, "dot") * 1e6, 1)
+            production = timed(*fp8, "cores")  # the shape's own launch (split or not)
             sweep = []
             settings = itertools.product((16, 32, 64), (1, 2, 4, 8), (1, 2, 3))
             for block_n, warps, stages in settings:
-                launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
+                for launch in launches:
+                    launch.update(block_n=block_n, num_warps=warps, num_stages=stages)
                 try:
                     sweep.append((timed(*fp8, "cores"), (block_n, warps, stages)))
                 except Exception as error:  # a setting this GPU cannot launch
                     print(f"cores {block_n},{warps},{stages}: {type(error).__name__}")
-            launch.update(defaults)
+            for launch, default in zip(launches, defaults, strict=True):
+                launch.update(default)
             sweep.sort()
-            default = next((t for t, c in sweep if c == tuple(defaults.values())), float("nan"))
-            row |= sweep_summary(sweep, default, moved, copy_bw)
+            row |= sweep_summary(sweep, production, moved, copy_bw)
+            row["all"] = {"/".join(map(str, c)): round(t * 1e6, 1) for t, c in sweep}
             row["dot_of_copy_bw"] = round(moved / (row["dot_us"] * 1e-6) / copy_bw, 3)
             row["bf16_of_copy_bw"] = round(2 * moved / (row["bf16_us"] * 1e-6) / copy_bw, 3)
             rows.append(row)
@@ -318,7 +326,8 @@ def one_query(copy_bw: float, device) -> list[dict]:
             )
             del k, v, fp8
     finally:
-        launch.update(defaults)
+        for launch, default in zip(launches, defaults, strict=True):
+            launch.update(default)
         if saved is None:
             os.environ.pop("MII_DECODE_ONE_QUERY", None)
         else:

@@ -72,7 +72,7 @@ def _attention(
         16, fp8, pack, num_splits=splits, d_pad=head_dim, fill_rows=fill_rows
     )
     if one_query:
-        launch = triton_attention.DECODE_LAUNCH_ONE_QUERY
+        launch = triton_attention.one_query_launch(splits)
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
         GROUP=pack, NUM_HEADS=32, SPLIT=splits > 1, SPLIT_MIN_KEYS=128, KV_BLOCK=16,

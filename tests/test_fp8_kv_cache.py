@@ -210,3 +210,46 @@ def test_one_query_decodes_on_cuda_cores_match_reference(dim, splits, window, mo
         )
         torch.testing.assert_close(out.float().cpu(), expected.float(), rtol=2e-2, atol=2e-2)
         assert asked == [(16, choice == "cores")]  # one launch: every chunk fits 16
+
+
+@pytest.mark.parametrize("unsplit_launch", ["narrow", "wide"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_one_query_decodes_take_their_launch_by_split(splits, unsplit_launch, monkeypatch):
+    """The CUDA-core decode programs launch with 16 keys a step on 2 warps when they
+    fill the GPU unsplit (MII_ONE_QUERY_UNSPLIT_LAUNCH=narrow, the default) and with
+    the split-KV launch (32 keys, 4 warps) when split or when asked 'wide'; the
+    numbers are the reference's either way."""
+    shapes = [(40, 1), (7, 1), (130, 1)]
+    case = list(make_case(shapes, 4, 4, 32, 8, torch.bfloat16, 32, seed=splits))
+    case[5], case[6] = to_cache(case[5], FP8_KV_DTYPE), to_cache(case[6], FP8_KV_DTYPE)
+    ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch = case
+    expected = rotary_paged_attention_reference(
+        ref_q, ref_k, ref_v, pos, cs, ref_kc, ref_vc, ref_batch, 32**-0.5, None
+    )
+    rotated_q = apply_rotary_reference(ref_q, pos, cs).to(DEVICE)
+    kernel = triton_attention._paged_attention_kernel
+    asked = []
+
+    class Spy:  # records each launch's keys a step and warps, then launches
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                asked.append((kwargs["BLOCK_N"], kwargs["num_warps"]))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_attention, "_paged_attention_kernel", Spy())
+    monkeypatch.setenv("MII_DECODE_ONE_QUERY", "cores")
+    monkeypatch.setenv("MII_ONE_QUERY_UNSPLIT_LAUNCH", unsplit_launch)
+    out = paged_attention_from_cache(
+        rotated_q,
+        ref_kc.to(DEVICE),
+        ref_vc.to(DEVICE),
+        to_device(case)[-1],
+        32**-0.5,
+        None,
+        splits,
+    )
+    torch.testing.assert_close(out.float().cpu(), expected.float(), rtol=2e-2, atol=2e-2)
+    narrow = splits == 1 and unsplit_launch == "narrow"
+    assert asked == [(16, 2) if narrow else (32, 4)]

@@ -15,6 +15,7 @@
 | ``MII_GQA_DECODE_QUERIES`` | ``pack``, ``tile`` | queries per grouped-query decode pass |
 | ``MII_FP8_KV_VALUES`` | ``bytes``, ``pairs`` | how attention reads an fp8 cache's values |
 | ``MII_DECODE_ONE_QUERY`` | ``dot``, ``cores`` | fp8-cache one-head decode: products or cores |
+| ``MII_ONE_QUERY_UNSPLIT_LAUNCH`` | ``narrow``, ``wide`` | unsplit CUDA-core decode: 2 or 4 warps |
 | ``MII_FP8_FUSED_QUANT`` | ``norm``, ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_PDL_EARLY_RELEASE`` | ``off``, ``on`` | small kernels release their successor first |
 | ``MII_GATED_GEMV`` | ``auto``, ``on``, ``off`` | act(gate) * up in the decode gate/up kernel |
@@ -223,6 +224,15 @@ DECODE_ONE_QUERY = _choice(
     "cores",
     "dot",
 )
+ONE_QUERY_UNSPLIT_LAUNCH = _choice(
+    "MII_ONE_QUERY_UNSPLIT_LAUNCH",
+    "MII_DECODE_ONE_QUERY=cores programs that fill the GPU without split-KV: 16 keys a "
+    "step on 2 warps ('narrow'), or the split-KV launch's 32 keys on 4 warps ('wide'); "
+    "decode_sweep --one-query, H200: 6-10 % faster narrow at 233 x 760 and 64 x 2,600 "
+    "keys (ops/triton_attention.py, DECODE_LAUNCH_ONE_QUERY_UNSPLIT)",
+    "narrow",
+    "wide",
+)
 FP8_FUSED_QUANT = _choice(
     "MII_FP8_FUSED_QUANT",
     "float8 decode: the RMSNorm and act(gate) * up kernels also write their output "
@@ -390,6 +400,7 @@ SWITCHES: tuple[Switch, ...] = (
     GQA_DECODE_QUERIES,
     FP8_KV_VALUES,
     DECODE_ONE_QUERY,
+    ONE_QUERY_UNSPLIT_LAUNCH,
     FP8_FUSED_QUANT,
     PDL_EARLY_RELEASE,
     GATED_GEMV,
