@@ -63,6 +63,12 @@ def main() -> None:
         "cores at W1's batch and at long contexts, and the cores path's launch settings",
     )
     parser.add_argument(
+        "--one-query-counts",
+        action="store_true",
+        help="only the fp8-cache CUDA-core decode programs unsplit, narrow vs wide launch, "
+        "by sequence count (where MII_ONE_QUERY_UNSPLIT_LAUNCH=narrow starts to win)",
+    )
+    parser.add_argument(
         "--batch1-step",
         action="store_true",
         help="only batch 1's attention inside a decode step (qkv, rotary, attention, o), "
@@ -79,6 +85,7 @@ def main() -> None:
         "batch1_launch": ("batch1_launch", lambda: batch1_launch(copy_bw, device)),
         "mixed_lengths": ("mixed_lengths", lambda: mixed_lengths(copy_bw, device)),
         "one_query": ("one_query", lambda: one_query(copy_bw, device)),
+        "one_query_counts": ("one_query_counts", lambda: one_query_counts(copy_bw, device)),
         "batch1_step": ("batch1_step", lambda: batch1_step(device)),
         "gqa_only": ("gqa_program_order", lambda: gqa_order(copy_bw, total_blocks, device)),
     }
@@ -332,6 +339,58 @@ def one_query(copy_bw: float, device) -> list[dict]:
             os.environ.pop("MII_DECODE_ONE_QUERY", None)
         else:
             os.environ["MII_DECODE_ONE_QUERY"] = saved
+    return rows
+
+
+# Sequence counts from split-KV's threshold (2 programs per multiprocessor) to W1's
+# decode batch: where the narrow unsplit launch starts to win (1,024 keys each).
+ONE_QUERY_COUNTS = (9, 12, 16, 24, 32, 40, 48, 64, 96, 128, 192, 233)
+
+
+def one_query_counts(copy_bw: float, device) -> list[dict]:
+    """One-head CUDA-core decode programs on an fp8 cache (Llama-2-7B's 32 heads),
+    unsplit, narrow launch (DECODE_LAUNCH_ONE_QUERY_UNSPLIT) vs wide (the split-KV
+    launch) by sequence count, the narrow threshold lowered to take every count."""
+    rows = []
+    saved = {n: os.environ.get(n) for n in ("MII_DECODE_ONE_QUERY", "MII_ONE_QUERY_UNSPLIT_LAUNCH")}
+    threshold = triton_attention.ONE_QUERY_NARROW_MIN_PER_SM
+    triton_attention.ONE_QUERY_NARROW_MIN_PER_SM = 0
+    os.environ["MII_DECODE_ONE_QUERY"] = "cores"
+    context = 1024
+    try:
+        for seqs in ONE_QUERY_COUNTS:
+            blocks = seqs * context // BLOCK + 8
+            k = torch.randn(blocks, BLOCK, KV_HEADS, DIM, device=device, dtype=torch.bfloat16)
+            fp8 = (k.to(FP8_KV_DTYPE), torch.randn_like(k).to(FP8_KV_DTYPE))
+            batch = paged_batch([1] * seqs, [context] * seqs, device, blocks)
+            q = torch.randn(seqs, HEADS, DIM, device=device, dtype=torch.bfloat16)
+            moved = 2 * seqs * context * KV_HEADS * DIM
+            row = {"seqs": seqs, "context": context}
+            for choice in ("narrow", "wide"):
+                os.environ["MII_ONE_QUERY_UNSPLIT_LAUNCH"] = choice
+                seconds = bench_graph(
+                    lambda q=q, batch=batch, kv=fp8: paged_attention_from_cache(
+                        q, *kv, batch, DIM**-0.5, splits=1
+                    )
+                )
+                row[f"{choice}_us"] = round(seconds * 1e6, 1)
+                row[f"{choice}_of_copy_bw"] = round(moved / seconds / copy_bw, 3)
+            rows.append(row)
+            per_sm = seqs * HEADS / multiprocessors(device)
+            print(
+                f"{seqs:3d} x {context} ({per_sm:4.1f} programs/SM): narrow "
+                f"{row['narrow_us']:7.1f} us ({row['narrow_of_copy_bw']:.0%})  wide "
+                f"{row['wide_us']:7.1f} ({row['wide_of_copy_bw']:.0%})",
+                flush=True,
+            )
+            del k, fp8
+    finally:
+        triton_attention.ONE_QUERY_NARROW_MIN_PER_SM = threshold
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return rows
 
 

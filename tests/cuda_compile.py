@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not interpreted ones
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -72,7 +73,8 @@ def _attention(
         16, fp8, pack, num_splits=splits, d_pad=head_dim, fill_rows=fill_rows
     )
     if one_query:
-        launch = triton_attention.one_query_launch(splits)
+        # unsplit: as many programs as W1's decode passes have (the narrow launch)
+        launch = triton_attention.one_query_launch(splits, 1 << 20, torch.device("cpu"))
     types = _ATTENTION_TYPES | {"K_cache": f"*{cache}", "V_cache": f"*{cache}"}
     constexprs = dict(
         GROUP=pack, NUM_HEADS=32, SPLIT=splits > 1, SPLIT_MIN_KEYS=128, KV_BLOCK=16,

@@ -753,19 +753,23 @@ DECODE_LAUNCH_FP8_MHA = {"block_n": 128, "num_warps": 4, "num_stages": 3}
 # fifth is 0.9 % from the best, 16/2/1; only the top five are kept). (Its
 # accumulator is keys a step x head_dim float32, so wider steps than the products' spill.)
 DECODE_LAUNCH_ONE_QUERY = {"block_n": 32, "num_warps": 4, "num_stages": 3}
-# The same programs unsplit (enough sequences to fill the GPU): 16 keys a step, 2 warps,
-# 3 stages, so more programs stay resident per SM. decode_sweep --one-query, Llama-2-7B
-# heads, 233 x 760 and 64 x 2,600 keys: on the H200 (2026-12-05, 3d60168) 387.1 and
-# 350.2 us against 412.7 and 390.3 with 32/4/3 (0.4 and 1.7 % from the sweep's best); on
-# the H100 (fab48f0) 536.8 and 497.2 us, 0.2 and 0.5 % from its best. Split-KV (4 x
-# 16,384, 1 x 32,768) keeps 32/4/3, the best of both cards there.
+# The same programs unsplit, when there are many per multiprocessor: 16 keys a step, 2
+# warps, 3 stages. decode_sweep --one-query, Llama-2-7B heads, 233 x 760 and 64 x 2,600
+# keys: on the H200 (2026-12-05, 3d60168) 387.1 and 350.2 us against 412.7 and 390.3 with
+# 32/4/3; on the H100 (366af50) 511.5 and 470.6 against 512.2 and 489.2. Split-KV (4 x
+# 16,384, 1 x 32,768) keeps 32/4/3, the best of both cards there. With few programs per
+# multiprocessor the narrow launch keeps half the bytes in flight: W1 with the fp8 cache
+# (H100, narrow from 2 programs a multiprocessor, the split-KV threshold) took 6.40 / 6.40 s
+# against 6.33 / 6.35 wide, hence a threshold of its own (ONE_QUERY_NARROW_MIN_PER_SM).
 DECODE_LAUNCH_ONE_QUERY_UNSPLIT = {"block_n": 16, "num_warps": 2, "num_stages": 3}
+ONE_QUERY_NARROW_MIN_PER_SM = 8
 
 
-def one_query_launch(num_splits: int) -> dict:
-    """The launch of one-head CUDA-core decode programs split ``num_splits`` ways
-    (MII_ONE_QUERY_UNSPLIT_LAUNCH=wide: the split-KV launch for unsplit programs too)."""
-    if num_splits == 1 and envs.ONE_QUERY_UNSPLIT_LAUNCH.get() == "narrow":
+def one_query_launch(num_splits: int, programs: int, device: torch.device) -> dict:
+    """The launch of ``programs`` one-head CUDA-core decode programs (per split) split
+    ``num_splits`` ways (MII_ONE_QUERY_UNSPLIT_LAUNCH=wide: always the split-KV launch)."""
+    many = programs >= ONE_QUERY_NARROW_MIN_PER_SM * triton_limits.multiprocessors(device)
+    if num_splits == 1 and many and envs.ONE_QUERY_UNSPLIT_LAUNCH.get() == "narrow":
         return DECODE_LAUNCH_ONE_QUERY_UNSPLIT
     return DECODE_LAUNCH_ONE_QUERY
 
@@ -959,7 +963,7 @@ def paged_attention_from_cache(
         )
         one_query = tiles.size <= 16 and pack == 1 and one_query_cores
         if one_query:
-            launch = one_query_launch(num_splits)
+            launch = one_query_launch(num_splits, count * programs_per_tile, q.device)
             # Its float32 accumulator is keys x head_dim, read per key whatever the
             # cache's block size: the launch's keys at heads of up to 128, fewer above.
             block_n = max(16, launch["block_n"] * 128 // max(d_pad, 128))
