@@ -217,9 +217,9 @@ def test_one_query_decodes_on_cuda_cores_match_reference(dim, splits, window, mo
 @pytest.mark.parametrize("splits", [1, 3])
 def test_one_query_decodes_take_their_launch_by_split(splits, unsplit_launch, many, monkeypatch):
     """The CUDA-core decode programs launch with 16 keys a step on 2 warps when they
-    are many per multiprocessor and unsplit (MII_ONE_QUERY_UNSPLIT_LAUNCH=narrow, the
-    default) and with the split-KV launch (32 keys, 4 warps) when split, few, or asked
-    'wide'; the numbers are the reference's either way. (12 programs here: 'many'
+    are many per multiprocessor and unsplit and MII_ONE_QUERY_UNSPLIT_LAUNCH=narrow, and
+    with the split-KV launch (32 keys, 4 warps) when split, few, or 'wide' (the
+    default); the numbers are the reference's either way. (12 programs here: 'many'
     lowers the threshold.)"""
     if many:
         monkeypatch.setattr(triton_attention, "ONE_QUERY_NARROW_MIN_PER_SM", 0)

@@ -15,7 +15,7 @@
 | ``MII_GQA_DECODE_QUERIES`` | ``pack``, ``tile`` | queries per grouped-query decode pass |
 | ``MII_FP8_KV_VALUES`` | ``bytes``, ``pairs`` | how attention reads an fp8 cache's values |
 | ``MII_DECODE_ONE_QUERY`` | ``dot``, ``cores`` | fp8-cache one-head decode: products or cores |
-| ``MII_ONE_QUERY_UNSPLIT_LAUNCH`` | ``narrow``, ``wide`` | unsplit CUDA-core decode: 2 or 4 warps |
+| ``MII_ONE_QUERY_UNSPLIT_LAUNCH`` | ``wide``, ``narrow`` | unsplit CUDA-core decode: 4 or 2 warps |
 | ``MII_FP8_FUSED_QUANT`` | ``norm``, ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_PDL_EARLY_RELEASE`` | ``off``, ``on`` | small kernels release their successor first |
 | ``MII_GATED_GEMV`` | ``auto``, ``on``, ``off`` | act(gate) * up in the decode gate/up kernel |
@@ -226,12 +226,13 @@ DECODE_ONE_QUERY = _choice(
 )
 ONE_QUERY_UNSPLIT_LAUNCH = _choice(
     "MII_ONE_QUERY_UNSPLIT_LAUNCH",
-    "MII_DECODE_ONE_QUERY=cores programs that fill the GPU without split-KV: 16 keys a "
-    "step on 2 warps ('narrow'), or the split-KV launch's 32 keys on 4 warps ('wide'); "
-    "decode_sweep --one-query, H200: 6-10 % faster narrow at 233 x 760 and 64 x 2,600 "
-    "keys (ops/triton_attention.py, DECODE_LAUNCH_ONE_QUERY_UNSPLIT)",
-    "narrow",
+    "MII_DECODE_ONE_QUERY=cores programs that fill the GPU without split-KV: the "
+    "split-KV launch's 32 keys a step on 4 warps ('wide'), or 16 keys on 2 warps from "
+    "ONE_QUERY_NARROW_MIN_PER_SM programs per multiprocessor ('narrow': 6-10 % faster "
+    "in the H200's decode_sweep at 233 x 760 and 64 x 2,600 keys, but on the H100 "
+    "W1 with the fp8 cache took as long or 1 % longer; ops/triton_attention.py)",
     "wide",
+    "narrow",
 )
 FP8_FUSED_QUANT = _choice(
     "MII_FP8_FUSED_QUANT",
