@@ -23,7 +23,7 @@ print(int(rows[first]['seqs'] * 32 // sms))")
 echo "threshold per SM: $PER_SM"
 w1() {  # tag, programs per SM from which narrow, throughput.py options
   local tag=$1 per_sm=$2; shift 2
-  timeout 90 python3 -c "
+  MII_ONE_QUERY_UNSPLIT_LAUNCH=narrow timeout 90 python3 -c "
 import runpy, sys
 import mii.ops.triton_attention as attention
 attention.ONE_QUERY_NARROW_MIN_PER_SM = float(sys.argv[1])
