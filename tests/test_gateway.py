@@ -526,7 +526,6 @@ def test_vllm_fields_at_their_no_op_values_are_served_and_others_refused(served)
         "length_penalty": 0.5,
         "priority": 1,
         "bad_words": ["x"],
-        "return_tokens_as_token_ids": True,
         "spaces_between_special_tokens": False,
         "return_token_ids": True,
         "chat_template": "{{ messages }}",

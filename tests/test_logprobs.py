@@ -531,3 +531,67 @@ def test_chat_logprob_bytes_are_each_tokens_own_even_inside_a_character():
             assert item["bytes"] == list(item["token"].encode())
     assert piece_bytes("<0xE2>") == b"\xe2" and piece_bytes("Ġhi") == b" hi"
     assert piece_bytes("▁hi") is None  # a SentencePiece word: not bytes
+
+
+def test_tokens_as_token_ids_keep_tokens_that_decode_alike_apart():
+    """vLLM's return_tokens_as_token_ids: every token named "token_id:N". The split
+    emoji's byte pieces all decode to U+FFFD, so its top_logprobs keyed by text kept
+    one of them (the logprob of another token); by id each keeps its own. Offsets
+    still count the text's characters; chat's bytes stay the token's own."""
+    from chat_tokenizers import llama3_tokenizer
+    from mii.response import TokenLogprob
+    from mii.rpc.http.openai_logprobs import LogprobFormatter
+
+    tokenizer = llama3_tokenizer()
+    text = "cats 🐱 and é"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [i for i in ids if tokenizer.decode([i]) == "\ufffd"]
+    assert len(pieces) >= 2  # the emoji's pieces decode alike
+    entries = [TokenLogprob(i, -0.5, [(p, -1.0 - k) for k, p in enumerate(pieces)]) for i in ids]
+
+    def completion(token_ids: bool) -> dict:
+        formatter = LogprobFormatter(tokenizer, chat=False, token_ids=token_ids)
+        return formatter.choice_logprobs(entries, text=text)
+
+    by_text, by_id = completion(False), completion(True)
+    assert by_id["tokens"] == [f"token_id:{i}" for i in ids]
+    assert len(by_text["top_logprobs"][0]) < len(pieces) + 1  # collided
+    for i, top in zip(ids, by_id["top_logprobs"], strict=True):
+        expected = {f"token_id:{p}": -1.0 - k for k, p in enumerate(pieces)}
+        expected.setdefault(f"token_id:{i}", -0.5)
+        assert top == expected
+    assert by_id["text_offset"] == by_text["text_offset"]
+    assert by_id["token_logprobs"] == by_text["token_logprobs"]
+
+    plain = LogprobFormatter(tokenizer, chat=True).choice_logprobs(entries)["content"]
+    named = LogprobFormatter(tokenizer, chat=True, token_ids=True).choice_logprobs(entries)
+    for i, a, b in zip(ids, plain, named["content"], strict=True):
+        assert b["token"] == f"token_id:{i}" and b["bytes"] == a["bytes"]
+        assert [t["token"] for t in b["top_logprobs"]] == [f"token_id:{p}" for p in pieces]
+
+
+def test_return_tokens_as_token_ids_over_http(served, tokenizer):
+    """The request field reaches both routes' logprobs, streamed too; it is no
+    longer refused."""
+    _, _, url, _ = served
+    oai = openai_client(url)
+    prompt_ids = tokenizer(PROMPTS[0]).input_ids
+    asked = dict(model=None, temperature=0, extra_body={"return_tokens_as_token_ids": True})
+    result = oai.completions.create(prompt=prompt_ids, max_tokens=3, logprobs=2, echo=True, **asked)
+    lp = result.choices[0].logprobs
+    assert lp.tokens[: len(prompt_ids)] == [f"token_id:{i}" for i in prompt_ids]
+    assert all(t.startswith("token_id:") for top in lp.top_logprobs[1:] for t in top)
+    streamed = []
+    for chunk in oai.completions.create(
+        prompt=prompt_ids, max_tokens=3, logprobs=2, stream=True, **asked
+    ):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed.extend(chunk.choices[0].logprobs.tokens)
+    assert streamed == lp.tokens[len(prompt_ids) :]
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    chat = oai.chat.completions.create(
+        messages=messages, max_tokens=3, logprobs=True, top_logprobs=2, **asked
+    )
+    content = chat.choices[0].logprobs.content
+    assert all(e.token.startswith("token_id:") for e in content)
+    assert all(t.token.startswith("token_id:") for e in content for t in e.top_logprobs)

@@ -16,6 +16,12 @@
   :mod:`mii.rpc.http.token_bytes`), so that the bytes of the tokens, joined, are
   the text's UTF-8.
 
+vLLM's ``return_tokens_as_token_ids: true`` names each token (``tokens``, the
+``top_logprobs`` keys, chat's ``token``) ``"token_id:N"``: tokens that decode to the
+same text, as byte-fallback pieces of one character all decode to U+FFFD, then stay
+apart. ``text_offset`` still counts the text's characters, and chat's ``bytes`` stay
+the token's own bytes (where vLLM gives the bytes of ``"token_id:N"``).
+
 JSON has no -inf: a logprob of a token the sampling settings exclude
 (``logprobs_mode: "processed"``) is sent as -9999.0, OpenAI's own floor.
 """
@@ -38,10 +44,13 @@ def json_logprob(value: float) -> float:
 class LogprobFormatter:
     """Turns a choice's TokenLogprobs into OpenAI's JSON (token ids become text)."""
 
-    def __init__(self, tokenizer: Any, chat: bool, echo: bool = False) -> None:
+    def __init__(
+        self, tokenizer: Any, chat: bool, echo: bool = False, token_ids: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.chat = chat
         self.echo = echo  # completions echo: the prompt's entries lead a choice's logprobs
+        self.token_ids = token_ids  # return_tokens_as_token_ids: tokens named "token_id:N"
         # special tokens, which the text leaves out (skip_special_tokens) but the
         # token list names: they take no characters of text_offset then
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
@@ -85,13 +94,16 @@ class LogprobFormatter:
             return {"content": content, "refusal": None}
         return self._completion(entries, texts, first_id, text_offset, text)
 
-    @staticmethod
+    def _name(self, token_id: int, text: str) -> str:
+        """How the answer names a token: its text, or "token_id:N" when asked."""
+        return f"token_id:{token_id}" if self.token_ids else text
+
     def _chat_entry(
-        entry: TokenLogprob, texts: dict[int, str], raw: dict[int, list[int]]
+        self, entry: TokenLogprob, texts: dict[int, str], raw: dict[int, list[int]]
     ) -> dict[str, Any]:
         def item(token_id: int, logprob: float) -> dict[str, Any]:
-            text = texts[token_id]
-            return {"token": text, "logprob": json_logprob(logprob), "bytes": raw[token_id]}
+            name = self._name(token_id, texts[token_id])
+            return {"token": name, "logprob": json_logprob(logprob), "bytes": raw[token_id]}
 
         return {
             **item(entry.token_id, entry.logprob),
@@ -114,9 +126,9 @@ class LogprobFormatter:
                 text, chosen, top = texts.get(first_id, ""), None, None
             else:
                 text, chosen = texts[entry.token_id], json_logprob(entry.logprob)
-                top = {texts[t]: json_logprob(lp) for t, lp in entry.top}
-                top.setdefault(text, chosen)
-            tokens.append(text)
+                top = {self._name(t, texts[t]): json_logprob(lp) for t, lp in entry.top}
+                top.setdefault(self._name(entry.token_id, text), chosen)
+            tokens.append(text if token_id is None else self._name(token_id, text))
             token_logprobs.append(chosen)
             top_logprobs.append(top)
             offsets.append(text_offset + at)

@@ -155,10 +155,12 @@ async def _respond(
 
 
 def _formatter(
-    state: GatewayState, params: dict[str, Any], chat: bool, echo: bool = False
+    state: GatewayState, body: OpenAIRequest, params: dict[str, Any], chat: bool, echo: bool = False
 ) -> LogprobFormatter | None:
     """What writes the answer's logprobs, when the request asked for them."""
-    return LogprobFormatter(state.tokenizer, chat, echo) if "logprobs" in params else None
+    if "logprobs" not in params:
+        return None
+    return LogprobFormatter(state.tokenizer, chat, echo, body.return_tokens_as_token_ids)
 
 
 def _prompt_formatter(state: GatewayState, body: OpenAIRequest) -> LogprobFormatter | None:
@@ -182,7 +184,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     answer = Answer(
         COMPLETION,
         state.served_model,
-        _formatter(state, params, chat=False, echo=body.echo),
+        _formatter(state, body, params, chat=False, echo=body.echo),
         prompt_logprobs=_prompt_formatter(state, body),
     )
     return await _respond(request, state, body, choices, renames, answer)
@@ -233,7 +235,7 @@ async def prepare_chat(
     answer = Answer(
         CHAT_COMPLETION,
         state.served_model,
-        _formatter(state, params, chat=True),
+        _formatter(state, body, params, chat=True),
         tools if tools is not None and tools.mode != "none" else None,
         prompt_logprobs=_prompt_formatter(state, body),
     )

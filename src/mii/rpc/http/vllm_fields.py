@@ -34,7 +34,7 @@ class VllmFields(BaseModel):
     prompt_logprobs: int | None = None  # served (openai_options, openai_logprobs)
     allowed_token_ids: list[int] | None = None  # served (openai_options); [] as unset
     bad_words: list[str] | None = None
-    return_tokens_as_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False  # served (openai_logprobs)
     add_special_tokens: bool | None = None
     spaces_between_special_tokens: bool = True
     include_reasoning: bool = True
@@ -56,7 +56,6 @@ NO_OP_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
     "length_penalty": ((1.0,), "it applies to beam search, which is not supported"),
     "priority": ((0,), "priority scheduling is not supported: requests are served in order"),
     "bad_words": ((None, []), "use logit_bias to ban token ids"),
-    "return_tokens_as_token_ids": ((False,), "POST /tokenize gives a text's token ids"),
     "spaces_between_special_tokens": (
         (True,),
         "special tokens are decoded as the tokenizer writes them",
