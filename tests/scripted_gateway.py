@@ -38,8 +38,10 @@ class ScriptedPool:
         self.sent.extend((p, params) for p in prompts)
         return [Response(self.text, len(p), 7, self.finish) for p in prompts]
 
-    async def stream(self, prompt, params, timeout=None) -> AsyncIterator[Response]:
+    async def stream(self, prompt, params, timeout=None, announce=False) -> AsyncIterator:
         self.sent.append((prompt, params))
+        if announce:  # accepted, as a replica's engine says before any token
+            yield None
         pieces = [self.text[i : i + self.size] for i in range(0, len(self.text), self.size)]
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1

@@ -493,3 +493,27 @@ async def test_tiny_temperature_is_greedy(engine):
             PROMPTS[2], max_new_tokens=12, ignore_eos=True, seed=1, temperature=temperature
         )
         assert r.token_ids == greedy.token_ids, temperature
+
+
+async def test_open_stream_returns_once_accepted_and_close_aborts(engine):
+    """open_stream: a refused request raises there (nothing queued); an accepted one
+    returns before any token; its pieces equal stream()'s; close() of one not read
+    to its end aborts it, and close() of a finished one forgets it."""
+    with pytest.raises(mii.InvalidRequestError):
+        await engine.open_stream([], max_new_tokens=4)  # an empty prompt
+    pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=6, do_sample=False)
+    try:
+        read = [piece async for piece in pieces]
+    finally:
+        pieces.close()
+    streamed = [p async for p in engine.stream(PROMPTS[0], max_new_tokens=6, do_sample=False)]
+    assert join_pieces(read).token_ids == join_pieces(streamed).token_ids
+    assert read[-1].finish_reason == "length"
+    unread = await engine.open_stream(PROMPTS[1], max_new_tokens=200, ignore_eos=True)
+    while engine.stats()["running"] < 1:
+        await asyncio.sleep(0.001)
+    unread.close()
+    unread.close()  # idempotent
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+    assert not engine._queues

@@ -746,6 +746,70 @@ def test_waiting_client_that_leaves_aborts_its_request(served):
     assert finished(served, "length") == before, "the request ran to the end"
 
 
+def test_streamed_prompts_are_answered_once_each_is_accepted(served):
+    """A streamed request of several text prompts, one too long for max_length: 400
+    naming the prompt, every time (the answer used to start with the short prompt's
+    first piece, then carry the long one's refusal as an error event), and nothing
+    left running. Prompts that fit stream as before, every choice's pieces in."""
+    too_long = "hello world " * MAX_POSITIONS
+    body = {"model": served.model, "max_tokens": 3, "stream": True, "ignore_eos": True}
+    for prompts in ([PROMPTS[0], too_long], [too_long, PROMPTS[0]]):
+        for _ in range(3):
+            reply = served.http.post("/v1/completions", json={**body, "prompt": prompts})
+            assert_openai_error(reply, 400, "prompt")
+    wait_running(served, 0)
+    reply = served.http.post("/v1/completions", json={**body, "prompt": PROMPTS[:2], "n": 2})
+    assert reply.status_code == 200, reply.text
+    chunks = [json.loads(line[6:]) for line in reply.text.splitlines() if line[6:7] == "{"]
+    finishes = {c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]}
+    assert finishes == {0, 1, 2, 3}
+
+
+class _RefusesLater:
+    """A pool whose prompt "bad" is refused a moment after the others stream."""
+
+    def __init__(self) -> None:
+        self.replicas = [type("R", (), {"healthy": True})()]
+        self.metrics = Metrics()
+        self.closed: list[object] = []
+
+    async def stream(self, prompt, params, timeout=None, announce=False):
+        from mii.response import Response
+
+        try:
+            if prompt == "bad":
+                await asyncio.sleep(0.3)
+                raise InvalidRequestError("the prompt has too many tokens", field="prompt")
+            if announce:
+                yield None
+            yield Response("ok", 1, 1, None)
+            await asyncio.sleep(30)  # still generating when the request is refused
+            yield Response("", 1, 1, "length")
+        finally:
+            self.closed.append(prompt)
+
+
+def test_a_late_refusal_of_one_prompt_is_the_streamed_requests_400(llama):
+    """The gateway waits for every choice's acceptance, not just the first piece
+    of whichever answers first: a refusal that arrives after another prompt's first
+    piece is still the request's 400, and the other prompt's request is closed."""
+    pool = _RefusesLater()
+
+    async def scenario():
+        config = DeploymentConfig(model=llama, restful_api_port=free_port())
+        info = mii_pb2.ModelInfoReply(deployment_name="d", model=llama, max_length=256)
+        gateway = await start_gateway(pool, info, config)
+        try:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+                body = {"prompt": ["good", "bad"], "stream": True, "max_tokens": 2}
+                assert_openai_error(await http.post("/v1/completions", json=body), 400, "prompt")
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+    assert sorted(pool.closed) == ["bad", "good"]
+
+
 # ----- pieces without a deployment --------------------------------------------------------------
 
 
@@ -801,7 +865,7 @@ class _DownPool:
     async def generate(self, prompts, params, timeout=None):
         raise NoReplicaError("no replica of this deployment is available")
 
-    async def stream(self, prompt, params, timeout=None):
+    async def stream(self, prompt, params, timeout=None, announce=False):
         raise NoReplicaError("no replica of this deployment is available")
         yield
 

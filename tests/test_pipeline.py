@@ -213,3 +213,27 @@ def test_cpu_path_never_imports_triton(llama):
     env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_chat_continues_the_final_message_as_the_chat_route_does(llama):
+    """pipe.chat(continue_final_message=True) continues the last (assistant) message:
+    add_generation_prompt unset follows it, as on the OpenAI chat route (it was true,
+    so the call failed unless add_generation_prompt=False was passed too); asking
+    for both names continue_final_message."""
+    partial = [
+        {"role": "user", "content": "Seattle is"},
+        {"role": "assistant", "content": "a city in"},
+    ]
+    greedy = dict(max_new_tokens=3, do_sample=False, ignore_eos=True)
+    with mii.pipeline(llama) as pipe:
+        [continued] = pipe.chat(partial, continue_final_message=True, **greedy)
+        [explicit] = pipe.chat(
+            partial, continue_final_message=True, add_generation_prompt=False, **greedy
+        )
+        assert continued.token_ids == explicit.token_ids
+        assert continued.prompt_length == explicit.prompt_length
+        [fresh] = pipe.chat(partial, **greedy)  # a new assistant turn: a longer prompt
+        assert fresh.prompt_length > continued.prompt_length
+        with pytest.raises(mii.InvalidRequestError) as err:
+            pipe.chat(partial, continue_final_message=True, add_generation_prompt=True)
+        assert err.value.field == "continue_final_message"

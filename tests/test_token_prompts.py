@@ -178,7 +178,7 @@ class _UnreachablePool:
     async def generate(self, prompts, params, timeout=None):
         raise AssertionError("the request reached the pool")
 
-    def stream(self, prompt, params, timeout=None):
+    def stream(self, prompt, params, timeout=None, announce=False):
         raise AssertionError("the request reached the pool")
 
 

@@ -112,7 +112,7 @@ class Pipeline:
         messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
         progress: bool | None = None,
         *,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         continue_final_message: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
@@ -122,9 +122,12 @@ class Pipeline:
         list of them, each through the model's chat template (vLLM's ``LLM.chat``):
         an instruct model given a raw question often ends it at once. The template
         options are the OpenAI chat route's (vLLM's names); generation options as
-        for a call of the pipeline. Returns one response per conversation."""
-        from mii.rpc.http.chat import chat_prompt_ids, conversation_items
+        for a call of the pipeline (``add_generation_prompt`` unset: true unless
+        ``continue_final_message``, which continues the last message instead).
+        Returns one response per conversation."""
+        from mii.rpc.http.chat import chat_prompt_ids, conversation_items, generation_prompt
 
+        add_generation_prompt = generation_prompt(add_generation_prompt, continue_final_message)
         conversations = conversation_items(messages)
         prompts = [
             chat_prompt_ids(

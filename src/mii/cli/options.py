@@ -244,6 +244,9 @@ def add_generation_options(
         help="greedy decoding (most likely token) instead of sampling",
     )
     add_field_options(group, GenerateParams, SAMPLING_OPTIONS, metavars=METAVARS)
+    for action in group._group_actions:
+        if action.dest == "stop":  # the shell passes '\n' as a backslash and an n
+            action.help += r"; taken as typed: for a line break in bash write $'\n', not '\n'"
 
 
 def generation_params(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,12 +20,13 @@ from typing import Any
 
 from mii.config import EngineConfig, GenerateParams
 from mii.engine.admission import admit
+from mii.engine.answer_stream import DONE as _DONE
+from mii.engine.answer_stream import AnswerStream
 from mii.engine.core import EngineCore, StepOutput
 from mii.errors import EngineClosedError
 from mii.prompts import Prompt, one_prompt, prompt_batch
 from mii.response import Response, join_pieces
 
-_DONE = object()
 # Text prompts at least this long are tokenized in a worker thread (the fast
 # tokenizers release the GIL): a 10 MB prompt takes seconds to tokenize, and on
 # the event loop it stalled every other request of the engine.
@@ -126,6 +127,20 @@ class AsyncEngine:
         consuming task (or closing the iterator) aborts the request; ``abort``
         ends the stream with an empty piece whose ``finish_reason`` is "abort".
         ``request_id`` (default: a fresh one) may be reused once its request ended."""
+        pieces = await self.open_stream(prompt, request_id, **params)
+        try:
+            async for piece in pieces:
+                yield piece
+        finally:
+            pieces.close()
+
+    async def open_stream(
+        self, prompt: Prompt, request_id: str | None = None, **params: Any
+    ) -> AnswerStream:
+        """Check and queue one request (raising what ``stream`` raises before its
+        first piece) and return its pieces: returning means the engine accepted it.
+        The caller must ``close()`` the stream (in a ``finally``): that aborts the
+        request unless it finished."""
         if request_id is not None and not isinstance(request_id, str):
             raise TypeError(
                 f"request_id must be a string (got {type(request_id).__name__}); generation "
@@ -140,30 +155,15 @@ class AsyncEngine:
         request_id, queue, seq = self._submit(
             prompt, request_id, params, prompt_ids=prompt_ids, grammar=grammar
         )
-        prompt_length = seq.prompt_len  # read now: the engine thread owns seq from here
-        finished = False
-        generated = 0  # tokens delivered so far, for the final piece of an abort
-        try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:  # aborted: the same end generate() reports
-                    finished = True
-                    yield Response("", prompt_length, generated, "abort", request_id)
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.finish_reason is not None:
-                    finished = True
-                generated = item.generated_length
-                yield item
-                if finished:
-                    return
-        finally:
+
+        def release(finished: bool) -> None:
             if not finished:
                 self._request_abort(request_id, owner=queue)
             elif self._queues.get(request_id) is queue:
                 del self._queues[request_id]
+
+        # No await from _submit to here: a cancelled caller cannot lose the request.
+        return AnswerStream(request_id, queue, seq.prompt_len, release)
 
     async def generate(
         self,

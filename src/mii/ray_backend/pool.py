@@ -127,20 +127,27 @@ class RayPool:
                 return responses
 
     async def stream(
-        self, prompt: Prompt, params: dict[str, Any], timeout: float | None = None
-    ) -> AsyncIterator[Response]:
+        self,
+        prompt: Prompt,
+        params: dict[str, Any],
+        timeout: float | None = None,
+        announce: bool = False,
+    ) -> AsyncIterator[Response | None]:
         """Pieces of one answer. Closing the iterator cancels the replica's
-        generator, which aborts the request there."""
-        pieces = self._stream(prompt, params)
+        generator, which aborts the request there. ``announce``: first a ``None``
+        as soon as the replica's engine accepted the request (before any token)."""
+        pieces = self._stream(prompt, params, announce)
         try:
             with Outcome(self.metrics) as outcome:
                 async for piece in pieces:
-                    outcome.finished = piece.finish_reason is not None
+                    outcome.finished = piece is not None and piece.finish_reason is not None
                     yield piece
         finally:
             await pieces.aclose()
 
-    async def _stream(self, prompt: Prompt, params: dict[str, Any]) -> AsyncIterator[Response]:
+    async def _stream(
+        self, prompt: Prompt, params: dict[str, Any], announce: bool
+    ) -> AsyncIterator[Response | None]:
         start = time.perf_counter()
         deadline = time.monotonic() + RETRY_FOR_S
         params = validated(params)
@@ -154,6 +161,11 @@ class RayPool:
             try:
                 async for item in call:
                     watch.progress()
+                    if "accepted" in item:  # said once, before any piece
+                        if announce:
+                            announce = False
+                            yield None
+                        continue
                     piece = piece_from_wire(raise_if_error(item)["piece"])
                     received += 1
                     timing.observe(piece)

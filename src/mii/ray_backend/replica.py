@@ -70,15 +70,21 @@ class MiiReplica:
         return {"pieces": [piece_to_wire(r) for r in responses]}
 
     async def stream(self, prompt: Prompt, params: dict[str, Any]) -> AsyncIterator[dict]:
-        """``{"piece": ...}`` for every piece, or a last ``{"error": ...}``. A caller
+        """``{"accepted": True}`` once the engine accepted the request, then
+        ``{"piece": ...}`` for every piece; or a last ``{"error": ...}``. A caller
         that cancels the stream cancels this generator, which aborts the request."""
         self.in_flight += 1
+        pieces = None
         try:
-            async for piece in self.engine.stream(prompt, **params):
+            pieces = await self.engine.open_stream(prompt, **params)
+            yield {"accepted": True}
+            async for piece in pieces:
                 yield {"piece": piece_to_wire(piece)}
         except Exception as err:
             yield error_to_wire(engine_error(err))
         finally:
+            if pieces is not None:
+                pieces.close()
             self.in_flight -= 1
 
     async def model_info(self) -> dict[str, Any]:

@@ -17,6 +17,10 @@ UNLIMITED_MESSAGES = (
     ("grpc.max_send_message_length", -1),
 )
 
+# What a replica's GenerateStream sends as initial metadata once its engine accepted
+# the request, before any token (engine/answer_stream.py says who waits for it).
+ACCEPTED_METADATA = (("mii-accepted", "1"),)
+
 # Prompts per request: each is tokenized and queued on the replica's event loop,
 # so a request of a million one-word prompts would stall every other request.
 MAX_PROMPTS = 1024

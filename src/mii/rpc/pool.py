@@ -22,7 +22,13 @@ from mii.errors import NoReplicaError, ReplicaError, UnavailableError
 from mii.response import Response
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.call_guard import CallGuard, ShuttingDownError
-from mii.rpc.convert import UNLIMITED_MESSAGES, Prompt, piece_from_proto, request_for
+from mii.rpc.convert import (
+    ACCEPTED_METADATA,
+    UNLIMITED_MESSAGES,
+    Prompt,
+    piece_from_proto,
+    request_for,
+)
 from mii.rpc.metrics import Metrics
 from mii.rpc.outcomes import Outcome
 from mii.rpc.status import error_from_grpc, is_overload
@@ -219,22 +225,27 @@ class ReplicaPool:
             return responses
 
     async def stream(
-        self, prompt: Prompt, params: dict[str, Any], timeout: float | None = None
-    ) -> AsyncIterator[Response]:
+        self,
+        prompt: Prompt,
+        params: dict[str, Any],
+        timeout: float | None = None,
+        announce: bool = False,
+    ) -> AsyncIterator[Response | None]:
         """Pieces of one answer. Closing the iterator cancels the replica's call,
-        which aborts the request there."""
-        pieces = self._stream(prompt, params, timeout)
+        which aborts the request there. ``announce``: first a ``None`` as soon as the
+        replica's engine accepted the request (before any token)."""
+        pieces = self._stream(prompt, params, timeout, announce)
         try:
             with Outcome(self.metrics) as outcome:
                 async for piece in pieces:
-                    outcome.finished = piece.finish_reason is not None
+                    outcome.finished = piece is not None and piece.finish_reason is not None
                     yield piece
         finally:
             await pieces.aclose()
 
     async def _stream(
-        self, prompt: Prompt, params: dict[str, Any], timeout: float | None
-    ) -> AsyncIterator[Response]:
+        self, prompt: Prompt, params: dict[str, Any], timeout: float | None, announce: bool
+    ) -> AsyncIterator[Response | None]:
         request = request_for([prompt], params)
         tried: set[int] = set()
         refusal: Exception | None = None
@@ -247,6 +258,12 @@ class ReplicaPool:
             received = 0
             timing = self.metrics.stream_timing(start)
             try:
+                if announce:
+                    # (empty when the call failed first: its error comes from the pieces)
+                    metadata = await call.initial_metadata()
+                    if metadata and tuple(ACCEPTED_METADATA[0]) in tuple(metadata):
+                        announce = False  # once, whatever replica ends up serving it
+                        yield None
                 async for piece in call:
                     watch.progress()
                     response = piece_from_proto(piece)

@@ -35,6 +35,7 @@ from mii.errors import (
 )
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.convert import (
+    ACCEPTED_METADATA,
     options_from_proto,
     piece_to_proto,
     prompts_from_proto,
@@ -94,14 +95,21 @@ class ReplicaServicer(mii_pb2_grpc.MiiServicer):
             await abort(context, err)
         params = options_from_proto(request.options)
         self.in_flight += 1
+        pieces = None
         try:
+            pieces = await self.engine.open_stream(prompt, **params)
+            # Accepted: said before any token (the gateway answers a request of several
+            # streamed prompts once each is accepted, so a refusal is still its 400).
+            await context.send_initial_metadata(ACCEPTED_METADATA)
             # A cancelled call or an exceeded deadline cancels this handler, which
             # closes the stream and so aborts the request in the engine.
-            async for piece in self.engine.stream(prompt, **params):
+            async for piece in pieces:
                 yield piece_to_proto(piece)
         except Exception as err:
             await abort(context, engine_error(err))
         finally:
+            if pieces is not None:
+                pieces.close()
             self.in_flight -= 1
 
     async def ModelInfo(self, request, context):

@@ -66,23 +66,32 @@ def content_chars(messages: list[ChatMessage]) -> int:
     return total
 
 
+def generation_prompt(add_generation_prompt: bool | None, continue_final_message: bool) -> bool:
+    """Whether the template adds the assistant's turn: as asked, or when unset the
+    opposite of ``continue_final_message`` (vLLM's default). Both true raises
+    InvalidRequestError naming ``continue_final_message``."""
+    if add_generation_prompt is None:
+        add_generation_prompt = not continue_final_message
+    if add_generation_prompt and continue_final_message:
+        raise InvalidRequestError(
+            "continue_final_message and add_generation_prompt cannot both be true "
+            "(set add_generation_prompt to false to continue the final message)",
+            field="continue_final_message",
+        )
+    return add_generation_prompt
+
+
 def template_options(
     add_generation_prompt: bool | None,
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The keyword options of :func:`chat_prompt_ids` for a request's fields; an unset
-    ``add_generation_prompt`` is the opposite of ``continue_final_message`` (vLLM's
-    default). Both true is a 400 naming ``continue_final_message``."""
-    if add_generation_prompt is None:
-        add_generation_prompt = not continue_final_message
-    if add_generation_prompt and continue_final_message:
-        raise ApiError(
-            400,
-            "continue_final_message and add_generation_prompt cannot both be true "
-            "(set add_generation_prompt to false to continue the final message)",
-            "continue_final_message",
-        )
+    """The keyword options of :func:`chat_prompt_ids` for a request's fields (see
+    :func:`generation_prompt`); both true is a 400 naming ``continue_final_message``."""
+    try:
+        add_generation_prompt = generation_prompt(add_generation_prompt, continue_final_message)
+    except InvalidRequestError as err:
+        raise ApiError(400, str(err), err.field) from None
     return {
         "add_generation_prompt": add_generation_prompt,
         "continue_final_message": continue_final_message,

@@ -71,10 +71,11 @@ class Choices:
                 task.cancel()
         return [by_choice[i][p] for p in range(len(self.prompts)) for i in range(self.n)]
 
-    def streams(self, state: GatewayState) -> list[tuple[int, AsyncIterator[Response]]]:
-        """One stream per choice, with its index."""
+    def streams(self, state: GatewayState) -> list[tuple[int, AsyncIterator[Response | None]]]:
+        """One stream per choice, with its index; each first gives a ``None`` when the
+        engine accepted that choice's request (``pool.stream``'s ``announce``)."""
         return [
-            (p * self.n + i, state.pool.stream(prompt, self.params_for(i)))
+            (p * self.n + i, state.pool.stream(prompt, self.params_for(i), announce=True))
             for p, prompt in enumerate(self.prompts)
             for i in range(self.n)
         ]
@@ -84,8 +85,8 @@ _END = object()
 
 
 async def merge_streams(
-    streams: list[tuple[int, AsyncIterator[Response]]],
-) -> AsyncIterator[tuple[int, Response]]:
+    streams: list[tuple[int, AsyncIterator[Response | None]]],
+) -> AsyncIterator[tuple[int, Response | None]]:
     """Pieces of several streams as (index, piece), in arrival order. Closing this
     iterator closes every stream (which aborts their requests)."""
     queue: asyncio.Queue = asyncio.Queue()

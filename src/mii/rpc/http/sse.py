@@ -83,8 +83,34 @@ class StreamedLogprobs:
         )
 
 
-async def _next(iterator: AsyncIterator):
-    return await iterator.__anext__()
+async def _chain(
+    early: list[tuple[int, Response]], pieces: AsyncIterator[tuple[int, Response | None]]
+) -> AsyncIterator[tuple[int, Response]]:
+    """The pieces read before the answer started, then the rest (acceptances left out)."""
+    for item in early:
+        yield item
+    async for index, piece in pieces:
+        if piece is not None:
+            yield index, piece
+
+
+async def _until_all_accepted(
+    pieces: AsyncIterator[tuple[int, Response | None]], total: int
+) -> list[tuple[int, Response]]:
+    """Read the merged streams until every one of ``total`` choices was accepted
+    (its ``None``, or a first piece); return the pieces read meanwhile. A refusal of
+    any choice raises here, before the answer starts."""
+    started: set[int] = set()
+    early: list[tuple[int, Response]] = []
+    while len(started) < total:
+        item = await anext(pieces, None)
+        if item is None:  # every stream ended
+            break
+        index, piece = item
+        started.add(index)
+        if piece is not None:
+            early.append((index, piece))
+    return early
 
 
 async def stream_choices(
@@ -95,12 +121,13 @@ async def stream_choices(
     include_usage: bool,
     renames: dict[str, str],
 ) -> ClosingStreamingResponse:
-    """An SSE response over every choice's stream. The first piece is awaited
-    before answering, so that a request the engine refuses still gets a 400."""
+    """An SSE response over every choice's stream. It starts once the engine has
+    accepted every choice (before their first tokens), so that a request of which
+    it refuses any prompt still gets a 400, whichever replica answers first."""
     pieces = merge_streams(choices.streams(state))
     try:
         with openai_errors(renames):
-            first = await until_disconnected(request, _next(pieces))
+            early = await until_disconnected(request, _until_all_accepted(pieces, choices.total))
     except BaseException:
         await pieces.aclose()
         raise
@@ -118,9 +145,7 @@ async def stream_choices(
                     yield event(answer.chunk(index, "", None, "assistant"))
             logprobs = StreamedLogprobs(answer.logprobs)
             tools = ToolStreams(answer.tools) if answer.tools is not None else None
-            item = first
-            while item is not None:
-                index, piece = item
+            async for index, piece in _chain(early, pieces):
                 usage.add(index, piece)
                 logprobs.add(index, piece)
                 if tools is not None:  # content and tool_calls deltas
@@ -137,7 +162,6 @@ async def stream_choices(
                     chunk_logprobs = logprobs.take(index, "")
                     finish, stop = piece.finish_reason, piece.stop_reason
                     yield event(answer.chunk(index, None, finish, None, chunk_logprobs, stop))
-                item = await anext(pieces, None)
             if include_usage:
                 final = answer.chunk(0, None, None, None)
                 final["choices"] = []
