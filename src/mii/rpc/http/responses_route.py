@@ -44,7 +44,7 @@ from mii.rpc.http.responses_request import (
     refuse_stateful,
     responses_field,
 )
-from mii.rpc.http.sse import stream_error_body
+from mii.rpc.http.sse import accepted_pieces, stream_error_body, until_all_accepted
 
 router = APIRouter(prefix="/v1", route_class=LimitedRoute)
 
@@ -196,11 +196,11 @@ async def create_response(body: ResponsesRequest, request: Request):
     pieces = merge_streams(choices.streams(state))
     try:
         with openai_errors(renames):
-            first = await until_disconnected(request, anext(pieces))
+            early = await until_disconnected(request, until_all_accepted(pieces, choices.total))
     except BaseException:
         await pieces.aclose()
         raise
-    events = _events(obj, answer, first, pieces, renames)
+    events = _events(obj, answer, accepted_pieces(early, pieces), pieces, renames)
     return ClosingStreamingResponse(
         events,
         media_type="text/event-stream",
@@ -211,11 +211,12 @@ async def create_response(body: ResponsesRequest, request: Request):
 async def _events(
     obj: ResponseObject,
     answer: Answer,
-    first: tuple[int, Response],
-    pieces: AsyncIterator[tuple[int, Response]],
+    answers: AsyncIterator[tuple[int, Response]],
+    pieces: AsyncIterator[tuple[int, Response | None]],
     renames: dict[str, str],
 ) -> AsyncIterator[str]:
-    """The stream's events, from the first piece on."""
+    """The stream's events: ``answers`` are the pieces to send, read from the merged
+    ``pieces`` (closed at the end, which aborts what is still generating)."""
     sequence = 0
 
     def event(kind: str, **fields: Any) -> str:
@@ -238,14 +239,11 @@ async def _events(
             )
             yield event("response.content_part.added", **at, part=obj.text_part(""))
         collected = []
-        item = first
-        while item is not None:
-            piece = item[1]
+        async for _, piece in answers:
             collected.append(piece)
             if text_live and piece.generated_text:
                 delta = piece.generated_text
                 yield event("response.output_text.delta", **at, delta=delta, logprobs=[])
-            item = await anext(pieces, None)
         whole = _finished(obj, answer, join_pieces(collected))
         for index, output in enumerate(whole["output"]):
             for line in _item_events(event, index, output, announced=text_live and index == 0):

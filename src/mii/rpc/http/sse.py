@@ -83,7 +83,7 @@ class StreamedLogprobs:
         )
 
 
-async def _chain(
+async def accepted_pieces(
     early: list[tuple[int, Response]], pieces: AsyncIterator[tuple[int, Response | None]]
 ) -> AsyncIterator[tuple[int, Response]]:
     """The pieces read before the answer started, then the rest (acceptances left out)."""
@@ -94,7 +94,7 @@ async def _chain(
             yield index, piece
 
 
-async def _until_all_accepted(
+async def until_all_accepted(
     pieces: AsyncIterator[tuple[int, Response | None]], total: int
 ) -> list[tuple[int, Response]]:
     """Read the merged streams until every one of ``total`` choices was accepted
@@ -127,7 +127,7 @@ async def stream_choices(
     pieces = merge_streams(choices.streams(state))
     try:
         with openai_errors(renames):
-            early = await until_disconnected(request, _until_all_accepted(pieces, choices.total))
+            early = await until_disconnected(request, until_all_accepted(pieces, choices.total))
     except BaseException:
         await pieces.aclose()
         raise
@@ -145,7 +145,7 @@ async def stream_choices(
                     yield event(answer.chunk(index, "", None, "assistant"))
             logprobs = StreamedLogprobs(answer.logprobs)
             tools = ToolStreams(answer.tools) if answer.tools is not None else None
-            async for index, piece in _chain(early, pieces):
+            async for index, piece in accepted_pieces(early, pieces):
                 usage.add(index, piece)
                 logprobs.add(index, piece)
                 if tools is not None:  # content and tool_calls deltas

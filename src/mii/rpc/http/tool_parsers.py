@@ -196,14 +196,16 @@ class ToolCallStream:
                 return True
         found = text.find(start)
         if found >= 0:
-            before = text[:found]
-            self._lead = "" if before.strip() else before
-            self._content(before, events)
+            body = text[:found].rstrip()
+            self._lead = text[len(body) : found]  # the whitespace right before the tag
+            self._content(body, events)
             self.pending, self.in_call, self._bare = text[found + len(start) :], True, False
             return True
         held = _held_prefix(text, start)
-        sendable = text[: len(text) - held]
-        if sendable.strip():
+        # Trailing whitespace waits too (it goes if a call follows), so that how the
+        # answer is cut into pieces never changes its content.
+        sendable = text[: len(text) - held].rstrip()
+        if sendable:
             self.started = True
             self._content(sendable, events)
             self.pending = text[len(sendable) :]
