@@ -547,3 +547,34 @@ def test_stubs_are_up_to_date(tmp_path):
         assert (committed_dir / name).read_text() == text, (
             f"{name} is stale: run `python -m mii.rpc.codegen`"
         )
+
+
+def test_terminate_a_deployment_that_does_not_answer(cache_dir, checkpoints, monkeypatch, capsys):
+    """mii terminate of a stopped (SIGSTOP) deployment: its Terminate call times out,
+    so the command sends its processes SIGTERM, which a stopped process only takes
+    once continued: the error then says that --force kills them, and --force does
+    (it failed with "did not answer within the call's timeout" and nothing else)."""
+    from mii.cli import main
+    from mii.rpc import client as client_module
+
+    monkeypatch.setattr(client_module, "TERMINATE_CALL_S", 1.0)
+    path = str(checkpoints("llama")[0])
+    mii.serve(path, deployment_name="stopped-deploy", port=free_port())
+    info = registry.lookup("stopped-deploy")
+    pids = [info["pid"], *info["replica_pids"]]
+    os.kill(info["pid"], signal.SIGSTOP)
+    try:
+        assert main(["terminate", "stopped-deploy", "--timeout", "2"]) == 1
+        err = capsys.readouterr().err
+        assert "did not answer its Terminate call" in err and "SIGTERM" in err
+        assert "mii terminate stopped-deploy --force" in err
+        assert registry.pid_alive(info["pid"])  # still there: stopped, SIGTERM pending
+        assert main(["terminate", "stopped-deploy", "--force"]) == 0
+        assert "killed stopped-deploy" in capsys.readouterr().out
+        assert not any(registry.pid_alive(p) for p in pids)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: registry.lookup("stopped-deploy") is None, timeout=10)
+    assert main(["terminate", "stopped-deploy", "--force"]) == 1  # gone: no record

@@ -61,6 +61,12 @@ class DeploymentError(MiiError, RuntimeError):
     """A deployment could not start; the message carries the server's error."""
 
 
+class DeploymentUnresponsiveError(MiiError, TimeoutError):
+    """A deployment's process exists but did not answer a call in time (stopped,
+    wedged, or too busy to answer): ``mii terminate NAME`` then signals its
+    processes instead (``--force``: kills them)."""
+
+
 class DeploymentNotFoundError(MiiError, LookupError):
     """No live deployment has that name (on this machine's registry: the folder
     ``deployments`` of ``MII_CACHE_DIR``, default ``~/.cache/mii``)."""

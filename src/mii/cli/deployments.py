@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import sys
 from typing import Any
 
 from mii.cli.errors import CliError
@@ -37,6 +41,12 @@ def add_terminate_parser(commands: argparse._SubParsersAction) -> None:
         default=60.0,
         metavar="SECONDS",
         help="seconds to wait for its processes to exit (default: 60)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="kill its processes (SIGKILL, from its record on this machine) without asking it "
+        "to drain; without --force a deployment that does not answer gets SIGTERM",
     )
     add_api_key_option(parser)
     parser.set_defaults(func=terminate)
@@ -156,19 +166,77 @@ def list_deployments(args: argparse.Namespace) -> int:
 
 
 def terminate(args: argparse.Namespace) -> int:
+    from mii.errors import DeploymentUnresponsiveError
+    from mii.rpc import registry
     from mii.rpc.client import DeploymentNotFoundError, client
 
     try:
         target = client(args.name, api_key=args.api_key)
     except DeploymentNotFoundError as err:  # none by that name, or several serve it
         raise CliError(f"{err} (see: mii list)") from None
-    if target.deployment_name is None and not target.is_healthy(timeout=5.0):
-        raise CliError(f"no mii deployment answers at {args.name}")
+    name = target.deployment_name or target.address
+    info = registry.lookup(target.deployment_name) if target.deployment_name else None
+    pids = [info["pid"], *info.get("replica_pids", [])] if info else []
     try:
-        target.terminate_server(timeout=args.timeout)
-    except TimeoutError as err:
-        raise CliError(str(err)) from None
+        if args.force:
+            return _kill(name, pids)
+        if target.deployment_name is None and not target.is_healthy(timeout=5.0):
+            raise CliError(f"no mii deployment answers at {args.name}")
+        try:
+            target.terminate_server(timeout=args.timeout)
+        except DeploymentUnresponsiveError as err:
+            if not pids:
+                raise CliError(f"{err}; its processes are not on this machine") from None
+            return _signal_unresponsive(name, pids, err, args.timeout)
+        except TimeoutError as err:
+            raise CliError(
+                f"{err}: it may still be finishing the requests in flight (for up to its "
+                "shutdown_grace_s, 30 s by default); wait, give a larger --timeout, or "
+                "--force to kill its processes now"
+            ) from None
     finally:
         target.close()
-    print(f"terminated {target.deployment_name or target.address}")
+    print(f"terminated {name}")
     return 0
+
+
+def _signal_unresponsive(name: str, pids: list[int], err: Exception, timeout: float) -> int:
+    """A deployment that does not answer: SIGTERM to its processes (as Ctrl-C on
+    ``mii serve`` would: it drains), then wait for them."""
+    from mii.rpc.client import wait_gone
+
+    print(f"{err}; sending SIGTERM to its processes {pids}", file=sys.stderr)
+    _send(pids, signal.SIGTERM)
+    try:
+        wait_gone(pids, timeout)
+    except TimeoutError as still:
+        raise CliError(
+            f"{still} after SIGTERM (a stopped process acts on it only once continued); "
+            f"mii terminate {name} --force kills them"
+        ) from None
+    print(f"terminated {name} (with SIGTERM: it did not answer)")
+    return 0
+
+
+def _kill(name: str, pids: list[int]) -> int:
+    """--force: SIGKILL to every process of the deployment, without asking it."""
+    from mii.rpc.client import wait_gone
+
+    if not pids:
+        raise CliError(
+            f"--force needs the record of {name} on this machine (its process ids): "
+            "run it where the deployment was started, by its name"
+        )
+    _send(pids, signal.SIGKILL)
+    try:
+        wait_gone(pids, 10.0)
+    except TimeoutError as err:
+        raise CliError(str(err)) from None
+    print(f"killed {name} (processes {pids})")
+    return 0
+
+
+def _send(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)

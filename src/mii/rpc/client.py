@@ -14,6 +14,7 @@ import mii.envs as envs
 from mii.errors import (
     AuthenticationError,
     DeploymentNotFoundError,
+    DeploymentUnresponsiveError,
     EngineClosedError,
     InvalidRequestError,
     UnavailableError,
@@ -30,6 +31,8 @@ from mii.rpc.convert import (
 )
 from mii.rpc.listen import host_port
 from mii.rpc.status import error_from_grpc
+
+TERMINATE_CALL_S = 10.0  # a deployment answers Terminate at once, even while draining
 
 
 class MiiClient:
@@ -182,12 +185,18 @@ class MiiClient:
         """Stop every process of the deployment and wait until they are gone."""
         info = registry.lookup(self.deployment_name) if self.deployment_name else None
         try:
-            self._stub.Terminate(mii_pb2.TerminateRequest(), timeout=10)
+            self._stub.Terminate(mii_pb2.TerminateRequest(), timeout=TERMINATE_CALL_S)
         except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeploymentUnresponsiveError(
+                    f"the deployment at {self.address} did not answer its Terminate call "
+                    f"within {TERMINATE_CALL_S:g} s: it is stopped (SIGSTOP?), wedged or "
+                    "overloaded (mii terminate then signals its processes)"
+                ) from None
             if err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise self._error(err) from None
         if info is not None:
-            _wait_gone([info["pid"], *info.get("replica_pids", [])], timeout)
+            wait_gone([info["pid"], *info.get("replica_pids", [])], timeout)
 
     def close(self) -> None:
         """Close this client's connections (the deployment keeps running)."""
@@ -235,7 +244,8 @@ class MiiClient:
             call.cancel()
 
 
-def _wait_gone(pids: list[int], timeout: float) -> None:
+def wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait until none of ``pids`` runs; TimeoutError naming them after ``timeout`` s."""
     import time
 
     deadline = time.monotonic() + timeout
