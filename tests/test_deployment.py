@@ -578,3 +578,12 @@ def test_terminate_a_deployment_that_does_not_answer(cache_dir, checkpoints, mon
                 os.kill(pid, signal.SIGKILL)
     assert wait_until(lambda: registry.lookup("stopped-deploy") is None, timeout=10)
     assert main(["terminate", "stopped-deploy", "--force"]) == 1  # gone: no record
+
+
+def test_a_startup_timeout_names_the_option_and_leaves_nothing_running(cache_dir, checkpoints):
+    """Replicas not ready in time: the error says which option gives them longer."""
+    path = str(checkpoints("llama")[0])
+    with pytest.raises(DeploymentError, match="--startup-timeout") as err:
+        mii.serve(path, deployment_name="slow-start", port=free_port(), startup_timeout=0.2)
+    assert "startup_timeout=" in str(err.value)
+    assert wait_until(lambda: registry.lookup("slow-start") is None, timeout=10)

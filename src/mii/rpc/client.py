@@ -152,7 +152,8 @@ class MiiClient:
         if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
             return UnavailableError(
                 f"nothing answers at {self.address}: the deployment is not running "
-                f"(terminated? mii list shows the running ones) or cannot be reached ({details})"
+                "(terminated? mii list shows the running ones and those that do not answer), "
+                f"is stopped or wedged, or cannot be reached ({details})"
             )
         if code != grpc.StatusCode.UNAUTHENTICATED:
             return error_from_grpc(err)

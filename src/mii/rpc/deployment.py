@@ -342,7 +342,10 @@ async def _wait_for_replicas(pool: ReplicaPool, replicas: list[ReplicaProcess], 
         if await pool.check_all() == len(replicas):
             return
         await asyncio.sleep(0.2)
-    raise DeploymentError(f"replicas were not ready within {timeout:.0f} s")
+    raise DeploymentError(
+        f"replicas were not ready within {timeout:g} s: a large model may need longer "
+        "(startup_timeout=; mii serve: --startup-timeout SECONDS)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
