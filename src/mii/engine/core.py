@@ -417,6 +417,7 @@ class EngineCore:
             self._heap_frozen = False
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        heap.return_freed_memory()
 
     # ----- introspection ------------------------------------------------------
 
