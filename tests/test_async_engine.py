@@ -517,3 +517,19 @@ async def test_open_stream_returns_once_accepted_and_close_aborts(engine):
     await engine.wait_idle()
     assert_all_blocks_free(engine)
     assert not engine._queues
+
+
+async def test_closing_an_answer_stream_wakes_its_reader(engine):
+    """close() while another task waits for a piece: that reader gets the abort's
+    empty piece instead of waiting forever; async with closes it too."""
+    async with await engine.open_stream(PROMPTS[0], max_new_tokens=500, ignore_eos=True) as pieces:
+        await anext(pieces)  # generating
+        reader = asyncio.create_task(anext(pieces))
+        await asyncio.sleep(0)
+        pieces.close()
+        ends = [await asyncio.wait_for(reader, 30)]
+        ends += [p async for p in pieces]
+    assert ends[-1].finish_reason == "abort"
+    await engine.wait_idle()
+    assert_all_blocks_free(engine)
+    assert not engine._queues

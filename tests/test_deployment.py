@@ -551,33 +551,48 @@ def test_stubs_are_up_to_date(tmp_path):
 
 def test_terminate_a_deployment_that_does_not_answer(cache_dir, checkpoints, monkeypatch, capsys):
     """mii terminate of a stopped (SIGSTOP) deployment: its Terminate call times out,
-    so the command sends its processes SIGTERM, which a stopped process only takes
-    once continued: the error then says that --force kills them, and --force does
-    (it failed with "did not answer within the call's timeout" and nothing else)."""
+    so the command sends its processes SIGTERM and SIGCONT, and the deployment
+    drains and exits; --force kills one at once (it failed with "did not answer
+    within the call's timeout" and nothing else)."""
     from mii.cli import main
     from mii.rpc import client as client_module
 
     monkeypatch.setattr(client_module, "TERMINATE_CALL_S", 1.0)
     path = str(checkpoints("llama")[0])
-    mii.serve(path, deployment_name="stopped-deploy", port=free_port())
-    info = registry.lookup("stopped-deploy")
-    pids = [info["pid"], *info["replica_pids"]]
-    os.kill(info["pid"], signal.SIGSTOP)
+    for name, flags in (("stopped-deploy", ["--timeout", "60"]), ("killed-deploy", ["--force"])):
+        mii.serve(path, deployment_name=name, port=free_port())
+        info = registry.lookup(name)
+        pids = [info["pid"], *info["replica_pids"]]
+        os.kill(info["pid"], signal.SIGSTOP)
+        try:
+            assert main(["terminate", name, *flags]) == 0
+            out, err = capsys.readouterr()
+            if flags[0] == "--force":
+                assert f"killed {name}" in out
+            else:
+                assert "did not answer its Terminate call" in err and "SIGTERM" in err
+                assert f"terminated {name} (with SIGTERM" in out
+            assert not any(registry.pid_alive(p) for p in pids)
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda name=name: registry.lookup(name) is None, timeout=10)
+    assert main(["terminate", "killed-deploy", "--force"]) == 1  # gone: no record
+
+
+def test_terminate_signals_only_the_deployments_own_replicas():
+    """A replica pid in the record counts only while that process is the deployment's
+    child: a replica given up on keeps its old pid there, free for reuse."""
+    from mii.cli.stop_processes import deployment_pids
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        assert main(["terminate", "stopped-deploy", "--timeout", "2"]) == 1
-        err = capsys.readouterr().err
-        assert "did not answer its Terminate call" in err and "SIGTERM" in err
-        assert "mii terminate stopped-deploy --force" in err
-        assert registry.pid_alive(info["pid"])  # still there: stopped, SIGTERM pending
-        assert main(["terminate", "stopped-deploy", "--force"]) == 0
-        assert "killed stopped-deploy" in capsys.readouterr().out
-        assert not any(registry.pid_alive(p) for p in pids)
+        info = {"pid": os.getpid(), "replica_pids": [child.pid, 1, 2**22 + 7]}
+        assert deployment_pids(info) == [os.getpid(), child.pid]
     finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: registry.lookup("stopped-deploy") is None, timeout=10)
-    assert main(["terminate", "stopped-deploy", "--force"]) == 1  # gone: no record
+        child.kill()
+        child.wait()
 
 
 def test_a_startup_timeout_names_the_option_and_leaves_nothing_running(cache_dir, checkpoints):

@@ -810,6 +810,49 @@ def test_a_late_refusal_of_one_prompt_is_the_streamed_requests_400(llama):
     assert sorted(pool.closed) == ["bad", "good"]
 
 
+class _AcceptsThenFails:
+    """A pool whose requests are accepted, then fail before any token (a replica
+    lost with no other to retry on)."""
+
+    def __init__(self) -> None:
+        self.replicas = [type("R", (), {"healthy": True})()]
+        self.metrics = Metrics()
+        self.started, self.choices = 0, 1  # the test sets the request's choices
+
+    async def stream(self, prompt, params, timeout=None, announce=False):
+        self.started += 1
+        if announce:
+            yield None
+        while self.started < self.choices:  # fail once every choice was accepted
+            await asyncio.sleep(0.01)
+        raise NoReplicaError("no replica of this deployment is available")
+
+
+def test_a_single_streamed_choice_still_starts_at_its_first_piece(llama):
+    """Acceptance is awaited only for several choices: one choice that fails before
+    its first token is a 503 (which clients retry), as before, not an error event in
+    a 200; several choices started once accepted, so theirs is an event."""
+
+    async def scenario():
+        config = DeploymentConfig(model=llama, restful_api_port=free_port())
+        info = mii_pb2.ModelInfoReply(deployment_name="d", model=llama, max_length=256)
+        pool = _AcceptsThenFails()
+        gateway = await start_gateway(pool, info, config)
+        try:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+                body = {"prompt": "a", "stream": True, "max_tokens": 2}
+                reply = await http.post("/v1/completions", json=body)
+                assert reply.status_code == 503, reply.text
+                assert reply.json()["error"]["code"] == "no_replica_available"
+                pool.started, pool.choices = 0, 2
+                reply = await http.post("/v1/completions", json={**body, "n": 2})
+                assert reply.status_code == 200 and "no_replica_available" in reply.text
+        finally:
+            await gateway.stop()
+
+    asyncio.run(scenario())
+
+
 # ----- pieces without a deployment --------------------------------------------------------------
 
 

@@ -55,7 +55,7 @@ def test_freed_heap_goes_back_to_the_system():
     pieces = [torch.ones(20_000) for _ in range(10_000)]  # 80 KB each: heap, not mmap
     assert _resident_mib() - before > 600
     del pieces
-    assert heap.return_freed_memory()
+    heap.return_freed_memory()
     assert _resident_mib() - before < 300  # it stayed ~800 MiB up without the trim
 
 

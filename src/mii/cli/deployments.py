@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
-import sys
 from typing import Any
 
 from mii.cli.errors import CliError
@@ -166,6 +162,7 @@ def list_deployments(args: argparse.Namespace) -> int:
 
 
 def terminate(args: argparse.Namespace) -> int:
+    from mii.cli import stop_processes
     from mii.errors import DeploymentUnresponsiveError
     from mii.rpc import registry
     from mii.rpc.client import DeploymentNotFoundError, client
@@ -176,18 +173,15 @@ def terminate(args: argparse.Namespace) -> int:
         raise CliError(f"{err} (see: mii list)") from None
     name = target.deployment_name or target.address
     info = registry.lookup(target.deployment_name) if target.deployment_name else None
-    pids = [info["pid"], *info.get("replica_pids", [])] if info else []
     try:
         if args.force:
-            return _kill(name, pids)
+            return stop_processes.kill(name, info)
         if target.deployment_name is None and not target.is_healthy(timeout=5.0):
             raise CliError(f"no mii deployment answers at {args.name}")
         try:
             target.terminate_server(timeout=args.timeout)
         except DeploymentUnresponsiveError as err:
-            if not pids:
-                raise CliError(f"{err}; its processes are not on this machine") from None
-            return _signal_unresponsive(name, pids, err, args.timeout)
+            return stop_processes.signal_unresponsive(name, info, err, args.timeout)
         except TimeoutError as err:
             raise CliError(
                 f"{err}: it may still be finishing the requests in flight (for up to its "
@@ -198,45 +192,3 @@ def terminate(args: argparse.Namespace) -> int:
         target.close()
     print(f"terminated {name}")
     return 0
-
-
-def _signal_unresponsive(name: str, pids: list[int], err: Exception, timeout: float) -> int:
-    """A deployment that does not answer: SIGTERM to its processes (as Ctrl-C on
-    ``mii serve`` would: it drains), then wait for them."""
-    from mii.rpc.client import wait_gone
-
-    print(f"{err}; sending SIGTERM to its processes {pids}", file=sys.stderr)
-    _send(pids, signal.SIGTERM)
-    try:
-        wait_gone(pids, timeout)
-    except TimeoutError as still:
-        raise CliError(
-            f"{still} after SIGTERM (a stopped process acts on it only once continued); "
-            f"mii terminate {name} --force kills them"
-        ) from None
-    print(f"terminated {name} (with SIGTERM: it did not answer)")
-    return 0
-
-
-def _kill(name: str, pids: list[int]) -> int:
-    """--force: SIGKILL to every process of the deployment, without asking it."""
-    from mii.rpc.client import wait_gone
-
-    if not pids:
-        raise CliError(
-            f"--force needs the record of {name} on this machine (its process ids): "
-            "run it where the deployment was started, by its name"
-        )
-    _send(pids, signal.SIGKILL)
-    try:
-        wait_gone(pids, 10.0)
-    except TimeoutError as err:
-        raise CliError(str(err)) from None
-    print(f"killed {name} (processes {pids})")
-    return 0
-
-
-def _send(pids: list[int], signum: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)

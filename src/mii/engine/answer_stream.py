@@ -21,7 +21,8 @@ DONE = object()  # put on a request's queue when the engine aborted it
 
 class AnswerStream:
     """Iterate it for the pieces; ``close()`` aborts the request when it has not
-    finished (and forgets it when it has). Whoever opened it must close it."""
+    finished (and forgets it when it has). Whoever opened it must close it (or use
+    it as ``async with``): one dropped unclosed runs to its end."""
 
     def __init__(
         self,
@@ -42,7 +43,7 @@ class AnswerStream:
         return self
 
     async def __anext__(self) -> Response:
-        if self._finished or self._closed:
+        if self._finished or (self._closed and self._queue.empty()):
             raise StopAsyncIteration
         item = await self._queue.get()
         if item is DONE:  # aborted: the same end generate() reports
@@ -56,7 +57,17 @@ class AnswerStream:
         return item
 
     def close(self) -> None:
-        """Abort the request if it has not finished; idempotent."""
+        """Abort the request if it has not finished; idempotent. A reader waiting for
+        a piece meanwhile gets the abort's empty piece."""
         if not self._closed:
             self._closed = True
-            self._release(self._finished)
+            finished = self._finished
+            self._release(finished)
+            if not finished:  # the engine no longer writes to this queue
+                self._queue.put_nowait(DONE)
+
+    async def __aenter__(self) -> AnswerStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()

@@ -41,25 +41,22 @@ def thaw_startup_heap() -> None:
             gc.unfreeze()
 
 
-def return_freed_memory() -> bool:
+def return_freed_memory() -> None:
     """Collect, then hand the C heap's free pages back to the system (glibc's
     ``malloc_trim``): an engine's released weights otherwise stay in the process's
     resident memory (a notebook's ``%mii unload`` of SmolLM2 on the CPU kept ~2 GB
-    until the next load reused it). True when the heap could be trimmed."""
+    until the next load reused it). Elsewhere (no glibc) only the collection."""
     gc.collect()
     trim = _malloc_trim()
-    return trim is not None and bool(trim(0))
+    if trim is not None:
+        trim(0)
 
 
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None (another C library, another system)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        return ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # no libc to load, or not glibc (musl, macOS)
+        return ctypes.CDLL(None).malloc_trim  # the C library the process already has
+    except (OSError, AttributeError):  # not glibc (musl, macOS), or no symbol table
         return None

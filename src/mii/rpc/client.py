@@ -192,7 +192,7 @@ class MiiClient:
                 raise DeploymentUnresponsiveError(
                     f"the deployment at {self.address} did not answer its Terminate call "
                     f"within {TERMINATE_CALL_S:g} s: it is stopped (SIGSTOP?), wedged or "
-                    "overloaded (mii terminate then signals its processes)"
+                    "overloaded (mii terminate NAME signals its processes)"
                 ) from None
             if err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise self._error(err) from None

@@ -72,10 +72,14 @@ class Choices:
         return [by_choice[i][p] for p in range(len(self.prompts)) for i in range(self.n)]
 
     def streams(self, state: GatewayState) -> list[tuple[int, AsyncIterator[Response | None]]]:
-        """One stream per choice, with its index; each first gives a ``None`` when the
-        engine accepted that choice's request (``pool.stream``'s ``announce``)."""
+        """One stream per choice, with its index. With several choices each first
+        gives a ``None`` when the engine accepted it (``pool.stream``'s ``announce``):
+        the answer starts once all are. One choice's answer starts at its first
+        piece, as before, so a failure until then is still a status (a 503 that
+        clients retry), not an error event."""
+        announce = self.total > 1
         return [
-            (p * self.n + i, state.pool.stream(prompt, self.params_for(i), announce=True))
+            (p * self.n + i, state.pool.stream(prompt, self.params_for(i), announce=announce))
             for p, prompt in enumerate(self.prompts)
             for i in range(self.n)
         ]
