@@ -300,6 +300,10 @@ def test_deepspeed_mii_option_names_say_what_to_write_instead():
         (partial(EngineConfig.parse, "m"), "gpu_memory_utilization", "kv_cache_memory_fraction"),
         (partial(EngineConfig.parse, "m"), "tensor_parallel_size", "is tensor_parallel here"),
         (partial(EngineConfig.parse, "m"), "max_num_seqz", "did you mean 'max_num_seqs'?"),
+        # generation options given to the engine: they go with each request
+        (partial(EngineConfig.parse, "m"), "max_new_tokens", "pipe(prompts, max_new_tokens="),
+        (partial(EngineConfig.parse, "m"), "temperature", "a generation option"),
+        (partial(EngineConfig.parse, "m"), "max_tokens", "is max_new_tokens here, a generation"),
     ],
 )
 def test_unknown_option_names_say_which_name_is_meant(parse, name, hint):

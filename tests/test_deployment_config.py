@@ -166,3 +166,7 @@ def test_a_mistyped_deployment_option_gets_the_option_meant():
         with pytest.raises(InvalidRequestError) as err:
             DeploymentConfig.parse("m", **{name: 1})
         assert err.value.field == name and f"did you mean {meant!r}?" in str(err.value)
+    # a generation option given to mii.serve: it goes with each request
+    with pytest.raises(InvalidRequestError) as err:
+        DeploymentConfig.parse("m", temperature=0.5)
+    assert "client.generate(prompts, temperature=...)" in str(err.value)

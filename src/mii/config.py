@@ -441,5 +441,5 @@ class EngineConfig(BaseModel):
         try:
             return cls(model=model, **options)
         except ValidationError as err:
-            raise_option_error(err, "engine option", cls.model_fields)
+            raise_option_error(err, "engine option", cls.model_fields, GenerateParams.model_fields)
             raise

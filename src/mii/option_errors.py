@@ -39,9 +39,17 @@ N_HINT = (
 )
 
 
-def unknown_name_hint(name: str, known: Iterable[str]) -> str:
-    """What to write instead of the unknown option ``name`` ('' when nothing is near)."""
-    known = list(known)
+def unknown_name_hint(name: str, known: Iterable[str], per_request: Iterable[str] = ()) -> str:
+    """What to write instead of the unknown option ``name`` ('' when nothing is near);
+    ``per_request``: the generation options, when ``known`` are the engine's."""
+    known, per_request = list(known), set(per_request) - set(known)
+    ours = VLLM_NAMES.get(name, name)  # vLLM's max_tokens: max_new_tokens here
+    if ours in per_request:
+        said = f"vLLM's {name} is {ours} here, " if ours != name else f"{name} is "
+        return (
+            f" ({said}a generation option: give it with each request, e.g. "
+            f"pipe(prompts, {ours}=...) or client.generate(prompts, {ours}=...))"
+        )
     if name in DEEPSPEED_MII_NAMES:
         return DEEPSPEED_MII_NAMES[name]
     if name in VLLM_NAMES and VLLM_NAMES[name] in known:
@@ -54,15 +62,18 @@ def unknown_name_hint(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def raise_option_error(err: ValidationError, what: str, known: Iterable[str] = ()) -> None:
+def raise_option_error(
+    err: ValidationError, what: str, known: Iterable[str] = (), per_request: Iterable[str] = ()
+) -> None:
     """Turn pydantic's error list into one InvalidRequestError naming the first bad
-    field; ``known``: the valid names, for the hint after an unknown one."""
+    field; ``known``: the valid names, for the hint after an unknown one
+    (``per_request``: unknown_name_hint's)."""
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or None
     if field is None:  # a rule about several options; its message names them
         message = f"invalid {what}s: {first['msg'].removeprefix('Value error, ')}"
     elif first["type"] == "extra_forbidden":
-        message = f"unknown {what} {field!r}" + unknown_name_hint(field, known)
+        message = f"unknown {what} {field!r}" + unknown_name_hint(field, known, per_request)
     else:
         shown = repr(first.get("input"))
         if len(shown) > 200:  # e.g. thousands of stop strings: the message stays short

@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 import mii.envs as envs
-from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig, dtype_by_name
+from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig, GenerateParams, dtype_by_name
 from mii.errors import InvalidRequestError
 from mii.option_errors import unknown_name_hint
 from mii.rpc import registry
@@ -385,7 +385,8 @@ class DeploymentConfig(GpuLayout, RayOptions):
             if name not in deployment_fields and name not in EngineConfig.model_fields:
                 known = [*deployment_fields, *EngineConfig.model_fields]
                 raise InvalidRequestError(
-                    f"unknown engine option {name!r}" + unknown_name_hint(name, known),
+                    f"unknown engine option {name!r}"
+                    + unknown_name_hint(name, known, GenerateParams.model_fields),
                     field=name,
                 )
         fields = {k: options.pop(k) for k in list(options) if k in deployment_fields}
