@@ -768,10 +768,10 @@ ONE_QUERY_NARROW_MIN_PER_SM = 8
 def one_query_launch(num_splits: int, programs: int, device: torch.device) -> dict:
     """The launch of ``programs`` one-head CUDA-core decode programs (per split) split
     ``num_splits`` ways (MII_ONE_QUERY_UNSPLIT_LAUNCH=wide: always the split-KV launch)."""
+    if num_splits > 1 or envs.ONE_QUERY_UNSPLIT_LAUNCH.get() != "narrow":
+        return DECODE_LAUNCH_ONE_QUERY
     many = programs >= ONE_QUERY_NARROW_MIN_PER_SM * triton_limits.multiprocessors(device)
-    if num_splits == 1 and many and envs.ONE_QUERY_UNSPLIT_LAUNCH.get() == "narrow":
-        return DECODE_LAUNCH_ONE_QUERY_UNSPLIT
-    return DECODE_LAUNCH_ONE_QUERY
+    return DECODE_LAUNCH_ONE_QUERY_UNSPLIT if many else DECODE_LAUNCH_ONE_QUERY
 
 
 # DECODE_LAUNCH's programs when split-KV is on (too few sequences to fill the GPU, so

@@ -26,7 +26,7 @@ from mii.rpc import mii_pb2
 from mii.rpc.call_guard import CallGuard, ShuttingDownError
 from mii.rpc.convert import validated
 from mii.rpc.metrics import Metrics
-from mii.rpc.outcomes import Outcome
+from mii.rpc.outcomes import Outcome, counted_stream
 from mii.rpc.pool import stats_reply, summed_stats
 
 HEALTH_INTERVAL_S = 0.5
@@ -126,7 +126,7 @@ class RayPool:
                     self.metrics.observe_answer(r, elapsed)
                 return responses
 
-    async def stream(
+    def stream(
         self,
         prompt: Prompt,
         params: dict[str, Any],
@@ -136,14 +136,7 @@ class RayPool:
         """Pieces of one answer. Closing the iterator cancels the replica's
         generator, which aborts the request there. ``announce``: first a ``None``
         as soon as the replica's engine accepted the request (before any token)."""
-        pieces = self._stream(prompt, params, announce)
-        try:
-            with Outcome(self.metrics) as outcome:
-                async for piece in pieces:
-                    outcome.finished = piece is not None and piece.finish_reason is not None
-                    yield piece
-        finally:
-            await pieces.aclose()
+        return counted_stream(self._stream(prompt, params, announce), self.metrics)
 
     async def _stream(
         self, prompt: Prompt, params: dict[str, Any], announce: bool

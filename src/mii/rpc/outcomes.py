@@ -19,10 +19,12 @@ request: it is not counted.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 from mii.errors import InvalidRequestError, NoReplicaError, ServerOverloadedError
+from mii.response import Response
 
 # Labels every deployment exports from the start (at 0), so that dashboards and
 # alerts find the series before the first refusal.
@@ -65,3 +67,18 @@ def count_ending(metrics: Any, err: BaseException, n: int = 1) -> None:
         m.rejected.labels("unavailable").inc(n)
     elif not isinstance(err, InvalidRequestError):
         m.requests.labels("error").inc(n)
+
+
+async def counted_stream(
+    pieces: AsyncIterator[Response | None], metrics: Any
+) -> AsyncIterator[Response | None]:
+    """A pool's stream of one answer, its ending counted (:class:`Outcome`); closing
+    it closes ``pieces`` (which aborts the request on its replica). A ``None`` (the
+    replica's acceptance) passes through uncounted."""
+    try:
+        with Outcome(metrics) as outcome:
+            async for piece in pieces:
+                outcome.finished = piece is not None and piece.finish_reason is not None
+                yield piece
+    finally:
+        await pieces.aclose()

@@ -30,7 +30,7 @@ from mii.rpc.convert import (
     request_for,
 )
 from mii.rpc.metrics import Metrics
-from mii.rpc.outcomes import Outcome
+from mii.rpc.outcomes import Outcome, counted_stream
 from mii.rpc.status import error_from_grpc, is_overload
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class ReplicaPool:
                 self.metrics.observe_answer(r, elapsed)
             return responses
 
-    async def stream(
+    def stream(
         self,
         prompt: Prompt,
         params: dict[str, Any],
@@ -234,14 +234,7 @@ class ReplicaPool:
         """Pieces of one answer. Closing the iterator cancels the replica's call,
         which aborts the request there. ``announce``: first a ``None`` as soon as the
         replica's engine accepted the request (before any token)."""
-        pieces = self._stream(prompt, params, timeout, announce)
-        try:
-            with Outcome(self.metrics) as outcome:
-                async for piece in pieces:
-                    outcome.finished = piece is not None and piece.finish_reason is not None
-                    yield piece
-        finally:
-            await pieces.aclose()
+        return counted_stream(self._stream(prompt, params, timeout, announce), self.metrics)
 
     async def _stream(
         self, prompt: Prompt, params: dict[str, Any], timeout: float | None, announce: bool
