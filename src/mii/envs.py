@@ -16,6 +16,7 @@
 | ``MII_FP8_KV_VALUES`` | ``bytes``, ``pairs`` | how attention reads an fp8 cache's values |
 | ``MII_DECODE_ONE_QUERY`` | ``dot``, ``cores`` | fp8-cache one-head decode: products or cores |
 | ``MII_ONE_QUERY_UNSPLIT_LAUNCH`` | ``wide``, ``narrow`` | unsplit CUDA-core decode: 4 or 2 warps |
+| ``MII_GEMV_ONE_ROW`` | ``tensor``, ``cores``, ``cores-fp8`` | batch-1 skinny kernel on the cores |
 | ``MII_FP8_FUSED_QUANT`` | ``norm``, ``off``, ``on`` | norm / act kernels write x's float8 copy |
 | ``MII_PDL_EARLY_RELEASE`` | ``off``, ``on`` | small kernels release their successor first |
 | ``MII_GATED_GEMV`` | ``auto``, ``on``, ``off`` | act(gate) * up in the decode gate/up kernel |
@@ -234,6 +235,17 @@ ONE_QUERY_UNSPLIT_LAUNCH = _choice(
     "wide",
     "narrow",
 )
+GEMV_ONE_ROW = _choice(
+    "MII_GEMV_ONE_ROW",
+    "decode batches of one row in the skinny linear kernel: 16-row tensor-core "
+    "products of which batch 1 uses one row, float8 weights with x quantized to e4m3 "
+    "('tensor'), or one row on the CUDA cores in float32, each weight converted where "
+    "it is loaded and x unquantized ('cores': every weight; 'cores-fp8': float8 "
+    "weights only; ops/triton_gemv_launch.py CORES_CONFIG)",
+    "tensor",
+    "cores",
+    "cores-fp8",
+)
 FP8_FUSED_QUANT = _choice(
     "MII_FP8_FUSED_QUANT",
     "float8 decode: the RMSNorm and act(gate) * up kernels also write their output "
@@ -402,6 +414,7 @@ SWITCHES: tuple[Switch, ...] = (
     FP8_KV_VALUES,
     DECODE_ONE_QUERY,
     ONE_QUERY_UNSPLIT_LAUNCH,
+    GEMV_ONE_ROW,
     FP8_FUSED_QUANT,
     PDL_EARLY_RELEASE,
     GATED_GEMV,

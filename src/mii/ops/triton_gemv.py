@@ -91,6 +91,8 @@ def _skinny_linear_kernel(
     LINE: tl.constexpr,
     GATED: tl.constexpr,
     ROUND: tl.constexpr,
+    CORES: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):
     """Out[m, n] = sum_k X[m, k] W[n, k] (+ Bias[n]) for this program's BLOCK_N
     rows of W and BLOCK_M rows of X (row tiles vary fastest: one weight band's
@@ -147,53 +149,61 @@ def _skinny_linear_kernel(
             XScale + offs_m * stride_xs + k_begin // BLOCK_K, mask=m_mask, other=1.0
         )
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(k_begin, k_stop, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
-        w = tl.load(
-            W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :],
-            mask=n_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        x = tl.load(
-            X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        if X_GROUPS:
-            # x arrives as float8 already, with one scale per row and BLOCK_K slice
-            # (ops/triton_quant.quantize_groups_fp8): the loop only loads and multiplies.
-            x_scale = scales_ahead
-            ahead = m_mask & (k0 + BLOCK_K < K)
-            scales_ahead = tl.load(
-                XScale + offs_m * stride_xs + (k0 + BLOCK_K) // BLOCK_K, mask=ahead, other=1.0
+    if CORES:
+        acc = _cores_partial_sums(
+            X, W, offs_m, offs_n, offs_k, m_mask, n_mask, k_begin, k_stop, K,
+            stride_xm, stride_wn, W_SCALED, DEQUANT, BLOCK_N, BLOCK_K, LOOP_STAGES,
+        )  # fmt: skip
+    else:
+        for k0 in range(k_begin, k_stop, BLOCK_K):
+            k_mask = (k0 + offs_k) < K
+            w = tl.load(
+                W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :],
+                mask=n_mask[:, None] & k_mask[None, :],
+                other=0.0,
             )
-            if UPCAST:  # the interpreter: float32 dot of the exact float8 values
-                part = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee")
+            x = tl.load(
+                X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            if X_GROUPS:
+                # x arrives as float8 already, with one scale per row and BLOCK_K slice
+                # (ops/triton_quant.quantize_groups_fp8): the loop only loads and multiplies.
+                x_scale = scales_ahead
+                ahead = m_mask & (k0 + BLOCK_K < K)
+                scales_ahead = tl.load(
+                    XScale + offs_m * stride_xs + (k0 + BLOCK_K) // BLOCK_K, mask=ahead, other=1.0
+                )
+                if UPCAST:  # the interpreter: float32 dot of the exact float8 values
+                    part = tl.dot(
+                        w.to(tl.float32), tl.trans(x.to(tl.float32)), input_precision="ieee"
+                    )
+                else:
+                    part = tl.dot(w, tl.trans(x))
+                acc += part * x_scale[None, :]
+            elif X_FP8:
+                # Float8 weights times float8 activations on the tensor cores: no weight
+                # conversion (which held the bf16-product kernel to ~40 % of HBM on an
+                # H200). Each row of this x slice gets its own scale (a finer grain than
+                # per token); the float32 product of the slice is scaled back before it
+                # joins the sum, so the tensor cores' float8 accumulation spans one slice.
+                xq, x_scale = quantize_rows_e4m3(x, UPCAST)
+                if UPCAST:  # the interpreter: float32 values on the e4m3 grid, float32 dot
+                    part = tl.dot(w.to(tl.float32), tl.trans(xq), input_precision="ieee")
+                else:
+                    part = tl.dot(w, tl.trans(xq))
+                acc += part * x_scale[None, :]
             else:
-                part = tl.dot(w, tl.trans(x))
-            acc += part * x_scale[None, :]
-        elif X_FP8:
-            # Float8 weights times float8 activations on the tensor cores: no weight
-            # conversion (which held the bf16-product kernel to ~40 % of HBM on an
-            # H200). Each row of this x slice gets its own scale (a finer grain than
-            # per token); the float32 product of the slice is scaled back before it
-            # joins the sum, so the tensor cores' float8 accumulation spans one slice.
-            xq, x_scale = quantize_rows_e4m3(x, UPCAST)
-            if UPCAST:  # the interpreter: float32 values on the e4m3 grid, float32 dot
-                part = tl.dot(w.to(tl.float32), tl.trans(xq), input_precision="ieee")
-            else:
-                part = tl.dot(w, tl.trans(xq))
-            acc += part * x_scale[None, :]
-        else:
-            if W_SCALED:  # float8 -> x's dtype: exact (e4m3 is a subset of bf16 and fp16)
-                w = dequantize_e4m3(w, X.dtype.element_ty, DEQUANT)
-            if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
-                w = w.to(tl.float32)
-                x = x.to(tl.float32)
-            if IEEE:  # Triton needs a constexpr branch here
-                acc += tl.dot(w, tl.trans(x), input_precision="ieee")
-            else:
-                acc += tl.dot(w, tl.trans(x))
+                if W_SCALED:  # float8 -> x's dtype: exact (e4m3 is a subset of bf16 and fp16)
+                    w = dequantize_e4m3(w, X.dtype.element_ty, DEQUANT)
+                if UPCAST:  # the CPU interpreter's bf16/fp16 dot is wrong: compute in fp32 there
+                    w = w.to(tl.float32)
+                    x = x.to(tl.float32)
+                if IEEE:  # Triton needs a constexpr branch here
+                    acc += tl.dot(w, tl.trans(x), input_precision="ieee")
+                else:
+                    acc += tl.dot(w, tl.trans(x))
     if SPLIT_K > 1:
         out_mask = n_mask[:, None] & m_mask[None, :]
         # Partials [SPLIT_K, M, N] float32; visible to the last program before it counts.
@@ -217,6 +227,41 @@ def _skinny_linear_kernel(
             acc, Scale, Bias, Out, offs_m, offs_n, n_mask, stride_om, m_mask, band,
             HAS_BIAS, W_SCALED, GATED, ROUND, BLOCK_N, BLOCK_M, N,
         )  # fmt: skip
+
+
+@triton.jit
+def _cores_partial_sums(
+    X, W, offs_m, offs_n, offs_k, m_mask, n_mask, k_begin, k_stop, K,
+    stride_xm, stride_wn,
+    W_SCALED: tl.constexpr, DEQUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+):  # fmt: skip
+    """The sums of one row of x (BLOCK_M = 1) times this program's BLOCK_N rows of W
+    over [k_begin, k_stop), [BLOCK_N, 1] float32, on the CUDA cores: each weight is
+    converted to float32 where it is loaded (exact for float8 and 16-bit weights)
+    and multiplied by x's unquantized value. A 16-row tensor-core product spends 15
+    of its rows on nothing at batch 1, and with float8 weights needs x quantized
+    (a launch, or reductions in the loop). Each lane of the [BLOCK_N, BLOCK_K] tile
+    keeps its own sum, added across K once at the end: the loop never reduces
+    across threads. LOOP_STAGES: its software pipeline (its loads feed no
+    tensor-core product, so Triton pipelines them only when asked)."""
+    wide = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=LOOP_STAGES):
+        k_mask = (k0 + offs_k) < K
+        w = tl.load(
+            W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :],
+            mask=n_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        if W_SCALED:
+            w = dequantize_e4m3(w, tl.float32, DEQUANT)
+        wide += w.to(tl.float32) * x.to(tl.float32)
+    return tl.sum(wide, axis=1)[:, None]
 
 
 @triton.jit
@@ -351,6 +396,8 @@ def _launch(
     the kernel's GATED, the output then act(gate) * up of half the columns)."""
     rows, k = x.shape
     n = weight.shape[0]
+    if config.cores and config.block_m != 1:
+        raise ValueError(f"a CUDA-core launch takes one row per program, not {config.block_m}")
     out = torch.empty(rows, n // 2 if gated else n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out
@@ -417,6 +464,8 @@ def _launch(
         GATED=gated,
         # the act-and-mul kernel's rounding (the interpreter truncates bf16 casts)
         ROUND=INTERPRETED and out.dtype == torch.bfloat16,
+        CORES=config.cores,
+        LOOP_STAGES=config.num_stages,
         **triton_pdl.launch_options(x.device),
         num_warps=config.num_warps,
         num_stages=triton_limits.stages_that_fit(config.num_stages, stage_bytes, x.device),

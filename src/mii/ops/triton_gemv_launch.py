@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from mii import envs
 from mii.ops import triton_limits
 from mii.ops.dispatch import SKINNY_MAX_ROWS as MAX_ROWS
 
@@ -36,6 +37,10 @@ class GemvConfig(NamedTuple):
     # (ops/triton_quant.quantize_groups_fp8), so that the weight loop holds no
     # reductions; the same numbers. One more launch per layer input.
     x_groups: bool = False
+    # One row of x per program (block_m 1), multiplied on the CUDA cores in float32,
+    # the weights converted where they are loaded (``_cores_partial_sums``): no
+    # padding to 16 rows, and float8 weights read x unquantized. MII_GEMV_ONE_ROW.
+    cores: bool = False
 
 
 # From benchmarks/gemv_sweep.py on an H100 (2026-11-25, docs/performance.md): within
@@ -91,6 +96,25 @@ NARROW_CONFIG = GemvConfig(32, 256, num_warps=4, num_stages=6, split_k=1)
 NARROW_MANY_BANDS_CONFIG = GemvConfig(32, 128, num_warps=4, num_stages=6, split_k=1)
 
 
+# One row on the CUDA cores (MII_GEMV_ONE_ROW): a first guess for
+# gemv_sweep --cores to replace. 16-row bands, 512-column slices: a [16, 512] float32
+# sum per program is 64 registers a thread on 4 warps.
+CORES_CONFIG = GemvConfig(16, 512, num_warps=4, num_stages=4, block_m=1, split_k=0, cores=True)
+FP8_CORES_CONFIG = CORES_CONFIG
+# Rows up to which MII_GEMV_ONE_ROW's CUDA-core launch applies (each program one row;
+# the programs of one band read it from the L2 cache after the first).
+CORES_MAX_ROWS = 1
+
+
+def cores_for(rows: int, fp8: bool) -> GemvConfig | None:
+    """The CUDA-core launch for ``rows`` of x where MII_GEMV_ONE_ROW asks for one
+    (``cores``: every weight; ``cores-fp8``: float8 weights), else None."""
+    choice = envs.GEMV_ONE_ROW.get()
+    if rows > CORES_MAX_ROWS or choice == "tensor" or (choice == "cores-fp8" and not fp8):
+        return None
+    return FP8_CORES_CONFIG if fp8 else CORES_CONFIG
+
+
 def config_for(rows: int, fp8: bool = False) -> GemvConfig:
     """The launch for a batch of ``rows`` (of float8 weights with ``fp8``; the
     shape-aware choices are ``fp8_config_for`` and ``bf16_config_for``)."""
@@ -105,6 +129,9 @@ def bf16_config_for(rows: int, n: int, device: torch.device) -> GemvConfig:
     else ``config_for`` (the sweep behind it: NARROW_CONFIG)."""
     if rows > MAX_ROWS:
         return WIDE_CONFIG
+    cores = cores_for(rows, fp8=False)
+    if cores is not None:
+        return cores
     twice_the_sms = 2 * triton_limits.multiprocessors(device)
     if triton.cdiv(n, DEFAULT_CONFIG.block_n) > twice_the_sms:
         return DEFAULT_CONFIG
@@ -122,6 +149,9 @@ def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfi
     the default (sweeps: FP8_DEFAULT_CONFIG)."""
     if rows > MAX_ROWS:
         return WIDE_CONFIG._replace(fp8_dot=True)
+    cores = cores_for(rows, fp8=True)
+    if cores is not None:
+        return cores
     bands = triton.cdiv(n, FP8_SPLIT_CONFIG.block_n)
     if _auto_splits(bands, k, device, FP8_MIN_K_PER_SPLIT) > 1:
         return FP8_SHORT_K_CONFIG if k <= FP8_UNSPLIT_MAX_K else FP8_SPLIT_CONFIG
@@ -137,7 +167,7 @@ def fp8_products(config: GemvConfig, x_dtype: torch.dtype) -> bool:
     """Whether a float8-weight launch multiplies float8 by float8 (``fp8_dot``):
     float32 activations ask for precision and keep exact 32-bit products; a float8
     dot needs slices of at least 32 columns."""
-    return config.fp8_dot and x_dtype != torch.float32 and config.block_k >= 32
+    return config.fp8_dot and not config.cores and x_dtype != torch.float32 and config.block_k >= 32
 
 
 def prequantized_slices(config: GemvConfig, x_dtype: torch.dtype) -> int:

@@ -1,0 +1,118 @@
+"""The skinny decode kernel's CUDA-core launch (``GemvConfig.cores``, chosen at batch 1
+by ``MII_GEMV_ONE_ROW``): one row of x per program, float32 products of each weight
+converted where it is loaded, x unquantized. Against float32 matmuls of the same
+operands, on CPU under TRITON_INTERPRET=1 (conftest) and on a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mii.ops.fp8_linear import quantize_rows
+from mii.ops.fused_elementwise import act_and_mul
+from mii.ops.triton_gemv import skinny_gated_linear, skinny_linear, skinny_linear_fp8
+from mii.ops.triton_gemv_launch import (
+    CORES_CONFIG,
+    GemvConfig,
+    bf16_config_for,
+    fp8_config_for,
+    prequantized_slices,
+)
+from test_triton_kernels import DEVICE
+
+CORES = GemvConfig(16, 64, num_stages=2, block_m=1, split_k=1, cores=True)
+
+
+def _operands(rows: int, n: int, k: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    # Rows of very different magnitudes: each float8 channel's scale matters.
+    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 4
+    b = torch.randn(n, generator=gen).to(dtype)
+    return x, w, b
+
+
+def _close(out: torch.Tensor, expected: torch.Tensor) -> None:
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    else:  # one rounding to 16 bits (the interpreter truncates: up to one ulp)
+        torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "rows, n, k, bias, config",
+    [
+        (1, 48, 128, False, CORES),  # whole bands and slices
+        (1, 37, 200, True, CORES),  # ragged N and K, bias
+        (3, 37, 200, True, CORES),  # one program per row
+        (1, 40, 320, False, CORES._replace(split_k=3)),  # split-K partials
+        (2, 40, 320, True, CORES._replace(split_k=2, dequant=1)),  # integer conversion
+    ],
+)
+def test_float8_weights_times_unquantized_x(rows, n, k, bias, config, dtype):
+    """x is not quantized: the result is x times the float8 weights' exact values,
+    to float32 rounding, unlike the tensor-core launch's float8 products."""
+    x, w, b = _operands(rows, n, k, dtype, seed=rows * n + k)
+    wq, scale = quantize_rows(w)
+    b = b if bias else None
+    expected = x.float() @ (wq.float() * scale[:, None]).T
+    if b is not None:
+        expected += b.float()
+    on = [t.to(DEVICE) if t is not None else None for t in (x, wq, scale, b)]
+    out = skinny_linear_fp8(*on, config)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    _close(out.cpu(), expected)
+    # A second launch (a graph replay: split-K's arrival counts were reset) agrees.
+    assert torch.equal(skinny_linear_fp8(*on, config), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_16_bit_weights(dtype):
+    x, w, b = _operands(1, 37, 200, dtype, seed=5)
+    w = w.to(dtype)
+    out = skinny_linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), CORES)
+    _close(out.cpu(), x.float() @ w.float().T + b.float())
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gated_epilogue(fp8):
+    """act(gate) * up of the CUDA-core sums: the same numbers as the projection by the
+    same launch, then the act-and-mul kernel."""
+    x, w, _ = _operands(1, 2 * 40, 96, torch.bfloat16, seed=7)
+    x = x.to(DEVICE)
+    if fp8:
+        wq, scale = (t.to(DEVICE) for t in quantize_rows(w))
+        got = skinny_gated_linear(x, wq, "silu", scale, None, CORES)
+        want = act_and_mul(skinny_linear_fp8(x, wq, scale, None, CORES), "silu")
+    else:
+        wb = w.to(torch.bfloat16).to(DEVICE)
+        got = skinny_gated_linear(x, wb, "silu", None, None, CORES)
+        want = act_and_mul(skinny_linear(x, wb, None, CORES), "silu")
+    assert got.shape == (1, 40)
+    assert torch.equal(got, want)
+
+
+def test_one_row_per_program_only():
+    x, w, _ = _operands(1, 16, 64, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="one row per program"):
+        skinny_linear(x.to(DEVICE), w.to(DEVICE), None, CORES._replace(block_m=16))
+
+
+def test_gemv_one_row_switch(monkeypatch):
+    """MII_GEMV_ONE_ROW picks the CUDA-core launch for one row only ('cores-fp8': for
+    float8 weights only); the norms then write no float8 copy of x for it."""
+    device = torch.device(DEVICE)
+    monkeypatch.setenv("MII_GEMV_ONE_ROW", "tensor")
+    assert not fp8_config_for(1, 4096, 4096, device).cores
+    assert not bf16_config_for(1, 4096, device).cores
+    monkeypatch.setenv("MII_GEMV_ONE_ROW", "cores-fp8")
+    assert fp8_config_for(1, 4096, 4096, device).cores
+    assert not fp8_config_for(2, 4096, 4096, device).cores
+    assert not bf16_config_for(1, 4096, device).cores
+    assert prequantized_slices(fp8_config_for(1, 4096, 4096, device), torch.bfloat16) == 0
+    monkeypatch.setenv("MII_GEMV_ONE_ROW", "cores")
+    assert bf16_config_for(1, 4096, device) == CORES_CONFIG
+    monkeypatch.setenv("MII_GEMV_ONE_ROW", "fast")
+    with pytest.raises(ValueError, match="MII_GEMV_ONE_ROW"):
+        fp8_config_for(1, 4096, 4096, device)
