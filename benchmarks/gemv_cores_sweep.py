@@ -44,20 +44,20 @@ def tile_configs() -> list[GemvConfig]:
     """Round one: rows per band, slice width and warps, keeping the per-thread float32
     sums (block_n * block_k / threads) at 16-64 registers; 3 stages, K auto-split."""
     out = []
-    for block_n, block_k, warps in itertools.product(
-        (8, 16, 32, 64), (128, 256, 512, 1024), (2, 4, 8)
-    ):
+    space = itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048, 4096), (2, 4, 8))
+    for block_n, block_k, warps in space:
         if 16 <= block_n * block_k // (32 * warps) <= 64:
             out.append(GemvConfig(block_n, block_k, warps, 3, block_m=1, split_k=0, cores=True))
     return out
 
 
 def depth_configs(best: list[GemvConfig]) -> list[GemvConfig]:
-    """Round two: the best tiles with 2-6 stages and K unsplit or split 2 / 4 ways."""
+    """Round two: the best tiles with 2-6 stages, K unsplit or split 2 ways, and 0-4096
+    weight columns a row prefetched into L2 before the predecessor finishes (PDL)."""
     return [
-        cfg._replace(num_stages=stages, split_k=splits)
+        cfg._replace(num_stages=stages, split_k=splits, prefetch_k=prefetch)
         for cfg in best
-        for stages, splits in itertools.product((2, 3, 4, 6), (0, 1, 2, 4))
+        for stages, splits, prefetch in itertools.product((2, 3, 4, 6), (0, 2), (0, 1024, 4096))
     ]
 
 

@@ -96,10 +96,13 @@ NARROW_CONFIG = GemvConfig(32, 256, num_warps=4, num_stages=6, split_k=1)
 NARROW_MANY_BANDS_CONFIG = GemvConfig(32, 128, num_warps=4, num_stages=6, split_k=1)
 
 
-# One row on the CUDA cores (MII_GEMV_ONE_ROW): a first guess for
-# gemv_sweep --cores to replace. 16-row bands, 512-column slices: a [16, 512] float32
-# sum per program is 64 registers a thread on 4 warps.
-CORES_CONFIG = GemvConfig(16, 512, num_warps=4, num_stages=4, block_m=1, split_k=0, cores=True)
+# One row on the CUDA cores (MII_GEMV_ONE_ROW). gemv_cores_sweep (H100, 2026-12-05,
+# 169fe8b, Llama-2-7B, 1 row, 78 launches per weight): 8-row bands of 1024-column slices
+# on 4 warps (a [8, 1024] float32 sum: 64 registers a thread) were best or within 0.3 us
+# of it on every projection, float8 and bf16: fp8 qkv 20.3 / o 7.5 / gate_up 35.2 /
+# down 18.2 us against 22.0 / 10.8 / 37.1 / 22.5 for the tensor-core launches; bf16
+# 35.3 / 12.3 / 62.5 / 33.5 against 37.4 / 12.8 / 64.1 / 35.9, lm_head 87.8 vs 89.6.
+CORES_CONFIG = GemvConfig(8, 1024, num_warps=4, num_stages=4, block_m=1, split_k=0, cores=True)
 FP8_CORES_CONFIG = CORES_CONFIG
 # Rows up to which MII_GEMV_ONE_ROW's CUDA-core launch applies (each program one row;
 # the programs of one band read it from the L2 cache after the first).
