@@ -1,6 +1,6 @@
 """Batch 1 on the CUDA cores (``GemvConfig.cores``, ``MII_GEMV_ONE_ROW``) against the
 skinny kernel's production launches, per Llama projection: a diagnostic whose best
-rows set ``CORES_CONFIG`` / ``FP8_CORES_CONFIG`` and whether the switch's default
+rows set ``CORES_CONFIG`` and its many-band forms and whether the switch's default
 should move.
 
     python benchmarks/gemv_cores_sweep.py [--model llama3-8b] [--rows 1] [--json out.json]

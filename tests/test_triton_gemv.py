@@ -108,6 +108,8 @@ def test_launch_by_weight_shape(monkeypatch):
     (the H200 sweep's best, docs/performance.md), the default elsewhere."""
     import mii.ops.triton_gemv_launch as gemv
 
+    monkeypatch.setenv("MII_GEMV_ONE_ROW", "tensor")  # the tensor-core launches (batch 1: cores)
+
     monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 132)
     cpu = torch.device("cpu")
     assert gemv.bf16_config_for(1, 12288, cpu) == gemv.NARROW_MANY_BANDS_CONFIG  # qkv

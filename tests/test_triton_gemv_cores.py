@@ -100,19 +100,31 @@ def test_one_row_per_program_only():
 
 
 def test_gemv_one_row_switch(monkeypatch):
-    """MII_GEMV_ONE_ROW picks the CUDA-core launch for one row only ('cores-fp8': for
-    float8 weights only); the norms then write no float8 copy of x for it."""
+    """MII_GEMV_ONE_ROW picks the CUDA-core launch for one row only, by default
+    ('cores-fp8': for float8 weights only; 'tensor': never); the norms then write no
+    float8 copy of x for it. On 132 multiprocessors: 8-row bands where they are at
+    most 4 per multiprocessor (Llama-2-7B's o and down), else 4-row bands (qkv,
+    gate_up, the LM head), on 2 warps for float8 weights (the H100 sweep's best)."""
+    import mii.ops.triton_gemv_launch as gemv
+
+    monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 132)
     device = torch.device(DEVICE)
+    monkeypatch.delenv("MII_GEMV_ONE_ROW", raising=False)
+    assert fp8_config_for(1, 4096, 4096, device) == CORES_CONFIG  # o: 512 bands
+    assert bf16_config_for(1, 4096, device) == CORES_CONFIG
+    assert bf16_config_for(1, 4 * 132 * 8 + 1, device) == gemv.CORES_MANY_BANDS_CONFIG
+    qkv = fp8_config_for(1, 12288, 4096, device)
+    assert qkv == gemv.FP8_CORES_MANY_BANDS_CONFIG and (qkv.block_n, qkv.num_warps) == (4, 2)
+    assert bf16_config_for(1, 32000, device).block_n == 4  # lm_head
+    assert not fp8_config_for(2, 4096, 4096, device).cores
+    assert not bf16_config_for(2, 4096, device).cores
+    assert prequantized_slices(fp8_config_for(1, 4096, 4096, device), torch.bfloat16) == 0
+    monkeypatch.setenv("MII_GEMV_ONE_ROW", "cores-fp8")
+    assert fp8_config_for(1, 4096, 4096, device).cores
+    assert not bf16_config_for(1, 4096, device).cores
     monkeypatch.setenv("MII_GEMV_ONE_ROW", "tensor")
     assert not fp8_config_for(1, 4096, 4096, device).cores
     assert not bf16_config_for(1, 4096, device).cores
-    monkeypatch.setenv("MII_GEMV_ONE_ROW", "cores-fp8")
-    assert fp8_config_for(1, 4096, 4096, device).cores
-    assert not fp8_config_for(2, 4096, 4096, device).cores
-    assert not bf16_config_for(1, 4096, device).cores
-    assert prequantized_slices(fp8_config_for(1, 4096, 4096, device), torch.bfloat16) == 0
-    monkeypatch.setenv("MII_GEMV_ONE_ROW", "cores")
-    assert bf16_config_for(1, 4096, device) == CORES_CONFIG
     monkeypatch.setenv("MII_GEMV_ONE_ROW", "fast")
     with pytest.raises(ValueError, match="MII_GEMV_ONE_ROW"):
         fp8_config_for(1, 4096, 4096, device)

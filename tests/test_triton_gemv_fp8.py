@@ -403,6 +403,8 @@ def test_fp8_launch_by_weight_shape(monkeypatch):
     (docs/performance.md)."""
     import mii.ops.triton_gemv_launch as gemv
 
+    monkeypatch.setenv("MII_GEMV_ONE_ROW", "tensor")  # the tensor-core launches (batch 1: cores)
+
     monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 132)
     device = torch.device("cpu")
     assert gemv.fp8_config_for(1, 12288, 4096, device) == gemv.FP8_FEW_BANDS_CONFIG  # qkv

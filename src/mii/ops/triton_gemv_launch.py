@@ -96,26 +96,37 @@ NARROW_CONFIG = GemvConfig(32, 256, num_warps=4, num_stages=6, split_k=1)
 NARROW_MANY_BANDS_CONFIG = GemvConfig(32, 128, num_warps=4, num_stages=6, split_k=1)
 
 
-# One row on the CUDA cores (MII_GEMV_ONE_ROW). gemv_cores_sweep (H100, 2026-12-05,
-# 169fe8b, Llama-2-7B, 1 row, 78 launches per weight): 8-row bands of 1024-column slices
-# on 4 warps (a [8, 1024] float32 sum: 64 registers a thread) were best or within 0.3 us
-# of it on every projection, float8 and bf16: fp8 qkv 20.3 / o 7.5 / gate_up 35.2 /
-# down 18.2 us against 22.0 / 10.8 / 37.1 / 22.5 for the tensor-core launches; bf16
-# 35.3 / 12.3 / 62.5 / 33.5 against 37.4 / 12.8 / 64.1 / 35.9, lm_head 87.8 vs 89.6.
+# One row on the CUDA cores (MII_GEMV_ONE_ROW, the default at batch 1).
+# gemv_cores_sweep (H100, 2026-12-05, 169fe8b / the next commit, Llama-2-7B and
+# Llama-3-8B projections, 1 row, ~100 launches per weight; docs/performance.md):
+# - weights of few 8-row bands (at most CORES_FEW_BANDS_PER_SM per multiprocessor: o
+#   and down, N 4096): 8-row bands of 1024-column slices on 4 warps (a [8, 1024]
+#   float32 sum, 64 registers a thread), 3-4 stages: fp8 o 7.5 / down 18.3 us against
+#   10.7 / 22.5 for the tensor-core launches, bf16 12.2 / 32.8-33.5 vs 12.7 / 35.9;
+# - more bands (qkv, gate_up, lm_head): 4-row bands, 6 stages, 2 warps for float8
+#   weights and 4 for 16-bit ones: fp8 qkv 20.1 / gate_up 35.0 us vs 22.0 / 37.2
+#   (Llama-3-8B's gate_up 43.4 vs 49.6), bf16 qkv 34.8 / gate_up 62.0 / lm_head 87.3
+#   vs 37.3 / 64.1 / 89.6.
 CORES_CONFIG = GemvConfig(8, 1024, num_warps=4, num_stages=4, block_m=1, split_k=0, cores=True)
-FP8_CORES_CONFIG = CORES_CONFIG
-# Rows up to which MII_GEMV_ONE_ROW's CUDA-core launch applies (each program one row;
-# the programs of one band read it from the L2 cache after the first).
+CORES_MANY_BANDS_CONFIG = CORES_CONFIG._replace(block_n=4, num_stages=6)
+FP8_CORES_MANY_BANDS_CONFIG = CORES_MANY_BANDS_CONFIG._replace(num_warps=2)
+CORES_FEW_BANDS_PER_SM = 4
+# Rows up to which the CUDA-core launch applies (each program takes one row; past the
+# first, a band's programs read it from the L2 cache).
 CORES_MAX_ROWS = 1
 
 
-def cores_for(rows: int, fp8: bool) -> GemvConfig | None:
-    """The CUDA-core launch for ``rows`` of x where MII_GEMV_ONE_ROW asks for one
-    (``cores``: every weight; ``cores-fp8``: float8 weights), else None."""
+def cores_for(rows: int, n: int, fp8: bool, device: torch.device) -> GemvConfig | None:
+    """The CUDA-core launch for ``rows`` of x and ``n`` output channels where
+    MII_GEMV_ONE_ROW asks for one (``cores``, the default: every weight;
+    ``cores-fp8``: float8 weights), else None (the sweep: CORES_CONFIG)."""
     choice = envs.GEMV_ONE_ROW.get()
     if rows > CORES_MAX_ROWS or choice == "tensor" or (choice == "cores-fp8" and not fp8):
         return None
-    return FP8_CORES_CONFIG if fp8 else CORES_CONFIG
+    few_bands = CORES_FEW_BANDS_PER_SM * triton_limits.multiprocessors(device)
+    if triton.cdiv(n, CORES_CONFIG.block_n) <= few_bands:
+        return CORES_CONFIG
+    return FP8_CORES_MANY_BANDS_CONFIG if fp8 else CORES_MANY_BANDS_CONFIG
 
 
 def config_for(rows: int, fp8: bool = False) -> GemvConfig:
@@ -132,7 +143,7 @@ def bf16_config_for(rows: int, n: int, device: torch.device) -> GemvConfig:
     else ``config_for`` (the sweep behind it: NARROW_CONFIG)."""
     if rows > MAX_ROWS:
         return WIDE_CONFIG
-    cores = cores_for(rows, fp8=False)
+    cores = cores_for(rows, n, False, device)
     if cores is not None:
         return cores
     twice_the_sms = 2 * triton_limits.multiprocessors(device)
@@ -152,7 +163,7 @@ def fp8_config_for(rows: int, n: int, k: int, device: torch.device) -> GemvConfi
     the default (sweeps: FP8_DEFAULT_CONFIG)."""
     if rows > MAX_ROWS:
         return WIDE_CONFIG._replace(fp8_dot=True)
-    cores = cores_for(rows, fp8=True)
+    cores = cores_for(rows, n, True, device)
     if cores is not None:
         return cores
     bands = triton.cdiv(n, FP8_SPLIT_CONFIG.block_n)
