@@ -4,15 +4,17 @@ rows set ``CORES_CONFIG`` and its many-band forms and whether the switch's defau
 should move.
 
     python benchmarks/gemv_cores_sweep.py [--model llama3-8b] [--rows 1] [--json out.json]
+    python benchmarks/gemv_cores_sweep.py --rows 2 4   # decode batches of 2 and 4 rows
 
 For each projection (float8 e4m3 weights with channel scales, and bf16 weights) it
 times, as ``gemv_sweep.py`` does (a CUDA graph over copies of the weight past the
 L2 cache): the production launch (``fp8_config_for`` / ``bf16_config_for`` with
 MII_GEMV_ONE_ROW=tensor; float8: qkv's and gate_up's x pre-quantized, as the RMSNorm
 writes it, o's and down's quantized by their own launch, timed with it, as
-production runs them), then CUDA-core launches in two rounds: tiles (rows per
-band, slice width, warps) at 3 stages, then the three best tiles' stages and K
-splits. Fractions are of the copy bandwidth for each weight's own bytes.
+production runs them), then CUDA-core launches in two rounds: tiles (rows of x
+per program: one, or all of them up to 4; rows per band, slice width, warps) at 3
+stages, then the three best tiles' stages, K splits and PDL prefetch depth.
+Fractions are of the copy bandwidth for each weight's own bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import itertools
 import os
 
 import torch
+import triton
 
 from benchmarks.common import environment, roofline, sweep_summary, write_json
 from benchmarks.gemv_sweep import LLAMA3_SHAPES, SHAPES, graph_seconds
@@ -40,14 +43,18 @@ from mii.ops.triton_quant import quantize_groups_fp8
 NORM_INPUTS = ("qkv", "gate_up")
 
 
-def tile_configs() -> list[GemvConfig]:
-    """Round one: rows per band, slice width and warps, keeping the per-thread float32
-    sums (block_n * block_k / threads) at 16-64 registers; 3 stages, K auto-split."""
+def tile_configs(rows: int) -> list[GemvConfig]:
+    """Round one: rows of x per program (1, or all of them up to 4), rows per band,
+    slice width and warps, keeping the per-thread float32 sums (block_m * block_n *
+    block_k / threads) at 16-64 registers; 3 stages, K auto-split."""
     out = []
-    space = itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048, 4096), (2, 4, 8))
-    for block_n, block_k, warps in space:
-        if 16 <= block_n * block_k // (32 * warps) <= 64:
-            out.append(GemvConfig(block_n, block_k, warps, 3, block_m=1, split_k=0, cores=True))
+    row_tiles = sorted({1, min(4, triton.next_power_of_2(rows))})
+    space = itertools.product(row_tiles, (4, 8, 16, 32), (256, 512, 1024, 2048, 4096), (2, 4, 8))
+    for block_m, block_n, block_k, warps in space:
+        if 16 <= block_m * block_n * block_k // (32 * warps) <= 64:
+            out.append(
+                GemvConfig(block_n, block_k, warps, 3, block_m=block_m, split_k=0, cores=True)
+            )
     return out
 
 
@@ -61,7 +68,9 @@ def depth_configs(best: list[GemvConfig]) -> list[GemvConfig]:
     ]
 
 
-def timed_sweep(name: str, calls_for, nbytes: int, default_s: float, copy_bw: float) -> dict:
+def timed_sweep(
+    name: str, rows: int, calls_for, nbytes: int, default_s: float, copy_bw: float
+) -> dict:
     """Both rounds for one weight; ``calls_for(config)`` -> the closures to time."""
     timed: dict[GemvConfig, float] = {}
 
@@ -74,7 +83,7 @@ def timed_sweep(name: str, calls_for, nbytes: int, default_s: float, copy_bw: fl
             except Exception as error:  # a setting this GPU cannot launch
                 print(f"{name} {cfg}: {type(error).__name__}: {str(error)[:120]}", flush=True)
 
-    run(tile_configs())
+    run(tile_configs(rows))
     ranked = sorted(timed, key=timed.get)
     run(depth_configs(ranked[:3]))
     ordered = sorted((s, c) for c, s in timed.items())
@@ -124,7 +133,7 @@ def fp8_sweep(name: str, x: torch.Tensor, quantized: list, copy_bw: float) -> di
     def calls_for(cfg):
         return [lambda q=q: skinny_linear_fp8(x, *q, None, cfg) for q in quantized]
 
-    return timed_sweep(f"{name} fp8", calls_for, n * k, default_s, copy_bw)
+    return timed_sweep(f"{name} fp8", x.shape[0], calls_for, n * k, default_s, copy_bw)
 
 
 def bf16_sweep(name: str, x: torch.Tensor, weights: list, copy_bw: float) -> dict:
@@ -137,7 +146,7 @@ def bf16_sweep(name: str, x: torch.Tensor, weights: list, copy_bw: float) -> dic
     def calls_for(cfg):
         return [lambda w=w: skinny_linear(x, w, None, cfg) for w in weights]
 
-    return timed_sweep(f"{name} bf16", calls_for, 2 * n * k, default_s, copy_bw)
+    return timed_sweep(f"{name} bf16", x.shape[0], calls_for, 2 * n * k, default_s, copy_bw)
 
 
 def main() -> None:

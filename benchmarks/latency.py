@@ -2,6 +2,11 @@
 
     python benchmarks/latency.py [--model llama2-7b] [--json out.json] [--hf]
     python benchmarks/latency.py --quantization fp8   # float8 weights: floor of 1 byte each
+    python benchmarks/latency.py --batch 2   # two requests at once: decode steps of 2 rows
+
+With ``--batch N`` N requests (different prompts of the same length) run at once,
+and decode tokens/s is per request (the slowest one's): decode steps per second,
+which the bandwidth floor bounds as at batch 1 (the weights are read once a step).
 
 Reports mii's time to first token and decode tokens/s, the Hugging Face
 ``generate`` peer on the same workload and weights, and the bandwidth floor
@@ -40,17 +45,26 @@ from benchmarks.common import (
 
 
 async def run_mii(
-    path: str, prompt_ids: list[int], new_tokens: int, repeats: int, options: dict
+    path: str, prompts: list[list[int]], new_tokens: int, repeats: int, options: dict
 ) -> dict:
     engine = mii.AsyncEngine(path, load_format="dummy", dtype="bfloat16", **options)
     warmup = {"compile_s": engine.core.compile_s, "graph_capture_s": engine.core.graph_capture_s}
     params = dict(max_new_tokens=new_tokens, ignore_eos=True, do_sample=False)
-    async for _ in engine.stream(prompt_ids, **params):  # warm-up
+    async for _ in engine.stream(prompts[0], **params):  # warm-up
         pass
-    runs = [await timed_stream(engine, prompt_ids, params) for _ in range(repeats)]
+    runs = [await timed_batch(engine, prompts, params) for _ in range(repeats)]
     await engine.aclose()
     best = sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2]
     return {k: round(v, 4) for k, v in (best | warmup).items()}
+
+
+async def timed_batch(engine, prompts: list[list[int]], params: dict) -> dict:
+    """The prompts streamed at once: the last first token, the slowest decode rate."""
+    runs = await asyncio.gather(*(timed_stream(engine, p, params) for p in prompts))
+    return {
+        "ttft_s": max(r["ttft_s"] for r in runs),
+        "decode_tok_s": min(r["decode_tok_s"] for r in runs),
+    }
 
 
 def run_hf(config: dict, prompt_ids: list[int], new_tokens: int) -> dict:
@@ -78,6 +92,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="requests at once (mii only)")
     parser.add_argument("--hf", action="store_true", help="also run the Hugging Face peer")
     add_engine_arguments(parser)
     parser.add_argument("--json", default=None)
@@ -86,8 +101,10 @@ def main() -> None:
     config = SHAPES[args.model]
     path = model_dir(args.model)
     prompt_ids = [(i * 7919) % 31000 + 100 for i in range(args.prompt_len)]
+    # one prompt per request, each its own tokens (nothing shared in the prefix cache)
+    prompts = [[(t + 13 * r) % 31000 + 100 for t in prompt_ids] for r in range(args.batch)]
     device = torch.device("cuda")
-    result = {"benchmark": "latency", "model": args.model, **environment()}
+    result = {"benchmark": "latency", "model": args.model, "batch": args.batch, **environment()}
     result["roofline"] = roofline(device)
     # The floor of the weights this run reads: one byte per linear weight in fp8.
     result["weight_bytes"] = weight_bytes(config, args.quantization)
@@ -97,7 +114,7 @@ def main() -> None:
     options = engine_options(args, result, {})
     if serve_other_ranks(path, options):
         return  # a rank > 0 of a tensor-parallel run: rank 0 measures and reports
-    result["mii"] = asyncio.run(run_mii(path, prompt_ids, args.new_tokens, args.repeats, options))
+    result["mii"] = asyncio.run(run_mii(path, prompts, args.new_tokens, args.repeats, options))
     if args.hf:
         result["hf_generate"] = run_hf(config, prompt_ids, args.new_tokens)
         result["speedup_vs_hf"] = round(

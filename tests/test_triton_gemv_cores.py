@@ -48,6 +48,9 @@ def _close(out: torch.Tensor, expected: torch.Tensor) -> None:
         (3, 37, 200, True, CORES),  # one program per row
         (1, 40, 320, False, CORES._replace(split_k=3)),  # split-K partials
         (2, 40, 320, True, CORES._replace(split_k=2, dequant=1)),  # integer conversion
+        (2, 37, 200, True, CORES._replace(block_m=2)),  # two rows a program
+        (3, 40, 320, False, CORES._replace(block_m=4, split_k=2)),  # a row of the tile masked
+        (5, 37, 200, True, CORES._replace(block_m=2)),  # several row tiles
     ],
 )
 def test_float8_weights_times_unquantized_x(rows, n, k, bias, config, dtype):
@@ -68,34 +71,38 @@ def test_float8_weights_times_unquantized_x(rows, n, k, bias, config, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_16_bit_weights(dtype):
-    x, w, b = _operands(1, 37, 200, dtype, seed=5)
+@pytest.mark.parametrize("rows, block_m", [(1, 1), (2, 2)])
+def test_16_bit_weights(dtype, rows, block_m):
+    x, w, b = _operands(rows, 37, 200, dtype, seed=5)
     w = w.to(dtype)
-    out = skinny_linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), CORES)
+    config = CORES._replace(block_m=block_m)
+    out = skinny_linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), config)
     _close(out.cpu(), x.float() @ w.float().T + b.float())
 
 
+@pytest.mark.parametrize("rows, block_m", [(1, 1), (3, 4)])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
-def test_gated_epilogue(fp8):
+def test_gated_epilogue(fp8, rows, block_m):
     """act(gate) * up of the CUDA-core sums: the same numbers as the projection by the
     same launch, then the act-and-mul kernel."""
-    x, w, _ = _operands(1, 2 * 40, 96, torch.bfloat16, seed=7)
+    config = CORES._replace(block_m=block_m)
+    x, w, _ = _operands(rows, 2 * 40, 96, torch.bfloat16, seed=7)
     x = x.to(DEVICE)
     if fp8:
         wq, scale = (t.to(DEVICE) for t in quantize_rows(w))
-        got = skinny_gated_linear(x, wq, "silu", scale, None, CORES)
-        want = act_and_mul(skinny_linear_fp8(x, wq, scale, None, CORES), "silu")
+        got = skinny_gated_linear(x, wq, "silu", scale, None, config)
+        want = act_and_mul(skinny_linear_fp8(x, wq, scale, None, config), "silu")
     else:
         wb = w.to(torch.bfloat16).to(DEVICE)
-        got = skinny_gated_linear(x, wb, "silu", None, None, CORES)
-        want = act_and_mul(skinny_linear(x, wb, None, CORES), "silu")
-    assert got.shape == (1, 40)
+        got = skinny_gated_linear(x, wb, "silu", None, None, config)
+        want = act_and_mul(skinny_linear(x, wb, None, config), "silu")
+    assert got.shape == (rows, 40)
     assert torch.equal(got, want)
 
 
-def test_one_row_per_program_only():
+def test_at_most_four_rows_per_program():
     x, w, _ = _operands(1, 16, 64, torch.float32, seed=1)
-    with pytest.raises(ValueError, match="one row per program"):
+    with pytest.raises(ValueError, match="1, 2 or 4 rows per program"):
         skinny_linear(x.to(DEVICE), w.to(DEVICE), None, CORES._replace(block_m=16))
 
 
@@ -128,3 +135,19 @@ def test_gemv_one_row_switch(monkeypatch):
     monkeypatch.setenv("MII_GEMV_ONE_ROW", "fast")
     with pytest.raises(ValueError, match="MII_GEMV_ONE_ROW"):
         fp8_config_for(1, 4096, 4096, device)
+
+
+def test_rows_past_one_under_a_raised_limit(monkeypatch):
+    """With CORES_MAX_ROWS raised (what gemv_cores_sweep --rows 2 4 decides), a batch
+    of up to 4 rows takes them all in each program, the slices narrowed in proportion;
+    the result equals the float32 product."""
+    import mii.ops.triton_gemv_launch as gemv
+
+    monkeypatch.setattr(gemv, "CORES_MAX_ROWS", 4)
+    device = torch.device(DEVICE)
+    three = fp8_config_for(3, 4096, 4096, device)
+    assert three.cores and (three.block_m, three.block_k) == (4, CORES_CONFIG.block_k // 4)
+    assert not fp8_config_for(5, 4096, 4096, device).cores
+    x, w, b = _operands(3, 37, 200, torch.float32, seed=9)
+    out = skinny_linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), three)
+    _close(out.cpu(), x @ w.T + b)

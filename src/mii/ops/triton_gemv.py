@@ -152,7 +152,7 @@ def _skinny_linear_kernel(
     if CORES:
         acc = _cores_partial_sums(
             X, W, offs_m, offs_n, offs_k, m_mask, n_mask, k_begin, k_stop, K,
-            stride_xm, stride_wn, W_SCALED, DEQUANT, BLOCK_N, BLOCK_K, LOOP_STAGES,
+            stride_xm, stride_wn, W_SCALED, DEQUANT, BLOCK_N, BLOCK_M, BLOCK_K, LOOP_STAGES,
         )  # fmt: skip
     else:
         for k0 in range(k_begin, k_stop, BLOCK_K):
@@ -234,18 +234,22 @@ def _cores_partial_sums(
     X, W, offs_m, offs_n, offs_k, m_mask, n_mask, k_begin, k_stop, K,
     stride_xm, stride_wn,
     W_SCALED: tl.constexpr, DEQUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
-    """The sums of one row of x (BLOCK_M = 1) times this program's BLOCK_N rows of W
-    over [k_begin, k_stop), [BLOCK_N, 1] float32, on the CUDA cores: each weight is
+    """The sums of BLOCK_M rows of x times this program's BLOCK_N rows of W over
+    [k_begin, k_stop), [BLOCK_N, BLOCK_M] float32, on the CUDA cores: each weight is
     converted to float32 where it is loaded (exact for float8 and 16-bit weights)
-    and multiplied by x's unquantized value. A 16-row tensor-core product spends 15
-    of its rows on nothing at batch 1, and with float8 weights needs x quantized
-    (a launch, or reductions in the loop). Each lane of the [BLOCK_N, BLOCK_K] tile
-    keeps its own sum, added across K once at the end: the loop never reduces
-    across threads. LOOP_STAGES: its software pipeline (its loads feed no
+    and multiplied by x's unquantized values. A 16-row tensor-core product spends
+    15 of its rows on nothing at batch 1, and with float8 weights needs x quantized
+    (a launch, or reductions in the loop). Each lane of the [BLOCK_N, (BLOCK_M,)
+    BLOCK_K] tile keeps its own sum, added across K once at the end: the loop never
+    reduces across threads. LOOP_STAGES: its software pipeline (its loads feed no
     tensor-core product, so Triton pipelines them only when asked)."""
-    wide = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if BLOCK_M == 1:
+        wide = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    else:
+        wide3 = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_K], tl.float32)
     for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=LOOP_STAGES):
         k_mask = (k0 + offs_k) < K
         w = tl.load(
@@ -260,8 +264,14 @@ def _cores_partial_sums(
         )
         if W_SCALED:
             w = dequantize_e4m3(w, tl.float32, DEQUANT)
-        wide += w.to(tl.float32) * x.to(tl.float32)
-    return tl.sum(wide, axis=1)[:, None]
+        if BLOCK_M == 1:
+            wide += w.to(tl.float32) * x.to(tl.float32)
+        else:  # each weight converted once, multiplied by every row
+            wide3 += w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
+    if BLOCK_M == 1:
+        return tl.sum(wide, axis=1)[:, None]
+    else:
+        return tl.sum(wide3, axis=2)
 
 
 @triton.jit
@@ -396,8 +406,10 @@ def _launch(
     the kernel's GATED, the output then act(gate) * up of half the columns)."""
     rows, k = x.shape
     n = weight.shape[0]
-    if config.cores and config.block_m != 1:
-        raise ValueError(f"a CUDA-core launch takes one row per program, not {config.block_m}")
+    if config.cores and config.block_m not in (1, 2, 4):
+        raise ValueError(
+            f"a CUDA-core launch takes 1, 2 or 4 rows per program, not {config.block_m}"
+        )
     out = torch.empty(rows, n // 2 if gated else n, device=x.device, dtype=x.dtype)
     if rows == 0:
         return out

@@ -37,9 +37,9 @@ class GemvConfig(NamedTuple):
     # (ops/triton_quant.quantize_groups_fp8), so that the weight loop holds no
     # reductions; the same numbers. One more launch per layer input.
     x_groups: bool = False
-    # One row of x per program (block_m 1), multiplied on the CUDA cores in float32,
-    # the weights converted where they are loaded (``_cores_partial_sums``): no
-    # padding to 16 rows, and float8 weights read x unquantized. MII_GEMV_ONE_ROW.
+    # Multiply on the CUDA cores in float32, block_m (1, 2 or 4) rows of x per program,
+    # the weights converted where they are loaded (``_cores_partial_sums``): no padding
+    # to 16 rows, and float8 weights read x unquantized. MII_GEMV_ONE_ROW.
     cores: bool = False
 
 
@@ -111,8 +111,7 @@ CORES_CONFIG = GemvConfig(8, 1024, num_warps=4, num_stages=4, block_m=1, split_k
 CORES_MANY_BANDS_CONFIG = CORES_CONFIG._replace(block_n=4, num_stages=6)
 FP8_CORES_MANY_BANDS_CONFIG = CORES_MANY_BANDS_CONFIG._replace(num_warps=2)
 CORES_FEW_BANDS_PER_SM = 4
-# Rows up to which the CUDA-core launch applies (each program takes one row; past the
-# first, a band's programs read it from the L2 cache).
+# Rows up to which the CUDA-core launch applies (at most 4: each program takes them all).
 CORES_MAX_ROWS = 1
 
 
@@ -125,8 +124,15 @@ def cores_for(rows: int, n: int, fp8: bool, device: torch.device) -> GemvConfig 
         return None
     few_bands = CORES_FEW_BANDS_PER_SM * triton_limits.multiprocessors(device)
     if triton.cdiv(n, CORES_CONFIG.block_n) <= few_bands:
-        return CORES_CONFIG
-    return FP8_CORES_MANY_BANDS_CONFIG if fp8 else CORES_MANY_BANDS_CONFIG
+        config = CORES_CONFIG
+    else:
+        config = FP8_CORES_MANY_BANDS_CONFIG if fp8 else CORES_MANY_BANDS_CONFIG
+    if rows == 1:
+        return config
+    # Every row in one program (each weight converted once), the slices narrowed so
+    # that the per-thread sums keep their register count.
+    block_m = triton.next_power_of_2(rows)
+    return config._replace(block_m=block_m, block_k=config.block_k // block_m)
 
 
 def config_for(rows: int, fp8: bool = False) -> GemvConfig:
