@@ -104,10 +104,11 @@ def _rotary(pdl: int = 1):
 
 
 def _skinny_linear(fp8: bool, short_k: bool = False, gated: bool = False):
-    """The decode GEMV as an H200 runs o_proj: split-K, the weights' L2 prefetch;
-    float8 weights with x quantized per slice beforehand (x_groups); ``short_k``:
-    float8's launch for o_proj now (FP8_SHORT_K_CONFIG: 512-column slices, unsplit);
-    ``gated``: act(gate) * up in the epilogue (MII_GATED_GEMV=on)."""
+    """The decode GEMV as an H200 runs o_proj at 2-16 rows (MII_GEMV_ONE_ROW=tensor at
+    one): split-K, the weights' L2 prefetch; float8 weights with x quantized per
+    slice beforehand (x_groups); ``short_k``: float8's launch for o_proj now
+    (FP8_SHORT_K_CONFIG: 512-column slices, unsplit); ``gated``: act(gate) * up in
+    the epilogue (MII_GATED_GEMV=on)."""
     types = {"X": "*fp8e4nv" if fp8 else "*bf16", "W": "*fp8e4nv" if fp8 else "*bf16"}
     types |= {"Scale": "*fp32", "Bias": "*bf16", "Out": "*bf16", "Partials": "*fp32"}
     types |= {"Arrivals": "*i32", "XScale": "*fp32"}
@@ -116,8 +117,34 @@ def _skinny_linear(fp8: bool, short_k: bool = False, gated: bool = False):
         UPCAST=False, SPLIT_K=1 if short_k else 4, BLOCK_M=16, BLOCK_N=64,
         BLOCK_K=512 if short_k else 256, PDL=True,
         PREFETCH_LINES=8, LINE=128 if fp8 else 64, GATED=1 if gated else 0, ROUND=False,
+        CORES=False, LOOP_STAGES=4,
     )  # fmt: skip
     return triton_gemv._skinny_linear_kernel, types, constexprs
+
+
+def _skinny_linear_cores(fp8: bool, many_bands: bool, gated: bool = False):
+    """The decode GEMV at one row (MII_GEMV_ONE_ROW=cores, the default): the launch
+    ``cores_for`` gives a weight of few bands (o, down: CORES_CONFIG) or of many
+    (``many_bands``: qkv, gate_up), x unquantized; ``gated``: the gate/up kernel."""
+    from mii.ops import triton_gemv_launch as launch
+
+    config = launch.CORES_CONFIG
+    if many_bands:
+        config = launch.FP8_CORES_MANY_BANDS_CONFIG if fp8 else launch.CORES_MANY_BANDS_CONFIG
+    types = {"X": "*bf16", "W": "*fp8e4nv" if fp8 else "*bf16"}
+    types |= {"Scale": "*fp32", "Bias": "*bf16", "Out": "*bf16", "Partials": "*fp32"}
+    types |= {"Arrivals": "*i32", "XScale": "*bf16"}
+    line = 128 if fp8 else 64
+    constexprs = dict(
+        HAS_BIAS=False, W_SCALED=fp8, DEQUANT=config.dequant, X_FP8=False, X_GROUPS=False,
+        IEEE=False, UPCAST=False, SPLIT_K=1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, PDL=True, PREFETCH_LINES=config.prefetch_k // line, LINE=line,
+        GATED=1 if gated else 0, ROUND=False, CORES=True, LOOP_STAGES=config.num_stages,
+    )  # fmt: skip
+    return (
+        triton_gemv._skinny_linear_kernel, types, constexprs,
+        config.num_stages, config.num_warps,
+    )  # fmt: skip
 
 
 def _rms_norm_fp8(pdl: int = 1):
@@ -183,6 +210,10 @@ CASES = {
     "gemv-fp8-short-k": lambda: _skinny_linear(True, short_k=True),
     "gemv-bf16-gated": lambda: _skinny_linear(False, gated=True),
     "gemv-fp8-gated": lambda: _skinny_linear(True, gated=True),
+    "gemv-bf16-cores": lambda: _skinny_linear_cores(False, many_bands=False),
+    "gemv-bf16-cores-many-bands": lambda: _skinny_linear_cores(False, many_bands=True),
+    "gemv-fp8-cores": lambda: _skinny_linear_cores(True, many_bands=False),
+    "gemv-fp8-cores-gated": lambda: _skinny_linear_cores(True, many_bands=True, gated=True),
     "moe-fp8-decode": lambda: _moe_fp8(True),
     "moe-fp8-prompt": lambda: _moe_fp8(False),
     "moe-fp8-decode-swapped": lambda: _moe_fp8(True, swap_ab=True),
@@ -265,6 +296,12 @@ def facts(ptx: str, ttgir: str) -> dict:
         # through shared memory) in its key loop, the pipelined loop with no product
         "one_query_key_reductions": sum(
             sum('"tt.reduce"' in line and "axis = 0" in line for line in body)
+            for body in pipelined_loops(ttgir)
+            if not any("dot" in line for line in body)
+        ),
+        # any reduction (either axis) in such a loop: the one-row GEMV keeps none there
+        "reductions_in_loops_without_products": sum(
+            sum('"tt.reduce"' in line for line in body)
             for body in pipelined_loops(ttgir)
             if not any("dot" in line for line in body)
         ),

@@ -101,7 +101,8 @@ def test_elementwise_kernels_writing_float8_copies_compile_for_hopper(compiled, 
 
 
 @pytest.mark.parametrize(
-    "case", ["rotary", "rms-norm-fp8", "attention-gqa", "gemv-bf16", "gemv-fp8"]
+    "case",
+    ["rotary", "rms-norm-fp8", "attention-gqa", "gemv-bf16", "gemv-fp8", "gemv-fp8-cores"],
 )
 def test_kernels_let_their_successor_launch_after_their_wait_by_default(compiled, case):
     """MII_PDL_EARLY_RELEASE=off, and the skinny linear kernels always: one release,
@@ -143,11 +144,16 @@ def test_grouped_query_decode_filling_16_rows_compiles_for_hopper(compiled, cach
     assert facts["atomics"] == 0 and facts["pipelined_loops"] >= 2
 
 
+# The skinny kernel's one-row launches on the CUDA cores (MII_GEMV_ONE_ROW=cores).
+GEMV_CORES_CASES = [
+    "gemv-bf16-cores", "gemv-bf16-cores-many-bands", "gemv-fp8-cores", "gemv-fp8-cores-gated",
+]  # fmt: skip
+
 ALL_CASES = [
     *ATTENTION_CASES, "attention-gqa-wait-first", "attention-gqa-fill-rows",
     "attention-gqa-fp8-fill-rows", "attention-gqa-merge-after", "rotary", "gemv-bf16", "gemv-fp8",
     "gemv-fp8-short-k", "rms-norm-fp8", "act-and-mul-fp8", "moe-fp8-decode", "moe-fp8-prompt",
-    "moe-fp8-decode-swapped", "gemv-bf16-gated", "gemv-fp8-gated",
+    "moe-fp8-decode-swapped", "gemv-bf16-gated", "gemv-fp8-gated", *GEMV_CORES_CASES,
 ]  # fmt: skip
 
 
@@ -182,6 +188,7 @@ def test_pipelined_loops_wait_for_no_load_of_their_own_trip(compiled, case):
         "moe-fp8-decode-swapped",
         "gemv-bf16-gated",
         "gemv-fp8-gated",
+        *GEMV_CORES_CASES,
     ],
 )
 def test_weight_loops_are_software_pipelined(compiled, case):
@@ -227,3 +234,18 @@ def test_one_query_decode_loop_is_pipelined_and_reduces_within_warps(compiled, c
     facts = _facts(compiled, case)
     assert facts["pipelined_loops"] == 3 and facts["one_query_loops"] == 1
     assert facts["one_query_key_reductions"] == 0
+
+
+@pytest.mark.parametrize("case", GEMV_CORES_CASES)
+def test_one_row_gemv_multiplies_on_the_cuda_cores(compiled, case):
+    """MII_GEMV_ONE_ROW=cores: no matrix product at all (no 16-row tile, no wgmma),
+    float8 weights converted by the e4m3x2 instructions, the weights' L2 prefetch
+    before the wait, and no reduction across threads inside the weight loop (each
+    lane keeps its sum; one reduction after it)."""
+    facts = _facts(compiled, case)
+    assert facts["dot_rows"] == [] and facts["wgmma"] == 0 and facts["mma_sync"] == 0
+    assert (facts["float8_converts"] > 0) == ("fp8" in case)
+    assert facts["prefetches"] > 0 and facts["prefetch_before_wait"]
+    assert facts["one_query_loops"] == 1 and facts["reductions_in_loops_without_products"] == 0
+    # (the one-query attention loop reduces over the head dimension each step: counted)
+    assert _facts(compiled, "attention-mha-fp8-one-query")["reductions_in_loops_without_products"]

@@ -46,6 +46,7 @@ from mii.ops import fp8_activations, triton_arrivals, triton_limits, triton_pdl
 from mii.ops.dispatch import FUSED_ACTIVATIONS, INTERPRETED, SKINNY_MAX_ROWS
 from mii.ops.fused_elementwise import gated_activation
 from mii.ops.triton_fp8 import dequantize_e4m3, quantize_rows_e4m3
+from mii.ops.triton_gemv_cores import cores_partial_sums
 from mii.ops.triton_gemv_launch import (
     GemvConfig,
     bf16_config_for,
@@ -150,7 +151,7 @@ def _skinny_linear_kernel(
         )
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     if CORES:
-        acc = _cores_partial_sums(
+        acc = cores_partial_sums(
             X, W, offs_m, offs_n, offs_k, m_mask, n_mask, k_begin, k_stop, K,
             stride_xm, stride_wn, W_SCALED, DEQUANT, BLOCK_N, BLOCK_M, BLOCK_K, LOOP_STAGES,
         )  # fmt: skip
@@ -227,51 +228,6 @@ def _skinny_linear_kernel(
             acc, Scale, Bias, Out, offs_m, offs_n, n_mask, stride_om, m_mask, band,
             HAS_BIAS, W_SCALED, GATED, ROUND, BLOCK_N, BLOCK_M, N,
         )  # fmt: skip
-
-
-@triton.jit
-def _cores_partial_sums(
-    X, W, offs_m, offs_n, offs_k, m_mask, n_mask, k_begin, k_stop, K,
-    stride_xm, stride_wn,
-    W_SCALED: tl.constexpr, DEQUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    LOOP_STAGES: tl.constexpr,
-):  # fmt: skip
-    """The sums of BLOCK_M rows of x times this program's BLOCK_N rows of W over
-    [k_begin, k_stop), [BLOCK_N, BLOCK_M] float32, on the CUDA cores: each weight is
-    converted to float32 where it is loaded (exact for float8 and 16-bit weights)
-    and multiplied by x's unquantized values. A 16-row tensor-core product spends
-    15 of its rows on nothing at batch 1, and with float8 weights needs x quantized
-    (a launch, or reductions in the loop). Each lane of the [BLOCK_N, (BLOCK_M,)
-    BLOCK_K] tile keeps its own sum, added across K once at the end: the loop never
-    reduces across threads. LOOP_STAGES: its software pipeline (its loads feed no
-    tensor-core product, so Triton pipelines them only when asked)."""
-    if BLOCK_M == 1:
-        wide = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    else:
-        wide3 = tl.zeros([BLOCK_N, BLOCK_M, BLOCK_K], tl.float32)
-    for k0 in tl.range(k_begin, k_stop, BLOCK_K, num_stages=LOOP_STAGES):
-        k_mask = (k0 + offs_k) < K
-        w = tl.load(
-            W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :],
-            mask=n_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        x = tl.load(
-            X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        if W_SCALED:
-            w = dequantize_e4m3(w, tl.float32, DEQUANT)
-        if BLOCK_M == 1:
-            wide += w.to(tl.float32) * x.to(tl.float32)
-        else:  # each weight converted once, multiplied by every row
-            wide3 += w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
-    if BLOCK_M == 1:
-        return tl.sum(wide, axis=1)[:, None]
-    else:
-        return tl.sum(wide3, axis=2)
 
 
 @triton.jit

@@ -38,7 +38,7 @@ class GemvConfig(NamedTuple):
     # reductions; the same numbers. One more launch per layer input.
     x_groups: bool = False
     # Multiply on the CUDA cores in float32, block_m (1, 2 or 4) rows of x per program,
-    # the weights converted where they are loaded (``_cores_partial_sums``): no padding
+    # the weights converted where they are loaded (``ops/triton_gemv_cores.py``): no padding
     # to 16 rows, and float8 weights read x unquantized. MII_GEMV_ONE_ROW.
     cores: bool = False
 
