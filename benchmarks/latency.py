@@ -102,7 +102,8 @@ def main() -> None:
     path = model_dir(args.model)
     prompt_ids = [(i * 7919) % 31000 + 100 for i in range(args.prompt_len)]
     # one prompt per request, each its own tokens (nothing shared in the prefix cache)
-    prompts = [[(t + 13 * r) % 31000 + 100 for t in prompt_ids] for r in range(args.batch)]
+    # (the first is prompt_ids itself: batch 1 times the prompt it always did, as HF does)
+    prompts = [[(t - 100 + 13 * r) % 31000 + 100 for t in prompt_ids] for r in range(args.batch)]
     device = torch.device("cuda")
     result = {"benchmark": "latency", "model": args.model, "batch": args.batch, **environment()}
     result["roofline"] = roofline(device)

@@ -122,22 +122,28 @@ def _skinny_linear(fp8: bool, short_k: bool = False, gated: bool = False):
     return triton_gemv._skinny_linear_kernel, types, constexprs
 
 
-def _skinny_linear_cores(fp8: bool, many_bands: bool, gated: bool = False):
+def _skinny_linear_cores(
+    fp8: bool, many_bands: bool, gated: bool = False, x: str = "bf16", rows: int = 1
+):
     """The decode GEMV at one row (MII_GEMV_ONE_ROW=cores, the default): the launch
     ``cores_for`` gives a weight of few bands (o, down: CORES_CONFIG) or of many
-    (``many_bands``: qkv, gate_up), x unquantized; ``gated``: the gate/up kernel."""
+    (``many_bands``: qkv, gate_up), x unquantized; ``gated``: the gate/up kernel;
+    ``x``: the activations' type (fp32: a float32 model); ``rows`` 2 or 4: every row
+    in one program (under a raised CORES_MAX_ROWS), the slices narrowed."""
     from mii.ops import triton_gemv_launch as launch
 
     config = launch.CORES_CONFIG
     if many_bands:
         config = launch.FP8_CORES_MANY_BANDS_CONFIG if fp8 else launch.CORES_MANY_BANDS_CONFIG
-    types = {"X": "*bf16", "W": "*fp8e4nv" if fp8 else "*bf16"}
-    types |= {"Scale": "*fp32", "Bias": "*bf16", "Out": "*bf16", "Partials": "*fp32"}
-    types |= {"Arrivals": "*i32", "XScale": "*bf16"}
+    if rows > 1:
+        config = config._replace(block_m=rows, block_k=config.block_k // rows)
+    types = {"X": f"*{x}", "W": "*fp8e4nv" if fp8 else "*bf16"}
+    types |= {"Scale": "*fp32", "Bias": f"*{x}", "Out": f"*{x}", "Partials": "*fp32"}
+    types |= {"Arrivals": "*i32", "XScale": "*fp32"}
     line = 128 if fp8 else 64
     constexprs = dict(
         HAS_BIAS=False, W_SCALED=fp8, DEQUANT=config.dequant, X_FP8=False, X_GROUPS=False,
-        IEEE=False, UPCAST=False, SPLIT_K=1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        IEEE=x == "fp32", UPCAST=False, SPLIT_K=1, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, PDL=True, PREFETCH_LINES=config.prefetch_k // line, LINE=line,
         GATED=1 if gated else 0, ROUND=False, CORES=True, LOOP_STAGES=config.num_stages,
     )  # fmt: skip
@@ -214,6 +220,8 @@ CASES = {
     "gemv-bf16-cores-many-bands": lambda: _skinny_linear_cores(False, many_bands=True),
     "gemv-fp8-cores": lambda: _skinny_linear_cores(True, many_bands=False),
     "gemv-fp8-cores-gated": lambda: _skinny_linear_cores(True, many_bands=True, gated=True),
+    "gemv-fp8-cores-f32": lambda: _skinny_linear_cores(True, many_bands=False, x="fp32"),
+    "gemv-fp8-cores-rows4": lambda: _skinny_linear_cores(True, many_bands=True, rows=4),
     "moe-fp8-decode": lambda: _moe_fp8(True),
     "moe-fp8-prompt": lambda: _moe_fp8(False),
     "moe-fp8-decode-swapped": lambda: _moe_fp8(True, swap_ab=True),

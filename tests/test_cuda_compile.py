@@ -147,6 +147,7 @@ def test_grouped_query_decode_filling_16_rows_compiles_for_hopper(compiled, cach
 # The skinny kernel's one-row launches on the CUDA cores (MII_GEMV_ONE_ROW=cores).
 GEMV_CORES_CASES = [
     "gemv-bf16-cores", "gemv-bf16-cores-many-bands", "gemv-fp8-cores", "gemv-fp8-cores-gated",
+    "gemv-fp8-cores-f32", "gemv-fp8-cores-rows4",
 ]  # fmt: skip
 
 ALL_CASES = [

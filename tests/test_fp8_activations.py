@@ -139,6 +139,31 @@ def test_the_layers_read_the_copies_instead_of_launching(monkeypatch):
     assert len(launches) == 2  # gate_up's input and down's
 
 
+@pytest.mark.parametrize("switch", ["on", "norm"])
+def test_at_one_row_no_copy_is_made_and_no_launch_quantizes(monkeypatch, switch):
+    """Batch 1 (MII_GEMV_ONE_ROW=cores, the default): the float8 kernels read x
+    unquantized, so the norm writes no copy, the gated gate/up kernel computes
+    act * up (whatever MII_FP8_FUSED_QUANT says) and nothing launches a
+    quantization; the output is the reference path's to bf16 rounding."""
+    import mii.ops.triton_quant as quant
+
+    monkeypatch.setenv("MII_FP8_FUSED_QUANT", switch)
+    norm, mlp = _fp8_mlp(512, 1024)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(7)).bfloat16().to(DEVICE)
+    launches = []
+    original = quant.quantize_groups_fp8
+    monkeypatch.setattr(quant, "quantize_groups_fp8", lambda *a: launches.append(1) or original(*a))
+    assert fp8_activations.slices_for(x, mlp.gate_up_proj) == 0
+    h = norm(x, quantize_for=mlp.gate_up_proj)
+    assert fp8_activations.take(h, 256) is None and mlp._gated_kernel_takes(h)
+    out = mlp(h)
+    assert launches == []
+    # against the reference path (float8 weights dequantized, F.linear): bf16 roundings
+    monkeypatch.setenv("MII_GEMV", "torch")
+    want = mlp(h).float()
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU run of the interpreted kernels")
 def test_a_float8_llama_decodes_the_same_with_the_copies(checkpoints, monkeypatch):
     """The Llama decoder end to end (bf16 activations, float8 weights, 256 wide: the

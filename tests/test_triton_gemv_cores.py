@@ -151,3 +151,44 @@ def test_rows_past_one_under_a_raised_limit(monkeypatch):
     x, w, b = _operands(3, 37, 200, torch.float32, seed=9)
     out = skinny_linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), three)
     _close(out.cpu(), x @ w.T + b)
+
+
+@pytest.mark.parametrize(
+    "name", ["CORES_CONFIG", "CORES_MANY_BANDS_CONFIG", "FP8_CORES_MANY_BANDS_CONFIG"]
+)
+@pytest.mark.parametrize("gated", [False, True])
+def test_production_launches_on_a_ragged_k(name, gated):
+    """The engine's one-row launches themselves (1,024-column slices, 4- and 8-row bands)
+    on a K that ends inside a slice and spans two, float8 weights: the float32 product,
+    and the gated epilogue's act(gate) * up of it."""
+    import mii.ops.triton_gemv_launch as gemv
+
+    config = getattr(gemv, name)
+    x, w, _ = _operands(1, 2 * 24, 1030, torch.bfloat16, seed=11)
+    wq, scale = quantize_rows(w)
+    on = [t.to(DEVICE) for t in (x, wq, scale)]
+    plain = skinny_linear_fp8(*on, None, config)
+    _close(plain.cpu(), x.float() @ (wq.float() * scale[:, None]).T)
+    if gated:
+        got = skinny_gated_linear(on[0], on[1], "silu", on[2], None, config)
+        assert torch.equal(got, act_and_mul(plain, "silu"))
+
+
+def test_the_loop_pipelines_only_as_deep_as_shared_memory_holds(monkeypatch):
+    """The one-row loop's pipeline depth (its own ``tl.range`` stages, which Triton
+    takes over the launch's) is the depth that fits the device's shared memory, as
+    the launch's is: float32 weights at CORES_CONFIG's 4 stages need 110 KB, more
+    than an L4 or a 4090 gives a program."""
+    from mii.ops import triton_gemv, triton_limits
+
+    launched = {}
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.update(kwargs)
+
+    monkeypatch.setattr(triton_gemv, "_skinny_linear_kernel", Kernel())
+    monkeypatch.setattr(triton_limits, "stages_that_fit", lambda stages, nbytes, device: 2)
+    x, w, _ = _operands(1, 16, 64, torch.float32, seed=2)
+    skinny_linear(x.to(DEVICE), w.to(DEVICE), None, CORES_CONFIG)
+    assert launched["CORES"] and launched["LOOP_STAGES"] == launched["num_stages"] == 2

@@ -124,7 +124,8 @@ def test_gated_kernel_by_default_for_float8_weights_only(monkeypatch):
     """MII_GATED_GEMV=auto (the default) takes the gated launch for float8 gate/up
     weights (faster on an H200) and not for 16-bit ones (slower there); 'on' and
     'off' decide alone, and a float8 copy of act * up wanted by the down projection
-    (MII_FP8_FUSED_QUANT=on) keeps the act-and-mul kernel, which writes it."""
+    (MII_FP8_FUSED_QUANT=on, from two rows on or with MII_GEMV_ONE_ROW=tensor) keeps
+    the act-and-mul kernel, which writes it."""
     from mii.models.layers import GatedMLP
     from mii.models.weight_quant import fp8_weights
 
@@ -142,4 +143,10 @@ def test_gated_kernel_by_default_for_float8_weights_only(monkeypatch):
     assert not quantized._gated_kernel_takes(x)
     monkeypatch.setenv("MII_GATED_GEMV", "auto")
     monkeypatch.setenv("MII_FP8_FUSED_QUANT", "on")
-    assert not quantized._gated_kernel_takes(x)
+    # (bfloat16 activations: float32 ones are never quantized, so no copy is read)
+    one, two = (torch.randn(rows, 64).bfloat16().to(DEVICE) for rows in (1, 2))
+    # one row: the down projection's CUDA-core launch reads act * up unquantized
+    assert quantized._gated_kernel_takes(one) and quantized._gated_kernel_takes(x.bfloat16())
+    assert not quantized._gated_kernel_takes(two)  # its tensor-core launch reads a copy
+    monkeypatch.setenv("MII_GEMV_ONE_ROW", "tensor")
+    assert not quantized._gated_kernel_takes(one)

@@ -384,11 +384,23 @@ class GatedMLP(nn.Module):
             return False
         if self.act_name not in FUSED_ACTIVATIONS:
             return False
-        if self.down_proj.fp8 and envs.FP8_FUSED_QUANT.get() == "on":
+        if envs.FP8_FUSED_QUANT.get() == "on" and self._down_reads_a_copy(x):
             return False
         if layer.fp8:
             return skinny_fp8_linear_enabled(x, layer.weight, layer.weight_scale, layer.kernel_bias)
         return skinny_linear_enabled(x, layer.weight, layer.kernel_bias)
+
+    def _down_reads_a_copy(self, x: torch.Tensor) -> bool:
+        """Whether the down projection's launch at x's rows reads a float8 copy of its
+        input (which the act-and-mul kernel writes and the gated kernel does not);
+        not at one row, whose CUDA-core launch reads x unquantized."""
+        if not self.down_proj.fp8:
+            return False
+        from mii.ops.triton_gemv_launch import fp8_config_for, prequantized_slices
+
+        n, k = self.down_proj.weight.shape
+        config = fp8_config_for(x.numel() // x.shape[-1], n, k, x.device)
+        return prequantized_slices(config, x.dtype) > 0
 
     def down_from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The layer from its gate/up projection's output on: [T, 2 I] -> [T, hidden]."""

@@ -27,10 +27,11 @@ Three ways to compute ``y = x Wᵀ + b``:
 - the skinny kernel (decode batches of at most ``SKINNY_MAX_ROWS`` rows, where
   Triton reads float8: ``ops.dispatch.skinny_fp8_linear_enabled``, on sm_89+
   unless ``MII_FP8_KERNELS=off``): ``ops.triton_gemv.skinny_linear_fp8`` streams
-  the float8 weight (one byte per weight, the whole point at decode) and, for
-  16-bit activations, quantizes each 256-column slice of x to float8 in
-  registers and multiplies float8 by float8; the channel scale multiplies the
-  float32 sum once.
+  the float8 weight (one byte per weight, the whole point at decode). At one
+  row (batch 1, ``MII_GEMV_ONE_ROW=cores`` by default) it multiplies each
+  converted weight by x's unquantized value on the CUDA cores; from two rows on,
+  for 16-bit activations, it quantizes each slice of x to float8 and multiplies
+  float8 by float8. The channel scale multiplies the float32 sum once.
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ time is the time to read the weights once. This kernel gives each program a
 band of ``BLOCK_N`` output rows of ``W`` and ``BLOCK_M`` rows of ``x`` and
 streams them along ``K`` in ``BLOCK_K`` slices through a software pipeline
 (``num_stages`` slices in flight) onto the tensor cores (``x`` padded to 16 rows,
-free where the weights' bytes set the pace). Past ``BLOCK_M`` rows, the programs
-of one weight band are launched next to each other, so the band is read from
-memory once and from the L2 cache by the others.
+free where the weights' bytes set the pace), or at one row (batch 1, the default
+``MII_GEMV_ONE_ROW=cores``) onto the CUDA cores in float32, no padding
+(``ops/triton_gemv_cores.py``). Past ``BLOCK_M`` rows, the programs of one weight
+band are launched next to each other, so the band is read from memory once and
+from the L2 cache by the others.
 
 The launch (tiles, stages, split-K, float8 activation handling) is chosen by
 ``ops/triton_gemv_launch.py`` from the rows and the weight's shape.
@@ -19,7 +21,9 @@ Tested on CPU under ``TRITON_INTERPRET=1`` against ``torch.nn.functional.linear`
 
 ``skinny_linear_fp8`` is the same kernel on float8 e4m3 weights with one float32
 scale per output channel (``ops.fp8_linear``), so a decode step reads one byte
-per weight, in one of two ways (``GemvConfig.fp8_dot``):
+per weight: at one row by default on the CUDA cores, each weight converted to
+float32 where it is loaded and multiplied by x's unquantized value
+(``GemvConfig.cores``); otherwise in one of two ways (``GemvConfig.fp8_dot``):
 
 - float8 products (the default): each ``BLOCK_K`` slice of each row of x is
   quantized to e4m3 in registers with its own scale (``amax / 448``: finer than
@@ -388,6 +392,9 @@ def _launch(
 
             copy = quantize_groups_fp8(x, config.block_k)
         x, x_scales = copy
+    # (as many stages as the device's shared memory holds: float32 weights on an L4 fit
+    # fewer than the launch asks for)
+    stages = triton_limits.stages_that_fit(config.num_stages, stage_bytes, x.device)
     splits = split_k_for(config, tiles, k, x.device)
     if splits > 1 and triton_arrivals.arrival_counts(x.device, tiles) is None:
         splits = 1  # (no counts during graph capture before an eager pass: unsplit)
@@ -433,9 +440,9 @@ def _launch(
         # the act-and-mul kernel's rounding (the interpreter truncates bf16 casts)
         ROUND=INTERPRETED and out.dtype == torch.bfloat16,
         CORES=config.cores,
-        LOOP_STAGES=config.num_stages,
+        LOOP_STAGES=stages,  # the one-row loop's own pipeline: the same fitted depth
         **triton_pdl.launch_options(x.device),
         num_warps=config.num_warps,
-        num_stages=triton_limits.stages_that_fit(config.num_stages, stage_bytes, x.device),
+        num_stages=stages,
     )
     return out

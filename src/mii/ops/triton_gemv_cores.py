@@ -27,14 +27,12 @@ def cores_partial_sums(
     LOOP_STAGES: tl.constexpr,
 ):  # fmt: skip
     """The sums of BLOCK_M rows of x times this program's BLOCK_N rows of W over
-    [k_begin, k_stop), [BLOCK_N, BLOCK_M] float32, on the CUDA cores: each weight is
-    converted to float32 where it is loaded (exact for float8 and 16-bit weights)
-    and multiplied by x's unquantized values. A 16-row tensor-core product spends
-    15 of its rows on nothing at batch 1, and with float8 weights needs x quantized
-    (a launch, or reductions in the loop). Each lane of the [BLOCK_N, (BLOCK_M,)
-    BLOCK_K] tile keeps its own sum, added across K once at the end: the loop never
-    reduces across threads. LOOP_STAGES: its software pipeline (its loads feed no
-    tensor-core product, so Triton pipelines them only when asked)."""
+    [k_begin, k_stop), [BLOCK_N, BLOCK_M] float32, on the CUDA cores (exact float32
+    products: float8 and 16-bit weights convert exactly). Each lane of the
+    [BLOCK_N, (BLOCK_M,) BLOCK_K] tile keeps its own sum, added across K once at
+    the end: the loop never reduces across threads. LOOP_STAGES: its software
+    pipeline (its loads feed no tensor-core product, so Triton pipelines them only
+    when asked)."""
     if BLOCK_M == 1:
         wide = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     else:
@@ -51,12 +49,14 @@ def cores_partial_sums(
             mask=m_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
-        if W_SCALED:
-            w = dequantize_e4m3(w, tl.float32, DEQUANT)
+        if W_SCALED:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+            w32 = dequantize_e4m3(w, tl.float32, DEQUANT)
+        else:
+            w32 = w.to(tl.float32)
         if BLOCK_M == 1:
-            wide += w.to(tl.float32) * x.to(tl.float32)
+            wide += w32 * x.to(tl.float32)
         else:  # each weight converted once, multiplied by every row
-            wide3 += w.to(tl.float32)[:, None, :] * x.to(tl.float32)[None, :, :]
+            wide3 += w32[:, None, :] * x.to(tl.float32)[None, :, :]
     if BLOCK_M == 1:
         return tl.sum(wide, axis=1)[:, None]
     else:

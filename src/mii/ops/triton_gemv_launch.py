@@ -22,7 +22,7 @@ class GemvConfig(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
-    block_m: int = 16  # rows of x per program (at least 16: the tensor cores' minimum)
+    block_m: int = 16  # rows of x per program (tensor cores: at least 16; cores: 1, 2 or 4)
     split_k: int = 0  # programs sharing one output tile's K; 0: enough to fill the GPU
     # Weight columns per row each program prefetches into L2 while the previous
     # kernel runs (programmatic dependent launch, ops/triton_pdl.py); 0: none.
@@ -118,7 +118,8 @@ CORES_MAX_ROWS = 1
 def cores_for(rows: int, n: int, fp8: bool, device: torch.device) -> GemvConfig | None:
     """The CUDA-core launch for ``rows`` of x and ``n`` output channels where
     MII_GEMV_ONE_ROW asks for one (``cores``, the default: every weight;
-    ``cores-fp8``: float8 weights), else None (the sweep: CORES_CONFIG)."""
+    ``cores-fp8``: float8 weights), else None: by the weight's band count, as the
+    sweep behind CORES_CONFIG found fastest."""
     choice = envs.GEMV_ONE_ROW.get()
     if rows > CORES_MAX_ROWS or choice == "tensor" or (choice == "cores-fp8" and not fp8):
         return None
@@ -217,6 +218,8 @@ def split_k_for(config: GemvConfig, tiles: int, k: int, device: torch.device) ->
     H100 idle)."""
     splits = config.split_k
     if splits == 0:
+        # (a CUDA-core launch, float8 or not, takes the 16-bit minimum: how the sweep
+        # behind CORES_CONFIG timed it, never splitting Llama's weights on 132 SMs)
         min_k = FP8_MIN_K_PER_SPLIT if config.fp8_dot else MIN_K_PER_SPLIT
         splits = _auto_splits(tiles, k, device, min_k)
     return splits
