@@ -204,6 +204,16 @@ def test_mii_route_types_json_options_and_refuses_invalid_unicode(served, pipe):
     assert_openai_error(
         served.http.post("/v1/completions", content=lone, headers=headers), 400, "prompt"
     )
+    # ... nor in a structured output's texts (they were a 500: UnicodeEncodeError)
+    chat = {"model": served.model, "messages": [{"role": "user", "content": "Hi"}]}
+    for field, value in (("guided_choice", ["\ud800"]), ("guided_regex", "a\ud800")):
+        lone = json.dumps({**chat, field: value, "max_tokens": 2}).encode()
+        response = served.http.post("/v1/chat/completions", content=lone, headers=headers)
+        assert_openai_error(response, 400, field)
+        assert "not valid Unicode" in response.text
+    lone = json.dumps({"prompts": "a", "choice": ["b\ud800"]}).encode()
+    response = served.http.post(url, content=lone, headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["field"] == "choice"
     # Bytes that are not UTF-8, or nesting too deep to read: 400 saying so (it was
     # FastAPI's "There was an error parsing the body").
     not_utf8 = b'{"prompt": "\xc3\x28", "max_tokens": 2}'

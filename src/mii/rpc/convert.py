@@ -214,23 +214,31 @@ def _check_token_ids(prompts: list[list[int]]) -> None:
             raise InvalidRequestError("token ids must fit in 64 bits", field="prompt")
 
 
-def _check_stop(params: dict[str, Any]) -> None:
-    stop = params.get("stop")
-    for text in [stop] if isinstance(stop, str) else stop or ():
-        _check_unicode(text, "stop", "a stop string")
+def _check_option_texts(params: dict[str, Any]) -> None:
+    """Every text an option carries (stop strings, a choice's options, a regex, a
+    grammar, a schema's JSON text) valid Unicode, else InvalidRequestError naming
+    the option: the protobuf encoder would fail on a lone surrogate."""
+    for name, value in params.items():
+        texts = (
+            [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else ()
+        )
+        what = "a stop string" if name == "stop" else f"the {name} option"
+        for text in texts:
+            if isinstance(text, str):
+                _check_unicode(text, name, what)
 
 
 def generate_request(prompts: list[str], params: dict[str, Any]) -> mii_pb2.GenerateRequest:
     """The request message for text ``prompts`` with (validated) options. Prompts
     that are not a non-empty list of strings, and a prompt or stop string that is
-    not valid Unicode (a lone surrogate), are refused naming the field, rather than
-    failing in the protobuf encoder."""
+    not valid Unicode (a lone surrogate; also any option's text), are refused naming
+    the field, rather than failing in the protobuf encoder."""
     texts = prompt_list(prompts)
     if not isinstance(texts[0], str):
         raise InvalidRequestError("these prompts are token ids, not texts", field="prompts")
     for prompt in texts:
         _check_unicode(prompt, "prompt", "the prompt")
-    _check_stop(params)
+    _check_option_texts(params)
     return mii_pb2.GenerateRequest(prompts=texts, options=options_to_proto(params))
 
 
@@ -238,7 +246,7 @@ def token_ids_request(prompts: list[list[int]], params: dict[str, Any]) -> mii_p
     """The request message for token-id ``prompts`` (sent in ``prompt_ids``, taken by
     the engine as they are) with (validated) options."""
     _check_token_ids(prompts)
-    _check_stop(params)
+    _check_option_texts(params)
     prompt_ids = [mii_pb2.TokenIds(ids=ids) for ids in prompts]
     return mii_pb2.GenerateRequest(prompt_ids=prompt_ids, options=options_to_proto(params))
 
