@@ -138,6 +138,8 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
         (["demo", "--temprature", "0.5"], "did you mean --temperature?"),
         # a per-request option given to serve: no misleading guess (--max-num-batched-tokens)
         (["serve", "m", "--max-new-tokens", "5"], "unrecognized arguments: --max-new-tokens 5\n"),
+        # a vLLM flag mii does not take: what to do instead
+        (["serve", "m", "--max-logprobs", "5"], "--max-logprobs is vLLM's: mii's limit is fixed"),
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_command_line(build_parser(), argv)

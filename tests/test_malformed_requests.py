@@ -144,6 +144,8 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
         cases.append((chat, _encode({**ok_chat, "messages": messages}), JSON, want))
     for field, value in [
         ("max_completion_tokens", -1),
+        ("max_completion_tokens", 0),  # an empty answer: 400, as OpenAI and vLLM say
+        ("max_tokens", 0),
         ("max_completion_tokens", BIG),
         ("response_format", "a"),
         ("tools", "a"),

@@ -107,6 +107,23 @@ def test_prompt_shapes():
         assert err.value.field == "prompts", bad
 
 
+def test_completions_name_their_choices_cap_before_the_prompt_limit():
+    """/v1/completions: past 128 prompts (the choices cap, prompts times n) the 400
+    says that cap, for 129 prompts as for 2,000 (which named prompt_list's 1,024, so
+    a client splitting into batches of 1,024 met a second 400); one token-id prompt
+    of 2,000 ids is one prompt."""
+    from pydantic import ValidationError
+
+    from mii.rpc.http.protocol import MAX_CHOICES, CompletionRequest
+
+    for count in (MAX_CHOICES + 1, 2000):
+        for prompt in (["a"] * count, [[5]] * count):
+            with pytest.raises(ValidationError, match=f"at most {MAX_CHOICES} choices"):
+                CompletionRequest(prompt=prompt)
+    assert len(CompletionRequest(prompt=["a"] * MAX_CHOICES).prompt) == MAX_CHOICES
+    assert CompletionRequest(prompt=[5] * 2000).prompt == [5] * 2000
+
+
 def test_pipeline_and_engine_take_token_ids(pipe, tok):
     ids = [tok(t).input_ids for t in TEXTS]
     by_text = pipe(TEXTS, **GREEDY)

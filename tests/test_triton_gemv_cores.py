@@ -125,6 +125,9 @@ def test_gemv_one_row_switch(monkeypatch):
     assert bf16_config_for(1, 32000, device).block_n == 4  # lm_head
     assert not fp8_config_for(2, 4096, 4096, device).cores
     assert not bf16_config_for(2, 4096, device).cores
+    # an empty batch (no row to sample): a launch that makes no kernel call
+    empty = skinny_linear(torch.zeros(0, 64, device=device), torch.ones(8, 64, device=device))
+    assert empty.shape == (0, 8) and bf16_config_for(0, 4096, device).cores
     assert prequantized_slices(fp8_config_for(1, 4096, 4096, device), torch.bfloat16) == 0
     monkeypatch.setenv("MII_GEMV_ONE_ROW", "cores-fp8")
     assert fp8_config_for(1, 4096, 4096, device).cores

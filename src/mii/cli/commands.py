@@ -35,9 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# vLLM server flags mii does not take (docs/cli.md), with what to do instead: a launch
+# script carried over from vLLM gets this rather than a bare "unrecognized arguments".
+VLLM_FLAGS_NOT_TAKEN = {
+    "--max-logprobs": "mii's limit is fixed at 20 (vLLM's default); leave the flag out",
+}
+
+
 class CommandParser(argparse.ArgumentParser):
     """A subcommand's parser: an unrecognized option is reported with this command's
-    usage (not the top-level one) and the nearest option it has."""
+    usage (not the top-level one) and the nearest option it has (or, for a vLLM flag
+    mii does not take, what to do instead)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         unknown = re.match(r"unrecognized arguments: (.*)", message)
@@ -46,7 +54,11 @@ class CommandParser(argparse.ArgumentParser):
             for given in unknown.group(1).split():
                 if not given.startswith("--"):
                     continue
-                near = difflib.get_close_matches(given.split("=")[0], options, n=1, cutoff=0.8)
+                name = given.split("=")[0]
+                if name in VLLM_FLAGS_NOT_TAKEN:
+                    message += f" ({name} is vLLM's: {VLLM_FLAGS_NOT_TAKEN[name]})"
+                    break
+                near = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
                 if near:
                     message += f" (did you mean {near[0]}?)"
                     break

@@ -128,7 +128,7 @@ def cores_for(rows: int, n: int, fp8: bool, device: torch.device) -> GemvConfig 
         config = CORES_CONFIG
     else:
         config = FP8_CORES_MANY_BANDS_CONFIG if fp8 else CORES_MANY_BANDS_CONFIG
-    if rows == 1:
+    if rows <= 1:  # (0 rows: an empty batch, which the launch answers without a kernel)
         return config
     # Every row in one program (each weight converted once), the slices narrowed so
     # that the per-thread sums keep their register count.

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mii.config import OPENAI_COMPLETIONS_MAX_TOKENS
 from mii.errors import InvalidRequestError
+from mii.prompts import prompt_batch
 from mii.rpc.convert import prompt_list
 from mii.rpc.http.field_policy import SpecificationFields, StreamOptions
 from mii.rpc.http.request_fields import RequestFields
@@ -24,11 +25,19 @@ from mii.rpc.http.vllm_fields import VllmFields
 MAX_CHOICES = 128  # n times the number of prompts, per OpenAI request
 
 
-def _prompt_shape(value: Any, field: str) -> Any:
+def _prompt_shape(value: Any, field: str, max_prompts: int | None = None) -> Any:
     """``value`` unchanged when it is a string, a list of token ids, or a non-empty
-    list of strings or of token-id lists (one kind); else ValueError saying so."""
+    list of strings or of token-id lists (one kind); else ValueError saying so.
+    ``max_prompts``: the choices cap of an OpenAI request (prompts times n), said
+    before ``prompt_list``'s larger limit, which a split into batches would meet."""
     if isinstance(value, list):  # JSON gives lists; a dict is iterable, but no prompt
         try:
+            count = len(prompt_batch(value, field))
+            if max_prompts is not None and count > max_prompts:
+                raise InvalidRequestError(
+                    f"at most {max_prompts} choices (prompts times n) per request: "
+                    f"{count} prompts; send at most {max_prompts} in each request"
+                )
             prompt_list(value, field)
             return value
         except InvalidRequestError as err:
@@ -115,7 +124,7 @@ class CompletionRequest(OpenAIRequest):
     @field_validator("prompt", mode="before")
     @classmethod
     def _check_prompt(cls, value: Any) -> Any:
-        return _prompt_shape(value, "prompt")
+        return _prompt_shape(value, "prompt", max_prompts=MAX_CHOICES)
 
 
 class ContentPart(BaseModel):
@@ -153,8 +162,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=0)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    # At least 1, as OpenAI and vLLM ask: 0 would answer an empty message (a chat
+    # has no prompt to score; /v1/completions' max_tokens 0 with echo does that).
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     # Tool calling (mii.rpc.http.tools)
