@@ -148,6 +148,15 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
         assert f"usage: mii {argv[0]}" in stderr and said in stderr, stderr
 
 
+def test_vllm_request_id_flag_is_accepted():
+    """vllm serve's --enable-request-id-headers: what the gateway always does."""
+    from mii.cli.commands import parse_command_line
+    from mii.cli.options import deployment_options
+
+    args = parse_command_line(build_parser(), ["serve", "m", "--enable-request-id-headers"])
+    assert args.request_id_headers and "request_id_headers" not in deployment_options(args)
+
+
 def test_help_of_every_subcommand():
     runs = {None: start_mii("--help")}
     runs.update({name: start_mii(name, "--help") for name in SUBCOMMANDS})

@@ -228,6 +228,31 @@ def test_mii_route_types_json_options_and_refuses_invalid_unicode(served, pipe):
 # ----- OpenAI-compatible routes ------------------------------------------------------------
 
 
+def test_a_requests_id_header_comes_back_on_its_answer(served):
+    """X-Request-Id (vLLM: --enable-request-id-headers) is echoed on a whole answer, a
+    streamed one, a 400 and the /mii route; none is made up without one; a value
+    that is too long or not printable ASCII is not copied back."""
+    chat = {"model": served.model, "messages": [{"role": "user", "content": "Hi"}]}
+    traced = {"X-Request-Id": "trace-42/a.b"}
+    answer = served.http.post(
+        "/v1/chat/completions", json={**chat, "max_tokens": 2}, headers=traced
+    )
+    assert answer.status_code == 200 and answer.headers["x-request-id"] == "trace-42/a.b"
+    body = {**chat, "max_tokens": 2, "stream": True}
+    with served.http.stream("POST", "/v1/chat/completions", json=body, headers=traced) as stream:
+        assert stream.headers["x-request-id"] == "trace-42/a.b"
+        assert "[DONE]" in "".join(stream.iter_text())
+    refused = served.http.post("/v1/chat/completions", json={**chat, "n": 0}, headers=traced)
+    assert refused.status_code == 400 and refused.headers["x-request-id"] == "trace-42/a.b"
+    mii_route = served.http.post(f"/mii/{served.name}", json={"prompts": "a"}, headers=traced)
+    assert mii_route.headers["x-request-id"] == "trace-42/a.b"
+    plain = served.http.post("/v1/chat/completions", json={**chat, "max_tokens": 1})
+    assert "x-request-id" not in plain.headers
+    for unfit in ("x" * 300, "has space"):
+        answer = served.http.get("/health", headers={"X-Request-Id": unfit})
+        assert answer.status_code == 200 and "x-request-id" not in answer.headers
+
+
 def test_json_bodies_whatever_the_content_type(served, pipe):
     """curl -d sends application/x-www-form-urlencoded: the body is still read as
     JSON (it was refused as "not a valid dictionary"), on both kinds of routes."""

@@ -276,6 +276,12 @@ def add_deployment_options(parser: argparse.ArgumentParser) -> None:
         const=0.0,
         help="no periodic throughput log lines (the same as --stats-log-interval-s 0)",
     )
+    parser.add_argument(  # vllm serve's flag for what mii's gateway always does
+        "--enable-request-id-headers",
+        dest="request_id_headers",
+        action="store_true",
+        help="accepted for vllm serve's scripts: the gateway always echoes X-Request-Id",
+    )
     for vllm_flag in ("--disable-log-requests", "--disable-uvicorn-access-log"):
         parser.add_argument(  # vllm serve's ways to say what mii does by default
             vllm_flag,

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from mii.rpc.http import mii_routes, openai_routes, responses_route, tokenize_routes
 from mii.rpc.http.auth import install_access_control
 from mii.rpc.http.errors import install_error_handlers
+from mii.rpc.http.request_id import EchoRequestId
 from mii.rpc.http.state import GatewayState
 
 
@@ -16,6 +17,7 @@ def build_app(state: GatewayState) -> FastAPI:
     app.state.mii = state
     install_error_handlers(app)
     install_access_control(app, state.access)
+    app.add_middleware(EchoRequestId)  # outermost: refusals by the access rules echo it too
     app.include_router(mii_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(responses_route.router)
