@@ -272,9 +272,12 @@ def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
         local = run_mii("generate", llama, "--chat", "--prompt", "Hi", *GREEDY)
         assert local.returncode == 0, local.stderr
         assert chat.stdout.startswith("> Hi\n") and chat.stdout == local.stdout
-        # by address there is no record to load the template from: the error says so
-        chat = run_mii("generate", f"127.0.0.1:{port}", "--chat", "--prompt", "Hi", *GREEDY)
-        assert chat.returncode == 1 and "/v1/chat/completions" in chat.stderr, chat.stderr
+        # by its address: the record at that address (it was refused: "has no record")
+        chat = run_mii("generate", f"localhost:{port}", "--chat", "--prompt", "Hi", *GREEDY)
+        assert chat.returncode == 0 and chat.stdout == local.stdout, chat.stderr
+        # an address where nothing answers: said so, before any template is looked for
+        chat = run_mii("generate", f"127.0.0.1:{port + 1}", "--chat", "--prompt", "Hi", *GREEDY)
+        assert chat.returncode == 1 and "no mii deployment answers" in chat.stderr, chat.stderr
 
         server.send_signal(signal.SIGINT)
         out, err = server.communicate(timeout=30)

@@ -228,3 +228,38 @@ def test_a_closed_client_says_so():
     ):
         with pytest.raises(EngineClosedError, match=r"client of d is closed .* mii\.client"):
             call()
+
+
+def test_a_deployment_is_found_by_its_grpc_address():
+    """``mii generate HOST:PORT --chat`` loads the chat template of the deployment
+    recorded at that address: loopback names are one host, a deployment bound to
+    every interface answers on loopback; another port, another host, or two records
+    at one address (one of them stale) find none."""
+    record("local", {"pid": os.getpid(), "host": "127.0.0.1", "port": 51151})
+    record("everywhere", {"pid": os.getpid(), "host": "0.0.0.0", "port": 51152})
+    for address in ("127.0.0.1:51151", "localhost:51151", "[::1]:51151"):
+        assert registry.find_by_address(address)["deployment_name"] == "local", address
+    assert registry.find_by_address("localhost:51152")["deployment_name"] == "everywhere"
+    for address in ("127.0.0.1:51153", "10.1.2.3:51151", "51151", "local", "h:port"):
+        assert registry.find_by_address(address) is None, address
+    record("twin", {"pid": os.getpid(), "host": "localhost", "port": 51151})
+    assert registry.find_by_address("127.0.0.1:51151") is None  # which one: unknown
+
+
+def test_mii_generate_by_address_takes_the_record_there():
+    """``mii generate HOST:PORT`` of a deployment recorded at that address: its name
+    and API key from the record (they were left out: "a host:port has no record"),
+    the address as given; ``--api-key`` still wins."""
+    from mii.cli.generate import _find_deployment
+
+    record("keyed", {"pid": os.getpid(), "host": "0.0.0.0", "port": 51157, "api_key": "k"})
+    found = _find_deployment("localhost:51157")
+    assert (found.deployment_name, found.address, found._api_key) == (
+        "keyed",
+        "localhost:51157",
+        "k",
+    )
+    found.close()
+    found = _find_deployment("localhost:51157", api_key="mine")
+    assert found._api_key == "mine"
+    found.close()

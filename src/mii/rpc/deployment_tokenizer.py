@@ -44,20 +44,22 @@ def load_recorded_tokenizer(source: dict[str, Any]):
 
 
 def recorded_chat_tokenizer(target: str, how: str = "POST /v1/chat/completions"):
-    """The chat tokenizer of the deployment that ``target`` names, from its record on
-    this machine. Raises :class:`~mii.errors.DeploymentError` when there is no record
-    with a tokenizer source (a ``host:port``, a deployment started by an older mii)
+    """The chat tokenizer of the deployment that ``target`` names (or whose gRPC
+    ``host:port`` it is), from its record on this machine. Raises
+    :class:`~mii.errors.DeploymentError` when there is no record with a tokenizer
+    source (another machine's ``host:port``, a deployment started by an older mii)
     or it cannot be loaded here; the message names ``how`` to chat instead."""
     from mii.errors import DeploymentError, MiiError
     from mii.rpc import registry
 
-    info = registry.find(target)
+    info = registry.find(target) or registry.find_by_address(target)
     source = (info or {}).get("tokenizer_source")
     if source is None:
         raise DeploymentError(
             f"chatting with a deployment loads its chat template from its record on this "
-            f"machine, and {target!r} has none here (a host:port, or a deployment started "
-            f"by an older mii): send the conversation to its OpenAI route ({how}) instead"
+            f"machine, and {target!r} has none here (another machine's host:port, or a "
+            f"deployment started by an older mii): send the conversation to its OpenAI "
+            f"route ({how}) instead"
         )
     try:
         return load_recorded_tokenizer(source)

@@ -192,6 +192,33 @@ def find(model_or_deployment_name: str) -> dict[str, Any] | None:
     return serving[0] if serving else None
 
 
+def find_by_address(address: str) -> dict[str, Any] | None:
+    """The record of the live deployment whose gRPC address is ``address``
+    (``host:port``), when exactly one is: loopback names are one host, and a
+    deployment bound to every interface (0.0.0.0, ::) answers on loopback too."""
+    from mii.rpc.auth import is_loopback
+
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        return None
+    host = host.strip("[]").lower()
+
+    def reaches(bound: str) -> bool:
+        bound = bound.strip("[]").lower()
+        return bound == host or (is_loopback(host) and (is_loopback(bound) or bound in ANY_HOST))
+
+    found = [
+        d
+        for d in list_deployments()
+        if d.get("port") == int(port) and reaches(str(d.get("host", ""))) and not d.get("stopping")
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+# The bind addresses of every interface.
+ANY_HOST = ("0.0.0.0", "::")
+
+
 def remove(name: str, pid: int | None = None) -> None:
     """Forget a deployment (only if the record is still ours, when ``pid`` is given)."""
     path = _file(name)
