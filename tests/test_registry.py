@@ -244,22 +244,3 @@ def test_a_deployment_is_found_by_its_grpc_address():
         assert registry.find_by_address(address) is None, address
     record("twin", {"pid": os.getpid(), "host": "localhost", "port": 51151})
     assert registry.find_by_address("127.0.0.1:51151") is None  # which one: unknown
-
-
-def test_mii_generate_by_address_takes_the_record_there():
-    """``mii generate HOST:PORT`` of a deployment recorded at that address: its name
-    and API key from the record (they were left out: "a host:port has no record"),
-    the address as given; ``--api-key`` still wins."""
-    from mii.cli.generate import _find_deployment
-
-    record("keyed", {"pid": os.getpid(), "host": "0.0.0.0", "port": 51157, "api_key": "k"})
-    found = _find_deployment("localhost:51157")
-    assert (found.deployment_name, found.address, found._api_key) == (
-        "keyed",
-        "localhost:51157",
-        "k",
-    )
-    found.close()
-    found = _find_deployment("localhost:51157", api_key="mine")
-    assert found._api_key == "mine"
-    found.close()

@@ -133,20 +133,19 @@ def generate(args: argparse.Namespace) -> int:
 def _find_deployment(target: str, api_key: str | None = None):
     """A client when ``target`` names a running deployment (registry name, model
     name with the default deployment name, a name it serves the model under, or a
-    ``host:port`` that answers: with its record when it is one recorded here).
-    ``api_key`` wins over the deployment's record and ``MII_API_KEY``."""
+    ``host:port`` that answers). ``api_key`` wins over the deployment's record and
+    ``MII_API_KEY``; a ``host:port`` presents no record's key (``--chat`` still
+    loads the template of the deployment recorded at that address)."""
     from mii.rpc import registry
     from mii.rpc.client import MiiClient
     from mii.rpc.listen import host_port
 
     info = registry.find(target)
-    address = host_port(info["host"], info["port"]) if info is not None else None
-    if info is None:  # a host:port recorded here: its record (API key, name) too
-        info = registry.find_by_address(target)
-        address = target
     if info is not None:
         key = api_key if api_key is not None else info.get("api_key")
-        return MiiClient(address, info["deployment_name"], api_key=key)
+        return MiiClient(
+            host_port(info["host"], info["port"]), info["deployment_name"], api_key=key
+        )
     host, sep, port = target.rpartition(":")
     if sep and host and port.isdigit() and not os.path.exists(target):
         client = MiiClient(target, api_key=api_key)
