@@ -192,6 +192,10 @@ def find(model_or_deployment_name: str) -> dict[str, Any] | None:
     return serving[0] if serving else None
 
 
+# The bind addresses of every interface.
+ANY_HOST = ("0.0.0.0", "::")
+
+
 def find_by_address(address: str) -> dict[str, Any] | None:
     """The record of the live deployment whose gRPC address is ``address``
     (``host:port``), when exactly one is: loopback names are one host, and a
@@ -213,10 +217,6 @@ def find_by_address(address: str) -> dict[str, Any] | None:
         if d.get("port") == int(port) and reaches(str(d.get("host", ""))) and not d.get("stopping")
     ]
     return found[0] if len(found) == 1 else None
-
-
-# The bind addresses of every interface.
-ANY_HOST = ("0.0.0.0", "::")
 
 
 def remove(name: str, pid: int | None = None) -> None:
