@@ -150,7 +150,13 @@ def prompt_list(prompts: Any, field: str = "prompts") -> list[Prompt]:
     all texts or all token ids (a request carries one kind). Anything else (None,
     bytes, numbers, an empty or too long list, a mix) is InvalidRequestError naming
     ``field``."""
-    batch = prompt_batch(prompts, field)
+    return request_batch(prompt_batch(prompts, field), field)
+
+
+def request_batch(batch: list[Prompt], field: str = "prompts") -> list[Prompt]:
+    """``batch`` (from :func:`mii.prompts.prompt_batch`) when one request may carry it:
+    at most MAX_PROMPTS prompts, all of one kind; else InvalidRequestError naming
+    ``field``."""
     if len(batch) > MAX_PROMPTS:
         raise InvalidRequestError(
             f"at most {MAX_PROMPTS} prompts per request (got {len(batch)}); "

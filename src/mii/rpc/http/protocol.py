@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from mii.config import OPENAI_COMPLETIONS_MAX_TOKENS
 from mii.errors import InvalidRequestError
 from mii.prompts import prompt_batch
-from mii.rpc.convert import prompt_list
+from mii.rpc.convert import request_batch
 from mii.rpc.http.field_policy import SpecificationFields, StreamOptions
 from mii.rpc.http.request_fields import RequestFields
 from mii.rpc.http.tool_protocol import ChatTool, ToolChoice
@@ -29,16 +29,16 @@ def _prompt_shape(value: Any, field: str, max_prompts: int | None = None) -> Any
     """``value`` unchanged when it is a string, a list of token ids, or a non-empty
     list of strings or of token-id lists (one kind); else ValueError saying so.
     ``max_prompts``: the choices cap of an OpenAI request (prompts times n), said
-    before ``prompt_list``'s larger limit, which a split into batches would meet."""
+    before ``request_batch``'s larger limit, which a split into batches would meet."""
     if isinstance(value, list):  # JSON gives lists; a dict is iterable, but no prompt
         try:
-            count = len(prompt_batch(value, field))
-            if max_prompts is not None and count > max_prompts:
+            batch = prompt_batch(value, field)
+            if max_prompts is not None and len(batch) > max_prompts:
                 raise InvalidRequestError(
                     f"at most {max_prompts} choices (prompts times n) per request: "
-                    f"{count} prompts; send at most {max_prompts} in each request"
+                    f"{len(batch)} prompts; send at most {max_prompts} in each request"
                 )
-            prompt_list(value, field)
+            request_batch(batch, field)
             return value
         except InvalidRequestError as err:
             raise ValueError(str(err)) from None
