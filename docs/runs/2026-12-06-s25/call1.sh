@@ -29,3 +29,7 @@ long() {
 }
 long long_cores cores
 long long_tensor tensor
+# 4. prompt attention against flash and cuDNN SDPA (is a library kernel worth running the
+# 32k prompt's chunks through on this card?)
+timeout 90 python3 benchmarks/attention_peers.py --json $OUT/raw/attention_peers.json > $OUT/raw/attention_peers.log 2>&1
+echo "[$SECONDS s] attention peers:"; cat $OUT/raw/attention_peers.log | cut -c1-400; pack
