@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -48,6 +49,45 @@ def test_config_missing_a_field_the_family_needs_names_it(tmp_path, llama):
 def test_directory_without_weights(tmp_path, llama):
     shutil.copytree(llama, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(mii.ModelLoadError, match="no weight files"):
+        mii.pipeline(str(tmp_path / "m"))
+
+
+def test_broken_files_are_named(tmp_path, llama):
+    """A config.json that is not JSON raised a bare JSONDecodeError, and a truncated
+    safetensors file the library's own SafetensorError, neither naming the file
+    (user trial); an empty model name read as the current directory."""
+    shutil.copytree(llama, tmp_path / "m")
+    config_file = tmp_path / "m" / "config.json"
+    good = config_file.read_text()
+    for broken, message in (("{", "is not valid JSON"), ("[1, 2]", "must hold a JSON object")):
+        config_file.write_text(broken)
+        with pytest.raises(mii.ModelLoadError, match=f"{re.escape(str(config_file))}.*{message}"):
+            mii.pipeline(str(tmp_path / "m"))
+    config_file.write_text(good)
+    generation_file = tmp_path / "m" / "generation_config.json"
+    generation_file.write_text('{"eos_token_id": ')
+    with pytest.raises(
+        mii.ModelLoadError, match=f"{re.escape(str(generation_file))} is not valid JSON"
+    ):
+        mii.pipeline(str(tmp_path / "m"))
+    generation_file.unlink()
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(
+        mii.ModelLoadError, match=f"cannot read the weight file {re.escape(str(weights))}"
+    ):
+        mii.pipeline(str(tmp_path / "m"))
+    with pytest.raises(mii.InvalidRequestError, match="'model'"):
+        mii.pipeline("")
+
+
+def test_a_corrupt_bin_checkpoint_is_named(tmp_path, llama):
+    shutil.copytree(llama, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    weights = tmp_path / "m" / "pytorch_model.bin"
+    weights.write_bytes(b"not a zip archive")
+    with pytest.raises(
+        mii.ModelLoadError, match=f"cannot read the weight file {re.escape(str(weights))}"
+    ):
         mii.pipeline(str(tmp_path / "m"))
 
 

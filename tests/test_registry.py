@@ -207,6 +207,41 @@ def test_a_client_takes_a_model_path_as_mii_serve_does(tmp_path):
         assert client.deployment_name == "model-mii-deployment"
 
 
+def test_a_client_finds_a_deployment_by_its_model_whatever_its_name(tmp_path):
+    """Two deployments named explicitly (trialA-n1/-n2) of one checkpoint: a lookup
+    by that checkpoint's path said 'no running deployment named ...' though `mii
+    list` showed both (user trial). One is found by its model (the path as given,
+    with a trailing slash, or another path to it); two name each other."""
+    from mii.errors import DeploymentNotFoundError
+
+    model = tmp_path / "ckpt" / "llama"
+    model.mkdir(parents=True)
+    record("n1", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1, "model": str(model)})
+    for given in (str(model), str(model) + "/", str(tmp_path / "ckpt" / ".." / "ckpt" / "llama")):
+        assert registry.find(given)["deployment_name"] == "n1"
+    assert registry.find("llama-other") is None
+    record("n2", {"pid": os.getpid(), "host": "127.0.0.1", "port": 2, "model": str(model)})
+    with pytest.raises(DeploymentNotFoundError, match=r"2 deployments serve .*'n1', 'n2'"):
+        registry.find(str(model))
+    # a hub id recorded as given
+    record("hub", {"pid": os.getpid(), "host": "127.0.0.1", "port": 3, "model": "org/model-x"})
+    assert registry.find("org/model-x")["deployment_name"] == "hub"
+
+
+def test_an_empty_deployment_name_is_refused_not_replaced():
+    """mii.serve(deployment_name="") started under the default name, so
+    mii.client("") found nothing and the caller leaked a running deployment."""
+    from mii.errors import InvalidRequestError
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    with pytest.raises(InvalidRequestError, match="deployment_name"):
+        DeploymentConfig.parse("m", deployment_name="")
+    assert DeploymentConfig.parse("org/m").deployment_name == "m-mii-deployment"
+    assert DeploymentConfig.parse("org/m", deployment_name=None).deployment_name == (
+        "m-mii-deployment"
+    )
+
+
 def test_a_closed_client_says_so():
     """After `with mii.client(...) as c:` a call raised grpc's ValueError
     'Cannot invoke RPC on closed channel!'."""

@@ -273,7 +273,9 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    model: str = Field(description="Hugging Face hub id, local checkpoint directory or .gguf file")
+    model: str = Field(
+        min_length=1, description="Hugging Face hub id, local checkpoint directory or .gguf file"
+    )
     tokenizer: str | None = Field(
         default=None, description="tokenizer hub id or directory (default: the model's)"
     )

@@ -9,7 +9,6 @@ engine options and what the earlier steps made.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -102,7 +101,7 @@ def _eos_token_ids(hf_config: dict, model_dir: Path, tokenizer) -> list[int]:
     take(hf_config.get("eos_token_id"))
     gen_file = model_dir / "generation_config.json"
     if gen_file.is_file():
-        take(json.loads(gen_file.read_text()).get("eos_token_id"))
+        take(loader.read_json_object(gen_file).get("eos_token_id"))
     take(getattr(tokenizer, "eos_token_id", None))
     return sorted(ids)
 

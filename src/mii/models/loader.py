@@ -76,8 +76,19 @@ def read_hf_config(model_dir: Path) -> dict[str, Any]:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{model_dir} has no config.json; is it a Hugging Face checkpoint?")
-    with config_file.open() as f:
-        return json.load(f)
+    return read_json_object(config_file)
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file (config.json, generation_config.json) as a dict; a
+    broken one raises ModelLoadError naming the file."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{file} is not valid JSON ({err}); fix or replace it") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{file} must hold a JSON object, not a {type(value).__name__}")
+    return value
 
 
 def choose_dtype(hf_config: dict[str, Any], requested: str) -> torch.dtype:
@@ -173,6 +184,20 @@ def _fill_random(model: CausalLM, seed: int) -> None:
             param.data.normal_(0.0, 0.02, generator=generator)
 
 
+def _unreadable(file: Path, err: Exception) -> ModelLoadError:
+    first_line = (str(err).strip().splitlines() or [""])[0][:200]
+    if type(err).__name__ == "UnpicklingError":  # what torch.load(weights_only=True) refuses
+        return ModelLoadError(
+            f"the weight file {file} holds Python objects other than tensors, which mii "
+            "does not unpickle (torch.load(weights_only=True): a checkpoint cannot run "
+            f"code); convert it to safetensors where you trust it ({first_line})"
+        )
+    return ModelLoadError(
+        f"cannot read the weight file {file} ({type(err).__name__}: {first_line}); "
+        "it may be truncated or corrupt: download it again"
+    )
+
+
 def _iterate_weights(
     model_dir: Path, load_format: str
 ) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
@@ -182,15 +207,22 @@ def _iterate_weights(
         from safetensors import safe_open
 
         for file in safetensors:
-            with safe_open(str(file), framework="pt") as f:
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except Exception as err:  # SafetensorError: truncated, corrupt header, ...
+                raise _unreadable(file, err) from None
+            with handle as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     # Lazy: a sharded layer reads only this rank's slice.
                     yield key, LazyTensor(f, key)
         return
     if load_format in ("auto", "pt") and bins:
         for file in bins:
-            # weights_only=True refuses pickled code: a checkpoint cannot run anything.
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                # weights_only=True refuses pickled code: a checkpoint cannot run anything.
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # a pickle weights_only refuses, a corrupt archive
+                raise _unreadable(file, err) from None
             yield from state.items()
         return
     raise ModelLoadError(

@@ -171,25 +171,47 @@ def lookup(name: str) -> dict[str, Any] | None:
 
 def find(model_or_deployment_name: str) -> dict[str, Any] | None:
     """The record of the live deployment that ``model_or_deployment_name`` names:
-    by one of its :func:`candidate_names`, else by a model name it serves the model
-    under (``served_model_name``, the OpenAI API's name) when exactly one does
-    (DeploymentNotFoundError naming them when several do)."""
+    by one of its :func:`candidate_names`, else, when exactly one deployment has
+    it, by a model name it serves the model under (``served_model_name``, the
+    OpenAI API's name) or by the model it was started with (a hub id, or a path
+    to the same checkpoint) whatever its deployment name (DeploymentNotFoundError
+    naming them when several do)."""
     for name in candidate_names(model_or_deployment_name):
         info = lookup(name)
         if info is not None:
             return info
-    serving = [  # (one that is stopping serves nothing new)
-        d
-        for d in list_deployments()
-        if model_or_deployment_name in (d.get("served_model_name") or ()) and not d.get("stopping")
-    ]
-    if len(serving) > 1:
-        names = ", ".join(repr(d["deployment_name"]) for d in serving)
-        raise DeploymentNotFoundError(
-            f"{len(serving)} deployments serve the model name {model_or_deployment_name!r} "
-            f"({names}): name the deployment instead"
-        )
-    return serving[0] if serving else None
+    live = [
+        d for d in list_deployments() if not d.get("stopping")
+    ]  # (stopping: serves nothing new)
+    for serves in (_serves_name, _serves_model):
+        serving = [d for d in live if serves(d, model_or_deployment_name)]
+        if len(serving) > 1:
+            names = ", ".join(repr(d["deployment_name"]) for d in serving)
+            raise DeploymentNotFoundError(
+                f"{len(serving)} deployments serve {model_or_deployment_name!r} ({names}): "
+                "name the deployment instead"
+            )
+        if serving:
+            return serving[0]
+    return None
+
+
+def _serves_name(info: dict[str, Any], name: str) -> bool:
+    return name in (info.get("served_model_name") or ())
+
+
+def _serves_model(info: dict[str, Any], model: str) -> bool:
+    """Whether the deployment was started with ``model``: the same hub id or path
+    (a trailing slash aside), or a path to the same checkpoint."""
+    recorded = info.get("model")
+    if not isinstance(recorded, str) or not model:
+        return False
+    if recorded.rstrip("/") == model.rstrip("/"):
+        return True
+    given = os.path.expanduser(model)
+    return os.path.exists(given) and os.path.realpath(given) == os.path.realpath(
+        os.path.expanduser(recorded)
+    )
 
 
 # The bind addresses of every interface.
