@@ -104,7 +104,7 @@ class DeploymentConfig(GpuLayout, RayOptions):
     deployment_name: str = Field(
         min_length=1,
         description="name clients use to find it (default: the last component of MODEL's "
-        "path or id, then -mii-deployment: org/model -> model-mii-deployment)"
+        "path or id, then -mii-deployment: org/model -> model-mii-deployment)",
     )
     host: str = Field(default="127.0.0.1", description="address to listen on (HTTP and gRPC)")
     port: int = Field(default=50050, ge=1, le=65535, description="gRPC port")
