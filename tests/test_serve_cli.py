@@ -496,6 +496,37 @@ def test_metrics_count_tokens_times_and_endings(served):
     assert ("mii_requests_cancelled_total", ()) in after
 
 
+def test_a_refused_request_of_several_choices_counts_no_cancellation(served):
+    """A prompt over the context with n > 1 (or in a streamed batch of prompts) is a
+    400, and its sibling choices, withdrawn with it, were counted as cancelled by
+    their client: +1..+4 on mii_requests_cancelled_total and finish_reason abort
+    (user trial). Nothing is counted: the client cancelled nothing."""
+    long_prompt = "hello " * 300  # over --max-model-len 128
+    cancelled = ("mii_requests_cancelled_total", ())
+    aborted = ("mii_requests_total", (("finish_reason", "abort"),))
+    bodies = [
+        {"prompt": long_prompt, "max_tokens": 3, "n": 3},
+        {"prompt": long_prompt, "max_tokens": 3, "n": 5, "stream": True},
+        {"prompt": ["Seattle is", long_prompt, "Paris is"], "max_tokens": 3, "stream": True},
+        {"prompt": ["Seattle is", long_prompt], "max_tokens": 3, "n": 2},
+    ]
+    for body in bodies:
+        before = metrics(served)
+        request = urllib.request.Request(
+            served.base + "/v1/completions", data=json.dumps(body).encode()
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                text = answer.read().decode()
+                assert '"error"' in text, body  # a stream already started says it in an event
+        except urllib.error.HTTPError as err:
+            assert err.code == 400, body
+        time.sleep(0.3)  # (a withdrawn choice's ending is counted as its task ends)
+        after = metrics(served)
+        assert after[cancelled] == before[cancelled], body
+        assert after[aborted] == before[aborted], body
+
+
 def test_capacity_at_start_and_a_periodic_stats_line(served):
     client = mii.client(served.name)
     try:

@@ -13,12 +13,15 @@ it arrives. A request can also end with none:
   ``mii_requests_total{finish_reason="error"}``.
 
 A request refused as invalid (400) is the caller's mistake, not a served
-request: it is not counted.
+request: it is not counted. Nor are the sibling choices of a request that failed
+or was refused as a whole (``n`` > 1, or several prompts streamed): the gateway
+withdraws them (:func:`withdraw`), which is not their client leaving.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -29,6 +32,17 @@ from mii.response import Response
 # Labels every deployment exports from the start (at 0), so that dashboards and
 # alerts find the series before the first refusal.
 REJECT_REASONS = ("overloaded", "unavailable")
+# The tasks of choices withdrawn because their request failed. (A set of tasks, not
+# a cancellation message: a library between here and the awaited call, gRPC's, may
+# raise a CancelledError of its own.)
+_withdrawn: weakref.WeakSet[asyncio.Future] = weakref.WeakSet()
+
+
+def withdraw(task: asyncio.Future) -> None:
+    """Cancel a sibling choice of a request that failed or was refused: its
+    ending is not counted (the request's own refusal or failure is)."""
+    _withdrawn.add(task)
+    task.cancel()
 
 
 class Outcome:
@@ -58,6 +72,8 @@ class Outcome:
 def count_ending(metrics: Any, err: BaseException, n: int = 1) -> None:
     """Count ``n`` requests that ended with ``err`` instead of an answer."""
     m = metrics
+    if asyncio.current_task() in _withdrawn:
+        return
     if isinstance(err, (asyncio.CancelledError, GeneratorExit, TimeoutError)):
         m.requests.labels("abort").inc(n)
         m.cancelled.inc(n)

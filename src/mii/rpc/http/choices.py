@@ -18,6 +18,7 @@ from mii.rpc.convert import Prompt
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import MAX_CHOICES
 from mii.rpc.http.state import GatewayState
+from mii.rpc.outcomes import withdraw
 
 _SEED_SPACE = 2**63
 
@@ -66,9 +67,14 @@ class Choices:
         ]
         try:
             by_choice = await asyncio.gather(*tasks)  # [i][prompt]
-        finally:
+        except asyncio.CancelledError:  # the client left: each choice is cancelled
             for task in tasks:
                 task.cancel()
+            raise
+        except BaseException:  # a choice failed or was refused: the others go with it
+            for task in tasks:
+                withdraw(task)
+            raise
         return [by_choice[i][p] for p in range(len(self.prompts)) for i in range(self.n)]
 
     def streams(self, state: GatewayState) -> list[tuple[int, AsyncIterator[Response | None]]]:
@@ -106,6 +112,7 @@ async def merge_streams(
             queue.put_nowait((index, _END))
 
     tasks = [asyncio.create_task(pump(index, stream)) for index, stream in streams]
+    failed = False
     try:
         remaining = len(tasks)
         while remaining:
@@ -113,12 +120,16 @@ async def merge_streams(
             if item is _END:
                 remaining -= 1
             elif isinstance(item, BaseException):
+                failed = True
                 raise item
             else:
                 yield index, item
-    finally:
+    finally:  # a choice failed (the others go with the request), or the client left
         for task in tasks:
-            task.cancel()
+            if failed:
+                withdraw(task)
+            else:
+                task.cancel()
 
 
 class Usage:
