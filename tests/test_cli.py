@@ -140,6 +140,8 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
         (["serve", "m", "--max-new-tokens", "5"], "unrecognized arguments: --max-new-tokens 5\n"),
         # a vLLM flag mii does not take: what to do instead
         (["serve", "m", "--max-logprobs", "5"], "--max-logprobs is vLLM's: mii's limit is fixed"),
+        (["serve", "m", "--lora-modules", "a=b"], "--lora-modules is vLLM's: mii serves no LoRA"),
+        (["serve", "m", "--reasoning-parser", "qwen3"], "stays in content"),
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_command_line(build_parser(), argv)
@@ -155,6 +157,34 @@ def test_vllm_request_id_flag_is_accepted():
 
     args = parse_command_line(build_parser(), ["serve", "m", "--enable-request-id-headers"])
     assert args.request_id_headers and "request_id_headers" not in deployment_options(args)
+
+
+def test_vllm_flags_for_what_mii_always_does_are_accepted(monkeypatch):
+    """vllm serve launch scripts carry --enable-chunked-prefill, --swap-space, ...:
+    they stopped mii serve with "unrecognized arguments" (user trial). Accepted and
+    left out of the deployment; a structured-output backend other than xgrammar is
+    refused by name."""
+    from mii.cli.commands import parse_command_line
+    from mii.cli.errors import CliError
+    from mii.cli.options import deployment_options
+    from mii.cli.serve import serve_config
+
+    monkeypatch.delenv("MII_API_KEY", raising=False)
+    flags = [
+        "--enable-chunked-prefill",
+        "--enable-prompt-tokens-details",
+        "--disable-fastapi-docs",
+        *("--swap-space", "4"),
+        *("--guided-decoding-backend", "xgrammar"),
+    ]
+    plain = deployment_options(parse_command_line(build_parser(), ["serve", "org/m"]))
+    args = parse_command_line(build_parser(), ["serve", "org/m", *flags])
+    assert serve_config(args).model == "org/m" and deployment_options(args) == plain
+    args = parse_command_line(
+        build_parser(), ["serve", "org/m", "--guided-decoding-backend", "outlines"]
+    )
+    with pytest.raises(CliError, match=r"--guided-decoding-backend outlines: .*xgrammar"):
+        serve_config(args)
 
 
 def test_help_of_every_subcommand():

@@ -11,6 +11,7 @@ from mii.cli.deployments import add_list_parser, add_terminate_parser
 from mii.cli.errors import CliError
 from mii.cli.generate import add_demo_parser, add_generate_parser
 from mii.cli.serve import add_serve_parser
+from mii.cli.vllm_flags import NOT_TAKEN
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,13 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# vLLM server flags mii does not take (docs/cli.md), with what to do instead: a launch
-# script carried over from vLLM gets this rather than a bare "unrecognized arguments".
-VLLM_FLAGS_NOT_TAKEN = {
-    "--max-logprobs": "mii's limit is fixed at 20 (vLLM's default); leave the flag out",
-}
-
-
 class CommandParser(argparse.ArgumentParser):
     """A subcommand's parser: an unrecognized option is reported with this command's
     usage (not the top-level one) and the nearest option it has (or, for a vLLM flag
@@ -55,8 +49,8 @@ class CommandParser(argparse.ArgumentParser):
                 if not given.startswith("--"):
                     continue
                 name = given.split("=")[0]
-                if name in VLLM_FLAGS_NOT_TAKEN:
-                    message += f" ({name} is vLLM's: {VLLM_FLAGS_NOT_TAKEN[name]})"
+                if name in NOT_TAKEN:  # a vLLM flag carried over from a launch script
+                    message += f" ({name} is vLLM's: {NOT_TAKEN[name]})"
                     break
                 near = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
                 if near:

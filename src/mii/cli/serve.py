@@ -22,6 +22,7 @@ from mii.cli.options import (
     deployment_options,
     engine_options,
 )
+from mii.cli.vllm_flags import add_vllm_flags, check_vllm_flags
 from mii.rpc.deployment_config import DeploymentConfig
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help="accepted for vllm serve's command lines: tool_choice 'auto' is on whenever "
         "--tool-call-parser is given (this flag without it is an error)",
     )
+    add_vllm_flags(parser)
     add_engine_options(parser, SERVE_ENGINE_OPTIONS)
     parser.set_defaults(func=serve)
 
@@ -71,6 +73,7 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
             from mii.demo import demo_generation_config_dir
 
             options.setdefault("generation_config", str(demo_generation_config_dir()))
+    check_vllm_flags(args)
     if getattr(args, "enable_auto_tool_choice", False) and "tool_call_parser" not in options:
         raise CliError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json)")
     try:

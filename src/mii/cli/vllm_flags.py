@@ -1,0 +1,67 @@
+"""``vllm serve`` flags that a launch script carried over to ``mii serve`` may hold.
+
+Three kinds (docs/cli.md):
+
+- flags for what mii always does: accepted and ignored, each one's help says why
+  (``--enable-chunked-prefill``: Dynamic SplitFuse splits every long prompt);
+- flags that choose something mii has only one of: accepted when they choose it,
+  an error naming the one mii has otherwise (``--guided-decoding-backend``);
+- flags of features mii does not have (``NOT_TAKEN``): an error saying what to do
+  instead, rather than argparse's bare "unrecognized arguments".
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mii.cli.errors import CliError
+
+# Switches of vllm serve for what mii does anyway.
+ALWAYS_ON = {
+    "--enable-chunked-prefill": "Dynamic SplitFuse always splits long prompts into chunks",
+    "--enable-prompt-tokens-details": "usage.prompt_tokens_details.cached_tokens is always "
+    "reported",
+    "--disable-fastapi-docs": "the gateway serves no /docs or /redoc pages",
+}
+# Options of vllm serve with a value mii has no use for.
+IGNORED_VALUES = {
+    "--swap-space": "preempted sequences are recomputed, never swapped to CPU memory",
+}
+# What structured output runs on (--guided-decoding-backend / --structured-outputs-config).
+STRUCTURED_OUTPUT_BACKENDS = ("xgrammar", "auto")
+
+NOT_TAKEN = {
+    "--max-logprobs": "mii's limit is fixed at 20 (vLLM's default); leave the flag out",
+    "--lora-modules": "mii serves no LoRA adapters: merge the adapter into the weights "
+    "(peft's merge_and_unload) and serve the merged checkpoint",
+    "--enable-lora": "mii serves no LoRA adapters: merge the adapter into the weights "
+    "(peft's merge_and_unload) and serve the merged checkpoint",
+    "--reasoning-parser": "mii does not split reasoning_content from content: the model's "
+    "reasoning text stays in content; leave the flag out",
+    "--no-enable-chunked-prefill": "mii always splits long prompts (Dynamic SplitFuse); "
+    "--token-budget sets the chunk size",
+}
+
+
+def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the vllm serve flags that ``mii serve`` accepts without using them."""
+    for flag, why in ALWAYS_ON.items():
+        parser.add_argument(flag, action="store_true", help=f"accepted for vllm serve: {why}")
+    for flag, why in IGNORED_VALUES.items():
+        parser.add_argument(flag, metavar="VALUE", help=f"accepted for vllm serve: {why}")
+    parser.add_argument(
+        "--guided-decoding-backend",
+        metavar="BACKEND",
+        help="accepted for vllm serve: structured output runs on xgrammar "
+        f"(one of {', '.join(STRUCTURED_OUTPUT_BACKENDS)}; others are refused)",
+    )
+
+
+def check_vllm_flags(args: argparse.Namespace) -> None:
+    """CliError where an accepted vllm serve flag asks for what mii does not have."""
+    backend = getattr(args, "guided_decoding_backend", None)
+    if backend is not None and backend not in STRUCTURED_OUTPUT_BACKENDS:
+        raise CliError(
+            f"--guided-decoding-backend {backend}: mii's structured output runs on "
+            "xgrammar only; give xgrammar or auto, or leave the flag out"
+        )
