@@ -11,7 +11,7 @@ from chat_tokenizers import hermes_tokenizer
 from mii.response import Response
 from mii.rpc.http.chat import chat_prompt
 from mii.rpc.http.protocol import ChatCompletionRequest, ChatMessage
-from mii.rpc.http.tool_parsers import HERMES, LLAMA3_JSON, TOOL_PARSERS, get_parser
+from mii.rpc.http.tool_parsers import HERMES, LLAMA3_JSON, MISTRAL, TOOL_PARSERS, get_parser
 from mii.rpc.http.tools import ToolDeltas, ToolPlan, tool_plan
 
 WEATHER = {
@@ -96,8 +96,48 @@ def test_llama3_json_calls():
         assert LLAMA3_JSON.parse(text) == (text, [])
 
 
+def test_mistral_calls():
+    """Mistral's v3 tokenizer format: [TOOL_CALLS] then a JSON array, to the end of
+    the answer; ids of 9 letters and digits (Mistral's templates refuse others)."""
+    calls_json = json.dumps(
+        [
+            {"name": "get_weather", "arguments": {"city": "Rome"}},
+            {"name": "get_time", "arguments": {}},
+        ]
+    )
+    for size in (1, 4, 1000):
+        events = _stream(MISTRAL, f"Let me check.[TOOL_CALLS] {calls_json}", size)
+        content = "".join(e for e in events if isinstance(e, str))
+        calls = [e for e in events if not isinstance(e, str)]
+        assert content == "Let me check." and _summary(calls) == [
+            ("get_weather", {"city": "Rome"}),
+            ("get_time", {}),
+        ]
+        assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)
+    content, calls = MISTRAL.parse(f"[TOOL_CALLS]{calls_json}", frozenset({"get_weather"}))
+    assert calls == []  # a call of a function not among the tools: all stays content
+    for text in ["[TOOL_CALLS][]", "[TOOL_CALLS] not json", "Plain [1, 2] answer", "[TOOL_CALL"]:
+        assert MISTRAL.parse(text) == (text, [])
+
+
+def test_forced_calls_take_the_parsers_ids():
+    """With --tool-call-parser mistral, "required" and named calls get ids of 9
+    letters and digits too (Mistral's template refuses call_... in the next turn)."""
+    for parser, short in ((MISTRAL, True), (HERMES, False), (None, False)):
+        named = ToolPlan("named", [WEATHER], parser, function="get_weather")
+        required = ToolPlan("required", [WEATHER], parser)
+        calls = (
+            named.calls('{"city": "Rome"}')[1]
+            + required.calls(json.dumps([{"name": "get_weather", "parameters": {"city": "Oslo"}}]))[
+                1
+            ]
+        )
+        assert len(calls) == 2
+        assert all((len(c.id) == 9 and c.id.isalnum()) == short for c in calls), parser
+
+
 def test_registry():
-    assert set(TOOL_PARSERS) >= {"hermes", "llama3_json"}
+    assert set(TOOL_PARSERS) >= {"hermes", "llama3_json", "mistral"}
     with pytest.raises(ValueError, match="hermes"):
         get_parser("nope")
 

@@ -75,7 +75,9 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
             options.setdefault("generation_config", str(demo_generation_config_dir()))
     check_vllm_flags(args)
     if getattr(args, "enable_auto_tool_choice", False) and "tool_call_parser" not in options:
-        raise CliError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json)")
+        raise CliError(
+            "--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral)"
+        )
     try:
         return DeploymentConfig.parse(
             model, **options, **engine_options(args, SERVE_ENGINE_OPTIONS)

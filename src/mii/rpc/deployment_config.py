@@ -177,9 +177,9 @@ class DeploymentConfig(GpuLayout, RayOptions):
     tool_call_parser: str | None = Field(
         default=None,
         description="how /v1/chat/completions finds tool calls in the model's text, for "
-        "tool_choice 'auto': hermes (<tool_call> JSON: Hermes, Qwen2.5, Qwen3) or "
-        "llama3_json (Llama 3.1 JSON calls) (default: none; 'auto' is then refused, "
-        "'required' and named functions work without one)",
+        "tool_choice 'auto': hermes (<tool_call> JSON: Hermes, Qwen2.5, Qwen3), "
+        "llama3_json (Llama 3.1 JSON calls) or mistral ([TOOL_CALLS] JSON) (default: "
+        "none; 'auto' is then refused, 'required' and named functions work without one)",
     )
     generation_config: str = Field(
         default="auto",

@@ -15,6 +15,11 @@ The formats (``mii serve --tool-call-parser NAME``, :data:`TOOL_PARSERS`):
 - ``llama3_json`` (Llama 3.1 / 3.2 JSON tool calling): the answer is one or more
   ``{"name": ..., "parameters": {...}}`` objects (separated by ``;``), either the
   whole answer or after ``<|python_tag|>`` (text before the tag is content).
+- ``mistral`` (Mistral-7B-Instruct-v0.3, Mixtral-8x22B-Instruct and other models of
+  Mistral's v3 tokenizer): ``[TOOL_CALLS]`` then a JSON array of
+  ``{"name": ..., "arguments": {...}}`` to the end of the answer. Mistral's chat
+  templates accept only call ids of 9 letters and digits, so its calls get such ids.
+  (The ``[TOOL_CALLS]name[ARGS]{...}`` form of Mistral's later tokenizers is not read.)
 
 A call that does not parse (malformed JSON, no ``name``) is kept as content,
 tags included, never dropped and never an error.
@@ -31,6 +36,12 @@ from typing import Any
 def new_call_id() -> str:
     """A fresh tool call id, shaped as OpenAI's (``call_`` and 24 characters)."""
     return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def short_call_id() -> str:
+    """A fresh tool call id of 9 letters and digits (the only ids Mistral's chat
+    templates accept in later turns)."""
+    return uuid.uuid4().hex[:9]
 
 
 @dataclass
@@ -95,17 +106,30 @@ class ToolParser:
     start: str
     end: str | None
     bare_json: bool = False
+    short_ids: bool = False  # call ids of 9 letters and digits (Mistral's templates)
 
     def calls_in(self, region: str, known: frozenset[str] | None = None) -> list[ToolCall] | None:
-        """The calls of one region (the text between the tags); None: malformed, or
-        a call of a function not in ``known`` (the request's tools; None: any)."""
+        """The calls of one region (the text between the tags; a JSON array holds
+        several); None: malformed, or a call of a function not in ``known`` (the
+        request's tools; None: any)."""
         values = json_objects(region)
         if values is None:
             return None
-        calls = [call_from_json(v) for v in values]
-        if any(c is None or (known is not None and c.name not in known) for c in calls):
+        calls = [
+            call_from_json(item) for v in values for item in (v if isinstance(v, list) else [v])
+        ]
+        if not calls or any(
+            c is None or (known is not None and c.name not in known) for c in calls
+        ):
             return None
-        return calls  # type: ignore[return-value]
+        return self.with_own_ids(calls)  # type: ignore[arg-type]
+
+    def with_own_ids(self, calls: list[ToolCall]) -> list[ToolCall]:
+        """``calls`` with ids the models of this format take back (``short_ids``)."""
+        if self.short_ids:
+            for call in calls:
+                call.id = short_call_id()
+        return calls
 
     def stream(self, known: frozenset[str] | None = None) -> ToolCallStream:
         """A fresh incremental reader for one answer (calls of ``known`` functions)."""
@@ -241,9 +265,10 @@ class ToolCallStream:
 
 HERMES = ToolParser("hermes", "<tool_call>", "</tool_call>")
 LLAMA3_JSON = ToolParser("llama3_json", "<|python_tag|>", None, bare_json=True)
+MISTRAL = ToolParser("mistral", "[TOOL_CALLS]", None, short_ids=True)
 
 # --tool-call-parser NAME -> its parser.
-TOOL_PARSERS: dict[str, ToolParser] = {p.name: p for p in (HERMES, LLAMA3_JSON)}
+TOOL_PARSERS: dict[str, ToolParser] = {p.name: p for p in (HERMES, LLAMA3_JSON, MISTRAL)}
 
 
 def get_parser(name: str) -> ToolParser:

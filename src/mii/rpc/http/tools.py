@@ -109,6 +109,11 @@ class ToolPlan:
             schema["$defs"] = defs
         return schema
 
+    def with_own_ids(self, calls: list[ToolCall]) -> list[ToolCall]:
+        """``calls`` with ids the served model takes back in a later turn: its
+        parser's (Mistral's 9 characters), else OpenAI's shape."""
+        return calls if self.parser is None else self.parser.with_own_ids(calls)
+
     def calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The content and calls of a whole answer ``text``."""
         if self.mode == "auto" and self.parser is not None:
@@ -120,9 +125,9 @@ class ToolPlan:
             # streamed (its deltas go out before the cut is known) and as vLLM answers.
             arguments = text.strip()
             if arguments:
-                return None, [ToolCall(str(self.function), arguments)]
+                return None, self.with_own_ids([ToolCall(str(self.function), arguments)])
         elif self.mode == "required":
-            calls = _required_calls(_loads(text))
+            calls = self.with_own_ids(_required_calls(_loads(text)))
             if calls:
                 return None, calls
         return text, []
@@ -209,13 +214,15 @@ def tool_plan(body: ChatCompletionRequest, parser_name: str | None) -> ToolPlan 
             raise ApiError(
                 400,
                 'tool_choice "auto" (the default with tools) needs a tool call parser: '
-                "start the server with --tool-call-parser (hermes, llama3_json), or ask "
-                'for tool_choice "required" or a named function',
+                "start the server with --tool-call-parser (hermes, llama3_json, mistral), "
+                'or ask for tool_choice "required" or a named function',
                 "tool_choice",
             )
         return ToolPlan("auto", tools, get_parser(parser_name), parallel=parallel)
+    # (with the deployment's parser, if any, for the call ids its model takes back)
+    parser = None if parser_name is None else get_parser(parser_name)
     if choice in ("none", "required"):
-        return ToolPlan(choice, tools, parallel=parallel)
+        return ToolPlan(choice, tools, parser, parallel=parallel)
     name = choice.function.name
     if name not in names:
         raise ApiError(
@@ -224,7 +231,7 @@ def tool_plan(body: ChatCompletionRequest, parser_name: str | None) -> ToolPlan 
             f"({', '.join(repr(n) for n in names)})",
             "tool_choice",
         )
-    return ToolPlan("named", tools, function=name, parallel=parallel)
+    return ToolPlan("named", tools, parser, function=name, parallel=parallel)
 
 
 def add_tool_options(params: dict[str, Any], plan: ToolPlan, renames: dict[str, str]) -> None:
@@ -321,7 +328,7 @@ class ToolDeltas:
 
     def _named_delta(self, text: str) -> dict[str, Any]:
         if self.named_id is None:
-            call = ToolCall(str(self.plan.function), text)
+            [call] = self.plan.with_own_ids([ToolCall(str(self.plan.function), text)])
             self.named_id = call.id
             return {"tool_calls": [call.as_openai(index=0)]}
         return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
