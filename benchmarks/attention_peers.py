@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from benchmarks.common import environment, write_json
 from benchmarks.kernel_times import BLOCK, DIM, HEADS, bench, paged_batch
@@ -95,7 +96,7 @@ def peers(queries: int, keys: int, device) -> dict[str, float]:
             print(f"  {name}: not run ({str(err).splitlines()[0][:120]})", flush=True)
     if queries != keys:
         try:
-            mask = torch.nn.attention.bias.causal_lower_right(queries, keys)
+            mask = causal_lower_right(queries, keys)
             seconds["sdpa_lower_right"] = bench(
                 lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             )

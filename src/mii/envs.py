@@ -12,6 +12,7 @@
 | ``MII_SPLIT_KV_MERGE`` | ``launch``, ``kernel`` | who merges split-KV decode slices |
 | ``MII_ATTENTION_EARLY_LOADS`` | ``on``, ``off`` | decode attention's reads before the PDL wait |
 | ``MII_ATTENTION_OVERLAP`` | ``off``, ``streams``, ``priority`` | decode tiles on a 2nd stream |
+| ``MII_PROMPT_ATTENTION`` | ``triton``, ``library`` | long prompt chunks: Triton or cuDNN SDPA |
 | ``MII_GQA_DECODE_QUERIES`` | ``pack``, ``tile`` | queries per grouped-query decode pass |
 | ``MII_FP8_KV_VALUES`` | ``bytes``, ``pairs`` | how attention reads an fp8 cache's values |
 | ``MII_DECODE_ONE_QUERY`` | ``dot``, ``cores`` | fp8-cache one-head decode: products or cores |
@@ -168,6 +169,16 @@ ATTENTION_EARLY_LOADS = _choice(
     "shapes (decode_sweep --batch1-step)",
     "on",
     "off",
+)
+PROMPT_ATTENTION = _choice(
+    "MII_PROMPT_ATTENTION",
+    "prompt chunks of at least LIBRARY_MIN_QUERIES tokens: the Triton prompt kernel "
+    "('triton'), or torch's SDPA, cuDNN's on NVIDIA GPUs ('library': 570 against 430 "
+    "TFLOP/s on a 32k prompt's last 4,096-token chunk on an H200, "
+    "benchmarks/attention_peers.py; not yet measured end to end; "
+    "ops/library_attention.py)",
+    "triton",
+    "library",
 )
 ATTENTION_OVERLAP = _choice(
     "MII_ATTENTION_OVERLAP",
@@ -412,6 +423,7 @@ SWITCHES: tuple[Switch, ...] = (
     SPLIT_KV_MERGE,
     ATTENTION_EARLY_LOADS,
     ATTENTION_OVERLAP,
+    PROMPT_ATTENTION,
     GQA_DECODE_QUERIES,
     FP8_KV_VALUES,
     DECODE_ONE_QUERY,

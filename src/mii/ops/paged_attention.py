@@ -30,8 +30,15 @@ def rotary_paged_attention(
     """The attention op models call: the fused Triton path on CUDA, else the reference."""
     if triton_attention_enabled(q.device):
         # Imported here: Triton is needed only where its kernels run.
+        from mii.ops.library_attention import attend_with_library, library_members
         from mii.ops.triton_attention import call_paged_attention_op
 
+        members = library_members(batch, k_cache, sliding_window)  # MII_PROMPT_ATTENTION
+        if members:
+            return attend_with_library(
+                q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, members,
+                call_paged_attention_op,
+            )  # fmt: skip
         return call_paged_attention_op(
             q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, sliding_window
         )

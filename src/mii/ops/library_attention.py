@@ -1,0 +1,164 @@
+"""Long prompt chunks through torch's SDPA (cuDNN's on NVIDIA GPUs), with
+``MII_PROMPT_ATTENTION=library`` (off by default until measured end to end).
+
+Why: on an H200 cuDNN's attention takes the last 4,096-token chunk of a 32k prompt
+at 570 TFLOP/s and a whole 4,096-token prompt at 506, where the Triton prompt
+kernel reaches 430 and 328 (``benchmarks/attention_peers.py``; docs/performance.md,
+twenty-fifth session).
+
+How: the prompt chunks of a pass with at least ``LIBRARY_MIN_QUERIES`` queries are
+attended here; the Triton operator still rotates every query and key, writes every
+key and value into the cache and attends the rest of the pass (decodes, short
+chunks). A chunk then reads its sequence's keys back out of the paged cache (a
+32k-key gather is ~0.1 ms a layer on an H200) and attends in two library calls,
+merged by their log-sum-exps: the keys cached before the chunk without a mask, and
+the chunk's own keys causally (SDPA's causal mask is aligned to the first key, so
+one call cannot offset the diagonal). Key heads are repeated for grouped-query
+attention. Not for an fp8 cache or a sliding window (those keep the Triton kernel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from mii import envs
+from mii.ops.attention import FP8_KV_DTYPE, AttentionBatch, TileSet, plan_tiles
+
+# Chunks of fewer queries stay with the Triton kernel: a library call per sequence
+# and layer costs launches that only long chunks repay.
+LIBRARY_MIN_QUERIES = 1024
+
+
+def library_members(
+    batch: AttentionBatch, k_cache: torch.Tensor, sliding_window: int | None
+) -> list[int]:
+    """The sequences of ``batch`` whose chunk the library attends (none unless
+    ``MII_PROMPT_ATTENTION=library``)."""
+    if (
+        envs.PROMPT_ATTENTION.get() != "library"
+        or sliding_window is not None
+        or k_cache.dtype == FP8_KV_DTYPE
+        or torch.compiler.is_compiling()
+    ):
+        return []
+    return [b for b, n in enumerate(batch.query_lens_host) if n >= LIBRARY_MIN_QUERIES]
+
+
+# (q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, window) -> out
+TritonOp = Callable[..., torch.Tensor]
+
+
+def attend_with_library(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    members: list[int],
+    triton_op: TritonOp,
+) -> torch.Tensor:
+    """The pass's attention: ``triton_op`` (which rotates ``q`` in place and writes
+    the cache) for every sequence but ``members``, the library for those."""
+    out = triton_op(
+        q, k, v, positions, cos_sin, k_cache, v_cache, _rest(batch, members, q.device), scale, None
+    )
+    starts = [0]
+    for n in batch.query_lens_host:
+        starts.append(starts[-1] + n)
+    for b in members:
+        keys = batch.seq_lens_host[b]
+        k_seq, v_seq = gather_keys(k_cache, v_cache, batch.block_tables[b], keys)
+        lo, hi = starts[b], starts[b + 1]
+        out[lo:hi] = chunk_attention(q[lo:hi], k_seq, v_seq, scale)
+    return out
+
+
+def _rest(batch: AttentionBatch, members: list[int], device: torch.device) -> AttentionBatch:
+    """``batch`` with tiles for every sequence but ``members`` (built once per pass:
+    kept on the batch, which every layer shares)."""
+    cached = batch.__dict__.get("_library_rest")
+    if cached is not None and cached[0] == members:
+        return cached[1]
+    skip = set(members)
+    query_lens = [0 if b in skip else n for b, n in enumerate(batch.query_lens_host)]
+    tiles = [
+        TileSet(
+            size,
+            torch.tensor(seqs, dtype=torch.int32, device=device),
+            torch.tensor(starts, dtype=torch.int32, device=device),
+        )
+        for size, seqs, starts in plan_tiles(query_lens)
+        if seqs
+    ]
+    rest = dataclasses.replace(batch, tiles=tiles)
+    batch.__dict__["_library_rest"] = (list(members), rest)
+    return rest
+
+
+def gather_keys(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, keys: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's first ``keys`` keys and values ([keys, Hkv, D] each) out of the
+    paged cache ([blocks, block_size, Hkv, D]) through its block table row."""
+    block_size = k_cache.shape[1]
+    blocks = block_table[: -(-keys // block_size)].long()
+    k_seq = k_cache[blocks].flatten(0, 1)[:keys]
+    v_seq = v_cache[blocks].flatten(0, 1)[:keys]
+    return k_seq, v_seq
+
+
+def chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [Lq, Hq, D], the last Lq of k / v's [Lk, Hkv, D] keys being the chunk's own:
+    each query attends to every key before it and itself -> [Lq, Hq, D]."""
+    queries, q_heads, _ = q.shape
+    cached = k.shape[0] - queries
+    qh = q.transpose(0, 1).unsqueeze(0).contiguous()  # [1, Hq, Lq, D]
+    kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (k, v))  # [1, Hkv, Lk, D]
+    if kh.shape[1] != q_heads:  # grouped-query: query head h reads key head h // group
+        group = q_heads // kh.shape[1]
+        kh, vh = (x.repeat_interleave(group, dim=1) for x in (kh, vh))
+    kh, vh = kh.contiguous(), vh.contiguous()
+    out, lse = sdpa_with_lse(qh, kh[:, :, cached:], vh[:, :, cached:], scale, causal=True)
+    if cached > 0:
+        out_cached, lse_cached = sdpa_with_lse(
+            qh, kh[:, :, :cached], vh[:, :, :cached], scale, causal=False
+        )
+        total = torch.logaddexp(lse, lse_cached)
+        weight = torch.exp(lse_cached - total).unsqueeze(-1)
+        out = (out_cached.float() * weight + out.float() * (1 - weight)).to(q.dtype)
+    return out[0].transpose(0, 1)
+
+
+def sdpa_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention [1, H, Lq, D] and its float32 log-sum-exp [1, H, Lq] (``causal``:
+    aligned to the first key): cuDNN's, else flash's on a CUDA GPU in 16-bit; the
+    float32 math elsewhere (the CPU, where tests check the merge)."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        try:
+            result = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                q, k, v, None, True, 0.0, causal, False, scale=scale
+            )
+        except RuntimeError:  # a head size or GPU cuDNN's attention does not take
+            result = torch.ops.aten._scaled_dot_product_flash_attention(
+                q, k, v, 0.0, causal, False, scale=scale
+            )
+        out, lse = result[0], result[1]
+        return out, lse.reshape(out.shape[:-1]).float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        above = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    return out, lse
