@@ -12,8 +12,8 @@ of 128, bf16, 16-token cache blocks):
   KV heads (what the engine runs at its default 4,096-token budget: 28,672 cached
   keys, then the causal diagonal). A library takes it as two calls, the cached
   keys without a mask and the diagonal causal, merged by their log-sum-exps
-  (timed with the merge); flash SDPA also as one call with a lower-right causal
-  mask where torch accepts it;
+  (timed with the merge); SDPA also as one call with a lower-right causal mask
+  (the backend torch picks for it);
 - ``prompt-32768``: the whole 32k prompt as one causal pass, 8 KV heads.
 
 Peers see the KV heads repeated to 32 (the repeat is not timed).

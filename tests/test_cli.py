@@ -172,7 +172,8 @@ def test_vllm_flags_for_what_mii_always_does_are_accepted(monkeypatch):
     monkeypatch.delenv("MII_API_KEY", raising=False)
     flags = [
         "--enable-chunked-prefill",
-        "--enable-prompt-tokens-details",
+        "--enable-prompt-tokens-details=True",  # vllm serve's older form
+        "--enable-chunked-prefill",
         "--disable-fastapi-docs",
         *("--swap-space", "4"),
         *("--guided-decoding-backend", "xgrammar"),
@@ -184,6 +185,15 @@ def test_vllm_flags_for_what_mii_always_does_are_accepted(monkeypatch):
         build_parser(), ["serve", "org/m", "--guided-decoding-backend", "outlines"]
     )
     with pytest.raises(CliError, match=r"--guided-decoding-backend outlines: .*xgrammar"):
+        serve_config(args)
+    args = parse_command_line(
+        build_parser(), ["serve", "org/m", "--guided-decoding-backend", "xgrammar:no-fallback"]
+    )
+    assert serve_config(args).model == "org/m"
+    args = parse_command_line(
+        build_parser(), ["serve", "org/m", "--enable-chunked-prefill", "false"]
+    )
+    with pytest.raises(CliError, match="--enable-chunked-prefill false: mii always"):
         serve_config(args)
 
 

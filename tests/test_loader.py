@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,7 +82,11 @@ def test_broken_files_are_named(tmp_path, llama):
         mii.pipeline("")
 
 
-def test_a_corrupt_bin_checkpoint_is_named(tmp_path, llama):
+def test_a_corrupt_bin_checkpoint_is_named_and_an_old_format_one_loads(tmp_path, llama):
+    """A .bin that is not a checkpoint names the file; one saved in torch's pre-1.6
+    format (not memory-mappable) loads, read whole (review: it was called corrupt)."""
+    from safetensors.torch import load_file
+
     shutil.copytree(llama, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
     weights = tmp_path / "m" / "pytorch_model.bin"
     weights.write_bytes(b"not a zip archive")
@@ -89,6 +94,12 @@ def test_a_corrupt_bin_checkpoint_is_named(tmp_path, llama):
         mii.ModelLoadError, match=f"cannot read the weight file {re.escape(str(weights))}"
     ):
         mii.pipeline(str(tmp_path / "m"))
+    state = load_file(Path(llama) / "model.safetensors")
+    torch.save(state, weights, _use_new_zipfile_serialization=False)
+    with mii.pipeline(str(tmp_path / "m")) as pipe, mii.pipeline(str(llama)) as reference:
+        assert pipe(PROMPTS[1], do_sample=False, max_new_tokens=6)[0].token_ids == (
+            reference(PROMPTS[1], do_sample=False, max_new_tokens=6)[0].token_ids
+        )
 
 
 def test_missing_tensor_is_named(tmp_path, llama):

@@ -207,39 +207,41 @@ def test_a_client_takes_a_model_path_as_mii_serve_does(tmp_path):
         assert client.deployment_name == "model-mii-deployment"
 
 
-def test_a_client_finds_a_deployment_by_its_model_whatever_its_name(tmp_path):
+def test_a_client_finds_a_deployment_by_its_model_whatever_its_name(tmp_path, monkeypatch):
     """Two deployments named explicitly (trialA-n1/-n2) of one checkpoint: a lookup
     by that checkpoint's path said 'no running deployment named ...' though `mii
     list` showed both (user trial). One is found by its model (the path as given,
-    with a trailing slash, or another path to it); two name each other."""
+    with a trailing slash, or another path to it); two name each other. The model
+    compared is the one recorded absolute when the deployment started: a relative
+    path is never read in the client's own working directory (review)."""
     from mii.errors import DeploymentNotFoundError
 
-    model = tmp_path / "ckpt" / "llama"
-    model.mkdir(parents=True)
-    record("n1", {"pid": os.getpid(), "host": "127.0.0.1", "port": 1, "model": str(model)})
-    for given in (str(model), str(model) + "/", str(tmp_path / "ckpt" / ".." / "ckpt" / "llama")):
+    def started_with(model: str) -> dict:
+        return {"pid": os.getpid(), "host": "127.0.0.1", "port": 1, "model": model,
+                "tokenizer_source": {"model": os.path.abspath(model) if os.path.exists(model)
+                                     else model}}  # fmt: skip
+
+    (tmp_path / "a" / "llama").mkdir(parents=True)
+    (tmp_path / "b" / "llama").mkdir(parents=True)
+    model = tmp_path / "a" / "llama"
+    monkeypatch.chdir(tmp_path / "a")
+    record("n1", started_with("llama"))  # started from a/ with a relative path
+    monkeypatch.chdir(tmp_path / "b")
+    for given in (str(model), str(model) + "/", str(tmp_path / "b" / ".." / "a" / "llama")):
         assert registry.find(given)["deployment_name"] == "n1"
-    assert registry.find("llama-other") is None
-    record("n2", {"pid": os.getpid(), "host": "127.0.0.1", "port": 2, "model": str(model)})
+    assert registry.find("llama") is None  # b/llama here: another checkpoint
+    assert registry.find(str(tmp_path / "b" / "llama")) is None
+    record("n2", started_with(str(model)))
     with pytest.raises(DeploymentNotFoundError, match=r"2 deployments serve .*'n1', 'n2'"):
         registry.find(str(model))
-    # a hub id recorded as given
-    record("hub", {"pid": os.getpid(), "host": "127.0.0.1", "port": 3, "model": "org/model-x"})
+    # a hub id recorded as given; not a local folder of that name
+    record("hub", started_with("org/model-x"))
     assert registry.find("org/model-x")["deployment_name"] == "hub"
-
-
-def test_an_empty_deployment_name_is_refused_not_replaced():
-    """mii.serve(deployment_name="") started under the default name, so
-    mii.client("") found nothing and the caller leaked a running deployment."""
-    from mii.errors import InvalidRequestError
-    from mii.rpc.deployment_config import DeploymentConfig
-
-    with pytest.raises(InvalidRequestError, match="deployment_name"):
-        DeploymentConfig.parse("m", deployment_name="")
-    assert DeploymentConfig.parse("org/m").deployment_name == "m-mii-deployment"
-    assert DeploymentConfig.parse("org/m", deployment_name=None).deployment_name == (
-        "m-mii-deployment"
-    )
+    # the default name of b/llama is not taken for a/llama's deployment of that name
+    record(registry.default_deployment_name("llama"), started_with(str(tmp_path / "b" / "llama")))
+    with pytest.raises(DeploymentNotFoundError, match="2 deployments serve"):
+        registry.find(str(model))  # n1 and n2 still; not llama-mii-deployment
+    assert registry.find(str(tmp_path / "b" / "llama"))["deployment_name"] == "llama-mii-deployment"
 
 
 def test_a_closed_client_says_so():

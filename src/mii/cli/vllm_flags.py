@@ -27,7 +27,7 @@ ALWAYS_ON = {
 IGNORED_VALUES = {
     "--swap-space": "preempted sequences are recomputed, never swapped to CPU memory",
 }
-# What structured output runs on (--guided-decoding-backend / --structured-outputs-config).
+# What structured output runs on (--guided-decoding-backend NAME[:OPTIONS]).
 STRUCTURED_OUTPUT_BACKENDS = ("xgrammar", "auto")
 
 NOT_TAKEN = {
@@ -46,7 +46,13 @@ NOT_TAKEN = {
 def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
     """Add the vllm serve flags that ``mii serve`` accepts without using them."""
     for flag, why in ALWAYS_ON.items():
-        parser.add_argument(flag, action="store_true", help=f"accepted for vllm serve: {why}")
+        parser.add_argument(  # vllm serve's older form takes a value: --flag [true|false]
+            flag,
+            nargs="?",
+            const="true",
+            metavar="true",
+            help=f"accepted for vllm serve: {why}",
+        )
     for flag, why in IGNORED_VALUES.items():
         parser.add_argument(flag, metavar="VALUE", help=f"accepted for vllm serve: {why}")
     parser.add_argument(
@@ -59,8 +65,12 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
 
 def check_vllm_flags(args: argparse.Namespace) -> None:
     """CliError where an accepted vllm serve flag asks for what mii does not have."""
+    for flag in ALWAYS_ON:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+        if value is not None and value.lower() not in ("true", "1", "yes"):
+            raise CliError(f"{flag} {value}: mii always does this ({ALWAYS_ON[flag]})")
     backend = getattr(args, "guided_decoding_backend", None)
-    if backend is not None and backend not in STRUCTURED_OUTPUT_BACKENDS:
+    if backend is not None and backend.split(":")[0] not in STRUCTURED_OUTPUT_BACKENDS:
         raise CliError(
             f"--guided-decoding-backend {backend}: mii's structured output runs on "
             "xgrammar only; give xgrammar or auto, or leave the flag out"

@@ -184,9 +184,21 @@ def _fill_random(model: CausalLM, seed: int) -> None:
             param.data.normal_(0.0, 0.02, generator=generator)
 
 
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A .bin checkpoint's tensors. weights_only=True refuses pickled code: a
+    checkpoint cannot run anything. Memory-mapped where the file allows it (the zip
+    format of torch >= 1.6); files of the older format are read whole."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "_use_new_zipfile_serialization" not in str(err):
+            raise
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
 def _unreadable(file: Path, err: Exception) -> ModelLoadError:
     first_line = (str(err).strip().splitlines() or [""])[0][:200]
-    if type(err).__name__ == "UnpicklingError":  # what torch.load(weights_only=True) refuses
+    if "Unsupported global" in str(err):  # a class or function, which weights_only refuses
         return ModelLoadError(
             f"the weight file {file} holds Python objects other than tensors, which mii "
             "does not unpickle (torch.load(weights_only=True): a checkpoint cannot run "
@@ -219,8 +231,7 @@ def _iterate_weights(
     if load_format in ("auto", "pt") and bins:
         for file in bins:
             try:
-                # weights_only=True refuses pickled code: a checkpoint cannot run anything.
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                state = _load_bin(file)
             except Exception as err:  # a pickle weights_only refuses, a corrupt archive
                 raise _unreadable(file, err) from None
             yield from state.items()

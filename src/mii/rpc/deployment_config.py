@@ -102,7 +102,6 @@ class DeploymentConfig(GpuLayout, RayOptions):
 
     model: str = Field(description="Hugging Face hub id, local checkpoint directory or .gguf file")
     deployment_name: str = Field(
-        min_length=1,
         description="name clients use to find it (default: the last component of MODEL's "
         "path or id, then -mii-deployment: org/model -> model-mii-deployment)",
     )
@@ -261,9 +260,8 @@ class DeploymentConfig(GpuLayout, RayOptions):
     @model_validator(mode="before")
     @classmethod
     def _default_name(cls, data: Any) -> Any:
-        # (only when left out or None: an empty name is refused, not silently replaced,
-        # since the caller would then look the deployment up by a name it does not have)
-        if isinstance(data, dict) and data.get("deployment_name") is None and "model" in data:
+        # (left out, None or empty: "" as DeepSpeed-MII's MIIConfig reads it)
+        if isinstance(data, dict) and not data.get("deployment_name") and "model" in data:
             name = registry.default_deployment_name(str(data["model"]))
             data = {**data, "deployment_name": name}
         return data

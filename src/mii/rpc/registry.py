@@ -176,20 +176,23 @@ def find(model_or_deployment_name: str) -> dict[str, Any] | None:
     OpenAI API's name) or by the model it was started with (a hub id, or a path
     to the same checkpoint) whatever its deployment name (DeploymentNotFoundError
     naming them when several do)."""
-    for name in candidate_names(model_or_deployment_name):
+    given = model_or_deployment_name
+    local_model = os.path.exists(os.path.expanduser(given))
+    for name in candidate_names(given):
         info = lookup(name)
-        if info is not None:
-            return info
-    live = [
-        d for d in list_deployments() if not d.get("stopping")
-    ]  # (stopping: serves nothing new)
+        if info is None:
+            continue
+        if name != given and local_model and not _serves_model(info, given):
+            continue  # the default name of another checkpoint in a folder of that name
+        return info
+    # (a deployment that is stopping serves nothing new)
+    live = [d for d in list_deployments() if not d.get("stopping")]
     for serves in (_serves_name, _serves_model):
-        serving = [d for d in live if serves(d, model_or_deployment_name)]
+        serving = [d for d in live if serves(d, given)]
         if len(serving) > 1:
             names = ", ".join(repr(d["deployment_name"]) for d in serving)
             raise DeploymentNotFoundError(
-                f"{len(serving)} deployments serve {model_or_deployment_name!r} ({names}): "
-                "name the deployment instead"
+                f"{len(serving)} deployments serve {given!r} ({names}): name the deployment instead"
             )
         if serving:
             return serving[0]
@@ -201,17 +204,19 @@ def _serves_name(info: dict[str, Any], name: str) -> bool:
 
 
 def _serves_model(info: dict[str, Any], model: str) -> bool:
-    """Whether the deployment was started with ``model``: the same hub id or path
-    (a trailing slash aside), or a path to the same checkpoint."""
-    recorded = info.get("model")
+    """Whether the deployment was started with ``model``: a path to the same local
+    checkpoint, or the same hub id. The record's model as made absolute when it was
+    started (``tokenizer_source``), never a relative path read in this process's
+    working directory."""
+    source = info.get("tokenizer_source")
+    recorded = source.get("model") if isinstance(source, dict) else None
     if not isinstance(recorded, str) or not model:
         return False
-    if recorded.rstrip("/") == model.rstrip("/"):
-        return True
     given = os.path.expanduser(model)
-    return os.path.exists(given) and os.path.realpath(given) == os.path.realpath(
-        os.path.expanduser(recorded)
-    )
+    if os.path.exists(given):  # a local checkpoint: the same one
+        return os.path.isabs(recorded) and os.path.realpath(given) == os.path.realpath(recorded)
+    # a hub id (recorded as given, not absolute), a trailing slash aside
+    return not os.path.isabs(recorded) and recorded.rstrip("/") == model.rstrip("/")
 
 
 # The bind addresses of every interface.

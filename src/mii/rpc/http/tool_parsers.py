@@ -21,8 +21,9 @@ The formats (``mii serve --tool-call-parser NAME``, :data:`TOOL_PARSERS`):
   templates accept only call ids of 9 letters and digits, so its calls get such ids.
   (The ``[TOOL_CALLS]name[ARGS]{...}`` form of Mistral's later tokenizers is not read.)
 
-A call that does not parse (malformed JSON, no ``name``) is kept as content,
-tags included, never dropped and never an error.
+In every format a JSON array in a call region holds several calls. A call that
+does not parse (malformed JSON, no ``name``) is kept as content, tags included,
+never dropped and never an error.
 """
 
 from __future__ import annotations
