@@ -132,10 +132,11 @@ def generate(args: argparse.Namespace) -> int:
 
 def _find_deployment(target: str, api_key: str | None = None):
     """A client when ``target`` names a running deployment (registry name, model
-    name with the default deployment name, a name it serves the model under, or a
-    ``host:port`` that answers). ``api_key`` wins over the deployment's record and
-    ``MII_API_KEY``; a ``host:port`` presents no record's key (``--chat`` still
-    loads the template of the deployment recorded at that address)."""
+    name with the default deployment name, a name it serves the model under, the
+    model it was started with whatever its name, or a ``host:port`` that answers).
+    ``api_key`` wins over the deployment's record and ``MII_API_KEY``; a
+    ``host:port`` presents no record's key (``--chat`` still loads the template of
+    the deployment recorded at that address)."""
     from mii.rpc import registry
     from mii.rpc.client import MiiClient
     from mii.rpc.listen import host_port

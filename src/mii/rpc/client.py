@@ -262,8 +262,9 @@ def client(
     """A client of a running deployment, found by deployment name, by model name
     (the default deployment name of that model:
     :func:`mii.rpc.registry.default_deployment_name`), by a name it serves the
-    model under (``served_model_name``, the OpenAI API's model name, when one
-    deployment has it), or given as ``"host:port"``.
+    model under (``served_model_name``, the OpenAI API's model name) or the model
+    it was started with (a hub id, or a path to the same checkpoint) when one
+    deployment has it, or given as ``"host:port"``.
 
     Its API key: ``api_key``, else the one in the deployment's record on this
     machine (readable only by the user who started it), else ``MII_API_KEY``."""
