@@ -388,3 +388,29 @@ def test_the_real_demo_samples_with_its_model_cards_settings(monkeypatch):
     assert seen[0]["temperature"] == 0.2 and seen[0]["top_p"] == 0.9
     assert seen[1]["temperature"] == 0.9
     assert seen[2]["do_sample"] is False
+
+
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, tmp_path):
+    """`mii list --json | head -5` sometimes printed 'mii list: error: [Errno 32]
+    Broken pipe' and exited 1 (user trial): the reader leaving is not an error."""
+    import io
+    import os
+
+    from mii.cli.commands import main
+
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    read_end, write_end = os.pipe()
+
+    class ClosedPipe(io.TextIOBase):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            return write_end
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    try:
+        assert main(["list", "--json"]) == 0
+    finally:
+        os.close(read_end)
+        os.close(write_end)

@@ -244,6 +244,27 @@ def test_a_client_finds_a_deployment_by_its_model_whatever_its_name(tmp_path, mo
     assert registry.find(str(tmp_path / "b" / "llama"))["deployment_name"] == "llama-mii-deployment"
 
 
+def test_terminating_an_address_where_nothing_answers_says_so():
+    """mii.client("host:port").terminate_server() at an address nothing listens on
+    returned None, as if it had stopped a deployment (user trial); a named
+    deployment already gone stays a no-op."""
+    import socket
+
+    import mii
+    from mii.rpc.client import MiiClient
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    with (
+        mii.client(address) as client,
+        pytest.raises(mii.DeploymentNotFoundError, match=f"no deployment answers at {address}"),
+    ):
+        client.terminate_server(timeout=5)
+    with MiiClient(address, "gone-already") as client:
+        client.terminate_server(timeout=5)
+
+
 def test_a_closed_client_says_so():
     """After `with mii.client(...) as c:` a call raised grpc's ValueError
     'Cannot invoke RPC on closed channel!'."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import re
 import sys
 
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\n[mii] interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mii list | head`: the reader has all it wanted
+        # (stdout pointed at /dev/null, so that the interpreter's last flush is quiet)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:
         from mii.errors import MiiError
 

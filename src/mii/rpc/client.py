@@ -183,7 +183,10 @@ class MiiClient:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     def terminate_server(self, timeout: float = 60.0) -> None:
-        """Stop every process of the deployment and wait until they are gone."""
+        """Stop every process of the deployment and wait until they are gone (a named
+        deployment already gone: nothing to do); DeploymentNotFoundError when nothing
+        answers at a client's ``host:port`` (stopped already, or a wrong address),
+        DeploymentUnresponsiveError when something answers but does not stop."""
         info = registry.lookup(self.deployment_name) if self.deployment_name else None
         try:
             self._stub.Terminate(mii_pb2.TerminateRequest(), timeout=TERMINATE_CALL_S)
@@ -196,6 +199,15 @@ class MiiClient:
                 ) from None
             if err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise self._error(err) from None
+            # (UNAVAILABLE is also how a stopping deployment's call ends: its socket
+            # closes; and a named deployment already gone is stopped. Nothing to
+            # connect to at an address given as host:port is an error.)
+            unreachable = "failed to connect" in (err.details() or "").lower()
+            if self.deployment_name is None and unreachable:
+                raise DeploymentNotFoundError(
+                    f"no deployment answers at {self.address}: nothing to stop (it was "
+                    "already stopped, or the address is wrong; mii list shows the running ones)"
+                ) from None
         if info is not None:
             wait_gone([info["pid"], *info.get("replica_pids", [])], timeout)
 
