@@ -170,3 +170,25 @@ def test_a_mistyped_deployment_option_gets_the_option_meant():
     with pytest.raises(InvalidRequestError) as err:
         DeploymentConfig.parse("m", temperature=0.5)
     assert "client.generate(prompts, temperature=...)" in str(err.value)
+
+
+def test_deepspeed_mii_forms_of_dtype_and_device_map():
+    """DeepSpeed-MII code passes dtype="fp16" / "bf16" and device_map="auto" or
+    {"localhost": [[0], [1]]}: they were refused (user trial)."""
+    import socket
+
+    from mii.errors import InvalidRequestError
+
+    for given, name in (("fp16", "float16"), ("bf16", "bfloat16"), ("fp32", "float32")):
+        assert DeploymentConfig.parse("m", dtype=given).engine_config().dtype == name
+    assert DeploymentConfig.parse("m", device_map="auto").device_map is None
+    config = DeploymentConfig.parse("m", replica_num=2, device_map={"localhost": [[1], [0]]})
+    assert config.device_map == [1, 0]
+    host = socket.gethostname()
+    two_ranks = DeploymentConfig.parse("m", tensor_parallel=2, device_map={host: [[2, 3]]})
+    assert two_ranks.device_map == [2, 3]
+    with pytest.raises(InvalidRequestError, match="this machine only") as info:
+        DeploymentConfig.parse("m", device_map={"other-host": [[0]]})
+    assert info.value.field == "device_map"
+    with pytest.raises(InvalidRequestError, match="lists 1 GPUs"):
+        DeploymentConfig.parse("m", replica_num=2, device_map={"localhost": [[0]]})

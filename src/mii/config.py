@@ -248,7 +248,9 @@ OPENAI_COMPLETIONS_MAX_TOKENS = 16  # POST /v1/completions: OpenAI's documented 
 # queues as much as it wants.
 DEPLOYMENT_MAX_QUEUED_REQUESTS = 1024
 
-DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # EngineConfig.dtype's other names
+# EngineConfig.dtype's other names: vLLM's and torch's (half, float), DeepSpeed-MII's (fp16, ...)
+DTYPE_ALIASES = {"half": "float16", "float": "float32",
+                 "fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # fmt: skip
 
 
 def dtype_by_name(value: Any) -> Any:
@@ -282,11 +284,12 @@ class EngineConfig(BaseModel):
     revision: str | None = Field(
         default=None, description="hub branch, tag or commit (default: the hub's default)"
     )
-    # "half" and "float": vLLM's (and torch's) other names of float16 and float32.
-    dtype: Literal["auto", "float32", "float16", "bfloat16", "half", "float"] = Field(
+    dtype: Literal[  # (other names: DTYPE_ALIASES)
+        "auto", "float32", "float16", "bfloat16", "half", "float", "fp16", "bf16", "fp32"
+    ] = Field(
         default="auto",
-        description="weight and activation dtype; auto: the checkpoint's (half = float16, "
-        "float = float32)",
+        description="weight and activation dtype; auto: the checkpoint's (half = fp16 = "
+        "float16, bf16 = bfloat16, float = fp32 = float32)",
     )
     device: str | None = Field(
         default=None, description="torch device: cuda, cuda:1, cpu... (default: cuda if any)"

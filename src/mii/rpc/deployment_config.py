@@ -28,6 +28,7 @@ from mii.errors import InvalidRequestError
 from mii.option_errors import unknown_name_hint
 from mii.rpc import registry
 from mii.rpc.chat_template_option import chat_template_text, checked_template
+from mii.rpc.gpu_layout import GpuLayout
 from mii.rpc.ray_options import RayOptions
 
 # Replicas listen on the loopback only: clients reach them through the deployment's
@@ -42,52 +43,6 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # equal to httpx's, lost one of 480 streamed requests that way in an H200 serving
 # run (docs/reliability.md). Idle connections stay bounded by http_max_connections.
 DEFAULT_HTTP_KEEP_ALIVE_S = 100.0
-
-
-class GpuLayout(BaseModel):
-    """How a deployment's ranks map onto GPUs: ``replica_num`` replicas of
-    ``tensor_parallel`` ranks each, on the GPUs of ``device_map`` in order."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    tensor_parallel: int = Field(
-        default=1, description="ranks (GPUs) each replica's model is split over"
-    )
-    replica_num: int = Field(default=1, description="copies of the model, load-balanced")
-    device_map: list[int] | None = Field(
-        default=None,
-        description="GPU indices the deployment uses, replica after replica (default: 0, 1, ...)",
-    )
-
-    @field_validator("tensor_parallel", "replica_num")
-    @classmethod
-    def _at_least_one(cls, value: int, info) -> int:
-        if value < 1:
-            raise InvalidRequestError(
-                f"{info.field_name} must be at least 1", field=info.field_name
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _device_map_fits(self) -> GpuLayout:
-        if self.device_map is None:
-            return self
-        if len(self.device_map) < self.gpus_needed:
-            raise InvalidRequestError(
-                f"device_map lists {len(self.device_map)} GPUs; tensor_parallel="
-                f"{self.tensor_parallel} x replica_num={self.replica_num} needs "
-                f"{self.gpus_needed}",
-                field="device_map",
-            )
-        if len(set(self.device_map)) != len(self.device_map) or min(self.device_map) < 0:
-            raise InvalidRequestError(
-                "device_map must list distinct GPU indices (0, 1, ...)", field="device_map"
-            )
-        return self
-
-    @property
-    def gpus_needed(self) -> int:
-        return self.tensor_parallel * self.replica_num
 
 
 class DeploymentConfig(GpuLayout, RayOptions):
