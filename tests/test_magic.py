@@ -250,3 +250,25 @@ def test_a_stop_string_can_be_a_line_break():
     for line in (r"--stop \n --greedy", r"--stop '\n' --greedy", r'--stop "\n" --greedy'):
         args = _generation_parser("%%mii").parse_args(_split_args(line))
         assert _magic_params(args)["stop"] in ("\n", ["\n"], ("\n",)), line
+
+
+def test_options_after_the_prompt_are_options():
+    """`%mii DeepSpeed is --max-new-tokens 8` sent the whole line as the prompt and
+    generated the default 128 tokens (user trial), where `mii generate` reads options
+    after its prompts. A tail of known options is read as options; anything else
+    (an unknown or incomplete option, text after it, what follows `--`) stays text."""
+    from mii.magic import _generation_parser, _magic_params, split_line
+
+    options, prompt = split_line("--greedy DeepSpeed is --max-new-tokens 8 --stop '\\n'")
+    params = _magic_params(_generation_parser("%mii").parse_args(options))
+    assert prompt == "DeepSpeed is"
+    assert params["max_new_tokens"] == 8 and params["stop"] in (["\n"], ("\n",), "\n")
+    assert params["do_sample"] is False
+    for line in (
+        "What does --greedy mean?",  # text after the option
+        "x --max-new-tokens",  # no value
+        "y --unknown 3",
+        "--chat -- Explain --temperature 0.5",  # after --: the prompt, whole
+    ):
+        options, prompt = split_line(line)
+        assert prompt == line.removeprefix("--chat -- "), line

@@ -43,7 +43,7 @@ NO_MODEL = (
 USAGE = """\
 %mii load MODEL [engine options]   load a model into this kernel (e.g. --max-length 2048)
 %mii attach NAME                   use a running deployment (deployment name or host:port)
-%mii PROMPT                        generate; options may come first: %mii --greedy -- PROMPT
+%mii PROMPT                        generate; options before or after it: %mii --greedy -- PROMPT
 %%mii [generation options]         the cell body is the prompt
 %mii unload                        free the model, or detach from the deployment
 generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p P --top-k K
@@ -143,10 +143,36 @@ def split_line(line: str) -> tuple[list[str], str]:
                 f"%mii: unknown option {token!r} (put `--` before a prompt that starts with --)"
             )
         else:
-            return tokens, line[match.start() :].strip()
+            prompt, trailing = _trailing_options(line[match.start() :].strip())
+            return tokens + trailing, prompt
     if expect_value:
         raise UsageError(f"%mii: option {tokens[-1]!r} needs a value")
     return tokens, ""
+
+
+def _trailing_options(prompt: str) -> tuple[str, list[str]]:
+    """``prompt`` without the generation options that end it, and those options:
+    ``%mii DeepSpeed is --max-new-tokens 8`` as ``mii generate`` reads its options
+    after the prompts (a user trial's prompt carried them as text). Only a tail of
+    known options, each with its value, counts; anything else stays prompt text."""
+    words = list(_SHELL_WORD.finditer(prompt))
+    for first, match in enumerate(words):
+        if first == 0 or match.group().split("=", 1)[0] not in _LINE_OPTIONS:
+            continue
+        tokens, expect_value = [], False
+        for word in (w.group() for w in words[first:]):
+            if expect_value:
+                tokens.append(_unquoted(word))
+                expect_value = False
+            elif word.startswith("--") and word.split("=", 1)[0] in _LINE_OPTIONS:
+                tokens.append(_unquoted(word))
+                expect_value = _LINE_OPTIONS[word.split("=", 1)[0]] and "=" not in word
+            else:
+                break
+        else:
+            if not expect_value:
+                return prompt[: match.start()].rstrip(), tokens
+    return prompt, []
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
