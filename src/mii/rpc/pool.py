@@ -269,6 +269,13 @@ class ReplicaPool:
                     tried.add(id(replica))
                     refusal = error_from_grpc(err, ReplicaError)
                     continue
+                if received and err.code() == grpc.StatusCode.UNAVAILABLE:
+                    # (gRPC says "Stream removed (Socket closed)": say what happened)
+                    raise UnavailableError(
+                        "UNAVAILABLE: the replica serving this request stopped mid-answer "
+                        f"({err.details()}); the deployment restarts it: send the request "
+                        "again"
+                    ) from None
                 raise error_from_grpc(err, ReplicaError) from None
             except asyncio.CancelledError:
                 watch.raise_reason()  # the guard cut it: frozen replica, or shutdown
