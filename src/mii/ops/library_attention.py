@@ -39,10 +39,10 @@ def library_members(
     """The sequences of ``batch`` whose chunk the library attends (none unless
     ``MII_PROMPT_ATTENTION=library``)."""
     if (
-        envs.PROMPT_ATTENTION.get() != "library"
+        torch.compiler.is_compiling()  # (first: nothing else is read while tracing)
+        or envs.PROMPT_ATTENTION.get() != "library"
         or sliding_window is not None
         or k_cache.dtype == FP8_KV_DTYPE
-        or torch.compiler.is_compiling()
     ):
         return []
     return [b for b, n in enumerate(batch.query_lens_host) if n >= LIBRARY_MIN_QUERIES]
