@@ -122,32 +122,44 @@ def _unquoted(word: str) -> str:
     return value
 
 
+def _read_options(words: list[str]) -> tuple[list[str], int, bool]:
+    """The known generation options that open ``words``, each with its value: their
+    tokens (unquoted), how many words they took, and whether the last one still
+    waits for its value."""
+    tokens: list[str] = []
+    expect_value = False
+    for taken, word in enumerate(words):
+        name = word.split("=", 1)[0]
+        if expect_value:
+            tokens.append(_unquoted(word))
+            expect_value = False
+        elif word.startswith("--") and name in _LINE_OPTIONS:
+            tokens.append(_unquoted(word))
+            expect_value = _LINE_OPTIONS[name] and "=" not in word
+        else:
+            return tokens, taken, False
+    return tokens, len(words), expect_value
+
+
 def split_line(line: str) -> tuple[list[str], str]:
     """Split ``%mii [options] [--] PROMPT`` into option tokens and the prompt, which
     keeps its own spacing and quotes. Option values may be quoted as in a shell
     (``--stop 'answer is'``, ``--json-schema '{"type": "object"}'``), as ``%%mii``'s."""
-    tokens: list[str] = []
-    expect_value = False
-    for match in _SHELL_WORD.finditer(line):
-        token = match.group()
-        if expect_value:
-            tokens.append(_unquoted(token))
-            expect_value = False
-        elif token == "--":
-            return tokens, line[match.end() :].strip()
-        elif token.startswith("--") and token.split("=", 1)[0] in _LINE_OPTIONS:
-            tokens.append(_unquoted(token))
-            expect_value = _LINE_OPTIONS[token.split("=", 1)[0]] and "=" not in token
-        elif token.startswith("--"):
-            raise UsageError(
-                f"%mii: unknown option {token!r} (put `--` before a prompt that starts with --)"
-            )
-        else:
-            prompt, trailing = _trailing_options(line[match.start() :].strip())
-            return tokens + trailing, prompt
+    words = list(_SHELL_WORD.finditer(line))
+    tokens, taken, expect_value = _read_options([word.group() for word in words])
     if expect_value:
         raise UsageError(f"%mii: option {tokens[-1]!r} needs a value")
-    return tokens, ""
+    if taken == len(words):
+        return tokens, ""
+    first = words[taken]
+    if first.group() == "--":
+        return tokens, line[first.end() :].strip()
+    if first.group().startswith("--"):
+        raise UsageError(
+            f"%mii: unknown option {first.group()!r} (put `--` before a prompt that starts with --)"
+        )
+    prompt, trailing = _trailing_options(line[first.start() :].strip())
+    return tokens + trailing, prompt
 
 
 def _trailing_options(prompt: str) -> tuple[str, list[str]]:
@@ -156,22 +168,11 @@ def _trailing_options(prompt: str) -> tuple[str, list[str]]:
     after the prompts (a user trial's prompt carried them as text). Only a tail of
     known options, each with its value, counts; anything else stays prompt text."""
     words = list(_SHELL_WORD.finditer(prompt))
-    for first, match in enumerate(words):
-        if first == 0 or match.group().split("=", 1)[0] not in _LINE_OPTIONS:
-            continue
-        tokens, expect_value = [], False
-        for word in (w.group() for w in words[first:]):
-            if expect_value:
-                tokens.append(_unquoted(word))
-                expect_value = False
-            elif word.startswith("--") and word.split("=", 1)[0] in _LINE_OPTIONS:
-                tokens.append(_unquoted(word))
-                expect_value = _LINE_OPTIONS[word.split("=", 1)[0]] and "=" not in word
-            else:
-                break
-        else:
-            if not expect_value:
-                return prompt[: match.start()].rstrip(), tokens
+    texts = [word.group() for word in words]
+    for first in range(1, len(words)):  # the first word is prompt text, whatever it is
+        tokens, taken, expect_value = _read_options(texts[first:])
+        if taken and first + taken == len(words) and not expect_value:
+            return prompt[: words[first].start()].rstrip(), tokens
     return prompt, []
 
 
