@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mii.ops.transfer import upload
+
 
 @dataclass
 class AttentionBatch:
@@ -79,6 +81,13 @@ def plan_tiles(query_lens: list[int]) -> list[tuple[int, list[int], list[int]]]:
         if members:
             plan.append((size, *make_tiles(query_lens, size, members)))
     return plan
+
+
+def tile_sets(query_lens: list[int], device: torch.device) -> list[TileSet]:
+    """``plan_tiles(query_lens)`` as launches on ``device`` (one upload)."""
+    plans = plan_tiles(query_lens)
+    arrays = upload(device, [(v, torch.int32) for _, seqs, starts in plans for v in (seqs, starts)])
+    return [TileSet(size, arrays[2 * i], arrays[2 * i + 1]) for i, (size, _, _) in enumerate(plans)]
 
 
 FP8_KV_DTYPE = torch.float8_e4m3fn

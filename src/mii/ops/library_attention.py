@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from mii import envs
-from mii.ops.attention import FP8_KV_DTYPE, AttentionBatch, TileSet, plan_tiles
+from mii.ops.attention import FP8_KV_DTYPE, AttentionBatch, tile_sets
 
 # Chunks of fewer queries stay with the Triton kernel: a library call per sequence
 # and layer costs launches that only long chunks repay.
@@ -67,40 +67,32 @@ def attend_with_library(
 ) -> torch.Tensor:
     """The pass's attention: ``triton_op`` (which rotates ``q`` in place and writes
     the cache) for every sequence but ``members``, the library for those."""
-    out = triton_op(
-        q, k, v, positions, cos_sin, k_cache, v_cache, _rest(batch, members, q.device), scale, None
-    )
-    starts = [0]
-    for n in batch.query_lens_host:
-        starts.append(starts[-1] + n)
+    rest, starts = _split(batch, members, q.device)
+    out = triton_op(q, k, v, positions, cos_sin, k_cache, v_cache, rest, scale, None)
     for b in members:
-        keys = batch.seq_lens_host[b]
-        k_seq, v_seq = gather_keys(k_cache, v_cache, batch.block_tables[b], keys)
+        k_seq, v_seq = gather_keys(k_cache, v_cache, batch.block_tables[b], batch.seq_lens_host[b])
         lo, hi = starts[b], starts[b + 1]
         out[lo:hi] = chunk_attention(q[lo:hi], k_seq, v_seq, scale)
     return out
 
 
-def _rest(batch: AttentionBatch, members: list[int], device: torch.device) -> AttentionBatch:
-    """``batch`` with tiles for every sequence but ``members`` (built once per pass:
-    kept on the batch, which every layer shares)."""
-    cached = batch.__dict__.get("_library_rest")
+def _split(
+    batch: AttentionBatch, members: list[int], device: torch.device
+) -> tuple[AttentionBatch, list[int]]:
+    """``batch`` with tiles for every sequence but ``members``, and each sequence's
+    first query row in the pass. Built once per pass: kept on the batch, which every
+    layer shares."""
+    cached = batch.__dict__.get("_library_split")
     if cached is not None and cached[0] == members:
-        return cached[1]
+        return cached[1], cached[2]
     skip = set(members)
     query_lens = [0 if b in skip else n for b, n in enumerate(batch.query_lens_host)]
-    tiles = [
-        TileSet(
-            size,
-            torch.tensor(seqs, dtype=torch.int32, device=device),
-            torch.tensor(starts, dtype=torch.int32, device=device),
-        )
-        for size, seqs, starts in plan_tiles(query_lens)
-        if seqs
-    ]
-    rest = dataclasses.replace(batch, tiles=tiles)
-    batch.__dict__["_library_rest"] = (list(members), rest)
-    return rest
+    rest = dataclasses.replace(batch, tiles=tile_sets(query_lens, device))
+    starts = [0]
+    for n in batch.query_lens_host:
+        starts.append(starts[-1] + n)
+    batch.__dict__["_library_split"] = (list(members), rest, starts)
+    return rest, starts
 
 
 def gather_keys(

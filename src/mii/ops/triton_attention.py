@@ -33,10 +33,9 @@ from mii.ops.attention import (
     SMALL_TILE,
     AttentionBatch,
     TileSet,
-    plan_tiles,
+    tile_sets,
 )
 from mii.ops.dispatch import INTERPRETED
-from mii.ops.transfer import upload
 
 # Largest finite float8_e4m3fn: fp8 KV caches store values clamped to it (scale 1,
 # as vLLM's uncalibrated fp8 cache), so an outlier saturates instead of overflowing.
@@ -863,9 +862,7 @@ def _auto_splits(tiles: TileSet, programs: int, device: torch.device) -> int:
 def _tile_sets(batch: AttentionBatch, device: torch.device) -> list[TileSet]:
     if batch.tiles is not None:
         return batch.tiles
-    plans = plan_tiles(batch.query_lens_host)
-    arrays = upload(device, [(v, torch.int32) for _, seqs, starts in plans for v in (seqs, starts)])
-    return [TileSet(size, arrays[2 * i], arrays[2 * i + 1]) for i, (size, _, _) in enumerate(plans)]
+    return tile_sets(batch.query_lens_host, device)
 
 
 def rotary_cache_write(
