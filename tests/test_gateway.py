@@ -375,6 +375,26 @@ def test_completions_greedy_and_streaming(served, pipe):
     assert chunks[-1].usage.prompt_tokens == ref.prompt_length
     assert chunks[-1].usage.completion_tokens == ref.generated_length
 
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far (it was
+    # accepted and ignored: null in every chunk but the last).
+    chunks = list(
+        served.oai.completions.create(
+            model=served.model,
+            prompt=PROMPTS[0],
+            max_tokens=NEW,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+        )
+    )
+    assert all(c.usage.prompt_tokens == ref.prompt_length for c in chunks)
+    counted = [c.usage.completion_tokens for c in chunks]
+    assert counted == sorted(counted) and counted[-1] == ref.generated_length
+    assert 1 <= counted[0] < ref.generated_length  # the first chunk: its own tokens only
+    assert all(
+        c.usage.total_tokens == ref.prompt_length + c.usage.completion_tokens for c in chunks
+    )
+
     # Several prompts; the deployment name is accepted as the model.
     refs = pipe(PROMPTS, do_sample=False, max_new_tokens=NEW)
     completion = served.oai.completions.create(
@@ -494,6 +514,24 @@ def test_chat_completions(served, pipe):
     assert content == ref.generated_text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
     assert chunks[-1].usage.completion_tokens == ref.generated_length
+    assert all(c.usage is None for c in chunks[:-1])  # without continuous_usage_stats
+    streamed = served.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": served.model,
+            "messages": messages,
+            "max_tokens": NEW,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        },
+    )
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line[6:7] == "{"]
+    role = events[0]  # the role chunk: the prompt counted, nothing generated yet
+    assert role["choices"][0]["delta"]["role"] == "assistant"
+    assert role["usage"]["prompt_tokens"] == ref.prompt_length
+    assert role["usage"]["completion_tokens"] == 0
+    assert events[-1]["usage"]["completion_tokens"] == ref.generated_length
 
     # A conversation too long to tokenize whole, cut to its last tokens: served (it
     # was refused by the character check before truncate_prompt_tokens was read).

@@ -143,6 +143,10 @@ class Usage:
         # its choices: what the prompt itself cost is counted once)
         self.cached: dict[int, int] = {}
 
+    def add_prompt(self, index: int, response: Response) -> None:
+        """Count the prompt of choice ``index`` (not yet its answer)."""
+        self.prompt[index // self.n] = response.prompt_length
+
     def add(self, index: int, response: Response) -> None:
         prompt = index // self.n
         self.prompt[prompt] = response.prompt_length

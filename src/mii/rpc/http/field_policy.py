@@ -48,8 +48,6 @@ IGNORED_FIELDS: dict[str, str] = {
     "verbosity": "a setting of OpenAI's reasoning models; the models served here have none",
     "request_id": "vLLM's id for its logs (mii names each request itself)",
     "stream_options.include_obfuscation": "random padding of stream events against side channels",
-    "stream_options.continuous_usage_stats": "vLLM's usage in every stream chunk (mii sends it "
-    "once, at the end, with include_usage)",
 }
 
 _warned: set[str] = set()  # the ignored fields this process has logged already
@@ -59,9 +57,10 @@ class StreamOptions(RequestFields):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    # vLLM's: with include_usage, every chunk also carries the usage so far
+    continuous_usage_stats: bool = False
     # Ignored (IGNORED_FIELDS)
     include_obfuscation: bool | None = None
-    continuous_usage_stats: bool | None = None
 
 
 class ServiceFields(BaseModel):

@@ -42,7 +42,7 @@ from mii.rpc.http.openai_options import (
 )
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from mii.rpc.http.sampling_defaults import with_sampling_defaults
-from mii.rpc.http.sse import stream_choices
+from mii.rpc.http.sse import UsageReport, stream_choices
 from mii.rpc.http.state import GatewayState, get_state
 from mii.rpc.http.tools import add_tool_options, tool_plan, warn_template_without_tools
 from mii.rpc.http.vocabulary import check_known_ids
@@ -144,8 +144,9 @@ async def _respond(
             retry_after=5,  # a restart takes seconds
         )
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await stream_choices(request, state, choices, answer, include_usage, renames)
+        return await stream_choices(
+            request, state, choices, answer, UsageReport.of(body.stream_options), renames
+        )
     with openai_errors(renames):
         responses = await until_disconnected(request, choices.generate(state))
     usage = Usage(body.n)

@@ -2,7 +2,8 @@
 
 Each piece of text becomes one ``data: {chunk}`` event; a choice's end one more
 event with its ``finish_reason``; ``stream_options.include_usage`` adds a last
-chunk with no choices and the usage. An error after the stream began (its 200
+chunk with no choices and the usage (and ``continuous_usage_stats``, vLLM's, the
+usage so far in every chunk). An error after the stream began (its 200
 is already sent) becomes an ``{"error": ...}`` event. The stream always ends
 with ``data: [DONE]``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -113,12 +115,28 @@ async def until_all_accepted(
     return early
 
 
+@dataclass(frozen=True)
+class UsageReport:
+    """Where a stream reports its usage: a last chunk (``include_usage``), and with
+    ``continuous`` (vLLM's ``continuous_usage_stats``) every chunk, as counted so far."""
+
+    final: bool = False
+    continuous: bool = False
+
+    @classmethod
+    def of(cls, options: Any) -> UsageReport:
+        """From a request's ``stream_options`` (None: no usage)."""
+        if options is None or not options.include_usage:
+            return cls()
+        return cls(final=True, continuous=bool(options.continuous_usage_stats))
+
+
 async def stream_choices(
     request: Request,
     state: GatewayState,
     choices: Choices,
     answer: Answer,
-    include_usage: bool,
+    report: UsageReport,
     renames: dict[str, str],
 ) -> ClosingStreamingResponse:
     """An SSE response over every choice's stream. It starts once the engine has
@@ -132,10 +150,12 @@ async def stream_choices(
         await pieces.aclose()
         raise
     usage = Usage(choices.n)
+    for index, piece in early:  # the prompts' sizes, for the first chunks' usage
+        usage.add_prompt(index, piece)
 
     def event(data: dict[str, Any]) -> str:
-        if include_usage:
-            data["usage"] = None
+        if report.final:
+            data["usage"] = usage.as_dict() if report.continuous else None
         return sse(data)
 
     async def body() -> AsyncIterator[str]:
@@ -162,7 +182,7 @@ async def stream_choices(
                     chunk_logprobs = logprobs.take(index, "")
                     finish, stop = piece.finish_reason, piece.stop_reason
                     yield event(answer.chunk(index, None, finish, None, chunk_logprobs, stop))
-            if include_usage:
+            if report.final:
                 final = answer.chunk(0, None, None, None)
                 final["choices"] = []
                 final["usage"] = usage.as_dict()
