@@ -246,6 +246,10 @@ BAD = [
     ({"choice": "yes"}, "choice", "list of strings"),
     ({"choice": []}, "choice", "at least one"),
     ({"regex": "a", "choice": ["a"]}, None, "regex, choice"),
+    # Compiled, but no text matches them: sampling had no token to choose (a 500)
+    ({"regex": r"[^\s\S]"}, "regex", "matches no text at all"),
+    ({"grammar": 'root ::= root "a"'}, "grammar", "matches no text at all"),
+    ({"grammar": 'root ::= a\na ::= a "b"'}, "grammar", "matches no text at all"),
 ]
 
 
@@ -275,6 +279,30 @@ def test_bad_constraints_fail_naming_the_option(engine, options, field, words):
     # Nothing was queued, and the engine still serves.
     [answer] = run(engine.generate([PROMPTS[0]], max_new_tokens=2, choice=["ok"]))
     assert answer.generated_text == "ok"
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_constraint_stuck_mid_answer_fails_that_request_alone(engine, sampled):
+    """A schema whose string pattern no text matches starts well ('{"a":"') and then
+    allows no token at all: that request fails with InvalidRequestError naming the
+    option (it was a RuntimeError, a 500 on the servers); the others in its passes
+    finish."""
+    never = {"type": "string", "pattern": r"[^\s\S]"}
+    schema = {"type": "object", "properties": {"a": never}, "required": ["a"]}
+    options = {"do_sample": sampled, "seed": 3} if sampled else {"do_sample": False}
+
+    async def both():
+        return await asyncio.gather(
+            engine.generate([PROMPTS[0]], max_new_tokens=12, json_schema=schema, **options),
+            engine.generate([PROMPTS[1]], max_new_tokens=12, ignore_eos=True, **options),
+            return_exceptions=True,
+        )
+
+    stuck, [other] = run(both())
+    assert isinstance(stuck, InvalidRequestError), stuck
+    assert stuck.field == "json_schema"
+    assert "admits no further text" in str(stuck) and "generated tokens" in str(stuck)
+    assert other.generated_length == 12 and other.finish_reason == "length"
 
 
 def test_grammars_compile_off_the_event_loop_and_are_cached(checkpoints, monkeypatch):

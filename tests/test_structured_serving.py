@@ -144,6 +144,13 @@ def assert_400(response: httpx.Response, param: str, words: str = "") -> None:
     assert words in error["message"], response.text
 
 
+NEVER_ENDS = {
+    "type": "object",
+    "properties": {"a": {"type": "string", "pattern": r"[^\s\S]"}},
+    "required": ["a"],
+}
+
+
 def test_bad_constraints_are_400_naming_the_field(served):
     completion = {"model": served.name, "prompt": PROMPT, "max_tokens": 4}
     chat = {"model": served.name, "messages": USER, "max_tokens": 4}
@@ -173,12 +180,23 @@ def test_bad_constraints_are_400_naming_the_field(served):
         ({"structured_outputs": {"xml": "<a/>"}}, "structured_outputs.xml", "xml"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "at most one"),
         ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex", ""),
+        # no text matches these (a 500 before: sampling had no token to choose)
+        ({"guided_regex": r"[^\s\S]"}, "guided_regex", "matches no text"),
+        ({"guided_grammar": 'root ::= root "a"'}, "guided_grammar", "matches no text"),
+        # ... and this one only from inside the string it opens
+        ({"guided_json": NEVER_ENDS, "max_tokens": 12}, "guided_json", "admits no further text"),
     ]
     for extra, param, words in bad:
         for route, body in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
             assert_400(served.http.post(route, json={**body, **extra}), param, words)
     streamed = {**completion, "stream": True, "guided_regex": "a(b"}
     assert_400(served.http.post("/v1/completions", json=streamed), "guided_regex")
+    # Stuck after the stream began: an error event naming the field, then [DONE]
+    streamed = {**completion, "stream": True, "max_tokens": 12, "guided_json": NEVER_ENDS}
+    events = served.http.post("/v1/completions", json=streamed).text.split("\n\n")
+    error = json.loads(events[-3].removeprefix("data: "))["error"]
+    assert error["param"] == "guided_json" and error["type"] == "invalid_request_error", error
+    assert events[-2] == "data: [DONE]"
     # The deployment still serves.
     ok = served.http.post("/v1/completions", json={**completion, "guided_choice": ["fine"]})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == "fine"

@@ -321,6 +321,13 @@ class GrammarCache:
         start = time.perf_counter()
         grammar = self._compile(*key)
         elapsed = time.perf_counter() - start
+        if not self._admits_a_first_token(grammar):
+            # (sampling would have nothing to choose from: this was a 500)
+            raise InvalidRequestError(
+                f"invalid generation option {key[0]!r}: the constraint matches no text at "
+                "all (e.g. a pattern no string matches, or a rule that never ends); change it",
+                field=key[0],
+            )
         with self._lock:
             self.compile_seconds += elapsed
             self.compiles += 1
@@ -329,6 +336,14 @@ class GrammarCache:
             while len(self._compiled) > self._entries:
                 self._compiled.popitem(last=False)
         return grammar
+
+    def _admits_a_first_token(self, grammar: Any) -> bool:
+        """Whether ``grammar`` allows some first token (its end included, where the
+        empty text matches)."""
+        xgr = _xgrammar()
+        bitmask = xgr.allocate_token_bitmask(1, self._vocab_size)
+        xgr.GrammarMatcher(grammar).fill_next_token_bitmask(bitmask, 0)
+        return bool(bitmask.any())
 
     def _compile(self, kind: str, spec: str) -> Any:
         compiler = self._get_compiler()

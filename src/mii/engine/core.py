@@ -396,6 +396,10 @@ class EngineCore:
                 if piece.finish_reason is not None:
                     stamp_times(piece, seq)
                 outputs.append(StepOutput(seq.request_id, piece))
+            except InvalidRequestError as err:  # the request's own constraint, not a fault
+                log.info("request %s ended: %s", seq.request_id, err)
+                seq.finish_reason = "error"
+                outputs.append(StepOutput(seq.request_id, error=err))
             except Exception as err:  # e.g. a tokenizer that cannot decode this id
                 log.exception("output processing failed for request %s", seq.request_id)
                 seq.finish_reason = "error"

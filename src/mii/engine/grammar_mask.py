@@ -32,6 +32,7 @@ import torch
 
 from mii.engine.sequence import Sequence
 from mii.engine.utf8_guard import COMPLETE, Utf8Guard
+from mii.errors import InvalidRequestError
 from mii.ops.transfer import upload
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class GrammarState:
     matcher: Any  # xgrammar.GrammarMatcher
     guard: Utf8Guard
     utf8_state: int = COMPLETE
+    # The last mask allowed no token at all: the output so far has no continuation
+    # the constraint accepts (a pattern inside a schema that no string matches).
+    stuck: bool = False
 
 
 def new_matcher(compiled: Any, guard: Utf8Guard) -> GrammarState:
@@ -90,6 +94,8 @@ def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> 
     else:  # the rows in parallel, on xgrammar's threads (the GIL released)
         _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask)
     _keep_utf8(bitmask, states)
+    for r in np.flatnonzero(~bitmask.numpy().any(axis=1)).tolist():
+        states[r].stuck = True  # its sampled token is refused in accept()
     width = logits.shape[-1]
     index = None
     if len(rows) == len(seqs):  # every row constrained
@@ -129,9 +135,18 @@ def _keep_utf8(bitmask: torch.Tensor, states: list[GrammarState]) -> None:
 def accept(seq: Sequence, token: int) -> bool:
     """Advance ``seq``'s matcher by its newly sampled ``token``; True when its
     grammar is now complete (the request ends with finish_reason "stop").
-    RuntimeError if the grammar rejects the token (the mask allowed only its
-    tokens, so that is a bug, reported on this request alone)."""
+    InvalidRequestError if its mask allowed no token (the constraint cannot go on
+    from the output so far); RuntimeError if the grammar rejects the token (the
+    mask allowed only its tokens, so that is a bug, reported on this request alone)."""
     state: GrammarState = seq.grammar
+    if state.stuck:
+        field = seq.params.constraint[0]
+        raise InvalidRequestError(
+            f"invalid generation option {field!r}: after {seq.num_generated - 1} generated tokens "
+            "the constraint admits no further text and cannot end (e.g. a pattern inside it "
+            "that no string matches); change it",
+            field=field,
+        )
     if not state.matcher.accept_token(token):
         raise RuntimeError(
             f"the grammar of request {seq.request_id} rejected token {token} that its mask allowed"
