@@ -3,6 +3,7 @@ present, for ``test_cuda_compile.py``: run as a script in a process of its own,
 since the tests' process has the kernels in the CPU interpreter.
 
     python tests/cuda_compile.py [CASE ...]   # prints {case: facts or error} as JSON (all cases)
+    python tests/cuda_compile.py --shard I/N  # every N-th case from the I-th (parallel processes)
 
 Not imported by the tests: importing it takes the interpreter off for the process.
 """
@@ -367,7 +368,11 @@ def waited_loads(ttgir: str, only: re.Pattern | None = None) -> list[int]:
 
 def main() -> None:
     result = {}
-    for name in sys.argv[1:] or CASES:
+    names = sys.argv[1:] or list(CASES)
+    if names[0] == "--shard":
+        index, count = (int(n) for n in names[1].split("/"))
+        names = list(CASES)[index::count]
+    for name in names:
         try:
             case = CASES[name]()
             stages = case[3] if len(case) > 3 else 3  # ptx_for's default
