@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -354,7 +355,8 @@ def test_a_model_that_fails_to_load_raises_in_the_caller_and_leaves_nothing(
 
 def test_mii_serve_ray_address_in_the_foreground(cluster, cache_dir, checkpoints, reference):
     """`mii serve MODEL --ray-address ADDR`: the OpenAI API through Ray Serve, found by
-    `mii.client`; Ctrl-C drains and removes everything."""
+    `mii.client`; a burst past --max-queued-requests gets 429s; Ctrl-C drains and
+    removes everything."""
     model, name = str(checkpoints("llama")[0]), f"cli-{os.urandom(4).hex()}"
     http_port = free_port()
     server = subprocess.Popen(
@@ -362,10 +364,12 @@ def test_mii_serve_ray_address_in_the_foreground(cluster, cache_dir, checkpoints
             *(sys.executable, "-m", "mii", "serve", model, "--ray-address", cluster),
             *("--ray-num-cpus", "0.5", "--deployment-name", name),
             *("--port", str(http_port), "--grpc-port", str(free_port())),
+            *("--max-queued-requests", "2"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "MII_PASS_DELAY_S": SLOW_PASS_S},
     )
     try:
         assert wait_until(
@@ -380,6 +384,16 @@ def test_mii_serve_ray_address_in_the_foreground(cluster, cache_dir, checkpoints
         assert mii.client(name).generate(PROMPTS[0], **GREEDY)[0].token_ids == (
             reference[PROMPTS[0]].token_ids
         )
+        # Six at once, two admitted: the others refused at once by the engine (Serve
+        # queued them itself, without limit, and every one was served late).
+        slow = {**body, "max_tokens": 40, "ignore_eos": True}
+        url = f"http://127.0.0.1:{http_port}/v1/completions"
+        with ThreadPoolExecutor(6) as burst:
+            replies = list(burst.map(lambda _: httpx.post(url, json=slow, timeout=120), range(6)))
+        statuses = sorted(r.status_code for r in replies)
+        assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+        refused = next(r for r in replies if r.status_code == 429)
+        assert "max_queued_requests" in refused.text and refused.headers["retry-after"]
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=120)
         assert server.returncode == 0 and "stopped on a signal" in err, err[-2000:]

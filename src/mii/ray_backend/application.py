@@ -109,8 +109,10 @@ def replica_options(config: DeploymentConfig, num_gpus: float) -> dict[str, Any]
             "runtime_env": {"env_vars": forwarded_env()},
         },
         # The engine admits requests up to max_queued_requests and refuses more (429):
-        # Serve must not hold them back in its own queue before that.
-        "max_ongoing_requests": config.max_queued_requests or 1_000_000,
+        # Serve must pass every request on, never hold one back in its router's own
+        # queue. (A bound of max_queued_requests here did just that: Serve queued the
+        # excess without limit, and no client was ever refused.)
+        "max_ongoing_requests": 1_000_000,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
         # Serve's rolling shutdown: a replica stops taking requests, then gets this
