@@ -225,6 +225,19 @@ def test_a_caller_that_leaves_aborts_its_request_on_the_replica(two):
     assert client.stats().generation_tokens - before < 150
 
 
+def test_a_second_http_api_on_the_cluster_is_refused_saying_what_to_do(two, cluster, checkpoints):
+    """Serve has one HTTP proxy per cluster and `two`'s API holds its root: a second
+    deployment asking for one is refused in words (it was Ray's RayTaskError repr,
+    the cause only in the deployment's log), and leaves nothing behind."""
+    _, first, _ = two
+    with pytest.raises(mii.DeploymentError) as refused:
+        start(cluster, str(checkpoints("llama")[0]))
+    message = str(refused.value)
+    assert first in message and "enable_restful_api=False" in message, message
+    assert "\x1b[" not in message and "RayTaskError" not in message
+    assert set(serve.status().applications) == {first}
+
+
 def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(two, cluster, reference):
     client, name, _ = two
     before = {r.pid for r in client.stats().replicas}
