@@ -418,6 +418,14 @@ def test_mii_serve_ray_address_in_the_foreground(cluster, cache_dir, checkpoints
     assert wait_until(lambda: port_is_free(http_port), timeout=60)
 
 
+def test_a_ray_address_where_nothing_listens_is_named_at_once(cache_dir, checkpoints):
+    """ray.init retried such an address for minutes, past startup_timeout, printing only
+    its own connection warnings."""
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(mii.DeploymentError, match=f"cannot reach a Ray cluster at '{address}'"):
+        mii.serve(str(checkpoints("llama")[0]), ray_address=address, startup_timeout=120)
+
+
 def test_a_busy_http_port_is_refused_before_anything_starts(cluster, cache_dir, checkpoints):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

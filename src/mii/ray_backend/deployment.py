@@ -16,6 +16,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -42,6 +43,7 @@ def connect(config: DeploymentConfig) -> None:
     a new Ray instance of this process's own, which ``ray.shutdown()`` stops again."""
     ray = require_ray()
     if config.ray_address not in (None, "auto"):
+        _check_reachable(config.ray_address)
         # Ray turns its token authentication on by itself (RAY_AUTH_MODE unset, a token
         # in ~/.ray/auth_token) only for a cluster it finds on its own, yet `ray start`
         # on a machine with a token requires it at an explicit address too. A cluster
@@ -55,6 +57,27 @@ def connect(config: DeploymentConfig) -> None:
         else:
             maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     ray.init(address=config.ray_address)
+
+
+# Seconds to wait for a TCP answer at the cluster's address before ray.init, which
+# retries an address where nothing listens for minutes (past any startup_timeout)
+# with nothing but its own connection warnings.
+REACH_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str) -> None:
+    """DeploymentError naming ``address`` (``host:port`` or ``ray://host:port``)
+    when nothing accepts a connection there."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # a form Ray reads on its own: left to ray.init
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), REACH_TIMEOUT_S).close()
+    except OSError as err:
+        raise DeploymentError(
+            f"cannot reach a Ray cluster at {address!r} ({err.strerror or err}): is "
+            "`ray start --head` running there, on that port? (ray_address / --ray-address)"
+        ) from None
 
 
 def start_serve(config: DeploymentConfig) -> bool:
