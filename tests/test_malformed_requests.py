@@ -214,6 +214,15 @@ def test_bodies_over_the_limit_get_413(served):
         response = served.http.post(path, content=over, headers=JSON)
         assert response.status_code == 413, response.text
         assert "max_request_bytes" in response.json()["error"]["message"]
+
+    # A client that sends the whole body before it reads (httpx's async one, under the
+    # openai SDK's AsyncOpenAI) got a reset connection (httpx.ReadError), not the 413.
+    async def async_post():
+        async with httpx.AsyncClient(base_url=served.http.base_url, timeout=60) as client:
+            return await client.post("/v1/completions", content=over, headers=JSON)
+
+    response = asyncio.run(async_post())
+    assert response.status_code == 413 and "max_request_bytes" in response.text
     # Between grpc's 4 MiB default and the limit: the replica gets it and refuses the
     # prompt as too long (400), nothing in between fails.
     six_mib = "a" * (6 << 20)

@@ -3,7 +3,10 @@
 - **Size**: a body longer than the deployment's ``max_request_bytes`` is refused
   with 413 (and the connection closed) before it is read: at once when its
   ``Content-Length`` says so, else as soon as the bytes received pass the limit
-  (chunked bodies). Nothing beyond the limit is buffered.
+  (chunked bodies). Nothing beyond the limit is buffered. One exception: a declared
+  length of at most ``DRAIN_FACTOR`` times the limit is read and dropped first,
+  since clients that send a whole body before reading the answer (httpx's async
+  client, the openai SDK's AsyncOpenAI) saw a reset connection instead of the 413.
 - **Off the event loop**: a body of at least OFFLOAD_BYTES is parsed (JSON) and
   validated (the route's pydantic model) in a worker thread, so that a large
   body does not stall the deployment's other requests, gRPC included (they
@@ -30,6 +33,7 @@ from starlette.exceptions import HTTPException
 from mii.rpc.http.state import get_state
 
 OFFLOAD_BYTES = 64 * 1024  # bodies at least this long are parsed in a worker thread
+DRAIN_FACTOR = 2  # declared lengths up to this many limits are read (and dropped) for the 413
 
 T = TypeVar("T")
 
@@ -45,13 +49,13 @@ class BodyRefused(HTTPException):
         self.param = param
 
 
-def too_large(limit: int) -> BodyRefused:
-    # Close the connection: the rest of the body is never read.
+def too_large(limit: int, close: bool = True) -> BodyRefused:
+    # close: the rest of the body is never read, so the connection cannot go on
     return BodyRefused(
         413,
         f"the request body is larger than the limit of {limit} bytes "
         "(the deployment's max_request_bytes)",
-        close=True,
+        close=close,
     )
 
 
@@ -88,6 +92,10 @@ class LimitedRequest(Request):
             limit = get_state(self).max_request_bytes
             declared = self.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
+                if int(declared) <= DRAIN_FACTOR * limit:
+                    async for _ in self.stream():
+                        pass  # dropped as it comes: the client then reads its 413
+                    raise too_large(limit, close=False)
                 raise too_large(limit)  # before reading a byte of it
             chunks, size = [], 0
             async for chunk in self.stream():
