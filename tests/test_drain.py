@@ -208,3 +208,48 @@ def test_calls_that_finish_within_the_grace_period_are_not_cut():
 
     finished, call = asyncio.run(scenario())
     assert finished and not call.cancelled
+
+
+class _RayLikeCall:
+    """A call whose cancel() makes its await raise an error of its own, as a Ray
+    Serve response does (RequestCancelledError), not asyncio.CancelledError."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __await__(self):
+        return self._wait().__await__()
+
+    async def _wait(self):
+        await self.cancelled.wait()
+        raise RuntimeError("RequestCancelledError: the request was cancelled")
+
+
+class _Replica:
+    address, healthy, unanswered_since = "ray-serve", True, None
+
+
+def test_a_call_cut_at_the_end_of_the_grace_period_says_so_whatever_its_transport():
+    """The Ray backend's gRPC front ended such calls as INTERNAL (the transport's own
+    cancellation error); the cut's reason, ShuttingDownError (UNAVAILABLE), wins."""
+
+    async def scenario():
+        guard = CallGuard()
+        waiting = asyncio.ensure_future(guard.result(_Replica(), _RayLikeCall()))
+        await asyncio.sleep(0.05)
+        guard.cut_all()
+        with pytest.raises(ShuttingDownError, match="shut down before the request finished"):
+            await waiting
+        await guard.close()
+        # A failure of its own, with no cut, is still that failure.
+        call = _RayLikeCall()
+        failing = asyncio.ensure_future(CallGuard().result(_Replica(), call))
+        await asyncio.sleep(0.05)
+        call.cancel()  # not through the guard
+        with pytest.raises(RuntimeError, match="RequestCancelledError"):
+            await failing
+
+    asyncio.run(scenario())

@@ -168,6 +168,9 @@ class RayPool:
                 watch.raise_reason()  # cut by the guard: the shutdown's grace period ended
                 raise
             except Exception as err:
+                # Cut by the guard, Ray's call raises RequestCancelledError: the reason
+                # (ShuttingDownError: UNAVAILABLE) rather than an INTERNAL error.
+                watch.raise_reason()
                 if _replica_died(err) and received == 0 and time.monotonic() < deadline:
                     await asyncio.sleep(RETRY_PAUSE_S)
                     continue

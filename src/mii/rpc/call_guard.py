@@ -111,7 +111,8 @@ class CallGuard:
         watch = self.watch(replica, call)
         try:
             return await call
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, Exception):
+            # (a cut Ray call raises Ray's RequestCancelledError, not CancelledError)
             watch.raise_reason()
             raise
         finally:
