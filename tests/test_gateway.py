@@ -532,6 +532,27 @@ def test_chat_completions(served, pipe):
     assert role["usage"]["prompt_tokens"] == ref.prompt_length
     assert role["usage"]["completion_tokens"] == 0
     assert events[-1]["usage"]["completion_tokens"] == ref.generated_length
+    # n=2: as vLLM, each chunk carries its own choice's usage (the last chunk, both)
+    body = {
+        "model": served.model,
+        "messages": messages,
+        "max_tokens": 4,
+        "n": 2,
+        "seed": 5,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    streamed = served.http.post("/v1/chat/completions", json=body)
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line[6:7] == "{"]
+    roles = [e for e in events if e["choices"] and "role" in e["choices"][0]["delta"]]
+    assert len(roles) == 2 and all(e["usage"]["completion_tokens"] == 0 for e in roles)
+    assert all(e["usage"]["prompt_tokens"] == ref.prompt_length for e in events)
+    for index in (0, 1):
+        own = [e for e in events if e["choices"] and e["choices"][0]["index"] == index]
+        counted = [e["usage"]["completion_tokens"] for e in own]
+        assert counted == sorted(counted) and counted[-1] == 4, (index, counted)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 8
 
     # A conversation too long to tokenize whole, cut to its last tokens: served (it
     # was refused by the character check before truncate_prompt_tokens was read).

@@ -223,6 +223,13 @@ def test_bodies_over_the_limit_get_413(served):
 
     response = asyncio.run(async_post())
     assert response.status_code == 413 and "max_request_bytes" in response.text
+    # ... but a client that waits for "100 Continue" is refused before it sends a byte
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        f"expect: 100-continue\r\ncontent-length: {len(over)}\r\n\r\n"
+    ).encode()
+    answer = _raw_post(int(served.http.base_url.port), head)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     # Between grpc's 4 MiB default and the limit: the replica gets it and refuses the
     # prompt as too long (400), nothing in between fails.
     six_mib = "a" * (6 << 20)

@@ -78,8 +78,9 @@ def plan_tiles(query_lens: list[int]) -> list[tuple[int, list[int], list[int]]]:
     long = [b for b, n in enumerate(query_lens) if n > SMALL_TILE]
     plan = []
     for size, members in ((SMALL_TILE, short), (LARGE_TILE, long)):
-        if members:
-            plan.append((size, *make_tiles(query_lens, size, members)))
+        seqs, starts = make_tiles(query_lens, size, members)
+        if seqs:  # (sequences without new tokens, e.g. ones the library attends, add none)
+            plan.append((size, seqs, starts))
     return plan
 
 

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from typing import Any
 
 from mii.errors import DeploymentError
@@ -68,9 +69,10 @@ REACH_TIMEOUT_S = 10.0
 def _check_reachable(address: str) -> None:
     """DeploymentError naming ``address`` (``host:port`` or ``ray://host:port``)
     when nothing accepts a connection there."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # a form Ray reads on its own: left to ray.init
+    bare = address.removeprefix("ray://")
+    host, _, port = bare.rpartition(":")
+    if "://" in bare or not host or not port.isdigit() or (":" in host and "]" not in host):
+        return  # a form Ray reads on its own (another scheme, an unbracketed IPv6 address)
     try:
         socket.create_connection((host.strip("[]"), int(port)), REACH_TIMEOUT_S).close()
     except OSError as err:
@@ -231,6 +233,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         except RuntimeError as err:  # Serve's "Deploying application ... failed"
             raise DeploymentError(_start_failure(name) or str(err)) from None
         except Exception as err:  # Serve's controller refused it (RayServeException)
+            traceback.print_exc()  # the whole of it, into the deployment's log
             raise DeploymentError(_serve_refusal(err)) from None
         handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name)
         pool = RayPool(handle, board_name(name))
@@ -298,7 +301,7 @@ def _start_failure(app: str) -> str | None:
 
 
 # Serve's words when an application already holds the HTTP route prefix asked for.
-_PREFIX_TAKEN = re.compile(r"Prefix (\S+) is being used by application \W*([^\s\"']+?)\W*[.\s]")
+_PREFIX_TAKEN = re.compile(r'Prefix (\S+) is being used by application "([^"]*)"')
 _TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -306,7 +309,7 @@ def _serve_refusal(err: BaseException) -> str:
     """Why Serve's controller refused the application, in words (a RayTaskError's
     str starts with the controller's call and colour codes; the cause ends it)."""
     text = _TERMINAL_COLOURS.sub("", str(err))
-    taken = _PREFIX_TAKEN.search(text + " ")
+    taken = _PREFIX_TAKEN.search(text)
     if taken:
         return (
             f"Ray Serve's HTTP proxy on this cluster already serves the deployment "

@@ -155,6 +155,16 @@ class Usage:
             self.cached.get(prompt, response.cached_tokens), response.cached_tokens
         )
 
+    def choice_dict(self, index: int) -> dict[str, Any]:
+        """Choice ``index``'s usage so far: its prompt and its own tokens (vLLM's
+        per-chunk usage)."""
+        prompt, completion = self.prompt.get(index // self.n, 0), self.completion.get(index, 0)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         prompt, completion = sum(self.prompt.values()), sum(self.completion.values())
         return {

@@ -92,7 +92,10 @@ class LimitedRequest(Request):
             limit = get_state(self).max_request_bytes
             declared = self.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
-                if int(declared) <= DRAIN_FACTOR * limit:
+                # (not when the client waits for "100 Continue" before sending: the
+                # first read would ask it for the body the 413 refuses)
+                expects = self.headers.get("expect", "").lower() == "100-continue"
+                if int(declared) <= DRAIN_FACTOR * limit and not expects:
                     async for _ in self.stream():
                         pass  # dropped as it comes: the client then reads its 413
                     raise too_large(limit, close=False)

@@ -2,8 +2,9 @@
 
 Each piece of text becomes one ``data: {chunk}`` event; a choice's end one more
 event with its ``finish_reason``; ``stream_options.include_usage`` adds a last
-chunk with no choices and the usage (and ``continuous_usage_stats``, vLLM's, the
-usage so far in every chunk). An error after the stream began (its 200
+chunk with no choices and the usage of all of them (and ``continuous_usage_stats``,
+vLLM's, in every chunk the usage so far of that chunk's choice: its prompt and its
+tokens). An error after the stream began (its 200
 is already sent) becomes an ``{"error": ...}`` event. The stream always ends
 with ``data: [DONE]``.
 """
@@ -150,19 +151,23 @@ async def stream_choices(
         await pieces.aclose()
         raise
     usage = Usage(choices.n)
-    for index, piece in early:  # the prompts' sizes, for the first chunks' usage
-        usage.add_prompt(index, piece)
+    if report.continuous:  # the prompts' sizes, for the first chunks' usage
+        for number, prompt in enumerate(choices.prompts):
+            if isinstance(prompt, list):  # token ids (every chat prompt)
+                usage.prompt[number] = len(prompt)
+        for index, piece in early:
+            usage.add_prompt(index, piece)
 
-    def event(data: dict[str, Any]) -> str:
-        if report.final:
-            data["usage"] = usage.as_dict() if report.continuous else None
+    def event(index: int, data: dict[str, Any]) -> str:
+        if report.final:  # vLLM's continuous usage: the chunk's own choice so far
+            data["usage"] = usage.choice_dict(index) if report.continuous else None
         return sse(data)
 
     async def body() -> AsyncIterator[str]:
         try:
             if answer.kind.with_role:
                 for index in range(choices.total):
-                    yield event(answer.chunk(index, "", None, "assistant"))
+                    yield event(index, answer.chunk(index, "", None, "assistant"))
             logprobs = StreamedLogprobs(answer.logprobs)
             tools = ToolStreams(answer.tools) if answer.tools is not None else None
             async for index, piece in accepted_pieces(early, pieces):
@@ -172,16 +177,18 @@ async def stream_choices(
                     for delta, finish in tools.chunks(index, piece):
                         chunk_logprobs = logprobs.take(index, delta.get("content") or "")
                         stop = piece.stop_reason if finish is not None else None
-                        yield event(answer.delta_chunk(index, delta, finish, chunk_logprobs, stop))
+                        chunk = answer.delta_chunk(index, delta, finish, chunk_logprobs, stop)
+                        yield event(index, chunk)
                 elif piece.generated_text:
                     chunk_logprobs = logprobs.take(index, piece.generated_text)
                     yield event(
-                        answer.chunk(index, piece.generated_text, None, None, chunk_logprobs)
+                        index, answer.chunk(index, piece.generated_text, None, None, chunk_logprobs)
                     )
                 if piece.finish_reason is not None and tools is None:
                     chunk_logprobs = logprobs.take(index, "")
                     finish, stop = piece.finish_reason, piece.stop_reason
-                    yield event(answer.chunk(index, None, finish, None, chunk_logprobs, stop))
+                    chunk = answer.chunk(index, None, finish, None, chunk_logprobs, stop)
+                    yield event(index, chunk)
             if report.final:
                 final = answer.chunk(0, None, None, None)
                 final["choices"] = []
