@@ -6,7 +6,9 @@
 # imports it), click (uvicorn imports it), h11; gguf and accelerate (GGUF loading
 # and its tests); xgrammar and apache-tvm-ffi (structured output, mii[structured],
 # benchmarks/structured.py); httpx2, httpcore2, truststore, sniffio (the openai client
-# imports httpx2: tests/test_gateway.py did not collect there without them). Install there with:
+# imports httpx2: tests/test_gateway.py did not collect there without them); jsonschema with
+# attrs, jsonschema-specifications, referencing and rpds-py (tests/test_structured_output.py
+# imports it: it did not collect there). Install there with:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD/src
 set -euo pipefail
@@ -25,5 +27,6 @@ download pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-in
   annotated-doc==0.0.7 opentelemetry-api==1.45.2 click==8.5.1 \
   pytest-asyncio==1.3.0 openai==3.57.0 jiter distro h11 gguf==0.19.0 accelerate==1.16.0 \
   httpx2 httpcore2 truststore sniffio \
-  xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
+  xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2 \
+  jsonschema jsonschema-specifications referencing rpds-py attrs
 ls -la .whl
