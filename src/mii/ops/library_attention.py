@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 
@@ -92,9 +93,7 @@ def _split(
     skip = set(members)
     query_lens = [0 if b in skip else n for b, n in enumerate(batch.query_lens_host)]
     rest = dataclasses.replace(batch, tiles=tile_sets(query_lens, device))
-    starts = [0]
-    for n in batch.query_lens_host:
-        starts.append(starts[-1] + n)
+    starts = [0, *accumulate(batch.query_lens_host)]
     batch.__dict__["_library_split"] = (list(members), rest, starts)
     return rest, starts
 

@@ -143,13 +143,13 @@ class Usage:
         # its choices: what the prompt itself cost is counted once)
         self.cached: dict[int, int] = {}
 
-    def add_prompt(self, index: int, response: Response) -> None:
-        """Count the prompt of choice ``index`` (not yet its answer)."""
-        self.prompt[index // self.n] = response.prompt_length
+    def add_prompt(self, index: int, tokens: int) -> None:
+        """Count the ``tokens`` of choice ``index``'s prompt (not yet its answer)."""
+        self.prompt[index // self.n] = tokens
 
     def add(self, index: int, response: Response) -> None:
         prompt = index // self.n
-        self.prompt[prompt] = response.prompt_length
+        self.add_prompt(index, response.prompt_length)
         self.completion[index] = response.generated_length
         self.cached[prompt] = min(
             self.cached.get(prompt, response.cached_tokens), response.cached_tokens

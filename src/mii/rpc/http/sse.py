@@ -154,9 +154,9 @@ async def stream_choices(
     if report.continuous:  # the prompts' sizes, for the first chunks' usage
         for number, prompt in enumerate(choices.prompts):
             if isinstance(prompt, list):  # token ids (every chat prompt)
-                usage.prompt[number] = len(prompt)
+                usage.add_prompt(number * choices.n, len(prompt))
         for index, piece in early:
-            usage.add_prompt(index, piece)
+            usage.add_prompt(index, piece.prompt_length)
 
     def event(index: int, data: dict[str, Any]) -> str:
         if report.final:  # vLLM's continuous usage: the chunk's own choice so far
