@@ -36,7 +36,7 @@ from benchmarks.gemv_sweep import LLAMA3_SHAPES, SHAPES, graph_seconds
 from mii.ops import fp8_activations
 from mii.ops.fp8_linear import quantize_rows
 from mii.ops.triton_gemv import skinny_linear, skinny_linear_fp8
-from mii.ops.triton_gemv_launch import GemvConfig, bf16_config_for, fp8_config_for
+from mii.ops.triton_gemv_launch import GemvConfig, bf16_config_for, cores_for, fp8_config_for
 from mii.ops.triton_quant import quantize_groups_fp8
 
 # The projections whose input the RMSNorm writes (with its float8 copy at batch 1).
@@ -59,19 +59,27 @@ def tile_configs(rows: int) -> list[GemvConfig]:
 
 
 def depth_configs(best: list[GemvConfig]) -> list[GemvConfig]:
-    """Round two: the best tiles with 2-6 stages, K unsplit or split 2 ways, and 0-4096
-    weight columns a row prefetched into L2 before the predecessor finishes (PDL)."""
+    """Round two: the best tiles with 2-8 stages (more bytes in flight for the H200's
+    bandwidth), K unsplit or split 2 ways, and 0-4096 weight columns a row prefetched
+    into L2 before the predecessor finishes (PDL)."""
     return [
         cfg._replace(num_stages=stages, split_k=splits, prefetch_k=prefetch)
         for cfg in best
-        for stages, splits, prefetch in itertools.product((2, 3, 4, 6), (0, 2), (0, 1024, 4096))
+        for stages, splits, prefetch in itertools.product((2, 3, 4, 6, 8), (0, 2), (0, 1024, 4096))
     ]
 
 
 def timed_sweep(
-    name: str, rows: int, calls_for, nbytes: int, default_s: float, copy_bw: float
+    name: str,
+    rows: int,
+    calls_for,
+    nbytes: int,
+    default_s: float,
+    copy_bw: float,
+    current: GemvConfig | None,
 ) -> dict:
-    """Both rounds for one weight; ``calls_for(config)`` -> the closures to time."""
+    """Both rounds for one weight; ``calls_for(config)`` -> the closures to time;
+    ``current``: the engine's own CUDA-core launch for this weight, reported apart."""
     timed: dict[GemvConfig, float] = {}
 
     def run(configs):
@@ -83,11 +91,15 @@ def timed_sweep(
             except Exception as error:  # a setting this GPU cannot launch
                 print(f"{name} {cfg}: {type(error).__name__}: {str(error)[:120]}", flush=True)
 
-    run(tile_configs(rows))
+    run(tile_configs(rows) + ([current] if current is not None else []))
     ranked = sorted(timed, key=timed.get)
     run(depth_configs(ranked[:3]))
     ordered = sorted((s, c) for c, s in timed.items())
-    return sweep_summary(ordered, default_s, nbytes, copy_bw)
+    summary = sweep_summary(ordered, default_s, nbytes, copy_bw)
+    if current in timed:
+        summary["cores_current_us"] = round(timed[current] * 1e6, 1)
+        summary["cores_current_of_copy_bw"] = round(nbytes / timed[current] / copy_bw, 3)
+    return summary
 
 
 def shape_rows(shapes: dict, rows: int, copy_bw: float, device) -> list[dict]:
@@ -111,7 +123,8 @@ def shape_rows(shapes: dict, rows: int, copy_bw: float, device) -> list[dict]:
                 print(
                     f"{name:8s} M={rows} {kind:4s} production {r['default_us']:6.1f} us "
                     f"({r['default_of_copy_bw']:.0%})  cores best {r['best_us']:6.1f} us "
-                    f"({r['best_of_copy_bw']:.0%}) {r['best']}",
+                    f"({r['best_of_copy_bw']:.0%}) {r['best']}  engine's cores "
+                    f"{r.get('cores_current_us', float('nan')):6.1f} us",
                     flush=True,
                 )
     return out
@@ -135,7 +148,8 @@ def fp8_sweep(name: str, x: torch.Tensor, quantized: list, copy_bw: float) -> di
     def calls_for(cfg):
         return [lambda q=q: skinny_linear_fp8(x, *q, None, cfg) for q in quantized]
 
-    return timed_sweep(f"{name} fp8", x.shape[0], calls_for, n * k, default_s, copy_bw)
+    current = _engine_cores(x.shape[0], n, True, x.device)
+    return timed_sweep(f"{name} fp8", x.shape[0], calls_for, n * k, default_s, copy_bw, current)
 
 
 def bf16_sweep(name: str, x: torch.Tensor, weights: list, copy_bw: float) -> dict:
@@ -148,7 +162,19 @@ def bf16_sweep(name: str, x: torch.Tensor, weights: list, copy_bw: float) -> dic
     def calls_for(cfg):
         return [lambda w=w: skinny_linear(x, w, None, cfg) for w in weights]
 
-    return timed_sweep(f"{name} bf16", x.shape[0], calls_for, 2 * n * k, default_s, copy_bw)
+    current = _engine_cores(x.shape[0], n, False, x.device)
+    return timed_sweep(
+        f"{name} bf16", x.shape[0], calls_for, 2 * n * k, default_s, copy_bw, current
+    )
+
+
+def _engine_cores(rows: int, n: int, fp8: bool, device: torch.device) -> GemvConfig | None:
+    """The CUDA-core launch the engine takes by default for this weight (None: none)."""
+    os.environ["MII_GEMV_ONE_ROW"] = "cores"
+    try:
+        return cores_for(rows, n, fp8, device)
+    finally:
+        os.environ["MII_GEMV_ONE_ROW"] = "tensor"
 
 
 def main() -> None:
