@@ -77,14 +77,19 @@ MODES["integer-ops"] = dict(fp8_dot=False, dequant=1)
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("rows", [1, 4, 16])
 @pytest.mark.parametrize("n, k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
-def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows, mode):
+def test_skinny_fp8_matches_its_float32_emulation_and_the_reference(n, k, rows, mode, monkeypatch):
     from mii.ops.triton_gemv import skinny_linear_fp8
     from mii.ops.triton_gemv_launch import fp8_config_for
 
+    # The modes are the tensor-core launch's ways of multiplying; one row takes the
+    # CUDA cores by default (unquantized x: tests/test_triton_gemv_cores.py), where
+    # fp8_dot does not apply, so the tensor-core launch is asked for here.
+    monkeypatch.setenv("MII_GEMV_ONE_ROW", "tensor")
     wq, scale = _quantized(n, k, seed=n + k)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     # The launch the layers get for this shape, in each way of multiplying.
     config = fp8_config_for(rows, n, k, x.device)._replace(**MODES[mode])
+    assert not config.cores
     out = skinny_linear_fp8(x, wq, scale, None, config)
     torch.cuda.synchronize()
     assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
