@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from mii.demo import _CORPUS, train_tokenizer
@@ -304,3 +306,30 @@ def served_deployment(model_path: str, cache_dir: Path, prefix: str, **options) 
             http.close()
             oai.close()
             client.terminate_server()
+
+
+class SseStream(threading.Thread):
+    """An SSE completion read to its end in a thread; ``started`` once the first
+    event came."""
+
+    def __init__(self, url: str, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.max_tokens = url, max_tokens
+        self.started = threading.Event()
+        self.events: list[str] = []
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        body = {"prompt": PROMPTS[0], "max_tokens": self.max_tokens, "ignore_eos": True}
+        try:
+            with httpx.stream(
+                "POST", f"{self.url}/v1/completions", json={**body, "stream": True}, timeout=60
+            ) as response:
+                for line in response.iter_lines():
+                    if line:
+                        self.events.append(line)
+                        self.started.set()
+        except BaseException as err:  # handed to the test
+            self.error = err
+        self.started.set()

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import mii
-from helpers import PROMPTS, wait_until
+from helpers import PROMPTS, SseStream, wait_until
 from mii.errors import MiiError
 from mii.rpc import registry
 from mii.rpc.call_guard import CallGuard, ShuttingDownError
@@ -30,33 +30,6 @@ NAME = "test-drain"
 GRACE_S = 10.0
 SHORT = 20  # tokens: >= 2 s at 0.1 s per pass, well within the grace period
 LONG = 200  # tokens: >= 20 s, well beyond it
-
-
-class SseStream(threading.Thread):
-    """An SSE completion read to its end in a thread; ``started`` once the first
-    event came."""
-
-    def __init__(self, url: str, max_tokens: int) -> None:
-        super().__init__(daemon=True)
-        self.url, self.max_tokens = url, max_tokens
-        self.started = threading.Event()
-        self.events: list[str] = []
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        body = {"prompt": PROMPTS[0], "max_tokens": self.max_tokens, "ignore_eos": True}
-        try:
-            with httpx.stream(
-                "POST", f"{self.url}/v1/completions", json={**body, "stream": True}, timeout=60
-            ) as response:
-                for line in response.iter_lines():
-                    if line:
-                        self.events.append(line)
-                        self.started.set()
-        except BaseException as err:  # handed to the test
-            self.error = err
-        self.started.set()
 
 
 @pytest.fixture
@@ -253,3 +226,105 @@ def test_a_call_cut_at_the_end_of_the_grace_period_says_so_whatever_its_transpor
             await failing
 
     asyncio.run(scenario())
+
+
+# ----- a Ray deployment's HTTP side, drained through its board (no Ray needed) ----------------
+
+
+class _Actor:
+    """A board as Ray hands it out: ``actor.method.remote(...)`` is awaited."""
+
+    def __init__(self, target) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str):
+        method = getattr(self._target, name)
+
+        class _Method:
+            @staticmethod
+            async def remote(*args):
+                return method(*args)
+
+        return _Method
+
+
+class _IngressPool(FakePool):
+    def __init__(self, board) -> None:
+        super().__init__()
+        self.board = board
+
+
+async def _ingress_watch(ingress, every_s: float = 0.05) -> None:
+    while True:  # the ingress's watch loop, faster
+        await ingress.poll()
+        await asyncio.sleep(every_s)
+
+
+def test_the_ingress_drains_on_the_boards_notice_and_reports_back():
+    from mii.ray_backend.board import StatsBoard
+    from mii.ray_backend.http_drain import IngressDrain, drain_http
+
+    async def scenario():
+        board = _Actor(StatsBoard())
+        pool = _IngressPool(board)
+        ingress = IngressDrain(pool)
+        watching = asyncio.create_task(_ingress_watch(ingress))
+        await asyncio.sleep(0.2)
+        assert not pool.guard.draining  # no notice yet: it serves
+        call = FakeCall()
+        watch = pool.guard.watch(FakeReplica(), call)
+        asyncio.get_running_loop().call_later(0.5, watch.close)  # it finishes meanwhile
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        reported = await drain_http(board, grace_s=30.0, hurry=asyncio.Event())
+        watching.cancel()
+        return reported, pool, call, loop.time() - began
+
+    reported, pool, call, took = asyncio.run(scenario())
+    assert reported and pool.guard.draining and not call.cancelled
+    assert 0.4 < took < 10  # it waited for the call, not for the grace period
+
+
+def test_a_second_signal_reaches_the_ingress_and_a_silent_ingress_is_not_waited_for_ever(
+    monkeypatch,
+):
+    from mii.ray_backend import http_drain
+    from mii.ray_backend.board import StatsBoard
+
+    async def hurried():
+        board = _Actor(StatsBoard())
+        pool = _IngressPool(board)
+        watching = asyncio.create_task(_ingress_watch(http_drain.IngressDrain(pool)))
+        call = FakeCall()
+        watch = pool.guard.watch(FakeReplica(), call)
+        hurry = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.5, hurry.set)
+        loop.call_later(0.5, lambda: loop.call_soon(_close_when_cut, call, watch, loop))
+        began = loop.time()
+        reported = await http_drain.drain_http(board, grace_s=60.0, hurry=hurry)
+        watching.cancel()
+        return reported, call, loop.time() - began
+
+    reported, call, took = asyncio.run(hurried())
+    assert reported and call.cancelled and took < 15  # cut at once, not after 60 s
+
+    monkeypatch.setattr(http_drain, "CUT_WAIT_S", 0.2)
+    monkeypatch.setattr(http_drain, "REPORT_SLACK_S", 0.3)
+
+    async def silent():  # no ingress follows the notice (it died): give up after the grace
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        reported = await http_drain.drain_http(_Actor(StatsBoard()), 0.2, asyncio.Event())
+        return reported, loop.time() - began
+
+    reported, took = asyncio.run(silent())
+    assert not reported and 0.7 <= took < 5
+
+
+def _close_when_cut(call, watch, loop) -> None:
+    """A cut call ends (its reader sees the cancel and leaves)."""
+    if call.cancelled:
+        watch.close()
+    else:
+        loop.call_later(0.02, _close_when_cut, call, watch, loop)

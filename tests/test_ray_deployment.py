@@ -5,6 +5,7 @@ by Ray, autoscaled, and removed without a trace."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -19,7 +20,7 @@ import ray
 from ray import serve
 
 import mii
-from helpers import PROMPTS, wait_until
+from helpers import PROMPTS, SseStream, wait_until
 from mii.rpc import registry
 from mii.rpc.deployment import free_port
 
@@ -294,13 +295,32 @@ def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(two, cluster
     assert client.generate(PROMPTS[2], **GREEDY)[0].token_ids == reference[PROMPTS[2]].token_ids
 
 
-def test_terminate_leaves_no_actor_process_or_port(two):
+def test_terminate_drains_http_and_leaves_no_actor_process_or_port(two):
+    """Terminate drains the HTTP side too (it runs in the ingress, on the cluster): a
+    stream in flight finishes, a new request meanwhile gets 503 and /health says
+    draining; then nothing of the deployment is left."""
     client, name, url = two
     record = registry.lookup(name)
     pids = [record["pid"], *(r.pid for r in client.stats().replicas)]
     ports = [int(client.address.rsplit(":", 1)[1]), int(url.rsplit(":", 1)[1])]
     assert serve_actors()
-    client.terminate_server()
+    # >= 5 s at 0.05 s per pass, well within the 30 s grace period even on a slow CPU
+    in_flight = SseStream(url, 100)
+    assert in_flight.started.wait(120)
+    terminating = threading.Thread(target=client.terminate_server, daemon=True)
+    terminating.start()
+    with httpx.Client(base_url=url, timeout=30) as http:
+        assert wait_until(lambda: http.get("/health").status_code == 503, timeout=30)
+        assert in_flight.is_alive(), "the stream ended before the drain began"
+        assert http.get("/health").json()["status"] == "draining"
+        refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503 and "shutting down" in refused.text, refused.text
+    in_flight.join(120)
+    assert in_flight.error is None, in_flight.error
+    *chunks, done = in_flight.events
+    assert done == "data: [DONE]" and not any('"error"' in event for event in chunks)
+    assert json.loads(chunks[-1].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    terminating.join(180)
     assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=60)
     assert wait_until(lambda: all(port_is_free(p) for p in ports), timeout=60)

@@ -5,7 +5,8 @@ the local registry, so that ``mii.client(name)`` finds it as any other.
 
 ``python -m mii.ray_backend.deployment CONFIG_JSON`` runs it (``mii.serve`` starts
 that in the background, ``mii serve`` runs it in the foreground). On Terminate or
-a signal it drains the gRPC front, deletes the Serve application (Serve's graceful,
+a signal it drains the gRPC front and (through the board) the HTTP ingress, then
+deletes the Serve application (Serve's graceful,
 rolling shutdown of the replicas), shuts Serve down when no other application is
 left on the cluster, and disconnects (stopping the Ray instance it started, if any).
 """
@@ -26,6 +27,7 @@ from mii.errors import DeploymentError
 from mii.ray_backend import require_ray
 from mii.ray_backend.application import REPLICA_DEPLOYMENT, build_application
 from mii.ray_backend.board import NAMESPACE, StatsBoard, board_name
+from mii.ray_backend.http_drain import drain_http
 from mii.ray_backend.pool import RayPool
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
@@ -264,7 +266,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         await stop.wait()
         registry.mark_stopping(name, os.getpid())
         await set_health(health, False)
-        await drain(pool, config.shutdown_grace_s, shutdown.hurry)
+        await _drain_both_fronts(pool, board, config, shutdown.hurry)
     finally:
         for task in tasks:
             task.cancel()
@@ -281,6 +283,26 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
             ray.kill(board)
         ray.shutdown()  # stops the Ray instance too when this process started it
         registry.remove(name, pid=os.getpid())  # all of it is gone; its claim goes next
+
+
+async def _drain_both_fronts(
+    pool: RayPool, board: Any, config: DeploymentConfig, hurry: asyncio.Event
+) -> None:
+    """The gRPC front here and the HTTP ingress on the cluster drain side by side,
+    within the one grace period; the application is deleted once both are done."""
+    grpc = drain(pool, config.shutdown_grace_s, hurry)
+    if not config.enable_restful_api:  # the ingress has no route: nothing to drain
+        await grpc
+        return
+    http = drain_http(board, config.shutdown_grace_s, hurry)
+    _, http_reported = await asyncio.gather(grpc, http, return_exceptions=True)
+    if http_reported is not True:
+        print(
+            f"[mii] the HTTP ingress did not report its drain ({http_reported}); "
+            "deleting the application anyway",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _start_failure(app: str) -> str | None:

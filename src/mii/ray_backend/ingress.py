@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+from mii.ray_backend.http_drain import IngressDrain
 from mii.ray_backend.pool import HEALTH_INTERVAL_S, RayPool
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.http.app import build_app
@@ -52,19 +53,22 @@ class MiiIngress:
             max_queued_requests=None,  # each replica refuses beyond its own bound (429)
         )
         self.app_name = config.deployment_name
+        self.drain = IngressDrain(self.pool)
         await self.pool.check_all()
         self.watcher = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
-        """Keep the replicas' figures fresh. When the board is gone, the deployment
-        process that owned it died without stopping the application (a single-host
-        deployment's replicas exit then too): delete it, so that it does not linger."""
+        """Keep the replicas' figures fresh, and follow the deployment's drain notice.
+        When the board is gone, the deployment process that owned it died without
+        stopping the application (a single-host deployment's replicas exit then too):
+        delete it, so that it does not linger."""
         import ray.exceptions
         from ray import serve
 
         while True:
             try:
                 await self.pool.check_all()
+                await self.drain.poll()
             except ray.exceptions.RayActorError:
                 serve.delete(self.app_name, _blocking=False)
                 return
@@ -77,4 +81,5 @@ class MiiIngress:
 
     async def __del__(self) -> None:
         self.watcher.cancel()
+        self.drain.cancel()
         await self.pool.close()
