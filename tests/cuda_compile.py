@@ -127,13 +127,14 @@ def _skinny_linear_cores(
     fp8: bool, many_bands: bool, gated: bool = False, x: str = "bf16", rows: int = 1
 ):
     """The decode GEMV at one row (MII_GEMV_ONE_ROW=cores, the default): the launch
-    ``cores_for`` gives a weight of few bands (o, down: CORES_CONFIG) or of many
+    ``cores_for`` gives a weight of few bands (o, down: CORES_CONFIG for float8
+    weights, BF16_CORES_FEW_BANDS_CONFIG for 16-bit ones) or of many
     (``many_bands``: qkv, gate_up), x unquantized; ``gated``: the gate/up kernel;
     ``x``: the activations' type (fp32: a float32 model); ``rows`` 2 or 4: every row
     in one program (under a raised CORES_MAX_ROWS), the slices narrowed."""
     from mii.ops import triton_gemv_launch as launch
 
-    config = launch.CORES_CONFIG
+    config = launch.CORES_CONFIG if fp8 else launch.BF16_CORES_FEW_BANDS_CONFIG
     if many_bands:
         config = launch.FP8_CORES_MANY_BANDS_CONFIG if fp8 else launch.CORES_MANY_BANDS_CONFIG
     if rows > 1:

@@ -109,16 +109,18 @@ def test_at_most_four_rows_per_program():
 def test_gemv_one_row_switch(monkeypatch):
     """MII_GEMV_ONE_ROW picks the CUDA-core launch for one row only, by default
     ('cores-fp8': for float8 weights only; 'tensor': never); the norms then write no
-    float8 copy of x for it. On 132 multiprocessors: 8-row bands where they are at
-    most 4 per multiprocessor (Llama-2-7B's o and down), else 4-row bands (qkv,
-    gate_up, the LM head), on 2 warps for float8 weights (the H100 sweep's best)."""
+    float8 copy of x for it. On 132 multiprocessors: where 8-row bands are at most 4
+    per multiprocessor (Llama-2-7B's o and down), 8-row bands of 1,024 columns for
+    float8 weights and 4-row bands of 2,048 for 16-bit ones; else 4-row bands (qkv,
+    gate_up, the LM head), on 2 warps for float8 weights (the H100 sweeps' best)."""
     import mii.ops.triton_gemv_launch as gemv
 
     monkeypatch.setattr(gemv.triton_limits, "multiprocessors", lambda device: 132)
     device = torch.device(DEVICE)
     monkeypatch.delenv("MII_GEMV_ONE_ROW", raising=False)
     assert fp8_config_for(1, 4096, 4096, device) == CORES_CONFIG  # o: 512 bands
-    assert bf16_config_for(1, 4096, device) == CORES_CONFIG
+    few = bf16_config_for(1, 4096, device)
+    assert few == gemv.BF16_CORES_FEW_BANDS_CONFIG and (few.block_n, few.block_k) == (4, 2048)
     assert bf16_config_for(1, 4 * 132 * 8 + 1, device) == gemv.CORES_MANY_BANDS_CONFIG
     qkv = fp8_config_for(1, 12288, 4096, device)
     assert qkv == gemv.FP8_CORES_MANY_BANDS_CONFIG and (qkv.block_n, qkv.num_warps) == (4, 2)
@@ -157,13 +159,19 @@ def test_rows_past_one_under_a_raised_limit(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name", ["CORES_CONFIG", "CORES_MANY_BANDS_CONFIG", "FP8_CORES_MANY_BANDS_CONFIG"]
+    "name",
+    [
+        "CORES_CONFIG",
+        "BF16_CORES_FEW_BANDS_CONFIG",
+        "CORES_MANY_BANDS_CONFIG",
+        "FP8_CORES_MANY_BANDS_CONFIG",
+    ],
 )
 @pytest.mark.parametrize("gated", [False, True])
 def test_production_launches_on_a_ragged_k(name, gated):
-    """The engine's one-row launches themselves (1,024-column slices, 4- and 8-row bands)
-    on a K that ends inside a slice and spans two, float8 weights: the float32 product,
-    and the gated epilogue's act(gate) * up of it."""
+    """The engine's one-row launches themselves (1,024- and 2,048-column slices, 4- and
+    8-row bands) on a K that ends inside a slice (and spans two of 1,024), float8
+    weights: the float32 product, and the gated epilogue's act(gate) * up of it."""
     import mii.ops.triton_gemv_launch as gemv
 
     config = getattr(gemv, name)

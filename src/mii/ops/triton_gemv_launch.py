@@ -107,7 +107,13 @@ NARROW_MANY_BANDS_CONFIG = GemvConfig(32, 128, num_warps=4, num_stages=6, split_
 #   weights and 4 for 16-bit ones: fp8 qkv 20.1 / gate_up 35.0 us vs 22.0 / 37.2
 #   (Llama-3-8B's gate_up 43.4 vs 49.6), bf16 qkv 34.8 / gate_up 62.0 / lm_head 87.3
 #   vs 37.3 / 64.1 / 89.6.
+# Swept again (H100, 2026-12-06, e05acf6, with 8 stages and the engine's own launch
+# timed beside): 16-bit weights of few bands take 4-row bands of 2048-column slices
+# instead (a [4, 2048] sum, the same 64 registers): bf16 down 33.3 vs 34.6 us
+# (Llama-3-8B 42.0 vs 43.1), o 12.7 vs 12.5; batch 1 end to end +1.2 % with every
+# weight at its sweep's best, the down projection's share of it most.
 CORES_CONFIG = GemvConfig(8, 1024, num_warps=4, num_stages=4, block_m=1, split_k=0, cores=True)
+BF16_CORES_FEW_BANDS_CONFIG = CORES_CONFIG._replace(block_n=4, block_k=2048)
 CORES_MANY_BANDS_CONFIG = CORES_CONFIG._replace(block_n=4, num_stages=6)
 FP8_CORES_MANY_BANDS_CONFIG = CORES_MANY_BANDS_CONFIG._replace(num_warps=2)
 CORES_FEW_BANDS_PER_SM = 4
@@ -125,7 +131,7 @@ def cores_for(rows: int, n: int, fp8: bool, device: torch.device) -> GemvConfig 
         return None
     few_bands = CORES_FEW_BANDS_PER_SM * triton_limits.multiprocessors(device)
     if triton.cdiv(n, CORES_CONFIG.block_n) <= few_bands:
-        config = CORES_CONFIG
+        config = CORES_CONFIG if fp8 else BF16_CORES_FEW_BANDS_CONFIG
     else:
         config = FP8_CORES_MANY_BANDS_CONFIG if fp8 else CORES_MANY_BANDS_CONFIG
     if rows <= 1:  # (0 rows: an empty batch, which the launch answers without a kernel)
