@@ -20,11 +20,21 @@ the chunk's own keys causally (SDPA's causal mask is aligned to the first key, s
 one call cannot offset the diagonal). cuDNN takes grouped-query keys as they are
 (repeating them cost 0.57 ms of a 4.4 ms chunk on an H100). Not for an fp8 cache or
 a sliding window (those keep the Triton kernel).
+
+Plans: torch keys cuDNN's execution plans on the exact (queries, keys) shape unless
+``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``, under which it takes its ragged path for
+operands laid out [batch, sequence, heads, dim] in memory, with the lengths rounded
+up to powers of two in the key: a bounded set of plans whatever the chunk lengths.
+The first library call sets it (unless the environment says otherwise) and passes
+every operand in that layout (the cache's and the pass's own, with no copy). torch
+reads the variable once per process, at its first cuDNN attention call: a process
+that ran one before keeps the per-shape plans.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from itertools import accumulate
 
@@ -32,6 +42,9 @@ import torch
 
 from mii import envs
 from mii.ops.attention import FP8_KV_DTYPE, AttentionBatch, tile_sets
+
+# torch's switch for cuDNN attention plans keyed on lengths rounded to powers of two.
+BOUNDED_PLANS_ENV = "TORCH_CUDNN_SDPA_AVOID_RECOMPILE"
 
 # Chunks of fewer queries stay with the Triton kernel: a library call per sequence
 # and layer costs launches that only long chunks repay.
@@ -50,7 +63,10 @@ def library_members(
         or k_cache.dtype == FP8_KV_DTYPE
     ):
         return []
-    return [b for b, n in enumerate(batch.query_lens_host) if n >= LIBRARY_MIN_QUERIES]
+    members = [b for b, n in enumerate(batch.query_lens_host) if n >= LIBRARY_MIN_QUERIES]
+    if members:
+        os.environ.setdefault(BOUNDED_PLANS_ENV, "1")  # before the first cuDNN call
+    return members
 
 
 # (q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, window) -> out
@@ -117,8 +133,9 @@ def chunk_attention(
     each query attends to every key before it and itself -> [Lq, Hq, D]."""
     queries = q.shape[0]
     cached = k.shape[0] - queries
-    qh = q.transpose(0, 1).unsqueeze(0).contiguous()  # [1, Hq, Lq, D]
-    kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (k, v))  # [1, Hkv, Lk, D] views
+    # [1, H, L, D] views of the [L, H, D] tensors: sequence-major in memory, the
+    # layout whose cuDNN plans do not depend on the lengths (BOUNDED_PLANS_ENV)
+    qh, kh, vh = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
     out, lse = sdpa_with_lse(qh, kh[:, :, cached:], vh[:, :, cached:], scale, causal=True)
     if cached > 0:
         out_cached, lse_cached = sdpa_with_lse(
