@@ -4,6 +4,8 @@ math; on a GPU: cuDNN's attention), against the torch reference."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -91,6 +93,39 @@ def test_only_long_chunks_of_a_bf16_cache_without_a_window_go_to_the_library(mon
     assert library_members(batch, kc, None) == [0, 2]
     assert library_members(batch, kc, 16) == []  # a sliding window
     assert library_members(batch, kc.to(FP8_KV_DTYPE), None) == []  # an fp8 cache
+
+
+def test_the_library_gets_sequence_major_operands_and_bounded_plans(monkeypatch):
+    """torch's cuDNN attention keeps one execution plan per power-of-two length bucket
+    (not one per exact shape) only for operands packed [batch, sequence, heads, dim]
+    and with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1: the first library pass sets it (a
+    value the user set wins), and a chunk's q, a view into the qkv projection's
+    output as models pass it, reaches the library packed so, as do the keys."""
+    monkeypatch.delenv(library_attention.BOUNDED_PLANS_ENV, raising=False)
+    monkeypatch.setenv("MII_PROMPT_ATTENTION", "library")
+    monkeypatch.setattr(library_attention, "LIBRARY_MIN_QUERIES", 20)
+    _, _, _, _, _, kc, _, batch = make_case([(0, 40), (9, 1)], 4, 2, 16, 4, torch.float32, 16, 0)
+    assert library_members(batch, kc, None) == [0]
+    assert os.environ[library_attention.BOUNDED_PLANS_ENV] == "1"
+    monkeypatch.setenv(library_attention.BOUNDED_PLANS_ENV, "0")
+    library_members(batch, kc, None)
+    assert os.environ[library_attention.BOUNDED_PLANS_ENV] == "0"
+
+    layouts = []
+    real = library_attention.sdpa_with_lse
+
+    def recording(q, k, v, scale, causal):
+        layouts.append([x.transpose(1, 2).is_contiguous() for x in (q, k, v)])
+        return real(q, k, v, scale, causal)
+
+    monkeypatch.setattr(library_attention, "sdpa_with_lse", recording)
+    tokens, hq, hkv, dim = 12, 4, 2, 8
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * dim)
+    q = qkv[:, : hq * dim].view(tokens, hq, dim)  # rows (hq + 2 hkv) dim apart
+    keys = torch.randn(30, hkv, dim), torch.randn(30, hkv, dim)
+    out = chunk_attention(q, *keys, dim**-0.5)
+    torch.testing.assert_close(out, _masked_reference(q, *keys, dim**-0.5), rtol=1e-5, atol=1e-5)
+    assert layouts == [[True, True, True], [True, True, True]]  # the causal call, the cached one
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the op takes the Triton path on CUDA")

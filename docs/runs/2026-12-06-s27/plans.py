@@ -43,7 +43,9 @@ def reference(q, k, v):
 print(f"{la.BOUNDED_PLANS_ENV}={os.environ[la.BOUNDED_PLANS_ENV]}", torch.cuda.get_device_name())
 total_first = total_second = 0.0
 for i, (queries, cached) in enumerate(shapes):
-    q = torch.randn(queries, HQ, D, device=dev, dtype=torch.bfloat16)
+    # q as models pass it: a view into the qkv projection's output
+    qkv = torch.randn(queries, (HQ + 2 * HKV) * D, device=dev, dtype=torch.bfloat16)
+    q = qkv[:, : HQ * D].view(queries, HQ, D)
     k = torch.randn(cached + queries, HKV, D, device=dev, dtype=torch.bfloat16)
     v = torch.randn_like(k)
     out, first = timed(q, k, v)

@@ -26,7 +26,7 @@ Plans: torch keys cuDNN's execution plans on the exact (queries, keys) shape unl
 operands laid out [batch, sequence, heads, dim] in memory, with the lengths rounded
 up to powers of two in the key: a bounded set of plans whatever the chunk lengths.
 The first library call sets it (unless the environment says otherwise) and passes
-every operand in that layout (the cache's and the pass's own, with no copy). torch
+every operand in that layout. torch
 reads the variable once per process, at its first cuDNN attention call: a process
 that ran one before keeps the per-shape plans.
 """
@@ -133,8 +133,11 @@ def chunk_attention(
     each query attends to every key before it and itself -> [Lq, Hq, D]."""
     queries = q.shape[0]
     cached = k.shape[0] - queries
-    # [1, H, L, D] views of the [L, H, D] tensors: sequence-major in memory, the
-    # layout whose cuDNN plans do not depend on the lengths (BOUNDED_PLANS_ENV)
+    # [1, H, L, D] views of [L, H, D] tensors packed sequence-major, the layout whose
+    # cuDNN plans do not depend on the lengths (BOUNDED_PLANS_ENV). The pass's q is a
+    # view into its qkv projection (rows (Hq + 2 Hkv) D apart): packed first (32 MB
+    # for 4,096 queries of 32 heads of 128); the gathered keys are packed already.
+    q = q.contiguous()
     qh, kh, vh = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
     out, lse = sdpa_with_lse(qh, kh[:, :, cached:], vh[:, :, cached:], scale, causal=True)
     if cached > 0:
