@@ -47,7 +47,8 @@ class IngressDrain:
 
     async def _drain(self, grace_s: float) -> None:
         await drain(self.pool, grace_s, self._hurry)
-        await self.pool.board.report_drained.remote(self.ingress_id)
+        with contextlib.suppress(Exception):  # the board is gone: nobody waits any more
+            await self.pool.board.report_drained.remote(self.ingress_id)
 
     def cancel(self) -> None:
         if self._task is not None:
