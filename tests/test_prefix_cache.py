@@ -6,6 +6,7 @@ engine tests compare tokens with caching on, off, and transformers."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -182,10 +183,16 @@ def test_a_preempted_sequence_recomputes_from_the_cache():
     while young.num_preemptions == 0 and sched.has_work():
         step(sched)
     assert young.num_preemptions == 1 and young.status is SequenceStatus.WAITING
-    hits = sched.blocks.hit_tokens
+    counted = (sched.blocks.query_tokens, sched.blocks.hit_tokens)
+    attach, found = sched.blocks.attach_prefix, []
+    sched.blocks.attach_prefix = lambda seq: found.append((seq, attach(seq))) or found[-1][1]
     while sched.has_work():
         step(sched)
-    assert sched.blocks.hit_tokens > hits  # its blocks were found again when readmitted
+    assert any(seq is young and tokens > 0 for seq, tokens in found)  # found again
+    # The lookups are counted once per sequence, as Response.cached_tokens and /metrics
+    # count them: a recompute adds nothing (it was counted twice, with its generated
+    # tokens too, so the engine's hit rate disagreed with /metrics).
+    assert (sched.blocks.query_tokens, sched.blocks.hit_tokens) == counted
 
 
 # ----- the engine ------------------------------------------------------------------
@@ -204,9 +211,11 @@ def test_tokens_equal_transformers_with_caching_on_and_off(checkpoints, tokenize
     expected = [hf_greedy(hf_model, tokenizer, p, 12) for p in prompts]
     for caching in (True, False):
         with mii.pipeline(str(path), enable_prefix_caching=caching, **TIGHT) as pipe:
+            answered = []
             for _ in range(2):
                 responses = pipe(prompts, do_sample=False, max_new_tokens=12)
                 assert [r.token_ids for r in responses] == expected, caching
+                answered += responses
             cached = [r.cached_tokens for r in responses]
             stats = pipe.engine.stats()
             assert stats["free_blocks"] == 40
@@ -214,8 +223,33 @@ def test_tokens_equal_transformers_with_caching_on_and_off(checkpoints, tokenize
             # the second round: every shared prompt's full blocks from the cache
             assert all(c >= 8 for c in cached[: len(SHARED)]), cached
             assert stats["prefix_cache_hits"] > 0
+            # the engine's counters are the answers' own (preempted ones counted once)
+            assert stats["prefix_cache_queries"] == sum(r.prompt_length for r in answered)
+            assert stats["prefix_cache_hits"] == sum(r.cached_tokens for r in answered)
         else:
             assert cached == [0] * len(prompts) and stats["prefix_cache_hits"] == 0
+
+
+def test_the_warm_up_request_is_not_counted(llama, tmp_path, monkeypatch):
+    """A deployment's replicas answer a tiny request before serving (``warm_up``):
+    their stats then count the requests served only, as /metrics does."""
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+
+    async def run():
+        engine = mii.AsyncEngine(llama)
+        try:
+            await engine.warm_up()
+            before = engine.stats()
+            [answer] = await engine.generate([PROMPTS[0]], max_new_tokens=3, ignore_eos=True)
+            return before, engine.stats(), answer
+        finally:
+            await engine.aclose()
+
+    before, after, answer = asyncio.run(run())
+    counted = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits")
+    assert [before[name] for name in counted] == [0, 0, 0, 0]
+    assert after["prompt_tokens"] == after["prefix_cache_queries"] == answer.prompt_length
+    assert after["generation_tokens"] == 3
 
 
 def test_seeded_sampling_is_the_same_from_the_cache(llama, tmp_path, monkeypatch):

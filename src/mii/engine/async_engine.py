@@ -23,6 +23,7 @@ from mii.engine.admission import admit
 from mii.engine.answer_stream import DONE as _DONE
 from mii.engine.answer_stream import AnswerStream
 from mii.engine.core import EngineCore, StepOutput
+from mii.engine.request_stats import TokenCounters
 from mii.errors import EngineClosedError
 from mii.prompts import Prompt, one_prompt, prompt_batch
 from mii.response import Response, join_pieces
@@ -247,6 +248,13 @@ class AsyncEngine:
         own, so that two of them never sample with the same seeds."""
         self.core.intake.unseeded = random.Random(f"{self.config.seed}/{salt}")
 
+    async def warm_up(self) -> None:
+        """One tiny request before serving (kernels compiled, memory allocated), then
+        the token and prefix-cache counters back to zero: ``stats()`` counts the
+        requests served, as a deployment's ``/metrics`` does."""
+        await self.generate("warm up", max_new_tokens=1)
+        await self.run_on_engine_thread(_zero_counters, self.core)
+
     def stats(self) -> dict[str, float]:
         """Running/waiting counts, KV cache usage (0..1), free blocks, preemptions,
         tokens processed (prompt_tokens, generation_tokens: engine/request_stats.py),
@@ -411,3 +419,8 @@ class AsyncEngine:
         for request_id in list(self.core.sequences):
             self.core.abort(request_id)
         self.core.release()
+
+
+def _zero_counters(core: EngineCore) -> None:
+    core.counters = TokenCounters()
+    core.blocks.query_tokens = core.blocks.hit_tokens = 0

@@ -213,12 +213,17 @@ class BlockManager:
         return seq.num_computed
 
     def admitted(self, seq: Sequence) -> None:
-        """Count an admitted sequence's lookup (its tokens, and those it found) and
-        track the prompt blocks it computes (``track_in_flight``)."""
-        if self.prefix_caching:
-            self.query_tokens += seq.num_tokens
+        """Count an admitted sequence's lookup (its prompt tokens, and those it found:
+        its ``cached_tokens``) and track the prompt blocks it computes
+        (``track_in_flight``). Counted once per sequence, as ``Response.cached_tokens``
+        and ``/metrics`` count them: not again when a preempted sequence is recomputed,
+        nor for a request asking for prompt logprobs (computed whole, never looked up)."""
+        if not self.prefix_caching:
+            return
+        if seq.num_preemptions == 0 and seq.params.prompt_logprobs is None:
+            self.query_tokens += seq.prompt_len
             self.hit_tokens += seq.num_computed
-            self.track_in_flight(seq)
+        self.track_in_flight(seq)
 
     def track_in_flight(self, seq: Sequence) -> None:
         """Record, for a sequence just admitted, that it computes its full prompt

@@ -49,7 +49,7 @@ class MiiReplica:
             stop_rank_actors(self.ranks)
             raise
         self.engine.separate_sampling_stream(f"ray replica {self.replica_id}")
-        await self.engine.generate("warm up", max_new_tokens=1)  # compile/allocate first
+        await self.engine.warm_up()  # compile/allocate first
         self.in_flight = 0
         self.node = ray.util.get_node_ip_address()
         self.started = time.time()

@@ -190,7 +190,7 @@ async def serve_replica(config: ReplicaConfig) -> None:
         raise
     # Its own seeds: another replica, or this one before a restart, drew others.
     engine.separate_sampling_stream(f"replica {config.index} start {config.start}")
-    await engine.generate("warm up", max_new_tokens=1)  # compile/allocate before SERVING
+    await engine.warm_up()  # compile/allocate before SERVING
     servicer.info = mii_pb2.ModelInfoReply(
         deployment_name=deployment.deployment_name,
         model=deployment.model,
