@@ -88,6 +88,7 @@ def test_only_long_chunks_of_a_bf16_cache_without_a_window_go_to_the_library(mon
         [(0, 40), (9, 1), (3, 20)], 4, 2, 16, 4, torch.float32, 16, 0
     )
     monkeypatch.setattr(library_attention, "LIBRARY_MIN_QUERIES", 20)
+    monkeypatch.delenv("MII_PROMPT_ATTENTION", raising=False)
     assert library_members(batch, kc, None) == []  # the default: the Triton kernel
     monkeypatch.setenv("MII_PROMPT_ATTENTION", "library")
     assert library_members(batch, kc, None) == [0, 2]

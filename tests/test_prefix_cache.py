@@ -321,5 +321,19 @@ def test_a_deployment_reports_cached_tokens(llama, tmp_path_factory, monkeypatch
         assert metrics["mii_prefix_cache_hit_rate"] == pytest.approx(
             2 * again.cached_tokens / (3 * first.prompt_length)
         )
+        # The engine's counters (gRPC Stats) say the same: its warm-up request is not
+        # counted, and a request asking for prompt logprobs (computed whole) is no
+        # lookup on either side.
+        client.generate(SHARED[1], max_new_tokens=2, prompt_logprobs=1)
+        stats = client.stats()
+        after = {
+            s.name: s.value
+            for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+            for s in family.samples
+        }
+        counted = (3 * first.prompt_length, 2 * again.cached_tokens)
+        assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == counted
+        prefix = (after["mii_prefix_cache_queries_total"], after["mii_prefix_cache_hits_total"])
+        assert prefix == counted
     finally:
         client.terminate_server()

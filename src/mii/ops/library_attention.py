@@ -1,9 +1,8 @@
 """Long prompt chunks through torch's SDPA (cuDNN's on NVIDIA GPUs), with
 ``MII_PROMPT_ATTENTION=library``: a 32k prompt's time to first token 1.29 s
-instead of 1.39 on an H200 (docs/performance.md, twenty-sixth session). Off by
-default: cuDNN builds an execution plan for each new (queries, keys) shape (2.2 s
-for that prompt's 8 chunk shapes in a fresh process), and serving's chunks take
-ever-new lengths; bounded shapes must come first.
+instead of 1.39 on an H200 (docs/performance.md, twenty-sixth session), 1.37
+instead of 1.43 on an H100 with the bounded plans below (twenty-seventh). Off by
+default: serving with it is not measured yet.
 
 Why: on an H200 cuDNN's attention takes the last 4,096-token chunk of a 32k prompt
 at 570 TFLOP/s and a whole 4,096-token prompt at 506, where the Triton prompt
@@ -24,11 +23,12 @@ a sliding window (those keep the Triton kernel).
 Plans: torch keys cuDNN's execution plans on the exact (queries, keys) shape unless
 ``TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1``, under which it takes its ragged path for
 operands laid out [batch, sequence, heads, dim] in memory, with the lengths rounded
-up to powers of two in the key: a bounded set of plans whatever the chunk lengths.
-The first library call sets it (unless the environment says otherwise) and passes
-every operand in that layout. torch
-reads the variable once per process, at its first cuDNN attention call: a process
-that ran one before keeps the per-shape plans.
+up to powers of two in the key: a bounded set of plans whatever the chunk lengths
+(per-shape plans cost 42-91 ms for every new chunk length on an H100; the ragged
+path itself is 10-56 % slower per call there). The first library pass sets it
+(unless the environment says otherwise) and passes every operand in that layout.
+torch reads the variable once per process, at its first cuDNN attention call: a
+process that ran one before keeps the per-shape plans.
 """
 
 from __future__ import annotations

@@ -133,8 +133,12 @@ class Metrics:
         self.healthy.set(healthy)
 
     def observe_prompt(self, response: Response) -> None:
-        """A request's prompt: its tokens, and how many of them were cached."""
+        """A request's prompt: its tokens, and how many of them were cached (one asking
+        for prompt logprobs is computed whole, never looked up: not a query, as the
+        engine's own counters have it)."""
         self.prompt_tokens.inc(response.prompt_length)
+        if response.prompt_logprobs is not None:
+            return
         self.prefix_queries.inc(response.prompt_length)
         self.prefix_hits.inc(response.cached_tokens)
         queries = self.prefix_queries._value.get()
