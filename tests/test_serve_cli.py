@@ -230,7 +230,7 @@ def test_the_demo_deployment_is_served_under_the_models_name(cache, monkeypatch)
     assert serve_config(parse(["serve", "--generation-config", "vllm"])).generation_config == (
         "vllm"
     )
-    random = demo.DemoModel("/cache/tiny", False, "tiny random Llama", "pip install gguf")
+    random = demo.DemoModel("/cache/tiny", False, "tiny random Llama", "gguf is missing")
     monkeypatch.setattr(demo, "demo_model", lambda: random)
     assert serve_config(parse(["serve"])).served_model_name == ["tiny-random-llama"]
     assert serve_config(parse(["serve"])).generation_config == "auto"

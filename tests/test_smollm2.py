@@ -121,6 +121,19 @@ def test_demo_without_the_wheel_says_how_to_get_it(cache_env):
     assert result.stdout.startswith("Hello")
 
 
+def test_without_the_gguf_package_the_demo_names_that_not_the_wheel(smollm2, monkeypatch):
+    """The wheel installed but the GGUF reader missing: the fallback says so, with the
+    extra to install (it said the model was not installed: "pip install gguf")."""
+    from mii import demo
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # find_spec answers None
+    monkeypatch.setattr(demo, "random_demo_model_path", lambda: "/cache/tiny")
+    chosen = demo.demo_model()
+    assert not chosen.real
+    assert "gguf package" in chosen.missing and "mii[gguf]" in chosen.missing
+    assert "not installed" not in chosen.missing
+
+
 def test_mii_serve_without_model_serves_the_demo_to_the_openai_client(smollm2, cache_env):
     """``mii serve`` (no MODEL): the demo model as deployment mii-demo, whose OpenAI
     chat route answers the ``openai`` client, whole and streamed."""

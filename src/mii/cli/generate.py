@@ -122,7 +122,7 @@ def generate(args: argparse.Namespace) -> int:
             demo.path, engine_options(args), prompts or DEMO_CHAT_PROMPTS, params, chat=True
         )
     print(
-        f"[mii] the real demo model is not installed; get it with: {demo.missing}",
+        f"[mii] {demo.missing}",
         file=sys.stderr,
     )
     print(f"[mii] using the built-in {demo.name} instead ({demo.path}).", file=sys.stderr)

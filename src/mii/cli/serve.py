@@ -141,8 +141,8 @@ def _demo_model() -> DemoModel:
         print(f"[mii] no MODEL given: serving the demo model {demo.name}", file=sys.stderr)
     else:
         print(
-            f"[mii] no MODEL given and the real demo model is not installed ({demo.missing}): "
-            f"serving the {demo.name}, whose text is random",
+            f"[mii] no MODEL given and {demo.missing}; serving the {demo.name} meanwhile, "
+            "whose text is random",
             file=sys.stderr,
         )
     return demo
