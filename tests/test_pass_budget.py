@@ -110,11 +110,18 @@ def test_the_startup_log_names_what_the_engine_chose(checkpoints, caplog):
     with caplog.at_level("INFO", logger="mii.engine.core"):
         with mii.pipeline(str(path)):
             pass
-        with mii.pipeline(str(path), token_budget=64, max_num_seqs=4, quantization="fp8"):
+        with mii.pipeline(
+            str(path),
+            token_budget=64,
+            max_num_seqs=4,
+            quantization="fp8",
+            enable_prefix_caching=False,
+        ):
             pass
     lines = [r.getMessage() for r in caplog.records if "engine settings" in r.getMessage()]
     assert lines[0] == (
         "engine settings: token_budget=1024, max_num_seqs=128, cuda_graphs=off, "
-        "async_scheduling=False, quantization=none, kv_cache_dtype=auto"
+        "async_scheduling=False, quantization=none, kv_cache_dtype=auto, prefix_caching=on"
     )
     assert "token_budget=64, max_num_seqs=4," in lines[1] and "quantization=fp8" in lines[1]
+    assert lines[1].endswith("prefix_caching=off")

@@ -230,6 +230,16 @@ def test_tokens_equal_transformers_with_caching_on_and_off(checkpoints, tokenize
             assert cached == [0] * len(prompts) and stats["prefix_cache_hits"] == 0
 
 
+def test_the_log_says_how_caching_meets_a_sliding_window(checkpoints, caplog):
+    """Caching stays on for sliding-window models (tokens equal transformers' above),
+    keeping whole sequences cached: the start-up log says so."""
+    path, _ = checkpoints("mistral-window")
+    with caplog.at_level("INFO", logger="mii.engine.bring_up"), mii.pipeline(str(path)):
+        pass
+    said = [r.getMessage() for r in caplog.records if "sliding window" in r.getMessage()]
+    assert said and "of 8 tokens" in said[0] and "prefix caching is on" in said[0]
+
+
 def test_the_warm_up_request_is_not_counted(llama, tmp_path, monkeypatch):
     """A deployment's replicas answer a tiny request before serving (``warm_up``):
     their stats then count the requests served only, as /metrics does."""

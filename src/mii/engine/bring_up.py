@@ -176,6 +176,13 @@ def prefix_caching_allowed(config: EngineConfig, model: CausalLM) -> bool:
             config.model,
         )
         return False
+    windows = {w for m in model.modules() if (w := getattr(m, "sliding_window", None))}
+    if windows:
+        log.info(
+            "prefix caching is on with a sliding window of %s tokens: a sequence's blocks "
+            "all stay cached, also those its attention no longer reads",
+            "/".join(str(w) for w in sorted(windows)),
+        )
     return True
 
 

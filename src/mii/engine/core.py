@@ -166,9 +166,10 @@ class EngineCore:
         held = self.blocks.num_tokens
         if held < self.max_length:  # (vLLM refuses to start; a small pool is a choice)
             log.warning(
-                "the KV cache holds %d tokens, fewer than max_length=%d: a longer request "
-                "is refused, and one without max_new_tokens stops at %d tokens; raise "
-                "num_kv_blocks (or kv_cache_memory_fraction) or lower max_length",
+                "the KV cache holds %d tokens, fewer than max_length=%d: a longer prompt "
+                "is refused, and an answer stops (finish_reason 'length') at %d tokens of "
+                "prompt and answer, whatever its max_new_tokens; raise num_kv_blocks (or "
+                "kv_cache_memory_fraction) or lower max_length",
                 held,
                 self.max_length,
                 held,
@@ -186,7 +187,8 @@ class EngineCore:
             f"token_budget={config.token_budget}, max_num_seqs={config.max_num_seqs}, "
             f"cuda_graphs={graph_text}, async_scheduling={self.async_scheduling}, "
             f"quantization={self.model.weight_quantization}, "
-            f"kv_cache_dtype={config.kv_cache_dtype}"
+            f"kv_cache_dtype={config.kv_cache_dtype}, "
+            f"prefix_caching={'on' if self.blocks.prefix_caching else 'off'}"
         )
 
     @property
