@@ -318,6 +318,8 @@ def test_a_deployment_reports_cached_tokens(llama, tmp_path_factory, monkeypatch
         again = client.generate(SHARED[0], max_new_tokens=2)[0]
         assert first.cached_tokens == 0
         assert again.cached_tokens == (again.prompt_length - 1) // 16 * 16 > 0
+        rest = httpx.post(f"{url}/mii/{client.deployment_name}", json={"prompts": SHARED[0]})
+        assert rest.json()[0]["cached_tokens"] == again.cached_tokens  # the /mii route too
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         usage = oai.completions.create(model=None, prompt=SHARED[0], max_tokens=2).usage
         assert usage.prompt_tokens_details.cached_tokens == again.cached_tokens
@@ -326,10 +328,10 @@ def test_a_deployment_reports_cached_tokens(llama, tmp_path_factory, monkeypatch
             for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
             for s in family.samples
         }
-        assert metrics["mii_prefix_cache_queries_total"] == 3 * first.prompt_length
-        assert metrics["mii_prefix_cache_hits_total"] == 2 * again.cached_tokens
+        assert metrics["mii_prefix_cache_queries_total"] == 4 * first.prompt_length
+        assert metrics["mii_prefix_cache_hits_total"] == 3 * again.cached_tokens
         assert metrics["mii_prefix_cache_hit_rate"] == pytest.approx(
-            2 * again.cached_tokens / (3 * first.prompt_length)
+            3 * again.cached_tokens / (4 * first.prompt_length)
         )
         # The engine's counters (gRPC Stats) say the same: its warm-up request is not
         # counted, and a request asking for prompt logprobs (computed whole) is no
@@ -341,7 +343,7 @@ def test_a_deployment_reports_cached_tokens(llama, tmp_path_factory, monkeypatch
             for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
             for s in family.samples
         }
-        counted = (3 * first.prompt_length, 2 * again.cached_tokens)
+        counted = (4 * first.prompt_length, 3 * again.cached_tokens)
         assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == counted
         prefix = (after["mii_prefix_cache_queries_total"], after["mii_prefix_cache_hits_total"])
         assert prefix == counted

@@ -50,6 +50,7 @@ def response_dict(response: Answer) -> dict[str, Any]:
         "finish_reason": response.finish_reason,
         "stop_reason": response.stop_reason,
         "token_ids": list(response.token_ids),
+        "cached_tokens": response.cached_tokens,  # prompt tokens from the prefix cache
     }
     if response.logprobs is not None:
         answer["logprobs"] = [_logprob_dict(e) for e in response.logprobs]
