@@ -180,6 +180,15 @@ def test_bad_token_id_prompts_get_400_naming_prompt(served, tok):
     for prompt in ([], [[]], [-1], [vocab], [[1], [vocab + 5]], [1, "a"], [[1], "a"], [True],
                    [1.5], [2**64], [[1, 2], 3], {"ids": [1]}):  # fmt: skip
         assert_400(post("/v1/completions", json={**ok, "prompt": prompt}), "prompt")
+    # The message names the id outside the vocabulary and the vocabulary's size, on
+    # the HTTP routes and in the engine (the pipeline, gRPC) alike.
+    message = post("/v1/completions", json={**ok, "prompt": [1, vocab + 5]}).text
+    assert f"token id {vocab + 5}," in message and f"[0, {vocab})" in message, message
+    with pytest.raises(mii.InvalidRequestError) as engine_said:
+        served.client.generate([1, vocab + 5], max_new_tokens=2)
+    assert f"token id {vocab + 5}," in str(engine_said.value) and f"[0, {vocab})" in str(
+        engine_said.value
+    )
     # Streamed, refused whole before the first event (a good prompt first).
     stream = {**ok, "prompt": [[1, 2], [vocab]], "stream": True}
     assert_400(post("/v1/completions", json=stream), "prompt")

@@ -76,9 +76,12 @@ class RequestIntake:
                     field="prompt",
                 )
             return list(self.tokenizer(prompt).input_ids)
-        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+        outside = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if outside:
             raise InvalidRequestError(
-                f"prompt token ids must be integers in [0, {self.vocab_size})", field="prompt"
+                f"prompt has the token id {outside[0]!r}, which is not in this model's "
+                f"vocabulary (ids are integers in [0, {self.vocab_size}))",
+                field="prompt",
             )
         return list(prompt)
 
