@@ -285,9 +285,7 @@ def test_the_ingress_drains_on_the_boards_notice_and_reports_back():
     assert 0.4 < took < 10  # it waited for the call, not for the grace period
 
 
-def test_a_second_signal_reaches_the_ingress_and_a_silent_ingress_is_not_waited_for_ever(
-    monkeypatch,
-):
+def test_a_second_signal_reaches_the_ingress():
     from mii.ray_backend import http_drain
     from mii.ray_backend.board import StatsBoard
 
@@ -309,10 +307,17 @@ def test_a_second_signal_reaches_the_ingress_and_a_silent_ingress_is_not_waited_
     reported, call, took = asyncio.run(hurried())
     assert reported and call.cancelled and took < 15  # cut at once, not after 60 s
 
+
+def test_a_silent_ingress_is_not_waited_for_ever(monkeypatch):
+    """No ingress follows the notice (it died): the deployment gives up after the
+    grace period and the cut's wait, and deletes the application anyway."""
+    from mii.ray_backend import http_drain
+    from mii.ray_backend.board import StatsBoard
+
     monkeypatch.setattr(http_drain, "CUT_WAIT_S", 0.2)
     monkeypatch.setattr(http_drain, "REPORT_SLACK_S", 0.3)
 
-    async def silent():  # no ingress follows the notice (it died): give up after the grace
+    async def silent():
         loop = asyncio.get_running_loop()
         began = loop.time()
         reported = await http_drain.drain_http(_Actor(StatsBoard()), 0.2, asyncio.Event())

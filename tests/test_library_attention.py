@@ -5,10 +5,12 @@ math; on a GPU: cuDNN's attention), against the torch reference."""
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 import torch
 
+from mii.engine import bring_up
 from mii.ops import library_attention
 from mii.ops.attention import FP8_KV_DTYPE, rotary_paged_attention_reference
 from mii.ops.library_attention import chunk_attention, library_members
@@ -99,18 +101,23 @@ def test_only_long_chunks_of_a_bf16_cache_without_a_window_go_to_the_library(mon
 def test_the_library_gets_sequence_major_operands_and_bounded_plans(monkeypatch):
     """torch's cuDNN attention keeps one execution plan per power-of-two length bucket
     (not one per exact shape) only for operands packed [batch, sequence, heads, dim]
-    and with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1: the first library pass sets it (a
-    value the user set wins), and a chunk's q, a view into the qkv projection's
-    output as models pass it, reaches the library packed so, as do the keys."""
-    monkeypatch.delenv(library_attention.BOUNDED_PLANS_ENV, raising=False)
-    monkeypatch.setenv("MII_PROMPT_ATTENTION", "library")
-    monkeypatch.setattr(library_attention, "LIBRARY_MIN_QUERIES", 20)
-    _, _, _, _, _, kc, _, batch = make_case([(0, 40), (9, 1)], 4, 2, 16, 4, torch.float32, 16, 0)
-    assert library_members(batch, kc, None) == [0]
-    assert os.environ[library_attention.BOUNDED_PLANS_ENV] == "1"
-    monkeypatch.setenv(library_attention.BOUNDED_PLANS_ENV, "0")
-    library_members(batch, kc, None)
-    assert os.environ[library_attention.BOUNDED_PLANS_ENV] == "0"
+    and with TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1: engine bring-up sets it when the
+    switch is on (a value the user set wins; off, nothing is set), and a chunk's q, a
+    view into the qkv projection's output as models pass it, reaches the library
+    packed so, as do the keys."""
+    name = library_attention.BOUNDED_PLANS_ENV
+    with mock.patch.dict(os.environ):  # what bring-up sets goes with the test
+        os.environ.pop(name, None)
+        os.environ.pop("MII_PROMPT_ATTENTION", None)
+        assert not library_attention.bound_cudnn_plans() and name not in os.environ
+        os.environ["MII_PROMPT_ATTENTION"] = "library"
+        assert library_attention.bound_cudnn_plans() and os.environ[name] == "1"
+        os.environ[name] = "0"
+        assert not library_attention.bound_cudnn_plans() and os.environ[name] == "0"
+        del os.environ[name]  # engine bring-up's own step
+
+        bring_up.bound_prompt_attention_plans()
+        assert os.environ[name] == "1"
 
     layouts = []
     real = library_attention.sdpa_with_lse

@@ -318,7 +318,11 @@ def test_a_deployment_reports_cached_tokens(llama, tmp_path_factory, monkeypatch
         again = client.generate(SHARED[0], max_new_tokens=2)[0]
         assert first.cached_tokens == 0
         assert again.cached_tokens == (again.prompt_length - 1) // 16 * 16 > 0
-        rest = httpx.post(f"{url}/mii/{client.deployment_name}", json={"prompts": SHARED[0]})
+        rest = httpx.post(
+            f"{url}/mii/{client.deployment_name}",
+            json={"prompts": SHARED[0], "max_new_tokens": 2},
+            timeout=60,
+        )
         assert rest.json()[0]["cached_tokens"] == again.cached_tokens  # the /mii route too
         oai = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         usage = oai.completions.create(model=None, prompt=SHARED[0], max_tokens=2).usage

@@ -304,10 +304,19 @@ def test_terminate_drains_http_and_leaves_no_actor_process_or_port(two):
     pids = [record["pid"], *(r.pid for r in client.stats().replicas)]
     ports = [int(client.address.rsplit(":", 1)[1]), int(url.rsplit(":", 1)[1])]
     assert serve_actors()
-    # >= 5 s at 0.05 s per pass, well within the 30 s grace period even on a slow CPU
-    in_flight = SseStream(url, 100)
+    # >= 7.5 s at 0.05 s per pass (the drain notice takes a second or two to reach the
+    # ingress), well within the 30 s grace period even on a slow CPU
+    in_flight = SseStream(url, 150)
     assert in_flight.started.wait(120)
-    terminating = threading.Thread(target=client.terminate_server, daemon=True)
+    failed: list[BaseException] = []
+
+    def terminate() -> None:
+        try:
+            client.terminate_server()
+        except BaseException as err:  # handed to the test
+            failed.append(err)
+
+    terminating = threading.Thread(target=terminate, daemon=True)
     terminating.start()
     with httpx.Client(base_url=url, timeout=30) as http:
         assert wait_until(lambda: http.get("/health").status_code == 503, timeout=30)
@@ -321,6 +330,7 @@ def test_terminate_drains_http_and_leaves_no_actor_process_or_port(two):
     assert done == "data: [DONE]" and not any('"error"' in event for event in chunks)
     assert json.loads(chunks[-1].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
     terminating.join(180)
+    assert not terminating.is_alive() and not failed, failed
     assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
     assert wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=60)
     assert wait_until(lambda: all(port_is_free(p) for p in ports), timeout=60)

@@ -185,6 +185,19 @@ def test_production_launches_on_a_ragged_k(name, gated):
         assert torch.equal(got, act_and_mul(plain, "silu"))
 
 
+def test_the_16_bit_few_bands_launch_over_several_slices():
+    """BF16_CORES_FEW_BANDS_CONFIG (the o and down projections of 16-bit models: 4-row
+    bands of 2,048-column slices) with bfloat16 weights, as production runs it, on a K
+    of two whole slices and a ragged third: the float32 product, to one rounding."""
+    import mii.ops.triton_gemv_launch as gemv
+
+    config = gemv.BF16_CORES_FEW_BANDS_CONFIG
+    x, w, b = _operands(1, 12, 2 * config.block_k + 6, torch.bfloat16, seed=5)
+    w = w.to(torch.bfloat16)
+    out = skinny_linear(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), config)
+    _close(out.cpu(), x.float() @ w.float().T + b.float())
+
+
 def test_the_loop_pipelines_only_as_deep_as_shared_memory_holds(monkeypatch):
     """The one-row loop's pipeline depth (its own ``tl.range`` stages, which Triton
     takes over the launch's) is the depth that fits the device's shared memory, as

@@ -422,5 +422,6 @@ class AsyncEngine:
 
 
 def _zero_counters(core: EngineCore) -> None:
+    """The token and prefix-cache counters of ``core`` back to zero (its own thread)."""
     core.counters = TokenCounters()
-    core.blocks.query_tokens = core.blocks.hit_tokens = 0
+    core.blocks.reset_counts()

@@ -186,6 +186,19 @@ def prefix_caching_allowed(config: EngineConfig, model: CausalLM) -> bool:
     return True
 
 
+def bound_prompt_attention_plans() -> None:
+    """``MII_PROMPT_ATTENTION=library``: torch's bounded cuDNN attention plans, asked
+    for before anything runs (``ops/library_attention.py``), and said in the log."""
+    from mii.ops.library_attention import BOUNDED_PLANS_ENV, bound_cudnn_plans
+
+    if bound_cudnn_plans():
+        log.info(
+            "MII_PROMPT_ATTENTION=library: %s=1 set for this process (cuDNN attention "
+            "plans keyed on power-of-two lengths, for every caller)",
+            BOUNDED_PLANS_ENV,
+        )
+
+
 def compile_model(config: EngineConfig, runner: ModelRunner, blocks: BlockManager) -> float:
     """torch.compile the model when asked (``compile=True``); warm-up seconds."""
     if not config.compile:

@@ -102,6 +102,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         # Bring-up, one step at a time (engine/bring_up.py).
         self.device, self.tp = bring_up.join_group(config)
+        bring_up.bound_prompt_attention_plans()
         loaded = bring_up.load_model(config, self.device)
         # token_budget / max_num_seqs left unset: chosen for the device and the model
         self.config = config = bring_up.scheduling_defaults(config, loaded, self.device)

@@ -212,6 +212,10 @@ class BlockManager:
         seq.num_computed = len(attached) * self.block_size
         return seq.num_computed
 
+    def reset_counts(self) -> None:
+        """Zero the lookup counters (after the engine's own warm-up request)."""
+        self.query_tokens = self.hit_tokens = 0
+
     def admitted(self, seq: Sequence) -> None:
         """Count an admitted sequence's lookup (its prompt tokens, and those it found:
         its ``cached_tokens``) and track the prompt blocks it computes

@@ -25,10 +25,11 @@ Plans: torch keys cuDNN's execution plans on the exact (queries, keys) shape unl
 operands laid out [batch, sequence, heads, dim] in memory, with the lengths rounded
 up to powers of two in the key: a bounded set of plans whatever the chunk lengths
 (per-shape plans cost 42-91 ms for every new chunk length on an H100; the ragged
-path itself is 10-56 % slower per call there). The first library pass sets it
-(unless the environment says otherwise) and passes every operand in that layout.
-torch reads the variable once per process, at its first cuDNN attention call: a
-process that ran one before keeps the per-shape plans.
+path itself is 10-56 % slower per call there). Engine bring-up sets it when the
+switch is on (``bound_cudnn_plans``; a value the environment gives wins) and the
+library gets every operand in that layout. torch reads the variable once per
+process, at its first cuDNN attention call, for every caller: a process that ran
+one before keeps the per-shape plans.
 """
 
 from __future__ import annotations
@@ -63,10 +64,19 @@ def library_members(
         or k_cache.dtype == FP8_KV_DTYPE
     ):
         return []
-    members = [b for b, n in enumerate(batch.query_lens_host) if n >= LIBRARY_MIN_QUERIES]
-    if members:
-        os.environ.setdefault(BOUNDED_PLANS_ENV, "1")  # before the first cuDNN call
-    return members
+    return [b for b, n in enumerate(batch.query_lens_host) if n >= LIBRARY_MIN_QUERIES]
+
+
+def bound_cudnn_plans() -> bool:
+    """With ``MII_PROMPT_ATTENTION=library``, ask torch for bounded cuDNN attention
+    plans (``BOUNDED_PLANS_ENV=1``) unless the environment already says either way;
+    True when it set it. Engine bring-up calls it on the thread that builds the engine,
+    before the model runs: torch reads the variable once, at the process's first cuDNN
+    attention call, and for every caller in the process (the user's own attention too)."""
+    if envs.PROMPT_ATTENTION.get() != "library" or BOUNDED_PLANS_ENV in os.environ:
+        return False
+    os.environ[BOUNDED_PLANS_ENV] = "1"
+    return True
 
 
 # (q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, window) -> out

@@ -108,10 +108,12 @@ NARROW_MANY_BANDS_CONFIG = GemvConfig(32, 128, num_warps=4, num_stages=6, split_
 #   (Llama-3-8B's gate_up 43.4 vs 49.6), bf16 qkv 34.8 / gate_up 62.0 / lm_head 87.3
 #   vs 37.3 / 64.1 / 89.6.
 # Swept again (H100, 2026-12-06, e05acf6, with 8 stages and the engine's own launch
-# timed beside): 16-bit weights of few bands take 4-row bands of 2048-column slices
-# instead (a [4, 2048] sum, the same 64 registers): bf16 down 33.3 vs 34.6 us
-# (Llama-3-8B 42.0 vs 43.1), o 12.7 vs 12.5; batch 1 end to end +1.2 % with every
-# weight at its sweep's best, the down projection's share of it most.
+# timed beside): 16-bit weights of few bands (still counted in CORES_CONFIG's 8-row
+# bands) take 4-row bands of 2048-column slices instead (a [4, 2048] sum, the same 64
+# registers): bf16 down 33.3 vs 34.6 us (Llama-3-8B 42.0 vs 43.1), o 12.7 vs 12.5 (o
+# takes it too: one launch for both, the down projection's gain 6x o's loss); batch 1
+# end to end +0.5 % on Llama-2-7B, even on Llama-3-8B (22d6a1f, alternated). The
+# 16-bit launches also serve float32 weights, which no sweep timed.
 CORES_CONFIG = GemvConfig(8, 1024, num_warps=4, num_stages=4, block_m=1, split_k=0, cores=True)
 BF16_CORES_FEW_BANDS_CONFIG = CORES_CONFIG._replace(block_n=4, block_k=2048)
 CORES_MANY_BANDS_CONFIG = CORES_CONFIG._replace(block_n=4, num_stages=6)

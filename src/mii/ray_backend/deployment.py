@@ -6,9 +6,9 @@ the local registry, so that ``mii.client(name)`` finds it as any other.
 ``python -m mii.ray_backend.deployment CONFIG_JSON`` runs it (``mii.serve`` starts
 that in the background, ``mii serve`` runs it in the foreground). On Terminate or
 a signal it drains the gRPC front and (through the board) the HTTP ingress, then
-deletes the Serve application (Serve's graceful,
-rolling shutdown of the replicas), shuts Serve down when no other application is
-left on the cluster, and disconnects (stopping the Ray instance it started, if any).
+deletes the Serve application (Serve's graceful, rolling shutdown of the replicas),
+shuts Serve down when no other application is left on the cluster, and disconnects
+(stopping the Ray instance it started, if any).
 """
 
 from __future__ import annotations
@@ -295,11 +295,16 @@ async def _drain_both_fronts(
         await grpc
         return
     http = drain_http(board, config.shutdown_grace_s, hurry)
-    _, http_reported = await asyncio.gather(grpc, http, return_exceptions=True)
-    if http_reported is not True:
+    outcomes = await asyncio.gather(grpc, http, return_exceptions=True)
+    for front, outcome in zip(("gRPC front", "HTTP ingress"), outcomes):
+        if isinstance(outcome, BaseException):
+            why = f"its drain failed: {type(outcome).__name__}: {outcome}"
+        elif front == "HTTP ingress" and outcome is not True:
+            why = "it did not report its drain within the grace period (gone?)"
+        else:
+            continue
         print(
-            f"[mii] the HTTP ingress did not report its drain ({http_reported}); "
-            "deleting the application anyway",
+            f"[mii] the {front}: {why}; deleting the application anyway",
             file=sys.stderr,
             flush=True,
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from typing import Any
 
 from mii.ray_backend.pool import HEALTH_INTERVAL_S, RayPool
@@ -58,11 +57,19 @@ class IngressDrain:
 async def drain_http(board: Any, grace_s: float, hurry: asyncio.Event) -> bool:
     """The deployment's side: post the notice, pass a second signal on (``hurry``),
     and wait for the ingress to report its requests finished or cut. False when it
-    did not report in time (it died, or the cluster is gone): the deletion goes on."""
+    did not report in time (it died, or the cluster is gone: a board call that hangs
+    counts against the same deadline); the deletion goes on either way."""
+    wait_s = grace_s + CUT_WAIT_S + REPORT_SLACK_S
+    try:
+        return await asyncio.wait_for(_notice_and_wait(board, grace_s, hurry), wait_s)
+    except asyncio.TimeoutError:
+        return False
+
+
+async def _notice_and_wait(board: Any, grace_s: float, hurry: asyncio.Event) -> bool:
     await board.start_drain.remote(grace_s)
-    deadline = time.monotonic() + grace_s + CUT_WAIT_S + REPORT_SLACK_S
     hurried = False
-    while time.monotonic() < deadline:
+    while True:
         if hurry.is_set() and not hurried:
             hurried = True
             with contextlib.suppress(Exception):
@@ -70,4 +77,3 @@ async def drain_http(board: Any, grace_s: float, hurry: asyncio.Event) -> bool:
         if await board.drained_ingresses.remote() > 0:
             return True
         await asyncio.sleep(HEALTH_INTERVAL_S / 2)
-    return False
