@@ -73,9 +73,11 @@ def bound_cudnn_plans() -> bool:
     True when it set it. Engine bring-up calls it on the thread that builds the engine,
     before the model runs: torch reads the variable once, at the process's first cuDNN
     attention call, and for every caller in the process (the user's own attention too)."""
-    if envs.PROMPT_ATTENTION.get() != "library" or BOUNDED_PLANS_ENV in os.environ:
+    # (the name spelled out: tests/test_envs.py tells torch's variables from mii's
+    # switches, which only envs.py reads, by the literal names)
+    if envs.PROMPT_ATTENTION.get() != "library" or "TORCH_CUDNN_SDPA_AVOID_RECOMPILE" in os.environ:
         return False
-    os.environ[BOUNDED_PLANS_ENV] = "1"
+    os.environ["TORCH_CUDNN_SDPA_AVOID_RECOMPILE"] = "1"
     return True
 
 
