@@ -47,6 +47,15 @@ def test_config_missing_a_field_the_family_needs_names_it(tmp_path, llama):
         mii.pipeline(str(tmp_path / "m"))
 
 
+def test_folder_holding_only_a_gguf_names_the_file_to_pass(tmp_path):
+    """A folder with a .gguf but no config.json said only "no config.json" (trial):
+    the error now names the file to pass instead."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model-Q8_0.gguf").write_bytes(b"GGUF")
+    with pytest.raises(mii.ModelLoadError, match=r"holds model-Q8_0\.gguf; pass the \.gguf file"):
+        mii.pipeline(str(tmp_path / "m"))
+
+
 def test_directory_without_weights(tmp_path, llama):
     shutil.copytree(llama, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(mii.ModelLoadError, match="no weight files"):

@@ -75,6 +75,13 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None, weights: b
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
+        gguf_files = sorted(f.name for f in model_dir.glob("*.gguf"))
+        if gguf_files:
+            # A folder holding a .gguf only: the file itself is the model to pass.
+            raise ModelLoadError(
+                f"{model_dir} has no config.json but holds {', '.join(gguf_files)}; "
+                f"pass the .gguf file itself as the model (e.g. {model_dir / gguf_files[0]})"
+            )
         raise ModelLoadError(f"{model_dir} has no config.json; is it a Hugging Face checkpoint?")
     return read_json_object(config_file)
 
