@@ -128,8 +128,8 @@ def call_everything(address: str, metadata) -> dict[str, grpc.StatusCode]:
             )
         )
         for method, call in calls.items():
-            if method == "Terminate" and metadata and metadata[0][1] == f"Bearer {KEY}":
-                continue  # the right key would stop the deployment
+            if method == "Terminate" and metadata == (("authorization", f"Bearer {KEY}"),):
+                continue  # the right key alone would stop the deployment
             try:
                 call(stub, metadata)
                 codes[method] = grpc.StatusCode.OK
@@ -140,7 +140,8 @@ def call_everything(address: str, metadata) -> dict[str, grpc.StatusCode]:
 
 def test_every_grpc_method_refuses_a_missing_or_wrong_key(secured):
     unauthenticated = grpc.StatusCode.UNAUTHENTICATED
-    for metadata in [(), (("authorization", "Bearer wrong"),), (("authorization", KEY),)]:
+    right, wrong = ("authorization", f"Bearer {KEY}"), ("authorization", "Bearer wrong")
+    for metadata in [(), (wrong,), (("authorization", KEY),), (right, wrong), (wrong, right)]:
         codes = call_everything(secured.address, metadata)
         assert codes == dict.fromkeys([*METHODS, "health.Check", "reflection"], unauthenticated)
     # Terminate was refused: the deployment still serves, and the right key passes.
@@ -357,6 +358,18 @@ def test_every_http_route_refuses_a_missing_or_wrong_key(secured):
         for method, path, body in routes:
             r = http.request(method, path, json=body, headers=right)
             assert r.status_code == (404 if path == "/nowhere" else 200), (path, r.text)
+
+
+def test_two_authorization_headers_are_refused_whatever_their_order(secured):
+    """The first of two decided (SRE trial: right then wrong passed, wrong then
+    right failed): a request carrying two keys is refused either way."""
+    right, wrong = f"Bearer {KEY}".encode(), b"Bearer wrong"
+    with httpx.Client(base_url=secured.url, timeout=60) as http:
+        for pair in ([right, wrong], [wrong, right], [right, right]):
+            headers = [(b"Authorization", value) for value in pair]
+            r = http.get("/v1/models", headers=headers)
+            assert r.status_code == 401, (pair, r.text)
+        assert http.get("/v1/models", headers=[(b"Authorization", right)]).status_code == 200
 
 
 def test_the_openai_client_sends_its_api_key(secured):

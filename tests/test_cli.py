@@ -142,12 +142,44 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
         (["serve", "m", "--max-logprobs", "5"], "--max-logprobs is vLLM's: mii's limit is fixed"),
         (["serve", "m", "--lora-modules", "a=b"], "--lora-modules is vLLM's: mii serves no LoRA"),
         (["serve", "m", "--reasoning-parser", "qwen3"], "stays in content"),
+        # more of vllm serve's flags (SRE trial: refused with a bare "unrecognized")
+        (["serve", "m", "--pipeline-parallel-size", "2"], "no pipeline parallelism"),
+        (["serve", "m", "-pp", "2"], "-pp is vLLM's: mii has no pipeline parallelism"),
+        (["serve", "m", "--ssl-keyfile", "k.pem"], "terminate TLS in a reverse proxy"),
+        (["serve", "m", "--root-path", "/llm"], "strip its path"),
+        (["serve", "m", "--download-dir", "/d"], "HF_HOME"),
+        (["serve", "m", "--task", "embed"], "text generation"),
+        (["serve", "m", "--config", "c.yaml"], "reads no config file"),
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_command_line(build_parser(), argv)
         assert exit_.value.code == 2
         stderr = capsys.readouterr().err
         assert f"usage: mii {argv[0]}" in stderr and said in stderr, stderr
+
+
+def test_vllm_model_flag_and_data_parallel_size(monkeypatch):
+    """vllm serve's --model (its api_server's form, common in Helm charts) and
+    --data-parallel-size / -dp (N engines behind one server: mii's replicas) were
+    refused; -dp's "did you mean --tensor-parallel-size?" pointed the wrong way."""
+    from mii.cli.commands import parse_command_line
+    from mii.cli.errors import CliError
+    from mii.cli.serve import serve_config
+
+    monkeypatch.delenv("MII_API_KEY", raising=False)
+
+    def config(*argv: str):
+        return serve_config(parse_command_line(build_parser(), ["serve", *argv]))
+
+    assert config("--model", "org/m").model == "org/m"
+    assert config("org/m", "--model", "org/m").model == "org/m"
+    with pytest.raises(CliError, match="two models given"):
+        config("org/a", "--model", "org/b")
+    assert config("org/m", "--data-parallel-size", "3").replica_num == 3
+    assert config("org/m", "-dp", "2").replica_num == 2
+    assert config("org/m").replica_num == 1
+    # tuning flags of vllm serve with no counterpart: accepted, changing nothing
+    assert config("org/m", "--max-seq-len-to-capture", "8192").model == "org/m"
 
 
 def test_vllm_request_id_flag_is_accepted():
@@ -359,7 +391,8 @@ def test_errors_exit_non_zero_with_one_line(llama, cache):
     assert err.strip().startswith(
         "mii terminate: error: no running deployment named 'no-such-deployment' is recorded in "
     )
-    assert err.strip().endswith("(see: mii list)") and len(err.strip().splitlines()) == 1
+    assert err.strip().endswith("(see: mii list; --ignore-not-found: exit 0 then)")
+    assert len(err.strip().splitlines()) == 1
     _, err = bad_option.communicate(timeout=120)
     assert bad_option.returncode == 1
     assert err.strip().startswith("mii serve: error: invalid engine option 'token_budget'")

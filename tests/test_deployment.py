@@ -349,6 +349,13 @@ def test_a_deployment_on_an_ipv6_host_is_reached_by_name(checkpoints, capsys):
     finally:
         assert main(["terminate", "v6-deploy", "--timeout", "60"]) == 0
     assert registry.lookup("v6-deploy") is None
+    # A stop hook that runs twice (SRE trial: the second run failed): --ignore-not-found.
+    capsys.readouterr()
+    assert main(["terminate", "v6-deploy"]) == 1
+    assert main(["terminate", "v6-deploy", "--ignore-not-found"]) == 0
+    assert "nothing to stop" in capsys.readouterr().out
+    free = f"127.0.0.1:{free_port()}"  # an address where nothing answers
+    assert main(["terminate", free, "--ignore-not-found"]) == 0
 
 
 def test_grpc_servers_close_connections_that_never_speak(monkeypatch):
@@ -434,6 +441,18 @@ def test_port_in_use_raises_in_caller(cache_dir, checkpoints):
         with pytest.raises(DeploymentError, match="port"):
             mii.serve(path, deployment_name="busy-port", port=port)
     assert wait_until(lambda: no_deployment_processes("busy-port"))
+
+
+def test_a_busy_ipv6_rest_port_is_named_in_brackets():
+    """host "::" on a busy HTTP port said "cannot listen on :::PORT" (SRE trial)."""
+    from mii.rpc.http.server import GatewayError, bind_socket
+
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(GatewayError, match=rf"cannot listen on \[::1\]:{port} for"):
+            bind_socket("::1", port)
 
 
 def test_busy_rest_port_fails_before_the_model_loads(cache_dir, tmp_path):

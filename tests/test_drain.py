@@ -84,6 +84,8 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(draining_deploym
         refused = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert refused.status_code == 503, refused.text
         assert "shutting down" in refused.json()["error"]["message"]
+        # No Retry-After: the deployment is going away, not back in a second (it said 1 s).
+        assert "retry-after" not in refused.headers
         assert http.post(f"/mii/{NAME}", json={"prompts": "x"}).status_code == 503
     with pytest.raises(MiiError, match=r"^UNAVAILABLE: .*shutting down"):
         client.generate("x", max_new_tokens=2)

@@ -292,6 +292,27 @@ def test_no_replica_left_answers_503_and_says_so(supervised, capsys):
     assert wait_until(lambda: s.http.get("/health").status_code == 200), s.health()
 
 
+def test_deployment_stops_with_an_error_once_every_replica_failed(supervised):
+    """The last replica given up on (replica 0 failed above): the deployment used to
+    stay up answering 503 "retry in 1 s" forever, so that no process supervisor
+    (systemd, Kubernetes) ever restarted it. It now stops, saying why, and exits
+    with an error; terminate_server() on it afterwards is a no-op."""
+    s = supervised
+    assert wait_until(lambda: s.replica(1)["state"] == "serving", timeout=60), s.health()
+    moved = s.model.with_name("model-moved")
+    s.model.rename(moved)  # every new replica process now fails to load
+    try:
+        os.kill(s.replica(1)["pid"], signal.SIGKILL)
+        assert wait_until(lambda: not registry.pid_alive(s.pid), timeout=150)
+    finally:
+        moved.rename(s.model)
+    log = registry.log_path(NAME).read_text()
+    assert "every replica failed" in log and "replica_max_restarts" in log, log[-2000:]
+    assert registry.lookup(NAME) is None  # its record is gone: the name is free
+    with pytest.raises(httpx.TransportError):
+        s.http.get("/health")
+
+
 # ----- the supervisor's rules, without processes ---------------------------------------------
 
 
@@ -355,6 +376,7 @@ def test_restart_backoff_doubles_and_the_limit_gives_up():
         processes[0].code = 1  # crashed
         supervisor.tick(now)
         assert replica.state == "restarting" and replica.restarts == attempt + 1
+        assert replica.pid is None  # /health and mii list name no dead process
         supervisor.tick(now + backoff - 0.01)
         assert len(spawned) == attempt  # still waiting out the back-off
         supervisor.tick(now + backoff)
@@ -362,10 +384,30 @@ def test_restart_backoff_doubles_and_the_limit_gives_up():
         assert replica.address == spawned[-1].address  # the pool follows the new port
         now += backoff + 1
     processes[0].code = 1  # a fourth exit within the window: given up
+    assert not supervisor.all_failed
     supervisor.tick(now)
-    assert replica.state == "failed" and len(spawned) == 3
+    assert replica.state == "failed" and len(spawned) == 3 and replica.pid is None
+    assert supervisor.all_failed
     supervisor.tick(now + 1000)
     assert replica.state == "failed" and len(spawned) == 3
+
+
+async def test_supervision_ends_once_every_replica_has_failed():
+    """run() returns when nothing is left to serve (the deployment then stops with
+    an error), and not while one replica of two still serves."""
+    pool = FakePool()
+    pool.replicas.append(FakeReplica())
+    processes = [FakeProcess(1), FakeProcess(2)]
+    policy = RestartPolicy(max_restarts=0)  # the first exit is given up
+    supervisor = Supervisor(pool, processes, lambda i: FakeProcess(3), policy)
+    pool.replicas[1].healthy = True
+    processes[0].code = 1
+    running = asyncio.create_task(supervisor.run())
+    await asyncio.sleep(0.3)
+    assert pool.replicas[0].state == "failed" and not running.done()  # replica 1 serves on
+    processes[1].code = -9
+    await asyncio.wait_for(running, timeout=5)
+    assert supervisor.all_failed
 
 
 def test_restarts_outside_the_window_do_not_count():

@@ -47,7 +47,7 @@ class CommandParser(argparse.ArgumentParser):
         if unknown:
             options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
             for given in unknown.group(1).split():
-                if not given.startswith("--"):
+                if not given.startswith("-"):
                     continue
                 name = given.split("=")[0]
                 if name in NOT_TAKEN:  # a vLLM flag carried over from a launch script

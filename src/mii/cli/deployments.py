@@ -44,6 +44,12 @@ def add_terminate_parser(commands: argparse._SubParsersAction) -> None:
         help="kill its processes (SIGKILL, from its record on this machine) without asking it "
         "to drain; without --force a deployment that does not answer gets SIGTERM",
     )
+    parser.add_argument(
+        "--ignore-not-found",
+        action="store_true",
+        help="succeed (exit 0) when no deployment has that name, e.g. one already stopped "
+        "(for stop hooks that may run twice, as kubectl's flag of the name)",
+    )
     add_api_key_option(parser)
     parser.set_defaults(func=terminate)
 
@@ -161,6 +167,18 @@ def list_deployments(args: argparse.Namespace) -> int:
     return 0
 
 
+def _none_named(name: str) -> bool:
+    """Whether no deployment of this machine has that name (rather than several
+    serving it, which --ignore-not-found does not hide)."""
+    from mii.rpc import registry
+    from mii.rpc.client import DeploymentNotFoundError
+
+    try:
+        return registry.find(name) is None
+    except DeploymentNotFoundError:
+        return False
+
+
 def terminate(args: argparse.Namespace) -> int:
     from mii.cli import stop_processes
     from mii.errors import DeploymentUnresponsiveError
@@ -170,13 +188,19 @@ def terminate(args: argparse.Namespace) -> int:
     try:
         target = client(args.name, api_key=args.api_key)
     except DeploymentNotFoundError as err:  # none by that name, or several serve it
-        raise CliError(f"{err} (see: mii list)") from None
+        if args.ignore_not_found and _none_named(args.name):
+            print(f"no running deployment named {args.name!r}: nothing to stop")
+            return 0
+        raise CliError(f"{err} (see: mii list; --ignore-not-found: exit 0 then)") from None
     name = target.deployment_name or target.address
     info = registry.lookup(target.deployment_name) if target.deployment_name else None
     try:
         if args.force:
             return stop_processes.kill(name, info)
         if target.deployment_name is None and not target.is_healthy(timeout=5.0):
+            if args.ignore_not_found:
+                print(f"no mii deployment answers at {args.name}: nothing to stop")
+                return 0
             raise CliError(f"no mii deployment answers at {args.name}")
         try:
             target.terminate_server(timeout=args.timeout)

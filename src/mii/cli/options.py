@@ -117,6 +117,9 @@ DEPLOYMENT_FLAGS = {
     "restful_api_port": ("--port", "--restful-api-port"),
     "port": ("--grpc-port",),
     "tensor_parallel": ("--tensor-parallel-size", "-tp", "--tensor-parallel"),
+    # vLLM's data parallelism of a dense model is what mii's replicas are: N engines
+    # behind one API server, each on its own tensor-parallel group of GPUs.
+    "replica_num": ("--replica-num", "--data-parallel-size", "-dp"),
     "log_requests": ("--enable-log-requests",),
 }
 CLI_HTTP_PORT = 8000  # vllm serve's

@@ -47,6 +47,12 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         help=DeploymentConfig.model_fields["model"].description
         + " (default: the demo model, deployment name mii-demo)",
     )
+    parser.add_argument(  # vllm serve's and its api_server's older form
+        "--model",
+        dest="model_option",
+        metavar="MODEL",
+        help="the same as MODEL (accepted for vllm serve's command lines)",
+    )
     add_deployment_options(parser)
     parser.add_argument(
         "--enable-auto-tool-choice",
@@ -59,9 +65,17 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=serve)
 
 
+def _model_argument(args: argparse.Namespace) -> str | None:
+    """MODEL, given positionally or as ``--model`` (not both, unless the same)."""
+    given = getattr(args, "model_option", None)
+    if given is not None and args.model is not None and given != args.model:
+        raise CliError(f"two models given: {args.model!r} and --model {given!r}; give one")
+    return args.model if args.model is not None else given
+
+
 def serve_config(args: argparse.Namespace) -> DeploymentConfig:
     """The deployment that ``mii serve``'s arguments describe (validated)."""
-    model, options = args.model, deployment_options(args)
+    model, options = _model_argument(args), deployment_options(args)
     if model is None:
         demo = _demo_model()
         model = demo.path

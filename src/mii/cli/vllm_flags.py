@@ -26,6 +26,10 @@ ALWAYS_ON = {
 # Options of vllm serve with a value mii has no use for.
 IGNORED_VALUES = {
     "--swap-space": "preempted sequences are recomputed, never swapped to CPU memory",
+    "--max-seq-len-to-capture": "mii chooses the CUDA-graph batch sizes itself "
+    "(--max-graph-batch); decode passes of every context length replay them",
+    "--num-scheduler-steps": "mii schedules one step at a time, overlapped with the GPU "
+    "(--async-scheduling)",
 }
 # What structured output runs on (--guided-decoding-backend NAME[:OPTIONS]).
 STRUCTURED_OUTPUT_BACKENDS = ("xgrammar", "auto")
@@ -40,6 +44,26 @@ NOT_TAKEN = {
     "reasoning text stays in content; leave the flag out",
     "--no-enable-chunked-prefill": "mii always splits long prompts (Dynamic SplitFuse); "
     "--token-budget sets the chunk size",
+    "--pipeline-parallel-size": "mii has no pipeline parallelism: split a model over the GPUs "
+    "of one host with --tensor-parallel-size, and scale out with --replica-num or a Ray "
+    "cluster (--backend ray, docs/multi_node.md)",
+    "-pp": "mii has no pipeline parallelism: split a model over the GPUs of one host with "
+    "--tensor-parallel-size, and scale out with --replica-num or a Ray cluster",
+    "--ssl-keyfile": "mii's gateway serves plain HTTP: terminate TLS in a reverse proxy "
+    "(nginx, Caddy, a Kubernetes ingress) in front of it",
+    "--ssl-certfile": "mii's gateway serves plain HTTP: terminate TLS in a reverse proxy "
+    "(nginx, Caddy, a Kubernetes ingress) in front of it",
+    "--ssl-ca-certs": "mii's gateway serves plain HTTP: terminate TLS in a reverse proxy "
+    "(nginx, Caddy, a Kubernetes ingress) in front of it",
+    "--root-path": "the gateway serves its routes at /: let the reverse proxy strip its path "
+    "prefix",
+    "--download-dir": "models download into the Hugging Face cache: set HF_HOME or "
+    "HF_HUB_CACHE to move it",
+    "--tokenizer-mode": "mii reads the checkpoint's fast tokenizer (tokenizer.json); leave "
+    "the flag out (--tokenizer names another tokenizer)",
+    "--task": "mii serves text generation (vLLM's generate task) only; leave the flag out",
+    "--config": "mii serve reads no config file: pass its options as flags (mii.serve() "
+    "takes them as keyword arguments)",
 }
 
 

@@ -168,11 +168,10 @@ class RequireSecret(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        presented = None
-        for key, value in details.invocation_metadata or ():
-            if key == AUTHORIZATION:
-                presented = bearer_secret(value)
-                break
+        given = [v for k, v in details.invocation_metadata or () if k == AUTHORIZATION]
+        # Exactly one (as the HTTP API): with two, a wrong key beside a right one,
+        # which of them counted would be this server's choice.
+        presented = bearer_secret(given[0]) if len(given) == 1 else None
         handler = await continuation(details)
         if secret_matches(presented, self._expected):
             return handler

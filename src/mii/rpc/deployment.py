@@ -265,7 +265,16 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         auth.warn_if_open_to_network(host, ports, config.secret_api_key())
         if config.stats_log_interval_s > 0:
             tasks.append(asyncio.create_task(log_stats(pool, config.stats_log_interval_s)))
-        await stop.wait()
+        stopping = asyncio.create_task(stop.wait())
+        tasks.append(stopping)
+        await asyncio.wait({stopping, supervising}, return_when=asyncio.FIRST_COMPLETED)
+        if supervisor.all_failed:  # nothing left to serve: stop, and exit with an error
+            raise DeploymentError(
+                f"deployment {name!r} stopped: every replica failed (each restarted "
+                f"{config.replica_max_restarts} times within "
+                f"{config.replica_restart_window_s:g} s: replica_max_restarts); "
+                f"see the replica logs in {registry.registry_dir()}"
+            )
         registry.mark_stopping(name, os.getpid())
         # Draining: no restarts, NOT_SERVING, new requests refused, then in-flight ones end.
         supervising.cancel()

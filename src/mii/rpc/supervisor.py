@@ -15,6 +15,12 @@ it (:mod:`mii.rpc.replica_health`):
   the back-off or loading, until it serves;
 - ``failed``: it exited more than ``replica_max_restarts`` times within
   ``replica_restart_window_s``; the deployment gave up on it (the others serve on).
+
+A replica whose process has exited has no pid (``None``) until its next process
+starts: ``/health`` and ``mii list`` must not name a dead process. Once every
+replica has failed, ``run()`` returns: nothing is left to serve, and the
+deployment stops with an error (a process supervisor, systemd or Kubernetes, can
+then restart it, rather than a deployment answering 503 forever).
 """
 
 from __future__ import annotations
@@ -95,10 +101,18 @@ class Supervisor:
             replica.state, replica.pid = "starting", process.pid
 
     async def run(self) -> None:
-        """Look after the replicas until cancelled."""
+        """Look after the replicas until cancelled, or until every replica has
+        failed (then it returns)."""
         while True:
             self.tick(time.monotonic())
+            if self.all_failed:
+                return
             await asyncio.sleep(HEALTH_INTERVAL_S / 2)
+
+    @property
+    def all_failed(self) -> bool:
+        """True once the deployment has given up on every replica."""
+        return all(slot.failed for slot in self.slots)
 
     def tick(self, now: float) -> None:
         """One look at every replica: restart what exited, kill what hangs."""
@@ -141,7 +155,7 @@ class Supervisor:
 
     def _exited(self, index: int, slot: _Slot, process: _Process, now: float) -> None:
         replica = self.pool.replicas[index]
-        replica.healthy = False
+        replica.healthy, replica.pid = False, None  # no live process until the next one
         detail = _why(process.failure())
         window = self.policy.window_s
         while slot.restart_times and now - slot.restart_times[0] > window:

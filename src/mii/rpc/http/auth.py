@@ -227,7 +227,11 @@ class RequireApiKey:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
-            presented = bearer_secret(_header(scope, b"authorization"))
+            given = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
+            # Exactly one: with two (a proxy that appends its own), which one counts
+            # would be this server's choice, and a wrong key must never pass beside
+            # a right one, nor a right one fail by its order.
+            presented = bearer_secret(given[0]) if len(given) == 1 else None
             if not secret_matches(presented, self.api_key):
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mii.errors import InvalidRequestError, ServerOverloadedError, UnavailableError
+from mii.rpc.call_guard import ShuttingDownError
 from mii.rpc.http.disconnect import ClientDisconnected
 from mii.rpc.status import INTERNAL, STATUSES, retry_after_seconds, status_of
 
@@ -70,6 +71,8 @@ def api_error(err: BaseException) -> ApiError:
     retry_after = None
     if isinstance(err, ServerOverloadedError):
         retry_after = retry_after_seconds(err)
+    elif isinstance(err, ShuttingDownError):
+        pass  # no Retry-After: this deployment is going away, not coming back in a second
     elif isinstance(err, UnavailableError):  # a replica restarts, rejoins, or another serves
         retry_after = 1
     return ApiError(status.http, message, code=status.openai_code, retry_after=retry_after)

@@ -26,6 +26,7 @@ from mii.rpc.http.auth import AccessPolicy
 from mii.rpc.http.connections import close_unstarted, uvicorn_options
 from mii.rpc.http.sampling_defaults import gateway_sampling_defaults
 from mii.rpc.http.state import GatewayState
+from mii.rpc.listen import host_port
 from mii.rpc.pool import ReplicaPool
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise GatewayError(
-            f"cannot listen on {host}:{port} for the HTTP API "
+            f"cannot listen on {host_port(host, port)} for the HTTP API "
             f"(is restful_api_port {port} in use? mii serve: --port): {err.strerror or err}"
         ) from None
     sock.setblocking(False)
