@@ -236,6 +236,49 @@ BAD = [
         "'city' (at #/properties/p)",
     ),
     ({"json_schema": {"$ref": "#/$defs/missing"}}, "json_schema", "missing"),
+    # More that xgrammar 0.2 accepted and then ignored (a user trial's answers broke their
+    # schemas): the keyword beside format, enum, const or $ref, multipleOf on a number,
+    # references by anchor; and schemas the meta-schema refuses (xgrammar read them as
+    # something else: an empty type list as any value, a negative length as a regex error).
+    (
+        {"json_schema": {"type": "string", "format": "date", "pattern": "^2024"}},
+        "json_schema",
+        "'format' together with 'pattern'",
+    ),
+    (
+        {"json_schema": {"type": "integer", "const": 5, "minimum": 10}},
+        "json_schema",
+        "'minimum' next to 'const'",
+    ),
+    (
+        {"json_schema": {"type": "string", "enum": ["aaaa", "c"], "maxLength": 2}},
+        "json_schema",
+        "'maxLength' next to 'enum'",
+    ),
+    (
+        {"json_schema": {"type": "string", "enum": [1, "a"]}},
+        "json_schema",
+        "value 1 (at #) is not of its 'type' 'string'",
+    ),
+    ({"json_schema": {"type": "number", "multipleOf": 2}}, "json_schema", "not of type 'integer'"),
+    (
+        {"json_schema": {"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s", "maxLength": 2}},
+        "json_schema",
+        "'maxLength' next to '$ref'",
+    ),
+    ({"json_schema": {"$defs": {"s": {"$anchor": "s"}}, "$ref": "#s"}}, "json_schema", "'#s'"),
+    ({"json_schema": {"$dynamicRef": "#meta"}}, "json_schema", "'$dynamicRef'"),
+    ({"json_schema": {"type": []}}, "json_schema", "should be non-empty (at type)"),
+    (
+        {"json_schema": {"type": "string", "maxLength": -1}},
+        "json_schema",
+        "less than the minimum of 0 (at maxLength)",
+    ),
+    (
+        {"json_schema": {"type": "string", "minLength": 10, "maxLength": 5}},
+        "json_schema",
+        "'minLength' 10 above 'maxLength' 5 (at #): no value satisfies it",
+    ),
     ({"regex": "a(b"}, "regex", "parenthesis"),
     ({"regex": r"(a)\1"}, "regex", "backreference"),
     ({"regex": r"(?P<a>x)(?P=a)"}, "regex", "backreference"),
@@ -257,11 +300,42 @@ def test_formats_with_lengths_are_accepted_as_pydantic_writes_them():
     """pydantic's HttpUrl is a uri of 1-2,083 characters: the format is enforced and
     the length, which xgrammar ignores next to a format, is let through rather than
     refusing every model with a URL (docs/structured_output.md)."""
-    from mii.engine.constraints import unsupported_schema_feature
+    from mii.engine.schema_support import unsupported_schema_feature
 
     url = {"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083}
     schema = {"type": "object", "properties": {"site": url}, "required": ["site"]}
     assert unsupported_schema_feature(schema) is None
+
+
+def test_schemas_as_pydantic_writes_them_stay_accepted():
+    """The rules above refuse what xgrammar would ignore, not what pydantic writes:
+    an Enum (type and enum), a Literal of mixed values, an int with multiple_of, a
+    $ref with a description or default beside it."""
+    from enum import Enum
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    from mii.constraint_options import check_json_schema
+    from mii.engine.schema_support import unsupported_schema_feature
+
+    class Color(str, Enum):
+        red = "red"
+        blue = "blue"
+
+    class Inner(BaseModel):
+        x: int
+
+    class Model(BaseModel):
+        color: Color
+        mixed: Literal[1, "a", None]
+        step: int = Field(multiple_of=5, ge=0, le=100)
+        inner: Inner = Field(description="nested", default=Inner(x=1))
+        name: str = Field(min_length=1, max_length=5)
+
+    schema = Model.model_json_schema()
+    check_json_schema(schema)
+    assert unsupported_schema_feature(schema) is None, schema
 
 
 @pytest.mark.parametrize(("options", "field", "words"), BAD)
@@ -303,6 +377,50 @@ def test_a_constraint_stuck_mid_answer_fails_that_request_alone(engine, sampled)
     assert stuck.field == "json_schema"
     assert "admits no further text" in str(stuck) and "generated tokens" in str(stuck)
     assert other.generated_length == 12 and other.finish_reason == "length"
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_allowed_token_ids_with_a_constraint(engine, checkpoints, sampled):
+    """allowed_token_ids beside a constraint (the classification trick: a choice,
+    and only its tokens) was a 500 once the grammar could only end, as the end of
+    sequence was not allowed: it now always is (the grammar decides when the answer
+    ends), and allowed tokens that leave the grammar nothing fail that request alone
+    with a 400-class error naming allowed_token_ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints("llama")[0])
+    choices = ["yes", "no"]
+    allowed = sorted({t for c in choices for t in tokenizer.encode(c, add_special_tokens=False)})
+    options = {"do_sample": sampled, "seed": 5, "temperature": 1.5} if sampled else {}
+
+    async def gather(*calls):
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    answers = run(
+        gather(
+            *(
+                engine.generate(
+                    [p], max_new_tokens=8, choice=choices, allowed_token_ids=allowed, **options
+                )
+                for p in PROMPTS
+            ),
+            engine.generate([PROMPTS[0]], max_new_tokens=8, regex="[0-9]+", **options),
+        )
+    )
+    for [answer] in answers[:-1]:
+        assert answer.generated_text in choices and answer.finish_reason == "stop", answer
+
+    others = [t for t in range(tokenizer.vocab_size) if t not in allowed][:50]
+    refused, [other] = run(
+        gather(
+            engine.generate([PROMPTS[0]], max_new_tokens=8, choice=choices,
+                            allowed_token_ids=others, **options),
+            engine.generate([PROMPTS[1]], max_new_tokens=6, ignore_eos=True, **options),
+        )
+    )  # fmt: skip
+    assert isinstance(refused, InvalidRequestError), refused
+    assert refused.field == "allowed_token_ids" and "'choice'" in str(refused)
+    assert other.generated_length == 6
 
 
 def test_grammars_compile_off_the_event_loop_and_are_cached(checkpoints, monkeypatch):

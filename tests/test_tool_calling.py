@@ -236,6 +236,11 @@ def test_bad_tool_requests_are_400_naming_the_field(llama):
         assert await param_of(tools=TOOLS, tool_choice="auto") == "tool_choice"
         bad_schema = {"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}
         assert await param_of(tools=[bad_schema]) == "tools.0.function.parameters"
+        # Arguments are an object: a string or array schema was accepted, and its call's
+        # arguments ('"11:9"', '[0]') broke LangChain's parsing (user trial).
+        for kind in ("string", "array", ["string", "null"]):
+            scalar = {"type": "function", "function": {"name": "f", "parameters": {"type": kind}}}
+            assert await param_of(tools=[scalar]) == "tools.0.function.parameters"
         assert await param_of(tools=[{"type": "function"}]) == "tools.0.function"
         assert await param_of(tools=[{"type": "retrieval", "function": {"name": "f"}}]) == (
             "tools.0.type"

@@ -340,7 +340,7 @@ def test_required_schema_keeps_each_tools_definitions_reachable():
     assert trip["properties"]["stops"]["items"] == {"$ref": "#/$defs/tool0_Location"}
     xgrammar = pytest.importorskip("xgrammar")
     xgrammar.Grammar.from_json_schema(json.dumps(schema))  # compiles: every $ref resolves
-    from mii.engine.constraints import unsupported_schema_feature
+    from mii.engine.schema_support import unsupported_schema_feature
 
     assert unsupported_schema_feature(schema) is None
 

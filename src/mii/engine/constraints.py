@@ -25,6 +25,11 @@ from collections import OrderedDict
 from typing import Any
 
 from mii.engine.regex_groups import without_group_names
+from mii.engine.schema_support import (
+    SCHEMA_MAPS,
+    UNSUPPORTED_REGEX,
+    unsupported_schema_feature,
+)
 from mii.engine.utf8_guard import Utf8Guard
 from mii.errors import InvalidRequestError
 
@@ -32,58 +37,6 @@ log = logging.getLogger(__name__)
 
 # Compiled grammars kept per engine (each holds per-token tables: ~KBs to MBs).
 CACHE_ENTRIES = 256
-
-# JSON-schema keywords xgrammar does not enforce (it would ignore them silently):
-# refused, so that a schema's output always validates.
-UNSUPPORTED_SCHEMA_KEYWORDS = (
-    "contains",
-    "minContains",
-    "maxContains",
-    "dependentRequired",
-    "dependentSchemas",
-    "dependencies",
-    "maxProperties",
-    "minProperties",
-    "if",
-    "then",
-    "else",
-    "not",
-    "unevaluatedItems",
-    "unevaluatedProperties",
-)
-# Regex constructs xgrammar's regex engine ignores (lookaround) or lacks (backreferences).
-# Named backreferences too: Python's "(?P=name)", "\k<name>".
-_UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\(\?P=|\\k<|\\[1-9]")
-
-
-# Keywords that constrain a value: next to anyOf / oneOf, xgrammar drops them (others,
-# annotations such as title, default or an OpenAPI discriminator, are no constraint).
-_ASSERTIONS = frozenset(
-    ("type", "properties", "required", "items", "prefixItems", "additionalProperties",
-     "patternProperties", "enum", "const", "minimum", "maximum", "exclusiveMinimum",
-     "exclusiveMaximum", "multipleOf", "minLength", "maxLength", "pattern", "format",
-     "minItems", "maxItems", "$ref", "allOf", "anyOf", "oneOf")
-)  # fmt: skip
-
-# Keywords whose value is a map of names to schemas, or a list of schemas: walked,
-# but their keys are names, not keywords.
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-# Keywords of one type that xgrammar (0.2.x) ignores in a schema without "type" (which
-# it reads as any value), with that type; and what gives a schema its values instead.
-_TYPED_ASSERTIONS = {
-    "minItems": "array",
-    "minLength": "string",
-    "maxLength": "string",
-    "pattern": "string",
-    "format": "string",
-    "minimum": "number",
-    "maximum": "number",
-    "exclusiveMinimum": "number",
-    "exclusiveMaximum": "number",
-    "multipleOf": "number",
-}
-_TYPE_GIVERS = ("enum", "const", "$ref", "anyOf", "oneOf", "allOf")
 
 
 def _xgrammar():
@@ -97,89 +50,6 @@ def _xgrammar():
 def structured_output_available() -> bool:
     """True when the grammar engine (xgrammar: ``pip install mii[structured]``) is installed."""
     return _xgrammar() is not None
-
-
-def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
-    """A description of the first keyword in ``schema`` that xgrammar would not
-    enforce (with its JSON-pointer path), or None."""
-    if isinstance(schema, list):
-        for i, item in enumerate(schema):
-            found = unsupported_schema_feature(item, f"{path}/{i}")
-            if found:
-                return found
-        return None
-    if not isinstance(schema, dict):
-        return None
-    for key in UNSUPPORTED_SCHEMA_KEYWORDS:
-        if key in schema:
-            return f"the keyword {key!r} (at {path}) is not supported"
-    if schema.get("uniqueItems") is True:
-        return f"the keyword 'uniqueItems' (at {path}) is not supported"
-    untyped = "type" not in schema and not any(k in schema for k in _TYPE_GIVERS)
-    for key in _TYPED_ASSERTIONS if untyped else ():
-        if key in schema:
-            return (
-                f"the keyword {key!r} (at {path}) has no 'type' beside it, where the "
-                "grammar engine ignores it; add the type it constrains (e.g. 'type': "
-                f"{_TYPED_ASSERTIONS[key]!r})"
-            )
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and not ref.startswith("#"):  # xgrammar fetches nothing
-        return (
-            f"the $ref {ref!r} (at {path}) is not supported: only references inside the "
-            "schema ('#/$defs/...') are; put the referenced schema under $defs"
-        )
-    pattern = schema.get("pattern")
-    if isinstance(pattern, str) and _UNSUPPORTED_REGEX.search(pattern):
-        return f"the pattern at {path} uses lookaround or a backreference, which is not supported"
-    found = _ignored_combination(schema, path)
-    if found:
-        return found
-    for key, value in schema.items():
-        if key in _SCHEMA_MAPS and isinstance(value, dict):
-            for name, sub in value.items():
-                found = unsupported_schema_feature(sub, f"{path}/{key}/{name}")
-                if found:
-                    return found
-        elif key in _SCHEMA_LISTS or key in ("items", "additionalProperties", "propertyNames"):
-            found = unsupported_schema_feature(value, f"{path}/{key}")
-            if found:
-                return found
-    return None
-
-
-def _ignored_combination(schema: dict, path: str) -> str | None:
-    """Combinations of keywords that xgrammar (0.2.x) accepts but does not enforce
-    (each output of these validated in an acceptance sweep: it ignored them)."""
-    for key in ("anyOf", "oneOf"):
-        others = sorted(k for k in schema if k != key and k in _ASSERTIONS)
-        if key in schema and others:
-            return (
-                f"{key!r} next to {others[0]!r} (at {path}) is not supported: move "
-                f"{others[0]!r} into each of the {key!r} schemas"
-            )
-    if isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
-        return f"'allOf' with more than one schema (at {path}) is not supported: merge them"
-    # With a pattern xgrammar drops the length: refused, as the pattern can carry it.
-    # With a format it drops the length too but enforces the format; let through (the
-    # one gap, documented): pydantic writes every HttpUrl as a uri of 1-2,083 characters.
-    if ("minLength" in schema or "maxLength" in schema) and "pattern" in schema:
-        return (
-            f"'minLength'/'maxLength' together with 'pattern' (at {path}) is not supported: "
-            "put the length in the pattern, e.g. ^[a-z]{1,3}$"
-        )
-    step = schema.get("multipleOf")
-    if isinstance(step, float) and not step.is_integer():
-        return f"a fractional 'multipleOf' (at {path}) is not supported"
-    required, properties = schema.get("required"), schema.get("properties", {})
-    if isinstance(required, list) and isinstance(properties, dict):
-        missing = [name for name in required if name not in properties]
-        if missing:
-            return (
-                f"the required name {missing[0]!r} (at {path}) has no schema in 'properties', "
-                "which is not supported: add one ({} for any value)"
-            )
-    return None
 
 
 # Keywords whose values are JSON values, not schemas: left as they are.
@@ -204,7 +74,7 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
     for key, value in schema.items():
         if key in _LITERAL_KEYWORDS:
             out[key] = value
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):  # a property may be "enum"
+        elif key in SCHEMA_MAPS and isinstance(value, dict):  # a property may be "enum"
             out[key] = {name: _as_xgrammar_reads_it(sub) for name, sub in value.items()}
         else:
             out[key] = _as_xgrammar_reads_it(value)
@@ -356,7 +226,7 @@ class GrammarCache:
                     f"invalid generation option 'json_schema': {problem}{advice}",
                     field="json_schema",
                 )
-        if kind == "regex" and _UNSUPPORTED_REGEX.search(spec):
+        if kind == "regex" and UNSUPPORTED_REGEX.search(spec):
             raise InvalidRequestError(
                 "invalid generation option 'regex': lookaround and backreferences are not "
                 "supported",

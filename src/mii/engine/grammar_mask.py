@@ -59,8 +59,13 @@ class GrammarState:
     guard: Utf8Guard
     utf8_state: int = COMPLETE
     # The last mask allowed no token at all: the output so far has no continuation
-    # the constraint accepts (a pattern inside a schema that no string matches).
+    # the constraint accepts (a pattern inside a schema that no string matches), or
+    # none of the request's allowed_token_ids is one (stuck_on names that option).
     stuck: bool = False
+    stuck_on: str | None = None
+    # The request's allowed_token_ids and the end-of-sequence tokens, packed as the
+    # grammar's bitmask rows are (made at the first mask that needs it).
+    allowed_words: np.ndarray | None = None
 
 
 def new_matcher(compiled: Any, guard: Utf8Guard) -> GrammarState:
@@ -75,11 +80,18 @@ def any_constrained(seqs: list[Sequence]) -> bool:
     return any(s.grammar is not None for s in seqs)
 
 
-def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
+def apply_masks(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    vocab_size: int,
+    eos_token_ids: list[int] | tuple[int, ...] = (),
+) -> torch.Tensor:
     """The logits [S, V] with every token a constrained row's grammar does not allow
-    next set to -inf (ids past the tokenizer's vocabulary included). Rows without
-    a constraint are unchanged. (Out of place: the forward's logits are inference
-    tensors.)"""
+    next set to -inf (ids past the tokenizer's vocabulary included), nor its
+    request's ``allowed_token_ids`` (to which the end-of-sequence tokens
+    ``eos_token_ids`` always belong: the grammar decides when the answer ends).
+    Rows without a constraint are unchanged. (Out of place: the forward's logits
+    are inference tensors.)"""
     import xgrammar
 
     # (a row whose request ended meanwhile, its token to be discarded, is left alone)
@@ -96,6 +108,7 @@ def apply_masks(logits: torch.Tensor, seqs: list[Sequence], vocab_size: int) -> 
     _keep_utf8(bitmask, states)
     for r in np.flatnonzero(~bitmask.numpy().any(axis=1)).tolist():
         states[r].stuck = True  # its sampled token is refused in accept()
+    _keep_allowed(bitmask, [seqs[i] for i in rows], eos_token_ids)
     width = logits.shape[-1]
     index = None
     if len(rows) == len(seqs):  # every row constrained
@@ -132,6 +145,36 @@ def _keep_utf8(bitmask: torch.Tensor, states: list[GrammarState]) -> None:
             group[r].matcher.fill_next_token_bitmask(bitmask, first + r)
 
 
+def _keep_allowed(
+    bitmask: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int] | tuple[int, ...]
+) -> None:
+    """AND each row of the host ``bitmask`` whose request limits its tokens
+    (``allowed_token_ids``) with those tokens and the end-of-sequence ones, in
+    place. A row this leaves without any token is stuck on that option: sampling
+    from it would pick a token the grammar refuses (a 500, before)."""
+    packed = bitmask.numpy()
+    for r, seq in enumerate(seqs):
+        allowed = seq.params.allowed_token_ids
+        state: GrammarState = seq.grammar
+        if allowed is None or state.stuck:
+            continue
+        if state.allowed_words is None:
+            state.allowed_words = _packed_tokens([*allowed, *eos_token_ids], packed.shape[1])
+        packed[r] &= state.allowed_words
+        if not packed[r].any():
+            state.stuck, state.stuck_on = True, "allowed_token_ids"
+
+
+def _packed_tokens(tokens: list[int], words: int) -> np.ndarray:
+    """One bitmask row (int32 words, token t at bit t % 32 of word t // 32, as
+    xgrammar packs them) with ``tokens`` set."""
+    row = np.zeros(words, dtype=np.uint32)
+    for token in tokens:
+        if 0 <= token < words * 32:
+            row[token >> 5] |= np.uint32(1 << (token & 31))
+    return row.view(np.int32)
+
+
 def accept(seq: Sequence, token: int) -> bool:
     """Advance ``seq``'s matcher by its newly sampled ``token``; True when its
     grammar is now complete (the request ends with finish_reason "stop").
@@ -139,6 +182,14 @@ def accept(seq: Sequence, token: int) -> bool:
     from the output so far); RuntimeError if the grammar rejects the token (the
     mask allowed only its tokens, so that is a bug, reported on this request alone)."""
     state: GrammarState = seq.grammar
+    if state.stuck and state.stuck_on == "allowed_token_ids":
+        constraint = seq.params.constraint[0]
+        raise InvalidRequestError(
+            f"invalid generation option 'allowed_token_ids': after {seq.num_generated - 1} "
+            f"generated tokens none of them continues the constraint {constraint!r} (nor may "
+            "it end there); allow the tokens it needs next, or drop one of the two",
+            field="allowed_token_ids",
+        )
     if state.stuck:
         field = seq.params.constraint[0]
         raise InvalidRequestError(

@@ -2,7 +2,8 @@
 
 Each request may set (``mii.sampling_options.LogitsOptions``):
 
-- ``allowed_token_ids`` (vLLM's): every other token's logit is -inf;
+- ``allowed_token_ids`` (vLLM's): every other token's logit is -inf (a constrained
+  request's end-of-sequence tokens stay allowed: its grammar decides when it ends);
 - ``logit_bias``: a bias added to chosen tokens' logits (OpenAI); the stop token
   ids of a request below ``min_new_tokens`` are banned the same way (bias -inf),
   as end-of-sequence is;
@@ -96,8 +97,14 @@ class LogitsProcessing:
     allowed_index: torch.Tensor | None = None  # [2, A] int64: (row, token) allowed
 
 
-def plan(seqs: list[Sequence], vocab_size: int) -> LogitsPlan | None:
-    """The host side of a pass's logits processing; None when no row needs any."""
+def plan(
+    seqs: list[Sequence],
+    vocab_size: int,
+    eos_token_ids: list[int] | tuple[int, ...] = (),
+) -> LogitsPlan | None:
+    """The host side of a pass's logits processing; None when no row needs any.
+    ``eos_token_ids``: allowed beside a constrained row's ``allowed_token_ids``
+    (its grammar decides when it ends, as engine/grammar_mask.py masks it)."""
     if not any(s.params.processes_logits for s in seqs):
         return None
     penalised: list[int] = []
@@ -114,6 +121,8 @@ def plan(seqs: list[Sequence], vocab_size: int) -> LogitsPlan | None:
         if p.allowed_token_ids is not None:
             allowed_rows.append(row)
             allowed_pairs += [(row, token) for token in p.allowed_token_ids]
+            if seq.grammar is not None:
+                allowed_pairs += [(row, token) for token in eos_token_ids]
         if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
             penalised.append(row)
         if p.logit_bias:

@@ -143,7 +143,7 @@ def sample_next_tokens(
     the path. ``pending``: the in-flight pass's sampled tokens (async scheduling),
     which penalties count."""
     if grammar_mask.any_constrained(seqs):  # structured output: only its rows
-        logits = grammar_mask.apply_masks(logits, seqs, vocab_size)
+        logits = grammar_mask.apply_masks(logits, seqs, vocab_size, eos_token_ids)
     plain_greedy = all(
         s.params.greedy
         and (s.params.ignore_eos or s.num_generated >= s.params.min_new_tokens)
@@ -155,7 +155,7 @@ def sample_next_tokens(
     if plain_greedy and not any(processed):
         tokens, processed_logprobs = logits.argmax(dim=-1), None
     else:
-        batch = sampling_batch(seqs, vocab_size, logits.device, pending)
+        batch = sampling_batch(seqs, vocab_size, logits.device, pending, eos_token_ids)
         tokens, processed_logprobs = sample_with_logprobs(
             logits, batch, eos_token_ids, any(processed)
         )
@@ -173,10 +173,12 @@ def sampling_batch(
     vocab_size: int,
     device: torch.device,
     pending: torch.Tensor | None = None,
+    eos_token_ids: list[int] | tuple[int, ...] = (),
 ) -> SamplingBatch:
     """The sequences' sampling settings (and logits processing) as device tensors,
     uploaded together."""
-    processing = logits_processors.plan(seqs, vocab_size)  # None: no row needs any
+    # None: no row needs any
+    processing = logits_processors.plan(seqs, vocab_size, eos_token_ids)
     extra = processing.arrays if processing is not None else []
     ps = [s.params for s in seqs]
     greedy = [p.greedy for p in ps]

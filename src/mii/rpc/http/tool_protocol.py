@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mii.constraint_options import check_json_schema
+
 # No docstrings on these classes: they would change the served /openapi.json.
 
 
@@ -29,6 +31,14 @@ class FunctionDefinition(BaseModel):
     def _is_json_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             check_json_schema(value)
+            kind = value.get("type", "object")
+            if kind not in ("object", ["object"]):
+                # (OpenAI refuses these too: the arguments were a bare string or list,
+                # which LangChain's tool-call parsing then failed on)
+                raise ValueError(
+                    f"must be the JSON schema of an object (type 'object', not {kind!r}): "
+                    "a tool's arguments are a JSON object; wrap the value in a property"
+                )
         return value
 
 
@@ -53,17 +63,3 @@ class NamedToolChoice(BaseModel):
 
 
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
-
-
-def check_json_schema(schema: dict[str, Any]) -> None:
-    """ValueError saying what is wrong when ``schema`` is not a valid JSON schema
-    (by the meta-schema of the draft it names, else 2020-12)."""
-    from jsonschema import exceptions, validators
-
-    try:
-        validators.validator_for(schema).check_schema(schema)
-    except exceptions.SchemaError as err:
-        where = "/".join(str(p) for p in err.absolute_path)
-        raise ValueError(
-            f"is not a valid JSON schema: {err.message}" + (f" (at {where})" if where else "")
-        ) from None

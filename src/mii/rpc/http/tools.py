@@ -30,7 +30,7 @@ from typing import Any
 
 from mii.config import GenerateParams
 from mii.constraint_options import CONSTRAINT_FIELDS
-from mii.engine.constraints import unsupported_schema_feature
+from mii.engine.schema_support import unsupported_schema_feature
 from mii.response import Response
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatCompletionRequest
