@@ -157,6 +157,23 @@ def test_bad_constraints_are_400_naming_the_field(served):
     bad = [
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", ""),
         ({"response_format": {"type": "xml"}}, "response_format.type", "xml"),
+        # read as plain text, or the schema dropped, before (a user trial)
+        ({"response_format": {}}, "response_format.type", "needs a 'type'"),
+        (
+            {"response_format": {"type": "json_object", "schema": {"type": "object"}}},
+            "response_format.schema",
+            "json_schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"strict": "yes"}}},
+            "response_format.json_schema.strict",
+            "true or false",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": 5}}},
+            "response_format.json_schema.name",
+            "a string",
+        ),
         (  # compiled by the replica's engine: its error names the request's field
             {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
             "response_format",

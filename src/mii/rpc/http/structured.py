@@ -52,7 +52,21 @@ _STRUCTURED_OUTPUTS_IGNORED = (
 
 
 def _response_format(value: dict[str, Any]) -> tuple[str, Any] | None:
-    kind = value.get("type", "text")
+    if "type" not in value:  # ({} was read as text: a constraint the user meant, dropped)
+        raise ApiError(
+            400,
+            "response_format needs a 'type': 'text', 'json_object' or 'json_schema'",
+            "response_format.type",
+        )
+    kind = value["type"]
+    extra = sorted(set(value) - {"type", "json_schema"})
+    if extra:  # e.g. {"type": "json_object", "schema": ...}: the schema was dropped
+        raise ApiError(
+            400,
+            f"response_format has no field {extra[0]!r}; a schema goes in "
+            '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+            f"response_format.{extra[0]}",
+        )
     if kind == "text":
         return None
     if kind == "json_object":
@@ -66,6 +80,13 @@ def _response_format(value: dict[str, Any]) -> tuple[str, Any] | None:
                 '({"name": ..., "schema": {...}})',
                 "response_format.json_schema",
             )
+        for key, kind_of, words in (("name", str, "a string"), ("strict", bool, "true or false")):
+            if key in spec and spec[key] is not None and not isinstance(spec[key], kind_of):
+                raise ApiError(
+                    400,
+                    f"response_format.json_schema.{key} must be {words}",
+                    f"response_format.json_schema.{key}",
+                )
         schema = spec.get("schema")
         if schema is None:  # OpenAI lets it out: any JSON object
             return "json_object", True
