@@ -145,6 +145,20 @@ def test_constrained_output_has_no_utf8_surrogate(tokenizer, options, finish, co
         assert len(value) <= 4, value
 
 
+@pytest.mark.parametrize("bounds", [{"maxLength": 6}, {"minLength": 1, "maxLength": 3000}])
+def test_a_length_bounded_string_admits_no_control_character(tokenizer, bounds):
+    """xgrammar's own class for a length-bounded string's characters lets every
+    control character but CR and LF through, which JSON forbids raw in a string:
+    the model's wish for a tab or \\x01 is refused, and the answer is strict JSON."""
+    options = {"json_schema": {"type": "string", **bounds}}
+    wishes = [0x09, 0x01, 0x1F, *STRUCTURE, b"a"]
+    raw, ended = drive(tokenizer, options, wishes, [b"</s>", b'"'], wish_steps=5)
+    assert ended, raw
+    value = json.loads(raw.decode("utf-8"))  # strict: a raw control character raises
+    assert value and not any(ord(c) < 0x20 for c in value), raw
+    assert len(value) <= bounds["maxLength"]
+
+
 def test_a_grammar_that_demands_a_surrogate_is_not_stuck(tokenizer):
     """A grammar whose only sentence after "a" is a surrogate: masking it would
     leave no token, so that row keeps its grammar's mask (and ends)."""

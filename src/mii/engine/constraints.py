@@ -58,14 +58,9 @@ _LITERAL_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 
 def _as_xgrammar_reads_it(schema: Any) -> Any:
     """``schema`` with each array without ``items`` or ``prefixItems`` given
-    ``"items": {}`` (what JSON Schema means by leaving it out), and each
-    length-bounded string (``minLength``/``maxLength``, no ``pattern``/``format``)
-    rewritten as the equivalent ``pattern`` of unescaped
-    characters. Why: xgrammar (0.2.x) compiles a length-bounded string into a
-    character class that lets control characters through, which is not JSON, and
-    lets UTF-8-encoded surrogates through (each decodes as 3 replacement characters,
-    breaking maxLength). (The pattern's class still lets overlong forms through,
-    which ``engine/utf8_guard.py`` masks.)"""
+    ``"items": {}`` (what JSON Schema means by leaving it out): xgrammar (0.2.x)
+    reads it so for a bare array but as "no items" once ``minItems`` is given (and
+    refuses it)."""
     if isinstance(schema, list):
         return [_as_xgrammar_reads_it(item) for item in schema]
     if not isinstance(schema, dict):
@@ -81,20 +76,33 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
     kind = out.get("type")
     is_array = kind == "array" or (isinstance(kind, list) and "array" in kind)
     if is_array and "items" not in out and "prefixItems" not in out:
-        # JSON Schema's missing "items" allows any items; xgrammar (0.2.x) reads it so
-        # for a bare array but as "no items" once minItems is given (and refuses it).
         out["items"] = {}
-    low, high = out.get("minLength"), out.get("maxLength")
-    bounded = isinstance(low, int) or isinstance(high, int)
-    plain = not any(k in out for k in ("pattern", "format", "enum", "const"))
-    if out.get("type") == "string" and bounded and plain:
-        low = low if isinstance(low, int) else 0
-        high = str(high) if isinstance(high, int) else ""
-        out.pop("minLength", None)
-        out.pop("maxLength", None)
-        # no quote, backslash, control character or (CESU-encoded) surrogate
-        out["pattern"] = f'^[^"\\\\\\x00-\\x1f\\ud800-\\udfff]{{{low},{high}}}$'
     return out
+
+
+# The character class xgrammar (0.2.x) writes for each character of a length-bounded
+# JSON string (``minLength``/``maxLength``): no quote, no backslash (so no escapes),
+# no CR or LF, but every other control character, which JSON forbids raw in a string.
+_BOUNDED_STRING_CHARACTER = r"[^\"\\\r\n]"
+# The same class without any control character (nor a surrogate's code points; the
+# UTF-8 guard masks their bytes too).
+_JSON_STRING_CHARACTER = r"[^\"\\\0-\x1f\ud800-\udfff]"
+
+
+def _json_schema_grammar(schema: str) -> Any:
+    """xgrammar's grammar of ``schema`` (compact separators, no free whitespace: a
+    model may not pad forever), with its length-bounded strings' characters limited
+    to what JSON allows raw in a string. Rewriting the grammar, not the schema:
+    spelling each bounded string as an equivalent ``pattern`` (as before) compiled
+    into a regular automaton of one state per allowed character, 15 s for a
+    ``maxLength`` of 5,000 and seconds for a tool list of bounded fields, against
+    milliseconds for xgrammar's own repetition."""
+    xgr = _xgrammar()
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
+    text = str(grammar)
+    if _BOUNDED_STRING_CHARACTER not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER))
 
 
 def _choice_grammar(choices: list[str]) -> str:
@@ -234,9 +242,8 @@ class GrammarCache:
             )
         try:
             if kind == "json_schema":
-                # Compact separators, no free whitespace: a model may not pad forever.
                 schema = json.dumps(_as_xgrammar_reads_it(json.loads(spec)))
-                return compiler.compile_json_schema(schema, any_whitespace=False)
+                return compiler.compile_grammar(_json_schema_grammar(schema))
             if kind == "json_object":  # any object, any keys (OpenAI's json_object)
                 return compiler.compile_json_schema(
                     '{"type": "object"}', any_whitespace=False, strict_mode=False
