@@ -65,6 +65,26 @@ def test_only_constrained_rows_are_masked(tokenizer, device):
     assert torch.equal(both, masked[[1, 3]])
 
 
+def test_special_tokens_are_not_the_text_they_spell(tokenizer):
+    """xgrammar read a special token as its literal text: a choice of "<s>" let the
+    model write the single BOS token, which the answer's text then drops (a user
+    trial got "" for a choice of "<|endoftext|>"). Special tokens other than the
+    stop tokens are never allowed under a grammar; the stop token still ends it."""
+    vocab = len(tokenizer)
+    cache = GrammarCache(tokenizer, vocab, [tokenizer.eos_token_id])
+    specials = [t for t in tokenizer.all_special_ids if t != tokenizer.eos_token_id]
+    assert specials, tokenizer.all_special_ids
+    texts = [tokenizer.convert_ids_to_tokens(t) for t in specials]
+    s = seq(cache, choice=texts)
+    masked = grammar_mask.apply_masks(torch.zeros(1, vocab), [s], vocab)
+    allowed = (masked[0] > float("-inf")).nonzero().flatten().tolist()
+    assert allowed and not set(allowed) & set(specials), (texts, allowed)
+    done = seq(cache, choice=["a"])
+    grammar_mask.accept(done, tokenizer.convert_tokens_to_ids("a"))
+    masked = grammar_mask.apply_masks(torch.zeros(1, vocab), [done], vocab)
+    assert (masked[0] > float("-inf")).nonzero().flatten().tolist() == [tokenizer.eos_token_id]
+
+
 # --- UTF-8: xgrammar 0.2.x accepts the bytes of a surrogate (ED A0..BF xx) in JSON
 # strings, ``.`` and negated classes, and overlong forms (E0 80..9F xx, F0 80..8F xx xx)
 # in a JSON schema's pattern; the engine's masks must not (engine/utf8_guard.py).

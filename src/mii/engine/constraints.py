@@ -148,7 +148,10 @@ class GrammarCache:
                 self._compiler = xgr.GrammarCompiler(
                     info, max_threads=min(8, os.cpu_count() or 1), cache_enabled=False
                 )
-                self._utf8_guard = Utf8Guard(info.decoded_vocab, self._vocab_size)
+                stops = set(self._stop_token_ids)
+                specials = getattr(self._tokenizer, "all_special_ids", None) or []
+                never = [t for t in specials if t not in stops]
+                self._utf8_guard = Utf8Guard(info.decoded_vocab, self._vocab_size, never)
             return self._compiler
 
     @property
