@@ -143,12 +143,9 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
         (["serve", "m", "--lora-modules", "a=b"], "--lora-modules is vLLM's: mii serves no LoRA"),
         (["serve", "m", "--reasoning-parser", "qwen3"], "stays in content"),
         # more of vllm serve's flags (SRE trial: refused with a bare "unrecognized")
-        (["serve", "m", "--pipeline-parallel-size", "2"], "no pipeline parallelism"),
-        (["serve", "m", "-pp", "2"], "-pp is vLLM's: mii has no pipeline parallelism"),
         (["serve", "m", "--ssl-keyfile", "k.pem"], "terminate TLS in a reverse proxy"),
         (["serve", "m", "--root-path", "/llm"], "strip its path"),
         (["serve", "m", "--download-dir", "/d"], "HF_HOME"),
-        (["serve", "m", "--task", "embed"], "text generation"),
         (["serve", "m", "--config", "c.yaml"], "reads no config file"),
     ):
         with pytest.raises(SystemExit) as exit_:
@@ -180,6 +177,17 @@ def test_vllm_model_flag_and_data_parallel_size(monkeypatch):
     assert config("org/m").replica_num == 1
     # tuning flags of vllm serve with no counterpart: accepted, changing nothing
     assert config("org/m", "--max-seq-len-to-capture", "8192").model == "org/m"
+    # flags whose value means what mii does: accepted; another value: what to do
+    for same in (("-pp", "1"), ("--task", "generate"), ("--tokenizer-mode", "auto")):
+        assert config("org/m", *same).model == "org/m"
+    for other, said in (
+        (("--pipeline-parallel-size", "2"), "--pipeline-parallel-size 2: mii has no pipeline"),
+        (("-pp", "4"), "no pipeline parallelism"),
+        (("--task", "embed"), "--task embed: mii serves text generation"),
+        (("--tokenizer-mode", "slow"), "fast tokenizer"),
+    ):
+        with pytest.raises(CliError, match=said):
+            config("org/m", *other)
 
 
 def test_vllm_request_id_flag_is_accepted():

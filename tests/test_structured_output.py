@@ -316,8 +316,7 @@ def test_schemas_as_pydantic_writes_them_stay_accepted():
 
     from pydantic import BaseModel, Field
 
-    from mii.constraint_options import check_json_schema
-    from mii.engine.schema_support import unsupported_schema_feature
+    from mii.engine.schema_support import check_json_schema, unsupported_schema_feature
 
     class Color(str, Enum):
         red = "red"
@@ -330,6 +329,7 @@ def test_schemas_as_pydantic_writes_them_stay_accepted():
         color: Color
         mixed: Literal[1, "a", None]
         step: int = Field(multiple_of=5, ge=0, le=100)
+        maybe: int | None = Field(default=None, multiple_of=5)
         inner: Inner = Field(description="nested", default=Inner(x=1))
         name: str = Field(min_length=1, max_length=5)
 

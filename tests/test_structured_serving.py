@@ -158,10 +158,15 @@ def test_bad_constraints_are_400_naming_the_field(served):
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", ""),
         ({"response_format": {"type": "xml"}}, "response_format.type", "xml"),
         # read as plain text, or the schema dropped, before (a user trial)
-        ({"response_format": {}}, "response_format.type", "needs a 'type'"),
+        ({"response_format": {}}, "response_format.type", "type None is not supported"),
         (
             {"response_format": {"type": "json_object", "schema": {"type": "object"}}},
             "response_format.schema",
+            "json_schema",
+        ),
+        (
+            {"response_format": {"type": "json_object", "json_schema": {"schema": {}}}},
+            "response_format.json_schema",
             "json_schema",
         ),
         (

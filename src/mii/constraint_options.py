@@ -69,7 +69,6 @@ class ConstraintOptions(BaseModel):
             raise ValueError("must be a JSON schema object (a dict or its JSON text)")
         if value is None:
             return None
-        check_json_schema(value)
         try:
             # One canonical text (the key of the grammar cache), property order kept:
             # the generated JSON follows it.
@@ -130,20 +129,3 @@ class ConstraintOptions(BaseModel):
         if self.json_object:
             return "json_object", ""
         return None
-
-
-def check_json_schema(schema: dict[str, Any]) -> None:
-    """ValueError saying what is wrong when ``schema`` is not a valid JSON schema
-    (by the meta-schema of the draft it names, else 2020-12): e.g. a negative
-    ``maxLength`` or an empty ``type`` list, which the grammar engine would read
-    as something else. Formats are not checked: a ``pattern`` is a regular
-    expression of the grammar engine, not of Python's ``re``."""
-    from jsonschema import exceptions, validators
-
-    cls = validators.validator_for(schema)
-    err = exceptions.best_match(cls(cls.META_SCHEMA).iter_errors(schema))
-    if err is not None:
-        where = "/".join(str(p) for p in err.absolute_path)
-        raise ValueError(
-            f"is not a valid JSON schema: {err.message}" + (f" (at {where})" if where else "")
-        )

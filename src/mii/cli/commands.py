@@ -13,6 +13,7 @@ from mii.cli.errors import CliError
 from mii.cli.generate import add_demo_parser, add_generate_parser
 from mii.cli.serve import add_serve_parser
 from mii.cli.vllm_flags import NOT_TAKEN
+from mii.rpc import quiet_grpc_logs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +84,7 @@ def parse_command_line(
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_grpc_logs()  # this process is mii's own: before any grpc use
     parser = build_parser()
     args = parse_command_line(parser, argv)
     try:

@@ -188,7 +188,9 @@ def terminate(args: argparse.Namespace) -> int:
     try:
         target = client(args.name, api_key=args.api_key)
     except DeploymentNotFoundError as err:  # none by that name, or several serve it
-        if args.ignore_not_found and _none_named(args.name):
+        if not _none_named(args.name):  # several serve it: --ignore-not-found does not help
+            raise CliError(f"{err} (see: mii list)") from None
+        if args.ignore_not_found:
             print(f"no running deployment named {args.name!r}: nothing to stop")
             return 0
         raise CliError(f"{err} (see: mii list; --ignore-not-found: exit 0 then)") from None
@@ -197,13 +199,19 @@ def terminate(args: argparse.Namespace) -> int:
     try:
         if args.force:
             return stop_processes.kill(name, info)
-        if target.deployment_name is None and not target.is_healthy(timeout=5.0):
-            if args.ignore_not_found:
-                print(f"no mii deployment answers at {args.name}: nothing to stop")
-                return 0
+        # (with --ignore-not-found, Terminate itself tells whether anything answers: a
+        # deployment that answers NOT_SERVING, its replicas restarting, is not healthy
+        # but is there to stop)
+        unanswered = target.deployment_name is None and not args.ignore_not_found
+        if unanswered and not target.is_healthy(timeout=5.0):
             raise CliError(f"no mii deployment answers at {args.name}")
         try:
             target.terminate_server(timeout=args.timeout)
+        except DeploymentNotFoundError:  # nothing answers at the address
+            if not args.ignore_not_found:
+                raise
+            print(f"no mii deployment answers at {args.name}: nothing to stop")
+            return 0
         except DeploymentUnresponsiveError as err:
             return stop_processes.signal_unresponsive(name, info, err, args.timeout)
         except TimeoutError as err:

@@ -31,6 +31,28 @@ IGNORED_VALUES = {
     "--num-scheduler-steps": "mii schedules one step at a time, overlapped with the GPU "
     "(--async-scheduling)",
 }
+# Options of vllm serve that mii accepts with the value that means what it does, and
+# refuses with any other: (flags, values accepted, what mii does instead).
+ONLY_VALUES = {
+    "pipeline_parallel_size": (
+        ("--pipeline-parallel-size", "-pp"),
+        ("1",),
+        "mii has no pipeline parallelism: split a model over the GPUs of one host with "
+        "--tensor-parallel-size, and scale out with --replica-num or a Ray cluster "
+        "(--backend ray, docs/multi_node.md)",
+    ),
+    "tokenizer_mode": (
+        ("--tokenizer-mode",),
+        ("auto",),
+        "mii reads the checkpoint's fast tokenizer (tokenizer.json); --tokenizer names "
+        "another tokenizer",
+    ),
+    "task": (
+        ("--task",),
+        ("auto", "generate"),
+        "mii serves text generation (vLLM's generate task) only",
+    ),
+}
 # What structured output runs on (--guided-decoding-backend NAME[:OPTIONS]).
 STRUCTURED_OUTPUT_BACKENDS = ("xgrammar", "auto")
 
@@ -44,11 +66,6 @@ NOT_TAKEN = {
     "reasoning text stays in content; leave the flag out",
     "--no-enable-chunked-prefill": "mii always splits long prompts (Dynamic SplitFuse); "
     "--token-budget sets the chunk size",
-    "--pipeline-parallel-size": "mii has no pipeline parallelism: split a model over the GPUs "
-    "of one host with --tensor-parallel-size, and scale out with --replica-num or a Ray "
-    "cluster (--backend ray, docs/multi_node.md)",
-    "-pp": "mii has no pipeline parallelism: split a model over the GPUs of one host with "
-    "--tensor-parallel-size, and scale out with --replica-num or a Ray cluster",
     "--ssl-keyfile": "mii's gateway serves plain HTTP: terminate TLS in a reverse proxy "
     "(nginx, Caddy, a Kubernetes ingress) in front of it",
     "--ssl-certfile": "mii's gateway serves plain HTTP: terminate TLS in a reverse proxy "
@@ -59,9 +76,6 @@ NOT_TAKEN = {
     "prefix",
     "--download-dir": "models download into the Hugging Face cache: set HF_HOME or "
     "HF_HUB_CACHE to move it",
-    "--tokenizer-mode": "mii reads the checkpoint's fast tokenizer (tokenizer.json); leave "
-    "the flag out (--tokenizer names another tokenizer)",
-    "--task": "mii serves text generation (vLLM's generate task) only; leave the flag out",
     "--config": "mii serve reads no config file: pass its options as flags (mii.serve() "
     "takes them as keyword arguments)",
 }
@@ -79,6 +93,14 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
         )
     for flag, why in IGNORED_VALUES.items():
         parser.add_argument(flag, metavar="VALUE", help=f"accepted for vllm serve: {why}")
+    for dest, (flags, values, _) in ONLY_VALUES.items():
+        parser.add_argument(
+            *flags,
+            dest=dest,
+            metavar="VALUE",
+            help=f"accepted for vllm serve as {' or '.join(values)} (what mii does); "
+            "other values are refused",
+        )
     parser.add_argument(
         "--guided-decoding-backend",
         metavar="BACKEND",
@@ -93,6 +115,10 @@ def check_vllm_flags(args: argparse.Namespace) -> None:
         value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
         if value is not None and value.lower() not in ("true", "1", "yes"):
             raise CliError(f"{flag} {value}: mii always does this ({ALWAYS_ON[flag]})")
+    for dest, (flags, values, why) in ONLY_VALUES.items():
+        value = getattr(args, dest, None)
+        if value is not None and value not in values:
+            raise CliError(f"{flags[0]} {value}: {why}")
     backend = getattr(args, "guided_decoding_backend", None)
     if backend is not None and backend.split(":")[0] not in STRUCTURED_OUTPUT_BACKENDS:
         raise CliError(

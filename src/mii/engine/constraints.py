@@ -28,6 +28,7 @@ from mii.engine.regex_groups import without_group_names
 from mii.engine.schema_support import (
     SCHEMA_MAPS,
     UNSUPPORTED_REGEX,
+    check_json_schema,
     unsupported_schema_feature,
 )
 from mii.engine.utf8_guard import Utf8Guard
@@ -90,13 +91,13 @@ _JSON_STRING_CHARACTER = r"[^\"\\\0-\x1f\ud800-\udfff]"
 
 
 def _json_schema_grammar(schema: str) -> Any:
-    """xgrammar's grammar of ``schema`` (compact separators, no free whitespace: a
-    model may not pad forever), with its length-bounded strings' characters limited
-    to what JSON allows raw in a string. Rewriting the grammar, not the schema:
-    spelling each bounded string as an equivalent ``pattern`` (as before) compiled
-    into a regular automaton of one state per allowed character, 15 s for a
-    ``maxLength`` of 5,000 and seconds for a tool list of bounded fields, against
-    milliseconds for xgrammar's own repetition."""
+    """xgrammar's grammar of ``schema`` (no free whitespace: a model may not pad
+    forever; one space after each ``,`` and ``:``), with its length-bounded
+    strings' characters limited to what JSON allows raw in a string. The grammar
+    is rewritten, not the schema: spelling each bounded string as an equivalent
+    ``pattern`` compiled into an automaton of one state per allowed character, 15 s
+    for a ``maxLength`` of 5,000 and seconds for a tool list of bounded fields,
+    against milliseconds for xgrammar's own repetition."""
     xgr = _xgrammar()
     grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
     text = str(grammar)
@@ -229,7 +230,15 @@ class GrammarCache:
     def _compile(self, kind: str, spec: str) -> Any:
         compiler = self._get_compiler()
         if kind == "json_schema":
-            problem = unsupported_schema_feature(json.loads(spec))
+            # (here, once per schema and off the event loop: the meta-schema check of
+            # a large schema takes a third of a second)
+            try:
+                check_json_schema(json.loads(spec))
+                problem = unsupported_schema_feature(json.loads(spec))
+            except ValueError as err:
+                problem = str(err)
+            except RecursionError:
+                problem = "is nested too deeply (hundreds of levels)"
             if problem:
                 # (a problem that says its own way out gets no second, contrary one)
                 advice = "; remove it from the schema" if problem.endswith("not supported") else ""

@@ -151,7 +151,10 @@ def _ignored_combination(schema: dict, path: str) -> str | None:
     step = schema.get("multipleOf")
     if isinstance(step, float) and not step.is_integer():
         return f"a fractional 'multipleOf' (at {path}) is not supported"
-    if step is not None and schema.get("type") != "integer":  # enforced on integers only
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    integers = "integer" in kinds and set(kinds) <= {"integer", "null"}
+    if step is not None and not integers:  # enforced on integers only (and null beside)
         return (
             f"'multipleOf' on a value that is not of type 'integer' (at {path}) is not "
             "supported: give it 'type': 'integer' (pydantic: an int field) or leave it out"
@@ -221,3 +224,23 @@ def _has_json_type(value: Any, kind: Any) -> bool:
     """Whether JSON ``value`` is of the schema's ``type`` (a name or a list)."""
     kinds = kind if isinstance(kind, list) else [kind]
     return any(_JSON_TYPES.get(k, lambda v: True)(value) for k in kinds)
+
+
+def check_json_schema(schema: dict[str, Any]) -> None:
+    """ValueError saying what is wrong when ``schema`` is not a valid JSON schema
+    (by the meta-schema of the draft it names, else 2020-12): e.g. a negative
+    ``maxLength`` or an empty ``type`` list, which the grammar engine would read
+    as something else. Formats are not checked: a ``pattern`` is a regular
+    expression of the grammar engine, not of Python's ``re``."""
+    from jsonschema import exceptions, validators
+
+    cls = validators.validator_for(schema)
+    try:
+        err = exceptions.best_match(cls(cls.META_SCHEMA).iter_errors(schema))
+    except RecursionError:  # (the validator recurses once per level)
+        raise ValueError("is nested too deeply (hundreds of levels)") from None
+    if err is not None:
+        where = "/".join(str(p) for p in err.absolute_path)
+        raise ValueError(
+            f"is not a valid JSON schema: {err.message}" + (f" (at {where})" if where else "")
+        )

@@ -26,7 +26,7 @@ from typing import Any
 
 import mii.envs as envs
 from mii.errors import DeploymentError
-from mii.rpc import auth, mii_pb2, registry
+from mii.rpc import auth, mii_pb2, quiet_grpc_logs, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import (
     GRPC_PORT_IN_USE_HINT,
@@ -103,6 +103,7 @@ class ReplicaProcess:
         self.address = config.address
         self.log_file = log_file
         env = dict(os.environ)
+        quiet_grpc_logs(env)
         # Secrets in the environment, never on the command line (see mii.envs).
         env[envs.REPLICA_TOKEN.name] = token
         env.pop(envs.API_KEY.name, None)  # a replica never needs the clients' key
@@ -268,6 +269,12 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         stopping = asyncio.create_task(stop.wait())
         tasks.append(stopping)
         await asyncio.wait({stopping, supervising}, return_when=asyncio.FIRST_COMPLETED)
+        failure = supervising.exception() if supervising.done() else None
+        if failure is not None:  # (a restart could not spawn: not a clean stop, exit 1)
+            raise DeploymentError(
+                f"deployment {name!r} stopped: supervising its replicas failed "
+                f"({type(failure).__name__}: {failure})"
+            ) from failure
         if supervisor.all_failed:  # nothing left to serve: stop, and exit with an error
             raise DeploymentError(
                 f"deployment {name!r} stopped: every replica failed (each restarted "

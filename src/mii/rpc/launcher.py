@@ -14,7 +14,7 @@ from typing import Any
 
 import mii.envs as envs
 from mii.errors import DeploymentError
-from mii.rpc import registry
+from mii.rpc import quiet_grpc_logs, registry
 from mii.rpc.client import MiiClient
 from mii.rpc.deployment_config import DeploymentConfig
 from mii.rpc.listen import host_port
@@ -63,6 +63,7 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     # The API key goes in the environment: the JSON on the command line (which every
     # local user can read with ps) leaves it out.
     env = dict(os.environ)
+    quiet_grpc_logs(env)
     api_key = config.secret_api_key()
     if api_key is None:
         env.pop(envs.API_KEY.name, None)

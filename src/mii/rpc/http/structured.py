@@ -52,18 +52,21 @@ _STRUCTURED_OUTPUTS_IGNORED = (
 
 
 def _response_format(value: dict[str, Any]) -> tuple[str, Any] | None:
-    if "type" not in value:  # ({} was read as text: a constraint the user meant, dropped)
+    kind = value.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        # (no type was read as text: a constraint the user meant, dropped)
         raise ApiError(
             400,
-            "response_format needs a 'type': 'text', 'json_object' or 'json_schema'",
+            f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
+            "'json_schema'",
             "response_format.type",
         )
-    kind = value["type"]
-    extra = sorted(set(value) - {"type", "json_schema"})
+    allowed = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+    extra = sorted(set(value) - allowed)
     if extra:  # e.g. {"type": "json_object", "schema": ...}: the schema was dropped
         raise ApiError(
             400,
-            f"response_format has no field {extra[0]!r}; a schema goes in "
+            f"response_format of type {kind!r} takes no {extra[0]!r}; a schema goes in "
             '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
             f"response_format.{extra[0]}",
         )
@@ -71,32 +74,25 @@ def _response_format(value: dict[str, Any]) -> tuple[str, Any] | None:
         return None
     if kind == "json_object":
         return "json_object", True
-    if kind == "json_schema":
-        spec = value.get("json_schema")
-        if not isinstance(spec, dict):
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ApiError(
+            400,
+            "response_format of type 'json_schema' needs a 'json_schema' object "
+            '({"name": ..., "schema": {...}})',
+            "response_format.json_schema",
+        )
+    for key, kind_of, words in (("name", str, "a string"), ("strict", bool, "true or false")):
+        if key in spec and spec[key] is not None and not isinstance(spec[key], kind_of):
             raise ApiError(
                 400,
-                "response_format of type 'json_schema' needs a 'json_schema' object "
-                '({"name": ..., "schema": {...}})',
-                "response_format.json_schema",
+                f"response_format.json_schema.{key} must be {words}",
+                f"response_format.json_schema.{key}",
             )
-        for key, kind_of, words in (("name", str, "a string"), ("strict", bool, "true or false")):
-            if key in spec and spec[key] is not None and not isinstance(spec[key], kind_of):
-                raise ApiError(
-                    400,
-                    f"response_format.json_schema.{key} must be {words}",
-                    f"response_format.json_schema.{key}",
-                )
-        schema = spec.get("schema")
-        if schema is None:  # OpenAI lets it out: any JSON object
-            return "json_object", True
-        return "json_schema", schema
-    raise ApiError(
-        400,
-        f"response_format type {kind!r} is not supported; use 'text', 'json_object' or "
-        "'json_schema'",
-        "response_format.type",
-    )
+    schema = spec.get("schema")
+    if schema is None:  # OpenAI lets it out: any JSON object
+        return "json_object", True
+    return "json_schema", schema
 
 
 def _given(body: Any) -> list[tuple[str, str, Any]]:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mii.constraint_options import check_json_schema
+from mii.engine.schema_support import check_json_schema
 
 # No docstrings on these classes: they would change the served /openapi.json.
 
