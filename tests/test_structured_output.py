@@ -204,6 +204,13 @@ def test_padded_vocabulary_rows_are_never_generated(checkpoints, tokenizer):
         check(answer, {"json_schema": SCHEMAS[3]})
 
 
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
 BAD = [
     ({"json_schema": "{not json"}, "json_schema", "not valid JSON"),
     ({"json_schema": {"type": "nonsense"}}, "json_schema", "nonsense"),
@@ -279,6 +286,8 @@ BAD = [
         "json_schema",
         "'minLength' 10 above 'maxLength' 5 (at #): no value satisfies it",
     ),
+    # the meta-schema's validator recursed past Python's limit: a 500 (review)
+    ({"json_schema": _nested(400)}, "json_schema", "nested too deeply"),
     ({"regex": "a(b"}, "regex", "parenthesis"),
     ({"regex": r"(a)\1"}, "regex", "backreference"),
     ({"regex": r"(?P<a>x)(?P=a)"}, "regex", "backreference"),
