@@ -114,6 +114,9 @@ def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
                 if found:
                     return found
         elif key in _SCHEMA_LISTS or key in ("items", "additionalProperties", "propertyNames"):
+            if key == "propertyNames" and isinstance(value, dict) and "type" not in value:
+                # property names are strings: xgrammar enforces a pattern here untyped
+                value = {"type": "string", **value}
             found = unsupported_schema_feature(value, f"{path}/{key}")
             if found:
                 return found
