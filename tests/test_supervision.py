@@ -392,6 +392,35 @@ def test_restart_backoff_doubles_and_the_limit_gives_up():
     assert replica.state == "failed" and len(spawned) == 3
 
 
+async def test_run_until_says_why_supervision_ended_first():
+    """run_until(stop): returns once stop is set; raises DeploymentError when every
+    replica failed, or when a replacement process could not be started (that ended
+    the deployment as a clean stop, exit 0, before)."""
+    from mii.errors import DeploymentError
+
+    def supervisor(spawn) -> Supervisor:
+        return Supervisor(FakePool(), [FakeProcess(1)], spawn, RestartPolicy(backoff_s=0.0))
+
+    stop = asyncio.Event()
+    looked_after = supervisor(lambda i: FakeProcess(2))
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.3, stop.set)
+    await asyncio.wait_for(looked_after.run_until(stop), timeout=5)  # returns
+
+    def no_process(index: int) -> FakeProcess:
+        raise OSError("Too many open files")
+
+    broken = supervisor(no_process)
+    broken.processes[0].code = 1  # exits: its restart cannot spawn
+    with pytest.raises(DeploymentError, match=r"supervising its replicas failed .*open files"):
+        await asyncio.wait_for(broken.run_until(asyncio.Event()), timeout=5)
+
+    given_up = Supervisor(FakePool(), [FakeProcess(1)], no_process, RestartPolicy(max_restarts=0))
+    given_up.processes[0].code = 1
+    with pytest.raises(DeploymentError, match=r"every replica failed .*replica_max_restarts"):
+        await asyncio.wait_for(given_up.run_until(asyncio.Event()), timeout=5)
+
+
 async def test_supervision_ends_once_every_replica_has_failed():
     """run() returns when nothing is left to serve (the deployment then stops with
     an error), and not while one replica of two still serves."""

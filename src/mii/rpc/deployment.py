@@ -253,8 +253,6 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         supervisor = Supervisor(
             pool, replicas, lambda i: replicas[i].restarted(), _restart_policy(config), record
         )
-        supervising = asyncio.create_task(supervisor.run())
-        tasks.append(supervising)
         record()
         print(
             f"[mii] deployment {name!r} serving on {host_port(host, port)}",
@@ -266,25 +264,15 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         auth.warn_if_open_to_network(host, ports, config.secret_api_key())
         if config.stats_log_interval_s > 0:
             tasks.append(asyncio.create_task(log_stats(pool, config.stats_log_interval_s)))
-        stopping = asyncio.create_task(stop.wait())
-        tasks.append(stopping)
-        await asyncio.wait({stopping, supervising}, return_when=asyncio.FIRST_COMPLETED)
-        failure = supervising.exception() if supervising.done() else None
-        if failure is not None:  # (a restart could not spawn: not a clean stop, exit 1)
+        try:
+            await supervisor.run_until(stop)
+        except DeploymentError as err:  # nothing left to serve: stop, and exit 1
             raise DeploymentError(
-                f"deployment {name!r} stopped: supervising its replicas failed "
-                f"({type(failure).__name__}: {failure})"
-            ) from failure
-        if supervisor.all_failed:  # nothing left to serve: stop, and exit with an error
-            raise DeploymentError(
-                f"deployment {name!r} stopped: every replica failed (each restarted "
-                f"{config.replica_max_restarts} times within "
-                f"{config.replica_restart_window_s:g} s: replica_max_restarts); "
-                f"see the replica logs in {registry.registry_dir()}"
-            )
+                f"deployment {name!r} stopped: {err}; see the replica logs in "
+                f"{registry.registry_dir()}"
+            ) from err
         registry.mark_stopping(name, os.getpid())
         # Draining: no restarts, NOT_SERVING, new requests refused, then in-flight ones end.
-        supervising.cancel()
         health_watcher.cancel()
         await set_health(health, False)
         await drain(pool, config.shutdown_grace_s, shutdown.hurry)

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mii.errors import DeploymentError
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 
 MAX_BACKOFF_S = 60.0  # the back-off doubles with each recent restart, up to this
@@ -108,6 +109,33 @@ class Supervisor:
             if self.all_failed:
                 return
             await asyncio.sleep(HEALTH_INTERVAL_S / 2)
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        """Look after the replicas until ``stop`` is set. DeploymentError when the
+        looking after ends first: every replica failed (nothing is left to serve),
+        or it failed itself (a replacement process could not be started). The
+        deployment then stops with that error, exit status 1, rather than as if it
+        had been asked to (exit 0: a process supervisor would not restart it)."""
+        supervising = asyncio.create_task(self.run())
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({stopping, supervising}, return_when=asyncio.FIRST_COMPLETED)
+            ended = supervising.done()
+        finally:
+            supervising.cancel()
+            stopping.cancel()
+        if not ended:
+            return
+        failure = supervising.exception()
+        if failure is not None:
+            raise DeploymentError(
+                f"supervising its replicas failed ({type(failure).__name__}: {failure})"
+            ) from failure
+        policy = self.policy
+        raise DeploymentError(
+            f"every replica failed (each exited {policy.max_restarts + 1} times within "
+            f"{policy.window_s:g} s: replica_max_restarts)"
+        )
 
     @property
     def all_failed(self) -> bool:
