@@ -68,11 +68,13 @@ def test_only_constrained_rows_are_masked(tokenizer, device):
 def test_special_tokens_are_not_the_text_they_spell(tokenizer):
     """xgrammar read a special token as its literal text: a choice of "<s>" let the
     model write the single BOS token, which the answer's text then drops (a user
-    trial got "" for a choice of "<|endoftext|>"). Special tokens other than the
-    stop tokens are never allowed under a grammar; the stop token still ends it."""
+    trial got "" for a choice of "<|endoftext|>"; and a choice of the stop token's
+    own text, "<|im_end|>", ended at once with none of it). Special tokens are never
+    the text a grammar asks for; the stop token still ends a complete one."""
     vocab = len(tokenizer)
     cache = GrammarCache(tokenizer, vocab, [tokenizer.eos_token_id])
-    specials = [t for t in tokenizer.all_special_ids if t != tokenizer.eos_token_id]
+    specials = list(tokenizer.all_special_ids)
+    assert tokenizer.eos_token_id in specials
     assert specials, tokenizer.all_special_ids
     texts = [tokenizer.convert_ids_to_tokens(t) for t in specials]
     s = seq(cache, choice=texts)

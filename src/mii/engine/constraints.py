@@ -90,6 +90,25 @@ _BOUNDED_STRING_CHARACTER = r"[^\"\\\r\n]"
 _JSON_STRING_CHARACTER = r"[^\"\\\0-\x1f\ud800-\udfff]"
 
 
+def _without_special_text(info: Any, special: list[int]) -> Any:
+    """``info`` (an xgrammar ``TokenizerInfo``) with the ``special`` tokens' bytes
+    blanked, which makes them xgrammar's special tokens: never text, and a stop
+    token only where the grammar ends. Read as their literal text, "<|im_end|>"
+    (a stop token) ended a choice of that text with nothing of it in the answer,
+    and "<|endoftext|>" satisfied a choice of its text while the answer's text
+    dropped it (user trials)."""
+    xgr = _xgrammar()
+    blank = set(special)
+    vocab = [b"" if i in blank else text for i, text in enumerate(info.decoded_vocab)]
+    return xgr.TokenizerInfo(
+        vocab,
+        xgr.VocabType.RAW,  # the bytes as decoded for this tokenizer's own vocabulary type
+        vocab_size=info.vocab_size,
+        stop_token_ids=list(info.stop_token_ids),
+        add_prefix_space=info.add_prefix_space,
+    )
+
+
 def _json_schema_grammar(schema: str) -> Any:
     """xgrammar's grammar of ``schema`` (no free whitespace: a model may not pad
     forever; one space after each ``,`` and ``:``), with its length-bounded
@@ -141,18 +160,19 @@ class GrammarCache:
         with self._lock:
             if self._compiler is None:
                 xgr = _xgrammar()
-                info = xgr.TokenizerInfo.from_huggingface(
-                    self._tokenizer,
-                    vocab_size=self._vocab_size,
-                    stop_token_ids=self._stop_token_ids,
+                specials = getattr(self._tokenizer, "all_special_ids", None) or []
+                info = _without_special_text(
+                    xgr.TokenizerInfo.from_huggingface(
+                        self._tokenizer,
+                        vocab_size=self._vocab_size,
+                        stop_token_ids=self._stop_token_ids,
+                    ),
+                    [*specials, *self._stop_token_ids],
                 )
                 self._compiler = xgr.GrammarCompiler(
                     info, max_threads=min(8, os.cpu_count() or 1), cache_enabled=False
                 )
-                stops = set(self._stop_token_ids)
-                specials = getattr(self._tokenizer, "all_special_ids", None) or []
-                never = [t for t in specials if t not in stops]
-                self._utf8_guard = Utf8Guard(info.decoded_vocab, self._vocab_size, never)
+                self._utf8_guard = Utf8Guard(info.decoded_vocab, self._vocab_size)
             return self._compiler
 
     @property

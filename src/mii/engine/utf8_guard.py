@@ -93,15 +93,9 @@ class Utf8Guard:
 
     ``token_bytes``: each token's bytes as the grammar engine sees them
     (xgrammar's ``TokenizerInfo.decoded_vocab``); ``vocab_size``: the width of the
-    grammar bitmask (the model's logits width; missing tokens have no bytes).
-    ``never``: tokens masked in every state, whatever their bytes: the tokenizer's
-    special tokens other than the stop tokens, which xgrammar reads as their literal
-    text ("<|endoftext|>" satisfied a choice of that text) while the answer's text
-    drops them."""
+    grammar bitmask (the model's logits width; missing tokens have no bytes)."""
 
-    def __init__(
-        self, token_bytes: Sequence[bytes], vocab_size: int, never: Sequence[int] = ()
-    ) -> None:
+    def __init__(self, token_bytes: Sequence[bytes], vocab_size: int) -> None:
         words = (vocab_size + 31) // 32
         # next_state[s, t]: the state after token t in state s (_INVALID: refused)
         next_state = np.full((NUM_STATES, words * 32), _INVALID, dtype=np.int8)
@@ -119,7 +113,6 @@ class Utf8Guard:
                     next_state[state, token] = _transition(state, text)
             else:
                 next_state[1:, token] = _INVALID
-        next_state[:, [t for t in never if 0 <= t < vocab_size]] = _INVALID
         allowed = next_state != _INVALID
         allowed[:, vocab_size:] = False  # the bits past the vocabulary stay 0 (no such token)
         # little bit order: token 8k+i is bit i of byte k, so of int32 word t // 32
