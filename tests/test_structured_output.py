@@ -138,6 +138,34 @@ def test_a_budget_that_cuts_the_json_short_ends_with_length(engine):
     assert answer.generated_text.startswith("{")
 
 
+def test_a_budget_the_complete_answer_fills_exactly_ends_with_stop(engine, checkpoints):
+    """A choice or schema answered in exactly max_new_tokens tokens is complete: its
+    grammar admits only its end there, so it says "stop" (it said "length", which the
+    openai SDK's .parse() refuses as cut short; fuzz trial)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints("llama")[0])
+    [free] = run(
+        engine.generate([PROMPTS[0]], choice=["yes", "no"], max_new_tokens=8, do_sample=False)
+    )
+    assert free.finish_reason == "stop"
+    needed = free.generated_length - 1  # without the end-of-sequence token
+    [cut] = run(
+        engine.generate([PROMPTS[0]], choice=["yes", "no"], max_new_tokens=needed, do_sample=False)
+    )
+    assert cut.generated_text == free.generated_text and cut.finish_reason == "stop"
+    assert len(tokenizer.encode(cut.generated_text, add_special_tokens=False)) >= 1
+    [short] = run(
+        engine.generate(
+            [PROMPTS[0]],
+            choice=["yes, surely", "no"],
+            max_new_tokens=1,
+            allowed_token_ids=tokenizer.encode("yes", add_special_tokens=False),
+        )
+    )
+    assert short.finish_reason == "length"  # a prefix of "yes, surely": cut short
+
+
 def test_ignore_eos_still_ends_when_the_grammar_is_complete(engine):
     [answer] = run(
         engine.generate([PROMPTS[0]], choice=["alpha", "beta"], ignore_eos=True, max_new_tokens=50)

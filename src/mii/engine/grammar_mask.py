@@ -175,6 +175,23 @@ def _packed_tokens(tokens: list[int], words: int) -> np.ndarray:
     return row.view(np.int32)
 
 
+def only_its_end_left(seq: Sequence) -> bool:
+    """Whether ``seq``'s grammar, after its tokens so far, admits nothing but its end
+    (a stop token): the answer is complete. Asked once, at a request's length
+    limit, so that a complete answer cut there says "stop", not "length" (the
+    openai SDK's ``.parse()`` refuses an answer that ends with "length")."""
+    import xgrammar
+
+    matcher = seq.grammar.matcher
+    if matcher.is_terminated():
+        return True
+    bitmask = xgrammar.allocate_token_bitmask(1, seq.grammar.guard.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask, 0)
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")
+    allowed = np.flatnonzero(bits).tolist()
+    return bool(allowed) and set(allowed) <= set(matcher.stop_token_ids)
+
+
 def accept(seq: Sequence, token: int) -> bool:
     """Advance ``seq``'s matcher by its newly sampled ``token``; True when its
     grammar is now complete (the request ends with finish_reason "stop").

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mii.engine import grammar_mask
 from mii.engine.detokenizer import (
     ByteRuns,
     IncrementalDetokenizer,
@@ -137,8 +138,9 @@ class OutputProcessor:
         else:
             at_limit = generated >= seq.max_new_tokens
             delta = state.detokenizer.add(token, final=at_limit)
-            if at_limit:
-                finish = "length"
+            if at_limit:  # a constrained answer may be complete there: then it stopped
+                complete = seq.grammar is not None and grammar_mask.only_its_end_left(seq)
+                finish = "stop" if complete else "length"
         text, hit_stop = state.stops.feed(delta, check=generated >= params.min_new_tokens)
         if hit_stop:
             finish, stop_reason = "stop", state.stops.matched
