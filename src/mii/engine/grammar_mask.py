@@ -139,8 +139,8 @@ def _keep_utf8(bitmask: torch.Tensor, states: list[GrammarState]) -> None:
         utf8_states = np.fromiter((s.utf8_state for s in group), dtype=np.intp, count=len(group))
         for r in guard.restrict(rows, utf8_states).tolist():
             log.warning(
-                "a grammar admits only ill-formed UTF-8 (e.g. a surrogate's bytes) or the "
-                "tokenizer's special tokens next; its own mask is kept for that token"
+                "a grammar admits only ill-formed UTF-8 (e.g. a surrogate's bytes) next; "
+                "its own mask is kept for that token"
             )
             group[r].matcher.fill_next_token_bitmask(bitmask, first + r)
 
