@@ -26,6 +26,7 @@ from typing import Any
 
 from mii.engine.regex_groups import without_group_names
 from mii.engine.schema_support import (
+    NESTED_TOO_DEEPLY,
     SCHEMA_MAPS,
     UNSUPPORTED_REGEX,
     check_json_schema,
@@ -249,16 +250,17 @@ class GrammarCache:
 
     def _compile(self, kind: str, spec: str) -> Any:
         compiler = self._get_compiler()
+        schema = json.loads(spec) if kind == "json_schema" else None
         if kind == "json_schema":
             # (here, once per schema and off the event loop: the meta-schema check of
             # a large schema takes a third of a second)
             try:
-                check_json_schema(json.loads(spec))
-                problem = unsupported_schema_feature(json.loads(spec))
+                check_json_schema(schema)
+                problem = unsupported_schema_feature(schema)
             except ValueError as err:
                 problem = str(err)
             except RecursionError:
-                problem = "is nested too deeply (hundreds of levels)"
+                problem = NESTED_TOO_DEEPLY
             if problem:
                 # (a problem that says its own way out gets no second, contrary one)
                 advice = "; remove it from the schema" if problem.endswith("not supported") else ""
@@ -274,8 +276,8 @@ class GrammarCache:
             )
         try:
             if kind == "json_schema":
-                schema = json.dumps(_as_xgrammar_reads_it(json.loads(spec)))
-                return compiler.compile_grammar(_json_schema_grammar(schema))
+                text = json.dumps(_as_xgrammar_reads_it(schema))
+                return compiler.compile_grammar(_json_schema_grammar(text))
             if kind == "json_object":  # any object, any keys (OpenAI's json_object)
                 return compiler.compile_json_schema(
                     '{"type": "object"}', any_whitespace=False, strict_mode=False

@@ -229,6 +229,9 @@ def _has_json_type(value: Any, kind: Any) -> bool:
     return any(_JSON_TYPES.get(k, lambda v: True)(value) for k in kinds)
 
 
+NESTED_TOO_DEEPLY = "is nested too deeply (hundreds of levels)"
+
+
 def check_json_schema(schema: dict[str, Any]) -> None:
     """ValueError saying what is wrong when ``schema`` is not a valid JSON schema
     (by the meta-schema of the draft it names, else 2020-12): e.g. a negative
@@ -241,7 +244,7 @@ def check_json_schema(schema: dict[str, Any]) -> None:
     try:
         err = exceptions.best_match(cls(cls.META_SCHEMA).iter_errors(schema))
     except RecursionError:  # (the validator recurses once per level)
-        raise ValueError("is nested too deeply (hundreds of levels)") from None
+        raise ValueError(NESTED_TOO_DEEPLY) from None
     if err is not None:
         where = "/".join(str(p) for p in err.absolute_path)
         raise ValueError(
