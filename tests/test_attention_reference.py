@@ -1,4 +1,5 @@
-"""The paged attention reference against plain dense attention."""
+"""The paged attention reference, and the SDPA version the engine runs off the GPU,
+against plain dense attention."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from helpers import ragged_paged_batch
-from mii.ops.attention import paged_attention_reference
+from mii.ops.attention import paged_attention_reference, paged_attention_sdpa
 
 
 def dense_attention(q, k, v, scale, window=None):
@@ -25,9 +26,10 @@ def dense_attention(q, k, v, scale, window=None):
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, -torch.inf).softmax(-1), v)
 
 
-@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("attention", [paged_attention_reference, paged_attention_sdpa])
+@pytest.mark.parametrize("window", [None, 5, 20])
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (4, 2), (4, 1)])
-def test_ragged_paged_batch_matches_dense(window, hq, hkv):
+def test_ragged_paged_batch_matches_dense(attention, window, hq, hkv):
     rng = random.Random(0)
     torch.manual_seed(0)
     block_size, num_blocks, dim = 4, 64, 8
@@ -36,7 +38,8 @@ def test_ragged_paged_batch_matches_dense(window, hq, hkv):
     free = list(range(num_blocks))
     rng.shuffle(free)  # blocks of a sequence are not contiguous
     # (cached tokens already in the cache, new tokens this step)
-    shapes = [(0, 7), (9, 1), (3, 6), (12, 1), (0, 1)]
+    # (whole prompts: causal; one query; chunks after cached keys; past the window)
+    shapes = [(0, 7), (9, 1), (3, 6), (12, 1), (0, 1), (20, 5), (24, 1)]
     batch, tables = ragged_paged_batch(shapes, block_size, free)
     full_k, full_v, qs = [], [], []
     for (cached, new), table in zip(shapes, tables):
@@ -51,9 +54,7 @@ def test_ragged_paged_batch_matches_dense(window, hq, hkv):
         qs.append(torch.randn(new, hq, dim))
     new_k = torch.cat([k[c:] for k, (c, _) in zip(full_k, shapes)])
     new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, shapes)])
-    out = paged_attention_reference(
-        torch.cat(qs), new_k, new_v, k_cache, v_cache, batch, 0.3, window
-    )
+    out = attention(torch.cat(qs), new_k, new_v, k_cache, v_cache, batch, 0.3, window)
     expected = torch.cat(
         [dense_attention(q, k, v, 0.3, window) for q, k, v in zip(qs, full_k, full_v)]
     )

@@ -13,6 +13,7 @@ A token's slot is ``block_id * block_size + offset_in_block``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,33 @@ def gather_sequence_kv(
     return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
 
 
+def _sequences(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each sequence of ``batch``: its rows of ``q``, and its queries [Lq, Hq, D], keys
+    and values [Lk, Hkv, D] (all it has cached, the new ones included), in float32."""
+    start = 0
+    for b in range(batch.num_seqs):
+        q_len, seq_len = batch.query_lens_host[b], batch.seq_lens_host[b]
+        rows = slice(start, start + q_len)
+        kb = gather_sequence_kv(k_cache, batch.block_tables[b], seq_len).float()
+        vb = gather_sequence_kv(v_cache, batch.block_tables[b], seq_len).float()
+        yield rows, q[rows].float(), kb, vb
+        start += q_len
+
+
+def _visible(
+    q_len: int, seq_len: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
+    """[Lq, Lk] True where a query (the sequence's last Lq tokens) sees a key."""
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    visible = k_pos <= q_pos
+    if sliding_window is not None:
+        visible &= k_pos > q_pos - sliding_window
+    return visible
+
+
 def paged_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -145,30 +173,80 @@ def paged_attention_reference(
     """Write k/v into the cache, then attend. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D].
 
     With ``sliding_window`` w, the token at position p sees keys at positions
-    p - w + 1 .. p (Hugging Face's convention for Mistral).
+    p - w + 1 .. p (Hugging Face's convention for Mistral). The scores are written out
+    in float32 ([Hq, Lq, Lk]): the oracle of the kernels' tests, not a fast path.
     """
     write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
     out = torch.empty_like(q)
     heads_per_kv = q.shape[1] // k.shape[1]
-    start = 0
-    for b in range(batch.num_seqs):
-        q_len, seq_len = batch.query_lens_host[b], batch.seq_lens_host[b]
-        qb = q[start : start + q_len].float()  # [Lq, Hq, D]
-        kb = gather_sequence_kv(k_cache, batch.block_tables[b], seq_len).float()  # [Lk, Hkv, D]
-        vb = gather_sequence_kv(v_cache, batch.block_tables[b], seq_len).float()
+    for rows, qb, kb, vb in _sequences(q, k_cache, v_cache, batch):
         kb = kb.repeat_interleave(heads_per_kv, dim=1)  # [Lk, Hq, D]
         vb = vb.repeat_interleave(heads_per_kv, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qb, kb) * scale  # [Hq, Lq, Lk]
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        k_pos = torch.arange(seq_len, device=q.device)[None, :]
-        visible = k_pos <= q_pos
-        if sliding_window is not None:
-            visible &= k_pos > q_pos - sliding_window
-        scores = scores.masked_fill(~visible, float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, vb).to(q.dtype)
-        start += q_len
+        visible = _visible(qb.shape[0], kb.shape[0], sliding_window, q.device)
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        out[rows] = torch.einsum("hqk,khd->qhd", probs, vb).to(q.dtype)
     return out
+
+
+def paged_attention_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The reference's contract and float32 math through torch's fused SDPA: what the
+    engine runs where the Triton kernels do not (the CPU).
+
+    Why: the reference writes out every score; SDPA does not, and skips the keys a
+    causal prompt cannot see. On a 2-core CPU, one layer of SmolLM2-135M's heads
+    (9 query, 3 KV, 64 dims): a 1,024-token prompt 20 ms instead of 191, a 1,024-token
+    chunk after 3,072 cached keys 190 instead of 695, a decode over 2,000 keys 7
+    instead of 37.
+    """
+    write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
+    out = torch.empty_like(q)
+    grouped = q.shape[1] != k.shape[1]
+    for rows, qb, kb, vb in _sequences(q, k_cache, v_cache, batch):
+        q_len, seq_len = qb.shape[0], kb.shape[0]
+        if q_len == 0:
+            continue
+        # A whole prompt is causal as SDPA aligns it (first query, first key); one
+        # query sees every key; else the mask says which keys each query sees.
+        causal = q_len == seq_len and sliding_window is None
+        everything = q_len == 1 and (sliding_window is None or seq_len <= sliding_window)
+        mask = None if causal or everything else _visible(q_len, seq_len, sliding_window, q.device)
+        # [1, H, L, D] views of the [L, H, D] rows
+        qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (qb, kb, vb))
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=grouped
+        )
+        out[rows] = attended[0].transpose(0, 1).to(q.dtype)
+    return out
+
+
+def _rotated(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k with the rotary embedding applied (as they are when ``cos_sin`` is None)."""
+    from mii.ops.rotary import apply_rotary_reference
+
+    if cos_sin is None:
+        return q, k
+    # An fp8 cache takes rotated keys straight from float32, as the Triton kernel
+    # does: a detour through bf16 rounds twice and can land one fp8 step away.
+    k_in = k.float() if k_cache.dtype == FP8_KV_DTYPE else k
+    return apply_rotary_reference(q, positions, cos_sin), apply_rotary_reference(
+        k_in, positions, cos_sin
+    )
 
 
 def rotary_paged_attention_reference(
@@ -182,18 +260,14 @@ def rotary_paged_attention_reference(
     batch: AttentionBatch,
     scale: float,
     sliding_window: int | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """Rotary embedding (skipped when ``cos_sin`` is None), cache write, attention.
+    """Rotary embedding (skipped when ``cos_sin`` is None), cache write, attention:
+    the reference's (``fused``: SDPA's, :func:`paged_attention_sdpa`).
 
     This is the contract of the fused GPU path: the Triton version
     (``ops.triton_attention.paged_attention_triton``) takes the same arguments.
     """
-    from mii.ops.rotary import apply_rotary_reference
-
-    if cos_sin is not None:
-        q = apply_rotary_reference(q, positions, cos_sin)
-        # An fp8 cache takes rotated keys straight from float32, as the Triton kernel
-        # does: a detour through bf16 rounds twice and can land one fp8 step away.
-        k_in = k.float() if k_cache.dtype == FP8_KV_DTYPE else k
-        k = apply_rotary_reference(k_in, positions, cos_sin)
-    return paged_attention_reference(q, k, v, k_cache, v_cache, batch, scale, sliding_window)
+    q, k = _rotated(q, k, positions, cos_sin, k_cache)
+    attend = paged_attention_sdpa if fused else paged_attention_reference
+    return attend(q, k, v, k_cache, v_cache, batch, scale, sliding_window)

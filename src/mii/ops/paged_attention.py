@@ -1,5 +1,6 @@
 """The paged attention op that models call: the fused Triton kernels on CUDA
-(``ops/triton_attention.py``), else the torch reference (``ops/attention.py``).
+(``ops/triton_attention.py``), else the torch reference's work with torch's fused
+SDPA for the attention itself (``ops/attention.py``: ``paged_attention_sdpa``).
 
 Both take the same arguments and do the same work: rotary embedding, the KV
 cache write, then attention over the paged cache. ``positions`` are only used to
@@ -27,7 +28,7 @@ def rotary_paged_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """The attention op models call: the fused Triton path on CUDA, else the reference."""
+    """The attention op models call: the fused Triton path on CUDA, else SDPA's."""
     if triton_attention_enabled(q.device):
         # Imported here: Triton is needed only where its kernels run.
         from mii.ops.library_attention import attend_with_library, library_members
@@ -43,5 +44,5 @@ def rotary_paged_attention(
             q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, sliding_window
         )
     return rotary_paged_attention_reference(
-        q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, sliding_window
+        q, k, v, positions, cos_sin, k_cache, v_cache, batch, scale, sliding_window, fused=True
     )
