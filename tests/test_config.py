@@ -66,6 +66,10 @@ def test_defaults():
         ({"seed": 2**64}, "seed"),
         ({"max_new_tokens": "many"}, "max_new_tokens"),
         ({"do_sample": "perhaps"}, "do_sample"),
+        ({"stop_token_ids": [True]}, "stop_token_ids"),  # token ids 1 and 0 to pydantic
+        ({"allowed_token_ids": True}, "allowed_token_ids"),
+        ({"logit_bias": {True: 5.0}}, "logit_bias"),
+        ({"logit_bias": {"7": False}}, "logit_bias"),
     ],
 )
 def test_invalid_values_name_the_field(options, field):

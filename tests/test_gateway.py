@@ -230,24 +230,31 @@ def test_mii_route_types_json_options_and_refuses_invalid_unicode(served, pipe):
 
 def test_a_requests_id_header_comes_back_on_its_answer(served):
     """X-Request-Id (vLLM: --enable-request-id-headers) is echoed on a whole answer, a
-    streamed one, a 400 and the /mii route; none is made up without one; a value
-    that is too long or not printable ASCII is not copied back."""
+    streamed one, a 400 and the /mii route, and names the OpenAI answers (``cmpl-<it>``,
+    as vLLM's); none is made up without one; a value that is too long or not
+    printable ASCII is not copied back."""
     chat = {"model": served.model, "messages": [{"role": "user", "content": "Hi"}]}
     traced = {"X-Request-Id": "trace-42/a.b"}
     answer = served.http.post(
         "/v1/chat/completions", json={**chat, "max_tokens": 2}, headers=traced
     )
     assert answer.status_code == 200 and answer.headers["x-request-id"] == "trace-42/a.b"
+    assert answer.json()["id"] == "chatcmpl-trace-42/a.b"
+    completion = {"model": served.model, "prompt": "Hi", "max_tokens": 1}
+    answer = served.http.post("/v1/completions", json=completion, headers=traced)
+    assert answer.json()["id"] == "cmpl-trace-42/a.b"
     body = {**chat, "max_tokens": 2, "stream": True}
     with served.http.stream("POST", "/v1/chat/completions", json=body, headers=traced) as stream:
         assert stream.headers["x-request-id"] == "trace-42/a.b"
-        assert "[DONE]" in "".join(stream.iter_text())
+        text = "".join(stream.iter_text())
+        assert "[DONE]" in text and '"id":"chatcmpl-trace-42/a.b"' in text.replace(" ", "")
     refused = served.http.post("/v1/chat/completions", json={**chat, "n": 0}, headers=traced)
     assert refused.status_code == 400 and refused.headers["x-request-id"] == "trace-42/a.b"
     mii_route = served.http.post(f"/mii/{served.name}", json={"prompts": "a"}, headers=traced)
     assert mii_route.headers["x-request-id"] == "trace-42/a.b"
     plain = served.http.post("/v1/chat/completions", json={**chat, "max_tokens": 1})
     assert "x-request-id" not in plain.headers
+    assert plain.json()["id"].startswith("chatcmpl-") and "trace" not in plain.json()["id"]
     for unfit in ("x" * 300, "has space"):
         answer = served.http.get("/health", headers={"X-Request-Id": unfit})
         assert answer.status_code == 200 and "x-request-id" not in answer.headers
@@ -321,6 +328,9 @@ def test_models(served):
     assert [m.id for m in models.data] == [served.model]
     assert models.data[0].object == "model"
     assert served.http.get("/v1/models").json()["object"] == "list"
+    # A base URL ending in "/" (it was a 404 "the model '' does not exist").
+    assert served.http.get("/v1/models/").json() == served.http.get("/v1/models").json()
+    assert served.http.get(f"/v1/models/{served.model}").json()["id"] == served.model
 
 
 def test_openapi_schema_has_unique_operation_ids():
@@ -651,6 +661,14 @@ def test_openai_invalid_requests(served):
     assert_openai_error(post("/v1/completions", json={**ok, "min_tokens": -1}), 400, "min_tokens")
     for field in ("max_tokens", "n", "top_k"):  # true was read as 1
         assert_openai_error(post("/v1/completions", json={**ok, field: True}), 400, field)
+    # ... and inside lists and maps: token id 1, a bias of 1.0 (were 200s)
+    for field, value in (
+        ("stop_token_ids", [True]),
+        ("allowed_token_ids", [5, False]),
+        ("logit_bias", {"5": True}),
+    ):
+        for route, body in (("/v1/completions", ok), ("/v1/chat/completions", chat)):
+            assert_openai_error(post(route, json={**body, field: value}), 400, field)
     for field, value in (("stream", "yes"), ("echo", 1), ("ignore_eos", "off")):
         # pydantic read these as booleans
         error = assert_openai_error(post("/v1/completions", json={**ok, field: value}), 400, field)
@@ -674,12 +692,12 @@ def test_openai_invalid_requests(served):
     # ... but where null means something it keeps that meaning (max_tokens: no limit),
     # and a required field is still required.
     assert_openai_error(post("/v1/completions", json={**ok, "prompt": None}), 400, "prompt")
-    # Too many choices: the field to change is named (it was "n" for 129 prompts).
-    many = {**ok, "prompt": ["a"] * 129}
+    # Too many choices: the field to change is named (it was "n" for 1,025 prompts).
+    many = {**ok, "prompt": ["a"] * 1025}
     error = assert_openai_error(post("/v1/completions", json=many), 400, "prompt")
-    assert "129 prompts" in error["message"], error
+    assert "1025 prompts" in error["message"], error
     assert_openai_error(
-        post("/v1/completions", json={**ok, "prompt": ["a", "b"], "n": 65}), 400, "n"
+        post("/v1/completions", json={**ok, "prompt": ["a", "b"], "n": 513}), 400, "n"
     )
     too_few = {**ok, "min_tokens": 5, "max_tokens": 2}
     error = assert_openai_error(post("/v1/completions", json=too_few), 400, "max_tokens")

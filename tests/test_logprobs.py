@@ -239,6 +239,26 @@ def test_prompt_logprobs_without_new_tokens(tiny, tokenizer, tmp_path, monkeypat
         assert abs(response.prompt_logprobs[j].logprob - expected[j - 1, ids[j]].item()) < TOLERANCE
 
 
+def test_a_prompt_that_fills_max_length_can_be_scored(tiny, tokenizer, tmp_path, monkeypatch):
+    """Scoring asks for no new token, so its prompt may fill max_length (it was refused
+    as leaving no room: lm-evaluation-harness scores full-context windows); a request
+    for new tokens still needs room for one."""
+    path, hf_model = tiny
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
+    ids = (tokenizer(" ".join(PROMPTS)).input_ids * 8)[:40]
+    with mii.pipeline(path, device="cpu", max_length=40, kv_block_size=8) as pipe:
+        response = pipe([ids], max_new_tokens=0, prompt_logprobs=0)[0]
+        with pytest.raises(InvalidRequestError, match="leaves no room") as err:
+            pipe([ids], max_new_tokens=1, prompt_logprobs=0)
+        assert err.value.field == "prompt"
+        with pytest.raises(InvalidRequestError, match="leaves no room"):
+            pipe([[*ids, 5]], max_new_tokens=0, prompt_logprobs=0)
+    assert (response.generated_length, response.finish_reason) == (0, "length")
+    expected = hf_logprobs(hf_model, ids)
+    for j in range(1, len(ids)):
+        assert abs(response.prompt_logprobs[j].logprob - expected[j - 1, ids[j]].item()) < TOLERANCE
+
+
 @pytest.mark.parametrize(
     "options, field",
     [
@@ -477,6 +497,10 @@ def test_openai_chat_logprobs(served):
         with pytest.raises(openai.BadRequestError) as err:
             oai.chat.completions.create(**{**chat, **bad})
         assert "top_logprobs" in str(err.value)
+    # ... but top_logprobs 0 asks for nothing (some wrappers send it with logprobs false).
+    for zero in ({"top_logprobs": 0}, {"logprobs": False, "top_logprobs": 0}):
+        answer = oai.chat.completions.create(**{**chat, **zero}).choices[0]
+        assert answer.logprobs is None, answer
 
 
 def test_an_aborted_requests_prompt_scores_never_reach_a_new_request_of_its_id(

@@ -108,10 +108,9 @@ def test_prompt_shapes():
 
 
 def test_completions_name_their_choices_cap_before_the_prompt_limit():
-    """/v1/completions: past 128 prompts (the choices cap, prompts times n) the 400
-    says that cap, for 129 prompts as for 2,000 (which named prompt_list's 1,024, so
-    a client splitting into batches of 1,024 met a second 400); one token-id prompt
-    of 2,000 ids is one prompt."""
+    """/v1/completions: past 1,024 prompts (the choices cap, prompts times n) the 400
+    says that cap, for 1,025 prompts as for 2,000; 256 prompts (lm-evaluation-harness's
+    --batch_size 256) are one request; one token-id prompt of 2,000 ids is one prompt."""
     from pydantic import ValidationError
 
     from mii.rpc.http.protocol import MAX_CHOICES, CompletionRequest
@@ -121,6 +120,7 @@ def test_completions_name_their_choices_cap_before_the_prompt_limit():
             with pytest.raises(ValidationError, match=f"at most {MAX_CHOICES} choices"):
                 CompletionRequest(prompt=prompt)
     assert len(CompletionRequest(prompt=["a"] * MAX_CHOICES).prompt) == MAX_CHOICES
+    assert MAX_CHOICES >= 256 and len(CompletionRequest(prompt=[[5, 6]] * 256).prompt) == 256
     assert CompletionRequest(prompt=[5] * 2000).prompt == [5] * 2000
 
 

@@ -129,6 +129,8 @@ class LogitsOptions(BaseModel):
     def _no_boolean_biases(cls, value: Any) -> Any:
         if isinstance(value, dict) and any(isinstance(v, bool) for v in value.values()):
             raise ValueError("biases must be numbers, not booleans")
+        if isinstance(value, dict) and any(isinstance(k, bool) for k in value):
+            raise ValueError("token ids must be integers, not booleans")
         return value
 
     @field_validator("logit_bias")

@@ -168,7 +168,10 @@ class RequestIntake:
                     f"model's vocabulary of {self.vocab_size} tokens",
                     field=option,
                 )
-        if len(prompt_ids) >= limit:
+        # A request for no new token (scoring: OpenAI's echo with max_tokens 0) needs no
+        # room after its prompt, which may then fill max_length (vLLM takes it too).
+        needs_room = params.max_new_tokens != 0
+        if len(prompt_ids) > limit - needs_room:
             self._refuse_prompt(len(prompt_ids), cut, params, max_length, held)
         room = limit - len(prompt_ids)
         max_new = room if params.max_new_tokens is None else min(params.max_new_tokens, room)

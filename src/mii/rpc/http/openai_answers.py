@@ -63,10 +63,12 @@ CHAT_COMPLETION = AnswerKind(
 
 
 class Answer:
-    """One request's answer: a fresh id and creation time, and its JSON objects.
+    """One request's answer: its id and creation time, and its JSON objects.
     ``logprobs`` formats the choices' logprobs (None: the request asked for none);
     ``tools``: how a chat answer's text becomes content and tool calls (None: no tools);
-    ``prompt_logprobs``: writes vLLM's ``prompt_logprobs`` (None: not asked)."""
+    ``prompt_logprobs``: writes vLLM's ``prompt_logprobs`` (None: not asked);
+    ``request_id``: the client's ``X-Request-Id``, which names the answer as vLLM's
+    (``cmpl-<it>``) so that traces and answers match (None: a fresh random id)."""
 
     def __init__(
         self,
@@ -75,13 +77,14 @@ class Answer:
         logprobs: LogprobFormatter | None = None,
         tools: ToolPlan | None = None,
         prompt_logprobs: LogprobFormatter | None = None,
+        request_id: str | None = None,
     ) -> None:
         self.kind = kind
         self.model = model
         self.logprobs = logprobs
         self.tools = tools
         self.prompt_logprobs = prompt_logprobs
-        self.id = f"{kind.id_prefix}-{uuid.uuid4().hex}"
+        self.id = f"{kind.id_prefix}-{request_id or uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def _frame(self, object_name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:

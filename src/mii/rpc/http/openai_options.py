@@ -63,7 +63,9 @@ def refuse_chat(body: ChatCompletionRequest) -> None:
     refuse_vllm_options(body, chat=True)
     if body.echo:  # vLLM's: the last message put before the answer when roles match
         raise ApiError(400, "echo is not supported on chat completions by this server", "echo")
-    if body.top_logprobs is not None and not body.logprobs:
+    # (0 asks for nothing: clients send {"logprobs": false, "top_logprobs": 0}, and vLLM
+    # takes it)
+    if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
 
 

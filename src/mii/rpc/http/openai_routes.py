@@ -41,6 +41,7 @@ from mii.rpc.http.openai_options import (
     refuse_completion,
 )
 from mii.rpc.http.protocol import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from mii.rpc.http.request_id import client_request_id
 from mii.rpc.http.sampling_defaults import with_sampling_defaults
 from mii.rpc.http.sse import UsageReport, stream_choices
 from mii.rpc.http.state import GatewayState, get_state
@@ -87,6 +88,8 @@ async def list_models(request: Request):
 
 @router.get("/models/{model:path}")
 async def retrieve_model(model: str, request: Request):
+    if not model:  # GET /v1/models/ (a client's base URL ending in "/"): the list
+        return await list_models(request)
     state = get_state(request)
     check_model(state, model)
     return _model_card(state, model if model in state.served_model_names else None)
@@ -187,6 +190,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         state.served_model,
         _formatter(state, body, params, chat=False, echo=body.echo),
         prompt_logprobs=_prompt_formatter(state, body),
+        request_id=client_request_id(request),
     )
     return await _respond(request, state, body, choices, renames, answer)
 
@@ -239,5 +243,6 @@ async def prepare_chat(
         _formatter(state, body, params, chat=True),
         tools if tools is not None and tools.mode != "none" else None,
         prompt_logprobs=_prompt_formatter(state, body),
+        request_id=client_request_id(request),
     )
     return state, renames, choices, answer

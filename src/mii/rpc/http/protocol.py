@@ -16,13 +16,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from mii.config import OPENAI_COMPLETIONS_MAX_TOKENS
 from mii.errors import InvalidRequestError
 from mii.prompts import prompt_batch
-from mii.rpc.convert import request_batch
+from mii.rpc.convert import MAX_PROMPTS, request_batch
 from mii.rpc.http.field_policy import SpecificationFields, StreamOptions
 from mii.rpc.http.request_fields import RequestFields
 from mii.rpc.http.tool_protocol import ChatTool, ToolChoice
 from mii.rpc.http.vllm_fields import VllmFields
 
-MAX_CHOICES = 128  # n times the number of prompts, per OpenAI request
+# n times the number of prompts, per OpenAI request: as many as a request of mii's own
+# routes may hold (lm-evaluation-harness sends --batch_size prompts in one request, and
+# 256 is a common size against vLLM, which sets no cap).
+MAX_CHOICES = MAX_PROMPTS
 
 
 def _prompt_shape(value: Any, field: str, max_prompts: int | None = None) -> Any:

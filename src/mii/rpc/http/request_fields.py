@@ -5,7 +5,8 @@
   specification allows null for ``n``, ``stream``, ``echo``, ...); a field where
   null means something keeps it; a required field stays refused.
 - A boolean is never a number (pydantic reads ``true`` as 1: ``"max_tokens": true``
-  is a mistake), and a true/false field takes only true or false (pydantic reads
+  is a mistake; so are ``"stop_token_ids": [true]`` and ``"logit_bias": {"5": true}``),
+  and a true/false field takes only true or false (pydantic reads
   ``"yes"``, ``"off"`` and 1 as booleans: ``"stream": "yes"`` is a mistake too).
 """
 
@@ -32,6 +33,22 @@ def _only_booleans(annotation: Any) -> bool:
     return annotation is bool or set(typing.get_args(annotation)) == {bool, type(None)}
 
 
+def _holds_booleans(value: Any) -> bool:
+    """Whether a list's items or a dict's values include a boolean."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return any(isinstance(item, bool) for item in items)
+
+
+def _holds_numbers(annotation: Any) -> bool:
+    """Whether a field is a list or dict of numbers (``list[int]``, ``dict[str, float]``,
+    optional or not): token ids and biases."""
+    for kind in (annotation, *typing.get_args(annotation)):
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+        if origin in (list, dict) and args and args[-1] in (int, float):
+            return True
+    return False
+
+
 class RequestFields(BaseModel):
     # A base of the request models. No docstring: it would change the served /openapi.json.
 
@@ -45,6 +62,9 @@ class RequestFields(BaseModel):
             return field.get_default(call_default_factory=True)
         if isinstance(value, bool) and not _takes_booleans(field.annotation):
             raise ValueError("must not be a boolean")
+        if _holds_booleans(value) and _holds_numbers(field.annotation):
+            # (token ids and biases: pydantic reads [true] as [1], {"5": true} as 1.0)
+            raise ValueError("holds true or false where a number belongs")
         if _only_booleans(field.annotation) and value is not None and not isinstance(value, bool):
             raise ValueError("must be true or false")
         return value

@@ -5,11 +5,13 @@ their logs; vLLM echoes it on its answers (``--enable-request-id-headers``). The
 gateway does so always, on every route and status (a streamed answer carries it
 from its first byte, a refusal too), as ASGI middleware around everything else.
 A value longer than ``MAX_LENGTH`` or with characters outside printable ASCII is
-not echoed: it is a client's, copied into our answer.
+not echoed: it is a client's, copied into our answer. It also names the OpenAI
+answer (``"id": "cmpl-<it>"``), as vLLM's.
 """
 
 from __future__ import annotations
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 HEADER = b"x-request-id"
@@ -22,6 +24,13 @@ def echoed_id(scope: Scope) -> bytes | None:
     if value is None or not 0 < len(value) <= MAX_LENGTH:
         return None
     return value if all(0x21 <= b <= 0x7E for b in value) else None
+
+
+def client_request_id(request: Request) -> str | None:
+    """The request's ``X-Request-Id`` (when fit to echo), which names its OpenAI
+    answer (``cmpl-<it>``), as vLLM's do; None without one."""
+    value = echoed_id(request.scope)
+    return None if value is None else value.decode("ascii")
 
 
 class EchoRequestId:
