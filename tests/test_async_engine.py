@@ -158,6 +158,12 @@ async def test_options_are_keywords_and_a_closed_engine_says_so(llama):
         params = mii.GenerateParams(max_new_tokens=3)
         with pytest.raises(TypeError, match="keyword arguments"):
             [p async for p in engine.stream(PROMPTS[0], params)]  # vLLM's habit
+        # several prompts to stream (it read "a token-id prompt is a non-empty list ...")
+        for several in (PROMPTS[:2], [[5, 6], [7]]):
+            with pytest.raises(mii.InvalidRequestError, match="stream takes one prompt"):
+                [p async for p in engine.stream(several, max_new_tokens=1)]
+        [one] = [p async for p in engine.stream([[5, 6]], max_new_tokens=1)]  # a one-row batch
+        assert one.prompt_length == 2
     with pytest.raises(mii.EngineClosedError):
         engine.stats()
 
@@ -517,6 +523,79 @@ async def test_open_stream_returns_once_accepted_and_close_aborts(engine):
     await engine.wait_idle()
     assert_all_blocks_free(engine)
     assert not engine._queues
+
+
+async def test_an_unclosed_answer_stream_holds_nothing_once_read_or_dropped(llama):
+    """A stream read to its end and never closed is forgotten at its last piece, and
+    one dropped unread is aborted when garbage-collected: neither keeps its admission
+    slot (with max_queued_requests=2 the third request was refused on an idle engine
+    for ever) nor, dropped, runs on to max_new_tokens."""
+    import gc
+
+    async with mii.AsyncEngine(llama, kv_block_size=4, max_queued_requests=2) as engine:
+        for _ in range(3):
+            pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=3)
+            assert [p async for p in pieces][-1].finish_reason is not None
+            assert not engine._queues
+        for _ in range(3):
+            dropped = await engine.open_stream(PROMPTS[1], max_new_tokens=400, ignore_eos=True)
+            del dropped
+            gc.collect()
+            await asyncio.sleep(0)  # (the finalizer hands the abort to this loop)
+            await asyncio.wait_for(engine.wait_idle(), 60)
+            assert not engine._queues
+        assert_all_blocks_free(engine)
+        assert engine.stats()["generation_tokens"] < 3 * 400  # (aborted, not run to the end)
+        [answer] = await engine.generate(PROMPTS[0], max_new_tokens=2)
+        assert answer.generated_length == 2
+
+
+def test_a_new_event_loop_waits_for_the_pass_an_ended_one_left_running(llama):
+    """asyncio.run returns while a pass runs on the engine thread; the next loop's
+    engine task touches the core (adding and aborting requests) only after it: the
+    core never has two callers at once."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=200)
+    core, in_pass, overlaps = engine.core, threading.Event(), []
+    step, add, abort = core.step, core.add, core.abort
+
+    def timed_step():
+        in_pass.set()
+        try:
+            time.sleep(0.05)  # a pass long enough that the next loop starts within it
+            return step()
+        finally:
+            in_pass.clear()
+
+    def watched(call):
+        def inner(*args):
+            if in_pass.is_set():
+                overlaps.append(call.__name__)
+            return call(*args)
+
+        return inner
+
+    core.step, core.add, core.abort = timed_step, watched(add), watched(abort)
+
+    async def leave_running():
+        for prompt in PROMPTS:
+            asyncio.get_running_loop().create_task(_drain(engine, prompt))
+        while not in_pass.is_set():
+            await asyncio.sleep(0.001)
+
+    async def next_loop():
+        answers = await engine.generate(PROMPTS, max_new_tokens=3)
+        assert all(a.generated_length == 3 for a in answers)
+
+    for _ in range(3):
+        asyncio.run(leave_running())
+        asyncio.run(asyncio.wait_for(next_loop(), 60))
+    asyncio.run(engine.aclose())
+    assert overlaps == []
+
+
+async def _drain(engine: mii.AsyncEngine, prompt: str) -> None:
+    async for _ in engine.stream(prompt, max_new_tokens=100, ignore_eos=True):
+        pass
 
 
 async def test_closing_an_answer_stream_wakes_its_reader(engine):

@@ -70,6 +70,16 @@ def test_defaults():
         ({"allowed_token_ids": True}, "allowed_token_ids"),
         ({"logit_bias": {True: 5.0}}, "logit_bias"),
         ({"logit_bias": {"7": False}}, "logit_bias"),
+        ({"min_p": True}, "min_p"),  # 1.0: a greedy request
+        ({"temperature": True}, "temperature"),
+        ({"top_p": True}, "top_p"),
+        ({"repetition_penalty": True}, "repetition_penalty"),
+        ({"presence_penalty": False}, "presence_penalty"),
+        ({"ignore_eos": "no"}, "ignore_eos"),  # pydantic read it as False... and "yes" as True
+        ({"do_sample": 0}, "do_sample"),
+        ({"return_full_text": "true"}, "return_full_text"),
+        ({"json_object": 1}, "json_object"),
+        ({"stop": True}, "stop"),
     ],
 )
 def test_invalid_values_name_the_field(options, field):

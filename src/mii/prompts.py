@@ -112,6 +112,20 @@ def one_prompt(prompt: Any, field: str = "prompt") -> Prompt:
     )
 
 
+def one_streamed_prompt(prompt: Any, field: str = "prompt") -> Prompt:
+    """``one_prompt`` for a stream: a list of texts (or of several token-id lists) is
+    refused as several prompts, which a stream cannot take (it read "a token-id prompt
+    is a non-empty list of integers")."""
+    if isinstance(prompt, (list, tuple)) and (
+        any(isinstance(p, str) for p in prompt)
+        or (len(prompt) > 1 and all(isinstance(p, (list, tuple)) for p in prompt))
+    ):
+        raise InvalidRequestError(
+            "stream takes one prompt; use generate for several, or stream each", field=field
+        )
+    return one_prompt(prompt, field)
+
+
 def prompt_batch(prompts: Any, field: str = "prompts") -> list[Prompt]:
     """``prompts`` as a list of prompts: a string or a flat list of token ids is one
     prompt; a non-empty list (tuple, iterable) of strings and token-id lists is several.

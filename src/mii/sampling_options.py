@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
@@ -25,7 +25,31 @@ MAX_LOGIT_BIAS = 100.0
 MAX_PENALTY = 2.0
 
 
-class LogitsOptions(BaseModel):
+class ExactTypes(BaseModel):
+    """A base of the options models: a number is never a boolean (pydantic reads True
+    as 1: ``min_p=True`` was a greedy request), and a true/false option takes only
+    True or False (pydantic reads ``"yes"``, ``"no"`` and 1 as booleans:
+    ``ignore_eos="no"`` was True)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _exact_types(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is None:
+            return value
+        kinds = {field.annotation, *get_args(field.annotation)}
+        if isinstance(value, bool) and bool not in kinds:
+            raise ValueError(
+                "must be a number, not a boolean"
+                if kinds & {int, float}
+                else "must not be a boolean"
+            )
+        if field.annotation is bool and not isinstance(value, bool):
+            raise ValueError("must be True or False")
+        return value
+
+
+class LogitsOptions(ExactTypes):
     """The logits processors' options of one request (all off by default)."""
 
     presence_penalty: float = Field(

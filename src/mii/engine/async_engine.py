@@ -25,7 +25,7 @@ from mii.engine.answer_stream import AnswerStream
 from mii.engine.core import EngineCore, StepOutput
 from mii.engine.request_stats import TokenCounters
 from mii.errors import EngineClosedError
-from mii.prompts import Prompt, one_prompt, prompt_batch
+from mii.prompts import Prompt, one_streamed_prompt, prompt_batch
 from mii.response import Response, join_pieces
 
 # Text prompts at least this long are tokenized in a worker thread (the fast
@@ -147,7 +147,7 @@ class AsyncEngine:
                 f"request_id must be a string (got {type(request_id).__name__}); generation "
                 "options are keyword arguments: stream(prompt, max_new_tokens=64)"
             )
-        prompt = one_prompt(prompt)  # a text or token ids (a tuple of ids too)
+        prompt = one_streamed_prompt(prompt)  # a text or token ids (a tuple of ids too)
         checked = GenerateParams.parse(**params)
         grammar = await self._compile_constraint(checked)
         self._admit()
@@ -370,6 +370,10 @@ class AsyncEngine:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        # A loop that ended (asyncio.run returned) may have left a pass running on the
+        # engine thread: the core is touched here only once it is done (the thread runs
+        # one job at a time, in order), never by both at once.
+        await loop.run_in_executor(self._executor, _nothing)
         while True:
             if not (self._pending_add or self._pending_abort or self.core.has_work()):
                 await self._wakeup.wait()
@@ -419,6 +423,10 @@ class AsyncEngine:
         for request_id in list(self.core.sequences):
             self.core.abort(request_id)
         self.core.release()
+
+
+def _nothing() -> None:
+    """A job for the engine thread that only waits for the jobs before it."""
 
 
 def _zero_counters(core: EngineCore) -> None:

@@ -19,7 +19,7 @@ from mii.errors import (
     InvalidRequestError,
     UnavailableError,
 )
-from mii.prompts import Prompt, one_prompt
+from mii.prompts import Prompt, one_streamed_prompt
 from mii.response import Response, join_pieces
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.convert import (
@@ -108,12 +108,7 @@ class MiiClient:
     ) -> Iterator[Response]:
         """Pieces of one answer as they are generated. Leaving the loop early
         cancels the call, which aborts the request on the server."""
-        if isinstance(prompt, (list, tuple)) and any(isinstance(p, str) for p in prompt):
-            raise InvalidRequestError(
-                "stream takes one prompt; use generate for several, or stream each",
-                field="prompts",
-            )
-        request = request_for([one_prompt(prompt, "prompts")], validated(params))
+        request = request_for([one_streamed_prompt(prompt, "prompts")], validated(params))
         call = self._stub.GenerateStream(request, timeout=timeout)
         try:
             for piece in call:
@@ -246,7 +241,7 @@ class MiiClient:
     async def astream(
         self, prompt: Prompt, timeout: float | None = None, **params: Any
     ) -> AsyncIterator[Response]:
-        request = request_for([one_prompt(prompt, "prompts")], validated(params))
+        request = request_for([one_streamed_prompt(prompt, "prompts")], validated(params))
         call = self._async_stub().GenerateStream(request, timeout=timeout)
         try:
             async for piece in call:
