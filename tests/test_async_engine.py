@@ -550,6 +550,34 @@ async def test_an_unclosed_answer_stream_holds_nothing_once_read_or_dropped(llam
         assert answer.generated_length == 2
 
 
+def test_a_stream_collected_after_its_event_loop_ended_is_released(llama):
+    """A stream kept past its asyncio.run (by a caller's object, a traceback cycle)
+    and collected later: its request is aborted and its slot freed by the next loop
+    (its own loop's call_soon was gone: the next request was refused for ever)."""
+    import gc
+
+    engine = mii.AsyncEngine(llama, kv_block_size=4, max_queued_requests=1)
+    kept = []
+
+    async def first():
+        pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=300, ignore_eos=True)
+        await anext(pieces)
+        kept.append(pieces)
+
+    async def second():
+        [answer] = await engine.generate(PROMPTS[1], max_new_tokens=2)
+        assert answer.generated_length == 2
+        await engine.wait_idle()
+        assert not engine._queues
+        assert_all_blocks_free(engine)
+        await engine.aclose()
+
+    asyncio.run(first())
+    kept.clear()
+    gc.collect()
+    asyncio.run(asyncio.wait_for(second(), 60))
+
+
 def test_a_new_event_loop_waits_for_the_pass_an_ended_one_left_running(llama):
     """asyncio.run returns while a pass runs on the engine thread; the next loop's
     engine task touches the core (adding and aborting requests) only after it: the

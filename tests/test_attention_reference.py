@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import ragged_paged_batch
+from mii.ops import attention as attention_module
 from mii.ops.attention import paged_attention_reference, paged_attention_sdpa
 
 
@@ -26,10 +27,15 @@ def dense_attention(q, k, v, scale, window=None):
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, -torch.inf).softmax(-1), v)
 
 
-@pytest.mark.parametrize("attention", [paged_attention_reference, paged_attention_sdpa])
+@pytest.mark.parametrize(
+    "attention", [paged_attention_reference, paged_attention_sdpa, "sdpa of torch 2.4"]
+)
 @pytest.mark.parametrize("window", [None, 5, 20])
 @pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (4, 2), (4, 1)])
-def test_ragged_paged_batch_matches_dense(attention, window, hq, hkv):
+def test_ragged_paged_batch_matches_dense(attention, window, hq, hkv, monkeypatch):
+    if attention == "sdpa of torch 2.4":  # (no enable_gqa: grouped keys are repeated)
+        monkeypatch.setattr(attention_module, "_SDPA_TAKES_GROUPS", False)
+        attention = paged_attention_sdpa
     rng = random.Random(0)
     torch.manual_seed(0)
     block_size, num_blocks, dim = 4, 64, 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import numpy as np
 import pytest
 
 import mii
@@ -80,6 +81,7 @@ def test_defaults():
         ({"return_full_text": "true"}, "return_full_text"),
         ({"json_object": 1}, "json_object"),
         ({"stop": True}, "stop"),
+        ({"min_p": np.True_}, "min_p"),  # numpy's booleans too (a pandas row's values)
     ],
 )
 def test_invalid_values_name_the_field(options, field):
@@ -90,6 +92,15 @@ def test_invalid_values_name_the_field(options, field):
     assert err.field == field
     assert repr(field) in str(err)  # the message names the field, quoted
     assert "generation option" in str(err)
+
+
+def test_numpy_booleans_are_booleans():
+    """numpy's booleans (a pandas or numpy row's values) are True and False for the
+    true/false options, plain ``bool`` once parsed (they were refused as "must be True
+    or False" by the exact-types check); never a number (min_p above)."""
+    params = GenerateParams.parse(do_sample=np.False_, ignore_eos=np.True_)
+    assert params.do_sample is False and params.ignore_eos is True
+    assert GenerateParams.parse(top_k=np.int64(5), temperature=np.float32(0.5)).top_k == 5
 
 
 def test_stop_strings_are_capped():

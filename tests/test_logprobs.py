@@ -253,6 +253,13 @@ def test_a_prompt_that_fills_max_length_can_be_scored(tiny, tokenizer, tmp_path,
         assert err.value.field == "prompt"
         with pytest.raises(InvalidRequestError, match="leaves no room"):
             pipe([[*ids, 5]], max_new_tokens=0, prompt_logprobs=0)
+        # truncate_prompt_tokens=-1 keeps as many as the request has room for: all 40
+        # when scoring, 39 when a token is asked for.
+        longer = [[7, *ids]]
+        kept = pipe(longer, max_new_tokens=0, prompt_logprobs=0, truncate_prompt_tokens=-1)[0]
+        assert kept.prompt_token_ids == ids
+        one = pipe(longer, max_new_tokens=1, truncate_prompt_tokens=-1)[0]
+        assert one.prompt_length == 39
     assert (response.generated_length, response.finish_reason) == (0, "length")
     expected = hf_logprobs(hf_model, ids)
     for j in range(1, len(ids)):

@@ -116,6 +116,7 @@ def one_streamed_prompt(prompt: Any, field: str = "prompt") -> Prompt:
     """``one_prompt`` for a stream: a list of texts (or of several token-id lists) is
     refused as several prompts, which a stream cannot take (it read "a token-id prompt
     is a non-empty list of integers")."""
+    prompt = _plain(prompt)  # (a tensor's or BatchEncoding's rows)
     if isinstance(prompt, (list, tuple)) and (
         any(isinstance(p, str) for p in prompt)
         or (len(prompt) > 1 and all(isinstance(p, (list, tuple)) for p in prompt))

@@ -16,6 +16,7 @@ import math
 from functools import cached_property
 from typing import Any, get_args
 
+import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 # Token ids and other integers fit a signed 64-bit integer (the engine's tensors, gRPC).
@@ -38,14 +39,13 @@ class ExactTypes(BaseModel):
         if field is None:
             return value
         kinds = {field.annotation, *get_args(field.annotation)}
-        if isinstance(value, bool) and bool not in kinds:
-            raise ValueError(
-                "must be a number, not a boolean"
-                if kinds & {int, float}
-                else "must not be a boolean"
-            )
-        if field.annotation is bool and not isinstance(value, bool):
-            raise ValueError("must be True or False")
+        boolean = isinstance(value, (bool, np.bool_))  # (numpy's: a pandas row's values)
+        if boolean and bool not in kinds and kinds & {int, float}:
+            raise ValueError("must be a number, not a boolean")
+        if field.annotation is bool:
+            if not boolean:
+                raise ValueError("must be True or False")
+            return bool(value)
         return value
 
 

@@ -12,8 +12,11 @@ after the stream began (``rpc/http/sse.py``).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from mii.response import Response
 
@@ -28,13 +31,11 @@ class _Ends:
     closed = False
 
 
-def _release_dropped(
-    loop: asyncio.AbstractEventLoop, release: Callable[[bool], None], ends: _Ends
-) -> None:
-    """A stream dropped without ``close()``: release its request on its event loop
-    (the garbage collector may run this on any thread)."""
-    if not ends.closed and not loop.is_closed():
-        loop.call_soon_threadsafe(release, ends.finished)
+def _dropped(on_drop: Callable[[bool], None], ends: _Ends) -> None:
+    """A stream garbage-collected unclosed: hand its request back (``on_drop`` must be
+    safe on any thread: the collector may run this anywhere, after its loop ended)."""
+    if not ends.closed:
+        on_drop(ends.finished)
 
 
 class AnswerStream:
@@ -51,6 +52,7 @@ class AnswerStream:
         queue: asyncio.Queue,
         prompt_length: int,
         release: Callable[[bool], None],
+        on_drop: Callable[[bool], None],
     ) -> None:
         self.request_id = request_id
         self._queue = queue
@@ -58,8 +60,8 @@ class AnswerStream:
         self._release = release  # (finished) -> abort the request, or forget it
         self._generated = 0  # tokens delivered so far, for the final piece of an abort
         self._ends = _Ends()
-        loop = asyncio.get_running_loop()
-        self._finalizer = weakref.finalize(self, _release_dropped, loop, release, self._ends)
+        # (finished) -> the same as release, from whatever thread collects the stream
+        self._finalizer = weakref.finalize(self, _dropped, on_drop, self._ends)
 
     def __aiter__(self) -> AnswerStream:
         return self
@@ -101,3 +103,42 @@ class AnswerStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class StreamReleases:
+    """How an engine lets go of its streams' requests: at their end (``release``, on
+    its event loop's thread: abort one that did not finish, else forget it) or when
+    one is collected unclosed (``dropped``, from whatever thread collects it, perhaps
+    after its event loop ended; the engine loop applies those: ``apply_dropped``)."""
+
+    def __init__(
+        self,
+        queues: dict[str, Any],
+        request_abort: Callable[[str, object], None],
+        loop_and_wakeup: Callable[[], tuple[asyncio.AbstractEventLoop | None, Any]],
+    ) -> None:
+        self._queues = queues  # the engine's: request id -> its consumer's queue
+        self._request_abort = request_abort  # (request id, owner)
+        self._loop_and_wakeup = loop_and_wakeup  # the engine loop's, now
+        self._dropped: collections.deque = collections.deque()  # (id, queue, finished)
+
+    def __bool__(self) -> bool:
+        """Whether dropped streams wait for the engine loop."""
+        return bool(self._dropped)
+
+    def release(self, request_id: str, queue: object, finished: bool) -> None:
+        if not finished:
+            self._request_abort(request_id, queue)
+        elif self._queues.get(request_id) is queue:
+            del self._queues[request_id]
+
+    def dropped(self, request_id: str, queue: object, finished: bool) -> None:
+        self._dropped.append((request_id, queue, finished))  # (a deque: thread-safe)
+        loop, wakeup = self._loop_and_wakeup()
+        if loop is not None and wakeup is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # (closed meanwhile: the next loop's)
+                loop.call_soon_threadsafe(wakeup.set)
+
+    def apply_dropped(self) -> None:
+        while self._dropped:
+            self.release(*self._dropped.popleft())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -21,7 +22,7 @@ from typing import Any
 from mii.config import EngineConfig, GenerateParams
 from mii.engine.admission import admit
 from mii.engine.answer_stream import DONE as _DONE
-from mii.engine.answer_stream import AnswerStream
+from mii.engine.answer_stream import AnswerStream, StreamReleases
 from mii.engine.core import EngineCore, StepOutput
 from mii.engine.request_stats import TokenCounters
 from mii.errors import EngineClosedError
@@ -114,6 +115,9 @@ class AsyncEngine:
         self._loop_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._streams = StreamReleases(
+            self._queues, self._request_abort, lambda: (self._loop, self._wakeup)
+        )
 
     # ----- public API ---------------------------------------------------------
 
@@ -157,14 +161,10 @@ class AsyncEngine:
             prompt, request_id, params, prompt_ids=prompt_ids, grammar=grammar
         )
 
-        def release(finished: bool) -> None:
-            if not finished:
-                self._request_abort(request_id, owner=queue)
-            elif self._queues.get(request_id) is queue:
-                del self._queues[request_id]
-
+        release = functools.partial(self._streams.release, request_id, queue)
+        on_drop = functools.partial(self._streams.dropped, request_id, queue)
         # No await from _submit to here: a cancelled caller cannot lose the request.
-        return AnswerStream(request_id, queue, seq.prompt_len, release)
+        return AnswerStream(request_id, queue, seq.prompt_len, release, on_drop)
 
     async def generate(
         self,
@@ -202,10 +202,7 @@ class AsyncEngine:
             return answers
         finally:
             for request_id, collector in submitted:  # failed, cancelled or done
-                if not collector.finished:
-                    self._request_abort(request_id, owner=collector)
-                elif self._queues.get(request_id) is collector:
-                    del self._queues[request_id]
+                self._streams.release(request_id, collector, collector.finished)
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks. Its stream ends with an empty
@@ -270,10 +267,15 @@ class AsyncEngine:
 
     async def wait_idle(self) -> None:
         """Return once no request is queued or running (used by tests and drains)."""
-        while self._pending_add or self._pending_abort or self.core.has_work():
+        while self._busy():
             await asyncio.sleep(0.005)
 
     # ----- plumbing -----------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return bool(
+            self._pending_add or self._pending_abort or self._streams or self.core.has_work()
+        )
 
     async def _until_free(self, request_id: str | None) -> None:
         """Wait until the abort of ``request_id`` (if one is under way: a consumer
@@ -313,6 +315,7 @@ class AsyncEngine:
         count: its caller has gone (a timeout's retry must not find it still there)."""
         if self._closed:  # a closed engine says so (_submit), not that it is full
             return
+        self._streams.apply_dropped()
         admit(len(self._queues) - self._aborting, self.config.max_queued_requests)
 
     def _submit(
@@ -375,9 +378,10 @@ class AsyncEngine:
         # one job at a time, in order), never by both at once.
         await loop.run_in_executor(self._executor, _nothing)
         while True:
-            if not (self._pending_add or self._pending_abort or self.core.has_work()):
+            if not self._busy():
                 await self._wakeup.wait()
             self._wakeup.clear()
+            self._streams.apply_dropped()
             self._apply_pending()
             if not self.core.has_work():
                 continue

@@ -155,10 +155,13 @@ class RequestIntake:
         limit = min(max_length, held)
         # A text too long to tokenize whole was cut first: it has more tokens than these.
         cut = bool(params.truncate_prompt_tokens) and self._over_char_limit(prompt)
+        # A request for no new token (scoring: OpenAI's echo with max_tokens 0) needs no
+        # room after its prompt, which may then fill max_length (vLLM takes it too).
+        needs_room = params.max_new_tokens != 0
         keep = params.truncate_prompt_tokens
         truncated = False
-        if keep:  # the prompt's last tokens (-1: all that leave room for one new token)
-            keep = limit - 1 if keep == -1 else keep
+        if keep:  # the prompt's last tokens (-1: all that leave room for what it asks)
+            keep = limit - needs_room if keep == -1 else keep
             truncated = len(prompt_ids) > keep
             prompt_ids = prompt_ids[-keep:]
         for option, token in params.token_ids_used():  # logit_bias, stop_token_ids
@@ -168,9 +171,6 @@ class RequestIntake:
                     f"model's vocabulary of {self.vocab_size} tokens",
                     field=option,
                 )
-        # A request for no new token (scoring: OpenAI's echo with max_tokens 0) needs no
-        # room after its prompt, which may then fill max_length (vLLM takes it too).
-        needs_room = params.max_new_tokens != 0
         if len(prompt_ids) > limit - needs_room:
             self._refuse_prompt(len(prompt_ids), cut, params, max_length, held)
         room = limit - len(prompt_ids)

@@ -210,23 +210,30 @@ def paged_attention_sdpa(
     """
     write_kv_cache(k, v, k_cache, v_cache, batch.slot_mapping)
     out = torch.empty_like(q)
-    grouped = q.shape[1] != k.shape[1]
+    heads_per_kv = q.shape[1] // k.shape[1]
     for rows, qb, kb, vb in _sequences(q, k_cache, v_cache, batch):
         q_len, seq_len = qb.shape[0], kb.shape[0]
         if q_len == 0:
             continue
+        if heads_per_kv > 1 and not _SDPA_TAKES_GROUPS:  # (torch 2.4)
+            kb, vb = kb.repeat_interleave(heads_per_kv, 1), vb.repeat_interleave(heads_per_kv, 1)
         # A whole prompt is causal as SDPA aligns it (first query, first key); one
         # query sees every key; else the mask says which keys each query sees.
         causal = q_len == seq_len and sliding_window is None
         everything = q_len == 1 and (sliding_window is None or seq_len <= sliding_window)
         mask = None if causal or everything else _visible(q_len, seq_len, sliding_window, q.device)
+        grouped = {"enable_gqa": True} if kb.shape[1] != qb.shape[1] else {}
         # [1, H, L, D] views of the [L, H, D] rows
         qh, kh, vh = (x.transpose(0, 1).unsqueeze(0) for x in (qb, kb, vb))
         attended = torch.nn.functional.scaled_dot_product_attention(
-            qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=grouped
+            qh, kh, vh, attn_mask=mask, is_causal=causal, scale=scale, **grouped
         )
         out[rows] = attended[0].transpose(0, 1).to(q.dtype)
     return out
+
+
+# SDPA reads grouped keys as they are from torch 2.5 (``enable_gqa``); mii takes 2.4.
+_SDPA_TAKES_GROUPS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 
 
 def _rotated(
