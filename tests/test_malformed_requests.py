@@ -104,7 +104,7 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
         "max_tokens": ["a", -1, BIG, 1.5],
         "temperature": ["a", -1, [1], "NaN-literal"],
         "top_p": ["a", 2, "NaN-literal", "Infinity-literal"],
-        "n": [0, -1, "a", BIG, 1000],
+        "n": [0, -1, "a", BIG, 1025],  # (1,025: past the 1,024 choices of a request)
         "stop": [5, [5], [["a"]], ["y"] * 17],
         "seed": ["a", [1]],  # any integer is a seed (hashed per choice)
         "stream": ["a", 5, [1]],
