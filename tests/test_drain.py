@@ -147,6 +147,25 @@ class FakePool:
         self.guard = CallGuard()
 
 
+def test_sigint_stops_a_deployment_that_mii_serve_started(draining_deployment):
+    """mii.serve held Ctrl-C back with a blocked signal mask while it started the
+    deployment, and the deployment (and its replicas) inherited it: SIGINT did
+    nothing. It drains and exits as on SIGTERM."""
+    _, info, _ = draining_deployment
+    pids = (info["pid"], *info["replica_pids"])
+    for pid in pids:
+        blocked = _proc_status(pid)["SigBlk"]
+        assert not int(blocked, 16) & (1 << (signal.SIGINT - 1)), (pid, blocked)
+    os.kill(info["pid"], signal.SIGINT)
+    assert wait_until(lambda: not any(registry.pid_alive(pid) for pid in pids), timeout=60)
+    assert registry.lookup(NAME) is None
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as status:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in status if ":\t" in line)
+
+
 def test_a_second_signal_ends_the_grace_period_at_once():
     async def scenario():
         pool, shutdown = FakePool(), ShutdownRequest()

@@ -100,15 +100,21 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
 
 @contextlib.contextmanager
 def _sigint_held() -> Iterator[None]:
-    """Hold SIGINT back for the block (main thread only: elsewhere it is not ours)."""
+    """Hold Ctrl-C back for the block and deliver it after (main thread only: elsewhere
+    it is not ours). A handler that notes it, not a blocked signal mask: a process
+    started meanwhile inherits the mask across exec, and a deployment that mii.serve
+    started ignored SIGINT (kill -INT, a process manager's stop signal)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+        if noted:
+            signal.raise_signal(signal.SIGINT)  # to the handler it had (KeyboardInterrupt)
 
 
 def _wait_until_serving(
