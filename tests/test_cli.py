@@ -344,6 +344,19 @@ def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
         [expected] = pipeline_text(llama, "DeepSpeed is")
         assert result.stdout == f"DeepSpeed is{expected}\n"
         assert "deployment 'cli-test'" in result.stderr
+        # --max-length is a request's cap there too (it was ignored with the engine
+        # options); the engine options left are named as ignored.
+        from transformers import AutoTokenizer
+
+        prompt_length = len(AutoTokenizer.from_pretrained(llama)("DeepSpeed is").input_ids)
+        capped = run_mii(
+            "generate", name, "--prompt", "DeepSpeed is", *GREEDY,
+            "--max-length", str(prompt_length + 2), "--dtype", "float32",
+        )  # fmt: skip
+        assert capped.returncode == 0, capped.stderr
+        text = capped.stdout.removesuffix("\n")
+        assert result.stdout.startswith(text) and len(text) < len(result.stdout) - 1, text
+        assert "ignored for a running deployment: --dtype" in capped.stderr
         # --chat with a deployment: its chat template (from its record) here, the ids
         # generated there: the answer of the model loaded here with --chat (it was
         # refused, pointing at the OpenAI route)

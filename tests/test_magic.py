@@ -272,3 +272,22 @@ def test_options_after_the_prompt_are_options():
     ):
         options, prompt = split_line(line)
         assert prompt == line.removeprefix("--chat -- "), line
+    # MISSION.md's request options the line did not take, after the prompt as before it.
+    options, prompt = split_line("Seattle is --greedy --return-full-text --max-length 9")
+    params = _magic_params(_generation_parser("%mii").parse_args(options))
+    assert prompt == "Seattle is"
+    assert params["return_full_text"] is True and params["max_length"] == 9
+
+
+def test_a_misspelt_option_after_the_prompt_is_refused():
+    """`%mii Seattle is --max-new-token 6` sent the typo, and the options beside it,
+    to the model as text (hundreds of tokens of it): an option's name misspelt is a
+    UsageError that names the option meant; `--` keeps such words as text."""
+    from IPython.core.error import UsageError
+
+    from mii.magic import split_line
+
+    for line in ("Seattle is --max-new-token 6", "Seattle is --greedy --max-new-token 6 --greedy"):
+        with pytest.raises(UsageError, match="did you mean '--max-new-tokens'"):
+            split_line(line)
+    assert split_line("-- what does --max-new-token mean")[1] == "what does --max-new-token mean"

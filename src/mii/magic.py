@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
+from mii import magic_line
 from mii.cli.options import (
     add_engine_options,
     add_generation_options,
@@ -35,6 +35,7 @@ from mii.cli.options import (
 from mii.config import MAGIC_MAX_NEW_TOKENS, EngineConfig
 from mii.engine_thread import EngineThread
 from mii.errors import MiiError
+from mii.magic_line import split_args as _split_args
 
 NO_MODEL = (
     "no model in use: run `%mii load MODEL` (a hub id or local path, loaded in this kernel) "
@@ -47,8 +48,9 @@ USAGE = """\
 %%mii [generation options]         the cell body is the prompt
 %mii unload                        free the model, or detach from the deployment
 generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p P --top-k K
---stop TEXT (\\n: a line break) --min-new-tokens N --ignore-eos; --chat: the prompt as a user
-turn of the chat template (instruct models answer a raw question with nothing)"""
+--stop TEXT (\\n: a line break) --min-new-tokens N --ignore-eos --max-length N (prompt + answer)
+--return-full-text; --chat: the prompt as a user turn of the chat template (instruct models
+answer a raw question with nothing)"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,6 +78,14 @@ def _generation_parser(prog: str) -> _Parser:
         "a model loaded in this kernel)",
     )
     add_generation_options(parser, max_new_tokens=MAGIC_MAX_NEW_TOKENS)
+    # The request options of MISSION.md's table that mii generate has as other flags
+    # (--max-length: the engine's there, a request's cap here).
+    parser.add_argument(
+        "--max-length", type=int, help="cap on prompt + response tokens of this request"
+    )
+    parser.add_argument(
+        "--return-full-text", action="store_true", help="prefix the answer with the prompt"
+    )
     return parser
 
 
@@ -84,12 +94,6 @@ def _load_parser() -> _Parser:
     parser.add_argument("model", help="Hugging Face hub id or local checkpoint directory")
     add_engine_options(parser)
     return parser
-
-
-def _split_args(text: str) -> list[str]:
-    """Words as a shell splits them, but an unquoted backslash stays (``--stop \\n``
-    is a line break, as in the line magic, not "n")."""
-    return [_unquoted(match.group()) for match in _SHELL_WORD.finditer(text)]
 
 
 def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
@@ -107,73 +111,10 @@ def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
 _LINE_OPTIONS = _takes_value(_generation_parser("%mii"))
 
 
-# A shell word: unquoted characters and quoted runs, up to unquoted whitespace (an
-# unclosed quote: the rest of the non-blank characters, refused by _unquoted).
-_SHELL_WORD = re.compile(r"""(?:[^\s'"]+|'[^']*'|"(?:\\.|[^"\\])*")+(?!\S)|\S+""")
-
-
-def _unquoted(word: str) -> str:
-    if "'" not in word and '"' not in word:
-        return word  # as typed: backslashes stay (--stop \n is not "n")
-    try:
-        [value] = shlex.split(word)
-    except ValueError as err:  # e.g. an unclosed quote
-        raise UsageError(f"%mii: {err} in {word!r}") from None
-    return value
-
-
-def _read_options(words: list[str]) -> tuple[list[str], int, bool]:
-    """The known generation options that open ``words``, each with its value: their
-    tokens (unquoted), how many words they took, and whether the last one still
-    waits for its value."""
-    tokens: list[str] = []
-    expect_value = False
-    for taken, word in enumerate(words):
-        name = word.split("=", 1)[0]
-        if expect_value:
-            tokens.append(_unquoted(word))
-            expect_value = False
-        elif word.startswith("--") and name in _LINE_OPTIONS:
-            tokens.append(_unquoted(word))
-            expect_value = _LINE_OPTIONS[name] and "=" not in word
-        else:
-            return tokens, taken, False
-    return tokens, len(words), expect_value
-
-
 def split_line(line: str) -> tuple[list[str], str]:
-    """Split ``%mii [options] [--] PROMPT`` into option tokens and the prompt, which
-    keeps its own spacing and quotes. Option values may be quoted as in a shell
-    (``--stop 'answer is'``, ``--json-schema '{"type": "object"}'``), as ``%%mii``'s."""
-    words = list(_SHELL_WORD.finditer(line))
-    tokens, taken, expect_value = _read_options([word.group() for word in words])
-    if expect_value:
-        raise UsageError(f"%mii: option {tokens[-1]!r} needs a value")
-    if taken == len(words):
-        return tokens, ""
-    first = words[taken]
-    if first.group() == "--":
-        return tokens, line[first.end() :].strip()
-    if first.group().startswith("--"):
-        raise UsageError(
-            f"%mii: unknown option {first.group()!r} (put `--` before a prompt that starts with --)"
-        )
-    prompt, trailing = _trailing_options(line[first.start() :].strip())
-    return tokens + trailing, prompt
-
-
-def _trailing_options(prompt: str) -> tuple[str, list[str]]:
-    """``prompt`` without the generation options that end it, and those options:
-    ``%mii DeepSpeed is --max-new-tokens 8`` as ``mii generate`` reads its options
-    after the prompts (a user trial's prompt carried them as text). Only a tail of
-    known options, each with its value, counts; anything else stays prompt text."""
-    words = list(_SHELL_WORD.finditer(prompt))
-    texts = [word.group() for word in words]
-    for first in range(1, len(words)):  # the first word is prompt text, whatever it is
-        tokens, taken, expect_value = _read_options(texts[first:])
-        if taken and first + taken == len(words) and not expect_value:
-            return prompt[: words[first].start()].rstrip(), tokens
-    return prompt, []
+    """``%mii [options] [--] PROMPT`` as option tokens and the prompt
+    (:func:`mii.magic_line.split_line` with the line magic's options)."""
+    return magic_line.split_line(line, _LINE_OPTIONS)
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -185,6 +126,10 @@ def _magic_params(args: argparse.Namespace) -> dict[str, Any]:
     break, so ``--stop`` reads ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` as escapes
     (``--stop '\\n'`` stops at the end of a line)."""
     params = generation_params(args)
+    if args.max_length is not None:
+        params["max_length"] = args.max_length
+    if args.return_full_text:
+        params["return_full_text"] = True
     stop = params.get("stop")
     if isinstance(stop, str):
         params["stop"] = _unescape(stop)

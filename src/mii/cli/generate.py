@@ -94,8 +94,17 @@ def generate(args: argparse.Namespace) -> int:
     GenerateParams.parse(**params)  # bad options fail before any loading
     client = _find_deployment(args.model, args.api_key) if args.model else None
     if client is not None:
-        if engine_options(args):
-            print("[mii] engine options are ignored for a running deployment", file=sys.stderr)
+        ignored = engine_options(args)
+        # --max-length is also a request's cap (a generation option): the deployment's
+        # requests take it (it was ignored with the engine options).
+        if "max_length" in ignored:
+            params["max_length"] = ignored.pop("max_length")
+        if ignored:
+            flags = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            print(
+                f"[mii] engine options are ignored for a running deployment: {flags}",
+                file=sys.stderr,
+            )
         where = client.deployment_name or client.address
         print(f"[mii] generating with deployment {where!r} ({client.address})", file=sys.stderr)
         try:
