@@ -95,8 +95,9 @@ def test_two_ranks_match_one_rank_and_transformers(models, tokenizer, tmp_path):
         assert got["token_ids"] == [r.token_ids for r in single], name
     assert [r["type"] for r in rank0] == ["Pipeline"] * len(jobs)
     assert [r["type"] for r in rank1] == ["RankPipeline"] * len(jobs)
+    assert [r["is_rank_0"] for r in rank0 + rank1] == [True] * len(jobs) + [False] * len(jobs)
     # all_rank_output: rank 1 receives rank 0's responses; otherwise nothing.
-    assert rank1[:-1] == [{**r, "type": "RankPipeline"} for r in rank0[:-1]]
+    assert rank1[:-1] == [{**r, "type": "RankPipeline", "is_rank_0": False} for r in rank0[:-1]]
     assert rank1[-1]["token_ids"] == [] and len(rank0[-1]["token_ids"]) == 2
     # A call that rank 0 refuses (bad option) ends on every rank: the next one works.
     assert rank0[-1]["bad_call"] == "refused" and rank1[-1]["bad_call"] == 0
@@ -112,7 +113,10 @@ def test_four_ranks_replicate_key_value_heads(models, tokenizer, tmp_path):
         hf_model = models[name][1]
         expected = [hf_greedy(hf_model, tokenizer, p, NEW_TOKENS) for p in PROMPTS]
         assert got["token_ids"] == expected, name
-    assert all(r == [{**x, "type": "RankPipeline"} for x in results[0]] for r in results[1:])
+    assert all(
+        r == [{**x, "type": "RankPipeline", "is_rank_0": False} for x in results[0]]
+        for r in results[1:]
+    )
 
 
 @pytest.fixture(scope="module")

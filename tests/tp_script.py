@@ -30,6 +30,7 @@ def main() -> None:
         results.append(
             {
                 "type": type(pipe).__name__,
+                "is_rank_0": pipe.is_rank_0,  # DeepSpeed-MII's name
                 "token_ids": [r.token_ids for r in responses],
                 "texts": [r.generated_text for r in responses],
                 "bad_call": bad_call,

@@ -44,6 +44,9 @@ class Pipeline:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    # DeepSpeed-MII's ``if pipe.is_rank_0: print(responses)``: rank 0 gets a Pipeline.
+    is_rank_0 = True
+
     def __call__(
         self, prompts: Prompt | Sequence[Prompt], progress: bool | None = None, **params: Any
     ) -> list[Response]:
@@ -167,6 +170,8 @@ class RankPipeline:
     @property
     def tokenizer(self):
         return self.core.tokenizer
+
+    is_rank_0 = False  # (DeepSpeed-MII's name)
 
     def __call__(self, prompts: Any = None, progress: bool | None = None, **params: Any):
         """Serve rank 0's call; its responses when ``all_rank_output``, else []."""
