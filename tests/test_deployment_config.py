@@ -192,3 +192,19 @@ def test_deepspeed_mii_forms_of_dtype_and_device_map():
     assert info.value.field == "device_map"
     with pytest.raises(InvalidRequestError, match="lists 1 GPUs"):
         DeploymentConfig.parse("m", replica_num=2, device_map={"localhost": [[0]]})
+
+
+def test_a_rest_port_without_the_rest_api_is_warned_of():
+    """mii.serve(restful_api_port=N) without enable_restful_api=True starts no HTTP
+    server: said, not silently ignored (DeepSpeed-MII's habit; a user trial)."""
+    import warnings
+
+    from mii.rpc.launcher import warn_unused_options
+
+    with pytest.warns(UserWarning, match="enable_restful_api=True"):
+        warn_unused_options(DeploymentConfig.parse("m", restful_api_port=28081))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_unused_options(DeploymentConfig.parse("m"))
+        both = DeploymentConfig.parse("m", enable_restful_api=True, restful_api_port=5)
+        warn_unused_options(both)

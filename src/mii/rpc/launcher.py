@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,6 +48,7 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     process behind.
     """
     config = DeploymentConfig.parse(model_name_or_path, **options)
+    warn_unused_options(config)
     module = "mii.rpc.deployment"
     if config.on_ray:  # replicas on a Ray cluster (docs/multi_node.md)
         from mii.ray_backend import caller_cluster, require_ray
@@ -96,6 +98,18 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
         if process is not None:
             _stop_group(process)
         raise
+
+
+def warn_unused_options(config: DeploymentConfig) -> None:
+    """Warn of options given that change nothing: ``restful_api_port`` without
+    ``enable_restful_api=True`` starts no HTTP server (DeepSpeed-MII's habit too)."""
+    if "restful_api_port" in config.model_fields_set and not config.enable_restful_api:
+        warnings.warn(
+            f"restful_api_port={config.restful_api_port} starts no HTTP server without "
+            "enable_restful_api=True",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 @contextlib.contextmanager
