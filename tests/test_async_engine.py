@@ -578,6 +578,49 @@ def test_a_stream_collected_after_its_event_loop_ended_is_released(llama):
     asyncio.run(asyncio.wait_for(second(), 60))
 
 
+async def test_a_finished_request_whose_stream_waits_for_the_collector_is_not_held(llama):
+    """A stream left unread in a reference cycle (an exception's traceback) lives until
+    the cyclic collector runs; its request, finished in the engine, no longer counts
+    against max_queued_requests (an idle engine refused requests until gc.collect())."""
+    import gc
+
+    class Cycle:
+        pass
+
+    gc.disable()
+    try:
+        async with mii.AsyncEngine(llama, kv_block_size=4, max_queued_requests=1) as engine:
+            kept = Cycle()
+            kept.self, kept.pieces = kept, await engine.open_stream(PROMPTS[0], max_new_tokens=4)
+            await anext(kept.pieces)
+            del kept  # (alive: the cycle)
+            await asyncio.wait_for(engine.wait_idle(), 60)
+            [answer] = await engine.generate(PROMPTS[1], max_new_tokens=2)
+            assert answer.generated_length == 2
+    finally:
+        gc.enable()
+
+
+def test_wait_idle_runs_the_work_an_ended_event_loop_left(llama):
+    """A request left generating when its asyncio.run ended: wait_idle in the next loop
+    runs it to its end (it waited for ever: nothing started the engine's loop)."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4)
+    kept = []
+
+    async def leave_one():
+        pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=30, ignore_eos=True)
+        await anext(pieces)
+        kept.append(pieces)
+
+    async def then_wait():
+        await asyncio.wait_for(engine.wait_idle(), 60)
+        assert_all_blocks_free(engine)
+        await engine.aclose()
+
+    asyncio.run(leave_one())
+    asyncio.run(then_wait())
+
+
 def test_a_new_event_loop_waits_for_the_pass_an_ended_one_left_running(llama):
     """asyncio.run returns while a pass runs on the engine thread; the next loop's
     engine task touches the core (adding and aborting requests) only after it: the
