@@ -76,10 +76,6 @@ def test_defaults():
         ({"top_p": True}, "top_p"),
         ({"repetition_penalty": True}, "repetition_penalty"),
         ({"presence_penalty": False}, "presence_penalty"),
-        ({"ignore_eos": "no"}, "ignore_eos"),  # pydantic read it as False... and "yes" as True
-        ({"do_sample": 0}, "do_sample"),
-        ({"return_full_text": "true"}, "return_full_text"),
-        ({"json_object": 1}, "json_object"),
         ({"stop": True}, "stop"),
         ({"min_p": np.True_}, "min_p"),  # numpy's booleans too (a pandas row's values)
     ],
@@ -96,10 +92,11 @@ def test_invalid_values_name_the_field(options, field):
 
 def test_numpy_booleans_are_booleans():
     """numpy's booleans (a pandas or numpy row's values) are True and False for the
-    true/false options, plain ``bool`` once parsed (they were refused as "must be True
-    or False" by the exact-types check); never a number (min_p above)."""
+    true/false options, plain ``bool`` once parsed; never a number (min_p above)."""
     params = GenerateParams.parse(do_sample=np.False_, ignore_eos=np.True_)
     assert params.do_sample is False and params.ignore_eos is True
+    # ... and JSON's other spellings of a boolean keep pydantic's reading (REST clients)
+    assert GenerateParams.parse(do_sample="false", ignore_eos=1).ignore_eos is True
     assert GenerateParams.parse(top_k=np.int64(5), temperature=np.float32(0.5)).top_k == 5
 
 

@@ -28,9 +28,9 @@ MAX_PENALTY = 2.0
 
 class ExactTypes(BaseModel):
     """A base of the options models: a number is never a boolean (pydantic reads True
-    as 1: ``min_p=True`` was a greedy request), and a true/false option takes only
-    True or False (pydantic reads ``"yes"``, ``"no"`` and 1 as booleans:
-    ``ignore_eos="no"`` was True)."""
+    as 1: ``min_p=True`` was a greedy request, ``temperature=True`` 1.0). True/false
+    options keep pydantic's reading of JSON's other spellings (``"false"``, ``0``,
+    ``"no"``: False), which REST clients of DeepSpeed-MII send."""
 
     @field_validator("*", mode="before")
     @classmethod
@@ -42,10 +42,6 @@ class ExactTypes(BaseModel):
         boolean = isinstance(value, (bool, np.bool_))  # (numpy's: a pandas row's values)
         if boolean and bool not in kinds and kinds & {int, float}:
             raise ValueError("must be a number, not a boolean")
-        if field.annotation is bool:
-            if not boolean:
-                raise ValueError("must be True or False")
-            return bool(value)
         return value
 
 
