@@ -176,7 +176,7 @@ def test_tensor_parallel_fp8_gives_the_tokens_of_one_rank(checkpoints, tokenizer
     options = {**TIGHT_OPTIONS, "quantization": "fp8"}
     jobs = [job(path, options), job(prequantized, TIGHT_OPTIONS)]
     rank0, rank1 = run_torchrun(tmp_path, 2, jobs)
-    assert rank1 == [{**r, "type": "RankPipeline"} for r in rank0]
+    assert rank1 == [{**r, "type": "RankPipeline", "is_rank_0": False} for r in rank0]
     oracles = [dequantized_model(hf_model), dequantized_model(hf_model, "tensor")]
     for got, checkpoint, oracle, opts in zip(
         rank0, (path, prequantized), oracles, (options, TIGHT_OPTIONS)
