@@ -157,26 +157,10 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
             raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_LENGTH} characters")
         return value
 
-    @field_validator(
-        "max_length",
-        "min_new_tokens",
-        "max_new_tokens",
-        "seed",
-        "logprobs",
-        "prompt_logprobs",
-        "truncate_prompt_tokens",
-        mode="before",
-    )
-    @classmethod
-    def _not_a_boolean(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # pydantic would read True as 1
-            raise ValueError("must be an integer, not a boolean")
-        return value
-
     @field_validator("top_k", mode="before")
     @classmethod
     def _every_token(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # pydantic would read True as 1
+        if isinstance(value, bool):  # (before ExactTypes': False would read as 0, "all")
             raise ValueError("must be an integer, not a boolean")
         # -1 and 0 mean no top-k limit, as in vLLM's SamplingParams and on the HTTP routes
         if isinstance(value, int) and value < -1:  # ("greater than 0" would be wrong)

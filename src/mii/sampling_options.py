@@ -41,7 +41,8 @@ class ExactTypes(BaseModel):
         kinds = {field.annotation, *get_args(field.annotation)}
         boolean = isinstance(value, (bool, np.bool_))  # (numpy's: a pandas row's values)
         if boolean and bool not in kinds and kinds & {int, float}:
-            raise ValueError("must be a number, not a boolean")
+            number = "a number" if float in kinds else "an integer"
+            raise ValueError(f"must be {number}, not a boolean")
         return value
 
 

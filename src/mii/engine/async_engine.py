@@ -109,7 +109,7 @@ class AsyncEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mii-engine")
         self._queues: dict[str, asyncio.Queue] = {}
         self._aborting = 0  # entries of _queues that are _Aborting (admission skips them)
-        self._ended: dict[str, object] = {}  # request id -> the queue its last piece went to
+        self._ended: dict[str, object] = {}  # id -> the queue of its unread last piece
         self._pending_add: list[Any] = []
         self._pending_abort: list[str] = []
         self._wakeup: asyncio.Event | None = None
@@ -319,11 +319,11 @@ class AsyncEngine:
         if self._closed:  # a closed engine says so (_submit), not that it is full
             return
         self._streams.apply_dropped()
-        # Nor do requests whose last piece waits for a reader (a stream left unclosed in
-        # a reference cycle until the collector runs): the engine is done with them.
-        self._ended = {r: q for r, q in self._ended.items() if self._queues.get(r) is q}
-        held = len(self._queues) - self._aborting - len(self._ended)
-        admit(held, self.config.max_queued_requests)
+        if (limit := self.config.max_queued_requests) is not None:
+            # Nor do requests whose last piece waits for a reader (a stream kept unclosed
+            # in a reference cycle until the collector runs): the engine is done with them.
+            self._ended = {r: q for r, q in self._ended.items() if self._queues.get(r) is q}
+            admit(len(self._queues) - self._aborting - len(self._ended), limit)
 
     def _submit(
         self,
@@ -429,7 +429,8 @@ class AsyncEngine:
             if queue is None:
                 continue  # the consumer is gone; an abort is already queued
             queue.put_nowait(out.error if out.error is not None else out.piece)
-            if out.error is not None or (out.piece and out.piece.finish_reason is not None):
+            ended = out.error is not None or (out.piece and out.piece.finish_reason is not None)
+            if ended and self.config.max_queued_requests is not None:  # (for _admit)
                 self._ended[out.request_id] = queue
 
     def _release(self) -> None:
