@@ -19,12 +19,17 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # FastGen's serving workload (DESIGN.md "Benchmarks"), engine defaults; rates around
 # the H200's saturation; ~4 min per serving mode (deployment, 4 rates, offline maximum).
 SERVING="--prompt-mean 2600 --gen-mean 60 --rates 8 12 16 20 --num-requests 160"
+GPU_TESTS_A="tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_gemv_gated.py tests/test_triton_moe.py tests/test_moe_grouped_mm.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py"
+GPU_TESTS_B="tests/test_pdl.py tests/test_gpu.py tests/test_grammar_mask.py tests/test_fp8_gpu.py tests/test_fp8_kernels_gpu.py tests/test_triton_gemv_fp8.py tests/test_triton_moe_fp8.py tests/test_fp8_activations.py"
 serving_report() { grep -q '^serving ' "$1" && sed -n '/^serving /,$p' "$1" || tail -30 "$1"; }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 while [ $# -gt 0 ]; do
   case "$1" in
-    # Every test file with GPU cases (the others run on CI's CPU machine).
-    tests) python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_triton_gemv_gated.py tests/test_triton_moe.py tests/test_moe_grouped_mm.py tests/test_fused_elementwise.py tests/test_transfer.py tests/test_fp8_kv_cache.py tests/test_pdl.py tests/test_gpu.py tests/test_grammar_mask.py tests/test_fp8_gpu.py tests/test_fp8_kernels_gpu.py tests/test_triton_gemv_fp8.py tests/test_triton_moe_fp8.py tests/test_fp8_activations.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    # Every test file with GPU cases (the others run on CI's CPU machine). The whole list needs more
+    # than one 10-minute device call: tests-a and tests-b are its two halves, one call each.
+    tests) python3 -m pytest -q -p no:cacheprovider $GPU_TESTS_A $GPU_TESTS_B 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
+    tests-a) python3 -m pytest -q -p no:cacheprovider $GPU_TESTS_A 2>&1 | tee "$OUT/gpu_tests_a.log" | tail -25 ;;
+    tests-b) python3 -m pytest -q -p no:cacheprovider $GPU_TESTS_B 2>&1 | tee "$OUT/gpu_tests_b.log" | tail -25 ;;
     tests-attention) python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_triton_kernels.py tests/test_triton_gemv.py tests/test_fp8_kv_cache.py tests/test_fp8_activations.py tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests_attention.log" | tail -25 ;;
     # One switch set for one batch-1 run (A/B): latency-with MII_SPLIT_KV_MERGE=kernel;
     # latency-fp8w-with VAR=VALUE: the same with FP8 weights. One summary line each.
