@@ -683,3 +683,20 @@ async def test_closing_an_answer_stream_wakes_its_reader(engine):
     await engine.wait_idle()
     assert_all_blocks_free(engine)
     assert not engine._queues
+
+
+async def test_queue_time_ends_where_the_first_forward_pass_starts(engine, monkeypatch):
+    """Queue time is waiting, not compute: the first pass's own duration belongs to the
+    time to first token only (it once counted as queueing, growing with the prompt on an
+    idle engine). The slowed pass lies between the two stamps whatever the machine's speed."""
+    original = engine.core.runner.run
+    slow_s = 0.5
+
+    def slow(chunks, pending=None):
+        time.sleep(slow_s)
+        return original(chunks, pending)
+
+    monkeypatch.setattr(engine.core.runner, "run", slow)
+    [answer] = await engine.generate(PROMPTS[0], max_new_tokens=1, **GREEDY)
+    assert 0 <= answer.queue_time_s
+    assert answer.first_token_time_s - answer.queue_time_s >= slow_s

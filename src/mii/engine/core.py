@@ -330,6 +330,9 @@ class EngineCore:
         sampling (into ``failed``): the grammar masks need ``prev``'s tokens, and
         reading them waits only for ``prev`` (earlier on the stream), so the masks
         are computed while this pass's forward runs on the device."""
+        # Queue time ends where the pass starts, not after it: the forward (synchronous on a
+        # CPU) is compute, and counted as queueing it grew with the prompt on an idle engine.
+        mark_scheduled([c.seq for c in plan.chunks])
         try:
             # the in-flight pass's tokens: inputs of this pass, counted by penalties
             pending = prev.tokens if prev is not None else None
@@ -339,7 +342,6 @@ class EngineCore:
         to_sample = [c.seq for c in plan.chunks if c.samples]
         spans = _score_prompts(plan) if prompt_logprobs is not None else None
         self.scheduler.commit(plan)  # before prev's resolve may end one of its sequences
-        mark_scheduled([c.seq for c in plan.chunks])
         if prev is not None and grammar_mask.any_constrained(to_sample):
             failed.extend(self._resolve_guarded(prev))
             prev.resolved = True
