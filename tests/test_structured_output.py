@@ -323,6 +323,8 @@ BAD = [
     ({"json_schema": {"properties": {"a": {"maxLength": 3}}}}, "json_schema", "no 'type'"),
     ({"grammar": 'root ::= "a'}, "grammar", "string literal"),
     ({"grammar": 'start ::= "a"'}, "grammar", "root"),
+    # a Lark grammar (vLLM's other form): the error says which form is read
+    ({"grammar": '?start: "a" ("b" | "c")+'}, "grammar", "Lark"),
     ({"choice": "yes"}, "choice", "list of strings"),
     ({"choice": []}, "choice", "at least one"),
     ({"regex": "a", "choice": ["a"]}, None, "regex, choice"),

@@ -296,6 +296,11 @@ class GrammarCache:
             message = re.sub(r"^Check failed: \(.*?\) is false:\s*", "", message)
             if "INT64" in str(err) or "64-bit" in str(err):
                 message += " (integer bounds must lie within the 64-bit signed range)"
+            if kind == "grammar" and "::=" not in spec:  # Lark's "rule: ..." (vLLM reads it)
+                message += (
+                    " (a grammar is EBNF in GBNF's form, as llama.cpp and xgrammar write it: "
+                    '\'root ::= "a" ("b" | "c")+\'; Lark\'s \'start: ...\' rules are not read)'
+                )
             raise InvalidRequestError(
                 f"invalid generation option {kind!r}: {message}", field=kind
             ) from None

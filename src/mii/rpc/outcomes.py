@@ -13,9 +13,10 @@ it arrives. A request can also end with none:
   ``mii_requests_total{finish_reason="error"}``.
 
 A request refused as invalid (400) is the caller's mistake, not a served
-request: it is not counted. Nor are the sibling choices of a request that failed
-or was refused as a whole (``n`` > 1, or several prompts streamed): the gateway
-withdraws them (:func:`withdraw`), which is not their client leaving.
+request: it is not counted, also when found invalid while generating (a
+structured-output constraint that admits no further text). Nor are the sibling
+choices of a request that failed or was refused as a whole (``n`` > 1, or several
+prompts streamed): the gateway withdraws them (:func:`withdraw`), which is not their client leaving.
 """
 
 from __future__ import annotations
