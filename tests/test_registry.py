@@ -265,6 +265,34 @@ def test_terminating_an_address_where_nothing_answers_says_so():
         client.terminate_server(timeout=5)
 
 
+def test_terminating_a_hung_deployment_after_a_failed_call_says_it_is_unresponsive(monkeypatch):
+    """A deployment that accepts connections but never answers (SIGSTOP): once a call of
+    the client had failed, terminate_server() read its channel's at-once UNAVAILABLE as
+    "already stopping", waited out its timeout for the live processes and raised a bare
+    TimeoutError (user trial): DeploymentUnresponsiveError, at once, naming mii terminate."""
+    import socket
+    import time
+
+    import mii
+    from mii.rpc import client as client_module
+
+    # (a short connect timeout: grpc's own is 20 s)
+    options = (*client_module.UNLIMITED_MESSAGES, ("grpc.min_reconnect_backoff_ms", 300))
+    monkeypatch.setattr(client_module, "UNLIMITED_MESSAGES", options)
+    with socket.socket() as silent:  # the kernel accepts; nobody ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        record("hung", {"pid": os.getpid(), "host": "127.0.0.1", "port": port})
+        with client_module.MiiClient(f"127.0.0.1:{port}", "hung") as client:
+            with pytest.raises(mii.UnavailableError):
+                client.generate("a", max_new_tokens=1)
+            start = time.monotonic()
+            with pytest.raises(mii.DeploymentUnresponsiveError, match="mii terminate"):
+                client.terminate_server(timeout=30)
+            assert time.monotonic() - start < 20  # not the 30 s wait for the processes
+
+
 def test_a_closed_client_says_so():
     """After `with mii.client(...) as c:` a call raised grpc's ValueError
     'Cannot invoke RPC on closed channel!'."""

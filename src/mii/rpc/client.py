@@ -194,6 +194,15 @@ class MiiClient:
                 ) from None
             if err.code() != grpc.StatusCode.UNAVAILABLE:
                 raise self._error(err) from None
+            # Something took the connection but never spoke HTTP/2 (a stopped or wedged
+            # process: its kernel still accepts). A channel whose earlier call failed so
+            # answers at once, where a fresh one waits out the deadline above.
+            if "timed out" in (err.details() or "").lower():
+                raise DeploymentUnresponsiveError(
+                    f"the deployment at {self.address} accepts connections but does not "
+                    "answer (its connection attempt timed out): it is stopped (SIGSTOP?) or "
+                    "wedged (mii terminate NAME signals its processes)"
+                ) from None
             # (UNAVAILABLE is also how a stopping deployment's call ends: its socket
             # closes; and a named deployment already gone is stopped. Nothing to
             # connect to at an address given as host:port is an error.)
@@ -204,7 +213,15 @@ class MiiClient:
                     "already stopped, or the address is wrong; mii list shows the running ones)"
                 ) from None
         if info is not None:
-            wait_gone([info["pid"], *info.get("replica_pids", [])], timeout)
+            pids = [info["pid"], *info.get("replica_pids", [])]
+            try:
+                wait_gone(pids, timeout)
+            except TimeoutError:
+                raise DeploymentUnresponsiveError(
+                    f"deployment {self.deployment_name!r}: processes {pids} still run "
+                    f"{timeout:g} s after its Terminate call (mii terminate "
+                    f"{self.deployment_name} signals them; --force kills them)"
+                ) from None
 
     def close(self) -> None:
         """Close this client's connections (the deployment keeps running)."""
