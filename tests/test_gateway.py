@@ -182,6 +182,12 @@ def test_mii_route_errors(served):
         assert response.json()["error"]["message"]
     response = served.http.post(url, content=b'{"prompts": ', headers={"content-type": "json"})
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    # "stream": the HTTP way to a stream, not the Python API's methods (user trial)
+    response = served.http.post(url, json={"prompts": "x", "stream": True})
+    assert response.status_code == 400 and response.json()["error"]["field"] == "stream"
+    assert "/v1/completions" in response.json()["error"]["message"]
+    response = served.http.post(url, json={"prompts": "x", "stream": False, "max_new_tokens": 1})
+    assert response.status_code == 200, response.text  # what the route does anyway
 
 
 def test_mii_route_types_json_options_and_refuses_invalid_unicode(served, pipe):

@@ -72,7 +72,17 @@ async def generate(deployment_name: str, body: MiiRequest, request: Request):
         )
     # Checked and typed here (InvalidRequestError -> 400 naming the field): JSON's
     # "10" for max_new_tokens reaches the replica as 10.
-    options = validated(dict(body.model_extra or {}))
+    extra = dict(body.model_extra or {})
+    if extra.get("stream") is False:  # what this route does anyway
+        del extra["stream"]
+    if "stream" in extra:  # (the Python API's hint names methods, no use over HTTP)
+        raise ApiError(
+            400,
+            "unknown generation option 'stream': this route answers whole; for a stream "
+            'POST /v1/completions with "stream": true (each piece a server-sent event)',
+            "stream",
+        )
+    options = validated(extra)
     prompts = prompt_list(body.prompts)  # [1, 2, 3] is one prompt
     responses = await until_disconnected(request, state.pool.generate(prompts, options))
     return [response_dict(r) for r in responses]
