@@ -105,6 +105,8 @@ def test_prompt_shapes():
         with pytest.raises(InvalidRequestError) as err:
             prompt_batch(bad)
         assert err.value.field == "prompts", bad
+    with pytest.raises(InvalidRequestError, match="booleans are not token ids"):
+        prompt_batch([True, False])  # (read as two prompts: the message said only "got True")
 
 
 def test_completions_name_their_choices_cap_before_the_prompt_limit():

@@ -148,9 +148,11 @@ def prompt_batch(prompts: Any, field: str = "prompts") -> list[Prompt]:
     batch: list[Prompt] = []
     for prompt in map(_plain, prompts):
         if not isinstance(prompt, (str, list, tuple)):
+            # ([True, False] is no token-id prompt: it reached here as two prompts)
+            kind = " (booleans are not token ids)" if isinstance(prompt, bool) else ""
             raise InvalidRequestError(
                 "every prompt must be a string or a non-empty list of token ids "
-                f"(got {_short(prompt)})",
+                f"(got {_short(prompt)}){kind}",
                 field=field,
             )
         batch.append(one_prompt(prompt, field))
