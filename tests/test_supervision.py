@@ -155,6 +155,20 @@ def _sse_stream(s: Supervised):
     return run_in_thread(rest)
 
 
+def _endings(s: Supervised) -> dict[str, float]:
+    """The deployment's failed and refused-as-unavailable request counts (/metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {}
+    for family in text_string_to_metric_families(s.http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "mii_requests_total" and sample.labels["finish_reason"] == "error":
+                found["error"] = sample.value
+            if sample.name == "mii_requests_rejected_total":
+                found[sample.labels["reason"]] = sample.value
+    return found
+
+
 @pytest.mark.parametrize("start", [_grpc_stream, _sse_stream, _grpc_unary])
 def test_frozen_replica_fails_its_request_and_leaves_rotation(supervised, start):
     s = supervised
@@ -162,6 +176,7 @@ def test_frozen_replica_fails_its_request_and_leaves_rotation(supervised, start)
     join = start(s)
     frozen = s.busy_replica()
     other = 1 - frozen["index"]
+    before = _endings(s)
     os.kill(frozen["pid"], signal.SIGSTOP)
     try:
         began = time.monotonic()
@@ -179,6 +194,11 @@ def test_frozen_replica_fails_its_request_and_leaves_rotation(supervised, start)
             assert str(error).startswith("UNAVAILABLE"), error
             assert "stopped responding" in str(error)
         assert took >= TIMEOUT_S - 0.5  # not before its replica was silent that long
+        # A request its replica failed while serving it: an error, not a refusal (it was
+        # counted as rejected "unavailable", a request refused before starting).
+        after = _endings(s)
+        assert after["error"] == before["error"] + 1, (before, after)
+        assert after["unavailable"] == before["unavailable"], (before, after)
         # Out of rotation while frozen; the other replica takes every new request.
         health = s.health()
         assert health["replicas"][frozen["index"]]["state"] == "unresponsive", health
@@ -455,6 +475,32 @@ def test_restarts_outside_the_window_do_not_count():
     processes[0].code = 1
     supervisor.tick(11.0)  # the first restart left the window
     assert pool.replicas[0].state == "restarting" and pool.replicas[0].restarts == 2
+
+
+def test_a_replica_out_of_rotation_and_back_is_logged(capsys):
+    """A frozen replica left and rejoined rotation without a word in the log, where an
+    exited one is logged (user trial); a probe missed for less than 2 s stays quiet."""
+    pool = FakePool()
+    processes = [FakeProcess(1)]
+    supervisor = Supervisor(pool, processes, lambda i: FakeProcess(2), RestartPolicy())
+    replica = pool.replicas[0]
+    replica.healthy = True
+    supervisor.tick(0.0)
+    replica.healthy = False
+    supervisor.tick(1.0)
+    replica.healthy = True
+    supervisor.tick(1.5)  # one missed look: nothing said
+    assert capsys.readouterr().err == ""
+    replica.healthy = False
+    supervisor.tick(2.0)
+    supervisor.tick(4.5)
+    supervisor.tick(5.0)
+    replica.healthy = True
+    supervisor.tick(9.0)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert "replica 0" in lines[0] and "out of rotation" in lines[0]
+    assert "answers again after 7.0 s: back in rotation" in lines[1]
 
 
 def test_unresponsive_replica_is_killed_after_the_limit():

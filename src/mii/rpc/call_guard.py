@@ -32,7 +32,13 @@ CHECK_INTERVAL_S = 0.25  # how often the monitor looks at the watched calls
 DEFAULT_PROGRESS_TIMEOUT_S = 30.0
 
 
-class ReplicaUnresponsiveError(NoReplicaError):
+class CutWhileServingError(NoReplicaError):
+    """A request the deployment ended while a replica was serving it: a failure of
+    the deployment's (metrics count it as ``finish_reason="error"``), not a refusal
+    before it started."""
+
+
+class ReplicaUnresponsiveError(CutWhileServingError):
     """The replica serving a request stopped making progress (no piece, no answer
     to its health probes) for longer than the deployment's ``replica_timeout_s``.
     Answered as UNAVAILABLE / HTTP 503: a retry goes to another replica."""
@@ -41,6 +47,10 @@ class ReplicaUnresponsiveError(NoReplicaError):
 class ShuttingDownError(NoReplicaError):
     """The deployment is shutting down: it takes no new request (UNAVAILABLE / HTTP
     503), and ends the requests still running when its grace period is over."""
+
+
+class ShutDownWhileServingError(ShuttingDownError, CutWhileServingError):
+    """A request still running when a shutdown's grace period ended."""
 
 
 class _Probed(Protocol):
@@ -126,7 +136,9 @@ class CallGuard:
         ShuttingDownError (a shutdown's grace period is over)."""
         self.cut_all_calls = True
         for watch in list(self._watches):
-            watch.cut(ShuttingDownError("the deployment shut down before the request finished"))
+            watch.cut(
+                ShutDownWhileServingError("the deployment shut down before the request finished")
+            )
 
     def frozen(self, watch: Watch, now: float) -> bool:
         """Neither the call nor its replica made progress for ``progress_timeout_s``."""

@@ -9,7 +9,8 @@ it arrives. A request can also end with none:
 - it was refused before it started: ``mii_requests_rejected_total{reason}``,
   ``reason`` "overloaded" (max_queued_requests reached: 429 / RESOURCE_EXHAUSTED)
   or "unavailable" (no replica in rotation: 503 / UNAVAILABLE).
-- it failed (a replica failed, crashed or became unreachable while serving it):
+- it failed (a replica failed, crashed, became unreachable or stopped answering
+  while serving it, or a shutdown's grace period ended first):
   ``mii_requests_total{finish_reason="error"}``.
 
 A request refused as invalid (400) is the caller's mistake, not a served
@@ -29,6 +30,7 @@ from typing import Any
 
 from mii.errors import InvalidRequestError, NoReplicaError, ServerOverloadedError
 from mii.response import Response
+from mii.rpc.call_guard import CutWhileServingError
 
 # Labels every deployment exports from the start (at 0), so that dashboards and
 # alerts find the series before the first refusal.
@@ -78,6 +80,8 @@ def count_ending(metrics: Any, err: BaseException, n: int = 1) -> None:
     if isinstance(err, (asyncio.CancelledError, GeneratorExit, TimeoutError)):
         m.requests.labels("abort").inc(n)
         m.cancelled.inc(n)
+    elif isinstance(err, CutWhileServingError):  # (a NoReplicaError, but it had started)
+        m.requests.labels("error").inc(n)
     elif isinstance(err, ServerOverloadedError):
         m.rejected.labels("overloaded").inc(n)
     elif isinstance(err, NoReplicaError):

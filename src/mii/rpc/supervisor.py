@@ -36,6 +36,10 @@ from typing import Protocol
 from mii.errors import DeploymentError
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 
+# A serving replica out of rotation this long is logged (a probe or two missed under
+# load is not worth a line), and so is its return.
+UNRESPONSIVE_LOG_S = 2.0
+
 MAX_BACKOFF_S = 60.0  # the back-off doubles with each recent restart, up to this
 
 
@@ -76,6 +80,7 @@ class _Slot:
     start_at: float | None = None  # a restart waits until then
     served: bool = False  # since its process (re)started
     out_since: float | None = None  # out of rotation since, after having served
+    said_out: bool = False  # the log said so (after UNRESPONSIVE_LOG_S)
     failed: bool = False
 
 
@@ -167,7 +172,12 @@ class Supervisor:
             self._exited(index, slot, process, now)
             return
         if replica.healthy:
-            slot.served, slot.out_since = True, None
+            if slot.said_out:
+                _say(
+                    f"replica {index} (pid {process.pid}) answers again after "
+                    f"{now - slot.out_since:.1f} s: back in rotation"
+                )
+            slot.served, slot.out_since, slot.said_out = True, None, False
             replica.state = "serving"
             return
         if not slot.served:  # still loading
@@ -176,6 +186,12 @@ class Supervisor:
         replica.state = "unresponsive"
         if slot.out_since is None:
             slot.out_since = now
+        if not slot.said_out and now - slot.out_since >= UNRESPONSIVE_LOG_S:
+            slot.said_out = True
+            _say(
+                f"replica {index} (pid {process.pid}) does not answer its health probes: "
+                "out of rotation (its requests fail after replica_timeout_s)"
+            )
         limit = self.policy.unresponsive_restart_s
         if limit > 0 and now - slot.out_since >= limit:
             _say(f"replica {index} (pid {process.pid}) unresponsive for {limit:g} s: killing it")
@@ -201,7 +217,7 @@ class Supervisor:
         delay = self.policy.backoff(recent)
         slot.restart_times.append(now)
         slot.start_at = now + delay
-        slot.served, slot.out_since = False, None
+        slot.served, slot.out_since, slot.said_out = False, None, False
         replica.restarts += 1
         replica.state = "restarting"
         _say(
