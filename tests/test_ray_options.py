@@ -77,6 +77,14 @@ def test_autoscaling_config_passes_ray_serve_keys_and_bad_ones_fail_before_start
     with pytest.raises(InvalidRequestError, match="autoscaling_config") as err:
         mii.serve(llama, backend="ray", autoscaling_config={"no_such_key": 1})
     assert err.value.field == "autoscaling_config"
+    # `mii serve` runs the deployment in its own process, past mii.serve's check: a typo
+    # there was dropped without a word and the deployment started (user trial)
+    from mii.cli.errors import CliError
+    from mii.cli.serve import serve
+
+    bad = ["serve", llama, "--ray-address", "auto", "--autoscaling-config", "upscale_delay=5"]
+    with pytest.raises(CliError, match=r"upscale_delay \(did you mean 'upscale_delay_s'"):
+        serve(build_parser().parse_args(bad))
 
 
 def test_pieces_and_errors_cross_nodes_as_json():

@@ -97,10 +97,14 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
             model, **options, **engine_options(args, SERVE_ENGINE_OPTIONS)
         )
     except (ValueError, NotImplementedError, RuntimeError) as err:
-        field = getattr(err, "field", None)
-        if field in DEPLOYMENT_FLAGS:  # the flag the user typed: --port is restful_api_port
-            raise CliError(f"{err} (flag {DEPLOYMENT_FLAGS[field][0]})") from None
-        raise CliError(str(err)) from None
+        raise _naming_the_flag(err) from None
+
+
+def _naming_the_flag(err: Exception) -> CliError:
+    field = getattr(err, "field", None)
+    if field in DEPLOYMENT_FLAGS:  # the flag the user typed: --port is restful_api_port
+        return CliError(f"{err} (flag {DEPLOYMENT_FLAGS[field][0]})")
+    return CliError(str(err))
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -109,12 +113,17 @@ def serve(args: argparse.Namespace) -> int:
     config = serve_config(args)
     if config.on_ray:  # replicas on a Ray cluster (docs/multi_node.md)
         from mii.ray_backend import require_ray
+        from mii.ray_backend.application import check_scaling
         from mii.ray_backend.deployment import run_ray_deployment as run_deployment
 
         try:
             require_ray()
         except Exception as err:
             raise CliError(str(err)) from None
+        try:
+            check_scaling(config)  # (mii.serve's launcher checks it; this path has none)
+        except ValueError as err:
+            raise _naming_the_flag(err) from None
     else:
         from mii.rpc.deployment import run_deployment
     name = config.deployment_name

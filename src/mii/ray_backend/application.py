@@ -4,6 +4,7 @@ autoscaling, health checks and graceful shutdown taken from its configuration.""
 
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any
 
@@ -86,9 +87,11 @@ def check_scaling(config: DeploymentConfig) -> None:
         return
     unknown = sorted(set(autoscaling) - set(AutoscalingConfig.model_fields))
     if unknown:  # Ray Serve would ignore them
+        near = difflib.get_close_matches(unknown[0], AutoscalingConfig.model_fields, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
         raise InvalidRequestError(
             f"autoscaling_config has keys Ray Serve does not know: {', '.join(unknown)} "
-            f"(known: {', '.join(AutoscalingConfig.model_fields)})",
+            f"({hint}known: {', '.join(AutoscalingConfig.model_fields)})",
             field="autoscaling_config",
         )
     try:
