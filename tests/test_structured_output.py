@@ -121,6 +121,16 @@ def test_constraints_survive_chunked_prefill_preemption_and_async_scheduling(che
         assert answer.token_ids == want.token_ids
 
 
+def test_choices_beyond_the_basic_plane_come_out_as_themselves(engine):
+    """A choice's emoji was written into the grammar as two escaped surrogate halves,
+    each its own character to xgrammar: "😀 happy" came out as six bytes of invalid
+    UTF-8, "������ happy" (user trial)."""
+    choices = ["😀 happy", "😢 sad", "𝔘𝔫𝔦"]
+    batch = [(PROMPTS[seed % 3], {"choice": choices, "seed": seed}) for seed in range(4)]
+    for answer in run(generate_all(engine, batch)):
+        assert answer.generated_text in choices, answer.generated_text
+
+
 def test_greedy_and_seeded_constrained_answers_are_reproducible(engine):
     schema = SCHEMAS[7]
     for options in ({"do_sample": False}, {"seed": 1234, "temperature": 0.8}):

@@ -128,8 +128,10 @@ def _json_schema_grammar(schema: str) -> Any:
 
 def _choice_grammar(choices: list[str]) -> str:
     """An EBNF grammar whose only sentences are ``choices`` (JSON string escapes
-    are EBNF string escapes)."""
-    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+    are EBNF string escapes). Characters stay as they are: an escaped one beyond the
+    BMP is two surrogate halves, each of which xgrammar read as a character of its
+    own ("😀" came out as six bytes of invalid UTF-8)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
 class GrammarCache:
