@@ -27,6 +27,7 @@ from mii.errors import DeploymentError
 from mii.ray_backend import require_ray
 from mii.ray_backend.application import REPLICA_DEPLOYMENT, build_application
 from mii.ray_backend.board import NAMESPACE, StatsBoard, board_name
+from mii.ray_backend.cluster_watch import gcs_address, until_cluster_lost
 from mii.ray_backend.http_drain import drain_http
 from mii.ray_backend.pool import RayPool
 from mii.rpc import auth, mii_pb2, registry
@@ -210,6 +211,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
     board = None
     pool: RayPool | None = None
     deployed = False
+    cluster_lost = False  # then no Ray call is made: each would wait for the cluster
     tasks: list[asyncio.Task] = []
     try:
         started_serve = start_serve(config)
@@ -263,7 +265,13 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         )
         ports = [port, config.restful_api_port] if config.enable_restful_api else [port]
         auth.warn_if_open_to_network(host, ports, api_key)
-        await stop.wait()
+        lost = await _until_stopped_or_cluster_lost(stop)
+        if lost is not None:
+            cluster_lost = True
+            raise DeploymentError(
+                f"the Ray cluster of deployment {name!r} is gone ({lost}): the deployment "
+                "stops; start it again once the cluster runs"
+            )
         registry.mark_stopping(name, os.getpid())
         await set_health(health, False)
         await _drain_both_fronts(pool, board, config, shutdown.hurry)
@@ -275,14 +283,40 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         await server.stop(grace=1.0)
         if pool is not None:
             await pool.close()
-        if deployed:
-            await asyncio.to_thread(stop_serve, name, started_serve)
-        elif started_serve:
-            await asyncio.to_thread(serve.shutdown)
-        if board is not None:
-            ray.kill(board)
-        ray.shutdown()  # stops the Ray instance too when this process started it
+        if not cluster_lost:
+            await _remove_from_cluster(name, deployed, started_serve, board)
         registry.remove(name, pid=os.getpid())  # all of it is gone; its claim goes next
+
+
+async def _remove_from_cluster(name: str, deployed: bool, started_serve: bool, board: Any) -> None:
+    """Delete the Serve application (and Serve, when this deployment started it) and
+    the stats board, then disconnect from the cluster."""
+    ray = require_ray()
+    from ray import serve
+
+    if deployed:
+        await asyncio.to_thread(stop_serve, name, started_serve)
+    elif started_serve:
+        await asyncio.to_thread(serve.shutdown)
+    if board is not None:
+        ray.kill(board)
+    ray.shutdown()  # stops the Ray instance too when this process started it
+
+
+async def _until_stopped_or_cluster_lost(stop: asyncio.Event) -> str | None:
+    """Wait for ``stop``; or return why the cluster is taken for gone, first."""
+    address = gcs_address()
+    if address is None:  # (a Ray that does not say: only stop ends the wait)
+        await stop.wait()
+        return None
+    stopping = asyncio.create_task(stop.wait())
+    watching = asyncio.create_task(until_cluster_lost(address))
+    try:
+        await asyncio.wait({stopping, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        watching.cancel()
+    return None if stop.is_set() else watching.result()
 
 
 async def _drain_both_fronts(
