@@ -173,6 +173,11 @@ def test_streamed_events_hold_back_a_possible_tag(size):
         f"Sure!  \n\n<tool_call>{_call('get_time')}</tool_call>  after\n",
         f"A\n<tool_call>not json</tool_call>\nB <tool_call>{_call('f', a=1)}</tool_call>",
         "no calls at all,\n  just text \n",
+        # content only after the calls: its leading space went whole, not streamed (trial)
+        f"<tool_call>{_call('f', a=1)}</tool_call> after text",
+        f"\n<tool_call>{_call('f', a=1)}</tool_call>\n\n<tool_call>{_call('g')}</tool_call>\n B",
+        f"<tool_call>{_call('f', a=1)}</tool_call>\n <tool_call>not json</tool_call> B",
+        f"<tool_call>{_call('f', a=1)}</tool_call>\n <tool_c",
     ],
 )
 def test_how_an_answer_is_cut_into_pieces_never_changes_its_content(text):
@@ -189,6 +194,8 @@ def test_how_an_answer_is_cut_into_pieces_never_changes_its_content(text):
     assert all(read(size) == whole for size in (1, 2, 3, 5, 8))
     if not whole[1]:
         assert whole[0] == text  # an answer without calls is its text exactly
+    else:  # streamed content is the whole answer's (the route's non-streamed content)
+        assert (whole[0] or None) == HERMES.parse(text)[0]
 
 
 def _plan(mode, tools=(WEATHER, TIME), **extra):

@@ -176,6 +176,7 @@ class ToolCallStream:
         self.in_call = False
         self.started = False  # whether any non-whitespace text has been read
         self.calls = 0  # calls sent so far
+        self._sent_content = False  # whether any content event was sent
         self._bare = False  # whether the open region began as a bare JSON object
         # Whitespace just before the open region: dropped if the region is a call,
         # sent with it if not (the answer's text then stays exactly as written).
@@ -201,7 +202,7 @@ class ToolCallStream:
                 region = region[: region.index(self.parser.end)]
             self._emit_region(region, raw, events)
         elif self.pending and not (self.calls and not self.pending.strip()):
-            events.append(self.pending)
+            self._send(self.pending, events)
         self.pending, self.in_call = "", False
         return events
 
@@ -253,14 +254,22 @@ class ToolCallStream:
         calls = self.parser.calls_in(region, self.known)
         lead, self._lead = self._lead, ""
         if calls is None:  # malformed or unknown: what the model wrote stays, as content
-            events.append(lead + (region if self._bare else raw))
+            self._send(lead + (region if self._bare else raw), events)
             return
         self.calls += len(calls)
         events.extend(calls)
 
-    @staticmethod
-    def _content(text: str, events: list[Event]) -> None:
+    def _content(self, text: str, events: list[Event]) -> None:
         if text.strip():  # whitespace alone waits in pending (or, before a call, goes)
+            self._send(text, events)
+
+    def _send(self, text: str, events: list[Event]) -> None:
+        if self.calls and not self._sent_content:
+            # The answer's first content, after its calls: its leading whitespace goes, as
+            # it does from a whole answer's content (the calls' separator, not text).
+            text = text.lstrip()
+        if text:
+            self._sent_content = True
             events.append(text)
 
 
