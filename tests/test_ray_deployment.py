@@ -421,7 +421,7 @@ def test_mii_serve_ray_address_in_the_foreground(cluster, cache_dir, checkpoints
             *(sys.executable, "-m", "mii", "serve", model, "--ray-address", cluster),
             *("--ray-num-cpus", "0.5", "--deployment-name", name),
             *("--port", str(http_port), "--grpc-port", str(free_port())),
-            *("--max-queued-requests", "2"),
+            *("--max-queued-requests", "2", "--stats-log-interval-s", "0.5"),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -454,6 +454,8 @@ def test_mii_serve_ray_address_in_the_foreground(cluster, cache_dir, checkpoints
         server.send_signal(signal.SIGINT)
         _, err = server.communicate(timeout=120)
         assert server.returncode == 0 and "stopped on a signal" in err, err[-2000:]
+        # the load lines of every deployment (a Ray one wrote neither: user trial)
+        assert "[mii] KV cache: " in err and "[mii] prompt throughput: " in err, err[-2000:]
     finally:
         if server.poll() is None:
             server.kill()

@@ -64,6 +64,15 @@ def test_autoscaling_and_placement_follow_the_options(llama):
     assert options["ray_actor_options"]["num_gpus"] == 1.0
 
 
+def test_serve_writes_access_lines_only_where_the_local_gateway_would(llama):
+    """Two Serve log lines per request, probes and scrapes included, flooded a Ray
+    deployment's log (user trial); the local gateway logs requests at uvicorn info."""
+    quiet = replica_options(DeploymentConfig.parse(llama, backend="ray"), num_gpus=0)
+    assert quiet["logging_config"] == {"enable_access_log": False}
+    loud = DeploymentConfig.parse(llama, backend="ray", uvicorn_log_level="info")
+    assert replica_options(loud, num_gpus=0)["logging_config"] == {"enable_access_log": True}
+
+
 def test_autoscaling_config_passes_ray_serve_keys_and_bad_ones_fail_before_starting(llama):
     config = DeploymentConfig.parse(
         llama, backend="ray", autoscaling_config={"metrics_interval_s": 1, "max_replicas": 3}

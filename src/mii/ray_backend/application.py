@@ -102,6 +102,13 @@ def check_scaling(config: DeploymentConfig) -> None:
         ) from None
 
 
+def serve_logging(config: DeploymentConfig) -> dict[str, Any]:
+    """Serve's logging of the deployments: a line per request (two: ingress and
+    replica, health probes and scrapes too) only where the local gateway's HTTP server
+    writes its access log, ``uvicorn_log_level`` info or finer."""
+    return {"enable_access_log": config.uvicorn_log_level in ("info", "debug", "trace")}
+
+
 def replica_options(config: DeploymentConfig, num_gpus: float) -> dict[str, Any]:
     """``serve.deployment`` options of the engines' deployment."""
     options: dict[str, Any] = {
@@ -122,6 +129,7 @@ def replica_options(config: DeploymentConfig, num_gpus: float) -> dict[str, Any]
         # long to finish those it has.
         "graceful_shutdown_timeout_s": config.shutdown_grace_s,
         "max_constructor_retry_count": 1,  # a model that fails to load fails the start
+        "logging_config": serve_logging(config),
         **scaling(config),
     }
     if config.tensor_parallel > 1:
@@ -148,5 +156,6 @@ def build_application(
         ray_actor_options={"num_cpus": 0},  # it only passes requests on
         max_ongoing_requests=config.http_max_connections,
         graceful_shutdown_timeout_s=config.shutdown_grace_s,
+        logging_config=serve_logging(config),
     )
     return ingress.bind(config_json, replicas.bind(config_json, board, num_gpus), board, api_key)

@@ -39,6 +39,7 @@ from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import host_port, listening_server
 from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import run_reporting_errors
+from mii.rpc.stats_log import capacity_line, log_stats
 
 
 def connect(config: DeploymentConfig) -> None:
@@ -263,6 +264,11 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
             file=sys.stderr,
             flush=True,
         )
+        # The same load lines as a local deployment's (the board's figures; replicas
+        # Serve adds later count from their first post).
+        print(capacity_line(pool.stats(), len(pool.replicas)), file=sys.stderr, flush=True)
+        if config.stats_log_interval_s > 0:
+            tasks.append(asyncio.create_task(log_stats(pool, config.stats_log_interval_s)))
         ports = [port, config.restful_api_port] if config.enable_restful_api else [port]
         auth.warn_if_open_to_network(host, ports, api_key)
         lost = await _until_stopped_or_cluster_lost(stop)
