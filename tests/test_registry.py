@@ -293,6 +293,40 @@ def test_terminating_a_hung_deployment_after_a_failed_call_says_it_is_unresponsi
             assert time.monotonic() - start < 20  # not the 30 s wait for the processes
 
 
+def test_terminating_a_deployment_that_answers_but_still_drains_sends_no_signal(capsys):
+    """A deployment that answered its Terminate call and outlives --timeout is draining:
+    mii terminate says so (wait, a larger --timeout, --force) and signals nothing; a
+    SIGTERM would cut its grace period short (review)."""
+    import subprocess
+    import sys
+    from concurrent import futures
+
+    import grpc
+
+    from mii.cli import main
+    from mii.rpc import mii_pb2, mii_pb2_grpc
+
+    class Draining(mii_pb2_grpc.MiiServicer):
+        def Terminate(self, request, context):
+            return mii_pb2.TerminateReply()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    mii_pb2_grpc.add_MiiServicer_to_server(Draining(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record("draining", {"pid": stand_in.pid, "host": "127.0.0.1", "port": port})
+        assert main(["terminate", "draining", "--timeout", "1"]) == 1
+        err = capsys.readouterr().err
+        assert "may still be finishing the requests in flight" in err, err
+        assert stand_in.poll() is None  # no SIGTERM, no SIGKILL
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        server.stop(None)
+
+
 def test_a_closed_client_says_so():
     """After `with mii.client(...) as c:` a call raised grpc's ValueError
     'Cannot invoke RPC on closed channel!'."""

@@ -607,6 +607,26 @@ def test_throughput_lines_while_busy_then_one_when_idle(monkeypatch):
     )
 
 
+def test_throughput_lines_follow_ray_replicas_by_id_not_by_place(monkeypatch):
+    """Serve removes and replaces replicas, and the board's list shifts: paired by
+    position, counters of different replicas were subtracted and an idle cluster showed
+    throughput (review)."""
+    from mii.rpc import mii_pb2
+    from mii.rpc.stats_log import ThroughputLog
+
+    def replica(name: str, tokens: int) -> SimpleNamespace:
+        stats = mii_pb2.StatsReply(prompt_tokens=tokens, generation_tokens=tokens)
+        return SimpleNamespace(replica_id=name, last_stats=stats)
+
+    pool = SimpleNamespace(stats=mii_pb2.StatsReply)
+    pool.replicas = [replica("a", 100_000), replica("b", 1_000), replica("c", 10)]
+    log = ThroughputLog(pool)
+    pool.replicas = [replica("b", 1_000), replica("c", 10), replica("d", 0)]  # a went, d came
+    assert log.line() is None  # idle: no token moved
+    pool.replicas = [replica("b", 1_500), replica("c", 10), replica("d", 0)]
+    assert "generation throughput: 0.0" not in log.line()
+
+
 def test_mii_list_shows_health_and_load(served, capsys):
     from mii.cli import main
 

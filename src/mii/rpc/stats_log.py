@@ -60,16 +60,24 @@ class ThroughputLog:
         self.at = time.monotonic()
         self.was_busy = False
 
-    def _counts(self) -> list[tuple[int, int]]:
-        return [
-            (r.last_stats.prompt_tokens, r.last_stats.generation_tokens) for r in self.pool.replicas
-        ]
+    def _counts(self) -> dict[Any, tuple[int, int]]:
+        # By replica: a local one's slot, a Ray one's id (Serve adds, removes and replaces
+        # replicas, and the list shifts: paired by position, counters of different replicas
+        # were subtracted and an idle cluster showed throughput).
+        return {
+            getattr(r, "replica_id", index): (
+                r.last_stats.prompt_tokens,
+                r.last_stats.generation_tokens,
+            )
+            for index, r in enumerate(self.pool.replicas)
+        }
 
     def line(self) -> str | None:
         """The line for the time since the last call; None when idle then and before."""
         counts, now = self._counts(), time.monotonic()
         prompt = generation = 0
-        for (p, g), (p0, g0) in zip(counts, self.counts):
+        for key, (p, g) in counts.items():
+            p0, g0 = self.counts.get(key, (p, g))  # a replica new since: from its first reading
             prompt += p - p0 if p >= p0 else p  # fewer than before: the replica restarted
             generation += g - g0 if g >= g0 else g
         elapsed = max(now - self.at, 1e-9)
