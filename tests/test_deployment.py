@@ -222,6 +222,66 @@ def test_deadline_exceeded_aborts_on_the_replica(slow_deployment):
     assert wait_until(lambda: running(client) == 0), client.stats()
 
 
+def test_client_timeouts_close_and_event_loops(slow_deployment):
+    """A gRPC-client trial's findings: timeout=math.inf (or 1e10) failed every call at
+    once as "did not answer within the call's timeout" (grpc's deadline overflowed);
+    close() with calls in flight ended a sync one as a retryable UnavailableError and
+    left async ones running to their end; each asyncio.run kept a channel for good."""
+    import math
+    import threading
+
+    client, _ = slow_deployment
+    for timeout in (math.inf, 1e10):
+        [answer] = client.generate(PROMPTS[0], max_new_tokens=2, ignore_eos=True, timeout=timeout)
+        assert answer.generated_length == 2
+    for bad in (0, -1, math.nan, "5", True):
+        with pytest.raises(mii.InvalidRequestError, match="timeout") as caught:
+            client.generate(PROMPTS[0], max_new_tokens=2, timeout=bad)
+        assert caught.value.field == "timeout"
+        with pytest.raises(mii.InvalidRequestError, match="timeout"):
+            client.stream(PROMPTS[0], timeout=bad)  # at the call, not at the first piece
+
+    async def one() -> None:
+        await client.agenerate(PROMPTS[0], max_new_tokens=1)
+
+    for _ in range(3):
+        asyncio.run(one())
+    assert len(client._aio) == 1  # the ended loops' channels went
+
+    client = mii.client("test-slow")  # (the fixture's stays open, to stop the deployment)
+    endings: dict[str, BaseException | None] = {}
+
+    def sync_call() -> None:
+        try:
+            client.generate(PROMPTS[1], max_new_tokens=200, ignore_eos=True)
+            endings["sync"] = None
+        except BaseException as err:
+            endings["sync"] = err
+
+    def async_call() -> None:
+        async def main() -> None:
+            try:
+                async for _ in client.astream(PROMPTS[1], max_new_tokens=200, ignore_eos=True):
+                    pass
+                endings["async"] = None
+            except BaseException as err:
+                endings["async"] = err
+
+        asyncio.run(main())
+
+    callers = [threading.Thread(target=sync_call), threading.Thread(target=async_call)]
+    for caller in callers:
+        caller.start()
+    assert wait_until(lambda: client.stats().running >= 2), client.stats()
+    client.close()
+    for caller in callers:
+        caller.join(timeout=60)
+    for kind in ("sync", "async"):
+        assert isinstance(endings[kind], mii.EngineClosedError), (kind, endings[kind])
+    with mii.client("test-slow") as other:  # the requests were aborted on the replica
+        assert wait_until(lambda: running(other) == 0), other.stats()
+
+
 def test_requests_spread_over_replicas(deployment):
     client, _ = deployment
 

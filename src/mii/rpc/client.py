@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import numbers
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
@@ -30,6 +32,7 @@ from mii.rpc.convert import (
     validated,
 )
 from mii.rpc.listen import host_port
+from mii.rpc.loop_channels import LoopChannels
 from mii.rpc.status import error_from_grpc
 
 TERMINATE_CALL_S = 10.0  # a deployment answers Terminate at once, even while draining
@@ -58,7 +61,10 @@ class MiiClient:
         self._api_key = api_key if api_key is not None else envs.API_KEY.get()
         self._channel = auth.channel(address, self._api_key, UNLIMITED_MESSAGES)
         self._open_stub = mii_pb2_grpc.MiiStub(self._channel)
-        self._aio: dict[int, tuple[grpc.aio.Channel, mii_pb2_grpc.MiiStub]] = {}
+        self._aio = LoopChannels(
+            lambda: auth.aio_channel(self.address, self._api_key, UNLIMITED_MESSAGES),
+            mii_pb2_grpc.MiiStub,
+        )
         self._closed = False
 
     @property
@@ -68,11 +74,14 @@ class MiiClient:
 
     def _require_open(self) -> None:
         if self._closed:  # (grpc's own words: "Cannot invoke RPC on closed channel!")
-            raise EngineClosedError(
-                f"this client of {self.deployment_name or self.address} is closed (close() or "
-                "the end of its with block); the deployment still runs: make a new client "
-                "with mii.client(...)"
-            )
+            raise self._closed_error()
+
+    def _closed_error(self) -> EngineClosedError:
+        return EngineClosedError(
+            f"this client of {self.deployment_name or self.address} is closed (close() or "
+            "the end of its with block); the deployment still runs: make a new client "
+            "with mii.client(...)"
+        )
 
     # ----- sync ---------------------------------------------------------------
 
@@ -85,7 +94,7 @@ class MiiClient:
     ) -> list[Response]:
         """Whole answers, in order. With ``streaming_fn`` (one prompt only), the
         callback receives ``[piece]`` for every new piece of text as it arrives."""
-        prompts = prompt_list(prompts)
+        prompts, timeout = prompt_list(prompts), call_timeout(timeout)
         if streaming_fn is not None:
             if len(prompts) != 1:
                 raise InvalidRequestError("streaming_fn works with one prompt", field="prompts")
@@ -106,9 +115,17 @@ class MiiClient:
     def stream(
         self, prompt: Prompt, timeout: float | None = None, **params: Any
     ) -> Iterator[Response]:
-        """Pieces of one answer as they are generated. Leaving the loop early
-        cancels the call, which aborts the request on the server."""
+        """Pieces of one answer as they are generated (the request is checked here,
+        sent at the first piece asked for). Closing the iterator (``close()``, or
+        leaving a ``for`` loop over ``client.stream(...)`` early) cancels the call,
+        which aborts the request on the server."""
+        self._require_open()
         request = request_for([one_streamed_prompt(prompt, "prompts")], validated(params))
+        return self._pieces(request, call_timeout(timeout))
+
+    def _pieces(
+        self, request: mii_pb2.GenerateRequest, timeout: float | None
+    ) -> Iterator[Response]:
         call = self._stub.GenerateStream(request, timeout=timeout)
         try:
             for piece in call:
@@ -138,6 +155,8 @@ class MiiClient:
     def _error(self, err: grpc.RpcError) -> Exception:
         """The mii error of a failed call; a refused key says whether this client
         sent one (the server cannot tell a wrong key from a missing one)."""
+        if self._closed:  # its channel closed under the call: close() from elsewhere
+            return self._closed_error()
         code, details = err.code(), err.details() or ""
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the call's own timeout
             return TimeoutError(
@@ -221,6 +240,7 @@ class MiiClient:
         """Close this client's connections (the deployment keeps running)."""
         self._closed = True
         self._channel.close()
+        self._aio.close()
 
     def __enter__(self) -> MiiClient:
         return self
@@ -232,35 +252,74 @@ class MiiClient:
 
     def _async_stub(self) -> mii_pb2_grpc.MiiStub:
         self._require_open()
-        # grpc.aio channels belong to one event loop; keep one per loop.
-        loop = asyncio.get_running_loop()
-        if id(loop) not in self._aio:
-            channel = auth.aio_channel(self.address, self._api_key, UNLIMITED_MESSAGES)
-            self._aio[id(loop)] = (channel, mii_pb2_grpc.MiiStub(channel))
-        return self._aio[id(loop)][1]
+        return self._aio.stub(asyncio.get_running_loop())
 
     async def agenerate(
         self, prompts: Prompt | Sequence[Prompt], timeout: float | None = None, **params: Any
     ) -> list[Response]:
         request = request_for(prompts, validated(params))
         try:
-            reply = await self._async_stub().Generate(request, timeout=timeout)
+            reply = await self._async_stub().Generate(request, timeout=call_timeout(timeout))
         except grpc.aio.AioRpcError as err:
             raise self._error(err) from None
+        except asyncio.CancelledError:
+            self._raise_if_closed_under_the_call()
+            raise
         return [piece_from_proto(p) for p in reply.responses]
 
-    async def astream(
+    def astream(
         self, prompt: Prompt, timeout: float | None = None, **params: Any
     ) -> AsyncIterator[Response]:
+        """``stream`` for asyncio: ``async for piece in client.astream(...)``."""
+        self._require_open()
         request = request_for([one_streamed_prompt(prompt, "prompts")], validated(params))
+        return self._apieces(request, call_timeout(timeout))
+
+    async def _apieces(
+        self, request: mii_pb2.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[Response]:
         call = self._async_stub().GenerateStream(request, timeout=timeout)
         try:
             async for piece in call:
                 yield piece_from_proto(piece)
         except grpc.aio.AioRpcError as err:
             raise self._error(err) from None
+        except asyncio.CancelledError:
+            self._raise_if_closed_under_the_call()
+            raise
         finally:
             call.cancel()
+
+    def _raise_if_closed_under_the_call(self) -> None:
+        """A grpc.aio call whose channel close() closed ends as CancelledError: that
+        is EngineClosedError, unless the caller's own task is being cancelled."""
+        task = asyncio.current_task()
+        if self._closed and not (task is not None and task.cancelling()):
+            raise self._closed_error() from None
+
+
+# A deadline this far off is none: grpc's overflows near 2**63 ns and failed every call
+# at once as "did not answer within the call's timeout" (timeout=1e10, math.inf).
+NO_DEADLINE_PAST_S = 1e9
+
+
+def call_timeout(timeout: Any) -> float | None:
+    """A call's ``timeout`` as grpc takes it: None, +inf or anything past 31 years is no
+    deadline; anything but a positive number of seconds is InvalidRequestError."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise InvalidRequestError(
+            f"timeout is a number of seconds, or None for no deadline (got {timeout!r})",
+            field="timeout",
+        )
+    if math.isnan(timeout) or timeout <= 0:
+        raise InvalidRequestError(
+            f"timeout must be a positive number of seconds, or None for no deadline "
+            f"(got {timeout!r})",
+            field="timeout",
+        )
+    return None if timeout >= NO_DEADLINE_PAST_S else float(timeout)
 
 
 def wait_gone(pids: list[int], timeout: float) -> None:
