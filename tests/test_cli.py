@@ -147,6 +147,7 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
         (["serve", "m", "--root-path", "/llm"], "strip its path"),
         (["serve", "m", "--download-dir", "/d"], "HF_HOME"),
         (["serve", "m", "--config", "c.yaml"], "reads no config file"),
+        (["serve", "m", "--distributed-executor-backend", "ray"], "--ray-address ADDR"),
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_command_line(build_parser(), argv)

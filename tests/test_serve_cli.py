@@ -92,6 +92,10 @@ def test_vllm_flags_reach_the_deployment_and_engine_config(cache, monkeypatch):
             "96",
             "--api-key",
             "secret-key",
+            # engine options the README's table has, once without a flag (docs trial)
+            "--compile",
+            "--cpu-kv-cache-bytes",
+            "65536",
         ]
     )
     config = serve_config(args)
@@ -107,6 +111,7 @@ def test_vllm_flags_reach_the_deployment_and_engine_config(cache, monkeypatch):
     assert engine.dtype == "float16"  # vLLM's "half"
     assert (engine.tokenizer, engine.revision, engine.seed) == ("tok/dir", "v2", 7)
     assert (engine.max_num_seqs, engine.token_budget) == (4, 96)
+    assert (engine.compile, engine.cpu_kv_cache_bytes) == (True, 65536)
     assert config.secret_api_key() == "secret-key"
     # What the deployment's and replicas' command lines carry (JSON) leaves the key out.
     assert "secret-key" not in config.model_dump_json()

@@ -185,7 +185,8 @@ def _generate_in_process(
             raise
         # A deployment that has gone reads as a hub id that cannot be found: say both.
         raise CliError(
-            f"{err} Nor is {model!r} the name of a running deployment (mii list shows those)."
+            f"{str(err).rstrip('.')}. Nor is {model!r} the name of a running deployment "
+            "(mii list shows those)."
         ) from None
 
     async def run() -> None:

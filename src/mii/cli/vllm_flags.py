@@ -78,6 +78,9 @@ NOT_TAKEN = {
     "HF_HUB_CACHE to move it",
     "--config": "mii serve reads no config file: pass its options as flags (mii.serve() "
     "takes them as keyword arguments)",
+    "--distributed-executor-backend": "mii runs a replica's tensor-parallel ranks as its own "
+    "processes on one host; on a Ray cluster the whole deployment goes there with "
+    "--ray-address ADDR (or --backend ray), ranks as Ray actors (docs/multi_node.md)",
 }
 
 
