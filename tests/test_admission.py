@@ -430,6 +430,12 @@ def test_the_client_raises_what_the_status_means():
     assert str(relayed) == "UNAVAILABLE: Socket closed"
     bug = error_from_grpc(_Failed(code.INTERNAL, "KeyError: 'x'"))
     assert type(bug) is mii.MiiError
+    # A deadline: a MiiError (caught with every other failed call) and a TimeoutError,
+    # answered as a timeout when relayed (it was a bare TimeoutError, no MiiError).
+    late = error_from_grpc(_Failed(code.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    assert isinstance(late, mii.RequestTimeoutError)
+    assert isinstance(late, mii.MiiError) and isinstance(late, TimeoutError)
+    assert status_of(late).grpc == code.DEADLINE_EXCEEDED and status_of(late).http == 504
 
 
 # ----- what /metrics counts -------------------------------------------------------------

@@ -161,9 +161,12 @@ def test_client_by_address_and_unknown_name(deployment):
     nobody = mii.client(f"127.0.0.1:{free_port()}")
     with nobody, pytest.raises(mii.UnavailableError, match=r"nothing answers at .*running"):
         nobody.generate(PROMPTS[0], max_new_tokens=1)
-    with pytest.raises(TimeoutError, match="did not answer within the call's timeout"):
+    # A MiiError (so that `except mii.MiiError` catches every failed call) and still
+    # a TimeoutError.
+    with pytest.raises(mii.RequestTimeoutError, match="did not answer within the call's timeout"):
         for _ in _client.stream(PROMPTS[0], timeout=0.001, max_new_tokens=64, ignore_eos=True):
             pass
+    assert issubclass(mii.RequestTimeoutError, (mii.MiiError, TimeoutError))
     with pytest.raises(mii.InvalidRequestError, match="stream takes one prompt"):
         next(iter(_client.stream(PROMPTS[:2], max_new_tokens=1)))
 
@@ -217,8 +220,15 @@ def slow_deployment(cache_dir, checkpoints, monkeypatch):
 
 def test_deadline_exceeded_aborts_on_the_replica(slow_deployment):
     client, _ = slow_deployment
-    with pytest.raises(TimeoutError):
+    with pytest.raises(mii.RequestTimeoutError):
         client.generate(PROMPTS[1], max_new_tokens=200, ignore_eos=True, timeout=0.3)
+    assert wait_until(lambda: running(client) == 0), client.stats()
+
+    async def late() -> None:
+        await client.agenerate(PROMPTS[1], max_new_tokens=200, ignore_eos=True, timeout=0.3)
+
+    with pytest.raises(mii.RequestTimeoutError):
+        asyncio.run(late())
     assert wait_until(lambda: running(client) == 0), client.stats()
 
 

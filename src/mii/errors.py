@@ -61,6 +61,12 @@ class DeploymentError(MiiError, RuntimeError):
     """A deployment could not start; the message carries the server's error."""
 
 
+class RequestTimeoutError(MiiError, TimeoutError):
+    """A call's ``timeout=`` passed before its answer was complete; the request was
+    aborted on the server (gRPC DEADLINE_EXCEEDED, HTTP 504). Also a TimeoutError,
+    so ``except TimeoutError`` catches it."""
+
+
 class DeploymentUnresponsiveError(MiiError, TimeoutError):
     """A deployment's process exists but did not answer a call in time (stopped,
     wedged, or too busy to answer): ``mii terminate NAME`` then signals its

@@ -19,6 +19,7 @@ from mii.errors import (
     DeploymentUnresponsiveError,
     EngineClosedError,
     InvalidRequestError,
+    RequestTimeoutError,
     UnavailableError,
 )
 from mii.prompts import Prompt, one_streamed_prompt
@@ -159,7 +160,7 @@ class MiiClient:
             return self._closed_error()
         code, details = err.code(), err.details() or ""
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # the call's own timeout
-            return TimeoutError(
+            return RequestTimeoutError(
                 f"the deployment at {self.address} did not answer within the call's "
                 f"timeout ({details})"
             )

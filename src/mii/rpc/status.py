@@ -21,6 +21,7 @@ from mii.errors import (
     InvalidRequestError,
     MiiError,
     NoReplicaError,
+    RequestTimeoutError,
     ServerOverloadedError,
     UnavailableError,
 )
@@ -55,6 +56,8 @@ STATUSES: dict[type[BaseException], Status] = {
     NoReplicaError: Status(503, grpc.StatusCode.UNAVAILABLE, "no_replica_available"),
     # A replica crashed, became unreachable or lost a rank: a retry can succeed.
     UnavailableError: Status(503, grpc.StatusCode.UNAVAILABLE, "service_unavailable"),
+    # Before MiiError: a RequestTimeoutError is both, and answers as a timeout.
+    RequestTimeoutError: Status(504, grpc.StatusCode.DEADLINE_EXCEEDED),
     TimeoutError: Status(504, grpc.StatusCode.DEADLINE_EXCEEDED),
     MiiError: Status(500, grpc.StatusCode.INTERNAL),
 }
@@ -98,7 +101,7 @@ def is_overload(err: grpc.RpcError) -> bool:
 def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> Exception:
     """The exception a caller raises for a failed gRPC call: the caller's own
     mistakes, deadlines and a refused API key come back as InvalidRequestError
-    (with the field), TimeoutError and AuthenticationError, an overloaded server
+    (with the field), RequestTimeoutError and AuthenticationError, an overloaded server
     as ServerOverloadedError (with its retry_after), an unavailable one (or one
     that cancelled the call) as UnavailableError; any other status as
     ``fallback("CODE: details")``."""
@@ -107,7 +110,7 @@ def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> 
         field = dict(err.trailing_metadata() or ()).get(FIELD_METADATA) or None
         return InvalidRequestError(details or "invalid request", field)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return TimeoutError(details or "deadline exceeded")
+        return RequestTimeoutError(details or "deadline exceeded")
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthenticationError(details or "missing or wrong API key")
     if is_overload(err):
