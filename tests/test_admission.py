@@ -82,8 +82,11 @@ def metrics(busy: Busy) -> dict[tuple[str, tuple], float]:
     }
 
 
+REJECTED = ("mii_requests_rejected_total", (("reason", "overloaded"),))
+
+
 def rejected(busy: Busy) -> float:
-    return metrics(busy)[("mii_requests_rejected_total", (("reason", "overloaded"),))]
+    return metrics(busy)[REJECTED]
 
 
 def wait_idle(busy: Busy, timeout: float = 60.0) -> None:
@@ -212,6 +215,36 @@ def test_burst_beyond_the_limit_gets_429_over_http(busy):
         else:
             assert '"error"' not in text and text.rstrip().endswith("data: [DONE]")
     assert rejected(busy) == before + statuses[429]
+
+
+def test_a_refused_request_counts_each_of_its_choices(busy):
+    """A request of n choices refused for overload is n refused sequences in the
+    metrics, as every request series counts (metrics.md); it added 1 (the refused
+    choice), its siblings withdrawn uncounted (user trial). Nor is any counted as
+    cancelled: their client left nothing."""
+    wait_idle(busy)
+    held = [
+        busy.client.stream("hold", max_new_tokens=FOREVER, ignore_eos=True)
+        for _ in range(LIMIT - 1)
+    ]
+    try:
+        for stream in held:  # LIMIT - 1 admitted: the first choice of n=3 fits, not all
+            next(stream)
+        body = {"model": busy.info["model"], "prompt": "x", "max_tokens": 3, "n": 3}
+        cancelled = ("mii_requests_cancelled_total", ())
+        with httpx.Client(base_url=busy.url, timeout=120) as http:
+            for stream in (False, True):
+                before = metrics(busy)
+                response = http.post("/v1/completions", json={**body, "stream": stream})
+                assert response.status_code == 429, response.text
+                time.sleep(0.3)  # (withdrawn choices end as their tasks do)
+                after = metrics(busy)
+                assert rejected(busy) == before[REJECTED] + 3, stream
+                assert after[cancelled] == before[cancelled], stream
+    finally:
+        for stream in held:
+            stream.close()
+    wait_idle(busy)
 
 
 def test_more_choices_than_the_deployment_holds_are_a_400(busy):

@@ -15,9 +15,11 @@ it arrives. A request can also end with none:
 
 A request refused as invalid (400) is the caller's mistake, not a served
 request: it is not counted, also when found invalid while generating (a
-structured-output constraint that admits no further text). Nor are the sibling
-choices of a request that failed or was refused as a whole (``n`` > 1, or several
-prompts streamed): the gateway withdraws them (:func:`withdraw`), which is not their client leaving.
+structured-output constraint that admits no further text). The sibling choices of
+a request that failed or was refused as a whole (``n`` > 1, or several prompts
+streamed) end as it did: the gateway withdraws those still running
+(:func:`withdraw`: not counted as their client leaving) and counts them with the
+request's own ending, so that a refused ``n=3`` request adds 3 refusals.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from mii.rpc.convert import Prompt
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import MAX_CHOICES
 from mii.rpc.http.state import GatewayState
-from mii.rpc.outcomes import withdraw
+from mii.rpc.outcomes import count_ending, withdraw
 
 _SEED_SPACE = 2**63
 
@@ -71,9 +71,13 @@ class Choices:
             for task in tasks:
                 task.cancel()
             raise
-        except BaseException:  # a choice failed or was refused: the others go with it
+        except BaseException as err:  # a choice failed or was refused: the others go with it
+            # ...and end as it did, in the metrics (each choice is a sequence there): the
+            # ones still running count here, not as withdrawn (their ending is not theirs).
+            unfinished = sum(not task.done() for task in tasks)
             for task in tasks:
                 withdraw(task)
+            count_ending(state.pool.metrics, err, unfinished * len(self.prompts))
             raise
         return [by_choice[i][p] for p in range(len(self.prompts)) for i in range(self.n)]
 
@@ -95,17 +99,22 @@ _END = object()
 
 
 async def merge_streams(
-    streams: list[tuple[int, AsyncIterator[Response | None]]],
+    streams: list[tuple[int, AsyncIterator[Response | None]]], metrics: Any
 ) -> AsyncIterator[tuple[int, Response | None]]:
     """Pieces of several streams as (index, piece), in arrival order. Closing this
-    iterator closes every stream (which aborts their requests)."""
+    iterator closes every stream (which aborts their requests). When one fails,
+    the others still running are withdrawn and counted in ``metrics`` as ending as
+    it did (each choice is a sequence there)."""
     queue: asyncio.Queue = asyncio.Queue()
+    ended: set[int] = set()  # streams that ended on their own: answered, or failed
 
     async def pump(index: int, stream: AsyncIterator[Response]) -> None:
         try:
             async for piece in stream:
                 queue.put_nowait((index, piece))
+            ended.add(index)
         except Exception as err:
+            ended.add(index)
             queue.put_nowait((index, err))
         finally:
             await stream.aclose()
@@ -121,6 +130,7 @@ async def merge_streams(
                 remaining -= 1
             elif isinstance(item, BaseException):
                 failed = True
+                count_ending(metrics, item, len(tasks) - len(ended))
                 raise item
             else:
                 yield index, item

@@ -193,7 +193,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         with openai_errors(renames):
             [response] = await until_disconnected(request, choices.generate(state))
         return _finished(obj, answer, response)
-    pieces = merge_streams(choices.streams(state))
+    pieces = merge_streams(choices.streams(state), state.pool.metrics)
     try:
         with openai_errors(renames):
             early = await until_disconnected(request, until_all_accepted(pieces, choices.total))

@@ -143,7 +143,7 @@ async def stream_choices(
     """An SSE response over every choice's stream. It starts once the engine has
     accepted every choice (before their first tokens), so that a request of which
     it refuses any prompt still gets a 400, whichever replica answers first."""
-    pieces = merge_streams(choices.streams(state))
+    pieces = merge_streams(choices.streams(state), state.pool.metrics)
     try:
         with openai_errors(renames):
             early = await until_disconnected(request, until_all_accepted(pieces, choices.total))
