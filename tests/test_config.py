@@ -304,10 +304,25 @@ def test_unknown_quantization_is_refused_naming_the_field():
 def test_deepspeed_mii_option_names_say_what_to_write_instead():
     """Ported DeepSpeed-MII code passes mii_config / model_config dicts and port_number:
     the error says what mii takes instead (it said only "unknown engine option")."""
-    for name, hint in (("port_number", "port=..."), ("mii_config", "keyword arguments")):
+    named = [("port_number", "port=..."), ("mii_config", "keyword arguments")]
+    # the engine options of the migration guide's table (they had no hint: user trial)
+    named += [("inference_engine_config", "token_budget"), ("max_ragged_batch_size", "token")]
+    named += [("task", "remove it"), ("zmq_port_number", "chosen by mii")]
+    for name, hint in named:
         with pytest.raises(InvalidRequestError) as err:
             EngineConfig.parse("m", **{name: 1})
         assert err.value.field == name and hint in str(err.value), err.value
+    # DeepSpeed-MII's legacy entry points: a bare AttributeError before
+    import mii
+    from mii.errors import UnknownArgument
+
+    assert UnknownArgument is InvalidRequestError
+    with pytest.raises(AttributeError, match=r"mii\.serve\(model, deployment_name"):
+        mii.deploy  # noqa: B018
+    with pytest.raises(AttributeError, match=r"mii\.client\(name\)\.generate"):
+        mii.mii_query_handle  # noqa: B018
+    with pytest.raises(AttributeError, match=r"has no attribute 'nothing'$"):
+        mii.nothing  # noqa: B018
 
 
 @pytest.mark.parametrize(

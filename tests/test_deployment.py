@@ -169,6 +169,13 @@ def test_client_by_address_and_unknown_name(deployment):
     assert issubclass(mii.RequestTimeoutError, (mii.MiiError, TimeoutError))
     with pytest.raises(mii.InvalidRequestError, match="stream takes one prompt"):
         next(iter(_client.stream(PROMPTS[:2], max_new_tokens=1)))
+    # Ported DeepSpeed-MII code (user trial): a TypeError at the first piece, after the
+    # request was sent; a bare AttributeError for the legacy query().
+    with pytest.raises(mii.InvalidRequestError, match="streaming_fn is a function") as err:
+        _client.generate(PROMPTS[0], streaming_fn=5, max_new_tokens=1)
+    assert err.value.field == "streaming_fn"
+    with pytest.raises(AttributeError, match=r"generate\(prompts, \.\.\.\) here"):
+        _client.query({"query": PROMPTS[:1]})
 
 
 def test_invalid_options_fail_cleanly(deployment):

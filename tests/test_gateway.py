@@ -188,6 +188,14 @@ def test_mii_route_errors(served):
     assert "/v1/completions" in response.json()["error"]["message"]
     response = served.http.post(url, json={"prompts": "x", "stream": False, "max_new_tokens": 1})
     assert response.status_code == 200, response.text  # what the route does anyway
+    # the body's key that was meant, named (user trial: only "missing 'prompts'")
+    for sent in ("prompt", "query"):  # OpenAI's name; DeepSpeed-MII's legacy one
+        response = served.http.post(url, json={sent: "x"})
+        assert response.status_code == 400 and response.json()["error"]["field"] == "prompts"
+        message = response.json()["error"]["message"]
+        assert f"the body has '{sent}': the field is 'prompts'" in message, message
+    message = served.http.post(url, json={"max_new_tokens": 4}).json()["error"]["message"]
+    assert message == "missing required field 'prompts'"
 
 
 def test_mii_route_types_json_options_and_refuses_invalid_unicode(served, pipe):

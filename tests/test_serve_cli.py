@@ -532,6 +532,18 @@ def test_a_refused_request_of_several_choices_counts_no_cancellation(served):
         assert after[aborted] == before[aborted], body
 
 
+def test_a_client_given_the_http_port_says_so(served):
+    """mii.client("host:REST_PORT") said "nothing answers ... the deployment is not
+    running" of a running deployment (user trial): the HTTP port is named as such."""
+    client = mii.client(f"127.0.0.1:{served.http_port}")
+    with client, pytest.raises(mii.DeploymentNotFoundError, match="HTTP server answers") as err:
+        client.generate("x", max_new_tokens=1)
+    assert "--grpc-port" in str(err.value)
+    grpc_client = mii.client(f"127.0.0.1:{served.grpc_port}")
+    with grpc_client:
+        assert grpc_client.generate("x", max_new_tokens=1)[0].generated_length == 1
+
+
 def test_capacity_at_start_and_a_periodic_stats_line(served):
     client = mii.client(served.name)
     try:

@@ -347,6 +347,9 @@ def test_device_map_of_a_deployment():
     assert _device_map(two_by_two, gpus=0) is None  # CPU
     with pytest.raises(DeploymentError, match="no GPU is present"):  # not quietly the CPU
         _device_map({**two_by_two, "device_map": [0, 1, 2, 3]}, gpus=0)
+    # every GPU it names, also past those one replica uses ([0] before: user trial)
+    with pytest.raises(DeploymentError, match=r"names GPUs \[0, 1\], but no GPU"):
+        _device_map({"device_map": {"localhost": [[0], [1]]}}, gpus=0)
     assert _device_map(two_by_two, gpus=4) == [0, 1, 2, 3]
     assert _device_map({**two_by_two, "device_map": [3, 2, 1, 0]}, gpus=4) == [3, 2, 1, 0]
     with pytest.raises(DeploymentError, match="needs 4 GPUs; 2 found"):

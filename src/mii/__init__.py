@@ -43,7 +43,17 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'mii' has no attribute {name!r}")
+    raise AttributeError(f"module 'mii' has no attribute {name!r}{_LEGACY.get(name, '')}")
+
+
+# DeepSpeed-MII's API before its 0.1, which ported code still calls.
+_LEGACY = {
+    "deploy": " (DeepSpeed-MII's legacy mii.deploy: mii.serve(model, deployment_name=...) here)",
+    "mii_query_handle": (
+        " (DeepSpeed-MII's legacy mii.mii_query_handle(name).query(...): "
+        "mii.client(name).generate(prompts, ...) here)"
+    ),
+}
 
 
 def __dir__() -> list[str]:

@@ -81,3 +81,7 @@ class DeploymentNotFoundError(MiiError, LookupError):
 class AuthenticationError(MiiError, PermissionError):
     """A deployment refused the call: its API key is missing or wrong (HTTP 401,
     gRPC UNAUTHENTICATED). Pass ``api_key=`` to ``mii.client``, or set ``MII_API_KEY``."""
+
+
+# DeepSpeed-MII's name for an unknown or invalid option, which ported code catches.
+UnknownArgument = InvalidRequestError

@@ -19,6 +19,30 @@ DEEPSPEED_MII_NAMES = {
     )
     for name in ("mii_config", "model_config")
 } | {"port_number": " (DeepSpeed-MII's port_number is port here: mii.serve(model, port=...))"}
+_ENGINE_HINT = (
+    " (DeepSpeed-MII's {name}: the engine's options are flat keywords here: token_budget "
+    "(tokens per forward pass, ~max_ragged_batch_size), max_num_seqs "
+    "(~max_ragged_sequence_count), num_kv_blocks or kv_cache_memory_fraction; "
+    "docs/from_deepspeed_mii.md)"
+)
+_NOT_NEEDED = {
+    "torch_dist_port": "the ranks' ports are chosen by mii",
+    "zmq_port_number": "the ranks' ports are chosen by mii",
+    "replica_configs": "replicas are placed by replica_num and device_map",
+    "sync_debug": "no such mode",
+    "profile_model_time": "no such mode",
+    "checkpoint_dict": "the checkpoint is read from model_name_or_path",
+    "task": "text generation is the one task",
+}
+for _name in (
+    "inference_engine_config",
+    "state_manager",
+    "max_ragged_batch_size",
+    "max_ragged_sequence_count",
+):
+    DEEPSPEED_MII_NAMES[_name] = _ENGINE_HINT.format(name=_name)
+for _name, _why in _NOT_NEEDED.items():
+    DEEPSPEED_MII_NAMES[_name] = f" (DeepSpeed-MII's {_name}: not needed here, {_why}; remove it)"
 # vLLM's names (its LLM / SamplingParams keywords) whose option here has another name.
 VLLM_NAMES = {
     "max_tokens": "max_new_tokens",

@@ -39,6 +39,11 @@ from mii.rpc.status import error_from_grpc
 TERMINATE_CALL_S = 10.0  # a deployment answers Terminate at once, even while draining
 
 
+# What gRPC says when an HTTP/1 server answers at a client's address (uvicorn's, or
+# any other): the REST port given where the gRPC one belongs.
+_NOT_GRPC = ("Trying to connect an http1.x server", "Failed parsing HTTP/2")
+
+
 class MiiClient:
     """Talks to one deployment (its load balancer) over gRPC.
 
@@ -97,6 +102,12 @@ class MiiClient:
         callback receives ``[piece]`` for every new piece of text as it arrives."""
         prompts, timeout = prompt_list(prompts), call_timeout(timeout)
         if streaming_fn is not None:
+            if not callable(streaming_fn):
+                raise InvalidRequestError(
+                    "streaming_fn is a function called with [piece] for every piece "
+                    f"(got {streaming_fn!r})",
+                    field="streaming_fn",
+                )
             if len(prompts) != 1:
                 raise InvalidRequestError("streaming_fn works with one prompt", field="prompts")
             pieces = []
@@ -112,6 +123,13 @@ class MiiClient:
         return [piece_from_proto(p) for p in reply.responses]
 
     __call__ = generate  # client(prompts, ...), as DeepSpeed-MII's client is called
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names not found otherwise: DeepSpeed-MII's legacy query() gets a hint.
+        hint = ""
+        if name == "query":
+            hint = " (DeepSpeed-MII's legacy query({'query': [...]}): generate(prompts, ...) here)"
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}{hint}")
 
     def stream(
         self, prompt: Prompt, timeout: float | None = None, **params: Any
@@ -163,6 +181,13 @@ class MiiClient:
             return RequestTimeoutError(
                 f"the deployment at {self.address} did not answer within the call's "
                 f"timeout ({details})"
+            )
+        if code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _NOT_GRPC):
+            return DeploymentNotFoundError(
+                f"an HTTP server answers at {self.address}, not a deployment's gRPC "
+                "port (its REST / OpenAI port?): mii.client takes a deployment's name, or "
+                "host:port with its gRPC port (mii.serve's port=, mii serve --grpc-port; "
+                f"mii list shows both) ({details})"
             )
         if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
             return UnavailableError(
@@ -362,6 +387,11 @@ def client(
         f"no running deployment named {model_or_deployment_name!r} is recorded in "
         f"{registry.cache_dir() / 'deployments'} (deployments record themselves under the "
         "MII_CACHE_DIR they were started with; start one with mii.serve, or pass 'host:port')"
+        + (
+            f"; MII_CACHE_PATH={legacy} (DeepSpeed-MII's) has no effect here: set MII_CACHE_DIR"
+            if (legacy := envs.DEEPSPEED_MII_CACHE_PATH.get()) is not None
+            else ""
+        )
         + (
             f"; a deployment of that name ran here (stopped, died, or is still starting): "
             f"its log is {last_log}"

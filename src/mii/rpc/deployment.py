@@ -71,7 +71,7 @@ def _device_map(layout: GpuLayout | Mapping[str, Any], gpus: int) -> list[int] |
         # named GPUs that are not there: a broken CUDA setup must not quietly serve
         # on the CPU
         raise DeploymentError(
-            f"device_map names GPUs {list(layout.device_map[:need])}, but no GPU is "
+            f"device_map names GPUs {list(layout.device_map)}, but no GPU is "
             "present (torch.cuda.device_count() is 0); leave device_map out to serve "
             "on the CPU"
         )

@@ -9,6 +9,7 @@ gets is decided by :mod:`mii.rpc.status`.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Iterator
@@ -150,9 +151,9 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     field = ".".join(parts) or None
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if kind == "missing":
-        return (f"missing required field {field!r}" if field else "the request body is missing"), (
-            field
-        )
+        if field is None:
+            return "the request body is missing", None
+        return f"missing required field {field!r}" + _sent_instead(field, first.get("input")), field
     if kind == "extra_forbidden":
         return f"unknown field {field!r}", field
     if field is None:
@@ -160,6 +161,21 @@ def describe_validation_error(exc: RequestValidationError) -> tuple[str, str | N
     if "input" in first and kind != "value_error":
         msg = f"{msg} (got {first['input']!r})"
     return f"invalid value for {field!r}: {msg}", field
+
+
+# DeepSpeed-MII's REST body names: what mii's route calls them.
+_LEGACY_FIELDS = {"query": "prompts"}
+
+
+def _sent_instead(field: str, body: Any) -> str:
+    """A hint after "missing required field": the key of ``body`` that was probably
+    meant (``prompt`` for ``prompts``, DeepSpeed-MII's legacy ``query``), or ''."""
+    if not isinstance(body, dict):
+        return ""
+    keys = [key for key in body if isinstance(key, str)]
+    legacy = [key for key in keys if _LEGACY_FIELDS.get(key) == field]
+    near = legacy or difflib.get_close_matches(field, keys, n=1, cutoff=0.75)
+    return f" (the body has {near[0]!r}: the field is {field!r})" if near else ""
 
 
 def _unparsed_body(cause: BaseException, message: str) -> str:
