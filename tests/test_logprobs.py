@@ -251,8 +251,14 @@ def test_a_prompt_that_fills_max_length_can_be_scored(tiny, tokenizer, tmp_path,
         with pytest.raises(InvalidRequestError, match="leaves no room") as err:
             pipe([ids], max_new_tokens=1, prompt_logprobs=0)
         assert err.value.field == "prompt"
-        with pytest.raises(InvalidRequestError, match="leaves no room"):
+        # no new token asked for: not "no room" but over (user trial)
+        with pytest.raises(InvalidRequestError, match="41 tokens, more than max_length=40"):
             pipe([[*ids, 5]], max_new_tokens=0, prompt_logprobs=0)
+        # a truncation that can never fit is refused, as vLLM refuses it (it was taken)
+        with pytest.raises(InvalidRequestError, match="41 is more than max_length=40") as err:
+            pipe([ids[:5]], max_new_tokens=1, truncate_prompt_tokens=41)
+        assert err.value.field == "truncate_prompt_tokens"
+        assert pipe([ids[:5]], max_new_tokens=1, truncate_prompt_tokens=40)[0].prompt_length == 5
         # truncate_prompt_tokens=-1 keeps as many as the request has room for: all 40
         # when scoring, 39 when a token is asked for.
         longer = [[7, *ids]]

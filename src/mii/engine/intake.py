@@ -92,26 +92,35 @@ class RequestIntake:
         return isinstance(prompt, str) and limit is not None and len(prompt) > limit
 
     def _refuse_prompt(
-        self, tokens: int, cut: bool, params: GenerateParams, max_length: int, held: int
+        self,
+        tokens: int,
+        cut: bool,
+        params: GenerateParams,
+        max_length: int,
+        held: int,
+        needs_room: bool,
     ) -> None:
         """The error for a prompt of ``tokens`` tokens (more, when ``cut``) that leaves
-        no room for a new token under ``max_length`` or in the ``held``-token cache."""
+        no room for a new token (``needs_room``; else: that does not fit) under
+        ``max_length`` or in the ``held``-token cache."""
         count = f"more than {tokens}" if cut else f"{tokens}"
+        # A request for no new token (echo with max_tokens 0) needs no room: it is over.
+        no_room = "which leaves no room under" if needs_room else "more than"
         shorten = (
             "lower truncate_prompt_tokens (-1 for as many as fit)"
             if params.truncate_prompt_tokens
             else "shorten the prompt, keep its last tokens (truncate_prompt_tokens=N, or -1 "
             "for as many as fit)"
         )
-        if tokens < max_length:  # (so the cache, smaller than max_length, is the limit)
+        if tokens + needs_room <= max_length:  # (so the cache, smaller, is the limit)
             raise RequestTooLargeError(
                 f"the prompt has {count} tokens but the whole KV cache holds {held}; "
                 f"{shorten} or raise num_kv_blocks",
                 field="prompt",
             )
         raise InvalidRequestError(
-            f"the prompt has {count} tokens, which leaves no room under "
-            f"max_length={max_length}; {shorten} or raise "
+            f"the prompt has {count} tokens, {no_room} max_length={max_length}; "
+            f"{shorten} or raise "
             + (
                 f"the request's max_length (up to the engine's {self.max_length})"
                 if params.max_length and params.max_length < self.max_length
@@ -160,6 +169,13 @@ class RequestIntake:
         needs_room = params.max_new_tokens != 0
         keep = params.truncate_prompt_tokens
         truncated = False
+        if keep is not None and keep > max_length:  # never fits (vLLM refuses it too)
+            raise InvalidRequestError(
+                f"invalid generation option 'truncate_prompt_tokens': {keep} is more than "
+                f"max_length={max_length} holds; pass at most {max_length}, or -1 for as "
+                "many as fit",
+                field="truncate_prompt_tokens",
+            )
         if keep:  # the prompt's last tokens (-1: all that leave room for what it asks)
             keep = limit - needs_room if keep == -1 else keep
             truncated = len(prompt_ids) > keep
@@ -172,7 +188,7 @@ class RequestIntake:
                     field=option,
                 )
         if len(prompt_ids) > limit - needs_room:
-            self._refuse_prompt(len(prompt_ids), cut, params, max_length, held)
+            self._refuse_prompt(len(prompt_ids), cut, params, max_length, held, needs_room)
         room = limit - len(prompt_ids)
         max_new = room if params.max_new_tokens is None else min(params.max_new_tokens, room)
         # Prompt logprobs and no new token (OpenAI's echo with max_tokens 0): the
