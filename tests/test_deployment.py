@@ -239,6 +239,18 @@ def test_deadline_exceeded_aborts_on_the_replica(slow_deployment):
     assert wait_until(lambda: running(client) == 0), client.stats()
 
 
+def test_a_terminated_deployment_is_not_found_not_unavailable(slow_deployment):
+    """A client of a deployment that was terminated got UnavailableError, which retry
+    policies retry for ever (user trial): the deployment is gone, and said so."""
+    client, _ = slow_deployment
+    other = mii.client("test-slow")
+    client.terminate_server()
+    with other, pytest.raises(mii.DeploymentNotFoundError, match="not running any more") as err:
+        other.generate(PROMPTS[0], max_new_tokens=1)
+    assert not isinstance(err.value, mii.UnavailableError)
+    assert str(registry.log_path("test-slow")) in str(err.value)
+
+
 def test_client_timeouts_close_and_event_loops(slow_deployment):
     """A gRPC-client trial's findings: timeout=math.inf (or 1e10) failed every call at
     once as "did not answer within the call's timeout" (grpc's deadline overflowed);

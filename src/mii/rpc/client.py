@@ -190,6 +190,13 @@ class MiiClient:
                 f"mii list shows both) ({details})"
             )
         if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
+            name = self.deployment_name
+            if name is not None and registry.lookup(name) is None:  # no retry brings it back
+                return DeploymentNotFoundError(
+                    f"the deployment {name!r} is not running any more (terminated, or its "
+                    f"processes ended: its log is {registry.log_path(name)}); start it again "
+                    f"with mii.serve and connect a new client ({details})"
+                )
             return UnavailableError(
                 f"nothing answers at {self.address}: the deployment is not running "
                 "(terminated? mii list shows the running ones and those that do not answer), "
