@@ -26,6 +26,7 @@ from mii.prompts import Prompt, one_streamed_prompt
 from mii.response import Response, join_pieces
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc, registry
 from mii.rpc.convert import (
+    QUICK_RECONNECT,
     UNLIMITED_MESSAGES,
     piece_from_proto,
     prompt_list,
@@ -65,10 +66,11 @@ class MiiClient:
         self.address = address
         self.deployment_name = deployment_name
         self._api_key = api_key if api_key is not None else envs.API_KEY.get()
-        self._channel = auth.channel(address, self._api_key, UNLIMITED_MESSAGES)
+        options = (*UNLIMITED_MESSAGES, *QUICK_RECONNECT)
+        self._channel = auth.channel(address, self._api_key, options)
         self._open_stub = mii_pb2_grpc.MiiStub(self._channel)
         self._aio = LoopChannels(
-            lambda: auth.aio_channel(self.address, self._api_key, UNLIMITED_MESSAGES),
+            lambda: auth.aio_channel(self.address, self._api_key, options),
             mii_pb2_grpc.MiiStub,
         )
         self._closed = False

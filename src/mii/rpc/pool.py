@@ -24,6 +24,7 @@ from mii.rpc import auth, mii_pb2, mii_pb2_grpc
 from mii.rpc.call_guard import CallGuard, ShuttingDownError
 from mii.rpc.convert import (
     ACCEPTED_METADATA,
+    QUICK_RECONNECT,
     UNLIMITED_MESSAGES,
     Prompt,
     piece_from_proto,
@@ -38,12 +39,6 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL_S = 0.5
 HEALTH_PROBE_TIMEOUT_S = 1.0  # a probe not answered within this is missed
 OLD_CHANNEL_GRACE_S = 30.0  # a restarted replica's old channel, before its calls are cancelled
-# A restarted replica is found again within a second (gRPC's default reconnect
-# back-off grows to two minutes).
-CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-)
 
 
 @dataclass(eq=False)
@@ -73,7 +68,7 @@ class Replica:
         # Any size: the gateway passes on requests up to its own limit, and replies
         # (token ids, return_full_text) can exceed grpc's 4 MiB default.
         self.channel = auth.aio_channel(
-            self.address, self.token, (*UNLIMITED_MESSAGES, *CHANNEL_OPTIONS), proof=True
+            self.address, self.token, (*UNLIMITED_MESSAGES, *QUICK_RECONNECT), proof=True
         )
         self.stub = mii_pb2_grpc.MiiStub(self.channel)
 
