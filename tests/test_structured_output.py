@@ -184,6 +184,22 @@ def test_ignore_eos_still_ends_when_the_grammar_is_complete(engine):
     assert answer.generated_text in ("alpha", "beta")
 
 
+def test_stop_strings_do_not_cut_a_constrained_answer(engine):
+    """A stop string inside the constrained text cut it short and ended the answer as
+    "stop": `{"a"` for a schema with stop ": ", a tool call's arguments likewise
+    (user trial). The grammar decides where a constrained answer ends."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    options = {"json_schema": schema, "stop": [": ", '"'], "max_new_tokens": 30}
+    [answer] = run(engine.generate([PROMPTS[0]], **options))
+    assert answer.finish_reason == "stop" and answer.stop_reason is None
+    jsonschema.validate(json.loads(answer.generated_text), schema)
+    [answer] = run(engine.generate([PROMPTS[0]], choice=["al pha", "be ta"], stop=[" "]))
+    assert answer.generated_text in ("al pha", "be ta")
+    # without a constraint the same stop string applies
+    [free] = run(engine.generate([PROMPTS[0]], stop=["a"], max_new_tokens=30, ignore_eos=True))
+    assert "a" not in free.generated_text
+
+
 # Named groups as Python writes them (xgrammar refused "(?P<"; and, in its own
 # "(?<name>" form, names with a digit or "_"), and "(?P<" inside a character class,
 # where it is four literal characters (the answers are checked with Python's re).

@@ -69,9 +69,13 @@ class OutputProcessor:
     def start(self, seq: Sequence) -> None:
         """Begin the text of a request that has just been queued."""
         decode = self._decoder(seq)
+        # Under a structured-output constraint the grammar decides where the answer
+        # ends, as it does for end-of-sequence and stop tokens: a stop string found
+        # inside it cut JSON or a tool call's arguments short, ended as "stop".
+        stops = () if seq.params.constraint is not None else seq.params.stop
         self._requests[seq.request_id] = _RequestText(
             IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, decode, self._byte_runs),
-            StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output),
+            StopStringMatcher(stops, seq.params.include_stop_str_in_output),
             self.full_text_prefix(seq),
             prompt_logprobs=[None] if seq.params.prompt_logprobs is not None else None,
         )
