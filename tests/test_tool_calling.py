@@ -273,6 +273,11 @@ def test_bad_tool_requests_are_400_naming_the_field(llama):
         assert await param_of(tools=TOOLS, tool_choice=NAMED, response_format=json_object) == (
             "tool_choice"
         )
+        # A tool result's call id is a string when given (5 reached the template).
+        result = {"role": "tool", "tool_call_id": 5, "content": "22"}
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(model="d", messages=[*USER, result])
+        assert err.value.body["param"] == "messages.1.tool_call_id"
         assert not pool.sent  # nothing reached the engine
 
     with_gateway(llama, pool, scenario)

@@ -161,6 +161,9 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
+    # A tool result's call id: optional, as Hugging Face's tool-use examples leave it
+    # out (and vLLM takes them), but a string when given (OpenAI's type).
+    tool_call_id: str | None = None
 
 
 class ChatCompletionRequest(OpenAIRequest):
