@@ -150,6 +150,22 @@ def test_allowed_token_ids_equal_transformers_prefix_constraint(model, pipe, tok
         assert set(sampled[0].token_ids) <= set(allowed)
 
 
+def test_allowed_tokens_all_banned_below_min_new_tokens_are_refused(pipe, tokenizer):
+    """allowed_token_ids of only end-of-sequence / stop tokens with min_new_tokens left
+    nothing to sample: the sampler drew tokens outside the list (user trial). Refused,
+    naming the option; with another token allowed, only allowed tokens come out."""
+    eos = tokenizer.eos_token_id
+    for extra in ({}, {"stop_token_ids": [7], "allowed_token_ids": [eos, 7]}):
+        options = {"allowed_token_ids": [eos], "min_new_tokens": 3, **extra}
+        with pytest.raises(mii.InvalidRequestError, match="no token is left") as err:
+            pipe([PROMPTS[1]], max_new_tokens=4, **options)
+        assert err.value.field == "allowed_token_ids"
+    [answer] = pipe(
+        [PROMPTS[1]], allowed_token_ids=[eos, 9], min_new_tokens=3, max_new_tokens=4, seed=1
+    )
+    assert answer.token_ids[:3] == [9, 9, 9] and set(answer.token_ids) <= {eos, 9}
+
+
 def test_min_p_one_keeps_only_the_most_likely_token(pipe):
     greedy = pipe([PROMPTS[2]], do_sample=False, max_new_tokens=12)[0].token_ids
     for seed in (1, 2):

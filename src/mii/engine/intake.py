@@ -56,6 +56,7 @@ class RequestIntake:
         self.max_prompt_chars = max_prompt_chars(tokenizer, max_length)
         # structured output: the constraints' compiled grammars, for this tokenizer
         self.grammars = GrammarCache(tokenizer, vocab_size, eos_token_ids or [])
+        self.eos_token_ids = frozenset(eos_token_ids or ())
 
     def tokenize(self, prompt: str | list[int], truncating: bool = False) -> list[int]:
         """Token ids of a text prompt; a list of ids is checked against the vocabulary.
@@ -129,6 +130,24 @@ class RequestIntake:
             field="prompt",
         )
 
+    def _check_allowed_tokens(self, params: GenerateParams) -> None:
+        """Refuse ``allowed_token_ids`` that are all banned below ``min_new_tokens``
+        (end-of-sequence and stop tokens): no token would be left to sample, and the
+        sampler drew tokens outside the list. (Under a constraint its grammar decides
+        where the answer ends, and end-of-sequence is not banned.)"""
+        allowed = params.allowed_token_ids
+        if allowed is None or params.min_new_tokens == 0 or params.constraint is not None:
+            return
+        banned = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        if set(allowed) <= banned:
+            raise InvalidRequestError(
+                f"invalid generation option 'allowed_token_ids': {sorted(set(allowed))} are "
+                "end-of-sequence or stop tokens, banned below "
+                f"min_new_tokens={params.min_new_tokens}, so no token is left to generate; "
+                "allow other tokens too, or drop min_new_tokens",
+                field="allowed_token_ids",
+            )
+
     def make_sequence(
         self,
         request_id: str,
@@ -187,6 +206,7 @@ class RequestIntake:
                     f"model's vocabulary of {self.vocab_size} tokens",
                     field=option,
                 )
+        self._check_allowed_tokens(params)
         if len(prompt_ids) > limit - needs_room:
             self._refuse_prompt(len(prompt_ids), cut, params, max_length, held, needs_room)
         room = limit - len(prompt_ids)
