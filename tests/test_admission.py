@@ -230,7 +230,8 @@ def test_a_refused_request_counts_each_of_its_choices(busy):
     try:
         for stream in held:  # LIMIT - 1 admitted: the first choice of n=3 fits, not all
             next(stream)
-        body = {"model": busy.info["model"], "prompt": "x", "max_tokens": 3, "n": 3}
+        # (the admitted choice cannot end before the refusal: it is withdrawn)
+        body = {"model": busy.info["model"], "prompt": "x", "max_tokens": FOREVER, "n": 3}
         cancelled = ("mii_requests_cancelled_total", ())
         with httpx.Client(base_url=busy.url, timeout=120) as http:
             for stream in (False, True):
@@ -469,6 +470,39 @@ def test_the_client_raises_what_the_status_means():
     assert isinstance(late, mii.RequestTimeoutError)
     assert isinstance(late, mii.MiiError) and isinstance(late, TimeoutError)
     assert status_of(late).grpc == code.DEADLINE_EXCEEDED and status_of(late).http == 504
+
+
+def test_a_choice_answered_before_its_sibling_is_refused_counts_once():
+    """A choice whose last piece had arrived, its stream not yet ended, was counted
+    again with its sibling's refusal (review): answered, it is not a sibling left."""
+    from mii.response import Response
+    from mii.rpc.http.choices import merge_streams
+    from mii.rpc.metrics import Metrics
+    from mii.rpc.outcomes import counted_stream
+
+    metrics = Metrics()
+    answered = asyncio.Event()
+
+    async def done_then_slow_end():
+        yield Response("a", 1, 1, "stop")
+        answered.set()
+        await asyncio.sleep(3600)  # (its end-of-stream status has not come yet)
+
+    async def refused():
+        await answered.wait()
+        raise ServerOverloadedError("full")
+        yield  # (a generator)
+
+    async def main() -> None:
+        streams = [(0, counted_stream(done_then_slow_end(), metrics))]
+        streams.append((1, counted_stream(refused(), metrics)))
+        with pytest.raises(ServerOverloadedError):
+            async for _ in merge_streams(streams, metrics):
+                pass
+
+    asyncio.run(main())
+    rejected_total = ("mii_requests_rejected_total", {"reason": "overloaded"})
+    assert metrics.registry.get_sample_value(*rejected_total) == 1
 
 
 # ----- what /metrics counts -------------------------------------------------------------

@@ -193,7 +193,7 @@ def test_mii_route_errors(served):
         response = served.http.post(url, json={sent: "x"})
         assert response.status_code == 400 and response.json()["error"]["field"] == "prompts"
         message = response.json()["error"]["message"]
-        assert f"the body has '{sent}': the field is 'prompts'" in message, message
+        assert f"(it has '{sent}': the field is 'prompts')" in message, message
     message = served.http.post(url, json={"max_new_tokens": 4}).json()["error"]["message"]
     assert message == "missing required field 'prompts'"
 

@@ -218,6 +218,28 @@ def test_a_client_takes_a_model_path_as_mii_serve_does(tmp_path):
         assert client.deployment_name == "model-mii-deployment"
 
 
+def test_a_client_whose_deployment_ended_or_moved_is_told_so():
+    """Nothing answers at a client's address: its deployment, no longer recorded, is
+    gone; recorded at another address, it was started again there (the old client
+    got a retryable UnavailableError for ever; review). Neither is retried."""
+    import mii
+    from mii.rpc.deployment import free_port
+
+    old, new = free_port(), free_port()  # nothing listens on either
+    record("moved", {"pid": os.getpid(), "host": "127.0.0.1", "port": old})
+    with mii.client("moved") as client:
+        registry.record("moved", {"pid": os.getpid(), "host": "127.0.0.1", "port": new})
+        with pytest.raises(mii.DeploymentNotFoundError, match=f"started again at 127.0.0.1:{new}"):
+            client.generate("x", max_new_tokens=1)
+        registry.remove("moved")
+        registry.release("moved")
+        with pytest.raises(mii.DeploymentNotFoundError, match="not running any more"):
+            client.generate("x", max_new_tokens=1)
+    by_address = mii.client(f"127.0.0.1:{old}")  # no name: it may come back
+    with by_address, pytest.raises(mii.UnavailableError, match="nothing answers"):
+        by_address.generate("x", max_new_tokens=1)
+
+
 def test_clients_reconnect_within_a_second(monkeypatch):
     """gRPC's default reconnect back-off grows to two minutes: a client whose
     deployment was down for 30 s took 15 s more to reach it once it was back (0.3 s
@@ -244,6 +266,8 @@ def test_clients_reconnect_within_a_second(monkeypatch):
     assert len(seen) == 2
     for options in seen:
         assert dict(options)["grpc.max_reconnect_backoff_ms"] <= 1000, options
+        # gRPC reads this one as a connection attempt's time limit: never shortened
+        assert "grpc.min_reconnect_backoff_ms" not in dict(options), options
 
 
 def test_a_client_finds_a_deployment_by_its_model_whatever_its_name(tmp_path, monkeypatch):

@@ -191,8 +191,8 @@ class RequestIntake:
         if keep is not None and keep > max_length:  # never fits (vLLM refuses it too)
             raise InvalidRequestError(
                 f"invalid generation option 'truncate_prompt_tokens': {keep} is more than "
-                f"max_length={max_length} holds; pass at most {max_length}, or -1 for as "
-                "many as fit",
+                f"max_length={max_length} holds; pass at most {max_length - needs_room}, or "
+                "-1 for as many as fit",
                 field="truncate_prompt_tokens",
             )
         if keep:  # the prompt's last tokens (-1: all that leave room for what it asks)

@@ -173,6 +173,31 @@ class MiiClient:
         except grpc.RpcError as err:
             raise self._error(err) from None
 
+    def _gone_error(self, details: str) -> DeploymentNotFoundError | None:
+        """When nothing answers at this client's address: the error for a deployment
+        that no retry brings back here (terminated, ended, or started again at
+        another address), from this machine's registry; None when it may return."""
+        name = self.deployment_name
+        if name is None:
+            return None
+        try:
+            info = registry.lookup(name)
+        except OSError:  # the registry folder cannot be read: say only what gRPC said
+            return None
+        if info is None:
+            return DeploymentNotFoundError(
+                f"the deployment {name!r} is not running any more (terminated, or its "
+                f"processes ended: its log is {registry.log_path(name)}); start it again "
+                f"with mii.serve and connect a new client ({details})"
+            )
+        now = host_port(info["host"], info["port"])
+        if now != self.address:
+            return DeploymentNotFoundError(
+                f"the deployment {name!r} no longer listens at {self.address}: it was "
+                f"started again at {now}; connect a new client (mii.client({name!r}))"
+            )
+        return None
+
     def _error(self, err: grpc.RpcError) -> Exception:
         """The mii error of a failed call; a refused key says whether this client
         sent one (the server cannot tell a wrong key from a missing one)."""
@@ -192,13 +217,9 @@ class MiiClient:
                 f"mii list shows both) ({details})"
             )
         if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
-            name = self.deployment_name
-            if name is not None and registry.lookup(name) is None:  # no retry brings it back
-                return DeploymentNotFoundError(
-                    f"the deployment {name!r} is not running any more (terminated, or its "
-                    f"processes ended: its log is {registry.log_path(name)}); start it again "
-                    f"with mii.serve and connect a new client ({details})"
-                )
+            gone = self._gone_error(details)
+            if gone is not None:
+                return gone
             return UnavailableError(
                 f"nothing answers at {self.address}: the deployment is not running "
                 "(terminated? mii list shows the running ones and those that do not answer), "

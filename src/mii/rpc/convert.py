@@ -23,9 +23,10 @@ UNLIMITED_MESSAGES = (
 # was down for 30 s took 15 s more to reach it once restarted.)
 QUICK_RECONNECT = (
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
+# (Not grpc.min_reconnect_backoff_ms: gRPC reads it as the time one connection
+# attempt may take, 20 s by default; 200 ms failed first calls over slow links.)
 
 # What a replica's GenerateStream sends as initial metadata once its engine accepted
 # the request, before any token (engine/answer_stream.py says who waits for it).

@@ -111,6 +111,8 @@ async def merge_streams(
     async def pump(index: int, stream: AsyncIterator[Response]) -> None:
         try:
             async for piece in stream:
+                if piece is not None and piece.finish_reason is not None:
+                    ended.add(index)  # answered (and counted), before its stream's end
                 queue.put_nowait((index, piece))
             ended.add(index)
         except Exception as err:

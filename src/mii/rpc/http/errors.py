@@ -172,10 +172,11 @@ def _sent_instead(field: str, body: Any) -> str:
     meant (``prompt`` for ``prompts``, DeepSpeed-MII's legacy ``query``), or ''."""
     if not isinstance(body, dict):
         return ""
+    name = field.rsplit(".", 1)[-1]  # (``body`` is the object that lacks it)
     keys = [key for key in body if isinstance(key, str)]
-    legacy = [key for key in keys if _LEGACY_FIELDS.get(key) == field]
-    near = legacy or difflib.get_close_matches(field, keys, n=1, cutoff=0.75)
-    return f" (the body has {near[0]!r}: the field is {field!r})" if near else ""
+    legacy = [key for key in keys if _LEGACY_FIELDS.get(key) == name]
+    near = legacy or difflib.get_close_matches(name, keys, n=1, cutoff=0.75)
+    return f" (it has {near[0]!r}: the field is {name!r})" if near else ""
 
 
 def _unparsed_body(cause: BaseException, message: str) -> str:

@@ -152,9 +152,8 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    # Other keys (tool_call_id of a tool result, ...) are passed to the template as
-    # they are; an assistant's tool_calls must be calls (tool call arguments: see
-    # chat.py), a role is never empty.
+    # Other keys are passed to the template as they are; an assistant's tool_calls
+    # must be calls (tool call arguments: see chat.py), a role is never empty.
     model_config = ConfigDict(extra="allow")
 
     role: str = Field(min_length=1)
