@@ -242,7 +242,7 @@ def test_a_client_whose_deployment_ended_or_moved_is_told_so():
 
 def test_clients_reconnect_within_a_second(monkeypatch):
     """gRPC's default reconnect back-off grows to two minutes: a client whose
-    deployment was down for 30 s took 15 s more to reach it once it was back (0.3 s
+    deployment was down for 30 s took 15 s more to reach it once it was back (0.4 s
     with these options; measured with a health server stopped and restarted on its
     port). The sync and asyncio channels of a client, as the balancer's to replicas,
     back off a second at most."""
