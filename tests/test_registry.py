@@ -189,17 +189,6 @@ def test_the_not_found_error_says_where_it_looked():
         caught.value
     )
     assert {"pipeline", "AsyncEngine", "DeploymentNotFoundError"} <= set(dir(mii))
-    assert "MII_CACHE_PATH" not in str(caught.value)
-
-
-def test_the_not_found_error_names_deepspeed_mii_cache_path(monkeypatch, tmp_path):
-    """DeepSpeed-MII's MII_CACHE_PATH, set by a ported setup, is ignored silently
-    (user trial): the error says it has no effect."""
-    import mii
-
-    monkeypatch.setenv("MII_CACHE_PATH", str(tmp_path))
-    with pytest.raises(mii.DeploymentNotFoundError, match=r"MII_CACHE_PATH=.* no effect"):
-        mii.client("not-running-here")
 
 
 def test_a_client_takes_a_model_path_as_mii_serve_does(tmp_path):

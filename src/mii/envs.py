@@ -24,7 +24,6 @@
 | ``MII_MOE_PROMPT_GEMM`` | ``auto``, ``triton``, ``grouped_mm`` | large MoE passes' GEMMs |
 | ``MII_CACHE_DIR`` | a directory (``~/.cache/mii``) | demo model, converted GGUF files, registry |
 | ``MII_GGUF_CACHE_DIR`` | a directory (``$MII_CACHE_DIR/gguf``) | converted GGUF checkpoints only |
-| ``MII_CACHE_PATH`` | unset, a directory | DeepSpeed-MII's; not used: named in errors |
 | ``MII_API_KEY`` | unset, a key | the API key of deployments and clients |
 | ``MII_REPLICA_TOKEN`` | unset, a token | internal: what a replica's port requires |
 | ``MII_TP_STORE_SECRET`` | unset, a secret | internal: the secret key prefix of a TP store |
@@ -328,17 +327,6 @@ def _optional_directory(name: str, value: str) -> Path | None:
     return Path(value).expanduser() if value else None  # set but empty counts as unset
 
 
-# DeepSpeed-MII's registry folder (its default /tmp/mii_cache). Ported setups still
-# set it; mii does not use it, but says so where a deployment is not found.
-DEEPSPEED_MII_CACHE_PATH: Switch[Path | None] = Switch(
-    "MII_CACHE_PATH",
-    "",
-    "DeepSpeed-MII's registry folder: has no effect here (MII_CACHE_DIR does); named "
-    "in the error of a deployment not found",
-    _optional_directory,
-)
-
-
 GGUF_CACHE_DIR: Switch[Path | None] = Switch(
     "MII_GGUF_CACHE_DIR",
     "",
@@ -447,7 +435,6 @@ SWITCHES: tuple[Switch, ...] = (
     MOE_PROMPT_GEMM,
     CACHE_DIR,
     GGUF_CACHE_DIR,
-    DEEPSPEED_MII_CACHE_PATH,
     API_KEY,
     REPLICA_TOKEN,
     TP_STORE_SECRET,

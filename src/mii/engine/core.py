@@ -199,8 +199,7 @@ class EngineCore:
 
     @eos_token_ids.setter
     def eos_token_ids(self, ids: list[int]) -> None:
-        self.output.eos_token_ids = ids
-        self.intake.eos_token_ids = frozenset(ids)
+        self.output.eos_token_ids, self.intake.eos_token_ids = ids, frozenset(ids)
 
     # ----- tensor parallelism: ranks > 0 (engine/tp_relay.py) -----------------
 

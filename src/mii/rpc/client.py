@@ -418,11 +418,6 @@ def client(
         f"{registry.cache_dir() / 'deployments'} (deployments record themselves under the "
         "MII_CACHE_DIR they were started with; start one with mii.serve, or pass 'host:port')"
         + (
-            f"; MII_CACHE_PATH={legacy} (DeepSpeed-MII's) has no effect here: set MII_CACHE_DIR"
-            if (legacy := envs.DEEPSPEED_MII_CACHE_PATH.get()) is not None
-            else ""
-        )
-        + (
             f"; a deployment of that name ran here (stopped, died, or is still starting): "
             f"its log is {last_log}"
             if last_log
