@@ -34,15 +34,18 @@ _NOT_NEEDED = {
     "checkpoint_dict": "the checkpoint is read from model_name_or_path",
     "task": "text generation is the one task",
 }
-for _name in (
-    "inference_engine_config",
-    "state_manager",
-    "max_ragged_batch_size",
-    "max_ragged_sequence_count",
-):
-    DEEPSPEED_MII_NAMES[_name] = _ENGINE_HINT.format(name=_name)
-for _name, _why in _NOT_NEEDED.items():
-    DEEPSPEED_MII_NAMES[_name] = f" (DeepSpeed-MII's {_name}: not needed here, {_why}; remove it)"
+DEEPSPEED_MII_NAMES |= {
+    name: _ENGINE_HINT.format(name=name)
+    for name in (
+        "inference_engine_config",
+        "state_manager",
+        "max_ragged_batch_size",
+        "max_ragged_sequence_count",
+    )
+} | {
+    name: f" (DeepSpeed-MII's {name}: not needed here, {why}; remove it)"
+    for name, why in _NOT_NEEDED.items()
+}
 # vLLM's names (its LLM / SamplingParams keywords) whose option here has another name.
 VLLM_NAMES = {
     "max_tokens": "max_new_tokens",
