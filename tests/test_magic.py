@@ -65,7 +65,7 @@ def test_without_a_model_the_magic_says_what_to_do(shell):
     assert "%mii load MODEL" in out and "%%mii [generation options]" in out
 
 
-def test_load_then_line_and_cell_magics_stream(shell, llama, expected):
+def test_load_then_line_and_cell_magics_stream(shell, llama, expected, tmp_path):
     result, out = run(shell, f"%mii load {llama} --max-length 64")
     assert result.success, out
     magics = shell.magics_manager.registry["MiiMagics"]
@@ -122,9 +122,21 @@ def test_load_then_line_and_cell_magics_stream(shell, llama, expected):
     result, quoted = run(shell, f"%mii --max-new-tokens 5 --greedy --stop '~~ never seen' {PROMPT}")
     assert result.success and quoted == expected + "\n", quoted
 
-    # A load with a typo in the path or an option keeps the model in use.
+    # A load with a typo in the path, a hub id, an option or a device, or of something
+    # that is no checkpoint, keeps the model in use (all but the first two freed it).
     loaded = magics.model
-    for bad in ("/nonexistent/dir", "missing.gguf", f"{llama} --kv-block-size 0"):
+    not_gguf, empty_dir = tmp_path / "notes.gguf", tmp_path / "empty"
+    not_gguf.write_text("not a model")
+    empty_dir.mkdir()
+    for bad in (
+        "/nonexistent/dir",
+        "missing.gguf",
+        f"{llama} --kv-block-size 0",
+        "no-such-org/no-such-model",  # offline: does not resolve
+        str(not_gguf),
+        str(empty_dir),
+        f"{llama} --device cuda:7",
+    ):
         result, out = run(shell, f"%mii load {bad}")
         assert isinstance(result.error_in_exec, UsageError), out
         assert "stays loaded" in out and magics.model is loaded, out
@@ -213,6 +225,9 @@ def test_attach_to_a_deployment(shell, llama, expected, tmp_path, monkeypatch):
         result, out = run(shell, f"%%mii --max-new-tokens 5 --greedy\n{PROMPT}")
         assert result.success, out
         assert out == expected + "\n"
+        # A bad option value: the client's error as a usage error (was a traceback)
+        result, out = run(shell, f"%mii --top-p 2 -- {PROMPT}")
+        assert isinstance(result.error_in_exec, UsageError) and "top_p" in out, out
 
         # --chat: the deployment's chat template (loaded here from its record), as the
         # pipeline's chat answers the same turn

@@ -202,14 +202,15 @@ class MiiMagics(Magics):
     # ----- commands -------------------------------------------------------------
 
     def _load(self, rest: str) -> None:
-        from mii.models.loader import check_local_model
+        from mii.models.loader import check_model
 
         args = _load_parser().parse_args(_split_args(rest))
         # What can be checked without loading is checked before the model in use is
-        # freed (a load needs its memory): a typo in a path or an option keeps it.
+        # freed (a load needs its memory): a typo in a path, a hub id, a file that is
+        # not a checkpoint, an option or a device keeps it.
         try:
-            EngineConfig.parse(args.model, **engine_options(args))
-            check_local_model(args.model)
+            config = EngineConfig.parse(args.model, **engine_options(args))
+            check_model(args.model, config.revision, config.device)
         except (MiiError, ValueError) as err:
             raise UsageError(f"%mii load: {err} (the model in use stays loaded)") from None
         self._release()
@@ -281,10 +282,11 @@ class MiiMagics(Magics):
                 prompt = chat_prompt_ids(self._chat_tokenizer(), prompt)
             except MiiError as err:  # the template refused the turn
                 raise UsageError(f"%mii --chat: {err}") from None
-        if self.model is not None:
-            pieces = self.model.stream(prompt, **params)
-        else:
-            pieces = self.client.stream(prompt, **params)
+        source = self.model if self.model is not None else self.client
+        try:  # a client checks the options at once, before the first piece
+            pieces = source.stream(prompt, **params)
+        except MiiError as err:
+            raise UsageError(str(err)) from None
         text = []
         try:
             for piece in pieces:

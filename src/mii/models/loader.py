@@ -72,6 +72,14 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None, weights: b
         ) from None
 
 
+def check_model(name_or_path: str, revision: str | None = None, device: str | None = None) -> None:
+    """Everything about a model that can be checked without its weights: the path or
+    hub id resolves (a GGUF file is converted, once), its config.json reads, and the
+    device exists. ModelLoadError / InvalidRequestError name what to change."""
+    read_hf_config(resolve_model_dir(name_or_path, revision, weights=False))
+    default_device(device)
+
+
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
     config_file = model_dir / "config.json"
     if not config_file.is_file():
