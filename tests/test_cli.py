@@ -128,6 +128,15 @@ def test_options_go_between_and_after_the_prompts():
     for argv in (["--", "m", "-x"], ["--greedy", "--", "m", "-x"], ["m", "--", "-x"]):
         args = parse_command_line(parser, ["generate", *argv])
         assert (args.model, args.prompt_args) == ("m", ["-x"]), argv
+    # ... also after an option or a prompt that follows MODEL (docs/cli.md: options go
+    # anywhere); argparse refused them ("unrecognized arguments: -- -5 is")
+    for argv, prompts in (
+        (["m", "--greedy", "--max-new-tokens", "4", "--", "-5 is"], ["-5 is"]),
+        (["m", "x", "--greedy", "--", "-5 is", "--chat"], ["x", "-5 is", "--chat"]),
+    ):
+        args = parse_command_line(parser, ["generate", *argv])
+        assert (args.model, args.prompt_args, args.greedy) == ("m", prompts, True), argv
+        assert not args.chat
 
 
 def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys):

@@ -74,12 +74,28 @@ def parse_command_line(
     if command not in commands.choices:  # --help, --version, a missing or unknown command
         return parser.parse_args(argv)
     sub = commands.choices[command]
-    # "--" ends the options: what follows is positional, as argparse's plain parse
-    # reads it (the intermixed one refuses "mii generate -- MODEL -x").
-    intermixed = command == "generate" and "--" not in argv
-    parse = sub.parse_intermixed_args if intermixed else sub.parse_args
-    args = parse(argv[1:])
+    parse = _parse_generate if command == "generate" else argparse.ArgumentParser.parse_args
+    args = parse(sub, argv[1:])
     args.command = command
+    return args
+
+
+def _parse_generate(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options anywhere among the prompts; "--" ends them, so that what follows it is
+    positional even where it starts with "-" (the intermixed parse refuses "--" after
+    an option or a prompt, and the plain parse ends the prompts at the first option)."""
+    if "--" not in argv:
+        return parser.parse_intermixed_args(argv)
+    end = argv.index("--")
+    # Positionals after "--" that look like options stand in as placeholders no option
+    # can be, and are put back once parsed.
+    held = {f"\0{i}": token for i, token in enumerate(argv[end + 1 :]) if token.startswith("-")}
+    tokens = [
+        f"\0{i}" if token.startswith("-") else token for i, token in enumerate(argv[end + 1 :])
+    ]
+    args = parser.parse_intermixed_args(argv[:end] + tokens)
+    args.model = held.get(args.model, args.model)
+    args.prompt_args = [held.get(p, p) for p in args.prompt_args]
     return args
 
 
