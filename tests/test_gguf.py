@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,13 +63,17 @@ def test_gguf_greedy_matches_transformers(gguf_files, qtype, cache):
         assert pipe.engine.tokenizer.chat_template.startswith("{% for message in messages %}")
 
 
-def test_second_load_uses_the_cache(gguf_files, cache, monkeypatch):
+def test_second_load_uses_the_cache(gguf_files, cache, monkeypatch, capsys):
     from mii.models import gguf_convert
     from mii.models.loader import resolve_model_dir
 
     path = str(gguf_files("Q8_0")[0])
     first = resolve_model_dir(path)
     assert first.parent == cache and (first / "config.json").is_file()
+    # The conversion (minutes for a large file) is said, once: it looked like a hang.
+    said = capsys.readouterr().err
+    assert f"[mii] converting {Path(path).name} once into {first}" in said, said
+    assert "[mii] converted in" in said
 
     def no_conversion(*args):
         raise AssertionError("converted again")
@@ -77,6 +82,7 @@ def test_second_load_uses_the_cache(gguf_files, cache, monkeypatch):
     assert resolve_model_dir(path) == first
     with mii.pipeline(path, device="cpu") as pipe:
         assert pipe(PROMPTS[0], max_new_tokens=2)[0].generated_length >= 1
+    assert "converting" not in capsys.readouterr().err
     # A changed file is a new entry (the key includes its size and mtime).
     stat = os.stat(path)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))

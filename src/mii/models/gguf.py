@@ -15,6 +15,8 @@ import contextlib
 import hashlib
 import os
 import shutil
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +59,12 @@ def gguf_checkpoint_dir(path: str | os.PathLike) -> Path:
             if target.is_dir():  # another process converted it while we waited
                 return target
             _remove_stale_temporaries(target.parent)
+            # Said on stderr, as a hub download's progress is: a large file takes
+            # minutes, which would look like a hang (logging's INFO is not shown).
+            print(f"[mii] converting {source.name} once into {target} ...", file=sys.stderr)
+            started = time.perf_counter()
             _convert_atomically(checked, target)
+            print(f"[mii] converted in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     finally:
         with contextlib.suppress(OSError):  # only when empty: a failure leaves no trace
             target.parent.rmdir()
