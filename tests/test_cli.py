@@ -318,6 +318,12 @@ def test_generate_in_process_equals_pipeline(llama, cache):
     first, second = pipeline_text(llama, "DeepSpeed is", "Seattle is")
     assert result.stdout == f"DeepSpeed is{first}\nSeattle is{second}\n"
     assert result.stderr.count("8 tokens") == 2
+    # A request refused before any text leaves stdout empty (the prompt was printed
+    # first and the error came after it: "Seattle is" with no answer nor line break).
+    for refused in (["--max-length", "2"], ["--chat", "--regex", "[0-9"]):
+        result = run_mii("generate", llama, "Seattle is", *GREEDY, *refused)
+        assert result.returncode == 1 and result.stdout == "", (refused, result.stdout)
+        assert "error" in result.stderr
 
 
 def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
@@ -367,6 +373,8 @@ def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
         text = capped.stdout.removesuffix("\n")
         assert result.stdout.startswith(text) and len(text) < len(result.stdout) - 1, text
         assert "ignored for a running deployment: --dtype" in capped.stderr
+        refused = run_mii("generate", name, "--prompt", "DeepSpeed is", "--max-length", "2")
+        assert refused.returncode == 1 and refused.stdout == "", refused.stdout
         # --chat with a deployment: its chat template (from its record) here, the ids
         # generated there: the answer of the model loaded here with --chat (it was
         # refused, pointing at the OpenAI route)

@@ -193,15 +193,13 @@ def _generate_in_process(
         try:
             for prompt in prompts:
                 if chat:
-                    print(f"> {prompt}", flush=True)
                     request: str | list[int] = chat_prompt_ids(engine.tokenizer, prompt)
-                    start, count = time.perf_counter(), 0
+                    answer = _Answer(f"> {prompt}\n")
                 else:
-                    request = prompt
-                    start, count = _start(prompt)
+                    request, answer = prompt, _Answer(prompt)
                 async for piece in engine.stream(request, **params):
-                    count = _emit(piece)
-                _report(count, start)
+                    answer.emit(piece)
+                answer.report()
         finally:
             await engine.aclose()
 
@@ -209,20 +207,27 @@ def _generate_in_process(
     return 0
 
 
-def _start(prompt: str) -> tuple[float, int]:
-    print(prompt, end="", flush=True)
-    return time.perf_counter(), 0
+class _Answer:
+    """One prompt's answer on the terminal. The prompt (``header``) is printed with the
+    first piece, so that a request refused before any text leaves no dangling prompt on
+    stdout in front of the error."""
 
+    def __init__(self, header: str) -> None:
+        self.header: str | None = header
+        self.count = 0
+        self.start = time.perf_counter()
 
-def _emit(piece) -> int:
-    print(piece.generated_text, end="", flush=True)
-    return piece.generated_length
+    def emit(self, piece) -> None:
+        if self.header is not None:
+            print(self.header, end="", flush=True)
+            self.header = None
+        print(piece.generated_text, end="", flush=True)
+        self.count = piece.generated_length
 
-
-def _report(count: int, start: float) -> None:
-    elapsed = time.perf_counter() - start
-    print(flush=True)
-    print(f"[mii] {count} tokens in {elapsed:.2f} s", file=sys.stderr, flush=True)
+    def report(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        print(flush=True)
+        print(f"[mii] {self.count} tokens in {elapsed:.2f} s", file=sys.stderr, flush=True)
 
 
 def chat_with_deployment(client, target: str, prompts: list[str], params: dict[str, Any]) -> None:
@@ -238,16 +243,11 @@ def chat_with_deployment(client, target: str, prompts: list[str], params: dict[s
     except DeploymentError as err:
         raise CliError(f"--chat: {err}") from None
     for prompt in prompts:
-        print(f"> {prompt}", flush=True)
-        start = time.perf_counter()
-        count = 0
-        for piece in client.stream(chat_prompt_ids(tokenizer, prompt), **params):
-            count = _emit(piece)
-        _report(count, start)
+        _print_stream(f"> {prompt}\n", client.stream(chat_prompt_ids(tokenizer, prompt), **params))
 
 
-def _print_stream(prompt: str, pieces: Iterable) -> None:
-    start, count = _start(prompt)
+def _print_stream(header: str, pieces: Iterable) -> None:
+    answer = _Answer(header)
     for piece in pieces:
-        count = _emit(piece)
-    _report(count, start)
+        answer.emit(piece)
+    answer.report()
