@@ -486,3 +486,31 @@ def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, tmp_path):
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_terminate_refuses_a_timeout_that_is_not_positive(capsys):
+    """``--timeout -5`` asked the deployment to stop, then reported it "still running
+    after -5.0 s": the value is refused before anything is done."""
+    from mii.cli.commands import parse_command_line
+
+    for bad in ("-5", "0", "abc", "nan", "inf"):
+        with pytest.raises(SystemExit) as stopped:
+            parse_command_line(build_parser(), ["terminate", "x", "--timeout", bad])
+        assert stopped.value.code == 2
+        assert "is not a positive number of seconds" in capsys.readouterr().err
+    args = parse_command_line(build_parser(), ["terminate", "x", "--timeout", "2.5"])
+    assert args.timeout == 2.5
+
+
+def test_an_unusable_cache_directory_is_named_with_its_variable(tmp_path, monkeypatch, capsys):
+    """``MII_CACHE_DIR`` at a file: "[Errno 20] Not a directory: '.../deployments'" did
+    not say where that path came from."""
+    from mii.cli.commands import main
+
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("MII_CACHE_DIR", str(not_a_dir))
+    assert main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mii list: error: [Errno 20] Not a directory"), err
+    assert f"mii's cache directory is {not_a_dir}: set MII_CACHE_DIR" in err

@@ -103,7 +103,8 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
         default=None,
         ge=0,
         lt=INT64_LIMIT,
-        description="seed for reproducible sampling (default: random)",
+        description="seed for reproducible sampling (default: drawn from the engine's seed in "
+        "arrival order: a fresh process repeats its answers to the same requests)",
     )
 
     logprobs: int | None = Field(

@@ -120,5 +120,21 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, (MiiError, OSError, ValueError)):
             raise
-        print(f"mii {args.command}: error: {err}", file=sys.stderr)
+        print(f"mii {args.command}: error: {err}{_cache_hint(err)}", file=sys.stderr)
         return 1
+
+
+def _cache_hint(err: Exception) -> str:
+    """What to change when an OSError is about mii's cache directory (a bare "[Errno 2]
+    No such file or directory: '/proc/nope'" did not say where that path came from)."""
+    from pathlib import Path
+
+    from mii.cache import cache_dir
+
+    if not isinstance(err, OSError) or not err.filename:
+        return ""
+    root = cache_dir().expanduser().absolute()
+    path = Path(os.fsdecode(err.filename)).expanduser().absolute()
+    if path != root and root not in path.parents:
+        return ""
+    return f" (mii's cache directory is {root}: set MII_CACHE_DIR to a writable directory)"

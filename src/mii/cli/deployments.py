@@ -33,7 +33,7 @@ def add_terminate_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("name", help="deployment name (see mii list), model name, or host:port")
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=60.0,
         metavar="SECONDS",
         help="seconds to wait for its processes to exit (default: 60)",
@@ -224,3 +224,15 @@ def terminate(args: argparse.Namespace) -> int:
         target.close()
     print(f"terminated {name}")
     return 0
+
+
+def _seconds(text: str) -> float:
+    """A --timeout value: refused (argparse's usage error) unless a positive number,
+    before the deployment is asked to stop."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
