@@ -514,3 +514,15 @@ def test_an_unusable_cache_directory_is_named_with_its_variable(tmp_path, monkey
     err = capsys.readouterr().err
     assert err.startswith("mii list: error: [Errno 20] Not a directory"), err
     assert f"mii's cache directory is {not_a_dir}: set MII_CACHE_DIR" in err
+
+
+def test_an_option_error_names_the_flag_to_change(llama, cache, capsys):
+    """mii serve's errors named the flag; mii generate's only the Python name
+    ('max_new_tokens'), which is not what was typed."""
+    from mii.cli.commands import main
+
+    assert main(["generate", llama, "hi", "--max-new-tokens", "-1"]) == 1
+    err = capsys.readouterr().err
+    assert "'max_new_tokens'" in err and err.rstrip().endswith("(flag --max-new-tokens)"), err
+    assert main(["generate", llama, "hi", "--device", "cuda:9"]) == 1
+    assert capsys.readouterr().err.rstrip().endswith("(flag --device)")

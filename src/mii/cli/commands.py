@@ -120,8 +120,22 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, (MiiError, OSError, ValueError)):
             raise
-        print(f"mii {args.command}: error: {err}{_cache_hint(err)}", file=sys.stderr)
+        hints = _flag_hint(parser, args.command, err) + _cache_hint(err)
+        print(f"mii {args.command}: error: {err}{hints}", file=sys.stderr)
         return 1
+
+
+def _flag_hint(parser: argparse.ArgumentParser, command: str, err: Exception) -> str:
+    """The command-line flag of the option an error names by its Python name
+    (``invalid generation option 'max_new_tokens'`` came with no ``--max-new-tokens``)."""
+    field = getattr(err, "field", None)
+    if not field or "(flag " in str(err):
+        return ""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in commands.choices[command]._actions:
+        if action.dest == field and action.option_strings:
+            return f" (flag {max(action.option_strings, key=len)})"
+    return ""
 
 
 def _cache_hint(err: Exception) -> str:
