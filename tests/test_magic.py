@@ -281,7 +281,6 @@ def test_options_after_the_prompt_are_options():
     assert params["do_sample"] is False
     for line in (
         "What does --greedy mean?",  # text after the option
-        "x --max-new-tokens",  # no value
         "y --unknown 3",
         "--chat -- Explain --temperature 0.5",  # after --: the prompt, whole
     ):
@@ -306,3 +305,30 @@ def test_a_misspelt_option_after_the_prompt_is_refused():
         with pytest.raises(UsageError, match="did you mean '--max-new-tokens'"):
             split_line(line)
     assert split_line("-- what does --max-new-token mean")[1] == "what does --max-new-token mean"
+    # An option that ends the line without its value: refused, as at the line's start
+    # (it generated 128 tokens from "hello --max-new-tokens")
+    for line in ("hello --max-new-tokens", "hello --greedy --stop"):
+        with pytest.raises(UsageError, match="needs a value"):
+            split_line(line)
+    assert split_line("-- hello --max-new-tokens")[1] == "hello --max-new-tokens"
+
+
+def test_a_misspelt_command_is_not_a_prompt(shell):
+    """`%mii unlod` generated 128 tokens from the prompt "unlod"; `--` keeps it one."""
+    for typo, meant in (("unlod", "unload"), ("lod", "load"), ("atach", "attach")):
+        result, out = run(shell, f"%mii {typo}")
+        assert isinstance(result.error_in_exec, UsageError), out
+        assert f"did you mean `%mii {meant}`" in out and f"%mii -- {typo}" in out, out
+    result, out = run(shell, "%mii -- unlod")  # a prompt: no model in use here
+    assert "did you mean" not in out, out
+
+
+def test_a_misspelt_option_of_the_cell_magic_names_the_option_meant():
+    """`%%mii --max-new-tokns 5` said only "unrecognized arguments", where the line
+    magic and the CLI name the option meant."""
+    from IPython.core.error import UsageError
+
+    from mii.magic import _generation_parser, _split_args
+
+    with pytest.raises(UsageError, match=r"did you mean --max-new-tokens\?"):
+        _generation_parser("%%mii").parse_args(_split_args("--max-new-tokns 5"))

@@ -19,6 +19,7 @@ is reached through the synchronous gRPC client.
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 from typing import Any
 
@@ -26,6 +27,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from mii import magic_line
+from mii.cli.errors import nearest_option
 from mii.cli.options import (
     add_engine_options,
     add_generation_options,
@@ -53,11 +55,14 @@ generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p
 answer a raw question with nothing)"""
 
 
+_COMMANDS = ("load", "attach", "unload", "detach", "help")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports errors as IPython usage errors instead of exiting."""
 
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: {message}{nearest_option(self, message)}")
 
     def exit(self, status: int = 0, message: str | None = None):
         if message:
@@ -190,6 +195,13 @@ class MiiMagics(Magics):
             elif command in ("", "help", "-h", "--help"):
                 print(self._status())
                 print(USAGE)
+            elif not rest and difflib.get_close_matches(command, _COMMANDS, n=1, cutoff=0.85):
+                # "%mii unlod" generated 128 tokens from the prompt "unlod"
+                [meant] = difflib.get_close_matches(command, _COMMANDS, n=1, cutoff=0.85)
+                raise UsageError(
+                    f"%mii: did you mean `%mii {meant}`? (a prompt of that one word: "
+                    f"%mii -- {command})"
+                )
             else:
                 options, prompt = split_line(line)
                 args = _generation_parser("%mii").parse_args(options)

@@ -74,7 +74,12 @@ def _trailing_options(prompt: str, known: dict[str, bool]) -> tuple[str, list[st
     texts = [word.group() for word in words]
     for first in range(1, len(words)):  # the first word is prompt text, whatever it is
         tokens, taken, expect_value = _read_options(texts[first:], known)
-        if taken and first + taken == len(words) and not expect_value:
+        if taken and first + taken == len(words):
+            if expect_value:  # "%mii hello --max-new-tokens": not a prompt of two words
+                raise UsageError(
+                    f"%mii: option {tokens[-1]!r} needs a value (put `--` before a prompt "
+                    "to keep its words as text)"
+                )
             return prompt[: words[first].start()].rstrip(), tokens
         if taken and first + taken < len(words):
             _refuse_misspelt(texts[first + taken], known)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import re
 import sys
 
 from mii.cli.deployments import add_list_parser, add_terminate_parser
-from mii.cli.errors import CliError
+from mii.cli.errors import CliError, nearest_option
 from mii.cli.generate import add_demo_parser, add_generate_parser
 from mii.cli.serve import add_serve_parser
 from mii.cli.vllm_flags import NOT_TAKEN
@@ -45,19 +44,12 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         unknown = re.match(r"unrecognized arguments: (.*)", message)
-        if unknown:
-            options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-            for given in unknown.group(1).split():
-                if not given.startswith("-"):
-                    continue
-                name = given.split("=")[0]
-                if name in NOT_TAKEN:  # a vLLM flag carried over from a launch script
-                    message += f" ({name} is vLLM's: {NOT_TAKEN[name]})"
-                    break
-                near = difflib.get_close_matches(name, options, n=1, cutoff=0.8)
-                if near:
-                    message += f" (did you mean {near[0]}?)"
-                    break
+        given = unknown.group(1).split() if unknown else []
+        vllm = [name for name in (g.split("=")[0] for g in given) if name in NOT_TAKEN]
+        if vllm:  # a vLLM flag carried over from a launch script
+            message += f" ({vllm[0]} is vLLM's: {NOT_TAKEN[vllm[0]]})"
+        else:
+            message += nearest_option(self, message)
         super().error(message)
 
 
