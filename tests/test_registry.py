@@ -222,8 +222,12 @@ def test_a_client_whose_deployment_ended_or_moved_is_told_so():
             client.generate("x", max_new_tokens=1)
         registry.remove("moved")
         registry.release("moved")
-        with pytest.raises(mii.DeploymentNotFoundError, match="not running any more"):
+        with pytest.raises(mii.DeploymentNotFoundError, match="not running any more") as err:
             client.generate("x", max_new_tokens=1)
+        # no log file (mii serve logs to its terminal): none is named (one that does
+        # not exist was), and the CLI's way to start it again is named too
+        assert not registry.log_path("moved").exists()
+        assert "its log is" not in str(err.value) and "mii serve" in str(err.value)
     by_address = mii.client(f"127.0.0.1:{old}")  # no name: it may come back
     with by_address, pytest.raises(mii.UnavailableError, match="nothing answers"):
         by_address.generate("x", max_new_tokens=1)

@@ -185,10 +185,14 @@ class MiiClient:
         except OSError:  # the registry folder cannot be read: say only what gRPC said
             return None
         if info is None:
+            log = registry.log_path(
+                name
+            )  # a background deployment's (mii serve logs to its terminal)
+            where = f": its log is {log}" if log.is_file() else ""
             return DeploymentNotFoundError(
                 f"the deployment {name!r} is not running any more (terminated, or its "
-                f"processes ended: its log is {registry.log_path(name)}); start it again "
-                f"with mii.serve and connect a new client ({details})"
+                f"processes ended{where}); start it again (mii.serve, or mii serve) and "
+                f"connect a new client ({details})"
             )
         now = host_port(info["host"], info["port"])
         if now != self.address:
