@@ -251,6 +251,26 @@ def test_a_terminated_deployment_is_not_found_not_unavailable(slow_deployment):
     assert str(registry.log_path("test-slow")) in str(err.value)
 
 
+def test_leaving_a_with_block_over_a_held_stream_aborts_it(slow_deployment):
+    """``s = client.stream(...)`` then ``break``: the request went on generating on the
+    server while ``s`` lived (user trial); a ``with`` block over the stream ends it,
+    and a streaming_fn that raises ends its request too."""
+    client, _ = slow_deployment
+    with client.stream(PROMPTS[1], max_new_tokens=200, ignore_eos=True) as pieces:
+        for index, _piece in enumerate(pieces):
+            if index == 1:
+                break
+    assert wait_until(lambda: running(client) == 0), client.stats()
+    assert list(pieces) == []  # closed: no more pieces
+
+    def stop_at_first(pieces):
+        raise RuntimeError("the caller's callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        client.generate(PROMPTS[1], max_new_tokens=200, ignore_eos=True, streaming_fn=stop_at_first)
+    assert wait_until(lambda: running(client) == 0), client.stats()
+
+
 def test_client_timeouts_close_and_event_loops(slow_deployment):
     """A gRPC-client trial's findings: timeout=math.inf (or 1e10) failed every call at
     once as "did not answer within the call's timeout" (grpc's deadline overflowed);

@@ -35,6 +35,7 @@ from mii.rpc.convert import (
 )
 from mii.rpc.listen import host_port
 from mii.rpc.loop_channels import LoopChannels
+from mii.rpc.piece_stream import PieceStream
 from mii.rpc.status import error_from_grpc
 
 TERMINATE_CALL_S = 10.0  # a deployment answers Terminate at once, even while draining
@@ -113,9 +114,10 @@ class MiiClient:
             if len(prompts) != 1:
                 raise InvalidRequestError("streaming_fn works with one prompt", field="prompts")
             pieces = []
-            for piece in self.stream(prompts[0], timeout=timeout, **params):
-                streaming_fn([piece])
-                pieces.append(piece)
+            with self.stream(prompts[0], timeout=timeout, **params) as stream:
+                for piece in stream:  # (a streaming_fn that raises ends the request)
+                    streaming_fn([piece])
+                    pieces.append(piece)
             return [join_pieces(pieces)]
         request = request_for(prompts, validated(params))
         try:
@@ -135,14 +137,15 @@ class MiiClient:
 
     def stream(
         self, prompt: Prompt, timeout: float | None = None, **params: Any
-    ) -> Iterator[Response]:
+    ) -> PieceStream[Response]:
         """Pieces of one answer as they are generated (the request is checked here,
-        sent at the first piece asked for). Closing the iterator (``close()``, or
-        leaving a ``for`` loop over ``client.stream(...)`` early) cancels the call,
-        which aborts the request on the server."""
+        sent at the first piece asked for). ``close()``, or leaving a ``with
+        client.stream(...) as pieces:`` block, cancels the call, which aborts the
+        request on the server; so does a ``for`` loop over ``client.stream(...)`` itself
+        left early, but not one over a stream a variable still holds."""
         self._require_open()
         request = request_for([one_streamed_prompt(prompt, "prompts")], validated(params))
-        return self._pieces(request, call_timeout(timeout))
+        return PieceStream(self._pieces(request, call_timeout(timeout)))
 
     def _pieces(
         self, request: mii_pb2.GenerateRequest, timeout: float | None
