@@ -15,6 +15,7 @@ import pytest
 import mii
 from mii.cli import build_parser
 from mii.cli.options import generation_params
+from mii.config import CLI_MAX_NEW_TOKENS
 from mii.rpc import registry
 from mii.rpc.deployment import free_port
 
@@ -137,6 +138,15 @@ def test_options_go_between_and_after_the_prompts():
         args = parse_command_line(parser, ["generate", *argv])
         assert (args.model, args.prompt_args, args.greedy) == ("m", prompts, True), argv
         assert not args.chat
+
+
+def test_the_demo_takes_questions_as_words():
+    """``mii demo "question"`` was refused (only --prompt took one)."""
+    from mii.cli.commands import parse_command_line
+
+    args = parse_command_line(build_parser(), ["demo", "Why?", "--greedy", "How?"])
+    assert (args.model, args.prompt_args) == (None, ["Why?", "How?"])
+    assert args.greedy and args.chat
 
 
 def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys):
@@ -275,6 +285,18 @@ def test_generation_options_reach_the_request():
     # Accepted by the request validator, so no option is dropped or misnamed on the way.
     mii.GenerateParams(**params)
     assert "ignore_eos" not in generation_params(build_parser().parse_args(["generate", "m"]))
+
+
+def test_greedy_with_a_sampling_option_is_refused():
+    """``--greedy --temperature 1.5``: the temperature was silently ignored (the same
+    text for every value and seed)."""
+    for flag, value in (("--temperature", "1.5"), ("--top-p", "0.5"), ("--min-p", "0.1")):
+        args = build_parser().parse_args(["generate", "m", "p", "--greedy", flag, value])
+        with pytest.raises(mii.InvalidRequestError, match=f"--greedy .* so {flag} would change"):
+            generation_params(args)
+    args = build_parser().parse_args(["generate", "m", "p", "--greedy", "--seed", "3"])
+    expected = {"max_new_tokens": CLI_MAX_NEW_TOKENS, "seed": 3, "do_sample": False}
+    assert generation_params(args) == expected
 
 
 def test_sampling_options_reach_the_request():

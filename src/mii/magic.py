@@ -80,7 +80,7 @@ def _generation_parser(prog: str) -> _Parser:
         "--chat",
         action="store_true",
         help="the prompt as one user turn of the model's chat template (instruct models; "
-        "a model loaded in this kernel)",
+        "the model loaded in this kernel or the attached deployment's)",
     )
     add_generation_options(parser, max_new_tokens=MAGIC_MAX_NEW_TOKENS)
     # The request options of MISSION.md's table that mii generate has as other flags
@@ -96,7 +96,7 @@ def _generation_parser(prog: str) -> _Parser:
 
 def _load_parser() -> _Parser:
     parser = _Parser(prog="%mii load", description="Load a model into this kernel.")
-    parser.add_argument("model", help="Hugging Face hub id or local checkpoint directory")
+    parser.add_argument("model", help="hub id, local checkpoint directory or .gguf file")
     add_engine_options(parser)
     return parser
 
@@ -130,7 +130,10 @@ def _magic_params(args: argparse.Namespace) -> dict[str, Any]:
     """The generation options of a magic's line. A magic's line cannot hold a line
     break, so ``--stop`` reads ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` as escapes
     (``--stop '\\n'`` stops at the end of a line)."""
-    params = generation_params(args)
+    try:
+        params = generation_params(args)
+    except MiiError as err:
+        raise UsageError(f"%mii: {err}") from None
     if args.max_length is not None:
         params["max_length"] = args.max_length
     if args.return_full_text:

@@ -66,7 +66,8 @@ def parse_command_line(
     if command not in commands.choices:  # --help, --version, a missing or unknown command
         return parser.parse_args(argv)
     sub = commands.choices[command]
-    parse = _parse_generate if command == "generate" else argparse.ArgumentParser.parse_args
+    intermixed = command in ("generate", "demo")  # prompts and options in any order
+    parse = _parse_generate if intermixed else argparse.ArgumentParser.parse_args
     args = parse(sub, argv[1:])
     args.command = command
     return args

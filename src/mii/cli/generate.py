@@ -54,7 +54,9 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
         "answer a raw question with nothing); with a deployment, its template (and its "
         "--chat-template), loaded here from its record",
     )
-    _add_prompt_option(parser)
+    _add_prompt_option(
+        parser, f"{' / '.join(DEFAULT_PROMPTS)}; with --chat: {' / '.join(DEMO_CHAT_PROMPTS)}"
+    )
     add_api_key_option(parser)
     parser.set_defaults(func=generate)
 
@@ -68,19 +70,30 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     )
     summary = "run the built-in demo model end to end"
     parser = commands.add_parser("demo", help=summary, description=description)
-    _add_prompt_option(parser)
-    parser.set_defaults(func=generate, model=None, prompt_args=[], chat=True)  # the demo's
+    parser.add_argument(
+        "prompt_args",
+        nargs="*",
+        default=[],
+        metavar="QUESTION",
+        help="a question to ask (each one a separate chat); as --prompt",
+    )
+    defaults = (
+        f"{' / '.join(DEMO_CHAT_PROMPTS)}; the random-weights fallback: "
+        f"{' / '.join(DEFAULT_PROMPTS)}"
+    )
+    _add_prompt_option(parser, defaults)
+    parser.set_defaults(func=generate, model=None, chat=True)  # the demo's
 
 
-def _add_prompt_option(parser: argparse.ArgumentParser) -> None:
-    """--prompt, and the generation and engine options of both commands."""
+def _add_prompt_option(parser: argparse.ArgumentParser, defaults: str) -> None:
+    """--prompt (``defaults``: what is asked without one), and the generation and
+    engine options of both commands."""
     parser.add_argument(
         "--prompt",
         action="append",
         default=None,
         metavar="TEXT",
-        help=f"prompt text, repeatable (default: {' / '.join(DEFAULT_PROMPTS)}; "
-        f"the chat demo asks: {' / '.join(DEMO_CHAT_PROMPTS)})",
+        help=f"prompt text, repeatable (default: {defaults})",
     )
     add_generation_options(parser)
     add_engine_options(parser)

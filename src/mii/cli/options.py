@@ -14,6 +14,7 @@ from typing import Any
 
 from mii.cli.model_options import add_field_options, given_options
 from mii.config import CLI_MAX_NEW_TOKENS, EngineConfig, GenerateParams
+from mii.errors import InvalidRequestError
 from mii.rpc.deployment_config import DeploymentConfig
 
 # The fields each group exposes, in the order of --help.
@@ -258,6 +259,14 @@ def generation_params(args: argparse.Namespace) -> dict[str, Any]:
     """Generation options as keyword arguments of ``stream``/``generate``."""
     params = given_options(args, GENERATION_OPTIONS + SAMPLING_OPTIONS)
     if args.greedy:
+        # The request would take them and sample nothing (same text whatever the value).
+        ignored = [name for name in ("temperature", "top_p", "top_k", "min_p") if name in params]
+        if ignored:
+            flag = "--" + ignored[0].replace("_", "-")
+            raise InvalidRequestError(
+                f"--greedy picks the most likely token, so {flag} would change nothing: "
+                "drop one of them"
+            )
         params["do_sample"] = False
     return params
 
