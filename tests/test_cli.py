@@ -348,6 +348,22 @@ def test_generate_in_process_equals_pipeline(llama, cache):
         assert "error" in result.stderr
 
 
+def test_a_prompt_from_standard_input(llama, cache, monkeypatch, capsys):
+    """``echo "Seattle is" | mii generate MODEL`` ran the default prompts and ignored
+    the pipe; ``-`` reads the prompt from standard input."""
+    import io
+
+    from mii.cli.commands import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Seattle is\n"))
+    assert main(["generate", llama, "-", *GREEDY]) == 0
+    [expected] = pipeline_text(llama, "Seattle is")
+    assert capsys.readouterr().out == f"Seattle is{expected}\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert main(["generate", llama, "-", *GREEDY]) == 1
+    assert "standard input, which was empty" in capsys.readouterr().err
+
+
 def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
     port, name = free_port(), "cli-test"
     server = start_mii(

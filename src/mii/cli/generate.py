@@ -45,7 +45,7 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
         nargs="*",
         default=[],
         metavar="PROMPT",
-        help="prompt text (each one a separate request)",
+        help="prompt text (each one a separate request); - reads one from standard input",
     )
     parser.add_argument(
         "--chat",
@@ -99,10 +99,23 @@ def _add_prompt_option(parser: argparse.ArgumentParser, defaults: str) -> None:
     add_engine_options(parser)
 
 
+def _read_stdin(prompts: list[str]) -> list[str]:
+    """``-`` as a prompt: standard input's text, whole (``cat question.txt | mii
+    generate MODEL -``); one ``-`` only, as stdin is read once."""
+    if prompts.count("-") > 1:
+        raise CliError("- (read the prompt from standard input) can be given once")
+    if "-" not in prompts:
+        return prompts
+    text = sys.stdin.read().rstrip("\n")  # (the line break that echo and editors add)
+    if not text.strip():
+        raise CliError("- reads the prompt from standard input, which was empty")
+    return [text if prompt == "-" else prompt for prompt in prompts]
+
+
 def generate(args: argparse.Namespace) -> int:
     from mii.config import GenerateParams
 
-    prompts = [*args.prompt_args, *(args.prompt or [])]
+    prompts = _read_stdin([*args.prompt_args, *(args.prompt or [])])
     params = generation_params(args)
     GenerateParams.parse(**params)  # bad options fail before any loading
     client = _find_deployment(args.model, args.api_key) if args.model else None
