@@ -247,8 +247,13 @@ def test_attach_to_a_deployment(shell, llama, expected, tmp_path, monkeypatch):
 
         _, out = run(shell, "%mii unload")
         assert "keeps running" in out and client.is_healthy()
+        result, out = run(shell, "%mii attach magic-test")
+        assert result.success, out
     finally:
         client.terminate_server()
+    # Stopped while attached: not said to keep running (it was)
+    _, out = run(shell, "%mii unload")
+    assert "does not answer any more" in out and "keeps running" not in out, out
 
 
 def test_a_stop_string_can_be_a_line_break():

@@ -270,10 +270,16 @@ class MiiMagics(Magics):
         elif self.client is not None:
             client, self.client = self.client, None
             self.attached_name, self._deployment_tokenizer = None, None
+            # (a deployment stopped meanwhile was said to keep running)
+            try:
+                running = verbose and client.is_healthy(timeout=2.0)
+            except MiiError:  # it answered, refusing the key: it is there
+                running = True
             client.close()
             if verbose:
                 where = client.deployment_name or client.address
-                print(f"[mii] detached from {where} (it keeps running)", flush=True)
+                state = "it keeps running" if running else "it does not answer any more"
+                print(f"[mii] detached from {where} ({state})", flush=True)
         elif verbose:
             print("[mii] nothing to unload", flush=True)
 

@@ -57,8 +57,9 @@ def recorded_chat_tokenizer(target: str, how: str = "POST /v1/chat/completions")
     if source is None:
         raise DeploymentError(
             f"chatting with a deployment loads its chat template from its record on this "
-            f"machine, and {target!r} has none here (another machine's host:port, or a "
-            f"deployment started by an older mii): send the conversation to its OpenAI "
+            f"machine, and {target!r} has none here (stopped? mii list shows the running "
+            f"ones; another machine's host:port, or a deployment started by an older mii): "
+            f"send the conversation to its OpenAI "
             f"route ({how}) instead"
         )
     try:
