@@ -138,6 +138,11 @@ def test_options_go_between_and_after_the_prompts():
         args = parse_command_line(parser, ["generate", *argv])
         assert (args.model, args.prompt_args, args.greedy) == ("m", prompts, True), argv
         assert not args.chat
+    # An option whose value would come after "--" still lacks one (review: it took the
+    # placeholder that stood in for "-x", and sent a NUL as the prompt)
+    for option in ("--prompt", "--stop", "--max-new-tokens"):
+        with pytest.raises(SystemExit):
+            parse_command_line(parser, ["generate", "m", option, "--", "-x"])
 
 
 def test_the_demo_takes_questions_as_words():
@@ -362,6 +367,9 @@ def test_a_prompt_from_standard_input(llama, cache, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
     assert main(["generate", llama, "-", *GREEDY]) == 1
     assert "standard input, which was empty" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", None)  # closed (`<&-`): was an AttributeError traceback
+    assert main(["generate", llama, "-", *GREEDY]) == 1
+    assert "standard input, which is closed" in capsys.readouterr().err
 
 
 def test_serve_foreground_generate_list_and_ctrl_c(llama, cache):
@@ -562,5 +570,8 @@ def test_an_option_error_names_the_flag_to_change(llama, cache, capsys):
     assert main(["generate", llama, "hi", "--max-new-tokens", "-1"]) == 1
     err = capsys.readouterr().err
     assert "'max_new_tokens'" in err and err.rstrip().endswith("(flag --max-new-tokens)"), err
-    assert main(["generate", llama, "hi", "--device", "cuda:9"]) == 1
+    assert main(["generate", llama, "hi", "--device", "cuda:99"]) == 1
     assert capsys.readouterr().err.rstrip().endswith("(flag --device)")
+    # mii's own name of the flag, not the vLLM alias beside it (--max-model-len)
+    assert main(["generate", llama, "hi", "--max-length", "0"]) == 1
+    assert capsys.readouterr().err.rstrip().endswith("(flag --max-length)")

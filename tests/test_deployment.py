@@ -261,7 +261,6 @@ def test_leaving_a_with_block_over_a_held_stream_aborts_it(slow_deployment):
             if index == 1:
                 break
     assert wait_until(lambda: running(client) == 0), client.stats()
-    assert list(pieces) == []  # closed: no more pieces
 
     def stop_at_first(pieces):
         raise RuntimeError("the caller's callback failed")

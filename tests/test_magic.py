@@ -65,7 +65,9 @@ def test_without_a_model_the_magic_says_what_to_do(shell):
     assert "%mii load MODEL" in out and "%%mii [generation options]" in out
 
 
-def test_load_then_line_and_cell_magics_stream(shell, llama, expected, tmp_path):
+def test_load_then_line_and_cell_magics_stream(
+    shell, llama, expected, tmp_path, gguf_files, monkeypatch
+):
     result, out = run(shell, f"%mii load {llama} --max-length 64")
     assert result.success, out
     magics = shell.magics_manager.registry["MiiMagics"]
@@ -135,11 +137,18 @@ def test_load_then_line_and_cell_magics_stream(shell, llama, expected, tmp_path)
         "no-such-org/no-such-model",  # offline: does not resolve
         str(not_gguf),
         str(empty_dir),
-        f"{llama} --device cuda:7",
+        f"{llama} --device cuda:99",
     ):
         result, out = run(shell, f"%mii load {bad}")
         assert isinstance(result.error_in_exec, UsageError), out
         assert "stays loaded" in out and magics.model is loaded, out
+    # a GGUF file that cannot be converted into an unwritable cache: the same (review:
+    # an OSError traceback)
+    with monkeypatch.context() as patch:
+        patch.setenv("MII_GGUF_CACHE_DIR", str(not_gguf))  # a file, not a directory
+        result, out = run(shell, f"%mii load {gguf_files('Q8_0')[0]}")
+    assert isinstance(result.error_in_exec, UsageError), out
+    assert "stays loaded" in out and magics.model is loaded, out
     result, out = run(shell, f"%mii --max-new-tokens 5 --greedy {PROMPT}")
     assert out == expected + "\n"
 

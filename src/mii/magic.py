@@ -226,7 +226,7 @@ class MiiMagics(Magics):
         try:
             config = EngineConfig.parse(args.model, **engine_options(args))
             check_model(args.model, config.revision, config.device)
-        except (MiiError, ValueError) as err:
+        except (MiiError, OSError, ValueError) as err:  # OSError: e.g. an unwritable cache
             raise UsageError(f"%mii load: {err} (the model in use stays loaded)") from None
         self._release()
         print(f"[mii] loading {args.model} ...", flush=True)

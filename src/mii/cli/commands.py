@@ -80,6 +80,10 @@ def _parse_generate(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
     if "--" not in argv:
         return parser.parse_intermixed_args(argv)
     end = argv.index("--")
+    before = argv[end - 1] if end else ""
+    action = parser._option_string_actions.get(before)
+    if action is not None and action.nargs != 0:  # its value cannot come after "--"
+        parser.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
     # Positionals after "--" that look like options stand in as placeholders no option
     # can be, and are put back once parsed.
     held = {f"\0{i}": token for i, token in enumerate(argv[end + 1 :]) if token.startswith("-")}
@@ -127,7 +131,7 @@ def _flag_hint(parser: argparse.ArgumentParser, command: str, err: Exception) ->
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for action in commands.choices[command]._actions:
         if action.dest == field and action.option_strings:
-            return f" (flag {max(action.option_strings, key=len)})"
+            return f" (flag {action.option_strings[0]})"  # mii's name, not vLLM's alias
     return ""
 
 
@@ -138,7 +142,7 @@ def _cache_hint(err: Exception) -> str:
 
     from mii.cache import cache_dir
 
-    if not isinstance(err, OSError) or not err.filename:
+    if not isinstance(err, OSError) or not isinstance(err.filename, (str, bytes, os.PathLike)):
         return ""
     root = cache_dir().expanduser().absolute()
     path = Path(os.fsdecode(err.filename)).expanduser().absolute()

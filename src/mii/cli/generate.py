@@ -106,6 +106,10 @@ def _read_stdin(prompts: list[str]) -> list[str]:
         raise CliError("- (read the prompt from standard input) can be given once")
     if "-" not in prompts:
         return prompts
+    if sys.stdin is None or sys.stdin.closed:
+        raise CliError("- reads the prompt from standard input, which is closed")
+    if sys.stdin.isatty():  # (it waited without a word)
+        print("[mii] reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
     text = sys.stdin.read().rstrip("\n")  # (the line break that echo and editors add)
     if not text.strip():
         raise CliError("- reads the prompt from standard input, which was empty")
@@ -115,9 +119,11 @@ def _read_stdin(prompts: list[str]) -> list[str]:
 def generate(args: argparse.Namespace) -> int:
     from mii.config import GenerateParams
 
-    prompts = _read_stdin([*args.prompt_args, *(args.prompt or [])])
     params = generation_params(args)
-    GenerateParams.parse(**params)  # bad options fail before any loading
+    GenerateParams.parse(**params)  # bad options fail before any loading (or reading)
+    if args.model == "-":  # `... | mii generate -`: the demo model, the prompt from stdin
+        args.model, args.prompt_args = None, ["-", *args.prompt_args]
+    prompts = _read_stdin([*args.prompt_args, *(args.prompt or [])])
     client = _find_deployment(args.model, args.api_key) if args.model else None
     if client is not None:
         ignored = engine_options(args)

@@ -6,7 +6,7 @@ import asyncio
 import math
 import numbers
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from typing import Any
 
 import grpc
@@ -149,7 +149,7 @@ class MiiClient:
 
     def _pieces(
         self, request: mii_pb2.GenerateRequest, timeout: float | None
-    ) -> Iterator[Response]:
+    ) -> Generator[Response, None, None]:
         call = self._stub.GenerateStream(request, timeout=timeout)
         try:
             for piece in call:
