@@ -360,6 +360,35 @@ def test_what_on_answer_raises_generate_raises(llama):
     assert len(seen) == 2 and after.generated_length == 2
 
 
+def test_an_async_on_answer_is_awaited_and_options_are_keywords(llama):
+    """A coroutine function as on_answer never ran (a RuntimeWarning: never awaited);
+    generate(prompts, {options}) generated with the default options to the end, then
+    failed calling the dict (user trial: vLLM's generate(prompts, sampling_params))."""
+    from mii.engine.async_engine import AsyncEngine
+
+    seen = []
+
+    async def records(answer):
+        await asyncio.sleep(0)
+        seen.append(answer.generated_text)
+
+    async def fails(answer):
+        raise ValueError("the async callback failed")
+
+    async def scenario():
+        async with AsyncEngine(llama) as engine:
+            answers = await engine.generate(["a", "b"], on_answer=records, max_new_tokens=2)
+            assert sorted(seen) == sorted(a.generated_text for a in answers)
+            with pytest.raises(ValueError, match="the async callback failed"):
+                await engine.generate(["a"], on_answer=fails, max_new_tokens=2)
+            with pytest.raises(TypeError, match="generation options are keyword arguments"):
+                await engine.generate(["a"], {"max_new_tokens": 2})
+            return engine.stats()
+
+    stats = asyncio.run(scenario())
+    assert stats["running"] == 0 and stats["waiting"] == 0, stats
+
+
 def test_max_queued_requests_option(checkpoints):
     path = str(checkpoints("llama")[0])
     assert DeploymentConfig.parse(path).engine_config().max_queued_requests == 1024

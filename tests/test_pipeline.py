@@ -45,6 +45,34 @@ def test_destroy_frees_the_model_while_the_pipeline_object_lives(llama):
     assert model() is None
 
 
+def test_a_call_racing_destroy_is_told_the_pipeline_was_destroyed(llama, monkeypatch):
+    """A call that passed the "destroyed?" check just as another thread's destroy()
+    closed the engine got "RuntimeError: Event loop is closed" (user trial); one whose
+    coroutine was handed over as the loop stopped would have waited for ever."""
+    from mii.engine_thread import EngineThread, LoopClosedError
+
+    pipe = mii.pipeline(llama)
+    runner = pipe._runner
+    pipe.destroy()
+    monkeypatch.setattr(type(runner), "closed", property(lambda self: False))  # "not yet"
+    with pytest.raises(mii.EngineClosedError, match="destroyed"):
+        pipe("DeepSpeed is", max_new_tokens=2)
+
+    class Idle:  # an engine with nothing to run
+        async def aclose(self) -> None:
+            pass
+
+    thread = EngineThread(Idle(), name="test-idle")
+    thread._loop.call_soon_threadsafe(thread._loop.stop)  # close() has stopped the loop...
+    thread._thread.join()
+    never_run = asyncio.sleep(0)
+    future = thread.submit(never_run)  # ...and takes this
+    thread._loop.close()  # ...then closes it
+    with pytest.raises(LoopClosedError):
+        thread.wait(future)
+    never_run.close()
+
+
 def test_progress_bar_for_large_batches(llama, capsys):
     with mii.pipeline(llama) as pipe:
         out = pipe(PROMPTS * 4, max_new_tokens=3, progress=True)

@@ -24,6 +24,10 @@ _DONE = object()
 _SHUTDOWN_TIMEOUT_S = 60
 
 
+class LoopClosedError(RuntimeError):
+    """The engine's loop was closed before a coroutine given to it could run."""
+
+
 class _Engine(Protocol):
     def stream(self, prompt: str, **params: Any) -> AsyncIterator[Any]: ...
 
@@ -47,8 +51,22 @@ class EngineThread:
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
         """Run ``coro`` on the engine's loop; its result comes through the future,
-        and cancelling the future cancels it."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        and cancelling the future cancels it. LoopClosedError once closed."""
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # closed by another thread since the caller looked
+            coro.close()
+            raise LoopClosedError("the engine was closed") from None
+
+    def wait(self, future: concurrent.futures.Future) -> Any:
+        """``future``'s result. One submitted while close() stopped the loop never
+        runs: LoopClosedError once the loop is closed, not a wait for ever."""
+        while not future.done():
+            if self._loop.is_closed():
+                future.cancel()
+                raise LoopClosedError("the engine was closed")
+            concurrent.futures.wait([future], timeout=0.5)
+        return future.result()
 
     def stream(self, prompt: str, **params: Any) -> Iterator[Any]:
         """Pieces of one answer, as the engine streams them; leaving the loop early

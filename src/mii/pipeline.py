@@ -23,7 +23,7 @@ from typing import Any
 from mii.config import EngineConfig, GenerateParams
 from mii.engine import distributed
 from mii.engine.async_engine import AsyncEngine
-from mii.engine_thread import EngineThread
+from mii.engine_thread import EngineThread, LoopClosedError
 from mii.errors import EngineClosedError
 from mii.prompts import Prompt, prompt_batch
 from mii.response import Response
@@ -64,12 +64,15 @@ class Pipeline:
                 f"progress must be True, False or None (got {type(progress).__name__}); "
                 "generation options are keyword arguments: pipe(prompts, max_new_tokens=64)"
             )
-        future = self._runner.submit(self._call(prompts, params, progress))
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            future.cancel()  # aborts every request of this call
-            raise
+        try:  # (destroy() in another thread may close the engine at any point here)
+            future = self._runner.submit(self._call(prompts, params, progress))
+            try:
+                return self._runner.wait(future)
+            except KeyboardInterrupt:
+                future.cancel()  # aborts every request of this call
+                raise
+        except LoopClosedError:
+            raise EngineClosedError("this pipeline was destroyed; create a new one") from None
 
     async def _call(
         self, prompts: Any, params: dict[str, Any], progress: bool | None

@@ -15,12 +15,13 @@ import contextlib
 import functools
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mii.config import EngineConfig, GenerateParams
 from mii.engine.admission import admit
+from mii.engine.answer_callbacks import AnswerCallbacks, OnAnswer
 from mii.engine.answer_stream import DONE as _DONE
 from mii.engine.answer_stream import AnswerStream, StreamReleases
 from mii.engine.core import EngineCore, StepOutput
@@ -68,23 +69,6 @@ class _Collector:
         if item is _DONE or item.finish_reason is not None:
             self.finished = item is not _DONE
             self.done.set_result(join_pieces(self.pieces, "abort" if item is _DONE else None))
-
-
-def _calling(
-    on_answer: Callable[[Response], None], failures: list[BaseException]
-) -> Callable[[asyncio.Future], None]:
-    """A done-callback that hands a finished answer (not a failure) to ``on_answer``;
-    what ``on_answer`` raises goes to ``failures`` (raised by ``generate``), not to
-    the event loop, where it would be logged and lost, or stop the loop."""
-
-    def done(future: asyncio.Future) -> None:
-        if not future.cancelled() and future.exception() is None:
-            try:
-                on_answer(future.result())
-            except BaseException as err:  # (re-raised by generate)
-                failures.append(err)
-
-    return done
 
 
 class AsyncEngine:
@@ -170,14 +154,15 @@ class AsyncEngine:
     async def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        on_answer: Callable[[Response], None] | None = None,
+        on_answer: OnAnswer | None = None,
         **params: Any,
     ) -> list[Response]:
         """Generate whole answers for one prompt or a list of prompts, in order. A
         prompt is a text or a list of token ids (``[1, 2, 3]`` is one prompt).
         ``on_answer`` (e.g. a progress bar's update) is called with each prompt's
-        answer as it finishes, in the order they finish; what it raises, ``generate``
-        raises once every answer is in."""
+        answer as it finishes, in the order they finish (awaited, if a coroutine
+        function); what it raises, ``generate`` raises once every answer is in."""
+        callbacks = AnswerCallbacks(on_answer) if on_answer is not None else None
         prompts = prompt_batch(prompts)
         # reject bad options (and constraints that do not compile) before anything is queued
         checked = GenerateParams.parse(**params)
@@ -185,12 +170,11 @@ class AsyncEngine:
         self._admit()  # the whole call, before any of its prompts is queued
         loop = asyncio.get_running_loop()
         submitted: list[tuple[str, _Collector]] = []
-        failures: list[BaseException] = []  # what on_answer raised
         try:
             for prompt in prompts:
                 collector = _Collector(loop)
-                if on_answer is not None:
-                    collector.done.add_done_callback(_calling(on_answer, failures))
+                if callbacks is not None:
+                    collector.done.add_done_callback(callbacks.done)
                 prompt_ids = await self._tokenize_large(prompt, checked)
                 request_id, _, _ = self._submit(
                     prompt, None, params, sink=collector, prompt_ids=prompt_ids, grammar=grammar
@@ -198,17 +182,17 @@ class AsyncEngine:
                 submitted.append((request_id, collector))
             # (each on_answer ran before gather's own callback: added first)
             answers = list(await asyncio.gather(*(c.done for _, c in submitted)))
-            if failures:
-                raise failures[0]
+            if callbacks is not None:
+                await callbacks.finish()
             return answers
         finally:
             for request_id, collector in submitted:  # failed, cancelled or done
                 self._streams.release(request_id, collector, collector.finished)
 
     async def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV blocks. Its stream ends with an empty
-        piece whose ``finish_reason`` is "abort"; its ``generate`` returns what was
-        generated so far, with ``finish_reason`` "abort"."""
+        """Stop a request (the ``request_id`` given to ``stream`` / ``open_stream``)
+        and free its KV blocks. Its stream ends with an empty piece whose
+        ``finish_reason`` is "abort". (A ``generate`` call ends by cancelling its task.)"""
         queue = self._queues.get(request_id)
         if queue is not None and not isinstance(queue, _Aborting):
             queue.put_nowait(_DONE)
