@@ -160,6 +160,9 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
     for argv, said in (
         (["serve", "m", "--max-model-lenn", "512"], "did you mean --max-model-len?"),
         (["demo", "--temprature", "0.5"], "did you mean --temperature?"),
+        # a prompt that starts with "-": argparse's "ignored explicit argument 'ello'"
+        (["generate", "m", "-hello"], "goes after --: mii generate MODEL -- PROMPT)\n"),
+        (["demo", "-xyz"], "goes after --: mii demo -- QUESTION)\n"),
         # a per-request option given to serve: no misleading guess (--max-num-batched-tokens)
         (["serve", "m", "--max-new-tokens", "5"], "unrecognized arguments: --max-new-tokens 5\n"),
         # a vLLM flag mii does not take: what to do instead

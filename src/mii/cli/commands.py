@@ -50,6 +50,10 @@ class CommandParser(argparse.ArgumentParser):
             message += f" ({vllm[0]} is vLLM's: {NOT_TAKEN[vllm[0]]})"
         else:
             message += nearest_option(self, message)
+        example = {"generate": "MODEL -- PROMPT", "demo": "-- QUESTION"}.get(self.prog.split()[-1])
+        if example and (given or "ignored explicit argument" in message) and "(" not in message:
+            # "-hello" read as -h with a value: "ignored explicit argument 'ello'"
+            message += f" (a prompt that starts with - goes after --: {self.prog} {example})"
         super().error(message)
 
 
