@@ -172,6 +172,35 @@ def test_serve_proxy_gets_the_gateway_keep_alive(monkeypatch):
     assert started["http_options"]["keep_alive_timeout_s"] == default.http_keep_alive_timeout > 90
 
 
+def test_serve_running_on_another_http_port_is_refused(monkeypatch):
+    """Serve left running on the cluster (its first deployment killed) kept its HTTP
+    port; a new deployment's --port was ignored with Serve's warning, and mii announced
+    and recorded a URL where nothing listened (user trial)."""
+    from types import SimpleNamespace
+
+    import ray.serve.context
+    from ray import serve
+
+    from mii.errors import DeploymentError
+    from mii.ray_backend import deployment
+    from mii.ray_backend.deployment import start_serve
+
+    monkeypatch.setattr(deployment, "_head_is_here", lambda: False)  # (no Ray here)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={}))
+    monkeypatch.setattr(serve, "start", lambda **kwargs: None)
+    client = SimpleNamespace(http_config=SimpleNamespace(port=29410))
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda: client)
+    http = {"backend": "ray", "enable_restful_api": True}
+    config = DeploymentConfig(model="m", restful_api_port=29414, **http)
+    with pytest.raises(DeploymentError, match="HTTP proxy on port 29410, not 29414") as err:
+        start_serve(config)
+    assert "--port 29410" in str(err.value)
+    same = DeploymentConfig(model="m", restful_api_port=29410, **http)
+    assert start_serve(same)  # Serve's port: started on it (serve.start connects)
+    without_http = DeploymentConfig(model="m", backend="ray", enable_restful_api=False)
+    assert start_serve(without_http)
+
+
 def test_serve_start_outlasts_serves_fixed_proxy_wait(monkeypatch):
     """serve.start waits a fixed 60 s for its HTTP proxy and raises TimeoutError; a
     loaded head took longer (the module's Ray tests on 2 cores beside 3 busy

@@ -544,6 +544,20 @@ def test_a_client_given_the_http_port_says_so(served):
         assert grpc_client.generate("x", max_new_tokens=1)[0].generated_length == 1
 
 
+def test_a_kv_cache_smaller_than_max_length_is_warned_where_serve_runs():
+    """``mii serve MODEL --num-kv-blocks 64``: the warning that a request of max_length
+    cannot fit went to the replica's log only; the terminal said "0.12x"."""
+    from mii.rpc import mii_pb2
+    from mii.rpc.stats_log import capacity_line
+
+    small = mii_pb2.StatsReply(kv_blocks=128, kv_block_size=16, max_length=8192)
+    line = capacity_line(small, replicas=2)  # 1,024 tokens each
+    assert "warning: a replica's KV cache holds 1024 tokens, fewer than max_length 8192" in line
+    assert "--num-kv-blocks" in line
+    enough = mii_pb2.StatsReply(kv_blocks=1024, kv_block_size=16, max_length=8192)
+    assert "warning" not in capacity_line(enough, replicas=2)
+
+
 def test_capacity_at_start_and_a_periodic_stats_line(served):
     client = mii.client(served.name)
     try:

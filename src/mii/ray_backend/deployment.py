@@ -102,8 +102,10 @@ def start_serve(config: DeploymentConfig) -> bool:
             f"a Serve application named {config.deployment_name!r} already runs on the Ray "
             "cluster: choose another deployment_name"
         )
-    if applications:
+    if applications:  # (a second HTTP API is refused by name when it is run)
         return False
+    if running and config.enable_restful_api:  # a Serve left over, with no application
+        _check_serve_port(config)
     if config.enable_restful_api and _head_is_here():
         # Serve's proxy retries a taken port forever: fail now, naming it.
         from mii.rpc.http.server import bind_socket
@@ -131,6 +133,26 @@ def start_serve(config: DeploymentConfig) -> bool:
         serve.start(**options)
         _wait_for_proxies(time.monotonic() + config.startup_timeout)
     return True
+
+
+def _check_serve_port(config: DeploymentConfig) -> None:
+    """DeploymentError when the Serve already running on the cluster has its HTTP proxy
+    on another port: Serve keeps its first HTTP options (it outlives the deployment that
+    started it) and only warns about new ones, and the deployment announced and
+    recorded a port where nothing listened (user trial)."""
+    from ray.serve.context import _get_global_client
+
+    try:
+        port = _get_global_client().http_config.port
+    except Exception:  # (a private API of Serve's: if it moves, Serve's warning remains)
+        return
+    if port != config.restful_api_port:
+        raise DeploymentError(
+            f"Ray Serve already runs on this cluster with its HTTP proxy on port {port}, "
+            f"not {config.restful_api_port} (Serve keeps the HTTP port it started with): "
+            f"serve on that port (mii serve --port {port}, restful_api_port={port}) or stop "
+            "Serve first (serve shutdown)"
+        )
 
 
 def _wait_for_proxies(deadline: float) -> None:

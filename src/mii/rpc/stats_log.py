@@ -48,6 +48,13 @@ def capacity_line(stats: mii_pb2.StatsReply, replicas: int) -> str:
     )
     if stats.quantization or stats.kv_cache_dtype:
         line += f"; quantization={stats.quantization}, kv_cache_dtype={stats.kv_cache_dtype}"
+    per_replica = tokens // max(replicas, 1)
+    if stats.max_length and per_replica < stats.max_length:  # (was said in the replica log only)
+        line += (
+            f"\n[mii] warning: a replica's KV cache holds {per_replica} tokens, fewer than "
+            f"max_length {stats.max_length}: a longer request is refused, and an answer stops "
+            f"there; raise --num-kv-blocks (or --kv-cache-memory-fraction) or lower --max-length"
+        )
     return line
 
 
