@@ -270,6 +270,34 @@ def test_leaving_a_with_block_over_a_held_stream_aborts_it(slow_deployment):
     assert wait_until(lambda: running(client) == 0), client.stats()
 
 
+def test_a_stream_closed_from_another_thread_ends(slow_deployment):
+    """A UI's cancel button closes the stream its worker thread iterates: close() raised
+    "generator already executing" there and the request ran on; now the worker's
+    loop ends quietly and the request is aborted."""
+    import threading
+
+    client, _ = slow_deployment
+    pieces = client.stream(PROMPTS[1], max_new_tokens=200, ignore_eos=True)
+    got, failed, first = [], [], threading.Event()
+
+    def worker():
+        try:
+            for piece in pieces:
+                got.append(piece)
+                first.set()
+        except Exception as err:  # (none expected)
+            failed.append(err)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert first.wait(60)
+    pieces.close()  # the worker is (almost always) waiting in next() now
+    thread.join(30)
+    assert not thread.is_alive() and not failed, failed
+    assert len(got) < 200 and got[-1].finish_reason is None  # ended before its end
+    assert wait_until(lambda: running(client) == 0), client.stats()
+
+
 def test_client_timeouts_close_and_event_loops(slow_deployment):
     """A gRPC-client trial's findings: timeout=math.inf (or 1e10) failed every call at
     once as "did not answer within the call's timeout" (grpc's deadline overflowed);

@@ -35,7 +35,7 @@ from mii.rpc.convert import (
 )
 from mii.rpc.listen import host_port
 from mii.rpc.loop_channels import LoopChannels
-from mii.rpc.piece_stream import PieceStream
+from mii.rpc.piece_stream import CallCanceller, PieceStream
 from mii.rpc.status import error_from_grpc
 
 TERMINATE_CALL_S = 10.0  # a deployment answers Terminate at once, even while draining
@@ -145,16 +145,21 @@ class MiiClient:
         left early, but not one over a stream a variable still holds."""
         self._require_open()
         request = request_for([one_streamed_prompt(prompt, "prompts")], validated(params))
-        return PieceStream(self._pieces(request, call_timeout(timeout)))
+        canceller = CallCanceller()
+        return PieceStream(self._pieces(request, call_timeout(timeout), canceller), canceller)
 
     def _pieces(
-        self, request: mii_pb2.GenerateRequest, timeout: float | None
+        self, request: mii_pb2.GenerateRequest, timeout: float | None, canceller: CallCanceller
     ) -> Generator[Response, None, None]:
-        call = self._stub.GenerateStream(request, timeout=timeout)
+        call = canceller.call = self._stub.GenerateStream(request, timeout=timeout)
         try:
+            if canceller.requested:  # closed by another thread before the call began
+                return
             for piece in call:
                 yield piece_from_proto(piece)
         except grpc.RpcError as err:
+            if canceller.requested and err.code() == grpc.StatusCode.CANCELLED:
+                return  # closed from another thread: the stream ends
             raise self._error(err) from None
         finally:
             call.cancel()

@@ -3,11 +3,26 @@ the request that does not depend on when Python collects a generator."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class CallCanceller:
+    """Cancels a streaming call from any thread: the call once it has started (the
+    stream's generator sets ``call``), or, before that, as soon as it starts. The
+    generator reads ``requested`` to end quietly rather than raise CANCELLED."""
+
+    def __init__(self) -> None:
+        self.call: Any = None
+        self.requested = False
+
+    def __call__(self) -> None:
+        self.requested = True
+        if self.call is not None:
+            self.call.cancel()  # (grpc's cancel may be called from any thread)
 
 
 class PieceStream(Iterator[T], Generic[T]):
@@ -16,8 +31,11 @@ class PieceStream(Iterator[T], Generic[T]):
     lives while a variable holds it (a user trial's ``s = client.stream(...)`` kept
     generating after the loop), so hold it in ``with client.stream(...) as pieces:``."""
 
-    def __init__(self, pieces: Generator[T, None, None]) -> None:
+    def __init__(
+        self, pieces: Generator[T, None, None], cancel: Callable[[], None] | None = None
+    ) -> None:
         self._pieces = pieces
+        self._cancel = cancel
 
     def __iter__(self) -> PieceStream[T]:
         return self
@@ -26,8 +44,14 @@ class PieceStream(Iterator[T], Generic[T]):
         return next(self._pieces)
 
     def close(self) -> None:
-        """End the request now (a no-op once it has ended)."""
-        self._pieces.close()
+        """End the request now (a no-op once it has ended); from another thread too,
+        while one waits for the next piece (its loop then ends)."""
+        try:
+            self._pieces.close()
+        except ValueError:  # "generator already executing": another thread is in next()
+            if self._cancel is None:
+                raise
+            self._cancel()
 
     def __enter__(self) -> PieceStream[T]:
         return self
