@@ -389,6 +389,40 @@ def test_an_async_on_answer_is_awaited_and_options_are_keywords(llama):
     assert stats["running"] == 0 and stats["waiting"] == 0, stats
 
 
+def test_an_awaited_on_answer_ends_with_a_cancelled_generate(llama):
+    """generate cancelled while an earlier answer's async on_answer still ran: the
+    callback ran on, unowned, and what it raised was logged as never retrieved
+    (review). It is cancelled with the call."""
+    from mii.engine.async_engine import AsyncEngine
+
+    started, ended = asyncio.Event(), []
+
+    async def slow(answer):
+        started.set()
+        try:
+            await asyncio.sleep(60)
+            ended.append("ran on")
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    async def scenario():
+        async with AsyncEngine(llama) as engine:
+            # the 20-token prompt reaches max_length first; the 1-token one runs on
+            prompts = [[5] * 20, [5]]
+            call = asyncio.ensure_future(
+                engine.generate(prompts, on_answer=slow, max_length=30, ignore_eos=True)
+            )
+            await asyncio.wait_for(started.wait(), 60)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await asyncio.sleep(0.1)  # (the callback's own cancellation runs)
+            assert ended == ["cancelled"], ended  # (before asyncio.run cancels what is left)
+
+    asyncio.run(scenario())
+
+
 def test_max_queued_requests_option(checkpoints):
     path = str(checkpoints("llama")[0])
     assert DeploymentConfig.parse(path).engine_config().max_queued_requests == 1024

@@ -298,6 +298,36 @@ def test_a_stream_closed_from_another_thread_ends(slow_deployment):
     assert wait_until(lambda: running(client) == 0), client.stats()
 
 
+def test_next_while_another_thread_closes_the_stream_ends_it():
+    """close() from another thread runs the stream's cleanup (the call's cancel) on
+    that thread; the iterating thread's next() meanwhile raised "generator already
+    executing" (review). It ends the iteration."""
+    import threading
+
+    from mii.rpc.piece_stream import PieceStream
+
+    gate, in_cleanup = threading.Event(), threading.Event()
+
+    def pieces():
+        try:
+            yield 1
+            yield 2
+        finally:
+            in_cleanup.set()
+            gate.wait(10)
+
+    stream = PieceStream(pieces(), cancel=lambda: None)
+    assert next(stream) == 1
+    closer = threading.Thread(target=stream.close)
+    closer.start()
+    assert in_cleanup.wait(10)
+    with pytest.raises(StopIteration):
+        next(stream)
+    gate.set()
+    closer.join(10)
+    assert not closer.is_alive()
+
+
 def test_client_timeouts_close_and_event_loops(slow_deployment):
     """A gRPC-client trial's findings: timeout=math.inf (or 1e10) failed every call at
     once as "did not answer within the call's timeout" (grpc's deadline overflowed);

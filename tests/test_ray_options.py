@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -186,19 +187,36 @@ def test_serve_running_on_another_http_port_is_refused(monkeypatch):
     from mii.ray_backend.deployment import start_serve
 
     monkeypatch.setattr(deployment, "_head_is_here", lambda: False)  # (no Ray here)
-    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={}))
+    proxies = {"head": "HEALTHY"}
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={}, proxies=proxies))
     monkeypatch.setattr(serve, "start", lambda **kwargs: None)
-    client = SimpleNamespace(http_config=SimpleNamespace(port=29410))
+    client = SimpleNamespace(http_config=SimpleNamespace(host="127.0.0.1", port=29410))
     monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda: client)
     http = {"backend": "ray", "enable_restful_api": True}
     config = DeploymentConfig(model="m", restful_api_port=29414, **http)
-    with pytest.raises(DeploymentError, match="HTTP proxy on port 29410, not 29414") as err:
+    with pytest.raises(DeploymentError) as err:
         start_serve(config)
+    assert "on 127.0.0.1:29410, not on 127.0.0.1:29414" in str(err.value)
     assert "--port 29410" in str(err.value)
-    same = DeploymentConfig(model="m", restful_api_port=29410, **http)
-    assert start_serve(same)  # Serve's port: started on it (serve.start connects)
+    other_host = DeploymentConfig(model="m", restful_api_port=29410, host="0.0.0.0", **http)
+    with pytest.raises(DeploymentError) as err:
+        start_serve(other_host)
+    assert "not on 0.0.0.0:29410" in str(err.value)
+    # Serve's own host and port: it connects to that Serve (no bind check: its proxy
+    # holds the port, so following the refusal's advice worked only off the head node)
+    monkeypatch.setattr(deployment, "_head_is_here", lambda: True)
+    with socket.socket() as proxy:  # Serve's proxy, listening on its port
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        client.http_config.port = proxy.getsockname()[1]
+        same = DeploymentConfig(model="m", restful_api_port=client.http_config.port, **http)
+        assert start_serve(same)
     without_http = DeploymentConfig(model="m", backend="ray", enable_restful_api=False)
     assert start_serve(without_http)
+    proxies.clear()  # a Serve started without the HTTP API (review): no proxy at all
+    with pytest.raises(DeploymentError, match="HTTP proxy off") as err:
+        start_serve(same)
+    assert "serve shutdown" in str(err.value) and "--port" not in str(err.value)
 
 
 def test_serve_start_outlasts_serves_fixed_proxy_wait(monkeypatch):

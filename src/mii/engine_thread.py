@@ -62,8 +62,7 @@ class EngineThread:
         """``future``'s result. One submitted while close() stopped the loop never
         runs: LoopClosedError once the loop is closed, not a wait for ever."""
         while not future.done():
-            if self._loop.is_closed():
-                future.cancel()
+            if self._loop.is_closed():  # (nothing left to cancel it on)
                 raise LoopClosedError("the engine was closed")
             concurrent.futures.wait([future], timeout=0.5)
         return future.result()

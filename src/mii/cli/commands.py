@@ -51,7 +51,8 @@ class CommandParser(argparse.ArgumentParser):
         else:
             message += nearest_option(self, message)
         example = {"generate": "MODEL -- PROMPT", "demo": "-- QUESTION"}.get(self.prog.split()[-1])
-        if example and (given or "ignored explicit argument" in message) and "(" not in message:
+        dashed = any(g.startswith("-") and not g.startswith("--") for g in given)  # not --opt
+        if example and (dashed or "ignored explicit argument" in message) and "(" not in message:
             # "-hello" read as -h with a value: "ignored explicit argument 'ello'"
             message += f" (a prompt that starts with - goes after --: {self.prog} {example})"
         super().error(message)

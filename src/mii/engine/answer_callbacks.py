@@ -41,6 +41,12 @@ class AnswerCallbacks:
         except BaseException as err:  # (re-raised by finish)
             self._failures.append(err)
 
+    def cancel(self) -> None:
+        """Cancel the awaited calls still running (``generate`` failed or was cancelled:
+        they would run on, and what they raise would be logged as never retrieved)."""
+        for task in self._pending:
+            task.cancel()
+
     async def finish(self) -> None:
         """Wait for the awaited calls; raise the first failure of any call."""
         if self._pending:

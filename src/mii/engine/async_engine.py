@@ -186,6 +186,8 @@ class AsyncEngine:
                 await callbacks.finish()
             return answers
         finally:
+            if callbacks is not None:
+                callbacks.cancel()  # (a no-op once finish() has awaited them)
             for request_id, collector in submitted:  # failed, cancelled or done
                 self._streams.release(request_id, collector, collector.finished)
 

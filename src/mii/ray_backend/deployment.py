@@ -92,11 +92,10 @@ def start_serve(config: DeploymentConfig) -> bool:
     from ray import serve
 
     try:
-        serve.status()
-        running = True
-    except Exception:
-        running = False
-    applications = serve.status().applications if running else {}
+        status = serve.status()
+    except Exception:  # Serve is not running
+        status = None
+    applications = status.applications if status else {}
     if config.deployment_name in applications:  # serve.run would replace it
         raise DeploymentError(
             f"a Serve application named {config.deployment_name!r} already runs on the Ray "
@@ -104,10 +103,11 @@ def start_serve(config: DeploymentConfig) -> bool:
         )
     if applications:  # (a second HTTP API is refused by name when it is run)
         return False
-    if running and config.enable_restful_api:  # a Serve left over, with no application
-        _check_serve_port(config)
-    if config.enable_restful_api and _head_is_here():
-        # Serve's proxy retries a taken port forever: fail now, naming it.
+    if status and config.enable_restful_api:  # a Serve left over, with no application
+        _check_serve_proxy(config, status.proxies)
+    elif config.enable_restful_api and _head_is_here():
+        # Serve's proxy retries a taken port forever: fail now, naming it (not beside a
+        # left-over proxy, which holds the port itself).
         from mii.rpc.http.server import bind_socket
 
         bind_socket(config.host, config.restful_api_port).close()
@@ -135,23 +135,23 @@ def start_serve(config: DeploymentConfig) -> bool:
     return True
 
 
-def _check_serve_port(config: DeploymentConfig) -> None:
-    """DeploymentError when the Serve already running on the cluster has its HTTP proxy
-    on another port: Serve keeps its first HTTP options (it outlives the deployment that
-    started it) and only warns about new ones, and the deployment announced and
-    recorded a port where nothing listened (user trial)."""
+def _check_serve_proxy(config: DeploymentConfig, proxies: dict) -> None:
+    """DeploymentError when a Serve left running on the cluster has no HTTP proxy or
+    has it elsewhere: Serve keeps the HTTP options it started with (it outlives the
+    deployment that started it), and the deployment announced a dead URL (user trial)."""
     from ray.serve.context import _get_global_client
 
-    try:
-        port = _get_global_client().http_config.port
-    except Exception:  # (a private API of Serve's: if it moves, Serve's warning remains)
+    try:  # (a private API of Serve's: if it moves, Serve's own warning remains)
+        http = None if not proxies else _get_global_client().http_config
+    except Exception:
         return
-    if port != config.restful_api_port:
+    if http is None or (http.host, http.port) != (config.host, config.restful_api_port):
+        where = f"on {http.host}:{http.port}" if http else "off"
         raise DeploymentError(
-            f"Ray Serve already runs on this cluster with its HTTP proxy on port {port}, "
-            f"not {config.restful_api_port} (Serve keeps the HTTP port it started with): "
-            f"serve on that port (mii serve --port {port}, restful_api_port={port}) or stop "
-            "Serve first (serve shutdown)"
+            f"Ray Serve already runs on this cluster with its HTTP proxy {where}, not on "
+            f"{config.host}:{config.restful_api_port} (Serve keeps what it started with): "
+            + (f"serve there (mii serve --host {http.host} --port {http.port}) or " if http else "")
+            + "stop Serve first (serve shutdown)"
         )
 
 

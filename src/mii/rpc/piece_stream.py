@@ -36,16 +36,23 @@ class PieceStream(Iterator[T], Generic[T]):
     ) -> None:
         self._pieces = pieces
         self._cancel = cancel
+        self._closing = False
 
     def __iter__(self) -> PieceStream[T]:
         return self
 
     def __next__(self) -> T:
-        return next(self._pieces)
+        try:
+            return next(self._pieces)
+        except ValueError:  # "generator already executing": closed by another thread
+            if self._closing:  # (while its close() ran the generator's cleanup)
+                raise StopIteration from None
+            raise
 
     def close(self) -> None:
         """End the request now (a no-op once it has ended); from another thread too,
         while one waits for the next piece (its loop then ends)."""
+        self._closing = True
         try:
             self._pieces.close()
         except ValueError:  # "generator already executing": another thread is in next()
