@@ -13,6 +13,7 @@ from mii.cli.commands import build_parser
 from mii.cli.serve import serve_config
 from mii.errors import DeploymentError, InvalidRequestError
 from mii.ray_backend.application import replica_options, scaling
+from mii.rpc.deployment import free_port
 from mii.rpc.deployment_config import DeploymentConfig
 
 
@@ -191,7 +192,7 @@ def test_serve_running_on_another_http_port_is_refused(monkeypatch):
     monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={}, proxies=proxies))
     monkeypatch.setattr(serve, "start", lambda **kwargs: None)
     client = SimpleNamespace(http_config=SimpleNamespace(host="127.0.0.1", port=29410))
-    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda: client)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda **kw: client)
     http = {"backend": "ray", "enable_restful_api": True}
     config = DeploymentConfig(model="m", restful_api_port=29414, **http)
     with pytest.raises(DeploymentError) as err:
@@ -217,6 +218,9 @@ def test_serve_running_on_another_http_port_is_refused(monkeypatch):
     with pytest.raises(DeploymentError, match="HTTP proxy off") as err:
         start_serve(same)
     assert "serve shutdown" in str(err.value) and "--port" not in str(err.value)
+    # no Serve yet (serve.status() then answers an empty status, no error): started
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda **kw: None)
+    assert start_serve(DeploymentConfig(model="m", restful_api_port=free_port(), **http))
 
 
 def test_serve_start_outlasts_serves_fixed_proxy_wait(monkeypatch):

@@ -103,11 +103,9 @@ def start_serve(config: DeploymentConfig) -> bool:
         )
     if applications:  # (a second HTTP API is refused by name when it is run)
         return False
-    if status and config.enable_restful_api:  # a Serve left over, with no application
-        _check_serve_proxy(config, status.proxies)
-    elif config.enable_restful_api and _head_is_here():
-        # Serve's proxy retries a taken port forever: fail now, naming it (not beside a
-        # left-over proxy, which holds the port itself).
+    joined = config.enable_restful_api and _left_over_serve(config, status)
+    if config.enable_restful_api and not joined and _head_is_here():
+        # Serve's proxy retries a taken port forever: fail now, naming it.
         from mii.rpc.http.server import bind_socket
 
         bind_socket(config.host, config.restful_api_port).close()
@@ -135,17 +133,18 @@ def start_serve(config: DeploymentConfig) -> bool:
     return True
 
 
-def _check_serve_proxy(config: DeploymentConfig, proxies: dict) -> None:
-    """DeploymentError when a Serve left running on the cluster has no HTTP proxy or
-    has it elsewhere: Serve keeps the HTTP options it started with (it outlives the
-    deployment that started it), and the deployment announced a dead URL (user trial)."""
+def _left_over_serve(config: DeploymentConfig, status: Any) -> bool:
+    """Whether a Serve with no application runs already, serving HTTP where ``config``
+    asks; DeploymentError when off or elsewhere (Serve keeps its first HTTP options)."""
     from ray.serve.context import _get_global_client
 
     try:  # (a private API of Serve's: if it moves, Serve's own warning remains)
-        http = None if not proxies else _get_global_client().http_config
+        client = _get_global_client(raise_if_no_controller_running=False)
+        http = None if client is None or not status.proxies else client.http_config
     except Exception:
-        return
-    if http is None or (http.host, http.port) != (config.host, config.restful_api_port):
+        return False
+    asked = (config.host, config.restful_api_port)
+    if client is not None and (http is None or (http.host, http.port) != asked):
         where = f"on {http.host}:{http.port}" if http else "off"
         raise DeploymentError(
             f"Ray Serve already runs on this cluster with its HTTP proxy {where}, not on "
@@ -153,6 +152,7 @@ def _check_serve_proxy(config: DeploymentConfig, proxies: dict) -> None:
             + (f"serve there (mii serve --host {http.host} --port {http.port}) or " if http else "")
             + "stop Serve first (serve shutdown)"
         )
+    return client is not None
 
 
 def _wait_for_proxies(deadline: float) -> None:
