@@ -198,11 +198,10 @@ class MiiMagics(Magics):
             elif command in ("", "help", "-h", "--help"):
                 print(self._status())
                 print(USAGE)
-            elif not rest and difflib.get_close_matches(command, _COMMANDS, n=1, cutoff=0.85):
+            elif not rest and (near := difflib.get_close_matches(command, _COMMANDS, 1, 0.85)):
                 # "%mii unlod" generated 128 tokens from the prompt "unlod"
-                [meant] = difflib.get_close_matches(command, _COMMANDS, n=1, cutoff=0.85)
                 raise UsageError(
-                    f"%mii: did you mean `%mii {meant}`? (a prompt of that one word: "
+                    f"%mii: did you mean `%mii {near[0]}`? (a prompt of that one word: "
                     f"%mii -- {command})"
                 )
             else:

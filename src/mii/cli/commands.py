@@ -66,16 +66,20 @@ def parse_command_line(
     (``mii generate MODEL --chat "question"``: argparse's plain parse stops the
     prompts at the first option and refuses the text after it)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     command = argv[0] if argv else None
-    if command not in commands.choices:  # --help, --version, a missing or unknown command
+    sub = _subcommands(parser).get(command)
+    if sub is None:  # --help, --version, a missing or unknown command
         return parser.parse_args(argv)
-    sub = commands.choices[command]
     intermixed = command in ("generate", "demo")  # prompts and options in any order
     parse = _parse_generate if intermixed else argparse.ArgumentParser.parse_args
     args = parse(sub, argv[1:])
     args.command = command
     return args
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The ``mii`` parser's subcommand parsers, by name."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
 def _parse_generate(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -91,10 +95,9 @@ def _parse_generate(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
         parser.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
     # Positionals after "--" that look like options stand in as placeholders no option
     # can be, and are put back once parsed.
-    held = {f"\0{i}": token for i, token in enumerate(argv[end + 1 :]) if token.startswith("-")}
-    tokens = [
-        f"\0{i}" if token.startswith("-") else token for i, token in enumerate(argv[end + 1 :])
-    ]
+    after = argv[end + 1 :]
+    tokens = [f"\0{i}" if token.startswith("-") else token for i, token in enumerate(after)]
+    held = dict(zip(tokens, after))  # (a plain token stands for itself)
     args = parser.parse_intermixed_args(argv[:end] + tokens)
     args.model = held.get(args.model, args.model)
     args.prompt_args = [held.get(p, p) for p in args.prompt_args]
@@ -133,8 +136,7 @@ def _flag_hint(parser: argparse.ArgumentParser, command: str, err: Exception) ->
     field = getattr(err, "field", None)
     if not field or "(flag " in str(err):
         return ""
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for action in commands.choices[command]._actions:
+    for action in _subcommands(parser)[command]._actions:
         if action.dest == field and action.option_strings:
             return f" (flag {action.option_strings[0]})"  # mii's name, not vLLM's alias
     return ""

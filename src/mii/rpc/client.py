@@ -193,9 +193,8 @@ class MiiClient:
         except OSError:  # the registry folder cannot be read: say only what gRPC said
             return None
         if info is None:
-            log = registry.log_path(
-                name
-            )  # a background deployment's (mii serve logs to its terminal)
+            # a background deployment's log (mii serve logs to its terminal)
+            log = registry.log_path(name)
             where = f": its log is {log}" if log.is_file() else ""
             return DeploymentNotFoundError(
                 f"the deployment {name!r} is not running any more (terminated, or its "
