@@ -11,7 +11,9 @@ from mii.demo import demo_model_path
 
 
 async def main(model: str) -> None:
-    async with mii.AsyncEngine(model) as engine:
+    # The constructor loads the model and blocks: off the event loop, so that the
+    # rest of a program (a server, other tasks) keeps running meanwhile.
+    async with await asyncio.to_thread(mii.AsyncEngine, model) as engine:
         async for piece in engine.stream("DeepSpeed is", max_new_tokens=48, seed=0):
             print(piece.generated_text, end="", flush=True)
         print()

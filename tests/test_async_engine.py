@@ -700,3 +700,132 @@ async def test_queue_time_ends_where_the_first_forward_pass_starts(engine, monke
     [answer] = await engine.generate(PROMPTS[0], max_new_tokens=1, **GREEDY)
     assert answer.queue_time_s >= 0
     assert answer.first_token_time_s - answer.queue_time_s >= slow_s
+
+
+def test_aclose_after_the_event_loops_that_used_the_engine_were_closed(llama):
+    """aclose from a new loop once the loops that ran the engine were closed (as a test
+    framework's loop per test leaves them): it raised "Event loop is closed" and, the
+    engine already marked closed, never released the model."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4)
+    for _ in range(2):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(engine.generate(PROMPTS[0], max_new_tokens=2))
+        loop.close()
+    asyncio.run(engine.aclose())
+    assert engine.core.model is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("mii-engine")]
+
+
+def test_a_loop_resumed_after_another_ran_the_engine_gets_its_pieces_in_order(llama):
+    """A loop stops while a pass runs; another loop runs the engine; the first resumes:
+    its stream's pieces come in order (the first loop's task delivered the stale pass's
+    pieces after newer ones, and ran beside a second engine task of its loop)."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=200)
+    options = dict(max_new_tokens=12, ignore_eos=True, **GREEDY)
+    [expected] = asyncio.run(engine.generate(PROMPTS[0], **options))
+    core, in_pass = engine.core, threading.Event()
+    step = core.step
+
+    def slow_step():
+        in_pass.set()
+        try:
+            time.sleep(0.05)  # long enough for this loop to stop within it
+            return step()
+        finally:
+            in_pass.clear()
+
+    core.step = slow_step
+    first_loop = asyncio.new_event_loop()
+
+    async def open_and_leave_a_pass_running():
+        pieces = await engine.open_stream(PROMPTS[0], **options)
+        got = [await anext(pieces)]
+        while not in_pass.is_set():
+            await asyncio.sleep(0.001)
+        return pieces, got
+
+    async def read_the_rest(pieces, got):
+        got += [piece async for piece in pieces]
+        tasks = [t for t in asyncio.all_tasks() if t.get_name() == "mii-engine-loop"]
+        assert len(tasks) == 1
+        return got
+
+    try:
+        pieces, got = first_loop.run_until_complete(open_and_leave_a_pass_running())
+        asyncio.run(engine.generate(PROMPTS[1], max_new_tokens=3))
+        got = first_loop.run_until_complete(asyncio.wait_for(read_the_rest(pieces, got), 60))
+        lengths = [p.generated_length for p in got]
+        assert lengths == sorted(lengths)
+        assert [t for p in got for t in p.token_ids] == expected.token_ids
+        first_loop.run_until_complete(engine.aclose())
+    finally:
+        first_loop.close()
+
+
+async def test_a_cancelled_aclose_raises_cancelled_error_and_still_releases(llama):
+    """aclose's caller cancelled while it waits for the engine task: CancelledError
+    (it was swallowed), and the model is released all the same."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4)
+    await engine.generate(PROMPTS[0], max_new_tokens=2)
+    closing = asyncio.create_task(engine.aclose())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    for _ in range(1000):
+        if engine.core.model is None:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.core.model is None
+
+
+async def test_stream_takes_a_range_of_token_ids_as_generate_does(engine):
+    ids = range(5, 12)
+    [whole] = await engine.generate(ids, max_new_tokens=4, **GREEDY)
+    pieces = [p async for p in engine.stream(ids, max_new_tokens=4, **GREEDY)]
+    assert [t for p in pieces for t in p.token_ids] == whole.token_ids
+    assert pieces[-1].prompt_length == 7
+
+
+def test_aclose_with_a_stream_left_open_in_a_closed_event_loop(llama):
+    """A stream (and a reader waiting on it) left in a loop that was then closed: aclose
+    from a new loop ends everything and releases the model without touching that loop."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4)
+    loop = asyncio.new_event_loop()
+    kept = []
+
+    async def leave_a_reader_waiting():
+        pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=200, ignore_eos=True)
+        await anext(pieces)
+        kept.append((pieces, asyncio.ensure_future(anext(pieces))))
+        await asyncio.sleep(0)
+
+    loop.run_until_complete(leave_a_reader_waiting())
+    loop.close()
+    asyncio.run(engine.aclose())
+    assert engine.core.model is None
+
+
+def test_a_stream_left_waiting_in_a_closed_loop_does_not_stop_the_next_loop(llama):
+    """The next loop's engine task delivers to a reader of a closed loop: that request
+    is aborted (delivering raised "Event loop is closed" and ended the engine task)."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4)
+    loop = asyncio.new_event_loop()
+    kept = []
+
+    async def leave_a_reader_waiting():
+        pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=200, ignore_eos=True)
+        await anext(pieces)
+        kept.append((pieces, asyncio.ensure_future(anext(pieces))))
+        await asyncio.sleep(0)
+
+    async def next_loop():
+        [answer] = await engine.generate(PROMPTS[1], max_new_tokens=3)
+        assert answer.generated_length == 3
+        await engine.wait_idle()
+        assert_all_blocks_free(engine)
+        await engine.aclose()
+
+    loop.run_until_complete(leave_a_reader_waiting())
+    loop.close()
+    asyncio.run(asyncio.wait_for(next_loop(), 60))

@@ -75,7 +75,9 @@ def token_ids(value: Sequence[Any], field: str = "prompt") -> list[int]:
 
 
 def _lists(value: Any) -> Any:
-    """A torch tensor or numpy array as (nested) lists; anything else unchanged."""
+    """A torch tensor, numpy array or range as (nested) lists; anything else unchanged."""
+    if isinstance(value, range):  # (generate took one; stream refused it)
+        return list(value)
     tolist = getattr(value, "tolist", None)
     if callable(tolist) and hasattr(value, "shape") and not isinstance(value, (list, tuple)):
         return tolist()

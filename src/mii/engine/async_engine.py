@@ -5,7 +5,8 @@ queued additions and aborts between passes, runs each pass in a dedicated
 worker thread so that the event loop stays responsive while the model runs,
 and routes each request's pieces to that request's queue. Everything that
 touches the core happens either on the loop between passes or in the worker
-during a pass, never both at once.
+during a pass, never both at once. (An engine used from several event loops, one
+after another, has one such task per loop: engine/loop_drivers.py.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mii.engine.answer_callbacks import AnswerCallbacks, OnAnswer
 from mii.engine.answer_stream import DONE as _DONE
 from mii.engine.answer_stream import AnswerStream, StreamReleases
 from mii.engine.core import EngineCore, StepOutput
+from mii.engine.loop_drivers import FinishedPasses, LoopDrivers
 from mii.engine.request_stats import TokenCounters
 from mii.errors import EngineClosedError
 from mii.prompts import Prompt, one_streamed_prompt, prompt_batch
@@ -96,12 +98,11 @@ class AsyncEngine:
         self._ended: dict[str, object] = {}  # id -> the queue of its unread last piece
         self._pending_add: list[Any] = []
         self._pending_abort: list[str] = []
-        self._wakeup: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drivers = LoopDrivers(self._run)  # the engine loop's task, per event loop
+        self._finished = FinishedPasses()  # pass outputs not yet delivered
         self._closed = False
         self._streams = StreamReleases(
-            self._queues, self._request_abort, lambda: (self._loop, self._wakeup)
+            self._queues, self._request_abort, lambda: (self._drivers.loop, self._drivers.wakeup)
         )
 
     # ----- public API ---------------------------------------------------------
@@ -207,18 +208,22 @@ class AsyncEngine:
             return
         self._closed = True
         for queue in list(self._queues.values()):
-            queue.put_nowait(EngineClosedError("the engine was closed"))
+            _put(queue, EngineClosedError("the engine was closed"))
             if isinstance(queue, _Aborting):
-                queue.applied.set()  # nobody waits for an abort the loop will not apply
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loop_task
+                with contextlib.suppress(RuntimeError):  # (its waiter's loop was closed)
+                    queue.applied.set()  # nobody waits for an abort the loop will not apply
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._release)
-        except RuntimeError:  # at interpreter exit the worker may already be shut down
-            self._release()
-        self._executor.shutdown(wait=True)
+            await self._drivers.stop()
+        finally:  # (the model is released even when the caller is cancelled meanwhile)
+            try:
+                released = asyncio.wrap_future(self._executor.submit(self._release))
+            except RuntimeError:  # at interpreter exit the worker may already be shut down
+                released = None
+                self._release()
+            self._executor.shutdown(wait=False)  # (the release still runs)
+        if released is not None:
+            await released
+            self._executor.shutdown(wait=True)  # (its thread is ending: no engine thread left)
 
     async def __aenter__(self) -> AsyncEngine:
         return self
@@ -255,7 +260,7 @@ class AsyncEngine:
     async def wait_idle(self) -> None:
         """Return once no request is queued or running (used by tests and drains)."""
         if self._busy() and not self._closed:  # (work an ended event loop left)
-            self._ensure_loop()
+            self._drivers.ensure()
         while self._busy():
             await asyncio.sleep(0.005)
 
@@ -273,7 +278,7 @@ class AsyncEngine:
         if isinstance(entry, _Aborting) and not self._closed:
             # Only the engine loop applies aborts: after an event loop ended with one
             # pending, this (new) loop's engine task must run to apply it.
-            self._ensure_loop()
+            self._drivers.ensure()
             await entry.applied.wait()
 
     async def _tokenize_large(self, prompt: Any, params: GenerateParams) -> list[int] | None:
@@ -322,7 +327,7 @@ class AsyncEngine:
     ) -> tuple[str, asyncio.Queue, Any]:
         if self._closed:
             raise EngineClosedError("the engine was closed; create a new one")
-        self._ensure_loop()
+        self._drivers.ensure()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
             from mii.errors import InvalidRequestError
@@ -336,7 +341,7 @@ class AsyncEngine:
         queue = sink if sink is not None else asyncio.Queue()
         self._queues[request_id] = queue
         self._pending_add.append(seq)
-        self._wakeup.set()
+        self._drivers.wakeup.set()
         return request_id, queue, seq
 
     def _request_abort(self, request_id: str, owner: object) -> None:
@@ -347,46 +352,43 @@ class AsyncEngine:
         self._queues[request_id] = _Aborting()
         self._aborting += 1
         self._pending_abort.append(request_id)
-        if self._wakeup is not None:
-            self._wakeup.set()
+        if self._drivers.wakeup is not None:
+            self._drivers.wakeup.set()
 
-    def _ensure_loop(self) -> None:
+    async def _run(self, wakeup: asyncio.Event) -> None:
+        """The engine loop of one event loop (LoopDrivers starts it)."""
         loop = asyncio.get_running_loop()
-        if self._loop_task is not None and self._loop is loop and not self._loop_task.done():
-            return
-        if (
-            self._loop not in (None, loop)
-            and not self._loop.is_closed()
-            and self._loop.is_running()
-        ):
-            raise RuntimeError("an AsyncEngine serves one event loop at a time")
-        self._loop = loop
-        self._wakeup = asyncio.Event()
-        self._loop_task = loop.create_task(self._run(), name="mii-engine-loop")
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        # A loop that ended (asyncio.run returned) may have left a pass running on the
-        # engine thread: the core is touched here only once it is done (the thread runs
-        # one job at a time, in order), never by both at once.
-        await loop.run_in_executor(self._executor, _nothing)
         while True:
+            driving = self._drivers.take_over()
+            if driving is None:  # (another loop drives)
+                await wakeup.wait()
+                wakeup.clear()
+                continue
+            if driving:
+                # Another loop's task may have left a pass running on the engine
+                # thread: the core is touched here only once it is done (the thread
+                # runs one job at a time, in order), never by both at once.
+                await loop.run_in_executor(self._executor, _nothing)
+            self._deliver(self._finished.take())  # (in the order of their passes)
             if not self._busy():
-                await self._wakeup.wait()
-            self._wakeup.clear()
+                await wakeup.wait()
+                wakeup.clear()
+                continue
             self._streams.apply_dropped()
             self._apply_pending()
-            if not self.core.has_work():
-                continue
-            try:
-                outputs = await loop.run_in_executor(self._executor, self.core.step)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as err:  # the core guards its own passes; this is a bug net
-                outputs = [StepOutput(rid, error=err) for rid in list(self.core.sequences)]
-                for rid in list(self.core.sequences):
-                    self.core.abort(rid)
-            self._deliver(outputs)
+            if self.core.has_work():
+                await loop.run_in_executor(self._executor, self._step)
+
+    def _step(self) -> None:
+        """One pass, on the engine thread; its outputs wait in ``_finished`` for
+        whichever event loop's task delivers them."""
+        try:
+            outputs = self.core.step()
+        except Exception as err:  # the core guards its own passes; this is a bug net
+            outputs = [StepOutput(rid, error=err) for rid in list(self.core.sequences)]
+            for rid in list(self.core.sequences):
+                self.core.abort(rid)
+        self._finished.add(outputs)
 
     def _apply_pending(self) -> None:
         adds, self._pending_add = self._pending_add, []
@@ -414,7 +416,9 @@ class AsyncEngine:
             queue = self._queues.get(out.request_id)
             if queue is None:
                 continue  # the consumer is gone; an abort is already queued
-            queue.put_nowait(out.error if out.error is not None else out.piece)
+            if not _put(queue, out.error if out.error is not None else out.piece):
+                self._request_abort(out.request_id, owner=queue)  # its loop was closed
+                continue
             ended = out.error is not None or (out.piece and out.piece.finish_reason is not None)
             if ended and self.config.max_queued_requests is not None:  # (for _admit)
                 self._ended[out.request_id] = queue
@@ -423,6 +427,16 @@ class AsyncEngine:
         for request_id in list(self.core.sequences):
             self.core.abort(request_id)
         self.core.release()
+
+
+def _put(queue: Any, item: object) -> bool:
+    """Hand ``item`` to a request's consumer; False when the event loop its reader
+    waits in was closed (a stream left open in a loop that ended without ending it)."""
+    try:
+        queue.put_nowait(item)
+    except RuntimeError:  # "Event loop is closed", from waking that reader
+        return False
+    return True
 
 
 def _nothing() -> None:
