@@ -670,7 +670,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 
 calls = []
 
-def lookup(name):  # says when the wait has begun (the deployment process is started)
+def lookup(name, include_starting=False):  # says when the wait has begun
     calls.append(name)
     if len(calls) == 2:  # the first is the options' check, before anything starts
         print("waiting", flush=True)

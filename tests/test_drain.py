@@ -52,11 +52,23 @@ def draining_deployment(tmp_path, checkpoints, monkeypatch):
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("signalled", ["deployment", "every process"])
-def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(draining_deployment, signalled):
+@pytest.mark.parametrize(
+    "signalled, signum",
+    [
+        ("deployment", signal.SIGTERM),
+        ("every process", signal.SIGTERM),
+        ("every process", signal.SIGHUP),
+    ],
+    ids=["SIGTERM-deployment", "SIGTERM-every-process", "SIGHUP-every-process"],
+)
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
+    draining_deployment, signalled, signum
+):
     """SIGTERM to the deployment's process, or to all of its processes at once as
     systemd's default stop (KillMode=control-group) and a process-group kill send
-    it: the replica's running calls still finish or last out the grace period."""
+    it: the replica's running calls still finish or last out the grace period.
+    SIGHUP to them all (a closed terminal or SSH session) drains the same way: it
+    ended every process at once, cutting the streams."""
     client, info, url = draining_deployment
     short, long_sse = SseStream(url, SHORT), SseStream(url, LONG)
     grpc_pieces: list = []
@@ -76,7 +88,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(draining_deploym
     assert short.is_alive(), "the short stream ended before the signal"
 
     for pid in [info["pid"]] + (info["replica_pids"] if signalled == "every process" else []):
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signum)
     began = time.monotonic()
     with httpx.Client(base_url=url, timeout=10) as http:
         assert wait_until(lambda: http.get("/health").status_code == 503)

@@ -516,6 +516,26 @@ def test_openai_chat_logprobs(served):
         assert answer.logprobs is None, answer
 
 
+def test_streamed_responses_deltas_carry_their_tokens_logprobs(served):
+    """Each response.output_text.delta carries its own tokens' logprobs, as OpenAI's
+    do (they were always [], the logprobs only in the done event), and together
+    they are the done event's."""
+    _, _, url, _ = served
+    oai = openai_client(url)
+    options = dict(input="the quick brown fox", max_output_tokens=6, temperature=0)
+    events = list(oai.responses.create(top_logprobs=2, stream=True, **options))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    assert deltas and all(d.logprobs for d in deltas)
+    streamed = [entry for d in deltas for entry in d.logprobs]
+    assert [e.token for e in streamed] == [e.token for e in done.logprobs]
+    assert close([e.logprob for e in streamed], [e.logprob for e in done.logprobs])
+    assert all(len(e.top_logprobs) == 2 for e in streamed)
+    assert "".join(e.token for e in streamed) == done.text
+    plain = list(oai.responses.create(stream=True, **options))
+    assert all(e.logprobs == [] for e in plain if e.type == "response.output_text.delta")
+
+
 def test_an_aborted_requests_prompt_scores_never_reach_a_new_request_of_its_id(
     tiny, tmp_path, monkeypatch
 ):

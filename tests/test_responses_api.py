@@ -61,6 +61,10 @@ def test_a_response_is_the_chat_routes_answer_in_the_responses_shape(llama):
         assert answer.usage.input_tokens == len(prompt)
         assert answer.usage.output_tokens == 7 and answer.usage.total_tokens == len(prompt) + 7
         assert params["max_new_tokens"] == 30 and params["do_sample"] is False
+        # Valid for the SDK's own types read strictly, not only leniently as create()
+        # reads them (its usage lacked cache_write_tokens, which they require).
+        raw = await client.responses.with_raw_response.create(model="d", input="hi")
+        openai.types.responses.Response.model_validate(json.loads(raw.http_response.text))
         # The same prompt as the chat route's for the same conversation.
         await client.chat.completions.create(
             model="d",

@@ -307,6 +307,10 @@ def test_no_replica_left_answers_503_and_says_so(supervised, capsys):
         # A request meanwhile: 503 with a Retry-After (a replica may rejoin).
         r = s.http.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 1})
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        # The gRPC client raises the deployment's NoReplicaError, as documented (its
+        # UnavailableError only, before: `except mii.NoReplicaError` caught nothing).
+        with pytest.raises(mii.NoReplicaError, match="no replica"):
+            s.client.generate(PROMPTS[0], max_new_tokens=1, timeout=30)
     finally:
         os.kill(last["pid"], signal.SIGCONT)
     assert wait_until(lambda: s.http.get("/health").status_code == 200), s.health()
@@ -344,6 +348,26 @@ def test_the_restart_log_line_says_why_once():
     assert _why("replica 0 exited with code 1:\n") == ""
     assert _why("the model directory does not exist") == ": the model directory does not exist"
     assert _why(None) == ""
+
+
+def test_the_restart_log_line_names_the_signal_and_counts_in_words(capsys):
+    """A replica a signal ended: "was killed by SIGKILL", not its log's last line as
+    the reason ("exited with code -9: [mii] converted in 8.3 s"); "once", not "1 times"."""
+    pool, spawned = FakePool(), []
+    processes = [FakeProcess(99)]
+    policy = RestartPolicy(max_restarts=1, window_s=100.0, backoff_s=1.0)
+    supervisor = Supervisor(
+        pool, processes, lambda i: spawned.append(FakeProcess(7)) or spawned[-1], policy
+    )
+    processes[0].code = -9
+    supervisor.tick(1000.0)
+    said = capsys.readouterr().err
+    assert "replica 0 (pid 99) was killed by SIGKILL; restarting it in 1 s" in said
+    supervisor.tick(1001.0)
+    processes[0].code = 1
+    supervisor.tick(1002.0)
+    said = capsys.readouterr().err
+    assert "exited with code 1: replica exited with code 1; it was restarted once in" in said
 
 
 class FakeReplica(SimpleNamespace):

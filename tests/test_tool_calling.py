@@ -150,6 +150,25 @@ def test_required_and_named_send_a_schema_and_read_the_json(llama):
             "set_alert",
             {"level": "high"},
         )
+        assert required.choices[0].message.content is None
+
+        # Streamed: the answer opens with content null, as OpenAI's (it was "", which the
+        # SDK's stream helper made the final message's content, with an empty content event).
+        async with client.chat.completions.stream(
+            model="d", messages=USER, tools=TOOLS, tool_choice="required"
+        ) as stream:
+            kinds = [event.type async for event in stream]
+            final = await stream.get_final_completion()
+        assert "content.delta" not in kinds
+        assert final.choices[0].message.content is None
+        assert final.choices[0].message.tool_calls[0].function.name == "set_alert"
+        chunks = [
+            c
+            async for c in await client.chat.completions.create(
+                model="d", messages=USER, tools=TOOLS, tool_choice="none", stream=True
+            )
+        ]
+        assert chunks[0].choices[0].delta.content == ""  # not forced: vLLM's opening
 
     with_gateway(llama, pool, scenario)  # no parser: "required" and named need none
 

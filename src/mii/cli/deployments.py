@@ -15,7 +15,7 @@ def add_list_parser(commands: argparse._SubParsersAction) -> None:
         help="list the running deployments on this machine",
         description="List running deployments: name, gRPC address, model, replicas, "
         "health (as the deployment reports it: ok, unavailable, draining, or unreachable; "
-        "stopping once it was told to stop; "
+        "starting while its replicas load the model; stopping once it was told to stop; "
         "with the replicas serving), load (requests running and waiting, KV cache usage), "
         "HTTP URL, and each replica's state (starting, serving, unresponsive, restarting, "
         "failed), pid and restarts.",
@@ -70,8 +70,8 @@ HEALTH_TIMEOUT_S = 3.0  # per deployment: a frozen replica costs its probe's 1 s
 
 def deployment_health(record: dict[str, Any]) -> dict[str, Any]:
     """What the deployment itself says of its health (its Stats reply): ``status``
-    (ok, unavailable, draining; unreachable when it does not answer; stopping once it
-    was told to stop, from its record) and each
+    (ok, unavailable, draining; unreachable when it does not answer; starting while
+    its replicas load, stopping once it was told to stop, from its record) and each
     replica's state, restarts and pid."""
     import grpc
 
@@ -81,6 +81,8 @@ def deployment_health(record: dict[str, Any]) -> dict[str, Any]:
 
     if record.get("stopping"):  # draining, or its processes exiting (the record says so)
         return {"status": "stopping"}
+    if record.get("starting"):  # its replicas load the model; nothing answers yet
+        return {"status": "starting"}
     try:
         with auth.channel(
             host_port(record["host"], record["port"]), record.get("api_key")
@@ -132,7 +134,7 @@ def list_deployments(args: argparse.Namespace) -> int:
             "api_key": bool(d.get("api_key")),
             "health": deployment_health(d),
         }
-        for d in registry.list_deployments()
+        for d in registry.list_deployments(include_starting=True)
     ]
     if args.json:
         print(json.dumps(deployments, indent=2))
@@ -185,6 +187,11 @@ def terminate(args: argparse.Namespace) -> int:
     from mii.rpc import registry
     from mii.rpc.client import DeploymentNotFoundError, client
 
+    starting = _starting_record(args.name)
+    if starting is not None:  # nothing answers Terminate yet: SIGTERM stops it at once
+        if args.force:
+            return stop_processes.kill(starting["deployment_name"], starting)
+        return stop_processes.stop_starting(starting, args.timeout)
     try:
         target = client(args.name, api_key=args.api_key)
     except DeploymentNotFoundError as err:  # none by that name, or several serve it
@@ -224,6 +231,18 @@ def terminate(args: argparse.Namespace) -> int:
         target.close()
     print(f"terminated {name}")
     return 0
+
+
+def _starting_record(name: str) -> dict[str, Any] | None:
+    """The record of the deployment ``name`` names if it is still starting."""
+    from mii.rpc import registry
+    from mii.rpc.client import DeploymentNotFoundError
+
+    try:
+        info = registry.find(name, include_starting=True)
+    except DeploymentNotFoundError:  # several serve it: client() says so
+        return None
+    return info if info is not None and info.get("starting") else None
 
 
 def _seconds(text: str) -> float:

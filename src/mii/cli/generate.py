@@ -179,10 +179,12 @@ def _find_deployment(target: str, api_key: str | None = None):
     ``host:port`` presents no record's key (``--chat`` still loads the template of
     the deployment recorded at that address)."""
     from mii.rpc import registry
-    from mii.rpc.client import MiiClient
+    from mii.rpc.client import MiiClient, refuse_starting
     from mii.rpc.listen import host_port
 
     info = registry.find(target)
+    if info is None:
+        refuse_starting(target)
     if info is not None:
         key = api_key if api_key is not None else info.get("api_key")
         return MiiClient(

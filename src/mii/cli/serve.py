@@ -183,11 +183,11 @@ def _run_returning(runner, coro) -> Any:
 
 
 async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
-    """Run the deployment until SIGINT/SIGTERM (returns True) or a Terminate RPC
+    """Run the deployment until SIGINT/SIGTERM/SIGHUP (returns True) or a Terminate RPC
     (returns False). A signal during start-up stops the start at once; once
     serving, it drains (in-flight calls get ``shutdown_grace_s``; a second signal
     ends them at once) and stops everything."""
-    from mii.rpc.drain import ShutdownRequest
+    from mii.rpc.drain import ShutdownRequest, stop_signals
 
     loop = asyncio.get_running_loop()
     shutdown = ShutdownRequest()
@@ -222,7 +222,8 @@ async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
         print("\n[mii] stopping...", file=sys.stderr, flush=True)
         task.cancel()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = stop_signals()
+    for sig in signals:
         loop.add_signal_handler(sig, on_signal)
     announcer = asyncio.create_task(_announce(config))
     try:
@@ -232,7 +233,7 @@ async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
             raise
     finally:
         announcer.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             loop.remove_signal_handler(sig)
     return signalled
 

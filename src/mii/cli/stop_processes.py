@@ -72,6 +72,22 @@ def signal_unresponsive(
     return 0
 
 
+def stop_starting(info: dict[str, Any], timeout: float) -> int:
+    """A deployment still loading its model: SIGTERM to its processes (it stops its
+    replicas, which exit at once while they load) and wait ``timeout`` s for them."""
+    from mii.rpc.client import wait_gone
+
+    name = info["deployment_name"]
+    pids = _local_pids(name, info, "stopping a deployment that is starting")
+    send(pids, signal.SIGTERM)
+    try:
+        wait_gone(pids, timeout)
+    except TimeoutError as still:
+        raise CliError(f"{still}; mii terminate {name} --force kills them") from None
+    print(f"terminated {name} (it was still starting)")
+    return 0
+
+
 def kill(name: str, info: dict[str, Any] | None) -> int:
     """--force: SIGKILL to every process of the deployment, without asking it."""
     from mii.rpc.client import wait_gone

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C or a stop that signals every process of the deployment reaches the ranks
     # too: rank 0 stops them once its replica has drained (or they follow it out).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a closed terminal's, likewise)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s rank%(process)d %(message)s")

@@ -400,6 +400,17 @@ def wait_gone(pids: list[int], timeout: float) -> None:
         time.sleep(0.05)
 
 
+def refuse_starting(name: str) -> None:
+    """DeploymentNotFoundError when ``name`` names a deployment that is still
+    starting: nothing answers at its address until its replicas have loaded the model."""
+    info = registry.find(name, include_starting=True)
+    if info is not None and info.get("starting"):
+        raise DeploymentNotFoundError(
+            f"deployment {info['deployment_name']!r} is still starting (its replicas load the "
+            "model): try again once mii list shows it ok"
+        )
+
+
 def client(
     model_or_deployment_name: str | os.PathLike[str], api_key: str | None = None
 ) -> MiiClient:
@@ -414,6 +425,8 @@ def client(
     machine (readable only by the user who started it), else ``MII_API_KEY``."""
     model_or_deployment_name = os.fspath(model_or_deployment_name)  # a path, as mii.serve takes
     info = registry.find(model_or_deployment_name)
+    if info is None:
+        refuse_starting(model_or_deployment_name)
     if info is not None:
         key = api_key if api_key is not None else info.get("api_key")
         return MiiClient(

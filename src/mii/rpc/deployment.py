@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from mii.rpc.deployment_config import (
     ReplicaConfig,
 )
 from mii.rpc.deployment_tokenizer import tokenizer_source
-from mii.rpc.drain import ShutdownRequest, drain
+from mii.rpc.drain import ShutdownRequest, drain, stop_signals
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import host_port, listening_server
@@ -150,13 +149,23 @@ class ReplicaProcess:
         )
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_all([self], timeout)
+
+
+def stop_all(replicas: list[ReplicaProcess], timeout: float = 10.0) -> None:
+    """SIGTERM to every replica at once, then SIGKILL to those still running
+    ``timeout`` s later (one after another, each waited for in turn, took up to
+    ``timeout`` per replica)."""
+    running = [r.process for r in replicas if r.process.poll() is None]
+    for process in running:
+        process.terminate()
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 async def run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | None = None) -> None:
@@ -173,7 +182,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
     shutdown = shutdown or ShutdownRequest()
     stop = shutdown.stop
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         loop.add_signal_handler(sig, shutdown.request)
 
     # A busy port fails here, naming it. With an api_key, every call needs it.
@@ -197,13 +206,38 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
     pool: ReplicaPool | None = None
     rest = None
     tasks: list[asyncio.Task] = []
+
+    def record(starting: bool = False) -> None:  # again after each restart: new replica pids
+        registry.record(
+            name,
+            {
+                "host": host,
+                "port": port,
+                "pid": os.getpid(),
+                "model": config.model,
+                "served_model_name": config.served_model_name,
+                "replica_num": config.replica_num,
+                "restful_api_port": config.restful_api_port if rest_socket else None,
+                # what loads its tokenizer and chat template (mii generate --chat)
+                "tokenizer_source": tokenizer_source(
+                    config.model, config.engine_options, config.chat_template
+                ),
+                "replica_pids": [r.process.pid for r in replicas],
+                # the record is readable only by this user (mode 0600 in a 0700 folder)
+                "api_key": config.secret_api_key(),
+                # loading: mii list shows it, and mii terminate stops it (with SIGTERM)
+                **({"starting": True} if starting else {}),
+            },
+        )
+
     try:
         for i, replica_config in enumerate(_replica_configs(config)):
             log = registry.log_path(name).with_suffix(f".replica{i}.log")
             replicas.append(ReplicaProcess(i, replica_config, log, token))
+        record(starting=True)
         pool = ReplicaPool([r.address for r in replicas], token=token)
         pool.guard.progress_timeout_s = config.replica_timeout_s
-        await _wait_for_replicas(pool, replicas, config.startup_timeout)
+        await _wait_for_replicas(pool, replicas, config.startup_timeout, stop)
 
         info = mii_pb2.ModelInfoReply(
             deployment_name=name,
@@ -228,27 +262,6 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         await set_health(health, True)
         health_watcher = asyncio.create_task(_follow_replica_health(pool, health))
         tasks.append(health_watcher)
-
-        def record() -> None:  # again after each restart: the replicas' pids changed
-            registry.record(
-                name,
-                {
-                    "host": host,
-                    "port": port,
-                    "pid": os.getpid(),
-                    "model": config.model,
-                    "served_model_name": config.served_model_name,
-                    "replica_num": config.replica_num,
-                    "restful_api_port": config.restful_api_port if rest else None,
-                    # what loads its tokenizer and chat template (mii generate --chat)
-                    "tokenizer_source": tokenizer_source(
-                        config.model, config.engine_options, config.chat_template
-                    ),
-                    "replica_pids": [r.process.pid for r in replicas],
-                    # the record is readable only by this user (mode 0600 in a 0700 folder)
-                    "api_key": config.secret_api_key(),
-                },
-            )
 
         supervisor = Supervisor(
             pool, replicas, lambda i: replicas[i].restarted(), _restart_policy(config), record
@@ -289,8 +302,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         if pool is not None:
             await pool.terminate_all()
             await pool.close()
-        for replica in replicas:
-            replica.stop()
+        stop_all(replicas)
         registry.remove(name, pid=os.getpid())  # its processes are gone; its claim goes next
 
 
@@ -312,6 +324,7 @@ def _replica_configs(config: DeploymentConfig) -> list[ReplicaConfig]:
             deployment=config,
             gpus=device_map[i * tp : (i + 1) * tp] if device_map else None,
             index=i,
+            parent_pid=os.getpid(),
             **_fresh_ports(config),
         )
         for i in range(config.replica_num)
@@ -336,9 +349,19 @@ async def _follow_replica_health(pool: ReplicaPool, health) -> None:
             await set_health(health, now)
 
 
-async def _wait_for_replicas(pool: ReplicaPool, replicas: list[ReplicaProcess], timeout: float):
+async def _wait_for_replicas(
+    pool: ReplicaPool, replicas: list[ReplicaProcess], timeout: float, stop: asyncio.Event
+) -> None:
+    """Return once every replica is healthy; DeploymentError when one fails to start,
+    when they take longer than ``timeout``, or when the deployment is told to stop
+    meanwhile (a signal, mii terminate: it waited for every model to load first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stop.is_set():
+            raise DeploymentError(
+                "stopped while starting (a signal or mii terminate); its replicas were "
+                "still loading the model"
+            )
         for replica in replicas:
             failure = replica.failure()
             if failure:

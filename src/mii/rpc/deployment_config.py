@@ -373,6 +373,7 @@ class ReplicaConfig(BaseModel):
     tp_master_port: int | None = None  # the rendezvous port of its ranks (tensor_parallel > 1)
     index: int = 0  # which of the deployment's replicas (its own sampling stream)
     start: int = 0  # how many times it was restarted (a restart draws new seeds)
+    parent_pid: int | None = None  # its deployment process: it exits once that is gone
 
     @property
     def address(self) -> str:

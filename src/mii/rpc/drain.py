@@ -1,6 +1,7 @@
 """Shutting a deployment down without cutting its clients off mid-answer.
 
-On SIGTERM, SIGINT or a Terminate call the deployment drains:
+On SIGTERM, SIGINT, SIGHUP (its terminal closed; unless ignored, as nohup does)
+or a Terminate call the deployment drains:
 
 1. it refuses new requests (HTTP 503, gRPC UNAVAILABLE; ``/health`` says
    ``draining``, gRPC health NOT_SERVING);
@@ -15,6 +16,7 @@ A second signal during the grace period ends it at once (step 3).
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 
@@ -22,6 +24,16 @@ from mii.rpc.pool import ReplicaPool
 
 CUT_WAIT_S = 5.0  # for the cut calls to deliver their error before the servers stop
 _POLL_S = 0.05
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that drain a deployment: SIGINT, SIGTERM, and SIGHUP (a closed
+    terminal or SSH session ended ``mii serve`` at once, cutting its streams) unless
+    this process ignores it (``nohup``: a handler would undo what nohup asked)."""
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    return signals
 
 
 class ShutdownRequest:

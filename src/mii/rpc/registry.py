@@ -81,7 +81,8 @@ def log_path(name: str) -> Path:
 
 
 def record(name: str, info: dict[str, Any]) -> None:
-    """Write (atomically) the record of a deployment that is ready."""
+    """Write (atomically) the record of a deployment: one that serves, or, with
+    ``"starting": True`` in ``info``, one whose replicas are still loading."""
     target = _file(name)
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -156,8 +157,9 @@ def claimed(name: str) -> bool:
         os.close(fd)
 
 
-def lookup(name: str) -> dict[str, Any] | None:
-    """The record of a live deployment, or None (stale records are removed)."""
+def lookup(name: str, include_starting: bool = False) -> dict[str, Any] | None:
+    """The record of a live deployment, or None (stale records are removed). One
+    still starting (its replicas load the model) only with ``include_starting``."""
     path = _file(name)
     try:
         info = json.loads(path.read_text())
@@ -166,27 +168,30 @@ def lookup(name: str) -> dict[str, Any] | None:
     if not pid_alive(info.get("pid", -1)) or (info.get("claimed") and not claimed(name)):
         path.unlink(missing_ok=True)
         return None
+    if info.get("starting") and not include_starting:
+        return None
     return info
 
 
-def find(model_or_deployment_name: str) -> dict[str, Any] | None:
+def find(model_or_deployment_name: str, include_starting: bool = False) -> dict[str, Any] | None:
     """The record of the live deployment that ``model_or_deployment_name`` names:
     by one of its :func:`candidate_names`, else, when exactly one deployment has
     it, by a model name it serves the model under (``served_model_name``, the
     OpenAI API's name) or by the model it was started with (a hub id, or a path
     to the same checkpoint) whatever its deployment name (DeploymentNotFoundError
-    naming them when several do)."""
+    naming them when several do). A deployment still starting, by its names, only
+    with ``include_starting``."""
     given = model_or_deployment_name
     local_model = os.path.exists(os.path.expanduser(given))
     for name in candidate_names(given):
-        info = lookup(name)
+        info = lookup(name, include_starting)
         if info is None:
             continue
         if name != given and local_model and not _serves_model(info, given):
             continue  # the default name of another checkpoint in a folder of that name
         return info
-    # (a deployment that is stopping serves nothing new)
-    live = [d for d in list_deployments() if not d.get("stopping")]
+    # (a deployment that is starting or stopping serves nothing)
+    live = [d for d in list_deployments() if not serves_nothing(d)]
     for serves in (_serves_name, _serves_model):
         serving = [d for d in live if serves(d, given)]
         if len(serving) > 1:
@@ -197,6 +202,11 @@ def find(model_or_deployment_name: str) -> dict[str, Any] | None:
         if serving:
             return serving[0]
     return None
+
+
+def serves_nothing(info: dict[str, Any]) -> bool:
+    """Whether a deployment's record says it is starting (loading its model) or stopping."""
+    return bool(info.get("starting") or info.get("stopping"))
 
 
 def _serves_name(info: dict[str, Any], name: str) -> bool:
@@ -241,7 +251,7 @@ def find_by_address(address: str) -> dict[str, Any] | None:
     found = [
         d
         for d in list_deployments()
-        if d.get("port") == int(port) and reaches(str(d.get("host", ""))) and not d.get("stopping")
+        if d.get("port") == int(port) and reaches(str(d.get("host", ""))) and not serves_nothing(d)
     ]
     return found[0] if len(found) == 1 else None
 
@@ -261,7 +271,7 @@ def remove(name: str, pid: int | None = None) -> None:
 def require_available(name: str) -> None:
     """DeploymentError, saying what to do, when a deployment named ``name`` is
     running, stopping or starting on this machine."""
-    running = lookup(name)
+    running = lookup(name, include_starting=True)
     if running is not None and running.get("stopping"):
         raise DeploymentError(
             f"a deployment named {name!r} is stopping (it drains its requests, then its "
@@ -269,15 +279,21 @@ def require_available(name: str) -> None:
             "then) or give this one another name (mii serve: --deployment-name; "
             "mii.serve: deployment_name)"
         )
+    if running is not None and running.get("starting"):
+        raise DeploymentError(
+            f"a deployment named {name!r} is starting (loading its model): stop it "
+            f"(mii terminate {name}) or give this one another name "
+            "(mii serve: --deployment-name; mii.serve: deployment_name)"
+        )
     if running is not None:
         raise DeploymentError(
             f"a deployment named {name!r} is already running; stop it "
             f"(mii terminate {name}) or give this one another name "
             "(mii serve: --deployment-name; mii.serve: deployment_name)"
         )
-    if claimed(name):
+    if claimed(name):  # (before its first record, or after its last)
         raise DeploymentError(
-            f"a deployment named {name!r} is starting or stopping; wait for it "
+            f"a deployment named {name!r} is starting or stopping; wait a moment for it "
             "(mii list) or choose another deployment_name"
         )
 
@@ -297,14 +313,15 @@ def mark_stopping(name: str, pid: int) -> None:
     record(name, {**info, "stopping": True})
 
 
-def list_deployments() -> list[dict[str, Any]]:
+def list_deployments(include_starting: bool = False) -> list[dict[str, Any]]:
+    """The records of the live deployments (with those still starting, if asked)."""
     found = []
     for path in sorted(registry_dir().glob("*.json")):
         try:  # the record names its deployment (a file name is an encoding of it)
             name = json.loads(path.read_text())["deployment_name"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        info = lookup(name) if isinstance(name, str) else None
+        info = lookup(name, include_starting) if isinstance(name, str) else None
         if info is not None:
             found.append(info)
     return found

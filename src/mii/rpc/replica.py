@@ -5,20 +5,24 @@ Started by the deployment process as ``python -m mii.rpc.replica CONFIG_JSON``
 its port refuses every call that does not present it (:mod:`mii.rpc.auth`).
 Its health reports NOT_SERVING until the model is loaded and has answered a
 warm-up request. It exits when told to terminate or when the process that started
-it goes away; it ignores SIGINT (the deployment drains first). SIGTERM while it
-loads stops it; once it serves, SIGTERM drains it: new calls are refused, and it
-exits when its calls are done, or ``shutdown_grace_s`` plus a margin later. A stop
-that signals every process of the deployment at once (systemd's default, a
-process-group kill) thereby leaves the deployment's own drain in charge: it ends
-what is left at its grace period and then terminates the replica.
+it goes away (while it loads too: :mod:`mii.rpc.parent_death`); it ignores SIGINT
+and SIGHUP (the deployment drains first). SIGTERM while it loads ends it at once;
+once it serves, SIGTERM drains it: new calls are refused, and it exits when its calls are
+done, or ``shutdown_grace_s`` plus a margin later. A stop that signals every
+process of the deployment at once (systemd's default, a process-group kill)
+thereby leaves the deployment's own drain in charge: it ends what is left at its
+grace period and then terminates the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 import grpc
 
@@ -45,6 +49,7 @@ from mii.rpc.deployment_config import ReplicaConfig
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import listening_server
+from mii.rpc.parent_death import die_with_parent
 from mii.rpc.pool import stats_reply
 from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.rank_workers import start_rank_workers, stop_rank_workers
@@ -144,16 +149,13 @@ async def serve_replica(config: ReplicaConfig) -> None:
     servicer = ReplicaServicer(stop)
     loop = asyncio.get_running_loop()
 
-    def on_sigterm() -> None:
-        if servicer.engine is None:
-            stop.set()  # still loading: nothing to drain
-        else:
-            servicer.draining = True
-
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    # SIGTERM keeps its default action (end the process) until the model is up: the
+    # kernel acts on it even while a load holds the GIL, and nothing needs draining.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Ctrl-C reaches the whole process group; the deployment process answers it by
     # draining, and stops its replicas once their requests are done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a closed terminal's: the same)
 
     token = envs.REPLICA_TOKEN.get()
     if token is None:
@@ -181,16 +183,23 @@ async def serve_replica(config: ReplicaConfig) -> None:
         options = engine_config.model_dump(exclude={"model"}, exclude_unset=True)
         return AsyncEngine(engine_config.model, **options)
 
-    try:
+    async def bring_up() -> AsyncEngine:
         engine = await asyncio.to_thread(load)
+        # Its own seeds: another replica, or this one before a restart, drew others.
+        engine.separate_sampling_stream(f"replica {config.index} start {config.start}")
+        await engine.warm_up()  # compile/allocate before SERVING
+        return engine
+
+    starting = asyncio.ensure_future(bring_up())
+    try:
+        engine = await _unless_stopped(starting, stop, lambda: parent_gone(config))
     except BaseException:
         stop_rank_workers(workers)
         # (else the server's __del__ runs after the loop closed: "Event loop is closed")
         await server.stop(None)
+        if not starting.done():  # stopped, or orphaned, while loading: exit now
+            _exit_while_starting(config)
         raise
-    # Its own seeds: another replica, or this one before a restart, drew others.
-    engine.separate_sampling_stream(f"replica {config.index} start {config.start}")
-    await engine.warm_up()  # compile/allocate before SERVING
     servicer.info = mii_pb2.ModelInfoReply(
         deployment_name=deployment.deployment_name,
         model=deployment.model,
@@ -198,15 +207,15 @@ async def serve_replica(config: ReplicaConfig) -> None:
         replicas=1,
     )
     servicer.engine = engine
+    loop.add_signal_handler(signal.SIGTERM, functools.partial(setattr, servicer, "draining", True))
     await set_health(health_servicer, True)
 
-    parent = os.getppid()
     drain_deadline: float | None = None
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=0.5)
         except asyncio.TimeoutError:
-            if os.getppid() != parent:  # the deployment process died: do not linger
+            if parent_gone(config):  # the deployment process died: do not linger
                 break
             if engine.core.failure is not None:  # a tensor-parallel rank failed
                 await set_health(health_servicer, False)
@@ -225,8 +234,45 @@ async def serve_replica(config: ReplicaConfig) -> None:
     stop_rank_workers(workers)
 
 
+def parent_gone(config: ReplicaConfig) -> bool:
+    """Whether the deployment process that started this replica has ended (its pid
+    is in the config: one that died while this process was still starting left it
+    to init, whose pid a later getppid() would have taken for the parent's)."""
+    return config.parent_pid is not None and os.getppid() != config.parent_pid
+
+
+class _StopWhileStarting(Exception):
+    """Terminate, or the deployment's end, while the model loads."""
+
+
+async def _unless_stopped(
+    starting: asyncio.Future, stop: asyncio.Event, gone: Callable[[], bool]
+) -> AsyncEngine:
+    """The engine ``starting`` brings up, unless ``stop`` is set or ``gone()`` turns
+    true first (checked every half second): then _StopWhileStarting."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while not starting.done():
+            await asyncio.wait({starting, stopped}, timeout=0.5, return_when="FIRST_COMPLETED")
+            if not starting.done() and (stop.is_set() or gone()):
+                raise _StopWhileStarting()
+        return starting.result()
+    finally:
+        stopped.cancel()
+
+
+def _exit_while_starting(config: ReplicaConfig) -> NoReturn:
+    """End the process at once: a model load cannot be interrupted, and a normal exit
+    would wait for its thread (seconds to minutes) with the GPU memory held."""
+    why = "its deployment ended" if parent_gone(config) else "told to stop (Terminate)"
+    print(f"[mii] replica {config.index}: {why} while loading its model; exiting", flush=True)
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = ReplicaConfig.model_validate_json((argv or sys.argv[1:])[0])
+    die_with_parent(config.parent_pid)
     return run_reporting_errors(serve_replica(config), with_traceback=True)
 
 

@@ -33,6 +33,9 @@ FIELD_METADATA = "mii-field"
 # the name gRPC's own retry policies read (server pushback).
 RETRY_AFTER_METADATA = "retry-after"
 PUSHBACK_METADATA = "grpc-retry-pushback-ms"
+# Trailing metadata of an UNAVAILABLE status when no replica of the deployment is
+# left to serve (NoReplicaError), rather than one replica failing the call.
+NO_REPLICA_METADATA = "mii-no-replica"
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ async def abort(context: grpc.aio.ServicerContext, err: Exception) -> NoReturn:
     elif isinstance(err, ServerOverloadedError):
         seconds = retry_after_seconds(err)
         metadata = ((RETRY_AFTER_METADATA, str(seconds)), (PUSHBACK_METADATA, str(seconds * 1000)))
+    elif isinstance(err, NoReplicaError):
+        metadata = ((NO_REPLICA_METADATA, "1"),)
     await context.abort(status_of(err).grpc, str(err), trailing_metadata=metadata)
 
 
@@ -103,7 +108,8 @@ def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> 
     mistakes, deadlines and a refused API key come back as InvalidRequestError
     (with the field), RequestTimeoutError and AuthenticationError, an overloaded server
     as ServerOverloadedError (with its retry_after), an unavailable one (or one
-    that cancelled the call) as UnavailableError; any other status as
+    that cancelled the call) as UnavailableError (NoReplicaError when the deployment
+    said none of its replicas is left to serve); any other status as
     ``fallback("CODE: details")``."""
     code, details = err.code(), err.details()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -133,5 +139,6 @@ def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> 
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         # a balancer's details already name the code
         prefix = "" if (details or "").startswith(f"{code.name}: ") else f"{code.name}: "
-        return UnavailableError(f"{prefix}{details}")
+        none_left = NO_REPLICA_METADATA in dict(err.trailing_metadata() or ())
+        return (NoReplicaError if none_left else UnavailableError)(f"{prefix}{details}")
     return fallback(f"{code.name}: {details}")

@@ -26,6 +26,7 @@ then restart it, rather than a deployment answering 503 forever).
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 from collections import deque
@@ -138,7 +139,7 @@ class Supervisor:
             ) from failure
         policy = self.policy
         raise DeploymentError(
-            f"every replica failed (each exited {policy.max_restarts + 1} times within "
+            f"every replica failed (each ended {_times(policy.max_restarts + 1)} within "
             f"{policy.window_s:g} s: replica_max_restarts)"
         )
 
@@ -200,7 +201,7 @@ class Supervisor:
     def _exited(self, index: int, slot: _Slot, process: _Process, now: float) -> None:
         replica = self.pool.replicas[index]
         replica.healthy, replica.pid = False, None  # no live process until the next one
-        detail = _why(process.failure())
+        ended = _how_it_ended(process)
         window = self.policy.window_s
         while slot.restart_times and now - slot.restart_times[0] > window:
             slot.restart_times.popleft()
@@ -209,9 +210,8 @@ class Supervisor:
             slot.failed = True
             replica.state = "failed"
             _say(
-                f"replica {index} (pid {process.pid}) exited with code {process.exit_code()}"
-                f"{detail}; it was restarted {recent} times in {window:g} s "
-                "(replica_max_restarts): giving up on it"
+                f"replica {index} (pid {process.pid}) {ended}; it was restarted "
+                f"{_times(recent)} in {window:g} s (replica_max_restarts): giving up on it"
             )
             return
         delay = self.policy.backoff(recent)
@@ -220,10 +220,23 @@ class Supervisor:
         slot.served, slot.out_since, slot.said_out = False, None, False
         replica.restarts += 1
         replica.state = "restarting"
-        _say(
-            f"replica {index} (pid {process.pid}) exited with code {process.exit_code()}"
-            f"{detail}; restarting it in {delay:g} s"
-        )
+        _say(f"replica {index} (pid {process.pid}) {ended}; restarting it in {delay:g} s")
+
+
+def _how_it_ended(process: _Process) -> str:
+    """ "exited with code N: REASON", or "was killed by SIGKILL" for a process a signal
+    ended (its log's last line says nothing of why: it quoted "converted in 8.3 s")."""
+    code = process.exit_code()
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}{_why(process.failure())}"
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
 
 
 def _why(failure: str | None) -> str:

@@ -44,7 +44,12 @@ from mii.rpc.http.responses_request import (
     refuse_stateful,
     responses_field,
 )
-from mii.rpc.http.sse import accepted_pieces, stream_error_body, until_all_accepted
+from mii.rpc.http.sse import (
+    StreamedLogprobs,
+    accepted_pieces,
+    stream_error_body,
+    until_all_accepted,
+)
 
 router = APIRouter(prefix="/v1", route_class=LimitedRoute)
 
@@ -165,7 +170,9 @@ class ResponseObject:
 def _usage(response: Response) -> dict[str, Any]:
     return {
         "input_tokens": response.prompt_length,
-        "input_tokens_details": {"cached_tokens": response.cached_tokens},
+        # (cache_write_tokens: OpenAI's billed cache writes; mii bills none. The SDK's
+        # types require the field.)
+        "input_tokens_details": {"cached_tokens": response.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": response.generated_length,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": response.prompt_length + response.generated_length,
@@ -239,11 +246,14 @@ async def _events(
             )
             yield event("response.content_part.added", **at, part=obj.text_part(""))
         collected = []
+        held = StreamedLogprobs(answer.logprobs)  # each delta carries its tokens' logprobs
         async for _, piece in answers:
             collected.append(piece)
+            held.add(0, piece)
             if text_live and piece.generated_text:
                 delta = piece.generated_text
-                yield event("response.output_text.delta", **at, delta=delta, logprobs=[])
+                logprobs = (held.take(0, delta) or {}).get("content") or []
+                yield event("response.output_text.delta", **at, delta=delta, logprobs=logprobs)
         whole = _finished(obj, answer, join_pieces(collected))
         for index, output in enumerate(whole["output"]):
             for line in _item_events(event, index, output, announced=text_live and index == 0):

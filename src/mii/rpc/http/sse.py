@@ -166,8 +166,13 @@ async def stream_choices(
     async def body() -> AsyncIterator[str]:
         try:
             if answer.kind.with_role:
+                # A forced call's answer opens with content null, as OpenAI's does (with
+                # "", the SDK's stream helpers gave its message content "" and an empty
+                # content event); any other with "", as vLLM's.
+                forced = answer.tools is not None and answer.tools.mode in ("required", "named")
+                opening = {"role": "assistant", "content": None if forced else ""}
                 for index in range(choices.total):
-                    yield event(index, answer.chunk(index, "", None, "assistant"))
+                    yield event(index, answer.delta_chunk(index, opening, None))
             logprobs = StreamedLogprobs(answer.logprobs)
             tools = ToolStreams(answer.tools) if answer.tools is not None else None
             async for index, piece in accepted_pieces(early, pieces):

@@ -1,0 +1,170 @@
+"""A deployment stopped, listed or orphaned while its replicas still load the model.
+
+The replicas here never finish loading: the checkpoint's weights file is a named
+pipe that nobody writes, so opening it blocks (a huge model's load, held still).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+import mii
+from helpers import wait_until
+from mii.cli import main as mii_main
+from mii.rpc import registry
+from mii.rpc.deployment import free_port
+from mii.rpc.deployment_config import DeploymentConfig
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def never_loading(checkpoints, tmp_path_factory) -> Path:
+    """A copy of the tiny llama whose weights never arrive."""
+    source = Path(checkpoints("llama")[0])
+    model = tmp_path_factory.mktemp("never-loading") / "llama"
+    shutil.copytree(source, model)
+    weights = sorted(model.glob("*.safetensors"))
+    assert weights
+    for path in weights:
+        path.unlink()
+        os.mkfifo(path)
+    return model
+
+
+class Starting:
+    """A deployment process started as mii.serve starts one, left loading."""
+
+    def __init__(self, model: Path, cache: Path, replicas: int = 2) -> None:
+        self.name = f"starting-{uuid.uuid4().hex[:8]}"
+        config = DeploymentConfig.parse(
+            str(model), deployment_name=self.name, port=free_port(), replica_num=replicas
+        )
+        cache.mkdir(parents=True, exist_ok=True)
+        self.log_path = cache / "deployment.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mii.rpc.deployment", config.model_dump_json()],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(os.environ),
+            )
+        assert wait_until(lambda: self.record() is not None, timeout=60), self.log()
+        self.replica_pids = list(self.record()["replica_pids"])
+        assert len(self.replica_pids) == replicas
+
+    def record(self) -> dict | None:
+        return registry.lookup(self.name, include_starting=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pids(self) -> list[int]:
+        return [self.process.pid, *self.replica_pids]
+
+    def gone(self, pids: list[int]) -> bool:
+        self.process.poll()  # (reaped: no zombie left to count as running)
+        return not any(registry.pid_alive(p) for p in pids)
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.fixture
+def starting(never_loading, cache):
+    started: list[Starting] = []
+
+    def start(**options) -> Starting:
+        started.append(Starting(never_loading, cache, **options))
+        return started[-1]
+
+    yield start
+    for deployment in started:
+        deployment.kill_all()
+
+
+def test_a_starting_deployment_is_listed_as_starting(starting, capsys):
+    s = starting()
+    assert s.record()["starting"] is True
+    # Not (yet) a running deployment to whatever looks one up as such (a client's wait).
+    assert registry.lookup(s.name) is None and registry.list_deployments() == []
+    capsys.readouterr()
+    assert mii_main(["list", "--json"]) == 0
+    [listed] = __import__("json").loads(capsys.readouterr().out)
+    assert listed["deployment_name"] == s.name and listed["health"]["status"] == "starting"
+    assert mii_main(["list"]) == 0
+    assert "starting" in capsys.readouterr().out
+    # A client by name says it is starting; a second deployment of the name, what to do.
+    with pytest.raises(mii.DeploymentNotFoundError, match="still starting"):
+        mii.client(s.name)
+    with pytest.raises(mii.DeploymentError, match=f"mii terminate {s.name}"):
+        registry.require_available(s.name)
+
+
+def test_mii_terminate_stops_a_deployment_that_is_starting(starting, capsys):
+    """It said "no running deployment named ..." (exit 1), and --ignore-not-found
+    "nothing to stop" (exit 0) while the deployment went on to serve."""
+    s = starting()
+    assert mii_main(["terminate", s.name, "--timeout", "60"]) == 0
+    assert "still starting" in capsys.readouterr().out
+    assert s.gone(s.pids())
+    assert s.record() is None
+    assert "stopped while starting" in s.log()
+
+
+def test_sigterm_while_starting_stops_at_once(starting):
+    """The deployment waited for every replica to load before it acted on SIGTERM, and
+    each replica for its load; the replicas were stopped one after another."""
+    s = starting()
+    os.kill(s.process.pid, signal.SIGTERM)
+    assert wait_until(lambda: s.gone(s.pids()), timeout=30), s.log()
+    assert s.process.returncode != 0
+    assert "stopped while starting" in s.log()
+
+
+def test_replicas_exit_when_their_deployment_dies_while_they_load(starting):
+    """A replica took its parent's pid only once loaded: one whose deployment was
+    killed meanwhile ran on for ever, invisible to mii list and mii terminate."""
+    s = starting()
+    os.kill(s.process.pid, signal.SIGKILL)
+    s.process.wait()
+    assert wait_until(lambda: s.gone(s.replica_pids), timeout=30)
+
+
+async def test_a_replica_gives_up_its_start_when_told_to_stop_or_orphaned():
+    """While the model loads (here: never), a Terminate call or the deployment's end
+    ends the wait within its half-second poll; a load that ends first is returned."""
+    import asyncio
+
+    from mii.rpc.replica import _StopWhileStarting, _unless_stopped
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    never = loop.create_future()
+    loop.call_later(0.1, stop.set)
+    with pytest.raises(_StopWhileStarting):
+        await asyncio.wait_for(_unless_stopped(never, stop, lambda: False), 5)
+    orphaned = iter([False, True])
+    with pytest.raises(_StopWhileStarting):
+        await asyncio.wait_for(_unless_stopped(never, asyncio.Event(), lambda: next(orphaned)), 5)
+    loaded = loop.create_future()
+    loop.call_later(0.1, loaded.set_result, "engine")
+    assert await _unless_stopped(loaded, asyncio.Event(), lambda: False) == "engine"
+    never.cancel()
