@@ -4,7 +4,10 @@ A replica polls its parent between calls, but one still loading a model (minutes
 in a thread that may hold the GIL) cannot poll: a deployment killed meanwhile
 left it running for ever, holding its GPUs and its port, invisible to mii list.
 On Linux the kernel kills it instead (PR_SET_PDEATHSIG), the moment the process
-that started it ends.
+that started it ends. (The kernel watches the *thread* that started it: a
+deployment starts its replicas from its event loop, on its main thread, which
+lives as long as the process; a process started from a short-lived thread must
+not use this.)
 """
 
 from __future__ import annotations
