@@ -241,6 +241,18 @@ OPEN_SCHEMAS = [
     {"type": ["array", "null"], "minItems": 1, "maxItems": 2},  # OpenAI's optional field
     # a value that looks like a schema is a value: kept as written
     {"type": "object", "const": {"type": "string", "maxLength": 2}},
+    # draft-04's exclusive bounds, flags on minimum / maximum (xgrammar refused them:
+    # "Value must be a number"); checked by the draft-04 validator (check reads $schema)
+    {
+        "$schema": "http://json-schema.org/draft-04/schema#",
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 0, "exclusiveMinimum": True},
+            "m": {"type": "integer", "maximum": 3, "exclusiveMaximum": True, "minimum": 2},
+            "k": {"type": "integer", "minimum": 5, "maximum": 5, "exclusiveMaximum": False},
+        },
+        "required": ["n", "m", "k"],
+    },
 ]
 
 

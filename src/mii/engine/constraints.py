@@ -62,7 +62,8 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
     """``schema`` with each array without ``items`` or ``prefixItems`` given
     ``"items": {}`` (what JSON Schema means by leaving it out): xgrammar (0.2.x)
     reads it so for a bare array but as "no items" once ``minItems`` is given (and
-    refuses it)."""
+    refuses it); and draft-04's boolean ``exclusiveMinimum`` / ``exclusiveMaximum``
+    in the numeric form of later drafts, the only one xgrammar reads."""
     if isinstance(schema, list):
         return [_as_xgrammar_reads_it(item) for item in schema]
     if not isinstance(schema, dict):
@@ -75,6 +76,12 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
             out[key] = {name: _as_xgrammar_reads_it(sub) for name, sub in value.items()}
         else:
             out[key] = _as_xgrammar_reads_it(value)
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        flag = out.get(exclusive)
+        if isinstance(flag, bool):  # draft-04's form, a flag on the bound: xgrammar wants
+            del out[exclusive]  # the bound itself ("Value must be a number")
+            if flag and bound in out:
+                out[exclusive] = out.pop(bound)
     kind = out.get("type")
     is_array = kind == "array" or (isinstance(kind, list) and "array" in kind)
     if is_array and "items" not in out and "prefixItems" not in out:
