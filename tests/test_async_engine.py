@@ -829,3 +829,113 @@ def test_a_stream_left_waiting_in_a_closed_loop_does_not_stop_the_next_loop(llam
     loop.run_until_complete(leave_a_reader_waiting())
     loop.close()
     asyncio.run(asyncio.wait_for(next_loop(), 60))
+
+
+def _watched_core(engine: mii.AsyncEngine, pass_s: float = 0.05):
+    """The engine's core with passes of at least ``pass_s`` (``in_pass`` set during one)
+    and a record of adds and aborts made while a pass ran (``overlaps``)."""
+    core, in_pass, overlaps = engine.core, threading.Event(), []
+    step, add, abort = core.step, core.add, core.abort
+
+    def slow_step():
+        in_pass.set()
+        try:
+            time.sleep(pass_s)
+            return step()
+        finally:
+            in_pass.clear()
+
+    def watched(call):
+        def inner(*args):
+            if in_pass.is_set():
+                overlaps.append(call.__name__)
+            return call(*args)
+
+        return inner
+
+    core.step, core.add, core.abort = slow_step, watched(add), watched(abort)
+    return in_pass, overlaps
+
+
+def test_a_driver_that_waited_for_the_engine_thread_looks_again_before_touching_the_core(llama):
+    """Loop A stops mid-pass; loop B submits and stops while its task waits for the
+    engine thread; A runs again and stops mid-pass; B resumes: its task took the
+    core after that wait without looking whether A had driven meanwhile, and added
+    a request while A's pass ran."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=200)
+    in_pass, overlaps = _watched_core(engine)
+    loop_a, loop_b = asyncio.new_event_loop(), asyncio.new_event_loop()
+    kept = []
+
+    async def until_in_pass():
+        while not in_pass.is_set():
+            await asyncio.sleep(0.001)
+
+    async def submit(prompt):
+        kept.append(await engine.open_stream(prompt, max_new_tokens=40, ignore_eos=True))
+
+    try:
+        loop_a.run_until_complete(submit(PROMPTS[0]))
+        loop_a.run_until_complete(until_in_pass())  # A stops mid-pass
+        loop_b.run_until_complete(submit(PROMPTS[1]))  # B's task waits for the thread
+        loop_a.run_until_complete(asyncio.sleep(0.2))  # A drives again ...
+        loop_a.run_until_complete(until_in_pass())  # ... and stops mid-pass
+        loop_b.run_until_complete(submit(PROMPTS[2]))  # B resumes, with an add to make
+        loop_b.run_until_complete(asyncio.sleep(0.2))
+        assert overlaps == []
+        for loop in (loop_a, loop_b):
+            loop.run_until_complete(engine.wait_idle())
+        loop_b.run_until_complete(engine.aclose())
+    finally:
+        loop_a.close()
+        loop_b.close()
+
+
+def test_an_abort_waited_for_in_a_closed_loop_does_not_stop_the_next_loop(llama):
+    """An abort requested in a loop that stopped mid-pass and was closed: the next
+    loop's task applies it, and waking its closed loop's waiter ("Event loop is
+    closed") ended that task: the next loop's requests waited for ever."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=200)
+    in_pass, _ = _watched_core(engine)
+    loop, kept = asyncio.new_event_loop(), []
+
+    async def leave_an_abort_waiting():
+        pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=200, ignore_eos=True)
+        await anext(pieces)
+        while not in_pass.is_set():
+            await asyncio.sleep(0.001)
+        kept.append((pieces, asyncio.ensure_future(engine.abort(pieces.request_id))))
+        await asyncio.sleep(0)  # the abort is queued; its caller waits for it
+
+    async def next_loop():
+        [answer] = await engine.generate(PROMPTS[1], max_new_tokens=3)
+        assert answer.generated_length == 3
+        await engine.wait_idle()
+        assert_all_blocks_free(engine)
+        await engine.aclose()
+
+    loop.run_until_complete(leave_an_abort_waiting())
+    loop.close()
+    asyncio.run(asyncio.wait_for(next_loop(), 60))
+
+
+def test_abort_in_a_new_loop_of_a_request_an_idle_closed_loop_left(llama):
+    """A request finished but unread in a loop that was closed, its engine task idle:
+    abort() from the next loop raised "Event loop is closed" (it woke that task)."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4)
+    loop, kept = asyncio.new_event_loop(), []
+
+    async def leave_it_unread():
+        kept.append(await engine.open_stream(PROMPTS[0], max_new_tokens=3, ignore_eos=True))
+        await engine.wait_idle()
+
+    async def next_loop():
+        await engine.abort(kept[0].request_id)
+        [answer] = await engine.generate(PROMPTS[1], max_new_tokens=2)
+        assert answer.generated_length == 2
+        assert_all_blocks_free(engine)
+        await engine.aclose()
+
+    loop.run_until_complete(leave_it_unread())
+    loop.close()
+    asyncio.run(asyncio.wait_for(next_loop(), 60))

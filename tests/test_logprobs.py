@@ -534,6 +534,28 @@ def test_streamed_responses_deltas_carry_their_tokens_logprobs(served):
     assert "".join(e.token for e in streamed) == done.text
     plain = list(oai.responses.create(stream=True, **options))
     assert all(e.logprobs == [] for e in plain if e.type == "response.output_text.delta")
+    # A stop string cuts the text of the tokens that wrote it, not their logprobs: they
+    # come in a last delta (they were in the done event only).
+    tokens = [e.token for e in done.logprobs]
+    # A token that begins a delta (the text before it was sent) and writes the first
+    # occurrence of its text: as the stop string, it cuts its own text, nothing else.
+    at = None
+    for sent, delta in enumerate(deltas):
+        first = delta.logprobs[0].token
+        whole = first.strip() and "\ufffd" not in first and delta.delta.startswith(first)
+        if sent and whole and done.text.find(first) == sum(len(d.delta) for d in deltas[:sent]):
+            at = sum(len(d.logprobs) for d in deltas[:sent])
+            break
+    assert at is not None, [(d.delta, [e.token for e in d.logprobs]) for d in deltas]
+    stop = {"stop": [tokens[at]]}
+    events = list(oai.responses.create(top_logprobs=2, stream=True, extra_body=stop, **options))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    [done] = [e for e in events if e.type == "response.output_text.done"]
+    [completed] = [e for e in events if e.type == "response.completed"]
+    streamed = [entry for d in deltas for entry in d.logprobs]
+    assert len(streamed) == completed.response.usage.output_tokens == at + 1
+    assert [e.token for e in streamed] == [e.token for e in done.logprobs] == tokens[: at + 1]
+    assert "".join(d.delta for d in deltas) == done.text == "".join(tokens[:at])
 
 
 def test_an_aborted_requests_prompt_scores_never_reach_a_new_request_of_its_id(

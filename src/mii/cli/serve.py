@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -202,29 +203,36 @@ async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
         nonlocal signalled
         serving = announcer.done() and not announcer.cancelled()
         if serving:  # drain: refuse new requests, let those in flight finish
-            if shutdown.stop.is_set():
-                print("[mii] ending the requests in flight now...", file=sys.stderr, flush=True)
-            else:
-                grace = config.shutdown_grace_s
-                print(
-                    f"\n[mii] stopping: in-flight requests get up to {grace:g} s "
-                    "(Ctrl-C again ends them now)...",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            again = shutdown.stop.is_set()
             signalled = True
             shutdown.request()
+            if again:
+                _say("[mii] ending the requests in flight now...")
+            else:
+                grace = config.shutdown_grace_s
+                _say(
+                    f"\n[mii] stopping: in-flight requests get up to {grace:g} s "
+                    "(Ctrl-C again ends them now)..."
+                )
             return
         if signalled:
-            print("[mii] already stopping...", file=sys.stderr, flush=True)
+            _say("[mii] already stopping...")
             return
         signalled = True
-        print("\n[mii] stopping...", file=sys.stderr, flush=True)
         task.cancel()
+        _say("\n[mii] stopping...")
+
+    terminal = [fd for fd in (1, 2) if _is_terminal(fd)]  # (asked now: a hung-up one fails)
+
+    def on_hangup() -> None:
+        # The terminal is gone: what is written to it from now on fails (EIO), the drain's
+        # messages too; they go nowhere instead. Then stop as on Ctrl-C.
+        _away_from(terminal)
+        on_signal()
 
     signals = stop_signals()
     for sig in signals:
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_hangup if sig == signal.SIGHUP else on_signal)
     announcer = asyncio.create_task(_announce(config))
     try:
         await task
@@ -236,6 +244,31 @@ async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
         for sig in signals:
             loop.remove_signal_handler(sig)
     return signalled
+
+
+def _say(message: str) -> None:
+    """A line on stderr, if it can still be written (a terminal that hung up: EIO)."""
+    with contextlib.suppress(OSError):
+        print(message, file=sys.stderr, flush=True)
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
+def _away_from(fds: list[int]) -> None:
+    """Point ``fds`` (the hung-up terminal's) at /dev/null."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in fds:
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 async def _announce(config: DeploymentConfig) -> None:

@@ -27,50 +27,16 @@ from mii.engine.answer_stream import DONE as _DONE
 from mii.engine.answer_stream import AnswerStream, StreamReleases
 from mii.engine.core import EngineCore, StepOutput
 from mii.engine.loop_drivers import FinishedPasses, LoopDrivers
+from mii.engine.request_sinks import Aborting, Collector, put
 from mii.engine.request_stats import TokenCounters
 from mii.errors import EngineClosedError
 from mii.prompts import Prompt, one_streamed_prompt, prompt_batch
-from mii.response import Response, join_pieces
+from mii.response import Response
 
 # Text prompts at least this long are tokenized in a worker thread (the fast
 # tokenizers release the GIL): a 10 MB prompt takes seconds to tokenize, and on
 # the event loop it stalled every other request of the engine.
 OFFLOAD_TOKENIZE_CHARS = 16 * 1024
-
-
-class _Aborting:
-    """Holds a request id in ``_queues`` from the moment its abort is queued until
-    the engine loop applies it, so that the id cannot be reused in between (the
-    queued abort would otherwise hit the new request, or its outputs leak into it)."""
-
-    def __init__(self) -> None:
-        self.applied = asyncio.Event()  # set once the id is free again
-
-    def put_nowait(self, item: object) -> None:
-        pass  # late output of an aborted request goes nowhere
-
-
-class _Collector:
-    """Gathers one request's pieces for ``generate`` as they are delivered, without
-    waking a task for every token (at hundreds of requests per pass, that matters)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.pieces: list[Response] = []
-        self.done: asyncio.Future = loop.create_future()
-        self.finished = False
-
-    def put_nowait(self, item: object) -> None:
-        if self.done.done():
-            return
-        if isinstance(item, BaseException):
-            self.finished = True
-            self.done.set_exception(item)
-            return
-        if item is not _DONE:
-            self.pieces.append(item)
-        if item is _DONE or item.finish_reason is not None:
-            self.finished = item is not _DONE
-            self.done.set_result(join_pieces(self.pieces, "abort" if item is _DONE else None))
 
 
 class AsyncEngine:
@@ -94,7 +60,7 @@ class AsyncEngine:
         self.config = self.core.config  # with the device's scheduling defaults filled in
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mii-engine")
         self._queues: dict[str, asyncio.Queue] = {}
-        self._aborting = 0  # entries of _queues that are _Aborting (admission skips them)
+        self._aborting = 0  # entries of _queues that are Aborting (admission skips them)
         self._ended: dict[str, object] = {}  # id -> the queue of its unread last piece
         self._pending_add: list[Any] = []
         self._pending_abort: list[str] = []
@@ -170,10 +136,10 @@ class AsyncEngine:
         grammar = await self._compile_constraint(checked)
         self._admit()  # the whole call, before any of its prompts is queued
         loop = asyncio.get_running_loop()
-        submitted: list[tuple[str, _Collector]] = []
+        submitted: list[tuple[str, Collector]] = []
         try:
             for prompt in prompts:
-                collector = _Collector(loop)
+                collector = Collector(loop)
                 if callbacks is not None:
                     collector.done.add_done_callback(callbacks.done)
                 prompt_ids = await self._tokenize_large(prompt, checked)
@@ -197,7 +163,7 @@ class AsyncEngine:
         and free its KV blocks. Its stream ends with an empty piece whose
         ``finish_reason`` is "abort". (A ``generate`` call ends by cancelling its task.)"""
         queue = self._queues.get(request_id)
-        if queue is not None and not isinstance(queue, _Aborting):
+        if queue is not None and not isinstance(queue, Aborting):
             queue.put_nowait(_DONE)
             self._request_abort(request_id, owner=queue)
         await self._until_free(request_id)  # the id may be used again on return
@@ -208,8 +174,8 @@ class AsyncEngine:
             return
         self._closed = True
         for queue in list(self._queues.values()):
-            _put(queue, EngineClosedError("the engine was closed"))
-            if isinstance(queue, _Aborting):
+            put(queue, EngineClosedError("the engine was closed"))
+            if isinstance(queue, Aborting):
                 with contextlib.suppress(RuntimeError):  # (its waiter's loop was closed)
                     queue.applied.set()  # nobody waits for an abort the loop will not apply
         try:
@@ -275,7 +241,7 @@ class AsyncEngine:
         """Wait until the abort of ``request_id`` (if one is under way: a consumer
         that left, ``abort``) has been applied, so the id names nothing."""
         entry = self._queues.get(request_id) if request_id is not None else None
-        if isinstance(entry, _Aborting) and not self._closed:
+        if isinstance(entry, Aborting) and not self._closed:
             # Only the engine loop applies aborts: after an event loop ended with one
             # pending, this (new) loop's engine task must run to apply it.
             self._drivers.ensure()
@@ -349,11 +315,14 @@ class AsyncEngine:
         consumes; the id stays reserved until the loop has applied it."""
         if self._queues.get(request_id) is not owner:
             return  # that request already ended, or its id is being aborted already
-        self._queues[request_id] = _Aborting()
+        self._queues[request_id] = Aborting()
         self._aborting += 1
         self._pending_abort.append(request_id)
-        if self._drivers.wakeup is not None:
-            self._drivers.wakeup.set()
+        if not self._closed:
+            with contextlib.suppress(RuntimeError):  # (another loop runs, elsewhere)
+                self._drivers.ensure()  # this loop's driver applies it
+            with contextlib.suppress(RuntimeError):  # (a wakeup of a closed loop)
+                self._drivers.wakeup.set()
 
     async def _run(self, wakeup: asyncio.Event) -> None:
         """The engine loop of one event loop (LoopDrivers starts it)."""
@@ -369,6 +338,7 @@ class AsyncEngine:
                 # thread: the core is touched here only once it is done (the thread
                 # runs one job at a time, in order), never by both at once.
                 await loop.run_in_executor(self._executor, _nothing)
+                continue  # (this loop may have stopped meanwhile, and another driven)
             self._deliver(self._finished.take())  # (in the order of their passes)
             if not self._busy():
                 await wakeup.wait()
@@ -406,17 +376,18 @@ class AsyncEngine:
         for request_id in aborts:
             self.core.abort(request_id)
             entry = self._queues.get(request_id)
-            if isinstance(entry, _Aborting):
+            if isinstance(entry, Aborting):
                 del self._queues[request_id]  # the id may be used again
                 self._aborting -= 1
-                entry.applied.set()
+                with contextlib.suppress(RuntimeError):  # (its waiter's loop was closed)
+                    entry.applied.set()
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
             queue = self._queues.get(out.request_id)
             if queue is None:
                 continue  # the consumer is gone; an abort is already queued
-            if not _put(queue, out.error if out.error is not None else out.piece):
+            if not put(queue, out.error if out.error is not None else out.piece):
                 self._request_abort(out.request_id, owner=queue)  # its loop was closed
                 continue
             ended = out.error is not None or (out.piece and out.piece.finish_reason is not None)
@@ -427,16 +398,6 @@ class AsyncEngine:
         for request_id in list(self.core.sequences):
             self.core.abort(request_id)
         self.core.release()
-
-
-def _put(queue: Any, item: object) -> bool:
-    """Hand ``item`` to a request's consumer; False when the event loop its reader
-    waits in was closed (a stream left open in a loop that ended without ending it)."""
-    try:
-        queue.put_nowait(item)
-    except RuntimeError:  # "Event loop is closed", from waking that reader
-        return False
-    return True
 
 
 def _nothing() -> None:

@@ -188,8 +188,8 @@ class MiiClient:
         name = self.deployment_name
         if name is None:
             return None
-        try:
-            info = registry.lookup(name)
+        try:  # (one starting again, at this address, comes back: nothing to say)
+            info = registry.lookup(name, include_starting=True)
         except OSError:  # the registry folder cannot be read: say only what gRPC said
             return None
         if info is None:

@@ -40,7 +40,11 @@ from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import host_port, listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 from mii.rpc.proto_parse import add_mii_servicer
-from mii.rpc.startup_errors import read_startup_error, run_reporting_errors
+from mii.rpc.startup_errors import (
+    StoppedWhileStarting,
+    read_startup_error,
+    run_reporting_errors,
+)
 from mii.rpc.stats_log import capacity_line, log_stats
 from mii.rpc.supervisor import RestartPolicy, Supervisor
 
@@ -231,6 +235,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         )
 
     try:
+        record(starting=True)  # (again below, with its replicas' pids)
         for i, replica_config in enumerate(_replica_configs(config)):
             log = registry.log_path(name).with_suffix(f".replica{i}.log")
             replicas.append(ReplicaProcess(i, replica_config, log, token))
@@ -358,7 +363,7 @@ async def _wait_for_replicas(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if stop.is_set():
-            raise DeploymentError(
+            raise StoppedWhileStarting(
                 "stopped while starting (a signal or mii terminate); its replicas were "
                 "still loading the model"
             )

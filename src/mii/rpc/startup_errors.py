@@ -22,11 +22,20 @@ STARTUP_ERROR = "MII_STARTUP_ERROR"
 _TAIL_LINES = 20  # of a log without the marker line (e.g. a hard crash)
 
 
+class StoppedWhileStarting(MiiError):
+    """The process was told to stop (a signal, mii terminate) before it served: said
+    like an error (the starter raises it), but the exit is a clean one (code 0: a
+    service manager's stop is no failure)."""
+
+
 def run_reporting_errors(main: Coroutine[Any, Any, Any], with_traceback: bool = False) -> int:
     """Run a server process's ``main`` coroutine; its exit code (1 on an error,
-    after writing the marker line to stderr)."""
+    after writing the marker line to stderr; 0 after it for StoppedWhileStarting)."""
     try:
         run_event_loop(main)
+    except StoppedWhileStarting as err:
+        print(f"{STARTUP_ERROR} {err}", file=sys.stderr, flush=True)
+        return 0
     except Exception as err:
         if with_traceback:
             traceback.print_exc()

@@ -227,12 +227,20 @@ def _how_it_ended(process: _Process) -> str:
     """ "exited with code N: REASON", or "was killed by SIGKILL" for a process a signal
     ended (its log's last line says nothing of why: it quoted "converted in 8.3 s")."""
     code = process.exit_code()
-    if code is not None and code < 0:
+    if code is not None and -code in _STOP_SIGNALS:
+        return f"was killed by {signal.Signals(-code).name}"
+    if code is not None and code < 0:  # a crash (SIGSEGV, SIGABRT): its log may say why
         try:
-            return f"was killed by {signal.Signals(-code).name}"
+            name = signal.Signals(-code).name
         except ValueError:
-            return f"was killed by signal {-code}"
+            name = f"signal {-code}"
+        return f"died of {name}{_why(process.failure())}"
     return f"exited with code {code}{_why(process.failure())}"
+
+
+# Signals that stop a process from outside (a user, the OOM killer): its log's last
+# line does not say why.
+_STOP_SIGNALS = frozenset((signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
 
 def _times(count: int) -> str:

@@ -254,6 +254,11 @@ async def _events(
                 delta = piece.generated_text
                 logprobs = (held.take(0, delta) or {}).get("content") or []
                 yield event("response.output_text.delta", **at, delta=delta, logprobs=logprobs)
+        # Tokens whose text never came (the end-of-text token, text a stop string cut):
+        # their logprobs in a last, empty delta, so that the deltas hold every token's.
+        rest = (held.take(0, "") or {}).get("content") if text_live else None
+        if rest:
+            yield event("response.output_text.delta", **at, delta="", logprobs=rest)
         whole = _finished(obj, answer, join_pieces(collected))
         for index, output in enumerate(whole["output"]):
             for line in _item_events(event, index, output, announced=text_live and index == 0):
