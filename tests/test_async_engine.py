@@ -626,26 +626,8 @@ def test_a_new_event_loop_waits_for_the_pass_an_ended_one_left_running(llama):
     engine task touches the core (adding and aborting requests) only after it: the
     core never has two callers at once."""
     engine = mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=200)
-    core, in_pass, overlaps = engine.core, threading.Event(), []
-    step, add, abort = core.step, core.add, core.abort
-
-    def timed_step():
-        in_pass.set()
-        try:
-            time.sleep(0.05)  # a pass long enough that the next loop starts within it
-            return step()
-        finally:
-            in_pass.clear()
-
-    def watched(call):
-        def inner(*args):
-            if in_pass.is_set():
-                overlaps.append(call.__name__)
-            return call(*args)
-
-        return inner
-
-    core.step, core.add, core.abort = timed_step, watched(add), watched(abort)
+    # (passes long enough that the next loop starts within one)
+    in_pass, overlaps = _watched_core(engine)
 
     async def leave_running():
         for prompt in PROMPTS:
@@ -723,18 +705,7 @@ def test_a_loop_resumed_after_another_ran_the_engine_gets_its_pieces_in_order(ll
     engine = mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=200)
     options = dict(max_new_tokens=12, ignore_eos=True, **GREEDY)
     [expected] = asyncio.run(engine.generate(PROMPTS[0], **options))
-    core, in_pass = engine.core, threading.Event()
-    step = core.step
-
-    def slow_step():
-        in_pass.set()
-        try:
-            time.sleep(0.05)  # long enough for this loop to stop within it
-            return step()
-        finally:
-            in_pass.clear()
-
-    core.step = slow_step
+    in_pass, _ = _watched_core(engine)  # (passes long enough for a loop to stop within)
     first_loop = asyncio.new_event_loop()
 
     async def open_and_leave_a_pass_running():
@@ -791,8 +762,24 @@ def test_aclose_with_a_stream_left_open_in_a_closed_event_loop(llama):
     """A stream (and a reader waiting on it) left in a loop that was then closed: aclose
     from a new loop ends everything and releases the model without touching that loop."""
     engine = mii.AsyncEngine(llama, kv_block_size=4)
-    loop = asyncio.new_event_loop()
-    kept = []
+    kept = _leave_a_reader_waiting_in_a_closed_loop(engine)
+    asyncio.run(engine.aclose())
+    assert engine.core.model is None and kept
+
+
+def test_a_stream_left_waiting_in_a_closed_loop_does_not_stop_the_next_loop(llama):
+    """The next loop's engine task delivers to a reader of a closed loop: that request
+    is aborted (delivering raised "Event loop is closed" and ended the engine task)."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4)
+    kept = _leave_a_reader_waiting_in_a_closed_loop(engine)
+    _the_next_loop_serves(engine)
+    assert kept  # (held to the end: not a dropped stream, which is aborted)
+
+
+def _leave_a_reader_waiting_in_a_closed_loop(engine: mii.AsyncEngine) -> list:
+    """A stream generating, and a reader waiting on it, in a loop then closed (as a
+    test framework's loop per test may leave them); what to keep referenced."""
+    loop, kept = asyncio.new_event_loop(), []
 
     async def leave_a_reader_waiting():
         pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=200, ignore_eos=True)
@@ -802,22 +789,11 @@ def test_aclose_with_a_stream_left_open_in_a_closed_event_loop(llama):
 
     loop.run_until_complete(leave_a_reader_waiting())
     loop.close()
-    asyncio.run(engine.aclose())
-    assert engine.core.model is None
+    return kept
 
 
-def test_a_stream_left_waiting_in_a_closed_loop_does_not_stop_the_next_loop(llama):
-    """The next loop's engine task delivers to a reader of a closed loop: that request
-    is aborted (delivering raised "Event loop is closed" and ended the engine task)."""
-    engine = mii.AsyncEngine(llama, kv_block_size=4)
-    loop = asyncio.new_event_loop()
-    kept = []
-
-    async def leave_a_reader_waiting():
-        pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=200, ignore_eos=True)
-        await anext(pieces)
-        kept.append((pieces, asyncio.ensure_future(anext(pieces))))
-        await asyncio.sleep(0)
+def _the_next_loop_serves(engine: mii.AsyncEngine) -> None:
+    """A new loop gets an answer, and then every KV block is free; closes the engine."""
 
     async def next_loop():
         [answer] = await engine.generate(PROMPTS[1], max_new_tokens=3)
@@ -826,8 +802,6 @@ def test_a_stream_left_waiting_in_a_closed_loop_does_not_stop_the_next_loop(llam
         assert_all_blocks_free(engine)
         await engine.aclose()
 
-    loop.run_until_complete(leave_a_reader_waiting())
-    loop.close()
     asyncio.run(asyncio.wait_for(next_loop(), 60))
 
 
@@ -907,16 +881,9 @@ def test_an_abort_waited_for_in_a_closed_loop_does_not_stop_the_next_loop(llama)
         kept.append((pieces, asyncio.ensure_future(engine.abort(pieces.request_id))))
         await asyncio.sleep(0)  # the abort is queued; its caller waits for it
 
-    async def next_loop():
-        [answer] = await engine.generate(PROMPTS[1], max_new_tokens=3)
-        assert answer.generated_length == 3
-        await engine.wait_idle()
-        assert_all_blocks_free(engine)
-        await engine.aclose()
-
     loop.run_until_complete(leave_an_abort_waiting())
     loop.close()
-    asyncio.run(asyncio.wait_for(next_loop(), 60))
+    _the_next_loop_serves(engine)
 
 
 def test_abort_in_a_new_loop_of_a_request_an_idle_closed_loop_left(llama):

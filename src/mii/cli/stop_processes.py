@@ -55,7 +55,6 @@ def signal_unresponsive(
     stopped one) to its processes, as Ctrl-C on ``mii serve`` would (it drains),
     and wait ``timeout`` s for them. One already stopping is only waited for (a
     second stop request would cut its drain short)."""
-    from mii.rpc.client import wait_gone
 
     pids = _local_pids(name, info, "a deployment that does not answer")
     if info and info.get("stopping"):
@@ -64,10 +63,7 @@ def signal_unresponsive(
         print(f"{err}; sending SIGTERM to its processes {pids}", file=sys.stderr)
         send(pids, signal.SIGTERM)
         send(pids, signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
-    try:
-        wait_gone(pids, timeout)
-    except TimeoutError as still:
-        raise CliError(f"{still}; mii terminate {name} --force kills them") from None
+    _wait_gone(name, pids, timeout)
     print(f"terminated {name} (with SIGTERM: it did not answer)")
     return 0
 
@@ -75,17 +71,23 @@ def signal_unresponsive(
 def stop_starting(info: dict[str, Any], timeout: float) -> int:
     """A deployment still loading its model: SIGTERM to its processes (it stops its
     replicas, which exit at once while they load) and wait ``timeout`` s for them."""
-    from mii.rpc.client import wait_gone
 
     name = info["deployment_name"]
     pids = _local_pids(name, info, "stopping a deployment that is starting")
     send(pids, signal.SIGTERM)
+    _wait_gone(name, pids, timeout)
+    print(f"terminated {name} (it was still starting)")
+    return 0
+
+
+def _wait_gone(name: str, pids: list[int], timeout: float) -> None:
+    """Wait ``timeout`` s for ``pids`` to exit; CliError naming --force if they do not."""
+    from mii.rpc.client import wait_gone
+
     try:
         wait_gone(pids, timeout)
     except TimeoutError as still:
         raise CliError(f"{still}; mii terminate {name} --force kills them") from None
-    print(f"terminated {name} (it was still starting)")
-    return 0
 
 
 def kill(name: str, info: dict[str, Any] | None) -> int:
