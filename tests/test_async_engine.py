@@ -906,3 +906,67 @@ def test_abort_in_a_new_loop_of_a_request_an_idle_closed_loop_left(llama):
     loop.run_until_complete(leave_it_unread())
     loop.close()
     asyncio.run(asyncio.wait_for(next_loop(), 60))
+
+
+def test_a_generate_left_in_a_closed_loop_is_aborted_not_run_to_its_end(llama):
+    """generate() pending when its loop was closed (not cancelled): its requests were
+    generated to their end for a caller that was gone; they are aborted, as a
+    stream's are."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=400)
+    loop = asyncio.new_event_loop()
+    left = loop.create_task(engine.generate(PROMPTS[:2], max_new_tokens=200, ignore_eos=True))
+
+    async def until_generating():
+        while engine.stats()["generation_tokens"] < 2:
+            await asyncio.sleep(0.001)
+
+    loop.run_until_complete(until_generating())
+    loop.close()
+
+    async def next_loop():
+        before = engine.stats()["generation_tokens"]
+        await asyncio.wait_for(engine.wait_idle(), 60)
+        assert not left.done()  # (its loop is gone: it never ends)
+        # the passes under way when the loop closed, and the one that found it so (the
+        # whole answers were 2 x 198 more)
+        assert engine.stats()["generation_tokens"] - before <= 2 * 4
+        assert_all_blocks_free(engine)
+        await engine.aclose()
+
+    asyncio.run(next_loop())
+
+
+def test_abort_from_a_second_running_loop_is_refused_before_it_changes_anything(llama):
+    """abort() from another thread's loop while the engine's runs: it changed the
+    engine's state from the wrong thread, and then raised."""
+    engine = mii.AsyncEngine(llama, kv_block_size=4)
+    outcome = {}
+
+    async def main():
+        pieces = await engine.open_stream(PROMPTS[0], max_new_tokens=30, ignore_eos=True)
+        await anext(pieces)
+
+        def other_thread():
+            try:
+                asyncio.run(engine.abort(pieces.request_id))
+            except RuntimeError as err:
+                outcome["error"] = str(err)
+
+        await asyncio.to_thread(other_thread)
+        rest = [p async for p in pieces]
+        outcome["finish"] = rest[-1].finish_reason
+        await engine.aclose()
+
+    asyncio.run(main())
+    assert "one event loop at a time" in outcome["error"]
+    assert outcome["finish"] == "length"  # not aborted: the refused call changed nothing
+
+
+async def test_a_second_aclose_returns_once_the_model_is_released(llama):
+    engine = mii.AsyncEngine(llama, kv_block_size=4)
+    await engine.generate(PROMPTS[0], max_new_tokens=2)
+    first = asyncio.create_task(engine.aclose())
+    await asyncio.sleep(0)
+    await engine.aclose()  # returned at once, while the first was still releasing
+    assert engine.core.model is None
+    await first

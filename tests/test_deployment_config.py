@@ -111,6 +111,21 @@ def test_a_starters_startup_error_names_its_type_once(tmp_path):
     )
 
 
+def test_a_starter_killed_by_a_signal_is_said_so(tmp_path):
+    """A process killed while it started said "exited with code -9:" and a blank line."""
+    from mii.rpc.startup_errors import read_startup_error
+
+    log = tmp_path / "replica0.log"
+    log.write_text("")
+    assert read_startup_error(log, "replica 0", -9) == "replica 0 was killed by SIGKILL"
+    log.write_text("loading the model\n")
+    assert read_startup_error(log, "replica 0", -11) == (
+        "replica 0 was killed by SIGSEGV:\nloading the model"
+    )
+    exited = read_startup_error(log, "replica 0", 3)
+    assert exited == "replica 0 exited with code 3:\nloading the model"
+
+
 def test_a_server_reports_mii_errors_in_words_and_others_with_their_type(capsys):
     """The HTTP port in use read "GatewayError: cannot listen on ..." in mii serve's
     error: mii's own errors are worded for the user, their class adds nothing."""

@@ -37,14 +37,20 @@ def draining_deployment(tmp_path, checkpoints, monkeypatch):
     monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("MII_PASS_DELAY_S", "0.1")  # inherited by the deployment's processes
     rest_port = free_port()
-    client = mii.serve(
-        str(checkpoints("llama")[0]),
-        deployment_name=NAME,
-        port=free_port(),
-        enable_restful_api=True,
-        restful_api_port=rest_port,
-        shutdown_grace_s=GRACE_S,
-    )
+    # SIGHUP as a login shell leaves it (a test run under nohup passes its ignored
+    # SIGHUP on, which the deployment then rightly keeps ignoring)
+    hangup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        client = mii.serve(
+            str(checkpoints("llama")[0]),
+            deployment_name=NAME,
+            port=free_port(),
+            enable_restful_api=True,
+            restful_api_port=rest_port,
+            shutdown_grace_s=GRACE_S,
+        )
+    finally:
+        signal.signal(signal.SIGHUP, hangup)
     info = registry.lookup(NAME)
     yield client, info, f"http://127.0.0.1:{rest_port}"
     for pid in (info["pid"], *info["replica_pids"]):

@@ -170,3 +170,12 @@ async def test_a_replica_gives_up_its_start_when_told_to_stop_or_orphaned():
     loop.call_later(0.1, loaded.set_result, "engine")
     assert await _unless_stopped(loaded, asyncio.Event(), lambda: False) == "engine"
     never.cancel()
+
+
+def test_mii_terminate_stops_a_starting_deployment_that_was_stopped(starting, capsys):
+    """A starting deployment stopped with SIGSTOP: SIGTERM alone never reached it
+    (it stayed stopped, and terminate timed out naming processes already gone)."""
+    s = starting()
+    os.kill(s.process.pid, signal.SIGSTOP)
+    assert mii_main(["terminate", s.name, "--timeout", "60"]) == 0
+    assert s.gone(s.pids())

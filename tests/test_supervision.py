@@ -346,6 +346,8 @@ def test_the_restart_log_line_says_why_once():
     # The log's last line, not the "exited with code" preamble the line already says.
     assert _why("replica 0 exited with code -9:\nloading the model\nKilled") == ": Killed"
     assert _why("replica 0 exited with code 1:\n") == ""
+    assert _why("replica 0 was killed by SIGSEGV:\nSegmentation fault") == ": Segmentation fault"
+    assert _why("replica 0 was killed by SIGSEGV") == ""  # (nothing in its log)
     assert _why("the model directory does not exist") == ": the model directory does not exist"
     assert _why(None) == ""
 
@@ -367,7 +369,7 @@ def test_the_restart_log_line_names_the_signal_and_counts_in_words(capsys):
     processes[0].code = -11  # a crash: the log's end may say why
     supervisor.tick(1002.0)
     said = capsys.readouterr().err
-    assert "died of SIGSEGV: replica exited with code -11; it was restarted once in" in said
+    assert "(pid 7) died of SIGSEGV; it was restarted once in" in said
 
 
 class FakeReplica(SimpleNamespace):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shlex
@@ -110,7 +109,11 @@ def _naming_the_flag(err: Exception) -> CliError:
 
 def serve(args: argparse.Namespace) -> int:
     from mii.rpc.event_loop import run_event_loop
+    from mii.rpc.lasting_output import outlast_readers
 
+    # Ctrl-C also ends `| tee`, and a closed terminal fails every write: the drain
+    # that follows must not fail on its messages (it cut the streams it let finish).
+    outlast_readers()
     config = serve_config(args)
     if config.on_ray:  # replicas on a Ray cluster (docs/multi_node.md)
         from mii.ray_backend import require_ray
@@ -222,17 +225,9 @@ async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
         task.cancel()
         _say("\n[mii] stopping...")
 
-    terminal = [fd for fd in (1, 2) if _is_terminal(fd)]  # (asked now: a hung-up one fails)
-
-    def on_hangup() -> None:
-        # The terminal is gone: what is written to it from now on fails (EIO), the drain's
-        # messages too; they go nowhere instead. Then stop as on Ctrl-C.
-        _away_from(terminal)
-        on_signal()
-
     signals = stop_signals()
     for sig in signals:
-        loop.add_signal_handler(sig, on_hangup if sig == signal.SIGHUP else on_signal)
+        loop.add_signal_handler(sig, on_signal)
     announcer = asyncio.create_task(_announce(config))
     try:
         await task
@@ -247,28 +242,7 @@ async def _foreground(config: DeploymentConfig, run_deployment) -> bool:
 
 
 def _say(message: str) -> None:
-    """A line on stderr, if it can still be written (a terminal that hung up: EIO)."""
-    with contextlib.suppress(OSError):
-        print(message, file=sys.stderr, flush=True)
-
-
-def _is_terminal(fd: int) -> bool:
-    try:
-        return os.isatty(fd)
-    except OSError:
-        return False
-
-
-def _away_from(fds: list[int]) -> None:
-    """Point ``fds`` (the hung-up terminal's) at /dev/null."""
-    if not fds:
-        return
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in fds:
-            os.dup2(null, fd)
-    finally:
-        os.close(null)
+    print(message, file=sys.stderr, flush=True)  # (lasting_output: whoever still reads)
 
 
 async def _announce(config: DeploymentConfig) -> None:

@@ -75,6 +75,7 @@ def stop_starting(info: dict[str, Any], timeout: float) -> int:
     name = info["deployment_name"]
     pids = _local_pids(name, info, "stopping a deployment that is starting")
     send(pids, signal.SIGTERM)
+    send(pids, signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
     _wait_gone(name, pids, timeout)
     print(f"terminated {name} (it was still starting)")
     return 0

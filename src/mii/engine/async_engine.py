@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import random
+import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +68,7 @@ class AsyncEngine:
         self._drivers = LoopDrivers(self._run)  # the engine loop's task, per event loop
         self._finished = FinishedPasses()  # pass outputs not yet delivered
         self._closed = False
+        self._released = threading.Event()  # set once aclose has released the model
         self._streams = StreamReleases(
             self._queues, self._request_abort, lambda: (self._drivers.loop, self._drivers.wakeup)
         )
@@ -162,6 +164,7 @@ class AsyncEngine:
         """Stop a request (the ``request_id`` given to ``stream`` / ``open_stream``)
         and free its KV blocks. Its stream ends with an empty piece whose
         ``finish_reason`` is "abort". (A ``generate`` call ends by cancelling its task.)"""
+        self._drivers.check()  # (from a second loop, in another thread: refused first)
         queue = self._queues.get(request_id)
         if queue is not None and not isinstance(queue, Aborting):
             queue.put_nowait(_DONE)
@@ -169,8 +172,10 @@ class AsyncEngine:
         await self._until_free(request_id)  # the id may be used again on return
 
     async def aclose(self) -> None:
-        """Abort everything, stop the loop and release the model."""
+        """Abort everything, stop the loop and release the model (a second call
+        returns once the first has released it)."""
         if self._closed:
+            await asyncio.to_thread(self._released.wait)
             return
         self._closed = True
         for queue in list(self._queues.values()):
@@ -395,9 +400,12 @@ class AsyncEngine:
                 self._ended[out.request_id] = queue
 
     def _release(self) -> None:
-        for request_id in list(self.core.sequences):
-            self.core.abort(request_id)
-        self.core.release()
+        try:
+            for request_id in list(self.core.sequences):
+                self.core.abort(request_id)
+            self.core.release()
+        finally:
+            self._released.set()
 
 
 def _nothing() -> None:

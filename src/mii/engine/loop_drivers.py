@@ -61,8 +61,7 @@ class LoopDrivers:
         driver = self._by_loop.get(loop)
         if self.loop is loop and driver is not None and not driver.task.done():
             return
-        if self._other_loop_runs(loop):
-            raise RuntimeError("an AsyncEngine serves one event loop at a time")
+        self.check()
         if driver is None or driver.task.done():
             self._forget_ended()
             wakeup = asyncio.Event()
@@ -70,6 +69,12 @@ class LoopDrivers:
             driver = self._by_loop[loop] = _Driver(task, wakeup)
         self.loop, self.wakeup = loop, driver.wakeup
         driver.wakeup.set()
+
+    def check(self) -> None:
+        """RuntimeError when another event loop runs the engine now (in another
+        thread): checked before anything is changed."""
+        if self._other_loop_runs(asyncio.get_running_loop()):
+            raise RuntimeError("an AsyncEngine serves one event loop at a time")
 
     def take_over(self) -> bool | None:
         """Called by a driver whenever it runs. False: it drives, as it did; True: it

@@ -34,6 +34,10 @@ class Collector:
     def put_nowait(self, item: object) -> None:
         if self.done.done():
             return
+        if self.done.get_loop().is_closed():
+            # (its caller's loop ended without cancelling it: nobody will read the
+            # answer, so its request is aborted now, not generated to its end)
+            raise RuntimeError("Event loop is closed")
         if isinstance(item, BaseException):
             self.finished = True
             self.done.set_exception(item)

@@ -394,9 +394,9 @@ def wait_gone(pids: list[int], timeout: float) -> None:
     import time
 
     deadline = time.monotonic() + timeout
-    while any(registry.pid_alive(p) for p in pids):
+    while running := [p for p in pids if registry.pid_alive(p)]:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"deployment processes {pids} still running after {timeout} s")
+            raise TimeoutError(f"deployment processes {running} still running after {timeout} s")
         time.sleep(0.05)
 
 

@@ -37,6 +37,7 @@ from mii.rpc.deployment_tokenizer import tokenizer_source
 from mii.rpc.drain import ShutdownRequest, drain, stop_signals
 from mii.rpc.fd_limit import raise_open_files_limit
 from mii.rpc.health import add_standard_services, set_health
+from mii.rpc.lasting_output import outlast_readers
 from mii.rpc.listen import host_port, listening_server
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
 from mii.rpc.proto_parse import add_mii_servicer
@@ -381,6 +382,7 @@ async def _wait_for_replicas(
 
 
 def main(argv: list[str] | None = None) -> int:
+    outlast_readers()  # (its log file, or whatever mii.serve's caller gave it)
     # The API key is not in this JSON (it would be visible in ps): DeploymentConfig
     # reads it from MII_API_KEY, which mii.serve sets in this process's environment.
     config_json = (argv or sys.argv[1:])[0]

@@ -9,6 +9,7 @@ line back and raises it as a ``DeploymentError`` in its own process.
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from collections.abc import Coroutine
@@ -59,5 +60,11 @@ def read_startup_error(log_file: Path, who: str, exit_code: int, offset: int = 0
             # The starter raises it as a DeploymentError: that type's name once is enough
             # (it read "DeploymentError: DeploymentError: cannot listen on ...").
             return line[len(STARTUP_ERROR) :].strip().removeprefix("DeploymentError: ")
-    tail = "\n".join(lines[-_TAIL_LINES:])
-    return f"{who} exited with code {exit_code}:\n{tail}"
+    tail = "\n".join(lines[-_TAIL_LINES:]).strip()
+    ended = f"exited with code {exit_code}"
+    if exit_code < 0:  # (it had nothing to say: "exited with code -9:" and a blank line)
+        try:
+            ended = f"was killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            ended = f"was killed by signal {-exit_code}"
+    return f"{who} {ended}" + (f":\n{tail}" if tail else "")

@@ -224,8 +224,9 @@ class Supervisor:
 
 
 def _how_it_ended(process: _Process) -> str:
-    """ "exited with code N: REASON", or "was killed by SIGKILL" for a process a signal
-    ended (its log's last line says nothing of why: it quoted "converted in 8.3 s")."""
+    """ "exited with code N: REASON", "was killed by SIGKILL" for a process stopped by
+    a signal from outside (its log's last line says nothing of why: it quoted
+    "converted in 8.3 s"), or "died of SIGSEGV: REASON" for a crash."""
     code = process.exit_code()
     if code is not None and -code in _STOP_SIGNALS:
         return f"was killed by {signal.Signals(-code).name}"
@@ -249,10 +250,10 @@ def _times(count: int) -> str:
 
 def _why(failure: str | None) -> str:
     """ ": REASON" from a replica's failure report (its start-up error, or the end
-    of its log after a "... exited with code N:" line, which the caller says
-    already), or "" when there is none."""
+    of its log after a "... exited with code N:" / "... was killed by SIG...:" line,
+    which the caller says already), or "" when there is none."""
     lines = [line.strip() for line in (failure or "").splitlines() if line.strip()]
-    if lines and "exited with code" in lines[0] and lines[0].endswith(":"):
+    if lines and any(said in lines[0] for said in ("exited with code", "was killed by")):
         lines = lines[1:]  # the log's tail: its last line says most
         return f": {lines[-1]}" if lines else ""
     return f": {lines[0]}" if lines else ""
