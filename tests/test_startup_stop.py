@@ -15,6 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 import mii
@@ -48,10 +49,10 @@ def never_loading(checkpoints, tmp_path_factory) -> Path:
 class Starting:
     """A deployment process started as mii.serve starts one, left loading."""
 
-    def __init__(self, model: Path, cache: Path, replicas: int = 2) -> None:
+    def __init__(self, model: Path, cache: Path, replicas: int = 2, **options) -> None:
         self.name = f"starting-{uuid.uuid4().hex[:8]}"
         config = DeploymentConfig.parse(
-            str(model), deployment_name=self.name, port=free_port(), replica_num=replicas
+            str(model), deployment_name=self.name, port=free_port(), replica_num=replicas, **options
         )
         cache.mkdir(parents=True, exist_ok=True)
         self.log_path = cache / "deployment.log"
@@ -179,3 +180,23 @@ def test_mii_terminate_stops_a_starting_deployment_that_was_stopped(starting, ca
     os.kill(s.process.pid, signal.SIGSTOP)
     assert mii_main(["terminate", s.name, "--timeout", "60"]) == 0
     assert s.gone(s.pids())
+
+
+def test_the_http_port_answers_503_starting_while_the_model_loads(never_loading, cache):
+    """The HTTP port is bound before the model loads (a busy port fails at once), and
+    a request there hung until the load ended; it gets 503 "starting" at once."""
+    rest_port = free_port()
+    http_on = {"enable_restful_api": True, "restful_api_port": rest_port}
+    s = Starting(never_loading, cache, replicas=1, **http_on)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{rest_port}", timeout=10) as http:
+            health = http.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "starting"
+            assert health.headers["retry-after"] == "5"
+            answer = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "service_unavailable"
+        assert mii_main(["terminate", s.name]) == 0
+        assert s.gone(s.pids())
+    finally:
+        s.kill_all()

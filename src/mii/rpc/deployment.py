@@ -199,11 +199,13 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         in_use_hint=GRPC_PORT_IN_USE_HINT,
     )
     token = auth.new_token()  # what the replicas' ports require, new at every start
-    rest_socket = None
+    rest_socket = starting_answers = None
     if config.enable_restful_api:  # a busy REST port too, before any model loads
         from mii.rpc.http.server import bind_socket
+        from mii.rpc.http.starting import answer_while_starting
 
         rest_socket = bind_socket(host, config.restful_api_port)
+        starting_answers = await answer_while_starting(rest_socket)  # 503 "starting"
     health = add_standard_services(server)
     await set_health(health, False)
 
@@ -262,7 +264,9 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
 
         if config.enable_restful_api:
             from mii.rpc.http.server import start_gateway
+            from mii.rpc.http.starting import stop_answering
 
+            await stop_answering(starting_answers)
             rest = await start_gateway(pool, info, config, sock=rest_socket)
 
         await set_health(health, True)
@@ -300,6 +304,10 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
             task.cancel()
         await set_health(health, False)
         registry.mark_stopping(name, os.getpid())
+        if starting_answers is not None:  # (closed already once the gateway took over)
+            from mii.rpc.http.starting import stop_answering
+
+            await stop_answering(starting_answers)
         if rest is not None:
             await rest.stop()
         elif rest_socket is not None:  # bound, but the gateway never started

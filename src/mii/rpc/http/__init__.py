@@ -10,7 +10,8 @@ Routes (every request goes through the same ``ReplicaPool`` as the gRPC balancer
 - ``POST /tokenize``, ``POST /detokenize``, ``GET /tokenizer_info``: vLLM's tokenizer routes
   (:mod:`mii.rpc.http.tokenize_routes`).
 - ``GET /health``: 200 ``{"status": "ok", ...}`` while a replica is healthy, else 503
-  (``unavailable``, or ``draining`` while the deployment shuts down); ``replicas``
+  (``unavailable``, or ``draining`` while the deployment shuts down; ``starting``, for
+  every route, before the gateway starts: :mod:`mii.rpc.http.starting`); ``replicas``
   lists each replica's state, restarts and pid (:mod:`mii.rpc.replica_health`).
 - ``GET /metrics``: the pool's Prometheus metrics.
 
