@@ -214,6 +214,9 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
     rest = None
     tasks: list[asyncio.Task] = []
 
+    # what loads its tokenizer and chat template (mii generate --chat)
+    source = tokenizer_source(config.model, config.engine_options, config.chat_template)
+
     def record(starting: bool = False) -> None:  # again after each restart: new replica pids
         registry.record(
             name,
@@ -225,10 +228,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
                 "served_model_name": config.served_model_name,
                 "replica_num": config.replica_num,
                 "restful_api_port": config.restful_api_port if rest_socket else None,
-                # what loads its tokenizer and chat template (mii generate --chat)
-                "tokenizer_source": tokenizer_source(
-                    config.model, config.engine_options, config.chat_template
-                ),
+                "tokenizer_source": source,
                 "replica_pids": [r.process.pid for r in replicas],
                 # the record is readable only by this user (mode 0600 in a 0700 folder)
                 "api_key": config.secret_api_key(),

@@ -63,8 +63,13 @@ def read_startup_error(log_file: Path, who: str, exit_code: int, offset: int = 0
     tail = "\n".join(lines[-_TAIL_LINES:]).strip()
     ended = f"exited with code {exit_code}"
     if exit_code < 0:  # (it had nothing to say: "exited with code -9:" and a blank line)
-        try:
-            ended = f"was killed by {signal.Signals(-exit_code).name}"
-        except ValueError:
-            ended = f"was killed by signal {-exit_code}"
+        ended = f"was killed by {signal_name(-exit_code)}"
     return f"{who} {ended}" + (f":\n{tail}" if tail else "")
+
+
+def signal_name(signum: int) -> str:
+    """ "SIGKILL" for 9; "signal N" for a number the platform does not name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -36,6 +36,7 @@ from typing import Protocol
 
 from mii.errors import DeploymentError
 from mii.rpc.pool import HEALTH_INTERVAL_S, ReplicaPool
+from mii.rpc.startup_errors import signal_name
 
 # A serving replica out of rotation this long is logged (a probe or two missed under
 # load is not worth a line), and so is its return.
@@ -229,13 +230,9 @@ def _how_it_ended(process: _Process) -> str:
     "converted in 8.3 s"), or "died of SIGSEGV: REASON" for a crash."""
     code = process.exit_code()
     if code is not None and -code in _STOP_SIGNALS:
-        return f"was killed by {signal.Signals(-code).name}"
+        return f"was killed by {signal_name(-code)}"
     if code is not None and code < 0:  # a crash (SIGSEGV, SIGABRT): its log may say why
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"died of {name}{_why(process.failure())}"
+        return f"died of {signal_name(-code)}{_why(process.failure())}"
     return f"exited with code {code}{_why(process.failure())}"
 
 
