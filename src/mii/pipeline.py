@@ -131,21 +131,16 @@ class Pipeline:
         for a call of the pipeline (``add_generation_prompt`` unset: true unless
         ``continue_final_message``, which continues the last message instead).
         Returns one response per conversation."""
-        from mii.rpc.http.chat import chat_prompt_ids, conversation_items, generation_prompt
+        from mii.chat_prompts import chat_prompt_batch
 
-        add_generation_prompt = generation_prompt(add_generation_prompt, continue_final_message)
-        conversations = conversation_items(messages)
-        prompts = [
-            chat_prompt_ids(
-                self.tokenizer,
-                items,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                chat_template_kwargs=chat_template_kwargs,
-                tools=tools,
-            )
-            for items in conversations
-        ]
+        prompts = chat_prompt_batch(
+            self.tokenizer,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
+        )
         return self(prompts, progress=progress, **params)
 
     def destroy(self) -> None:

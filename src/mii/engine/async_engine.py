@@ -26,6 +26,7 @@ from mii.engine.admission import admit
 from mii.engine.answer_callbacks import AnswerCallbacks, OnAnswer
 from mii.engine.answer_stream import DONE as _DONE
 from mii.engine.answer_stream import AnswerStream, StreamReleases
+from mii.engine.chat_methods import ChatMethods
 from mii.engine.core import EngineCore, StepOutput
 from mii.engine.loop_drivers import FinishedPasses, LoopDrivers
 from mii.engine.request_sinks import Aborting, Collector, put
@@ -40,13 +41,16 @@ from mii.response import Response
 OFFLOAD_TOKENIZE_CHARS = 16 * 1024
 
 
-class AsyncEngine:
+class AsyncEngine(ChatMethods):
     """Asynchronous text generation over one model.
 
     >>> engine = mii.AsyncEngine("meta-llama/Llama-2-7b-hf")
     >>> async for piece in engine.stream("DeepSpeed is", max_new_tokens=64):
     ...     print(piece.generated_text, end="")
     >>> responses = await engine.generate(["a", "b"], max_new_tokens=64)
+    >>> [answer] = await engine.chat([{"role": "user", "content": "Hi!"}])
+
+    ``chat`` and ``stream_chat`` put conversations through the model's chat template.
 
     Engine options (``dtype``, ``device``, ``kv_block_size``, ``num_kv_blocks``,
     ``token_budget``, ``max_num_seqs``, ``max_length``, ``load_format``, ...) are

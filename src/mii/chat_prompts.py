@@ -1,0 +1,72 @@
+"""Chat conversations as prompts: the Python API's ``chat`` methods (the pipeline's,
+the async engine's) put each conversation through the model's chat template, as
+the OpenAI chat route does, and generate from the template's token ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mii.errors import InvalidRequestError
+
+Conversation = Sequence[dict[str, Any]]
+
+
+def chat_prompt_batch(
+    tokenizer,
+    messages: Conversation | Sequence[Conversation],
+    *,
+    add_generation_prompt: bool | None = None,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[list[int]]:
+    """The prompt token ids of one conversation (a list of ``{"role", "content"}``
+    dicts) or of each of a list of them. ``add_generation_prompt`` unset: true unless
+    ``continue_final_message`` (which continues the last message instead). A
+    malformed conversation, or one the template refuses, is InvalidRequestError
+    naming ``messages``."""
+    from mii.rpc.http.chat import chat_prompt_ids, conversation_items, generation_prompt
+
+    add_generation_prompt = generation_prompt(add_generation_prompt, continue_final_message)
+    return [
+        chat_prompt_ids(
+            tokenizer,
+            items,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
+        )
+        for items in conversation_items(messages)
+    ]
+
+
+def one_conversation(messages: Any) -> Conversation:
+    """``messages`` when it is one conversation (a streamed chat answers one);
+    InvalidRequestError naming ``messages`` for a list of conversations."""
+    if (
+        isinstance(messages, (list, tuple))
+        and messages
+        and all(isinstance(m, (list, tuple)) for m in messages)
+    ):
+        if len(messages) != 1:
+            raise InvalidRequestError(
+                f"a streamed chat answers one conversation, got {len(messages)}: stream "
+                "each one apart, or use chat() for all of them",
+                field="messages",
+            )
+        return messages[0]
+    return messages
+
+
+def conversation_chars(messages: Any) -> int:
+    """About how many characters the conversations hold (every text in them), to
+    tell a large one, whose template is applied off the event loop."""
+    if isinstance(messages, str):
+        return len(messages)
+    if isinstance(messages, dict):
+        return sum(conversation_chars(value) for value in messages.values())
+    if isinstance(messages, (list, tuple)):
+        return sum(conversation_chars(item) for item in messages)
+    return 0
