@@ -17,8 +17,6 @@ from mii.rpc.auth import TERMINATE_REFUSED, open_to_network_warning, peer_is_loc
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.proto_parse import add_mii_servicer
 
-INFO = mii_pb2.ModelInfoReply(deployment_name="d", model="m", max_length=8, replicas=1)
-
 
 @pytest.mark.parametrize(
     "peer, local",
@@ -63,7 +61,7 @@ class _Context:
 
 def _terminate(peer: str, has_api_key: bool) -> tuple[bool, tuple | None]:
     stop = asyncio.Event()
-    servicer = BalancerServicer(None, INFO, stop, has_api_key=has_api_key)
+    servicer = BalancerServicer("test", stop, has_api_key=has_api_key)
     context = _Context(peer)
     with contextlib.suppress(_Aborted):
         asyncio.run(servicer.Terminate(mii_pb2.TerminateRequest(), context))
@@ -114,7 +112,7 @@ def _terminate_over(bind: str, dial: str) -> tuple[grpc.StatusCode | None, bool]
     async def scenario() -> tuple[grpc.StatusCode | None, bool]:
         stop = asyncio.Event()
         server = grpc.aio.server()
-        add_mii_servicer(BalancerServicer(None, INFO, stop), server)
+        add_mii_servicer(BalancerServicer("test", stop), server)
         port = server.add_insecure_port(f"{bind}:0")
         await server.start()
         try:

@@ -200,3 +200,24 @@ def test_the_http_port_answers_503_starting_while_the_model_loads(never_loading,
         assert s.gone(s.pids())
     finally:
         s.kill_all()
+
+
+def test_the_grpc_port_answers_unavailable_starting_while_the_model_loads(starting):
+    """The gRPC port was bound but served nothing until the replicas had loaded: a
+    client at host:port (another machine's, a health probe) waited for its whole
+    deadline. Calls get UNAVAILABLE "starting" at once, health NOT_SERVING, and
+    Terminate stops the start."""
+    s = starting(replicas=1)
+    address = f"127.0.0.1:{s.record()['port']}"
+    with mii.client(address) as client:
+        started = __import__("time").monotonic()
+        with pytest.raises(mii.UnavailableError, match="is starting") as err:
+            client.generate("Seattle is", max_new_tokens=2, timeout=60)
+        assert not isinstance(err.value, mii.NoReplicaError)
+        with pytest.raises(mii.UnavailableError, match="is starting"):
+            list(client.stream("Seattle is", max_new_tokens=2, timeout=60))
+        assert __import__("time").monotonic() - started < 30  # answered, not timed out
+        assert client.is_healthy(timeout=10) is False
+        client.terminate_server()
+    assert wait_until(lambda: s.gone(s.pids()), timeout=30), s.log()
+    assert "stopped while starting" in s.log()

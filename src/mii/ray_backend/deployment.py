@@ -224,6 +224,10 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
     )
     health = add_standard_services(server)
     await set_health(health, False)
+    # Calls are answered UNAVAILABLE "starting" until Serve's replicas are ready (a
+    # bound port that never answered made a client wait for its whole deadline).
+    balancer = BalancerServicer(name, stop, has_api_key=config.secret_api_key() is not None)
+    add_mii_servicer(balancer, server)
 
     connect(config)
     # After ray.init, which installs a SIGTERM handler of its own (exit at once).
@@ -237,6 +241,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
     cluster_lost = False  # then no Ray call is made: each would wait for the cluster
     tasks: list[asyncio.Task] = []
     try:
+        await server.start()  # (in here: stopped by the finally below)
         started_serve = start_serve(config)
         board = (
             ray.remote(StatsBoard)
@@ -273,11 +278,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
             max_length=max_length,
             replicas=len(pool.replicas),
         )
-        add_mii_servicer(
-            BalancerServicer(pool, info, stop, has_api_key=config.secret_api_key() is not None),
-            server,
-        )
-        await server.start()
+        balancer.ready(pool, info)
         tasks.append(asyncio.create_task(pool.watch()))
         await set_health(health, True)
         registry.record(name, _record(config, api_key))

@@ -207,7 +207,13 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         rest_socket = bind_socket(host, config.restful_api_port)
         starting_answers = await answer_while_starting(rest_socket)  # 503 "starting"
     health = add_standard_services(server)
-    await set_health(health, False)
+    await set_health(health, False)  # (SERVING once the replicas have loaded the model)
+    # Calls are answered from now on (UNAVAILABLE "starting" until the replicas are
+    # ready; Terminate stops the start): a bound port that never answered made a
+    # client wait for its whole deadline.
+    balancer = BalancerServicer(name, stop, has_api_key=config.secret_api_key() is not None)
+    add_mii_servicer(balancer, server)
+    await server.start()
 
     replicas: list[ReplicaProcess] = []
     pool: ReplicaPool | None = None
@@ -255,11 +261,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
             ).max_length,
             replicas=config.replica_num,
         )
-        add_mii_servicer(
-            BalancerServicer(pool, info, stop, has_api_key=config.secret_api_key() is not None),
-            server,
-        )
-        await server.start()
+        balancer.ready(pool, info)
         tasks.append(asyncio.create_task(pool.watch()))
 
         if config.enable_restful_api:
