@@ -267,18 +267,18 @@ def test_attach_to_a_deployment(shell, llama, expected, tmp_path, monkeypatch):
 
 def test_a_stop_string_can_be_a_line_break():
     """A magic's line holds no line break, so --stop reads \\n (and \\t, \\r, \\\\)."""
-    from mii.magic import _generation_parser, _magic_params, split_line
+    from mii.magic_options import generation_parser, magic_params, split_line
 
     options, prompt = split_line(r"--stop '\n' --stop 'a\tb\\n' The capital is")
-    params = _magic_params(_generation_parser("%mii").parse_args(options))
+    params = magic_params(generation_parser("%mii").parse_args(options))
     assert prompt == "The capital is"
     assert params["stop"] in (["\n", "a\tb\\n"], ("\n", "a\tb\\n")), params
     # the cell magic's line reads its words alike (shlex made an unquoted \n an "n")
-    from mii.magic import _split_args
+    from mii.magic_line import split_args
 
     for line in (r"--stop \n --greedy", r"--stop '\n' --greedy", r'--stop "\n" --greedy'):
-        args = _generation_parser("%%mii").parse_args(_split_args(line))
-        assert _magic_params(args)["stop"] in ("\n", ["\n"], ("\n",)), line
+        args = generation_parser("%%mii").parse_args(split_args(line))
+        assert magic_params(args)["stop"] in ("\n", ["\n"], ("\n",)), line
 
 
 def test_options_after_the_prompt_are_options():
@@ -286,10 +286,10 @@ def test_options_after_the_prompt_are_options():
     generated the default 128 tokens (user trial), where `mii generate` reads options
     after its prompts. A tail of known options is read as options; anything else
     (an unknown or incomplete option, text after it, what follows `--`) stays text."""
-    from mii.magic import _generation_parser, _magic_params, split_line
+    from mii.magic_options import generation_parser, magic_params, split_line
 
     options, prompt = split_line("--greedy DeepSpeed is --max-new-tokens 8 --stop '\\n'")
-    params = _magic_params(_generation_parser("%mii").parse_args(options))
+    params = magic_params(generation_parser("%mii").parse_args(options))
     assert prompt == "DeepSpeed is"
     assert params["max_new_tokens"] == 8 and params["stop"] in (["\n"], ("\n",), "\n")
     assert params["do_sample"] is False
@@ -302,7 +302,7 @@ def test_options_after_the_prompt_are_options():
         assert prompt == line.removeprefix("--chat -- "), line
     # MISSION.md's request options the line did not take, after the prompt as before it.
     options, prompt = split_line("Seattle is --greedy --return-full-text --max-length 9")
-    params = _magic_params(_generation_parser("%mii").parse_args(options))
+    params = magic_params(generation_parser("%mii").parse_args(options))
     assert prompt == "Seattle is"
     assert params["return_full_text"] is True and params["max_length"] == 9
 
@@ -313,7 +313,7 @@ def test_a_misspelt_option_after_the_prompt_is_refused():
     UsageError that names the option meant; `--` keeps such words as text."""
     from IPython.core.error import UsageError
 
-    from mii.magic import split_line
+    from mii.magic_options import split_line
 
     for line in ("Seattle is --max-new-token 6", "Seattle is --greedy --max-new-token 6 --greedy"):
         with pytest.raises(UsageError, match="did you mean '--max-new-tokens'"):
@@ -342,7 +342,147 @@ def test_a_misspelt_option_of_the_cell_magic_names_the_option_meant():
     magic and the CLI name the option meant."""
     from IPython.core.error import UsageError
 
-    from mii.magic import _generation_parser, _split_args
+    from mii.magic_line import split_args
+    from mii.magic_options import generation_parser
 
     with pytest.raises(UsageError, match=r"did you mean --max-new-tokens\?"):
-        _generation_parser("%%mii").parse_args(_split_args("--max-new-tokns 5"))
+        generation_parser("%%mii").parse_args(split_args("--max-new-tokns 5"))
+
+
+class FailingOutput(Recorder):
+    """A stdout whose fourth write fails (a closed pipe, a broken display)."""
+
+    def write(self, text: str) -> int:
+        if len(self.flushed) >= 3:
+            raise RuntimeError("the output went away")
+        return super().write(text)
+
+
+def test_a_failing_output_aborts_the_request(shell, llama):
+    """Only Ctrl-C aborted the request: when the output failed mid-stream, the error
+    stopped the cell and the model generated the whole answer for nobody (the
+    traceback IPython keeps held the stream open)."""
+    magics = shell.magics_manager.registry["MiiMagics"]
+    shell.run_line_magic("mii", f"load {llama}")
+    before = magics.model.engine.stats()["generation_tokens"]
+    failing, stdout = FailingOutput(), sys.stdout
+    sys.stdout = failing
+    try:
+        result = shell.run_cell("%mii --max-new-tokens 200 --ignore-eos -- Once upon a time")
+    finally:
+        sys.stdout = stdout
+    assert isinstance(result.error_in_exec, RuntimeError), result.error_in_exec
+    engine = magics.model.engine
+    magics.model.submit(engine.wait_idle()).result(timeout=60)
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["kv_cache_usage"] == 0, stats
+    assert stats["generation_tokens"] - before < 200, stats
+
+
+def test_a_prompt_that_starts_with_a_command_word_is_not_that_command(shell, llama):
+    """`%mii unload the truck please` freed the model in use (minutes to load again on
+    a GPU) and ignored the rest; `%mii help me write a poem` printed the usage. A
+    command word with words after it it does not take is refused, saying how to send
+    such a prompt."""
+    magics = shell.magics_manager.registry["MiiMagics"]
+    shell.run_line_magic("mii", f"load {llama}")
+    for line in ("unload the truck please", "detach yourself", "help me write a poem"):
+        result, out = run(shell, f"%mii {line}")
+        assert isinstance(result.error_in_exec, UsageError), out
+        assert f"%mii -- {line}" in out, out
+        assert magics.model is not None  # still loaded
+    for line in ("load balancing explained", "attach the file to an email"):
+        result, out = run(shell, f"%mii {line}")
+        assert isinstance(result.error_in_exec, UsageError), out
+        assert f"%mii -- {line}" in out, out
+        assert magics.model is not None
+    with mii.pipeline(llama) as pipe:
+        expected = pipe("unload the truck", do_sample=False, max_new_tokens=3)[0].generated_text
+    result, out = run(shell, "%mii --greedy --max-new-tokens 3 -- unload the truck")
+    assert result.success and out == expected + "\n", out
+
+
+def test_unknown_options_after_the_prompt_are_refused():
+    """`%mii Tell me a joke --max-new-tokens 5 --temp 0.5` sent the whole tail as
+    prompt text with the default 128 tokens: an option-like word after known options
+    is an unknown option, and the start of one option's name (argparse's
+    abbreviation) a near miss."""
+    from IPython.core.error import UsageError
+
+    from mii.magic_options import split_line
+
+    for line, meant in (
+        ("Tell me a joke --max-new-tokens 5 --temp 0.5", "--temperature"),
+        ("Tell me a joke --temp 0.5", "--temperature"),
+        ("Tell me a joke --max-new-tokens 5 -t 0.5", None),
+        ("--temprature 0.5 Tell me a joke", "--temperature"),
+    ):
+        with pytest.raises(UsageError, match="unknown option") as err:
+            split_line(line)
+        if meant:
+            assert f"did you mean {meant!r}" in str(err.value), err.value
+    # still prompt text: words that are no option's, numbers, text after options
+    assert split_line("Is 5 --greedy -3 smaller?")[1] == "Is 5 --greedy -3 smaller?"
+    assert split_line("Explain git push --force")[1] == "Explain git push --force"
+    assert split_line("x --max-new-tokens 3 -- y")[1] == "x --max-new-tokens 3 -- y"
+
+
+def test_help_lists_every_generation_option(shell):
+    """`%mii --help` printed the short usage only (no --min-p, penalties, structured
+    output); `%mii --max-new-tokens 3 --help` said "unknown option '--help'"."""
+    for line in ("--help", "--max-new-tokens 3 --help", "-h"):
+        result, out = run(shell, f"%mii {line}")
+        assert result.success, out
+        for option in ("--min-p", "--repetition-penalty", "--json-schema", "--max-new-tokens"):
+            assert option in out, (line, out)
+    assert "%mii load MODEL" in shell.find_line_magic("mii").__doc__
+    result, out = run(shell, "%mii load --help")
+    assert result.success and "--max-length" in out and "--dtype" in out, out
+
+
+def test_attach_takes_an_api_key(shell):
+    """`%mii attach HOST:PORT --api-key KEY` looked for a deployment named
+    "HOST:PORT --api-key KEY"; the key is an option of attach."""
+    port = free_port()
+    result, out = run(shell, f"%mii attach 127.0.0.1:{port} --api-key sekret")
+    assert isinstance(result.error_in_exec, UsageError), out
+    assert "named" not in out and f"127.0.0.1:{port}" in out, out
+
+
+def test_line_magic_fills_in_notebook_variables_as_ipython_does(shell, llama, monkeypatch):
+    """As in every line magic: {expression} and $name from the notebook, {{ }} and $$
+    literal; a cell magic's body is taken as typed (documented in the usage)."""
+    magics = shell.magics_manager.registry["MiiMagics"]
+    sent = []
+    monkeypatch.setattr(magics, "_generate", lambda prompt, params, chat: sent.append(prompt))
+    shell.user_ns["topic"] = "cats"
+    run(shell, "%mii Write about {topic} and $topic, not {{topic}} or $$topic")
+    run(shell, "%%mii\nWrite about {topic}\n")
+    assert sent == ["Write about cats and cats, not {topic} or $topic", "Write about {topic}"]
+
+
+def test_unloading_the_extension_removes_the_magic(shell, llama):
+    """%unload_ext left %mii registered on the closed instance: a model loaded then was
+    leaked by the next %load_ext, which made a new one."""
+    shell.run_line_magic("mii", f"load {llama}")
+    shell.run_line_magic("unload_ext", "mii")
+    try:
+        assert shell.find_line_magic("mii") is None and shell.find_cell_magic("mii") is None
+        assert "MiiMagics" not in shell.magics_manager.registry
+    finally:
+        shell.run_line_magic("load_ext", "mii")
+    magics = shell.magics_manager.registry["MiiMagics"]
+    assert magics.model is None  # the old one was freed with its instance
+    assert shell.find_line_magic("mii").__self__ is magics
+
+
+def test_a_max_length_beyond_the_models_keeps_the_model_in_use(shell, llama):
+    """`%mii load M --max-length 10000000` freed the model in use, then failed: the
+    engine's max_length is checked against the model's before anything is freed."""
+    magics = shell.magics_manager.registry["MiiMagics"]
+    shell.run_line_magic("mii", f"load {llama}")
+    loaded = magics.model
+    result, out = run(shell, f"%mii load {llama} --max-length 10000000")
+    assert isinstance(result.error_in_exec, UsageError), out
+    assert "exceeds the model's maximum" in out and "stays loaded" in out, out
+    assert magics.model is loaded and not loaded.closed

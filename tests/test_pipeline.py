@@ -101,6 +101,8 @@ def test_bad_options_rejected_before_work(llama):
             ([{"content": "x"}], "messages.0.role"),
             ([[{"role": "user", "content": "x"}], []], "messages.1"),
             ([{"role": "user", "content": [{"type": "image_url"}]}], "messages"),
+            # a misspelt key was an empty user turn (other keys go to the template)
+            ([{"role": "user", "contnet": "hi"}], "messages.0.contnet"),
         ):
             with pytest.raises(mii.InvalidRequestError) as err:
                 pipe.chat(bad)

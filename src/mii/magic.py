@@ -2,7 +2,7 @@
 
     %load_ext mii
     %mii load MODEL [--max-length N ...]   load a model into this kernel (engine options)
-    %mii attach NAME                       use a running deployment (name or host:port)
+    %mii attach NAME [--api-key KEY]       use a running deployment (name or host:port)
     %mii DeepSpeed is                      generate; the text streams into the cell output
     %mii --max-new-tokens 16 --greedy -- DeepSpeed is
     %mii --chat What is the capital of France?   a user turn of the chat template
@@ -18,7 +18,6 @@ is reached through the synchronous gRPC client.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import re
 from typing import Any
@@ -26,128 +25,26 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
-from mii import magic_line
-from mii.cli.errors import nearest_option
-from mii.cli.options import (
-    add_engine_options,
-    add_generation_options,
-    engine_options,
-    generation_params,
-)
-from mii.config import MAGIC_MAX_NEW_TOKENS, EngineConfig
+from mii.cli.options import engine_options
+from mii.config import EngineConfig
 from mii.engine_thread import EngineThread
 from mii.errors import MiiError
-from mii.magic_line import split_args as _split_args
+from mii.magic_line import split_args
+from mii.magic_options import (
+    COMMANDS,
+    USAGE,
+    HelpShown,
+    attach_parser,
+    generation_parser,
+    load_parser,
+    magic_params,
+    split_line,
+)
 
 NO_MODEL = (
     "no model in use: run `%mii load MODEL` (a hub id or local path, loaded in this kernel) "
     "or `%mii attach NAME` (a running deployment) first"
 )
-USAGE = """\
-%mii load MODEL [engine options]   load a model into this kernel (e.g. --max-length 2048)
-%mii attach NAME                   use a running deployment (deployment name or host:port)
-%mii PROMPT                        generate; options before or after it: %mii --greedy -- PROMPT
-%%mii [generation options]         the cell body is the prompt
-%mii unload                        free the model, or detach from the deployment
-generation options: --max-new-tokens N --greedy --seed S --temperature T --top-p P --top-k K
---stop TEXT (\\n: a line break) --min-new-tokens N --ignore-eos --max-length N (prompt + answer)
---return-full-text; --chat: the prompt as a user turn of the chat template (instruct models
-answer a raw question with nothing)"""
-
-
-_COMMANDS = ("load", "attach", "unload", "detach", "help")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as IPython usage errors instead of exiting."""
-
-    def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}{nearest_option(self, message)}")
-
-    def exit(self, status: int = 0, message: str | None = None):
-        if message:
-            raise UsageError(message)
-        raise _HelpShown
-
-
-class _HelpShown(Exception):
-    """``--help`` was printed; nothing else to do."""
-
-
-def _generation_parser(prog: str) -> _Parser:
-    parser = _Parser(prog=prog, description="Generate text with the model in use.")
-    parser.add_argument(
-        "--chat",
-        action="store_true",
-        help="the prompt as one user turn of the model's chat template (instruct models; "
-        "the model loaded in this kernel or the attached deployment's)",
-    )
-    add_generation_options(parser, max_new_tokens=MAGIC_MAX_NEW_TOKENS)
-    # The request options of MISSION.md's table that mii generate has as other flags
-    # (--max-length: the engine's there, a request's cap here).
-    parser.add_argument(
-        "--max-length", type=int, help="cap on prompt + response tokens of this request"
-    )
-    parser.add_argument(
-        "--return-full-text", action="store_true", help="prefix the answer with the prompt"
-    )
-    return parser
-
-
-def _load_parser() -> _Parser:
-    parser = _Parser(prog="%mii load", description="Load a model into this kernel.")
-    parser.add_argument("model", help="hub id, local checkpoint directory or .gguf file")
-    add_engine_options(parser)
-    return parser
-
-
-def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
-    """Each option of ``parser`` (but --help), and whether it takes a value."""
-    return {
-        option: action.nargs != 0
-        for action in parser._actions
-        if action.dest != "help"
-        for option in action.option_strings
-    }
-
-
-# Options a line magic accepts before its prompt (the generation options), and
-# whether each takes a value.
-_LINE_OPTIONS = _takes_value(_generation_parser("%mii"))
-
-
-def split_line(line: str) -> tuple[list[str], str]:
-    """``%mii [options] [--] PROMPT`` as option tokens and the prompt
-    (:func:`mii.magic_line.split_line` with the line magic's options)."""
-    return magic_line.split_line(line, _LINE_OPTIONS)
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-_ESCAPE = re.compile(r"\\([ntr\\])")
-
-
-def _magic_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The generation options of a magic's line. A magic's line cannot hold a line
-    break, so ``--stop`` reads ``\\n``, ``\\t``, ``\\r`` and ``\\\\`` as escapes
-    (``--stop '\\n'`` stops at the end of a line)."""
-    try:
-        params = generation_params(args)
-    except MiiError as err:
-        raise UsageError(f"%mii: {err}") from None
-    if args.max_length is not None:
-        params["max_length"] = args.max_length
-    if args.return_full_text:
-        params["return_full_text"] = True
-    stop = params.get("stop")
-    if isinstance(stop, str):
-        params["stop"] = _unescape(stop)
-    elif stop is not None:
-        params["stop"] = [_unescape(text) for text in stop]
-    return params
-
-
-def _unescape(text: str) -> str:
-    return _ESCAPE.sub(lambda match: _ESCAPES[match.group(1)], text)
 
 
 class LocalModel(EngineThread):
@@ -178,27 +75,20 @@ class MiiMagics(Magics):
 
     @line_cell_magic
     def mii(self, line: str, cell: str | None = None) -> None:
-        """Load a model or attach to a deployment, then stream generated text.
-
-        %mii load MODEL [engine options] / %mii attach NAME / %mii PROMPT /
-        %%mii [generation options] (the cell is the prompt) / %mii unload
-        """
         try:
             if cell is not None:
-                args = _generation_parser("%%mii").parse_args(_split_args(line))
-                self._generate(cell.rstrip("\n"), _magic_params(args), args.chat)
+                args = generation_parser("%%mii").parse_args(split_args(line))
+                self._generate(cell.rstrip("\n"), magic_params(args), args.chat)
                 return
             command, _, rest = line.strip().partition(" ")
-            if command == "load":
-                self._load(rest)
-            elif command == "attach":
-                self._attach(rest.strip())
-            elif command in ("unload", "detach"):
-                self._release(verbose=True)
-            elif command in ("", "help", "-h", "--help"):
+            if command in ("", "help", "-h", "--help") and not rest.strip():
                 print(self._status())
                 print(USAGE)
-            elif not rest and (near := difflib.get_close_matches(command, _COMMANDS, 1, 0.85)):
+                if command in ("-h", "--help"):
+                    print(generation_parser("%mii").format_help())
+            elif command in COMMANDS:
+                self._command(command, rest.strip())
+            elif not rest and (near := difflib.get_close_matches(command, COMMANDS, 1, 0.85)):
                 # "%mii unlod" generated 128 tokens from the prompt "unlod"
                 raise UsageError(
                     f"%mii: did you mean `%mii {near[0]}`? (a prompt of that one word: "
@@ -206,25 +96,54 @@ class MiiMagics(Magics):
                 )
             else:
                 options, prompt = split_line(line)
-                args = _generation_parser("%mii").parse_args(options)
+                args = generation_parser("%mii").parse_args(options)
                 if not prompt:
                     raise UsageError("%mii: no prompt given")
-                self._generate(prompt, _magic_params(args), args.chat)
-        except _HelpShown:
+                self._generate(prompt, magic_params(args), args.chat)
+        except HelpShown:
             pass
+
+    mii.__doc__ = f"""Load a model or attach to a deployment, then stream generated text.
+
+{USAGE}"""
+
+    def _command(self, command: str, rest: str) -> None:
+        if command in ("unload", "detach", "help") and rest:
+            # "%mii unload the truck please" freed the model in use and said so;
+            # "%mii help me write a poem" printed the usage.
+            raise UsageError(
+                f"%mii {command} takes nothing after it; a prompt that starts with "
+                f"{command!r}: %mii -- {command} {rest}"
+            )
+        try:
+            if command == "load":
+                self._load(rest)
+            elif command == "attach":
+                self._attach(rest)
+            elif command in ("unload", "detach"):
+                self._release(verbose=True)
+            else:
+                print(self._status())
+                print(USAGE)
+        except UsageError as err:
+            if "unrecognized arguments" in str(err) or "no running deployment" in str(err):
+                raise UsageError(
+                    f"{err} (a prompt that starts with {command!r}: %mii -- {command} {rest})"
+                ) from None
+            raise
 
     # ----- commands -------------------------------------------------------------
 
     def _load(self, rest: str) -> None:
         from mii.models.loader import check_model
 
-        args = _load_parser().parse_args(_split_args(rest))
+        args = load_parser().parse_args(split_args(rest))
         # What can be checked without loading is checked before the model in use is
         # freed (a load needs its memory): a typo in a path, a hub id, a file that is
         # not a checkpoint, an option or a device keeps it.
         try:
             config = EngineConfig.parse(args.model, **engine_options(args))
-            check_model(args.model, config.revision, config.device)
+            check_model(args.model, config.revision, config.device, config.max_length)
         except (MiiError, OSError, ValueError) as err:  # OSError: e.g. an unwritable cache
             raise UsageError(f"%mii load: {err} (the model in use stays loaded)") from None
         self._release()
@@ -236,18 +155,20 @@ class MiiMagics(Magics):
         length = self.model.engine.core.max_length
         print(f"[mii] loaded {args.model} in this kernel (max_length {length})", flush=True)
 
-    def _attach(self, name: str) -> None:
+    def _attach(self, rest: str) -> None:
         from mii.rpc.client import DeploymentNotFoundError, client
 
-        if not name:
+        if not rest:
             raise UsageError("%mii attach: give a deployment name or host:port (see: mii list)")
+        args = attach_parser().parse_args(split_args(rest))
         try:
-            target = client(name)
+            target = client(args.name, api_key=args.api_key)
         except DeploymentNotFoundError as err:
             raise UsageError(f"%mii attach: {err}") from None
         try:
             healthy = target.is_healthy(timeout=5.0)
-            model = target.model_info().model if healthy else None
+            # not healthy: why, from a call (an HTTP port, a deployment still starting)
+            model = target.model_info().model
         except (MiiError, TimeoutError) as err:  # a refused key, gone, or too slow to answer
             target.close()
             raise UsageError(f"%mii attach: {err}") from None
@@ -255,7 +176,7 @@ class MiiMagics(Magics):
             target.close()
             raise UsageError(f"%mii attach: the deployment at {target.address} does not answer")
         self._release()
-        self.client, self.attached_name = target, name
+        self.client, self.attached_name = target, args.name
         where = target.deployment_name or target.address
         print(f"[mii] attached to deployment {where!r} at {target.address} ({model})", flush=True)
 
@@ -314,13 +235,14 @@ class MiiMagics(Magics):
                 text.append(piece.generated_text)
         except MiiError as err:  # a bad option, or the deployment went away
             raise UsageError(str(err)) from None
-        except KeyboardInterrupt:
-            # Abort the request now (the traceback IPython keeps would hold the stream
-            # open), then let the interrupt stop the cell, as it stops any other code.
-            pieces.close()
+        except KeyboardInterrupt:  # (it stops the cell, as it stops any other code)
             print(" [interrupted]", flush=True)
             raise
         finally:
+            # Abort the request now if it did not end (an interrupt, an output that
+            # failed): the traceback IPython keeps would hold the stream open, and the
+            # model would generate the answer to its end for nobody.
+            pieces.close()
             self.last_text = "".join(text)
         print(flush=True)
 
@@ -389,6 +311,12 @@ def unload_ipython_extension(ipython) -> None:
     global _magics
     if keep_questions in ipython.input_transformers_cleanup:
         ipython.input_transformers_cleanup.remove(keep_questions)
+    # Unregistered too: %mii left in place loaded models into the closed instance,
+    # which a later %load_ext replaced without freeing them.
+    magics = ipython.magics_manager.magics
+    for kind in ("line", "cell"):
+        magics[kind].pop("mii", None)
+    ipython.magics_manager.registry.pop(MiiMagics.__name__, None)
     if _magics is not None:
         _magics.close()
         _magics = None

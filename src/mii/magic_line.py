@@ -35,7 +35,7 @@ def _read_options(words: list[str], known: dict[str, bool]) -> tuple[list[str], 
         if expect_value:
             tokens.append(_unquoted(word))
             expect_value = False
-        elif word.startswith("--") and name in known:
+        elif word.startswith("-") and name in known:
             tokens.append(_unquoted(word))
             expect_value = known[name] and "=" not in word
         else:
@@ -58,8 +58,10 @@ def split_line(line: str, known: dict[str, bool]) -> tuple[list[str], str]:
     if first.group() == "--":
         return tokens, line[first.end() :].strip()
     if first.group().startswith("--"):
+        name = first.group().split("=", 1)[0]
         raise UsageError(
-            f"%mii: unknown option {first.group()!r} (put `--` before a prompt that starts with --)"
+            f"%mii: unknown option {name!r}{_meant(name, known)} (put `--` before a prompt "
+            "that starts with --)"
         )
     prompt, trailing = _trailing_options(line[first.start() :].strip(), known)
     return tokens + trailing, prompt
@@ -82,24 +84,57 @@ def _trailing_options(prompt: str, known: dict[str, bool]) -> tuple[str, list[st
                 )
             return prompt[: words[first].start()].rstrip(), tokens
         if taken and first + taken < len(words):
-            _refuse_misspelt(texts[first + taken], known)
+            _refuse_unknown_after_options(texts[first + taken], known)
     for text in texts[1:]:
         _refuse_misspelt(text, known)
     return prompt, []
 
 
 def _refuse_misspelt(word: str, known: dict[str, bool]) -> None:
-    """UsageError for a word of the prompt that is an option's name misspelt
-    (``--max-new-token 6``: it was read as prompt text, with the options beside it)."""
+    """UsageError for a word of the prompt that is an option's name misspelt or cut
+    short (``--max-new-token 6``, ``--temp 0.5``: it was read as prompt text, with the
+    options beside it)."""
     name = word.split("=", 1)[0]
     if not name.startswith("--") or name in known:
         return
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-    if close:
+    meant = _meant(name, known)
+    if meant:
         raise UsageError(
-            f"%mii: unknown option {name!r}: did you mean {close[0]!r}? (put `--` before "
-            "a prompt to keep its words as text)"
+            f"%mii: unknown option {name!r}{meant} (put `--` before a prompt to keep its "
+            "words as text)"
         )
+
+
+def _refuse_unknown_after_options(word: str, known: dict[str, bool]) -> None:
+    """UsageError for an option-like word right after options that follow the prompt
+    (``%mii Tell a joke --max-new-tokens 5 --temp 0.5``, ``... -t 0.5``): the prompt's
+    text has ended there, so it is an option this line does not have. Otherwise it
+    took the known options before it into the prompt as text."""
+    name = word.split("=", 1)[0]
+    if not name.startswith("-") or name in ("-", "--") or name in known or _is_number(name):
+        return
+    raise UsageError(
+        f"%mii: unknown option {name!r}{_meant(name, known)} (put `--` before a prompt to "
+        "keep its words as text; %mii --help lists the options)"
+    )
+
+
+def _meant(name: str, known: dict[str, bool]) -> str:
+    """``: did you mean '--temperature'?`` for a near miss of a known option's name,
+    or the beginning of exactly one (argparse's abbreviations), else ""."""
+    starting = [option for option in known if option.startswith(name) and len(name) > 3]
+    if len(starting) == 1:
+        return f": did you mean {starting[0]!r}?"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    return f": did you mean {close[0]!r}?" if close else ""
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def split_args(text: str) -> list[str]:

@@ -72,12 +72,36 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None, weights: b
         ) from None
 
 
-def check_model(name_or_path: str, revision: str | None = None, device: str | None = None) -> None:
+def check_model(
+    name_or_path: str,
+    revision: str | None = None,
+    device: str | None = None,
+    max_length: int | None = None,
+) -> None:
     """Everything about a model that can be checked without its weights: the path or
-    hub id resolves (a GGUF file is converted, once), its config.json reads, and the
-    device exists. ModelLoadError / InvalidRequestError name what to change."""
-    read_hf_config(resolve_model_dir(name_or_path, revision, weights=False))
+    hub id resolves (a GGUF file is converted, once), its config.json reads, the
+    device exists, and an engine ``max_length`` is within the model's. ModelLoadError
+    / InvalidRequestError name what to change."""
+    hf_config = read_hf_config(resolve_model_dir(name_or_path, revision, weights=False))
     default_device(device)
+    if max_length is not None:
+        from mii.engine.intake import engine_max_length
+
+        model_max = model_max_positions(hf_config)
+        if model_max is not None:
+            engine_max_length(max_length, model_max)
+
+
+def model_max_positions(hf_config: dict[str, Any]) -> int | None:
+    """The longest sequence the model takes (its RoPE scaling counted), from a
+    weightless build on the meta device; None when that build fails (the load
+    then says why)."""
+    try:
+        with torch.device("meta"):
+            return int(model_class(hf_config.get("model_type"))(hf_config).max_positions)
+    except Exception:  # an unsupported or broken config: the load reports it
+        log.debug("no weightless build of this config", exc_info=True)
+        return None
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:

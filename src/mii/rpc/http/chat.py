@@ -135,6 +135,7 @@ def conversation_items(messages: Any) -> list[list[dict[str, Any]]]:
                 f"{where} must be a non-empty list of {{'role', 'content'}} dicts",
                 field=where,
             )
+        _refuse_misspelt_keys(conversation, where)
         try:
             parsed = TypeAdapter(list[ChatMessage]).validate_python(conversation)
         except ValidationError as err:
@@ -146,6 +147,25 @@ def conversation_items(messages: Any) -> list[list[dict[str, Any]]]:
         except ApiError as err:  # a content part it cannot read (named within one conversation)
             raise InvalidRequestError(err.message, field=where) from None
     return conversations
+
+
+def _refuse_misspelt_keys(conversation: Any, where: str) -> None:
+    """InvalidRequestError for a message key that is a near miss of a message field
+    (``{"role": "user", "contnet": "hi"}`` was an empty user turn: other keys go to
+    the template as they are)."""
+    import difflib
+
+    from mii.rpc.http.protocol import ChatMessage
+
+    fields = list(ChatMessage.model_fields)
+    for index, message in enumerate(conversation):
+        for key in message if isinstance(message, dict) else ():
+            near = key not in fields and difflib.get_close_matches(str(key), fields, 1, 0.8)
+            if near:
+                raise InvalidRequestError(
+                    f"{where}.{index}: unknown key {key!r} (did you mean {near[0]!r}?)",
+                    field=f"{where}.{index}.{key}",
+                )
 
 
 def _with_decoded_arguments(call: Any) -> Any:
@@ -237,7 +257,8 @@ def _warn_no_template(tokenizer) -> None:
         log.warning(
             "the tokenizer of %s has no chat template: chat messages are sent as plain "
             "'role: content' lines ending with 'assistant:'; give the model's template "
-            "with chat_template= (mii serve: --chat-template) for its real format",
+            "for its real format: mii.serve(chat_template=...) / mii serve --chat-template, "
+            "or set the tokenizer's chat_template (pipe.tokenizer.chat_template = ...)",
             name,
         )
 
