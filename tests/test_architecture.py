@@ -35,6 +35,8 @@ LAYER_OF_PREFIX = {
     "mii.models": "models",
     "mii.engine": "engine",
     "mii.pipeline": "serving",
+    "mii.async_chat": "serving",  # mii.AsyncEngine: the engine's, with the chat template's methods
+    "mii.chat_prompts": "serving",
     "mii.engine_thread": "serving",
     "mii.demo": "serving",
     "mii.rpc": "serving",

@@ -82,7 +82,7 @@ async def test_bad_conversations_are_refused_naming_messages(engine):
 async def test_a_large_conversation_is_templated_off_the_event_loop(engine, monkeypatch):
     """A conversation of 40k characters has its template applied in a worker thread
     (as long text prompts are tokenized): the event loop keeps running meanwhile."""
-    import mii.engine.chat_methods as chat_methods
+    import mii.async_chat as chat_methods
 
     threads = []
     real = chat_methods.chat_prompt_batch

@@ -43,7 +43,18 @@ def test_gated_launch_equals_projection_then_act_and_mul(
     got = skinny_gated_linear(x, w, activation, None, b, config)
     want = act_and_mul(skinny_linear(x, w, b, config), activation)
     assert got.shape == (rows, inter) and got.dtype == dtype
-    assert torch.equal(got, want)
+    assert_same_numbers(got, want)
+
+
+def assert_same_numbers(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal in 16 bits; in float32 within a few ulps: the CPU interpreter's float32
+    exp (numpy) differs by an ulp between the epilogue's arrays and the separate
+    kernel's on some CPUs (AMD EPYC: 22 of 64 values 1 ulp apart, none elsewhere).
+    A program that read the wrong half or band is off by whole units."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -64,7 +75,7 @@ def test_gated_launch_on_float8_weights(config, dtype):
     x = x.to(dtype)
     got = skinny_gated_linear(x, wq, "silu", scale, None, config)
     want = act_and_mul(skinny_linear_fp8(x, wq, scale, None, config), "silu")
-    assert torch.equal(got, want)
+    assert_same_numbers(got, want)
 
 
 def test_gated_launch_names_what_it_cannot_take():

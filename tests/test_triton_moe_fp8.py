@@ -75,7 +75,9 @@ def test_fp8_grouped_mlp_matches_the_reference_path(tokens, sizes, tiles):
         reference = moe.forward_torch(x, weights, experts)  # dequantizes one expert at a time
         torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
         dequantized = moe_grouped_mlp(x, *moe.expert_weights(x.dtype), weights, experts, moe.act)
-        torch.testing.assert_close(got, dequantized, rtol=1e-4, atol=1e-4)
+        # (scaling the products instead of the weights rounds differently: under an AMD
+        # EPYC's interpreter one value of 720 came 1.5e-4 apart, in outputs up to ~600)
+        torch.testing.assert_close(got, dequantized, rtol=1e-4, atol=3e-4)
 
 
 @pytest.mark.parametrize("fp8_dot", [False, True], ids=["16-bit-products", "fp8-products"])

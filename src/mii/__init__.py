@@ -25,12 +25,12 @@ from mii.errors import (
 from mii.response import Response
 
 if TYPE_CHECKING:
-    from mii.engine.async_engine import AsyncEngine
+    from mii.async_chat import AsyncEngine
     from mii.pipeline import Pipeline, pipeline
 
 # torch is imported on first use of these, so that `import mii` (and `mii --help`) is quick.
 _LAZY = {
-    "AsyncEngine": "mii.engine.async_engine",
+    "AsyncEngine": "mii.async_chat",
     "Pipeline": "mii.pipeline",
     "pipeline": "mii.pipeline",
 }

@@ -20,9 +20,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from mii.async_chat import AsyncEngine
 from mii.config import EngineConfig, GenerateParams
 from mii.engine import distributed
-from mii.engine.async_engine import AsyncEngine
 from mii.engine_thread import EngineThread, LoopClosedError
 from mii.errors import EngineClosedError
 from mii.prompts import Prompt, prompt_batch

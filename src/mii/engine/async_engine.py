@@ -26,7 +26,6 @@ from mii.engine.admission import admit
 from mii.engine.answer_callbacks import AnswerCallbacks, OnAnswer
 from mii.engine.answer_stream import DONE as _DONE
 from mii.engine.answer_stream import AnswerStream, StreamReleases
-from mii.engine.chat_methods import ChatMethods
 from mii.engine.core import EngineCore, StepOutput
 from mii.engine.loop_drivers import FinishedPasses, LoopDrivers
 from mii.engine.request_sinks import Aborting, Collector, put
@@ -41,7 +40,7 @@ from mii.response import Response
 OFFLOAD_TOKENIZE_CHARS = 16 * 1024
 
 
-class AsyncEngine(ChatMethods):
+class AsyncEngine:
     """Asynchronous text generation over one model.
 
     >>> engine = mii.AsyncEngine("meta-llama/Llama-2-7b-hf")

@@ -21,7 +21,6 @@ from mii.config import EngineConfig, GenerateParams
 from mii.engine import distributed, heap, pass_budget
 from mii.engine.cuda_graphs import CudaGraphRunner
 from mii.engine.distributed import TPGroup
-from mii.engine.intake import engine_max_length
 from mii.engine.kv_cache import BlockManager, allocate_kv_tensors, choose_num_blocks
 from mii.engine.model_runner import ModelRunner
 from mii.engine.scheduler import ScheduledChunk
@@ -83,7 +82,7 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         tokenizer,
         dtype,
         vocab_size=int(hf_config["vocab_size"]),
-        max_length=engine_max_length(config.max_length, model.max_positions),
+        max_length=loader.engine_max_length(config.max_length, model.max_positions),
         eos_token_ids=_eos_token_ids(hf_config, model_dir, tokenizer),
     )
 

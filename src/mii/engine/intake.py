@@ -19,20 +19,6 @@ from mii.errors import InvalidRequestError, RequestTooLargeError
 from mii.prompts import max_prompt_chars
 
 
-def engine_max_length(requested: int | None, model_max: int) -> int:
-    """The engine-wide cap on prompt + response: the engine option ``max_length``
-    when given (at most the model's), else the model's maximum."""
-    if requested is None:
-        return model_max
-    if requested > model_max:
-        raise InvalidRequestError(
-            f"engine option 'max_length' ({requested}) exceeds the model's "
-            f"maximum sequence length ({model_max})",
-            field="max_length",
-        )
-    return requested
-
-
 class RequestIntake:
     """Tokenizes and checks requests against the engine's limits."""
 

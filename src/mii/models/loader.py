@@ -85,11 +85,23 @@ def check_model(
     hf_config = read_hf_config(resolve_model_dir(name_or_path, revision, weights=False))
     default_device(device)
     if max_length is not None:
-        from mii.engine.intake import engine_max_length
-
         model_max = model_max_positions(hf_config)
         if model_max is not None:
             engine_max_length(max_length, model_max)
+
+
+def engine_max_length(requested: int | None, model_max: int) -> int:
+    """The engine-wide cap on prompt + response: the engine option ``max_length``
+    when given (at most the model's), else the model's maximum."""
+    if requested is None:
+        return model_max
+    if requested > model_max:
+        raise InvalidRequestError(
+            f"engine option 'max_length' ({requested}) exceeds the model's "
+            f"maximum sequence length ({model_max})",
+            field="max_length",
+        )
+    return requested
 
 
 def model_max_positions(hf_config: dict[str, Any]) -> int | None:

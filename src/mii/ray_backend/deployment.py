@@ -224,8 +224,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
     )
     health = add_standard_services(server)
     await set_health(health, False)
-    # Calls are answered UNAVAILABLE "starting" until Serve's replicas are ready (a
-    # bound port that never answered made a client wait for its whole deadline).
+    # Calls are answered UNAVAILABLE "starting" until Serve's replicas are ready.
     balancer = BalancerServicer(name, stop, has_api_key=config.secret_api_key() is not None)
     add_mii_servicer(balancer, server)
 

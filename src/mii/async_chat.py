@@ -1,6 +1,8 @@
-"""``AsyncEngine.chat`` and ``AsyncEngine.stream_chat``: generation from chat
-conversations through the model's chat template (the pipeline's ``chat`` for code
-that embeds the engine in its own event loop)."""
+"""``mii.AsyncEngine``: the engine (:class:`mii.engine.async_engine.AsyncEngine`)
+with ``chat`` and ``stream_chat``, generation from chat conversations through the
+model's chat template (the pipeline's ``chat`` for code that embeds the engine in
+its own event loop). The templates' code belongs to the serving layer (the OpenAI
+chat route's), above the engine's."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from mii.chat_prompts import (
     conversation_chars,
     one_conversation,
 )
+from mii.engine import async_engine
 from mii.response import Response
 
 # Conversations at least this long get their template applied in a worker thread
@@ -22,9 +25,8 @@ from mii.response import Response
 OFFLOAD_TEMPLATE_CHARS = 16 * 1024
 
 
-class ChatMethods:
-    """The chat methods of :class:`mii.AsyncEngine` (over its ``generate`` and
-    ``stream``)."""
+class AsyncEngine(async_engine.AsyncEngine):
+    __doc__ = async_engine.AsyncEngine.__doc__
 
     async def chat(
         self,
