@@ -47,9 +47,9 @@ def test_gated_launch_equals_projection_then_act_and_mul(
 
 
 def assert_same_numbers(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Equal in 16 bits; in float32 within a few ulps: the CPU interpreter's float32
-    exp (numpy) differs by an ulp between the epilogue's arrays and the separate
-    kernel's on some CPUs (AMD EPYC: 22 of 64 values 1 ulp apart, none elsewhere).
+    """Equal in 16 bits; in float32 within a few ulps: under the CPU interpreter the
+    two launches' float32 arithmetic (numpy, OpenBLAS) rounds apart on some CPUs (an
+    AMD EPYC with AVX-512: 22 of 64 values 1 ulp apart; bit-equal on earlier machines).
     A program that read the wrong half or band is off by whole units."""
     if got.dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
