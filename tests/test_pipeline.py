@@ -103,11 +103,15 @@ def test_bad_options_rejected_before_work(llama):
             ([{"role": "user", "content": [{"type": "image_url"}]}], "messages"),
             # a misspelt key was an empty user turn (other keys go to the template)
             ([{"role": "user", "contnet": "hi"}], "messages.0.contnet"),
+            ([{"role": "user", "context": "hi"}], "messages.0.context"),
         ):
             with pytest.raises(mii.InvalidRequestError) as err:
                 pipe.chat(bad)
             assert err.value.field == field, err.value
         assert pipe(PROMPTS[0], max_new_tokens=2)[0].generated_length >= 1
+        # beside its content, a key of the template's own that looks like a field's
+        [kept] = pipe.chat([{"role": "user", "content": "hi", "context": "x"}], max_new_tokens=1)
+        assert kept.generated_length == 1
         with pytest.raises(TypeError, match="keyword arguments"):
             pipe(PROMPTS[0], mii.GenerateParams(max_new_tokens=2))  # vLLM's habit
         # -1 and 0: no top-k limit, as vLLM's SamplingParams and the HTTP routes read them

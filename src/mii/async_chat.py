@@ -80,6 +80,6 @@ class AsyncEngine(async_engine.AsyncEngine):
             pieces.close()
 
     async def _chat_prompts(self, messages: Any, **template: Any) -> list[list[int]]:
-        if conversation_chars(messages) < OFFLOAD_TEMPLATE_CHARS:
+        if conversation_chars([messages, template.get("tools")]) < OFFLOAD_TEMPLATE_CHARS:
             return chat_prompt_batch(self.tokenizer, messages, **template)
         return await asyncio.to_thread(chat_prompt_batch, self.tokenizer, messages, **template)

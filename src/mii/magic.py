@@ -126,7 +126,11 @@ class MiiMagics(Magics):
                 print(self._status())
                 print(USAGE)
         except UsageError as err:
-            if "unrecognized arguments" in str(err) or "no running deployment" in str(err):
+            # (not for a misspelt option: "did you mean --max-length?" is the answer)
+            unrecognized = re.search(r"unrecognized arguments: (\S+)", str(err))
+            if (unrecognized and not unrecognized.group(1).startswith("-")) or (
+                "no running deployment" in str(err)
+            ):
                 raise UsageError(
                     f"{err} (a prompt that starts with {command!r}: %mii -- {command} {rest})"
                 ) from None

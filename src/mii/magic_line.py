@@ -24,6 +24,10 @@ def _unquoted(word: str) -> str:
     return value
 
 
+# Read as options only before the prompt: after it they are text ("Explain grep --help").
+HELP_OPTIONS = {"-h": False, "--help": False}
+
+
 def _read_options(words: list[str], known: dict[str, bool]) -> tuple[list[str], int, bool]:
     """The known generation options that open ``words``, each with its value: their
     tokens (unquoted), how many words they took, and whether the last one still
@@ -49,7 +53,8 @@ def split_line(line: str, known: dict[str, bool]) -> tuple[list[str], str]:
     (``--stop 'answer is'``, ``--json-schema '{"type": "object"}'``), as ``%%mii``'s.
     ``known``: the options, and whether each takes a value."""
     words = list(_SHELL_WORD.finditer(line))
-    tokens, taken, expect_value = _read_options([word.group() for word in words], known)
+    leading = {**known, **HELP_OPTIONS}
+    tokens, taken, expect_value = _read_options([word.group() for word in words], leading)
     if expect_value:
         raise UsageError(f"%mii: option {tokens[-1]!r} needs a value")
     if taken == len(words):
@@ -60,8 +65,8 @@ def split_line(line: str, known: dict[str, bool]) -> tuple[list[str], str]:
     if first.group().startswith("--"):
         name = first.group().split("=", 1)[0]
         raise UsageError(
-            f"%mii: unknown option {name!r}{_meant(name, known)} (put `--` before a prompt "
-            "that starts with --)"
+            f"%mii: unknown option {name!r}{_meant(name, known, prefix=True)} (put `--` before "
+            "a prompt that starts with --)"
         )
     prompt, trailing = _trailing_options(line[first.start() :].strip(), known)
     return tokens + trailing, prompt
@@ -91,9 +96,9 @@ def _trailing_options(prompt: str, known: dict[str, bool]) -> tuple[str, list[st
 
 
 def _refuse_misspelt(word: str, known: dict[str, bool]) -> None:
-    """UsageError for a word of the prompt that is an option's name misspelt or cut
-    short (``--max-new-token 6``, ``--temp 0.5``: it was read as prompt text, with the
-    options beside it)."""
+    """UsageError for a word of the prompt that is an option's name misspelt
+    (``--max-new-token 6``: it was read as prompt text, with the options beside it).
+    Not for the start of one (``git add --all``, ``pip install --pre``: text)."""
     name = word.split("=", 1)[0]
     if not name.startswith("--") or name in known:
         return
@@ -111,30 +116,23 @@ def _refuse_unknown_after_options(word: str, known: dict[str, bool]) -> None:
     text has ended there, so it is an option this line does not have. Otherwise it
     took the known options before it into the prompt as text."""
     name = word.split("=", 1)[0]
-    if not name.startswith("-") or name in ("-", "--") or name in known or _is_number(name):
+    option_like = (name.startswith("--") and name != "--") or re.fullmatch(r"-[A-Za-z]", name)
+    if not option_like or name in known:
         return
     raise UsageError(
-        f"%mii: unknown option {name!r}{_meant(name, known)} (put `--` before a prompt to "
-        "keep its words as text; %mii --help lists the options)"
+        f"%mii: unknown option {name!r}{_meant(name, known, prefix=True)} (put `--` before a "
+        "prompt to keep its words as text; %mii --help lists the options)"
     )
 
 
-def _meant(name: str, known: dict[str, bool]) -> str:
+def _meant(name: str, known: dict[str, bool], prefix: bool = False) -> str:
     """``: did you mean '--temperature'?`` for a near miss of a known option's name,
-    or the beginning of exactly one (argparse's abbreviations), else ""."""
+    or with ``prefix`` the beginning of exactly one (argparse's abbreviations), else ""."""
     starting = [option for option in known if option.startswith(name) and len(name) > 3]
-    if len(starting) == 1:
+    if prefix and len(starting) == 1:
         return f": did you mean {starting[0]!r}?"
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
     return f": did you mean {close[0]!r}?" if close else ""
-
-
-def _is_number(word: str) -> bool:
-    try:
-        float(word)
-    except ValueError:
-        return False
-    return True
 
 
 def split_args(text: str) -> list[str]:

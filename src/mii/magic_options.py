@@ -95,14 +95,17 @@ def attach_parser() -> Parser:
 
 
 def _takes_value(parser: argparse.ArgumentParser) -> dict[str, bool]:
-    """Each option of ``parser``, and whether it takes a value."""
+    """Each option of ``parser`` (but --help), and whether it takes a value."""
     return {
-        option: action.nargs != 0 for action in parser._actions for option in action.option_strings
+        option: action.nargs != 0
+        for action in parser._actions
+        if action.dest != "help"
+        for option in action.option_strings
     }
 
 
-# Options a line magic accepts before its prompt (the generation options and
-# --help), and whether each takes a value.
+# Options a line magic accepts before (or after) its prompt (the generation options;
+# --help before it only: mii.magic_line), and whether each takes a value.
 LINE_OPTIONS = _takes_value(generation_parser("%mii"))
 
 

@@ -188,7 +188,7 @@ def terminate(args: argparse.Namespace) -> int:
     from mii.rpc.client import DeploymentNotFoundError, client
 
     starting = _starting_record(args.name)
-    if starting is not None:  # nothing answers Terminate yet: SIGTERM stops it at once
+    if starting is not None:  # SIGTERM stops it at once (works even while a load holds the GIL)
         if args.force:
             return stop_processes.kill(starting["deployment_name"], starting)
         return stop_processes.stop_starting(starting, args.timeout)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mii.errors import InvalidRequestError, ModelLoadError
+from mii.errors import InvalidRequestError, MiiError, ModelLoadError
 from mii.models.base import CausalLM
 from mii.models.checkpoint_tensor import LazyTensor
 from mii.models.gguf import gguf_checkpoint_dir, is_gguf_path
@@ -84,10 +84,9 @@ def check_model(
     / InvalidRequestError name what to change."""
     hf_config = read_hf_config(resolve_model_dir(name_or_path, revision, weights=False))
     default_device(device)
-    if max_length is not None:
-        model_max = model_max_positions(hf_config)
-        if model_max is not None:
-            engine_max_length(max_length, model_max)
+    model_max = model_max_positions(hf_config)  # (a config the family cannot read fails here)
+    if max_length is not None and model_max is not None:
+        engine_max_length(max_length, model_max)
 
 
 def engine_max_length(requested: int | None, model_max: int) -> int:
@@ -106,14 +105,31 @@ def engine_max_length(requested: int | None, model_max: int) -> int:
 
 def model_max_positions(hf_config: dict[str, Any]) -> int | None:
     """The longest sequence the model takes (its RoPE scaling counted), from a
-    weightless build on the meta device; None when that build fails (the load
-    then says why)."""
+    weightless build on the meta device. An unsupported model type or a config
+    that lacks a field the family reads raises as a load would; None when the build
+    fails otherwise (the load then says why)."""
+    with torch.device("meta"):
+        try:
+            return int(_instantiate(hf_config).max_positions)
+        except MiiError:
+            raise
+        except Exception:  # e.g. a layer that cannot be built on the meta device
+            log.debug("no weightless build of this config", exc_info=True)
+            return None
+
+
+def _instantiate(hf_config: dict[str, Any]) -> CausalLM:
+    """The family's model for ``hf_config`` (on the current default device); a
+    config that lacks a field the family reads is ModelLoadError naming it."""
+    cls = model_class(hf_config.get("model_type"))
     try:
-        with torch.device("meta"):
-            return int(model_class(hf_config.get("model_type"))(hf_config).max_positions)
-    except Exception:  # an unsupported or broken config: the load reports it
-        log.debug("no weightless build of this config", exc_info=True)
-        return None
+        return cls(hf_config)
+    except KeyError as err:  # the family's spec reads a field the config lacks
+        raise ModelLoadError(
+            f"config.json of a {hf_config.get('model_type')!r} model lacks the field "
+            f"{err.args[0]!r}, which {cls.__name__} needs: add it (as in the model's "
+            "original Hugging Face config.json)"
+        ) from err
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
@@ -171,14 +187,7 @@ def build_model(
     # Our layers allocate with torch.empty and never initialise, so building
     # directly on the device in the final dtype wastes neither time nor memory.
     with torch.device(device), _default_dtype(dtype), fp8_weights(quant.mode):
-        try:
-            model = cls(hf_config)
-        except KeyError as err:  # the family's spec reads a field the config lacks
-            raise ModelLoadError(
-                f"config.json of a {hf_config.get('model_type')!r} model lacks the field "
-                f"{err.args[0]!r}, which {cls.__name__} needs: add it (as in the model's "
-                "original Hugging Face config.json)"
-            ) from err
+        model = _instantiate(hf_config)
     if load_format == "dummy":
         _fill_random(model, seed)
     else:

@@ -213,7 +213,6 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
     # client wait for its whole deadline.
     balancer = BalancerServicer(name, stop, has_api_key=config.secret_api_key() is not None)
     add_mii_servicer(balancer, server)
-    await server.start()
 
     replicas: list[ReplicaProcess] = []
     pool: ReplicaPool | None = None
@@ -244,6 +243,7 @@ async def _run_deployment(config: DeploymentConfig, shutdown: ShutdownRequest | 
         )
 
     try:
+        await server.start()  # (in here: stopped by the finally below)
         record(starting=True)  # (again below, with its replicas' pids)
         for i, replica_config in enumerate(_replica_configs(config)):
             log = registry.log_path(name).with_suffix(f".replica{i}.log")

@@ -151,16 +151,18 @@ def conversation_items(messages: Any) -> list[list[dict[str, Any]]]:
 
 def _refuse_misspelt_keys(conversation: Any, where: str) -> None:
     """InvalidRequestError for a message key that is a near miss of a message field
-    (``{"role": "user", "contnet": "hi"}`` was an empty user turn: other keys go to
-    the template as they are)."""
+    the message lacks (``{"role": "user", "contnet": "hi"}`` was an empty user turn:
+    other keys go to the template as they are, and a message that has the field may
+    carry a key of its template's beside it, such as ``context``)."""
     import difflib
 
     from mii.rpc.http.protocol import ChatMessage
 
-    fields = list(ChatMessage.model_fields)
     for index, message in enumerate(conversation):
-        for key in message if isinstance(message, dict) else ():
-            near = key not in fields and difflib.get_close_matches(str(key), fields, 1, 0.8)
+        keys = message if isinstance(message, dict) else {}
+        missing = [field for field in ChatMessage.model_fields if field not in keys]
+        for key in keys:
+            near = difflib.get_close_matches(str(key), missing, 1, 0.8)
             if near:
                 raise InvalidRequestError(
                     f"{where}.{index}: unknown key {key!r} (did you mean {near[0]!r}?)",
