@@ -200,8 +200,11 @@ def test_requests_spread_over_both_replicas(two):
         for t in threads:
             t.join(120)
     assert not errors
-    health = httpx.get(f"{url}/health", timeout=30).json()
+    answer = httpx.get(f"{url}/health", headers={"X-Request-Id": "trace-1"}, timeout=30)
+    health = answer.json()
     assert health["status"] == "ok" and health["replica_num"] == 2
+    # echoed once: Serve's proxy echoes it, and the gateway did too (user trial)
+    assert answer.headers.get_list("x-request-id") == ["trace-1"], answer.headers
 
 
 def test_a_caller_that_leaves_aborts_its_request_on_the_replica(two):
@@ -470,6 +473,25 @@ def test_a_ray_address_where_nothing_listens_is_named_at_once(cache_dir, checkpo
     address = f"127.0.0.1:{free_port()}"
     with pytest.raises(mii.DeploymentError, match=f"cannot reach a Ray cluster at '{address}'"):
         mii.serve(str(checkpoints("llama")[0]), ray_address=address, startup_timeout=120)
+
+
+def test_an_unreachable_cluster_found_through_ray_address_is_named_at_once(cache_dir, checkpoints):
+    """With $RAY_ADDRESS (or a `ray start` record left by a cluster stopped without
+    `ray stop`) naming an address where nothing listens, ray.init waited for ever,
+    deaf to signals and past startup_timeout; an explicit address was checked."""
+    address = f"127.0.0.1:{free_port()}"
+    # (mii serve: this test process may be connected to a cluster, which mii.serve takes)
+    command = [sys.executable, "-m", "mii", "serve", str(checkpoints("llama")[0])]
+    command += ["--backend", "ray", "--port", str(free_port()), "--grpc-port", str(free_port())]
+    ended = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": address},
+    )
+    assert ended.returncode == 1, ended.stderr[-2000:]
+    assert f"cannot reach a Ray cluster at '{address}' ($RAY_ADDRESS)" in ended.stderr
 
 
 def test_a_busy_http_port_is_refused_before_anything_starts(cluster, cache_dir, checkpoints):

@@ -17,7 +17,6 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -28,8 +27,10 @@ from mii.ray_backend import require_ray
 from mii.ray_backend.application import REPLICA_DEPLOYMENT, build_application
 from mii.ray_backend.board import NAMESPACE, StatsBoard, board_name
 from mii.ray_backend.cluster_watch import gcs_address, until_cluster_lost
+from mii.ray_backend.connect import connect
 from mii.ray_backend.http_drain import drain_http
 from mii.ray_backend.pool import RayPool
+from mii.ray_backend.startup import in_daemon_thread, unless_stopped
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import GRPC_PORT_IN_USE_HINT, DeploymentConfig
@@ -38,52 +39,8 @@ from mii.rpc.drain import ShutdownRequest, drain
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.listen import host_port, listening_server
 from mii.rpc.proto_parse import add_mii_servicer
-from mii.rpc.startup_errors import run_reporting_errors
+from mii.rpc.startup_errors import StoppedWhileStarting, run_reporting_errors
 from mii.rpc.stats_log import capacity_line, log_stats
-
-
-def connect(config: DeploymentConfig) -> None:
-    """Connect to the deployment's Ray cluster: ``ray_address``; unset, Ray's own
-    search (``$RAY_ADDRESS``, the cluster ``ray start`` started on this machine), else
-    a new Ray instance of this process's own, which ``ray.shutdown()`` stops again."""
-    ray = require_ray()
-    if config.ray_address not in (None, "auto"):
-        _check_reachable(config.ray_address)
-        # Ray turns its token authentication on by itself (RAY_AUTH_MODE unset, a token
-        # in ~/.ray/auth_token) only for a cluster it finds on its own, yet `ray start`
-        # on a machine with a token requires it at an explicit address too. A cluster
-        # without authentication ignores the token. (Ray < 2.52 has none: nothing to do.)
-        try:
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available,
-            )
-        except ImportError:
-            pass
-        else:
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    ray.init(address=config.ray_address)
-
-
-# Seconds to wait for a TCP answer at the cluster's address before ray.init, which
-# retries an address where nothing listens for minutes (past any startup_timeout)
-# with nothing but its own connection warnings.
-REACH_TIMEOUT_S = 10.0
-
-
-def _check_reachable(address: str) -> None:
-    """DeploymentError naming ``address`` (``host:port`` or ``ray://host:port``)
-    when nothing accepts a connection there."""
-    bare = address.removeprefix("ray://")
-    host, _, port = bare.rpartition(":")
-    if "://" in bare or not host or not port.isdigit() or (":" in host and "]" not in host):
-        return  # a form Ray reads on its own (another scheme, an unbracketed IPv6 address)
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), REACH_TIMEOUT_S).close()
-    except OSError as err:
-        raise DeploymentError(
-            f"cannot reach a Ray cluster at {address!r} ({err.strerror or err}): is "
-            "`ray start --head` running there, on that port? (ray_address / --ray-address)"
-        ) from None
 
 
 def start_serve(config: DeploymentConfig) -> bool:
@@ -241,7 +198,8 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
     tasks: list[asyncio.Task] = []
     try:
         await server.start()  # (in here: stopped by the finally below)
-        started_serve = start_serve(config)
+        # In a thread (it may wait for Serve's proxies): the gRPC port answers meanwhile.
+        started_serve = await asyncio.to_thread(start_serve, config)
         board = (
             ray.remote(StatsBoard)
             .options(name=board_name(name), namespace=NAMESPACE, num_cpus=0)
@@ -251,16 +209,18 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
             config, board_name(name), api_key, ray.cluster_resources().get("GPU", 0.0)
         )
         deployed = True
-        run = asyncio.to_thread(
+        run = in_daemon_thread(
             serve.run, app, name=name, route_prefix="/" if config.enable_restful_api else None
         )
         try:
-            await asyncio.wait_for(run, config.startup_timeout)
+            await unless_stopped(run, stop, config.startup_timeout)
         except asyncio.TimeoutError:
             raise DeploymentError(
                 f"the Ray deployment {name!r} was not ready within {config.startup_timeout:.0f} s "
                 "(are there enough free CPUs/GPUs on the cluster? see `ray status`)"
             ) from None
+        except StoppedWhileStarting:
+            raise
         except RuntimeError as err:  # Serve's "Deploying application ... failed"
             raise DeploymentError(_start_failure(name) or str(err)) from None
         except Exception as err:  # Serve's controller refused it (RayServeException)
@@ -269,7 +229,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name)
         pool = RayPool(handle, board_name(name))
         pool.guard.progress_timeout_s = config.replica_timeout_s
-        await _wait_for_board(pool, config.startup_timeout)
+        await unless_stopped(_wait_for_board(pool, config.startup_timeout), stop, None)
         max_length = (await handle.model_info.remote())["max_length"]
         info = mii_pb2.ModelInfoReply(
             deployment_name=name,

@@ -77,9 +77,12 @@ class MiiIngress:
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
     def __serve_build_asgi_app__(self):
-        return build_app(self.state)
+        return build_app(self.state, echo_request_id=False)  # Serve's proxy echoes it
 
     async def __del__(self) -> None:
-        self.watcher.cancel()
-        self.drain.cancel()
-        await self.pool.close()
+        # (an ingress whose __init__ failed, its replicas never ready, has none of them)
+        for started in (getattr(self, "watcher", None), getattr(self, "drain", None)):
+            if started is not None:
+                started.cancel()
+        if getattr(self, "pool", None) is not None:
+            await self.pool.close()

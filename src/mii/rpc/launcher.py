@@ -135,7 +135,11 @@ def _wait_until_serving(
     process: subprocess.Popen, client: MiiClient, config: DeploymentConfig, log_file
 ) -> MiiClient:
     name = config.deployment_name
-    deadline = time.monotonic() + config.startup_timeout + 30
+    # Past its own startup_timeout the deployment stops what it started and exits with
+    # its reason; on Ray that takes Serve's graceful shutdown too (shutdown_grace_s, even
+    # for replicas that never ran): the caller waited less, and said only "did not start".
+    teardown = 30 + (config.shutdown_grace_s if config.on_ray else 0)
+    deadline = time.monotonic() + config.startup_timeout + teardown
     while True:
         if process.poll() is not None:
             raise DeploymentError(

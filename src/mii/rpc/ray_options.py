@@ -107,9 +107,12 @@ class RayOptions(BaseModel):
             fields = RayOptions.model_fields
             given = [n for n in RAY_ONLY if getattr(self, n) != fields[n].default]
             if given:
+                # (the scaling options' reason; ray_num_cpus/gpus are a Ray actor's share)
+                scaling = given[0] not in ("ray_num_cpus", "ray_num_gpus")
                 raise InvalidRequestError(
                     f"{given[0]} is an option of backend='ray' (set backend='ray' or "
-                    "ray_address; the local backend has a fixed replica_num)",
+                    "ray_address"
+                    + ("; the local backend has a fixed replica_num)" if scaling else ")"),
                     field=given[0],
                 )
         if (

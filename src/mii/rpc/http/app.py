@@ -11,13 +11,16 @@ from mii.rpc.http.request_id import EchoRequestId
 from mii.rpc.http.state import GatewayState
 
 
-def build_app(state: GatewayState) -> FastAPI:
-    """The application serving ``state``'s deployment (no interactive docs pages)."""
+def build_app(state: GatewayState, echo_request_id: bool = True) -> FastAPI:
+    """The application serving ``state``'s deployment (no interactive docs pages).
+    ``echo_request_id``: off behind Ray Serve's proxy, which echoes ``X-Request-Id``
+    itself (the answer carried it twice)."""
     app = FastAPI(title=f"mii: {state.deployment_name}", docs_url=None, redoc_url=None)
     app.state.mii = state
     install_error_handlers(app)
     install_access_control(app, state.access)
-    app.add_middleware(EchoRequestId)  # outermost: refusals by the access rules echo it too
+    if echo_request_id:  # outermost: refusals by the access rules echo it too
+        app.add_middleware(EchoRequestId)
     app.include_router(mii_routes.router)
     app.include_router(openai_routes.router)
     app.include_router(responses_route.router)

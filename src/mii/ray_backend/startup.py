@@ -1,0 +1,66 @@
+"""Waiting for a Ray deployment's start without ever blocking its event loop or
+outliving a stop: Serve's calls block (``serve.run`` until every replica runs), so
+they run in threads, and each wait ends early when the deployment is told to stop
+(a signal, a Terminate call), as a local deployment's does."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from mii.rpc.startup_errors import StoppedWhileStarting
+
+T = TypeVar("T")
+
+
+def in_daemon_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    """``fn(*args, **kwargs)`` in a daemon thread, its outcome as a future of the
+    running loop. A daemon: a ``serve.run`` that waits for replicas that never come
+    must not keep the process from exiting once the deployment gave up on it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args, **kwargs), None)
+        except BaseException as err:  # (handed to the waiter, as to_thread does)
+            outcome = (None, err)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name=f"mii-{fn.__name__}", daemon=True).start()
+    return future
+
+
+async def unless_stopped(work: Awaitable[T], stop: asyncio.Event, timeout: float | None) -> T:
+    """``work``'s result; StoppedWhileStarting when ``stop`` is set first,
+    asyncio.TimeoutError after ``timeout`` seconds (None: no limit). ``work`` is
+    cancelled either way (a thread's work runs on, unwaited)."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {task, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        stopping.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    if stop.is_set():
+        raise StoppedWhileStarting(
+            "stopped while starting (a signal or a Terminate call); its Serve replicas were "
+            "still starting"
+        )
+    raise asyncio.TimeoutError

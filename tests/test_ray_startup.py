@@ -1,0 +1,46 @@
+"""A Ray deployment's start-up waits (mii.ray_backend.startup): Serve's blocking
+calls in daemon threads, each wait ended by a stop or its time limit."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from mii.ray_backend.startup import in_daemon_thread, unless_stopped
+from mii.rpc.startup_errors import StoppedWhileStarting
+
+
+async def test_a_stop_ends_the_wait_and_the_thread_is_left_to_itself():
+    """serve.run waits for replicas that may never come: a Terminate call or a signal
+    during it was answered, yet the deployment went on loading and then served."""
+    release = threading.Event()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.05, stop.set)
+    blocked = in_daemon_thread(release.wait)
+    with pytest.raises(StoppedWhileStarting, match="stopped while starting"):
+        await asyncio.wait_for(unless_stopped(blocked, stop, timeout=60), 30)
+    [thread] = [t for t in threading.enumerate() if t.name == "mii-wait"]
+    assert thread.daemon  # it cannot keep the process from exiting
+    release.set()
+    thread.join(10)
+
+
+async def test_a_wait_past_its_limit_times_out_and_results_and_errors_come_through():
+    never = threading.Event()
+    with pytest.raises(asyncio.TimeoutError):
+        await unless_stopped(in_daemon_thread(never.wait), asyncio.Event(), timeout=0.05)
+    never.set()
+    assert await unless_stopped(in_daemon_thread(sum, [1, 2]), asyncio.Event(), None) == 3
+
+    def fails() -> None:
+        raise RuntimeError("Deploying application x failed")
+
+    with pytest.raises(RuntimeError, match="Deploying application"):
+        await unless_stopped(in_daemon_thread(fails), asyncio.Event(), None)
+    # a coroutine (the wait for the replicas' first figures) ends the same ways
+    stop = asyncio.Event()
+    stop.set()
+    with pytest.raises(StoppedWhileStarting):
+        await unless_stopped(asyncio.sleep(60), stop, None)
