@@ -487,21 +487,9 @@ def test_unloading_the_extension_removes_the_magic(shell, llama):
     assert shell.find_line_magic("mii").__self__ is magics
 
 
-def test_a_max_length_beyond_the_models_keeps_the_model_in_use(shell, llama):
-    """`%mii load M --max-length 10000000` freed the model in use, then failed: the
-    engine's max_length is checked against the model's before anything is freed."""
-    magics = shell.magics_manager.registry["MiiMagics"]
-    shell.run_line_magic("mii", f"load {llama}")
-    loaded = magics.model
-    result, out = run(shell, f"%mii load {llama} --max-length 10000000")
-    assert isinstance(result.error_in_exec, UsageError), out
-    assert "exceeds the model's maximum" in out and "stays loaded" in out, out
-    assert magics.model is loaded and not loaded.closed
-
-
-def test_a_config_the_family_cannot_read_keeps_the_model_in_use(shell, llama, tmp_path):
-    """A config.json lacking a field its family reads freed the model in use, then
-    failed: the family's (weightless) build is part of the check."""
+@pytest.fixture
+def config_lacking_a_field(llama, tmp_path) -> str:
+    """The tiny llama with no intermediate_size in its config.json."""
     import json
     import shutil
 
@@ -510,10 +498,22 @@ def test_a_config_the_family_cannot_read_keeps_the_model_in_use(shell, llama, tm
     config = json.loads((broken / "config.json").read_text())
     del config["intermediate_size"]
     (broken / "config.json").write_text(json.dumps(config))
+    return str(broken)
+
+
+@pytest.mark.parametrize("case", ["max_length", "config"])
+def test_a_load_that_cannot_work_keeps_the_model_in_use(shell, llama, config_lacking_a_field, case):
+    """`%mii load M --max-length 10000000`, or a config.json lacking a field its family
+    reads, freed the model in use, then failed: the engine's max_length against the
+    model's and the family's (weightless) build are part of the check."""
+    load, said = {
+        "max_length": (f"{llama} --max-length 10000000", "exceeds the model's maximum"),
+        "config": (config_lacking_a_field, "intermediate_size"),
+    }[case]
     magics = shell.magics_manager.registry["MiiMagics"]
     shell.run_line_magic("mii", f"load {llama}")
     loaded = magics.model
-    result, out = run(shell, f"%mii load {broken}")
+    result, out = run(shell, f"%mii load {load}")
     assert isinstance(result.error_in_exec, UsageError), out
-    assert "intermediate_size" in out and "stays loaded" in out, out
+    assert said in out and "stays loaded" in out, out
     assert magics.model is loaded and not loaded.closed
