@@ -355,3 +355,13 @@ def test_an_unknown_name_far_from_every_option_gets_no_guess():
     with pytest.raises(InvalidRequestError) as err:
         GenerateParams.parse(frobnicate=1)
     assert str(err.value) == "unknown generation option 'frobnicate'"
+
+
+@pytest.mark.parametrize("name", ["max_length", "num_kv_blocks", "token_budget", "seed"])
+def test_an_engine_count_is_never_a_boolean(name):
+    """`num_kv_blocks=True` was a KV cache of one block (pydantic reads True as 1), as
+    generation options refuse it; true/false options still take booleans."""
+    with pytest.raises(InvalidRequestError, match="not a boolean") as caught:
+        EngineConfig.parse("m", **{name: True})
+    assert caught.value.field == name
+    assert EngineConfig.parse("m", compile=False).compile is False

@@ -61,6 +61,10 @@ def test_one_port_for_both_apis_is_refused_before_anything_starts():
             "restful_api_port",
         ),
         ({"tool_call_parser": "nope"}, "tool_call_parser"),
+        # a count or a duration is never a boolean (replica_num=True was one replica)
+        ({"replica_num": True}, "replica_num"),
+        ({"startup_timeout": False}, "startup_timeout"),
+        ({"backend": "ray", "ray_num_cpus": True}, "ray_num_cpus"),
     ],
 )
 def test_every_bad_deployment_option_is_an_invalid_request_naming_it(options, field):

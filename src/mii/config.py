@@ -13,7 +13,6 @@ import os
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -25,7 +24,7 @@ from pydantic import (
 from mii.constraint_options import ConstraintOptions
 from mii.errors import InvalidRequestError
 from mii.option_errors import raise_option_error
-from mii.sampling_options import LogitsOptions
+from mii.sampling_options import ExactTypes, LogitsOptions
 
 # Integer options fit a signed 64-bit integer (what the engine's tensors and the
 # gRPC messages hold); a larger one is refused naming the field, so that it can
@@ -255,8 +254,9 @@ def dtype_by_name(value: Any) -> Any:
 SCHEDULING_DEFAULTS = {"cuda": (4096, 256), "cpu": (1024, 128)}
 
 
-class EngineConfig(BaseModel):
-    """Options of one engine: the model, the KV cache and the scheduler."""
+class EngineConfig(ExactTypes):
+    """Options of one engine: the model, the KV cache and the scheduler (no number
+    given as a boolean: ExactTypes)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 

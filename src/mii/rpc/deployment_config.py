@@ -24,7 +24,7 @@ from pydantic import (
 
 import mii.envs as envs
 from mii.config import DEPLOYMENT_MAX_QUEUED_REQUESTS, EngineConfig, GenerateParams, dtype_by_name
-from mii.errors import InvalidRequestError
+from mii.errors import InvalidRequestError, MiiError
 from mii.option_errors import unknown_name_hint
 from mii.rpc import registry
 from mii.rpc.chat_template_option import chat_template_text, checked_template
@@ -385,8 +385,9 @@ def _first_error(err: ValidationError) -> Exception:
     raised, as it is; for a value of the wrong type, an InvalidRequestError naming it."""
     first = err.errors()[0]
     cause = first.get("ctx", {}).get("error")
-    if isinstance(cause, Exception):
+    if isinstance(cause, MiiError):
         return cause
     field = ".".join(str(p) for p in first["loc"])
-    message = f"invalid deployment option {field!r}: {first['msg']} (got {first.get('input')!r})"
+    said = str(cause) if isinstance(cause, Exception) else first["msg"]  # (no "Value error, ")
+    message = f"invalid deployment option {field!r}: {said} (got {first.get('input')!r})"
     return InvalidRequestError(message, field=field)

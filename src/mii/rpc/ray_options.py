@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from mii.errors import InvalidRequestError
+from mii.sampling_options import ExactTypes
 
 # The options that only the Ray backend reads: set with the single-host backend,
 # they are refused (they would be silently ignored otherwise).
@@ -28,8 +29,10 @@ RAY_ONLY = (
 INSTALL_HINT = "pip install 'mii[ray]' (or: pip install 'ray[serve]')"
 
 
-class RayOptions(BaseModel):
-    """Where a deployment runs and, on Ray, how it scales."""
+class RayOptions(ExactTypes):
+    """Where a deployment runs and, on Ray, how it scales. (ExactTypes: a count is
+    never a boolean, ``replica_num=True`` was one replica; DeploymentConfig's fields
+    too.)"""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
