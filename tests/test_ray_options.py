@@ -260,3 +260,26 @@ def test_serve_start_outlasts_serves_fixed_proxy_wait(monkeypatch):
     calls.clear()
     with pytest.raises(TimeoutError, match="something else"):
         deployment.start_serve(config)
+
+
+def test_auto_without_a_cluster_names_mii_s_option_not_ray_s(monkeypatch):
+    """ray_address="auto" with no cluster passed on Ray's text, which names its own
+    `--address` flag; the error names mii's option and the ways out."""
+    import ray
+
+    from mii.ray_backend import connect as connecting
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    def no_cluster(**_):
+        raise ConnectionError("Could not find any running Ray instance (`--address`)")
+
+    from ray._private import auto_init_hook
+
+    # (connect turns Ray's auto-init off for the deployment's process: restored after)
+    monkeypatch.setattr(auto_init_hook, "enable_auto_connect", auto_init_hook.enable_auto_connect)
+    monkeypatch.setattr(connecting, "_check_found_cluster", lambda address: None)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    config = DeploymentConfig.parse("m", backend="ray", ray_address="auto")
+    with pytest.raises(mii.DeploymentError, match="--ray-address / ray_address=") as err:
+        connecting.connect(config)
+    assert "ray start --head" in str(err.value)

@@ -42,7 +42,15 @@ def connect(config: DeploymentConfig) -> None:
             pass
         else:
             maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    ray.init(address=config.ray_address)
+    try:
+        ray.init(address=config.ray_address)
+    except ConnectionError as err:  # "auto" with no cluster: Ray's text names its own flag
+        raise DeploymentError(
+            f"no running Ray cluster found for ray_address={config.ray_address!r} ({err}): "
+            "start one with `ray start --head`, pass its address (--ray-address / "
+            "ray_address=), or leave ray_address unset for a Ray instance of the "
+            "deployment's own"
+        ) from None
 
 
 # Seconds to wait for a TCP answer at the cluster's address before ray.init, which
