@@ -8,6 +8,8 @@ app (FastAPI's lifespan), and every request shares it (continuous batching).
          -d '{"prompt": "DeepSpeed is", "max_new_tokens": 32}'
     curl localhost:8000/generate -H 'content-type: application/json' \\
          -d '{"prompt": "Seattle is", "do_sample": false}'
+    curl localhost:8000/chat -H 'content-type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "What is DeepSpeed?"}]}'
 """
 
 from __future__ import annotations
@@ -92,6 +94,31 @@ async def generate(body: GenerateBody, request: Request) -> dict | None:
         "prompt_tokens": response.prompt_length,
         "generated_tokens": response.generated_length,
     }
+
+
+class ChatBody(BaseModel):
+    """A conversation (``{"role", "content"}`` messages) and generation options."""
+
+    messages: list[dict]
+    max_new_tokens: int = 64
+    do_sample: bool = True
+    temperature: float | None = None
+    seed: int | None = None
+
+    def params(self) -> dict:
+        return self.model_dump(exclude={"messages"}, exclude_none=True)
+
+
+@app.post("/chat")
+async def chat(body: ChatBody, request: Request) -> dict | None:
+    """The answer to a conversation, through the model's chat template (instruct
+    models answer a raw prompt poorly)."""
+    engine: mii.AsyncEngine = request.app.state.engine
+    answer = await until_disconnected(request, engine.chat(body.messages, **body.params()))
+    if answer is None:
+        return None
+    [response] = answer
+    return {"role": "assistant", "content": response.generated_text}
 
 
 @app.exception_handler(mii.ServerOverloadedError)

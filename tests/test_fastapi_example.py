@@ -40,3 +40,15 @@ def test_the_example_streams_and_refuses_with_a_status(client, llama):
     bad_option = client.post("/stream", json={**body, "top_p": 0})
     assert bad_option.status_code == 400 and bad_option.json()["field"] == "top_p"
     assert client.get("/stats").json()["running"] == 0
+
+
+def test_the_example_answers_a_conversation_through_the_chat_template(client, llama):
+    turn = [{"role": "user", "content": PROMPT}]
+    with mii.pipeline(llama) as pipe:
+        [expected] = pipe.chat(turn, max_new_tokens=6, do_sample=False)
+    body = {"messages": turn, "max_new_tokens": 6, "do_sample": False}
+    answer = client.post("/chat", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"role": "assistant", "content": expected.generated_text}
+    bad = client.post("/chat", json={**body, "messages": [{"content": "no role"}]})
+    assert bad.status_code == 400 and bad.json()["field"].startswith("messages"), bad.text
