@@ -578,3 +578,8 @@ def test_an_option_error_names_the_flag_to_change(llama, cache, capsys):
     # mii's own name of the flag, not the vLLM alias beside it (--max-model-len)
     assert main(["generate", llama, "hi", "--max-length", "0"]) == 1
     assert capsys.readouterr().err.rstrip().endswith("(flag --max-length)")
+    # mii serve's deployment options too (only those renamed for vLLM were named), and
+    # a startup timeout of 0 is refused, not a start that fails at once
+    for flag, value in (("--shutdown-grace-s", "-1"), ("--startup-timeout", "0")):
+        assert main(["serve", llama, flag, value]) == 1
+        assert capsys.readouterr().err.rstrip().endswith(f"(flag {flag})")

@@ -74,7 +74,7 @@ class DeploymentConfig(GpuLayout, RayOptions):
         "/health and /metrics",
     )
     startup_timeout: float = Field(
-        default=600.0, description="seconds to wait for the replicas to load"
+        default=600.0, gt=0, description="seconds to wait for the replicas to load"
     )
     max_queued_requests: int | None = Field(
         default=DEPLOYMENT_MAX_QUEUED_REQUESTS,
