@@ -23,13 +23,15 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 import mii
 
 
 class GenerateBody(BaseModel):
     """One prompt and a few generation options (see mii.GenerateParams for all)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is a 422, not ignored
 
     prompt: str
     max_new_tokens: int = 64
@@ -99,11 +101,15 @@ async def generate(body: GenerateBody, request: Request) -> dict | None:
 class ChatBody(BaseModel):
     """A conversation (``{"role", "content"}`` messages) and generation options."""
 
+    model_config = ConfigDict(extra="forbid")
+
     messages: list[dict]
     max_new_tokens: int = 64
     do_sample: bool = True
     temperature: float | None = None
+    top_p: float | None = None
     seed: int | None = None
+    stop: list[str] | None = None
 
     def params(self) -> dict:
         return self.model_dump(exclude={"messages"}, exclude_none=True)

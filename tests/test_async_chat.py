@@ -75,6 +75,10 @@ async def test_bad_conversations_are_refused_naming_messages(engine):
     with pytest.raises(mii.InvalidRequestError) as err:  # generation options as generate's
         await engine.chat(TURN, max_new_tokens=-1)
     assert err.value.field == "max_new_tokens"
+    for bad in ("x", ["a"], {1: 2}):  # (a TypeError from deep inside the template call)
+        with pytest.raises(mii.InvalidRequestError) as err:
+            await engine.chat(TURN, chat_template_kwargs=bad, **GREEDY)
+        assert err.value.field == "chat_template_kwargs"
     [fine] = await engine.chat(TURN, **GREEDY)  # the engine is unharmed
     assert fine.generated_length == GREEDY["max_new_tokens"]
 
@@ -98,3 +102,27 @@ async def test_a_large_conversation_is_templated_off_the_event_loop(engine, monk
     assert threads[0] is not threading.main_thread()  # offloaded
     assert threads[1] is threading.main_thread()  # a small one is not worth a thread hop
     assert answer.prompt_length == 32 and small.generated_length == GREEDY["max_new_tokens"]
+
+
+async def test_a_tool_calling_conversation_goes_to_the_template(engine):
+    """An assistant's tool_calls and a tool result's tool_call_id were refused as
+    misspellings of each other ("unknown key 'tool_calls' (did you mean
+    'tool_call_id'?)"), where the OpenAI chat route takes the same messages."""
+    conversation = [
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21C"},
+    ]
+    [answer] = await engine.chat(conversation, **GREEDY)
+    assert answer.generated_length == GREEDY["max_new_tokens"]
+    [alone] = await engine.chat(conversation[2:], **GREEDY)
+    assert alone.generated_length == GREEDY["max_new_tokens"]

@@ -52,3 +52,6 @@ def test_the_example_answers_a_conversation_through_the_chat_template(client, ll
     assert answer.json() == {"role": "assistant", "content": expected.generated_text}
     bad = client.post("/chat", json={**body, "messages": [{"content": "no role"}]})
     assert bad.status_code == 400 and bad.json()["field"].startswith("messages"), bad.text
+    # an option the route does not take is refused, not ignored (max_tokens: OpenAI's name)
+    assert client.post("/chat", json={**body, "max_tokens": 2}).status_code == 422
+    assert client.post("/generate", json={"prompt": PROMPT, "max_tokens": 2}).status_code == 422

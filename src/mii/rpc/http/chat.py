@@ -158,10 +158,13 @@ def _refuse_misspelt_keys(conversation: Any, where: str) -> None:
 
     from mii.rpc.http.protocol import ChatMessage
 
+    fields = ChatMessage.model_fields
     for index, message in enumerate(conversation):
         keys = message if isinstance(message, dict) else {}
-        missing = [field for field in ChatMessage.model_fields if field not in keys]
+        missing = [field for field in fields if field not in keys]
         for key in keys:
+            if key in fields:  # (tool_calls is a near miss of tool_call_id, and both are fields)
+                continue
             near = difflib.get_close_matches(str(key), missing, 1, 0.8)
             if near:
                 raise InvalidRequestError(
@@ -281,6 +284,12 @@ def template_variables(tokenizer, variables: dict[str, Any] | None) -> dict[str,
     InvalidRequestError naming ``chat_template_kwargs`` for a name of its own options
     (it would not reach the template, and ``tokenize=False`` would break the answer)."""
     variables = variables or {}
+    if not isinstance(variables, dict) or not all(isinstance(k, str) for k in variables):
+        raise InvalidRequestError(  # (the Python API's; the HTTP body's is typed)
+            "chat_template_kwargs must be a dict of template variables by name "
+            f"(got {variables!r:.80})",
+            field="chat_template_kwargs",
+        )
     own = inspect.signature(tokenizer.apply_chat_template).parameters
     for name in variables:
         if name in own or name == "messages":
