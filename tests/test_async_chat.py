@@ -79,6 +79,10 @@ async def test_bad_conversations_are_refused_naming_messages(engine):
         with pytest.raises(mii.InvalidRequestError) as err:
             await engine.chat(TURN, chat_template_kwargs=bad, **GREEDY)
         assert err.value.field == "chat_template_kwargs"
+    for bad in ({"name": "x"}, "abc", [1]):  # (the template's error named messages)
+        with pytest.raises(mii.InvalidRequestError, match="tools must be a list") as err:
+            await engine.chat(TURN, tools=bad, **GREEDY)
+        assert err.value.field == "tools"
     [fine] = await engine.chat(TURN, **GREEDY)  # the engine is unharmed
     assert fine.generated_length == GREEDY["max_new_tokens"]
 

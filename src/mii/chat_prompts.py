@@ -29,6 +29,16 @@ def chat_prompt_batch(
     from mii.rpc.http.chat import chat_prompt_ids, conversation_items, generation_prompt
 
     add_generation_prompt = generation_prompt(add_generation_prompt, continue_final_message)
+    if tools is not None and (
+        not isinstance(tools, (list, tuple))
+        or not all(isinstance(tool, dict) or callable(tool) for tool in tools)
+    ):
+        # (else the template's own error came back naming messages)
+        raise InvalidRequestError(
+            "tools must be a list of tool definitions ({'type': 'function', 'function': "
+            f"{{'name', 'description', 'parameters'}}}}, or Python functions; got {tools!r:.80})",
+            field="tools",
+        )
     return [
         chat_prompt_ids(
             tokenizer,

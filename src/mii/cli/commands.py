@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CliError as err:
-        print(f"mii {args.command}: error: {err}", file=sys.stderr)
+        hint = _flag_hint(parser, args.command, err)
+        print(f"mii {args.command}: error: {err}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\n[mii] interrupted", file=sys.stderr)

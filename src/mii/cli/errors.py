@@ -8,7 +8,12 @@ import re
 
 
 class CliError(Exception):
-    """A user-facing failure: printed as one ``mii <command>: error: ...`` line."""
+    """A user-facing failure: printed as one ``mii <command>: error: ...`` line;
+    ``field``: the option it is about, whose flag the line then names."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 def nearest_option(parser: argparse.ArgumentParser, message: str) -> str:

@@ -100,13 +100,11 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
         raise _naming_the_flag(err) from None
 
 
-def _naming_the_flag(err: Exception) -> Exception:
+def _naming_the_flag(err: Exception) -> CliError:
     field = getattr(err, "field", None)
     if field in DEPLOYMENT_FLAGS:  # the flag the user typed: --port is restful_api_port
         return CliError(f"{err} (flag {DEPLOYMENT_FLAGS[field][0]})")
-    if isinstance(err, ValueError):  # (mii.cli.commands adds the flag of its field)
-        return err
-    return CliError(str(err))
+    return CliError(str(err), field=field)  # (mii.cli.commands names its flag)
 
 
 def serve(args: argparse.Namespace) -> int:
