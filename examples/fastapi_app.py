@@ -28,12 +28,11 @@ from pydantic import BaseModel, ConfigDict
 import mii
 
 
-class GenerateBody(BaseModel):
-    """One prompt and a few generation options (see mii.GenerateParams for all)."""
+class Options(BaseModel):
+    """A few generation options (see mii.GenerateParams for all)."""
 
     model_config = ConfigDict(extra="forbid")  # a misspelt option is a 422, not ignored
 
-    prompt: str
     max_new_tokens: int = 64
     do_sample: bool = True
     temperature: float | None = None
@@ -42,7 +41,14 @@ class GenerateBody(BaseModel):
     stop: list[str] | None = None
 
     def params(self) -> dict:
-        return self.model_dump(exclude={"prompt"}, exclude_none=True)
+        """The options as keyword arguments of the engine's calls."""
+        return self.model_dump(include=set(Options.model_fields), exclude_none=True)
+
+
+class GenerateBody(Options):
+    """One prompt and its options."""
+
+    prompt: str
 
 
 @asynccontextmanager
@@ -98,21 +104,10 @@ async def generate(body: GenerateBody, request: Request) -> dict | None:
     }
 
 
-class ChatBody(BaseModel):
-    """A conversation (``{"role", "content"}`` messages) and generation options."""
-
-    model_config = ConfigDict(extra="forbid")
+class ChatBody(Options):
+    """A conversation (``{"role", "content"}`` messages) and its options."""
 
     messages: list[dict]
-    max_new_tokens: int = 64
-    do_sample: bool = True
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] | None = None
-
-    def params(self) -> dict:
-        return self.model_dump(exclude={"messages"}, exclude_none=True)
 
 
 @app.post("/chat")
