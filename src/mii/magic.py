@@ -120,11 +120,8 @@ class MiiMagics(Magics):
                 self._load(rest)
             elif command == "attach":
                 self._attach(rest)
-            elif command in ("unload", "detach"):
+            else:  # unload, detach (help alone is answered by the magic itself)
                 self._release(verbose=True)
-            else:
-                print(self._status())
-                print(USAGE)
         except UsageError as err:
             # (not for a misspelt option: "did you mean --max-length?" is the answer)
             unrecognized = re.search(r"unrecognized arguments: (\S+)", str(err))

@@ -85,7 +85,7 @@ def check_model(
     hf_config = read_hf_config(resolve_model_dir(name_or_path, revision, weights=False))
     default_device(device)
     model_max = model_max_positions(hf_config)  # (a config the family cannot read fails here)
-    if max_length is not None and model_max is not None:
+    if model_max is not None:
         engine_max_length(max_length, model_max)
 
 
