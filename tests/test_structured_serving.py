@@ -151,6 +151,39 @@ NEVER_ENDS = {
 }
 
 
+def test_patterns_with_characters_json_escapes(served):
+    """A pattern naming a line feed, a quote and a backslash: the openai SDK's parsed
+    answer holds them (xgrammar wrote them raw: unparseable JSON), in a response
+    format and in a forced tool call's arguments."""
+    pattern = r'^a\n"[0-9]"\\$'
+    schema = {
+        "type": "object",
+        "properties": {"s": {"type": "string", "pattern": pattern}},
+        "required": ["s"],
+        "additionalProperties": False,
+    }
+    chat = served.oai.chat.completions.create(
+        model=served.name,
+        messages=USER,
+        max_tokens=BUDGET,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+        seed=5,
+    )
+    value = json.loads(chat.choices[0].message.content)["s"]
+    assert re.fullmatch(pattern, value), value
+    tool = {"type": "function", "function": {"name": "note", "parameters": schema}}
+    call = served.oai.chat.completions.create(
+        model=served.name,
+        messages=USER,
+        max_tokens=BUDGET,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "note"}},
+        seed=5,
+    )
+    arguments = json.loads(call.choices[0].message.tool_calls[0].function.arguments)
+    assert re.fullmatch(pattern, arguments["s"]), arguments
+
+
 def test_bad_constraints_are_400_naming_the_field(served):
     completion = {"model": served.name, "prompt": PROMPT, "max_tokens": 4}
     chat = {"model": served.name, "messages": USER, "max_tokens": 4}

@@ -24,7 +24,9 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from mii.engine.regex_groups import without_group_names
+from mii.engine.json_patterns import spliced, with_placeholders
+from mii.engine.regex_groups import as_xgrammar_reads_it, without_group_names
+from mii.engine.regex_sets import check_reads_the_same
 from mii.engine.schema_support import (
     NESTED_TOO_DEEPLY,
     SCHEMA_MAPS,
@@ -117,20 +119,22 @@ def _without_special_text(info: Any, special: list[int]) -> Any:
     )
 
 
-def _json_schema_grammar(schema: str) -> Any:
+def _json_schema_grammar(schema: str, patterns: dict[str, str]) -> Any:
     """xgrammar's grammar of ``schema`` (no free whitespace: a model may not pad
     forever; one space after each ``,`` and ``:``), with its length-bounded
     strings' characters limited to what JSON allows raw in a string. The grammar
     is rewritten, not the schema: spelling each bounded string as an equivalent
     ``pattern`` compiled into an automaton of one state per allowed character, 15 s
     for a ``maxLength`` of 5,000 and seconds for a tool list of bounded fields,
-    against milliseconds for xgrammar's own repetition."""
+    against milliseconds for xgrammar's own repetition. ``patterns``: the EBNF of
+    each placeholder of a pattern compiled here (:mod:`mii.engine.json_patterns`)."""
     xgr = _xgrammar()
     grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
     text = str(grammar)
-    if _BOUNDED_STRING_CHARACTER not in text:
+    if _BOUNDED_STRING_CHARACTER not in text and not patterns:
         return grammar
-    return xgr.Grammar.from_ebnf(text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER))
+    text = text.replace(_BOUNDED_STRING_CHARACTER, _JSON_STRING_CHARACTER)
+    return xgr.Grammar.from_ebnf(spliced(text, patterns))
 
 
 def _choice_grammar(choices: list[str]) -> str:
@@ -285,14 +289,16 @@ class GrammarCache:
             )
         try:
             if kind == "json_schema":
-                text = json.dumps(_as_xgrammar_reads_it(schema))
-                return compiler.compile_grammar(_json_schema_grammar(text))
+                readable, patterns = with_placeholders(_as_xgrammar_reads_it(schema))
+                grammar = _json_schema_grammar(json.dumps(readable), patterns)
+                return compiler.compile_grammar(grammar)
             if kind == "json_object":  # any object, any keys (OpenAI's json_object)
                 return compiler.compile_json_schema(
                     '{"type": "object"}', any_whitespace=False, strict_mode=False
                 )
             if kind == "regex":
-                return compiler.compile_regex(without_group_names(spec))
+                check_reads_the_same(without_group_names(spec))
+                return compiler.compile_regex(as_xgrammar_reads_it(spec))
             if kind == "choice":
                 return compiler.compile_grammar(_choice_grammar(json.loads(spec)))
             if kind == "grammar":

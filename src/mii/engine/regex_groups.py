@@ -1,10 +1,15 @@
-"""Named regex groups written as plain groups, for xgrammar's regex parser.
+"""Regex constraints rewritten for xgrammar's regex parser: named groups as plain
+groups, and ``.`` as Python reads it.
 
 xgrammar (0.2.x) refuses Python's ``(?P<name>...)`` (what Python users, pydantic
 and outlines write) and, in its own ``(?<name>...)`` form, any name with a digit or
 an underscore ("Invalid named capturing group"). A constraint never refers to a
 group by name (backreferences are refused before this), so the names can go: each
 named group becomes the same plain group.
+
+xgrammar's ``.`` also matches a line feed, which Python's (and ECMAScript's) does
+not: ``x.{1,8}y`` answered "x winds,\\ny", which ``re.fullmatch`` refuses (a user
+trial). A ``.`` outside a class becomes ``[^\\n]``.
 """
 
 from __future__ import annotations
@@ -16,8 +21,16 @@ import re
 _NAMED_OPENING = re.compile(r"\(\?P?<(?![=!])[A-Za-z_][A-Za-z0-9_]*>")
 
 
-def without_group_names(pattern: str) -> str:
-    """``pattern`` with each named group's opening replaced by ``(``; escapes and
+def as_xgrammar_reads_it(pattern: str) -> str:
+    """``pattern`` with each named group's opening replaced by ``(`` and each ``.``
+    outside a class by ``[^\\n]``, for xgrammar to match what ``re.fullmatch``
+    matches (``(?s)`` is refused by xgrammar itself)."""
+    return without_group_names(pattern, python_dot=True)
+
+
+def without_group_names(pattern: str, python_dot: bool = False) -> str:
+    """``pattern`` with each named group's opening replaced by ``(`` (and, with
+    ``python_dot``, each ``.`` outside a class by ``[^\\n]``); escapes and
     character classes (where ``(?P<`` is literal characters) are copied as they are."""
     out: list[str] = []
     i, in_class = 0, False
@@ -43,6 +56,8 @@ def without_group_names(pattern: str) -> str:
                 out.append("(")
                 i = opening.end()
                 continue
+        elif char == "." and python_dot:
+            char = r"[^\n]"
         out.append(char)
         i += 1
     return "".join(out)

@@ -15,6 +15,9 @@ import json
 import re
 from typing import Any
 
+from mii.engine.regex_groups import without_group_names
+from mii.engine.regex_sets import check_reads_the_same
+
 # JSON-schema keywords xgrammar does not enforce (it would ignore them silently):
 # refused, so that a schema's output always validates.
 UNSUPPORTED_SCHEMA_KEYWORDS = (
@@ -104,6 +107,11 @@ def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
     pattern = schema.get("pattern")
     if isinstance(pattern, str) and UNSUPPORTED_REGEX.search(pattern):
         return f"the pattern at {path} uses lookaround or a backreference, which is not supported"
+    if isinstance(pattern, str):
+        try:  # (what xgrammar would read as something else than re and jsonschema do)
+            check_reads_the_same(without_group_names(pattern))
+        except ValueError as err:
+            return f"the pattern at {path}: {err}"
     found = _ignored_combination(schema, path)
     if found:
         return found

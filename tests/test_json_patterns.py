@@ -1,0 +1,168 @@
+"""Patterns as Python's ``re`` reads them (a user trial's findings):
+
+- a JSON-schema ``pattern`` that names characters JSON must escape (a quote, a
+  backslash, control characters) gives JSON text with their escapes: xgrammar
+  wrote them raw (``^a\\nb$`` answered an unparseable string, ``^C:\\\\temp$`` a
+  tab);
+- a regex constraint's ``.`` does not match a line feed;
+- what xgrammar would match as something else (``\\A``, ``\\Z``, ``a^b``, ``\\b``,
+  ``(?i)``) is refused naming the option.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import jsonschema
+import pytest
+import xgrammar
+from xgrammar.testing import _is_grammar_accept_string as accepts
+
+import mii
+from mii.engine.json_patterns import string_content_ebnf
+from mii.engine.regex_groups import as_xgrammar_reads_it
+from mii.errors import InvalidRequestError
+
+# (pattern, strings to try): each string is accepted exactly when re.fullmatch takes it
+PATTERNS = [
+    (r"^a\nb$", ["a\nb", "a\\nb", "ab", "a\tb"]),
+    (r'^"q"$', ['"q"', "q", '\\"q\\"']),
+    (r"^C:\\temp$", ["C:\\temp", "C:\temp", "C:\\\\temp"]),
+    (r"^\t[a-z]{1,3}$", ["\tab", "ab", "\tabcd", " ab"]),
+    (r"^[\x00-\x1f]{2}$", ["\x01\x1f", "\n\t", "a\n", "\x7f\x00"]),
+    (r"^[a-z\s]{1,12}$", ["ab c\nd", "AB", "a\u3000b", "\r\n"]),
+    (r"^[\s\S]{2}$", ['a"', "\\\n", "😀é", "abc"]),
+    (r"^(x|\n|\")+y.$", ['x\n"yz', "xy\n", 'xy"', "y."]),
+    (r"^[^a-z]{1,3}\n$", ["É\n", '"\\\n', "a\n", "\n"]),
+    (r"^\d{2}\s\w+\W$", ["12 ab_9!", "12\tx.", "1x ab!"]),
+    (r"^(?s:.)\n$", ["\n\n", "x\n"]),
+    (r"^(?:ab|\\){2,}?$", ["ab\\", "abab", "\\", "ab\\ab"]),
+]
+
+
+@pytest.mark.parametrize(("pattern", "strings"), PATTERNS)
+def test_the_grammar_takes_the_json_text_of_exactly_the_matching_strings(pattern, strings):
+    grammar = xgrammar.Grammar.from_ebnf(f'root ::= "\\"" {string_content_ebnf(pattern)} "\\""')
+    for string in strings:
+        text = json.dumps(string, ensure_ascii=False)
+        assert accepts(grammar, text) == bool(re.fullmatch(pattern, string)), (pattern, string)
+
+
+# Where Python's re and ECMAScript (JSON Schema's dialect) differ, what both match.
+# (pattern, a string only one reading matches, one both match)
+BOTH_READINGS = [
+    (r"^\w\n$", "é\n", "_\n"),  # a word character in Python only
+    (r"^\D\n$", "\u0663\n", "é\n"),  # an Arabic-Indic digit: not \D in Python
+    (r"^\s\n$", "\x1c\n", "\u3000\n"),  # a space in Python only
+    (r"^\S\n$", "\ufeff\n", '"\n'),  # a space in ECMAScript only
+    (r"^.\n$", "\r\n", "\t\n"),  # a line terminator in ECMAScript
+    (r"^[^\d]\n$", "\u0663\n", "x\n"),  # negated: what either reading counts stays out
+    (r"^[^\W]\n$", "é\n", "a\n"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "one", "both"), BOTH_READINGS)
+def test_categories_keep_to_what_both_readings_match(pattern, one, both):
+    grammar = xgrammar.Grammar.from_ebnf(f'root ::= "\\"" {string_content_ebnf(pattern)} "\\""')
+    assert not accepts(grammar, json.dumps(one, ensure_ascii=False))
+    assert accepts(grammar, json.dumps(both, ensure_ascii=False))
+
+
+def test_a_regex_dot_does_not_match_a_line_feed():
+    grammar = xgrammar.Grammar.from_regex(as_xgrammar_reads_it(r"x.{1,8}y"))
+    assert accepts(grammar, "x winds, y")
+    assert not accepts(grammar, "x winds,\ny")
+    classes = xgrammar.Grammar.from_regex(as_xgrammar_reads_it(r"[.]\.x"))  # literal dots stay
+    assert accepts(classes, "..x") and not accepts(classes, "a.x")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoints):
+    engine = mii.AsyncEngine(str(checkpoints("llama")[0]), max_num_seqs=64)
+    yield engine
+    run(engine.aclose())
+
+
+def schema_of(pattern: str) -> dict:
+    return {
+        "type": "object",
+        "properties": {"s": {"type": "string", "pattern": pattern, "title": "S"}},
+        "required": ["s"],
+        "additionalProperties": False,
+    }
+
+
+async def answers(engine, schema: dict, seeds: range) -> list[mii.Response]:
+    calls = [
+        engine.generate(["Say it"], json_schema=schema, max_new_tokens=80, seed=s, temperature=1.5)
+        for s in seeds
+    ]
+    return [answer for [answer] in await asyncio.gather(*calls)]
+
+
+@pytest.mark.parametrize("pattern", [p for p, _ in PATTERNS])
+def test_sampled_answers_parse_and_validate(engine, pattern):
+    schema = schema_of(pattern)
+    for answer in run(answers(engine, schema, range(6))):
+        assert answer.finish_reason == "stop", answer.generated_text
+        value = json.loads(answer.generated_text)
+        jsonschema.validate(value, schema)
+        assert re.fullmatch(pattern, value["s"])
+
+
+def test_a_pattern_deep_in_a_schema_and_under_defs(engine):
+    schema = {
+        "type": "object",
+        "properties": {
+            "rows": {
+                "type": "array",
+                "items": {"$ref": "#/$defs/line"},
+                "minItems": 2,
+                "maxItems": 2,
+            },
+            "plain": {"type": "string", "pattern": "^[a-z]{2}$"},
+        },
+        "required": ["rows", "plain"],
+        "additionalProperties": False,
+        "$defs": {"line": {"type": "string", "pattern": '^"[0-9]"\\t$'}},
+    }
+    for answer in run(answers(engine, schema, range(3))):
+        value = json.loads(answer.generated_text)
+        jsonschema.validate(value, schema)
+        assert all(re.fullmatch(r'"[0-9]"\t', row) for row in value["rows"])
+
+
+REFUSED = [
+    ({"regex": r"[0-9]{2}\Z"}, "regex", r"\A and \Z are not supported"),
+    ({"regex": r"\Aabc"}, "regex", r"\A and \Z are not supported"),
+    ({"regex": "a^b"}, "regex", "anchor (^ or $) inside the pattern"),
+    ({"regex": "(ab$)c"}, "regex", "anchor (^ or $) inside the pattern"),
+    ({"regex": r"\bword"}, "regex", "word boundaries"),
+    ({"regex": "(?i)abc"}, "regex", "case-insensitive"),
+    (
+        {"json_schema": schema_of("^a^b$")},
+        "json_schema",
+        "the pattern at #/properties/s: an anchor",
+    ),
+    ({"json_schema": schema_of(r"^a\nb\Z")}, "json_schema", r"\A and \Z"),
+    ({"json_schema": schema_of(r"^[^\s\S]\n$")}, "json_schema", "matches no character"),
+]
+
+
+@pytest.mark.parametrize(("options", "field", "words"), REFUSED)
+def test_what_xgrammar_would_read_otherwise_is_refused(engine, options, field, words):
+    with pytest.raises(InvalidRequestError) as caught:
+        run(engine.generate(["x"], max_new_tokens=4, **options))
+    assert caught.value.field == field
+    assert words in str(caught.value)
+
+
+def test_anchors_at_the_edges_of_alternatives_stay_accepted(engine):
+    [answer] = run(engine.generate(["x"], regex=r"^ab$|^cd$", max_new_tokens=4, seed=3))
+    assert answer.generated_text in ("ab", "cd")
