@@ -421,6 +421,25 @@ def test_text_offsets_point_into_the_text_a_token_id_prompt_echoes(served, token
     aligned(kept.text, kept.logprobs, skipped=0)
 
 
+def test_streamed_text_offsets_equal_the_whole_answers_across_split_characters(served, tokenizer):
+    """Characters split over byte tokens (each piece's text a U+FFFD): the whole
+    answer counts each token's text; a stream's next chunk started from the
+    characters sent instead, so offsets went backwards (a user trial)."""
+    _, _, url, _ = served
+    oai = openai_client(url)
+    prompt = "Café au lait 🌊 costs €3. Naïve résumé:"
+    pieces = [tokenizer.decode([i]) for i in tokenizer(prompt).input_ids]
+    assert sum(len(p) for p in pieces) > len(tokenizer.decode(tokenizer(prompt).input_ids))
+    base = dict(model=None, prompt=prompt, temperature=0, max_tokens=6, logprobs=1, echo=True)
+    whole = oai.completions.create(**base).choices[0]
+    offsets = []
+    for chunk in oai.completions.create(**base, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs:
+            offsets.extend(chunk.choices[0].logprobs.text_offset)
+    assert offsets == whole.logprobs.text_offset
+    assert offsets == sorted(offsets)
+
+
 def test_vllm_prompt_logprobs_on_both_openai_routes(served, tokenizer):
     """vLLM's ``prompt_logprobs: k``: per prompt token (null first) a map of token id
     -> logprob, rank and decoded text for the prompt token and the k most likely,

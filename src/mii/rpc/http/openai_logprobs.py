@@ -83,15 +83,30 @@ class LogprobFormatter:
         request asked for none. ``prompt_logprobs`` go first (completions echo);
         ``text_offset`` is where the first token's text starts in the choice, and
         ``text`` the choice's (or chunk's) text that these tokens wrote."""
+        chunk = self.chunk_logprobs(logprobs, prompt_logprobs, prompt_token_ids, text_offset, text)
+        return chunk[0]
+
+    def chunk_logprobs(
+        self,
+        logprobs: list[TokenLogprob] | None,
+        prompt_logprobs: list[TokenLogprob | None] | None,
+        prompt_token_ids: list[int] | None,
+        text_offset: int,
+        text: str | None,
+    ) -> tuple[dict[str, Any] | None, int]:
+        """:meth:`choice_logprobs`, and the ``text_offset`` of the token after these:
+        a stream's next chunk starts there, counted as the whole answer counts (each
+        token's decoded text: a character split over tokens counts one U+FFFD per
+        piece, more than the one character the chunk's text holds)."""
         if logprobs is None and prompt_logprobs is None:
-            return None
+            return None, text_offset
         entries: list[TokenLogprob | None] = [*(prompt_logprobs or ()), *(logprobs or ())]
         first_id = prompt_token_ids[0] if prompt_logprobs and prompt_token_ids else None
         texts = self._texts(entries, first_id)
         if self.chat:
             raw = self._bytes(texts)
             content = [self._chat_entry(e, texts, raw) for e in entries if e]
-            return {"content": content, "refusal": None}
+            return {"content": content, "refusal": None}, text_offset
         return self._completion(entries, texts, first_id, text_offset, text)
 
     def _name(self, token_id: int, text: str) -> str:
@@ -117,7 +132,7 @@ class LogprobFormatter:
         first_id: int | None,
         text_offset: int,
         written: str | None,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], int]:
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         at = 0  # where the next token's text starts in ``written``
         for entry in entries:
@@ -139,12 +154,13 @@ class LogprobFormatter:
             )
             if not skipped:  # a special token the text left out takes no characters
                 at += len(text)
-        return {
+        answer = {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
             "top_logprobs": top_logprobs,
             "text_offset": offsets,
         }
+        return answer, text_offset + at
 
     def of_response(self, response: Response) -> dict[str, Any] | None:
         """The ``logprobs`` of a whole choice (the prompt's first, with echo)."""

@@ -63,7 +63,7 @@ class StreamedLogprobs:
     def __init__(self, formatter: LogprobFormatter | None) -> None:
         self.formatter = formatter
         self.pending: dict[int, Response] = {}  # index -> logprobs not sent yet
-        self.offsets: dict[int, int] = {}  # index -> characters sent (text_offset)
+        self.offsets: dict[int, int] = {}  # index -> the next token's text_offset
 
     def add(self, index: int, piece: Response) -> None:
         if self.formatter is None or (piece.logprobs is None and piece.prompt_logprobs is None):
@@ -79,11 +79,14 @@ class StreamedLogprobs:
         held = self.pending.pop(index, None)
         if held is None:
             return None
-        offset = self.offsets.get(index, 0)
-        self.offsets[index] = offset + len(text)
-        return self.formatter.choice_logprobs(
-            held.logprobs, held.prompt_logprobs, held.prompt_token_ids, offset, text
+        answer, self.offsets[index] = self.formatter.chunk_logprobs(
+            held.logprobs,
+            held.prompt_logprobs,
+            held.prompt_token_ids,
+            self.offsets.get(index, 0),
+            text,
         )
+        return answer
 
 
 async def accepted_pieces(
