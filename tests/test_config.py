@@ -90,6 +90,17 @@ def test_invalid_values_name_the_field(options, field):
     assert "generation option" in str(err)
 
 
+@pytest.mark.parametrize(
+    "field", ["frequency_penalty", "presence_penalty", "min_p", "top_p", "temperature"]
+)
+def test_nan_is_named_as_nan(field):
+    """NaN of any number option: "not NaN", where the penalties' first bound spoke
+    ("should be less than or equal to 2 (got nan)", a user trial)."""
+    with pytest.raises(InvalidRequestError) as info:
+        GenerateParams.parse(**{field: math.nan})
+    assert info.value.field == field and "finite number" in str(info.value)
+
+
 def test_numpy_booleans_are_booleans():
     """numpy's booleans (a pandas or numpy row's values) are True and False for the
     true/false options, plain ``bool`` once parsed; never a number (min_p above)."""
