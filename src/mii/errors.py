@@ -41,7 +41,10 @@ class UnavailableError(MiiError, RuntimeError):
 
 
 class NoReplicaError(UnavailableError):
-    """Every replica of a deployment is out of rotation."""
+    """The deployment has no replica to serve the call: every replica is out of
+    rotation, or the replica serving it stopped responding for ``replica_timeout_s``
+    (another may be serving: retry), or the deployment is shutting down. HTTP:
+    503 with code ``no_replica_available``."""
 
 
 class ServerOverloadedError(MiiError, RuntimeError):
