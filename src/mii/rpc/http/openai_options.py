@@ -152,12 +152,13 @@ def _logits_options(body: OpenAIRequest) -> dict[str, Any]:
     if body.logit_bias:
         bias = {}
         for key, value in body.logit_bias.items():
-            try:
-                bias[int(key)] = value  # JSON object keys are strings: "50256"
-            except ValueError:
+            # JSON object keys are strings: "50256". Digits only: int() also read
+            # "1_0" as 10 and " 28" as 28 (a user trial).
+            if not (key.isascii() and key.isdigit()):
                 raise ApiError(
                     400, f"logit_bias keys must be token ids (got {key[:40]!r})", "logit_bias"
-                ) from None
+                )
+            bias[int(key)] = value
         params["logit_bias"] = bias
     return params
 
