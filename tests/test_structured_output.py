@@ -253,6 +253,19 @@ OPEN_SCHEMAS = [
         },
         "required": ["n", "m", "k"],
     },
+    # draft-07's tuple (items as a list, additionalItems), as 2020-12's prefixItems
+    # (xgrammar refused it: "items must be a boolean or an object", a user trial)
+    {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "array",
+        "items": [{"type": "integer"}, {"type": "string", "maxLength": 3}],
+        "additionalItems": False,
+        "minItems": 2,
+    },
+    # an integer between fractional bounds: the whole numbers in them (was refused:
+    # "Integer constraint must be a whole number")
+    {"type": "integer", "minimum": 1.5, "maximum": 3.5, "exclusiveMaximum": 2.7},
+    {"type": "integer", "exclusiveMinimum": 6.5, "exclusiveMaximum": 8.5},
 ]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -85,10 +86,34 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
             if flag and bound in out:
                 out[exclusive] = out.pop(bound)
     kind = out.get("type")
+    if isinstance(out.get("items"), list):  # draft-07's tuple: 2020-12's prefixItems
+        out["prefixItems"] = out.pop("items")
+        out["items"] = out.pop("additionalItems", {})
+    if kind == "integer":
+        _whole_bounds(out)
     is_array = kind == "array" or (isinstance(kind, list) and "array" in kind)
     if is_array and "items" not in out and "prefixItems" not in out:
         out["items"] = {}
     return out
+
+
+def _whole_bounds(schema: dict) -> None:
+    """An integer schema's fractional bounds as the whole numbers they allow
+    (xgrammar refused ``"minimum": 1.5``: "Integer constraint must be a whole number")."""
+    for key, rounded in (
+        ("minimum", math.ceil),
+        ("maximum", math.floor),
+        ("exclusiveMinimum", lambda x: math.floor(x) + 1),
+        ("exclusiveMaximum", lambda x: math.ceil(x) - 1),
+    ):
+        bound = schema.get(key)
+        if isinstance(bound, float) and math.isfinite(bound) and not bound.is_integer():
+            del schema[key]
+            inclusive = key.removeprefix("exclusive").lower()
+            tighter = max if inclusive == "minimum" else min  # (both bounds may be given)
+            given = schema.get(inclusive)
+            whole = rounded(bound)
+            schema[inclusive] = whole if given is None else tighter(given, whole)
 
 
 # The character class xgrammar (0.2.x) writes for each character of a length-bounded
