@@ -434,6 +434,59 @@ def test_schemas_as_pydantic_writes_them_stay_accepted():
     assert unsupported_schema_feature(names) is None
 
 
+def test_one_of_is_accepted_where_its_branches_are_exclusive(engine):
+    """xgrammar enforces oneOf as anyOf: accepted only where no value can match two
+    branches (a user trial's answer matched both of two object branches): pydantic's
+    tagged unions (a const discriminator behind $ref), different types, disjoint
+    enums; overlapping branches are refused naming the oneOf and the branches."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    from mii.engine.one_of import overlapping_one_of
+
+    class Cat(BaseModel):
+        kind: Literal["cat"]
+        lives: int = Field(ge=0, le=9)
+
+    class Dog(BaseModel):
+        kind: Literal["dog"]
+        good: bool
+
+    class Pet(BaseModel):
+        pet: Cat | Dog = Field(discriminator="kind")
+
+    tagged = Pet.model_json_schema()
+    assert "oneOf" in json.dumps(tagged)
+    exclusive = [
+        tagged,
+        {"oneOf": [{"type": "string", "maxLength": 3}, {"type": "integer"}, {"type": "null"}]},
+        {"oneOf": [{"enum": ["x", "y"]}, {"enum": ["z"]}, {"const": 5}]},
+    ]
+    for schema in exclusive:
+        assert overlapping_one_of(schema) is None, schema
+        [answer] = run(engine.generate([PROMPTS[0]], json_schema=schema, max_new_tokens=BUDGET))
+        check(answer, {"json_schema": schema})
+    two_objects = {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"}},
+        "required": ["a"],
+    }
+    overlapping = [
+        ({"oneOf": [{"enum": ["x", "y"]}, {"enum": ["y", "z"]}]}, "'oneOf' (at #)"),
+        ({"oneOf": [{"type": "number"}, {"type": "integer"}]}, "branches 0 and 1"),
+        (
+            {"type": "object", "properties": {"v": {"oneOf": [two_objects, two_objects]}}},
+            "'oneOf' (at #/properties/v)",
+        ),
+    ]
+    for schema, words in overlapping:
+        with pytest.raises(InvalidRequestError) as caught:
+            run(engine.generate([PROMPTS[0]], json_schema=schema, max_new_tokens=4))
+        assert caught.value.field == "json_schema"
+        assert words in str(caught.value) and "anyOf" in str(caught.value)
+
+
 @pytest.mark.parametrize(("options", "field", "words"), BAD)
 def test_bad_constraints_fail_naming_the_option(engine, options, field, words):
     with pytest.raises(InvalidRequestError) as caught:

@@ -33,7 +33,7 @@ from mii.engine.schema_support import (
     SCHEMA_MAPS,
     UNSUPPORTED_REGEX,
     check_json_schema,
-    unsupported_schema_feature,
+    schema_problem,
 )
 from mii.engine.utf8_guard import Utf8Guard
 from mii.errors import InvalidRequestError
@@ -294,7 +294,7 @@ class GrammarCache:
             # a large schema takes a third of a second)
             try:
                 check_json_schema(schema)
-                problem = unsupported_schema_feature(schema)
+                problem = schema_problem(schema)
             except ValueError as err:
                 problem = str(err)
             except RecursionError:

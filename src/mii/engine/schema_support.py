@@ -15,6 +15,7 @@ import json
 import re
 from typing import Any
 
+from mii.engine.one_of import overlapping_one_of
 from mii.engine.regex_groups import without_group_names
 from mii.engine.regex_sets import check_reads_the_same
 
@@ -71,6 +72,12 @@ _TYPED_ASSERTIONS = {
     "multipleOf": "number",
 }
 _TYPE_GIVERS = ("enum", "const", "$ref", "anyOf", "oneOf", "allOf")
+
+
+def schema_problem(schema: Any) -> str | None:
+    """What in ``schema`` the grammar engine would not enforce (the first keyword,
+    or a ``oneOf`` whose branches may overlap), with its path; None if nothing."""
+    return unsupported_schema_feature(schema) or overlapping_one_of(schema)
 
 
 def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:

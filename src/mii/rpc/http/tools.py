@@ -30,7 +30,7 @@ from typing import Any
 
 from mii.config import GenerateParams
 from mii.constraint_options import CONSTRAINT_FIELDS
-from mii.engine.schema_support import unsupported_schema_feature
+from mii.engine.schema_support import schema_problem
 from mii.response import Response
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatCompletionRequest
@@ -262,7 +262,7 @@ def _check_tool_schemas(plan: ToolPlan) -> None:
         name = tool["function"]["name"]
         if plan.mode == "named" and name != plan.function:
             continue
-        problem = unsupported_schema_feature(tool["function"].get("parameters") or NO_PARAMETERS)
+        problem = schema_problem(tool["function"].get("parameters") or NO_PARAMETERS)
         if problem:
             raise ApiError(
                 400,
