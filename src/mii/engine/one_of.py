@@ -13,6 +13,7 @@ require with exclusive schemas (a discriminator, as pydantic writes tagged union
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 _LITERAL_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
@@ -22,36 +23,32 @@ _MAX_DEPTH = 8  # how deep a discriminator may sit (objects inside objects)
 def overlapping_one_of(schema: Any) -> str | None:
     """The first ``oneOf`` in ``schema`` whose branches are not provably exclusive,
     described with its JSON-pointer path; None when there is none."""
-
-    def walk(node: Any, path: str) -> str | None:
-        if isinstance(node, list):
-            for i, item in enumerate(node):
-                found = walk(item, f"{path}/{i}")
-                if found:
-                    return found
-            return None
-        if not isinstance(node, dict):
-            return None
+    for path, node in _schemas_in(schema, "#"):
         branches = node.get("oneOf")
-        if isinstance(branches, list):
-            for i in range(len(branches)):
-                for j in range(i + 1, len(branches)):
-                    if not _exclusive(branches[i], branches[j], schema, 0):
-                        return (
-                            f"'oneOf' (at {path}) whose branches {i} and {j} can match the same "
-                            "value is not supported: the grammar engine enforces it as 'anyOf', "
-                            "so an answer could match both; use 'anyOf', or make the branches "
-                            "exclusive (different types, or a property each requires with a "
-                            "different 'const')"
-                        )
-        for key, value in node.items():
-            if key not in _LITERAL_KEYWORDS:
-                found = walk(value, f"{path}/{key}")
-                if found:
-                    return found
-        return None
+        if not isinstance(branches, list):
+            continue
+        for i in range(len(branches)):
+            for j in range(i + 1, len(branches)):
+                if not _exclusive(branches[i], branches[j], schema, 0):
+                    return (
+                        f"'oneOf' (at {path}) whose branches {i} and {j} can match the same "
+                        "value is not supported: the grammar engine enforces it as 'anyOf', "
+                        "so an answer could match both; use 'anyOf', or make the branches "
+                        "exclusive (different types, or a property each requires with a "
+                        "different 'const')"
+                    )
+    return None
 
-    return walk(schema, "#")
+
+def _schemas_in(node: Any, path: str) -> Iterator[tuple[str, dict]]:
+    """Every object in ``node`` with its JSON-pointer path, but inside the values of
+    ``const``/``enum``/``default``/``examples`` (values, not schemas)."""
+    items = enumerate(node) if isinstance(node, list) else None
+    if isinstance(node, dict):
+        yield path, node
+        items = ((k, v) for k, v in node.items() if k not in _LITERAL_KEYWORDS)
+    for key, value in items or ():
+        yield from _schemas_in(value, f"{path}/{key}")
 
 
 def _resolved(node: Any, root: Any) -> Any:
