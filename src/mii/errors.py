@@ -42,8 +42,9 @@ class UnavailableError(MiiError, RuntimeError):
 
 class NoReplicaError(UnavailableError):
     """The deployment has no replica to serve the call: every replica is out of
-    rotation, or the replica serving it stopped responding for ``replica_timeout_s``
-    (another may be serving: retry), or the deployment is shutting down. HTTP:
+    rotation, or the replica serving its stream stopped responding for
+    ``replica_timeout_s`` (another may be serving: retry), or the deployment is
+    shutting down. HTTP:
     503 with code ``no_replica_available``."""
 
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mii.errors import NoReplicaError, ReplicaError, UnavailableError
 from mii.response import Response
 from mii.rpc import auth, mii_pb2, mii_pb2_grpc
-from mii.rpc.call_guard import CallGuard, ShuttingDownError
+from mii.rpc.call_guard import CallGuard, ReplicaUnresponsiveError, ShuttingDownError
 from mii.rpc.convert import (
     ACCEPTED_METADATA,
     QUICK_RECONNECT,
@@ -187,7 +187,8 @@ class ReplicaPool:
         self, prompts: list[Prompt], params: dict[str, Any], timeout: float | None = None
     ) -> list[Response]:
         """Whole answers from the least-loaded replica (retried elsewhere if it is
-        down or full). Prompts are texts or token-id prompts (passed on as they are)."""
+        down, full, or froze while answering: replica_timeout_s). Prompts are texts
+        or token-id prompts (passed on as they are)."""
         with Outcome(self.metrics, len(prompts)):
             return await self._generate(prompts, params, timeout)
 
@@ -205,6 +206,12 @@ class ReplicaPool:
                 reply = await self.guard.result(
                     replica, replica.stub.Generate(request, timeout=timeout)
                 )
+            except ReplicaUnresponsiveError as err:
+                # Its replica froze: nothing of a whole answer reached anyone, so another
+                # replica may take it (it failed, though one was serving: a user trial).
+                tried.add(id(replica))
+                refusal = err
+                continue
             except grpc.aio.AioRpcError as err:
                 if self._out_of_rotation(replica, err) or is_overload(err):
                     tried.add(id(replica))
