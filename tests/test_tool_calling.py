@@ -261,6 +261,9 @@ def test_bad_tool_requests_are_400_naming_the_field(llama):
             scalar = {"type": "function", "function": {"name": "f", "parameters": {"type": kind}}}
             assert await param_of(tools=[scalar]) == "tools.0.function.parameters"
         assert await param_of(tools=[{"type": "function"}]) == "tools.0.function"
+        # strict is true or false, as response_format's is ("yes" was taken: a user trial)
+        loose = {"type": "function", "function": {"name": "f", "strict": "yes"}}
+        assert await param_of(tools=[loose]) == "tools.0.function.strict"
         assert await param_of(tools=[{"type": "retrieval", "function": {"name": "f"}}]) == (
             "tools.0.type"
         )

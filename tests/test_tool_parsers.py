@@ -178,6 +178,8 @@ def test_streamed_events_hold_back_a_possible_tag(size):
         f"\n<tool_call>{_call('f', a=1)}</tool_call>\n\n<tool_call>{_call('g')}</tool_call>\n B",
         f"<tool_call>{_call('f', a=1)}</tool_call>\n <tool_call>not json</tool_call> B",
         f"<tool_call>{_call('f', a=1)}</tool_call>\n <tool_c",
+        # the answer's own leading spaces: streamed as they come, so whole too (trial)
+        f"  lead  <tool_call>{_call('f', a=1)}</tool_call>\n\n",
     ],
 )
 def test_how_an_answer_is_cut_into_pieces_never_changes_its_content(text):

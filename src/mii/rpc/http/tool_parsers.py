@@ -141,14 +141,17 @@ class ToolParser:
     ) -> tuple[str | None, list[ToolCall]]:
         """A whole answer's content and calls (of ``known`` functions; None: any).
         Without calls the content is the text exactly; with calls it is the text
-        outside them, stripped, or None if empty."""
+        outside them as a stream sends it (the whitespace around the calls left out),
+        or None if empty."""
         reader = self.stream(known)
         events = reader.feed(text) + reader.finish()
         content = "".join(e for e in events if isinstance(e, str))
         calls = [e for e in events if isinstance(e, ToolCall)]
         if not calls:
             return text, []
-        return content.strip() or None, calls
+        # (not content.strip(): an answer's leading spaces before its first call are
+        # streamed as they come, and the whole answer said otherwise: a user trial)
+        return content or None, calls
 
 
 # Event of a ToolCallStream: content text, or a complete call.

@@ -14,11 +14,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mii.engine.schema_support import check_json_schema
+from mii.rpc.http.request_fields import RequestFields
 
 # No docstrings on these classes: they would change the served /openapi.json.
 
 
-class FunctionDefinition(BaseModel):
+class FunctionDefinition(RequestFields):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=256)
