@@ -39,6 +39,10 @@ PATTERNS = [
     (r"^\d{2}\s\w+\W$", ["12 ab_9!", "12\tx.", "1x ab!"]),
     (r"^(?s:.)\n$", ["\n\n", "x\n"]),
     (r"^(?:ab|\\){2,}?$", ["ab\\", "abab", "\\", "ab\\ab"]),
+    # a quantifier after a group of one quantified item (was "\\n"+? to xgrammar)
+    (r"^(?:\n+)?$", ["", "\n\n", "x"]),
+    (r"^(\n{2}){3}$", ["\n" * 6, "\n" * 4]),
+    (r"^([A-Za-z\s]{1,8})?$", ["", "ab c", "a1"]),
 ]
 
 
@@ -138,6 +142,33 @@ def test_a_pattern_deep_in_a_schema_and_under_defs(engine):
         assert all(re.fullmatch(r'"[0-9]"\t', row) for row in value["rows"])
 
 
+def test_where_the_pattern_sits_in_a_schema():
+    """Compiled wherever a string schema with such a pattern is: a property named like
+    a keyword, beside $schema, nullable; an unused definition is no error (xgrammar
+    writes no rule for it)."""
+    from mii.engine.constraints import _as_xgrammar_reads_it, _json_schema_grammar
+    from mii.engine.json_patterns import with_placeholders
+
+    def grammar(schema):
+        readable, patterns = with_placeholders(_as_xgrammar_reads_it(schema))
+        return _json_schema_grammar(json.dumps(readable), patterns)
+
+    named_default = {
+        "type": "object",
+        "properties": {"default": {"type": "string", "pattern": "^a\\nb$"}},
+        "required": ["default"],
+    }
+    assert accepts(grammar(named_default), '{"default": "a\\nb"}')
+    assert not accepts(grammar(named_default), '{"default": "a\nb"}')
+    rooted = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema_of('^"$')}
+    assert accepts(grammar(rooted), '{"s": "\\""}')
+    nullable = {"type": ["string", "null"], "pattern": "^\\t$"}
+    assert accepts(grammar(nullable), '"\\t"') and accepts(grammar(nullable), "null")
+    assert not accepts(grammar(nullable), '"\t"')
+    unused = {"$defs": {"unused": {"type": "string", "pattern": "^a\\nb$"}}, **schema_of("^x$")}
+    assert accepts(grammar(unused), '{"s": "x"}')
+
+
 REFUSED = [
     ({"regex": r"[0-9]{2}\Z"}, "regex", r"\A and \Z are not supported"),
     ({"regex": r"\Aabc"}, "regex", r"\A and \Z are not supported"),
@@ -152,6 +183,10 @@ REFUSED = [
     ),
     ({"json_schema": schema_of(r"^a\nb\Z")}, "json_schema", r"\A and \Z"),
     ({"json_schema": schema_of(r"^[^\s\S]\n$")}, "json_schema", "matches no character"),
+    ({"json_schema": schema_of(r"^\n*+\n$")}, "json_schema", "possessive"),
+    # a count past what Python's parser takes: a 400, not an OverflowError (a 500)
+    ({"regex": "a{4294967295}"}, "regex", ""),
+    ({"json_schema": schema_of("^a{4294967295}$")}, "json_schema", ""),
 ]
 
 

@@ -487,6 +487,50 @@ def test_one_of_is_accepted_where_its_branches_are_exclusive(engine):
         assert words in str(caught.value) and "anyOf" in str(caught.value)
 
 
+def test_one_of_proofs_hold_where_a_review_found_holes():
+    """1 and 1.0 are one value; a discriminator tells objects apart only; a tagged
+    union whose tag has a default (pydantic's common form) stays accepted; a list
+    that only looks like a oneOf is no schema; thousands of consts are quick."""
+    import time
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    from mii.engine.one_of import overlapping_one_of
+
+    assert overlapping_one_of({"oneOf": [{"const": 1}, {"const": 1.0}]})
+    assert overlapping_one_of({"oneOf": [{"enum": [0]}, {"enum": [-0.0, 2]}]})
+    tagged = [
+        {"type": ["object", "string"], "properties": {"k": {"const": v}}, "required": ["k"]}
+        for v in (1, 2)
+    ]
+    assert overlapping_one_of({"oneOf": tagged})  # "hi" matches both
+    for branch in tagged:
+        branch["type"] = "object"
+    assert overlapping_one_of({"oneOf": tagged}) is None
+
+    class Text(BaseModel):
+        kind: Literal["text"] = "text"
+        body: str
+
+    class Image(BaseModel):
+        kind: Literal["image"] = "image"
+        url: str
+
+    class Message(BaseModel):
+        part: Text | Image = Field(discriminator="kind")
+
+    assert overlapping_one_of(Message.model_json_schema()) is None
+    assert overlapping_one_of({"type": "object", "x-meta": {"oneOf": ["a", "a"]}}) is None
+    draft3 = {"oneOf": [{"type": "object", "required": True}, {"type": "object"}]}
+    assert overlapping_one_of(draft3)  # (a TypeError before: a 500)
+    began = time.perf_counter()
+    assert overlapping_one_of({"oneOf": [{"const": i} for i in range(20_000)]}) is None
+    assert time.perf_counter() - began < 30  # one pass (~0.1 s), not 2e8 pairs (minutes)
+    many = {"oneOf": [{"type": "object", "properties": {"i": {"const": i}}} for i in range(300)]}
+    assert "at most 256" in overlapping_one_of(many)
+
+
 @pytest.mark.parametrize(("options", "field", "words"), BAD)
 def test_bad_constraints_fail_naming_the_option(engine, options, field, words):
     with pytest.raises(InvalidRequestError) as caught:

@@ -43,7 +43,7 @@ class ExactTypes(BaseModel):
         if boolean and bool not in kinds and kinds & {int, float}:
             number = "a number" if float in kinds else "an integer"
             raise ValueError(f"must be {number}, not a boolean")
-        if isinstance(value, float) and math.isnan(value) and kinds & {int, float}:
+        if isinstance(value, (float, np.floating)) and math.isnan(value) and kinds & {int, float}:
             # (else the first bound speaks: "should be less than or equal to 2 (got nan)")
             raise ValueError("must be a finite number, not NaN")
         return value

@@ -35,6 +35,7 @@ from mii.engine.schema_support import (
     check_json_schema,
     schema_problem,
 )
+from mii.engine.schema_walk import LITERAL_KEYWORDS
 from mii.engine.utf8_guard import Utf8Guard
 from mii.errors import InvalidRequestError
 
@@ -57,10 +58,6 @@ def structured_output_available() -> bool:
     return _xgrammar() is not None
 
 
-# Keywords whose values are JSON values, not schemas: left as they are.
-_LITERAL_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
-
-
 def _as_xgrammar_reads_it(schema: Any) -> Any:
     """``schema`` with each array without ``items`` or ``prefixItems`` given
     ``"items": {}`` (what JSON Schema means by leaving it out): xgrammar (0.2.x)
@@ -73,7 +70,7 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
         return schema
     out = {}
     for key, value in schema.items():
-        if key in _LITERAL_KEYWORDS:
+        if key in LITERAL_KEYWORDS:
             out[key] = value
         elif key in SCHEMA_MAPS and isinstance(value, dict):  # a property may be "enum"
             out[key] = {name: _as_xgrammar_reads_it(sub) for name, sub in value.items()}

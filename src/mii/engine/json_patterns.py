@@ -21,7 +21,9 @@ import secrets
 from typing import Any
 
 from mii.engine import regex_sets
+from mii.engine.regex_groups import without_group_names
 from mii.engine.regex_sets import Ranges, is_repeat, sre_constants
+from mii.engine.schema_walk import LITERAL_KEYWORDS, SCHEMA_MAPS
 
 # Characters JSON must escape inside a string.
 JSON_SPECIAL: Ranges = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]
@@ -32,9 +34,9 @@ _SHORT_ESCAPES = {
 # any other keyword the schema stays xgrammar's whole.
 _ANNOTATIONS = frozenset(
     ("title", "description", "$comment", "examples", "default", "deprecated", "readOnly",
-     "writeOnly")
+     "writeOnly", "$schema", "$id")
 )  # fmt: skip
-_LITERAL_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
+_STRING_TYPES = ("string", ["string"], ["string", "null"], ["null", "string"])
 
 
 def json_escape(code: int) -> str:
@@ -61,12 +63,17 @@ def with_placeholders(schema: Any) -> tuple[Any, dict[str, str]]:
                 body = string_content_ebnf(node["pattern"])
             except ValueError as err:
                 raise ValueError(f"the pattern at {path}: {err}") from None
-            expressions[placeholder] = f'("\\"" {body} "\\"")'
+            string = f'"\\"" {body} "\\""'
+            nullable = isinstance(node["type"], list) and "null" in node["type"]
+            expressions[placeholder] = f'({string} | "null")' if nullable else f"({string})"
             return {"const": placeholder}
-        return {
-            key: value if key in _LITERAL_KEYWORDS else walk(value, f"{path}/{key}")
-            for key, value in node.items()
-        }
+        out = {}
+        for key, value in node.items():
+            if key in SCHEMA_MAPS and isinstance(value, dict):  # a property may be "default"
+                out[key] = {name: walk(sub, f"{path}/{key}/{name}") for name, sub in value.items()}
+            else:
+                out[key] = value if key in LITERAL_KEYWORDS else walk(value, f"{path}/{key}")
+        return out
 
     return walk(schema, "#"), expressions
 
@@ -75,10 +82,8 @@ def spliced(ebnf: str, expressions: dict[str, str]) -> str:
     """xgrammar's EBNF of a schema with placeholders, each placeholder's literal
     (a JSON string, as xgrammar writes a ``const``) replaced by its expression."""
     for placeholder, expression in expressions.items():
-        literal = f'"\\"{placeholder}\\""'
-        if literal not in ebnf:  # (a new xgrammar writing consts otherwise: say so)
-            raise RuntimeError(f"xgrammar's grammar of a pattern's placeholder is not {literal}")
-        ebnf = ebnf.replace(literal, expression)
+        # (absent where xgrammar wrote no rule: a definition nothing refers to)
+        ebnf = ebnf.replace(f'"\\"{placeholder}\\""', expression)
     return ebnf
 
 
@@ -87,12 +92,12 @@ def _escaping_pattern(node: dict) -> bool:
     pattern names a character JSON must escape: a literal, a class or ``\\s``.
     (``.`` and negated classes alone stay xgrammar's: it leaves the characters out.)"""
     pattern = node.get("pattern")
-    if node.get("type") != "string" or not isinstance(pattern, str):
+    if node.get("type") not in _STRING_TYPES or not isinstance(pattern, str):
         return False
     if set(node) - {"type", "pattern"} - _ANNOTATIONS:
         return False
     try:
-        parsed = regex_sets.parse(pattern)
+        parsed = regex_sets.parse(without_group_names(pattern))
         return _names_a_special(parsed)
     except ValueError:
         return False  # (xgrammar's own error, as before)
@@ -129,20 +134,17 @@ def string_content_ebnf(pattern: str) -> str:
     spelling: special characters as their escapes, others as themselves).
     ValueError for what cannot be compiled: anchors inside the pattern, lookaround,
     backreferences, case-insensitive matching."""
+    pattern = without_group_names(pattern)  # (ECMAScript's (?<name>...) too)
     parsed = regex_sets.parse(pattern)
-    flags = regex_sets.flags_of(parsed)
-    if flags & regex_sets.re.IGNORECASE:
-        raise ValueError("case-insensitive matching ((?i)) is not supported")
-    regex_sets.check_reads_the_same(pattern)  # (anchors only at the edges)
-    return _sequence(parsed, dot_all=bool(flags & regex_sets.re.DOTALL))
+    regex_sets.check_reads_the_same(pattern)  # (anchors at the edges only, no (?i), ...)
+    return _sequence(parsed, dot_all=bool(regex_sets.flags_of(parsed) & regex_sets.re.DOTALL))
 
 
 def _sequence(items: Any, dot_all: bool) -> str:
+    """A parenthesised EBNF expression of a sequence of parsed items (always in
+    parentheses: a quantifier after it applies to the whole, never to its last part)."""
     parts = [_item(op, value, dot_all) for op, value in items]
-    parts = [part for part in parts if part]
-    if not parts:
-        return '""'
-    return parts[0] if len(parts) == 1 else "(" + " ".join(parts) + ")"
+    return "(" + (" ".join(part for part in parts if part) or '""') + ")"
 
 
 def _item(op: Any, value: Any, dot_all: bool) -> str:
@@ -159,6 +161,8 @@ def _item(op: Any, value: Any, dot_all: bool) -> str:
             (dot_all or value[1] & regex_sets.re.DOTALL) and not value[2] & regex_sets.re.DOTALL
         )
         return _sequence(value[3], dot_all)
+    if op == getattr(sre_constants, "POSSESSIVE_REPEAT", None):
+        raise ValueError("possessive quantifiers are not supported")
     if is_repeat(op):
         low, high, inner = value
         body = _sequence(inner, dot_all)
@@ -172,7 +176,7 @@ def _character(ranges: Ranges) -> str:
     """One character of ``ranges``, as its JSON text: the plain ones in a class,
     each special one as its escape."""
     plain = regex_sets.minus(ranges, JSON_SPECIAL + regex_sets.SURROGATES)
-    if plain == [(plain[0][0], plain[0][0])] if plain else False:  # one character
+    if len(plain) == 1 and plain[0][0] == plain[0][1]:  # one character
         options = [_literal(chr(plain[0][0]))]
     else:
         options = [_class(plain)] if plain else []

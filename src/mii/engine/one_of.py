@@ -13,42 +13,69 @@ require with exclusive schemas (a discriminator, as pydantic writes tagged union
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
-_LITERAL_KEYWORDS = frozenset(("const", "enum", "default", "examples"))
+from mii.engine.schema_walk import schema_objects
+
 _MAX_DEPTH = 8  # how deep a discriminator may sit (objects inside objects)
+# Pairwise proofs beyond this many branches would take seconds (all-const/enum
+# branches are checked in one pass whatever their number).
+MAX_PROVED_BRANCHES = 256
+_ALL_TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", "null"))
 
 
 def overlapping_one_of(schema: Any) -> str | None:
     """The first ``oneOf`` in ``schema`` whose branches are not provably exclusive,
     described with its JSON-pointer path; None when there is none."""
-    for path, node in _schemas_in(schema, "#"):
+    for path, node in schema_objects(schema):
         branches = node.get("oneOf")
-        if not isinstance(branches, list):
-            continue
-        for i in range(len(branches)):
-            for j in range(i + 1, len(branches)):
-                if not _exclusive(branches[i], branches[j], schema, 0):
-                    return (
-                        f"'oneOf' (at {path}) whose branches {i} and {j} can match the same "
-                        "value is not supported: the grammar engine enforces it as 'anyOf', "
-                        "so an answer could match both; use 'anyOf', or make the branches "
-                        "exclusive (different types, or a property each requires with a "
-                        "different 'const')"
-                    )
+        if not isinstance(branches, list) or not all(isinstance(b, dict) for b in branches):
+            continue  # (not a schema's oneOf: a value that looks like one)
+        pair = _overlapping_pair(branches, _discriminator(node), schema)
+        if pair == "too many":
+            return (
+                f"'oneOf' (at {path}) of {len(branches)} branches is not supported: mii proves "
+                f"its branches exclusive (the grammar engine enforces 'anyOf') for at most "
+                f"{MAX_PROVED_BRANCHES} unless each lists its values (const/enum); use 'anyOf'"
+            )
+        if pair is not None:
+            i, j = pair
+            return (
+                f"'oneOf' (at {path}) whose branches {i} and {j} can match the same "
+                "value is not supported: the grammar engine enforces it as 'anyOf', "
+                "so an answer could match both; use 'anyOf', or make the branches "
+                "exclusive (different types, or a property each requires with a "
+                "different 'const')"
+            )
     return None
 
 
-def _schemas_in(node: Any, path: str) -> Iterator[tuple[str, dict]]:
-    """Every object in ``node`` with its JSON-pointer path, but inside the values of
-    ``const``/``enum``/``default``/``examples`` (values, not schemas)."""
-    items = enumerate(node) if isinstance(node, list) else None
-    if isinstance(node, dict):
-        yield path, node
-        items = ((k, v) for k, v in node.items() if k not in _LITERAL_KEYWORDS)
-    for key, value in items or ():
-        yield from _schemas_in(value, f"{path}/{key}")
+def _discriminator(node: dict) -> str | None:
+    """The property an OpenAPI ``discriminator`` (pydantic's tagged unions) names."""
+    found = node.get("discriminator")
+    name = found.get("propertyName") if isinstance(found, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _overlapping_pair(branches: list, tag: str | None, root: Any) -> Any:
+    """A pair of branch indexes not proved exclusive, "too many", or None."""
+    resolved = [_resolved(b, root) for b in branches]
+    listed = [_values(b) if isinstance(b, dict) else None for b in resolved]
+    if all(values is not None for values in listed):  # one pass: any value in two?
+        seen: dict[str, int] = {}
+        for j, values in enumerate(listed):
+            for value in values:
+                if value in seen:
+                    return seen[value], j
+                seen[value] = j
+        return None
+    if len(branches) > MAX_PROVED_BRANCHES:
+        return "too many"
+    for i in range(len(branches)):
+        for j in range(i + 1, len(branches)):
+            if not _exclusive(resolved[i], resolved[j], root, 0, tag):
+                return i, j
+    return None
 
 
 def _resolved(node: Any, root: Any) -> Any:
@@ -68,8 +95,9 @@ def _resolved(node: Any, root: Any) -> Any:
     return node
 
 
-def _exclusive(a: Any, b: Any, root: Any, depth: int) -> bool:
-    """Whether no value can match both schemas ``a`` and ``b`` (False: not proven)."""
+def _exclusive(a: Any, b: Any, root: Any, depth: int, tag: str | None = None) -> bool:
+    """Whether no answer of one of the schemas ``a``, ``b`` matches the other
+    (False: not proven). ``tag``: a discriminator property, read as required."""
     a, b = _resolved(a, root), _resolved(b, root)
     if not isinstance(a, dict) or not isinstance(b, dict) or depth > _MAX_DEPTH:
         return False
@@ -79,14 +107,30 @@ def _exclusive(a: Any, b: Any, root: Any, depth: int) -> bool:
     types_a, types_b = _types(a), _types(b)
     if types_a is not None and types_b is not None and not types_a & types_b:
         return True
-    required = set(a.get("required") or ()) & set(b.get("required") or ())
-    properties_a, properties_b = a.get("properties") or {}, b.get("properties") or {}
+    # A property both require tells objects apart only: what else either generates
+    # (an untyped schema is generated as an object) must not match the other.
+    made_a, made_b = types_a or {"object"}, types_b or {"object"}
+    if (made_a & (types_b or _ALL_TYPES)) - {"object"} or (made_b & (types_a or _ALL_TYPES)) - {
+        "object"
+    }:
+        return False
+    required = _names(a.get("required")) & _names(b.get("required"))
+    properties_a, properties_b = a.get("properties"), b.get("properties")
+    if not isinstance(properties_a, dict) or not isinstance(properties_b, dict):
+        return False
+    if tag is not None:  # (pydantic's tag with a default is not required; xgrammar may
+        required.add(tag)  # leave it out, as it did before: the tag's values still differ)
     return any(
         name in properties_a
         and name in properties_b
         and _exclusive(properties_a[name], properties_b[name], root, depth + 1)
         for name in required
     )
+
+
+def _names(required: Any) -> set[str]:
+    """A ``required`` list's names (draft-03's ``required: true`` names none)."""
+    return {n for n in required if isinstance(n, str)} if isinstance(required, list) else set()
 
 
 def _values(schema: dict) -> set[str] | None:
@@ -97,7 +141,19 @@ def _values(schema: dict) -> set[str] | None:
         listed = schema["enum"]
     else:
         return None
-    return {json.dumps(value, sort_keys=True) for value in listed}
+    return {json.dumps(_same_number(value), sort_keys=True) for value in listed}
+
+
+def _same_number(value: Any) -> Any:
+    """``value`` with each whole float as its integer (JSON Schema: 1.0 equals 1, and
+    -0.0 equals 0), so that equal values compare equal."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_same_number(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _same_number(item) for key, item in value.items()}
+    return value
 
 
 def _types(schema: dict) -> set[str] | None:

@@ -148,7 +148,7 @@ def parse(pattern: str) -> Any:
     """Python's parse of ``pattern``; ValueError naming what is wrong with it."""
     try:
         return sre_parse.parse(pattern)
-    except re.error as err:
+    except (re.error, OverflowError) as err:  # (a repeat count past 2**32: OverflowError)
         raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from None
     except RecursionError:
         raise ValueError(f"{pattern!r} nests too deeply") from None
@@ -201,6 +201,8 @@ def _check_items(items: Any, at_start: bool, at_end: bool) -> None:
                     "case-insensitive matching ((?i:...)) is not supported: spell out the cases"
                 )
             _check_items(value[3], first, last)
+        elif op == getattr(c, "POSSESSIVE_REPEAT", None) or op == getattr(c, "ATOMIC_GROUP", None):
+            raise ValueError("possessive quantifiers and atomic groups are not supported")
         elif is_repeat(op):
             _check_items(value[2], False, False)
 

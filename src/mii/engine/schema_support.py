@@ -18,6 +18,7 @@ from typing import Any
 from mii.engine.one_of import overlapping_one_of
 from mii.engine.regex_groups import without_group_names
 from mii.engine.regex_sets import check_reads_the_same
+from mii.engine.schema_walk import SCHEMA_MAPS
 
 # JSON-schema keywords xgrammar does not enforce (it would ignore them silently):
 # refused, so that a schema's output always validates.
@@ -55,7 +56,6 @@ _ASSERTIONS = frozenset(
 
 # Keywords whose value is a map of names to schemas, or a list of schemas: walked,
 # but their keys are names, not keywords.
-SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 # Keywords of one type that xgrammar (0.2.x) ignores in a schema without "type" (which
 # it reads as any value), with that type; and what gives a schema its values instead.
