@@ -187,6 +187,24 @@ REFUSED = [
     # a count past what Python's parser takes: a 400, not an OverflowError (a 500)
     ({"regex": "a{4294967295}"}, "regex", ""),
     ({"json_schema": schema_of("^a{4294967295}$")}, "json_schema", ""),
+    # counts xgrammar wrapped at 2**32 ("{4294967297}" matched once): a re-trial
+    ({"regex": "a{4294967297}"}, "regex", "the repetition number is too large"),
+    ({"regex": "a{200000}"}, "regex", "repetition counts above"),
+    ({"json_schema": schema_of('^"{200000}$')}, "json_schema", "repetition counts above"),
+    # what Python cannot read went to xgrammar, which wrote the quote raw ('""""')
+    ({"json_schema": schema_of('^[\\e"]{2}$')}, "json_schema", "not a valid regular expression"),
+    ({"regex": "abc\\z"}, "regex", "bad escape"),
+    (  # a property name JSON must escape: xgrammar wrote it raw
+        {
+            "json_schema": {
+                "type": "object",
+                "patternProperties": {'^"k[0-9]$': {"type": "integer"}},
+                "additionalProperties": False,
+            }
+        },
+        "json_schema",
+        "property-name pattern",
+    ),
 ]
 
 

@@ -487,6 +487,40 @@ def test_one_of_is_accepted_where_its_branches_are_exclusive(engine):
         assert words in str(caught.value) and "anyOf" in str(caught.value)
 
 
+def test_a_tagged_union_whose_tags_have_defaults_answers_with_its_tag(engine):
+    """pydantic's Literal tag with a default is not required: the grammar left it out
+    and {"part": {"body": "x"}} matched no branch alone (a re-trial); the tag of a
+    discriminated oneOf is now required in each branch."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Text(BaseModel):
+        kind: Literal["text"] = "text"
+        body: str = Field(max_length=4)
+
+    class Mark(BaseModel):
+        kind: Literal["mark"] = "mark"
+        body: str = Field(max_length=4)
+
+    class Message(BaseModel):
+        part: Text | Mark = Field(discriminator="kind")
+
+    schema = Message.model_json_schema()
+
+    async def answers():
+        return await asyncio.gather(
+            *(
+                engine.generate([PROMPTS[1]], json_schema=schema, max_new_tokens=BUDGET, seed=s)
+                for s in range(6)
+            )
+        )
+
+    for [answer] in run(answers()):
+        check(answer, {"json_schema": schema})
+        assert json.loads(answer.generated_text)["part"]["kind"] in ("text", "mark")
+
+
 def test_one_of_proofs_hold_where_a_review_found_holes():
     """1 and 1.0 are one value; a discriminator tells objects apart only; a tagged
     union whose tag has a default (pydantic's common form) stays accepted; a list
@@ -521,6 +555,8 @@ def test_one_of_proofs_hold_where_a_review_found_holes():
         part: Text | Image = Field(discriminator="kind")
 
     assert overlapping_one_of(Message.model_json_schema()) is None
+    assert overlapping_one_of({"oneOf": [True, {"type": "string"}]})  # true matches all
+    assert overlapping_one_of({"oneOf": [False, {"type": "string"}]}) is None
     assert overlapping_one_of({"type": "object", "x-meta": {"oneOf": ["a", "a"]}}) is None
     draft3 = {"oneOf": [{"type": "object", "required": True}, {"type": "object"}]}
     assert overlapping_one_of(draft3)  # (a TypeError before: a 500)

@@ -26,8 +26,9 @@ from collections import OrderedDict
 from typing import Any
 
 from mii.engine.json_patterns import spliced, with_placeholders
+from mii.engine.one_of import with_required_tags
 from mii.engine.regex_groups import as_xgrammar_reads_it, without_group_names
-from mii.engine.regex_sets import check_reads_the_same
+from mii.engine.regex_sets import check_reads_the_same, parse
 from mii.engine.schema_support import (
     NESTED_TOO_DEEPLY,
     SCHEMA_MAPS,
@@ -311,7 +312,8 @@ class GrammarCache:
             )
         try:
             if kind == "json_schema":
-                readable, patterns = with_placeholders(_as_xgrammar_reads_it(schema))
+                tagged = with_required_tags(schema)
+                readable, patterns = with_placeholders(_as_xgrammar_reads_it(tagged))
                 grammar = _json_schema_grammar(json.dumps(readable), patterns)
                 return compiler.compile_grammar(grammar)
             if kind == "json_object":  # any object, any keys (OpenAI's json_object)
@@ -320,7 +322,11 @@ class GrammarCache:
                 )
             if kind == "regex":
                 check_reads_the_same(without_group_names(spec))
-                return compiler.compile_regex(as_xgrammar_reads_it(spec))
+                compiled = compiler.compile_regex(as_xgrammar_reads_it(spec))
+                # What xgrammar read but Python cannot ("\\z", "\\G" as letters) is refused
+                # after xgrammar's own errors ("parenthesis is not closed") had their say.
+                parse(without_group_names(spec))
+                return compiled
             if kind == "choice":
                 return compiler.compile_grammar(_choice_grammar(json.loads(spec)))
             if kind == "grammar":

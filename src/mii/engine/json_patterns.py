@@ -57,6 +57,19 @@ def with_placeholders(schema: Any) -> tuple[Any, dict[str, str]]:
             return [walk(item, f"{path}/{i}") for i, item in enumerate(node)]
         if not isinstance(node, dict):
             return node
+        names = (
+            [*(node.get("patternProperties") or {})]
+            if isinstance(node.get("patternProperties"), dict)
+            else []
+        )
+        named = node.get("propertyNames")
+        if isinstance(named, dict) and isinstance(named.get("pattern"), str):
+            names.append(named["pattern"])
+        if any(_names_a_special_text(name) for name in names):
+            raise ValueError(
+                f"a property-name pattern at {path} names a character JSON must escape (a "
+                "quote, a backslash, a control character): not supported in names"
+            )
         if _escaping_pattern(node):
             placeholder = f"mii-pattern-{nonce}-{len(expressions)}"
             try:
@@ -101,6 +114,13 @@ def _escaping_pattern(node: dict) -> bool:
         return _names_a_special(parsed)
     except ValueError:
         return False  # (xgrammar's own error, as before)
+
+
+def _names_a_special_text(pattern: str) -> bool:
+    try:
+        return _names_a_special(regex_sets.parse(without_group_names(pattern)))
+    except ValueError:
+        return False
 
 
 def _names_a_special(items: Any) -> bool:

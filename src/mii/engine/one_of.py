@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mii.engine.schema_walk import schema_objects
+from mii.engine.schema_walk import LITERAL_KEYWORDS, SCHEMA_MAPS, schema_objects
 
 _MAX_DEPTH = 8  # how deep a discriminator may sit (objects inside objects)
 # Pairwise proofs beyond this many branches would take seconds (all-const/enum
@@ -29,7 +29,7 @@ def overlapping_one_of(schema: Any) -> str | None:
     described with its JSON-pointer path; None when there is none."""
     for path, node in schema_objects(schema):
         branches = node.get("oneOf")
-        if not isinstance(branches, list) or not all(isinstance(b, dict) for b in branches):
+        if not isinstance(branches, list) or not all(isinstance(b, (dict, bool)) for b in branches):
             continue  # (not a schema's oneOf: a value that looks like one)
         pair = _overlapping_pair(branches, _discriminator(node), schema)
         if pair == "too many":
@@ -60,7 +60,7 @@ def _discriminator(node: dict) -> str | None:
 def _overlapping_pair(branches: list, tag: str | None, root: Any) -> Any:
     """A pair of branch indexes not proved exclusive, "too many", or None."""
     resolved = [_resolved(b, root) for b in branches]
-    listed = [_values(b) if isinstance(b, dict) else None for b in resolved]
+    listed = [_values(b) if isinstance(b, dict) else None for b in resolved]  # (True: None)
     if all(values is not None for values in listed):  # one pass: any value in two?
         seen: dict[str, int] = {}
         for j, values in enumerate(listed):
@@ -99,6 +99,8 @@ def _exclusive(a: Any, b: Any, root: Any, depth: int, tag: str | None = None) ->
     """Whether no answer of one of the schemas ``a``, ``b`` matches the other
     (False: not proven). ``tag``: a discriminator property, read as required."""
     a, b = _resolved(a, root), _resolved(b, root)
+    if a is False or b is False:  # (the schema false matches nothing; true everything)
+        return True
     if not isinstance(a, dict) or not isinstance(b, dict) or depth > _MAX_DEPTH:
         return False
     values_a, values_b = _values(a), _values(b)
@@ -186,3 +188,40 @@ def _json_type(value: Any) -> str:
     if value is None:
         return "null"
     return "array" if isinstance(value, list) else "object"
+
+
+def with_required_tags(schema: Any) -> Any:
+    """``schema`` with the discriminator of each tagged ``oneOf`` (an OpenAPI
+    ``discriminator``, as pydantic writes ``Field(discriminator=...)``) required in
+    each branch: a tag with a default is not required, so the grammar left it out
+    and the answer matched no branch alone (``{"v": 2}``: a user trial). A branch
+    that is a ``$ref`` becomes a copy of its target with the tag required."""
+    root = schema
+
+    def rebuild(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rebuild(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key in SCHEMA_MAPS and isinstance(value, dict):
+                out[key] = {name: rebuild(sub) for name, sub in value.items()}
+            else:
+                out[key] = value if key in LITERAL_KEYWORDS else rebuild(value)
+        tag = _discriminator(node)
+        if tag is not None and isinstance(out.get("oneOf"), list):
+            out["oneOf"] = [tagged(branch, tag) for branch in out["oneOf"]]
+        return out
+
+    def tagged(branch: Any, tag: str) -> Any:
+        target = _resolved(branch, root)
+        properties = target.get("properties") if isinstance(target, dict) else None
+        if not isinstance(properties, dict) or tag not in properties:
+            return branch
+        copy = rebuild(target) if target is not branch else dict(branch)
+        required = copy.get("required") if isinstance(copy.get("required"), list) else []
+        copy["required"] = required if tag in required else [*required, tag]
+        return copy
+
+    return rebuild(schema)

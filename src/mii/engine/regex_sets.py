@@ -25,6 +25,7 @@ except ImportError:  # Python 3.10
     import sre_parse  # type: ignore[no-redef]
 
 Ranges = list[tuple[int, int]]
+MAX_REPEAT_COUNT = 100_000
 
 MAX_CODE_POINT = 0x10FFFF
 SURROGATES: Ranges = [(0xD800, 0xDFFF)]
@@ -158,17 +159,20 @@ def flags_of(parsed: Any) -> int:
     return parsed.state.flags
 
 
-def check_reads_the_same(pattern: str) -> None:
+def check_reads_the_same(pattern: str, unparsed_ok: bool = True) -> None:
     """ValueError when ``pattern`` (a regex constraint, already without group names)
     uses what xgrammar would match as something else than ``re`` does: anchors
     other than ``^`` at its start and ``$`` at its end (of the whole pattern or of
     one of its top-level alternatives), ``\\A`` / ``\\Z``, and case-insensitive
-    matching. A pattern Python cannot parse is left to xgrammar to judge (its
-    message names what it lacks)."""
+    matching, possessive quantifiers, counts above ``MAX_REPEAT_COUNT``. A pattern
+    Python cannot parse is left to xgrammar when ``unparsed_ok`` (its message names
+    what it lacks; the caller refuses it afterwards if xgrammar read it), else refused."""
     try:
         parsed = parse(pattern)
     except ValueError:
-        return
+        if unparsed_ok:
+            return
+        raise
     if flags_of(parsed) & re.IGNORECASE:
         raise ValueError("case-insensitive matching ((?i)) is not supported: spell out the cases")
     _check_items(parsed, at_start=True, at_end=True)
@@ -204,6 +208,10 @@ def _check_items(items: Any, at_start: bool, at_end: bool) -> None:
         elif op == getattr(c, "POSSESSIVE_REPEAT", None) or op == getattr(c, "ATOMIC_GROUP", None):
             raise ValueError("possessive quantifiers and atomic groups are not supported")
         elif is_repeat(op):
+            low, high = value[0], value[1]
+            if max(low, 0 if high == sre_constants.MAXREPEAT else high) > MAX_REPEAT_COUNT:
+                # (xgrammar wrapped counts at 2**32: "{4294967297}" matched once)
+                raise ValueError(f"repetition counts above {MAX_REPEAT_COUNT:,} are not supported")
             _check_items(value[2], False, False)
 
 

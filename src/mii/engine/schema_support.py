@@ -116,7 +116,8 @@ def unsupported_schema_feature(schema: Any, path: str = "#") -> str | None:
         return f"the pattern at {path} uses lookaround or a backreference, which is not supported"
     if isinstance(pattern, str):
         try:  # (what xgrammar would read as something else than re and jsonschema do)
-            check_reads_the_same(without_group_names(pattern))
+            # (strict: xgrammar wrote a pattern Python cannot read, "[\\e\"]", raw: a trial)
+            check_reads_the_same(without_group_names(pattern), unparsed_ok=False)
         except ValueError as err:
             return f"the pattern at {path}: {err}"
     found = _ignored_combination(schema, path)
