@@ -31,12 +31,11 @@ from mii.engine.regex_groups import as_xgrammar_reads_it, without_group_names
 from mii.engine.regex_sets import check_reads_the_same, parse
 from mii.engine.schema_support import (
     NESTED_TOO_DEEPLY,
-    SCHEMA_MAPS,
     UNSUPPORTED_REGEX,
     check_json_schema,
     schema_problem,
 )
-from mii.engine.schema_walk import LITERAL_KEYWORDS
+from mii.engine.schema_walk import rebuilt
 from mii.engine.utf8_guard import Utf8Guard
 from mii.errors import InvalidRequestError
 
@@ -65,18 +64,11 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
     reads it so for a bare array but as "no items" once ``minItems`` is given (and
     refuses it); and draft-04's boolean ``exclusiveMinimum`` / ``exclusiveMaximum``
     in the numeric form of later drafts, the only one xgrammar reads."""
-    if isinstance(schema, list):
-        return [_as_xgrammar_reads_it(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key in LITERAL_KEYWORDS:
-            out[key] = value
-        elif key in SCHEMA_MAPS and isinstance(value, dict):  # a property may be "enum"
-            out[key] = {name: _as_xgrammar_reads_it(sub) for name, sub in value.items()}
-        else:
-            out[key] = _as_xgrammar_reads_it(value)
+    return rebuilt(schema, _readable)
+
+
+def _readable(out: dict, path: str) -> dict:
+    """One schema object of :func:`_as_xgrammar_reads_it` (its own schemas done)."""
     for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
         flag = out.get(exclusive)
         if isinstance(flag, bool):  # draft-04's form, a flag on the bound: xgrammar wants
@@ -321,11 +313,12 @@ class GrammarCache:
                     '{"type": "object"}', any_whitespace=False, strict_mode=False
                 )
             if kind == "regex":
-                check_reads_the_same(without_group_names(spec))
+                plain = without_group_names(spec)
+                check_reads_the_same(plain)  # (before compiling: a count of 10**9 is refused)
                 compiled = compiler.compile_regex(as_xgrammar_reads_it(spec))
                 # What xgrammar read but Python cannot ("\\z", "\\G" as letters) is refused
                 # after xgrammar's own errors ("parenthesis is not closed") had their say.
-                parse(without_group_names(spec))
+                parse(plain)
                 return compiled
             if kind == "choice":
                 return compiler.compile_grammar(_choice_grammar(json.loads(spec)))

@@ -23,7 +23,7 @@ from typing import Any
 from mii.engine import regex_sets
 from mii.engine.regex_groups import without_group_names
 from mii.engine.regex_sets import Ranges, is_repeat, sre_constants
-from mii.engine.schema_walk import LITERAL_KEYWORDS, SCHEMA_MAPS
+from mii.engine.schema_walk import rebuilt
 
 # Characters JSON must escape inside a string.
 JSON_SPECIAL: Ranges = [(0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C)]
@@ -52,11 +52,7 @@ def with_placeholders(schema: Any) -> tuple[Any, dict[str, str]]:
     nonce = secrets.token_hex(8)
     expressions: dict[str, str] = {}
 
-    def walk(node: Any, path: str) -> Any:
-        if isinstance(node, list):
-            return [walk(item, f"{path}/{i}") for i, item in enumerate(node)]
-        if not isinstance(node, dict):
-            return node
+    def replaced(node: dict, path: str) -> Any:
         names = (
             [*(node.get("patternProperties") or {})]
             if isinstance(node.get("patternProperties"), dict)
@@ -70,25 +66,19 @@ def with_placeholders(schema: Any) -> tuple[Any, dict[str, str]]:
                 f"a property-name pattern at {path} names a character JSON must escape (a "
                 "quote, a backslash, a control character): not supported in names"
             )
-        if _escaping_pattern(node):
-            placeholder = f"mii-pattern-{nonce}-{len(expressions)}"
-            try:
-                body = string_content_ebnf(node["pattern"])
-            except ValueError as err:
-                raise ValueError(f"the pattern at {path}: {err}") from None
-            string = f'"\\"" {body} "\\""'
-            nullable = isinstance(node["type"], list) and "null" in node["type"]
-            expressions[placeholder] = f'({string} | "null")' if nullable else f"({string})"
-            return {"const": placeholder}
-        out = {}
-        for key, value in node.items():
-            if key in SCHEMA_MAPS and isinstance(value, dict):  # a property may be "default"
-                out[key] = {name: walk(sub, f"{path}/{key}/{name}") for name, sub in value.items()}
-            else:
-                out[key] = value if key in LITERAL_KEYWORDS else walk(value, f"{path}/{key}")
-        return out
+        if not _escaping_pattern(node):
+            return node
+        placeholder = f"mii-pattern-{nonce}-{len(expressions)}"
+        try:
+            body = string_content_ebnf(node["pattern"])
+        except ValueError as err:
+            raise ValueError(f"the pattern at {path}: {err}") from None
+        string = f'"\\"" {body} "\\""'
+        nullable = isinstance(node["type"], list) and "null" in node["type"]
+        expressions[placeholder] = f'({string} | "null")' if nullable else f"({string})"
+        return {"const": placeholder}
 
-    return walk(schema, "#"), expressions
+    return rebuilt(schema, replaced), expressions
 
 
 def spliced(ebnf: str, expressions: dict[str, str]) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from mii.engine.schema_walk import LITERAL_KEYWORDS, SCHEMA_MAPS, schema_objects
+from mii.engine.schema_walk import rebuilt, schema_objects
 
 _MAX_DEPTH = 8  # how deep a discriminator may sit (objects inside objects)
 # Pairwise proofs beyond this many branches would take seconds (all-const/enum
@@ -196,32 +196,21 @@ def with_required_tags(schema: Any) -> Any:
     each branch: a tag with a default is not required, so the grammar left it out
     and the answer matched no branch alone (``{"v": 2}``: a user trial). A branch
     that is a ``$ref`` becomes a copy of its target with the tag required."""
-    root = schema
 
-    def rebuild(node: Any) -> Any:
-        if isinstance(node, list):
-            return [rebuild(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            if key in SCHEMA_MAPS and isinstance(value, dict):
-                out[key] = {name: rebuild(sub) for name, sub in value.items()}
-            else:
-                out[key] = value if key in LITERAL_KEYWORDS else rebuild(value)
+    def required_tags(node: dict, path: str = "") -> dict:
         tag = _discriminator(node)
-        if tag is not None and isinstance(out.get("oneOf"), list):
-            out["oneOf"] = [tagged(branch, tag) for branch in out["oneOf"]]
-        return out
+        if tag is not None and isinstance(node.get("oneOf"), list):
+            node["oneOf"] = [tagged(branch, tag) for branch in node["oneOf"]]
+        return node
 
     def tagged(branch: Any, tag: str) -> Any:
-        target = _resolved(branch, root)
+        target = _resolved(branch, schema)
         properties = target.get("properties") if isinstance(target, dict) else None
         if not isinstance(properties, dict) or tag not in properties:
             return branch
-        copy = rebuild(target) if target is not branch else dict(branch)
+        copy = rebuilt(target, required_tags) if target is not branch else dict(branch)
         required = copy.get("required") if isinstance(copy.get("required"), list) else []
         copy["required"] = required if tag in required else [*required, tag]
         return copy
 
-    return rebuild(schema)
+    return rebuilt(schema, required_tags)
