@@ -219,3 +219,35 @@ def test_what_xgrammar_would_read_otherwise_is_refused(engine, options, field, w
 def test_anchors_at_the_edges_of_alternatives_stay_accepted(engine):
     [answer] = run(engine.generate(["x"], regex=r"^ab$|^cd$", max_new_tokens=4, seed=3))
     assert answer.generated_text in ("ab", "cd")
+
+
+# (pattern, strings to try): escapes by code, which xgrammar's regex reader took
+# otherwise ("\x41bc" as one long hex escape, "a\x20b" as matching nothing, "\101"
+# as a backreference); each string accepted exactly when re.fullmatch takes it.
+CODED_ESCAPES = [
+    (r"\x41bc", ["Abc", "\u41bc"]),
+    (r"a\x20b", ["a b", "a\u020b"]),
+    (r"[\x41b]c", ["Ac", "bc", "\u41bc"]),
+    (r"\101\x42", ["AB", "\u0101B"]),
+    (r"\0z|\012", ["\0z", "\n", "\0012"]),
+    (r"[\101-\103]", ["B", "D"]),
+    (r"[\1]\x7e", ["\1~", "1~"]),
+    (r"a\\1", ["a\\1", "aa"]),  # a backslash and a "1", not a backreference
+]
+
+
+@pytest.mark.parametrize(("pattern", "strings"), CODED_ESCAPES)
+def test_escapes_by_code_match_what_python_matches(pattern, strings):
+    grammar = xgrammar.Grammar.from_regex(as_xgrammar_reads_it(pattern))
+    for string in strings:
+        assert accepts(grammar, string) == bool(re.fullmatch(pattern, string)), (pattern, string)
+
+
+def test_a_regex_with_escapes_by_code_answers_what_it_names(engine):
+    [answer] = run(engine.generate(["x"], regex=r"\x41bc\101", max_new_tokens=8, seed=1))
+    assert answer.generated_text == "AbcA"
+    [answer] = run(engine.generate(["x"], regex=r"a\\1", max_new_tokens=8, seed=1))
+    assert answer.generated_text == "a\\1"  # an escaped backslash: no backreference
+    with pytest.raises(InvalidRequestError) as caught:  # Python refuses it: no guess
+        run(engine.generate(["x"], regex=r"\x{41}", max_new_tokens=4))
+    assert caught.value.field == "regex"

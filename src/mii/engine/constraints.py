@@ -296,7 +296,8 @@ class GrammarCache:
                     f"invalid generation option 'json_schema': {problem}{advice}",
                     field="json_schema",
                 )
-        if kind == "regex" and UNSUPPORTED_REGEX.search(spec):
+        # (Octal escapes, "\\101", are rewritten first: Python reads them as characters.)
+        if kind == "regex" and UNSUPPORTED_REGEX.search(as_xgrammar_reads_it(spec)):
             raise InvalidRequestError(
                 "invalid generation option 'regex': lookaround and backreferences are not "
                 "supported",

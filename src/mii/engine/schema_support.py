@@ -42,7 +42,8 @@ UNSUPPORTED_SCHEMA_KEYWORDS = (
 )
 # Regex constructs xgrammar's regex engine ignores (lookaround) or lacks (backreferences).
 # Named backreferences too: Python's "(?P=name)", "\k<name>".
-UNSUPPORTED_REGEX = re.compile(r"\(\?<?[=!]|\(\?P=|\\k<|\\[1-9]")
+# Only after an even run of backslashes: the pattern a\\1 is "a", a backslash and "1".
+UNSUPPORTED_REGEX = re.compile(r"(?<!\\)(?:\\\\)*(?:\(\?<?[=!]|\(\?P=|\\k<|\\[1-9])")
 
 
 # Keywords that constrain a value: next to anyOf / oneOf, xgrammar drops them (others,
