@@ -400,6 +400,26 @@ def test_forced_tool_calls_validate_on_a_real_model(served):
                 **{**common, "tools": odd_tools}, tool_choice="required", stream=stream
             )
         assert err.value.body["param"] == "tools", err.value.body
+    # A tool written in draft-07 (its own "$schema"): its tuple is a tuple under
+    # "required" too, whose wrapping schema is 2020-12 (it was refused there, naming
+    # the wrapper's path, while a named choice took it: a user trial).
+    pair = [{"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["a", "b"]}]
+    tuple_schema = {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "type": "object",
+        "properties": {"pt": {"type": "array", "items": pair, "additionalItems": False}},
+        "required": ["pt"],
+        "additionalProperties": False,
+    }
+    tuple_tools = [{"type": "function", "function": {"name": "at", "parameters": tuple_schema}}]
+    for choice in ("required", {"type": "function", "function": {"name": "at"}}):
+        answer = oai.chat.completions.create(
+            **{**common, "tools": tuple_tools}, tool_choice=choice, parallel_tool_calls=False
+        )
+        [call] = answer.choices[0].message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        jsonschema.Draft7Validator(tuple_schema).validate(arguments)
+        assert len(arguments["pt"]) <= 2
     # /tokenize takes tools too, and gives the ids the chat route sent.
     base = url.removesuffix("/v1")
     tokenized = httpx.post(f"{base}/tokenize", json={"messages": history, "tools": TOOLS}).json()

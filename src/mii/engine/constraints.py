@@ -35,7 +35,7 @@ from mii.engine.schema_support import (
     check_json_schema,
     schema_problem,
 )
-from mii.engine.schema_walk import rebuilt
+from mii.engine.schema_walk import in_2020_12_terms, rebuilt
 from mii.engine.utf8_guard import Utf8Guard
 from mii.errors import InvalidRequestError
 
@@ -69,16 +69,10 @@ def _as_xgrammar_reads_it(schema: Any) -> Any:
 
 def _readable(out: dict, path: str) -> dict:
     """One schema object of :func:`_as_xgrammar_reads_it` (its own schemas done)."""
-    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
-        flag = out.get(exclusive)
-        if isinstance(flag, bool):  # draft-04's form, a flag on the bound: xgrammar wants
-            del out[exclusive]  # the bound itself ("Value must be a number")
-            if flag and bound in out:
-                out[exclusive] = out.pop(bound)
+    # xgrammar reads 2020-12's forms only: draft-04's boolean exclusive bounds failed
+    # ("Value must be a number"), draft-07's tuples were refused.
+    in_2020_12_terms(out, path)
     kind = out.get("type")
-    if isinstance(out.get("items"), list):  # draft-07's tuple: 2020-12's prefixItems
-        out["prefixItems"] = out.pop("items")
-        out["items"] = out.pop("additionalItems", {})
     if kind == "integer":
         _whole_bounds(out)
     is_array = kind == "array" or (isinstance(kind, list) and "array" in kind)

@@ -49,3 +49,30 @@ def rebuilt(node: Any, transform: Callable[[dict, str], Any], path: str = "#") -
                 value if key in LITERAL_KEYWORDS else rebuilt(value, transform, f"{path}/{key}")
             )
     return transform(out, path)
+
+
+# Drafts before 2020-12 (as "$schema" names them), where a list of ``items`` is a tuple.
+_EARLIER_DRAFTS = ("draft-03", "draft-04", "draft-06", "draft-07", "2019-09")
+
+
+def names_an_earlier_draft(schema: Any) -> bool:
+    """True when ``schema``'s ``$schema`` names a draft before 2020-12."""
+    name = schema.get("$schema") if isinstance(schema, dict) else None
+    return isinstance(name, str) and any(draft in name for draft in _EARLIER_DRAFTS)
+
+
+def in_2020_12_terms(out: dict, path: str = "#") -> dict:
+    """One schema object with the earlier drafts' forms in 2020-12's: a tuple
+    (``items`` list + ``additionalItems``) as ``prefixItems`` + ``items``, and
+    draft-04's boolean ``exclusiveMinimum`` / ``exclusiveMaximum`` as the bound itself.
+    (A transform for :func:`rebuilt`: it changes ``out`` in place.)"""
+    for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        flag = out.get(exclusive)
+        if isinstance(flag, bool):
+            del out[exclusive]
+            if flag and bound in out:
+                out[exclusive] = out.pop(bound)
+    if isinstance(out.get("items"), list):
+        out["prefixItems"] = out.pop("items")
+        out["items"] = out.pop("additionalItems", {})
+    return out

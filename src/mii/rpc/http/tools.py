@@ -31,6 +31,7 @@ from typing import Any
 from mii.config import GenerateParams
 from mii.constraint_options import CONSTRAINT_FIELDS
 from mii.engine.schema_support import schema_problem
+from mii.engine.schema_walk import in_2020_12_terms, names_an_earlier_draft, rebuilt
 from mii.response import Response
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.protocol import ChatCompletionRequest
@@ -90,7 +91,9 @@ class ToolPlan:
                 "properties": {
                     "name": {"type": "string", "enum": [t["function"]["name"]]},
                     "parameters": _hoist_defs(
-                        self._parameters(t["function"]["name"]), f"tool{i}_", defs
+                        _in_2020_12_terms(self._parameters(t["function"]["name"])),
+                        f"tool{i}_",
+                        defs,
                     ),
                 },
                 "required": ["name", "parameters"],
@@ -149,6 +152,17 @@ class ToolPlan:
         if not calls or generated == "length" or self.mode == "named":
             return generated
         return "tool_calls"
+
+
+def _in_2020_12_terms(parameters: Any) -> Any:
+    """A tool's parameters as the wrapping schema (2020-12) reads them: its own
+    ``$schema`` dropped, and an earlier draft's forms (draft-07's tuples) rewritten.
+    (Under a named tool_choice the tool's schema is the whole schema and keeps it.)"""
+    if not isinstance(parameters, dict) or "$schema" not in parameters:
+        return parameters
+    if names_an_earlier_draft(parameters):
+        parameters = rebuilt(parameters, in_2020_12_terms)
+    return {key: value for key, value in parameters.items() if key != "$schema"}
 
 
 def _hoist_defs(parameters: Any, prefix: str, defs: dict[str, Any]) -> Any:
