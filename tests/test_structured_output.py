@@ -368,6 +368,17 @@ BAD = [
         "json_schema",
         "'minLength' 10 above 'maxLength' 5 (at #): no value satisfies it",
     ),
+    # bounds no value lies within: xgrammar's "Invalid range" named no path (a trial)
+    (
+        {"json_schema": {"properties": {"n": {"type": "integer", "minimum": 1.5, "maximum": 1.7}}}},
+        "json_schema",
+        "no integer lies within 'minimum' 1.5, 'maximum' 1.7 (at #/properties/n)",
+    ),
+    (
+        {"json_schema": {"type": "number", "exclusiveMinimum": 1, "maximum": 1}},
+        "json_schema",
+        "no number lies within 'exclusiveMinimum' 1, 'maximum' 1 (at #)",
+    ),
     # the meta-schema's validator recursed past Python's limit: a 500 (review)
     ({"json_schema": _nested(400)}, "json_schema", "nested too deeply"),
     ({"regex": "a(b"}, "regex", "parenthesis"),

@@ -12,6 +12,7 @@ rule here was found by an acceptance sweep validating xgrammar's output.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -179,8 +180,10 @@ def _ignored_combination(schema: dict, path: str) -> str | None:
             f"'multipleOf' on a value that is not of type 'integer' (at {path}) is not "
             "supported: give it 'type': 'integer' (pydantic: an int field) or leave it out"
         )
-    for low, high in (("minLength", "maxLength"), ("minItems", "maxItems"),
-                      ("minimum", "maximum")):  # fmt: skip
+    if kinds in (["integer"], ["number"]) and _no_number_between(schema, kinds == ["integer"]):
+        bounds = ", ".join(f"'{key}' {schema[key]}" for key in _BOUNDS if key in schema)
+        return f"no {kinds[0]} lies within {bounds} (at {path}): no value satisfies it"
+    for low, high in (("minLength", "maxLength"), ("minItems", "maxItems")):
         lo, hi = schema.get(low), schema.get(high)
         if isinstance(lo, int | float) and isinstance(hi, int | float) and lo > hi:
             return f"'{low}' {lo} above '{high}' {hi} (at {path}): no value satisfies it"
@@ -267,3 +270,29 @@ def check_json_schema(schema: dict[str, Any]) -> None:
         raise ValueError(
             f"is not a valid JSON schema: {err.message}" + (f" (at {where})" if where else "")
         )
+
+
+_BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+
+
+def _no_number_between(schema: dict[str, Any], integers: bool) -> bool:
+    """True when a number schema's bounds leave no value (for integers: no whole
+    number, ``[1.5, 1.7]``, which xgrammar refused with "Invalid range" and no path)."""
+    given = {
+        key: value
+        for key in _BOUNDS
+        if isinstance(value := schema.get(key), int | float) and not isinstance(value, bool)
+    }
+    if integers:
+        lows = [math.ceil(given[k]) for k in ("minimum",) if k in given]
+        lows += [math.floor(given[k]) + 1 for k in ("exclusiveMinimum",) if k in given]
+        highs = [math.floor(given[k]) for k in ("maximum",) if k in given]
+        highs += [math.ceil(given[k]) - 1 for k in ("exclusiveMaximum",) if k in given]
+        return bool(lows and highs) and max(lows) > min(highs)
+    # (value, exclusive): the tighter of two equal bounds is the exclusive one
+    low = max(((given[k], k.startswith("ex")) for k in _BOUNDS[:2] if k in given), default=None)
+    high = min(((given[k], not k.startswith("ex")) for k in _BOUNDS[2:] if k in given),
+               default=None)  # fmt: skip
+    if low is None or high is None:
+        return False
+    return low[0] > high[0] or (low[0] == high[0] and (low[1] or not high[1]))
