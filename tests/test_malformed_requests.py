@@ -149,6 +149,12 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
         ([{"role": "user", "content": 5}], "messages.0.content"),
         ([{"role": "user", "content": [{"type": "image_url"}]}], "messages.0.content"),
         ([{"role": "user", "content": [5]}], "messages.0.content"),
+        # a user's or a tool's message without content reached the template as None
+        ([{"role": "user"}], "messages.0.content"),
+        (
+            [{"role": "user", "content": "x"}, {"role": "tool", "content": None}],
+            "messages.1.content",
+        ),
         ([{"role": "user", "content": "a\ud800"}], "messages"),
     ]:
         cases.append((chat, _encode({**ok_chat, "messages": messages}), JSON, want))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mii.config import OPENAI_COMPLETIONS_MAX_TOKENS
 from mii.errors import InvalidRequestError
@@ -151,18 +151,32 @@ class ToolCall(BaseModel):
     function: CalledFunction
 
 
+_ROLES_WITH_CONTENT = ("system", "developer", "user", "tool")
+
+
 class ChatMessage(BaseModel):
     # Other keys are passed to the template as they are; an assistant's tool_calls
     # must be calls (tool call arguments: see chat.py), a role is never empty.
     model_config = ConfigDict(extra="allow")
 
     role: str = Field(min_length=1)
-    content: str | list[ContentPart] | None = None
+    # (validate_default: a message that leaves it out is checked too)
+    content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     # A tool result's call id: optional, as Hugging Face's tool-use examples leave it
     # out (and vLLM takes them), but a string when given (OpenAI's type).
     tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_where_needed(cls, value: Any, info: ValidationInfo) -> Any:
+        # Only an assistant's message may go without (its tool calls say it): the
+        # template wrote a user's missing content as "None" or nothing (a user trial).
+        role = info.data.get("role")
+        if value is None and role in _ROLES_WITH_CONTENT:
+            raise ValueError(f"a {role} message needs its content (a string or a list of parts)")
+        return value
 
 
 class ChatCompletionRequest(OpenAIRequest):
