@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -89,6 +90,17 @@ def test_a_response_is_the_chat_routes_answer_in_the_responses_shape(llama):
             model="d", messages=[{"role": "user", "content": "hi"}]
         )
         assert pool.sent[-1][0] == prompt
+
+        # OpenAI's way to ask for logprobs (include) asks for them; so does top_logprobs 0
+        # (both answered "logprobs": [], a trial); truncation "auto" keeps the last tokens.
+        for extra in ({"include": ["message.output_text.logprobs"]}, {"top_logprobs": 0}):
+            await client.responses.create(model="d", input="hi", **extra)
+            assert pool.sent[-1][1]["logprobs"] == 0, pool.sent[-1][1]
+        await client.responses.create(model="d", input="hi", truncation="auto")
+        assert pool.sent[-1][1]["truncate_prompt_tokens"] == -1
+        reasoning = {"effort": "low", "summary": None, "generate_summary": None}
+        echoed = await client.responses.create(model="d", input="hi", reasoning=reasoning)
+        assert echoed.reasoning.effort == "low"
 
         # An output's refusal part sent back is the assistant's text (was a 400).
         refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}
@@ -238,6 +250,25 @@ def test_tool_calls_are_function_call_items_and_go_back_as_input(llama):
         ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
         ({"frobnicate": 1}, "frobnicate"),
         ({"model": "gpt-9"}, "model"),
+        # A lone surrogate in a field the answer echoes: a 500 after generating (a trial)
+        ({"metadata": {"k": "\ud800"}}, "metadata"),
+        ({"user": "\ud800"}, "user"),
+        ({"instructions": "ab\udfff"}, "instructions"),
+        ({"text": {"verbosity": "\ud800"}}, "text"),
+        # A misplaced schema constrained nothing (the chat shape, a typo): named instead
+        ({"text": {"formats": {"type": "json_object"}}}, "text.formats"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "json_schema": {}}}},
+         "text.format.json_schema"),
+        ({"text": {"format": {"type": "json_object", "schema": {}}}}, "text.format.schema"),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "strict": "yes"}}},
+         "text.format.strict"),
+        ({"text": {"verbosity": "loud"}}, "text.verbosity"),
+        ({"truncation": "bogus"}, "truncation"),
+        ({"reasoning": {"effort": "low", "foo": 1}}, "reasoning.foo"),
+        ({"input": [5]}, "input.0"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+         "input.0.content.0.text"),
+        ({"input": [{"role": "user", "content": "hi", "contents": "x"}]}, "input.0.contents"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_served_is_a_400_naming_the_field(llama, fields, param):
@@ -245,10 +276,15 @@ def test_what_cannot_be_served_is_a_400_naming_the_field(llama, fields, param):
 
     async def scenario(client, gateway):
         body = {"model": "d", "input": "hi", **fields}
-        with pytest.raises(openai.APIStatusError) as caught:
-            await client.post("/responses", body=body, cast_to=object)
-        error = caught.value
-        assert error.status_code == (404 if param == "model" else 400), error.body
-        assert error.body["param"] == param, error.body
+        # (as JSON text with \u escapes: the SDK cannot encode a lone surrogate itself)
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            for stream in (False, True):
+                reply = await http.post(
+                    "/v1/responses",
+                    content=json.dumps({**body, "stream": stream}),
+                    headers={"content-type": "application/json"},
+                )
+                assert reply.status_code == (404 if param == "model" else 400), reply.text
+                assert reply.json()["error"]["param"] == param, reply.text
 
     with_gateway(llama, pool, scenario)

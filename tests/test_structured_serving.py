@@ -212,6 +212,11 @@ def test_bad_constraints_are_400_naming_the_field(served):
             "response_format.json_schema.name",
             "a string",
         ),
+        (  # a misspelt key: the schema constrained nothing (a user trial)
+            {"response_format": {"type": "json_schema", "json_schema": {"Schema": {}}}},
+            "response_format.json_schema.Schema",
+            "takes name, description, schema and strict",
+        ),
         (  # compiled by the replica's engine: its error names the request's field
             {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
             "response_format",

@@ -8,6 +8,9 @@
   is a mistake; so are ``"stop_token_ids": [true]`` and ``"logit_bias": {"5": true}``),
   and a true/false field takes only true or false (pydantic reads
   ``"yes"``, ``"off"`` and 1 as booleans: ``"stream": "yes"`` is a mistake too).
+- Text is Unicode: JSON lets a lone surrogate (``"\\ud800"``) through, which no
+  tokenizer reads and no answer can echo (``metadata`` or ``user`` holding one
+  failed the Responses API's answer with a 500 after generating it: a user trial).
 """
 
 from __future__ import annotations
@@ -49,6 +52,30 @@ def _holds_numbers(annotation: Any) -> bool:
     return False
 
 
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """Where in ``value`` (a JSON value; keys too) a text holds a lone surrogate,
+    with the position in that text, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return f"{path} (position {err.start})"
+        return None
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, item in items:
+        found = _lone_surrogate(key, f"a key of {path}") if isinstance(key, str) else None
+        found = found or _lone_surrogate(item, f"{path}.{key}")
+        if found:
+            return found
+    return None
+
+
 class RequestFields(BaseModel):
     # A base of the request models. No docstring: it would change the served /openapi.json.
 
@@ -58,6 +85,9 @@ class RequestFields(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if field is None:
             return value
+        where = _lone_surrogate(value, info.field_name or "")
+        if where:
+            raise ValueError(f"is not valid Unicode: a lone surrogate at {where}")
         if value is None and not field.is_required() and not _takes_none(field.annotation):
             return field.get_default(call_default_factory=True)
         if isinstance(value, bool) and not _takes_booleans(field.annotation):

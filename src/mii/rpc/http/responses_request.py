@@ -18,7 +18,7 @@ are refused.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -47,12 +47,21 @@ def responses_field(field: str) -> str:
     return field
 
 
+class Reasoning(RequestFields):
+    # A reasoning model's settings: the models served here have none (echoed as given).
+    model_config = ConfigDict(extra="forbid")
+
+    effort: str | None = None
+    summary: str | None = None
+    generate_summary: str | None = None
+
+
 class ResponsesRequest(RequestFields, ServiceFields):
     # No docstring: it would change the served /openapi.json.
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    input: str | list[dict[str, Any]]
+    input: str | list[Any]  # (items checked by _messages, which names a bad one)
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = None
@@ -69,9 +78,11 @@ class ResponsesRequest(RequestFields, ServiceFields):
     prompt: dict[str, Any] | None = None
     background: bool | None = None
     moderation: dict[str, Any] | None = None  # refused when set
+    # "auto": keep the prompt's last tokens when it is too long (truncate_prompt_tokens -1)
+    truncation: Literal["auto", "disabled"] | None = None
     # Ignored, changing nothing generated here (ServiceFields has the others)
-    truncation: str | None = None
-    reasoning: dict[str, Any] | None = None
+    reasoning: Reasoning | None = None
+    # Only "message.output_text.logprobs" changes the answer: it asks for logprobs
     include: list[str] | None = None
     stream_options: dict[str, Any] | None = None
     max_tool_calls: int | None = None
@@ -84,6 +95,7 @@ class ResponsesRequest(RequestFields, ServiceFields):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     ignore_eos: bool = False
+    truncate_prompt_tokens: int | None = None
 
 
 _STATEFUL = {
@@ -119,17 +131,25 @@ def _text_of(content: Any, where: str) -> str:
     for at, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         key = "refusal" if kind == "refusal" else "text"  # an output's refusal: its text
-        if kind not in ("input_text", "output_text", "text", "refusal") or not isinstance(
-            part.get(key), str
-        ):
+        if kind not in ("input_text", "output_text", "text", "refusal"):
             raise ApiError(
                 400,
                 f"only text parts are supported ({{'type': 'input_text', 'text': ...}}; got "
                 f"{kind!r})",
                 f"{where}.{at}",
             )
+        if not isinstance(part.get(key), str):
+            raise ApiError(400, f"a {kind} part's {key} must be a string", f"{where}.{at}.{key}")
         texts.append(part[key])
     return "\n".join(texts)
+
+
+# The keys of each kind of input item (OpenAI's; id and status as the API returns them).
+_ITEM_KEYS = {
+    "message": {"type", "role", "content", "id", "status"},
+    "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
+    "function_call_output": {"type", "call_id", "output", "id", "status"},
+}
 
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -143,7 +163,22 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         raise ApiError(400, "input must not be empty", "input")
     for at, item in enumerate(body.input):
         where = f"input.{at}"
+        if not isinstance(item, dict):
+            raise ApiError(
+                400,
+                f"{where} must be an input item (an object such as {{'role': 'user', "
+                f"'content': ...}}), not {type(item).__name__}",
+                where,
+            )
         kind = item.get("type", "message")
+        unknown = sorted(set(item) - _ITEM_KEYS.get(kind, set(item)))
+        if unknown:  # (a misspelt key would be dropped: "contents", "callid")
+            raise ApiError(
+                400,
+                f"unknown field {unknown[0]!r} in a {kind} item; it takes "
+                f"{', '.join(sorted(_ITEM_KEYS[kind]))}",
+                f"{where}.{unknown[0]}",
+            )
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
@@ -224,17 +259,63 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | 
     return {"type": "function", "function": {"name": choice["name"]}}
 
 
+# The keys of text.format by its type (OpenAI's flat form of the chat route's
+# response_format: name, schema, description and strict beside the type).
+_FORMAT_KEYS = {
+    "text": {"type"},
+    "json_object": {"type"},
+    "json_schema": {"type", "name", "schema", "description", "strict"},
+}
+
+
 def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``text.format`` as the chat route's ``response_format``."""
-    if not text or text.get("format") is None:
+    """``text.format`` as the chat route's ``response_format``. A key that is not
+    OpenAI's is a 400 naming it: a misplaced schema would constrain nothing."""
+    if not text:
         return None
-    spec = text["format"]
+    for key in text:
+        if key not in ("format", "verbosity"):
+            raise ApiError(400, f"unknown field 'text.{key}'; text takes format", f"text.{key}")
+    if text.get("verbosity") not in (None, "low", "medium", "high"):
+        raise ApiError(400, "text.verbosity must be 'low', 'medium' or 'high'", "text.verbosity")
+    spec = text.get("format")
+    if spec is None:
+        return None
     if not isinstance(spec, dict):
         raise ApiError(400, "text.format must be an object", "text.format")
-    if spec.get("type") != "json_schema":
-        return spec  # text, json_object: the same shape
+    kind = spec.get("type")
+    if kind not in _FORMAT_KEYS:
+        raise ApiError(
+            400,
+            f"text.format type {kind!r} is not supported; use 'text', 'json_object' or "
+            "'json_schema'",
+            "text.format.type",
+        )
+    extra = sorted(set(spec) - _FORMAT_KEYS[kind])
+    if extra:
+        raise ApiError(
+            400,
+            f"text.format of type {kind!r} takes no {extra[0]!r}; a schema goes in "
+            '{"type": "json_schema", "name": ..., "schema": {...}}',
+            f"text.format.{extra[0]}",
+        )
+    for key, kind_of, words in (
+        ("name", str, "a string"),
+        ("description", str, "a string"),
+        ("strict", bool, "true or false"),
+    ):
+        if spec.get(key) is not None and not isinstance(spec[key], kind_of):
+            raise ApiError(400, f"text.format.{key} must be {words}", f"text.format.{key}")
+    if kind != "json_schema":
+        return {"type": kind}
     inner = {k: v for k, v in spec.items() if k != "type"}
     return {"type": "json_schema", "json_schema": inner}
+
+
+def _wants_logprobs(body: ResponsesRequest) -> bool:
+    """OpenAI asks for the answer's logprobs with ``include``; ``top_logprobs``
+    (0 too) asks for them as well."""
+    return body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or ())
 
 
 def chat_body(body: ResponsesRequest) -> dict[str, Any]:
@@ -248,11 +329,13 @@ def chat_body(body: ResponsesRequest) -> dict[str, Any]:
         "tool_choice": _tool_choice(body.tool_choice),
         "tools": _tools(body.tools) if body.tools else None,
     }
-    if body.top_logprobs:
-        chat |= {"logprobs": True, "top_logprobs": body.top_logprobs}
+    if _wants_logprobs(body):
+        chat |= {"logprobs": True, "top_logprobs": body.top_logprobs or 0}
     for name in (
         "temperature", "top_p", "seed", "stop", "top_k", "min_p", "repetition_penalty",
-        "presence_penalty", "frequency_penalty", "ignore_eos",
+        "presence_penalty", "frequency_penalty", "ignore_eos", "truncate_prompt_tokens",
     ):  # fmt: skip
         chat[name] = getattr(body, name)
+    if body.truncation == "auto" and body.truncate_prompt_tokens is None:
+        chat["truncate_prompt_tokens"] = -1  # keep as many of the last tokens as fit
     return {k: v for k, v in chat.items() if v is not None}

@@ -115,7 +115,7 @@ class ResponseObject:
             "text": body.text or {"format": {"type": "text"}},
             "metadata": body.metadata or {},
             "previous_response_id": None,
-            "reasoning": None,
+            "reasoning": body.reasoning.model_dump() if body.reasoning else None,
             "store": False,  # nothing is stored here
             "truncation": body.truncation or "disabled",
             "user": body.user,

@@ -82,7 +82,19 @@ def _response_format(value: dict[str, Any]) -> tuple[str, Any] | None:
             '({"name": ..., "schema": {...}})',
             "response_format.json_schema",
         )
-    for key, kind_of, words in (("name", str, "a string"), ("strict", bool, "true or false")):
+    unknown = sorted(set(spec) - {"name", "description", "schema", "strict"})
+    if unknown:  # ("Schema", "json_schema" twice: the schema was dropped, a user trial)
+        raise ApiError(
+            400,
+            f"unknown field {unknown[0]!r} in response_format.json_schema; it takes name, "
+            "description, schema and strict",
+            f"response_format.json_schema.{unknown[0]}",
+        )
+    for key, kind_of, words in (
+        ("name", str, "a string"),
+        ("description", str, "a string"),
+        ("strict", bool, "true or false"),
+    ):
         if key in spec and spec[key] is not None and not isinstance(spec[key], kind_of):
             raise ApiError(
                 400,
