@@ -376,3 +376,11 @@ def test_an_engine_count_is_never_a_boolean(name):
         EngineConfig.parse("m", **{name: True})
     assert caught.value.field == name
     assert EngineConfig.parse("m", compile=False).compile is False
+
+
+def test_none_is_every_options_default():
+    """As in transformers' generate(): top_p=None was refused where temperature=None
+    was taken (a user trial)."""
+    given = {name: None for name in ("top_p", "do_sample", "ignore_eos", "min_new_tokens",
+                                     "presence_penalty", "temperature", "stop", "top_k")}  # fmt: skip
+    assert GenerateParams.parse(**given) == GenerateParams.parse()

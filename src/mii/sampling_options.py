@@ -27,7 +27,8 @@ MAX_PENALTY = 2.0
 
 
 class ExactTypes(BaseModel):
-    """A base of the options models: a number is never a boolean (pydantic reads True
+    """A base of the options models: None is the option's default; a number is never
+    a boolean (pydantic reads True
     as 1: ``min_p=True`` was a greedy request, ``temperature=True`` 1.0). True/false
     options keep pydantic's reading of JSON's other spellings (``"false"``, ``0``,
     ``"no"``: False), which REST clients of DeepSpeed-MII send."""
@@ -39,6 +40,10 @@ class ExactTypes(BaseModel):
         if field is None:
             return value
         kinds = {field.annotation, *get_args(field.annotation)}
+        if value is None and type(None) not in kinds and not field.is_required():
+            # None is "the default" for every option, as in transformers' generate()
+            # (top_p=None was refused where temperature=None was taken: a user trial).
+            return field.get_default(call_default_factory=True)
         boolean = isinstance(value, (bool, np.bool_))  # (numpy's: a pandas row's values)
         if boolean and bool not in kinds and kinds & {int, float}:
             number = "a number" if float in kinds else "an integer"
