@@ -65,6 +65,9 @@ async def test_bad_conversations_are_refused_naming_messages(engine):
         with pytest.raises(mii.InvalidRequestError) as err:
             await engine.chat(bad, **GREEDY)
         assert err.value.field.startswith("messages"), err.value
+    with pytest.raises(mii.InvalidRequestError, match="needs its content") as err:
+        await engine.chat([{"role": "user"}], **GREEDY)  # (generated from "None": a trial)
+    assert err.value.field == "messages.0.content"
     with pytest.raises(mii.InvalidRequestError, match="one conversation, got 2") as err:
         async for _ in engine.stream_chat([TURN, OTHER], **GREEDY):
             pass
