@@ -575,9 +575,19 @@ def test_an_option_error_names_the_flag_to_change(llama, cache, capsys):
     assert "'max_new_tokens'" in err and err.rstrip().endswith("(flag --max-new-tokens)"), err
     assert main(["generate", llama, "hi", "--device", "cuda:99"]) == 1
     assert capsys.readouterr().err.rstrip().endswith("(flag --device)")
-    # mii's own name of the flag, not the vLLM alias beside it (--max-model-len)
+    # the name typed: mii's own, or the vLLM alias beside it (a trial: the error for
+    # --gpu-memory-utilization named --kv-cache-memory-fraction)
     assert main(["generate", llama, "hi", "--max-length", "0"]) == 1
     assert capsys.readouterr().err.rstrip().endswith("(flag --max-length)")
+    assert main(["generate", llama, "hi", "--max-model-len=0"]) == 1
+    assert capsys.readouterr().err.rstrip().endswith("(flag --max-model-len)")
+    # a prompt given as an argument is no --prompt; --truncate-prompt-tokens, which the
+    # advice names, is a flag (it was not)
+    assert main(["generate", llama, "a b c d e f g h", "--max-length", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "truncate_prompt_tokens" in err and "(flag --prompt)" not in err, err
+    assert main(["generate", llama, "a b c d e f g h", "--max-length", "3",
+                 "--truncate-prompt-tokens", "-1", "--max-new-tokens", "1"]) == 0  # fmt: skip
     # mii serve's deployment options too (only those renamed for vLLM were named), and
     # a startup timeout of 0 is refused, not a start that fails at once
     for flag, value in (("--shutdown-grace-s", "-1"), ("--startup-timeout", "0")):

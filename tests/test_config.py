@@ -381,6 +381,6 @@ def test_an_engine_count_is_never_a_boolean(name):
 def test_none_is_every_options_default():
     """As in transformers' generate(): top_p=None was refused where temperature=None
     was taken (a user trial)."""
-    given = {name: None for name in ("top_p", "do_sample", "ignore_eos", "min_new_tokens",
-                                     "presence_penalty", "temperature", "stop", "top_k")}  # fmt: skip
+    names = ("top_p", "do_sample", "ignore_eos", "min_new_tokens", "presence_penalty", "stop")
+    given = dict.fromkeys((*names, "temperature", "top_k"))
     assert GenerateParams.parse(**given) == GenerateParams.parse()

@@ -154,6 +154,7 @@ def test_a_client_finds_a_deployment_by_the_model_name_it_serves():
     """`mii terminate SmolLM2-135M-Instruct` (the name the demo's OpenAI API serves)
     did not find the deployment `mii-demo`; a name two deployments serve stays
     ambiguous, so it is not found."""
+    import mii
     from mii.rpc.client import DeploymentNotFoundError, client
 
     record("mii-demo", {"pid": os.getpid(), "host": "::1", "port": 50050,
@@ -169,8 +170,11 @@ def test_a_client_finds_a_deployment_by_the_model_name_it_serves():
     record("other", {"pid": os.getpid(), "host": "127.0.0.1", "port": 50051,
                      "served_model_name": ["smol"]})  # fmt: skip
     for find in (client, _find_deployment):  # ambiguous: an error naming both
-        with pytest.raises(DeploymentNotFoundError, match="'mii-demo', 'other'"):
+        with pytest.raises(mii.AmbiguousDeploymentError, match="'mii-demo', 'other'") as err:
             find("smol")
+        # (found twice is no "not found": code catching that would think none runs)
+        assert not isinstance(err.value, DeploymentNotFoundError)
+        assert isinstance(err.value, LookupError)
 
 
 def test_the_not_found_error_says_where_it_looked():
@@ -270,7 +274,7 @@ def test_a_client_finds_a_deployment_by_its_model_whatever_its_name(tmp_path, mo
     with a trailing slash, or another path to it); two name each other. The model
     compared is the one recorded absolute when the deployment started: a relative
     path is never read in the client's own working directory (review)."""
-    from mii.errors import DeploymentNotFoundError
+    from mii.errors import AmbiguousDeploymentError
 
     def started_with(model: str) -> dict:
         return {"pid": os.getpid(), "host": "127.0.0.1", "port": 1, "model": model,
@@ -288,14 +292,14 @@ def test_a_client_finds_a_deployment_by_its_model_whatever_its_name(tmp_path, mo
     assert registry.find("llama") is None  # b/llama here: another checkpoint
     assert registry.find(str(tmp_path / "b" / "llama")) is None
     record("n2", started_with(str(model)))
-    with pytest.raises(DeploymentNotFoundError, match=r"2 deployments serve .*'n1', 'n2'"):
+    with pytest.raises(AmbiguousDeploymentError, match=r"2 deployments serve .*'n1', 'n2'"):
         registry.find(str(model))
     # a hub id recorded as given; not a local folder of that name
     record("hub", started_with("org/model-x"))
     assert registry.find("org/model-x")["deployment_name"] == "hub"
     # the default name of b/llama is not taken for a/llama's deployment of that name
     record(registry.default_deployment_name("llama"), started_with(str(tmp_path / "b" / "llama")))
-    with pytest.raises(DeploymentNotFoundError, match="2 deployments serve"):
+    with pytest.raises(AmbiguousDeploymentError, match="2 deployments serve"):
         registry.find(str(model))  # n1 and n2 still; not llama-mii-deployment
     assert registry.find(str(tmp_path / "b" / "llama"))["deployment_name"] == "llama-mii-deployment"
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from mii.config import EngineConfig, GenerateParams
 from mii.errors import (
+    AmbiguousDeploymentError,
     AuthenticationError,
     DeploymentError,
     DeploymentNotFoundError,
@@ -92,6 +93,7 @@ def unload_ipython_extension(ipython) -> None:
 from mii.version import __version__ as __version__  # noqa: E402 (re-exported)
 
 __all__ = [
+    "AmbiguousDeploymentError",
     "AsyncEngine",
     "AuthenticationError",
     "DeploymentError",

@@ -82,6 +82,11 @@ class DeploymentNotFoundError(MiiError, LookupError):
     ``deployments`` of ``MII_CACHE_DIR``, default ``~/.cache/mii``)."""
 
 
+class AmbiguousDeploymentError(MiiError, LookupError):
+    """Several live deployments serve the model name given (each under its own
+    deployment name): name the deployment instead (``mii list`` shows them)."""
+
+
 class AuthenticationError(MiiError, PermissionError):
     """A deployment refused the call: its API key is missing or wrong (HTTP 401,
     gRPC UNAUTHENTICATED). Pass ``api_key=`` to ``mii.client``, or set ``MII_API_KEY``."""

@@ -157,6 +157,7 @@ class MiiMagics(Magics):
         print(f"[mii] loaded {args.model} in this kernel (max_length {length})", flush=True)
 
     def _attach(self, rest: str) -> None:
+        from mii.errors import AmbiguousDeploymentError
         from mii.rpc.client import DeploymentNotFoundError, client
 
         if not rest:
@@ -164,7 +165,7 @@ class MiiMagics(Magics):
         args = attach_parser().parse_args(split_args(rest))
         try:
             target = client(args.name, api_key=args.api_key)
-        except DeploymentNotFoundError as err:
+        except (DeploymentNotFoundError, AmbiguousDeploymentError) as err:
             raise UsageError(f"%mii attach: {err}") from None
         try:
             healthy = target.is_healthy(timeout=5.0)

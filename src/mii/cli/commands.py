@@ -107,11 +107,12 @@ def _parse_generate(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
 def main(argv: list[str] | None = None) -> int:
     quiet_grpc_logs()  # this process is mii's own: before any grpc use
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_command_line(parser, argv)
     try:
         return args.func(args)
     except CliError as err:
-        hint = _flag_hint(parser, args.command, err)
+        hint = _flag_hint(parser, args.command, err, argv)
         print(f"mii {args.command}: error: {err}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -126,20 +127,30 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(err, (MiiError, OSError, ValueError)):
             raise
-        hints = _flag_hint(parser, args.command, err) + _cache_hint(err)
+        hints = _flag_hint(parser, args.command, err, argv) + _cache_hint(err)
         print(f"mii {args.command}: error: {err}{hints}", file=sys.stderr)
         return 1
 
 
-def _flag_hint(parser: argparse.ArgumentParser, command: str, err: Exception) -> str:
+def _flag_hint(
+    parser: argparse.ArgumentParser, command: str, err: Exception, argv: list[str]
+) -> str:
     """The command-line flag of the option an error names by its Python name
-    (``invalid generation option 'max_new_tokens'`` came with no ``--max-new-tokens``)."""
+    (``invalid generation option 'max_new_tokens'`` came with no ``--max-new-tokens``):
+    the one typed (``--gpu-memory-utilization``, not mii's name of it), else mii's."""
     field = getattr(err, "field", None)
     if not field or "(flag " in str(err):
         return ""
     for action in _subcommands(parser)[command]._actions:
         if action.dest == field and action.option_strings:
-            return f" (flag {action.option_strings[0]})"  # mii's name, not vLLM's alias
+            typed = [
+                flag
+                for flag in action.option_strings
+                if any(arg == flag or arg.startswith(flag + "=") for arg in argv)
+            ]
+            if not typed and field == "prompt":  # (the prompts given as arguments)
+                return ""
+            return f" (flag {(typed or action.option_strings)[0]})"
     return ""
 
 

@@ -169,21 +169,9 @@ def list_deployments(args: argparse.Namespace) -> int:
     return 0
 
 
-def _none_named(name: str) -> bool:
-    """Whether no deployment of this machine has that name (rather than several
-    serving it, which --ignore-not-found does not hide)."""
-    from mii.rpc import registry
-    from mii.rpc.client import DeploymentNotFoundError
-
-    try:
-        return registry.find(name) is None
-    except DeploymentNotFoundError:
-        return False
-
-
 def terminate(args: argparse.Namespace) -> int:
     from mii.cli import stop_processes
-    from mii.errors import DeploymentUnresponsiveError
+    from mii.errors import AmbiguousDeploymentError, DeploymentUnresponsiveError
     from mii.rpc import registry
     from mii.rpc.client import DeploymentNotFoundError, client
 
@@ -194,9 +182,9 @@ def terminate(args: argparse.Namespace) -> int:
         return stop_processes.stop_starting(starting, args.timeout)
     try:
         target = client(args.name, api_key=args.api_key)
-    except DeploymentNotFoundError as err:  # none by that name, or several serve it
-        if not _none_named(args.name):  # several serve it: --ignore-not-found does not help
-            raise CliError(f"{err} (see: mii list)") from None
+    except AmbiguousDeploymentError as err:  # --ignore-not-found does not help
+        raise CliError(f"{err} (see: mii list)") from None
+    except DeploymentNotFoundError as err:
         if args.ignore_not_found:
             print(f"no running deployment named {args.name!r}: nothing to stop")
             return 0
@@ -235,12 +223,12 @@ def terminate(args: argparse.Namespace) -> int:
 
 def _starting_record(name: str) -> dict[str, Any] | None:
     """The record of the deployment ``name`` names if it is still starting."""
+    from mii.errors import AmbiguousDeploymentError
     from mii.rpc import registry
-    from mii.rpc.client import DeploymentNotFoundError
 
     try:
         info = registry.find(name, include_starting=True)
-    except DeploymentNotFoundError:  # several serve it: client() says so
+    except AmbiguousDeploymentError:  # client() says so
         return None
     return info if info is not None and info.get("starting") else None
 

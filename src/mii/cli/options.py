@@ -49,7 +49,7 @@ ENGINE_FLAGS = {
     "token_budget": ("--token-budget", "--max-num-batched-tokens"),
 }
 # --greedy (do_sample=False) comes between these two.
-GENERATION_OPTIONS = ("max_new_tokens", "min_new_tokens", "ignore_eos")
+GENERATION_OPTIONS = ("max_new_tokens", "min_new_tokens", "ignore_eos", "truncate_prompt_tokens")
 SAMPLING_OPTIONS = (
     "seed",
     "temperature",

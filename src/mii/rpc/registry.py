@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from mii.cache import cache_dir
-from mii.errors import DeploymentError, DeploymentNotFoundError
+from mii.errors import AmbiguousDeploymentError, DeploymentError
 
 DEFAULT_NAME_SUFFIX = "-mii-deployment"
 
@@ -178,7 +178,7 @@ def find(model_or_deployment_name: str, include_starting: bool = False) -> dict[
     by one of its :func:`candidate_names`, else, when exactly one deployment has
     it, by a model name it serves the model under (``served_model_name``, the
     OpenAI API's name) or by the model it was started with (a hub id, or a path
-    to the same checkpoint) whatever its deployment name (DeploymentNotFoundError
+    to the same checkpoint) whatever its deployment name (AmbiguousDeploymentError
     naming them when several do). A deployment still starting, by its names, only
     with ``include_starting``."""
     given = model_or_deployment_name
@@ -196,7 +196,7 @@ def find(model_or_deployment_name: str, include_starting: bool = False) -> dict[
         serving = [d for d in live if serves(d, given)]
         if len(serving) > 1:
             names = ", ".join(repr(d["deployment_name"]) for d in serving)
-            raise DeploymentNotFoundError(
+            raise AmbiguousDeploymentError(
                 f"{len(serving)} deployments serve {given!r} ({names}): name the deployment instead"
             )
         if serving:
