@@ -92,6 +92,9 @@ def test_pipeline_works_inside_a_running_event_loop(llama):
 
 
 def test_bad_options_rejected_before_work(llama):
+    with pytest.raises(mii.InvalidRequestError) as err:  # ("x" was taken as true)
+        mii.pipeline(llama, all_rank_output="x")
+    assert err.value.field == "all_rank_output"
     with mii.pipeline(llama) as pipe:
         with pytest.raises(mii.InvalidRequestError, match="-1 or 0 for every token"):
             pipe(PROMPTS[0], top_k=-2)  # (it said "greater than 0", which -1 and 0 are not)

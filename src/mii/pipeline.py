@@ -24,7 +24,7 @@ from mii.async_chat import AsyncEngine
 from mii.config import EngineConfig, GenerateParams
 from mii.engine import distributed
 from mii.engine_thread import EngineThread, LoopClosedError
-from mii.errors import EngineClosedError
+from mii.errors import EngineClosedError, InvalidRequestError
 from mii.prompts import Prompt, prompt_batch
 from mii.response import Response
 
@@ -218,6 +218,11 @@ def pipeline(
     responses, unless ``all_rank_output``. Other engine options are those of
     :class:`mii.AsyncEngine`.
     """
+    if not isinstance(all_rank_output, bool):  # ("x" was taken as true)
+        raise InvalidRequestError(
+            f"all_rank_output must be True or False (got {all_rank_output!r})",
+            field="all_rank_output",
+        )
     if max_length is not None:
         options["max_length"] = max_length
     if tensor_parallel is None:
