@@ -384,3 +384,9 @@ def test_none_is_every_options_default():
     names = ("top_p", "do_sample", "ignore_eos", "min_new_tokens", "presence_penalty", "stop")
     given = dict.fromkeys((*names, "temperature", "top_k"))
     assert GenerateParams.parse(**given) == GenerateParams.parse()
+    # an alias set to None is not given (it was "another name of min_new_tokens")
+    assert GenerateParams.parse(min_tokens=None, min_new_tokens=3).min_new_tokens == 3
+    assert GenerateParams.parse(min_tokens=2, min_new_tokens=None).min_new_tokens == 2
+    # Engine options keep None apart: an engine's seed=None is no seed to pick silently
+    with pytest.raises(mii.InvalidRequestError):
+        EngineConfig.parse(model="m", seed=None)

@@ -233,6 +233,15 @@ CODED_ESCAPES = [
     (r"[\101-\103]", ["B", "D"]),
     (r"[\1]\x7e", ["\1~", "1~"]),
     (r"a\\1", ["a\\1", "aa"]),  # a backslash and a "1", not a backreference
+    # In a class xgrammar printed "\x04" and read it back with the "a" after it
+    # ([\x04a] matched "J"), and read a "^" it printed first as a negation (a review)
+    (r"[\x04a]", ["a", "\x04", "J"]),
+    (r"[\136a]", ["a", "^", "b"]),
+    (r"[\^]", ["^", "b"]),
+    (r"[\x1f0-\x7f]", ["\x1f", "5", "\x7f", "\u01f0"]),
+    (r"[\x00-\x1fa-z]+", ["ab\x01", "A", "~"]),
+    (r"[^\xe9a]", ["\xe9", "a", "\u0e9a"]),
+    (r"[\^-a\x7f^]", ["^", "_", "\x7f", "b"]),
 ]
 
 

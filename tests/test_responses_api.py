@@ -102,6 +102,10 @@ def test_a_response_is_the_chat_routes_answer_in_the_responses_shape(llama):
         echoed = await client.responses.create(model="d", input="hi", reasoning=reasoning)
         assert echoed.reasoning.effort == "low"
 
+        # Keys OpenAI's items carry beyond those read here pass (phase, namespace, ...).
+        said = {"type": "message", "role": "assistant", "phase": "final_answer", "content": "x"}
+        await client.responses.create(model="d", input=[{"role": "user", "content": "hi"}, said])
+
         # An output's refusal part sent back is the assistant's text (was a 400).
         refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}
         await client.responses.create(model="d", input=[{"role": "user", "content": "hi"}, refused])
@@ -268,7 +272,12 @@ def test_tool_calls_are_function_call_items_and_go_back_as_input(llama):
         ({"input": [5]}, "input.0"),
         ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
          "input.0.content.0.text"),
-        ({"input": [{"role": "user", "content": "hi", "contents": "x"}]}, "input.0.contents"),
+        ({"input": [{"role": "user", "contents": "x"}]}, "input.0.contents"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "ouput": "x"}]},
+         "input.0.ouput"),
+        # a type that is no string was a 500 (unhashable): a review
+        ({"input": [{"type": ["message"], "role": "user", "content": "hi"}]}, "input.0.type"),
+        ({"text": {"format": {"type": ["json_schema"]}}}, "text.format.type"),
     ],
 )  # fmt: skip
 def test_what_cannot_be_served_is_a_400_naming_the_field(llama, fields, param):

@@ -379,6 +379,31 @@ BAD = [
         "json_schema",
         "no number lies within 'exclusiveMinimum' 1, 'maximum' 1 (at #)",
     ),
+    # (a review: 1e400 is infinite, which the bounds check took to an OverflowError 500;
+    # a typed list lost the path; draft-04's flag was not read)
+    ({"json_schema": '{"type": "integer", "minimum": 1e400}'}, "json_schema", "Infinity"),
+    (
+        {
+            "json_schema": {
+                "properties": {"a": {"type": ["number", "null"], "minimum": 5, "maximum": 1}}
+            }
+        },
+        "json_schema",
+        "'minimum' 5 above 'maximum' 1 (at #/properties/a)",
+    ),
+    (
+        {
+            "json_schema": {
+                "$schema": "http://json-schema.org/draft-04/schema#",
+                "type": "integer",
+                "minimum": 1,
+                "exclusiveMinimum": True,
+                "maximum": 1,
+            }
+        },
+        "json_schema",
+        "no integer lies within",
+    ),
     # the meta-schema's validator recursed past Python's limit: a 500 (review)
     ({"json_schema": _nested(400)}, "json_schema", "nested too deeply"),
     ({"regex": "a(b"}, "regex", "parenthesis"),

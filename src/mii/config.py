@@ -133,7 +133,11 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
         if isinstance(values, dict) and "min_tokens" in values:
             values = dict(values)
             alias = values.pop("min_tokens")
-            if values.setdefault("min_new_tokens", alias) != alias:  # parse() names min_tokens
+            if alias is None:  # (None: the default, as for every option)
+                return values
+            if values.get("min_new_tokens") is None:
+                values["min_new_tokens"] = alias
+            elif values["min_new_tokens"] != alias:  # parse() names min_tokens
                 raise ValueError("min_tokens is another name of min_new_tokens: give one of them")
         return values
 
@@ -196,7 +200,8 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
     def parse(cls, **options: Any) -> GenerateParams:
         """Validate keyword options; raise InvalidRequestError naming the bad field."""
         for alias, name in OPTION_ALIASES.items():
-            if alias in options and name in options and options[alias] != options[name]:
+            given = options.get(alias) is not None and options.get(name) is not None
+            if given and options[alias] != options[name]:  # (None: not given)
                 raise InvalidRequestError(
                     f"invalid generation option {alias!r}: it is another name of {name}; "
                     "give one of them",

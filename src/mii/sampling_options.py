@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Any, get_args
+from typing import Any, ClassVar, get_args
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -27,11 +27,14 @@ MAX_PENALTY = 2.0
 
 
 class ExactTypes(BaseModel):
-    """A base of the options models: None is the option's default; a number is never
-    a boolean (pydantic reads True
+    """A base of the options models: None is a generation option's default; a number
+    is never a boolean (pydantic reads True
     as 1: ``min_p=True`` was a greedy request, ``temperature=True`` 1.0). True/false
     options keep pydantic's reading of JSON's other spellings (``"false"``, ``0``,
     ``"no"``: False), which REST clients of DeepSpeed-MII send."""
+
+    # Generation options only (an engine's seed=None is no seed to choose silently).
+    none_is_default: ClassVar[bool] = False
 
     @field_validator("*", mode="before")
     @classmethod
@@ -40,7 +43,12 @@ class ExactTypes(BaseModel):
         if field is None:
             return value
         kinds = {field.annotation, *get_args(field.annotation)}
-        if value is None and type(None) not in kinds and not field.is_required():
+        if (
+            cls.none_is_default
+            and value is None
+            and type(None) not in kinds
+            and not field.is_required()
+        ):
             # None is "the default" for every option, as in transformers' generate()
             # (top_p=None was refused where temperature=None was taken: a user trial).
             return field.get_default(call_default_factory=True)
@@ -56,6 +64,8 @@ class ExactTypes(BaseModel):
 
 class LogitsOptions(ExactTypes):
     """The logits processors' options of one request (all off by default)."""
+
+    none_is_default: ClassVar[bool] = True
 
     presence_penalty: float = Field(
         default=0.0,

@@ -183,7 +183,8 @@ def _ignored_combination(schema: dict, path: str) -> str | None:
     if kinds in (["integer"], ["number"]) and _no_number_between(schema, kinds == ["integer"]):
         bounds = ", ".join(f"'{key}' {schema[key]}" for key in _BOUNDS if key in schema)
         return f"no {kinds[0]} lies within {bounds} (at {path}): no value satisfies it"
-    for low, high in (("minLength", "maxLength"), ("minItems", "maxItems")):
+    for low, high in (("minLength", "maxLength"), ("minItems", "maxItems"),
+                      ("minimum", "maximum")):  # fmt: skip
         lo, hi = schema.get(low), schema.get(high)
         if isinstance(lo, int | float) and isinstance(hi, int | float) and lo > hi:
             return f"'{low}' {lo} above '{high}' {hi} (at {path}): no value satisfies it"
@@ -281,8 +282,14 @@ def _no_number_between(schema: dict[str, Any], integers: bool) -> bool:
     given = {
         key: value
         for key in _BOUNDS
-        if isinstance(value := schema.get(key), int | float) and not isinstance(value, bool)
+        if isinstance(value := schema.get(key), int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)  # (JSON's 1e400 reads as inf: xgrammar's error then)
     }
+    for bound in ("minimum", "maximum"):  # draft-04: a true flag makes the bound exclusive
+        exclusive = "exclusive" + bound.capitalize()
+        if schema.get(exclusive) is True and bound in given:
+            given[exclusive] = given.pop(bound)
     if integers:
         lows = [math.ceil(given[k]) for k in ("minimum",) if k in given]
         lows += [math.floor(given[k]) + 1 for k in ("exclusiveMinimum",) if k in given]

@@ -144,12 +144,29 @@ def _text_of(content: Any, where: str) -> str:
     return "\n".join(texts)
 
 
-# The keys of each kind of input item (OpenAI's; id and status as the API returns them).
+# The keys each kind of input item is read by.
 _ITEM_KEYS = {
-    "message": {"type", "role", "content", "id", "status"},
-    "function_call": {"type", "call_id", "name", "arguments", "id", "status"},
-    "function_call_output": {"type", "call_id", "output", "id", "status"},
+    "message": ("role", "content"),
+    "function_call": ("call_id", "name", "arguments"),
+    "function_call_output": ("call_id", "output"),
 }
+
+
+def _refuse_misspelt_keys(item: dict[str, Any], kind: str, where: str) -> None:
+    """A 400 for a key that is a near miss of a key the item is read by and lacks
+    ("contents", "callid": dropped, the item was read without it). Other keys pass:
+    OpenAI's items carry more (id, status, phase, namespace, ...) and gain new ones."""
+    import difflib
+
+    missing = [key for key in _ITEM_KEYS.get(kind, ()) if key not in item]
+    for key in item:
+        near = difflib.get_close_matches(str(key), missing, 1, 0.8)
+        if near:
+            raise ApiError(
+                400,
+                f"unknown field {key!r} in a {kind} item (did you mean {near[0]!r}?)",
+                f"{where}.{key}",
+            )
 
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -171,14 +188,11 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                 where,
             )
         kind = item.get("type", "message")
-        unknown = sorted(set(item) - _ITEM_KEYS.get(kind, set(item)))
-        if unknown:  # (a misspelt key would be dropped: "contents", "callid")
+        if not isinstance(kind, str):
             raise ApiError(
-                400,
-                f"unknown field {unknown[0]!r} in a {kind} item; it takes "
-                f"{', '.join(sorted(_ITEM_KEYS[kind]))}",
-                f"{where}.{unknown[0]}",
+                400, f"an input item's type must be a string (got {kind!r})", f"{where}.type"
             )
+        _refuse_misspelt_keys(item, kind, where)
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
@@ -284,7 +298,7 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(spec, dict):
         raise ApiError(400, "text.format must be an object", "text.format")
     kind = spec.get("type")
-    if kind not in _FORMAT_KEYS:
+    if not isinstance(kind, str) or kind not in _FORMAT_KEYS:
         raise ApiError(
             400,
             f"text.format type {kind!r} is not supported; use 'text', 'json_object' or "
