@@ -484,6 +484,26 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_the_ipv4_wildcard_listens_on_ipv4_alone():
+    """grpc bound "0.0.0.0" as the dual-stack [::]: --host 0.0.0.0 answered gRPC on
+    every IPv6 address too (its HTTP port did not), past IPv4 firewalls (a trial)."""
+    from mii.rpc.listen import listening_server
+
+    async def main():
+        port = free_port()
+        server = listening_server(f"0.0.0.0:{port}")
+        await server.start()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+            with pytest.raises(OSError):  # refused: nothing listens on IPv6
+                socket.create_connection(("::1", port), timeout=10).close()
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
 def test_a_deployment_on_an_ipv6_host_is_reached_by_name(checkpoints, capsys):
     """host="::1": clients, `mii list` and terminate write the address [::1]:PORT
     (::1:PORT does not resolve: the deployment ran, and nobody could reach it)."""

@@ -71,6 +71,10 @@ def listening_server(
         target = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         if _listened_on(ip, port):  # said here, before grpc logs its own error line
             raise DeploymentError(f"cannot listen on {target} (is the port in use?{in_use_hint})")
+        if ip == "0.0.0.0" and port:
+            guard = _ipv6_wildcard_guard(port)
+            if guard is not None:  # (kept as long as the server: see below)
+                server._mii_ipv6_guard = guard  # type: ignore[attr-defined]
         try:
             ok = server.add_insecure_port(target)
         except RuntimeError:
@@ -85,6 +89,27 @@ def listening_server(
     if not bound:
         raise DeploymentError(f"cannot listen on {address}: none of its addresses can be bound")
     return server
+
+
+def _ipv6_wildcard_guard(port: int) -> socket.socket | None:
+    """A socket bound (not listening) on ``[::]:port``, IPv6 only, or None.
+
+    grpc binds "0.0.0.0" as the dual-stack ``[::]``, so a deployment told to listen on
+    every IPv4 address also answered on every IPv6 one (a user trial: its HTTP port
+    did not), past firewalls written for IPv4. With ``[::]:port`` held, grpc's
+    dual-stack bind fails and it binds IPv4's wildcard alone; IPv6 connections to the
+    port are refused. (``--host ::`` listens on both.)"""
+    try:
+        guard = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 on this machine: grpc binds IPv4 alone anyway
+        return None
+    try:
+        guard.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        guard.bind(("::", port))
+    except OSError:  # (held by another socket: grpc's dual-stack bind fails just the same)
+        guard.close()
+        return None
+    return guard
 
 
 def host_port(host: str, port: int | str) -> str:
