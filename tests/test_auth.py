@@ -454,6 +454,11 @@ def test_the_key_is_an_option_never_serialized(monkeypatch):
         with pytest.raises(mii.InvalidRequestError, match="api_key must be") as caught:
             DeploymentConfig.parse("m", api_key=bad)
         assert caught.value.field == "api_key"
+    # a bad key from the environment is named there, not as a flag never given (a trial)
+    monkeypatch.setenv("MII_API_KEY", "two words")
+    with pytest.raises(mii.InvalidRequestError, match="environment variable MII_API_KEY") as caught:
+        DeploymentConfig.parse("m")
+    assert caught.value.field == "MII_API_KEY" and "two words" not in str(caught.value)
 
 
 def test_cli_takes_the_access_options():

@@ -45,6 +45,16 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 DEFAULT_HTTP_KEEP_ALIVE_S = 100.0
 
 
+_API_KEY_RULE = (
+    "must be a non-empty string of printable ASCII characters without spaces (clients "
+    "send it in the header 'authorization: Bearer KEY')"
+)
+
+
+def _is_header_value(key: str) -> bool:
+    return bool(key) and all("!" <= c <= "~" for c in key)
+
+
 class DeploymentConfig(GpuLayout, RayOptions):
     """Everything a deployment runs with; the keyword options of ``mii.serve``.
 
@@ -226,6 +236,10 @@ class DeploymentConfig(GpuLayout, RayOptions):
     def _api_key_from_environment(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("api_key") is None:
             key = envs.API_KEY.get()
+            if key is not None and not _is_header_value(key):  # (named: no --api-key was given)
+                raise InvalidRequestError(
+                    f"the environment variable MII_API_KEY {_API_KEY_RULE}", field="MII_API_KEY"
+                )
             if key is not None:
                 data = {**data, "api_key": key}
         return data
@@ -235,13 +249,8 @@ class DeploymentConfig(GpuLayout, RayOptions):
     def _api_key_is_a_header_value(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return None
-        key = value.get_secret_value()
-        if not key or not all("!" <= c <= "~" for c in key):
-            raise InvalidRequestError(
-                "api_key must be a non-empty string of printable ASCII characters without "
-                "spaces (clients send it in the header 'authorization: Bearer KEY')",
-                field="api_key",
-            )
+        if not _is_header_value(value.get_secret_value()):
+            raise InvalidRequestError(f"api_key {_API_KEY_RULE}", field="api_key")
         return value
 
     @field_validator("served_model_name", mode="before")

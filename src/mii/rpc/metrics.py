@@ -35,8 +35,27 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+class _WithoutCreated:
+    """A registry's families without their ``*_created`` samples: prometheus_client
+    adds one per counter and histogram series (its creation time: under
+    ``mii_requests_created{finish_reason=...}`` a timestamp that reads as a count),
+    which doubled the series and which vLLM does not export."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self):  # (what generate_latest reads)
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
 class Metrics:
     """Prometheus metrics of one deployment, in a registry of its own."""
+
+    def exported(self) -> _WithoutCreated:
+        """What ``GET /metrics`` exports: the registry without ``*_created`` series."""
+        return _WithoutCreated(self.registry)
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

@@ -115,6 +115,6 @@ async def version():
 @router.get("/metrics")
 async def metrics(request: Request):
     return Response(
-        generate_latest(get_state(request).pool.metrics.registry),
+        generate_latest(get_state(request).pool.metrics.exported()),
         headers={"Content-Type": CONTENT_TYPE_LATEST},
     )
