@@ -25,6 +25,7 @@ from pydantic import ConfigDict, Field
 from mii.rpc.http.errors import ApiError
 from mii.rpc.http.field_policy import ServiceFields
 from mii.rpc.http.request_fields import RequestFields
+from mii.rpc.http.structured import check_schema_spec_types
 
 # Chat fields (and what is under them) -> the Responses request's names, for 400s.
 _FIELD_NAMES = {
@@ -313,13 +314,7 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
             '{"type": "json_schema", "name": ..., "schema": {...}}',
             f"text.format.{extra[0]}",
         )
-    for key, kind_of, words in (
-        ("name", str, "a string"),
-        ("description", str, "a string"),
-        ("strict", bool, "true or false"),
-    ):
-        if spec.get(key) is not None and not isinstance(spec[key], kind_of):
-            raise ApiError(400, f"text.format.{key} must be {words}", f"text.format.{key}")
+    check_schema_spec_types(spec, "text.format")
     if kind != "json_schema":
         return {"type": kind}
     inner = {k: v for k, v in spec.items() if k != "type"}

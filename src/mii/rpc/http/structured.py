@@ -90,21 +90,24 @@ def _response_format(value: dict[str, Any]) -> tuple[str, Any] | None:
             "description, schema and strict",
             f"response_format.json_schema.{unknown[0]}",
         )
+    check_schema_spec_types(spec, "response_format.json_schema")
+    schema = spec.get("schema")
+    if schema is None:  # OpenAI lets it out: any JSON object
+        return "json_object", True
+    return "json_schema", schema
+
+
+def check_schema_spec_types(spec: dict[str, Any], where: str) -> None:
+    """A 400 naming ``where.KEY`` when a JSON-schema format's ``name`` or
+    ``description`` is no string or its ``strict`` no true/false (the chat route's
+    ``response_format.json_schema``, the Responses route's ``text.format``)."""
     for key, kind_of, words in (
         ("name", str, "a string"),
         ("description", str, "a string"),
         ("strict", bool, "true or false"),
     ):
-        if key in spec and spec[key] is not None and not isinstance(spec[key], kind_of):
-            raise ApiError(
-                400,
-                f"response_format.json_schema.{key} must be {words}",
-                f"response_format.json_schema.{key}",
-            )
-    schema = spec.get("schema")
-    if schema is None:  # OpenAI lets it out: any JSON object
-        return "json_object", True
-    return "json_schema", schema
+        if spec.get(key) is not None and not isinstance(spec[key], kind_of):
+            raise ApiError(400, f"{where}.{key} must be {words}", f"{where}.{key}")
 
 
 def _given(body: Any) -> list[tuple[str, str, Any]]:
