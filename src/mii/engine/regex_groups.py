@@ -14,14 +14,15 @@ trial). A ``.`` outside a class becomes ``[^\\n]``.
 xgrammar's regex reader takes ``\\x`` with as many hex digits as follow (``\\x41bc``
 answered U+41BC where Python reads "Abc"; ``a\\x20b`` matched nothing) and reads
 ``\\101`` as a backreference where Python reads an octal escape ("A"): such escapes
-become ``\\u00HH``, which both read as one character.
+become ``\\u00HH``, which both read as one character outside a class; a class
+holding an escaped character is written anew (:func:`_class_as_xgrammar_reads_it`).
 """
 
 from __future__ import annotations
 
 import re
-import sre_constants
-import sre_parse
+
+from mii.engine.regex_sets import sre_constants, sre_parse
 
 # A named group's opening at a "(" outside a character class: "(?P<name>" or
 # "(?<name>" (not the lookbehinds "(?<=" and "(?<!").
