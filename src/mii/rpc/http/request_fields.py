@@ -54,25 +54,22 @@ def _holds_numbers(annotation: Any) -> bool:
 
 def _lone_surrogate(value: Any, path: str) -> str | None:
     """Where in ``value`` (a JSON value; keys too) a text holds a lone surrogate,
-    with the position in that text, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            return f"{path} (position {err.start})"
-        return None
-    items = (
-        value.items()
-        if isinstance(value, dict)
-        else enumerate(value)
-        if isinstance(value, list)
-        else ()
-    )
-    for key, item in items:
-        found = _lone_surrogate(key, f"a key of {path}") if isinstance(key, str) else None
-        found = found or _lone_surrogate(item, f"{path}.{key}")
-        if found:
-            return found
+    with the position in that text, or None. (A loop, not a recursion: a body
+    nested as deep as the JSON parser takes must not exhaust the stack here.)"""
+    pending = [(value, path)]
+    while pending:
+        value, path = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return f"{path} (position {err.start})"
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                pending.append((item, f"{path}.{key}"))
+                pending.append((key, f"a key of {path}"))
+        elif isinstance(value, list):
+            pending.extend((item, f"{path}.{at}") for at, item in reversed(list(enumerate(value))))
     return None
 
 
