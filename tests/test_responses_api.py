@@ -259,6 +259,8 @@ def test_tool_calls_are_function_call_items_and_go_back_as_input(llama):
         ({"user": "\ud800"}, "user"),
         ({"instructions": "ab\udfff"}, "instructions"),
         ({"text": {"verbosity": "\ud800"}}, "text"),
+        # nested past what the answer's echo renders: a 500 after generating (a trial)
+        ({"metadata": {"a": json.loads("[" * 900 + "1" + "]" * 900)}}, "metadata"),
         # A misplaced schema constrained nothing (the chat shape, a typo): named instead
         ({"text": {"formats": {"type": "json_object"}}}, "text.formats"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "json_schema": {}}}},

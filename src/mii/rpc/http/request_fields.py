@@ -10,7 +10,8 @@
   ``"yes"``, ``"off"`` and 1 as booleans: ``"stream": "yes"`` is a mistake too).
 - Text is Unicode: JSON lets a lone surrogate (``"\\ud800"``) through, which no
   tokenizer reads and no answer can echo (``metadata`` or ``user`` holding one
-  failed the Responses API's answer with a 500 after generating it: a user trial).
+  failed the Responses API's answer with a 500 after generating it: a user trial);
+  and no field nests deeper than :data:`MAX_NESTING` levels.
 """
 
 from __future__ import annotations
@@ -52,24 +53,34 @@ def _holds_numbers(annotation: Any) -> bool:
     return False
 
 
-def _lone_surrogate(value: Any, path: str) -> str | None:
-    """Where in ``value`` (a JSON value; keys too) a text holds a lone surrogate,
-    with the position in that text, or None. (A loop, not a recursion: a body
-    nested as deep as the JSON parser takes must not exhaust the stack here.)"""
-    pending = [(value, path)]
+# Deeper than this, a field is refused: an answer that echoes it (the Responses
+# API's metadata) failed to render at ~950 levels, a 500 after generating (a trial).
+MAX_NESTING = 256
+
+
+def _text_problem(value: Any, path: str) -> str | None:
+    """What is wrong with the text of ``value`` (a JSON value; keys too): a lone
+    surrogate (with where), or a nesting deeper than MAX_NESTING; None when nothing.
+    (A loop, not a recursion: a body nested as deep as the JSON parser takes must not
+    exhaust the stack here.)"""
+    pending = [(value, path, 0)]
     while pending:
-        value, path = pending.pop()
+        value, path, depth = pending.pop()
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as err:
-                return f"{path} (position {err.start})"
+                return f"is not valid Unicode: a lone surrogate at {path} (position {err.start})"
+        elif depth >= MAX_NESTING and isinstance(value, (dict, list)):
+            return f"nests deeper than {MAX_NESTING} levels"
         elif isinstance(value, dict):
             for key, item in reversed(value.items()):
-                pending.append((item, f"{path}.{key}"))
-                pending.append((key, f"a key of {path}"))
+                pending.append((item, f"{path}.{key}", depth + 1))
+                pending.append((key, f"a key of {path}", depth + 1))
         elif isinstance(value, list):
-            pending.extend((item, f"{path}.{at}") for at, item in reversed(list(enumerate(value))))
+            pending.extend(
+                (item, f"{path}.{at}", depth + 1) for at, item in reversed(list(enumerate(value)))
+            )
     return None
 
 
@@ -82,9 +93,9 @@ class RequestFields(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if field is None:
             return value
-        where = _lone_surrogate(value, info.field_name or "")
-        if where:
-            raise ValueError(f"is not valid Unicode: a lone surrogate at {where}")
+        problem = _text_problem(value, info.field_name or "")
+        if problem:
+            raise ValueError(problem)
         if value is None and not field.is_required() and not _takes_none(field.annotation):
             return field.get_default(call_default_factory=True)
         if isinstance(value, bool) and not _takes_booleans(field.annotation):
