@@ -581,6 +581,9 @@ def test_an_option_error_names_the_flag_to_change(llama, cache, capsys):
     assert capsys.readouterr().err.rstrip().endswith("(flag --max-length)")
     assert main(["generate", llama, "hi", "--max-model-len=0"]) == 1
     assert capsys.readouterr().err.rstrip().endswith("(flag --max-model-len)")
+    for flags, named in ((["-dp", "0"], "-dp"), (["--restful-api-port", "99999"], None)):
+        assert main(["serve", llama, *flags]) == 1  # deployment options' aliases too
+        assert capsys.readouterr().err.rstrip().endswith(f"(flag {named or flags[0]})")
     # a prompt given as an argument is no --prompt; --truncate-prompt-tokens, which the
     # advice names, is a flag (it was not)
     assert main(["generate", llama, "a b c d e f g h", "--max-length", "3"]) == 1

@@ -15,7 +15,6 @@ from urllib.parse import quote
 
 from mii.cli.errors import CliError
 from mii.cli.options import (
-    DEPLOYMENT_FLAGS,
     SERVE_ENGINE_OPTIONS,
     add_deployment_options,
     add_engine_options,
@@ -101,10 +100,8 @@ def serve_config(args: argparse.Namespace) -> DeploymentConfig:
 
 
 def _naming_the_flag(err: Exception) -> CliError:
-    field = getattr(err, "field", None)
-    if field in DEPLOYMENT_FLAGS:  # the flag the user typed: --port is restful_api_port
-        return CliError(f"{err} (flag {DEPLOYMENT_FLAGS[field][0]})")
-    return CliError(str(err), field=field)  # (mii.cli.commands names its flag)
+    # (mii.cli.commands names the flag as typed: --port, -dp, --data-parallel-size)
+    return CliError(str(err), field=getattr(err, "field", None))
 
 
 def serve(args: argparse.Namespace) -> int:
