@@ -299,7 +299,8 @@ def test_required_schema_and_answers():
     names = [s["properties"]["name"]["enum"] for s in schema["items"]["anyOf"]]
     assert names == [["get_weather"], ["get_time"]]
     # A function without parameters takes none.
-    assert schema["items"]["anyOf"][1]["properties"]["parameters"]["additionalProperties"] is False
+    assert schema["items"]["anyOf"][1]["properties"]["parameters"] == {"$ref": "#/$defs/tool1"}
+    assert schema["$defs"]["tool1"]["additionalProperties"] is False
     text = '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]'
     message, finish = plan.message(Response(text, 3, 9, "stop"))
     assert finish == "tool_calls" and message["content"] is None
@@ -320,11 +321,14 @@ def test_required_schema_and_answers():
     )
 
 
-def test_required_schema_keeps_each_tools_definitions_reachable():
+def test_required_schema_keeps_each_tools_references_reachable():
     """Tools whose parameters hold ``$defs`` (pydantic's nested models, as
-    ``openai.pydantic_function_tool`` writes them): nested in the list of calls, their
-    ``$ref``s would point at the top of the answer's schema, which xgrammar refused
-    ("Cannot find field '$defs'"). They move there, renamed per tool."""
+    ``openai.pydantic_function_tool`` writes them) or point at themselves (``#``, a
+    recursive tree; ``#/properties/a``): nested in the list of calls, their ``$ref``s
+    pointed at the top of the answer's schema (xgrammar refused "Cannot find field
+    '$defs'"; ``#`` was the list of calls: a trial). Each tool's parameters sit whole
+    under ``$defs``, their references moved there; values (const, enum) and property
+    names that look like keywords stay as they are."""
     pytest.importorskip("pydantic")
     from pydantic import BaseModel
 
@@ -336,19 +340,36 @@ def test_required_schema_keeps_each_tools_definitions_reachable():
         start: Location
         stops: list[Location]
 
-    def tool(name, model):
-        parameters = model.model_json_schema()
+    def tool(name, parameters):
         return {"type": "function", "function": {"name": name, "parameters": parameters}}
 
-    plan = _plan("required", tools=(tool("plan_trip", Trip), tool("locate", Location), WEATHER))
-    schema = plan.required_schema()
-    assert sorted(schema["$defs"]) == ["tool0_Location"]
-    trip = schema["items"]["anyOf"][0]["properties"]["parameters"]
-    assert "$defs" not in trip
-    assert trip["properties"]["start"] == {"$ref": "#/$defs/tool0_Location"}
-    assert trip["properties"]["stops"]["items"] == {"$ref": "#/$defs/tool0_Location"}
+    tree = {
+        "type": "object",
+        "properties": {
+            "v": {"type": "integer", "minimum": 2, "maximum": 2},
+            "w": {"$ref": "#/properties/v"},
+            "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 1},
+            "definitions": {"const": {"$ref": "#/$defs/A"}},
+        },
+        "required": ["v", "w", "kids"],
+        "additionalProperties": False,
+    }
+    tools = (tool("plan_trip", Trip.model_json_schema()), tool("tree", tree), WEATHER)
+    schema = _plan("required", tools=tools).required_schema()
+    assert sorted(schema["$defs"]) == ["tool0", "tool1", "tool2"]
+    trip = schema["$defs"]["tool0"]
+    assert trip["properties"]["start"] == {"$ref": "#/$defs/tool0/$defs/Location"}
+    moved = schema["$defs"]["tool1"]["properties"]
+    assert moved["w"] == {"$ref": "#/$defs/tool1/properties/v"}
+    assert moved["kids"]["items"] == {"$ref": "#/$defs/tool1"}
+    assert moved["definitions"] == {"const": {"$ref": "#/$defs/A"}}  # a value, kept
     xgrammar = pytest.importorskip("xgrammar")
-    xgrammar.Grammar.from_json_schema(json.dumps(schema))  # compiles: every $ref resolves
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    leaf = {"v": 2, "w": 2, "kids": []}
+    value = {**leaf, "kids": [leaf]}
+    assert accepts(grammar, json.dumps([{"name": "tree", "parameters": value}]))
     from mii.engine.schema_support import unsupported_schema_feature
 
     assert unsupported_schema_feature(schema) is None

@@ -82,25 +82,27 @@ class ToolPlan:
 
     def required_schema(self) -> dict[str, Any]:
         """The JSON schema of "required" answers: a list of calls of the tools. Each
-        tool's ``$defs`` (pydantic's nested models) move to the top, renamed per tool,
-        where its ``$ref``s (now deeper in the schema) still find them."""
+        tool's parameters sit whole under ``$defs`` (``tool0``, ``tool1``, ...), their
+        local ``$ref``s (``#``, ``#/properties/a``, ``#/$defs/A``) pointing there, so that
+        they resolve as in the tool's own schema (against the wrapper's root, ``#``
+        was the list of calls: a trial)."""
         defs: dict[str, Any] = {}
-        calls = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "enum": [t["function"]["name"]]},
-                    "parameters": _hoist_defs(
-                        _in_2020_12_terms(self._parameters(t["function"]["name"])),
-                        f"tool{i}_",
-                        defs,
-                    ),
-                },
-                "required": ["name", "parameters"],
-                "additionalProperties": False,
-            }
-            for i, t in enumerate(self.tools)
-        ]
+        calls = []
+        for i, tool in enumerate(self.tools):
+            name = tool["function"]["name"]
+            base = f"#/$defs/tool{i}"
+            defs[f"tool{i}"] = _pointing_into(_in_2020_12_terms(self._parameters(name)), base)
+            calls.append(
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "enum": [name]},
+                        "parameters": {"$ref": base},
+                    },
+                    "required": ["name", "parameters"],
+                    "additionalProperties": False,
+                }
+            )
         schema: dict[str, Any] = {
             "type": "array",
             "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
@@ -108,8 +110,7 @@ class ToolPlan:
         }
         if not self.parallel:
             schema["maxItems"] = 1
-        if defs:
-            schema["$defs"] = defs
+        schema["$defs"] = defs
         return schema
 
     def with_own_ids(self, calls: list[ToolCall]) -> list[ToolCall]:
@@ -165,28 +166,17 @@ def _in_2020_12_terms(parameters: Any) -> Any:
     return {key: value for key, value in parameters.items() if key != "$schema"}
 
 
-def _hoist_defs(parameters: Any, prefix: str, defs: dict[str, Any]) -> Any:
-    """``parameters`` without its ``$defs``/``definitions``, which go into ``defs`` as
-    ``prefix + name``, and with its local ``$ref``s pointing there."""
-    if not isinstance(parameters, dict):
-        return parameters
-    local = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+def _pointing_into(parameters: Any, base: str) -> Any:
+    """``parameters`` with each local ``$ref`` ("#..." : the tool's own schema) made
+    to point under ``base`` (values of const, enum, default and examples kept)."""
 
-    def rename(node: Any) -> Any:
-        if isinstance(node, list):
-            return [rename(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        out = {k: rename(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+    def moved(node: dict, path: str) -> dict:
         ref = node.get("$ref")
-        for root in ("#/$defs/", "#/definitions/"):
-            if isinstance(ref, str) and ref.startswith(root):
-                out["$ref"] = "#/$defs/" + prefix + ref[len(root) :]
-        return out
+        if isinstance(ref, str) and ref.startswith("#"):
+            node["$ref"] = base + ref[1:]
+        return node
 
-    for name, sub in local.items():
-        defs[prefix + name] = rename(sub)
-    return rename(parameters)
+    return rebuilt(parameters, moved)
 
 
 def _loads(text: str) -> Any:
