@@ -553,6 +553,14 @@ def test_streamed_responses_deltas_carry_their_tokens_logprobs(served):
     assert "".join(e.token for e in streamed) == done.text
     plain = list(oai.responses.create(stream=True, **options))
     assert all(e.logprobs == [] for e in plain if e.type == "response.output_text.delta")
+    # With tools the answer is parsed whole before its events: a message then (here a
+    # forced call cut by the length) still has its logprobs in its delta (they were []).
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object"}}
+    forced = dict(tools=[tool], tool_choice="required", top_logprobs=1, stream=True)
+    called = list(oai.responses.create(**forced, **options))
+    [whole] = [e for e in called if e.type == "response.output_text.delta"]
+    [ended] = [e for e in called if e.type == "response.output_text.done"]
+    assert whole.logprobs and [e.token for e in whole.logprobs] == [e.token for e in ended.logprobs]
     # A stop string cuts the text of the tokens that wrote it, not their logprobs: they
     # come in a last delta (they were in the done event only).
     tokens = [e.token for e in done.logprobs]

@@ -283,10 +283,9 @@ def _item_events(event, index: int, item: dict[str, Any], announced: bool) -> li
             added = {**item, "status": "in_progress", "content": []}
             lines.append(event("response.output_item.added", output_index=index, item=added))
             lines.append(event("response.content_part.added", **at, part={**part, "text": ""}))
-            if part["text"]:
-                lines.append(
-                    event("response.output_text.delta", **at, delta=part["text"], logprobs=[])
-                )
+            if part["text"] or part["logprobs"]:  # (its tokens' logprobs, as a live delta's)
+                delta = {"delta": part["text"], "logprobs": part["logprobs"]}
+                lines.append(event("response.output_text.delta", **at, **delta))
         text_done = {"text": part["text"], "logprobs": part["logprobs"]}
         lines.append(event("response.output_text.done", **at, **text_done))
         lines.append(event("response.content_part.done", **at, part=part))
