@@ -50,7 +50,8 @@ def responses_field(field: str) -> str:
 
 class Reasoning(RequestFields):
     # A reasoning model's settings: the models served here have none (echoed as given).
-    model_config = ConfigDict(extra="forbid")
+    # Other keys pass: OpenAI adds them (context, mode), and none changes an answer here.
+    model_config = ConfigDict(extra="allow")
 
     effort: str | None = None
     summary: str | None = None
@@ -327,8 +328,9 @@ def _wants_logprobs(body: ResponsesRequest) -> bool:
     return body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or ())
 
 
-def chat_body(body: ResponsesRequest) -> dict[str, Any]:
-    """The ``/v1/chat/completions`` body that asks for what ``body`` asks."""
+def chat_body(body: ResponsesRequest, max_length: int) -> dict[str, Any]:
+    """The ``/v1/chat/completions`` body that asks for what ``body`` asks
+    (``max_length``: the deployment's, for ``truncation: "auto"``)."""
     chat: dict[str, Any] = {
         "model": body.model,
         "messages": _messages(body),
@@ -346,5 +348,9 @@ def chat_body(body: ResponsesRequest) -> dict[str, Any]:
     ):  # fmt: skip
         chat[name] = getattr(body, name)
     if body.truncation == "auto" and body.truncate_prompt_tokens is None:
-        chat["truncate_prompt_tokens"] = -1  # keep as many of the last tokens as fit
+        # The prompt's last tokens, leaving max_output_tokens room (-1 left one token:
+        # a trial's answer was cut at 1 of the 8 it asked for).
+        room = body.max_output_tokens
+        keep = max_length - room if room is not None and room < max_length else -1
+        chat["truncate_prompt_tokens"] = keep
     return {k: v for k, v in chat.items() if v is not None}

@@ -50,6 +50,7 @@ from mii.rpc.http.sse import (
     stream_error_body,
     until_all_accepted,
 )
+from mii.rpc.http.state import get_state
 
 router = APIRouter(prefix="/v1", route_class=LimitedRoute)
 
@@ -58,10 +59,10 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _as_chat(body: ResponsesRequest) -> ChatCompletionRequest:
+def _as_chat(body: ResponsesRequest, max_length: int) -> ChatCompletionRequest:
     """The chat request of ``body``; its validation errors name the Responses fields."""
     try:
-        return ChatCompletionRequest.model_validate(chat_body(body))
+        return ChatCompletionRequest.model_validate(chat_body(body, max_length))
     except ValidationError as err:
         message, field = describe_validation_error(err)
         renamed = responses_field(field) if field else None
@@ -189,7 +190,7 @@ def _finished(obj: ResponseObject, answer: Answer, response: Response) -> dict[s
 async def create_response(body: ResponsesRequest, request: Request):
     refuse_stateful(body)
     try:
-        chat = _as_chat(body)
+        chat = _as_chat(body, get_state(request).max_length)
         state, renames, choices, answer = await prepare_chat(request, chat, responses_field)
     except ApiError as err:
         if err.param:
