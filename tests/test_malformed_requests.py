@@ -151,6 +151,7 @@ def _rest_cases(name: str) -> list[tuple[str, bytes, dict, str | None]]:
         ([{"role": "user", "content": [5]}], "messages.0.content"),
         # a user's or a tool's message without content reached the template as None
         ([{"role": "user"}], "messages.0.content"),
+        ([{"role": "user", "content": []}], "messages.0.content"),  # an empty turn (a trial)
         (
             [{"role": "user", "content": "x"}, {"role": "tool", "content": None}],
             "messages.1.content",

@@ -174,8 +174,11 @@ class ChatMessage(BaseModel):
         # Only an assistant's message may go without (its tool calls say it): the
         # template wrote a user's missing content as "None" or nothing (a user trial).
         role = info.data.get("role")
-        if value is None and role in _ROLES_WITH_CONTENT:
-            raise ValueError(f"a {role} message needs its content (a string or a list of parts)")
+        if (value is None or value == []) and role in _ROLES_WITH_CONTENT:
+            # ([] as OpenAI: "expected an array with minimum length 1")
+            raise ValueError(
+                f"a {role} message needs its content (a string or a non-empty list of parts)"
+            )
         return value
 
 
