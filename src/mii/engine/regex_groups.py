@@ -55,7 +55,7 @@ def without_group_names(pattern: str, python_reading: bool = False) -> str:
         if char == "\\":  # an escape and the character it escapes
             coded = _code_point_escape(pattern, i, in_class) if python_reading else None
             if coded:
-                out.append(f"\\u{coded[0]:04x}")
+                out.append(_by_code(coded[0]))
                 i = coded[1]
                 continue
             out.append(pattern[i : i + 2])
@@ -176,11 +176,13 @@ def _in_class(code: int) -> str:
     char = chr(code)
     if 0x20 <= code < 0x7F:
         return "\\" + char if char in "\\]-[^" else char
-    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+    return _by_code(code)
 
 
 def _outside_class(code: int) -> str:
-    char = chr(code)
-    if 0x20 <= code < 0x7F:
-        return re.escape(char)
+    return re.escape(chr(code)) if 0x20 <= code < 0x7F else _by_code(code)
+
+
+def _by_code(code: int) -> str:
+    """The escape of a character by its code that both Python and xgrammar read."""
     return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"

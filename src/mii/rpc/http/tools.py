@@ -91,7 +91,7 @@ class ToolPlan:
         for i, tool in enumerate(self.tools):
             name = tool["function"]["name"]
             base = f"#/$defs/tool{i}"
-            defs[f"tool{i}"] = _pointing_into(_in_2020_12_terms(self._parameters(name)), base)
+            defs[f"tool{i}"] = _as_wrapper_def(self._parameters(name), base)
             calls.append(
                 {
                     "type": "object",
@@ -155,28 +155,26 @@ class ToolPlan:
         return "tool_calls"
 
 
-def _in_2020_12_terms(parameters: Any) -> Any:
-    """A tool's parameters as the wrapping schema (2020-12) reads them: its own
-    ``$schema`` dropped, and an earlier draft's forms (draft-07's tuples) rewritten.
-    (Under a named tool_choice the tool's schema is the whole schema and keeps it.)"""
-    if not isinstance(parameters, dict) or "$schema" not in parameters:
-        return parameters
-    if names_an_earlier_draft(parameters):
-        parameters = rebuilt(parameters, in_2020_12_terms)
-    return {key: value for key, value in parameters.items() if key != "$schema"}
-
-
-def _pointing_into(parameters: Any, base: str) -> Any:
-    """``parameters`` with each local ``$ref`` ("#..." : the tool's own schema) made
-    to point under ``base`` (values of const, enum, default and examples kept)."""
+def _as_wrapper_def(parameters: Any, base: str) -> Any:
+    """A tool's parameters as a definition of the wrapping schema (2020-12), at
+    ``base``: each local ``$ref`` ("#...": the tool's own schema) pointing under
+    ``base``, an earlier draft's forms (draft-07's tuples) rewritten, its own
+    ``$schema`` dropped; values of const, enum, default and examples kept. (Under a
+    named tool_choice the tool's schema is the whole schema and keeps its draft.)"""
+    earlier = names_an_earlier_draft(parameters)
 
     def moved(node: dict, path: str) -> dict:
+        if earlier:
+            in_2020_12_terms(node, path)
         ref = node.get("$ref")
         if isinstance(ref, str) and ref.startswith("#"):
             node["$ref"] = base + ref[1:]
         return node
 
-    return rebuilt(parameters, moved)
+    out = rebuilt(parameters, moved)
+    if isinstance(out, dict):
+        out.pop("$schema", None)
+    return out
 
 
 def _loads(text: str) -> Any:
