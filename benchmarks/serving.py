@@ -75,8 +75,10 @@ from benchmarks.serving_load import (
     PromptMaker,
     Request,
     Send,
+    by_prompt_class,
     clipped_lengths,
     grpc_sender,
+    mixed_lengths,
     poisson_arrivals,
     request_set,
     run_arrivals,
@@ -101,10 +103,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-requests", type=int, default=160, help="requests per rate")
     parser.add_argument("--prompt-mean", type=float, default=2600, help="prompt tokens, mean")
     parser.add_argument("--gen-mean", type=float, default=60, help="generated tokens, mean")
+    parser.add_argument(
+        "--short-share",
+        type=float,
+        default=0.0,
+        help="share of requests whose prompt is ~N(short-mean) instead (0: FastGen's workload)",
+    )
+    parser.add_argument("--short-mean", type=float, default=128, help="short prompts, mean")
     parser.add_argument("--http", action="store_true", help="drive /v1/completions (SSE)")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--token-budget", type=int, default=None, help="default: the engine's")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
+    parser.add_argument(
+        "--short-prompt-reserve", type=int, default=None, help="default: the engine's"
+    )
     parser.add_argument("--quantization", choices=["none", "fp8"], default="none")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     parser.add_argument("--warmup", type=int, default=8, help="unmeasured requests first")
@@ -131,6 +143,8 @@ def model_and_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         options["token_budget"] = args.token_budget
     if args.max_num_seqs is not None:
         options["max_num_seqs"] = args.max_num_seqs
+    if args.short_prompt_reserve is not None:
+        options["short_prompt_reserve"] = args.short_prompt_reserve
     if args.quantization != "none":  # FP8 weights (issue 20): the deployment and offline
         options["quantization"] = args.quantization
     if args.kv_cache_dtype != "auto":
@@ -154,9 +168,15 @@ def log(message: str) -> None:
 
 
 async def measure(
-    send: Send, warmup: list[Request], sets: list[list[Request]], rates: list[float], seed: int
+    send: Send,
+    warmup: list[Request],
+    sets: list[list[Request]],
+    rates: list[float],
+    seed: int,
+    split: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Warm up, then run each rate's requests at Poisson arrivals; one row per rate."""
+    """Warm up, then run each rate's requests at Poisson arrivals; one row per rate
+    (with ``split``, also one per prompt class: under ``split`` tokens or not)."""
     if warmup:
         timings = await asyncio.gather(*(timed(send, r) for r in warmup))
         if all(t.error for t in timings):
@@ -167,6 +187,15 @@ async def measure(
         start, timings = await run_arrivals(send, requests, arrivals)
         rows.append(summarize(rate, requests, start, timings))
         log(row_line(rows[-1]))
+        if split is not None:
+            classes = by_prompt_class(requests, timings, split)
+            rows[-1]["by_prompt"] = {
+                kind: summarize(rate, reqs, start, times)
+                for kind, (reqs, times) in classes.items()
+                if reqs
+            }
+            for kind, row in rows[-1]["by_prompt"].items():
+                log(f"  {kind} prompts: {row_line(row)}")
     return rows
 
 
@@ -211,6 +240,13 @@ def serve_and_measure(
             info.max_length,
             maker.min_tokens,
         )
+        split = None
+        if args.short_share:  # chat turns among long prompts
+            mix = random.Random(args.seed + 7)
+            lengths = mixed_lengths(
+                mix, args.short_share, args.short_mean, lengths, info.max_length, maker.min_tokens
+            )
+            split = (args.short_mean + args.prompt_mean) / 2
         sets = [request_set(maker, lengths, args.seed + 1 + i) for i in range(len(args.rates))]
         warmup = request_set(maker, lengths[: args.warmup], args.seed + 999)
         # prompt + generation at exactly max_length: clipped to fit (a drawn pair of
@@ -221,7 +257,7 @@ def serve_and_measure(
             f"({clipped} of {len(lengths)} clipped to fit max_length)"
         )
         http_url = f"http://127.0.0.1:{http_port}" if http_port else None
-        work = (warmup, sets, args.rates, args.seed)
+        work = (warmup, sets, args.rates, args.seed, split)
         rows = asyncio.run(measure_deployment(client, http_url, info.model, work))
     finally:
         client.terminate_server()
@@ -392,6 +428,8 @@ def main() -> None:
         "gen_mean": args.gen_mean,
         "requests_per_rate": args.num_requests,
     }
+    if args.short_share:
+        result["workload"] |= {"short_share": args.short_share, "short_mean": args.short_mean}
     measured, sets, warmup = serve_and_measure(args, path, options, maker)
     result |= measured
     result["workload"]["mean_prompt_tokens"] = round(

@@ -79,6 +79,36 @@ def clipped_lengths(
     return pairs
 
 
+def mixed_lengths(
+    rng: random.Random,
+    short_share: float,
+    short_mean: float,
+    long_pairs: list[tuple[int, int]],
+    max_length: int,
+    low: int,
+) -> list[tuple[int, int]]:
+    """``long_pairs`` with about ``short_share`` of them given a prompt ~N(short_mean,
+    0.3 x mean) instead (chat turns among long documents); generations kept."""
+    shorts = clipped_lengths(rng, short_mean, 1, len(long_pairs), max_length, low)
+    return [
+        (min(short[0], max_length - gen), gen) if rng.random() < short_share else (prompt, gen)
+        for (prompt, gen), short in zip(long_pairs, shorts)
+    ]
+
+
+def by_prompt_class(
+    requests: list[Request], timings: list[Timing], split: float
+) -> dict[str, tuple[list[Request], list[Timing]]]:
+    """The requests (and their timings) with prompts under ``split`` tokens ("short")
+    and the others ("long")."""
+    classes: dict[str, tuple[list[Request], list[Timing]]] = {"short": ([], []), "long": ([], [])}
+    for request, timing in zip(requests, timings):
+        kind = classes["short" if request.prompt_tokens < split else "long"]
+        kind[0].append(request)
+        kind[1].append(timing)
+    return classes
+
+
 def word_ids(tokenizer) -> list[int]:
     """Ids of whole-word tokens (a word-start marker then ASCII letters): texts made
     of them re-encode to the same ids. Falls back to every non-special token that

@@ -28,6 +28,7 @@ LAYER_OF_PREFIX = {
     "mii.cache": "base",
     "mii.sampling_options": "base",
     "mii.constraint_options": "base",
+    "mii.scheduling_options": "base",
     "mii.option_errors": "base",
     "mii.prompts": "base",
     "mii.version": "base",

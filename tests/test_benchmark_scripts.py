@@ -153,3 +153,24 @@ def test_mixtral_floors_count_active_parameters():
     assert weight_bytes(MIXTRAL_8X7B, "fp8") == 2 * unquantized + (active - unquantized)
     result = floors(MIXTRAL_8X7B, [Request("x", 1000, 100)] * 10, tflops=1000.0, copy_tb_s=4.0)
     assert result["compute_floor_s"] == pytest.approx(2 * active * 11_000 / 1e15, abs=0.005)
+
+
+def test_serving_mixes_short_prompts_among_long_ones():
+    """--short-share: that share of the requests gets a short prompt (chat turns among
+    long documents), generations kept, everything within max_length; the rows per
+    prompt class split at a length between the two means."""
+    import random
+
+    from benchmarks.serving_load import Request, Timing, by_prompt_class, mixed_lengths
+
+    long_pairs = [(2600, 60 + i % 7) for i in range(400)]
+    mixed = mixed_lengths(random.Random(3), 0.25, 128, long_pairs, 4096, 2)
+    assert [gen for _, gen in mixed] == [gen for _, gen in long_pairs]
+    short = [prompt for prompt, _ in mixed if prompt != 2600]
+    assert 0.2 < len(short) / len(mixed) < 0.3
+    assert 100 < sum(short) / len(short) < 156 and min(short) >= 2
+    assert all(prompt + gen <= 4096 for prompt, gen in mixed)
+    requests = [Request("x", prompt, gen) for prompt, gen in mixed]
+    classes = by_prompt_class(requests, [Timing() for _ in requests], (128 + 2600) / 2)
+    assert [r.prompt_tokens for r in classes["short"][0]] == short
+    assert len(classes["long"][0]) == len(mixed) - len(short) == len(classes["long"][1])

@@ -24,7 +24,8 @@ from pydantic import (
 from mii.constraint_options import ConstraintOptions
 from mii.errors import InvalidRequestError
 from mii.option_errors import raise_option_error
-from mii.sampling_options import ExactTypes, LogitsOptions
+from mii.sampling_options import LogitsOptions
+from mii.scheduling_options import SchedulingOptions
 
 # Integer options fit a signed 64-bit integer (what the engine's tensors and the
 # gRPC messages hold); a larger one is refused naming the field, so that it can
@@ -250,18 +251,9 @@ def dtype_by_name(value: Any) -> Any:
     return value
 
 
-# token_budget and max_num_seqs left unset, by device type. On CUDA, large passes:
-# on one H200 (Llama-2-7B shape, W1) 4096 tokens / 256 sequences ran 2.12x the
-# compute floor against 3.01x at 1024 / 128 (docs/performance.md); decodes still
-# see a pass every ~75 ms at most. The engine halves the CUDA budget for models
-# whose 4096-token pass would take longer than 0.2 s on its GPU (engine/pass_budget.py).
-# On the CPU passes stay small: each one is slow.
-SCHEDULING_DEFAULTS = {"cuda": (4096, 256), "cpu": (1024, 128)}
-
-
-class EngineConfig(ExactTypes):
-    """Options of one engine: the model, the KV cache and the scheduler (no number
-    given as a boolean: ExactTypes)."""
+class EngineConfig(SchedulingOptions):
+    """Options of one engine: the model, the KV cache and the scheduler (the
+    scheduler's from SchedulingOptions; no number given as a boolean: ExactTypes)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
@@ -325,20 +317,6 @@ class EngineConfig(ExactTypes):
     cpu_kv_cache_bytes: int = Field(
         default=1 << 30, gt=0, description="bytes of the KV block pool on the CPU"
     )
-    token_budget: int | None = Field(
-        default=None,
-        gt=0,
-        description="tokens per forward pass, Dynamic SplitFuse (default: "
-        f"{SCHEDULING_DEFAULTS['cuda'][0]} on CUDA, halved down to 512 while such a pass "
-        f"would take over 0.2 s for the model on its GPU; {SCHEDULING_DEFAULTS['cpu'][0]} on "
-        "the CPU)",
-    )
-    max_num_seqs: int | None = Field(
-        default=None,
-        gt=0,
-        description="sequences per forward pass (default: "
-        f"{SCHEDULING_DEFAULTS['cuda'][1]} on CUDA, {SCHEDULING_DEFAULTS['cpu'][1]} on the CPU)",
-    )
     enable_prefix_caching: bool = Field(
         default=True,
         description="reuse the KV of prompt prefixes already computed (shared system "
@@ -397,36 +375,6 @@ class EngineConfig(ExactTypes):
     def _no_quantization(cls, value: Any) -> Any:
         """None means no quantization (vLLM's ``quantization=None``)."""
         return "none" if value is None else value
-
-    @model_validator(mode="after")
-    def _budget_covers_decodes(self) -> EngineConfig:
-        # Decodes are scheduled first, one token each; a budget smaller than the
-        # sequence cap would leave admitted sequences unable to advance.
-        if None not in (self.token_budget, self.max_num_seqs) and (
-            self.token_budget < self.max_num_seqs
-        ):
-            raise ValueError(
-                f"token_budget ({self.token_budget}) must be at least max_num_seqs "
-                f"({self.max_num_seqs}); raise token_budget or lower max_num_seqs"
-            )
-        return self
-
-    def with_device_defaults(
-        self, device_type: str, cuda_budget: int | None = None
-    ) -> EngineConfig:
-        """This config with the scheduling options left unset chosen for the device
-        (SCHEDULING_DEFAULTS; on CUDA the budget ``cuda_budget`` where the engine chose
-        one for its model, engine/pass_budget.py); a sequence cap left unset never
-        exceeds the budget, a budget left unset is never below a given cap."""
-        budget, seqs = SCHEDULING_DEFAULTS.get(device_type, SCHEDULING_DEFAULTS["cpu"])
-        if device_type == "cuda" and cuda_budget is not None:
-            budget = cuda_budget
-        if self.token_budget is not None:
-            budget = self.token_budget
-        elif self.max_num_seqs is not None:  # every running sequence's decode fits a pass
-            budget = max(budget, self.max_num_seqs)
-        seqs = min(seqs, budget) if self.max_num_seqs is None else self.max_num_seqs
-        return self.model_copy(update={"token_budget": budget, "max_num_seqs": seqs})
 
     @classmethod
     def parse(cls, model: str, **options: Any) -> EngineConfig:

@@ -32,6 +32,7 @@ ENGINE_OPTIONS = (
     "cpu_kv_cache_bytes",
     "token_budget",
     "max_num_seqs",
+    "short_prompt_reserve",
     "enable_prefix_caching",
     "cuda_graphs",
     "max_graph_batch",
@@ -130,6 +131,7 @@ DEPLOYMENT_DEFAULTS = {"enable_restful_api": True, "restful_api_port": CLI_HTTP_
 METAVARS = {
     "max_length": "TOKENS",
     "token_budget": "TOKENS",
+    "short_prompt_reserve": "TOKENS",
     "device": "DEVICE",
     "temperature": "T",
     "top_p": "P",
@@ -212,7 +214,7 @@ def add_engine_options(
         names,
         metavars=METAVARS,
         flags=ENGINE_FLAGS,
-        parsers={"max_length": token_count, "token_budget": token_count},
+        parsers={n: token_count for n in ("max_length", "token_budget", "short_prompt_reserve")},
     )
     if "cuda_graphs" in names:  # vLLM's name for --no-cuda-graphs
         group.add_argument(

@@ -153,6 +153,21 @@ def allocate_kv_cache(
     return KVCache(tensors, num_blocks, kv_dtype)
 
 
+def warn_if_pool_short(pool_tokens: int, max_length: int) -> None:
+    """Warn when the KV pool holds fewer tokens than one sequence may reach (vLLM
+    refuses to start; here a small pool is a choice, said once at startup)."""
+    if pool_tokens < max_length:
+        log.warning(
+            "the KV cache holds %d tokens, fewer than max_length=%d: a longer prompt "
+            "is refused, and an answer stops (finish_reason 'length') at %d tokens of "
+            "prompt and answer, whatever its max_new_tokens; raise num_kv_blocks (or "
+            "kv_cache_memory_fraction) or lower max_length",
+            pool_tokens,
+            max_length,
+            pool_tokens,
+        )
+
+
 def kv_cache_dtype_name(dtype: torch.dtype) -> str:
     """The KV cache's dtype as the engine option names it: "fp8", or the model's
     dtype ("bfloat16", "float16", "float32") that "auto" stands for."""

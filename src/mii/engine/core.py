@@ -125,6 +125,7 @@ class EngineCore:
             config.token_budget,
             config.max_num_seqs,
             rope_recompute_at=self.model.rope_recompute_at,
+            short_prompt_reserve=config.short_prompt_reserve,
         )
         self.runner = ModelRunner(self.model, kv_cache.tensors, config.kv_block_size, self.device)
         self.intake = RequestIntake(
@@ -164,17 +165,7 @@ class EngineCore:
             self.kv_dtype,
         )
         log.info("engine settings: %s", self.settings_line())
-        held = self.blocks.num_tokens
-        if held < self.max_length:  # (vLLM refuses to start; a small pool is a choice)
-            log.warning(
-                "the KV cache holds %d tokens, fewer than max_length=%d: a longer prompt "
-                "is refused, and an answer stops (finish_reason 'length') at %d tokens of "
-                "prompt and answer, whatever its max_new_tokens; raise num_kv_blocks (or "
-                "kv_cache_memory_fraction) or lower max_length",
-                held,
-                self.max_length,
-                held,
-            )
+        bring_up.warn_if_pool_short(self.blocks.num_tokens, self.max_length)
 
     def settings_line(self) -> str:
         """What the engine chose where the caller left it open (scheduling defaults,
@@ -186,6 +177,7 @@ class EngineCore:
         graph_text = f"{len(sizes)} sizes, 1-{sizes[-1]} rows" if sizes else "off"
         return (
             f"token_budget={config.token_budget}, max_num_seqs={config.max_num_seqs}, "
+            f"short_prompt_reserve={config.short_prompt_reserve}, "
             f"cuda_graphs={graph_text}, async_scheduling={self.async_scheduling}, "
             f"quantization={self.model.weight_quantization}, "
             f"kv_cache_dtype={config.kv_cache_dtype}, "

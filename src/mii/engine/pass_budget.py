@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mii.config import SCHEDULING_DEFAULTS
+from mii.scheduling_options import SCHEDULING_DEFAULTS
 
 LARGEST_BUDGET = SCHEDULING_DEFAULTS["cuda"][0]
 SMALLEST_BUDGET = 512

@@ -11,6 +11,15 @@ Every forward pass has a budget of ``token_budget`` tokens and at most
 So decodes never wait for a long prompt, long prompts are split across passes,
 and passes stay close to ``token_budget`` tokens.
 
+Short prompts do not wait behind long ones either: waiting prompts that fit
+``short_prompt_reserve`` tokens whole (together) are admitted first, and running
+prefills leave them their tokens of the pass, so a chat turn that arrives
+during a long prefill answers after one pass, not after the whole prompt (vLLM
+V1 makes it wait; its ``long_prefill_token_threshold`` caps every long chunk
+instead, even when nothing waits; V0 let short prompts pass long ones too). A
+long prompt alone keeps the whole budget, and keeps at least half of each pass
+less its decodes (the reserve is at most half the budget).
+
 When the KV pool has no block for a running sequence, the most recently
 admitted running sequence is preempted: its blocks are freed and it goes back
 to the head of the waiting queue, to be recomputed later. The oldest running
@@ -20,12 +29,17 @@ arrival), so the scheduler never deadlocks.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mii.engine.kv_cache import BlockManager
 from mii.engine.sequence import Sequence, SequenceStatus
+
+# Waiting sequences looked at for short prompts each pass: a deep queue costs no
+# more host time per pass than this many.
+SHORT_PROMPT_LOOKAHEAD = 256
 
 
 @dataclass
@@ -62,6 +76,7 @@ class Scheduler:
         token_budget: int,
         max_num_seqs: int,
         rope_recompute_at: int | None = None,
+        short_prompt_reserve: int = 0,
     ) -> None:
         self.blocks = block_manager
         # Phi-3 longrope: a sequence that outgrows this length is recomputed whole
@@ -69,6 +84,7 @@ class Scheduler:
         self.rope_recompute_at = rope_recompute_at
         self.token_budget = token_budget
         self.max_num_seqs = max_num_seqs
+        self.short_prompt_reserve = short_prompt_reserve
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._admissions = 0
@@ -142,27 +158,52 @@ class Scheduler:
         active = [s for s in self.running if not s.done_generating]
         decoding = [s for s in active if s.num_uncomputed == 1]
         prefilling = [s for s in active if s.num_uncomputed > 1]
+        shorts = self._short_prompts_waiting() if self.waiting else []
+        kept = sum(s.num_uncomputed for s in shorts)
         for group, add in ((decoding, add_chunk), (prefilling, add_fill)):
+            room = kept if group is prefilling else 0  # prefills leave it to the shorts
             for seq in group:
-                if budget == 0 or seq.status is not SequenceStatus.RUNNING:
+                if budget <= room or seq.status is not SequenceStatus.RUNNING:
                     continue  # out of budget, or preempted while serving an older sequence
-                taken = grow(seq, min(seq.num_uncomputed, budget))
+                taken = grow(seq, min(seq.num_uncomputed, budget - room))
                 if taken:
                     add(seq, taken)
 
         # After a preemption the pool is known to be full; admitting now would only
         # hand the freed blocks to a newcomer and thrash.
         if not out.preempted:
-            self._admit_waiting(budget, add_fill)
+            self._admit_waiting(budget, add_fill, shorts)
         return out
 
-    def _admit_waiting(self, budget: int, add_chunk: Callable[[Sequence, int], None]) -> None:
-        """Admit waiting sequences in order (preempted ones first) while ``budget``, the
-        sequence cap and the pool allow, each with a chunk (``add_chunk``). A sequence
+    def _short_prompts_waiting(self) -> list[Sequence]:
+        """The waiting sequences admitted first: in arrival order, those whose prompts
+        fit ``short_prompt_reserve`` whole, together, with a free sequence slot each.
+        They pass longer prompts that have not run yet, never a preempted sequence
+        (it waits for blocks it held; the queue starts with such sequences)."""
+        room, seats = self.short_prompt_reserve, self.max_num_seqs - len(self.running)
+        shorts: list[Sequence] = []
+        for seq in itertools.islice(self.waiting, SHORT_PROMPT_LOOKAHEAD):
+            if room == 0 or seats == 0:
+                break
+            if seq.num_uncomputed <= room:
+                shorts.append(seq)
+                room -= seq.num_uncomputed
+                seats -= 1
+            elif seq.num_preemptions:
+                break
+        return shorts
+
+    def _admit_waiting(
+        self, budget: int, add_chunk: Callable[[Sequence, int], None], shorts: list[Sequence]
+    ) -> None:
+        """Admit waiting sequences, ``shorts`` first (``_short_prompts_waiting``), then
+        in order (preempted ones first), while ``budget``, the sequence cap and the pool
+        allow, each with a chunk (``add_chunk``). A sequence
         whose next prompt block is being computed by another (prefix caching: n > 1,
         identical prompts arriving together) is passed over, not waited behind: it
         joins once that block is cached."""
-        for seq in list(self.waiting):
+        first = {id(seq) for seq in shorts}
+        for seq in [*shorts, *(seq for seq in self.waiting if id(seq) not in first)]:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             if self.rope_recompute_at is not None:
