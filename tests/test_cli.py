@@ -245,6 +245,7 @@ def test_vllm_flags_for_what_mii_always_does_are_accepted(monkeypatch):
         "--disable-fastapi-docs",
         *("--swap-space", "4"),
         *("--guided-decoding-backend", "xgrammar"),
+        *("--long-prefill-token-threshold", "2048", "--max-num-partial-prefills", "4"),
     ]
     plain = deployment_options(parse_command_line(build_parser(), ["serve", "org/m"]))
     args = parse_command_line(build_parser(), ["serve", "org/m", *flags])
@@ -262,6 +263,19 @@ def test_vllm_flags_for_what_mii_always_does_are_accepted(monkeypatch):
         build_parser(), ["serve", "org/m", "--enable-chunked-prefill", "false"]
     )
     with pytest.raises(CliError, match="--enable-chunked-prefill false: mii always"):
+        serve_config(args)
+
+
+def test_short_prompt_reserve_flag_reaches_the_engine_options():
+    from mii.cli.commands import parse_command_line
+    from mii.cli.serve import serve_config
+
+    args = parse_command_line(build_parser(), ["serve", "org/m", "--short-prompt-reserve", "1K"])
+    assert serve_config(args).engine_options["short_prompt_reserve"] == 1024
+    args = parse_command_line(
+        build_parser(), ["serve", "org/m", "--token-budget", "512", "--short-prompt-reserve", "300"]
+    )
+    with pytest.raises(Exception, match=r"short_prompt_reserve \(300\).*token_budget \(512\)"):
         serve_config(args)
 
 

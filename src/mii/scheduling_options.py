@@ -21,7 +21,7 @@ from mii.sampling_options import ExactTypes
 # whose 4096-token pass would take longer than 0.2 s on its GPU (engine/pass_budget.py).
 # On the CPU passes stay small: each one is slow.
 SCHEDULING_DEFAULTS = {"cuda": (4096, 256), "cpu": (1024, 128)}
-# short_prompt_reserve left unset: this share of the token budget. A quarter keeps
+# short_prompt_reserve left unset: the token budget over this. A quarter keeps
 # three quarters of every pass for a long prompt being prefilled, and lets the
 # prompts of a chat turn (hundreds of tokens) start beside it.
 SHORT_PROMPT_SHARE = 4
@@ -47,10 +47,10 @@ class SchedulingOptions(ExactTypes):
     short_prompt_reserve: int | None = Field(
         default=None,
         ge=0,
-        description="tokens of each pass that prompts being prefilled leave to waiting "
-        "prompts this short (together), so that these start at once instead of after a "
-        "long prompt's whole prefill; at most half the token budget, 0: off (default: "
-        f"a {SHORT_PROMPT_SHARE}th of the token budget)",
+        description="tokens of each pass kept for waiting prompts this short (together): "
+        "they are admitted before longer prompts waiting, beside a long prompt's prefill "
+        "instead of after it; at most half the token budget, 0: off (default: a quarter "
+        "of the token budget)",
     )
 
     @model_validator(mode="after")

@@ -30,6 +30,16 @@ IGNORED_VALUES = {
     "(--max-graph-batch); decode passes of every context length replay them",
     "--num-scheduler-steps": "mii schedules one step at a time, overlapped with the GPU "
     "(--async-scheduling)",
+    # vLLM's ways of letting short prompts run beside long ones; mii's is its own
+    **dict.fromkeys(
+        (
+            "--long-prefill-token-threshold",
+            "--max-num-partial-prefills",
+            "--max-long-partial-prefills",
+        ),
+        "short prompts start beside a long prompt's prefill, before longer prompts "
+        "waiting (--short-prompt-reserve sets how many tokens of a pass they may take)",
+    ),
 }
 # Options of vllm serve that mii accepts with the value that means what it does, and
 # refuses with any other: (flags, values accepted, what mii does instead).
