@@ -120,8 +120,12 @@ def test_the_startup_log_names_what_the_engine_chose(checkpoints, caplog):
             pass
     lines = [r.getMessage() for r in caplog.records if "engine settings" in r.getMessage()]
     assert lines[0] == (
-        "engine settings: token_budget=1024, max_num_seqs=128, cuda_graphs=off, "
+        "engine settings: token_budget=1024, max_num_seqs=128, short_prompt_reserve=256, "
+        "cuda_graphs=off, "
         "async_scheduling=False, quantization=none, kv_cache_dtype=auto, prefix_caching=on"
     )
-    assert "token_budget=64, max_num_seqs=4," in lines[1] and "quantization=fp8" in lines[1]
+    assert (
+        "token_budget=64, max_num_seqs=4, short_prompt_reserve=16," in lines[1]
+        and "quantization=fp8" in lines[1]
+    )
     assert lines[1].endswith("prefix_caching=off")
