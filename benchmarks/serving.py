@@ -173,10 +173,10 @@ async def measure(
     sets: list[list[Request]],
     rates: list[float],
     seed: int,
-    split: float | None = None,
+    short: list[bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Warm up, then run each rate's requests at Poisson arrivals; one row per rate
-    (with ``split``, also one per prompt class: under ``split`` tokens or not)."""
+    (with ``short``, which requests were drawn short, also one per prompt class)."""
     if warmup:
         timings = await asyncio.gather(*(timed(send, r) for r in warmup))
         if all(t.error for t in timings):
@@ -187,8 +187,8 @@ async def measure(
         start, timings = await run_arrivals(send, requests, arrivals)
         rows.append(summarize(rate, requests, start, timings))
         log(row_line(rows[-1]))
-        if split is not None:
-            classes = by_prompt_class(requests, timings, split)
+        if short is not None:
+            classes = by_prompt_class(requests, timings, short)
             rows[-1]["by_prompt"] = {
                 kind: summarize(rate, reqs, start, times)
                 for kind, (reqs, times) in classes.items()
@@ -240,13 +240,12 @@ def serve_and_measure(
             info.max_length,
             maker.min_tokens,
         )
-        split = None
+        short = None
         if args.short_share:  # chat turns among long prompts
             mix = random.Random(args.seed + 7)
-            lengths = mixed_lengths(
+            lengths, short = mixed_lengths(
                 mix, args.short_share, args.short_mean, lengths, info.max_length, maker.min_tokens
             )
-            split = (args.short_mean + args.prompt_mean) / 2
         sets = [request_set(maker, lengths, args.seed + 1 + i) for i in range(len(args.rates))]
         warmup = request_set(maker, lengths[: args.warmup], args.seed + 999)
         # prompt + generation at exactly max_length: clipped to fit (a drawn pair of
@@ -257,7 +256,7 @@ def serve_and_measure(
             f"({clipped} of {len(lengths)} clipped to fit max_length)"
         )
         http_url = f"http://127.0.0.1:{http_port}" if http_port else None
-        work = (warmup, sets, args.rates, args.seed, split)
+        work = (warmup, sets, args.rates, args.seed, short)
         rows = asyncio.run(measure_deployment(client, http_url, info.model, work))
     finally:
         client.terminate_server()

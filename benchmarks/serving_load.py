@@ -86,24 +86,27 @@ def mixed_lengths(
     long_pairs: list[tuple[int, int]],
     max_length: int,
     low: int,
-) -> list[tuple[int, int]]:
+) -> tuple[list[tuple[int, int]], list[bool]]:
     """``long_pairs`` with about ``short_share`` of them given a prompt ~N(short_mean,
-    0.3 x mean) instead (chat turns among long documents); generations kept."""
+    0.3 x mean) instead (chat turns among long documents), generations kept; and
+    which ones were (the classes overlap in length: a long draw can be short)."""
     shorts = clipped_lengths(rng, short_mean, 1, len(long_pairs), max_length, low)
-    return [
-        (min(short[0], max_length - gen), gen) if rng.random() < short_share else (prompt, gen)
-        for (prompt, gen), short in zip(long_pairs, shorts)
+    chosen = [rng.random() < short_share for _ in long_pairs]
+    pairs = [
+        (min(short[0], max_length - gen), gen) if pick else (prompt, gen)
+        for (prompt, gen), short, pick in zip(long_pairs, shorts, chosen)
     ]
+    return pairs, chosen
 
 
 def by_prompt_class(
-    requests: list[Request], timings: list[Timing], split: float
+    requests: list[Request], timings: list[Timing], short: list[bool]
 ) -> dict[str, tuple[list[Request], list[Timing]]]:
-    """The requests (and their timings) with prompts under ``split`` tokens ("short")
-    and the others ("long")."""
+    """The requests (and their timings) drawn as short prompts ("short") and the
+    others ("long")."""
     classes: dict[str, tuple[list[Request], list[Timing]]] = {"short": ([], []), "long": ([], [])}
-    for request, timing in zip(requests, timings):
-        kind = classes["short" if request.prompt_tokens < split else "long"]
+    for request, timing, is_short in zip(requests, timings, short):
+        kind = classes["short" if is_short else "long"]
         kind[0].append(request)
         kind[1].append(timing)
     return classes

@@ -158,19 +158,22 @@ def test_mixtral_floors_count_active_parameters():
 def test_serving_mixes_short_prompts_among_long_ones():
     """--short-share: that share of the requests gets a short prompt (chat turns among
     long documents), generations kept, everything within max_length; the rows per
-    prompt class split at a length between the two means."""
+    prompt class follow the draw, not the length (a long draw can be short)."""
     import random
 
     from benchmarks.serving_load import Request, Timing, by_prompt_class, mixed_lengths
 
-    long_pairs = [(2600, 60 + i % 7) for i in range(400)]
-    mixed = mixed_lengths(random.Random(3), 0.25, 128, long_pairs, 4096, 2)
+    long_pairs = [(2600 if i % 9 else 700, 60 + i % 7) for i in range(400)]
+    mixed, drawn_short = mixed_lengths(random.Random(3), 0.25, 128, long_pairs, 4096, 2)
     assert [gen for _, gen in mixed] == [gen for _, gen in long_pairs]
-    short = [prompt for prompt, _ in mixed if prompt != 2600]
+    short = [prompt for (prompt, _), pick in zip(mixed, drawn_short) if pick]
     assert 0.2 < len(short) / len(mixed) < 0.3
-    assert 100 < sum(short) / len(short) < 156 and min(short) >= 2
+    assert 100 < sum(short) / len(short) < 156 and min(short) >= 2 and max(short) < 700
+    kept = [pair for pair, pick, old in zip(mixed, drawn_short, long_pairs) if not pick]
+    assert kept == [old for old, pick in zip(long_pairs, drawn_short) if not pick]
     assert all(prompt + gen <= 4096 for prompt, gen in mixed)
     requests = [Request("x", prompt, gen) for prompt, gen in mixed]
-    classes = by_prompt_class(requests, [Timing() for _ in requests], (128 + 2600) / 2)
+    classes = by_prompt_class(requests, [Timing() for _ in requests], drawn_short)
     assert [r.prompt_tokens for r in classes["short"][0]] == short
+    assert 700 in [r.prompt_tokens for r in classes["long"][0]]
     assert len(classes["long"][0]) == len(mixed) - len(short) == len(classes["long"][1])

@@ -71,7 +71,7 @@ def test_a_short_prompt_never_passes_a_preempted_sequence():
         run_pass(sched)
     assert [s.request_id for s in sched.waiting] == ["b"]
     sched.add(make_seq("short", prompt_len=2, max_new_tokens=1))
-    assert sched._short_prompts_waiting() == []
+    assert sched._short_prompts_waiting(8) == []
     while True:
         out, _ = run_pass(sched)
         if "short" in [c.seq.request_id for c in out.chunks]:
@@ -185,3 +185,44 @@ def test_a_short_request_answers_before_a_long_prompt_is_read(llama):
     assert short_at <= 3 < long_at
     short_at, long_at = passes_until_answers(llama, short_prompt_reserve=0)
     assert short_at > long_at
+
+
+def test_a_long_prompt_waiting_gets_the_next_free_slot_however_many_shorts_arrive():
+    """Slots full, short prompts arriving every pass: the long prompt that waits keeps
+    its place for the next slot (the shorts took every freed slot: it never started)."""
+    sched = make_scheduler(reserve=16, token_budget=32, max_num_seqs=4)
+    for i in range(4):
+        sched.add(make_seq(f"s{i}", prompt_len=4, max_new_tokens=8))
+    run_pass(sched)
+    long = make_seq("long", prompt_len=40, max_new_tokens=2)
+    sched.add(long)
+    for i in range(40):
+        sched.add(make_seq(f"t{i}", prompt_len=4, max_new_tokens=8))
+        run_pass(sched)
+        if long.num_computed:
+            break
+    assert long.num_computed, "the long prompt never started"
+    assert i < 10
+
+
+def test_a_running_prefill_progresses_beside_many_decodes_and_shorts():
+    """Decodes leave 14 tokens of a 64-token pass, the reserve is 16, a short prompt
+    arrives every pass: the shorts take at most half of the 14, whole (6 tokens each),
+    and the long prompt the rest (it got nothing: every pass's 14 went to the shorts)."""
+    sched = Scheduler(BlockManager(4096, 4), 64, 64, short_prompt_reserve=16)
+    for i in range(50):
+        sched.add(make_seq(f"d{i}", prompt_len=1, max_new_tokens=10_000))
+    run_pass(sched)
+    long = make_seq("long", prompt_len=400, max_new_tokens=2)
+    sched.add(long)
+    run_pass(sched)
+    before = long.num_computed
+    for i in range(20):
+        sched.add(make_seq(f"t{i}", prompt_len=6, max_new_tokens=1))
+        out, _ = run_pass(sched)
+        assert sizes(out)[50:] == [("long", 8), (f"t{i}", 6)]
+    assert long.num_computed == before + 20 * 8
+    # A short prompt over half of what the decodes leave is not split to pass the long one.
+    sched.add(make_seq("t-big", prompt_len=12, max_new_tokens=1))
+    out, _ = run_pass(sched)
+    assert sizes(out)[50:] == [("long", 14)]

@@ -17,8 +17,8 @@ prefills leave them their tokens of the pass, so a chat turn that arrives
 during a long prefill answers after one pass, not after the whole prompt (vLLM
 V1 makes it wait; its ``long_prefill_token_threshold`` caps every long chunk
 instead, even when nothing waits; V0 let short prompts pass long ones too). A
-long prompt alone keeps the whole budget, and keeps at least half of each pass
-less its decodes (the reserve is at most half the budget).
+long prompt alone keeps the whole budget, and beside short prompts at least half
+of what the decodes leave; the first long prompt waiting keeps a sequence slot.
 
 When the KV pool has no block for a running sequence, the most recently
 admitted running sequence is preempted: its blocks are freed and it goes back
@@ -158,16 +158,25 @@ class Scheduler:
         active = [s for s in self.running if not s.done_generating]
         decoding = [s for s in active if s.num_uncomputed == 1]
         prefilling = [s for s in active if s.num_uncomputed > 1]
-        shorts = self._short_prompts_waiting() if self.waiting else []
-        kept = sum(s.num_uncomputed for s in shorts)
-        for group, add in ((decoding, add_chunk), (prefilling, add_fill)):
-            room = kept if group is prefilling else 0  # prefills leave it to the shorts
+
+        def serve(group: list[Sequence], add: Callable[[Sequence, int], None], kept: int) -> None:
+            """Give each sequence of ``group`` its next chunk, oldest first, leaving
+            ``kept`` tokens of the budget."""
             for seq in group:
-                if budget <= room or seq.status is not SequenceStatus.RUNNING:
+                if budget <= kept or seq.status is not SequenceStatus.RUNNING:
                     continue  # out of budget, or preempted while serving an older sequence
-                taken = grow(seq, min(seq.num_uncomputed, budget - room))
+                taken = grow(seq, min(seq.num_uncomputed, budget - kept))
                 if taken:
                     add(seq, taken)
+
+        serve(decoding, add_chunk, 0)
+        # Short prompts waiting take at most half of what the decodes left (a long
+        # prompt progresses however many arrive), each whole: a short prompt split
+        # over passes would wait beside the long one.
+        limit = min(self.short_prompt_reserve, budget // 2)
+        admitting = self.waiting and limit and not out.preempted  # (no admission: below)
+        shorts = self._short_prompts_waiting(limit) if admitting else []
+        serve(prefilling, add_fill, sum(s.num_uncomputed for s in shorts))
 
         # After a preemption the pool is known to be full; admitting now would only
         # hand the freed blocks to a newcomer and thrash.
@@ -175,13 +184,16 @@ class Scheduler:
             self._admit_waiting(budget, add_fill, shorts)
         return out
 
-    def _short_prompts_waiting(self) -> list[Sequence]:
+    def _short_prompts_waiting(self, room: int) -> list[Sequence]:
         """The waiting sequences admitted first: in arrival order, those whose prompts
-        fit ``short_prompt_reserve`` whole, together, with a free sequence slot each.
-        They pass longer prompts that have not run yet, never a preempted sequence
-        (it waits for blocks it held; the queue starts with such sequences)."""
-        room, seats = self.short_prompt_reserve, self.max_num_seqs - len(self.running)
+        fit ``room`` tokens whole, together, with a free sequence slot each.
+        They pass longer prompts that have not run yet, but leave the first of these a
+        slot (else, with the slots full and short prompts arriving non-stop, it would
+        never get one), and never pass a preempted sequence (it waits for blocks it
+        held; the queue starts with such sequences)."""
+        seats = self.max_num_seqs - len(self.running)
         shorts: list[Sequence] = []
+        passed = False
         for seq in itertools.islice(self.waiting, SHORT_PROMPT_LOOKAHEAD):
             if room == 0 or seats == 0:
                 break
@@ -191,6 +203,9 @@ class Scheduler:
                 seats -= 1
             elif seq.num_preemptions:
                 break
+            elif not passed:  # its slot, kept
+                passed = True
+                seats -= 1
         return shorts
 
     def _admit_waiting(
