@@ -16,7 +16,9 @@ import pytest
 from mii.config import EngineConfig, GenerateParams
 from mii.engine.core import EngineCore
 from mii.engine.kv_cache import BlockManager
+from mii.engine.prefix_hash import chain_hashes
 from mii.engine.scheduler import Scheduler
+from mii.engine.sequence import Sequence
 from mii.errors import InvalidRequestError
 from test_scheduler import make_seq, run_pass, run_to_end, sizes
 
@@ -99,6 +101,57 @@ def test_no_room_is_kept_for_a_prompt_without_a_sequence_slot():
     sched.add(make_seq("short", prompt_len=2, max_new_tokens=2))
     out, _ = run_pass(sched)
     assert sizes(out) == [("decoder", 1), ("long", 15)]  # both slots taken: short waits
+
+
+def test_a_chat_turn_whose_history_is_cached_counts_as_short():
+    """A turn of a conversation whose earlier turns are in the prefix cache computes
+    only its new tokens: it starts beside the long prefill (a user trial: a turn with
+    3,040 of 3,050 tokens cached waited for a 6,100-token prompt's whole prefill)."""
+    sched = Scheduler(BlockManager(256, 4, prefix_caching=True), 16, 8, short_prompt_reserve=6)
+    history = [3 + (5 * i) % 40 for i in range(40)]
+    first = Sequence("turn1", history, GenerateParams.parse(), 1, 0)
+    sched.add(first)
+    run_to_end(sched)  # its 10 blocks stay cached
+    sched.add(make_seq("long", prompt_len=80, max_new_tokens=2))
+    run_pass(sched)
+    turn = Sequence("turn2", [*history, 9, 10], GenerateParams.parse(), 1, 0)
+    sched.add(turn)
+    out, sampled = run_pass(sched)
+    # its first 40 tokens (10 blocks) cached: 2 to compute
+    assert sizes(out) == [("long", 14), ("turn2", 2)]
+    assert turn.num_cached_tokens == 40 and sampled == [turn]
+    # Without its history cached the same turn is long: it waits.
+    other = Sequence("turn3", [4, *history[1:], 9, 10], GenerateParams.parse(), 1, 0)
+    sched.add(other)
+    out, _ = run_pass(sched)
+    assert "turn3" not in [c.seq.request_id for c in out.chunks]
+
+
+def test_the_uncached_count_is_what_attaching_the_prefix_leaves():
+    """BlockManager.uncached_tokens (asked of waiting sequences, attaching nothing)
+    against attach_prefix: equal when within the bound, over it otherwise."""
+    rng = random.Random(5)
+    blocks = BlockManager(400, 4, prefix_caching=True)
+    sched = Scheduler(blocks, 64, 8)
+    stem = [rng.randint(3, 60) for _ in range(60)]
+    for i in range(6):  # cache prefixes of several lengths
+        sched.add(Sequence(f"w{i}", stem[: 8 + 9 * i], GenerateParams.parse(), 1, 0))
+    run_to_end(sched)
+    for i in range(200):
+        cut = rng.randint(1, 60)
+        prompt = stem[:cut] + [rng.randint(3, 60) for _ in range(rng.randint(0, 12))]
+        seq = Sequence(f"q{i}", prompt, GenerateParams.parse(), 1, 0)
+        if i % 2:  # as intake does: every full block of the prompt hashed already
+            seq.block_hashes = chain_hashes(blocks.cache_salt, prompt, 4)
+        bound = rng.randint(1, 40)
+        told = blocks.uncached_tokens(seq, bound)
+        blocks.attach_prefix(seq)
+        if told <= bound:
+            assert told == seq.num_uncomputed, (cut, len(prompt), bound)
+        else:
+            assert seq.num_uncomputed > bound
+        assert seq.num_uncomputed <= len(prompt)
+        blocks.free(seq)
 
 
 @pytest.mark.parametrize("seed", range(4))

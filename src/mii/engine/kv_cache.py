@@ -212,6 +212,29 @@ class BlockManager:
         seq.num_computed = len(attached) * self.block_size
         return seq.num_computed
 
+    def uncached_tokens(self, seq: Sequence, at_most: int) -> int:
+        """The tokens a waiting sequence would compute once ``attach_prefix`` gave it
+        its cached prefix, when that is at most ``at_most``; else a larger number (the
+        lookup stops as soon as it knows). Attaches nothing: the scheduler asks it of
+        sequences it may not admit (a chat turn whose history is cached is short)."""
+        total = seq.num_tokens
+        if not self.prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
+            return total  # (prompt logprobs: computed whole, as attach_prefix does)
+        reusable = (total - 1) // self.block_size
+        needed = max(0, -(-(total - at_most) // self.block_size))  # blocks that must be cached
+        hashed = min(self._hash_upto(seq, reusable), reusable)  # (intake hashes every block)
+        if needed > hashed:
+            return total
+        cached = self._by_hash
+        if needed and seq.block_hashes[needed - 1] not in cached:  # long prompts stop here
+            return total
+        found = 0
+        for digest in islice(seq.block_hashes, hashed):
+            if digest not in cached:
+                break
+            found += 1
+        return total - found * self.block_size
+
     def reset_counts(self) -> None:
         """Zero the lookup counters (after the engine's own warm-up request)."""
         self.query_tokens = self.hit_tokens = 0

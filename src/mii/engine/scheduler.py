@@ -176,30 +176,32 @@ class Scheduler:
         limit = min(self.short_prompt_reserve, budget // 2)
         admitting = self.waiting and limit and not out.preempted  # (no admission: below)
         shorts = self._short_prompts_waiting(limit) if admitting else []
-        serve(prefilling, add_fill, sum(s.num_uncomputed for s in shorts))
+        serve(prefilling, add_fill, sum(tokens for _, tokens in shorts))
 
         # After a preemption the pool is known to be full; admitting now would only
         # hand the freed blocks to a newcomer and thrash.
         if not out.preempted:
-            self._admit_waiting(budget, add_fill, shorts)
+            self._admit_waiting(budget, add_fill, [seq for seq, _ in shorts])
         return out
 
-    def _short_prompts_waiting(self, room: int) -> list[Sequence]:
-        """The waiting sequences admitted first: in arrival order, those whose prompts
-        fit ``room`` tokens whole, together, with a free sequence slot each.
+    def _short_prompts_waiting(self, room: int) -> list[tuple[Sequence, int]]:
+        """The waiting sequences admitted first, with the tokens each computes: in
+        arrival order, those whose prompts (less their cached prefix: a chat turn's
+        history) fit ``room`` tokens whole, together, with a free sequence slot each.
         They pass longer prompts that have not run yet, but leave the first of these a
         slot (else, with the slots full and short prompts arriving non-stop, it would
         never get one), and never pass a preempted sequence (it waits for blocks it
         held; the queue starts with such sequences)."""
         seats = self.max_num_seqs - len(self.running)
-        shorts: list[Sequence] = []
+        shorts: list[tuple[Sequence, int]] = []
         passed = False
         for seq in itertools.islice(self.waiting, SHORT_PROMPT_LOOKAHEAD):
             if room == 0 or seats == 0:
                 break
-            if seq.num_uncomputed <= room:
-                shorts.append(seq)
-                room -= seq.num_uncomputed
+            tokens = self.blocks.uncached_tokens(seq, room)
+            if tokens <= room:
+                shorts.append((seq, tokens))
+                room -= tokens
                 seats -= 1
             elif seq.num_preemptions:
                 break
