@@ -101,8 +101,11 @@ def test_fp8_options_reach_the_deployment_and_offline_engine():
 
     from benchmarks.serving import model_and_options
 
-    base = dict(model="/x", token_budget=None, max_num_seqs=None)
+    base = dict(model="/x", token_budget=None, max_num_seqs=None, short_prompt_reserve=None)
     args = argparse.Namespace(**base, quantization="fp8", kv_cache_dtype="fp8")
     assert model_and_options(args) == ("/x", {"quantization": "fp8", "kv_cache_dtype": "fp8"})
     args = argparse.Namespace(**base, quantization="none", kv_cache_dtype="auto")
     assert model_and_options(args) == ("/x", {})
+    args = argparse.Namespace(**{**base, "short_prompt_reserve": 0}, quantization="none",
+                              kv_cache_dtype="auto")  # fmt: skip
+    assert model_and_options(args) == ("/x", {"short_prompt_reserve": 0})

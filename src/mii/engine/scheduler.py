@@ -12,13 +12,14 @@ So decodes never wait for a long prompt, long prompts are split across passes,
 and passes stay close to ``token_budget`` tokens.
 
 Short prompts do not wait behind long ones either: waiting prompts that fit
-``short_prompt_reserve`` tokens whole (together) are admitted first, and running
-prefills leave them their tokens of the pass, so a chat turn that arrives
-during a long prefill answers after one pass, not after the whole prompt (vLLM
-V1 makes it wait; its ``long_prefill_token_threshold`` caps every long chunk
-instead, even when nothing waits; V0 let short prompts pass long ones too). A
-long prompt alone keeps the whole budget, and beside short prompts at least half
-of what the decodes leave; the first long prompt waiting keeps a sequence slot.
+``short_prompt_reserve`` tokens whole (together, less a cached prefix) are
+admitted first, and running prefills leave them their tokens of the pass, so a
+chat turn that arrives during a long prefill answers after one pass, not after
+the whole prompt (vLLM V1 makes it wait; its ``long_prefill_token_threshold``
+caps every long chunk instead, even when nothing waits; V0 let short prompts
+pass long ones too). A long prompt alone keeps the whole budget, and beside
+short prompts at least half of what the decodes leave; the first long prompt
+waiting keeps a sequence slot.
 
 When the KV pool has no block for a running sequence, the most recently
 admitted running sequence is preempted: its blocks are freed and it goes back
