@@ -44,3 +44,39 @@ async def test_a_wait_past_its_limit_times_out_and_results_and_errors_come_throu
     stop.set()
     with pytest.raises(StoppedWhileStarting):
         await unless_stopped(asyncio.sleep(60), stop, None)
+
+
+async def test_a_start_cancelled_by_ctrl_c_leaves_no_unread_failure():
+    """Ctrl-C during serve.run cancels the wait; the thread then failed (the Serve
+    controller died with the cluster) into a future nobody read: asyncio printed
+    "Future exception was never retrieved" and a traceback after mii's last line."""
+    release = threading.Event()
+
+    def dies() -> None:
+        release.wait()
+        raise RuntimeError("SERVE_CONTROLLER_ACTOR died")
+
+    work = in_daemon_thread(dies)
+    waiter = asyncio.create_task(unless_stopped(work, asyncio.Event(), None))
+    await asyncio.sleep(0.05)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    release.set()
+    [thread] = [t for t in threading.enumerate() if t.name == "mii-dies"]
+    thread.join(10)
+    await asyncio.sleep(0.05)  # the thread's outcome reaches the loop
+    assert work.cancelled()  # so its error is dropped, not left unread
+
+
+async def test_a_replica_whose_engine_never_loaded_shuts_down_quietly():
+    """Serve calls __del__ of a replica whose __init__ failed (a model that does not
+    load) too: it raised AttributeError 'poster', a second traceback under the load
+    error."""
+    from mii.ray_backend.replica import MiiReplica
+
+    class Unloaded(MiiReplica):
+        def __del__(self) -> None:  # (the garbage collector's call: no coroutine left)
+            pass
+
+    await MiiReplica.__del__(object.__new__(Unloaded))

@@ -48,8 +48,12 @@ class MiiReplica:
         except BaseException:
             stop_rank_actors(self.ranks)
             raise
-        self.engine.separate_sampling_stream(f"ray replica {self.replica_id}")
-        await self.engine.warm_up()  # compile/allocate first
+        try:
+            self.engine.separate_sampling_stream(f"ray replica {self.replica_id}")
+            await self.engine.warm_up()  # compile/allocate first
+        except BaseException:
+            await self._stop_engine()
+            raise
         self.in_flight = 0
         self.node = ray.util.get_node_ip_address()
         self.started = time.time()
@@ -100,11 +104,22 @@ class MiiReplica:
             raise RuntimeError(f"the replica's engine failed: {failure}")
 
     async def __del__(self) -> None:
-        self.poster.cancel()
+        # Serve calls this for a replica whose __init__ failed too (a model that did
+        # not load): only what was made is undone (else a second, misleading
+        # AttributeError traceback followed the load error).
+        poster = getattr(self, "poster", None)
+        if poster is None:
+            return  # __init__ failed, and undid what it had made
+        poster.cancel()
         with contextlib.suppress(Exception):
             self.board.forget.remote(self.replica_id)
-        await self.engine.aclose()
-        stop_rank_actors(self.ranks)
+        await self._stop_engine()
+
+    async def _stop_engine(self) -> None:
+        try:
+            await self.engine.aclose()
+        finally:
+            stop_rank_actors(self.ranks)
 
     # ----- figures ---------------------------------------------------------------
 

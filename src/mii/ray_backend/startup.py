@@ -53,6 +53,9 @@ async def unless_stopped(work: Awaitable[T], stop: asyncio.Event, timeout: float
         done, _ = await asyncio.wait(
             {task, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
+    except BaseException:  # cancelled (Ctrl-C while starting): nobody reads ``work`` now
+        task.cancel()
+        raise
     finally:
         stopping.cancel()
     if task in done:
