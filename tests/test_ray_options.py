@@ -85,6 +85,19 @@ def test_autoscaling_config_passes_ray_serve_keys_and_bad_ones_fail_before_start
     assert serve_config(build_parser().parse_args(args)).autoscaling_config == {
         "upscaling_factor": 2.0
     }
+    # Ray Serve's string-valued keys (they were refused: "Input should be a valid number")
+    args = ["serve", llama, "--ray-address", "auto", "--autoscaling-config",
+            "aggregation_function=max,look_back_period_s=5"]  # fmt: skip
+    given = serve_config(build_parser().parse_args(args)).autoscaling_config
+    assert given == {"aggregation_function": "max", "look_back_period_s": 5.0}
+    config = DeploymentConfig.parse(
+        llama, backend="ray", autoscaling_config={"aggregation_function": "max"}
+    )
+    assert scaling(config)["autoscaling_config"]["aggregation_function"] == "max"
+    again = DeploymentConfig.model_validate_json(config.model_dump_json())  # to the replicas
+    assert again.autoscaling_config == {"aggregation_function": "max"}
+    with pytest.raises(InvalidRequestError, match="autoscaling_config"):
+        mii.serve(llama, backend="ray", autoscaling_config={"aggregation_function": "most"})
     with pytest.raises(InvalidRequestError, match="autoscaling_config") as err:
         mii.serve(llama, backend="ray", autoscaling_config={"no_such_key": 1})
     assert err.value.field == "autoscaling_config"
@@ -283,3 +296,20 @@ def test_auto_without_a_cluster_names_mii_s_option_not_ray_s(monkeypatch):
     with pytest.raises(mii.DeploymentError, match="--ray-address / ray_address=") as err:
         connecting.connect(config)
     assert "ray start --head" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "bounds"),
+    [
+        ({"replica_num": 3, "max_replicas": 2}, "1..2"),
+        ({"replica_num": 2, "min_replicas": 3}, "3.."),
+    ],
+)
+def test_a_replica_num_outside_the_autoscaling_bounds_is_refused(llama, options, bounds):
+    """Ray started max_replicas where replica_num asked for more, without a word (the
+    banner said 3 replicas, 2 ran: a user trial)."""
+    with pytest.raises(InvalidRequestError, match=rf"replica_num \(\d\).*\({bounds}") as err:
+        DeploymentConfig.parse(llama, backend="ray", **options)
+    assert err.value.field == "replica_num"
+    within = DeploymentConfig.parse(llama, backend="ray", replica_num=2, max_replicas=4)
+    assert scaling(within)["autoscaling_config"]["initial_replicas"] == 2

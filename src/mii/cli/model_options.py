@@ -9,6 +9,7 @@ the command line are None, so that the model's own defaults apply.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import types
 import typing
@@ -104,12 +105,23 @@ def _comma_separated(item: type) -> Callable[[str], list]:
     return parse
 
 
-def _key_values(key: type, value: type) -> Callable[[str], dict]:
+def _key_values(key: type, value: Any) -> Callable[[str], dict]:
+    """KEY=VALUE,... as a dict; a value of ``float | str`` is a number when it reads
+    as one, else the text."""
+    kinds = typing.get_args(value) or (value,)
+
+    def scalar(text: str) -> Any:
+        for kind in kinds[:-1]:
+            with contextlib.suppress(ValueError):
+                return kind(text)
+        return kinds[-1](text)
+
     def parse(text: str) -> dict:
         pairs = (item.split("=", 1) for item in text.split(","))
-        return {key(k): value(v) for k, v in pairs}
+        return {key(k): scalar(v) for k, v in pairs}
 
-    parse.__name__ = f"comma-separated {key.__name__}={value.__name__}"  # for argparse's errors
+    names = "|".join(kind.__name__ for kind in kinds)
+    parse.__name__ = f"comma-separated {key.__name__}={names}"  # for argparse's errors
     return parse
 
 

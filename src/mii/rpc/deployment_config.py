@@ -321,6 +321,21 @@ class DeploymentConfig(GpuLayout, RayOptions):
         return self
 
     @model_validator(mode="after")
+    def _replicas_within_autoscaling(self) -> DeploymentConfig:
+        # Under autoscaling replica_num is the count to start with; one outside
+        # min..max was clamped without a word (a user trial: the banner said 3
+        # replicas, Ray started 2). 1, the default, is taken as unset.
+        low, high, start = self.min_replicas, self.max_replicas, self.replica_num
+        if start != 1 and (start > (high or start) or start < (low or 1)):
+            raise InvalidRequestError(
+                f"replica_num ({start}) is the number of replicas to start with: it must "
+                f"lie within min_replicas..max_replicas ({low or 1}..{high or 'no limit'}); "
+                "change one of them",
+                field="replica_num",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _engine_options_valid(self) -> DeploymentConfig:
         self.engine_config()  # raises InvalidRequestError naming the bad option
         return self

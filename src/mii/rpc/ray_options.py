@@ -79,7 +79,8 @@ class RayOptions(ExactTypes):
         description="backend 'ray', autoscaling: seconds the load must stay below the "
         "target before a replica is removed",
     )
-    autoscaling_config: dict[str, float] | None = Field(
+    # (float | str: Ray Serve's string keys too, aggregation_function and policy)
+    autoscaling_config: dict[str, float | str] | None = Field(
         default=None,
         description="backend 'ray': more keys of Ray Serve's autoscaling_config "
         "(metrics_interval_s, look_back_period_s, upscaling_factor, ...; mii serve: "
