@@ -1,7 +1,10 @@
 """A Ray deployment notices its cluster is gone (mii.ray_backend.cluster_watch): after
 `ray stop` it said nothing, stayed half alive and was ended a minute later by Ray's own
 client, its record left behind (user trial). Checked by hand end to end: `ray stop` under
-`mii serve --ray-address` ends it with exit status 1, the reason on its last line."""
+`mii serve --ray-address` ends it with exit status 1, the reason on its last line; `kill
+-TERM -- -PGID` of `mii serve --backend ray` (its own Ray instance in its process group)
+ends it with exit status 0 in ~10 s, serving or still starting (it took 60 s and exit
+status 1: Ray's abort), and SIGTERM to mii alone still drains and deletes the app (7 s)."""
 
 from __future__ import annotations
 
@@ -58,3 +61,21 @@ def test_a_listening_gcs_is_not_lost_and_short_refusals_are_ridden_out(monkeypat
             task.cancel()
 
         asyncio.run(asyncio.wait_for(watch_a_while(), 60))
+
+
+def test_a_cluster_stopped_with_the_deployment_is_taken_for_gone_at_once(monkeypatch):
+    """A stop sent to the whole process group reached the Ray instance the deployment
+    had started: draining there waited 60 s and ended in Ray's abort (a user trial).
+    After a stop the GCS is asked once; one that answers is not gone."""
+    monkeypatch.setattr(cluster_watch, "GONE_CHECK_DELAY_S", 0.01)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    reason = asyncio.run(cluster_watch.gone_with_the_stop(closed))
+    assert closed in reason and "refused" in reason
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        listening = f"127.0.0.1:{server.getsockname()[1]}"
+        assert asyncio.run(cluster_watch.gone_with_the_stop(listening)) is None
+    assert asyncio.run(cluster_watch.gone_with_the_stop(None)) is None  # (Ray Client)

@@ -26,6 +26,7 @@ CHECK_INTERVAL_S = 1.0
 CONNECT_TIMEOUT_S = 5.0
 RAY_RECONNECT_S = 60.0  # Ray's gcs_rpc_server_reconnect_timeout_s default
 MARGIN_S = 15.0  # how long before Ray's clients give up the deployment stops
+GONE_CHECK_DELAY_S = 0.5  # after a stop: time for a Ray process given the same signal to exit
 
 
 def lost_after_s() -> float:
@@ -68,6 +69,25 @@ async def until_cluster_lost(address: str) -> str:
                     f" s: {err.strerror or err}"
                 )
         await asyncio.sleep(CHECK_INTERVAL_S)
+
+
+async def gone_with_the_stop(address: str | None) -> str | None:
+    """Why the cluster is taken for gone once a stop came; None while its GCS answers
+    (or Ray does not say where it is). A stop sent to a whole process group (systemd's
+    default KillMode, ``timeout``, a closed terminal) reaches the Ray instance the
+    deployment started too: its GCS and raylet share the group. Draining and deleting
+    the application there waited for Ray's reconnect timeout (60 s) and ended in Ray's
+    abort (exit status 1). The GCS is asked once, after the time such a process takes
+    to exit."""
+    if address is None:
+        return None
+    await asyncio.sleep(GONE_CHECK_DELAY_S)
+    host, _, port = address.rpartition(":")
+    try:
+        await asyncio.to_thread(_connect, host.strip("[]"), int(port))
+    except OSError as err:
+        return f"its GCS at {address} takes no connection: {err.strerror or err}"
+    return None
 
 
 def _connect(host: str, port: int) -> None:

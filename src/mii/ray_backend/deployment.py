@@ -26,7 +26,7 @@ from mii.errors import DeploymentError
 from mii.ray_backend import require_ray
 from mii.ray_backend.application import REPLICA_DEPLOYMENT, build_application
 from mii.ray_backend.board import NAMESPACE, StatsBoard, board_name
-from mii.ray_backend.cluster_watch import gcs_address, until_cluster_lost
+from mii.ray_backend.cluster_watch import gcs_address, gone_with_the_stop, until_cluster_lost
 from mii.ray_backend.connect import connect
 from mii.ray_backend.http_drain import drain_http
 from mii.ray_backend.pool import RayPool
@@ -195,6 +195,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
     pool: RayPool | None = None
     deployed = False
     cluster_lost = False  # then no Ray call is made: each would wait for the cluster
+    asked = False  # whether the cluster was checked after a stop (_stopped_with_its_cluster)
     tasks: list[asyncio.Task] = []
     try:
         await server.start()  # (in here: stopped by the finally below)
@@ -260,6 +261,10 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
                 f"the Ray cluster of deployment {name!r} is gone ({lost}): the deployment "
                 "stops; start it again once the cluster runs"
             )
+        asked = True
+        cluster_lost = await _stopped_with_its_cluster(name)
+        if cluster_lost:
+            return
         registry.mark_stopping(name, os.getpid())
         await set_health(health, False)
         await _drain_both_fronts(pool, board, config, shutdown.hurry)
@@ -271,9 +276,25 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         await server.stop(grace=1.0)
         if pool is not None:
             await pool.close()
+        if not (cluster_lost or asked):  # stopped (or failed) while starting
+            cluster_lost = await _stopped_with_its_cluster(name)
         if not cluster_lost:
             await _remove_from_cluster(name, deployed, started_serve, board)
         registry.remove(name, pid=os.getpid())  # all of it is gone; its claim goes next
+
+
+async def _stopped_with_its_cluster(name: str) -> bool:
+    """Whether the cluster stopped with the deployment (``gone_with_the_stop``: its
+    Ray processes got the same signal); then says so, and no Ray call is made."""
+    gone = await gone_with_the_stop(gcs_address())
+    if gone is not None:
+        print(
+            f"[mii] the Ray cluster of deployment {name!r} stopped with it ({gone}): "
+            "nothing is left to drain or delete there",
+            file=sys.stderr,
+            flush=True,
+        )
+    return gone is not None
 
 
 async def _remove_from_cluster(name: str, deployed: bool, started_serve: bool, board: Any) -> None:
