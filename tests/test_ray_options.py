@@ -313,3 +313,19 @@ def test_a_replica_num_outside_the_autoscaling_bounds_is_refused(llama, options,
     assert err.value.field == "replica_num"
     within = DeploymentConfig.parse(llama, backend="ray", replica_num=2, max_replicas=4)
     assert scaling(within)["autoscaling_config"]["initial_replicas"] == 2
+
+
+def test_an_address_ray_cannot_read_names_mii_s_option(monkeypatch):
+    """`--ray-address nonsense` said only Ray's "Invalid address format: nonsense"."""
+    from ray._private import auto_init_hook
+
+    from mii.ray_backend import connect as connecting
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    monkeypatch.setattr(auto_init_hook, "enable_auto_connect", auto_init_hook.enable_auto_connect)
+    config = DeploymentConfig.parse("m", backend="ray", ray_address="nonsense")
+    with pytest.raises(
+        mii.DeploymentError, match=r"ray_address='nonsense' \(--ray-address\)"
+    ) as err:
+        connecting.connect(config)
+    assert "Invalid address format" in str(err.value) and "ray start --head" in str(err.value)

@@ -44,6 +44,12 @@ def connect(config: DeploymentConfig) -> None:
             maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     try:
         ray.init(address=config.ray_address)
+    except ValueError as err:  # Ray's "Invalid address format: X", naming no option
+        raise DeploymentError(
+            f"ray_address={config.ray_address!r} (--ray-address) is not an address Ray "
+            f"reads ({err}): give the head's HOST:PORT (`ray start --head` prints it), "
+            "ray://HOST:10001 (Ray Client), 'auto' or 'local'"
+        ) from None
     except ConnectionError as err:  # "auto" with no cluster: Ray's text names its own flag
         raise DeploymentError(
             f"no running Ray cluster found for ray_address={config.ray_address!r} ({err}): "
