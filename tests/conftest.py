@@ -83,6 +83,25 @@ def llama(checkpoints):
 
 
 @pytest.fixture(scope="session")
+def never_loading(checkpoints, tmp_path_factory):
+    """A copy of the tiny llama whose weights never arrive: each weights file is a
+    named pipe that nobody writes, so opening it blocks (a huge model's load, held
+    still)."""
+    import shutil
+    from pathlib import Path
+
+    source = Path(checkpoints("llama")[0])
+    model = tmp_path_factory.mktemp("never-loading") / "llama"
+    shutil.copytree(source, model)
+    weights = sorted(model.glob("*.safetensors"))
+    assert weights
+    for path in weights:
+        path.unlink()
+        os.mkfifo(path)
+    return model
+
+
+@pytest.fixture(scope="session")
 def gguf_files(tmp_path_factory, checkpoints):
     """qtype name ("F32", "Q4_0", "Q6_K", ...) -> (GGUF file of a tiny random Llama in that
     type, the checkpoint directory it was written from). K-quants need 256-wide rows."""

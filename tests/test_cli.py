@@ -175,6 +175,9 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
         (["serve", "m", "--download-dir", "/d"], "HF_HOME"),
         (["serve", "m", "--config", "c.yaml"], "reads no config file"),
         (["serve", "m", "--distributed-executor-backend", "ray"], "--ray-address ADDR"),
+        # vllm serve flags mii ignores still take only what vllm serve takes (any was)
+        (["serve", "m", "--swap-space", "abc"], "--swap-space: invalid float value: 'abc'"),
+        (["serve", "m", "--max-num-partial-prefills", "2.5"], "invalid int value: '2.5'"),
     ):
         with pytest.raises(SystemExit) as exit_:
             parse_command_line(build_parser(), argv)

@@ -5,6 +5,8 @@ by Ray, autoscaled, and removed without a trace."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -21,6 +23,7 @@ from ray import serve
 
 import mii
 from helpers import PROMPTS, SseStream, wait_until
+from mii.cli import main as mii_main
 from mii.rpc import registry
 from mii.rpc.deployment import free_port
 
@@ -366,6 +369,11 @@ def test_autoscaling_adds_a_replica_under_a_burst_and_removes_it_after(
         threads = _slow_streams(client, 6, stop, errors)
         try:
             assert wait_until(lambda: len(client.stats().replicas) == 2, timeout=150)
+            listing = io.StringIO()
+            with contextlib.redirect_stdout(listing):
+                assert mii_main(["list"]) == 0
+            [row] = [line for line in listing.getvalue().splitlines() if line.startswith(name)]
+            assert row.split()[3] == "2", row  # REPLICAS: as scaled (it said replica_num, 1)
         finally:
             stop.set()
             for t in threads:
@@ -507,4 +515,59 @@ def test_a_busy_http_port_is_refused_before_anything_starts(cluster, cache_dir, 
                 restful_api_port=port,
                 port=free_port(),
             )
+    assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
+
+
+def test_a_starting_deployment_is_listed_found_and_terminated(cluster, cache_dir, never_loading):
+    """While Serve's replica loads the model (here: never), the deployment is in
+    `mii list` as starting, `mii.client(name)` says it is starting, and `mii terminate`
+    stops it and leaves nothing on the cluster (it was invisible until ready)."""
+    name = f"ray-starting-{os.urandom(4).hex()}"
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mii", "serve", str(never_loading)),
+            *("--ray-address", cluster, "--ray-num-cpus", "0.5", "--deployment-name", name),
+            *("--port", str(free_port()), "--grpc-port", str(free_port())),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        record = lambda: registry.lookup(name, include_starting=True)  # noqa: E731
+        assert wait_until(lambda: record() is not None or server.poll() is not None, timeout=120)
+        assert server.poll() is None, server.communicate()
+        assert record()["starting"] is True and record()["backend"] == "ray"
+        listed = subprocess.run(
+            [sys.executable, "-m", "mii", "list", "--json"], capture_output=True, text=True
+        )
+        [mine] = [d for d in json.loads(listed.stdout) if d["deployment_name"] == name]
+        assert mine["health"]["status"] == "starting"
+        with pytest.raises(mii.DeploymentNotFoundError, match="still starting"):
+            mii.client(name)
+        assert mii_main(["terminate", name, "--timeout", "120"]) == 0
+        _, err = server.communicate(timeout=60)
+        assert server.returncode == 0, err[-2000:]
+        assert registry.lookup(name, include_starting=True) is None
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+    assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
+
+
+def test_a_replica_no_node_can_hold_is_named_at_start(cluster, cache_dir, checkpoints):
+    """--ray-num-gpus 1 on a cluster without GPUs: said at once, not only after the
+    whole startup timeout; the timeout then ends the start and leaves nothing."""
+    command = [sys.executable, "-m", "mii", "serve", str(checkpoints("llama")[0])]
+    command += ["--ray-address", cluster, "--ray-num-gpus", "1", "--startup-timeout", "5"]
+    command += ["--port", str(free_port()), "--grpc-port", str(free_port())]
+    ended = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert ended.returncode == 1, ended.stderr[-2000:]
+    assert (
+        "no node of the Ray cluster can hold a replica: each asks 1 CPU, 1 GPU on one node"
+        in ended.stderr
+    ), ended.stderr[-2000:]
+    assert "the largest nodes have 2 CPU, 0 GPU" in ended.stderr
+    assert "was not ready within 5 s" in ended.stderr
     assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()

@@ -1,14 +1,12 @@
 """A deployment stopped, listed or orphaned while its replicas still load the model.
 
-The replicas here never finish loading: the checkpoint's weights file is a named
-pipe that nobody writes, so opening it blocks (a huge model's load, held still).
+The replicas here never finish loading (conftest's ``never_loading`` checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,20 +28,6 @@ from mii.rpc.deployment_config import DeploymentConfig
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MII_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def never_loading(checkpoints, tmp_path_factory) -> Path:
-    """A copy of the tiny llama whose weights never arrive."""
-    source = Path(checkpoints("llama")[0])
-    model = tmp_path_factory.mktemp("never-loading") / "llama"
-    shutil.copytree(source, model)
-    weights = sorted(model.glob("*.safetensors"))
-    assert weights
-    for path in weights:
-        path.unlink()
-        os.mkfifo(path)
-    return model
 
 
 class Starting:

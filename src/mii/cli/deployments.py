@@ -114,6 +114,13 @@ def _load_cell(health: dict[str, Any]) -> str:
     )
 
 
+def _replicas_cell(deployment: dict[str, Any]) -> str:
+    """The replicas it reports (a Ray deployment autoscaled past ``replica_num``),
+    else the number it was started with."""
+    reported = deployment["health"].get("replicas")
+    return str(len(reported) if reported else deployment.get("replica_num", "?"))
+
+
 def _replica_line(replica: dict[str, Any]) -> str:
     restarts = replica["restarts"]
     return (
@@ -154,7 +161,7 @@ def list_deployments(args: argparse.Namespace) -> int:
                 d["deployment_name"],
                 host_port(d["host"], d["port"]),
                 str(d.get("model", "?")),
-                str(d.get("replica_num", "?")),
+                _replicas_cell(d),
                 _status_cell(d["health"]),
                 _load_cell(d["health"]),
                 rest,

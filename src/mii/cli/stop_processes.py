@@ -70,10 +70,14 @@ def signal_unresponsive(
 
 def stop_starting(info: dict[str, Any], timeout: float) -> int:
     """A deployment still loading its model: SIGTERM to its processes (it stops its
-    replicas, which exit at once while they load) and wait ``timeout`` s for them."""
+    replicas, which exit at once while they load; a Ray deployment's driver deletes
+    its Serve application) and wait ``timeout`` s for them."""
 
     name = info["deployment_name"]
-    pids = _local_pids(name, info, "stopping a deployment that is starting")
+    if info.get("backend") == "ray":  # its driver: it removes what it started on the cluster
+        pids = [info["pid"]]
+    else:
+        pids = _local_pids(name, info, "stopping a deployment that is starting")
     send(pids, signal.SIGTERM)
     send(pids, signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
     _wait_gone(name, pids, timeout)

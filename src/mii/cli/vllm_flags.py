@@ -104,8 +104,9 @@ def add_vllm_flags(parser: argparse.ArgumentParser) -> None:
             metavar="true",
             help=f"accepted for vllm serve: {why}",
         )
-    for flag, why in IGNORED_VALUES.items():
-        parser.add_argument(flag, metavar="VALUE", help=f"accepted for vllm serve: {why}")
+    for flag, why in IGNORED_VALUES.items():  # (a value vllm serve would refuse is refused)
+        number = float if flag == "--swap-space" else int  # (GiB; the others count)
+        parser.add_argument(flag, type=number, metavar="N", help=f"accepted for vllm serve: {why}")
     for dest, (flags, values, _) in ONLY_VALUES.items():
         parser.add_argument(
             *flags,

@@ -24,13 +24,14 @@ from typing import Any
 
 from mii.errors import DeploymentError
 from mii.ray_backend import require_ray
-from mii.ray_backend.application import REPLICA_DEPLOYMENT, build_application
+from mii.ray_backend.application import REPLICA_DEPLOYMENT, build_application, gpus_per_rank
 from mii.ray_backend.board import NAMESPACE, StatsBoard, board_name
 from mii.ray_backend.cluster_watch import gcs_address, gone_with_the_stop, until_cluster_lost
 from mii.ray_backend.connect import connect
+from mii.ray_backend.fit import warn_if_no_node_fits
 from mii.ray_backend.http_drain import drain_http
 from mii.ray_backend.pool import RayPool
-from mii.ray_backend.startup import in_daemon_thread, unless_stopped
+from mii.ray_backend.startup import in_daemon_thread, outcome, unless_stopped, until_submitted
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import GRPC_PORT_IN_USE_HINT, DeploymentConfig
@@ -41,6 +42,8 @@ from mii.rpc.listen import host_port, listening_server
 from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import StoppedWhileStarting, run_reporting_errors
 from mii.rpc.stats_log import capacity_line, log_stats
+
+SUBMIT_WAIT_S = 60.0  # a stop while starting: serve.run's hand-over, before the delete
 
 
 def start_serve(config: DeploymentConfig) -> bool:
@@ -191,30 +194,35 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, shutdown.request)
     started_serve = False
+    serving: asyncio.Future[bool] | None = None  # start_serve, in a thread
     board = None
     pool: RayPool | None = None
     deployed = False
+    run: asyncio.Future | None = None  # serve.run, in a thread
     cluster_lost = False  # then no Ray call is made: each would wait for the cluster
     asked = False  # whether the cluster was checked after a stop (_stopped_with_its_cluster)
     tasks: list[asyncio.Task] = []
     try:
         await server.start()  # (in here: stopped by the finally below)
+        # Starting: mii list shows it, mii.client(name) says so, mii terminate stops it.
+        registry.record(name, {**_record(config, api_key), "starting": True})
         # In a thread (it may wait for Serve's proxies): the gRPC port answers meanwhile.
-        started_serve = await asyncio.to_thread(start_serve, config)
+        serving = in_daemon_thread(start_serve, config)
+        started_serve = await asyncio.shield(serving)
         board = (
             ray.remote(StatsBoard)
             .options(name=board_name(name), namespace=NAMESPACE, num_cpus=0)
             .remote()
         )
-        app = build_application(
-            config, board_name(name), api_key, ray.cluster_resources().get("GPU", 0.0)
-        )
+        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+        warn_if_no_node_fits(config, gpus_per_rank(config, cluster_gpus))
+        app = build_application(config, board_name(name), api_key, cluster_gpus)
         deployed = True
         run = in_daemon_thread(
             serve.run, app, name=name, route_prefix="/" if config.enable_restful_api else None
         )
-        try:
-            await unless_stopped(run, stop, config.startup_timeout)
+        try:  # (shielded: the finally waits for the thread's progress)
+            await unless_stopped(asyncio.shield(run), stop, config.startup_timeout)
         except asyncio.TimeoutError:
             raise DeploymentError(
                 f"the Ray deployment {name!r} was not ready within {config.startup_timeout:.0f} s "
@@ -279,6 +287,10 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         if not (cluster_lost or asked):  # stopped (or failed) while starting
             cluster_lost = await _stopped_with_its_cluster(name)
         if not cluster_lost:
+            # A start stopped or cancelled (Ctrl-C on mii serve) midway left Serve's
+            # start or serve.run going in its thread: what they start goes too.
+            started_serve = bool(await outcome(serving, SUBMIT_WAIT_S))
+            await until_submitted(name, run, SUBMIT_WAIT_S)
             await _remove_from_cluster(name, deployed, started_serve, board)
         registry.remove(name, pid=os.getpid())  # all of it is gone; its claim goes next
 
@@ -339,10 +351,10 @@ async def _drain_both_fronts(
         return
     http = drain_http(board, config.shutdown_grace_s, hurry)
     outcomes = await asyncio.gather(grpc, http, return_exceptions=True)
-    for front, outcome in zip(("gRPC front", "HTTP ingress"), outcomes):
-        if isinstance(outcome, BaseException):
-            why = f"its drain failed: {type(outcome).__name__}: {outcome}"
-        elif front == "HTTP ingress" and outcome is not True:
+    for front, ended in zip(("gRPC front", "HTTP ingress"), outcomes):
+        if isinstance(ended, BaseException):
+            why = f"its drain failed: {type(ended).__name__}: {ended}"
+        elif front == "HTTP ingress" and ended is not True:
             why = "it did not report its drain within the grace period (gone?)"
         else:
             continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -40,7 +41,22 @@ def in_daemon_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio
             loop.call_soon_threadsafe(settle, *outcome)
 
     threading.Thread(target=target, name=f"mii-{fn.__name__}", daemon=True).start()
+    # Its failure is read even when nobody waits for it any more (a stopped start):
+    # asyncio would print "Future exception was never retrieved".
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
     return future
+
+
+async def outcome(work: asyncio.Future[T] | None, timeout: float) -> T | None:
+    """``work``'s result once it has ended, waited for up to ``timeout`` s (a thread's
+    work that a stopped or cancelled start left running); None when there is no work,
+    it failed, or it still runs."""
+    if work is None:
+        return None
+    await asyncio.wait({work}, timeout=timeout)
+    if not work.done() or work.cancelled() or work.exception() is not None:
+        return None
+    return work.result()
 
 
 async def unless_stopped(work: Awaitable[T], stop: asyncio.Event, timeout: float | None) -> T:
@@ -67,3 +83,22 @@ async def unless_stopped(work: Awaitable[T], stop: asyncio.Event, timeout: float
             "still starting"
         )
     raise asyncio.TimeoutError
+
+
+async def until_submitted(app: str, run: asyncio.Future | None, timeout: float) -> None:
+    """Until ``serve.run`` (``run``: its thread's outcome) has handed ``app`` to Serve's
+    controller, or has ended, or ``timeout`` s. A stop that deleted the application
+    before that would delete nothing; the thread would then start Serve again, if the
+    stop had shut it down (a controller, and a proxy on Serve's default port, left
+    behind), and deploy the application after all."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    while run is not None and not run.done() and time.monotonic() < deadline:
+        try:
+            status = await asyncio.to_thread(serve.status)
+        except Exception:  # (Serve is not up yet)
+            status = None
+        if status is not None and app in status.applications:
+            return
+        await asyncio.sleep(0.2)
