@@ -92,15 +92,19 @@ def test_a_response_is_the_chat_routes_answer_in_the_responses_shape(llama):
         assert pool.sent[-1][0] == prompt
 
         # OpenAI's way to ask for logprobs (include) asks for them; so does top_logprobs 0
-        # (both answered "logprobs": [], a trial); truncation "auto" keeps the last tokens.
+        # (both answered "logprobs": [], a trial).
         for extra in ({"include": ["message.output_text.logprobs"]}, {"top_logprobs": 0}):
             await client.responses.create(model="d", input="hi", **extra)
             assert pool.sent[-1][1]["logprobs"] == 0, pool.sent[-1][1]
-        await client.responses.create(model="d", input="hi", truncation="auto")
-        assert pool.sent[-1][1]["truncate_prompt_tokens"] == -1
-        # ... leaving room for max_output_tokens (the gateway's max_length is 4,096)
-        await client.responses.create(model="d", input="hi", truncation="auto", max_output_tokens=8)
-        assert pool.sent[-1][1]["truncate_prompt_tokens"] == 4096 - 8
+        # truncation "auto": what still does not fit keeps its last tokens, leaving room
+        # for max_output_tokens up to a quarter of the window (max_length 4,096 here):
+        # without it -1 left 1 token of answer; with a safety cap of 8,000, 192 tokens
+        # of a prompt that fitted whole (trials).
+        for max_output_tokens, keep in ((None, 3072), (8, 4088), (8000, 3072)):
+            await client.responses.create(
+                model="d", input="hi", truncation="auto", max_output_tokens=max_output_tokens
+            )
+            assert pool.sent[-1][1]["truncate_prompt_tokens"] == keep
         reasoning = {"effort": "low", "summary": None, "generate_summary": None}
         echoed = await client.responses.create(model="d", input="hi", reasoning=reasoning)
         assert echoed.reasoning.effort == "low"
@@ -120,6 +124,105 @@ def test_a_response_is_the_chat_routes_answer_in_the_responses_shape(llama):
         assert pool.sent[-1][0] == prompt
 
     with_gateway(llama, pool, scenario)
+
+
+def words(n: int, start: int = 0) -> str:
+    return " ".join(f"w{i}" for i in range(start, start + n))
+
+
+def test_auto_truncation_leaves_out_the_oldest_turns_not_the_instructions(llama):
+    """A conversation past the window loses its oldest turns whole (OpenAI drops input
+    items); the instructions stay. It lost its first tokens: the instructions first."""
+    pool = ScriptedPool("ok")
+    instructions = "Answer in French. " + words(20)
+    turns = []
+    for i in range(12):
+        turns += [
+            {"role": "user", "content": f"question {i}: " + words(150, 1000 * i)},
+            {"role": "assistant", "content": f"answer {i}: " + words(150, 1000 * i + 500)},
+        ]
+    turns.append({"role": "user", "content": "the last question"})
+    limit = 4096 - 100
+
+    async def scenario(client, gateway):
+        async def chat_prompt(messages):  # the chat route's prompt: the oracle
+            system = [{"role": "system", "content": instructions}]
+            await client.chat.completions.create(model="d", messages=system + messages)
+            return pool.sent[-1][0]
+
+        whole = await chat_prompt(turns)
+        assert len(whole) > 4096  # (the test's premise: it does not fit)
+        await client.responses.create(
+            model="d",
+            instructions=instructions,
+            input=turns,
+            truncation="auto",
+            max_output_tokens=100,
+        )
+        sent, params = pool.sent[-1]
+        # the fewest oldest turns (a question with its answer) left out that make it fit
+        lengths = [len(await chat_prompt(turns[k:])) for k in range(0, len(turns), 2)]
+        kept = 2 * next(i for i, n in enumerate(lengths) if n <= limit)
+        assert kept > 0 and sent == await chat_prompt(turns[kept:])
+        assert len(await chat_prompt(turns[kept - 2 :])) > limit
+        assert params["truncate_prompt_tokens"] == limit  # (nothing left to cut)
+        # One that fits, leaving a quarter of the window for the answer, is sent whole
+        # (a safety cap as large as the window left the prompt nothing).
+        assert len(await chat_prompt(turns[-3:])) <= 3072
+        await client.responses.create(
+            model="d", instructions=instructions, input=turns[-3:], truncation="auto",
+            max_output_tokens=100_000,
+        )  # fmt: skip
+        assert pool.sent[-1][0] == await chat_prompt(turns[-3:])
+        # One message alone too long: its last tokens (the engine cuts the prompt).
+        await client.responses.create(model="d", input=words(9000), truncation="auto")
+        assert pool.sent[-1][1]["truncate_prompt_tokens"] == 3072
+
+    with_gateway(llama, pool, scenario)
+
+
+def test_auto_truncation_of_a_tool_loop_keeps_the_task_and_whole_calls(llama):
+    """One user turn with a long tool loop (an agent): its oldest calls go with their
+    results; the user's task, the instructions and the latest call stay."""
+    pool = ScriptedPool("ok")
+    task = {"role": "user", "content": "find the answer " + words(10)}
+    loop = []
+    for i in range(30):
+        call_id = f"call_{i}"
+        loop += [
+            {"type": "function_call", "call_id": call_id, "name": "search",
+             "arguments": json.dumps({"q": f"query {i}"})},
+            {"type": "function_call_output", "call_id": call_id,
+             "output": f"result {i}: " + words(200, 1000 * i)},
+        ]  # fmt: skip
+
+    async def scenario(client, gateway):
+        tools = [{"type": "function", "name": "search", "parameters": {"type": "object"}}]
+        await client.responses.create(
+            model="d",
+            instructions="You are a search agent.",
+            input=[task, *loop],
+            tools=tools,
+            tool_choice="none",  # (the tools shape the prompt either way)
+            truncation="auto",
+            max_output_tokens=50,
+        )
+        sent, _ = pool.sent[-1]
+        text = await tokens_text(gateway.url, sent)
+        assert len(sent) <= 4096 - 50
+        assert "You are a search agent." in text and "find the answer" in text
+        assert "result 29:" in text and "result 0:" not in text
+        # each call kept comes with its result, and each result with its call
+        for i in range(30):
+            assert (f'"query {i}"' in text) == (f"result {i}:" in text), i
+
+    with_gateway(llama, pool, scenario)
+
+
+async def tokens_text(url: str, ids) -> str:
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(f"{url}/detokenize", json={"tokens": ids})
+    return reply.json()["prompt"]
 
 
 def test_a_cut_answer_is_incomplete(llama):

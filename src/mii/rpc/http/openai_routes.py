@@ -31,6 +31,7 @@ from mii.rpc.http.choices import Choices, Usage
 from mii.rpc.http.disconnect import until_disconnected
 from mii.rpc.http.errors import ApiError, openai_errors
 from mii.rpc.http.field_policy import refuse_unsupported, warn_ignored
+from mii.rpc.http.fit_conversation import fitted_prompt
 from mii.rpc.http.limits import LimitedRoute, run_off_loop
 from mii.rpc.http.openai_answers import CHAT_COMPLETION, COMPLETION, Answer
 from mii.rpc.http.openai_logprobs import LogprobFormatter
@@ -205,10 +206,12 @@ async def prepare_chat(
     request: Request,
     body: ChatCompletionRequest,
     field_name: Callable[[str], str] | None = None,
+    fit_tokens: int | None = None,
 ) -> tuple[GatewayState, dict[str, str], Choices, Answer]:
     """What a chat request asks for: the gateway's state, the field names for 400s
     (mii's option -> the request's field, passed through ``field_name``), its
-    choices and the answer to fill. Shared with the Responses route."""
+    choices and the answer to fill. Shared with the Responses route, whose
+    ``truncation: "auto"`` leaves out the oldest items past ``fit_tokens``."""
     state = _accepted(request, body, refuse_chat)
     body = with_sampling_defaults(body, state.sampling_defaults)
     if not body.truncate_prompt_tokens:  # (else only its last characters are read)
@@ -222,7 +225,7 @@ async def prepare_chat(
     template = template_options(
         body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs
     )
-    if body.truncate_prompt_tokens and state.max_prompt_chars is not None:
+    if body.truncate_prompt_tokens and state.max_prompt_chars is not None and not fit_tokens:
         template["keep_last_chars"] = state.max_prompt_chars
     tools = tool_plan(body, state.tool_call_parser)
     if tools is not None:
@@ -233,9 +236,14 @@ async def prepare_chat(
         if tools is not None:
             add_tool_options(params, tools, renames)
         # A template over many messages takes a while: keep the event loop free.
-        prompt = await run_off_loop(
-            functools.partial(chat_prompt, **template), state.tokenizer, body.messages
-        )
+        render = functools.partial(chat_prompt, state.tokenizer, **template)
+        if fit_tokens is None:
+            prompt = await run_off_loop(render, body.messages)
+        else:
+            render_end = functools.partial(render, keep_last_chars=state.max_prompt_chars)
+            prompt = await run_off_loop(
+                fitted_prompt, render, render_end, body.messages, fit_tokens, state.max_prompt_chars
+            )
     choices = Choices([prompt], params, body.n, body.seed)
     answer = Answer(
         CHAT_COMPLETION,

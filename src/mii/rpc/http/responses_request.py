@@ -347,10 +347,22 @@ def chat_body(body: ResponsesRequest, max_length: int) -> dict[str, Any]:
         "presence_penalty", "frequency_penalty", "ignore_eos", "truncate_prompt_tokens",
     ):  # fmt: skip
         chat[name] = getattr(body, name)
-    if body.truncation == "auto" and body.truncate_prompt_tokens is None:
-        # The prompt's last tokens, leaving max_output_tokens room (-1 left one token:
-        # a trial's answer was cut at 1 of the 8 it asked for).
-        room = body.max_output_tokens
-        keep = max_length - room if room is not None and room < max_length else -1
-        chat["truncate_prompt_tokens"] = keep
+    if auto_truncation(body):
+        chat["truncate_prompt_tokens"] = prompt_room(max_length, body.max_output_tokens)
     return {k: v for k, v in chat.items() if v is not None}
+
+
+def auto_truncation(body: ResponsesRequest) -> bool:
+    """Whether the gateway fits the conversation (``truncation: "auto"``, unless
+    vLLM's ``truncate_prompt_tokens`` says how)."""
+    return body.truncation == "auto" and body.truncate_prompt_tokens is None
+
+
+def prompt_room(max_length: int, max_output_tokens: int | None) -> int:
+    """The prompt tokens ``truncation: "auto"`` keeps: the context window less room
+    for the answer, ``max_output_tokens`` up to a quarter of the window (a cap
+    as large as the window, a client's safety limit, left the prompt nothing; none
+    at all left one token of answer)."""
+    quarter = max(1, max_length // 4)
+    room = quarter if max_output_tokens is None else max(1, min(max_output_tokens, quarter))
+    return max(1, max_length - room)

@@ -40,6 +40,7 @@ from mii.rpc.http.openai_routes import prepare_chat
 from mii.rpc.http.protocol import ChatCompletionRequest
 from mii.rpc.http.responses_request import (
     ResponsesRequest,
+    auto_truncation,
     chat_body,
     refuse_stateful,
     responses_field,
@@ -191,7 +192,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     refuse_stateful(body)
     try:
         chat = _as_chat(body, get_state(request).max_length)
-        state, renames, choices, answer = await prepare_chat(request, chat, responses_field)
+        fit = chat.truncate_prompt_tokens if auto_truncation(body) else None  # whole items
+        state, renames, choices, answer = await prepare_chat(request, chat, responses_field, fit)
     except ApiError as err:
         if err.param:
             err.param = responses_field(err.param)
