@@ -12,6 +12,7 @@ calls end to end.
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import openai
@@ -378,6 +379,10 @@ def test_tool_calls_are_function_call_items_and_go_back_as_input(llama):
          "text.format.strict"),
         ({"text": {"verbosity": "loud"}}, "text.verbosity"),
         ({"truncation": "bogus"}, "truncation"),
+        # a misspelt include asked for nothing, its logprobs left out (a trial)
+        ({"include": ["message.output_text.logprob"]}, "include"),
+        ({"stream_options": {"bogus": 1}}, "stream_options.bogus"),
+        ({"max_tool_calls": -1}, "max_tool_calls"),
         ({"reasoning": {"effort": 5}}, "reasoning.effort"),
         ({"input": [5]}, "input.0"),
         ({"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
@@ -407,3 +412,36 @@ def test_what_cannot_be_served_is_a_400_naming_the_field(llama, fields, param):
                 assert reply.json()["error"]["param"] == param, reply.text
 
     with_gateway(llama, pool, scenario)
+
+
+def test_fields_that_change_nothing_here_are_logged_as_on_the_chat_route(
+    llama, monkeypatch, caplog
+):
+    """store, reasoning, max_tool_calls, service_tier and include values other than the
+    logprobs did nothing, silently (a trial): each is logged once, as chat's are."""
+    from mii.rpc.http import field_policy, responses_request
+
+    monkeypatch.setattr(field_policy, "_warned", set())
+    monkeypatch.setattr(responses_request, "_warned_include", [])
+    caplog.set_level(logging.WARNING)
+    pool = ScriptedPool("x")
+    asked = dict(
+        store=True,
+        reasoning={"effort": "high"},
+        max_tool_calls=1,
+        service_tier="flex",
+        include=["reasoning.encrypted_content", "message.output_text.logprobs"],
+    )
+
+    async def scenario(client, gateway):
+        for _ in range(2):
+            await client.responses.create(model="d", input="hi", **asked)
+
+    with_gateway(llama, pool, scenario)
+    said = [r.getMessage() for r in caplog.records if "ignoring the" in r.getMessage()]
+    fields = sorted(m.split("'")[1] for m in said if "request field" in m)
+    assert fields == ["max_tool_calls", "reasoning", "service_tier", "store"], said
+    [include] = [m for m in said if "include values" in m]
+    assert "reasoning.encrypted_content" in include and "logprobs" not in include
+    assert len(said) == 5  # once each
+    assert pool.sent[-1][1]["logprobs"] == 0  # (the logprobs still asked for)

@@ -47,6 +47,9 @@ IGNORED_FIELDS: dict[str, str] = {
     "reasoning_effort": "a setting of OpenAI's reasoning models; the models served here have none",
     "verbosity": "a setting of OpenAI's reasoning models; the models served here have none",
     "request_id": "vLLM's id for its logs (mii names each request itself)",
+    # the Responses API's
+    "reasoning": "a reasoning model's settings; the models served here have none",
+    "max_tool_calls": "a cap on calls of OpenAI's built-in tools; this server has none",
     "stream_options.include_obfuscation": "random padding of stream events against side channels",
 }
 
@@ -124,7 +127,7 @@ def ignored_fields(body: BaseModel) -> list[str]:
     """The fields of IGNORED_FIELDS that ``body`` sets (dotted inside stream_options)."""
     names = [name for name in body.model_fields_set if name in IGNORED_FIELDS]
     options = getattr(body, "stream_options", None)
-    if isinstance(options, StreamOptions):
+    if isinstance(options, BaseModel):
         names += [
             f"stream_options.{name}"
             for name in options.model_fields_set

@@ -18,14 +18,17 @@ are refused.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from mii.rpc.http.errors import ApiError
-from mii.rpc.http.field_policy import ServiceFields
+from mii.rpc.http.field_policy import ServiceFields, warn_ignored
 from mii.rpc.http.request_fields import RequestFields
 from mii.rpc.http.structured import check_schema_spec_types
+
+log = logging.getLogger(__name__)
 
 # Chat fields (and what is under them) -> the Responses request's names, for 400s.
 _FIELD_NAMES = {
@@ -46,6 +49,26 @@ def responses_field(field: str) -> str:
         if field == chat or field.startswith(chat + "."):
             return ours + field[len(chat) :]
     return field
+
+
+# OpenAI's ``include`` values; only the logprobs change an answer here (the others
+# ask for the outputs of built-in tools and images, which this server has none of).
+INCLUDE_VALUES = (
+    "message.output_text.logprobs",
+    "reasoning.encrypted_content",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+)
+
+
+class ResponsesStreamOptions(RequestFields):
+    model_config = ConfigDict(extra="forbid")
+
+    include_obfuscation: bool | None = None  # ignored (IGNORED_FIELDS)
 
 
 class Reasoning(RequestFields):
@@ -86,8 +109,8 @@ class ResponsesRequest(RequestFields, ServiceFields):
     reasoning: Reasoning | None = None
     # Only "message.output_text.logprobs" changes the answer: it asks for logprobs
     include: list[str] | None = None
-    stream_options: dict[str, Any] | None = None
-    max_tool_calls: int | None = None
+    stream_options: ResponsesStreamOptions | None = None
+    max_tool_calls: int | None = Field(default=None, ge=0)  # (of built-in tools: none here)
     # vLLM's and mii's sampling extensions, as on the chat route
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -98,6 +121,17 @@ class ResponsesRequest(RequestFields, ServiceFields):
     frequency_penalty: float | None = None
     ignore_eos: bool = False
     truncate_prompt_tokens: int | None = None
+
+    @field_validator("include")
+    @classmethod
+    def _known_includes(cls, values: list[str] | None) -> list[str] | None:
+        # A misspelt value passed silently (and with it the logprobs it meant: a trial).
+        for value in values or ():
+            if value not in INCLUDE_VALUES:
+                raise ValueError(
+                    f"{value!r} is not one of OpenAI's include values ({', '.join(INCLUDE_VALUES)})"
+                )
+        return values
 
 
 _STATEFUL = {
@@ -320,6 +354,24 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
         return {"type": kind}
     inner = {k: v for k, v in spec.items() if k != "type"}
     return {"type": "json_schema", "json_schema": inner}
+
+
+def warn_ignored_fields(body: ResponsesRequest) -> None:
+    """Log, once per field, what the request sets that changes nothing here (as the
+    chat route does): OpenAI's service fields, ``reasoning``, ``max_tool_calls``, and
+    ``include`` values other than the logprobs."""
+    warn_ignored(body)
+    others = sorted(set(body.include or ()) - {INCLUDE_VALUES[0]})
+    if others and not _warned_include:
+        _warned_include.append(True)
+        log.warning(
+            "ignoring the include values %s: they ask for the outputs of OpenAI's built-in "
+            "tools and images, which this server has none of (logged once)",
+            others,
+        )
+
+
+_warned_include: list[bool] = []  # (whether warn_ignored_fields has logged include)
 
 
 def _wants_logprobs(body: ResponsesRequest) -> bool:

@@ -44,6 +44,7 @@ from mii.rpc.http.responses_request import (
     chat_body,
     refuse_stateful,
     responses_field,
+    warn_ignored_fields,
 )
 from mii.rpc.http.sse import (
     StreamedLogprobs,
@@ -190,6 +191,7 @@ def _finished(obj: ResponseObject, answer: Answer, response: Response) -> dict[s
 @router.post("/responses")
 async def create_response(body: ResponsesRequest, request: Request):
     refuse_stateful(body)
+    warn_ignored_fields(body)
     try:
         chat = _as_chat(body, get_state(request).max_length)
         fit = chat.truncate_prompt_tokens if auto_truncation(body) else None  # whole items
