@@ -55,6 +55,7 @@ def test_a_response_is_the_chat_routes_answer_in_the_responses_shape(llama):
         )
         assert answer.object == "response" and answer.id.startswith("resp_")
         assert answer.status == "completed" and answer.incomplete_details is None
+        assert answer.completed_at >= answer.created_at  # (it was null)
         assert answer.output_text == "The capital is Paris."
         [message] = answer.output
         assert message.type == "message" and message.role == "assistant"

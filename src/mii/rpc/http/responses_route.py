@@ -34,7 +34,7 @@ from mii.response import Response, join_pieces
 from mii.rpc.http.choices import merge_streams
 from mii.rpc.http.disconnect import ClosingStreamingResponse, until_disconnected
 from mii.rpc.http.errors import ANSWERED_ERRORS, ApiError, describe_validation_error, openai_errors
-from mii.rpc.http.limits import LimitedRoute
+from mii.rpc.http.limits import LimitedRoute, run_off_loop
 from mii.rpc.http.openai_answers import Answer
 from mii.rpc.http.openai_routes import prepare_chat
 from mii.rpc.http.protocol import ChatCompletionRequest
@@ -104,6 +104,7 @@ class ResponseObject:
             "object": "response",
             "created_at": self.created_at,
             "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
             "error": None,
             "incomplete_details": incomplete,
             "model": self.model,
@@ -193,7 +194,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     refuse_stateful(body)
     warn_ignored_fields(body)
     try:
-        chat = _as_chat(body, get_state(request).max_length)
+        # (off the event loop: a conversation of many items takes a while to convert)
+        chat = await run_off_loop(_as_chat, body, get_state(request).max_length)
         fit = chat.truncate_prompt_tokens if auto_truncation(body) else None  # whole items
         state, renames, choices, answer = await prepare_chat(request, chat, responses_field, fit)
     except ApiError as err:
