@@ -4,6 +4,7 @@ and isolation of bad requests."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -151,6 +152,36 @@ def test_an_abort_left_pending_by_an_ended_event_loop_is_applied_by_the_next(lla
 
     asyncio.run(leave_early())
     asyncio.run(asyncio.wait_for(again(), 60))
+
+
+def test_a_stream_finalized_by_asyncio_run_starts_no_task_on_the_closing_loop(llama, caplog):
+    """A stream kept past its asyncio.run is closed by the loop's shutdown of async
+    generators; its abort started a new engine task on that loop, which closed with
+    the task pending: "Task was destroyed but it is pending!" (a user trial). The
+    next loop applies the abort."""
+    import gc
+
+    engine = mii.AsyncEngine(llama, kv_block_size=4, num_kv_blocks=40)
+    kept = []
+
+    async def first():
+        kept.append(engine.stream(PROMPTS[2], max_new_tokens=50, ignore_eos=True))
+        await anext(kept[0])
+
+    async def second():
+        [answer] = await engine.generate(PROMPTS[0], max_new_tokens=2)
+        assert answer.generated_length == 2
+        await engine.wait_idle()
+        assert engine.stats()["running"] == 0 and not engine._queues
+        assert_all_blocks_free(engine)
+        await engine.aclose()
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    asyncio.run(first())
+    asyncio.run(asyncio.wait_for(second(), 60))
+    kept.clear()
+    gc.collect()
+    assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
 
 
 async def test_options_are_keywords_and_a_closed_engine_says_so(llama):

@@ -45,6 +45,40 @@ def test_destroy_frees_the_model_while_the_pipeline_object_lives(llama):
     assert model() is None
 
 
+def test_any_exception_that_ends_the_wait_aborts_the_calls_requests(llama, monkeypatch):
+    """A signal handler's exception (a signal-based timeout, sys.exit from a SIGTERM
+    handler) reached the caller, but only Ctrl-C aborted the call: its request ran on
+    to its last token, slowing every later call (a user trial)."""
+    import signal
+    import threading
+
+    class Deadline(Exception):
+        pass
+
+    def raise_deadline(signum, frame):
+        raise Deadline
+
+    monkeypatch.setenv("MII_PASS_DELAY_S", "0.05")  # (200 tokens: at least 10 s)
+    with mii.pipeline(llama) as pipe:
+        before = pipe.engine.stats()["generation_tokens"]
+
+        def at_the_first_token() -> None:
+            while pipe.engine.stats()["generation_tokens"] == before:
+                time.sleep(0.01)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+
+        previous = signal.signal(signal.SIGALRM, raise_deadline)
+        try:
+            threading.Thread(target=at_the_first_token, daemon=True).start()
+            with pytest.raises(Deadline):
+                pipe(PROMPTS[0], max_new_tokens=200, ignore_eos=True)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+        pipe._runner.wait(pipe._runner.submit(pipe.engine.wait_idle()))
+        stats = pipe.engine.stats()
+        assert stats["running"] == 0 and stats["generation_tokens"] - before < 200, stats
+
+
 def test_a_call_racing_destroy_is_told_the_pipeline_was_destroyed(llama, monkeypatch):
     """A call that passed the "destroyed?" check just as another thread's destroy()
     closed the engine got "RuntimeError: Event loop is closed" (user trial); one whose

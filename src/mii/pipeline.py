@@ -68,8 +68,8 @@ class Pipeline:
             future = self._runner.submit(self._call(prompts, params, progress))
             try:
                 return self._runner.wait(future)
-            except KeyboardInterrupt:
-                future.cancel()  # aborts every request of this call
+            except BaseException:  # Ctrl-C, or a signal handler's (a timeout, sys.exit)
+                future.cancel()  # aborts every request of this call (done: no-op)
                 raise
         except LoopClosedError:
             raise EngineClosedError("this pipeline was destroyed; create a new one") from None

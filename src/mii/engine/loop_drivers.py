@@ -124,3 +124,10 @@ class LoopDrivers:
             for loop, driver in self._by_loop.items()
             if not loop.is_closed() and not driver.task.done()
         }
+
+
+def loop_is_ending() -> bool:
+    """Whether the running event loop is closing its async generators (the end of
+    ``asyncio.run``): a task started now would be destroyed pending with the loop.
+    (CPython's and uvloop's loops keep this flag; another loop is taken as running.)"""
+    return bool(getattr(asyncio.get_running_loop(), "_asyncgens_shutdown_called", False))
