@@ -18,6 +18,8 @@ import httpx
 import openai
 import pytest
 
+from mii.errors import UnavailableError
+from mii.response import Response
 from scripted_gateway import ScriptedPool, with_gateway
 from test_tool_calling import ALERT, HERMES_ANSWER, PARAMETERS
 
@@ -446,3 +448,32 @@ def test_fields_that_change_nothing_here_are_logged_as_on_the_chat_route(
     assert "reasoning.encrypted_content" in include and "logprobs" not in include
     assert len(said) == 5  # once each
     assert pool.sent[-1][1]["logprobs"] == 0  # (the logprobs still asked for)
+
+
+class FailingPool(ScriptedPool):
+    """Streams one piece, then the deployment goes away."""
+
+    async def stream(self, prompt, params, timeout=None, announce=False):
+        self.sent.append((prompt, params))
+        if announce:
+            yield None
+        yield Response("The", len(prompt), 1, None)
+        raise UnavailableError("the replica serving this request stopped")
+
+
+def test_a_stream_that_fails_midway_ends_with_response_failed(llama):
+    """After its error event the stream ends as OpenAI's do: response.failed with the
+    error (it ended with the error event alone; a trial)."""
+
+    async def scenario(client, gateway):
+        stream = await client.responses.create(model="d", input="hi", stream=True)
+        events = [event async for event in stream]
+        kinds = [e.type for e in events]
+        assert kinds[:2] == ["response.created", "response.in_progress"]
+        assert "response.output_text.delta" in kinds
+        assert kinds[-2:] == ["error", "response.failed"], kinds
+        failed = events[-1].response
+        assert failed.status == "failed" and "stopped" in failed.error.message
+        assert [e.sequence_number for e in events] == list(range(len(events)))
+
+    with_gateway(llama, FailingPool("x"), scenario)

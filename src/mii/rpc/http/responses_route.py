@@ -12,7 +12,7 @@ the output items' ``added`` / ``done`` events, ``response.output_text.delta`` as
 text is generated, ``response.function_call_arguments.delta`` / ``.done``, and
 ``response.completed`` (or ``response.incomplete``). With ``tools`` the answer
 is parsed whole before its events are sent (a call is known only at its end). An
-error after the stream began is an ``error`` event.
+error after the stream began is an ``error`` event, then ``response.failed``.
 
 The route function carries no return annotation and no docstring on purpose:
 FastAPI would validate answers against the one and publish the other in
@@ -275,6 +275,10 @@ async def _events(
     except ANSWERED_ERRORS as err:  # failed after the stream began
         error = stream_error_body(err, renames)["error"]
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
+        # ... and the response's own end, as OpenAI's streams end (status "failed")
+        failed = obj.frame("failed", [], None)
+        failed["error"] = {"code": error["code"] or "server_error", "message": error["message"]}
+        yield event("response.failed", response=failed)
     finally:
         await pieces.aclose()  # aborts what is still generating
 
