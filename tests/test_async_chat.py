@@ -112,6 +112,11 @@ async def test_a_large_conversation_is_templated_off_the_event_loop(engine, monk
     await engine.chat([TURN] * 8, **GREEDY)
     await engine.chat([TURN] * 2, **GREEDY)
     assert threads[2] is not threading.main_thread() and threads[3] is threading.main_thread()
+    long_chat = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": "hi"} for i in range(65)
+    ]
+    await engine.chat(long_chat, **GREEDY, truncate_prompt_tokens=32)  # many short turns
+    assert threads[4] is not threading.main_thread()
     assert answer.prompt_length == 32 and small.generated_length == GREEDY["max_new_tokens"]
 
 

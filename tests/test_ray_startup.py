@@ -80,3 +80,46 @@ async def test_a_replica_whose_engine_never_loaded_shuts_down_quietly():
             pass
 
     await MiiReplica.__del__(object.__new__(Unloaded))
+
+
+class FakeStatus:
+    def __init__(self, applications) -> None:
+        self.applications = applications
+
+
+async def test_a_stopped_start_waits_for_serves_start_and_the_hand_over(monkeypatch, capsys):
+    """A stop while Serve started (or serve.run built the application) in their
+    threads deleted nothing and shut nothing down: the threads then brought Serve up
+    again and left its controller and proxy on the cluster (a test found it). The
+    removal waits for Serve's start to end and for the application to be handed over."""
+    from ray import serve
+
+    from mii.ray_backend.startup import threads_settled
+
+    applications: dict = {}
+    monkeypatch.setattr(serve, "status", lambda: FakeStatus(applications))
+    serve_up, handed_over = threading.Event(), threading.Event()
+
+    def start_serve() -> bool:
+        serve_up.wait(10)
+        return True
+
+    def run() -> None:
+        handed_over.wait(10)
+        applications["app"] = "DEPLOYING"  # (then it waits for replicas: never here)
+        threading.Event().wait(60)
+
+    serving, running = in_daemon_thread(start_serve), in_daemon_thread(run)
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.2, serve_up.set)
+    loop.call_later(0.4, handed_over.set)
+    started = loop.time()
+    assert await threads_settled("app", serving, running, timeout=30) is True
+    assert "app" in applications and loop.time() - started >= 0.35
+    # Serve's start still running at the end of the wait: said, and not counted as ours
+    never = threading.Event()
+    assert await threads_settled("app", in_daemon_thread(never.wait), None, 0.1) is False
+    assert "`serve shutdown` stops it" in capsys.readouterr().err
+    never.set()
+    # nothing started: nothing to wait for
+    assert await threads_settled("app", None, None, 30) is False

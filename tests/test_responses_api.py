@@ -425,7 +425,7 @@ def test_fields_that_change_nothing_here_are_logged_as_on_the_chat_route(
     from mii.rpc.http import field_policy, responses_request
 
     monkeypatch.setattr(field_policy, "_warned", set())
-    monkeypatch.setattr(responses_request, "_warned_include", [])
+    monkeypatch.setattr(responses_request, "_warned", set())
     caplog.set_level(logging.WARNING)
     pool = ScriptedPool("x")
     asked = dict(
@@ -474,6 +474,7 @@ def test_a_stream_that_fails_midway_ends_with_response_failed(llama):
         assert kinds[-2:] == ["error", "response.failed"], kinds
         failed = events[-1].response
         assert failed.status == "failed" and "stopped" in failed.error.message
+        assert failed.error.code == "server_error"  # (one of OpenAI's codes)
         assert [e.sequence_number for e in events] == list(range(len(events)))
 
     with_gateway(llama, FailingPool("x"), scenario)

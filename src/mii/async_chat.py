@@ -26,6 +26,7 @@ OFFLOAD_TEMPLATE_CHARS = 16 * 1024
 # ... and so do this many conversations, however short: each template call costs
 # ~0.6 ms (300 one-line conversations stalled the loop 184 ms: a user trial).
 OFFLOAD_CONVERSATIONS = 8
+OFFLOAD_MESSAGES = 64  # (in all: one conversation of many short turns)
 
 
 class AsyncEngine(async_engine.AsyncEngine):
@@ -84,11 +85,17 @@ class AsyncEngine(async_engine.AsyncEngine):
 
     async def _chat_prompts(self, messages: Any, **template: Any) -> list[list[int]]:
         several = (
-            isinstance(messages, (list, tuple))
-            and messages
+            bool(messages)
+            and isinstance(messages, (list, tuple))
             and isinstance(messages[0], (list, tuple))
         )
-        short = conversation_chars([messages, template.get("tools")]) < OFFLOAD_TEMPLATE_CHARS
-        if short and not (several and len(messages) >= OFFLOAD_CONVERSATIONS):
+        conversations = messages if several else [messages]
+        items = sum(len(c) for c in conversations if isinstance(c, (list, tuple)))
+        light = (
+            conversation_chars([messages, template.get("tools")]) < OFFLOAD_TEMPLATE_CHARS
+            and len(conversations) < OFFLOAD_CONVERSATIONS
+            and items < OFFLOAD_MESSAGES
+        )
+        if light:
             return chat_prompt_batch(self.tokenizer, messages, **template)
         return await asyncio.to_thread(chat_prompt_batch, self.tokenizer, messages, **template)

@@ -68,6 +68,8 @@ class Pipeline:
             future = self._runner.submit(self._call(prompts, params, progress))
             try:
                 return self._runner.wait(future)
+            except LoopClosedError:  # (destroyed meanwhile: nothing left to cancel on)
+                raise
             except BaseException:  # Ctrl-C, or a signal handler's (a timeout, sys.exit)
                 future.cancel()  # aborts every request of this call (done: no-op)
                 raise

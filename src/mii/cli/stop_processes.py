@@ -74,13 +74,22 @@ def stop_starting(info: dict[str, Any], timeout: float) -> int:
     its Serve application) and wait ``timeout`` s for them."""
 
     name = info["deployment_name"]
-    if info.get("backend") == "ray":  # its driver: it removes what it started on the cluster
-        pids = [info["pid"]]
-    else:
+    if info.get("backend") != "ray":
         pids = _local_pids(name, info, "stopping a deployment that is starting")
-    send(pids, signal.SIGTERM)
-    send(pids, signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
-    _wait_gone(name, pids, timeout)
+        send(pids, signal.SIGTERM)
+        send(pids, signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
+        _wait_gone(name, pids, timeout)
+    else:  # its driver: it removes what it started on the cluster (Serve's waits: minutes)
+        send([info["pid"]], signal.SIGTERM)
+        from mii.rpc.client import wait_gone
+
+        try:
+            wait_gone([info["pid"]], timeout)
+        except TimeoutError:
+            raise CliError(
+                f"{name} is still removing what it started on its Ray cluster (process "
+                f"{info['pid']}); wait, or run mii terminate {name} --timeout SECONDS"
+            ) from None
     print(f"terminated {name} (it was still starting)")
     return 0
 

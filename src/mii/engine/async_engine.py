@@ -27,7 +27,7 @@ from mii.engine.answer_callbacks import AnswerCallbacks, OnAnswer
 from mii.engine.answer_stream import DONE as _DONE
 from mii.engine.answer_stream import AnswerStream, StreamReleases
 from mii.engine.core import EngineCore, StepOutput
-from mii.engine.loop_drivers import FinishedPasses, LoopDrivers, loop_is_ending
+from mii.engine.loop_drivers import FinishedPasses, LoopDrivers
 from mii.engine.request_sinks import Aborting, Collector, put
 from mii.engine.request_stats import TokenCounters
 from mii.errors import EngineClosedError
@@ -328,7 +328,7 @@ class AsyncEngine:
         self._pending_abort.append(request_id)
         if not self._closed:
             with contextlib.suppress(RuntimeError):  # (another loop runs, elsewhere)
-                if not loop_is_ending():  # (else the next loop's driver applies it)
+                if not self._drivers.ended_here():  # (else the next loop's driver does)
                     self._drivers.ensure()  # this loop's driver applies it
             with contextlib.suppress(RuntimeError):  # (a wakeup of a closed loop)
                 self._drivers.wakeup.set()

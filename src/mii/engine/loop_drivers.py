@@ -70,6 +70,13 @@ class LoopDrivers:
         self.loop, self.wakeup = loop, driver.wakeup
         driver.wakeup.set()
 
+    def ended_here(self) -> bool:
+        """Whether the running loop's driver was cancelled: the loop is ending
+        (``asyncio.run`` cancels every task, then closes the async generators left
+        open; a driver started then would be destroyed pending with the loop)."""
+        driver = self._by_loop.get(asyncio.get_running_loop())
+        return driver is not None and driver.task.cancelled()
+
     def check(self) -> None:
         """RuntimeError when another event loop runs the engine now (in another
         thread): checked before anything is changed."""
@@ -124,10 +131,3 @@ class LoopDrivers:
             for loop, driver in self._by_loop.items()
             if not loop.is_closed() and not driver.task.done()
         }
-
-
-def loop_is_ending() -> bool:
-    """Whether the running event loop is closing its async generators (the end of
-    ``asyncio.run``): a task started now would be destroyed pending with the loop.
-    (CPython's and uvloop's loops keep this flag; another loop is taken as running.)"""
-    return bool(getattr(asyncio.get_running_loop(), "_asyncgens_shutdown_called", False))

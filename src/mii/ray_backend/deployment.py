@@ -31,7 +31,7 @@ from mii.ray_backend.connect import connect
 from mii.ray_backend.fit import warn_if_no_node_fits
 from mii.ray_backend.http_drain import drain_http
 from mii.ray_backend.pool import RayPool
-from mii.ray_backend.startup import in_daemon_thread, outcome, unless_stopped, until_submitted
+from mii.ray_backend.startup import in_daemon_thread, threads_settled, unless_stopped
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import GRPC_PORT_IN_USE_HINT, DeploymentConfig
@@ -43,7 +43,7 @@ from mii.rpc.proto_parse import add_mii_servicer
 from mii.rpc.startup_errors import StoppedWhileStarting, run_reporting_errors
 from mii.rpc.stats_log import capacity_line, log_stats
 
-SUBMIT_WAIT_S = 60.0  # a stop while starting: serve.run's hand-over, before the delete
+SUBMIT_WAIT_S = 60.0  # a stop while starting: Serve's start and serve.run's hand-over
 
 
 def start_serve(config: DeploymentConfig) -> bool:
@@ -208,7 +208,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         registry.record(name, {**_record(config, api_key), "starting": True})
         # In a thread (it may wait for Serve's proxies): the gRPC port answers meanwhile.
         serving = in_daemon_thread(start_serve, config)
-        started_serve = await asyncio.shield(serving)
+        started_serve = await unless_stopped(asyncio.shield(serving), stop, None)
         board = (
             ray.remote(StatsBoard)
             .options(name=board_name(name), namespace=NAMESPACE, num_cpus=0)
@@ -217,6 +217,8 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
         warn_if_no_node_fits(config, gpus_per_rank(config, cluster_gpus))
         app = build_application(config, board_name(name), api_key, cluster_gpus)
+        if stop.is_set():  # (asked for as Serve's start returned)
+            raise StoppedWhileStarting("stopped while starting (a signal or a Terminate call)")
         deployed = True
         run = in_daemon_thread(
             serve.run, app, name=name, route_prefix="/" if config.enable_restful_api else None
@@ -287,10 +289,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         if not (cluster_lost or asked):  # stopped (or failed) while starting
             cluster_lost = await _stopped_with_its_cluster(name)
         if not cluster_lost:
-            # A start stopped or cancelled (Ctrl-C on mii serve) midway left Serve's
-            # start or serve.run going in its thread: what they start goes too.
-            started_serve = bool(await outcome(serving, SUBMIT_WAIT_S))
-            await until_submitted(name, run, SUBMIT_WAIT_S)
+            started_serve = await threads_settled(name, serving, run, SUBMIT_WAIT_S)
             await _remove_from_cluster(name, deployed, started_serve, board)
         registry.remove(name, pid=os.getpid())  # all of it is gone; its claim goes next
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -102,3 +103,24 @@ async def until_submitted(app: str, run: asyncio.Future | None, timeout: float) 
         if status is not None and app in status.applications:
             return
         await asyncio.sleep(0.2)
+
+
+async def threads_settled(
+    app: str, serving: asyncio.Future | None, run: asyncio.Future | None, timeout: float
+) -> bool:
+    """Before what a start began is removed: wait, ``timeout`` s in all, for Serve's
+    start (``serving``: start_serve in its thread) to end and for ``serve.run``
+    (``run``) to hand ``app`` over; a start stopped or cancelled midway (Ctrl-C on
+    mii serve) left them running, and what they start must go too. Returns whether
+    the start started Serve; says so when Serve was still starting at the end."""
+    deadline = time.monotonic() + timeout
+    started = await outcome(serving, timeout)
+    if serving is not None and not serving.done():
+        print(
+            "[mii] Ray Serve was still starting when the deployment stopped; if it comes "
+            "up, `serve shutdown` stops it",
+            file=sys.stderr,
+            flush=True,
+        )
+    await until_submitted(app, run, max(0.0, deadline - time.monotonic()))
+    return bool(started)

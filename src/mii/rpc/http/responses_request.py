@@ -53,8 +53,9 @@ def responses_field(field: str) -> str:
 
 # OpenAI's ``include`` values; only the logprobs change an answer here (the others
 # ask for the outputs of built-in tools and images, which this server has none of).
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 INCLUDE_VALUES = (
-    "message.output_text.logprobs",
+    LOGPROBS_INCLUDE,
     "reasoning.encrypted_content",
     "message.input_image.image_url",
     "computer_call_output.output.image_url",
@@ -66,9 +67,13 @@ INCLUDE_VALUES = (
 
 
 class ResponsesStreamOptions(RequestFields):
+    # The Responses route's stream_options (no docstring: it would change the served
+    # /openapi.json). Its completed event always has the usage: include_usage, which
+    # chat-minded adapters send, asks for nothing more.
     model_config = ConfigDict(extra="forbid")
 
     include_obfuscation: bool | None = None  # ignored (IGNORED_FIELDS)
+    include_usage: bool | None = None
 
 
 class Reasoning(RequestFields):
@@ -361,9 +366,9 @@ def warn_ignored_fields(body: ResponsesRequest) -> None:
     chat route does): OpenAI's service fields, ``reasoning``, ``max_tool_calls``, and
     ``include`` values other than the logprobs."""
     warn_ignored(body)
-    others = sorted(set(body.include or ()) - {INCLUDE_VALUES[0]})
-    if others and not _warned_include:
-        _warned_include.append(True)
+    others = sorted(set(body.include or ()) - {LOGPROBS_INCLUDE})
+    if others and "include" not in _warned:
+        _warned.add("include")
         log.warning(
             "ignoring the include values %s: they ask for the outputs of OpenAI's built-in "
             "tools and images, which this server has none of (logged once)",
@@ -371,13 +376,13 @@ def warn_ignored_fields(body: ResponsesRequest) -> None:
         )
 
 
-_warned_include: list[bool] = []  # (whether warn_ignored_fields has logged include)
+_warned: set[str] = set()  # what warn_ignored_fields has logged (beyond warn_ignored's)
 
 
 def _wants_logprobs(body: ResponsesRequest) -> bool:
     """OpenAI asks for the answer's logprobs with ``include``; ``top_logprobs``
     (0 too) asks for them as well."""
-    return body.top_logprobs is not None or "message.output_text.logprobs" in (body.include or ())
+    return body.top_logprobs is not None or LOGPROBS_INCLUDE in (body.include or ())
 
 
 def chat_body(body: ResponsesRequest, max_length: int) -> dict[str, Any]:

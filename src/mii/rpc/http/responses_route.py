@@ -277,10 +277,15 @@ async def _events(
         yield event("error", code=error["code"], message=error["message"], param=error["param"])
         # ... and the response's own end, as OpenAI's streams end (status "failed")
         failed = obj.frame("failed", [], None)
-        failed["error"] = {"code": error["code"] or "server_error", "message": error["message"]}
+        failed["error"] = {"code": _FAILURE_CODES.get(error["type"], "server_error"),
+                           "message": error["message"]}  # fmt: skip
         yield event("response.failed", response=failed)
     finally:
         await pieces.aclose()  # aborts what is still generating
+
+
+# A failed response's error code is one of OpenAI's (its SDK's ResponseError.code).
+_FAILURE_CODES = {"invalid_request_error": "invalid_prompt", "requests": "rate_limit_exceeded"}
 
 
 def _item_events(event, index: int, item: dict[str, Any], announced: bool) -> list[str]:
