@@ -390,3 +390,10 @@ def test_none_is_every_options_default():
     # Engine options keep None apart: an engine's seed=None is no seed to pick silently
     with pytest.raises(mii.InvalidRequestError):
         EngineConfig.parse(model="m", seed=None)
+
+
+def test_a_stop_of_the_wrong_type_says_what_it_takes():
+    """It said "Input should be a valid tuple": nobody passes a tuple (a trial)."""
+    for wrong in (5, {"a": 1}, 1.5):
+        with pytest.raises(InvalidRequestError, match="must be a string or a list of strings"):
+            GenerateParams.parse(stop=wrong)

@@ -143,6 +143,7 @@ def test_client_by_address_and_unknown_name(deployment):
     _client, info = deployment
     with mii.client(f"127.0.0.1:{info['port']}") as by_address:  # closes its channel only
         assert by_address.model_info().replicas == 2
+        assert by_address.deployment_name == "test-deploy"  # (None: a trial)
     assert _client.model_info().replicas == 2  # the deployment keeps running
     with pytest.raises(mii.DeploymentNotFoundError, match="no running deployment named 'nope'"):
         mii.client("nope")
@@ -242,9 +243,14 @@ def test_deadline_exceeded_aborts_on_the_replica(slow_deployment):
 def test_a_terminated_deployment_is_not_found_not_unavailable(slow_deployment):
     """A client of a deployment that was terminated got UnavailableError, which retry
     policies retry for ever (user trial): the deployment is gone, and said so."""
-    client, _ = slow_deployment
+    _client, info = slow_deployment
     other = mii.client("test-slow")
-    client.terminate_server()
+    # By address too, it waits for the processes (it returned at once, so that a new
+    # deployment on the port failed: a trial); and the client knows the name.
+    by_address = mii.client(f"localhost:{info['port']}")
+    assert by_address.deployment_name == "test-slow"
+    by_address.terminate_server()
+    assert not any(registry.pid_alive(p) for p in [info["pid"], *info["replica_pids"]])
     with other, pytest.raises(mii.DeploymentNotFoundError, match="not running any more") as err:
         other.generate(PROMPTS[0], max_new_tokens=1)
     assert not isinstance(err.value, mii.UnavailableError)

@@ -149,6 +149,8 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
             return ()
         if isinstance(value, str):
             value = (value,)
+        if not isinstance(value, (list, tuple)):  # (pydantic's words: "a valid tuple")
+            raise ValueError("must be a string or a list of strings")
         return value
 
     @field_validator("stop")

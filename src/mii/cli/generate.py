@@ -179,8 +179,9 @@ def _find_deployment(target: str, api_key: str | None = None):
     ``host:port`` presents no record's key (``--chat`` still loads the template of
     the deployment recorded at that address)."""
     from mii.rpc import registry
-    from mii.rpc.client import MiiClient, refuse_starting
+    from mii.rpc.client import MiiClient
     from mii.rpc.listen import host_port
+    from mii.rpc.registry import refuse_starting
 
     info = registry.find(target)
     if info is None:

@@ -400,17 +400,6 @@ def wait_gone(pids: list[int], timeout: float) -> None:
         time.sleep(0.05)
 
 
-def refuse_starting(name: str) -> None:
-    """DeploymentNotFoundError when ``name`` names a deployment that is still
-    starting: nothing answers at its address until its replicas have loaded the model."""
-    info = registry.find(name, include_starting=True)
-    if info is not None and info.get("starting"):
-        raise DeploymentNotFoundError(
-            f"deployment {info['deployment_name']!r} is still starting (its replicas load the "
-            "model): try again once mii list shows it ok"
-        )
-
-
 def client(
     model_or_deployment_name: str | os.PathLike[str], api_key: str | None = None
 ) -> MiiClient:
@@ -426,15 +415,17 @@ def client(
     model_or_deployment_name = os.fspath(model_or_deployment_name)  # a path, as mii.serve takes
     info = registry.find(model_or_deployment_name)
     if info is None:
-        refuse_starting(model_or_deployment_name)
+        registry.refuse_starting(model_or_deployment_name)
     if info is not None:
         key = api_key if api_key is not None else info.get("api_key")
         return MiiClient(
             host_port(info["host"], info["port"]), info["deployment_name"], api_key=key
         )
     host, sep, port = model_or_deployment_name.rpartition(":")
-    if sep and port.isdigit() and host:
-        return MiiClient(model_or_deployment_name, api_key=api_key)
+    if sep and port.isdigit() and host:  # (one of this machine's: its name, for
+        here = registry.at_address(host, int(port)) or {}  # terminate_server's wait)
+        name = here.get("deployment_name")
+        return MiiClient(model_or_deployment_name, name, api_key=api_key)
     logs = [registry.log_path(n) for n in registry.candidate_names(model_or_deployment_name)]
     last_log = next((log for log in logs if log.exists()), None)
     raise DeploymentNotFoundError(

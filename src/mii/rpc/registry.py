@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from mii.cache import cache_dir
-from mii.errors import AmbiguousDeploymentError, DeploymentError
+from mii.errors import AmbiguousDeploymentError, DeploymentError, DeploymentNotFoundError
 
 DEFAULT_NAME_SUFFIX = "-mii-deployment"
 
@@ -325,6 +325,34 @@ def list_deployments(include_starting: bool = False) -> list[dict[str, Any]]:
         if info is not None:
             found.append(info)
     return found
+
+
+def refuse_starting(name: str) -> None:
+    """DeploymentNotFoundError when ``name`` names a deployment that is still
+    starting: nothing answers at its address until its replicas have loaded the model."""
+    info = find(name, include_starting=True)
+    if info is not None and info.get("starting"):
+        raise DeploymentNotFoundError(
+            f"deployment {info['deployment_name']!r} is still starting (its replicas load the "
+            "model): try again once mii list shows it ok"
+        )
+
+
+# Hosts that reach this machine's deployments bound to loopback or to every interface.
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", ""}
+
+
+def at_address(host: str, port: int) -> dict[str, Any] | None:
+    """The record of this machine's running deployment listening at ``host:port``
+    (a loopback or wildcard host matches either), or None."""
+    host = host.strip("[]")
+    for info in list_deployments():
+        if int(info["port"]) != port:
+            continue
+        bound = str(info["host"]).strip("[]")
+        if bound == host or (bound in _LOCAL_HOSTS and host in _LOCAL_HOSTS):
+            return info
+    return None
 
 
 def pid_alive(pid: int) -> bool:
