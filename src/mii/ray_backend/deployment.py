@@ -31,7 +31,7 @@ from mii.ray_backend.connect import connect
 from mii.ray_backend.fit import warn_if_no_node_fits
 from mii.ray_backend.http_drain import drain_http
 from mii.ray_backend.pool import RayPool
-from mii.ray_backend.startup import in_daemon_thread, threads_settled, unless_stopped
+from mii.ray_backend.startup import in_daemon_thread, outcome, threads_settled, unless_stopped
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
 from mii.rpc.deployment_config import GRPC_PORT_IN_USE_HINT, DeploymentConfig
@@ -44,6 +44,7 @@ from mii.rpc.startup_errors import StoppedWhileStarting, run_reporting_errors
 from mii.rpc.stats_log import capacity_line, log_stats
 
 SUBMIT_WAIT_S = 60.0  # a stop while starting: Serve's start and serve.run's hand-over
+RUN_END_WAIT_S = 5.0  # serve.run's poll sees its application deleted (every 1 s)
 
 
 def start_serve(config: DeploymentConfig) -> bool:
@@ -290,7 +291,7 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
             cluster_lost = await _stopped_with_its_cluster(name)
         if not cluster_lost:
             started_serve = await threads_settled(name, serving, run, SUBMIT_WAIT_S)
-            await _remove_from_cluster(name, deployed, started_serve, board)
+            await _remove_from_cluster(name, deployed, started_serve, board, run)
         registry.remove(name, pid=os.getpid())  # all of it is gone; its claim goes next
 
 
@@ -308,9 +309,12 @@ async def _stopped_with_its_cluster(name: str) -> bool:
     return gone is not None
 
 
-async def _remove_from_cluster(name: str, deployed: bool, started_serve: bool, board: Any) -> None:
+async def _remove_from_cluster(
+    name: str, deployed: bool, started_serve: bool, board: Any, run: asyncio.Future | None
+) -> None:
     """Delete the Serve application (and Serve, when this deployment started it) and
-    the stats board, then disconnect from the cluster."""
+    the stats board, then disconnect from the cluster (once a serve.run still waiting
+    has seen its application gone: it used Ray's worker after ray.shutdown)."""
     ray = require_ray()
     from ray import serve
 
@@ -320,6 +324,7 @@ async def _remove_from_cluster(name: str, deployed: bool, started_serve: bool, b
         await asyncio.to_thread(serve.shutdown)
     if board is not None:
         ray.kill(board)
+    await outcome(run, RUN_END_WAIT_S)
     ray.shutdown()  # stops the Ray instance too when this process started it
 
 
