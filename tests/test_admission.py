@@ -518,6 +518,12 @@ def test_the_client_raises_what_the_status_means():
     assert isinstance(full, ServerOverloadedError) and full.retry_after == 3.0
     odd = error_from_grpc(_Failed(code.RESOURCE_EXHAUSTED, "full", (("retry-after", "nan"),)))
     assert odd.retry_after == 1.0
+    said = (("mii-field", "prompt"), ("mii-code", "context_length_exceeded"))
+    too_long = error_from_grpc(_Failed(code.INVALID_ARGUMENT, "the prompt has 9 tokens", said))
+    assert (too_long.field, too_long.code) == ("prompt", "context_length_exceeded")
+    assert (
+        error_from_grpc(_Failed(code.INVALID_ARGUMENT, "bad", (("mii-field", "x"),))).code is None
+    )
     too_big = error_from_grpc(_Failed(code.RESOURCE_EXHAUSTED, "message larger than max"))
     assert not isinstance(too_big, ServerOverloadedError)
     for status in (code.UNAVAILABLE, code.CANCELLED):

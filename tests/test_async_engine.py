@@ -311,6 +311,7 @@ async def test_prompt_too_long_and_request_too_large(engine, llama):
     with pytest.raises(mii.InvalidRequestError, match="prompt") as info:
         await engine.generate("word " * 400)
     assert info.value.field == "prompt"
+    assert info.value.code == "context_length_exceeded"  # (OpenAI's code: clients branch on it)
     assert "truncate_prompt_tokens" in str(info.value)  # the way to keep its end
     assert "the engine's max_length" in str(info.value)
     # the request's own max_length was the limit: that is the one to raise
@@ -321,8 +322,9 @@ async def test_prompt_too_long_and_request_too_large(engine, llama):
     [clamped] = await engine.generate(PROMPTS[1], max_new_tokens=250, ignore_eos=True)
     assert clamped.prompt_length + clamped.generated_length == 160
     assert clamped.finish_reason == "length"
-    with pytest.raises(mii.RequestTooLargeError, match="num_kv_blocks"):
+    with pytest.raises(mii.RequestTooLargeError, match="num_kv_blocks") as info:
         await engine.generate([5] * 170, max_new_tokens=2)
+    assert info.value.code == "context_length_exceeded"
     with pytest.raises(mii.InvalidRequestError, match="prompt"):
         await engine.generate([999_999])
 

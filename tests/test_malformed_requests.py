@@ -254,7 +254,12 @@ def test_bodies_over_the_limit_get_413(served):
     assert response.status_code == 400 and response.json()["error"]["field"] == "prompt"
     with pytest.raises(InvalidRequestError) as err:
         served.client.generate(six_mib, max_new_tokens=2)
-    assert err.value.field == "prompt"
+    assert err.value.field == "prompt" and err.value.code == "context_length_exceeded"
+    # ... and OpenAI's code for it on the OpenAI routes (it was null), whether the
+    # gateway (by characters) or the engine (by tokens) refuses it
+    for prompt in (six_mib, "word " * 300):
+        response = served.http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert response.json()["error"]["code"] == "context_length_exceeded", response.text
     # A gRPC message over the limit: grpc's own RESOURCE_EXHAUSTED, read no further.
     request = mii_pb2.GenerateRequest(prompts=["a" * (DEFAULT_MAX_REQUEST_BYTES + 1)])
     with (

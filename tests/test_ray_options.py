@@ -142,6 +142,8 @@ def test_pieces_and_errors_cross_nodes_as_json():
         back = error_from_wire(json.loads(json.dumps(error_to_wire(err))))
         assert type(back) is type(err) and str(back) == str(err)
     assert error_from_wire(error_to_wire(errors[0])).field == "top_p"
+    too_long = InvalidRequestError("the prompt has 9 tokens", "prompt", "context_length_exceeded")
+    assert error_from_wire(error_to_wire(too_long)).code == "context_length_exceeded"
     assert error_from_wire(error_to_wire(errors[1])).retry_after == 3.0
 
 

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from mii.errors import UnavailableError
+from mii.errors import InvalidRequestError, UnavailableError
 from mii.response import Response
 from scripted_gateway import ScriptedPool, with_gateway
 from test_tool_calling import ALERT, HERMES_ANSWER, PARAMETERS
@@ -478,3 +478,42 @@ def test_a_stream_that_fails_midway_ends_with_response_failed(llama):
         assert [e.sequence_number for e in events] == list(range(len(events)))
 
     with_gateway(llama, FailingPool("x"), scenario)
+
+
+class TooLongPool(ScriptedPool):
+    """Refuses every prompt as the engine refuses one past max_length."""
+
+    async def generate(self, prompts, params, timeout=None):
+        raise InvalidRequestError(
+            "the prompt has 5000 tokens, more than max_length=4096; shorten the prompt, keep "
+            "its last tokens (truncate_prompt_tokens=N, or -1 for as many as fit)",
+            field="prompt",
+            code="context_length_exceeded",
+        )
+
+    async def stream(self, prompt, params, timeout=None, announce=False):
+        await self.generate([prompt], params)
+        yield None  # (never reached)
+
+
+def test_a_prompt_too_long_is_context_length_exceeded_with_this_routes_way_out(llama):
+    """OpenAI's code for it, which clients branch on, on every route (it was null); the
+    Responses route also names its own way out, truncation "auto" (a trial)."""
+
+    async def scenario(client, gateway):
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.responses.create(model="d", input="hi", stream=stream)
+            assert err.value.code == "context_length_exceeded" and err.value.param == "input"
+            assert 'truncation: "auto"' in err.value.message
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.completions.create(model="d", prompt="hi")
+        assert err.value.code == "context_length_exceeded" and err.value.param == "prompt"
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(
+                model="d", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert err.value.code == "context_length_exceeded"
+        assert "truncation" not in err.value.message  # (chat has no such field)
+
+    with_gateway(llama, TooLongPool("x"), scenario)

@@ -10,12 +10,18 @@ class MiiError(Exception):
 class InvalidRequestError(MiiError, ValueError):
     """A generation option or engine option has a bad name or value.
 
-    ``field`` names the offending option so that servers can report it.
+    ``field`` names the offending option so that servers can report it; ``code``,
+    when set, is OpenAI's machine-readable code for it (``context_length_exceeded``:
+    a prompt too long for the model or the cache, as OpenAI's clients branch on).
     """
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.code = code
+
+
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 
 class ModelLoadError(MiiError, OSError):

@@ -15,7 +15,7 @@ from mii.engine import grammar_mask
 from mii.engine.constraints import GrammarCache
 from mii.engine.kv_cache import BlockManager
 from mii.engine.sequence import Sequence
-from mii.errors import InvalidRequestError, RequestTooLargeError
+from mii.errors import CONTEXT_LENGTH_EXCEEDED, InvalidRequestError, RequestTooLargeError
 from mii.prompts import max_prompt_chars
 
 
@@ -61,6 +61,7 @@ class RequestIntake:
                     f"tokens (max_length) of this tokenizer can hold ({self.max_prompt_chars}); "
                     "shorten the prompt",
                     field="prompt",
+                    code=CONTEXT_LENGTH_EXCEEDED,
                 )
             return list(self.tokenizer(prompt).input_ids)
         outside = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
@@ -104,6 +105,7 @@ class RequestIntake:
                 f"the prompt has {count} tokens but the whole KV cache holds {held}; "
                 f"{shorten} or raise num_kv_blocks",
                 field="prompt",
+                code=CONTEXT_LENGTH_EXCEEDED,
             )
         raise InvalidRequestError(
             f"the prompt has {count} tokens, {no_room} max_length={max_length}; "
@@ -114,6 +116,7 @@ class RequestIntake:
                 else "the engine's max_length (mii serve: --max-model-len)"
             ),
             field="prompt",
+            code=CONTEXT_LENGTH_EXCEEDED,
         )
 
     def _check_allowed_tokens(self, params: GenerateParams) -> None:

@@ -44,7 +44,7 @@ def error_to_wire(err: Exception) -> dict[str, Any]:
     classified by :func:`mii.rpc.replica.engine_error`)."""
     body: dict[str, Any] = {"kind": "replica", "message": str(err)}
     if isinstance(err, InvalidRequestError):
-        body.update(kind="invalid_request", field=err.field)
+        body.update(kind="invalid_request", field=err.field, code=err.code)
     elif isinstance(err, ServerOverloadedError):
         body.update(kind="overloaded", retry_after=err.retry_after)
     elif isinstance(err, UnavailableError):
@@ -58,7 +58,7 @@ def error_from_wire(data: dict[str, Any]) -> Exception:
     kind = _KINDS.get(body.get("kind"), ReplicaError)
     message = str(body.get("message", "replica error"))
     if kind is InvalidRequestError:
-        return InvalidRequestError(message, body.get("field"))
+        return InvalidRequestError(message, body.get("field"), body.get("code"))
     if kind is ServerOverloadedError:
         return ServerOverloadedError(message, float(body.get("retry_after") or 1.0))
     return kind(message)

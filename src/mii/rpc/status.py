@@ -28,6 +28,7 @@ from mii.errors import (
 
 # Trailing metadata of an INVALID_ARGUMENT status: the option that was refused.
 FIELD_METADATA = "mii-field"
+CODE_METADATA = "mii-code"  # (OpenAI's code for it: InvalidRequestError.code)
 # Trailing metadata of a RESOURCE_EXHAUSTED refusal (an overloaded server): when to
 # retry, in whole seconds as HTTP's Retry-After says it, and in milliseconds under
 # the name gRPC's own retry policies read (server pushback).
@@ -86,7 +87,7 @@ async def abort(context: grpc.aio.ServicerContext, err: Exception) -> NoReturn:
     RESOURCE_EXHAUSTED (overload) when to retry."""
     metadata: tuple[tuple[str, str], ...] = ()
     if isinstance(err, InvalidRequestError):
-        metadata = ((FIELD_METADATA, err.field or ""),)
+        metadata = ((FIELD_METADATA, err.field or ""), (CODE_METADATA, err.code or ""))
     elif isinstance(err, ServerOverloadedError):
         seconds = retry_after_seconds(err)
         metadata = ((RETRY_AFTER_METADATA, str(seconds)), (PUSHBACK_METADATA, str(seconds * 1000)))
@@ -113,8 +114,9 @@ def error_from_grpc(err: grpc.RpcError, fallback: type[MiiError] = MiiError) -> 
     ``fallback("CODE: details")``."""
     code, details = err.code(), err.details()
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        field = dict(err.trailing_metadata() or ()).get(FIELD_METADATA) or None
-        return InvalidRequestError(details or "invalid request", field)
+        metadata = dict(err.trailing_metadata() or ())
+        field, code = metadata.get(FIELD_METADATA) or None, metadata.get(CODE_METADATA) or None
+        return InvalidRequestError(details or "invalid request", field, code)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RequestTimeoutError(details or "deadline exceeded")
     if code == grpc.StatusCode.UNAUTHENTICATED:

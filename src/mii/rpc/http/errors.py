@@ -62,7 +62,7 @@ def api_error(err: BaseException) -> ApiError:
     """The answer to an exception of the table in :mod:`mii.rpc.status`."""
     status = status_of(err)
     if isinstance(err, InvalidRequestError):
-        return ApiError(status.http, str(err), err.field)
+        return ApiError(status.http, str(err), err.field, err.code)
     if status is INTERNAL:  # a failure, not the caller's doing: name its class
         message = f"{type(err).__name__}: {err}"
     elif isinstance(err, TimeoutError):
@@ -112,7 +112,7 @@ def openai_errors(renames: dict[str, str]) -> Iterator[None]:
     try:
         yield
     except InvalidRequestError as err:
-        raise ApiError(400, *renamed(err, renames)) from None
+        raise ApiError(400, *renamed(err, renames), code=err.code) from None
 
 
 def renamed(err: InvalidRequestError, renames: dict[str, str]) -> tuple[str, str | None]:

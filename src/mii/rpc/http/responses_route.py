@@ -24,12 +24,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
+from mii.errors import CONTEXT_LENGTH_EXCEEDED
 from mii.response import Response, join_pieces
 from mii.rpc.http.choices import merge_streams
 from mii.rpc.http.disconnect import ClosingStreamingResponse, until_disconnected
@@ -71,6 +73,19 @@ def _as_chat(body: ResponsesRequest, max_length: int) -> ChatCompletionRequest:
         if field and renamed != field:
             message = message.replace(repr(field), repr(renamed))
         raise ApiError(400, message, renamed) from None
+
+
+@contextmanager
+def _responses_errors(renames: dict[str, str]) -> Iterator[None]:
+    """``openai_errors``, with this route's way out of a prompt too long (the
+    engine's words name vLLM's truncate_prompt_tokens, which this route takes too)."""
+    try:
+        with openai_errors(renames):
+            yield
+    except ApiError as err:
+        if err.code == CONTEXT_LENGTH_EXCEEDED:
+            err.message += '; or ask for truncation: "auto" (the oldest input items go)'
+        raise
 
 
 def _first_set(*values: Any) -> Any:
@@ -204,12 +219,12 @@ async def create_response(body: ResponsesRequest, request: Request):
         raise
     obj = ResponseObject(body, state.served_model, state.sampling_defaults)
     if not body.stream:
-        with openai_errors(renames):
+        with _responses_errors(renames):
             [response] = await until_disconnected(request, choices.generate(state))
         return _finished(obj, answer, response)
     pieces = merge_streams(choices.streams(state), state.pool.metrics)
     try:
-        with openai_errors(renames):
+        with _responses_errors(renames):
             early = await until_disconnected(request, until_all_accepted(pieces, choices.total))
     except BaseException:
         await pieces.aclose()

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import Request
 
+from mii.errors import CONTEXT_LENGTH_EXCEEDED
 from mii.prompts import max_prompt_chars
 from mii.rpc.deployment_config import DEFAULT_MAX_REQUEST_BYTES
 from mii.rpc.http.auth import AccessPolicy
@@ -55,6 +56,7 @@ class GatewayState:
                 f"the prompt has {chars} characters: more than {self.max_length} tokens "
                 f"(max_length) of this tokenizer can hold ({limit}); shorten it",
                 field,
+                CONTEXT_LENGTH_EXCEEDED,
             )
 
     def never_admitted(
