@@ -14,6 +14,7 @@ from mii.chat_prompts import (
     Conversation,
     chat_prompt_batch,
     conversation_chars,
+    conversation_counts,
     one_conversation,
 )
 from mii.engine import async_engine
@@ -84,16 +85,10 @@ class AsyncEngine(async_engine.AsyncEngine):
             pieces.close()
 
     async def _chat_prompts(self, messages: Any, **template: Any) -> list[list[int]]:
-        several = (
-            bool(messages)
-            and isinstance(messages, (list, tuple))
-            and isinstance(messages[0], (list, tuple))
-        )
-        conversations = messages if several else [messages]
-        items = sum(len(c) for c in conversations if isinstance(c, (list, tuple)))
+        conversations, items = conversation_counts(messages)
         light = (
             conversation_chars([messages, template.get("tools")]) < OFFLOAD_TEMPLATE_CHARS
-            and len(conversations) < OFFLOAD_CONVERSATIONS
+            and conversations < OFFLOAD_CONVERSATIONS
             and items < OFFLOAD_MESSAGES
         )
         if light:

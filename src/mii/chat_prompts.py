@@ -80,3 +80,14 @@ def conversation_chars(messages: Any) -> int:
     if isinstance(messages, (list, tuple)):
         return sum(conversation_chars(item) for item in messages)
     return 0
+
+
+def conversation_counts(messages: Any) -> tuple[int, int]:
+    """How many conversations and messages the chat input holds (read as
+    ``conversation_items`` reads it: a list starting with a dict is one
+    conversation), to tell a large one, whose template is applied off the event loop."""
+    if not isinstance(messages, (list, tuple)):
+        return 0, 0
+    if not messages or isinstance(messages[0], dict):
+        return 1, len(messages)
+    return len(messages), sum(len(c) for c in messages if isinstance(c, (list, tuple)))

@@ -81,27 +81,26 @@ def stop_starting(info: dict[str, Any], timeout: float) -> int:
         _wait_gone(name, pids, timeout)
     else:  # its driver: it removes what it started on the cluster (Serve's waits: minutes)
         send([info["pid"]], signal.SIGTERM)
-        from mii.rpc.client import wait_gone
-
-        try:
-            wait_gone([info["pid"]], timeout)
-        except TimeoutError:
-            raise CliError(
-                f"{name} is still removing what it started on its Ray cluster (process "
-                f"{info['pid']}); wait, or run mii terminate {name} --timeout SECONDS"
-            ) from None
+        way_out = (
+            "it is still removing what it started on its Ray cluster; wait, or run "
+            f"mii terminate {name} --timeout SECONDS"
+        )
+        _wait_gone(name, [info["pid"]], timeout, way_out)
     print(f"terminated {name} (it was still starting)")
     return 0
 
 
-def _wait_gone(name: str, pids: list[int], timeout: float) -> None:
-    """Wait ``timeout`` s for ``pids`` to exit; CliError naming --force if they do not."""
+def _wait_gone(name: str, pids: list[int], timeout: float, way_out: str | None = None) -> None:
+    """Wait ``timeout`` s for ``pids`` to exit; CliError saying ``way_out`` (by default:
+    --force kills them) if they do not."""
     from mii.rpc.client import wait_gone
 
     try:
         wait_gone(pids, timeout)
     except TimeoutError as still:
-        raise CliError(f"{still}; mii terminate {name} --force kills them") from None
+        raise CliError(
+            f"{still}; {way_out or f'mii terminate {name} --force kills them'}"
+        ) from None
 
 
 def kill(name: str, info: dict[str, Any] | None) -> int:

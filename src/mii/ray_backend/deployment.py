@@ -218,8 +218,6 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
         warn_if_no_node_fits(config, gpus_per_rank(config, cluster_gpus))
         app = build_application(config, board_name(name), api_key, cluster_gpus)
-        if stop.is_set():  # (asked for as Serve's start returned)
-            raise StoppedWhileStarting("stopped while starting (a signal or a Terminate call)")
         deployed = True
         run = in_daemon_thread(
             serve.run, app, name=name, route_prefix="/" if config.enable_restful_api else None
