@@ -434,6 +434,9 @@ def test_cors_preflight_and_answers_name_the_allowed_origin(secured):
         assert http.post("/v1/completions", content=body, headers=keyed).status_code == 200
         r = http.get("/v1/models", headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+        # Its script may read a 429's Retry-After and the X-Request-Id it sent.
+        exposed = r.headers["access-control-expose-headers"].lower()
+        assert "retry-after" in exposed and "x-request-id" in exposed
 
 
 # ----- options, without a deployment ---------------------------------------------------

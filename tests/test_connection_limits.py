@@ -162,12 +162,24 @@ async def _slow_app(scope, receive, send):
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-@contextlib.asynccontextmanager
-async def _guarded_server(limits: ConnectionLimits, app=_slow_app, keep_alive: float = 5.0):
-    """A bare uvicorn server of ``app`` on loopback with the guard: (server, port)."""
+def _h11():
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    protocol = guarded_protocol(H11Protocol, limits)
+    return H11Protocol
+
+
+def _httptools():  # what the gateway runs (uvicorn's "auto" where httptools is installed)
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    return HttpToolsProtocol
+
+
+@contextlib.asynccontextmanager
+async def _guarded_server(
+    limits: ConnectionLimits, app=_slow_app, keep_alive: float = 5.0, base=_h11
+):
+    """A bare uvicorn server of ``app`` on loopback with the guard: (server, port)."""
+    protocol = guarded_protocol(base(), limits)
     sock = socket.create_server(("127.0.0.1", 0))
     config = uvicorn.Config(
         app, http=protocol, log_config=None, lifespan="off", timeout_keep_alive=keep_alive
@@ -352,5 +364,81 @@ def test_the_cap_closes_the_connection_idle_the_longest_since_its_response():
             assert (await a_reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
             for w in (a_writer, b_writer, c_writer):
                 w.close()
+
+    asyncio.run(main())
+
+
+def test_a_burst_beyond_the_cap_is_answered_503_not_reset():
+    """Eight clients connect and send their requests before the server reads any (as
+    asyncio accepts a burst in one go); cap 4. The first four are answered, each
+    of the other four gets a whole 503 with Retry-After, counted; none is closed
+    without an answer. (The cap took the just-opened first connections for idle
+    and closed them, requests unread: under a 1,200-connection burst 200 clients
+    saw resets and no metric counted them.)"""
+    refused = []
+
+    async def quick_app(scope, receive, send):
+        if scope["type"] == "http":
+            headers = [(b"content-length", b"2")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    async def main():
+        limits = ConnectionLimits(60.0, 4, on_refused=lambda: refused.append(1))
+        async with _guarded_server(limits, app=quick_app, base=_httptools) as (_server, port):
+            socks = []
+            for _ in range(8):  # blocking: the loop (and so the server) does not run
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"GET /q HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                socks.append(sock)
+            answers = []
+            for sock in socks:
+                sock.setblocking(False)
+                reader, writer = await asyncio.open_connection(sock=sock)
+                answers.append(await _read_until_closed(reader))
+                writer.close()
+        statuses = sorted(a.split(b" ")[1].decode() if a else "reset" for a in answers)
+        assert statuses == ["200"] * 4 + ["503"] * 4, answers
+        assert all(b"retry-after: 1" in a for a in answers if b" 503 " in a)
+        assert len(refused) == 4
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("base", [_httptools, _h11], ids=["httptools", "h11"])
+def test_request_headers_past_the_limit_are_refused(base):
+    """A request whose line and headers pass ``max_header_bytes`` (1 KiB here) is
+    answered 431 and closed, as it arrives in pieces; headers under the limit with a
+    body past it are served. (httptools set no limit: a 128 MB header stalled the
+    gateway's event loop for 10 s; h11 alone refuses past its own 16 KiB, with 400.)"""
+
+    async def request(port: int, *pieces: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            return await _read_until_closed(reader)
+        except ConnectionResetError:
+            return b"reset"
+        finally:
+            writer.close()
+
+    async def main():
+        limits = ConnectionLimits(60.0, 10, max_header_bytes=1024)
+        async with _guarded_server(limits, base=base) as (server, port):
+            head = b"GET /q HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            junk = b"X-Junk: " + b"a" * 500 + b"\r\n"
+            big = await request(port, head, junk, junk, junk, junk, b"\r\n")
+            assert big.startswith(b"HTTP/1.1 431"), big
+            small = await request(port, head + junk + b"\r\n")
+            assert small.startswith(b"HTTP/1.1 200"), small
+            body = b"x" * 8000
+            upload = b"POST /upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            upload += b"content-length: %d\r\n\r\n" % len(body)
+            served = await request(port, upload + body[:3000], body[3000:])
+            assert served.startswith(b"HTTP/1.1 200"), served
+            assert len(server.server_state.connections) == 0
 
     asyncio.run(main())

@@ -184,6 +184,17 @@ def test_stop_token_ids_end_generation_unless_below_min_new_tokens(pipe, tokeniz
     assert response.token_ids == greedy[: at + 1] and response.generated_length == at + 1
     assert response.generated_text == tokenizer.decode(greedy[:at])  # the stop token left out
     assert response.stop_reason == stop  # which stop ended it (vLLM's stop_reason)
+    # vLLM's include_stop_str_in_output decodes the stop token too.
+    [shown] = pipe(
+        [PROMPTS[0]],
+        do_sample=False,
+        max_new_tokens=NEW,
+        stop_token_ids=[stop],
+        include_stop_str_in_output=True,
+    )
+    assert shown.token_ids == response.token_ids and shown.stop_reason == stop
+    assert shown.generated_text == tokenizer.decode(greedy[: at + 1])
+    assert len(shown.generated_text) > len(response.generated_text)
     # ignore_eos does not apply to stop token ids, min_new_tokens bans them before it.
     late = pipe(
         [PROMPTS[0]],

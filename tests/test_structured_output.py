@@ -203,6 +203,29 @@ def test_stop_strings_do_not_cut_a_constrained_answer(engine):
     assert cut.stop_reason == stop and len(cut.generated_text) < len(free.generated_text)
 
 
+def test_stop_token_ids_neither_cut_nor_break_a_constrained_answer(engine):
+    """Stop tokens are not applied under a constraint, as stop strings are not: a
+    stop token the grammar allowed (`":`) ended the JSON there as "stop", and stop
+    tokens banned below min_new_tokens left a one-way grammar no token: the
+    request failed ("rejected token 0 that its mask allowed", a 500 over HTTP;
+    user trial)."""
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}
+    greedy = {"do_sample": False, "max_new_tokens": 30}
+    [whole] = run(engine.generate([PROMPTS[0]], json_schema=schema, **greedy))
+    jsonschema.validate(json.loads(whole.generated_text), schema)
+    inner = whole.token_ids[1:-1]  # tokens inside the JSON: any would have cut it
+    [kept] = run(engine.generate([PROMPTS[0]], json_schema=schema, stop_token_ids=inner, **greedy))
+    assert kept.token_ids == whole.token_ids and kept.stop_reason is None
+    # A choice of one word: its tokens are the only way on, and stay allowed.
+    [word] = run(engine.generate([PROMPTS[1]], choice=["seattle"], **greedy))
+    [forced] = run(
+        engine.generate(
+            [PROMPTS[1]], choice=["seattle"], stop_token_ids=word.token_ids, min_tokens=20, **greedy
+        )
+    )
+    assert forced.generated_text == "seattle" and forced.finish_reason == "stop"
+
+
 # Named groups as Python writes them (xgrammar refused "(?P<"; and, in its own
 # "(?<name>" form, names with a digit or "_"), and "(?P<" inside a character class,
 # where it is four literal characters (the answers are checked with Python's re).

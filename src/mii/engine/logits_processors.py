@@ -129,7 +129,9 @@ def plan(
             bias_rows += [row] * len(p.logit_bias)
             bias_tokens += p.logit_bias.keys()
             bias_values += p.logit_bias.values()
-        if p.stop_token_ids and seq.num_generated < p.min_new_tokens:
+        # (Not under a constraint, which ignores stop tokens: a ban of a token its
+        # grammar needed left no token, and the request failed.)
+        if p.stop_token_ids and seq.num_generated < p.min_new_tokens and p.constraint is None:
             bias_rows += [row] * len(p.stop_token_ids)
             bias_tokens += p.stop_token_ids
             bias_values += [float("-inf")] * len(p.stop_token_ids)

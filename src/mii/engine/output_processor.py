@@ -135,10 +135,16 @@ class OutputProcessor:
         finish = None
         stop_reason: str | int | None = None
         eos = grammar_done or (token in self.eos_token_ids and not params.ignore_eos)
-        if eos or token in params.stop_token_ids:  # ends like EOS: not in the text
+        # Under a constraint the grammar decides where the answer ends (as for stop
+        # strings): a stop token it allows cut JSON or a tool call's arguments short.
+        stop_token = params.constraint is None and token in params.stop_token_ids
+        if eos or stop_token:  # ends like EOS: not in the text
             finish = "stop"
             stop_reason = None if eos else token
-            delta = state.detokenizer.flush()
+            if stop_token and params.include_stop_str_in_output:  # vLLM's: its text too
+                delta = state.detokenizer.add(token, final=True)
+            else:
+                delta = state.detokenizer.flush()
         else:
             at_limit = generated >= seq.max_new_tokens
             delta = state.detokenizer.add(token, final=at_limit)

@@ -43,6 +43,10 @@ DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # equal to httpx's, lost one of 480 streamed requests that way in an H200 serving
 # run (docs/reliability.md). Idle connections stay bounded by http_max_connections.
 DEFAULT_HTTP_KEEP_ALIVE_S = 100.0
+# Above a replica's max_queued_requests (1,024), so that a burst of plain HTTP/1.1
+# clients (one connection each) meets the queue's 429 before the cap's 503; the
+# cap itself only protects descriptors (mii.rpc.fd_limit halves what is left).
+DEFAULT_HTTP_MAX_CONNECTIONS = 4096
 
 
 _API_KEY_RULE = (
@@ -216,7 +220,7 @@ class DeploymentConfig(GpuLayout, RayOptions):
         "Go 90 s, so the server does not close one as its client reuses it)",
     )
     http_max_connections: int = Field(
-        default=1000,
+        default=DEFAULT_HTTP_MAX_CONNECTIONS,
         gt=0,
         description="HTTP connections open at once (at most half the open-files limit); "
         "beyond it the longest-idle one is closed, or the new one gets 503",

@@ -32,7 +32,7 @@ def serve(model_name_or_path: str, **options: Any) -> MiiClient:
     host="127.0.0.1", startup_timeout=600.0, device_map=None, api_key=None,
     allowed_hosts=None, allowed_origins=None, max_request_bytes=8 MiB,
     http_header_timeout=10.0, http_keep_alive_timeout=100.0,
-    http_max_connections=1000``; the OpenAI API: ``served_model_name=None`` (a name or a
+    http_max_connections=4096``; the OpenAI API: ``served_model_name=None`` (a name or a
     list), ``chat_template=None`` (a file path or the template),
     ``tool_call_parser=None`` ("hermes" or "llama3_json": tool_choice "auto"); the log's throughput
     line: ``stats_log_interval_s=10``; supervision and shutdown: ``replica_timeout_s=30,

@@ -32,7 +32,27 @@ if TYPE_CHECKING:  # the generated message classes, for annotations only
 # Labels every deployment exports from the start (at 0), so that dashboards and
 # alerts find the series before the first such request.
 FINISH_REASONS = ("stop", "length", "abort", "error")
-_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Up to an hour: a long prompt on a CPU, or a long answer, takes minutes (a 2,048-
+# token request took 117 s on 2 cores), and +Inf alone would hide how many.
+_LATENCY_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+)
 
 
 class _WithoutCreated:
@@ -119,7 +139,7 @@ class Metrics:
             "mii_time_to_first_token_seconds",
             "Time to first token (streamed: request to first piece; whole answers: "
             "the engine's, arrival to first token)",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=r,
         )
         self.tpot = Histogram(

@@ -48,6 +48,9 @@ CORS_METHODS = ("GET", "POST")
 # Any request header: the browser openai SDK sends its own (x-stainless-*,
 # openai-organization), and an allowed origin is trusted with the API anyway.
 CORS_HEADERS = ("*",)
+# Answer headers a page's script may read: the wait a 429 / 503 asks for, the
+# request id it sent (browsers hide all but a few unless they are listed).
+CORS_EXPOSED_HEADERS = ("Retry-After", "X-Request-Id")
 
 API_KEY_REFUSED = (
     "missing or wrong API key: this server requires the header 'Authorization: Bearer KEY' "
@@ -103,6 +106,7 @@ def install_access_control(app: FastAPI, policy: AccessPolicy) -> None:
             allow_origins=list(policy.allowed_origins),
             allow_methods=list(CORS_METHODS),
             allow_headers=list(CORS_HEADERS),
+            expose_headers=list(CORS_EXPOSED_HEADERS),
         )
     if "*" not in policy.allowed_origins:
         app.add_middleware(CheckOrigin, allowed=frozenset(policy.allowed_origins))

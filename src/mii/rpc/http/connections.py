@@ -13,12 +13,26 @@
   gateway down never has to cancel a handler that waits for a body.
 - **Keep-alive**: an idle connection between requests is closed after uvicorn's
   ``timeout_keep_alive`` (the deployment's ``http_keep_alive_timeout``).
+- **Header size**: a request's line and headers may take ``max_header_bytes``;
+  past that it is answered 431 and closed. uvicorn's httptools parser sets no
+  bound: one connection sending a 128 MB header stalled the event loop for
+  seconds, long enough for the health probes to take a healthy replica out of
+  rotation.
 - **Connection cap**: at most ``max_connections`` open at once. A new connection
   beyond it closes the connection that has been idle (waiting for a request's
   headers, or between requests) the longest; when every connection is busy with
-  a request, the new one is answered 503 and closed at once. Either way the
-  gateway never holds more descriptors than the cap, so the gRPC server of the
-  same process keeps descriptors for its clients.
+  a request, the new one is answered 503 (``Retry-After``). A connection counts
+  as idle only once the event loop has looked for its bytes: asyncio accepts a
+  burst of connections before reading any, and the cap then closed the burst's
+  first ones, their requests unread, instead of answering the excess 503. The
+  gateway never holds more than twice the cap in descriptors (the second half
+  for lingering answers, below), so the gRPC server of the same process keeps
+  descriptors for its clients.
+- **Lingering answers**: a connection answered 503 by the cap or 431 is
+  half-closed after its answer, and what its client still sends is read and
+  dropped until it closes, for at most ``LINGER_S``, at most ``max_connections``
+  of them at once: closing a socket with unread bytes resets it, and the client
+  then saw a reset instead of the answer.
 
 :func:`guarded_protocol` wraps uvicorn's HTTP protocol class (h11 or httptools:
 both keep a ``cycle`` per request and share ``server_state.connections``).
@@ -28,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,53 +61,84 @@ REFUSED = _raw_response(
     b"retry-after: 1",
 )
 TIMED_OUT = _raw_response("408 Request Timeout", b"")
+HEADERS_TOO_LARGE = _raw_response("431 Request Header Fields Too Large", b"")
+
+# A request's line and headers: nginx allows 32 KiB by default, Node.js 16 KiB.
+MAX_HEADER_BYTES = 64 << 10
+# How long a connection answered 503 or 431 is drained for its client to read it.
+LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """``header_timeout`` in seconds; ``max_connections`` open at once."""
+    """``header_timeout`` in seconds; ``max_connections`` open at once; a request's
+    line and headers in at most ``max_header_bytes``; ``on_refused`` is called
+    for each connection refused at the cap (the metrics count it)."""
 
     header_timeout: float
     max_connections: int
+    max_header_bytes: int = MAX_HEADER_BYTES
+    on_refused: Callable[[], None] | None = None
 
 
 def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> type:
     """``base`` (uvicorn's HTTP protocol class) with the header timeout and the
     connection cap of ``limits``."""
 
+    lingering: set[asyncio.BaseTransport] = set()  # answered, drained until their clients close
+
     class GuardedProtocol(base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.mii_refused = False
+            self.mii_refused = False  # by the cap: never joined the connections set
+            self.mii_draining = False  # answered: what arrives now is dropped
+            self.mii_polled = False  # the loop has looked for this connection's bytes
             self.mii_idle_since = time.monotonic()
             self.mii_header_timer: asyncio.TimerHandle | None = None
             self.mii_body_timer: asyncio.TimerHandle | None = None
             self.mii_partial = False  # bytes of a request arrived, its headers not yet
+            self.mii_header_bytes = 0  # of the request whose headers are arriving
 
         # ----- asyncio.Protocol -----------------------------------------------
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             connections = self.server_state.connections
             if len(connections) >= limits.max_connections and not _close_longest_idle(connections):
-                self.mii_refused = True  # never joins the connections set
-                transport.write(REFUSED)  # type: ignore[attr-defined]
-                transport.close()
+                self.mii_refuse(transport)
                 return
             super().connection_made(transport)
             self.mii_wait_for_headers()
+            # Reading starts after connection_made: bytes already waiting are read
+            # within the loop's next pass, so two hops on are after it (asyncio and uvloop).
+            self.loop.call_soon(self.loop.call_soon, self.mii_mark_polled)
 
         def data_received(self, data: bytes) -> None:
-            if self.mii_refused:
-                return
+            if self.mii_draining:
+                return  # dropped: the answer is on its way
             if self.mii_header_timer is None and self.mii_idle():
                 self.mii_wait_for_headers()  # the next request started arriving
+            waiting_for_headers = self.mii_idle()
             self.mii_partial = True
             cycle = self.cycle
             super().data_received(data)
             if self.cycle is not cycle:  # its headers are complete: a request began
                 self.mii_stop_waiting()
                 self.mii_idle_since = time.monotonic()
+                self.mii_header_bytes = 0
+            elif waiting_for_headers and not self.transport.is_closing():
+                self.mii_header_bytes += len(data)
+                if self.mii_header_bytes > limits.max_header_bytes:
+                    self.mii_stop_waiting()
+                    self.server_state.connections.discard(self)
+                    self.mii_linger(HEADERS_TOO_LARGE)
+                    return
             self.mii_watch_body()
+
+        def eof_received(self) -> bool | None:
+            if self.mii_draining:
+                self.transport.close()  # its client read the answer and closed
+                return None
+            return super().eof_received()
 
         def on_response_complete(self) -> None:
             # Idle from here: the cap closes the connection idle the longest, and one
@@ -103,10 +149,39 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
         def connection_lost(self, exc: Exception | None) -> None:
             self.mii_stop_waiting()
             self.mii_stop_body_timer()
+            lingering.discard(self.transport)
             if not self.mii_refused:
                 super().connection_lost(exc)
 
         # ----- the guard ------------------------------------------------------
+
+        def mii_refuse(self, transport: asyncio.BaseTransport) -> None:
+            """Answer 503 and close (it never joins the connections set)."""
+            self.mii_refused = True
+            self.transport = transport
+            if limits.on_refused is not None:
+                limits.on_refused()
+            self.mii_linger(REFUSED)
+
+        def mii_linger(self, answer: bytes) -> None:
+            """Send ``answer``, then drop what the client still sends until it
+            closes (at most LINGER_S), so that its answer is not lost to a reset."""
+            self.mii_draining = True
+            transport = self.transport
+            transport.write(answer)
+            if len(lingering) >= limits.max_connections or not transport.can_write_eof():
+                transport.close()
+                return
+            transport.write_eof()
+            lingering.add(transport)
+            self.loop.call_later(LINGER_S, transport.close)
+
+        def mii_mark_polled(self) -> None:
+            self.mii_polled = True
+
+        def mii_evictable(self) -> bool:
+            """Idle, and not a connection whose first request may still be unread."""
+            return self.mii_polled and self.mii_idle()
 
         def mii_idle(self) -> bool:
             """Waiting for a request's headers, or between requests."""
@@ -114,6 +189,7 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
 
         def mii_wait_for_headers(self) -> None:
             self.mii_partial = False
+            self.mii_header_bytes = 0
             self.mii_header_timer = self.loop.call_later(
                 limits.header_timeout, self.mii_headers_timed_out
             )
@@ -187,21 +263,27 @@ def close_unstarted(connections: set) -> int:
 
 def _close_longest_idle(connections: set) -> bool:
     """Close the open connection idle the longest; False if every one is busy."""
-    idle = [c for c in connections if getattr(c, "mii_idle", None) and c.mii_idle()]
+    idle = [c for c in connections if getattr(c, "mii_evictable", None) and c.mii_evictable()]
     if not idle:
         return False
     min(idle, key=lambda c: c.mii_idle_since).mii_close()
     return True
 
 
-def uvicorn_options(header_timeout: float, keep_alive: float, max_connections: int) -> dict:
+def uvicorn_options(
+    header_timeout: float,
+    keep_alive: float,
+    max_connections: int,
+    on_refused: Callable[[], None] | None = None,
+) -> dict:
     """uvicorn.Config keyword options that apply these bounds (``max_connections``
     is cut to what the open-files limit allows: see :mod:`mii.rpc.fd_limit`)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from mii.rpc.fd_limit import http_accept_backlog, http_connection_budget
 
-    limits = ConnectionLimits(header_timeout, http_connection_budget(max_connections))
+    budget = http_connection_budget(max_connections)
+    limits = ConnectionLimits(header_timeout, budget, on_refused=on_refused)
     return {
         "http": guarded_protocol(AutoHTTPProtocol, limits),
         "timeout_keep_alive": keep_alive,
