@@ -589,3 +589,25 @@ async def test_a_moved_replica_keeps_its_probe_in_flight_and_drops_its_old_chann
         assert not replica._retiring  # the old channel closed with the pool
     finally:
         squatter.close()
+
+
+def test_health_states_agree_with_the_status_between_the_supervisors_looks():
+    """The probe updates ``healthy`` at once, the supervisor its ``state`` on its next
+    look: in between, /health said ``"status": "ok", "healthy_replicas": 1`` beside
+    its only replica ``"state": "unresponsive"`` (user trial). A replica's state is
+    ``serving`` exactly while it is in rotation."""
+    from mii.rpc.replica_health import health_body
+
+    def pool(*replicas):
+        return SimpleNamespace(replicas=[SimpleNamespace(**r) for r in replicas])
+
+    for state in ("unresponsive", "starting", "restarting", "serving", None):
+        body, code = health_body(pool({"healthy": True, "state": state}))
+        assert code == 200 and body["healthy_replicas"] == 1
+        assert body["replicas"][0]["state"] == "serving", state
+    body, code = health_body(pool({"healthy": False, "state": "serving"}, {"healthy": False}))
+    assert code == 503 and body["status"] == "unavailable" and body["healthy_replicas"] == 0
+    assert [r["state"] for r in body["replicas"]] == ["unresponsive", "unresponsive"]
+    for state in ("starting", "restarting", "failed"):
+        body, _ = health_body(pool({"healthy": False, "state": state}))
+        assert body["replicas"][0]["state"] == state

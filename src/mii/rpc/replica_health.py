@@ -15,12 +15,16 @@ from mii.rpc import mii_pb2
 
 
 def replica_state(replica: Any) -> str:
-    """The supervisor's state of ``replica``; for a pool without a supervisor,
-    ``serving`` or ``unresponsive`` by its last health probe."""
+    """The supervisor's state of ``replica``, brought up to date by its last health
+    probe, which the supervisor reads only on its next look (once a second):
+    ``serving`` exactly while the replica is in rotation, so that the states agree
+    with ``status`` and ``healthy_replicas`` (a replica back in rotation showed
+    ``unresponsive`` beside ``"status": "ok"``). Without a supervisor, ``serving``
+    or ``unresponsive`` by the probe alone."""
     state = getattr(replica, "state", None)
-    if state is None:
-        return "serving" if replica.healthy else "unresponsive"
-    if state == "serving" and not replica.healthy:  # between two looks of the supervisor
+    if replica.healthy:
+        return "serving"
+    if state is None or state == "serving":  # out of rotation since the supervisor looked
         return "unresponsive"
     return state
 
