@@ -120,6 +120,9 @@ def call_everything(address: str, metadata) -> dict[str, grpc.StatusCode]:
         calls["health.Check"] = lambda _, md: health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), metadata=md, timeout=10
         )
+        calls["health.Check mii.Mii"] = lambda _, md: health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="mii.Mii"), metadata=md, timeout=10
+        )
         calls["reflection"] = lambda _, md: list(
             reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
@@ -143,7 +146,10 @@ def test_every_grpc_method_refuses_a_missing_or_wrong_key(secured):
     right, wrong = ("authorization", f"Bearer {KEY}"), ("authorization", "Bearer wrong")
     for metadata in [(), (wrong,), (("authorization", KEY),), (right, wrong), (wrong, right)]:
         codes = call_everything(secured.address, metadata)
-        assert codes == dict.fromkeys([*METHODS, "health.Check", "reflection"], unauthenticated)
+        assert codes == {
+            **dict.fromkeys([*METHODS, "health.Check mii.Mii", "reflection"], unauthenticated),
+            "health.Check": grpc.StatusCode.OK,  # the server's status: probes send no key
+        }
     # Terminate was refused: the deployment still serves, and the right key passes.
     codes = call_everything(secured.address, (("authorization", f"Bearer {KEY}"),))
     assert set(codes.values()) == {grpc.StatusCode.OK}, codes
@@ -358,6 +364,13 @@ def test_every_http_route_refuses_a_missing_or_wrong_key(secured):
         for method, path, body in routes:
             r = http.request(method, path, json=body, headers=right)
             assert r.status_code == (404 if path == "/nowhere" else 200), (path, r.text)
+        # Liveness probes cannot hold a secret: /ping answers without it, its status only
+        # (its neighbours /ping/x and /pingx do not).
+        for method in ("GET", "POST"):
+            r = http.request(method, "/ping")
+            assert r.status_code == 200 and r.json() == {"status": "ok"}, r.text
+        for path in ("/ping/x", "/pingx", "/ping/../health"):
+            assert http.get(path).status_code == 401, path
 
 
 def test_two_authorization_headers_are_refused_whatever_their_order(secured):

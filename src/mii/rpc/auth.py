@@ -5,7 +5,12 @@ Every call carries ``authorization: Bearer SECRET`` (gRPC metadata; the HTTP
 header of the same name on the REST gateway, see :mod:`mii.rpc.http.auth`):
 
 - the deployment's public (balancer) port requires the deployment's ``api_key``
-  when it has one, on every method, health checking and reflection included;
+  when it has one, on every method, reflection and health checking's ``Watch``
+  included, but not on health checking's ``Check`` of the whole server (service
+  ``""``, :data:`KEYLESS_CHECK`): liveness probes (Kubernetes' ``grpc`` probe)
+  cannot send a key, and the answer says only SERVING or NOT_SERVING (vLLM's
+  health route takes no key either). ``Check`` of the ``mii.Mii`` service keeps
+  the key, so that a client can learn that its key is refused;
 - a replica's port requires, always, proof of the token its deployment drew at
   start (:func:`new_token`), handed over in the environment (``MII_REPLICA_TOKEN``):
   only the deployment's own pool can call a replica, so another local user
@@ -155,13 +160,19 @@ def warn_if_open_to_network(host: str, ports: Sequence[int], api_key: str | None
 # ----- servers ---------------------------------------------------------------------
 
 
+# The public port's one call that needs no key: the whole server's serving status.
+KEYLESS_CHECK = "/grpc.health.v1.Health/Check"
+
+
 class RequireSecret(grpc.aio.ServerInterceptor):
     """Refuse, with UNAUTHENTICATED and ``message``, every call of a server (every
-    service and method) whose metadata does not present ``secret``."""
+    service and method; with ``keyless_check``, all but health checking's Check of
+    the whole server) whose metadata does not present ``secret``."""
 
-    def __init__(self, secret: str, message: str) -> None:
+    def __init__(self, secret: str, message: str, keyless_check: bool = False) -> None:
         self._expected = secret.encode()
         self._message = message
+        self._keyless_check = keyless_check
 
     async def intercept_service(
         self,
@@ -175,7 +186,25 @@ class RequireSecret(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if secret_matches(presented, self._expected):
             return handler
+        if handler is not None and self._keyless_check and details.method == KEYLESS_CHECK:
+            return _server_status_only(handler, self._message)
         return None if handler is None else _refusing(handler, self._message)
+
+
+def _server_status_only(check: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """Health checking's ``check`` handler answering the whole server's status
+    (service ``""``) and refusing any service's with UNAUTHENTICATED."""
+
+    async def status(request, context: grpc.aio.ServicerContext):
+        if request.service:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        return await check.unary_unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        status,
+        request_deserializer=check.request_deserializer,
+        response_serializer=check.response_serializer,
+    )
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -197,7 +226,9 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
 
 def api_key_interceptors(api_key: str | None) -> tuple[grpc.aio.ServerInterceptor, ...]:
     """The interceptors of a deployment's public port: none without an API key."""
-    return () if api_key is None else (RequireSecret(api_key, API_KEY_REFUSED),)
+    if api_key is None:
+        return ()
+    return (RequireSecret(api_key, API_KEY_REFUSED, keyless_check=True),)
 
 
 PROOF = "mii-proof"  # gRPC metadata key of a replica call's proof

@@ -33,6 +33,7 @@ from mii.rpc.convert import (
     request_for,
     validated,
 )
+from mii.rpc.health import SERVICE
 from mii.rpc.listen import host_port
 from mii.rpc.loop_channels import LoopChannels
 from mii.rpc.piece_stream import CallCanceller, PieceStream
@@ -254,8 +255,10 @@ class MiiClient:
         client's key raises AuthenticationError (it is there: the key is wrong)."""
         self._require_open()
         try:
+            # The Mii service's status, not the server's: that one takes no key (for
+            # liveness probes), and would call a deployment that refuses it healthy.
             reply = health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+                health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout
             )
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNAUTHENTICATED:

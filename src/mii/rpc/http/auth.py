@@ -21,11 +21,15 @@ In the order a request meets them:
 3. **CORS** (only with ``allowed_origins``): browsers' preflight requests carry
    no key, so they are answered before the key is checked.
 4. **API key** (only with ``api_key``): every route (``/mii``, ``/v1``,
-   ``/health``, ``/metrics``, unknown paths too) requires the header
+   ``/health``, ``/metrics``, unknown paths too) but ``/ping`` requires the header
    ``Authorization: Bearer KEY``, as OpenAI clients send their ``api_key``; a
    missing or wrong one gets 401 with ``WWW-Authenticate: Bearer`` and
    OpenAI's error body on every route (code ``invalid_api_key``; outside
    ``/v1`` also mii's ``field``, null), so that any client can read it.
+   ``/ping`` (:data:`KEYLESS_PATHS`) answers only ``{"status": ...}``, for
+   liveness probes, which cannot hold a secret (Kubernetes' ``httpGet`` probe
+   takes header values written into the pod spec); vLLM's health routes take no
+   key either. ``/health``, with its replicas' pids and addresses, keeps it.
 """
 
 from __future__ import annotations
@@ -222,15 +226,20 @@ class CheckOrigin:
         return JSONResponse(body, status_code=403)
 
 
+# Routes served without the key: the deployment's serving status, nothing else.
+KEYLESS_PATHS = frozenset({"/ping"})
+
+
 class RequireApiKey:
-    """Answer 401 to a request without ``Authorization: Bearer <api_key>``."""
+    """Answer 401 to a request without ``Authorization: Bearer <api_key>`` (but to
+    one of KEYLESS_PATHS)."""
 
     def __init__(self, app: ASGIApp, api_key: bytes) -> None:
         self.app = app
         self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
+        if scope["type"] in ("http", "websocket") and scope["path"] not in KEYLESS_PATHS:
             given = [v for k, v in scope.get("headers", ()) if k == b"authorization"]
             # Exactly one: with two (a proxy that appends its own), which one counts
             # would be this server's choice, and a wrong key must never pass beside
