@@ -102,7 +102,8 @@ class Metrics:
         )
         self.rejected = Counter(
             "mii_requests_rejected",
-            "Requests refused before they started: overloaded (429), unavailable (503)",
+            "Requests refused before they started: overloaded (429), unavailable (503), "
+            "connections (503: the HTTP connection cap)",
             ["reason"],
             registry=r,
         )

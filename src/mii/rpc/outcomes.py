@@ -36,7 +36,9 @@ from mii.rpc.call_guard import CutWhileServingError
 
 # Labels every deployment exports from the start (at 0), so that dashboards and
 # alerts find the series before the first refusal.
-REJECT_REASONS = ("overloaded", "unavailable")
+# overloaded: the queue is full (429); unavailable: no replica serves (503);
+# connections: the gateway's HTTP connection cap (503, counted per connection).
+REJECT_REASONS = ("overloaded", "unavailable", "connections")
 # The tasks of choices withdrawn because their request failed. (A set of tasks, not
 # a cancellation message: a library between here and the awaited call, gRPC's, may
 # raise a CancelledError of its own.)

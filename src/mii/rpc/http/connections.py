@@ -13,26 +13,28 @@
   gateway down never has to cancel a handler that waits for a body.
 - **Keep-alive**: an idle connection between requests is closed after uvicorn's
   ``timeout_keep_alive`` (the deployment's ``http_keep_alive_timeout``).
-- **Header size**: a request's line and headers may take ``max_header_bytes``;
-  past that it is answered 431 and closed. uvicorn's httptools parser sets no
-  bound: one connection sending a 128 MB header stalled the event loop for
-  seconds, long enough for the health probes to take a healthy replica out of
-  rotation.
+- **Header size**: a request's line and headers may take ``max_header_bytes``
+  (counted from the parser's start of a message to its end of headers, so a
+  request pipelined behind a running one counts too, and the rest of a body
+  that an early answer left unread does not); past that it is answered 431 and
+  closed. uvicorn's httptools parser sets no bound: one connection sending a
+  128 MB header stalled the event loop for seconds, long enough for the health
+  probes to take a healthy replica out of rotation. (h11, uvicorn's parser where
+  httptools is not installed, refuses past its own 16 KiB with 400.)
 - **Connection cap**: at most ``max_connections`` open at once. A new connection
   beyond it closes the connection that has been idle (waiting for a request's
   headers, or between requests) the longest; when every connection is busy with
   a request, the new one is answered 503 (``Retry-After``). A connection counts
   as idle only once the event loop has looked for its bytes: asyncio accepts a
   burst of connections before reading any, and the cap then closed the burst's
-  first ones, their requests unread, instead of answering the excess 503. The
-  gateway never holds more than twice the cap in descriptors (the second half
-  for lingering answers, below), so the gRPC server of the same process keeps
-  descriptors for its clients.
+  first ones, their requests unread, instead of answering the excess 503.
 - **Lingering answers**: a connection answered 503 by the cap or 431 is
   half-closed after its answer, and what its client still sends is read and
-  dropped until it closes, for at most ``LINGER_S``, at most ``max_connections``
-  of them at once: closing a socket with unread bytes resets it, and the client
-  then saw a reset instead of the answer.
+  dropped until it closes, for at most ``LINGER_S``, at most a quarter of
+  ``max_connections`` of them at once (with the cap, half of the descriptors
+  left, and the accept burst, a quarter, an eighth stays for gRPC): closing a
+  socket with unread bytes resets it, and the client then saw a reset instead
+  of the answer.
 
 :func:`guarded_protocol` wraps uvicorn's HTTP protocol class (h11 or httptools:
 both keep a ``cycle`` per request and share ``server_state.connections``).
@@ -80,6 +82,11 @@ class ConnectionLimits:
     max_header_bytes: int = MAX_HEADER_BYTES
     on_refused: Callable[[], None] | None = None
 
+    @property
+    def max_lingering(self) -> int:
+        """Answered connections drained at once (a quarter of the cap)."""
+        return max(1, self.max_connections // 4)
+
 
 def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> type:
     """``base`` (uvicorn's HTTP protocol class) with the header timeout and the
@@ -97,7 +104,8 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
             self.mii_header_timer: asyncio.TimerHandle | None = None
             self.mii_body_timer: asyncio.TimerHandle | None = None
             self.mii_partial = False  # bytes of a request arrived, its headers not yet
-            self.mii_header_bytes = 0  # of the request whose headers are arriving
+            self.mii_in_headers = False  # the parser is inside a request's line and headers
+            self.mii_header_bytes = 0  # read since the parser began the current message
 
         # ----- asyncio.Protocol -----------------------------------------------
 
@@ -117,15 +125,13 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
                 return  # dropped: the answer is on its way
             if self.mii_header_timer is None and self.mii_idle():
                 self.mii_wait_for_headers()  # the next request started arriving
-            waiting_for_headers = self.mii_idle()
             self.mii_partial = True
             cycle = self.cycle
             super().data_received(data)
             if self.cycle is not cycle:  # its headers are complete: a request began
                 self.mii_stop_waiting()
                 self.mii_idle_since = time.monotonic()
-                self.mii_header_bytes = 0
-            elif waiting_for_headers and not self.transport.is_closing():
+            if self.mii_in_headers and not self.transport.is_closing():
                 self.mii_header_bytes += len(data)
                 if self.mii_header_bytes > limits.max_header_bytes:
                     self.mii_stop_waiting()
@@ -133,6 +139,16 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
                     self.mii_linger(HEADERS_TOO_LARGE)
                     return
             self.mii_watch_body()
+
+        # ----- httptools' parser callbacks (h11 has none: it bounds headers itself)
+
+        def on_message_begin(self) -> None:
+            self.mii_in_headers, self.mii_header_bytes = True, 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self.mii_in_headers = False
+            super().on_headers_complete()
 
         def eof_received(self) -> bool | None:
             if self.mii_draining:
@@ -169,7 +185,7 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
             self.mii_draining = True
             transport = self.transport
             transport.write(answer)
-            if len(lingering) >= limits.max_connections or not transport.can_write_eof():
+            if len(lingering) >= limits.max_lingering or not transport.can_write_eof():
                 transport.close()
                 return
             transport.write_eof()
@@ -189,7 +205,6 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
 
         def mii_wait_for_headers(self) -> None:
             self.mii_partial = False
-            self.mii_header_bytes = 0
             self.mii_header_timer = self.loop.call_later(
                 limits.header_timeout, self.mii_headers_timed_out
             )

@@ -153,7 +153,7 @@ async def start_gateway(
                     config.http_header_timeout,
                     config.http_keep_alive_timeout,
                     config.http_max_connections,
-                    on_refused=pool.metrics.rejected.labels("unavailable").inc,
+                    on_refused=pool.metrics.rejected.labels("connections").inc,
                 ),
             )
         )
