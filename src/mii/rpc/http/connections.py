@@ -25,9 +25,15 @@
   beyond it closes the connection that has been idle (waiting for a request's
   headers, or between requests) the longest; when every connection is busy with
   a request, the new one is answered 503 (``Retry-After``). A connection counts
-  as idle only once the event loop has looked for its bytes: asyncio accepts a
-  burst of connections before reading any, and the cap then closed the burst's
-  first ones, their requests unread, instead of answering the excess 503.
+  as idle only once it has been silent for ``idle_grace`` seconds (1 s: since it
+  opened, since its last byte, or since its last response ended) and the event
+  loop has looked for its bytes since it opened. Without the grace the cap
+  closed connections that clients were about to use: an async client opens all
+  its connections before writing any request, a keep-alive pool sends its next
+  request just after a response, and asyncio accepts a burst of connections
+  before reading any; each time the cap closed connections whose requests were
+  on their way (clients saw resets, httpx ``ReadError``, uncounted) instead of
+  answering the newcomer 503.
 - **Lingering answers**: a connection answered 503 by the cap or 431 is
   half-closed after its answer, and what its client still sends is read and
   dropped until it closes, for at most ``LINGER_S``, at most a quarter of
@@ -69,6 +75,8 @@ HEADERS_TOO_LARGE = _raw_response("431 Request Header Fields Too Large", b"")
 MAX_HEADER_BYTES = 64 << 10
 # How long a connection answered 503 or 431 is drained for its client to read it.
 LINGER_S = 2.0
+# Silence after which the cap may close a connection to make room for a new one.
+IDLE_GRACE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class ConnectionLimits:
     max_connections: int
     max_header_bytes: int = MAX_HEADER_BYTES
     on_refused: Callable[[], None] | None = None
+    idle_grace: float = IDLE_GRACE_S
 
     @property
     def max_lingering(self) -> int:
@@ -125,6 +134,7 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
                 return  # dropped: the answer is on its way
             if self.mii_header_timer is None and self.mii_idle():
                 self.mii_wait_for_headers()  # the next request started arriving
+            self.mii_idle_since = time.monotonic()  # (its last byte: not silent)
             self.mii_partial = True
             cycle = self.cycle
             super().data_received(data)
@@ -196,8 +206,10 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
             self.mii_polled = True
 
         def mii_evictable(self) -> bool:
-            """Idle, and not a connection whose first request may still be unread."""
-            return self.mii_polled and self.mii_idle()
+            """Idle and silent for the grace, and not a connection whose first request
+            may still be unread."""
+            silent = time.monotonic() - self.mii_idle_since >= limits.idle_grace
+            return self.mii_polled and silent and self.mii_idle()
 
         def mii_idle(self) -> bool:
             """Waiting for a request's headers, or between requests."""
