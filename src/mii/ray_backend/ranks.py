@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 from typing import Any
 
 import mii.envs as envs
 from mii.config import EngineConfig
 from mii.ray_backend.board import NAMESPACE
+from mii.rpc.free_port import free_port
 
 
 class RankWorker:
@@ -27,12 +27,6 @@ class RankWorker:
         return main([engine_json])
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def start_rank_actors(engine: EngineConfig, name_prefix: str, num_gpus: float) -> list[Any]:
     """Start ranks 1..N-1 of ``engine`` on this node and make this process rank 0.
     Returns the actors (stop them with :func:`stop_rank_actors`)."""
@@ -43,7 +37,7 @@ def start_rank_actors(engine: EngineConfig, name_prefix: str, num_gpus: float) -
     group_env = {
         "WORLD_SIZE": str(world),
         "MASTER_ADDR": host,
-        "MASTER_PORT": str(_free_port(host)),
+        "MASTER_PORT": str(free_port(host)),
         envs.TP_STORE_SECRET.name: secrets.token_urlsafe(32),
     }
     os.environ.update(group_env, RANK="0", LOCAL_RANK="0")

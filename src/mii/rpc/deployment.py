@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from mii.rpc.deployment_config import (
 from mii.rpc.deployment_tokenizer import tokenizer_source
 from mii.rpc.drain import ShutdownRequest, drain, stop_signals
 from mii.rpc.fd_limit import raise_open_files_limit
+from mii.rpc.free_port import free_port
 from mii.rpc.health import add_standard_services, set_health
 from mii.rpc.lasting_output import outlast_readers
 from mii.rpc.listen import host_port, listening_server
@@ -48,13 +48,6 @@ from mii.rpc.startup_errors import (
 )
 from mii.rpc.stats_log import capacity_line, log_stats
 from mii.rpc.supervisor import RestartPolicy, Supervisor
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _gpu_count() -> int:
