@@ -203,6 +203,13 @@ async def _read_until_closed(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), 10)
 
 
+async def _ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> bytes:
+    """Send ``GET path`` on a kept-alive connection; its answer, up to its "ok" body."""
+    writer.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    await writer.drain()
+    return await asyncio.wait_for(reader.readuntil(b"ok"), 10)
+
+
 def test_connection_cap_refuses_when_every_connection_is_busy():
     """Cap 2: an idle connection is closed to make room (no grace here); with two
     busy ones a third connection is answered 503 at once."""
@@ -363,9 +370,7 @@ def test_the_cap_closes_the_connection_idle_the_longest_since_its_response():
             _, c_writer = await asyncio.open_connection("127.0.0.1", port)
             assert await _read_until_closed(b_reader) == b""  # B made room
             # A is still open: it answers a second request.
-            a_writer.write(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n")
-            await a_writer.drain()
-            assert (await a_reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
+            assert (await _ask(a_reader, a_writer, "/again")).startswith(b"HTTP/1.1 200")
             for w in (a_writer, b_writer, c_writer):
                 w.close()
 
@@ -482,9 +487,7 @@ def test_connections_about_to_be_used_are_not_closed_for_a_newcomer():
         limits = ConnectionLimits(60.0, 2, idle_grace=30.0)
         async with _guarded_server(limits, app=_quick_app) as (server, port):
             kept_reader, kept_writer = await asyncio.open_connection("127.0.0.1", port)
-            kept_writer.write(b"GET /q HTTP/1.1\r\nHost: x\r\n\r\n")
-            await kept_writer.drain()
-            assert (await kept_reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
+            assert (await _ask(kept_reader, kept_writer, "/q")).startswith(b"HTTP/1.1 200")
             silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", port)
             while len(server.server_state.connections) < 2:
                 await asyncio.sleep(0.01)
@@ -493,9 +496,7 @@ def test_connections_about_to_be_used_are_not_closed_for_a_newcomer():
             refused = await _read_until_closed(new_reader)
             assert refused.startswith(b"HTTP/1.1 503"), refused
             for reader, writer in ((kept_reader, kept_writer), (silent_reader, silent_writer)):
-                writer.write(b"GET /q HTTP/1.1\r\nHost: x\r\n\r\n")
-                await writer.drain()
-                assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200")
+                assert (await _ask(reader, writer, "/q")).startswith(b"HTTP/1.1 200")
             for writer in (kept_writer, silent_writer, new_writer):
                 writer.close()
 
