@@ -44,6 +44,9 @@ def test_defaults():
         ({"temperature": -0.5}, "temperature"),
         ({"temperature": -math.inf}, "temperature"),
         ({"temperature": math.inf}, "temperature"),
+        ({"temperature": 3.5e38}, "temperature"),  # inf as a 32-bit float: a 500
+        ({"repetition_penalty": 1e-46}, "repetition_penalty"),  # 0 as a 32-bit float
+        ({"repetition_penalty": 1e21}, "repetition_penalty"),
         ({"max_new_tokens": -1}, "max_new_tokens"),
         ({"min_new_tokens": -1}, "min_new_tokens"),
         ({"max_new_tokens": True}, "max_new_tokens"),  # pydantic read it as 1

@@ -166,6 +166,29 @@ def test_allowed_tokens_all_banned_below_min_new_tokens_are_refused(pipe, tokeni
     assert answer.token_ids[:3] == [9, 9, 9] and set(answer.token_ids) <= {eos, 9}
 
 
+@pytest.mark.parametrize(
+    "extreme",
+    [{"temperature": 1e30}, {"repetition_penalty": 1e-20}, {"repetition_penalty": 1e20}],
+    ids=["temperature", "small-penalty", "large-penalty"],
+)
+def test_the_extreme_allowed_values_keep_the_constraints(pipe, extreme):
+    """At the bounds of temperature and repetition_penalty the 32-bit logits stay
+    numbers: allowed_token_ids, min_new_tokens and a grammar still hold. (Past them,
+    3.5e38 and 1e-46, the masked logits became NaN: tokens outside the list, EOS
+    below min_new_tokens, and a grammar's "rejected token" 500; fuzzing.)"""
+    [answer] = pipe(
+        [PROMPTS[1] + " " + PROMPTS[1]],  # its tokens repeat: the penalty applies
+        allowed_token_ids=[9, 10],
+        min_new_tokens=6,
+        max_new_tokens=6,
+        seed=3,
+        **extreme,
+    )
+    assert set(answer.token_ids) <= {9, 10} and answer.generated_length == 6
+    [chosen] = pipe([PROMPTS[1]], choice=["yes", "no"], seed=3, max_new_tokens=8, **extreme)
+    assert chosen.generated_text in ("yes", "no") and chosen.finish_reason == "stop"
+
+
 def test_min_p_one_keeps_only_the_most_likely_token(pipe):
     greedy = pipe([PROMPTS[2]], do_sample=False, max_new_tokens=12)[0].token_ids
     for seed in (1, 2):

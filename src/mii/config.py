@@ -34,6 +34,11 @@ INT64_LIMIT = 2**63
 # A temperature below this is greedy decoding (dividing logits by a smaller one
 # would overflow to inf/nan in float32 instead of picking the most likely token).
 GREEDY_TEMPERATURE = 1e-5
+# The sampler divides 32-bit logits by the temperature: a larger one (3.5e38) became
+# inf there, turned the masked -inf logits into NaN, and a grammar, allowed_token_ids
+# or min_tokens no longer held (a 500, or tokens outside the list). Any temperature
+# above ~100 already samples nearly uniformly.
+MAX_TEMPERATURE = 1e30
 # Stop strings of one request: each is matched against every new piece of its
 # text, so their number and length are capped (OpenAI allows 4).
 MAX_STOP_STRINGS = 16
@@ -88,7 +93,10 @@ class GenerateParams(LogitsOptions, ConstraintOptions):
         "-1 or 0: all)",
     )
     temperature: float | None = Field(
-        default=None, ge=0.0, description="rescale logits; 0 (or below 1e-5) means greedy"
+        default=None,
+        ge=0.0,
+        le=MAX_TEMPERATURE,
+        description="rescale logits; 0 (or below 1e-5) means greedy",
     )
     do_sample: bool = Field(default=True, description="sample; False: greedy decoding")
     return_full_text: bool = Field(

@@ -24,6 +24,10 @@ _INT64_LIMIT = 2**63
 # OpenAI's bounds of a logit bias and of the presence and frequency penalties.
 MAX_LOGIT_BIAS = 100.0
 MAX_PENALTY = 2.0
+# repetition_penalty divides or multiplies 32-bit logits: past these bounds (1e-46
+# is 0 in float32) the logits overflowed or the masked -inf ones became NaN, and a
+# grammar or allowed_token_ids no longer held (a 500, or tokens outside the list).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-20, 1e20
 
 
 class ExactTypes(BaseModel):
@@ -83,7 +87,8 @@ class LogitsOptions(ExactTypes):
     )
     repetition_penalty: float = Field(
         default=1.0,
-        gt=0.0,
+        ge=MIN_REPETITION_PENALTY,
+        le=MAX_REPETITION_PENALTY,
         description="divide the positive logits (multiply the negative ones) of the tokens of "
         "the prompt and the answer by this; > 1 discourages repetition (transformers')",
     )
