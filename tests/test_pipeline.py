@@ -308,3 +308,53 @@ def test_chat_continues_the_final_message_as_the_chat_route_does(llama):
         with pytest.raises(mii.InvalidRequestError) as err:
             pipe.chat(partial, continue_final_message=True, add_generation_prompt=True)
         assert err.value.field == "continue_final_message"
+
+
+FORK_SCRIPT = """
+import asyncio, os, sys, time
+import mii
+
+pipe = mii.pipeline(sys.argv[1])
+engine = mii.AsyncEngine(sys.argv[1])
+expected = pipe("DeepSpeed is", max_new_tokens=2, do_sample=False)[0].token_ids
+asyncio.run(engine.generate("DeepSpeed is", max_new_tokens=2))  # used before the fork
+pid = os.fork()
+if pid == 0:  # the child: each call says why at once, and its exit does not wait
+    outcomes = []
+    for call in (
+        lambda: pipe("DeepSpeed is", max_new_tokens=2),
+        lambda: asyncio.run(engine.generate("DeepSpeed is", max_new_tokens=2)),
+    ):
+        try:
+            call()
+            outcomes.append("served")
+        except mii.ForkedEngineError as err:
+            outcomes.append("forked" if "fork" in str(err) and "spawn" in str(err) else str(err))
+    print("child", outcomes, flush=True)
+    sys.exit(0)  # atexit runs the pipeline's finalizer here: it must leave the parent's
+started = time.monotonic()
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status), round(time.monotonic() - started))
+print("parent", pipe("DeepSpeed is", max_new_tokens=2, do_sample=False)[0].token_ids == expected)
+asyncio.run(engine.aclose())
+pipe.destroy()
+"""
+
+
+def test_a_forked_child_is_told_the_engine_stays_in_its_parent(llama):
+    """gunicorn --preload, celery's prefork pool: a pipeline (or an engine used before
+    the fork) copied into a forked child has no thread to run it. A call there waited
+    for ever; now it raises ForkedEngineError naming what to do, the child exits
+    without waiting on the parent's engine, and the parent goes on serving."""
+    run = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, str(llama)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = run.stdout.splitlines()
+    assert "child ['forked', 'forked']" in lines, (run.stdout, run.stderr[-3000:])
+    exit_line = next(line for line in lines if line.startswith("child exit"))
+    code, seconds = exit_line.split()[2:]
+    assert code == "0" and int(seconds) < 30, exit_line
+    assert "parent True" in lines, (run.stdout, run.stderr[-3000:])

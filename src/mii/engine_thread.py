@@ -6,19 +6,27 @@ a thread that may already run an event loop (Jupyter's), so neither can call
 engine is shut down cleanly when the owner closes it, is garbage-collected, or
 when the interpreter exits.
 
-It needs only the engine's ``stream`` and ``aclose`` and imports nothing of
-mii; it sits in the serving layer beside the pipeline (tests/test_architecture.py).
+A forked child has no such thread (``fork`` copies only the calling thread): a
+call there raises :class:`ForkedEngineError` at once (it waited for ever:
+gunicorn ``--preload``, celery's prefork pool), and the child's exit leaves the
+parent's engine alone.
+
+It needs only the engine's ``stream`` and ``aclose`` and imports only mii's
+errors; it sits in the serving layer beside the pipeline (tests/test_architecture.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import queue
 import threading
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, Protocol
+
+from mii.errors import ForkedEngineError
 
 _DONE = object()
 _SHUTDOWN_TIMEOUT_S = 60
@@ -39,11 +47,14 @@ class EngineThread:
 
     def __init__(self, engine: _Engine, name: str) -> None:
         self.engine = engine
+        self._pid = os.getpid()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
         # An owner that never calls close() still shuts the engine down cleanly at exit.
-        self._finalizer = weakref.finalize(self, _shutdown, engine, self._loop, self._thread)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, engine, self._loop, self._thread, self._pid
+        )
 
     @property
     def closed(self) -> bool:
@@ -51,7 +62,11 @@ class EngineThread:
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
         """Run ``coro`` on the engine's loop; its result comes through the future,
-        and cancelling the future cancels it. LoopClosedError once closed."""
+        and cancelling the future cancels it. LoopClosedError once closed;
+        ForkedEngineError in a forked child."""
+        if os.getpid() != self._pid:
+            coro.close()
+            raise ForkedEngineError.in_fork_of(self._pid)
         try:
             return asyncio.run_coroutine_threadsafe(coro, self._loop)
         except RuntimeError:  # closed by another thread since the caller looked
@@ -102,8 +117,10 @@ class EngineThread:
         self._finalizer()
 
 
-def _shutdown(engine: _Engine, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    if loop.is_closed():
+def _shutdown(
+    engine: _Engine, loop: asyncio.AbstractEventLoop, thread: threading.Thread, pid: int
+) -> None:
+    if loop.is_closed() or os.getpid() != pid:  # (a fork's copy: its parent owns it)
         return
     asyncio.run_coroutine_threadsafe(engine.aclose(), loop).result(timeout=_SHUTDOWN_TIMEOUT_S)
     loop.call_soon_threadsafe(loop.stop)

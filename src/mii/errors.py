@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class MiiError(Exception):
     """Base class of every error mii raises on purpose."""
@@ -38,6 +40,21 @@ class RequestTooLargeError(InvalidRequestError):
 
 class EngineClosedError(MiiError, RuntimeError):
     """The engine was closed; no more requests are accepted."""
+
+
+class ForkedEngineError(EngineClosedError):
+    """The engine was created in another process: ``fork`` copied it into this one
+    without the threads that run it (create it in the process that uses it)."""
+
+    @classmethod
+    def in_fork_of(cls, creator: int) -> ForkedEngineError:
+        """The error of a call in a fork of process ``creator``."""
+        return cls(
+            f"this engine ran in process {creator}, and the threads that run it did not "
+            f"survive the fork into process {os.getpid()}: create the pipeline (or engine) "
+            "in the process that uses it (gunicorn: without --preload; multiprocessing: "
+            "the 'spawn' start method; celery: in worker_process_init)"
+        )
 
 
 class UnavailableError(MiiError, RuntimeError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import random
 import threading
 import uuid
@@ -30,7 +31,7 @@ from mii.engine.core import EngineCore, StepOutput
 from mii.engine.loop_drivers import FinishedPasses, LoopDrivers
 from mii.engine.request_sinks import Aborting, Collector, put
 from mii.engine.request_stats import TokenCounters
-from mii.errors import EngineClosedError
+from mii.errors import EngineClosedError, ForkedEngineError
 from mii.prompts import Prompt, one_streamed_prompt, prompt_batch
 from mii.response import Response
 
@@ -71,6 +72,7 @@ class AsyncEngine:
         self._drivers = LoopDrivers(self._run)  # the engine loop's task, per event loop
         self._finished = FinishedPasses()  # pass outputs not yet delivered
         self._closed = False
+        self._used_in: int | None = None  # the process whose engine thread served it
         self._released = threading.Event()  # set once aclose has released the model
         self._streams = StreamReleases(
             self._queues, self._request_abort, lambda: (self._drivers.loop, self._drivers.wakeup)
@@ -301,6 +303,12 @@ class AsyncEngine:
     ) -> tuple[str, asyncio.Queue, Any]:
         if self._closed:
             raise EngineClosedError("the engine was closed; create a new one")
+        # A fork copies no thread: one used here before the fork has none to run it (it
+        # waited for ever); one never used can still start its own in the child.
+        if self._used_in is None:
+            self._used_in = os.getpid()
+        elif self._used_in != os.getpid():
+            raise ForkedEngineError.in_fork_of(self._used_in)
         self._drivers.ensure()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._queues:
