@@ -82,7 +82,8 @@ async def test_bad_conversations_are_refused_naming_messages(engine):
         with pytest.raises(mii.InvalidRequestError) as err:
             await engine.chat(TURN, chat_template_kwargs=bad, **GREEDY)
         assert err.value.field == "chat_template_kwargs"
-    for bad in ({"name": "x"}, "abc", [1]):  # (the template's error named messages)
+    # (the template's error named messages; a nameless dict vanished without a word)
+    for bad in ({"name": "x"}, "abc", [1], [{"nonsense": 1}], [{"function": {"x": 1}}]):
         with pytest.raises(mii.InvalidRequestError, match="tools must be a list") as err:
             await engine.chat(TURN, tools=bad, **GREEDY)
         assert err.value.field == "tools"
@@ -142,3 +143,18 @@ async def test_a_tool_calling_conversation_goes_to_the_template(engine):
     assert answer.generated_length == GREEDY["max_new_tokens"]
     [alone] = await engine.chat(conversation[2:], **GREEDY)
     assert alone.generated_length == GREEDY["max_new_tokens"]
+
+
+async def test_tools_a_template_ignores_are_said_once(engine, monkeypatch, caplog):
+    """A chat template that never reads tools drops them from the prompt: the OpenAI
+    route logged it, engine.chat said nothing (user trial)."""
+    import mii.rpc.http.tools as tools_module
+
+    monkeypatch.setattr(tools_module, "_warned_templates", set())
+    assert "tools" not in engine.tokenizer.chat_template  # (the ChatML template here)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            await engine.chat(TURN, tools=[tool], **GREEDY)
+    said = [r for r in caplog.records if "does not use tools" in r.getMessage()]
+    assert len(said) == 1

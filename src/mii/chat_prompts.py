@@ -27,18 +27,12 @@ def chat_prompt_batch(
     malformed conversation, or one the template refuses, is InvalidRequestError
     naming ``messages``."""
     from mii.rpc.http.chat import chat_prompt_ids, conversation_items, generation_prompt
+    from mii.rpc.http.tools import warn_template_without_tools
 
     add_generation_prompt = generation_prompt(add_generation_prompt, continue_final_message)
-    if tools is not None and (
-        not isinstance(tools, (list, tuple))
-        or not all(isinstance(tool, dict) or callable(tool) for tool in tools)
-    ):
-        # (else the template's own error came back naming messages)
-        raise InvalidRequestError(
-            "tools must be a list of tool definitions ({'type': 'function', 'function': "
-            f"{{'name', 'description', 'parameters'}}}}, or Python functions; got {tools!r:.80})",
-            field="tools",
-        )
+    if tools is not None:
+        check_tools(tools)
+        warn_template_without_tools(tokenizer)  # (as the OpenAI route does)
     return [
         chat_prompt_ids(
             tokenizer,
@@ -50,6 +44,28 @@ def chat_prompt_batch(
         )
         for items in conversation_items(messages)
     ]
+
+
+def check_tools(tools: Any) -> None:
+    """InvalidRequestError naming ``tools`` unless it lists tool definitions (OpenAI's
+    ``{"type": "function", "function": {"name", ...}}``, or a bare ``{"name", ...}``)
+    or Python functions (transformers reads their signature and docstring). Else
+    the template's own error came back naming messages, or, for a dict without a
+    name, the tool vanished from the prompt without a word (user trial)."""
+    shape = (
+        "tools must be a list of tool definitions ({'type': 'function', 'function': "
+        "{'name', 'description', 'parameters'}}) or Python functions"
+    )
+    if not isinstance(tools, (list, tuple)):
+        raise InvalidRequestError(f"{shape}; got {tools!r:.80}", field="tools")
+    for i, tool in enumerate(tools):
+        if callable(tool):
+            continue
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidRequestError(
+                f"{shape}; tools[{i}] has no function name: {tool!r:.80}", field="tools"
+            )
 
 
 def one_conversation(messages: Any) -> Conversation:
