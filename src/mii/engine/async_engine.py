@@ -220,7 +220,7 @@ class AsyncEngine:
         await self.generate("warm up", max_new_tokens=1)
         await self.run_on_engine_thread(_zero_counters, self.core)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float | str]:
         """Running/waiting counts, KV cache usage (0..1), free blocks, preemptions,
         tokens processed (prompt_tokens, generation_tokens: engine/request_stats.py),
         the KV pool (num_kv_blocks, kv_block_size) and max_length."""
