@@ -160,6 +160,17 @@ def test_replicas_get_the_switches_as_set_and_no_secrets(monkeypatch):
     env = forwarded_env()
     assert env["MII_GGUF_CACHE_DIR"] == "" and env["MII_TP_FAIL_AT_PASS"] == "1:2"
     assert env["MII_GEMV"] == "torch" and "MII_API_KEY" not in env
+    # The HTTP ingress gets them too: it loads the tokenizer (a GGUF converted again
+    # into $HOME without MII_CACHE_DIR, a hub model fetched despite HF_HUB_OFFLINE).
+    from mii.ray_backend.application import ingress_options, replica_options
+    from mii.rpc.deployment_config import DeploymentConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = DeploymentConfig.parse("m")
+    for options in (ingress_options(config), replica_options(config, 0)):
+        shipped = options["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert shipped["MII_GEMV"] == "torch" and shipped["HF_HUB_OFFLINE"] == "1"
+        assert "MII_API_KEY" not in shipped
     monkeypatch.setenv("MII_GEMV", "cuda")
     with pytest.raises(ValueError, match="MII_GEMV must be"):
         forwarded_env()

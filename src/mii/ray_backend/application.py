@@ -141,6 +141,23 @@ def replica_options(config: DeploymentConfig, num_gpus: float) -> dict[str, Any]
     return options
 
 
+def ingress_options(config: DeploymentConfig) -> dict[str, Any]:
+    """``serve.deployment`` options of the HTTP ingress (OpenAI routes, chat templates)."""
+    return {
+        "name": INGRESS_DEPLOYMENT,
+        "ray_actor_options": {
+            "num_cpus": 0,  # it only passes requests on
+            # The replicas' switches too: it loads the tokenizer (without MII_CACHE_DIR
+            # it converted a GGUF a second time into $HOME; without HF_HUB_OFFLINE a
+            # hub model's tokenizer went to the network on an offline cluster).
+            "runtime_env": {"env_vars": forwarded_env()},
+        },
+        "max_ongoing_requests": config.http_max_connections,
+        "graceful_shutdown_timeout_s": config.shutdown_grace_s,
+        "logging_config": serve_logging(config),
+    }
+
+
 def build_application(
     config: DeploymentConfig, board: str, api_key: str | None, cluster_gpus: float
 ) -> Any:
@@ -150,12 +167,5 @@ def build_application(
     num_gpus = gpus_per_rank(config, cluster_gpus)
     config_json = config.model_dump_json()
     replicas = serve.deployment(MiiReplica, **replica_options(config, num_gpus))
-    ingress = serve.deployment(
-        serve.ingress()(MiiIngress),
-        name=INGRESS_DEPLOYMENT,
-        ray_actor_options={"num_cpus": 0},  # it only passes requests on
-        max_ongoing_requests=config.http_max_connections,
-        graceful_shutdown_timeout_s=config.shutdown_grace_s,
-        logging_config=serve_logging(config),
-    )
+    ingress = serve.deployment(serve.ingress()(MiiIngress), **ingress_options(config))
     return ingress.bind(config_json, replicas.bind(config_json, board, num_gpus), board, api_key)
