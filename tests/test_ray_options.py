@@ -237,13 +237,29 @@ def test_serve_running_on_another_http_port_is_refused(monkeypatch):
         proxy.listen()
         client.http_config.port = proxy.getsockname()[1]
         same = DeploymentConfig(model="m", restful_api_port=client.http_config.port, **http)
-        assert start_serve(same)
+        # joined, not started: its end must leave that Serve running (it shut down a
+        # Serve the platform had started; user trial)
+        assert start_serve(same) is False
     without_http = DeploymentConfig(model="m", backend="ray", enable_restful_api=False)
-    assert start_serve(without_http)
+    assert start_serve(without_http) is False
+
+    # Beside another application (its HTTP API refuses a second one by name at
+    # serve.run): joined, not started.
+    def serve_status(apps):
+        return lambda: SimpleNamespace(applications=apps, proxies=proxies)
+
+    monkeypatch.setattr(serve, "status", serve_status({"g": 1}))
+    assert start_serve(same) is False and start_serve(without_http) is False
+    monkeypatch.setattr(serve, "status", serve_status({}))
     proxies.clear()  # a Serve started without the HTTP API (review): no proxy at all
     with pytest.raises(DeploymentError, match="HTTP proxy off") as err:
         start_serve(same)
     assert "serve shutdown" in str(err.value) and "--port" not in str(err.value)
+    # ... also beside a gRPC-only deployment's application: it announced a dead port
+    monkeypatch.setattr(serve, "status", serve_status({"g": 1}))
+    with pytest.raises(DeploymentError, match="HTTP proxy off"):
+        start_serve(same)
+    monkeypatch.setattr(serve, "status", serve_status({}))
     # no Serve yet (serve.status() then answers an empty status, no error): started
     monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda **kw: None)
     assert start_serve(DeploymentConfig(model="m", restful_api_port=free_port(), **http))

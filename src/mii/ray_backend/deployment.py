@@ -49,20 +49,29 @@ RUN_END_WAIT_S = 5.0  # serve.run's poll sees its application deleted (every 1 s
 
 def start_serve(config: DeploymentConfig) -> bool:
     """Start Ray Serve (its HTTP proxy on host:restful_api_port) unless it runs
-    already; True when this call started it."""
+    already; True when this call started it (only then does the deployment's end
+    shut it down: a platform's own Serve, or one a killed deployment left, is not
+    this deployment's to stop)."""
     from ray import serve
 
     try:
         status = serve.status()
     except Exception:  # Serve is not running
         status = None
+    running = status is not None and _serve_client() is not None
     applications = status.applications if status else {}
     if config.deployment_name in applications:  # serve.run would replace it
         raise DeploymentError(
             f"a Serve application named {config.deployment_name!r} already runs on the Ray "
             "cluster: choose another deployment_name"
         )
-    if applications:  # (a second HTTP API is refused by name when it is run)
+    if applications:
+        # A second HTTP API is refused by name when it is run (the first holds the
+        # proxy's root); one beside a Serve whose proxy is off (a gRPC-only
+        # deployment started it) is refused here: it announced a port where nothing
+        # listened.
+        if config.enable_restful_api and not status.proxies:
+            _left_over_serve(config, status)
         return False
     joined = config.enable_restful_api and _left_over_serve(config, status)
     if config.enable_restful_api and not joined and _head_is_here():
@@ -91,16 +100,24 @@ def start_serve(config: DeploymentConfig) -> bool:
             raise
         serve.start(**options)
         _wait_for_proxies(time.monotonic() + config.startup_timeout)
-    return True
+    return not running
+
+
+def _serve_client() -> Any:
+    """Serve's client when its controller runs on the cluster, else None."""
+    from ray.serve.context import _get_global_client
+
+    try:  # (a private API of Serve's: if it moves, Serve counts as not running)
+        return _get_global_client(raise_if_no_controller_running=False)
+    except Exception:
+        return None
 
 
 def _left_over_serve(config: DeploymentConfig, status: Any) -> bool:
     """Whether a Serve with no application runs already, serving HTTP where ``config``
     asks; DeploymentError when off or elsewhere (Serve keeps its first HTTP options)."""
-    from ray.serve.context import _get_global_client
-
+    client = _serve_client()
     try:  # (a private API of Serve's: if it moves, Serve's own warning remains)
-        client = _get_global_client(raise_if_no_controller_running=False)
         http = None if client is None or not status.proxies else client.http_config
     except Exception:
         return False
