@@ -377,20 +377,28 @@ def test_the_cap_closes_the_connection_idle_the_longest_since_its_response():
     asyncio.run(main())
 
 
-def test_a_burst_beyond_the_cap_is_answered_503_not_reset():
-    """Ten clients connect and send their requests before the server reads any (as
-    asyncio accepts a burst in one go); cap 8. The first eight are answered, each
-    of the other two gets a whole 503 with Retry-After, counted; none is closed
-    without an answer. (The cap took the just-opened first connections for idle
-    and closed them, requests unread: under a 1,200-connection burst 200 clients
-    saw resets and no metric counted them.)"""
+@pytest.mark.parametrize(("cap", "clients"), [(8, 10), (2, 12)])
+def test_a_burst_beyond_the_cap_is_answered_503_not_reset(cap, clients):
+    """Clients connect and send their requests before the server reads any (as
+    asyncio accepts a burst in one go). The first ``cap`` are answered, each of the
+    others gets a whole 503 with Retry-After, counted; none is closed without an
+    answer. (The cap took the just-opened first connections for idle and closed
+    them, requests unread: under a 1,200-connection burst 200 clients saw resets
+    and no metric counted them. Then, lingering answers bounded by a quarter of a
+    small cap, 10 of 12 refused clients at a cap of 8 saw resets.)"""
+    from mii.rpc.http.connections import uvicorn_options
+
     refused = []
+    lingering = uvicorn_options(10.0, 5.0, cap)["http"].mii_limits.max_lingering
+    assert lingering >= clients  # bounded by the descriptors, not by the cap chosen
 
     async def main():
-        limits = ConnectionLimits(60.0, 8, on_refused=lambda: refused.append(1))
+        limits = ConnectionLimits(
+            60.0, cap, on_refused=lambda: refused.append(1), lingering_limit=lingering
+        )
         async with _guarded_server(limits, app=_quick_app, base=_httptools) as (_server, port):
             socks = []
-            for _ in range(10):  # blocking: the loop (and so the server) does not run
+            for _ in range(clients):  # blocking: the loop (and so the server) does not run
                 sock = socket.create_connection(("127.0.0.1", port), timeout=10)
                 sock.sendall(b"GET /q HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 socks.append(sock)
@@ -401,9 +409,9 @@ def test_a_burst_beyond_the_cap_is_answered_503_not_reset():
                 answers.append(await _read_until_closed(reader))
                 writer.close()
         statuses = sorted(a.split(b" ")[1].decode() if a else "reset" for a in answers)
-        assert statuses == ["200"] * 8 + ["503"] * 2, answers
+        assert statuses == ["200"] * cap + ["503"] * (clients - cap), answers
         assert all(b"retry-after: 1" in a for a in answers if b" 503 " in a)
-        assert len(refused) == 2
+        assert len(refused) == clients - cap
 
     asyncio.run(main())
 

@@ -36,9 +36,10 @@
   answering the newcomer 503.
 - **Lingering answers**: a connection answered 503 by the cap or 431 is
   half-closed after its answer, and what its client still sends is read and
-  dropped until it closes, for at most ``LINGER_S``, at most a quarter of
-  ``max_connections`` of them at once (with the cap, half of the descriptors
-  left, and the accept burst, a quarter, an eighth stays for gRPC): closing a
+  dropped until it closes, for at most ``LINGER_S``, at most an eighth of the
+  descriptors left of them at once (a quarter of the largest cap the open-files
+  limit allows: with the cap, half of them, and the accept burst, a quarter, an
+  eighth stays for gRPC), whatever smaller cap the user chose: closing a
   socket with unread bytes resets it, and the client then saw a reset instead
   of the answer.
 
@@ -77,6 +78,7 @@ MAX_HEADER_BYTES = 64 << 10
 LINGER_S = 2.0
 # Silence after which the cap may close a connection to make room for a new one.
 IDLE_GRACE_S = 1.0
+UNLIMITED_CONNECTIONS = 1 << 30  # (what the open-files limit alone allows)
 
 
 @dataclass(frozen=True)
@@ -90,10 +92,13 @@ class ConnectionLimits:
     max_header_bytes: int = MAX_HEADER_BYTES
     on_refused: Callable[[], None] | None = None
     idle_grace: float = IDLE_GRACE_S
+    lingering_limit: int | None = None  # None: a quarter of max_connections
 
     @property
     def max_lingering(self) -> int:
-        """Answered connections drained at once (a quarter of the cap)."""
+        """Answered connections drained at once."""
+        if self.lingering_limit is not None:
+            return self.lingering_limit
         return max(1, self.max_connections // 4)
 
 
@@ -269,6 +274,7 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
             self.server_state.connections.discard(self)
             self.transport.close()
 
+    GuardedProtocol.mii_limits = limits
     GuardedProtocol.__name__ = GuardedProtocol.__qualname__ = f"Guarded{base.__name__}"
     return GuardedProtocol
 
@@ -310,7 +316,13 @@ def uvicorn_options(
     from mii.rpc.fd_limit import http_accept_backlog, http_connection_budget
 
     budget = http_connection_budget(max_connections)
-    limits = ConnectionLimits(header_timeout, budget, on_refused=on_refused)
+    # Lingering answers are bounded by the descriptors, not by the cap the user chose:
+    # a quarter of the most connections the open-files limit allows (at a cap of 8,
+    # a quarter of it, 2, left 10 of 12 refused clients a reset instead of the 503).
+    lingering = max(1, http_connection_budget(UNLIMITED_CONNECTIONS) // 4)
+    limits = ConnectionLimits(
+        header_timeout, budget, on_refused=on_refused, lingering_limit=lingering
+    )
     return {
         "http": guarded_protocol(AutoHTTPProtocol, limits),
         "timeout_keep_alive": keep_alive,
