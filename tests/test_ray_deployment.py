@@ -249,14 +249,14 @@ def test_a_second_http_api_on_the_cluster_is_refused_saying_what_to_do(two, clus
 
 
 def test_the_refusal_names_a_deployment_whose_name_has_dots():
-    from mii.ray_backend.deployment import _serve_refusal
+    from mii.ray_backend.serve_errors import serve_refusal
 
     said = (
         "\x1b[36mray::ServeController.deploy_applications()\x1b[39m (pid=1)\nray.serve.exceptions."
         'RayServeException: Prefix / is being used by application "Qwen2.5-0.5B-mii-deployment".'
         ' Failed to deploy application "b".'
     )
-    assert "'Qwen2.5-0.5B-mii-deployment' at /" in _serve_refusal(RuntimeError(said))
+    assert "'Qwen2.5-0.5B-mii-deployment' at /" in serve_refusal(RuntimeError(said))
 
 
 def test_a_killed_replica_is_restarted_and_requests_keep_succeeding(two, cluster, reference):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import sys
 import time
@@ -31,6 +30,7 @@ from mii.ray_backend.connect import connect
 from mii.ray_backend.fit import warn_if_no_node_fits
 from mii.ray_backend.http_drain import drain_http
 from mii.ray_backend.pool import RayPool
+from mii.ray_backend.serve_errors import serve_refusal, start_failure
 from mii.ray_backend.startup import in_daemon_thread, outcome, threads_settled, unless_stopped
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
@@ -249,10 +249,10 @@ async def _run_ray_deployment(config: DeploymentConfig, shutdown: ShutdownReques
         except StoppedWhileStarting:
             raise
         except RuntimeError as err:  # Serve's "Deploying application ... failed"
-            raise DeploymentError(_start_failure(name) or str(err)) from None
+            raise DeploymentError(start_failure(name) or str(err)) from None
         except Exception as err:  # Serve's controller refused it (RayServeException)
             traceback.print_exc()  # the whole of it, into the deployment's log
-            raise DeploymentError(_serve_refusal(err)) from None
+            raise DeploymentError(serve_refusal(err)) from None
         handle = serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=name)
         pool = RayPool(handle, board_name(name))
         pool.guard.progress_timeout_s = config.replica_timeout_s
@@ -382,44 +382,6 @@ async def _drain_both_fronts(
             file=sys.stderr,
             flush=True,
         )
-
-
-def _start_failure(app: str) -> str | None:
-    """Why the application's deployments failed to start: the last line of the error
-    each one reports (a replica's constructor raised it: a bad model, ...)."""
-    from ray import serve
-
-    try:
-        status = serve.status().applications[app]
-    except Exception:
-        return None
-    reasons = []
-    for deployment, info in status.deployments.items():
-        lines = [line.strip() for line in (info.message or "").splitlines() if line.strip()]
-        if lines and info.status != "HEALTHY":
-            reasons.append(f"{deployment}: {lines[-1]}")
-    return "; ".join(reasons) or None
-
-
-# Serve's words when an application already holds the HTTP route prefix asked for.
-_PREFIX_TAKEN = re.compile(r'Prefix (\S+) is being used by application "([^"]*)"')
-_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _serve_refusal(err: BaseException) -> str:
-    """Why Serve's controller refused the application, in words (a RayTaskError's
-    str starts with the controller's call and colour codes; the cause ends it)."""
-    text = _TERMINAL_COLOURS.sub("", str(err))
-    taken = _PREFIX_TAKEN.search(text)
-    if taken:
-        return (
-            f"Ray Serve's HTTP proxy on this cluster already serves the deployment "
-            f"{taken.group(2)!r} at {taken.group(1)}, where mii's HTTP API would go (one per "
-            "cluster): start this one without it (enable_restful_api=False; mii serve "
-            "--no-enable-restful-api) and reach it with mii.client, or terminate that one"
-        )
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f"Ray Serve refused the deployment: {lines[-1] if lines else type(err).__name__}"
 
 
 def _record(config: DeploymentConfig, api_key: str | None) -> dict[str, Any]:
