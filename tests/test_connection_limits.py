@@ -434,8 +434,8 @@ async def _send_pieces(writer: asyncio.StreamWriter, *pieces: bytes) -> None:
 
 def test_request_headers_past_the_limit_are_refused():
     """A request whose line and headers pass ``max_header_bytes`` (1 KiB here) is
-    answered 431 and closed, as it arrives in pieces, also when it is pipelined
-    behind a request still being answered; headers under the limit with a body
+    answered 431 and closed, as it arrives in pieces (pipelined behind a request
+    still being answered, the connection is closed); headers under the limit with a body
     past it are served, and the unread rest of a body answered early (a 401) is
     not taken for headers. (httptools, the gateway's parser, set no limit: a 128 MB
     header stalled the gateway's event loop for 10 s.)"""
@@ -477,9 +477,10 @@ def test_request_headers_past_the_limit_are_refused():
             assert second.startswith(b"HTTP/1.1 200"), second
             writer.close()
         async with _guarded_server(limits, base=_httptools) as (_server, port):
-            # Pipelined behind a request still being answered (/slow never is).
+            # Pipelined behind a request still being answered (/slow never is): closed
+            # (a 431 would land inside that answer; the wait would end in a timeout).
             answer = await request(port, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n", *big)
-            assert answer.startswith(b"HTTP/1.1 431"), answer
+            assert answer in (b"", b"reset"), answer
 
     asyncio.run(main())
 

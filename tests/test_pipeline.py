@@ -331,6 +331,8 @@ if pid == 0:  # the child: each call says why at once, and its exit does not wai
         except mii.ForkedEngineError as err:
             outcomes.append("forked" if "fork" in str(err) and "spawn" in str(err) else str(err))
     print("child", outcomes, flush=True)
+    asyncio.run(engine.aclose())  # (it waited for ever on the parent's engine thread)
+    print("child closed", flush=True)
     sys.exit(0)  # atexit runs the pipeline's finalizer here: it must leave the parent's
 started = time.monotonic()
 _, status = os.waitpid(pid, 0)
@@ -354,6 +356,7 @@ def test_a_forked_child_is_told_the_engine_stays_in_its_parent(llama):
     )
     lines = run.stdout.splitlines()
     assert "child ['forked', 'forked']" in lines, (run.stdout, run.stderr[-3000:])
+    assert "child closed" in lines, (run.stdout, run.stderr[-3000:])
     exit_line = next(line for line in lines if line.startswith("child exit"))
     code, seconds = exit_line.split()[2:]
     assert code == "0" and int(seconds) < 30, exit_line

@@ -183,6 +183,9 @@ class AsyncEngine:
             await asyncio.to_thread(self._released.wait)
             return
         self._closed = True
+        if self._used_in not in (None, os.getpid()):  # a fork's copy: no engine thread
+            self._released.set()  # (its parent owns the model; nothing to release here)
+            return
         for queue in list(self._queues.values()):
             put(queue, EngineClosedError("the engine was closed"))
             if isinstance(queue, Aborting):

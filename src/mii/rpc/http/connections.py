@@ -25,8 +25,9 @@
   beyond it closes the connection that has been idle (waiting for a request's
   headers, or between requests) the longest; when every connection is busy with
   a request, the new one is answered 503 (``Retry-After``). A connection counts
-  as idle only once it has been silent for ``idle_grace`` seconds (1 s: since it
-  opened, since its last byte, or since its last response ended) and the event
+  as idle only ``idle_grace`` seconds (1 s) after it opened or its last response
+  ended, without a request begun since (a client trickling a request's bytes
+  stays evictable), and once the event
   loop has looked for its bytes since it opened. Without the grace the cap
   closed connections that clients were about to use: an async client opens all
   its connections before writing any request, a keep-alive pool sends its next
@@ -139,7 +140,6 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
                 return  # dropped: the answer is on its way
             if self.mii_header_timer is None and self.mii_idle():
                 self.mii_wait_for_headers()  # the next request started arriving
-            self.mii_idle_since = time.monotonic()  # (its last byte: not silent)
             self.mii_partial = True
             cycle = self.cycle
             super().data_received(data)
@@ -150,6 +150,9 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
                 self.mii_header_bytes += len(data)
                 if self.mii_header_bytes > limits.max_header_bytes:
                     self.mii_stop_waiting()
+                    if not self.mii_idle():  # (pipelined behind an answer being written)
+                        self.mii_close()
+                        return
                     self.server_state.connections.discard(self)
                     self.mii_linger(HEADERS_TOO_LARGE)
                     return
