@@ -24,7 +24,7 @@ def test_a_bound_port_is_skipped(monkeypatch):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken_port = taken.getsockname()[1]
-        offers = iter([taken_port, taken_port, 23456])
+        offers = iter([taken_port, 28080, taken_port, 23456])  # (28080: mii's REST default)
         monkeypatch.setattr(picks.random, "randrange", lambda a, b: next(offers))
         assert picks.free_port() == 23456
 

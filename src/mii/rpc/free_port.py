@@ -16,7 +16,11 @@ import random
 import socket
 from pathlib import Path
 
-LOWEST_PORT = 10000  # below it, the well-known and registered services cluster
+# Above Ray's default worker ports (10002-19999, which its raylets bind one by one)
+# and the well-known and registered services below them.
+LOWEST_PORT = 20000
+# Ports mii's own defaults listen on (restful_api_port): never handed to a replica.
+RESERVED_PORTS = frozenset({28080})
 PICK_TRIES = 64
 _DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range
 
@@ -37,7 +41,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     low = ephemeral_range()[0]
     for _ in range(PICK_TRIES if low > LOWEST_PORT + 1000 else 0):
         port = random.randrange(LOWEST_PORT, low)
-        if _bindable(host, port):
+        if port not in RESERVED_PORTS and _bindable(host, port):
             return port
     with socket.socket() as s:
         s.bind((host, 0))
