@@ -47,6 +47,7 @@ DEFAULT_HTTP_KEEP_ALIVE_S = 100.0
 # clients (one connection each) meets the queue's 429 before the cap's 503; the
 # cap itself only protects descriptors (mii.rpc.fd_limit halves what is left).
 DEFAULT_HTTP_MAX_CONNECTIONS = 4096
+DEFAULT_RESTFUL_API_PORT = 28080
 
 
 _API_KEY_RULE = (
@@ -81,7 +82,7 @@ class DeploymentConfig(GpuLayout, RayOptions):
         description="also serve the REST API (/mii/NAME) and the OpenAI-compatible API (/v1)",
     )
     restful_api_port: int = Field(
-        default=28080,
+        default=DEFAULT_RESTFUL_API_PORT,
         ge=1,
         le=65535,
         description="HTTP port: the OpenAI-compatible API (/v1), the REST API (/mii/NAME), "

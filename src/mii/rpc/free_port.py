@@ -16,11 +16,14 @@ import random
 import socket
 from pathlib import Path
 
+from mii.rpc.deployment_config import DEFAULT_RESTFUL_API_PORT
+from mii.rpc.listen import bind_error
+
 # Above Ray's default worker ports (10002-19999, which its raylets bind one by one)
 # and the well-known and registered services below them.
 LOWEST_PORT = 20000
 # Ports mii's own defaults listen on (restful_api_port): never handed to a replica.
-RESERVED_PORTS = frozenset({28080})
+RESERVED_PORTS = frozenset({DEFAULT_RESTFUL_API_PORT})
 PICK_TRIES = 64
 _DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default ip_local_port_range
 
@@ -41,17 +44,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     low = ephemeral_range()[0]
     for _ in range(PICK_TRIES if low > LOWEST_PORT + 1000 else 0):
         port = random.randrange(LOWEST_PORT, low)
-        if port not in RESERVED_PORTS and _bindable(host, port):
+        if port not in RESERVED_PORTS and bind_error(host, port) is None:
             return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True

@@ -77,7 +77,8 @@ HEADERS_TOO_LARGE = _raw_response("431 Request Header Fields Too Large", b"")
 MAX_HEADER_BYTES = 64 << 10
 # How long a connection answered 503 or 431 is drained for its client to read it.
 LINGER_S = 2.0
-# Silence after which the cap may close a connection to make room for a new one.
+# Time after a connection opened or its last answer ended before the cap may close
+# it (idle) to make room for a new one.
 IDLE_GRACE_S = 1.0
 UNLIMITED_CONNECTIONS = 1 << 30  # (what the open-files limit alone allows)
 
@@ -149,12 +150,7 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
             if self.mii_in_headers and not self.transport.is_closing():
                 self.mii_header_bytes += len(data)
                 if self.mii_header_bytes > limits.max_header_bytes:
-                    self.mii_stop_waiting()
-                    if not self.mii_idle():  # (pipelined behind an answer being written)
-                        self.mii_close()
-                        return
-                    self.server_state.connections.discard(self)
-                    self.mii_linger(HEADERS_TOO_LARGE)
+                    self.mii_headers_too_large()
                     return
             self.mii_watch_body()
 
@@ -210,12 +206,22 @@ def guarded_protocol(base: type[asyncio.Protocol], limits: ConnectionLimits) -> 
             lingering.add(transport)
             self.loop.call_later(LINGER_S, transport.close)
 
+        def mii_headers_too_large(self) -> None:
+            """431 and close; only close when pipelined behind an answer still being
+            written (a 431 would land inside it)."""
+            self.mii_stop_waiting()
+            if not self.mii_idle():
+                self.mii_close()
+                return
+            self.server_state.connections.discard(self)
+            self.mii_linger(HEADERS_TOO_LARGE)
+
         def mii_mark_polled(self) -> None:
             self.mii_polled = True
 
         def mii_evictable(self) -> bool:
-            """Idle and silent for the grace, and not a connection whose first request
-            may still be unread."""
+            """Idle for the grace since it opened or its last answer ended, and not a
+            connection whose first request may still be unread."""
             silent = time.monotonic() - self.mii_idle_since >= limits.idle_grace
             return self.mii_polled and silent and self.mii_idle()
 
