@@ -12,7 +12,7 @@ import mii
 from mii.cli.commands import build_parser
 from mii.cli.serve import serve_config
 from mii.errors import DeploymentError, InvalidRequestError
-from mii.ray_backend.application import replica_options, scaling
+from mii.ray_backend.application import check_scaling, replica_options, scaling
 from mii.rpc.deployment import free_port
 from mii.rpc.deployment_config import DeploymentConfig
 
@@ -342,6 +342,36 @@ def test_a_replica_num_outside_the_autoscaling_bounds_is_refused(llama, options,
     assert err.value.field == "replica_num"
     within = DeploymentConfig.parse(llama, backend="ray", replica_num=2, max_replicas=4)
     assert scaling(within)["autoscaling_config"]["initial_replicas"] == 2
+
+
+def test_an_explicit_replica_num_below_min_replicas_is_refused_and_a_left_out_one_starts_there(
+    llama,
+):
+    """`--min-replicas 2 --max-replicas 3 --replica-num 1` became 2 replicas without a
+    word (1 was read as unset) while `--replica-num 4` was refused (user trial)."""
+    with pytest.raises(InvalidRequestError, match=r"replica_num \(1\).*\(2\.\.3\)") as err:
+        DeploymentConfig.parse(llama, backend="ray", replica_num=1, min_replicas=2, max_replicas=3)
+    assert err.value.field == "replica_num"
+    left_out = DeploymentConfig.parse(llama, backend="ray", min_replicas=2, max_replicas=3)
+    assert left_out.replica_num == 2  # what the banner and `mii list` say
+    assert DeploymentConfig.model_validate_json(left_out.model_dump_json()) == left_out
+    assert scaling(left_out)["autoscaling_config"]["initial_replicas"] == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"min_replicas": 0}, "min_replicas"),
+        ({"autoscaling_config": {"min_replicas": 0}}, "autoscaling_config"),
+        ({"autoscaling_config": {"min_replicas": "0"}}, "autoscaling_config"),
+    ],
+)
+def test_scale_to_zero_is_refused_saying_why(llama, options, field):
+    """`--min-replicas 0` said only pydantic's "greater than or equal to 1"; through
+    autoscaling_config it reached Ray, which stopped the last replica."""
+    with pytest.raises(InvalidRequestError, match="at least 1.*no scale to zero") as err:
+        check_scaling(DeploymentConfig.parse(llama, backend="ray", **options))
+    assert err.value.field == field
 
 
 def test_an_address_ray_cannot_read_names_mii_s_option(monkeypatch):

@@ -94,12 +94,26 @@ def check_scaling(config: DeploymentConfig) -> None:
             f"({hint}known: {', '.join(AutoscalingConfig.model_fields)})",
             field="autoscaling_config",
         )
+    if _number(autoscaling.get("min_replicas"), default=1.0) < 1:
+        raise InvalidRequestError(  # (the min_replicas option's own rule)
+            "autoscaling_config min_replicas must be at least 1: a deployment keeps one "
+            "replica loaded (no scale to zero)",
+            field="autoscaling_config",
+        )
     try:
         AutoscalingConfig(**autoscaling)
     except Exception as err:  # pydantic's ValidationError, or a ValueError
         raise InvalidRequestError(
             f"autoscaling_config is not valid for Ray Serve: {err}", field="autoscaling_config"
         ) from None
+
+
+def _number(value: Any, default: float) -> float:
+    """``value`` as Ray Serve's pydantic reads a number ("0" too), else ``default``."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def serve_logging(config: DeploymentConfig) -> dict[str, Any]:

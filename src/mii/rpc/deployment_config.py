@@ -325,13 +325,27 @@ class DeploymentConfig(GpuLayout, RayOptions):
             )
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _start_at_min_replicas(cls, data: Any) -> Any:
+        # Under autoscaling replica_num is the count to start with: left out, it is
+        # min_replicas (so the banner, `mii list` and the saved config say what runs).
+        if isinstance(data, dict) and data.get("replica_num") is None:
+            low = data.get("min_replicas")
+            try:  # (as the field reads it: "2" too; a bad value is the field's error)
+                low = None if isinstance(low, bool) else int(low)
+            except (TypeError, ValueError):
+                low = None
+            if low is not None and low > 1:
+                data = {**data, "replica_num": low}
+        return data
+
     @model_validator(mode="after")
     def _replicas_within_autoscaling(self) -> DeploymentConfig:
-        # Under autoscaling replica_num is the count to start with; one outside
-        # min..max was clamped without a word (a user trial: the banner said 3
-        # replicas, Ray started 2). 1, the default, is taken as unset.
+        # One outside min..max was clamped without a word (user trials: the banner
+        # said 3 replicas, Ray started 2; an explicit 1 under min_replicas 2 became 2).
         low, high, start = self.min_replicas, self.max_replicas, self.replica_num
-        if start != 1 and (start > (high or start) or start < (low or 1)):
+        if start > (high or start) or start < (low or 1):
             raise InvalidRequestError(
                 f"replica_num ({start}) is the number of replicas to start with: it must "
                 f"lie within min_replicas..max_replicas ({low or 1}..{high or 'no limit'}); "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from mii.errors import InvalidRequestError
 from mii.sampling_options import ExactTypes
@@ -52,9 +52,8 @@ class RayOptions(ExactTypes):
     )
     min_replicas: int | None = Field(
         default=None,
-        ge=1,
-        description="backend 'ray': autoscale between this many replicas (default: 1) and "
-        "max_replicas",
+        description="backend 'ray': autoscale between this many replicas (default: 1; at "
+        "least 1, no scale to zero) and max_replicas",
     )
     max_replicas: int | None = Field(
         default=None,
@@ -97,6 +96,20 @@ class RayOptions(ExactTypes):
         description="backend 'ray': GPUs each tensor-parallel rank reserves (default: 1 "
         "when the cluster has GPUs, else 0); a replica's ranks are on one node",
     )
+
+    @field_validator("min_replicas")
+    @classmethod
+    def _no_scale_to_zero(cls, value: int | None) -> int | None:
+        # Ray Serve could stop the last replica, but the next request would then wait
+        # for a model load (minutes) and the health checks would report no replica.
+        if value is not None and value < 1:
+            raise InvalidRequestError(
+                f"min_replicas must be at least 1 (got {value}): a deployment keeps one "
+                "replica loaded (no scale to zero; a request would wait for the model to "
+                "load)",
+                field="min_replicas",
+            )
+        return value
 
     @model_validator(mode="after")
     def _ray_options_need_ray(self) -> RayOptions:
