@@ -111,6 +111,7 @@ def start(cluster, model: str, pass_delay: str = "0", **options):
     ``cluster`` None: no ray_address (backend="ray": the caller's cluster)."""
     name = f"ray-{os.urandom(4).hex()}"
     rest_port = free_port()
+    http = {"enable_restful_api": True, "restful_api_port": rest_port}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MII_PASS_DELAY_S", pass_delay)
         client = mii.serve(
@@ -118,8 +119,7 @@ def start(cluster, model: str, pass_delay: str = "0", **options):
             deployment_name=name,
             **({"ray_address": cluster} if cluster else {"backend": "ray"}),
             ray_num_cpus=0.5,
-            enable_restful_api=True,
-            restful_api_port=rest_port,
+            **({} if options.get("enable_restful_api") is False else http),
             port=free_port(),
             # a safety net: starting two replicas' worker processes took over 240 s on
             # 2 cores beside 3 busy processes (idle: well under a minute)
@@ -418,6 +418,25 @@ def test_a_model_that_fails_to_load_raises_in_the_caller_and_leaves_nothing(
 ):
     with pytest.raises(mii.DeploymentError, match="no-such-model"):  # the replica's error
         start(cluster, str(tmp_path / "no-such-model"))
+    assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
+
+
+def test_a_serve_started_by_a_deployment_goes_with_the_last_one_to_end(
+    cluster, cache_dir, checkpoints
+):
+    """A gRPC-only deployment started Serve and a second joined it; terminated in that
+    order, they left Serve's controller running on the cluster (user trial): the
+    last mii application to end stops the Serve a mii deployment started."""
+    model = str(checkpoints("llama")[0])
+    grpc_only = {"enable_restful_api": False}
+    first, _, _ = start(cluster, model, **grpc_only)
+    second, _, _ = start(cluster, model, **grpc_only)
+    try:
+        first.terminate_server()
+        assert "SERVE_CONTROLLER_ACTOR" in serve_actors()  # the second still runs on it
+        assert second.generate(PROMPTS[0], **GREEDY)[0].generated_text
+    finally:
+        second.terminate_server()
     assert wait_until(lambda: not serve_actors(), timeout=120), serve_actors()
 
 

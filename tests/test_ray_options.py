@@ -250,6 +250,22 @@ def test_serve_running_on_another_http_port_is_refused(monkeypatch):
 
     monkeypatch.setattr(serve, "status", serve_status({"g": 1}))
     assert start_serve(same) is False and start_serve(without_http) is False
+    # ... refused before serve.run where one holds the root (serve.run's refusal came
+    # after ~60 lines of the controller's traceback: user trial), naming it
+    apps = {"g": {"route_prefix": None}, "web-app": {"route_prefix": "/"}}
+    client.get_serve_details = lambda: {"applications": apps}
+    with pytest.raises(DeploymentError, match="'web-app' at /.*enable_restful_api=False"):
+        start_serve(same)
+    assert start_serve(without_http) is False
+    apps["web-app"]["route_prefix"] = "/web"
+    assert start_serve(same) is False  # the root is free: joined
+    # ... and where the proxy is on another port (it announced a port where nothing
+    # listened), without advice to shut down the Serve the others run on
+    elsewhere = DeploymentConfig(model="m", restful_api_port=client.http_config.port + 1, **http)
+    with pytest.raises(DeploymentError, match="HTTP proxy on 127.0.0.1") as err:
+        start_serve(elsewhere)
+    assert "enable_restful_api=False" in str(err.value)
+    assert "serve shutdown" not in str(err.value)
     monkeypatch.setattr(serve, "status", serve_status({}))
     proxies.clear()  # a Serve started without the HTTP API (review): no proxy at all
     with pytest.raises(DeploymentError, match="HTTP proxy off") as err:

@@ -30,7 +30,8 @@ from mii.ray_backend.connect import connect
 from mii.ray_backend.fit import warn_if_no_node_fits
 from mii.ray_backend.http_drain import drain_http
 from mii.ray_backend.pool import RayPool
-from mii.ray_backend.serve_errors import serve_refusal, start_failure
+from mii.ray_backend.serve_errors import prefix_taken, root_holder, serve_refusal, start_failure
+from mii.ray_backend.serve_ownership import mark_started_by_mii, started_by_mii
 from mii.ray_backend.startup import in_daemon_thread, outcome, threads_settled, unless_stopped
 from mii.rpc import auth, mii_pb2, registry
 from mii.rpc.balancer import BalancerServicer
@@ -66,11 +67,14 @@ def start_serve(config: DeploymentConfig) -> bool:
             "cluster: choose another deployment_name"
         )
     if applications:
-        # A second HTTP API is refused by name when it is run (the first holds the
-        # proxy's root); one beside a Serve whose proxy is off (a gRPC-only
-        # deployment started it) is refused here: it announced a port where nothing
-        # listened.
-        if config.enable_restful_api and not status.proxies:
+        # A second HTTP API is refused before serve.run, naming the application
+        # holding the proxy's root (serve.run's refusal printed ~60 lines of the
+        # controller's traceback first); one beside a Serve whose proxy is off or on
+        # another host:port is refused too: it announced a port where nothing listened.
+        if config.enable_restful_api:
+            holder = root_holder()
+            if holder is not None:
+                raise DeploymentError(prefix_taken(app=holder, prefix="/"))
             _left_over_serve(config, status)
         return False
     joined = config.enable_restful_api and _left_over_serve(config, status)
@@ -100,6 +104,8 @@ def start_serve(config: DeploymentConfig) -> bool:
             raise
         serve.start(**options)
         _wait_for_proxies(time.monotonic() + config.startup_timeout)
+    if not running:
+        mark_started_by_mii()
     return not running
 
 
@@ -128,7 +134,12 @@ def _left_over_serve(config: DeploymentConfig, status: Any) -> bool:
             f"Ray Serve already runs on this cluster with its HTTP proxy {where}, not on "
             f"{config.host}:{config.restful_api_port} (Serve keeps what it started with): "
             + (f"serve there (mii serve --host {http.host} --port {http.port}) or " if http else "")
-            + "stop Serve first (serve shutdown)"
+            + (
+                "start this one without it (enable_restful_api=False; mii serve "
+                "--no-enable-restful-api): applications run on it"
+                if status is not None and status.applications
+                else "stop Serve first (serve shutdown)"
+            )
         )
     return client is not None
 
@@ -164,12 +175,13 @@ def _head_is_here() -> bool:
 
 def stop_serve(app: str, started_serve: bool) -> None:
     """Delete the application (graceful shutdown of its replicas); shut Serve down
-    too when this deployment started it and no other application is left."""
+    too when mii started it (this deployment or one that ended before) and no other
+    application is left."""
     from ray import serve
 
     try:
         serve.delete(app)
-        if started_serve and not serve.status().applications:
+        if not serve.status().applications and (started_serve or started_by_mii()):
             serve.shutdown()
     except Exception as err:  # the cluster is gone: nothing left to stop
         print(f"[mii] stopping the Serve application failed: {err}", file=sys.stderr, flush=True)
