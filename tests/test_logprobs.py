@@ -385,6 +385,85 @@ def test_openai_completions_logprobs_and_echo(served, tokenizer):
     assert close(streamed, lp.token_logprobs[n:])
 
 
+def test_every_choice_of_an_echo_carries_the_prompt_s_logprobs(served, tokenizer):
+    """n choices with echo + logprobs (and vLLM's prompt_logprobs): each choice shows
+    the prompt's scores, the same as one choice's (they are computed once: each
+    choice scored the prompt again, n=8 took 9.0 s against 1.4 s)."""
+    _, _, url, _ = served
+    oai = openai_client(url)
+    base = dict(model=None, prompt=PROMPTS[2], max_tokens=2, logprobs=1, echo=True)
+    one = oai.completions.create(**base, temperature=0).choices[0].logprobs
+    n = len(tokenizer(PROMPTS[2]).input_ids)
+    several = oai.completions.create(**base, n=3, seed=5).choices
+    assert [c.index for c in several] == [0, 1, 2]
+    for choice in several:
+        assert choice.logprobs.tokens[:n] == one.tokens[:n]
+        assert close(choice.logprobs.token_logprobs[1:n], one.token_logprobs[1:n])
+        assert len(choice.logprobs.tokens) == n + 2
+    body = {"prompt": PROMPTS[1], "max_tokens": 1, "n": 2, "prompt_logprobs": 1}
+    answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"]
+    assert answer[0]["prompt_logprobs"] == answer[1]["prompt_logprobs"]
+    assert answer[0]["prompt_logprobs"][0] is None and len(answer[0]["prompt_logprobs"]) > 1
+
+
+def test_the_prompt_of_several_choices_is_scored_once(llama):
+    """Only choice 0 asks the engine for the prompt's logprobs; the others' answers
+    carry a copy (per prompt: two prompts, two different scores)."""
+    import asyncio
+
+    from mii.response import Response, TokenLogprob
+    from mii.rpc import mii_pb2
+    from mii.rpc.deployment_config import DeploymentConfig
+    from mii.rpc.http.server import start_gateway
+    from mii.rpc.pool import Metrics
+
+    asked: list[dict] = []
+
+    class Pool:
+        def __init__(self) -> None:
+            self.replicas = [type("R", (), {"healthy": True})()]
+            self.metrics = Metrics()
+
+        async def generate(self, prompts, params, timeout=None):
+            asked.append(params)
+            scores = params.get("prompt_logprobs") is not None
+            return [
+                Response(
+                    f"{p}!",
+                    len(p),
+                    1,
+                    "length",
+                    token_ids=[1],
+                    prompt_token_ids=[0, len(p)] if scores else None,
+                    prompt_logprobs=[None, TokenLogprob(len(p), -float(len(p)))]
+                    if scores
+                    else None,
+                )
+                for p in prompts
+            ]
+
+    async def scenario():
+        config = DeploymentConfig(model=llama, restful_api_port=free_port())
+        info = mii_pb2.ModelInfoReply(deployment_name="d", model=llama, max_length=256)
+        gateway = await start_gateway(Pool(), info, config)
+        try:
+            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+                body = {"prompt": ["ab", "abcd"], "n": 3, "max_tokens": 1, "prompt_logprobs": 0}
+                reply = await http.post("/v1/completions", json=body)
+                assert reply.status_code == 200, reply.text
+                return reply.json()["choices"]
+        finally:
+            await gateway.stop()
+
+    choices = asyncio.run(scenario())
+    assert sum(params.get("prompt_logprobs") is not None for params in asked) == 1
+    assert len(asked) == 3
+    for choice in choices:  # choice index = prompt * n + i
+        length = 2 if choice["index"] < 3 else 4
+        [first, second] = choice["prompt_logprobs"]
+        assert first is None and second[str(length)]["logprob"] == -length, choice
+
+
 def test_text_offsets_point_into_the_text_a_token_id_prompt_echoes(served, tokenizer):
     """A token-id prompt with a special token (BOS): its echoed text leaves the special
     token out, and text_offset counted it (every later offset was off by its length;

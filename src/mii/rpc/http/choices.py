@@ -9,6 +9,7 @@ reproducible.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -61,10 +62,14 @@ class Choices:
 
     async def generate(self, state: GatewayState) -> list[Response]:
         """Whole answers, by choice index (one pool call per choice number)."""
-        tasks = [
-            asyncio.ensure_future(state.pool.generate(self.prompts, self.params_for(i)))
-            for i in range(self.n)
-        ]
+        # A prompt's logprobs are of the model's raw distribution, the same for every
+        # choice: choice 0 scores the prompt and the others copy its scores (each
+        # choice scored it again, without the prefix cache: n=8 took 9.0 s, not 1.4 s).
+        shared = self.n > 1 and self.params.get("prompt_logprobs") is not None
+        params = [self.params_for(i) for i in range(self.n)]
+        if shared:
+            params[1:] = [_without_prompt_logprobs(p) for p in params[1:]]
+        tasks = [asyncio.ensure_future(state.pool.generate(self.prompts, p)) for p in params]
         try:
             by_choice = await asyncio.gather(*tasks)  # [i][prompt]
         except asyncio.CancelledError:  # the client left: each choice is cancelled
@@ -79,6 +84,10 @@ class Choices:
                 withdraw(task)
             count_ending(state.pool.metrics, err, unfinished * len(self.prompts))
             raise
+        if shared:
+            scored = by_choice[0]
+            for answers in by_choice[1:]:
+                answers[:] = [_scored_as(a, s) for a, s in zip(answers, scored, strict=True)]
         return [by_choice[i][p] for p in range(len(self.prompts)) for i in range(self.n)]
 
     def streams(self, state: GatewayState) -> list[tuple[int, AsyncIterator[Response | None]]]:
@@ -93,6 +102,17 @@ class Choices:
             for p, prompt in enumerate(self.prompts)
             for i in range(self.n)
         ]
+
+
+def _without_prompt_logprobs(params: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in params.items() if name != "prompt_logprobs"}
+
+
+def _scored_as(answer: Response, scored: Response) -> Response:
+    """``answer`` with the prompt scores of ``scored`` (the same prompt's choice 0)."""
+    return dataclasses.replace(
+        answer, prompt_logprobs=scored.prompt_logprobs, prompt_token_ids=scored.prompt_token_ids
+    )
 
 
 _END = object()
