@@ -409,55 +409,41 @@ def test_every_choice_of_an_echo_carries_the_prompt_s_logprobs(served, tokenizer
 def test_the_prompt_of_several_choices_is_scored_once(llama):
     """Only choice 0 asks the engine for the prompt's logprobs; the others' answers
     carry a copy (per prompt: two prompts, two different scores)."""
-    import asyncio
-
     from mii.response import Response, TokenLogprob
-    from mii.rpc import mii_pb2
-    from mii.rpc.deployment_config import DeploymentConfig
-    from mii.rpc.http.server import start_gateway
-    from mii.rpc.pool import Metrics
+    from scripted_gateway import ScriptedPool, with_gateway
 
-    asked: list[dict] = []
-
-    class Pool:
-        def __init__(self) -> None:
-            self.replicas = [type("R", (), {"healthy": True})()]
-            self.metrics = Metrics()
-
+    class ScoringPool(ScriptedPool):
         async def generate(self, prompts, params, timeout=None):
-            asked.append(params)
-            scores = params.get("prompt_logprobs") is not None
-            return [
+            answers = await super().generate(prompts, params, timeout)
+            if params.get("prompt_logprobs") is None:
+                return answers
+            return [  # a prompt of length L: its second token scored -L
                 Response(
-                    f"{p}!",
-                    len(p),
-                    1,
-                    "length",
-                    token_ids=[1],
-                    prompt_token_ids=[0, len(p)] if scores else None,
-                    prompt_logprobs=[None, TokenLogprob(len(p), -float(len(p)))]
-                    if scores
-                    else None,
+                    a.generated_text,
+                    a.prompt_length,
+                    a.generated_length,
+                    a.finish_reason,
+                    prompt_token_ids=[0, len(p)],
+                    prompt_logprobs=[None, TokenLogprob(len(p), -float(len(p)))],
                 )
-                for p in prompts
+                for a, p in zip(answers, prompts, strict=True)
             ]
 
-    async def scenario():
-        config = DeploymentConfig(model=llama, restful_api_port=free_port())
-        info = mii_pb2.ModelInfoReply(deployment_name="d", model=llama, max_length=256)
-        gateway = await start_gateway(Pool(), info, config)
-        try:
-            async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
-                body = {"prompt": ["ab", "abcd"], "n": 3, "max_tokens": 1, "prompt_logprobs": 0}
-                reply = await http.post("/v1/completions", json=body)
-                assert reply.status_code == 200, reply.text
-                return reply.json()["choices"]
-        finally:
-            await gateway.stop()
+    pool = ScoringPool("!")
+    choices = []
 
-    choices = asyncio.run(scenario())
-    assert sum(params.get("prompt_logprobs") is not None for params in asked) == 1
-    assert len(asked) == 3
+    async def scenario(_, gateway):
+        body = {"prompt": ["ab", "abcd"], "n": 3, "max_tokens": 1, "prompt_logprobs": 0}
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as http:
+            reply = await http.post("/v1/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        choices.extend(reply.json()["choices"])
+
+    with_gateway(llama, pool, scenario)
+    asked = [params for _, params in pool.sent]
+    assert len(asked) == 6  # 2 prompts x 3 choices, one of them scoring both prompts
+    assert sum(params.get("prompt_logprobs") is not None for params in asked) == 2
+    assert len(choices) == 6
     for choice in choices:  # choice index = prompt * n + i
         length = 2 if choice["index"] < 3 else 4
         [first, second] = choice["prompt_logprobs"]
