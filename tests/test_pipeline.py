@@ -286,6 +286,35 @@ def test_cpu_path_never_imports_triton(llama):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_a_script_that_exits_during_a_call_in_a_daemon_thread_exits_quietly(llama):
+    """The engine loop died with "Task exception was never retrieved" and a
+    RuntimeError of concurrent.futures (which stops the engine thread before the
+    pipeline's atexit close runs); the call in the thread ends with EngineClosedError,
+    as any call the close interrupts."""
+    code = (
+        "import threading, time, mii\n"
+        f"pipe = mii.pipeline({llama!r}, device='cpu')\n"
+        "ended = []\n"
+        "def call():\n"
+        "    try:\n"
+        "        pipe('DeepSpeed is', max_new_tokens=400, ignore_eos=True)\n"
+        "    except mii.EngineClosedError as err:\n"
+        "        ended.append(err)\n"
+        "        raise\n"
+        "threading.Thread(target=call, daemon=True).start()\n"
+        "while pipe.engine.stats()['generation_tokens'] < 2:\n"
+        "    time.sleep(0.05)\n"
+        "print('exiting mid-call')\n"
+    )
+    env = {**os.environ, "MII_PASS_DELAY_S": "0.05"}  # (the call outlasts the script)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0 and "exiting mid-call" in result.stdout, result.stderr
+    assert "never retrieved" not in result.stderr, result.stderr
+    assert "cannot schedule new futures" not in result.stderr, result.stderr
+
+
 def test_chat_continues_the_final_message_as_the_chat_route_does(llama):
     """pipe.chat(continue_final_message=True) continues the last (assistant) message:
     add_generation_prompt unset follows it, as on the OpenAI chat route (it was true,

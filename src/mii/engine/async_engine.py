@@ -18,7 +18,7 @@ import os
 import random
 import threading
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -357,7 +357,8 @@ class AsyncEngine:
                 # Another loop's task may have left a pass running on the engine
                 # thread: the core is touched here only once it is done (the thread
                 # runs one job at a time, in order), never by both at once.
-                await loop.run_in_executor(self._executor, _nothing)
+                if not await self._on_engine_thread(loop, _nothing):
+                    return
                 continue  # (this loop may have stopped meanwhile, and another driven)
             self._deliver(self._finished.take())  # (in the order of their passes)
             if not self._busy():
@@ -366,8 +367,20 @@ class AsyncEngine:
                 continue
             self._streams.apply_dropped()
             self._apply_pending()
-            if self.core.has_work():
-                await loop.run_in_executor(self._executor, self._step)
+            if self.core.has_work() and not await self._on_engine_thread(loop, self._step):
+                return
+
+    async def _on_engine_thread(self, loop: asyncio.AbstractEventLoop, fn: Callable) -> bool:
+        """Run ``fn`` on the engine thread; False when that is gone: at interpreter
+        exit, before the atexit handlers (a pipeline's close, which ends the requests)
+        run; the driver then ends quietly (not "Task exception was never retrieved")."""
+        try:
+            await loop.run_in_executor(self._executor, fn)
+        except RuntimeError:
+            if not getattr(self._executor, "_shutdown", False):  # (not that: a bug)
+                raise
+            return False
+        return True
 
     def _step(self) -> None:
         """One pass, on the engine thread; its outputs wait in ``_finished`` for
