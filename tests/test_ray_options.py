@@ -254,7 +254,7 @@ def test_serve_running_on_another_http_port_is_refused(monkeypatch):
     # after ~60 lines of the controller's traceback: user trial), naming it
     apps = {"g": {"route_prefix": None}, "web-app": {"route_prefix": "/"}}
     client.get_serve_details = lambda: {"applications": apps}
-    with pytest.raises(DeploymentError, match="'web-app' at /.*enable_restful_api=False"):
+    with pytest.raises(DeploymentError, match=r"'web-app' at /.*enable_restful_api=False"):
         start_serve(same)
     assert start_serve(without_http) is False
     apps["web-app"]["route_prefix"] = "/web"
@@ -262,7 +262,7 @@ def test_serve_running_on_another_http_port_is_refused(monkeypatch):
     # ... and where the proxy is on another port (it announced a port where nothing
     # listened), without advice to shut down the Serve the others run on
     elsewhere = DeploymentConfig(model="m", restful_api_port=client.http_config.port + 1, **http)
-    with pytest.raises(DeploymentError, match="HTTP proxy on 127.0.0.1") as err:
+    with pytest.raises(DeploymentError, match=r"HTTP proxy on 127.0.0.1") as err:
         start_serve(elsewhere)
     assert "enable_restful_api=False" in str(err.value)
     assert "serve shutdown" not in str(err.value)
@@ -385,7 +385,7 @@ def test_an_explicit_replica_num_below_min_replicas_is_refused_and_a_left_out_on
 def test_scale_to_zero_is_refused_saying_why(llama, options, field):
     """`--min-replicas 0` said only pydantic's "greater than or equal to 1"; through
     autoscaling_config it reached Ray, which stopped the last replica."""
-    with pytest.raises(InvalidRequestError, match="at least 1.*no scale to zero") as err:
+    with pytest.raises(InvalidRequestError, match=r"at least 1.*no scale to zero") as err:
         check_scaling(DeploymentConfig.parse(llama, backend="ray", **options))
     assert err.value.field == field
 
