@@ -393,6 +393,13 @@ def test_tool_calls_are_function_call_items_and_go_back_as_input(llama):
         ({"input": [{"role": "user", "contents": "x"}]}, "input.0.contents"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "ouput": "x"}]},
          "input.0.ouput"),
+        # an output of a call never made was answered as if the model had made it (a
+        # fuzzer; OpenAI refuses it): named, also after a call of another id
+        ({"input": [{"type": "function_call_output", "call_id": "zz", "output": "x"}]},
+         "input.0.call_id"),
+        ({"input": [{"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "b", "output": "x"}]},
+         "input.1.call_id"),
         # a type that is no string was a 500 (unhashable): a review
         ({"input": [{"type": ["message"], "role": "user", "content": "hi"}]}, "input.0.type"),
         ({"text": {"format": {"type": ["json_schema"]}}}, "text.format.type"),

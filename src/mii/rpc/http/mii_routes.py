@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mii.errors import InvalidRequestError
 from mii.response import Response as Answer
 from mii.response import TokenLogprob
 from mii.rpc.convert import prompt_list, validated
@@ -84,7 +85,12 @@ async def generate(deployment_name: str, body: MiiRequest, request: Request):
         )
     options = validated(extra)
     prompts = prompt_list(body.prompts)  # [1, 2, 3] is one prompt
-    responses = await until_disconnected(request, state.pool.generate(prompts, options))
+    try:
+        responses = await until_disconnected(request, state.pool.generate(prompts, options))
+    except InvalidRequestError as err:
+        if err.field == "prompt":  # (the engine's name for it; this route's is "prompts")
+            err.field = "prompts"
+        raise
     return [response_dict(r) for r in responses]
 
 

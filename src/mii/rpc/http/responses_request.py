@@ -219,6 +219,7 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
         return [*messages, {"role": "user", "content": body.input}]
     if not body.input:
         raise ApiError(400, "input must not be empty", "input")
+    calls: set[str] = set()  # the call_ids of the function_call items so far
     for at, item in enumerate(body.input):
         where = f"input.{at}"
         if not isinstance(item, dict):
@@ -246,6 +247,7 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             messages.append({"role": role, "content": content})
         elif kind == "function_call":
             call = _function_call(item, where)
+            calls.add(call["id"])
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 # one assistant turn: its text (a message item) and its calls
@@ -256,6 +258,14 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             output = item.get("output")
             if not isinstance(item.get("call_id"), str):
                 raise ApiError(400, "a function_call_output needs its call_id", f"{where}.call_id")
+            if item["call_id"] not in calls:  # (OpenAI's refusal: the model saw no call)
+                raise ApiError(
+                    400,
+                    f"no function_call item with call_id {item['call_id']!r} comes before "
+                    "this function_call_output: send the call with its output (this server "
+                    "stores no responses: previous_response_id is not supported)",
+                    f"{where}.call_id",
+                )
             messages.append(
                 {
                     "role": "tool",
