@@ -827,6 +827,9 @@ def test_health_and_metrics(served):
     for method in ("GET", "POST"):
         ping = served.http.request(method, "/ping")
         assert ping.status_code == 200 and ping.json() == {"status": "ok"}
+    for path in ("/health", "/ping"):  # uptime monitors' probe (it was a 405: a fuzzer)
+        head = served.http.head(path)
+        assert head.status_code == 200 and head.content == b"", (path, head)
     assert served.http.get("/version").json() == {"version": mii.__version__}
 
     before = finished(served, "length")

@@ -111,6 +111,9 @@ async def ping(request: Request):
 
 
 router.add_api_route("/ping", ping, methods=["POST"], operation_id="ping_post")
+# Uptime monitors and some load balancers probe with HEAD (it was a 405).
+router.add_api_route("/ping", ping, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get("/version")
