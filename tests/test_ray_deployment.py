@@ -499,7 +499,11 @@ def test_a_ray_address_where_nothing_listens_is_named_at_once(cache_dir, checkpo
     its own connection warnings."""
     address = f"127.0.0.1:{free_port()}"
     with pytest.raises(mii.DeploymentError, match=f"cannot reach a Ray cluster at '{address}'"):
-        mii.serve(str(checkpoints("llama")[0]), ray_address=address, startup_timeout=120)
+        # (a free gRPC port: the default 50050, taken by another deployment on the
+        # machine, was refused first)
+        mii.serve(
+            str(checkpoints("llama")[0]), ray_address=address, port=free_port(), startup_timeout=120
+        )
 
 
 def test_an_unreachable_cluster_found_through_ray_address_is_named_at_once(cache_dir, checkpoints):

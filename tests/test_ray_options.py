@@ -372,6 +372,17 @@ def test_an_explicit_replica_num_below_min_replicas_is_refused_and_a_left_out_on
     assert left_out.replica_num == 2  # what the banner and `mii list` say
     assert DeploymentConfig.model_validate_json(left_out.model_dump_json()) == left_out
     assert scaling(left_out)["autoscaling_config"]["initial_replicas"] == 2
+    # ... min_replicas through autoscaling_config too (Ray refused "min_replicas (2) must
+    # be less than or equal to initial_replicas (1)!", replica_num never given: a review)
+    for extra in ({"min_replicas": 2, "max_replicas": 4}, {"min_replicas": 2.0}):
+        keys = DeploymentConfig.parse(llama, backend="ray", autoscaling_config=extra)
+        check_scaling(keys)
+        assert keys.replica_num == 2
+        assert scaling(keys)["autoscaling_config"]["initial_replicas"] == 2
+    with pytest.raises(InvalidRequestError, match=r"\(2\.\.no limit\)"):
+        DeploymentConfig.parse(
+            llama, backend="ray", replica_num=1, autoscaling_config={"min_replicas": 2}
+        )
 
 
 @pytest.mark.parametrize(

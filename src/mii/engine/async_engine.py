@@ -12,6 +12,7 @@ after another, has one such task per loop: engine/loop_drivers.py.)
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread
 import contextlib
 import functools
 import os
@@ -29,7 +30,7 @@ from mii.engine.answer_stream import DONE as _DONE
 from mii.engine.answer_stream import AnswerStream, StreamReleases
 from mii.engine.core import EngineCore, StepOutput
 from mii.engine.loop_drivers import FinishedPasses, LoopDrivers
-from mii.engine.request_sinks import Aborting, Collector, put
+from mii.engine.request_sinks import Aborting, Collector, end_every_request, put
 from mii.engine.request_stats import TokenCounters
 from mii.errors import EngineClosedError, ForkedEngineError
 from mii.prompts import Prompt, one_streamed_prompt, prompt_batch
@@ -186,11 +187,7 @@ class AsyncEngine:
         if self._used_in not in (None, os.getpid()):  # a fork's copy: no engine thread
             self._released.set()  # (its parent owns the model; nothing to release here)
             return
-        for queue in list(self._queues.values()):
-            put(queue, EngineClosedError("the engine was closed"))
-            if isinstance(queue, Aborting):
-                with contextlib.suppress(RuntimeError):  # (its waiter's loop was closed)
-                    queue.applied.set()  # nobody waits for an abort the loop will not apply
+        end_every_request(list(self._queues.values()), "the engine was closed")
         try:
             await self._drivers.stop()
         finally:  # (the model is released even when the caller is cancelled meanwhile)
@@ -371,14 +368,16 @@ class AsyncEngine:
                 return
 
     async def _on_engine_thread(self, loop: asyncio.AbstractEventLoop, fn: Callable) -> bool:
-        """Run ``fn`` on the engine thread; False when that is gone: at interpreter
-        exit, before the atexit handlers (a pipeline's close, which ends the requests)
-        run; the driver then ends quietly (not "Task exception was never retrieved")."""
+        """Run ``fn`` on the engine thread. False when that is gone (interpreter exit
+        stops it before joining threads and atexit's close): every request ends, then the
+        driver, quietly (it died "never retrieved"; a call in a thread hung)."""
         try:
             await loop.run_in_executor(self._executor, fn)
         except RuntimeError:
-            if not getattr(self._executor, "_shutdown", False):  # (not that: a bug)
+            exiting = getattr(concurrent.futures.thread, "_shutdown", False)
+            if not (exiting or getattr(self._executor, "_shutdown", False)):  # (a bug)
                 raise
+            end_every_request(list(self._queues.values()), "the interpreter is exiting")
             return False
         return True
 

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from mii.engine.answer_stream import DONE
+from mii.errors import EngineClosedError
 from mii.response import Response, join_pieces
 
 
@@ -57,3 +59,12 @@ def put(sink: Any, item: object) -> bool:
     except RuntimeError:  # "Event loop is closed", from waking that reader
         return False
     return True
+
+
+def end_every_request(sinks: list[Any], why: str) -> None:
+    """EngineClosedError(``why``) to every request's consumer (the engine stops)."""
+    for sink in sinks:
+        put(sink, EngineClosedError(why))
+        if isinstance(sink, Aborting):
+            with contextlib.suppress(RuntimeError):  # (its waiter's loop was closed)
+                sink.applied.set()  # nobody waits for an abort the loop will not apply

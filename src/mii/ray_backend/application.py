@@ -13,6 +13,7 @@ from mii.errors import InvalidRequestError
 from mii.ray_backend.ingress import MiiIngress
 from mii.ray_backend.replica import MiiReplica
 from mii.rpc.deployment_config import DeploymentConfig
+from mii.rpc.ray_options import replica_bounds
 
 REPLICA_DEPLOYMENT = "MiiReplica"
 INGRESS_DEPLOYMENT = "MiiIngress"
@@ -56,12 +57,13 @@ def scaling(config: DeploymentConfig) -> dict[str, Any]:
         and not config.autoscaling_config
     ):
         return {"num_replicas": config.replica_num}
-    low = config.min_replicas or 1
+    low, high = replica_bounds(config.min_replicas, config.max_replicas, config.autoscaling_config)
+    low = low or 1
     # The load is averaged over look_back_period_s: no longer than the upscale delay
     # (Ray's 30 s default would hold a short delay back), at least a second, and
     # longer than the interval replicas report it at (Ray requires that).
     look_back = min(30.0, max(1.0, config.upscale_delay_s))
-    high = config.max_replicas or max(low, config.replica_num)
+    high = high or max(low, config.replica_num)
     return {
         "autoscaling_config": {
             "min_replicas": low,

@@ -29,7 +29,7 @@ from mii.option_errors import unknown_name_hint
 from mii.rpc import registry
 from mii.rpc.chat_template_option import chat_template_text, checked_template
 from mii.rpc.gpu_layout import GpuLayout
-from mii.rpc.ray_options import RayOptions
+from mii.rpc.ray_options import RayOptions, replica_bounds, starting_replicas
 
 # Replicas listen on the loopback only: clients reach them through the deployment's
 # load balancer, which listens on the deployment's host and port.
@@ -331,20 +331,17 @@ class DeploymentConfig(GpuLayout, RayOptions):
         # Under autoscaling replica_num is the count to start with: left out, it is
         # min_replicas (so the banner, `mii list` and the saved config say what runs).
         if isinstance(data, dict) and data.get("replica_num") is None:
-            low = data.get("min_replicas")
-            try:  # (as the field reads it: "2" too; a bad value is the field's error)
-                low = None if isinstance(low, bool) else int(low)
-            except (TypeError, ValueError):
-                low = None
-            if low is not None and low > 1:
-                data = {**data, "replica_num": low}
+            start = starting_replicas(data)
+            if start is not None:
+                data = {**data, "replica_num": start}
         return data
 
     @model_validator(mode="after")
     def _replicas_within_autoscaling(self) -> DeploymentConfig:
         # One outside min..max was clamped without a word (user trials: the banner
         # said 3 replicas, Ray started 2; an explicit 1 under min_replicas 2 became 2).
-        low, high, start = self.min_replicas, self.max_replicas, self.replica_num
+        low, high = replica_bounds(self.min_replicas, self.max_replicas, self.autoscaling_config)
+        start = self.replica_num
         if start > (high or start) or start < (low or 1):
             raise InvalidRequestError(
                 f"replica_num ({start}) is the number of replicas to start with: it must "

@@ -7,7 +7,7 @@ backend itself lives in :mod:`mii.ray_backend` (Ray is imported only there).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -148,3 +148,35 @@ class RayOptions(ExactTypes):
     def on_ray(self) -> bool:
         """Whether the deployment runs on Ray."""
         return self.backend == "ray" or (self.backend is None and self.ray_address is not None)
+
+
+def _count(value: Any) -> int | None:
+    """A replica count as Ray Serve and the fields read one ("2", 2.0 too), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def replica_bounds(
+    min_replicas: Any, max_replicas: Any, autoscaling_config: Any
+) -> tuple[int | None, int | None]:
+    """The (min, max) replicas Ray Serve gets: autoscaling_config's keys, which go over
+    the options, else the options (None: unset)."""
+    extra = autoscaling_config if isinstance(autoscaling_config, dict) else {}
+    low = extra.get("min_replicas", min_replicas)
+    high = extra.get("max_replicas", max_replicas)
+    return _count(low), _count(high)
+
+
+def starting_replicas(options: dict[str, Any]) -> int | None:
+    """The replicas to start with when ``replica_num`` is left out under autoscaling:
+    autoscaling_config's initial_replicas, else the minimum (None: the default, 1)."""
+    extra = options.get("autoscaling_config")
+    initial = _count(extra.get("initial_replicas")) if isinstance(extra, dict) else None
+    low, _ = replica_bounds(options.get("min_replicas"), None, extra)
+    start = initial or low
+    return start if start is not None and start > 1 else None
