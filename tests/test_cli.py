@@ -160,6 +160,8 @@ def test_a_mistyped_option_gets_its_commands_usage_and_the_nearest_option(capsys
     for argv, said in (
         (["serve", "m", "--max-model-lenn", "512"], "did you mean --max-model-len?"),
         (["demo", "--temprature", "0.5"], "did you mean --temperature?"),
+        # an abbreviation is not taken (--gpu-mem ran as --gpu-memory-utilization, silently)
+        (["serve", "m", "--gpu-mem", "0.5"], "did you mean --gpu-memory-utilization?"),
         # a prompt that starts with "-": argparse's "ignored explicit argument 'ello'"
         (["generate", "m", "-hello"], "goes after --: mii generate MODEL -- PROMPT)\n"),
         (["demo", "-xyz"], "goes after --: mii demo -- QUESTION)\n"),
@@ -613,3 +615,27 @@ def test_an_option_error_names_the_flag_to_change(llama, cache, capsys):
     for flag, value in (("--shutdown-grace-s", "-1"), ("--startup-timeout", "0")):
         assert main(["serve", llama, flag, value]) == 1
         assert capsys.readouterr().err.rstrip().endswith(f"(flag {flag})")
+
+
+def test_an_address_that_is_no_deployment_s_says_what_answers_there(capsys):
+    """`mii generate HOST:PORT` / `mii terminate` at the HTTP port said only "no mii
+    deployment answers" (mii.client names the REST / OpenAI port); a URL or a port
+    past 65535 is refused as what it is (a user trial)."""
+    import http.server
+    import threading
+
+    from mii.cli import main as mii_main
+
+    http_api = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=http_api.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{http_api.server_address[1]}"
+        for argv in (["generate", address, "hi"], ["terminate", address]):
+            assert mii_main(argv) == 1
+            said = capsys.readouterr().err
+            assert "no mii deployment answers" in said and "REST / OpenAI port" in said, said
+    finally:
+        http_api.shutdown()
+    for target, said in (("http://127.0.0.1:8000", "is a URL"), ("127.0.0.1:99999", "1..65535")):
+        assert mii_main(["generate", target, "hi"]) == 1
+        assert said in capsys.readouterr().err

@@ -232,6 +232,19 @@ def test_a_client_whose_deployment_ended_or_moved_is_told_so():
         # not exist was), and the CLI's way to start it again is named too
         assert not registry.log_path("moved").exists()
         assert "its log is" not in str(err.value) and "mii serve" in str(err.value)
+    # Recorded at the same port under another host name: not "started again" (it
+    # listens at 127.0.0.1 only; [::1] is refused: a user trial)
+    from mii.rpc.client import MiiClient
+
+    record("v4", {"pid": os.getpid(), "host": "127.0.0.1", "port": old})
+    with MiiClient(f"[::1]:{old}", "v4") as client:
+        with pytest.raises(mii.DeploymentNotFoundError, match=r"does not listen at \[::1\]") as err:
+            client.generate("x", max_new_tokens=1)
+        assert f"it listens at 127.0.0.1:{old}" in str(err.value)
+        assert "started again" not in str(err.value)
+    for target in ("http://127.0.0.1:50050", "grpc://127.0.0.1:50050", "127.0.0.1:70000"):
+        with pytest.raises(mii.InvalidRequestError):  # (not UnavailableError: "retry me")
+            mii.client(target)
     by_address = mii.client(f"127.0.0.1:{old}")  # no name: it may come back
     with by_address, pytest.raises(mii.UnavailableError, match="nothing answers"):
         by_address.generate("x", max_new_tokens=1)

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+from typing import Any
 
 from mii.cli.deployments import add_list_parser, add_terminate_parser
 from mii.cli.errors import CliError, nearest_option
@@ -41,6 +42,12 @@ class CommandParser(argparse.ArgumentParser):
     """A subcommand's parser: an unrecognized option is reported with this command's
     usage (not the top-level one) and the nearest option it has (or, for a vLLM flag
     mii does not take, what to do instead)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: `--gpu-mem 0.5` was taken for --gpu-memory-utilization
+        # without a word, and a later flag sharing the prefix would break such scripts.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         unknown = re.match(r"unrecognized arguments: (.*)", message)

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from mii.cli.errors import CliError
+from mii.cli.errors import CliError, no_deployment_at
 
 
 def add_list_parser(commands: argparse._SubParsersAction) -> None:
@@ -206,7 +206,7 @@ def terminate(args: argparse.Namespace) -> int:
         # but is there to stop)
         unanswered = target.deployment_name is None and not args.ignore_not_found
         if unanswered and not target.is_healthy(timeout=5.0):
-            raise CliError(f"no mii deployment answers at {args.name}")
+            raise no_deployment_at(target, args.name)
         try:
             target.terminate_server(timeout=args.timeout)
         except DeploymentNotFoundError:  # nothing answers at the address

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from mii.cli.deployments import add_api_key_option
-from mii.cli.errors import CliError
+from mii.cli.errors import CliError, no_deployment_at
 from mii.cli.options import (
     add_engine_options,
     add_generation_options,
@@ -180,7 +180,7 @@ def _find_deployment(target: str, api_key: str | None = None):
     the deployment recorded at that address)."""
     from mii.rpc import registry
     from mii.rpc.client import MiiClient
-    from mii.rpc.listen import host_port
+    from mii.rpc.listen import host_port, refuse_url_or_bad_port
     from mii.rpc.registry import refuse_starting
 
     info = registry.find(target)
@@ -191,13 +191,17 @@ def _find_deployment(target: str, api_key: str | None = None):
         return MiiClient(
             host_port(info["host"], info["port"]), info["deployment_name"], api_key=key
         )
+    if not os.path.exists(target):
+        refuse_url_or_bad_port(target)
     host, sep, port = target.rpartition(":")
     if sep and host and port.isdigit() and not os.path.exists(target):
         client = MiiClient(target, api_key=api_key)
         if client.is_healthy(timeout=5.0):
             return client
-        client.close()
-        raise CliError(f"no mii deployment answers at {target}")
+        try:
+            raise no_deployment_at(client, target)
+        finally:
+            client.close()
     return None
 
 

@@ -34,7 +34,7 @@ from mii.rpc.convert import (
     validated,
 )
 from mii.rpc.health import SERVICE
-from mii.rpc.listen import host_port
+from mii.rpc.listen import host_port, refuse_url_or_bad_port
 from mii.rpc.loop_channels import LoopChannels
 from mii.rpc.piece_stream import CallCanceller, PieceStream
 from mii.rpc.status import error_from_grpc
@@ -203,10 +203,12 @@ class MiiClient:
                 f"connect a new client ({details})"
             )
         now = host_port(info["host"], info["port"])
-        if now != self.address:
+        if now != self.address:  # (same port: another host name of it, [::1] for 127.0.0.1)
+            moved = not self.address.endswith(f":{info['port']}")
+            said = "no longer listens at {}: it was started again at {}" if moved else ""
+            said = (said or "does not listen at {}: it listens at {}").format(self.address, now)
             return DeploymentNotFoundError(
-                f"the deployment {name!r} no longer listens at {self.address}: it was "
-                f"started again at {now}; connect a new client (mii.client({name!r}))"
+                f"the deployment {name!r} {said}; connect a new client (mii.client({name!r}))"
             )
         return None
 
@@ -424,6 +426,7 @@ def client(
         return MiiClient(
             host_port(info["host"], info["port"]), info["deployment_name"], api_key=key
         )
+    refuse_url_or_bad_port(model_or_deployment_name)
     host, sep, port = model_or_deployment_name.rpartition(":")
     if sep and port.isdigit() and host:  # (one of this machine's: its name, for
         here = registry.at_address(host, int(port)) or {}  # terminate_server's wait)

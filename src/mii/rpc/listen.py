@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from mii.errors import DeploymentError
+from mii.errors import DeploymentError, InvalidRequestError
 
 # gRPC core queues the calls that arrive faster than the Python server accepts them,
 # and fails them with CANCELLED (nobody cancelled) once that queue passes 1,000
@@ -118,6 +118,25 @@ def host_port(host: str, port: int | str) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
+
+
+def refuse_url_or_bad_port(target: str) -> None:
+    """InvalidRequestError for a client's target that cannot be a gRPC address: a
+    URL (a retry loop met UnavailableError, "retry me", for ever), or a port
+    outside 1..65535. A deployment's name passes."""
+    _, scheme, rest = target.partition("://")
+    if scheme:
+        raise InvalidRequestError(
+            f"{target!r} is a URL: give a deployment's name or its gRPC host:port, no "
+            f"scheme ({rest.split('/')[0]!r}?); the HTTP port is for HTTP and OpenAI clients",
+            field="model_or_deployment_name",
+        )
+    host, sep, port = target.rpartition(":")
+    if sep and host and port.isdigit() and not 0 < int(port) < 65536:
+        raise InvalidRequestError(
+            f"{target!r} has no port: {port} is not in 1..65535",
+            field="model_or_deployment_name",
+        )
 
 
 def split_address(address: str) -> tuple[str, int]:
