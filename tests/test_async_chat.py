@@ -158,3 +158,4 @@ async def test_tools_a_template_ignores_are_said_once(engine, monkeypatch, caplo
             await engine.chat(TURN, tools=[tool], **GREEDY)
     said = [r for r in caplog.records if "does not use tools" in r.getMessage()]
     assert len(said) == 1
+    assert "tokenizer.chat_template" in said[0].getMessage()  # (Python's way, not a flag's)

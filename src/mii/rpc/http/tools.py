@@ -286,7 +286,8 @@ def warn_template_without_tools(tokenizer) -> None:
         _warned_templates.add(id(tokenizer))
         log.warning(
             "the model's chat template does not use tools: requests' tools are not shown "
-            "to the model (give one that does with --chat-template)"
+            "to the model (give one that does: mii serve --chat-template, "
+            "mii.serve(chat_template=...); in Python, set pipe.tokenizer.chat_template)"
         )
 
 
