@@ -215,7 +215,7 @@ def test_mii_route_types_json_options_and_refuses_invalid_unicode(served, pipe):
     headers = {"content-type": "application/json"}
     lone = json.dumps({"prompts": "a\ud800b"}).encode()  # ASCII escapes: valid JSON
     response = served.http.post(url, content=lone, headers=headers)
-    assert response.status_code == 400 and response.json()["error"]["field"] == "prompt"
+    assert response.status_code == 400 and response.json()["error"]["field"] == "prompts"
     lone = json.dumps({"model": served.model, "prompt": "a\ud800b", "max_tokens": 2}).encode()
     assert_openai_error(
         served.http.post("/v1/completions", content=lone, headers=headers), 400, "prompt"

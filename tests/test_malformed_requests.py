@@ -251,7 +251,7 @@ def test_bodies_over_the_limit_get_413(served):
     # prompt as too long (400), nothing in between fails.
     six_mib = "a" * (6 << 20)
     response = served.http.post(f"/mii/{served.name}", json={"prompts": six_mib, **OK_OPTIONS})
-    assert response.status_code == 400 and response.json()["error"]["field"] == "prompt"
+    assert response.status_code == 400 and response.json()["error"]["field"] == "prompts"
     with pytest.raises(InvalidRequestError) as err:
         served.client.generate(six_mib, max_new_tokens=2)
     assert err.value.field == "prompt" and err.value.code == "context_length_exceeded"
