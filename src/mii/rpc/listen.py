@@ -124,8 +124,8 @@ def refuse_url_or_bad_port(target: str) -> None:
     """InvalidRequestError for a client's target that cannot be a gRPC address: a
     URL (a retry loop met UnavailableError, "retry me", for ever), or a port
     outside 1..65535. A deployment's name passes."""
-    _, scheme, rest = target.partition("://")
-    if scheme:
+    _, url, rest = target.partition("://")
+    if url:
         raise InvalidRequestError(
             f"{target!r} is a URL: give a deployment's name or its gRPC host:port, no "
             f"scheme ({rest.split('/')[0]!r}?); the HTTP port is for HTTP and OpenAI clients",
@@ -134,7 +134,7 @@ def refuse_url_or_bad_port(target: str) -> None:
     host, sep, port = target.rpartition(":")
     if sep and host and port.isdigit() and not 0 < int(port) < 65536:
         raise InvalidRequestError(
-            f"{target!r} has no port: {port} is not in 1..65535",
+            f"{target!r}: its port {port} is not in 1..65535",
             field="model_or_deployment_name",
         )
 
