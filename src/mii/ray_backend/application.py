@@ -96,7 +96,8 @@ def check_scaling(config: DeploymentConfig) -> None:
             f"({hint}known: {', '.join(AutoscalingConfig.model_fields)})",
             field="autoscaling_config",
         )
-    if _number(autoscaling.get("min_replicas"), default=1.0) < 1:
+    low, _ = replica_bounds(config.min_replicas, None, config.autoscaling_config)
+    if low is not None and low < 1:
         raise InvalidRequestError(  # (the min_replicas option's own rule)
             "autoscaling_config min_replicas must be at least 1: a deployment keeps one "
             "replica loaded (no scale to zero)",
@@ -108,14 +109,6 @@ def check_scaling(config: DeploymentConfig) -> None:
         raise InvalidRequestError(
             f"autoscaling_config is not valid for Ray Serve: {err}", field="autoscaling_config"
         ) from None
-
-
-def _number(value: Any, default: float) -> float:
-    """``value`` as Ray Serve's pydantic reads a number ("0" too), else ``default``."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
 
 
 def serve_logging(config: DeploymentConfig) -> dict[str, Any]:
